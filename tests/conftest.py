@@ -1,0 +1,37 @@
+"""Shared fixtures: the real fixture slides in ../shared/fixtures and generated pyramidal TIFFs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """`../shared/fixtures`, or a clean skip when this clone has none beside it."""
+    if not (FIXTURES / "slides").is_dir():
+        pytest.skip(f"real fixture slides not found at {FIXTURES}")
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def slides_dir(fixtures_dir: Path) -> Path:
+    return fixtures_dir / "slides"
+
+
+@pytest.fixture(scope="session")
+def broken_dir(fixtures_dir: Path) -> Path:
+    return fixtures_dir / "broken"
+
+
+@pytest.fixture(scope="session")
+def patches_dir(fixtures_dir: Path) -> Path:
+    return fixtures_dir / "patches" / "histolab_tiles"
+
+
+@pytest.fixture(scope="session")
+def cmu_small(slides_dir: Path) -> Path:
+    return slides_dir / "CMU-1-Small-Region.svs"

@@ -1,0 +1,72 @@
+"""Frozen, validated configuration of the tiling stage (later stages keep theirs beside their code)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from wsi_ssl.errors import ConfigError
+
+CODECS = ("jpeg", "zstd")
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """How tiles are cut from a slide.
+
+    Attributes:
+        mpp: target microns per pixel of the stored tiles.
+        tile_size: tile edge in pixels at the target mpp.
+        overlap: pixels shared by neighbouring tiles at the target mpp.
+        tissue_threshold: minimum tissue fraction (0..1) of a tile's area for it to be kept.
+        codec: "jpeg" (lossy, compact) or "zstd" (lossless).
+        jpeg_quality: JPEG quality when codec is "jpeg".
+        tiles_per_chunk: tiles per Dask task and per Zarr shard.
+        thumbnail_mpp: scale of the stored thumbnail and tissue mask.
+        mpp_override: microns per pixel to use when the slide records none.
+    """
+
+    mpp: float = 0.5
+    tile_size: int = 256
+    overlap: int = 0
+    tissue_threshold: float = 0.25
+    codec: str = "jpeg"
+    jpeg_quality: int = 90
+    tiles_per_chunk: int = 64
+    thumbnail_mpp: float = 8.0
+    mpp_override: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.mpp > 0:
+            raise ConfigError(f"mpp must be > 0, got {self.mpp}")
+        if self.tile_size < 16:
+            raise ConfigError(f"tile_size must be >= 16, got {self.tile_size}")
+        if not 0 <= self.overlap < self.tile_size:
+            raise ConfigError(f"overlap must be in [0, tile_size), got {self.overlap}")
+        if not 0.0 <= self.tissue_threshold <= 1.0:
+            raise ConfigError(f"tissue_threshold must be in [0, 1], got {self.tissue_threshold}")
+        if self.codec not in CODECS:
+            raise ConfigError(f"codec must be one of {', '.join(CODECS)}; got {self.codec!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        if self.tiles_per_chunk < 1:
+            raise ConfigError(f"tiles_per_chunk must be >= 1, got {self.tiles_per_chunk}")
+        if not self.thumbnail_mpp > 0:
+            raise ConfigError(f"thumbnail_mpp must be > 0, got {self.thumbnail_mpp}")
+        if self.mpp_override is not None and not self.mpp_override > 0:
+            raise ConfigError(f"mpp_override must be > 0, got {self.mpp_override}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TilingConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def output_key(self) -> dict[str, Any]:
+        """The settings that change the stored tiles (resume compares these)."""
+        d = self.to_dict()
+        d.pop("mpp_override")
+        return d
