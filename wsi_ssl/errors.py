@@ -52,7 +52,9 @@ class CorruptSlideError(WsiSslError, OSError):
     """The slide opened but its pixel data cannot be decoded."""
 
     def __init__(self, path: str | Path, detail: str) -> None:
-        super().__init__(f"{path}: pixel data cannot be read ({detail}); re-export or re-scan the slide")
+        super().__init__(
+            f"{path}: pixel data cannot be read ({detail}); re-export or re-scan the slide"
+        )
         self.path = Path(path)
 
 

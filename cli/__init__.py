@@ -1,0 +1,1 @@
+"""The wsi-ssl command."""

@@ -1,0 +1,42 @@
+"""``wsi-ssl``: argument parsing into the library's config dataclasses, nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from wsi_ssl import __version__
+from wsi_ssl.cli import demo, tile
+from wsi_ssl.errors import WsiSslError
+
+COMMANDS = (tile, demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wsi-ssl",
+        description="Tile whole-slide images into Zarr stores and learn from them.",
+    )
+    parser.add_argument("--version", action="version", version=f"wsi-ssl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code (0 ok, 1 some slides failed, 2 error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except WsiSslError as err:
+        print(f"wsi-ssl: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("wsi-ssl: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""``wsi-ssl tile`` and ``wsi-ssl info``."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from wsi_ssl.config import CODECS, TilingConfig
+from wsi_ssl.errors import ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tile", help="tile slides (files or folders) into Zarr stores under --out")
+    p.add_argument("inputs", nargs="+", metavar="SLIDE_OR_DIR")
+    p.add_argument("--out", required=True, type=Path, help="archive root")
+    p.add_argument("--config", type=Path, help="TOML file of TilingConfig values (flags win)")
+    p.add_argument("--mpp", type=float, help="target microns per pixel (default 0.5)")
+    p.add_argument("--tile-size", type=int, help="tile edge in pixels (default 256)")
+    p.add_argument("--overlap", type=int, help="overlap in pixels (default 0)")
+    p.add_argument("--tissue-threshold", type=float, help="minimum tissue fraction (default 0.25)")
+    p.add_argument("--codec", choices=CODECS, help="tile codec (default jpeg)")
+    p.add_argument("--jpeg-quality", type=int, help="JPEG quality (default 90)")
+    p.add_argument("--tiles-per-chunk", type=int, help="tiles per task and shard (default 64)")
+    p.add_argument("--mpp-override", type=float, help="mpp for slides that record none")
+    p.add_argument("--mpp-csv", type=Path, help="CSV with columns slide,mpp (file name or path)")
+    p.add_argument("--scheduler", help="dask.distributed scheduler ADDRESS (default: local threads)")
+    p.add_argument("--workers", type=int, help="local worker threads (default: all cores)")
+    p.add_argument("--no-resume", action="store_true", help="redo slides that are already complete")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_tile)
+
+    p = sub.add_parser("info", help="print a slide's geometry, scale and reader")
+    p.add_argument("slide", type=Path)
+    p.add_argument("--mpp-override", type=float)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_info)
+
+
+def tiling_config(args: argparse.Namespace) -> TilingConfig:
+    """TOML values overlaid with the flags that were given."""
+    values: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            values.update(tomllib.loads(args.config.read_text()))
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ConfigError(f"{args.config}: cannot read TOML config ({err})") from err
+    names = {f.name for f in fields(TilingConfig)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(
+            f"{args.config}: unknown keys {sorted(unknown)}; valid keys: {', '.join(sorted(names))}"
+        )
+    values.update({n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
+    return TilingConfig(**values)
+
+
+def read_mpp_csv(path: Path) -> dict[str, float]:
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read mpp CSV ({err})") from err
+    if rows and not {"slide", "mpp"} <= set(rows[0]):
+        raise ConfigError(f"{path}: the mpp CSV needs columns 'slide' and 'mpp'")
+    try:
+        return {row["slide"]: float(row["mpp"]) for row in rows}
+    except ValueError as err:
+        raise ConfigError(f"{path}: an 'mpp' value is not a number ({err})") from err
+
+
+def run_tile(args: argparse.Namespace) -> int:
+    from wsi_ssl.tiling.batch import tile_slides
+
+    config = tiling_config(args)
+    overrides = read_mpp_csv(args.mpp_csv) if args.mpp_csv else None
+    client = None
+    if args.scheduler:
+        from distributed import Client
+
+        client = Client(args.scheduler)
+    try:
+        summary = tile_slides(
+            args.inputs,
+            args.out,
+            config,
+            mpp_overrides=overrides,
+            client=client,
+            workers=args.workers,
+            resume=not args.no_resume,
+            progress=not (args.quiet or args.json),
+        )
+    finally:
+        if client is not None:
+            client.close()
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        for r in summary.results:
+            line = f"{r.status:>8}  {r.n_tiles:>7} tiles  {r.seconds:6.1f}s  {r.path}"
+            print(line if r.error is None else f"{line}\n          {r.error_type}: {r.error}")
+        d = summary.to_dict()
+        print(
+            f"{d['complete']} tiled, {d['skipped']} already complete, {d['failed']} failed; "
+            f"{d['tiles']} tiles in {args.out}"
+        )
+    for r in summary.failed:
+        print(f"wsi-ssl: error: {r.error}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from wsi_ssl.slide import open_slide
+
+    with open_slide(args.slide, mpp_override=args.mpp_override) as reader:
+        info = {
+            "path": str(reader.path),
+            "reader": reader.backend,
+            "vendor": reader.vendor,
+            "dimensions": list(reader.dimensions),
+            "levels": [
+                {"dimensions": list(d), "downsample": round(float(s), 4)}
+                for d, s in zip(reader.level_dimensions, reader.level_downsamples, strict=True)
+            ],
+            "mpp": reader.mpp,
+            "mpp_source": reader.mpp_source,
+        }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"path        {info['path']}")
+    print(f"reader      {info['reader']}")
+    print(f"vendor      {info['vendor']}")
+    print(f"dimensions  {info['dimensions'][0]} x {info['dimensions'][1]}")
+    mpp = "none (pass --mpp-override)" if info["mpp"] is None else f"{info['mpp']:.4f} µm/px"
+    print(f"mpp         {mpp}  [{info['mpp_source'] or '-'}]")
+    for i, level in enumerate(info["levels"]):
+        w, h = level["dimensions"]
+        print(f"level {i:<5} {w} x {h}  downsample {level['downsample']}")
+    return 0

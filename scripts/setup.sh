@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install wsi-ssl and everything it needs (system packages, then Python packages).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    # fonts for plots; openslide itself comes from the openslide-bin wheel
+    (apt-get update -qq && apt-get install -y -qq --no-install-recommends fonts-dejavu-core) \
+        >/dev/null 2>&1 || echo "setup: apt-get step skipped (no network or no apt)"
+fi
+python -m pip install -q --upgrade pip
+# The CPU build of torch first, so that no CUDA build is pulled in by a dependency.
+python -m pip install -q "torch==2.13.0" || python -m pip install -q torch
+python -m pip install -q -e ".[dev]"

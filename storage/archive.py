@@ -1,0 +1,83 @@
+"""An archive root: ``catalog.sqlite``, ``slides/<slide_id>.zarr`` and ``index/<name>/``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from wsi_ssl.storage.catalog import Catalog
+from wsi_ssl.storage.slide_store import STATUS_COMPLETE, SlideStore
+
+from wsi_ssl.errors import StoreNotFoundError
+
+if TYPE_CHECKING:
+    import dask.array as da
+    import zarr
+
+
+class Archive:
+    """Per-slide access to the tile stores under one root."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def slides_dir(self) -> Path:
+        return self.root / "slides"
+
+    @property
+    def catalog(self) -> Catalog:
+        return Catalog(self.root / "catalog.sqlite")
+
+    def store_path(self, slide_id: str) -> Path:
+        return self.slides_dir / f"{slide_id}.zarr"
+
+    @property
+    def slide_ids(self) -> list[str]:
+        """Ids of the complete slide stores, sorted."""
+        if not self.slides_dir.is_dir():
+            return []
+        ids = []
+        for path in sorted(self.slides_dir.glob("*.zarr")):
+            try:
+                store = SlideStore.open(path, require_complete=False)
+            except StoreNotFoundError:
+                continue
+            if store.status == STATUS_COMPLETE:
+                ids.append(store.slide_id)
+        return ids
+
+    def slide(self, slide_id: str) -> SlideStore:
+        """The complete store of ``slide_id``; a clear error when missing or incomplete."""
+        return SlideStore.open(self.store_path(slide_id))
+
+    def tiles(self, slide_id: str) -> zarr.Array:
+        return self.slide(slide_id).tiles
+
+    def tiles_dask(self, slide_id: str) -> da.Array:
+        return self.slide(slide_id).tiles_dask()
+
+    def coords(self, slide_id: str) -> np.ndarray:
+        return self.slide(slide_id).coords
+
+    def thumbnail(self, slide_id: str) -> np.ndarray:
+        return self.slide(slide_id).thumbnail
+
+    def tissue_mask(self, slide_id: str) -> np.ndarray:
+        return self.slide(slide_id).tissue_mask
+
+    def plot_tiles(self, slide_id: str, out: str | Path | None = None) -> Path:
+        """Thumbnail with kept tiles drawn, saved as PNG (default ``<root>/plots/<id>_tiles.png``)."""
+        from wsi_ssl.storage.plots import plot_tiles
+
+        out = self.root / "plots" / f"{slide_id}_tiles.png" if out is None else Path(out)
+        return plot_tiles(self.slide(slide_id), out)
+
+
+def open_store(root: str | Path) -> Archive:
+    """Open an archive root written by ``wsi-ssl tile``."""
+    root = Path(root)
+    if not (root / "catalog.sqlite").is_file() and not (root / "slides").is_dir():
+        raise StoreNotFoundError(root, "archive root")
+    return Archive(root)

@@ -1,0 +1,354 @@
+"""Tiling end to end: real fixture slides and generated pyramidal TIFFs into real Zarr stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from wsi_ssl.cli.main import main as cli_main
+from wsi_ssl.storage import SlideStore, open_store
+from wsi_ssl.synthetic import write_synthetic_slide
+
+import wsi_ssl
+from wsi_ssl.config import TilingConfig
+from wsi_ssl.errors import (
+    ConfigError,
+    CorruptSlideError,
+    MissingMppError,
+    NoTissueError,
+    StoreIncompleteError,
+    UnsupportedSlideError,
+)
+from wsi_ssl.slide import open_slide
+from wsi_ssl.tiling.batch import tile_slide
+from wsi_ssl.tiling.extract import read_tiles
+from wsi_ssl.tiling.grid import TileGrid
+
+LOSSLESS = TilingConfig(codec="zstd")
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2000 x 1500 synthetic slide at 0.5 µm/px whose size is not a multiple of the tile."""
+    return write_synthetic_slide(tmp_path_factory.mktemp("synth") / "s.tiff", (2000, 1500), seed=3)
+
+
+@pytest.fixture(scope="module")
+def cmu_root(tmp_path_factory: pytest.TempPathFactory, cmu_small: Path) -> Path:
+    root = tmp_path_factory.mktemp("cmu")
+    tile_slide(cmu_small, root, LOSSLESS)
+    return root
+
+
+def test_config_validates() -> None:
+    with pytest.raises(ConfigError, match="codec must be one of jpeg, zstd"):
+        TilingConfig(codec="png")
+    with pytest.raises(ConfigError, match="overlap"):
+        TilingConfig(overlap=256)
+
+
+def test_cmu_store_contract(cmu_root: Path, cmu_small: Path) -> None:
+    archive = open_store(cmu_root)
+    [slide_id] = archive.slide_ids
+    store = archive.slide(slide_id)
+    attrs = store.attrs
+    assert attrs["status"] == "complete"
+    assert attrs["schema_version"] == 1
+    src = attrs["source"]
+    assert src["dimensions"] == [2220, 2967]
+    assert src["mpp"] == pytest.approx(0.499, abs=1e-3)
+    assert src["mpp_source"] == "vendor"
+    assert src["path"] == str(cmu_small.resolve())
+    tiling = attrs["tiling"]
+    assert tiling["mpp"] == 0.5 and tiling["tile_size"] == 256 and tiling["level"] == 0
+    # 0.499 vs 0.5 is within the snap tolerance: native pixels, no resampling
+    assert tiling["resize"] is False and tiling["tile_size_level0"] == 256
+    n = store.n_tiles
+    assert 20 < n < 9 * 12  # tissue covers part of the 9 x 12 grid
+    assert store.tiles.shape == (n, 256, 256, 3) and store.tiles.dtype == np.uint8
+    assert store.tiles.shards == (64, 256, 256, 3) and store.tiles.chunks == (1, 256, 256, 3)
+    coords = store.coords
+    assert coords.shape == (n, 2) and coords.dtype == np.int64
+    assert (coords % 256 == 0).all()
+    order = np.lexsort((coords[:, 0], coords[:, 1]))
+    assert (order == np.arange(n)).all(), "tiles are stored row-major"
+    thumb, mask = store.thumbnail, store.tissue_mask
+    assert thumb.shape[:2] == mask.shape and mask.dtype == bool and thumb.shape[2] == 3
+    assert (store.tissue_fraction >= 0.25).all()
+    entry = archive.catalog.get(slide_id)
+    assert entry is not None and entry.status == "complete" and entry.n_tiles == n
+
+
+def test_tiles_equal_direct_reads(cmu_root: Path, cmu_small: Path) -> None:
+    """Lossless tiles are exactly the pixels the reader returns for each tile's box."""
+    store = open_store(cmu_root).slide(open_store(cmu_root).slide_ids[0])
+    with open_slide(cmu_small) as reader:
+        for i in (0, store.n_tiles // 2, store.n_tiles - 1):
+            x, y = store.coords[i]
+            expected = reader.read_region((int(x), int(y)), 0, (256, 256))
+            np.testing.assert_array_equal(store.tiles[i], expected)
+
+
+def test_numpy_and_dask_views_agree(cmu_root: Path) -> None:
+    archive = open_store(cmu_root)
+    slide_id = archive.slide_ids[0]
+    lazy = archive.tiles_dask(slide_id)
+    assert lazy.chunks[0][0] == 64
+    np.testing.assert_array_equal(lazy[3:70].compute(), archive.tiles(slide_id)[3:70])
+
+
+def test_plot_tiles_draws_tiles(cmu_root: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    archive = open_store(cmu_root)
+    out = archive.plot_tiles(archive.slide_ids[0], tmp_path / "tiles.png")
+    image = np.asarray(Image.open(out))
+    assert image.shape[:2] == archive.thumbnail(archive.slide_ids[0]).shape[:2]
+    outline = (image[..., 0] == 20) & (image[..., 1] == 60) & (image[..., 2] == 200)
+    assert outline.sum() > 100
+
+
+def test_edge_tiles_are_padded_white(tmp_path: Path, synth: Path) -> None:
+    config = TilingConfig(codec="zstd", tissue_threshold=0.0)
+    result = tile_slide(synth, tmp_path, config)
+    store = open_store(tmp_path).slide(result.slide_id)  # type: ignore[arg-type]
+    assert store.n_tiles == 8 * 6  # ceil(2000/256) x ceil(1500/256), nothing dropped
+    coords = store.coords
+    last = int(np.argmax(coords[:, 0] + coords[:, 1] * 10_000))
+    assert tuple(coords[last]) == (1792, 1280)
+    tile = store.tiles[last]
+    assert (tile[:, 2000 - 1792 :] == 255).all() and (tile[1500 - 1280 :, :] == 255).all()
+
+
+def test_resampled_scale(tmp_path: Path, synth: Path) -> None:
+    """At 1.0 µm/px a 0.5 µm/px slide is read at a finer level and resampled once."""
+    config = TilingConfig(mpp=1.0, tile_size=128, codec="zstd", tissue_threshold=0.0)
+    with open_slide(synth) as reader:
+        grid = TileGrid.for_slide(reader, reader.require_mpp(), config)
+        assert reader.level_downsamples[grid.level] <= 2.0 * 1.02
+    result = tile_slide(synth, tmp_path, config)
+    store = open_store(tmp_path).slide(result.slide_id)  # type: ignore[arg-type]
+    assert store.n_tiles == 8 * 6
+    assert store.tiling["tile_size_level0"] == pytest.approx(256)
+    with open_slide(synth) as reader:
+        full = reader.read_region((0, 0), 0, (512, 512)).astype(np.float32)
+    expected = full.reshape(128, 4, 128, 4, 3).mean(axis=(1, 3))
+    # the tile covering (0, 0)..(512, 512) at level 0 is tiles[0:2, 0:2] of the 1 µm grid
+    assert np.abs(store.tiles[0].astype(np.float32) - expected[:128, :128]).mean() < 6
+
+
+def test_non_integer_downsamples_boxes(tmp_path: Path, slides_dir: Path) -> None:
+    boxes = slides_dir / "boxes.tiff"
+    with pytest.raises(MissingMppError, match="--mpp-override"):
+        tile_slide(boxes, tmp_path, TilingConfig())
+    # boxes.tiff at 1 µm/px "per pixel"; ask for 4x coarser: its 4.016 level snaps
+    config = TilingConfig(
+        mpp=4.0, tile_size=16, mpp_override=1.0, tissue_threshold=0.0, codec="zstd"
+    )
+    result = tile_slide(boxes, tmp_path, config)
+    store = open_store(tmp_path).slide(result.slide_id)  # type: ignore[arg-type]
+    assert store.source["mpp_source"] == "override"
+    assert store.tiling["level"] == 2
+    assert store.tiling["level_downsample"] == pytest.approx(4.016, abs=1e-3)
+    assert store.tiling["tile_size_level0"] == pytest.approx(16 * 4.016, abs=0.01)
+    assert store.n_tiles == int(np.ceil(300 / (16 * 4.016))) * int(np.ceil(250 / (16 * 4.016)))
+
+
+def test_slide_smaller_than_a_tile(tmp_path: Path, slides_dir: Path) -> None:
+    result = tile_slide(
+        slides_dir / "small.svs", tmp_path, TilingConfig(tissue_threshold=0.0, codec="zstd")
+    )
+    store = open_store(tmp_path).slide(result.slide_id)  # type: ignore[arg-type]
+    assert store.n_tiles == 1
+    tile = store.tiles[0]
+    assert (tile[16:, :] == 255).all() and (tile[:, 16:] == 255).all()
+    assert tile[:16, :16].std() > 0
+
+
+def test_qptiff_falls_back_to_tiffslide(tmp_path: Path, slides_dir: Path) -> None:
+    result = tile_slide(
+        slides_dir / "small_vectra.qptiff", tmp_path, TilingConfig(tissue_threshold=0.0)
+    )
+    store = open_store(tmp_path).slide(result.slide_id)  # type: ignore[arg-type]
+    assert store.source["reader"] == "tiffslide"
+    assert store.n_tiles == 8 * 6
+
+
+def test_no_tissue_and_no_mpp(tmp_path: Path) -> None:
+    blank = write_synthetic_slide(tmp_path / "blank.tiff", (1024, 768), tissue=False)
+    with pytest.raises(NoTissueError, match="tissue-threshold"):
+        tile_slide(blank, tmp_path / "root", TilingConfig())
+    entry = open_store(tmp_path / "root").catalog.entries()[0]
+    assert entry.status == "failed" and "NoTissueError" in (entry.error or "")
+    assert not list((tmp_path / "root" / "slides").glob("*.zarr"))
+    nompp = write_synthetic_slide(tmp_path / "nompp.tiff", (1024, 768), mpp=None)
+    with pytest.raises(MissingMppError):
+        tile_slide(nompp, tmp_path / "root", TilingConfig())
+    result = tile_slide(nompp, tmp_path / "root", TilingConfig(mpp_override=0.5))
+    assert result.status == "complete" and result.n_tiles > 0
+
+
+def test_huge_slide_with_tiny_tissue(tmp_path: Path) -> None:
+    """A 40k x 40k slide (4.8 GB of pixels) whose tissue is a small blob: only tissue is read."""
+    path = write_synthetic_slide(
+        tmp_path / "huge.tiff", (40_000, 40_000), seed=1, compression="zlib"
+    )
+    result = tile_slide(path, tmp_path / "root", TilingConfig())
+    store = open_store(tmp_path / "root").slide(result.slide_id)  # type: ignore[arg-type]
+    grid_cells = int(np.ceil(40_000 / 256)) ** 2
+    assert 0 < store.n_tiles < grid_cells
+    assert store.thumbnail.shape[:2] == (2500, 2500)
+
+
+def test_resume_skips_complete_and_redoes_changed(tmp_path: Path, synth: Path) -> None:
+    first = tile_slide(synth, tmp_path, TilingConfig())
+    again = tile_slide(synth, tmp_path, TilingConfig())
+    assert (first.status, again.status) == ("complete", "skipped")
+    assert again.n_tiles == first.n_tiles
+    changed = tile_slide(synth, tmp_path, TilingConfig(tissue_threshold=0.6))
+    assert changed.status == "complete" and changed.n_tiles < first.n_tiles
+    # an interrupted store (status "writing") is redone, never taken as complete
+    store = SlideStore.open(open_store(tmp_path).store_path(first.slide_id), mode="r+")  # type: ignore[arg-type]
+    store.group.attrs["status"] = "writing"
+    with pytest.raises(StoreIncompleteError):
+        open_store(tmp_path).slide(first.slide_id)  # type: ignore[arg-type]
+    redo = tile_slide(synth, tmp_path, TilingConfig(tissue_threshold=0.6))
+    assert redo.status == "complete"
+
+
+def test_batch_isolates_failures_and_cli_reports(
+    tmp_path: Path, synth: Path, broken_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = [str(synth), str(broken_dir)]
+    code = cli_main(["tile", *inputs, "--out", str(tmp_path), "--json"])
+    captured = capsys.readouterr()
+    assert code == 1
+    summary = json.loads(captured.out)
+    assert summary["complete"] == 1 and summary["failed"] == 3
+    by_name = {Path(s["path"]).name: s for s in summary["slides"]}
+    assert by_name["not-a-tiff.svs"]["error_type"] == UnsupportedSlideError.__name__
+    assert by_name["unreadable.svs"]["error_type"] == CorruptSlideError.__name__
+    assert by_name["unopenable.tiff"]["error_type"] == CorruptSlideError.__name__
+    errors = [line for line in captured.err.splitlines() if line.startswith("wsi-ssl: error:")]
+    assert len(errors) == 3 and all(str(broken_dir) in line for line in errors)
+    statuses = {e.name: e.status for e in open_store(tmp_path).catalog.entries()}
+    assert statuses == {
+        "s.tiff": "complete",
+        "not-a-tiff.svs": "failed",
+        "unreadable.svs": "failed",
+        "unopenable.tiff": "failed",
+    }
+
+
+def test_cli_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["info", str(tmp_path / "missing.svs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.svs" in err[0]
+
+
+def test_cli_info(slides_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["info", str(slides_dir / "CMU-1-Small-Region.svs"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["dimensions"] == [2220, 2967] and info["reader"] == "openslide"
+    assert info["mpp_source"] == "vendor" and info["vendor"] == "aperio"
+
+
+def test_every_fixture_slide_tiles_through_the_cli(tmp_path: Path, slides_dir: Path) -> None:
+    names = ["CMU-1-Small-Region.svs", "test3-DAPI-2-387.ndpi", "openslide-python_boxes_0.dcm"]
+    code = cli_main(
+        [
+            "tile",
+            *(str(slides_dir / n) for n in names),
+            "--out",
+            str(tmp_path),
+            "--tissue-threshold",
+            "0",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    assert len(open_store(tmp_path).slide_ids) == 3
+
+
+def test_distributed_cluster_matches_threads(tmp_path: Path, synth: Path) -> None:
+    from distributed import Client, LocalCluster
+
+    local = tile_slide(synth, tmp_path / "threads", LOSSLESS)
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        remote = tile_slide(synth, tmp_path / "cluster", LOSSLESS, client=client)
+    a = open_store(tmp_path / "threads").slide(local.slide_id)  # type: ignore[arg-type]
+    b = open_store(tmp_path / "cluster").slide(remote.slide_id)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(a.tiles[:], b.tiles[:])
+    np.testing.assert_array_equal(a.coords, b.coords)
+
+
+def test_killed_job_resumes_to_identical_store(tmp_path: Path) -> None:
+    """SIGKILL mid-slide, re-run: the store equals an uninterrupted run's, and was never complete."""
+    path = write_synthetic_slide(tmp_path / "big.tiff", (8192, 6144), seed=5)
+    args = ["--tissue-threshold", "0", "--tiles-per-chunk", "8", "--workers", "1", "--quiet"]
+    reference = tile_slide(
+        path, tmp_path / "ref", TilingConfig(tissue_threshold=0.0, tiles_per_chunk=8), workers=1
+    )
+    root = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wsi_ssl.cli.main", "tile", str(path), "--out", str(root), *args]
+    )
+    store_json = root / "slides" / f"{reference.slide_id}.zarr" / "zarr.json"
+    shard_dir = store_json.parent / "tiles" / "c"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (
+        shard_dir.is_dir() and len(list(shard_dir.iterdir())) >= 5
+    ):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads(store_json.read_text())["attributes"]["status"] == "writing"
+    assert open_store(root).slide_ids == []
+    assert cli_main(["tile", str(path), "--out", str(root), *args]) == 0
+    a = open_store(tmp_path / "ref").slide(reference.slide_id)  # type: ignore[arg-type]
+    b = open_store(root).slide(reference.slide_id)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(a.tiles[:], b.tiles[:])
+    np.testing.assert_array_equal(a.coords, b.coords)
+    np.testing.assert_array_equal(a.tissue_mask, b.tissue_mask)
+
+
+def test_read_tiles_matches_per_tile_reads(synth: Path) -> None:
+    """Strip reads cut the same pixels as one read_region per tile (with overlap)."""
+    config = TilingConfig(overlap=64, codec="zstd")
+    with open_slide(synth) as reader:
+        grid = TileGrid.for_slide(reader, reader.require_mpp(), config)
+        coords = grid.all_coords()[:20]
+        tiles = read_tiles(reader, grid, coords)
+        for i, (x, y) in enumerate(coords):
+            np.testing.assert_array_equal(
+                tiles[i], reader.read_region((int(x), int(y)), 0, (256, 256))
+            )
+
+
+def test_public_api_is_lazy() -> None:
+    code = "import sys, wsi_ssl; assert 'torch' not in sys.modules and 'openslide' not in sys.modules; print(wsi_ssl.tile_slide.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "tile_slide"
+
+
+def test_tile_slides_api(tmp_path: Path, synth: Path) -> None:
+    summary = wsi_ssl.tile_slides([synth, tmp_path / "missing.svs"], tmp_path, progress=False)
+    assert [r.status for r in summary.results] == ["complete", "failed"]
+    assert summary.results[1].error_type == "SlideNotFoundError"
+    assert (
+        zarr.open_group(tmp_path / "slides" / f"{summary.results[0].slide_id}.zarr").attrs["status"]
+        == "complete"
+    )

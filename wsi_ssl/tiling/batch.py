@@ -1,0 +1,305 @@
+"""Tile one slide or a batch of slides into an archive root: resume, failure isolation, progress."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from wsi_ssl.config import TilingConfig
+from wsi_ssl.errors import NoTissueError, SlideNotFoundError, WsiSslError
+from wsi_ssl.slide import SlideReader, open_slide
+from wsi_ssl.storage import (
+    STATUS_COMPLETE,
+    Archive,
+    SlideStore,
+    fingerprint_file,
+    slide_id_from_fingerprint,
+)
+from wsi_ssl.tiling.extract import extract
+from wsi_ssl.tiling.grid import TileGrid
+from wsi_ssl.tissue import detect_tissue, tissue_fraction
+
+SLIDE_SUFFIXES = frozenset(
+    {
+        ".svs",
+        ".tif",
+        ".tiff",
+        ".ndpi",
+        ".vms",
+        ".vmu",
+        ".scn",
+        ".mrxs",
+        ".svslide",
+        ".bif",
+        ".qptiff",
+        ".dcm",
+    }
+)
+THUMBNAIL_MAX_SIDE = 4096
+
+
+@dataclass
+class SlideResult:
+    """What happened to one slide of a batch."""
+
+    path: str
+    slide_id: str | None
+    status: str  # "complete" | "skipped" | "failed"
+    n_tiles: int = 0
+    error: str | None = None
+    error_type: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class BatchSummary:
+    results: list[SlideResult] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[SlideResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+    def to_dict(self) -> dict[str, Any]:
+        counts = {
+            s: sum(r.status == s for r in self.results) for s in ("complete", "skipped", "failed")
+        }
+        return {
+            **counts,
+            "tiles": sum(r.n_tiles for r in self.results),
+            "slides": [asdict(r) for r in self.results],
+        }
+
+
+def collect_slide_paths(inputs: Iterable[str | Path]) -> list[Path]:
+    """Expand directories into the slide files they hold (one file per DICOM series folder)."""
+    paths: list[Path] = []
+    for item in inputs:
+        item = Path(item)
+        if not item.is_dir():
+            paths.append(item)
+            continue
+        dicom_dirs: set[Path] = set()
+        for p in sorted(item.rglob("*")):
+            if not p.is_file() or p.suffix.lower() not in SLIDE_SUFFIXES:
+                continue
+            if p.suffix.lower() == ".dcm":
+                if p.parent in dicom_dirs:
+                    continue
+                dicom_dirs.add(p.parent)
+            paths.append(p)
+    return paths
+
+
+def _thumbnail(reader: SlideReader, slide_mpp: float, thumbnail_mpp: float) -> np.ndarray:
+    w, h = reader.dimensions
+    factor = min(slide_mpp / thumbnail_mpp, THUMBNAIL_MAX_SIDE / max(w, h))
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    return reader.get_thumbnail(size)
+
+
+def _store_is_current(
+    archive: Archive, slide_id: str, fingerprint: str, config: TilingConfig
+) -> int | None:
+    """Tile count of a complete store made from this file with this config, else None."""
+    try:
+        store = SlideStore.open(archive.store_path(slide_id))
+    except (WsiSslError, OSError, KeyError):
+        return None
+    same_config = {k: store.tiling.get(k) for k in config.output_key()} == config.output_key()
+    if store.source.get("fingerprint") == fingerprint and same_config:
+        return store.n_tiles
+    return None
+
+
+def tile_slide(
+    path: str | Path,
+    root: str | Path,
+    config: TilingConfig | None = None,
+    *,
+    client: Any = None,
+    workers: int | None = None,
+    resume: bool = True,
+    progress: bool = False,
+) -> SlideResult:
+    """Tile one slide into ``<root>/slides/<slide_id>.zarr``.
+
+    Raises the slide's typed error (``MissingMppError``, ``CorruptSlideError``, ...) after
+    recording it in the catalog; a store is marked complete only after its last chunk is written.
+    """
+    config = config or TilingConfig()
+    started = time.perf_counter()
+    path = Path(path)
+    if not path.exists():
+        raise SlideNotFoundError(path)
+    archive = Archive(root)
+    catalog = archive.catalog
+    fingerprint = fingerprint_file(path)
+    slide_id = slide_id_from_fingerprint(fingerprint)
+    if resume and (n := _store_is_current(archive, slide_id, fingerprint, config)) is not None:
+        catalog.upsert(
+            slide_id=slide_id,
+            path=path,
+            fingerprint=fingerprint,
+            status=STATUS_COMPLETE,
+            n_tiles=n,
+            tiling=config.output_key(),
+        )
+        return SlideResult(str(path), slide_id, "skipped", n, seconds=time.perf_counter() - started)
+    store_path = archive.store_path(slide_id)
+    try:
+        with open_slide(path, mpp_override=config.mpp_override) as reader:
+            n_tiles = _tile_open_slide(
+                reader, store_path, fingerprint, config, client, workers, progress
+            )
+    except Exception as err:
+        if store_path.exists():
+            shutil.rmtree(store_path, ignore_errors=True)
+        catalog.upsert(
+            slide_id=slide_id,
+            path=path,
+            fingerprint=fingerprint,
+            status="failed",
+            error=f"{type(err).__name__}: {err}",
+            tiling=config.output_key(),
+        )
+        raise
+    catalog.upsert(
+        slide_id=slide_id,
+        path=path,
+        fingerprint=fingerprint,
+        status=STATUS_COMPLETE,
+        n_tiles=n_tiles,
+        tiling=config.output_key(),
+    )
+    return SlideResult(
+        str(path), slide_id, "complete", n_tiles, seconds=time.perf_counter() - started
+    )
+
+
+def _tile_open_slide(
+    reader: SlideReader,
+    store_path: Path,
+    fingerprint: str,
+    config: TilingConfig,
+    client: Any,
+    workers: int | None,
+    progress: bool,
+) -> int:
+    slide_mpp = reader.require_mpp()
+    grid = TileGrid.for_slide(reader, slide_mpp, config)
+    thumbnail = _thumbnail(reader, slide_mpp, config.thumbnail_mpp)
+    level0_per_px = reader.dimensions[0] / thumbnail.shape[1]
+    mask = detect_tissue(thumbnail, mpp=slide_mpp * level0_per_px)
+    coords = grid.all_coords()
+    fraction = tissue_fraction(mask, coords, grid.tile_size_level0, level0_per_px)
+    keep = fraction >= config.tissue_threshold
+    if not keep.any():
+        raise NoTissueError(reader.path, config.tissue_threshold)
+    store = SlideStore.create(
+        store_path,
+        source={
+            "path": str(reader.path.resolve()),
+            "fingerprint": fingerprint,
+            "reader": reader.backend,
+            "vendor": reader.vendor,
+            "dimensions": list(reader.dimensions),
+            "mpp": slide_mpp,
+            "mpp_source": reader.mpp_source,
+            "level_count": reader.level_count,
+        },
+        tiling={**config.output_key(), **grid.to_dict()},
+        coords=coords[keep],
+        tile_size=config.tile_size,
+        tiles_per_shard=config.tiles_per_chunk,
+        codec=config.codec,
+        jpeg_quality=config.jpeg_quality,
+        thumbnail=thumbnail,
+        tissue_mask=mask,
+        tissue_fraction=fraction[keep],
+    )
+    with tqdm(
+        total=int(keep.sum()),
+        desc=reader.path.name[:30],
+        unit="tile",
+        leave=False,
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
+        written = extract(
+            reader,
+            grid,
+            coords[keep],
+            store.path / "tiles",
+            config.tiles_per_chunk,
+            client=client,
+            workers=workers,
+            on_chunk=bar.update,
+        )
+    store.mark_complete()
+    return written
+
+
+def tile_slides(
+    inputs: Iterable[str | Path],
+    root: str | Path,
+    config: TilingConfig | None = None,
+    *,
+    mpp_overrides: Mapping[str, float] | None = None,
+    client: Any = None,
+    workers: int | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> BatchSummary:
+    """Tile every slide in ``inputs`` (files or folders); a failing slide never stops the batch.
+
+    Args:
+        mpp_overrides: per-slide mpp by file name or path (e.g. from a CSV), used when the
+            slide records no scale of its own; ``config.mpp_override`` applies to the rest.
+    """
+    config = config or TilingConfig()
+    paths = collect_slide_paths(inputs)
+    overrides = dict(mpp_overrides or {})
+    summary = BatchSummary()
+    with tqdm(paths, desc="slides", unit="slide", disable=not progress, dynamic_ncols=True) as bar:
+        for path in bar:
+            override = overrides.get(str(path), overrides.get(path.name, config.mpp_override))
+            slide_config = replace(config, mpp_override=override)
+            started = time.perf_counter()
+            try:
+                result = tile_slide(
+                    path,
+                    root,
+                    slide_config,
+                    client=client,
+                    workers=workers,
+                    resume=resume,
+                    progress=progress,
+                )
+            except (WsiSslError, OSError, ValueError, RuntimeError) as err:
+                result = SlideResult(
+                    str(path),
+                    _slide_id_or_none(path),
+                    "failed",
+                    error=str(err),
+                    error_type=type(err).__name__,
+                    seconds=time.perf_counter() - started,
+                )
+            summary.results.append(result)
+            bar.set_postfix(
+                tiles=sum(r.n_tiles for r in summary.results), failed=len(summary.failed)
+            )
+    return summary
+
+
+def _slide_id_or_none(path: Path) -> str | None:
+    try:
+        return slide_id_from_fingerprint(fingerprint_file(path))
+    except OSError:
+        return None

@@ -1,0 +1,146 @@
+"""The Dask extraction graph: one task per chunk of tiles, each reading and writing its chunk.
+
+A task opens the slide through a per-thread cached reader, reads its tiles as horizontal strips
+(runs of neighbouring tiles in a grid row, in the row-major order TIFF files store their tiles),
+resamples once when the read level is not the target scale, and writes its chunk, which is one
+whole Zarr shard, straight into the store. Nothing but coordinates crosses the graph, so memory
+per worker is one chunk whatever the slide size.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import zarr
+from PIL import Image
+
+from wsi_ssl.slide import SlideReader, open_slide
+from wsi_ssl.tiling.grid import TileGrid
+
+MAX_RUN = 16
+"""Most tiles read in one strip: bounds a strip's memory to 16 tiles."""
+
+_local = threading.local()
+
+
+def cached_reader(path: str, backend: str) -> SlideReader:
+    """The calling thread's reader for a slide, opened once per worker thread."""
+    cache: dict[tuple[str, str], SlideReader] = getattr(_local, "readers", {})
+    _local.readers = cache
+    key = (path, backend)
+    if key not in cache:
+        if len(cache) >= 4:
+            cache.pop(next(iter(cache))).close()
+        cache[key] = open_slide(path, backend=backend)
+    return cache[key]
+
+
+def _runs(coords: np.ndarray, stride: float) -> Iterator[tuple[int, int]]:
+    """Index ranges of neighbouring tiles in the same grid row, at most ``MAX_RUN`` long."""
+    cols = np.round(coords[:, 0] / stride).astype(np.int64)
+    start = 0
+    for i in range(1, len(coords) + 1):
+        if (
+            i == len(coords)
+            or coords[i, 1] != coords[start, 1]
+            or cols[i] != cols[i - 1] + 1
+            or i - start == MAX_RUN
+        ):
+            yield start, i
+            start = i
+
+
+def read_tiles(reader: SlideReader, grid: TileGrid, coords: np.ndarray) -> np.ndarray:
+    """Read the tiles at ``coords`` (level-0 x, y; row-major) as uint8 (k, T, T, 3)."""
+    t = grid.tile_size
+    out = np.empty((len(coords), t, t, 3), dtype=np.uint8)
+    ds = grid.level_downsample
+    per_out_px = grid.tile_size_level0 / t  # level-0 pixels per output pixel
+    for start, stop in _runs(coords, grid.stride_level0):
+        x0, y0 = (int(v) for v in coords[start])
+        offsets = np.round((coords[start:stop, 0] - x0) / per_out_px).astype(np.int64)
+        span0 = coords[stop - 1, 0] - x0 + grid.tile_size_level0
+        size = (math.ceil(span0 / ds), math.ceil(grid.tile_size_level0 / ds))
+        strip = reader.read_region((x0, y0), grid.level, size)
+        width = int(offsets[-1]) + t
+        if grid.resize:
+            target = (max(width, round(span0 / per_out_px)), t)
+            strip = np.asarray(Image.fromarray(strip).resize(target, Image.Resampling.BILINEAR))
+        if strip.shape[0] < t or strip.shape[1] < width:
+            pad = ((0, max(0, t - strip.shape[0])), (0, max(0, width - strip.shape[1])), (0, 0))
+            strip = np.pad(strip, pad, mode="edge")
+        for k, off in enumerate(offsets):
+            out[start + k] = strip[:t, off : off + t]
+    return out
+
+
+def _extract_chunk(
+    slide: tuple[str, str],
+    tiles_path: str,
+    grid: TileGrid,
+    start: int,
+    coords: np.ndarray,
+) -> int:
+    reader = cached_reader(*slide)
+    tiles = read_tiles(reader, grid, coords)
+    array = zarr.open_array(tiles_path, mode="r+")
+    array[start : start + len(tiles)] = tiles
+    return len(tiles)
+
+
+def extract(
+    reader: SlideReader,
+    grid: TileGrid,
+    coords: np.ndarray,
+    tiles_path: str | Path,
+    tiles_per_chunk: int,
+    *,
+    client: Any = None,
+    workers: int | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> int:
+    """Run the extraction graph for one slide; returns the number of tiles written.
+
+    Args:
+        reader: the open slide (its path and backend are sent to the workers).
+        grid: geometry from :meth:`TileGrid.for_slide`.
+        coords: kept tiles, row-major; chunk ``i`` is ``coords[i*S:(i+1)*S]``, one Zarr shard.
+        tiles_path: the store's ``tiles`` array.
+        tiles_per_chunk: S, equal to the shard length so no two tasks write one shard.
+        client: a ``dask.distributed.Client``; None runs the local threaded scheduler.
+        workers: threads of the local scheduler (default: all cores).
+        on_chunk: called with each finished chunk's tile count (progress bars).
+    """
+    slide = (str(reader.path), reader.backend)
+    tasks = [
+        dask.delayed(_extract_chunk, pure=False)(
+            slide, str(tiles_path), grid, start, coords[start : start + tiles_per_chunk]
+        )
+        for start in range(0, len(coords), tiles_per_chunk)
+    ]
+    notify = on_chunk or (lambda n: None)
+    if client is not None:
+        from distributed import as_completed
+
+        total = 0
+        for future in as_completed(client.compute(tasks)):
+            n = future.result()
+            total += n
+            notify(n)
+        return total
+
+    from dask.callbacks import Callback
+
+    def posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+        if isinstance(result, int):
+            notify(result)
+
+    with Callback(posttask=posttask):
+        counts = dask.compute(*tasks, scheduler="threads", num_workers=workers)
+    return int(sum(counts))
