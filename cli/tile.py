@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tiles-per-chunk", type=int, help="tiles per task and shard (default 64)")
     p.add_argument("--mpp-override", type=float, help="mpp for slides that record none")
     p.add_argument("--mpp-csv", type=Path, help="CSV with columns slide,mpp (file name or path)")
-    p.add_argument("--scheduler", help="dask.distributed scheduler ADDRESS (default: local threads)")
+    p.add_argument(
+        "--scheduler", help="dask.distributed scheduler ADDRESS (default: local threads)"
+    )
     p.add_argument("--workers", type=int, help="local worker threads (default: all cores)")
     p.add_argument("--no-resume", action="store_true", help="redo slides that are already complete")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")

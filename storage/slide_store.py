@@ -63,14 +63,12 @@ class SlideStore:
                 "tiling": tiling,
             }
         )
-        n = len(coords)
-        shard = max(1, min(tiles_per_shard, n))
         group.create_array(
             "tiles",
-            shape=(n, tile_size, tile_size, 3),
+            shape=(len(coords), tile_size, tile_size, 3),
             dtype="uint8",
             chunks=(1, tile_size, tile_size, 3),
-            shards=(shard, tile_size, tile_size, 3),
+            shards=(tiles_per_shard, tile_size, tile_size, 3),
             dimension_names=("tile", "y", "x", "rgb"),
             **tile_codecs(codec, jpeg_quality),
         )

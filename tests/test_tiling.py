@@ -101,7 +101,7 @@ def test_numpy_and_dask_views_agree(cmu_root: Path) -> None:
     archive = open_store(cmu_root)
     slide_id = archive.slide_ids[0]
     lazy = archive.tiles_dask(slide_id)
-    assert lazy.chunks[0][0] == 64
+    assert lazy.chunks[0][0] == min(64, lazy.shape[0])
     np.testing.assert_array_equal(lazy[3:70].compute(), archive.tiles(slide_id)[3:70])
 
 
@@ -111,7 +111,9 @@ def test_plot_tiles_draws_tiles(cmu_root: Path, tmp_path: Path) -> None:
     archive = open_store(cmu_root)
     out = archive.plot_tiles(archive.slide_ids[0], tmp_path / "tiles.png")
     image = np.asarray(Image.open(out))
-    assert image.shape[:2] == archive.thumbnail(archive.slide_ids[0]).shape[:2]
+    thumb = archive.thumbnail(archive.slide_ids[0])
+    zoom = image.shape[0] // thumb.shape[0]
+    assert zoom >= 1 and image.shape[:2] == (thumb.shape[0] * zoom, thumb.shape[1] * zoom)
     outline = (image[..., 0] == 20) & (image[..., 1] == 60) & (image[..., 2] == 200)
     assert outline.sum() > 100
 

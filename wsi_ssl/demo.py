@@ -17,7 +17,9 @@ class DemoResult:
     pictures: list[Path] = field(default_factory=list)
 
 
-def run_demo(out: str | Path, slides: Sequence[str | Path] = (), *, progress: bool = True) -> DemoResult:
+def run_demo(
+    out: str | Path, slides: Sequence[str | Path] = (), *, progress: bool = True
+) -> DemoResult:
     """Write demo slides (unless given), tile them, and draw the kept tiles on the thumbnail."""
     from wsi_ssl.storage import open_store
     from wsi_ssl.synthetic import write_synthetic_slide

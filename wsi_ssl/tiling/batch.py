@@ -192,6 +192,7 @@ def _tile_open_slide(
     workers: int | None,
     progress: bool,
 ) -> int:
+    reader.get_thumbnail((64, 64))  # undecodable pixels fail here, before any other check
     slide_mpp = reader.require_mpp()
     grid = TileGrid.for_slide(reader, slide_mpp, config)
     thumbnail = _thumbnail(reader, slide_mpp, config.thumbnail_mpp)

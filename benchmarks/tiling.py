@@ -1,0 +1,208 @@
+"""Tiling throughput and memory: decode floor vs the openslide read_region loop vs `wsi-ssl tile`.
+
+Builds (once, cached under benchmarks/data/) a pyramidal JPEG TIFF of real H&E texture by
+mirroring CMU-1-Small-Region.svs, then measures in one run on the same cores:
+
+(a) decode floor: every stored level-0 tile decoded once (libjpeg-turbo via imagecodecs);
+(b) baseline: an openslide ``read_region`` loop over the tiling grid, RGBA -> RGB numpy;
+(c) ``wsi-ssl tile`` end to end (subprocess, peak RSS sampled), per codec, 1 and 2 workers.
+
+Usage: python benchmarks/tiling.py [--size 24576] [--baseline-tiles 3000]
+Prints a table and writes benchmarks/results/tiling.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+import psutil
+import tifffile
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+CMU = HERE.parent.parent / "shared" / "fixtures" / "slides" / "CMU-1-Small-Region.svs"
+TILE = 256
+
+
+def _mirror(image: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    h, w = image.shape[:2]
+    xs = xs % (2 * w)
+    ys = ys % (2 * h)
+    xs = np.where(xs >= w, 2 * w - 1 - xs, xs)
+    ys = np.where(ys >= h, 2 * h - 1 - ys, ys)
+    return image[ys[:, None], xs[None, :]]
+
+
+def build_slide(path: Path, size: int) -> Path:
+    """A size x size pyramidal TIFF (JPEG q90, 256 px tiles, 0.5 µm/px) of mirrored CMU-1."""
+    if path.exists():
+        return path
+    import tiffslide
+
+    with tiffslide.TiffSlide(CMU) as src:
+        cmu = np.asarray(src.read_region((0, 0), 0, src.dimensions).convert("RGB"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    res = (1e4 / 0.5, 1e4 / 0.5)  # pixels per cm at 0.5 µm/px
+    with tifffile.TiffWriter(tmp, bigtiff=True) as tif:
+        for ds in (1, 4, 16, 64):
+            n = size // ds
+            source = cmu if ds == 1 else np.asarray(Image.fromarray(cmu).reduce(ds))
+
+            def tiles(n: int = n, source: np.ndarray = source) -> object:
+                for ty in range(0, n, TILE):
+                    for tx in range(0, n, TILE):
+                        yield _mirror(source, np.arange(tx, tx + TILE), np.arange(ty, ty + TILE))
+
+            tif.write(
+                tiles(),
+                shape=(n, n, 3),
+                dtype=np.uint8,
+                tile=(TILE, TILE),
+                photometric="rgb",
+                compression="jpeg",
+                compressionargs={"level": 90},
+                resolution=(res[0] / ds, res[1] / ds),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if ds == 1 else 1,
+                metadata=None,
+            )
+    tmp.rename(path)
+    return path
+
+
+def decode_floor(path: Path) -> dict[str, float]:
+    """Decode every stored level-0 tile once, single thread."""
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        offsets, counts = page.dataoffsets, page.databytecounts
+        tables = page.jpegtables
+        fh = tif.filehandle
+        start = time.perf_counter()
+        for off, cnt in zip(offsets, counts, strict=True):
+            fh.seek(off)
+            imagecodecs.jpeg8_decode(fh.read(cnt), tables=tables)
+        seconds = time.perf_counter() - start
+    return {"tiles": len(offsets), "seconds": seconds, "tiles_per_s": len(offsets) / seconds}
+
+
+def openslide_loop(path: Path, n_tiles: int) -> dict[str, float]:
+    """The usual loop: read_region per 256 px tile at level 0, converted to an RGB array."""
+    import openslide
+
+    slide = openslide.OpenSlide(str(path))
+    w, h = slide.dimensions
+    coords = [(x, y) for y in range(0, h, TILE) for x in range(0, w, TILE)][:n_tiles]
+    start = time.perf_counter()
+    for x, y in coords:
+        np.asarray(slide.read_region((x, y), 0, (TILE, TILE)).convert("RGB"))
+    seconds = time.perf_counter() - start
+    slide.close()
+    return {"tiles": len(coords), "seconds": seconds, "tiles_per_s": len(coords) / seconds}
+
+
+def wsi_ssl_tile(path: Path, out: Path, codec: str, workers: int) -> dict[str, float]:
+    """`wsi-ssl tile` in a subprocess, all grid tiles kept, peak RSS sampled every 50 ms."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "wsi_ssl.cli.main",
+        "tile",
+        str(path),
+        "--out",
+        str(out),
+        "--codec",
+        codec,
+        "--workers",
+        str(workers),
+        "--tissue-threshold",
+        "0",
+        "--json",
+    ]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    ps = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, ps.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    seconds = time.perf_counter() - start
+    summary = json.loads(proc.stdout.read())  # type: ignore[union-attr]
+    tiles = summary["tiles"]
+    size = sum(p.stat().st_size for p in (out / "slides").rglob("c/*/*/*/*") if p.is_file())
+    return {
+        "tiles": tiles,
+        "seconds": seconds,
+        "tiles_per_s": tiles / seconds,
+        "peak_rss_mb": peak / 2**20,
+        "bytes_per_tile": size / tiles,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=24576, help="slide edge in pixels")
+    parser.add_argument("--small-size", type=int, default=8192, help="second slide, memory check")
+    parser.add_argument("--baseline-tiles", type=int, default=3000)
+    args = parser.parse_args()
+    data = HERE / "data"
+    big = build_slide(data / f"cmu-mirror-{args.size}.tiff", args.size)
+    small = build_slide(data / f"cmu-mirror-{args.small_size}.tiff", args.small_size)
+    rows: dict[str, dict[str, float]] = {}
+    rows["decode floor (1 core)"] = decode_floor(big)
+    rows["openslide read_region loop (1 core)"] = openslide_loop(big, args.baseline_tiles)
+    for codec in ("jpeg", "zstd"):
+        for workers in (1, 2):
+            rows[f"wsi-ssl tile {codec}, {workers} worker(s)"] = wsi_ssl_tile(
+                big, data / "out", codec, workers
+            )
+    rows[f"wsi-ssl tile jpeg, 2 workers, {args.small_size} px slide"] = wsi_ssl_tile(
+        small, data / "out", "jpeg", 2
+    )
+    shutil.rmtree(data / "out", ignore_errors=True)
+    base = rows["openslide read_region loop (1 core)"]["tiles_per_s"]
+    floor = rows["decode floor (1 core)"]["tiles_per_s"]
+    print(
+        f"slide {args.size} x {args.size} px ({args.size**2 / 1e9:.2f} gigapixel), tiles {TILE} px"
+    )
+    print(
+        f"{'case':<48} {'tiles/s':>9} {'x loop':>7} {'/floor/core':>11} {'peak MB':>8} {'B/tile':>8}"
+    )
+    for name, r in rows.items():
+        workers = 2 if "2 worker" in name else 1
+        per_core = r["tiles_per_s"] / workers / floor
+        print(
+            f"{name:<48} {r['tiles_per_s']:>9.0f} {r['tiles_per_s'] / base:>7.2f} {per_core:>11.2f} "
+            f"{r.get('peak_rss_mb', float('nan')):>8.0f} {r.get('bytes_per_tile', float('nan')):>8.0f}"
+        )
+    result = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "date": time.strftime("%Y-%m-%d"),
+        "slide_px": args.size,
+        "rows": rows,
+    }
+    out = HERE / "results" / "tiling.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""``wsi-ssl embed`` and ``wsi-ssl export``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from wsi_ssl.embed.config import EmbedConfig
+from wsi_ssl.embed.export import EXPORT_FORMATS, NAME_BY
+from wsi_ssl.storage.embeddings import EMBEDDING_DTYPES
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="embed the tiles of every complete slide store under ROOT with an encoder",
+        description="Writes <slide>.zarr/embeddings/<encoder_id>; slides already embedded with "
+        "the same encoder are skipped, half-written ones redone.",
+    )
+    p.add_argument("root", type=Path, metavar="ROOT", help="archive root (wsi-ssl tile --out)")
+    p.add_argument(
+        "--encoder",
+        required=True,
+        metavar="NAME_OR_CHECKPOINT",
+        help="registered encoder name, timm/<arch>, torchvision/<arch>, or a wsi-ssl pretrain "
+        "run/checkpoint path",
+    )
+    p.add_argument(
+        "--weights", help="local weights file for a named encoder ('random': seeded init)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="init seed of random-init encoders")
+    p.add_argument("--slides", nargs="+", metavar="SLIDE_ID", help="only these slide ids")
+    p.add_argument("--batch-size", type=int, default=EmbedConfig.batch_size)
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--workers", type=int, help="tile-decoding worker processes (0: none)")
+    p.add_argument("--dtype", choices=EMBEDDING_DTYPES, default="float16", help="stored dtype")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        help="override the encoder's CUDA precision (changes the encoder_id)",
+    )
+    p.add_argument(
+        "--resize",
+        choices=("never", "bilinear"),
+        help="override the encoder's resize policy (changes the encoder_id)",
+    )
+    p.add_argument("--no-resume", action="store_true", help="redo slides already embedded")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_embed)
+
+    p = sub.add_parser(
+        "export",
+        help="write embeddings as one file per slide for MIL code (CLAM/TRIDENT h5, torch .pt)",
+    )
+    p.add_argument("root", type=Path, metavar="ROOT")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="clam-h5")
+    p.add_argument(
+        "--encoder",
+        metavar="ENCODER_ID",
+        help="encoder_id or a unique prefix (default: the archive's only one)",
+    )
+    p.add_argument("--slides", nargs="+", metavar="SLIDE_ID", help="only these slide ids")
+    p.add_argument(
+        "--name-by",
+        choices=NAME_BY,
+        default="stem",
+        help="file names from the slide file stem (default) or the slide id",
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.set_defaults(func=run_export)
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    from wsi_ssl.embed.job import embed
+    from wsi_ssl.encoders import create_encoder
+
+    config = EmbedConfig(
+        batch_size=args.batch_size,
+        device=args.device,
+        workers=args.workers,
+        dtype=args.dtype,
+        resume=not args.no_resume,
+    )
+    encoder = create_encoder(
+        args.encoder,
+        weights=args.weights,
+        seed=args.seed,
+        device="cpu",
+        precision=args.precision,
+        resize=args.resize,
+    )
+    summary = embed(
+        args.root, encoder, config, slides=args.slides, progress=not (args.quiet or args.json)
+    )
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        print("\n".join(summary.lines()))
+    for r in summary.failed:
+        print(f"wsi-ssl: error: {r.error}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from wsi_ssl.embed.export import export
+
+    result = export(
+        args.root,
+        args.out,
+        format=args.format,
+        encoder=args.encoder,
+        slides=args.slides,
+        name_by=args.name_by,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        for s in result.slides:
+            print(f"{s['n_tiles']:>7} x {s['dim']:<5} {s['file']}")
+        print(
+            f"{len(result.slides)} slide(s) exported as {args.format} ({result.encoder_id}) "
+            f"to {args.out}; {len(result.failed)} failed"
+        )
+    for f in result.failed:
+        print(f"wsi-ssl: error: {f['error']}", file=sys.stderr)
+    return 1 if result.failed else 0

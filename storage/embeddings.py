@@ -1,0 +1,321 @@
+"""Patch embeddings inside a slide store: ``<slide_id>.zarr/embeddings/<encoder_id>``.
+
+Layout (Zarr v3, one array per encoder)::
+
+    <slide_id>.zarr/embeddings/                 group
+        <encoder_id>/                           float16 or float32 (N, D), row i = tile i
+            attributes: status "complete", encoder_id, encoder (the frozen encoder config),
+                        weights_sha256, n_tiles, dim, dtype, coords_sha256, compute, ...
+        .writing-<encoder_id>/                  only while a job writes it (or after a kill)
+
+Writes are atomic at the level of one slide and one encoder: the array is written under the
+temporary name ``.writing-<encoder_id>`` with status "writing", its status becomes "complete"
+after the last row is on disk, and only then is the directory renamed to ``<encoder_id>``. A
+reader therefore never sees a half-written array under the final name, and readers also check
+the status (and the row count against ``coords``) before trusting one. A killed job leaves at
+most a ``.writing-*`` directory, which the next job removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+from wsi_ssl.storage.slide_store import STATUS_COMPLETE, STATUS_WRITING, SlideStore
+
+from wsi_ssl.errors import (
+    EmbeddingsIncompleteError,
+    EmbeddingsNotFoundError,
+    EmbeddingWriteError,
+    SchemaMismatchError,
+)
+
+if TYPE_CHECKING:
+    import dask.array as da
+
+__all__ = [
+    "EMBEDDINGS_GROUP",
+    "EMBEDDING_DTYPES",
+    "EmbeddingWriter",
+    "Embeddings",
+    "clean_partial_embeddings",
+    "coords_sha256",
+    "delete_embeddings",
+    "embedding_ids",
+    "embedding_status",
+    "read_embeddings",
+    "resolve_encoder_id",
+]
+
+EMBEDDINGS_GROUP = "embeddings"
+PARTIAL_PREFIX = ".writing-"
+EMBEDDING_DTYPES = ("float16", "float32")
+STATUS_MISSING = "missing"
+DEFAULT_CHUNK_BYTES = 1 << 20  # ~1 MiB chunks of whole rows
+
+
+def coords_sha256(coords: np.ndarray) -> str:
+    """Hash of the tile coordinates, recorded so vectors are never paired with other tiles."""
+    return hashlib.sha256(np.ascontiguousarray(coords, dtype="<i8").tobytes()).hexdigest()
+
+
+def _group_dir(store_path: Path) -> Path:
+    return Path(store_path) / EMBEDDINGS_GROUP
+
+
+def _array_dir(store_path: Path, encoder_id: str) -> Path:
+    return _group_dir(store_path) / encoder_id
+
+
+def _partial_dir(store_path: Path, encoder_id: str) -> Path:
+    return _group_dir(store_path) / f"{PARTIAL_PREFIX}{encoder_id}"
+
+
+def _read_attrs(array_dir: Path) -> dict[str, Any] | None:
+    """Attributes of an array directory, or None when it is absent or unreadable."""
+    if not (array_dir / "zarr.json").is_file():
+        return None
+    try:
+        return dict(zarr.open_array(array_dir, mode="r", zarr_format=3).attrs)
+    except Exception:  # truncated metadata after a kill counts as not there
+        return None
+
+
+def embedding_status(store: SlideStore | Path, encoder_id: str) -> str:
+    """ "complete", "writing" (a job is writing it or was killed) or "missing"."""
+    path = store.path if isinstance(store, SlideStore) else Path(store)
+    attrs = _read_attrs(_array_dir(path, encoder_id))
+    if attrs is not None:
+        return str(attrs.get("status", STATUS_WRITING))
+    if _partial_dir(path, encoder_id).exists():
+        return STATUS_WRITING
+    return STATUS_MISSING
+
+
+def embedding_ids(store: SlideStore | Path) -> list[str]:
+    """Encoder ids of the complete embeddings in a slide store, sorted."""
+    path = store.path if isinstance(store, SlideStore) else Path(store)
+    group = _group_dir(path)
+    if not group.is_dir():
+        return []
+    ids = []
+    for child in sorted(group.iterdir()):
+        if child.name.startswith(PARTIAL_PREFIX) or not child.is_dir():
+            continue
+        attrs = _read_attrs(child)
+        if attrs is not None and attrs.get("status") == STATUS_COMPLETE:
+            ids.append(child.name)
+    return ids
+
+
+def resolve_encoder_id(store: SlideStore | Path, name: str | None) -> str:
+    """An exact encoder id, or the one complete id that starts with ``name`` (e.g. "resnet18")."""
+    path = store.path if isinstance(store, SlideStore) else Path(store)
+    ids = embedding_ids(path)
+    if name is None:
+        if len(ids) == 1:
+            return ids[0]
+        raise EmbeddingsNotFoundError(path, "<one encoder; pass --encoder>", ids)
+    if name in ids:
+        return name
+    matches = [i for i in ids if i.startswith(f"{name}-") or i.startswith(name)]
+    if len(matches) == 1:
+        return matches[0]
+    raise EmbeddingsNotFoundError(path, name, ids)
+
+
+@dataclass
+class Embeddings:
+    """One slide's vectors from one encoder, row ``i`` belonging to tile ``i`` at ``coords[i]``."""
+
+    slide_id: str
+    encoder_id: str
+    features: np.ndarray | da.Array
+    coords: np.ndarray
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def encoder(self) -> dict[str, Any]:
+        """The frozen encoder config that made the vectors."""
+        return dict(self.attrs.get("encoder", {}))
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+
+def read_embeddings(store: SlideStore, encoder_id: str, *, lazy: bool = False) -> Embeddings:
+    """The complete embeddings ``encoder_id`` of a slide store, as numpy (or dask if ``lazy``).
+
+    Raises:
+        EmbeddingsNotFoundError: no such array (the message lists the available ids).
+        EmbeddingsIncompleteError: the array exists but is not marked complete.
+        SchemaMismatchError: the row count or coords hash does not match the store's tiles.
+    """
+    status = embedding_status(store, encoder_id)
+    if status == STATUS_MISSING:
+        raise EmbeddingsNotFoundError(store.path, encoder_id, embedding_ids(store))
+    if status != STATUS_COMPLETE:
+        raise EmbeddingsIncompleteError(store.path, encoder_id, status)
+    array = zarr.open_array(_array_dir(store.path, encoder_id), mode="r", zarr_format=3)
+    attrs = dict(array.attrs)
+    coords = store.coords
+    if array.shape[0] != len(coords) or attrs.get("coords_sha256") not in (
+        None,
+        coords_sha256(coords),
+    ):
+        raise SchemaMismatchError(
+            f"{store.path}: embeddings {encoder_id!r} have {array.shape[0]} rows for "
+            f"{len(coords)} tiles (or were made for other tiles); re-run `wsi-ssl embed` "
+            "with --no-resume"
+        )
+    if lazy:
+        import dask.array as da
+
+        features: np.ndarray | da.Array = da.from_zarr(array)
+    else:
+        features = np.asarray(array[:])
+    return Embeddings(store.slide_id, encoder_id, features, coords, attrs)
+
+
+def delete_embeddings(store: SlideStore | Path, encoder_id: str) -> None:
+    """Remove an encoder's array and any partial one."""
+    path = store.path if isinstance(store, SlideStore) else Path(store)
+    for d in (_array_dir(path, encoder_id), _partial_dir(path, encoder_id)):
+        if d.exists():
+            shutil.rmtree(d)
+
+
+def clean_partial_embeddings(store: SlideStore | Path) -> list[str]:
+    """Remove ``.writing-*`` arrays left by killed jobs; returns their encoder ids."""
+    path = store.path if isinstance(store, SlideStore) else Path(store)
+    group = _group_dir(path)
+    removed = []
+    if group.is_dir():
+        for child in group.iterdir():
+            if child.name.startswith(PARTIAL_PREFIX):
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child.name.removeprefix(PARTIAL_PREFIX))
+    return sorted(removed)
+
+
+class EmbeddingWriter:
+    """Writes one slide's (N, D) vectors under a temporary name; ``commit`` makes them visible.
+
+    Rows may arrive in any order as blocks ``write(start, block)``; whole chunks are written as
+    soon as their rows are all present, so memory stays at about one chunk plus the blocks that
+    arrived early. Any ``OSError`` (a full disk) becomes :class:`EmbeddingWriteError` after the
+    partial array is removed.
+    """
+
+    def __init__(
+        self,
+        store_path: str | Path,
+        encoder_id: str,
+        *,
+        n_rows: int,
+        dim: int,
+        dtype: str = "float16",
+        attrs: dict[str, Any] | None = None,
+        chunk_rows: int | None = None,
+    ) -> None:
+        if dtype not in EMBEDDING_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(EMBEDDING_DTYPES)}; got {dtype!r}")
+        self.store_path = Path(store_path)
+        self.encoder_id = encoder_id
+        self.n_rows = int(n_rows)
+        self.dim = int(dim)
+        self.dtype = np.dtype(dtype)
+        itemsize = self.dtype.itemsize
+        self.chunk_rows = int(chunk_rows or max(64, DEFAULT_CHUNK_BYTES // (itemsize * self.dim)))
+        self._pending: dict[int, np.ndarray] = {}
+        self._buffer = np.empty((0, self.dim), dtype=self.dtype)
+        self._flushed = 0  # rows [0, _flushed) are on disk
+        self._done = False
+        self._tmp = _partial_dir(self.store_path, encoder_id)
+        self._final = _array_dir(self.store_path, encoder_id)
+        try:
+            if self._tmp.exists():
+                shutil.rmtree(self._tmp)
+            slide = zarr.open_group(self.store_path, mode="r+", zarr_format=3)
+            group = slide.require_group(EMBEDDINGS_GROUP)
+            self._array = group.create_array(
+                self._tmp.name,
+                shape=(self.n_rows, self.dim),
+                dtype=self.dtype,
+                chunks=(min(self.chunk_rows, max(1, self.n_rows)), self.dim),
+                dimension_names=("tile", "feature"),
+                fill_value=np.nan,
+            )
+            self._array.attrs.update(
+                {**(attrs or {}), "status": STATUS_WRITING, "encoder_id": encoder_id}
+            )
+        except OSError as err:
+            self.abort()
+            raise EmbeddingWriteError(self.store_path, str(err)) from err
+
+    @property
+    def rows_written(self) -> int:
+        return self._flushed + len(self._buffer) + sum(len(b) for b in self._pending.values())
+
+    def write(self, start: int, block: np.ndarray) -> None:
+        """Rows ``start .. start + len(block)`` (cast to the array's dtype)."""
+        block = np.asarray(block)
+        if block.ndim != 2 or block.shape[1] != self.dim or start + len(block) > self.n_rows:
+            raise ValueError(
+                f"block of shape {block.shape} at row {start} does not fit ({self.n_rows}, "
+                f"{self.dim})"
+            )
+        self._pending[int(start)] = block.astype(self.dtype, copy=False)
+        next_row = self._flushed + len(self._buffer)
+        while next_row in self._pending:
+            blk = self._pending.pop(next_row)
+            self._buffer = np.concatenate([self._buffer, blk]) if len(self._buffer) else blk
+            next_row += len(blk)
+        self._flush(final=False)
+
+    def _flush(self, *, final: bool) -> None:
+        n = len(self._buffer)
+        whole = n if final else (n // self.chunk_rows) * self.chunk_rows
+        # chunk-aligned writes only (the flushed prefix always ends on a chunk boundary)
+        if whole == 0:
+            return
+        try:
+            self._array[self._flushed : self._flushed + whole] = self._buffer[:whole]
+        except OSError as err:
+            self.abort()
+            raise EmbeddingWriteError(self.store_path, str(err)) from err
+        self._flushed += whole
+        self._buffer = self._buffer[whole:]
+
+    def commit(self, extra_attrs: dict[str, Any] | None = None) -> Path:
+        """Write the last rows, mark complete, rename into place; returns the array's path."""
+        if self._pending or self._flushed + len(self._buffer) != self.n_rows:
+            missing = self.n_rows - self.rows_written
+            raise RuntimeError(
+                f"{self._tmp}: cannot commit, {missing} of {self.n_rows} rows not written"
+            )
+        self._flush(final=True)
+        try:
+            self._array.attrs.update({**(extra_attrs or {}), "status": STATUS_COMPLETE})
+            if self._final.exists():
+                shutil.rmtree(self._final)  # an older or half-written array of the same id
+            os.replace(self._tmp, self._final)
+        except OSError as err:
+            self.abort()
+            raise EmbeddingWriteError(self.store_path, str(err)) from err
+        self._done = True
+        return self._final
+
+    def abort(self) -> None:
+        """Remove the partial array (best effort; never raises)."""
+        self._pending.clear()
+        self._buffer = np.empty((0, self.dim), dtype=self.dtype)
+        if not self._done and self._tmp.exists():
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        self._done = True
