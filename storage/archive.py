@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from wsi_ssl.storage.catalog import Catalog
-from wsi_ssl.storage.slide_store import STATUS_COMPLETE, SlideStore
 
 from wsi_ssl.errors import StoreNotFoundError
+from wsi_ssl.storage.catalog import Catalog
+from wsi_ssl.storage.slide_store import STATUS_COMPLETE, SlideStore
 
 if TYPE_CHECKING:
     import dask.array as da

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
-from wsi_ssl.storage.slide_store import STATUS_COMPLETE, STATUS_WRITING, SlideStore
 
 from wsi_ssl.errors import (
     EmbeddingsIncompleteError,
@@ -35,6 +34,7 @@ from wsi_ssl.errors import (
     EmbeddingWriteError,
     SchemaMismatchError,
 )
+from wsi_ssl.storage.slide_store import STATUS_COMPLETE, STATUS_WRITING, SlideStore
 
 if TYPE_CHECKING:
     import dask.array as da

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
 from wsi_ssl.storage.slide_store import SlideStore
 
 MIN_SIDE = 800

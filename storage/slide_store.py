@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
-from wsi_ssl.storage.codecs import tile_codecs
 
 from wsi_ssl.errors import SchemaMismatchError, StoreIncompleteError, StoreNotFoundError
+from wsi_ssl.storage.codecs import tile_codecs
 
 if TYPE_CHECKING:
     import dask.array as da

@@ -13,11 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from wsi_ssl.cli.main import main as cli_main
-from wsi_ssl.storage import SlideStore, open_store
-from wsi_ssl.synthetic import write_synthetic_slide
 
 import wsi_ssl
+from wsi_ssl.cli.main import main as cli_main
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import (
     ConfigError,
@@ -28,6 +26,8 @@ from wsi_ssl.errors import (
     UnsupportedSlideError,
 )
 from wsi_ssl.slide import open_slide
+from wsi_ssl.storage import SlideStore, open_store
+from wsi_ssl.synthetic import write_synthetic_slide
 from wsi_ssl.tiling.batch import tile_slide
 from wsi_ssl.tiling.extract import read_tiles
 from wsi_ssl.tiling.grid import TileGrid
