@@ -9,14 +9,23 @@ __all__ = [
     "ConfigError",
     "CorruptSlideError",
     "DeviceUnavailableError",
+    "EmbeddingWriteError",
+    "EmbeddingsIncompleteError",
+    "EmbeddingsNotFoundError",
     "EncoderMismatchError",
+    "EncoderNotFoundError",
+    "InputSizeMismatchError",
     "MissingMppError",
     "NoTissueError",
+    "NonFiniteEmbeddingError",
     "SchemaMismatchError",
     "SlideNotFoundError",
     "StoreIncompleteError",
     "StoreNotFoundError",
+    "TileReadError",
+    "TrainingDivergedError",
     "UnsupportedSlideError",
+    "WeightsNotFoundError",
     "WsiSslError",
 ]
 
@@ -107,3 +116,100 @@ class CheckpointError(WsiSslError, ValueError):
 
 class DeviceUnavailableError(WsiSslError, RuntimeError):
     """The requested compute device is not present."""
+
+
+class TrainingDivergedError(WsiSslError, FloatingPointError):
+    """Pretraining produced a non-finite loss; the last checkpoint is left as it was."""
+
+
+# -- encoders and embeddings (issue #4) -----------------------------------------------------
+
+
+class EncoderNotFoundError(WsiSslError, LookupError):
+    """No registered encoder, source prefix or checkpoint path matches the name."""
+
+    def __init__(self, name: str, valid: list[str]) -> None:
+        super().__init__(
+            f"{name!r}: not a registered encoder, 'timm/<arch>', 'torchvision/<arch>' or an "
+            f"existing checkpoint path; registered encoders: {', '.join(valid)}"
+        )
+        self.name = name
+
+
+class WeightsNotFoundError(WsiSslError, FileNotFoundError):
+    """An encoder needs a local weights file that is not there (wsi-ssl never downloads)."""
+
+    def __init__(self, encoder: str, path: str | Path) -> None:
+        super().__init__(
+            f"{path}: no weights file for encoder {encoder!r}; put its state dict there "
+            "(torch.save(model.state_dict(), PATH) on a machine that has the weights) or pass "
+            "--weights PATH; wsi-ssl never downloads weights"
+        )
+        self.path = Path(path)
+
+
+class InputSizeMismatchError(WsiSslError, ValueError):
+    """Tiles are not the encoder's input size and its config does not allow resizing."""
+
+    def __init__(self, where: str, tile_size: int, input_size: int, encoder: str) -> None:
+        super().__init__(
+            f"{where}: tiles are {tile_size} px but encoder {encoder!r} takes {input_size} px and "
+            "its config says resize='never'; re-tile with --tile-size "
+            f"{input_size} or choose resize='bilinear' (--resize bilinear, a different encoder_id)"
+        )
+        self.tile_size = tile_size
+        self.input_size = input_size
+
+
+class NonFiniteEmbeddingError(WsiSslError, FloatingPointError):
+    """The encoder produced NaN or inf (or a value float16 cannot hold) for a tile."""
+
+    def __init__(self, slide: str, tile: int, xy: tuple[int, int] | None, detail: str) -> None:
+        where = f"tile {tile}" + (f" (level-0 x={xy[0]}, y={xy[1]})" if xy is not None else "")
+        super().__init__(
+            f"{slide}: {where}: embedding has {detail}; check the encoder weights and precision "
+            "(--dtype float32 if values overflow float16)"
+        )
+        self.slide = slide
+        self.tile = tile
+
+
+class TileReadError(WsiSslError, OSError):
+    """Stored tiles cannot be read or decoded."""
+
+    def __init__(self, path: str | Path, start: int, stop: int, detail: str) -> None:
+        super().__init__(
+            f"{path}: tiles {start}..{stop - 1} cannot be read ({detail}); re-run `wsi-ssl tile` "
+            "with --no-resume for this slide"
+        )
+        self.path = Path(path)
+
+
+class EmbeddingsNotFoundError(WsiSslError, FileNotFoundError):
+    def __init__(self, path: str | Path, encoder_id: str, available: list[str]) -> None:
+        have = ", ".join(available) if available else "none"
+        super().__init__(
+            f"{path}: no complete embeddings {encoder_id!r} (available: {have}); "
+            "run `wsi-ssl embed` with that encoder first"
+        )
+        self.path = Path(path)
+
+
+class EmbeddingsIncompleteError(WsiSslError, RuntimeError):
+    def __init__(self, path: str | Path, encoder_id: str, status: str) -> None:
+        super().__init__(
+            f"{path}: embeddings {encoder_id!r} have status {status!r}, not 'complete' (a job was "
+            "interrupted or failed); re-run `wsi-ssl embed` to redo them"
+        )
+        self.path = Path(path)
+
+
+class EmbeddingWriteError(WsiSslError, OSError):
+    """Embeddings could not be written (disk full, permissions); nothing was left complete."""
+
+    def __init__(self, path: str | Path, detail: str) -> None:
+        super().__init__(
+            f"{path}: cannot write embeddings ({detail}); free disk space or fix permissions and "
+            "re-run the same command (finished slides are kept)"
+        )
+        self.path = Path(path)

@@ -1,0 +1,22 @@
+"""Whole-slide image readers behind one protocol, chosen by a registry with fallback.
+
+Each backend module registers its reader when imported, so the imports below set the
+fallback order of `BACKENDS` that `open_slide` follows: openslide, then tiffslide.
+"""
+
+from wsi_ssl.slide._base import MPP_RANGE, MPP_SOURCES, BaseSlideReader, SlideReader
+from wsi_ssl.slide._openslide import OpenSlideReader
+from wsi_ssl.slide._registry import BACKENDS, open_slide, register_backend
+from wsi_ssl.slide._tiffslide import TiffSlideReader
+
+__all__ = [
+    "BACKENDS",
+    "MPP_RANGE",
+    "MPP_SOURCES",
+    "BaseSlideReader",
+    "OpenSlideReader",
+    "SlideReader",
+    "TiffSlideReader",
+    "open_slide",
+    "register_backend",
+]

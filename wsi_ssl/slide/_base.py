@@ -1,0 +1,377 @@
+"""The `SlideReader` protocol, the shared reader base class and the microns-per-pixel chain."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from wsi_ssl.errors import ConfigError, CorruptSlideError, MissingMppError, SlideNotFoundError
+
+__all__ = [
+    "MPP_RANGE",
+    "MPP_SOURCES",
+    "BaseSlideReader",
+    "SlideMetadata",
+    "SlideReader",
+    "resolve_mpp",
+    "tiff_resolution_tags",
+    "to_rgb",
+]
+
+MPP_RANGE: tuple[float, float] = (0.01, 100.0)
+"""Plausible microns per pixel; values outside (such as 72 dpi, 352.8) are ignored."""
+
+_VENDOR_MPP_KEYS = ("openslide.mpp-x", "tiffslide.mpp-x", "aperio.MPP")
+_OBJECTIVE_KEYS = ("openslide.objective-power", "tiffslide.objective-power", "aperio.AppMag")
+_MICRONS_PER_UNIT = {"centimeter": 1e4, "inch": 25400.0}
+
+
+@runtime_checkable
+class SlideReader(Protocol):
+    """A whole-slide image opened by one backend; mirrors openslide's API with numpy output.
+
+    Coordinates: `location` is level-0 (x, y); `size` is (w, h) at the requested level.
+    Pixels are RGB uint8 (h, w, 3); whatever lies outside the slide is white.
+    """
+
+    path: Path
+    backend: str
+    vendor: str | None
+    dimensions: tuple[int, int]
+    level_count: int
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    properties: dict[str, str]
+    mpp: float | None
+    mpp_source: str | None
+
+    def require_mpp(self) -> float: ...
+
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray: ...
+
+    def get_thumbnail(self, max_size: tuple[int, int]) -> np.ndarray: ...
+
+    def best_level_for_downsample(self, downsample: float) -> int: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> SlideReader: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _plausible(mpp: float | None) -> bool:
+    return mpp is not None and MPP_RANGE[0] <= mpp <= MPP_RANGE[1]
+
+
+@dataclass(frozen=True)
+class _MppEvidence:
+    """What the mpp chain may consult for one slide."""
+
+    properties: Mapping[str, str]
+    vendor: str | None
+    override: float | None
+    resolution_tags: Callable[[], Mapping[str, str]]
+
+
+def _vendor_mpp(e: _MppEvidence) -> list[float | None]:
+    # For generic TIFFs both backends derive *.mpp-x from the resolution tags: that is not a
+    # vendor statement, so it is left to the "tiff-resolution" step.
+    if e.vendor is None:
+        return []
+    return [_float(e.properties.get(key)) for key in _VENDOR_MPP_KEYS]
+
+
+def _resolution_mpp(e: _MppEvidence) -> list[float | None]:
+    tags = e.properties if "tiff.XResolution" in e.properties else e.resolution_tags()
+    microns = _MICRONS_PER_UNIT.get(tags.get("tiff.ResolutionUnit", "").lower())
+    resolution = _float(tags.get("tiff.XResolution"))
+    return [microns / resolution] if microns and resolution else []
+
+
+def _objective_mpp(e: _MppEvidence) -> list[float | None]:
+    powers = (_float(e.properties.get(key)) for key in _OBJECTIVE_KEYS)
+    return [10.0 / power for power in powers if power]
+
+
+def _override_mpp(e: _MppEvidence) -> list[float | None]:
+    return [e.override]
+
+
+_MPP_CHAIN: tuple[tuple[str, Callable[[_MppEvidence], list[float | None]]], ...] = (
+    ("vendor", _vendor_mpp),
+    ("tiff-resolution", _resolution_mpp),
+    ("objective-power", _objective_mpp),
+    ("override", _override_mpp),
+)
+
+MPP_SOURCES: tuple[str, ...] = tuple(source for source, _ in _MPP_CHAIN)
+"""Where a reader's mpp came from, in the order the chain tries them."""
+
+
+def resolve_mpp(
+    properties: Mapping[str, str],
+    vendor: str | None,
+    override: float | None = None,
+    resolution_tags: Callable[[], Mapping[str, str]] = dict,
+) -> tuple[float | None, str | None]:
+    """Level-0 microns per pixel and its source, by the first plausible step of the chain.
+
+    Steps, in the order of `MPP_SOURCES`: the vendor's mpp property; the TIFF resolution
+    tags with a centimetre or inch unit (from `properties`, else from `resolution_tags()`);
+    10 / objective power; the user's `override`. Values outside `MPP_RANGE` fall through.
+
+    Args:
+        properties: the backend's raw properties (string values).
+        vendor: the normalised vendor, None for a generic TIFF.
+        override: the user's mpp, used only when the slide records none.
+        resolution_tags: called lazily for `tiff.*` resolution tags the backend did not expose.
+
+    Returns:
+        (mpp, source), or (None, None) when no step gives a plausible value.
+    """
+    evidence = _MppEvidence(properties, vendor, override, resolution_tags)
+    for source, step in _MPP_CHAIN:
+        for mpp in step(evidence):
+            if _plausible(mpp):
+                return mpp, source
+    return None, None
+
+
+def tiff_resolution_tags(path: Path) -> dict[str, str]:
+    """The first page's resolution tags as `tiff.*` properties; empty when not a TIFF."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tags = tif.pages.first.tags
+            unit = tags.get("ResolutionUnit")
+            xres = tags.get("XResolution")
+            if unit is None or xres is None:
+                return {}
+            numerator, denominator = xres.value
+            return {
+                "tiff.ResolutionUnit": tifffile.RESUNIT(unit.value).name.lower(),
+                "tiff.XResolution": str(numerator / denominator) if denominator else "0",
+            }
+    except (tifffile.TiffFileError, OSError, ValueError):
+        return {}
+
+
+def _to_uint8(pixels: np.ndarray) -> np.ndarray:
+    if pixels.dtype == np.uint8:
+        return pixels
+    if pixels.dtype == np.bool_:
+        return pixels.astype(np.uint8) * 255
+    if np.issubdtype(pixels.dtype, np.integer):
+        scaled = pixels.astype(np.float32) * (255.0 / np.iinfo(pixels.dtype).max)
+    else:
+        scaled = pixels.astype(np.float32) * 255.0
+    return (np.clip(scaled, 0.0, 255.0) + 0.5).astype(np.uint8)
+
+
+def to_rgb(pixels: np.ndarray, *, alpha: bool = False) -> np.ndarray:
+    """RGB uint8 (h, w, 3), C-contiguous, from any (h, w) or (h, w, c) array.
+
+    Non-uint8 integers are scaled by their dtype's maximum, floats from [0, 1]. With `alpha`,
+    a fourth channel is straight alpha and is composited over white. Otherwise one channel is
+    grey, two get a zero third channel, and more keep the first three (a false-colour
+    composite of fluorescence channels).
+    """
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    pixels = _to_uint8(pixels)
+    channels = pixels.shape[2]
+    if alpha and channels == 4:
+        a = pixels[..., 3:4].astype(np.uint16)
+        rgb = pixels[..., :3].astype(np.uint16) * a + 255 * (255 - a)
+        return ((rgb + 127) // 255).astype(np.uint8)
+    if channels == 1:
+        return np.repeat(pixels, 3, axis=2)
+    if channels == 2:
+        return np.concatenate([pixels, np.zeros_like(pixels[..., :1])], axis=2)
+    return np.ascontiguousarray(pixels[..., :3])
+
+
+@dataclass(frozen=True)
+class SlideMetadata:
+    """What a backend reports when it opens a slide."""
+
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    properties: dict[str, str]
+    vendor: str | None
+
+
+class BaseSlideReader(ABC):
+    """Shared behaviour of every backend: mpp chain, clipping and white padding, thumbnails.
+
+    A backend implements `_open` (raising `UnsupportedSlideError` when it cannot), `_read`
+    (a region wholly inside a level) and `_close`, and lists in `_decode_errors` what its
+    library raises on undecodable pixels.
+    """
+
+    backend: ClassVar[str]
+    _decode_errors: ClassVar[tuple[type[Exception], ...]]
+
+    def __init__(self, path: str | Path, *, mpp_override: float | None = None) -> None:
+        """Open `path`.
+
+        Args:
+            path: the slide file.
+            mpp_override: microns per pixel to use when the slide records none.
+
+        Raises:
+            SlideNotFoundError: no such file.
+            UnsupportedSlideError: this backend cannot open it.
+            ConfigError: `mpp_override` is outside `MPP_RANGE`.
+        """
+        if mpp_override is not None and not _plausible(mpp_override):
+            raise ConfigError(
+                f"mpp_override must be in [{MPP_RANGE[0]}, {MPP_RANGE[1]}] µm/px, "
+                f"got {mpp_override}"
+            )
+        self.path = Path(path)
+        if not self.path.exists():
+            raise SlideNotFoundError(self.path)
+        meta = self._open()
+        self._closed = False
+        self.vendor = meta.vendor
+        self.properties = meta.properties
+        self.level_dimensions = meta.level_dimensions
+        self.level_downsamples = meta.level_downsamples
+        self.level_count = len(meta.level_dimensions)
+        self.dimensions = meta.level_dimensions[0]
+        self.mpp, self.mpp_source = resolve_mpp(
+            meta.properties, meta.vendor, mpp_override, self._resolution_tags
+        )
+
+    @abstractmethod
+    def _open(self) -> SlideMetadata:
+        """Open `self.path` with the backend and report its geometry and properties."""
+
+    @abstractmethod
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """A region lying inside the level, as RGB uint8 (h, w, 3)."""
+
+    @abstractmethod
+    def _close(self) -> None:
+        """Release the backend's handle."""
+
+    def _resolution_tags(self) -> Mapping[str, str]:
+        """`tiff.*` resolution tags the backend does not expose itself (none by default)."""
+        return {}
+
+    def require_mpp(self) -> float:
+        """The slide's mpp, or `MissingMppError` naming the override options."""
+        if self.mpp is None:
+            raise MissingMppError(self.path)
+        return self.mpp
+
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
+        """Read pixels as RGB uint8 (h, w, 3); what lies outside the slide is white.
+
+        Args:
+            location: level-0 (x, y) of the region's top-left corner.
+            level: pyramid level to read from.
+            size: (w, h) of the region at `level`.
+
+        Raises:
+            ValueError: `level` or `size` is invalid.
+            CorruptSlideError: the backend cannot decode the pixels.
+        """
+        if not 0 <= level < self.level_count:
+            raise ValueError(f"level must be in [0, {self.level_count - 1}], got {level}")
+        x, y = int(location[0]), int(location[1])
+        w, h = int(size[0]), int(size[1])
+        if w < 0 or h < 0:
+            raise ValueError(f"size must be non-negative, got {size}")
+        canvas = np.full((h, w, 3), 255, dtype=np.uint8)
+        downsample = self.level_downsamples[level]
+        level_w, level_h = self.level_dimensions[level]
+        lx, ly = x / downsample, y / downsample  # the region's origin in level pixels
+        eps = 1e-6
+        i0, j0 = max(0, math.ceil(-lx - eps)), max(0, math.ceil(-ly - eps))
+        i1 = min(w, math.floor(level_w - lx + eps))
+        j1 = min(h, math.floor(level_h - ly + eps))
+        if i0 >= i1 or j0 >= j1:
+            return canvas
+        inner = (max(0, round(x + i0 * downsample)), max(0, round(y + j0 * downsample)))
+        try:
+            pixels = self._read(inner, level, (i1 - i0, j1 - j0))
+        except self._decode_errors as err:
+            raise CorruptSlideError(self.path, f"{type(err).__name__}: {err}") from err
+        canvas[j0:j1, i0:i1] = pixels
+        return canvas
+
+    def get_thumbnail(self, max_size: tuple[int, int]) -> np.ndarray:
+        """The whole slide as RGB uint8, fitting in `max_size` (w, h), aspect preserved.
+
+        Read from the coarsest level at least as fine as needed, then resized; never
+        enlarged beyond level 0.
+        """
+        w, h = self.dimensions
+        scale = min(max_size[0] / w, max_size[1] / h, 1.0)
+        out = (max(1, round(w * scale)), max(1, round(h * scale)))
+        level = self.best_level_for_downsample(1.0 / scale)
+        pixels = self.read_region((0, 0), level, self.level_dimensions[level])
+        if pixels.shape[1::-1] == out:
+            return pixels
+        resized = Image.fromarray(pixels).resize(out, Image.Resampling.LANCZOS)
+        return np.array(resized)
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The coarsest level whose downsample is at most `downsample` (0.1 % tolerance)."""
+        limit = downsample * (1 + 1e-3)
+        return max(
+            (i for i, ds in enumerate(self.level_downsamples) if ds <= limit),
+            default=0,
+        )
+
+    def close(self) -> None:
+        """Release the backend's handle; further calls do nothing."""
+        if not self._closed:
+            self._closed = True
+            self._close()
+
+    def __enter__(self) -> BaseSlideReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        w, h = self.dimensions
+        mpp = "None" if self.mpp is None else f"{self.mpp:g} ({self.mpp_source})"
+        return (
+            f"{type(self).__name__}({str(self.path)!r}, vendor={self.vendor!r}, "
+            f"{w}x{h}, levels={self.level_count}, mpp={mpp})"
+        )

@@ -1,0 +1,73 @@
+"""Reader backed by tiffslide (tifffile + zarr): TIFF-based formats, QPTIFF included."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import tifffile
+import tiffslide
+
+from wsi_ssl.errors import UnsupportedSlideError
+from wsi_ssl.slide._base import BaseSlideReader, SlideMetadata, to_rgb
+from wsi_ssl.slide._registry import register_backend
+
+__all__ = ["TiffSlideReader"]
+
+# What tifffile, zarr and imagecodecs raise on files or tiles they cannot parse or decode
+# (imagecodecs' codec errors are RuntimeErrors; tifffile's are ValueErrors).
+_LIBRARY_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    RuntimeError,
+    OSError,
+    KeyError,
+    IndexError,
+)
+
+
+@register_backend("tiffslide")
+class TiffSlideReader(BaseSlideReader):
+    """`SlideReader` over `tiffslide.TiffSlide`; channels become RGB via `to_rgb`."""
+
+    _decode_errors = _LIBRARY_ERRORS
+
+    def _open(self) -> SlideMetadata:
+        with warnings.catch_warnings():
+            # tiffslide warns that its NDPI/Ventana metadata parsing is partial.
+            warnings.filterwarnings("ignore", message=".*metadata parsing", category=UserWarning)
+            try:
+                self._slide = tiffslide.TiffSlide(self.path)
+            except _LIBRARY_ERRORS as err:
+                raise self._unsupported(err) from err
+            try:
+                raw = dict(self._slide.properties)
+                level_dimensions = tuple(self._slide.level_dimensions)
+                level_downsamples = tuple(float(ds) for ds in self._slide.level_downsamples)
+                page = self._level0_page()
+            except _LIBRARY_ERRORS as err:
+                self._slide.close()
+                raise self._unsupported(err) from err
+        self._alpha = page.photometric == tifffile.PHOTOMETRIC.RGB and len(page.extrasamples) == 1
+        vendor = raw.get("tiffslide.vendor")
+        return SlideMetadata(
+            level_dimensions=level_dimensions,
+            level_downsamples=level_downsamples,
+            properties={key: str(value) for key, value in raw.items() if value is not None},
+            vendor=str(vendor) if vendor else None,
+        )
+
+    def _unsupported(self, err: Exception) -> UnsupportedSlideError:
+        return UnsupportedSlideError(self.path, {self.backend: f"{type(err).__name__}: {err}"})
+
+    def _level0_page(self) -> tifffile.TiffPage:
+        series = self._slide.ts_tifffile.series[
+            int(self._slide.properties["tiffslide.series-index"])
+        ]
+        return series.keyframe
+
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        pixels = self._slide.read_region(location, level, size, as_array=True, padding=False)
+        return to_rgb(pixels, alpha=self._alpha)
+
+    def _close(self) -> None:
+        self._slide.close()
