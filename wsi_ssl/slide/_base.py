@@ -204,6 +204,8 @@ def to_rgb(pixels: np.ndarray, *, alpha: bool = False) -> np.ndarray:
     pixels = _to_uint8(pixels)
     channels = pixels.shape[2]
     if alpha and channels == 4:
+        if pixels[..., 3].min() == 255:  # opaque, the common case: no compositing
+            return np.ascontiguousarray(pixels[..., :3])
         a = pixels[..., 3:4].astype(np.uint16)
         rgb = pixels[..., :3].astype(np.uint16) * a + 255 * (255 - a)
         return ((rgb + 127) // 255).astype(np.uint8)

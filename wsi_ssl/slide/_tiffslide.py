@@ -65,6 +65,11 @@ class TiffSlideReader(BaseSlideReader):
         ]
         return series.keyframe
 
+    @property
+    def tiled(self) -> bool:
+        """Whether level 0 is stored in tiles (read per tile) rather than in strips."""
+        return bool(self._level0_page().is_tiled)
+
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         pixels = self._slide.read_region(location, level, size, as_array=True, padding=False)
         return to_rgb(pixels, alpha=self._alpha)

@@ -43,6 +43,7 @@ SLIDE_SUFFIXES = frozenset(
     }
 )
 THUMBNAIL_MAX_SIDE = 4096
+FAST_BACKEND = "tiffslide"
 
 
 @dataclass
@@ -104,6 +105,29 @@ def _thumbnail(reader: SlideReader, slide_mpp: float, thumbnail_mpp: float) -> n
     return reader.get_thumbnail(size)
 
 
+def open_for_tiling(path: Path, mpp_override: float | None) -> SlideReader:
+    """The registry's reader, or tiffslide where it reads the same pyramid faster.
+
+    tiffslide decodes a tiled TIFF's tiles with libjpeg-turbo straight from the file, several
+    times faster than openslide (benchmarks/RESULTS.md); it is used when the registry's reader is
+    another backend, the file is tiled, and both report the same levels and scale. Anything
+    else (NDPI, DICOM, MRXS, disagreeing pyramids) keeps the registry's choice.
+    """
+    reader = open_slide(path, mpp_override=mpp_override)
+    if reader.backend == FAST_BACKEND:
+        return reader
+    try:
+        fast = open_slide(path, mpp_override=mpp_override, backend=FAST_BACKEND)
+    except WsiSslError:
+        return reader
+    same = fast.level_dimensions == reader.level_dimensions and fast.mpp == reader.mpp
+    if same and getattr(fast, "tiled", False):
+        reader.close()
+        return fast
+    fast.close()
+    return reader
+
+
 def _store_is_current(
     archive: Archive, slide_id: str, fingerprint: str, config: TilingConfig
 ) -> int | None:
@@ -154,7 +178,7 @@ def tile_slide(
         return SlideResult(str(path), slide_id, "skipped", n, seconds=time.perf_counter() - started)
     store_path = archive.store_path(slide_id)
     try:
-        with open_slide(path, mpp_override=config.mpp_override) as reader:
+        with open_for_tiling(path, config.mpp_override) as reader:
             n_tiles = _tile_open_slide(
                 reader, store_path, fingerprint, config, client, workers, progress
             )
