@@ -20,6 +20,7 @@ from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import (
     ConfigError,
     CorruptSlideError,
+    DiskFullError,
     MissingMppError,
     NoTissueError,
     StoreIncompleteError,
@@ -28,7 +29,7 @@ from wsi_ssl.errors import (
 from wsi_ssl.slide import open_slide
 from wsi_ssl.storage import SlideStore, open_store
 from wsi_ssl.synthetic import write_synthetic_slide
-from wsi_ssl.tiling.batch import tile_slide
+from wsi_ssl.tiling.batch import tile_slide, tile_slides
 from wsi_ssl.tiling.extract import read_tiles
 from wsi_ssl.tiling.grid import TileGrid
 
@@ -352,3 +353,28 @@ def test_tile_slides_api(tmp_path: Path, synth: Path) -> None:
         zarr.open_group(tmp_path / "slides" / f"{summary.results[0].slide_id}.zarr").attrs["status"]
         == "complete"
     )
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 1 MiB tmpfs: a real full disk, where this machine lets the tests mount one."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk_is_a_typed_error_and_leaves_nothing(tiny_disk: Path, tmp_path: Path) -> None:
+    slide = write_synthetic_slide(tmp_path / "s.tiff", (4096, 3072), seed=2)
+    with pytest.raises(DiskFullError, match="no space left"):
+        tile_slide(slide, tiny_disk, TilingConfig(codec="zstd", tissue_threshold=0.0))
+    assert not list((tiny_disk / "slides").glob("*.zarr"))
+    summary = tile_slides(
+        [slide], tiny_disk, TilingConfig(codec="zstd", tissue_threshold=0.0), progress=False
+    )
+    assert summary.results[0].error_type == "DiskFullError"

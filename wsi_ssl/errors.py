@@ -9,12 +9,15 @@ __all__ = [
     "ConfigError",
     "CorruptSlideError",
     "DeviceUnavailableError",
+    "DiskFullError",
     "EmbeddingWriteError",
     "EmbeddingsIncompleteError",
     "EmbeddingsNotFoundError",
+    "EmptyBagError",
     "EncoderMismatchError",
     "EncoderNotFoundError",
     "InputSizeMismatchError",
+    "LabelsError",
     "MissingMppError",
     "NoTissueError",
     "NonFiniteEmbeddingError",
@@ -90,6 +93,17 @@ class NoTissueError(WsiSslError, ValueError):
 class StoreNotFoundError(WsiSslError, FileNotFoundError):
     def __init__(self, path: str | Path, what: str = "store") -> None:
         super().__init__(f"{path}: no such {what}; run `wsi-ssl tile` first")
+        self.path = Path(path)
+
+
+class DiskFullError(WsiSslError, OSError):
+    """The disk filled up while writing; what was half written has been removed."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(
+            f"{path}: no space left on device; free space or write elsewhere, then re-run "
+            "(the unfinished output was removed)"
+        )
         self.path = Path(path)
 
 
@@ -213,3 +227,30 @@ class EmbeddingWriteError(WsiSslError, OSError):
             "re-run the same command (finished slides are kept)"
         )
         self.path = Path(path)
+
+
+# -- MIL (issue #6) ------------------------------------------------------------------------
+
+
+class LabelsError(WsiSslError, ValueError):
+    """A labels CSV cannot be used: missing columns, duplicates, unknown slides, one class.
+
+    ``rows`` holds the 1-based CSV line numbers at fault (the header is line 1).
+    """
+
+    def __init__(self, path: str | Path, problem: str, rows: list[int] | None = None) -> None:
+        self.path = Path(path)
+        self.rows = list(rows or [])
+        super().__init__(f"{path}: {problem}")
+
+
+class EmptyBagError(WsiSslError, ValueError):
+    """A slide has no tile embeddings (no tissue was found): there is nothing to classify."""
+
+    def __init__(self, slide: str, encoder_id: str | None = None) -> None:
+        what = f"embeddings {encoder_id!r}" if encoder_id else "its bag"
+        super().__init__(
+            f"{slide}: {what} have 0 tiles (no tissue was kept); leave the slide out or re-tile "
+            "it with a lower --tissue-threshold"
+        )
+        self.slide = slide

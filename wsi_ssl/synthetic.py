@@ -392,6 +392,7 @@ def write_synthetic_slide(
     }
     if mpp is not None:
         options |= {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tifffile.TiffWriter(path, bigtiff=w * h * 3 > 2**31) as tif:
         for level, (lw, lh) in enumerate(_level_shapes((w, h), n_levels)):
             tif.write(

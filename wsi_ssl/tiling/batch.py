@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import shutil
+import sqlite3
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -13,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from wsi_ssl.config import TilingConfig
-from wsi_ssl.errors import NoTissueError, SlideNotFoundError, WsiSslError
+from wsi_ssl.errors import DiskFullError, NoTissueError, SlideNotFoundError, WsiSslError
 from wsi_ssl.slide import SlideReader, open_slide
 from wsi_ssl.storage import (
     STATUS_COMPLETE,
@@ -185,14 +188,19 @@ def tile_slide(
     except Exception as err:
         if store_path.exists():
             shutil.rmtree(store_path, ignore_errors=True)
-        catalog.upsert(
-            slide_id=slide_id,
-            path=path,
-            fingerprint=fingerprint,
-            status="failed",
-            error=f"{type(err).__name__}: {err}",
-            tiling=config.output_key(),
-        )
+        full = isinstance(err, OSError) and err.errno == errno.ENOSPC
+        failure = DiskFullError(store_path) if full else err
+        with contextlib.suppress(OSError, sqlite3.Error):  # the catalog may be on the full disk
+            catalog.upsert(
+                slide_id=slide_id,
+                path=path,
+                fingerprint=fingerprint,
+                status="failed",
+                error=f"{type(failure).__name__}: {failure}",
+                tiling=config.output_key(),
+            )
+        if full:
+            raise failure from err
         raise
     catalog.upsert(
         slide_id=slide_id,
