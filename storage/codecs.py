@@ -40,10 +40,13 @@ class JpegCodec(ArrayBytesCodec):
         image = imagecodecs.jpeg8_decode(chunk_bytes.as_numpy_array().tobytes())
         return chunk_spec.prototype.nd_buffer.from_ndarray_like(image.reshape(chunk_spec.shape))
 
+    def encode_tile(self, tile: np.ndarray) -> bytes:
+        """JPEG bytes of a uint8 (..., H, W, 3) array, stacked vertically."""
+        image = np.ascontiguousarray(tile).reshape(-1, tile.shape[-2], tile.shape[-1])
+        return bytes(imagecodecs.jpeg8_encode(image, level=self.quality))
+
     def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
-        image = np.ascontiguousarray(chunk_array.as_numpy_array())
-        image = image.reshape(-1, image.shape[-2], image.shape[-1])
-        encoded = imagecodecs.jpeg8_encode(image, level=self.quality)
+        encoded = self.encode_tile(chunk_array.as_numpy_array())
         return chunk_spec.prototype.buffer.from_bytes(encoded)
 
     async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:

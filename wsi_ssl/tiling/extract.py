@@ -21,6 +21,7 @@ import zarr
 from PIL import Image
 
 from wsi_ssl.slide import SlideReader, open_slide
+from wsi_ssl.storage.shards import write_shard
 from wsi_ssl.tiling.grid import TileGrid
 
 MAX_RUN = 16
@@ -90,7 +91,7 @@ def _extract_chunk(
     reader = cached_reader(*slide)
     tiles = read_tiles(reader, grid, coords)
     array = zarr.open_array(tiles_path, mode="r+")
-    array[start : start + len(tiles)] = tiles
+    write_shard(array, start // array.shards[0], tiles)  # type: ignore[index]
     return len(tiles)
 
 
