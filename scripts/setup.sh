@@ -8,6 +8,6 @@ if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
         >/dev/null 2>&1 || echo "setup: apt-get step skipped (no network or no apt)"
 fi
 python -m pip install -q --upgrade pip
-# The CPU build of torch first, so that no CUDA build is pulled in by a dependency.
-python -m pip install -q "torch==2.13.0" || python -m pip install -q torch
+# torch and torchvision pinned as a pair that imports together (lightly needs torchvision).
+python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 python -m pip install -q -e ".[dev]"

@@ -43,7 +43,9 @@ def test_direct_shard_files_equal_zarrs_own(tmp_path: Path, codec: str) -> None:
     if codec == "zstd":
         np.testing.assert_array_equal(back, tiles)
     else:
-        assert np.abs(back.astype(int) - tiles).mean() < 30  # lossy; uniform noise is its worst case
+        assert (
+            np.abs(back.astype(int) - tiles).mean() < 30
+        )  # lossy; uniform noise is its worst case
 
 
 def test_jpeg_codec_keeps_smooth_tiles_close(tmp_path: Path) -> None:
