@@ -1,0 +1,174 @@
+"""``wsi-ssl pretrain ROOT --out RUN_DIR``: DINO pretraining on tile stores.
+
+Multi-GPU (or multi-process on CPUs): ``torchrun --nproc-per-node N -m wsi_ssl.cli.main
+pretrain ...`` (or ``-m wsi_ssl.cli.pretrain``, which runs this command alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from wsi_ssl.errors import ConfigError, WsiSslError
+from wsi_ssl.ssl.backbones import backbone_names
+from wsi_ssl.ssl.config import (
+    AUGMENTS,
+    DEVICES,
+    PRECISIONS,
+    PRESETS,
+    SAMPLINGS,
+    PretrainConfig,
+)
+
+# flag dest -> PretrainConfig field, for flags whose name differs from the field
+_RENAMED = {"lr": "base_lr"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="train a DINO encoder on the tiles of archive roots (torchrun for multi-GPU)",
+        description="DINO self-supervised pretraining on Zarr tile stores. Settings come from "
+        "--preset, then --config (TOML of PretrainConfig fields), then the flags.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("roots", nargs="+", metavar="ROOT", help="archive root(s) or slide stores")
+    p.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="starting point (default vit-s16)")
+    p.add_argument("--config", type=Path, help="TOML file of PretrainConfig values")
+    p.add_argument("--arch", choices=backbone_names(), help="backbone (default vit_small_patch16)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, help="passes over the tiles (default 100)")
+    length.add_argument("--steps", type=int, help="optimiser steps (overrides epochs)")
+    p.add_argument("--batch-size", type=int, help="tiles per step per process (default 64)")
+    p.add_argument("--lr", type=float, help="base learning rate per 256 tiles (default 5e-4)")
+    p.add_argument("--device", choices=DEVICES, help="auto (default), cpu or cuda")
+    p.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 on a GPU, else fp32")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the backbones (default: on CUDA only)",
+    )
+    p.add_argument("--augment", choices=AUGMENTS, help="crops in loader workers or on the device")
+    p.add_argument("--num-workers", type=int, help="DataLoader workers (default min(8, cores-1))")
+    p.add_argument("--num-threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--sampling", choices=SAMPLINGS, help="uniform over tiles or balanced slides")
+    p.add_argument("--tile-size", type=int, help="refuse stores with another tile size")
+    p.add_argument("--mpp", type=float, help="refuse stores at another scale")
+    p.add_argument(
+        "--skip-incomplete", action="store_true", default=None, help="ignore incomplete stores"
+    )
+    p.add_argument("--global-crop-size", type=int, help="global crop side (default 224)")
+    p.add_argument("--local-crop-size", type=int, help="local crop side (default 96)")
+    p.add_argument("--n-local-crops", type=int, help="local crops per tile (default 6)")
+    p.add_argument("--out-dim", type=int, help="DINO head prototypes (default 65536)")
+    p.add_argument("--seed", type=int, help="run seed (default 0)")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--log-every", type=int, help="steps between metrics rows")
+    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR")
+    p.add_argument("--until-step", type=int, help="stop after this step (with a checkpoint)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+
+
+def pretrain_config(args: argparse.Namespace, base: PretrainConfig | None = None) -> PretrainConfig:
+    """``base`` (or the preset) overlaid with the TOML file, then with the flags given."""
+    names = {f.name for f in fields(PretrainConfig)}
+    values: dict[str, Any] = {}
+    if base is not None:
+        values.update(base.to_dict())
+    elif args.preset:
+        values.update(PretrainConfig.preset(args.preset).to_dict())
+    if args.config is not None:
+        try:
+            loaded = tomllib.loads(args.config.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ConfigError(f"{args.config}: cannot read TOML config ({err})") from err
+        unknown = set(loaded) - names
+        if unknown:
+            raise ConfigError(
+                f"{args.config}: unknown keys {sorted(unknown)}; valid keys: {', '.join(sorted(names))}"
+            )
+        values.update(loaded)
+    for dest, value in vars(args).items():
+        field = _RENAMED.get(dest, dest)
+        if field in names and value is not None:
+            values[field] = value
+    if args.steps is not None:
+        values["steps"] = args.steps
+    elif args.epochs is not None:
+        values["steps"] = None
+    if args.quiet or args.json:
+        values["progress"] = False
+    return PretrainConfig.from_dict(values)
+
+
+def run(args: argparse.Namespace) -> int:
+    from wsi_ssl.ssl.checkpoint import latest_checkpoint, load_checkpoint
+    from wsi_ssl.ssl.train import pretrain
+
+    base = None
+    if args.resume and (path := latest_checkpoint(args.out)) is not None:
+        if args.preset:
+            raise ConfigError(
+                "--preset applies to new runs; --resume takes the checkpoint's config"
+            )
+        meta = load_checkpoint(path, kind="wsi_ssl.dino", arch=args.arch)["meta"]
+        base = PretrainConfig.from_dict(meta["config"])
+    config = pretrain_config(args, base)
+    result = pretrain(
+        args.roots, config, out=args.out, resume=args.resume, until_step=args.until_step
+    )
+    if result.digests.get("ranks") is not None and _rank() != 0:
+        return 0
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    loss = "-" if result.final_loss is None else f"{result.final_loss:.4f}"
+    speed = "-" if result.images_per_s is None else f"{result.images_per_s:.1f}"
+    print(
+        f"step {result.step}/{result.total_steps}  loss {loss}  {speed} tiles/s  "
+        f"({result.world_size} process{'es' if result.world_size > 1 else ''})"
+    )
+    print(f"checkpoint  {result.checkpoint}")
+    print(f"encoder     {result.encoder_path}")
+    print(f"metrics     {result.metrics_path}")
+    if result.loss_plot is not None:
+        print(f"loss plot   {result.loss_plot}")
+    return 0
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m wsi_ssl.cli.pretrain ...``: this command alone (e.g. under torchrun)."""
+    parser = argparse.ArgumentParser(prog="wsi-ssl pretrain", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except WsiSslError as err:
+        print(f"wsi-ssl: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("wsi-ssl: interrupted; re-run with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Backbones by name: a small registry filled with a decorator, timm-style.
+
+Each entry pairs a builder (returns a ``torch.nn.Module`` mapping ``(B, 3, H, W)`` float
+images to ``(B, D)`` features, any ``H = W`` multiple of the patch size) with a frozen
+:class:`BackboneSpec` saying what it needs. Importing this module loads neither torch nor
+timm, so :class:`~wsi_ssl.ssl.config.PretrainConfig` can validate an architecture name
+cheaply; the builders import them when called.
+
+Registered:
+    ``vit_small_patch16``: ViT-S/16 (22 M parameters, D = 384), the DINO paper's default and
+        ours on a GPU (Caron et al., 2021, https://arxiv.org/abs/2104.14294).
+    ``vit_tiny_patch16``: ViT-Ti/16 (5.5 M, D = 192).
+    ``vit_nano_patch8``: a 4-block ViT with 8-pixel patches (D = 192, 1.8 M): trains in
+        minutes on a CPU with 64-pixel global crops.
+    ``resnet18``: ResNet-18 (11 M, D = 512) (He et al., 2016, https://arxiv.org/abs/1512.03385).
+    ``resnet18_slim``: ResNet-18 at half width (2.8 M, D = 256).
+    ``resnet18_tiny``: ResNet-18 at quarter width (0.7 M, D = 128), the CPU backbone of the
+        ``cpu-small`` preset: a few hundred steps on 48-pixel crops take a minute or two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from wsi_ssl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["BackboneSpec", "backbone_names", "build_backbone", "get_spec", "register_backbone"]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a registered backbone is and how to feed it.
+
+    Attributes:
+        name: registry name (recorded in checkpoints).
+        family: ``"vit"`` or ``"resnet"``.
+        embed_dim: feature dimension D of the output ``(B, D)``.
+        patch_size: input sides must be multiples of this (1 for CNNs).
+        default_input_size: the global crop size it is usually trained and used at.
+        batch_norm: whether it has BatchNorm layers (synchronised under multi-GPU DDP).
+        description: one line for ``--help`` and error messages.
+    """
+
+    name: str
+    family: str
+    embed_dim: int
+    patch_size: int
+    default_input_size: int
+    batch_norm: bool
+    description: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Builder = Callable[..., "nn.Module"]
+_REGISTRY: dict[str, tuple[BackboneSpec, Builder]] = {}
+
+
+def register_backbone(spec: BackboneSpec) -> Callable[[Builder], Builder]:
+    """Decorator that registers ``builder(drop_path_rate=..., input_size=...)`` under ``spec.name``."""
+
+    def decorate(builder: Builder) -> Builder:
+        if spec.name in _REGISTRY:
+            raise ValueError(f"backbone {spec.name!r} is already registered")
+        _REGISTRY[spec.name] = (spec, builder)
+        return builder
+
+    return decorate
+
+
+def backbone_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The spec of a registered backbone; ``ConfigError`` listing the valid names otherwise."""
+    try:
+        return _REGISTRY[name][0]
+    except KeyError:
+        raise ConfigError(f"unknown arch {name!r}; valid: {', '.join(backbone_names())}") from None
+
+
+def build_backbone(
+    name: str, *, drop_path_rate: float = 0.0, input_size: int | None = None
+) -> nn.Module:
+    """A freshly initialised backbone (random weights; nothing is downloaded)."""
+    spec = get_spec(name)
+    builder = _REGISTRY[name][1]
+    return builder(drop_path_rate=drop_path_rate, input_size=input_size or spec.default_input_size)
+
+
+def _vit(
+    *,
+    patch_size: int,
+    embed_dim: int,
+    depth: int,
+    num_heads: int,
+    drop_path_rate: float,
+    input_size: int,
+) -> nn.Module:
+    import wsi_ssl.ssl._compat  # noqa: F401  (torchvision import guard, needed before timm)
+
+    # isort: split
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        img_size=input_size,
+        patch_size=patch_size,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        num_classes=0,
+        drop_path_rate=drop_path_rate,
+        dynamic_img_size=True,  # local crops (96 px) go through the same model
+    )
+
+
+def _resnet(*, channels: tuple[int, ...], stem_width: int, drop_path_rate: float) -> nn.Module:
+    import wsi_ssl.ssl._compat  # noqa: F401
+
+    # isort: split
+    from timm.models.resnet import BasicBlock, ResNet
+
+    return ResNet(
+        block=BasicBlock,
+        layers=(2, 2, 2, 2),
+        channels=channels,
+        stem_width=stem_width,
+        num_classes=0,
+        drop_path_rate=drop_path_rate,
+    )
+
+
+@register_backbone(
+    BackboneSpec(
+        "vit_small_patch16", "vit", 384, 16, 224, False, "ViT-S/16, the DINO default (GPU)"
+    )
+)
+def vit_small_patch16(*, drop_path_rate: float, input_size: int) -> nn.Module:
+    return _vit(
+        patch_size=16,
+        embed_dim=384,
+        depth=12,
+        num_heads=6,
+        drop_path_rate=drop_path_rate,
+        input_size=input_size,
+    )
+
+
+@register_backbone(BackboneSpec("vit_tiny_patch16", "vit", 192, 16, 224, False, "ViT-Ti/16"))
+def vit_tiny_patch16(*, drop_path_rate: float, input_size: int) -> nn.Module:
+    return _vit(
+        patch_size=16,
+        embed_dim=192,
+        depth=12,
+        num_heads=3,
+        drop_path_rate=drop_path_rate,
+        input_size=input_size,
+    )
+
+
+@register_backbone(
+    BackboneSpec("vit_nano_patch8", "vit", 192, 8, 64, False, "4-block ViT, 8 px patches (CPU)")
+)
+def vit_nano_patch8(*, drop_path_rate: float, input_size: int) -> nn.Module:
+    return _vit(
+        patch_size=8,
+        embed_dim=192,
+        depth=4,
+        num_heads=3,
+        drop_path_rate=drop_path_rate,
+        input_size=input_size,
+    )
+
+
+@register_backbone(BackboneSpec("resnet18", "resnet", 512, 1, 224, True, "ResNet-18"))
+def resnet18(*, drop_path_rate: float, input_size: int) -> nn.Module:
+    return _resnet(channels=(64, 128, 256, 512), stem_width=64, drop_path_rate=drop_path_rate)
+
+
+@register_backbone(
+    BackboneSpec("resnet18_slim", "resnet", 256, 1, 64, True, "ResNet-18 at half width")
+)
+def resnet18_slim(*, drop_path_rate: float, input_size: int) -> nn.Module:
+    return _resnet(channels=(32, 64, 128, 256), stem_width=32, drop_path_rate=drop_path_rate)
+
+
+@register_backbone(
+    BackboneSpec("resnet18_tiny", "resnet", 128, 1, 48, True, "ResNet-18 at quarter width (CPU)")
+)
+def resnet18_tiny(*, drop_path_rate: float, input_size: int) -> nn.Module:
+    return _resnet(channels=(16, 32, 64, 128), stem_width=16, drop_path_rate=drop_path_rate)
