@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from wsi_ssl.embed.config import EmbedConfig
-from wsi_ssl.embed.export import EXPORT_FORMATS, NAME_BY
+from wsi_ssl.embedding.config import EmbedConfig
+from wsi_ssl.embedding.export import EXPORT_FORMATS, NAME_BY
 from wsi_ssl.storage.embeddings import EMBEDDING_DTYPES
 
 
@@ -75,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from wsi_ssl.embed.job import embed
+    from wsi_ssl.embedding.job import embed
     from wsi_ssl.encoders import create_encoder
 
     config = EmbedConfig(
@@ -106,7 +106,7 @@ def run_embed(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from wsi_ssl.embed.export import export
+    from wsi_ssl.embedding.export import export
 
     result = export(
         args.root,

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     import dask.array as da
     import zarr
 
+    from wsi_ssl.storage.embeddings import Embeddings
+
 
 class Archive:
     """Per-slide access to the tile stores under one root."""
@@ -66,6 +68,24 @@ class Archive:
 
     def tissue_mask(self, slide_id: str) -> np.ndarray:
         return self.slide(slide_id).tissue_mask
+
+    def embedding_ids(self, slide_id: str) -> list[str]:
+        """The encoder ids with complete embeddings of ``slide_id``."""
+        from wsi_ssl.storage.embeddings import embedding_ids
+
+        return embedding_ids(self.slide(slide_id))
+
+    def embeddings(
+        self, slide_id: str, encoder_id: str | None = None, *, lazy: bool = False
+    ) -> Embeddings:
+        """A slide's vectors (numpy, or dask if ``lazy``) with their coords and provenance.
+
+        ``encoder_id`` may be a unique prefix; None takes the slide's only encoder.
+        """
+        from wsi_ssl.storage.embeddings import read_embeddings, resolve_encoder_id
+
+        store = self.slide(slide_id)
+        return read_embeddings(store, resolve_encoder_id(store, encoder_id), lazy=lazy)
 
     def plot_tiles(self, slide_id: str, out: str | Path | None = None) -> Path:
         """Thumbnail with kept tiles drawn, saved as PNG (default ``<root>/plots/<id>_tiles.png``)."""

@@ -88,7 +88,7 @@ def _read_attrs(array_dir: Path) -> dict[str, Any] | None:
 
 
 def embedding_status(store: SlideStore | Path, encoder_id: str) -> str:
-    """ "complete", "writing" (a job is writing it or was killed) or "missing"."""
+    """Status of an array: "complete", "writing" (being written, or killed) or "missing"."""
     path = store.path if isinstance(store, SlideStore) else Path(store)
     attrs = _read_attrs(_array_dir(path, encoder_id))
     if attrs is not None:

@@ -1,0 +1,468 @@
+"""The embedding job, its store arrays and the MIL exports, on real Zarr stores of real tiles."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import wsi_ssl
+from wsi_ssl.cli import embed as cli_embed
+from wsi_ssl.config import TilingConfig
+from wsi_ssl.embedding import EmbedConfig, embed, embed_slide, export
+from wsi_ssl.encoders import EncoderConfig, create_encoder, register_encoder
+from wsi_ssl.encoders._builtin import SmallCNN
+from wsi_ssl.errors import (
+    EmbeddingsIncompleteError,
+    EmbeddingsNotFoundError,
+    EncoderNotFoundError,
+    InputSizeMismatchError,
+    NonFiniteEmbeddingError,
+    StoreIncompleteError,
+)
+from wsi_ssl.storage import SlideStore, open_store
+from wsi_ssl.storage.embeddings import (
+    PARTIAL_PREFIX,
+    EmbeddingWriter,
+    embedding_ids,
+    embedding_status,
+    read_embeddings,
+)
+from wsi_ssl.synthetic import write_synthetic_slide
+from wsi_ssl.tiling.batch import tile_slide
+
+# 224 px lossless tiles (what random-cnn takes), 16 tiles per shard: CMU-1-Small -> 52 tiles
+TILING = TilingConfig(tile_size=224, codec="zstd", tiles_per_chunk=16)
+FAST = EmbedConfig(batch_size=16, device="cpu", workers=0)
+
+
+@pytest.fixture(scope="module")
+def cmu_root(tmp_path_factory: pytest.TempPathFactory, cmu_small: Path) -> Path:
+    root = tmp_path_factory.mktemp("cmu")
+    tile_slide(cmu_small, root, TILING)
+    return root
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two small synthetic slides of different sizes, every grid tile kept (35 and 25 tiles)."""
+    base = tmp_path_factory.mktemp("synth")
+    for seed, size in ((1, (1400, 1100)), (2, (1100, 900))):
+        path = write_synthetic_slide(base / f"s{seed}.tiff", size, seed=seed)
+        tile_slide(path, base / "root", replace(TILING, tissue_threshold=0.0))
+    return base / "root"
+
+
+def _copy(root: Path, dest: Path) -> Path:
+    shutil.copytree(root, dest)
+    return dest
+
+
+def _only(root: Path) -> SlideStore:
+    archive = open_store(root)
+    [sid] = archive.slide_ids
+    return archive.slide(sid)
+
+
+def test_embed_shape_alignment_and_provenance(cmu_root: Path, tmp_path: Path) -> None:
+    root = _copy(cmu_root, tmp_path / "root")
+    enc = create_encoder("random-cnn")
+    summary = embed(root, enc, FAST, workers=1)  # one decoding worker process
+    assert [r.status for r in summary.results] == ["complete"] and not summary.failed
+    store = _only(root)
+    emb = read_embeddings(store, enc.encoder_id)
+    assert emb.features.shape == (store.n_tiles, 64) == (52, 64)
+    assert emb.features.dtype == np.float16
+    assert np.array_equal(emb.coords, store.coords)
+    # row i is tile i: recompute with the same batch boundaries, straight from the tiles
+    tiles = store.tiles[:]
+    direct = np.concatenate(
+        [enc(torch.from_numpy(tiles[a : a + 16])).numpy() for a in range(0, len(tiles), 16)]
+    ).astype(np.float16)
+    assert np.array_equal(emb.features, direct)
+    assert len(np.unique(emb.features, axis=0)) == len(tiles)
+    a = emb.attrs
+    assert a["status"] == "complete" and a["encoder_id"] == enc.encoder_id
+    assert EncoderConfig.from_dict(a["encoder"]) == enc.config
+    assert a["weights_sha256"] == enc.config.weights_sha256 and a["dtype"] == "float16"
+    assert a["compute"]["device"] == "cpu" and a["tiling"]["tile_size"] == 224
+    lazy = read_embeddings(store, enc.encoder_id, lazy=True)
+    assert np.array_equal(lazy.features.compute(), emb.features)
+    d = summary.to_dict()
+    assert d["complete"] == 1 and d["tiles_embedded"] == 52 and d["encoder_id"] == enc.encoder_id
+    json.dumps(d)
+
+
+def test_bitwise_deterministic_across_runs_and_workers(cmu_root: Path, tmp_path: Path) -> None:
+    runs = []
+    # decoding in the main process, in 2 worker processes, and under
+    # torch.use_deterministic_algorithms (which must be restored afterwards)
+    for i, options in enumerate(({"workers": 0}, {"workers": 2}, {"deterministic": True})):
+        root = _copy(cmu_root, tmp_path / f"r{i}")
+        s = embed(root, "random-cnn", FAST, dtype="float32", batch_size=32, **options)
+        assert not s.failed
+        runs.append(read_embeddings(_only(root), s.encoder_id).features)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert runs[0].dtype == np.float32
+    for other in runs[1:]:
+        assert np.array_equal(runs[0].view(np.uint32), other.view(np.uint32))
+
+
+def test_embed_region_of_a_tile_matches_its_vector(cmu_root: Path, tmp_path: Path) -> None:
+    """Level-0 tiles (CMU is 0.499 µm/px) stored losslessly: the region read gives the tile."""
+    root = _copy(cmu_root, tmp_path / "root")
+    enc = create_encoder("random-cnn")
+    embed(root, enc, FAST, dtype="float32", batch_size=1)
+    store = _only(root)
+    emb = read_embeddings(store, enc.encoder_id)
+    i = 7
+    x, y = (int(v) for v in store.coords[i])
+    size0 = round(store.tiling["tile_size_level0"])
+    assert np.array_equal(
+        enc.embed_region(store.source["path"], (x, y, size0, size0)), emb.features[i]
+    )
+
+
+def test_resume_skips_complete_and_redoes_half_written(synth_root: Path, tmp_path: Path) -> None:
+    root = _copy(synth_root, tmp_path / "root")
+    enc = create_encoder("random-cnn")
+    first = embed(root, enc, FAST)
+    assert [r.status for r in first.results] == ["complete", "complete"]
+    archive = open_store(root)
+    a, b = (archive.slide(s) for s in archive.slide_ids)
+    want = read_embeddings(b, enc.encoder_id).features
+    again = embed(root, enc, FAST)
+    assert [r.status for r in again.results] == ["skipped", "skipped"]
+    # a job killed while writing b: partial array beside an unreadable status
+    w = EmbeddingWriter(b.path, enc.encoder_id, n_rows=b.n_tiles, dim=64, chunk_rows=4)
+    w.write(0, np.zeros((8, 64), np.float32))
+    (b.path / "embeddings" / enc.encoder_id / "zarr.json").write_text("{trunc")
+    assert embedding_status(b, enc.encoder_id) == "writing"
+    with pytest.raises(EmbeddingsIncompleteError, match="re-run `wsi-ssl embed`"):
+        read_embeddings(b, enc.encoder_id)
+    assert embedding_ids(b) == []
+    resumed = embed(root, enc, FAST)
+    assert [r.status for r in resumed.results] == ["skipped", "complete"]
+    assert np.array_equal(read_embeddings(b, enc.encoder_id).features, want)
+    assert not list((b.path / "embeddings").glob(f"{PARTIAL_PREFIX}*"))
+    # another dtype is another output: redone, not skipped
+    f32 = embed(root, enc, FAST, dtype="float32", slides=[a.slide_id])
+    assert [r.status for r in f32.results] == ["complete"]
+    assert read_embeddings(a, enc.encoder_id).features.dtype == np.float32
+
+
+_KILLED_JOB = textwrap.dedent(
+    """
+    import sys, time, argparse
+    from wsi_ssl.encoders import Encoder
+    from wsi_ssl.cli import embed as cli_embed
+
+    forward = Encoder.forward_preprocessed
+    def slow(self, x):  # same vectors, just slow enough to be killed mid-slide
+        time.sleep(0.15)
+        return forward(self, x)
+    Encoder.forward_preprocessed = slow
+
+    parser = argparse.ArgumentParser()
+    cli_embed.register(parser.add_subparsers())
+    args = parser.parse_args(["embed", sys.argv[1], "--encoder", "random-cnn", "--device",
+                              "cpu", "--workers", "1", "--batch-size", "4", "--quiet"])
+    sys.exit(args.func(args))
+    """
+)
+
+
+def test_resume_after_sigkill_mid_slide(synth_root: Path, tmp_path: Path) -> None:
+    reference = _copy(synth_root, tmp_path / "ref")
+    embed(reference, "random-cnn", FAST, batch_size=4)
+    root = _copy(synth_root, tmp_path / "killed")
+    archive = open_store(root)
+    second = archive.slide(archive.slide_ids[1])
+    partial = (
+        second.path / "embeddings" / f"{PARTIAL_PREFIX}{create_encoder('random-cnn').encoder_id}"
+    )
+    first = archive.slide(archive.slide_ids[0])
+    eid = create_encoder("random-cnn").encoder_id
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_JOB, str(root)])
+    try:
+        deadline = time.monotonic() + 90
+        while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # a few batches into the second slide
+        assert proc.poll() is None, "the job ended before it could be killed mid-slide"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert embedding_status(first, eid) == "complete"  # committed before the second began
+    assert embedding_status(second, eid) == "writing" and embedding_ids(second) == []
+    resumed = embed(root, "random-cnn", FAST, batch_size=4)
+    assert [r.status for r in resumed.results] == ["skipped", "complete"]
+    ref = open_store(reference)
+    for sid in archive.slide_ids:
+        got = read_embeddings(archive.slide(sid), eid).features
+        assert np.array_equal(got, read_embeddings(ref.slide(sid), eid).features), sid
+
+
+def test_incomplete_and_missing_stores(synth_root: Path, tmp_path: Path) -> None:
+    root = _copy(synth_root, tmp_path / "root")
+    archive = open_store(root)
+    a, b = archive.slide_ids
+    SlideStore.open(archive.store_path(b), mode="r+").group.attrs["status"] = "writing"
+    s = embed(root, "random-cnn", FAST)
+    assert [r.slide_id for r in s.results] == [a] and s.incomplete == [b]
+    s = embed(root, "random-cnn", FAST, slides=[b, "0123456789abcdef"])
+    assert [r.error_type for r in s.results] == ["StoreIncompleteError", "StoreNotFoundError"]
+    assert "not 'complete'" in (s.results[0].error or "")
+    with pytest.raises(StoreIncompleteError):
+        embed_slide(root, b, "random-cnn", FAST)
+
+
+def test_input_size_mismatch_is_an_error_unless_the_config_resizes(
+    synth_root: Path, tmp_path: Path
+) -> None:
+    root = _copy(synth_root, tmp_path / "root")
+    sid = open_store(root).slide_ids[0]
+    with pytest.raises(InputSizeMismatchError, match=r"tiles are 224 px.*takes 256 px"):
+        embed_slide(root, sid, create_encoder("random-cnn", input_size=256), FAST)
+    enc = create_encoder("random-cnn", input_size=256, resize="bilinear")
+    assert embed_slide(root, sid, enc, FAST).status == "complete"
+    assert embedding_ids(open_store(root).slide(sid)) == [enc.encoder_id]
+
+
+class _Poisoned(torch.nn.Module):
+    """random-cnn weights, but tile ``k`` of the job (in order) gets ``value`` in its vector."""
+
+    k = 5
+    value = float("nan")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cnn = SmallCNN()
+        self.seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.cnn(x)
+        if self.seen <= self.k < self.seen + len(x):
+            out[self.k - self.seen, 3] = self.value
+        self.seen += len(x)
+        return out
+
+
+@register_encoder(
+    "test-poisoned", arch="builtin/poisoned", input_size=224, embed_dim=64, source="random"
+)
+def _poisoned(config: EncoderConfig) -> torch.nn.Module:
+    return _Poisoned()
+
+
+@pytest.mark.parametrize(("value", "what"), [(float("nan"), "NaN"), (1e6, "beyond float16")])
+def test_nonfinite_vectors_fail_the_slide_with_its_tile(
+    synth_root: Path, tmp_path: Path, value: float, what: str
+) -> None:
+    root = _copy(synth_root, tmp_path / "root")
+    _Poisoned.value = value
+    enc = create_encoder("test-poisoned")
+    s = embed(root, enc, FAST, batch_size=4)  # tile 5 of the first slide: its second batch
+    first, second = s.results
+    assert first.status == "failed" and first.error_type == "NonFiniteEmbeddingError"
+    store = open_store(root).slide(first.slide_id)
+    x, y = store.coords[5]
+    assert f"tile 5 (level-0 x={x}, y={y})" in (first.error or "") and what in (first.error or "")
+    assert str(store.path) in (first.error or "")
+    assert second.status == "complete"  # failure isolation
+    assert embedding_status(store, enc.encoder_id) == "missing"
+    if value == 1e6:  # float32 holds it
+        enc = create_encoder("test-poisoned")
+        s = embed(root, enc, FAST, batch_size=4, dtype="float32", slides=[first.slide_id])
+        assert s.results[0].status == "complete"
+    else:
+        with pytest.raises(NonFiniteEmbeddingError):
+            embed_slide(root, first.slide_id, create_encoder("test-poisoned"), FAST, batch_size=4)
+
+
+def test_disk_full_mid_write_leaves_nothing_complete(
+    synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _copy(synth_root, tmp_path / "root")
+    archive = open_store(root)
+    victim = archive.slide(archive.slide_ids[0])
+    original = zarr.storage.LocalStore.set
+
+    async def full_disk(self: zarr.storage.LocalStore, key: str, value: object) -> None:
+        # the second chunk of the victim's partial array: some rows are already on disk
+        if victim.slide_id in str(self.root) and PARTIAL_PREFIX in key and key.endswith("/c/1/0"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await original(self, key, value)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", full_disk)
+    enc = create_encoder("random-cnn")
+    s = embed(root, enc, FAST, batch_size=4, chunk_rows=4)
+    first, second = s.results
+    assert first.status == "failed" and first.error_type == "EmbeddingWriteError"
+    assert "No space left on device" in (first.error or "") and "free disk space" in first.error
+    assert embedding_status(victim, enc.encoder_id) == "missing"
+    assert not (victim.path / "embeddings" / f"{PARTIAL_PREFIX}{enc.encoder_id}").exists()
+    assert second.status == "complete"
+
+
+def test_unreadable_tiles_fail_only_that_slide(synth_root: Path, tmp_path: Path) -> None:
+    root = _copy(synth_root, tmp_path / "root")
+    archive = open_store(root)
+    victim = archive.slide(archive.slide_ids[1])
+    shard = sorted(p for p in (victim.path / "tiles" / "c").rglob("*") if p.is_file())[0]
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated shard
+    s = embed(root, "random-cnn", FAST, workers=1)
+    assert [r.status for r in s.results] == ["complete", "failed"]
+    assert s.results[1].error_type == "TileReadError" and "tiles 0..15" in s.results[1].error
+
+
+def test_export_clam_h5_and_pt_round_trip(cmu_root: Path, tmp_path: Path) -> None:
+    import h5py
+
+    root = _copy(cmu_root, tmp_path / "root")
+    enc = create_encoder("random-cnn")
+    embed(root, enc, FAST)
+    store = _only(root)
+    emb = read_embeddings(store, enc.encoder_id)
+    result = export(root, tmp_path / "h5", encoder="random-cnn")
+    [path] = result.files
+    assert path == tmp_path / "h5" / "CMU-1-Small-Region.h5" and not result.failed
+    with h5py.File(path, "r") as f:
+        feats, coords = f["features"], f["coords"]
+        assert feats.dtype == np.float32 and coords.dtype == np.int64
+        assert np.array_equal(feats[:], emb.features.astype(np.float32))
+        assert np.array_equal(coords[:], store.coords)
+        c = dict(coords.attrs)
+        assert c["patch_level"] == 0
+        assert c["patch_size"] == c["patch_size_level0"] == round(store.tiling["tile_size_level0"])
+        assert c["target_patch_size"] == 224
+        assert c["level0_magnification"] == 20 and c["target_magnification"] == 20
+        assert c["mpp"] == pytest.approx(0.499) and c["level0_mpp"] == pytest.approx(0.499)
+        assert list(c["level_dim"]) == [2220, 2967] and c["name"] == "CMU-1-Small-Region"
+        assert feats.attrs["encoder_id"] == enc.encoder_id
+        assert json.loads(feats.attrs["encoder"])["name"] == "random-cnn"
+    manifest = json.loads((tmp_path / "h5" / "export.json").read_text())
+    assert manifest["encoder_id"] == enc.encoder_id and manifest["slides"][0]["n_tiles"] == 52
+
+    result = export(root, tmp_path / "pt", format="pt", name_by="slide_id")
+    [path] = result.files
+    assert path.name == f"{store.slide_id}.pt"
+    feats = torch.load(path, weights_only=True)
+    coords = torch.load(tmp_path / "pt" / "coords" / path.name, weights_only=True)
+    assert feats.dtype == torch.float32 and torch.equal(
+        feats, torch.from_numpy(emb.features.astype(np.float32))
+    )
+    assert torch.equal(coords, torch.from_numpy(store.coords))
+    with pytest.raises(EmbeddingsNotFoundError, match="available: random-cnn-"):
+        export(root, tmp_path / "x", encoder="resnet50")
+
+
+def _cli(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="wsi-ssl")
+    cli_embed.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+def test_cli_embed_and_export(
+    cmu_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _copy(cmu_root, tmp_path / "root")
+    common = ["--device", "cpu", "--workers", "0", "--batch-size", "16"]
+    assert _cli(["embed", str(root), "--encoder", "random-cnn", "--json", *common]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["complete"] == 1 and out["tiles_embedded"] == 52
+    assert _cli(["embed", str(root), "--encoder", "random-cnn", *common]) == 0
+    assert "1 already complete" in capsys.readouterr().out
+    assert _cli(["export", str(root), "--out", str(tmp_path / "h5"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["exported"] == 1
+    # a slide fails (NaN from the poisoned encoder): exit 1, one line per failed slide
+    rc = _cli(["embed", str(root), "--encoder", "test-poisoned", "--quiet", *common])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and err[0].startswith("wsi-ssl: error: ")
+    with pytest.raises(EncoderNotFoundError):
+        _cli(["embed", str(root), "--encoder", "nope", *common])
+
+
+def test_cli_main_prints_one_line(cmu_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from wsi_ssl.cli import main as cli_main
+
+    rc = cli_main.main(
+        [
+            "embed",
+            str(cmu_root),
+            "--encoder",
+            "resnet50",
+            "--weights",
+            "/nonexistent/r50.pth",
+            "--device",
+            "cpu",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "never downloads weights" in err[0]
+
+
+def test_public_api_embeds_and_reads_back(cmu_root: Path, tmp_path: Path) -> None:
+    root = _copy(cmu_root, tmp_path / "root")
+    summary = wsi_ssl.embed(root, "random-cnn", FAST)
+    assert summary.results[0].status == "complete"
+    archive = open_store(root)
+    emb = archive.embeddings(archive.slide_ids[0], summary.encoder_id)
+    assert emb.features.shape == (52, 64)
+    assert np.array_equal(emb.coords, archive.coords(archive.slide_ids[0])[:])
+
+
+def test_wsi_ssl_pretrain_checkpoint_embeds_the_archive(cmu_root: Path, tmp_path: Path) -> None:
+    """The demo path: a `wsi-ssl pretrain` run directory as the encoder (teacher backbone)."""
+    try:
+        from wsi_ssl.ssl import PretrainConfig, random_encoder
+        from wsi_ssl.ssl.checkpoint import ENCODER_FORMAT, FORMAT_VERSION, save_checkpoint
+        from wsi_ssl.ssl.encoder import describe_encoder
+    except Exception as err:  # the pretraining package is absent or cannot load here
+        pytest.skip(f"wsi_ssl.ssl unavailable: {type(err).__name__}: {err}")
+    from wsi_ssl.embedding import embed_for_demo
+    from wsi_ssl.encoders import file_sha256
+
+    config = PretrainConfig.preset("cpu-small")
+    ref = random_encoder(config, seed=0)  # stands in for a trained teacher: same format
+    ckpt = save_checkpoint(
+        tmp_path / "run" / "encoder.pt",
+        {
+            "format": ENCODER_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "meta": {"config": config.to_dict(), "encoder": describe_encoder(config)},
+            "teacher_backbone": ref.model.state_dict(),
+        },
+    )
+    root = _copy(cmu_root, tmp_path / "root")
+    summary = embed_for_demo(root, tmp_path / "run", progress=False)
+    assert not summary.failed and summary.results[0].status == "complete"
+    enc = create_encoder(tmp_path / "run")
+    assert summary.encoder_id == enc.encoder_id
+    assert enc.encoder_id.startswith(f"wsi-ssl-{config.arch}-")
+    assert enc.config.source == "wsi-ssl" and enc.config.resize == "bilinear"
+    store = _only(root)
+    emb = read_embeddings(store, enc.encoder_id)
+    assert emb.attrs["checkpoint_sha256"] == file_sha256(ckpt)
+    assert emb.attrs["encoder"]["weights_path"] == str(ckpt.resolve())
+    # same vectors as the pretraining package's own preprocessing (224 px tiles -> 64 px)
+    want = ref.embed(store.tiles[:])
+    np.testing.assert_allclose(emb.features.astype(np.float32), want, rtol=1e-2, atol=1e-2)
+    assert embed_for_demo(root, tmp_path / "run", progress=False).results[0].status == "skipped"

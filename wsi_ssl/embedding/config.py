@@ -1,0 +1,68 @@
+"""``EmbedConfig``: how the embedding job runs (not what the vectors are: that is the encoder's)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from wsi_ssl.errors import ConfigError
+from wsi_ssl.storage.embeddings import EMBEDDING_DTYPES
+
+__all__ = ["EmbedConfig", "default_workers"]
+
+
+def default_workers() -> int:
+    """Decoding worker processes: half the cores, 1 to 8 (1 on the 2-core CI box)."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Settings of an embedding job.
+
+    Attributes:
+        batch_size: tiles per forward pass (a batch never spans two slides).
+        device: "auto" (CUDA if present), "cpu", "cuda" or "cuda:N".
+        workers: DataLoader worker processes decoding whole shards (0: decode in the main
+            process; None: :func:`default_workers`).
+        dtype: stored dtype, "float16" (default) or "float32".
+        resume: skip slides whose embeddings for this encoder are complete.
+        prefetch: batches each worker keeps ready.
+        chunk_rows: rows per Zarr chunk of the output (None: about 1 MiB per chunk).
+        deterministic: on CPU, also run under ``torch.use_deterministic_algorithms(True)``.
+            Off by default: the CPU inference kernels are already bitwise reproducible at a
+            fixed thread count (tested), and the flag only forces slower fallbacks (attention
+            drops to the math kernel, about 1.8x slower).
+    """
+
+    batch_size: int = 256
+    device: str = "auto"
+    workers: int | None = None
+    dtype: str = "float16"
+    resume: bool = True
+    prefetch: int = 4
+    chunk_rows: int | None = None
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        if self.dtype not in EMBEDDING_DTYPES:
+            raise ConfigError(
+                f"dtype must be one of {', '.join(EMBEDDING_DTYPES)}; got {self.dtype!r}"
+            )
+        if self.prefetch < 1:
+            raise ConfigError(f"prefetch must be >= 1, got {self.prefetch}")
+        if self.chunk_rows is not None and self.chunk_rows < 1:
+            raise ConfigError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
+
+    @property
+    def n_workers(self) -> int:
+        return default_workers() if self.workers is None else self.workers
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

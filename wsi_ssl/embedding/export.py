@@ -1,0 +1,248 @@
+"""Export embeddings to the files existing MIL code reads.
+
+``clam-h5``: one ``<out>/<name>.h5`` per slide, as CLAM's ``extract_features_fp.py`` and
+TRIDENT's patch-feature extraction write them:
+
+- ``features``: float32 (N, D); attributes ``encoder_id``, ``encoder`` (JSON), ``slide_id``.
+- ``coords``: int64 (N, 2), level-0 x, y of each tile's top-left corner (row i <-> features i);
+  attributes, so readers can re-read a tile from the slide:
+
+  ================== ===========================================================================
+  patch_level        0: coords and patch_size are in level-0 pixels (CLAM reads
+                     ``read_region(coord, patch_level, (patch_size, patch_size))``)
+  patch_size         the tile's footprint in level-0 pixels, rounded (CLAM)
+  patch_size_level0  the same (TRIDENT; slide encoders such as GigaPath use it as the grid step)
+  target_patch_size  tile edge in pixels at the stored scale (= the encoder's tiles)
+  level0_magnification  round(10 / level-0 mpp), e.g. 20 for 0.5 µm/px (TRIDENT)
+  target_magnification  round(10 / tile mpp)
+  mpp, level0_mpp    exact microns per pixel of the tiles and of level 0
+  overlap            tile overlap in pixels at the stored scale
+  downsample, level_dim, downsampled_level_dim   CLAM's level-0 bookkeeping ([1, 1], [w, h])
+  name               the file's slide name
+  ================== ===========================================================================
+
+CLAM expects ``h5_files/`` and ``pt_files/`` folders: pass ``--out FEATURES/h5_files`` and
+``--out FEATURES/pt_files``.
+
+``pt``: ``<out>/<name>.pt`` is the float32 (N, D) features tensor (what CLAM's ``pt_files``
+hold) and ``<out>/coords/<name>.pt`` the int64 (N, 2) coords tensor.
+
+Both write ``<out>/export.json`` (encoder, slide ids, names, files) and write each file under a
+temporary name first, so a killed export never leaves a truncated file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_ssl.errors import ConfigError, EmbeddingsNotFoundError, WsiSslError
+from wsi_ssl.storage import SlideStore, open_store
+from wsi_ssl.storage.embeddings import Embeddings, embedding_ids, read_embeddings
+
+__all__ = ["EXPORT_FORMATS", "NAME_BY", "ExportResult", "clam_coords_attrs", "export"]
+
+EXPORT_FORMATS = ("clam-h5", "pt")
+NAME_BY = ("stem", "slide_id")
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    format: str
+    encoder_id: str
+    slides: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def files(self) -> list[Path]:
+        return [Path(s["file"]) for s in self.slides]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "format": self.format,
+            "encoder_id": self.encoder_id,
+            "exported": len(self.slides),
+            "failed": len(self.failed),
+            "slides": self.slides,
+            "errors": self.failed,
+        }
+
+
+def clam_coords_attrs(store: SlideStore, name: str) -> dict[str, Any]:
+    """The ``coords`` attributes CLAM and TRIDENT readers use (see the module docstring)."""
+    tiling, source = store.tiling, store.source
+    tile_mpp = float(tiling.get("mpp_effective") or tiling["mpp"])
+    slide_mpp = float(source["mpp"])
+    size0 = round(float(tiling["tile_size_level0"]))
+    dims = [int(v) for v in source["dimensions"]]
+    return {
+        "patch_level": 0,
+        "patch_size": size0,
+        "patch_size_level0": size0,
+        "target_patch_size": int(tiling["tile_size"]),
+        "level0_magnification": round(10.0 / slide_mpp),
+        "target_magnification": round(10.0 / tile_mpp),
+        "mpp": tile_mpp,
+        "level0_mpp": slide_mpp,
+        "overlap": int(tiling.get("overlap", 0)),
+        "downsample": np.array([1.0, 1.0]),
+        "level_dim": np.array(dims, dtype=np.int64),
+        "downsampled_level_dim": np.array(dims, dtype=np.int64),
+        "name": name,
+    }
+
+
+def _write_h5(path: Path, emb: Embeddings, store: SlideStore, name: str) -> None:
+    import h5py
+
+    tmp = path.with_name(f".{path.name}.partial")
+    with h5py.File(tmp, "w") as f:
+        feats = f.create_dataset("features", data=np.asarray(emb.features, dtype=np.float32))
+        feats.attrs["encoder_id"] = emb.encoder_id
+        feats.attrs["encoder"] = json.dumps(emb.encoder, sort_keys=True)
+        feats.attrs["slide_id"] = emb.slide_id
+        feats.attrs["name"] = name
+        coords = f.create_dataset("coords", data=np.asarray(emb.coords, dtype=np.int64))
+        for key, value in clam_coords_attrs(store, name).items():
+            coords.attrs[key] = value
+        f.attrs["slide_id"] = emb.slide_id
+        f.attrs["source_path"] = str(store.source.get("path", ""))
+        f.attrs["encoder_id"] = emb.encoder_id
+    os.replace(tmp, path)
+
+
+def _write_pt(path: Path, coords_path: Path, emb: Embeddings) -> None:
+    import torch
+
+    for p, data in (
+        (path, np.asarray(emb.features, dtype=np.float32)),
+        (coords_path, np.asarray(emb.coords, dtype=np.int64)),
+    ):
+        tmp = p.with_name(f".{p.name}.partial")
+        torch.save(torch.from_numpy(np.ascontiguousarray(data)), tmp)
+        os.replace(tmp, p)
+
+
+def _resolve_id(stores: list[SlideStore], encoder: str | None) -> str:
+    ids = sorted({i for s in stores for i in embedding_ids(s)})
+    if encoder is not None and encoder in ids:
+        return encoder
+    matches = ids if encoder is None else [i for i in ids if i.startswith(encoder)]
+    if len(matches) == 1:
+        return matches[0]
+    root = stores[0].path.parent.parent if stores else Path(".")
+    what = "<one encoder id; pass --encoder>" if encoder is None else encoder
+    raise EmbeddingsNotFoundError(root, what, ids)
+
+
+def _names(stores: list[SlideStore], name_by: str) -> dict[str, str]:
+    if name_by not in NAME_BY:
+        raise ConfigError(f"name_by must be one of {', '.join(NAME_BY)}; got {name_by!r}")
+    names = {
+        s.slide_id: (
+            Path(str(s.source.get("path", s.slide_id))).stem if name_by == "stem" else s.slide_id
+        )
+        for s in stores
+    }
+    seen: dict[str, str] = {}
+    for sid, name in names.items():
+        if name in seen:
+            raise ConfigError(
+                f"slides {seen[name]} and {sid} are both named {name!r} by file stem; "
+                "use --name-by slide_id"
+            )
+        seen[name] = sid
+    return names
+
+
+def export(
+    root: str | Path,
+    out: str | Path,
+    *,
+    format: str = "clam-h5",
+    encoder: str | None = None,
+    slides: Sequence[str] | None = None,
+    name_by: str = "stem",
+) -> ExportResult:
+    """Write one file per slide with its features and coords (see the module docstring).
+
+    Args:
+        encoder: an ``encoder_id`` or a unique prefix of one (e.g. the encoder name); None
+            when the archive holds embeddings of exactly one encoder.
+        slides: slide ids (default: every complete store).
+        name_by: file names from the slide file's stem (what MIL CSVs list) or the slide id.
+
+    A slide without those embeddings is recorded in ``result.failed``; the rest are written.
+    """
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(EXPORT_FORMATS)}; got {format!r}")
+    archive = open_store(root)
+    stores: list[SlideStore] = []
+    failed: list[dict[str, Any]] = []
+    for sid in slides if slides is not None else archive.slide_ids:
+        try:
+            stores.append(archive.slide(sid))
+        except WsiSslError as err:
+            failed.append({"slide_id": sid, "error": str(err), "error_type": type(err).__name__})
+    eid = _resolve_id(stores, encoder)
+    names = _names(stores, name_by)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = ExportResult(out, format, eid, failed=failed)
+    for store in stores:
+        name = names[store.slide_id]
+        try:
+            emb = read_embeddings(store, eid)
+            if format == "clam-h5":
+                path = out / f"{name}.h5"
+                _write_h5(path, emb, store, name)
+                extra: dict[str, Any] = {}
+            else:
+                path = out / f"{name}.pt"
+                (out / "coords").mkdir(exist_ok=True)
+                coords_path = out / "coords" / f"{name}.pt"
+                _write_pt(path, coords_path, emb)
+                extra = {"coords_file": str(coords_path)}
+        except (WsiSslError, OSError) as err:
+            result.failed.append(
+                {"slide_id": store.slide_id, "error": str(err), "error_type": type(err).__name__}
+            )
+            continue
+        result.slides.append(
+            {
+                "slide_id": store.slide_id,
+                "name": name,
+                "n_tiles": len(emb),
+                "dim": int(emb.features.shape[1]),
+                "file": str(path),
+                **extra,
+                "source_path": str(store.source.get("path", "")),
+            }
+        )
+    manifest = {
+        "format": format,
+        "encoder_id": eid,
+        "root": str(Path(root).resolve()),
+        "encoder": _encoder_of(stores, eid),
+        "slides": result.slides,
+        "errors": result.failed,
+    }
+    tmp = out / ".export.json.partial"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / "export.json")
+    return result
+
+
+def _encoder_of(stores: list[SlideStore], eid: str) -> dict[str, Any]:
+    for store in stores:
+        if eid in embedding_ids(store):
+            return read_embeddings(store, eid, lazy=True).encoder
+    return {}

@@ -1,0 +1,106 @@
+"""Tile batches for the embedding job: an ``IterableDataset`` over contiguous tile ranges.
+
+Each work unit is ``batch_size`` consecutive tiles of one slide (a batch never spans slides, so
+a slide's batches, and therefore its vectors, do not depend on which other slides run with it).
+Worker ``w`` of ``W`` takes units ``w, w + W, ...``; the DataLoader collects from workers in
+turn, so batches arrive in unit order. A worker reads a unit with one Zarr slice (whole inner
+chunks of the shards, decoded in the worker) and yields a uint8 tensor (B, T, T, 3): the main
+process does no per-tile Python work. A read error is yielded as a message for that unit, so
+one corrupt slide does not stop the loader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import zarr
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+__all__ = ["TileBatch", "TileBatches", "WorkUnit", "make_loader", "work_units"]
+
+_EMPTY = torch.empty(0, dtype=torch.uint8)
+
+
+class WorkUnit(NamedTuple):
+    slide: int  # index into the job's list of tile-array paths
+    start: int
+    stop: int
+
+
+class TileBatch(NamedTuple):
+    unit: int
+    slide: int
+    start: int
+    tiles: torch.Tensor  # uint8 (B, T, T, 3), or the transform's output; empty on error
+    error: str  # "" when the read succeeded
+
+
+def work_units(n_tiles: Sequence[int], batch_size: int) -> list[WorkUnit]:
+    """Consecutive ranges of ``batch_size`` tiles, slide by slide."""
+    return [
+        WorkUnit(s, a, min(a + batch_size, n))
+        for s, n in enumerate(n_tiles)
+        for a in range(0, n, batch_size)
+    ]
+
+
+class TileBatches(IterableDataset[TileBatch]):
+    """Batches of stored tiles; ``tile_arrays[i]`` is the path of slide i's ``tiles`` array.
+
+    ``transform`` (e.g. the encoder's :class:`~wsi_ssl.encoders.Preprocess` when the encoder
+    runs on the CPU) is applied to each uint8 batch in the worker.
+    """
+
+    def __init__(
+        self,
+        tile_arrays: Sequence[str],
+        units: Sequence[WorkUnit],
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        self.tile_arrays = list(tile_arrays)
+        self.units = list(units)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __iter__(self) -> Iterator[TileBatch]:
+        info = get_worker_info()
+        worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        arrays: dict[int, zarr.Array] = {}
+        for k in range(worker, len(self.units), n_workers):
+            slide, start, stop = self.units[k]
+            try:
+                if slide not in arrays:
+                    arrays.clear()  # one slide open at a time per worker
+                    arrays[slide] = zarr.open_array(self.tile_arrays[slide], mode="r")
+                tiles = np.ascontiguousarray(arrays[slide][start:stop])
+                if tiles.dtype != np.uint8 or tiles.ndim != 4 or len(tiles) != stop - start:
+                    raise ValueError(
+                        f"expected uint8 (B, T, T, 3), got {tiles.dtype} {tiles.shape}"
+                    )
+                batch = torch.from_numpy(tiles)
+                if self.transform is not None:
+                    batch = self.transform(batch)
+            except Exception as err:  # reported per unit; the job fails only that slide
+                yield TileBatch(k, slide, start, _EMPTY, f"{type(err).__name__}: {err}")
+                continue
+            yield TileBatch(k, slide, start, batch, "")
+
+
+def make_loader(
+    dataset: TileBatches, *, workers: int, pin_memory: bool, prefetch: int
+) -> DataLoader[TileBatch]:
+    """A DataLoader that passes the worker-made batches through unchanged."""
+    kwargs = {"prefetch_factor": prefetch, "persistent_workers": False} if workers > 0 else {}
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=min(workers, max(1, len(dataset))) if workers > 0 else 0,
+        pin_memory=pin_memory,
+        **kwargs,
+    )

@@ -1,0 +1,262 @@
+"""The encoder registry: named encoders (timm style, a decorator on a builder) and sources.
+
+A *named encoder* has a fixed config template and a builder ``fn(config) -> nn.Module``:
+
+    @register_encoder("resnet18", arch="torchvision/resnet18", input_size=224, embed_dim=512)
+    def resnet18(config): ...
+
+A *source* resolves names that are not registered one by one: ``timm/<arch>``,
+``torchvision/<arch>`` and a ``wsi-ssl pretrain`` run or checkpoint path. Weights come from a
+local file (``weights=PATH``, or ``<weights_dir>/<name>.pth``), the literal ``"random"`` for a
+seeded random init, or the checkpoint itself; nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from wsi_ssl.encoders.config import IMAGENET_MEAN, IMAGENET_STD, EncoderConfig
+from wsi_ssl.encoders.encoder import Encoder
+from wsi_ssl.encoders.weights import (
+    default_weights_path,
+    file_sha256,
+    load_weights,
+    state_dict_sha256,
+)
+from wsi_ssl.errors import ConfigError, EncoderNotFoundError, WeightsNotFoundError
+
+__all__ = [
+    "OVERRIDABLE",
+    "EncoderEntry",
+    "EncoderSource",
+    "create_encoder",
+    "encoder_entry",
+    "finish_encoder",
+    "list_encoders",
+    "list_sources",
+    "register_encoder",
+    "register_source",
+    "seeded",
+]
+
+RANDOM = "random"
+OVERRIDABLE = ("name", "resize", "precision", "input_size", "mean", "std")
+
+BuildFn = Callable[[EncoderConfig], nn.Module]
+
+
+class LoadFn(Protocol):
+    def __call__(
+        self, spec: str, *, weights: str | Path | None, seed: int, overrides: dict[str, Any]
+    ) -> Encoder: ...
+
+
+@dataclass(frozen=True)
+class EncoderEntry:
+    """A named encoder: its config template (no weights yet) and its builder."""
+
+    name: str
+    config: EncoderConfig
+    build: BuildFn
+
+
+@dataclass(frozen=True)
+class EncoderSource:
+    """Resolves names that match it (a prefix or a path) into encoders."""
+
+    name: str
+    description: str
+    matches: Callable[[str], bool]
+    load: LoadFn
+
+
+_ENCODERS: dict[str, EncoderEntry] = {}
+_SOURCES: dict[str, EncoderSource] = {}
+
+
+def register_encoder(
+    name: str,
+    *,
+    arch: str,
+    input_size: int,
+    embed_dim: int,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+    resize: str = "never",
+    precision: str = "fp32",
+    source: str = "file",
+    arch_kwargs: dict[str, Any] | None = None,
+    description: str = "",
+) -> Callable[[BuildFn], BuildFn]:
+    """Decorator registering ``fn(config) -> nn.Module`` (random init) under ``name``.
+
+    ``source="file"`` encoders need weights (``weights=PATH`` or the default weights path);
+    ``source="random"`` ones are seeded random inits unless weights are given.
+    """
+    config = EncoderConfig(
+        name=name,
+        arch=arch,
+        input_size=input_size,
+        embed_dim=embed_dim,
+        mean=mean,
+        std=std,
+        resize=resize,
+        precision=precision,
+        source=source,
+        arch_kwargs=tuple((arch_kwargs or {}).items()),
+        description=description,
+    )
+
+    def decorator(fn: BuildFn) -> BuildFn:
+        if name in _ENCODERS:
+            raise ConfigError(f"encoder {name!r} is already registered")
+        _ENCODERS[name] = EncoderEntry(name, config, fn)
+        return fn
+
+    return decorator
+
+
+def register_source(
+    name: str, *, matches: Callable[[str], bool], description: str
+) -> Callable[[LoadFn], LoadFn]:
+    """Decorator registering a loader for names that ``matches`` accepts (tried in order)."""
+
+    def decorator(fn: LoadFn) -> LoadFn:
+        _SOURCES[name] = EncoderSource(name, description, matches, fn)
+        return fn
+
+    return decorator
+
+
+def list_encoders(pattern: str | None = None) -> list[str]:
+    """Registered encoder names, sorted (optionally those containing ``pattern``)."""
+    return sorted(n for n in _ENCODERS if pattern is None or pattern in n)
+
+
+def list_sources() -> dict[str, str]:
+    """Source name -> description, in the order they are tried."""
+    return {s.name: s.description for s in _SOURCES.values()}
+
+
+def encoder_entry(name: str) -> EncoderEntry:
+    if name not in _ENCODERS:
+        raise EncoderNotFoundError(name, _valid())
+    return _ENCODERS[name]
+
+
+def _valid() -> list[str]:
+    return [*list_encoders(), *(f"<{s}>" for s in _SOURCES)]
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator for a deterministic init, leaving the global state as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def check_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    bad = set(overrides) - set(OVERRIDABLE)
+    if bad:
+        raise ConfigError(
+            f"cannot override {sorted(bad)} of an encoder config; overridable: "
+            f"{', '.join(OVERRIDABLE)}"
+        )
+    return {k: v for k, v in overrides.items() if v is not None}
+
+
+def weights_file(name: str, weights: str | Path | None) -> Path | None:
+    """The weights file to load (None for a random init); raise when it is not there."""
+    if weights is not None and str(weights) == RANDOM:
+        return None
+    path = Path(weights).expanduser() if weights is not None else default_weights_path(name)
+    if not path.is_file():
+        raise WeightsNotFoundError(name, path)
+    return path
+
+
+def finish_encoder(
+    model: nn.Module, config: EncoderConfig, *, weights: Path | None, seed: int
+) -> Encoder:
+    """Load ``weights`` into a freshly built ``model`` (or keep its seeded init) and record the
+    weights' sha256 in the config."""
+    if weights is None:
+        name = config.name if config.name.startswith(RANDOM) else f"{RANDOM}-{config.name}"
+        config = dataclasses.replace(
+            config,
+            name=name,
+            source=RANDOM,
+            seed=seed,
+            weights_path=None,
+            weights_sha256=state_dict_sha256(model),
+        )
+    else:
+        load_weights(model, weights, encoder=config.name)
+        config = dataclasses.replace(
+            config,
+            source="file",
+            seed=None,
+            weights_path=str(weights.resolve()),
+            weights_sha256=file_sha256(weights),
+        )
+    return Encoder(model, config)
+
+
+def slug(text: str) -> str:
+    """A registry-safe name: letters, digits, '_', '.', '-'."""
+    out = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.")
+    return out or "encoder"
+
+
+def create_encoder(
+    name_or_path: str | Path,
+    *,
+    weights: str | Path | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = "cpu",
+    **overrides: Any,
+) -> Encoder:
+    """Build an encoder by registered name, ``timm/<arch>``, ``torchvision/<arch>`` or a
+    ``wsi-ssl pretrain`` run/checkpoint path.
+
+    Args:
+        weights: a local weights file, ``"random"`` for a seeded init, or None: the default
+            weights path for named encoders that need weights, the init for random ones.
+        seed: init seed (random-init encoders; recorded in the config).
+        device: where to put it ("cpu", "cuda", "auto").
+        overrides: config fields to change (``resize``, ``precision``, ``input_size``, ``mean``,
+            ``std``, ``name``); they are part of the config and so of the ``encoder_id``.
+
+    Raises:
+        EncoderNotFoundError: unknown name (the message lists the valid ones).
+        WeightsNotFoundError: the weights file is missing (the message says where to put it).
+        CheckpointError: weights for another architecture, or an unreadable checkpoint.
+    """
+    spec = str(name_or_path)
+    overrides = check_overrides(overrides)
+    if spec in _ENCODERS:
+        entry = _ENCODERS[spec]
+        config = dataclasses.replace(entry.config, **overrides)
+        use_random = entry.config.source == RANDOM and weights is None
+        path = None if use_random else weights_file(entry.name, weights)
+        with seeded(seed):
+            model = entry.build(config)
+        encoder = finish_encoder(model, config, weights=path, seed=seed)
+    else:
+        for source in _SOURCES.values():
+            if source.matches(spec):
+                encoder = source.load(spec, weights=weights, seed=seed, overrides=overrides)
+                break
+        else:
+            raise EncoderNotFoundError(spec, _valid())
+    return encoder.to(device)
