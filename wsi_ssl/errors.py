@@ -7,6 +7,7 @@ from pathlib import Path
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "CorruptIndexError",
     "CorruptSlideError",
     "DeviceUnavailableError",
     "DiskFullError",
@@ -16,17 +17,24 @@ __all__ = [
     "EmptyBagError",
     "EncoderMismatchError",
     "EncoderNotFoundError",
+    "ImageQueryError",
+    "ImageTooLargeError",
+    "IndexBusyError",
+    "IndexNotFoundError",
     "InputSizeMismatchError",
     "LabelsError",
     "MissingMppError",
+    "NoTilesInRegionError",
     "NoTissueError",
     "NonFiniteEmbeddingError",
+    "RegionOutsideSlideError",
     "SchemaMismatchError",
     "SlideNotFoundError",
     "StoreIncompleteError",
     "StoreNotFoundError",
     "TileReadError",
     "TrainingDivergedError",
+    "UnknownSlideError",
     "UnsupportedSlideError",
     "WeightsNotFoundError",
     "WsiSslError",
@@ -254,3 +262,66 @@ class EmptyBagError(WsiSslError, ValueError):
             "it with a lower --tissue-threshold"
         )
         self.slide = slide
+
+
+# -- index and search (issue #5) ------------------------------------------------------------
+
+
+class IndexNotFoundError(WsiSslError, FileNotFoundError):
+    """No index of that name under ``<root>/index``."""
+
+    def __init__(self, path: str | Path, available: list[str]) -> None:
+        have = ", ".join(available) if available else "none"
+        super().__init__(
+            f"{path}: no such search index (indexes under this root: {have}); "
+            "run `wsi-ssl index ROOT --encoder ENCODER_ID` first"
+        )
+        self.path = Path(path)
+
+
+class CorruptIndexError(WsiSslError, OSError):
+    """An index file is truncated, altered or unreadable."""
+
+    def __init__(self, path: str | Path, detail: str) -> None:
+        super().__init__(
+            f"{path}: search index is corrupt or truncated ({detail}); rebuild it with "
+            "`wsi-ssl index ROOT --encoder ENCODER_ID --name NAME`"
+        )
+        self.path = Path(path)
+
+
+class IndexBusyError(WsiSslError, RuntimeError):
+    """Another process is writing the same index."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(
+            f"{path}: another process is writing this index; wait for it to finish and retry"
+        )
+        self.path = Path(path)
+
+
+class UnknownSlideError(WsiSslError, LookupError):
+    """A slide id (or name) that is not in the archive or the index."""
+
+    def __init__(self, slide: str, where: str, hint: str = "") -> None:
+        super().__init__(
+            f"{slide!r}: no such slide in {where}"
+            + (f"; {hint}" if hint else "; list slide ids with `wsi-ssl search ROOT --list`")
+        )
+        self.slide = slide
+
+
+class RegionOutsideSlideError(WsiSslError, ValueError):
+    """A query box or point does not lie on the slide."""
+
+
+class NoTilesInRegionError(WsiSslError, ValueError):
+    """A query box or point holds no stored (tissue) tile."""
+
+
+class ImageQueryError(WsiSslError, ValueError):
+    """A query image cannot be read as an RGB image."""
+
+
+class ImageTooLargeError(ImageQueryError):
+    """A query image exceeds the pixel limit (a decompression bomb or simply too big)."""

@@ -1,0 +1,227 @@
+"""``wsi-ssl index`` and ``wsi-ssl search``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+KINDS = ("auto", "flat", "hnsw", "ivfpq")
+
+
+def _ints(n: int, what: str):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> tuple[int, ...]:
+        parts = text.replace(" ", "").split(",")
+        try:
+            values = tuple(round(float(p)) for p in parts)
+        except ValueError:
+            values = ()
+        if len(values) != n:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return values
+
+    return parse
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "index",
+        help="build, extend or trim the FAISS search index of an archive's embeddings",
+        description="Builds ROOT/index/NAME/ from the tile embeddings of one encoder "
+        "(exact for small archives, HNSW or IVF-PQ beyond; parameters derived from the size "
+        "and recorded). --add appends slides embedded since; --remove drops slides.",
+    )
+    p.add_argument("root", type=Path, metavar="ROOT", help="archive root")
+    p.add_argument(
+        "--encoder",
+        metavar="ENCODER_ID",
+        help="encoder id of the embeddings (or a unique prefix, e.g. random-cnn); required to build",
+    )
+    p.add_argument("--name", help="index name (default: the encoder id)")
+    p.add_argument("--kind", choices=KINDS, default="auto", help="index kind (default auto)")
+    p.add_argument(
+        "--target-recall",
+        type=float,
+        default=0.95,
+        help="recall@10 vs exact search the approximate kinds calibrate to (default 0.95)",
+    )
+    p.add_argument("--slides", nargs="+", metavar="SLIDE_ID", help="only these slides")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--add", action="store_true", help="append slides embedded since the build")
+    mode.add_argument(
+        "--remove", nargs="+", metavar="SLIDE_ID", help="remove these slides from the index"
+    )
+    mode.add_argument(
+        "--compact", action="store_true", help="rebuild an HNSW graph without removed slides"
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.set_defaults(func=run_index)
+
+    p = sub.add_parser(
+        "search",
+        help="find tiles, regions or slides similar to a tile, region, image or slide",
+        description="Queries ROOT's search index. --slide with --xy: the nearest tiles; with "
+        "--box: non-overlapping regions ranked by the summed similarity of matched tiles; "
+        "alone: slides like it. --image: regions like an image file. --slides ranks slides.",
+    )
+    p.add_argument("root", type=Path, metavar="ROOT", help="archive root")
+    p.add_argument("--index", metavar="NAME", help="index name (default: the only one)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--slide", metavar="ID", help="query slide: id, unique id prefix or file name"
+    )
+    what.add_argument(
+        "--image", type=Path, metavar="PATH", help="query image file (PNG, JPEG, TIFF)"
+    )
+    what.add_argument("--list", action="store_true", help="list the index and its slides")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--xy", type=_ints(2, "X,Y"), metavar="X,Y", help="tile query: a level-0 point on --slide"
+    )
+    where.add_argument(
+        "--box",
+        type=_ints(4, "X,Y,W,H"),
+        metavar="X,Y,W,H",
+        help="region query: a level-0 box on --slide",
+    )
+    p.add_argument(
+        "--image-mpp",
+        type=_positive,
+        metavar="MPP",
+        help="microns per pixel of --image (default: the index's)",
+    )
+    p.add_argument(
+        "--encoder",
+        metavar="NAME_OR_CHECKPOINT",
+        help="encoder for --image (default: rebuilt from the index's record)",
+    )
+    p.add_argument("--weights", help="weights file for --encoder")
+    p.add_argument("-k", "--top", dest="k", type=int, default=10, help="results (default 10)")
+    p.add_argument("--exclude-self", action="store_true", help="drop hits on the query slide")
+    p.add_argument("--slides", action="store_true", help="rank slides instead of regions/tiles")
+    p.add_argument(
+        "--hits-per-tile", type=int, metavar="N", help="neighbours searched per query tile"
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--gallery", type=Path, metavar="OUT.png", help="save a gallery PNG")
+    p.set_defaults(func=run_search)
+
+
+def _progress(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    if args.quiet or args.json:
+        return None
+    return lambda msg: print(msg, file=sys.stderr)
+
+
+def run_index(args: argparse.Namespace) -> int:
+    from wsi_ssl.errors import ConfigError
+    from wsi_ssl.search import IndexConfig, SearchIndex
+
+    out: dict[str, object] = {}
+    if args.add or args.remove or args.compact:
+        name = args.name
+        if name is None and args.encoder is not None:
+            from wsi_ssl.search.index import _resolve_encoder_id
+            from wsi_ssl.storage import open_store
+
+            name = _resolve_encoder_id(open_store(args.root), args.encoder)
+        index = SearchIndex.open(args.root, name, mmap=False)
+        if args.add:
+            summary = index.add(args.slides, progress=_progress(args))
+            out["added"] = summary.added
+            out["updated"] = summary.updated
+            out["vectors_added"] = summary.vectors
+            out["notes"] = summary.notes
+            lines = [
+                f"added {len(summary.added)} slide(s), re-added {len(summary.updated)} "
+                f"re-embedded one(s): {summary.vectors} vectors; {summary.unchanged} unchanged",
+                *summary.notes,
+            ]
+        elif args.remove:
+            removed = {s: index.remove(s) for s in args.remove}
+            out["removed"] = removed
+            lines = [f"removed {s}: {n} vectors" for s, n in removed.items()]
+        else:
+            index.compact()
+            lines = ["compacted"]
+    else:
+        if args.encoder is None:
+            raise ConfigError("building an index needs --encoder ENCODER_ID (see `wsi-ssl embed`)")
+        config = IndexConfig(kind=args.kind, target_recall=args.target_recall)
+        index = SearchIndex.build(
+            args.root,
+            args.encoder,
+            name=args.name,
+            config=config,
+            slides=args.slides,
+            progress=_progress(args),
+        )
+        lines = []
+    out["index"] = index.describe()
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print("\n".join([*lines, *index.lines()]))
+    return 0
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from wsi_ssl.errors import ConfigError
+    from wsi_ssl.search import SearchIndex
+
+    index = SearchIndex.open(args.root, args.index)
+    if args.list:
+        if args.json:
+            print(json.dumps({"index": index.describe(), "slides": index.slides}, indent=2))
+        else:
+            print("\n".join(index.lines()))
+            for s in index.slides:
+                print(f"{s['number']:>6}  {s['slide_id']}  {s['n_tiles']:>7} tiles  {s['name']}")
+        return 0
+    if args.image is not None and (args.xy or args.box):
+        raise ConfigError("--xy and --box go with --slide, not --image")
+    if args.k < 1:
+        raise ConfigError(f"-k must be >= 1, got {args.k}")
+    mode = "slides" if args.slides else None
+    if args.image is not None:
+        query = index.query_image(
+            args.image, image_mpp=args.image_mpp, encoder=args.encoder, weights=args.weights
+        )
+    elif args.xy is not None:
+        query = index.query_tile(args.slide, args.xy)
+    elif args.box is not None:
+        query = index.query_region(args.slide, args.box)
+    else:
+        query = index.query_slide(args.slide)
+        mode = "slides"
+    result = index.search(
+        query,
+        k=args.k,
+        mode=mode,
+        exclude_self=args.exclude_self,
+        hits_per_tile=args.hits_per_tile,
+    )
+    if args.gallery is not None:
+        index.gallery(result, args.gallery)
+    if args.json:
+        d = result.to_dict()
+        if args.gallery is not None:
+            d["gallery"] = str(args.gallery)
+        print(json.dumps(d, indent=2))
+    else:
+        print(result.table())
+        if args.gallery is not None:
+            print(f"gallery: {args.gallery}")
+    return 0

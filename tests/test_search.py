@@ -1,0 +1,542 @@
+"""Search index and queries on real fixture slides: CMU-1-Small-Region, a byte-different copy
+of it (same pixels, another slide id: its "twin"), and two synthetic slides, all tiled at
+224 px (lossless) and embedded with the random-init CNN."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsi_ssl.cli import search as cli_search
+from wsi_ssl.config import TilingConfig
+from wsi_ssl.embedding import EmbedConfig, embed
+from wsi_ssl.encoders import create_encoder
+from wsi_ssl.errors import (
+    ConfigError,
+    CorruptIndexError,
+    EncoderMismatchError,
+    ImageQueryError,
+    ImageTooLargeError,
+    IndexBusyError,
+    IndexNotFoundError,
+    NoTilesInRegionError,
+    RegionOutsideSlideError,
+    UnknownSlideError,
+    WsiSslError,
+)
+from wsi_ssl.search import (
+    MAX_SLIDE_NUMBER,
+    MAX_TILE_NUMBER,
+    SearchIndex,
+    decode_ids,
+    demo_region_gallery,
+    encode_ids,
+    evaluate,
+)
+from wsi_ssl.search.image import load_image
+from wsi_ssl.storage import open_store
+from wsi_ssl.storage.index_files import MANIFEST, index_lock, read_index
+from wsi_ssl.synthetic import write_synthetic_slide
+from wsi_ssl.tiling.batch import tile_slide
+
+TILING = TilingConfig(tile_size=224, codec="zstd", tiles_per_chunk=16)
+ENCODER = "random-cnn"
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory, cmu_small: Path) -> dict[str, object]:
+    base = tmp_path_factory.mktemp("search")
+    twin = base / "CMU-twin.svs"
+    shutil.copy(cmu_small, twin)
+    with open(twin, "ab") as f:  # same pixels, another content fingerprint -> another slide id
+        f.write(b"\0" * 16)
+    root = base / "root"
+    ids = {}
+    for key, path in (
+        ("cmu", cmu_small),
+        ("twin", twin),
+        ("s1", write_synthetic_slide(base / "s1.tiff", (2560, 1920), seed=1)),
+        ("s2", write_synthetic_slide(base / "s2.tiff", (2400, 1800), seed=2)),
+    ):
+        ids[key] = tile_slide(path, root, TILING).slide_id
+    summary = embed(root, ENCODER, EmbedConfig(batch_size=32, device="cpu", workers=0))
+    assert not summary.failed
+    index = SearchIndex.build(root, ENCODER, kind="flat")
+    return {"root": root, "ids": ids, "index": index, "encoder_id": summary.encoder_id}
+
+
+def _coords(root: Path, slide_id: str) -> np.ndarray:
+    return open_store(root).slide(slide_id).coords
+
+
+def _cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="wsi-ssl")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cli_search.register(sub)
+    args = parser.parse_args(list(argv))
+    return int(args.func(args))
+
+
+# -- ids -------------------------------------------------------------------------------------
+
+
+def test_id_encoding_round_trips_at_the_limits() -> None:
+    slides = np.array([0, 1, 7, MAX_SLIDE_NUMBER, MAX_SLIDE_NUMBER])
+    tiles = np.array([0, MAX_TILE_NUMBER, 12345, 0, MAX_TILE_NUMBER])
+    ids = encode_ids(slides, tiles)
+    assert ids.dtype == np.int64 and (ids >= 0).all()
+    assert ids[-1] == np.iinfo(np.int64).max  # the largest id is the largest int64
+    s, t = decode_ids(ids)
+    assert (s == slides).all() and (t == tiles).all()
+    assert [v.tolist() for v in decode_ids(np.array([-1]))] == [[-1], [-1]]
+    # and through a FAISS index and back
+    idx = faiss.IndexIDMap(faiss.IndexFlatIP(4))
+    vecs = np.eye(4, dtype=np.float32)
+    idx.add_with_ids(
+        vecs, encode_ids(MAX_SLIDE_NUMBER, np.arange(MAX_TILE_NUMBER - 3, MAX_TILE_NUMBER + 1))
+    )
+    _, found = idx.search(vecs, 1)
+    s, t = decode_ids(found[:, 0])
+    assert (s == MAX_SLIDE_NUMBER).all() and t.tolist() == list(
+        range(MAX_TILE_NUMBER - 3, MAX_TILE_NUMBER + 1)
+    )
+    for bad_slide, bad_tile in (
+        (MAX_SLIDE_NUMBER + 1, 0),
+        (-1, 0),
+        (0, MAX_TILE_NUMBER + 1),
+        (0, -1),
+    ):
+        with pytest.raises(ConfigError):
+            encode_ids(bad_slide, bad_tile)
+
+
+# -- queries ---------------------------------------------------------------------------------
+
+
+def test_region_query_returns_its_own_tiles_first(archive: dict) -> None:
+    index: SearchIndex = archive["index"]
+    sid = archive["ids"]["s1"]
+    coords = _coords(archive["root"], sid)
+    x0, y0 = coords[0]
+    box = (int(x0), int(y0), 3 * 224, 2 * 224)
+    query = index.query_region(sid, box)
+    result = index.search(query, k=5)
+    top = result.hits[0]
+    assert top.slide_id == sid
+    assert set(query.tile_numbers.tolist()) <= set(top.tiles)
+    assert top.score == pytest.approx(query.n_tiles, abs=1e-3)  # every query tile matched itself
+    assert top.coverage == 1.0
+    # regions never overlap on a slide
+    for a in result.hits:
+        for b in result.hits:
+            if a is not b and a.slide_id == b.slide_id:
+                ax, ay, aw, ah = a.box
+                bx, by, bw, bh = b.box
+                assert ax + aw <= bx or bx + bw <= ax or ay + ah <= by or by + bh <= ay
+    assert [h.score for h in result.hits] == sorted((h.score for h in result.hits), reverse=True)
+    # excluding the query slide leaves it out
+    others = index.search(query, k=5, exclude_self=True)
+    assert others.hits and all(h.slide_id != sid for h in others.hits)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_tile_query_finds_the_twin(archive: dict, kind: str) -> None:
+    index = (
+        archive["index"]
+        if kind == "flat"
+        else SearchIndex.build(archive["root"], ENCODER, name="twin-hnsw", kind="hnsw")
+    )
+    cmu, twin = archive["ids"]["cmu"], archive["ids"]["twin"]
+    coords = _coords(archive["root"], cmu)
+    for row in (0, len(coords) // 2, len(coords) - 1):
+        x, y = (int(v) for v in coords[row])
+        result = index.search_tile(cmu, (x + 100, y + 100), k=3, exclude_self=True)
+        best = result.hits[0]
+        assert (best.slide_id, best.x, best.y, best.tile) == (twin, x, y, row)
+        assert best.score == pytest.approx(1.0, abs=1e-4)
+    # and a region of the CMU slide finds the same region on the twin
+    box = (int(coords[0, 0]), int(coords[0, 1]), 448, 448)
+    region = index.search_region(cmu, box, k=1, exclude_self=True).hits[0]
+    assert region.slide_id == twin and region.box[:2] == box[:2]
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_add_then_query_equals_full_rebuild(archive: dict, kind: str) -> None:
+    root, ids = archive["root"], archive["ids"]
+    partial = SearchIndex.build(
+        root, ENCODER, name=f"partial-{kind}", kind=kind, slides=[ids["cmu"], ids["s1"]]
+    )
+    assert partial.n_vectors < archive["index"].n_vectors
+    summary = partial.add()
+    assert sorted(summary.added) == sorted([ids["twin"], ids["s2"]]) and not summary.updated
+    assert partial.add().notes  # nothing new the second time
+    full = SearchIndex.build(root, ENCODER, name=f"full-{kind}", kind=kind)
+    reopened = SearchIndex.open(root, f"partial-{kind}")
+    assert reopened.n_vectors == full.n_vectors == archive["index"].n_vectors
+
+    def answers(index: SearchIndex) -> list:
+        out = []
+        for sid in (ids["cmu"], ids["s2"]):
+            coords = _coords(root, sid)
+            x, y = (int(v) for v in coords[len(coords) // 3])
+            tiles = index.search_tile(sid, (x, y), k=8)
+            out.append([(h.slide_id, h.tile, round(h.score, 5)) for h in tiles.hits])
+            region = index.search_region(sid, (x, y, 448, 448), k=4, exclude_self=True)
+            out.append([(h.slide_id, h.box, round(h.score, 4)) for h in region.hits])
+        return out
+
+    assert answers(reopened) == answers(full)
+
+
+def test_remove_slides(archive: dict, tmp_path: Path) -> None:
+    root, ids = archive["root"], archive["ids"]
+    for kind in ("flat", "hnsw"):
+        index = SearchIndex.build(root, ENCODER, name=f"rm-{kind}", kind=kind)
+        before = index.n_vectors
+        n_twin = index.resolve_slide(ids["twin"])["n_tiles"]
+        assert index.remove(ids["twin"]) == n_twin
+        index = SearchIndex.open(root, f"rm-{kind}")
+        assert index.n_vectors == before - n_twin
+        coords = _coords(root, ids["cmu"])
+        hits = index.search_tile(ids["cmu"], tuple(int(v) for v in coords[0]), k=20).hits
+        assert hits and all(h.slide_id != ids["twin"] for h in hits)
+        with pytest.raises(UnknownSlideError):
+            index.remove(ids["twin"])
+        assert sorted(index.add().added) == [ids["twin"]]  # it comes back as a new slide number
+        assert SearchIndex.open(root, f"rm-{kind}").n_vectors == before
+        # a small slide: under HNSW a tombstone, filtered at query time
+        index.remove(ids["s2"])
+        index = SearchIndex.open(root, f"rm-{kind}")
+        if kind == "hnsw":
+            assert index.record["tombstones"] > 0 and index.index.ntotal > index.n_vectors
+        else:
+            assert index.record["tombstones"] == 0 and index.index.ntotal == index.n_vectors
+        s2_coords = _coords(root, ids["s2"])
+        hits = index.search_tile(ids["s2"], tuple(int(v) for v in s2_coords[0]), k=50).hits
+        assert hits and all(h.slide_id != ids["s2"] for h in hits)
+
+
+def test_image_query_finds_its_source_region(
+    archive: dict, cmu_small: Path, tmp_path: Path
+) -> None:
+    from wsi_ssl.slide import open_slide
+
+    index: SearchIndex = archive["index"]
+    cmu = archive["ids"]["cmu"]
+    coords = _coords(archive["root"], cmu)
+    x, y = (int(v) for v in coords[len(coords) // 2])
+    with open_slide(cmu_small) as reader:
+        crop = np.asarray(reader.read_region((x, y), 0, (448, 448)))[..., :3]
+        mpp = reader.mpp
+    path = tmp_path / "crop.png"
+    Image.fromarray(crop).save(path)
+    result = index.search_image(path, image_mpp=mpp, k=3)
+    assert result.query.n_tiles == 4
+    top = result.hits[0]
+    assert top.slide_id in (cmu, archive["ids"]["twin"]) and top.box[:2] == (x, y)
+    assert top.score == pytest.approx(4.0, abs=1e-3)
+    # the encoder named explicitly must be the index's
+    with pytest.raises(EncoderMismatchError, match="not the index's"):
+        index.query_image(path, encoder=create_encoder(ENCODER, seed=1))
+    assert index.query_image(path, encoder=ENCODER).n_tiles == 4
+
+
+def test_slide_retrieval_and_evaluation(archive: dict) -> None:
+    index: SearchIndex = archive["index"]
+    ids = archive["ids"]
+    ranked = index.search_slides(ids["cmu"], k=3)
+    assert ranked.hits[0].slide_id == ids["twin"] and ranked.hits[0].score == pytest.approx(
+        1.0, abs=1e-4
+    )
+    labels = {
+        ids["cmu"]: "skin",
+        ids["twin"]: "skin",
+        ids["s1"]: "synthetic",
+        ids["s2"]: "synthetic",
+    }
+    mv = evaluate.majority_vote(index, labels, k=1)
+    assert mv["n_slides"] == 4 and mv["mmv"] == 1.0 and mv["accuracy"] == 1.0
+    prec = evaluate.precision_at_k(index, labels, k=5, tiles_per_slide=8)
+    assert prec["queries"] == 32 and 0.5 <= prec["precision"] <= 1.0
+    assert evaluate.recall_at_k(index, n_queries=32)["recall"] == 1.0
+    with pytest.raises(ConfigError, match="at least 2 labelled"):
+        evaluate.majority_vote(index, {ids["cmu"]: "skin"})
+
+
+def test_approximate_index_reaches_the_promised_recall() -> None:
+    """Calibrated on indexed vectors, checked on fresh draws from the same clustered mixture."""
+    from wsi_ssl.search.build import ArraySource, build_faiss, search_params, tie_aware_recall
+    from wsi_ssl.search.config import IndexConfig, plan_index
+    from wsi_ssl.search.synthetic import ClusteredVectors
+
+    gen = ClusteredVectors(dim=64, n_clusters=64, intrinsic_dim=12, seed=3)
+    n = 12000
+    x, queries = gen.rows(0, n), gen.rows(0, 300, stream=2)
+    exact = faiss.IndexFlatIP(64)
+    exact.add(x)
+    gt_sims, gt_ids = exact.search(queries, 21)
+    for kind in ("hnsw", "ivfpq"):
+        config = IndexConfig(kind=kind, calibration_queries=200)
+        plan = plan_index(n, 64, config)
+        index, params, calibration = build_faiss(ArraySource(np.arange(n), x), plan, config)
+        _, found = index.search(queries, 10, params=search_params(params, 10))
+        recall = tie_aware_recall(found, gt_sims, gt_ids, 10)
+        assert calibration["promised_recall"] <= recall, (kind, calibration, recall)
+        if kind == "hnsw":
+            assert calibration["met"] and recall >= 0.95
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` with almost no pixel data behind it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_bad_queries_are_typed_errors(archive: dict, tmp_path: Path) -> None:
+    index: SearchIndex = archive["index"]
+    cmu = archive["ids"]["cmu"]
+    with pytest.raises(RegionOutsideSlideError, match="outside the slide"):
+        index.query_region(cmu, (50_000, 50_000, 500, 500))
+    with pytest.raises(RegionOutsideSlideError, match="no area"):
+        index.query_region(cmu, (10, 10, 0, 5))
+    with pytest.raises(RegionOutsideSlideError):
+        index.query_tile(cmu, (-5, 10))
+    coords = _coords(archive["root"], cmu)
+    stored = {(int(x), int(y)) for x, y in coords}
+    empty = next(
+        (x, y)
+        for y in range(0, 2967 - 224, 224)
+        for x in range(0, 2220 - 224, 224)
+        if (x, y) not in stored
+    )
+    with pytest.raises(NoTilesInRegionError, match="no stored tissue tile"):
+        index.query_region(cmu, (*empty, 224, 224))
+    for unknown in ("deadbeefdeadbeef", "no-such-slide.svs"):
+        with pytest.raises(UnknownSlideError):
+            index.query_tile(unknown, (10, 10))
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not an image")
+    with pytest.raises(ImageQueryError, match="not an image"):
+        index.query_image(not_image)
+    with pytest.raises(ImageQueryError, match="no such image"):
+        index.query_image(tmp_path / "missing.png")
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header(100_000, 100_000))  # 10^10 pixels, a few bytes on disk
+    with pytest.raises(ImageTooLargeError):
+        load_image(bomb)
+    big = tmp_path / "big.png"
+    big.write_bytes(_png_header(9000, 9000))
+    with pytest.raises(ImageTooLargeError, match="more than"):
+        load_image(big)
+    truncated = tmp_path / "trunc.png"
+    buf = tmp_path / "ok.png"
+    Image.fromarray(np.full((300, 300, 3), 128, np.uint8)).save(buf)
+    truncated.write_bytes(buf.read_bytes()[:-200])
+    with pytest.raises(ImageQueryError):
+        load_image(truncated)
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((300, 300, 3), 255, np.uint8)).save(blank)
+    with pytest.raises(NoTilesInRegionError, match="blank"):
+        index.query_image(blank)
+    with pytest.raises(EncoderMismatchError, match="made by encoder"):
+        index.search_vectors(np.ones((1, index.dim)), encoder_id="another-0123456789ab")
+    with pytest.raises(EncoderMismatchError, match="dimension"):
+        index.search_vectors(np.ones((1, index.dim + 1)))
+    # every message is one line (the CLI prints it as such)
+    for err in (RegionOutsideSlideError("a"), UnknownSlideError("x", "index y")):
+        assert "\n" not in str(err) and isinstance(err, WsiSslError)
+
+
+def test_index_built_with_another_encoder_is_refused(archive: dict, tmp_path: Path) -> None:
+    from wsi_ssl.errors import EmbeddingsNotFoundError
+
+    root = tmp_path / "root"
+    shutil.copytree(archive["root"], root)
+    other = create_encoder(ENCODER, seed=7)
+    sid = archive["ids"]["s1"]
+    embed(root, other, EmbedConfig(batch_size=32, device="cpu", workers=0), slides=[sid])
+    index = SearchIndex.build(root, other.encoder_id, kind="flat")
+    assert index.encoder_id == other.encoder_id and len(index.slides) == 1
+    # a slide embedded only by the other encoder cannot be a query of the first index
+    first = SearchIndex.open(root, archive["encoder_id"])
+    assert first.encoder_id != other.encoder_id
+    with pytest.raises(EncoderMismatchError):
+        first.search_vectors(np.ones((1, first.dim)), encoder_id=other.encoder_id)
+    with pytest.raises(EmbeddingsNotFoundError):
+        index.query_tile(archive["ids"]["cmu"], (1000, 1000))
+
+
+def test_corrupt_and_truncated_index_files(
+    archive: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "root"
+    shutil.copytree(archive["root"], root)
+    name = archive["encoder_id"]
+    # loading never unpickles
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("unpickled"))
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("unpickled"))
+    index = SearchIndex.open(root, name, verify=True)
+    gen = index.files.path
+    faiss_file = gen / "index.faiss"
+    data = faiss_file.read_bytes()
+
+    faiss_file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptIndexError, match="truncated"):
+        SearchIndex.open(root, name)
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    faiss_file.write_bytes(bytes(flipped))
+    with pytest.raises(CorruptIndexError, match="sha256"):
+        SearchIndex.open(root, name)
+    faiss_file.write_bytes(data)
+    SearchIndex.open(root, name)  # intact again
+    (gen / "slides.json").write_text("[{")
+    with pytest.raises(CorruptIndexError):
+        SearchIndex.open(root, name, verify=False)
+    (gen / "config.json").write_text("{}")
+    with pytest.raises(CorruptIndexError, match="manifest"):
+        SearchIndex.open(root, name)
+    (root / "index" / name / MANIFEST).unlink()
+    with pytest.raises(IndexNotFoundError):
+        SearchIndex.open(root, name)
+    with pytest.raises(IndexNotFoundError):
+        SearchIndex.open(root, "nope")
+
+
+def test_writes_are_atomic_and_locked(
+    archive: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+    import os
+
+    root = tmp_path / "root"
+    shutil.copytree(archive["root"], root)
+    name = archive["encoder_id"]
+    before = SearchIndex.open(root, name)
+    gen = before.files.path.name
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(faiss, "write_index", crash)
+    with pytest.raises(OSError, match="No space"):
+        before.remove(archive["ids"]["s2"])
+    monkeypatch.undo()
+    after = SearchIndex.open(root, name)  # the old generation, whole
+    assert after.files.path.name == gen and after.n_vectors == before.n_vectors
+    assert not [p for p in (root / "index" / name).iterdir() if p.name.startswith(".tmp-")]
+    # another writer holds the lock
+    fd = os.open(root / "index" / name / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(IndexBusyError):
+            after.remove(archive["ids"]["s2"])
+    finally:
+        os.close(fd)
+    with index_lock(root, name), index_lock(root, name):  # re-entrant in one process
+        pass
+    # memory-mapped: searchable, and add/remove reload it fully first (FAISS cannot write a map)
+    mapped = SearchIndex.open(root, name, mmap=True)
+    assert mapped.mmapped
+    coords = _coords(root, archive["ids"]["cmu"])
+    assert mapped.search_tile(archive["ids"]["cmu"], tuple(int(v) for v in coords[0]), k=1).hits
+    assert mapped.remove(archive["ids"]["s2"]) > 0 and not mapped.mmapped
+    index, files = read_index(root, name, mmap=True)
+    assert index.ntotal == mapped.n_vectors and files.path.name != gen
+
+
+# -- CLI, gallery, demo ----------------------------------------------------------------------
+
+
+def test_cli_index_and_search(
+    archive: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "root"
+    shutil.copytree(archive["root"], root)
+    shutil.rmtree(root / "index")
+    ids = archive["ids"]
+    assert _cli("index", str(root), "--encoder", ENCODER, "--name", "cli", "--quiet") == 0
+    assert "flat" in capsys.readouterr().out
+    assert _cli("search", str(root), "--list") == 0
+    assert ids["cmu"] in capsys.readouterr().out
+    coords = _coords(root, ids["cmu"])
+    x, y = (int(v) for v in coords[0])
+    png = tmp_path / "g.png"
+    argv = ["search", str(root), "--slide", "CMU-1-Small-Region.svs", "--box", f"{x},{y},448,448"]
+    assert _cli(*argv, "-k", "3", "--exclude-self", "--json", "--gallery", str(png)) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mode"] == "regions" and out["hits"][0]["slide_id"] == ids["twin"]
+    assert out["hits"][0]["box"][:2] == [x, y]
+    with Image.open(png) as im:
+        assert im.size[0] > 600 and im.size[1] > 200
+    assert _cli("search", str(root), "--slide", ids["cmu"][:6], "--xy", f"{x + 5},{y + 5}") == 0
+    assert "twin" in capsys.readouterr().out.lower()
+    assert _cli("search", str(root), "--slide", ids["cmu"], "--slides", "--exclude-self") == 0
+    assert capsys.readouterr().out.splitlines()[2].split()[-1] == f"({ids['twin']})"
+    assert _cli("index", str(root), "--name", "cli", "--remove", ids["s2"], "--json") == 0
+    removed = json.loads(capsys.readouterr().out)["removed"]
+    assert list(removed) == [ids["s2"]] and removed[ids["s2"]] > 0
+    assert _cli("index", str(root), "--name", "cli", "--add", "--quiet") == 0
+    assert "added 1 slide" in capsys.readouterr().out
+    with pytest.raises(RegionOutsideSlideError):
+        _cli("search", str(root), "--slide", ids["cmu"], "--box", "90000,0,10,10")
+    with pytest.raises(SystemExit):  # argparse: malformed box
+        _cli("search", str(root), "--slide", ids["cmu"], "--box", "1,2,3")
+
+
+def test_demo_region_gallery(archive: dict, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    shutil.copytree(archive["root"], root)
+    shutil.rmtree(root / "index")
+    result, png, lines = demo_region_gallery(root, tmp_path / "demo" / "gallery.png", k=4)
+    assert png.is_file() and png.stat().st_size > 10_000
+    assert result.hits and result.mode == "regions" and any("gallery" in line for line in lines)
+
+
+def test_region_windows_match_brute_force() -> None:
+    from wsi_ssl.search.regions import best_windows
+
+    rng = np.random.default_rng(0)
+    n = 60
+    q_rows = rng.integers(0, 5, n)
+    cells = rng.integers(0, 12, (n, 2))
+    sims = rng.random(n)
+    wins = best_windows(q_rows, cells, sims, (3, 2), 6, grid_shape=(12, 12))
+
+    def score(r0: int, c0: int) -> float:
+        inside = (
+            (cells[:, 0] >= r0)
+            & (cells[:, 0] < r0 + 3)
+            & (cells[:, 1] >= c0)
+            & (cells[:, 1] < c0 + 2)
+        )
+        return sum(sims[inside & (q_rows == q)].max(initial=0.0) for q in range(5))
+
+    best = max(score(r, c) for r in range(10) for c in range(11))
+    assert wins[0].score == pytest.approx(best)
+    assert wins[0].score == pytest.approx(score(wins[0].row, wins[0].col))
+    for a in wins:
+        for b in wins:
+            if a is not b:
+                assert abs(a.row - b.row) >= 3 or abs(a.col - b.col) >= 2
+    assert [w.score for w in wins] == sorted((w.score for w in wins), reverse=True)

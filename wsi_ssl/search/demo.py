@@ -1,0 +1,80 @@
+"""The demo's search step: a region query on the demo archive that writes a gallery PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_ssl.search.regions import best_windows
+
+__all__ = ["demo_region_gallery"]
+
+
+def _densest_box(index: Any, slide: dict[str, Any], cells: int) -> tuple[int, int, int, int]:
+    """Level-0 box of the ``cells`` x ``cells`` tile window holding the most stored tiles."""
+    coords = index.files.coords[slide["offset"] : slide["offset"] + slide["n_tiles"]]
+    stride = float(slide["stride_level0"])
+    grid = np.stack([np.round(coords[:, 1] / stride), np.round(coords[:, 0] / stride)], 1)
+    n = len(coords)
+    [win] = best_windows(
+        np.zeros(n, dtype=np.int64),
+        grid.astype(np.int64),
+        np.ones(n),
+        (cells, cells),
+        1,
+        tuple(slide["grid_shape"]) if slide.get("grid_shape") else None,
+    ) or [None]
+    side = round(cells * stride)
+    if win is None:
+        return (0, 0, side, side)
+    return (round(win.col * stride), round(win.row * stride), side, side)
+
+
+def demo_region_gallery(
+    root: str | Path,
+    out: str | Path,
+    *,
+    encoder: str | None = None,
+    index_name: str | None = None,
+    k: int = 6,
+    cells: int = 3,
+    progress: Any = None,
+) -> tuple[Any, Path, list[str]]:
+    """Query the densest ``cells`` x ``cells``-tile region of the archive's first slide and save
+    the gallery of the ``k`` best regions on the other slides (its own slide too when it is
+    the only one).
+
+    The archive must be embedded; its index is opened, or built (kind auto) when there is
+    none. Returns ``(result, png_path, lines_to_print)``.
+    """
+    from wsi_ssl.search.index import SearchIndex
+    from wsi_ssl.storage import open_store
+    from wsi_ssl.storage.embeddings import embedding_ids
+    from wsi_ssl.storage.index_files import list_indexes
+
+    root = Path(root)
+    lines: list[str] = []
+    if index_name or list_indexes(root):
+        index = SearchIndex.open(root, index_name)
+    else:
+        archive = open_store(root)
+        if encoder is None:
+            ids = sorted(
+                {e for s in archive.slide_ids for e in embedding_ids(archive.store_path(s))}
+            )
+            encoder = ids[0] if len(ids) == 1 else None
+        if encoder is None:
+            from wsi_ssl.errors import EmbeddingsNotFoundError
+
+            raise EmbeddingsNotFoundError(root, "<one encoder; pass encoder=>", [])
+        index = SearchIndex.build(root, encoder, progress=progress)
+    lines += index.lines()
+    slide = index.slides[0]
+    box = _densest_box(index, slide, cells)
+    result = index.search_region(slide["slide_id"], box, k=k, exclude_self=len(index.slides) > 1)
+    png = index.gallery(result, out)
+    lines += result.table().splitlines()
+    lines.append(f"gallery: {png}")
+    return result, png, lines

@@ -1,0 +1,213 @@
+"""Retrieval metrics: mMV@k (slides), precision@k (tiles), recall@k (approximate vs exact).
+
+* **mMV@k** (majority vote at top k, as SISH, Chen et al. 2022, and Yottixel, Kalra et al.
+  2020, report it): leave one slide out: query the index with each labelled slide (its
+  mosaic, :meth:`SearchIndex.query_slide`), its own tiles excluded; take the top ``k``
+  labelled slides of the slide ranking; the predicted label is their majority (ties: the
+  label of the best-ranked slide among the tied labels). ``mmv`` is the mean over classes of
+  the per-class accuracy (macro), ``accuracy`` the plain fraction of slides right (micro).
+* **precision@k** of tile retrieval: for tiles sampled from each labelled slide, the fraction
+  of the ``k`` nearest tiles on *other* labelled slides whose slide has the query's label;
+  averaged over query tiles (micro) and over classes (macro).
+* **recall@k**: the fraction of each query's exact top-``k`` ids that the (approximate)
+  index returns, averaged over queries; queries default to a sample of the indexed vectors,
+  the exact answer is a streamed brute-force search over the same vectors.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from wsi_ssl.errors import ConfigError
+from wsi_ssl.search.build import exact_neighbours, tie_aware_recall
+from wsi_ssl.search.build import normalise as _normalise
+from wsi_ssl.search.build import recall_at_k as _recall_ids
+
+if TYPE_CHECKING:
+    from wsi_ssl.search.index import SearchIndex
+
+__all__ = [
+    "evaluate_index",
+    "majority_vote",
+    "precision_at_k",
+    "recall_at_k",
+    "recall_ids",
+    "tie_aware_recall",
+]
+
+recall_ids = _recall_ids
+
+
+def _labelled(index: SearchIndex, labels: Mapping[str, Any]) -> dict[str, Any]:
+    active = {s["slide_id"] for s in index.slides}
+    out = {sid: lab for sid, lab in labels.items() if sid in active}
+    if len(out) < 2:
+        raise ConfigError(
+            f"labels name {len(out)} slide(s) of index {index.name!r}; leave-one-out evaluation "
+            "needs at least 2 labelled slides in the index (keys are slide ids)"
+        )
+    return out
+
+
+def _vote(ranked: list[Any]) -> Any:
+    counts = Counter(ranked)
+    top = max(counts.values())
+    tied = {lab for lab, c in counts.items() if c == top}
+    return next(lab for lab in ranked if lab in tied)
+
+
+def majority_vote(
+    index: SearchIndex,
+    labels: Mapping[str, Any],
+    *,
+    k: int = 5,
+    mosaic_tiles: int = 64,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Leave-one-slide-out majority-vote accuracy of the top ``k`` retrieved slides (mMV@k).
+
+    Args:
+        index: the index to evaluate.
+        labels: slide id -> label; slides not in the index are ignored.
+        k: retrieved slides that vote.
+        mosaic_tiles: tiles representing each query slide.
+
+    Returns:
+        ``{"k", "n_slides", "mmv", "accuracy", "per_class", "per_slide"}``.
+    """
+    labelled = _labelled(index, labels)
+    per_slide = []
+    n_all = len(index.slides)
+    for sid, label in labelled.items():
+        query = index.query_slide(sid, max_tiles=mosaic_tiles, seed=seed)
+        result = index.search(query, k=n_all, mode="slides", exclude_self=True)
+        ranked = [labelled[h.slide_id] for h in result.hits if h.slide_id in labelled][:k]
+        predicted = _vote(ranked) if ranked else None
+        per_slide.append(
+            {"slide_id": sid, "label": label, "predicted": predicted, "retrieved": ranked}
+        )
+    per_class: dict[str, float] = {}
+    for label in sorted({str(v) for v in labelled.values()}):
+        rows = [p for p in per_slide if str(p["label"]) == label]
+        per_class[label] = float(np.mean([p["predicted"] == p["label"] for p in rows]))
+    return {
+        "k": k,
+        "n_slides": len(per_slide),
+        "mmv": float(np.mean(list(per_class.values()))),
+        "accuracy": float(np.mean([p["predicted"] == p["label"] for p in per_slide])),
+        "per_class": per_class,
+        "per_slide": per_slide,
+    }
+
+
+def precision_at_k(
+    index: SearchIndex,
+    labels: Mapping[str, Any],
+    *,
+    k: int = 10,
+    tiles_per_slide: int = 32,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Precision@k of tile retrieval across slides (see the module docstring).
+
+    Returns:
+        ``{"k", "queries", "precision", "macro_precision", "per_class"}``.
+    """
+    from wsi_ssl.search.ids import decode_ids
+    from wsi_ssl.storage.embeddings import read_embeddings
+
+    labelled = _labelled(index, labels)
+    archive = index._archive()
+    number_label = {
+        s["number"]: labelled[s["slide_id"]] for s in index.slides if s["slide_id"] in labelled
+    }
+    unlabelled = [s["number"] for s in index.slides if s["slide_id"] not in labelled]
+    rng = np.random.default_rng(seed)
+    scores: dict[str, list[float]] = {}
+    for sid, label in labelled.items():
+        entry = index.resolve_slide(sid)
+        feats = np.asarray(read_embeddings(archive.slide(sid), index.encoder_id).features)
+        rows = rng.choice(len(feats), size=min(tiles_per_slide, len(feats)), replace=False)
+        _, ids = index.search_vectors(
+            feats[np.sort(rows)], k, exclude_slides=[entry["number"], *unlabelled]
+        )
+        for row in ids:
+            slides, _ = decode_ids(row[row >= 0])
+            got = [number_label[int(s)] == label for s in slides if int(s) in number_label]
+            scores.setdefault(str(label), []).append(float(np.mean(got)) if got else 0.0)
+    flat = [v for vs in scores.values() for v in vs]
+    per_class = {lab: float(np.mean(v)) for lab, v in sorted(scores.items())}
+    return {
+        "k": k,
+        "queries": len(flat),
+        "precision": float(np.mean(flat)),
+        "macro_precision": float(np.mean(list(per_class.values()))),
+        "per_class": per_class,
+    }
+
+
+def recall_at_k(
+    index: SearchIndex,
+    queries: np.ndarray | None = None,
+    *,
+    k: int = 10,
+    n_queries: int = 256,
+    exact: SearchIndex | None = None,
+    seed: int = 1,
+) -> dict[str, Any]:
+    """Recall@k of ``index`` against exact search over the same vectors.
+
+    Args:
+        queries: (Q, D) query vectors (default: ``n_queries`` indexed vectors, each query's
+            own id then left out of both answers).
+        exact: an exact (flat) index of the same archive to compare against (default: a
+            streamed brute-force search over the index's slides' embeddings).
+
+    Returns:
+        ``{"k", "queries", "recall", "promised_recall", "kind"}``.
+    """
+    from wsi_ssl.search.index import _ArchiveSource
+
+    archive = index._archive()
+    items = [(s["number"], archive.slide(s["slide_id"]), s["n_tiles"]) for s in index.slides]
+    source = _ArchiveSource(items, index.encoder_id, index.dim)
+    own = None
+    if queries is None:
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(source.n, size=min(n_queries, source.n), replace=False))
+        from wsi_ssl.search.build import _gather
+
+        own, queries = _gather(source, rows)
+    depth = 2 * k + 1
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if exact is not None:
+        gt_sims, gt_ids = exact.search_vectors(queries, depth)
+    else:
+        gt_sims, gt_ids = exact_neighbours(source, _normalise(queries), depth)
+    _, found = index.search_vectors(queries, k + (1 if own is not None else 0))
+    return {
+        "k": k,
+        "queries": len(queries),
+        "recall": tie_aware_recall(found, gt_sims, gt_ids, k, own),
+        "promised_recall": index.promised_recall,
+        "kind": index.kind,
+    }
+
+
+def evaluate_index(
+    index: SearchIndex,
+    labels: Mapping[str, Any] | None = None,
+    *,
+    k: int = 5,
+    tile_k: int = 10,
+) -> dict[str, Any]:
+    """All three: ``{"recall": ..., "mmv": ..., "precision": ...}`` (the last two need labels)."""
+    out: dict[str, Any] = {"recall": recall_at_k(index, k=10)}
+    if labels is not None:
+        out["mmv"] = majority_vote(index, labels, k=k)
+        out["precision"] = precision_at_k(index, labels, k=tile_k)
+    return out

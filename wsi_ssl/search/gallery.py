@@ -1,0 +1,174 @@
+"""Gallery PNG: the query region beside its top hits, drawn from the tile stores.
+
+Each panel is a mosaic of the stored tiles that overlap the region (glass and unstored
+positions light grey), scaled to ``panel_px``; tiles that matched a query tile are outlined.
+Slide hits show the slide's thumbnail with its best region outlined. Titles give the rank,
+slide name and score.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from wsi_ssl.search.index import SearchIndex
+    from wsi_ssl.search.results import SearchResult
+    from wsi_ssl.storage import SlideStore
+
+__all__ = ["region_mosaic", "render_gallery"]
+
+BACKGROUND = (232, 232, 232)
+MAX_MOSAIC_TILES = 900
+"""Regions with more tiles than this are drawn from the slide thumbnail instead."""
+
+
+def _fit(image: Any, side: int) -> Any:
+    from PIL import Image
+
+    scale = side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.NEAREST)
+
+
+def region_mosaic(
+    store: SlideStore,
+    box: tuple[int, int, int, int],
+    *,
+    panel_px: int = 320,
+    outline: set[int] | None = None,
+    colour: tuple[int, int, int] = (230, 120, 20),
+) -> Any:
+    """A PIL image of level-0 ``box`` of ``store``, longest side ``panel_px``, from its tiles."""
+    from PIL import Image, ImageDraw
+
+    x, y, w, h = (int(v) for v in box)
+    w, h = max(1, w), max(1, h)
+    scale = panel_px / max(w, h)
+    canvas = Image.new("RGB", (max(1, round(w * scale)), max(1, round(h * scale))), BACKGROUND)
+    coords = store.coords
+    size0 = float(store.tiling["tile_size_level0"])
+    rows = np.flatnonzero(
+        (coords[:, 0] + size0 > x)
+        & (coords[:, 0] < x + w)
+        & (coords[:, 1] + size0 > y)
+        & (coords[:, 1] < y + h)
+    )
+    if len(rows) > MAX_MOSAIC_TILES:
+        thumb = Image.fromarray(store.thumbnail)
+        sx = thumb.width / store.source["dimensions"][0]
+        crop = thumb.crop((round(x * sx), round(y * sx), round((x + w) * sx), round((y + h) * sx)))
+        return crop.resize(canvas.size, Image.Resampling.LANCZOS)
+    side = max(1, round(size0 * scale))
+    tiles = store.tiles
+    draw = ImageDraw.Draw(canvas)
+    for r in rows:
+        tile = Image.fromarray(np.asarray(tiles[int(r)])).resize(
+            (side, side), Image.Resampling.LANCZOS
+        )
+        px, py = round((coords[r, 0] - x) * scale), round((coords[r, 1] - y) * scale)
+        canvas.paste(tile, (px, py))
+    if outline:
+        for r in rows:
+            if int(r) in outline:
+                px, py = round((coords[r, 0] - x) * scale), round((coords[r, 1] - y) * scale)
+                draw.rectangle([px, py, px + side - 1, py + side - 1], outline=colour, width=2)
+    return canvas
+
+
+def _thumbnail_with_box(
+    store: SlideStore, box: tuple[int, int, int, int] | None, panel_px: int
+) -> Any:
+    from PIL import Image, ImageDraw
+
+    thumb = Image.fromarray(store.thumbnail)
+    image = _fit(thumb, panel_px)
+    if box is not None:
+        s = image.width / store.source["dimensions"][0]
+        x, y, w, h = box
+        ImageDraw.Draw(image).rectangle(
+            [x * s, y * s, (x + w) * s, (y + h) * s], outline=(230, 120, 20), width=3
+        )
+    return image
+
+
+def render_gallery(
+    index: SearchIndex,
+    result: SearchResult,
+    out: str | Path,
+    *,
+    max_hits: int = 8,
+    panel_px: int = 320,
+    columns: int = 5,
+) -> Path:
+    """Save the query beside up to ``max_hits`` hits as a PNG; returns the path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    archive = index._archive()
+    q = result.query
+    panels: list[tuple[Any, str]] = []
+    if q.kind == "image" and q.image is not None:
+        panels.append(
+            (
+                _fit(Image.fromarray(q.image), panel_px),
+                f"query image\n{q.box[2]}x{q.box[3]} px @ {index.mpp} µm/px",
+            )
+        )
+    else:
+        store = archive.slide(str(q.slide_id))
+        own = set(int(t) for t in q.tile_numbers) if q.tile_numbers is not None else None
+        if q.kind == "slide":
+            image = _thumbnail_with_box(store, None, panel_px)
+        else:
+            image = region_mosaic(
+                store, q.box, panel_px=panel_px, outline=own, colour=(30, 90, 220)
+            )
+        panels.append(
+            (
+                image,
+                f"query: {_short(q.slide_name or q.slide_id)}\n{q.kind} {','.join(map(str, q.box))}",
+            )
+        )
+    stores: dict[str, SlideStore] = {}
+    for hit in result.hits[:max_hits]:
+        store = stores.setdefault(hit.slide_id, archive.slide(hit.slide_id))
+        if result.mode == "tiles":
+            ctx = hit.size
+            box = (hit.x - ctx, hit.y - ctx, 3 * hit.size, 3 * hit.size)
+            image = region_mosaic(store, box, panel_px=panel_px, outline={hit.tile})
+        elif result.mode == "regions":
+            image = region_mosaic(store, hit.box, panel_px=panel_px, outline=set(hit.tiles))
+        else:
+            image = _thumbnail_with_box(store, hit.best_box, panel_px)
+        panels.append((image, f"#{hit.rank} {_short(hit.name)}\nscore {hit.score:.3f}"))
+    n = len(panels)
+    cols = max(1, min(columns, n))
+    rows = -(-n // cols)
+    fig = Figure(figsize=(cols * 2.8, rows * 3.1), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for ax, (image, title) in zip(axes.ravel(), panels, strict=False):
+        ax.imshow(np.asarray(image))
+        ax.set_title(title, fontsize=8)
+    fig.suptitle(
+        f"{result.mode} for a {q.kind} query; index {index.name} ({index.kind}, {index.n_vectors} tiles)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, out)
+    return out
+
+
+def _short(name: str, limit: int = 28) -> str:
+    return name if len(name) <= limit else name[: limit - 1] + "…"
