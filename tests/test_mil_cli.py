@@ -1,0 +1,245 @@
+"""``wsi-ssl mil train`` / ``mil predict`` end to end on real slide stores (synthetic slides,
+tiled and embedded by the pipeline), the run files, and refusing what a run cannot use."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wsi_ssl import mil
+from wsi_ssl.cli import mil as cli_mil
+from wsi_ssl.config import TilingConfig
+from wsi_ssl.embedding import embed
+from wsi_ssl.encoders import create_encoder
+from wsi_ssl.errors import EmptyBagError, EncoderMismatchError, WsiSslError
+from wsi_ssl.storage import open_store
+from wsi_ssl.synthetic import write_synthetic_slide
+from wsi_ssl.tiling.batch import tile_slides
+
+SMALL = ["--hidden-dim", "32", "--attention-dim", "16", "--threads", "1", "--device", "cpu"]
+LABELS = {"s1.tiff": "pen", "s2.tiff": "pen", "s3.tiff": "clean", "s4.tiff": "clean"}
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """What ``wsi-ssl`` (cli/main.py) does with the ``mil`` command: exit code, stdout, stderr."""
+    parser = argparse.ArgumentParser(prog="wsi-ssl")
+    cli_mil.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = int(args.func(args))
+        except WsiSslError as e:
+            print(f"wsi-ssl: error: {e}", file=err)
+            code = 2
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Four synthetic slides (two with a pen stroke), tiled at 224 px and embedded with
+    random-cnn; and the labels CSV naming them by file name."""
+    base = tmp_path_factory.mktemp("milcli")
+    paths = [
+        write_synthetic_slide(base / f"s{i}.tiff", (1400, 1100), seed=i, pen_mark=i <= 2)
+        for i in range(1, 5)
+    ]
+    root = base / "archive"
+    config = TilingConfig(tile_size=224, codec="zstd", tiles_per_chunk=16, tissue_threshold=0.0)
+    assert not tile_slides(paths, root, config, progress=False).failed
+    summary = embed(root, "random-cnn", batch_size=32, device="cpu", workers=0)
+    assert not summary.failed
+    labels = base / "labels.csv"
+    labels.write_text("slide,label\n" + "".join(f"{s},{y}\n" for s, y in LABELS.items()))
+    return root, labels
+
+
+@pytest.fixture(scope="module")
+def run(archive: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root, labels = archive
+    out = tmp_path_factory.mktemp("runs") / "abmil"
+    code, stdout, err = run_cli(
+        [
+            *("mil", "train", str(root), "--labels", str(labels), "--encoder", "random-cnn"),
+            *("--out", str(out), "--folds", "2", "--epochs", "3", *SMALL),
+        ]
+    )
+    assert code == 0, err
+    assert "overall (abmil, out-of-fold, 4 slides)" in stdout
+    return out
+
+
+def test_train_writes_the_run(run: Path) -> None:
+    for name in ("run.json", "metrics.json", "roc.png", "splits.csv", "predictions.csv"):
+        assert (run / name).is_file(), name
+    info = json.loads((run / "run.json").read_text())
+    assert info["encoder_id"].startswith("random-cnn-")
+    assert info["encoder"]["name"] == "random-cnn" and info["in_dim"] == 64
+    assert info["classes"] == ["clean", "pen"] and info["n_folds"] == 2
+    assert info["config"]["model"] == "abmil" and info["config"]["seed"] == 0
+    assert info["seeds"] == {"split": 0, "folds": [0, 1]}
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["positive_class"] == "pen"
+    for block in (metrics["overall"], *(f["test"] for f in metrics["folds"])):
+        assert {"auc", "balanced_accuracy", "f1", "confusion_matrix"} <= set(block)
+    assert np.array(metrics["overall"]["confusion_matrix"]).sum() == 4
+    assert set(metrics["folds_mean_std"]) >= {"auc", "balanced_accuracy", "f1"}
+    ckpt = torch.load(run / "folds" / "fold_0" / "model.pt", weights_only=True)
+    assert ckpt["encoder_id"] == info["encoder_id"] and ckpt["config"] == info["config"]
+    assert ckpt["classes"] == ["clean", "pen"] and "state_dict" in ckpt
+    with Image.open(run / "roc.png") as roc:
+        assert roc.format == "PNG" and min(roc.size) > 300
+    rows = list(csv.DictReader((run / "predictions.csv").open()))
+    assert sorted(r["name"] for r in rows) == sorted(LABELS)
+    for r in rows:
+        assert float(r["prob_clean"]) + float(r["prob_pen"]) == pytest.approx(1.0, abs=1e-5)
+    assert not list(run.parent.glob(".*.partial"))
+
+
+def test_predict_writes_probabilities_heatmaps_galleries_and_geojson(
+    run: Path, archive: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, _ = archive
+    code, stdout, err = run_cli(
+        ["mil", "predict", str(run), str(root), "--out", str(tmp_path), "--json"]
+    )
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert len(summary["slides"]) == 4 and summary["failed"] == []
+    rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    assert sorted(r["name"] for r in rows) == sorted(LABELS)
+    model = mil.load(run)
+    archive_ = open_store(root)
+    for r in rows:
+        assert float(r["prob_clean"]) + float(r["prob_pen"]) == pytest.approx(1.0, abs=1e-5)
+        store = archive_.slide(r["slide_id"])
+        assert int(r["n_tiles"]) == store.n_tiles
+        with Image.open(tmp_path / r["heatmap"]) as im:
+            assert im.format == "PNG" and min(im.size) >= 300
+        with Image.open(tmp_path / r["gallery"]) as im:
+            assert im.size[0] == 4 * (224 + 4) + 4
+        doc = json.loads((tmp_path / r["geojson"]).read_text())
+        assert doc["type"] == "FeatureCollection" and len(doc["features"]) == store.n_tiles
+        side = store.tiling["tile_size_level0"]
+        width, height = store.source["dimensions"]
+        attention = []
+        for feature, (x, y) in zip(doc["features"], store.coords.tolist(), strict=True):
+            ring = feature["geometry"]["coordinates"][0]
+            assert ring[0] == ring[-1] == [x, y] and ring[2] == [x + side, y + side]
+            assert 0 <= x < width and 0 <= y < height
+            props = feature["properties"]
+            assert props["objectType"] == "tile" and len(props["color"]) == 3
+            attention.append(props["measurements"]["attention"])
+        assert sum(attention) == pytest.approx(1.0, abs=1e-4)
+        pred = model.predict_slide(store)  # the API gives what the files say
+        np.testing.assert_allclose(attention, pred.attention, rtol=1e-5, atol=1e-9)
+        assert doc["wsi_ssl"]["predicted"] == r["predicted"] == pred.label
+
+
+def test_a_run_refuses_another_encoders_embeddings(
+    run: Path, archive: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, _ = archive
+    other = tmp_path / "other"
+    shutil.copytree(root, other)
+    for d in other.glob("slides/*.zarr/embeddings"):
+        shutil.rmtree(d)
+    enc = create_encoder("random-cnn", seed=1)
+    embed(other, enc, batch_size=32, device="cpu", workers=0)
+    code, out, err = run_cli(["mil", "predict", str(run), str(other)])
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert enc.encoder_id in err and "trained on" in err
+    model = mil.load(run)
+    store = open_store(other).slide(open_store(other).slide_ids[0])
+    with pytest.raises(EncoderMismatchError, match="trained"):
+        model.predict_slide(store)
+    with pytest.raises(EncoderMismatchError, match=r"D=32 but run .* takes D=64"):
+        model.predict(np.zeros((5, 32), np.float32))
+    with pytest.raises(EncoderMismatchError, match=enc.encoder_id):
+        model.predict(np.zeros((5, 64), np.float32), encoder_id=enc.encoder_id)
+    with pytest.raises(EmptyBagError, match="0 tiles"):
+        model.predict(np.zeros((0, 64), np.float32))
+
+
+def test_predict_reports_an_empty_bag_and_goes_on(
+    run: Path, archive: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, _ = archive
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    model = mil.load(run)
+    mil.write_bag_store(
+        copy, "0" * 16, np.zeros((0, 64)), encoder_id=model.encoder_id, name="blank.tiff"
+    )
+    code, out, err = run_cli(["mil", "predict", str(run), str(copy), "--no-explain", "--quiet"])
+    assert code == 1
+    assert err.count("\n") == 1 and "blank.tiff" in err and "0 tiles" in err
+    assert "4 slide(s) predicted, 1 failed" in out
+
+
+def test_an_existing_run_is_not_overwritten(run: Path, archive: tuple[Path, Path]) -> None:
+    root, labels = archive
+    argv = ["mil", "train", str(root), "--labels", str(labels), "--out", str(run), "--folds", "2"]
+    code, _, err = run_cli(argv)
+    assert code == 2 and "--overwrite" in err
+
+
+def test_training_is_seeded_whatever_reads_the_bags(
+    archive: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Same seed, same run: bags read in the main process or by a worker process, each
+    epoch subsampling bags to 10 tiles."""
+    root, labels = archive
+    runs = []
+    for name, workers in (("a", "0"), ("b", "1")):
+        argv = ["mil", "train", str(root), "--labels", str(labels), "--out", str(tmp_path / name)]
+        argv += ["--folds", "2", "--epochs", "2", "--seed", "7", "--max-tiles", "10"]
+        code, _, err = run_cli([*argv, "--workers", workers, *SMALL])
+        assert code == 0, err
+        runs.append((tmp_path / name / "predictions.csv").read_text())
+    assert runs[0] == runs[1]
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["config"]["seed"] == 7
+
+
+@pytest.mark.parametrize("model", ["transmil", "meanpool", "retrieval"])
+def test_other_models_train_and_predict(
+    model: str, archive: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, labels = archive
+    out = tmp_path / model
+    code, stdout, err = run_cli(
+        [
+            *("mil", "train", str(root), "--labels", str(labels), "--out", str(out)),
+            *("--model", model, "--folds", "2", "--epochs", "2", "--n-heads", "4", "--k", "1"),
+            *SMALL,
+        ]
+    )
+    assert code == 0, err
+    assert f"overall ({model}" in stdout
+    result = mil.predict(out, root, tmp_path / "pred")
+    assert len(result.slides) == 4 and not result.failed
+    for s in result.slides:
+        assert sum(s.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+        if model == "retrieval":
+            assert s.heatmap is None and s.prediction.neighbours
+        else:
+            assert s.heatmap is not None and s.heatmap.is_file()
+
+
+def test_demo_function(archive: tuple[Path, Path], tmp_path: Path) -> None:
+    root, _ = archive
+    result = mil.mil_for_demo(root, LABELS, tmp_path / "demo")
+    assert result.heatmap is not None and result.heatmap.is_file()
+    assert (result.run / "metrics.json").is_file()
+    assert any(line.startswith("overall (abmil") for line in result.lines)
+    assert result.pictures[0].name == "roc.png"

@@ -1,0 +1,177 @@
+"""Labels CSV: validation, matching to the archive, and the errors (typed, naming the lines)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsi_ssl.cli import mil as cli_mil
+from wsi_ssl.errors import EmbeddingsNotFoundError, EmptyBagError, LabelsError, WsiSslError
+from wsi_ssl.mil import match_labels, read_labels, write_bag_store
+
+ENC = "random-cnn-0123456789ab"
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """What ``wsi-ssl`` (cli/main.py) does with the ``mil`` command: exit code, stdout, stderr."""
+    parser = argparse.ArgumentParser(prog="wsi-ssl")
+    cli_mil.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = int(args.func(args))
+        except WsiSslError as e:
+            print(f"wsi-ssl: error: {e}", file=err)
+            code = 2
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six bag stores with catalog names, one unlabelled, one without embeddings."""
+    root = tmp_path_factory.mktemp("labels") / "archive"
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        write_bag_store(
+            root, f"{i:016x}", rng.normal(size=(5 + i, 8)), encoder_id=ENC, name=f"case-{i}.svs"
+        )
+    write_bag_store(root, "e" * 16, np.zeros((0, 8)), encoder_id=ENC, name="blank.svs")
+    write_bag_store(root, "f" * 16, rng.normal(size=(4, 8)), encoder_id="other-enc", name="x.svs")
+    return root
+
+
+def write(tmp_path: Path, text: str, name: str = "labels.csv") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_reads_ids_names_and_stems_and_reports_unlabelled(archive: Path, tmp_path: Path) -> None:
+    csv = write(
+        tmp_path,
+        "\ufeffSlide,Label,patient,extra\n"  # BOM, capitals and an extra column are fine
+        f"{0:016x},tumour,p1,a\n"
+        "case-1.svs,normal,p1,b\n"
+        "\n"
+        "case-2,tumour,p2,c\n"
+        "case-3.svs,normal,p3,d\n",
+    )
+    report = match_labels(archive, csv, "random-cnn")  # a unique prefix of the encoder id
+    assert report.encoder_id == ENC and report.in_dim == 8
+    assert report.classes == ["normal", "tumour"]
+    assert [(s.name, s.label, s.y, s.patient, s.line) for s in report.slides] == [
+        ("case-0.svs", "tumour", 1, "p1", 2),
+        ("case-1.svs", "normal", 0, "p1", 3),
+        ("case-2.svs", "tumour", 1, "p2", 5),
+        ("case-3.svs", "normal", 0, "p3", 6),
+    ]
+    assert report.n_patients == 3
+    assert sorted(report.unlabelled) == sorted([f"{4:016x}", f"{5:016x}", "e" * 16, "f" * 16])
+    text = "\n".join(report.lines())
+    assert "4 labelled slides" in text and "4 stores have no label" in text
+    assert "case-4.svs" in text
+
+
+def test_tab_separated_and_numeric_classes_sort_numerically(archive: Path, tmp_path: Path) -> None:
+    csv = write(tmp_path, "slide\tlabel\ncase-0\t10\ncase-1\t2\ncase-2\t2\n")
+    assert read_labels(csv).classes == ["2", "10"]
+
+
+@pytest.mark.parametrize(
+    ("text", "match", "rows"),
+    [
+        ("name,label\na,1\n", r"missing column slide .*line 1 has: name, label", [1]),
+        ("slide,grade\na,1\n", r"missing column label", [1]),
+        ("slide,label\na,1\nb,0\na,0\n", r"listed more than once, e.g. 'a' on lines 2, 4", [2, 4]),
+        ("slide,label\na,1\nb,\n", r"empty 'label' on line 3", [3]),
+        ("slide,label,patient\na,1,p\nb,0,\n", r"empty 'patient' on line 3", [3]),
+        ("slide,label,fold\na,1,0\nb,0,one\n", r"'fold' is not an integer on line 3", [3]),
+        (
+            "slide,label,patient,fold\na,1,p,0\nb,0,p,1\nc,0,q,1\n",
+            r"patient 'p' is in folds \[0, 1\]",
+            [2, 3],
+        ),
+        ("slide,label\na,1\nb,1\n", r"only one class \('1'\)", [2, 3]),
+        ("", r"empty file", []),
+        ("slide,label\n", r"no rows", []),
+    ],
+)
+def test_bad_csv_is_a_labels_error_naming_the_lines(
+    tmp_path: Path, text: str, match: str, rows: list[int]
+) -> None:
+    with pytest.raises(LabelsError, match=match) as info:
+        read_labels(write(tmp_path, text))
+    assert isinstance(info.value, ValueError)
+    assert info.value.rows == rows
+
+
+def test_unknown_slides_name_their_lines(archive: Path, tmp_path: Path) -> None:
+    csv = write(tmp_path, "slide,label\ncase-0.svs,a\nnope.svs,b\ncase-1,b\nmissing,a\n")
+    with pytest.raises(LabelsError, match=r"2 labelled slide\(s\) have no complete store") as info:
+        match_labels(archive, csv, ENC)
+    assert info.value.rows == [3, 5]
+    assert "'nope.svs', 'missing'" in str(info.value) and "--skip-missing" in str(info.value)
+    report = match_labels(archive, csv, ENC, skip_missing=True)
+    assert [r.line for r in report.missing] == [3, 5]
+    assert len(report.slides) == 2
+    assert "left out 2 labelled slides with no complete store" in "\n".join(report.lines())
+
+
+def test_two_rows_for_one_store_and_slides_without_embeddings(
+    archive: Path, tmp_path: Path
+) -> None:
+    csv = write(tmp_path, f"slide,label\ncase-0.svs,a\n{0:016x},b\ncase-1,b\n")
+    with pytest.raises(LabelsError, match="lines 2, 3 name the same slide") as info:
+        match_labels(archive, csv, ENC)
+    assert info.value.rows == [2, 3]
+    csv = write(tmp_path, "slide,label\ncase-0,a\nx.svs,b\ncase-1,b\n")
+    with pytest.raises(LabelsError, match=rf"no embeddings '{ENC}' \(line 3\)"):
+        match_labels(archive, csv, ENC)
+    report = match_labels(archive, csv, ENC, skip_missing=True)
+    assert [r.slide for r in report.no_embeddings] == ["x.svs"]
+    with pytest.raises(EmbeddingsNotFoundError, match="available: other-enc, random-cnn"):
+        match_labels(archive, csv, "resnet50")
+
+
+def test_skipping_can_leave_one_class(archive: Path, tmp_path: Path) -> None:
+    csv = write(tmp_path, "slide,label\ncase-0,a\ncase-1,a\nnope,b\n")
+    with pytest.raises(LabelsError, match="only one class"):
+        match_labels(archive, csv, ENC, skip_missing=True)
+
+
+def test_empty_bag_is_a_typed_error(archive: Path, tmp_path: Path) -> None:
+    csv = write(tmp_path, "slide,label\ncase-0,a\nblank.svs,b\ncase-1,b\n")
+    with pytest.raises(EmptyBagError, match=r"blank.svs .*labels line 3.*0 tiles"):
+        match_labels(archive, csv, ENC)
+    report = match_labels(archive, csv, ENC, skip_missing=True)
+    assert [r.line for r in report.empty] == [3]
+
+
+def test_cli_prints_one_line_naming_the_rows(archive: Path, tmp_path: Path) -> None:
+    csv = write(tmp_path, "slide,label\ncase-0,a\nnope,b\ncase-1,b\n")
+    code, out, err = run_cli(
+        ["mil", "train", str(archive), "--labels", str(csv), "--out", str(tmp_path / "run")]
+    )
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("wsi-ssl: error: ")
+    assert "line 3" in err and "'nope'" in err
+    assert not (tmp_path / "run").exists()
+    csv = write(tmp_path, "slide,label\ncase-0,a\ncase-1,a\n")
+    code, _, err = run_cli(
+        ["mil", "train", str(archive), "--labels", str(csv), "--out", str(tmp_path / "run")]
+    )
+    assert code == 2 and "only one class" in err and err.count("\n") == 1
+
+
+def test_fewer_patients_than_folds(archive: Path, tmp_path: Path) -> None:
+    from wsi_ssl.mil import train
+
+    csv = write(tmp_path, "slide,label\ncase-0,a\ncase-1,a\ncase-2,b\ncase-3,b\ncase-4,b\n")
+    with pytest.raises(LabelsError, match=r"class 'a' has 2 patient\(s\), fewer than --folds 3"):
+        train(archive, csv, ENC, tmp_path / "run", folds=3)

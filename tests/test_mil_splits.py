@@ -1,0 +1,131 @@
+"""Cross-validation splits: stratified, patient-disjoint, seeded."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+
+from wsi_ssl.mil.splits import assign_folds, patient_labels
+
+
+def _random_cohort(rng: np.random.Generator) -> tuple[list[int], list[str]]:
+    """Patients with 1-4 slides each; most patients' slides share a label, some are mixed."""
+    labels, groups = [], []
+    n_classes = int(rng.integers(2, 4))
+    for p in range(int(rng.integers(15, 60))):
+        y = int(rng.integers(0, n_classes))
+        for _ in range(int(rng.integers(1, 5))):
+            labels.append(y if rng.random() > 0.1 else int(rng.integers(0, n_classes)))
+            groups.append(f"patient-{p}")
+    return labels, groups
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_folds_never_share_a_patient_and_are_stratified(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels, groups = _random_cohort(rng)
+    k = int(rng.integers(2, 6))
+    folds = assign_folds(labels, groups, k, seed=seed)
+    assert folds.shape == (len(labels),) and set(folds.tolist()) <= set(range(k))
+    folds_of = defaultdict(set)
+    for g, f in zip(groups, folds, strict=True):
+        folds_of[g].add(int(f))
+    assert all(len(fs) == 1 for fs in folds_of.values()), "a patient is in two folds"
+    # stratified: per class, patients (by their majority label) differ by at most 1 across folds
+    plabel = patient_labels(labels, groups)
+    for c in set(plabel.values()):
+        counts = Counter(next(iter(folds_of[g])) for g, y in plabel.items() if y == c)
+        per_fold = [counts.get(f, 0) for f in range(k)]
+        assert max(per_fold) - min(per_fold) <= 1, (c, per_fold)
+
+
+def test_slides_without_patients_are_their_own_group() -> None:
+    labels = [0] * 10 + [1] * 5
+    folds = assign_folds(labels, None, 5, seed=3)
+    for f in range(5):
+        assert Counter(np.array(labels)[folds == f].tolist()) == {0: 2, 1: 1}
+
+
+def test_splits_are_seeded() -> None:
+    labels, groups = _random_cohort(np.random.default_rng(0))
+    a = assign_folds(labels, groups, 4, seed=1)
+    assert np.array_equal(a, assign_folds(labels, groups, 4, seed=1))
+    assert not np.array_equal(a, assign_folds(labels, groups, 4, seed=2))
+
+
+def test_patient_label_is_the_majority() -> None:
+    assert patient_labels([1, 1, 0, 0, 2], ["a", "a", "a", "b", "b"]) == {"a": 1, "b": 0}
+
+
+def _bag_archive(root, n_slides: int, rng: np.random.Generator) -> None:
+    from wsi_ssl.mil import write_bag_store
+
+    for i in range(n_slides):
+        write_bag_store(root, f"{i:016x}", rng.normal(size=(6, 4)), encoder_id="enc-x")
+
+
+def test_training_folds_never_share_a_patient(tmp_path) -> None:
+    """train() with a patient column: every patient's slides sit in one test fold, and each
+    fold's validation slides come from other patients than its training slides."""
+    import csv
+
+    from wsi_ssl.mil import train
+
+    rng = np.random.default_rng(5)
+    _bag_archive(tmp_path / "a", 40, rng)
+    rows, patient = [], 0
+    i = 0
+    while i < 40:
+        size = min(int(rng.integers(1, 4)), 40 - i)
+        label = "pos" if patient % 2 else "neg"
+        rows += [(f"{j:016x}", label, f"P{patient}") for j in range(i, i + size)]
+        i, patient = i + size, patient + 1
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label,patient\n" + "".join(",".join(r) + "\n" for r in rows))
+    result = train(
+        tmp_path / "a", labels, None, tmp_path / "run", folds=4, epochs=1, hidden_dim=8,
+        attention_dim=4, device="cpu", threads=1,
+    )  # fmt: skip
+    splits = list(csv.DictReader((tmp_path / "run" / "splits.csv").open()))
+    folds_of = defaultdict(set)
+    for row in splits:
+        folds_of[row["patient"]].add(row["fold"])
+    assert all(len(f) == 1 for f in folds_of.values())
+    assert {r["fold"] for r in splits} == {"0", "1", "2", "3"}
+    assert sum(f.n_train + f.n_val + f.n_test for f in result.folds) == 4 * 40
+    assert all(f.n_val > 0 for f in result.folds)
+
+
+def test_a_fold_column_replaces_the_generated_split(tmp_path) -> None:
+    import csv
+
+    from wsi_ssl.mil import train
+
+    _bag_archive(tmp_path / "a", 9, np.random.default_rng(0))
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "slide,label,fold\n" + "".join(f"{i:016x},{'ab'[i % 2]},{10 * (i % 3)}\n" for i in range(9))
+    )
+    result = train(
+        tmp_path / "a", labels, "enc-x", tmp_path / "run", epochs=1, val_fraction=0.0,
+        hidden_dim=8, attention_dim=4, device="cpu",
+    )  # fmt: skip
+    splits = list(csv.DictReader((tmp_path / "run" / "splits.csv").open()))
+    assert [int(r["fold"]) for r in splits] == [i % 3 for i in range(9)]
+    assert len(result.folds) == 3 and not any(f.early_stopping for f in result.folds)
+    assert all(f.note and "no early stopping" in f.note for f in result.folds)
+
+
+def test_a_failed_training_leaves_no_run(tmp_path) -> None:
+    from wsi_ssl.errors import TrainingDivergedError
+    from wsi_ssl.mil import train, write_bag_store
+
+    _bag_archive(tmp_path / "a", 6, np.random.default_rng(0))
+    bad = np.full((6, 4), np.nan)
+    write_bag_store(tmp_path / "a", "f" * 16, bad, encoder_id="enc-x")
+    labels = {f"{i:016x}": "ab"[i % 2] for i in range(6)} | {"f" * 16: "a"}
+    with pytest.raises(TrainingDivergedError, match="non-finite loss"):
+        train(tmp_path / "a", labels, None, tmp_path / "run", folds=2, epochs=2, device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]

@@ -1,0 +1,221 @@
+"""Apply a run to an archive: ``wsi_ssl.mil.predict`` and ``wsi-ssl mil predict``.
+
+Writes, under ``OUT`` (default ``RUN/predictions``)::
+
+    predictions.csv            slide_id, name, n_tiles, predicted, prob_<class> ..., files
+    heatmaps/<slide_id>.png    attention percentile over the thumbnail
+    tiles/<slide_id>.png       the most attended tiles (stores that keep tiles)
+    geojson/<slide_id>.geojson every tile with its attention, for QuPath
+
+A slide that cannot be predicted (no embeddings of the run's encoder, an empty bag) is
+reported and the others go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wsi_ssl.errors import EncoderMismatchError, StoreNotFoundError, WsiSslError
+from wsi_ssl.mil.explain import attention_geojson, attention_heatmap, tile_gallery
+from wsi_ssl.mil.labels import resolve_slides, slide_keys
+from wsi_ssl.mil.run import MILPrediction, MILRun, load
+from wsi_ssl.mil.training import torch_threads
+from wsi_ssl.storage import Archive, open_store
+from wsi_ssl.storage.embeddings import embedding_ids
+
+__all__ = ["PredictResult", "SlidePrediction", "predict"]
+
+
+@dataclass
+class SlidePrediction:
+    """One slide's prediction and the files written for it."""
+
+    slide_id: str
+    name: str
+    n_tiles: int
+    label: str
+    probabilities: dict[str, float]
+    heatmap: Path | None = None
+    gallery: Path | None = None
+    geojson: Path | None = None
+    prediction: MILPrediction | None = field(default=None, repr=False)
+
+
+@dataclass
+class PredictResult:
+    """What :func:`predict` wrote; ``failed`` lists slides that could not be predicted."""
+
+    out: Path
+    run: Path
+    encoder_id: str
+    classes: list[str]
+    slides: list[SlidePrediction] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def csv_path(self) -> Path:
+        return self.out / "predictions.csv"
+
+    def lines(self) -> list[str]:
+        out = []
+        for s in self.slides:
+            probs = "  ".join(f"{c} {p:.3f}" for c, p in s.probabilities.items())
+            out.append(f"{s.label:>12}  {probs}  {s.n_tiles:>6} tiles  {s.name}")
+        out.append(
+            f"{len(self.slides)} slide(s) predicted, {len(self.failed)} failed; wrote "
+            f"{self.csv_path} and heatmaps, tile galleries and GeoJSON under {self.out}"
+        )
+        return out
+
+
+def predict(
+    run: str | Path | MILRun,
+    root: str | Path,
+    out: str | Path | None = None,
+    slides: Sequence[str] | None = None,
+    *,
+    top_k: int = 16,
+    explain: bool = True,
+    progress: bool = False,
+) -> PredictResult:
+    """Predict the slides of an archive with a trained run and explain each prediction.
+
+    Args:
+        run: a run directory or a loaded :class:`~wsi_ssl.mil.run.MILRun`.
+        root: archive root with embeddings of the run's encoder.
+        out: output folder (default ``RUN/predictions``).
+        slides: slide ids, file names or stems (default: every complete store).
+        top_k: tiles in each gallery.
+        explain: write heatmaps, galleries and GeoJSON (attention models only).
+        progress: show a progress bar.
+
+    Raises:
+        CheckpointError: ``run`` is not a run.
+        StoreNotFoundError: ``root`` is not an archive, or a named slide is not in it.
+        EncoderMismatchError: none of the slides has embeddings of the run's encoder but some
+            have embeddings of others (the run is applied to another encoder's vectors).
+    """
+    started = time.perf_counter()
+    model = run if isinstance(run, MILRun) else load(run)
+    archive = open_store(root)
+    complete, names, _ = slide_keys(archive)
+    if slides:
+        ids, bad = resolve_slides(archive, slides)
+        if bad:
+            raise StoreNotFoundError(
+                f"{root}: {', '.join(map(repr, bad))}", "complete slide store (by id, name or stem)"
+            )
+    else:
+        ids = complete
+    have = {sid: embedding_ids(archive.store_path(sid)) for sid in ids}
+    if ids and not any(model.encoder_id in e for e in have.values()):
+        other = sorted({i for e in have.values() for i in e})
+        if other:
+            raise EncoderMismatchError(
+                f"{root}: the slides have embeddings {', '.join(other)} but run {model.path} was "
+                f"trained on {model.encoder_id!r}; embed them with that encoder first"
+            )
+    out = Path(out) if out is not None else model.path / "predictions"
+    out.mkdir(parents=True, exist_ok=True)
+    result = PredictResult(out, model.path, model.encoder_id, model.classes)
+    with torch_threads(model.config.threads):
+        _predict_all(model, archive, ids, names, out, result, top_k, explain, progress)
+    _write_csv(result, model.classes)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _predict_all(
+    model: MILRun,
+    archive: Archive,
+    ids: list[str],
+    names: dict[str, str],
+    out: Path,
+    result: PredictResult,
+    top_k: int,
+    explain: bool,
+    progress: bool,
+) -> None:
+    from tqdm.auto import tqdm
+
+    for sid in tqdm(ids, desc="mil predict", unit="slide", disable=not progress):
+        name = names.get(sid, sid)
+        try:
+            store = archive.slide(sid)
+            pred = model.predict_slide(store, name=name)
+            item = SlidePrediction(
+                sid,
+                name,
+                len(pred.coords) if pred.coords is not None else 0,
+                pred.label,
+                {c: float(p) for c, p in zip(model.classes, pred.probabilities, strict=True)},
+                prediction=pred,
+            )
+            if explain and pred.attention is not None:
+                probs = ", ".join(f"{c} {p:.2f}" for c, p in item.probabilities.items())
+                item.heatmap = attention_heatmap(
+                    store,
+                    pred.attention,
+                    out / "heatmaps" / f"{sid}.png",
+                    title=f"{name}: {pred.label} ({probs})",
+                )
+                item.gallery = tile_gallery(
+                    store, pred.attention, out / "tiles" / f"{sid}.png", k=top_k
+                )
+                item.geojson = attention_geojson(
+                    store,
+                    pred.attention,
+                    out / "geojson" / f"{sid}.geojson",
+                    properties={
+                        "wsi_ssl": {
+                            "slide_id": sid,
+                            "name": name,
+                            "run": str(model.path),
+                            "encoder_id": model.encoder_id,
+                            "predicted": pred.label,
+                            "probabilities": item.probabilities,
+                        }
+                    },
+                )
+            result.slides.append(item)
+        except WsiSslError as err:
+            result.failed.append(
+                {
+                    "slide_id": sid,
+                    "name": name,
+                    "error": str(err),
+                    "error_type": type(err).__name__,
+                    "exception": err,
+                }
+            )
+
+
+def _write_csv(result: PredictResult, classes: list[str]) -> None:
+    with result.csv_path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            ["slide_id", "name", "n_tiles", "predicted"]
+            + [f"prob_{c}" for c in classes]
+            + ["heatmap", "gallery", "geojson"]
+        )
+        for s in result.slides:
+            w.writerow(
+                [s.slide_id, s.name, s.n_tiles, s.label]
+                + [f"{p:.6f}" for p in s.probabilities.values()]
+                + [_rel(p, result.out) for p in (s.heatmap, s.gallery, s.geojson)]
+            )
+
+
+def _rel(path: Path | None, base: Path) -> str:
+    if path is None:
+        return ""
+    try:
+        return str(path.relative_to(base))
+    except ValueError:
+        return str(path)

@@ -1,0 +1,109 @@
+"""Retrieval baseline: a slide takes the majority label of its nearest labelled slides.
+
+Each slide is summarised by one vector, the mean of its L2-normalised tile embeddings,
+L2-normalised again; labelled slides go into a FAISS ``IndexFlatIP`` (exact inner product =
+cosine similarity) and a query slide's ``k`` nearest neighbours vote. This is the slide-level
+search baseline of retrieval papers in computational pathology (e.g. Yottixel, Kalra et al.
+2020; RetCCL, Wang et al. 2023) reduced to its simplest form, and needs no training.
+
+The index is built here with ``faiss`` directly (an exact flat index over at most a few
+thousand slide vectors); it does not go through ``wsi_ssl.search``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["RetrievalClassifier", "slide_vector"]
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
+def slide_vector(features: np.ndarray) -> np.ndarray:
+    """The slide's vector (D,): mean of the L2-normalised tiles, L2-normalised."""
+    features = np.asarray(features, dtype=np.float32)
+    if features.ndim != 2 or len(features) == 0:
+        raise ValueError(f"a bag is a non-empty (N, D) array, got shape {features.shape}")
+    return _normalise(_normalise(features).mean(axis=0))
+
+
+class RetrievalClassifier:
+    """Majority vote of the ``k`` most similar labelled slides.
+
+    Probabilities are the vote shares; a tie between classes is broken by the summed
+    similarity of their voters (shifting the shares by at most ``1e-3``).
+
+    Args:
+        n_classes: number of classes.
+        k: voters per query (capped at the number of labelled slides).
+    """
+
+    def __init__(self, n_classes: int, k: int = 5) -> None:
+        self.n_classes = n_classes
+        self.k = k
+        self.vectors = np.zeros((0, 0), dtype=np.float32)
+        self.labels = np.zeros(0, dtype=np.int64)
+        self.slide_ids: list[str] = []
+        self._index: Any = None
+
+    def fit(
+        self, vectors: np.ndarray, labels: np.ndarray, slide_ids: list[str] | None = None
+    ) -> RetrievalClassifier:
+        """Index labelled slide vectors (n, D)."""
+        import faiss
+
+        self.vectors = np.ascontiguousarray(_normalise(vectors))
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.slide_ids = list(slide_ids or [str(i) for i in range(len(self.labels))])
+        self._index = faiss.IndexFlatIP(self.vectors.shape[1])
+        self._index.add(self.vectors)
+        return self
+
+    def kneighbors(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Similarities and row indices (m, k) of the nearest labelled slides."""
+        if self._index is None:
+            raise RuntimeError("RetrievalClassifier: call fit() first")
+        k = min(self.k, len(self.labels))
+        query = np.ascontiguousarray(_normalise(np.atleast_2d(vectors)))
+        sims, idx = self._index.search(query, k)
+        return sims, idx
+
+    def predict_proba(self, vectors: np.ndarray) -> np.ndarray:
+        """Vote shares (m, n_classes)."""
+        sims, idx = self.kneighbors(vectors)
+        votes = np.zeros((len(idx), self.n_classes))
+        weight = np.zeros_like(votes)
+        for row, (s, i) in enumerate(zip(sims, idx, strict=True)):
+            np.add.at(votes[row], self.labels[i], 1.0)
+            np.add.at(weight[row], self.labels[i], s)
+        share = votes / idx.shape[1]
+        tie = (weight - weight.min(axis=1, keepdims=True)) / (
+            np.ptp(weight, axis=1, keepdims=True) + 1e-12
+        )
+        probs = share + 1e-3 * tie * (votes > 0)
+        return probs / probs.sum(axis=1, keepdims=True)
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint stores (tensors and plain lists)."""
+        import torch
+
+        return {
+            "vectors": torch.from_numpy(self.vectors),
+            "labels": torch.from_numpy(self.labels),
+            "slide_ids": list(self.slide_ids),
+            "k": self.k,
+            "n_classes": self.n_classes,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> RetrievalClassifier:
+        model = cls(int(state["n_classes"]), int(state["k"]))
+        return model.fit(
+            np.asarray(state["vectors"]), np.asarray(state["labels"]), list(state["slide_ids"])
+        )

@@ -1,0 +1,271 @@
+"""A saved MIL run: ``wsi_ssl.mil.load(run)`` and ``run.predict(bag)``.
+
+The fold models of a cross-validated run form an ensemble: a bag's class probabilities are
+the mean of the fold models' probabilities and its attention the mean of their attentions
+(each sums to 1, so the mean does too). ``load(run, fold=f)`` keeps one fold's model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wsi_ssl.errors import CheckpointError, EmptyBagError, EncoderMismatchError
+from wsi_ssl.mil.config import MILConfig
+from wsi_ssl.mil.models import MILModel, Standardized, as_bag, create_model
+from wsi_ssl.mil.retrieval import RetrievalClassifier, slide_vector
+from wsi_ssl.mil.training import CHECKPOINT_FORMAT, RUN_FORMAT
+from wsi_ssl.storage import SlideStore
+from wsi_ssl.storage.embeddings import Embeddings, embedding_ids
+
+__all__ = ["MILPrediction", "MILRun", "load"]
+
+
+@dataclass
+class MILPrediction:
+    """A slide's (or bag's) prediction.
+
+    Attributes:
+        probabilities: class probabilities (C,), the mean over the fold models.
+        label: the most probable class.
+        classes: class names, in the order of ``probabilities``.
+        attention: tile weights (N,) summing to 1 (None for the retrieval baseline).
+        per_fold: each fold model's probabilities (F, C).
+        coords: level-0 x, y of the tiles when predicted from a slide store.
+        slide_id: the slide, when predicted from a store.
+        neighbours: retrieval baseline only: the nearest labelled slides and similarities.
+    """
+
+    probabilities: np.ndarray
+    label: str
+    classes: list[str]
+    attention: np.ndarray | None
+    per_fold: np.ndarray
+    coords: np.ndarray | None = None
+    slide_id: str | None = None
+    neighbours: list[tuple[str, float]] = field(default_factory=list)
+
+    def top_tiles(self, k: int = 16) -> np.ndarray:
+        """Indices of the ``k`` most attended tiles, most attended first."""
+        if self.attention is None:
+            return np.zeros(0, dtype=np.int64)
+        order = np.argsort(-self.attention, kind="stable")
+        return order[: min(k, len(order))]
+
+
+class MILRun:
+    """A trained run directory (see :mod:`wsi_ssl.mil.training`), ready to predict."""
+
+    def __init__(
+        self,
+        path: Path,
+        info: dict[str, Any],
+        config: MILConfig,
+        models: list[MILModel] | list[RetrievalClassifier],
+        folds: list[int],
+        device: torch.device,
+    ) -> None:
+        self.path = path
+        self.info = info
+        self.config = config
+        self.models = models
+        self.folds = folds
+        self.device = device
+
+    def __repr__(self) -> str:
+        return (
+            f"MILRun({str(self.path)!r}, model={self.config.model!r}, "
+            f"encoder_id={self.encoder_id!r}, classes={self.classes}, folds={self.folds})"
+        )
+
+    @property
+    def encoder_id(self) -> str:
+        return str(self.info["encoder_id"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.info["classes"])
+
+    @property
+    def in_dim(self) -> int:
+        return int(self.info["in_dim"])
+
+    @property
+    def is_retrieval(self) -> bool:
+        return self.config.model == "retrieval"
+
+    def check_encoder(self, encoder_id: str, where: str = "bag") -> None:
+        """Refuse embeddings of another encoder than the run was trained on."""
+        if encoder_id != self.encoder_id:
+            raise EncoderMismatchError(
+                f"{where}: embeddings are {encoder_id!r} but run {self.path} was trained on "
+                f"{self.encoder_id!r}; embed the slides with that encoder "
+                "(`wsi-ssl embed --encoder ...`) or train a run on these embeddings"
+            )
+
+    def predict(
+        self,
+        bag: np.ndarray | torch.Tensor | Embeddings,
+        *,
+        encoder_id: str | None = None,
+        where: str = "bag",
+    ) -> MILPrediction:
+        """Predict one bag of tile embeddings (N, D).
+
+        Args:
+            bag: the embeddings, or an :class:`~wsi_ssl.storage.embeddings.Embeddings` (whose
+                ``encoder_id`` is checked against the run's).
+            encoder_id: the encoder of a plain array, checked when given.
+            where: names the bag in error messages.
+
+        Raises:
+            EmptyBagError: the bag has no tiles.
+            EncoderMismatchError: the embeddings are of another encoder or another width.
+        """
+        coords = slide_id = None
+        if isinstance(bag, Embeddings):
+            encoder_id, coords, slide_id = bag.encoder_id, bag.coords, bag.slide_id
+            where = slide_id if where == "bag" else where
+            bag = np.asarray(bag.features)
+        if encoder_id is not None:
+            self.check_encoder(encoder_id, where)
+        shape = tuple(bag.shape)
+        if len(shape) != 2 or shape[0] == 0:
+            if len(shape) == 2:
+                raise EmptyBagError(where, encoder_id or self.encoder_id)
+            raise EncoderMismatchError(f"{where}: a bag is (N, D) embeddings, got shape {shape}")
+        if shape[1] != self.in_dim:
+            raise EncoderMismatchError(
+                f"{where}: embeddings have D={shape[1]} but run {self.path} takes D={self.in_dim} "
+                f"(encoder {self.encoder_id!r}); use embeddings of that encoder"
+            )
+        neighbours: list[tuple[str, float]] = []
+        if self.is_retrieval:
+            vector = slide_vector(np.asarray(bag, dtype=np.float32))
+            per = []
+            for clf in self.models:
+                assert isinstance(clf, RetrievalClassifier)
+                per.append(clf.predict_proba(vector[None])[0])
+                sims, idx = clf.kneighbors(vector[None])
+                neighbours += [
+                    (clf.slide_ids[i], float(s)) for s, i in zip(sims[0], idx[0], strict=True)
+                ]
+            per_fold = np.stack(per)
+            attention = None
+        else:
+            x = as_bag(bag, self.device)
+            probs, attns = [], []
+            for model in self.models:
+                assert isinstance(model, MILModel)
+                p, a = model.predict(x)
+                probs.append(p)
+                attns.append(a)
+            per_fold = np.stack(probs)
+            attention = np.mean(attns, axis=0)
+        mean = per_fold.mean(axis=0)
+        return MILPrediction(
+            probabilities=mean,
+            label=self.classes[int(mean.argmax())],
+            classes=self.classes,
+            attention=attention,
+            per_fold=per_fold,
+            coords=coords,
+            slide_id=slide_id,
+            neighbours=sorted(set(neighbours), key=lambda t: -t[1])[: self.config.k],
+        )
+
+    def predict_slide(
+        self, store: SlideStore | str | Path, *, name: str | None = None
+    ) -> MILPrediction:
+        """Predict a slide store from its ``embeddings/<encoder_id>`` of the run's encoder.
+
+        Raises:
+            EncoderMismatchError: the store has embeddings, but none of the run's encoder.
+            EmbeddingsNotFoundError: the store has no embeddings at all.
+            EmptyBagError: the slide has no tiles.
+        """
+        from wsi_ssl.mil.data import read_bag
+
+        if not isinstance(store, SlideStore):
+            store = SlideStore.open(store)
+        where = name or str(store.path)
+        available = embedding_ids(store)
+        if available and self.encoder_id not in available:
+            raise EncoderMismatchError(
+                f"{where}: has embeddings {', '.join(available)} but run {self.path} was trained "
+                f"on {self.encoder_id!r}; run `wsi-ssl embed` with that encoder first"
+            )
+        return self.predict(read_bag(store, self.encoder_id, name=where), where=where)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            f"{path}: cannot read ({err}); is this a `wsi-ssl mil train` run?"
+        ) from err
+
+
+def load(run: str | Path, *, fold: int | None = None, device: str = "cpu") -> MILRun:
+    """Load a run written by :func:`wsi_ssl.mil.train` (or ``wsi-ssl mil train``).
+
+    Args:
+        run: the run directory.
+        fold: keep only this fold's model (default: all, as an ensemble).
+        device: where the models run ("cpu", "cuda", "auto").
+
+    Raises:
+        CheckpointError: not a run, a checkpoint missing or unreadable, or no such fold.
+    """
+    from wsi_ssl.encoders.encoder import resolve_device
+
+    path = Path(run)
+    if not (path / "run.json").is_file():
+        hint = (
+            " (a run that did not finish leaves only .<name>.partial)"
+            if path.parent.exists()
+            else ""
+        )
+        raise CheckpointError(f"{path}: no run.json; not a `wsi-ssl mil train` run{hint}")
+    info = _read_json(path / "run.json")
+    if info.get("format") != RUN_FORMAT:
+        raise CheckpointError(
+            f"{path}/run.json: format {info.get('format')!r}, expected {RUN_FORMAT!r}"
+        )
+    config = MILConfig.from_dict(info["config"])
+    dev = resolve_device(device)
+    checkpoints = list(info["checkpoints"])
+    folds = list(range(len(checkpoints)))
+    if fold is not None:
+        if fold not in folds:
+            raise CheckpointError(f"{path}: no fold {fold}; the run has folds {folds}")
+        folds = [fold]
+    models: list[Any] = []
+    for f in folds:
+        ckpt_path = path / checkpoints[f]
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, ValueError) as err:
+            raise CheckpointError(f"{ckpt_path}: cannot load checkpoint ({err})") from err
+        if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("encoder_id") != info["encoder_id"]:
+            raise CheckpointError(f"{ckpt_path}: not a checkpoint of this run")
+        if ckpt["kind"] == "retrieval":
+            models.append(RetrievalClassifier.from_state(ckpt["retrieval"]))
+            continue
+        model = create_model(ckpt["model"], int(ckpt["in_dim"]), len(ckpt["classes"]), config)
+        if config.standardize:
+            model = Standardized(model)
+        try:
+            model.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as err:
+            raise CheckpointError(
+                f"{ckpt_path}: weights do not fit model {ckpt['model']!r} ({err})"
+            ) from err
+        models.append(model.to(dev).eval())
+    return MILRun(path, info, config, models, folds, dev)
