@@ -7,9 +7,19 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the pipeline on a synthetic slide (or the slides given)")
+    p = sub.add_parser(
+        "demo",
+        help="run the whole pipeline on synthetic slides (or the slides given)",
+        description="Tile, pretrain (DINO on the CPU), embed, search a region and train a "
+        "cross-validated attention-MIL classifier, on twelve synthetic H&E-like slides (half with "
+        "a lesion) or on your own slides. Re-running resumes every stage.",
+    )
     p.add_argument("slides", nargs="*", type=Path, metavar="SLIDE")
     p.add_argument("--out", type=Path, default=Path("wsi-ssl-demo"), help="output folder")
+    p.add_argument(
+        "--labels", type=Path, help="labels CSV (slide,label) for the MIL step on your slides"
+    )
+    p.add_argument("--steps", type=int, default=200, help="DINO pretraining steps (default 200)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -17,10 +27,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from wsi_ssl.demo import run_demo
 
-    result = run_demo(args.out, args.slides, progress=not args.quiet)
+    result = run_demo(
+        args.out,
+        args.slides,
+        labels=args.labels,
+        pretrain_steps=args.steps,
+        progress=not args.quiet,
+        echo=lambda line: print(line if line.startswith("==") else f"  {line}", flush=True),
+    )
     print(f"archive: {result.root}")
-    for line in result.lines:
-        print(f"  {line}")
     for picture in result.pictures:
         print(f"picture: {picture}")
-    return 1 if any(line.startswith("FAILED") for line in result.lines) else 0
+    return 1 if result.failed else 0

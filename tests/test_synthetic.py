@@ -166,6 +166,24 @@ def test_pen_mark_is_green_and_outside_tissue(tmp_path: Path) -> None:
     assert not (inked & tissue_mask_truth(size, 1)).any()
 
 
+def test_lesion_crowds_nuclei_in_one_place_and_changes_nothing_else(tmp_path: Path) -> None:
+    size = (2000, 1500)
+    plain = _levels(write_synthetic_slide(tmp_path / "a.tiff", size, seed=3, compression="zlib"))
+    lesion = _levels(
+        write_synthetic_slide(tmp_path / "b.tiff", size, seed=3, compression="zlib", lesion=True)
+    )
+    changed = np.abs(lesion[0].astype(np.int32) - plain[0]).sum(axis=2) > 0
+    truth = tissue_mask_truth(size, 3, scale=1)
+    assert changed.sum() > 0.02 * truth.sum() and not (changed & ~truth).any()  # in the tissue
+    ys, xs = np.nonzero(changed)
+    box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+    assert changed[box].mean() > 0.1  # one compact region of nuclei, not scattered pixels
+    dark = [level[box].astype(np.int32).sum(axis=2) < 420 for level in (plain[0], lesion[0])]
+    assert dark[1][truth[box]].mean() > 1.5 * dark[0][truth[box]].mean()  # crowded nuclei
+    coarse = np.abs(lesion[-1].astype(np.int32) - plain[-1]).sum(axis=2) > 30
+    assert coarse.any()  # the lower levels show it too
+
+
 @pytest.mark.slow
 def test_large_slide_has_small_tissue(tmp_path: Path) -> None:
     """Blob sizes are capped, so a large slide is mostly glass (cheap to render)."""

@@ -1,12 +1,22 @@
-"""``wsi-ssl demo``: the whole pipeline built so far on a synthetic slide (or the slides given)."""
+"""``wsi-ssl demo``: the whole pipeline on synthetic slides (or the slides given).
+
+tile -> DINO pretraining (CPU, a minute or two) -> embeddings -> FAISS region search ->
+cross-validated ABMIL with an attention heatmap. Each stage prints its summary lines and
+leaves its picture in the output folder; re-running resumes every stage.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from wsi_ssl.config import TilingConfig
+
+DEMO_SLIDES = 12
+"""Synthetic demo slides; the odd seeds carry a lesion (crowded nuclei), labelled "tumour"."""
+
+DEMO_SIZE = (4096, 3072)
 
 
 @dataclass
@@ -15,37 +25,110 @@ class DemoResult:
     slides: list[Path]
     lines: list[str] = field(default_factory=list)
     pictures: list[Path] = field(default_factory=list)
+    failed: bool = False
+
+
+def demo_slides(out: Path) -> dict[Path, str]:
+    """Write (once) the labelled synthetic demo slides; returns ``{path: label}``."""
+    from wsi_ssl.synthetic import write_synthetic_slide
+
+    labelled = {}
+    for seed in range(DEMO_SLIDES):
+        lesion = seed % 2 == 1
+        path = out / "slides" / f"demo-{seed}.tiff"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp.tiff")
+            write_synthetic_slide(tmp, DEMO_SIZE, seed=seed, lesion=lesion)
+            tmp.replace(path)
+        labelled[path] = "tumour" if lesion else "normal"
+    return labelled
 
 
 def run_demo(
-    out: str | Path, slides: Sequence[str | Path] = (), *, progress: bool = True
+    out: str | Path,
+    slides: Sequence[str | Path] = (),
+    *,
+    labels: str | Path | Mapping[str, str] | None = None,
+    pretrain_steps: int = 200,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = None,
 ) -> DemoResult:
-    """Write demo slides (unless given), tile them, and draw the kept tiles on the thumbnail."""
+    """Run every stage on the demo slides (written here) or on ``slides``.
+
+    Args:
+        out: output folder (the archive is ``out/archive``).
+        slides: slide files; none: the synthetic demo slides, labelled for the MIL step.
+        labels: a labels CSV (or mapping) for the MIL step when ``slides`` are given; without
+            one the MIL step is skipped.
+        pretrain_steps: DINO steps of the CPU pretraining run.
+        progress: progress bars.
+        echo: called with each summary line as soon as its stage ends.
+    """
+    from wsi_ssl.embedding import embed_for_demo
+    from wsi_ssl.mil.demo import mil_for_demo
+    from wsi_ssl.search.demo import demo_region_gallery
+    from wsi_ssl.ssl.demo import demo_pretrain
     from wsi_ssl.storage import open_store
-    from wsi_ssl.synthetic import write_synthetic_slide
     from wsi_ssl.tiling.batch import tile_slides
 
     out = Path(out)
     root = out / "archive"
     if not slides:
-        slides = [
-            write_synthetic_slide(out / "slides" / f"demo-{seed}.tiff", (4096, 3072), seed=seed)
-            for seed in range(2)
-        ]
+        demo = demo_slides(out)
+        slides = list(demo)
+        labels = {path.name: label for path, label in demo.items()} if labels is None else labels
     result = DemoResult(root, [Path(s) for s in slides])
+
+    def say(*lines: str) -> None:
+        result.lines.extend(lines)
+        for line in lines:
+            (echo or (lambda _: None))(line)
+
+    say("== tile")
     summary = tile_slides(result.slides, root, TilingConfig(), progress=progress)
     archive = open_store(root)
     for r in summary.results:
         if r.status == "failed":
-            result.lines.append(f"FAILED {r.path}: {r.error}")
+            result.failed = True
+            say(f"FAILED {r.path}: {r.error}")
             continue
         store = archive.slide(r.slide_id)  # type: ignore[arg-type]
         picture = archive.plot_tiles(store.slide_id, out / f"{Path(r.path).stem}_tiles.png")
         result.pictures.append(picture)
         w, h = store.source["dimensions"]
-        result.lines.append(
+        say(
             f"{Path(r.path).name}: {w}x{h} px at {store.source['mpp']:.3f} µm/px "
             f"({store.source['mpp_source']}, {store.source['reader']}) -> {store.n_tiles} tiles "
             f"of {store.tiling['tile_size']} px at {store.tiling['mpp']} µm/px, {r.status}"
         )
+    if not archive.slide_ids:
+        say("no slide was tiled; the later stages need at least one")
+        result.failed = True
+        return result
+
+    say("== pretrain (DINO, CPU backbone)")
+    run = demo_pretrain(root, out / "pretrain", steps=pretrain_steps, progress=progress)
+    speed = f"{run.images_per_s:.1f} images/s" if run.images_per_s else "resumed"
+    loss = f"{run.final_loss:.3f}" if run.final_loss is not None else "n/a"
+    say(f"{run.step}/{run.total_steps} steps, final loss {loss}, {speed}")
+    if run.loss_plot is not None:
+        say(f"loss curve: {run.loss_plot}")
+        result.pictures.append(run.loss_plot)
+
+    say("== embed")
+    embedded = embed_for_demo(root, run.out_dir, progress=progress)
+    say(*embedded.lines())
+
+    say("== search (region query)")
+    _, gallery, lines = demo_region_gallery(root, out / "gallery.png", encoder=embedded.encoder_id)
+    say(*lines)
+    result.pictures.append(gallery)
+
+    say("== MIL (attention MIL, cross-validated)")
+    if labels is None:
+        say("skipped: give --labels CSV (columns slide,label) to train a slide classifier")
+        return result
+    mil = mil_for_demo(root, labels, out / "mil", encoder=embedded.encoder_id)
+    say(*mil.lines)
+    result.pictures.extend(mil.pictures)
     return result

@@ -34,6 +34,8 @@ _MAX_EXTENT = 8192  # blob sizes scale with min(w, h) up to this, so huge slides
 _CELL = 12.0  # level-0 pixels per nucleus cell (at most one nucleus per cell)
 _NUCLEUS_RADIUS = (2.5, 4.5)
 _POINT_SAMPLED_MAX_DOWNSAMPLE = 2  # coarser levels draw nuclei as their average colour
+_LESION_SCALE = 0.8  # lesion radius / its blob's radius
+_LESION_DENSITY = 1.35  # nucleus density inside a lesion (elsewhere 0..1): crowded nuclei
 
 _GLASS = np.array([241.0, 240.0, 242.0], dtype=np.float32)
 _EOSIN_LIGHT = np.array([244.0, 188.0, 214.0], dtype=np.float32)
@@ -140,9 +142,10 @@ class _Layout:
     density: _Waves
     lumen: _Waves
     seed: int
+    lesion: _Blob | None = None  # a patch of crowded nuclei inside the first blob
 
 
-def _layout(size: tuple[int, int], seed: int) -> _Layout:
+def _layout(size: tuple[int, int], seed: int, lesion: bool = False) -> _Layout:
     """Everything random about a slide, drawn in a fixed order from `seed`."""
     w, h = size
     rng = np.random.default_rng(seed)
@@ -182,7 +185,30 @@ def _layout(size: tuple[int, int], seed: int) -> _Layout:
         density=_Waves.draw(rng, 8, (120.0, 600.0)),
         lumen=_Waves.draw(rng, 8, (60.0, 260.0)),
         seed=seed,
+        lesion=_lesion_in(blobs[0]) if lesion else None,
     )
+
+
+def _lesion_in(blob: _Blob) -> _Blob:
+    """A smaller ellipse at the centre of `blob` (no random draw: other pixels are unchanged)."""
+    return _Blob(
+        cx=blob.cx,
+        cy=blob.cy,
+        a=blob.a * _LESION_SCALE,
+        b=blob.b * _LESION_SCALE,
+        cos_t=blob.cos_t,
+        sin_t=blob.sin_t,
+        harmonics=blob.harmonics * 0.5,
+    )
+
+
+def _density(layout: _Layout, xs: np.ndarray, ys: np.ndarray, downsample: float) -> np.ndarray:
+    """Nucleus density in [0, 1] on the grid `ys` x `xs`, raised inside the lesion."""
+    density = layout.density(xs, ys, downsample)
+    lesion = layout.lesion
+    if lesion is not None and lesion.intersects(xs[0], ys[0], xs[-1], ys[-1]):
+        density = np.maximum(density, _LESION_DENSITY * lesion.contains(xs, ys))
+    return density
 
 
 def _tissue(layout: _Layout, xs: np.ndarray, ys: np.ndarray, box: tuple[float, ...]) -> np.ndarray:
@@ -228,7 +254,7 @@ def _nuclei(layout: _Layout, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray
     radius = _NUCLEUS_RADIUS[0] + (_NUCLEUS_RADIUS[1] - _NUCLEUS_RADIUS[0]) * _hash01(
         gx, gy, seed, 3
     )
-    density = layout.density((cells_x + 0.5) * _CELL, (cells_y + 0.5) * _CELL, _CELL)
+    density = _density(layout, (cells_x + 0.5) * _CELL, (cells_y + 0.5) * _CELL, _CELL)
     present = _hash01(gx, gy, seed, 4) < _nucleus_probability(density)
     radius2 = np.where(present, radius**2, -1.0)
     shade = _hash01(gx, gy, seed, 5)
@@ -276,6 +302,8 @@ def _render(
         shade = 0.55 * layout.fibres(xs, ys, downsample) + 0.45 * layout.tone(xs, ys, downsample)
         stroma = _EOSIN_LIGHT + (_EOSIN_DARK - _EOSIN_LIGHT) * shade[..., None]
         lumen = _smoothstep(layout.lumen(xs, ys, downsample), 0.8, 0.9)
+        if layout.lesion is not None and layout.lesion.intersects(*box):
+            lumen = np.where(layout.lesion.contains(xs, ys), 0.0, lumen)  # solid sheets of cells
         stroma += (_LUMEN - stroma) * lumen[..., None]
         if downsample <= _POINT_SAMPLED_MAX_DOWNSAMPLE:
             covered, tone = _nuclei(layout, xs, ys)
@@ -283,7 +311,7 @@ def _render(
         else:
             r0, r1 = _NUCLEUS_RADIUS
             mean_area = np.pi * (r0 * r0 + r0 * r1 + r1 * r1) / 3.0 / _CELL**2  # E[pi r^2]
-            coverage = _nucleus_probability(layout.density(xs, ys, downsample)) * mean_area
+            coverage = _nucleus_probability(_density(layout, xs, ys, downsample)) * mean_area
             coverage = (coverage * (1.0 - lumen)).astype(np.float32)
             tone = np.full((h, w), 0.5)
         tone = tone.astype(np.float32)[..., None]
@@ -345,6 +373,7 @@ def write_synthetic_slide(
     tissue: bool = True,
     compression: str = "jpeg",
     pen_mark: bool = False,
+    lesion: bool = False,
 ) -> Path:
     """Write a tiled pyramidal RGB TIFF of H&E-like tissue on glass.
 
@@ -359,6 +388,8 @@ def write_synthetic_slide(
         tissue: draw the tissue blobs (False gives blank glass).
         compression: "jpeg" (quality 90) or "zlib".
         pen_mark: draw a thick green marker stroke above the tissue.
+        lesion: crowd the centre of the first tissue blob with nuclei (a "tumour" region,
+            the positive class of the demo's MIL task).
 
     Returns:
         The path written.
@@ -381,7 +412,7 @@ def write_synthetic_slide(
         raise ConfigError(f"n_levels must be >= 1, got {n_levels}")
 
     path = Path(path)
-    layout = _layout((w, h), seed)
+    layout = _layout((w, h), seed, lesion)
     options: dict[str, Any] = {
         "photometric": "rgb",
         "tile": (tile, tile),

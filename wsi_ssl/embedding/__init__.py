@@ -1,15 +1,25 @@
 """The embedding stage: the batch job over an archive and export for MIL code.
 
-``wsi_ssl.embed(root, encoder)`` is :func:`embed`, re-exported.
+``wsi_ssl.embed(root, encoder)`` is :func:`embed`, re-exported. Names resolve lazily, so the
+CLI can read the config types without loading torch.
 """
 
 from __future__ import annotations
 
-from wsi_ssl.embedding.config import EmbedConfig
-from wsi_ssl.embedding.export import EXPORT_FORMATS, ExportResult, export
-from wsi_ssl.embedding.job import EmbedSummary, SlideEmbedResult, embed, embed_for_demo, embed_slide
+import importlib
+from typing import TYPE_CHECKING, Any
 
-export_embeddings = export  # the name wsi_ssl re-exports (``export`` alone is too generic)
+_EXPORTS: dict[str, str] = {
+    "EmbedConfig": "wsi_ssl.embedding.config",
+    "EXPORT_FORMATS": "wsi_ssl.embedding.export",
+    "ExportResult": "wsi_ssl.embedding.export",
+    "export": "wsi_ssl.embedding.export",
+    "EmbedSummary": "wsi_ssl.embedding.job",
+    "SlideEmbedResult": "wsi_ssl.embedding.job",
+    "embed": "wsi_ssl.embedding.job",
+    "embed_for_demo": "wsi_ssl.embedding.job",
+    "embed_slide": "wsi_ssl.embedding.job",
+}
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -23,3 +33,24 @@ __all__ = [
     "export",
     "export_embeddings",
 ]
+
+if TYPE_CHECKING:
+    from wsi_ssl.embedding.config import EmbedConfig
+    from wsi_ssl.embedding.export import EXPORT_FORMATS, ExportResult, export
+    from wsi_ssl.embedding.job import (
+        EmbedSummary,
+        SlideEmbedResult,
+        embed,
+        embed_for_demo,
+        embed_slide,
+    )
+
+    export_embeddings = export
+
+
+def __getattr__(name: str) -> Any:
+    if name == "export_embeddings":  # the name wsi_ssl re-exports (``export`` is too generic)
+        name = "export"
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'wsi_ssl.embedding' has no attribute {name!r}")

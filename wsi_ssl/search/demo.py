@@ -46,8 +46,9 @@ def demo_region_gallery(
     the gallery of the ``k`` best regions on the other slides (its own slide too when it is
     the only one).
 
-    The archive must be embedded; its index is opened, or built (kind auto) when there is
-    none. Returns ``(result, png_path, lines_to_print)``.
+    The archive must be embedded; the index named after the encoder is opened and brought up
+    to date (slides embedded since are added), or built (kind auto) when there is none.
+    Returns ``(result, png_path, lines_to_print)``.
     """
     from wsi_ssl.search.index import SearchIndex
     from wsi_ssl.storage import open_store
@@ -56,20 +57,20 @@ def demo_region_gallery(
 
     root = Path(root)
     lines: list[str] = []
-    if index_name or list_indexes(root):
-        index = SearchIndex.open(root, index_name)
-    else:
+    if index_name is None and encoder is None:
         archive = open_store(root)
-        if encoder is None:
-            ids = sorted(
-                {e for s in archive.slide_ids for e in embedding_ids(archive.store_path(s))}
-            )
-            encoder = ids[0] if len(ids) == 1 else None
-        if encoder is None:
+        ids = sorted({e for s in archive.slide_ids for e in embedding_ids(archive.store_path(s))})
+        if len(ids) != 1:
             from wsi_ssl.errors import EmbeddingsNotFoundError
 
-            raise EmbeddingsNotFoundError(root, "<one encoder; pass encoder=>", [])
-        index = SearchIndex.build(root, encoder, progress=progress)
+            raise EmbeddingsNotFoundError(root, "<one encoder; pass encoder=>", ids)
+        encoder = ids[0]
+    name = index_name or encoder
+    if name in list_indexes(root):
+        index = SearchIndex.open(root, name)
+        index.add(progress=progress)
+    else:
+        index = SearchIndex.build(root, str(encoder), progress=progress)
     lines += index.lines()
     slide = index.slides[0]
     box = _densest_box(index, slide, cells)

@@ -23,12 +23,17 @@ def demo_pretrain(
 
     ``run.loss_plot`` is the loss-curve PNG, ``run.encoder_path`` the encoder, and
     ``run.final_loss`` / ``run.images_per_s`` summarise it. Re-running with the same ``out``
-    resumes (and returns at once when the run is finished).
+    resumes (and returns at once when the run is finished). The batch is capped at the
+    archive's tile count, so a slide or two of one's own still trains.
     """
+    from wsi_ssl.storage import open_store
+
+    archive = open_store(root)
+    n_tiles = sum(archive.slide(s).n_tiles for s in archive.slide_ids)
     config = PretrainConfig.preset(
         "cpu-small",
         steps=steps,
-        batch_size=batch_size,
+        batch_size=max(2, min(batch_size, n_tiles)),
         device="cpu",
         num_workers=1,
         checkpoint_every=max(1, steps // 2),

@@ -1,0 +1,77 @@
+"""`wsi-ssl demo`, the README's main job: every stage runs, writes its picture, and resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsi_ssl.cli.main import main
+from wsi_ssl.demo import DEMO_SLIDES, demo_slides
+from wsi_ssl.storage import open_store
+
+STAGES = ["== tile", "== pretrain", "== embed", "== search", "== MIL"]
+
+
+def _picture(path: Path) -> np.ndarray:
+    image = np.asarray(Image.open(path).convert("RGB"))
+    assert image.shape[0] > 100 and image.shape[1] > 100
+    assert image.std() > 5  # drawn, not blank
+    return image
+
+
+def test_demo_slides_are_labelled_by_their_lesion(tmp_path: Path) -> None:
+    labels = demo_slides(tmp_path)
+    assert len(labels) == DEMO_SLIDES
+    assert sorted(set(labels.values())) == ["normal", "tumour"]
+    assert sum(v == "tumour" for v in labels.values()) == DEMO_SLIDES // 2
+    mtimes = {p: p.stat().st_mtime_ns for p in labels}
+    assert demo_slides(tmp_path) == labels  # written once
+    assert {p: p.stat().st_mtime_ns for p in labels} == mtimes
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_and_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "4", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    positions = [printed.index(stage) for stage in STAGES]
+    assert positions == sorted(positions)
+
+    archive = open_store(out / "archive")
+    assert len(archive.slide_ids) == DEMO_SLIDES
+    [encoder_id] = archive.embedding_ids(archive.slide_ids[0])
+    emb = archive.embeddings(archive.slide_ids[0], encoder_id)
+    assert emb.features.shape[0] == len(archive.coords(archive.slide_ids[0]))
+
+    for picture in ("pretrain/loss.png", "gallery.png", "mil/run/roc.png"):
+        _picture(out / picture)
+    heatmaps = sorted((out / "mil/run/predictions/heatmaps").glob("*.png"))
+    assert len(heatmaps) == DEMO_SLIDES
+    metrics = json.loads((out / "mil/run/metrics.json").read_text())
+    assert 0.0 <= metrics["overall"]["auc"] <= 1.0
+
+    # a second run resumes: nothing is tiled, trained or embedded again
+    assert main(["demo", "--out", str(out), "--steps", "4", "--quiet"]) == 0
+    again = capsys.readouterr().out
+    assert f"0 embedded, {DEMO_SLIDES} already complete" in again
+    assert "4/4 steps" in again and "resumed" in again
+    assert archive.embedding_ids(archive.slide_ids[0]) == [encoder_id]
+
+
+@pytest.mark.slow
+def test_demo_on_a_real_slide_without_labels_skips_mil(
+    cmu_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", str(cmu_small), "--out", str(out), "--steps", "2", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "CMU-1-Small-Region.svs" in printed and "complete" in printed
+    assert "skipped: give --labels CSV" in printed
+    _picture(out / "gallery.png")
+    _picture(out / "CMU-1-Small-Region_tiles.png")
