@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from wsi_ssl.embedding.config import EmbedConfig
-from wsi_ssl.embedding.export import EXPORT_FORMATS, NAME_BY
+from wsi_ssl.embedding.mil_files import EXPORT_FORMATS, NAME_BY
 from wsi_ssl.storage.embeddings import EMBEDDING_DTYPES
 
 
@@ -106,7 +106,7 @@ def run_embed(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from wsi_ssl.embedding.export import export
+    from wsi_ssl.embedding.mil_files import export
 
     result = export(
         args.root,

@@ -7,12 +7,17 @@ chunks, so it can encode the tiles itself and lay the shard out as the Zarr v3
 (``offset, nbytes`` as little-endian uint64 per inner chunk, C order, ``2**64 - 1`` for chunks
 past the array's end) followed by its CRC32C. Arrays on other stores or with other codecs
 fall back to Zarr's own write, and the tests check both paths give identical files.
+
+A tile may also arrive already encoded: a JPEG stream copied from the slide file goes into a
+JPEG array as it is (`accepts_jpeg`), since one JPEG per inner chunk is all the codec stores.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import google_crc32c
 import numcodecs
@@ -27,22 +32,25 @@ from wsi_ssl.storage.codecs import JpegCodec
 _EMPTY = np.uint64(2**64 - 1)
 
 
-def _inner_encoder(array: zarr.Array):  # type: ignore[no-untyped-def]
-    """A function encoding one tile as the array's inner codecs would, or None if unknown."""
+def _inner_codecs(array: zarr.Array) -> tuple[Any, ...]:
+    """The codecs of the one-tile inner chunks when the layout is the one written here, else ()."""
     if not isinstance(array.store, LocalStore) or len(array.metadata.codecs) != 1:
-        return None
+        return ()
     sharding = array.metadata.codecs[0]
     if not isinstance(sharding, ShardingCodec) or sharding.chunk_shape[0] != 1:
-        return None
+        return ()
     index_ok = (
         sharding.index_location == ShardingCodecIndexLocation.end
         and len(sharding.index_codecs) == 2
         and isinstance(sharding.index_codecs[0], BytesCodec)
         and isinstance(sharding.index_codecs[1], Crc32cCodec)
     )
-    codecs = sharding.codecs
-    if not index_ok:
-        return None
+    return tuple(sharding.codecs) if index_ok else ()
+
+
+def _inner_encoder(array: zarr.Array) -> Callable[[np.ndarray], bytes] | None:
+    """A function encoding one tile as the array's inner codecs would, or None if unknown."""
+    codecs = _inner_codecs(array)
     if len(codecs) == 1 and isinstance(codecs[0], JpegCodec):
         return codecs[0].encode_tile
     if len(codecs) == 2 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], ZstdCodec):
@@ -51,15 +59,26 @@ def _inner_encoder(array: zarr.Array):  # type: ignore[no-untyped-def]
     return None
 
 
-def write_shard(array: zarr.Array, shard: int, tiles: np.ndarray) -> None:
-    """Write ``tiles`` as shard number ``shard`` of a (N, T, T, 3) tiles array."""
+def accepts_jpeg(array: zarr.Array) -> bool:
+    """Whether `write_shard` can store JPEG streams in ``array`` as they are."""
+    codecs = _inner_codecs(array)
+    return len(codecs) == 1 and isinstance(codecs[0], JpegCodec)
+
+
+def write_shard(
+    array: zarr.Array, shard: int, tiles: np.ndarray | Sequence[np.ndarray | bytes]
+) -> None:
+    """Write ``tiles`` as shard number ``shard`` of a (N, T, T, 3) tiles array.
+
+    Items given as bytes are JPEG streams, stored as they are (only where `accepts_jpeg`).
+    """
     per_shard = array.shards[0]  # type: ignore[index]
     start = shard * per_shard
     encode = _inner_encoder(array)
     if encode is None:
-        array[start : start + len(tiles)] = tiles
+        array[start : start + len(tiles)] = np.stack(tiles)  # type: ignore[arg-type]
         return
-    blobs = [encode(tile) for tile in tiles]
+    blobs = [tile if isinstance(tile, bytes) else encode(tile) for tile in tiles]
     index = np.full((per_shard, 2), _EMPTY, dtype="<u8")
     sizes = np.array([len(b) for b in blobs], dtype=np.uint64)
     index[: len(blobs), 1] = sizes

@@ -30,7 +30,7 @@ from wsi_ssl.slide import open_slide
 from wsi_ssl.storage import SlideStore, open_store
 from wsi_ssl.synthetic import write_synthetic_slide
 from wsi_ssl.tiling.batch import tile_slide, tile_slides
-from wsi_ssl.tiling.extract import read_tiles
+from wsi_ssl.tiling.extract import read_tiles, stored_positions
 from wsi_ssl.tiling.grid import TileGrid
 
 LOSSLESS = TilingConfig(codec="zstd")
@@ -337,6 +337,73 @@ def test_read_tiles_matches_per_tile_reads(synth: Path) -> None:
             np.testing.assert_array_equal(
                 tiles[i], reader.read_region((int(x), int(y)), 0, (256, 256))
             )
+
+
+def test_aligned_tiles_are_decoded_from_the_file_and_match_read_region(synth: Path) -> None:
+    """The synthetic file stores 256 px tiles at 0.5 µm/px: the default grid coincides with
+    them except at the right and bottom edges, which are read and padded as before."""
+    with open_slide(synth, backend="tiffslide") as reader:
+        grid = TileGrid.for_slide(reader, reader.require_mpp(), LOSSLESS)
+        coords = grid.all_coords()
+        stored, positions = stored_positions(reader, grid, coords)
+        assert stored is not None and stored.jpeg_passthrough
+        direct = positions[:, 0] >= 0
+        assert direct.sum() == 7 * 5  # 2000 x 1500 px: 7 x 5 whole stored tiles
+        np.testing.assert_array_equal(positions[direct] * 256, coords[direct][:, ::-1])
+        tiles = read_tiles(reader, grid, coords)
+        for i, (x, y) in enumerate(coords):
+            np.testing.assert_array_equal(
+                tiles[i], reader.read_region((int(x), int(y)), 0, (256, 256))
+            )
+        grid = TileGrid.for_slide(reader, 0.5, TilingConfig(overlap=32))  # stride 224 px
+        coords = grid.all_coords()
+        lined_up = stored_positions(reader, grid, coords)[1][:, 0] >= 0
+        on_stored = (coords % 256 == 0).all(axis=1) & (coords + 256 <= (2000, 1500)).all(axis=1)
+        np.testing.assert_array_equal(lined_up, on_stored)  # only where 224 k hits 256 j
+        assert 0 < lined_up.sum() < len(coords) / 10
+        grid = TileGrid.for_slide(reader, 0.5, TilingConfig(mpp=0.6))  # resampled: none
+        assert stored_positions(reader, grid, grid.all_coords())[1].max() == -1
+
+
+def test_jpeg_store_keeps_the_scanners_jpeg_streams(synth: Path, tmp_path: Path) -> None:
+    config = TilingConfig(codec="jpeg", tissue_threshold=0.0)
+    result = tile_slide(synth, tmp_path, config)
+    store = open_store(tmp_path).slide(result.slide_id)  # type: ignore[arg-type]
+    with open_slide(synth, backend="tiffslide") as reader:
+        stored = reader.stored_tiles(0)
+        assert stored is not None
+        shard = (
+            tmp_path / "slides" / f"{result.slide_id}.zarr" / "tiles" / "c/0/0/0/0"
+        ).read_bytes()
+        first = stored.jpeg(0, 0)
+        assert shard.startswith(first)  # tile (0, 0) stored byte for byte
+        for i, (x, y) in enumerate(store.coords):
+            expected = reader.read_region((int(x), int(y)), 0, (256, 256))
+            if x + 256 <= 2000 and y + 256 <= 1500:  # the file's own JPEG: identical pixels
+                np.testing.assert_array_equal(store.tiles[i], expected)
+            else:  # edge tiles are re-encoded at the configured quality
+                assert np.abs(store.tiles[i].astype(int) - expected).mean() < 3
+
+
+def test_corrupt_stored_tile_is_a_corrupt_slide_error(tmp_path: Path) -> None:
+    slide = write_synthetic_slide(tmp_path / "s.tiff", (1024, 768), compression="zlib", seed=1)
+    with open_slide(slide, backend="tiffslide") as reader:
+        stored = reader.stored_tiles(0)
+        assert stored is not None
+        offset, count = stored.page.dataoffsets[5], stored.page.databytecounts[5]
+    data = bytearray(slide.read_bytes())
+    data[offset : offset + count] = b"\x00" * count  # tile (1, 1): not a zlib stream any more
+    slide.write_bytes(bytes(data))
+    with (
+        open_slide(slide, backend="tiffslide") as reader,
+        pytest.raises(CorruptSlideError, match="stored tile row 1, column 1"),
+    ):
+        reader.stored_tiles(0).decode(1, 1)  # type: ignore[union-attr]
+    summary = tile_slides(
+        [slide], tmp_path / "out", TilingConfig(tissue_threshold=0.0), progress=False
+    )
+    assert summary.results[0].error_type == "CorruptSlideError"
+    assert not list((tmp_path / "out" / "slides").glob("*.zarr"))
 
 
 def test_public_api_is_lazy() -> None:

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS: dict[str, str] = {
     "EmbedConfig": "wsi_ssl.embedding.config",
-    "EXPORT_FORMATS": "wsi_ssl.embedding.export",
-    "ExportResult": "wsi_ssl.embedding.export",
-    "export": "wsi_ssl.embedding.export",
+    "EXPORT_FORMATS": "wsi_ssl.embedding.mil_files",
+    "ExportResult": "wsi_ssl.embedding.mil_files",
+    "export": "wsi_ssl.embedding.mil_files",
     "EmbedSummary": "wsi_ssl.embedding.job",
     "SlideEmbedResult": "wsi_ssl.embedding.job",
     "embed": "wsi_ssl.embedding.job",
@@ -36,7 +36,6 @@ __all__ = [
 
 if TYPE_CHECKING:
     from wsi_ssl.embedding.config import EmbedConfig
-    from wsi_ssl.embedding.export import EXPORT_FORMATS, ExportResult, export
     from wsi_ssl.embedding.job import (
         EmbedSummary,
         SlideEmbedResult,
@@ -44,6 +43,7 @@ if TYPE_CHECKING:
         embed_for_demo,
         embed_slide,
     )
+    from wsi_ssl.embedding.mil_files import EXPORT_FORMATS, ExportResult, export
 
     export_embeddings = export
 

@@ -7,6 +7,7 @@ fallback order of `BACKENDS` that `open_slide` follows: openslide, then tiffslid
 from wsi_ssl.slide._base import MPP_RANGE, MPP_SOURCES, BaseSlideReader, SlideReader
 from wsi_ssl.slide._openslide import OpenSlideReader
 from wsi_ssl.slide._registry import BACKENDS, open_slide, register_backend
+from wsi_ssl.slide._stored import StoredTiles
 from wsi_ssl.slide._tiffslide import TiffSlideReader
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "BaseSlideReader",
     "OpenSlideReader",
     "SlideReader",
+    "StoredTiles",
     "TiffSlideReader",
     "open_slide",
     "register_backend",

@@ -15,6 +15,7 @@ import tifffile
 from PIL import Image
 
 from wsi_ssl.errors import ConfigError, CorruptSlideError, MissingMppError, SlideNotFoundError
+from wsi_ssl.slide._stored import StoredTiles
 
 __all__ = [
     "MPP_RANGE",
@@ -61,6 +62,8 @@ class SlideReader(Protocol):
     ) -> np.ndarray: ...
 
     def get_thumbnail(self, max_size: tuple[int, int]) -> np.ndarray: ...
+
+    def stored_tiles(self, level: int) -> StoredTiles | None: ...
 
     def best_level_for_downsample(self, downsample: float) -> int: ...
 
@@ -328,6 +331,10 @@ class BaseSlideReader(ABC):
             raise CorruptSlideError(self.path, f"{type(err).__name__}: {err}") from err
         canvas[j0:j1, i0:i1] = pixels
         return canvas
+
+    def stored_tiles(self, level: int) -> StoredTiles | None:
+        """The level's stored tiles for direct reads, where the backend exposes them."""
+        return None
 
     def get_thumbnail(self, max_size: tuple[int, int]) -> np.ndarray:
         """The whole slide as RGB uint8, fitting in `max_size` (w, h), aspect preserved.

@@ -11,6 +11,7 @@ import tiffslide
 from wsi_ssl.errors import UnsupportedSlideError
 from wsi_ssl.slide._base import BaseSlideReader, SlideMetadata, to_rgb
 from wsi_ssl.slide._registry import register_backend
+from wsi_ssl.slide._stored import StoredTiles
 
 __all__ = ["TiffSlideReader"]
 
@@ -69,6 +70,15 @@ class TiffSlideReader(BaseSlideReader):
     def tiled(self) -> bool:
         """Whether level 0 is stored in tiles (read per tile) rather than in strips."""
         return bool(self._level0_page().is_tiled)
+
+    def stored_tiles(self, level: int) -> StoredTiles | None:
+        """Level ``level``'s stored tiles (plain 8-bit RGB or YCbCr tiles only)."""
+        series = self._slide.ts_tifffile.series[
+            int(self._slide.properties["tiffslide.series-index"])
+        ]
+        if self._alpha or not 0 <= level < len(series.levels):
+            return None
+        return StoredTiles.of(self.path, series.levels[level].keyframe)
 
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         pixels = self._slide.read_region(location, level, size, as_array=True, padding=False)

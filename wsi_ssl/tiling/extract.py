@@ -1,9 +1,11 @@
 """The Dask extraction graph: one task per chunk of tiles, each reading and writing its chunk.
 
-A task opens the slide through a per-thread cached reader, reads its tiles as horizontal strips
-(runs of neighbouring tiles in a grid row, in the row-major order TIFF files store their tiles),
-resamples once when the read level is not the target scale, and writes its chunk, which is one
-whole Zarr shard, straight into the store. Nothing but coordinates crosses the graph, so memory
+A task opens the slide through a per-thread cached reader and reads its tiles in the row-major
+order TIFF files store theirs. A tile that coincides with one of the file's own tiles is
+decoded from it directly, or, for a JPEG store and a YCbCr JPEG file, its JPEG stream is
+copied as it is (no decode, no re-encode, no second generation of loss). Other tiles are read
+as horizontal strips of row neighbours, resampled once when the read level is not the target
+scale. The task writes its chunk, one whole Zarr shard, straight into the store. Nothing but coordinates crosses the graph, so memory
 per worker is one chunk whatever the slide size.
 """
 
@@ -20,8 +22,8 @@ import numpy as np
 import zarr
 from PIL import Image
 
-from wsi_ssl.slide import SlideReader, open_slide
-from wsi_ssl.storage.shards import write_shard
+from wsi_ssl.slide import SlideReader, StoredTiles, open_slide
+from wsi_ssl.storage.shards import accepts_jpeg, write_shard
 from wsi_ssl.tiling.grid import TileGrid
 
 MAX_RUN = 16
@@ -57,8 +59,26 @@ def _runs(coords: np.ndarray, stride: float) -> Iterator[tuple[int, int]]:
             start = i
 
 
-def read_tiles(reader: SlideReader, grid: TileGrid, coords: np.ndarray) -> np.ndarray:
-    """Read the tiles at ``coords`` (level-0 x, y; row-major) as uint8 (k, T, T, 3)."""
+def stored_positions(
+    reader: SlideReader, grid: TileGrid, coords: np.ndarray
+) -> tuple[StoredTiles | None, np.ndarray]:
+    """The read level's stored tiles and each tile's (row, col) among them, -1 where it does
+    not coincide with one stored tile (resampled grid, other tile size, offset, slide edge)."""
+    t = grid.tile_size
+    positions = np.full((len(coords), 2), -1, dtype=np.int64)
+    stored = None if grid.resize else reader.stored_tiles(grid.level)
+    if stored is None or stored.tile_shape != (t, t):
+        return None, positions
+    lx = coords[:, 0] / grid.level_downsample
+    ly = coords[:, 1] / grid.level_downsample
+    level_w, level_h = reader.level_dimensions[grid.level]
+    ok = (lx % t == 0) & (ly % t == 0) & (lx + t <= level_w) & (ly + t <= level_h)
+    positions[ok] = np.stack([ly[ok] // t, lx[ok] // t], axis=1)
+    return stored, positions
+
+
+def _read_strips(reader: SlideReader, grid: TileGrid, coords: np.ndarray) -> np.ndarray:
+    """Tiles at ``coords`` read through ``read_region`` in strips of row neighbours."""
     t = grid.tile_size
     out = np.empty((len(coords), t, t, 3), dtype=np.uint8)
     ds = grid.level_downsample
@@ -81,6 +101,37 @@ def read_tiles(reader: SlideReader, grid: TileGrid, coords: np.ndarray) -> np.nd
     return out
 
 
+def chunk_tiles(
+    reader: SlideReader, grid: TileGrid, coords: np.ndarray, *, jpeg_passthrough: bool = False
+) -> list[np.ndarray | bytes]:
+    """The tiles at ``coords`` (level-0 x, y; row-major), in order.
+
+    A tile that coincides with one tile stored in the file is decoded from it directly, or,
+    with ``jpeg_passthrough`` and a YCbCr JPEG file, returned as its JPEG stream (bytes) to
+    be stored as it is. The rest are read as strips of row neighbours through
+    ``read_region`` and resampled once when the grid is not at a stored scale.
+    """
+    stored, positions = stored_positions(reader, grid, coords)
+    direct = positions[:, 0] >= 0
+    tiles: list[np.ndarray | bytes] = [b""] * len(coords)
+    if stored is not None:
+        fetch = stored.jpeg if jpeg_passthrough and stored.jpeg_passthrough else stored.decode
+        for i in np.flatnonzero(direct):
+            tiles[i] = fetch(*positions[i])
+    rest = np.flatnonzero(~direct)
+    if len(rest):
+        for i, tile in zip(rest, _read_strips(reader, grid, coords[rest]), strict=True):
+            tiles[i] = tile
+    return tiles
+
+
+def read_tiles(reader: SlideReader, grid: TileGrid, coords: np.ndarray) -> np.ndarray:
+    """Read the tiles at ``coords`` (level-0 x, y; row-major) as uint8 (k, T, T, 3)."""
+    t = grid.tile_size
+    tiles = chunk_tiles(reader, grid, coords)
+    return np.stack(tiles) if tiles else np.empty((0, t, t, 3), dtype=np.uint8)  # type: ignore[arg-type]
+
+
 def _extract_chunk(
     slide: tuple[str, str],
     tiles_path: str,
@@ -89,8 +140,8 @@ def _extract_chunk(
     coords: np.ndarray,
 ) -> int:
     reader = cached_reader(*slide)
-    tiles = read_tiles(reader, grid, coords)
     array = zarr.open_array(tiles_path, mode="r+")
+    tiles = chunk_tiles(reader, grid, coords, jpeg_passthrough=accepts_jpeg(array))
     write_shard(array, start // array.shards[0], tiles)  # type: ignore[index]
     return len(tiles)
 

@@ -1,0 +1,99 @@
+"""Direct access to the tiles a TIFF stores for one pyramid level: raw bytes and pixels.
+
+When a tile grid lines up with the file's own tiles, the extractor decodes each stored tile
+once (no region assembly), or, for a JPEG store, copies the scanner's JPEG stream into the
+Zarr store untouched: no decode, no re-encode, no second generation of JPEG loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from wsi_ssl.errors import CorruptSlideError
+
+__all__ = ["StoredTiles"]
+
+_JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
+
+
+@dataclass(frozen=True)
+class StoredTiles:
+    """One level's stored tiles, read through an open `tifffile.TiffPage`.
+
+    Not thread-safe (one file handle): use one instance per thread, like the reader.
+    """
+
+    path: Path
+    page: tifffile.TiffPage
+
+    @classmethod
+    def of(cls, path: Path, page: tifffile.TiffPage) -> StoredTiles | None:
+        """Stored-tile access to ``page``, or None when its tiles are not plain 8-bit RGB."""
+        plain = (
+            page.is_tiled
+            and not page.is_ndpi  # NDPI "tiles" are synthesised from strips
+            and page.samplesperpixel == 3
+            and page.bitspersample == 8
+            and page.planarconfig == tifffile.PLANARCONFIG.CONTIG
+            and page.photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
+            and page.imagedepth == 1
+        )
+        return cls(path, page) if plain else None
+
+    @property
+    def tile_shape(self) -> tuple[int, int]:
+        """(height, width) of one stored tile."""
+        return int(self.page.tilelength), int(self.page.tilewidth)
+
+    @property
+    def columns(self) -> int:
+        return -(-int(self.page.imagewidth) // self.tile_shape[1])
+
+    @cached_property
+    def jpeg_passthrough(self) -> bool:
+        """Whether a stored tile, tables merged, is a JPEG any decoder reads as the same RGB.
+
+        True for YCbCr JPEG (the usual scanner encoding); RGB-in-JPEG without an Adobe marker
+        (Aperio's "RGB" JPEG) would be colour-converted by a plain decoder, so it is decoded.
+        """
+        return (
+            self.page.compression == tifffile.COMPRESSION.JPEG
+            and self.page.photometric == tifffile.PHOTOMETRIC.YCBCR
+        )
+
+    def raw(self, row: int, col: int) -> bytes:
+        """The stored bytes of tile (row, col), as in the file."""
+        index = row * self.columns + col
+        fh = self.page.parent.filehandle
+        fh.seek(self.page.dataoffsets[index])
+        return bytes(fh.read(self.page.databytecounts[index]))
+
+    def jpeg(self, row: int, col: int) -> bytes:
+        """Tile (row, col) as a self-contained JPEG stream (shared tables merged in)."""
+        data = self.raw(row, col)
+        tables = self.page.jpegtables
+        if tables:  # tables' SOI..DQT/DHT, then the tile without its own SOI
+            data = tables.removesuffix(_JPEG_EOI) + data.removeprefix(_JPEG_SOI)
+        return data
+
+    def decode(self, row: int, col: int) -> np.ndarray:
+        """Tile (row, col) as RGB uint8 (h, w, 3), decoded as tifffile does.
+
+        Raises:
+            CorruptSlideError: the stored bytes do not decode.
+        """
+        index = row * self.columns + col
+        try:
+            pixels, _, _ = self.page.decode(
+                self.raw(row, col), index, jpegtables=self.page.jpegtables
+            )
+            return np.asarray(pixels).reshape(*self.tile_shape, 3)
+        except (ValueError, RuntimeError, OSError, IndexError, KeyError) as err:
+            raise CorruptSlideError(
+                self.path, f"stored tile row {row}, column {col}: {type(err).__name__}: {err}"
+            ) from err
