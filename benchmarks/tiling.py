@@ -6,6 +6,9 @@ mirroring CMU-1-Small-Region.svs, then measures in one run on the same cores:
 (a) decode floor: every stored level-0 tile decoded once (libjpeg-turbo via imagecodecs);
 (b) baseline: an openslide ``read_region`` loop over the tiling grid, RGBA -> RGB numpy;
 (c) ``wsi-ssl tile`` end to end (subprocess, peak RSS sampled), per codec, 1 and 2 workers.
+    The default grid (256 px at 0.5 µm/px) coincides with the file's 256 px YCbCr JPEG tiles,
+    so the jpeg store copies the JPEG streams and the zstd store decodes each stored tile
+    once; a last row tiles at 1 µm/px, where every tile is read as strips and resampled.
 
 Usage: python benchmarks/tiling.py [--size 24576] [--baseline-tiles 3000]
 Prints a table and writes benchmarks/results/tiling.json.
@@ -111,7 +114,9 @@ def openslide_loop(path: Path, n_tiles: int) -> dict[str, float]:
     return {"tiles": len(coords), "seconds": seconds, "tiles_per_s": len(coords) / seconds}
 
 
-def wsi_ssl_tile(path: Path, out: Path, codec: str, workers: int) -> dict[str, float]:
+def wsi_ssl_tile(
+    path: Path, out: Path, codec: str, workers: int, mpp: float = 0.5
+) -> dict[str, float]:
     """`wsi-ssl tile` in a subprocess, all grid tiles kept, peak RSS sampled every 50 ms."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [
@@ -128,6 +133,8 @@ def wsi_ssl_tile(path: Path, out: Path, codec: str, workers: int) -> dict[str, f
         str(workers),
         "--tissue-threshold",
         "0",
+        "--mpp",
+        str(mpp),
         "--json",
     ]
     start = time.perf_counter()
@@ -172,6 +179,10 @@ def main() -> None:
             )
     rows[f"wsi-ssl tile jpeg, 2 workers, {args.small_size} px slide"] = wsi_ssl_tile(
         small, data / "out", "jpeg", 2
+    )
+    # 1 µm/px: no stored level at that scale, so every tile is read as strips and resampled
+    rows["wsi-ssl tile jpeg, 2 workers, resampled to 1 µm/px"] = wsi_ssl_tile(
+        big, data / "out", "jpeg", 2, mpp=1.0
     )
     shutil.rmtree(data / "out", ignore_errors=True)
     base = rows["openslide read_region loop (1 core)"]["tiles_per_s"]

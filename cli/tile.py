@@ -30,9 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mpp-override", type=float, help="mpp for slides that record none")
     p.add_argument("--mpp-csv", type=Path, help="CSV with columns slide,mpp (file name or path)")
     p.add_argument(
-        "--scheduler", help="dask.distributed scheduler ADDRESS (default: local threads)"
+        "--scheduler",
+        default="threads",
+        metavar="threads|processes|ADDRESS",
+        help="local threads (default) or processes, or a dask.distributed scheduler address",
     )
-    p.add_argument("--workers", type=int, help="local worker threads (default: all cores)")
+    p.add_argument("--workers", type=int, help="local threads or processes (default: all cores)")
     p.add_argument("--no-resume", action="store_true", help="redo slides that are already complete")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -82,18 +85,26 @@ def run_tile(args: argparse.Namespace) -> int:
 
     config = tiling_config(args)
     overrides = read_mpp_csv(args.mpp_csv) if args.mpp_csv else None
+    from wsi_ssl.tiling.extract import LOCAL_SCHEDULERS
+
     client = None
-    if args.scheduler:
+    if args.scheduler not in LOCAL_SCHEDULERS:
         from distributed import Client
 
-        client = Client(args.scheduler)
+        try:
+            client = Client(args.scheduler, timeout=10)
+        except (OSError, ValueError, TimeoutError) as err:
+            raise ConfigError(
+                f"cannot reach the Dask scheduler at {args.scheduler} ({err}); "
+                "start it with `dask scheduler` or use --scheduler threads"
+            ) from err
     try:
         summary = tile_slides(
             args.inputs,
             args.out,
             config,
             mpp_overrides=overrides,
-            client=client,
+            scheduler=client or args.scheduler,
             workers=args.workers,
             resume=not args.no_resume,
             progress=not (args.quiet or args.json),

@@ -13,7 +13,7 @@ temporary name ``.writing-<encoder_id>`` with status "writing", its status becom
 after the last row is on disk, and only then is the directory renamed to ``<encoder_id>``. A
 reader therefore never sees a half-written array under the final name, and readers also check
 the status (and the row count against ``coords``) before trusting one. A killed job leaves at
-most a ``.writing-*`` directory, which the next job removes.
+most a ``.writing-<encoder_id>`` directory, which the next job with that encoder replaces.
 """
 
 from __future__ import annotations
@@ -44,9 +44,7 @@ __all__ = [
     "EMBEDDING_DTYPES",
     "EmbeddingWriter",
     "Embeddings",
-    "clean_partial_embeddings",
     "coords_sha256",
-    "delete_embeddings",
     "embedding_ids",
     "embedding_status",
     "read_embeddings",
@@ -181,27 +179,6 @@ def read_embeddings(store: SlideStore, encoder_id: str, *, lazy: bool = False) -
     else:
         features = np.asarray(array[:])
     return Embeddings(store.slide_id, encoder_id, features, coords, attrs)
-
-
-def delete_embeddings(store: SlideStore | Path, encoder_id: str) -> None:
-    """Remove an encoder's array and any partial one."""
-    path = store.path if isinstance(store, SlideStore) else Path(store)
-    for d in (_array_dir(path, encoder_id), _partial_dir(path, encoder_id)):
-        if d.exists():
-            shutil.rmtree(d)
-
-
-def clean_partial_embeddings(store: SlideStore | Path) -> list[str]:
-    """Remove ``.writing-*`` arrays left by killed jobs; returns their encoder ids."""
-    path = store.path if isinstance(store, SlideStore) else Path(store)
-    group = _group_dir(path)
-    removed = []
-    if group.is_dir():
-        for child in group.iterdir():
-            if child.name.startswith(PARTIAL_PREFIX):
-                shutil.rmtree(child, ignore_errors=True)
-                removed.append(child.name.removeprefix(PARTIAL_PREFIX))
-    return sorted(removed)
 
 
 class EmbeddingWriter:

@@ -64,7 +64,6 @@ __all__ = [
     "MMAP_MIN_BYTES",
     "VERIFY_MAX_BYTES",
     "IndexFiles",
-    "delete_index",
     "index_lock",
     "index_path",
     "list_indexes",
@@ -318,15 +317,6 @@ def write_index(
         for _, old in _generations(path)[:-2]:
             shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def delete_index(root: str | Path, name: str) -> None:
-    """Remove index ``name`` entirely."""
-    path = index_path(root, name)
-    if not path.is_dir():
-        raise IndexNotFoundError(path, list_indexes(root))
-    with index_lock(root, name):
-        shutil.rmtree(path)
 
 
 # -- reading ----------------------------------------------------------------------------------

@@ -289,11 +289,45 @@ def test_distributed_cluster_matches_threads(tmp_path: Path, synth: Path) -> Non
         ) as cluster,
         Client(cluster) as client,
     ):
-        remote = tile_slide(synth, tmp_path / "cluster", LOSSLESS, client=client)
+        remote = tile_slide(synth, tmp_path / "cluster", LOSSLESS, scheduler=client)
     a = open_store(tmp_path / "threads").slide(local.slide_id)  # type: ignore[arg-type]
     b = open_store(tmp_path / "cluster").slide(remote.slide_id)  # type: ignore[arg-type]
     np.testing.assert_array_equal(a.tiles[:], b.tiles[:])
     np.testing.assert_array_equal(a.coords, b.coords)
+
+
+def test_cli_schedulers_config_and_mpp_csv(
+    tmp_path: Path, synth: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Local processes, a cluster by address, a TOML config and a per-slide mpp CSV, all through
+    the CLI: every route gives the same tiles."""
+    from distributed import LocalCluster
+
+    nompp = write_synthetic_slide(tmp_path / "nompp.tiff", (2000, 1500), seed=3, mpp=None)
+    (tmp_path / "mpp.csv").write_text("slide,mpp\nnompp.tiff,0.5\n")
+    (tmp_path / "tiling.toml").write_text('codec = "zstd"\ntissue_threshold = 0.3\n')
+    common = ["--config", str(tmp_path / "tiling.toml"), "--mpp-csv", str(tmp_path / "mpp.csv")]
+    assert cli_main(["tile", str(nompp), "--out", str(tmp_path / "threads"), *common]) == 0
+    assert cli_main(["tile", str(synth), "--out", str(tmp_path / "procs"), *common,
+                     "--scheduler", "processes", "--workers", "2"]) == 0  # fmt: skip
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+    ) as cluster:
+        address = cluster.scheduler_address
+        assert cli_main(["tile", str(synth), "--out", str(tmp_path / "cluster"), *common,
+                         "--scheduler", address]) == 0  # fmt: skip
+    stores = [open_store(tmp_path / name) for name in ("threads", "procs", "cluster")]
+    first = stores[0].slide(stores[0].slide_ids[0])
+    assert first.source["mpp_source"] == "override" and first.tiling["codec"] == "zstd"
+    assert first.tiling["tissue_threshold"] == 0.3
+    for archive in stores[1:]:
+        other = archive.slide(archive.slide_ids[0])
+        np.testing.assert_array_equal(other.tiles[:], first.tiles[:])
+    capsys.readouterr()
+    assert cli_main(["tile", str(synth), "--out", str(tmp_path / "x"),
+                     "--scheduler", "tcp://127.0.0.1:9"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot reach the Dask scheduler" in err[0]
 
 
 def test_killed_job_resumes_to_identical_store(tmp_path: Path) -> None:

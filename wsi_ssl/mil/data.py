@@ -102,7 +102,6 @@ class BagDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.cache = cache
         self._arrays: dict[str, zarr.Array] = {}
-        self.read_seconds = 0.0
 
     def __getstate__(self) -> dict[str, Any]:  # worker processes: no handles, no cache
         state = dict(self.__dict__)

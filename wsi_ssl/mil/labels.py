@@ -79,14 +79,6 @@ class LabelTable:
     columns: list[str] = field(default_factory=lambda: list(REQUIRED_COLUMNS))
 
     @property
-    def has_patient(self) -> bool:
-        return "patient" in self.columns
-
-    @property
-    def has_fold(self) -> bool:
-        return "fold" in self.columns
-
-    @property
     def classes(self) -> list[str]:
         return sort_classes(r.label for r in self.rows)
 

@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from wsi_ssl.search.index import SearchIndex
 
 __all__ = [
-    "evaluate_index",
     "majority_vote",
     "precision_at_k",
     "recall_at_k",
@@ -196,18 +195,3 @@ def recall_at_k(
         "promised_recall": index.promised_recall,
         "kind": index.kind,
     }
-
-
-def evaluate_index(
-    index: SearchIndex,
-    labels: Mapping[str, Any] | None = None,
-    *,
-    k: int = 5,
-    tile_k: int = 10,
-) -> dict[str, Any]:
-    """All three: ``{"recall": ..., "mmv": ..., "precision": ...}`` (the last two need labels)."""
-    out: dict[str, Any] = {"recall": recall_at_k(index, k=10)}
-    if labels is not None:
-        out["mmv"] = majority_vote(index, labels, k=k)
-        out["precision"] = precision_at_k(index, labels, k=tile_k)
-    return out

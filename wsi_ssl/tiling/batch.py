@@ -150,15 +150,17 @@ def tile_slide(
     root: str | Path,
     config: TilingConfig | None = None,
     *,
-    client: Any = None,
+    scheduler: Any = "threads",
     workers: int | None = None,
     resume: bool = True,
     progress: bool = False,
 ) -> SlideResult:
     """Tile one slide into ``<root>/slides/<slide_id>.zarr``.
 
-    Raises the slide's typed error (``MissingMppError``, ``CorruptSlideError``, ...) after
-    recording it in the catalog; a store is marked complete only after its last chunk is written.
+    ``scheduler`` runs the extraction graph: "threads" (default) or "processes" locally with
+    ``workers`` of them, or a ``dask.distributed.Client``. Raises the slide's typed error
+    (``MissingMppError``, ``CorruptSlideError``, ...) after recording it in the catalog; a store
+    is marked complete only after its last chunk is written.
     """
     config = config or TilingConfig()
     started = time.perf_counter()
@@ -183,7 +185,7 @@ def tile_slide(
     try:
         with open_for_tiling(path, config.mpp_override) as reader:
             n_tiles = _tile_open_slide(
-                reader, store_path, fingerprint, config, client, workers, progress
+                reader, store_path, fingerprint, config, scheduler, workers, progress
             )
     except Exception as err:
         if store_path.exists():
@@ -220,7 +222,7 @@ def _tile_open_slide(
     store_path: Path,
     fingerprint: str,
     config: TilingConfig,
-    client: Any,
+    scheduler: Any,
     workers: int | None,
     progress: bool,
 ) -> int:
@@ -271,7 +273,7 @@ def _tile_open_slide(
             coords[keep],
             store.path / "tiles",
             config.tiles_per_chunk,
-            client=client,
+            scheduler=scheduler,
             workers=workers,
             on_chunk=bar.update,
         )
@@ -285,7 +287,7 @@ def tile_slides(
     config: TilingConfig | None = None,
     *,
     mpp_overrides: Mapping[str, float] | None = None,
-    client: Any = None,
+    scheduler: Any = "threads",
     workers: int | None = None,
     resume: bool = True,
     progress: bool = True,
@@ -310,7 +312,7 @@ def tile_slides(
                     path,
                     root,
                     slide_config,
-                    client=client,
+                    scheduler=scheduler,
                     workers=workers,
                     resume=resume,
                     progress=progress,

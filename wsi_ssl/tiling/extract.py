@@ -26,6 +26,8 @@ from wsi_ssl.slide import SlideReader, StoredTiles, open_slide
 from wsi_ssl.storage.shards import accepts_jpeg, write_shard
 from wsi_ssl.tiling.grid import TileGrid
 
+LOCAL_SCHEDULERS = ("threads", "processes")
+
 MAX_RUN = 16
 """Most tiles read in one strip: bounds a strip's memory to 16 tiles."""
 
@@ -153,7 +155,7 @@ def extract(
     tiles_path: str | Path,
     tiles_per_chunk: int,
     *,
-    client: Any = None,
+    scheduler: Any = "threads",
     workers: int | None = None,
     on_chunk: Callable[[int], None] | None = None,
 ) -> int:
@@ -165,8 +167,9 @@ def extract(
         coords: kept tiles, row-major; chunk ``i`` is ``coords[i*S:(i+1)*S]``, one Zarr shard.
         tiles_path: the store's ``tiles`` array.
         tiles_per_chunk: S, equal to the shard length so no two tasks write one shard.
-        client: a ``dask.distributed.Client``; None runs the local threaded scheduler.
-        workers: threads of the local scheduler (default: all cores).
+        scheduler: "threads" or "processes" (local, ``workers`` of them, default all cores), or
+            a ``dask.distributed.Client``.
+        workers: threads or processes of the local scheduler.
         on_chunk: called with each finished chunk's tile count (progress bars).
     """
     slide = (str(reader.path), reader.backend)
@@ -177,11 +180,11 @@ def extract(
         for start in range(0, len(coords), tiles_per_chunk)
     ]
     notify = on_chunk or (lambda n: None)
-    if client is not None:
+    if scheduler not in LOCAL_SCHEDULERS:
         from distributed import as_completed
 
         total = 0
-        for future in as_completed(client.compute(tasks)):
+        for future in as_completed(scheduler.compute(tasks)):
             n = future.result()
             total += n
             notify(n)
@@ -194,5 +197,5 @@ def extract(
             notify(result)
 
     with Callback(posttask=posttask):
-        counts = dask.compute(*tasks, scheduler="threads", num_workers=workers)
+        counts = dask.compute(*tasks, scheduler=scheduler, num_workers=workers)
     return int(sum(counts))
