@@ -148,6 +148,20 @@ def test_resampled_scale(tmp_path: Path, synth: Path) -> None:
     assert np.abs(store.tiles[0].astype(np.float32) - expected[:128, :128]).mean() < 6
 
 
+def test_whole_factor_resampling_is_an_exact_box_average(tmp_path: Path) -> None:
+    """Shrinking by exactly 2 averages each 2 x 2 block of the finer level."""
+    slide = write_synthetic_slide(tmp_path / "one.tiff", (2000, 1500), seed=3, n_levels=1)
+    with open_slide(slide) as reader:
+        grid = TileGrid.for_slide(reader, reader.require_mpp(), TilingConfig(mpp=1.0))
+        assert grid.resize and grid.level == 0
+        tiles = read_tiles(reader, grid, grid.all_coords()[:3])
+        full = reader.read_region((0, 0), 0, (1536, 512)).astype(np.float64)
+    blocks = full.reshape(256, 2, 768, 2, 3).mean(axis=(1, 3))
+    for i in range(3):
+        expected = blocks[:, i * 256 : (i + 1) * 256]
+        assert np.abs(tiles[i] - expected).max() <= 0.5 + 1e-9  # rounding only
+
+
 def test_non_integer_downsamples_boxes(tmp_path: Path, slides_dir: Path) -> None:
     boxes = slides_dir / "boxes.tiff"
     with pytest.raises(MissingMppError, match="--mpp-override"):

@@ -81,6 +81,21 @@ class StoredTiles:
             data = tables.removesuffix(_JPEG_EOI) + data.removeprefix(_JPEG_SOI)
         return data
 
+    def read(self, x: int, y: int, size: tuple[int, int]) -> np.ndarray:
+        """The level's pixels from (x, y) (level pixels), ``size`` (w, h) inside the image,
+        assembled from each stored tile the region touches, decoded once."""
+        w, h = size
+        th, tw = self.tile_shape
+        out = np.empty((h, w, 3), dtype=np.uint8)
+        for row in range(y // th, (y + h - 1) // th + 1):
+            for col in range(x // tw, (x + w - 1) // tw + 1):
+                tile = self.decode(row, col)
+                ty, tx = row * th, col * tw
+                y0, y1 = max(y, ty), min(y + h, ty + th)
+                x0, x1 = max(x, tx), min(x + w, tx + tw)
+                out[y0 - y : y1 - y, x0 - x : x1 - x] = tile[y0 - ty : y1 - ty, x0 - tx : x1 - tx]
+        return out
+
     def decode(self, row: int, col: int) -> np.ndarray:
         """Tile (row, col) as RGB uint8 (h, w, 3), decoded as tifffile does.
 
