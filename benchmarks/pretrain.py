@@ -7,7 +7,7 @@ in memory, (c) the full loop from the tile stores; same model, batch and crops, 
 
 Images are tiles (each giving 2 global + n local crops). Target on one H100 for ViT-S/16
 bf16 with 2 + 6 crops: at least 2,000 images/s, and (c) at least 90% of (b).
-Prints a table and writes ``pretrain.json`` beside this script (or ``--json PATH``).
+Prints a table and writes ``results/pretrain.json`` beside this script (or ``--json PATH``).
 Without ``--root`` an archive is made from the CMU-1-Small-Region fixture (or a synthetic
 slide) under ``benchmarks/data/``.
 """
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-threads", type=int)
     p.add_argument("--steps", type=int, default=20, help="measured steps per part")
     p.add_argument("--warmup", type=int, default=5, help="unmeasured steps first")
-    p.add_argument("--json", type=Path, default=HERE / "pretrain.json")
+    p.add_argument("--json", type=Path, default=HERE / "results" / "pretrain.json")
     return p.parse_args(argv)
 
 
