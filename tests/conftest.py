@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import pytest
+
+from wsi_ssl.cli.main import main as cli_main
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
@@ -35,3 +39,11 @@ def patches_dir(fixtures_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def cmu_small(slides_dir: Path) -> Path:
     return slides_dir / "CMU-1-Small-Region.svs"
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """``wsi-ssl`` itself (cli/main.py), in-process: exit code, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli_main(argv)
+    return code, out.getvalue(), err.getvalue()

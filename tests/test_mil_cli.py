@@ -3,10 +3,7 @@ tiled and embedded by the pipeline), the run files, and refusing what a run cann
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import csv
-import io
 import json
 import shutil
 from pathlib import Path
@@ -14,35 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
 from wsi_ssl import mil
-from wsi_ssl.cli import mil as cli_mil
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.embedding import embed
 from wsi_ssl.encoders import create_encoder
-from wsi_ssl.errors import EmptyBagError, EncoderMismatchError, WsiSslError
+from wsi_ssl.errors import EmptyBagError, EncoderMismatchError
 from wsi_ssl.storage import open_store
 from wsi_ssl.synthetic import write_synthetic_slide
 from wsi_ssl.tiling.batch import tile_slides
 
 SMALL = ["--hidden-dim", "32", "--attention-dim", "16", "--threads", "1", "--device", "cpu"]
 LABELS = {"s1.tiff": "pen", "s2.tiff": "pen", "s3.tiff": "clean", "s4.tiff": "clean"}
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    """What ``wsi-ssl`` (cli/main.py) does with the ``mil`` command: exit code, stdout, stderr."""
-    parser = argparse.ArgumentParser(prog="wsi-ssl")
-    cli_mil.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = int(args.func(args))
-        except WsiSslError as e:
-            print(f"wsi-ssl: error: {e}", file=err)
-            code = 2
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

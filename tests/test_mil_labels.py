@@ -2,34 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
-from wsi_ssl.cli import mil as cli_mil
-from wsi_ssl.errors import EmbeddingsNotFoundError, EmptyBagError, LabelsError, WsiSslError
+from wsi_ssl.errors import EmbeddingsNotFoundError, EmptyBagError, LabelsError
 from wsi_ssl.mil import match_labels, read_labels, write_bag_store
 
 ENC = "random-cnn-0123456789ab"
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    """What ``wsi-ssl`` (cli/main.py) does with the ``mil`` command: exit code, stdout, stderr."""
-    parser = argparse.ArgumentParser(prog="wsi-ssl")
-    cli_mil.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = int(args.func(args))
-        except WsiSslError as e:
-            print(f"wsi-ssl: error: {e}", file=err)
-            code = 2
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
