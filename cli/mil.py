@@ -5,12 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tomllib
-from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
-from wsi_ssl.errors import ConfigError
+from wsi_ssl.cli.toml_config import read_toml_config
 from wsi_ssl.mil.config import BALANCE_MODES, BUILTIN_MODELS, MONITORS, MILConfig
 
 # flag -> MILConfig field, for the flags that map one to one
@@ -132,18 +129,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def mil_config(args: argparse.Namespace) -> MILConfig:
     """TOML values overlaid with the flags that were given."""
-    values: dict[str, Any] = {}
-    if args.config is not None:
-        try:
-            values.update(tomllib.loads(args.config.read_text()))
-        except (OSError, tomllib.TOMLDecodeError) as err:
-            raise ConfigError(f"{args.config}: cannot read TOML config ({err})") from err
-    names = {f.name for f in fields(MILConfig)}
-    unknown = set(values) - names
-    if unknown:
-        raise ConfigError(
-            f"{args.config}: unknown keys {sorted(unknown)}; valid keys: {', '.join(sorted(names))}"
-        )
+    values = read_toml_config(args.config, MILConfig)
     values.update({n: getattr(args, n) for n in _CONFIG_FLAGS if getattr(args, n) is not None})
     if values.get("max_tiles") == 0:
         values["max_tiles"] = None

@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tomllib
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from wsi_ssl.cli.toml_config import read_toml_config
 from wsi_ssl.errors import ConfigError, WsiSslError
 from wsi_ssl.ssl.backbones import backbone_names
 from wsi_ssl.ssl.config import (
@@ -90,17 +90,7 @@ def pretrain_config(args: argparse.Namespace, base: PretrainConfig | None = None
         values.update(base.to_dict())
     elif args.preset:
         values.update(PretrainConfig.preset(args.preset).to_dict())
-    if args.config is not None:
-        try:
-            loaded = tomllib.loads(args.config.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as err:
-            raise ConfigError(f"{args.config}: cannot read TOML config ({err})") from err
-        unknown = set(loaded) - names
-        if unknown:
-            raise ConfigError(
-                f"{args.config}: unknown keys {sorted(unknown)}; valid keys: {', '.join(sorted(names))}"
-            )
-        values.update(loaded)
+    values.update(read_toml_config(args.config, PretrainConfig))
     for dest, value in vars(args).items():
         field = _RENAMED.get(dest, dest)
         if field in names and value is not None:

@@ -6,11 +6,10 @@ import argparse
 import csv
 import json
 import sys
-import tomllib
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
+from wsi_ssl.cli.toml_config import read_toml_config
 from wsi_ssl.config import CODECS, TilingConfig
 from wsi_ssl.errors import ConfigError
 
@@ -50,18 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def tiling_config(args: argparse.Namespace) -> TilingConfig:
     """TOML values overlaid with the flags that were given."""
-    values: dict[str, Any] = {}
-    if args.config is not None:
-        try:
-            values.update(tomllib.loads(args.config.read_text()))
-        except (OSError, tomllib.TOMLDecodeError) as err:
-            raise ConfigError(f"{args.config}: cannot read TOML config ({err})") from err
+    values = read_toml_config(args.config, TilingConfig)
     names = {f.name for f in fields(TilingConfig)}
-    unknown = set(values) - names
-    if unknown:
-        raise ConfigError(
-            f"{args.config}: unknown keys {sorted(unknown)}; valid keys: {', '.join(sorted(names))}"
-        )
     values.update({n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
     return TilingConfig(**values)
 

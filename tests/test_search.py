@@ -245,6 +245,14 @@ def test_image_query_finds_its_source_region(
     with pytest.raises(EncoderMismatchError, match="not the index's"):
         index.query_image(path, encoder=create_encoder(ENCODER, seed=1))
     assert index.query_image(path, encoder=ENCODER).n_tiles == 4
+    # the same region scanned at half the resolution: --image-mpp brings it back to scale
+    half = tmp_path / "half.png"
+    Image.fromarray(crop).resize((224, 224), Image.Resampling.BOX).save(half)
+    rescaled = index.search_image(half, image_mpp=2 * mpp, k=3)
+    assert rescaled.query.n_tiles == 4
+    assert rescaled.hits[0].slide_id in (cmu, archive["ids"]["twin"])
+    assert rescaled.hits[0].box[:2] == (x, y)
+    assert index.query_image(half, image_mpp=mpp).n_tiles == 1  # taken at face value: 1 tile
 
 
 def test_slide_retrieval_and_evaluation(archive: dict) -> None:

@@ -302,6 +302,7 @@ def tile_slides(
     paths = collect_slide_paths(inputs)
     overrides = dict(mpp_overrides or {})
     summary = BatchSummary()
+    batch_started = time.perf_counter()
     with tqdm(paths, desc="slides", unit="slide", disable=not progress, dynamic_ncols=True) as bar:
         for path in bar:
             override = overrides.get(str(path), overrides.get(path.name, config.mpp_override))
@@ -327,9 +328,9 @@ def tile_slides(
                     seconds=time.perf_counter() - started,
                 )
             summary.results.append(result)
-            bar.set_postfix(
-                tiles=sum(r.n_tiles for r in summary.results), failed=len(summary.failed)
-            )
+            tiles = sum(r.n_tiles for r in summary.results if r.status == "complete")
+            rate = tiles / max(time.perf_counter() - batch_started, 1e-9)
+            bar.set_postfix(tiles=tiles, tiles_s=f"{rate:.0f}", failed=len(summary.failed))
     return summary
 
 
