@@ -503,3 +503,18 @@ def test_cli_parser_loads_no_heavy_library() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("command", [["tile", "s.tiff", "--out", "o"], ["mil", "train", "r",
+                         "--labels", "l.csv", "--out", "o"], ["pretrain", "r", "--out", "o"]])  # fmt: skip
+def test_bad_toml_config_is_one_line_naming_the_valid_keys(
+    tmp_path: Path, command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("tile_sise = 256\n")
+    assert cli_main([*command, "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown keys ['tile_sise']" in err[0] and "valid keys:" in err[0]
+    config.write_text("not toml [")
+    assert cli_main([*command, "--config", str(config)]) == 2
+    assert "cannot read TOML config" in capsys.readouterr().err
