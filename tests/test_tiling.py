@@ -433,6 +433,20 @@ def test_jpeg_store_keeps_the_scanners_jpeg_streams(synth: Path, tmp_path: Path)
                 assert np.abs(store.tiles[i].astype(int) - expected).mean() < 3
 
 
+def test_stored_jpeg_merges_the_shared_tables(cmu_small: Path) -> None:
+    """Aperio tiles share one JPEGTables tag: the merged stream decodes on its own to the same
+    pixels (CMU-1 is RGB-in-JPEG, so not passed through, but the merge is the same)."""
+    import imagecodecs
+
+    with open_slide(cmu_small, backend="tiffslide") as reader:
+        stored = reader.stored_tiles(0)
+        assert stored is not None and stored.page.jpegtables and not stored.jpeg_passthrough
+        stream = stored.jpeg(3, 4)
+        assert stream.startswith(b"\xff\xd8") and stream.count(b"\xff\xd8") == 1
+        alone = imagecodecs.jpeg8_decode(stream, colorspace="RGB", outcolorspace="RGB")
+        np.testing.assert_array_equal(alone, stored.decode(3, 4))
+
+
 def test_corrupt_stored_tile_is_a_corrupt_slide_error(tmp_path: Path) -> None:
     slide = write_synthetic_slide(tmp_path / "s.tiff", (1024, 768), compression="zlib", seed=1)
     with open_slide(slide, backend="tiffslide") as reader:
