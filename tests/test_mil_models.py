@@ -80,6 +80,21 @@ def test_transmil_attention_folds_padding_back_onto_tiles() -> None:
     for n in (2, 3, 5, 10, 17):  # 17 -> 5x5 grid: 8 padding copies
         _, att = model(torch.randn(n, 12))
         assert att.shape == (n,) and att.sum().item() == pytest.approx(1.0, abs=1e-5)
+    # 17 tiles on a 5 x 5 grid: tiles 0..7 are repeated as padding, so each of them gets its
+    # own weight plus its copy's; 8..16 only their own (the class token's row, tile by tile)
+    bag = torch.randn(17, 12)
+    captured = {}
+
+    def grab(module: torch.nn.Module, inputs: object, output: tuple) -> None:
+        captured["w"] = output[1]
+
+    hook = model.layers[-1].register_forward_hook(grab)
+    _, att = model(bag)
+    hook.remove()
+    row = captured["w"][0, 1:]  # over the class token and 25 grid tokens; drop the class token
+    folded = row[:17].clone()
+    folded[:8] += row[17:25]
+    torch.testing.assert_close(att, folded / folded.sum(), rtol=1e-5, atol=1e-6)
 
 
 def test_meanpool_attention_is_uniform() -> None:

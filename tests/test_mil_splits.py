@@ -98,6 +98,22 @@ def test_training_folds_never_share_a_patient(tmp_path) -> None:
     assert all(f.n_val > 0 for f in result.folds)
 
 
+def test_validation_split_never_shares_a_patient_with_training() -> None:
+    """The early-stopping split inside a fold's training slides keeps patients whole."""
+    from wsi_ssl.mil.training import _inner_split
+
+    rng = np.random.default_rng(3)
+    for seed in range(10):
+        groups = [f"P{int(p)}" for p in rng.integers(0, 15, 40)]
+        y = np.array([int(g[1:]) % 2 for g in groups])  # label follows the patient
+        val, note = _inner_split(y, groups, ["neg", "pos"], 0.25, seed)
+        assert val is not None and note is None and 0 < val.sum() < len(y)
+        for patient in set(groups):
+            sides = {bool(val[i]) for i, g in enumerate(groups) if g == patient}
+            assert len(sides) == 1, patient
+        assert set(y[val]) == {0, 1}  # stratified: both classes in validation
+
+
 def test_a_fold_column_replaces_the_generated_split(tmp_path) -> None:
     import csv
 
