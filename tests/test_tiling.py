@@ -190,6 +190,21 @@ def test_slide_smaller_than_a_tile(tmp_path: Path, slides_dir: Path) -> None:
     assert tile[:16, :16].std() > 0
 
 
+def test_generated_slide_smaller_than_a_tile(tmp_path: Path) -> None:
+    """A 200 x 150 px pyramid (one 256 px stored tile, part of it padding): one tile, the
+    slide's pixels in its corner and white beyond, never the file's padding bytes."""
+    slide = write_synthetic_slide(tmp_path / "tiny.tiff", (200, 150), seed=4, n_levels=1)
+    config = TilingConfig(tissue_threshold=0.0)
+    result = tile_slide(slide, tmp_path / "root", config)
+    store = open_store(tmp_path / "root").slide(result.slide_id)  # type: ignore[arg-type]
+    assert store.n_tiles == 1 and store.coords.tolist() == [[0, 0]]
+    tile = store.tiles[0].astype(int)
+    assert (tile[150:, :] >= 250).all() and (tile[:, 200:] >= 250).all()  # white (JPEG)
+    with open_slide(slide) as reader:
+        expected = reader.read_region((0, 0), 0, (200, 150)).astype(int)
+    assert np.abs(tile[:150, :200] - expected).mean() < 3
+
+
 def test_qptiff_falls_back_to_tiffslide(tmp_path: Path, slides_dir: Path) -> None:
     result = tile_slide(
         slides_dir / "small_vectra.qptiff", tmp_path, TilingConfig(tissue_threshold=0.0)
