@@ -4,7 +4,6 @@ with weights from a local file. Both libraries are imported only when such an en
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -30,11 +29,6 @@ __all__ = ["build_timm", "build_torchvision"]
 def _import(module: str) -> Any:
     import importlib
 
-    # A CUDA torchvision beside a CPU torch cannot load its compiled ops and fails on import;
-    # wsi_ssl.ssl._compat retries it without them (timm and these encoders need none).
-    # TODO(lead): move that shim to a shared module; it is the pretraining package's today.
-    with contextlib.suppress(Exception):
-        importlib.import_module("wsi_ssl.ssl._compat")
     try:
         return importlib.import_module(module)
     except Exception as err:  # a broken install raises RuntimeError/OSError, not ImportError

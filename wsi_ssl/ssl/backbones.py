@@ -104,9 +104,6 @@ def _vit(
     drop_path_rate: float,
     input_size: int,
 ) -> nn.Module:
-    import wsi_ssl.ssl._compat  # noqa: F401  (torchvision import guard, needed before timm)
-
-    # isort: split
     from timm.models.vision_transformer import VisionTransformer
 
     return VisionTransformer(
@@ -122,9 +119,6 @@ def _vit(
 
 
 def _resnet(*, channels: tuple[int, ...], stem_width: int, drop_path_rate: float) -> nn.Module:
-    import wsi_ssl.ssl._compat  # noqa: F401
-
-    # isort: split
     from timm.models.resnet import BasicBlock, ResNet
 
     return ResNet(

@@ -17,12 +17,8 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor, nn
-
-import wsi_ssl.ssl._compat  # noqa: F401  (torchvision import guard, before lightly)
-
-# isort: split
 from lightly.models.modules import DINOProjectionHead
+from torch import Tensor, nn
 
 from wsi_ssl.ssl.backbones import build_backbone, get_spec
 from wsi_ssl.ssl.config import PretrainConfig

@@ -16,9 +16,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import wsi_ssl.ssl._compat  # noqa: F401  (torchvision import guard, before lightly)
-
-# isort: split
 from lightly.utils.scheduler import cosine_schedule
 
 from wsi_ssl.ssl.config import PretrainConfig

@@ -45,14 +45,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.utils.data import DataLoader
-
-import wsi_ssl.ssl._compat  # noqa: F401  (torchvision import guard, before lightly)
-
-# isort: split
 from lightly.loss import DINOLoss
 from lightly.models.utils import update_momentum
+from torch import nn
+from torch.utils.data import DataLoader
 
 from wsi_ssl.errors import (
     CheckpointError,

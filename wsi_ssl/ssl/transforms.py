@@ -20,13 +20,9 @@ per tile so that a run is reproducible whatever the number of loader workers.
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
-
-import wsi_ssl.ssl._compat  # noqa: F401  (torchvision import guard, before lightly)
-
-# isort: split
 from lightly.transforms import DINOTransform
 from lightly.transforms.torchvision_v2_compatibility import torchvision_transforms as T
+from PIL import Image
 
 from wsi_ssl.ssl.config import PretrainConfig
 
