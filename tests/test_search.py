@@ -300,6 +300,27 @@ def test_approximate_index_reaches_the_promised_recall() -> None:
             assert calibration["met"] and recall >= 0.95
 
 
+def test_auto_picks_the_kind_by_archive_size() -> None:
+    from wsi_ssl.search.config import IndexConfig, plan_index
+
+    config = IndexConfig()
+    sizes = {
+        1_000: "flat",
+        config.flat_max: "flat",
+        config.flat_max + 1: "hnsw",
+        config.hnsw_max: "hnsw",
+        config.hnsw_max + 1: "ivfpq",
+        10_000_000: "ivfpq",
+    }
+    for n, kind in sizes.items():
+        plan = plan_index(n, 384, config)
+        assert plan["kind"] == kind, (n, plan)
+        if kind == "ivfpq":  # more lists for more vectors, enough training rows per list
+            assert plan["nlist"] >= 1024 and plan["train_size"] >= 39 * plan["nlist"]
+    small, large = (plan_index(n, 384, IndexConfig(kind="ivfpq")) for n in (200_000, 10**7))
+    assert small["nlist"] < large["nlist"]
+
+
 # -- bad input -------------------------------------------------------------------------------
 
 
