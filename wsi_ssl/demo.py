@@ -78,11 +78,12 @@ def run_demo(
         slides = list(demo)
         labels = {path.name: label for path, label in demo.items()} if labels is None else labels
     result = DemoResult(root, [Path(s) for s in slides])
+    show = echo or (lambda _: None)
 
     def say(*lines: str) -> None:
         result.lines.extend(lines)
         for line in lines:
-            (echo or (lambda _: None))(line)
+            show(line)
 
     say("== tile")
     summary = tile_slides(result.slides, root, TilingConfig(), progress=progress)

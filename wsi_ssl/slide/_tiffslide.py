@@ -61,11 +61,12 @@ class TiffSlideReader(BaseSlideReader):
     def _unsupported(self, err: Exception) -> UnsupportedSlideError:
         return UnsupportedSlideError(self.path, {self.backend: f"{type(err).__name__}: {err}"})
 
+    def _series(self) -> tifffile.TiffPageSeries:
+        """The image series tiffslide reads (its levels are the pyramid)."""
+        return self._slide.ts_tifffile.series[int(self._slide.properties["tiffslide.series-index"])]
+
     def _level0_page(self) -> tifffile.TiffPage:
-        series = self._slide.ts_tifffile.series[
-            int(self._slide.properties["tiffslide.series-index"])
-        ]
-        return series.keyframe
+        return self._series().keyframe
 
     @property
     def tiled(self) -> bool:
@@ -78,12 +79,11 @@ class TiffSlideReader(BaseSlideReader):
 
     @cached_property
     def _stored_levels(self) -> dict[int, StoredTiles]:
-        series = self._slide.ts_tifffile.series[
-            int(self._slide.properties["tiffslide.series-index"])
-        ]
         if self._alpha:
             return {}
-        levels = {i: StoredTiles.of(self.path, lv.keyframe) for i, lv in enumerate(series.levels)}
+        levels = {
+            i: StoredTiles.of(self.path, lv.keyframe) for i, lv in enumerate(self._series().levels)
+        }
         return {i: stored for i, stored in levels.items() if stored is not None}
 
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:

@@ -5,8 +5,8 @@ order TIFF files store theirs. A tile that coincides with one of the file's own 
 decoded from it directly, or, for a JPEG store and a YCbCr JPEG file, its JPEG stream is
 copied as it is (no decode, no re-encode, no second generation of loss). Other tiles are read
 as horizontal strips of row neighbours, resampled once when the read level is not the target
-scale. The task writes its chunk, one whole Zarr shard, straight into the store. Nothing but coordinates crosses the graph, so memory
-per worker is one chunk whatever the slide size.
+scale. The task writes its chunk, one whole Zarr shard, straight into the store. Nothing but
+coordinates crosses the graph, so memory per worker is one chunk whatever the slide size.
 """
 
 from __future__ import annotations
