@@ -7,10 +7,10 @@ import sys
 from collections.abc import Sequence
 
 from wsi_ssl import __version__
-from wsi_ssl.cli import demo, embed, mil, pretrain, search, tile
+from wsi_ssl.cli import demo, embed, mil, pretrain, search, serve, tile
 from wsi_ssl.errors import WsiSslError
 
-COMMANDS = (tile, pretrain, embed, search, mil, demo)
+COMMANDS = (tile, pretrain, embed, search, mil, serve, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -123,6 +123,7 @@ def run_demo(
     say("== search (region query)")
     _, gallery, lines = demo_region_gallery(root, out / "gallery.png", encoder=embedded.encoder_id)
     say(*lines)
+    say(f"browse it: wsi-ssl serve {root} --index {embedded.encoder_id}")
     result.pictures.append(gallery)
 
     say("== MIL (attention MIL, cross-validated)")

@@ -1,0 +1,266 @@
+"""The pathologist's web page: the real uvicorn server on loopback over a real FAISS index of
+CMU-1-Small-Region, a byte-different copy (its "twin": same pixels, another slide id) and a
+synthetic slide, tiled losslessly and embedded with the random-init CNN."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsi_ssl.config import TilingConfig
+from wsi_ssl.embedding import EmbedConfig, embed
+from wsi_ssl.search import SearchIndex
+from wsi_ssl.serve import create_app
+from wsi_ssl.storage import open_store
+from wsi_ssl.synthetic import write_synthetic_slide
+from wsi_ssl.tiling.batch import tile_slide
+
+uvicorn = pytest.importorskip("uvicorn")
+
+TILING = TilingConfig(tile_size=224, codec="zstd", tiles_per_chunk=16)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory, cmu_small: Path) -> dict[str, Any]:
+    base = tmp_path_factory.mktemp("serve")
+    twin = base / "CMU-twin.svs"
+    shutil.copy(cmu_small, twin)
+    with open(twin, "ab") as f:  # same pixels, another fingerprint -> another slide id
+        f.write(b"\0" * 16)
+    root = base / "root"
+    ids = {}
+    for key, path in (
+        ("cmu", cmu_small),
+        ("twin", twin),
+        ("s1", write_synthetic_slide(base / "s1.tiff", (2560, 1920), seed=1)),
+    ):
+        ids[key] = tile_slide(path, root, TILING).slide_id
+    summary = embed(root, "random-cnn", EmbedConfig(batch_size=32, device="cpu", workers=0))
+    assert not summary.failed
+    SearchIndex.build(root, "random-cnn", kind="flat")
+    return {"root": root, "ids": ids}
+
+
+@pytest.fixture(scope="module")
+def server(archive: dict[str, Any]) -> Iterator[str]:
+    """``create_app`` under uvicorn in a thread, on a free loopback port; yields the base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    app = create_app(SearchIndex.open(archive["root"]))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+def _get(url: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, r.headers["Content-Type"], r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers["Content-Type"], err.read()
+
+
+def _post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_page_and_index_summary(server: str, archive: dict[str, Any]) -> None:
+    status, ctype, body = _get(server + "/")
+    assert status == 200 and ctype.startswith("text/html")
+    page = body.decode()
+    assert "/api/search" in page and "/api/slides" in page and 'id="viewer"' in page
+    status, _, body = _get(server + "/api/index")
+    info = json.loads(body)
+    stores = [open_store(archive["root"]).slide(s) for s in archive["ids"].values()]
+    assert info["n_vectors"] == sum(s.n_tiles for s in stores) and info["n_slides"] == 3
+    status, _, body = _get(server + "/api/slides")
+    listed = {s["slide_id"]: s for s in json.loads(body)}
+    assert set(listed) == set(archive["ids"].values())
+    assert listed[archive["ids"]["twin"]]["name"] == "CMU-twin.svs"
+
+
+def test_slide_details_and_thumbnail_pixels(server: str, archive: dict[str, Any]) -> None:
+    store = open_store(archive["root"]).slide(archive["ids"]["cmu"])
+    status, _, body = _get(server + "/api/slides/CMU-1-Small-Region.svs")  # by file name
+    details = json.loads(body)
+    assert status == 200 and details["slide_id"] == store.slide_id
+    assert details["dimensions"] == list(store.source["dimensions"])
+    h, w = store.thumbnail.shape[:2]
+    assert details["thumbnail_size"] == [w, h]
+    status, ctype, body = _get(server + f"/api/slides/{store.slide_id[:8]}/thumbnail.png")
+    assert status == 200 and ctype == "image/png"
+    assert np.array_equal(_png(body), store.thumbnail)  # PNG is lossless
+
+
+def test_region_picture_is_the_stored_tile(server: str, archive: dict[str, Any]) -> None:
+    store = open_store(archive["root"]).slide(archive["ids"]["s1"])
+    row = store.n_tiles // 2
+    x, y = (int(v) for v in store.coords[row])
+    size = round(store.tiling["tile_size_level0"])
+    url = f"{server}/api/slides/{store.slide_id}/region.png?box={x},{y},{size},{size}&px=224"
+    status, _, body = _get(url)
+    assert status == 200 and np.array_equal(_png(body), np.asarray(store.tiles[row]))
+    # the outlined version differs from it only on the tile's border
+    status, _, body = _get(url + f"&outline={row}")
+    diff = np.any(_png(body) != np.asarray(store.tiles[row]), axis=-1)
+    assert diff.any() and not diff[3:-3, 3:-3].any()
+
+
+def test_region_search_finds_the_twin(server: str, archive: dict[str, Any]) -> None:
+    cmu, twin = archive["ids"]["cmu"], archive["ids"]["twin"]
+    coords = open_store(archive["root"]).slide(cmu).coords
+    box = [int(coords[0, 0]), int(coords[0, 1]), 448, 448]
+    status, answer = _post(
+        server + "/api/search", {"slide": cmu, "box": box, "k": 3, "exclude_self": True}
+    )
+    assert status == 200 and answer["mode"] == "regions"
+    top = answer["hits"][0]
+    assert top["slide_id"] == twin and top["box"][:2] == box[:2]
+    assert all(h["slide_id"] != cmu for h in answer["hits"])
+    query_tiles = answer["query"]["tiles"]
+    assert query_tiles and top["n_tiles"] >= len(query_tiles)
+    # the hit's picture is the query's picture: same pixels on the twin
+    _, _, hit_png = _get(server + top["image"].split("&outline=")[0])
+    _, _, query_png = _get(server + answer["query"]["image"].split("&outline=")[0])
+    assert np.array_equal(_png(hit_png), _png(query_png))
+
+
+def test_tile_and_slide_modes(server: str, archive: dict[str, Any]) -> None:
+    cmu, twin = archive["ids"]["cmu"], archive["ids"]["twin"]
+    coords = open_store(archive["root"]).slide(cmu).coords
+    x, y = (int(v) for v in coords[5])
+    box = [x, y, 224, 224]
+    status, answer = _post(
+        server + "/api/search",
+        {"slide": cmu, "box": box, "k": 2, "mode": "tiles", "exclude_self": True},
+    )
+    best = answer["hits"][0]
+    assert status == 200 and (best["slide_id"], best["x"], best["y"]) == (twin, x, y)
+    assert best["score"] == pytest.approx(1.0, abs=1e-3)
+    assert best["box"] == [x - 224, y - 224, 672, 672]  # the tile in its context
+    status, answer = _post(
+        server + "/api/search",
+        {"slide": cmu, "box": box, "mode": "slides", "exclude_self": True},
+    )
+    assert status == 200 and answer["hits"][0]["slide_id"] == twin
+    status, _, body = _get(server + answer["hits"][0]["image"])
+    assert status == 200 and _png(body).ndim == 3
+
+
+def test_bad_requests_get_readable_errors(server: str, archive: dict[str, Any]) -> None:
+    status, body = _post(server + "/api/search", {"slide": "nope", "box": [0, 0, 500, 500]})
+    assert status == 404 and body["type"] == "UnknownSlideError" and "nope" in body["error"]
+    cmu = archive["ids"]["cmu"]
+    status, body = _post(server + "/api/search", {"slide": cmu, "box": [10**7, 10**7, 50, 50]})
+    assert status == 400 and body["type"] == "RegionOutsideSlideError"
+    assert "outside the slide" in body["error"]
+    status, body = _post(server + "/api/search", {"slide": cmu, "box": [0, 0, 50, 50], "k": 0})
+    assert status == 422  # validated before it reaches the index
+    status, _, raw = _get(f"{server}/api/slides/{cmu}/region.png?box=1,2,three,4")
+    assert status == 400 and "X,Y,W,H" in json.loads(raw)["error"]
+    status, _, raw = _get(f"{server}/api/slides/{cmu}/region.png?box=0,0,100,100&px=5000")
+    assert status == 400 and "px" in json.loads(raw)["error"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_cli_serves_until_interrupted(archive: dict[str, Any]) -> None:
+    cmd = [sys.executable, "-m", "wsi_ssl.cli.main", "serve", str(archive["root"]), "--port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "serving index random-cnn" in line, proc.stderr.read() if proc.stderr else ""
+        url = line.split(" at ")[1].split()[0]
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                status, _, body = _get(url + "api/slides")
+                break
+            except urllib.error.URLError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert status == 200 and len(json.loads(body)) == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(30)
+    assert code == 0
+
+
+def test_cli_errors_are_one_line(archive: dict[str, Any], tmp_path: Path) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", _free_port()))
+    taken.listen()
+    try:
+        port = str(taken.getsockname()[1])
+        for argv, words in (
+            (["serve", str(archive["root"]), "--port", port], "pass another --port"),
+            (["serve", str(tmp_path)], "wsi-ssl index"),
+        ):
+            proc = subprocess.run(
+                [sys.executable, "-m", "wsi_ssl.cli.main", *argv],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert proc.returncode == 2 and proc.stdout == ""
+            lines = proc.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("wsi-ssl: error:"), proc.stderr
+            assert words in lines[0]
+    finally:
+        taken.close()
+
+
+def test_page_script_parses(tmp_path: Path) -> None:
+    """The page's script is valid JavaScript (checked by node where the machine has it)."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    from wsi_ssl.serve.app import STATIC
+
+    html = (STATIC / "index.html").read_text()
+    script = html.split("<script>", 1)[1].split("</script>", 1)[0]
+    path = tmp_path / "page.js"
+    path.write_text(script)
+    proc = subprocess.run([node, "--check", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
