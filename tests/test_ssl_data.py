@@ -91,7 +91,7 @@ def test_dataset_reads_tiles_and_is_worker_safe(cmu_root: Path) -> None:
         ds.read_tile(len(ds))
     ds.read_tile(0)  # opens handles; pickling must drop them
     clone = pickle.loads(pickle.dumps(ds))
-    assert clone._arrays == {} and torch.equal(clone[5], ds[5])
+    assert clone._readers == {} and torch.equal(clone[5], ds[5])
     indices = list(range(0, 64, 3))
     in_process = torch.stack([ds[i] for i in indices])
     loader = DataLoader(ds, batch_size=len(indices), sampler=indices, num_workers=2)

@@ -40,6 +40,7 @@ from wsi_ssl.errors import (
     WsiSslError,
 )
 from wsi_ssl.storage import open_store
+from wsi_ssl.storage.tile_reader import TileReader
 
 __all__ = ["SlideEntry", "StepBatchSampler", "TileDataset", "describe_sources", "scan_stores"]
 
@@ -207,7 +208,7 @@ class TileDataset(Dataset):
         sizes = [e.n_tiles for e in self.entries]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self._pid: int | None = None
-        self._arrays: dict[int, Any] = {}
+        self._readers: dict[int, TileReader] = {}
 
     @property
     def slide_sizes(self) -> list[int]:
@@ -223,20 +224,20 @@ class TileDataset(Dataset):
         slide = bisect.bisect_right(self.offsets, index) - 1
         return slide, index - int(self.offsets[slide])
 
-    def _tiles(self, slide: int) -> Any:
+    def _tiles(self, slide: int) -> TileReader:
         if self._pid != os.getpid():  # a fresh process (DataLoader worker): own handles
             self._pid = os.getpid()
-            self._arrays = {}
-        if slide not in self._arrays:
+            self._readers = {}
+        if slide not in self._readers:
             e = self.entries[slide]
-            self._arrays[slide] = open_store(e.root).slide(e.slide_id).tiles
-        return self._arrays[slide]
+            self._readers[slide] = TileReader(open_store(e.root).slide(e.slide_id).tiles)
+        return self._readers[slide]
 
     def read_tile(self, index: int) -> np.ndarray:
         """The uint8 ``(T, T, 3)`` tile at a dataset index."""
         slide, tile = self.locate(int(index))
         try:
-            return np.asarray(self._tiles(slide)[tile])
+            return self._tiles(slide)[tile]
         except WsiSslError:
             raise
         except Exception as err:
@@ -257,7 +258,7 @@ class TileDataset(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_pid"] = None
-        state["_arrays"] = {}
+        state["_readers"] = {}
         return state
 
 
