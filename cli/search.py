@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Literal
 
 KINDS = ("auto", "flat", "hnsw", "ivfpq")
 
@@ -194,7 +195,7 @@ def run_search(args: argparse.Namespace) -> int:
         raise ConfigError("--xy and --box go with --slide, not --image")
     if args.k < 1:
         raise ConfigError(f"-k must be >= 1, got {args.k}")
-    mode = "slides" if args.slides else None
+    mode: Literal["slides"] | None = "slides" if args.slides else None
     if args.image is not None:
         query = index.query_image(
             args.image, image_mpp=args.image_mpp, encoder=args.encoder, weights=args.weights

@@ -8,6 +8,7 @@ import json
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from wsi_ssl.cli.toml_config import read_toml_config
 from wsi_ssl.config import CODECS, TilingConfig
@@ -121,7 +122,7 @@ def run_info(args: argparse.Namespace) -> int:
     from wsi_ssl.slide import open_slide
 
     with open_slide(args.slide, mpp_override=args.mpp_override) as reader:
-        info = {
+        info: dict[str, Any] = {
             "path": str(reader.path),
             "reader": reader.backend,
             "vendor": reader.vendor,

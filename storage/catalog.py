@@ -100,6 +100,15 @@ class Catalog:
                 args,
             ).fetchall()
         return [
-            CatalogEntry(*row[:7], tiling=None if row[7] is None else json.loads(row[7]))
-            for row in rows
+            CatalogEntry(
+                slide_id,
+                path,
+                name,
+                fingerprint,
+                status,
+                n_tiles,
+                error,
+                None if tiling is None else json.loads(tiling),
+            )
+            for slide_id, path, name, fingerprint, status, n_tiles, error, tiling in rows
         ]

@@ -9,7 +9,7 @@ wsi-ssl installed can decode the stores.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import imagecodecs
 import numpy as np
@@ -17,7 +17,7 @@ import zarr
 from zarr.abc.codec import ArrayBytesCodec
 from zarr.codecs import BytesCodec, ZstdCodec
 from zarr.core.array_spec import ArraySpec
-from zarr.core.buffer import Buffer, NDBuffer
+from zarr.core.buffer import Buffer, NDArrayLike, NDBuffer
 
 JPEG_CODEC_NAME = "wsi_ssl.jpeg"
 
@@ -38,7 +38,9 @@ class JpegCodec(ArrayBytesCodec):
 
     def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
         image = imagecodecs.jpeg8_decode(chunk_bytes.as_numpy_array().tobytes())
-        return chunk_spec.prototype.nd_buffer.from_ndarray_like(image.reshape(chunk_spec.shape))
+        # zarr's NDArrayLike protocol predates numpy 2's overloaded ndarray stubs (zarr casts too)
+        pixels = cast(NDArrayLike, image.reshape(chunk_spec.shape))
+        return chunk_spec.prototype.nd_buffer.from_ndarray_like(pixels)
 
     def encode_tile(self, tile: np.ndarray) -> bytes:
         """JPEG bytes of a uint8 (..., H, W, 3) array, stacked vertically."""

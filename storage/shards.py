@@ -25,6 +25,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
+from zarr.core.metadata import ArrayV3Metadata
 from zarr.storage import LocalStore
 
 from wsi_ssl.storage.codecs import JpegCodec
@@ -34,9 +35,14 @@ _EMPTY = np.uint64(2**64 - 1)
 
 def _inner_codecs(array: zarr.Array) -> tuple[Any, ...]:
     """The codecs of the one-tile inner chunks when the layout is the one written here, else ()."""
-    if not isinstance(array.store, LocalStore) or len(array.metadata.codecs) != 1:
+    metadata = array.metadata
+    if (
+        not isinstance(array.store, LocalStore)
+        or not isinstance(metadata, ArrayV3Metadata)
+        or len(metadata.codecs) != 1
+    ):
         return ()
-    sharding = array.metadata.codecs[0]
+    sharding = metadata.codecs[0]
     if not isinstance(sharding, ShardingCodec) or sharding.chunk_shape[0] != 1:
         return ()
     index_ok = (
@@ -85,7 +91,7 @@ def write_shard(
     index[: len(blobs), 0] = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uint64)
     index_bytes = index.tobytes()
     crc = google_crc32c.value(index_bytes).to_bytes(4, "little")
-    key = array.metadata.chunk_key_encoding.encode_chunk_key((shard, 0, 0, 0))
+    key = array.metadata.encode_chunk_key((shard, 0, 0, 0))
     path = Path(array.store.root) / array.path / key  # type: ignore[attr-defined]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")

@@ -6,8 +6,9 @@ The attribute keys and array names here are a contract other tools read (docs/AR
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import zarr
@@ -116,22 +117,26 @@ class SlideStore:
         self.group.attrs["status"] = STATUS_COMPLETE
 
     # -- contents --------------------------------------------------------------------------
+    def _array(self, name: str) -> zarr.Array:
+        """The member array ``name`` (zarr types a group's members as array or group)."""
+        return cast(zarr.Array, self.group[name])
+
     @property
     def slide_id(self) -> str:
         return self.path.name.removesuffix(".zarr")
 
     @property
     def source(self) -> dict[str, Any]:
-        return dict(self.group.attrs["source"])
+        return dict(cast("Mapping[str, Any]", self.group.attrs["source"]))
 
     @property
     def tiling(self) -> dict[str, Any]:
-        return dict(self.group.attrs["tiling"])
+        return dict(cast("Mapping[str, Any]", self.group.attrs["tiling"]))
 
     @property
     def tiles(self) -> zarr.Array:
         """uint8 (N, T, T, 3), one tile per inner chunk, ``tiles_per_chunk`` tiles per shard."""
-        return self.group["tiles"]  # type: ignore[return-value]
+        return self._array("tiles")
 
     @property
     def n_tiles(self) -> int:
@@ -140,19 +145,19 @@ class SlideStore:
     @property
     def coords(self) -> np.ndarray:
         """int64 (N, 2): level-0 x, y of each tile's top-left corner."""
-        return np.asarray(self.group["coords"][:])
+        return np.asarray(self._array("coords")[:])
 
     @property
     def tissue_fraction(self) -> np.ndarray:
-        return np.asarray(self.group["tissue_fraction"][:])
+        return np.asarray(self._array("tissue_fraction")[:])
 
     @property
     def thumbnail(self) -> np.ndarray:
-        return np.asarray(self.group["thumbnail"][:])
+        return np.asarray(self._array("thumbnail")[:])
 
     @property
     def tissue_mask(self) -> np.ndarray:
-        return np.asarray(self.group["tissue_mask"][:])
+        return np.asarray(self._array("tissue_mask")[:])
 
     def tiles_dask(self) -> da.Array:
         """The tiles as a dask array, one block per shard."""

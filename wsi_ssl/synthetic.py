@@ -311,8 +311,8 @@ def _render(
         else:
             r0, r1 = _NUCLEUS_RADIUS
             mean_area = np.pi * (r0 * r0 + r0 * r1 + r1 * r1) / 3.0 / _CELL**2  # E[pi r^2]
-            coverage = _nucleus_probability(_density(layout, xs, ys, downsample)) * mean_area
-            coverage = (coverage * (1.0 - lumen)).astype(np.float32)
+            expected = _nucleus_probability(_density(layout, xs, ys, downsample)) * mean_area
+            coverage = (expected * (1.0 - lumen)).astype(np.float32)
             tone = np.full((h, w), 0.5)
         tone = tone.astype(np.float32)[..., None]
         nucleus = _HEMATOXYLIN_DARK + (_HEMATOXYLIN_LIGHT - _HEMATOXYLIN_DARK) * tone

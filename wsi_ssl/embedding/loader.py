@@ -12,7 +12,7 @@ one corrupt slide does not stop the loader.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -96,7 +96,9 @@ def make_loader(
     dataset: TileBatches, *, workers: int, pin_memory: bool, prefetch: int
 ) -> DataLoader[TileBatch]:
     """A DataLoader that passes the worker-made batches through unchanged."""
-    kwargs = {"prefetch_factor": prefetch, "persistent_workers": False} if workers > 0 else {}
+    kwargs: dict[str, Any] = (
+        {"prefetch_factor": prefetch, "persistent_workers": False} if workers > 0 else {}
+    )
     return DataLoader(
         dataset,
         batch_size=None,

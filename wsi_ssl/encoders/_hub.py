@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -80,9 +80,11 @@ def _load_timm(
     )
     with seeded(seed):
         model = build_timm(config)
+    # a plain attribute of timm models; nn.Module types unknown attributes as Tensor | Module
+    num_features = cast(int, model.num_features)
     config = dataclasses.replace(
         config,
-        embed_dim=int(model.num_features),
+        embed_dim=int(num_features),
         **{k: v for k, v in overrides.items() if k not in ("name", "input_size")},
     )
     return finish_encoder(model, config, weights=path, seed=seed)

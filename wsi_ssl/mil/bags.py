@@ -77,7 +77,7 @@ def write_bag_store(
     path = Path(root) / "slides" / f"{slide_id}.zarr"
     path.parent.mkdir(parents=True, exist_ok=True)
     group = zarr.open_group(path, mode="w", zarr_format=3)
-    source = {
+    source: dict[str, Any] = {
         "path": name or f"{slide_id}.bag",
         "fingerprint": slide_id,
         "reader": "bag",

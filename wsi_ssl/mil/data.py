@@ -8,7 +8,7 @@ cache, and during training subsamples large bags afresh every epoch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,7 +151,7 @@ class EpochOrder(torch.utils.data.Sampler):
     def __init__(self) -> None:
         self.keys: list[tuple[int, int]] = []
 
-    def set(self, order: Sequence[int], epoch: int) -> None:
+    def set(self, order: Iterable[int], epoch: int) -> None:
         self.keys = [(int(i), epoch) for i in order]
 
     def __iter__(self):  # type: ignore[no-untyped-def]

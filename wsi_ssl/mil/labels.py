@@ -408,10 +408,10 @@ def match_labels(
         else:
             missing.append(r)
     if ambiguous:
-        r, ids = ambiguous[0]
+        r, stores = ambiguous[0]
         raise LabelsError(
             table.path,
-            f"{r.slide!r} on line {r.line} names {len(ids)} stores ({', '.join(ids)}); "
+            f"{r.slide!r} on line {r.line} names {len(stores)} stores ({', '.join(stores)}); "
             "use the slide id instead",
             [a.line for a, _ in ambiguous],
         )

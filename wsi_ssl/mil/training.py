@@ -163,7 +163,8 @@ def _folds_from_table(report: MatchReport, config: MILConfig, seed: int) -> tupl
         values = sorted({s.fold for s in slides if s.fold is not None})
         if len(values) < 2:
             raise LabelsError(report.labels_path, "the slides left have a single 'fold' value")
-        index = {v: i for i, v in enumerate(values)}
+        # read_labels gives every slide a fold once the column is there: no fold is None here
+        index: dict[int | None, int] = {v: i for i, v in enumerate(values)}
         return np.array([index[s.fold] for s in slides], dtype=np.int64), "csv"
     y = [s.y for s in slides]
     groups = [s.patient for s in slides]

@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -184,7 +184,9 @@ def _opq_gain(sample: np.ndarray, m: int, nbits: int, seed: int) -> tuple[Any, f
         pq.cp.seed = seed
         pq.cp.niter = 15
         pq.train(train)
-        rec = pq.decode(pq.compute_codes(test))
+        # faiss's stubs give decode the SWIG signature (codes, out) -> None; the Python
+        # wrapper takes the codes and returns the vectors
+        rec = pq.decode(pq.compute_codes(test))  # type: ignore[call-arg, func-returns-value]
         return float(((rec - test) ** 2).sum(axis=1).mean())
 
     opq = faiss.OPQMatrix(dim, m)
@@ -225,6 +227,8 @@ def _train_ivfpq(
     t0 = time.perf_counter()
     km = faiss.Kmeans(dim, nlist, niter=10, seed=config.seed, verbose=False)
     km.train(xt)
+    assert km.centroids is not None  # set by train()
+    quantizer: faiss.Index
     if plan["quantizer"] == "hnsw":
         quantizer = faiss.IndexHNSWFlat(dim, 32)
         quantizer.hnsw.efConstruction = 80
@@ -337,7 +341,7 @@ def _hnsw_ground_truth(
     import faiss
 
     import_ids = faiss.vector_to_array(index.id_map)
-    hnsw = faiss.downcast_index(index.index)
+    hnsw = cast("faiss.IndexHNSW", faiss.downcast_index(index.index))  # typed as the base
     storage = faiss.downcast_index(hnsw.storage)
     q = storage.reconstruct_batch(rows.astype(np.int64))
     sims, internal = storage.search(q, min(GT_DEPTH, index.ntotal))
@@ -436,22 +440,26 @@ def search_params(params: dict[str, Any], k: int, selector: Any = None) -> Any:
     """
     import faiss
 
+    # faiss's stubs lack SearchParametersHNSW and type the constructors without the keyword
+    # arguments its Python wrapper accepts (SearchParametersXX(field=value, ...))
     kind = params["kind"]
     if kind == "flat":
-        return faiss.SearchParameters(sel=selector) if selector is not None else None
+        if selector is None:
+            return None
+        return faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
     if kind == "hnsw":
-        return faiss.SearchParametersHNSW(
+        return faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
             efSearch=max(int(params.get("efSearch", 64)), k), sel=selector
         )
-    ivf = faiss.SearchParametersIVF(nprobe=int(params.get("nprobe", 16)))
+    ivf = faiss.SearchParametersIVF(nprobe=int(params.get("nprobe", 16)))  # type: ignore[call-arg]
     if selector is not None:
         ivf.sel = selector
     if params.get("quantizer") == "hnsw":
-        ivf.quantizer_params = faiss.SearchParametersHNSW(
+        ivf.quantizer_params = faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
             efSearch=max(64, 2 * int(params.get("nprobe", 16)))
         )
     if params.get("opq"):
-        return faiss.SearchParametersPreTransform(index_params=ivf)
+        return faiss.SearchParametersPreTransform(index_params=ivf)  # type: ignore[call-arg]
     return ivf
 
 
@@ -469,7 +477,7 @@ def compact(index: Any, params: dict[str, Any], dead: Callable[[np.ndarray], np.
     import faiss
 
     ids = faiss.vector_to_array(index.id_map)
-    hnsw = faiss.downcast_index(index.index)
+    hnsw = cast("faiss.IndexHNSW", faiss.downcast_index(index.index))  # typed as the base
     storage = faiss.downcast_index(hnsw.storage)
     keep = np.flatnonzero(~dead(ids))
     fresh = new_index(params, index.d)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from wsi_ssl.search.regions import best_windows
+from wsi_ssl.search.regions import Window, best_windows
 
 __all__ = ["demo_region_gallery"]
 
@@ -18,7 +19,7 @@ def _densest_box(index: Any, slide: dict[str, Any], cells: int) -> tuple[int, in
     stride = float(slide["stride_level0"])
     grid = np.stack([np.round(coords[:, 1] / stride), np.round(coords[:, 0] / stride)], 1)
     n = len(coords)
-    [win] = best_windows(
+    found: Sequence[Window | None] = best_windows(
         np.zeros(n, dtype=np.int64),
         grid.astype(np.int64),
         np.ones(n),
@@ -26,6 +27,7 @@ def _densest_box(index: Any, slide: dict[str, Any], cells: int) -> tuple[int, in
         1,
         tuple(slide["grid_shape"]) if slide.get("grid_shape") else None,
     ) or [None]
+    [win] = found
     side = round(cells * stride)
     if win is None:
         return (0, 0, side, side)

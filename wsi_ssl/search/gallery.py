@@ -131,7 +131,7 @@ def render_gallery(
         panels.append(
             (
                 image,
-                f"query: {_short(q.slide_name or q.slide_id)}\n{q.kind} {','.join(map(str, q.box))}",
+                f"query: {_short(q.slide_name or str(q.slide_id))}\n{q.kind} {','.join(map(str, q.box))}",
             )
         )
     stores: dict[str, SlideStore] = {}

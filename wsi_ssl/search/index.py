@@ -718,7 +718,7 @@ class SearchIndex:
         import faiss
 
         keep: list[Any] = []
-        parts = []
+        parts: list[faiss.IDSelector] = []
         if int(self.record.get("tombstones", 0)):
             if self._tomb_ids is None:
                 ranges = [
@@ -1004,7 +1004,8 @@ class SearchIndex:
         started = time.perf_counter()
         if k < 1:
             raise ConfigError(f"k must be >= 1, got {k}")
-        mode = mode or {"tile": "tiles", "slide": "slides"}.get(query.kind, "regions")
+        by_kind: dict[str, Mode] = {"tile": "tiles", "slide": "slides"}
+        mode = mode or by_kind.get(query.kind, "regions")
         if mode not in ("tiles", "regions", "slides"):
             raise ConfigError(f"mode must be one of tiles, regions, slides; got {mode!r}")
         exclude = [query.slide_number] if exclude_self and query.slide_number is not None else []
@@ -1026,6 +1027,7 @@ class SearchIndex:
             q_rows[alive],
             flat_sims[alive],
         )
+        hits: list[TileHit] | list[RegionHit] | list[SlideHit]
         if mode == "tiles":
             hits = self._tile_hits(slides, tiles, flat_sims, k)
         elif mode == "regions":
@@ -1243,6 +1245,7 @@ def mosaic_rows(feats: np.ndarray, max_tiles: int, seed: int = 0) -> np.ndarray:
         x.shape[1], max_tiles, niter=10, seed=seed, verbose=False, min_points_per_centroid=1
     )
     km.train(x)
+    assert km.centroids is not None  # set by train()
     flat = faiss.IndexFlatL2(x.shape[1])
     flat.add(x)
     _, nearest = flat.search(km.centroids, 1)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import ClassVar, Protocol, Self, runtime_checkable
 
 import numpy as np
 import tifffile
@@ -45,7 +45,7 @@ class SlideReader(Protocol):
     """
 
     path: Path
-    backend: str
+    backend: ClassVar[str]
     vendor: str | None
     dimensions: tuple[int, int]
     level_count: int
@@ -366,7 +366,7 @@ class BaseSlideReader(ABC):
             self._closed = True
             self._close()
 
-    def __enter__(self) -> BaseSlideReader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

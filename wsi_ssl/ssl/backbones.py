@@ -122,7 +122,7 @@ def _resnet(*, channels: tuple[int, ...], stem_width: int, drop_path_rate: float
     from timm.models.resnet import BasicBlock, ResNet
 
     return ResNet(
-        block=BasicBlock,
+        block=BasicBlock,  # type: ignore[arg-type]  # timm annotates an instance; it takes the class
         layers=(2, 2, 2, 2),
         channels=channels,
         stem_width=stem_width,

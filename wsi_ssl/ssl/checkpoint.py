@@ -39,7 +39,7 @@ import re
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -207,7 +207,9 @@ def step_path(run_dir: str | Path, step: int) -> Path:
 # -- random generator states as tensors and plain data ------------------------------------
 def capture_rng() -> dict[str, Any]:
     """torch (CPU and CUDA), numpy and ``random`` states, storable with weights_only."""
-    np_state = np.random.get_state()
+    # numpy's stubs give the no-argument call the dict type; the legacy MT19937 global state
+    # it returns (legacy=True is the default) is this tuple
+    np_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     py_state = random.getstate()
     return {
         "torch": torch.get_rng_state(),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from lightly.models.modules import DINOProjectionHead
@@ -45,7 +46,7 @@ class MultiCropModel(nn.Module):
         # state dicts keep their plain keys (set by :meth:`compile_backbone`).
         self._backbone_fn: Callable[[Tensor], Tensor] | None = None
 
-    def compile_backbone(self, **kwargs: object) -> None:
+    def compile_backbone(self, **kwargs: Any) -> None:
         """Run the backbone through ``torch.compile`` (one graph per crop resolution)."""
         object.__setattr__(self, "_backbone_fn", torch.compile(self.backbone, **kwargs))
 

@@ -40,7 +40,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -378,10 +378,11 @@ class Trainer:
             )
         regularized = [p for p in self.student.parameters() if p.requires_grad and p.ndim > 1]
         not_regularized = [p for p in self.student.parameters() if p.requires_grad and p.ndim <= 1]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}],
-            lr=0.0,
-        )
+        groups: list[dict[str, Any]] = [
+            {"params": regularized},
+            {"params": not_regularized, "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(groups, lr=0.0)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.criterion = DINOLoss(
             output_dim=c.out_dim,
@@ -565,7 +566,9 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
             clip_gradients(self.student.parameters(), self.config.clip_grad)
         if s.last_layer_frozen(step):
-            for p in self.student.head.last_layer.parameters():
+            # a submodule of the DINO head; nn.Module types attributes as Tensor | Module
+            last_layer = cast(nn.Module, self.student.head.last_layer)
+            for p in last_layer.parameters():
                 p.grad = None
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -649,7 +652,7 @@ class Trainer:
         self, metrics: MetricsLog, final_loss: float | None, images_per_s: float | None
     ) -> PretrainRun:
         self._broadcast_buffers()
-        digests = {
+        digests: dict[str, Any] = {
             "teacher": _digest(self.teacher.state_dict()),
             "student": _digest(self.student.state_dict()),
             "center": _digest({"center": self.criterion.center}),
@@ -659,7 +662,8 @@ class Trainer:
             dist.all_gather_object(gathered, digests)
             digests = {**digests, "ranks": gathered}
         encoder_path = self.out / ENCODER_FILE
-        loss_plot: Path | None = self.out / "loss.png"
+        loss_png = self.out / "loss.png"
+        loss_plot: Path | None = loss_png
         rows: list[dict[str, Any]] = []
         if self.ctx.main:
             save_checkpoint(
@@ -673,7 +677,7 @@ class Trainer:
             )
             rows = metrics.rows()
             loss_plot = (
-                plot_loss(rows, loss_plot, title=f"DINO {self.config.arch}") if rows else None
+                plot_loss(rows, loss_png, title=f"DINO {self.config.arch}") if rows else None
             )
         if final_loss is None and rows:
             final_loss = rows[-1].get("loss")

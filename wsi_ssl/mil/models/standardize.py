@@ -9,19 +9,22 @@ kept as buffers, so the checkpoint applies them itself.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from wsi_ssl.mil.models.base import MILModel
 
 __all__ = ["Standardized", "feature_stats"]
 
 
-def feature_stats(bags: list[np.ndarray] | object) -> tuple[np.ndarray, np.ndarray]:
+def feature_stats(bags: Iterable[ArrayLike]) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation (D,) over every tile of an iterable of (N, D) bags."""
     total = squares = None
     n = 0
-    for bag in bags:  # type: ignore[attr-defined]
+    for bag in bags:
         x = np.asarray(bag, dtype=np.float64)
         total = x.sum(axis=0) if total is None else total + x.sum(axis=0)
         squares = (x * x).sum(axis=0) if squares is None else squares + (x * x).sum(axis=0)
@@ -42,6 +45,9 @@ class Standardized(MILModel):
         std: per-dimension standard deviation (D,), floored at ``eps``.
         eps: the floor, so that constant dimensions stay 0.
     """
+
+    mean: torch.Tensor  # buffers, registered in __init__
+    std: torch.Tensor
 
     def __init__(
         self,
