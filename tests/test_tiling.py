@@ -547,3 +547,25 @@ def test_bad_toml_config_is_one_line_naming_the_valid_keys(
     config.write_text("not toml [")
     assert cli_main([*command, "--config", str(config)]) == 2
     assert "cannot read TOML config" in capsys.readouterr().err
+
+
+def test_a_failing_chunk_waits_for_the_running_ones(tmp_path: Path) -> None:
+    """When one task fails, extraction returns only after the tasks already running have
+    finished, so removing the partial store afterwards removes everything."""
+    import dask
+
+    from wsi_ssl.tiling.extract import _compute_in_own_threads
+
+    def slow_write(name: str) -> int:
+        time.sleep(0.5)
+        (tmp_path / name).write_text("late")
+        return 1
+
+    def fail() -> int:
+        time.sleep(0.05)
+        raise OSError(28, "No space left on device")
+
+    tasks = [dask.delayed(slow_write, pure=False)("a"), dask.delayed(fail, pure=False)()]
+    with pytest.raises(OSError, match="No space"):
+        _compute_in_own_threads(tasks, workers=2)
+    assert (tmp_path / "a").read_text() == "late"  # written before the error surfaced

@@ -12,8 +12,10 @@ coordinates crosses the graph, so memory per worker is one chunk whatever the sl
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -207,5 +209,19 @@ def extract(
             notify(result)
 
     with Callback(posttask=posttask):
-        counts = dask.compute(*tasks, scheduler=scheduler, num_workers=workers)
+        if scheduler == "processes":  # dask shuts its process pool down, waiting, on failure
+            counts = dask.compute(*tasks, scheduler=scheduler, num_workers=workers)
+        else:
+            counts = _compute_in_own_threads(tasks, workers)
     return int(sum(counts))
+
+
+def _compute_in_own_threads(tasks: list[Any], workers: int | None) -> tuple[Any, ...]:
+    """``dask.compute`` on a thread pool of its own that, when a task fails, cancels the queued
+    tasks and waits for the running ones: no shard is written after the caller has removed
+    the partial store."""
+    pool = ThreadPoolExecutor(workers or os.cpu_count() or 1, thread_name_prefix="wsi-ssl-tile")
+    try:
+        return dask.compute(*tasks, scheduler="threads", pool=pool)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
