@@ -33,7 +33,7 @@ from wsi_ssl.storage.codecs import JpegCodec
 _EMPTY = np.uint64(2**64 - 1)
 
 
-def _inner_codecs(array: zarr.Array) -> tuple[Any, ...]:
+def inner_codecs(array: zarr.Array) -> tuple[Any, ...]:
     """The codecs of the one-tile inner chunks when the layout is the one written here, else ()."""
     metadata = array.metadata
     if (
@@ -56,7 +56,7 @@ def _inner_codecs(array: zarr.Array) -> tuple[Any, ...]:
 
 def _inner_encoder(array: zarr.Array) -> Callable[[np.ndarray], bytes] | None:
     """A function encoding one tile as the array's inner codecs would, or None if unknown."""
-    codecs = _inner_codecs(array)
+    codecs = inner_codecs(array)
     if len(codecs) == 1 and isinstance(codecs[0], JpegCodec):
         return codecs[0].encode_tile
     if len(codecs) == 2 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], ZstdCodec):
@@ -67,7 +67,7 @@ def _inner_encoder(array: zarr.Array) -> Callable[[np.ndarray], bytes] | None:
 
 def accepts_jpeg(array: zarr.Array) -> bool:
     """Whether `write_shard` can store JPEG streams in ``array`` as they are."""
-    codecs = _inner_codecs(array)
+    codecs = inner_codecs(array)
     return len(codecs) == 1 and isinstance(codecs[0], JpegCodec)
 
 

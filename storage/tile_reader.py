@@ -22,7 +22,7 @@ from zarr.codecs import BytesCodec, ZstdCodec
 
 from wsi_ssl.errors import TileReadError
 from wsi_ssl.storage.codecs import JpegCodec
-from wsi_ssl.storage.shards import _inner_codecs as inner_codecs
+from wsi_ssl.storage.shards import inner_codecs
 
 __all__ = ["TileReader"]
 

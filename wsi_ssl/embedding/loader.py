@@ -19,6 +19,8 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from wsi_ssl.storage.tile_reader import TileReader
+
 __all__ = ["TileBatch", "TileBatches", "WorkUnit", "make_loader", "work_units"]
 
 _EMPTY = torch.empty(0, dtype=torch.uint8)
@@ -71,14 +73,14 @@ class TileBatches(IterableDataset[TileBatch]):
     def __iter__(self) -> Iterator[TileBatch]:
         info = get_worker_info()
         worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        arrays: dict[int, zarr.Array] = {}
+        readers: dict[int, TileReader] = {}
         for k in range(worker, len(self.units), n_workers):
             slide, start, stop = self.units[k]
             try:
-                if slide not in arrays:
-                    arrays.clear()  # one slide open at a time per worker
-                    arrays[slide] = zarr.open_array(self.tile_arrays[slide], mode="r")
-                tiles = np.ascontiguousarray(arrays[slide][start:stop])
+                if slide not in readers:
+                    readers.clear()  # one slide open at a time per worker
+                    readers[slide] = TileReader(zarr.open_array(self.tile_arrays[slide], mode="r"))
+                tiles = readers[slide].read(np.arange(start, stop))
                 if tiles.dtype != np.uint8 or tiles.ndim != 4 or len(tiles) != stop - start:
                     raise ValueError(
                         f"expected uint8 (B, T, T, 3), got {tiles.dtype} {tiles.shape}"

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from wsi_ssl.storage import SlideStore
+from wsi_ssl.storage.tile_reader import TileReader
 
 __all__ = [
     "COLORMAP",
@@ -161,7 +162,7 @@ def tile_gallery(
     _check(store, attention, coords)
     a = np.asarray(attention, dtype=np.float64)
     top = np.argsort(-a, kind="stable")[: min(k, len(a))]
-    tiles = store.group["tiles"]
+    tiles = TileReader(store.tiles).read(top)
     font = ImageFont.load_default(size=13)
     caption = 20
     rows = max(1, -(-len(top) // columns))
@@ -169,7 +170,7 @@ def tile_gallery(
     sheet = Image.new("RGB", (cols * (size + 4) + 4, rows * (size + caption + 4) + 4), "white")
     draw = ImageDraw.Draw(sheet)
     for rank, i in enumerate(top):
-        tile = Image.fromarray(np.asarray(tiles[int(i)])).convert("RGB")
+        tile = Image.fromarray(tiles[rank]).convert("RGB")
         if tile.size != (size, size):
             tile = tile.resize((size, size), Image.Resampling.BILINEAR)
         r, c = divmod(rank, columns)

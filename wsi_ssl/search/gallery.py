@@ -45,6 +45,8 @@ def region_mosaic(
     """A PIL image of level-0 ``box`` of ``store``, longest side ``panel_px``, from its tiles."""
     from PIL import Image, ImageDraw
 
+    from wsi_ssl.storage.tile_reader import TileReader
+
     x, y, w, h = (int(v) for v in box)
     w, h = max(1, w), max(1, h)
     scale = panel_px / max(w, h)
@@ -63,12 +65,10 @@ def region_mosaic(
         crop = thumb.crop((round(x * sx), round(y * sx), round((x + w) * sx), round((y + h) * sx)))
         return crop.resize(canvas.size, Image.Resampling.LANCZOS)
     side = max(1, round(size0 * scale))
-    tiles = store.tiles
+    tiles = TileReader(store.tiles).read(rows)
     draw = ImageDraw.Draw(canvas)
-    for r in rows:
-        tile = Image.fromarray(np.asarray(tiles[int(r)])).resize(
-            (side, side), Image.Resampling.LANCZOS
-        )
+    for r, pixels in zip(rows, tiles, strict=True):
+        tile = Image.fromarray(pixels).resize((side, side), Image.Resampling.LANCZOS)
         px, py = round((coords[r, 0] - x) * scale), round((coords[r, 1] - y) * scale)
         canvas.paste(tile, (px, py))
     if outline:
