@@ -198,6 +198,31 @@ def test_bad_requests_get_readable_errors(server: str, archive: dict[str, Any]) 
     assert status == 400 and "px" in json.loads(raw)["error"]
 
 
+def test_index_changes_show_without_a_restart(server: str, archive: dict[str, Any]) -> None:
+    twin = archive["ids"]["twin"]
+    index = SearchIndex.open(archive["root"], mmap=False)
+    index.remove(twin)
+    try:
+        _, _, body = _get(server + "/api/slides")
+        assert twin not in {s["slide_id"] for s in json.loads(body)}
+        cmu = archive["ids"]["cmu"]
+        coords = open_store(archive["root"]).slide(cmu).coords
+        box = [int(coords[0, 0]), int(coords[0, 1]), 448, 448]
+        status, answer = _post(
+            server + "/api/search", {"slide": cmu, "box": box, "k": 3, "exclude_self": True}
+        )
+        assert status == 200 and answer["hits"]
+        assert all(h["slide_id"] != twin for h in answer["hits"])
+        status, _, _ = _get(f"{server}/api/slides/{twin}")
+        assert status == 404
+    finally:
+        SearchIndex.open(archive["root"], mmap=False).add()
+    _, _, body = _get(server + "/api/slides")
+    assert twin in {s["slide_id"] for s in json.loads(body)}
+    _, _, body = _get(server + "/api/index")
+    assert json.loads(body)["n_slides"] == 3
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,6 +18,7 @@ or 400 (anything else the user can fix); the page shows the message.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 from functools import lru_cache
@@ -74,18 +75,46 @@ class SlideService:
     """The index, the archive's stores and the rendered pictures, shared by all requests.
 
     FAISS queries run one at a time (a lock; each takes milliseconds); stores are opened once
-    and kept; thumbnails are encoded once.
+    and kept; thumbnails are encoded once; the index is reopened when `wsi-ssl index --add` or
+    `--remove` writes a new generation, so the page needs no restart.
     """
 
     def __init__(self, index: SearchIndex) -> None:
         from wsi_ssl.storage import open_store
 
-        self.index = index
+        self._index = index
+        self._stamp = (0, 0)
+        self._stamp = self._manifest_stamp()
         self.archive = open_store(index.root)
         self._search_lock = threading.Lock()
         self._stores: dict[str, SlideStore] = {}
         self._stores_lock = threading.Lock()
         self.thumbnail_png = lru_cache(maxsize=64)(self._thumbnail_png)
+
+    def _manifest_stamp(self) -> tuple[int, int]:
+        """Inode and mtime of the manifest: each generation writes a new file in its place."""
+        from wsi_ssl.storage.index_files import MANIFEST
+
+        try:
+            st = (self._index.files.path.parent / MANIFEST).stat()
+        except OSError:
+            return self._stamp
+        return st.st_ino, st.st_mtime_ns
+
+    @property
+    def index(self) -> SearchIndex:
+        """The index, reopened once `wsi-ssl index --add` or `--remove` has written a new
+        generation (a manifest that cannot be read yet keeps the one open)."""
+        from wsi_ssl.search.index import SearchIndex
+
+        stamp = self._manifest_stamp()
+        if stamp != self._stamp:
+            with self._search_lock:
+                if stamp != self._stamp:
+                    with contextlib.suppress(WsiSslError):
+                        self._index = SearchIndex.open(self._index.root, self._index.name)
+                        self._stamp = stamp
+        return self._index
 
     def store(self, slide: str) -> SlideStore:
         """The store of indexed ``slide`` (id, unique id prefix or file name)."""
