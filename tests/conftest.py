@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shutil
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,16 @@ def patches_dir(fixtures_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def cmu_small(slides_dir: Path) -> Path:
     return slides_dir / "CMU-1-Small-Region.svs"
+
+
+def twin_of(slide: Path, folder: Path) -> Path:
+    """A copy of ``slide`` with 16 zero bytes appended: same pixels, another content
+    fingerprint, so another slide id (its "twin", which similarity search must find)."""
+    twin = folder / f"{slide.stem}-twin{slide.suffix}"
+    shutil.copy(slide, twin)
+    with open(twin, "ab") as f:
+        f.write(b"\0" * 16)
+    return twin
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:

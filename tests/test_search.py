@@ -14,6 +14,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from conftest import twin_of
 from PIL import Image
 
 from wsi_ssl.cli.main import main as cli_main
@@ -55,10 +56,7 @@ ENCODER = "random-cnn"
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory, cmu_small: Path) -> dict[str, object]:
     base = tmp_path_factory.mktemp("search")
-    twin = base / "CMU-twin.svs"
-    shutil.copy(cmu_small, twin)
-    with open(twin, "ab") as f:  # same pixels, another content fingerprint -> another slide id
-        f.write(b"\0" * 16)
+    twin = twin_of(cmu_small, base)
     root = base / "root"
     ids = {}
     for key, path in (

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import twin_of
 from PIL import Image
 
 from wsi_ssl.config import TilingConfig
@@ -39,10 +40,7 @@ TILING = TilingConfig(tile_size=224, codec="zstd", tiles_per_chunk=16)
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory, cmu_small: Path) -> dict[str, Any]:
     base = tmp_path_factory.mktemp("serve")
-    twin = base / "CMU-twin.svs"
-    shutil.copy(cmu_small, twin)
-    with open(twin, "ab") as f:  # same pixels, another fingerprint -> another slide id
-        f.write(b"\0" * 16)
+    twin = twin_of(cmu_small, base)
     root = base / "root"
     ids = {}
     for key, path in (
@@ -112,7 +110,7 @@ def test_page_and_index_summary(server: str, archive: dict[str, Any]) -> None:
     status, _, body = _get(server + "/api/slides")
     listed = {s["slide_id"]: s for s in json.loads(body)}
     assert set(listed) == set(archive["ids"].values())
-    assert listed[archive["ids"]["twin"]]["name"] == "CMU-twin.svs"
+    assert listed[archive["ids"]["twin"]]["name"] == "CMU-1-Small-Region-twin.svs"
 
 
 def test_slide_details_and_thumbnail_pixels(server: str, archive: dict[str, Any]) -> None:
