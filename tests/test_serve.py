@@ -140,6 +140,55 @@ def test_region_picture_is_the_stored_tile(server: str, archive: dict[str, Any])
     assert diff.any() and not diff[3:-3, 3:-3].any()
 
 
+def test_region_pictures_of_tiny_and_huge_boxes(
+    server: str, archive: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = open_store(archive["root"]).slide(archive["ids"]["s1"])
+    row = store.n_tiles // 2
+    x, y = (int(v) for v in store.coords[row])
+    tile = np.asarray(store.tiles[row])
+    # 4 x 4 level-0 px inside a tile: drawn at the tile's resolution, then enlarged
+    url = f"{server}/api/slides/{store.slide_id}/region.png?box={x + 100},{y + 60},4,4"
+    status, _, body = _get(url)
+    picture = _png(body)
+    assert status == 200 and picture.shape == (320, 320, 3)
+    expected = tile[60:64, 100:104].reshape(-1, 3).mean(axis=0)
+    assert np.abs(picture.reshape(-1, 3).mean(axis=0) - expected).max() < 8
+    # a box of many tiles comes from the thumbnail; what lies off the slide is background
+    from wsi_ssl.search import gallery
+
+    monkeypatch.setattr(gallery, "MAX_MOSAIC_TILES", 0)
+    w, h = (int(v) for v in store.source["dimensions"])
+    status, _, body = _get(
+        f"{server}/api/slides/{store.slide_id}/region.png?box={-w},{-h},{3 * w},{3 * h}&px=300"
+    )
+    picture = _png(body)
+    ph = round(300 * h / w)
+    assert status == 200 and picture.shape == (ph, 300, 3)
+    third = (ph // 3 - 2, 98)  # the slide is the middle third on each axis
+    assert (picture[: third[0], : third[1]] == gallery.BACKGROUND).all()
+    assert (picture[-third[0] :, -third[1] :] == gallery.BACKGROUND).all()
+    assert not (picture[ph // 3 + 5 : 2 * ph // 3 - 5, 105:195] == gallery.BACKGROUND).all()
+
+
+def test_damaged_store_is_a_server_error(server: str, archive: dict[str, Any]) -> None:
+    """A tile that cannot be decoded is the archive's fault: 500 with the reason, not 400."""
+    store = open_store(archive["root"]).slide(archive["ids"]["s1"])
+    shard = store.path / "tiles" / "c" / "0" / "0" / "0" / "0"
+    original = shard.read_bytes()
+    try:
+        shard.write_bytes(original[:-5] + b"\0\0\0\0\0")  # the shard index's checksum fails
+        x, y = (int(v) for v in store.coords[0])
+        status, _, body = _get(
+            f"{server}/api/slides/{store.slide_id}/region.png?box={x},{y},224,224"
+        )
+        answer = json.loads(body)
+        assert status == 500 and answer["type"] == "TileReadError"
+        assert "checksum" in answer["error"]
+    finally:
+        shard.write_bytes(original)
+
+
 def test_region_search_finds_the_twin(server: str, archive: dict[str, Any]) -> None:
     cmu, twin = archive["ids"]["cmu"], archive["ids"]["twin"]
     coords = open_store(archive["root"]).slide(cmu).coords
@@ -190,8 +239,9 @@ def test_bad_requests_get_readable_errors(server: str, archive: dict[str, Any]) 
     assert "outside the slide" in body["error"]
     status, body = _post(server + "/api/search", {"slide": cmu, "box": [0, 0, 50, 50], "k": 0})
     assert status == 422  # validated before it reaches the index
-    status, _, raw = _get(f"{server}/api/slides/{cmu}/region.png?box=1,2,three,4")
-    assert status == 400 and "X,Y,W,H" in json.loads(raw)["error"]
+    for box in ("1,2,three,4", "inf,0,10,10", "1e309,0,10,10"):
+        status, _, raw = _get(f"{server}/api/slides/{cmu}/region.png?box={box}")
+        assert status == 400 and "X,Y,W,H" in json.loads(raw)["error"]
     status, _, raw = _get(f"{server}/api/slides/{cmu}/region.png?box=0,0,100,100&px=5000")
     assert status == 400 and "px" in json.loads(raw)["error"]
 
@@ -213,6 +263,8 @@ def test_index_changes_show_without_a_restart(server: str, archive: dict[str, An
         assert all(h["slide_id"] != twin for h in answer["hits"])
         status, _, _ = _get(f"{server}/api/slides/{twin}")
         assert status == 404
+        status, answer = _post(server + "/api/search", {"slide": twin, "box": box})
+        assert status == 404 and answer["type"] == "UnknownSlideError"
     finally:
         SearchIndex.open(archive["root"], mmap=False).add()
     _, _, body = _get(server + "/api/slides")

@@ -42,15 +42,19 @@ def region_mosaic(
     outline: set[int] | None = None,
     colour: tuple[int, int, int] = (230, 120, 20),
 ) -> Any:
-    """A PIL image of level-0 ``box`` of ``store``, longest side ``panel_px``, from its tiles."""
+    """A PIL image of level-0 ``box`` of ``store``, longest side ``panel_px``, from its tiles.
+
+    Tiles are drawn at most at their stored resolution and the result enlarged once, so a
+    box smaller than a tile costs no more than that tile.
+    """
     from PIL import Image, ImageDraw
 
     from wsi_ssl.storage.tile_reader import TileReader
 
     x, y, w, h = (int(v) for v in box)
     w, h = max(1, w), max(1, h)
-    scale = panel_px / max(w, h)
-    canvas = Image.new("RGB", (max(1, round(w * scale)), max(1, round(h * scale))), BACKGROUND)
+    final = panel_px / max(w, h)
+    size = (max(1, round(w * final)), max(1, round(h * final)))
     coords = store.coords
     size0 = float(store.tiling["tile_size_level0"])
     rows = np.flatnonzero(
@@ -60,22 +64,48 @@ def region_mosaic(
         & (coords[:, 1] < y + h)
     )
     if len(rows) > MAX_MOSAIC_TILES:
-        thumb = Image.fromarray(store.thumbnail)
-        sx = thumb.width / store.source["dimensions"][0]
-        crop = thumb.crop((round(x * sx), round(y * sx), round((x + w) * sx), round((y + h) * sx)))
-        return crop.resize(canvas.size, Image.Resampling.LANCZOS)
+        return _thumbnail_crop(store, (x, y, w, h), size)
+    scale = min(final, int(store.tiling["tile_size"]) / size0)
+    canvas = Image.new("RGB", (max(1, round(w * scale)), max(1, round(h * scale))), BACKGROUND)
     side = max(1, round(size0 * scale))
     tiles = TileReader(store.tiles).read(rows)
-    draw = ImageDraw.Draw(canvas)
     for r, pixels in zip(rows, tiles, strict=True):
         tile = Image.fromarray(pixels).resize((side, side), Image.Resampling.LANCZOS)
-        px, py = round((coords[r, 0] - x) * scale), round((coords[r, 1] - y) * scale)
-        canvas.paste(tile, (px, py))
+        canvas.paste(tile, (round((coords[r, 0] - x) * scale), round((coords[r, 1] - y) * scale)))
+    if canvas.size != size:
+        canvas = canvas.resize(size, Image.Resampling.LANCZOS)
     if outline:
+        draw = ImageDraw.Draw(canvas)
+        side = max(1, round(size0 * final))
         for r in rows:
             if int(r) in outline:
-                px, py = round((coords[r, 0] - x) * scale), round((coords[r, 1] - y) * scale)
+                px, py = round((coords[r, 0] - x) * final), round((coords[r, 1] - y) * final)
                 draw.rectangle([px, py, px + side - 1, py + side - 1], outline=colour, width=2)
+    return canvas
+
+
+def _thumbnail_crop(
+    store: SlideStore, box: tuple[int, int, int, int], size: tuple[int, int]
+) -> Any:
+    """Level-0 ``box`` cut from the stored thumbnail (for regions of many tiles), at ``size``;
+    what lies off the slide is background."""
+    from PIL import Image
+
+    thumb = Image.fromarray(store.thumbnail)
+    sw, sh = (int(v) for v in store.source["dimensions"])
+    sx, sy = thumb.width / sw, thumb.height / sh
+    x, y, w, h = box
+    canvas = Image.new("RGB", size, BACKGROUND)
+    x0, y0, x1, y1 = max(0, x), max(0, y), min(sw, x + w), min(sh, y + h)
+    if x1 <= x0 or y1 <= y0:
+        return canvas
+    f = size[0] / w
+    left, top = round(x0 * sx), round(y0 * sy)
+    part = thumb.crop((left, top, max(left + 1, round(x1 * sx)), max(top + 1, round(y1 * sy))))
+    part = part.resize(
+        (max(1, round((x1 - x0) * f)), max(1, round((y1 - y0) * f))), Image.Resampling.LANCZOS
+    )
+    canvas.paste(part, (round((x0 - x) * f), round((y0 - y) * f)))
     return canvas
 
 

@@ -12,14 +12,15 @@ Routes (all read-only):
 * ``POST /api/search``: ``{slide, box: [x, y, w, h], k, mode, exclude_self}`` → the
   :meth:`SearchResult.to_dict` answer, each hit with the URL of its picture.
 
-A library error becomes ``{"error": message, "type": name}`` with status 404 (unknown slide)
-or 400 (anything else the user can fix); the page shows the message.
+A library error becomes ``{"error": message, "type": name}`` with status 404 (unknown slide),
+400 (a request to fix: bad box, no tissue there) or 500 (a damaged index or store); the page
+shows the message.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
+import logging
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -30,7 +31,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from wsi_ssl.errors import ConfigError, UnknownSlideError, WsiSslError
+from wsi_ssl.errors import (
+    ConfigError,
+    NoTilesInRegionError,
+    RegionOutsideSlideError,
+    UnknownSlideError,
+    WsiSslError,
+)
 
 if TYPE_CHECKING:
     from wsi_ssl.search.index import SearchIndex
@@ -40,6 +47,9 @@ if TYPE_CHECKING:
 __all__ = ["create_app"]
 
 STATIC = Path(__file__).with_name("static")
+USER_ERRORS = (ConfigError, RegionOutsideSlideError, NoTilesInRegionError)
+"""Errors a request can fix (400); other library errors are the server's (500)."""
+log = logging.getLogger(__name__)
 MAX_K = 100
 PANEL_PX = (32, 1024)
 
@@ -57,8 +67,8 @@ def _png(image: Any) -> bytes:
 def _parse_box(text: str) -> tuple[int, int, int, int]:
     try:
         x, y, w, h = (round(float(v)) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(f"box must be X,Y,W,H in level-0 pixels, got {text!r}") from None
+    except (ValueError, OverflowError):  # OverflowError: inf
+        raise ConfigError(f"box must be X,Y,W,H in level-0 pixels, got {text[:80]!r}") from None
     if w <= 0 or h <= 0:
         raise ConfigError(f"box {text!r} has no area; width and height must be > 0")
     return x, y, w, h
@@ -68,7 +78,9 @@ def _parse_rows(text: str) -> set[int]:
     try:
         return {int(v) for v in text.split(",") if v}
     except ValueError:
-        raise ConfigError(f"outline must be tile rows separated by commas, got {text!r}") from None
+        raise ConfigError(
+            f"outline must be tile rows separated by commas, got {text[:80]!r}"
+        ) from None
 
 
 class SlideService:
@@ -104,16 +116,18 @@ class SlideService:
     @property
     def index(self) -> SearchIndex:
         """The index, reopened once `wsi-ssl index --add` or `--remove` has written a new
-        generation (a manifest that cannot be read yet keeps the one open)."""
+        generation (if that generation cannot be opened, the open one stays)."""
         from wsi_ssl.search.index import SearchIndex
 
-        stamp = self._manifest_stamp()
-        if stamp != self._stamp:
+        if self._manifest_stamp() != self._stamp:
             with self._search_lock:
+                stamp = self._manifest_stamp()
                 if stamp != self._stamp:
-                    with contextlib.suppress(WsiSslError):
+                    self._stamp = stamp  # tried once per generation, whatever the outcome
+                    try:
                         self._index = SearchIndex.open(self._index.root, self._index.name)
-                        self._stamp = stamp
+                    except WsiSslError as err:
+                        log.warning("keeping the index open: the new generation fails: %s", err)
         return self._index
 
     def store(self, slide: str) -> SlideStore:
@@ -172,6 +186,7 @@ class SlideService:
             raise ConfigError(f"k must be in 1..{MAX_K}, got {k}")
         x, y, w, h = box
         index = self.index
+        slide = index.resolve_slide(slide)["slide_id"]  # indexed slides only: their pictures show
         with self._search_lock:
             if mode == "tiles":
                 query = index.query_tile(slide, (x + w // 2, y + h // 2))
@@ -224,7 +239,13 @@ def create_app(index: SearchIndex) -> FastAPI:
 
     @app.exception_handler(WsiSslError)
     async def library_error(request: Request, exc: WsiSslError) -> JSONResponse:
-        status = 404 if isinstance(exc, UnknownSlideError) else 400
+        if isinstance(exc, UnknownSlideError):
+            status = 404
+        elif isinstance(exc, USER_ERRORS):
+            status = 400
+        else:  # the archive or the index is damaged: the server's fault, not the request's
+            status = 500
+            log.error("%s: %s", type(exc).__name__, exc)
         return JSONResponse({"error": str(exc), "type": type(exc).__name__}, status_code=status)
 
     def png(data: bytes) -> Response:
