@@ -1,0 +1,159 @@
+"""Latency of the web page's API (`wsi-ssl serve`) vs the same query in-process.
+
+Builds (once, cached under benchmarks/data/serve/) an archive of one mirrored-CMU-1 slide
+(`tiling.build_slide`, real H&E texture; a synthetic slide without ../shared/fixtures), tiled
+at 224 px and embedded with the random-init CNN, with an exact (flat) index. Then starts the
+real uvicorn server on loopback and measures, over the same random tissue boxes of 3 x 3 tiles:
+
+* baseline: ``index.search(index.query_region(slide, box))`` in the same process;
+* ``POST /api/search`` (the query + JSON over HTTP);
+* ``region.png`` of a hit (what each result card loads), of a zoomed viewport (a quarter of the
+  slide's side at 900 px, what the page loads at 4x zoom), and the cached thumbnail.
+
+Usage: python benchmarks/serve.py [--size 16384] [--repeats 50]
+Prints p50/p95 latency per case and writes results/serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ENCODER = "random-cnn"
+
+
+def build_archive(size: int) -> Path:
+    from wsi_ssl.config import TilingConfig
+    from wsi_ssl.embedding import EmbedConfig, embed
+    from wsi_ssl.search import SearchIndex
+    from wsi_ssl.tiling.batch import tile_slide
+
+    root = HERE / "data" / f"serve-{size}"
+    if root.is_dir():
+        return root
+    from tiling import CMU, build_slide
+
+    if CMU.is_file():
+        slide = build_slide(HERE / "data" / f"cmu-mirror-{size}.tiff", size)
+    else:
+        from wsi_ssl.synthetic import write_synthetic_slide
+
+        slide = write_synthetic_slide(HERE / "data" / f"synthetic-{size}.tiff", (size, size))
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tile_slide(slide, tmp, TilingConfig(tile_size=224))
+    embed(tmp, ENCODER, EmbedConfig(device="cpu", workers=1))
+    SearchIndex.build(tmp, ENCODER, kind="flat")
+    tmp.rename(root)
+    return root
+
+
+def timings(fn: Callable[[int], object], repeats: int) -> dict[str, float]:
+    fn(0)  # warm-up
+    ms = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        fn(i)
+        ms.append((time.perf_counter() - start) * 1e3)
+    ms.sort()
+    return {"p50_ms": statistics.median(ms), "p95_ms": ms[int(0.95 * (len(ms) - 1))]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--size", type=int, default=16384, help="slide edge in px")
+    p.add_argument("--repeats", type=int, default=50)
+    args = p.parse_args()
+
+    import uvicorn
+
+    from wsi_ssl.search import SearchIndex
+    from wsi_ssl.serve import create_app
+    from wsi_ssl.storage import open_store
+
+    root = build_archive(args.size)
+    index = SearchIndex.open(root)
+    slide_id = index.slides[0]["slide_id"]
+    store = open_store(root).slide(slide_id)
+    t = int(store.tiling["tile_size_level0"])
+    rng = np.random.default_rng(0)
+    starts = store.coords[rng.integers(0, store.n_tiles, args.repeats + 1)]
+    boxes = [(int(x), int(y), 3 * t, 3 * t) for x, y in starts]
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(create_app(SearchIndex.open(root)), log_level="warning"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+
+    def get(path: str) -> bytes:
+        with urllib.request.urlopen(base + path, timeout=60) as r:
+            return bytes(r.read())
+
+    def http_search(i: int) -> dict:
+        body = json.dumps({"slide": slide_id, "box": list(boxes[i]), "k": 8}).encode()
+        request = urllib.request.Request(
+            base + "/api/search", body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return dict(json.loads(r.read()))
+
+    hits = [http_search(i)["hits"][0]["image"] for i in range(len(boxes))]
+    w, h = (int(v) for v in store.source["dimensions"])
+    views = [
+        f"/api/slides/{slide_id}/region.png?box={int(x)},{int(y)},{w // 4},{h // 4}&px=900"
+        for x, y in rng.integers(0, 3 * w // 4, (args.repeats + 1, 2))
+    ]
+    rows = {
+        "in-process search (baseline)": timings(
+            lambda i: index.search(index.query_region(slide_id, boxes[i]), k=8), args.repeats
+        ),
+        "POST /api/search": timings(http_search, args.repeats),
+        "region.png of a hit (3x3 tiles, 320 px)": timings(lambda i: get(hits[i]), args.repeats),
+        "region.png of a 4x viewport (900 px)": timings(lambda i: get(views[i]), args.repeats),
+        "thumbnail.png (cached)": timings(
+            lambda i: get(f"/api/slides/{slide_id}/thumbnail.png"), args.repeats
+        ),
+    }
+    server.should_exit = True
+    base_p50 = rows["in-process search (baseline)"]["p50_ms"]
+    print(
+        f"slide {w} x {h} px, {store.n_tiles} tiles of {t} px, index {index.kind}, "
+        f"{args.repeats} requests per case"
+    )
+    print(f"{'case':<42} {'p50 ms':>8} {'p95 ms':>8} {'x baseline':>10}")
+    for name, r in rows.items():
+        print(f"{name:<42} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['p50_ms'] / base_p50:>10.2f}")
+    out = HERE / "results" / "serve.json"
+    record = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "date": time.strftime("%Y-%m-%d"),
+        "slide_px": [w, h],
+        "n_tiles": store.n_tiles,
+        "rows": rows,
+    }
+    out.write_text(json.dumps(record, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
