@@ -1,6 +1,6 @@
 """Latency of the web page's API (`wsi-ssl serve`) vs the same query in-process.
 
-Builds (once, cached under benchmarks/data/serve/) an archive of one mirrored-CMU-1 slide
+Builds (once, cached under benchmarks/data/serve-SIZE/) an archive of one mirrored-CMU-1 slide
 (`tiling.build_slide`, real H&E texture; a synthetic slide without ../shared/fixtures), tiled
 at 224 px and embedded with the random-init CNN, with an exact (flat) index. Then starts the
 real uvicorn server on loopback and measures, over the same random tissue boxes of 3 x 3 tiles:
