@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -28,14 +30,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 ok, 1 some slides failed, 2 error)."""
     args = build_parser().parse_args(argv)
+    # tifffile logs what it finds wrong in a malformed file; the slide's own error says it once
+    logging.getLogger("tifffile").setLevel(logging.ERROR)
     try:
         return int(args.func(args))
     except WsiSslError as err:
         print(f"wsi-ssl: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("wsi-ssl: interrupted; re-run the same command to resume", file=sys.stderr)
+        print(
+            "wsi-ssl: interrupted; re-run the same command to resume (pretrain: add --resume)",
+            file=sys.stderr,
+        )
         return 130
+    except Exception as err:  # not a library error: still one line, the traceback on request
+        if os.environ.get("WSI_SSL_DEBUG"):
+            raise
+        print(
+            f"wsi-ssl: error: {type(err).__name__}: {err} (unexpected; set WSI_SSL_DEBUG=1 for "
+            "the traceback)",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

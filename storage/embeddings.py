@@ -29,6 +29,7 @@ import numpy as np
 import zarr
 
 from wsi_ssl.errors import (
+    EmbeddingsCorruptError,
     EmbeddingsIncompleteError,
     EmbeddingsNotFoundError,
     EmbeddingWriteError,
@@ -177,7 +178,17 @@ def read_embeddings(store: SlideStore, encoder_id: str, *, lazy: bool = False) -
 
         features: np.ndarray | da.Array = da.from_zarr(array)
     else:
-        features = np.asarray(array[:])
+        try:
+            features = np.asarray(array[:])
+        except Exception as err:  # a chunk the codec cannot decode
+            raise EmbeddingsCorruptError(
+                store.path, encoder_id, f"{type(err).__name__}: {err}"
+            ) from err
+        bad = ~np.isfinite(features).all(axis=1)
+        if bad.any():  # the writer refuses non-finite rows: these are missing chunks (NaN fill)
+            raise EmbeddingsCorruptError(
+                store.path, encoder_id, f"{int(bad.sum())} of {len(bad)} rows missing or not finite"
+            )
     return Embeddings(store.slide_id, encoder_id, features, coords, attrs)
 
 

@@ -43,7 +43,9 @@ def _decoder(array: zarr.Array) -> Callable[[bytes], np.ndarray] | None:
 class TileReader:
     """Tiles of a ``tiles`` array (N, T, T, 3) by row, decoded straight from the shard files.
 
-    Meant for complete stores (a shard's index is cached once read). Thread-safe for reads.
+    Meant for complete stores (a shard's index is cached once read), where every tile was
+    written: a missing shard file or tile is damage, a :class:`TileReadError`, never blank
+    tiles. Thread-safe for reads.
     """
 
     def __init__(self, array: zarr.Array) -> None:
@@ -51,7 +53,6 @@ class TileReader:
         self._decode = _decoder(array) if array.dtype == np.uint8 else None
         self._per_shard = int(array.shards[0]) if array.shards else 0
         self._indexes: dict[int, np.ndarray] = {}
-        self._fill = np.full(array.shape[1:], array.fill_value, dtype=array.dtype)
 
     def __len__(self) -> int:
         return int(self.array.shape[0])
@@ -91,18 +92,19 @@ class TileReader:
         for shard in np.unique(shards):
             where = order[shards == shard]
             path = self._path(int(shard))
+            start = int(shard) * self._per_shard
             try:
                 fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:  # a shard Zarr never wrote holds only fill values
-                out[where] = self._fill
-                continue
+            except FileNotFoundError:
+                stop = min(start + self._per_shard, n)
+                raise TileReadError(path, start, stop, "the shard file is missing") from None
             try:
                 index = self._index(int(shard), fd, path)
                 for i in where:
                     offset, nbytes = index[rows[i] - shard * self._per_shard]
                     if offset == _EMPTY:
-                        out[i] = self._fill
-                        continue
+                        first = int(rows[i])
+                        raise TileReadError(path, first, first + 1, "the tile was never written")
                     data = os.pread(fd, int(nbytes), int(offset))
                     try:
                         out[i] = self._decode(data)
@@ -113,6 +115,13 @@ class TileReader:
             finally:
                 os.close(fd)
         return out
+
+    def missing_shards(self) -> list[Path]:
+        """Shard files of this array that do not exist (empty when complete or not local)."""
+        if self._decode is None:
+            return []
+        n_shards = -(-len(self) // self._per_shard)
+        return [p for p in map(self._path, range(n_shards)) if not p.is_file()]
 
     def __getitem__(self, row: int) -> np.ndarray:
         """One tile, uint8 (T, T, 3)."""

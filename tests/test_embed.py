@@ -25,6 +25,7 @@ from wsi_ssl.embedding import EmbedConfig, embed, embed_slide, export
 from wsi_ssl.encoders import EncoderConfig, create_encoder, register_encoder
 from wsi_ssl.encoders._builtin import SmallCNN
 from wsi_ssl.errors import (
+    EmbeddingsCorruptError,
     EmbeddingsIncompleteError,
     EmbeddingsNotFoundError,
     InputSizeMismatchError,
@@ -323,6 +324,51 @@ def test_unreadable_tiles_fail_only_that_slide(synth_root: Path, tmp_path: Path)
     s = embed(root, "random-cnn", FAST, workers=1)
     assert [r.status for r in s.results] == ["complete", "failed"]
     assert s.results[1].error_type == "TileReadError" and "tiles 0..15" in s.results[1].error
+
+
+def test_missing_tile_shard_fails_the_slide_not_blank_vectors(
+    synth_root: Path, tmp_path: Path
+) -> None:
+    root = _copy(synth_root, tmp_path / "root")
+    archive = open_store(root)
+    victim = archive.slide(archive.slide_ids[0])
+    (victim.path / "tiles" / "c" / "1" / "0" / "0" / "0").unlink()
+    s = embed(root, "random-cnn", FAST, workers=1)
+    assert [r.status for r in s.results] == ["failed", "complete"]
+    assert s.results[0].error_type == "TileReadError"
+    assert "shard file is missing" in (s.results[0].error or "")
+
+
+def test_damaged_embeddings_are_refused_downstream(
+    synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A complete embeddings array that lost a chunk (NaN fill) or holds an undecodable one is
+    an error naming the slide, never NaN vectors in an export or an index."""
+    root = _copy(synth_root, tmp_path / "root")
+    summary = embed(root, "random-cnn", FAST, workers=1)
+    store = _only_first(root)
+    chunks = store.path / "embeddings" / summary.encoder_id / "c"
+    first = sorted(p for p in chunks.rglob("*") if p.is_file())[0]
+    data = first.read_bytes()
+    first.unlink()
+    with pytest.raises(EmbeddingsCorruptError, match="rows missing or not finite"):
+        read_embeddings(store, summary.encoder_id)
+    first.write_bytes(data[: len(data) // 2])
+    with pytest.raises(EmbeddingsCorruptError, match=str(store.path.name)):
+        read_embeddings(store, summary.encoder_id)
+    for argv, code in (
+        (["export", str(root), "--out", str(tmp_path / "pt"), "--format", "pt"], 1),  # others go on
+        (["index", str(root), "--encoder", summary.encoder_id, "--quiet"], 2),
+    ):
+        assert _cli(argv) == code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "are damaged" in err[0] and "--no-resume" in err[0]
+    assert len(list((tmp_path / "pt").glob("*.pt"))) == 1  # the intact slide only
+
+
+def _only_first(root: Path) -> SlideStore:
+    archive = open_store(root)
+    return archive.slide(archive.slide_ids[0])
 
 
 def test_export_clam_h5_and_pt_round_trip(cmu_root: Path, tmp_path: Path) -> None:

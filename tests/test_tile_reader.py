@@ -57,7 +57,7 @@ def test_other_stores_fall_back_to_zarr() -> None:
     np.testing.assert_array_equal(reader.read([69, 3]), array[[69, 3]])
 
 
-def test_unwritten_shard_reads_fill_values(tmp_path: Path) -> None:
+def test_missing_shard_or_tile_is_damage_not_blank(tmp_path: Path) -> None:
     array = zarr.create_array(
         tmp_path / "t.zarr",
         shape=(130, 8, 8, 3),
@@ -67,8 +67,14 @@ def test_unwritten_shard_reads_fill_values(tmp_path: Path) -> None:
         **tile_codecs("zstd", 90),
     )
     array[:64] = 7
-    got = TileReader(array).read([0, 100])
-    assert (got[0] == 7).all() and (got[1] == 0).all()
+    array[64:100] = 9  # shard 1 holds tiles 64..99 only; shard 2 was never written
+    reader = TileReader(array)
+    assert (reader.read([0, 99]) == [[[[7]]], [[[9]]]]).all()
+    assert [p.parts[-4] for p in reader.missing_shards()] == ["2"]
+    with pytest.raises(TileReadError, match="shard file is missing"):
+        reader[128]
+    with pytest.raises(TileReadError, match="never written"):
+        reader[100]
 
 
 def test_corrupt_shard_is_a_tile_read_error(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from conftest import run_cli
 
 import wsi_ssl
 from wsi_ssl.cli.main import main as cli_main
@@ -569,3 +570,39 @@ def test_a_failing_chunk_waits_for_the_running_ones(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="No space"):
         _compute_in_own_threads(tasks, workers=2)
     assert (tmp_path / "a").read_text() == "late"  # written before the error surfaced
+
+
+def test_malformed_slides_fail_alone_whatever_breaks(tmp_path: Path) -> None:
+    """Copies of a slide with header bytes changed at random break the TIFF parsers in many
+    ways (TypeError, ZeroDivisionError, huge sizes...); each fails on its own with its path,
+    `wsi-ssl info` says so in one line, and the good slide after them is tiled."""
+    good = write_synthetic_slide(tmp_path / "z-good.tiff", (2048, 2048), seed=0)
+    original = good.read_bytes()
+    rng = np.random.default_rng(7)
+    bad = []
+    for i in range(30):
+        data = bytearray(original)
+        for at in rng.integers(8, 300, 4):
+            data[at] = int(rng.integers(0, 256))
+        path = tmp_path / f"bad-{i:02d}.tiff"
+        path.write_bytes(bytes(data))
+        bad.append(path)
+    summary = tile_slides([*bad, good], tmp_path / "out", TilingConfig(), progress=False)
+    results = {Path(r.path).name: r for r in summary.results}
+    assert results["z-good.tiff"].status == "complete"
+    failed = [r for r in summary.results if r.status == "failed"]
+    assert failed and all(str(Path(r.path).name) in (r.error or "") for r in failed)
+    for path in bad:
+        code, _, err = run_cli(["info", str(path)])
+        assert code in (0, 2)
+        assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
+
+
+def test_resume_redoes_a_store_with_a_missing_shard(tmp_path: Path, synth: Path) -> None:
+    config = TilingConfig(tiles_per_chunk=4)
+    first = tile_slide(synth, tmp_path, config)
+    shard = tmp_path / "slides" / f"{first.slide_id}.zarr" / "tiles" / "c" / "1" / "0" / "0" / "0"
+    shard.unlink()
+    again = tile_slide(synth, tmp_path, config)
+    assert again.status == "complete" and shard.is_file()
+    assert tile_slide(synth, tmp_path, config).status == "skipped"

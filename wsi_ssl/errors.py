@@ -12,6 +12,7 @@ __all__ = [
     "DeviceUnavailableError",
     "DiskFullError",
     "EmbeddingWriteError",
+    "EmbeddingsCorruptError",
     "EmbeddingsIncompleteError",
     "EmbeddingsNotFoundError",
     "EmptyBagError",
@@ -222,6 +223,17 @@ class EmbeddingsIncompleteError(WsiSslError, RuntimeError):
         super().__init__(
             f"{path}: embeddings {encoder_id!r} have status {status!r}, not 'complete' (a job was "
             "interrupted or failed); re-run `wsi-ssl embed` to redo them"
+        )
+        self.path = Path(path)
+
+
+class EmbeddingsCorruptError(WsiSslError, OSError):
+    """Complete embeddings whose chunks are missing, unreadable or not finite."""
+
+    def __init__(self, path: str | Path, encoder_id: str, detail: str) -> None:
+        super().__init__(
+            f"{path}: embeddings {encoder_id!r} are damaged ({detail}); re-run `wsi-ssl embed` "
+            "with --no-resume for this slide"
         )
         self.path = Path(path)
 

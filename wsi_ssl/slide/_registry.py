@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from wsi_ssl.errors import ConfigError, SlideNotFoundError, UnsupportedSlideError
+from wsi_ssl.errors import ConfigError, SlideNotFoundError, UnsupportedSlideError, WsiSslError
 from wsi_ssl.slide._base import BaseSlideReader, SlideReader
 
 __all__ = ["BACKENDS", "open_slide", "register_backend"]
@@ -57,4 +57,8 @@ def open_slide(
             return BACKENDS[name](path, mpp_override=mpp_override)
         except UnsupportedSlideError as err:
             reasons |= err.reasons
+        except WsiSslError:
+            raise
+        except Exception as err:  # a malformed file can break a library's parser in any way
+            reasons[name] = f"{type(err).__name__}: {err}"
     raise UnsupportedSlideError(path, reasons)

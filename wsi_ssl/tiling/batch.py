@@ -25,6 +25,7 @@ from wsi_ssl.storage import (
     fingerprint_file,
     slide_id_from_fingerprint,
 )
+from wsi_ssl.storage.tile_reader import TileReader
 from wsi_ssl.tiling.extract import extract
 from wsi_ssl.tiling.grid import TileGrid
 from wsi_ssl.tissue import detect_tissue, tissue_fraction
@@ -140,9 +141,11 @@ def _store_is_current(
     except (WsiSslError, OSError, KeyError):
         return None
     same_config = {k: store.tiling.get(k) for k in config.output_key()} == config.output_key()
-    if store.source.get("fingerprint") == fingerprint and same_config:
-        return store.n_tiles
-    return None
+    if store.source.get("fingerprint") != fingerprint or not same_config:
+        return None
+    if TileReader(store.tiles).missing_shards():  # damaged since: redo it
+        return None
+    return store.n_tiles
 
 
 def tile_slide(
@@ -318,12 +321,18 @@ def tile_slides(
                     resume=resume,
                     progress=progress,
                 )
-            except (WsiSslError, OSError, ValueError, RuntimeError) as err:
+            except Exception as err:  # one slide's failure, whatever it is, ends only that slide
+                message = (
+                    str(err)
+                    if isinstance(err, WsiSslError)
+                    else f"{path}: cannot be tiled ({type(err).__name__}: {err}); the file may be "
+                    "malformed: check it opens in QuPath or re-export it"
+                )
                 result = SlideResult(
                     str(path),
                     _slide_id_or_none(path),
                     "failed",
-                    error=str(err),
+                    error=message,
                     error_type=type(err).__name__,
                     seconds=time.perf_counter() - started,
                 )
