@@ -8,6 +8,16 @@ import socket
 from pathlib import Path
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0..65535, got {text!r}")
+    return port
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
@@ -19,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("root", type=Path, metavar="ROOT", help="archive root")
     p.add_argument("--index", metavar="NAME", help="index name (default: the only one)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    p.add_argument(
+        "--port", type=_port, default=8765, help="port (default 8765; 0 picks a free one)"
+    )
     p.set_defaults(func=run)
 
 
