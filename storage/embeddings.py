@@ -29,6 +29,7 @@ import numpy as np
 import zarr
 
 from wsi_ssl.errors import (
+    ConfigError,
     EmbeddingsCorruptError,
     EmbeddingsIncompleteError,
     EmbeddingsNotFoundError,
@@ -120,7 +121,12 @@ def resolve_encoder_id(store: SlideStore | Path, name: str | None) -> str:
     if name is None:
         if len(ids) == 1:
             return ids[0]
-        raise EmbeddingsNotFoundError(path, "<one encoder; pass --encoder>", ids)
+        if ids:
+            raise ConfigError(
+                f"{path}: embeddings of {len(ids)} encoders ({', '.join(ids)}); "
+                "pass --encoder ENCODER_ID (or a unique prefix) to choose one"
+            )
+        raise EmbeddingsNotFoundError(path, "(any)", ids)
     if name in ids:
         return name
     matches = [i for i in ids if i.startswith(f"{name}-") or i.startswith(name)]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from wsi_ssl.errors import EmbeddingsNotFoundError, EmptyBagError, LabelsError
+from wsi_ssl.errors import ConfigError, EmbeddingsNotFoundError, EmptyBagError, LabelsError
 from wsi_ssl.mil import match_labels, read_labels, write_bag_store
 
 ENC = "random-cnn-0123456789ab"
@@ -119,6 +119,9 @@ def test_two_rows_for_one_store_and_slides_without_embeddings(
     assert [r.slide for r in report.no_embeddings] == ["x.svs"]
     with pytest.raises(EmbeddingsNotFoundError, match="available: other-enc, random-cnn"):
         match_labels(archive, csv, "resnet50")
+    # no encoder named, and the labelled slides have two: say which, and how to choose
+    with pytest.raises(ConfigError, match=r"embeddings of 2 encoders .*pass --encoder"):
+        match_labels(archive, csv, None)
 
 
 def test_skipping_can_leave_one_class(archive: Path, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wsi_ssl.errors import (
+    ConfigError,
     EmbeddingsNotFoundError,
     EmptyBagError,
     LabelsError,
@@ -315,7 +316,12 @@ def _resolve_encoder(root: Path, wanted: str | None, ids_by_slide: dict[str, lis
         )
         if len(common) == 1:
             return next(iter(common))
-        raise EmbeddingsNotFoundError(root, "<one encoder; pass --encoder ENCODER_ID>", union)
+        if union:
+            raise ConfigError(
+                f"{root}: the labelled slides have embeddings of {len(union)} encoders "
+                f"({', '.join(union)}); pass --encoder ENCODER_ID (or a unique prefix)"
+            )
+        raise EmbeddingsNotFoundError(root, "(any)", union)
     if wanted in union:
         return wanted
     matches = [i for i in union if i.startswith(wanted)]

@@ -241,7 +241,8 @@ class SearchIndex:
                 raise IndexNotFoundError(root / INDEX_DIR, names)
             if len(names) > 1:
                 raise ConfigError(
-                    f"{root}: several indexes ({', '.join(names)}); pass --index NAME"
+                    f"{root}: several indexes ({', '.join(names)}); name one (--index NAME; "
+                    "for `wsi-ssl index`, --name NAME)"
                 )
             name = names[0]
         files = read_index_files(root, validate_index_name(name), verify=verify)
