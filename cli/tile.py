@@ -15,6 +15,16 @@ from wsi_ssl.config import CODECS, TilingConfig
 from wsi_ssl.errors import ConfigError
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tile", help="tile slides (files or folders) into Zarr stores under --out")
     p.add_argument("inputs", nargs="+", metavar="SLIDE_OR_DIR")
@@ -35,7 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="threads|processes|ADDRESS",
         help="local threads (default) or processes, or a dask.distributed scheduler address",
     )
-    p.add_argument("--workers", type=int, help="local threads or processes (default: all cores)")
+    p.add_argument(
+        "--workers", type=_positive_int, help="local threads or processes (default: all cores)"
+    )
     p.add_argument("--no-resume", action="store_true", help="redo slides that are already complete")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -93,8 +93,9 @@ class MissingMppError(WsiSslError, ValueError):
 class NoTissueError(WsiSslError, ValueError):
     def __init__(self, path: str | Path, threshold: float) -> None:
         super().__init__(
-            f"{path}: no tile has at least {threshold:.0%} tissue; lower --tissue-threshold "
-            "or check the slide is not blank"
+            f"{path}: no tile has at least {threshold:.0%} tissue; check the slide is not blank "
+            "or smaller than one tile, then lower --tissue-threshold (tissue pieces under the "
+            "detector's minimum area are ignored as debris)"
         )
         self.path = Path(path)
 
