@@ -32,6 +32,7 @@ import numpy as np
 
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.storage import open_store
+from wsi_ssl.storage.shards import shard_path
 from wsi_ssl.storage.tile_reader import TileReader
 from wsi_ssl.tiling.batch import tile_slide
 
@@ -71,7 +72,7 @@ def measure(codec: str, reads: int) -> dict[str, float]:
     blobs = []
     for r in rows[:256]:
         shard, inner = divmod(int(r), reader._per_shard)
-        path = reader._path(shard)
+        path = shard_path(tiles, shard)
         fd = os.open(path, os.O_RDONLY)
         offset, nbytes = reader._index(shard, fd, path)[inner]
         blobs.append(os.pread(fd, int(nbytes), int(offset)))

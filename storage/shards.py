@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import google_crc32c
+import imagecodecs
 import numcodecs
 import numpy as np
 import zarr
@@ -30,7 +31,8 @@ from zarr.storage import LocalStore
 
 from wsi_ssl.storage.codecs import JpegCodec
 
-_EMPTY = np.uint64(2**64 - 1)
+EMPTY = np.uint64(2**64 - 1)
+"""The shard index's offset and size of an inner chunk that was not written."""
 
 
 def inner_codecs(array: zarr.Array) -> tuple[Any, ...]:
@@ -65,6 +67,23 @@ def _inner_encoder(array: zarr.Array) -> Callable[[np.ndarray], bytes] | None:
     return None
 
 
+def inner_decoder(array: zarr.Array) -> Callable[[bytes], np.ndarray] | None:
+    """A function decoding one inner chunk's bytes to its (T, T, 3) tile, or None if unknown."""
+    codecs = inner_codecs(array)
+    shape = tuple(array.shape[1:])
+    if len(codecs) == 1 and isinstance(codecs[0], JpegCodec):
+        return lambda data: imagecodecs.jpeg8_decode(data).reshape(shape)
+    if len(codecs) == 2 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], ZstdCodec):
+        return lambda data: np.frombuffer(imagecodecs.zstd_decode(data), np.uint8).reshape(shape)
+    return None
+
+
+def shard_path(array: zarr.Array, shard: int) -> Path:
+    """The file of shard number ``shard`` of a (N, T, T, 3) array on a local store."""
+    key = array.metadata.encode_chunk_key((shard, 0, 0, 0))
+    return Path(array.store.root) / array.path / key  # type: ignore[attr-defined]
+
+
 def accepts_jpeg(array: zarr.Array) -> bool:
     """Whether `write_shard` can store JPEG streams in ``array`` as they are."""
     codecs = inner_codecs(array)
@@ -85,14 +104,13 @@ def write_shard(
         array[start : start + len(tiles)] = np.stack(tiles)  # type: ignore[arg-type]
         return
     blobs = [tile if isinstance(tile, bytes) else encode(tile) for tile in tiles]
-    index = np.full((per_shard, 2), _EMPTY, dtype="<u8")
+    index = np.full((per_shard, 2), EMPTY, dtype="<u8")
     sizes = np.array([len(b) for b in blobs], dtype=np.uint64)
     index[: len(blobs), 1] = sizes
     index[: len(blobs), 0] = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uint64)
     index_bytes = index.tobytes()
     crc = google_crc32c.value(index_bytes).to_bytes(4, "little")
-    key = array.metadata.encode_chunk_key((shard, 0, 0, 0))
-    path = Path(array.store.root) / array.path / key  # type: ignore[attr-defined]
+    path = shard_path(array, shard)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
     with open(tmp, "wb") as f:

@@ -11,33 +11,17 @@ array's own inner codec. Any other array (another store, another layout) is read
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import google_crc32c
-import imagecodecs
 import numpy as np
 import zarr
-from zarr.codecs import BytesCodec, ZstdCodec
 
 from wsi_ssl.errors import TileReadError
-from wsi_ssl.storage.codecs import JpegCodec
-from wsi_ssl.storage.shards import inner_codecs
+from wsi_ssl.storage.shards import EMPTY, inner_decoder, shard_path
 
 __all__ = ["TileReader"]
-
-_EMPTY = 2**64 - 1
-
-
-def _decoder(array: zarr.Array) -> Callable[[bytes], np.ndarray] | None:
-    """Bytes of one inner chunk -> the (T, T, 3) tile, for the codecs the writer uses."""
-    codecs = inner_codecs(array)
-    shape = tuple(array.shape[1:])
-    if len(codecs) == 1 and isinstance(codecs[0], JpegCodec):
-        return lambda data: imagecodecs.jpeg8_decode(data).reshape(shape)
-    if len(codecs) == 2 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], ZstdCodec):
-        return lambda data: np.frombuffer(imagecodecs.zstd_decode(data), np.uint8).reshape(shape)
-    return None
 
 
 class TileReader:
@@ -50,16 +34,12 @@ class TileReader:
 
     def __init__(self, array: zarr.Array) -> None:
         self.array = array
-        self._decode = _decoder(array) if array.dtype == np.uint8 else None
+        self._decode = inner_decoder(array) if array.dtype == np.uint8 else None
         self._per_shard = int(array.shards[0]) if array.shards else 0
         self._indexes: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return int(self.array.shape[0])
-
-    def _path(self, shard: int) -> Path:
-        key = self.array.metadata.encode_chunk_key((shard, 0, 0, 0))
-        return Path(self.array.store.root) / self.array.path / key  # type: ignore[attr-defined]
 
     def _index(self, shard: int, fd: int, path: Path) -> np.ndarray:
         index = self._indexes.get(shard)
@@ -91,7 +71,7 @@ class TileReader:
         shards = rows[order] // self._per_shard
         for shard in np.unique(shards):
             where = order[shards == shard]
-            path = self._path(int(shard))
+            path = shard_path(self.array, int(shard))
             start = int(shard) * self._per_shard
             try:
                 fd = os.open(path, os.O_RDONLY)
@@ -102,7 +82,7 @@ class TileReader:
                 index = self._index(int(shard), fd, path)
                 for i in where:
                     offset, nbytes = index[rows[i] - shard * self._per_shard]
-                    if offset == _EMPTY:
+                    if offset == EMPTY:
                         first = int(rows[i])
                         raise TileReadError(path, first, first + 1, "the tile was never written")
                     data = os.pread(fd, int(nbytes), int(offset))
@@ -121,7 +101,8 @@ class TileReader:
         if self._decode is None:
             return []
         n_shards = -(-len(self) // self._per_shard)
-        return [p for p in map(self._path, range(n_shards)) if not p.is_file()]
+        paths = (shard_path(self.array, shard) for shard in range(n_shards))
+        return [p for p in paths if not p.is_file()]
 
     def __getitem__(self, row: int) -> np.ndarray:
         """One tile, uint8 (T, T, 3)."""
