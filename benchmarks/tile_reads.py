@@ -3,7 +3,7 @@
 Pretraining and the search and MIL pictures read stored tiles one at a time in random order.
 In one run, on the same tiles and the same random rows:
 
-* decode floor: the tile's bytes already in memory, decoded only (imagecodecs);
+* decode floor: the tile's bytes already in memory, decoded only (the array's own decoder);
 * zarr: ``np.asarray(tiles[i])`` through Zarr's sharding codec (the baseline);
 * TileReader one by one: ``reader[i]`` (shard index cached, one ``pread`` + decode);
 * TileReader batch: ``reader.read(rows)`` for 64 rows at a time.
@@ -27,12 +27,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import imagecodecs
 import numpy as np
 
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.storage import open_store
-from wsi_ssl.storage.shards import shard_path
+from wsi_ssl.storage.shards import inner_decoder, shard_path
 from wsi_ssl.storage.tile_reader import TileReader
 from wsi_ssl.tiling.batch import tile_slide
 
@@ -77,9 +76,8 @@ def measure(codec: str, reads: int) -> dict[str, float]:
         offset, nbytes = reader._index(shard, fd, path)[inner]
         blobs.append(os.pread(fd, int(nbytes), int(offset)))
         os.close(fd)
-    decode = (
-        imagecodecs.jpeg8_decode if codec == "jpeg" else imagecodecs.zstd_decode
-    )  # the same decoders the codecs use
+    decode = inner_decoder(tiles)  # the decoder the reader uses
+    assert decode is not None
 
     def floor() -> None:
         for i in range(reads):
