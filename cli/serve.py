@@ -7,15 +7,7 @@ import contextlib
 import socket
 from pathlib import Path
 
-
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port 0..65535, got {text!r}")
-    return port
+from wsi_ssl.cli.arg_types import whole_number
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", metavar="NAME", help="index name (default: the only one)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument(
-        "--port", type=_port, default=8765, help="port (default 8765; 0 picks a free one)"
+        "--port",
+        type=whole_number(0, 65535, "a port 0..65535"),
+        default=8765,
+        help="port (default 8765; 0 picks a free one)",
     )
     p.set_defaults(func=run)
 

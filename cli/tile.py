@@ -10,19 +10,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from wsi_ssl.cli.arg_types import whole_number
 from wsi_ssl.cli.toml_config import read_toml_config
 from wsi_ssl.config import CODECS, TilingConfig
 from wsi_ssl.errors import ConfigError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="local threads (default) or processes, or a dask.distributed scheduler address",
     )
     p.add_argument(
-        "--workers", type=_positive_int, help="local threads or processes (default: all cores)"
+        "--workers", type=whole_number(1), help="local threads or processes (default: all cores)"
     )
     p.add_argument("--no-resume", action="store_true", help="redo slides that are already complete")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")

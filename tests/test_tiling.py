@@ -606,3 +606,19 @@ def test_resume_redoes_a_store_with_a_missing_shard(tmp_path: Path, synth: Path)
     again = tile_slide(synth, tmp_path, config)
     assert again.status == "complete" and shard.is_file()
     assert tile_slide(synth, tmp_path, config).status == "skipped"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["tile", "s.tiff", "--out", "o", "--workers", "-2"], "expected a whole number >= 1"),
+        (["tile", "s.tiff", "--out", "o", "--workers", "1.5"], "expected a whole number >= 1"),
+        (["serve", "root", "--port", "70000"], "expected a port 0..65535"),
+    ],
+)
+def test_whole_number_flags_are_checked_when_parsed(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
