@@ -6,6 +6,7 @@ import contextlib
 import io
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,6 +51,32 @@ def twin_of(slide: Path, folder: Path) -> Path:
     with open(twin, "ab") as f:
         f.write(b"\0" * 16)
     return twin
+
+
+SYNTHETIC = {"s1": ((2560, 1920), 1), "s2": ((2400, 1800), 2)}
+
+
+def search_archive(base: Path, cmu_small: Path, synthetic: tuple[str, ...]) -> dict[str, Any]:
+    """CMU-1-Small-Region, its twin and the named synthetic slides tiled at 224 px (lossless),
+    embedded with the random-init CNN and indexed exactly: ``root``, ``ids`` (by key),
+    ``index`` and ``encoder_id``."""
+    from wsi_ssl.config import TilingConfig
+    from wsi_ssl.embedding import EmbedConfig, embed
+    from wsi_ssl.search import SearchIndex
+    from wsi_ssl.synthetic import write_synthetic_slide
+    from wsi_ssl.tiling.batch import tile_slide
+
+    tiling = TilingConfig(tile_size=224, codec="zstd", tiles_per_chunk=16)
+    slides = {"cmu": cmu_small, "twin": twin_of(cmu_small, base)}
+    for key in synthetic:
+        size, seed = SYNTHETIC[key]
+        slides[key] = write_synthetic_slide(base / f"{key}.tiff", size, seed=seed)
+    root = base / "root"
+    ids = {key: tile_slide(path, root, tiling).slide_id for key, path in slides.items()}
+    summary = embed(root, "random-cnn", EmbedConfig(batch_size=32, device="cpu", workers=0))
+    assert not summary.failed
+    index = SearchIndex.build(root, "random-cnn", kind="flat")
+    return {"root": root, "ids": ids, "index": index, "encoder_id": summary.encoder_id}
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:

@@ -14,11 +14,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-from conftest import twin_of
+from conftest import search_archive
 from PIL import Image
 
 from wsi_ssl.cli.main import main as cli_main
-from wsi_ssl.config import TilingConfig
 from wsi_ssl.embedding import EmbedConfig, embed
 from wsi_ssl.encoders import create_encoder
 from wsi_ssl.errors import (
@@ -46,30 +45,13 @@ from wsi_ssl.search import (
 from wsi_ssl.search.image import load_image
 from wsi_ssl.storage import open_store
 from wsi_ssl.storage.index_files import MANIFEST, index_lock, read_index
-from wsi_ssl.synthetic import write_synthetic_slide
-from wsi_ssl.tiling.batch import tile_slide
 
-TILING = TilingConfig(tile_size=224, codec="zstd", tiles_per_chunk=16)
 ENCODER = "random-cnn"
 
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory, cmu_small: Path) -> dict[str, object]:
-    base = tmp_path_factory.mktemp("search")
-    twin = twin_of(cmu_small, base)
-    root = base / "root"
-    ids = {}
-    for key, path in (
-        ("cmu", cmu_small),
-        ("twin", twin),
-        ("s1", write_synthetic_slide(base / "s1.tiff", (2560, 1920), seed=1)),
-        ("s2", write_synthetic_slide(base / "s2.tiff", (2400, 1800), seed=2)),
-    ):
-        ids[key] = tile_slide(path, root, TILING).slide_id
-    summary = embed(root, ENCODER, EmbedConfig(batch_size=32, device="cpu", workers=0))
-    assert not summary.failed
-    index = SearchIndex.build(root, ENCODER, kind="flat")
-    return {"root": root, "ids": ids, "index": index, "encoder_id": summary.encoder_id}
+    return search_archive(tmp_path_factory.mktemp("search"), cmu_small, ("s1", "s2"))
 
 
 def _coords(root: Path, slide_id: str) -> np.ndarray:

@@ -21,38 +21,19 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import twin_of
+from conftest import search_archive
 from PIL import Image
 
-from wsi_ssl.config import TilingConfig
-from wsi_ssl.embedding import EmbedConfig, embed
 from wsi_ssl.search import SearchIndex
 from wsi_ssl.serve import create_app
 from wsi_ssl.storage import open_store
-from wsi_ssl.synthetic import write_synthetic_slide
-from wsi_ssl.tiling.batch import tile_slide
 
 uvicorn = pytest.importorskip("uvicorn")
-
-TILING = TilingConfig(tile_size=224, codec="zstd", tiles_per_chunk=16)
 
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory, cmu_small: Path) -> dict[str, Any]:
-    base = tmp_path_factory.mktemp("serve")
-    twin = twin_of(cmu_small, base)
-    root = base / "root"
-    ids = {}
-    for key, path in (
-        ("cmu", cmu_small),
-        ("twin", twin),
-        ("s1", write_synthetic_slide(base / "s1.tiff", (2560, 1920), seed=1)),
-    ):
-        ids[key] = tile_slide(path, root, TILING).slide_id
-    summary = embed(root, "random-cnn", EmbedConfig(batch_size=32, device="cpu", workers=0))
-    assert not summary.failed
-    SearchIndex.build(root, "random-cnn", kind="flat")
-    return {"root": root, "ids": ids}
+    return search_archive(tmp_path_factory.mktemp("serve"), cmu_small, ("s1",))
 
 
 @pytest.fixture(scope="module")
