@@ -3,14 +3,42 @@
 from __future__ import annotations
 
 import filecmp
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
+from wsi_ssl.errors import StoreLockedError
 from wsi_ssl.storage import Catalog, fingerprint_file, slide_id_from_fingerprint
+from wsi_ssl.storage.atomic import (
+    FAULT_ENV,
+    atomic_write_json,
+    atomic_write_text,
+    atomic_write_with,
+    host_name,
+    parse_temp_name,
+    sweep_temp_files,
+    temp_name,
+)
 from wsi_ssl.storage.codecs import tile_codecs
+from wsi_ssl.storage.locks import (
+    LOCKS_DIR,
+    embeddings_lock,
+    embeddings_lock_path,
+    is_locked,
+    read_holder,
+    remove_stale_lock,
+    slide_lock,
+    slide_lock_path,
+    stale_lock_files,
+)
 from wsi_ssl.storage.shards import write_shard
 
 
@@ -104,3 +132,119 @@ def test_catalog_round_trip(tmp_path: Path) -> None:
     entry = again.get("s2")
     assert entry is not None and entry.error == "bad" and entry.name == "b.svs"
     assert again.get("s1").tiling == {"mpp": 0.5}  # type: ignore[union-attr]
+
+
+# -- atomic writes and writer locks (issue #10) ------------------------------------------------
+
+_HOLD = """
+import sys
+from wsi_ssl.storage.locks import slide_lock
+with slide_lock(sys.argv[1], "s1"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def _holder(root: Path) -> subprocess.Popen[str]:
+    """A real second process holding the lock of slide "s1" until its stdin closes."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_atomic_writes_round_trip_and_leave_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "a.json"
+    atomic_write_json(target, {"x": [1, 2]})
+    assert json.loads(target.read_text()) == {"x": [1, 2]}
+    atomic_write_text(tmp_path / "b.txt", "hello")
+    atomic_write_with(tmp_path / "c.npy", lambda p: np.save(p, np.arange(3), allow_pickle=False))
+    assert np.load(tmp_path / "c.npy", allow_pickle=False).tolist() == [0, 1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.txt", "c.npy"]
+    with pytest.raises(ValueError):
+        atomic_write_json(target, {"x": float("nan")})
+    assert json.loads(target.read_text()) == {"x": [1, 2]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.txt", "c.npy"]
+    name = temp_name("a.json")
+    assert parse_temp_name(name) == (os.getpid(), host_name())
+
+
+@pytest.mark.parametrize("action", ["kill", "enospc"])
+def test_a_write_cut_at_the_rename_keeps_the_old_file(tmp_path: Path, action: str) -> None:
+    target = tmp_path / "m.json"
+    atomic_write_json(target, {"v": "old"})
+    code = "import sys; from wsi_ssl.storage.atomic import atomic_write_json as w; w(sys.argv[1], {'v': 'new'})"
+    env = {**os.environ, FAULT_ENV: f"{action}_before_rename:m.json"}
+    done = subprocess.run([sys.executable, "-c", code, str(target)], env=env, capture_output=True)
+    assert json.loads(target.read_text()) == {"v": "old"}
+    leftovers = [p for p in tmp_path.iterdir() if p.name != "m.json"]
+    if action == "kill":
+        assert done.returncode == -signal.SIGKILL
+        assert len(leftovers) == 1 and parse_temp_name(leftovers[0].name) is not None
+        live = tmp_path / temp_name("m.json")  # this (live) process's temp file stays
+        live.write_text("mine")
+        assert sweep_temp_files(tmp_path) == leftovers
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.json", live.name])
+    else:
+        assert done.returncode == 1 and b"No space left on device" in done.stderr
+        assert leftovers == []  # the temp file was removed on the error
+
+
+def test_a_second_process_is_told_who_holds_the_lock(tmp_path: Path) -> None:
+    proc = _holder(tmp_path)
+    try:
+        with pytest.raises(StoreLockedError) as info, slide_lock(tmp_path, "s1"):
+            pass
+        assert f"s1.zarr is being written by pid {proc.pid} on {host_name()}" in str(info.value)
+        assert is_locked(slide_lock_path(tmp_path, "s1"))
+        assert stale_lock_files(tmp_path) == []
+        assert not remove_stale_lock(slide_lock_path(tmp_path, "s1"))  # held: kept
+        with slide_lock(tmp_path, "s2"):  # another slide is another lock
+            pass
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+    with slide_lock(tmp_path, "s1", wait=60):  # waits until the holder lets go
+        assert read_holder(slide_lock_path(tmp_path, "s1")) == read_holder(
+            slide_lock_path(tmp_path, "s1")
+        )
+        holder = read_holder(slide_lock_path(tmp_path, "s1"))
+        assert holder is not None and holder.pid == os.getpid()
+    assert proc.wait() == 0
+    assert read_holder(slide_lock_path(tmp_path, "s1")) is None  # emptied on release
+
+
+def test_a_killed_holder_leaves_a_stale_lock_that_is_taken_over(tmp_path: Path) -> None:
+    proc = _holder(tmp_path)
+    proc.kill()
+    proc.wait()
+    path = slide_lock_path(tmp_path, "s1")
+    holder = read_holder(path)
+    assert holder is not None and holder.pid == proc.pid and holder.dead
+    assert stale_lock_files(tmp_path) == [path]
+    with slide_lock(tmp_path, "s1"):  # no wait needed: the kernel dropped the dead one's lock
+        assert read_holder(path) is not None and read_holder(path).pid == os.getpid()  # type: ignore[union-attr]
+    assert stale_lock_files(tmp_path) == []
+    assert remove_stale_lock(path) and not path.exists()
+
+
+def test_locks_are_reentrant_per_thread_only(tmp_path: Path) -> None:
+    errors: list[BaseException] = []
+
+    def other_thread() -> None:
+        try:
+            with embeddings_lock(tmp_path, "s1", "enc"):
+                pass
+        except StoreLockedError as err:
+            errors.append(err)
+
+    with embeddings_lock(tmp_path, "s1", "enc"), embeddings_lock(tmp_path, "s1", "enc"):
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    assert len(errors) == 1 and "embeddings/enc is being written by pid" in str(errors[0])
+    assert embeddings_lock_path(tmp_path, "s1", "enc").is_relative_to(tmp_path / LOCKS_DIR)

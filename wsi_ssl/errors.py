@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
+    "ArchitectureMismatchError",
     "CheckpointError",
     "ConfigError",
     "CorruptIndexError",
@@ -21,22 +22,30 @@ __all__ = [
     "ImageQueryError",
     "ImageTooLargeError",
     "IndexBusyError",
+    "IndexLockedError",
     "IndexNotFoundError",
     "InputSizeMismatchError",
     "LabelsError",
+    "MagnificationMismatchError",
     "MissingMppError",
     "NoTilesInRegionError",
     "NoTissueError",
     "NonFiniteEmbeddingError",
+    "PickleCheckpointError",
+    "PresetWeightsNotFoundError",
     "RegionOutsideSlideError",
     "SchemaMismatchError",
     "SlideNotFoundError",
+    "StoreCorruptError",
     "StoreIncompleteError",
+    "StoreLockedError",
     "StoreNotFoundError",
     "TileReadError",
     "TrainingDivergedError",
+    "TruncatedWeightsError",
     "UnknownSlideError",
     "UnsupportedSlideError",
+    "WeightsMismatchError",
     "WeightsNotFoundError",
     "WsiSslError",
 ]
@@ -338,3 +347,80 @@ class ImageQueryError(WsiSslError, ValueError):
 
 class ImageTooLargeError(ImageQueryError):
     """A query image exceeds the pixel limit (a decompression bomb or simply too big)."""
+
+
+# -- archive safety (issue #10) -------------------------------------------------------------
+
+
+class StoreLockedError(WsiSslError, RuntimeError):
+    """Another live process holds the writer lock of a store, an embeddings array or an index.
+
+    ``holder`` is a :class:`wsi_ssl.storage.locks.LockHolder` (None when it could not be read).
+    """
+
+    def __init__(self, path: str | Path, holder: object | None = None) -> None:
+        describe = getattr(holder, "describe", None)
+        who = describe() if callable(describe) else "another process"
+        super().__init__(
+            f"{path} is being written by {who}; wait for that job to finish (or stop it) and re-run"
+        )
+        self.path = Path(path)
+        self.holder = holder
+
+
+class IndexLockedError(IndexBusyError, StoreLockedError):
+    """Another process is writing the same search index (says which)."""
+
+    def __init__(self, path: str | Path, holder: object | None = None) -> None:
+        StoreLockedError.__init__(self, path, holder)
+
+
+class StoreCorruptError(WsiSslError, OSError):
+    """A slide store's metadata cannot be read; archive-wide commands skip and report it."""
+
+    def __init__(self, path: str | Path, detail: str) -> None:
+        super().__init__(
+            f"{path}: slide store is damaged ({detail}); run `wsi-ssl check ROOT` and re-tile "
+            "the slide"
+        )
+        self.path = Path(path)
+        self.detail = detail
+
+
+# -- encoder zoo (issue #13) ------------------------------------------------------------------
+
+
+class PresetWeightsNotFoundError(WeightsNotFoundError):
+    """A zoo preset's published weights file is not on this machine (never downloaded)."""
+
+    def __init__(self, encoder: str, path: str | Path, files: list[str], card: str) -> None:
+        Exception.__init__(
+            self,
+            f"{path}: no weights file for encoder {encoder!r}; download {' or '.join(files)} from "
+            f"{card} (accept its licence there) and put it at {path}, or pass weights=PATH; "
+            "wsi-ssl never downloads weights",
+        )
+        self.path = Path(path)
+
+
+class WeightsMismatchError(CheckpointError):
+    """A weights file has missing, unexpected or wrongly shaped tensors for the encoder."""
+
+
+class TruncatedWeightsError(CheckpointError):
+    """A weights file is shorter than its own header says (an interrupted download or copy)."""
+
+
+class PickleCheckpointError(CheckpointError):
+    """A checkpoint that only unpickles with arbitrary code (refused; convert it once)."""
+
+
+class MagnificationMismatchError(WsiSslError, ValueError):
+    """Tiles are at another scale (µm/px at the model input) than the encoder was trained at."""
+
+
+# -- pretraining recipes (issue #14) --------------------------------------------------------
+
+
+class ArchitectureMismatchError(ConfigError):
+    """A backbone (or ``init`` encoder) whose architecture the pretraining method cannot use."""
