@@ -1,0 +1,120 @@
+"""Picture routes: thumbnails, region pictures and the deep-zoom (DZI) tiles of the viewer.
+
+* ``GET /api/slides/{slide}/thumbnail.png``: the stored thumbnail.
+* ``GET /api/slides/{slide}/region.png?box=X,Y,W,H[&outline=ROWS][&px=N]``: level-0 ``box``,
+  longest side ``px``; up to ``MAX_PICTURE_TILES`` stored tiles drawn exactly (the listed rows
+  outlined), a larger box from the deep-zoom sources (bounded cost whatever its size).
+* ``GET /api/slides/{slide}/dzi/{source}.dzi`` and ``.../dzi/{source}_files/{level}/{col}_{row}.jpeg``:
+  the Deep Zoom pyramid, ``source`` = ``slide`` (the slide file through its reader) or
+  ``tiles`` (the stored tiles); see :mod:`wsi_ssl.serve.pyramid`.
+
+Every picture is drawn in the bounded :class:`RenderPool` and cached (LRU, bounded bytes), keyed
+by the store's stamp so a changed store is never answered from the cache.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from fastapi import FastAPI
+from fastapi.responses import Response
+
+from wsi_ssl.errors import ConfigError
+from wsi_ssl.serve.pyramid import dzi_xml, encode, tiles_in
+from wsi_ssl.serve.service import RenderPool, SlideService
+
+__all__ = ["add_picture_routes", "parse_box"]
+
+PANEL_PX = (32, 1024)
+MAX_PICTURE_TILES = 100
+"""A region picture draws at most this many stored tiles; a larger box comes from the pyramid."""
+MAX_COORD = 2**31
+MAX_OUTLINE = 1000
+
+
+def parse_box(text: str) -> tuple[int, int, int, int]:
+    """``X,Y,W,H`` (level-0 px, each within ±2**31) as integers."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4 or not all(math.isfinite(v) and abs(v) < MAX_COORD for v in values):
+        raise ConfigError(
+            f"box must be X,Y,W,H in level-0 pixels, each within ±2**31, got {text[:80]!r}"
+        )
+    x, y, w, h = (round(v) for v in values)
+    if w <= 0 or h <= 0:
+        raise ConfigError(f"box {text[:80]!r} has no area; width and height must be > 0")
+    return x, y, w, h
+
+
+def _parse_rows(text: str) -> set[int]:
+    parts = [v for v in text.split(",") if v]
+    if len(parts) > MAX_OUTLINE:
+        raise ConfigError(f"outline lists {len(parts)} tiles; at most {MAX_OUTLINE}")
+    try:
+        return {int(v) for v in parts}
+    except ValueError:
+        raise ConfigError(
+            f"outline must be tile rows separated by commas, got {text[:80]!r}"
+        ) from None
+
+
+def _image(data: bytes, media: str) -> Response:
+    return Response(data, media_type=media, headers={"Cache-Control": "private, max-age=600"})
+
+
+def _region_png(
+    service: SlideService, slide: str, box: tuple[int, int, int, int], outline: set[int], px: int
+) -> bytes:
+    from wsi_ssl.search.gallery import region_mosaic
+
+    store = service.store(slide)
+    if len(tiles_in(store, box)) <= MAX_PICTURE_TILES:
+        return encode(region_mosaic(store, box, panel_px=px, outline=outline or None), "png")
+    f = px / max(box[2], box[3])
+    size = (max(1, round(box[2] * f)), max(1, round(box[3] * f)))
+    return encode(service.pyramid(slide).region(box, size, "slide"), "png")
+
+
+def add_picture_routes(app: FastAPI, service: SlideService, pool: RenderPool) -> None:
+    """Register the picture routes of the module docstring on ``app``."""
+
+    @app.get("/api/slides/{slide}/thumbnail.png")
+    async def thumbnail(slide: str) -> Response:
+        store = service.store(slide)
+        key = ("thumb", store.slide_id, service.stamp(slide))
+        data = await pool.run(service.cached, key, lambda: _thumbnail_png(service, slide))
+        return _image(data, "image/png")
+
+    @app.get("/api/slides/{slide}/region.png")
+    async def region(slide: str, box: str, outline: str = "", px: int = 320) -> Response:
+        if not PANEL_PX[0] <= px <= PANEL_PX[1]:
+            raise ConfigError(f"px must be in {PANEL_PX[0]}..{PANEL_PX[1]}, got {px}")
+        parsed, rows = parse_box(box), _parse_rows(outline)
+        store = service.store(slide)
+        key = ("region", store.slide_id, service.stamp(slide), parsed, tuple(sorted(rows)), px)
+        draw = lambda: _region_png(service, slide, parsed, rows, px)  # noqa: E731
+        return _image(await pool.run(service.cached, key, draw), "image/png")
+
+    @app.get("/api/slides/{slide}/dzi/{source}.dzi")
+    async def dzi(slide: str, source: Literal["slide", "tiles"]) -> Response:
+        pyramid = await pool.run(service.pyramid, slide)
+        return Response(dzi_xml(pyramid), media_type="application/xml")
+
+    @app.get("/api/slides/{slide}/dzi/{source}_files/{level}/{col}_{row}.jpeg")
+    async def dzi_tile(
+        slide: str, source: Literal["slide", "tiles"], level: int, col: int, row: int
+    ) -> Response:
+        store = service.store(slide)
+        key = ("dzi", store.slide_id, service.stamp(slide), source, level, col, row)
+
+        def draw() -> bytes:
+            return encode(service.pyramid(slide).tile(level, col, row, source), "jpeg")
+
+        return _image(await pool.run(service.cached, key, draw), "image/jpeg")
+
+
+def _thumbnail_png(service: SlideService, slide: str) -> bytes:
+    return encode(service.pyramid(slide).thumbnail, "png")

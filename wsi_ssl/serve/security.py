@@ -1,0 +1,197 @@
+"""What makes ``wsi-ssl serve`` safe to leave running: one ASGI middleware in front of the app.
+
+Every request passes :class:`Guard`, which, before the application sees it:
+
+* answers 400 to a ``Host`` header not in the allow-list (loopback names by default), so a
+  DNS-rebinding page cannot read the archive through the user's browser;
+* answers 401 without the access token when one is set (``Authorization: Bearer TOKEN``, or the
+  ``wsi_ssl_token`` cookie that ``/?token=TOKEN`` sets for the page);
+* answers 415 to a POST that is not ``application/json`` (a ``text/plain`` POST is a CORS
+  "simple" request any web page can send) and 413 to a body over ``max_body`` bytes, counted
+  as it arrives (a claimed ``Content-Length`` over the cap is refused unread);
+* adds a Content-Security-Policy (scripts, styles, pictures and requests from this server
+  only) and the usual hardening headers to every answer.
+
+No answer repeats what the client sent.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["LOOPBACK_HOSTS", "Guard", "GuardConfig", "redact_paths"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+MAX_JSON_BYTES = 64 * 1024
+TOKEN_COOKIE = "wsi_ssl_token"
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; connect-src 'self'; font-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+]
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\\/\s'\"<>|:;,()\[\]]+)+[\\/]?")
+
+
+def redact_paths(text: str) -> str:
+    """``text`` with each absolute filesystem path cut to its last component."""
+    return _PATH.sub(lambda m: m.group(0).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1], text)
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """The limits :class:`Guard` enforces.
+
+    Args:
+        allowed_hosts: ``Host`` names (without port) that are served; ``"*"`` allows any.
+        token: the access token every request must carry; None serves without one.
+        max_body: the largest request body in bytes.
+    """
+
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+    token: str | None = None
+    max_body: int = MAX_JSON_BYTES
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return ""
+
+
+def _host_name(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1]:8765
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _cookies(scope: Scope) -> dict[str, str]:
+    out = {}
+    for part in _header(scope, b"cookie").split(";"):
+        name, _, value = part.strip().partition("=")
+        out[name] = value
+    return out
+
+
+async def _answer(send: Send, status: int, error: str, extra: Iterable[tuple[bytes, bytes]] = ()):
+    body = json.dumps({"error": error, "type": "RequestRefused"}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *HEADERS,
+        *extra,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """The ASGI middleware described in the module docstring."""
+
+    def __init__(self, app: ASGIApp, config: GuardConfig) -> None:
+        self.app = app
+        self.config = config
+        self.hosts = {h.lower() for h in config.allowed_hosts}
+
+    def _refusal(self, scope: Scope) -> tuple[int, str] | None:
+        """Why ``scope`` is refused (status, message), or None."""
+        if "*" not in self.hosts and _host_name(_header(scope, b"host")) not in self.hosts:
+            return 400, "this server answers only to its own host names (see --allow-host)"
+        if self.config.token is not None and not self._authorised(scope):
+            return 401, "this server needs its access token: open the URL it printed"
+        if scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
+            ctype = _header(scope, b"content-type").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return 415, "requests with a body must be application/json"
+            length = _header(scope, b"content-length")
+            if length and (not length.isdigit() or int(length) > self.config.max_body):
+                return 413, f"request bodies are limited to {self.config.max_body} bytes"
+        return None
+
+    def _authorised(self, scope: Scope) -> bool:
+        token = self.config.token or ""
+        given = _header(scope, b"authorization").removeprefix("Bearer ").strip()
+        given = given or _cookies(scope).get(TOKEN_COOKIE, "")
+        if not given and scope.get("path") == "/":
+            query = scope.get("query_string", b"").decode("latin-1")
+            given = dict(p.partition("=")[::2] for p in query.split("&")).get("token", "")
+        return hmac.compare_digest(given.encode(), token.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await _answer(send, *refusal)
+            return
+        if scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
+            body = await self._read_body(receive)
+            if body is None:
+                await _answer(
+                    send, 413, f"request bodies are limited to {self.config.max_body} bytes"
+                )
+                return
+            receive = _replay(body, receive)
+        await self.app(scope, receive, self._with_headers(scope, send))
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body, or None as soon as it passes the cap (the rest is not read)."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b""
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.config.max_body:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _with_headers(self, scope: Scope, send: Send) -> Send:
+        cookie: list[tuple[bytes, bytes]] = []
+        if self.config.token is not None and scope.get("path") == "/":
+            value = f"{TOKEN_COOKIE}={self.config.token}; HttpOnly; SameSite=Strict; Path=/"
+            cookie = [(b"set-cookie", value.encode())]
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *HEADERS, *cookie]
+            await send(message)
+
+        return send_with_headers
+
+
+def _replay(body: bytes, original: Receive) -> Receive:
+    """A ``receive`` that gives the body read once, then waits on the client as before."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            return await original()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
