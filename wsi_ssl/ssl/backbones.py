@@ -16,6 +16,11 @@ Registered:
     ``resnet18_slim``: ResNet-18 at half width (2.8 M, D = 256).
     ``resnet18_tiny``: ResNet-18 at quarter width (0.7 M, D = 128), the CPU backbone of the
         ``cpu-small`` preset: a few hundred steps on 48-pixel crops take a minute or two.
+
+Besides these names, ``"encoder:<name>"`` is any architecture of the encoder registry
+(:func:`wsi_ssl.encoders.create_encoder`: ``"encoder:uni"``, ``"encoder:timm/vit_base_patch16_224"``),
+built at random init for continued pretraining (its weights are loaded by
+:mod:`wsi_ssl.ssl.init`); its spec is read off a built model, so it imports torch.
 """
 
 from __future__ import annotations
@@ -78,8 +83,13 @@ def backbone_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+ENCODER_PREFIX = "encoder:"
+
+
 def get_spec(name: str) -> BackboneSpec:
     """The spec of a registered backbone; ``ConfigError`` listing the valid names otherwise."""
+    if name.startswith(ENCODER_PREFIX):
+        return _encoder_spec(name)
     try:
         return _REGISTRY[name][0]
     except KeyError:
@@ -91,8 +101,59 @@ def build_backbone(
 ) -> nn.Module:
     """A freshly initialised backbone (random weights; nothing is downloaded)."""
     spec = get_spec(name)
+    if name.startswith(ENCODER_PREFIX):
+        return _build_from_encoder(name, drop_path_rate)
     builder = _REGISTRY[name][1]
     return builder(drop_path_rate=drop_path_rate, input_size=input_size or spec.default_input_size)
+
+
+_ENCODER_SPECS: dict[str, BackboneSpec] = {}
+
+
+def _build_from_encoder(name: str, drop_path_rate: float) -> nn.Module:
+    """A random-init, trainable copy of an encoder registry architecture; ViTs take any crop
+    size (timm's dynamic image size) and get ``drop_path_rate`` stochastic depth."""
+    from lightly.models.utils import update_drop_path_rate
+    from timm.layers import Format
+    from timm.models.vision_transformer import VisionTransformer
+
+    from wsi_ssl.encoders import create_encoder
+
+    model = create_encoder(name.removeprefix(ENCODER_PREFIX), weights="random").model
+    model.train().requires_grad_(True)
+    if isinstance(model, VisionTransformer):
+        model.dynamic_img_size = True
+        embed = model.patch_embed
+        embed.strict_img_size = False
+        embed.flatten = False
+        embed.output_fmt = Format.NHWC
+        if drop_path_rate > 0:
+            update_drop_path_rate(model, drop_path_rate)
+    return model
+
+
+def _encoder_spec(name: str) -> BackboneSpec:
+    if name not in _ENCODER_SPECS:
+        from timm.models.vision_transformer import VisionTransformer
+        from torch import nn as torch_nn
+
+        from wsi_ssl.encoders import create_encoder
+
+        encoder = create_encoder(name.removeprefix(ENCODER_PREFIX), weights="random")
+        model = encoder.model
+        vit = isinstance(model, VisionTransformer)
+        _ENCODER_SPECS[name] = BackboneSpec(
+            name=name,
+            family="vit" if vit else "cnn",
+            embed_dim=encoder.embed_dim,
+            patch_size=int(model.patch_embed.patch_size[0]) if vit else 1,
+            default_input_size=encoder.input_size,
+            batch_norm=any(
+                isinstance(m, torch_nn.modules.batchnorm._BatchNorm) for m in model.modules()
+            ),
+            description=f"{encoder.config.arch} from the encoder registry",
+        )
+    return _ENCODER_SPECS[name]
 
 
 def _vit(

@@ -29,6 +29,7 @@ from wsi_ssl.ssl.backbones import get_spec
 __all__ = [
     "AUGMENTS",
     "DEVICES",
+    "METHODS",
     "PRECISIONS",
     "PRESETS",
     "RUNTIME_FIELDS",
@@ -37,6 +38,7 @@ __all__ = [
 ]
 
 AUGMENTS = ("auto", "loader", "batch")
+METHODS = ("dino", "dinov2", "mae")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SAMPLINGS = ("uniform", "balanced")
@@ -64,7 +66,11 @@ class PretrainConfig:
     """How a DINO encoder is trained on tile stores.
 
     Attributes:
-        arch: backbone name in the registry (``wsi_ssl.ssl.backbones.backbone_names()``).
+        method: the pretext recipe (:mod:`wsi_ssl.ssl.recipes`): ``"dino"`` (DINO v1),
+            ``"dinov2"`` (DINO + iBOT masked-patch loss + KoLeo, Sinkhorn-Knopp centring; a
+            ViT), ``"mae"`` (masked autoencoder, pixel reconstruction; a ViT).
+        arch: backbone name in the registry (``wsi_ssl.ssl.backbones.backbone_names()``), or
+            ``"encoder:<name>"`` for an architecture of the encoder registry (set by ``init``).
         out_dim: prototypes K of the DINO head's last layer.
         hidden_dim: width of the head's MLP.
         bottleneck_dim: width before the weight-normalised last layer.
@@ -133,6 +139,35 @@ class PretrainConfig:
         keep_checkpoints: how many step checkpoints to keep.
         log_every: steps between rows of ``metrics.jsonl``.
         progress: show a progress bar.
+        ibot_loss_weight: weight of the iBOT masked-patch loss (dinov2).
+        koleo_loss_weight: weight of the KoLeo regulariser on the student's class tokens
+            (dinov2).
+        mask_probability: fraction of the global crops that get a block mask (dinov2).
+        mask_ratio: (min, max) fraction of a masked crop's patches that are masked (dinov2).
+        sinkhorn_iterations: Sinkhorn-Knopp iterations of the teacher centring (dinov2).
+        mae_mask_ratio: fraction of the patches hidden from the MAE encoder.
+        decoder_dim: width of the MAE decoder.
+        decoder_depth: transformer blocks of the MAE decoder.
+        decoder_heads: attention heads of the MAE decoder.
+        mae_norm_pix: reconstruct per-patch normalised pixels (MAE's better variant).
+        init: start student and teacher from these weights instead of a random init: an
+            encoder registry name (``"uni"``), ``"timm/<arch>"`` (both with ``init_weights``)
+            or a previous ``wsi-ssl pretrain`` run or checkpoint.
+        init_weights: local weights file for ``init`` (registry names and timm archs).
+        layer_decay: layer-wise learning-rate decay: block ``i`` of ``L`` trains at
+            ``lr * layer_decay ** (L - i)`` (1.0: off).
+        freeze_blocks: the patch embedding and the first N blocks (ResNet: the stem and the
+            first N stages) are not trained.
+        teacher_warmup_epochs: the backbone is held still and the teacher copies the student
+            (momentum 0) this long, so that freshly initialised heads fit pretrained
+            features before the backbone moves (continued pretraining).
+        mixed_scales: accept stores at several magnifications (``tiling.mpp``) in one run;
+            every scale is drawn equally often.
+        min_tissue: skip tiles whose stored tissue fraction is below this.
+        min_tile_std: skip low-information tiles: grey-level standard deviation (0-255) below
+            this (blank glass, out-of-focus smears).
+        curation: a curation file from :func:`wsi_ssl.ssl.curation.curate`: train only on
+            the tiles it selects.
     """
 
     arch: str = "vit_small_patch16"
@@ -195,6 +230,26 @@ class PretrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     progress: bool = True
+    method: str = "dino"
+    ibot_loss_weight: float = 1.0
+    koleo_loss_weight: float = 0.1
+    mask_probability: float = 0.5
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    sinkhorn_iterations: int = 3
+    mae_mask_ratio: float = 0.75
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    mae_norm_pix: bool = True
+    init: str | None = None
+    init_weights: str | None = None
+    layer_decay: float = 1.0
+    freeze_blocks: int = 0
+    teacher_warmup_epochs: float = 0
+    mixed_scales: bool = False
+    min_tissue: float = 0.0
+    min_tile_std: float = 0.0
+    curation: str | None = None
 
     def __post_init__(self) -> None:
         # Tuples may arrive as lists (JSON, TOML): normalise before validating.
@@ -203,13 +258,14 @@ class PretrainConfig:
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
         spec = get_spec(self.arch)
+        _choice("method", self.method, METHODS)
         _positive_int(
             self, "out_dim", "hidden_dim", "bottleneck_dim", "batch_size", "n_local_crops"
         )
         _positive_int(self, "checkpoint_every", "keep_checkpoints", "log_every")
         for name in ("global_crop_size", "local_crop_size"):
             size = getattr(self, name)
-            if not isinstance(size, int) or size < 8 or size % spec.patch_size:
+            if not isinstance(size, int) or size < 8 or size % (spec.patch_size or 1):
                 raise ConfigError(
                     f"{name} must be an integer >= 8 and a multiple of {self.arch}'s patch size "
                     f"{spec.patch_size}; got {size!r}"
@@ -280,6 +336,41 @@ class PretrainConfig:
             raise ConfigError(f"num_workers must be >= 0 or None; got {self.num_workers}")
         if self.precision == "fp16" and self.device == "cpu":
             raise ConfigError("precision 'fp16' needs CUDA; use 'bf16' or 'fp32' on the CPU")
+        self._check_recipe_fields()
+
+    def _check_recipe_fields(self) -> None:
+        _positive_int(self, "sinkhorn_iterations", "decoder_dim", "decoder_depth", "decoder_heads")
+        for name in ("ibot_loss_weight", "koleo_loss_weight", "teacher_warmup_epochs"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
+        for name in ("mask_probability", "min_tissue"):
+            _unit(name, getattr(self, name))
+        lo, hi = _pair(self, "mask_ratio", 2)
+        if not 0 < lo <= hi < 1:
+            raise ConfigError(f"mask_ratio must be (lo, hi) with 0 < lo <= hi < 1; got {(lo, hi)}")
+        if not 0 < self.mae_mask_ratio < 1:
+            raise ConfigError(f"mae_mask_ratio must be in (0, 1); got {self.mae_mask_ratio}")
+        if self.decoder_dim % self.decoder_heads:
+            raise ConfigError(
+                f"decoder_dim ({self.decoder_dim}) must be a multiple of decoder_heads "
+                f"({self.decoder_heads})"
+            )
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"layer_decay must be in (0, 1]; got {self.layer_decay}")
+        if not isinstance(self.freeze_blocks, int) or self.freeze_blocks < 0:
+            raise ConfigError(f"freeze_blocks must be an integer >= 0; got {self.freeze_blocks!r}")
+        if not 0 <= self.min_tile_std < 128:
+            raise ConfigError(f"min_tile_std must be in [0, 128); got {self.min_tile_std}")
+        if self.init_weights is not None and self.init is None:
+            raise ConfigError("init_weights needs init (the encoder the weights belong to)")
+        if self.method in ("dinov2", "mae") and get_spec(self.arch).family not in ("vit", None):
+            from wsi_ssl.errors import ArchitectureMismatchError
+
+            raise ArchitectureMismatchError(
+                f"method {self.method!r} masks image patches and needs a ViT backbone, but arch "
+                f"{self.arch!r} is a {get_spec(self.arch).family}; choose a vit_* arch (or an "
+                "init that is a ViT) or method='dino'"
+            )
 
     # -- derived ---------------------------------------------------------------------------
     @property

@@ -252,7 +252,7 @@ class TileDataset(Dataset):
             return torch.from_numpy(tile)
         if seed is None:
             return self.transform(tile)
-        with _seeded(seed):
+        with seeded(seed):
             return self.transform(tile)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -262,7 +262,7 @@ class TileDataset(Dataset):
         return state
 
 
-class _seeded:
+class seeded:
     """Seed ``random``, numpy and torch for a block, then restore their states."""
 
     def __init__(self, seed: int) -> None:

@@ -5,7 +5,9 @@
 - weight decay: cosine from ``weight_decay`` to ``weight_decay_end``;
 - teacher EMA momentum: cosine from ``momentum_teacher`` to ``momentum_teacher_end`` (1);
 - teacher temperature: linear from ``warmup_teacher_temp`` to ``teacher_temp``, then constant;
-- the head's last layer is frozen for the first ``freeze_last_layer_epochs``.
+- the head's last layer is frozen for the first ``freeze_last_layer_epochs``;
+- for ``teacher_warmup_epochs`` the backbone is held still and the teacher copies the student
+  (continued pretraining, see :mod:`wsi_ssl.ssl.init`).
 
 Every value is a pure function of the step, so a resumed run continues them exactly. The
 cosine pieces are lightly's ``cosine_schedule``.
@@ -40,6 +42,7 @@ class Schedules:
     teacher_temp: float
     teacher_temp_warmup_steps: int
     freeze_last_layer_steps: int
+    teacher_warmup_steps: int = 0
 
     @classmethod
     def from_config(
@@ -65,6 +68,7 @@ class Schedules:
             teacher_temp=config.teacher_temp,
             teacher_temp_warmup_steps=steps(config.warmup_teacher_temp_epochs),
             freeze_last_layer_steps=steps(config.freeze_last_layer_epochs),
+            teacher_warmup_steps=steps(config.teacher_warmup_epochs),
         )
 
     def lr(self, step: int) -> float:
@@ -93,6 +97,9 @@ class Schedules:
 
     def last_layer_frozen(self, step: int) -> bool:
         return step < self.freeze_last_layer_steps
+
+    def teacher_warming(self, step: int) -> bool:
+        return step < self.teacher_warmup_steps
 
     def epoch(self, step: int) -> float:
         return step / self.steps_per_epoch

@@ -1,12 +1,12 @@
-"""The DINO pretraining loop: ``pretrain(root, config, out=RUN_DIR)``.
+"""The pretraining loop, shared by every recipe: ``pretrain(root, config, out=RUN_DIR)``.
 
-One step (Caron et al., 2021, https://arxiv.org/abs/2104.14294, Algorithm 1): the teacher
-sees the 2 global crops, the student all ``2 + n_local`` crops; lightly's ``DINOLoss``
-compares every teacher crop with every other student crop after centring and sharpening the
-teacher output, and updates the centre (averaged over all processes under DDP). AdamW with the
-learning rate and weight decay of :mod:`wsi_ssl.ssl.schedules`, per-parameter gradient
-clipping as in DINO's code, the head's last layer frozen at first, then the teacher follows the
-student by EMA (lightly's ``update_momentum``).
+One step: the recipe of ``config.method`` (:mod:`wsi_ssl.ssl.recipes`: DINO, DINOv2, MAE)
+computes the loss on the crops of a batch; AdamW with the learning rate and weight decay of
+:mod:`wsi_ssl.ssl.schedules` (per layer with ``layer_decay``, :mod:`wsi_ssl.ssl.optim`),
+per-parameter gradient clipping as in DINO's code, the head's last layer frozen at first, then
+the teacher (if the recipe has one) follows the student by EMA (lightly's
+``update_momentum``). With ``init`` the backbone starts from an existing encoder
+(:mod:`wsi_ssl.ssl.init`).
 
 Runs on a CPU or a GPU (``bf16``/``fp16`` autocast, ``torch.compile``), and on N processes
 under ``torchrun --nproc-per-node N``, where the student is wrapped in
@@ -40,12 +40,11 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from lightly.loss import DINOLoss
 from lightly.models.utils import update_momentum
 from torch import nn
 from torch.utils.data import DataLoader
@@ -79,8 +78,10 @@ from wsi_ssl.ssl.data import (
     scan_stores,
 )
 from wsi_ssl.ssl.encoder import ENCODER_FILE, describe_encoder
+from wsi_ssl.ssl.init import apply_init, load_init
 from wsi_ssl.ssl.metrics import MetricsLog, plot_loss
-from wsi_ssl.ssl.models import MultiCropModel, build_dino
+from wsi_ssl.ssl.optim import param_groups
+from wsi_ssl.ssl.recipes import make_recipe
 from wsi_ssl.ssl.schedules import Schedules
 from wsi_ssl.ssl.transforms import HistoDINOTransform
 
@@ -243,7 +244,7 @@ def pretrain(
     roots = [root] if isinstance(root, str | Path) else list(root)
     if out is None:
         arch = (config or PretrainConfig()).arch
-        out = Path(roots[0]) / "pretrain" / arch
+        out = Path(roots[0]) / "pretrain" / arch.replace(":", "-").replace("/", "-")
     out = Path(out)
     if until_step is not None and until_step < 1:
         raise ConfigError(f"until_step must be >= 1; got {until_step}")
@@ -281,6 +282,8 @@ class Trainer:
         self.ctx = ctx
         self.out = out
         self.checkpoint_data = self._existing_checkpoint(out, config, resume)
+        if config is not None:
+            config = apply_init(config)
         if self.checkpoint_data is not None:
             saved = PretrainConfig.from_dict(self.checkpoint_data["meta"]["config"])
             config = _merge_resumed(saved, config, self.checkpoint_path)
@@ -354,47 +357,49 @@ class Trainer:
         torch.manual_seed(c.seed)
         np.random.seed(c.seed % 2**32)
         random.seed(c.seed)
-        student, teacher = build_dino(c)
+        self.recipe = make_recipe(c)
+        self.recipe.rank = self.ctx.rank
+        student, teacher = self.recipe.build()
+        if c.init is not None and self.checkpoint_data is None:
+            load_init(_backbone(student), c)
+            if teacher is not None:
+                teacher.load_state_dict(student.state_dict())
         if self.ctx.enabled and self.device.type == "cuda" and get_spec(c.arch).batch_norm:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-        self.student: MultiCropModel = student.to(self.device)
-        self.teacher: MultiCropModel = teacher.to(self.device)
-        self.teacher.train()  # as in DINO: BatchNorm (if any) uses batch statistics
+            if teacher is not None:
+                teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        self.student: nn.Module = student.to(self.device)
+        self.teacher: nn.Module | None = None if teacher is None else teacher.to(self.device)
+        if self.teacher is not None:
+            self.teacher.train()  # as in DINO: BatchNorm (if any) uses batch statistics
         self.student.train()
+        self.recipe.to(self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
+        groups = param_groups(
+            self.student,
+            _backbone(self.student),
+            layer_decay=c.layer_decay,
+            freeze_blocks=c.freeze_blocks,
+        )
+        self.backbone_params = [p for p in _backbone(self.student).parameters() if p.requires_grad]
         compile_ = c.compile if c.compile is not None else self.device.type == "cuda"
         if compile_:
-            self.student.compile_backbone()
-            self.teacher.compile_backbone()
+            self.recipe.compile(self.student, self.teacher)
         self.model: nn.Module = self.student
         if self.ctx.enabled:
             self.model = nn.parallel.DistributedDataParallel(
                 self.student,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
-        regularized = [p for p in self.student.parameters() if p.requires_grad and p.ndim > 1]
-        not_regularized = [p for p in self.student.parameters() if p.requires_grad and p.ndim <= 1]
-        groups: list[dict[str, Any]] = [
-            {"params": regularized},
-            {"params": not_regularized, "weight_decay": 0.0},
-        ]
         self.optimizer = torch.optim.AdamW(groups, lr=0.0)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.criterion = DINOLoss(
-            output_dim=c.out_dim,
-            warmup_teacher_temp=c.warmup_teacher_temp,
-            teacher_temp=c.teacher_temp,
-            warmup_teacher_temp_epochs=0,
-            student_temp=c.student_temp,
-            center_momentum=c.center_momentum,
-        ).to(self.device)
         self.step = 0
         self.window_loss = torch.zeros((), device=self.device)
         self.window_steps = 0
+        self.last_parts: dict[str, torch.Tensor] = {}
         if self.checkpoint_data is not None:
             self._restore(self.checkpoint_data)
             self.checkpoint_data = None  # free the memory
@@ -402,11 +407,12 @@ class Trainer:
     def _restore(self, data: dict[str, Any]) -> None:
         try:
             self.student.load_state_dict(data["student"])
-            self.teacher.load_state_dict(data["teacher"])
+            if self.teacher is not None:
+                self.teacher.load_state_dict(data["teacher"])
             self.optimizer.load_state_dict(data["optimizer"])
             if self.scaler.is_enabled() and data.get("scaler"):
                 self.scaler.load_state_dict(data["scaler"])
-            self.criterion.center.copy_(data["center"].to(self.device))
+            self.recipe.load_loss_state(data.get("loss_state") or {"center": data["center"]})
         except (RuntimeError, KeyError, ValueError) as err:
             raise CheckpointError(
                 f"{self.checkpoint_path}: state does not fit a {self.config.arch} run "
@@ -473,7 +479,7 @@ class Trainer:
         bar = tqdm(
             total=self.stop_step,
             initial=self.step,
-            desc=f"dino {c.arch}",
+            desc=f"{c.method} {c.arch}",
             unit="step",
             disable=not (c.progress and main),
             dynamic_ncols=True,
@@ -513,6 +519,7 @@ class Trainer:
                         "epoch": round(self.schedules.epoch(self.step), 4),
                         "loss": mean_loss,
                         **self.schedules.values(step),
+                        **{k: float(v) for k, v in self.last_parts.items()},
                         "images_per_s": round(ips, 2),
                         "data_wait": round(data_wait / max(now - window_start, 1e-9), 4),
                         "seconds": round(now - run_start, 3),
@@ -542,38 +549,35 @@ class Trainer:
     ) -> torch.Tensor:
         s = self.schedules
         lr = s.lr(step)
-        for i, group in enumerate(self.optimizer.param_groups):
-            group["lr"] = lr
-            if i == 0:
-                group["weight_decay"] = s.weight_decay_at(step)
+        weight_decay = s.weight_decay_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+            if group["apply_wd"]:
+                group["weight_decay"] = weight_decay
         autocast = (
             torch.autocast(self.device.type, dtype=amp)
             if amp is not None
             else contextlib.nullcontext()
         )
-        with autocast:
-            with torch.no_grad():
-                teacher_out = self.teacher(views[:2])
-            student_out = self.model(views)
-        loss = self.criterion(
-            list(teacher_out.float().chunk(2)),
-            list(student_out.float().chunk(len(views))),
-            teacher_temp=s.teacher_temperature(step),
-        )
+        loss, self.last_parts = self.recipe.loss(self.model, self.teacher, views, step, s, autocast)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.config.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
             clip_gradients(self.student.parameters(), self.config.clip_grad)
-        if s.last_layer_frozen(step):
-            # a submodule of the DINO head; nn.Module types attributes as Tensor | Module
-            last_layer = cast(nn.Module, self.student.head.last_layer)
+        last_layer = self.recipe.last_layer(self.student)
+        if s.last_layer_frozen(step) and last_layer is not None:
             for p in last_layer.parameters():
+                p.grad = None
+        warming = s.teacher_warming(step)
+        if warming:  # the heads fit the (pretrained) backbone first; it does not move
+            for p in self.backbone_params:
                 p.grad = None
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        with torch.no_grad():
-            update_momentum(self.student, self.teacher, m=s.momentum(step))
+        if self.teacher is not None:
+            with torch.no_grad():
+                update_momentum(self.student, self.teacher, m=0.0 if warming else s.momentum(step))
         return loss
 
     def _reduce_mean(self, value: torch.Tensor) -> float:
@@ -621,22 +625,24 @@ class Trainer:
         """Give every rank rank 0's BatchNorm statistics (the teacher is not DDP-wrapped, and
         without SyncBatchNorm, which needs CUDA, each rank updates its own)."""
         if self.ctx.enabled:
-            for module in (self.student, self.teacher):
+            for module in (self.student, self._encoder_model()):
                 for buffer in module.buffers():
                     dist.broadcast(buffer, 0)
 
     def _save(self) -> None:
         self._broadcast_buffers()
         if self.ctx.main:
+            loss_state = self.recipe.loss_state()
             payload = {
                 "format": RUN_FORMAT,
                 "format_version": FORMAT_VERSION,
                 "meta": self._meta(),
                 "student": _cpu_state(self.student),
-                "teacher": _cpu_state(self.teacher),
+                "teacher": _cpu_state(self._encoder_model()),
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                "center": self.criterion.center.detach().cpu(),
+                "center": loss_state.get("center", torch.zeros(0)),
+                "loss_state": loss_state,
                 "rng": capture_rng(),
                 "window_loss": self.window_loss.detach().cpu(),
             }
@@ -653,9 +659,9 @@ class Trainer:
     ) -> PretrainRun:
         self._broadcast_buffers()
         digests: dict[str, Any] = {
-            "teacher": _digest(self.teacher.state_dict()),
+            "teacher": _digest(self._encoder_model().state_dict()),
             "student": _digest(self.student.state_dict()),
-            "center": _digest({"center": self.criterion.center}),
+            "center": _digest(self.recipe.loss_state()),
         }
         if self.ctx.enabled:
             gathered: list[Any] = [None] * self.ctx.world_size
@@ -672,12 +678,14 @@ class Trainer:
                     "format": ENCODER_FORMAT,
                     "format_version": FORMAT_VERSION,
                     "meta": self._meta(),
-                    "teacher_backbone": _cpu_state(self.teacher.backbone),
+                    "teacher_backbone": _cpu_state(_backbone(self._encoder_model())),
                 },
             )
             rows = metrics.rows()
             loss_plot = (
-                plot_loss(rows, loss_png, title=f"DINO {self.config.arch}") if rows else None
+                plot_loss(rows, loss_png, title=f"{self.config.method} {self.config.arch}")
+                if rows
+                else None
             )
         if final_loss is None and rows:
             final_loss = rows[-1].get("loss")
@@ -702,6 +710,10 @@ class Trainer:
         if self.ctx.enabled:
             dist.barrier()
         return run
+
+    def _encoder_model(self) -> nn.Module:
+        """The network whose backbone is the encoder: the teacher, else the student."""
+        return self.teacher if self.teacher is not None else self.student
 
     def _write_json(self, name: str, data: dict[str, Any]) -> None:
         path = self.out / name
@@ -736,6 +748,12 @@ def _merge_resumed(
             "--out instead"
         )
     return given
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    backbone = model.backbone
+    assert isinstance(backbone, nn.Module)
+    return backbone
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:

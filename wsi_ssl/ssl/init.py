@@ -1,0 +1,73 @@
+"""Continued pretraining: student and teacher start from an existing encoder's weights.
+
+``PretrainConfig.init`` names the encoder: a name of the encoder registry (``"uni"``,
+``"vit_small_patch16_224"``) or ``"timm/<arch>"``, whose weights come from
+``init_weights`` (or the registry's default weights path; nothing is downloaded), or a
+previous ``wsi-ssl pretrain`` run directory or checkpoint (its teacher backbone). The run's
+``arch`` becomes ``"encoder:<init>"`` (the registry architecture, see
+:mod:`wsi_ssl.ssl.backbones`) or the previous run's arch. The heads start at random, so a
+short ``teacher_warmup_epochs`` lets them fit the pretrained features first; ``layer_decay``
+and ``freeze_blocks`` keep the early layers close to their weights (:mod:`wsi_ssl.ssl.optim`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from wsi_ssl.errors import CheckpointError
+from wsi_ssl.ssl.backbones import ENCODER_PREFIX
+from wsi_ssl.ssl.config import PretrainConfig
+
+__all__ = ["apply_init", "init_is_run", "load_init"]
+
+_RUN_PREFIX = "wsi-ssl:"
+
+
+def init_is_run(init: str) -> bool:
+    """Whether ``init`` is a previous run or checkpoint (rather than a registry name)."""
+    return init.startswith(_RUN_PREFIX) or Path(init).expanduser().exists()
+
+
+def apply_init(config: PretrainConfig) -> PretrainConfig:
+    """``config`` with ``arch`` set to ``init``'s architecture (unchanged without init)."""
+    if config.init is None:
+        return config
+    if init_is_run(config.init):
+        from wsi_ssl.ssl.encoder import load_encoder
+
+        arch = load_encoder(_run_path(config.init)).description["arch"]
+    else:
+        arch = ENCODER_PREFIX + config.init
+    return config if arch == config.arch else config.replace(arch=arch)
+
+
+def _run_path(init: str) -> Path:
+    return Path(init.removeprefix(_RUN_PREFIX)).expanduser()
+
+
+def init_state(config: PretrainConfig) -> dict[str, torch.Tensor]:
+    """The backbone weights ``init`` names."""
+    assert config.init is not None
+    if init_is_run(config.init):
+        from wsi_ssl.ssl.encoder import load_encoder
+
+        return load_encoder(_run_path(config.init)).model.state_dict()
+    from wsi_ssl.encoders import create_encoder
+
+    weights = config.init_weights
+    return create_encoder(config.init, weights=weights).model.state_dict()
+
+
+def load_init(backbone: nn.Module, config: PretrainConfig) -> None:
+    """Load ``init``'s weights into a freshly built backbone of ``config.arch``."""
+    state = init_state(config)
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"init {config.init!r}: weights do not fit a {config.arch} backbone "
+            f"({str(err).splitlines()[0]})"
+        ) from err

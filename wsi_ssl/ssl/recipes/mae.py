@@ -1,0 +1,135 @@
+"""Masked autoencoding (He et al., 2022, "Masked Autoencoders Are Scalable Vision Learners",
+https://arxiv.org/abs/2111.06377): the generative pretext, to compare with the discriminative
+DINO family on the same tiles.
+
+Each global crop hides a random ``mae_mask_ratio`` of its patches (lightly's
+``random_token_mask``); the ViT encodes the visible ones, lightly's ``MAEDecoderTIMM`` (narrow,
+``decoder_depth`` blocks) fills the rest with its mask token and predicts their pixels. The
+loss is the mean squared error over the masked patches only; with ``mae_norm_pix`` each target
+patch is first normalised by its own mean and variance (the paper's better variant). There is
+no teacher: the encoder is the student's backbone. The local crops are not used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, cast
+
+import torch
+from lightly.models import utils
+from lightly.models.modules import MAEDecoderTIMM
+from torch import Tensor, nn
+
+from wsi_ssl.errors import ArchitectureMismatchError
+from wsi_ssl.ssl.backbones import build_backbone
+from wsi_ssl.ssl.config import PretrainConfig
+from wsi_ssl.ssl.recipes.base import Recipe, StepOutput, seeded_masks
+from wsi_ssl.ssl.recipes.masked_vit import MaskedViT, require_vit
+from wsi_ssl.ssl.schedules import Schedules
+
+__all__ = ["MAEModel", "MAERecipe", "mae_loss"]
+
+
+def mae_loss(pred: Tensor, target: Tensor, norm_pix: bool) -> Tensor:
+    """Mean squared error of ``(B, M, P)`` predicted and target pixels of the masked patches;
+    ``norm_pix``: targets normalised per patch, ``(t - mean) / sqrt(var + 1e-6)``."""
+    target = target.float()
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    return ((pred.float() - target) ** 2).mean()
+
+
+class MAEModel(nn.Module):
+    """ViT encoder + MAE decoder: ``forward(images, idx_keep, idx_mask) -> (pred, target)``
+    pixels of the masked patches, ``(B, M, patch_size**2 * 3)`` each."""
+
+    def __init__(self, encoder: MaskedViT, decoder: MAEDecoderTIMM) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.encoder.backbone
+
+    def forward(self, images: Tensor, idx_keep: Tensor, idx_mask: Tensor) -> tuple[Tensor, Tensor]:
+        prefix = self.encoder.prefix_tokens
+        encoded = self.encoder.tokens(images, idx_keep=idx_keep)
+        embedded = self.decoder.embed(encoded)
+        length = prefix + (images.shape[-1] // self.encoder.patch_size) ** 2
+        mask_token = cast(Tensor, self.decoder.mask_token)
+        tokens = utils.repeat_token(mask_token, (images.shape[0], length))
+        tokens = utils.set_at_index(tokens, idx_keep, embedded.type_as(tokens))
+        decoded = self.decoder.decode(tokens)
+        pred = self.decoder.predict(utils.get_at_index(decoded, idx_mask))
+        patches = utils.patchify(images, self.encoder.patch_size)
+        return pred, utils.get_at_index(patches, idx_mask - prefix)
+
+
+class MAERecipe(Recipe):
+    name = "mae"
+    needs_vit = True
+    has_teacher = False
+
+    def __init__(self, config: PretrainConfig) -> None:
+        super().__init__(config)
+
+    def build(self) -> tuple[nn.Module, nn.Module | None]:
+        c = self.config
+        backbone = build_backbone(
+            c.arch, drop_path_rate=c.drop_path_rate, input_size=c.global_crop_size
+        )
+        vit = require_vit(backbone, c.method, c.arch)
+        encoder = MaskedViT(backbone)
+        if encoder.prefix_tokens != 1:
+            raise ArchitectureMismatchError(
+                f"method 'mae' needs a ViT with one class token and no register tokens; arch "
+                f"{c.arch!r} has {encoder.prefix_tokens} prefix tokens"
+            )
+        patch = encoder.patch_size
+        decoder = MAEDecoderTIMM(
+            num_patches=(c.global_crop_size // patch) ** 2,
+            patch_size=patch,
+            embed_dim=int(vit.embed_dim),
+            decoder_embed_dim=c.decoder_dim,
+            decoder_depth=c.decoder_depth,
+            decoder_num_heads=c.decoder_heads,
+            num_prefix_tokens=encoder.prefix_tokens,
+        )
+        return MAEModel(encoder, decoder), None
+
+    def loss(
+        self,
+        model: nn.Module,
+        teacher: nn.Module | None,
+        views: list[Tensor],
+        step: int,
+        schedules: Schedules,
+        autocast: contextlib.AbstractContextManager[Any],
+    ) -> StepOutput:
+        from wsi_ssl.ssl.data import _mix
+
+        c = self.config
+        images = torch.cat(views[:2])
+        encoder = _inner(model).encoder
+        length = encoder.prefix_tokens + (images.shape[-1] // encoder.patch_size) ** 2
+        with seeded_masks(_mix(c.seed, step, self.rank, 0x3AE)):
+            idx_keep, idx_mask = utils.random_token_mask(
+                (len(images), length), mask_ratio=c.mae_mask_ratio
+            )
+        with autocast:
+            pred, target = model(images, idx_keep.to(images.device), idx_mask.to(images.device))
+        loss = mae_loss(pred, target, c.mae_norm_pix)
+        return loss, {"mae_loss": loss.detach()}
+
+    def compile(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        cast(MAEModel, student).encoder.compile_encoder()
+
+
+def _inner(model: nn.Module) -> MAEModel:
+    return cast(MAEModel, model.module if hasattr(model, "module") else model)  # DDP
+
+
+RECIPE = MAERecipe
