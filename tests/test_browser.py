@@ -1,0 +1,242 @@
+"""The pathologist's page in a real browser: headless Chromium (Debian's chromium and
+chromium-driver, through Selenium) against the real server on loopback, over a copy of the
+serve archive (CMU-1-Small-Region, its twin, a synthetic slide). Each state is kept as a
+screenshot under the test's folder (``tmp_path/shots``) for inspection."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import copy_archive
+from PIL import Image
+from serve_helpers import browser_paths, chromium, running
+
+from wsi_ssl.search import SearchIndex
+from wsi_ssl.serve import create_app
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+pytest.importorskip("uvicorn")
+pytest.importorskip("selenium", reason="selenium is not installed (pip install 'wsi-ssl[dev]')")
+if browser_paths() is None:
+    pytest.skip(
+        "chromium and chromedriver are not installed (scripts/setup.sh: "
+        "apt-get install chromium chromium-driver)",
+        allow_module_level=True,
+    )
+
+QUERY_BLUE = np.array([30, 90, 220])
+IMAGES_LOADED = (
+    "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth)"
+)
+
+
+@pytest.fixture(scope="module")
+def page_env(
+    serve_archive: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    archive = copy_archive(serve_archive, tmp_path_factory.mktemp("browser"))
+    with running(create_app(SearchIndex.open(archive["root"]))) as base:
+        driver = chromium(tmp_path_factory.mktemp("profile"))
+        try:
+            yield {"archive": archive, "base": base, "driver": driver}
+        finally:
+            driver.quit()
+
+
+def _wait(what: Callable[[], Any], timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = what()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "timed out waiting for the page"
+        time.sleep(0.1)
+
+
+def _state(driver: Any) -> str:
+    return str(driver.execute_script("return document.body.dataset.state"))
+
+
+def _settled(driver: Any) -> bool:
+    """Every tile the viewer wants is drawn."""
+    return bool(
+        driver.execute_script(
+            "const v = wsi.viewer; return v.world.getItemCount() > 0 && "
+            "v.world.getItemAt(0).getFullyLoaded() && !v.world.needsDraw();"
+        )
+    )
+
+
+def _shot(driver: Any, folder: Path, name: str) -> np.ndarray:
+    folder.mkdir(exist_ok=True)
+    png = driver.get_screenshot_as_png()
+    (folder / f"{name}.png").write_bytes(png)
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def _viewer_pixels(driver: Any, screen: np.ndarray) -> np.ndarray:
+    r = driver.execute_script(
+        "const r = document.getElementById('viewer').getBoundingClientRect();"
+        "return [r.left, r.top, r.width, r.height, window.devicePixelRatio];"
+    )
+    s = r[4]
+    x, y, w, h = (round(v * s) for v in r[:4])
+    return screen[y + 4 : y + h - 4, x + 4 : x + w - 4]
+
+
+def test_page_viewer_search_open_and_label(page_env: dict[str, Any], tmp_path: Path) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+    from selenium.webdriver.common.by import By
+
+    driver, base, archive = page_env["driver"], page_env["base"], page_env["archive"]
+    shots = tmp_path / "shots"
+    cmu, twin = archive["ids"]["cmu"], archive["ids"]["twin"]
+
+    # 1. the page loads and shows the first slide, drawn from its DZI tiles
+    driver.get(base + "/")
+    _wait(lambda: _state(driver) == "ready" and _settled(driver))
+    current = driver.execute_script("return wsi.current")
+    assert current["slide_id"] in archive["ids"].values() and current["source"] == "slide"
+    viewer = _viewer_pixels(driver, _shot(driver, shots, "1-loaded"))
+    assert viewer.std() > 20  # tissue drawn, not a blank canvas
+    assert not driver.get_log("browser") or all(
+        "favicon" in e["message"] for e in driver.get_log("browser")
+    )
+    driver.find_element(By.CSS_SELECTOR, f'#slides li[data-slide="{cmu}"]').click()
+    _wait(lambda: driver.execute_script("return wsi.current.slide_id") == cmu)
+    _wait(lambda: _state(driver) == "ready" and _settled(driver))
+
+    # 2. zoom (wheel) and pan (drag): the viewport moves, finer levels are fetched
+    element = driver.find_element(By.ID, "viewer")
+    zoom0, centre0 = driver.execute_script(
+        "const vp = wsi.viewer.viewport; const c = vp.getCenter(); return [vp.getZoom(), [c.x, c.y]];"
+    )
+    for _ in range(8):  # the mouse wheel, as the browser delivers it
+        ActionChains(driver).scroll_from_origin(
+            ScrollOrigin.from_element(element), 0, -120
+        ).perform()
+        time.sleep(0.15)
+    ActionChains(driver).move_to_element(element).click_and_hold().move_by_offset(
+        -120, -80
+    ).release().perform()
+    _wait(lambda: _settled(driver))
+    zoom1, centre1 = driver.execute_script(
+        "const vp = wsi.viewer.viewport; const c = vp.getCenter(); return [vp.getZoom(), [c.x, c.y]];"
+    )
+    assert zoom1 > 1.5 * zoom0 and centre1 != centre0
+    zoomed = _viewer_pixels(driver, _shot(driver, shots, "2-zoomed"))
+    assert zoomed.std() > 20
+    driver.execute_script("wsi.viewer.viewport.goHome(true)")
+    _wait(lambda: _settled(driver))
+
+    # 3. draw a box over tissue: results, the query box drawn on the slide
+    tile = driver.execute_script("return wsi.current.tile_size_level0")
+    assert tile > 0
+    stored = SearchIndex.open(archive["root"]).query_tile(cmu, (1100, 1500))
+    qx, qy = (int(v) for v in stored.tile_coords[0])
+    start, end = driver.execute_script(
+        "const vp = wsi.viewer.viewport, P = OpenSeadragon.Point;"
+        "const a = vp.imageToViewerElementCoordinates(new P(arguments[0], arguments[1]));"
+        "const b = vp.imageToViewerElementCoordinates(new P(arguments[2], arguments[3]));"
+        "return [[a.x, a.y], [b.x, b.y]];",
+        qx,
+        qy,
+        qx + 2 * tile,
+        qy + 2 * tile,
+    )
+    driver.find_element(By.ID, "exclude-self").click()
+    driver.find_element(By.ID, "draw").click()
+    rect = element.rect
+    chain = ActionChains(driver)
+    chain.move_to_element_with_offset(
+        element, round(start[0] - rect["width"] / 2), round(start[1] - rect["height"] / 2)
+    )
+    chain.click_and_hold().move_by_offset(
+        round(end[0] - start[0]), round(end[1] - start[1])
+    ).release().perform()
+    _wait(lambda: _state(driver) == "results")
+    answer = driver.execute_script("return wsi.answer")
+    assert answer["mode"] == "regions" and answer["hits"]
+    assert answer["hits"][0]["slide_id"] == twin  # same pixels on the twin
+    qbox = answer["query"]["box"]
+    assert abs(qbox[0] - qx) < tile / 4 and abs(qbox[2] - 2 * tile) < tile / 4
+    cards = driver.find_elements(By.CSS_SELECTOR, "#results .card.hit")
+    assert len(cards) == len(answer["hits"])
+    _wait(lambda: driver.execute_script(IMAGES_LOADED))
+    screen = _shot(driver, shots, "3-results")
+    blue = np.all(np.abs(_viewer_pixels(driver, screen).astype(int) - QUERY_BLUE) < 40, axis=-1)
+    assert blue.sum() > 50  # the query box's outline is on the slide
+    assert driver.find_elements(By.CSS_SELECTOR, "#viewer .box.query")
+
+    # 4. a click on the best hit opens the twin at the hit, its box marked
+    cards[0].find_element(By.TAG_NAME, "img").click()
+    _wait(lambda: driver.execute_script("return wsi.current.slide_id") == twin)
+    _wait(lambda: _state(driver) == "ready" and _settled(driver))
+    hit_box = answer["hits"][0]["box"]
+    bounds = driver.execute_script(
+        "const b = wsi.viewer.viewport.viewportToImageRectangle(wsi.viewer.viewport.getBounds());"
+        "return [b.x, b.y, b.width, b.height];"
+    )
+    assert bounds[0] <= hit_box[0] and bounds[0] + bounds[2] >= hit_box[0] + hit_box[2]
+    # zoomed onto the hit (three times its size on the tighter axis), not the whole slide
+    assert min(bounds[2] / hit_box[2], bounds[3] / hit_box[3]) < 3.5
+    assert driver.find_elements(By.CSS_SELECTOR, "#viewer .box.hit")
+    _shot(driver, shots, "4-hit-opened")
+
+    # 5. accept the best hit, reject the second: the label files are written
+    cards = driver.find_elements(By.CSS_SELECTOR, "#results .card.hit")
+    cards[0].find_element(By.CSS_SELECTOR, "button.accept").click()
+    _wait(lambda: "accepted" in cards[0].get_attribute("class"))
+    cards[1].find_element(By.CSS_SELECTOR, "button.reject").click()
+    _wait(lambda: "rejected" in cards[1].get_attribute("class"))
+    _shot(driver, shots, "5-labelled")
+    labels = archive["root"] / "labels"
+    with (labels / "regions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [
+        {
+            "slide": twin,
+            "x": str(hit_box[0]),
+            "y": str(hit_box[1]),
+            "w": str(hit_box[2]),
+            "h": str(hit_box[3]),
+            "label": "positive",
+        }
+    ]
+    features = json.loads((labels / "geojson" / f"{twin}.geojson").read_text())["features"]
+    x, y, w, h = hit_box
+    assert features[0]["geometry"]["coordinates"] == [
+        [[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]
+    ]
+    assert features[0]["properties"]["classification"]["name"] == "positive"
+    with (labels / "rejected.csv").open() as f:
+        assert [r["slide"] for r in csv.DictReader(f)] == [answer["hits"][1]["slide_id"]]
+    assert driver.find_elements(By.CSS_SELECTOR, "#viewer .box.accepted")
+
+    # 6. more like these: tiles like the accepted region, none inside a labelled one
+    driver.find_element(By.ID, "more").click()
+    _wait(
+        lambda: (
+            _state(driver) == "results"
+            and driver.execute_script("return wsi.answer.query.regions === 1")
+        )
+    )
+    more = driver.execute_script("return wsi.answer")
+    assert more["mode"] == "tiles" and more["hits"]
+    for hit in more["hits"]:
+        tx, ty, size, _ = hit["tile_box"]
+        inside = (
+            hit["slide_id"] == twin and x <= tx + size / 2 < x + w and y <= ty + size / 2 < y + h
+        )
+        assert not inside
+    _wait(lambda: driver.execute_script(IMAGES_LOADED))
+    _shot(driver, shots, "6-more-like-these")

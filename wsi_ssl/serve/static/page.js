@@ -1,0 +1,338 @@
+// The page of `wsi-ssl serve`: a deep-zoom viewer (OpenSeadragon over the server's DZI tiles),
+// box search from any zoom, results side by side, accept/reject into the archive's label files.
+"use strict";
+const $ = (id) => document.getElementById(id);
+const CLICK_PX = 5;  // a press that moves less than this (screen px) is a click, not a drag
+const state = {
+  slides: [], current: null, viewer: null, lastBox: null, answer: null, mark: null,
+  labels: { accepted: [], rejected: [] }, slideSeq: 0, searchSeq: 0, drawing: false, drag: null,
+};
+window.wsi = state;  // for tests and the console
+
+function setStatus(text, error = false) {
+  $("status").textContent = text;
+  $("status").className = error ? "error" : "";
+}
+
+async function api(path, body) {
+  const options = body === undefined ? {} : {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  };
+  const response = await fetch(path, options);
+  let answer = null;
+  try {
+    answer = await response.json();
+  } catch (err) {
+    if (response.ok) throw new Error(`${path}: the server sent no JSON`);
+  }
+  if (!response.ok) throw new Error((answer && answer.error) || `${response.status} ${response.statusText}`);
+  return answer;
+}
+
+function renderSlideList() {
+  const needle = $("filter").value.toLowerCase();
+  const list = $("slides");
+  list.replaceChildren();
+  for (const s of state.slides) {
+    if (needle && !s.name.toLowerCase().includes(needle) && !s.slide_id.startsWith(needle)) continue;
+    const li = document.createElement("li");
+    li.textContent = s.name;
+    li.dataset.slide = s.slide_id;
+    const small = document.createElement("small");
+    small.textContent = `${s.slide_id} · ${s.n_tiles} tiles`;
+    li.append(small);
+    if (state.current && state.current.slide_id === s.slide_id) li.className = "active";
+    li.onclick = () => openSlide(s.slide_id);
+    list.append(li);
+  }
+}
+
+// -- the viewer --------------------------------------------------------------------------------
+function makeViewer() {
+  state.viewer = OpenSeadragon({
+    element: $("viewer"),
+    prefixUrl: "/static/vendor/openseadragon/images/",
+    drawer: "canvas",
+    showNavigator: true,
+    navigatorPosition: "BOTTOM_RIGHT",
+    maxZoomPixelRatio: 2,
+    visibilityRatio: 0.5,
+    animationTime: 0.4,
+    gestureSettingsMouse: { clickToZoom: false },
+  });
+  state.viewer.addHandler("open", onOpen);
+  state.viewer.addHandler("open-failed", (e) => setStatus(`the slide could not be opened: ${e.message}`, true));
+  const el = $("viewer");
+  el.addEventListener("pointerdown", startDrag, true);
+  window.addEventListener("pointermove", moveDrag);
+  window.addEventListener("pointerup", endDrag);
+}
+
+function imageRect(box) {
+  return state.viewer.viewport.imageToViewportRectangle(box[0], box[1], box[2], box[3]);
+}
+
+function overlay(box, cls) {
+  const div = document.createElement("div");
+  div.className = "box " + cls;
+  state.viewer.addOverlay({ element: div, location: imageRect(box) });
+}
+
+// the query box, the matched tiles and hits on this slide, and the labelled regions
+function redrawOverlays() {
+  const v = state.viewer, cur = state.current;
+  if (!v || !cur || !v.world.getItemCount()) return;
+  v.clearOverlays();
+  const id = cur.slide_id;
+  for (const r of state.labels.accepted) if (r.slide === id) overlay([r.x, r.y, r.w, r.h], "accepted");
+  for (const r of state.labels.rejected) if (r.slide === id) overlay([r.x, r.y, r.w, r.h], "rejected");
+  const a = state.answer;
+  if (a) {
+    for (const hit of a.hits) {
+      if (hit.slide_id !== id || !hit.box) continue;
+      overlay(hit.tile_box || hit.box, hit.tile_box ? "hit tile" : "hit");
+    }
+  }
+  if (state.mark) overlay(state.mark, "hit");
+  if (state.lastBox && a && a.query.slide_id === id) overlay(state.lastBox, "query");
+}
+
+function onOpen() {
+  const seq = state.slideSeq;
+  const cur = state.current;
+  if (state.mark) {
+    const [x, y, w, h] = state.mark;
+    state.viewer.viewport.fitBounds(imageRect([x - w, y - h, 3 * w, 3 * h]), true);
+  }
+  redrawOverlays();
+  if (seq === state.slideSeq) {
+    setStatus(`${cur.name}: ${cur.dimensions.join(" × ")} px at ${cur.mpp.toFixed(3)} µm/px, ` +
+      `${cur.n_tiles} tiles (pictures from the ${cur.source === "slide" ? "slide file" : "stored tiles"}). ` +
+      "Drag to pan, scroll to zoom; draw a box (button or Shift+drag) to search.");
+    document.body.dataset.state = "ready";
+  }
+}
+
+async function openSlide(slideId, mark = null) {
+  const seq = ++state.slideSeq;
+  let details;
+  try {
+    details = await api(`/api/slides/${encodeURIComponent(slideId)}`);
+  } catch (err) {
+    if (seq === state.slideSeq) setStatus(err.message, true);
+    return;
+  }
+  if (seq !== state.slideSeq) return;
+  document.body.dataset.state = "opening";
+  state.current = details;
+  state.mark = mark;
+  renderSlideList();
+  setStatus(`opening ${details.name}…`);
+  state.viewer.open(details.dzi);
+}
+
+// -- drawing a box -----------------------------------------------------------------------------
+function setDrawing(on) {
+  state.drawing = on;
+  $("draw").setAttribute("aria-pressed", String(on));
+  $("viewer").classList.toggle("drawing", on);
+}
+
+function local(e) {
+  const r = $("viewer").getBoundingClientRect();
+  return { x: Math.min(Math.max(e.clientX - r.left, 0), r.width), y: Math.min(Math.max(e.clientY - r.top, 0), r.height) };
+}
+
+function startDrag(e) {
+  if (e.button !== 0 || !state.current || !(state.drawing || e.shiftKey)) return;
+  if (e.target.closest && e.target.closest(".navigator")) return;
+  e.preventDefault();
+  e.stopPropagation();
+  state.viewer.setMouseNavEnabled(false);
+  const rubber = document.createElement("div");
+  rubber.id = "rubber";
+  $("viewer").append(rubber);
+  state.drag = { start: local(e), rubber };
+  moveDrag(e);
+}
+
+function moveDrag(e) {
+  const d = state.drag;
+  if (!d) return;
+  const p = local(e);
+  Object.assign(d.rubber.style, {
+    left: Math.min(p.x, d.start.x) + "px", top: Math.min(p.y, d.start.y) + "px",
+    width: Math.abs(p.x - d.start.x) + "px", height: Math.abs(p.y - d.start.y) + "px",
+  });
+}
+
+function endDrag(e) {
+  const d = state.drag;
+  if (!d) return;
+  state.drag = null;
+  d.rubber.remove();
+  state.viewer.setMouseNavEnabled(true);
+  setDrawing(false);
+  search(queryBox(d.start, local(e)));
+}
+
+// a click asks about the tile under the pointer; a drag about the box drawn, each side at least
+// one tile, about the same centre (level-0 px)
+function queryBox(start, end) {
+  const vp = state.viewer.viewport, OSD = OpenSeadragon;
+  const a = vp.viewerElementToImageCoordinates(new OSD.Point(start.x, start.y));
+  const b = vp.viewerElementToImageCoordinates(new OSD.Point(end.x, end.y));
+  const t = state.current.tile_size_level0;
+  if (Math.abs(end.x - start.x) < CLICK_PX && Math.abs(end.y - start.y) < CLICK_PX) {
+    return [a.x - t / 2, a.y - t / 2, t, t].map(Math.round);
+  }
+  let [x, y, w, h] = [Math.min(a.x, b.x), Math.min(a.y, b.y), Math.abs(b.x - a.x), Math.abs(b.y - a.y)];
+  if (w < t) { x -= (t - w) / 2; w = t; }
+  if (h < t) { y -= (t - h) / 2; h = t; }
+  return [x, y, w, h].map(Math.round);
+}
+
+// -- searching and results -----------------------------------------------------------------------
+async function search(box) {
+  const seq = ++state.searchSeq;
+  const cur = state.current;
+  document.body.dataset.state = "searching";
+  setStatus("searching…");
+  let answer;
+  try {
+    answer = await api("/api/search", {
+      slide: cur.slide_id, box, k: Number($("k").value) || 8,
+      mode: $("mode").value, exclude_self: $("exclude-self").checked,
+    });
+  } catch (err) {
+    if (seq !== state.searchSeq) return;
+    document.body.dataset.state = "ready";
+    return setStatus(err.message, true);
+  }
+  if (seq !== state.searchSeq) return;
+  showAnswer(answer, `${answer.hits.length} ${answer.mode} in ${(1000 * answer.seconds).toFixed(1)} ms ` +
+    `(index ${answer.index.name}, ${answer.index.n_vectors} tiles). Click a result to open it; ✓ / ✗ to label it.`);
+  state.lastBox = answer.query.box;  // as the server clipped it to the slide
+  redrawOverlays();
+}
+
+function showAnswer(answer, message) {
+  state.answer = answer;
+  state.mark = null;
+  const results = $("results");
+  const q = answer.query;
+  results.replaceChildren();
+  if (q.image) {
+    results.append(card(q.image, `query: ${q.slide_name}`,
+      `${q.n_tiles} tile(s), ${q.size_um.map((v) => v.toFixed(0)).join(" × ")} µm`, "query"));
+  }
+  for (const hit of answer.hits) results.append(hitCard(hit, answer.mode));
+  setStatus(message);
+  document.body.dataset.state = "results";
+}
+
+function card(imageUrl, title, meta, cls) {
+  const div = document.createElement("div");
+  div.className = "card" + (cls ? " " + cls : "");
+  const img = document.createElement("img");
+  img.src = imageUrl;
+  img.alt = title;
+  const text = document.createElement("div");
+  const t = document.createElement("div");
+  t.className = "title";
+  t.textContent = t.title = title;
+  const m = document.createElement("div");
+  m.className = "meta";
+  m.textContent = meta;
+  text.append(t, m);
+  div.append(img, text);
+  return div;
+}
+
+function hitCard(hit, mode) {
+  const meta = mode === "regions"
+    ? `score ${hit.score.toFixed(2)} · ${hit.n_tiles} tiles · covers ${(100 * hit.coverage).toFixed(0)}%`
+    : mode === "slides" ? `score ${hit.score.toFixed(3)} · ${hit.n_hits} hits` : `similarity ${hit.score.toFixed(3)}`;
+  const div = card(hit.image, `#${hit.rank} ${hit.name}`, meta, "hit");
+  const box = hit.tile_box || hit.box;
+  div.dataset.slide = hit.slide_id;
+  div.onclick = () => openSlide(hit.slide_id, box);
+  if (box) {
+    const verdict = document.createElement("div");
+    verdict.className = "verdict";
+    for (const [name, text] of [["accept", "✓ accept"], ["reject", "✗ reject"]]) {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.className = name;
+      b.textContent = text;
+      b.onclick = (e) => { e.stopPropagation(); judge(hit, box, name, div); };
+      verdict.append(b);
+    }
+    div.lastChild.append(verdict);
+  }
+  return div;
+}
+
+async function judge(hit, box, verdict, div) {
+  try {
+    state.labels = await api("/api/labels", { slide: hit.slide_id, box, label: $("label").value, verdict });
+  } catch (err) {
+    return setStatus(err.message, true);
+  }
+  div.classList.toggle("accepted", verdict === "accept");
+  div.classList.toggle("rejected", verdict === "reject");
+  showLabelInfo();
+  redrawOverlays();
+}
+
+function showLabelInfo() {
+  const a = state.labels.accepted.length, r = state.labels.rejected.length;
+  $("label-info").textContent = `${a} accepted, ${r} rejected · saved in labels/regions.csv and labels/geojson/`;
+}
+
+async function moreLikeThese() {
+  const seq = ++state.searchSeq;
+  document.body.dataset.state = "searching";
+  setStatus("searching with every accepted region…");
+  try {
+    const answer = await api("/api/labels/more", { label: $("label").value, k: Number($("k").value) || 8 });
+    if (seq !== state.searchSeq) return;
+    delete answer.query.image;
+    state.lastBox = null;
+    showAnswer(answer, `${answer.hits.length} tiles like the ${answer.query.regions} accepted ` +
+      `region(s) labelled ${$("label").value}, outside every labelled region.`);
+    redrawOverlays();
+  } catch (err) {
+    if (seq === state.searchSeq) { document.body.dataset.state = "ready"; setStatus(err.message, true); }
+  }
+}
+
+function start() {
+  makeViewer();
+  $("filter").addEventListener("input", renderSlideList);
+  $("draw").addEventListener("click", () => setDrawing(!state.drawing));
+  $("more").addEventListener("click", moreLikeThese);
+  for (const id of ["mode", "exclude-self", "k"]) {
+    $(id).addEventListener("change", () => {
+      if (state.current && state.lastBox && state.answer && state.answer.query.slide_id === state.current.slide_id) {
+        search(state.lastBox);
+      }
+    });
+  }
+  (async () => {
+    try {
+      const [info, list, labels] = await Promise.all([api("/api/index"), api("/api/slides"), api("/api/labels")]);
+      $("index-info").textContent = `index ${info.name}: ${info.kind}, ${info.n_vectors} tiles ` +
+        `from ${info.n_slides} slides, encoder ${info.encoder_id}`;
+      state.slides = list;
+      state.labels = labels;
+      showLabelInfo();
+      renderSlideList();
+      if (list.length) openSlide(list[0].slide_id);
+    } catch (err) {
+      setStatus(err.message, true);
+    }
+  })();
+}
+
+document.addEventListener("DOMContentLoaded", start);
