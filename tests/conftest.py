@@ -85,3 +85,17 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = cli_main(argv)
     return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def serve_archive(tmp_path_factory: pytest.TempPathFactory, cmu_small: Path) -> dict[str, Any]:
+    """The web-page tests' archive (``search_archive`` with ``s1``), built once per session;
+    a test that changes it works on a copy (:func:`copy_archive`)."""
+    return search_archive(tmp_path_factory.mktemp("serve"), cmu_small, ("s1",))
+
+
+def copy_archive(archive: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``archive`` copied under ``folder`` (its stores and index), same slide ids."""
+    root = folder / "root"
+    shutil.copytree(archive["root"], root)
+    return {**archive, "root": root, "index": None}
