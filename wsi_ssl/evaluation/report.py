@@ -1,0 +1,237 @@
+"""The comparison table: typed rows, the ranking of each task, text and JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_ssl.evaluation.config import EvaluationConfig
+from wsi_ssl.evaluation.statistics import Estimate, Metric, estimate, paired_difference
+
+__all__ = ["EvaluationReport", "Ranking", "ResultRow", "Scores", "TaskSummary", "rank"]
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One encoder's score on one task, method and metric.
+
+    ``split`` is a digest of the folds actually used: equal on every row of a task.
+    ``rank`` is 1 for the best value of the task/method/metric (ties share a rank).
+    """
+
+    task: str
+    kind: str  # patch | tiles | slide | retrieval
+    method: str  # knn | linear | abmil | search
+    metric: str  # balanced_accuracy | macro_f1 | auc | mmv@k | precision@k
+    encoder: str
+    encoder_id: str
+    value: float
+    ci_low: float | None
+    ci_high: float | None
+    n: int
+    split: str
+    rank: int
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Which encoder ranks first on a task/method/metric, and whether it is clearly first:
+    ``exceeds_intervals`` is True when the paired bootstrap interval of its difference to the
+    runner-up excludes 0 (None: no interval, e.g. a single encoder or no per-item scores)."""
+
+    task: str
+    method: str
+    metric: str
+    first: str
+    value: float
+    runner_up: str | None
+    difference: float | None
+    difference_low: float | None
+    difference_high: float | None
+    exceeds_intervals: bool | None
+
+    def sentence(self) -> str:
+        head = f"{self.task} / {self.method} / {self.metric}: {self.first} ranks first"
+        if self.runner_up is None or self.difference is None:
+            return f"{head} ({self.value:.3f})"
+        gap = f"{self.difference:+.3f} over {self.runner_up}"
+        if self.exceeds_intervals is None:
+            return f"{head}, {gap} (no interval for this metric)"
+        verdict = "exceeds" if self.exceeds_intervals else "does not exceed"
+        return (
+            f"{head}, {gap}: the difference {verdict} the intervals "
+            f"(paired bootstrap [{self.difference_low:+.3f}, {self.difference_high:+.3f}])"
+        )
+
+
+@dataclass(frozen=True)
+class TaskSummary:
+    """One task as evaluated: items, classes, folds and what was left out."""
+
+    name: str
+    kind: str
+    source: str
+    n: int
+    classes: tuple[str, ...]
+    folds: int
+    split: str
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per-encoder outputs on one task/method/metric, ready to rank.
+
+    ``outputs`` maps an encoder label to its per-item output (predicted classes or class
+    probabilities) scored by ``metric`` against ``y``; without them (``values`` only) rows get
+    no interval.
+    """
+
+    task: TaskSummary
+    method: str
+    metric: str
+    encoder_ids: dict[str, str]
+    y: np.ndarray | None = None
+    score: Metric | None = None
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    values: dict[str, float] = field(default_factory=dict)
+
+
+def _ranks(values: list[float]) -> list[int]:
+    return [1 + sum(other > v for other in values) for v in values]
+
+
+def rank(
+    scores: Scores, resamples: np.ndarray, confidence: float
+) -> tuple[list[ResultRow], Ranking]:
+    """The rows of every encoder (with intervals when outputs are given) and the ranking."""
+    labels = list(scores.encoder_ids)
+    est: dict[str, Estimate] = {}
+    for label in labels:
+        if scores.score is not None and scores.y is not None and label in scores.outputs:
+            est[label] = estimate(
+                scores.score, scores.y, scores.outputs[label], resamples, confidence
+            )
+        else:
+            est[label] = Estimate(scores.values[label], None, None)
+    values = [est[label].value for label in labels]
+    ranks = _ranks([v if np.isfinite(v) else -np.inf for v in values])
+    rows = [
+        ResultRow(
+            scores.task.name,
+            scores.task.kind,
+            scores.method,
+            scores.metric,
+            label,
+            scores.encoder_ids[label],
+            est[label].value,
+            est[label].low,
+            est[label].high,
+            scores.task.n,
+            scores.task.split,
+            r,
+        )
+        for label, r in zip(labels, ranks, strict=True)
+    ]
+    order = sorted(range(len(labels)), key=lambda i: ranks[i])
+    first = labels[order[0]]
+    second = labels[order[1]] if len(order) > 1 else None
+    diff = None
+    if second is not None:
+        if scores.score is not None and scores.y is not None and scores.outputs:
+            diff = paired_difference(
+                scores.score,
+                scores.y,
+                scores.outputs[first],
+                scores.outputs[second],
+                resamples,
+                confidence,
+            )
+        else:
+            diff = Estimate(est[first].value - est[second].value, None, None)
+    exceeds = None
+    if diff is not None and diff.low is not None and diff.high is not None:
+        exceeds = bool(diff.low > 0 or diff.high < 0)
+    ranking = Ranking(
+        scores.task.name,
+        scores.method,
+        scores.metric,
+        first,
+        est[first].value,
+        second,
+        diff.value if diff else None,
+        diff.low if diff else None,
+        diff.high if diff else None,
+        exceeds,
+    )
+    return rows, ranking
+
+
+def _fmt(row: ResultRow) -> str:
+    if row.ci_low is None or row.ci_high is None:
+        return f"{row.value:.3f}"
+    return f"{row.value:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]"
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """Encoders x tasks: the table (``rows``), the winners (``rankings``) and what was used."""
+
+    rows: tuple[ResultRow, ...]
+    rankings: tuple[Ranking, ...]
+    tasks: tuple[TaskSummary, ...]
+    encoders: tuple[tuple[str, str], ...]  # (label, encoder_id)
+    config: EvaluationConfig
+    json_path: Path | None = None
+    plot_path: Path | None = None
+
+    def table(self) -> str:
+        """One line per task/method/metric, one column per encoder: value [CI low, high]."""
+        labels = [label for label, _ in self.encoders]
+        groups: dict[tuple[str, str, str], dict[str, ResultRow]] = {}
+        for row in self.rows:
+            groups.setdefault((row.task, row.method, row.metric), {})[row.encoder] = row
+        head = ["task", "method", "metric", *labels]
+        body = [
+            [*key, *(_fmt(g[label]) + ("*" if g[label].rank == 1 else "") for label in labels)]
+            for key, g in groups.items()
+        ]
+        widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [head, *body]
+        ]
+        return "\n".join([*lines, "* ranks first; [ ] bootstrap interval"])
+
+    def lines(self) -> list[str]:
+        """The report ``wsi-ssl evaluate`` prints: tasks, table, rankings, files."""
+        out = [
+            f"task {t.name} ({t.kind}): {t.n} items, {len(t.classes)} classes, {t.folds} folds"
+            + "".join(f"; {n}" for n in t.notes)
+            for t in self.tasks
+        ]
+        out += [self.table(), *(r.sentence() for r in self.rankings)]
+        out += [f"wrote {p}" for p in (self.json_path, self.plot_path) if p is not None]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "encoders": [{"label": lab, "encoder_id": eid} for lab, eid in self.encoders],
+            "tasks": [asdict(t) for t in self.tasks],
+            "rows": [asdict(r) for r in self.rows],
+            "rankings": [asdict(r) for r in self.rankings],
+        }
+
+    def write_json(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` as JSON (temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str))
+        os.replace(tmp, path)
+        return path

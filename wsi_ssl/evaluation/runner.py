@@ -1,0 +1,413 @@
+"""``evaluate_encoders``: every encoder on every task, same items, folds and resamples.
+
+Each task is loaded once; its folds and bootstrap resamples are drawn once from the labels
+and the seed; every encoder is then scored on them:
+
+* patch and per-tile label tasks: k-NN and linear probes, balanced accuracy and macro-F1;
+* slide tasks: ABMIL cross-validated by :func:`wsi_ssl.mil.train` with the task's folds
+  written into the labels it is given, AUC of the out-of-fold probabilities;
+* retrieval tasks: mMV@k and precision@k of a flat index per encoder
+  (:mod:`wsi_ssl.search.evaluate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import re
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from wsi_ssl.errors import ConfigError, LabelsError
+from wsi_ssl.evaluation.config import EncoderSpec, EvaluationConfig
+from wsi_ssl.evaluation.features import (
+    embed_archive,
+    image_features,
+    tile_features,
+)
+from wsi_ssl.evaluation.probes import (
+    assign_folds,
+    knn_predictions,
+    linear_predictions,
+    split_digest,
+)
+from wsi_ssl.evaluation.report import (
+    EvaluationReport,
+    Ranking,
+    ResultRow,
+    Scores,
+    TaskSummary,
+    rank,
+)
+from wsi_ssl.evaluation.statistics import METRICS, balanced_accuracy, bootstrap_indices
+from wsi_ssl.evaluation.tasks import (
+    LabelledSlides,
+    PatchTask,
+    RetrievalTask,
+    SlideTask,
+    Task,
+    TileLabelTask,
+    load_images,
+    load_slide_labels,
+    load_tile_labels,
+    task_name,
+)
+
+if TYPE_CHECKING:
+    from wsi_ssl.encoders import Encoder
+
+__all__ = ["evaluate_encoders"]
+
+Log = Callable[[str], None]
+Named = list[tuple[str, "Encoder"]]
+
+
+@dataclass(frozen=True)
+class _TaskResult:
+    summary: TaskSummary
+    scores: list[Scores]
+    resamples: np.ndarray
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "task"
+
+
+def _build(specs: Sequence[EncoderSpec | str], config: EvaluationConfig) -> Named:
+    """Every encoder, built before any task runs (an unknown name fails first)."""
+    from wsi_ssl.encoders import create_encoder
+
+    if not specs:
+        raise ConfigError("encoders is empty; give at least one encoder to evaluate")
+    parsed = [s if isinstance(s, EncoderSpec) else EncoderSpec.parse(s) for s in specs]
+    built = [
+        (s, create_encoder(s.spec, weights=s.weights, seed=s.seed, device=config.device))
+        for s in parsed
+    ]
+    ids = [e.encoder_id for _, e in built]
+    if len(set(ids)) < len(ids):
+        raise ConfigError(f"the same encoder is listed twice ({ids}); give each once")
+    names = [e.config.name for _, e in built]
+    labels = [
+        s.label or (e.config.name if names.count(e.config.name) == 1 else e.encoder_id)
+        for s, e in built
+    ]
+    if len(set(labels)) < len(labels):
+        raise ConfigError(f"two encoders share a label ({labels}); give distinct labels")
+    return [(label, e) for label, (_, e) in zip(labels, built, strict=True)]
+
+
+def _probe_scores(
+    summary: TaskSummary,
+    y: np.ndarray,
+    folds: np.ndarray,
+    feats: dict[str, np.ndarray],
+    ids: dict[str, str],
+    config: EvaluationConfig,
+) -> list[Scores]:
+    methods: dict[str, dict[str, np.ndarray]] = {"knn": {}}
+    if config.linear:
+        methods["linear"] = {}
+    for label, x in feats.items():
+        methods["knn"][label] = knn_predictions(x, y, folds, config.knn_k)
+        if config.linear:
+            methods["linear"][label] = linear_predictions(x, y, folds, config.seed)
+    return [
+        Scores(summary, method, metric, ids, y, METRICS[metric], outputs)
+        for method, outputs in methods.items()
+        for metric in ("balanced_accuracy", "macro_f1")
+    ]
+
+
+def _patch(task: PatchTask, encoders: Named, config: EvaluationConfig, out: Path) -> _TaskResult:
+    images = load_images(task.source)
+    folds, note = assign_folds(images.y, config.folds, config.seed)
+    summary = TaskSummary(
+        task_name(task),
+        task.kind,
+        str(task.source),
+        len(images.y),
+        images.classes,
+        int(folds.max()) + 1,
+        split_digest(folds),
+        (note,) if note else (),
+    )
+    cache = out / "features" / _safe(summary.name)
+    feats = {lab: image_features(e, images, cache, config.batch_size) for lab, e in encoders}
+    ids = {lab: e.encoder_id for lab, e in encoders}
+    scores = _probe_scores(summary, images.y, folds, feats, ids, config)
+    return _TaskResult(
+        summary, scores, bootstrap_indices(images.y, config.n_bootstrap, config.seed)
+    )
+
+
+def _embed_all(root: Path, encoders: Named, slides: list[str], config: EvaluationConfig) -> dict:
+    failed: dict[str, str] = {}
+    for _, enc in encoders:
+        failed |= embed_archive(root, enc, slides, config)
+    return failed
+
+
+def _tiles(task: TileLabelTask, encoders: Named, config: EvaluationConfig) -> _TaskResult:
+    tiles = load_tile_labels(task, config.max_tiles_per_class, config.seed)
+    failed = _embed_all(task.root, encoders, list(tiles.rows), config)
+    if failed:
+        sid, error = next(iter(failed.items()))
+        raise ConfigError(f"{task.root}: slide {sid} could not be embedded ({error})")
+    folds, note = assign_folds(tiles.y, config.folds, config.seed, groups=tiles.groups)
+    summary = TaskSummary(
+        task_name(task),
+        task.kind,
+        f"{task.root}:labels/{task.labels}",
+        len(tiles.y),
+        tiles.classes,
+        int(folds.max()) + 1,
+        split_digest(folds),
+        (note,) if note else (),
+    )
+    feats = {lab: tile_features(task.root, e.encoder_id, tiles) for lab, e in encoders}
+    ids = {lab: e.encoder_id for lab, e in encoders}
+    scores = _probe_scores(summary, tiles.y, folds, feats, ids, config)
+    return _TaskResult(summary, scores, bootstrap_indices(tiles.y, config.n_bootstrap, config.seed))
+
+
+def _usable(
+    root: Path, labels: Path, encoders: Named, config: EvaluationConfig
+) -> tuple[LabelledSlides, list[str]]:
+    """The labelled slides every encoder could embed (embedding them), and notes."""
+    labelled = load_slide_labels(root, labels)
+    failed = _embed_all(root, encoders, labelled.slide_ids, config)
+    notes = [f"{len(labelled.unmatched)} labelled slide(s) match no store"] * bool(
+        labelled.unmatched
+    )
+    notes += [f"slide {sid} left out: {err}" for sid, err in failed.items()]
+    rows = [r for r in labelled.table.rows if r.slide not in failed]
+    if len({r.label for r in rows}) < 2:
+        raise LabelsError(labels, "fewer than two classes are left once failed slides are out")
+    table = dataclasses.replace(labelled.table, rows=rows)
+    return dataclasses.replace(labelled, table=table), notes
+
+
+def _slide_folds(labelled: LabelledSlides, config: EvaluationConfig) -> np.ndarray:
+    """The test fold of every labelled slide: the CSV's, or patient-grouped and stratified."""
+    from wsi_ssl.mil import assign_folds as assign_patient_folds
+    from wsi_ssl.mil.labels import sort_classes
+
+    rows = labelled.table.rows
+    if all(r.fold is not None for r in rows):
+        values = sorted({int(r.fold) for r in rows if r.fold is not None})
+        return np.array([values.index(int(r.fold or 0)) for r in rows], dtype=np.int64)
+    classes = sort_classes(r.label for r in rows)
+    y = [classes.index(r.label) for r in rows]
+    patients = [r.patient or r.slide for r in rows]
+    per_class = {
+        c: len({p for p, yy in zip(patients, y, strict=True) if yy == i})
+        for i, c in enumerate(classes)
+    }
+    rare, n_rare = min(per_class.items(), key=lambda kv: kv[1])
+    if n_rare < 2:
+        raise LabelsError(
+            labelled.table.path,
+            f"class {rare!r} has {n_rare} patient; cross-validation needs at least 2 per class",
+        )
+    return assign_patient_folds(y, patients, min(config.folds, n_rare), config.seed)
+
+
+def _read_predictions(run: Path, classes: list[str]) -> dict[str, tuple[int, np.ndarray]]:
+    """slide id -> (fold, class probabilities) from a MIL run's ``predictions.csv``."""
+    with open(run / "predictions.csv", newline="") as f:
+        return {
+            row["slide_id"]: (
+                int(row["fold"]),
+                np.array([float(row[f"prob_{c}"]) for c in classes]),
+            )
+            for row in csv.DictReader(f)
+        }
+
+
+def _slide(task: SlideTask, encoders: Named, config: EvaluationConfig, out: Path) -> _TaskResult:
+    from wsi_ssl.mil import MILConfig, train
+    from wsi_ssl.mil.labels import sort_classes
+
+    labelled, notes = _usable(task.root, task.labels, encoders, config)
+    folds = _slide_folds(labelled, config)
+    rows = [
+        dataclasses.replace(r, fold=int(f)) for r, f in zip(labelled.table.rows, folds, strict=True)
+    ]
+    table = dataclasses.replace(
+        labelled.table, rows=rows, columns=[*labelled.table.columns, "fold"]
+    )
+    classes = sort_classes(r.label for r in rows)
+    y = np.array([classes.index(r.label) for r in rows], dtype=np.int64)
+    name = task_name(task)
+    summary = TaskSummary(
+        name,
+        task.kind,
+        str(task.labels),
+        len(rows),
+        tuple(classes),
+        int(folds.max()) + 1,
+        split_digest(folds),
+        tuple(notes),
+    )
+    mil_config = MILConfig(
+        folds=summary.folds,
+        epochs=config.mil_epochs,
+        val_fraction=0.0,
+        seed=config.seed,
+        device=config.device,
+        workers=0,
+    )
+    outputs: dict[str, np.ndarray] = {}
+    for label, enc in encoders:
+        run = out / "mil" / _safe(name) / enc.encoder_id
+        train(task.root, table, enc.encoder_id, run, mil_config, overwrite=True)
+        got = _read_predictions(run, classes)
+        used = np.array([got[r.slide][0] for r in rows])
+        if split_digest(used) != summary.split:  # the run must have used the task's folds
+            raise RuntimeError(f"{run}: MIL folds differ from the task's folds")
+        outputs[label] = np.stack([got[r.slide][1] for r in rows])
+    ids = {lab: e.encoder_id for lab, e in encoders}
+    scores = [Scores(summary, "abmil", "auc", ids, y, METRICS["auc"], outputs)]
+    return _TaskResult(summary, scores, bootstrap_indices(y, config.n_bootstrap, config.seed))
+
+
+def _index(root: Path, encoder_id: str, slides: list[str]) -> Any:
+    from wsi_ssl.search import SearchIndex
+
+    return SearchIndex.build(
+        root, encoder_id, name=f"eval-{encoder_id}", slides=slides, kind="flat"
+    )
+
+
+def _retrieval(task: RetrievalTask, encoders: Named, config: EvaluationConfig) -> _TaskResult:
+    from wsi_ssl.mil.labels import sort_classes
+    from wsi_ssl.search.evaluate import majority_vote, precision_at_k
+
+    labelled, notes = _usable(task.root, task.labels, encoders, config)
+    rows = labelled.table.rows
+    truth = {r.slide: r.label for r in rows}
+    classes = sort_classes(truth.values())
+    y = np.array([classes.index(r.label) for r in rows], dtype=np.int64)
+    summary = TaskSummary(
+        task_name(task),
+        task.kind,
+        str(task.labels),
+        len(rows),
+        tuple(classes),
+        0,
+        split_digest(np.zeros(len(rows))),
+        (*notes, "leave-one-slide-out"),
+    )
+    votes: dict[str, np.ndarray] = {}
+    precision: dict[str, float] = {}
+    for label, enc in encoders:
+        index = _index(task.root, enc.encoder_id, labelled.slide_ids)
+        mv = majority_vote(index, truth, k=config.mmv_k, seed=config.seed)
+        predicted = {p["slide_id"]: p["predicted"] for p in mv["per_slide"]}
+        votes[label] = np.array(
+            [
+                classes.index(predicted[r.slide]) if predicted[r.slide] in classes else -1
+                for r in rows
+            ]
+        )
+        pk = precision_at_k(index, truth, k=config.precision_k, seed=config.seed)
+        precision[label] = float(pk["precision"])
+    ids = {lab: e.encoder_id for lab, e in encoders}
+    scores = [
+        Scores(summary, "search", f"mmv@{config.mmv_k}", ids, y, balanced_accuracy, votes),
+        Scores(summary, "search", f"precision@{config.precision_k}", ids, values=precision),
+    ]
+    return _TaskResult(summary, scores, bootstrap_indices(y, config.n_bootstrap, config.seed))
+
+
+@contextlib.contextmanager
+def _workdir(out: str | Path | None) -> Iterator[Path]:
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        yield Path(out)
+    else:
+        with tempfile.TemporaryDirectory(prefix="wsi-ssl-evaluate-") as tmp:
+            yield Path(tmp)
+
+
+def _run_task(task: Task, encoders: Named, config: EvaluationConfig, out: Path) -> _TaskResult:
+    if isinstance(task, PatchTask):
+        return _patch(task, encoders, config, out)
+    if isinstance(task, TileLabelTask):
+        return _tiles(task, encoders, config)
+    if isinstance(task, SlideTask):
+        return _slide(task, encoders, config, out)
+    if isinstance(task, RetrievalTask):
+        return _retrieval(task, encoders, config)
+    raise ConfigError(f"{task!r}: not an evaluation task")
+
+
+def evaluate_encoders(
+    encoders: Sequence[EncoderSpec | str],
+    tasks: Sequence[Task],
+    out: str | Path | None = None,
+    config: EvaluationConfig | None = None,
+    *,
+    log: Log | None = None,
+    **options: Any,
+) -> EvaluationReport:
+    """Compare encoders on tasks: the same items, folds, seeds and resamples for each.
+
+    Args:
+        encoders: :class:`EncoderSpec` or spec strings (``NAME[,weights=FILE][,seed=N]``).
+        tasks: :class:`PatchTask`, :class:`TileLabelTask`, :class:`SlideTask`,
+            :class:`RetrievalTask`.
+        out: folder for ``evaluation.json``, ``evaluation.png``, cached image features and
+            MIL runs (None: nothing is written; MIL runs go to a temporary folder).
+        config: settings; ``options`` (e.g. ``folds=3``) replace fields.
+        log: called with one line per task done.
+
+    Raises:
+        EncoderNotFoundError, WeightsNotFoundError: an encoder cannot be built (before any
+            task runs).
+        LabelsError: a task with one class, too few items per class, or labels that match no
+            slide of its archive.
+    """
+    config = dataclasses.replace(config or EvaluationConfig(), **options)
+    if not tasks:
+        raise ConfigError("tasks is empty; give at least one task")
+    names = [task_name(t) for t in tasks]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"two tasks share a name ({names}); name them apart")
+    named = _build(encoders, config)
+    rows: list[ResultRow] = []
+    rankings: list[Ranking] = []
+    summaries: list[TaskSummary] = []
+    with _workdir(out) as work:
+        for task in tasks:
+            result = _run_task(task, named, config, work)
+            summaries.append(result.summary)
+            for scores in result.scores:
+                got, ranking = rank(scores, result.resamples, config.confidence)
+                rows += got
+                rankings.append(ranking)
+            if log:
+                log(f"task {result.summary.name}: {len(named)} encoder(s) scored")
+    report = EvaluationReport(
+        tuple(rows),
+        tuple(rankings),
+        tuple(summaries),
+        tuple((label, e.encoder_id) for label, e in named),
+        config,
+    )
+    if out is None:
+        return report
+    from wsi_ssl.evaluation.plot import plot_results
+
+    json_path = Path(out) / "evaluation.json"
+    plot_path = plot_results(rows, [label for label, _ in named], Path(out) / "evaluation.png")
+    report = dataclasses.replace(report, json_path=json_path, plot_path=plot_path)
+    report.write_json(json_path)
+    return report
