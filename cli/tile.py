@@ -31,6 +31,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mpp-override", type=float, help="mpp for slides that record none")
     p.add_argument("--mpp-csv", type=Path, help="CSV with columns slide,mpp (file name or path)")
     p.add_argument(
+        "--allow-upsampling",
+        action="store_true",
+        default=None,
+        help="allow --mpp more than 2x finer than the slide's finest level",
+    )
+    p.add_argument(
+        "--max-tile-size", type=whole_number(16), help="largest --tile-size accepted (default 4096)"
+    )
+    p.add_argument(
+        "--max-tiles", type=whole_number(1), help="largest tile plan per slide (default 10000000)"
+    )
+    p.add_argument(
         "--scheduler",
         default="threads",
         metavar="threads|processes|ADDRESS",

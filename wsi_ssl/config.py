@@ -9,6 +9,12 @@ from typing import Any
 from wsi_ssl.errors import ConfigError
 
 CODECS = ("jpeg", "zstd")
+MAX_TILE_SIZE = 4096
+"""Default bound on ``tile_size``: a bigger tile is a mistake far more often than a wish."""
+MAX_TILES = 10_000_000
+"""Default bound on the tiles planned for one slide (a 0.002 µm/px typo plans millions)."""
+LIMIT_KEYS = ("mpp_override", "allow_upsampling", "max_tile_size", "max_tiles")
+"""Settings that do not change the stored tiles (left out of :meth:`TilingConfig.output_key`)."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,10 @@ class TilingConfig:
         tiles_per_chunk: tiles per Dask task and per Zarr shard.
         thumbnail_mpp: scale of the stored thumbnail and tissue mask.
         mpp_override: microns per pixel to use when the slide records none.
+        allow_upsampling: allow a target ``mpp`` more than 2x finer than the slide's level 0
+            (pixels the scanner never recorded); refused by default.
+        max_tile_size: largest ``tile_size`` accepted (default 4096).
+        max_tiles: largest tile plan (full grid, before tissue filtering) accepted per slide.
     """
 
     mpp: float = 0.5
@@ -36,12 +46,22 @@ class TilingConfig:
     tiles_per_chunk: int = 64
     thumbnail_mpp: float = 8.0
     mpp_override: float | None = None
+    allow_upsampling: bool = False
+    max_tile_size: int = MAX_TILE_SIZE
+    max_tiles: int = MAX_TILES
 
     def __post_init__(self) -> None:
         if not self.mpp > 0:
             raise ConfigError(f"mpp must be > 0, got {self.mpp}")
         if self.tile_size < 16:
             raise ConfigError(f"tile_size must be >= 16, got {self.tile_size}")
+        if self.tile_size > self.max_tile_size:
+            raise ConfigError(
+                f"tile_size {self.tile_size} is over max_tile_size={self.max_tile_size}; raise "
+                "max_tile_size (--max-tile-size) to allow tiles that large"
+            )
+        if self.max_tiles < 1:
+            raise ConfigError(f"max_tiles must be >= 1, got {self.max_tiles}")
         if not 0 <= self.overlap < self.tile_size:
             raise ConfigError(f"overlap must be in [0, tile_size), got {self.overlap}")
         if not 0.0 <= self.tissue_threshold <= 1.0:
@@ -68,5 +88,6 @@ class TilingConfig:
     def output_key(self) -> dict[str, Any]:
         """The settings that change the stored tiles (resume compares these)."""
         d = self.to_dict()
-        d.pop("mpp_override")
+        for key in LIMIT_KEYS:
+            d.pop(key)
         return d

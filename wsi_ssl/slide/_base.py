@@ -28,6 +28,11 @@ __all__ = [
     "to_rgb",
 ]
 
+THUMBNAIL_WHOLE_LEVEL_PIXELS = 6000 * 6000
+"""Largest level a thumbnail reads in one piece (about 100 MB of RGB); larger ones by blocks."""
+THUMBNAIL_BLOCK = 2048
+"""Level pixels per side of one block read for a thumbnail of a large level."""
+
 MPP_RANGE: tuple[float, float] = (0.01, 100.0)
 """Plausible microns per pixel; values outside (such as 72 dpi, 352.8) are ignored."""
 
@@ -340,17 +345,43 @@ class BaseSlideReader(ABC):
         """The whole slide as RGB uint8, fitting in `max_size` (w, h), aspect preserved.
 
         Read from the coarsest level at least as fine as needed, then resized; never
-        enlarged beyond level 0.
+        enlarged beyond level 0. A level of more than `THUMBNAIL_WHOLE_LEVEL_PIXELS` (a slide
+        without a usable pyramid) is read and area-averaged block by block, so memory stays
+        bounded by a block whatever the level's size.
         """
         w, h = self.dimensions
         scale = min(max_size[0] / w, max_size[1] / h, 1.0)
         out = (max(1, round(w * scale)), max(1, round(h * scale)))
         level = self.best_level_for_downsample(1.0 / scale)
+        level_w, level_h = self.level_dimensions[level]
+        if level_w * level_h > THUMBNAIL_WHOLE_LEVEL_PIXELS:
+            return self._thumbnail_by_blocks(level, out)
         pixels = self.read_region((0, 0), level, self.level_dimensions[level])
         if pixels.shape[1::-1] == out:
             return pixels
         resized = Image.fromarray(pixels).resize(out, Image.Resampling.LANCZOS)
         return np.array(resized)
+
+    def _thumbnail_by_blocks(self, level: int, out: tuple[int, int]) -> np.ndarray:
+        """Level ``level`` shrunk to ``out`` (w, h): blocks of at most about
+        `THUMBNAIL_BLOCK` level pixels a side are read and box-averaged one at a time."""
+        level_w, level_h = self.level_dimensions[level]
+        downsample = self.level_downsamples[level]
+        fx, fy = level_w / out[0], level_h / out[1]  # level pixels per thumbnail pixel
+        step_x = max(1, int(THUMBNAIL_BLOCK // fx))  # thumbnail pixels per block
+        step_y = max(1, int(THUMBNAIL_BLOCK // fy))
+        thumbnail = np.empty((out[1], out[0], 3), dtype=np.uint8)
+        for j0 in range(0, out[1], step_y):
+            j1 = min(out[1], j0 + step_y)
+            y0, y1 = round(j0 * fy), round(j1 * fy)
+            for i0 in range(0, out[0], step_x):
+                i1 = min(out[0], i0 + step_x)
+                x0, x1 = round(i0 * fx), round(i1 * fx)
+                origin = (round(x0 * downsample), round(y0 * downsample))
+                block = self.read_region(origin, level, (x1 - x0, y1 - y0))
+                shrunk = Image.fromarray(block).resize((i1 - i0, j1 - j0), Image.Resampling.BOX)
+                thumbnail[j0:j1, i0:i1] = np.asarray(shrunk)
+        return thumbnail
 
     def best_level_for_downsample(self, downsample: float) -> int:
         """The coarsest level whose downsample is at most `downsample` (0.1 % tolerance)."""

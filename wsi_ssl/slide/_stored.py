@@ -3,16 +3,22 @@
 When a tile grid lines up with the file's own tiles, the extractor decodes each stored tile
 once (no region assembly), or, for a JPEG store, copies the scanner's JPEG stream into the
 Zarr store untouched: no decode, no re-encode, no second generation of JPEG loss.
+
+A JPEG stream's header is checked before it is copied or decoded: its frame (SOF) must have
+the tile's width, height and three components. The decoders allocate what the header says,
+so a crafted header would otherwise plant a decompression bomb in the store.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import tifffile
+from PIL import JpegImagePlugin
 
 from wsi_ssl.errors import CorruptSlideError
 
@@ -74,12 +80,39 @@ class StoredTiles:
         return bytes(fh.read(self.page.databytecounts[index]))
 
     def jpeg(self, row: int, col: int) -> bytes:
-        """Tile (row, col) as a self-contained JPEG stream (shared tables merged in)."""
-        data = self.raw(row, col)
+        """Tile (row, col) as a self-contained JPEG stream (shared tables merged in).
+
+        Raises:
+            CorruptSlideError: the stream's header is not a frame of the tile's size and
+                three components.
+        """
+        data = self._with_tables(self.raw(row, col))
+        self._check_jpeg_header(row, col, data)
+        return data
+
+    def _with_tables(self, data: bytes) -> bytes:
         tables = self.page.jpegtables
         if tables:  # tables' SOI..DQT/DHT, then the tile without its own SOI
-            data = tables.removesuffix(_JPEG_EOI) + data.removeprefix(_JPEG_SOI)
+            return bytes(tables).removesuffix(_JPEG_EOI) + data.removeprefix(_JPEG_SOI)
         return data
+
+    def _check_jpeg_header(self, row: int, col: int, stream: bytes) -> None:
+        """Refuse a JPEG whose frame header is not this level's tile (size or components)."""
+        th, tw = self.tile_shape
+        try:  # the plugin parses the markers up to the scan (no decode, no size check)
+            with JpegImagePlugin.JpegImageFile(io.BytesIO(stream)) as image:
+                size, bands = image.size, len(image.getbands())
+        except (OSError, ValueError, SyntaxError) as err:
+            detail = f"not a readable JPEG header ({type(err).__name__}: {err})"
+        else:
+            if size == (tw, th) and bands == 3:
+                return
+            detail = f"JPEG header says {size[0]}x{size[1]} with {bands} components"
+        raise CorruptSlideError(
+            self.path,
+            f"stored tile row {row}, column {col}: {detail}, the level's tiles are {tw}x{th} "
+            "RGB; refusing to copy or decode it",
+        )
 
     def read(self, x: int, y: int, size: tuple[int, int]) -> np.ndarray:
         """The level's pixels from (x, y) (level pixels), ``size`` (w, h) inside the image,
@@ -103,10 +136,11 @@ class StoredTiles:
             CorruptSlideError: the stored bytes do not decode.
         """
         index = row * self.columns + col
+        data = self.raw(row, col)
+        if self.page.compression == tifffile.COMPRESSION.JPEG:
+            self._check_jpeg_header(row, col, self._with_tables(data))
         try:
-            pixels, _, _ = self.page.decode(
-                self.raw(row, col), index, jpegtables=self.page.jpegtables
-            )
+            pixels, _, _ = self.page.decode(data, index, jpegtables=self.page.jpegtables)
             return np.asarray(pixels).reshape(*self.tile_shape, 3)
         except (ValueError, RuntimeError, OSError, IndexError, KeyError) as err:
             raise CorruptSlideError(

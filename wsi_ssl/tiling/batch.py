@@ -102,11 +102,17 @@ def collect_slide_paths(inputs: Iterable[str | Path]) -> list[Path]:
     return paths
 
 
-def _thumbnail(reader: SlideReader, slide_mpp: float, thumbnail_mpp: float) -> np.ndarray:
+def thumbnail_and_mask(
+    reader: SlideReader, slide_mpp: float, thumbnail_mpp: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The slide's thumbnail (at ``thumbnail_mpp``, at most ``THUMBNAIL_MAX_SIDE`` px) and its
+    tissue mask; a level without a usable pyramid is read by blocks, in bounded memory."""
     w, h = reader.dimensions
     factor = min(slide_mpp / thumbnail_mpp, THUMBNAIL_MAX_SIDE / max(w, h))
     size = (max(1, round(w * factor)), max(1, round(h * factor)))
-    return reader.get_thumbnail(size)
+    thumbnail = reader.get_thumbnail(size)
+    level0_per_px = w / thumbnail.shape[1]
+    return thumbnail, detect_tissue(thumbnail, mpp=slide_mpp * level0_per_px)
 
 
 def open_for_tiling(path: Path, mpp_override: float | None) -> SlideReader:
@@ -229,12 +235,12 @@ def _tile_open_slide(
     workers: int | None,
     progress: bool,
 ) -> int:
-    reader.get_thumbnail((64, 64))  # undecodable pixels fail here, before any other check
+    if reader.mpp is None:
+        reader.get_thumbnail((64, 64))  # undecodable pixels fail first, before the scale
     slide_mpp = reader.require_mpp()
     grid = TileGrid.for_slide(reader, slide_mpp, config)
-    thumbnail = _thumbnail(reader, slide_mpp, config.thumbnail_mpp)
+    thumbnail, mask = thumbnail_and_mask(reader, slide_mpp, config.thumbnail_mpp)
     level0_per_px = reader.dimensions[0] / thumbnail.shape[1]
-    mask = detect_tissue(thumbnail, mpp=slide_mpp * level0_per_px)
     coords = grid.all_coords()
     fraction = tissue_fraction(mask, coords, grid.tile_size_level0, level0_per_px)
     keep = fraction >= config.tissue_threshold

@@ -9,11 +9,15 @@ from typing import Any
 import numpy as np
 
 from wsi_ssl.config import TilingConfig
+from wsi_ssl.errors import ConfigError
 from wsi_ssl.slide import SlideReader
 
 SNAP_TOLERANCE = 0.02
 """A pyramid level within 2% of the target scale is used as is, without resampling
 (a 0.499 µm/px scan tiled at 0.5 µm/px keeps its native pixels)."""
+
+MAX_UPSAMPLING = 2.0
+"""Most a target scale may enlarge the slide's finest level without ``allow_upsampling``."""
 
 
 @dataclass(frozen=True)
@@ -42,14 +46,27 @@ class TileGrid:
 
     @classmethod
     def for_slide(cls, reader: SlideReader, slide_mpp: float, config: TilingConfig) -> TileGrid:
-        """Pick the read level and the level-0 geometry for ``config`` on this slide."""
+        """Pick the read level and the level-0 geometry for ``config`` on this slide.
+
+        Raises:
+            ConfigError: the target scale enlarges level 0 more than ``MAX_UPSAMPLING`` times
+                (unless ``config.allow_upsampling``), or the grid plans more than
+                ``config.max_tiles`` tiles.
+        """
         scale = config.mpp / slide_mpp  # level-0 pixels per output pixel
+        if scale * MAX_UPSAMPLING < 1 and not config.allow_upsampling:
+            raise ConfigError(
+                f"{reader.path}: mpp={config.mpp} enlarges the slide's finest level "
+                f"({slide_mpp:g} µm/px) {1 / scale:.3g}x, more than {MAX_UPSAMPLING:g}x; use "
+                f"mpp >= {slide_mpp / MAX_UPSAMPLING:g}, or set allow_upsampling=True "
+                "(--allow-upsampling) to invent those pixels anyway"
+            )
         level = reader.best_level_for_downsample(scale * (1 + SNAP_TOLERANCE))
         downsample = float(reader.level_downsamples[level])
         snapped = abs(scale / downsample - 1) <= SNAP_TOLERANCE
         if snapped:
             scale = downsample
-        return cls(
+        grid = cls(
             dimensions=tuple(reader.dimensions),  # type: ignore[arg-type]
             level=level,
             level_downsample=downsample,
@@ -59,6 +76,14 @@ class TileGrid:
             resize=not snapped,
             mpp_effective=slide_mpp * scale,
         )
+        rows, cols = grid.shape
+        if rows * cols > config.max_tiles:
+            raise ConfigError(
+                f"{reader.path}: the grid plans {rows * cols:,} tiles ({rows} x {cols}), more "
+                f"than max_tiles={config.max_tiles:,}; check mpp ({config.mpp}) and tile_size "
+                f"({config.tile_size}), or raise max_tiles (--max-tiles) to allow it"
+            )
+        return grid
 
     def _positions(self, extent: int) -> np.ndarray:
         n = (
