@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import socket
+import sys
 from pathlib import Path
 
 from wsi_ssl.cli.arg_types import whole_number
@@ -20,7 +21,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("root", type=Path, metavar="ROOT", help="archive root")
     p.add_argument("--index", metavar="NAME", help="index name (default: the only one)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1); any other address needs --token",
+    )
+    p.add_argument(
+        "--token",
+        metavar="SECRET",
+        help="access token every request must carry (open the printed URL once: it sets a "
+        "cookie); required when --host is not loopback",
+    )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests for this Host name (default: loopback names only; any name "
+        "when --host is not loopback, where the token protects)",
+    )
     p.add_argument(
         "--port",
         type=whole_number(0, 65535, "a port 0..65535"),
@@ -41,9 +60,19 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     from wsi_ssl.search import SearchIndex
     from wsi_ssl.serve import create_app
+    from wsi_ssl.serve.security import LOOPBACK_HOSTS
 
+    loopback = args.host in LOOPBACK_HOSTS or args.host.startswith("127.")
+    if not loopback and not args.token:
+        raise ConfigError(
+            f"--host {args.host} would serve the archive to the network without a login; "
+            "pass --token SECRET too (or keep the default 127.0.0.1)"
+        )
+    if args.token is not None and len(args.token) < 8:
+        raise ConfigError("--token must be at least 8 characters")
     index = SearchIndex.open(args.root, args.index)
-    app = create_app(index)
+    hosts = (*LOOPBACK_HOSTS, *args.allow_host) if loopback else ("*",)
+    app = create_app(index, allowed_hosts=hosts, token=args.token)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -55,9 +84,18 @@ def run(args: argparse.Namespace) -> int:
             "(0 picks a free one)"
         ) from None
     host, port = sock.getsockname()[:2]
+    if not loopback:
+        print(
+            f"wsi-ssl: warning: listening on {args.host}, reachable from other machines; every "
+            "request needs the token (plain HTTP: use it only on a trusted network)",
+            file=sys.stderr,
+            flush=True,
+        )
     print(
         f"serving index {index.name} ({index.n_vectors} tiles from {len(index.slides)} slides) "
-        f"at http://{host if ':' not in host else f'[{host}]'}:{port}/  (Ctrl+C stops)",
+        f"at http://{host if ':' not in host else f'[{host}]'}:{port}/"
+        + (f"?token={args.token}" if args.token else "")
+        + "  (Ctrl+C stops)",
         flush=True,
     )
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl+C after shutting down

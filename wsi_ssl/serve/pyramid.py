@@ -127,7 +127,9 @@ class Pyramid:
         from PIL import Image
 
         x, y, w, h = (v / self.thumb_scale for v in box)
-        return self.thumbnail.resize(size, Image.Resampling.BILINEAR, box=(x, y, x + w, y + h))
+        tw, th = self.thumbnail.size
+        crop = (max(0.0, x), max(0.0, y), min(tw, x + w), min(th, y + h))
+        return self.thumbnail.resize(size, Image.Resampling.BILINEAR, box=crop)
 
     def _from_slide(self, box: tuple[float, ...], size: tuple[int, int], d: float) -> Image | None:
         from PIL import Image
