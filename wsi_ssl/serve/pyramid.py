@@ -46,7 +46,7 @@ Source = Literal["slide", "tiles"]
 def encode(image: Image, fmt: Literal["jpeg", "png"]) -> bytes:
     buf = io.BytesIO()
     if fmt == "jpeg":
-        image.convert("RGB").save(buf, format="JPEG", quality=85)
+        image.convert("RGB").save(buf, format="JPEG", quality=90, subsampling=0)
     else:
         image.save(buf, format="PNG")
     return buf.getvalue()
