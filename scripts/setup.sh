@@ -3,8 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    # fonts for plots; openslide itself comes from the openslide-bin wheel
-    (apt-get update -qq && apt-get install -y -qq --no-install-recommends fonts-dejavu-core) \
+    # fonts for plots; chromium + its driver for the page's browser tests (pytest -m browser);
+    # openslide itself comes from the openslide-bin wheel
+    (apt-get update -qq && apt-get install -y -qq --no-install-recommends fonts-dejavu-core \
+        chromium chromium-driver) \
         >/dev/null 2>&1 || echo "setup: apt-get step skipped (no network or no apt)"
 fi
 python -m pip install -q --upgrade pip
