@@ -7,8 +7,12 @@ real uvicorn server on loopback and measures, over the same random tissue boxes 
 
 * baseline: ``index.search(index.query_region(slide, box))`` in the same process;
 * ``POST /api/search`` (the query + JSON over HTTP);
-* ``region.png`` of a hit (what each result card loads), of a zoomed viewport (a quarter of the
-  slide's side at 900 px, what the page loads at 4x zoom), and the cached thumbnail.
+* ``region.png`` of a hit (what each result card loads), of a large box (a quarter of the
+  slide's side at 900 px), and the cached thumbnail;
+* the viewer's DZI tiles (``dzi/slide_files/LEVEL/COL_ROW.jpeg``) at three zoom levels (full
+  resolution, 1:4, 1:16), cold (first request of each tile) and cached (the same again);
+* ``POST /api/search`` while 16 clients keep fetching uncached large region pictures, against
+  the same searches on the idle server (target: p95 within 2x of idle).
 
 Usage: python benchmarks/serve.py [--size 16384] [--repeats 50]
 Prints p50/p95 latency per case and writes results/serve.json.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -25,6 +30,7 @@ import socket
 import statistics
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -61,8 +67,9 @@ def build_archive(size: int) -> Path:
     return root
 
 
-def timings(fn: Callable[[int], object], repeats: int) -> dict[str, float]:
-    fn(0)  # warm-up
+def timings(fn: Callable[[int], object], repeats: int, *, warm_up: bool = True) -> dict[str, float]:
+    if warm_up:
+        fn(0)
     ms = []
     for i in range(repeats):
         start = time.perf_counter()
@@ -70,6 +77,62 @@ def timings(fn: Callable[[int], object], repeats: int) -> dict[str, float]:
         ms.append((time.perf_counter() - start) * 1e3)
     ms.sort()
     return {"p50_ms": statistics.median(ms), "p95_ms": ms[int(0.95 * (len(ms) - 1))]}
+
+
+def viewer_rows(
+    get: Callable[[str], bytes], slide_id: str, size: tuple[int, int], repeats: int
+) -> dict[str, dict[str, float]]:
+    """Cold and cached latency of DZI tiles at full resolution, 1:4 and 1:16."""
+    top = math.ceil(math.log2(max(size)))
+    rng = np.random.default_rng(1)
+    rows = {}
+    for name, level in (("1:1", top), ("1:4", top - 2), ("1:16", top - 4)):
+        scale = 2.0 ** (level - top)
+        cols, lines = (math.ceil(math.ceil(v * scale) / 256) for v in size)
+        picks = rng.permutation(cols * lines)[:repeats]
+        urls = [
+            f"/api/slides/{slide_id}/dzi/slide_files/{level}/{i % cols}_{i // cols}.jpeg"
+            for i in picks
+        ]
+        fetch = lambda i, u=urls: get(u[i])  # noqa: E731
+        rows[f"viewer tile {name}, cold"] = timings(fetch, len(urls), warm_up=False)
+        rows[f"viewer tile {name}, cached"] = timings(fetch, len(urls), warm_up=False)
+    return rows
+
+
+def search_under_load(
+    get: Callable[[str], bytes],
+    search: Callable[[int], object],
+    slide_id: str,
+    size: tuple[int, int],
+    repeats: int,
+) -> dict[str, float]:
+    """Search latency while 16 clients fetch uncached pictures of a quarter of the slide."""
+    stop = threading.Event()
+    counts = {"pictures": 0, "busy": 0}
+
+    def client(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        while not stop.is_set():
+            x, y = (int(v) for v in rng.integers(0, 3 * min(size) // 4, 2))
+            url = f"/api/slides/{slide_id}/region.png?box={x},{y},{size[0] // 4},{size[1] // 4}&px=900"
+            try:
+                get(url)
+                counts["pictures"] += 1
+            except urllib.error.HTTPError as err:
+                counts["busy"] += err.code == 503
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(16)]
+    for t in threads:
+        t.start()
+    time.sleep(2)  # let the load build up
+    started = time.perf_counter()
+    row = timings(search, repeats)
+    elapsed = time.perf_counter() - started
+    stop.set()
+    for t in threads:
+        t.join(60)
+    return {**row, "pictures_per_s": counts["pictures"] / elapsed, "busy_503": counts["busy"]}
 
 
 def main() -> None:
@@ -129,16 +192,27 @@ def main() -> None:
         "thumbnail.png (cached)": timings(
             lambda i: get(f"/api/slides/{slide_id}/thumbnail.png"), args.repeats
         ),
+        **viewer_rows(get, slide_id, (w, h), args.repeats),
     }
+    rows["POST /api/search, idle (again)"] = timings(http_search, args.repeats)
+    rows["POST /api/search, 16 clients fetching pictures"] = search_under_load(
+        get, http_search, slide_id, (w, h), args.repeats
+    )
     server.should_exit = True
     base_p50 = rows["in-process search (baseline)"]["p50_ms"]
     print(
         f"slide {w} x {h} px, {store.n_tiles} tiles of {t} px, index {index.kind}, "
         f"{args.repeats} requests per case"
     )
-    print(f"{'case':<42} {'p50 ms':>8} {'p95 ms':>8} {'x baseline':>10}")
+    print(f"{'case':<50} {'p50 ms':>8} {'p95 ms':>8} {'x baseline':>10}")
     for name, r in rows.items():
-        print(f"{name:<42} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['p50_ms'] / base_p50:>10.2f}")
+        print(f"{name:<50} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['p50_ms'] / base_p50:>10.2f}")
+    loaded = rows["POST /api/search, 16 clients fetching pictures"]
+    idle = rows["POST /api/search, idle (again)"]
+    print(
+        f"under load: p95 {loaded['p95_ms'] / idle['p95_ms']:.2f}x idle (target <= 2x), "
+        f"{loaded['pictures_per_s']:.1f} pictures/s drawn, {loaded['busy_503']} answered 503"
+    )
     out = HERE / "results" / "serve.json"
     record = {
         "machine": {
