@@ -17,7 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "embed",
         help="embed the tiles of every complete slide store under ROOT with an encoder",
         description="Writes <slide>.zarr/embeddings/<encoder_id>; slides already embedded with "
-        "the same encoder are skipped, half-written ones redone.",
+        "the same encoder (complete, every chunk readable) are skipped, anything else redone. "
+        "A slide another job is writing is reported busy (exit 1) unless --wait; a damaged "
+        "store is reported and skipped (exit 1), the others are done.",
     )
     p.add_argument("root", type=Path, metavar="ROOT", help="archive root (wsi-ssl tile --out)")
     p.add_argument(
@@ -47,6 +49,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="override the encoder's resize policy (changes the encoder_id)",
     )
     p.add_argument("--no-resume", action="store_true", help="redo slides already embedded")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to SECONDS for a slide another job is embedding with the same encoder (or "
+        "tiling); default 0: report it as busy, go on with the others and exit 1",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_embed)
@@ -84,6 +94,7 @@ def run_embed(args: argparse.Namespace) -> int:
         workers=args.workers,
         dtype=args.dtype,
         resume=not args.no_resume,
+        wait=args.wait,
     )
     encoder = create_encoder(
         args.encoder,
@@ -100,9 +111,9 @@ def run_embed(args: argparse.Namespace) -> int:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
         print("\n".join(summary.lines()))
-    for r in summary.failed:
+    for r in summary.busy + summary.failed:
         print(f"wsi-ssl: error: {r.error}", file=sys.stderr)
-    return 1 if summary.failed else 0
+    return 1 if summary.failed or summary.busy else 0
 
 
 def run_export(args: argparse.Namespace) -> int:

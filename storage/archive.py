@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from wsi_ssl.errors import StoreNotFoundError
+from wsi_ssl.errors import StoreCorruptError, StoreNotFoundError, WsiSslError
 from wsi_ssl.storage.catalog import Catalog
 from wsi_ssl.storage.slide_store import STATUS_COMPLETE, SlideStore
 
@@ -18,11 +19,42 @@ if TYPE_CHECKING:
     from wsi_ssl.storage.embeddings import Embeddings
 
 
+def open_slide_store(path: str | Path, *, require_complete: bool = True) -> SlideStore:
+    """Open a slide store; damaged metadata is a :class:`StoreCorruptError` naming the path.
+
+    Raises:
+        StoreNotFoundError, StoreIncompleteError, SchemaMismatchError: as ``SlideStore.open``.
+        StoreCorruptError: ``zarr.json`` (or a member's) is truncated or unreadable.
+    """
+    try:
+        store = SlideStore.open(path, require_complete=require_complete)
+        _ = store.status, store.source, store.tiling, store.n_tiles
+    except WsiSslError:
+        raise
+    except Exception as err:  # JSONDecodeError, zarr's metadata errors, KeyError, OSError ...
+        raise StoreCorruptError(path, f"{type(err).__name__}: {err}") from err
+    return store
+
+
+@dataclass
+class StoreScan:
+    """The slide stores under a root: complete ids, incomplete ids and damaged stores."""
+
+    complete: list[str] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)
+    damaged: list[WsiSslError] = field(default_factory=list)
+
+
 class Archive:
-    """Per-slide access to the tile stores under one root."""
+    """Per-slide access to the tile stores under one root.
+
+    Archive-wide listings skip a store whose metadata cannot be read and record its error in
+    :attr:`damaged` (the latest scan), so one damaged store never stops the others.
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self.damaged: list[WsiSslError] = []
 
     @property
     def slides_dir(self) -> Path:
@@ -35,24 +67,32 @@ class Archive:
     def store_path(self, slide_id: str) -> Path:
         return self.slides_dir / f"{slide_id}.zarr"
 
-    @property
-    def slide_ids(self) -> list[str]:
-        """Ids of the complete slide stores, sorted."""
-        if not self.slides_dir.is_dir():
-            return []
-        ids = []
-        for path in sorted(self.slides_dir.glob("*.zarr")):
+    def scan(self) -> StoreScan:
+        """Every store under ``slides/``, sorted; damaged ones reported, not raised."""
+        scan = StoreScan()
+        paths = sorted(self.slides_dir.glob("*.zarr")) if self.slides_dir.is_dir() else []
+        for path in paths:
             try:
-                store = SlideStore.open(path, require_complete=False)
+                store = open_slide_store(path, require_complete=False)
             except StoreNotFoundError:
                 continue
-            if store.status == STATUS_COMPLETE:
-                ids.append(store.slide_id)
-        return ids
+            except WsiSslError as err:  # damaged metadata, another schema
+                scan.damaged.append(err)
+                continue
+            group = scan.complete if store.status == STATUS_COMPLETE else scan.incomplete
+            group.append(store.slide_id)
+        self.damaged = scan.damaged
+        return scan
+
+    @property
+    def slide_ids(self) -> list[str]:
+        """Ids of the complete slide stores, sorted (damaged ones go to :attr:`damaged`)."""
+        return self.scan().complete
 
     def slide(self, slide_id: str) -> SlideStore:
-        """The complete store of ``slide_id``; a clear error when missing or incomplete."""
-        return SlideStore.open(self.store_path(slide_id))
+        """The complete store of ``slide_id``; a clear error when missing, incomplete or
+        damaged."""
+        return open_slide_store(self.store_path(slide_id))
 
     def tiles(self, slide_id: str) -> zarr.Array:
         return self.slide(slide_id).tiles

@@ -7,19 +7,28 @@ Layout (Zarr v3, one array per encoder)::
             attributes: status "complete", encoder_id, encoder (the frozen encoder config),
                         weights_sha256, n_tiles, dim, dtype, coords_sha256, compute, ...
         .writing-<encoder_id>/                  only while a job writes it (or after a kill)
+        .replaced-<encoder_id>/                 the old array, only during the swap
 
-Writes are atomic at the level of one slide and one encoder: the array is written under the
-temporary name ``.writing-<encoder_id>`` with status "writing", its status becomes "complete"
-after the last row is on disk, and only then is the directory renamed to ``<encoder_id>``. A
-reader therefore never sees a half-written array under the final name, and readers also check
-the status (and the row count against ``coords``) before trusting one. A killed job leaves at
-most a ``.writing-<encoder_id>`` directory, which the next job with that encoder replaces.
+Writes are atomic at the level of one slide and one encoder, and there is one writer: the
+:class:`EmbeddingWriter` holds the array's lock (``wsi_ssl.storage.locks.embeddings_lock``)
+and a shared lock on the slide store (so the store is not re-tiled under it) from creation to
+commit or abort; a second writer gets :class:`~wsi_ssl.errors.StoreLockedError` naming the
+holder. The array is written under ``.writing-<encoder_id>`` with status "writing"; when the
+last row is written every file is fsync'ed, the status becomes "complete", an older array of
+that id is renamed aside to ``.replaced-<encoder_id>``, the new one renamed into place and the
+old one removed. A kill between the two renames leaves the complete new array under the
+partial name, which the next writer (or ``wsi-ssl check --repair``) renames into place.
+
+Completeness is judged by content, not attributes alone (:func:`embeddings_problem`): status,
+shape against the store's tiles, coords hash, every chunk file present, every row decodable
+and finite. Resume redoes any array with a problem.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import os
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +38,21 @@ import numpy as np
 import zarr
 
 from wsi_ssl.errors import (
-    ConfigError,
     EmbeddingsCorruptError,
     EmbeddingsIncompleteError,
     EmbeddingsNotFoundError,
     EmbeddingWriteError,
     SchemaMismatchError,
+    StoreLockedError,
+)
+from wsi_ssl.storage.atomic import fsync_dir, fsync_file, rename_into_place
+from wsi_ssl.storage.locks import (
+    embeddings_lock,
+    embeddings_lock_path,
+    is_locked,
+    read_holder,
+    slide_lock,
+    slide_lock_path,
 )
 from wsi_ssl.storage.slide_store import STATUS_COMPLETE, STATUS_WRITING, SlideStore
 
@@ -49,12 +67,16 @@ __all__ = [
     "coords_sha256",
     "embedding_ids",
     "embedding_status",
+    "embeddings_busy",
+    "embeddings_problem",
+    "finish_interrupted_swap",
     "read_embeddings",
     "resolve_encoder_id",
 ]
 
 EMBEDDINGS_GROUP = "embeddings"
 PARTIAL_PREFIX = ".writing-"
+REPLACED_PREFIX = ".replaced-"
 EMBEDDING_DTYPES = ("float16", "float32")
 STATUS_MISSING = "missing"
 DEFAULT_CHUNK_BYTES = 1 << 20  # ~1 MiB chunks of whole rows
@@ -75,6 +97,10 @@ def _array_dir(store_path: Path, encoder_id: str) -> Path:
 
 def _partial_dir(store_path: Path, encoder_id: str) -> Path:
     return _group_dir(store_path) / f"{PARTIAL_PREFIX}{encoder_id}"
+
+
+def _replaced_dir(store_path: Path, encoder_id: str) -> Path:
+    return _group_dir(store_path) / f"{REPLACED_PREFIX}{encoder_id}"
 
 
 def _read_attrs(array_dir: Path) -> dict[str, Any] | None:
@@ -106,7 +132,7 @@ def embedding_ids(store: SlideStore | Path) -> list[str]:
         return []
     ids = []
     for child in sorted(group.iterdir()):
-        if child.name.startswith(PARTIAL_PREFIX) or not child.is_dir():
+        if child.name.startswith(".") or not child.is_dir():
             continue
         attrs = _read_attrs(child)
         if attrs is not None and attrs.get("status") == STATUS_COMPLETE:
@@ -115,24 +141,12 @@ def embedding_ids(store: SlideStore | Path) -> list[str]:
 
 
 def resolve_encoder_id(store: SlideStore | Path, name: str | None) -> str:
-    """An exact encoder id, or the one complete id that starts with ``name`` (e.g. "resnet18")."""
+    """An exact encoder id, or the one complete id that starts with ``name`` (e.g. "resnet18");
+    see :func:`wsi_ssl.storage.resolve.resolve_encoder`."""
+    from wsi_ssl.storage.resolve import resolve_encoder
+
     path = store.path if isinstance(store, SlideStore) else Path(store)
-    ids = embedding_ids(path)
-    if name is None:
-        if len(ids) == 1:
-            return ids[0]
-        if ids:
-            raise ConfigError(
-                f"{path}: embeddings of {len(ids)} encoders ({', '.join(ids)}); "
-                "pass --encoder ENCODER_ID (or a unique prefix) to choose one"
-            )
-        raise EmbeddingsNotFoundError(path, "(any)", ids)
-    if name in ids:
-        return name
-    matches = [i for i in ids if i.startswith(f"{name}-") or i.startswith(name)]
-    if len(matches) == 1:
-        return matches[0]
-    raise EmbeddingsNotFoundError(path, name, ids)
+    return resolve_encoder(embedding_ids(path), name, path)
 
 
 @dataclass
@@ -179,6 +193,11 @@ def read_embeddings(store: SlideStore, encoder_id: str, *, lazy: bool = False) -
             f"{len(coords)} tiles (or were made for other tiles); re-run `wsi-ssl embed` "
             "with --no-resume"
         )
+    missing, expected = _missing_chunks(_array_dir(store.path, encoder_id), array)
+    if missing:
+        raise EmbeddingsCorruptError(
+            store.path, encoder_id, f"{missing} of {expected} chunk files missing"
+        )
     if lazy:
         import dask.array as da
 
@@ -198,13 +217,101 @@ def read_embeddings(store: SlideStore, encoder_id: str, *, lazy: bool = False) -
     return Embeddings(store.slide_id, encoder_id, features, coords, attrs)
 
 
+def _missing_chunks(array_dir: Path, array: zarr.Array) -> tuple[int, int]:
+    """(missing, expected) chunk files of an (N, D) array chunked by whole rows."""
+    rows = int(array.chunks[0])
+    expected = math.ceil(array.shape[0] / rows) if array.shape[0] else 0
+    missing = sum(not (array_dir / "c" / str(i) / "0").is_file() for i in range(expected))
+    return missing, expected
+
+
+def _undecodable_rows(array: zarr.Array) -> str | None:
+    """Decode an array chunk by chunk; what is wrong, or None."""
+    rows = int(array.chunks[0])
+    bad = 0
+    for start in range(0, array.shape[0], rows):
+        try:
+            block = np.asarray(array[start : start + rows])
+        except Exception as err:  # a chunk the codec cannot decode
+            return f"rows {start}.. cannot be decoded ({type(err).__name__}: {err})"
+        bad += int((~np.isfinite(block).all(axis=1)).sum())
+    return f"{bad} of {array.shape[0]} rows missing or not finite" if bad else None
+
+
+def embeddings_problem(store: SlideStore, encoder_id: str, *, decode: bool = True) -> str | None:
+    """What is wrong with the embeddings ``encoder_id`` of ``store``, or None when complete.
+
+    Checks the status, the row count against the store's tiles, the coords hash, that every
+    chunk file is present and (``decode``) that every row decodes to finite values.
+    """
+    array_dir = _array_dir(store.path, encoder_id)
+    attrs = _read_attrs(array_dir)
+    if attrs is None:
+        if _partial_dir(store.path, encoder_id).exists():
+            return "unfinished (a job writing them was interrupted)"
+        return "missing" if not array_dir.exists() else "metadata unreadable"
+    if attrs.get("status") != STATUS_COMPLETE:
+        return f"status {attrs.get('status')!r}, not 'complete'"
+    array = zarr.open_array(array_dir, mode="r", zarr_format=3)
+    coords = store.coords
+    if array.shape[0] != len(coords) or len(array.shape) != 2:
+        return f"shape {array.shape} for {len(coords)} tiles"
+    if attrs.get("coords_sha256") not in (None, coords_sha256(coords)):
+        return "made for other tiles (coords differ)"
+    missing, expected = _missing_chunks(array_dir, array)
+    if missing:
+        return f"{missing} of {expected} chunk files missing"
+    return _undecodable_rows(array) if decode else None
+
+
+def embeddings_busy(store_path: str | Path, encoder_id: str) -> StoreLockedError | None:
+    """The error an :class:`EmbeddingWriter` would raise now without waiting, or None: another
+    process writes these embeddings, or tiles the slide."""
+    store_path = Path(store_path)
+    root, slide_id = store_path.parent.parent, store_path.name.removesuffix(".zarr")
+    slide_path = slide_lock_path(root, slide_id)
+    if is_locked(slide_path, shared=True):
+        return StoreLockedError(store_path, read_holder(slide_path))
+    array_path = embeddings_lock_path(root, slide_id, encoder_id)
+    if is_locked(array_path):
+        return StoreLockedError(_array_dir(store_path, encoder_id), read_holder(array_path))
+    return None
+
+
+def finish_interrupted_swap(store_path: str | Path, encoder_id: str) -> None:
+    """Complete or undo a commit cut between its two renames (call with the array's lock).
+
+    A complete array under the partial name with none under the final name is renamed into
+    place; an old array renamed aside is put back if nothing replaced it, else removed.
+    """
+    store_path = Path(store_path)
+    final = _array_dir(store_path, encoder_id)
+    tmp = _partial_dir(store_path, encoder_id)
+    old = _replaced_dir(store_path, encoder_id)
+    if _read_attrs(final) is None:
+        for candidate in (tmp, old):
+            attrs = _read_attrs(candidate)
+            if attrs is not None and attrs.get("status") == STATUS_COMPLETE:
+                if final.exists():
+                    shutil.rmtree(final)
+                rename_into_place(candidate, final)
+                break
+    if old.exists():
+        shutil.rmtree(old)
+
+
 class EmbeddingWriter:
     """Writes one slide's (N, D) vectors under a temporary name; ``commit`` makes them visible.
 
+    Holds the array's writer lock (and a shared lock on the slide store) from creation to
+    ``commit`` or ``abort``; ``wait`` seconds to wait for another writer (default: none).
     Rows may arrive in any order as blocks ``write(start, block)``; whole chunks are written as
     soon as their rows are all present, so memory stays at about one chunk plus the blocks that
     arrived early. Any ``OSError`` (a full disk) becomes :class:`EmbeddingWriteError` after the
     partial array is removed.
+
+    Raises:
+        StoreLockedError: another process is writing this array (or tiling the slide).
     """
 
     def __init__(
@@ -217,6 +324,7 @@ class EmbeddingWriter:
         dtype: str = "float16",
         attrs: dict[str, Any] | None = None,
         chunk_rows: int | None = None,
+        wait: float = 0.0,
     ) -> None:
         if dtype not in EMBEDDING_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(EMBEDDING_DTYPES)}; got {dtype!r}")
@@ -233,7 +341,9 @@ class EmbeddingWriter:
         self._done = False
         self._tmp = _partial_dir(self.store_path, encoder_id)
         self._final = _array_dir(self.store_path, encoder_id)
+        self._locks = _hold_locks(self.store_path, encoder_id, wait)
         try:
+            finish_interrupted_swap(self.store_path, encoder_id)
             if self._tmp.exists():
                 shutil.rmtree(self._tmp)
             slide = zarr.open_group(self.store_path, mode="r+", zarr_format=3)
@@ -252,6 +362,9 @@ class EmbeddingWriter:
         except OSError as err:
             self.abort()
             raise EmbeddingWriteError(self.store_path, str(err)) from err
+        except BaseException:
+            self.abort()
+            raise
 
     @property
     def rows_written(self) -> int:
@@ -288,28 +401,58 @@ class EmbeddingWriter:
         self._buffer = self._buffer[whole:]
 
     def commit(self, extra_attrs: dict[str, Any] | None = None) -> Path:
-        """Write the last rows, mark complete, rename into place; returns the array's path."""
+        """Write the last rows, mark complete, swap into place; returns the array's path."""
         if self._pending or self._flushed + len(self._buffer) != self.n_rows:
             missing = self.n_rows - self.rows_written
             raise RuntimeError(
                 f"{self._tmp}: cannot commit, {missing} of {self.n_rows} rows not written"
             )
         self._flush(final=True)
+        old = _replaced_dir(self.store_path, self.encoder_id)
         try:
+            for path in sorted(self._tmp.rglob("*")):
+                if path.is_file():
+                    fsync_file(path)
             self._array.attrs.update({**(extra_attrs or {}), "status": STATUS_COMPLETE})
+            fsync_file(self._tmp / "zarr.json")
+            fsync_dir(self._tmp)
             if self._final.exists():
-                shutil.rmtree(self._final)  # an older or half-written array of the same id
-            os.replace(self._tmp, self._final)
+                if old.exists():
+                    shutil.rmtree(old)
+                rename_into_place(self._final, old)
+            rename_into_place(self._tmp, self._final)
+            shutil.rmtree(old, ignore_errors=True)
         except OSError as err:
             self.abort()
             raise EmbeddingWriteError(self.store_path, str(err)) from err
         self._done = True
+        self._locks.close()
         return self._final
 
     def abort(self) -> None:
-        """Remove the partial array (best effort; never raises)."""
+        """Remove the partial array, put back an old one set aside, let go of the locks
+        (best effort; never raises)."""
         self._pending.clear()
         self._buffer = np.empty((0, self.dim), dtype=self.dtype)
-        if not self._done and self._tmp.exists():
-            shutil.rmtree(self._tmp, ignore_errors=True)
+        if not self._done:
+            with contextlib.suppress(OSError):
+                if self._tmp.exists():
+                    shutil.rmtree(self._tmp, ignore_errors=True)
+                old = _replaced_dir(self.store_path, self.encoder_id)
+                if old.exists() and not self._final.exists():
+                    rename_into_place(old, self._final)
         self._done = True
+        self._locks.close()
+
+
+def _hold_locks(store_path: Path, encoder_id: str, wait: float) -> contextlib.ExitStack:
+    """The array's writer lock and a shared lock on its slide store, held until closed."""
+    root, slide_id = store_path.parent.parent, store_path.name.removesuffix(".zarr")
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(slide_lock(root, slide_id, wait=wait, shared=True))
+        stack.enter_context(embeddings_lock(root, slide_id, encoder_id, wait=wait))
+    except BaseException:
+        stack.close()
+        raise
+    return stack

@@ -10,16 +10,19 @@ Layout::
             slides.json         the id map: slide number -> slide id, name, offset, status, ...
             config.json         the build config, derived parameters, calibration, and the
                                 byte size and sha256 of the three files above
-        .lock                   flock'ed by a writer (build, --add, --remove)
+        .lock                   the writer lock (``wsi_ssl.storage.locks``: build, --add,
+                                --remove); names the writing pid and host while held
 
 Writing is atomic: a generation is written in full into a temporary directory
-``.tmp-<random>``, fsync'ed, renamed to ``g-<n+1>`` (a fresh name, so the rename is atomic),
-and only then does ``MANIFEST.json`` (written to a temporary file, fsync'ed and
-``os.replace``'d) point at it. A reader reads the manifest first and then the generation it
-names, so it sees either the old index or the new one, never half of one. The previous
-generation is kept until the next write, so a reader that read the old manifest a moment
-before the switch can still open its files; older generations and ``.tmp-*`` directories
-left by a killed writer are removed by the next writer (which holds the lock).
+``.generation.tmp-<pid>-<host>-<hex>``, fsync'ed, renamed to ``g-<n+1>`` (a fresh name, so
+the rename is atomic), and only then does ``MANIFEST.json`` (``wsi_ssl.storage.atomic``: temp
+file, fsync, rename, directory fsync) point at it. A reader reads the manifest first and then
+the generation it names, so it sees either the old index or the new one, never half of one.
+Pruning is relative to the manifest: the new generation and the one the manifest named just
+before stay (a reader that read the old manifest a moment before the switch can still open
+its files); every other generation (older ones, and orphans of writers killed between the
+rename and the manifest) and every temp file are removed by the next writer, which holds the
+lock.
 
 Reading never unpickles: ``faiss.read_index`` (memory-mapped for large files: FAISS's
 ``IO_FLAG_MMAP`` for IVF inverted lists, ``IO_FLAG_MMAP_IFC`` for flat and HNSW vector
@@ -36,15 +39,11 @@ callers must load an index without ``mmap`` before adding or removing vectors.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
-import os
 import re
 import shutil
-import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,23 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from wsi_ssl.errors import ConfigError, CorruptIndexError, IndexBusyError, IndexNotFoundError
+from wsi_ssl.errors import (
+    ConfigError,
+    CorruptIndexError,
+    IndexLockedError,
+    IndexNotFoundError,
+    StoreLockedError,
+)
+from wsi_ssl.storage.atomic import (
+    TEMP_MARK,
+    atomic_write_json,
+    fsync_dir,
+    fsync_file,
+    remove_path,
+    rename_into_place,
+    temp_name,
+)
+from wsi_ssl.storage.locks import hold_lock
 
 if TYPE_CHECKING:
     import faiss
@@ -67,9 +82,11 @@ __all__ = [
     "index_lock",
     "index_path",
     "list_indexes",
+    "prune_generations",
     "read_faiss_index",
     "read_index",
     "read_index_files",
+    "remove_temp_files",
     "validate_index_name",
     "write_index",
 ]
@@ -83,13 +100,11 @@ COORDS_FILE = "coords.npy"
 SLIDES_FILE = "slides.json"
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
-TMP_PREFIX = ".tmp-"
 GEN_PREFIX = "g-"
 MMAP_MIN_BYTES = 256 << 20
 """``mmap="auto"`` memory-maps FAISS index files of at least this size."""
 VERIFY_MAX_BYTES = 256 << 20
 """``verify="auto"`` hashes files up to this size (larger ones: size check only)."""
-IVF_KINDS = ("ivfpq",)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _GEN = re.compile(rf"^{GEN_PREFIX}(\d{{6,}})$")
@@ -150,54 +165,27 @@ def list_indexes(root: str | Path) -> list[str]:
 
 # -- locking ----------------------------------------------------------------------------------
 
-_held: dict[Path, int] = {}
-_held_guard = threading.Lock()
-
 
 @contextlib.contextmanager
 def index_lock(root: str | Path, name: str, *, wait: float = 0.0) -> Iterator[None]:
-    """Hold the index's writer lock (re-entrant within a process).
+    """Hold the index's writer lock ``<root>/index/<name>/.lock`` (re-entrant in a thread;
+    see ``wsi_ssl.storage.locks``).
 
     Raises:
-        IndexBusyError: another process holds it for longer than ``wait`` seconds.
+        IndexLockedError: (an :class:`IndexBusyError`) another process holds it for longer
+            than ``wait`` seconds; the message names its pid and host.
     """
     path = index_path(root, name)
     path.mkdir(parents=True, exist_ok=True)
-    key = path.resolve()
-    with _held_guard:
-        if _held.get(key, 0):
-            _held[key] += 1
-            reentered = True
-        else:
-            reentered = False
-    if reentered:
-        try:
-            yield
-        finally:
-            with _held_guard:
-                _held[key] -= 1
-        return
-    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError as err:
-                if time.monotonic() >= deadline:
-                    raise IndexBusyError(path) from err
-                time.sleep(0.05)
-        with _held_guard:
-            _held[key] = 1
-        try:
-            yield
-        finally:
-            with _held_guard:
-                _held.pop(key, None)
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        lock = hold_lock(path / LOCK_FILE, path, wait=wait)
+        lock.__enter__()
+    except StoreLockedError as err:
+        raise IndexLockedError(path, err.holder) from err
+    try:
+        yield
     finally:
-        os.close(fd)
+        lock.__exit__(None, None, None)
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -211,23 +199,37 @@ def _sha256(path: Path, block: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsync'ed
-        _fsync_file(path)
-
-
 def _write_json(path: Path, data: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1, sort_keys=True, allow_nan=False)
         f.write("\n")
+
+
+def _current_generation(path: Path) -> str | None:
+    """The generation the manifest names now (None: no manifest, or unreadable)."""
+    try:
+        generation = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["generation"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return generation if isinstance(generation, str) and _GEN.match(generation) else None
+
+
+def prune_generations(path: Path, keep: set[str]) -> list[Path]:
+    """Remove the generations of index directory ``path`` not named in ``keep`` (call with the
+    writer lock); returns what went."""
+    removed = [gen for _, gen in _generations(path) if gen.name not in keep]
+    for gen in removed:
+        shutil.rmtree(gen, ignore_errors=True)
+    return removed
+
+
+def remove_temp_files(path: Path) -> list[Path]:
+    """Remove every temp file or directory in index directory ``path`` (call with the writer
+    lock: then all of them are left by writers that died)."""
+    found = [p for p in path.iterdir() if TEMP_MARK in p.name and p.name.startswith(".")]
+    for child in found:
+        remove_path(child)
+    return found
 
 
 def _generations(path: Path) -> list[tuple[int, Path]]:
@@ -265,10 +267,9 @@ def write_index(
         raise ValueError(f"coords must be (M, 2), got {coords.shape}")
     path = index_path(root, name)
     with index_lock(root, name):
-        for child in path.iterdir():  # debris of killed writers (we hold the lock)
-            if child.name.startswith(TMP_PREFIX):
-                shutil.rmtree(child, ignore_errors=True)
-        tmp = path / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        remove_temp_files(path)  # debris of killed writers (we hold the lock)
+        previous = _current_generation(path)
+        tmp = path / temp_name("generation")
         tmp.mkdir()
         try:
             faiss.write_index(index, str(tmp / INDEX_FILE))
@@ -277,7 +278,7 @@ def write_index(
             files = {}
             for fname in (INDEX_FILE, COORDS_FILE, SLIDES_FILE):
                 fpath = tmp / fname
-                _fsync_file(fpath)
+                fsync_file(fpath)
                 files[fname] = {"bytes": fpath.stat().st_size, "sha256": _sha256(fpath)}
             full = {
                 **config,
@@ -289,33 +290,26 @@ def write_index(
                 "files": files,
             }
             _write_json(tmp / CONFIG_FILE, full)
-            _fsync_file(tmp / CONFIG_FILE)
-            _fsync_dir(tmp)
+            fsync_file(tmp / CONFIG_FILE)
+            fsync_dir(tmp)
             gens = _generations(path)
             number = gens[-1][0] + 1 if gens else 1
             final = path / f"{GEN_PREFIX}{number:06d}"
-            os.rename(tmp, final)
-            _fsync_dir(path)
-            manifest_tmp = path / f"{TMP_PREFIX}{uuid.uuid4().hex}.json"
-            _write_json(
-                manifest_tmp,
-                {
-                    "format": FORMAT,
-                    "format_version": FORMAT_VERSION,
-                    "generation": final.name,
-                    "config_sha256": _sha256(final / CONFIG_FILE),
-                    "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                },
-            )
-            _fsync_file(manifest_tmp)
-            os.replace(manifest_tmp, path / MANIFEST)
-            _fsync_dir(path)
+            rename_into_place(tmp, final)
+            manifest = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "generation": final.name,
+                "config_sha256": _sha256(final / CONFIG_FILE),
+                "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            atomic_write_json(path / MANIFEST, manifest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        # keep the new generation and the one before it (a reader may be opening it)
-        for _, old in _generations(path)[:-2]:
-            shutil.rmtree(old, ignore_errors=True)
+        # keep the new generation and the one the manifest named before (a reader may be
+        # opening it); orphans of killed writers and older generations go
+        prune_generations(path, {final.name} | ({previous} if previous else set()))
     return final
 
 
@@ -405,8 +399,11 @@ def read_index_files(root: str | Path, name: str, *, verify: Verify = "auto") ->
     return IndexFiles(root, name, gen, config, slides, coords)
 
 
-def read_faiss_index(files: IndexFiles, *, mmap: bool | Literal["auto"] = "auto") -> faiss.Index:
-    """The FAISS index of a generation, memory-mapped when ``mmap`` (or large, for "auto").
+def read_faiss_index(
+    files: IndexFiles, *, mmap: bool | Literal["auto"] = "auto", inverted_lists: bool = False
+) -> faiss.Index:
+    """The FAISS index of a generation, memory-mapped when ``mmap`` (or large, for "auto");
+    ``inverted_lists``: the index has inverted lists (IVF), mapped with ``IO_FLAG_MMAP``.
 
     Raises:
         CorruptIndexError: FAISS cannot parse the file, or it disagrees with ``config.json``.
@@ -418,9 +415,7 @@ def read_faiss_index(files: IndexFiles, *, mmap: bool | Literal["auto"] = "auto"
         mmap = path.stat().st_size >= MMAP_MIN_BYTES
     flags = 0
     if mmap:
-        flags = (
-            faiss.IO_FLAG_MMAP if files.config.get("kind") in IVF_KINDS else faiss.IO_FLAG_MMAP_IFC
-        )
+        flags = faiss.IO_FLAG_MMAP if inverted_lists else faiss.IO_FLAG_MMAP_IFC
     try:
         index = faiss.read_index(str(path), flags)
     except RuntimeError as err:

@@ -87,16 +87,17 @@ def read_holder(path: str | Path) -> LockHolder | None:
         return None
 
 
-_held: dict[tuple[Path, int], int] = {}
+_held: dict[tuple[Path, int, bool], int] = {}
 _held_guard = threading.Lock()
 
 
-def _try_flock(path: Path) -> int | None:
+def _try_flock(path: Path, shared: bool = False) -> int | None:
     """An fd holding the flock of ``path`` (the file currently at that name), or None."""
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return None
@@ -120,10 +121,13 @@ def _write_holder(fd: int) -> LockHolder:
 
 
 @contextlib.contextmanager
-def hold_lock(path: str | Path, target: str | Path, *, wait: float = 0.0) -> Iterator[None]:
+def hold_lock(
+    path: str | Path, target: str | Path, *, wait: float = 0.0, shared: bool = False
+) -> Iterator[None]:
     """Hold the lock file ``path`` guarding ``target`` (named in the error).
 
-    Waits up to ``wait`` seconds (``float("inf")``: until free).
+    Waits up to ``wait`` seconds (``float("inf")``: until free). ``shared`` takes a reader's
+    lock: any number of readers together, but no writer (readers record no holder).
 
     Raises:
         StoreLockedError: another live process holds it ("<target> is being written by pid N
@@ -131,7 +135,7 @@ def hold_lock(path: str | Path, target: str | Path, *, wait: float = 0.0) -> Ite
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = (path.resolve(), threading.get_ident())
+    key = (path.resolve(), threading.get_ident(), shared)
     with _held_guard:
         depth = _held.get(key, 0)
         if depth:
@@ -144,12 +148,15 @@ def hold_lock(path: str | Path, target: str | Path, *, wait: float = 0.0) -> Ite
                 _held[key] -= 1
         return
     deadline = time.monotonic() + wait
-    while (fd := _try_flock(path)) is None:
+    while (fd := _try_flock(path, shared)) is None:
         if time.monotonic() >= deadline:
             raise StoreLockedError(target, read_holder(path))
         time.sleep(_POLL_S)
     try:
-        _write_holder(fd)
+        if shared:
+            os.ftruncate(fd, 0)  # no writer holds it: any name in it is a dead writer's
+        else:
+            _write_holder(fd)
         with _held_guard:
             _held[key] = 1
         try:
@@ -157,17 +164,20 @@ def hold_lock(path: str | Path, target: str | Path, *, wait: float = 0.0) -> Ite
         finally:
             with _held_guard:
                 _held.pop(key, None)
-            os.ftruncate(fd, 0)
+            if not shared:
+                os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # releases the flock
 
 
 def slide_lock(
-    root: str | Path, slide_id: str, *, wait: float = 0.0
+    root: str | Path, slide_id: str, *, wait: float = 0.0, shared: bool = False
 ) -> contextlib.AbstractContextManager[None]:
-    """The writer lock of slide store ``slide_id`` under archive ``root``."""
+    """The lock of slide store ``slide_id`` under archive ``root``: exclusive for a writer
+    (tiling), ``shared`` for a job that adds to the store (embedding) and must not see it
+    swapped meanwhile."""
     target = Path(root) / "slides" / f"{slide_id}.zarr"
-    return hold_lock(slide_lock_path(root, slide_id), target, wait=wait)
+    return hold_lock(slide_lock_path(root, slide_id), target, wait=wait, shared=shared)
 
 
 def embeddings_lock(
@@ -178,14 +188,15 @@ def embeddings_lock(
     return hold_lock(embeddings_lock_path(root, slide_id, encoder_id), target, wait=wait)
 
 
-def is_locked(path: str | Path) -> bool:
-    """Whether some process (this one included) holds the lock file ``path`` now."""
+def is_locked(path: str | Path, *, shared: bool = False) -> bool:
+    """Whether the lock file ``path`` is held now (by any process, this one included) so that
+    a writer (or, with ``shared``, a reader) could not take it."""
     path = Path(path)
     if not path.is_file():
         return False
     fd = os.open(path, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     finally:

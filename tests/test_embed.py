@@ -20,6 +20,7 @@ import torch
 import zarr
 
 import wsi_ssl
+from tests.conftest import run_cli
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.embedding import EmbedConfig, embed, embed_slide, export
 from wsi_ssl.encoders import EncoderConfig, create_encoder, register_encoder
@@ -30,14 +31,17 @@ from wsi_ssl.errors import (
     EmbeddingsNotFoundError,
     InputSizeMismatchError,
     NonFiniteEmbeddingError,
+    StoreCorruptError,
     StoreIncompleteError,
 )
 from wsi_ssl.storage import SlideStore, open_store
+from wsi_ssl.storage.atomic import host_name
 from wsi_ssl.storage.embeddings import (
     PARTIAL_PREFIX,
     EmbeddingWriter,
     embedding_ids,
     embedding_status,
+    embeddings_problem,
     read_embeddings,
 )
 from wsi_ssl.synthetic import write_synthetic_slide
@@ -148,6 +152,7 @@ def test_resume_skips_complete_and_redoes_half_written(synth_root: Path, tmp_pat
     # a job killed while writing b: partial array beside an unreadable status
     w = EmbeddingWriter(b.path, enc.encoder_id, n_rows=b.n_tiles, dim=64, chunk_rows=4)
     w.write(0, np.zeros((8, 64), np.float32))
+    w._locks.close()  # the writing process died: the kernel dropped its locks
     (b.path / "embeddings" / enc.encoder_id / "zarr.json").write_text("{trunc")
     assert embedding_status(b, enc.encoder_id) == "writing"
     with pytest.raises(EmbeddingsIncompleteError, match="re-run `wsi-ssl embed`"):
@@ -351,7 +356,7 @@ def test_damaged_embeddings_are_refused_downstream(
     first = sorted(p for p in chunks.rglob("*") if p.is_file())[0]
     data = first.read_bytes()
     first.unlink()
-    with pytest.raises(EmbeddingsCorruptError, match="rows missing or not finite"):
+    with pytest.raises(EmbeddingsCorruptError, match="1 of 1 chunk files missing"):
         read_embeddings(store, summary.encoder_id)
     first.write_bytes(data[: len(data) // 2])
     with pytest.raises(EmbeddingsCorruptError, match=str(store.path.name)):
@@ -504,3 +509,81 @@ def test_wsi_ssl_pretrain_checkpoint_embeds_the_archive(cmu_root: Path, tmp_path
     want = ref.embed(store.tiles[:])
     np.testing.assert_allclose(emb.features.astype(np.float32), want, rtol=1e-2, atol=1e-2)
     assert embed_for_demo(root, tmp_path / "run", progress=False).results[0].status == "skipped"
+
+
+# -- one writer, completeness by content, damaged stores (issue #10) ---------------------------
+
+_HOLD_EMBEDDINGS = """
+import sys
+from wsi_ssl.storage.locks import embeddings_lock
+with embeddings_lock(sys.argv[1], sys.argv[2], sys.argv[3]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_resume_redoes_embeddings_that_lost_a_chunk(synth_root: Path, tmp_path: Path) -> None:
+    """Complete-looking attributes are not enough: a lost chunk file is redone on resume."""
+    root = _copy(synth_root, tmp_path / "root")
+    first = embed(root, "random-cnn", FAST, chunk_rows=8)
+    archive = open_store(root)
+    b = archive.slide(archive.slide_ids[1])
+    want = read_embeddings(b, first.encoder_id).features
+    (b.path / "embeddings" / first.encoder_id / "c" / "1" / "0").unlink()
+    expected = -(-b.n_tiles // 8)
+    assert embeddings_problem(b, first.encoder_id) == f"1 of {expected} chunk files missing"
+    again = embed(root, "random-cnn", FAST, chunk_rows=8)
+    assert [r.status for r in again.results] == ["skipped", "complete"]
+    assert np.array_equal(read_embeddings(b, first.encoder_id).features, want)
+    assert embeddings_problem(b, first.encoder_id) is None
+
+
+def test_a_slide_another_job_writes_is_busy_and_the_batch_goes_on(
+    synth_root: Path, tmp_path: Path
+) -> None:
+    root = _copy(synth_root, tmp_path / "root")
+    a, b = open_store(root).slide_ids
+    eid = create_encoder("random-cnn").encoder_id
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_EMBEDDINGS, str(root), a, eid],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        argv = ["embed", str(root), "--encoder", "random-cnn", "--device", "cpu", "--quiet"]
+        code, out, err = run_cli(argv)
+        assert code == 1 and "1 embedded, 0 already complete, 1 busy" in out
+        [line] = err.strip().splitlines()
+        assert f"embeddings/{eid} is being written by pid {holder.pid} on {host_name()}" in line
+        assert embedding_ids(open_store(root).slide(a)) == []
+        assert embedding_ids(open_store(root).slide(b)) == [eid]
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    code, out, _ = run_cli(argv)
+    assert code == 0 and "1 embedded, 1 already complete, 0 busy" in out
+
+
+def test_a_damaged_store_is_reported_and_the_others_embedded(
+    synth_root: Path, tmp_path: Path
+) -> None:
+    root = _copy(synth_root, tmp_path / "root")
+    a, b = open_store(root).slide_ids
+    third = root / "slides" / "0123456789abcdef.zarr"
+    shutil.copytree(root / "slides" / f"{a}.zarr", third)
+    meta = root / "slides" / f"{b}.zarr" / "zarr.json"
+    meta.write_text(meta.read_text()[:50])  # truncated metadata
+    archive = open_store(root)
+    assert archive.slide_ids == sorted([a, third.stem])
+    [damage] = archive.damaged
+    assert isinstance(damage, StoreCorruptError) and f"{b}.zarr" in str(damage)
+    code, out, err = run_cli(
+        ["embed", str(root), "--encoder", "random-cnn", "--device", "cpu", "--quiet"]
+    )
+    assert code == 1 and "2 embedded" in out
+    [line] = err.strip().splitlines()
+    assert line.startswith("wsi-ssl: error: ") and f"{b}.zarr: slide store is damaged" in line
+    assert all(embedding_ids(open_store(root).slide(s)) for s in (a, third.stem))

@@ -35,6 +35,8 @@ class EmbedConfig:
             Off by default: the CPU inference kernels are already bitwise reproducible at a
             fixed thread count (tested), and the flag only forces slower fallbacks (attention
             drops to the math kernel, about 1.8x slower).
+        wait: seconds to wait for a slide whose embeddings another job is writing (or that
+            is being tiled); 0 (default): report it as "busy" and go on with the others.
     """
 
     batch_size: int = 256
@@ -45,6 +47,7 @@ class EmbedConfig:
     prefetch: int = 4
     chunk_rows: int | None = None
     deterministic: bool = False
+    wait: float = 0.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -57,6 +60,8 @@ class EmbedConfig:
             )
         if self.prefetch < 1:
             raise ConfigError(f"prefetch must be >= 1, got {self.prefetch}")
+        if not self.wait >= 0:
+            raise ConfigError(f"wait must be >= 0 seconds, got {self.wait}")
         if self.chunk_rows is not None and self.chunk_rows < 1:
             raise ConfigError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
 

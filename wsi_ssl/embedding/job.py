@@ -5,8 +5,10 @@ workers decode whole tile ranges; the main process only moves uint8 batches to t
 runs the encoder (autocast on CUDA per the encoder's precision), and copies the vectors back,
 one batch in flight on CUDA so the copy of batch k overlaps the compute of batch k+1.
 
-Per slide: resume (skip complete embeddings of the same ``encoder_id``, redo a half-written
-one), failure isolation (a slide that fails is recorded and its partial array removed; the
+Per slide: one writer (the embeddings' lock, see ``wsi_ssl.storage.locks``: a slide another job
+is writing is reported "busy", or waited for with ``EmbedConfig.wait``), resume (skip
+embeddings of the same ``encoder_id`` that are complete *by content*, redo anything else),
+damaged stores reported and skipped, failure isolation (a slide that fails is recorded and its partial array removed; the
 others go on), NaN/inf detection naming the slide and tile, and an atomic commit
 (``wsi_ssl.storage.embeddings``).
 """
@@ -28,13 +30,21 @@ from tqdm.auto import tqdm
 from wsi_ssl.embedding.config import EmbedConfig
 from wsi_ssl.embedding.loader import TileBatches, make_loader, work_units
 from wsi_ssl.encoders import Encoder, create_encoder
-from wsi_ssl.errors import CheckpointError, NonFiniteEmbeddingError, TileReadError, WsiSslError
-from wsi_ssl.storage import STATUS_COMPLETE, Archive, SlideStore, open_store
+from wsi_ssl.errors import (
+    CheckpointError,
+    NonFiniteEmbeddingError,
+    StoreLockedError,
+    TileReadError,
+    WsiSslError,
+)
+from wsi_ssl.storage import Archive, SlideStore, open_store
 from wsi_ssl.storage.embeddings import (
     EmbeddingWriter,
     coords_sha256,
-    embedding_status,
+    embeddings_busy,
+    embeddings_problem,
 )
+from wsi_ssl.storage.resolve import resolve_slide
 
 __all__ = ["EmbedSummary", "SlideEmbedResult", "embed", "embed_for_demo", "embed_slide"]
 
@@ -44,7 +54,7 @@ class SlideEmbedResult:
     """What happened to one slide."""
 
     slide_id: str
-    status: str  # "complete" | "skipped" | "failed"
+    status: str  # "complete" | "skipped" | "busy" (another job writes it) | "failed"
     n_tiles: int = 0
     error: str | None = None
     error_type: str | None = None
@@ -70,12 +80,17 @@ class EmbedSummary:
         return [r for r in self.results if r.status == "failed"]
 
     @property
+    def busy(self) -> list[SlideEmbedResult]:
+        return [r for r in self.results if r.status == "busy"]
+
+    @property
     def tiles_embedded(self) -> int:
         return sum(r.n_tiles for r in self.results if r.status == "complete")
 
     def to_dict(self) -> dict[str, Any]:
         counts = {
-            s: sum(r.status == s for r in self.results) for s in ("complete", "skipped", "failed")
+            s: sum(r.status == s for r in self.results)
+            for s in ("complete", "skipped", "busy", "failed")
         }
         return {
             "root": self.root,
@@ -100,7 +115,8 @@ class EmbedSummary:
             out.append(line if r.error is None else f"{line}\n          {r.error_type}: {r.error}")
         d = self.to_dict()
         out.append(
-            f"{d['complete']} embedded, {d['skipped']} already complete, {d['failed']} failed; "
+            f"{d['complete']} embedded, {d['skipped']} already complete, {d['busy']} busy "
+            f"(another job is writing them), {d['failed']} failed; "
             f"{d['tiles_embedded']} tiles at {d['tiles_per_s']} tiles/s with {self.encoder_id}"
         )
         if self.incomplete:
@@ -109,8 +125,9 @@ class EmbedSummary:
 
 
 def _failed(slide_id: str, err: BaseException, seconds: float) -> SlideEmbedResult:
+    status = "busy" if isinstance(err, StoreLockedError) else "failed"
     result = SlideEmbedResult(
-        slide_id, "failed", error=str(err), error_type=type(err).__name__, seconds=seconds
+        slide_id, status, error=str(err), error_type=type(err).__name__, seconds=seconds
     )
     result.exception = err  # type: ignore[attr-defined]  # not a field: not in to_dict()
     return result
@@ -190,6 +207,9 @@ class _Job:
             chash = coords_sha256(coords)
             if self.config.resume and self._is_current(store, n, chash):
                 return SlideEmbedResult(slide_id, "skipped", n)
+            busy = embeddings_busy(store.path, self.eid) if not self.config.wait else None
+            if busy is not None:
+                return _failed(slide_id, busy, time.perf_counter() - started)
             self.encoder.check_input_size(tile_size, int(store.tiles.shape[2]), str(store.path))
         except (WsiSslError, OSError, KeyError, ValueError) as err:
             return _failed(slide_id, err, time.perf_counter() - started)
@@ -214,14 +234,13 @@ class _Job:
         return _Slide(store, n, coords, attrs)
 
     def _is_current(self, store: SlideStore, n: int, chash: str) -> bool:
-        if embedding_status(store, self.eid) != STATUS_COMPLETE:
+        """Complete by content (every chunk there and decodable), for these tiles, encoder
+        and dtype."""
+        if embeddings_problem(store, self.eid) is not None:
             return False
-        try:
-            import zarr
+        import zarr
 
-            array = zarr.open_array(store.path / "embeddings" / self.eid, mode="r")
-        except Exception:
-            return False
+        array = zarr.open_array(store.path / "embeddings" / self.eid, mode="r")
         a = array.attrs
         return (
             array.shape == (n, self.encoder.embed_dim)
@@ -237,7 +256,8 @@ class _Job:
             if s.n == 0:  # an empty (0, D) array, complete at once
                 try:
                     self._start(s)
-                    self._commit(s)
+                    if not s.done:
+                        self._commit(s)
                 except Exception as err:
                     self._fail(s, err)
         if not todo:
@@ -308,6 +328,7 @@ class _Job:
                 self._fail(s, RuntimeError(f"only {s.received} of {s.n} tiles were embedded"))
 
     def _start(self, slide: _Slide) -> None:
+        """Take the slide's writer (its locks); skip it if another job completed it meanwhile."""
         slide.started = time.perf_counter()
         slide.writer = EmbeddingWriter(
             slide.store.path,
@@ -317,7 +338,12 @@ class _Job:
             dtype=self.config.dtype,
             attrs=slide.attrs,
             chunk_rows=self.config.chunk_rows,
+            wait=self.config.wait,
         )
+        chash = str(slide.attrs["coords_sha256"])
+        if self.config.resume and self._is_current(slide.store, slide.n, chash):
+            slide.writer.abort()
+            slide.result = SlideEmbedResult(slide.store.slide_id, "skipped", slide.n)
 
     def _launch(
         self, slide: _Slide, start: int, tiles: torch.Tensor
@@ -326,6 +352,8 @@ class _Job:
         try:
             if slide.writer is None:
                 self._start(slide)
+            if slide.done:
+                return None
             x = tiles.to(self.encoder.device, non_blocking=self.cuda)
             if x.dtype == torch.uint8:
                 feats = self.encoder(x, where=str(slide.store.path))
@@ -388,6 +416,17 @@ class _Job:
         slide.result = _failed(slide.store.slide_id, err, seconds)
 
 
+def _slide_id(archive: Archive, name: str) -> str:
+    """A slide id as given when its store exists (complete or not), else resolved from a file
+    name, stem or unique prefix; unresolvable names are kept (their store "is missing")."""
+    if archive.store_path(name).exists():
+        return name
+    try:
+        return resolve_slide(archive, name)
+    except WsiSslError:
+        return name
+
+
 def _as_encoder(encoder: Encoder | str | Path, weights: str | Path | None) -> Encoder:
     if isinstance(encoder, Encoder):
         return encoder
@@ -429,13 +468,11 @@ def embed(
     archive = open_store(root)
     enc = _as_encoder(encoder, weights).to(config.device)
     job = _Job(archive, enc, config, progress)
-    complete = archive.slide_ids
+    scan = archive.scan()
     if slides is None:
-        ids = complete
-        all_stores = sorted(p.name.removesuffix(".zarr") for p in archive.slides_dir.glob("*.zarr"))
-        incomplete = [s for s in all_stores if s not in set(complete)]
+        ids, incomplete = scan.complete, scan.incomplete
     else:
-        ids, incomplete = list(dict.fromkeys(slides)), []
+        ids, incomplete = [_slide_id(archive, name) for name in dict.fromkeys(slides)], []
     summary = EmbedSummary(
         str(root),
         enc.encoder_id,
@@ -444,7 +481,11 @@ def embed(
         enc.compute,
         incomplete=incomplete,
     )
-    prepared = [job.prepare(s) for s in ids]
+    prepared: list[_Slide | SlideEmbedResult] = [
+        _failed(Path(str(getattr(err, "path", "?"))).name.removesuffix(".zarr"), err, 0.0)
+        for err in (scan.damaged if slides is None else [])
+    ]
+    prepared += [job.prepare(s) for s in ids]
     todo = [p for p in prepared if isinstance(p, _Slide)]
     job.run(todo)
     for p in prepared:

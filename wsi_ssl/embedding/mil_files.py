@@ -27,14 +27,15 @@ CLAM expects ``h5_files/`` and ``pt_files/`` folders: pass ``--out FEATURES/h5_f
 ``pt``: ``<out>/<name>.pt`` is the float32 (N, D) features tensor (what CLAM's ``pt_files``
 hold) and ``<out>/coords/<name>.pt`` the int64 (N, 2) coords tensor.
 
-Both write ``<out>/export.json`` (encoder, slide ids, names, files) and write each file under a
-temporary name first, so a killed export never leaves a truncated file under the final name.
+Both write ``<out>/export.json`` (encoder, slide ids, names, files) and write each file with
+``wsi_ssl.storage.atomic`` (temp file, fsync, rename), so a killed export or a full disk never
+leaves a truncated file under the final name, nor a ``pt`` features file without its coords.
+Slides may be named by id, file name, stem or unique id prefix (``wsi_ssl.storage.resolve``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +43,11 @@ from typing import Any
 
 import numpy as np
 
-from wsi_ssl.errors import ConfigError, EmbeddingsNotFoundError, WsiSslError
+from wsi_ssl.errors import ConfigError, WsiSslError
 from wsi_ssl.storage import SlideStore, open_store
+from wsi_ssl.storage.atomic import atomic_path, atomic_write_json, atomic_write_with
 from wsi_ssl.storage.embeddings import Embeddings, embedding_ids, read_embeddings
+from wsi_ssl.storage.resolve import resolve_encoder, resolve_slide
 
 __all__ = ["EXPORT_FORMATS", "NAME_BY", "ExportResult", "clam_coords_attrs", "export"]
 
@@ -103,8 +106,7 @@ def clam_coords_attrs(store: SlideStore, name: str) -> dict[str, Any]:
 def _write_h5(path: Path, emb: Embeddings, store: SlideStore, name: str) -> None:
     import h5py
 
-    tmp = path.with_name(f".{path.name}.partial")
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         feats = f.create_dataset("features", data=np.asarray(emb.features, dtype=np.float32))
         feats.attrs["encoder_id"] = emb.encoder_id
         feats.attrs["encoder"] = json.dumps(emb.encoder, sort_keys=True)
@@ -116,31 +118,21 @@ def _write_h5(path: Path, emb: Embeddings, store: SlideStore, name: str) -> None
         f.attrs["slide_id"] = emb.slide_id
         f.attrs["source_path"] = str(store.source.get("path", ""))
         f.attrs["encoder_id"] = emb.encoder_id
-    os.replace(tmp, path)
 
 
 def _write_pt(path: Path, coords_path: Path, emb: Embeddings) -> None:
+    """The coords file first, then the features file: a features file is never there
+    without its coords (a failure between the two leaves no features file, which a re-run
+    writes)."""
     import torch
 
+    path.unlink(missing_ok=True)  # an older features file must not outlive new coords
     for p, data in (
-        (path, np.asarray(emb.features, dtype=np.float32)),
         (coords_path, np.asarray(emb.coords, dtype=np.int64)),
+        (path, np.asarray(emb.features, dtype=np.float32)),
     ):
-        tmp = p.with_name(f".{p.name}.partial")
-        torch.save(torch.from_numpy(np.ascontiguousarray(data)), tmp)
-        os.replace(tmp, p)
-
-
-def _resolve_id(stores: list[SlideStore], encoder: str | None) -> str:
-    ids = sorted({i for s in stores for i in embedding_ids(s)})
-    if encoder is not None and encoder in ids:
-        return encoder
-    matches = ids if encoder is None else [i for i in ids if i.startswith(encoder)]
-    if len(matches) == 1:
-        return matches[0]
-    root = stores[0].path.parent.parent if stores else Path(".")
-    what = "<one encoder id; pass --encoder>" if encoder is None else encoder
-    raise EmbeddingsNotFoundError(root, what, ids)
+        tensor = torch.from_numpy(np.ascontiguousarray(data))
+        atomic_write_with(p, lambda tmp, t=tensor: torch.save(t, tmp))
 
 
 def _names(stores: list[SlideStore], name_by: str) -> dict[str, str]:
@@ -187,12 +179,15 @@ def export(
     archive = open_store(root)
     stores: list[SlideStore] = []
     failed: list[dict[str, Any]] = []
-    for sid in slides if slides is not None else archive.slide_ids:
+    ids = archive.slide_ids
+    failed += [_failure(str(getattr(e, "path", "")), e) for e in archive.damaged]
+    for name in slides if slides is not None else ids:
         try:
+            sid = resolve_slide(archive, name) if slides is not None else name
             stores.append(archive.slide(sid))
         except WsiSslError as err:
-            failed.append({"slide_id": sid, "error": str(err), "error_type": type(err).__name__})
-    eid = _resolve_id(stores, encoder)
+            failed.append(_failure(name, err))
+    eid = resolve_encoder({i for s in stores for i in embedding_ids(s)}, encoder, archive.root)
     names = _names(stores, name_by)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -212,9 +207,7 @@ def export(
                 _write_pt(path, coords_path, emb)
                 extra = {"coords_file": str(coords_path)}
         except (WsiSslError, OSError) as err:
-            result.failed.append(
-                {"slide_id": store.slide_id, "error": str(err), "error_type": type(err).__name__}
-            )
+            result.failed.append(_failure(store.slide_id, err))
             continue
         result.slides.append(
             {
@@ -235,10 +228,12 @@ def export(
         "slides": result.slides,
         "errors": result.failed,
     }
-    tmp = out / ".export.json.partial"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / "export.json")
+    atomic_write_json(out / "export.json", manifest, indent=2, sort_keys=False)
     return result
+
+
+def _failure(slide: str, err: BaseException) -> dict[str, Any]:
+    return {"slide_id": slide, "error": str(err), "error_type": type(err).__name__}
 
 
 def _encoder_of(stores: list[SlideStore], eid: str) -> dict[str, Any]:

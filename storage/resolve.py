@@ -1,0 +1,111 @@
+"""The one resolver for slide names and the one for encoder ids, used by every command.
+
+A slide may be named by its id, its file name, its file stem, its source path (from the
+catalog) or a unique prefix of its id (at least 4 characters). An encoder by its full
+``encoder_id`` or a unique prefix of one (e.g. the encoder name). Both raise the same typed
+errors everywhere: :class:`~wsi_ssl.errors.UnknownSlideError` and
+:class:`~wsi_ssl.errors.EmbeddingsNotFoundError` / :class:`~wsi_ssl.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from wsi_ssl.errors import ConfigError, EmbeddingsNotFoundError, UnknownSlideError
+from wsi_ssl.storage.archive import Archive
+from wsi_ssl.storage.embeddings import embedding_ids
+
+__all__ = [
+    "MIN_PREFIX",
+    "archive_encoder_ids",
+    "resolve_encoder",
+    "resolve_slide",
+    "resolve_slides",
+    "slide_names",
+]
+
+MIN_PREFIX = 4
+
+
+def slide_names(archive: Archive, slide_ids: Iterable[str] | None = None) -> dict[str, set[str]]:
+    """Every string that names a slide (id, file name, stem, path) -> the slide ids it names,
+    for the complete stores (or ``slide_ids``)."""
+    ids = archive.slide_ids if slide_ids is None else list(slide_ids)
+    names: dict[str, set[str]] = {sid: {sid} for sid in ids}
+    try:
+        entries = archive.catalog.entries() if (archive.root / "catalog.sqlite").is_file() else []
+    except Exception:  # an unreadable catalog costs only the file names
+        entries = []
+    known = set(ids)
+    for entry in entries:
+        if entry.slide_id in known:
+            for key in (entry.name, Path(entry.name).stem, entry.path):
+                names.setdefault(key, set()).add(entry.slide_id)
+    return names
+
+
+def _lookup(names: dict[str, set[str]], ids: list[str], wanted: str) -> set[str]:
+    found = names.get(wanted) or names.get(Path(wanted).name) or set()
+    if not found and len(wanted) >= MIN_PREFIX:
+        found = {sid for sid in ids if sid.startswith(wanted)}
+    return found
+
+
+def resolve_slides(archive: Archive, wanted: Iterable[str]) -> list[str]:
+    """Slide ids of the complete stores named by ``wanted`` (in order, without repeats).
+
+    Raises:
+        UnknownSlideError: a name matches no complete store, or several (the first such name).
+    """
+    ids = archive.slide_ids
+    names = slide_names(archive, ids)
+    out: list[str] = []
+    for name in wanted:
+        found = _lookup(names, ids, name)
+        if len(found) != 1:
+            hint = (
+                f"it names {len(found)} slides ({', '.join(sorted(found))}); give the slide id"
+                if found
+                else f"the archive has {len(ids)} complete slide stores (Archive.slide_ids)"
+            )
+            raise UnknownSlideError(name, f"archive {archive.root}", hint)
+        out.append(next(iter(found)))
+    return list(dict.fromkeys(out))
+
+
+def resolve_slide(archive: Archive, wanted: str) -> str:
+    """The slide id of the one complete store named by ``wanted`` (see the module docstring)."""
+    return resolve_slides(archive, [wanted])[0]
+
+
+def archive_encoder_ids(archive: Archive, slide_ids: Iterable[str] | None = None) -> list[str]:
+    """Encoder ids with complete embeddings in any of the (given) complete stores, sorted."""
+    ids = archive.slide_ids if slide_ids is None else slide_ids
+    return sorted({e for sid in ids for e in embedding_ids(archive.store_path(sid))})
+
+
+def resolve_encoder(available: Iterable[str], wanted: str | None, where: str | Path) -> str:
+    """The encoder id among ``available`` that ``wanted`` names (None: the only one).
+
+    Raises:
+        EmbeddingsNotFoundError: no id matches, or several do (the message lists them).
+        ConfigError: ``wanted`` is None and there are several.
+    """
+    ids = sorted(set(available))
+    if wanted is None:
+        if len(ids) == 1:
+            return ids[0]
+        if ids:
+            raise ConfigError(
+                f"{where}: embeddings of {len(ids)} encoders ({', '.join(ids)}); pass the "
+                "encoder id (or a unique prefix of it) to choose one"
+            )
+        raise EmbeddingsNotFoundError(where, "(any)", ids)
+    if wanted in ids:
+        return wanted
+    matches = [i for i in ids if i.startswith(wanted)]
+    if len(matches) == 1:
+        return matches[0]
+    what = wanted if not matches else f"{wanted} (ambiguous: {', '.join(matches)})"
+    raise EmbeddingsNotFoundError(where, what, ids)
