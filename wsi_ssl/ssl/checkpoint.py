@@ -22,17 +22,16 @@ continue exactly::
 ``"wsi_ssl.encoder"`` (``<run>/encoder.pt``): ``format``, ``format_version``, ``meta`` and
 ``teacher_backbone`` only, for :func:`wsi_ssl.ssl.load_encoder`.
 
-Files are written to a temporary name beside the target, flushed to disk and renamed into
-place (``os.replace``), so a killed job never leaves a half-written checkpoint under the final
-name. Anything that does not load, or loads but is not one of the two formats, is a
+Files are written with ``wsi_ssl.storage.atomic`` (a temporary name beside the target that
+carries the pid and host, fsync, rename, directory fsync), so a killed job never leaves a
+half-written checkpoint under the final name; the temp files of killed runs are removed by the
+next save in that folder. Anything that does not load, or loads but is not one of the two formats, is a
 :class:`~wsi_ssl.errors.CheckpointError`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import pickle
 import random
 import re
@@ -45,6 +44,7 @@ import numpy as np
 import torch
 
 from wsi_ssl.errors import CheckpointError
+from wsi_ssl.storage.atomic import atomic_write_with, sweep_temp_files
 
 __all__ = [
     "ENCODER_FORMAT",
@@ -76,24 +76,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: checkpoint metadata is not JSON-able ({err})") from err
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable where the OS allows it
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    return path
+    sweep_temp_files(path.parent)  # checkpoint-sized leftovers of killed runs
+    return atomic_write_with(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(
