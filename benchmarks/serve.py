@@ -91,7 +91,7 @@ def viewer_rows(
         cols, lines = (math.ceil(math.ceil(v * scale) / 256) for v in size)
         picks = rng.permutation(cols * lines)[:repeats]
         urls = [
-            f"/api/slides/{slide_id}/dzi/slide_files/{level}/{i % cols}_{i // cols}.jpeg"
+            f"/api/slides/{slide_id}/dzi/0/slide_files/{level}/{i % cols}_{i // cols}.jpeg"
             for i in picks
         ]
         fetch = lambda i, u=urls: get(u[i])  # noqa: E731

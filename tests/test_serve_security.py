@@ -103,6 +103,13 @@ def test_host_allow_list(site: dict[str, Any]) -> None:
         assert status == 200 and len(json.loads(body)) == 3, host
 
 
+def test_paths_are_redacted_from_messages() -> None:
+    from wsi_ssl.serve.security import redact_paths
+
+    message = "/srv/archive/slides/ab12.zarr: store is 'writing' (C:\\data\\x.svs); 0.5 µm/px"
+    assert redact_paths(message) == "ab12.zarr: store is 'writing' (x.svs); 0.5 µm/px"
+
+
 def test_headers_and_no_api_docs(site: dict[str, Any]) -> None:
     base = site["base"]
     for path in ("/", "/api/index", "/static/page.js", "/api/slides/nope"):
@@ -154,9 +161,9 @@ def test_absurd_boxes_and_costly_requests_are_400(
         base, "GET", f"/api/slides/{cmu}/region.png?box=0,0,99,99&outline=" + ",".join(["1"] * 1001)
     )
     assert status == 400 and "at most 1000" in json.loads(body)["error"]
-    status, _, _ = raw(base, "GET", f"/api/slides/{cmu}/dzi/slide_files/40/0_0.jpeg")
+    status, _, _ = raw(base, "GET", f"/api/slides/{cmu}/dzi/0/slide_files/40/0_0.jpeg")
     assert status == 400
-    status, _, _ = raw(base, "GET", f"/api/slides/{cmu}/dzi/slide_files/5/99_0.jpeg")
+    status, _, _ = raw(base, "GET", f"/api/slides/{cmu}/dzi/0/slide_files/5/99_0.jpeg")
     assert status == 400
     # a region query over more tiles than the cap is refused before it reaches the index
     from wsi_ssl.serve import service
@@ -294,7 +301,8 @@ def test_changed_store_is_revalidated(site: dict[str, Any], cmu_small: Path) -> 
 
     base, sid = site["base"], site["ids"]["cmu"]
     status, _, body = raw(base, "GET", f"/api/slides/{sid}")
-    assert json.loads(body)["tile_size_level0"] == pytest.approx(224, abs=1)
+    details = json.loads(body)
+    assert details["tile_size_level0"] == pytest.approx(224, abs=1)
     x, y, w, h = 600, 900, 700, 500
     url = f"/api/slides/{sid}/region.png?box={x},{y},{w},{h}&px=350"
     before = raw(base, "GET", url)[2]
@@ -302,6 +310,7 @@ def test_changed_store_is_revalidated(site: dict[str, Any], cmu_small: Path) -> 
     store = SlideStore.open(site["root"] / "slides" / f"{sid}.zarr")
     status, _, body = raw(base, "GET", f"/api/slides/{sid}")
     assert json.loads(body)["tile_size_level0"] == pytest.approx(160, abs=1)
+    assert json.loads(body)["dzi"] != details["dzi"]  # a new URL: no browser-cached tiles
     status, _, after = raw(base, "GET", url)
     expected = np.asarray(region_mosaic(store, (x, y, w, h), panel_px=350))
     got = np.asarray(Image.open(io.BytesIO(after)).convert("RGB"))
@@ -311,7 +320,7 @@ def test_changed_store_is_revalidated(site: dict[str, Any], cmu_small: Path) -> 
     for path in (
         url,
         f"/api/slides/{sid}/thumbnail.png",
-        f"/api/slides/{sid}/dzi/slide_files/9/0_0.jpeg",
+        f"/api/slides/{sid}/dzi/0/slide_files/9/0_0.jpeg",
     ):
         status, _, body = raw(base, "GET", path)
         assert status == 503 and json.loads(body)["type"] == "StoreIncompleteError", path

@@ -4,9 +4,11 @@
 * ``GET /api/slides/{slide}/region.png?box=X,Y,W,H[&outline=ROWS][&px=N]``: level-0 ``box``,
   longest side ``px``; up to ``MAX_PICTURE_TILES`` stored tiles drawn exactly (the listed rows
   outlined), a larger box from the deep-zoom sources (bounded cost whatever its size).
-* ``GET /api/slides/{slide}/dzi/{source}.dzi`` and ``.../dzi/{source}_files/{level}/{col}_{row}.jpeg``:
-  the Deep Zoom pyramid, ``source`` = ``slide`` (the slide file through its reader) or
-  ``tiles`` (the stored tiles); see :mod:`wsi_ssl.serve.pyramid`.
+* ``GET /api/slides/{slide}/dzi/{version}/{source}.dzi`` and
+  ``.../dzi/{version}/{source}_files/{level}/{col}_{row}.jpeg``: the Deep Zoom pyramid,
+  ``source`` = ``slide`` (the slide file through its reader) or ``tiles`` (the stored tiles);
+  see :mod:`wsi_ssl.serve.pyramid`. ``version`` (from ``/api/slides/{slide}``) changes with
+  the store, so browsers may cache these tiles; the server always draws the current store.
 
 Every picture is drawn in the bounded :class:`RenderPool` and cached (LRU, bounded bytes), keyed
 by the store's stamp so a changed store is never answered from the cache.
@@ -61,8 +63,9 @@ def _parse_rows(text: str) -> set[int]:
         ) from None
 
 
-def _image(data: bytes, media: str) -> Response:
-    return Response(data, media_type=media, headers={"Cache-Control": "private, max-age=600"})
+def _image(data: bytes, media: str, cache: str = "no-cache") -> Response:
+    """A picture; ``no-cache`` unless its URL changes with the store (DZI tiles)."""
+    return Response(data, media_type=media, headers={"Cache-Control": cache})
 
 
 def _region_png(
@@ -98,14 +101,14 @@ def add_picture_routes(app: FastAPI, service: SlideService, pool: RenderPool) ->
         draw = lambda: _region_png(service, slide, parsed, rows, px)  # noqa: E731
         return _image(await pool.run(service.cached, key, draw), "image/png")
 
-    @app.get("/api/slides/{slide}/dzi/{source}.dzi")
-    async def dzi(slide: str, source: Literal["slide", "tiles"]) -> Response:
+    @app.get("/api/slides/{slide}/dzi/{version}/{source}.dzi")
+    async def dzi(slide: str, version: str, source: Literal["slide", "tiles"]) -> Response:
         pyramid = await pool.run(service.pyramid, slide)
         return Response(dzi_xml(pyramid), media_type="application/xml")
 
-    @app.get("/api/slides/{slide}/dzi/{source}_files/{level}/{col}_{row}.jpeg")
+    @app.get("/api/slides/{slide}/dzi/{version}/{source}_files/{level}/{col}_{row}.jpeg")
     async def dzi_tile(
-        slide: str, source: Literal["slide", "tiles"], level: int, col: int, row: int
+        slide: str, version: str, source: Literal["slide", "tiles"], level: int, col: int, row: int
     ) -> Response:
         store = service.store(slide)
         key = ("dzi", store.slide_id, service.stamp(slide), source, level, col, row)
@@ -113,7 +116,8 @@ def add_picture_routes(app: FastAPI, service: SlideService, pool: RenderPool) ->
         def draw() -> bytes:
             return encode(service.pyramid(slide).tile(level, col, row, source), "jpeg")
 
-        return _image(await pool.run(service.cached, key, draw), "image/jpeg")
+        data = await pool.run(service.cached, key, draw)
+        return _image(data, "image/jpeg", "private, max-age=3600")
 
 
 def _thumbnail_png(service: SlideService, slide: str) -> bytes:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 from collections.abc import Callable
@@ -158,6 +159,8 @@ class SlideService:
         store = pyramid.store
         h, w = store.thumbnail.shape[:2]
         entry = self.index.resolve_slide(store.slide_id)
+        source = "slide" if pyramid.file is not None else "tiles"
+        version = hashlib.sha1(repr(self.stamp(store.slide_id)).encode()).hexdigest()[:10]
         return {
             "slide_id": store.slide_id,
             "name": entry["name"],
@@ -166,10 +169,8 @@ class SlideService:
             "mpp": float(store.source["mpp"]),
             "tile_size_level0": float(store.tiling["tile_size_level0"]),
             "thumbnail_size": [int(w), int(h)],
-            "source": "slide" if pyramid.file is not None else "tiles",
-            "dzi": f"/api/slides/{store.slide_id}/dzi/"
-            + ("slide" if pyramid.file is not None else "tiles")
-            + ".dzi",
+            "source": source,
+            "dzi": f"/api/slides/{store.slide_id}/dzi/{version}/{source}.dzi",
         }
 
     def describe(self) -> dict[str, Any]:
