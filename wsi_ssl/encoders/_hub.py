@@ -184,17 +184,3 @@ def vit_small_patch16_224(config: EncoderConfig) -> nn.Module:
 )
 def vit_base_patch16_224(config: EncoderConfig) -> nn.Module:
     return build_timm(config)
-
-
-@register_encoder(
-    "uni",
-    arch="timm/vit_large_patch16_224",
-    input_size=224,
-    embed_dim=1024,
-    precision="bf16",
-    arch_kwargs={"init_values": 1e-5, "dynamic_img_size": True},
-    description="UNI (Chen et al. 2024) ViT-L/16 1024-d; put its "
-    "pytorch_model.bin at <weights_dir>/uni.bin",
-)
-def uni(config: EncoderConfig) -> nn.Module:
-    return build_timm(config)

@@ -28,7 +28,15 @@ SOURCES = ("random", "file", "wsi-ssl")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 # Fields that are provenance, not identity: they do not change a single output value.
-_NOT_IDENTITY = ("name", "weights_path", "description")
+_NOT_IDENTITY = (
+    "name",
+    "weights_path",
+    "description",
+    "mpp",
+    "licence",
+    "model_card",
+    "weights_files",
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,12 @@ class EncoderConfig:
         arch_kwargs: extra architecture arguments, as sorted (key, value) pairs.
         weights_path: where the weights were loaded from (provenance only, not identity).
         description: one line for listings (not identity).
+        mpp: the scales (µm/px at the model input) the model was trained at; empty when
+            unknown (no check). Tiles whose scale at the model input is more than 10% off
+            every one of them are refused at embed time unless the check is switched off.
+        licence: the weights' licence as its model card states it (not identity).
+        model_card: where the published weights are (not identity).
+        weights_files: the file names the model card publishes that this preset reads.
     """
 
     name: str
@@ -72,6 +86,10 @@ class EncoderConfig:
     arch_kwargs: tuple[tuple[str, Any], ...] = ()
     weights_path: str | None = field(default=None, compare=False)
     description: str = field(default="", compare=False)
+    mpp: tuple[float, ...] = field(default=(), compare=False)
+    licence: str = field(default="", compare=False)
+    model_card: str = field(default="", compare=False)
+    weights_files: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -99,6 +117,10 @@ class EncoderConfig:
         # normalise to tuples of floats so equal configs hash equally
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        object.__setattr__(self, "mpp", tuple(float(v) for v in self.mpp))
+        object.__setattr__(self, "weights_files", tuple(str(v) for v in self.weights_files))
+        if any(v <= 0 for v in self.mpp):
+            raise ConfigError(f"mpp values must be > 0, got {self.mpp}")
         object.__setattr__(
             self,
             "arch_kwargs",
@@ -125,6 +147,8 @@ class EncoderConfig:
         d = dataclasses.asdict(self)
         d["mean"] = list(self.mean)
         d["std"] = list(self.std)
+        d["mpp"] = list(self.mpp)
+        d["weights_files"] = list(self.weights_files)
         d["arch_kwargs"] = {k: v for k, v in self.arch_kwargs}
         return d
 
@@ -132,7 +156,7 @@ class EncoderConfig:
     def from_dict(cls, data: dict[str, Any]) -> EncoderConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in names}
-        for key in ("mean", "std"):
+        for key in ("mean", "std", "mpp", "weights_files"):
             if key in values:
                 values[key] = tuple(values[key])
         if "arch_kwargs" in values:

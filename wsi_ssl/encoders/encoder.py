@@ -20,14 +20,16 @@ from wsi_ssl.errors import (
     DeviceUnavailableError,
     EncoderMismatchError,
     InputSizeMismatchError,
+    MagnificationMismatchError,
 )
 
 if TYPE_CHECKING:
     from wsi_ssl.slide import SlideReader
 
-__all__ = ["AUTOCAST_DTYPES", "Encoder", "Preprocess", "resolve_device"]
+__all__ = ["AUTOCAST_DTYPES", "MPP_TOLERANCE", "Encoder", "Preprocess", "resolve_device"]
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MPP_TOLERANCE = 0.1  # relative: tiles within 10% of a trained scale pass the check
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -173,6 +175,23 @@ class Encoder:
     def check_input_size(self, height: int, width: int, where: str = "input") -> bool:
         """True when tiles need resizing; raise when they do and the config forbids it."""
         return self.preprocessor.check_input_size(height, width, where)
+
+    def check_scale(self, mpp: float | None, tile_size: int, where: str = "input") -> None:
+        """Raise when tiles of ``tile_size`` px at ``mpp`` µm/px reach the model at a scale
+        more than 10% off every scale in ``config.mpp`` (no check when either is unknown)."""
+        if not self.config.mpp or mpp is None:
+            return
+        seen = float(mpp) * tile_size / self.config.input_size  # µm/px at the model input
+        if any(abs(seen - m) <= MPP_TOLERANCE * m for m in self.config.mpp):
+            return
+        trained = " or ".join(f"{m:g}" for m in self.config.mpp)
+        best = min(self.config.mpp, key=lambda m: abs(seen - m))
+        raise MagnificationMismatchError(
+            f"{where}: tiles of {tile_size} px at {float(mpp):g} µm/px reach encoder "
+            f"{self.config.name!r} at {seen:.3g} µm/px, but it was trained at {trained} µm/px; "
+            f"re-tile at mpp={best:g} with tile_size={self.config.input_size}, or pass "
+            "check_mpp=False to embed at this scale anyway"
+        )
 
     def preprocess(self, tiles: torch.Tensor, where: str = "input") -> torch.Tensor:
         """uint8 (B, H, W, 3) -> normalised float32 (B, 3, S, S) on the tiles' device."""

@@ -27,12 +27,19 @@ from torch import nn
 from wsi_ssl.encoders.config import IMAGENET_MEAN, IMAGENET_STD, EncoderConfig
 from wsi_ssl.encoders.encoder import Encoder
 from wsi_ssl.encoders.weights import (
+    Convert,
     default_weights_path,
     file_sha256,
     load_weights,
     state_dict_sha256,
+    weights_dir,
 )
-from wsi_ssl.errors import ConfigError, EncoderNotFoundError, WeightsNotFoundError
+from wsi_ssl.errors import (
+    ConfigError,
+    EncoderNotFoundError,
+    PresetWeightsNotFoundError,
+    WeightsNotFoundError,
+)
 
 __all__ = [
     "OVERRIDABLE",
@@ -40,6 +47,7 @@ __all__ = [
     "EncoderSource",
     "create_encoder",
     "encoder_entry",
+    "encoder_from_entry",
     "finish_encoder",
     "list_encoders",
     "list_sources",
@@ -62,11 +70,13 @@ class LoadFn(Protocol):
 
 @dataclass(frozen=True)
 class EncoderEntry:
-    """A named encoder: its config template (no weights yet) and its builder."""
+    """A named encoder: its config template (no weights yet), its builder, and the mapping of
+    its published weights layout onto the built module (None: the module's own names)."""
 
     name: str
     config: EncoderConfig
     build: BuildFn
+    convert: Convert | None = None
 
 
 @dataclass(frozen=True)
@@ -96,11 +106,18 @@ def register_encoder(
     source: str = "file",
     arch_kwargs: dict[str, Any] | None = None,
     description: str = "",
+    mpp: tuple[float, ...] = (),
+    licence: str = "",
+    model_card: str = "",
+    weights_files: tuple[str, ...] = (),
+    convert: Convert | None = None,
 ) -> Callable[[BuildFn], BuildFn]:
     """Decorator registering ``fn(config) -> nn.Module`` (random init) under ``name``.
 
     ``source="file"`` encoders need weights (``weights=PATH`` or the default weights path);
-    ``source="random"`` ones are seeded random inits unless weights are given.
+    ``source="random"`` ones are seeded random inits unless weights are given. ``mpp``,
+    ``licence``, ``model_card`` and ``weights_files`` describe a published model;
+    ``convert(state, model)`` maps its published weights layout onto the built module.
     """
     config = EncoderConfig(
         name=name,
@@ -114,12 +131,16 @@ def register_encoder(
         source=source,
         arch_kwargs=tuple((arch_kwargs or {}).items()),
         description=description,
+        mpp=mpp,
+        licence=licence,
+        model_card=model_card,
+        weights_files=weights_files,
     )
 
     def decorator(fn: BuildFn) -> BuildFn:
         if name in _ENCODERS:
             raise ConfigError(f"encoder {name!r} is already registered")
-        _ENCODERS[name] = EncoderEntry(name, config, fn)
+        _ENCODERS[name] = EncoderEntry(name, config, fn, convert)
         return fn
 
     return decorator
@@ -175,18 +196,44 @@ def check_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in overrides.items() if v is not None}
 
 
-def weights_file(name: str, weights: str | Path | None) -> Path | None:
-    """The weights file to load (None for a random init); raise when it is not there."""
+def _published_file(folder: Path, files: tuple[str, ...]) -> Path | None:
+    return next((folder / f for f in files if (folder / f).is_file()), None)
+
+
+def weights_file(
+    name: str, weights: str | Path | None, config: EncoderConfig | None = None
+) -> Path | None:
+    """The weights file to load (None for a random init); raise when it is not there.
+
+    ``weights`` may be a file or a folder holding one of the config's published
+    ``weights_files`` (a model card's download); None looks in ``<weights_dir>``: first
+    ``<name>/<published file>``, then ``<name>.pth`` and the other suffixes.
+    """
     if weights is not None and str(weights) == RANDOM:
         return None
-    path = Path(weights).expanduser() if weights is not None else default_weights_path(name)
+    files = config.weights_files if config is not None else ()
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if path.is_dir():
+            path = _published_file(path, files) or path / (files[0] if files else f"{name}.pth")
+    else:
+        path = _published_file(weights_dir() / name, files) or default_weights_path(name)
+        if files and not path.is_file():
+            path = weights_dir() / name / files[0]
     if not path.is_file():
+        if config is not None and files and config.model_card:
+            raise PresetWeightsNotFoundError(name, path, list(files), config.model_card)
         raise WeightsNotFoundError(name, path)
     return path
 
 
 def finish_encoder(
-    model: nn.Module, config: EncoderConfig, *, weights: Path | None, seed: int
+    model: nn.Module,
+    config: EncoderConfig,
+    *,
+    weights: Path | None,
+    seed: int,
+    convert: Convert | None = None,
 ) -> Encoder:
     """Load ``weights`` into a freshly built ``model`` (or keep its seeded init) and record the
     weights' sha256 in the config."""
@@ -201,7 +248,7 @@ def finish_encoder(
             weights_sha256=state_dict_sha256(model),
         )
     else:
-        load_weights(model, weights, encoder=config.name)
+        load_weights(model, weights, encoder=config.name, convert=convert)
         config = dataclasses.replace(
             config,
             source="file",
@@ -216,6 +263,22 @@ def slug(text: str) -> str:
     """A registry-safe name: letters, digits, '_', '.', '-'."""
     out = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.")
     return out or "encoder"
+
+
+def encoder_from_entry(
+    entry: EncoderEntry, config: EncoderConfig, *, weights: str | Path | None, seed: int
+) -> Encoder:
+    """Build ``entry`` with ``config`` (its template, possibly changed) and load its weights."""
+    use_random = entry.config.source == RANDOM and weights is None
+    path = None if use_random else weights_file(entry.name, weights, config)
+    if path is not None:  # no random init to throw away (seconds for a ViT-g on a CPU)
+        with torch.device("meta"):
+            model = entry.build(config)
+        if not any(b.is_meta for b in model.buffers()):
+            return finish_encoder(model, config, weights=path, seed=seed, convert=entry.convert)
+    with seeded(seed):
+        model = entry.build(config)
+    return finish_encoder(model, config, weights=path, seed=seed, convert=entry.convert)
 
 
 def create_encoder(
@@ -247,11 +310,7 @@ def create_encoder(
     if spec in _ENCODERS:
         entry = _ENCODERS[spec]
         config = dataclasses.replace(entry.config, **overrides)
-        use_random = entry.config.source == RANDOM and weights is None
-        path = None if use_random else weights_file(entry.name, weights)
-        with seeded(seed):
-            model = entry.build(config)
-        encoder = finish_encoder(model, config, weights=path, seed=seed)
+        encoder = encoder_from_entry(entry, config, weights=weights, seed=seed)
     else:
         for source in _SOURCES.values():
             if source.matches(spec):

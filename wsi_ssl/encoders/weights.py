@@ -10,18 +10,26 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wsi_ssl.errors import CheckpointError, WeightsNotFoundError
+from wsi_ssl.errors import (
+    CheckpointError,
+    PickleCheckpointError,
+    TruncatedWeightsError,
+    WeightsMismatchError,
+    WeightsNotFoundError,
+)
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 __all__ = [
+    "CONVERT_PICKLE",
     "WEIGHTS_ENV",
+    "Convert",
     "default_weights_path",
     "file_sha256",
     "load_state_dict_file",
@@ -73,21 +81,76 @@ def state_dict_sha256(state: Mapping[str, torch.Tensor] | nn.Module) -> str:
     return h.hexdigest()
 
 
+def _safetensors_end(path: Path) -> int:
+    """The byte length a ``.safetensors`` file must have, from its own header."""
+    import json
+    import struct
+
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return 8
+        (n,) = struct.unpack("<Q", head)
+        if n > path.stat().st_size:
+            return 8 + n
+        header = json.loads(f.read(n))
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return 8 + n + max(ends, default=0)
+
+
+CONVERT_PICKLE = (
+    "python -c \"import torch, safetensors.torch as st; m = torch.load('{src}', "
+    "weights_only=False, map_location='cpu'); m = m.state_dict() if hasattr(m, 'state_dict') "
+    "else m; st.save_file({{k: v.contiguous() for k, v in m.items()}}, '{dst}')\""
+)
+
+
+def _read(path: Path) -> Any:
+    import pickle
+
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        size, need = path.stat().st_size, _safetensors_end(path)
+        if size < need:
+            raise TruncatedWeightsError(
+                f"{path}: truncated safetensors file ({size} bytes, its header needs {need}); "
+                "download or copy it again"
+            )
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # not pickled objects: a damaged file
+            raise
+        dst = path.with_suffix(".safetensors")
+        raise PickleCheckpointError(
+            f"{path}: this checkpoint holds pickled Python objects, not just tensors, and is "
+            "refused (unpickling can run code); if you trust the file, convert it once with: "
+            + CONVERT_PICKLE.format(src=path, dst=dst)
+        ) from err
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from a ``.pth``/``.pt``/``.bin`` (``torch.load(weights_only=True)``) or
     ``.safetensors`` file; unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` and a
-    ``module.`` prefix."""
+    ``module.`` prefix.
+
+    Raises:
+        TruncatedWeightsError: a safetensors file shorter than its header says.
+        PickleCheckpointError: a file that only loads by unpickling arbitrary objects.
+        CheckpointError: any other unreadable file, or not a dict of tensors.
+    """
     import torch
 
     path = Path(path)
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a bad file
+        state: Any = _read(path)
+    except CheckpointError:
+        raise
+    except Exception as err:  # torch and safetensors raise many types for a bad file
         raise CheckpointError(
             f"{path}: cannot read a state dict ({type(err).__name__}: {err}); save one with "
             "torch.save(model.state_dict(), PATH)"
@@ -108,17 +171,28 @@ def _short(keys: Iterable[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def load_weights(model: nn.Module, path: str | Path, *, encoder: str) -> None:
+Convert = Callable[[dict[str, "torch.Tensor"], "nn.Module"], dict[str, "torch.Tensor"]]
+
+
+def load_weights(
+    model: nn.Module, path: str | Path, *, encoder: str, convert: Convert | None = None
+) -> None:
     """Load a local weights file into ``model`` strictly, ignoring classifier-head tensors.
+
+    ``convert(state, model)`` maps a published layout (e.g. Hugging Face ``transformers``
+    names) onto the module's own names first.
 
     Raises:
         WeightsNotFoundError: no file at ``path`` (the message says where to put it).
-        CheckpointError: unreadable file, or keys/shapes for another architecture.
+        WeightsMismatchError: keys or shapes for another architecture (listed).
+        CheckpointError: an unreadable, truncated or pickle-only file.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsNotFoundError(encoder, path)
     state = load_state_dict_file(path)
+    if convert is not None:
+        state = convert(state, model)
     own = model.state_dict()
     state = {k: v for k, v in state.items() if k in own or not k.startswith(HEAD_PREFIXES)}
     missing = set(own) - set(state)
@@ -131,9 +205,13 @@ def load_weights(model: nn.Module, path: str | Path, *, encoder: str) -> None:
         if unexpected:
             parts.append(f"unexpected {_short(unexpected)}")
         if wrong:
-            parts.append(f"wrong shape {_short(wrong)}")
-        raise CheckpointError(
+            shapes = {k: f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong}
+            parts.append(f"wrong shape {_short(shapes.values(), 3)}")
+        raise WeightsMismatchError(
             f"{path}: weights do not fit encoder {encoder!r} ({'; '.join(parts)}); "
             "check the file is for this architecture"
         )
-    model.load_state_dict(state, strict=True)
+    meta = any(t.is_meta for t in own.values())
+    if meta:  # built on the meta device: take the file's tensors, in the module's dtypes
+        state = {k: v.to(own[k].dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=meta)
