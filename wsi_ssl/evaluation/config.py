@@ -71,6 +71,8 @@ class EvaluationConfig:
         device: where encoders and MIL run ("cpu", "cuda", "auto").
         batch_size: images per encoder forward pass.
         workers: tile-decoding worker processes of the embed job (0: in this process).
+        threads: torch CPU threads for MIL training (None: torch's default; 1 is often
+            fastest for small bags on a busy machine).
     """
 
     folds: int = 5
@@ -86,6 +88,7 @@ class EvaluationConfig:
     device: str = "cpu"
     batch_size: int = 64
     workers: int = 0
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         positive = ("folds", "knn_k", "max_tiles_per_class", "mil_epochs", "mmv_k")
@@ -98,6 +101,8 @@ class EvaluationConfig:
             raise ConfigError(
                 f"n_bootstrap and workers must be >= 0, got {self.n_bootstrap}, {self.workers}"
             )
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1 or None, got {self.threads}")
         if not 0.5 <= self.confidence < 1.0:
             raise ConfigError(f"confidence must be in [0.5, 1), got {self.confidence}")
 

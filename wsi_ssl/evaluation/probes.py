@@ -1,6 +1,8 @@
 """Cross-validated probes on frozen features: folds fixed once per task, out-of-fold labels.
 
-* k-NN: cosine similarity, majority vote of ``k`` neighbours (scikit-learn);
+* k-NN: cosine similarity, ``k`` neighbours voting with weights 1 / distance (scikit-learn;
+  weighted like DINO's k-NN evaluation, so that a ``k`` near the training set's size does not
+  degrade to the class prior);
 * linear probe: multinomial logistic regression on standardised features.
 
 Folds are a function of the labels, the groups (slides, for tiles) and the seed only, so every
@@ -64,7 +66,9 @@ def knn_predictions(feats: np.ndarray, y: np.ndarray, folds: np.ndarray, k: int)
     out = np.empty(len(y), dtype=np.int64)
     for f in np.unique(folds):
         test, train = folds == f, folds != f
-        knn = KNeighborsClassifier(n_neighbors=max(1, min(k, int(train.sum()))), metric="cosine")
+        knn = KNeighborsClassifier(
+            n_neighbors=max(1, min(k, int(train.sum()))), metric="cosine", weights="distance"
+        )
         knn.fit(x[train], y[train])
         out[test] = knn.predict(x[test])
     return out

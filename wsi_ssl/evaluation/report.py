@@ -59,6 +59,8 @@ class Ranking:
         head = f"{self.task} / {self.method} / {self.metric}: {self.first} ranks first"
         if self.runner_up is None or self.difference is None:
             return f"{head} ({self.value:.3f})"
+        if self.difference == 0:
+            return f"{head} ({self.value:.3f}), tied with {self.runner_up}"
         gap = f"{self.difference:+.3f} over {self.runner_up}"
         if self.exceeds_intervals is None:
             return f"{head}, {gap} (no interval for this metric)"

@@ -263,6 +263,7 @@ def _slide(task: SlideTask, encoders: Named, config: EvaluationConfig, out: Path
         seed=config.seed,
         device=config.device,
         workers=0,
+        threads=config.threads,
     )
     outputs: dict[str, np.ndarray] = {}
     for label, enc in encoders:
