@@ -52,6 +52,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--workers", type=whole_number(1), help="local threads or processes (default: all cores)"
     )
     p.add_argument("--no-resume", action="store_true", help="redo slides that are already complete")
+    p.add_argument(
+        "--discard-embeddings",
+        action="store_true",
+        help="let a re-tile that changes the tiles drop the slide's embeddings",
+    )
+    p.add_argument(
+        "--lock-wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long for a slide another job is writing (default: skip it as busy)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_tile)
@@ -113,6 +125,8 @@ def run_tile(args: argparse.Namespace) -> int:
             workers=args.workers,
             resume=not args.no_resume,
             progress=not (args.quiet or args.json),
+            discard_embeddings=args.discard_embeddings,
+            lock_wait=args.lock_wait,
         )
     finally:
         if client is not None:
@@ -123,10 +137,14 @@ def run_tile(args: argparse.Namespace) -> int:
         for r in summary.results:
             line = f"{r.status:>8}  {r.n_tiles:>7} tiles  {r.seconds:6.1f}s  {r.path}"
             print(line if r.error is None else f"{line}\n          {r.error_type}: {r.error}")
+            if r.kept_embeddings:
+                print(f"          embeddings kept (same tiles): {', '.join(r.kept_embeddings)}")
+            if r.discarded_embeddings:
+                print(f"          embeddings discarded: {', '.join(r.discarded_embeddings)}")
         d = summary.to_dict()
         print(
-            f"{d['complete']} tiled, {d['skipped']} already complete, {d['failed']} failed; "
-            f"{d['tiles']} tiles in {args.out}"
+            f"{d['complete']} tiled, {d['skipped']} already complete, {d['busy']} busy, "
+            f"{d['failed']} failed; {d['tiles']} tiles in {args.out}"
         )
     for r in summary.failed:
         print(f"wsi-ssl: error: {r.error}", file=sys.stderr)

@@ -1,10 +1,18 @@
 """One slide's Zarr v3 group: tiles, coords, thumbnail, tissue mask and provenance.
 
 The attribute keys and array names here are a contract other tools read (docs/ARCHITECTURE.md).
+
+Swap, don't delete: a re-tile writes its store beside the old one, at ``<id>.zarr.new``, and
+`swap_in` replaces the old one only once the new one is complete: the old store is renamed
+to ``<id>.zarr.old``, the new one to ``<id>.zarr``, then the old one is removed. A kill at any
+point leaves the previous complete store or the new complete one, which `recover_swap`
+(run under the slide lock before the next write) puts back under ``<id>.zarr``.
 """
 
 from __future__ import annotations
 
+import filecmp
+import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,6 +22,7 @@ import numpy as np
 import zarr
 
 from wsi_ssl.errors import SchemaMismatchError, StoreIncompleteError, StoreNotFoundError
+from wsi_ssl.storage.atomic import fault_point, fsync_dir, remove_path, rename_into_place
 from wsi_ssl.storage.codecs import tile_codecs
 
 if TYPE_CHECKING:
@@ -22,6 +31,10 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 STATUS_WRITING = "writing"
 STATUS_COMPLETE = "complete"
+STAGING_SUFFIX = ".new"
+"""``<id>.zarr.new``: a store being written to replace ``<id>.zarr``."""
+ASIDE_SUFFIX = ".old"
+"""``<id>.zarr.old``: the replaced store, between the two renames of a swap."""
 
 
 class SlideStore:
@@ -168,3 +181,101 @@ class SlideStore:
 
     def write_tiles(self, start: int, tiles: np.ndarray) -> None:
         self.tiles[start : start + len(tiles)] = tiles
+
+
+# -- swap, don't delete ----------------------------------------------------------------------
+def staging_path(store_path: str | Path) -> Path:
+    """Where a new store for ``store_path`` is written before it is swapped in."""
+    path = Path(store_path)
+    return path.with_name(path.name + STAGING_SUFFIX)
+
+
+def aside_path(store_path: str | Path) -> Path:
+    """Where the replaced store waits between the two renames of a swap."""
+    path = Path(store_path)
+    return path.with_name(path.name + ASIDE_SUFFIX)
+
+
+def is_complete_store(path: str | Path) -> bool:
+    """Whether ``path`` holds a readable store marked complete."""
+    try:
+        return SlideStore.open(path, require_complete=False).status == STATUS_COMPLETE
+    except Exception:  # missing, truncated or foreign metadata: not a complete store
+        return False
+
+
+def recover_swap(store_path: str | Path, *, roll_forward: bool = True) -> str | None:
+    """Put back what a killed (or failed) swap left; call it holding the slide's lock.
+
+    Without ``<id>.zarr``, a complete ``.new`` is swapped in (``roll_forward``), else ``.old``
+    is put back; then leftover ``.new`` and ``.old`` are removed. Returns what was done.
+    """
+    path = Path(store_path)
+    new, old = staging_path(path), aside_path(path)
+    done = None
+    if not path.exists():
+        if roll_forward and new.exists() and is_complete_store(new):
+            rename_into_place(new, path)
+            done = "rolled forward"
+        elif old.exists():
+            rename_into_place(old, path)
+            done = "rolled back"
+    for leftover in (new, old):
+        if leftover.exists():
+            remove_path(leftover)
+            done = done or f"removed {leftover.name}"
+    return done
+
+
+def swap_in(new: str | Path, store_path: str | Path) -> None:
+    """Replace the store at ``store_path`` (if any) by the complete store at ``new``.
+
+    Test hooks (``WSI_SSL_FAULT=kill_before_rename:#<point>``, see storage/atomic.py): points
+    ``#aside``, ``#swap-in`` and ``#remove-old``, before each step.
+    """
+    path, old = Path(store_path), aside_path(store_path)
+    fault_point(f"{path}#aside")
+    if path.exists():
+        rename_into_place(path, old)
+    fault_point(f"{path}#swap-in")
+    rename_into_place(new, path)
+    fault_point(f"{path}#remove-old")
+    remove_path(old)
+    fsync_dir(path.parent)
+
+
+def same_tiles(old: SlideStore, new: SlideStore) -> bool:
+    """Whether two stores hold the same tiles: same source file, coords, tile array layout
+    and codecs, and byte-identical shard files."""
+    if old.source.get("fingerprint") != new.source.get("fingerprint"):
+        return False
+    if not np.array_equal(old.coords, new.coords):
+        return False
+    if old.tiles.metadata.to_dict() != new.tiles.metadata.to_dict():
+        return False
+    old_dir, new_dir = old.path / "tiles", new.path / "tiles"
+    names = sorted(str(p.relative_to(old_dir)) for p in old_dir.rglob("*") if p.is_file())
+    if names != sorted(str(p.relative_to(new_dir)) for p in new_dir.rglob("*") if p.is_file()):
+        return False
+    _, mismatch, errors = filecmp.cmpfiles(old_dir, new_dir, names, shallow=False)
+    return not mismatch and not errors
+
+
+def carry_embeddings(old: str | Path, new: str | Path, encoder_ids: list[str]) -> None:
+    """Give the store at ``new`` the embeddings ``encoder_ids`` of the store at ``old``:
+    hard links (copies where the filesystem refuses links), so ``old`` stays whole."""
+    src, dst = Path(old) / "embeddings", Path(new) / "embeddings"
+    dst.mkdir(exist_ok=True)
+    for meta in src.iterdir():
+        if meta.is_file() and not meta.name.startswith("."):
+            shutil.copy2(meta, dst / meta.name)
+    for encoder_id in encoder_ids:
+        shutil.copytree(src / encoder_id, dst / encoder_id, copy_function=_link_or_copy)
+    fsync_dir(dst)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -371,7 +371,7 @@ def test_killed_job_resumes_to_identical_store(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "wsi_ssl.cli.main", "tile", str(path), "--out", str(root), *args]
     )
-    store_json = root / "slides" / f"{reference.slide_id}.zarr" / "zarr.json"
+    store_json = root / "slides" / f"{reference.slide_id}.zarr.new" / "zarr.json"  # beside
     shard_dir = store_json.parent / "tiles" / "c"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (
@@ -381,6 +381,7 @@ def test_killed_job_resumes_to_identical_store(tmp_path: Path) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert json.loads(store_json.read_text())["attributes"]["status"] == "writing"
+    assert not (root / "slides" / f"{reference.slide_id}.zarr").exists()
     assert open_store(root).slide_ids == []
     assert cli_main(["tile", str(path), "--out", str(root), *args]) == 0
     a = open_store(tmp_path / "ref").slide(reference.slide_id)  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ __all__ = [
     "EmbeddingsCorruptError",
     "EmbeddingsIncompleteError",
     "EmbeddingsNotFoundError",
+    "EmbeddingsWouldBeDiscardedError",
     "EmptyBagError",
     "EncoderMismatchError",
     "EncoderNotFoundError",
@@ -424,3 +425,16 @@ class MagnificationMismatchError(WsiSslError, ValueError):
 
 class ArchitectureMismatchError(ConfigError):
     """A backbone (or ``init`` encoder) whose architecture the pretraining method cannot use."""
+
+
+class EmbeddingsWouldBeDiscardedError(WsiSslError, RuntimeError):
+    """A re-tile would change the tiles of a store that has embeddings (they would be lost)."""
+
+    def __init__(self, path: str | Path, encoder_ids: list[str], reason: str) -> None:
+        super().__init__(
+            f"{path}: re-tiling changes its tiles ({reason}), which would discard the embeddings "
+            f"{', '.join(encoder_ids)}; the store is kept as it is: pass discard_embeddings=True "
+            "(--discard-embeddings) to re-tile anyway"
+        )
+        self.path = Path(path)
+        self.encoder_ids = list(encoder_ids)

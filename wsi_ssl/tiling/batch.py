@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import shutil
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping
@@ -16,7 +15,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from wsi_ssl.config import TilingConfig
-from wsi_ssl.errors import DiskFullError, NoTissueError, SlideNotFoundError, WsiSslError
+from wsi_ssl.errors import (
+    DiskFullError,
+    NoTissueError,
+    SlideNotFoundError,
+    StoreLockedError,
+    WsiSslError,
+)
 from wsi_ssl.slide import SlideReader, open_slide
 from wsi_ssl.storage import (
     STATUS_COMPLETE,
@@ -25,9 +30,12 @@ from wsi_ssl.storage import (
     fingerprint_file,
     slide_id_from_fingerprint,
 )
+from wsi_ssl.storage.locks import slide_lock
+from wsi_ssl.storage.slide_store import is_complete_store, recover_swap, staging_path
 from wsi_ssl.storage.tile_reader import TileReader
 from wsi_ssl.tiling.extract import extract
 from wsi_ssl.tiling.grid import TileGrid
+from wsi_ssl.tiling.replace import Replacement, check_plan, previous_store, replace_store
 from wsi_ssl.tissue import detect_tissue, tissue_fraction
 
 SLIDE_SUFFIXES = frozenset(
@@ -56,11 +64,13 @@ class SlideResult:
 
     path: str
     slide_id: str | None
-    status: str  # "complete" | "skipped" | "failed"
+    status: str  # "complete" | "skipped" | "busy" (another job writes it) | "failed"
     n_tiles: int = 0
     error: str | None = None
     error_type: str | None = None
     seconds: float = 0.0
+    kept_embeddings: list[str] = field(default_factory=list)
+    discarded_embeddings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -73,7 +83,8 @@ class BatchSummary:
 
     def to_dict(self) -> dict[str, Any]:
         counts = {
-            s: sum(r.status == s for r in self.results) for s in ("complete", "skipped", "failed")
+            s: sum(r.status == s for r in self.results)
+            for s in ("complete", "skipped", "busy", "failed")
         }
         return {
             **counts,
@@ -163,6 +174,8 @@ def tile_slide(
     workers: int | None = None,
     resume: bool = True,
     progress: bool = False,
+    discard_embeddings: bool = False,
+    lock_wait: float = 0.0,
 ) -> SlideResult:
     """Tile one slide into ``<root>/slides/<slide_id>.zarr``.
 
@@ -170,6 +183,12 @@ def tile_slide(
     ``workers`` of them, or a ``dask.distributed.Client``. Raises the slide's typed error
     (``MissingMppError``, ``CorruptSlideError``, ...) after recording it in the catalog; a store
     is marked complete only after its last chunk is written.
+
+    The slide's writer lock is held throughout: another job on the same slide waits up to
+    ``lock_wait`` seconds, then gets ``StoreLockedError`` ("being written by pid N on HOST").
+    A re-tile writes the new store beside the old one and swaps it in when complete
+    (`wsi_ssl.tiling.replace`); it keeps the old store's embeddings when the tiles are the
+    same, and refuses to drop them unless ``discard_embeddings``.
     """
     config = config or TilingConfig()
     started = time.perf_counter()
@@ -177,43 +196,95 @@ def tile_slide(
     if not path.exists():
         raise SlideNotFoundError(path)
     archive = Archive(root)
-    catalog = archive.catalog
     fingerprint = fingerprint_file(path)
     slide_id = slide_id_from_fingerprint(fingerprint)
-    if resume and (n := _store_is_current(archive, slide_id, fingerprint, config)) is not None:
-        catalog.upsert(
-            slide_id=slide_id,
-            path=path,
-            fingerprint=fingerprint,
-            status=STATUS_COMPLETE,
-            n_tiles=n,
-            tiling=config.output_key(),
-        )
-        return SlideResult(str(path), slide_id, "skipped", n, seconds=time.perf_counter() - started)
-    store_path = archive.store_path(slide_id)
-    try:
-        with open_for_tiling(path, config.mpp_override) as reader:
-            n_tiles = _tile_open_slide(
-                reader, store_path, fingerprint, config, scheduler, workers, progress
-            )
-    except Exception as err:
-        if store_path.exists():
-            shutil.rmtree(store_path, ignore_errors=True)
-        full = isinstance(err, OSError) and err.errno == errno.ENOSPC
-        failure = DiskFullError(store_path) if full else err
-        with contextlib.suppress(OSError, sqlite3.Error):  # the catalog may be on the full disk
-            catalog.upsert(
+    with slide_lock(root, slide_id, wait=lock_wait):
+        recover_swap(archive.store_path(slide_id))  # what a killed job left
+        if resume and (n := _store_is_current(archive, slide_id, fingerprint, config)) is not None:
+            archive.catalog.upsert(
                 slide_id=slide_id,
                 path=path,
                 fingerprint=fingerprint,
-                status="failed",
-                error=f"{type(failure).__name__}: {failure}",
+                status=STATUS_COMPLETE,
+                n_tiles=n,
                 tiling=config.output_key(),
             )
+            return SlideResult(
+                str(path), slide_id, "skipped", n, seconds=time.perf_counter() - started
+            )
+        n_tiles, replacement = _retile(
+            archive,
+            path,
+            fingerprint,
+            config,
+            scheduler=scheduler,
+            workers=workers,
+            progress=progress,
+            discard_embeddings=discard_embeddings,
+        )
+    return SlideResult(
+        str(path),
+        slide_id,
+        "complete",
+        n_tiles,
+        seconds=time.perf_counter() - started,
+        kept_embeddings=replacement.kept_embeddings,
+        discarded_embeddings=replacement.discarded_embeddings,
+    )
+
+
+def _retile(
+    archive: Archive,
+    path: Path,
+    fingerprint: str,
+    config: TilingConfig,
+    *,
+    scheduler: Any,
+    workers: int | None,
+    progress: bool,
+    discard_embeddings: bool,
+) -> tuple[int, Replacement]:
+    """Write the slide's store beside the current one and swap it in (holding the slide lock).
+
+    On failure the previous complete store stays in place (and the catalog with it); the
+    catalog records the failure only when no complete store is left.
+    """
+    slide_id = slide_id_from_fingerprint(fingerprint)
+    store_path = archive.store_path(slide_id)
+    staging = staging_path(store_path)
+    previous = previous_store(store_path)
+    try:
+        with open_for_tiling(path, config.mpp_override) as reader:
+            n_tiles = _tile_open_slide(
+                reader,
+                staging,
+                fingerprint,
+                config,
+                scheduler,
+                workers,
+                progress,
+                previous=previous,
+                discard_embeddings=discard_embeddings,
+            )
+        replacement = replace_store(store_path, staging, discard_embeddings)
+    except Exception as err:
+        recover_swap(store_path, roll_forward=False)
+        full = isinstance(err, OSError) and err.errno == errno.ENOSPC
+        failure = DiskFullError(store_path) if full else err
+        if not is_complete_store(store_path):
+            with contextlib.suppress(OSError, sqlite3.Error):  # the catalog may be on the full disk
+                archive.catalog.upsert(
+                    slide_id=slide_id,
+                    path=path,
+                    fingerprint=fingerprint,
+                    status="failed",
+                    error=f"{type(failure).__name__}: {failure}",
+                    tiling=config.output_key(),
+                )
         if full:
             raise failure from err
         raise
-    catalog.upsert(
+    archive.catalog.upsert(
         slide_id=slide_id,
         path=path,
         fingerprint=fingerprint,
@@ -221,9 +292,7 @@ def tile_slide(
         n_tiles=n_tiles,
         tiling=config.output_key(),
     )
-    return SlideResult(
-        str(path), slide_id, "complete", n_tiles, seconds=time.perf_counter() - started
-    )
+    return n_tiles, replacement
 
 
 def _tile_open_slide(
@@ -234,7 +303,11 @@ def _tile_open_slide(
     scheduler: Any,
     workers: int | None,
     progress: bool,
+    *,
+    previous: SlideStore | None = None,
+    discard_embeddings: bool = False,
 ) -> int:
+    """Write the slide's store at ``store_path`` (left with status "writing")."""
     if reader.mpp is None:
         reader.get_thumbnail((64, 64))  # undecodable pixels fail first, before the scale
     slide_mpp = reader.require_mpp()
@@ -246,6 +319,7 @@ def _tile_open_slide(
     keep = fraction >= config.tissue_threshold
     if not keep.any():
         raise NoTissueError(reader.path, config.tissue_threshold)
+    check_plan(previous, fingerprint, config, coords[keep], discard_embeddings)
     store = SlideStore.create(
         store_path,
         source={
@@ -286,7 +360,6 @@ def _tile_open_slide(
             workers=workers,
             on_chunk=bar.update,
         )
-    store.mark_complete()
     return written
 
 
@@ -300,8 +373,13 @@ def tile_slides(
     workers: int | None = None,
     resume: bool = True,
     progress: bool = True,
+    discard_embeddings: bool = False,
+    lock_wait: float = 0.0,
 ) -> BatchSummary:
     """Tile every slide in ``inputs`` (files or folders); a failing slide never stops the batch.
+
+    A slide another job is writing is reported "busy" (after ``lock_wait`` seconds) and left
+    to that job; ``discard_embeddings`` as in :func:`tile_slide`.
 
     Args:
         mpp_overrides: per-slide mpp by file name or path (e.g. from a CSV), used when the
@@ -326,6 +404,17 @@ def tile_slides(
                     workers=workers,
                     resume=resume,
                     progress=progress,
+                    discard_embeddings=discard_embeddings,
+                    lock_wait=lock_wait,
+                )
+            except StoreLockedError as err:  # another job is on it: not this slide's fault
+                result = SlideResult(
+                    str(path),
+                    _slide_id_or_none(path),
+                    "busy",
+                    error=str(err),
+                    error_type=type(err).__name__,
+                    seconds=time.perf_counter() - started,
                 )
             except Exception as err:  # one slide's failure, whatever it is, ends only that slide
                 message = (

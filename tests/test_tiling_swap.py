@@ -1,0 +1,245 @@
+"""Re-tiling swaps, never deletes; one writer per slide store (issue 10, cases 2 and 3).
+
+Real `wsi-ssl tile` processes, killed (SIGKILL) or paused (SIGSTOP) at the swap points through
+the storage fault hook (``WSI_SSL_FAULT``, storage/atomic.py), on small synthetic slides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from wsi_ssl.config import TilingConfig
+from wsi_ssl.errors import EmbeddingsWouldBeDiscardedError, StoreLockedError
+from wsi_ssl.storage import open_store
+from wsi_ssl.storage.atomic import host_name
+from wsi_ssl.storage.embeddings import EmbeddingWriter, embedding_ids
+from wsi_ssl.storage.locks import slide_lock
+from wsi_ssl.storage.slide_store import aside_path, is_complete_store, staging_path
+from wsi_ssl.synthetic import write_synthetic_slide
+from wsi_ssl.tiling.batch import tile_slide, tile_slides
+
+CONFIG = TilingConfig(tissue_threshold=0.0, tiles_per_chunk=4)
+FLAGS = ["--tissue-threshold", "0", "--tiles-per-chunk", "4", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1024 x 768 synthetic slide: 12 tiles of 256 px in 3 shards."""
+    return write_synthetic_slide(tmp_path_factory.mktemp("swap") / "s.tiff", (1024, 768), seed=8)
+
+
+def _embed(root: Path, slide_id: str, encoder_id: str = "enc-a") -> np.ndarray:
+    """Complete embeddings written through the storage writer (random vectors, one per tile)."""
+    store = open_store(root).slide(slide_id)
+    rows = np.random.default_rng(0).normal(size=(store.n_tiles, 8)).astype(np.float32)
+    writer = EmbeddingWriter(store.path, encoder_id, n_rows=len(rows), dim=8, dtype="float32")
+    writer.write(0, rows)
+    writer.commit()
+    return rows
+
+
+@pytest.fixture
+def embedded(tmp_path: Path, slide: Path) -> tuple[Path, str, np.ndarray, np.ndarray]:
+    """An archive whose one store is complete and has embeddings: (root, id, tiles, vectors)."""
+    root = tmp_path / "archive"
+    slide_id = tile_slide(slide, root, CONFIG).slide_id
+    assert slide_id is not None
+    vectors = _embed(root, slide_id)
+    return root, slide_id, open_store(root).slide(slide_id).tiles[:], vectors
+
+
+def _assert_intact(root: Path, slide_id: str, tiles: np.ndarray, vectors: np.ndarray) -> None:
+    """The store is complete, with the same tiles and the same complete embeddings."""
+    archive = open_store(root)
+    assert archive.slide_ids == [slide_id]
+    np.testing.assert_array_equal(archive.slide(slide_id).tiles[:], tiles)
+    np.testing.assert_array_equal(archive.embeddings(slide_id, "enc-a").features, vectors)
+    entry = archive.catalog.get(slide_id)
+    assert entry is not None and entry.status == "complete"
+
+
+def _tile(root: Path, slide: Path, *extra: str, fault: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, "WSI_SSL_FAULT": fault} if fault else None
+    argv = [sys.executable, "-m", "wsi_ssl.cli.main", "tile", str(slide), "--out", str(root)]
+    return subprocess.Popen(
+        [*argv, *FLAGS, *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_retile_with_the_same_tiles_keeps_the_embeddings(
+    embedded: tuple[Path, str, np.ndarray, np.ndarray], slide: Path
+) -> None:
+    root, slide_id, tiles, vectors = embedded
+    code, out, _ = run_cli(["tile", str(slide), "--out", str(root), *FLAGS, "--no-resume"])
+    assert code == 0 and "embeddings kept (same tiles): enc-a" in out
+    _assert_intact(root, slide_id, tiles, vectors)
+    # a changed setting that does not change the tiles (thumbnail scale) keeps them too
+    config = TilingConfig(tissue_threshold=0.0, tiles_per_chunk=4, thumbnail_mpp=16.0)
+    again = tile_slide(slide, root, config)
+    assert again.status == "complete" and again.kept_embeddings == ["enc-a"]
+    _assert_intact(root, slide_id, tiles, vectors)
+    assert not staging_path(open_store(root).store_path(slide_id)).exists()
+
+
+def test_retile_that_changes_tiles_needs_discard_embeddings(
+    embedded: tuple[Path, str, np.ndarray, np.ndarray], slide: Path
+) -> None:
+    root, slide_id, tiles, vectors = embedded
+    argv = ["tile", str(slide), "--out", str(root), *FLAGS, "--tissue-threshold", "0.2"]
+    code, out, err = run_cli(argv)
+    assert code == 1 and err.count("\n") == 1
+    assert "would discard the embeddings enc-a" in err and "--discard-embeddings" in err
+    assert "other tile coordinates: 12 -> " in err
+    _assert_intact(root, slide_id, tiles, vectors)  # nothing changed, catalog included
+    with pytest.raises(EmbeddingsWouldBeDiscardedError, match="codec 'jpeg' -> 'zstd'"):
+        tile_slide(slide, root, TilingConfig(tissue_threshold=0.0, tiles_per_chunk=4, codec="zstd"))
+    _assert_intact(root, slide_id, tiles, vectors)
+    code, out, _ = run_cli([*argv, "--discard-embeddings"])
+    assert code == 0 and "embeddings discarded: enc-a" in out
+    archive = open_store(root)
+    assert archive.slide_ids == [slide_id] and archive.embedding_ids(slide_id) == []
+    assert archive.slide(slide_id).n_tiles < len(tiles)
+    assert archive.catalog.get(slide_id).tiling["tissue_threshold"] == 0.2  # type: ignore[union-attr]
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("point", ["#aside", "#swap-in", "#remove-old"])
+def test_sigkill_at_each_swap_point_keeps_a_complete_store(
+    embedded: tuple[Path, str, np.ndarray, np.ndarray], slide: Path, point: str
+) -> None:
+    """Killed before each step of the swap: the old complete store (or, past the first
+    rename, the new complete one) is on disk with its embeddings; a plain re-run finishes."""
+    root, slide_id, tiles, vectors = embedded
+    store_path = open_store(root).store_path(slide_id)
+    proc = _tile(root, slide, "--no-resume", fault=f"kill_before_rename:{point}")
+    proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    new, old = staging_path(store_path), aside_path(store_path)
+    assert is_complete_store(new) or is_complete_store(store_path)
+    complete = [p for p in (store_path, old, new) if is_complete_store(p)]
+    assert complete and all(embedding_ids(p) == ["enc-a"] for p in complete)
+    if point == "#aside":  # nothing renamed yet: readers see the old store as it was
+        _assert_intact(root, slide_id, tiles, vectors)
+    code, out, _ = run_cli(["tile", str(slide), "--out", str(root), *FLAGS])
+    assert code == 0 and ("already complete" in out or "embeddings kept" in out)
+    _assert_intact(root, slide_id, tiles, vectors)
+    assert not new.exists() and not old.exists()
+
+
+@pytest.mark.faults
+def test_full_disk_at_the_swap_leaves_the_old_store(
+    embedded: tuple[Path, str, np.ndarray, np.ndarray], slide: Path
+) -> None:
+    root, slide_id, tiles, vectors = embedded
+    proc = _tile(root, slide, "--no-resume", fault="enospc_before_rename:#swap-in")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "no space left on device" in err and err.count("\n") == 1
+    _assert_intact(root, slide_id, tiles, vectors)
+    store_path = open_store(root).store_path(slide_id)
+    assert not staging_path(store_path).exists() and not aside_path(store_path).exists()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 1 MiB tmpfs: a real full disk, where this machine lets the tests mount one."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+@pytest.mark.faults
+def test_full_disk_while_writing_beside_keeps_the_old_store(
+    tiny_disk: Path, tmp_path: Path
+) -> None:
+    """A real 1 MiB tmpfs: the first store fits, a second one beside it does not."""
+    slide = write_synthetic_slide(tmp_path / "s.tiff", (2560, 1920), seed=9)
+    config = TilingConfig(tissue_threshold=0.0)
+    first = tile_slide(slide, tiny_disk, config)
+    assert first.slide_id is not None
+    vectors = _embed(tiny_disk, first.slide_id)
+    tiles = open_store(tiny_disk).slide(first.slide_id).tiles[:]
+    summary = tile_slides([slide], tiny_disk, config, resume=False, progress=False)
+    assert summary.results[0].error_type == "DiskFullError"
+    _assert_intact(tiny_disk, first.slide_id, tiles, vectors)
+
+
+@pytest.mark.faults
+def test_two_tile_jobs_on_one_slide_never_write_together(tmp_path: Path, slide: Path) -> None:
+    """Job A pauses (SIGSTOP) holding the slide lock; job B skips the slide as busy, naming A's
+    pid and host, and exits 0 without touching the store or blaming the slide; A, continued,
+    completes it."""
+    root = tmp_path / "archive"
+    a = _tile(root, slide, fault="pause_before_rename:#aside")
+    slide_id = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # A stops itself once its new store is complete
+        with open(f"/proc/{a.pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                break
+        time.sleep(0.05)
+    try:
+        code, out, err = run_cli(["tile", str(slide), "--out", str(root), *FLAGS])
+        assert code == 0 and err == ""
+        assert f"being written by pid {a.pid} on {host_name()}" in out
+        assert "0 tiled, 0 already complete, 1 busy, 0 failed" in out
+        assert "QuPath" not in out and "malformed" not in out
+        slide_id = tile_slides([slide], root, CONFIG, progress=False).results[0].slide_id
+        assert slide_id is not None and open_store(root).slide_ids == []
+    finally:
+        a.send_signal(signal.SIGCONT)
+    a.communicate(timeout=120)
+    assert a.returncode == 0
+    archive = open_store(root)
+    assert archive.slide_ids == [slide_id] and archive.catalog.get(slide_id).status == "complete"  # type: ignore[union-attr]
+
+
+def test_second_writer_waits_for_the_lock_or_gets_a_typed_error(
+    tmp_path: Path, slide: Path
+) -> None:
+    root = tmp_path / "archive"
+    first = tile_slide(slide, root, CONFIG)
+    assert first.slide_id is not None
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from wsi_ssl.storage.locks import slide_lock\n"
+            "with slide_lock(sys.argv[1], sys.argv[2]):\n"
+            "    print('held', flush=True); time.sleep(float(sys.argv[3]))",
+            str(root),
+            first.slide_id,
+            "3",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with pytest.raises(StoreLockedError, match=f"pid {holder.pid} on {host_name()}"):
+        tile_slide(slide, root, CONFIG, resume=False)
+    waited = tile_slide(slide, root, CONFIG, lock_wait=60)  # waits, then finds it complete
+    assert waited.status == "skipped"
+    holder.wait()
+    with slide_lock(root, first.slide_id):  # released by both
+        pass
+    assert (
+        json.loads(json.dumps(tile_slides([slide], root, CONFIG, progress=False).to_dict()))[
+            "skipped"
+        ]
+        == 1
+    )
