@@ -50,6 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-resume", action="store_true", help="redo slides already embedded")
     p.add_argument(
+        "--no-mpp-check",
+        action="store_true",
+        help="embed slides tiled at another µm/px than the encoder was trained at",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA)")
+    p.add_argument(
         "--wait",
         type=float,
         default=0.0,
@@ -95,6 +101,8 @@ def run_embed(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         resume=not args.no_resume,
         wait=args.wait,
+        check_mpp=not args.no_mpp_check,
+        compile=args.compile,
     )
     encoder = create_encoder(
         args.encoder,

@@ -9,10 +9,10 @@ import sys
 from collections.abc import Sequence
 
 from wsi_ssl import __version__
-from wsi_ssl.cli import demo, embed, evaluate, mil, pretrain, search, serve, tile
+from wsi_ssl.cli import check, demo, embed, encoders, evaluate, mil, pretrain, search, serve, tile
 from wsi_ssl.errors import WsiSslError
 
-COMMANDS = (tile, pretrain, embed, search, mil, serve, demo, evaluate)
+COMMANDS = (tile, pretrain, embed, encoders, search, mil, serve, demo, evaluate, check)
 
 
 def build_parser() -> argparse.ArgumentParser:

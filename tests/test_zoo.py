@@ -464,3 +464,76 @@ def test_magnification_is_checked_against_the_trained_scale() -> None:
         uni.check_scale(0.25, 224, "slides/a.zarr")
     assert "slides/a.zarr" in str(info.value) and "check_mpp=False" in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+# -- the zoo in the embedding job and the CLI --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def root_at_025(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic slide tiled at 0.25 µm/px (the zoo's models were trained at 0.5)."""
+    from wsi_ssl.config import TilingConfig
+    from wsi_ssl.synthetic import write_synthetic_slide
+    from wsi_ssl.tiling.batch import tile_slide
+
+    base = tmp_path_factory.mktemp("at025")
+    slide = write_synthetic_slide(base / "s.tiff", (900, 700), mpp=0.25, seed=3)
+    tiling = TilingConfig(mpp=0.25, tile_size=224, codec="zstd", tissue_threshold=0.0)
+    tile_slide(slide, base / "root", tiling)
+    return base / "root"
+
+
+def test_embed_refuses_a_store_at_another_scale(root_at_025: Path) -> None:
+    from wsi_ssl.embedding import embed
+    from wsi_ssl.storage import open_store
+
+    enc = encoder_from_entry(*_reduced("hibou-b", depth=1), weights="random", seed=0)
+    summary = embed(root_at_025, enc, device="cpu", workers=0)
+    [failed] = summary.failed
+    assert failed.error_type == "MagnificationMismatchError"
+    assert "0.25 µm/px" in failed.error and "trained at 0.5" in failed.error
+    store = open_store(root_at_025).slide(failed.slide_id)
+    assert not (store.path / "embeddings" / enc.encoder_id).exists()  # nothing half-written
+    summary = embed(root_at_025, enc, device="cpu", workers=0, check_mpp=False)
+    assert not summary.failed and summary.tiles_embedded > 0
+
+
+def test_cli_lists_the_zoo_and_reports_a_scale_mismatch_in_one_line(root_at_025: Path) -> None:
+    import json
+
+    from tests.conftest import run_cli
+
+    code, out, _ = run_cli(["encoders", "--json"])
+    table = {r["name"]: r for r in json.loads(out)}
+    assert code == 0 and table["virchow2"]["dim"] == 2560 and table["uni"]["mpp"] == [0.5]
+    assert table["conch-v1.5"]["tile_size"] == 448
+    assert table["uni2-h"]["weights_path"].endswith("uni2-h/pytorch_model.bin")
+    assert "CC-BY-NC-ND-4.0" in table["uni"]["licence"]
+    code, out, _ = run_cli(["encoders", "hibou"])
+    assert code == 0 and "hibou-b" in out and "hibou-l" in out and "uni" not in out
+    argv = ["embed", str(root_at_025), "--encoder", "hibou-b", "--weights", "random"]
+    code, _, err = run_cli([*argv, "--device", "cpu", "--workers", "0", "--quiet", "--no-resume"])
+    lines = [x for x in err.splitlines() if x.startswith("wsi-ssl: error:")]
+    assert code == 1 and len(lines) == 1 and "trained at 0.5 µm/px" in lines[0]
+    code, _, err = run_cli(["embed", str(root_at_025), "--encoder", "no-such-model"])
+    assert code == 2 and "hibou-b" in err and "virchow2" in err and err.count("\n") == 1
+
+
+def test_compiled_encoder_gives_the_same_vectors() -> None:
+    enc = create_encoder("random-cnn")
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), np.uint8))
+    want = enc(x)
+    torch.testing.assert_close(enc.compile(backend="eager")(x), want)  # dynamo, CPU-cheap
+
+
+@pytest.mark.gpu
+def test_cnn_runs_channels_last_on_cuda() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    enc = create_encoder("random-cnn")
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 224, 224, 3), np.uint8))
+    want = enc(x)
+    enc.to("cuda")
+    conv = next(m for m in enc.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(enc(x.cuda()).cpu(), want, rtol=1e-3, atol=1e-3)

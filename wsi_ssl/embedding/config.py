@@ -37,6 +37,10 @@ class EmbedConfig:
             drops to the math kernel, about 1.8x slower).
         wait: seconds to wait for a slide whose embeddings another job is writing (or that
             is being tiled); 0 (default): report it as "busy" and go on with the others.
+        check_mpp: refuse (per slide) tiles whose scale at the model input is more than 10%
+            off the scales the encoder was trained at (``EncoderConfig.mpp``); False embeds
+            them anyway.
+        compile: run the encoder through ``torch.compile`` (worth it for long jobs on CUDA).
     """
 
     batch_size: int = 256
@@ -48,6 +52,8 @@ class EmbedConfig:
     chunk_rows: int | None = None
     deterministic: bool = False
     wait: float = 0.0
+    check_mpp: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

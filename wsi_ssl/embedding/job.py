@@ -211,6 +211,8 @@ class _Job:
             if busy is not None:
                 return _failed(slide_id, busy, time.perf_counter() - started)
             self.encoder.check_input_size(tile_size, int(store.tiles.shape[2]), str(store.path))
+            if self.config.check_mpp:
+                self.encoder.check_scale(store.tiling.get("mpp"), tile_size, str(store.path))
         except (WsiSslError, OSError, KeyError, ValueError) as err:
             return _failed(slide_id, err, time.perf_counter() - started)
         tiling = store.tiling
@@ -467,6 +469,8 @@ def embed(
     started = time.perf_counter()
     archive = open_store(root)
     enc = _as_encoder(encoder, weights).to(config.device)
+    if config.compile:
+        enc.compile()
     job = _Job(archive, enc, config, progress)
     scan = archive.scan()
     if slides is None:
