@@ -10,6 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from wsi_ssl.cli import tile_roi
 from wsi_ssl.cli.arg_types import whole_number
 from wsi_ssl.cli.toml_config import read_toml_config
 from wsi_ssl.config import CODECS, TilingConfig
@@ -24,12 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mpp", type=float, help="target microns per pixel (default 0.5)")
     p.add_argument("--tile-size", type=int, help="tile edge in pixels (default 256)")
     p.add_argument("--overlap", type=int, help="overlap in pixels (default 0)")
-    p.add_argument("--tissue-threshold", type=float, help="minimum tissue fraction (default 0.25)")
+    p.add_argument("--tissue-threshold", type=float, help="minimum tissue fraction (default 0.1)")
     p.add_argument("--codec", choices=CODECS, help="tile codec (default jpeg)")
     p.add_argument("--jpeg-quality", type=int, help="JPEG quality (default 90)")
     p.add_argument("--tiles-per-chunk", type=int, help="tiles per task and shard (default 64)")
     p.add_argument("--mpp-override", type=float, help="mpp for slides that record none")
     p.add_argument("--mpp-csv", type=Path, help="CSV with columns slide,mpp (file name or path)")
+    tile_roi.add_arguments(p)
     p.add_argument(
         "--allow-upsampling",
         action="store_true",
@@ -102,6 +104,7 @@ def run_tile(args: argparse.Namespace) -> int:
 
     config = tiling_config(args)
     overrides = read_mpp_csv(args.mpp_csv) if args.mpp_csv else None
+    rois = tile_roi.read_roi_csv(args.roi_csv) if args.roi_csv else None
     from wsi_ssl.tiling.extract import LOCAL_SCHEDULERS
 
     client = None
@@ -121,6 +124,7 @@ def run_tile(args: argparse.Namespace) -> int:
             args.out,
             config,
             mpp_overrides=overrides,
+            rois=rois,
             scheduler=client or args.scheduler,
             workers=args.workers,
             resume=not args.no_resume,

@@ -172,6 +172,33 @@ class SlideStore:
     def tissue_mask(self) -> np.ndarray:
         return np.asarray(self._array("tissue_mask")[:])
 
+    # -- per-tile tables (storage/per_tile.py) ----------------------------------------------
+    def qc(self) -> dict[str, np.ndarray]:
+        """``qc/<metric>`` scores, float32 (N,) each; {} for a store tiled without QC."""
+        from wsi_ssl.storage.per_tile import read_qc
+
+        return read_qc(self.group)
+
+    def labels(self, name: str = "annotations") -> tuple[np.ndarray, list[str]]:
+        """``labels/<name>``: float32 (N, C) class fractions per tile and the class names."""
+        from wsi_ssl.storage.per_tile import read_labels
+
+        return read_labels(self.group, self.path, name)
+
+    def create_tables(
+        self,
+        qc_metrics: tuple[str, ...],
+        chunk: int,
+        labels: tuple[str, np.ndarray, tuple[str, ...]] | None = None,
+    ) -> None:
+        """Empty ``qc/<metric>`` arrays (filled by the tiling tasks) and, given
+        ``(name, fractions, classes)``, ``labels/<name>``."""
+        from wsi_ssl.storage.per_tile import create_qc, write_labels
+
+        create_qc(self.group, qc_metrics, self.n_tiles, chunk)
+        if labels is not None:
+            write_labels(self.group, *labels)
+
     def tiles_dask(self) -> da.Array:
         """The tiles as a dask array, one block per shard."""
         import dask.array as da

@@ -87,7 +87,7 @@ def test_embed_shape_alignment_and_provenance(cmu_root: Path, tmp_path: Path) ->
     assert [r.status for r in summary.results] == ["complete"] and not summary.failed
     store = _only(root)
     emb = read_embeddings(store, enc.encoder_id)
-    assert emb.features.shape == (store.n_tiles, 64) == (52, 64)
+    assert emb.features.shape == (store.n_tiles, 64) == (72, 64)
     assert emb.features.dtype == np.float16
     assert np.array_equal(emb.coords, store.coords)
     # row i is tile i: recompute with the same batch boundaries, straight from the tiles
@@ -105,7 +105,7 @@ def test_embed_shape_alignment_and_provenance(cmu_root: Path, tmp_path: Path) ->
     lazy = read_embeddings(store, enc.encoder_id, lazy=True)
     assert np.array_equal(lazy.features.compute(), emb.features)
     d = summary.to_dict()
-    assert d["complete"] == 1 and d["tiles_embedded"] == 52 and d["encoder_id"] == enc.encoder_id
+    assert d["complete"] == 1 and d["tiles_embedded"] == 72 and d["encoder_id"] == enc.encoder_id
     json.dumps(d)
 
 
@@ -402,7 +402,7 @@ def test_export_clam_h5_and_pt_round_trip(cmu_root: Path, tmp_path: Path) -> Non
         assert feats.attrs["encoder_id"] == enc.encoder_id
         assert json.loads(feats.attrs["encoder"])["name"] == "random-cnn"
     manifest = json.loads((tmp_path / "h5" / "export.json").read_text())
-    assert manifest["encoder_id"] == enc.encoder_id and manifest["slides"][0]["n_tiles"] == 52
+    assert manifest["encoder_id"] == enc.encoder_id and manifest["slides"][0]["n_tiles"] == 72
 
     result = export(root, tmp_path / "pt", format="pt", name_by="slide_id")
     [path] = result.files
@@ -431,7 +431,7 @@ def test_cli_embed_and_export(
     common = ["--device", "cpu", "--workers", "0", "--batch-size", "16"]
     assert _cli(["embed", str(root), "--encoder", "random-cnn", "--json", *common]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["complete"] == 1 and out["tiles_embedded"] == 52
+    assert out["complete"] == 1 and out["tiles_embedded"] == 72
     assert _cli(["embed", str(root), "--encoder", "random-cnn", *common]) == 0
     assert "1 already complete" in capsys.readouterr().out
     assert _cli(["export", str(root), "--out", str(tmp_path / "h5"), "--json"]) == 0
@@ -468,7 +468,7 @@ def test_public_api_embeds_and_reads_back(cmu_root: Path, tmp_path: Path) -> Non
     assert summary.results[0].status == "complete"
     archive = open_store(root)
     emb = archive.embeddings(archive.slide_ids[0], summary.encoder_id)
-    assert emb.features.shape == (52, 64)
+    assert emb.features.shape == (72, 64)
     assert np.array_equal(emb.coords, archive.coords(archive.slide_ids[0])[:])
 
 

@@ -84,7 +84,7 @@ def test_cmu_store_contract(cmu_root: Path, cmu_small: Path) -> None:
     assert (order == np.arange(n)).all(), "tiles are stored row-major"
     thumb, mask = store.thumbnail, store.tissue_mask
     assert thumb.shape[:2] == mask.shape and mask.dtype == bool and thumb.shape[2] == 3
-    assert (store.tissue_fraction >= 0.25).all()
+    assert (store.tissue_fraction >= store.tiling["tissue_threshold"]).all()
     entry = archive.catalog.get(slide_id)
     assert entry is not None and entry.status == "complete" and entry.n_tiles == n
 

@@ -9,10 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage as ndi
 
 from wsi_ssl.errors import ConfigError
 from wsi_ssl.synthetic import tissue_mask_truth, write_synthetic_slide
-from wsi_ssl.tissue import TissueParams, detect_tissue, mask_overlay, tissue_fraction
+from wsi_ssl.tissue import (
+    TissueParams,
+    coverage_overlay,
+    detect_tissue,
+    mask_overlay,
+    tile_cover,
+    tissue_fraction,
+)
 
 NO_PEN = TissueParams(reject_pen=False)
 
@@ -154,7 +162,7 @@ def test_uniform_image_gives_empty_mask(color: tuple[int, int, int], mpp: float)
     assert not detect_tissue(_noisy(color, (256, 256)), mpp).any()
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (5, 40)])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (5, 7)])
 def test_tiny_images(shape: tuple[int, int]) -> None:
     """Images smaller than the disks and areas give a mask of their shape, empty here."""
     pink = np.full((*shape, 3), (226, 150, 190), dtype=np.uint8)
@@ -202,7 +210,9 @@ def test_synthetic_slide_matches_truth_and_drops_the_pen(tmp_path: Path) -> None
     truth = tissue_mask_truth(size, seed=seed, scale=scale)
     mask = detect_tissue(thumbnail, mpp=0.5 * scale)
     assert (mask & truth).sum() / (mask | truth).sum() > 0.95
-    assert (mask & ~truth).sum() < 0.01 * truth.sum()
+    # truth samples each pixel's centre: a pixel on the edge, partly tissue, counts either way
+    edge = ndi.binary_dilation(truth) & ~truth
+    assert (mask & ~truth & ~edge).sum() < 0.01 * truth.sum()
     # the green stroke on glass passes for tissue without the pen rules
     assert (detect_tissue(thumbnail, 0.5 * scale, NO_PEN) & ~truth).sum() > 0.1 * truth.sum()
 
@@ -309,3 +319,107 @@ def test_invalid_arguments() -> None:
         tissue_fraction(mask, np.zeros((3, 2), dtype=np.int64), 0.0, 1.0)
     with pytest.raises(ValueError, match="bool"):
         mask_overlay(image, mask.astype(np.uint8))
+
+
+# -- recall of the default settings on a real slide (issue 12) ----------------------------
+
+
+def _reference_tissue(cmu_small: Path) -> np.ndarray:
+    """A reference tissue mask of CMU-1-Small-Region at full resolution (0.499 µm/px).
+
+    Built independently of the detector: optical density against the glass (the median
+    colour of the brightest 30 % of pixels) summed over R, G, B, box-smoothed over 2.5 µm,
+    above 0.15 (faint eosin is 0.3 and more, clean glass is 0 ± 0.03); then an opening by
+    3 x 3 px and components under 100 µm² (dust) dropped. Checked by eye on the
+    full-resolution image: it keeps the thin strand left of the section and the fragments
+    right of it, and no glass.
+    """
+    openslide = pytest.importorskip("openslide")
+    with openslide.OpenSlide(cmu_small) as slide:
+        image = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+    pixels = image.reshape(-1, 3).astype(np.float32)
+    brightness = pixels.sum(axis=1)
+    glass = np.median(pixels[brightness > np.percentile(brightness, 70)], axis=0)
+    od = (-np.log10(np.maximum(image, 1) / glass)).clip(0).sum(axis=-1)
+    ref = ndi.binary_opening(ndi.uniform_filter(od, 5) > 0.15, np.ones((3, 3), dtype=bool))
+    labels, _ = ndi.label(ref)
+    keep = np.bincount(labels.ravel()) >= 400  # 100 µm² at 0.5 µm/px
+    keep[0] = False
+    return keep[labels]
+
+
+@pytest.mark.slow
+def test_default_tiling_keeps_the_tissue_of_a_real_slide(cmu_small: Path, tmp_path: Path) -> None:
+    """Kept tiles cover >= 95 % of the reference tissue at >= 90 % tile precision (a kept
+    tile is right when >= 5 % of it is reference tissue), with the default settings and
+    224 px tiles. Before the issue-12 detector and threshold: 90 % and 93 % coverage."""
+    from wsi_ssl.config import TilingConfig
+    from wsi_ssl.storage import Archive
+    from wsi_ssl.tiling.batch import tile_slide
+
+    ref = _reference_tissue(cmu_small)
+    assert 0.3 < ref.mean() < 0.4
+    for tile_size in (224, 256):
+        config = TilingConfig(tile_size=tile_size, codec="zstd")
+        result = tile_slide(cmu_small, tmp_path / str(tile_size), config)
+        store = Archive(tmp_path / str(tile_size)).slide(result.slide_id)
+        side = store.tiling["tile_size_level0"]
+        covered = tile_cover(ref.shape, store.coords, side, 1.0)
+        coverage = (covered & ref).sum() / ref.sum()
+        precision = (tissue_fraction(ref, store.coords, side, 1.0) >= 0.05).mean()
+        assert coverage >= 0.95, (tile_size, coverage)
+        assert precision >= 0.9, (tile_size, precision)
+
+
+@pytest.mark.parametrize("name", TISSUE_TILES + EMPTY_TILES + PEN_ONLY_TILES)
+def test_default_threshold_keeps_exactly_the_tissue_tiles(patches_dir: Path, name: str) -> None:
+    """Each labelled tile as one tile of a grid: kept by the default tissue_threshold if and
+    only if it is tissue."""
+    from wsi_ssl.config import TilingConfig
+
+    image, mpp = _tile(patches_dir, name)
+    mask = detect_tissue(image, mpp)
+    fraction = tissue_fraction(mask, np.zeros((1, 2), dtype=np.int64), image.shape[1], 1.0)
+    assert (fraction[0] >= TilingConfig().tissue_threshold) == (name in TISSUE_TILES)
+
+
+def test_thin_faint_strands_and_small_fragments_are_tissue() -> None:
+    """At 8 µm/px: a 3 px (24 µm) wide pale strand joined to a section, a pale fringe
+    around it and a 60 µm fragment apart from it are all tissue; glass and 2-pixel dust
+    are not."""
+    image = _noisy((240, 238, 242), (200, 300), seed=9)
+    yy, xx = np.mgrid[:200, :300]
+    section = ((xx - 220) / 50) ** 2 + ((yy - 100) / 60) ** 2 < 1
+    fringe = (((xx - 220) / 56) ** 2 + ((yy - 100) / 66) ** 2 < 1) & ~section
+    strand = (np.abs(yy - 100) <= 1) & (xx >= 30) & (xx < 175)
+    fragment = ((xx - 60) ** 2 + (yy - 40) ** 2) <= 16  # ≈ 9 px across, 72 µm
+    image[section] = _noisy((215, 140, 185), (200, 300), seed=10)[section]
+    image[fringe | strand] = _noisy((228, 195, 218), (200, 300), seed=11)[fringe | strand]
+    image[fragment] = _noisy((220, 160, 195), (200, 300), seed=12)[fragment]
+    image[150:152, 50:51] = (200, 120, 170)  # dust, 2 px
+    mask = detect_tissue(image, mpp=8.0)
+    assert mask[section].mean() > 0.99
+    assert mask[strand].mean() > 0.9 and mask[fringe].mean() > 0.8
+    assert mask[fragment].mean() > 0.9
+    assert not mask[150:152, 50:51].any()
+    assert mask.sum() < 1.05 * (section | fringe | strand | fragment).sum()
+    # the settings before issue 12 (no hysteresis, an opening, 20,000 µm² minimum) lose them
+    old = TissueParams(weak_saturation_ratio=1.0, opening_radius_um=8.0, min_tissue_area_um2=2e4)
+    before = detect_tissue(image, mpp=8.0, params=old)
+    assert before[strand].mean() < 0.1 and not before[fragment].any()
+
+
+def test_tile_cover_and_coverage_overlay() -> None:
+    mask = np.zeros((10, 12), dtype=bool)
+    mask[2:8, 2:10] = True
+    coords = np.array([[0, 0], [8, 0], [16, 16]], dtype=np.int64)  # level-0, 2 px per pixel
+    cover = tile_cover(mask.shape, coords, 8.0, 2.0)
+    expected = np.zeros_like(mask)
+    expected[0:4, 0:8] = True
+    expected[8:10, 8:12] = True
+    np.testing.assert_array_equal(cover, expected)
+    thumb = np.full((10, 12, 3), 240, dtype=np.uint8)
+    out = coverage_overlay(thumb, mask, coords, 8.0, 2.0)
+    assert (out[mask & ~cover] == [255, 0, 0]).all()  # dropped tissue in red
+    assert (out[~mask & ~cover] == 240).all()  # untouched glass
+    assert (out[cover & ~mask][:, 2] > out[cover & ~mask][:, 0]).all()  # kept tiles blue

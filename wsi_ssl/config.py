@@ -35,12 +35,19 @@ class TilingConfig:
             (pixels the scanner never recorded); refused by default.
         max_tile_size: largest ``tile_size`` accepted (default 4096).
         max_tiles: largest tile plan (full grid, before tissue filtering) accepted per slide.
+        roi: annotation file (QuPath GeoJSON, ASAP XML, PNG/NPY mask) restricting the tiles;
+            its classes are stored per tile as ``labels/annotations`` (wsi_ssl.annotations).
+        roi_include: classes forming the region (default: every class not excluded).
+        roi_exclude: classes cut out of the region.
+        roi_min_fraction: minimum fraction of a tile's area inside the region for it to be kept.
+        qc_min_focus, qc_max_pen, qc_min_tissue, qc_max_dark: tiles past these QC scores are
+            flagged, not kept by consumers (wsi_ssl.tiling.qc).
     """
 
     mpp: float = 0.5
     tile_size: int = 256
     overlap: int = 0
-    tissue_threshold: float = 0.25
+    tissue_threshold: float = 0.1
     codec: str = "jpeg"
     jpeg_quality: int = 90
     tiles_per_chunk: int = 64
@@ -49,6 +56,14 @@ class TilingConfig:
     allow_upsampling: bool = False
     max_tile_size: int = MAX_TILE_SIZE
     max_tiles: int = MAX_TILES
+    roi: str | None = None
+    roi_include: tuple[str, ...] = ()
+    roi_exclude: tuple[str, ...] = ()
+    roi_min_fraction: float = 0.5
+    qc_min_focus: float = 200.0
+    qc_max_pen: float = 0.1
+    qc_min_tissue: float = 0.05
+    qc_max_dark: float = 0.5
 
     def __post_init__(self) -> None:
         if not self.mpp > 0:
@@ -76,9 +91,20 @@ class TilingConfig:
             raise ConfigError(f"thumbnail_mpp must be > 0, got {self.thumbnail_mpp}")
         if self.mpp_override is not None and not self.mpp_override > 0:
             raise ConfigError(f"mpp_override must be > 0, got {self.mpp_override}")
+        for name in ("roi_include", "roi_exclude"):  # TOML and JSON give lists
+            object.__setattr__(self, name, tuple(str(c) for c in getattr(self, name)))
+        if self.roi is not None:
+            object.__setattr__(self, "roi", str(self.roi))
+        for name in ("roi_min_fraction", "qc_max_pen", "qc_min_tissue", "qc_max_dark"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not self.qc_min_focus >= 0:
+            raise ConfigError(f"qc_min_focus must be >= 0, got {self.qc_min_focus}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as JSON types (tuples as lists), as stored and compared on resume."""
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TilingConfig:

@@ -427,6 +427,29 @@ class ArchitectureMismatchError(ConfigError):
     """A backbone (or ``init`` encoder) whose architecture the pretraining method cannot use."""
 
 
+# -- annotations and ROIs (issue #12) ----------------------------------------------------------
+
+
+class AnnotationError(WsiSslError, ValueError):
+    """An annotation or ROI file that cannot be read, or classes it does not hold."""
+
+    def __init__(self, path: str | Path, detail: str) -> None:
+        super().__init__(f"{path}: {detail}")
+        self.path = Path(path)
+
+
+class NoLabelsError(WsiSslError, LookupError):
+    """A slide store holds no ``labels/<name>`` (it was tiled without that annotation file)."""
+
+    def __init__(self, path: str | Path, name: str, available: list[str]) -> None:
+        have = ", ".join(available) or "none"
+        super().__init__(
+            f"{path}: no labels/{name} in this store (it has: {have}); tile the slide with "
+            "roi=ANNOTATION_FILE to store annotation labels"
+        )
+        self.path = Path(path)
+
+
 class EmbeddingsWouldBeDiscardedError(WsiSslError, RuntimeError):
     """A re-tile would change the tiles of a store that has embeddings (they would be lost)."""
 

@@ -20,7 +20,16 @@ from skimage.filters import threshold_otsu
 
 from wsi_ssl.errors import ConfigError
 
-__all__ = ["TissueParams", "detect_tissue", "mask_overlay", "tissue_fraction"]
+__all__ = [
+    "TissueParams",
+    "colour_cells",
+    "colour_rules",
+    "coverage_overlay",
+    "detect_tissue",
+    "mask_overlay",
+    "tile_cover",
+    "tissue_fraction",
+]
 
 
 @dataclass(frozen=True)
@@ -38,13 +47,18 @@ class TissueParams:
             blank glass never becomes tissue.
         saturation_ceiling: the Otsu threshold is lowered to at most this, so an image that is
             all tissue is not split between pale eosin and dark hematoxylin.
+        weak_saturation_ratio: hysteresis (Canny, 1986): pixels above this fraction of the
+            threshold (and above ``weak_saturation_floor``) are tissue too where they touch
+            tissue above the threshold: faint edges and thin, pale strands.
+        weak_saturation_floor: the weak threshold is at least this (above glass noise).
         closing_radius_um: disk radius of the closing that joins nuclei and fibres into one
             tissue region (two thumbnail pixels at 8 µm/px).
-        opening_radius_um: disk radius of the opening that then removes dust and noise specks.
+        opening_radius_um: disk radius of an opening that then removes thin structures; 0
+            (default) keeps thin strands of tissue; specks go by ``min_tissue_area_um2``.
         max_hole_area_um2: enclosed background up to this area (fat cells, small lumina,
             ≈ 160 µm across) is filled as tissue; larger holes stay background.
-        min_tissue_area_um2: connected tissue smaller than this (≈ 140 µm square, about one
-            256 px tile at 0.5 µm/px) is dropped as debris.
+        min_tissue_area_um2: connected tissue smaller than this (≈ 50 µm square, a few
+            thumbnail pixels at 8 µm/px) is dropped as dust; small fragments of tissue stay.
         black_value_max: pixels darker than this value are never tissue (scanner borders, ink).
         dark_value_max: with ``dark_saturation_max``: dark and nearly grey pixels are not
             tissue (grey borders, black ink); dark nuclei are saturated purple and stay.
@@ -67,10 +81,12 @@ class TissueParams:
     smoothing_radius_um: float = 4.0
     saturation_floor: float = 0.07
     saturation_ceiling: float = 0.2
+    weak_saturation_ratio: float = 0.75
+    weak_saturation_floor: float = 0.05
     closing_radius_um: float = 16.0
-    opening_radius_um: float = 8.0
+    opening_radius_um: float = 0.0
     max_hole_area_um2: float = 20_000.0
-    min_tissue_area_um2: float = 20_000.0
+    min_tissue_area_um2: float = 2_500.0
     black_value_max: float = 0.15
     dark_value_max: float = 0.5
     dark_saturation_max: float = 0.2
@@ -88,6 +104,8 @@ class TissueParams:
         unit = (
             "saturation_floor",
             "saturation_ceiling",
+            "weak_saturation_ratio",
+            "weak_saturation_floor",
             "black_value_max",
             "dark_value_max",
             "dark_saturation_max",
@@ -130,8 +148,9 @@ def detect_tissue(
     Steps: classify each colour as stain, dark (black or dark grey) or ink (hue rules); grow
     ink strokes at least ``pen_min_width_um`` wide by ``pen_margin_um``; threshold the 8-bit
     HSV saturation of the remaining pixels at Otsu's value (Otsu, 1979), clamped to
-    ``[saturation_floor, saturation_ceiling]``; closing then opening with disks; remove ink;
-    fill small holes; drop small components. Morphology and areas use ``mpp``, so the result
+    ``[saturation_floor, saturation_ceiling]``, with hysteresis down to
+    ``weak_saturation_ratio`` of it for pixels connected to tissue; closing (then opening, if
+    asked) with disks; remove ink; fill small holes; drop small components. Morphology and areas use ``mpp``, so the result
     does not depend on the thumbnail's scale.
 
     Args:
@@ -178,10 +197,14 @@ def detect_tissue(
         return np.zeros_like(blocked)
     floor, ceiling = (round(255 * params.saturation_floor), round(255 * params.saturation_ceiling))
     threshold = min(max(_otsu(stained), floor), ceiling)
-    mask = (saturation > threshold) & ~blocked
+    weak = max(threshold * params.weak_saturation_ratio, 255 * params.weak_saturation_floor)
+    mask = _hysteresis(saturation > weak, saturation > threshold) & ~blocked
 
     mask = _closing(mask, round(params.closing_radius_um / mpp)) & ~ink
     mask = _opening(mask, round(params.opening_radius_um / mpp))
+    if ink.any():
+        halo = _dilate(ink, round(params.pen_margin_um / mpp)) & ~ink
+        mask = _drop_halos(mask, halo)
     # components are labelled within the tissue's bounding box only: everything outside it
     # is background connected to the image edge
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
@@ -272,6 +295,67 @@ def mask_overlay(
     return out.round().astype(np.uint8)
 
 
+def colour_cells(image: np.ndarray) -> np.ndarray:
+    """uint16 index of each pixel's RGB cell (5 bits a channel), into :func:`colour_rules`."""
+    r, g, b = (image[..., i] >> _DROP for i in range(3))
+    return (r.astype(np.uint16) << 2 * _BITS) | (g.astype(np.uint16) << _BITS) | b
+
+
+def colour_rules(params: TissueParams = TissueParams()) -> tuple[np.ndarray, np.ndarray]:
+    """Per RGB cell of :func:`colour_cells`: marker ink (hue rules) and dark grey/black, the
+    colour rules of :func:`detect_tissue` without the stroke width and margin.
+
+    Returns:
+        (ink, dark), two bool (32768,) tables.
+    """
+    table = _colour_table(params)
+    return table == _INK, table == _DARK
+
+
+def tile_cover(
+    shape: tuple[int, int], coords: np.ndarray, tile_size_level0: float, level0_per_px: float
+) -> np.ndarray:
+    """The pixels of an (h, w) raster that the tiles at ``coords`` cover.
+
+    A raster pixel is covered when its centre lies in a tile's level-0 square
+    ``[x, x + tile_size_level0)``; ``level0_per_px`` is level-0 pixels per raster pixel.
+
+    Returns:
+        bool (h, w).
+    """
+    h, w = shape
+    cover = np.zeros((h + 1, w + 1), dtype=np.int32)
+    start = np.ceil(coords / level0_per_px - 0.5).astype(np.int64)
+    stop = np.ceil((coords + tile_size_level0) / level0_per_px - 0.5).astype(np.int64)
+    x0, x1 = np.clip(start[:, 0], 0, w), np.clip(stop[:, 0], 0, w)
+    y0, y1 = np.clip(start[:, 1], 0, h), np.clip(stop[:, 1], 0, h)
+    # each tile adds +1 inside its box, through the four corners of a difference table
+    np.add.at(cover, (y0, x0), 1)
+    np.add.at(cover, (y0, x1), -1)
+    np.add.at(cover, (y1, x0), -1)
+    np.add.at(cover, (y1, x1), 1)
+    return np.cumsum(np.cumsum(cover, axis=0), axis=1)[:h, :w] > 0
+
+
+def coverage_overlay(
+    thumbnail: np.ndarray,
+    mask: np.ndarray,
+    coords: np.ndarray,
+    tile_size_level0: float,
+    level0_per_px: float,
+) -> np.ndarray:
+    """The thumbnail with kept tiles tinted blue and tissue that no kept tile covers in red:
+    what tiling dropped, at a glance.
+
+    Returns:
+        uint8 RGB (h, w, 3), a new array.
+    """
+    cover = tile_cover(mask.shape, coords, tile_size_level0, level0_per_px)
+    out = mask_overlay(thumbnail, cover, color=(0, 90, 255), alpha=0.2)
+    out[mask & ~cover] = (255, 0, 0)
+    return out
+
+
 _BITS = 5
 """Colour rules are looked up per RGB cell of this many bits per channel (32**3 cells)."""
 _DROP = 8 - _BITS
@@ -331,6 +415,17 @@ def _otsu(levels: np.ndarray) -> int:
     return int(threshold_otsu(hist=(counts, np.arange(256))))
 
 
+def _hysteresis(weak: np.ndarray, strong: np.ndarray) -> np.ndarray:
+    """Components of ``weak`` (8-connected) that hold at least one ``strong`` pixel."""
+    labels, n = ndi.label(weak, structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        return weak
+    hit = np.zeros(n + 1, dtype=bool)
+    hit[labels[strong & weak]] = True
+    hit[0] = False
+    return np.take(hit, labels)
+
+
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     """Binary dilation by a disk of ``radius`` pixels; outside the image is background.
 
@@ -385,6 +480,19 @@ def _fill_holes(mask: np.ndarray, max_area_px: float, keep_out: np.ndarray) -> n
     for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
         fill[edge] = False
     return mask | (np.take(fill, labels) & ~keep_out)
+
+
+def _drop_halos(mask: np.ndarray, halo: np.ndarray) -> np.ndarray:
+    """Remove tissue components lying mostly (half or more) in the band around ink strokes:
+    the blurred, pink rims of the ink, not tissue."""
+    labels, n = ndi.label(mask)
+    if n == 0:
+        return mask
+    area = np.bincount(labels.ravel(), minlength=n + 1)
+    in_halo = np.bincount(labels[halo], minlength=n + 1)
+    keep = in_halo * 2 < area
+    keep[0] = False
+    return np.take(keep, labels)
 
 
 def _drop_small(mask: np.ndarray, min_area_px: float) -> np.ndarray:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from wsi_ssl.annotations import restrict_to_roi
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import (
     DiskFullError,
@@ -35,6 +36,7 @@ from wsi_ssl.storage.slide_store import is_complete_store, recover_swap, staging
 from wsi_ssl.storage.tile_reader import TileReader
 from wsi_ssl.tiling.extract import extract
 from wsi_ssl.tiling.grid import TileGrid
+from wsi_ssl.tiling.qc import QC_METRICS
 from wsi_ssl.tiling.replace import Replacement, check_plan, previous_store, replace_store
 from wsi_ssl.tissue import detect_tissue, tissue_fraction
 
@@ -320,6 +322,9 @@ def _tile_open_slide(
     if not keep.any():
         raise NoTissueError(reader.path, config.tissue_threshold)
     check_plan(previous, fingerprint, config, coords[keep], discard_embeddings)
+    keep, labels = restrict_to_roi(
+        config, keep, coords, grid.tile_size_level0, mask.shape, level0_per_px
+    )
     store = SlideStore.create(
         store_path,
         source={
@@ -341,6 +346,11 @@ def _tile_open_slide(
         thumbnail=thumbnail,
         tissue_mask=mask,
         tissue_fraction=fraction[keep],
+    )
+    store.create_tables(
+        QC_METRICS,
+        config.tiles_per_chunk,
+        None if labels is None else ("annotations", labels.fractions[keep], labels.classes),
     )
     with tqdm(
         total=int(keep.sum()),
@@ -369,6 +379,7 @@ def tile_slides(
     config: TilingConfig | None = None,
     *,
     mpp_overrides: Mapping[str, float] | None = None,
+    rois: Mapping[str, str] | None = None,
     scheduler: Any = "threads",
     workers: int | None = None,
     resume: bool = True,
@@ -384,6 +395,7 @@ def tile_slides(
     Args:
         mpp_overrides: per-slide mpp by file name or path (e.g. from a CSV), used when the
             slide records no scale of its own; ``config.mpp_override`` applies to the rest.
+        rois: per-slide annotation file by file name or path (``config.roi`` for the rest).
     """
     config = config or TilingConfig()
     paths = collect_slide_paths(inputs)
@@ -393,7 +405,8 @@ def tile_slides(
     with tqdm(paths, desc="slides", unit="slide", disable=not progress, dynamic_ncols=True) as bar:
         for path in bar:
             override = overrides.get(str(path), overrides.get(path.name, config.mpp_override))
-            slide_config = replace(config, mpp_override=override)
+            roi = (rois or {}).get(str(path), (rois or {}).get(path.name, config.roi))
+            slide_config = replace(config, mpp_override=override, roi=roi)
             started = time.perf_counter()
             try:
                 result = tile_slide(

@@ -27,6 +27,7 @@ from PIL import Image
 from wsi_ssl.slide import SlideReader, StoredTiles, open_slide
 from wsi_ssl.storage.shards import accepts_jpeg, write_shard
 from wsi_ssl.tiling.grid import TileGrid
+from wsi_ssl.tiling.qc import write_chunk_scores
 
 LOCAL_SCHEDULERS = ("threads", "processes")
 
@@ -157,6 +158,7 @@ def _extract_chunk(
     array = zarr.open_array(tiles_path, mode="r+")
     tiles = chunk_tiles(reader, grid, coords, jpeg_passthrough=accepts_jpeg(array))
     write_shard(array, start // array.shards[0], tiles)  # type: ignore[index]
+    write_chunk_scores(Path(tiles_path).parent, start, tiles)
     return len(tiles)
 
 

@@ -1,0 +1,72 @@
+"""Per-tile tables of a slide store: ``qc/<metric>`` scores and ``labels/<name>`` fractions.
+
+``qc/<metric>``: float32 (N,), one quality score per tile, chunked like the tiles' shards so
+each tiling task writes whole chunks of its own. ``labels/<name>``: float32 (N, C), each
+tile's area fraction of C annotation classes, the class names in the ``classes`` attribute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import zarr
+
+from wsi_ssl.errors import NoLabelsError
+
+QC_GROUP = "qc"
+LABELS_GROUP = "labels"
+
+
+def create_qc(group: zarr.Group, metrics: Sequence[str], n_tiles: int, chunk: int) -> None:
+    """Empty ``qc/<metric>`` arrays (NaN until written) for ``n_tiles`` tiles."""
+    qc = group.require_group(QC_GROUP)
+    for metric in metrics:
+        qc.create_array(
+            metric, shape=(n_tiles,), dtype="float32", chunks=(chunk,), fill_value=np.nan
+        )
+
+
+def write_qc_rows(store_path: str | Path, start: int, scores: Mapping[str, np.ndarray]) -> None:
+    """Write the scores of tiles ``start:start + k`` (whole chunks: one tiling task's)."""
+    qc = zarr.open_group(Path(store_path) / QC_GROUP, mode="r+", zarr_format=3)
+    for metric, values in scores.items():
+        array = cast(zarr.Array, qc[metric])
+        array[start : start + len(values)] = np.asarray(values, dtype=np.float32)
+
+
+def read_qc(group: zarr.Group) -> dict[str, np.ndarray]:
+    """Every ``qc/<metric>`` as float32 (N,); empty when the store has none."""
+    if QC_GROUP not in group:
+        return {}
+    qc = cast(zarr.Group, group[QC_GROUP])
+    return {name: np.asarray(cast(zarr.Array, qc[name])[:]) for name in sorted(qc.array_keys())}
+
+
+def write_labels(
+    group: zarr.Group, name: str, fractions: np.ndarray, classes: Sequence[str]
+) -> None:
+    """Store ``labels/<name>``: float32 (N, C) class fractions, class names in attrs."""
+    fractions = np.asarray(fractions, dtype=np.float32)
+    if fractions.ndim != 2 or fractions.shape[1] != len(classes):
+        raise ValueError(f"fractions must be (N, {len(classes)}), got {fractions.shape}")
+    labels = group.require_group(LABELS_GROUP)
+    array = labels.create_array(name, data=fractions, overwrite=True)
+    array.attrs["classes"] = list(classes)
+
+
+def read_labels(group: zarr.Group, path: Path, name: str) -> tuple[np.ndarray, list[str]]:
+    """``labels/<name>`` as (float32 (N, C), class names).
+
+    Raises:
+        NoLabelsError: the store has no such labels (tiled without annotations).
+    """
+    labels = group.get(LABELS_GROUP)
+    names = sorted(labels.array_keys()) if isinstance(labels, zarr.Group) else []
+    if name not in names:
+        raise NoLabelsError(path, name, names)
+    assert isinstance(labels, zarr.Group)
+    array = cast(zarr.Array, labels[name])
+    return np.asarray(array[:]), [str(c) for c in cast(list, array.attrs["classes"])]

@@ -1,0 +1,291 @@
+"""Annotation files (QuPath GeoJSON, ASAP XML, masks), their rasters and per-tile labels,
+and ROI-restricted tiling of a real slide through the library and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+from PIL import Image
+from shapely.geometry import Polygon, box
+
+from tests.conftest import run_cli
+from wsi_ssl.annotations import (
+    UNCLASSIFIED,
+    class_fractions,
+    label_tiles,
+    rasterize,
+    read_annotations,
+    roi_region,
+)
+from wsi_ssl.config import TilingConfig
+from wsi_ssl.errors import AnnotationError, ConfigError, NoLabelsError
+from wsi_ssl.storage import Archive
+from wsi_ssl.tiling.batch import tile_slide
+
+# a 400 x 300 level-0 "slide" drawn on a 4 level-0 px grid (100 x 75 pixels)
+SHAPE, S = (75, 100), 4.0
+RING = [[40, 40], [200, 40], [200, 200], [40, 200], [40, 40]]
+HOLE = [[80, 80], [160, 80], [160, 160], [80, 160], [80, 80]]
+SQUARES = [[[[240, 40], [320, 40], [320, 120], [240, 120], [240, 40]]]]
+
+
+def _feature(geometry: dict, name: str | None) -> dict:
+    props = {"objectType": "annotation"}
+    if name is not None:
+        props["classification"] = {"name": name, "color": [255, 0, 0]}
+    return {"type": "Feature", "geometry": geometry, "properties": props}
+
+
+def _qupath(tmp_path: Path) -> Path:
+    """Tumor: a square with a square hole; Stroma: a MultiPolygon; one unclassified line and
+    one unclassified rectangle."""
+    features = [
+        _feature({"type": "Polygon", "coordinates": [RING, HOLE]}, "Tumor"),
+        _feature({"type": "MultiPolygon", "coordinates": SQUARES}, "Stroma"),
+        _feature({"type": "LineString", "coordinates": [[0, 0], [10, 10]]}, None),
+        _feature(
+            {"type": "Polygon", "coordinates": [[[0, 250], [60, 250], [60, 290], [0, 290]]]}, None
+        ),
+    ]
+    path = tmp_path / "a.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    return path
+
+
+def test_qupath_geojson_classes_and_holes(tmp_path: Path) -> None:
+    ann = read_annotations(_qupath(tmp_path))
+    assert ann.classes == ("Stroma", "Tumor", UNCLASSIFIED)  # sorted
+    tumor = ann.geometries["Tumor"]
+    assert tumor.area == 160 * 160 - 80 * 80  # the hole is cut out
+    rasters = rasterize(ann, SHAPE, S)
+    assert set(rasters) == set(ann.classes)
+    # pixel-centre rasterisation of axis-aligned squares on a 4 px grid is exact here
+    assert rasters["Tumor"].sum() * S * S == tumor.area
+    assert rasters["Stroma"].sum() * S * S == 80 * 80
+    assert not rasters["Tumor"][30, 30] and rasters["Tumor"][15, 15]  # hole, ring
+
+
+def test_geojson_variants(tmp_path: Path) -> None:
+    """A single Feature, a list of Features and a bare geometry all read (QuPath writes each)."""
+    geometry = {"type": "Polygon", "coordinates": [RING]}
+    for i, data in enumerate([_feature(geometry, "T"), [_feature(geometry, "T")], geometry]):
+        path = tmp_path / f"v{i}.json"
+        path.write_text(json.dumps(data))
+        ann = read_annotations(path)
+        assert ann.geometries[ann.classes[0]].area == 160 * 160
+    # QuPath 0.2 wrote the classification as a plain string
+    legacy = {"type": "Feature", "geometry": geometry, "properties": {"classification": "T"}}
+    (tmp_path / "old.geojson").write_text(json.dumps(legacy))
+    assert read_annotations(tmp_path / "old.geojson").classes == ("T",)
+
+
+def test_overlapping_and_self_intersecting_polygons_are_unioned(tmp_path: Path) -> None:
+    bowtie = [[0, 0], [100, 100], [100, 0], [0, 100], [0, 0]]
+    features = [
+        _feature({"type": "Polygon", "coordinates": [RING]}, "T"),
+        _feature(
+            {
+                "type": "Polygon",
+                "coordinates": [[[100, 100], [260, 100], [260, 260], [100, 260], [100, 100]]],
+            },
+            "T",
+        ),
+        _feature({"type": "Polygon", "coordinates": [bowtie]}, "B"),
+    ]
+    path = tmp_path / "o.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    ann = read_annotations(path)
+    assert ann.geometries["T"].area == 2 * 160 * 160 - 100 * 100
+    assert ann.geometries["B"].is_valid and ann.geometries["B"].area == pytest.approx(5000)
+
+
+def _asap(tmp_path: Path) -> Path:
+    xml = """<?xml version="1.0"?>
+<ASAP_Annotations>
+  <Annotations>
+    <Annotation Name="A1" Type="Polygon" PartOfGroup="tumor">
+      <Coordinates>
+        <Coordinate Order="2" X="200" Y="200"/><Coordinate Order="0" X="40" Y="40"/>
+        <Coordinate Order="1" X="200" Y="40"/><Coordinate Order="3" X="40" Y="200"/>
+      </Coordinates>
+    </Annotation>
+    <Annotation Name="A2" Type="Rectangle" PartOfGroup="exclusion">
+      <Coordinates>
+        <Coordinate Order="0" X="80" Y="80"/><Coordinate Order="1" X="160" Y="80"/>
+        <Coordinate Order="2" X="160" Y="160"/><Coordinate Order="3" X="80" Y="160"/>
+      </Coordinates>
+    </Annotation>
+    <Annotation Name="P" Type="Dot" PartOfGroup="None">
+      <Coordinates><Coordinate Order="0" X="5" Y="5"/></Coordinates>
+    </Annotation>
+  </Annotations>
+  <AnnotationGroups><Group Name="tumor" PartOfGroup="None"/></AnnotationGroups>
+</ASAP_Annotations>"""
+    path = tmp_path / "a.xml"
+    path.write_text(xml)
+    return path
+
+
+def test_asap_xml_groups_and_roi(tmp_path: Path) -> None:
+    ann = read_annotations(_asap(tmp_path))
+    assert ann.classes == ("exclusion", "tumor")  # the dot is ignored
+    assert ann.geometries["tumor"].area == 160 * 160  # coordinates taken in Order
+    rasters = rasterize(ann, SHAPE, S)
+    region = roi_region(rasters, ["tumor"], ["exclusion"], ann.path)
+    assert region.sum() * S * S == 160 * 160 - 80 * 80
+    # default: every class not excluded; all excluded: the whole slide minus them
+    assert (roi_region(rasters, [], ["exclusion"], ann.path) == region).all()
+    everything_but = roi_region(rasters, [], ["exclusion", "tumor"], ann.path)
+    assert everything_but.sum() == SHAPE[0] * SHAPE[1] - rasters["tumor"].sum()
+    with pytest.raises(AnnotationError, match=r"'Tumour'.*holds 'exclusion', 'tumor'") as info:
+        roi_region(rasters, ["Tumour"], [], ann.path)
+    assert str(ann.path) in str(info.value)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".npy"])
+def test_mask_files_at_any_scale(tmp_path: Path, suffix: str) -> None:
+    """A mask 1/8 of the raster's size (or 3x it) covers the whole slide."""
+    small = np.zeros((10, 13), dtype=np.uint8)
+    small[2:6, 3:9] = 255
+    path = tmp_path / f"m{suffix}"
+    if suffix == ".png":
+        Image.fromarray(small).save(path)
+    else:
+        np.save(path, small > 0)
+    ann = read_annotations(path)
+    assert ann.classes == ("mask",)
+    for shape in [(20, 26), (30, 39)]:
+        raster = rasterize(ann, shape, 1.0)["mask"]
+        k = shape[0] // 10
+        np.testing.assert_array_equal(raster, (small > 0).repeat(k, 0).repeat(k, 1))
+
+
+def test_tile_fractions_match_exact_areas(tmp_path: Path) -> None:
+    """Per-tile class fractions from the raster equal shapely's exact intersection areas
+    (to within the grid: one 4 px step of a 64 px tile edge)."""
+    ann = read_annotations(_qupath(tmp_path))
+    xs, ys = np.meshgrid(np.arange(0, 400, 64), np.arange(0, 300, 64))
+    coords = np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.int64)
+    labels = label_tiles(ann.path, coords, 64.0, SHAPE, S, include=["Tumor"])
+    assert labels.classes == ann.classes and labels.fractions.dtype == np.float32
+    assert labels.fractions.shape == (len(coords), 3)
+    tiles = shapely.box(coords[:, 0], coords[:, 1], coords[:, 0] + 64, coords[:, 1] + 64)
+    for c, name in enumerate(labels.classes):
+        exact = shapely.area(shapely.intersection(tiles, ann.geometries[name])) / 64**2
+        np.testing.assert_allclose(labels.fractions[:, c], exact, atol=2 * 4 * 64 / 64**2)
+    tumor = labels.fractions[:, labels.classes.index("Tumor")]
+    np.testing.assert_array_equal(labels.in_roi, tumor)
+    assert class_fractions({}, coords, 64.0, S).shape == (len(coords), 0)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("missing.geojson", None, "no such annotation file"),
+        ("bad.geojson", "{not json", "cannot be read"),
+        (
+            "points.geojson",
+            json.dumps(_feature({"type": "Point", "coordinates": [1, 2]}, "x")),
+            "no polygon",
+        ),
+        ("other.json", json.dumps({"hello": 1}), "not GeoJSON"),
+        ("bad.xml", "<ASAP_Annotations><Annotations>", "cannot be read"),
+        ("qupath.xml", "<Annotations/>", "not ASAP XML"),
+        ("a.txt", "x", "unknown annotation format"),
+        ("empty.png", b"\x89PNG\r\n", "cannot be read"),
+        ("cube.npy", "cube", "2-D image"),
+    ],
+)
+def test_bad_files_are_typed_errors_naming_the_path(
+    tmp_path: Path, name: str, content: str | bytes | None, message: str
+) -> None:
+    path = tmp_path / name
+    if content == "cube":
+        np.save(path, np.zeros((2, 2, 2)))
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(AnnotationError, match=message) as info:
+        read_annotations(path)
+    assert str(path) in str(info.value) and isinstance(info.value, ValueError)
+
+
+# CMU-1-Small-Region is 2220 x 2967 at 0.499 µm/px: a tumour box over the lower tissue and a
+# hole annotated as "Artefact" inside it
+CMU_TUMOR = box(300, 1700, 1900, 2967)
+CMU_ARTEFACT = box(900, 2200, 1400, 2700)
+
+
+def _cmu_geojson(tmp_path: Path) -> Path:
+    features = [
+        _feature(shapely.geometry.mapping(CMU_TUMOR), "Tumor"),
+        _feature(shapely.geometry.mapping(CMU_ARTEFACT), "Artefact"),
+    ]
+    path = tmp_path / "cmu.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    return path
+
+
+@pytest.mark.slow
+def test_roi_restricted_tiling_of_a_real_slide(cmu_small: Path, tmp_path: Path) -> None:
+    roi = _cmu_geojson(tmp_path)
+    config = TilingConfig(codec="zstd", roi=str(roi), roi_exclude=("Artefact",))
+    result = tile_slide(cmu_small, tmp_path / "root", config)
+    store = Archive(tmp_path / "root").slide(result.slide_id)
+    full = tile_slide(cmu_small, tmp_path / "full", TilingConfig(codec="zstd"))
+    assert 0 < store.n_tiles < full.n_tiles
+    side = store.tiling["tile_size_level0"]
+    region = CMU_TUMOR.difference(CMU_ARTEFACT)
+    for x, y in store.coords:  # at least half of every kept tile lies in the region
+        assert region.intersection(box(x, y, x + side, y + side)).area >= 0.45 * side**2
+    fractions, classes = store.labels()
+    assert classes == ["Artefact", "Tumor"]
+    assert fractions.shape == (store.n_tiles, 2) and fractions.dtype == np.float32
+    assert (fractions[:, 1] >= 0.5).all() and (fractions[:, 0] <= 0.5).all()
+    assert store.tiling["roi_exclude"] == ["Artefact"]
+    with pytest.raises(NoLabelsError, match=r"no labels/other .* has: annotations"):
+        store.labels("other")
+    # resume: same config, same file -> skipped
+    assert tile_slide(cmu_small, tmp_path / "root", config).status == "skipped"
+
+
+@pytest.mark.slow
+def test_roi_cli_and_errors(cmu_small: Path, tmp_path: Path) -> None:
+    roi = _cmu_geojson(tmp_path)
+    out = tmp_path / "root"
+    argv = ["tile", str(cmu_small), "--out", str(out), "--codec", "zstd", "--quiet"]
+    code, stdout, _ = run_cli([*argv, "--roi", str(roi), "--roi-include", "Tumor"])
+    assert code == 0, stdout
+    store = Archive(out).slide(Archive(out).slide_ids[0])
+    assert store.tiling["roi_include"] == ["Tumor"] and store.labels()[1] == ["Artefact", "Tumor"]
+    # an unknown class fails that slide with one line naming the file
+    code, _, stderr = run_cli([*argv, "--no-resume", "--roi", str(roi), "--roi-include", "Tumour"])
+    assert code != 0 and str(roi) in stderr and "'Tumour'" in stderr
+    # a region away from the tissue: a clear error, not an empty store
+    far = tmp_path / "far.geojson"
+    far.write_text(json.dumps(_feature(shapely.geometry.mapping(box(0, 0, 200, 200)), "T")))
+    code, _, stderr = run_cli([*argv, "--no-resume", "--roi", str(far)])
+    assert code != 0 and "no tissue tile" in stderr and str(far) in stderr
+    # a per-slide CSV, relative to the CSV's folder
+    (tmp_path / "rois.csv").write_text(f"slide,roi\n{cmu_small.name},cmu.geojson\n")
+    code, stdout, _ = run_cli(
+        [*argv, "--no-resume", "--roi-csv", str(tmp_path / "rois.csv"), "--roi-exclude", "Artefact"]
+    )
+    assert code == 0, stdout
+    with pytest.raises(ConfigError, match="roi_min_fraction"):
+        TilingConfig(roi_min_fraction=1.5)
+
+
+def test_polygon_with_hole_from_shapely_rasterises_like_its_area() -> None:
+    """A rotated polygon: the raster area converges to the exact area."""
+    poly = shapely.affinity.rotate(Polygon(RING, [HOLE[::-1]]), 30, origin=(120, 120))
+    from wsi_ssl.annotations import Annotations
+
+    ann = Annotations(Path("x.geojson"), {"T": poly})
+    raster = rasterize(ann, (300, 300), 1.0)["T"]
+    assert raster.sum() == pytest.approx(poly.area, rel=0.01)

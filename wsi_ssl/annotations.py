@@ -1,0 +1,359 @@
+"""Annotations and regions of interest: QuPath GeoJSON, ASAP XML and binary masks.
+
+An annotation file becomes a set of named classes, each a shapely geometry in level-0 pixel
+coordinates (polygons with holes, unions of overlapping annotations) or, for a mask image, a
+raster. :func:`rasterize` draws every class on the tissue mask's grid, so the tiling stage
+can restrict tiles to a region (:func:`roi_region`) and store per-tile class fractions
+(:func:`class_fractions`) with the same summed-area arithmetic as the tissue fraction.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_ssl.config import TilingConfig
+from wsi_ssl.errors import AnnotationError
+from wsi_ssl.tissue import tissue_fraction
+
+__all__ = [
+    "Annotations",
+    "TileLabels",
+    "class_fractions",
+    "label_tiles",
+    "rasterize",
+    "read_annotations",
+    "restrict_to_roi",
+    "roi_region",
+]
+
+MASK_SUFFIXES = (".png", ".npy", ".tif", ".tiff", ".jpg", ".jpeg")
+UNCLASSIFIED = "annotation"
+"""Class of annotations without a classification (QuPath) or group (ASAP)."""
+MASK_CLASS = "mask"
+"""Class of the foreground of a binary mask image."""
+
+
+@dataclass(frozen=True)
+class Annotations:
+    """Named classes of one annotation file.
+
+    Attributes:
+        path: the file they were read from.
+        geometries: class name -> shapely geometry in level-0 pixels (vector files).
+        mask: bool (h, w) foreground of a mask image spanning the whole slide, else None.
+    """
+
+    path: Path
+    geometries: dict[str, Any]
+    mask: np.ndarray | None = None
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return (MASK_CLASS,) if self.mask is not None else tuple(self.geometries)
+
+
+def read_annotations(path: str | Path) -> Annotations:
+    """Read QuPath GeoJSON (``.geojson``/``.json``), ASAP XML (``.xml``) or a mask image.
+
+    A mask image (PNG, TIFF, JPEG or a 2-D ``.npy``) is nonzero on the region and covers the
+    whole slide at any scale.
+
+    Raises:
+        AnnotationError: missing, unreadable or malformed file, or a file with no polygon.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(path, "no such annotation file; check the path")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".geojson", ".json"):
+            geometries = _read_geojson(path)
+        elif suffix == ".xml":
+            geometries = _read_asap(path)
+        elif suffix in MASK_SUFFIXES:
+            return Annotations(path, {}, _read_mask(path))
+        else:
+            raise AnnotationError(
+                path,
+                "unknown annotation format; use QuPath GeoJSON (.geojson), ASAP XML (.xml) or "
+                f"a mask image ({', '.join(MASK_SUFFIXES)})",
+            )
+    except AnnotationError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, IndexError, ET.ParseError) as err:
+        raise AnnotationError(path, f"cannot be read ({type(err).__name__}: {err})") from err
+    if not geometries:
+        raise AnnotationError(path, "holds no polygon annotation (points and lines are ignored)")
+    return Annotations(path, geometries)
+
+
+def _union_by_class(items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """Valid polygonal parts of each geometry, unioned per class (sorted by name)."""
+    import shapely
+
+    parts: dict[str, list[Any]] = {}
+    for name, geometry in items:
+        geometry = shapely.make_valid(geometry)
+        polygons = [
+            g for g in shapely.get_parts(geometry) if g.geom_type in ("Polygon", "MultiPolygon")
+        ]
+        if polygons and not all(p.is_empty for p in polygons):
+            parts.setdefault(name, []).extend(polygons)
+    return {name: shapely.union_all(parts[name]) for name in sorted(parts)}
+
+
+def _read_geojson(path: Path) -> dict[str, Any]:
+    """QuPath export: a FeatureCollection, a Feature, a list of Features or a bare geometry."""
+    from shapely.geometry import shape
+
+    data = json.loads(path.read_text())
+    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        features = data.get("features", [])
+    elif isinstance(data, list):
+        features = data
+    elif isinstance(data, dict) and data.get("type") == "Feature":
+        features = [data]
+    elif isinstance(data, dict) and "coordinates" in data:
+        features = [{"type": "Feature", "geometry": data, "properties": {}}]
+    else:
+        raise AnnotationError(path, "not GeoJSON: expected a FeatureCollection or Features")
+    items = []
+    for feature in features:
+        if not isinstance(feature, dict) or not feature.get("geometry"):
+            continue
+        items.append((_qupath_class(feature.get("properties") or {}), shape(feature["geometry"])))
+    return _union_by_class(items)
+
+
+def _qupath_class(properties: dict[str, Any]) -> str:
+    """QuPath's ``classification`` (``{"name": ...}`` or a string); else unclassified."""
+    classification = properties.get("classification")
+    if isinstance(classification, dict) and classification.get("name"):
+        return str(classification["name"])
+    if isinstance(classification, str) and classification:
+        return classification
+    return UNCLASSIFIED
+
+
+def _read_asap(path: Path) -> dict[str, Any]:
+    """ASAP XML: ``Annotation`` elements (Polygon, Spline, Rectangle) grouped by
+    ``PartOfGroup``; dots and point sets are ignored."""
+    from shapely.geometry import Polygon
+
+    root = ET.parse(path).getroot()
+    if root.tag != "ASAP_Annotations":
+        raise AnnotationError(path, f"not ASAP XML: root element is <{root.tag}>")
+    items = []
+    for annotation in root.iter("Annotation"):
+        if annotation.get("Type", "Polygon") not in ("Polygon", "Spline", "Rectangle"):
+            continue
+        points = sorted(
+            annotation.iter("Coordinate"), key=lambda c: float(c.get("Order", "0") or 0)
+        )
+        xy = [(float(c.attrib["X"]), float(c.attrib["Y"])) for c in points]
+        if len(xy) < 3:
+            continue
+        group = annotation.get("PartOfGroup") or "None"
+        items.append((UNCLASSIFIED if group == "None" else group, Polygon(xy)))
+    return _union_by_class(items)
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    if path.suffix.lower() == ".npy":
+        array = np.load(path, allow_pickle=False)
+    else:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("L"))
+    if array.ndim != 2 or array.size == 0:
+        raise AnnotationError(path, f"a mask must be a 2-D image, got shape {array.shape}")
+    return np.asarray(array != 0)
+
+
+def rasterize(
+    annotations: Annotations,
+    shape: tuple[int, int],
+    level0_per_px: float,
+    classes: Sequence[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Each class drawn on an (h, w) grid of ``level0_per_px`` level-0 pixels per pixel.
+
+    A pixel is in a polygon when its centre is (holes excluded); a mask image is resampled
+    to the grid by nearest neighbour (it spans the whole slide whatever its size).
+
+    Returns:
+        class name -> bool (h, w), for ``classes`` (default: all).
+    """
+    names = annotations.classes if classes is None else tuple(classes)
+    if annotations.mask is not None:
+        return {name: _resample_mask(annotations.mask, shape) for name in names}
+    return {name: _draw(annotations.geometries[name], shape, level0_per_px) for name in names}
+
+
+def _resample_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    h, w = shape
+    rows = np.minimum(
+        ((np.arange(h) + 0.5) * mask.shape[0] / h).astype(np.int64), mask.shape[0] - 1
+    )
+    cols = np.minimum(
+        ((np.arange(w) + 0.5) * mask.shape[1] / w).astype(np.int64), mask.shape[1] - 1
+    )
+    return mask[np.ix_(rows, cols)]
+
+
+def _draw(geometry: Any, shape: tuple[int, int], level0_per_px: float) -> np.ndarray:
+    """Pixel-centre rasterisation of polygons with holes (even-odd within each polygon)."""
+    import shapely
+    from skimage.draw import polygon as fill
+
+    out = np.zeros(shape, dtype=bool)
+    for part in shapely.get_parts(geometry):
+        if part.geom_type != "Polygon" or part.is_empty:
+            continue
+        inside = np.zeros(shape, dtype=bool)
+        for k, ring in enumerate([part.exterior, *part.interiors]):
+            xy = np.asarray(ring.coords) / level0_per_px - 0.5  # pixel j's centre is at j
+            rr, cc = fill(xy[:, 1], xy[:, 0], shape=shape)
+            inside[rr, cc] = k == 0
+        out |= inside
+    return out
+
+
+def roi_region(
+    rasters: dict[str, np.ndarray],
+    include: Sequence[str],
+    exclude: Sequence[str],
+    path: str | Path,
+) -> np.ndarray:
+    """Where tiles may be cut: the ``include`` classes (default: every class not excluded;
+    the whole slide when all are excluded) minus the ``exclude`` classes.
+
+    Raises:
+        AnnotationError: a class named in ``include`` or ``exclude`` is not in the file.
+    """
+    unknown = [c for c in dict.fromkeys([*include, *exclude]) if c not in rasters]
+    if unknown:
+        raise AnnotationError(
+            path,
+            f"no annotation class {', '.join(map(repr, unknown))} (roi_include/roi_exclude); "
+            f"the file holds {', '.join(map(repr, rasters))}",
+        )
+    shape = next(iter(rasters.values())).shape
+    chosen = list(include) or [c for c in rasters if c not in exclude]
+    region = np.zeros(shape, dtype=bool) if chosen else np.ones(shape, dtype=bool)
+    for name in chosen:
+        region |= rasters[name]
+    for name in exclude:
+        region &= ~rasters[name]
+    return region
+
+
+def class_fractions(
+    rasters: dict[str, np.ndarray],
+    coords: np.ndarray,
+    tile_size_level0: float,
+    level0_per_px: float,
+) -> np.ndarray:
+    """float32 (N, C): the fraction of each tile's square covered by each class, in the
+    order of ``rasters``."""
+    columns = [
+        tissue_fraction(raster, coords, tile_size_level0, level0_per_px)
+        for raster in rasters.values()
+    ]
+    if not columns:
+        return np.zeros((len(coords), 0), dtype=np.float32)
+    return np.stack(columns, axis=1).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class TileLabels:
+    """What an annotation file says about each tile of a grid.
+
+    Attributes:
+        classes: class names, the columns of ``fractions``.
+        fractions: float32 (N, C), each tile's area fraction covered by each class.
+        in_roi: float32 (N,), each tile's area fraction inside the region of interest.
+    """
+
+    classes: tuple[str, ...]
+    fractions: np.ndarray
+    in_roi: np.ndarray
+
+
+def label_tiles(
+    path: str | Path,
+    coords: np.ndarray,
+    tile_size_level0: float,
+    grid_shape: tuple[int, int],
+    level0_per_px: float,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> TileLabels:
+    """Read an annotation file and measure its classes and region on each tile.
+
+    Args:
+        path: QuPath GeoJSON, ASAP XML or a mask image.
+        coords: int64 (N, 2) level-0 top-left corners of the tiles.
+        tile_size_level0: tile edge in level-0 pixels.
+        grid_shape: (h, w) of the raster the classes are drawn on (the tissue mask's).
+        level0_per_px: level-0 pixels per raster pixel.
+        include: classes that make the region (default: all not excluded).
+        exclude: classes cut out of the region.
+
+    Raises:
+        AnnotationError: unreadable file, or unknown class names.
+    """
+    annotations = read_annotations(path)
+    rasters = rasterize(annotations, grid_shape, level0_per_px)
+    region = roi_region(rasters, include, exclude, annotations.path)
+    return TileLabels(
+        classes=annotations.classes,
+        fractions=class_fractions(rasters, coords, tile_size_level0, level0_per_px),
+        in_roi=tissue_fraction(region, coords, tile_size_level0, level0_per_px),
+    )
+
+
+def restrict_to_roi(
+    config: TilingConfig,
+    keep: np.ndarray,
+    coords: np.ndarray,
+    tile_size_level0: float,
+    grid_shape: tuple[int, int],
+    level0_per_px: float,
+) -> tuple[np.ndarray, TileLabels | None]:
+    """``keep`` narrowed to tiles inside ``config.roi`` (by ``roi_min_fraction``), and the
+    labels of every grid tile; ``keep`` as it is and None without a ROI.
+
+    Raises:
+        AnnotationError: unreadable file, unknown classes, or tissue tiles but none inside
+            the region.
+    """
+    if config.roi is None:
+        return keep, None
+    labels = label_tiles(
+        config.roi,
+        coords,
+        tile_size_level0,
+        grid_shape,
+        level0_per_px,
+        include=config.roi_include,
+        exclude=config.roi_exclude,
+    )
+    inside = keep & (labels.in_roi >= config.roi_min_fraction)
+    if keep.any() and not inside.any():
+        raise AnnotationError(
+            config.roi,
+            f"no tissue tile has {config.roi_min_fraction:.0%} of its area in the region "
+            f"(classes {', '.join(labels.classes)}); check the file belongs to this slide and "
+            "is in level-0 pixels, or lower roi_min_fraction",
+        )
+    return inside, labels

@@ -1,0 +1,216 @@
+"""Tile quality control: per-tile scores computed while tiles are written, and the tiles
+that pass.
+
+Scores (``qc/<metric>`` in the store, float32, one per tile):
+
+- ``focus``: variance of the Laplacian (Pech-Pacheco et al., 2000) of the green channel,
+  on every second pixel, in 8-bit levels squared; blur and blank glass score low.
+- ``pen``: fraction of pixels that are marker ink (the hue rules of :mod:`wsi_ssl.tissue`).
+- ``tissue``: fraction of pixels that are stained tissue (optical density above glass, not
+  ink, not dark grey).
+- ``dark``: fraction of very dark pixels (mean RGB below ``DARK_LEVEL``): folds, bubbles'
+  rims, dirt, scanner borders.
+
+A tile is *flagged* when a score is past its ``TilingConfig`` threshold (``qc_min_focus``,
+``qc_max_pen``, ``qc_min_tissue``, ``qc_max_dark``). Flagged tiles stay in the store (a new
+threshold needs no re-tiling); :func:`qc_pass` gives the mask consumers use to skip them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from wsi_ssl.errors import ConfigError
+from wsi_ssl.tissue import colour_cells, colour_rules, coverage_overlay
+
+if TYPE_CHECKING:
+    from wsi_ssl.storage import SlideStore
+
+__all__ = [
+    "DARK_LEVEL",
+    "QC_METRICS",
+    "kept_tiles",
+    "qc_overlay",
+    "qc_pass",
+    "save_overlays",
+    "tile_scores",
+    "tissue_overlay",
+    "write_chunk_scores",
+]
+
+QC_METRICS = ("focus", "pen", "tissue", "dark")
+DARK_LEVEL = 60
+"""Mean RGB below which a pixel is very dark (H&E nuclei stay above it)."""
+TISSUE_OD = 0.2
+"""Summed optical density (over R, G, B, against white) above which a pixel is stained:
+clean glass is about 0.06 at 243 grey, faint eosin 0.3 and more."""
+
+_OD = -np.log10(np.maximum(np.arange(256), 1) / 255.0)
+_INK, _DARK_GREY, _STAINED, _VERY_DARK = 1, 2, 4, 8
+
+
+@functools.lru_cache(maxsize=1)
+def _codes() -> np.ndarray:
+    """uint8 bit flags of every RGB cell of :func:`colour_cells`, judged at its centre."""
+    ink, dark_grey = colour_rules()
+    centre = (np.arange(32) << 3) + 3.5
+    r, g, b = (c.ravel() for c in np.meshgrid(centre, centre, centre, indexing="ij"))
+    od = _OD[r.astype(np.int64)] + _OD[g.astype(np.int64)] + _OD[b.astype(np.int64)]
+    codes = np.where(ink, _INK, 0) | np.where(dark_grey, _DARK_GREY, 0)
+    codes |= np.where(od > TISSUE_OD, _STAINED, 0)
+    codes |= np.where((r + g + b) / 3 < DARK_LEVEL, _VERY_DARK, 0)
+    return codes.astype(np.uint8)
+
+
+def tile_scores(tiles: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """The QC scores of uint8 RGB tiles (T, T, 3), as float32 (k,) per metric.
+
+    Focus is taken on every second pixel of every second row (the Laplacian of the
+    subsampled green channel still separates sharp from blurred detail), colour fractions on
+    every fourth (4,096 samples of a 256 px tile), per RGB cell of 5 bits a channel.
+    """
+    if not len(tiles):
+        return {metric: np.empty(0, dtype=np.float32) for metric in QC_METRICS}
+    stack = np.stack(tiles)
+    k = len(stack)
+    green = stack[:, ::2, ::2, 1].astype(np.float32)
+    lap = 4 * green[:, 1:-1, 1:-1] - green[:, :-2, 1:-1] - green[:, 2:, 1:-1]
+    lap -= green[:, 1:-1, :-2] + green[:, 1:-1, 2:]
+    codes = np.take(_codes(), colour_cells(stack[:, ::4, ::4])).reshape(k, -1)
+    counts = np.stack([np.bincount(row, minlength=16) for row in codes])
+    flags = np.arange(16)
+    n = codes.shape[1]
+
+    def share(rule: np.ndarray) -> np.ndarray:
+        return (counts[:, rule].sum(axis=1) / n).astype(np.float32)
+
+    stained = (flags & _STAINED > 0) & (flags & (_INK | _DARK_GREY) == 0)
+    return {
+        "focus": lap.reshape(k, -1).var(axis=1),
+        "pen": share(flags & _INK > 0),
+        "tissue": share(stained),
+        "dark": share(flags & _VERY_DARK > 0),
+    }
+
+
+def write_chunk_scores(store_path: str | Path, start: int, tiles: Sequence[Any]) -> None:
+    """Score one tiling task's tiles (arrays, or JPEG streams copied from the slide) and
+    write them at rows ``start:``; a store without ``qc/`` arrays is left alone."""
+    import imagecodecs
+
+    from wsi_ssl.storage.per_tile import QC_GROUP, write_qc_rows
+
+    if not (Path(store_path) / QC_GROUP).is_dir():
+        return
+    pixels = [imagecodecs.jpeg8_decode(t) if isinstance(t, bytes) else t for t in tiles]
+    write_qc_rows(store_path, start, tile_scores(pixels))
+
+
+def qc_pass(
+    scores: Mapping[str, np.ndarray],
+    *,
+    min_focus: float = 0.0,
+    max_pen: float = 1.0,
+    min_tissue: float = 0.0,
+    max_dark: float = 1.0,
+) -> np.ndarray:
+    """bool (N,): tiles whose scores are within every threshold (all, without scores).
+
+    A score missing from ``scores`` (a store tiled before QC) passes.
+    """
+    n = len(next(iter(scores.values()))) if scores else 0
+    ok = np.ones(n, dtype=bool)
+    limits = {"focus": (min_focus, np.inf), "pen": (-np.inf, max_pen)}
+    limits |= {"tissue": (min_tissue, np.inf), "dark": (-np.inf, max_dark)}
+    for metric, (low, high) in limits.items():
+        if metric in scores:
+            values = scores[metric]
+            ok &= (values >= low) & (values <= high)
+    return ok
+
+
+def kept_tiles(store: SlideStore, **thresholds: float) -> np.ndarray:
+    """bool (N,): the store's tiles that pass QC, by the thresholds it was tiled with
+    (``qc_min_focus``, ``qc_max_pen``, ``qc_min_tissue``, ``qc_max_dark``) or those given.
+
+    Embed, pretraining and MIL pass ``store.coords[kept_tiles(store)]``-style selections to
+    skip flagged tiles; a store tiled before QC keeps every tile.
+    """
+    tiling = store.tiling
+    names = ("qc_min_focus", "qc_max_pen", "qc_min_tissue", "qc_max_dark")
+    unknown = set(thresholds) - set(names)
+    if unknown:
+        raise ConfigError(f"unknown QC threshold {sorted(unknown)}; choose from {names}")
+    limits = {n: thresholds.get(n, tiling.get(n)) for n in names}
+    given = {n.removeprefix("qc_"): float(v) for n, v in limits.items() if v is not None}
+    scores = store.qc()
+    if not scores:
+        return np.ones(store.n_tiles, dtype=bool)
+    return qc_pass(scores, **given)
+
+
+def _tile_boxes(store: SlideStore) -> tuple[np.ndarray, float]:
+    """Each tile's box on the thumbnail grid: (N, 4) x0, y0, x1, y1, and the scale."""
+    per_px = store.source["dimensions"][0] / store.thumbnail.shape[1]
+    side = store.tiling["tile_size_level0"] / per_px
+    xy = store.coords / per_px
+    return np.concatenate([xy, xy + side], axis=1), per_px
+
+
+def qc_overlay(store: SlideStore, **thresholds: float) -> np.ndarray:
+    """The thumbnail with tiles that pass QC tinted blue and flagged tiles red.
+
+    Returns:
+        uint8 RGB at the thumbnail's size (enlarged to at least ``MIN_SIDE`` px).
+    """
+    ok = kept_tiles(store, **thresholds)
+    image = _enlarged(store.thumbnail)
+    zoom = image.shape[1] / store.thumbnail.shape[1]
+    boxes, _ = _tile_boxes(store)
+    out = image.astype(np.float32)
+    for box, good in zip(np.round(boxes * zoom).astype(np.int64), ok, strict=True):
+        x0, y0, x1, y1 = np.maximum(box, 0)
+        tint = np.array([0, 90, 255] if good else [255, 0, 0], dtype=np.float32)
+        out[y0:y1, x0:x1] += (0.2 if good else 0.45) * (tint - out[y0:y1, x0:x1])
+    return out.round().astype(np.uint8)
+
+
+def tissue_overlay(store: SlideStore) -> np.ndarray:
+    """The thumbnail with kept tiles tinted blue and tissue that no kept tile covers in red
+    (what tiling dropped), enlarged to at least ``MIN_SIDE`` px."""
+    _, per_px = _tile_boxes(store)
+    picture = coverage_overlay(
+        store.thumbnail,
+        store.tissue_mask,
+        store.coords,
+        store.tiling["tile_size_level0"],
+        per_px,
+    )
+    return _enlarged(picture)
+
+
+MIN_SIDE = 800
+"""Pictures of small thumbnails are enlarged (nearest neighbour) to at least this side."""
+
+
+def _enlarged(image: np.ndarray) -> np.ndarray:
+    zoom = max(1, MIN_SIDE // max(image.shape[:2]))
+    return image.repeat(zoom, axis=0).repeat(zoom, axis=1)
+
+
+def save_overlays(store: SlideStore, folder: str | Path) -> tuple[Path, Path]:
+    """Write ``<slide_id>_tissue.png`` and ``<slide_id>_qc.png`` into ``folder``."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tissue = folder / f"{store.slide_id}_tissue.png"
+    qc = folder / f"{store.slide_id}_qc.png"
+    Image.fromarray(tissue_overlay(store)).save(tissue)
+    Image.fromarray(qc_overlay(store)).save(qc)
+    return tissue, qc
