@@ -305,6 +305,7 @@ def _archive_eval(root: Path, csv: Path, out: Path, tasks: list | None = None) -
 def test_archive_tasks(archive: tuple[Path, Path], tmp_path: Path) -> None:
     from wsi_ssl.storage import open_store
     from wsi_ssl.storage.embeddings import read_embeddings
+    from wsi_ssl.storage.index_files import list_indexes
 
     root, csv = archive
     report = _archive_eval(root, csv, tmp_path / "eval")
@@ -323,6 +324,7 @@ def test_archive_tasks(archive: tuple[Path, Path], tmp_path: Path) -> None:
     assert rows["pen", "auc", CONSTANT].value == 0.5  # equal scores for every slide
     assert rows["pen", "auc", "random-cnn"].value > 0.5
     assert rows["pen-search", "precision@10", CONSTANT].ci_low is None  # no per-query scores
+    assert list_indexes(root) == []  # the scratch indexes of the retrieval task are gone
     # the MIL runs of both encoders used the task's folds, slide for slide
     splits = [
         sorted(p.read_text().splitlines()[1:])
@@ -353,6 +355,18 @@ def test_labels_matching_no_slide_is_a_typed_error(
     assert code == 2 and err.count("\n") == 1 and "'x1.svs'" in err
     code, _, err = run_cli(["evaluate", "--encoder", "random-cnn", "--slide-labels", str(csv)])
     assert code == 2 and "need --root" in err
+
+
+def test_importing_the_package_loads_no_heavy_library() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, wsi_ssl.evaluation as e; e.EvaluationConfig(); e.PatchTask('x');"
+        "print(sorted(m for m in ('torch', 'faiss', 'sklearn') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_config_is_checked() -> None:

@@ -279,12 +279,21 @@ def _slide(task: SlideTask, encoders: Named, config: EvaluationConfig, out: Path
     return _TaskResult(summary, scores, bootstrap_indices(y, config.n_bootstrap, config.seed))
 
 
-def _index(root: Path, encoder_id: str, slides: list[str]) -> Any:
-    from wsi_ssl.search import SearchIndex
+@contextlib.contextmanager
+def _scratch_index(root: Path, encoder_id: str, slides: list[str]) -> Iterator[Any]:
+    """A flat (exact) index of ``slides``, removed afterwards so that the archive's own
+    indexes are the only ones left (commands that open "the only index" keep working)."""
+    import os
+    import shutil
 
-    return SearchIndex.build(
-        root, encoder_id, name=f"eval-{encoder_id}", slides=slides, kind="flat"
-    )
+    from wsi_ssl.search import SearchIndex
+    from wsi_ssl.storage.index_files import index_path
+
+    name = f"eval-{encoder_id}-{os.getpid()}"
+    try:
+        yield SearchIndex.build(root, encoder_id, name=name, slides=slides, kind="flat")
+    finally:
+        shutil.rmtree(index_path(root, name), ignore_errors=True)
 
 
 def _retrieval(task: RetrievalTask, encoders: Named, config: EvaluationConfig) -> _TaskResult:
@@ -309,8 +318,9 @@ def _retrieval(task: RetrievalTask, encoders: Named, config: EvaluationConfig) -
     votes: dict[str, np.ndarray] = {}
     precision: dict[str, float] = {}
     for label, enc in encoders:
-        index = _index(task.root, enc.encoder_id, labelled.slide_ids)
-        mv = majority_vote(index, truth, k=config.mmv_k, seed=config.seed)
+        with _scratch_index(task.root, enc.encoder_id, labelled.slide_ids) as index:
+            mv = majority_vote(index, truth, k=config.mmv_k, seed=config.seed)
+            pk = precision_at_k(index, truth, k=config.precision_k, seed=config.seed)
         predicted = {p["slide_id"]: p["predicted"] for p in mv["per_slide"]}
         votes[label] = np.array(
             [
@@ -318,7 +328,6 @@ def _retrieval(task: RetrievalTask, encoders: Named, config: EvaluationConfig) -
                 for r in rows
             ]
         )
-        pk = precision_at_k(index, truth, k=config.precision_k, seed=config.seed)
         precision[label] = float(pk["precision"])
     ids = {lab: e.encoder_id for lab, e in encoders}
     scores = [
