@@ -1,7 +1,7 @@
 """Search index benchmark: flat, HNSW and IVF-PQ vs a plain numpy brute-force search.
 
 Data: clustered synthetic 384-d unit vectors (a mixture of 1024 low-rank Gaussians,
-``wsi_ssl.search.synthetic.ClusteredVectors``); queries are fresh draws from the same mixture
+``wsi_ssl.testing.vectors.ClusteredVectors``); queries are fresh draws from the same mixture
 (never indexed). Each index is built by the library's own code (``build_faiss``, the same
 path ``wsi-ssl index`` takes, parameters derived from N and calibrated to recall@10 >= 0.95
 on indexed-vector queries) and measured in the same run:
@@ -83,9 +83,11 @@ def _numpy_search(x: np.ndarray, q: np.ndarray) -> np.ndarray:
 def run_size(n: int, args: argparse.Namespace) -> list[dict]:
     import faiss
 
-    from wsi_ssl.search.build import ArraySource, build_faiss, search_params, tie_aware_recall
+    from wsi_ssl.search.build import build_faiss, search_params
+    from wsi_ssl.search.calibration import tie_aware_recall
     from wsi_ssl.search.config import IndexConfig, plan_index
-    from wsi_ssl.search.synthetic import ClusteredVectors
+    from wsi_ssl.search.vectors import ArraySource
+    from wsi_ssl.testing.vectors import ClusteredVectors
 
     gen = ClusteredVectors(dim=args.dim, seed=0)
     t0 = time.perf_counter()
@@ -179,9 +181,11 @@ def run_10m(args: argparse.Namespace, n: int = 10_000_000) -> list[dict]:
     """IVF-PQ on 10M vectors generated and added in chunks; exact recall on streamed chunks."""
     import faiss
 
-    from wsi_ssl.search.build import _train_ivfpq, search_params, tie_aware_recall
+    from wsi_ssl.search.build import search_params
+    from wsi_ssl.search.calibration import tie_aware_recall
     from wsi_ssl.search.config import IndexConfig, plan_index
-    from wsi_ssl.search.synthetic import ClusteredVectors
+    from wsi_ssl.search.kinds import train_ivfpq
+    from wsi_ssl.testing.vectors import ClusteredVectors
 
     gen = ClusteredVectors(dim=args.dim, seed=0)
     # nprobe is chosen on one query stream and recall reported on another
@@ -192,7 +196,7 @@ def run_10m(args: argparse.Namespace, n: int = 10_000_000) -> list[dict]:
     print(f"\n== N = {n:,}: IVF-PQ {plan}", flush=True)
     t0 = time.perf_counter()
     train = gen.rows(0, int(plan["train_size"]))  # i.i.d. rows: the first ones are a fair sample
-    index, info = _train_ivfpq(train, plan, config, None)
+    index, info = train_ivfpq(train, plan, config, None)
     del train
     heap = faiss.ResultHeap(len(queries), 2 * K + 1, keep_max=True)
     chunk = 262144

@@ -6,9 +6,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-KINDS = ("auto", "flat", "hnsw", "ivfpq")
+from wsi_ssl.search.config import KINDS
 
 
 def _ints(n: int, what: str):  # type: ignore[no-untyped-def]
@@ -126,6 +126,30 @@ def _progress(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return lambda msg: print(msg, file=sys.stderr)
 
 
+def index_lines(d: dict[str, Any]) -> list[str]:
+    """Three lines describing an index (from ``SearchIndex.describe()``)."""
+    cal = d["calibration"]
+    p = d["params"]
+    search = ", ".join(f"{k}={p[k]}" for k in ("efSearch", "nprobe") if k in p)
+    shape = ", ".join(
+        f"{k}={p[k]}"
+        for k in ("M", "efConstruction", "nlist", "pq_m", "pq_nbits", "opq", "train_size")
+        if k in p
+    )
+    recall = (
+        "exact"
+        if cal.get("exact")
+        else f"recall@10 {cal.get('recall_at_k')} on {cal.get('queries')} calibration queries "
+        f"(target {cal.get('target_recall')}{'' if cal.get('met', True) else ', NOT met'})"
+    )
+    return [
+        f"index {d['name']}: {d['kind']}, {d['n_vectors']} vectors from {d['n_slides']} slides, "
+        f"{d['dim']}-d, encoder {d['encoder_id']}",
+        f"  {shape or 'no parameters'}{'; ' + search if search else ''}; {recall}",
+        f"  {d['index_bytes'] / 2**20:.1f} MiB ({d['bytes_per_vector']} B/vector) at {d['path']}",
+    ]
+
+
 def run_index(args: argparse.Namespace) -> int:
     from wsi_ssl.errors import ConfigError
     from wsi_ssl.search import IndexConfig, SearchIndex
@@ -134,10 +158,10 @@ def run_index(args: argparse.Namespace) -> int:
     if args.add or args.remove or args.compact:
         name = args.name
         if name is None and args.encoder is not None:
-            from wsi_ssl.search.index import _resolve_encoder_id
+            from wsi_ssl.search.archive import resolve_encoder_id
             from wsi_ssl.storage import open_store
 
-            name = _resolve_encoder_id(open_store(args.root), args.encoder)
+            name = resolve_encoder_id(open_store(args.root), args.encoder)
         index = SearchIndex.open(args.root, name, mmap=False)
         if args.add:
             summary = index.add(args.slides, progress=_progress(args))
@@ -174,7 +198,7 @@ def run_index(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        print("\n".join([*lines, *index.lines()]))
+        print("\n".join([*lines, *index_lines(index.describe())]))
     return 0
 
 
@@ -185,11 +209,12 @@ def run_search(args: argparse.Namespace) -> int:
     index = SearchIndex.open(args.root, args.index)
     if args.list:
         if args.json:
-            print(json.dumps({"index": index.describe(), "slides": index.slides}, indent=2))
+            slides = [s.to_dict() for s in index.slides]
+            print(json.dumps({"index": index.describe(), "slides": slides}, indent=2))
         else:
-            print("\n".join(index.lines()))
+            print("\n".join(index_lines(index.describe())))
             for s in index.slides:
-                print(f"{s['number']:>6}  {s['slide_id']}  {s['n_tiles']:>7} tiles  {s['name']}")
+                print(f"{s.number:>6}  {s.slide_id}  {s.n_tiles:>7} tiles  {s.name}")
         return 0
     if args.image is not None and (args.xy or args.box):
         raise ConfigError("--xy and --box go with --slide, not --image")

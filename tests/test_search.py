@@ -259,9 +259,11 @@ def test_slide_retrieval_and_evaluation(archive: dict) -> None:
 
 def test_approximate_index_reaches_the_promised_recall() -> None:
     """Calibrated on indexed vectors, checked on fresh draws from the same clustered mixture."""
-    from wsi_ssl.search.build import ArraySource, build_faiss, search_params, tie_aware_recall
+    from wsi_ssl.search.build import build_faiss, search_params
+    from wsi_ssl.search.calibration import tie_aware_recall
     from wsi_ssl.search.config import IndexConfig, plan_index
-    from wsi_ssl.search.synthetic import ClusteredVectors
+    from wsi_ssl.search.vectors import ArraySource
+    from wsi_ssl.testing.vectors import ClusteredVectors
 
     gen = ClusteredVectors(dim=64, n_clusters=64, intrinsic_dim=12, seed=3)
     n = 12000

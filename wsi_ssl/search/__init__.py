@@ -14,38 +14,36 @@ Names resolve lazily, so importing this package loads neither faiss nor torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-_EXPORTS = {
-    "SearchIndex": "wsi_ssl.search.index",
-    "AddSummary": "wsi_ssl.search.index",
-    "IndexConfig": "wsi_ssl.search.config",
-    "plan_index": "wsi_ssl.search.config",
-    "KINDS": "wsi_ssl.search.config",
-    "Query": "wsi_ssl.search.results",
-    "SearchResult": "wsi_ssl.search.results",
-    "TileHit": "wsi_ssl.search.results",
-    "RegionHit": "wsi_ssl.search.results",
-    "SlideHit": "wsi_ssl.search.results",
-    "encode_ids": "wsi_ssl.search.ids",
-    "decode_ids": "wsi_ssl.search.ids",
-    "MAX_SLIDE_NUMBER": "wsi_ssl.search.ids",
-    "MAX_TILE_NUMBER": "wsi_ssl.search.ids",
-    "demo_region_gallery": "wsi_ssl.search.demo",
-    "evaluate": "wsi_ssl.search.evaluate",
-}
+from wsi_ssl.lazy import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "wsi_ssl.search.index": ("SearchIndex", "AddSummary"),
+        "wsi_ssl.search.archive": ("ArchiveSource", "SlideEntry"),
+        "wsi_ssl.search.config": ("IndexConfig", "plan_index", "KINDS"),
+        "wsi_ssl.search.results": ("Query", "SearchResult", "TileHit", "RegionHit", "SlideHit"),
+        "wsi_ssl.search.ids": ("encode_ids", "decode_ids", "MAX_SLIDE_NUMBER", "MAX_TILE_NUMBER"),
+        "wsi_ssl.search.gallery": ("render_gallery",),
+        "wsi_ssl.search.demo": ("demo_region_gallery",),
+        "wsi_ssl.search.evaluate": ("evaluate",),
+    },
+)
 
 __all__ = [
     "KINDS",
     "MAX_SLIDE_NUMBER",
     "MAX_TILE_NUMBER",
     "AddSummary",
+    "ArchiveSource",
     "IndexConfig",
     "Query",
     "RegionHit",
     "SearchIndex",
     "SearchResult",
+    "SlideEntry",
     "SlideHit",
     "TileHit",
     "decode_ids",
@@ -53,19 +51,15 @@ __all__ = [
     "encode_ids",
     "evaluate",
     "plan_index",
+    "render_gallery",
 ]
 
 if TYPE_CHECKING:
     from wsi_ssl.search import evaluate
+    from wsi_ssl.search.archive import ArchiveSource, SlideEntry
     from wsi_ssl.search.config import KINDS, IndexConfig, plan_index
     from wsi_ssl.search.demo import demo_region_gallery
+    from wsi_ssl.search.gallery import render_gallery
     from wsi_ssl.search.ids import MAX_SLIDE_NUMBER, MAX_TILE_NUMBER, decode_ids, encode_ids
     from wsi_ssl.search.index import AddSummary, SearchIndex
     from wsi_ssl.search.results import Query, RegionHit, SearchResult, SlideHit, TileHit
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        module = importlib.import_module(_EXPORTS[name])
-        return module if module.__name__.endswith(f".{name}") else getattr(module, name)
-    raise AttributeError(f"module 'wsi_ssl.search' has no attribute {name!r}")

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from wsi_ssl.errors import ConfigError
+from wsi_ssl.search.kinds import KIND_NAMES, index_kind
 
 __all__ = ["KINDS", "OPQ_CHOICES", "IndexConfig", "plan_index"]
 
-KINDS = ("auto", "flat", "hnsw", "ivfpq")
+KINDS = ("auto", *KIND_NAMES)
 OPQ_CHOICES = ("auto", "on", "off")
-PQ_MIN_TRAIN_PER_CENTROID = 39
-"""FAISS warns below 39 training points per centroid (k-means and PQ codebooks alike)."""
 
 
 @dataclass(frozen=True)
@@ -91,19 +89,6 @@ class IndexConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def _pow2_near(x: float) -> int:
-    return 1 << max(0, round(math.log2(max(1.0, x))))
-
-
-def _pq_m(dim: int, wanted: int | None) -> int:
-    target = wanted if wanted is not None else max(1, dim // 2)
-    target = min(target, dim)
-    for m in range(target, 0, -1):
-        if dim % m == 0:
-            return m
-    return 1
-
-
 def plan_index(n: int, dim: int, config: IndexConfig) -> dict[str, Any]:
     """The kind and build parameters for ``n`` vectors of ``dim`` (recorded in the index).
 
@@ -113,31 +98,4 @@ def plan_index(n: int, dim: int, config: IndexConfig) -> dict[str, Any]:
     kind = config.kind
     if kind == "auto":
         kind = "flat" if n <= config.flat_max else "hnsw" if n <= config.hnsw_max else "ivfpq"
-    plan: dict[str, Any] = {"kind": kind}
-    if kind == "hnsw":
-        plan["M"] = config.hnsw_m or 32
-        plan["efConstruction"] = config.ef_construction or (64 if n <= 1_000_000 else 80)
-    elif kind == "ivfpq":
-        min_n = PQ_MIN_TRAIN_PER_CENTROID * 64
-        if n < min_n:
-            raise ConfigError(
-                f"an IVF-PQ index needs at least {min_n} vectors to train, the archive has {n}; "
-                "use --kind flat (exact) or hnsw"
-            )
-        nlist = config.nlist or min(65536, max(64, _pow2_near(2 * math.sqrt(n))))
-        nlist = min(nlist, n // PQ_MIN_TRAIN_PER_CENTROID)
-        train = config.train_size or max(40 * nlist, 32768)
-        train = max(min(train, n, 1_000_000), min(n, PQ_MIN_TRAIN_PER_CENTROID * nlist))
-        # 8-bit codebooks need 39 * 256 training points; fewer points, fewer bits
-        nbits = max(4, min(8, int(math.log2(train / PQ_MIN_TRAIN_PER_CENTROID))))
-        plan.update(
-            nlist=int(nlist),
-            pq_m=_pq_m(dim, config.pq_m),
-            pq_nbits=nbits,
-            train_size=int(train),
-            # assigning N vectors to nlist flat centroids costs N * nlist * dim; beyond ~4e9
-            # (e.g. 2M vectors x 2048 lists) an HNSW over the centroids assigns them instead
-            quantizer="flat" if nlist <= 4096 and n * nlist <= 4_000_000_000 else "hnsw",
-            opq=config.opq,
-        )
-    return plan
+    return index_kind(kind).plan(n, dim, config)

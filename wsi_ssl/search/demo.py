@@ -4,19 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from wsi_ssl.search.regions import Window, best_windows
 
+if TYPE_CHECKING:
+    from wsi_ssl.search.archive import SlideEntry
+    from wsi_ssl.search.index import SearchIndex
+
 __all__ = ["demo_region_gallery"]
 
 
-def _densest_box(index: Any, slide: dict[str, Any], cells: int) -> tuple[int, int, int, int]:
+def _densest_box(index: SearchIndex, slide: SlideEntry, cells: int) -> tuple[int, int, int, int]:
     """Level-0 box of the ``cells`` x ``cells`` tile window holding the most stored tiles."""
-    coords = index.files.coords[slide["offset"] : slide["offset"] + slide["n_tiles"]]
-    stride = float(slide["stride_level0"])
+    coords = index.coords[slide.offset : slide.offset + slide.n_tiles]
+    stride = float(slide.stride_level0)
     grid = np.stack([np.round(coords[:, 1] / stride), np.round(coords[:, 0] / stride)], 1)
     n = len(coords)
     found: Sequence[Window | None] = best_windows(
@@ -25,7 +29,7 @@ def _densest_box(index: Any, slide: dict[str, Any], cells: int) -> tuple[int, in
         np.ones(n),
         (cells, cells),
         1,
-        tuple(slide["grid_shape"]) if slide.get("grid_shape") else None,
+        (slide.grid_shape[0], slide.grid_shape[1]) if slide.grid_shape else None,
     ) or [None]
     [win] = found
     side = round(cells * stride)
@@ -73,10 +77,13 @@ def demo_region_gallery(
         index.add(progress=progress)
     else:
         index = SearchIndex.build(root, str(encoder), progress=progress)
-    lines += index.lines()
+    lines.append(
+        f"index {index.name}: {index.kind}, {index.n_vectors} vectors from "
+        f"{len(index.slides)} slides, encoder {index.encoder_id}"
+    )
     slide = index.slides[0]
     box = _densest_box(index, slide, cells)
-    result = index.search_region(slide["slide_id"], box, k=k, exclude_self=len(index.slides) > 1)
+    result = index.search_region(slide.slide_id, box, k=k, exclude_self=len(index.slides) > 1)
     png = index.gallery(result, out)
     lines += result.table().splitlines()
     lines.append(f"gallery: {png}")

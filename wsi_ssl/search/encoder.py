@@ -1,4 +1,11 @@
-"""The index's encoder, rebuilt from the config recorded with the embeddings (image queries)."""
+"""The index's encoder, recreated from the ``EncoderConfig`` recorded with its embeddings.
+
+The recorded config names where the encoder came from (``source``: a seeded random init, a
+weights file or a ``wsi-ssl pretrain`` checkpoint), its registry name or architecture, and the
+fields that were overridden (resize, precision, input size, normalisation). Creating the
+encoder from those and comparing the ``encoder_id`` is the round trip: the same id means the
+same vectors.
+"""
 
 from __future__ import annotations
 
@@ -8,32 +15,58 @@ from typing import TYPE_CHECKING, Any
 from wsi_ssl.errors import EncoderMismatchError, WsiSslError
 
 if TYPE_CHECKING:
-    from wsi_ssl.encoders import Encoder
+    from wsi_ssl.encoders import Encoder, EncoderConfig
 
-__all__ = ["index_encoder"]
+__all__ = ["encoder_from_config", "index_encoder"]
 
-_OVERRIDABLE = ("resize", "precision", "input_size", "mean", "std")
+_OVERRIDDEN = ("resize", "precision", "input_size", "mean", "std")
 
 
-def _candidates(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(spec, kwargs) to try with ``create_encoder``, most likely first."""
-    name, arch, source = str(cfg.get("name", "")), str(cfg.get("arch", "")), cfg.get("source")
-    overrides = {
-        k: (tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k]) for k in _OVERRIDABLE if k in cfg
-    }
-    specs: list[str] = []
-    if source == "wsi-ssl":
-        if cfg.get("weights_path"):
-            specs.append(str(cfg["weights_path"]))
-        return [(s, {"weights": None, **overrides}) for s in specs]
-    for spec in (name, name.removeprefix("random-"), arch):
-        if spec and spec not in specs:
-            specs.append(spec)
-    if source == "random":
-        seed = int(cfg.get("seed") or 0)
-        return [(s, {"weights": "random", "seed": seed, **overrides}) for s in specs]
-    weights = cfg.get("weights_path")
-    return [(s, {"weights": weights, **overrides}) for s in specs]
+def _spec(config: EncoderConfig) -> str | None:
+    """What ``create_encoder`` is given: the checkpoint, the registry name, or the arch."""
+    from wsi_ssl.encoders import list_encoders
+
+    if config.source == "wsi-ssl":
+        return config.weights_path
+    registered = set(list_encoders())
+    for name in (config.name, config.name.removeprefix("random-")):
+        if name in registered:
+            return name
+    return config.arch
+
+
+def encoder_from_config(config: EncoderConfig, *, device: str = "cpu") -> Encoder:
+    """The encoder ``config`` describes (its ``encoder_id`` equals ``config.encoder_id``).
+
+    Raises:
+        EncoderMismatchError: it cannot be created here (weights missing or moved, unknown
+            architecture) or it gives another ``encoder_id``.
+    """
+    from wsi_ssl.encoders import create_encoder
+
+    spec = _spec(config)
+    weights: str | None = "random" if config.source == "random" else config.weights_path
+    if config.source == "wsi-ssl":
+        weights = None
+    overrides = {k: getattr(config, k) for k in _OVERRIDDEN}
+    reason = ""
+    if spec is None:
+        reason = "no checkpoint path was recorded"
+    else:
+        try:
+            enc = create_encoder(
+                spec, weights=weights, seed=int(config.seed or 0), device=device, **overrides
+            )
+        except (WsiSslError, OSError) as err:
+            reason = f"{spec}: {type(err).__name__}: {err}"
+        else:
+            if enc.encoder_id == config.encoder_id:
+                return enc
+            reason = f"{spec} gives {enc.encoder_id}"
+    raise EncoderMismatchError(
+        f"cannot recreate encoder {config.encoder_id!r} from its recorded config ({reason}); "
+        "pass encoder= (and weights=) naming the encoder that embedded the archive"
+    )
 
 
 def index_encoder(
@@ -49,43 +82,38 @@ def index_encoder(
     Args:
         encoder_id: the index's encoder id.
         encoder_config: the config recorded with the embeddings (``EncoderConfig.to_dict``).
-        encoder: an encoder, or a spec for ``create_encoder``, to use instead of rebuilding.
+        encoder: an encoder, or a spec for ``create_encoder``, to use instead of recreating it.
         weights: weights file for ``encoder`` given as a spec.
 
     Raises:
         EncoderMismatchError: the given encoder is not the index's, or the recorded config
-            cannot be rebuilt into it here (the message says to pass ``--encoder``).
+            cannot be recreated into it here.
     """
-    from wsi_ssl.encoders import Encoder, create_encoder
+    from wsi_ssl.encoders import Encoder, EncoderConfig, create_encoder
 
-    if encoder is not None:
-        enc = (
-            encoder
-            if isinstance(encoder, Encoder)
-            else create_encoder(encoder, weights=weights, device=device)
-        )
-        if enc.encoder_id != encoder_id:
+    if encoder is None:
+        try:
+            config = EncoderConfig.from_dict(encoder_config)
+        except (WsiSslError, TypeError) as err:
             raise EncoderMismatchError(
-                f"encoder {enc.encoder_id!r} is not the index's {encoder_id!r}: vectors from "
-                "different encoders cannot be compared; query with the index's encoder or build "
-                "an index for this one"
+                f"the index's encoder {encoder_id!r} has no usable recorded config ({err}); "
+                "pass encoder= (and weights=) naming the encoder that embedded the archive"
+            ) from err
+        if config.encoder_id != encoder_id:
+            raise EncoderMismatchError(
+                f"the recorded encoder config gives {config.encoder_id!r}, not the index's "
+                f"{encoder_id!r}; pass encoder= (and weights=)"
             )
-        return enc.to(device)
-    tried = []
-    for spec, kwargs in _candidates(encoder_config):
-        overrides = {k: v for k, v in kwargs.items() if k in _OVERRIDABLE}
-        rest = {k: v for k, v in kwargs.items() if k not in _OVERRIDABLE}
-        for ov in (overrides, {}):
-            try:
-                enc = create_encoder(spec, device=device, **rest, **ov)
-            except (WsiSslError, TypeError, ValueError, OSError) as err:
-                tried.append(f"{spec}: {type(err).__name__}")
-                break
-            if enc.encoder_id == encoder_id:
-                return enc
-            tried.append(f"{spec}: gives {enc.encoder_id}")
-    raise EncoderMismatchError(
-        f"cannot rebuild the index's encoder {encoder_id!r} here (tried {'; '.join(tried) or 'nothing'}); "
-        "pass --encoder NAME_OR_CHECKPOINT (and --weights PATH) naming the encoder that embedded "
-        "the archive"
+        return encoder_from_config(config, device=device)
+    enc = (
+        encoder
+        if isinstance(encoder, Encoder)
+        else create_encoder(encoder, weights=weights, device=device)
     )
+    if enc.encoder_id != encoder_id:
+        raise EncoderMismatchError(
+            f"encoder {enc.encoder_id!r} is not the index's {encoder_id!r}: vectors from "
+            "different encoders cannot be compared; query with the index's encoder or build "
+            "an index for this one"
+        )
+    return enc.to(device)

@@ -23,9 +23,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from wsi_ssl.errors import ConfigError
-from wsi_ssl.search.build import exact_neighbours, tie_aware_recall
-from wsi_ssl.search.build import normalise as _normalise
-from wsi_ssl.search.build import recall_at_k as _recall_ids
+from wsi_ssl.search.archive import ArchiveSource
+from wsi_ssl.search.calibration import recall_at_k as _recall_ids
+from wsi_ssl.search.calibration import tie_aware_recall
+from wsi_ssl.search.ids import decode_ids
+from wsi_ssl.search.vectors import exact_neighbours, gather, normalise
 
 if TYPE_CHECKING:
     from wsi_ssl.search.index import SearchIndex
@@ -42,7 +44,7 @@ recall_ids = _recall_ids
 
 
 def _labelled(index: SearchIndex, labels: Mapping[str, Any]) -> dict[str, Any]:
-    active = {s["slide_id"] for s in index.slides}
+    active = {s.slide_id for s in index.slides}
     out = {sid: lab for sid, lab in labels.items() if sid in active}
     if len(out) < 2:
         raise ConfigError(
@@ -116,15 +118,13 @@ def precision_at_k(
     Returns:
         ``{"k", "queries", "precision", "macro_precision", "per_class"}``.
     """
-    from wsi_ssl.search.ids import decode_ids
+    from wsi_ssl.storage import open_store
     from wsi_ssl.storage.embeddings import read_embeddings
 
     labelled = _labelled(index, labels)
-    archive = index._archive()
-    number_label = {
-        s["number"]: labelled[s["slide_id"]] for s in index.slides if s["slide_id"] in labelled
-    }
-    unlabelled = [s["number"] for s in index.slides if s["slide_id"] not in labelled]
+    archive = open_store(index.root)
+    number_label = {s.number: labelled[s.slide_id] for s in index.slides if s.slide_id in labelled}
+    unlabelled = [s.number for s in index.slides if s.slide_id not in labelled]
     rng = np.random.default_rng(seed)
     scores: dict[str, list[float]] = {}
     for sid, label in labelled.items():
@@ -132,7 +132,7 @@ def precision_at_k(
         feats = np.asarray(read_embeddings(archive.slide(sid), index.encoder_id).features)
         rows = rng.choice(len(feats), size=min(tiles_per_slide, len(feats)), replace=False)
         _, ids = index.search_vectors(
-            feats[np.sort(rows)], k, exclude_slides=[entry["number"], *unlabelled]
+            feats[np.sort(rows)], k, exclude_slides=[entry.number, *unlabelled]
         )
         for row in ids:
             slides, _ = decode_ids(row[row >= 0])
@@ -169,24 +169,22 @@ def recall_at_k(
     Returns:
         ``{"k", "queries", "recall", "promised_recall", "kind"}``.
     """
-    from wsi_ssl.search.index import _ArchiveSource
+    from wsi_ssl.storage import open_store
 
-    archive = index._archive()
-    items = [(s["number"], archive.slide(s["slide_id"]), s["n_tiles"]) for s in index.slides]
-    source = _ArchiveSource(items, index.encoder_id, index.dim)
+    source = ArchiveSource.of_entries(
+        open_store(index.root), index.slides, index.encoder_id, index.dim
+    )
     own = None
     if queries is None:
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(source.n, size=min(n_queries, source.n), replace=False))
-        from wsi_ssl.search.build import _gather
-
-        own, queries = _gather(source, rows)
+        own, queries = gather(source, rows)
     depth = 2 * k + 1
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if exact is not None:
         gt_sims, gt_ids = exact.search_vectors(queries, depth)
     else:
-        gt_sims, gt_ids = exact_neighbours(source, _normalise(queries), depth)
+        gt_sims, gt_ids = exact_neighbours(source, normalise(queries), depth)
     _, found = index.search_vectors(queries, k + (1 if own is not None else 0))
     return {
         "k": k,

@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from wsi_ssl.search.index import SearchIndex
     from wsi_ssl.search.results import SearchResult
-    from wsi_ssl.storage import SlideStore
+    from wsi_ssl.storage import Archive, SlideStore
 
 __all__ = ["region_mosaic", "render_gallery"]
 
@@ -126,7 +125,7 @@ def _thumbnail_with_box(
 
 
 def render_gallery(
-    index: SearchIndex,
+    archive: Archive,
     result: SearchResult,
     out: str | Path,
     *,
@@ -134,19 +133,22 @@ def render_gallery(
     panel_px: int = 320,
     columns: int = 5,
 ) -> Path:
-    """Save the query beside up to ``max_hits`` hits as a PNG; returns the path."""
+    """Save the query beside up to ``max_hits`` hits as a PNG; returns the path.
+
+    Pictures come from ``archive``'s slide stores; the title names the index the result
+    came from (``result.index``).
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from PIL import Image
 
-    archive = index._archive()
     q = result.query
     panels: list[tuple[Any, str]] = []
     if q.kind == "image" and q.image is not None:
         panels.append(
             (
                 _fit(Image.fromarray(q.image), panel_px),
-                f"query image\n{q.box[2]}x{q.box[3]} px @ {index.mpp} µm/px",
+                f"query image\n{q.box[2]}x{q.box[3]} px @ {round(q.size_um[0] / q.box[2], 6):g} µm/px",
             )
         )
     else:
@@ -176,6 +178,7 @@ def render_gallery(
         else:
             image = _thumbnail_with_box(store, hit.best_box, panel_px)
         panels.append((image, f"#{hit.rank} {_short(hit.name)}\nscore {hit.score:.3f}"))
+    info = result.index
     n = len(panels)
     cols = max(1, min(columns, n))
     rows = -(-n // cols)
@@ -188,7 +191,8 @@ def render_gallery(
         ax.imshow(np.asarray(image))
         ax.set_title(title, fontsize=8)
     fig.suptitle(
-        f"{result.mode} for a {q.kind} query; index {index.name} ({index.kind}, {index.n_vectors} tiles)",
+        f"{result.mode} for a {q.kind} query; index {info['name']} ({info['kind']}, "
+        f"{info['n_vectors']} tiles)",
         fontsize=9,
     )
     fig.tight_layout()

@@ -1,0 +1,298 @@
+"""The archive side of an index: which slides' embeddings go in, and the typed id map.
+
+* :class:`SlideEntry`: one slide of an index's id map (``slides.json``), typed.
+* :class:`ArchiveSource`: the embeddings of some slides as a
+  :class:`~wsi_ssl.search.vectors.VectorSource` (ids ``slide_number << 32 | tile``).
+* :func:`collect`: the complete, embedded slides of an archive at one scale ->
+  :class:`Collected` (source, id-map entries, coords, tiling, encoder config).
+* :func:`resolve_encoder_id`: an encoder id present in the archive, or a unique prefix of one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from wsi_ssl.errors import EmbeddingsNotFoundError, SchemaMismatchError, UnknownSlideError
+from wsi_ssl.search.ids import encode_ids
+from wsi_ssl.search.vectors import normalise
+
+if TYPE_CHECKING:
+    from wsi_ssl.storage import Archive, SlideStore
+    from wsi_ssl.storage.embeddings import Embeddings
+
+__all__ = [
+    "ArchiveSource",
+    "Collected",
+    "SlideEntry",
+    "SourceSlide",
+    "catalog_names",
+    "collect",
+    "resolve_encoder_id",
+    "same_scale",
+    "tiling_key",
+]
+
+BATCH = 65536
+
+
+@dataclass
+class SlideEntry:
+    """One slide of an index's id map (a row of ``slides.json``).
+
+    ``status`` is "active" or "removed"; ``in_index`` is False once the slide's vectors are
+    gone from the FAISS index (an HNSW tombstone keeps them until compaction). Dict-style
+    reads (``entry["slide_id"]``) work too, for callers written against the JSON rows.
+    """
+
+    number: int
+    slide_id: str
+    name: str
+    path: str
+    n_tiles: int
+    offset: int
+    dimensions: list[int]
+    mpp: float
+    tile_size_level0: float
+    stride_level0: float
+    grid_shape: list[int] | None = None
+    coords_sha256: str | None = None
+    embedded: str | None = None
+    status: str = "active"
+    in_index: bool = True
+
+    @property
+    def active(self) -> bool:
+        return self.status == "active"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SlideEntry:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default)
+
+
+@dataclass(frozen=True)
+class SourceSlide:
+    """A slide whose vectors an :class:`ArchiveSource` yields: its number, store, rows."""
+
+    number: int
+    store: SlideStore
+    n_tiles: int
+
+
+class ArchiveSource:
+    """The embeddings of some slides of an archive as a ``VectorSource`` (unit vectors)."""
+
+    def __init__(self, slides: list[SourceSlide], encoder_id: str, dim: int) -> None:
+        self.slides = slides
+        self.encoder_id = encoder_id
+        self.dim = dim
+        self.n = sum(s.n_tiles for s in slides)
+
+    @classmethod
+    def of_entries(
+        cls, archive: Archive, entries: Sequence[SlideEntry], encoder_id: str, dim: int
+    ) -> ArchiveSource:
+        """The source of an index's id-map entries."""
+        slides = [SourceSlide(e.number, archive.slide(e.slide_id), e.n_tiles) for e in entries]
+        return cls(slides, encoder_id, dim)
+
+    def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        from wsi_ssl.storage.embeddings import read_embeddings
+
+        for slide in self.slides:
+            feats = np.asarray(read_embeddings(slide.store, self.encoder_id).features)
+            if feats.shape != (slide.n_tiles, self.dim):
+                raise SchemaMismatchError(
+                    f"{slide.store.path}: embeddings {self.encoder_id!r} are {feats.shape}, "
+                    f"expected ({slide.n_tiles}, {self.dim}); embed the slide again "
+                    "(resume=False)"
+                )
+            for start in range(0, slide.n_tiles, BATCH):
+                stop = min(slide.n_tiles, start + BATCH)
+                yield encode_ids(slide.number, np.arange(start, stop)), normalise(feats[start:stop])
+
+
+@dataclass
+class Collected:
+    """What :func:`collect` found: the vectors to index and the id map that describes them."""
+
+    source: ArchiveSource
+    entries: list[SlideEntry]
+    coords: np.ndarray
+    tiling: dict[str, Any] | None
+    encoder: dict[str, Any]
+
+    @property
+    def dim(self) -> int:
+        return self.source.dim
+
+
+def resolve_encoder_id(archive: Archive, wanted: str) -> str:
+    """An exact encoder id present in the archive, or the one that starts with ``wanted``.
+
+    Raises:
+        EmbeddingsNotFoundError: none, or several, match (the message lists those there).
+    """
+    from wsi_ssl.storage.embeddings import embedding_ids
+
+    available: set[str] = set()
+    for sid in archive.slide_ids:
+        available.update(embedding_ids(archive.store_path(sid)))
+    if wanted in available:
+        return wanted
+    matches = sorted(a for a in available if a.startswith(wanted))
+    if len(matches) == 1:
+        return matches[0]
+    raise EmbeddingsNotFoundError(
+        archive.root,
+        wanted if not matches else f"{wanted} (ambiguous: {', '.join(matches)})",
+        sorted(available),
+    )
+
+
+def catalog_names(archive: Archive) -> dict[str, tuple[str, str]]:
+    """slide id -> (file name, path) from the catalog (empty when it cannot be read)."""
+    try:
+        return {e.slide_id: (e.name, e.path) for e in archive.catalog.entries()}
+    except Exception:  # a missing or locked catalog only costs the names
+        return {}
+
+
+def tiling_key(tiling: dict[str, Any]) -> dict[str, Any]:
+    """The tiling settings an index records and compares (scale, tile size, overlap)."""
+    return {
+        "mpp": float(tiling["mpp"]),
+        "tile_size": int(tiling["tile_size"]),
+        "overlap": int(tiling.get("overlap", 0)),
+        "tissue_threshold": float(tiling.get("tissue_threshold", 0.0)),
+    }
+
+
+def same_scale(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (
+        math.isclose(a["mpp"], b["mpp"], rel_tol=1e-6)
+        and a["tile_size"] == b["tile_size"]
+        and a["overlap"] == b["overlap"]
+    )
+
+
+def _complete_embeddings(store: SlideStore, encoder_id: str) -> Embeddings | None:
+    """The complete embeddings ``encoder_id`` of a store, lazily (no vectors read), or None."""
+    from wsi_ssl.storage.embeddings import embedding_status, read_embeddings
+
+    if embedding_status(store, encoder_id) != "complete":
+        return None
+    return read_embeddings(store, encoder_id, lazy=True)
+
+
+def _entry(
+    number: int, store: SlideStore, emb: Embeddings, names: dict[str, tuple[str, str]], offset: int
+) -> SlideEntry:
+    tiling, source = store.tiling, store.source
+    name, path = names.get(
+        store.slide_id, (Path(str(source.get("path", ""))).name, source.get("path", ""))
+    )
+    return SlideEntry(
+        number=number,
+        slide_id=store.slide_id,
+        name=name or store.slide_id,
+        path=str(path),
+        n_tiles=len(emb),
+        offset=offset,
+        dimensions=[int(v) for v in source["dimensions"]],
+        mpp=float(source["mpp"]),
+        tile_size_level0=float(tiling["tile_size_level0"]),
+        stride_level0=float(tiling.get("stride_level0", tiling["tile_size_level0"])),
+        grid_shape=[int(v) for v in tiling["grid_shape"]] if tiling.get("grid_shape") else None,
+        coords_sha256=emb.attrs.get("coords_sha256"),
+        embedded=emb.attrs.get("created"),
+    )
+
+
+def _scale_error(archive: Archive, tiling: dict[str, Any] | None, mismatched: list[str]) -> str:
+    return (
+        f"{archive.root}: slides tiled at another scale than the index's "
+        f"{tiling['mpp'] if tiling else '?'} µm/px, {tiling['tile_size'] if tiling else '?'} px: "
+        f"{', '.join(mismatched[:5])}{' ...' if len(mismatched) > 5 else ''}; tile every slide "
+        "of one index with the same mpp and tile_size (or index them separately with slides=)"
+    )
+
+
+def collect(
+    archive: Archive,
+    encoder_id: str,
+    slides: Sequence[str] | None,
+    *,
+    start_number: int = 0,
+    start_offset: int = 0,
+    tiling: dict[str, Any] | None = None,
+    skip: Callable[[str, dict[str, Any]], bool] | None = None,
+) -> Collected:
+    """The slides embedded by ``encoder_id`` (all complete ones, or ``slides``), numbered from
+    ``start_number``; ``skip(slide_id, embedding_attrs)`` leaves a slide out.
+
+    Raises:
+        UnknownSlideError: a named slide has no complete store.
+        EmbeddingsNotFoundError: a named slide has no complete embeddings by the encoder.
+        SchemaMismatchError: slides at another scale than ``tiling`` (or the first slide's),
+            or embeddings of another dimension.
+    """
+    complete = archive.slide_ids
+    ids = complete if slides is None else list(dict.fromkeys(slides))
+    complete_set, names = set(complete), catalog_names(archive)
+    items: list[SourceSlide] = []
+    entries: list[SlideEntry] = []
+    coords: list[np.ndarray] = []
+    dim, encoder = 0, {}
+    number, offset = start_number, start_offset
+    mismatched = []
+    for sid in ids:
+        if slides is not None and sid not in complete_set:
+            raise UnknownSlideError(sid, f"archive {archive.root} (complete slide stores)")
+        store = archive.slide(sid)
+        emb = _complete_embeddings(store, encoder_id)
+        if emb is None:
+            if slides is not None:
+                from wsi_ssl.storage.embeddings import embedding_ids
+
+                raise EmbeddingsNotFoundError(store.path, encoder_id, embedding_ids(store))
+            continue
+        if skip is not None and skip(sid, emb.attrs):
+            continue
+        key = tiling_key(store.tiling)
+        if tiling is None:
+            tiling = key
+        elif not same_scale(tiling, key):
+            mismatched.append(f"{sid} ({key['mpp']} µm/px, {key['tile_size']} px)")
+            continue
+        d = int(emb.features.shape[1])
+        if dim and d != dim:
+            raise SchemaMismatchError(
+                f"{store.path}: embeddings {encoder_id!r} have dimension {d}, others {dim}"
+            )
+        dim, encoder = d, emb.encoder
+        items.append(SourceSlide(number, store, len(emb)))
+        entries.append(_entry(number, store, emb, names, offset))
+        coords.append(np.asarray(emb.coords, dtype=np.int64).reshape(-1, 2))
+        number += 1
+        offset += len(emb)
+    if mismatched:
+        raise SchemaMismatchError(_scale_error(archive, tiling, mismatched))
+    all_coords = np.concatenate(coords) if coords else np.empty((0, 2), dtype=np.int64)
+    return Collected(ArchiveSource(items, encoder_id, dim), entries, all_coords, tiling, encoder)

@@ -1,0 +1,287 @@
+"""Query builders: a tile, a region, a whole slide (its mosaic) or an image -> :class:`Query`.
+
+A query slide need not be in the index, only in its archive, tiled at the index's scale; its
+vectors are read from the slide store. Image queries are embedded with the index's encoder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from wsi_ssl.errors import (
+    ConfigError,
+    NoTilesInRegionError,
+    RegionOutsideSlideError,
+    SchemaMismatchError,
+    UnknownSlideError,
+)
+from wsi_ssl.search.archive import catalog_names, same_scale, tiling_key
+from wsi_ssl.search.results import Query
+from wsi_ssl.search.vectors import normalise
+
+if TYPE_CHECKING:
+    from wsi_ssl.encoders import Encoder
+    from wsi_ssl.search.index import SearchIndex
+    from wsi_ssl.storage import SlideStore
+
+__all__ = [
+    "MAX_QUERY_TILES",
+    "MOSAIC_TILES",
+    "image_query",
+    "mosaic_rows",
+    "region_query",
+    "slide_query",
+    "subsample",
+    "tile_query",
+]
+
+MAX_QUERY_TILES = 1024
+"""A region or image query with more tiles is searched with this many, evenly subsampled."""
+MOSAIC_TILES = 64
+"""Tiles representing a whole slide in slide-level queries (k-means medoids of its vectors)."""
+
+
+class _QuerySlide:
+    """A query slide's store, its number in the index (None: not indexed), name and vectors."""
+
+    def __init__(self, index: SearchIndex, slide: str) -> None:
+        from wsi_ssl.storage import open_store
+
+        archive = open_store(index.root)
+        try:
+            sid = index.resolve_slide(slide).slide_id
+        except UnknownSlideError:
+            sid = _archive_slide(index, archive.slide_ids, catalog_names(archive), slide)
+        self.store: SlideStore = archive.slide(sid)
+        self.number = index.number_of(sid)
+        if self.number is not None:
+            self.name = index.entry(self.number).name
+        else:
+            fallback = Path(str(self.store.source.get("path", sid))).name
+            self.name = catalog_names(archive).get(sid, (fallback, ""))[0]
+        key = tiling_key(self.store.tiling)
+        if not same_scale(index.tiling, key):
+            raise SchemaMismatchError(
+                f"{self.store.path}: tiled at {key['mpp']} µm/px, {key['tile_size']} px, the index "
+                f"{index.name!r} at {index.mpp} µm/px, {index.tiling['tile_size']} px; query with "
+                "a slide tiled like the index"
+            )
+        self.size = float(self.store.tiling["tile_size_level0"])
+        self.mpp = float(self.store.source["mpp"])
+        self.encoder_id = index.encoder_id
+
+    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        from wsi_ssl.storage.embeddings import read_embeddings
+
+        emb = read_embeddings(self.store, self.encoder_id)
+        return np.asarray(emb.features, dtype=np.float32), np.asarray(emb.coords)
+
+
+def _archive_slide(
+    index: SearchIndex, ids: list[str], names: dict[str, tuple[str, str]], slide: str
+) -> str:
+    """An archive slide id by id, unique id prefix or file name/stem."""
+    if slide in ids:
+        return slide
+    matches = [i for i in ids if len(slide) >= 4 and i.startswith(slide)]
+    matches = matches or [
+        i for i, (n, _) in names.items() if slide in (n, Path(n).stem) and i in ids
+    ]
+    if len(matches) != 1:
+        raise UnknownSlideError(
+            slide,
+            f"index {index.name} or archive {index.root}",
+            "pass a slide id (or unique prefix, or file name) from the index's slides",
+        )
+    return matches[0]
+
+
+def subsample(rows: np.ndarray, limit: int) -> np.ndarray:
+    """At most ``limit`` of ``rows``, evenly spread."""
+    if len(rows) <= limit:
+        return rows
+    return rows[np.linspace(0, len(rows) - 1, limit).round().astype(np.int64)]
+
+
+def tile_query(index: SearchIndex, slide: str, xy: tuple[int, int]) -> Query:
+    """The stored tile of ``slide`` that contains level-0 point ``xy``."""
+    q = _QuerySlide(index, slide)
+    x, y = (int(v) for v in xy)
+    w, h = q.store.source["dimensions"]
+    if not (0 <= x < w and 0 <= y < h):
+        raise RegionOutsideSlideError(
+            f"{q.store.slide_id}: point {x},{y} is outside the slide (0..{w - 1}, 0..{h - 1} level-0 px)"
+        )
+    feats, coords = q.vectors()
+    size = q.size
+    inside = (
+        (coords[:, 0] <= x)
+        & (x < coords[:, 0] + size)
+        & (coords[:, 1] <= y)
+        & (y < coords[:, 1] + size)
+    )
+    rows = np.flatnonzero(inside)
+    if not len(rows):
+        raise NoTilesInRegionError(
+            f"{q.store.slide_id}: no stored tissue tile contains point {x},{y}; pick a point on "
+            f"tissue (tiles cover {len(coords)} positions)"
+        )
+    centres = coords[rows] + size / 2
+    row = rows[int(np.argmin(((centres - [x, y]) ** 2).sum(axis=1)))]
+    side_um = size * q.mpp
+    tx, ty = (int(v) for v in coords[row])
+    box = (tx, ty, round(size), round(size))
+    return Query(
+        "tile",
+        feats[[row]],
+        q.store.slide_id,
+        q.name,
+        box,
+        coords[[row]],
+        np.array([row]),
+        size,
+        (side_um, side_um),
+        slide_number=q.number,
+    )
+
+
+def region_query(index: SearchIndex, slide: str, box: tuple[int, int, int, int]) -> Query:
+    """The stored tiles of ``slide`` whose centres lie in level-0 ``box`` (clipped to it)."""
+    q = _QuerySlide(index, slide)
+    sid = q.store.slide_id
+    x, y, w, h = (int(v) for v in box)
+    sw, sh = q.store.source["dimensions"]
+    if w <= 0 or h <= 0:
+        raise RegionOutsideSlideError(
+            f"{sid}: box {x},{y},{w},{h} has no area; width and height must be > 0"
+        )
+    x0, y0, x1, y1 = max(0, x), max(0, y), min(sw, x + w), min(sh, y + h)
+    if x1 <= x0 or y1 <= y0:
+        raise RegionOutsideSlideError(
+            f"{sid}: box {x},{y},{w},{h} lies outside the slide, which is {sw}x{sh} "
+            "level-0 px; give X,Y,W,H in level-0 pixels"
+        )
+    feats, coords = q.vectors()
+    cx, cy = coords[:, 0] + q.size / 2, coords[:, 1] + q.size / 2
+    rows = np.flatnonzero((cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1))
+    if not len(rows):
+        raise NoTilesInRegionError(
+            f"{sid}: box {x0},{y0},{x1 - x0},{y1 - y0} holds no stored tissue tile "
+            f"(tiles are {round(q.size)} level-0 px; a tile counts when its centre is inside); "
+            "draw the box over tissue or make it larger"
+        )
+    rows = subsample(rows, MAX_QUERY_TILES)
+    return Query(
+        "region",
+        feats[rows],
+        sid,
+        q.name,
+        (x0, y0, x1 - x0, y1 - y0),
+        coords[rows],
+        rows,
+        q.size,
+        ((x1 - x0) * q.mpp, (y1 - y0) * q.mpp),
+        slide_number=q.number,
+    )
+
+
+def slide_query(
+    index: SearchIndex, slide: str, max_tiles: int = MOSAIC_TILES, seed: int = 0
+) -> Query:
+    """A whole slide as a mosaic of up to ``max_tiles`` tiles (see :func:`mosaic_rows`)."""
+    q = _QuerySlide(index, slide)
+    feats, coords = q.vectors()
+    if not len(feats):
+        raise NoTilesInRegionError(f"{q.store.slide_id}: the slide has no stored tiles")
+    rows = mosaic_rows(feats, max_tiles, seed)
+    w, h = q.store.source["dimensions"]
+    return Query(
+        "slide",
+        feats[rows],
+        q.store.slide_id,
+        q.name,
+        (0, 0, int(w), int(h)),
+        coords[rows],
+        rows,
+        q.size,
+        (q.size * q.mpp, q.size * q.mpp),
+        slide_number=q.number,
+    )
+
+
+def mosaic_rows(feats: np.ndarray, max_tiles: int, seed: int = 0) -> np.ndarray:
+    """Rows of the tiles nearest each of ``max_tiles`` k-means centroids (all rows if fewer):
+    cf. Yottixel's mosaic, Kalra et al. 2020."""
+    n = len(feats)
+    if n <= max_tiles:
+        return np.arange(n)
+    import faiss
+
+    x = normalise(feats)
+    km = faiss.Kmeans(
+        x.shape[1], max_tiles, niter=10, seed=seed, verbose=False, min_points_per_centroid=1
+    )
+    km.train(x)
+    assert km.centroids is not None  # set by train()
+    flat = faiss.IndexFlatL2(x.shape[1])
+    flat.add(x)
+    _, nearest = flat.search(km.centroids, 1)
+    return np.unique(nearest.ravel())
+
+
+def _image_pixels(image: str | Path | np.ndarray, limit: int) -> np.ndarray:
+    from wsi_ssl.search.image import load_image
+
+    if isinstance(image, str | Path):
+        return load_image(image, max_pixels=limit)
+    pixels = np.asarray(image)
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
+        raise ConfigError(f"query image must be uint8 (h, w, 3), got {pixels.dtype} {pixels.shape}")
+    return pixels[..., :3]
+
+
+def image_query(
+    index: SearchIndex,
+    image: str | Path | np.ndarray,
+    *,
+    image_mpp: float | None = None,
+    encoder: Encoder | str | Path | None = None,
+    weights: str | Path | None = None,
+    max_pixels: int | None = None,
+) -> Query:
+    """An image rescaled from ``image_mpp`` (default: the index's) to the index's mpp, cut
+    into the index's tiles (edges padded white, blank tiles dropped) and embedded."""
+    from wsi_ssl.search.encoder import index_encoder
+    from wsi_ssl.search.image import MAX_IMAGE_PIXELS, cut_tiles, rescale
+
+    limit = max_pixels or MAX_IMAGE_PIXELS
+    pixels = _image_pixels(image, limit)
+    src_mpp = float(image_mpp) if image_mpp is not None else index.mpp
+    pixels = rescale(pixels, src_mpp, index.mpp, max_pixels=limit)
+    t = index.tiling
+    stride = t["tile_size"] - t["overlap"]
+    tiles, coords, _ = cut_tiles(
+        pixels, t["tile_size"], stride, mpp=index.mpp, tissue_threshold=t["tissue_threshold"]
+    )
+    rows = subsample(np.arange(len(tiles)), MAX_QUERY_TILES)
+    tiles, coords = tiles[rows], coords[rows]
+    enc = index_encoder(
+        index.encoder_id, index.record.get("encoder", {}), encoder=encoder, weights=weights
+    )
+    vectors = enc.embed_images(tiles)
+    h, w = pixels.shape[:2]
+    return Query(
+        "image",
+        vectors.astype(np.float32),
+        None,
+        None,
+        (0, 0, w, h),
+        coords,
+        None,
+        float(t["tile_size"]),
+        (w * index.mpp, h * index.mpp),
+        image=pixels,
+    )
