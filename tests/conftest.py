@@ -99,3 +99,33 @@ def copy_archive(archive: dict[str, Any], folder: Path) -> dict[str, Any]:
     root = folder / "root"
     shutil.copytree(archive["root"], root)
     return {**archive, "root": root, "index": None}
+
+
+@pytest.fixture(scope="session")
+def small_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two small synthetic slides tiled at 224 px (lossless, every tile kept), embedded with
+    the random-init CNN and indexed ("random-cnn", flat). The check and fault tests copy it."""
+    from dataclasses import replace
+
+    from wsi_ssl.config import TilingConfig
+    from wsi_ssl.embedding import EmbedConfig, embed
+    from wsi_ssl.synthetic import write_synthetic_slide
+    from wsi_ssl.tiling.batch import tile_slide
+
+    base = tmp_path_factory.mktemp("small_archive")
+    tiling = replace(
+        TilingConfig(tile_size=224, codec="zstd", tiles_per_chunk=4), tissue_threshold=0.0
+    )
+    for seed, size in ((1, (1000, 800)), (2, (800, 700))):
+        tile_slide(
+            write_synthetic_slide(base / f"s{seed}.tiff", size, seed=seed), base / "root", tiling
+        )
+    summary = embed(
+        base / "root",
+        "random-cnn",
+        EmbedConfig(batch_size=8, device="cpu", workers=0, chunk_rows=4),
+    )
+    assert not summary.failed
+    code, _, err = run_cli(["index", str(base / "root"), "--encoder", "random-cnn", "--quiet"])
+    assert code == 0, err
+    return base / "root"

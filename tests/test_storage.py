@@ -248,3 +248,37 @@ def test_locks_are_reentrant_per_thread_only(tmp_path: Path) -> None:
         thread.join()
     assert len(errors) == 1 and "embeddings/enc is being written by pid" in str(errors[0])
     assert embeddings_lock_path(tmp_path, "s1", "enc").is_relative_to(tmp_path / LOCKS_DIR)
+
+
+_WRITE_INDEX = """
+import sys
+import faiss, numpy as np
+from wsi_ssl.storage.index_files import write_index
+index = faiss.IndexFlatL2(4)
+index.add(np.full((int(sys.argv[2]), 4), 1.0, dtype=np.float32))
+write_index(sys.argv[1], "idx", index, config={}, slides=[], coords=np.zeros((index.ntotal, 2)))
+"""
+
+
+def _write_index(root: Path, n: int, fault: str = "") -> int:
+    env = {**os.environ, FAULT_ENV: fault}
+    done = subprocess.run([sys.executable, "-c", _WRITE_INDEX, str(root), str(n)], env=env)
+    return done.returncode
+
+
+def test_index_generations_are_pruned_relative_to_the_manifest(tmp_path: Path) -> None:
+    from wsi_ssl.storage.index_files import read_index
+
+    path = tmp_path / "index" / "idx"
+    assert _write_index(tmp_path, 1) == 0 and _write_index(tmp_path, 2) == 0
+    assert sorted(p.name for p in path.glob("g-*")) == ["g-000001", "g-000002"]
+    # killed after the generation was renamed, before the manifest: an orphan g-000003 and a
+    # temp manifest of a dead process
+    assert _write_index(tmp_path, 3, "kill_before_rename:MANIFEST.json") == -signal.SIGKILL
+    assert read_index(tmp_path, "idx")[0].ntotal == 2  # still the previous complete index
+    assert [p.name for p in path.glob(".MANIFEST.json.tmp-*")]
+    assert _write_index(tmp_path, 4) == 0
+    # the new one and the one the manifest named before it; the orphan and g-000001 are gone
+    assert sorted(p.name for p in path.glob("g-*")) == ["g-000002", "g-000004"]
+    assert not [p for p in path.iterdir() if ".tmp-" in p.name]
+    assert read_index(tmp_path, "idx")[0].ntotal == 4

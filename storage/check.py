@@ -1,0 +1,371 @@
+"""Verify an archive root (``wsi-ssl check``) and, on request, remove its debris.
+
+What is checked, each problem a :class:`Finding` with the command that fixes it:
+
+- every slide store: metadata readable, status complete, every tile shard file present,
+  ``coords`` / ``tissue_fraction`` rows equal to the tile count; swap leftovers
+  (``<id>.zarr.new`` / ``.old``) of a killed re-tile;
+- every embeddings array: complete by content (``embeddings_problem``), and unfinished
+  (``.writing-*``) or set-aside (``.replaced-*``) arrays of killed jobs;
+- every search index: the manifest, the generation it names (sizes and sha256 of every file),
+  orphan generations of killed writers, temp files;
+- the catalog against the stores (a slide the catalog calls complete whose store is not, and
+  the reverse);
+- temp files of dead writers anywhere, and stale lock files.
+
+``repair=True`` removes the debris (temp files, stale locks, orphan generations, unfinished or
+damaged embeddings, swap leftovers: finishing a swap that only lacked its last rename) and
+marks what must be redone in the catalog (status "failed"), so that a plain re-run of
+``wsi-ssl tile`` / ``embed`` / ``index`` redoes it. Anything another process is writing now
+(its lock is held) is left alone.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wsi_ssl.errors import CorruptIndexError, IndexNotFoundError, WsiSslError
+from wsi_ssl.storage.archive import Archive, open_slide_store
+from wsi_ssl.storage.atomic import dead_temp_files, remove_path
+from wsi_ssl.storage.catalog import CatalogEntry
+from wsi_ssl.storage.embeddings import (
+    EMBEDDINGS_GROUP,
+    PARTIAL_PREFIX,
+    REPLACED_PREFIX,
+    embeddings_problem,
+    finish_interrupted_swap,
+)
+from wsi_ssl.storage.index_files import (
+    INDEX_DIR,
+    _current_generation,
+    _generations,
+    index_lock,
+    prune_generations,
+    read_index_files,
+)
+from wsi_ssl.storage.locks import (
+    embeddings_lock,
+    embeddings_lock_path,
+    is_locked,
+    remove_stale_lock,
+    slide_lock,
+    slide_lock_path,
+    stale_lock_files,
+)
+from wsi_ssl.storage.slide_store import (
+    ASIDE_SUFFIX,
+    STAGING_SUFFIX,
+    STATUS_COMPLETE,
+    SlideStore,
+    recover_swap,
+)
+
+__all__ = ["CheckReport", "Finding", "check_archive"]
+
+REPAIR = "wsi-ssl check {root} --repair"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem: where, what, the command that fixes it, whether ``--repair`` handles it."""
+
+    path: str
+    problem: str
+    fix: str
+    repairable: bool = False
+    repaired: bool = False
+
+
+@dataclass
+class CheckReport:
+    """The outcome of :func:`check_archive`; ``ok`` when nothing is left to fix."""
+
+    root: Path
+    findings: list[Finding] = field(default_factory=list)
+    stores: int = 0
+    arrays: int = 0
+    indexes: int = 0
+
+    @property
+    def problems(self) -> list[Finding]:
+        """Findings still standing (not repaired)."""
+        return [f for f in self.findings if not f.repaired]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "root": str(self.root),
+            "ok": self.ok,
+            "stores": self.stores,
+            "embeddings": self.arrays,
+            "indexes": self.indexes,
+            "findings": [asdict(f) for f in self.findings],
+        }
+
+
+class _Checker:
+    def __init__(self, root: Path, repair: bool, decode: bool) -> None:
+        self.root = root
+        self.archive = Archive(root)
+        self.repair = repair
+        self.decode = decode
+        self.report = CheckReport(root)
+        self.catalog: dict[str, CatalogEntry] = {}
+        self.source: dict[str, str] = {}
+        self.reported: set[str] = set()  # slides with a store finding already
+
+    def add(self, path: Path, problem: str, fix: str, repair: Any = None) -> None:
+        """Record a finding; with ``--repair`` run ``repair()`` (True: done)."""
+        done = False
+        if self.repair and repair is not None:
+            try:
+                done = bool(repair())
+            except (OSError, WsiSslError):
+                done = False
+        self.report.findings.append(
+            Finding(str(path), problem, fix.format(root=self.root), repair is not None, done)
+        )
+
+    def mark_redo(self, slide_id: str, why: str) -> bool:
+        """Mark a slide "failed" in the catalog so a plain ``wsi-ssl tile`` redoes it."""
+        entry = self.catalog.get(slide_id)
+        if entry is None:
+            return False
+        self.archive.catalog.upsert(
+            slide_id=slide_id,
+            path=entry.path,
+            fingerprint=entry.fingerprint,
+            status="failed",
+            error=why,
+            tiling=entry.tiling,
+        )
+        return False  # the store still needs the re-tile: not repaired yet
+
+    def tile_fix(self, slide_id: str) -> str:
+        source = self.source.get(slide_id, "SLIDE_FILE")
+        return f"wsi-ssl tile {source} --out {{root}} --no-resume"
+
+    # -- stores ------------------------------------------------------------------------------
+    def stores(self) -> None:
+        slides = self.archive.slides_dir
+        for path in sorted(slides.glob("*.zarr")) if slides.is_dir() else []:
+            if path.is_dir():
+                self.report.stores += 1
+                self.store(path)
+        for suffix in (STAGING_SUFFIX, ASIDE_SUFFIX):
+            for left in sorted(slides.glob(f"*.zarr{suffix}")) if slides.is_dir() else []:
+                self.swap_leftover(left, left.name.removesuffix(suffix))
+
+    def swap_leftover(self, left: Path, store_name: str) -> None:
+        slide_id = store_name.removesuffix(".zarr")
+        if is_locked(slide_lock_path(self.root, slide_id)):
+            return  # a re-tile is running
+
+        def repair() -> bool:
+            with slide_lock(self.root, slide_id):
+                recover_swap(self.archive.store_path(slide_id))
+            return not left.exists()
+
+        self.add(left, "left by a re-tile that was killed", REPAIR, repair)
+
+    def store(self, path: Path) -> None:
+        slide_id = path.name.removesuffix(".zarr")
+        try:
+            store = open_slide_store(path, require_complete=False)
+        except WsiSslError as err:
+            detail = _short(err)
+            self.reported.add(slide_id)
+            self.add(
+                path, detail, self.tile_fix(slide_id), lambda: self.mark_redo(slide_id, detail)
+            )
+            return
+        if store.status != STATUS_COMPLETE:
+            self.reported.add(slide_id)
+            if not is_locked(slide_lock_path(self.root, slide_id)):
+                why = f"status {store.status!r}: a tiling job was interrupted"
+                self.add(path, why, self.tile_fix(slide_id), lambda: self.mark_redo(slide_id, why))
+            return
+        problem = _store_problem(store)
+        if problem is not None:
+            self.reported.add(slide_id)
+            self.add(
+                path, problem, self.tile_fix(slide_id), lambda: self.mark_redo(slide_id, problem)
+            )
+            return
+        self.embeddings(store)
+
+    def embeddings(self, store: SlideStore) -> None:
+        group = store.path / EMBEDDINGS_GROUP
+        for child in sorted(group.iterdir()) if group.is_dir() else []:
+            if not child.is_dir():
+                continue
+            eid = child.name.removeprefix(PARTIAL_PREFIX).removeprefix(REPLACED_PREFIX)
+            if is_locked(embeddings_lock_path(self.root, store.slide_id, eid)):
+                continue  # being written now
+            if child.name.startswith("."):
+                what = "unfinished embeddings (a job was killed)"
+                self.add(child, what, REPAIR, lambda e=eid: self.clear_partial(store, e))
+                continue
+            self.report.arrays += 1
+            problem = embeddings_problem(store, eid, decode=self.decode)
+            if problem is not None:
+                fix = f"wsi-ssl embed {{root}} --encoder {_encoder_name(child, eid)} --slides "
+                fix += store.slide_id
+                self.add(child, f"embeddings {problem}", fix, lambda e=eid: self.drop(store, e))
+
+    def clear_partial(self, store: SlideStore, encoder_id: str) -> bool:
+        with embeddings_lock(self.root, store.slide_id, encoder_id):
+            finish_interrupted_swap(store.path, encoder_id)
+            partial = store.path / EMBEDDINGS_GROUP / f"{PARTIAL_PREFIX}{encoder_id}"
+            shutil.rmtree(partial, ignore_errors=True)
+            return not partial.exists()
+
+    def drop(self, store: SlideStore, encoder_id: str) -> bool:
+        """Remove damaged embeddings (a plain ``wsi-ssl embed`` then redoes them)."""
+        with embeddings_lock(self.root, store.slide_id, encoder_id):
+            if embeddings_problem(store, encoder_id, decode=self.decode) is None:
+                return True
+            shutil.rmtree(store.path / EMBEDDINGS_GROUP / encoder_id)
+            return False  # still to be redone by embed
+
+    # -- indexes, catalog, debris ------------------------------------------------------------
+    def indexes(self) -> None:
+        base = self.root / INDEX_DIR
+        for path in sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []:
+            self.report.indexes += 1
+            self.index(path)
+
+    def index(self, path: Path) -> None:
+        name = path.name
+        if is_locked(path / ".lock"):
+            return  # a writer is at work
+        fix = f"wsi-ssl index {{root}} --encoder ENCODER_ID --name {name}"
+        try:
+            read_index_files(self.root, name, verify=True)
+        except (CorruptIndexError, IndexNotFoundError) as err:
+            self.add(path, _short(err), fix)
+        current = _current_generation(path)
+        gens = _generations(path)
+        if current is None or not gens:
+            return
+        number = int(current.removeprefix("g-"))
+        older = [g for n, g in gens if n < number]
+        keep = {current, *(g.name for g in older[-1:])}
+        for n, gen in gens:
+            if gen.name not in keep:
+                what = "orphan generation of a killed writer" if n > number else "old generation"
+
+                def repair(gen: Path = gen) -> bool:
+                    with index_lock(self.root, name):
+                        prune_generations(path, keep)
+                    return not gen.exists()
+
+                self.add(gen, what, REPAIR, repair)
+
+    def catalog_agreement(self) -> None:
+        if not (self.root / "catalog.sqlite").is_file():
+            return
+        scan = self.archive.scan()
+        complete = set(scan.complete)
+        for sid, entry in self.catalog.items():
+            if entry.status == STATUS_COMPLETE and sid not in complete | self.reported:
+                self.add(
+                    self.archive.store_path(sid),
+                    "the catalog says complete but the store is not",
+                    self.tile_fix(sid),
+                    lambda s=sid: self.mark_redo(s, "store missing or not complete"),
+                )
+        for sid in sorted(complete - set(self.catalog)):
+            self.add(
+                self.archive.store_path(sid),
+                "a complete store the catalog does not list",
+                self.tile_fix(sid),
+            )
+
+    def debris(self) -> None:
+        for temp in dead_temp_files(self.root, recursive=True, skip=("tiles", "c")):
+            self.add(temp, "temp file of a killed writer", REPAIR, lambda t=temp: _gone(t))
+        for lock in stale_lock_files(self.root):
+            self.add(
+                lock, "stale lock of a killed job", REPAIR, lambda p=lock: remove_stale_lock(p)
+            )
+
+    def run(self) -> CheckReport:
+        try:
+            entries = (
+                self.archive.catalog.entries() if (self.root / "catalog.sqlite").is_file() else []
+            )
+        except Exception as err:  # sqlite3.DatabaseError: a damaged catalog
+            entries = []
+            self.add(
+                self.root / "catalog.sqlite", f"unreadable ({err})", "restore it from a backup"
+            )
+        self.catalog = {e.slide_id: e for e in entries}
+        self.source = {e.slide_id: e.path for e in entries}
+        self.stores()
+        self.indexes()
+        self.catalog_agreement()
+        self.debris()
+        return self.report
+
+
+def _short(err: BaseException) -> str:
+    """An error's message without the leading path and the trailing advice."""
+    return str(err).split(": ", 1)[-1].split("; ", 1)[0]
+
+
+def _gone(path: Path) -> bool:
+    remove_path(path)
+    return not path.exists()
+
+
+def _encoder_name(array_dir: Path, encoder_id: str) -> str:
+    """The encoder name to pass to ``wsi-ssl embed`` (from the array's provenance)."""
+    import json
+
+    try:
+        attrs = json.loads((array_dir / "zarr.json").read_text())["attributes"]
+        return str(attrs["encoder"]["name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return encoder_id.rsplit("-", 1)[0]
+
+
+def _store_problem(store: SlideStore) -> str | None:
+    """What is wrong with a complete store's contents (shards, row counts), or None."""
+    try:
+        tiles = store.tiles
+        n = int(tiles.shape[0])
+        per_shard = int(tiles.shards[0]) if tiles.shards else int(tiles.chunks[0])
+        expected = math.ceil(n / per_shard) if n else 0
+        missing = sum(
+            not (store.path / "tiles" / "c" / str(i) / "0" / "0" / "0").is_file()
+            for i in range(expected)
+        )
+        if missing:
+            return f"{missing} of {expected} tile shard files missing"
+        for name in ("coords", "tissue_fraction"):
+            rows = int(store.group[name].shape[0])
+            if rows != n:
+                return f"{name} has {rows} rows for {n} tiles"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"cannot read its arrays ({type(err).__name__}: {err})"
+    return None
+
+
+def check_archive(root: str | Path, *, repair: bool = False, decode: bool = True) -> CheckReport:
+    """Check the archive at ``root`` (see the module docstring); ``repair`` removes debris and
+    marks for redo what must be redone; ``decode=False`` skips decoding every embedding row.
+
+    Raises:
+        StoreNotFoundError: ``root`` is not an archive.
+    """
+    from wsi_ssl.storage.archive import open_store
+
+    return _Checker(open_store(root).root, repair, decode).run()

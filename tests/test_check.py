@@ -1,0 +1,83 @@
+"""``wsi-ssl check``: a clean archive passes; each kind of damage or debris is named with its
+fix; ``--repair`` removes the debris and a plain re-run redoes the rest."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import run_cli
+from wsi_ssl.storage import open_store
+from wsi_ssl.storage.atomic import host_name
+from wsi_ssl.storage.locks import slide_lock_path
+
+_HOLD_AND_DIE = """
+import os, signal, sys
+from wsi_ssl.storage.locks import slide_lock
+with slide_lock(sys.argv[1], sys.argv[2]):
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    return int(proc.stdout)
+
+
+def test_a_clean_archive_passes(small_archive: Path, tmp_path: Path) -> None:
+    root = shutil.copytree(small_archive, tmp_path / "root")
+    code, out, _ = run_cli(["check", str(root)])
+    assert code == 0, out
+    assert out.strip().splitlines()[-1] == (
+        "checked 2 store(s), 2 embeddings array(s), 1 index(es): 0 problem(s)"
+    )
+
+
+def test_damage_and_debris_are_named_and_repaired(small_archive: Path, tmp_path: Path) -> None:
+    root = shutil.copytree(small_archive, tmp_path / "root")
+    a, b = open_store(root).slide_ids
+    eid = open_store(root).embedding_ids(a)[0]
+    # damage: a truncated store, an embeddings array that lost a chunk
+    meta = root / "slides" / f"{b}.zarr" / "zarr.json"
+    meta.write_text(meta.read_text()[:40])
+    (root / "slides" / f"{a}.zarr" / "embeddings" / eid / "c" / "1" / "0").unlink()
+    # debris: a dead writer's temp file, a killed job's lock, an orphan index generation
+    temp = root / f".catalog.tmp-{_dead_pid()}-{host_name()}-0123abcd"
+    temp.write_text("{}")
+    subprocess.run([sys.executable, "-c", _HOLD_AND_DIE, str(root), a])
+    [index] = (root / "index").iterdir()
+    [gen] = index.glob("g-*")
+    orphan = index / "g-000099"
+    shutil.copytree(gen, orphan)
+
+    code, out, _ = run_cli(["check", str(root)])
+    assert code == 1
+    assert f"problem: {meta.parent}: slide store is damaged" in out
+    assert f"fix: wsi-ssl tile {small_archive.parent}/s" in out  # names the source slide
+    assert f".tiff --out {root} --no-resume" in out
+    assert (
+        "embeddings 1 of " in out
+        and f"wsi-ssl embed {root} --encoder random-cnn --slides {a}" in out
+    )
+    assert f"problem: {temp}: temp file of a killed writer" in out
+    assert f"problem: {slide_lock_path(root, a)}: stale lock of a killed job" in out
+    assert f"problem: {orphan}: orphan generation of a killed writer" in out
+    assert out.strip().splitlines()[-1].endswith(": 5 problem(s)")
+
+    code, out, _ = run_cli(["check", str(root), "--repair"])
+    assert code == 1  # the damaged store needs a re-tile, the embeddings a re-run
+    assert not temp.exists() and not orphan.exists() and gen.exists()
+    assert not slide_lock_path(root, a).exists()
+    assert not (root / "slides" / f"{a}.zarr" / "embeddings" / eid).exists()
+    assert open_store(root).catalog.get(b).status == "failed"  # type: ignore[union-attr]
+
+    code, out, err = run_cli(
+        ["embed", str(root), "--encoder", "random-cnn", "--device", "cpu", "--quiet"]
+    )
+    assert code == 1 and "1 embedded" in out and f"{b}.zarr: slide store is damaged" in err
+    code, out, _ = run_cli(["check", str(root), "--quick"])
+    assert code == 1 and out.count("problem: ") == 1 and f"{b}.zarr" in out
