@@ -374,3 +374,25 @@ def test_config_is_checked() -> None:
         EvaluationConfig(folds=1)
     with pytest.raises(ValueError, match="confidence"):
         EvaluationConfig(confidence=1.0)
+
+
+@pytest.mark.slow
+def test_a_pretrain_run_is_an_encoder(
+    cmu_small: Path, separable: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A `wsi-ssl pretrain` run directory (a few DINO steps) against its random init."""
+    import wsi_ssl
+    from wsi_ssl.ssl.config import PretrainConfig
+
+    root = tmp_path_factory.mktemp("cmu64")
+    wsi_ssl.tile_slide(cmu_small, root, wsi_ssl.TilingConfig(tile_size=64, tiles_per_chunk=32))
+    config = PretrainConfig.preset(
+        "cpu-small",
+        **{"out_dim": 128, "hidden_dim": 64, "bottleneck_dim": 32, "batch_size": 8},
+        **{"steps": 2, "device": "cpu", "num_workers": 0, "num_threads": 1, "progress": False},
+    )
+    run = wsi_ssl.pretrain(root, config, out=tmp_path_factory.mktemp("runs") / "run")
+    specs = [EncoderSpec(str(run.out_dir), label="dino"), "random-cnn"]
+    report = evaluate_encoders(specs, [PatchTask(separable, name="sep")], None, **FAST)
+    check_table(report)
+    assert {r.encoder for r in report.rows} == {"dino", "random-cnn"}
