@@ -139,7 +139,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size", type=int, default=16384, help="slide edge in px")
     p.add_argument("--repeats", type=int, default=50)
+    p.add_argument(
+        "--render-niceness",
+        type=int,
+        default=None,
+        help="CPU niceness of the picture threads (default: the server's; 0 to compare)",
+    )
     args = p.parse_args()
+    if args.render_niceness is not None:
+        from wsi_ssl.serve import service
+
+        service.RENDER_NICENESS = args.render_niceness
 
     import uvicorn
 
@@ -213,7 +223,8 @@ def main() -> None:
         f"under load: p95 {loaded['p95_ms'] / idle['p95_ms']:.2f}x idle (target <= 2x), "
         f"{loaded['pictures_per_s']:.1f} pictures/s drawn, {loaded['busy_503']} answered 503"
     )
-    out = HERE / "results" / "serve.json"
+    suffix = "" if args.render_niceness is None else f"-nice{args.render_niceness}"
+    out = HERE / "results" / f"serve{suffix}.json"
     record = {
         "machine": {
             "platform": platform.platform(),
@@ -223,6 +234,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "slide_px": [w, h],
         "n_tiles": store.n_tiles,
+        "render_niceness": args.render_niceness,
         "rows": rows,
     }
     out.write_text(json.dumps(record, indent=2))

@@ -82,24 +82,24 @@ def _region_png(
 
 
 def add_picture_routes(app: FastAPI, service: SlideService, pool: RenderPool) -> None:
-    """Register the picture routes of the module docstring on ``app``."""
+    """Register the picture routes of the module docstring on ``app``; everything that touches
+    the disk runs in ``pool``, never on the event loop."""
 
     @app.get("/api/slides/{slide}/thumbnail.png")
     async def thumbnail(slide: str) -> Response:
-        store = service.store(slide)
-        key = ("thumb", store.slide_id, service.stamp(slide))
-        data = await pool.run(service.cached, key, lambda: _thumbnail_png(service, slide))
-        return _image(data, "image/png")
+        def draw() -> bytes:
+            return encode(service.pyramid(slide).thumbnail, "png")
+
+        return _image(await pool.run(service.picture, slide, ("thumb",), draw), "image/png")
 
     @app.get("/api/slides/{slide}/region.png")
     async def region(slide: str, box: str, outline: str = "", px: int = 320) -> Response:
         if not PANEL_PX[0] <= px <= PANEL_PX[1]:
             raise ConfigError(f"px must be in {PANEL_PX[0]}..{PANEL_PX[1]}, got {px}")
         parsed, rows = parse_box(box), _parse_rows(outline)
-        store = service.store(slide)
-        key = ("region", store.slide_id, service.stamp(slide), parsed, tuple(sorted(rows)), px)
+        key = ("region", parsed, tuple(sorted(rows)), px)
         draw = lambda: _region_png(service, slide, parsed, rows, px)  # noqa: E731
-        return _image(await pool.run(service.cached, key, draw), "image/png")
+        return _image(await pool.run(service.picture, slide, key, draw), "image/png")
 
     @app.get("/api/slides/{slide}/dzi/{version}/{source}.dzi")
     async def dzi(slide: str, version: str, source: Literal["slide", "tiles"]) -> Response:
@@ -110,15 +110,8 @@ def add_picture_routes(app: FastAPI, service: SlideService, pool: RenderPool) ->
     async def dzi_tile(
         slide: str, version: str, source: Literal["slide", "tiles"], level: int, col: int, row: int
     ) -> Response:
-        store = service.store(slide)
-        key = ("dzi", store.slide_id, service.stamp(slide), source, level, col, row)
-
         def draw() -> bytes:
             return encode(service.pyramid(slide).tile(level, col, row, source), "jpeg")
 
-        data = await pool.run(service.cached, key, draw)
+        data = await pool.run(service.picture, slide, ("dzi", source, level, col, row), draw)
         return _image(data, "image/jpeg", "private, max-age=3600")
-
-
-def _thumbnail_png(service: SlideService, slide: str) -> bytes:
-    return encode(service.pyramid(slide).thumbnail, "png")

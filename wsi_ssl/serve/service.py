@@ -11,8 +11,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 MAX_K = 100
 MAX_QUERY_TILES = 400
 """A region query over more stored tiles than this is refused (it would hold the index)."""
+RENDER_NICENESS = 10
 T = TypeVar("T")
 Stamp = tuple[int, int]
 
@@ -41,11 +44,19 @@ class BusyError(Exception):
     """The picture queue is full: the client should retry later (503)."""
 
 
+def _lower_priority() -> None:
+    """Run this (render) thread at a lower CPU priority than searches, where the OS allows."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), RENDER_NICENESS)
+
+
 class RenderPool:
     """``workers`` threads drawing pictures; at most ``queue`` requests waiting, beyond: busy."""
 
     def __init__(self, workers: int, queue: int) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsi-ssl-render")
+        self._pool = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="wsi-ssl-render", initializer=_lower_priority
+        )
         self._limit = workers + queue
         self._pending = 0
         self._lock = threading.Lock()
@@ -140,11 +151,14 @@ class SlideService:
                     self._stores[store.slide_id] = (stamp, store, pyramid)
         return pyramid
 
-    def cached(self, key: tuple[Any, ...], draw: Callable[[], bytes]) -> bytes:
-        data = self.cache.get(key)
+    def picture(self, slide: str, key: tuple[Any, ...], draw: Callable[[], bytes]) -> bytes:
+        """The cached picture ``key`` of ``slide``'s current store, drawn on a miss."""
+        stamp, store, _ = self._entry(slide)
+        full = (store.slide_id, stamp, *key)
+        data = self.cache.get(full)
         if data is None:
             data = draw()
-            self.cache.put(key, data)
+            self.cache.put(full, data)
         return data
 
     # -- listing ---------------------------------------------------------------------------
