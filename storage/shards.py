@@ -29,6 +29,7 @@ from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.core.metadata import ArrayV3Metadata
 from zarr.storage import LocalStore
 
+from wsi_ssl.storage.atomic import fault_point
 from wsi_ssl.storage.codecs import JpegCodec
 
 EMPTY = np.uint64(2**64 - 1)
@@ -115,4 +116,5 @@ def write_shard(
     tmp = path.with_name(f".{path.name}.partial")
     with open(tmp, "wb") as f:
         f.write(b"".join([*blobs, index_bytes, crc]))
+    fault_point(path)  # tests: kill or fill the disk before a shard lands
     os.replace(tmp, path)

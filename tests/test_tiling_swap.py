@@ -137,6 +137,25 @@ def test_sigkill_at_each_swap_point_keeps_a_complete_store(
 
 
 @pytest.mark.faults
+def test_sigkill_while_writing_beside_leaves_the_old_store(
+    embedded: tuple[Path, str, np.ndarray, np.ndarray], slide: Path
+) -> None:
+    """Killed as the new store's second shard lands: the old store is untouched and readable
+    at once (no recovery needed); a plain re-run finds it current and removes the debris."""
+    root, slide_id, tiles, vectors = embedded
+    proc = _tile(root, slide, "--no-resume", fault="kill_before_rename:.zarr.new/tiles/c/1/")
+    proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    store_path = open_store(root).store_path(slide_id)
+    assert staging_path(store_path).is_dir() and not is_complete_store(staging_path(store_path))
+    _assert_intact(root, slide_id, tiles, vectors)
+    code, out, _ = run_cli(["tile", str(slide), "--out", str(root), *FLAGS])
+    assert code == 0 and "0 tiled, 1 already complete" in out
+    assert not staging_path(store_path).exists()
+    _assert_intact(root, slide_id, tiles, vectors)
+
+
+@pytest.mark.faults
 def test_full_disk_at_the_swap_leaves_the_old_store(
     embedded: tuple[Path, str, np.ndarray, np.ndarray], slide: Path
 ) -> None:
