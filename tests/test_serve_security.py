@@ -306,7 +306,12 @@ def test_changed_store_is_revalidated(site: dict[str, Any], cmu_small: Path) -> 
     x, y, w, h = 600, 900, 700, 500
     url = f"/api/slides/{sid}/region.png?box={x},{y},{w},{h}&px=350"
     before = raw(base, "GET", url)[2]
-    tile_slide(cmu_small, site["root"], TilingConfig(tile_size=160, codec="zstd"))
+    tile_slide(
+        cmu_small,
+        site["root"],
+        TilingConfig(tile_size=160, codec="zstd"),
+        discard_embeddings=True,
+    )
     store = SlideStore.open(site["root"] / "slides" / f"{sid}.zarr")
     status, _, body = raw(base, "GET", f"/api/slides/{sid}")
     assert json.loads(body)["tile_size_level0"] == pytest.approx(160, abs=1)
