@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import zarr
@@ -33,7 +33,7 @@ def write_qc_rows(store_path: str | Path, start: int, scores: Mapping[str, np.nd
     """Write the scores of tiles ``start:start + k`` (whole chunks: one tiling task's)."""
     qc = zarr.open_group(Path(store_path) / QC_GROUP, mode="r+", zarr_format=3)
     for metric, values in scores.items():
-        array = cast(zarr.Array, qc[metric])
+        array = cast("zarr.Array[Any]", qc[metric])
         array[start : start + len(values)] = np.asarray(values, dtype=np.float32)
 
 
@@ -42,7 +42,9 @@ def read_qc(group: zarr.Group) -> dict[str, np.ndarray]:
     if QC_GROUP not in group:
         return {}
     qc = cast(zarr.Group, group[QC_GROUP])
-    return {name: np.asarray(cast(zarr.Array, qc[name])[:]) for name in sorted(qc.array_keys())}
+    return {
+        name: np.asarray(cast("zarr.Array[Any]", qc[name])[:]) for name in sorted(qc.array_keys())
+    }
 
 
 def write_labels(
@@ -68,5 +70,5 @@ def read_labels(group: zarr.Group, path: Path, name: str) -> tuple[np.ndarray, l
     if name not in names:
         raise NoLabelsError(path, name, names)
     assert isinstance(labels, zarr.Group)
-    array = cast(zarr.Array, labels[name])
-    return np.asarray(array[:]), [str(c) for c in cast(list, array.attrs["classes"])]
+    array = cast("zarr.Array[Any]", labels[name])
+    return np.asarray(array[:]), [str(c) for c in cast("list[str]", array.attrs["classes"])]

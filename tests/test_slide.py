@@ -349,7 +349,7 @@ def test_synthetic_levels_identical_between_backends(synthetic: Path) -> None:
 
 
 def test_fallback_order() -> None:
-    assert list(BACKENDS) == ["openslide", "tiffslide"]
+    assert list(BACKENDS) == ["openslide", "tiffslide", "wsidicom"]
     assert MPP_SOURCES == ("vendor", "tiff-resolution", "objective-power", "override")
 
 
@@ -390,7 +390,7 @@ def test_open_slide_unknown_backend_lists_options(cmu_small: Path) -> None:
 def test_open_slide_not_a_slide_reports_every_backend(broken_dir: Path) -> None:
     with pytest.raises(UnsupportedSlideError, match=r"not-a-tiff\.svs") as info:
         open_slide(broken_dir / "not-a-tiff.svs")
-    assert list(info.value.reasons) == ["openslide", "tiffslide"]
+    assert list(info.value.reasons) == ["openslide", "tiffslide", "wsidicom"]
     assert "not a TIFF" in info.value.reasons["tiffslide"]
 
 

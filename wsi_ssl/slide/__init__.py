@@ -1,7 +1,8 @@
 """Whole-slide image readers behind one protocol, chosen by a registry with fallback.
 
 Each backend module registers its reader when imported, so the imports below set the
-fallback order of `BACKENDS` that `open_slide` follows: openslide, then tiffslide.
+fallback order of `BACKENDS` that `open_slide` follows: openslide, then tiffslide, then
+wsidicom.
 """
 
 from wsi_ssl.slide._base import MPP_RANGE, MPP_SOURCES, BaseSlideReader, SlideReader
@@ -9,6 +10,7 @@ from wsi_ssl.slide._openslide import OpenSlideReader
 from wsi_ssl.slide._registry import BACKENDS, open_slide, register_backend
 from wsi_ssl.slide._stored import StoredTiles
 from wsi_ssl.slide._tiffslide import TiffSlideReader
+from wsi_ssl.slide._wsidicom import WsiDicomReader
 
 __all__ = [
     "BACKENDS",
@@ -19,6 +21,7 @@ __all__ = [
     "SlideReader",
     "StoredTiles",
     "TiffSlideReader",
+    "WsiDicomReader",
     "open_slide",
     "register_backend",
 ]

@@ -36,7 +36,7 @@ THUMBNAIL_BLOCK = 2048
 MPP_RANGE: tuple[float, float] = (0.01, 100.0)
 """Plausible microns per pixel; values outside (such as 72 dpi, 352.8) are ignored."""
 
-_VENDOR_MPP_KEYS = ("openslide.mpp-x", "tiffslide.mpp-x", "aperio.MPP")
+_VENDOR_MPP_KEYS = ("openslide.mpp-x", "tiffslide.mpp-x", "aperio.MPP", "wsidicom.mpp-x")
 _OBJECTIVE_KEYS = ("openslide.objective-power", "tiffslide.objective-power", "aperio.AppMag")
 _MICRONS_PER_UNIT = {"centimeter": 1e4, "inch": 25400.0}
 
