@@ -1,4 +1,5 @@
-"""``wsi-ssl pretrain ROOT --out RUN_DIR``: DINO pretraining on tile stores.
+"""``wsi-ssl pretrain ROOT --out RUN_DIR``: self-supervised pretraining on tile stores
+(``--method dino | dinov2 | mae``; ``--init NAME --weights FILE`` continues from an encoder).
 
 Multi-GPU (or multi-process on CPUs): ``torchrun --nproc-per-node N -m wsi_ssl.cli.main
 pretrain ...`` (or ``-m wsi_ssl.cli.pretrain``, which runs this command alone).
@@ -20,6 +21,7 @@ from wsi_ssl.ssl.backbones import backbone_names
 from wsi_ssl.ssl.config import (
     AUGMENTS,
     DEVICES,
+    METHODS,
     PRECISIONS,
     PRESETS,
     SAMPLINGS,
@@ -27,15 +29,16 @@ from wsi_ssl.ssl.config import (
 )
 
 # flag dest -> PretrainConfig field, for flags whose name differs from the field
-_RENAMED = {"lr": "base_lr"}
+_RENAMED = {"lr": "base_lr", "weights": "init_weights"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain",
-        help="train a DINO encoder on the tiles of archive roots (torchrun for multi-GPU)",
-        description="DINO self-supervised pretraining on Zarr tile stores. Settings come from "
-        "--preset, then --config (TOML of PretrainConfig fields), then the flags.",
+        help="train an encoder (DINO, DINOv2, MAE) on the tiles of archive roots",
+        description="Self-supervised pretraining on Zarr tile stores (torchrun for multi-GPU). "
+        "Settings come from --preset, then --config (TOML of PretrainConfig fields), then the "
+        "flags.",
     )
     add_arguments(p)
     p.set_defaults(func=run)
@@ -46,7 +49,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory")
     p.add_argument("--preset", choices=sorted(PRESETS), help="starting point (default vit-s16)")
     p.add_argument("--config", type=Path, help="TOML file of PretrainConfig values")
+    p.add_argument("--method", choices=METHODS, help="pretext recipe (default dino)")
     p.add_argument("--arch", choices=backbone_names(), help="backbone (default vit_small_patch16)")
+    p.add_argument(
+        "--init",
+        metavar="ENCODER",
+        help="continue from an encoder: a registry name (uni), timm/<arch> or a previous run",
+    )
+    p.add_argument("--weights", type=str, metavar="FILE", help="weights file for --init")
+    p.add_argument("--layer-decay", type=float, help="layer-wise lr decay (default 1: off)")
+    p.add_argument("--freeze-blocks", type=int, help="freeze the first N blocks (default 0)")
+    p.add_argument(
+        "--teacher-warmup-epochs", type=float, help="heads only, teacher copies (default 0)"
+    )
+    p.add_argument(
+        "--mixed-scales",
+        action="store_true",
+        default=None,
+        help="train on stores at several magnifications, balanced per scale",
+    )
+    p.add_argument("--min-tissue", type=float, help="skip tiles with less tissue (0-1)")
+    p.add_argument("--min-tile-std", type=float, help="skip flat tiles (grey std, 0-255)")
+    p.add_argument("--curation", type=str, metavar="FILE", help="train on a curated selection")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, help="passes over the tiles (default 100)")
     length.add_argument("--steps", type=int, help="optimiser steps (overrides epochs)")

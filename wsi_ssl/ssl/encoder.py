@@ -156,8 +156,12 @@ def load_encoder(
             raise CheckpointError(f"{path}: an {ENCODER_FILE} holds the teacher backbone only")
         state = data["teacher_backbone"]
     else:
-        prefix = "backbone."
-        state = {k[len(prefix) :]: v for k, v in data[which].items() if k.startswith(prefix)}
+        # MultiCropModel (DINO) keeps it as backbone.*, the masked recipes as encoder.backbone.*
+        state = {
+            k.split("backbone.", 1)[1]: v
+            for k, v in data[which].items()
+            if k.startswith(("backbone.", "encoder.backbone."))
+        }
     model = build_backbone(config.arch, drop_path_rate=0.0, input_size=config.global_crop_size)
     try:
         model.load_state_dict(state, strict=True)

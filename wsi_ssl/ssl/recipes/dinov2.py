@@ -168,6 +168,9 @@ class DINOv2Recipe(Recipe):
                 batch_mask_ratio=c.mask_probability,
                 min_image_mask_ratio=c.mask_ratio[0],
                 max_image_mask_ratio=c.mask_ratio[1],
+                # DINOv2's MaskingGenerator: blocks of 4 .. half the patches
+                min_num_masks_per_block=4,
+                max_num_masks_per_block=max(4, grid * grid // 2),
             )
 
     def loss(

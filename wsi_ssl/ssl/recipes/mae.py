@@ -3,8 +3,10 @@ https://arxiv.org/abs/2111.06377): the generative pretext, to compare with the d
 DINO family on the same tiles.
 
 Each global crop hides a random ``mae_mask_ratio`` of its patches (lightly's
-``random_token_mask``); the ViT encodes the visible ones, lightly's ``MAEDecoderTIMM`` (narrow,
-``decoder_depth`` blocks) fills the rest with its mask token and predicts their pixels. The
+``random_token_mask``); the ViT encodes the visible ones, a linear layer narrows them to
+``decoder_dim``, lightly's ``MaskedVisionTransformerDecoderTIMM`` (``decoder_depth`` blocks,
+fixed sine-cosine positions) fills the rest with its mask token, and a linear layer predicts
+the pixels of the masked patches. The
 loss is the mean squared error over the masked patches only; with ``mae_norm_pix`` each target
 patch is first normalised by its own mean and variance (the paper's better variant). There is
 no teacher: the encoder is the student's backbone. The local crops are not used.
@@ -17,7 +19,7 @@ from typing import Any, cast
 
 import torch
 from lightly.models import utils
-from lightly.models.modules import MAEDecoderTIMM
+from lightly.models.modules import MaskedVisionTransformerDecoderTIMM
 from torch import Tensor, nn
 
 from wsi_ssl.errors import ArchitectureMismatchError
@@ -45,10 +47,14 @@ class MAEModel(nn.Module):
     """ViT encoder + MAE decoder: ``forward(images, idx_keep, idx_mask) -> (pred, target)``
     pixels of the masked patches, ``(B, M, patch_size**2 * 3)`` each."""
 
-    def __init__(self, encoder: MaskedViT, decoder: MAEDecoderTIMM) -> None:
+    def __init__(
+        self, encoder: MaskedViT, decoder: MaskedVisionTransformerDecoderTIMM, decoder_dim: int
+    ) -> None:
         super().__init__()
         self.encoder = encoder
+        self.decoder_embed = nn.Linear(int(encoder.backbone.embed_dim), decoder_dim)
         self.decoder = decoder
+        self.decoder_pred = nn.Linear(decoder_dim, encoder.patch_size**2 * 3)
 
     @property
     def backbone(self) -> nn.Module:
@@ -56,14 +62,13 @@ class MAEModel(nn.Module):
 
     def forward(self, images: Tensor, idx_keep: Tensor, idx_mask: Tensor) -> tuple[Tensor, Tensor]:
         prefix = self.encoder.prefix_tokens
-        encoded = self.encoder.tokens(images, idx_keep=idx_keep)
-        embedded = self.decoder.embed(encoded)
+        embedded = self.decoder_embed(self.encoder.tokens(images, idx_keep=idx_keep))
         length = prefix + (images.shape[-1] // self.encoder.patch_size) ** 2
         mask_token = cast(Tensor, self.decoder.mask_token)
         tokens = utils.repeat_token(mask_token, (images.shape[0], length))
         tokens = utils.set_at_index(tokens, idx_keep, embedded.type_as(tokens))
-        decoded = self.decoder.decode(tokens)
-        pred = self.decoder.predict(utils.get_at_index(decoded, idx_mask))
+        decoded = self.decoder(tokens)
+        pred = self.decoder_pred(utils.get_at_index(decoded, idx_mask))
         patches = utils.patchify(images, self.encoder.patch_size)
         return pred, utils.get_at_index(patches, idx_mask - prefix)
 
@@ -81,24 +86,21 @@ class MAERecipe(Recipe):
         backbone = build_backbone(
             c.arch, drop_path_rate=c.drop_path_rate, input_size=c.global_crop_size
         )
-        vit = require_vit(backbone, c.method, c.arch)
+        require_vit(backbone, c.method, c.arch)
         encoder = MaskedViT(backbone)
         if encoder.prefix_tokens != 1:
             raise ArchitectureMismatchError(
                 f"method 'mae' needs a ViT with one class token and no register tokens; arch "
                 f"{c.arch!r} has {encoder.prefix_tokens} prefix tokens"
             )
-        patch = encoder.patch_size
-        decoder = MAEDecoderTIMM(
-            num_patches=(c.global_crop_size // patch) ** 2,
-            patch_size=patch,
-            embed_dim=int(vit.embed_dim),
-            decoder_embed_dim=c.decoder_dim,
-            decoder_depth=c.decoder_depth,
-            decoder_num_heads=c.decoder_heads,
+        decoder = MaskedVisionTransformerDecoderTIMM(
+            num_patches=(c.global_crop_size // encoder.patch_size) ** 2,
+            embed_dim=c.decoder_dim,
+            depth=c.decoder_depth,
+            num_heads=c.decoder_heads,
             num_prefix_tokens=encoder.prefix_tokens,
         )
-        return MAEModel(encoder, decoder), None
+        return MAEModel(encoder, decoder, c.decoder_dim), None
 
     def loss(
         self,

@@ -1,0 +1,222 @@
+"""DINOv2 and MAE runs on real tiles (a few real steps: finite, falling loss; exact resume;
+a loadable encoder), continued pretraining from registry weights or a previous run, and the
+typed refusals of an architecture a method cannot use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import wsi_ssl
+from tests.conftest import run_cli
+from wsi_ssl.errors import ArchitectureMismatchError, WeightsNotFoundError
+from wsi_ssl.ssl import PretrainConfig, load_encoder, pretrain
+from wsi_ssl.ssl.checkpoint import load_checkpoint
+from wsi_ssl.ssl.optim import layer_of, param_groups
+from wsi_ssl.ssl.train import Trainer, _Dist
+
+
+@pytest.fixture(scope="module")
+def cmu_root(cmu_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cmu64")
+    wsi_ssl.tile_slide(cmu_small, root, wsi_ssl.TilingConfig(tile_size=64, tiles_per_chunk=32))
+    return root
+
+
+def tiny(method: str, **changes) -> PretrainConfig:
+    base = {
+        "method": method,
+        "arch": "vit_nano_patch8",
+        "global_crop_size": 32,
+        "local_crop_size": 16,
+        "out_dim": 128,
+        "hidden_dim": 64,
+        "bottleneck_dim": 32,
+        "decoder_dim": 64,
+        "decoder_depth": 1,
+        "decoder_heads": 4,
+        "batch_size": 8,
+        "steps": 8,
+        "base_lr": 0.005,
+        "device": "cpu",
+        "num_workers": 0,
+        "num_threads": 1,
+        "progress": False,
+        "log_every": 2,
+        "checkpoint_every": 4,
+    }
+    return PretrainConfig.preset("cpu-small", **{**base, **changes})
+
+
+@pytest.mark.parametrize("method", ["dinov2", "mae"])
+def test_recipe_learns_resumes_exactly_and_gives_an_encoder(
+    method: str, cmu_root: Path, tmp_path: Path
+) -> None:
+    whole = pretrain(cmu_root, tiny(method), out=tmp_path / "whole")
+    losses = [r["loss"] for r in whole.history]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    parts = {"dinov2": {"dino_loss", "ibot_loss", "koleo"}, "mae": {"mae_loss"}}[method]
+    assert parts <= set(whole.history[-1])
+    first = pretrain(cmu_root, tiny(method), out=tmp_path / "split", until_step=4)
+    assert first.step == 4
+    resumed = pretrain(cmu_root, tiny(method), out=tmp_path / "split", resume=True)
+    assert resumed.step == 8
+    for key in ("teacher", "student", "center"):
+        assert resumed.digests[key] == whole.digests[key], key
+    assert [r["loss"] for r in resumed.history] == losses
+    data = load_checkpoint(resumed.checkpoint)
+    assert data["meta"]["config"]["method"] == method
+    encoder = load_encoder(resumed.out_dir)
+    feats = encoder.embed(np.full((2, 64, 64, 3), 200, np.uint8))
+    assert feats.shape == (2, 192) and np.isfinite(feats).all()
+
+
+@pytest.mark.parametrize("method", ["dinov2", "mae"])
+def test_a_masking_method_refuses_a_cnn(method: str, cmu_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ArchitectureMismatchError, match="ViT"):
+        tiny(method, arch="resnet18_tiny")
+    with pytest.raises(ArchitectureMismatchError, match="ViT"):
+        pretrain(cmu_root, tiny(method, init="random-cnn", init_weights="random"), out=tmp_path)
+    code, out, err = run_cli(
+        [
+            "pretrain",
+            str(cmu_root),
+            "--out",
+            str(tmp_path / "cli"),
+            "--method",
+            method,
+            "--arch",
+            "resnet18_tiny",
+            "--quiet",
+        ]
+    )
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "ViT" in err
+
+
+@pytest.fixture(scope="module")
+def vit_tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local state dict for timm's ViT-Ti/16 (seeded, as a lab's own weights would be)."""
+    import timm
+
+    torch.manual_seed(7)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    path = tmp_path_factory.mktemp("weights") / "vit_tiny.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _trainer(root: Path, config: PretrainConfig, out: Path) -> Trainer:
+    trainer = Trainer([root], config, out, resume=False, until_step=None, ctx=_Dist())
+    trainer.build()
+    return trainer
+
+
+def test_init_starts_student_and_teacher_from_the_weights(
+    cmu_root: Path, vit_tiny_weights: Path, tmp_path: Path
+) -> None:
+    config = tiny(
+        "dinov2",
+        init="timm/vit_tiny_patch16_224",
+        init_weights=str(vit_tiny_weights),
+        global_crop_size=64,
+    )
+    trainer = _trainer(cmu_root, config, tmp_path)
+    assert trainer.config.arch == "encoder:timm/vit_tiny_patch16_224"
+    saved = torch.load(vit_tiny_weights)
+    for model in (trainer.student, trainer.teacher):
+        state = model.backbone.state_dict()
+        assert all(torch.equal(state[k], saved[k]) for k in saved)
+
+
+def test_continued_pretraining_freezes_warms_up_and_decays(
+    cmu_root: Path, vit_tiny_weights: Path, tmp_path: Path
+) -> None:
+    config = tiny(
+        "dino",
+        init="timm/vit_tiny_patch16_224",
+        init_weights=str(vit_tiny_weights),
+        global_crop_size=64,
+        steps=4,
+        freeze_blocks=2,
+        layer_decay=0.5,
+        teacher_warmup_epochs=1 / 77,  # 77 steps per epoch: the first step only
+        batch_size=8,
+    )
+    run = pretrain(cmu_root, config, out=tmp_path / "run")
+    assert run.finished
+    saved = torch.load(vit_tiny_weights)
+    encoder = load_encoder(run.out_dir, which="student")
+    after = encoder.model.state_dict()
+    early = ("patch_embed.", "cls_token", "pos_embed", "blocks.0.", "blocks.1.")
+    frozen = [k for k in saved if k.startswith(early)]
+    moved = [k for k in saved if k.startswith("blocks.11.") and k.endswith("weight")]
+    assert frozen and all(torch.equal(after[k], saved[k]) for k in frozen)
+    assert all((after[k] - saved[k]).abs().max() > 1e-5 for k in moved)
+    teacher = load_encoder(run.out_dir).model.state_dict()
+    # the teacher's EMA of an unchanged weight rounds to within an ulp of it
+    assert all(torch.allclose(teacher[k], saved[k], rtol=0, atol=1e-6) for k in frozen)
+    assert encoder.description["arch"] == "encoder:timm/vit_tiny_patch16_224"
+
+
+def test_teacher_warmup_holds_the_backbone_still(
+    cmu_root: Path, vit_tiny_weights: Path, tmp_path: Path
+) -> None:
+    config = tiny(
+        "dino",
+        init="timm/vit_tiny_patch16_224",
+        init_weights=str(vit_tiny_weights),
+        global_crop_size=64,
+        steps=2,
+        teacher_warmup_epochs=1,
+        warmup_epochs=0,
+    )
+    trainer = _trainer(cmu_root, config, tmp_path)
+    head_before = [p.detach().clone() for p in trainer.student.head.parameters()]
+    views = [torch.randn(8, 3, 64, 64)] * 2 + [torch.randn(8, 3, 16, 16)] * 6
+    trainer.train_step(views, 0, None)
+    saved = torch.load(vit_tiny_weights)
+    for model in (trainer.student, trainer.teacher):
+        state = model.backbone.state_dict()
+        assert all(torch.equal(state[k], saved[k]) for k in saved)
+    head_after = list(trainer.student.head.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(head_before, head_after, strict=True))
+    teacher_head = list(trainer.teacher.head.parameters())  # momentum 0: a copy
+    assert all(torch.equal(a, b) for a, b in zip(head_after, teacher_head, strict=True))
+
+
+def test_layer_ids_and_learning_rate_scales() -> None:
+    assert layer_of("backbone.patch_embed.proj.weight", 12) == 0
+    assert layer_of("encoder.mask_token", 12) == 0
+    assert layer_of("encoder.backbone.blocks.0.attn.qkv.weight", 12) == 1
+    assert layer_of("backbone.blocks.11.mlp.fc1.weight", 12) == 12
+    assert layer_of("backbone.norm.weight", 12) == 13
+    assert layer_of("head.last_layer.weight_v", 12) == 13
+    assert layer_of("backbone.layer3.0.conv1.weight", 4) == 3
+    assert layer_of("backbone.conv1.weight", 4) == 0
+    from wsi_ssl.ssl.models import build_dino
+
+    student, _ = build_dino(tiny("dino", arch="vit_nano_patch8"))
+    groups = param_groups(student, student.backbone, layer_decay=0.5, freeze_blocks=0)
+    scales = sorted({g["lr_scale"] for g in groups})
+    assert scales == [0.5**k for k in range(5, -1, -1)]  # 4 blocks: layers 0..5
+    assert groups[0]["apply_wd"] and not groups[-1]["apply_wd"]
+
+
+def test_init_from_a_previous_run_and_missing_weights(cmu_root: Path, tmp_path: Path) -> None:
+    first = pretrain(cmu_root, tiny("dino", arch="resnet18_tiny", steps=2), out=tmp_path / "a")
+    config = tiny("dino", arch="vit_nano_patch8", init=str(first.out_dir), steps=2)
+    trainer = _trainer(cmu_root, config, tmp_path / "b")
+    assert trainer.config.arch == "resnet18_tiny"  # the previous run's
+    previous = load_encoder(first.out_dir).model.state_dict()
+    state = trainer.student.backbone.state_dict()
+    assert all(torch.equal(state[k], previous[k]) for k in previous)
+    with pytest.raises(WeightsNotFoundError, match="never downloads"):
+        pretrain(
+            cmu_root,
+            tiny("dino", init="timm/vit_tiny_patch16_224", init_weights=str(tmp_path / "none.pth")),
+            out=tmp_path / "c",
+        )
