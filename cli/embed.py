@@ -56,6 +56,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA)")
     p.add_argument(
+        "--devices",
+        metavar="DEV,DEV,...",
+        help="shard the slides across these devices, one process each (e.g. cuda:0,cuda:1)",
+    )
+    p.add_argument(
         "--wait",
         type=float,
         default=0.0,
@@ -112,9 +117,15 @@ def run_embed(args: argparse.Namespace) -> int:
         precision=args.precision,
         resize=args.resize,
     )
-    summary = embed(
-        args.root, encoder, config, slides=args.slides, progress=not (args.quiet or args.json)
-    )
+    progress = not (args.quiet or args.json)
+    if args.devices:
+        from wsi_ssl.embedding.devices import embed_on_devices
+
+        summary = embed_on_devices(
+            args.root, encoder, args.devices, config, slides=args.slides, progress=progress
+        )
+    else:
+        summary = embed(args.root, encoder, config, slides=args.slides, progress=progress)
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:

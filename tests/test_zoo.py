@@ -537,3 +537,24 @@ def test_cnn_runs_channels_last_on_cuda() -> None:
     conv = next(m for m in enc.model.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(enc(x.cuda()).cpu(), want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_a_giant_preset_loads_at_full_size(tiles: dict[int, np.ndarray], tmp_path: Path) -> None:
+    """UNI2-h (ViT-H/14, 681 M parameters) at its published depth: the same checks once."""
+    arch, kwargs, _ = TIMM_REFERENCE["uni2-h"]
+    with torch.device("meta"):
+        ref = timm.create_model(arch, pretrained=False, num_classes=0, img_size=224, **kwargs)
+    _scramble(ref, 24)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    x = tiles[224][:1]
+    with torch.no_grad():
+        tokens = ref.forward_features(
+            _reference_input(x, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        )
+    want = tokens[:, 0]
+    del ref
+    enc = create_encoder("uni2-h", weights=path)
+    assert sum(p.numel() for p in enc.model.parameters()) > 680e6
+    torch.testing.assert_close(enc(torch.from_numpy(x)), want, **TOL)

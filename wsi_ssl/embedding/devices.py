@@ -1,0 +1,165 @@
+"""Embedding on several devices: the slides sharded across one process per device.
+
+Each process runs the ordinary job (:func:`wsi_ssl.embedding.embed`) on its shard, so resume,
+per-slide failure isolation, locking and the atomic commit are the one-device ones; the
+shards are balanced by tile count (largest slide first, to the least-loaded device). A device
+process that dies leaves its unfinished slides failed in the merged summary (their partial
+arrays are never committed; re-running resumes them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import queue as queue_module
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from wsi_ssl.embedding.config import EmbedConfig
+from wsi_ssl.embedding.job import EmbedSummary, SlideEmbedResult, embed
+from wsi_ssl.encoders import Encoder, resolve_device
+from wsi_ssl.errors import ConfigError
+from wsi_ssl.storage import open_store
+
+__all__ = ["embed_on_devices", "parse_devices", "shard_slides"]
+
+
+def parse_devices(devices: str | Sequence[str]) -> list[str]:
+    """``"cuda:0,cuda:1"`` (or a list) -> checked device names; repeats are allowed (CPU)."""
+    names = devices.split(",") if isinstance(devices, str) else list(devices)
+    names = [d.strip() for d in names if d.strip()]
+    if not names:
+        raise ConfigError(f"devices {devices!r}: name at least one, e.g. cuda:0,cuda:1")
+    return [str(resolve_device(d)) for d in names]
+
+
+def shard_slides(sizes: dict[str, int], n: int) -> list[list[str]]:
+    """Slide ids split into ``n`` shards of about equal tile counts (largest first)."""
+    shards: list[list[str]] = [[] for _ in range(n)]
+    load = [0] * n
+    for slide, size in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0])):
+        k = load.index(min(load))
+        shards[k].append(slide)
+        load[k] += size
+    return shards
+
+
+def _run_shard(
+    root: str,
+    encoder: Encoder | str,
+    weights: str | None,
+    config: EmbedConfig,
+    slides: list[str],
+    progress: bool,
+    results: Any,
+    index: int,
+) -> None:
+    summary = embed(root, encoder, config, slides=slides, weights=weights, progress=progress)
+    for r in summary.results:  # exceptions with custom signatures do not unpickle
+        r.__dict__.pop("exception", None)
+    results.put((index, summary))
+
+
+def embed_on_devices(
+    root: str | Path,
+    encoder: Encoder | str | Path,
+    devices: str | Sequence[str],
+    config: EmbedConfig | None = None,
+    *,
+    slides: Sequence[str] | None = None,
+    weights: str | Path | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> EmbedSummary:
+    """:func:`~wsi_ssl.embedding.embed` with the slides sharded across ``devices``.
+
+    Args:
+        devices: ``"cuda:0,cuda:1"`` or a list of device names (each checked first).
+        config, slides, weights, progress, options: as for ``embed``; ``config.device`` is
+            replaced by each process's device.
+
+    Returns:
+        One :class:`EmbedSummary` for all slides, in the order of ``slides`` (or the
+        archive's), with ``compute["devices"]`` the devices used.
+    """
+    names = parse_devices(devices)
+    config = dataclasses.replace(config or EmbedConfig(), **options)
+    started = time.perf_counter()
+    archive = open_store(root)
+    ids = list(dict.fromkeys(slides)) if slides is not None else archive.slide_ids
+    sizes = {s: _n_tiles(archive, s) for s in ids}
+    spec: Encoder | str = encoder if isinstance(encoder, Encoder) else str(encoder)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    jobs = []
+    for device, shard in zip(names, shard_slides(sizes, len(names)), strict=True):
+        if not shard:
+            continue
+        cfg = dataclasses.replace(config, device=device)
+        args = (str(root), spec, None if weights is None else str(weights), cfg, shard, progress)
+        process = ctx.Process(target=_run_shard, args=(*args, results, len(jobs)))
+        process.start()
+        jobs.append((device, shard, process))
+    summaries = _collect(jobs, results)
+    return _merge(root, ids, jobs, summaries, config, names, time.perf_counter() - started)
+
+
+def _n_tiles(archive: Any, slide_id: str) -> int:
+    try:
+        return int(archive.slide(slide_id).n_tiles)
+    except Exception:  # the job itself reports why this slide cannot be embedded
+        return 0
+
+
+def _collect(jobs: list[tuple[str, list[str], Any]], results: Any) -> dict[int, EmbedSummary]:
+    """Summaries by job index, until every process has reported or exited."""
+    summaries: dict[int, EmbedSummary] = {}
+    while len(summaries) < len(jobs):
+        try:
+            index, summary = results.get(timeout=1.0)
+            summaries[index] = summary
+        except queue_module.Empty:
+            if all(not p.is_alive() for _, _, p in jobs) and results.empty():
+                break
+    for _, _, process in jobs:
+        process.join()
+    return summaries
+
+
+def _merge(
+    root: str | Path,
+    ids: list[str],
+    jobs: list[tuple[str, list[str], Any]],
+    summaries: dict[int, EmbedSummary],
+    config: EmbedConfig,
+    devices: list[str],
+    seconds: float,
+) -> EmbedSummary:
+    by_slide: dict[str, SlideEmbedResult] = {}
+    for index, (device, shard, process) in enumerate(jobs):
+        if index in summaries:
+            by_slide.update({r.slide_id: r for r in summaries[index].results})
+            continue
+        error = (
+            f"the process embedding on {device} exited with code {process.exitcode} before "
+            "reporting; re-run the same command to resume these slides"
+        )
+        for s in shard:
+            by_slide[s] = SlideEmbedResult(
+                s, "failed", error=error, error_type="DeviceProcessError"
+            )
+    first = next(iter(summaries.values()), None)
+    merged = EmbedSummary(
+        str(root),
+        first.encoder_id if first else "",
+        first.encoder if first else {},
+        {**config.to_dict(), "devices": devices},
+        {**(first.compute if first else {}), "devices": devices},
+        incomplete=first.incomplete if first else [],
+    )
+    merged.results = [by_slide[s] for s in ids if s in by_slide]
+    merged.seconds = seconds
+    merged.loader_wait_s = sum(s.loader_wait_s for s in summaries.values())
+    return merged
