@@ -119,11 +119,12 @@ def _build_from_encoder(name: str, drop_path_rate: float) -> nn.Module:
 
     from wsi_ssl.encoders import create_encoder
 
-    model = create_encoder(name.removeprefix(ENCODER_PREFIX), weights="random").model
+    model: Any = create_encoder(name.removeprefix(ENCODER_PREFIX), weights="random").model
     model.train().requires_grad_(True)
     if isinstance(model, VisionTransformer):
-        model.dynamic_img_size = True
-        embed = model.patch_embed
+        vit: Any = model  # timm types dynamic_img_size Final; it is a plain attribute
+        vit.dynamic_img_size = True
+        embed = vit.patch_embed
         embed.strict_img_size = False
         embed.flatten = False
         embed.output_fmt = Format.NHWC
@@ -140,7 +141,7 @@ def _encoder_spec(name: str) -> BackboneSpec:
         from wsi_ssl.encoders import create_encoder
 
         encoder = create_encoder(name.removeprefix(ENCODER_PREFIX), weights="random")
-        model = encoder.model
+        model: Any = encoder.model
         vit = isinstance(model, VisionTransformer)
         _ENCODER_SPECS[name] = BackboneSpec(
             name=name,

@@ -52,7 +52,8 @@ class MAEModel(nn.Module):
     ) -> None:
         super().__init__()
         self.encoder = encoder
-        self.decoder_embed = nn.Linear(int(encoder.backbone.embed_dim), decoder_dim)
+        vit: Any = encoder.backbone
+        self.decoder_embed = nn.Linear(int(vit.embed_dim), decoder_dim)
         self.decoder = decoder
         self.decoder_pred = nn.Linear(decoder_dim, encoder.patch_size**2 * 3)
 

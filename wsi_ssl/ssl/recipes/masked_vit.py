@@ -40,7 +40,8 @@ class MaskedViT(nn.Module):
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, int(backbone.embed_dim)))
+        vit: Any = backbone
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, int(vit.embed_dim)))
         object.__setattr__(
             self,
             "_masked",
@@ -51,18 +52,22 @@ class MaskedViT(nn.Module):
                 pos_embed_initialization="skip",
             ),
         )
-        self._encode: Any = self._masked.encode
+        masked: Any = self._masked
+        self._encode: Any = masked.encode
 
     @property
     def prefix_tokens(self) -> int:
-        return int(self.backbone.num_prefix_tokens)
+        vit: Any = self.backbone
+        return int(vit.num_prefix_tokens)
 
     @property
     def patch_size(self) -> int:
-        return int(self.backbone.patch_embed.patch_size[0])
+        vit: Any = self.backbone
+        return int(vit.patch_embed.patch_size[0])
 
     def compile_encoder(self, **kwargs: Any) -> None:
-        self._encode = torch.compile(self._masked.encode, **kwargs)
+        masked: Any = self._masked
+        self._encode = torch.compile(masked.encode, **kwargs)
 
     def tokens(
         self, images: Tensor, mask: Tensor | None = None, idx_keep: Tensor | None = None
