@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 ruff check .
 ruff format --check .
-mypy wsi_ssl storage cli
+bash scripts/mypy.sh
 python -m pytest -q "$@"

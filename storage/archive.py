@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -94,7 +94,7 @@ class Archive:
         damaged."""
         return open_slide_store(self.store_path(slide_id))
 
-    def tiles(self, slide_id: str) -> zarr.Array:
+    def tiles(self, slide_id: str) -> zarr.Array[Any]:
         return self.slide(slide_id).tiles
 
     def tiles_dask(self, slide_id: str) -> da.Array:

@@ -350,8 +350,10 @@ def _store_problem(store: SlideStore) -> str | None:
         )
         if missing:
             return f"{missing} of {expected} tile shard files missing"
-        for name in ("coords", "tissue_fraction"):
-            rows = int(store.group[name].shape[0])
+        for name, rows in (
+            ("coords", len(store.coords)),
+            ("tissue_fraction", len(store.tissue_fraction)),
+        ):
             if rows != n:
                 return f"{name} has {rows} rows for {n} tiles"
     except (OSError, ValueError, KeyError, TypeError) as err:

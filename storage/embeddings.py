@@ -201,7 +201,7 @@ def read_embeddings(store: SlideStore, encoder_id: str, *, lazy: bool = False) -
     if lazy:
         import dask.array as da
 
-        features: np.ndarray | da.Array = da.from_zarr(array)
+        features: np.ndarray | da.Array = da.from_zarr(array)  # type: ignore[no-untyped-call]
     else:
         try:
             features = np.asarray(array[:])
@@ -217,7 +217,7 @@ def read_embeddings(store: SlideStore, encoder_id: str, *, lazy: bool = False) -
     return Embeddings(store.slide_id, encoder_id, features, coords, attrs)
 
 
-def _missing_chunks(array_dir: Path, array: zarr.Array) -> tuple[int, int]:
+def _missing_chunks(array_dir: Path, array: zarr.Array[Any]) -> tuple[int, int]:
     """(missing, expected) chunk files of an (N, D) array chunked by whole rows."""
     rows = int(array.chunks[0])
     expected = math.ceil(array.shape[0] / rows) if array.shape[0] else 0
@@ -225,7 +225,7 @@ def _missing_chunks(array_dir: Path, array: zarr.Array) -> tuple[int, int]:
     return missing, expected
 
 
-def _undecodable_rows(array: zarr.Array) -> str | None:
+def _undecodable_rows(array: zarr.Array[Any]) -> str | None:
     """Decode an array chunk by chunk; what is wrong, or None."""
     rows = int(array.chunks[0])
     bad = 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import google_crc32c
 import numpy as np
@@ -32,7 +33,7 @@ class TileReader:
     tiles. Thread-safe for reads.
     """
 
-    def __init__(self, array: zarr.Array) -> None:
+    def __init__(self, array: zarr.Array[Any]) -> None:
         self.array = array
         self._decode = inner_decoder(array) if array.dtype == np.uint8 else None
         self._per_shard = int(array.shards[0]) if array.shards else 0
@@ -106,4 +107,4 @@ class TileReader:
 
     def __getitem__(self, row: int) -> np.ndarray:
         """One tile, uint8 (T, T, 3)."""
-        return self.read([row])[0]
+        return np.asarray(self.read([row])[0])

@@ -35,6 +35,7 @@ Slides may be named by id, file name, stem or unique id prefix (``wsi_ssl.storag
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -124,15 +125,18 @@ def _write_pt(path: Path, coords_path: Path, emb: Embeddings) -> None:
     """The coords file first, then the features file: a features file is never there
     without its coords (a failure between the two leaves no features file, which a re-run
     writes)."""
-    import torch
-
     path.unlink(missing_ok=True)  # an older features file must not outlive new coords
     for p, data in (
         (coords_path, np.asarray(emb.coords, dtype=np.int64)),
         (path, np.asarray(emb.features, dtype=np.float32)),
     ):
-        tensor = torch.from_numpy(np.ascontiguousarray(data))
-        atomic_write_with(p, lambda tmp, t=tensor: torch.save(t, tmp))
+        atomic_write_with(p, functools.partial(_save_tensor, data))
+
+
+def _save_tensor(data: np.ndarray, path: Path) -> None:
+    import torch
+
+    torch.save(torch.from_numpy(np.ascontiguousarray(data)), path)
 
 
 def _names(stores: list[SlideStore], name_by: str) -> dict[str, str]:
