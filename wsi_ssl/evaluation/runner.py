@@ -157,10 +157,10 @@ def _embed_all(root: Path, encoders: Named, slides: list[str], config: Evaluatio
 def _tiles(task: TileLabelTask, encoders: Named, config: EvaluationConfig) -> _TaskResult:
     tiles = load_tile_labels(task, config.max_tiles_per_class, config.seed)
     failed = _embed_all(task.root, encoders, list(tiles.rows), config)
-    if failed:
-        sid, error = next(iter(failed.items()))
-        raise ConfigError(f"{task.root}: slide {sid} could not be embedded ({error})")
+    tiles = tiles.without(set(failed), task.root) if failed else tiles
     folds, note = assign_folds(tiles.y, config.folds, config.seed, groups=tiles.groups)
+    notes = [note] if note else []
+    notes += [f"slide {sid} left out: {err}" for sid, err in failed.items()]
     summary = TaskSummary(
         task_name(task),
         task.kind,
@@ -169,7 +169,7 @@ def _tiles(task: TileLabelTask, encoders: Named, config: EvaluationConfig) -> _T
         tiles.classes,
         int(folds.max()) + 1,
         split_digest(folds),
-        (note,) if note else (),
+        tuple(notes),
     )
     feats = {lab: tile_features(task.root, e.encoder_id, tiles) for lab, e in encoders}
     ids = {lab: e.encoder_id for lab, e in encoders}

@@ -206,6 +206,14 @@ class LabelledTiles:
     groups: np.ndarray = field(repr=False)  # slide of each kept tile
     classes: tuple[str, ...]
 
+    def without(self, slides: set[str], where: str | Path) -> LabelledTiles:
+        """The same tiles less those of ``slides`` (e.g. slides that failed to embed)."""
+        gone = [i for i, sid in enumerate(self.rows) if sid in slides]
+        keep = ~np.isin(self.groups, gone)
+        _check_classes(where, [self.classes[c] for c in self.y[keep]], "tile")
+        rows = {sid: r for sid, r in self.rows.items() if sid not in slides}
+        return LabelledTiles(rows, self.y[keep], self.groups[keep], self.classes)
+
 
 def _tile_classes(array: object, where: Path) -> tuple[np.ndarray, list[str]]:
     import zarr
@@ -228,17 +236,19 @@ def _tile_classes(array: object, where: Path) -> tuple[np.ndarray, list[str]]:
 def load_tile_labels(task: TileLabelTask, max_per_class: int, seed: int) -> LabelledTiles:
     """Per-tile labels of every complete store that has ``labels/<name>``, at most
     ``max_per_class`` tiles per class (drawn with ``seed``)."""
+    import zarr
+
     from wsi_ssl.storage import open_store
 
     archive = open_store(task.root)
     per_slide: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     classes: list[str] = []
     for sid in archive.slide_ids:
-        group = archive.slide(sid).group
-        if "labels" not in group or task.labels not in group["labels"]:
+        node = archive.slide(sid).group.get("labels")
+        if not isinstance(node, zarr.Group) or task.labels not in node:
             continue
         where = archive.store_path(sid) / "labels" / task.labels
-        y, names = _tile_classes(group["labels"][task.labels], where)
+        y, names = _tile_classes(node[task.labels], where)
         if classes and names and names != classes:
             raise LabelsError(where, f"classes {names} differ from another slide's {classes}")
         classes = classes or names
