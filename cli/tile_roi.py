@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--roi-min-fraction", type=float, help="tile area inside the ROI to keep it (default 0.5)"
     )
+    g.add_argument(
+        "--no-qc", dest="qc", action="store_false", default=None, help="do not score tiles"
+    )
     g.add_argument("--qc-min-focus", type=float, help="flag tiles less sharp (default 200)")
     g.add_argument("--qc-max-pen", type=float, help="flag tiles with more ink (default 0.1)")
     g.add_argument("--qc-min-tissue", type=float, help="flag tiles with less tissue (default 0.05)")

@@ -21,7 +21,10 @@ LABELS_GROUP = "labels"
 
 
 def create_qc(group: zarr.Group, metrics: Sequence[str], n_tiles: int, chunk: int) -> None:
-    """Empty ``qc/<metric>`` arrays (NaN until written) for ``n_tiles`` tiles."""
+    """Empty ``qc/<metric>`` arrays (NaN until written) for ``n_tiles`` tiles; no ``qc``
+    group at all without metrics."""
+    if not metrics:
+        return
     qc = group.require_group(QC_GROUP)
     for metric in metrics:
         qc.create_array(

@@ -195,3 +195,11 @@ def test_overlay_pictures(cmu_store: SlideStore, tmp_path: Path) -> None:
     paths = save_overlays(cmu_store, tmp_path / "plots")
     for path in paths:
         assert path.is_file() and Image.open(path).size == (picture.shape[1], picture.shape[0])
+
+
+def test_qc_off_writes_no_scores(tmp_path: Path) -> None:
+    slide = write_synthetic_slide(tmp_path / "s.tiff", (768, 512), seed=1)
+    result = tile_slide(slide, tmp_path / "root", TilingConfig(qc=False, tissue_threshold=0.0))
+    store = Archive(tmp_path / "root").slide(result.slide_id)  # type: ignore[arg-type]
+    assert not (store.path / "qc").exists() and store.qc() == {}
+    assert kept_tiles(store).all() and store.n_tiles == 6

@@ -40,6 +40,7 @@ class TilingConfig:
         roi_include: classes forming the region (default: every class not excluded).
         roi_exclude: classes cut out of the region.
         roi_min_fraction: minimum fraction of a tile's area inside the region for it to be kept.
+        qc: whether the tiling tasks score every tile into ``qc/<metric>`` (about 1 ms a tile).
         qc_min_focus, qc_max_pen, qc_min_tissue, qc_max_dark: tiles past these QC scores are
             flagged, not kept by consumers (wsi_ssl.tiling.qc).
     """
@@ -60,6 +61,7 @@ class TilingConfig:
     roi_include: tuple[str, ...] = ()
     roi_exclude: tuple[str, ...] = ()
     roi_min_fraction: float = 0.5
+    qc: bool = True
     qc_min_focus: float = 200.0
     qc_max_pen: float = 0.1
     qc_min_tissue: float = 0.05

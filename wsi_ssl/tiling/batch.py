@@ -348,7 +348,7 @@ def _tile_open_slide(
         tissue_fraction=fraction[keep],
     )
     store.create_tables(
-        QC_METRICS,
+        QC_METRICS if config.qc else (),
         config.tiles_per_chunk,
         None if labels is None else ("annotations", labels.fractions[keep], labels.classes),
     )

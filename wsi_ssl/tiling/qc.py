@@ -74,24 +74,26 @@ def tile_scores(tiles: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     subsampled green channel still separates sharp from blurred detail), colour fractions on
     every fourth (4,096 samples of a 256 px tile), per RGB cell of 5 bits a channel.
     """
-    if not len(tiles):
-        return {metric: np.empty(0, dtype=np.float32) for metric in QC_METRICS}
-    stack = np.stack(tiles)
-    k = len(stack)
-    green = stack[:, ::2, ::2, 1].astype(np.float32)
-    lap = 4 * green[:, 1:-1, 1:-1] - green[:, :-2, 1:-1] - green[:, 2:, 1:-1]
-    lap -= green[:, 1:-1, :-2] + green[:, 1:-1, 2:]
-    codes = np.take(_codes(), colour_cells(stack[:, ::4, ::4])).reshape(k, -1)
-    counts = np.stack([np.bincount(row, minlength=16) for row in codes])
+    k = len(tiles)
+    focus = np.empty(k, dtype=np.float32)
+    counts = np.empty((k, 16), dtype=np.int64)
+    table = _codes()
+    for i, tile in enumerate(tiles):  # views of each tile: no stacked copy of the chunk
+        green = tile[::2, ::2, 1].astype(np.float32)
+        lap = 4 * green[1:-1, 1:-1] - green[:-2, 1:-1] - green[2:, 1:-1]
+        lap -= green[1:-1, :-2] + green[1:-1, 2:]
+        focus[i] = lap.var() if lap.size else 0.0
+        codes = np.take(table, colour_cells(tile[::4, ::4]))
+        counts[i] = np.bincount(codes.ravel(), minlength=16)
     flags = np.arange(16)
-    n = codes.shape[1]
+    n = np.maximum(counts.sum(axis=1), 1)
 
     def share(rule: np.ndarray) -> np.ndarray:
         return (counts[:, rule].sum(axis=1) / n).astype(np.float32)
 
     stained = (flags & _STAINED > 0) & (flags & (_INK | _DARK_GREY) == 0)
     return {
-        "focus": lap.reshape(k, -1).var(axis=1),
+        "focus": focus,
         "pen": share(flags & _INK > 0),
         "tissue": share(stained),
         "dark": share(flags & _VERY_DARK > 0),
