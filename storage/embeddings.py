@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -439,8 +440,9 @@ class EmbeddingWriter:
                 if self._tmp.exists():
                     shutil.rmtree(self._tmp, ignore_errors=True)
                 old = _replaced_dir(self.store_path, self.encoder_id)
-                if old.exists() and not self._final.exists():
-                    rename_into_place(old, self._final)
+                if old.exists() and not self._final.exists():  # undo the first rename
+                    os.replace(old, self._final)
+                    fsync_dir(self._final.parent)
         self._done = True
         self._locks.close()
 

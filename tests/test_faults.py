@@ -1,0 +1,161 @@
+"""The archive never loses or silently corrupts work: real processes racing, killed at the
+rename (``WSI_SSL_FAULT``, see ``wsi_ssl.storage.atomic``) and a full disk, for embed, index,
+export and pretraining checkpoints. After each, the archive is in its previous or its new
+complete state, ``wsi-ssl check`` says so, and a plain re-run completes it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli
+from wsi_ssl.storage import open_store
+from wsi_ssl.storage.atomic import FAULT_ENV
+
+pytestmark = pytest.mark.faults
+
+EMBED = ["--encoder", "random-cnn", "--device", "cpu", "--workers", "0", "--quiet"]
+
+
+def _cli_process(argv: list[str], fault: str) -> subprocess.Popen[bytes]:
+    """``wsi-ssl`` in a real process with the fault hook armed."""
+    code = "import sys; from wsi_ssl.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, FAULT_ENV: fault}
+    return subprocess.Popen([sys.executable, "-c", code, *argv], env=env, stderr=subprocess.PIPE)
+
+
+def _wait_stopped(proc: subprocess.Popen[bytes], timeout: float = 180) -> None:
+    """Until ``proc`` has stopped itself (SIGSTOP at the fault point)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state == "T":
+            return
+        assert proc.poll() is None, "the process ended before reaching the fault point"
+        time.sleep(0.05)
+    raise AssertionError("the process never reached the fault point")
+
+
+def _vectors(root: Path) -> dict[str, np.ndarray]:
+    archive = open_store(root)
+    return {sid: np.asarray(archive.embeddings(sid).features) for sid in archive.slide_ids}
+
+
+def _check(root: Path) -> tuple[int, str]:
+    code, out, _ = run_cli(["check", str(root)])
+    return code, out
+
+
+@pytest.mark.slow
+def test_embed_second_job_and_a_kill_at_the_rename(small_archive: Path, tmp_path: Path) -> None:
+    want = _vectors(small_archive)
+    root = shutil.copytree(small_archive, tmp_path / "root")
+    for store in (root / "slides").glob("*.zarr"):
+        shutil.rmtree(store / "embeddings")
+    first = _cli_process(["embed", str(root), *EMBED], "pause_before_rename:/embeddings/random")
+    try:
+        _wait_stopped(first)  # holding the first slide's lock, its array complete, not renamed
+        code, out, err = run_cli(["embed", str(root), *EMBED])  # a second job meanwhile
+        assert code == 1 and "1 embedded, 0 already complete, 1 busy" in out
+        assert f"is being written by pid {first.pid} on " in err
+    finally:
+        first.kill()
+        first.wait()
+    code, out = _check(root)
+    assert code == 1 and "unfinished embeddings (a job was killed)" in out
+    assert len(open_store(root).slide_ids) == 2  # never a half-written array under its name
+    code, out, _ = run_cli(["embed", str(root), *EMBED])
+    assert code == 0 and "0 failed" in out
+    assert _check(root)[0] == 0
+    got = _vectors(root)
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_embed_full_disk_at_the_swap_keeps_the_old_array(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    want = _vectors(small_archive)
+    root = shutil.copytree(small_archive, tmp_path / "root")
+    job = _cli_process(
+        ["embed", str(root), *EMBED, "--no-resume"], "enospc_before_rename:/embeddings/random"
+    )
+    _, err = job.communicate(timeout=300)
+    assert job.returncode == 1 and b"No space left on device" in err
+    got = _vectors(root)  # the previous complete arrays, whole
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    assert _check(root)[0] == 0
+
+
+@pytest.mark.slow
+def test_index_killed_at_the_manifest_then_rebuilt(small_archive: Path, tmp_path: Path) -> None:
+    from wsi_ssl.storage.index_files import read_index
+
+    root = shutil.copytree(small_archive, tmp_path / "root")
+    [name] = [p.name for p in (root / "index").iterdir()]
+    before = read_index(root, name)[1].path.name
+    job = _cli_process(
+        ["index", str(root), "--encoder", "random-cnn", "--quiet"],
+        "kill_before_rename:MANIFEST.json",
+    )
+    job.wait(timeout=300)
+    assert job.returncode == -signal.SIGKILL
+    assert read_index(root, name)[1].path.name == before  # the previous index, whole
+    code, out = _check(root)
+    assert code == 1 and "orphan generation of a killed writer" in out
+    assert "temp file of a killed writer" in out
+    code, _, err = run_cli(["index", str(root), "--encoder", "random-cnn", "--quiet"])
+    assert code == 0, err
+    assert read_index(root, name)[1].path.name != before
+    assert _check(root)[0] == 0
+
+
+@pytest.mark.slow
+def test_export_full_disk_never_leaves_features_without_coords(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    root, out = small_archive, tmp_path / "pt"
+    argv = ["export", str(root), "--out", str(out), "--format", "pt"]
+    job = _cli_process(argv, "enospc_before_rename:s1.pt")
+    _, err = job.communicate(timeout=300)
+    assert job.returncode == 1 and b"No space left on device" in err
+    assert not (out / "s1.pt").exists() and not (out / "coords" / "s1.pt").exists()
+    assert (out / "s2.pt").exists() and (out / "coords" / "s2.pt").exists()
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    code, _, _ = run_cli(argv)
+    assert code == 0 and (out / "s1.pt").exists() and (out / "coords" / "s1.pt").exists()
+
+
+_SAVE = """
+import sys, torch
+from wsi_ssl.ssl.checkpoint import save_checkpoint
+save_checkpoint(sys.argv[1], {"meta": {"step": int(sys.argv[2])}, "w": torch.full((256,), 1.0)})
+"""
+
+
+def test_checkpoint_killed_at_the_rename_keeps_the_previous_one(tmp_path: Path) -> None:
+    import torch
+
+    path = tmp_path / "step_00000001.pt"
+
+    def save(step: int, fault: str = "") -> int:
+        env = {**os.environ, FAULT_ENV: fault}
+        return subprocess.run(
+            [sys.executable, "-c", _SAVE, str(path), str(step)], env=env
+        ).returncode
+
+    assert save(1) == 0
+    assert save(2, "kill_before_rename:step_00000001.pt") == -signal.SIGKILL
+    assert torch.load(path, weights_only=True)["meta"]["step"] == 1  # the previous one, whole
+    [temp] = [p for p in tmp_path.iterdir() if p != path]
+    assert save(3) == 0  # the next save removes the dead run's temp file
+    assert torch.load(path, weights_only=True)["meta"]["step"] == 3
+    assert not temp.exists() and list(tmp_path.iterdir()) == [path]
