@@ -4,7 +4,14 @@
 one ``<slide_id>.zarr`` store, or a list of either) and refuses what it cannot train on with a
 typed error: an empty root (``StoreNotFoundError``), an incomplete store
 (``StoreIncompleteError``, unless ``skip_incomplete``), tiles of another size or scale than
-the config expects or than the other stores (``SchemaMismatchError``).
+the config expects or than the other stores (``SchemaMismatchError``). With
+``mixed_scales`` stores at several magnifications train together (every scale is drawn
+equally often), and with ``mixed_sizes`` (crops made per tile, which makes them uniform)
+stores of several tile sizes.
+
+:func:`select_tiles` keeps the tiles worth training on: enough tissue (the store's own
+``tissue_fraction``), enough grey-level variation (no blank glass or flat smears), and, with a
+curation file (:mod:`wsi_ssl.ssl.curation`), only the curated ones.
 
 :class:`TileDataset` reads one tile per item from the sharded Zarr ``tiles`` arrays (one tile
 per inner chunk, so a read decodes one JPEG). It holds only paths; each process opens its own
@@ -42,7 +49,15 @@ from wsi_ssl.errors import (
 from wsi_ssl.storage import open_store
 from wsi_ssl.storage.tile_reader import TileReader
 
-__all__ = ["SlideEntry", "StepBatchSampler", "TileDataset", "describe_sources", "scan_stores"]
+__all__ = [
+    "SlideEntry",
+    "StepBatchSampler",
+    "TileDataset",
+    "describe_sources",
+    "scale_groups",
+    "scan_stores",
+    "select_tiles",
+]
 
 SAMPLINGS = ("uniform", "balanced")
 
@@ -69,6 +84,8 @@ def scan_stores(
     tile_size: int | None = None,
     mpp: float | None = None,
     skip_incomplete: bool = False,
+    mixed_scales: bool = False,
+    mixed_sizes: bool = False,
 ) -> list[SlideEntry]:
     """The complete, non-empty slide stores under ``sources``, checked for consistency.
 
@@ -77,6 +94,8 @@ def scan_stores(
         tile_size: required tile side in pixels, or None to accept the stores' own (all equal).
         mpp: required microns per pixel of the tiles, or None likewise.
         skip_incomplete: leave out incomplete stores instead of raising.
+        mixed_scales: accept stores at different scales.
+        mixed_sizes: accept stores of different tile sizes.
 
     Raises:
         StoreNotFoundError: a path is neither, or no store with tiles is found.
@@ -101,7 +120,7 @@ def scan_stores(
     if not entries:
         where = ", ".join(map(str, paths))
         raise StoreNotFoundError(where, "complete slide store with tiles")
-    _check_consistent(entries, tile_size, mpp)
+    _check_consistent(entries, tile_size, mpp, mixed_scales=mixed_scales, mixed_sizes=mixed_sizes)
     return entries
 
 
@@ -142,7 +161,14 @@ def _entry(root: Path, slide_id: str, store: Any) -> SlideEntry:
     )
 
 
-def _check_consistent(entries: list[SlideEntry], tile_size: int | None, mpp: float | None) -> None:
+def _check_consistent(
+    entries: list[SlideEntry],
+    tile_size: int | None,
+    mpp: float | None,
+    *,
+    mixed_scales: bool = False,
+    mixed_sizes: bool = False,
+) -> None:
     for e in entries:
         if tile_size is not None and e.tile_size != tile_size:
             raise SchemaMismatchError(
@@ -157,25 +183,98 @@ def _check_consistent(entries: list[SlideEntry], tile_size: int | None, mpp: flo
             )
     first = entries[0]
     for e in entries[1:]:
-        if e.tile_size != first.tile_size:
+        if e.tile_size != first.tile_size and not mixed_sizes:
             raise SchemaMismatchError(
                 f"{e.path}: tiles are {e.tile_size} px but {first.path} has {first.tile_size} px; "
-                "train on stores tiled with one --tile-size (or pass --tile-size to pick one)"
+                "train on stores tiled with one --tile-size (or pass --tile-size to pick one); "
+                "crops made per tile (augment='loader') accept mixed sizes"
             )
         if (
-            e.mpp is not None
+            not mixed_scales
+            and e.mpp is not None
             and first.mpp is not None
             and not math.isclose(e.mpp, first.mpp, rel_tol=0.02)
         ):
             raise SchemaMismatchError(
                 f"{e.path}: tiles are at {e.mpp:g} µm/px but {first.path} at {first.mpp:g}; "
-                "train on stores tiled at one --mpp"
+                "train on stores tiled at one --mpp, or set mixed_scales=True (--mixed-scales)"
             )
 
 
-def describe_sources(entries: Sequence[SlideEntry]) -> dict[str, Any]:
+def scale_groups(entries: Sequence[SlideEntry]) -> list[int]:
+    """Scale index of every store: stores within 2% of one ``mpp`` share one index."""
+    scales: list[float] = []
+    groups = []
+    for e in entries:
+        mpp = e.mpp if e.mpp is not None else 0.0
+        found = next((i for i, s in enumerate(scales) if math.isclose(s, mpp, rel_tol=0.02)), None)
+        if found is None:
+            scales.append(mpp)
+            found = len(scales) - 1
+        groups.append(found)
+    return groups
+
+
+def select_tiles(
+    entries: Sequence[SlideEntry],
+    *,
+    min_tissue: float = 0.0,
+    min_tile_std: float = 0.0,
+    curation: str | Path | None = None,
+) -> list[np.ndarray] | None:
+    """Per store, the tile numbers to train on (None: all of them).
+
+    A tile is kept when its stored tissue fraction is at least ``min_tissue``, the standard
+    deviation of its grey levels (0-255) at least ``min_tile_std`` (read once per run), and the
+    curation file, if any, selects it. Raises ``ConfigError`` when nothing is left.
+    """
+    if min_tissue <= 0 and min_tile_std <= 0 and curation is None:
+        return None
+    chosen = None
+    if curation is not None:
+        from wsi_ssl.ssl.curation import read_curation
+
+        chosen = read_curation(curation, entries)
+    keep: list[np.ndarray] = []
+    for i, e in enumerate(entries):
+        tiles = np.arange(e.n_tiles) if chosen is None else chosen[i]
+        if min_tissue > 0:
+            fraction = np.asarray(open_store(e.root).slide(e.slide_id).tissue_fraction)
+            tiles = tiles[fraction[tiles] >= min_tissue]
+        if min_tile_std > 0 and len(tiles):
+            reader = TileReader(open_store(e.root).slide(e.slide_id).tiles)
+            stds = np.array([_grey_std(reader[int(t)]) for t in tiles])
+            tiles = tiles[stds >= min_tile_std]
+        keep.append(tiles.astype(np.int64))
+    if sum(len(k) for k in keep) == 0:
+        from wsi_ssl.errors import ConfigError
+
+        raise ConfigError(
+            f"no tile of {len(entries)} stores passes min_tissue={min_tissue}, "
+            f"min_tile_std={min_tile_std}"
+            + (f" and curation {curation}" if curation else "")
+            + "; lower the thresholds"
+        )
+    return keep
+
+
+def _grey_std(tile: np.ndarray) -> float:
+    return float((tile.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).std())
+
+
+def describe_sources(
+    entries: Sequence[SlideEntry], keep: Sequence[np.ndarray] | None = None
+) -> dict[str, Any]:
     """JSON-able description of what a run trains on (recorded in checkpoints)."""
+    counts = [e.n_tiles for e in entries] if keep is None else [len(k) for k in keep]
+    groups = scale_groups(entries)
+    scales: dict[str, int] = {}
+    for g, n in zip(groups, counts, strict=True):
+        key = f"{entries[groups.index(g)].mpp or 0:g}"
+        scales[key] = scales.get(key, 0) + n
     return {
+        "n_selected": sum(counts),
+        "scales": scales,
         "roots": sorted({e.root for e in entries}),
         "n_slides": len(entries),
         "n_tiles": sum(e.n_tiles for e in entries),
@@ -197,22 +296,31 @@ class TileDataset(Dataset):
             :class:`~wsi_ssl.ssl.transforms.HistoDINOTransform`); None returns the tile as a
             uint8 tensor for :class:`~wsi_ssl.ssl.batch_augment.BatchDINOAugment`.
 
+    ``keep``: per store, the tile numbers to use (:func:`select_tiles`; None: all).
     Items are indexed by an int or by ``(index, seed)`` as yielded by
     :class:`StepBatchSampler`: the seed then seeds ``random``, numpy and torch for the
     transform (their previous states are restored afterwards).
     """
 
-    def __init__(self, entries: Sequence[SlideEntry], transform: Callable | None = None) -> None:
+    def __init__(
+        self,
+        entries: Sequence[SlideEntry],
+        transform: Callable | None = None,
+        keep: Sequence[np.ndarray] | None = None,
+    ) -> None:
         self.entries = list(entries)
         self.transform = transform
-        sizes = [e.n_tiles for e in self.entries]
+        self.keep = None if keep is None else [np.asarray(k, np.int64) for k in keep]
+        sizes = (
+            [e.n_tiles for e in self.entries] if self.keep is None else [len(k) for k in self.keep]
+        )
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self._pid: int | None = None
         self._readers: dict[int, TileReader] = {}
 
     @property
     def slide_sizes(self) -> list[int]:
-        return [e.n_tiles for e in self.entries]
+        return np.diff(self.offsets).astype(int).tolist()
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -222,7 +330,8 @@ class TileDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"tile index {index} out of range [0, {len(self)})")
         slide = bisect.bisect_right(self.offsets, index) - 1
-        return slide, index - int(self.offsets[slide])
+        tile = index - int(self.offsets[slide])
+        return slide, tile if self.keep is None else int(self.keep[slide][tile])
 
     def _tiles(self, slide: int) -> TileReader:
         if self._pid != os.getpid():  # a fresh process (DataLoader worker): own handles
@@ -295,23 +404,53 @@ def _mix(*values: int) -> int:
 
 
 def epoch_order(
-    slide_sizes: Sequence[int], *, seed: int, epoch: int, sampling: str = "uniform"
+    slide_sizes: Sequence[int],
+    *,
+    seed: int,
+    epoch: int,
+    sampling: str = "uniform",
+    groups: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Dataset indices of one epoch (as many as there are tiles), a function of (seed, epoch).
 
     ``"uniform"``: a permutation of all tiles. ``"balanced"``: each draw picks a slide
     uniformly, then a tile of it uniformly (with replacement), so every slide contributes
-    equally whatever its size.
+    equally whatever its size. ``groups`` (a scale index per slide, several scales): each
+    draw first picks a scale uniformly, then a slide (``"balanced"``) or a tile of that scale.
     """
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}; got {sampling!r}")
     g = torch.Generator().manual_seed(_mix(seed, epoch, 0x5A3))
     sizes = torch.tensor(list(slide_sizes), dtype=torch.int64)
     n = int(sizes.sum())
+    if groups is not None and len(set(groups)) > 1:
+        return _scale_balanced(sizes, torch.tensor(list(groups)), sampling, g)
     if sampling == "uniform":
         return torch.randperm(n, generator=g)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)[:-1]])
     slide = torch.randint(len(sizes), (n,), generator=g)
+    within = (torch.rand(n, generator=g, dtype=torch.float64) * sizes[slide]).long()
+    return offsets[slide] + torch.minimum(within, sizes[slide] - 1)
+
+
+def _scale_balanced(
+    sizes: torch.Tensor, groups: torch.Tensor, sampling: str, g: torch.Generator
+) -> torch.Tensor:
+    """``sum(sizes)`` draws: a scale uniformly, then a slide of it (uniformly when balanced,
+    else in proportion to its tiles), then a tile of the slide uniformly."""
+    n = int(sizes.sum())
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)[:-1]])
+    n_groups = int(groups.max()) + 1
+    scale = torch.randint(n_groups, (n,), generator=g)
+    weights = (
+        torch.ones_like(sizes, dtype=torch.float64) if sampling == "balanced" else sizes.double()
+    )
+    slide = torch.empty(n, dtype=torch.int64)
+    for k in range(n_groups):
+        members = (groups == k).nonzero().flatten()
+        picks = scale == k
+        w = weights[members] * (sizes[members] > 0)
+        slide[picks] = members[torch.multinomial(w, int(picks.sum()), True, generator=g)]
     within = (torch.rand(n, generator=g, dtype=torch.float64) * sizes[slide]).long()
     return offsets[slide] + torch.minimum(within, sizes[slide] - 1)
 
@@ -329,6 +468,7 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
         sampling: ``"uniform"`` or ``"balanced"``.
         rank: this process's rank.
         world_size: number of processes; global batch = ``batch_size * world_size``.
+        groups: scale index of every slide (several scales: drawn equally often).
     """
 
     def __init__(
@@ -343,6 +483,7 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
         sampling: str = "uniform",
         rank: int = 0,
         world_size: int = 1,
+        groups: Sequence[int] | None = None,
     ) -> None:
         if steps_per_epoch < 1:
             raise ValueError("steps_per_epoch must be >= 1")
@@ -357,6 +498,7 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
         self.sampling = sampling
         self.rank = rank
         self.world_size = world_size
+        self.groups = None if groups is None else list(groups)
         self._epoch: int | None = None
         self._order: torch.Tensor | None = None
 
@@ -368,7 +510,11 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
         epoch, within = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             self._order = epoch_order(
-                self.slide_sizes, seed=self.seed, epoch=epoch, sampling=self.sampling
+                self.slide_sizes,
+                seed=self.seed,
+                epoch=epoch,
+                sampling=self.sampling,
+                groups=self.groups,
             )
             self._epoch = epoch
         assert self._order is not None

@@ -75,7 +75,9 @@ from wsi_ssl.ssl.data import (
     TileDataset,
     _mix,
     describe_sources,
+    scale_groups,
     scan_stores,
+    select_tiles,
 )
 from wsi_ssl.ssl.encoder import ENCODER_FILE, describe_encoder
 from wsi_ssl.ssl.init import apply_init, load_init
@@ -298,10 +300,18 @@ class Trainer:
             tile_size=config.tile_size,
             mpp=config.mpp,
             skip_incomplete=config.skip_incomplete,
+            mixed_scales=config.mixed_scales,
+            mixed_sizes=self.augment_mode == "loader",  # per-tile crops make sizes uniform
         )
-        self.sources = describe_sources(self.entries)
+        self.keep = select_tiles(
+            self.entries,
+            min_tissue=config.min_tissue,
+            min_tile_std=config.min_tile_std,
+            curation=config.curation,
+        )
+        self.sources = describe_sources(self.entries, self.keep)
         self.global_batch = config.batch_size * ctx.world_size
-        n_tiles = self.sources["n_tiles"]
+        n_tiles = self.sources["n_selected"]
         steps_per_epoch = n_tiles // self.global_batch
         if steps_per_epoch < 1:
             raise ConfigError(
@@ -426,7 +436,7 @@ class Trainer:
     def _loader(self) -> DataLoader:
         c = self.config
         transform = HistoDINOTransform(c) if self.augment_mode == "loader" else None
-        dataset = TileDataset(self.entries, transform=transform)
+        dataset = TileDataset(self.entries, transform=transform, keep=self.keep)
         sampler = StepBatchSampler(
             dataset.slide_sizes,
             batch_size=c.batch_size,
@@ -437,6 +447,7 @@ class Trainer:
             sampling=c.sampling,
             rank=self.ctx.rank,
             world_size=self.ctx.world_size,
+            groups=scale_groups(self.entries) if c.mixed_scales else None,
         )
         workers = c.num_workers
         if workers is None:

@@ -1,0 +1,142 @@
+"""Pretraining data that fits histology: several magnifications in one run (balanced per
+scale), mixed tile sizes when crops make them uniform, skipping flat tiles, and curated
+sampling from the archive's own embeddings (k-means, near duplicates, coverage plot)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import wsi_ssl
+from wsi_ssl.errors import SchemaMismatchError
+from wsi_ssl.ssl import PretrainConfig, pretrain
+from wsi_ssl.ssl.curation import curate, near_duplicates
+from wsi_ssl.ssl.data import TileDataset, epoch_order, scale_groups, scan_stores, select_tiles
+from wsi_ssl.ssl.testing import write_tile_store
+
+
+def _textured(n: int, size: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(40, 220, (n, size, size, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def scales_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("scales")
+    write_tile_store(root, "x20", _textured(48, 64, 0), mpp=0.5)
+    write_tile_store(root, "x10", _textured(16, 64, 1), mpp=1.0)
+    tiles = _textured(16, 96, 2)
+    tiles[:6] = 235  # blank glass
+    write_tile_store(root / "big", "x10b", tiles, mpp=1.0)
+    return root
+
+
+def test_several_magnifications_need_mixed_scales(scales_root: Path) -> None:
+    with pytest.raises(SchemaMismatchError, match="mixed_scales"):
+        scan_stores(scales_root)
+    entries = scan_stores(scales_root, mixed_scales=True)
+    assert sorted(e.mpp for e in entries) == [0.5, 1.0]
+    assert scale_groups(entries) == [1, 0] or scale_groups(entries) == [0, 1]
+
+
+def test_each_scale_is_drawn_equally_often(scales_root: Path) -> None:
+    entries = scan_stores(scales_root, mixed_scales=True)
+    sizes = [e.n_tiles for e in entries]  # 16 and 48 tiles
+    groups = scale_groups(entries)
+    order = epoch_order(sizes, seed=0, epoch=0, groups=groups).numpy()
+    offsets = np.cumsum([0, *sizes])
+    slide = np.searchsorted(offsets, order, side="right") - 1
+    share = np.bincount(slide, minlength=2) / len(order)
+    assert len(order) == 64 and abs(share[0] - 0.5) < 0.15, share
+    many = np.concatenate(
+        [epoch_order(sizes, seed=0, epoch=e, groups=groups).numpy() for e in range(40)]
+    )
+    share = np.bincount(np.searchsorted(offsets, many, side="right") - 1, minlength=2) / len(many)
+    np.testing.assert_allclose(share, [0.5, 0.5], atol=0.03)
+
+
+def test_mixed_tile_sizes_train_only_with_per_tile_crops(scales_root: Path, tmp_path: Path) -> None:
+    roots = [scales_root, scales_root / "big"]
+    with pytest.raises(SchemaMismatchError, match="tile-size"):
+        scan_stores(roots, mixed_scales=True)
+    config = PretrainConfig.preset(
+        "cpu-small",
+        steps=2,
+        batch_size=8,
+        device="cpu",
+        num_workers=0,
+        num_threads=1,
+        progress=False,
+        mixed_scales=True,
+        out_dim=64,
+        hidden_dim=32,
+        bottleneck_dim=16,
+        global_crop_size=32,
+        local_crop_size=16,
+    )
+    run = pretrain(roots, config.replace(augment="loader"), out=tmp_path / "loader")
+    assert run.finished and set(run.sources["scales"]) == {"0.5", "1"}
+    with pytest.raises(SchemaMismatchError, match="tile-size"):
+        pretrain(roots, config.replace(augment="batch"), out=tmp_path / "batch")
+
+
+def test_flat_tiles_are_skipped(scales_root: Path) -> None:
+    entries = scan_stores(scales_root / "big")
+    keep = select_tiles(entries, min_tile_std=8.0)
+    assert keep is not None and keep[0].tolist() == list(range(6, 16))
+    dataset = TileDataset(entries, keep=keep)
+    assert len(dataset) == 10 and dataset.locate(0) == (0, 6)
+    assert dataset.read_tile(0).std() > 8
+    assert select_tiles(entries) is None
+
+
+def test_near_duplicates_are_found() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 8)).astype(np.float32)
+    x[5] = x[2] + 1e-3
+    x[9] = x[2]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    assert np.flatnonzero(near_duplicates(x, 0.98)).tolist() == [5, 9]
+
+
+@pytest.fixture(scope="module")
+def embedded_root(cmu_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from wsi_ssl.embedding.config import EmbedConfig
+
+    root = tmp_path_factory.mktemp("cmu_embedded")
+    wsi_ssl.tile_slide(cmu_small, root, wsi_ssl.TilingConfig(tile_size=64, tiles_per_chunk=32))
+    from wsi_ssl.encoders import create_encoder
+
+    encoder = create_encoder("random-cnn", input_size=64)
+    summary = wsi_ssl.embed(root, encoder, EmbedConfig(batch_size=64, device="cpu", workers=0))
+    assert not summary.failed, summary.failed
+    return root
+
+
+def test_curation_samples_clusters_evenly_and_trains(embedded_root: Path, tmp_path: Path) -> None:
+    # random-init CNN features are close to each other: only exact-ish repeats are duplicates
+    result = curate(
+        embedded_root, tmp_path / "curated.json", n_tiles=60, n_clusters=6, dedup_threshold=0.9999
+    )
+    assert result.n_selected == 60 and result.n_unique <= result.n_tiles
+    assert result.plot.read_bytes()[:4] == b"\x89PNG"
+    per_cluster = result.selected_per_cluster
+    full = [q for q, size in zip(per_cluster, result.cluster_sizes, strict=True) if q < size]
+    assert len(set(full)) <= 1 or max(full) - min(full) <= 1  # clusters not exhausted: equal
+    data = json.loads(result.path.read_text())
+    assert sum(len(v) for v in data["slides"].values()) == 60
+    config = PretrainConfig.preset(
+        "cpu-small",
+        steps=2,
+        batch_size=8,
+        device="cpu",
+        num_workers=0,
+        num_threads=1,
+        progress=False,
+        curation=str(result.path),
+    )
+    run = pretrain(embedded_root, config, out=tmp_path / "run")
+    assert run.finished and run.sources["n_selected"] == 60

@@ -1,0 +1,231 @@
+"""Curated pretraining tiles from the archive's own embeddings (a first encoder's vectors).
+
+:func:`curate` reads every slide's embeddings of one encoder, optionally removes near
+duplicates (cosine similarity at least ``dedup_threshold`` to a tile kept before it, found
+with a FAISS range search), clusters the rest with FAISS k-means and draws the same number of
+tiles from every cluster (clusters smaller than their share give all they have; the rest is
+spread over the larger ones). Rare tissue is then seen as often as the background of the
+archive that dominates a uniform draw (the idea behind DINOv2's LVD-142M curation, Oquab et
+al., 2023). It writes a JSON selection that ``PretrainConfig.curation`` (``--curation``)
+trains on, and a coverage plot: tiles per cluster before and after, and a 2-D projection
+of all tiles with the selected ones marked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_ssl.errors import ConfigError
+
+__all__ = ["CURATION_FORMAT", "Curation", "curate", "read_curation"]
+
+CURATION_FORMAT = "wsi_ssl.curation"
+
+
+@dataclass(frozen=True)
+class Curation:
+    """What :func:`curate` selected and where it wrote it."""
+
+    path: Path
+    plot: Path
+    encoder_id: str
+    n_tiles: int
+    n_unique: int
+    n_selected: int
+    n_clusters: int
+    cluster_sizes: list[int]
+    selected_per_cluster: list[int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "path": str(self.path), "plot": str(self.plot)}
+
+
+def _load(
+    root: str | Path, encoder_id: str | None
+) -> tuple[np.ndarray, list[tuple[str, int]], str]:
+    from wsi_ssl.storage import open_store
+
+    archive = open_store(root)
+    vectors, index = [], []
+    used = encoder_id
+    for slide_id in archive.slide_ids:
+        emb = archive.embeddings(slide_id, encoder_id)
+        used = emb.encoder_id
+        vectors.append(np.asarray(emb.features, dtype=np.float32))
+        index.extend((slide_id, i) for i in range(len(emb)))
+    if not index or used is None:
+        raise ConfigError(f"{root}: no embedded tiles to curate; run `wsi-ssl embed` first")
+    x = np.concatenate(vectors)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(x), index, used
+
+
+def near_duplicates(x: np.ndarray, threshold: float) -> np.ndarray:
+    """Bool mask of the rows whose cosine similarity to an earlier kept row is >= threshold."""
+    import faiss
+
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    lims, _, neighbours = index.range_search(x, threshold)
+    removed = np.zeros(len(x), dtype=bool)
+    for i in range(len(x)):
+        if removed[i]:
+            continue
+        found = neighbours[lims[i] : lims[i + 1]]
+        removed[found[found > i]] = True
+    return removed
+
+
+def _even_quotas(sizes: np.ndarray, total: int) -> np.ndarray:
+    """Per-cluster counts summing to min(total, sizes.sum()), as equal as the sizes allow."""
+    quota = np.zeros_like(sizes)
+    left = min(total, int(sizes.sum()))
+    while left > 0:
+        open_ = np.flatnonzero(quota < sizes)
+        share = max(1, left // len(open_))
+        for k in open_:
+            add = min(share, int(sizes[k] - quota[k]), left)
+            quota[k] += add
+            left -= add
+            if left == 0:
+                break
+    return quota
+
+
+def curate(
+    root: str | Path,
+    out: str | Path,
+    *,
+    n_tiles: int,
+    encoder_id: str | None = None,
+    n_clusters: int = 16,
+    dedup_threshold: float | None = 0.98,
+    seed: int = 0,
+) -> Curation:
+    """Select ``n_tiles`` tiles spread evenly over ``n_clusters`` k-means clusters.
+
+    Args:
+        root: an archive root with embeddings (``wsi-ssl embed``).
+        out: the JSON selection to write (the coverage plot goes beside it, ``.png``).
+        n_tiles: tiles to select (fewer if the archive has fewer unique ones).
+        encoder_id: the embeddings to cluster (a unique prefix; None: the only one).
+        n_clusters: k of k-means.
+        dedup_threshold: cosine similarity from which a tile is a near duplicate of one kept
+            before it (None: keep all).
+        seed: k-means initialisation and the draw within clusters.
+    """
+    import faiss
+
+    if n_tiles < 1 or n_clusters < 1:
+        raise ConfigError(f"n_tiles and n_clusters must be >= 1; got {n_tiles}, {n_clusters}")
+    x, index, used = _load(root, encoder_id)
+    keep = np.arange(len(x))
+    if dedup_threshold is not None:
+        keep = np.flatnonzero(~near_duplicates(x, dedup_threshold))
+    k = min(n_clusters, len(keep))
+    kmeans = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, spherical=True)
+    kmeans.train(x[keep])
+    _, labels = kmeans.index.search(x[keep], 1)
+    labels = labels.ravel()
+    sizes = np.bincount(labels, minlength=k)
+    quotas = _even_quotas(sizes, n_tiles)
+    rng = np.random.default_rng(seed)
+    chosen = np.concatenate(
+        [rng.choice(keep[labels == c], quotas[c], replace=False) for c in range(k)]
+    )
+    selection: dict[str, list[int]] = {}
+    for row in sorted(chosen.tolist()):
+        slide_id, tile = index[row]
+        selection.setdefault(slide_id, []).append(tile)
+    out = Path(out)
+    plot = out.with_suffix(".png")
+    all_labels = kmeans.index.search(x, 1)[1].ravel()
+    plot_coverage(x, all_labels, keep, chosen, plot, k)
+    result = Curation(
+        path=out,
+        plot=plot,
+        encoder_id=used,
+        n_tiles=len(x),
+        n_unique=len(keep),
+        n_selected=len(chosen),
+        n_clusters=k,
+        cluster_sizes=np.bincount(all_labels, minlength=k).tolist(),
+        selected_per_cluster=quotas.tolist(),
+    )
+    _write_json(out, {"format": CURATION_FORMAT, **result.to_dict(), "slides": selection})
+    return result
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def plot_coverage(
+    x: np.ndarray, labels: np.ndarray, keep: np.ndarray, chosen: np.ndarray, out: Path, k: int
+) -> Path:
+    """Tiles per cluster (all, unique, selected) and a PCA projection with the selection."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    bars, scatter = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    positions = np.arange(k)
+    for offset, rows, name in (
+        (-0.27, None, "all"),
+        (0, keep, "unique"),
+        (0.27, chosen, "selected"),
+    ):
+        counts = np.bincount(labels if rows is None else labels[rows], minlength=k)
+        bars.bar(positions + offset, counts, width=0.27, label=name)
+    bars.set_yscale("log")
+    bars.set_xlabel("k-means cluster")
+    bars.set_ylabel("tiles")
+    bars.set_title("coverage per cluster")
+    bars.legend()
+    centred = x - x.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred[:: max(1, len(x) // 5000)], full_matrices=False)
+    xy = centred @ vt[:2].T
+    scatter.scatter(xy[:, 0], xy[:, 1], s=3, c="lightgrey", label="all tiles")
+    scatter.scatter(
+        xy[chosen, 0], xy[chosen, 1], s=6, c=labels[chosen], cmap="tab20", label="selected"
+    )
+    scatter.set_title("tiles (PCA of the embeddings)")
+    scatter.legend(loc="best")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(out)
+    return out
+
+
+def read_curation(path: str | Path, entries: Any) -> list[np.ndarray]:
+    """Per store of ``entries`` (:class:`~wsi_ssl.ssl.data.SlideEntry`), the curated tiles."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: not a readable curation file ({err})") from err
+    if not isinstance(data, dict) or data.get("format") != CURATION_FORMAT:
+        raise ConfigError(f"{path}: not a curation file written by wsi_ssl.ssl.curation.curate")
+    slides = data.get("slides", {})
+    out = []
+    for e in entries:
+        tiles = np.asarray(slides.get(e.slide_id, []), dtype=np.int64)
+        if len(tiles) and (tiles.min() < 0 or tiles.max() >= e.n_tiles):
+            raise ConfigError(
+                f"{path}: tiles of {e.slide_id} beyond its {e.n_tiles} tiles; the store changed "
+                "since the curation, curate again"
+            )
+        out.append(tiles)
+    return out
