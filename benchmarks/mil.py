@@ -9,7 +9,7 @@ bags are ``--tiles`` x ``--dim`` float16 embeddings written with Zarr (the layou
 (b) model only, per model: forward + backward + AdamW step on bags already in memory (the
     median step, so that other load on a shared machine counts less);
 (c) end to end: one training epoch over all bags with the training loop itself
-    (``wsi_ssl.mil.training._fit``), bags read from Zarr every step (no cache), in the main
+    (``wsi_ssl.mil.fitting.fit``), bags read from Zarr every step (no cache), in the main
     process (workers=0) and with one DataLoader worker reading ahead (workers=1).
 
 If data + model per bag is close to the end-to-end time per bag, loading is not hidden; with
@@ -37,10 +37,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsi_ssl.mil import MILConfig, write_bag_store
+from wsi_ssl.mil import MILConfig
 from wsi_ssl.mil.data import BagDataset, BagRef
+from wsi_ssl.mil.fitting import fit
 from wsi_ssl.mil.models import create_model
-from wsi_ssl.mil.training import _fit
+from wsi_ssl.testing.bags import write_bag_store
 
 HERE = Path(__file__).resolve().parent
 ENCODER_ID = "bench-384-000000000000"
@@ -145,7 +146,7 @@ def measure_epoch(
     model = create_model(name, config_dim(root), 2, cfg).to(device)
     data = BagDataset(refs(root, n), ENCODER_ID, max_tiles=cfg.max_tiles)
     wall, cpu = time.perf_counter(), cpu_seconds()
-    _fit(model, data, None, cfg, device, np.random.default_rng(0), ["a", "b"], None, 0)
+    fit(model, data, None, cfg, device, np.random.default_rng(0), ["a", "b"], None, 0)
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu

@@ -21,6 +21,7 @@ from wsi_ssl.encoders import create_encoder
 from wsi_ssl.errors import EmptyBagError, EncoderMismatchError
 from wsi_ssl.storage import open_store
 from wsi_ssl.synthetic import write_synthetic_slide
+from wsi_ssl.testing.bags import write_bag_store
 from wsi_ssl.tiling.batch import tile_slides
 
 SMALL = ["--hidden-dim", "32", "--attention-dim", "16", "--threads", "1", "--device", "cpu"]
@@ -160,7 +161,7 @@ def test_predict_reports_an_empty_bag_and_goes_on(
     copy = tmp_path / "copy"
     shutil.copytree(root, copy)
     model = mil.load(run)
-    mil.write_bag_store(
+    write_bag_store(
         copy, "0" * 16, np.zeros((0, 64)), encoder_id=model.encoder_id, name="blank.tiff"
     )
     code, out, err = run_cli(["mil", "predict", str(run), str(copy), "--no-explain", "--quiet"])

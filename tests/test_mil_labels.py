@@ -9,7 +9,8 @@ import pytest
 from conftest import run_cli
 
 from wsi_ssl.errors import ConfigError, EmbeddingsNotFoundError, EmptyBagError, LabelsError
-from wsi_ssl.mil import match_labels, read_labels, write_bag_store
+from wsi_ssl.mil import match_labels, read_labels
+from wsi_ssl.testing.bags import write_bag_store
 
 ENC = "random-cnn-0123456789ab"
 

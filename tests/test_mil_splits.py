@@ -60,7 +60,7 @@ def test_patient_label_is_the_majority() -> None:
 
 
 def _bag_archive(root, n_slides: int, rng: np.random.Generator) -> None:
-    from wsi_ssl.mil import write_bag_store
+    from wsi_ssl.testing.bags import write_bag_store
 
     for i in range(n_slides):
         write_bag_store(root, f"{i:016x}", rng.normal(size=(6, 4)), encoder_id="enc-x")
@@ -100,7 +100,7 @@ def test_training_folds_never_share_a_patient(tmp_path) -> None:
 
 def test_validation_split_never_shares_a_patient_with_training() -> None:
     """The early-stopping split inside a fold's training slides keeps patients whole."""
-    from wsi_ssl.mil.training import _inner_split
+    from wsi_ssl.mil.cv import inner_split as _inner_split
 
     rng = np.random.default_rng(3)
     for seed in range(10):
@@ -136,7 +136,8 @@ def test_a_fold_column_replaces_the_generated_split(tmp_path) -> None:
 
 def test_a_failed_training_leaves_no_run(tmp_path) -> None:
     from wsi_ssl.errors import EmbeddingsCorruptError
-    from wsi_ssl.mil import train, write_bag_store
+    from wsi_ssl.mil import train
+    from wsi_ssl.testing.bags import write_bag_store
 
     _bag_archive(tmp_path / "a", 6, np.random.default_rng(0))
     bad = np.full((6, 4), np.nan)  # what a lost chunk reads as: refused when its bag is read

@@ -16,44 +16,46 @@ Names are resolved lazily, so importing ``wsi_ssl.mil`` (or its config) loads no
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-_EXPORTS: dict[str, str] = {
-    "MILConfig": "wsi_ssl.mil.config",
-    "BUILTIN_MODELS": "wsi_ssl.mil.config",
-    "LabelTable": "wsi_ssl.mil.labels",
-    "LabelledSlide": "wsi_ssl.mil.labels",
-    "MatchReport": "wsi_ssl.mil.labels",
-    "read_labels": "wsi_ssl.mil.labels",
-    "match_labels": "wsi_ssl.mil.labels",
-    "assign_folds": "wsi_ssl.mil.splits",
-    "BagDataset": "wsi_ssl.mil.data",
-    "read_bag": "wsi_ssl.mil.data",
-    "classification_metrics": "wsi_ssl.mil.metrics",
-    "MILModel": "wsi_ssl.mil.models",
-    "ABMIL": "wsi_ssl.mil.models",
-    "TransMIL": "wsi_ssl.mil.models",
-    "MeanPoolMIL": "wsi_ssl.mil.models",
-    "create_model": "wsi_ssl.mil.models",
-    "list_models": "wsi_ssl.mil.models",
-    "register_model": "wsi_ssl.mil.models",
-    "RetrievalClassifier": "wsi_ssl.mil.retrieval",
-    "slide_vector": "wsi_ssl.mil.retrieval",
-    "TrainResult": "wsi_ssl.mil.training",
-    "train": "wsi_ssl.mil.training",
-    "MILRun": "wsi_ssl.mil.run",
-    "MILPrediction": "wsi_ssl.mil.run",
-    "load": "wsi_ssl.mil.run",
-    "PredictResult": "wsi_ssl.mil.prediction",
-    "predict": "wsi_ssl.mil.prediction",
-    "attention_heatmap": "wsi_ssl.mil.explain",
-    "tile_gallery": "wsi_ssl.mil.explain",
-    "attention_geojson": "wsi_ssl.mil.explain",
-    "write_bag_store": "wsi_ssl.mil.bags",
-    "MILDemoResult": "wsi_ssl.mil.demo",
-    "mil_for_demo": "wsi_ssl.mil.demo",
-}
+from wsi_ssl.lazy import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "wsi_ssl.mil.config": ("MILConfig", "BUILTIN_MODELS"),
+        "wsi_ssl.mil.labels": ("LabelTable", "read_labels"),
+        "wsi_ssl.mil.matching": ("LabelledSlide", "MatchReport", "match_labels"),
+        "wsi_ssl.mil.splits": ("assign_folds",),
+        "wsi_ssl.mil.data": ("BagDataset", "read_bag"),
+        "wsi_ssl.mil.metrics": ("classification_metrics",),
+        "wsi_ssl.mil.models": (
+            "MILModel",
+            "ABMIL",
+            "TransMIL",
+            "MeanPoolMIL",
+            "create_model",
+            "list_models",
+            "register_model",
+        ),
+        "wsi_ssl.mil.learners": (
+            "Learner",
+            "get_learner",
+            "learner_names",
+            "register_learner",
+        ),
+        "wsi_ssl.mil.retrieval": ("RetrievalClassifier", "slide_vector"),
+        "wsi_ssl.mil.training": ("TrainResult", "train"),
+        "wsi_ssl.mil.run": ("MILRun", "MILPrediction", "load"),
+        "wsi_ssl.mil.prediction": ("PredictResult", "predict"),
+        "wsi_ssl.mil.explain": (
+            "attention_heatmap",
+            "tile_gallery",
+            "attention_geojson",
+        ),
+        "wsi_ssl.mil.demo": ("MILDemoResult", "mil_for_demo"),
+    },
+)
 
 __all__ = [
     "ABMIL",
@@ -61,6 +63,7 @@ __all__ = [
     "BagDataset",
     "LabelTable",
     "LabelledSlide",
+    "Learner",
     "MILConfig",
     "MILDemoResult",
     "MILModel",
@@ -77,6 +80,8 @@ __all__ = [
     "attention_heatmap",
     "classification_metrics",
     "create_model",
+    "get_learner",
+    "learner_names",
     "list_models",
     "load",
     "match_labels",
@@ -84,20 +89,21 @@ __all__ = [
     "predict",
     "read_bag",
     "read_labels",
+    "register_learner",
     "register_model",
     "slide_vector",
     "tile_gallery",
     "train",
-    "write_bag_store",
 ]
 
 if TYPE_CHECKING:
-    from wsi_ssl.mil.bags import write_bag_store
     from wsi_ssl.mil.config import BUILTIN_MODELS, MILConfig
     from wsi_ssl.mil.data import BagDataset, read_bag
     from wsi_ssl.mil.demo import MILDemoResult, mil_for_demo
     from wsi_ssl.mil.explain import attention_geojson, attention_heatmap, tile_gallery
-    from wsi_ssl.mil.labels import LabelledSlide, LabelTable, MatchReport, match_labels, read_labels
+    from wsi_ssl.mil.labels import LabelTable, read_labels
+    from wsi_ssl.mil.learners import Learner, get_learner, learner_names, register_learner
+    from wsi_ssl.mil.matching import LabelledSlide, MatchReport, match_labels
     from wsi_ssl.mil.metrics import classification_metrics
     from wsi_ssl.mil.models import (
         ABMIL,
@@ -113,9 +119,3 @@ if TYPE_CHECKING:
     from wsi_ssl.mil.run import MILPrediction, MILRun, load
     from wsi_ssl.mil.splits import assign_folds
     from wsi_ssl.mil.training import TrainResult, train
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'wsi_ssl.mil' has no attribute {name!r}")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wsi_ssl.errors import ConfigError
+from wsi_ssl.mil.learners import learner_names
 
 __all__ = ["BALANCE_MODES", "BUILTIN_MODELS", "MONITORS", "MILConfig"]
 
@@ -26,7 +27,8 @@ class MILConfig:
     Attributes:
         model: "abmil" (gated attention MIL, the default), "transmil", "meanpool" or
             "retrieval" (majority vote of the nearest labelled slides in a FAISS index), or a
-            model registered with :func:`wsi_ssl.mil.register_model`.
+            model registered with :func:`wsi_ssl.mil.register_model` (or a learner with
+            :func:`wsi_ssl.mil.learners.register_learner`).
         hidden_dim: width of the tile projection (ABMIL, mean pooling) or the token width
             (TransMIL).
         attention_dim: width of the gated attention branches (ABMIL).
@@ -89,9 +91,7 @@ class MILConfig:
     cache_mb: int = 2048
 
     def __post_init__(self) -> None:
-        from wsi_ssl.mil.models.registry import list_models
-
-        valid = [*list_models(), "retrieval"]
+        valid = learner_names()
         if self.model not in valid:
             raise ConfigError(f"model {self.model!r}: not a MIL model; valid: {', '.join(valid)}")
         for name in ("hidden_dim", "attention_dim", "n_heads", "n_layers", "k", "epochs"):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from wsi_ssl.errors import LabelsError
 from wsi_ssl.mil.config import MILConfig
-from wsi_ssl.mil.labels import LabelTable, match_labels, read_labels
+from wsi_ssl.mil.labels import LabelTable, read_labels
+from wsi_ssl.mil.matching import match_labels
 
 __all__ = ["DEMO_CONFIG", "MILDemoResult", "mil_for_demo"]
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from wsi_ssl.errors import EncoderMismatchError, StoreNotFoundError, WsiSslError
 from wsi_ssl.mil.explain import attention_geojson, attention_heatmap, tile_gallery
-from wsi_ssl.mil.labels import resolve_slides, slide_keys
+from wsi_ssl.mil.matching import resolve_slides, slide_keys
 from wsi_ssl.mil.run import MILPrediction, MILRun, load
 from wsi_ssl.mil.training import torch_threads
 from wsi_ssl.storage import Archive, open_store

@@ -7,16 +7,24 @@ search baseline of retrieval papers in computational pathology (e.g. Yottixel, K
 2020; RetCCL, Wang et al. 2023) reduced to its simplest form, and needs no training.
 
 The index is built here with ``faiss`` directly (an exact flat index over at most a few
-thousand slide vectors); it does not go through ``wsi_ssl.search``.
+thousand slide vectors); it does not go through ``wsi_ssl.search``. :class:`RetrievalLearner`
+makes it a cross-validation learner (``MILConfig(model="retrieval")``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-__all__ = ["RetrievalClassifier", "slide_vector"]
+from wsi_ssl.mil.learners import CVContext, FoldFit, FoldSplit, register_learner
+
+if TYPE_CHECKING:
+    import torch
+
+    from wsi_ssl.mil.config import MILConfig
+
+__all__ = ["RetrievalClassifier", "RetrievalLearner", "slide_vector"]
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -107,3 +115,56 @@ class RetrievalClassifier:
         return model.fit(
             np.asarray(state["vectors"]), np.asarray(state["labels"]), list(state["slide_ids"])
         )
+
+
+class _RetrievalPredictor:
+    """A fitted :class:`RetrievalClassifier` as a :class:`~wsi_ssl.mil.learners.Predictor`."""
+
+    def __init__(self, classifier: RetrievalClassifier) -> None:
+        self.classifier = classifier
+
+    def predict(
+        self, bag: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None, list[tuple[str, float]]]:
+        vector = slide_vector(np.asarray(bag, dtype=np.float32))[None]
+        clf = self.classifier
+        sims, idx = clf.kneighbors(vector)
+        neighbours = [(clf.slide_ids[i], float(s)) for s, i in zip(sims[0], idx[0], strict=True)]
+        return clf.predict_proba(vector)[0], None, neighbours
+
+
+@register_learner("retrieval")
+class RetrievalLearner:
+    """The retrieval baseline as a learner: fits on every non-test slide of a fold (no
+    validation split), caching each slide's vector across folds."""
+
+    name = "retrieval"
+
+    def __init__(self) -> None:
+        self._vectors: dict[int, np.ndarray] = {}
+
+    def _vector(self, row: int, context: CVContext) -> np.ndarray:
+        if row not in self._vectors:
+            self._vectors[row] = slide_vector(context.bags.raw(row))
+        return self._vectors[row]
+
+    def fit_fold(self, split: FoldSplit, context: CVContext) -> FoldFit:
+        fit_rows = [int(i) for i in split.rest]
+        vectors = np.stack([self._vector(i, context) for i in fit_rows])
+        tests = np.stack([self._vector(int(i), context) for i in split.test])
+        slides = context.report.slides
+        clf = RetrievalClassifier(len(context.classes), context.config.k).fit(
+            vectors, context.y[split.rest], [slides[i].slide_id for i in fit_rows]
+        )
+        checkpoint = {"kind": "retrieval", "best_epoch": None, "retrieval": clf.state()}
+        return FoldFit(
+            clf.predict_proba(tests), checkpoint, n_train=len(fit_rows), n_val=0, seen=len(fit_rows)
+        )
+
+    def load(
+        self, checkpoint: dict[str, Any], config: MILConfig, device: torch.device
+    ) -> _RetrievalPredictor:
+        return _RetrievalPredictor(RetrievalClassifier.from_state(checkpoint["retrieval"]))
+
+    def stop_text(self, best_epoch: int | None, epochs_run: int, config: MILConfig) -> str:
+        return f"{config.k}-NN vote"

@@ -17,9 +17,8 @@ import torch
 
 from wsi_ssl.errors import CheckpointError, EmptyBagError, EncoderMismatchError
 from wsi_ssl.mil.config import MILConfig
-from wsi_ssl.mil.models import MILModel, Standardized, as_bag, create_model
-from wsi_ssl.mil.retrieval import RetrievalClassifier, slide_vector
-from wsi_ssl.mil.training import CHECKPOINT_FORMAT, RUN_FORMAT
+from wsi_ssl.mil.learners import Predictor, get_learner
+from wsi_ssl.mil.rundir import CHECKPOINT_FORMAT, RUN_FORMAT
 from wsi_ssl.storage import SlideStore
 from wsi_ssl.storage.embeddings import Embeddings, embedding_ids
 
@@ -34,11 +33,12 @@ class MILPrediction:
         probabilities: class probabilities (C,), the mean over the fold models.
         label: the most probable class.
         classes: class names, in the order of ``probabilities``.
-        attention: tile weights (N,) summing to 1 (None for the retrieval baseline).
+        attention: tile weights (N,) summing to 1 (None for learners without attention,
+            such as the retrieval baseline).
         per_fold: each fold model's probabilities (F, C).
         coords: level-0 x, y of the tiles when predicted from a slide store.
         slide_id: the slide, when predicted from a store.
-        neighbours: retrieval baseline only: the nearest labelled slides and similarities.
+        neighbours: the nearest labelled slides and similarities (retrieval baseline).
     """
 
     probabilities: np.ndarray
@@ -66,7 +66,7 @@ class MILRun:
         path: Path,
         info: dict[str, Any],
         config: MILConfig,
-        models: list[MILModel] | list[RetrievalClassifier],
+        models: list[Predictor],
         folds: list[int],
         device: torch.device,
     ) -> None:
@@ -95,17 +95,13 @@ class MILRun:
     def in_dim(self) -> int:
         return int(self.info["in_dim"])
 
-    @property
-    def is_retrieval(self) -> bool:
-        return self.config.model == "retrieval"
-
     def check_encoder(self, encoder_id: str, where: str = "bag") -> None:
         """Refuse embeddings of another encoder than the run was trained on."""
         if encoder_id != self.encoder_id:
             raise EncoderMismatchError(
                 f"{where}: embeddings are {encoder_id!r} but run {self.path} was trained on "
                 f"{self.encoder_id!r}; embed the slides with that encoder "
-                "(`wsi-ssl embed --encoder ...`) or train a run on these embeddings"
+                "(wsi_ssl.embed) or train a run on these embeddings"
             )
 
     def predict(
@@ -144,29 +140,16 @@ class MILRun:
                 f"{where}: embeddings have D={shape[1]} but run {self.path} takes D={self.in_dim} "
                 f"(encoder {self.encoder_id!r}); use embeddings of that encoder"
             )
-        neighbours: list[tuple[str, float]] = []
-        if self.is_retrieval:
-            vector = slide_vector(np.asarray(bag, dtype=np.float32))
-            per = []
-            for clf in self.models:
-                assert isinstance(clf, RetrievalClassifier)
-                per.append(clf.predict_proba(vector[None])[0])
-                sims, idx = clf.kneighbors(vector[None])
-                neighbours += [
-                    (clf.slide_ids[i], float(s)) for s, i in zip(sims[0], idx[0], strict=True)
-                ]
-            per_fold = np.stack(per)
-            attention = None
-        else:
-            x = as_bag(bag, self.device)
-            probs, attns = [], []
-            for model in self.models:
-                assert isinstance(model, MILModel)
-                p, a = model.predict(x)
-                probs.append(p)
+        features = np.asarray(bag) if not isinstance(bag, torch.Tensor) else bag
+        probs, attns, neighbours = [], [], []
+        for model in self.models:
+            p, a, near = model.predict(features)  # type: ignore[arg-type]
+            probs.append(p)
+            if a is not None:
                 attns.append(a)
-            per_fold = np.stack(probs)
-            attention = np.mean(attns, axis=0)
+            neighbours += near
+        per_fold = np.stack(probs)
+        attention = np.mean(attns, axis=0) if attns else None
         mean = per_fold.mean(axis=0)
         return MILPrediction(
             probabilities=mean,
@@ -198,7 +181,7 @@ class MILRun:
         if available and self.encoder_id not in available:
             raise EncoderMismatchError(
                 f"{where}: has embeddings {', '.join(available)} but run {self.path} was trained "
-                f"on {self.encoder_id!r}; run `wsi-ssl embed` with that encoder first"
+                f"on {self.encoder_id!r}; embed the slide with that encoder first"
             )
         return self.predict(read_bag(store, self.encoder_id, name=where), where=where)
 
@@ -223,7 +206,7 @@ def load(run: str | Path, *, fold: int | None = None, device: str = "cpu") -> MI
     Raises:
         CheckpointError: not a run, a checkpoint missing or unreadable, or no such fold.
     """
-    from wsi_ssl.encoders.encoder import resolve_device
+    from wsi_ssl.device import resolve_device
 
     path = Path(run)
     if not (path / "run.json").is_file():
@@ -255,17 +238,8 @@ def load(run: str | Path, *, fold: int | None = None, device: str = "cpu") -> MI
             raise CheckpointError(f"{ckpt_path}: cannot load checkpoint ({err})") from err
         if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("encoder_id") != info["encoder_id"]:
             raise CheckpointError(f"{ckpt_path}: not a checkpoint of this run")
-        if ckpt["kind"] == "retrieval":
-            models.append(RetrievalClassifier.from_state(ckpt["retrieval"]))
-            continue
-        model = create_model(ckpt["model"], int(ckpt["in_dim"]), len(ckpt["classes"]), config)
-        if config.standardize:
-            model = Standardized(model)
         try:
-            model.load_state_dict(ckpt["state_dict"])
-        except RuntimeError as err:
-            raise CheckpointError(
-                f"{ckpt_path}: weights do not fit model {ckpt['model']!r} ({err})"
-            ) from err
-        models.append(model.to(dev).eval())
+            models.append(get_learner(config.model).load(ckpt, config, dev))
+        except CheckpointError as err:
+            raise CheckpointError(f"{ckpt_path}: {err}") from err
     return MILRun(path, info, config, models, folds, dev)

@@ -11,7 +11,10 @@ assigned here, in the order slides are added, and kept in the index's id map
 ``ROOT/index/<name>/`` (:mod:`wsi_ssl.storage.index_files`). What differs between flat, HNSW and
 IVF-PQ indexes is in :mod:`wsi_ssl.search.kinds`; the archive side in
 :mod:`wsi_ssl.search.archive`, query building in :mod:`wsi_ssl.search.queries`, ranking in
-:mod:`wsi_ssl.search.ranking`.
+:mod:`wsi_ssl.search.ranking`, the query methods in :mod:`wsi_ssl.search.searching`.
+
+Size: about 550 lines, one class: the index's own state (FAISS index, id map, files) and the
+writes that keep them consistent under the writer lock (build, add, remove, compact).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -34,14 +37,12 @@ from wsi_ssl.errors import (
     SchemaMismatchError,
     UnknownSlideError,
 )
-from wsi_ssl.search import queries
 from wsi_ssl.search.archive import SlideEntry, collect, resolve_encoder_id
 from wsi_ssl.search.build import build_faiss
 from wsi_ssl.search.config import IndexConfig, plan_index
 from wsi_ssl.search.ids import decode_ids, encode_ids, slide_id_range
 from wsi_ssl.search.kinds import COMPACT_FRACTION, IndexKind, index_kind
-from wsi_ssl.search.ranking import MODES, Mode, rank
-from wsi_ssl.search.results import Query, SearchResult
+from wsi_ssl.search.searching import MAX_QUERY_TILES, SearchMethods
 from wsi_ssl.search.vectors import normalise, to_similarity
 from wsi_ssl.storage.index_files import (
     INDEX_DIR,
@@ -55,13 +56,8 @@ from wsi_ssl.storage.index_files import (
     write_index,
 )
 
-if TYPE_CHECKING:
-    from wsi_ssl.encoders import Encoder
-
 __all__ = ["MAX_QUERY_TILES", "AddSummary", "SearchIndex"]
 
-MAX_QUERY_TILES = queries.MAX_QUERY_TILES
-DEFAULT_HITS_PER_TILE = 64
 Progress = Callable[[str], None] | None
 
 
@@ -85,12 +81,14 @@ def _log(progress: Progress, msg: str) -> None:
         progress(msg)
 
 
-class SearchIndex:
+class SearchIndex(SearchMethods):
     """A FAISS index over an archive's tile embeddings, with its id map and build record.
 
     Open one with :meth:`open` or make one with :meth:`build`; query with
     :meth:`search_tile`, :meth:`search_region`, :meth:`search_image` and
-    :meth:`search_slides` (or :meth:`search` on a :class:`Query`).
+    :meth:`search_slides` (or :meth:`search` on a :class:`Query`): these come from
+    :class:`~wsi_ssl.search.searching.SearchMethods`; this class holds the index itself
+    (open, build, add, remove, compact, search vectors).
     """
 
     def __init__(self, files: IndexFiles, index: Any, *, mmapped: bool = False) -> None:
@@ -546,159 +544,6 @@ class SearchIndex:
         sims = to_similarity(dist, self.params["faiss_metric"])
         sims[ids < 0] = -np.inf
         return sims, ids
-
-    # -- queries ---------------------------------------------------------------------------
-    def query_tile(self, slide: str, xy: tuple[int, int]) -> Query:
-        """The stored tile of ``slide`` that contains level-0 point ``xy``.
-
-        Raises:
-            UnknownSlideError, RegionOutsideSlideError, NoTilesInRegionError.
-        """
-        return queries.tile_query(self, slide, xy)
-
-    def query_region(self, slide: str, box: tuple[int, int, int, int]) -> Query:
-        """The stored tiles of ``slide`` whose centres lie in level-0 ``box`` = (x, y, w, h).
-
-        A box partly off the slide is clipped to it.
-
-        Raises:
-            UnknownSlideError; RegionOutsideSlideError: the box is empty or off the slide;
-            NoTilesInRegionError: it holds no tissue tile.
-        """
-        return queries.region_query(self, slide, box)
-
-    def query_slide(
-        self, slide: str, *, max_tiles: int = queries.MOSAIC_TILES, seed: int = 0
-    ) -> Query:
-        """A whole slide, represented by a mosaic of up to ``max_tiles`` tiles: the tile nearest
-        each k-means centroid of its vectors (cf. Yottixel's mosaic, Kalra et al. 2020)."""
-        return queries.slide_query(self, slide, max_tiles, seed)
-
-    def query_image(
-        self,
-        image: str | Path | np.ndarray,
-        *,
-        image_mpp: float | None = None,
-        encoder: Encoder | str | Path | None = None,
-        weights: str | Path | None = None,
-        max_pixels: int | None = None,
-    ) -> Query:
-        """An image (file or uint8 RGB array) embedded with the index's encoder at its mpp.
-
-        The image is rescaled from ``image_mpp`` (default: assume it is at the index's mpp)
-        to the index's mpp, cut into the index's tiles (edges padded white, blank tiles
-        dropped), and each tile embedded.
-
-        Raises:
-            ImageQueryError, ImageTooLargeError: unreadable or oversized image.
-            NoTilesInRegionError: the image is blank.
-            EncoderMismatchError: ``encoder`` is not the index's, or it cannot be recreated.
-        """
-        return queries.image_query(
-            self,
-            image,
-            image_mpp=image_mpp,
-            encoder=encoder,
-            weights=weights,
-            max_pixels=max_pixels,
-        )
-
-    # -- searching queries -----------------------------------------------------------------
-    def search(
-        self,
-        query: Query,
-        *,
-        k: int = 10,
-        mode: Mode | None = None,
-        exclude_self: bool = False,
-        hits_per_tile: int | None = None,
-    ) -> SearchResult:
-        """Run a query. ``mode``: "tiles" (the nearest tiles, for one-tile queries), "regions"
-        (hits merged into non-overlapping regions of the query's size) or "slides" (slides
-        ranked by their hits); default by query kind: tile -> tiles, slide -> slides, else
-        regions. See :mod:`wsi_ssl.search.regions` for the scoring."""
-        started = time.perf_counter()
-        if k < 1:
-            raise ConfigError(f"k must be >= 1, got {k}")
-        by_kind: dict[str, Mode] = {"tile": "tiles", "slide": "slides"}
-        mode = mode or by_kind.get(query.kind, "regions")
-        if mode not in MODES:
-            raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-        exclude = [query.slide_number] if exclude_self and query.slide_number is not None else []
-        default = k if mode == "tiles" else max(DEFAULT_HITS_PER_TILE, k)
-        per_tile = hits_per_tile or default
-        sims, ids = self.search_vectors(query.vectors, per_tile, exclude_slides=exclude)
-        hits = rank(query, mode, sims, ids, self.entries, self.files.coords, k)
-        info = {
-            "name": self.name,
-            "kind": self.kind,
-            "encoder_id": self.encoder_id,
-            "n_vectors": self.n_vectors,
-            "promised_recall": self.promised_recall,
-        }
-        return SearchResult(
-            query, mode, k, exclude_self, info, hits, per_tile, time.perf_counter() - started
-        )
-
-    # -- convenience -----------------------------------------------------------------------
-    def search_tile(
-        self, slide: str, xy: tuple[int, int], *, k: int = 10, exclude_self: bool = False
-    ) -> SearchResult:
-        """The ``k`` tiles most similar to the tile of ``slide`` containing level-0 ``xy``."""
-        return self.search(self.query_tile(slide, xy), k=k, mode="tiles", exclude_self=exclude_self)
-
-    def search_region(
-        self,
-        slide: str,
-        box: tuple[int, int, int, int],
-        *,
-        k: int = 10,
-        exclude_self: bool = False,
-        hits_per_tile: int | None = None,
-    ) -> SearchResult:
-        """The ``k`` best non-overlapping regions like level-0 ``box`` = (x, y, w, h) of ``slide``."""
-        return self.search(
-            self.query_region(slide, box),
-            k=k,
-            mode="regions",
-            exclude_self=exclude_self,
-            hits_per_tile=hits_per_tile,
-        )
-
-    def search_image(
-        self,
-        image: str | Path | np.ndarray,
-        *,
-        image_mpp: float | None = None,
-        k: int = 10,
-        encoder: Encoder | str | Path | None = None,
-        weights: str | Path | None = None,
-    ) -> SearchResult:
-        """The ``k`` best regions like an image (see :meth:`query_image`)."""
-        return self.search(
-            self.query_image(image, image_mpp=image_mpp, encoder=encoder, weights=weights),
-            k=k,
-            mode="regions",
-        )
-
-    def search_slides(
-        self,
-        slide: str,
-        box: tuple[int, int, int, int] | None = None,
-        *,
-        k: int = 10,
-        exclude_self: bool = True,
-    ) -> SearchResult:
-        """Slides ranked by similarity to ``slide`` (its mosaic) or to a region of it."""
-        query = self.query_slide(slide) if box is None else self.query_region(slide, box)
-        return self.search(query, k=k, mode="slides", exclude_self=exclude_self)
-
-    def gallery(self, result: SearchResult, out: str | Path, **kwargs: Any) -> Path:
-        """Save the query beside its top hits as a PNG (:func:`wsi_ssl.search.gallery.render_gallery`)."""
-        from wsi_ssl.search.gallery import render_gallery
-        from wsi_ssl.storage import open_store
-
-        return render_gallery(open_store(self.root), result, out, **kwargs)
 
     def __repr__(self) -> str:
         return f"SearchIndex({self.name!r}, kind={self.kind!r}, vectors={self.n_vectors}, encoder={self.encoder_id!r})"

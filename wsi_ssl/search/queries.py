@@ -24,7 +24,7 @@ from wsi_ssl.search.vectors import normalise
 
 if TYPE_CHECKING:
     from wsi_ssl.encoders import Encoder
-    from wsi_ssl.search.index import SearchIndex
+    from wsi_ssl.search.searching import Searchable
     from wsi_ssl.storage import SlideStore
 
 __all__ = [
@@ -47,7 +47,7 @@ MOSAIC_TILES = 64
 class _QuerySlide:
     """A query slide's store, its number in the index (None: not indexed), name and vectors."""
 
-    def __init__(self, index: SearchIndex, slide: str) -> None:
+    def __init__(self, index: Searchable, slide: str) -> None:
         from wsi_ssl.storage import open_store
 
         archive = open_store(index.root)
@@ -81,7 +81,7 @@ class _QuerySlide:
 
 
 def _archive_slide(
-    index: SearchIndex, ids: list[str], names: dict[str, tuple[str, str]], slide: str
+    index: Searchable, ids: list[str], names: dict[str, tuple[str, str]], slide: str
 ) -> str:
     """An archive slide id by id, unique id prefix or file name/stem."""
     if slide in ids:
@@ -106,7 +106,7 @@ def subsample(rows: np.ndarray, limit: int) -> np.ndarray:
     return rows[np.linspace(0, len(rows) - 1, limit).round().astype(np.int64)]
 
 
-def tile_query(index: SearchIndex, slide: str, xy: tuple[int, int]) -> Query:
+def tile_query(index: Searchable, slide: str, xy: tuple[int, int]) -> Query:
     """The stored tile of ``slide`` that contains level-0 point ``xy``."""
     q = _QuerySlide(index, slide)
     x, y = (int(v) for v in xy)
@@ -148,7 +148,7 @@ def tile_query(index: SearchIndex, slide: str, xy: tuple[int, int]) -> Query:
     )
 
 
-def region_query(index: SearchIndex, slide: str, box: tuple[int, int, int, int]) -> Query:
+def region_query(index: Searchable, slide: str, box: tuple[int, int, int, int]) -> Query:
     """The stored tiles of ``slide`` whose centres lie in level-0 ``box`` (clipped to it)."""
     q = _QuerySlide(index, slide)
     sid = q.store.slide_id
@@ -189,7 +189,7 @@ def region_query(index: SearchIndex, slide: str, box: tuple[int, int, int, int])
 
 
 def slide_query(
-    index: SearchIndex, slide: str, max_tiles: int = MOSAIC_TILES, seed: int = 0
+    index: Searchable, slide: str, max_tiles: int = MOSAIC_TILES, seed: int = 0
 ) -> Query:
     """A whole slide as a mosaic of up to ``max_tiles`` tiles (see :func:`mosaic_rows`)."""
     q = _QuerySlide(index, slide)
@@ -244,7 +244,7 @@ def _image_pixels(image: str | Path | np.ndarray, limit: int) -> np.ndarray:
 
 
 def image_query(
-    index: SearchIndex,
+    index: Searchable,
     image: str | Path | np.ndarray,
     *,
     image_mpp: float | None = None,

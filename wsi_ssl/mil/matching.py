@@ -1,0 +1,329 @@
+"""Matching a labels table to an archive: each row to one complete slide store with embeddings
+of the run's encoder (:class:`MatchReport`).
+
+The ``slide`` column may hold a slide id (``<root>/slides/<slide_id>.zarr``), the slide's file
+name (``CMU-1.svs``), its stem (``CMU-1``) or its path as recorded in ``catalog.sqlite``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from wsi_ssl.errors import (
+    ConfigError,
+    EmbeddingsNotFoundError,
+    EmptyBagError,
+    LabelsError,
+    SchemaMismatchError,
+)
+from wsi_ssl.mil.labels import (
+    LabelRow,
+    LabelTable,
+    check_classes,
+    line_list,
+    read_labels,
+    sort_classes,
+)
+
+if TYPE_CHECKING:
+    from wsi_ssl.storage import Archive
+
+__all__ = ["LabelledSlide", "MatchReport", "match_labels", "resolve_slides", "slide_keys"]
+
+
+@dataclass(frozen=True)
+class LabelledSlide:
+    """A labelled slide with a complete store and embeddings of the run's encoder."""
+
+    slide_id: str
+    name: str
+    label: str
+    y: int
+    patient: str
+    line: int
+    store_path: Path
+    n_tiles: int
+    fold: int | None = None
+
+
+@dataclass
+class MatchReport:
+    """What matching a labels table to an archive found (see :func:`match_labels`)."""
+
+    labels_path: str
+    root: str
+    encoder_id: str
+    in_dim: int
+    classes: list[str]
+    slides: list[LabelledSlide]
+    missing: list[LabelRow] = field(default_factory=list)
+    no_embeddings: list[LabelRow] = field(default_factory=list)
+    empty: list[LabelRow] = field(default_factory=list)
+    unlabelled: list[str] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def class_counts(self) -> dict[str, int]:
+        counts = Counter(s.label for s in self.slides)
+        return {c: counts.get(c, 0) for c in self.classes}
+
+    @property
+    def n_patients(self) -> int:
+        return len({s.patient for s in self.slides})
+
+    def lines(self) -> list[str]:
+        """A readable report: what was matched and what was left out, and why."""
+        counts = ", ".join(f"{c} {n}" for c, n in self.class_counts.items())
+        out = [
+            f"{len(self.slides)} labelled slides with embeddings {self.encoder_id} "
+            f"(D={self.in_dim}; {counts}; {self.n_patients} patients)"
+        ]
+        for what, rows in (
+            ("labelled slides with no complete store", self.missing),
+            (f"labelled slides without embeddings {self.encoder_id}", self.no_embeddings),
+            ("labelled slides with an empty bag (0 tiles)", self.empty),
+        ):
+            if rows:
+                shown = ", ".join(f"{r.slide!r} (line {r.line})" for r in rows[:10])
+                more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+                out.append(f"left out {len(rows)} {what}: {shown}{more}")
+        if self.unlabelled:
+            shown = ", ".join(
+                f"{s} ({self.names[s]})" if self.names.get(s, s) != s else s
+                for s in self.unlabelled[:10]
+            )
+            more = f" and {len(self.unlabelled) - 10} more" if len(self.unlabelled) > 10 else ""
+            out.append(f"{len(self.unlabelled)} stores have no label: {shown}{more}")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        def rows(rs: list[LabelRow]) -> list[dict[str, Any]]:
+            return [{"line": r.line, "slide": r.slide, "label": r.label} for r in rs]
+
+        return {
+            "labels": self.labels_path,
+            "root": self.root,
+            "encoder_id": self.encoder_id,
+            "in_dim": self.in_dim,
+            "classes": self.classes,
+            "class_counts": self.class_counts,
+            "n_slides": len(self.slides),
+            "n_patients": self.n_patients,
+            "missing_store": rows(self.missing),
+            "missing_embeddings": rows(self.no_embeddings),
+            "empty_bags": rows(self.empty),
+            "unlabelled_stores": self.unlabelled,
+        }
+
+
+def _resolve_encoder(root: Path, wanted: str | None, ids_by_slide: dict[str, list[str]]) -> str:
+    union = sorted({i for ids in ids_by_slide.values() for i in ids})
+    if wanted is None:
+        common = (
+            set.intersection(*(set(ids) for ids in ids_by_slide.values()))
+            if ids_by_slide
+            else set()
+        )
+        if len(common) == 1:
+            return next(iter(common))
+        if union:
+            raise ConfigError(
+                f"{root}: the labelled slides have embeddings of {len(union)} encoders "
+                f"({', '.join(union)}); pass --encoder ENCODER_ID (or a unique prefix)"
+            )
+        raise EmbeddingsNotFoundError(root, "(any)", union)
+    if wanted in union:
+        return wanted
+    matches = [i for i in union if i.startswith(wanted)]
+    if len(matches) == 1:
+        return matches[0]
+    raise EmbeddingsNotFoundError(root, wanted, union)
+
+
+def slide_keys(archive: Archive) -> tuple[list[str], dict[str, str], dict[str, set[str]]]:
+    """The complete slide ids, their file names (the id when the catalog has none) and every
+    string that names them: id, file name, file stem and path."""
+    complete = archive.slide_ids
+    names = {sid: sid for sid in complete}
+    keys: dict[str, set[str]] = defaultdict(set)
+    for sid in complete:
+        keys[sid].add(sid)
+    try:
+        entries = archive.catalog.entries() if (archive.root / "catalog.sqlite").is_file() else []
+    except Exception:  # an unreadable catalog: fall back to slide ids
+        entries = []
+    for e in entries:
+        if e.slide_id not in names:
+            continue
+        names[e.slide_id] = e.name
+        for key in (e.name, Path(e.name).stem, e.path):
+            keys[key].add(e.slide_id)
+    return complete, names, keys
+
+
+def resolve_slides(archive: Archive, wanted: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Slide ids for names (id, file name, stem or path); and the names that match nothing or
+    several slides."""
+    _, _, keys = slide_keys(archive)
+    ids, bad = [], []
+    for w in wanted:
+        found = keys.get(w) or keys.get(Path(w).name) or set()
+        if len(found) == 1:
+            ids.append(next(iter(found)))
+        else:
+            bad.append(w)
+    return list(dict.fromkeys(ids)), bad
+
+
+def match_labels(
+    root: str | Path,
+    labels: LabelTable | str | Path | Mapping[str, str | int],
+    encoder: str | None = None,
+    *,
+    skip_missing: bool = False,
+) -> MatchReport:
+    """Match labels to the complete slide stores under ``root`` and their embeddings.
+
+    Args:
+        root: an archive root.
+        labels: a :class:`LabelTable`, a CSV path, or ``{slide: label}``.
+        encoder: an ``encoder_id`` or a unique prefix of one (None: the one encoder every
+            labelled slide has).
+        skip_missing: leave out (and report) labelled slides with no store, no embeddings of
+            the encoder or an empty bag, instead of raising.
+
+    Raises:
+        LabelsError: a row names several stores, two rows name one store, labelled slides
+            cannot be used (unless ``skip_missing``), or a single class is left.
+        EmbeddingsNotFoundError: no labelled slide has embeddings of ``encoder``.
+        EmptyBagError: a labelled slide has 0 tiles (unless ``skip_missing``).
+    """
+    import zarr
+
+    from wsi_ssl.storage import open_store
+    from wsi_ssl.storage.embeddings import embedding_ids
+
+    if isinstance(labels, LabelTable):
+        table = labels
+    elif isinstance(labels, Mapping):
+        table = LabelTable.from_mapping(labels)
+    else:
+        table = read_labels(labels)
+    archive = open_store(root)
+    complete, names, keys = slide_keys(archive)
+
+    matched: list[tuple[LabelRow, str]] = []
+    missing: list[LabelRow] = []
+    ambiguous: list[tuple[LabelRow, list[str]]] = []
+    for r in table.rows:
+        ids = keys.get(r.slide) or keys.get(Path(r.slide).name) or set()
+        if len(ids) == 1:
+            matched.append((r, next(iter(ids))))
+        elif len(ids) > 1:
+            ambiguous.append((r, sorted(ids)))
+        else:
+            missing.append(r)
+    if ambiguous:
+        r, stores = ambiguous[0]
+        raise LabelsError(
+            table.path,
+            f"{r.slide!r} on line {r.line} names {len(stores)} stores ({', '.join(stores)}); "
+            "use the slide id instead",
+            [a.line for a, _ in ambiguous],
+        )
+    by_store: dict[str, list[int]] = defaultdict(list)
+    for r, sid in matched:
+        by_store[sid].append(r.line)
+    twice = {sid: ls for sid, ls in by_store.items() if len(ls) > 1}
+    if twice:
+        sid, ls = next(iter(twice.items()))
+        raise LabelsError(
+            table.path,
+            f"{line_list(ls)} name the same slide {sid} ({names[sid]}); keep one row per slide",
+            [ln for ls in twice.values() for ln in ls],
+        )
+    if missing and not skip_missing:
+        shown = ", ".join(repr(r.slide) for r in missing[:5])
+        raise LabelsError(
+            table.path,
+            f"{len(missing)} labelled slide(s) have no complete store under {root} "
+            f"({line_list([r.line for r in missing])}: {shown}{', ...' if len(missing) > 5 else ''}); "
+            "tile them, fix the names (slide id, file name or stem), or pass --skip-missing",
+            [r.line for r in missing],
+        )
+    if not matched:
+        raise LabelsError(table.path, f"no labelled slide has a complete store under {root}")
+
+    ids_by_slide = {sid: embedding_ids(archive.store_path(sid)) for _, sid in matched}
+    encoder_id = _resolve_encoder(Path(root), encoder, ids_by_slide)
+    no_emb = [r for r, sid in matched if encoder_id not in ids_by_slide[sid]]
+    if no_emb and not skip_missing:
+        raise LabelsError(
+            table.path,
+            f"{len(no_emb)} labelled slide(s) have no embeddings {encoder_id!r} "
+            f"({line_list([r.line for r in no_emb])}); run `wsi-ssl embed` with that encoder or "
+            "pass --skip-missing",
+            [r.line for r in no_emb],
+        )
+    classes = table.classes
+    slides: list[LabelledSlide] = []
+    empty: list[LabelRow] = []
+    dims: set[int] = set()
+    for r, sid in matched:
+        if encoder_id not in ids_by_slide[sid]:
+            continue
+        path = archive.store_path(sid)
+        shape = zarr.open_array(path / "embeddings" / encoder_id, mode="r").shape
+        if shape[0] == 0:
+            if not skip_missing:
+                raise EmptyBagError(f"{names[sid]} (slide {sid}, labels line {r.line})", encoder_id)
+            empty.append(r)
+            continue
+        dims.add(int(shape[1]))
+        patient = r.patient if r.patient is not None else sid
+        slides.append(
+            LabelledSlide(
+                sid,
+                names[sid],
+                r.label,
+                classes.index(r.label),
+                patient,
+                r.line,
+                path,
+                int(shape[0]),
+                r.fold,
+            )
+        )
+    kept = {s.slide_id for s in slides}
+    used = [r for r, sid in matched if sid in kept]
+    check_classes(table.path, used)
+    if len(dims) > 1:
+        raise SchemaMismatchError(
+            f"{root}: embeddings {encoder_id!r} have different widths {sorted(dims)} across "
+            "slides; re-run `wsi-ssl embed --no-resume` with that encoder"
+        )
+    labelled = {sid for _, sid in matched}
+    return MatchReport(
+        labels_path=table.path,
+        root=str(root),
+        encoder_id=encoder_id,
+        in_dim=dims.pop(),
+        classes=sort_classes(r.label for r in used),
+        slides=_reindex(slides, sort_classes(r.label for r in used)),
+        missing=missing,
+        no_embeddings=no_emb,
+        empty=empty,
+        unlabelled=[sid for sid in complete if sid not in labelled],
+        names=names,
+    )
+
+
+def _reindex(slides: list[LabelledSlide], classes: list[str]) -> list[LabelledSlide]:
+    """Class indices after left-out slides may have removed a class."""
+    from dataclasses import replace
+
+    return [replace(s, y=classes.index(s.label)) for s in slides]
