@@ -212,7 +212,8 @@ class EvaluationReport:
     def lines(self) -> list[str]:
         """The report ``wsi-ssl evaluate`` prints: tasks, table, rankings, files."""
         out = [
-            f"task {t.name} ({t.kind}): {t.n} items, {len(t.classes)} classes, {t.folds} folds"
+            f"task {t.name} ({t.kind}): {t.n} items, {len(t.classes)} classes"
+            + (f", {t.folds} folds" if t.folds else "")
             + "".join(f"; {n}" for n in t.notes)
             for t in self.tasks
         ]
