@@ -81,3 +81,30 @@ def test_damage_and_debris_are_named_and_repaired(small_archive: Path, tmp_path:
     assert code == 1 and "1 embedded" in out and f"{b}.zarr: slide store is damaged" in err
     code, out, _ = run_cli(["check", str(root), "--quick"])
     assert code == 1 and out.count("problem: ") == 1 and f"{b}.zarr" in out
+
+
+def test_one_resolver_for_slide_names_and_encoder_ids(small_archive: Path) -> None:
+    import pytest
+
+    from wsi_ssl.errors import ConfigError, EmbeddingsNotFoundError, UnknownSlideError
+    from wsi_ssl.storage.resolve import (
+        archive_encoder_ids,
+        resolve_encoder,
+        resolve_slide,
+        resolve_slides,
+    )
+
+    archive = open_store(small_archive)
+    by_name = {Path(e.path).stem: e.slide_id for e in archive.catalog.entries()}
+    s1 = by_name["s1"]
+    for name in (s1, s1[:6], "s1", "s1.tiff", str(small_archive.parent / "s1.tiff")):
+        assert resolve_slide(archive, name) == s1, name
+    assert resolve_slides(archive, ["s2", "s1", by_name["s2"]]) == [by_name["s2"], s1]
+    with pytest.raises(UnknownSlideError, match="'nope': no such slide in archive"):
+        resolve_slide(archive, "nope")
+    [eid] = archive_encoder_ids(archive)
+    assert resolve_encoder([eid], "random", "here") == resolve_encoder([eid], None, "here") == eid
+    with pytest.raises(EmbeddingsNotFoundError, match="ambiguous"):
+        resolve_encoder([eid, f"{eid}x"], "random", "here")
+    with pytest.raises(ConfigError, match="embeddings of 2 encoders"):
+        resolve_encoder([eid, "other"], None, "here")
