@@ -1,0 +1,107 @@
+"""What tile QC costs: ``wsi-ssl tile`` of one slide with QC scoring and without, side by side.
+
+In one run, alternating (2 passes each, best kept):
+
+* a synthetic 8192 x 6144 JPEG slide at 0.5 µm/px, every grid tile kept (768 tiles, each
+  copied from the file as its JPEG stream, so QC decodes it first);
+* CMU-1-Small-Region at 224 px, default settings (when ../shared/fixtures is present);
+
+and ``tile_scores`` alone on 64 real 256 px tiles (ms per tile). Prints a table and writes
+``results/tile_qc.json``.
+
+Usage: python benchmarks/tile_qc.py [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from wsi_ssl.config import TilingConfig
+from wsi_ssl.synthetic import write_synthetic_slide
+from wsi_ssl.tiling.batch import tile_slide
+from wsi_ssl.tiling.qc import tile_scores
+
+HERE = Path(__file__).resolve().parent
+CMU = HERE.parent.parent / "shared" / "fixtures" / "slides" / "CMU-1-Small-Region.svs"
+
+
+def tiling_rates(slide: Path, config: TilingConfig, workers: int, work: Path) -> dict[str, float]:
+    """Best end-to-end tiles/s of two passes each, QC off and on, alternating."""
+    best = {"qc off": 0.0, "qc on": 0.0}
+    for _ in range(2):
+        for label, qc in (("qc off", False), ("qc on", True)):
+            shutil.rmtree(work, ignore_errors=True)
+            started = time.perf_counter()
+            result = tile_slide(
+                slide, work, TilingConfig(**{**config.to_dict(), "qc": qc}), workers=workers
+            )
+            rate = result.n_tiles / (time.perf_counter() - started)
+            best[label] = max(best[label], rate)
+    return best
+
+
+def score_ms(tiles: list[np.ndarray]) -> float:
+    tile_scores(tiles)
+    started = time.perf_counter()
+    for _ in range(5):
+        tile_scores(tiles)
+    return (time.perf_counter() - started) / 5 / len(tiles) * 1000
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--workers", type=int, default=2)
+    args = p.parse_args()
+    rows: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        synth = write_synthetic_slide(Path(tmp) / "s.tiff", (8192, 6144), seed=4)
+        rows["synthetic 8192x6144 jpeg"] = tiling_rates(
+            synth, TilingConfig(tissue_threshold=0.0), args.workers, Path(tmp) / "a"
+        )
+        if CMU.is_file():
+            rows["CMU-1-Small-Region 224"] = tiling_rates(
+                CMU, TilingConfig(tile_size=224), args.workers, Path(tmp) / "b"
+            )
+        from wsi_ssl.slide import open_slide
+
+        with open_slide(synth) as reader:
+            tiles = [reader.read_region((256 * i, 2048), 0, (256, 256)) for i in range(64)]
+    ms = score_ms(tiles)
+    print(f"{'slide':<28} {'qc off t/s':>10} {'qc on t/s':>10} {'on/off':>7}")
+    for name, r in rows.items():
+        print(
+            f"{name:<28} {r['qc off']:>10.0f} {r['qc on']:>10.0f} {r['qc on'] / r['qc off']:>7.2f}"
+        )
+    print(f"tile_scores: {ms:.2f} ms per 256 px tile")
+    out = HERE / "results" / "tile_qc.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "platform": platform.platform(),
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                },
+                "date": time.strftime("%Y-%m-%d"),
+                "workers": args.workers,
+                "tiles_per_s": rows,
+                "tile_scores_ms_per_tile": ms,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
