@@ -12,30 +12,34 @@ The public API is re-exported here and resolved lazily, so ``import wsi_ssl`` st
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from wsi_ssl.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-_EXPORTS: dict[str, str] = {
-    "TilingConfig": "wsi_ssl.config",
-    "open_slide": "wsi_ssl.slide",
-    "SlideReader": "wsi_ssl.slide",
-    "tile_slide": "wsi_ssl.tiling.batch",
-    "tile_slides": "wsi_ssl.tiling.batch",
-    "open_store": "wsi_ssl.storage",
-    "PretrainConfig": "wsi_ssl.ssl.config",
-    "pretrain": "wsi_ssl.ssl.train",
-    "load_encoder": "wsi_ssl.ssl.encoder",
-    "create_encoder": "wsi_ssl.encoders",
-    "EmbedConfig": "wsi_ssl.embedding.config",
-    "embed": "wsi_ssl.embedding.job",
-    "export_embeddings": "wsi_ssl.embedding",
-    "IndexConfig": "wsi_ssl.search.config",
-    "SearchIndex": "wsi_ssl.search.index",
-    "MILConfig": "wsi_ssl.mil.config",
-}
-_SUBPACKAGES = ("mil", "search", "ssl", "encoders", "embedding")
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "wsi_ssl.config": ("TilingConfig",),
+        "wsi_ssl.slide": ("open_slide", "SlideReader"),
+        "wsi_ssl.tiling.batch": ("tile_slide", "tile_slides"),
+        "wsi_ssl.storage": ("open_store",),
+        "wsi_ssl.ssl.config": ("PretrainConfig",),
+        "wsi_ssl.ssl.train": ("pretrain",),
+        "wsi_ssl.ssl.encoder": ("load_encoder",),
+        "wsi_ssl.encoders": ("create_encoder", "encoders"),
+        "wsi_ssl.embedding.config": ("EmbedConfig",),
+        "wsi_ssl.embedding.job": ("embed",),
+        "wsi_ssl.embedding": ("export_embeddings", "embedding"),
+        "wsi_ssl.search.config": ("IndexConfig",),
+        "wsi_ssl.search.index": ("SearchIndex",),
+        "wsi_ssl.mil.config": ("MILConfig",),
+        "wsi_ssl.mil": ("mil",),  # subpackages are attributes too: wsi_ssl.mil.train(...)
+        "wsi_ssl.search": ("search",),
+        "wsi_ssl.ssl": ("ssl",),
+    },
+)
 
 __all__ = [
     "EmbedConfig",
@@ -72,11 +76,3 @@ if TYPE_CHECKING:
     from wsi_ssl.ssl.train import pretrain
     from wsi_ssl.storage import open_store
     from wsi_ssl.tiling.batch import tile_slide, tile_slides
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in _SUBPACKAGES:
-        return importlib.import_module(f"wsi_ssl.{name}")
-    raise AttributeError(f"module 'wsi_ssl' has no attribute {name!r}")
