@@ -220,3 +220,18 @@ def test_init_from_a_previous_run_and_missing_weights(cmu_root: Path, tmp_path: 
             tiny("dino", init="timm/vit_tiny_patch16_224", init_weights=str(tmp_path / "none.pth")),
             out=tmp_path / "c",
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["dinov2", "mae"])
+def test_recipe_bf16_compiled_on_cuda(method: str, cmu_root: Path, tmp_path: Path) -> None:
+    """The same code on a GPU: batch augmentation, bf16 autocast, torch.compile; resumes."""
+    config = tiny(
+        method, device="cuda", precision="bf16", augment="batch", compile=True, batch_size=32
+    )
+    run = pretrain(cmu_root, config, out=tmp_path / "run", until_step=4)
+    resumed = pretrain(cmu_root, config, out=tmp_path / "run", resume=True)
+    assert resumed.finished and all(np.isfinite(r["loss"]) for r in resumed.history)
+    assert resumed.history[-1]["loss"] < resumed.history[0]["loss"]
+    assert run.step == 4

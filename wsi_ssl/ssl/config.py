@@ -411,13 +411,13 @@ class PretrainConfig:
         """A named starting point, with ``overrides`` applied.
 
         ``"vit-s16"``: the defaults (ViT-S/16, 224/96 crops, 2 + 6 crops, batch 64 per GPU).
-        ``"cpu-small"``: ``resnet18_tiny`` on 32/16-pixel crops (2 + 2), a 256-prototype head,
-        batch 32, and schedules for a run of a few hundred steps: a constant teacher momentum
-        of 0.95 (with DINO's 0.996 -> 1 the teacher would hardly move from its random start),
-        a sharp constant teacher temperature (0.04), constant weight decay and a learning rate
-        that decays only to 3% of its peak. Measured on CMU-1-Small-Region tiles: the loss
-        falls steadily and 150-300 steps (30-60 s on one CPU thread) lift k-NN accuracy on
-        stain-shifted epidermis/dermis tiles from 0.69 (random init) to 0.80-0.85.
+        ``"cpu-small"``: ``resnet18_tiny`` on 64/32-pixel crops (2 + 2) of tiles of 128 px or
+        more at 0.5 µm/px, so that a global crop spans 32-64 µm and a nucleus (6-10 µm) is
+        10-20 pixels wide; a 256-prototype head, batch 32, and schedules for a run of a few
+        hundred steps: a constant teacher momentum of 0.95 (with DINO's 0.996 -> 1 the teacher
+        would hardly move from its random start), a sharp constant teacher temperature
+        (0.04), constant weight decay and a learning rate that decays only to 3% of its peak.
+        ``benchmarks/pretrain_learning.py`` measures what it learns against random inits.
         """
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
@@ -460,10 +460,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hidden_dim": 512,
         "bottleneck_dim": 128,
         "drop_path_rate": 0.0,
-        "global_crop_size": 32,
-        "local_crop_size": 16,
+        "global_crop_size": 64,
+        "local_crop_size": 32,
         "n_local_crops": 2,
-        "local_crop_scale": (0.1, 0.4),
+        "global_crop_scale": (0.25, 1.0),
+        "local_crop_scale": (0.05, 0.25),
         "batch_size": 32,
         "epochs": 20,
         "base_lr": 0.01,

@@ -52,7 +52,8 @@ def _load(
     from wsi_ssl.storage import open_store
 
     archive = open_store(root)
-    vectors, index = [], []
+    vectors: list[np.ndarray] = []
+    index: list[tuple[str, int]] = []
     used = encoder_id
     for slide_id in archive.slide_ids:
         emb = archive.embeddings(slide_id, encoder_id)
