@@ -12,6 +12,13 @@ mirroring CMU-1-Small-Region.svs, then measures in one run on the same cores:
 
 Usage: python benchmarks/tiling.py [--size 24576] [--baseline-tiles 3000]
 Prints a table and writes benchmarks/results/tiling.json.
+
+``--single-level 16384 65536`` measures instead the memory of slides without a pyramid: for a
+single-level tiled JPEG TIFF of each size (a pink square on glass, 512 px tiles), the peak RSS
+of a fresh process making the thumbnail and tissue mask the way ``wsi-ssl tile`` does (block
+reads), beside the whole-level read it replaced (baseline, run only where the level fits in
+``--baseline-max-gb``), and of the whole ``wsi-ssl tile`` command. Writes
+benchmarks/results/tiling_single_level.json.
 """
 
 from __future__ import annotations
@@ -115,7 +122,12 @@ def openslide_loop(path: Path, n_tiles: int) -> dict[str, float]:
 
 
 def wsi_ssl_tile(
-    path: Path, out: Path, codec: str, workers: int, mpp: float = 0.5
+    path: Path,
+    out: Path,
+    codec: str,
+    workers: int,
+    mpp: float = 0.5,
+    tissue_threshold: float = 0.0,
 ) -> dict[str, float]:
     """`wsi-ssl tile` in a subprocess, all grid tiles kept, peak RSS sampled every 50 ms."""
     shutil.rmtree(out, ignore_errors=True)
@@ -132,7 +144,7 @@ def wsi_ssl_tile(
         "--workers",
         str(workers),
         "--tissue-threshold",
-        "0",
+        str(tissue_threshold),
         "--mpp",
         str(mpp),
         "--json",
@@ -160,12 +172,93 @@ def wsi_ssl_tile(
     }
 
 
+def build_single_level(path: Path, size: int, tile: int = 512) -> Path:
+    """A size x size single-level tiled JPEG TIFF at 0.5 µm/px: a pink middle square on glass."""
+    if path.exists():
+        return path
+    pink = np.full((tile, tile, 3), (206, 104, 160), dtype=np.uint8)
+    glass = np.full((tile, tile, 3), (241, 240, 242), dtype=np.uint8)
+    n = size // tile
+    middle = range(n // 4, 3 * n // 4)
+    tiles = (pink if r in middle and c in middle else glass for r in range(n) for c in range(n))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    tifffile.imwrite(
+        tmp,
+        tiles,
+        shape=(size, size, 3),
+        dtype=np.uint8,
+        tile=(tile, tile),
+        photometric="rgb",
+        compression="jpeg",
+        resolution=(2e4, 2e4),
+        resolutionunit="CENTIMETER",
+        bigtiff=True,
+    )
+    tmp.rename(path)
+    return path
+
+
+_THUMBNAIL = """
+import json, resource, sys, time
+import wsi_ssl.slide._base as base
+from wsi_ssl.tiling.batch import open_for_tiling, thumbnail_and_mask
+if sys.argv[2] == "whole-level":  # the read this replaced: the whole level, then resized
+    base.THUMBNAIL_WHOLE_LEVEL_PIXELS = 2**62
+with open_for_tiling(sys.argv[1], None) as reader:
+    start = time.perf_counter()
+    thumbnail, mask = thumbnail_and_mask(reader, reader.require_mpp(), 8.0)
+    print(json.dumps({"seconds": time.perf_counter() - start, "thumbnail": list(thumbnail.shape),
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def single_level(sizes: list[int], baseline_max_gb: float) -> None:
+    data = HERE / "data"
+    rows: dict[str, dict[str, float]] = {}
+    for size in sizes:
+        slide = build_single_level(data / f"single-level-{size}.tiff", size)
+        level_gb = size * size * 3 / 1e9
+        modes = ["blocks"] + (["whole-level"] if level_gb * 2.5 <= baseline_max_gb else [])
+        for mode in modes:
+            done = subprocess.run(
+                [sys.executable, "-c", _THUMBNAIL, str(slide), mode],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            rows[f"{size} px, thumbnail + mask, {mode}"] = json.loads(done.stdout)
+        r = wsi_ssl_tile(slide, data / "out", "jpeg", 2, tissue_threshold=0.1)
+        rows[f"{size} px, wsi-ssl tile (jpeg, 2 workers)"] = r
+        shutil.rmtree(data / "out", ignore_errors=True)
+    print(f"{'case':<52} {'peak RSS MB':>11} {'seconds':>8}")
+    for name, r in rows.items():
+        print(f"{name:<52} {r['peak_rss_mb']:>11.0f} {r['seconds']:>8.1f}")
+    result = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+    }
+    out = HERE / "results" / "tiling_single_level.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=24576, help="slide edge in pixels")
     parser.add_argument("--small-size", type=int, default=8192, help="second slide, memory check")
     parser.add_argument("--baseline-tiles", type=int, default=3000)
+    parser.add_argument("--single-level", type=int, nargs="+", metavar="SIZE")
+    parser.add_argument("--baseline-max-gb", type=float, default=6.0)
     args = parser.parse_args()
+    if args.single_level:
+        single_level(args.single_level, args.baseline_max_gb)
+        return
     data = HERE / "data"
     big = build_slide(data / f"cmu-mirror-{args.size}.tiff", args.size)
     small = build_slide(data / f"cmu-mirror-{args.small_size}.tiff", args.small_size)
