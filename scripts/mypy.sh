@@ -6,12 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 tree=$repo/build/mypy
-rm -rf "$tree" && mkdir -p "$tree/wsi_ssl"
+mkdir -p "$tree/wsi_ssl"
+find "$tree/wsi_ssl" -maxdepth 1 -type l ! -exec test -e {} \; -delete # links to removed files
 for entry in wsi_ssl/*; do
-    ln -s "$repo/$entry" "$tree/wsi_ssl/"
+    ln -sfn "$repo/$entry" "$tree/$entry"
 done
-ln -s "$repo/storage" "$tree/wsi_ssl/storage"
-ln -s "$repo/cli" "$tree/wsi_ssl/cli"
+ln -sfn "$repo/storage" "$tree/wsi_ssl/storage"
+ln -sfn "$repo/cli" "$tree/wsi_ssl/cli"
 cd "$tree"
 mypy --config-file "$repo/pyproject.toml" --cache-dir "$repo/build/mypy_cache" -p wsi_ssl "$@" |
     sed -e "s#^wsi_ssl/storage/#storage/#" -e "s#^wsi_ssl/cli/#cli/#"
