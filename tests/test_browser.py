@@ -221,6 +221,15 @@ def test_page_viewer_search_open_and_label(page_env: dict[str, Any], tmp_path: P
     with (labels / "rejected.csv").open() as f:
         assert [r["slide"] for r in csv.DictReader(f)] == [answer["hits"][1]["slide_id"]]
     assert driver.find_elements(By.CSS_SELECTOR, "#viewer .box.accepted")
+    driver.find_element(By.ID, "concept").click()  # the concept map over the open slide
+    _wait(
+        lambda: driver.execute_script(
+            "const i = document.querySelector('#viewer img.concept');"
+            "return i && i.complete && i.naturalWidth > 0;"
+        )
+    )
+    _shot(driver, shots, "5b-concept-map")
+    driver.find_element(By.ID, "concept").click()
 
     # 6. more like these: tiles like the accepted region, none inside a labelled one
     driver.find_element(By.ID, "more").click()

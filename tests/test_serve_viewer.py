@@ -193,9 +193,44 @@ def test_label_requests_are_checked(site: dict[str, Any]) -> None:
     ):
         status, answer = post_json(base, "/api/labels", body)
         assert status == 422 and "etc" not in answer["error"], body
-    status, answer = post_json(base, "/api/labels", {"slide": cmu, "box": [0, 0, 0, 10]})
-    assert status == 400 and "no area" in answer["error"]
+    for box in ([0, 0, 0, 10], [0, 0, 10**12, 10]):
+        status, answer = post_json(base, "/api/labels", {"slide": cmu, "box": box})
+        assert status == 400 and "width and height > 0" in answer["error"]
     status, answer = post_json(base, "/api/labels", {"slide": "nope", "box": [0, 0, 5, 5]})
     assert status == 404
     status, answer = post_json(base, "/api/labels/more", {"label": "never-used"})
     assert status == 400 and "accept a hit first" in answer["error"]
+
+
+def test_concept_map_over_any_slide(site: dict[str, Any]) -> None:
+    """Tiles like the accepted region light up, tiles like the rejected one stay dark, on the
+    twin as on the slide they were labelled on."""
+    base, root = site["base"], site["root"]
+    cmu, twin = site["ids"]["cmu"], site["ids"]["twin"]
+    store = open_store(root).slide(cmu)
+    size = round(store.tiling["tile_size_level0"])
+    inside = np.flatnonzero((store.coords + size <= store.source["dimensions"]).all(axis=1))
+    gx, gy = (int(v) for v in store.coords[inside[2]])  # whole tiles, not cut by the edge
+    bx, by = (int(v) for v in store.coords[inside[-3]])
+    for (x, y), verdict in (((gx, gy), "accept"), ((bx, by), "reject")):
+        status, _ = post_json(
+            base,
+            "/api/labels",
+            {"slide": cmu, "box": [x, y, size, size], "label": "concept", "verdict": verdict},
+        )
+        assert status == 200
+    status, headers, body = raw(base, "GET", f"/api/slides/{twin}/concept.png?label=concept")
+    assert status == 200 and headers["content-type"] == "image/png", body[:300]
+    heat = np.asarray(Image.open(io.BytesIO(body)))
+    thumb = open_store(root).slide(twin).thumbnail
+    assert heat.shape == (*thumb.shape[:2], 4)
+    f = thumb.shape[1] / store.source["dimensions"][0]
+
+    def alpha(x: int, y: int) -> int:
+        return int(heat[int((y + size / 2) * f), int((x + size / 2) * f), 3])
+
+    assert alpha(gx, gy) > alpha(bx, by) + 20
+    status, _, body = raw(base, "GET", f"/api/slides/{twin}/concept.png?label=nothing-yet")
+    assert status == 400 and "accept a hit first" in json.loads(body)["error"]
+    status, _, body = raw(base, "GET", f"/api/slides/{twin}/concept.png?label=../x")
+    assert status == 422

@@ -158,5 +158,5 @@ def create_app(
         )
 
     add_picture_routes(app, service, pool)
-    add_label_routes(app, service)
+    add_label_routes(app, service, pool)
     return Guard(app, GuardConfig(allowed_hosts=allowed_hosts, token=token))

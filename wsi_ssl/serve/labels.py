@@ -10,25 +10,33 @@ Verdicts live under the archive root, each file written atomically on every chan
 
 Routes: ``GET /api/labels``; ``POST /api/labels`` ``{slide, box, label, verdict}`` with
 verdict ``accept``, ``reject`` or ``clear``; ``POST /api/labels/more`` ``{label, k}``: the
-tiles nearest any accepted region of ``label``, outside every labelled box.
+tiles nearest any accepted region of ``label``, outside every labelled box;
+``GET /api/slides/{slide}/concept.png?label=L``: the concept map of ``label`` over a slide,
+each tile scored 1-NN style (its best cosine similarity to the accepted tiles minus its best
+to the rejected ones), drawn at the thumbnail's size as a translucent heatmap.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
 import json
 import threading
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
+from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from wsi_ssl.errors import ConfigError
-from wsi_ssl.serve.service import MAX_K, SlideService, answer
+from wsi_ssl.errors import ConfigError, NoTilesInRegionError, RegionOutsideSlideError
+from wsi_ssl.serve.service import MAX_K, RenderPool, SlideService, answer
+
+if TYPE_CHECKING:
+    from wsi_ssl.search.results import Query
 
 __all__ = ["LabelBook", "add_label_routes"]
 
@@ -139,11 +147,10 @@ class MoreRequest(BaseModel):
 
 def more_like(service: SlideService, book: LabelBook, label: str, k: int) -> dict[str, Any]:
     """Tiles nearest any accepted region of ``label``, none inside a labelled box."""
-    regions = [r for r in book.accepted if r[5] == label]
-    if not regions:
+    queries = _queries(service, [r for r in book.accepted if r[5] == label])
+    if not queries:
         raise ConfigError(f"no accepted region has label {label!r}; accept a hit first")
-    queries = [service.region_query(r[0], tuple(r[1:5])) for r in regions]  # type: ignore[arg-type]
-    first = queries[0]
+    first = queries[0]  # the tile vectors of every accepted region, as one query
     query = dataclasses.replace(
         first,
         vectors=np.concatenate([q.vectors for q in queries]),
@@ -154,12 +161,59 @@ def more_like(service: SlideService, book: LabelBook, label: str, k: int) -> dic
     labelled = book.accepted + book.rejected
     result = service.search_vectors(query, k + 4 * len(labelled))
     out = answer(result)
-    out["query"]["regions"] = len(regions)
+    out["query"]["regions"] = len(queries)
     keep = [h for h in out["hits"] if not any(_inside(h, r) for r in labelled)][:k]
     for rank, hit in enumerate(keep, 1):
         hit["rank"] = rank
     out["hits"] = keep
     return out
+
+
+def _queries(service: SlideService, records: list[Record]) -> list[Query]:
+    """The region queries of ``records`` (a region without a stored tile's centre is skipped)."""
+    out = []
+    for slide, x, y, w, h, _ in records:
+        with contextlib.suppress(NoTilesInRegionError, RegionOutsideSlideError):
+            out.append(service.region_query(slide, (x, y, w, h)))
+    return out
+
+
+def _vectors(service: SlideService, records: list[Record]) -> np.ndarray:
+    """The stored tile vectors of ``records``' regions, (N, D)."""
+    return np.concatenate([q.vectors for q in _queries(service, records)] or [np.zeros((0, 1))])
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float32)
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+
+def concept_map(service: SlideService, book: LabelBook, slide: str, label: str) -> bytes:
+    """PNG (RGBA, thumbnail size) of ``label``'s concept over ``slide``: see the module doc."""
+    from PIL import Image, ImageDraw
+
+    from wsi_ssl.serve.pyramid import encode
+
+    accepted = _vectors(service, [r for r in book.accepted if r[5] == label])
+    if not len(accepted):
+        raise ConfigError(f"no accepted region has label {label!r}; accept a hit first")
+    rejected = _vectors(service, [r for r in book.rejected if r[5] == label])
+    store = service.store(slide)
+    feats = _unit(service.archive.embeddings(store.slide_id, service.index.encoder_id).features)
+    score = (feats @ _unit(accepted).T).max(axis=1)
+    if len(rejected):
+        score = score - (feats @ _unit(rejected).T).max(axis=1)
+    lo, hi = float(score.min()), float(score.max())
+    strength = (score - lo) / (hi - lo) if hi > lo else np.ones_like(score)
+    h, w = store.thumbnail.shape[:2]
+    image = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    f = w / float(store.source["dimensions"][0])
+    side = float(store.tiling["tile_size_level0"]) * f
+    for (x, y), a in zip(store.coords, strength, strict=True):
+        box = [x * f, y * f, x * f + side - 1, y * f + side - 1]
+        draw.rectangle(box, fill=(230, 40, 20, round(200 * float(a))))
+    return encode(image, "png")
 
 
 def _inside(hit: dict[str, Any], record: Record) -> bool:
@@ -169,9 +223,16 @@ def _inside(hit: dict[str, Any], record: Record) -> bool:
     return bool(hit["slide_id"] == slide and x <= cx < x + w and y <= cy < y + h)
 
 
-def add_label_routes(app: FastAPI, service: SlideService) -> None:
+def add_label_routes(app: FastAPI, service: SlideService, pool: RenderPool) -> None:
     """Register the label routes of the module docstring on ``app``."""
     book = LabelBook(service.index.root)
+
+    @app.get("/api/slides/{slide}/concept.png")
+    async def concept(
+        slide: str, label: str = Query("positive", pattern=LABEL_PATTERN)
+    ) -> Response:
+        data = await pool.run(concept_map, service, book, slide, label)
+        return Response(data, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
     @app.get("/api/labels")
     def labels() -> dict[str, Any]:
@@ -181,8 +242,10 @@ def add_label_routes(app: FastAPI, service: SlideService) -> None:
     def set_label(request: LabelRequest) -> dict[str, Any]:
         entry = service.index.resolve_slide(request.slide)
         x, y, w, h = request.box
-        if w <= 0 or h <= 0:
-            raise ConfigError(f"box {list(request.box)} has no area; width and height must be > 0")
+        if w <= 0 or h <= 0 or max(abs(v) for v in request.box) >= 2**31:
+            raise ConfigError(
+                f"box {list(request.box)} must have width and height > 0, each value within ±2**31"
+            )
         record = (entry["slide_id"], x, y, w, h, request.label)
         book.set(record, request.verdict, entry["name"])
         return book.to_dict()

@@ -84,6 +84,14 @@ function redrawOverlays() {
   if (!v || !cur || !v.world.getItemCount()) return;
   v.clearOverlays();
   const id = cur.slide_id;
+  if ($("concept").checked && state.labels.accepted.some((r) => r.label === $("label").value)) {
+    const img = document.createElement("img");
+    img.className = "concept";
+    img.alt = "";
+    img.src = `/api/slides/${id}/concept.png?label=${encodeURIComponent($("label").value)}` +
+      `&n=${state.labels.accepted.length}.${state.labels.rejected.length}`;
+    v.addOverlay({ element: img, location: imageRect([0, 0, cur.dimensions[0], cur.dimensions[1]]) });
+  }
   for (const r of state.labels.accepted) if (r.slide === id) overlay([r.x, r.y, r.w, r.h], "accepted");
   for (const r of state.labels.rejected) if (r.slide === id) overlay([r.x, r.y, r.w, r.h], "rejected");
   const a = state.answer;
@@ -312,6 +320,8 @@ function start() {
   $("filter").addEventListener("input", renderSlideList);
   $("draw").addEventListener("click", () => setDrawing(!state.drawing));
   $("more").addEventListener("click", moreLikeThese);
+  $("concept").addEventListener("change", redrawOverlays);
+  $("label").addEventListener("change", redrawOverlays);
   for (const id of ["mode", "exclude-self", "k"]) {
     $(id).addEventListener("change", () => {
       if (state.current && state.lastBox && state.answer && state.answer.query.slide_id === state.current.slide_id) {
