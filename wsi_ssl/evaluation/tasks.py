@@ -303,7 +303,8 @@ def load_slide_labels(root: str | Path, labels: str | Path) -> LabelledSlides:
     """
     import dataclasses
 
-    from wsi_ssl.mil.labels import LabelTable, read_labels, slide_keys
+    from wsi_ssl.mil.labels import LabelTable, read_labels
+    from wsi_ssl.mil.matching import slide_keys
     from wsi_ssl.storage import open_store
 
     table = read_labels(labels)
