@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, Query
+from fastapi import FastAPI
+from fastapi import Query as QueryParam
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
@@ -229,7 +230,7 @@ def add_label_routes(app: FastAPI, service: SlideService, pool: RenderPool) -> N
 
     @app.get("/api/slides/{slide}/concept.png")
     async def concept(
-        slide: str, label: str = Query("positive", pattern=LABEL_PATTERN)
+        slide: str, label: str = QueryParam("positive", pattern=LABEL_PATTERN)
     ) -> Response:
         data = await pool.run(concept_map, service, book, slide, label)
         return Response(data, media_type="image/png", headers={"Cache-Control": "no-cache"})
