@@ -36,7 +36,7 @@ EMPTY = np.uint64(2**64 - 1)
 """The shard index's offset and size of an inner chunk that was not written."""
 
 
-def inner_codecs(array: zarr.Array) -> tuple[Any, ...]:
+def inner_codecs(array: zarr.Array[Any]) -> tuple[Any, ...]:
     """The codecs of the one-tile inner chunks when the layout is the one written here, else ()."""
     metadata = array.metadata
     if (
@@ -57,7 +57,7 @@ def inner_codecs(array: zarr.Array) -> tuple[Any, ...]:
     return tuple(sharding.codecs) if index_ok else ()
 
 
-def _inner_encoder(array: zarr.Array) -> Callable[[np.ndarray], bytes] | None:
+def _inner_encoder(array: zarr.Array[Any]) -> Callable[[np.ndarray], bytes] | None:
     """A function encoding one tile as the array's inner codecs would, or None if unknown."""
     codecs = inner_codecs(array)
     if len(codecs) == 1 and isinstance(codecs[0], JpegCodec):
@@ -68,7 +68,7 @@ def _inner_encoder(array: zarr.Array) -> Callable[[np.ndarray], bytes] | None:
     return None
 
 
-def inner_decoder(array: zarr.Array) -> Callable[[bytes], np.ndarray] | None:
+def inner_decoder(array: zarr.Array[Any]) -> Callable[[bytes], np.ndarray] | None:
     """A function decoding one inner chunk's bytes to its (T, T, 3) tile, or None if unknown."""
     codecs = inner_codecs(array)
     shape = tuple(array.shape[1:])
@@ -79,20 +79,20 @@ def inner_decoder(array: zarr.Array) -> Callable[[bytes], np.ndarray] | None:
     return None
 
 
-def shard_path(array: zarr.Array, shard: int) -> Path:
+def shard_path(array: zarr.Array[Any], shard: int) -> Path:
     """The file of shard number ``shard`` of a (N, T, T, 3) array on a local store."""
     key = array.metadata.encode_chunk_key((shard, 0, 0, 0))
     return Path(array.store.root) / array.path / key  # type: ignore[attr-defined]
 
 
-def accepts_jpeg(array: zarr.Array) -> bool:
+def accepts_jpeg(array: zarr.Array[Any]) -> bool:
     """Whether `write_shard` can store JPEG streams in ``array`` as they are."""
     codecs = inner_codecs(array)
     return len(codecs) == 1 and isinstance(codecs[0], JpegCodec)
 
 
 def write_shard(
-    array: zarr.Array, shard: int, tiles: np.ndarray | Sequence[np.ndarray | bytes]
+    array: zarr.Array[Any], shard: int, tiles: np.ndarray | Sequence[np.ndarray | bytes]
 ) -> None:
     """Write ``tiles`` as shard number ``shard`` of a (N, T, T, 3) tiles array.
 

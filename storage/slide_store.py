@@ -130,9 +130,9 @@ class SlideStore:
         self.group.attrs["status"] = STATUS_COMPLETE
 
     # -- contents --------------------------------------------------------------------------
-    def _array(self, name: str) -> zarr.Array:
+    def _array(self, name: str) -> zarr.Array[Any]:
         """The member array ``name`` (zarr types a group's members as array or group)."""
-        return cast(zarr.Array, self.group[name])
+        return cast("zarr.Array[Any]", self.group[name])
 
     @property
     def slide_id(self) -> str:
@@ -147,7 +147,7 @@ class SlideStore:
         return dict(cast("Mapping[str, Any]", self.group.attrs["tiling"]))
 
     @property
-    def tiles(self) -> zarr.Array:
+    def tiles(self) -> zarr.Array[Any]:
         """uint8 (N, T, T, 3), one tile per inner chunk, ``tiles_per_chunk`` tiles per shard."""
         return self._array("tiles")
 
@@ -204,7 +204,7 @@ class SlideStore:
         import dask.array as da
 
         tiles = self.tiles
-        return da.from_zarr(tiles, chunks=tiles.shards)
+        return cast("da.Array", da.from_zarr(tiles, chunks=tiles.shards))  # type: ignore[no-untyped-call]
 
     def write_tiles(self, start: int, tiles: np.ndarray) -> None:
         self.tiles[start : start + len(tiles)] = tiles
