@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--encoder",
         metavar="ENCODER_ID",
-        help="encoder id of the embeddings (or a unique prefix, e.g. random-cnn); required to build",
+        help="encoder id of the embeddings (or a unique prefix, e.g. random-cnn); default: the "
+        "archive's only encoder",
     )
     p.add_argument("--name", help="index name (default: the encoder id)")
     p.add_argument("--kind", choices=KINDS, default="auto", help="index kind (default auto)")
@@ -151,7 +152,6 @@ def index_lines(d: dict[str, Any]) -> list[str]:
 
 
 def run_index(args: argparse.Namespace) -> int:
-    from wsi_ssl.errors import ConfigError
     from wsi_ssl.search import IndexConfig, SearchIndex
 
     out: dict[str, object] = {}
@@ -182,12 +182,10 @@ def run_index(args: argparse.Namespace) -> int:
             index.compact()
             lines = ["compacted"]
     else:
-        if args.encoder is None:
-            raise ConfigError("building an index needs --encoder ENCODER_ID (see `wsi-ssl embed`)")
         config = IndexConfig(kind=args.kind, target_recall=args.target_recall)
         index = SearchIndex.build(
             args.root,
-            args.encoder,
+            args.encoder,  # None: the archive's only encoder
             name=args.name,
             config=config,
             slides=args.slides,

@@ -5,7 +5,8 @@
   :class:`~wsi_ssl.search.vectors.VectorSource` (ids ``slide_number << 32 | tile``).
 * :func:`collect`: the complete, embedded slides of an archive at one scale ->
   :class:`Collected` (source, id-map entries, coords, tiling, encoder config).
-* :func:`resolve_encoder_id`: an encoder id present in the archive, or a unique prefix of one.
+* :func:`resolve_encoder_id`: an encoder id present in the archive, a unique prefix of one, or
+  the only one.
 """
 
 from __future__ import annotations
@@ -143,27 +144,17 @@ class Collected:
         return self.source.dim
 
 
-def resolve_encoder_id(archive: Archive, wanted: str) -> str:
-    """An exact encoder id present in the archive, or the one that starts with ``wanted``.
+def resolve_encoder_id(archive: Archive, wanted: str | None) -> str:
+    """An exact encoder id present in the archive, the one that starts with ``wanted``, or
+    (``wanted`` None) the archive's only one (:func:`wsi_ssl.storage.resolve.resolve_encoder`).
 
     Raises:
         EmbeddingsNotFoundError: none, or several, match (the message lists those there).
+        ConfigError: ``wanted`` is None and the archive holds several encoders' embeddings.
     """
-    from wsi_ssl.storage.embeddings import embedding_ids
+    from wsi_ssl.storage.resolve import archive_encoder_ids, resolve_encoder
 
-    available: set[str] = set()
-    for sid in archive.slide_ids:
-        available.update(embedding_ids(archive.store_path(sid)))
-    if wanted in available:
-        return wanted
-    matches = sorted(a for a in available if a.startswith(wanted))
-    if len(matches) == 1:
-        return matches[0]
-    raise EmbeddingsNotFoundError(
-        archive.root,
-        wanted if not matches else f"{wanted} (ambiguous: {', '.join(matches)})",
-        sorted(available),
-    )
+    return resolve_encoder(archive_encoder_ids(archive), wanted, archive.root)
 
 
 def catalog_names(archive: Archive) -> dict[str, tuple[str, str]]:

@@ -137,7 +137,7 @@ class SearchIndex(SearchMethods):
     def build(
         cls,
         root: str | Path,
-        encoder: str,
+        encoder: str | None = None,
         *,
         name: str | None = None,
         config: IndexConfig | None = None,
@@ -150,7 +150,8 @@ class SearchIndex(SearchMethods):
         Args:
             root: archive root.
             encoder: an encoder id present in the archive, or a unique prefix of one
-                (e.g. "random-cnn").
+                (e.g. "random-cnn"); None: the archive's only encoder (the same rule as
+                export and MIL training).
             name: index name (default: the encoder id).
             config: build settings; ``options`` (e.g. ``kind="hnsw"``) replace its fields.
             slides: only these slide ids (default: every complete slide embedded by it).
@@ -158,6 +159,7 @@ class SearchIndex(SearchMethods):
 
         Raises:
             EmbeddingsNotFoundError: no slide has complete embeddings by ``encoder``.
+            ConfigError: ``encoder`` is None and the archive holds several encoders.
             SchemaMismatchError: slides were tiled at different scales or tile sizes.
         """
         from wsi_ssl import __version__
