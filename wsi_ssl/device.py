@@ -1,4 +1,5 @@
-"""One device resolver for every stage (embedding, pretraining, MIL)."""
+"""One device resolver for every stage (MIL today; embedding and pretraining still have their
+own in ``wsi_ssl.encoders.encoder`` and ``wsi_ssl.ssl.train``, to be switched to this one)."""
 
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ def resolve_device(device: str | torch.device | None, local_rank: int = 0) -> to
         raise ConfigError(f"device {device!r}: {err}; use auto, cpu, cuda or cuda:N") from err
     if dev.type == "cuda" and not count:
         raise DeviceUnavailableError(
-            f"device {device!r} asked for, but torch {torch.__version__} sees no CUDA device "
-            f"(CUDA build: {torch.version.cuda or 'none'}); use device 'cpu' or 'auto'"
+            f"device {device!r} requested but CUDA is not available here (torch "
+            f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); use device "
+            "'cpu' or 'auto'"
         )
     if dev.type == "cuda" and dev.index is None:
         return torch.device("cuda", local_rank % count)
