@@ -1,4 +1,4 @@
-"""DINO self-supervised pretraining on the tile stores (torch + lightly).
+"""Self-supervised pretraining on the tile stores (torch + lightly): DINO, DINOv2, MAE.
 
 Public API (resolved lazily: importing this package loads no torch until a name is used)::
 
@@ -12,7 +12,10 @@ Modules, one concept each: ``config`` (PretrainConfig), ``backbones`` (registry)
 ``transforms`` (lightly's DINO multi-crop + HED jitter, per tile), ``batch_augment`` (the
 same, batched on the device), ``data`` (stores as a Dataset, step sampler), ``models``
 (student/teacher), ``schedules``, ``checkpoint``, ``encoder`` (load_encoder), ``metrics``,
-``train`` (the loop), ``evaluation`` (``evaluate``: k-NN / linear probe), ``demo``.
+``train`` (the loop, shared), ``recipes`` (one module per method: ``dino``, ``dinov2``,
+``mae``), ``optim`` (layer decay, frozen blocks), ``init`` (continued pretraining),
+``curation`` (``curate``: cluster-balanced tiles), ``evaluation`` (``evaluate``: k-NN /
+linear probe), ``demo``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ _EXPORTS: dict[str, str] = {
     "BatchDINOAugment": "wsi_ssl.ssl.batch_augment",
     "backbone_names": "wsi_ssl.ssl.backbones",
     "demo_pretrain": "wsi_ssl.ssl.demo",
+    "curate": "wsi_ssl.ssl.curation",
 }
 
 __all__ = [
@@ -48,6 +52,7 @@ __all__ = [
     "RandomHEDJitter",
     "TileDataset",
     "backbone_names",
+    "curate",
     "demo_pretrain",
     "evaluate",
     "load_encoder",
@@ -60,6 +65,7 @@ if TYPE_CHECKING:
     from wsi_ssl.ssl.backbones import backbone_names
     from wsi_ssl.ssl.batch_augment import BatchDINOAugment
     from wsi_ssl.ssl.config import PretrainConfig
+    from wsi_ssl.ssl.curation import curate
     from wsi_ssl.ssl.data import TileDataset, scan_stores
     from wsi_ssl.ssl.demo import demo_pretrain
     from wsi_ssl.ssl.encoder import LoadedEncoder, load_encoder, random_encoder
