@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from wsi_ssl.errors import ConfigError
-from wsi_ssl.storage.embeddings import EMBEDDING_DTYPES
 
 __all__ = ["EmbedConfig", "default_workers"]
 
@@ -60,6 +59,8 @@ class EmbedConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        from wsi_ssl.storage.embeddings import EMBEDDING_DTYPES  # zarr: not at CLI start
+
         if self.dtype not in EMBEDDING_DTYPES:
             raise ConfigError(
                 f"dtype must be one of {', '.join(EMBEDDING_DTYPES)}; got {self.dtype!r}"

@@ -7,7 +7,6 @@ from functools import cached_property
 
 import numpy as np
 import tifffile
-import tiffslide
 
 from wsi_ssl.errors import UnsupportedSlideError
 from wsi_ssl.slide._base import BaseSlideReader, SlideMetadata, to_rgb
@@ -34,6 +33,8 @@ class TiffSlideReader(BaseSlideReader):
     _decode_errors = _LIBRARY_ERRORS
 
     def _open(self) -> SlideMetadata:
+        import tiffslide  # with zarr and fsspec under it: only when a slide gets this far
+
         with warnings.catch_warnings():
             # tiffslide warns that its NDPI/Ventana metadata parsing is partial.
             warnings.filterwarnings("ignore", message=".*metadata parsing", category=UserWarning)
