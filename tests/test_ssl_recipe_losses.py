@@ -159,4 +159,6 @@ def test_mae_loss_matches_the_paper() -> None:
     pred = torch.randn(3, 5, 48, generator=g)
     target = torch.rand(3, 5, 48, generator=g) * 4
     for norm in (True, False):
-        torch.testing.assert_close(mae_loss(pred, target, norm), _reference_mae_loss(pred, target, norm))
+        torch.testing.assert_close(
+            mae_loss(pred, target, norm), _reference_mae_loss(pred, target, norm)
+        )
