@@ -558,3 +558,21 @@ def test_a_giant_preset_loads_at_full_size(tiles: dict[int, np.ndarray], tmp_pat
     enc = create_encoder("uni2-h", weights=path)
     assert sum(p.numel() for p in enc.model.parameters()) > 680e6
     torch.testing.assert_close(enc(torch.from_numpy(x)), want, **TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["uni", "uni2-h", "virchow2", "h-optimus-0", "conch-v1.5"])
+def test_presets_in_their_cuda_precision_match_fp32(
+    name: str, tiles: dict[int, np.ndarray], tmp_path: Path
+) -> None:
+    """On CUDA each preset runs under autocast in its published precision (bf16 / fp16): the
+    vectors stay within cosine 0.99 of the CPU float32 ones (reduced depth, random weights)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cpu = encoder_from_entry(*_reduced(name), weights="random", seed=0)
+    x = torch.from_numpy(tiles[cpu.input_size])
+    want = cpu(x)
+    gpu = encoder_from_entry(*_reduced(name), weights="random", seed=0).to("cuda")
+    assert gpu.compute["precision"] == gpu.config.precision != "fp32"
+    got = gpu(x.cuda()).cpu()
+    assert F.cosine_similarity(got, want).min() > 0.99
