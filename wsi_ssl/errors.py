@@ -461,3 +461,11 @@ class EmbeddingsWouldBeDiscardedError(WsiSslError, RuntimeError):
         )
         self.path = Path(path)
         self.encoder_ids = list(encoder_ids)
+
+
+class StainNormalizationError(WsiSslError, ValueError):
+    """An image without enough stained tissue to estimate its stains (blank or white tile)."""
+
+    def __init__(self, what: str, detail: str) -> None:
+        super().__init__(f"{what}: {detail}")
+        self.what = what
