@@ -61,6 +61,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA)")
     p.add_argument(
+        "--stain-normalize",
+        choices=("macenko", "reinhard", "vahadane"),
+        metavar="METHOD",
+        help="normalise tile stains before the encoder: macenko, reinhard or vahadane",
+    )
+    p.add_argument(
+        "--stain-reference", metavar="IMAGE", help="reference image for --stain-normalize"
+    )
+    p.add_argument(
         "--devices",
         metavar="DEV,DEV,...",
         help="shard the slides across these devices, one process each (e.g. cuda:0,cuda:1)",
@@ -113,6 +122,8 @@ def run_embed(args: argparse.Namespace) -> int:
         wait=args.wait,
         check_mpp=not args.no_mpp_check,
         compile=args.compile,
+        stain_normalize=args.stain_normalize,
+        stain_reference=args.stain_reference,
     )
     encoder = create_encoder(
         args.encoder,

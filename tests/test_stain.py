@@ -188,3 +188,43 @@ def test_reference_file_and_unknown_method(patches_dir: Path, tmp_path: Path) ->
     bad.write_bytes(b"not an image")
     with pytest.raises(StainNormalizationError, match=r"bad\.png"):
         StainNormalizer("macenko", bad)
+
+
+def test_cli_embed_with_stain_normalization(
+    cmu_small: Path, patches_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`wsi-ssl embed --stain-normalize reinhard --stain-reference IMAGE`: the vectors are the
+    encoder's on the normalised tiles, the provenance names the method and reference, and
+    embedding again without normalisation redoes the slide (not "already complete")."""
+    from wsi_ssl.cli.main import main
+    from wsi_ssl.config import TilingConfig
+    from wsi_ssl.encoders import create_encoder
+    from wsi_ssl.storage import open_store
+    from wsi_ssl.storage.embeddings import read_embeddings
+    from wsi_ssl.tiling.batch import tile_slide
+
+    root = tmp_path / "root"
+    tile_slide(cmu_small, root, TilingConfig(tile_size=224, codec="zstd", tiles_per_chunk=16))
+    reference = patches_dir / TILE
+    common = ["--encoder", "random-cnn", "--device", "cpu", "--workers", "0", "--batch-size", "16"]
+    stain = ["--stain-normalize", "reinhard", "--stain-reference", str(reference)]
+    assert main(["embed", str(root), *common, *stain, "--quiet"]) == 0
+    store = open_store(root).slide(open_store(root).slide_ids[0])
+    enc = create_encoder("random-cnn")
+    emb = read_embeddings(store, enc.encoder_id)
+    assert emb.attrs["stain"]["method"] == "reinhard"
+    assert (
+        emb.attrs["stain"]["reference"] == TILE
+        and len(emb.attrs["stain"]["reference_sha256"]) == 64
+    )
+    normalizer = StainNormalizer("reinhard", reference)
+    tiles = torch.from_numpy(store.tiles[:16])
+    normalised = normalizer(tiles.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()
+    with torch.inference_mode():
+        direct = enc(normalised).numpy().astype(np.float16)
+    assert np.array_equal(emb.features[:16], direct)
+    assert not np.array_equal(emb.features[:16], enc(tiles).numpy().astype(np.float16))
+    capsys.readouterr()
+    assert main(["embed", str(root), *common]) == 0
+    assert "0 already complete" in capsys.readouterr().out
+    assert "stain" not in read_embeddings(store, enc.encoder_id).attrs

@@ -40,6 +40,11 @@ class EmbedConfig:
             off the scales the encoder was trained at (``EncoderConfig.mpp``); False embeds
             them anyway.
         compile: run the encoder through ``torch.compile`` (worth it for long jobs on CUDA).
+        stain_normalize: normalise each tile's stains before the encoder: "macenko",
+            "reinhard" or "vahadane" (:mod:`wsi_ssl.stain`; blank tiles pass unchanged); None:
+            off (default).
+        stain_reference: the reference image file the stains are mapped to (needed with
+            ``stain_normalize``).
     """
 
     batch_size: int = 256
@@ -53,6 +58,8 @@ class EmbedConfig:
     wait: float = 0.0
     check_mpp: bool = True
     compile: bool = False
+    stain_normalize: str | None = None
+    stain_reference: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -71,6 +78,12 @@ class EmbedConfig:
             raise ConfigError(f"wait must be >= 0 seconds, got {self.wait}")
         if self.chunk_rows is not None and self.chunk_rows < 1:
             raise ConfigError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
+        if (self.stain_normalize is None) != (self.stain_reference is None):
+            raise ConfigError(
+                "stain_normalize and stain_reference go together: give both (a method and a "
+                f"reference image) or neither; got {self.stain_normalize!r}, "
+                f"{self.stain_reference!r}"
+            )
 
     @property
     def n_workers(self) -> int:

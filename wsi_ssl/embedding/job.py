@@ -195,6 +195,7 @@ class _Job:
         self.eid = encoder.encoder_id
         self.cuda = encoder.device.type == "cuda"
         self.loader_wait = 0.0  # seconds the main process waited for decoded batches
+        self.stain, self.stain_attrs = _stain_normalizer(config)
 
     # -- per-slide checks, before any compute ---------------------------------------------
     def prepare(self, slide_id: str) -> _Slide | SlideEmbedResult:
@@ -231,6 +232,8 @@ class _Job:
             "embed": {"batch_size": self.config.batch_size},
             "compute": self.encoder.compute,
         }
+        if self.stain_attrs is not None:
+            attrs["stain"] = self.stain_attrs
         if hasattr(self.encoder, "checkpoint_sha256"):
             attrs["checkpoint_sha256"] = self.encoder.checkpoint_sha256
         return _Slide(store, n, coords, attrs)
@@ -249,6 +252,7 @@ class _Job:
             and a.get("encoder_id") == self.eid
             and a.get("coords_sha256") == chash
             and a.get("dtype") == self.config.dtype
+            and a.get("stain") == self.stain_attrs
         )
 
     # -- the loop ---------------------------------------------------------------------------
@@ -267,7 +271,8 @@ class _Job:
         units = work_units([s.n for s in todo], self.config.batch_size)
         # On the CPU the workers also preprocess (in parallel with the forward passes); on
         # CUDA uint8 batches travel (4x smaller) and are preprocessed on the device.
-        transform = None if self.cuda or not self.config.n_workers else self.encoder.preprocessor
+        plain = self.cuda or not self.config.n_workers or self.stain is not None
+        transform = None if plain else self.encoder.preprocessor
         dataset = TileBatches([str(s.store.path / "tiles") for s in todo], units, transform)
         loader = make_loader(
             dataset,
@@ -357,6 +362,8 @@ class _Job:
             if slide.done:
                 return None
             x = tiles.to(self.encoder.device, non_blocking=self.cuda)
+            if self.stain is not None:  # uint8 (B, T, T, 3) tiles, normalised on the device
+                x = self.stain(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()
             if x.dtype == torch.uint8:
                 feats = self.encoder(x, where=str(slide.store.path))
             else:  # preprocessed by the loader worker
@@ -416,6 +423,24 @@ class _Job:
             slide.writer.abort()
         seconds = time.perf_counter() - slide.started if slide.started else 0.0
         slide.result = _failed(slide.store.slide_id, err, seconds)
+
+
+def _stain_normalizer(config: EmbedConfig) -> tuple[Any, dict[str, Any] | None]:
+    """The stain normaliser of ``config`` and its provenance (both None when off)."""
+    if config.stain_normalize is None or config.stain_reference is None:
+        return None, None
+    import hashlib
+
+    from wsi_ssl.stain import StainNormalizer
+
+    normalizer = StainNormalizer(config.stain_normalize, config.stain_reference)
+    digest = hashlib.sha256(Path(config.stain_reference).read_bytes()).hexdigest()
+    provenance = {
+        "method": config.stain_normalize,
+        "reference": Path(config.stain_reference).name,
+        "reference_sha256": digest,
+    }
+    return normalizer, provenance
 
 
 def _slide_id(archive: Archive, name: str) -> str:
