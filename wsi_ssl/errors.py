@@ -37,6 +37,7 @@ __all__ = [
     "RegionOutsideSlideError",
     "SchemaMismatchError",
     "SlideNotFoundError",
+    "StainNormalizationError",
     "StoreCorruptError",
     "StoreIncompleteError",
     "StoreLockedError",
