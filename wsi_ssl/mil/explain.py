@@ -65,7 +65,7 @@ def scaled_attention(attention: np.ndarray, scale: str = "max") -> np.ndarray:
 
 def _geometry(store: SlideStore) -> tuple[float, float, float]:
     """(thumbnail px per level-0 px in x, in y, tile edge in level-0 px)."""
-    h, w = store.group["thumbnail"].shape[:2]
+    h, w = store.thumbnail.shape[:2]
     width, height = store.source["dimensions"]
     return w / width, h / height, float(store.tiling["tile_size_level0"])
 
