@@ -93,7 +93,7 @@ def embed_on_devices(
     spec: Encoder | str = encoder if isinstance(encoder, Encoder) else str(encoder)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    jobs = []
+    jobs: list[tuple[str, list[str], Any]] = []
     for device, shard in zip(names, shard_slides(sizes, len(names)), strict=True):
         if not shard:
             continue
