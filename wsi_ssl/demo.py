@@ -30,6 +30,7 @@ class DemoResult:
 
 def demo_slides(out: Path) -> dict[Path, str]:
     """Write (once) the labelled synthetic demo slides; returns ``{path: label}``."""
+    from wsi_ssl.storage.atomic import atomic_path
     from wsi_ssl.synthetic import write_synthetic_slide
 
     labelled = {}
@@ -37,9 +38,9 @@ def demo_slides(out: Path) -> dict[Path, str]:
         lesion = seed % 2 == 1
         path = out / "slides" / f"demo-{seed}.tiff"
         if not path.exists():
-            tmp = path.with_suffix(".tmp.tiff")
-            write_synthetic_slide(tmp, DEMO_SIZE, seed=seed, lesion=lesion)
-            tmp.replace(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                write_synthetic_slide(tmp, DEMO_SIZE, seed=seed, lesion=lesion)
         labelled[path] = "tumour" if lesion else "normal"
     return labelled
 

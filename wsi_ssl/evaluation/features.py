@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from wsi_ssl.evaluation.config import EvaluationConfig
+from wsi_ssl.storage.atomic import atomic_write_with
 
 if TYPE_CHECKING:
     from wsi_ssl.encoders import Encoder
@@ -69,10 +70,7 @@ def image_features(
     feats = encoder.embed_images(stack, batch_size=batch_size).astype(np.float32)
     if npy and meta:
         npy.parent.mkdir(parents=True, exist_ok=True)
-        tmp = npy.with_name(f".{npy.name}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, feats, allow_pickle=False)
-        os.replace(tmp, npy)
+        atomic_write_with(npy, lambda tmp: np.save(tmp, feats, allow_pickle=False))
         meta.write_text(json.dumps({"key": key, "n": len(feats), "encoder_id": encoder.encoder_id}))
     return feats
 

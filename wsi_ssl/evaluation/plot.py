@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from wsi_ssl.evaluation.report import ResultRow
+from wsi_ssl.storage.atomic import atomic_write_with
 
 __all__ = ["plot_results"]
 
@@ -19,7 +20,6 @@ def _gap(top: float | None, bottom: float | None) -> float:
 
 def plot_results(rows: Sequence[ResultRow], encoders: Sequence[str], out: str | Path) -> Path:
     """Write the chart of ``rows`` as PNG to ``out`` (temp file + rename)."""
-    import os
 
     import matplotlib
 
@@ -55,8 +55,6 @@ def plot_results(rows: Sequence[ResultRow], encoders: Sequence[str], out: str | 
         ax.axis("off")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write_with(out, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
-    os.replace(tmp, out)
     return out

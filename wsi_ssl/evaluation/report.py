@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import numpy as np
 
 from wsi_ssl.evaluation.config import EvaluationConfig
 from wsi_ssl.evaluation.statistics import Estimate, Metric, estimate, paired_difference
+from wsi_ssl.storage.atomic import atomic_write_text
 
 __all__ = ["EvaluationReport", "Ranking", "ResultRow", "Scores", "TaskSummary", "rank"]
 
@@ -234,7 +234,4 @@ class EvaluationReport:
         """Write :meth:`to_dict` as JSON (temp file + rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, default=str))

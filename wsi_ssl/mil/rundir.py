@@ -20,6 +20,7 @@ import torch
 from wsi_ssl.mil.config import MILConfig
 from wsi_ssl.mil.matching import MatchReport
 from wsi_ssl.mil.metrics import plot_roc
+from wsi_ssl.storage.atomic import atomic_write_text
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -153,7 +154,7 @@ def run_info(
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2))
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def publish(partial: Path, out: Path) -> None:

@@ -8,11 +8,12 @@ slide name and score.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from wsi_ssl.storage.atomic import atomic_write_with
 
 if TYPE_CHECKING:
     from wsi_ssl.search.results import SearchResult
@@ -198,9 +199,7 @@ def render_gallery(
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out)
+    atomic_write_with(out, lambda tmp: fig.savefig(tmp, format="png"))
     return out
 
 

@@ -14,7 +14,6 @@ of all tiles with the selected ones marked.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from wsi_ssl.errors import ConfigError
+from wsi_ssl.storage.atomic import atomic_write_text, atomic_write_with
 
 __all__ = ["CURATION_FORMAT", "Curation", "curate", "read_curation"]
 
@@ -165,9 +165,7 @@ def curate(
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data))
 
 
 def plot_coverage(
@@ -204,9 +202,7 @@ def plot_coverage(
     scatter.legend(loc="best")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(out)
+    atomic_write_with(out, fig.savefig)
     return out
 
 

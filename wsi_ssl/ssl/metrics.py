@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from wsi_ssl.storage.atomic import atomic_write_text, atomic_write_with
+
 __all__ = ["MetricsLog", "plot_loss"]
 
 
@@ -32,9 +34,7 @@ class MetricsLog:
         if not self.path.is_file():
             return
         keep = [r for r in self.rows() if r.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        tmp.replace(self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def append(self, row: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +64,5 @@ def plot_loss(rows: list[dict[str, Any]], out: str | Path, title: str = "DINO pr
         ax2.plot(steps, [r["lr"] for r in rows], color="tab:orange", alpha=0.6, label="lr")
         ax2.set_ylabel("learning rate", color="tab:orange")
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(out)
+    atomic_write_with(out, fig.savefig)
     return out

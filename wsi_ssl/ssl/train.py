@@ -86,6 +86,7 @@ from wsi_ssl.ssl.optim import param_groups
 from wsi_ssl.ssl.recipes import make_recipe
 from wsi_ssl.ssl.schedules import Schedules
 from wsi_ssl.ssl.transforms import HistoDINOTransform
+from wsi_ssl.storage.atomic import atomic_write_text
 
 __all__ = [
     "PretrainRun",
@@ -727,10 +728,7 @@ class Trainer:
         return self.teacher if self.teacher is not None else self.student
 
     def _write_json(self, name: str, data: dict[str, Any]) -> None:
-        path = self.out / name
-        tmp = path.with_name(f".{name}.tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(path)
+        atomic_write_text(self.out / name, json.dumps(data, indent=2))
 
 
 def clip_gradients(parameters: Iterator[nn.Parameter], clip: float) -> None:
