@@ -33,6 +33,7 @@ from typing import Any
 __all__ = [
     "FAULT_ENV",
     "TEMP_MARK",
+    "aside_directory",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -47,6 +48,8 @@ __all__ = [
     "pid_alive",
     "remove_path",
     "rename_into_place",
+    "replace_directory",
+    "restore_directory",
     "sweep_temp_files",
     "temp_name",
 ]
@@ -125,6 +128,39 @@ def rename_into_place(tmp: str | Path, final: str | Path) -> None:
     fault_point(final)
     os.replace(tmp, final)
     fsync_dir(Path(final).parent)
+
+
+def aside_directory(final: str | Path) -> Path:
+    """Where :func:`replace_directory` keeps the old ``final`` between its two renames."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.replaced")
+
+
+def replace_directory(new: str | Path, final: str | Path) -> None:
+    """Swap the complete directory ``new`` in at ``final``, never deleting first.
+
+    The old ``final`` is renamed aside, ``new`` renamed in, then the old one removed. A kill
+    leaves the old or the new directory at ``final``, or (between the two renames) the old one
+    aside, which :func:`restore_directory` puts back.
+    """
+    new, final = Path(new), Path(final)
+    aside = aside_directory(final)
+    if final.exists():
+        remove_path(aside)  # left by a swap killed after its second rename: stale
+        fault_point(aside)
+        os.replace(final, aside)
+    rename_into_place(new, final)
+    remove_path(aside)
+
+
+def restore_directory(final: str | Path) -> bool:
+    """Put back the old directory of a :func:`replace_directory` killed between its renames."""
+    final, aside = Path(final), aside_directory(final)
+    if final.exists() or not aside.is_dir():
+        return False
+    os.replace(aside, final)
+    fsync_dir(final.parent)
+    return True
 
 
 @contextlib.contextmanager

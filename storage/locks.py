@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import threading
@@ -42,6 +43,7 @@ __all__ = [
     "lock_files",
     "read_holder",
     "remove_stale_lock",
+    "run_lock_path",
     "slide_lock",
     "slide_lock_path",
     "stale_lock_files",
@@ -66,6 +68,12 @@ class LockHolder:
 
     def describe(self) -> str:
         return f"pid {self.pid} on {self.host}" + (f" (since {self.since})" if self.since else "")
+
+
+def run_lock_path(root: str | Path, run_dir: str | Path) -> Path:
+    """The lock file, under the archive ``root``, of a run directory written from it (MIL)."""
+    key = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:24]
+    return Path(root) / LOCKS_DIR / "runs" / f"{key}.lock"
 
 
 def slide_lock_path(root: str | Path, slide_id: str) -> Path:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from wsi_ssl.mil.config import MILConfig
 from wsi_ssl.mil.matching import MatchReport
 from wsi_ssl.mil.metrics import plot_roc
-from wsi_ssl.storage.atomic import atomic_write_text
+from wsi_ssl.storage.atomic import atomic_write_text, replace_directory
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -158,8 +157,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def publish(partial: Path, out: Path) -> None:
-    """Rename the complete ``partial`` directory to ``out`` (replacing an old run)."""
-    if out.exists():
-        shutil.rmtree(out)
+    """Swap the complete ``partial`` directory in at ``out`` (an old run is replaced, never
+    deleted first)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(partial, out)
+    replace_directory(partial, out)

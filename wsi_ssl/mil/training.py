@@ -51,6 +51,8 @@ from wsi_ssl.mil.rundir import (
     write_json,
     write_predictions,
 )
+from wsi_ssl.storage.atomic import restore_directory
+from wsi_ssl.storage.locks import hold_lock, run_lock_path
 
 __all__ = ["CHECKPOINT_FORMAT", "RUN_FORMAT", "FoldResult", "TrainResult", "torch_threads", "train"]
 
@@ -189,7 +191,10 @@ def train(
         TrainingDivergedError: a non-finite loss.
     """
     config = dataclasses.replace(config or MILConfig(), **options)
-    with torch_threads(config.threads):
+    out = Path(out)
+    # one writer per run directory; an old run left aside by a killed swap is put back first
+    with torch_threads(config.threads), hold_lock(run_lock_path(root, out), out):
+        restore_directory(out)
         return _train(root, labels, encoder, out, config, skip_missing, overwrite, progress, log)
 
 
