@@ -87,6 +87,7 @@ from wsi_ssl.ssl.recipes import make_recipe
 from wsi_ssl.ssl.schedules import Schedules
 from wsi_ssl.ssl.transforms import HistoDINOTransform
 from wsi_ssl.storage.atomic import atomic_write_text
+from wsi_ssl.storage.locks import hold_lock
 
 __all__ = [
     "PretrainRun",
@@ -255,11 +256,15 @@ def pretrain(
     resolve_device(device_name)  # fail before starting processes' collectives
     ctx = _init_distributed(device_name)
     threads = torch.get_num_threads()
+    # one writer per run directory (the main process writes it; a second run gets
+    # StoreLockedError naming the holder)
+    run_lock = hold_lock(out / ".lock", out) if ctx.main else contextlib.nullcontext()
     try:
-        trainer = Trainer(roots, config, out, resume=resume, until_step=until_step, ctx=ctx)
-        if trainer.config.num_threads is not None:
-            torch.set_num_threads(trainer.config.num_threads)
-        return trainer.run()
+        with run_lock:
+            trainer = Trainer(roots, config, out, resume=resume, until_step=until_step, ctx=ctx)
+            if trainer.config.num_threads is not None:
+                torch.set_num_threads(trainer.config.num_threads)
+            return trainer.run()
     finally:
         torch.set_num_threads(threads)
         if ctx.initialized_here:

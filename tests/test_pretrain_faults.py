@@ -1,0 +1,52 @@
+"""A pretraining run directory under faults: a second run into the same directory while the
+first is paused at a checkpoint rename, then the first SIGKILLed; ``--resume`` completes it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from wsi_ssl.storage.atomic import FAULT_ENV
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+ARGS = ["--preset", "cpu-small", "--steps", "2", "--checkpoint-every", "1", "--batch-size", "8"]
+ARGS += ["--device", "cpu", "--num-workers", "0", "--quiet"]
+
+
+def _stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_second_pretrain_is_refused_and_resume_completes(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    argv = ["pretrain", str(small_archive), "--out", str(out), *ARGS]
+    code = "import sys; from wsi_ssl.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, FAULT_ENV: "pause_before_rename:step_00000001"}
+    first = subprocess.Popen([sys.executable, "-c", code, *argv], env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not _stopped(first.pid):  # paused at its first checkpoint, holding the run's lock
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        rc, _, err = run_cli(argv)
+        assert rc == 2 and f"being written by pid {first.pid}" in err
+        assert len(err.strip().splitlines()) == 1
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    assert not list(
+        (out / "checkpoints").glob("step_*.pt")
+    )  # the killed run never published a checkpoint
+    rc, _, err = run_cli([*argv, "--resume"])
+    assert rc == 0, err
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*.pt"))[-1] == "step_00000002.pt"
+    assert (out / "encoder.pt").is_file()
