@@ -154,13 +154,18 @@ def test_block_thumbnail_matches_the_whole_level_read(
     assert np.abs(blocks.astype(int) - whole.astype(int)).mean() < 2.0
 
 
+# the peak RSS of this process image (VmHWM): ru_maxrss would carry the peak of the forking
+# parent (pytest) across fork and exec
 _MEASURE = """
-import json, resource, sys
+import json, re, sys
 from wsi_ssl.tiling.batch import open_for_tiling, thumbnail_and_mask
+def peak_kib():
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\\s+(\\d+) kB", f.read()).group(1))
 with open_for_tiling(sys.argv[1], None) as reader:
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_kib()
     thumbnail, mask = thumbnail_and_mask(reader, reader.require_mpp(), 8.0)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = peak_kib()
     print(json.dumps({"before_kib": before, "after_kib": after, "levels": reader.level_count,
                       "thumbnail": list(thumbnail.shape), "tissue": float(mask.mean())}))
 """
