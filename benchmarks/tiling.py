@@ -199,8 +199,9 @@ def build_single_level(path: Path, size: int, tile: int = 512) -> Path:
     return path
 
 
+# peak RSS of this process image (VmHWM): ru_maxrss would carry the launcher's peak over fork
 _THUMBNAIL = """
-import json, resource, sys, time
+import json, re, sys, time
 import wsi_ssl.slide._base as base
 from wsi_ssl.tiling.batch import open_for_tiling, thumbnail_and_mask
 if sys.argv[2] == "whole-level":  # the read this replaced: the whole level, then resized
@@ -209,7 +210,8 @@ with open_for_tiling(sys.argv[1], None) as reader:
     start = time.perf_counter()
     thumbnail, mask = thumbnail_and_mask(reader, reader.require_mpp(), 8.0)
     print(json.dumps({"seconds": time.perf_counter() - start, "thumbnail": list(thumbnail.shape),
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mb": int(re.search(r"VmHWM:\\s+(\\d+)",
+                                           open("/proc/self/status").read()).group(1)) / 1024}))
 """
 
 
