@@ -71,6 +71,7 @@ __all__ = [
     "embeddings_busy",
     "embeddings_problem",
     "finish_interrupted_swap",
+    "open_embeddings_array",
     "read_embeddings",
     "resolve_encoder_id",
 ]
@@ -167,6 +168,12 @@ class Embeddings:
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
+
+
+def open_embeddings_array(store_path: str | Path, encoder_id: str) -> zarr.Array[Any]:
+    """The stored array of ``encoder_id`` (read-only, unchecked: its shape and attributes;
+    :func:`read_embeddings` for vectors that are checked)."""
+    return zarr.open_array(_array_dir(Path(store_path), encoder_id), mode="r")
 
 
 def read_embeddings(store: SlideStore, encoder_id: str, *, lazy: bool = False) -> Embeddings:

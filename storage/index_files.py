@@ -86,6 +86,7 @@ __all__ = [
     "read_faiss_index",
     "read_index",
     "read_index_files",
+    "remove_index",
     "remove_temp_files",
     "validate_index_name",
     "write_index",
@@ -186,6 +187,19 @@ def index_lock(root: str | Path, name: str, *, wait: float = 0.0) -> Iterator[No
         yield
     finally:
         lock.__exit__(None, None, None)
+
+
+def remove_index(root: str | Path, name: str) -> bool:
+    """Delete the index ``name`` of archive ``root`` under its lock; False if there is none."""
+    path = index_path(root, name)
+    if not path.is_dir():
+        return False
+    with index_lock(root, name):
+        for entry in path.iterdir():
+            if entry.name != LOCK_FILE:
+                remove_path(entry)
+    remove_path(path)
+    return True
 
 
 # -- writing ----------------------------------------------------------------------------------

@@ -210,6 +210,12 @@ class SlideStore:
         self.tiles[start : start + len(tiles)] = tiles
 
 
+def open_tiles(path: str | Path, *, writable: bool = False) -> zarr.Array[Any]:
+    """The ``tiles`` array at ``path`` (a store's ``tiles`` folder), for a tiling task that
+    writes its shard (``writable``) or a reader that picks single tiles."""
+    return zarr.open_array(path, mode="r+" if writable else "r")
+
+
 # -- swap, don't delete ----------------------------------------------------------------------
 def staging_path(store_path: str | Path) -> Path:
     """Where a new store for ``store_path`` is written before it is swapped in."""

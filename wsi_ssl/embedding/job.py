@@ -43,6 +43,7 @@ from wsi_ssl.storage.embeddings import (
     coords_sha256,
     embeddings_busy,
     embeddings_problem,
+    open_embeddings_array,
 )
 from wsi_ssl.storage.resolve import resolve_slide
 
@@ -243,9 +244,7 @@ class _Job:
         and dtype."""
         if embeddings_problem(store, self.eid) is not None:
             return False
-        import zarr
-
-        array = zarr.open_array(store.path / "embeddings" / self.eid, mode="r")
+        array = open_embeddings_array(store.path, self.eid)
         a = array.attrs
         return (
             array.shape == (n, self.encoder.embed_dim)

@@ -16,9 +16,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from wsi_ssl.storage.slide_store import open_tiles
 from wsi_ssl.storage.tile_reader import TileReader
 
 __all__ = ["TileBatch", "TileBatches", "WorkUnit", "make_loader", "work_units"]
@@ -79,7 +79,7 @@ class TileBatches(IterableDataset[TileBatch]):
             try:
                 if slide not in readers:
                     readers.clear()  # one slide open at a time per worker
-                    readers[slide] = TileReader(zarr.open_array(self.tile_arrays[slide], mode="r"))
+                    readers[slide] = TileReader(open_tiles(self.tile_arrays[slide]))
                 tiles = readers[slide].read(np.arange(start, stop))
                 if tiles.dtype != np.uint8 or tiles.ndim != 4 or len(tiles) != stop - start:
                     raise ValueError(

@@ -284,16 +284,15 @@ def _scratch_index(root: Path, encoder_id: str, slides: list[str]) -> Iterator[A
     """A flat (exact) index of ``slides``, removed afterwards so that the archive's own
     indexes are the only ones left (commands that open "the only index" keep working)."""
     import os
-    import shutil
 
     from wsi_ssl.search import SearchIndex
-    from wsi_ssl.storage.index_files import index_path
+    from wsi_ssl.storage.index_files import remove_index
 
     name = f"eval-{encoder_id}-{os.getpid()}"
     try:
         yield SearchIndex.build(root, encoder_id, name=name, slides=slides, kind="flat")
     finally:
-        shutil.rmtree(index_path(root, name), ignore_errors=True)
+        remove_index(root, name)
 
 
 def _retrieval(task: RetrievalTask, encoders: Named, config: EvaluationConfig) -> _TaskResult:

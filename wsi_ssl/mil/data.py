@@ -19,7 +19,7 @@ import zarr
 
 from wsi_ssl.errors import EmptyBagError
 from wsi_ssl.storage import SlideStore
-from wsi_ssl.storage.embeddings import Embeddings, read_embeddings
+from wsi_ssl.storage.embeddings import Embeddings, open_embeddings_array, read_embeddings
 
 __all__ = ["BagCache", "BagDataset", "BagRef", "EpochOrder", "read_bag"]
 
@@ -124,9 +124,7 @@ class BagDataset(torch.utils.data.Dataset):
         if array is None:
             emb = read_bag(ref.store_path, self.encoder_id)
             bag = np.asarray(emb.features)
-            self._arrays[ref.slide_id] = zarr.open_array(
-                ref.store_path / "embeddings" / self.encoder_id, mode="r"
-            )
+            self._arrays[ref.slide_id] = open_embeddings_array(ref.store_path, self.encoder_id)
         else:
             bag = np.asarray(array[:])
         if self.cache is not None:

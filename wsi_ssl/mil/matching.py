@@ -202,10 +202,8 @@ def match_labels(
         EmbeddingsNotFoundError: no labelled slide has embeddings of ``encoder``.
         EmptyBagError: a labelled slide has 0 tiles (unless ``skip_missing``).
     """
-    import zarr
-
     from wsi_ssl.storage import open_store
-    from wsi_ssl.storage.embeddings import embedding_ids
+    from wsi_ssl.storage.embeddings import embedding_ids, open_embeddings_array
 
     if isinstance(labels, LabelTable):
         table = labels
@@ -277,7 +275,7 @@ def match_labels(
         if encoder_id not in ids_by_slide[sid]:
             continue
         path = archive.store_path(sid)
-        shape = zarr.open_array(path / "embeddings" / encoder_id, mode="r").shape
+        shape = open_embeddings_array(path, encoder_id).shape
         if shape[0] == 0:
             if not skip_missing:
                 raise EmptyBagError(f"{names[sid]} (slide {sid}, labels line {r.line})", encoder_id)

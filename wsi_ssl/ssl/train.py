@@ -260,10 +260,10 @@ def pretrain(
     # StoreLockedError naming the holder)
     run_lock = hold_lock(out / ".lock", out) if ctx.main else contextlib.nullcontext()
     try:
-        with run_lock:
-            trainer = Trainer(roots, config, out, resume=resume, until_step=until_step, ctx=ctx)
-            if trainer.config.num_threads is not None:
-                torch.set_num_threads(trainer.config.num_threads)
+        trainer = Trainer(roots, config, out, resume=resume, until_step=until_step, ctx=ctx)
+        if trainer.config.num_threads is not None:
+            torch.set_num_threads(trainer.config.num_threads)
+        with run_lock:  # taken once the inputs are checked: a refused run writes nothing
             return trainer.run()
     finally:
         torch.set_num_threads(threads)

@@ -21,11 +21,11 @@ from typing import Any
 
 import dask
 import numpy as np
-import zarr
 from PIL import Image
 
 from wsi_ssl.slide import SlideReader, StoredTiles, open_slide
 from wsi_ssl.storage.shards import accepts_jpeg, write_shard
+from wsi_ssl.storage.slide_store import open_tiles
 from wsi_ssl.tiling.grid import TileGrid
 from wsi_ssl.tiling.qc import write_chunk_scores
 
@@ -155,7 +155,7 @@ def _extract_chunk(
     coords: np.ndarray,
 ) -> int:
     reader = cached_reader(*slide)
-    array = zarr.open_array(tiles_path, mode="r+")
+    array = open_tiles(tiles_path, writable=True)
     tiles = chunk_tiles(reader, grid, coords, jpeg_passthrough=accepts_jpeg(array))
     write_shard(array, start // array.shards[0], tiles)  # type: ignore[index]
     write_chunk_scores(Path(tiles_path).parent, start, tiles)
