@@ -118,6 +118,29 @@ def test_index_killed_at_the_manifest_then_rebuilt(small_archive: Path, tmp_path
     assert _check(root)[0] == 0
 
 
+def test_index_second_writer_is_refused_while_the_first_holds_it(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    from wsi_ssl.storage.index_files import read_index
+
+    root = shutil.copytree(small_archive, tmp_path / "root")
+    [name] = [p.name for p in (root / "index").iterdir()]
+    before = read_index(root, name)[1].path.name
+    argv = ["index", str(root), "--encoder", "random-cnn", "--quiet"]
+    first = _cli_process(argv, "pause_before_rename:MANIFEST.json")
+    try:
+        _wait_stopped(first)  # paused at its manifest rename, holding the index lock
+        code, _, err = run_cli(argv)
+        assert code == 2 and f"pid {first.pid}" in err and len(err.strip().splitlines()) == 1
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    assert read_index(root, name)[1].path.name == before  # the previous index, whole
+    code, _, err = run_cli(argv)
+    assert code == 0, err
+    assert _check(root)[0] == 0
+
+
 @pytest.mark.slow
 def test_export_full_disk_never_leaves_features_without_coords(
     small_archive: Path, tmp_path: Path
@@ -132,6 +155,21 @@ def test_export_full_disk_never_leaves_features_without_coords(
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
     code, _, _ = run_cli(argv)
     assert code == 0 and (out / "s1.pt").exists() and (out / "coords" / "s1.pt").exists()
+
+
+@pytest.mark.slow
+def test_export_killed_at_a_rename_never_leaves_features_without_coords(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    root, out = small_archive, tmp_path / "pt"
+    argv = ["export", str(root), "--out", str(out), "--format", "pt"]
+    job = _cli_process(argv, "kill_before_rename:s1.pt")
+    job.communicate(timeout=300)
+    assert job.returncode == -signal.SIGKILL
+    assert not (out / "s1.pt").exists()  # coords may be there; features never without them
+    code, _, _ = run_cli(argv)
+    assert code == 0 and (out / "s1.pt").exists() and (out / "coords" / "s1.pt").exists()
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
 
 
 _SAVE = """

@@ -108,3 +108,18 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_run(
 def _stopped(pid: int) -> bool:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_full_disk_at_the_swap_keeps_the_old_run(
+    archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "run"
+    _train_in_process(archive, out, epochs=2)
+    monkeypatch.setenv(FAULT_ENV, f"enospc_before_rename:{out}")
+    with pytest.raises(OSError, match="No space left"):
+        _train_in_process(archive, out, epochs=3, overwrite=True)
+    monkeypatch.delenv(FAULT_ENV)
+    # the old run is aside (the new one never landed); the next train puts it back first
+    _train_in_process(archive, out, epochs=3, overwrite=True)
+    assert _epochs(out) == 3
+    assert not any(p.name.startswith(f".{out.name}") for p in tmp_path.iterdir())

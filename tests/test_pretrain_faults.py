@@ -50,3 +50,20 @@ def test_second_pretrain_is_refused_and_resume_completes(
     assert rc == 0, err
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*.pt"))[-1] == "step_00000002.pt"
     assert (out / "encoder.pt").is_file()
+
+
+def test_full_disk_at_a_checkpoint_keeps_the_previous_one(
+    small_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "run"
+    argv = ["pretrain", str(small_archive), "--out", str(out), *ARGS]
+    assert run_cli([*argv, "--until-step", "1"])[0] == 0
+    resume = ["pretrain", str(small_archive), "--out", str(out), "--resume", "--quiet"]
+    monkeypatch.setenv(FAULT_ENV, "enospc_before_rename:step_00000002")
+    rc, _, err = run_cli(resume)
+    assert rc == 2 and "No space left" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.delenv(FAULT_ENV)
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step_00000001.pt"]  # the previous checkpoint, and no temp file
+    assert run_cli(resume)[0] == 0
+    assert (out / "checkpoints" / "step_00000002.pt").is_file()
