@@ -46,7 +46,12 @@ import numpy as np
 
 from wsi_ssl.errors import ConfigError, WsiSslError
 from wsi_ssl.storage import SlideStore, open_store
-from wsi_ssl.storage.atomic import atomic_path, atomic_write_json, atomic_write_with
+from wsi_ssl.storage.atomic import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_with,
+    sweep_temp_files,
+)
 from wsi_ssl.storage.embeddings import Embeddings, embedding_ids, read_embeddings
 from wsi_ssl.storage.resolve import resolve_encoder, resolve_slide
 
@@ -195,6 +200,7 @@ def export(
     names = _names(stores, name_by)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    sweep_temp_files(out, recursive=True)  # what a killed export left
     result = ExportResult(out, format, eid, failed=failed)
     for store in stores:
         name = names[store.slide_id]
