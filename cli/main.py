@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from wsi_ssl import __version__
 from wsi_ssl.cli import check, demo, embed, encoders, evaluate, mil, pretrain, search, serve, tile
+from wsi_ssl.cli.hints import command_parser, flag_hint
 from wsi_ssl.errors import WsiSslError
 
 COMMANDS = (tile, pretrain, embed, encoders, search, mil, serve, demo, evaluate, check)
@@ -29,13 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 ok, 1 some slides failed, 2 error)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = command_parser(parser, args)
+    args.error_hint = lambda err: flag_hint(err, command)  # per-slide error lines use it too
     # tifffile logs what it finds wrong in a malformed file; the slide's own error says it once
     logging.getLogger("tifffile").setLevel(logging.ERROR)
     try:
         return int(args.func(args))
     except WsiSslError as err:
-        print(f"wsi-ssl: error: {err}", file=sys.stderr)
+        print(f"wsi-ssl: error: {err}{args.error_hint(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

@@ -120,7 +120,7 @@ def test_weights_from_a_local_file(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     # a named encoder that needs weights: clear error naming the default place ...
     monkeypatch.setenv("WSI_SSL_WEIGHTS", str(tmp_path / "weights"))
-    with pytest.raises(WeightsNotFoundError, match=r"test-file-cnn\.pth.*--weights PATH"):
+    with pytest.raises(WeightsNotFoundError, match=r"test-file-cnn\.pth.*weights=PATH"):
         create_encoder("test-file-cnn")
     with pytest.raises(WeightsNotFoundError, match="never downloads"):
         create_encoder("test-file-cnn", weights=tmp_path / "missing.pth")

@@ -422,7 +422,7 @@ def test_override_chain_on_boxes(slides_dir: Path) -> None:
 def test_synthetic_without_mpp_requires_override(synthetic_no_mpp: Path) -> None:
     with open_slide(synthetic_no_mpp) as reader:
         assert (reader.mpp, reader.mpp_source) == (None, None)
-        with pytest.raises(MissingMppError, match="--mpp-override"):
+        with pytest.raises(MissingMppError, match="mpp_override"):
             reader.require_mpp()
     with open_slide(synthetic_no_mpp, mpp_override=0.5) as reader:
         assert (reader.mpp, reader.mpp_source) == (0.5, "override")

@@ -165,7 +165,7 @@ def test_whole_factor_resampling_is_an_exact_box_average(tmp_path: Path) -> None
 
 def test_non_integer_downsamples_boxes(tmp_path: Path, slides_dir: Path) -> None:
     boxes = slides_dir / "boxes.tiff"
-    with pytest.raises(MissingMppError, match="--mpp-override"):
+    with pytest.raises(MissingMppError, match="mpp_override"):
         tile_slide(boxes, tmp_path, TilingConfig())
     # boxes.tiff at 1 µm/px "per pixel"; ask for 4x coarser: its 4.016 level snaps
     config = TilingConfig(
@@ -217,7 +217,7 @@ def test_qptiff_falls_back_to_tiffslide(tmp_path: Path, slides_dir: Path) -> Non
 
 def test_no_tissue_and_no_mpp(tmp_path: Path) -> None:
     blank = write_synthetic_slide(tmp_path / "blank.tiff", (1024, 768), tissue=False)
-    with pytest.raises(NoTissueError, match="tissue-threshold"):
+    with pytest.raises(NoTissueError, match="tissue_threshold"):
         tile_slide(blank, tmp_path / "root", TilingConfig())
     entry = open_store(tmp_path / "root").catalog.entries()[0]
     assert entry.status == "failed" and "NoTissueError" in (entry.error or "")

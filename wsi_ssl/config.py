@@ -69,30 +69,54 @@ class TilingConfig:
 
     def __post_init__(self) -> None:
         if not self.mpp > 0:
-            raise ConfigError(f"mpp must be > 0, got {self.mpp}")
+            raise ConfigError(f"mpp must be > 0, got {self.mpp}", parameters=("mpp",))
         if self.tile_size < 16:
-            raise ConfigError(f"tile_size must be >= 16, got {self.tile_size}")
+            raise ConfigError(
+                f"tile_size must be >= 16, got {self.tile_size}", parameters=("tile_size",)
+            )
         if self.tile_size > self.max_tile_size:
             raise ConfigError(
                 f"tile_size {self.tile_size} is over max_tile_size={self.max_tile_size}; raise "
-                "max_tile_size (--max-tile-size) to allow tiles that large"
+                "max_tile_size to allow tiles that large",
+                parameters=("tile_size", "max_tile_size"),
             )
         if self.max_tiles < 1:
-            raise ConfigError(f"max_tiles must be >= 1, got {self.max_tiles}")
+            raise ConfigError(
+                f"max_tiles must be >= 1, got {self.max_tiles}", parameters=("max_tiles",)
+            )
         if not 0 <= self.overlap < self.tile_size:
-            raise ConfigError(f"overlap must be in [0, tile_size), got {self.overlap}")
+            raise ConfigError(
+                f"overlap must be in [0, tile_size), got {self.overlap}", parameters=("overlap",)
+            )
         if not 0.0 <= self.tissue_threshold <= 1.0:
-            raise ConfigError(f"tissue_threshold must be in [0, 1], got {self.tissue_threshold}")
+            raise ConfigError(
+                f"tissue_threshold must be in [0, 1], got {self.tissue_threshold}",
+                parameters=("tissue_threshold",),
+            )
         if self.codec not in CODECS:
-            raise ConfigError(f"codec must be one of {', '.join(CODECS)}; got {self.codec!r}")
+            raise ConfigError(
+                f"codec must be one of {', '.join(CODECS)}; got {self.codec!r}",
+                parameters=("codec",),
+            )
         if not 1 <= self.jpeg_quality <= 100:
-            raise ConfigError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+            raise ConfigError(
+                f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}",
+                parameters=("jpeg_quality",),
+            )
         if self.tiles_per_chunk < 1:
-            raise ConfigError(f"tiles_per_chunk must be >= 1, got {self.tiles_per_chunk}")
+            raise ConfigError(
+                f"tiles_per_chunk must be >= 1, got {self.tiles_per_chunk}",
+                parameters=("tiles_per_chunk",),
+            )
         if not self.thumbnail_mpp > 0:
-            raise ConfigError(f"thumbnail_mpp must be > 0, got {self.thumbnail_mpp}")
+            raise ConfigError(
+                f"thumbnail_mpp must be > 0, got {self.thumbnail_mpp}",
+                parameters=("thumbnail_mpp",),
+            )
         if self.mpp_override is not None and not self.mpp_override > 0:
-            raise ConfigError(f"mpp_override must be > 0, got {self.mpp_override}")
+            raise ConfigError(
+                f"mpp_override must be > 0, got {self.mpp_override}", parameters=("mpp_override",)
+            )
         for name in ("roi_include", "roi_exclude"):  # TOML and JSON give lists
             object.__setattr__(self, name, tuple(str(c) for c in getattr(self, name)))
         if self.roi is not None:
@@ -101,7 +125,9 @@ class TilingConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not self.qc_min_focus >= 0:
-            raise ConfigError(f"qc_min_focus must be >= 0, got {self.qc_min_focus}")
+            raise ConfigError(
+                f"qc_min_focus must be >= 0, got {self.qc_min_focus}", parameters=("qc_min_focus",)
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON types (tuples as lists), as stored and compared on resume."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = [
@@ -54,7 +55,18 @@ __all__ = [
 
 
 class WsiSslError(Exception):
-    """Base class of every error wsi-ssl raises on purpose."""
+    """Base class of every error wsi-ssl raises on purpose.
+
+    Messages speak the Python API's language; ``parameters`` names the config fields or
+    function arguments a message advises changing, which the CLI turns into its own flags.
+    """
+
+    parameters: tuple[str, ...] = ()
+
+    def __init__(self, *args: object, parameters: Sequence[str] = ()) -> None:
+        super().__init__(*args)
+        if parameters:
+            self.parameters = tuple(parameters)
 
 
 class ConfigError(WsiSslError, ValueError):
@@ -96,7 +108,8 @@ class MissingMppError(WsiSslError, ValueError):
     def __init__(self, path: str | Path) -> None:
         super().__init__(
             f"{path}: no microns-per-pixel in vendor properties, TIFF resolution tags or objective "
-            "power; pass --mpp-override MPP (or an 'mpp' column in --mpp-csv) to set it"
+            "power; set it with mpp_override=MPP (or an 'mpp' column in the mpp_csv file)",
+            parameters=("mpp_override", "mpp_csv"),
         )
         self.path = Path(path)
 
@@ -105,8 +118,9 @@ class NoTissueError(WsiSslError, ValueError):
     def __init__(self, path: str | Path, threshold: float) -> None:
         super().__init__(
             f"{path}: no tile has at least {threshold:.0%} tissue; check the slide is not blank "
-            "or smaller than one tile, then lower --tissue-threshold (tissue pieces under the "
-            "detector's minimum area are ignored as debris)"
+            "or smaller than one tile, then lower tissue_threshold (tissue pieces under the "
+            "detector's minimum area are ignored as debris)",
+            parameters=("tissue_threshold",),
         )
         self.path = Path(path)
 
@@ -157,7 +171,7 @@ class TrainingDivergedError(WsiSslError, FloatingPointError):
     """Pretraining produced a non-finite loss; the last checkpoint is left as it was."""
 
 
-# -- encoders and embeddings (issue #4) -----------------------------------------------------
+# -- encoders and embeddings ------------------------------------------------------------------
 
 
 class EncoderNotFoundError(WsiSslError, LookupError):
@@ -178,7 +192,8 @@ class WeightsNotFoundError(WsiSslError, FileNotFoundError):
         super().__init__(
             f"{path}: no weights file for encoder {encoder!r}; put its state dict there "
             "(torch.save(model.state_dict(), PATH) on a machine that has the weights) or pass "
-            "--weights PATH; wsi-ssl never downloads weights"
+            "weights=PATH; wsi-ssl never downloads weights",
+            parameters=("weights",),
         )
         self.path = Path(path)
 
@@ -189,8 +204,9 @@ class InputSizeMismatchError(WsiSslError, ValueError):
     def __init__(self, where: str, tile_size: int, input_size: int, encoder: str) -> None:
         super().__init__(
             f"{where}: tiles are {tile_size} px but encoder {encoder!r} takes {input_size} px and "
-            "its config says resize='never'; re-tile with --tile-size "
-            f"{input_size} or choose resize='bilinear' (--resize bilinear, a different encoder_id)"
+            f"its config says resize='never'; re-tile with tile_size={input_size} or choose "
+            "resize='bilinear' (a different encoder_id)",
+            parameters=("tile_size", "resize"),
         )
         self.tile_size = tile_size
         self.input_size = input_size
@@ -203,7 +219,8 @@ class NonFiniteEmbeddingError(WsiSslError, FloatingPointError):
         where = f"tile {tile}" + (f" (level-0 x={xy[0]}, y={xy[1]})" if xy is not None else "")
         super().__init__(
             f"{slide}: {where}: embedding has {detail}; check the encoder weights and precision "
-            "(--dtype float32 if values overflow float16)"
+            "(dtype='float32' if values overflow float16)",
+            parameters=("dtype",),
         )
         self.slide = slide
         self.tile = tile
@@ -214,8 +231,9 @@ class TileReadError(WsiSslError, OSError):
 
     def __init__(self, path: str | Path, start: int, stop: int, detail: str) -> None:
         super().__init__(
-            f"{path}: tiles {start}..{stop - 1} cannot be read ({detail}); re-run `wsi-ssl tile` "
-            "with --no-resume for this slide"
+            f"{path}: tiles {start}..{stop - 1} cannot be read ({detail}); re-tile this slide "
+            "with resume=False",
+            parameters=("resume",),
         )
         self.path = Path(path)
 
@@ -244,8 +262,9 @@ class EmbeddingsCorruptError(WsiSslError, OSError):
 
     def __init__(self, path: str | Path, encoder_id: str, detail: str) -> None:
         super().__init__(
-            f"{path}: embeddings {encoder_id!r} are damaged ({detail}); re-run `wsi-ssl embed` "
-            "with --no-resume for this slide"
+            f"{path}: embeddings {encoder_id!r} are damaged ({detail}); re-embed this slide "
+            "with resume=False",
+            parameters=("resume",),
         )
         self.path = Path(path)
 
@@ -261,7 +280,7 @@ class EmbeddingWriteError(WsiSslError, OSError):
         self.path = Path(path)
 
 
-# -- MIL (issue #6) ------------------------------------------------------------------------
+# -- MIL --------------------------------------------------------------------------------------
 
 
 class LabelsError(WsiSslError, ValueError):
@@ -283,12 +302,13 @@ class EmptyBagError(WsiSslError, ValueError):
         what = f"embeddings {encoder_id!r}" if encoder_id else "its bag"
         super().__init__(
             f"{slide}: {what} have 0 tiles (no tissue was kept); leave the slide out or re-tile "
-            "it with a lower --tissue-threshold"
+            "it with a lower tissue_threshold",
+            parameters=("tissue_threshold",),
         )
         self.slide = slide
 
 
-# -- index and search (issue #5) ------------------------------------------------------------
+# -- index and search -------------------------------------------------------------------------
 
 
 class IndexNotFoundError(WsiSslError, FileNotFoundError):
@@ -298,7 +318,7 @@ class IndexNotFoundError(WsiSslError, FileNotFoundError):
         have = ", ".join(available) if available else "none"
         super().__init__(
             f"{path}: no such search index (indexes under this root: {have}); "
-            "run `wsi-ssl index ROOT --encoder ENCODER_ID` first"
+            "build one first (`wsi-ssl index ROOT`)"
         )
         self.path = Path(path)
 
@@ -308,8 +328,8 @@ class CorruptIndexError(WsiSslError, OSError):
 
     def __init__(self, path: str | Path, detail: str) -> None:
         super().__init__(
-            f"{path}: search index is corrupt or truncated ({detail}); rebuild it with "
-            "`wsi-ssl index ROOT --encoder ENCODER_ID --name NAME`"
+            f"{path}: search index is corrupt or truncated ({detail}); rebuild it "
+            "(`wsi-ssl index ROOT` with the same encoder and name)"
         )
         self.path = Path(path)
 
@@ -330,7 +350,7 @@ class UnknownSlideError(WsiSslError, LookupError):
     def __init__(self, slide: str, where: str, hint: str = "") -> None:
         super().__init__(
             f"{slide!r}: no such slide in {where}"
-            + (f"; {hint}" if hint else "; list slide ids with `wsi-ssl search ROOT --list`")
+            + (f"; {hint}" if hint else "; the archive's slide ids are listed by `wsi-ssl search`")
         )
         self.slide = slide
 
@@ -351,7 +371,7 @@ class ImageTooLargeError(ImageQueryError):
     """A query image exceeds the pixel limit (a decompression bomb or simply too big)."""
 
 
-# -- archive safety (issue #10) -------------------------------------------------------------
+# -- archive safety ---------------------------------------------------------------------------
 
 
 class StoreLockedError(WsiSslError, RuntimeError):
@@ -389,7 +409,7 @@ class StoreCorruptError(WsiSslError, OSError):
         self.detail = detail
 
 
-# -- encoder zoo (issue #13) ------------------------------------------------------------------
+# -- encoder zoo ------------------------------------------------------------------------------
 
 
 class PresetWeightsNotFoundError(WeightsNotFoundError):
@@ -421,14 +441,14 @@ class MagnificationMismatchError(WsiSslError, ValueError):
     """Tiles are at another scale (µm/px at the model input) than the encoder was trained at."""
 
 
-# -- pretraining recipes (issue #14) --------------------------------------------------------
+# -- pretraining recipes ----------------------------------------------------------------------
 
 
 class ArchitectureMismatchError(ConfigError):
     """A backbone (or ``init`` encoder) whose architecture the pretraining method cannot use."""
 
 
-# -- annotations and ROIs (issue #12) ----------------------------------------------------------
+# -- annotations and ROIs ---------------------------------------------------------------------
 
 
 class AnnotationError(WsiSslError, ValueError):
@@ -458,7 +478,8 @@ class EmbeddingsWouldBeDiscardedError(WsiSslError, RuntimeError):
         super().__init__(
             f"{path}: re-tiling changes its tiles ({reason}), which would discard the embeddings "
             f"{', '.join(encoder_ids)}; the store is kept as it is: pass discard_embeddings=True "
-            "(--discard-embeddings) to re-tile anyway"
+            "to re-tile anyway",
+            parameters=("discard_embeddings",),
         )
         self.path = Path(path)
         self.encoder_ids = list(encoder_ids)

@@ -1,0 +1,60 @@
+"""Library messages name API parameters; the CLI adds the flags of the command that ran."""
+
+from __future__ import annotations
+
+import pytest
+
+from wsi_ssl.cli.hints import command_parser, flag_hint
+from wsi_ssl.cli.main import build_parser, main
+from wsi_ssl.errors import ConfigError, EmbeddingsCorruptError, NoTissueError
+from wsi_ssl.outcome import BatchOutcome, SlideOutcome
+
+
+def test_config_error_from_the_cli_names_the_flag(tmp_path, capsys) -> None:
+    code = main(["tile", str(tmp_path / "x.svs"), "--out", str(tmp_path), "--tile-size", "8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == ["wsi-ssl: error: tile_size must be >= 16, got 8 (command line: --tile-size)"]
+
+
+def test_python_callers_see_parameters_not_flags() -> None:
+    from wsi_ssl.config import TilingConfig
+
+    with pytest.raises(ConfigError) as info:
+        TilingConfig(tile_size=9000)
+    assert "--" not in str(info.value)
+    assert info.value.parameters == ("tile_size", "max_tile_size")
+
+
+def test_switches_and_nested_commands_are_found() -> None:
+    parser = build_parser()
+    embed = command_parser(parser, parser.parse_args(["embed", "ROOT", "--encoder", "x"]))
+    assert embed.prog.endswith("embed")
+    damaged = EmbeddingsCorruptError("/a/b.zarr", "enc", "chunk 3 missing")
+    assert flag_hint(damaged, embed) == " (command line: --no-resume)"
+    train = command_parser(
+        parser, parser.parse_args(["mil", "train", "ROOT", "--labels", "l.csv", "--out", "o"])
+    )
+    assert train.prog.endswith("mil train")
+    # a parameter the command has no flag for adds nothing
+    assert flag_hint(NoTissueError("/s.svs", 0.1), train) == ""
+    assert flag_hint(ValueError("plain"), embed) == ""
+
+
+def test_outcome_lines_carry_the_hint() -> None:
+    batch = BatchOutcome(
+        outcomes=[
+            SlideOutcome("a", "complete", n_tiles=5, seconds=1.0),
+            SlideOutcome.failure("b", NoTissueError("/b.svs", 0.1)),
+        ]
+    )
+    lines = batch.lines(lambda e: " [hint]")
+    assert lines[0].split() == ["complete", "5", "tiles", "1.0s", "a"]
+    assert lines[1].endswith(
+        "lower tissue_threshold (tissue pieces under the detector's "
+        "minimum area are ignored as debris) [hint]"
+    )
+    assert batch.counts == {"complete": 1, "skipped": 0, "busy": 0, "failed": 1}
+    assert batch.tiles_done == 5 and batch.exit_code == 1
+    assert batch.outcomes[1].to_dict()["error_type"] == "NoTissueError"
+    assert isinstance(batch.outcomes[1].exception, NoTissueError)

@@ -1,0 +1,135 @@
+"""What happened to each slide of a batch job: one outcome type for tile, embed, export, predict.
+
+A batch job never stops at the first bad slide: every slide gets a :class:`SlideOutcome`
+(``complete``, ``skipped`` because it was already done, ``busy`` because another job holds it,
+or ``failed`` with the error), and the job returns a summary built on :class:`BatchOutcome`,
+whose ``lines()`` the CLI prints as they are and whose ``to_dict()`` is its ``--json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from wsi_ssl.errors import StoreLockedError
+
+__all__ = ["STATUSES", "BatchOutcome", "ErrorHint", "SlideOutcome", "Status"]
+
+Status = Literal["complete", "skipped", "busy", "failed"]
+STATUSES: tuple[Status, ...] = ("complete", "skipped", "busy", "failed")
+ErrorHint = Callable[[BaseException], str]
+"""Text a caller appends to a failed slide's error (the CLI's flag hint)."""
+
+
+@dataclass
+class SlideOutcome:
+    """One slide's result: its status, tile count, time and, when it failed, the error.
+
+    ``slide`` names the slide (its id, or its path before it has one); ``details`` holds what
+    one kind of job adds (the file written, the predicted label, ...). The exception itself is
+    kept privately (``exception``) for callers that re-raise; it is not part of ``to_dict()``.
+    """
+
+    slide: str
+    status: Status
+    n_tiles: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    error_type: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    _exception: BaseException | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def failure(
+        cls, slide: str, err: BaseException, seconds: float = 0.0, **details: Any
+    ) -> SlideOutcome:
+        """The outcome of a slide that raised ``err``: ``busy`` when another job holds it."""
+        status: Status = "busy" if isinstance(err, StoreLockedError) else "failed"
+        return cls(
+            slide,
+            status,
+            seconds=seconds,
+            error=str(err),
+            error_type=type(err).__name__,
+            details=dict(details),
+            _exception=err,
+        )
+
+    @property
+    def exception(self) -> BaseException | None:
+        """The exception a failed slide raised (None otherwise)."""
+        return self._exception
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: slide, status, n_tiles, seconds, error, error_type and the details."""
+        return {
+            "slide": self.slide,
+            "status": self.status,
+            "n_tiles": self.n_tiles,
+            "seconds": round(self.seconds, 3),
+            "error": self.error,
+            "error_type": self.error_type,
+            **self.details,
+        }
+
+    def line(self, hint: ErrorHint | None = None) -> str:
+        """One report line; a failure adds a second line with the error (and ``hint``'s text)."""
+        text = f"{self.status:>8}  {self.n_tiles:>7} tiles  {self.seconds:6.1f}s  {self.slide}"
+        if self.error is None:
+            return text
+        extra = hint(self._exception) if hint is not None and self._exception is not None else ""
+        return f"{text}\n          {self.error_type}: {self.error}{extra}"
+
+
+@dataclass(kw_only=True)
+class BatchOutcome:
+    """The per-slide outcomes of a batch job; job summaries extend it with their totals."""
+
+    outcomes: list[SlideOutcome] = field(default_factory=list)
+
+    def with_status(self, status: Status) -> list[SlideOutcome]:
+        return [o for o in self.outcomes if o.status == status]
+
+    @property
+    def failed(self) -> list[SlideOutcome]:
+        return self.with_status("failed")
+
+    @property
+    def busy(self) -> list[SlideOutcome]:
+        return self.with_status("busy")
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """How many slides ended in each status (every status present, zeros included)."""
+        return {s: len(self.with_status(s)) for s in STATUSES}
+
+    @property
+    def tiles_done(self) -> int:
+        """Tiles of the slides this job completed (skipped slides not counted)."""
+        return sum(o.n_tiles for o in self.with_status("complete"))
+
+    @property
+    def exit_code(self) -> int:
+        """0 when no slide failed, 1 otherwise (busy slides are not failures: re-run later)."""
+        return 1 if self.failed else 0
+
+    def total_lines(self) -> list[str]:
+        """The job's totals, after the slide lines; summaries override it."""
+        return [self.count_line()]
+
+    def lines(self, hint: ErrorHint | None = None) -> list[str]:
+        """The report the CLI prints: one line per slide, then the totals."""
+        return [o.line(hint) for o in self.outcomes] + self.total_lines()
+
+    def count_line(self, done: str = "done") -> str:
+        """``N <done>, N already complete, N busy (...), N failed``."""
+        c = self.counts
+        return (
+            f"{c['complete']} {done}, {c['skipped']} already complete, {c['busy']} busy "
+            f"(another job is writing them), {c['failed']} failed"
+        )
+
+    def outcomes_dict(self) -> dict[str, Any]:
+        """The counts and the per-slide list, for a summary's ``to_dict()``."""
+        return {**self.counts, "slides": [o.to_dict() for o in self.outcomes]}
