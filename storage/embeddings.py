@@ -198,8 +198,9 @@ def read_embeddings(store: SlideStore, encoder_id: str, *, lazy: bool = False) -
     ):
         raise SchemaMismatchError(
             f"{store.path}: embeddings {encoder_id!r} have {array.shape[0]} rows for "
-            f"{len(coords)} tiles (or were made for other tiles); re-run `wsi-ssl embed` "
-            "with --no-resume"
+            f"{len(coords)} tiles (or were made for other tiles); re-embed this slide with "
+            "resume=False",
+            parameters=("resume",),
         )
     missing, expected = _missing_chunks(_array_dir(store.path, encoder_id), array)
     if missing:
