@@ -43,6 +43,7 @@ __all__ = [
     "fault_point",
     "fsync_dir",
     "fsync_file",
+    "fsync_tree",
     "host_name",
     "parse_temp_name",
     "pid_alive",
@@ -104,6 +105,18 @@ def fsync_dir(path: str | Path) -> None:
     """Flush a directory entry (a rename) to disk; a no-op where the filesystem refuses."""
     with contextlib.suppress(OSError):
         fsync_file(path)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """Flush every file and directory under ``root`` (deepest first) to disk.
+
+    Called before a status flips to complete, so a power loss can never leave a store that
+    says complete over chunks still in the page cache.
+    """
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_file(os.path.join(folder, name))
+        fsync_dir(folder)
 
 
 def fault_point(final: str | Path) -> None:

@@ -22,7 +22,14 @@ import numpy as np
 import zarr
 
 from wsi_ssl.errors import SchemaMismatchError, StoreIncompleteError, StoreNotFoundError
-from wsi_ssl.storage.atomic import fault_point, fsync_dir, remove_path, rename_into_place
+from wsi_ssl.storage.atomic import (
+    fault_point,
+    fsync_dir,
+    fsync_file,
+    fsync_tree,
+    remove_path,
+    rename_into_place,
+)
 from wsi_ssl.storage.codecs import tile_codecs
 
 if TYPE_CHECKING:
@@ -126,8 +133,13 @@ class SlideStore:
             raise StoreIncompleteError(self.path, self.status)
 
     def mark_complete(self) -> None:
-        """Flip the status once every chunk is on disk (the last write of a slide job)."""
+        """Flip the status once every chunk is on disk (the last write of a slide job).
+
+        Every file of the store is fsync'ed first, and the group's metadata after the flip.
+        """
+        fsync_tree(self.path)
         self.group.attrs["status"] = STATUS_COMPLETE
+        fsync_file(self.path / "zarr.json")
 
     # -- contents --------------------------------------------------------------------------
     def _array(self, name: str) -> zarr.Array[Any]:

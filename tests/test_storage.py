@@ -282,3 +282,36 @@ def test_index_generations_are_pruned_relative_to_the_manifest(tmp_path: Path) -
     assert sorted(p.name for p in path.glob("g-*")) == ["g-000002", "g-000004"]
     assert not [p for p in path.iterdir() if ".tmp-" in p.name]
     assert read_index(tmp_path, "idx")[0].ntotal == 4
+
+
+def test_a_store_is_on_disk_before_it_says_complete(tmp_path: Path, monkeypatch) -> None:
+    """mark_complete fsyncs every file of the store, then the flipped status itself."""
+    from wsi_ssl.storage import SlideStore
+    from wsi_ssl.testing.tile_stores import write_tile_store
+
+    tiles = np.random.default_rng(0).integers(0, 255, (40, 32, 32, 3), dtype=np.uint8)
+    path = write_tile_store(tmp_path, "s", tiles, complete=False, tiles_per_shard=16)
+    synced: list[tuple[str, str]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        real_fsync(fd)
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        status = (
+            json.loads(Path(target).read_text()).get("attributes", {}).get("status")
+            if target.endswith("zarr.json")
+            else None
+        )
+        synced.append((target, str(status)))
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    store = SlideStore.open(path, mode="r+", require_complete=False)
+    store.mark_complete()
+    files = {str(p) for p in path.rglob("*") if p.is_file()}
+    assert len(files) > 5 and files <= {target for target, _ in synced}
+    shards = [p for p in files if "/tiles/c/" in p]
+    assert len(shards) == 3  # 40 tiles, 16 per shard
+    assert synced[-1] == (str(path / "zarr.json"), "complete")
+    before_flip = [s for t, s in synced[:-1] if t == str(path / "zarr.json")]
+    assert before_flip and all(s != "complete" for s in before_flip)
+    assert SlideStore.open(path).status == "complete"
