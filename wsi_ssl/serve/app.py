@@ -9,8 +9,14 @@ Routes:
   ``GET /api/slides/{slide}``: one slide's size, mpp, thumbnail size and DZI address
   (``slide`` = id, unique id prefix or file name).
 * pictures (:mod:`wsi_ssl.serve.pictures`): thumbnail, region and DZI tiles.
-* ``POST /api/search``: ``{slide, box: [x, y, w, h], k, mode, exclude_self}`` → the
-  :meth:`SearchResult.to_dict` answer, each hit with its box and the URL of its picture.
+* ``POST /api/search``: ``{slide, box: [x, y, w, h], k, mode, exclude_self, index, labels}``
+  → the :meth:`SearchResult.to_dict` answer, each hit with its box, label and the URL of its
+  picture, and ``slides``: the slide-level ranking of the same neighbours. ``index`` names
+  one of the archive's indexes (``/api/index`` lists them), ``labels`` keeps slides of those
+  labels (``slide_labels``; ``/api/slides`` gives each slide's).
+* ``POST /api/search/image?k=&mode=&index=&image_mpp=&labels=``: the same with a picture as
+  the body (``image/png``, ``image/jpeg`` or ``image/tiff``, at most ``max_image_bytes``).
+* layers (:mod:`wsi_ssl.serve.layers`): tile QC, annotations, MIL attention.
 * labels (:mod:`wsi_ssl.serve.labels`): accept / reject hits, "more like these".
 
 A library error becomes ``{"error": message, "type": name}`` with status 404 (unknown slide),
@@ -23,10 +29,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import FastAPI, Request
+from fastapi import Query as QueryParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -34,15 +42,24 @@ from pydantic import BaseModel, Field
 
 from wsi_ssl.errors import (
     ConfigError,
+    ImageQueryError,
+    IndexNotFoundError,
     NoTilesInRegionError,
     RegionOutsideSlideError,
     StoreIncompleteError,
     UnknownSlideError,
     WsiSslError,
 )
-from wsi_ssl.serve.labels import add_label_routes
+from wsi_ssl.serve.labels import SLIDE_LABELS, add_label_routes
+from wsi_ssl.serve.layers import MilPredictions, add_layer_routes
 from wsi_ssl.serve.pictures import add_picture_routes
-from wsi_ssl.serve.security import LOOPBACK_HOSTS, Guard, GuardConfig, redact_paths
+from wsi_ssl.serve.security import (
+    LOOPBACK_HOSTS,
+    MAX_UPLOAD_BYTES,
+    Guard,
+    GuardConfig,
+    redact_paths,
+)
 from wsi_ssl.serve.service import MAX_K, BusyError, RenderPool, SlideService
 
 if TYPE_CHECKING:
@@ -51,9 +68,10 @@ if TYPE_CHECKING:
 __all__ = ["create_app"]
 
 STATIC = Path(__file__).with_name("static")
-USER_ERRORS = (ConfigError, RegionOutsideSlideError, NoTilesInRegionError)
+USER_ERRORS = (ConfigError, RegionOutsideSlideError, NoTilesInRegionError, ImageQueryError)
 """Errors a request can fix (400); other library errors are the server's (500)."""
 log = logging.getLogger(__name__)
+UPLOAD_PATH = "/api/search/image"
 
 
 class SearchRequest(BaseModel):
@@ -64,6 +82,22 @@ class SearchRequest(BaseModel):
     k: int = Field(8, ge=1, le=MAX_K)
     mode: Literal["regions", "tiles", "slides"] = "regions"
     exclude_self: bool = False
+    index: str | None = Field(None, max_length=200)
+    labels: list[str] = Field(default_factory=list, max_length=100)
+
+
+def read_slide_labels(index: SearchIndex, path: str | Path) -> dict[str, str]:
+    """Slide id -> label from a ``slide,label`` CSV (as for ``wsi-ssl mil``), its slides
+    named by id, unique id prefix or file name; rows naming no indexed slide are skipped."""
+    from wsi_ssl.mil.labels import read_labels
+
+    out = {}
+    for row in read_labels(path).rows:
+        try:
+            out[index.resolve_slide(row.slide)["slide_id"]] = row.label
+        except UnknownSlideError:
+            log.info("slide labels: %s is not in index %s", row.slide, index.name)
+    return out
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:
@@ -73,7 +107,7 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(WsiSslError)
     async def library_error(request: Request, exc: WsiSslError) -> JSONResponse:
-        if isinstance(exc, UnknownSlideError):
+        if isinstance(exc, UnknownSlideError | IndexNotFoundError):
             status = 404
         elif isinstance(exc, USER_ERRORS):
             status = 400
@@ -112,6 +146,9 @@ def create_app(
     render_workers: int | None = None,
     render_queue: int = 64,
     cache_bytes: int = 128 << 20,
+    slide_labels: str | Path | Mapping[str, str] | None = None,
+    mil_predictions: str | Path | None = None,
+    max_image_bytes: int = MAX_UPLOAD_BYTES,
 ) -> Guard:
     """The ASGI application serving ``index`` (see the module docstring for the routes).
 
@@ -122,8 +159,18 @@ def create_app(
         render_workers: threads drawing pictures (default: half the CPUs, at least 1).
         render_queue: picture requests that may wait beyond those being drawn (then 503).
         cache_bytes: bound of the picture cache.
+        slide_labels: a ``slide,label`` CSV (or a slide id -> label mapping) for the label
+            filter; default: the archive's ``labels/slides.csv`` when there is one.
+        mil_predictions: the folder ``wsi-ssl mil predict`` wrote (or its run directory),
+            for the attention layer and the predicted class of each slide.
+        max_image_bytes: the largest uploaded query picture.
     """
-    service = SlideService(index, cache_bytes=cache_bytes)
+    if slide_labels is None and (index.root / SLIDE_LABELS).is_file():
+        slide_labels = index.root / SLIDE_LABELS
+    if isinstance(slide_labels, str | Path):
+        slide_labels = read_slide_labels(index, slide_labels)
+    mil = MilPredictions(mil_predictions) if mil_predictions is not None else None
+    service = SlideService(index, cache_bytes=cache_bytes, slide_labels=slide_labels)
     workers = render_workers or max(1, (os.cpu_count() or 2) // 2)
     pool = RenderPool(workers, render_queue)
     app = FastAPI(title="wsi-ssl", docs_url=None, redoc_url=None, openapi_url=None)
@@ -155,8 +202,36 @@ def create_app(
             k=request.k,
             mode=request.mode,
             exclude_self=request.exclude_self,
+            index=request.index,
+            labels=request.labels,
+        )
+
+    @app.post(UPLOAD_PATH)
+    async def search_image(
+        request: Request,
+        k: int = QueryParam(8, ge=1, le=MAX_K),
+        mode: Literal["regions", "tiles", "slides"] = "regions",
+        index: str | None = QueryParam(None, max_length=200),
+        image_mpp: float | None = QueryParam(None, gt=0, lt=1000),
+        labels: str = QueryParam("", max_length=2000),
+    ) -> dict[str, Any]:
+        data = await request.body()  # Guard has checked its type and size
+        if not data:
+            raise ConfigError("the request carries no picture; send PNG, JPEG or TIFF bytes")
+        wanted = [v for v in labels.split(",") if v]
+        return await pool.run(
+            lambda: service.search_image(
+                data, k=k, mode=mode, index=index, image_mpp=image_mpp, labels=wanted
+            )
         )
 
     add_picture_routes(app, service, pool)
     add_label_routes(app, service, pool)
-    return Guard(app, GuardConfig(allowed_hosts=allowed_hosts, token=token))
+    add_layer_routes(app, service, pool, mil)
+    config = GuardConfig(
+        allowed_hosts=allowed_hosts,
+        token=token,
+        upload_paths=(UPLOAD_PATH,),
+        max_upload=max_image_bytes,
+    )
+    return Guard(app, config)

@@ -8,6 +8,13 @@ Verdicts live under the archive root, each file written atomically on every chan
 * ``labels/geojson/<slide_id>.geojson``: each slide's accepted regions as QuPath annotations
   (a FeatureCollection of rectangles, ``classification.name`` = the label).
 
+The files feed the rest of the pipeline through the public readers here:
+:func:`region_tile_labels` gives evaluation's per-tile labels (the stored tiles whose centre
+lies in an accepted region take its label, those in a rejected one ``not <label>``), and
+:func:`write_slide_labels` a ``slide,label`` CSV for ``wsi-ssl mil`` (a slide takes the label
+of its accepted regions; slides whose regions disagree are left out). The GeoJSON files are
+QuPath annotations: :func:`wsi_ssl.annotations.read_annotations` reads them (tiling ``roi``).
+
 Routes: ``GET /api/labels``; ``POST /api/labels`` ``{slide, box, label, verdict}`` with
 verdict ``accept``, ``reject`` or ``clear``; ``POST /api/labels/more`` ``{label, k}``: the
 tiles nearest any accepted region of ``label``, outside every labelled box;
@@ -34,17 +41,28 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from wsi_ssl.errors import ConfigError, NoTilesInRegionError, RegionOutsideSlideError
-from wsi_ssl.serve.service import MAX_K, RenderPool, SlideService, answer
+from wsi_ssl.serve.service import MAX_K, RenderPool, SlideService
 
 if TYPE_CHECKING:
     from wsi_ssl.search.results import Query
 
-__all__ = ["LabelBook", "add_label_routes"]
+__all__ = [
+    "SLIDE_LABELS",
+    "LabelBook",
+    "RegionTileLabels",
+    "add_label_routes",
+    "region_tile_labels",
+    "slide_labels_from_regions",
+    "write_slide_labels",
+]
 
 COLUMNS = ("slide", "x", "y", "w", "h", "label")
 LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$"
 MAX_REGIONS = 10_000
 Record = tuple[str, int, int, int, int, str]
+SLIDE_LABELS = "labels/slides.csv"
+"""The archive's slide labels (``slide,label``): the server's label filter reads it."""
+REJECTED_PREFIX = "not "
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -130,6 +148,79 @@ class LabelBook:
         _write_text(self.dir / "geojson" / f"{slide_id}.geojson", text)
 
 
+@dataclasses.dataclass(frozen=True)
+class RegionTileLabels:
+    """Per-tile labels from the label files, shaped like evaluation's ``LabelledTiles``:
+    ``rows`` slide id -> labelled tile rows (ascending), ``y`` the class index of each (slides
+    in ``rows`` order), ``groups`` the slide index of each, ``classes`` the class names."""
+
+    rows: dict[str, np.ndarray]
+    y: np.ndarray
+    groups: np.ndarray
+    classes: tuple[str, ...]
+
+
+def region_tile_labels(root: str | Path) -> RegionTileLabels:
+    """The stored tiles inside the labelled regions of ``root``'s ``labels/regions.csv`` (label)
+    and ``labels/rejected.csv`` (``not <label>``); accepted wins where both hold a tile.
+
+    Raises:
+        ConfigError: no labelled region holds a stored tile's centre.
+    """
+    from wsi_ssl.storage import open_store
+
+    book = LabelBook(Path(root))
+    named = [(r, r[5]) for r in book.rejected] + [(r, r[5]) for r in book.accepted]
+    named = [(r, name if r in book.accepted else REJECTED_PREFIX + name) for r, name in named]
+    classes = tuple(sorted({name for _, name in named}))
+    archive = open_store(root)
+    per_slide: dict[str, np.ndarray] = {}
+    for record, name in named:  # rejected first: an accepted region overrides
+        slide, x, y, w, h, _ = record
+        if slide not in per_slide:
+            per_slide[slide] = np.full(archive.slide(slide).n_tiles, -1, dtype=np.int64)
+        store = archive.slide(slide)
+        centres = store.coords + float(store.tiling["tile_size_level0"]) / 2
+        inside = (
+            (x <= centres[:, 0]) & (centres[:, 0] < x + w) & (y <= centres[:, 1])
+            & (centres[:, 1] < y + h)
+        )  # fmt: skip
+        per_slide[slide][inside] = classes.index(name)
+    rows = {sid: np.flatnonzero(y >= 0) for sid, y in sorted(per_slide.items())}
+    rows = {sid: r for sid, r in rows.items() if len(r)}
+    if not rows:
+        raise ConfigError(f"{root}: no labelled region holds a stored tile; label regions first")
+    return RegionTileLabels(
+        rows=rows,
+        y=np.concatenate([per_slide[sid][r] for sid, r in rows.items()]),
+        groups=np.concatenate([np.full(len(r), i) for i, r in enumerate(rows.values())]),
+        classes=classes,
+    )
+
+
+def slide_labels_from_regions(root: str | Path) -> dict[str, str]:
+    """Slide id -> the label of its accepted regions (slides whose regions disagree left out)."""
+    seen: dict[str, set[str]] = {}
+    for slide, *_, label in LabelBook(Path(root)).accepted:
+        seen.setdefault(slide, set()).add(label)
+    return {slide: next(iter(v)) for slide, v in seen.items() if len(v) == 1}
+
+
+def write_slide_labels(root: str | Path, out: str | Path | None = None) -> Path:
+    """Write :func:`slide_labels_from_regions` as a ``slide,label`` CSV (default
+    ``ROOT/labels/slides.csv``), readable by ``wsi_ssl.mil.labels.read_labels``."""
+    path = Path(out) if out is not None else Path(root) / SLIDE_LABELS
+    labels = slide_labels_from_regions(root)
+    if not labels:
+        raise ConfigError(f"{root}: no accepted region to label a slide with; accept hits first")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(("slide", "label"))
+    writer.writerows(sorted(labels.items()))
+    _write_text(path, buf.getvalue())
+    return path
+
+
 class LabelRequest(BaseModel):
     """The body of ``POST /api/labels``."""
 
@@ -160,8 +251,7 @@ def more_like(service: SlideService, book: LabelBook, label: str, k: int) -> dic
         slide_number=None,
     )
     labelled = book.accepted + book.rejected
-    result = service.search_vectors(query, k + 4 * len(labelled))
-    out = answer(result)
+    out = service.run(service.index, query, k=k + 4 * len(labelled), mode="tiles")
     out["query"]["regions"] = len(queries)
     keep = [h for h in out["hits"] if not any(_inside(h, r) for r in labelled)][:k]
     for rank, hit in enumerate(keep, 1):

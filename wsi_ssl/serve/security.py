@@ -8,7 +8,9 @@ Every request passes :class:`Guard`, which, before the application sees it:
   ``wsi_ssl_token`` cookie that ``/?token=TOKEN`` sets for the page);
 * answers 415 to a POST that is not ``application/json`` (a ``text/plain`` POST is a CORS
   "simple" request any web page can send) and 413 to a body over ``max_body`` bytes, counted
-  as it arrives (a claimed ``Content-Length`` over the cap is refused unread);
+  as it arrives (a claimed ``Content-Length`` over the cap is refused unread); the upload
+  paths (``upload_paths``) take only ``upload_types`` (pictures; never a "simple" type) and
+  bodies up to ``max_upload`` bytes, checked the same way;
 * adds a Content-Security-Policy (scripts, styles, pictures and requests from this server
   only) and the usual hardening headers to every answer.
 
@@ -34,6 +36,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 MAX_JSON_BYTES = 64 * 1024
+MAX_UPLOAD_BYTES = 16 << 20
+UPLOAD_TYPES = ("image/png", "image/jpeg", "image/tiff")
 TOKEN_COOKIE = "wsi_ssl_token"
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
@@ -63,12 +67,24 @@ class GuardConfig:
     Args:
         allowed_hosts: ``Host`` names (without port) that are served; ``"*"`` allows any.
         token: the access token every request must carry; None serves without one.
-        max_body: the largest request body in bytes.
+        max_body: the largest JSON request body in bytes.
+        upload_paths: paths whose POST body is a picture, not JSON.
+        upload_types: the content types those take.
+        max_upload: the largest picture body in bytes.
     """
 
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
     token: str | None = None
     max_body: int = MAX_JSON_BYTES
+    upload_paths: tuple[str, ...] = ()
+    upload_types: tuple[str, ...] = UPLOAD_TYPES
+    max_upload: int = MAX_UPLOAD_BYTES
+
+    def limits(self, path: str) -> tuple[tuple[str, ...], int]:
+        """The content types and the body cap of a POST to ``path``."""
+        if path in self.upload_paths:
+            return self.upload_types, self.max_upload
+        return ("application/json",), self.max_body
 
 
 def _header(scope: Scope, name: bytes) -> str:
@@ -120,12 +136,13 @@ class Guard:
         if self.config.token is not None and not self._authorised(scope):
             return 401, "this server needs its access token: open the URL it printed"
         if scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
+            types, cap = self.config.limits(scope.get("path", ""))
             ctype = _header(scope, b"content-type").split(";")[0].strip().lower()
-            if ctype != "application/json":
-                return 415, "requests with a body must be application/json"
+            if ctype not in types:
+                return 415, f"requests with a body must be {' or '.join(types)}"
             length = _header(scope, b"content-length")
-            if length and (not length.isdigit() or int(length) > self.config.max_body):
-                return 413, f"request bodies are limited to {self.config.max_body} bytes"
+            if length and (not length.isdigit() or int(length) > cap):
+                return 413, f"request bodies are limited to {cap} bytes"
         return None
 
     def _authorised(self, scope: Scope) -> bool:
@@ -146,17 +163,16 @@ class Guard:
             await _answer(send, *refusal)
             return
         if scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
-            body = await self._read_body(receive)
+            cap = self.config.limits(scope.get("path", ""))[1]
+            body = await self._read_body(receive, cap)
             if body is None:
-                await _answer(
-                    send, 413, f"request bodies are limited to {self.config.max_body} bytes"
-                )
+                await _answer(send, 413, f"request bodies are limited to {cap} bytes")
                 return
             receive = _replay(body, receive)
         await self.app(scope, receive, self._with_headers(scope, send))
 
-    async def _read_body(self, receive: Receive) -> bytes | None:
-        """The whole body, or None as soon as it passes the cap (the rest is not read)."""
+    async def _read_body(self, receive: Receive, cap: int) -> bytes | None:
+        """The whole body, or None as soon as it passes ``cap`` (the rest is not read)."""
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -164,7 +180,7 @@ class Guard:
                 return b""
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.config.max_body:
+            if size > cap:
                 return None
             chunks.append(chunk)
             if not message.get("more_body", False):

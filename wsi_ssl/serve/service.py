@@ -1,6 +1,9 @@
 """The state ``wsi-ssl serve`` shares between requests: the index, the stores, the pictures.
 
-* The index is reopened when ``wsi-ssl index --add`` / ``--remove`` writes a new generation.
+* Every index under the archive root can be searched (``index=`` name; default: the one
+  given); each is reopened when ``wsi-ssl index --add`` / ``--remove`` writes a new generation.
+* Slides may carry a label (``slide_labels``); searches can be limited to slides of given
+  labels, and every answer carries the slide-level ranking of the same FAISS neighbours.
 * A slide's store is revalidated on every use (one ``stat`` of its ``zarr.json``): a store
   re-tiled or set back to "writing" is reopened (or refused, :class:`StoreIncompleteError`),
   and every cached picture is keyed by that stamp, so nothing stale is served.
@@ -16,7 +19,8 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -33,11 +37,16 @@ __all__ = ["BusyError", "RenderPool", "SlideService"]
 
 log = logging.getLogger(__name__)
 MAX_K = 100
+SLIDE_RANKING = 10
+"""Slides listed in each answer's slide-level ranking."""
 MAX_QUERY_TILES = 400
 """A region query over more stored tiles than this is refused (it would hold the index)."""
+IMAGE_PIXELS = 4096 * 4096
+"""Largest uploaded query picture, in pixels (checked from its header before decoding)."""
 RENDER_NICENESS = 10
 T = TypeVar("T")
 Stamp = tuple[int, int]
+Mode = Literal["regions", "tiles", "slides"]
 
 
 class BusyError(Exception):
@@ -76,6 +85,13 @@ class RenderPool:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _manifest_stamp(index: SearchIndex) -> Stamp:
+    """Inode and mtime of ``index``'s manifest: each generation writes a new file in its place."""
+    from wsi_ssl.storage.index_files import MANIFEST
+
+    return _stamp(index.files.path.parent / MANIFEST)
+
+
 def _stamp(path: Path) -> Stamp:
     try:
         st = path.stat()
@@ -85,42 +101,78 @@ def _stamp(path: Path) -> Stamp:
 
 
 class SlideService:
-    """The index, the archive's stores and their pictures, shared by all requests."""
+    """The indexes, the archive's stores and their pictures, shared by all requests.
 
-    def __init__(self, index: SearchIndex, *, cache_bytes: int = 128 << 20) -> None:
+    Args:
+        index: the default index (others under its root are opened by name on demand).
+        cache_bytes: bound of the picture cache.
+        slide_labels: slide id -> label, for the label filter (slides without one: "").
+    """
+
+    def __init__(
+        self,
+        index: SearchIndex,
+        *,
+        cache_bytes: int = 128 << 20,
+        slide_labels: Mapping[str, str] | None = None,
+    ) -> None:
         from wsi_ssl.storage import open_store
 
-        self._index = index
-        self._stamp: Stamp = (0, 0)
-        self._stamp = self._manifest_stamp()
+        self.default = index.name
+        self._indexes: dict[str, tuple[Stamp, SearchIndex]] = {
+            index.name: (_manifest_stamp(index), index)
+        }
         self.archive = open_store(index.root)
         self.search_lock = threading.Lock()
         self._stores: dict[str, tuple[Stamp, SlideStore, Pyramid | None]] = {}
         self._stores_lock = threading.Lock()
         self.cache = TileCache(cache_bytes)
-
-    def _manifest_stamp(self) -> Stamp:
-        """Inode and mtime of the manifest: each generation writes a new file in its place."""
-        from wsi_ssl.storage.index_files import MANIFEST
-
-        stamp = _stamp(self._index.files.path.parent / MANIFEST)
-        return stamp if stamp != (0, 0) else self._stamp
+        self.slide_labels = dict(slide_labels or {})
+        self._encoders: dict[str, Any] = {}
+        self._encoders_lock = threading.Lock()
 
     @property
     def index(self) -> SearchIndex:
-        """The index, reopened once a new generation is written (kept if that one fails)."""
-        from wsi_ssl.search.index import SearchIndex
+        """The default index (see :meth:`index_for`)."""
+        return self.index_for(None)
 
-        if self._manifest_stamp() != self._stamp:
+    def index_names(self) -> list[str]:
+        from wsi_ssl.storage.index_files import list_indexes
+
+        return list_indexes(self.archive.root)
+
+    def index_for(self, name: str | None) -> SearchIndex:
+        """Index ``name`` (default: the default one), reopened once a new generation is
+        written (the open one kept if that fails)."""
+        from wsi_ssl.errors import IndexNotFoundError
+        from wsi_ssl.search.index import SearchIndex
+        from wsi_ssl.storage.index_files import INDEX_DIR
+
+        name = name or self.default
+        entry = self._indexes.get(name)
+        if entry is None:
+            names = self.index_names()
+            if name not in names:
+                raise IndexNotFoundError(Path(INDEX_DIR) / name, names)
             with self.search_lock:
-                stamp = self._manifest_stamp()
-                if stamp != self._stamp:
-                    self._stamp = stamp  # tried once per generation, whatever the outcome
-                    try:
-                        self._index = SearchIndex.open(self._index.root, self._index.name)
+                if name not in self._indexes:
+                    index = SearchIndex.open(self.archive.root, name)
+                    self._indexes[name] = (_manifest_stamp(index), index)
+            entry = self._indexes[name]
+        stamp, index = entry
+        if _manifest_stamp(index) != stamp:
+            with self.search_lock:
+                stamp, index = self._indexes[name]
+                new = _manifest_stamp(index)
+                if new != stamp:
+                    try:  # tried once per generation, whatever the outcome
+                        index = SearchIndex.open(index.root, index.name)
                     except WsiSslError as err:
-                        log.warning("keeping the index open: the new generation fails: %s", err)
-        return self._index
+                        log.warning(
+                            "keeping index %s open: the new generation fails: %s", name, err
+                        )
+                    self._indexes[name] = (new, index)
+        return self._indexes[name][1]
 
     # -- stores ----------------------------------------------------------------------------
     def _entry(self, slide: str) -> tuple[Stamp, SlideStore, Pyramid | None]:
@@ -164,7 +216,12 @@ class SlideService:
     # -- listing ---------------------------------------------------------------------------
     def slides(self) -> list[dict[str, Any]]:
         return [
-            {"slide_id": s["slide_id"], "name": s["name"], "n_tiles": int(s["n_tiles"])}
+            {
+                "slide_id": s["slide_id"],
+                "name": s["name"],
+                "n_tiles": int(s["n_tiles"]),
+                "label": self.slide_labels.get(s["slide_id"], ""),
+            }
             for s in self.index.slides
         ]
 
@@ -185,15 +242,32 @@ class SlideService:
             "thumbnail_size": [int(w), int(h)],
             "source": source,
             "dzi": f"/api/slides/{store.slide_id}/dzi/{version}/{source}.dzi",
+            "label": self.slide_labels.get(store.slide_id, ""),
         }
 
     def describe(self) -> dict[str, Any]:
         info = self.index.describe()
         info.pop("path", None)  # no filesystem paths in any answer
+        info["indexes"] = [self._summary(name) for name in self.index_names()]
+        info["labels"] = sorted({v for v in self.slide_labels.values() if v})
         return info
 
+    def _summary(self, name: str) -> dict[str, Any]:
+        try:
+            index = self.index_for(name)
+        except WsiSslError as err:  # a damaged index is listed, not served
+            return {"name": name, "error": type(err).__name__}
+        return {
+            "name": name,
+            "kind": index.kind,
+            "encoder_id": index.encoder_id,
+            "n_vectors": index.n_vectors,
+        }
+
     # -- searching -------------------------------------------------------------------------
-    def region_query(self, slide: str, box: tuple[int, int, int, int]) -> Query:
+    def region_query(
+        self, slide: str, box: tuple[int, int, int, int], index: str | None = None
+    ) -> Query:
         """The region query of ``box``, refused when it covers over ``MAX_QUERY_TILES``."""
         store = self.store(slide)
         n = len(tiles_in(store, box))
@@ -201,7 +275,21 @@ class SlideService:
             raise ConfigError(
                 f"box covers {n} tiles; a query takes at most {MAX_QUERY_TILES}: draw a smaller box"
             )
-        return self.index.query_region(store.slide_id, box)
+        return self.index_for(index).query_region(store.slide_id, box)
+
+    def excluded(self, index: SearchIndex, labels: Sequence[str]) -> list[int]:
+        """Slide numbers of ``index`` whose label is not among ``labels`` (none: no filter)."""
+        if not labels:
+            return []
+        wanted = set(labels)
+        active = [e for e in index.entries if e.active]
+        out = [e.number for e in active if self.slide_labels.get(e.slide_id, "") not in wanted]
+        if len(out) == len(active):
+            raise ConfigError(
+                f"no slide of index {index.name} has label {', '.join(sorted(wanted))}; "
+                f"labels: {', '.join(sorted(set(self.slide_labels.values()))) or 'none'}"
+            )
+        return out
 
     def search(
         self,
@@ -209,27 +297,108 @@ class SlideService:
         box: tuple[int, int, int, int],
         *,
         k: int,
-        mode: Literal["regions", "tiles", "slides"],
+        mode: Mode,
         exclude_self: bool,
+        index: str | None = None,
+        labels: Sequence[str] = (),
     ) -> dict[str, Any]:
         """Search like ``wsi-ssl search``: a tile query at the box centre for ``tiles``, else
-        a region query over the box."""
+        a region query over the box; only slides labelled one of ``labels`` when given."""
         if not 1 <= k <= MAX_K:
             raise ConfigError(f"k must be in 1..{MAX_K}, got {k}")
         x, y, w, h = box
-        index = self.index
-        slide = index.resolve_slide(slide)["slide_id"]  # indexed slides only: their pictures show
+        searched = self.index_for(index)
+        slide = searched.resolve_slide(slide)["slide_id"]  # indexed: their pictures show
         if mode == "tiles":
-            query = index.query_tile(slide, (x + w // 2, y + h // 2))
+            query = searched.query_tile(slide, (x + w // 2, y + h // 2))
         else:
-            query = self.region_query(slide, box)
-        with self.search_lock:
-            result = index.search(query, k=k, mode=mode, exclude_self=exclude_self)
-        return answer(result)
+            query = self.region_query(slide, box, searched.name)
+        return self.run(searched, query, k=k, mode=mode, exclude_self=exclude_self, labels=labels)
 
-    def search_vectors(self, query: Query, k: int) -> SearchResult:
+    def search_image(
+        self,
+        data: bytes,
+        *,
+        k: int,
+        mode: Mode,
+        index: str | None = None,
+        image_mpp: float | None = None,
+        labels: Sequence[str] = (),
+    ) -> dict[str, Any]:
+        """Search with an uploaded picture (PNG, JPEG or TIFF bytes): decoded with the checks
+        of :func:`wsi_ssl.search.image.load_image` (at most ``IMAGE_PIXELS``), rescaled from
+        ``image_mpp`` (default: the index's), cut into tiles and embedded with the index's
+        encoder (recreated once per index)."""
+        import tempfile
+
+        searched = self.index_for(index)
+        with self._encoders_lock:
+            encoder = self._encoders.get(searched.name)
+            if encoder is None:
+                from wsi_ssl.search.encoder import index_encoder
+
+                record = searched.record.get("encoder", {})
+                encoder = index_encoder(searched.encoder_id, record)
+                self._encoders[searched.name] = encoder
+        with tempfile.TemporaryDirectory(prefix="wsi-ssl-upload-") as tmp:
+            path = Path(tmp) / "upload"
+            path.write_bytes(data)
+            with self._encoders_lock:  # one embedding at a time: bounded memory
+                query = searched.query_image(
+                    path, image_mpp=image_mpp, encoder=encoder, max_pixels=IMAGE_PIXELS
+                )
+        return self.run(searched, query, k=k, mode=mode, labels=labels)
+
+    def run(
+        self,
+        index: SearchIndex,
+        query: Query,
+        *,
+        k: int,
+        mode: Mode,
+        exclude_self: bool = False,
+        labels: Sequence[str] = (),
+    ) -> dict[str, Any]:
+        """``query`` searched in ``index`` (as ``SearchIndex.search`` does, with the label
+        filter), answered with the slide-level ranking of the same neighbours."""
+        from wsi_ssl.search.ranking import rank
+        from wsi_ssl.search.results import SearchResult
+        from wsi_ssl.search.searching import DEFAULT_HITS_PER_TILE
+
+        exclude = self.excluded(index, labels)
+        if exclude_self and query.slide_number is not None:
+            exclude.append(int(query.slide_number))
+        per_tile = k if mode == "tiles" else max(DEFAULT_HITS_PER_TILE, k)
+        started = time.perf_counter()
         with self.search_lock:
-            return self.index.search(query, k=k, mode="tiles")
+            sims, ids = index.search_vectors(query.vectors, per_tile, exclude_slides=exclude)
+            hits = rank(query, mode, sims, ids, index.entries, index.coords, k)
+            slides = rank(query, "slides", sims, ids, index.entries, index.coords, SLIDE_RANKING)
+        info = {
+            "name": index.name,
+            "kind": index.kind,
+            "encoder_id": index.encoder_id,
+            "n_vectors": index.n_vectors,
+            "promised_recall": index.promised_recall,
+        }
+        seconds = time.perf_counter() - started
+        result = SearchResult(query, mode, k, exclude_self, info, hits, per_tile, seconds)
+        out = answer(result)
+        out["labels"] = list(labels)
+        out["slides"] = [
+            {
+                "rank": s.rank,
+                "slide_id": s.slide_id,
+                "name": s.name,
+                "score": round(float(s.score), 5),
+                "n_hits": int(getattr(s, "n_hits", 0)),
+                "label": self.slide_labels.get(s.slide_id, ""),
+            }
+            for s in slides
+        ]
+        for hit in out["hits"]:
+            hit["label"] = self.slide_labels.get(hit["slide_id"], "")
+        return out
 
 
 def _open_reader(store: SlideStore) -> Any:

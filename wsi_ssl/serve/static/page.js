@@ -6,7 +6,9 @@ const CLICK_PX = 5;  // a press that moves less than this (screen px) is a click
 const state = {
   slides: [], current: null, viewer: null, lastBox: null, answer: null, mark: null,
   labels: { accepted: [], rejected: [] }, slideSeq: 0, searchSeq: 0, drawing: false, drag: null,
+  layers: null,
 };
+const LAYERS = ["qc", "annotations", "attention"];
 window.wsi = state;  // for tests and the console
 
 function setStatus(text, error = false) {
@@ -92,6 +94,14 @@ function redrawOverlays() {
       `&n=${state.labels.accepted.length}.${state.labels.rejected.length}`;
     v.addOverlay({ element: img, location: imageRect([0, 0, cur.dimensions[0], cur.dimensions[1]]) });
   }
+  for (const name of LAYERS) {
+    if (!$(`layer-${name}`).checked || $(`layer-${name}`).disabled) continue;
+    const img = document.createElement("img");
+    img.className = "layer " + name;
+    img.alt = "";
+    img.src = `/api/slides/${id}/layers/${name}.png`;
+    v.addOverlay({ element: img, location: imageRect([0, 0, cur.dimensions[0], cur.dimensions[1]]) });
+  }
   for (const r of state.labels.accepted) if (r.slide === id) overlay([r.x, r.y, r.w, r.h], "accepted");
   for (const r of state.labels.rejected) if (r.slide === id) overlay([r.x, r.y, r.w, r.h], "rejected");
   const a = state.answer;
@@ -134,7 +144,9 @@ async function openSlide(slideId, mark = null) {
   document.body.dataset.state = "opening";
   state.current = details;
   state.mark = mark;
+  state.layers = null;
   renderSlideList();
+  loadLayers(details.slide_id, seq);
   setStatus(`opening ${details.name}…`);
   state.viewer.open(details.dzi);
 }
@@ -210,7 +222,7 @@ async function search(box) {
   try {
     answer = await api("/api/search", {
       slide: cur.slide_id, box, k: Number($("k").value) || 8,
-      mode: $("mode").value, exclude_self: $("exclude-self").checked,
+      mode: $("mode").value, exclude_self: $("exclude-self").checked, ...filters(),
     });
   } catch (err) {
     if (seq !== state.searchSeq) return;
@@ -235,6 +247,7 @@ function showAnswer(answer, message) {
       `${q.n_tiles} tile(s), ${q.size_um.map((v) => v.toFixed(0)).join(" × ")} µm`, "query"));
   }
   for (const hit of answer.hits) results.append(hitCard(hit, answer.mode));
+  renderRanking(answer.slides || []);
   setStatus(message);
   document.body.dataset.state = "results";
 }
@@ -262,6 +275,12 @@ function hitCard(hit, mode) {
     ? `score ${hit.score.toFixed(2)} · ${hit.n_tiles} tiles · covers ${(100 * hit.coverage).toFixed(0)}%`
     : mode === "slides" ? `score ${hit.score.toFixed(3)} · ${hit.n_hits} hits` : `similarity ${hit.score.toFixed(3)}`;
   const div = card(hit.image, `#${hit.rank} ${hit.name}`, meta, "hit");
+  if (hit.label) {
+    const tag = document.createElement("span");
+    tag.className = "label";
+    tag.textContent = hit.label;
+    div.lastChild.firstChild.prepend(tag, " ");
+  }
   const box = hit.tile_box || hit.box;
   div.dataset.slide = hit.slide_id;
   div.onclick = () => openSlide(hit.slide_id, box);
@@ -315,14 +334,104 @@ async function moreLikeThese() {
   }
 }
 
+// -- filters, layers, ranking, picture upload ------------------------------------------------------
+function filters() {
+  const out = {};
+  if (!$("index-choice").hidden) out.index = $("index").value;
+  if ($("label-filter").value) out.labels = [$("label-filter").value];
+  return out;
+}
+
+function fillChoices(info) {
+  const indexes = (info.indexes || []).filter((i) => !i.error);
+  $("index").replaceChildren(...indexes.map((i) => {
+    const o = document.createElement("option");
+    o.value = i.name;
+    o.textContent = `${i.name} (${i.encoder_id}, ${i.kind}, ${i.n_vectors} tiles)`;
+    o.selected = i.name === info.name;
+    return o;
+  }));
+  $("index-choice").hidden = indexes.length < 2;
+  for (const label of info.labels || []) {
+    const o = document.createElement("option");
+    o.value = o.textContent = label;
+    $("label-filter").append(o);
+  }
+  $("label-choice").hidden = !(info.labels || []).length;
+}
+
+async function loadLayers(slideId, seq) {
+  let info;
+  try {
+    info = await api(`/api/slides/${encodeURIComponent(slideId)}/layers`);
+  } catch (err) {
+    info = { qc: null, annotations: null, mil: null };
+  }
+  if (seq !== state.slideSeq) return;
+  state.layers = info;
+  const has = { qc: !!info.qc, annotations: !!info.annotations, attention: !!(info.mil && info.mil.attention) };
+  for (const name of LAYERS) $(`layer-${name}`).disabled = !has[name];
+  const notes = [];
+  if (info.qc) notes.push(`QC: ${info.qc.flagged} of ${info.qc.n_tiles} tiles flagged (red)`);
+  if (info.annotations) notes.push("classes: " + info.annotations.classes.map((c) => c.name).join(", "));
+  if (info.mil) {
+    const p = Object.entries(info.mil.probabilities).map(([c, v]) => `${c} ${v.toFixed(2)}`).join(", ");
+    notes.push(`MIL: ${info.mil.predicted} (${p})`);
+  }
+  $("layer-info").textContent = notes.join(" · ");
+  redrawOverlays();
+}
+
+function renderRanking(slides) {
+  const list = $("slide-ranking");
+  list.replaceChildren();
+  for (const s of slides) {
+    const li = document.createElement("li");
+    li.dataset.slide = s.slide_id;
+    li.textContent = `${s.name}${s.label ? " [" + s.label + "]" : ""}: score ${s.score.toFixed(3)}, ${s.n_hits} hits`;
+    li.onclick = () => openSlide(s.slide_id);
+    list.append(li);
+  }
+}
+
+async function searchPicture() {
+  const file = $("upload").files[0];
+  if (!file) return;
+  const seq = ++state.searchSeq;
+  document.body.dataset.state = "searching";
+  setStatus(`searching with ${file.name}…`);
+  const f = filters();
+  const params = new URLSearchParams({ k: String(Number($("k").value) || 8), mode: $("mode").value });
+  if (f.index) params.set("index", f.index);
+  if (f.labels) params.set("labels", f.labels.join(","));
+  try {
+    const response = await fetch(`/api/search/image?${params}`, {
+      method: "POST", headers: { "Content-Type": file.type || "application/octet-stream" }, body: file,
+    });
+    const answer = await response.json();
+    if (!response.ok) throw new Error(answer.error || `${response.status}`);
+    if (seq !== state.searchSeq) return;
+    state.lastBox = null;
+    showAnswer(answer, `${answer.hits.length} ${answer.mode} like ${file.name} ` +
+      `(${answer.query.n_tiles} tile(s)) in ${(1000 * answer.seconds).toFixed(1)} ms.`);
+    redrawOverlays();
+  } catch (err) {
+    if (seq === state.searchSeq) { document.body.dataset.state = "ready"; setStatus(err.message, true); }
+  } finally {
+    $("upload").value = "";
+  }
+}
+
 function start() {
   makeViewer();
+  for (const name of LAYERS) $(`layer-${name}`).addEventListener("change", redrawOverlays);
+  $("upload").addEventListener("change", searchPicture);
   $("filter").addEventListener("input", renderSlideList);
   $("draw").addEventListener("click", () => setDrawing(!state.drawing));
   $("more").addEventListener("click", moreLikeThese);
   $("concept").addEventListener("change", redrawOverlays);
   $("label").addEventListener("change", redrawOverlays);
-  for (const id of ["mode", "exclude-self", "k"]) {
+  for (const id of ["mode", "exclude-self", "k", "index", "label-filter"]) {
     $(id).addEventListener("change", () => {
       if (state.current && state.lastBox && state.answer && state.answer.query.slide_id === state.current.slide_id) {
         search(state.lastBox);
@@ -334,6 +443,7 @@ function start() {
       const [info, list, labels] = await Promise.all([api("/api/index"), api("/api/slides"), api("/api/labels")]);
       $("index-info").textContent = `index ${info.name}: ${info.kind}, ${info.n_vectors} tiles ` +
         `from ${info.n_slides} slides, encoder ${info.encoder_id}`;
+      fillChoices(info);
       state.slides = list;
       state.labels = labels;
       showLabelInfo();
