@@ -2,11 +2,14 @@
 
 A task opens the slide through a per-thread cached reader and reads its tiles in the row-major
 order TIFF files store theirs. A tile that coincides with one of the file's own tiles is
-decoded from it directly, or, for a JPEG store and a YCbCr JPEG file, its JPEG stream is
-copied as it is (no decode, no re-encode, no second generation of loss). Other tiles are read
-as horizontal strips of row neighbours, resampled once when the read level is not the target
-scale. The task writes its chunk, one whole Zarr shard, straight into the store. Nothing but
-coordinates crosses the graph, so memory per worker is one chunk whatever the slide size.
+decoded from it directly, or, for a JPEG store and a JPEG file (YCbCr, or RGB given the Adobe
+marker a plain decoder needs), its JPEG stream is copied as it is (no decode, no re-encode, no
+second generation of loss). Other tiles are read as horizontal strips of row neighbours,
+resampled once when the read level is not the target scale; where that is a shrink by 2, 4 or
+8 of a JPEG level, the strip is assembled from stored tiles decoded at reduced scale in the
+DCT domain (:mod:`wsi_ssl.tiling.decode`). The task writes its chunk, one whole Zarr shard,
+straight into the store. Nothing but coordinates crosses the graph, so memory per worker is
+one chunk whatever the slide size.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from PIL import Image
 from wsi_ssl.slide import SlideReader, StoredTiles, open_slide
 from wsi_ssl.storage.shards import accepts_jpeg, write_shard
 from wsi_ssl.storage.slide_store import open_tiles
+from wsi_ssl.tiling.decode import decode_reduced, portable_jpeg, reducible
 from wsi_ssl.tiling.grid import TileGrid
 from wsi_ssl.tiling.qc import write_chunk_scores
 
@@ -49,8 +53,11 @@ def cached_reader(path: str, backend: str) -> SlideReader:
     return cache[key]
 
 
-def _runs(coords: np.ndarray, stride: float) -> Iterator[tuple[int, int]]:
-    """Index ranges of neighbouring tiles in the same grid row, at most ``MAX_RUN`` long."""
+def _runs(
+    coords: np.ndarray, stride: float, group: np.ndarray | None = None
+) -> Iterator[tuple[int, int]]:
+    """Index ranges of neighbouring tiles in the same grid row, at most ``MAX_RUN`` long (and
+    of one ``group`` value each, when given)."""
     cols = np.round(coords[:, 0] / stride).astype(np.int64)
     start = 0
     for i in range(1, len(coords) + 1):
@@ -59,6 +66,7 @@ def _runs(coords: np.ndarray, stride: float) -> Iterator[tuple[int, int]]:
             or coords[i, 1] != coords[start, 1]
             or cols[i] != cols[i - 1] + 1
             or i - start == MAX_RUN
+            or (group is not None and group[i] != group[start])
         ):
             yield start, i
             start = i
@@ -92,22 +100,67 @@ def _resample(strip: np.ndarray, size: tuple[int, int], factor: float) -> np.nda
     return np.asarray(image.resize(size, Image.Resampling.BILINEAR))
 
 
+def reduced_source(reader: SlideReader, grid: TileGrid) -> tuple[StoredTiles, int] | None:
+    """The read level's stored tiles and the whole factor k the grid shrinks them by, where
+    they decode at 1/k in the DCT domain (JPEG, k in 2, 4, 8); None otherwise."""
+    if not grid.resize:
+        return None
+    factor = grid.tile_size_level0 / grid.tile_size / grid.level_downsample
+    k = round(factor)
+    if abs(factor - k) > 1e-9:
+        return None
+    stored = reader.stored_tiles(grid.level)
+    return (stored, k) if stored is not None and reducible(stored, k) else None
+
+
+def _reduced_region(
+    stored: StoredTiles, k: int, origin: tuple[float, float], size: tuple[int, int]
+) -> np.ndarray | None:
+    """The level region at ``origin`` (level pixels) of ``size`` (w, h) shrunk k times, each
+    stored tile it covers decoded once at 1/k; None where the region is not on whole k-pixel
+    blocks inside the level (the caller reads it the general way)."""
+    x, y = round(origin[0]), round(origin[1])
+    w, h = size
+    th, tw = stored.tile_shape
+    inside = x + w <= stored.page.imagewidth and y + h <= stored.page.imagelength
+    whole = all(abs(v - round(v)) < 1e-6 for v in origin) and not (x % k or y % k or w % k or h % k)
+    if not (inside and whole):
+        return None
+    out = np.empty((h // k, w // k, 3), dtype=np.uint8)
+    for row in range(y // th, (y + h - 1) // th + 1):
+        for col in range(x // tw, (x + w - 1) // tw + 1):
+            tile = decode_reduced(stored, row, col, k)
+            ty, tx = row * th, col * tw
+            y0, y1 = max(y, ty) // k, min(y + h, ty + th) // k
+            x0, x1 = max(x, tx) // k, min(x + w, tx + tw) // k
+            out[y0 - y // k : y1 - y // k, x0 - x // k : x1 - x // k] = tile[
+                y0 - ty // k : y1 - ty // k, x0 - tx // k : x1 - tx // k
+            ]
+    return out
+
+
 def _read_strips(reader: SlideReader, grid: TileGrid, coords: np.ndarray) -> np.ndarray:
-    """Tiles at ``coords`` read through ``read_region`` in strips of row neighbours."""
+    """Tiles at ``coords`` read in strips of row neighbours: through ``read_region`` and
+    resampled, or at reduced scale from the stored tiles (:func:`reduced_source`)."""
     t = grid.tile_size
     out = np.empty((len(coords), t, t, 3), dtype=np.uint8)
     ds = grid.level_downsample
     per_out_px = grid.tile_size_level0 / t  # level-0 pixels per output pixel
-    for start, stop in _runs(coords, grid.stride_level0):
+    reduced = reduced_source(reader, grid)
+    # tiles inside the slide and tiles overhanging its edge go in separate strips
+    inside = np.all(coords + grid.tile_size_level0 <= grid.dimensions, axis=1)
+    for start, stop in _runs(coords, grid.stride_level0, inside if reduced else None):
         x0, y0 = (int(v) for v in coords[start])
         offsets = np.round((coords[start:stop, 0] - x0) / per_out_px).astype(np.int64)
         span0 = coords[stop - 1, 0] - x0 + grid.tile_size_level0
         size = (math.ceil(span0 / ds), math.ceil(grid.tile_size_level0 / ds))
-        strip = reader.read_region((x0, y0), grid.level, size)
         width = int(offsets[-1]) + t
-        if grid.resize:
-            target = (max(width, round(span0 / per_out_px)), t)
-            strip = _resample(strip, target, per_out_px / ds)
+        strip = None if reduced is None else _reduced_region(*reduced, (x0 / ds, y0 / ds), size)
+        if strip is None:
+            strip = reader.read_region((x0, y0), grid.level, size)
+            if grid.resize:
+                target = (max(width, round(span0 / per_out_px)), t)
+                strip = _resample(strip, target, per_out_px / ds)
         if strip.shape[0] < t or strip.shape[1] < width:
             pad = ((0, max(0, t - strip.shape[0])), (0, max(0, width - strip.shape[1])), (0, 0))
             strip = np.pad(strip, pad, mode="edge")
@@ -122,17 +175,18 @@ def chunk_tiles(
     """The tiles at ``coords`` (level-0 x, y; row-major), in order.
 
     A tile that coincides with one tile stored in the file is decoded from it directly, or,
-    with ``jpeg_passthrough`` and a YCbCr JPEG file, returned as its JPEG stream (bytes) to
-    be stored as it is. The rest are read as strips of row neighbours through
-    ``read_region`` and resampled once when the grid is not at a stored scale.
+    with ``jpeg_passthrough`` and a JPEG file, returned as its portable JPEG stream (bytes,
+    :func:`~wsi_ssl.tiling.decode.portable_jpeg`) to be stored as it is. The rest are read
+    as strips of row neighbours and resampled once when the grid is not at a stored scale.
     """
     stored, positions = stored_positions(reader, grid, coords)
     direct = positions[:, 0] >= 0
     tiles: list[np.ndarray | bytes] = [b""] * len(coords)
     if stored is not None:
-        fetch = stored.jpeg if jpeg_passthrough and stored.jpeg_passthrough else stored.decode
         for i in np.flatnonzero(direct):
-            tiles[i] = fetch(*positions[i])
+            row, col = positions[i]
+            stream = portable_jpeg(stored, row, col) if jpeg_passthrough else None
+            tiles[i] = stream if stream is not None else stored.decode(row, col)
     rest = np.flatnonzero(~direct)
     if len(rest):
         for i, tile in zip(rest, _read_strips(reader, grid, coords[rest]), strict=True):

@@ -1,0 +1,152 @@
+"""A slide's stored JPEG tiles as portable streams, and decoded at reduced scale.
+
+*Portable*: a stored tile, shared tables merged in, that any plain JPEG decoder (libjpeg,
+PIL, a browser) reads as the RGB the slide reader gives. YCbCr tiles are that already. Aperio
+and others also store JPEG tiles whose components are R, G, B (TIFF photometric RGB) with no
+marker saying so; a plain decoder takes three components without a marker for YCbCr and
+shifts the colours. An Adobe APP14 marker with transform 0 ("no colour transform") tells every
+decoder the components are RGB, so the stream can be copied into a JPEG store as it is.
+
+*Reduced scale*: libjpeg-turbo can run a smaller inverse DCT on each 8 x 8 block (scaled
+decoding, through simplejpeg) and return a tile at 1/2, 1/4 or 1/8 of its size for a fraction
+of a full decode (2.6x less than decode + 2 x 2 box average on 256 px tiles here). The result
+is a low-pass of each block, close to, not equal to, a box average of the fully decoded tile:
+within ``REDUCED_TOLERANCE`` on real H&E tiles (tests/test_tile_decode.py measures it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import simplejpeg
+import tifffile
+from PIL import Image
+
+from wsi_ssl.errors import CorruptSlideError
+from wsi_ssl.slide import StoredTiles
+
+__all__ = [
+    "ADOBE_RGB",
+    "REDUCED_SCALES",
+    "REDUCED_TOLERANCE",
+    "decode_reduced",
+    "portable_jpeg",
+    "reducible",
+]
+
+ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+"""APP14 "Adobe" segment, version 100, flags 0, transform 0: the components are RGB."""
+
+REDUCED_SCALES = (2, 4, 8)
+"""Shrink factors libjpeg decodes in the DCT domain (and PIL's ``draft`` reaches)."""
+
+REDUCED_TOLERANCE = {"mean": 1.5, "p99": 12.0}
+"""Mean and 99th-percentile absolute difference (8-bit levels, all channels) allowed between a
+tile decoded at 1/k and its full decode box-averaged k x k. Measured on CMU-1 (real H&E) at
+k = 2: RGB 4:4:4 tiles mean 0.1, p99 2; YCbCr 4:2:0 q90 tiles mean 1.0, p99 9 (the chroma
+is upsampled at the reduced size). JPEG q90 itself moves pixels by about 2 levels on average."""
+
+_APP0, _APP14, _SOS = 0xE0, 0xEE, 0xDA
+_SOF = {0xC0, 0xC1, 0xC2}  # baseline, extended, progressive Huffman frames
+
+
+def _header(stream: bytes) -> tuple[set[int], tuple[int, int, int] | None]:
+    """The marker codes of ``stream``'s segments before its first scan, and its frame's
+    (height, width, components) from the first SOF segment (None without one)."""
+    markers: set[int] = set()
+    frame = None
+    i = 2  # after SOI
+    while i + 4 <= len(stream) and stream[i] == 0xFF:
+        marker = stream[i + 1]
+        if marker == _SOS:
+            break
+        markers.add(marker)
+        if marker in _SOF and frame is None and i + 10 <= len(stream):
+            h, w = (int.from_bytes(stream[j : j + 2], "big") for j in (i + 5, i + 7))
+            frame = (h, w, stream[i + 9])
+        i += 2 + int.from_bytes(stream[i + 2 : i + 4], "big")
+    return markers, frame
+
+
+def _jpeg_photometric(stored: StoredTiles) -> tifffile.PHOTOMETRIC | None:
+    page = stored.page
+    if page.compression != tifffile.COMPRESSION.JPEG:
+        return None
+    return tifffile.PHOTOMETRIC(page.photometric)
+
+
+def _corrupt(stored: StoredTiles, row: int, col: int, detail: str) -> CorruptSlideError:
+    th, tw = stored.tile_shape
+    return CorruptSlideError(
+        stored.path,
+        f"stored tile row {row}, column {col}: {detail}, the level's tiles are {tw}x{th} RGB; "
+        "refusing to copy or decode it",
+    )
+
+
+def _checked_stream(stored: StoredTiles, row: int, col: int) -> tuple[bytes, set[int]]:
+    """Tile (row, col), shared tables merged in, its frame header checked against the tile
+    (size, three components): decoders allocate what the header says. Also the stream's
+    header markers."""
+    data = stored.raw(row, col)
+    tables = stored.page.jpegtables
+    if tables:  # the tables' SOI..DQT/DHT, then the tile without its own SOI
+        data = bytes(tables).removesuffix(b"\xff\xd9") + data.removeprefix(b"\xff\xd8")
+    markers, frame = _header(data)
+    if frame is None:
+        raise _corrupt(stored, row, col, "not a readable JPEG header (no frame before the scan)")
+    h, w, components = frame
+    if (h, w) != stored.tile_shape or components != 3:
+        raise _corrupt(stored, row, col, f"JPEG header says {w}x{h} with {components} components")
+    return data, markers
+
+
+def portable_jpeg(stored: StoredTiles, row: int, col: int) -> bytes | None:
+    """Stored tile (row, col) as a JPEG stream any decoder reads as the slide's RGB, or None
+    where it cannot be made one (not JPEG; an RGB tile that already carries a JFIF or Adobe
+    marker, which would contradict the TIFF's photometric).
+
+    Raises:
+        CorruptSlideError: the stream's frame header is not the level's tile.
+    """
+    photometric = _jpeg_photometric(stored)
+    if photometric not in (tifffile.PHOTOMETRIC.YCBCR, tifffile.PHOTOMETRIC.RGB):
+        return None
+    stream, markers = _checked_stream(stored, row, col)
+    if photometric == tifffile.PHOTOMETRIC.YCBCR:
+        return stream
+    if markers & {_APP0, _APP14}:
+        return None
+    return stream[:2] + ADOBE_RGB + stream[2:]
+
+
+def reducible(stored: StoredTiles, k: int) -> bool:
+    """Whether this level's tiles decode at 1/``k`` in the DCT domain: JPEG (RGB or YCbCr),
+    ``k`` in ``REDUCED_SCALES``, the tile's sides multiples of ``k`` (whole output pixels)."""
+    th, tw = stored.tile_shape
+    photometric = _jpeg_photometric(stored)
+    return (
+        k in REDUCED_SCALES
+        and photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
+        and th % k == 0
+        and tw % k == 0
+    )
+
+
+def decode_reduced(stored: StoredTiles, row: int, col: int, k: int) -> np.ndarray:
+    """Stored tile (row, col) decoded at 1/``k`` of its size in the DCT domain, RGB uint8
+    (h/k, w/k, 3); the full decode box-averaged where the stream is not portable or libjpeg-turbo
+    refuses it at reduced scale (an unusual subsampling, damage: then the full decode decides).
+
+    Raises:
+        CorruptSlideError: the tile does not decode.
+    """
+    th, tw = stored.tile_shape
+    stream = portable_jpeg(stored, row, col)
+    if stream is not None:
+        try:
+            return simplejpeg.decode_jpeg(
+                stream, min_height=th // k, min_width=tw // k, min_factor=k
+            )
+        except ValueError:
+            pass
+    return np.asarray(Image.fromarray(stored.decode(row, col)).reduce(k))
