@@ -145,16 +145,17 @@ def run_embed(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
-        print("\n".join(summary.lines()))
-    for r in summary.busy + summary.failed:
-        print(f"wsi-ssl: error: {r.error}", file=sys.stderr)
+        print("\n".join(summary.lines(args.error_hint)))
+    for o in summary.busy + summary.failed:
+        hint = args.error_hint(o.exception) if o.exception is not None else ""
+        print(f"wsi-ssl: error: {o.error}{hint}", file=sys.stderr)
     return 1 if summary.failed or summary.busy else 0
 
 
 def run_export(args: argparse.Namespace) -> int:
     from wsi_ssl.embedding.mil_files import export
 
-    result = export(
+    summary = export(
         args.root,
         args.out,
         format=args.format,
@@ -163,14 +164,9 @@ def run_export(args: argparse.Namespace) -> int:
         name_by=args.name_by,
     )
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps(summary.to_dict(), indent=2))
     else:
-        for s in result.slides:
-            print(f"{s['n_tiles']:>7} x {s['dim']:<5} {s['file']}")
-        print(
-            f"{len(result.slides)} slide(s) exported as {args.format} ({result.encoder_id}) "
-            f"to {args.out}; {len(result.failed)} failed"
-        )
-    for f in result.failed:
-        print(f"wsi-ssl: error: {f['error']}", file=sys.stderr)
-    return 1 if result.failed else 0
+        print("\n".join(summary.lines(args.error_hint)))
+    for o in summary.busy + summary.failed:
+        print(f"wsi-ssl: error: {o.error}{args.error_hint(o.exception)}", file=sys.stderr)
+    return summary.exit_code

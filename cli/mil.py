@@ -171,30 +171,9 @@ def run_predict(args: argparse.Namespace) -> int:
         progress=not (args.quiet or args.json),
     )
     if args.json:
-        summary = {
-            "out": str(result.out),
-            "run": str(result.run),
-            "encoder_id": result.encoder_id,
-            "classes": result.classes,
-            "csv": str(result.csv_path),
-            "slides": [
-                {
-                    "slide_id": s.slide_id,
-                    "name": s.name,
-                    "n_tiles": s.n_tiles,
-                    "predicted": s.label,
-                    "probabilities": s.probabilities,
-                    "heatmap": None if s.heatmap is None else str(s.heatmap),
-                    "gallery": None if s.gallery is None else str(s.gallery),
-                    "geojson": None if s.geojson is None else str(s.geojson),
-                }
-                for s in result.slides
-            ],
-            "failed": [{k: v for k, v in f.items() if k != "exception"} for f in result.failed],
-        }
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(result.to_dict(), indent=2))
     else:
-        print("\n".join(result.lines()))
-    for f in result.failed:
-        print(f"wsi-ssl: error: {f['error']}", file=sys.stderr)
-    return 1 if result.failed else 0
+        print("\n".join(result.lines(args.error_hint)))
+    for o in result.busy + result.failed:
+        print(f"wsi-ssl: error: {o.error}{args.error_hint(o.exception)}", file=sys.stderr)
+    return result.exit_code

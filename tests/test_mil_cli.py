@@ -98,7 +98,9 @@ def test_predict_writes_probabilities_heatmaps_galleries_and_geojson(
     )
     assert code == 0, err
     summary = json.loads(stdout)
-    assert len(summary["slides"]) == 4 and summary["failed"] == []
+    assert len(summary["slides"]) == 4 and summary["failed"] == 0 and summary["errors"] == []
+    assert {s["status"] for s in summary["slides"]} == {"complete"}
+    assert sorted(s["name"] for s in summary["slides"]) == sorted(LABELS)
     rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
     assert sorted(r["name"] for r in rows) == sorted(LABELS)
     model = mil.load(run)
@@ -168,13 +170,22 @@ def test_predict_reports_an_empty_bag_and_goes_on(
     assert code == 1
     assert err.count("\n") == 1 and "blank.tiff" in err and "0 tiles" in err
     assert "4 slide(s) predicted, 1 failed" in out
+    # the failed slide's outcome line carries its error (the library builds the text)
+    assert "failed" in out and "EmptyBagError" in out
+    result = mil.predict(run, copy, tmp_path / "api", explain=False)
+    [failed] = result.failed
+    assert failed.slide == "0" * 16 and failed.details["name"] == "blank.tiff"
+    assert isinstance(failed.exception, EmptyBagError) and result.exit_code == 1
+    assert result.counts == {"complete": 4, "skipped": 0, "busy": 0, "failed": 1}
+    assert [o.n_tiles > 0 for o in result.outcomes if o.status == "complete"] == [True] * 4
 
 
 def test_an_existing_run_is_not_overwritten(run: Path, archive: tuple[Path, Path]) -> None:
     root, labels = archive
     argv = ["mil", "train", str(root), "--labels", str(labels), "--out", str(run), "--folds", "2"]
     code, _, err = run_cli(argv)
-    assert code == 2 and "--overwrite" in err
+    # the library names overwrite=True; the CLI adds the flags: (command line: --overwrite, --out)
+    assert code == 2 and "overwrite=True" in err and "(command line: --overwrite, --out)" in err
 
 
 def test_training_is_seeded_whatever_reads_the_bags(

@@ -99,7 +99,8 @@ def test_unknown_slides_name_their_lines(archive: Path, tmp_path: Path) -> None:
     with pytest.raises(LabelsError, match=r"2 labelled slide\(s\) have no complete store") as info:
         match_labels(archive, csv, ENC)
     assert info.value.rows == [3, 5]
-    assert "'nope.svs', 'missing'" in str(info.value) and "--skip-missing" in str(info.value)
+    assert "'nope.svs', 'missing'" in str(info.value) and "skip_missing=True" in str(info.value)
+    assert "--" not in str(info.value) and info.value.parameters == ("skip_missing",)
     report = match_labels(archive, csv, ENC, skip_missing=True)
     assert [r.line for r in report.missing] == [3, 5]
     assert len(report.slides) == 2
@@ -121,7 +122,7 @@ def test_two_rows_for_one_store_and_slides_without_embeddings(
     with pytest.raises(EmbeddingsNotFoundError, match="available: other-enc, random-cnn"):
         match_labels(archive, csv, "resnet50")
     # no encoder named, and the labelled slides have two: say which, and how to choose
-    with pytest.raises(ConfigError, match=r"embeddings of 2 encoders .*pass --encoder"):
+    with pytest.raises(ConfigError, match=r"embeddings of 2 encoders .*pass encoder="):
         match_labels(archive, csv, None)
 
 
@@ -159,5 +160,8 @@ def test_fewer_patients_than_folds(archive: Path, tmp_path: Path) -> None:
     from wsi_ssl.mil import train
 
     csv = write(tmp_path, "slide,label\ncase-0,a\ncase-1,a\ncase-2,b\ncase-3,b\ncase-4,b\n")
-    with pytest.raises(LabelsError, match=r"class 'a' has 2 patient\(s\), fewer than --folds 3"):
+    with pytest.raises(
+        LabelsError, match=r"class 'a' has 2 patient\(s\), fewer than folds=3"
+    ) as info:
         train(archive, csv, ENC, tmp_path / "run", folds=3)
+    assert info.value.parameters == ("folds",)

@@ -289,10 +289,17 @@ class LabelsError(WsiSslError, ValueError):
     ``rows`` holds the 1-based CSV line numbers at fault (the header is line 1).
     """
 
-    def __init__(self, path: str | Path, problem: str, rows: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        problem: str,
+        rows: list[int] | None = None,
+        *,
+        parameters: Sequence[str] = (),
+    ) -> None:
         self.path = Path(path)
         self.rows = list(rows or [])
-        super().__init__(f"{path}: {problem}")
+        super().__init__(f"{path}: {problem}", parameters=parameters)
 
 
 class EmptyBagError(WsiSslError, ValueError):

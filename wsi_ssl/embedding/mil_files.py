@@ -37,14 +37,16 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from wsi_ssl.errors import ConfigError, WsiSslError
+from wsi_ssl.outcome import BatchOutcome, SlideOutcome
 from wsi_ssl.storage import SlideStore, open_store
 from wsi_ssl.storage.atomic import (
     atomic_path,
@@ -61,27 +63,39 @@ EXPORT_FORMATS = ("clam-h5", "pt")
 NAME_BY = ("stem", "slide_id")
 
 
-@dataclass
-class ExportResult:
+@dataclass(kw_only=True)
+class ExportResult(BatchOutcome):
+    """What :func:`export` wrote: one :class:`SlideOutcome` per slide (``details``: slide_id,
+    name, dim, file, coords_file for ``pt``, source_path)."""
+
     out: Path
     format: str
     encoder_id: str
-    slides: list[dict[str, Any]] = field(default_factory=list)
-    failed: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def exported(self) -> list[SlideOutcome]:
+        return self.with_status("complete")
 
     @property
     def files(self) -> list[Path]:
-        return [Path(s["file"]) for s in self.slides]
+        return [Path(o.details["file"]) for o in self.exported]
+
+    def total_lines(self) -> list[str]:
+        return [
+            f"{len(self.exported)} slide(s) exported as {self.format} ({self.encoder_id}) "
+            f"to {self.out}; {len(self.failed)} failed"
+        ]
 
     def to_dict(self) -> dict[str, Any]:
+        """``out``, ``format``, ``encoder_id``, ``exported`` and the outcome counts, ``slides``
+        (every slide, with its status) and ``errors`` (the failed ones)."""
         return {
             "out": str(self.out),
             "format": self.format,
             "encoder_id": self.encoder_id,
-            "exported": len(self.slides),
-            "failed": len(self.failed),
-            "slides": self.slides,
-            "errors": self.failed,
+            "exported": len(self.exported),
+            **self.outcomes_dict(),
+            "errors": [o.to_dict() for o in self.failed],
         }
 
 
@@ -146,7 +160,9 @@ def _save_tensor(data: np.ndarray, path: Path) -> None:
 
 def _names(stores: list[SlideStore], name_by: str) -> dict[str, str]:
     if name_by not in NAME_BY:
-        raise ConfigError(f"name_by must be one of {', '.join(NAME_BY)}; got {name_by!r}")
+        raise ConfigError(
+            f"name_by must be one of {', '.join(NAME_BY)}; got {name_by!r}", parameters=("name_by",)
+        )
     names = {
         s.slide_id: (
             Path(str(s.source.get("path", s.slide_id))).stem if name_by == "stem" else s.slide_id
@@ -158,7 +174,8 @@ def _names(stores: list[SlideStore], name_by: str) -> dict[str, str]:
         if name in seen:
             raise ConfigError(
                 f"slides {seen[name]} and {sid} are both named {name!r} by file stem; "
-                "use --name-by slide_id"
+                "use name_by='slide_id'",
+                parameters=("name_by",),
             )
         seen[name] = sid
     return names
@@ -181,69 +198,71 @@ def export(
         slides: slide ids (default: every complete store).
         name_by: file names from the slide file's stem (what MIL CSVs list) or the slide id.
 
-    A slide without those embeddings is recorded in ``result.failed``; the rest are written.
+    Every slide gets a :class:`~wsi_ssl.outcome.SlideOutcome`: one without those embeddings (or
+    whose file cannot be written) is ``failed`` and the rest are written.
     """
     if format not in EXPORT_FORMATS:
-        raise ConfigError(f"format must be one of {', '.join(EXPORT_FORMATS)}; got {format!r}")
+        raise ConfigError(
+            f"format must be one of {', '.join(EXPORT_FORMATS)}; got {format!r}",
+            parameters=("format",),
+        )
     archive = open_store(root)
     stores: list[SlideStore] = []
-    failed: list[dict[str, Any]] = []
-    ids = archive.slide_ids
-    failed += [_failure(str(getattr(e, "path", "")), e) for e in archive.damaged]
-    for name in slides if slides is not None else ids:
+    failed = [SlideOutcome.failure(str(getattr(e, "path", "")), e) for e in archive.damaged]
+    for name in slides if slides is not None else archive.slide_ids:
         try:
             sid = resolve_slide(archive, name) if slides is not None else name
             stores.append(archive.slide(sid))
         except WsiSslError as err:
-            failed.append(_failure(name, err))
+            failed.append(SlideOutcome.failure(name, err))
     eid = resolve_encoder({i for s in stores for i in embedding_ids(s)}, encoder, archive.root)
     names = _names(stores, name_by)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sweep_temp_files(out, recursive=True)  # what a killed export left
-    result = ExportResult(out, format, eid, failed=failed)
-    for store in stores:
-        name = names[store.slide_id]
-        try:
-            emb = read_embeddings(store, eid)
-            if format == "clam-h5":
-                path = out / f"{name}.h5"
-                _write_h5(path, emb, store, name)
-                extra: dict[str, Any] = {}
-            else:
-                path = out / f"{name}.pt"
-                (out / "coords").mkdir(exist_ok=True)
-                coords_path = out / "coords" / f"{name}.pt"
-                _write_pt(path, coords_path, emb)
-                extra = {"coords_file": str(coords_path)}
-        except (WsiSslError, OSError) as err:
-            result.failed.append(_failure(store.slide_id, err))
-            continue
-        result.slides.append(
-            {
-                "slide_id": store.slide_id,
-                "name": name,
-                "n_tiles": len(emb),
-                "dim": int(emb.features.shape[1]),
-                "file": str(path),
-                **extra,
-                "source_path": str(store.source.get("path", "")),
-            }
-        )
+    result = ExportResult(outcomes=failed, out=out, format=format, encoder_id=eid)
+    result.outcomes += [
+        _export_one(store, eid, out, format, names[store.slide_id]) for store in stores
+    ]
     manifest = {
         "format": format,
         "encoder_id": eid,
         "root": str(Path(root).resolve()),
         "encoder": _encoder_of(stores, eid),
-        "slides": result.slides,
-        "errors": result.failed,
+        "slides": [o.to_dict() for o in result.exported],
+        "errors": [o.to_dict() for o in result.failed],
     }
     atomic_write_json(out / "export.json", manifest, indent=2, sort_keys=False)
     return result
 
 
-def _failure(slide: str, err: BaseException) -> dict[str, Any]:
-    return {"slide_id": slide, "error": str(err), "error_type": type(err).__name__}
+def _export_one(store: SlideStore, eid: str, out: Path, format: str, name: str) -> SlideOutcome:
+    """Write one slide's file(s); a slide that cannot be read or written is a failed outcome."""
+    started = time.perf_counter()
+    try:
+        emb = read_embeddings(store, eid)
+        details: dict[str, Any] = {"slide_id": store.slide_id, "name": name}
+        details["dim"] = int(emb.features.shape[1])
+        if format == "clam-h5":
+            path = out / f"{name}.h5"
+            _write_h5(path, emb, store, name)
+            details["file"] = str(path)
+        else:
+            path = out / f"{name}.pt"
+            (out / "coords").mkdir(exist_ok=True)
+            coords_path = out / "coords" / f"{name}.pt"
+            _write_pt(path, coords_path, emb)
+            details.update(file=str(path), coords_file=str(coords_path))
+    except (WsiSslError, OSError) as err:
+        return SlideOutcome.failure(store.slide_id, err, time.perf_counter() - started, name=name)
+    details["source_path"] = str(store.source.get("path", ""))
+    return SlideOutcome(
+        store.slide_id,
+        "complete",
+        n_tiles=len(emb),
+        seconds=time.perf_counter() - started,
+        details=details,
+    )
 
 
 def _encoder_of(stores: list[SlideStore], eid: str) -> dict[str, Any]:

@@ -38,10 +38,11 @@ def folds_from_table(report: MatchReport, config: MILConfig, seed: int) -> tuple
     if n_rare < config.folds:
         raise LabelsError(
             report.labels_path,
-            f"class {rare!r} has {n_rare} patient(s), fewer than --folds {config.folds}; "
-            f"use --folds {max(2, n_rare)} or fewer"
+            f"class {rare!r} has {n_rare} patient(s), fewer than folds={config.folds}; "
+            f"use folds={max(2, n_rare)} or fewer"
             + (" or label more slides" if n_rare < 2 else ""),
             [s.line for s in slides if s.label == rare],
+            parameters=("folds",),
         )
     return assign_folds(y, groups, config.folds, seed), "generated"
 

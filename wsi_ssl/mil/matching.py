@@ -133,7 +133,8 @@ def _resolve_encoder(root: Path, wanted: str | None, ids_by_slide: dict[str, lis
         if union:
             raise ConfigError(
                 f"{root}: the labelled slides have embeddings of {len(union)} encoders "
-                f"({', '.join(union)}); pass --encoder ENCODER_ID (or a unique prefix)"
+                f"({', '.join(union)}); pass encoder=ENCODER_ID (or a unique prefix)",
+                parameters=("encoder",),
             )
         raise EmbeddingsNotFoundError(root, "(any)", union)
     if wanted in union:
@@ -250,8 +251,9 @@ def match_labels(
             table.path,
             f"{len(missing)} labelled slide(s) have no complete store under {root} "
             f"({line_list([r.line for r in missing])}: {shown}{', ...' if len(missing) > 5 else ''}); "
-            "tile them, fix the names (slide id, file name or stem), or pass --skip-missing",
+            "tile them, fix the names (slide id, file name or stem), or pass skip_missing=True",
             [r.line for r in missing],
+            parameters=("skip_missing",),
         )
     if not matched:
         raise LabelsError(table.path, f"no labelled slide has a complete store under {root}")
@@ -264,8 +266,9 @@ def match_labels(
             table.path,
             f"{len(no_emb)} labelled slide(s) have no embeddings {encoder_id!r} "
             f"({line_list([r.line for r in no_emb])}); run `wsi-ssl embed` with that encoder or "
-            "pass --skip-missing",
+            "pass skip_missing=True",
             [r.line for r in no_emb],
+            parameters=("skip_missing",),
         )
     classes = table.classes
     slides: list[LabelledSlide] = []
@@ -302,7 +305,8 @@ def match_labels(
     if len(dims) > 1:
         raise SchemaMismatchError(
             f"{root}: embeddings {encoder_id!r} have different widths {sorted(dims)} across "
-            "slides; re-run `wsi-ssl embed --no-resume` with that encoder"
+            "slides; re-embed them with that encoder and resume=False",
+            parameters=("resume",),
         )
     labelled = {sid for _, sid in matched}
     return MatchReport(

@@ -25,6 +25,7 @@ from wsi_ssl.mil.explain import attention_geojson, attention_heatmap, tile_galle
 from wsi_ssl.mil.matching import resolve_slides, slide_keys
 from wsi_ssl.mil.run import MILPrediction, MILRun, load
 from wsi_ssl.mil.training import torch_threads
+from wsi_ssl.outcome import BatchOutcome, ErrorHint, SlideOutcome
 from wsi_ssl.storage import Archive, open_store
 from wsi_ssl.storage.embeddings import embedding_ids
 
@@ -33,7 +34,7 @@ __all__ = ["PredictResult", "SlidePrediction", "predict"]
 
 @dataclass
 class SlidePrediction:
-    """One slide's prediction and the files written for it."""
+    """One slide's prediction and the files written for it (the outcome's ``details``)."""
 
     slide_id: str
     name: str
@@ -45,33 +46,76 @@ class SlidePrediction:
     geojson: Path | None = None
     prediction: MILPrediction | None = field(default=None, repr=False)
 
+    def details(self) -> dict[str, Any]:
+        """JSON-able: slide_id, name, predicted, probabilities and the files (None if not written)."""
+        files = {k: None if p is None else str(p) for k, p in self.files().items()}
+        return {
+            "slide_id": self.slide_id,
+            "name": self.name,
+            "predicted": self.label,
+            "probabilities": self.probabilities,
+            **files,
+        }
 
-@dataclass
-class PredictResult:
-    """What :func:`predict` wrote; ``failed`` lists slides that could not be predicted."""
+    def files(self) -> dict[str, Path | None]:
+        return {"heatmap": self.heatmap, "gallery": self.gallery, "geojson": self.geojson}
+
+
+@dataclass(kw_only=True)
+class PredictResult(BatchOutcome):
+    """What :func:`predict` wrote: one :class:`SlideOutcome` per slide (``details``: see
+    :meth:`SlidePrediction.details`; failed slides add their ``name``), and the predictions
+    themselves (``slides``, with the attention and neighbours)."""
 
     out: Path
     run: Path
     encoder_id: str
     classes: list[str]
-    slides: list[SlidePrediction] = field(default_factory=list)
-    failed: list[dict[str, Any]] = field(default_factory=list)
+    predictions: list[SlidePrediction] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def slides(self) -> list[SlidePrediction]:
+        """The slides that were predicted, in order."""
+        return self.predictions
 
     @property
     def csv_path(self) -> Path:
         return self.out / "predictions.csv"
 
-    def lines(self) -> list[str]:
+    def total_lines(self) -> list[str]:
+        return [
+            f"{len(self.predictions)} slide(s) predicted, {len(self.failed)} failed; wrote "
+            f"{self.csv_path} and heatmaps, tile galleries and GeoJSON under {self.out}"
+        ]
+
+    def lines(self, hint: ErrorHint | None = None) -> list[str]:
+        """One line per slide (its label, probabilities, tiles and name, or its error), then
+        the totals."""
+        by_slide = {p.slide_id: p for p in self.predictions}
         out = []
-        for s in self.slides:
+        for o in self.outcomes:
+            s = by_slide.get(o.slide)
+            if s is None:
+                out.append(o.line(hint))
+                continue
             probs = "  ".join(f"{c} {p:.3f}" for c, p in s.probabilities.items())
             out.append(f"{s.label:>12}  {probs}  {s.n_tiles:>6} tiles  {s.name}")
-        out.append(
-            f"{len(self.slides)} slide(s) predicted, {len(self.failed)} failed; wrote "
-            f"{self.csv_path} and heatmaps, tile galleries and GeoJSON under {self.out}"
-        )
-        return out
+        return out + self.total_lines()
+
+    def to_dict(self) -> dict[str, Any]:
+        """``out``, ``run``, ``encoder_id``, ``classes``, ``csv``, ``seconds``, the outcome
+        counts, ``slides`` (every slide with its status) and ``errors`` (the failed ones)."""
+        return {
+            "out": str(self.out),
+            "run": str(self.run),
+            "encoder_id": self.encoder_id,
+            "classes": self.classes,
+            "csv": str(self.csv_path),
+            "seconds": round(self.seconds, 3),
+            **self.outcomes_dict(),
+            "errors": [o.to_dict() for o in self.failed],
+        }
 
 
 def predict(
@@ -123,7 +167,9 @@ def predict(
             )
     out = Path(out) if out is not None else model.path / "predictions"
     out.mkdir(parents=True, exist_ok=True)
-    result = PredictResult(out, model.path, model.encoder_id, model.classes)
+    result = PredictResult(
+        out=out, run=model.path, encoder_id=model.encoder_id, classes=model.classes
+    )
     with torch_threads(model.config.threads):
         _predict_all(model, archive, ids, names, out, result, top_k, explain, progress)
     _write_csv(result, model.classes)
@@ -146,54 +192,70 @@ def _predict_all(
 
     for sid in tqdm(ids, desc="mil predict", unit="slide", disable=not progress):
         name = names.get(sid, sid)
+        started = time.perf_counter()
         try:
-            store = archive.slide(sid)
-            pred = model.predict_slide(store, name=name)
-            item = SlidePrediction(
-                sid,
-                name,
-                len(pred.coords) if pred.coords is not None else 0,
-                pred.label,
-                {c: float(p) for c, p in zip(model.classes, pred.probabilities, strict=True)},
-                prediction=pred,
-            )
-            if explain and pred.attention is not None:
-                probs = ", ".join(f"{c} {p:.2f}" for c, p in item.probabilities.items())
-                item.heatmap = attention_heatmap(
-                    store,
-                    pred.attention,
-                    out / "heatmaps" / f"{sid}.png",
-                    title=f"{name}: {pred.label} ({probs})",
-                )
-                item.gallery = tile_gallery(
-                    store, pred.attention, out / "tiles" / f"{sid}.png", k=top_k
-                )
-                item.geojson = attention_geojson(
-                    store,
-                    pred.attention,
-                    out / "geojson" / f"{sid}.geojson",
-                    properties={
-                        "wsi_ssl": {
-                            "slide_id": sid,
-                            "name": name,
-                            "run": str(model.path),
-                            "encoder_id": model.encoder_id,
-                            "predicted": pred.label,
-                            "probabilities": item.probabilities,
-                        }
-                    },
-                )
-            result.slides.append(item)
+            item = _predict_one(model, archive, sid, name, out, top_k, explain)
         except WsiSslError as err:
-            result.failed.append(
-                {
-                    "slide_id": sid,
-                    "name": name,
-                    "error": str(err),
-                    "error_type": type(err).__name__,
-                    "exception": err,
-                }
+            seconds = time.perf_counter() - started
+            result.outcomes.append(SlideOutcome.failure(sid, err, seconds, name=name))
+            continue
+        result.predictions.append(item)
+        result.outcomes.append(
+            SlideOutcome(
+                sid,
+                "complete",
+                n_tiles=item.n_tiles,
+                seconds=time.perf_counter() - started,
+                details=item.details(),
             )
+        )
+
+
+def _predict_one(
+    model: MILRun,
+    archive: Archive,
+    sid: str,
+    name: str,
+    out: Path,
+    top_k: int,
+    explain: bool,
+) -> SlidePrediction:
+    store = archive.slide(sid)
+    pred = model.predict_slide(store, name=name)
+    item = SlidePrediction(
+        sid,
+        name,
+        len(pred.coords) if pred.coords is not None else 0,
+        pred.label,
+        {c: float(p) for c, p in zip(model.classes, pred.probabilities, strict=True)},
+        prediction=pred,
+    )
+    if not explain or pred.attention is None:
+        return item
+    probs = ", ".join(f"{c} {p:.2f}" for c, p in item.probabilities.items())
+    item.heatmap = attention_heatmap(
+        store,
+        pred.attention,
+        out / "heatmaps" / f"{sid}.png",
+        title=f"{name}: {pred.label} ({probs})",
+    )
+    item.gallery = tile_gallery(store, pred.attention, out / "tiles" / f"{sid}.png", k=top_k)
+    item.geojson = attention_geojson(
+        store,
+        pred.attention,
+        out / "geojson" / f"{sid}.geojson",
+        properties={
+            "wsi_ssl": {
+                "slide_id": sid,
+                "name": name,
+                "run": str(model.path),
+                "encoder_id": model.encoder_id,
+                "predicted": pred.label,
+                "probabilities": item.probabilities,
+            }
+        },
+    )
+    return item
 
 
 def _write_csv(result: PredictResult, classes: list[str]) -> None:

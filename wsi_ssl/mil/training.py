@@ -215,7 +215,8 @@ def _train(
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(
-            f"{out}: already exists and is not empty; pass --overwrite or another --out"
+            f"{out}: already exists and is not empty; pass overwrite=True or another out",
+            parameters=("overwrite", "out"),
         )
     device = resolve_device(config.device)
     if progress and log is None:

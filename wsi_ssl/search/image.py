@@ -41,7 +41,8 @@ def load_image(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.nd
                     raise ImageTooLargeError(
                         f"{path}: {w}x{h} = {w * h:,} pixels, more than the {max_pixels:,} a "
                         "query image may have; crop the region of interest, or tile the slide and "
-                        "query it with --slide/--box"
+                        "query it with slide= and box= (Index.search_region)",
+                        parameters=("slide", "box"),
                     )
                 im.load()
                 return _to_rgb(im)
@@ -82,7 +83,7 @@ def rescale(
     from PIL import Image
 
     if not image_mpp > 0:
-        raise ConfigError(f"image mpp must be > 0, got {image_mpp}")
+        raise ConfigError(f"image_mpp must be > 0, got {image_mpp}", parameters=("image_mpp",))
     factor = image_mpp / target_mpp
     if abs(factor - 1) <= 0.02:
         return image
@@ -91,7 +92,8 @@ def rescale(
     if nw * nh > max_pixels:
         raise ImageTooLargeError(
             f"image {w}x{h} at {image_mpp} µm/px becomes {nw}x{nh} px at the index's "
-            f"{target_mpp} µm/px, more than {max_pixels:,} pixels; crop it or check --image-mpp"
+            f"{target_mpp} µm/px, more than {max_pixels:,} pixels; crop it or check image_mpp",
+            parameters=("image_mpp",),
         )
     return np.asarray(
         Image.fromarray(image).resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=3.0)
