@@ -124,7 +124,7 @@ def _sync(device: torch.device) -> None:
 
 def bench_loader(trainer: Any, args: argparse.Namespace) -> dict[str, float]:
     """(a): batches/s of the DataLoader alone, and raw tile reads (decode only)."""
-    from wsi_ssl.ssl.data import TileDataset
+    from wsi_ssl.ssl.dataset import TileDataset
 
     loader = trainer._loader()
     it = iter(loader)
@@ -149,7 +149,7 @@ def bench_loader(trainer: Any, args: argparse.Namespace) -> dict[str, float]:
 
 def bench_step(trainer: Any, args: argparse.Namespace) -> dict[str, float]:
     """(b): training steps on crops already on the device."""
-    from wsi_ssl.ssl.train import _AMP_DTYPES
+    from wsi_ssl.ssl.runtime import AMP_DTYPES
 
     c = trainer.config
     device = trainer.device
@@ -159,7 +159,7 @@ def bench_step(trainer: Any, args: argparse.Namespace) -> dict[str, float]:
     views += [
         torch.randn(args.batch_size, 3, c.local_crop_size, c.local_crop_size, device=device)
     ] * c.n_local_crops
-    amp = _AMP_DTYPES.get(trainer.precision)
+    amp = AMP_DTYPES.get(trainer.precision)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for step in range(args.warmup):
@@ -195,7 +195,7 @@ def bench_full(root: Path, args: argparse.Namespace, out: Path) -> dict[str, flo
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from wsi_ssl.ssl.train import Trainer
+    from wsi_ssl.ssl.trainer import Trainer
 
     root = args.root or build_archive(args.tile_size)
     work = HERE / "data" / "pretrain-bench-run"
@@ -254,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _single() -> Any:
-    from wsi_ssl.ssl.train import _Dist
+    from wsi_ssl.ssl.runtime import DistContext
 
-    return _Dist()
+    return DistContext()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_ssl.cli.toml_config import read_toml_config
-from wsi_ssl.errors import ConfigError, WsiSslError
+from wsi_ssl.errors import ConfigError
 from wsi_ssl.ssl.backbones import backbone_names
 from wsi_ssl.ssl.config import (
     AUGMENTS,
@@ -27,9 +28,6 @@ from wsi_ssl.ssl.config import (
     SAMPLINGS,
     PretrainConfig,
 )
-
-# flag dest -> PretrainConfig field, for flags whose name differs from the field
-_RENAMED = {"lr": "base_lr", "weights": "init_weights"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,7 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="ENCODER",
         help="continue from an encoder: a registry name (uni), timm/<arch> or a previous run",
     )
-    p.add_argument("--weights", type=str, metavar="FILE", help="weights file for --init")
+    p.add_argument(
+        "--weights", dest="init_weights", type=str, metavar="FILE", help="weights file for --init"
+    )
     p.add_argument("--layer-decay", type=float, help="layer-wise lr decay (default 1: off)")
     p.add_argument("--freeze-blocks", type=int, help="freeze the first N blocks (default 0)")
     p.add_argument(
@@ -75,7 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     length.add_argument("--epochs", type=float, help="passes over the tiles (default 100)")
     length.add_argument("--steps", type=int, help="optimiser steps (overrides epochs)")
     p.add_argument("--batch-size", type=int, help="tiles per step per process (default 64)")
-    p.add_argument("--lr", type=float, help="base learning rate per 256 tiles (default 5e-4)")
+    p.add_argument(
+        "--lr", dest="base_lr", type=float, help="base learning rate per 256 tiles (default 5e-4)"
+    )
     p.add_argument("--device", choices=DEVICES, help="auto (default), cpu or cuda")
     p.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 on a GPU, else fp32")
     p.add_argument(
@@ -115,8 +117,7 @@ def pretrain_config(args: argparse.Namespace, base: PretrainConfig | None = None
     elif args.preset:
         values.update(PretrainConfig.preset(args.preset).to_dict())
     values.update(read_toml_config(args.config, PretrainConfig))
-    for dest, value in vars(args).items():
-        field = _RENAMED.get(dest, dest)
+    for field, value in vars(args).items():
         if field in names and value is not None:
             values[field] = value
     if args.steps is not None:
@@ -129,17 +130,12 @@ def pretrain_config(args: argparse.Namespace, base: PretrainConfig | None = None
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_ssl.ssl.checkpoint import latest_checkpoint, load_checkpoint
+    from wsi_ssl.ssl.resume import resumed_config
     from wsi_ssl.ssl.train import pretrain
 
-    base = None
-    if args.resume and (path := latest_checkpoint(args.out)) is not None:
-        if args.preset:
-            raise ConfigError(
-                "--preset applies to new runs; --resume takes the checkpoint's config"
-            )
-        meta = load_checkpoint(path, kind="wsi_ssl.dino", arch=args.arch)["meta"]
-        base = PretrainConfig.from_dict(meta["config"])
+    base = resumed_config(args.out, args.arch) if args.resume else None
+    if base is not None and args.preset:
+        raise ConfigError("--preset applies to new runs; --resume takes the checkpoint's config")
     config = pretrain_config(args, base)
     result = pretrain(
         args.roots, config, out=args.out, resume=args.resume, until_step=args.until_step
@@ -164,24 +160,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _rank() -> int:
-    import os
-
     return int(os.environ.get("RANK", "0"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m wsi_ssl.cli.pretrain ...``: this command alone (e.g. under torchrun)."""
-    parser = argparse.ArgumentParser(prog="wsi-ssl pretrain", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except WsiSslError as err:
-        print(f"wsi-ssl: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("wsi-ssl: interrupted; re-run with --resume to continue", file=sys.stderr)
-        return 130
+    """``python -m wsi_ssl.cli.pretrain ...``: this command alone (e.g. under torchrun), with
+    the errors reported as ``wsi-ssl pretrain`` reports them."""
+    from wsi_ssl.cli.main import main as cli_main
+
+    return cli_main(["pretrain", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -13,16 +13,12 @@ from torch.utils.data import DataLoader
 import wsi_ssl
 from wsi_ssl.errors import SchemaMismatchError, StoreIncompleteError, StoreNotFoundError
 from wsi_ssl.ssl.config import PretrainConfig
-from wsi_ssl.ssl.data import (
-    StepBatchSampler,
-    TileDataset,
-    describe_sources,
-    epoch_order,
-    scan_stores,
-)
-from wsi_ssl.ssl.testing import write_tile_store
+from wsi_ssl.ssl.dataset import TileDataset
+from wsi_ssl.ssl.sampler import StepBatchSampler, epoch_order
+from wsi_ssl.ssl.stores import describe_sources, scan_stores
 from wsi_ssl.ssl.transforms import HistoDINOTransform
 from wsi_ssl.storage import open_store
+from wsi_ssl.testing.tile_stores import write_tile_store
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +73,7 @@ def test_tile_size_and_scale_mismatches(tmp_path: Path) -> None:
     with pytest.raises(SchemaMismatchError, match=r"0\.5 µm/px but the config expects mpp=1"):
         scan_stores(tmp_path / "a", mpp=1.0)
     write_tile_store(tmp_path / "a", "s48", _noise_tiles(4, 48))
-    with pytest.raises(SchemaMismatchError, match="one --tile-size"):
+    with pytest.raises(SchemaMismatchError, match="one tile_size"):
         scan_stores(tmp_path / "a")
 
 

@@ -14,8 +14,11 @@ import wsi_ssl
 from wsi_ssl.errors import SchemaMismatchError
 from wsi_ssl.ssl import PretrainConfig, pretrain
 from wsi_ssl.ssl.curation import curate, near_duplicates
-from wsi_ssl.ssl.data import TileDataset, epoch_order, scale_groups, scan_stores, select_tiles
-from wsi_ssl.ssl.testing import write_tile_store
+from wsi_ssl.ssl.dataset import TileDataset
+from wsi_ssl.ssl.sampler import epoch_order
+from wsi_ssl.ssl.selection import select_tiles
+from wsi_ssl.ssl.stores import scale_groups, scan_stores
+from wsi_ssl.testing.tile_stores import write_tile_store
 
 
 def _textured(n: int, size: int, seed: int) -> np.ndarray:
@@ -60,7 +63,7 @@ def test_each_scale_is_drawn_equally_often(scales_root: Path) -> None:
 
 def test_mixed_tile_sizes_train_only_with_per_tile_crops(scales_root: Path, tmp_path: Path) -> None:
     roots = [scales_root, scales_root / "big"]
-    with pytest.raises(SchemaMismatchError, match="tile-size"):
+    with pytest.raises(SchemaMismatchError, match="tile_size"):
         scan_stores(roots, mixed_scales=True)
     config = PretrainConfig.preset(
         "cpu-small",
@@ -79,7 +82,7 @@ def test_mixed_tile_sizes_train_only_with_per_tile_crops(scales_root: Path, tmp_
     )
     run = pretrain(roots, config.replace(augment="loader"), out=tmp_path / "loader")
     assert run.finished and set(run.sources["scales"]) == {"0.5", "1"}
-    with pytest.raises(SchemaMismatchError, match="tile-size"):
+    with pytest.raises(SchemaMismatchError, match="tile_size"):
         pretrain(roots, config.replace(augment="batch"), out=tmp_path / "batch")
 
 

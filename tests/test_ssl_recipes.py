@@ -16,7 +16,8 @@ from wsi_ssl.errors import ArchitectureMismatchError, WeightsNotFoundError
 from wsi_ssl.ssl import PretrainConfig, load_encoder, pretrain
 from wsi_ssl.ssl.checkpoint import load_checkpoint
 from wsi_ssl.ssl.optim import layer_of, param_groups
-from wsi_ssl.ssl.train import Trainer, _Dist
+from wsi_ssl.ssl.runtime import DistContext
+from wsi_ssl.ssl.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,7 @@ def vit_tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _trainer(root: Path, config: PretrainConfig, out: Path) -> Trainer:
-    trainer = Trainer([root], config, out, resume=False, until_step=None, ctx=_Dist())
+    trainer = Trainer([root], config, out, resume=False, until_step=None, ctx=DistContext())
     trainer.build()
     return trainer
 

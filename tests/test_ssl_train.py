@@ -133,7 +133,7 @@ def test_resume_continues_exactly(cmu_root: Path, tmp_path: Path, augment: str) 
 
 def test_refuses_to_mix_runs(finished_run, cmu_root: Path) -> None:
     out = finished_run.out_dir
-    with pytest.raises(ConfigError, match=r"already holds a run.*--resume"):
+    with pytest.raises(ConfigError, match=r"already holds a run.*resume=True"):
         pretrain(cmu_root, tiny(), out=out)
     with pytest.raises(CheckpointError, match="for arch 'resnet18_tiny', not 'resnet18_slim'"):
         pretrain(cmu_root, tiny(arch="resnet18_slim"), out=out, resume=True)
@@ -166,7 +166,7 @@ def test_bad_inputs(cmu_root: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="fewer than one global batch"):
         pretrain(cmu_root, tiny(batch_size=5000), out=tmp_path / "c")
     if not torch.cuda.is_available():
-        with pytest.raises(DeviceUnavailableError, match="--device cuda asked for"):
+        with pytest.raises(DeviceUnavailableError, match="device 'cuda' requested"):
             pretrain(cmu_root, tiny(device="cuda"), out=tmp_path / "d")
     assert not (tmp_path / "a").exists()  # refused before writing anything
 

@@ -207,7 +207,7 @@ def plot_coverage(
 
 
 def read_curation(path: str | Path, entries: Any) -> list[np.ndarray]:
-    """Per store of ``entries`` (:class:`~wsi_ssl.ssl.data.SlideEntry`), the curated tiles."""
+    """Per store of ``entries`` (:class:`~wsi_ssl.ssl.stores.SlideEntry`), the curated tiles."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from wsi_ssl.ssl.config import PretrainConfig
-from wsi_ssl.ssl.train import PretrainRun, pretrain
+from wsi_ssl.ssl.result import PretrainRun
+from wsi_ssl.ssl.train import pretrain
 
 __all__ = ["demo_pretrain"]
 

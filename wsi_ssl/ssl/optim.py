@@ -7,16 +7,19 @@ norm, heads, decoders) is layer ``L + 1`` and trains at the full rate. With ``la
 ``d`` a layer trains at ``lr * d ** (L + 1 - layer)`` (BEiT, Bao et al., 2022; used when
 fine-tuning a pretrained ViT). ``freeze_blocks`` ``N`` turns gradients off for layers ``0..N``.
 Biases and norm weights (1-d parameters) get no weight decay, as in DINO.
+:func:`clip_gradients` clips per parameter, as DINO's code does.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["backbone_layers", "layer_of", "param_groups"]
+__all__ = ["backbone_layers", "clip_gradients", "layer_of", "param_groups"]
 
 _BACKBONE = re.compile(r"(?:^|\.)backbone\.(.+)$")
 _VIT_BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -71,3 +74,13 @@ def param_groups(
         | ({} if key[0] else {"weight_decay": 0.0})
         for key in ordered
     ]
+
+
+def clip_gradients(parameters: Iterator[nn.Parameter], clip: float) -> None:
+    """Scale each parameter's gradient to norm at most ``clip`` (DINO's ``clip_gradients``)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads)
+    for grad, norm in zip(grads, norms, strict=True):
+        grad.mul_(torch.clamp(clip / (norm + 1e-6), max=1.0))

@@ -13,7 +13,7 @@ Tellez et al., 2019, https://arxiv.org/abs/1902.06543).
 
 The transform takes a PIL image (or an ``(H, W, 3)`` uint8 array) and returns a list of
 ``2 + n_local_crops`` float tensors. It draws from numpy's and torch's global generators, as
-lightly's and torchvision's transforms do; :class:`~wsi_ssl.ssl.data.TileDataset` seeds them
+lightly's and torchvision's transforms do; :class:`~wsi_ssl.ssl.dataset.TileDataset` seeds them
 per tile so that a run is reproducible whatever the number of loader workers.
 """
 

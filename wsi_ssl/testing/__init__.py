@@ -3,4 +3,6 @@ the library itself.
 
 * :mod:`wsi_ssl.testing.bags`: a slide store holding only a bag of embeddings (MIL tests).
 * :mod:`wsi_ssl.testing.vectors`: clustered synthetic vectors (search tests and benchmarks).
+* :mod:`wsi_ssl.testing.tile_stores`: a slide store written from tiles in memory (pretraining
+  tests).
 """

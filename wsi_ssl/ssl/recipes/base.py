@@ -86,6 +86,6 @@ def copy_teacher(student: nn.Module, teacher: nn.Module) -> nn.Module:
 def seeded_masks(seed: int) -> contextlib.AbstractContextManager[None]:
     """Seed ``random``, numpy and torch's CPU generator for a block (masks are drawn there,
     a function of the run seed and step, so a resumed run draws the same), then restore."""
-    from wsi_ssl.ssl.data import seeded
+    from wsi_ssl.ssl.dataset import seeded
 
     return seeded(seed)

@@ -159,10 +159,10 @@ class DINOv2Recipe(Recipe):
 
     def masks(self, n: int, grid: int, step: int) -> Tensor:
         """Block masks ``(n, grid, grid)`` of the global crops of ``step`` (on the CPU)."""
-        from wsi_ssl.ssl.data import _mix
+        from wsi_ssl.ssl.sampler import mix_seed
 
         c = self.config
-        with seeded_masks(_mix(c.seed, step, self.rank, 0xB10C)):
+        with seeded_masks(mix_seed(c.seed, step, self.rank, 0xB10C)):
             return random_block_mask(
                 (n, grid, grid),
                 batch_mask_ratio=c.mask_probability,

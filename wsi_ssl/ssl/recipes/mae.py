@@ -112,13 +112,13 @@ class MAERecipe(Recipe):
         schedules: Schedules,
         autocast: contextlib.AbstractContextManager[Any],
     ) -> StepOutput:
-        from wsi_ssl.ssl.data import _mix
+        from wsi_ssl.ssl.sampler import mix_seed
 
         c = self.config
         images = torch.cat(views[:2])
         encoder = _inner(model).encoder
         length = encoder.prefix_tokens + (images.shape[-1] // encoder.patch_size) ** 2
-        with seeded_masks(_mix(c.seed, step, self.rank, 0x3AE)):
+        with seeded_masks(mix_seed(c.seed, step, self.rank, 0x3AE)):
             idx_keep, idx_mask = utils.random_token_mask(
                 (len(images), length), mask_ratio=c.mae_mask_ratio
             )

@@ -1,4 +1,4 @@
-"""Helpers for tests and benchmarks of the pretraining stage (as ``zarr.testing`` for zarr).
+"""Slide stores written from tiles in memory, for tests and benchmarks of the pretraining stage.
 
 :func:`write_tile_store` writes a slide store from tiles in memory through the storage API,
 complete or not, for the bad-input cases no real tiling run produces on purpose (a store left

@@ -1,0 +1,94 @@
+"""Continuing a pretraining run from its newest checkpoint.
+
+:func:`open_checkpoint` finds and reads it (a directory holding a run is refused unless
+``resume``), :func:`merge_resumed` keeps the checkpoint's training settings (only the runtime
+fields may change), and :func:`check_same_run` refuses other tiles or another global batch,
+so that a resumed run computes exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from wsi_ssl.errors import CheckpointError, ConfigError
+from wsi_ssl.ssl.checkpoint import RUN_FORMAT, latest_checkpoint, load_checkpoint
+from wsi_ssl.ssl.config import RUNTIME_FIELDS, PretrainConfig
+
+__all__ = ["check_same_run", "merge_resumed", "open_checkpoint", "resumed_config"]
+
+
+def open_checkpoint(
+    out: Path, config: PretrainConfig | None, resume: bool
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """``(path, contents)`` of the newest checkpoint in ``out`` (``(None, None)``: none).
+
+    Raises:
+        ConfigError: ``out`` holds a run and ``resume`` is false.
+        CheckpointError: unreadable, or for another architecture than ``config``'s.
+    """
+    path = latest_checkpoint(out)
+    if path is None:
+        return None, None
+    if not resume:
+        raise ConfigError(
+            f"{out}: already holds a run (newest checkpoint {path.name}); pass resume=True to "
+            "continue it or choose another out",
+            parameters=("resume", "out"),
+        )
+    data = load_checkpoint(path, kind=RUN_FORMAT, arch=None if config is None else config.arch)
+    return path, data
+
+
+def resumed_config(out: str | Path, arch: str | None = None) -> PretrainConfig | None:
+    """The config of the run in ``out`` (its newest checkpoint's), None when it has none.
+
+    Raises:
+        CheckpointError: unreadable, or for another architecture than ``arch``.
+    """
+    path = latest_checkpoint(Path(out))
+    if path is None:
+        return None
+    return PretrainConfig.from_dict(load_checkpoint(path, kind=RUN_FORMAT, arch=arch)["meta"]["config"])
+
+
+def merge_resumed(
+    saved: PretrainConfig, given: PretrainConfig | None, path: Path | None
+) -> PretrainConfig:
+    """The checkpoint's config, with the runtime fields of ``given`` (others must agree)."""
+    if given is None:
+        return saved
+    a, b = saved.training_key(), given.training_key()
+    diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+    if diff:
+        shown = ", ".join(f"{k}: {x!r} -> {y!r}" for k, (x, y) in sorted(diff.items())[:6])
+        raise ConfigError(
+            f"{path}: resume=True with other training settings than the checkpoint ({shown}); "
+            f"only {', '.join(sorted(RUNTIME_FIELDS))} may change; start a new run with another "
+            "out instead",
+            parameters=("out",),
+        )
+    return given
+
+
+def check_same_run(
+    meta: dict[str, Any], sources: dict[str, Any], global_batch: int, path: Path | None
+) -> None:
+    """Refuse to resume on other tiles or with another global batch than the checkpoint's."""
+    saved = {(s["slide_id"], s["n_tiles"]) for s in meta["sources"]["slides"]}
+    now = {(s["slide_id"], s["n_tiles"]) for s in sources["slides"]}
+    if saved != now:
+        raise CheckpointError(
+            f"{path}: the run trained on {len(saved)} slides / {meta['sources']['n_tiles']} "
+            f"tiles, but the stores now hold {len(now)} / {sources['n_tiles']} "
+            f"(added: {sorted(i for i, _ in now - saved)[:5]}, gone or changed: "
+            f"{sorted(i for i, _ in saved - now)[:5]}); resume needs the same tiles, start a "
+            "new run with another out",
+            parameters=("out",),
+        )
+    if meta["global_batch"] != global_batch:
+        raise ConfigError(
+            f"{path}: the run used a global batch of {meta['global_batch']}, now "
+            f"{global_batch} (batch size x processes); resume with the same number of "
+            "processes"
+        )

@@ -1,0 +1,65 @@
+"""Which tiles of the stores a pretraining run trains on.
+
+:func:`select_tiles` keeps the tiles worth training on: enough tissue (the store's own
+``tissue_fraction``), enough grey-level variation (no blank glass or flat smears), and, with a
+curation file (:mod:`wsi_ssl.ssl.curation`), only the curated ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from wsi_ssl.errors import ConfigError
+from wsi_ssl.ssl.stores import SlideEntry
+from wsi_ssl.storage import open_store
+from wsi_ssl.storage.tile_reader import TileReader
+
+__all__ = ["select_tiles"]
+
+
+def select_tiles(
+    entries: Sequence[SlideEntry],
+    *,
+    min_tissue: float = 0.0,
+    min_tile_std: float = 0.0,
+    curation: str | Path | None = None,
+) -> list[np.ndarray] | None:
+    """Per store, the tile numbers to train on (None: all of them).
+
+    A tile is kept when its stored tissue fraction is at least ``min_tissue``, the standard
+    deviation of its grey levels (0-255) at least ``min_tile_std`` (read once per run), and the
+    curation file, if any, selects it. Raises ``ConfigError`` when nothing is left.
+    """
+    if min_tissue <= 0 and min_tile_std <= 0 and curation is None:
+        return None
+    chosen = None
+    if curation is not None:
+        from wsi_ssl.ssl.curation import read_curation
+
+        chosen = read_curation(curation, entries)
+    keep: list[np.ndarray] = []
+    for i, e in enumerate(entries):
+        tiles = np.arange(e.n_tiles) if chosen is None else chosen[i]
+        if min_tissue > 0:
+            fraction = np.asarray(open_store(e.root).slide(e.slide_id).tissue_fraction)
+            tiles = tiles[fraction[tiles] >= min_tissue]
+        if min_tile_std > 0 and len(tiles):
+            reader = TileReader(open_store(e.root).slide(e.slide_id).tiles)
+            stds = np.array([_grey_std(reader[int(t)]) for t in tiles])
+            tiles = tiles[stds >= min_tile_std]
+        keep.append(tiles.astype(np.int64))
+    if sum(len(k) for k in keep) == 0:
+        raise ConfigError(
+            f"no tile of {len(entries)} stores passes min_tissue={min_tissue}, "
+            f"min_tile_std={min_tile_std}"
+            + (f" and curation {curation}" if curation else "")
+            + "; lower the thresholds"
+        )
+    return keep
+
+
+def _grey_std(tile: np.ndarray) -> float:
+    return float((tile.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).std())
