@@ -44,13 +44,13 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_two_processes_embed_what_one_does(root: Path, tmp_path: Path) -> None:
     summary = embed_on_devices(root, "random-cnn", "cpu,cpu", workers=0)
     archive = open_store(root)
-    assert [r.slide_id for r in summary.results] == archive.slide_ids
+    assert [r.slide for r in summary.outcomes] == archive.slide_ids
     assert not summary.failed and summary.compute["devices"] == ["cpu", "cpu"]
-    assert summary.tiles_embedded == sum(archive.slide(s).n_tiles for s in archive.slide_ids)
+    assert summary.tiles_done == sum(archive.slide(s).n_tiles for s in archive.slide_ids)
     eid = summary.encoder_id
     two = {s: np.asarray(archive.embeddings(s, eid).features) for s in archive.slide_ids}
     again = embed_on_devices(root, "random-cnn", ["cpu", "cpu"], workers=0)  # resume
-    assert {r.status for r in again.results} == {"skipped"}
+    assert {r.status for r in again.outcomes} == {"skipped"}
     one = embed(root, "random-cnn", resume=False, workers=0, device="cpu")  # one device
     assert one.encoder_id == eid and not one.failed
     for s in archive.slide_ids:

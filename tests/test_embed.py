@@ -84,7 +84,7 @@ def test_embed_shape_alignment_and_provenance(cmu_root: Path, tmp_path: Path) ->
     root = _copy(cmu_root, tmp_path / "root")
     enc = create_encoder("random-cnn")
     summary = embed(root, enc, FAST, workers=1)  # one decoding worker process
-    assert [r.status for r in summary.results] == ["complete"] and not summary.failed
+    assert [r.status for r in summary.outcomes] == ["complete"] and not summary.failed
     store = _only(root)
     emb = read_embeddings(store, enc.encoder_id)
     assert emb.features.shape == (store.n_tiles, 64) == (72, 64)
@@ -143,12 +143,12 @@ def test_resume_skips_complete_and_redoes_half_written(synth_root: Path, tmp_pat
     root = _copy(synth_root, tmp_path / "root")
     enc = create_encoder("random-cnn")
     first = embed(root, enc, FAST)
-    assert [r.status for r in first.results] == ["complete", "complete"]
+    assert [r.status for r in first.outcomes] == ["complete", "complete"]
     archive = open_store(root)
     a, b = (archive.slide(s) for s in archive.slide_ids)
     want = read_embeddings(b, enc.encoder_id).features
     again = embed(root, enc, FAST)
-    assert [r.status for r in again.results] == ["skipped", "skipped"]
+    assert [r.status for r in again.outcomes] == ["skipped", "skipped"]
     # a job killed while writing b: partial array beside an unreadable status
     w = EmbeddingWriter(b.path, enc.encoder_id, n_rows=b.n_tiles, dim=64, chunk_rows=4)
     w.write(0, np.zeros((8, 64), np.float32))
@@ -159,12 +159,12 @@ def test_resume_skips_complete_and_redoes_half_written(synth_root: Path, tmp_pat
         read_embeddings(b, enc.encoder_id)
     assert embedding_ids(b) == []
     resumed = embed(root, enc, FAST)
-    assert [r.status for r in resumed.results] == ["skipped", "complete"]
+    assert [r.status for r in resumed.outcomes] == ["skipped", "complete"]
     assert np.array_equal(read_embeddings(b, enc.encoder_id).features, want)
     assert not list((b.path / "embeddings").glob(f"{PARTIAL_PREFIX}*"))
     # another dtype is another output: redone, not skipped
     f32 = embed(root, enc, FAST, dtype="float32", slides=[a.slide_id])
-    assert [r.status for r in f32.results] == ["complete"]
+    assert [r.status for r in f32.outcomes] == ["complete"]
     assert read_embeddings(a, enc.encoder_id).features.dtype == np.float32
 
 
@@ -211,7 +211,7 @@ def test_resume_after_sigkill_mid_slide(synth_root: Path, tmp_path: Path) -> Non
     assert embedding_status(first, eid) == "complete"  # committed before the second began
     assert embedding_status(second, eid) == "writing" and embedding_ids(second) == []
     resumed = embed(root, "random-cnn", FAST, batch_size=4)
-    assert [r.status for r in resumed.results] == ["skipped", "complete"]
+    assert [r.status for r in resumed.outcomes] == ["skipped", "complete"]
     ref = open_store(reference)
     for sid in archive.slide_ids:
         got = read_embeddings(archive.slide(sid), eid).features
@@ -224,10 +224,10 @@ def test_incomplete_and_missing_stores(synth_root: Path, tmp_path: Path) -> None
     a, b = archive.slide_ids
     SlideStore.open(archive.store_path(b), mode="r+").group.attrs["status"] = "writing"
     s = embed(root, "random-cnn", FAST)
-    assert [r.slide_id for r in s.results] == [a] and s.incomplete == [b]
+    assert [r.slide for r in s.outcomes] == [a] and s.incomplete == [b]
     s = embed(root, "random-cnn", FAST, slides=[b, "0123456789abcdef"])
-    assert [r.error_type for r in s.results] == ["StoreIncompleteError", "StoreNotFoundError"]
-    assert "not 'complete'" in (s.results[0].error or "")
+    assert [r.error_type for r in s.outcomes] == ["StoreIncompleteError", "StoreNotFoundError"]
+    assert "not 'complete'" in (s.outcomes[0].error or "")
     with pytest.raises(StoreIncompleteError):
         embed_slide(root, b, "random-cnn", FAST)
 
@@ -278,9 +278,9 @@ def test_nonfinite_vectors_fail_the_slide_with_its_tile(
     _Poisoned.value = value
     enc = create_encoder("test-poisoned")
     s = embed(root, enc, FAST, batch_size=4)  # tile 5 of the first slide: its second batch
-    first, second = s.results
+    first, second = s.outcomes
     assert first.status == "failed" and first.error_type == "NonFiniteEmbeddingError"
-    store = open_store(root).slide(first.slide_id)
+    store = open_store(root).slide(first.slide)
     x, y = store.coords[5]
     assert f"tile 5 (level-0 x={x}, y={y})" in (first.error or "") and what in (first.error or "")
     assert str(store.path) in (first.error or "")
@@ -288,11 +288,11 @@ def test_nonfinite_vectors_fail_the_slide_with_its_tile(
     assert embedding_status(store, enc.encoder_id) == "missing"
     if value == 1e6:  # float32 holds it
         enc = create_encoder("test-poisoned")
-        s = embed(root, enc, FAST, batch_size=4, dtype="float32", slides=[first.slide_id])
-        assert s.results[0].status == "complete"
+        s = embed(root, enc, FAST, batch_size=4, dtype="float32", slides=[first.slide])
+        assert s.outcomes[0].status == "complete"
     else:
         with pytest.raises(NonFiniteEmbeddingError):
-            embed_slide(root, first.slide_id, create_encoder("test-poisoned"), FAST, batch_size=4)
+            embed_slide(root, first.slide, create_encoder("test-poisoned"), FAST, batch_size=4)
 
 
 def test_disk_full_mid_write_leaves_nothing_complete(
@@ -312,7 +312,7 @@ def test_disk_full_mid_write_leaves_nothing_complete(
     monkeypatch.setattr(zarr.storage.LocalStore, "set", full_disk)
     enc = create_encoder("random-cnn")
     s = embed(root, enc, FAST, batch_size=4, chunk_rows=4)
-    first, second = s.results
+    first, second = s.outcomes
     assert first.status == "failed" and first.error_type == "EmbeddingWriteError"
     assert "No space left on device" in (first.error or "") and "free disk space" in first.error
     assert embedding_status(victim, enc.encoder_id) == "missing"
@@ -327,8 +327,8 @@ def test_unreadable_tiles_fail_only_that_slide(synth_root: Path, tmp_path: Path)
     shard = sorted(p for p in (victim.path / "tiles" / "c").rglob("*") if p.is_file())[0]
     shard.write_bytes(shard.read_bytes()[:100])  # truncated shard
     s = embed(root, "random-cnn", FAST, workers=1)
-    assert [r.status for r in s.results] == ["complete", "failed"]
-    assert s.results[1].error_type == "TileReadError" and "tiles 0..15" in s.results[1].error
+    assert [r.status for r in s.outcomes] == ["complete", "failed"]
+    assert s.outcomes[1].error_type == "TileReadError" and "tiles 0..15" in s.outcomes[1].error
 
 
 def test_missing_tile_shard_fails_the_slide_not_blank_vectors(
@@ -339,9 +339,9 @@ def test_missing_tile_shard_fails_the_slide_not_blank_vectors(
     victim = archive.slide(archive.slide_ids[0])
     (victim.path / "tiles" / "c" / "1" / "0" / "0" / "0").unlink()
     s = embed(root, "random-cnn", FAST, workers=1)
-    assert [r.status for r in s.results] == ["failed", "complete"]
-    assert s.results[0].error_type == "TileReadError"
-    assert "shard file is missing" in (s.results[0].error or "")
+    assert [r.status for r in s.outcomes] == ["failed", "complete"]
+    assert s.outcomes[0].error_type == "TileReadError"
+    assert "shard file is missing" in (s.outcomes[0].error or "")
 
 
 def test_damaged_embeddings_are_refused_downstream(
@@ -367,7 +367,7 @@ def test_damaged_embeddings_are_refused_downstream(
     ):
         assert _cli(argv) == code
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "are damaged" in err[0] and "--no-resume" in err[0]
+        assert len(err) == 1 and "are damaged" in err[0] and "resume=False" in err[0]
     assert len(list((tmp_path / "pt").glob("*.pt"))) == 1  # the intact slide only
 
 
@@ -465,7 +465,7 @@ def test_cli_main_prints_one_line(cmu_root: Path, capsys: pytest.CaptureFixture[
 def test_public_api_embeds_and_reads_back(cmu_root: Path, tmp_path: Path) -> None:
     root = _copy(cmu_root, tmp_path / "root")
     summary = wsi_ssl.embed(root, "random-cnn", FAST)
-    assert summary.results[0].status == "complete"
+    assert summary.outcomes[0].status == "complete"
     archive = open_store(root)
     emb = archive.embeddings(archive.slide_ids[0], summary.encoder_id)
     assert emb.features.shape == (72, 64)
@@ -496,7 +496,7 @@ def test_wsi_ssl_pretrain_checkpoint_embeds_the_archive(cmu_root: Path, tmp_path
     )
     root = _copy(cmu_root, tmp_path / "root")
     summary = embed_for_demo(root, tmp_path / "run", progress=False)
-    assert not summary.failed and summary.results[0].status == "complete"
+    assert not summary.failed and summary.outcomes[0].status == "complete"
     enc = create_encoder(tmp_path / "run")
     assert summary.encoder_id == enc.encoder_id
     assert enc.encoder_id.startswith(f"wsi-ssl-{config.arch}-")
@@ -508,7 +508,7 @@ def test_wsi_ssl_pretrain_checkpoint_embeds_the_archive(cmu_root: Path, tmp_path
     # same vectors as the pretraining package's own preprocessing (224 px tiles -> 64 px)
     want = ref.embed(store.tiles[:])
     np.testing.assert_allclose(emb.features.astype(np.float32), want, rtol=1e-2, atol=1e-2)
-    assert embed_for_demo(root, tmp_path / "run", progress=False).results[0].status == "skipped"
+    assert embed_for_demo(root, tmp_path / "run", progress=False).outcomes[0].status == "skipped"
 
 
 # -- one writer, completeness by content, damaged stores (issue #10) ---------------------------
@@ -533,7 +533,7 @@ def test_resume_redoes_embeddings_that_lost_a_chunk(synth_root: Path, tmp_path: 
     expected = -(-b.n_tiles // 8)
     assert embeddings_problem(b, first.encoder_id) == f"1 of {expected} chunk files missing"
     again = embed(root, "random-cnn", FAST, chunk_rows=8)
-    assert [r.status for r in again.results] == ["skipped", "complete"]
+    assert [r.status for r in again.outcomes] == ["skipped", "complete"]
     assert np.array_equal(read_embeddings(b, first.encoder_id).features, want)
     assert embeddings_problem(b, first.encoder_id) is None
 

@@ -492,10 +492,10 @@ def test_embed_refuses_a_store_at_another_scale(root_at_025: Path) -> None:
     [failed] = summary.failed
     assert failed.error_type == "MagnificationMismatchError"
     assert "0.25 µm/px" in failed.error and "trained at 0.5" in failed.error
-    store = open_store(root_at_025).slide(failed.slide_id)
+    store = open_store(root_at_025).slide(failed.slide)
     assert not (store.path / "embeddings" / enc.encoder_id).exists()  # nothing half-written
     summary = embed(root_at_025, enc, device="cpu", workers=0, check_mpp=False)
-    assert not summary.failed and summary.tiles_embedded > 0
+    assert not summary.failed and summary.tiles_done > 0
 
 
 def test_cli_lists_the_zoo_and_reports_a_scale_mismatch_in_one_line(root_at_025: Path) -> None:

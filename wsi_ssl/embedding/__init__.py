@@ -6,29 +6,29 @@ CLI can read the config types without loading torch.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
-_EXPORTS: dict[str, str] = {
-    "EmbedConfig": "wsi_ssl.embedding.config",
-    "EXPORT_FORMATS": "wsi_ssl.embedding.mil_files",
-    "ExportResult": "wsi_ssl.embedding.mil_files",
-    "export": "wsi_ssl.embedding.mil_files",
-    "EmbedSummary": "wsi_ssl.embedding.job",
-    "SlideEmbedResult": "wsi_ssl.embedding.job",
-    "embed": "wsi_ssl.embedding.job",
-    "embed_for_demo": "wsi_ssl.embedding.job",
-    "embed_slide": "wsi_ssl.embedding.job",
-}
+from wsi_ssl.lazy import lazy_exports
+
+_getattr, __dir__ = lazy_exports(
+    __name__,
+    {
+        "wsi_ssl.embedding.config": ("EmbedConfig",),
+        "wsi_ssl.embedding.mil_files": ("EXPORT_FORMATS", "ExportResult", "export"),
+        "wsi_ssl.embedding.summary": ("EmbedSummary",),
+        "wsi_ssl.embedding.job": ("embed", "embed_for_demo", "embed_slide"),
+        "wsi_ssl.embedding.devices": ("embed_on_devices",),
+    },
+)
 
 __all__ = [
     "EXPORT_FORMATS",
     "EmbedConfig",
     "EmbedSummary",
     "ExportResult",
-    "SlideEmbedResult",
     "embed",
     "embed_for_demo",
+    "embed_on_devices",
     "embed_slide",
     "export",
     "export_embeddings",
@@ -36,21 +36,15 @@ __all__ = [
 
 if TYPE_CHECKING:
     from wsi_ssl.embedding.config import EmbedConfig
-    from wsi_ssl.embedding.job import (
-        EmbedSummary,
-        SlideEmbedResult,
-        embed,
-        embed_for_demo,
-        embed_slide,
-    )
+    from wsi_ssl.embedding.devices import embed_on_devices
+    from wsi_ssl.embedding.job import embed, embed_for_demo, embed_slide
     from wsi_ssl.embedding.mil_files import EXPORT_FORMATS, ExportResult, export
+    from wsi_ssl.embedding.summary import EmbedSummary
 
     export_embeddings = export
 
 
 def __getattr__(name: str) -> Any:
-    if name == "export_embeddings":  # the name wsi_ssl re-exports (``export`` is too generic)
-        name = "export"
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'wsi_ssl.embedding' has no attribute {name!r}")
+    """The lazy exports, plus ``export_embeddings`` (the name ``wsi_ssl`` re-exports, as
+    ``export`` is too generic there)."""
+    return _getattr("export" if name == "export_embeddings" else name)

@@ -17,10 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from wsi_ssl.device import resolve_device
 from wsi_ssl.embedding.config import EmbedConfig
-from wsi_ssl.embedding.job import EmbedSummary, SlideEmbedResult, embed
-from wsi_ssl.encoders import Encoder, resolve_device
+from wsi_ssl.embedding.job import embed
+from wsi_ssl.embedding.summary import EmbedSummary
+from wsi_ssl.encoders import Encoder
 from wsi_ssl.errors import ConfigError
+from wsi_ssl.outcome import SlideOutcome
 from wsi_ssl.storage import open_store
 
 __all__ = ["embed_on_devices", "parse_devices", "shard_slides"]
@@ -57,8 +60,9 @@ def _run_shard(
     index: int,
 ) -> None:
     summary = embed(root, encoder, config, slides=slides, weights=weights, progress=progress)
-    for r in summary.results:  # exceptions with custom signatures do not unpickle
-        r.__dict__.pop("exception", None)
+    # The exception stays in this process (custom signatures do not unpickle); the outcome
+    # keeps its error text and type.
+    summary.outcomes = [dataclasses.replace(o, _exception=None) for o in summary.outcomes]
     results.put((index, summary))
 
 
@@ -137,29 +141,26 @@ def _merge(
     devices: list[str],
     seconds: float,
 ) -> EmbedSummary:
-    by_slide: dict[str, SlideEmbedResult] = {}
+    by_slide: dict[str, SlideOutcome] = {}
     for index, (device, shard, process) in enumerate(jobs):
         if index in summaries:
-            by_slide.update({r.slide_id: r for r in summaries[index].results})
+            by_slide.update({o.slide: o for o in summaries[index].outcomes})
             continue
         error = (
             f"the process embedding on {device} exited with code {process.exitcode} before "
             "reporting; re-run the same command to resume these slides"
         )
         for s in shard:
-            by_slide[s] = SlideEmbedResult(
-                s, "failed", error=error, error_type="DeviceProcessError"
-            )
+            by_slide[s] = SlideOutcome(s, "failed", error=error, error_type="DeviceProcessError")
     first = next(iter(summaries.values()), None)
-    merged = EmbedSummary(
-        str(root),
-        first.encoder_id if first else "",
-        first.encoder if first else {},
-        {**config.to_dict(), "devices": devices},
-        {**(first.compute if first else {}), "devices": devices},
+    return EmbedSummary(
+        outcomes=[by_slide[s] for s in ids if s in by_slide],
+        root=str(root),
+        encoder_id=first.encoder_id if first else "",
+        encoder=first.encoder if first else {},
+        config={**config.to_dict(), "devices": devices},
+        compute={**(first.compute if first else {}), "devices": devices},
         incomplete=first.incomplete if first else [],
+        seconds=seconds,
+        loader_wait_s=sum(s.loader_wait_s for s in summaries.values()),
     )
-    merged.results = [by_slide[s] for s in ids if s in by_slide]
-    merged.seconds = seconds
-    merged.loader_wait_s = sum(s.loader_wait_s for s in summaries.values())
-    return merged

@@ -90,7 +90,7 @@ def embed_archive(
         device=config.device,
         workers=config.workers,
     )
-    return {r.slide_id: f"{r.error_type}: {r.error}" for r in summary.failed}
+    return {o.slide: f"{o.error_type}: {o.error}" for o in summary.failed}
 
 
 def tile_features(root: Path, encoder_id: str, tiles: LabelledTiles) -> np.ndarray:

@@ -1,0 +1,243 @@
+"""The embedding loop: tiles from the loader through the encoder into each slide's writer.
+
+One DataLoader runs over all slides to do, so the device stays busy across slide boundaries;
+workers read whole tile ranges; the main process only moves uint8 batches to the device, runs
+the encoder (autocast on CUDA per the encoder's precision), and copies the vectors back, one
+batch in flight on CUDA so the copy of batch k overlaps the compute of batch k+1.
+
+A slide that fails (a tile read, a non-finite vector, a write) gets its outcome and its partial
+array removed; the others go on. A slide is committed atomically once its last row is written
+(``wsi_ssl.storage.embeddings``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from wsi_ssl.embedding.loader import TileBatch, TileBatches, make_loader, work_units
+from wsi_ssl.embedding.slides import EmbedSlide, EmbedTarget
+from wsi_ssl.errors import NonFiniteEmbeddingError, TileReadError
+from wsi_ssl.outcome import SlideOutcome
+from wsi_ssl.storage.embeddings import EmbeddingWriter
+
+__all__ = ["EmbedRunner"]
+
+_Inflight = tuple[EmbedSlide, int, torch.Tensor, Any]
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+
+
+def _nonfinite(out: np.ndarray, raw: np.ndarray) -> tuple[int, str] | None:
+    """(row, what) of the first row with a non-finite value, else None."""
+    ok = np.isfinite(out).all(axis=1)
+    if ok.all():
+        return None
+    row = int(np.argmin(ok))
+    vals = raw[row]
+    if np.isnan(vals).any():
+        what = "NaN"
+    elif np.isinf(vals).any():
+        what = "inf"
+    else:
+        what = f"a value beyond {out.dtype} range (max |x| = {np.abs(vals).max():.4g})"
+    return row, what
+
+
+class EmbedRunner:
+    """Runs the prepared slides of one job through its encoder (see the module docstring)."""
+
+    def __init__(self, target: EmbedTarget, stain: Any, progress: bool) -> None:
+        self.target = target
+        self.encoder = target.encoder
+        self.config = target.config
+        self.stain = stain
+        self.progress = progress
+        self.cuda = self.encoder.device.type == "cuda"
+        self.loader_wait = 0.0  # seconds the main process waited for decoded batches
+
+    def run(self, slides: list[EmbedSlide]) -> None:
+        """Embed ``slides``; each ends with its ``outcome`` set."""
+        for s in slides:
+            if s.n == 0:  # an empty (0, D) array, complete at once
+                try:
+                    self._start(s)
+                    if not s.done:
+                        self._commit(s)
+                except Exception as err:
+                    self._fail(s, err)
+        todo = [s for s in slides if s.n > 0]
+        if todo:
+            self._loop(todo)
+        for s in todo:
+            if not s.done:
+                self._fail(s, RuntimeError(f"only {s.received} of {s.n} tiles were embedded"))
+
+    def _loader(self, todo: list[EmbedSlide]) -> Any:
+        units = work_units([s.n for s in todo], self.config.batch_size)
+        # On the CPU the workers also preprocess (in parallel with the forward passes); on
+        # CUDA uint8 batches travel (4x smaller) and are preprocessed on the device.
+        plain = self.cuda or not self.config.n_workers or self.stain is not None
+        transform = None if plain else self.encoder.preprocessor
+        dataset = TileBatches([str(s.store.path / "tiles") for s in todo], units, transform)
+        return make_loader(
+            dataset,
+            workers=self.config.n_workers,
+            pin_memory=self.cuda,
+            prefetch=self.config.prefetch,
+        )
+
+    def _loop(self, todo: list[EmbedSlide]) -> None:
+        bar = tqdm(
+            total=sum(s.n for s in todo),
+            unit="tile",
+            desc=f"embed {self.encoder.config.name}"[:30],
+            disable=not self.progress,
+            dynamic_ncols=True,
+            smoothing=0.1,
+        )
+        inflight: _Inflight | None = None
+        try:
+            deterministic = self.config.deterministic and not self.cuda
+            with torch.inference_mode(), _deterministic(deterministic):
+                batches = iter(self._loader(todo))
+                while (batch := self._next(batches)) is not None:
+                    launched = self._batch(todo[batch.slide], batch)
+                    if inflight is not None:
+                        bar.update(self._finish(*inflight))
+                    inflight = launched
+                    if not self.cuda and inflight is not None:  # nothing to overlap on the CPU
+                        bar.update(self._finish(*inflight))
+                        inflight = None
+                if inflight is not None:
+                    bar.update(self._finish(*inflight))
+        except BaseException:
+            for s in todo:
+                if s.writer is not None and not s.done:
+                    s.writer.abort()
+            raise
+        finally:
+            bar.close()
+
+    def _next(self, batches: Iterator[TileBatch]) -> TileBatch | None:
+        waited = time.perf_counter()
+        batch = next(batches, None)
+        self.loader_wait += time.perf_counter() - waited
+        return batch
+
+    def _batch(self, slide: EmbedSlide, batch: TileBatch) -> _Inflight | None:
+        """Launch one loaded batch (None when its slide is done or the read failed)."""
+        if slide.done:
+            return None
+        if batch.error:
+            stop = min(batch.start + self.config.batch_size, slide.n)
+            path = slide.store.path / "tiles"
+            self._fail(slide, TileReadError(path, batch.start, stop, batch.error))
+            return None
+        return self._launch(slide, batch.start, batch.tiles)
+
+    def _start(self, slide: EmbedSlide) -> None:
+        """Take the slide's writer (its locks); skip it if another job completed it meanwhile."""
+        slide.started = time.perf_counter()
+        slide.writer = EmbeddingWriter(
+            slide.store.path,
+            self.target.encoder_id,
+            n_rows=slide.n,
+            dim=self.encoder.embed_dim,
+            dtype=self.config.dtype,
+            attrs=slide.attrs,
+            chunk_rows=self.config.chunk_rows,
+            wait=self.config.wait,
+        )
+        chash = str(slide.attrs["coords_sha256"])
+        if self.config.resume and self.target.is_current(slide.store, slide.n, chash):
+            slide.writer.abort()
+            slide.outcome = SlideOutcome(slide.slide_id, "skipped", slide.n)
+
+    def _launch(self, slide: EmbedSlide, start: int, tiles: torch.Tensor) -> _Inflight | None:
+        """Start one batch on the device; returns what ``_finish`` needs (None if it failed)."""
+        try:
+            if slide.writer is None:
+                self._start(slide)
+            if slide.done:
+                return None
+            x = tiles.to(self.encoder.device, non_blocking=self.cuda)
+            if self.stain is not None:  # uint8 (B, T, T, 3) tiles, normalised on the device
+                x = self.stain(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()
+            if x.dtype == torch.uint8:
+                feats = self.encoder(x, where=str(slide.store.path))
+            else:  # preprocessed by the loader worker
+                feats = self.encoder.forward_preprocessed(x)
+            if self.cuda:
+                host = feats.to("cpu", non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                return slide, start, host, event
+            return slide, start, feats, None
+        except Exception as err:
+            self._fail(slide, err)
+            return None
+
+    def _finish(self, slide: EmbedSlide, start: int, feats: torch.Tensor, event: Any) -> int:
+        """Check and write one batch's vectors; returns the number of tiles done."""
+        if slide.done:
+            return 0
+        try:
+            if event is not None:
+                event.synchronize()
+            raw = feats.numpy()
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
+                out = raw.astype(self.config.dtype, copy=False)
+            bad = _nonfinite(out, raw)
+            if bad is not None:
+                row, what = bad
+                tile = start + row
+                x, y = (int(v) for v in slide.coords[tile])
+                raise NonFiniteEmbeddingError(str(slide.store.path), tile, (x, y), what)
+            assert slide.writer is not None
+            slide.writer.write(start, out)
+            slide.received += len(out)
+            if slide.received == slide.n:
+                self._commit(slide)
+        except Exception as err:
+            self._fail(slide, err)
+        return len(feats)
+
+    def _commit(self, slide: EmbedSlide) -> None:
+        if slide.writer is None:
+            self._start(slide)
+        assert slide.writer is not None
+        seconds = time.perf_counter() - slide.started
+        slide.writer.commit(
+            {
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "seconds": round(seconds, 3),
+            }
+        )
+        slide.outcome = SlideOutcome(slide.slide_id, "complete", slide.n, seconds=seconds)
+
+    def _fail(self, slide: EmbedSlide, err: BaseException) -> None:
+        if slide.done:
+            return
+        if slide.writer is not None:
+            slide.writer.abort()
+        seconds = time.perf_counter() - slide.started if slide.started else 0.0
+        slide.outcome = SlideOutcome.failure(slide.slide_id, err, seconds)

@@ -1,0 +1,61 @@
+"""What an embedding job did: per-slide :class:`~wsi_ssl.outcome.SlideOutcome` s and totals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from wsi_ssl.outcome import BatchOutcome
+
+__all__ = ["EmbedSummary"]
+
+
+@dataclass(kw_only=True)
+class EmbedSummary(BatchOutcome):
+    """The outcome of an embedding job; ``lines()`` is its report, ``to_dict()`` its JSON.
+
+    ``incomplete`` lists the stores left out because they are not complete (tiling unfinished),
+    ``loader_wait_s`` the seconds the main process waited for tiles.
+    """
+
+    root: str
+    encoder_id: str
+    encoder: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    compute: dict[str, Any] = field(default_factory=dict)
+    incomplete: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    loader_wait_s: float = 0.0
+
+    @property
+    def tiles_per_s(self) -> float:
+        return round(self.tiles_done / self.seconds, 1) if self.seconds else 0.0
+
+    def total_lines(self) -> list[str]:
+        """The counts, tiles and rate, then the stores left out (if any)."""
+        out = [
+            f"{self.count_line('embedded')}; {self.tiles_done} tiles at {self.tiles_per_s} "
+            f"tiles/s with {self.encoder_id}"
+        ]
+        if self.incomplete:
+            out.append(f"left out {len(self.incomplete)} store(s) that are not complete")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` output: counts, totals, the encoder, the settings, every slide."""
+        outcomes = self.outcomes_dict()
+        slides = outcomes.pop("slides")
+        return {
+            "root": self.root,
+            "encoder_id": self.encoder_id,
+            **outcomes,
+            "tiles_embedded": self.tiles_done,
+            "seconds": round(self.seconds, 3),
+            "loader_wait_s": round(self.loader_wait_s, 3),
+            "tiles_per_s": self.tiles_per_s,
+            "incomplete_stores": self.incomplete,
+            "encoder": self.encoder,
+            "config": self.config,
+            "compute": self.compute,
+            "slides": slides,
+        }
