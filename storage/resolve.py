@@ -22,6 +22,7 @@ __all__ = [
     "resolve_encoder",
     "resolve_slide",
     "resolve_slides",
+    "slide_matches",
     "slide_names",
 ]
 
@@ -43,6 +44,12 @@ def slide_names(archive: Archive, slide_ids: Iterable[str] | None = None) -> dic
             for key in (entry.name, Path(entry.name).stem, entry.path):
                 names.setdefault(key, set()).add(entry.slide_id)
     return names
+
+
+def slide_matches(names: dict[str, set[str]], ids: list[str], wanted: str) -> set[str]:
+    """The slide ids ``wanted`` names (none, one or several), given ``names =
+    slide_names(archive, ids)``: for callers that report every bad name at once."""
+    return _lookup(names, ids, wanted)
 
 
 def _lookup(names: dict[str, set[str]], ids: list[str], wanted: str) -> set[str]:

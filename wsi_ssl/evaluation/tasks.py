@@ -304,14 +304,17 @@ def load_slide_labels(root: str | Path, labels: str | Path) -> LabelledSlides:
     import dataclasses
 
     from wsi_ssl.mil.labels import LabelTable, read_labels
-    from wsi_ssl.mil.matching import slide_keys
+    from wsi_ssl.mil.matching import slide_file_names
     from wsi_ssl.storage import open_store
+    from wsi_ssl.storage.resolve import slide_matches, slide_names
 
     table = read_labels(labels)
-    _, names, keys = slide_keys(open_store(root))
+    archive = open_store(root)
+    complete = archive.slide_ids
+    names, keys = slide_file_names(archive, complete), slide_names(archive, complete)
     rows, unmatched = [], []
     for r in table.rows:
-        ids = keys.get(r.slide) or keys.get(Path(r.slide).name) or set()
+        ids = slide_matches(keys, complete, r.slide)
         if len(ids) == 1:
             rows.append(dataclasses.replace(r, slide=next(iter(ids))))
         else:

@@ -22,8 +22,7 @@ if TYPE_CHECKING:
         LabelledSlide,
         MatchReport,
         match_labels,
-        resolve_slides,
-        slide_keys,
+        slide_file_names,
     )
 
 __getattr__, __dir__ = lazy_exports(
@@ -33,8 +32,7 @@ __getattr__, __dir__ = lazy_exports(
             "LabelledSlide",
             "MatchReport",
             "match_labels",
-            "resolve_slides",
-            "slide_keys",
+            "slide_file_names",
         )
     },
 )
@@ -50,8 +48,7 @@ __all__ = [
     "line_list",
     "match_labels",
     "read_labels",
-    "resolve_slides",
-    "slide_keys",
+    "slide_file_names",
     "sort_classes",
 ]
 

@@ -2,13 +2,14 @@
 of the run's encoder (:class:`MatchReport`).
 
 The ``slide`` column may hold a slide id (``<root>/slides/<slide_id>.zarr``), the slide's file
-name (``CMU-1.svs``), its stem (``CMU-1``) or its path as recorded in ``catalog.sqlite``.
+name (``CMU-1.svs``), its stem (``CMU-1``), its path as recorded in ``catalog.sqlite`` or a
+unique id prefix: names are resolved by :mod:`wsi_ssl.storage.resolve`, as everywhere.
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,7 @@ from wsi_ssl.mil.labels import (
 if TYPE_CHECKING:
     from wsi_ssl.storage import Archive
 
-__all__ = ["LabelledSlide", "MatchReport", "match_labels", "resolve_slides", "slide_keys"]
+__all__ = ["LabelledSlide", "MatchReport", "match_labels", "slide_file_names"]
 
 
 @dataclass(frozen=True)
@@ -145,39 +146,15 @@ def _resolve_encoder(root: Path, wanted: str | None, ids_by_slide: dict[str, lis
     raise EmbeddingsNotFoundError(root, wanted, union)
 
 
-def slide_keys(archive: Archive) -> tuple[list[str], dict[str, str], dict[str, set[str]]]:
-    """The complete slide ids, their file names (the id when the catalog has none) and every
-    string that names them: id, file name, file stem and path."""
-    complete = archive.slide_ids
-    names = {sid: sid for sid in complete}
-    keys: dict[str, set[str]] = defaultdict(set)
-    for sid in complete:
-        keys[sid].add(sid)
+def slide_file_names(archive: Archive, slide_ids: list[str]) -> dict[str, str]:
+    """Slide id -> its file name from the catalog (the id when the catalog has none)."""
+    names = {sid: sid for sid in slide_ids}
     try:
         entries = archive.catalog.entries() if (archive.root / "catalog.sqlite").is_file() else []
     except Exception:  # an unreadable catalog: fall back to slide ids
         entries = []
-    for e in entries:
-        if e.slide_id not in names:
-            continue
-        names[e.slide_id] = e.name
-        for key in (e.name, Path(e.name).stem, e.path):
-            keys[key].add(e.slide_id)
-    return complete, names, keys
-
-
-def resolve_slides(archive: Archive, wanted: Iterable[str]) -> tuple[list[str], list[str]]:
-    """Slide ids for names (id, file name, stem or path); and the names that match nothing or
-    several slides."""
-    _, _, keys = slide_keys(archive)
-    ids, bad = [], []
-    for w in wanted:
-        found = keys.get(w) or keys.get(Path(w).name) or set()
-        if len(found) == 1:
-            ids.append(next(iter(found)))
-        else:
-            bad.append(w)
-    return list(dict.fromkeys(ids)), bad
+    names.update({e.slide_id: e.name for e in entries if e.slide_id in names})
+    return names
 
 
 def match_labels(
@@ -205,6 +182,7 @@ def match_labels(
     """
     from wsi_ssl.storage import open_store
     from wsi_ssl.storage.embeddings import embedding_ids, open_embeddings_array
+    from wsi_ssl.storage.resolve import slide_matches, slide_names
 
     if isinstance(labels, LabelTable):
         table = labels
@@ -213,13 +191,14 @@ def match_labels(
     else:
         table = read_labels(labels)
     archive = open_store(root)
-    complete, names, keys = slide_keys(archive)
+    complete = archive.slide_ids
+    names, keys = slide_file_names(archive, complete), slide_names(archive, complete)
 
     matched: list[tuple[LabelRow, str]] = []
     missing: list[LabelRow] = []
     ambiguous: list[tuple[LabelRow, list[str]]] = []
     for r in table.rows:
-        ids = keys.get(r.slide) or keys.get(Path(r.slide).name) or set()
+        ids = slide_matches(keys, complete, r.slide)
         if len(ids) == 1:
             matched.append((r, next(iter(ids))))
         elif len(ids) > 1:

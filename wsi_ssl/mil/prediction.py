@@ -20,14 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsi_ssl.errors import EncoderMismatchError, StoreNotFoundError, WsiSslError
+from wsi_ssl.errors import EncoderMismatchError, WsiSslError
 from wsi_ssl.mil.explain import attention_geojson, attention_heatmap, tile_gallery
-from wsi_ssl.mil.matching import resolve_slides, slide_keys
+from wsi_ssl.mil.matching import slide_file_names
 from wsi_ssl.mil.run import MILPrediction, MILRun, load
 from wsi_ssl.mil.training import torch_threads
 from wsi_ssl.outcome import BatchOutcome, ErrorHint, SlideOutcome
 from wsi_ssl.storage import Archive, open_store
 from wsi_ssl.storage.embeddings import embedding_ids
+from wsi_ssl.storage.resolve import resolve_slides
 
 __all__ = ["PredictResult", "SlidePrediction", "predict"]
 
@@ -134,29 +135,24 @@ def predict(
         run: a run directory or a loaded :class:`~wsi_ssl.mil.run.MILRun`.
         root: archive root with embeddings of the run's encoder.
         out: output folder (default ``RUN/predictions``).
-        slides: slide ids, file names or stems (default: every complete store).
+        slides: slide ids, file names, stems or unique id prefixes (default: every complete
+            store), resolved by :func:`wsi_ssl.storage.resolve.resolve_slides`.
         top_k: tiles in each gallery.
         explain: write heatmaps, galleries and GeoJSON (attention models only).
         progress: show a progress bar.
 
     Raises:
         CheckpointError: ``run`` is not a run.
-        StoreNotFoundError: ``root`` is not an archive, or a named slide is not in it.
+        StoreNotFoundError: ``root`` is not an archive.
+        UnknownSlideError: a name in ``slides`` matches no complete store, or several.
         EncoderMismatchError: none of the slides has embeddings of the run's encoder but some
             have embeddings of others (the run is applied to another encoder's vectors).
     """
     started = time.perf_counter()
     model = run if isinstance(run, MILRun) else load(run)
     archive = open_store(root)
-    complete, names, _ = slide_keys(archive)
-    if slides:
-        ids, bad = resolve_slides(archive, slides)
-        if bad:
-            raise StoreNotFoundError(
-                f"{root}: {', '.join(map(repr, bad))}", "complete slide store (by id, name or stem)"
-            )
-    else:
-        ids = complete
+    ids = resolve_slides(archive, slides) if slides else archive.slide_ids
+    names = slide_file_names(archive, ids)
     have = {sid: embedding_ids(archive.store_path(sid)) for sid in ids}
     if ids and not any(model.encoder_id in e for e in have.values()):
         other = sorted({i for e in have.values() for i in e})

@@ -1,6 +1,7 @@
 """The archive side of an index: which slides' embeddings go in, and the typed id map.
 
-* :class:`SlideEntry`: one slide of an index's id map (``slides.json``), typed.
+* :class:`SlideEntry`: one slide of an index's id map (``slides.json``), typed;
+  :func:`find_entry` (a slide by id, prefix or name) and :func:`tombstone_ids`.
 * :class:`ArchiveSource`: the embeddings of some slides as a
   :class:`~wsi_ssl.search.vectors.VectorSource` (ids ``slide_number << 32 | tile``).
 * :func:`collect`: the complete, embedded slides of an archive at one scale ->
@@ -35,9 +36,11 @@ __all__ = [
     "SourceSlide",
     "catalog_names",
     "collect",
+    "find_entry",
     "resolve_encoder_id",
     "same_scale",
     "tiling_key",
+    "tombstone_ids",
 ]
 
 BATCH = 65536
@@ -85,6 +88,36 @@ class SlideEntry:
 
     def get(self, key: str, default: Any = None) -> Any:
         return getattr(self, key, default)
+
+
+def find_entry(active: Sequence[SlideEntry], slide: str, where: str) -> SlideEntry:
+    """The active entry ``slide`` names: its id, a unique id prefix (4+ characters), or its
+    file name or stem.
+
+    Raises:
+        UnknownSlideError: no (or more than one) entry matches.
+    """
+    matches = [e for e in active if e.slide_id == slide]
+    if not matches and len(slide) >= 4:
+        matches = [e for e in active if e.slide_id.startswith(slide)]
+    if not matches:
+        matches = [e for e in active if slide in (e.name, Path(e.name).stem)]
+    if len(matches) == 1:
+        return matches[0]
+    hint = (
+        f"it matches {len(matches)} slides, give more of the id"
+        if matches
+        else f"the {where} holds {len(active)} slides (SearchIndex.slides)"
+    )
+    raise UnknownSlideError(slide, where, hint)
+
+
+def tombstone_ids(entries: Sequence[SlideEntry]) -> np.ndarray:
+    """The ids of removed slides whose vectors are still in the index (HNSW tombstones)."""
+    ranges = [
+        encode_ids(e.number, np.arange(e.n_tiles)) for e in entries if not e.active and e.in_index
+    ]
+    return np.concatenate(ranges) if ranges else np.empty(0, np.int64)
 
 
 @dataclass(frozen=True)

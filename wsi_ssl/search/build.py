@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,7 +18,10 @@ from wsi_ssl.search.config import IndexConfig
 from wsi_ssl.search.kinds import index_kind
 from wsi_ssl.search.vectors import VectorSource
 
-__all__ = ["build_faiss", "search_params"]
+if TYPE_CHECKING:
+    from wsi_ssl.search.archive import Collected
+
+__all__ = ["build_faiss", "index_record", "search_params", "utc_now"]
 
 
 def search_params(params: dict[str, Any], k: int, selector: Any = None) -> Any:
@@ -71,3 +74,40 @@ def build_faiss(
     )
     params.update(calibration.pop("chosen"))
     return built.index, params, calibration
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def index_record(
+    plan: dict[str, Any],
+    encoder_id: str,
+    found: Collected,
+    config: IndexConfig,
+    index: Any,
+    params: dict[str, Any],
+    calibration: dict[str, Any],
+) -> dict[str, Any]:
+    """A new index's ``config.json`` record: what was built, from what, and by which versions."""
+    import faiss
+
+    from wsi_ssl import __version__
+
+    return {
+        "kind": plan["kind"],
+        "encoder_id": encoder_id,
+        "encoder": found.encoder,
+        "metric": "cosine",
+        "params": params,
+        "calibration": calibration,
+        "config": config.to_dict(),
+        "tiling": found.tiling,
+        "n_slides": len(found.entries),
+        "built_n": int(index.ntotal),
+        "tombstones": 0,
+        "created": utc_now(),
+        "updated": utc_now(),
+        "wsi_ssl_version": __version__,
+        "faiss_version": str(getattr(faiss, "__version__", "unknown")),
+    }

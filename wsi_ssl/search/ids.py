@@ -5,10 +5,13 @@
 result") and a hit maps to (slide, tile) with two bit operations. Tile numbers are row
 numbers of a slide's ``coords`` / ``embeddings`` arrays; slide numbers are assigned by the
 index itself, in the order slides are added, and never reused (the index's id map
-``slides.json`` maps them to slide ids), so ``--add`` only appends.
+``slides.json`` maps them to slide ids), so adding slides only appends.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +23,7 @@ __all__ = [
     "TILE_BITS",
     "decode_ids",
     "encode_ids",
+    "exclusion_selector",
     "slide_id_range",
 ]
 
@@ -63,3 +67,28 @@ def slide_id_range(slide_number: int) -> tuple[int, int]:
         raise ConfigError(f"slide numbers must be in [0, {MAX_SLIDE_NUMBER}]")
     lo = int(slide_number) << TILE_BITS
     return lo, lo + (1 << TILE_BITS)
+
+
+def exclusion_selector(
+    tombstones: np.ndarray | None, exclude_slides: Sequence[int]
+) -> tuple[Any, list[Any]]:
+    """A FAISS ``IDSelector`` leaving out the ``tombstones`` ids and every tile of the
+    ``exclude_slides`` numbers (None when nothing is left out), and the FAISS objects that
+    must stay alive while it is used."""
+    import faiss
+
+    parts: list[Any] = []
+    if tombstones is not None:
+        parts.append(faiss.IDSelectorBatch(tombstones))
+    for number in sorted(set(exclude_slides)):
+        parts.append(faiss.IDSelectorRange(*slide_id_range(int(number))))
+    keep: list[Any] = list(parts)
+    if not parts:
+        return None, keep
+    union = parts[0]
+    for part in parts[1:]:
+        union = faiss.IDSelectorOr(union, part)
+        keep.append(union)
+    selector = faiss.IDSelectorNot(union)
+    keep.append(selector)
+    return selector, keep

@@ -13,7 +13,7 @@ IVF-PQ indexes is in :mod:`wsi_ssl.search.kinds`; the archive side in
 :mod:`wsi_ssl.search.archive`, query building in :mod:`wsi_ssl.search.queries`, ranking in
 :mod:`wsi_ssl.search.ranking`, the query methods in :mod:`wsi_ssl.search.searching`.
 
-Size: about 550 lines, one class: the index's own state (FAISS index, id map, files) and the
+Size: about 500 lines, one class: the index's own state (FAISS index, id map, files) and the
 writes that keep them consistent under the writer lock (build, add, remove, compact).
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +34,17 @@ from wsi_ssl.errors import (
     EncoderMismatchError,
     IndexNotFoundError,
     SchemaMismatchError,
-    UnknownSlideError,
 )
-from wsi_ssl.search.archive import SlideEntry, collect, resolve_encoder_id
-from wsi_ssl.search.build import build_faiss
+from wsi_ssl.search.archive import (
+    SlideEntry,
+    collect,
+    find_entry,
+    resolve_encoder_id,
+    tombstone_ids,
+)
+from wsi_ssl.search.build import build_faiss, index_record, utc_now
 from wsi_ssl.search.config import IndexConfig, plan_index
-from wsi_ssl.search.ids import decode_ids, encode_ids, slide_id_range
+from wsi_ssl.search.ids import decode_ids, exclusion_selector, slide_id_range
 from wsi_ssl.search.kinds import COMPACT_FRACTION, IndexKind, index_kind
 from wsi_ssl.search.searching import MAX_QUERY_TILES, SearchMethods
 from wsi_ssl.search.vectors import normalise, to_similarity
@@ -70,10 +74,6 @@ class AddSummary:
     unchanged: int = 0
     vectors: int = 0
     notes: list[str] = field(default_factory=list)
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _log(progress: Progress, msg: str) -> None:
@@ -162,7 +162,6 @@ class SearchIndex(SearchMethods):
             ConfigError: ``encoder`` is None and the archive holds several encoders.
             SchemaMismatchError: slides were tiled at different scales or tile sizes.
         """
-        from wsi_ssl import __version__
         from wsi_ssl.storage import open_store
 
         config = dataclasses.replace(config or IndexConfig(), **options)
@@ -180,23 +179,7 @@ class SearchIndex(SearchMethods):
         )
         with index_lock(root, name):
             index, params, calibration = build_faiss(found.source, plan, config, progress=progress)
-            record = {
-                "kind": plan["kind"],
-                "encoder_id": eid,
-                "encoder": found.encoder,
-                "metric": "cosine",
-                "params": params,
-                "calibration": calibration,
-                "config": config.to_dict(),
-                "tiling": found.tiling,
-                "n_slides": len(found.entries),
-                "built_n": int(index.ntotal),
-                "tombstones": 0,
-                "created": _now(),
-                "updated": _now(),
-                "wsi_ssl_version": __version__,
-                "faiss_version": _faiss_version(),
-            }
+            record = index_record(plan, eid, found, config, index, params, calibration)
             slides_json = [e.to_dict() for e in found.entries]
             write_index(root, name, index, config=record, slides=slides_json, coords=found.coords)
             files = read_index_files(root, name, verify=False)
@@ -314,18 +297,7 @@ class SearchIndex(SearchMethods):
         number = self._by_id.get(slide)
         if number is not None:
             return self.entries[number]
-        active = self.slides
-        matches = [s for s in active if s.slide_id.startswith(slide)] if len(slide) >= 4 else []
-        if not matches:
-            matches = [s for s in active if slide in (s.name, Path(s.name).stem)]
-        if len(matches) == 1:
-            return matches[0]
-        hint = (
-            f"it matches {len(matches)} slides, give more of the id"
-            if matches
-            else f"the index {self.name} holds {len(active)} slides (SearchIndex.slides)"
-        )
-        raise UnknownSlideError(slide, f"index {self.name}", hint)
+        return find_entry(self.slides, slide, f"index {self.name}")
 
     # -- maintenance -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -356,7 +328,7 @@ class SearchIndex(SearchMethods):
             if k not in ("files", "format", "format_version", "name", "n_vectors", "dim")
         }
         record["n_slides"] = len(self.slides)
-        record["updated"] = _now()
+        record["updated"] = utc_now()
         write_index(
             self.root,
             self.name,
@@ -482,31 +454,12 @@ class SearchIndex(SearchMethods):
     def _selector(self, exclude: Sequence[int]) -> tuple[Any, list[Any]]:
         """An IDSelector leaving out tombstones and the ``exclude`` slide numbers, and the
         FAISS objects that must stay alive while it is used."""
-        import faiss
-
-        keep: list[Any] = []
-        parts: list[faiss.IDSelector] = []
+        tombs = None
         if int(self.record.get("tombstones", 0)):
             if self._tomb_ids is None:
-                ranges = [
-                    encode_ids(e.number, np.arange(e.n_tiles))
-                    for e in self.entries
-                    if not e.active and e.in_index
-                ]
-                self._tomb_ids = np.concatenate(ranges) if ranges else np.empty(0, np.int64)
-            parts.append(faiss.IDSelectorBatch(self._tomb_ids))
-        for number in sorted(set(exclude)):
-            parts.append(faiss.IDSelectorRange(*slide_id_range(int(number))))
-        keep.extend(parts)
-        if not parts:
-            return None, keep
-        union = parts[0]
-        for p in parts[1:]:
-            union = faiss.IDSelectorOr(union, p)
-            keep.append(union)
-        sel = faiss.IDSelectorNot(union)
-        keep.append(sel)
-        return sel, keep
+                self._tomb_ids = tombstone_ids(self.entries)
+            tombs = self._tomb_ids
+        return exclusion_selector(tombs, exclude)
 
     def search_vectors(
         self,
@@ -549,9 +502,3 @@ class SearchIndex(SearchMethods):
 
     def __repr__(self) -> str:
         return f"SearchIndex({self.name!r}, kind={self.kind!r}, vectors={self.n_vectors}, encoder={self.encoder_id!r})"
-
-
-def _faiss_version() -> str:
-    import faiss
-
-    return str(getattr(faiss, "__version__", "unknown"))

@@ -49,12 +49,13 @@ class _QuerySlide:
 
     def __init__(self, index: Searchable, slide: str) -> None:
         from wsi_ssl.storage import open_store
+        from wsi_ssl.storage.resolve import resolve_slide
 
         archive = open_store(index.root)
         try:
             sid = index.resolve_slide(slide).slide_id
         except UnknownSlideError:
-            sid = _archive_slide(index, archive.slide_ids, catalog_names(archive), slide)
+            sid = resolve_slide(archive, slide)  # a slide of the archive the index does not hold
         self.store: SlideStore = archive.slide(sid)
         self.number = index.number_of(sid)
         if self.number is not None:
@@ -78,25 +79,6 @@ class _QuerySlide:
 
         emb = read_embeddings(self.store, self.encoder_id)
         return np.asarray(emb.features, dtype=np.float32), np.asarray(emb.coords)
-
-
-def _archive_slide(
-    index: Searchable, ids: list[str], names: dict[str, tuple[str, str]], slide: str
-) -> str:
-    """An archive slide id by id, unique id prefix or file name/stem."""
-    if slide in ids:
-        return slide
-    matches = [i for i in ids if len(slide) >= 4 and i.startswith(slide)]
-    matches = matches or [
-        i for i, (n, _) in names.items() if slide in (n, Path(n).stem) and i in ids
-    ]
-    if len(matches) != 1:
-        raise UnknownSlideError(
-            slide,
-            f"index {index.name} or archive {index.root}",
-            "pass a slide id (or unique prefix, or file name) from the index's slides",
-        )
-    return matches[0]
 
 
 def subsample(rows: np.ndarray, limit: int) -> np.ndarray:
