@@ -22,6 +22,7 @@ _CONFIG_FLAGS = (
     "weight_decay",
     "balance",
     "max_tiles",
+    "skip_flagged_tiles",
     "val_fraction",
     "hidden_dim",
     "attention_dim",
@@ -81,6 +82,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--balance", choices=BALANCE_MODES, help="class imbalance (default weights)")
     t.add_argument(
         "--max-tiles", type=int, help="subsample larger bags when training (default 8192; 0: off)"
+    )
+    t.add_argument(
+        "--skip-flagged-tiles",
+        action="store_true",
+        default=None,
+        help="leave tiles flagged by the stores' QC (blur, pen, dark) out of every bag",
     )
     t.add_argument(
         "--val-fraction",

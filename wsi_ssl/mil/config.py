@@ -52,6 +52,10 @@ class MILConfig:
         balance: class imbalance handling: "weights" (inverse-frequency class weights in the
             loss), "sampler" (bags drawn with probability inversely proportional to their class
             frequency) or "none".
+        skip_flagged_tiles: leave the tiles the store's QC flagged (blur, pen, little tissue,
+            dark; :func:`wsi_ssl.tiling.qc.kept_tiles` with the thresholds the slide was tiled
+            with) out of every bag, in training and prediction; their attention is 0. A store
+            tiled without QC keeps every tile.
         max_tiles: during training, bags larger than this are randomly subsampled to this
             many tiles, afresh every epoch (None: always the whole bag). Validation, test and
             prediction always use every tile.
@@ -84,6 +88,7 @@ class MILConfig:
     weight_decay: float = 1e-5
     balance: str = "weights"
     max_tiles: int | None = 8192
+    skip_flagged_tiles: bool = False
     seed: int = 0
     device: str = "auto"
     workers: int = 0

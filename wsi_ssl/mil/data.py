@@ -8,6 +8,7 @@ cache, and during training subsamples large bags afresh every epoch.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,22 +22,41 @@ from wsi_ssl.errors import EmptyBagError
 from wsi_ssl.storage import SlideStore
 from wsi_ssl.storage.embeddings import Embeddings, open_embeddings_array, read_embeddings
 
-__all__ = ["BagCache", "BagDataset", "BagRef", "EpochOrder", "read_bag"]
+__all__ = ["BagCache", "BagDataset", "BagRef", "EpochOrder", "kept_rows", "read_bag"]
+
+
+def kept_rows(store: SlideStore | str | Path) -> np.ndarray | None:
+    """Row numbers of the tiles that pass the store's QC (None: every tile passes)."""
+    from wsi_ssl.tiling.qc import kept_tiles
+
+    if not isinstance(store, SlideStore):
+        store = SlideStore.open(store)
+    kept = kept_tiles(store)
+    return None if kept.all() else np.flatnonzero(kept)
 
 
 def read_bag(
-    store: SlideStore | str | Path, encoder_id: str, *, name: str | None = None
+    store: SlideStore | str | Path,
+    encoder_id: str,
+    *,
+    name: str | None = None,
+    skip_flagged: bool = False,
 ) -> Embeddings:
-    """One slide's embeddings (features as stored, float16 or float32) and coords.
+    """One slide's embeddings (features as stored, float16 or float32) and coords; with
+    ``skip_flagged``, only the rows of tiles that pass QC (:func:`kept_rows`).
 
     Raises:
         EmbeddingsNotFoundError, EmbeddingsIncompleteError, SchemaMismatchError: see
             :func:`~wsi_ssl.storage.embeddings.read_embeddings`.
-        EmptyBagError: the slide has no tiles.
+        EmptyBagError: the slide has no tiles (or none that pass QC).
     """
     if not isinstance(store, SlideStore):
         store = SlideStore.open(store)
     emb = read_embeddings(store, encoder_id)
+    rows = kept_rows(store) if skip_flagged else None
+    if rows is not None:
+        features, coords = np.asarray(emb.features)[rows], np.asarray(emb.coords)[rows]
+        emb = dataclasses.replace(emb, features=features, coords=coords)
     if len(emb) == 0:
         raise EmptyBagError(name or str(store.path), encoder_id)
     return emb
@@ -84,6 +104,7 @@ class BagDataset(torch.utils.data.Dataset):
         max_tiles: subsample larger bags to this many tiles (None: never).
         seed: subsampling seed.
         cache: a shared :class:`BagCache` (not used in worker processes).
+        skip_flagged: only the tiles that pass the store's QC (:func:`kept_rows`).
     """
 
     def __init__(
@@ -94,8 +115,11 @@ class BagDataset(torch.utils.data.Dataset):
         max_tiles: int | None = None,
         seed: int = 0,
         cache: BagCache | None = None,
+        skip_flagged: bool = False,
     ) -> None:
         self.refs = list(refs)
+        self.skip_flagged = skip_flagged
+        self._rows: dict[str, np.ndarray | None] = {}
         self.encoder_id = encoder_id
         self.max_tiles = max_tiles
         self.seed = seed
@@ -122,11 +146,13 @@ class BagDataset(torch.utils.data.Dataset):
             return hit
         array = self._arrays.get(ref.slide_id)
         if array is None:
-            emb = read_bag(ref.store_path, self.encoder_id)
+            emb = read_bag(ref.store_path, self.encoder_id, skip_flagged=self.skip_flagged)
             bag = np.asarray(emb.features)
             self._arrays[ref.slide_id] = open_embeddings_array(ref.store_path, self.encoder_id)
+            self._rows[ref.slide_id] = kept_rows(ref.store_path) if self.skip_flagged else None
         else:
-            bag = np.asarray(array[:])
+            rows = self._rows.get(ref.slide_id)
+            bag = np.asarray(array[:] if rows is None else array.get_orthogonal_selection(rows))
         if self.cache is not None:
             self.cache.put(ref.slide_id, bag)
         return bag

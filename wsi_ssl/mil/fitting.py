@@ -238,10 +238,14 @@ class TorchLearner:
             max_tiles=config.max_tiles,
             seed=split.seed,
             cache=cache,
+            skip_flagged=config.skip_flagged_tiles,
         )
         model = self._new_model(train_data, context)
+        skip = config.skip_flagged_tiles
         val_data = (
-            BagDataset([refs[i] for i in split.val], eid, cache=cache) if len(split.val) else None
+            BagDataset([refs[i] for i in split.val], eid, cache=cache, skip_flagged=skip)
+            if len(split.val)
+            else None
         )
         history, best_epoch, best_val, seen = fit(
             model,
@@ -254,7 +258,7 @@ class TorchLearner:
             context.log,
             split.fold,
         )
-        test_data = BagDataset([refs[i] for i in split.test], eid, cache=cache)
+        test_data = BagDataset([refs[i] for i in split.test], eid, cache=cache, skip_flagged=skip)
         probs, _ = evaluate(model, test_data, context.device, nn.CrossEntropyLoss())
         checkpoint = {
             "kind": "torch",

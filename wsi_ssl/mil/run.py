@@ -167,12 +167,15 @@ class MILRun:
     ) -> MILPrediction:
         """Predict a slide store from its ``embeddings/<encoder_id>`` of the run's encoder.
 
+        A run trained with ``skip_flagged_tiles`` predicts from the tiles that pass QC; the
+        attention and coords still cover every tile of the store (0 for flagged tiles).
+
         Raises:
             EncoderMismatchError: the store has embeddings, but none of the run's encoder.
             EmbeddingsNotFoundError: the store has no embeddings at all.
-            EmptyBagError: the slide has no tiles.
+            EmptyBagError: the slide has no tiles (or none that pass QC).
         """
-        from wsi_ssl.mil.data import read_bag
+        from wsi_ssl.mil.data import kept_rows, read_bag
 
         if not isinstance(store, SlideStore):
             store = SlideStore.open(store)
@@ -183,7 +186,17 @@ class MILRun:
                 f"{where}: has embeddings {', '.join(available)} but run {self.path} was trained "
                 f"on {self.encoder_id!r}; embed the slide with that encoder first"
             )
-        return self.predict(read_bag(store, self.encoder_id, name=where), where=where)
+        skip = self.config.skip_flagged_tiles
+        bag = read_bag(store, self.encoder_id, name=where, skip_flagged=skip)
+        prediction = self.predict(bag, where=where)
+        rows = kept_rows(store) if skip else None
+        if rows is not None:  # back to the store's rows: flagged tiles got no attention
+            prediction.coords = store.coords
+            if prediction.attention is not None:
+                attention = np.zeros(store.n_tiles, dtype=prediction.attention.dtype)
+                attention[rows] = prediction.attention
+                prediction.attention = attention
+        return prediction
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -280,7 +280,7 @@ def _cross_validate(
     cache = BagCache(config.cache_mb << 20) if config.workers == 0 and config.cache_mb else None
     refs = [BagRef(s.slide_id, s.store_path, s.y) for s in slides]
     y = np.array([s.y for s in slides], dtype=np.int64)
-    bags = BagDataset(refs, report.encoder_id, cache=cache)
+    bags = BagDataset(refs, report.encoder_id, cache=cache, skip_flagged=config.skip_flagged_tiles)
     context = CVContext(config, report, refs, y, bags, cache, device, log)
     n_threads = torch.get_num_threads()
     oof = np.full((len(slides), len(classes)), np.nan)

@@ -15,6 +15,7 @@ import numpy as np
 
 from wsi_ssl.storage import STATUS_COMPLETE, Catalog, SlideStore
 from wsi_ssl.storage.embeddings import EmbeddingWriter, coords_sha256
+from wsi_ssl.storage.per_tile import write_qc_rows
 
 __all__ = ["write_bag_store"]
 
@@ -55,10 +56,14 @@ def write_bag_store(
     thumbnail_scale: float = 1 / 16,
     dtype: str = "float16",
     encoder: dict[str, Any] | None = None,
+    qc: dict[str, np.ndarray] | None = None,
+    qc_thresholds: dict[str, float] | None = None,
 ) -> Path:
     """Write ``<root>/slides/<slide_id>.zarr`` holding ``features`` (N, D) as its bag (N may
     be 0); ``tiles``: uint8 (N, T, T, 3) pixels (else the tiles array is left unwritten);
-    ``name``: a file name recorded in ``catalog.sqlite``. Returns the store's path."""
+    ``name``: a file name recorded in ``catalog.sqlite``; ``qc``: per-tile QC scores
+    (``{"pen": (N,), ...}``) stored as ``qc/<metric>``, judged by ``qc_thresholds``
+    (``{"qc_max_pen": 0.5}``, recorded as tiling settings). Returns the store's path."""
     features = np.asarray(features)
     n, dim = features.shape
     coords = np.asarray(_grid(n, tile_size) if coords is None else coords, dtype=np.int64)
@@ -76,6 +81,7 @@ def write_bag_store(
         "mpp_source": "given",
     }
     tiling = {"mpp": mpp, "tile_size": tile_size, "overlap": 0, "tile_size_level0": tile_size}
+    tiling.update(qc_thresholds or {})
     path = Path(root) / "slides" / f"{slide_id}.zarr"
     path.parent.mkdir(parents=True, exist_ok=True)
     store = SlideStore.create(
@@ -93,6 +99,9 @@ def write_bag_store(
     )
     if tiles is not None and n:
         store.write_tiles(0, np.ascontiguousarray(tiles, dtype=np.uint8))
+    if qc:
+        store.create_tables(tuple(qc), max(1, n))
+        write_qc_rows(path, 0, qc)
     attrs = {
         "encoder_id": encoder_id,
         "encoder": encoder or {},

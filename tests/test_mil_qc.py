@@ -1,0 +1,114 @@
+"""MIL bags without the tiles QC flagged (``MILConfig.skip_flagged_tiles``, ``wsi-ssl mil train
+--skip-flagged-tiles``), on stores with planted QC scores: tiles 0-3 of every slide have a pen
+score of 0.9 and the stores were tiled with ``qc_max_pen=0.5``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from wsi_ssl import mil
+from wsi_ssl.errors import EmptyBagError
+from wsi_ssl.mil.data import BagCache, BagDataset, BagRef, kept_rows, read_bag
+from wsi_ssl.storage import open_store
+from wsi_ssl.testing.bags import write_bag_store
+
+ENC = "enc-qc"
+N, FLAGGED, DIM = 12, 4, 8
+SMALL = ["--hidden-dim", "16", "--attention-dim", "8", "--threads", "1", "--device", "cpu"]
+
+
+def _pen(n: int, flagged: int) -> dict[str, np.ndarray]:
+    pen = np.zeros(n, np.float32)
+    pen[:flagged] = 0.9
+    return {"pen": pen}
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, np.ndarray]]:
+    """Six slides (three per class; the class is in the kept tiles' first dimension), and a
+    seventh whose every tile is flagged; the labels CSV names the six."""
+    base = tmp_path_factory.mktemp("milqc")
+    root, rng, features = base / "archive", np.random.default_rng(0), {}
+    for i in range(6):
+        x = rng.normal(size=(N, DIM)).astype(np.float32)
+        x[FLAGGED:, 0] += 3.0 if i % 2 else -3.0
+        sid = f"{i:016x}"
+        write_bag_store(
+            root,
+            sid,
+            x,
+            encoder_id=ENC,
+            name=f"s{i}.svs",
+            dtype="float32",
+            qc=_pen(N, FLAGGED),
+            qc_thresholds={"qc_max_pen": 0.5},
+        )
+        features[sid] = x
+    write_bag_store(
+        root,
+        "f" * 16,
+        np.ones((3, DIM)),
+        encoder_id=ENC,
+        name="all-pen.svs",
+        qc=_pen(3, 3),
+        qc_thresholds={"qc_max_pen": 0.5},
+    )
+    labels = base / "labels.csv"
+    labels.write_text("slide,label\n" + "".join(f"s{i}.svs,{'ab'[i % 2]}\n" for i in range(6)))
+    return root, labels, features
+
+
+def test_bags_leave_out_flagged_tiles(archive) -> None:
+    root, _, features = archive
+    sid = f"{1:016x}"
+    store = open_store(root).slide(sid)
+    np.testing.assert_array_equal(kept_rows(store), np.arange(FLAGGED, N))
+    whole = read_bag(store, ENC)
+    kept = read_bag(store, ENC, skip_flagged=True)
+    assert len(whole) == N and len(kept) == N - FLAGGED
+    np.testing.assert_array_equal(kept.features, features[sid][FLAGGED:])
+    np.testing.assert_array_equal(kept.coords, store.coords[FLAGGED:])
+    refs = [BagRef(sid, store.path, 1)]
+    for cache in (None, BagCache(1 << 20)):
+        data = BagDataset(refs, ENC, skip_flagged=True, cache=cache)
+        first, again = data[0][0].numpy(), data[0][0].numpy()  # the second read: no re-check
+        np.testing.assert_array_equal(first, features[sid][FLAGGED:])
+        np.testing.assert_array_equal(again, first)
+    assert len(BagDataset(refs, ENC)[0][0]) == N
+    with pytest.raises(EmptyBagError, match="0 tiles"):
+        read_bag(open_store(root).slide("f" * 16), ENC, skip_flagged=True)
+
+
+def test_train_and_predict_without_flagged_tiles(archive, tmp_path: Path) -> None:
+    root, labels, _ = archive
+    run = tmp_path / "run"
+    argv = ["mil", "train", str(root), "--labels", str(labels), "--out", str(run)]
+    argv += ["--folds", "2", "--epochs", "2", "--val-fraction", "0", "--skip-flagged-tiles"]
+    code, _, err = run_cli([*argv, *SMALL])
+    assert code == 0, err
+    assert json.loads((run / "run.json").read_text())["config"]["skip_flagged_tiles"] is True
+    result = mil.predict(run, root, tmp_path / "pred", explain=False)
+    assert result.counts["complete"] == 6 and result.exit_code == 1
+    [failed] = result.failed  # every tile of all-pen.svs is flagged: nothing to classify
+    assert failed.details["name"] == "all-pen.svs" and failed.error_type == "EmptyBagError"
+    for s in result.slides:
+        assert s.n_tiles == N and s.prediction is not None
+        attention = s.prediction.attention
+        assert attention is not None and attention.shape == (N,)
+        assert np.all(attention[:FLAGGED] == 0) and np.all(attention[FLAGGED:] > 0)
+        assert attention.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_flag_defaults_to_every_tile(archive, tmp_path: Path) -> None:
+    root, labels, _ = archive
+    config = mil.MILConfig(folds=2, epochs=1, val_fraction=0.0, hidden_dim=16, attention_dim=8)
+    assert config.skip_flagged_tiles is False
+    run = tmp_path / "run"
+    mil.train(root, labels, ENC, run, config)
+    [pred] = mil.predict(run, root, tmp_path / "p", slides=["s1.svs"], explain=False).slides
+    assert pred.prediction is not None and np.all(pred.prediction.attention > 0)
