@@ -46,6 +46,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=8765,
         help="port (default 8765; 0 picks a free one)",
     )
+    p.add_argument(
+        "--labels",
+        type=Path,
+        metavar="CSV",
+        help="slide labels (slide,label, as for `wsi-ssl mil`) for the page's label filter "
+        "(default: ROOT/labels/slides.csv when present)",
+    )
+    p.add_argument(
+        "--mil-predictions",
+        type=Path,
+        metavar="DIR",
+        help="the folder `wsi-ssl mil predict` wrote (or its run directory): attention "
+        "heatmaps and predicted classes over the slides",
+    )
+    p.add_argument(
+        "--max-image-mb",
+        type=whole_number(1, 1024, "megabytes 1..1024"),
+        default=16,
+        help="largest picture the page may upload to search with (default 16 MB)",
+    )
     p.set_defaults(func=run)
 
 
@@ -72,7 +92,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--token must be at least 8 characters")
     index = SearchIndex.open(args.root, args.index)
     hosts = (*LOOPBACK_HOSTS, *args.allow_host) if loopback else ("*",)
-    app = create_app(index, allowed_hosts=hosts, token=args.token)
+    app = create_app(
+        index,
+        allowed_hosts=hosts,
+        token=args.token,
+        slide_labels=args.labels,
+        mil_predictions=args.mil_predictions,
+        max_image_bytes=args.max_image_mb << 20,
+    )
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

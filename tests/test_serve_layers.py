@@ -49,9 +49,11 @@ def layered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         tissue_threshold=0.0,
     )
     root = base / "root"
-    a = tile_slide(write_synthetic_slide(base / "a.tiff", SIZE, seed=4), root, tiling).slide_id
+    a = _slide_id(tile_slide(write_synthetic_slide(base / "a.tiff", SIZE, seed=4), root, tiling))
     plain = TilingConfig(tile_size=224, codec="zstd")
-    b = tile_slide(write_synthetic_slide(base / "b.tiff", (1200, 900), seed=5), root, plain)
+    b = _slide_id(
+        tile_slide(write_synthetic_slide(base / "b.tiff", (1200, 900), seed=5), root, plain)
+    )
     embed(root, "random-cnn", EmbedConfig(batch_size=32, device="cpu", workers=0))
     SearchIndex.build(root, "random-cnn", name="first", kind="flat")
     SearchIndex.build(root, "random-cnn", name="second", kind="hnsw")
@@ -66,7 +68,7 @@ def layered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         f"{a},a.tiff,{store.n_tiles},tumour,0.200000,0.800000,,,geojson/{a}.geojson\n"
     )
     labels = base / "slides.csv"
-    labels.write_text(f"slide,label\na.tiff,tumour\n{b.slide_id},normal\n")
+    labels.write_text(f"slide,label\na.tiff,tumour\n{b},normal\n")
     app = create_app(
         SearchIndex.open(root, "first"),
         slide_labels=labels,
@@ -74,7 +76,12 @@ def layered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         max_image_bytes=200_000,
     )
     with running(app) as url:
-        yield {"root": root, "a": a, "b": b.slide_id, "base": url, "attention": attention}
+        yield {"root": root, "a": a, "b": b, "base": url, "attention": attention}
+
+
+def _slide_id(outcome: Any) -> str:
+    """The slide id ``tile_slide`` reports (``slide_id``, or a SlideOutcome's details)."""
+    return str(getattr(outcome, "slide_id", None) or outcome.details["slide_id"])
 
 
 def _png(body: bytes) -> np.ndarray:

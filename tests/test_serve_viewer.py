@@ -117,7 +117,8 @@ def test_slide_file_gone_serves_the_stored_tiles(tmp_path: Path) -> None:
 
     slide = write_synthetic_slide(tmp_path / "gone.tiff", (1600, 1200), seed=3)
     root = tmp_path / "root"
-    sid = tile_slide(slide, root, TilingConfig(tile_size=224, codec="zstd")).slide_id
+    outcome = tile_slide(slide, root, TilingConfig(tile_size=224, codec="zstd"))
+    sid = str(getattr(outcome, "slide_id", None) or outcome.details["slide_id"])
     embed(root, "random-cnn", EmbedConfig(batch_size=32, device="cpu", workers=0))
     SearchIndex.build(root, "random-cnn", kind="flat")
     slide.unlink()
