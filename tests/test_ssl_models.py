@@ -97,6 +97,36 @@ def test_dino_loss_as_called_matches_the_original() -> None:
     torch.testing.assert_close(criterion.center.view(1, k), ref_center)
 
 
+def test_dino_recipe_class_token_step_matches_lightly_and_the_original() -> None:
+    """The DINO recipe's step (centring, the class-token loss shared with DINOv2, the centre
+    update) gives lightly's DINOLoss and the original's loss and centre."""
+    from lightly.loss import DINOLoss
+
+    from wsi_ssl.ssl.recipes.dino import DINORecipe
+
+    torch.manual_seed(0)
+    k, b, ncrops, m = 32, 5, 6, 0.9
+    config = PretrainConfig(
+        arch="resnet18_tiny", out_dim=k, global_crop_size=64, local_crop_size=32
+    ).replace(center_momentum=m, student_temp=0.1)
+    recipe = DINORecipe(config)
+    lightly_loss = DINOLoss(output_dim=k, warmup_teacher_temp_epochs=0, center_momentum=m)
+    start = torch.randn(1, 1, k) * 0.1
+    recipe.criterion.center.copy_(start)
+    lightly_loss.center.copy_(start)
+    teacher = torch.randn(2 * b, k)
+    student = torch.randn(ncrops * b, k)
+    ours = recipe.class_token_step(teacher, student, ncrops, teacher_temp=0.055)
+    theirs = lightly_loss(list(teacher.chunk(2)), list(student.chunk(ncrops)), teacher_temp=0.055)
+    ref, ref_center = _reference_dino_loss(
+        teacher, student, start.view(1, k), ncrops, 0.055, 0.1, m
+    )
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(recipe.criterion.center, lightly_loss.center)
+    torch.testing.assert_close(recipe.criterion.center.view(1, k), ref_center)
+
+
 def test_schedules_follow_dino() -> None:
     config = PretrainConfig(
         epochs=10, warmup_epochs=2, warmup_teacher_temp_epochs=3, freeze_last_layer_epochs=1

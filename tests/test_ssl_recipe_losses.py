@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from lightly.loss import IBOTPatchLoss, KoLeoLoss
 
-from wsi_ssl.ssl.recipes.dinov2 import dino_cross_entropy, ibot_cross_entropy, sinkhorn_knopp
+from wsi_ssl.ssl.recipes.class_token import dino_cross_entropy
+from wsi_ssl.ssl.recipes.dinov2 import ibot_cross_entropy, sinkhorn_knopp
 from wsi_ssl.ssl.recipes.mae import mae_loss
 
 

@@ -72,10 +72,89 @@ def test_multicrop_transform_views_and_histology_steps(he_tile: np.ndarray) -> N
     assert transform.n_views == len(views) == 5
     g, loc = config.global_crop_size, config.local_crop_size
     assert [tuple(v.shape) for v in views] == [(3, g, g)] * 2 + [(3, loc, loc)] * 3
-    for view in {id(v): v for v in transform.dino.transforms}.values():
-        names = [type(t).__name__ for t in view.transform.transforms]
+    for view in {id(v): v for v in transform.transforms}.values():
+        names = [type(t).__name__ for t in view.transforms]
         assert names.index("RandomHEDJitter") < names.index("RandomApply")  # before colour jitter
         assert "RandomVerticalFlip" in names and "RandomRotate" in names
+
+
+def test_composed_views_have_the_configured_steps() -> None:
+    config = PretrainConfig.preset("cpu-small", n_local_crops=2, hed_sigma=0.1, hue=0.05)
+    views = HistoDINOTransform(config).transforms
+    assert views[2] is views[3]  # the local views share one pipeline, as in lightly
+    names = [type(t).__name__ for t in views[0].transforms]
+    assert names == [
+        "RandomResizedCrop",
+        "RandomHorizontalFlip",
+        "RandomVerticalFlip",
+        "RandomRotate",
+        "RandomHEDJitter",
+        "RandomApply",
+        "RandomGrayscale",
+        "GaussianBlur",
+        "RandomSolarization",
+        "ToTensor",
+        "Normalize",
+    ]
+    crop, hflip, vflip, rot, hed, jitter, grey, blur, solar, _, norm = views[1].transforms
+    assert crop.size == (config.global_crop_size,) * 2 and crop.scale == config.global_crop_scale
+    assert (hflip.p, vflip.p, rot.prob) == (config.hflip_prob, config.vflip_prob, config.rot90_prob)
+    assert (hed.sigma, hed.prob) == (0.1, config.hed_jitter_prob)
+    assert jitter.p == config.color_jitter_prob and grey.p == config.grayscale_prob
+    cj = jitter.transforms[0]
+    assert cj.brightness == (1 - 0.5 * config.brightness, 1 + 0.5 * config.brightness)
+    assert cj.hue == (-0.5 * 0.05, 0.5 * 0.05)  # second global view: half-strength jitter
+    assert blur.prob == config.blur_probs[1] and solar.prob == config.solarization_prob
+    assert list(norm.mean) == list(config.mean) and list(norm.std) == list(config.std)
+    local_crop = views[2].transforms[0]
+    assert local_crop.size == (config.local_crop_size,) * 2
+    assert views[0].transforms[8].prob == 0 and views[2].transforms[7].prob == config.blur_probs[2]
+
+
+def test_composed_transform_draws_what_lightlys_dino_transform_with_hed_draws(
+    he_tile: np.ndarray,
+) -> None:
+    """Reference: lightly's DINOTransform with the HED jitter put before each view's colour
+    jitter (how the transform was built before it was composed from parts)."""
+    from lightly.transforms import DINOTransform
+
+    c = PretrainConfig.preset("cpu-small", n_local_crops=2)
+    ref = DINOTransform(
+        global_crop_size=c.global_crop_size,
+        global_crop_scale=c.global_crop_scale,
+        local_crop_size=c.local_crop_size,
+        local_crop_scale=c.local_crop_scale,
+        n_local_views=c.n_local_crops,
+        hf_prob=c.hflip_prob,
+        vf_prob=c.vflip_prob,
+        rr_prob=c.rot90_prob,
+        rr_degrees=None,
+        cj_prob=c.color_jitter_prob,
+        cj_strength=1.0,
+        cj_bright=c.brightness,
+        cj_contrast=c.contrast,
+        cj_sat=c.saturation,
+        cj_hue=c.hue,
+        random_gray_scale=c.grayscale_prob,
+        gaussian_blur=c.blur_probs,
+        sigmas=c.blur_sigma,
+        solarization_prob=c.solarization_prob,
+        normalize={"mean": list(c.mean), "std": list(c.std)},
+    )
+    hed = RandomHEDJitter(c.hed_sigma, c.hed_jitter_prob)
+    for view in {id(v): v for v in ref.transforms}.values():
+        steps = view.transform.transforms
+        steps.insert(next(i for i, t in enumerate(steps) if type(t).__name__ == "RandomApply"), hed)
+    ours = HistoDINOTransform(c)
+    image = Image.fromarray(he_tile)
+    for seed in range(4):
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        expected = ref(image)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        got = ours(he_tile)
+        assert all(torch.equal(x, y) for x, y in zip(got, expected, strict=True))
 
 
 def test_multicrop_transform_is_reproducible_under_seeds(he_tile: np.ndarray) -> None:

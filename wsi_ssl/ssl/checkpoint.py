@@ -143,8 +143,9 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: checkpoint metadata names no architecture")
     if arch is not None and have != arch:
         raise CheckpointError(
-            f"{path}: checkpoint is for arch {have!r}, not {arch!r}; pass --arch {have} or "
-            "use a checkpoint of that architecture"
+            f"{path}: checkpoint is for arch {have!r}, not {arch!r}; set arch={have!r} or "
+            "use a checkpoint of that architecture",
+            parameters=("arch",),
         )
     return data
 

@@ -1,9 +1,11 @@
-"""Per-tile DINO multi-crop augmentation for H&E tiles: lightly's transform plus an HED jitter.
+"""Per-tile DINO multi-crop augmentation for H&E tiles, composed from lightly's parts plus an
+HED jitter.
 
-:class:`HistoDINOTransform` builds lightly's ``DINOTransform`` (Caron et al., 2021,
-https://arxiv.org/abs/2104.14294): 2 global crops and N local crops, random resized crop,
-colour jitter, grey, Gaussian blur, solarization, normalisation; and configures it for
-histology, where orientation carries no meaning: horizontal and vertical flips and 90-degree
+:class:`HistoDINOTransform` is DINO's multi-crop (Caron et al., 2021,
+https://arxiv.org/abs/2104.14294): 2 global crops and N local crops, each view (:func:`dino_view`)
+a random resized crop, colour jitter, grey, Gaussian blur, solarization and normalisation, as
+lightly's ``DINOTransform`` composes them, from the same lightly and torchvision steps; set up
+for histology, where orientation carries no meaning: horizontal and vertical flips and 90-degree
 rotations, each with probability 0.5, which together draw uniformly from the 8 symmetries of
 the square. What lightly lacks is added into every view before the RGB colour jitter:
 :class:`RandomHEDJitter`, the stain augmentation of Tellez et al. (2018, "Whole-slide mitosis
@@ -20,7 +22,10 @@ per tile so that a run is reproducible whatever the number of loader workers.
 from __future__ import annotations
 
 import numpy as np
-from lightly.transforms import DINOTransform
+from lightly.transforms.gaussian_blur import GaussianBlur
+from lightly.transforms.multi_view_transform import MultiViewTransform
+from lightly.transforms.rotation import random_rotation_transform
+from lightly.transforms.solarize import RandomSolarization
 from lightly.transforms.torchvision_v2_compatibility import torchvision_transforms as T
 from PIL import Image
 
@@ -31,6 +36,7 @@ __all__ = [
     "RGB_FROM_HED",
     "HistoDINOTransform",
     "RandomHEDJitter",
+    "dino_view",
     "hed_jitter",
     "hed_to_rgb",
     "rgb_to_hed",
@@ -102,62 +108,106 @@ class RandomHEDJitter:
         return f"{type(self).__name__}(sigma={self.sigma}, prob={self.prob})"
 
 
-class HistoDINOTransform:
-    """lightly's DINO multi-crop transform set up for H&E, plus :class:`RandomHEDJitter`.
+def dino_view(
+    config: PretrainConfig,
+    *,
+    crop_size: int,
+    crop_scale: tuple[float, float],
+    blur_prob: float,
+    solarization_prob: float,
+    color_jitter_strength: float = 1.0,
+) -> T.Compose:
+    """One view's pipeline: lightly's DINO view (``DINOViewTransform``'s steps, in its order)
+    with :class:`RandomHEDJitter` before the colour jitter.
+
+    Random resized crop (bicubic), horizontal and vertical flips, a rotation by 90 degrees,
+    HED jitter, colour jitter (``color_jitter_prob``; brightness, contrast, saturation and hue
+    times ``color_jitter_strength``), greyscale, Gaussian blur, solarization, to tensor,
+    normalisation with ``config.mean`` / ``config.std``.
+    """
+    c, s = config, color_jitter_strength
+    return T.Compose(
+        [
+            T.RandomResizedCrop(
+                size=crop_size, scale=crop_scale, interpolation=T.InterpolationMode.BICUBIC
+            ),
+            T.RandomHorizontalFlip(p=c.hflip_prob),
+            T.RandomVerticalFlip(p=c.vflip_prob),
+            random_rotation_transform(rr_prob=c.rot90_prob, rr_degrees=None),
+            RandomHEDJitter(c.hed_sigma, c.hed_jitter_prob),
+            T.RandomApply(
+                [
+                    T.ColorJitter(
+                        brightness=s * c.brightness,
+                        contrast=s * c.contrast,
+                        saturation=s * c.saturation,
+                        hue=s * c.hue,
+                    )
+                ],
+                p=c.color_jitter_prob,
+            ),
+            T.RandomGrayscale(p=c.grayscale_prob),
+            GaussianBlur(sigmas=c.blur_sigma, prob=blur_prob),
+            RandomSolarization(prob=solarization_prob),
+            T.ToTensor(),
+            T.Normalize(mean=list(c.mean), std=list(c.std)),
+        ]
+    )
+
+
+SECOND_VIEW_JITTER_STRENGTH = 0.5
+"""The colour jitter of the second global view runs at half strength, as in lightly's
+``DINOTransform`` (which builds that view with ``DINOViewTransform``'s default
+``cj_strength=0.5``); kept so that the per-tile augmentation is what it was."""
+
+
+class HistoDINOTransform(MultiViewTransform):
+    """DINO multi-crop for H&E, composed from lightly's and torchvision's parts.
 
     Args:
         config: the crop sizes, scales and augmentation strengths are read from it.
 
-    Calling it on a tile returns ``[global_1, global_2, local_1, ..., local_n]`` tensors of
-    shapes ``(3, G, G)`` and ``(3, L, L)``, normalised with ``config.mean`` and ``config.std``.
+    As lightly's ``DINOTransform``: the first global view with blur ``blur_probs[0]`` and no
+    solarization, the second with blur ``blur_probs[1]`` and ``solarization_prob`` (colour
+    jitter at :data:`SECOND_VIEW_JITTER_STRENGTH`), ``n_local_crops`` local views with blur
+    ``blur_probs[2]``; every view as :func:`dino_view`. Calling it on a tile (PIL image or
+    uint8 array) returns ``[global_1, global_2, local_1, ..., local_n]`` tensors of shapes
+    ``(3, G, G)`` and ``(3, L, L)``.
     """
 
     def __init__(self, config: PretrainConfig) -> None:
-        self.config = config
-        self.dino = DINOTransform(
-            global_crop_size=config.global_crop_size,
-            global_crop_scale=config.global_crop_scale,
-            local_crop_size=config.local_crop_size,
-            local_crop_scale=config.local_crop_scale,
-            n_local_views=config.n_local_crops,
-            hf_prob=config.hflip_prob,
-            vf_prob=config.vflip_prob,
-            rr_prob=config.rot90_prob,
-            rr_degrees=None,  # None: rotations by exactly 90 degrees
-            cj_prob=config.color_jitter_prob,
-            cj_strength=1.0,
-            cj_bright=config.brightness,
-            cj_contrast=config.contrast,
-            cj_sat=config.saturation,
-            cj_hue=config.hue,
-            random_gray_scale=config.grayscale_prob,
-            gaussian_blur=config.blur_probs,
-            sigmas=config.blur_sigma,
-            solarization_prob=config.solarization_prob,
-            normalize={"mean": list(config.mean), "std": list(config.std)},
+        c = config
+        self.config = c
+        blur = c.blur_probs
+        global_0 = dino_view(
+            c,
+            crop_size=c.global_crop_size,
+            crop_scale=c.global_crop_scale,
+            blur_prob=blur[0],
+            solarization_prob=0.0,
         )
-        hed = RandomHEDJitter(config.hed_sigma, config.hed_jitter_prob)
-        for view in {id(v): v for v in self.dino.transforms}.values():
-            _insert_before_color_jitter(view.transform, hed)
+        global_1 = dino_view(
+            c,
+            crop_size=c.global_crop_size,
+            crop_scale=c.global_crop_scale,
+            blur_prob=blur[1],
+            solarization_prob=c.solarization_prob,
+            color_jitter_strength=SECOND_VIEW_JITTER_STRENGTH,
+        )
+        local = dino_view(
+            c,
+            crop_size=c.local_crop_size,
+            crop_scale=c.local_crop_scale,
+            blur_prob=blur[2],
+            solarization_prob=0.0,
+        )
+        super().__init__([global_0, global_1] + [local] * c.n_local_crops)
 
     @property
     def n_views(self) -> int:
-        return len(self.dino.transforms)
+        return len(self.transforms)
 
-    def __call__(self, image: Image.Image | np.ndarray) -> list:
+    def __call__(self, image: Image.Image | np.ndarray) -> list:  # type: ignore[override]
         if not isinstance(image, Image.Image):
             image = Image.fromarray(np.asarray(image, dtype=np.uint8))
-        return self.dino(image)
-
-
-def _insert_before_color_jitter(compose: T.Compose, transform: object) -> None:
-    """Put ``transform`` just before the colour jitter of one of lightly's view pipelines."""
-    for i, step in enumerate(compose.transforms):
-        inner = getattr(step, "transforms", [])
-        if any(type(t).__name__ == "ColorJitter" for t in inner):
-            compose.transforms.insert(i, transform)
-            return
-    raise RuntimeError(
-        "lightly's DINO view transform has no ColorJitter step; this lightly version is not "
-        "supported (wsi-ssl needs lightly>=1.5)"
-    )
+        return super().__call__(image)

@@ -1,8 +1,10 @@
 """DINO (Caron et al., 2021, https://arxiv.org/abs/2104.14294, Algorithm 1).
 
-The teacher sees the 2 global crops, the student all ``2 + n_local`` crops; lightly's
-``DINOLoss`` compares every teacher crop with every other student crop after centring and
-sharpening the teacher output, and updates the centre (averaged over all processes under DDP).
+The teacher sees the 2 global crops, the student all ``2 + n_local`` crops; the teacher output
+is centred by lightly's ``DINOLoss`` centre and sharpened at the teacher temperature, the
+class-token loss (:func:`~wsi_ssl.ssl.recipes.class_token.class_token_loss`, shared with
+DINOv2) compares every teacher crop with every other student crop, and the centre is updated
+(lightly's ``update_center``, averaged over all processes under DDP).
 The networks are :class:`~wsi_ssl.ssl.models.MultiCropModel` (backbone + DINO head).
 """
 
@@ -12,11 +14,13 @@ import contextlib
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from lightly.loss import DINOLoss
 from torch import Tensor, nn
 
 from wsi_ssl.ssl.models import MultiCropModel, build_dino
 from wsi_ssl.ssl.recipes.base import Recipe, StepOutput
+from wsi_ssl.ssl.recipes.class_token import class_token_loss
 from wsi_ssl.ssl.schedules import Schedules
 
 __all__ = ["DINORecipe"]
@@ -57,12 +61,22 @@ class DINORecipe(Recipe):
             with torch.no_grad():
                 teacher_out = teacher(views[:2])
             student_out = model(views)
-        loss = self.criterion(
-            list(teacher_out.float().chunk(2)),
-            list(student_out.float().chunk(len(views))),
-            teacher_temp=schedules.teacher_temperature(step),
+        loss = self.class_token_step(
+            teacher_out, student_out, len(views), schedules.teacher_temperature(step)
         )
         return loss, {"dino_loss": loss.detach()}
+
+    def class_token_step(
+        self, teacher_out: Tensor, student_out: Tensor, n_crops: int, teacher_temp: float
+    ) -> Tensor:
+        """The loss of crop-major outputs ``(2 B, K)`` and ``(n_crops B, K)``: the teacher
+        centred and sharpened, the shared class-token loss, then the centre updated."""
+        teacher = teacher_out.detach().float()
+        center = self.criterion.center.view(1, -1)
+        probs = F.softmax((teacher - center) / teacher_temp, dim=-1)
+        loss = class_token_loss(probs, student_out, n_crops, self.config.student_temp)
+        self.criterion.update_center(torch.stack(teacher.chunk(2)))
+        return loss
 
     def loss_state(self) -> dict[str, Tensor]:
         return {"center": self.criterion.center.detach().cpu()}

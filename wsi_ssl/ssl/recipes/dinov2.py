@@ -38,13 +38,13 @@ from torch import Tensor, nn
 from wsi_ssl.ssl.backbones import build_backbone, get_spec
 from wsi_ssl.ssl.config import PretrainConfig
 from wsi_ssl.ssl.recipes.base import Recipe, StepOutput, copy_teacher, seeded_masks
+from wsi_ssl.ssl.recipes.class_token import class_token_loss, dino_cross_entropy
 from wsi_ssl.ssl.recipes.masked_vit import MaskedViT, require_vit
 from wsi_ssl.ssl.schedules import Schedules
 
 __all__ = [
     "DINOv2Model",
     "DINOv2Recipe",
-    "dino_cross_entropy",
     "ibot_cross_entropy",
     "sinkhorn_knopp",
 ]
@@ -60,22 +60,6 @@ def sinkhorn_knopp(teacher_output: Tensor, temperature: float, iterations: int =
     """
     logits = teacher_output.float() / temperature
     return sinkhorn(torch.exp(logits - logits.max()), iterations, gather_distributed=True)
-
-
-def dino_cross_entropy(
-    teacher_probs: list[Tensor], student_out: list[Tensor], student_temp: float
-) -> Tensor:
-    """Mean over (teacher crop t, student crop s != t) of ``-sum p_t log softmax(s / T_s)``."""
-    total = torch.zeros((), device=student_out[0].device)
-    terms = 0
-    for s_index, s in enumerate(student_out):
-        log_p = F.log_softmax(s.float() / student_temp, dim=-1)
-        for t_index, t in enumerate(teacher_probs):
-            if t_index == s_index:
-                continue
-            total = total - (t * log_p).sum(dim=-1).mean()
-            terms += 1
-    return total / max(terms, 1)
 
 
 def ibot_cross_entropy(
@@ -193,12 +177,11 @@ class DINOv2Recipe(Recipe):
             with torch.no_grad():
                 t_cls, _, t_patch, _ = teacher(globals_, None, masks)
             s_cls, s_local, s_patch, s_tokens = model(globals_, locals_, masks)
-        t_cls_probs = sinkhorn_knopp(t_cls, temp, c.sinkhorn_iterations).chunk(2)
+        t_cls_probs = sinkhorn_knopp(t_cls, temp, c.sinkhorn_iterations)
         t_patch_probs = sinkhorn_knopp(t_patch, temp, c.sinkhorn_iterations)
-        student_views = list(s_cls.float().chunk(2))
-        if len(views) > 2:
-            student_views += list(s_local.float().chunk(len(views) - 2))
-        dino = dino_cross_entropy(list(t_cls_probs), student_views, c.student_temp)
+        dino = class_token_loss(
+            t_cls_probs, torch.cat([s_cls, s_local]), len(views), c.student_temp
+        )
         ibot = ibot_cross_entropy(t_patch_probs, s_patch, masks, c.student_temp)
         koleo = sum(self.koleo(t.float()) for t in s_tokens.chunk(2))
         koleo = cast(Tensor, koleo)
