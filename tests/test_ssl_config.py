@@ -93,3 +93,21 @@ def test_config_and_cli_registration_do_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_methods_and_backbones_are_registries() -> None:
+    from wsi_ssl.registry import Registry
+    from wsi_ssl.ssl.backbones import BACKBONES, register_backbone
+    from wsi_ssl.ssl.methods import RECIPES
+    from wsi_ssl.ssl.recipes import make_recipe
+
+    assert isinstance(RECIPES, Registry) and isinstance(BACKBONES, Registry)
+    assert RECIPES.names() == ["dino", "dinov2", "mae"]
+    for method in RECIPES.names():
+        arch = "resnet18_tiny" if method == "dino" else "vit_nano_patch8"
+        recipe = make_recipe(PretrainConfig(method=method, arch=arch, out_dim=64))
+        assert recipe.name == method and type(recipe) is RECIPES.get(method)
+    with pytest.raises(ConfigError, match="arch 'nope': not registered; valid: resnet18"):
+        get_spec("nope")
+    with pytest.raises(ConfigError, match="already registered"):
+        register_backbone(get_spec("resnet18"))(lambda **kw: None)

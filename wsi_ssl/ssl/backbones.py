@@ -1,4 +1,5 @@
-"""Backbones by name: a small registry filled with a decorator, timm-style.
+"""Backbones by name: :data:`BACKBONES`, on the project's one registry mechanism
+(:class:`wsi_ssl.registry.Registry`), filled with a decorator, timm-style.
 
 Each entry pairs a builder (returns a ``torch.nn.Module`` mapping ``(B, 3, H, W)`` float
 images to ``(B, D)`` features, any ``H = W`` multiple of the patch size) with a frozen
@@ -29,12 +30,19 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from wsi_ssl.errors import ConfigError
+from wsi_ssl.registry import Registry
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["BackboneSpec", "backbone_names", "build_backbone", "get_spec", "register_backbone"]
+__all__ = [
+    "BACKBONES",
+    "BackboneSpec",
+    "backbone_names",
+    "build_backbone",
+    "get_spec",
+    "register_backbone",
+]
 
 
 @dataclass(frozen=True)
@@ -64,23 +72,25 @@ class BackboneSpec:
 
 
 Builder = Callable[..., "nn.Module"]
-_REGISTRY: dict[str, tuple[BackboneSpec, Builder]] = {}
+
+BACKBONES: Registry[tuple[BackboneSpec, Builder]] = Registry("arch")
+"""``(spec, builder)`` by name (``PretrainConfig.arch``)."""
 
 
 def register_backbone(spec: BackboneSpec) -> Callable[[Builder], Builder]:
-    """Decorator that registers ``builder(drop_path_rate=..., input_size=...)`` under ``spec.name``."""
+    """Decorator that registers ``builder(drop_path_rate=..., input_size=...)`` under
+    ``spec.name`` (a taken name is a ``ConfigError``)."""
 
     def decorate(builder: Builder) -> Builder:
-        if spec.name in _REGISTRY:
-            raise ValueError(f"backbone {spec.name!r} is already registered")
-        _REGISTRY[spec.name] = (spec, builder)
+        BACKBONES.add(spec.name, (spec, builder))
         return builder
 
     return decorate
 
 
 def backbone_names() -> list[str]:
-    return sorted(_REGISTRY)
+    """The registered backbone names, sorted."""
+    return BACKBONES.names()
 
 
 ENCODER_PREFIX = "encoder:"
@@ -90,10 +100,7 @@ def get_spec(name: str) -> BackboneSpec:
     """The spec of a registered backbone; ``ConfigError`` listing the valid names otherwise."""
     if name.startswith(ENCODER_PREFIX):
         return _encoder_spec(name)
-    try:
-        return _REGISTRY[name][0]
-    except KeyError:
-        raise ConfigError(f"unknown arch {name!r}; valid: {', '.join(backbone_names())}") from None
+    return BACKBONES.get(name)[0]
 
 
 def build_backbone(
@@ -103,7 +110,7 @@ def build_backbone(
     spec = get_spec(name)
     if name.startswith(ENCODER_PREFIX):
         return _build_from_encoder(name, drop_path_rate)
-    builder = _REGISTRY[name][1]
+    builder = BACKBONES.get(name)[1]
     return builder(drop_path_rate=drop_path_rate, input_size=input_size or spec.default_input_size)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from wsi_ssl.errors import ConfigError
 from wsi_ssl.ssl.backbones import get_spec
+from wsi_ssl.ssl.methods import RECIPES
 
 __all__ = [
     "AUGMENTS",
@@ -38,7 +39,7 @@ __all__ = [
 ]
 
 AUGMENTS = ("auto", "loader", "batch")
-METHODS = ("dino", "dinov2", "mae")
+METHODS = tuple(RECIPES.names())  # the built-in methods (more may be registered)
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SAMPLINGS = ("uniform", "balanced")
@@ -258,7 +259,7 @@ class PretrainConfig:
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
         spec = get_spec(self.arch)
-        _choice("method", self.method, METHODS)
+        _choice("method", self.method, tuple(RECIPES.names()))
         _positive_int(
             self, "out_dim", "hidden_dim", "bottleneck_dim", "batch_size", "n_local_crops"
         )

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from lightly.loss import DINOLoss
 from torch import Tensor, nn
 
+from wsi_ssl.ssl.methods import RECIPES
 from wsi_ssl.ssl.models import MultiCropModel, build_dino
 from wsi_ssl.ssl.recipes.base import Recipe, StepOutput
 from wsi_ssl.ssl.recipes.class_token import class_token_loss
@@ -26,6 +27,7 @@ from wsi_ssl.ssl.schedules import Schedules
 __all__ = ["DINORecipe"]
 
 
+@RECIPES.register("dino")
 class DINORecipe(Recipe):
     name = "dino"
 
@@ -92,6 +94,3 @@ class DINORecipe(Recipe):
         cast(MultiCropModel, student).compile_backbone()
         if teacher is not None:
             cast(MultiCropModel, teacher).compile_backbone()
-
-
-RECIPE = DINORecipe

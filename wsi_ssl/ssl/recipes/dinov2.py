@@ -37,8 +37,9 @@ from torch import Tensor, nn
 
 from wsi_ssl.ssl.backbones import build_backbone, get_spec
 from wsi_ssl.ssl.config import PretrainConfig
+from wsi_ssl.ssl.methods import RECIPES
 from wsi_ssl.ssl.recipes.base import Recipe, StepOutput, copy_teacher, seeded_masks
-from wsi_ssl.ssl.recipes.class_token import class_token_loss, dino_cross_entropy
+from wsi_ssl.ssl.recipes.class_token import class_token_loss
 from wsi_ssl.ssl.recipes.masked_vit import MaskedViT, require_vit
 from wsi_ssl.ssl.schedules import Schedules
 
@@ -111,6 +112,7 @@ class DINOv2Model(nn.Module):
         return out[:n_global], out[n_global + n_patch :], out[n_global : n_global + n_patch], cls
 
 
+@RECIPES.register("dinov2")
 class DINOv2Recipe(Recipe):
     name = "dinov2"
     needs_vit = True
@@ -196,6 +198,3 @@ class DINOv2Recipe(Recipe):
         cast(DINOv2Model, student).encoder.compile_encoder()
         if teacher is not None:
             cast(DINOv2Model, teacher).encoder.compile_encoder()
-
-
-RECIPE = DINOv2Recipe

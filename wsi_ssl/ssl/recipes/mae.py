@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from wsi_ssl.errors import ArchitectureMismatchError
 from wsi_ssl.ssl.backbones import build_backbone
 from wsi_ssl.ssl.config import PretrainConfig
+from wsi_ssl.ssl.methods import RECIPES
 from wsi_ssl.ssl.recipes.base import Recipe, StepOutput, seeded_masks
 from wsi_ssl.ssl.recipes.masked_vit import MaskedViT, require_vit
 from wsi_ssl.ssl.schedules import Schedules
@@ -74,6 +75,7 @@ class MAEModel(nn.Module):
         return pred, utils.get_at_index(patches, idx_mask - prefix)
 
 
+@RECIPES.register("mae")
 class MAERecipe(Recipe):
     name = "mae"
     needs_vit = True
@@ -133,6 +135,3 @@ class MAERecipe(Recipe):
 
 def _inner(model: nn.Module) -> MAEModel:
     return cast(MAEModel, model.module if hasattr(model, "module") else model)  # DDP
-
-
-RECIPE = MAERecipe
