@@ -48,8 +48,9 @@ def build_store(codec: str) -> tuple[Path, str]:
 
         slide = write_synthetic_slide(HERE / "data" / "synthetic-0.tiff", (8192, 8192), seed=0)
     shutil.rmtree(root, ignore_errors=True)
-    result = tile_slide(slide, root, TilingConfig(tile_size=224, codec=codec))
-    return root, result.slide_id
+    tile_slide(slide, root, TilingConfig(tile_size=224, codec=codec))
+    (slide_id,) = open_store(root).slide_ids
+    return root, slide_id
 
 
 def rate(fn: Callable[[], object], n: int) -> float:

@@ -99,8 +99,9 @@ def test_real_slide_tiles(tmp_path: Path, cmu_small: Path) -> None:
     """CMU-1-Small-Region tiled into a jpeg store (re-encoded tiles) and a zstd store."""
     for codec in ("jpeg", "zstd"):
         root = tmp_path / codec
-        result = tile_slide(cmu_small, root, TilingConfig(tile_size=224, codec=codec))
-        store = open_store(root).slide(result.slide_id)
+        tile_slide(cmu_small, root, TilingConfig(tile_size=224, codec=codec))
+        (slide_id,) = open_store(root).slide_ids
+        store = open_store(root).slide(slide_id)
         rows = np.arange(store.n_tiles)[::-1]
         np.testing.assert_array_equal(
             TileReader(store.tiles).read(rows), np.asarray(store.tiles[:])[rows]

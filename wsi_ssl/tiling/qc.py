@@ -79,10 +79,7 @@ def tile_scores(tiles: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     counts = np.empty((k, 16), dtype=np.int64)
     table = _codes()
     for i, tile in enumerate(tiles):  # views of each tile: no stacked copy of the chunk
-        green = tile[::2, ::2, 1].astype(np.float32)
-        lap = 4 * green[1:-1, 1:-1] - green[:-2, 1:-1] - green[2:, 1:-1]
-        lap -= green[1:-1, :-2] + green[1:-1, 2:]
-        focus[i] = lap.var() if lap.size else 0.0
+        focus[i] = _laplacian_variance(tile[::2, ::2, 1])
         codes = np.take(table, colour_cells(tile[::4, ::4]))
         counts[i] = np.bincount(codes.ravel(), minlength=16)
     flags = np.arange(16)
@@ -98,6 +95,25 @@ def tile_scores(tiles: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         "tissue": share(stained),
         "dark": share(flags & _VERY_DARK > 0),
     }
+
+
+def _laplacian_variance(grey: np.ndarray) -> float:
+    """Variance of the 4-neighbour Laplacian of a uint8 image's inner pixels.
+
+    Exact in int16 (|Laplacian| <= 1020), then one float32 pass for the sum and one BLAS dot
+    for the sum of squares: 1.5x cheaper than float32 temporaries and ``var``, equal to a
+    float64 reference to ~1e-6 relative (tests/test_qc.py)."""
+    g = grey.astype(np.int16)
+    lap = g[1:-1, 1:-1] * np.int16(4)
+    lap -= g[:-2, 1:-1]
+    lap -= g[2:, 1:-1]
+    lap -= g[1:-1, :-2]
+    lap -= g[1:-1, 2:]
+    if not lap.size:
+        return 0.0
+    flat = lap.astype(np.float32).ravel()
+    mean = float(flat.sum(dtype=np.float64)) / flat.size
+    return max(float(np.dot(flat, flat)) / flat.size - mean * mean, 0.0)
 
 
 def write_chunk_scores(store_path: str | Path, start: int, tiles: Sequence[Any]) -> None:
