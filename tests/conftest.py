@@ -72,7 +72,7 @@ def search_archive(base: Path, cmu_small: Path, synthetic: tuple[str, ...]) -> d
         size, seed = SYNTHETIC[key]
         slides[key] = write_synthetic_slide(base / f"{key}.tiff", size, seed=seed)
     root = base / "root"
-    ids = {key: tile_slide(path, root, tiling).slide_id for key, path in slides.items()}
+    ids = {key: tile_slide(path, root, tiling).details["slide_id"] for key, path in slides.items()}
     summary = embed(root, "random-cnn", EmbedConfig(batch_size=32, device="cpu", workers=0))
     assert not summary.failed
     index = SearchIndex.build(root, "random-cnn", kind="flat")

@@ -33,6 +33,7 @@ if browser_paths() is None:
     )
 
 QUERY_BLUE = np.array([30, 90, 220])
+HIT_ORANGE = np.array([230, 120, 20])
 IMAGES_LOADED = (
     "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth)"
 )
@@ -43,6 +44,12 @@ def page_env(
     serve_archive: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:
     archive = copy_archive(serve_archive, tmp_path_factory.mktemp("browser"))
+    ids = archive["ids"]
+    labels = archive["root"] / "labels" / "slides.csv"  # the archive's slide labels
+    labels.parent.mkdir(exist_ok=True)
+    labels.write_text(
+        f"slide,label\n{ids['cmu']},tumour\n{ids['twin']},tumour\n{ids['s1']},normal\n"
+    )
     with running(create_app(SearchIndex.open(archive["root"]))) as base:
         driver = chromium(tmp_path_factory.mktemp("profile"))
         try:
@@ -90,6 +97,39 @@ def _viewer_pixels(driver: Any, screen: np.ndarray) -> np.ndarray:
     s = r[4]
     x, y, w, h = (round(v * s) for v in r[:4])
     return screen[y + 4 : y + h - 4, x + 4 : x + w - 4]
+
+
+def _drag_box(driver: Any, box: tuple[int, int, int, int]) -> None:
+    """Press "draw a box" and drag over level-0 ``box`` (x, y, w, h) with the mouse."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    x, y, w, h = box
+    start, end = driver.execute_script(
+        "const vp = wsi.viewer.viewport, P = OpenSeadragon.Point;"
+        "const a = vp.imageToViewerElementCoordinates(new P(arguments[0], arguments[1]));"
+        "const b = vp.imageToViewerElementCoordinates(new P(arguments[2], arguments[3]));"
+        "return [[a.x, a.y], [b.x, b.y]];",
+        x,
+        y,
+        x + w,
+        y + h,
+    )
+    element = driver.find_element(By.ID, "viewer")
+    driver.find_element(By.ID, "draw").click()
+    rect = element.rect
+    chain = ActionChains(driver)
+    chain.move_to_element_with_offset(
+        element, round(start[0] - rect["width"] / 2), round(start[1] - rect["height"] / 2)
+    )
+    chain.click_and_hold().move_by_offset(
+        round(end[0] - start[0]), round(end[1] - start[1])
+    ).release().perform()
+
+
+def _orange(picture: np.ndarray) -> int:
+    """Pixels of the matched tiles' outline colour."""
+    return int(np.all(np.abs(picture.astype(int) - HIT_ORANGE) < 30, axis=-1).sum())
 
 
 def test_page_viewer_search_open_and_label(page_env: dict[str, Any], tmp_path: Path) -> None:
@@ -143,26 +183,8 @@ def test_page_viewer_search_open_and_label(page_env: dict[str, Any], tmp_path: P
     assert tile > 0
     stored = SearchIndex.open(archive["root"]).query_tile(cmu, (1100, 1500))
     qx, qy = (int(v) for v in stored.tile_coords[0])
-    start, end = driver.execute_script(
-        "const vp = wsi.viewer.viewport, P = OpenSeadragon.Point;"
-        "const a = vp.imageToViewerElementCoordinates(new P(arguments[0], arguments[1]));"
-        "const b = vp.imageToViewerElementCoordinates(new P(arguments[2], arguments[3]));"
-        "return [[a.x, a.y], [b.x, b.y]];",
-        qx,
-        qy,
-        qx + 2 * tile,
-        qy + 2 * tile,
-    )
     driver.find_element(By.ID, "exclude-self").click()
-    driver.find_element(By.ID, "draw").click()
-    rect = element.rect
-    chain = ActionChains(driver)
-    chain.move_to_element_with_offset(
-        element, round(start[0] - rect["width"] / 2), round(start[1] - rect["height"] / 2)
-    )
-    chain.click_and_hold().move_by_offset(
-        round(end[0] - start[0]), round(end[1] - start[1])
-    ).release().perform()
+    _drag_box(driver, (qx, qy, 2 * tile, 2 * tile))
     _wait(lambda: _state(driver) == "results")
     answer = driver.execute_script("return wsi.answer")
     assert answer["mode"] == "regions" and answer["hits"]
@@ -176,6 +198,16 @@ def test_page_viewer_search_open_and_label(page_env: dict[str, Any], tmp_path: P
     blue = np.all(np.abs(_viewer_pixels(driver, screen).astype(int) - QUERY_BLUE) < 40, axis=-1)
     assert blue.sum() > 50  # the query box's outline is on the slide
     assert driver.find_elements(By.CSS_SELECTOR, "#viewer .box.query")
+    # results side by side (two columns), each hit's picture with its matched tiles outlined
+    lefts = {c.rect["x"] for c in cards[:2]}
+    assert len(lefts) == 2 and cards[0].rect["y"] == cards[1].rect["y"]
+    card_picture = cards[0].find_element(By.TAG_NAME, "img").screenshot_as_png
+    assert _orange(np.asarray(Image.open(io.BytesIO(card_picture)).convert("RGB"))) > 50
+    ranking = driver.find_elements(By.CSS_SELECTOR, "#slide-ranking li")
+    assert [li.get_attribute("data-slide") for li in ranking] == [
+        s["slide_id"] for s in answer["slides"]
+    ]
+    assert ranking and ranking[0].get_attribute("data-slide") == twin
 
     # 4. a click on the best hit opens the twin at the hit, its box marked
     cards[0].find_element(By.TAG_NAME, "img").click()
@@ -249,3 +281,79 @@ def test_page_viewer_search_open_and_label(page_env: dict[str, Any], tmp_path: P
         assert not inside
     _wait(lambda: driver.execute_script(IMAGES_LOADED))
     _shot(driver, shots, "6-more-like-these")
+
+
+def test_page_filters_layers_ranking_and_upload(page_env: dict[str, Any], tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from wsi_ssl.storage import open_store
+
+    driver, base, archive = page_env["driver"], page_env["base"], page_env["archive"]
+    shots = tmp_path / "shots"
+    cmu, s1 = archive["ids"]["cmu"], archive["ids"]["s1"]
+    driver.get(base + "/")
+    _wait(lambda: _state(driver) == "ready" and _settled(driver))
+    driver.find_element(By.CSS_SELECTOR, f'#slides li[data-slide="{cmu}"]').click()
+    _wait(lambda: driver.execute_script("return wsi.current.slide_id") == cmu)
+    _wait(lambda: _state(driver) == "ready" and _settled(driver))
+
+    # 1. the label filter: only slides labelled "normal" (s1) in the hits and the ranking
+    assert driver.find_element(By.ID, "label-choice").is_displayed()
+    Select(driver.find_element(By.ID, "label-filter")).select_by_value("normal")
+    stored = SearchIndex.open(archive["root"]).query_tile(cmu, (1100, 1500))
+    qx, qy = (int(v) for v in stored.tile_coords[0])
+    tile = driver.execute_script("return wsi.current.tile_size_level0")
+    _drag_box(driver, (qx, qy, 2 * tile, 2 * tile))
+    _wait(lambda: _state(driver) == "results")
+    answer = driver.execute_script("return wsi.answer")
+    assert answer["labels"] == ["normal"] and answer["hits"]
+    assert {h["slide_id"] for h in answer["hits"]} == {s1}
+    ranking = driver.find_elements(By.CSS_SELECTOR, "#slide-ranking li")
+    assert [li.get_attribute("data-slide") for li in ranking] == [s1]
+    assert "[normal]" in ranking[0].text
+    _wait(lambda: driver.execute_script(IMAGES_LOADED))
+    _shot(driver, shots, "1-filtered")
+
+    # 2. a click on the ranked slide opens it
+    ranking[0].click()
+    _wait(lambda: driver.execute_script("return wsi.current.slide_id") == s1)
+    _wait(lambda: _state(driver) == "ready" and _settled(driver))
+
+    # 3. the tile QC layer: toggled on, its picture (thumbnail-sized) is laid over the slide
+    qc = driver.find_element(By.ID, "layer-qc")
+    _wait(lambda: qc.is_enabled())
+    before = _viewer_pixels(driver, _shot(driver, shots, "3a-no-layer")).astype(int)
+    qc.click()
+    loaded = (
+        "const i = document.querySelector('#viewer img.layer.qc');"
+        "return i && i.complete && i.naturalWidth > 0 && [i.naturalWidth, i.naturalHeight];"
+    )
+    natural = _wait(lambda: driver.execute_script(loaded))
+    _wait(lambda: _settled(driver))
+    thumb = open_store(archive["root"]).slide(s1).thumbnail
+    assert natural == [thumb.shape[1], thumb.shape[0]]
+    after = _viewer_pixels(driver, _shot(driver, shots, "3b-qc-layer")).astype(int)
+    assert np.abs(after - before).mean() > 1  # the tint is drawn
+    assert "QC:" in driver.find_element(By.ID, "layer-info").text
+    qc.click()
+    _wait(lambda: not driver.find_elements(By.CSS_SELECTOR, "#viewer img.layer"))
+
+    # 4. search with a picture: a stored tile of s1 uploaded through the file input
+    Select(driver.find_element(By.ID, "label-filter")).select_by_value("")
+    Select(driver.find_element(By.ID, "mode")).select_by_value("tiles")
+    store = open_store(archive["root"]).slide(s1)
+    row = int(np.argmax(store.tissue_fraction))
+    picture = tmp_path / "tile.png"
+    Image.fromarray(np.asarray(store.tiles[row])).save(picture)
+    driver.find_element(By.ID, "upload").send_keys(str(picture))
+    _wait(
+        lambda: (
+            _state(driver) == "results"
+            and driver.execute_script("return wsi.answer.query.kind") == "image"
+        )
+    )
+    best = driver.execute_script("return wsi.answer.hits[0]")
+    assert (best["slide_id"], best["x"], best["y"]) == (s1, *map(int, store.coords[row]))
+    _wait(lambda: driver.execute_script(IMAGES_LOADED))
+    _shot(driver, shots, "4-picture-search")
