@@ -56,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-resume", action="store_true", help="redo slides already embedded")
     p.add_argument(
         "--no-mpp-check",
-        action="store_true",
+        dest="check_mpp",
+        action="store_false",
         help="embed slides tiled at another µm/px than the encoder was trained at",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA)")
@@ -120,7 +121,7 @@ def run_embed(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         resume=not args.no_resume,
         wait=args.wait,
-        check_mpp=not args.no_mpp_check,
+        check_mpp=args.check_mpp,
         compile=args.compile,
         stain_normalize=args.stain_normalize,
         stain_reference=args.stain_reference,

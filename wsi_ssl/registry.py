@@ -56,6 +56,10 @@ class Registry(Generic[T]):
         """Every registered and built-in name, sorted (imports nothing)."""
         return sorted(set(self._entries) | set(self._builtins))
 
+    def items(self) -> list[tuple[str, T]]:
+        """The registered entries in registration order (built-ins not yet loaded are left out)."""
+        return list(self._entries.items())
+
     def __contains__(self, name: object) -> bool:
         return name in self._entries or name in self._builtins
 

@@ -63,26 +63,34 @@ class EmbedConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError(
+                f"batch_size must be >= 1, got {self.batch_size}", parameters=("batch_size",)
+            )
         if self.workers is not None and self.workers < 0:
-            raise ConfigError(f"workers must be >= 0, got {self.workers}")
+            raise ConfigError(f"workers must be >= 0, got {self.workers}", parameters=("workers",))
         from wsi_ssl.storage.embeddings import EMBEDDING_DTYPES  # zarr: not at CLI start
 
         if self.dtype not in EMBEDDING_DTYPES:
             raise ConfigError(
-                f"dtype must be one of {', '.join(EMBEDDING_DTYPES)}; got {self.dtype!r}"
+                f"dtype must be one of {', '.join(EMBEDDING_DTYPES)}; got {self.dtype!r}",
+                parameters=("dtype",),
             )
         if self.prefetch < 1:
-            raise ConfigError(f"prefetch must be >= 1, got {self.prefetch}")
+            raise ConfigError(
+                f"prefetch must be >= 1, got {self.prefetch}", parameters=("prefetch",)
+            )
         if not self.wait >= 0:
-            raise ConfigError(f"wait must be >= 0 seconds, got {self.wait}")
+            raise ConfigError(f"wait must be >= 0 seconds, got {self.wait}", parameters=("wait",))
         if self.chunk_rows is not None and self.chunk_rows < 1:
-            raise ConfigError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
+            raise ConfigError(
+                f"chunk_rows must be >= 1, got {self.chunk_rows}", parameters=("chunk_rows",)
+            )
         if (self.stain_normalize is None) != (self.stain_reference is None):
             raise ConfigError(
                 "stain_normalize and stain_reference go together: give both (a method and a "
                 f"reference image) or neither; got {self.stain_normalize!r}, "
-                f"{self.stain_reference!r}"
+                f"{self.stain_reference!r}",
+                parameters=("stain_normalize", "stain_reference"),
             )
 
     @property

@@ -20,7 +20,7 @@ from wsi_ssl.encoders.config import (
     RESIZE_POLICIES,
     EncoderConfig,
 )
-from wsi_ssl.encoders.encoder import Encoder, resolve_device
+from wsi_ssl.encoders.encoder import Encoder
 from wsi_ssl.encoders.registry import (
     EncoderEntry,
     EncoderSource,
@@ -52,7 +52,6 @@ __all__ = [
     "list_sources",
     "register_encoder",
     "register_source",
-    "resolve_device",
     "state_dict_sha256",
     "weights_dir",
 ]

@@ -78,7 +78,10 @@ def _load_checkpoint(
 
     path = Path(spec.removeprefix(PREFIX)).expanduser()
     if weights is not None:
-        raise ConfigError(f"{path}: a wsi-ssl checkpoint carries its own weights; drop --weights")
+        raise ConfigError(
+            f"{path}: a wsi-ssl checkpoint carries its own weights; leave weights=None",
+            parameters=("weights",),
+        )
     if not path.exists():
         raise CheckpointError(f"{path}: no such wsi-ssl pretrain run or checkpoint")
     try:

@@ -56,7 +56,7 @@ def build_timm(config: EncoderConfig) -> nn.Module:
 @register_source(
     "timm",
     matches=lambda s: s.startswith("timm/"),
-    description="timm/<arch>: any timm architecture, weights from --weights PATH (or 'random')",
+    description="timm/<arch>: any timm architecture, weights from weights=PATH (or 'random')",
 )
 def _load_timm(
     spec: str, *, weights: str | Path | None, seed: int, overrides: dict[str, Any]
@@ -116,7 +116,7 @@ def build_torchvision(config: EncoderConfig) -> nn.Module:
     "torchvision",
     matches=lambda s: s.startswith("torchvision/"),
     description="torchvision/<arch>: any torchvision classification model, weights from "
-    "--weights PATH (or 'random')",
+    "weights=PATH (or 'random')",
 )
 def _load_torchvision(
     spec: str, *, weights: str | Path | None, seed: int, overrides: dict[str, Any]

@@ -106,11 +106,13 @@ class EncoderConfig:
             raise ConfigError(f"mean and std need 3 values, std > 0; got {self.mean}, {self.std}")
         if self.resize not in RESIZE_POLICIES:
             raise ConfigError(
-                f"resize must be one of {', '.join(RESIZE_POLICIES)}; got {self.resize!r}"
+                f"resize must be one of {', '.join(RESIZE_POLICIES)}; got {self.resize!r}",
+                parameters=("resize",),
             )
         if self.precision not in PRECISIONS:
             raise ConfigError(
-                f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"
+                f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}",
+                parameters=("precision",),
             )
         if self.source not in SOURCES:
             raise ConfigError(f"source must be one of {', '.join(SOURCES)}; got {self.source!r}")

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsi_ssl.device import resolve_device
 from wsi_ssl.encoders.config import EncoderConfig
 from wsi_ssl.errors import (
     ConfigError,
-    DeviceUnavailableError,
     EncoderMismatchError,
     InputSizeMismatchError,
     MagnificationMismatchError,
@@ -26,31 +26,10 @@ from wsi_ssl.errors import (
 if TYPE_CHECKING:
     from wsi_ssl.slide import SlideReader
 
-__all__ = ["AUTOCAST_DTYPES", "MPP_TOLERANCE", "Encoder", "Preprocess", "resolve_device"]
+__all__ = ["AUTOCAST_DTYPES", "MPP_TOLERANCE", "Encoder", "Preprocess"]
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MPP_TOLERANCE = 0.1  # relative: tiles within 10% of a trained scale pass the check
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """A torch device: "auto"/None is CUDA when present, else CPU; an absent one is an error."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise ConfigError(f"device {device!r}: {err}; use auto, cpu, cuda or cuda:N") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceUnavailableError(
-            f"device {device!r} requested but CUDA is not available here; use --device cpu"
-        )
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise DeviceUnavailableError(
-            f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s); pick another"
-        )
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {device!r}: only cpu and cuda are supported")
-    return dev
 
 
 @dataclass(frozen=True)
@@ -201,7 +180,8 @@ class Encoder:
             f"{where}: tiles of {tile_size} px at {float(mpp):g} µm/px reach encoder "
             f"{self.config.name!r} at {seen:.3g} µm/px, but it was trained at {trained} µm/px; "
             f"re-tile at mpp={best:g} with tile_size={self.config.input_size}, or pass "
-            "check_mpp=False to embed at this scale anyway"
+            "check_mpp=False to embed at this scale anyway",
+            parameters=("check_mpp",),
         )
 
     def preprocess(self, tiles: torch.Tensor, where: str = "input") -> torch.Tensor:

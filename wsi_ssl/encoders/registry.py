@@ -6,9 +6,11 @@ A *named encoder* has a fixed config template and a builder ``fn(config) -> nn.M
     def resnet18(config): ...
 
 A *source* resolves names that are not registered one by one: ``timm/<arch>``,
-``torchvision/<arch>`` and a ``wsi-ssl pretrain`` run or checkpoint path. Weights come from a
-local file (``weights=PATH``, or ``<weights_dir>/<name>.pth``), the literal ``"random"`` for a
-seeded random init, or the checkpoint itself; nothing is ever downloaded.
+``torchvision/<arch>`` and a ``wsi-ssl pretrain`` run or checkpoint path. Both live in the
+project's one registry helper, :class:`wsi_ssl.registry.Registry` (``ENCODERS``, ``SOURCES``;
+sources are tried in registration order). Weights come from a local file (``weights=PATH``,
+or ``<weights_dir>/<name>.pth``), the literal ``"random"`` for a seeded random init, or the
+checkpoint itself; nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -40,9 +42,12 @@ from wsi_ssl.errors import (
     PresetWeightsNotFoundError,
     WeightsNotFoundError,
 )
+from wsi_ssl.registry import Registry
 
 __all__ = [
+    "ENCODERS",
     "OVERRIDABLE",
+    "SOURCES",
     "EncoderEntry",
     "EncoderSource",
     "create_encoder",
@@ -89,8 +94,8 @@ class EncoderSource:
     load: LoadFn
 
 
-_ENCODERS: dict[str, EncoderEntry] = {}
-_SOURCES: dict[str, EncoderSource] = {}
+ENCODERS: Registry[EncoderEntry] = Registry("encoder")
+SOURCES: Registry[EncoderSource] = Registry("encoder source")
 
 
 def register_encoder(
@@ -138,9 +143,9 @@ def register_encoder(
     )
 
     def decorator(fn: BuildFn) -> BuildFn:
-        if name in _ENCODERS:
+        if name in ENCODERS:
             raise ConfigError(f"encoder {name!r} is already registered")
-        _ENCODERS[name] = EncoderEntry(name, config, fn, convert)
+        ENCODERS.add(name, EncoderEntry(name, config, fn, convert))
         return fn
 
     return decorator
@@ -152,7 +157,7 @@ def register_source(
     """Decorator registering a loader for names that ``matches`` accepts (tried in order)."""
 
     def decorator(fn: LoadFn) -> LoadFn:
-        _SOURCES[name] = EncoderSource(name, description, matches, fn)
+        SOURCES.add(name, EncoderSource(name, description, matches, fn))
         return fn
 
     return decorator
@@ -160,22 +165,22 @@ def register_source(
 
 def list_encoders(pattern: str | None = None) -> list[str]:
     """Registered encoder names, sorted (optionally those containing ``pattern``)."""
-    return sorted(n for n in _ENCODERS if pattern is None or pattern in n)
+    return [n for n in ENCODERS.names() if pattern is None or pattern in n]
 
 
 def list_sources() -> dict[str, str]:
     """Source name -> description, in the order they are tried."""
-    return {s.name: s.description for s in _SOURCES.values()}
+    return {name: s.description for name, s in SOURCES.items()}
 
 
 def encoder_entry(name: str) -> EncoderEntry:
-    if name not in _ENCODERS:
+    if name not in ENCODERS:
         raise EncoderNotFoundError(name, _valid())
-    return _ENCODERS[name]
+    return ENCODERS.get(name)
 
 
 def _valid() -> list[str]:
-    return [*list_encoders(), *(f"<{s}>" for s in _SOURCES)]
+    return [*list_encoders(), *(f"<{name}>" for name, _ in SOURCES.items())]
 
 
 @contextlib.contextmanager
@@ -307,12 +312,12 @@ def create_encoder(
     """
     spec = str(name_or_path)
     overrides = check_overrides(overrides)
-    if spec in _ENCODERS:
-        entry = _ENCODERS[spec]
+    if spec in ENCODERS:
+        entry = ENCODERS.get(spec)
         config = dataclasses.replace(entry.config, **overrides)
         encoder = encoder_from_entry(entry, config, weights=weights, seed=seed)
     else:
-        for source in _SOURCES.values():
+        for _, source in SOURCES.items():
             if source.matches(spec):
                 encoder = source.load(spec, weights=weights, seed=seed, overrides=overrides)
                 break
