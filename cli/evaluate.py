@@ -44,6 +44,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="per-tile labels stored as labels/NAME in the slide stores under --root",
     )
     p.add_argument(
+        "--region-labels",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="CSV",
+        help="labelled boxes slide,x,y,w,h,label (the web page's ROOT/labels/regions.csv): "
+        "tiles under --root whose centre is in a box take its label",
+    )
+    p.add_argument(
         "--slide-labels",
         action="append",
         type=Path,
@@ -81,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from wsi_ssl.evaluation import (
         EvaluationConfig,
         PatchTask,
+        RegionLabelTask,
         RetrievalTask,
         SlideTask,
         TileLabelTask,
@@ -88,19 +98,24 @@ def run(args: argparse.Namespace) -> int:
     )
     from wsi_ssl.evaluation.tasks import Task
 
-    archive_tasks = args.tile_labels or args.slide_labels or args.retrieval_labels
+    archive_tasks = (
+        args.tile_labels or args.region_labels or args.slide_labels or args.retrieval_labels
+    )
     if archive_tasks and args.root is None:
-        raise ConfigError("--tile-labels, --slide-labels and --retrieval-labels need --root ROOT")
+        raise ConfigError(
+            "--tile-labels, --region-labels, --slide-labels and --retrieval-labels need --root"
+        )
     tasks: list[Task] = [
         *(PatchTask(p) for p in args.patches),
         *(TileLabelTask(args.root, name) for name in args.tile_labels),
+        *(RegionLabelTask(args.root, p) for p in args.region_labels),
         *(SlideTask(args.root, p) for p in args.slide_labels),
         *(RetrievalTask(args.root, p) for p in args.retrieval_labels),
     ]
     if not tasks:
         raise ConfigError(
-            "no task: give --patches, or --root with --tile-labels, --slide-labels or "
-            "--retrieval-labels"
+            "no task: give --patches, or --root with --tile-labels, --region-labels, "
+            "--slide-labels or --retrieval-labels"
         )
     config = EvaluationConfig(
         folds=args.folds,

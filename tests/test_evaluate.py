@@ -27,13 +27,22 @@ from wsi_ssl.evaluation import (
     EvaluationConfig,
     EvaluationReport,
     PatchTask,
+    RegionLabelTask,
     RetrievalTask,
     SlideTask,
     TileLabelTask,
     bootstrap_indices,
     evaluate_encoders,
 )
-from wsi_ssl.evaluation.statistics import auc, balanced_accuracy, macro_f1
+from wsi_ssl.evaluation.statistics import (
+    auc,
+    balanced_accuracy,
+    estimate,
+    macro_f1,
+    paired_difference,
+    pooled_mean,
+)
+from wsi_ssl.testing.bags import write_bag_store
 
 CONSTANT = "random-constant"
 ENCODERS = ["random-cnn", "random-cnn,seed=1", CONSTANT]
@@ -110,6 +119,78 @@ def test_bootstrap_resamples_are_seeded_and_keep_every_class() -> None:
     np.testing.assert_array_equal(a, bootstrap_indices(y, 50, seed=3))
     assert not np.array_equal(a, bootstrap_indices(y, 50, seed=4))
     np.testing.assert_array_equal(y[a], np.broadcast_to(y, a.shape))  # stratified by class
+
+
+def _bag_archive(root: Path, n_slides: int = 6, n_tiles: int = 16) -> list[str]:
+    """Bag stores on a 4 x 4 grid of 224 px tiles; class (slide i % 2) in dimension 0."""
+    rng = np.random.default_rng(0)
+    ids = []
+    for i in range(n_slides):
+        x = rng.normal(size=(n_tiles, 8)).astype(np.float32)
+        x[:, 0] += 4.0 if i % 2 else -4.0
+        write_bag_store(root, f"{i:016x}", x, encoder_id="enc", name=f"s{i}.svs", dtype="float32")
+        ids.append(f"{i:016x}")
+    return ids
+
+
+def test_retrieval_precision_has_an_interval_over_slides(tmp_path: Path) -> None:
+    """precision@k per slide (summed precision, query tiles) pools back to the micro value;
+    its bootstrap over slides gives an interval around it and a paired difference."""
+    from wsi_ssl.search import SearchIndex
+    from wsi_ssl.search.evaluate import precision_at_k
+
+    root = tmp_path / "archive"
+    ids = _bag_archive(root)
+    truth = {sid: "ab"[i % 2] for i, sid in enumerate(ids)}
+    index = SearchIndex.build(root, "enc", kind="flat")
+    pk = precision_at_k(index, truth, k=5, tiles_per_slide=8)
+    per_slide = pk["per_slide"]
+    assert sorted(per_slide) == sorted(ids) and all(s["queries"] == 8 for s in per_slide.values())
+    totals = np.array([[s["precision"] * s["queries"], s["queries"]] for s in per_slide.values()])
+    y = np.array([i % 2 for i in range(len(ids))])
+    assert pooled_mean(y, totals) == pytest.approx(pk["precision"]) == pytest.approx(1.0)
+    noisy = totals.copy()
+    noisy[:, 0] = np.array([8, 2, 6, 1, 7, 3], dtype=float)
+    resamples = bootstrap_indices(y, 300, seed=0)
+    est = estimate(pooled_mean, y, noisy, resamples, 0.95)
+    assert est.value == pytest.approx(27 / 48)
+    assert est.low is not None and est.high is not None and est.low < est.value < est.high
+    diff = paired_difference(pooled_mean, y, totals, noisy, resamples, 0.95)
+    assert diff.value == pytest.approx(1 - 27 / 48) and diff.low is not None and diff.low > 0
+
+
+def test_region_labels_from_the_label_loop_file(tmp_path: Path) -> None:
+    """A regions.csv as the web page's label loop writes it: tiles whose centre is in a box
+    take its label; a tile under boxes of two labels is left out; bad rows name their lines."""
+    from wsi_ssl.evaluation.regions import load_region_labels
+    from wsi_ssl.serve.labels import LabelBook
+
+    root = tmp_path / "archive"
+    ids = _bag_archive(root, n_slides=2)
+    book = LabelBook(root)  # the page's writer: labels/regions.csv
+    book.set((ids[0], 0, 0, 448, 224, "tumour"), "accept", "s0.svs")  # tiles 0, 1
+    book.set((ids[0], 0, 224, 224, 448, "stroma"), "accept", "s0.svs")  # tiles 4, 8
+    book.set((ids[1], 300, 300, 200, 200, "tumour"), "accept", "s1.svs")  # tile 5 (centre 336)
+    book.set((ids[1], 600, 600, 300, 300, "stroma"), "accept", "s1.svs")  # tile 15 (centre 784)
+    book.set((ids[1], 700, 700, 100, 100, "tumour"), "accept", "s1.svs")  # 15 again: a clash
+    book.set((ids[1], 0, 672, 224, 224, "stroma"), "accept", "s1.svs")  # tile 12
+    regions = root / "labels" / "regions.csv"
+    assert regions.read_text().splitlines()[0] == "slide,x,y,w,h,label"
+    tiles = load_region_labels(RegionLabelTask(root, regions), max_per_class=100, seed=0)
+    assert tiles.classes == ("stroma", "tumour")
+    assert {sid: r.tolist() for sid, r in tiles.rows.items()} == {
+        ids[0]: [0, 1, 4, 8],
+        ids[1]: [5, 12],
+    }
+    assert tiles.y.tolist() == [1, 1, 0, 0, 1, 0] and tiles.groups.tolist() == [0, 0, 0, 0, 1, 1]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("slide,x,y,w,h,label\ns0.svs,0,0,10,10,a\nnope,0,0,5,5,b\ns1.svs,0,0,0,5,b\n")
+    with pytest.raises(LabelsError, match="lines 4: a region needs") as info:
+        load_region_labels(RegionLabelTask(root, bad), 100, 0)
+    assert info.value.rows == [4]
+    bad.write_text("slide,x,y,w,h,label\ns0.svs,0,0,10,10,a\nnope,0,0,5,5,b\n")
+    with pytest.raises(LabelsError, match="lines 3 name slides that are not"):
+        load_region_labels(RegionLabelTask(root, bad), 100, 0)
 
 
 def test_encoder_spec_strings() -> None:
@@ -323,7 +404,13 @@ def test_archive_tasks(archive: tuple[Path, Path], tmp_path: Path) -> None:
     rows = {(r.task, r.metric, r.encoder): r for r in report.rows}
     assert rows["pen", "auc", CONSTANT].value == 0.5  # equal scores for every slide
     assert rows["pen", "auc", "random-cnn"].value > 0.5
-    assert rows["pen-search", "precision@10", CONSTANT].ci_low is None  # no per-query scores
+    for encoder in ("random-cnn", CONSTANT):  # precision@k has an interval like the others
+        pk = rows["pen-search", "precision@10", encoder]
+        assert pk.ci_low is not None and pk.ci_high is not None
+        assert pk.ci_low <= pk.value <= pk.ci_high and pk.n == len(SLIDES)
+    [pk_ranking] = [r for r in report.rankings if r.metric == "precision@10"]
+    assert pk_ranking.difference_low is not None and pk_ranking.exceeds_intervals is not None
+    assert "the intervals" in pk_ranking.sentence()
     assert list_indexes(root) == []  # the scratch indexes of the retrieval task are gone
     # the MIL runs of both encoders used the task's folds, slide for slide
     splits = [
@@ -339,6 +426,37 @@ def test_archive_tasks(archive: tuple[Path, Path], tmp_path: Path) -> None:
     again = _archive_eval(root, csv, tmp_path / "again", [TileLabelTask(root, "bright")])
     assert read_embeddings(archive_.slide(sid), eid).attrs["created"] == created
     assert [r.value for r in again.rows] == [r.value for r in report.rows if r.kind == "tiles"]
+
+
+@pytest.mark.slow
+def test_region_labels_task_from_the_cli(archive: tuple[Path, Path], tmp_path: Path) -> None:
+    """``--region-labels``: boxes over the left and right halves of every slide become a
+    two-class tile task, probed like the per-tile labels."""
+    from wsi_ssl.evaluation.regions import load_region_labels
+    from wsi_ssl.storage import open_store
+
+    root, _ = archive
+    regions = tmp_path / "regions.csv"
+    lines = ["slide,x,y,w,h,label"]
+    archive_ = open_store(root)
+    for sid in archive_.slide_ids:
+        width, height = archive_.slide(sid).source["dimensions"]
+        lines += [
+            f"{sid},0,0,{width // 2},{height},left",
+            f"{sid},{width // 2},0,{width},{height},right",
+        ]
+    regions.write_text("\n".join(lines) + "\n")
+    expected = load_region_labels(RegionLabelTask(root, regions), 2000, 0)
+    argv = ["evaluate", "--encoder", "random-cnn", "--encoder", CONSTANT, "--root", str(root)]
+    argv += ["--region-labels", str(regions), "--out", str(tmp_path / "eval"), "--bootstrap", "50"]
+    code, out, err = run_cli([*argv, "--knn-k", "5", "--folds", "3"])
+    assert code == 0, err
+    assert f"task regions:regions (tiles): {len(expected.y)} items, 2 classes" in out
+    rows = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["rows"]
+    assert {(r["method"], r["metric"]) for r in rows} == {
+        (m, k) for m in ("knn", "linear") for k in ("balanced_accuracy", "macro_f1")
+    }
+    assert all(r["n"] == len(expected.y) and r["ci_low"] is not None for r in rows)
 
 
 @pytest.mark.slow

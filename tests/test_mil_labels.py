@@ -165,3 +165,31 @@ def test_fewer_patients_than_folds(archive: Path, tmp_path: Path) -> None:
     ) as info:
         train(archive, csv, ENC, tmp_path / "run", folds=3)
     assert info.value.parameters == ("folds",)
+
+
+def test_slide_labels_derived_from_the_label_loop_regions(archive: Path, tmp_path: Path) -> None:
+    """The web page's labels/regions.csv -> a slide,label CSV (serve.labels.write_slide_labels)
+    that MIL training matches: a slide takes the label of its regions, a slide whose regions
+    disagree is left out."""
+    import shutil
+
+    from wsi_ssl.serve.labels import LabelBook, write_slide_labels
+
+    root = tmp_path / "archive"
+    shutil.copytree(archive, root)
+    book = LabelBook(root)
+    for i, label in enumerate(("tumour", "normal", "tumour", "normal")):
+        book.set((f"{i:016x}", 0, 0, 100, 100, label), "accept", f"case-{i}.svs")
+    book.set((f"{4:016x}", 0, 0, 50, 50, "tumour"), "accept", "case-4.svs")
+    book.set((f"{4:016x}", 60, 60, 50, 50, "normal"), "accept", "case-4.svs")  # disagrees
+    csv = write_slide_labels(root)
+    table = read_labels(csv)
+    assert {r.slide: r.label for r in table.rows} == {
+        f"{i:016x}": label for i, label in enumerate(("tumour", "normal", "tumour", "normal"))
+    }
+    report = match_labels(root, csv, ENC)
+    assert report.classes == ["normal", "tumour"] and report.class_counts == {
+        "normal": 2,
+        "tumour": 2,
+    }
+    assert sorted(s.name for s in report.slides) == [f"case-{i}.svs" for i in range(4)]

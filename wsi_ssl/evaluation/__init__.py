@@ -15,26 +15,29 @@ Names resolve lazily, so importing ``wsi_ssl.evaluation`` loads no torch, faiss 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-_EXPORTS: dict[str, str] = {
-    "EncoderSpec": "wsi_ssl.evaluation.config",
-    "EvaluationConfig": "wsi_ssl.evaluation.config",
-    "PatchTask": "wsi_ssl.evaluation.tasks",
-    "TileLabelTask": "wsi_ssl.evaluation.tasks",
-    "SlideTask": "wsi_ssl.evaluation.tasks",
-    "RetrievalTask": "wsi_ssl.evaluation.tasks",
-    "load_images": "wsi_ssl.evaluation.tasks",
-    "Estimate": "wsi_ssl.evaluation.statistics",
-    "bootstrap_indices": "wsi_ssl.evaluation.statistics",
-    "EvaluationReport": "wsi_ssl.evaluation.report",
-    "Ranking": "wsi_ssl.evaluation.report",
-    "ResultRow": "wsi_ssl.evaluation.report",
-    "TaskSummary": "wsi_ssl.evaluation.report",
-    "plot_results": "wsi_ssl.evaluation.plot",
-    "evaluate_encoders": "wsi_ssl.evaluation.runner",
-}
+from wsi_ssl.lazy import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "wsi_ssl.evaluation.config": ("EncoderSpec", "EvaluationConfig"),
+        "wsi_ssl.evaluation.tasks": (
+            "PatchTask",
+            "RegionLabelTask",
+            "RetrievalTask",
+            "SlideTask",
+            "TileLabelTask",
+            "load_images",
+        ),
+        "wsi_ssl.evaluation.statistics": ("Estimate", "bootstrap_indices"),
+        "wsi_ssl.evaluation.report": ("EvaluationReport", "Ranking", "ResultRow", "TaskSummary"),
+        "wsi_ssl.evaluation.plot": ("plot_results",),
+        "wsi_ssl.evaluation.regions": ("load_region_labels",),
+        "wsi_ssl.evaluation.runner": ("evaluate_encoders",),
+    },
+)
 
 __all__ = [
     "EncoderSpec",
@@ -43,6 +46,7 @@ __all__ = [
     "EvaluationReport",
     "PatchTask",
     "Ranking",
+    "RegionLabelTask",
     "ResultRow",
     "RetrievalTask",
     "SlideTask",
@@ -51,25 +55,22 @@ __all__ = [
     "bootstrap_indices",
     "evaluate_encoders",
     "load_images",
+    "load_region_labels",
     "plot_results",
 ]
 
 if TYPE_CHECKING:
     from wsi_ssl.evaluation.config import EncoderSpec, EvaluationConfig
     from wsi_ssl.evaluation.plot import plot_results
+    from wsi_ssl.evaluation.regions import load_region_labels
     from wsi_ssl.evaluation.report import EvaluationReport, Ranking, ResultRow, TaskSummary
     from wsi_ssl.evaluation.runner import evaluate_encoders
     from wsi_ssl.evaluation.statistics import Estimate, bootstrap_indices
     from wsi_ssl.evaluation.tasks import (
         PatchTask,
+        RegionLabelTask,
         RetrievalTask,
         SlideTask,
         TileLabelTask,
         load_images,
     )
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'wsi_ssl.evaluation' has no attribute {name!r}")

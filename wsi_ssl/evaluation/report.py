@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ class ResultRow:
 class Ranking:
     """Which encoder ranks first on a task/method/metric, and whether it is clearly first:
     ``exceeds_intervals`` is True when the paired bootstrap interval of its difference to the
-    runner-up excludes 0 (None: no interval, e.g. a single encoder or no per-item scores)."""
+    runner-up excludes 0 (None: no interval, i.e. a single encoder or no bootstrap resamples)."""
 
     task: str
     method: str
@@ -89,19 +89,18 @@ class TaskSummary:
 class Scores:
     """Per-encoder outputs on one task/method/metric, ready to rank.
 
-    ``outputs`` maps an encoder label to its per-item output (predicted classes or class
-    probabilities) scored by ``metric`` against ``y``; without them (``values`` only) rows get
-    no interval.
+    ``outputs`` maps an encoder label to its per-item output (predicted classes, class
+    probabilities, or a retrieval item's summed precision and count) scored by ``score``
+    against ``y``; intervals resample the items.
     """
 
     task: TaskSummary
     method: str
     metric: str
     encoder_ids: dict[str, str]
-    y: np.ndarray | None = None
-    score: Metric | None = None
-    outputs: dict[str, np.ndarray] = field(default_factory=dict)
-    values: dict[str, float] = field(default_factory=dict)
+    y: np.ndarray
+    score: Metric
+    outputs: dict[str, np.ndarray]
 
 
 def _ranks(values: list[float]) -> list[int]:
@@ -113,14 +112,10 @@ def rank(
 ) -> tuple[list[ResultRow], Ranking]:
     """The rows of every encoder (with intervals when outputs are given) and the ranking."""
     labels = list(scores.encoder_ids)
-    est: dict[str, Estimate] = {}
-    for label in labels:
-        if scores.score is not None and scores.y is not None and label in scores.outputs:
-            est[label] = estimate(
-                scores.score, scores.y, scores.outputs[label], resamples, confidence
-            )
-        else:
-            est[label] = Estimate(scores.values[label], None, None)
+    est: dict[str, Estimate] = {
+        label: estimate(scores.score, scores.y, scores.outputs[label], resamples, confidence)
+        for label in labels
+    }
     values = [est[label].value for label in labels]
     ranks = _ranks([v if np.isfinite(v) else -np.inf for v in values])
     rows = [
@@ -145,17 +140,10 @@ def rank(
     second = labels[order[1]] if len(order) > 1 else None
     diff = None
     if second is not None:
-        if scores.score is not None and scores.y is not None and scores.outputs:
-            diff = paired_difference(
-                scores.score,
-                scores.y,
-                scores.outputs[first],
-                scores.outputs[second],
-                resamples,
-                confidence,
-            )
-        else:
-            diff = Estimate(est[first].value - est[second].value, None, None)
+        first_out, second_out = scores.outputs[first], scores.outputs[second]
+        diff = paired_difference(
+            scores.score, scores.y, first_out, second_out, resamples, confidence
+        )
     exceeds = None
     if diff is not None and diff.low is not None and diff.high is not None:
         exceeds = bool(diff.low > 0 or diff.high < 0)

@@ -3,11 +3,13 @@
 Each task is loaded once; its folds and bootstrap resamples are drawn once from the labels
 and the seed; every encoder is then scored on them:
 
-* patch and per-tile label tasks: k-NN and linear probes, balanced accuracy and macro-F1;
+* patch, per-tile label and labelled-region tasks: k-NN and linear probes, balanced accuracy
+  and macro-F1;
 * slide tasks: ABMIL cross-validated by :func:`wsi_ssl.mil.train` with the task's folds
   written into the labels it is given, AUC of the out-of-fold probabilities;
 * retrieval tasks: mMV@k and precision@k of a flat index per encoder
-  (:mod:`wsi_ssl.search.evaluate`).
+  (:mod:`wsi_ssl.search.evaluate`), both with intervals resampled over the labelled slides
+  (precision@k pools each resampled slide's query tiles).
 """
 
 from __future__ import annotations
@@ -45,10 +47,16 @@ from wsi_ssl.evaluation.report import (
     TaskSummary,
     rank,
 )
-from wsi_ssl.evaluation.statistics import METRICS, balanced_accuracy, bootstrap_indices
+from wsi_ssl.evaluation.statistics import (
+    METRICS,
+    balanced_accuracy,
+    bootstrap_indices,
+    pooled_mean,
+)
 from wsi_ssl.evaluation.tasks import (
     LabelledSlides,
     PatchTask,
+    RegionLabelTask,
     RetrievalTask,
     SlideTask,
     Task,
@@ -154,8 +162,17 @@ def _embed_all(root: Path, encoders: Named, slides: list[str], config: Evaluatio
     return failed
 
 
-def _tiles(task: TileLabelTask, encoders: Named, config: EvaluationConfig) -> _TaskResult:
-    tiles = load_tile_labels(task, config.max_tiles_per_class, config.seed)
+def _tiles(
+    task: TileLabelTask | RegionLabelTask, encoders: Named, config: EvaluationConfig
+) -> _TaskResult:
+    if isinstance(task, RegionLabelTask):
+        from wsi_ssl.evaluation.regions import load_region_labels
+
+        tiles = load_region_labels(task, config.max_tiles_per_class, config.seed)
+        source = str(task.regions)
+    else:
+        tiles = load_tile_labels(task, config.max_tiles_per_class, config.seed)
+        source = f"{task.root}:labels/{task.labels}"
     failed = _embed_all(task.root, encoders, list(tiles.rows), config)
     tiles = tiles.without(set(failed), task.root) if failed else tiles
     folds, note = assign_folds(tiles.y, config.folds, config.seed, groups=tiles.groups)
@@ -164,7 +181,7 @@ def _tiles(task: TileLabelTask, encoders: Named, config: EvaluationConfig) -> _T
     summary = TaskSummary(
         task_name(task),
         task.kind,
-        f"{task.root}:labels/{task.labels}",
+        source,
         len(tiles.y),
         tiles.classes,
         int(folds.max()) + 1,
@@ -315,7 +332,7 @@ def _retrieval(task: RetrievalTask, encoders: Named, config: EvaluationConfig) -
         (*notes, "leave-one-slide-out"),
     )
     votes: dict[str, np.ndarray] = {}
-    precision: dict[str, float] = {}
+    precision: dict[str, np.ndarray] = {}  # per slide: summed precision, query tiles
     for label, enc in encoders:
         with _scratch_index(task.root, enc.encoder_id, labelled.slide_ids) as index:
             mv = majority_vote(index, truth, k=config.mmv_k, seed=config.seed)
@@ -327,11 +344,18 @@ def _retrieval(task: RetrievalTask, encoders: Named, config: EvaluationConfig) -
                 for r in rows
             ]
         )
-        precision[label] = float(pk["precision"])
+        per_slide = pk["per_slide"]
+        precision[label] = np.array(
+            [
+                [s["precision"] * s["queries"], s["queries"]]
+                for s in (per_slide.get(r.slide, {"precision": 0.0, "queries": 0}) for r in rows)
+            ]
+        )
     ids = {lab: e.encoder_id for lab, e in encoders}
+    precision_metric = f"precision@{config.precision_k}"
     scores = [
         Scores(summary, "search", f"mmv@{config.mmv_k}", ids, y, balanced_accuracy, votes),
-        Scores(summary, "search", f"precision@{config.precision_k}", ids, values=precision),
+        Scores(summary, "search", precision_metric, ids, y, pooled_mean, precision),
     ]
     return _TaskResult(summary, scores, bootstrap_indices(y, config.n_bootstrap, config.seed))
 
@@ -349,7 +373,7 @@ def _workdir(out: str | Path | None) -> Iterator[Path]:
 def _run_task(task: Task, encoders: Named, config: EvaluationConfig, out: Path) -> _TaskResult:
     if isinstance(task, PatchTask):
         return _patch(task, encoders, config, out)
-    if isinstance(task, TileLabelTask):
+    if isinstance(task, TileLabelTask | RegionLabelTask):
         return _tiles(task, encoders, config)
     if isinstance(task, SlideTask):
         return _slide(task, encoders, config, out)
@@ -371,8 +395,8 @@ def evaluate_encoders(
 
     Args:
         encoders: :class:`EncoderSpec` or spec strings (``NAME[,weights=FILE][,seed=N]``).
-        tasks: :class:`PatchTask`, :class:`TileLabelTask`, :class:`SlideTask`,
-            :class:`RetrievalTask`.
+        tasks: :class:`PatchTask`, :class:`TileLabelTask`, :class:`RegionLabelTask`,
+            :class:`SlideTask`, :class:`RetrievalTask`.
         out: folder for ``evaluation.json``, ``evaluation.png``, cached image features and
             MIL runs (None: nothing is written; MIL runs go to a temporary folder).
         config: settings; ``options`` (e.g. ``folds=3``) replace fields.

@@ -22,6 +22,7 @@ __all__ = [
     "estimate",
     "macro_f1",
     "paired_difference",
+    "pooled_mean",
 ]
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
@@ -77,6 +78,15 @@ def auc(y: np.ndarray, probabilities: np.ndarray) -> float:
     per = [_binary_auc(y == c, probabilities[:, c]) for c in range(probabilities.shape[1])]
     defined = [a for a in per if a is not None]
     return float(np.mean(defined)) if defined else float("nan")
+
+
+def pooled_mean(y: np.ndarray, totals: np.ndarray) -> float:
+    """The mean over every pooled observation of some items: ``totals`` is (N, 2), each item's
+    sum and count (e.g. a slide's summed precision over its query tiles, and their number),
+    so resampling items resamples their observations with them (``y`` is not used)."""
+    totals = np.asarray(totals, dtype=np.float64)
+    count = totals[:, 1].sum()
+    return float(totals[:, 0].sum() / count) if count > 0 else float("nan")
 
 
 METRICS: dict[str, Metric] = {

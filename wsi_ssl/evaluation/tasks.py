@@ -7,6 +7,8 @@
   class fractions, a tile taking the class of its largest fraction when it is at least 0.5;
   the class names in the array's ``classes`` attribute); k-NN and linear probes, folds grouped
   by slide.
+* :class:`RegionLabelTask`: labelled boxes (``slide,x,y,w,h,label``, as the web page's label
+  loop writes ``labels/regions.csv``): the tiles inside a box take its label; the same probes.
 * :class:`SlideTask`: a slide labels CSV (``slide,label[,patient][,fold]``, as for
   ``wsi-ssl mil train``); cross-validated ABMIL.
 * :class:`RetrievalTask`: the same kind of CSV; mMV@k and precision@k of the search index.
@@ -33,6 +35,7 @@ __all__ = [
     "LabelledSlides",
     "LabelledTiles",
     "PatchTask",
+    "RegionLabelTask",
     "RetrievalTask",
     "SlideTask",
     "Task",
@@ -40,6 +43,7 @@ __all__ = [
     "load_images",
     "load_slide_labels",
     "load_tile_labels",
+    "sample_tiles",
 ]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
@@ -67,28 +71,41 @@ class TileLabelTask:
 
 
 @dataclass(frozen=True)
-class SlideTask:
-    """Slide classification (cross-validated ABMIL) from a slide labels CSV."""
+class RegionLabelTask:
+    """Patch classification from labelled level-0 boxes, ``slide,x,y,w,h,label`` (the web
+    page's ``labels/regions.csv``): a stored tile whose centre lies in a box takes its label
+    (:func:`wsi_ssl.evaluation.regions.load_region_labels`)."""
+
+    root: Path
+    regions: Path
+    name: str = ""
+
+    kind = "tiles"
+
+
+@dataclass(frozen=True)
+class _SlideLabelsTask:
+    """A task over the slides a slide labels CSV names under ``root``."""
 
     root: Path
     labels: Path
     name: str = ""
+
+
+class SlideTask(_SlideLabelsTask):
+    """Slide classification (cross-validated ABMIL) from a slide labels CSV."""
 
     kind = "slide"
 
 
-@dataclass(frozen=True)
-class RetrievalTask:
-    """Slide retrieval (mMV@k, precision@k) with the labels of a slide labels CSV."""
-
-    root: Path
-    labels: Path
-    name: str = ""
+class RetrievalTask(_SlideLabelsTask):
+    """Slide retrieval (mMV@k and precision@k, with intervals over slides) with the labels
+    of a slide labels CSV."""
 
     kind = "retrieval"
 
 
-Task = PatchTask | TileLabelTask | SlideTask | RetrievalTask
+Task = PatchTask | TileLabelTask | RegionLabelTask | SlideTask | RetrievalTask
 
 
 def task_name(task: Task) -> str:
@@ -99,6 +116,8 @@ def task_name(task: Task) -> str:
         return f"patch:{Path(task.source).stem}"
     if isinstance(task, TileLabelTask):
         return f"tiles:{task.labels}"
+    if isinstance(task, RegionLabelTask):
+        return f"regions:{Path(task.regions).stem}"
     return f"{task.kind}:{Path(task.labels).stem}"
 
 
@@ -259,6 +278,23 @@ def load_tile_labels(task: TileLabelTask, max_per_class: int, seed: int) -> Labe
             task.root,
             f"no complete slide store holds labels/{task.labels}; tile with annotations first",
         )
+    return sample_tiles(per_slide, classes, max_per_class, seed, task.root)
+
+
+def sample_tiles(
+    per_slide: dict[str, tuple[np.ndarray, np.ndarray]],
+    classes: list[str],
+    max_per_class: int,
+    seed: int,
+    where: str | Path,
+) -> LabelledTiles:
+    """At most ``max_per_class`` tiles per class (drawn with ``seed``) of ``per_slide``:
+    slide id -> (labelled tile rows, their class indices); ``classes`` names the indices
+    (empty: the indices themselves).
+
+    Raises:
+        LabelsError: one class only, or a class with fewer than 2 tiles.
+    """
     labels = np.concatenate([y for _, y in per_slide.values()])
     slides = np.concatenate([np.full(len(r), i) for i, (r, _) in enumerate(per_slide.values())])
     rows = np.concatenate([r for r, _ in per_slide.values()])
@@ -272,7 +308,7 @@ def load_tile_labels(task: TileLabelTask, max_per_class: int, seed: int) -> Labe
         )
     )
     names = classes or [str(c) for c in range(int(labels.max()) + 1)]
-    _check_classes(task.root, [names[c] for c in labels[picked]], "tile")
+    _check_classes(where, [names[c] for c in labels[picked]], "tile")
     ids = list(per_slide)
     return LabelledTiles(
         rows={sid: rows[picked][slides[picked] == i] for i, sid in enumerate(ids)},

@@ -116,7 +116,9 @@ def precision_at_k(
     """Precision@k of tile retrieval across slides (see the module docstring).
 
     Returns:
-        ``{"k", "queries", "precision", "macro_precision", "per_class"}``.
+        ``{"k", "queries", "precision", "macro_precision", "per_class", "per_slide"}``;
+        ``per_slide`` maps each labelled slide id to ``{"queries", "precision"}`` (its query
+        tiles and their mean precision), for intervals resampled over slides.
     """
     from wsi_ssl.storage import open_store
     from wsi_ssl.storage.embeddings import read_embeddings
@@ -127,6 +129,7 @@ def precision_at_k(
     unlabelled = [s.number for s in index.slides if s.slide_id not in labelled]
     rng = np.random.default_rng(seed)
     scores: dict[str, list[float]] = {}
+    per_slide: dict[str, dict[str, Any]] = {}
     for sid, label in labelled.items():
         entry = index.resolve_slide(sid)
         feats = np.asarray(read_embeddings(archive.slide(sid), index.encoder_id).features)
@@ -134,10 +137,13 @@ def precision_at_k(
         _, ids = index.search_vectors(
             feats[np.sort(rows)], k, exclude_slides=[entry.number, *unlabelled]
         )
+        mine = []
         for row in ids:
             slides, _ = decode_ids(row[row >= 0])
             got = [number_label[int(s)] == label for s in slides if int(s) in number_label]
-            scores.setdefault(str(label), []).append(float(np.mean(got)) if got else 0.0)
+            mine.append(float(np.mean(got)) if got else 0.0)
+        scores.setdefault(str(label), []).extend(mine)
+        per_slide[sid] = {"queries": len(mine), "precision": float(np.mean(mine))}
     flat = [v for vs in scores.values() for v in vs]
     per_class = {lab: float(np.mean(v)) for lab, v in sorted(scores.items())}
     return {
@@ -146,6 +152,7 @@ def precision_at_k(
         "precision": float(np.mean(flat)),
         "macro_precision": float(np.mean(list(per_class.values()))),
         "per_class": per_class,
+        "per_slide": per_slide,
     }
 
 
