@@ -26,6 +26,7 @@ from wsi_ssl.ssl.config import (
     PRECISIONS,
     PRESETS,
     SAMPLINGS,
+    STAIN_METHODS,
     PretrainConfig,
 )
 
@@ -71,12 +72,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-tissue", type=float, help="skip tiles with less tissue (0-1)")
     p.add_argument("--min-tile-std", type=float, help="skip flat tiles (grey std, 0-255)")
     p.add_argument("--curation", type=str, metavar="FILE", help="train on a curated selection")
+    p.add_argument(
+        "--skip-flagged-tiles",
+        action="store_true",
+        default=None,
+        help="leave out the tiles the store's QC flagged (blur, pen, little tissue, dark)",
+    )
+    p.add_argument(
+        "--stain-normalize",
+        choices=STAIN_METHODS,
+        metavar="METHOD",
+        help="normalise tile stains before augmentation: macenko, reinhard or vahadane",
+    )
+    p.add_argument(
+        "--stain-reference", metavar="IMAGE", help="reference image for --stain-normalize"
+    )
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, help="passes over the tiles (default 100)")
     length.add_argument("--steps", type=int, help="optimiser steps (overrides epochs)")
     p.add_argument("--batch-size", type=int, help="tiles per step per process (default 64)")
     p.add_argument(
-        "--lr", dest="base_lr", type=float, help="base learning rate per 256 tiles (default 5e-4)"
+        "--lr", dest="base_lr", metavar="LR", type=float, help="base learning rate per 256 tiles (default 5e-4)"
     )
     p.add_argument("--device", choices=DEVICES, help="auto (default), cpu or cuda")
     p.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 on a GPU, else fp32")

@@ -43,6 +43,7 @@ METHODS = tuple(RECIPES.names())  # the built-in methods (more may be registered
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SAMPLINGS = ("uniform", "balanced")
+STAIN_METHODS = ("macenko", "reinhard", "vahadane")  # wsi_ssl.stain.METHODS (which loads torch)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -169,6 +170,13 @@ class PretrainConfig:
             this (blank glass, out-of-focus smears).
         curation: a curation file from :func:`wsi_ssl.ssl.curation.curate`: train only on
             the tiles it selects.
+        skip_flagged_tiles: leave out the tiles the store's QC flagged (blur, pen, little
+            tissue, dark; :func:`wsi_ssl.tiling.qc.kept_tiles` with the thresholds the slide
+            was tiled with). A store tiled without QC keeps every tile.
+        stain_normalize: normalise each tile's stains before augmentation: "macenko",
+            "reinhard" or "vahadane" (:mod:`wsi_ssl.stain`; blank tiles pass unchanged);
+            None: off. Needs ``stain_reference``.
+        stain_reference: the reference image file the stains are mapped to.
     """
 
     arch: str = "vit_small_patch16"
@@ -251,6 +259,9 @@ class PretrainConfig:
     min_tissue: float = 0.0
     min_tile_std: float = 0.0
     curation: str | None = None
+    skip_flagged_tiles: bool = False
+    stain_normalize: str | None = None
+    stain_reference: str | None = None
 
     def __post_init__(self) -> None:
         # Tuples may arrive as lists (JSON, TOML): normalise before validating.
@@ -258,12 +269,19 @@ class PretrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
-        spec = get_spec(self.arch)
         _choice("method", self.method, tuple(RECIPES.names()))
         _positive_int(
             self, "out_dim", "hidden_dim", "bottleneck_dim", "batch_size", "n_local_crops"
         )
         _positive_int(self, "checkpoint_every", "keep_checkpoints", "log_every")
+        self._check_augmentations()
+        self._check_schedules()
+        self._check_runtime_fields()
+        self._check_recipe_fields()
+        self._check_data_fields()
+
+    def _check_augmentations(self) -> None:
+        spec = get_spec(self.arch)
         for name in ("global_crop_size", "local_crop_size"):
             size = getattr(self, name)
             if not isinstance(size, int) or size < 8 or size % (spec.patch_size or 1):
@@ -301,6 +319,8 @@ class PretrainConfig:
         _pair(self, "mean", 3)
         if any(not s > 0 for s in _pair(self, "std", 3)):
             raise ConfigError(f"std must be three positive numbers; got {self.std}")
+
+    def _check_schedules(self) -> None:
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise ConfigError(f"steps must be a positive integer or None; got {self.steps!r}")
         if not (math.isfinite(self.epochs) and self.epochs > 0):
@@ -323,6 +343,8 @@ class PretrainConfig:
         for name in ("warmup_teacher_temp", "teacher_temp", "student_temp"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0; got {getattr(self, name)}")
+
+    def _check_runtime_fields(self) -> None:
         _choice("sampling", self.sampling, SAMPLINGS)
         _choice("augment", self.augment, AUGMENTS)
         _choice("device", self.device, DEVICES)
@@ -337,7 +359,6 @@ class PretrainConfig:
             raise ConfigError(f"num_workers must be >= 0 or None; got {self.num_workers}")
         if self.precision == "fp16" and self.device == "cpu":
             raise ConfigError("precision 'fp16' needs CUDA; use 'bf16' or 'fp32' on the CPU")
-        self._check_recipe_fields()
 
     def _check_recipe_fields(self) -> None:
         _positive_int(self, "sinkhorn_iterations", "decoder_dim", "decoder_depth", "decoder_heads")
@@ -360,8 +381,6 @@ class PretrainConfig:
             raise ConfigError(f"layer_decay must be in (0, 1]; got {self.layer_decay}")
         if not isinstance(self.freeze_blocks, int) or self.freeze_blocks < 0:
             raise ConfigError(f"freeze_blocks must be an integer >= 0; got {self.freeze_blocks!r}")
-        if not 0 <= self.min_tile_std < 128:
-            raise ConfigError(f"min_tile_std must be in [0, 128); got {self.min_tile_std}")
         if self.init_weights is not None and self.init is None:
             raise ConfigError("init_weights needs init (the encoder the weights belong to)")
         if self.method in ("dinov2", "mae") and get_spec(self.arch).family not in ("vit", None):
@@ -371,6 +390,23 @@ class PretrainConfig:
                 f"method {self.method!r} masks image patches and needs a ViT backbone, but arch "
                 f"{self.arch!r} is a {get_spec(self.arch).family}; choose a vit_* arch (or an "
                 "init that is a ViT) or method='dino'"
+            )
+
+    def _check_data_fields(self) -> None:
+        if not 0 <= self.min_tile_std < 128:
+            raise ConfigError(f"min_tile_std must be in [0, 128); got {self.min_tile_std}")
+        if (self.stain_normalize is None) != (self.stain_reference is None):
+            raise ConfigError(
+                "stain_normalize and stain_reference go together: give both (a method and a "
+                f"reference image) or neither; got {self.stain_normalize!r}, "
+                f"{self.stain_reference!r}",
+                parameters=("stain_normalize", "stain_reference"),
+            )
+        if self.stain_normalize is not None and self.stain_normalize not in STAIN_METHODS:
+            raise ConfigError(
+                f"stain_normalize must be one of {', '.join(STAIN_METHODS)}; got "
+                f"{self.stain_normalize!r}",
+                parameters=("stain_normalize",),
             )
 
     # -- derived ---------------------------------------------------------------------------

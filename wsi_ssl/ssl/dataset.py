@@ -4,7 +4,9 @@
 per inner chunk, so a read decodes one JPEG). It holds only paths; each process opens its own
 array handles on first use, so it is safe in DataLoader worker processes. Items indexed by
 ``(index, seed)`` (:class:`~wsi_ssl.ssl.sampler.StepBatchSampler`) are augmented under that
-seed (:class:`seeded`), so a run is reproducible whatever the number of loader workers.
+seed (:class:`seeded`), so a run is reproducible whatever the number of loader workers. With a
+stain normaliser (:class:`wsi_ssl.stain.StainNormalizer`) every tile is mapped to the
+reference's stains as it is read, before any augmentation.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ class TileDataset(Dataset):
             :class:`~wsi_ssl.ssl.transforms.HistoDINOTransform`); None returns the tile as a
             uint8 tensor for :class:`~wsi_ssl.ssl.batch_augment.BatchDINOAugment`.
 
-    ``keep``: per store, the tile numbers to use (:func:`select_tiles`; None: all).
+    ``keep``: per store, the tile numbers to use (:func:`~wsi_ssl.ssl.selection.select_tiles`;
+    None: all). ``stain``: a :class:`~wsi_ssl.stain.StainNormalizer` applied to every tile
+    before the transform (None: tiles as stored).
     Items are indexed by an int or by ``(index, seed)`` as yielded by
     :class:`StepBatchSampler`: the seed then seeds ``random``, numpy and torch for the
     transform (their previous states are restored afterwards).
@@ -47,8 +51,10 @@ class TileDataset(Dataset):
         entries: Sequence[SlideEntry],
         transform: Callable | None = None,
         keep: Sequence[np.ndarray] | None = None,
+        stain: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.entries = list(entries)
+        self.stain = stain
         self.transform = transform
         self.keep = None if keep is None else [np.asarray(k, np.int64) for k in keep]
         sizes = (
@@ -97,6 +103,8 @@ class TileDataset(Dataset):
     def __getitem__(self, item: int | tuple[int, int]) -> Any:
         index, seed = item if isinstance(item, tuple) else (item, None)
         tile = self.read_tile(index)
+        if self.stain is not None:  # (3, T, T) uint8 in, uint8 out
+            tile = self.stain(torch.from_numpy(tile).permute(2, 0, 1)).permute(1, 2, 0).numpy()
         if self.transform is None:
             return torch.from_numpy(tile)
         if seed is None:

@@ -1,7 +1,8 @@
 """Which tiles of the stores a pretraining run trains on.
 
 :func:`select_tiles` keeps the tiles worth training on: enough tissue (the store's own
-``tissue_fraction``), enough grey-level variation (no blank glass or flat smears), and, with a
+``tissue_fraction``), enough grey-level variation (no blank glass or flat smears), not flagged
+by the store's QC (with ``skip_flagged``: :func:`wsi_ssl.tiling.qc.kept_tiles`), and, with a
 curation file (:mod:`wsi_ssl.ssl.curation`), only the curated ones.
 """
 
@@ -26,14 +27,16 @@ def select_tiles(
     min_tissue: float = 0.0,
     min_tile_std: float = 0.0,
     curation: str | Path | None = None,
+    skip_flagged: bool = False,
 ) -> list[np.ndarray] | None:
     """Per store, the tile numbers to train on (None: all of them).
 
     A tile is kept when its stored tissue fraction is at least ``min_tissue``, the standard
     deviation of its grey levels (0-255) at least ``min_tile_std`` (read once per run), and the
-    curation file, if any, selects it. Raises ``ConfigError`` when nothing is left.
+    curation file, if any, selects it; with ``skip_flagged``, QC must not have flagged it.
+    Raises ``ConfigError`` when nothing is left.
     """
-    if min_tissue <= 0 and min_tile_std <= 0 and curation is None:
+    if min_tissue <= 0 and min_tile_std <= 0 and curation is None and not skip_flagged:
         return None
     chosen = None
     if curation is not None:
@@ -43,6 +46,10 @@ def select_tiles(
     keep: list[np.ndarray] = []
     for i, e in enumerate(entries):
         tiles = np.arange(e.n_tiles) if chosen is None else chosen[i]
+        if skip_flagged:
+            from wsi_ssl.tiling.qc import kept_tiles
+
+            tiles = tiles[kept_tiles(open_store(e.root).slide(e.slide_id))[tiles]]
         if min_tissue > 0:
             fraction = np.asarray(open_store(e.root).slide(e.slide_id).tissue_fraction)
             tiles = tiles[fraction[tiles] >= min_tissue]
@@ -55,8 +62,10 @@ def select_tiles(
         raise ConfigError(
             f"no tile of {len(entries)} stores passes min_tissue={min_tissue}, "
             f"min_tile_std={min_tile_std}"
+            + (", skip_flagged_tiles=True" if skip_flagged else "")
             + (f" and curation {curation}" if curation else "")
-            + "; lower the thresholds"
+            + "; lower the thresholds",
+            parameters=("min_tissue", "min_tile_std", "skip_flagged_tiles"),
         )
     return keep
 

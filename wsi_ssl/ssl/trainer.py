@@ -15,6 +15,7 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +115,8 @@ class Trainer:
 
     # -- setup -----------------------------------------------------------------------------
     def _read_sources(self, roots: list[str | Path]) -> None:
-        """The stores (:attr:`entries`), the tiles kept of each (:attr:`keep`) and their
-        description (:attr:`sources`)."""
+        """The stores (:attr:`entries`), the tiles kept of each (:attr:`keep`), their
+        description (:attr:`sources`) and the stain normaliser (:attr:`stain`, None: off)."""
         c = self.config
         self.entries = scan_stores(
             roots,
@@ -130,8 +131,14 @@ class Trainer:
             min_tissue=c.min_tissue,
             min_tile_std=c.min_tile_std,
             curation=c.curation,
+            skip_flagged=c.skip_flagged_tiles,
         )
         self.sources = describe_sources(self.entries, self.keep)
+        self.stain: Callable[[torch.Tensor], torch.Tensor] | None = None
+        if c.stain_normalize is not None and c.stain_reference is not None:
+            from wsi_ssl.stain import StainNormalizer
+
+            self.stain = StainNormalizer(c.stain_normalize, c.stain_reference)
 
     def build(self) -> None:
         c = self.config
@@ -207,7 +214,7 @@ class Trainer:
     def loader(self) -> DataLoader:
         c = self.config
         transform = HistoDINOTransform(c) if self.augment_mode == "loader" else None
-        dataset = TileDataset(self.entries, transform=transform, keep=self.keep)
+        dataset = TileDataset(self.entries, transform=transform, keep=self.keep, stain=self.stain)
         sampler = StepBatchSampler(
             dataset.slide_sizes,
             batch_size=c.batch_size,

@@ -1,0 +1,148 @@
+"""Pretraining data that fits histology: QC-flagged tiles left out and stains normalised, on
+real H&E tiles (CMU-1-Small-Region tiled at 64 px, whose QC flags some tiles) and a real H&E
+reference patch; through the Python API and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import wsi_ssl
+from tests.conftest import run_cli
+from wsi_ssl.errors import ConfigError, StainNormalizationError
+from wsi_ssl.ssl import PretrainConfig, pretrain
+from wsi_ssl.ssl.dataset import TileDataset
+from wsi_ssl.ssl.selection import select_tiles
+from wsi_ssl.ssl.stores import scan_stores
+from wsi_ssl.stain import StainNormalizer, normalize_array, rgb_to_lab
+from wsi_ssl.storage import open_store
+from wsi_ssl.tiling.qc import kept_tiles
+
+pytestmark = pytest.mark.slow  # tiles a real slide and trains a few steps
+
+REFERENCE = "tissue-level0-4302-10273-4814-10785.png"
+TINY = [
+    "--preset", "cpu-small", "--arch", "resnet18_tiny", "--global-crop-size", "32",
+    "--local-crop-size", "16", "--out-dim", "64", "--batch-size", "8", "--steps", "2",
+    "--device", "cpu", "--num-workers", "0", "--quiet",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cmu_root(cmu_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cmu_qc")
+    wsi_ssl.tile_slide(cmu_small, root, wsi_ssl.TilingConfig(tile_size=64, tiles_per_chunk=32))
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(patches_dir: Path) -> Path:
+    return patches_dir / REFERENCE
+
+
+def _tiny(**changes: object) -> PretrainConfig:
+    base = {
+        "arch": "resnet18_tiny",
+        "global_crop_size": 32,
+        "local_crop_size": 16,
+        "out_dim": 64,
+        "batch_size": 8,
+        "steps": 2,
+        "device": "cpu",
+        "num_workers": 0,
+        "progress": False,
+    }
+    return PretrainConfig.preset("cpu-small", **{**base, **changes})
+
+
+def test_qc_flagged_tiles_are_left_out(cmu_root: Path, tmp_path: Path) -> None:
+    entries = scan_stores(cmu_root)
+    store = open_store(entries[0].root).slide(entries[0].slide_id)
+    ok = kept_tiles(store)
+    assert 0 < int((~ok).sum()) < len(ok)  # the real slide has flagged tiles
+    focus, flagged = store.qc()["focus"], np.flatnonzero(~ok)
+    keep = select_tiles(entries, skip_flagged=True)
+    assert keep is not None and keep[0].tolist() == np.flatnonzero(ok).tolist()
+    assert (focus[keep[0]] >= store.tiling["qc_min_focus"]).all()
+    dataset = TileDataset(entries, keep=keep)
+    assert len(dataset) == int(ok.sum())
+    assert all(dataset.locate(i)[1] not in set(flagged.tolist()) for i in range(len(dataset)))
+    run = pretrain(cmu_root, _tiny(skip_flagged_tiles=True), out=tmp_path / "run")
+    assert run.sources["n_selected"] == int(ok.sum()) < run.sources["n_tiles"]
+    # combined with another filter, still only unflagged tiles
+    both = select_tiles(entries, min_tile_std=5.0, skip_flagged=True)
+    assert both is not None and set(both[0].tolist()) <= set(keep[0].tolist())
+
+
+def test_stains_are_normalised_before_augmentation(cmu_root: Path, reference: Path) -> None:
+    entries = scan_stores(cmu_root)
+    normalizer = StainNormalizer("reinhard", reference)
+    plain = TileDataset(entries)
+    normed = TileDataset(entries, stain=normalizer)
+    index = int(np.argmax([plain.read_tile(i).std() for i in range(0, len(plain), 25)])) * 25
+    tile, out = plain[index].numpy(), normed[index].numpy()
+    assert out.dtype == np.uint8 and out.shape == tile.shape
+    np.testing.assert_array_equal(out, normalize_array(tile, "reinhard", reference))
+    with Image.open(reference) as im:
+        ref = np.asarray(im.convert("RGB"))
+
+    def lab_mean(rgb: np.ndarray) -> np.ndarray:
+        return (
+            rgb_to_lab(torch.from_numpy(np.array(rgb)).double() / 255)
+            .reshape(-1, 3)
+            .mean(0)
+            .numpy()
+        )
+
+    # Reinhard matches each Lab channel's mean to the reference's
+    before = np.abs(lab_mean(tile) - lab_mean(ref)).max()
+    after = np.abs(lab_mean(out) - lab_mean(ref)).max()
+    assert after < 1.5 < before
+
+
+def test_pretrain_with_stain_normalisation_through_the_api_and_cli(
+    cmu_root: Path, reference: Path, tmp_path: Path
+) -> None:
+    run = pretrain(
+        cmu_root,
+        _tiny(stain_normalize="macenko", stain_reference=str(reference)),
+        out=tmp_path / "api",
+    )
+    assert run.step == 2 and run.final_loss is not None and np.isfinite(run.final_loss)
+    code, out, _ = run_cli(
+        ["pretrain", str(cmu_root), "--out", str(tmp_path / "cli"), *TINY, "--json",
+         "--stain-normalize", "reinhard", "--stain-reference", str(reference),
+         "--skip-flagged-tiles"]
+    )  # fmt: skip
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["config"]["stain_normalize"] == "reinhard"
+    assert summary["config"]["stain_reference"] == str(reference)
+    assert summary["config"]["skip_flagged_tiles"] is True and summary["step"] == 2
+
+
+def test_bad_stain_settings_are_refused_before_anything_is_written(
+    cmu_root: Path, patches_dir: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match="stain_normalize and stain_reference go together"):
+        _tiny(stain_normalize="macenko")
+    blank = patches_dir / "almost-white-1.png"
+    with pytest.raises(StainNormalizationError):
+        pretrain(
+            cmu_root,
+            _tiny(stain_normalize="macenko", stain_reference=str(blank)),
+            out=tmp_path / "blank",
+        )
+    assert not (tmp_path / "blank").exists()
+    code, _, err = run_cli(
+        ["pretrain", str(cmu_root), "--out", str(tmp_path / "x"), *TINY,
+         "--stain-normalize", "macenko"]
+    )  # fmt: skip
+    assert code == 2 and err.count("\n") == 1
+    assert "stain_reference" in err and "--stain-reference" in err  # the CLI's flag hint
+    assert not (tmp_path / "x").exists()
