@@ -22,7 +22,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", metavar="SLIDE_OR_DIR")
     p.add_argument("--out", required=True, type=Path, help="archive root")
     p.add_argument("--config", type=Path, help="TOML file of TilingConfig values (flags win)")
-    p.add_argument("--mpp", type=float, help="target microns per pixel (default 0.5)")
+    p.add_argument(
+        "--mpp",
+        type=mpp_list,
+        metavar="MPP[,MPP...]",
+        help="target microns per pixel (default 0.5); several (0.5,1.0) write one archive per "
+        "scale under --out (mpp-0.5/, mpp-1/), reading each slide once",
+    )
     p.add_argument("--tile-size", type=int, help="tile edge in pixels (default 256)")
     p.add_argument("--overlap", type=int, help="overlap in pixels (default 0)")
     p.add_argument("--tissue-threshold", type=float, help="minimum tissue fraction (default 0.1)")
@@ -77,12 +83,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_info)
 
 
-def tiling_config(args: argparse.Namespace) -> TilingConfig:
-    """TOML values overlaid with the flags that were given."""
+def mpp_list(text: str) -> tuple[float, ...]:
+    """``0.5`` or ``0.5,1.0``: one or more target scales."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas, got {text!r}"
+        ) from err
+    return values
+
+
+def tiling_config(args: argparse.Namespace) -> tuple[TilingConfig, tuple[float, ...] | None]:
+    """TOML values overlaid with the flags that were given, and the scales when ``--mpp``
+    names several."""
     values = read_toml_config(args.config, TilingConfig)
-    names = {f.name for f in fields(TilingConfig)}
+    names = {f.name for f in fields(TilingConfig)} - {"mpp"}
     values.update({n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
-    return TilingConfig(**values)
+    mpps = getattr(args, "mpp", None)
+    if mpps:
+        values["mpp"] = mpps[0]
+    return TilingConfig(**values), (mpps if mpps and len(mpps) > 1 else None)
 
 
 def read_mpp_csv(path: Path) -> dict[str, float]:
@@ -102,7 +123,7 @@ def read_mpp_csv(path: Path) -> dict[str, float]:
 def run_tile(args: argparse.Namespace) -> int:
     from wsi_ssl.tiling.batch import tile_slides
 
-    config = tiling_config(args)
+    config, mpps = tiling_config(args)
     overrides = read_mpp_csv(args.mpp_csv) if args.mpp_csv else None
     rois = tile_roi.read_roi_csv(args.roi_csv) if args.roi_csv else None
     from wsi_ssl.tiling.extract import LOCAL_SCHEDULERS
@@ -123,6 +144,7 @@ def run_tile(args: argparse.Namespace) -> int:
             args.inputs,
             args.out,
             config,
+            mpps=mpps,
             mpp_overrides=overrides,
             rois=rois,
             scheduler=client or args.scheduler,
@@ -138,21 +160,10 @@ def run_tile(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
-        for r in summary.results:
-            line = f"{r.status:>8}  {r.n_tiles:>7} tiles  {r.seconds:6.1f}s  {r.path}"
-            print(line if r.error is None else f"{line}\n          {r.error_type}: {r.error}")
-            if r.kept_embeddings:
-                print(f"          embeddings kept (same tiles): {', '.join(r.kept_embeddings)}")
-            if r.discarded_embeddings:
-                print(f"          embeddings discarded: {', '.join(r.discarded_embeddings)}")
-        d = summary.to_dict()
-        print(
-            f"{d['complete']} tiled, {d['skipped']} already complete, {d['busy']} busy, "
-            f"{d['failed']} failed; {d['tiles']} tiles in {args.out}"
-        )
-    for r in summary.failed:
-        print(f"wsi-ssl: error: {r.error}", file=sys.stderr)
-    return 1 if summary.failed else 0
+        print("\n".join(summary.lines(args.error_hint)))
+    for o in summary.failed:
+        print(f"wsi-ssl: error: {o.error}{args.error_hint(o.exception)}", file=sys.stderr)
+    return summary.exit_code
 
 
 def run_info(args: argparse.Namespace) -> int:

@@ -236,7 +236,7 @@ def test_roi_restricted_tiling_of_a_real_slide(cmu_small: Path, tmp_path: Path) 
     roi = _cmu_geojson(tmp_path)
     config = TilingConfig(codec="zstd", roi=str(roi), roi_exclude=("Artefact",))
     result = tile_slide(cmu_small, tmp_path / "root", config)
-    store = Archive(tmp_path / "root").slide(result.slide_id)
+    store = Archive(tmp_path / "root").slide(result.details["slide_id"])
     full = tile_slide(cmu_small, tmp_path / "full", TilingConfig(codec="zstd"))
     assert 0 < store.n_tiles < full.n_tiles
     side = store.tiling["tile_size_level0"]

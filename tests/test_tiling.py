@@ -123,7 +123,7 @@ def test_plot_tiles_draws_tiles(cmu_root: Path, tmp_path: Path) -> None:
 def test_edge_tiles_are_padded_white(tmp_path: Path, synth: Path) -> None:
     config = TilingConfig(codec="zstd", tissue_threshold=0.0)
     result = tile_slide(synth, tmp_path, config)
-    store = open_store(tmp_path).slide(result.slide_id)  # type: ignore[arg-type]
+    store = open_store(tmp_path).slide(result.details["slide_id"])
     assert store.n_tiles == 8 * 6  # ceil(2000/256) x ceil(1500/256), nothing dropped
     coords = store.coords
     last = int(np.argmax(coords[:, 0] + coords[:, 1] * 10_000))
@@ -139,7 +139,7 @@ def test_resampled_scale(tmp_path: Path, synth: Path) -> None:
         grid = TileGrid.for_slide(reader, reader.require_mpp(), config)
         assert reader.level_downsamples[grid.level] <= 2.0 * 1.02
     result = tile_slide(synth, tmp_path, config)
-    store = open_store(tmp_path).slide(result.slide_id)  # type: ignore[arg-type]
+    store = open_store(tmp_path).slide(result.details["slide_id"])
     assert store.n_tiles == 8 * 6
     assert store.tiling["tile_size_level0"] == pytest.approx(256)
     with open_slide(synth) as reader:
@@ -172,7 +172,7 @@ def test_non_integer_downsamples_boxes(tmp_path: Path, slides_dir: Path) -> None
         mpp=4.0, tile_size=16, mpp_override=1.0, tissue_threshold=0.0, codec="zstd"
     )
     result = tile_slide(boxes, tmp_path, config)
-    store = open_store(tmp_path).slide(result.slide_id)  # type: ignore[arg-type]
+    store = open_store(tmp_path).slide(result.details["slide_id"])
     assert store.source["mpp_source"] == "override"
     assert store.tiling["level"] == 2
     assert store.tiling["level_downsample"] == pytest.approx(4.016, abs=1e-3)
@@ -184,7 +184,7 @@ def test_slide_smaller_than_a_tile(tmp_path: Path, slides_dir: Path) -> None:
     result = tile_slide(
         slides_dir / "small.svs", tmp_path, TilingConfig(tissue_threshold=0.0, codec="zstd")
     )
-    store = open_store(tmp_path).slide(result.slide_id)  # type: ignore[arg-type]
+    store = open_store(tmp_path).slide(result.details["slide_id"])
     assert store.n_tiles == 1
     tile = store.tiles[0]
     assert (tile[16:, :] == 255).all() and (tile[:, 16:] == 255).all()
@@ -197,7 +197,7 @@ def test_generated_slide_smaller_than_a_tile(tmp_path: Path) -> None:
     slide = write_synthetic_slide(tmp_path / "tiny.tiff", (200, 150), seed=4, n_levels=1)
     config = TilingConfig(tissue_threshold=0.0)
     result = tile_slide(slide, tmp_path / "root", config)
-    store = open_store(tmp_path / "root").slide(result.slide_id)  # type: ignore[arg-type]
+    store = open_store(tmp_path / "root").slide(result.details["slide_id"])
     assert store.n_tiles == 1 and store.coords.tolist() == [[0, 0]]
     tile = store.tiles[0].astype(int)
     assert (tile[150:, :] >= 250).all() and (tile[:, 200:] >= 250).all()  # white (JPEG)
@@ -210,7 +210,7 @@ def test_qptiff_falls_back_to_tiffslide(tmp_path: Path, slides_dir: Path) -> Non
     result = tile_slide(
         slides_dir / "small_vectra.qptiff", tmp_path, TilingConfig(tissue_threshold=0.0)
     )
-    store = open_store(tmp_path).slide(result.slide_id)  # type: ignore[arg-type]
+    store = open_store(tmp_path).slide(result.details["slide_id"])
     assert store.source["reader"] == "tiffslide"
     assert store.n_tiles == 8 * 6
 
@@ -233,7 +233,7 @@ def test_huge_slide_with_tiny_tissue(tmp_path: Path) -> None:
     """A 20k x 20k slide (1.2 GB of pixels) whose tissue is a small blob: only tissue is read."""
     path = write_synthetic_slide(tmp_path / "huge.tiff", (20_000, 20_000), seed=1)
     result = tile_slide(path, tmp_path / "root", TilingConfig())
-    store = open_store(tmp_path / "root").slide(result.slide_id)  # type: ignore[arg-type]
+    store = open_store(tmp_path / "root").slide(result.details["slide_id"])
     grid_cells = int(np.ceil(20_000 / 256)) ** 2
     assert 0 < store.n_tiles < grid_cells / 4
     assert store.thumbnail.shape[:2] == (1250, 1250)
@@ -247,10 +247,10 @@ def test_resume_skips_complete_and_redoes_changed(tmp_path: Path, synth: Path) -
     changed = tile_slide(synth, tmp_path, TilingConfig(tissue_threshold=0.6))
     assert changed.status == "complete" and changed.n_tiles < first.n_tiles
     # an interrupted store (status "writing") is redone, never taken as complete
-    store = SlideStore.open(open_store(tmp_path).store_path(first.slide_id), mode="r+")  # type: ignore[arg-type]
+    store = SlideStore.open(open_store(tmp_path).store_path(first.details["slide_id"]), mode="r+")  # type: ignore[arg-type]
     store.group.attrs["status"] = "writing"
     with pytest.raises(StoreIncompleteError):
-        open_store(tmp_path).slide(first.slide_id)  # type: ignore[arg-type]
+        open_store(tmp_path).slide(first.details["slide_id"])
     redo = tile_slide(synth, tmp_path, TilingConfig(tissue_threshold=0.6))
     assert redo.status == "complete"
 
@@ -264,7 +264,7 @@ def test_batch_isolates_failures_and_cli_reports(
     assert code == 1
     summary = json.loads(captured.out)
     assert summary["complete"] == 1 and summary["failed"] == 3
-    by_name = {Path(s["path"]).name: s for s in summary["slides"]}
+    by_name = {Path(s["slide"]).name: s for s in summary["slides"]}
     assert by_name["not-a-tiff.svs"]["error_type"] == UnsupportedSlideError.__name__
     assert by_name["unreadable.svs"]["error_type"] == CorruptSlideError.__name__
     assert by_name["unopenable.tiff"]["error_type"] == CorruptSlideError.__name__
@@ -320,8 +320,8 @@ def test_distributed_cluster_matches_threads(tmp_path: Path, synth: Path) -> Non
         Client(cluster) as client,
     ):
         remote = tile_slide(synth, tmp_path / "cluster", LOSSLESS, scheduler=client)
-    a = open_store(tmp_path / "threads").slide(local.slide_id)  # type: ignore[arg-type]
-    b = open_store(tmp_path / "cluster").slide(remote.slide_id)  # type: ignore[arg-type]
+    a = open_store(tmp_path / "threads").slide(local.details["slide_id"])
+    b = open_store(tmp_path / "cluster").slide(remote.details["slide_id"])
     np.testing.assert_array_equal(a.tiles[:], b.tiles[:])
     np.testing.assert_array_equal(a.coords, b.coords)
 
@@ -371,7 +371,9 @@ def test_killed_job_resumes_to_identical_store(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "wsi_ssl.cli.main", "tile", str(path), "--out", str(root), *args]
     )
-    store_json = root / "slides" / f"{reference.slide_id}.zarr.new" / "zarr.json"  # beside
+    store_json = (
+        root / "slides" / f"{reference.details['slide_id']}.zarr.new" / "zarr.json"
+    )  # beside
     shard_dir = store_json.parent / "tiles" / "c"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (
@@ -381,11 +383,11 @@ def test_killed_job_resumes_to_identical_store(tmp_path: Path) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert json.loads(store_json.read_text())["attributes"]["status"] == "writing"
-    assert not (root / "slides" / f"{reference.slide_id}.zarr").exists()
+    assert not (root / "slides" / f"{reference.details['slide_id']}.zarr").exists()
     assert open_store(root).slide_ids == []
     assert cli_main(["tile", str(path), "--out", str(root), *args]) == 0
-    a = open_store(tmp_path / "ref").slide(reference.slide_id)  # type: ignore[arg-type]
-    b = open_store(root).slide(reference.slide_id)  # type: ignore[arg-type]
+    a = open_store(tmp_path / "ref").slide(reference.details["slide_id"])
+    b = open_store(root).slide(reference.details["slide_id"])
     np.testing.assert_array_equal(a.tiles[:], b.tiles[:])
     np.testing.assert_array_equal(a.coords, b.coords)
     np.testing.assert_array_equal(a.tissue_mask, b.tissue_mask)
@@ -433,12 +435,12 @@ def test_aligned_tiles_are_decoded_from_the_file_and_match_read_region(synth: Pa
 def test_jpeg_store_keeps_the_scanners_jpeg_streams(synth: Path, tmp_path: Path) -> None:
     config = TilingConfig(codec="jpeg", tissue_threshold=0.0)
     result = tile_slide(synth, tmp_path, config)
-    store = open_store(tmp_path).slide(result.slide_id)  # type: ignore[arg-type]
+    store = open_store(tmp_path).slide(result.details["slide_id"])
     with open_slide(synth, backend="tiffslide") as reader:
         stored = reader.stored_tiles(0)
         assert stored is not None
         shard = (
-            tmp_path / "slides" / f"{result.slide_id}.zarr" / "tiles" / "c/0/0/0/0"
+            tmp_path / "slides" / f"{result.details['slide_id']}.zarr" / "tiles" / "c/0/0/0/0"
         ).read_bytes()
         first = stored.jpeg(0, 0)
         assert shard.startswith(first)  # tile (0, 0) stored byte for byte
@@ -481,7 +483,7 @@ def test_corrupt_stored_tile_is_a_corrupt_slide_error(tmp_path: Path) -> None:
     summary = tile_slides(
         [slide], tmp_path / "out", TilingConfig(tissue_threshold=0.0), progress=False
     )
-    assert summary.results[0].error_type == "CorruptSlideError"
+    assert summary.outcomes[0].error_type == "CorruptSlideError"
     assert not list((tmp_path / "out" / "slides").glob("*.zarr"))
 
 
@@ -493,10 +495,12 @@ def test_public_api_is_lazy() -> None:
 
 def test_tile_slides_api(tmp_path: Path, synth: Path) -> None:
     summary = wsi_ssl.tile_slides([synth, tmp_path / "missing.svs"], tmp_path, progress=False)
-    assert [r.status for r in summary.results] == ["complete", "failed"]
-    assert summary.results[1].error_type == "SlideNotFoundError"
+    assert [r.status for r in summary.outcomes] == ["complete", "failed"]
+    assert summary.outcomes[1].error_type == "SlideNotFoundError"
     assert (
-        zarr.open_group(tmp_path / "slides" / f"{summary.results[0].slide_id}.zarr").attrs["status"]
+        zarr.open_group(
+            tmp_path / "slides" / f"{summary.outcomes[0].details['slide_id']}.zarr"
+        ).attrs["status"]
         == "complete"
     )
 
@@ -524,7 +528,7 @@ def test_full_disk_is_a_typed_error_and_leaves_nothing(tiny_disk: Path, tmp_path
     summary = tile_slides(
         [slide], tiny_disk, TilingConfig(codec="zstd", tissue_threshold=0.0), progress=False
     )
-    assert summary.results[0].error_type == "DiskFullError"
+    assert summary.outcomes[0].error_type == "DiskFullError"
 
 
 def test_cli_parser_loads_no_heavy_library() -> None:
@@ -589,10 +593,10 @@ def test_malformed_slides_fail_alone_whatever_breaks(tmp_path: Path) -> None:
         path.write_bytes(bytes(data))
         bad.append(path)
     summary = tile_slides([*bad, good], tmp_path / "out", TilingConfig(), progress=False)
-    results = {Path(r.path).name: r for r in summary.results}
+    results = {Path(r.slide).name: r for r in summary.outcomes}
     assert results["z-good.tiff"].status == "complete"
-    failed = [r for r in summary.results if r.status == "failed"]
-    assert failed and all(str(Path(r.path).name) in (r.error or "") for r in failed)
+    failed = [r for r in summary.outcomes if r.status == "failed"]
+    assert failed and all(str(Path(r.slide).name) in (r.error or "") for r in failed)
     for path in bad:
         code, _, err = run_cli(["info", str(path)])
         assert code in (0, 2)
@@ -602,7 +606,17 @@ def test_malformed_slides_fail_alone_whatever_breaks(tmp_path: Path) -> None:
 def test_resume_redoes_a_store_with_a_missing_shard(tmp_path: Path, synth: Path) -> None:
     config = TilingConfig(tiles_per_chunk=4)
     first = tile_slide(synth, tmp_path, config)
-    shard = tmp_path / "slides" / f"{first.slide_id}.zarr" / "tiles" / "c" / "1" / "0" / "0" / "0"
+    shard = (
+        tmp_path
+        / "slides"
+        / f"{first.details['slide_id']}.zarr"
+        / "tiles"
+        / "c"
+        / "1"
+        / "0"
+        / "0"
+        / "0"
+    )
     shard.unlink()
     again = tile_slide(synth, tmp_path, config)
     assert again.status == "complete" and shard.is_file()

@@ -57,15 +57,17 @@ def write_single_level_tiff(path: Path, size: int, tile: int = 512) -> Path:
 
 
 def test_tile_size_over_the_limit_names_the_parameter() -> None:
-    with pytest.raises(ConfigError, match=r"tile_size 8192 is over max_tile_size=4096.*--max"):
+    with pytest.raises(ConfigError, match=r"tile_size 8192 is over max_tile_size=4096.*raise max"):
         TilingConfig(tile_size=8192)
     assert TilingConfig(tile_size=8192, max_tile_size=8192).tile_size == 8192
     assert "max_tile_size" not in TilingConfig().output_key()  # limits never change tiles
 
 
 def test_upsampling_beyond_2x_is_refused_unless_allowed(tmp_path: Path, small: Path) -> None:
-    with pytest.raises(ConfigError, match=r"enlarges .* 250x.*allow_upsampling=True"):
+    with pytest.raises(ConfigError, match=r"enlarges .* 250x.*allow_upsampling=True") as info:
         tile_slide(small, tmp_path / "a", TilingConfig(mpp=0.002))
+    assert "--" not in str(info.value)  # the API's words; the CLI adds its flags
+    assert info.value.parameters == ("mpp", "allow_upsampling")
     assert not (tmp_path / "a" / "slides").exists() or not any(
         (tmp_path / "a" / "slides").iterdir()
     )
@@ -84,12 +86,14 @@ def test_plans_over_max_tiles_are_refused(tmp_path: Path, small: Path) -> None:
 def test_cli_refuses_with_one_line_and_the_flags_allow(tmp_path: Path, small: Path) -> None:
     out = str(tmp_path / "out")
     code, _, err = run_cli(["tile", str(small), "--out", out, "--mpp", "0.002", "--quiet"])
-    assert code == 1 and "allow_upsampling=True (--allow-upsampling)" in err
+    assert code == 1 and "allow_upsampling=True to invent" in err
+    assert err.rstrip().endswith("(command line: --mpp, --allow-upsampling)")
     code, _, err = run_cli(["tile", str(small), "--out", out, "--tile-size", "5000"])
     assert code == 2 and err.count("\n") == 1 and "--max-tile-size" in err
     args = ["tile", str(small), "--out", out, "--quiet", "--tissue-threshold", "0"]
     code, _, err = run_cli([*args, "--tile-size", "16", "--max-tiles", "100"])
     assert code == 1 and "max_tiles=100" in err
+    assert err.rstrip().endswith("(command line: --mpp, --tile-size, --max-tiles)")
     code, _, _ = run_cli([*args, "--mpp", "0.2", "--allow-upsampling"])
     assert code == 0
 
@@ -158,7 +162,7 @@ def test_block_thumbnail_matches_the_whole_level_read(
 # parent (pytest) across fork and exec
 _MEASURE = """
 import json, re, sys
-from wsi_ssl.tiling.batch import open_for_tiling, thumbnail_and_mask
+from wsi_ssl.tiling.source import open_for_tiling, thumbnail_and_mask
 def peak_kib():
     with open("/proc/self/status") as f:
         return int(re.search(r"VmHWM:\\s+(\\d+) kB", f.read()).group(1))

@@ -52,7 +52,7 @@ def _embed(root: Path, slide_id: str, encoder_id: str = "enc-a") -> np.ndarray:
 def embedded(tmp_path: Path, slide: Path) -> tuple[Path, str, np.ndarray, np.ndarray]:
     """An archive whose one store is complete and has embeddings: (root, id, tiles, vectors)."""
     root = tmp_path / "archive"
-    slide_id = tile_slide(slide, root, CONFIG).slide_id
+    slide_id = tile_slide(slide, root, CONFIG).details["slide_id"]
     assert slide_id is not None
     vectors = _embed(root, slide_id)
     return root, slide_id, open_store(root).slide(slide_id).tiles[:], vectors
@@ -86,7 +86,7 @@ def test_retile_with_the_same_tiles_keeps_the_embeddings(
     # a changed setting that does not change the tiles (thumbnail scale) keeps them too
     config = TilingConfig(tissue_threshold=0.0, tiles_per_chunk=4, thumbnail_mpp=16.0)
     again = tile_slide(slide, root, config)
-    assert again.status == "complete" and again.kept_embeddings == ["enc-a"]
+    assert again.status == "complete" and again.details["kept_embeddings"] == ["enc-a"]
     _assert_intact(root, slide_id, tiles, vectors)
     assert not staging_path(open_store(root).store_path(slide_id)).exists()
 
@@ -190,12 +190,12 @@ def test_full_disk_while_writing_beside_keeps_the_old_store(
     slide = write_synthetic_slide(tmp_path / "s.tiff", (2560, 1920), seed=9)
     config = TilingConfig(tissue_threshold=0.0)
     first = tile_slide(slide, tiny_disk, config)
-    assert first.slide_id is not None
-    vectors = _embed(tiny_disk, first.slide_id)
-    tiles = open_store(tiny_disk).slide(first.slide_id).tiles[:]
+    assert first.details["slide_id"] is not None
+    vectors = _embed(tiny_disk, first.details["slide_id"])
+    tiles = open_store(tiny_disk).slide(first.details["slide_id"]).tiles[:]
     summary = tile_slides([slide], tiny_disk, config, resume=False, progress=False)
-    assert summary.results[0].error_type == "DiskFullError"
-    _assert_intact(tiny_disk, first.slide_id, tiles, vectors)
+    assert summary.outcomes[0].error_type == "DiskFullError"
+    _assert_intact(tiny_disk, first.details["slide_id"], tiles, vectors)
 
 
 @pytest.mark.faults
@@ -216,9 +216,11 @@ def test_two_tile_jobs_on_one_slide_never_write_together(tmp_path: Path, slide: 
         code, out, err = run_cli(["tile", str(slide), "--out", str(root), *FLAGS])
         assert code == 0 and err == ""
         assert f"being written by pid {a.pid} on {host_name()}" in out
-        assert "0 tiled, 0 already complete, 1 busy, 0 failed" in out
+        assert "0 tiled, 0 already complete, 1 busy (another job is writing them), 0 failed" in out
         assert "QuPath" not in out and "malformed" not in out
-        slide_id = tile_slides([slide], root, CONFIG, progress=False).results[0].slide_id
+        slide_id = (
+            tile_slides([slide], root, CONFIG, progress=False).outcomes[0].details["slide_id"]
+        )
         assert slide_id is not None and open_store(root).slide_ids == []
     finally:
         a.send_signal(signal.SIGCONT)
@@ -233,7 +235,7 @@ def test_second_writer_waits_for_the_lock_or_gets_a_typed_error(
 ) -> None:
     root = tmp_path / "archive"
     first = tile_slide(slide, root, CONFIG)
-    assert first.slide_id is not None
+    assert first.details["slide_id"] is not None
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -242,7 +244,7 @@ def test_second_writer_waits_for_the_lock_or_gets_a_typed_error(
             "with slide_lock(sys.argv[1], sys.argv[2]):\n"
             "    print('held', flush=True); time.sleep(float(sys.argv[3]))",
             str(root),
-            first.slide_id,
+            first.details["slide_id"],
             "3",
         ],
         stdout=subprocess.PIPE,
@@ -254,7 +256,7 @@ def test_second_writer_waits_for_the_lock_or_gets_a_typed_error(
     waited = tile_slide(slide, root, CONFIG, lock_wait=60)  # waits, then finds it complete
     assert waited.status == "skipped"
     holder.wait()
-    with slide_lock(root, first.slide_id):  # released by both
+    with slide_lock(root, first.details["slide_id"]):  # released by both
         pass
     assert (
         json.loads(json.dumps(tile_slides([slide], root, CONFIG, progress=False).to_dict()))[

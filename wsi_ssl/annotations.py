@@ -245,6 +245,7 @@ def roi_region(
             path,
             f"no annotation class {', '.join(map(repr, unknown))} (roi_include/roi_exclude); "
             f"the file holds {', '.join(map(repr, rasters))}",
+            parameters=("roi_include", "roi_exclude"),
         )
     shape = next(iter(rasters.values())).shape
     chosen = list(include) or [c for c in rasters if c not in exclude]
@@ -355,5 +356,6 @@ def restrict_to_roi(
             f"no tissue tile has {config.roi_min_fraction:.0%} of its area in the region "
             f"(classes {', '.join(labels.classes)}); check the file belongs to this slide and "
             "is in level-0 pixels, or lower roi_min_fraction",
+            parameters=("roi", "roi_min_fraction"),
         )
     return inside, labels

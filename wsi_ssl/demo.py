@@ -89,17 +89,17 @@ def run_demo(
     say("== tile")
     summary = tile_slides(result.slides, root, TilingConfig(), progress=progress)
     archive = open_store(root)
-    for r in summary.results:
+    for r in summary.outcomes:
         if r.status == "failed":
             result.failed = True
-            say(f"FAILED {r.path}: {r.error}")
+            say(f"FAILED {r.slide}: {r.error}")
             continue
-        store = archive.slide(r.slide_id)  # type: ignore[arg-type]
-        picture = archive.plot_tiles(store.slide_id, out / f"{Path(r.path).stem}_tiles.png")
+        store = archive.slide(r.details["slide_id"])
+        picture = archive.plot_tiles(store.slide_id, out / f"{Path(r.slide).stem}_tiles.png")
         result.pictures.append(picture)
         w, h = store.source["dimensions"]
         say(
-            f"{Path(r.path).name}: {w}x{h} px at {store.source['mpp']:.3f} µm/px "
+            f"{Path(r.slide).name}: {w}x{h} px at {store.source['mpp']:.3f} µm/px "
             f"({store.source['mpp_source']}, {store.source['reader']}) -> {store.n_tiles} tiles "
             f"of {store.tiling['tile_size']} px at {store.tiling['mpp']} µm/px, {r.status}"
         )

@@ -461,8 +461,8 @@ class ArchitectureMismatchError(ConfigError):
 class AnnotationError(WsiSslError, ValueError):
     """An annotation or ROI file that cannot be read, or classes it does not hold."""
 
-    def __init__(self, path: str | Path, detail: str) -> None:
-        super().__init__(f"{path}: {detail}")
+    def __init__(self, path: str | Path, detail: str, parameters: Sequence[str] = ()) -> None:
+        super().__init__(f"{path}: {detail}", parameters=parameters)
         self.path = Path(path)
 
 

@@ -10,7 +10,7 @@ from wsi_ssl.slide._openslide import OpenSlideReader
 from wsi_ssl.slide._registry import BACKENDS, open_slide, register_backend
 from wsi_ssl.slide._stored import StoredTiles
 from wsi_ssl.slide._tiffslide import TiffSlideReader
-from wsi_ssl.slide._wsidicom import WsiDicomReader
+from wsi_ssl.slide._wsidicom import WsiDicomReader, series_files
 
 __all__ = [
     "BACKENDS",
@@ -24,4 +24,5 @@ __all__ = [
     "WsiDicomReader",
     "open_slide",
     "register_backend",
+    "series_files",
 ]

@@ -1,4 +1,11 @@
-"""Tile one slide or a batch of slides into an archive root: resume, failure isolation, progress."""
+"""Tile one slide or a batch of slides into an archive root: resume, failure isolation, progress,
+and several scales from one read of each slide.
+
+Every slide (and, with several scales, every slide at every scale) gets a
+:class:`~wsi_ssl.outcome.SlideOutcome` whose ``details`` hold the slide id, the scale, the
+archive root written and the embeddings a re-tile kept or discarded; a batch returns a
+:class:`TileSummary`, whose ``lines()`` are the report ``wsi-ssl tile`` prints.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +13,8 @@ import contextlib
 import errno
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,21 +23,9 @@ from tqdm.auto import tqdm
 
 from wsi_ssl.annotations import restrict_to_roi
 from wsi_ssl.config import TilingConfig
-from wsi_ssl.errors import (
-    DiskFullError,
-    NoTissueError,
-    SlideNotFoundError,
-    StoreLockedError,
-    WsiSslError,
-)
-from wsi_ssl.slide import SlideReader, open_slide
-from wsi_ssl.storage import (
-    STATUS_COMPLETE,
-    Archive,
-    SlideStore,
-    fingerprint_file,
-    slide_id_from_fingerprint,
-)
+from wsi_ssl.errors import ConfigError, DiskFullError, NoTissueError, WsiSslError
+from wsi_ssl.outcome import BatchOutcome, SlideOutcome
+from wsi_ssl.storage import STATUS_COMPLETE, Archive, SlideStore
 from wsi_ssl.storage.locks import slide_lock
 from wsi_ssl.storage.slide_store import is_complete_store, recover_swap, staging_path
 from wsi_ssl.storage.tile_reader import TileReader
@@ -38,117 +33,79 @@ from wsi_ssl.tiling.extract import extract
 from wsi_ssl.tiling.grid import TileGrid
 from wsi_ssl.tiling.qc import QC_METRICS
 from wsi_ssl.tiling.replace import Replacement, check_plan, previous_store, replace_store
-from wsi_ssl.tissue import detect_tissue, tissue_fraction
-
-SLIDE_SUFFIXES = frozenset(
-    {
-        ".svs",
-        ".tif",
-        ".tiff",
-        ".ndpi",
-        ".vms",
-        ".vmu",
-        ".scn",
-        ".mrxs",
-        ".svslide",
-        ".bif",
-        ".qptiff",
-        ".dcm",
-    }
+from wsi_ssl.tiling.source import (
+    SlideSource,
+    collect_slide_paths,
+    open_for_tiling,
+    thumbnail_and_mask,
 )
-THUMBNAIL_MAX_SIDE = 4096
-FAST_BACKEND = "tiffslide"
+from wsi_ssl.tissue import tissue_fraction
+
+__all__ = [
+    "TileSummary",
+    "collect_slide_paths",
+    "open_for_tiling",
+    "scale_root",
+    "scale_roots",
+    "thumbnail_and_mask",
+    "tile_slide",
+    "tile_slide_scales",
+    "tile_slides",
+]
 
 
-@dataclass
-class SlideResult:
-    """What happened to one slide of a batch."""
-
-    path: str
-    slide_id: str | None
-    status: str  # "complete" | "skipped" | "busy" (another job writes it) | "failed"
-    n_tiles: int = 0
-    error: str | None = None
-    error_type: str | None = None
-    seconds: float = 0.0
-    kept_embeddings: list[str] = field(default_factory=list)
-    discarded_embeddings: list[str] = field(default_factory=list)
+def scale_root(root: str | Path, mpp: float) -> Path:
+    """The archive root of one scale of a multi-scale job: ``<root>/mpp-<mpp>`` (``mpp-0.5``,
+    ``mpp-1``), a complete archive of its own (catalog, ``slides/<slide_id>.zarr``, locks)."""
+    return Path(root) / f"mpp-{mpp:g}"
 
 
-@dataclass
-class BatchSummary:
-    results: list[SlideResult] = field(default_factory=list)
+def scale_roots(
+    root: str | Path, config: TilingConfig, mpps: Sequence[float] | None
+) -> list[tuple[Path, TilingConfig]]:
+    """Where each scale of a job goes, with its config: ``root`` itself for one scale
+    (``mpps`` None or of one value), :func:`scale_root` of each for several.
+
+    Raises:
+        ConfigError: an mpp is not positive, or two name the same scale.
+    """
+    if not mpps:
+        return [(Path(root), config)]
+    if len(mpps) == 1:
+        return [(Path(root), replace(config, mpp=float(mpps[0])))]
+    scales = [(scale_root(root, m), replace(config, mpp=float(m))) for m in mpps]
+    if len({path for path, _ in scales}) < len(scales):
+        raise ConfigError(
+            f"mpps {list(mpps)} name one scale twice; give each scale once",
+            parameters=("mpps", "mpp"),
+        )
+    return scales
+
+
+@dataclass(kw_only=True)
+class TileSummary(BatchOutcome):
+    """The outcome of every slide (at every scale) of a tiling job, and where they went."""
+
+    roots: list[str]
 
     @property
-    def failed(self) -> list[SlideResult]:
-        return [r for r in self.results if r.status == "failed"]
+    def tiles(self) -> int:
+        """Tiles in the stores this job completed or found complete."""
+        return sum(o.n_tiles for o in self.outcomes)
+
+    def total_lines(self) -> list[str]:
+        """What re-tiles did with embeddings, then the counts and where the tiles are."""
+        lines = []
+        for o in self.outcomes:
+            if kept := o.details.get("kept_embeddings"):
+                lines.append(f"{o.slide}: embeddings kept (same tiles): {', '.join(kept)}")
+            if discarded := o.details.get("discarded_embeddings"):
+                lines.append(f"{o.slide}: embeddings discarded: {', '.join(discarded)}")
+        where = ", ".join(self.roots)
+        return [*lines, f"{self.count_line('tiled')}; {self.tiles} tiles in {where}"]
 
     def to_dict(self) -> dict[str, Any]:
-        counts = {
-            s: sum(r.status == s for r in self.results)
-            for s in ("complete", "skipped", "busy", "failed")
-        }
-        return {
-            **counts,
-            "tiles": sum(r.n_tiles for r in self.results),
-            "slides": [asdict(r) for r in self.results],
-        }
-
-
-def collect_slide_paths(inputs: Iterable[str | Path]) -> list[Path]:
-    """Expand directories into the slide files they hold (one file per DICOM series folder)."""
-    paths: list[Path] = []
-    for item in inputs:
-        item = Path(item)
-        if not item.is_dir():
-            paths.append(item)
-            continue
-        dicom_dirs: set[Path] = set()
-        for p in sorted(item.rglob("*")):
-            if not p.is_file() or p.suffix.lower() not in SLIDE_SUFFIXES:
-                continue
-            if p.suffix.lower() == ".dcm":
-                if p.parent in dicom_dirs:
-                    continue
-                dicom_dirs.add(p.parent)
-            paths.append(p)
-    return paths
-
-
-def thumbnail_and_mask(
-    reader: SlideReader, slide_mpp: float, thumbnail_mpp: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """The slide's thumbnail (at ``thumbnail_mpp``, at most ``THUMBNAIL_MAX_SIDE`` px) and its
-    tissue mask; a level without a usable pyramid is read by blocks, in bounded memory."""
-    w, h = reader.dimensions
-    factor = min(slide_mpp / thumbnail_mpp, THUMBNAIL_MAX_SIDE / max(w, h))
-    size = (max(1, round(w * factor)), max(1, round(h * factor)))
-    thumbnail = reader.get_thumbnail(size)
-    level0_per_px = w / thumbnail.shape[1]
-    return thumbnail, detect_tissue(thumbnail, mpp=slide_mpp * level0_per_px)
-
-
-def open_for_tiling(path: Path, mpp_override: float | None) -> SlideReader:
-    """The registry's reader, or tiffslide where it reads the same pyramid faster.
-
-    tiffslide decodes a tiled TIFF's tiles with libjpeg-turbo straight from the file, several
-    times faster than openslide (benchmarks/RESULTS.md); it is used when the registry's reader is
-    another backend, the file is tiled, and both report the same levels and scale. Anything
-    else (NDPI, DICOM, MRXS, disagreeing pyramids) keeps the registry's choice.
-    """
-    reader = open_slide(path, mpp_override=mpp_override)
-    if reader.backend == FAST_BACKEND:
-        return reader
-    try:
-        fast = open_slide(path, mpp_override=mpp_override, backend=FAST_BACKEND)
-    except WsiSslError:
-        return reader
-    same = fast.level_dimensions == reader.level_dimensions and fast.mpp == reader.mpp
-    if same and getattr(fast, "tiled", False):
-        reader.close()
-        return fast
-    fast.close()
-    return reader
+        return {**self.outcomes_dict(), "tiles": self.tiles, "roots": self.roots}
 
 
 def _store_is_current(
@@ -178,11 +135,12 @@ def tile_slide(
     progress: bool = False,
     discard_embeddings: bool = False,
     lock_wait: float = 0.0,
-) -> SlideResult:
+) -> SlideOutcome:
     """Tile one slide into ``<root>/slides/<slide_id>.zarr``.
 
-    ``scheduler`` runs the extraction graph: "threads" (default) or "processes" locally with
-    ``workers`` of them, or a ``dask.distributed.Client``. Raises the slide's typed error
+    ``path`` is a slide file, or for DICOM a folder of the series' instances (or any one of
+    them). ``scheduler`` runs the extraction graph: "threads" (default) or "processes" locally
+    with ``workers`` of them, or a ``dask.distributed.Client``. Raises the slide's typed error
     (``MissingMppError``, ``CorruptSlideError``, ...) after recording it in the catalog; a store
     is marked complete only after its last chunk is written.
 
@@ -191,54 +149,136 @@ def tile_slide(
     A re-tile writes the new store beside the old one and swaps it in when complete
     (`wsi_ssl.tiling.replace`); it keeps the old store's embeddings when the tiles are the
     same, and refuses to drop them unless ``discard_embeddings``.
+
+    Returns:
+        The slide's outcome, "complete" or "skipped" (already complete); ``details`` hold
+        ``slide_id``, ``mpp``, ``root``, ``kept_embeddings`` and ``discarded_embeddings``.
     """
     config = config or TilingConfig()
     started = time.perf_counter()
-    path = Path(path)
-    if not path.exists():
-        raise SlideNotFoundError(path)
+    with SlideSource(path, config.mpp_override, config.thumbnail_mpp) as source:
+        return _tile_scale(
+            source,
+            Path(root),
+            config,
+            started,
+            scheduler=scheduler,
+            workers=workers,
+            resume=resume,
+            progress=progress,
+            discard_embeddings=discard_embeddings,
+            lock_wait=lock_wait,
+        )
+
+
+def tile_slide_scales(
+    path: str | Path,
+    root: str | Path,
+    config: TilingConfig | None = None,
+    mpps: Sequence[float] | None = None,
+    **options: Any,
+) -> list[SlideOutcome]:
+    """Tile one slide at every scale of ``mpps`` (default: ``config.mpp`` into ``root``).
+
+    The slide is opened, and its thumbnail and tissue mask made, once for all scales; each
+    scale's store (under :func:`scale_roots`) is written, locked, resumed and replaced on its
+    own, as by :func:`tile_slide` (``options`` are its keyword arguments). Never raises for
+    the slide: a scale that fails is a "failed" (or "busy") outcome, the others go on.
+    """
+    config = config or TilingConfig()
+    scales = scale_roots(root, config, mpps)
+    started = time.perf_counter()
+    try:
+        source = SlideSource(path, config.mpp_override, config.thumbnail_mpp)
+    except Exception as err:
+        return [_failure(Path(path), None, err, started, r, c) for r, c in scales]
+    outcomes = []
+    with source:
+        for scale_dir, scale_config in scales:
+            started = time.perf_counter()
+            try:
+                outcome = _tile_scale(source, scale_dir, scale_config, started, **options)
+            except Exception as err:  # one scale's failure, whatever it is, ends only that scale
+                outcome = _failure(
+                    source.path, source.slide_id, err, started, scale_dir, scale_config
+                )
+            outcomes.append(outcome)
+    return outcomes
+
+
+def _details(
+    slide_id: str | None, root: Path, config: TilingConfig, replacement: Replacement | None = None
+) -> dict[str, Any]:
+    return {
+        "slide_id": slide_id,
+        "mpp": config.mpp,
+        "root": str(root),
+        "kept_embeddings": [] if replacement is None else replacement.kept_embeddings,
+        "discarded_embeddings": [] if replacement is None else replacement.discarded_embeddings,
+    }
+
+
+def _failure(
+    path: Path,
+    slide_id: str | None,
+    err: BaseException,
+    started: float,
+    root: Path,
+    config: TilingConfig,
+) -> SlideOutcome:
+    """A failed (or busy) outcome; an error of no wsi-ssl type says the file may be malformed."""
+    seconds = time.perf_counter() - started
+    outcome = SlideOutcome.failure(str(path), err, seconds, **_details(slide_id, root, config))
+    if not isinstance(err, WsiSslError):
+        outcome.error = (
+            f"{path}: cannot be tiled ({type(err).__name__}: {err}); the file may be "
+            "malformed: check it opens in QuPath or re-export it"
+        )
+    return outcome
+
+
+def _tile_scale(
+    source: SlideSource,
+    root: Path,
+    config: TilingConfig,
+    started: float,
+    *,
+    scheduler: Any = "threads",
+    workers: int | None = None,
+    resume: bool = True,
+    progress: bool = False,
+    discard_embeddings: bool = False,
+    lock_wait: float = 0.0,
+) -> SlideOutcome:
+    """Tile ``source`` at ``config.mpp`` into ``root`` under the slide's lock (see
+    :func:`tile_slide`); raises the slide's error."""
     archive = Archive(root)
-    fingerprint = fingerprint_file(path)
-    slide_id = slide_id_from_fingerprint(fingerprint)
+    slide_id = source.slide_id
     with slide_lock(root, slide_id, wait=lock_wait):
         recover_swap(archive.store_path(slide_id))  # what a killed job left
-        if resume and (n := _store_is_current(archive, slide_id, fingerprint, config)) is not None:
-            archive.catalog.upsert(
-                slide_id=slide_id,
-                path=path,
-                fingerprint=fingerprint,
-                status=STATUS_COMPLETE,
-                n_tiles=n,
-                tiling=config.output_key(),
-            )
-            return SlideResult(
-                str(path), slide_id, "skipped", n, seconds=time.perf_counter() - started
-            )
+        current = _store_is_current(archive, slide_id, source.fingerprint, config)
+        if resume and current is not None:
+            _record(archive, source, config, STATUS_COMPLETE, n_tiles=current)
+            seconds = time.perf_counter() - started
+            details = _details(slide_id, root, config)
+            return SlideOutcome(str(source.path), "skipped", current, seconds, details=details)
         n_tiles, replacement = _retile(
             archive,
-            path,
-            fingerprint,
+            source,
             config,
             scheduler=scheduler,
             workers=workers,
             progress=progress,
             discard_embeddings=discard_embeddings,
         )
-    return SlideResult(
-        str(path),
-        slide_id,
-        "complete",
-        n_tiles,
-        seconds=time.perf_counter() - started,
-        kept_embeddings=replacement.kept_embeddings,
-        discarded_embeddings=replacement.discarded_embeddings,
-    )
+    details = _details(slide_id, root, config, replacement)
+    seconds = time.perf_counter() - started
+    return SlideOutcome(str(source.path), "complete", n_tiles, seconds, details=details)
 
 
 def _retile(
     archive: Archive,
-    path: Path,
-    fingerprint: str,
+    source: SlideSource,
     config: TilingConfig,
     *,
     scheduler: Any,
@@ -251,56 +291,56 @@ def _retile(
     On failure the previous complete store stays in place (and the catalog with it); the
     catalog records the failure only when no complete store is left.
     """
-    slide_id = slide_id_from_fingerprint(fingerprint)
-    store_path = archive.store_path(slide_id)
-    staging = staging_path(store_path)
-    previous = previous_store(store_path)
+    store_path = archive.store_path(source.slide_id)
     try:
-        with open_for_tiling(path, config.mpp_override) as reader:
-            n_tiles = _tile_open_slide(
-                reader,
-                staging,
-                fingerprint,
-                config,
-                scheduler,
-                workers,
-                progress,
-                previous=previous,
-                discard_embeddings=discard_embeddings,
-            )
-        replacement = replace_store(store_path, staging, discard_embeddings)
+        n_tiles = _write_store(
+            source,
+            staging_path(store_path),
+            config,
+            scheduler,
+            workers,
+            progress,
+            previous=previous_store(store_path),
+            discard_embeddings=discard_embeddings,
+        )
+        replacement = replace_store(store_path, staging_path(store_path), discard_embeddings)
     except Exception as err:
         recover_swap(store_path, roll_forward=False)
         full = isinstance(err, OSError) and err.errno == errno.ENOSPC
         failure = DiskFullError(store_path) if full else err
         if not is_complete_store(store_path):
             with contextlib.suppress(OSError, sqlite3.Error):  # the catalog may be on the full disk
-                archive.catalog.upsert(
-                    slide_id=slide_id,
-                    path=path,
-                    fingerprint=fingerprint,
-                    status="failed",
-                    error=f"{type(failure).__name__}: {failure}",
-                    tiling=config.output_key(),
-                )
+                _record(archive, source, config, "failed", f"{type(failure).__name__}: {failure}")
         if full:
             raise failure from err
         raise
-    archive.catalog.upsert(
-        slide_id=slide_id,
-        path=path,
-        fingerprint=fingerprint,
-        status=STATUS_COMPLETE,
-        n_tiles=n_tiles,
-        tiling=config.output_key(),
-    )
+    _record(archive, source, config, STATUS_COMPLETE, n_tiles=n_tiles)
     return n_tiles, replacement
 
 
-def _tile_open_slide(
-    reader: SlideReader,
+def _record(
+    archive: Archive,
+    source: SlideSource,
+    config: TilingConfig,
+    status: str,
+    error: str | None = None,
+    n_tiles: int | None = None,
+) -> None:
+    """The slide's catalog row in this scale's archive."""
+    archive.catalog.upsert(
+        slide_id=source.slide_id,
+        path=source.path,
+        fingerprint=source.fingerprint,
+        status=status,
+        n_tiles=n_tiles,
+        error=error,
+        tiling=config.output_key(),
+    )
+
+
+def _write_store(
+    source: SlideSource,
     store_path: Path,
-    fingerprint: str,
     config: TilingConfig,
     scheduler: Any,
     workers: int | None,
@@ -310,18 +350,17 @@ def _tile_open_slide(
     discard_embeddings: bool = False,
 ) -> int:
     """Write the slide's store at ``store_path`` (left with status "writing")."""
-    if reader.mpp is None:
-        reader.get_thumbnail((64, 64))  # undecodable pixels fail first, before the scale
-    slide_mpp = reader.require_mpp()
+    reader = source.reader
+    slide_mpp = source.slide_mpp()
     grid = TileGrid.for_slide(reader, slide_mpp, config)
-    thumbnail, mask = thumbnail_and_mask(reader, slide_mpp, config.thumbnail_mpp)
+    thumbnail, mask = source.thumbnail_and_mask()
     level0_per_px = reader.dimensions[0] / thumbnail.shape[1]
     coords = grid.all_coords()
     fraction = tissue_fraction(mask, coords, grid.tile_size_level0, level0_per_px)
     keep = fraction >= config.tissue_threshold
     if not keep.any():
         raise NoTissueError(reader.path, config.tissue_threshold)
-    check_plan(previous, fingerprint, config, coords[keep], discard_embeddings)
+    check_plan(previous, source.fingerprint, config, coords[keep], discard_embeddings)
     keep, labels = restrict_to_roi(
         config, keep, coords, grid.tile_size_level0, mask.shape, level0_per_px
     )
@@ -329,7 +368,7 @@ def _tile_open_slide(
         store_path,
         source={
             "path": str(reader.path.resolve()),
-            "fingerprint": fingerprint,
+            "fingerprint": source.fingerprint,
             "reader": reader.backend,
             "vendor": reader.vendor,
             "dimensions": list(reader.dimensions),
@@ -352,25 +391,41 @@ def _tile_open_slide(
         config.tiles_per_chunk,
         None if labels is None else ("annotations", labels.fractions[keep], labels.classes),
     )
+    return _extract_with_progress(
+        reader, grid, coords[keep], store, config, scheduler, workers, progress
+    )
+
+
+def _extract_with_progress(
+    reader: Any,
+    grid: TileGrid,
+    coords: np.ndarray,
+    store: SlideStore,
+    config: TilingConfig,
+    scheduler: Any,
+    workers: int | None,
+    progress: bool,
+) -> int:
+    """Run the extraction graph into ``store`` with a progress bar of its tiles."""
+    desc = f"{reader.path.name[:24]} @{config.mpp:g}"
     with tqdm(
-        total=int(keep.sum()),
-        desc=reader.path.name[:30],
+        total=len(coords),
+        desc=desc,
         unit="tile",
         leave=False,
         disable=not progress,
         dynamic_ncols=True,
     ) as bar:
-        written = extract(
+        return extract(
             reader,
             grid,
-            coords[keep],
+            coords,
             store.path / "tiles",
             config.tiles_per_chunk,
             scheduler=scheduler,
             workers=workers,
             on_chunk=bar.update,
         )
-    return written
 
 
 def tile_slides(
@@ -378,6 +433,7 @@ def tile_slides(
     root: str | Path,
     config: TilingConfig | None = None,
     *,
+    mpps: Sequence[float] | None = None,
     mpp_overrides: Mapping[str, float] | None = None,
     rois: Mapping[str, str] | None = None,
     scheduler: Any = "threads",
@@ -386,73 +442,42 @@ def tile_slides(
     progress: bool = True,
     discard_embeddings: bool = False,
     lock_wait: float = 0.0,
-) -> BatchSummary:
+) -> TileSummary:
     """Tile every slide in ``inputs`` (files or folders); a failing slide never stops the batch.
 
     A slide another job is writing is reported "busy" (after ``lock_wait`` seconds) and left
     to that job; ``discard_embeddings`` as in :func:`tile_slide`.
 
     Args:
+        mpps: several target scales in one run: each slide is read once and tiled at each
+            into its own archive root, ``<root>/mpp-<mpp>`` (:func:`scale_root`), one outcome
+            per slide and scale. None (default) tiles at ``config.mpp`` into ``root``.
         mpp_overrides: per-slide mpp by file name or path (e.g. from a CSV), used when the
             slide records no scale of its own; ``config.mpp_override`` applies to the rest.
         rois: per-slide annotation file by file name or path (``config.roi`` for the rest).
     """
     config = config or TilingConfig()
+    roots = [str(r) for r, _ in scale_roots(root, config, mpps)]
     paths = collect_slide_paths(inputs)
     overrides = dict(mpp_overrides or {})
-    summary = BatchSummary()
+    summary = TileSummary(roots=roots)
+    options = {
+        "scheduler": scheduler,
+        "workers": workers,
+        "resume": resume,
+        "progress": progress,
+        "discard_embeddings": discard_embeddings,
+        "lock_wait": lock_wait,
+    }
     batch_started = time.perf_counter()
     with tqdm(paths, desc="slides", unit="slide", disable=not progress, dynamic_ncols=True) as bar:
         for path in bar:
             override = overrides.get(str(path), overrides.get(path.name, config.mpp_override))
             roi = (rois or {}).get(str(path), (rois or {}).get(path.name, config.roi))
             slide_config = replace(config, mpp_override=override, roi=roi)
-            started = time.perf_counter()
-            try:
-                result = tile_slide(
-                    path,
-                    root,
-                    slide_config,
-                    scheduler=scheduler,
-                    workers=workers,
-                    resume=resume,
-                    progress=progress,
-                    discard_embeddings=discard_embeddings,
-                    lock_wait=lock_wait,
-                )
-            except StoreLockedError as err:  # another job is on it: not this slide's fault
-                result = SlideResult(
-                    str(path),
-                    _slide_id_or_none(path),
-                    "busy",
-                    error=str(err),
-                    error_type=type(err).__name__,
-                    seconds=time.perf_counter() - started,
-                )
-            except Exception as err:  # one slide's failure, whatever it is, ends only that slide
-                message = (
-                    str(err)
-                    if isinstance(err, WsiSslError)
-                    else f"{path}: cannot be tiled ({type(err).__name__}: {err}); the file may be "
-                    "malformed: check it opens in QuPath or re-export it"
-                )
-                result = SlideResult(
-                    str(path),
-                    _slide_id_or_none(path),
-                    "failed",
-                    error=message,
-                    error_type=type(err).__name__,
-                    seconds=time.perf_counter() - started,
-                )
-            summary.results.append(result)
-            tiles = sum(r.n_tiles for r in summary.results if r.status == "complete")
-            rate = tiles / max(time.perf_counter() - batch_started, 1e-9)
-            bar.set_postfix(tiles=tiles, tiles_s=f"{rate:.0f}", failed=len(summary.failed))
+            summary.outcomes += tile_slide_scales(path, root, slide_config, mpps, **options)
+            rate = summary.tiles_done / max(time.perf_counter() - batch_started, 1e-9)
+            bar.set_postfix(
+                tiles=summary.tiles_done, tiles_s=f"{rate:.0f}", failed=len(summary.failed)
+            )
     return summary
-
-
-def _slide_id_or_none(path: Path) -> str | None:
-    try:
-        return slide_id_from_fingerprint(fingerprint_file(path))
-    except OSError:
-        return None

@@ -59,7 +59,8 @@ class TileGrid:
                 f"{reader.path}: mpp={config.mpp} enlarges the slide's finest level "
                 f"({slide_mpp:g} µm/px) {1 / scale:.3g}x, more than {MAX_UPSAMPLING:g}x; use "
                 f"mpp >= {slide_mpp / MAX_UPSAMPLING:g}, or set allow_upsampling=True "
-                "(--allow-upsampling) to invent those pixels anyway"
+                "to invent those pixels anyway",
+                parameters=("mpp", "allow_upsampling"),
             )
         level = reader.best_level_for_downsample(scale * (1 + SNAP_TOLERANCE))
         downsample = float(reader.level_downsamples[level])
@@ -81,7 +82,8 @@ class TileGrid:
             raise ConfigError(
                 f"{reader.path}: the grid plans {rows * cols:,} tiles ({rows} x {cols}), more "
                 f"than max_tiles={config.max_tiles:,}; check mpp ({config.mpp}) and tile_size "
-                f"({config.tile_size}), or raise max_tiles (--max-tiles) to allow it"
+                f"({config.tile_size}), or raise max_tiles to allow it",
+                parameters=("mpp", "tile_size", "max_tiles"),
             )
         return grid
 
