@@ -193,3 +193,17 @@ def test_slide_labels_derived_from_the_label_loop_regions(archive: Path, tmp_pat
         "tumour": 2,
     }
     assert sorted(s.name for s in report.slides) == [f"case-{i}.svs" for i in range(4)]
+
+
+def test_config_errors_name_fields_and_the_cli_adds_flags(tmp_path: Path) -> None:
+    from wsi_ssl.mil import MILConfig
+
+    with pytest.raises(ConfigError, match="hidden_dim 30 must be a multiple of n_heads 8") as info:
+        MILConfig(hidden_dim=30)
+    assert info.value.parameters == ("hidden_dim", "n_heads")
+    with pytest.raises(ConfigError, match="folds must be >= 2") as info:
+        MILConfig(folds=1)
+    assert info.value.parameters == ("folds",) and "--" not in str(info.value)
+    argv = ["mil", "train", str(tmp_path), "--labels", "l.csv", "--out", str(tmp_path / "r")]
+    code, _, err = run_cli([*argv, "--folds", "1"])
+    assert code == 2 and err.strip().endswith("got 1 (command line: --folds)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,43 +97,56 @@ class MILConfig:
     cache_mb: int = 2048
 
     def __post_init__(self) -> None:
+        for message, parameters in self._problems():
+            raise ConfigError(message, parameters=parameters)
+
+    def _problems(self) -> Iterator[tuple[str, tuple[str, ...]]]:
+        """Each invalid setting: the message and the fields it names (the first is raised)."""
         valid = learner_names()
         if self.model not in valid:
-            raise ConfigError(f"model {self.model!r}: not a MIL model; valid: {', '.join(valid)}")
+            yield f"model {self.model!r}: not a MIL model; valid: {', '.join(valid)}", ("model",)
         for name in ("hidden_dim", "attention_dim", "n_heads", "n_layers", "k", "epochs"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+                yield f"{name} must be >= 1, got {getattr(self, name)}", (name,)
         if self.hidden_dim % self.n_heads:
-            raise ConfigError(
-                f"hidden_dim {self.hidden_dim} must be a multiple of n_heads {self.n_heads}"
+            yield (
+                f"hidden_dim {self.hidden_dim} must be a multiple of n_heads {self.n_heads}",
+                ("hidden_dim", "n_heads"),
             )
         if self.folds < 2:
-            raise ConfigError(f"folds must be >= 2, got {self.folds}")
+            yield f"folds must be >= 2, got {self.folds}", ("folds",)
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+            yield f"dropout must be in [0, 1), got {self.dropout}", ("dropout",)
         if not 0.0 <= self.val_fraction < 0.5:
-            raise ConfigError(f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
+            yield f"val_fraction must be in [0, 0.5), got {self.val_fraction}", ("val_fraction",)
         if self.patience < 1 or self.min_epochs < 0:
-            raise ConfigError(
-                f"patience must be >= 1 and min_epochs >= 0, got {self.patience}, {self.min_epochs}"
+            yield (
+                f"patience must be >= 1 and min_epochs >= 0, got {self.patience}, {self.min_epochs}",
+                ("patience", "min_epochs"),
             )
         if self.monitor not in MONITORS:
-            raise ConfigError(f"monitor must be one of {', '.join(MONITORS)}; got {self.monitor!r}")
+            yield (
+                f"monitor must be one of {', '.join(MONITORS)}; got {self.monitor!r}",
+                ("monitor",),
+            )
         if self.balance not in BALANCE_MODES:
-            raise ConfigError(
-                f"balance must be one of {', '.join(BALANCE_MODES)}; got {self.balance!r}"
+            yield (
+                f"balance must be one of {', '.join(BALANCE_MODES)}; got {self.balance!r}",
+                ("balance",),
             )
         if not self.lr > 0 or self.weight_decay < 0:
-            raise ConfigError(
-                f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}"
+            yield (
+                f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}",
+                ("lr", "weight_decay"),
             )
         if self.max_tiles is not None and self.max_tiles < 1:
-            raise ConfigError(f"max_tiles must be >= 1 or None, got {self.max_tiles}")
+            yield f"max_tiles must be >= 1 or None, got {self.max_tiles}", ("max_tiles",)
         if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be >= 1 or None, got {self.threads}")
+            yield f"threads must be >= 1 or None, got {self.threads}", ("threads",)
         if self.workers < 0 or self.cache_mb < 0:
-            raise ConfigError(
-                f"workers and cache_mb must be >= 0, got {self.workers}, {self.cache_mb}"
+            yield (
+                f"workers and cache_mb must be >= 0, got {self.workers}, {self.cache_mb}",
+                ("workers", "cache_mb"),
             )
 
     def to_dict(self) -> dict[str, Any]:
