@@ -14,7 +14,12 @@ real uvicorn server on loopback and measures, over the same random tissue boxes 
 * ``POST /api/search`` while 16 clients keep fetching uncached large region pictures, against
   the same searches on the idle server (target: p95 within 2x of idle).
 
-Usage: python benchmarks/serve.py [--size 16384] [--repeats 50]
+With ``--million``: time from box to first result on an archive of 2**20 indexed tiles
+(16 slide stores of 65 536 tiles; synthetic clustered 128-d vectors, ``wsi_ssl.testing``, written
+as real stores through the storage API and indexed by ``SearchIndex.build``, exact flat FAISS),
+over the HTTP API against the same search in-process; writes results/serve-1m.json.
+
+Usage: python benchmarks/serve.py [--size 16384] [--repeats 50] [--million]
 Prints p50/p95 latency per case and writes results/serve.json.
 """
 
@@ -65,6 +70,111 @@ def build_archive(size: int) -> Path:
     SearchIndex.build(tmp, ENCODER, kind="flat")
     tmp.rename(root)
     return root
+
+
+MILLION = (16, 65536, 128)
+"""Slides, tiles per slide, vector length of the --million archive."""
+
+
+def build_million(kind: str = "flat") -> Path:
+    """The 2**20-tile archive of synthetic vectors (cached under benchmarks/data/)."""
+    from wsi_ssl.search import SearchIndex
+    from wsi_ssl.testing.bags import write_bag_store
+    from wsi_ssl.testing.vectors import ClusteredVectors
+
+    n_slides, per_slide, dim = MILLION
+    root = HERE / "data" / f"serve-1m-{dim}"
+    if (root / "index").is_dir():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    vectors = ClusteredVectors(dim=dim, seed=3)
+    for i in range(n_slides):
+        rows = vectors.rows(i * per_slide, (i + 1) * per_slide)
+        write_bag_store(
+            root, f"{i:016x}", rows, encoder_id=ENCODER, thumbnail_scale=1 / 224, dtype="float16"
+        )
+    SearchIndex.build(root, ENCODER, kind=kind)
+    return root
+
+
+def million(repeats: int) -> None:
+    """Box to first result on the 2**20-tile archive: in-process vs POST /api/search."""
+    from wsi_ssl.search import SearchIndex
+    from wsi_ssl.storage import open_store
+
+    started = time.perf_counter()
+    root = build_million()
+    built = time.perf_counter() - started
+    index = SearchIndex.open(root)
+    rng = np.random.default_rng(0)
+    slides = [s["slide_id"] for s in index.slides]
+    boxes = []
+    for i in range(repeats + 1):
+        store = open_store(root).slide(slides[i % len(slides)])
+        x, y = (int(v) for v in store.coords[rng.integers(0, store.n_tiles)])
+        t = int(store.tiling["tile_size_level0"])
+        boxes.append((store.slide_id, (x, y, 3 * t, 3 * t)))
+    base, server = serve(root)
+
+    def http_search(i: int) -> dict:
+        slide, box = boxes[i]
+        body = json.dumps({"slide": slide, "box": list(box), "k": 8}).encode()
+        request = urllib.request.Request(
+            base + "/api/search", body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return dict(json.loads(r.read()))
+
+    def local(i: int) -> object:
+        slide, box = boxes[i]
+        return index.search(index.query_region(slide, box), k=8)
+
+    rows = {
+        "in-process region search (baseline)": timings(local, repeats),
+        "box to first result: POST /api/search": timings(http_search, repeats),
+    }
+    server.should_exit = True
+    print(f"{index.n_vectors} tiles, {len(slides)} slides, dim {index.dim}, index {index.kind}")
+    print(f"{'case':<45} {'p50 ms':>8} {'p95 ms':>8}")
+    for name, r in rows.items():
+        print(f"{name:<45} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f}")
+    record = {
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "n_vectors": index.n_vectors,
+        "n_slides": len(slides),
+        "dim": index.dim,
+        "kind": index.kind,
+        "archive_build_s_if_built_now": round(built, 1),
+        "rows": rows,
+    }
+    out = HERE / "results" / "serve-1m.json"
+    out.write_text(json.dumps(record, indent=2))
+    print(f"wrote {out}")
+
+
+def machine() -> dict[str, object]:
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+
+
+def serve(root: Path) -> tuple[str, object]:
+    """The real uvicorn server over ``root``'s index on a free loopback port."""
+    import uvicorn
+
+    from wsi_ssl.search import SearchIndex
+    from wsi_ssl.serve import create_app
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(SearchIndex.open(root)), log_level="warning"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", server
 
 
 def timings(fn: Callable[[int], object], repeats: int, *, warm_up: bool = True) -> dict[str, float]:
@@ -145,7 +255,11 @@ def main() -> None:
         default=None,
         help="CPU niceness of the picture threads (default: the server's; 0 to compare)",
     )
+    p.add_argument("--million", action="store_true", help="only the 2**20-tile archive case")
     args = p.parse_args()
+    if args.million:
+        million(args.repeats)
+        return
     if args.render_niceness is not None:
         from wsi_ssl.serve import service
 
