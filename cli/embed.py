@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from wsi_ssl.embedding.config import EmbedConfig
+from wsi_ssl.embedding.config import DECODE_MODES, EmbedConfig
 
 # The library's choices, spelled here so that building the parser imports no zarr (0.9 s):
 # storage.embeddings.EMBEDDING_DTYPES, embedding.mil_files.EXPORT_FORMATS and NAME_BY;
@@ -71,6 +71,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--stain-reference", metavar="IMAGE", help="reference image for --stain-normalize"
     )
     p.add_argument(
+        "--decode",
+        choices=DECODE_MODES,
+        default="auto",
+        help="where JPEG tiles are decoded: cpu (loader workers), device (the encoder's device, "
+        "nvJPEG on CUDA; workers only read bytes), auto (default: device on CUDA, else cpu)",
+    )
+    p.add_argument(
         "--devices",
         metavar="DEV,DEV,...",
         help="shard the slides across these devices, one process each (e.g. cuda:0,cuda:1)",
@@ -125,6 +132,7 @@ def run_embed(args: argparse.Namespace) -> int:
         compile=args.compile,
         stain_normalize=args.stain_normalize,
         stain_reference=args.stain_reference,
+        decode=args.decode,
     )
     encoder = create_encoder(
         args.encoder,

@@ -11,7 +11,7 @@ array's own inner codec. Any other array (another store, another layout) is read
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 
 from wsi_ssl.errors import TileReadError
-from wsi_ssl.storage.shards import EMPTY, inner_decoder, shard_path
+from wsi_ssl.storage.shards import EMPTY, accepts_jpeg, inner_decoder, shard_path
 
 __all__ = ["TileReader"]
 
@@ -59,15 +59,46 @@ class TileReader:
 
     def read(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """The tiles at ``rows`` (any order, repeats allowed) as uint8 (len(rows), T, T, 3)."""
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        n = len(self)
-        if len(rows) and (rows.min() < 0 or rows.max() >= n):
-            raise IndexError(f"tile rows must be in [0, {n}), got {rows.min()}..{rows.max()}")
+        rows = self._rows(rows)
         out = np.empty((len(rows), *self.array.shape[1:]), dtype=self.array.dtype)
         if self._decode is None:
             for i, row in enumerate(rows):
                 out[i] = self.array[int(row)]
             return out
+        for i, path, data in self._stored(rows):
+            try:
+                out[i] = self._decode(data)
+            except Exception as err:
+                row = int(rows[i])
+                raise TileReadError(path, row, row + 1, f"{type(err).__name__}: {err}") from err
+        return out
+
+    @property
+    def is_jpeg(self) -> bool:
+        """Whether :meth:`read_encoded` gives one JPEG stream per tile."""
+        return self._decode is not None and accepts_jpeg(self.array)
+
+    def read_encoded(self, rows: Sequence[int] | np.ndarray) -> list[bytes]:
+        """The stored (encoded) bytes of the tiles at ``rows``, for a decoder elsewhere (the
+        GPU); only for the layout written here (else a ``ValueError``)."""
+        if self._decode is None:
+            raise ValueError(f"{self.array.store}: not the one-tile-per-chunk local layout")
+        rows = self._rows(rows)
+        out: list[bytes] = [b""] * len(rows)
+        for i, _, data in self._stored(rows):
+            out[i] = data
+        return out
+
+    def _rows(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if len(rows) and (rows.min() < 0 or rows.max() >= n):
+            raise IndexError(f"tile rows must be in [0, {n}), got {rows.min()}..{rows.max()}")
+        return rows
+
+    def _stored(self, rows: np.ndarray) -> Iterator[tuple[int, Path, bytes]]:
+        """``(i, shard path, bytes)`` of each ``rows[i]``, one shard file open at a time."""
+        n = len(self)
         order = np.argsort(rows, kind="stable")
         shards = rows[order] // self._per_shard
         for shard in np.unique(shards):
@@ -86,16 +117,9 @@ class TileReader:
                     if offset == EMPTY:
                         first = int(rows[i])
                         raise TileReadError(path, first, first + 1, "the tile was never written")
-                    data = os.pread(fd, int(nbytes), int(offset))
-                    try:
-                        out[i] = self._decode(data)
-                    except Exception as err:
-                        raise TileReadError(
-                            path, int(rows[i]), int(rows[i]) + 1, f"{type(err).__name__}: {err}"
-                        ) from err
+                    yield int(i), path, os.pread(fd, int(nbytes), int(offset))
             finally:
                 os.close(fd)
-        return out
 
     def missing_shards(self) -> list[Path]:
         """Shard files of this array that do not exist (empty when complete or not local)."""

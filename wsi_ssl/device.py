@@ -1,5 +1,5 @@
-"""One device resolver for every stage (MIL today; embedding and pretraining still have their
-own in ``wsi_ssl.encoders.encoder`` and ``wsi_ssl.ssl.train``, to be switched to this one)."""
+"""One device resolver for every stage: encoders and embedding (``Encoder.to``, ``--devices``),
+pretraining (``local_rank`` under torchrun) and MIL."""
 
 from __future__ import annotations
 

@@ -9,7 +9,10 @@ from typing import Any
 
 from wsi_ssl.errors import ConfigError
 
-__all__ = ["EmbedConfig", "default_workers"]
+__all__ = ["DECODE_MODES", "EmbedConfig", "default_workers"]
+
+DECODE_MODES = ("cpu", "device", "auto")
+"""Where JPEG tiles are decoded (``EmbedConfig.decode``)."""
 
 
 def default_workers() -> int:
@@ -45,6 +48,10 @@ class EmbedConfig:
             off (default).
         stain_reference: the reference image file the stains are mapped to (needed with
             ``stain_normalize``).
+        decode: where JPEG tiles are decoded: "cpu" (the loader workers), "device" (the
+            workers only read the stored streams, the main process decodes each batch on the
+            encoder's device: nvJPEG on CUDA), "auto" (default: "device" on CUDA, else "cpu").
+            Stores of other codecs are always decoded by the workers.
     """
 
     batch_size: int = 256
@@ -60,6 +67,7 @@ class EmbedConfig:
     compile: bool = False
     stain_normalize: str | None = None
     stain_reference: str | None = None
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -91,6 +99,12 @@ class EmbedConfig:
                 f"reference image) or neither; got {self.stain_normalize!r}, "
                 f"{self.stain_reference!r}",
                 parameters=("stain_normalize", "stain_reference"),
+            )
+
+        if self.decode not in DECODE_MODES:
+            raise ConfigError(
+                f"decode must be one of {', '.join(DECODE_MODES)}; got {self.decode!r}",
+                parameters=("decode",),
             )
 
     @property

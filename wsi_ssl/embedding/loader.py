@@ -5,8 +5,10 @@ a slide's batches, and therefore its vectors, do not depend on which other slide
 Worker ``w`` of ``W`` takes units ``w, w + W, ...``; the DataLoader collects from workers in
 turn, so batches arrive in unit order. A worker reads a unit with one Zarr slice (whole inner
 chunks of the shards, decoded in the worker) and yields a uint8 tensor (B, T, T, 3): the main
-process does no per-tile Python work. A read error is yielded as a message for that unit, so
-one corrupt slide does not stop the loader.
+process does no per-tile Python work. For the slides marked ``encoded`` whose store is JPEG,
+the worker only reads the stored streams and yields them back to back with their sizes; the
+main process decodes them on the device (:mod:`wsi_ssl.embedding.decode`). A read error is
+yielded as a message for that unit, so one corrupt slide does not stop the loader.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ class TileBatch(NamedTuple):
     unit: int
     slide: int
     start: int
-    tiles: torch.Tensor  # uint8 (B, T, T, 3), or the transform's output; empty on error
+    tiles: torch.Tensor  # uint8 (B, T, T, 3), the transform's output, or JPEG bytes; empty on error
     error: str  # "" when the read succeeded
+    sizes: torch.Tensor = _EMPTY  # bytes of each JPEG stream in ``tiles``; empty when decoded
 
 
 def work_units(n_tiles: Sequence[int], batch_size: int) -> list[WorkUnit]:
@@ -53,7 +56,8 @@ class TileBatches(IterableDataset[TileBatch]):
     """Batches of stored tiles; ``tile_arrays[i]`` is the path of slide i's ``tiles`` array.
 
     ``transform`` (e.g. the encoder's :class:`~wsi_ssl.encoders.Preprocess` when the encoder
-    runs on the CPU) is applied to each uint8 batch in the worker.
+    runs on the CPU) is applied to each uint8 batch in the worker; ``encoded[i]``: slide i's
+    JPEG tiles travel undecoded (stores of other codecs are decoded whatever it says).
     """
 
     def __init__(
@@ -61,11 +65,13 @@ class TileBatches(IterableDataset[TileBatch]):
         tile_arrays: Sequence[str],
         units: Sequence[WorkUnit],
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        encoded: Sequence[bool] | None = None,
     ) -> None:
         super().__init__()
         self.tile_arrays = list(tile_arrays)
         self.units = list(units)
         self.transform = transform
+        self.encoded = list(encoded) if encoded is not None else [False] * len(self.tile_arrays)
 
     def __len__(self) -> int:
         return len(self.units)
@@ -80,18 +86,25 @@ class TileBatches(IterableDataset[TileBatch]):
                 if slide not in readers:
                     readers.clear()  # one slide open at a time per worker
                     readers[slide] = TileReader(open_tiles(self.tile_arrays[slide]))
-                tiles = readers[slide].read(np.arange(start, stop))
-                if tiles.dtype != np.uint8 or tiles.ndim != 4 or len(tiles) != stop - start:
-                    raise ValueError(
-                        f"expected uint8 (B, T, T, 3), got {tiles.dtype} {tiles.shape}"
-                    )
-                batch = torch.from_numpy(tiles)
-                if self.transform is not None:
-                    batch = self.transform(batch)
+                reader = readers[slide]
+                if self.encoded[slide] and reader.is_jpeg:
+                    streams = reader.read_encoded(np.arange(start, stop))
+                    sizes = torch.tensor([len(b) for b in streams], dtype=torch.int64)
+                    data = torch.frombuffer(bytearray(b"".join(streams)), dtype=torch.uint8)
+                    yield TileBatch(k, slide, start, data, "", sizes)
+                    continue
+                batch = self._decoded(reader, start, stop)
             except Exception as err:  # reported per unit; the job fails only that slide
                 yield TileBatch(k, slide, start, _EMPTY, f"{type(err).__name__}: {err}")
                 continue
             yield TileBatch(k, slide, start, batch, "")
+
+    def _decoded(self, reader: TileReader, start: int, stop: int) -> torch.Tensor:
+        tiles = reader.read(np.arange(start, stop))
+        if tiles.dtype != np.uint8 or tiles.ndim != 4 or len(tiles) != stop - start:
+            raise ValueError(f"expected uint8 (B, T, T, 3), got {tiles.dtype} {tiles.shape}")
+        batch = torch.from_numpy(tiles)
+        return self.transform(batch) if self.transform is not None else batch
 
 
 def make_loader(

@@ -1,8 +1,9 @@
 """The embedding loop: tiles from the loader through the encoder into each slide's writer.
 
 One DataLoader runs over all slides to do, so the device stays busy across slide boundaries;
-workers read whole tile ranges; the main process only moves uint8 batches to the device, runs
-the encoder (autocast on CUDA per the encoder's precision), and copies the vectors back, one
+workers read whole tile ranges; the main process only moves uint8 batches to the device
+(or, for JPEG stores with ``EmbedConfig.decode`` "device", or "auto" on CUDA, decodes the
+stored streams there: :mod:`wsi_ssl.embedding.decode`), runs the encoder (autocast on CUDA per the encoder's precision), and copies the vectors back, one
 batch in flight on CUDA so the copy of batch k overlaps the compute of batch k+1.
 
 A slide that fails (a tile read, a non-finite vector, a write) gets its outcome and its partial
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from wsi_ssl.embedding.decode import decode_jpeg_batch, on_device
 from wsi_ssl.embedding.loader import TileBatch, TileBatches, make_loader, work_units
 from wsi_ssl.embedding.slides import EmbedSlide, EmbedTarget
 from wsi_ssl.errors import NonFiniteEmbeddingError, TileReadError
@@ -72,6 +74,7 @@ class EmbedRunner:
         self.stain = stain
         self.progress = progress
         self.cuda = self.encoder.device.type == "cuda"
+        self.device_decode = on_device(self.config.decode, self.encoder.device)
         self.loader_wait = 0.0  # seconds the main process waited for decoded batches
 
     def run(self, slides: list[EmbedSlide]) -> None:
@@ -95,9 +98,11 @@ class EmbedRunner:
         units = work_units([s.n for s in todo], self.config.batch_size)
         # On the CPU the workers also preprocess (in parallel with the forward passes); on
         # CUDA uint8 batches travel (4x smaller) and are preprocessed on the device.
-        plain = self.cuda or not self.config.n_workers or self.stain is not None
+        plain = self.cuda or self.device_decode or not self.config.n_workers
+        plain = plain or self.stain is not None
         transform = None if plain else self.encoder.preprocessor
-        dataset = TileBatches([str(s.store.path / "tiles") for s in todo], units, transform)
+        paths = [str(s.store.path / "tiles") for s in todo]
+        dataset = TileBatches(paths, units, transform, [self.device_decode] * len(todo))
         return make_loader(
             dataset,
             workers=self.config.n_workers,
@@ -152,7 +157,7 @@ class EmbedRunner:
             path = slide.store.path / "tiles"
             self._fail(slide, TileReadError(path, batch.start, stop, batch.error))
             return None
-        return self._launch(slide, batch.start, batch.tiles)
+        return self._launch(slide, batch)
 
     def _start(self, slide: EmbedSlide) -> None:
         """Take the slide's writer (its locks); skip it if another job completed it meanwhile."""
@@ -172,14 +177,19 @@ class EmbedRunner:
             slide.writer.abort()
             slide.outcome = SlideOutcome(slide.slide_id, "skipped", slide.n)
 
-    def _launch(self, slide: EmbedSlide, start: int, tiles: torch.Tensor) -> _Inflight | None:
+    def _launch(self, slide: EmbedSlide, batch: TileBatch) -> _Inflight | None:
         """Start one batch on the device; returns what ``_finish`` needs (None if it failed)."""
+        start = batch.start
         try:
             if slide.writer is None:
                 self._start(slide)
             if slide.done:
                 return None
-            x = tiles.to(self.encoder.device, non_blocking=self.cuda)
+            if batch.sizes.numel():  # JPEG streams, decoded here on the device
+                where = slide.store.path / "tiles"
+                x = decode_jpeg_batch(batch.tiles, batch.sizes, self.encoder.device, where, start)
+            else:
+                x = batch.tiles.to(self.encoder.device, non_blocking=self.cuda)
             if self.stain is not None:  # uint8 (B, T, T, 3) tiles, normalised on the device
                 x = self.stain(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()
             if x.dtype == torch.uint8:
