@@ -9,11 +9,23 @@ import sys
 from collections.abc import Sequence
 
 from wsi_ssl import __version__
-from wsi_ssl.cli import check, demo, embed, encoders, evaluate, mil, pretrain, search, serve, tile
+from wsi_ssl.cli import (
+    check,
+    curate,
+    demo,
+    embed,
+    encoders,
+    evaluate,
+    mil,
+    pretrain,
+    search,
+    serve,
+    tile,
+)
 from wsi_ssl.cli.hints import command_parser, flag_hint
 from wsi_ssl.errors import WsiSslError
 
-COMMANDS = (tile, pretrain, embed, encoders, search, mil, serve, demo, evaluate, check)
+COMMANDS = (tile, pretrain, curate, embed, encoders, search, mil, serve, demo, evaluate, check)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -143,3 +143,49 @@ def test_curation_samples_clusters_evenly_and_trains(embedded_root: Path, tmp_pa
     )
     run = pretrain(embedded_root, config, out=tmp_path / "run")
     assert run.finished and run.sources["n_selected"] == 60
+
+
+def test_curate_cli_writes_a_selection_that_pretrain_trains_on(
+    embedded_root: Path, tmp_path: Path
+) -> None:
+    from tests.conftest import run_cli
+
+    out = tmp_path / "sel" / "curated.json"
+    argv = ["curate", str(embedded_root), "--out", str(out), "--n-tiles", "40"]
+    code, stdout, _ = run_cli([*argv, "--n-clusters", "4", "--dedup-threshold", "0.9999"])
+    assert code == 0, stdout
+    assert "selected 40 of " in stdout and str(out) in stdout
+    data = json.loads(out.read_text())
+    assert data["format"] == "wsi_ssl.curation" and data["n_selected"] == 40
+    assert sum(len(v) for v in data["slides"].values()) == 40
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    # the same selection as the Python API with the same settings
+    api = curate(
+        embedded_root, tmp_path / "api.json", n_tiles=40, n_clusters=4, dedup_threshold=0.9999
+    )
+    assert json.loads(api.path.read_text())["slides"] == data["slides"]
+    code, stdout, _ = run_cli(
+        [*argv[:3], str(tmp_path / "j.json"), "--n-tiles", "8", "--no-dedup", "--json"]
+    )
+    assert code == 0 and json.loads(stdout)["n_selected"] == 8
+    code, stdout, _ = run_cli(
+        ["pretrain", str(embedded_root), "--out", str(tmp_path / "run"), "--preset", "cpu-small",
+         "--steps", "1", "--batch-size", "8", "--device", "cpu", "--num-workers", "0", "--quiet",
+         "--json", "--curation", str(out)]
+    )  # fmt: skip
+    assert code == 0 and json.loads(stdout)["step"] == 1
+
+
+def test_curate_cli_bad_input_is_one_line(embedded_root: Path, tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    code, _, err = run_cli(
+        ["curate", str(embedded_root), "--out", str(tmp_path / "a.json"), "--n-tiles", "0"]
+    )
+    assert code == 2 and err.count("\n") == 1
+    assert "n_tiles and n_clusters must be >= 1" in err and "--n-tiles" in err
+    code, _, err = run_cli(
+        ["curate", str(tmp_path), "--out", str(tmp_path / "b.json"), "--n-tiles", "5"]
+    )
+    assert code == 2 and err.startswith("wsi-ssl: error: ") and err.count("\n") == 1
+    assert not (tmp_path / "a.json").exists() and not (tmp_path / "b.json").exists()

@@ -61,7 +61,9 @@ def _load(
         vectors.append(np.asarray(emb.features, dtype=np.float32))
         index.extend((slide_id, i) for i in range(len(emb)))
     if not index or used is None:
-        raise ConfigError(f"{root}: no embedded tiles to curate; run `wsi-ssl embed` first")
+        raise ConfigError(
+            f"{root}: no embedded tiles to curate; embed the archive first (wsi_ssl.embed)"
+        )
     x = np.concatenate(vectors)
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     return np.ascontiguousarray(x), index, used
@@ -124,7 +126,16 @@ def curate(
     import faiss
 
     if n_tiles < 1 or n_clusters < 1:
-        raise ConfigError(f"n_tiles and n_clusters must be >= 1; got {n_tiles}, {n_clusters}")
+        raise ConfigError(
+            f"n_tiles and n_clusters must be >= 1; got {n_tiles}, {n_clusters}",
+            parameters=("n_tiles", "n_clusters"),
+        )
+    if dedup_threshold is not None and not 0 < dedup_threshold <= 1:
+        raise ConfigError(
+            f"dedup_threshold must be in (0, 1] (a cosine similarity) or None; got "
+            f"{dedup_threshold}",
+            parameters=("dedup_threshold",),
+        )
     x, index, used = _load(root, encoder_id)
     keep = np.arange(len(x))
     if dedup_threshold is not None:
@@ -212,9 +223,14 @@ def read_curation(path: str | Path, entries: Any) -> list[np.ndarray]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{path}: not a readable curation file ({err})") from err
+        raise ConfigError(
+            f"{path}: not a readable curation file ({err})", parameters=("curation",)
+        ) from err
     if not isinstance(data, dict) or data.get("format") != CURATION_FORMAT:
-        raise ConfigError(f"{path}: not a curation file written by wsi_ssl.ssl.curation.curate")
+        raise ConfigError(
+            f"{path}: not a curation file written by wsi_ssl.ssl.curation.curate",
+            parameters=("curation",),
+        )
     slides = data.get("slides", {})
     out = []
     for e in entries:
