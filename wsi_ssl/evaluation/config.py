@@ -94,17 +94,24 @@ class EvaluationConfig:
         positive = ("folds", "knn_k", "max_tiles_per_class", "mil_epochs", "mmv_k")
         for name in (*positive, "precision_k", "batch_size"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"{name} must be >= 1, got {getattr(self, name)}", parameters=(name,)
+                )
         if self.folds < 2:
-            raise ConfigError(f"folds must be >= 2, got {self.folds}")
+            raise ConfigError(f"folds must be >= 2, got {self.folds}", parameters=("folds",))
         if self.n_bootstrap < 0 or self.workers < 0:
             raise ConfigError(
-                f"n_bootstrap and workers must be >= 0, got {self.n_bootstrap}, {self.workers}"
+                f"n_bootstrap and workers must be >= 0, got {self.n_bootstrap}, {self.workers}",
+                parameters=("n_bootstrap", "workers"),
             )
         if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be >= 1 or None, got {self.threads}")
+            raise ConfigError(
+                f"threads must be >= 1 or None, got {self.threads}", parameters=("threads",)
+            )
         if not 0.5 <= self.confidence < 1.0:
-            raise ConfigError(f"confidence must be in [0.5, 1), got {self.confidence}")
+            raise ConfigError(
+                f"confidence must be in [0.5, 1), got {self.confidence}", parameters=("confidence",)
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

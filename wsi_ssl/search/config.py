@@ -65,20 +65,33 @@ class IndexConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ConfigError(f"kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
+            raise ConfigError(
+                f"kind must be one of {', '.join(KINDS)}; got {self.kind!r}", parameters=("kind",)
+            )
         if self.opq not in OPQ_CHOICES:
-            raise ConfigError(f"opq must be one of {', '.join(OPQ_CHOICES)}; got {self.opq!r}")
+            raise ConfigError(
+                f"opq must be one of {', '.join(OPQ_CHOICES)}; got {self.opq!r}",
+                parameters=("opq",),
+            )
         if not 0.0 < self.target_recall <= 1.0:
-            raise ConfigError(f"target_recall must be in (0, 1], got {self.target_recall}")
+            raise ConfigError(
+                f"target_recall must be in (0, 1], got {self.target_recall}",
+                parameters=("target_recall",),
+            )
         for name in ("flat_max", "hnsw_max", "calibration_queries"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"{name} must be >= 0, got {getattr(self, name)}", parameters=(name,)
+                )
         for name in ("hnsw_m", "ef_construction", "nlist", "pq_m", "train_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ConfigError(f"{name} must be >= 1, got {value}")
+                raise ConfigError(f"{name} must be >= 1, got {value}", parameters=(name,))
         if not 0.0 <= self.opq_min_gain < 1.0:
-            raise ConfigError(f"opq_min_gain must be in [0, 1), got {self.opq_min_gain}")
+            raise ConfigError(
+                f"opq_min_gain must be in [0, 1), got {self.opq_min_gain}",
+                parameters=("opq_min_gain",),
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

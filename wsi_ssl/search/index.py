@@ -125,7 +125,10 @@ class SearchIndex(SearchMethods):
             if not names:
                 raise IndexNotFoundError(root / INDEX_DIR, names)
             if len(names) > 1:
-                raise ConfigError(f"{root}: several indexes ({', '.join(names)}); pass name=")
+                raise ConfigError(
+                    f"{root}: several indexes ({', '.join(names)}); pass name=",
+                    parameters=("name",),
+                )
             name = names[0]
         files = read_index_files(root, validate_index_name(name), verify=verify)
         mm = files.index_file.stat().st_size >= MMAP_MIN_BYTES if mmap == "auto" else bool(mmap)

@@ -274,7 +274,8 @@ class IVFPQKind(IndexKind):
         if n < min_n:
             raise ConfigError(
                 f"an IVF-PQ index needs at least {min_n} vectors to train, the archive has {n}; "
-                "use kind='flat' (exact) or 'hnsw'"
+                "use kind='flat' (exact) or 'hnsw'",
+                parameters=("kind",),
             )
         nlist = config.nlist or min(65536, max(64, _pow2_near(2 * math.sqrt(n))))
         nlist = min(nlist, n // PQ_MIN_TRAIN_PER_CENTROID)

@@ -166,11 +166,13 @@ class SearchMethods:
         regions. See :mod:`wsi_ssl.search.regions` for the scoring."""
         started = time.perf_counter()
         if k < 1:
-            raise ConfigError(f"k must be >= 1, got {k}")
+            raise ConfigError(f"k must be >= 1, got {k}", parameters=("k",))
         by_kind: dict[str, Mode] = {"tile": "tiles", "slide": "slides"}
         mode = mode or by_kind.get(query.kind, "regions")
         if mode not in MODES:
-            raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+            raise ConfigError(
+                f"mode must be one of {', '.join(MODES)}; got {mode!r}", parameters=("mode",)
+            )
         exclude = [query.slide_number] if exclude_self and query.slide_number is not None else []
         default = k if mode == "tiles" else max(DEFAULT_HITS_PER_TILE, k)
         per_tile = hits_per_tile or default
