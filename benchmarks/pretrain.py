@@ -126,7 +126,7 @@ def bench_loader(trainer: Any, args: argparse.Namespace) -> dict[str, float]:
     """(a): batches/s of the DataLoader alone, and raw tile reads (decode only)."""
     from wsi_ssl.ssl.dataset import TileDataset
 
-    loader = trainer._loader()
+    loader = trainer.loader()
     it = iter(loader)
     for _ in range(args.warmup):
         next(it)
