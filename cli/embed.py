@@ -39,7 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="init seed of random-init encoders")
     p.add_argument("--slides", nargs="+", metavar="SLIDE_ID", help="only these slide ids")
-    p.add_argument("--batch-size", type=int, default=EmbedConfig.batch_size)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="tiles per forward pass (default: 256 on the CPU; on CUDA the largest that fits "
+        "the free device memory, measured by a probe)",
+    )
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, help="tile-decoding worker processes (0: none)")
     p.add_argument("--dtype", choices=EMBEDDING_DTYPES, default="float16", help="stored dtype")

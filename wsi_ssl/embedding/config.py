@@ -25,7 +25,10 @@ class EmbedConfig:
     """Settings of an embedding job.
 
     Attributes:
-        batch_size: tiles per forward pass (a batch never spans two slides).
+        batch_size: tiles per forward pass (a batch never spans two slides); None (default):
+            256 on the CPU, on CUDA the largest that fits the device's free memory, measured
+            by a probe (:mod:`wsi_ssl.embedding.batch_size`). The size used is recorded with
+            the vectors.
         device: "auto" (CUDA if present), "cpu", "cuda" or "cuda:N".
         workers: DataLoader worker processes decoding whole shards (0: decode in the main
             process; None: :func:`default_workers`).
@@ -54,7 +57,7 @@ class EmbedConfig:
             Stores of other codecs are always decoded by the workers.
     """
 
-    batch_size: int = 256
+    batch_size: int | None = None
     device: str = "auto"
     workers: int | None = None
     dtype: str = "float16"
@@ -70,7 +73,7 @@ class EmbedConfig:
     decode: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(
                 f"batch_size must be >= 1, got {self.batch_size}", parameters=("batch_size",)
             )

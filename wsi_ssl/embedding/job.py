@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from wsi_ssl.embedding.batch_size import auto_batch_size
 from wsi_ssl.embedding.config import EmbedConfig
 from wsi_ssl.embedding.runner import EmbedRunner
 from wsi_ssl.embedding.slides import EmbedSlide, EmbedTarget, stain_normalizer
@@ -79,6 +80,8 @@ def embed(
     started = time.perf_counter()
     archive = open_store(root)
     enc = _as_encoder(encoder, weights).to(config.device)
+    if config.batch_size is None:
+        config = dataclasses.replace(config, batch_size=auto_batch_size(enc))
     if config.compile:
         enc.compile()
     stain, stain_attrs = stain_normalizer(config)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from wsi_ssl.embedding.batch_size import auto_batch_size
 from wsi_ssl.embedding.decode import decode_jpeg_batch, on_device
 from wsi_ssl.embedding.loader import TileBatch, TileBatches, make_loader, work_units
 from wsi_ssl.embedding.slides import EmbedSlide, EmbedTarget
@@ -75,6 +76,7 @@ class EmbedRunner:
         self.progress = progress
         self.cuda = self.encoder.device.type == "cuda"
         self.device_decode = on_device(self.config.decode, self.encoder.device)
+        self.batch_size = self.config.batch_size or auto_batch_size(self.encoder)
         self.loader_wait = 0.0  # seconds the main process waited for decoded batches
 
     def run(self, slides: list[EmbedSlide]) -> None:
@@ -95,7 +97,7 @@ class EmbedRunner:
                 self._fail(s, RuntimeError(f"only {s.received} of {s.n} tiles were embedded"))
 
     def _loader(self, todo: list[EmbedSlide]) -> Any:
-        units = work_units([s.n for s in todo], self.config.batch_size)
+        units = work_units([s.n for s in todo], self.batch_size)
         # On the CPU the workers also preprocess (in parallel with the forward passes); on
         # CUDA uint8 batches travel (4x smaller) and are preprocessed on the device.
         plain = self.cuda or self.device_decode or not self.config.n_workers
@@ -153,7 +155,7 @@ class EmbedRunner:
         if slide.done:
             return None
         if batch.error:
-            stop = min(batch.start + self.config.batch_size, slide.n)
+            stop = min(batch.start + self.batch_size, slide.n)
             path = slide.store.path / "tiles"
             self._fail(slide, TileReadError(path, batch.start, stop, batch.error))
             return None
