@@ -264,7 +264,8 @@ def test_batch_isolates_failures_and_cli_reports(
     assert code == 1
     summary = json.loads(captured.out)
     assert summary["complete"] == 1 and summary["failed"] == 3
-    by_name = {Path(s["slide"]).name: s for s in summary["slides"]}
+    by_name = {Path(s["path"]).name: s for s in summary["slides"]}
+    assert all(s["slide"] == s["path"] for s in summary["slides"])  # one scale: the path
     assert by_name["not-a-tiff.svs"]["error_type"] == UnsupportedSlideError.__name__
     assert by_name["unreadable.svs"]["error_type"] == CorruptSlideError.__name__
     assert by_name["unopenable.tiff"]["error_type"] == CorruptSlideError.__name__

@@ -18,28 +18,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
-from wsi_ssl.annotations import restrict_to_roi
 from wsi_ssl.config import TilingConfig
-from wsi_ssl.errors import ConfigError, DiskFullError, NoTissueError, WsiSslError
+from wsi_ssl.errors import ConfigError, DiskFullError, WsiSslError
 from wsi_ssl.outcome import BatchOutcome, SlideOutcome
 from wsi_ssl.storage import STATUS_COMPLETE, Archive, SlideStore
 from wsi_ssl.storage.locks import slide_lock
 from wsi_ssl.storage.slide_store import is_complete_store, recover_swap, staging_path
 from wsi_ssl.storage.tile_reader import TileReader
-from wsi_ssl.tiling.extract import extract
-from wsi_ssl.tiling.grid import TileGrid
-from wsi_ssl.tiling.qc import QC_METRICS
-from wsi_ssl.tiling.replace import Replacement, check_plan, previous_store, replace_store
+from wsi_ssl.tiling.replace import Replacement, previous_store, replace_store
 from wsi_ssl.tiling.source import (
     SlideSource,
     collect_slide_paths,
     open_for_tiling,
     thumbnail_and_mask,
 )
-from wsi_ssl.tissue import tissue_fraction
+from wsi_ssl.tiling.write import write_store
 
 __all__ = [
     "TileSummary",
@@ -183,16 +178,18 @@ def tile_slide_scales(
     The slide is opened, and its thumbnail and tissue mask made, once for all scales; each
     scale's store (under :func:`scale_roots`) is written, locked, resumed and replaced on its
     own, as by :func:`tile_slide` (``options`` are its keyword arguments). Never raises for
-    the slide: a scale that fails is a "failed" (or "busy") outcome, the others go on.
+    the slide: a scale that fails is a "failed" (or "busy") outcome, the others go on. With
+    several scales each outcome's ``slide`` is ``"<path> (mpp <mpp>)"``.
     """
     config = config or TilingConfig()
     scales = scale_roots(root, config, mpps)
     started = time.perf_counter()
+    outcomes = []
     try:
         source = SlideSource(path, config.mpp_override, config.thumbnail_mpp)
     except Exception as err:
-        return [_failure(Path(path), None, err, started, r, c) for r, c in scales]
-    outcomes = []
+        outcomes = [_failure(Path(path), None, err, started, r, c) for r, c in scales]
+        return _name_scales(outcomes)
     with source:
         for scale_dir, scale_config in scales:
             started = time.perf_counter()
@@ -203,13 +200,26 @@ def tile_slide_scales(
                     source.path, source.slide_id, err, started, scale_dir, scale_config
                 )
             outcomes.append(outcome)
+    return _name_scales(outcomes)
+
+
+def _name_scales(outcomes: list[SlideOutcome]) -> list[SlideOutcome]:
+    """Several scales of one slide: each outcome's ``slide`` names its scale."""
+    if len(outcomes) > 1:
+        for o in outcomes:
+            o.slide = f"{o.slide} (mpp {o.details['mpp']:g})"
     return outcomes
 
 
 def _details(
-    slide_id: str | None, root: Path, config: TilingConfig, replacement: Replacement | None = None
+    path: Path,
+    slide_id: str | None,
+    root: Path,
+    config: TilingConfig,
+    replacement: Replacement | None = None,
 ) -> dict[str, Any]:
     return {
+        "path": str(path),
         "slide_id": slide_id,
         "mpp": config.mpp,
         "root": str(root),
@@ -228,7 +238,9 @@ def _failure(
 ) -> SlideOutcome:
     """A failed (or busy) outcome; an error of no wsi-ssl type says the file may be malformed."""
     seconds = time.perf_counter() - started
-    outcome = SlideOutcome.failure(str(path), err, seconds, **_details(slide_id, root, config))
+    outcome = SlideOutcome.failure(
+        str(path), err, seconds, **_details(path, slide_id, root, config)
+    )
     if not isinstance(err, WsiSslError):
         outcome.error = (
             f"{path}: cannot be tiled ({type(err).__name__}: {err}); the file may be "
@@ -260,7 +272,7 @@ def _tile_scale(
         if resume and current is not None:
             _record(archive, source, config, STATUS_COMPLETE, n_tiles=current)
             seconds = time.perf_counter() - started
-            details = _details(slide_id, root, config)
+            details = _details(source.path, slide_id, root, config)
             return SlideOutcome(str(source.path), "skipped", current, seconds, details=details)
         n_tiles, replacement = _retile(
             archive,
@@ -271,7 +283,7 @@ def _tile_scale(
             progress=progress,
             discard_embeddings=discard_embeddings,
         )
-    details = _details(slide_id, root, config, replacement)
+    details = _details(source.path, slide_id, root, config, replacement)
     seconds = time.perf_counter() - started
     return SlideOutcome(str(source.path), "complete", n_tiles, seconds, details=details)
 
@@ -293,7 +305,7 @@ def _retile(
     """
     store_path = archive.store_path(source.slide_id)
     try:
-        n_tiles = _write_store(
+        n_tiles = write_store(
             source,
             staging_path(store_path),
             config,
@@ -336,96 +348,6 @@ def _record(
         error=error,
         tiling=config.output_key(),
     )
-
-
-def _write_store(
-    source: SlideSource,
-    store_path: Path,
-    config: TilingConfig,
-    scheduler: Any,
-    workers: int | None,
-    progress: bool,
-    *,
-    previous: SlideStore | None = None,
-    discard_embeddings: bool = False,
-) -> int:
-    """Write the slide's store at ``store_path`` (left with status "writing")."""
-    reader = source.reader
-    slide_mpp = source.slide_mpp()
-    grid = TileGrid.for_slide(reader, slide_mpp, config)
-    thumbnail, mask = source.thumbnail_and_mask()
-    level0_per_px = reader.dimensions[0] / thumbnail.shape[1]
-    coords = grid.all_coords()
-    fraction = tissue_fraction(mask, coords, grid.tile_size_level0, level0_per_px)
-    keep = fraction >= config.tissue_threshold
-    if not keep.any():
-        raise NoTissueError(reader.path, config.tissue_threshold)
-    check_plan(previous, source.fingerprint, config, coords[keep], discard_embeddings)
-    keep, labels = restrict_to_roi(
-        config, keep, coords, grid.tile_size_level0, mask.shape, level0_per_px
-    )
-    store = SlideStore.create(
-        store_path,
-        source={
-            "path": str(reader.path.resolve()),
-            "fingerprint": source.fingerprint,
-            "reader": reader.backend,
-            "vendor": reader.vendor,
-            "dimensions": list(reader.dimensions),
-            "mpp": slide_mpp,
-            "mpp_source": reader.mpp_source,
-            "level_count": reader.level_count,
-        },
-        tiling={**config.output_key(), **grid.to_dict()},
-        coords=coords[keep],
-        tile_size=config.tile_size,
-        tiles_per_shard=config.tiles_per_chunk,
-        codec=config.codec,
-        jpeg_quality=config.jpeg_quality,
-        thumbnail=thumbnail,
-        tissue_mask=mask,
-        tissue_fraction=fraction[keep],
-    )
-    store.create_tables(
-        QC_METRICS if config.qc else (),
-        config.tiles_per_chunk,
-        None if labels is None else ("annotations", labels.fractions[keep], labels.classes),
-    )
-    return _extract_with_progress(
-        reader, grid, coords[keep], store, config, scheduler, workers, progress
-    )
-
-
-def _extract_with_progress(
-    reader: Any,
-    grid: TileGrid,
-    coords: np.ndarray,
-    store: SlideStore,
-    config: TilingConfig,
-    scheduler: Any,
-    workers: int | None,
-    progress: bool,
-) -> int:
-    """Run the extraction graph into ``store`` with a progress bar of its tiles."""
-    desc = f"{reader.path.name[:24]} @{config.mpp:g}"
-    with tqdm(
-        total=len(coords),
-        desc=desc,
-        unit="tile",
-        leave=False,
-        disable=not progress,
-        dynamic_ncols=True,
-    ) as bar:
-        return extract(
-            reader,
-            grid,
-            coords,
-            store.path / "tiles",
-            config.tiles_per_chunk,
-            scheduler=scheduler,
-            workers=workers,
-            on_chunk=bar.update,
-        )
 
 
 def tile_slides(
