@@ -315,6 +315,30 @@ def test_page_filters_layers_ranking_and_upload(page_env: dict[str, Any], tmp_pa
     _wait(lambda: driver.execute_script(IMAGES_LOADED))
     _shot(driver, shots, "1-filtered")
 
+    # 1b. a small viewer of the best hit in its card: fitted around the hit, its tiles outlined
+    first = driver.find_element(By.CSS_SELECTOR, "#results .card.hit")
+    first.find_element(By.CSS_SELECTOR, "button.zoom").click()
+    _wait(
+        lambda: driver.execute_script(
+            "const v = wsi.minis[0]; return v && v.world.getItemCount() > 0 && "
+            "v.world.getItemAt(0).getFullyLoaded() && !v.world.needsDraw();"
+        )
+    )
+    hit = answer["hits"][0]
+    mini = driver.execute_script(
+        "const v = wsi.minis[0], b = v.viewport.viewportToImageRectangle(v.viewport.getBounds());"
+        "return [v.currentOverlays.length, [b.x, b.y, b.width, b.height]];"
+    )
+    assert mini[0] == len(hit["tile_boxes"]) > 0
+    hx, hy, hw, hh = hit["box"]
+    bx, by, bw, bh = mini[1]
+    assert bx <= hx and by <= hy and bx + bw >= hx + hw and by + bh >= hy + hh
+    assert min(bw / hw, bh / hh) < 2.5  # around the hit, not the whole slide
+    picture = np.asarray(Image.open(io.BytesIO(first.screenshot_as_png)).convert("RGB"))
+    assert _orange(picture) > 50 and picture.std() > 20  # tissue drawn, tiles outlined
+    assert driver.execute_script("return wsi.current.slide_id") == cmu  # no slide opened
+    _shot(driver, shots, "1b-hit-viewer")
+
     # 2. a click on the ranked slide opens it
     ranking[0].click()
     _wait(lambda: driver.execute_script("return wsi.current.slide_id") == s1)

@@ -107,6 +107,9 @@ def test_indexes_labels_filter_and_slide_ranking(layered: dict[str, Any]) -> Non
     box = [x, y, 448, 448]
     status, answer = post_json(base, "/api/search", {"slide": a, "box": box, "k": 6})
     assert status == 200 and answer["hits"][0]["slide_id"] == a  # the box itself first
+    for hit in answer["hits"]:  # each region's matched tiles, as boxes for its small viewer
+        coords = open_store(layered["root"]).slide(hit["slide_id"]).coords[hit["tiles"]]
+        assert hit["tile_boxes"] == [[int(x), int(y), 224, 224] for x, y in coords]
     ranking = answer["slides"]
     assert [s["rank"] for s in ranking] == [1, 2] and {s["slide_id"] for s in ranking} == {a, b}
     assert ranking[0]["score"] >= ranking[1]["score"] and ranking[0]["slide_id"] == a

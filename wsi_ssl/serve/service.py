@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+import numpy as np
+
 from wsi_ssl.errors import ConfigError, WsiSslError
 from wsi_ssl.serve.pyramid import Pyramid, TileCache, tiles_in
 
@@ -398,6 +400,11 @@ class SlideService:
         ]
         for hit in out["hits"]:
             hit["label"] = self.slide_labels.get(hit["slide_id"], "")
+            if mode == "regions":  # the matched tiles' boxes, for the hit's small viewer
+                store = self.store(hit["slide_id"])
+                side = round(float(store.tiling["tile_size_level0"]))
+                coords = store.coords[np.asarray(hit["tiles"], dtype=np.int64)]
+                hit["tile_boxes"] = [[int(x), int(y), side, side] for x, y in coords]
         return out
 
 

@@ -6,7 +6,7 @@ const CLICK_PX = 5;  // a press that moves less than this (screen px) is a click
 const state = {
   slides: [], current: null, viewer: null, lastBox: null, answer: null, mark: null,
   labels: { accepted: [], rejected: [] }, slideSeq: 0, searchSeq: 0, drawing: false, drag: null,
-  layers: null,
+  layers: null, minis: [],
 };
 const LAYERS = ["qc", "annotations", "attention"];
 window.wsi = state;  // for tests and the console
@@ -237,6 +237,8 @@ async function search(box) {
 }
 
 function showAnswer(answer, message) {
+  for (const v of state.minis) v.destroy();
+  state.minis = [];
   state.answer = answer;
   state.mark = null;
   const results = $("results");
@@ -287,6 +289,13 @@ function hitCard(hit, mode) {
   if (box) {
     const verdict = document.createElement("div");
     verdict.className = "verdict";
+    const zoom = document.createElement("button");
+    zoom.type = "button";
+    zoom.className = "zoom";
+    zoom.textContent = "viewer";
+    zoom.title = "pan and zoom this hit here (its matched tiles outlined)";
+    zoom.onclick = (e) => { e.stopPropagation(); zoom.disabled = true; miniViewer(hit, box, div.querySelector("img")); };
+    verdict.append(zoom);
     for (const [name, text] of [["accept", "✓ accept"], ["reject", "✗ reject"]]) {
       const b = document.createElement("button");
       b.type = "button";
@@ -298,6 +307,37 @@ function hitCard(hit, mode) {
     div.lastChild.append(verdict);
   }
   return div;
+}
+
+// a small deep-zoom viewer of a hit in place of its picture: the hit's slide fitted to twice the
+// hit's box, its matched tiles (or the hit itself) outlined
+async function miniViewer(hit, box, img) {
+  let details;
+  try {
+    details = await api(`/api/slides/${encodeURIComponent(hit.slide_id)}`);
+  } catch (err) {
+    return setStatus(err.message, true);
+  }
+  const el = document.createElement("div");
+  el.className = "mini";
+  el.addEventListener("click", (e) => e.stopPropagation());
+  img.replaceWith(el);
+  const v = OpenSeadragon({
+    element: el, tileSources: details.dzi, prefixUrl: "/static/vendor/openseadragon/images/",
+    drawer: "canvas", showNavigationControl: false, maxZoomPixelRatio: 2, visibilityRatio: 0.5,
+    animationTime: 0, gestureSettingsMouse: { clickToZoom: false },
+  });
+  v.addHandler("open", () => {
+    const vp = v.viewport, [x, y, w, h] = box;
+    const rect = (b) => vp.imageToViewportRectangle(b[0], b[1], b[2], b[3]);
+    vp.fitBounds(rect([x - w / 2, y - h / 2, 2 * w, 2 * h]), true);
+    for (const t of hit.tile_boxes || [box]) {
+      const d = document.createElement("div");
+      d.className = "box tile";
+      v.addOverlay({ element: d, location: rect(t) });
+    }
+  });
+  state.minis.push(v);
 }
 
 async function judge(hit, box, verdict, div) {
