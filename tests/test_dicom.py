@@ -3,6 +3,7 @@ small.svs: a JPEG volume instance and an uncompressed thumbnail instance of one 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -10,9 +11,13 @@ import numpy as np
 import pydicom
 import pytest
 
+from wsi_ssl.cli.main import main as cli_main
+from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import UnsupportedSlideError
-from wsi_ssl.slide import BACKENDS, WsiDicomReader, open_slide
-from wsi_ssl.slide._wsidicom import series_files
+from wsi_ssl.slide import BACKENDS, WsiDicomReader, open_slide, series_files
+from wsi_ssl.storage import fingerprint_file, open_store
+from wsi_ssl.tiling.batch import tile_slide
+from wsi_ssl.tiling.source import slide_fingerprint
 
 NAMES = ("openslide-python_boxes_0.dcm", "openslide-python_boxes_1.dcm")
 
@@ -78,15 +83,64 @@ def test_refusals_are_typed(tmp_path: Path, slides_dir: Path, cmu_small: Path) -
     assert list(info.value.reasons) == ["openslide", "tiffslide", "wsidicom"]
 
 
-def test_instances_without_image_type_are_refused_by_every_backend(series_dir: Path) -> None:
-    """Known limit (issue 12): a conversion that omits ImageType (as some TCGA conversions
-    do) is refused by openslide ("Couldn't get image flavor") and by wsidicom alike; the
-    error lists both reasons and names the path."""
+def _drop_image_type(folder: Path) -> None:
+    """Rewrite the instances without ``ImageType``, as TCGA's conversions are."""
     for name in NAMES:
-        dataset = pydicom.dcmread(series_dir / name)
+        dataset = pydicom.dcmread(folder / name)
         del dataset.ImageType
-        dataset.save_as(series_dir / name)
-    with pytest.raises(UnsupportedSlideError) as info:
-        open_slide(series_dir / NAMES[0])
-    assert "image flavor" in info.value.reasons["openslide"]
-    assert "wsidicom" in info.value.reasons and str(series_dir / NAMES[0]) in str(info.value)
+        dataset.save_as(folder / name)
+
+
+def test_instances_without_image_type_open_with_wsidicom(
+    series_dir: Path, slides_dir: Path
+) -> None:
+    """openslide refuses such a series ("Couldn't get image flavor"); wsidicom opens it,
+    reading the instances as the pyramid's levels, with openslide's pixels for the original."""
+    _drop_image_type(series_dir)
+    with pytest.raises(UnsupportedSlideError, match="image flavor"):
+        open_slide(series_dir / NAMES[0], backend="openslide")
+    reference = open_slide(slides_dir / NAMES[0])
+    for path in (series_dir, series_dir / NAMES[0]):
+        with open_slide(path) as reader:
+            assert reader.backend == "wsidicom" and reader.level_dimensions == ((16, 16),)
+            assert reader.mpp == pytest.approx(0.499) and reader.mpp_source == "vendor"
+            assert reader.properties["wsidicom.image-type-inferred"] == "2"
+            for location, size in [((0, 0), (16, 16)), ((3, 5), (9, 7))]:
+                np.testing.assert_array_equal(
+                    reader.read_region(location, 0, size), reference.read_region(location, 0, size)
+                )
+    reference.close()
+    # the files on disk are not changed
+    assert all("ImageType" not in pydicom.dcmread(series_dir / n) for n in NAMES)
+    with WsiDicomReader(series_dir) as direct:
+        assert direct.read_region((0, 0), 0, (16, 16)).std() > 0
+
+
+def test_a_dicom_folder_is_tiled_end_to_end(
+    series_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``wsi-ssl tile`` on a folder of instances without ImageType; the slide id is the
+    series' (the folder, or any of its files, give the same), and the tiles are the pixels."""
+    _drop_image_type(series_dir)
+    root = tmp_path / "root"
+    argv = ["tile", str(series_dir), "--out", str(root), "--tile-size", "16"]
+    assert cli_main([*argv, "--tissue-threshold", "0", "--codec", "zstd", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["complete"] == 1 and summary["tiles"] == 1
+    [outcome] = summary["slides"]
+    store = open_store(root).slide(outcome["slide_id"])
+    assert store.source["reader"] == "wsidicom" and store.source["mpp"] == pytest.approx(0.499)
+    with open_slide(series_dir) as reader:
+        np.testing.assert_array_equal(store.tiles[0], reader.read_region((0, 0), 0, (16, 16)))
+    # the folder itself, through the API: the same slide, already complete
+    config = TilingConfig(tile_size=16, tissue_threshold=0.0, codec="zstd")
+    again = tile_slide(series_dir, root, config)
+    assert again.status == "skipped" and again.details["slide_id"] == outcome["slide_id"]
+    fingerprint = slide_fingerprint(series_dir)
+    assert slide_fingerprint(series_dir / NAMES[1]) == fingerprint
+    assert fingerprint not in {fingerprint_file(series_dir / n) for n in NAMES}
+    # changing any instance of the series changes the slide
+    dataset = pydicom.dcmread(series_dir / NAMES[1])
+    dataset.SeriesDescription = "edited"
+    dataset.save_as(series_dir / NAMES[1])
+    assert slide_fingerprint(series_dir) != fingerprint

@@ -2,7 +2,8 @@
 file of a series (the other instances of that series are found beside it).
 
 Registered after openslide and tiffslide: it opens what they refuse, such as a folder of
-DICOM instances. wsidicom is imported only when a slide is opened through it.
+DICOM instances, or instances without ``ImageType`` (read as the pyramid's levels,
+`wsi_ssl.slide._dicom_flavour`). wsidicom is imported only when a slide is opened through it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 
 from wsi_ssl.errors import UnsupportedSlideError
 from wsi_ssl.slide._base import BaseSlideReader, SlideMetadata, to_rgb
+from wsi_ssl.slide._dicom_flavour import lacks_image_type, open_as_volume
 from wsi_ssl.slide._registry import register_backend
 
 __all__ = ["WsiDicomReader"]
@@ -60,10 +62,14 @@ class WsiDicomReader(BaseSlideReader):
         files = series_files(self.path)
         if not files:
             raise UnsupportedSlideError(self.path, {self.backend: "no .dcm file in the folder"})
+        untyped: list[Path] = []
         try:
             self._slide: Any = WsiDicom.open(files)
         except Exception as err:  # wsidicom raises its own error types for unusable series
-            raise UnsupportedSlideError(self.path, {self.backend: str(err)}) from err
+            untyped = [f for f in files if lacks_image_type(f)]
+            if not untyped:
+                raise UnsupportedSlideError(self.path, {self.backend: str(err)}) from err
+            self._slide = self._open_untyped(files)
         levels = list(self._slide.levels)
         self._level_numbers = [int(level.level) for level in levels]
         width0 = levels[0].size.width
@@ -71,9 +77,20 @@ class WsiDicomReader(BaseSlideReader):
         return SlideMetadata(
             level_dimensions=tuple((lv.size.width, lv.size.height) for lv in levels),
             level_downsamples=tuple(width0 / lv.size.width for lv in levels),
-            properties={MPP_KEY: str(mpp), "wsidicom.files": str(len(files))},
+            properties={
+                MPP_KEY: str(mpp),
+                "wsidicom.files": str(len(files)),
+                "wsidicom.image-type-inferred": str(len(untyped)),
+            },
             vendor="dicom",
         )
+
+    def _open_untyped(self, files: list[Path]) -> Any:
+        """The series read with its instances without ``ImageType`` taken as VOLUME."""
+        try:
+            return open_as_volume(files)
+        except Exception as err:
+            raise UnsupportedSlideError(self.path, {self.backend: str(err)}) from err
 
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         downsample = self.level_downsamples[level]
