@@ -67,11 +67,9 @@ def _header(stream: bytes) -> tuple[set[int], tuple[int, int, int] | None]:
     return markers, frame
 
 
-def _jpeg_photometric(stored: StoredTiles) -> tifffile.PHOTOMETRIC | None:
+def _jpeg_photometric(stored: StoredTiles) -> int | None:
     page = stored.page
-    if page.compression != tifffile.COMPRESSION.JPEG:
-        return None
-    return tifffile.PHOTOMETRIC(page.photometric)
+    return page.photometric if page.compression == tifffile.COMPRESSION.JPEG else None
 
 
 def _corrupt(stored: StoredTiles, row: int, col: int, detail: str) -> CorruptSlideError:
