@@ -263,9 +263,10 @@ def test_picture_upload_searches_and_is_checked(layered: dict[str, Any]) -> None
 
 def test_label_files_feed_annotations_evaluation_and_mil(layered: dict[str, Any]) -> None:
     from wsi_ssl.annotations import read_annotations
-    from wsi_ssl.evaluation.tasks import LabelledTiles
+    from wsi_ssl.evaluation import RegionLabelTask
+    from wsi_ssl.evaluation.regions import load_region_labels
     from wsi_ssl.mil.labels import read_labels
-    from wsi_ssl.serve.labels import region_tile_labels, write_slide_labels
+    from wsi_ssl.serve.labels import write_slide_labels
 
     base, root, a, b = layered["base"], layered["root"], layered["a"], layered["b"]
     store = open_store(root).slide(a)
@@ -282,23 +283,22 @@ def test_label_files_feed_annotations_evaluation_and_mil(layered: dict[str, Any]
     ann = read_annotations(root / "labels" / "geojson" / f"{a}.geojson")
     assert ann.classes == ("tumour",)
     assert ann.geometries["tumour"].bounds == (x, y, x + 2 * side, y + side)
-    # evaluation: the tiles whose centre is in a region, shaped as evaluation's LabelledTiles
-    got = region_tile_labels(root)
-    centres = store.coords + side / 2
-    inside = np.flatnonzero(
-        (x <= centres[:, 0]) & (centres[:, 0] < x + 2 * side)
-        & (y <= centres[:, 1]) & (centres[:, 1] < y + side)
-    )  # fmt: skip
-    assert got.classes == ("not tumour", "tumour") and list(got.rows) == sorted([a, b])
-    assert np.array_equal(got.rows[a], inside) and len(got.rows[b]) > 0
-    tiles = LabelledTiles(rows=got.rows, y=got.y, groups=got.groups, classes=got.classes)
-    order = list(got.rows)
-    assert (tiles.y[tiles.groups == order.index(a)] == 1).all()
-    assert (tiles.y[tiles.groups == order.index(b)] == 0).all()
-    # MIL: a slide,label CSV its reader accepts (one class here, so it refuses; add another)
-    post_json(base, "/api/labels", {"slide": b, "box": [bx, by, side, side], "label": "normal"})
+    # MIL: a slide,label CSV its reader accepts; evaluation: the regions CSV as its region task
+    post_json(base, "/api/labels", {"slide": b, "box": rejected, "label": "normal"})  # re-judged
     path = write_slide_labels(root)
     with path.open() as f:
         assert list(csv.reader(f)) == [["slide", "label"], *sorted([[a, "tumour"], [b, "normal"]])]
     table = read_labels(path)
     assert {(r.slide, r.label) for r in table.rows} == {(a, "tumour"), (b, "normal")}
+    task = RegionLabelTask(root, root / "labels" / "regions.csv")
+    tiles = load_region_labels(task, max_per_class=1000, seed=0)
+    centres = store.coords + side / 2
+    inside = np.flatnonzero(
+        (x <= centres[:, 0]) & (centres[:, 0] < x + 2 * side)
+        & (y <= centres[:, 1]) & (centres[:, 1] < y + side)
+    )  # fmt: skip
+    assert tiles.classes == ("normal", "tumour") and set(tiles.rows) == {a, b}
+    assert np.array_equal(tiles.rows[a], inside) and len(tiles.rows[b]) >= 2
+    order = list(tiles.rows)
+    assert (tiles.y[tiles.groups == order.index(a)] == 1).all()
+    assert (tiles.y[tiles.groups == order.index(b)] == 0).all()

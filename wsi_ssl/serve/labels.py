@@ -8,12 +8,11 @@ Verdicts live under the archive root, each file written atomically on every chan
 * ``labels/geojson/<slide_id>.geojson``: each slide's accepted regions as QuPath annotations
   (a FeatureCollection of rectangles, ``classification.name`` = the label).
 
-The files feed the rest of the pipeline through the public readers here:
-:func:`region_tile_labels` gives evaluation's per-tile labels (the stored tiles whose centre
-lies in an accepted region take its label, those in a rejected one ``not <label>``), and
-:func:`write_slide_labels` a ``slide,label`` CSV for ``wsi-ssl mil`` (a slide takes the label
-of its accepted regions; slides whose regions disagree are left out). The GeoJSON files are
-QuPath annotations: :func:`wsi_ssl.annotations.read_annotations` reads them (tiling ``roi``).
+The files feed the rest of the pipeline: ``labels/regions.csv`` is evaluation's region task
+(``wsi-ssl evaluate --region-labels``, :mod:`wsi_ssl.evaluation.regions`); for MIL,
+:func:`write_slide_labels` writes a ``slide,label`` CSV (a slide takes the label of its
+accepted regions; slides whose regions disagree are left out). The GeoJSON files are QuPath
+annotations: :func:`wsi_ssl.annotations.read_annotations` reads them (tiling ``roi``).
 
 Routes: ``GET /api/labels``; ``POST /api/labels`` ``{slide, box, label, verdict}`` with
 verdict ``accept``, ``reject`` or ``clear``; ``POST /api/labels/more`` ``{label, k}``: the
@@ -49,9 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SLIDE_LABELS",
     "LabelBook",
-    "RegionTileLabels",
     "add_label_routes",
-    "region_tile_labels",
     "slide_labels_from_regions",
     "write_slide_labels",
 ]
@@ -62,7 +59,6 @@ MAX_REGIONS = 10_000
 Record = tuple[str, int, int, int, int, str]
 SLIDE_LABELS = "labels/slides.csv"
 """The archive's slide labels (``slide,label``): the server's label filter reads it."""
-REJECTED_PREFIX = "not "
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -146,56 +142,6 @@ class LabelBook:
         mine = [r for r in self.accepted if r[0] == slide_id]
         text = json.dumps(geojson(mine, name), indent=1) + "\n"
         _write_text(self.dir / "geojson" / f"{slide_id}.geojson", text)
-
-
-@dataclasses.dataclass(frozen=True)
-class RegionTileLabels:
-    """Per-tile labels from the label files, shaped like evaluation's ``LabelledTiles``:
-    ``rows`` slide id -> labelled tile rows (ascending), ``y`` the class index of each (slides
-    in ``rows`` order), ``groups`` the slide index of each, ``classes`` the class names."""
-
-    rows: dict[str, np.ndarray]
-    y: np.ndarray
-    groups: np.ndarray
-    classes: tuple[str, ...]
-
-
-def region_tile_labels(root: str | Path) -> RegionTileLabels:
-    """The stored tiles inside the labelled regions of ``root``'s ``labels/regions.csv`` (label)
-    and ``labels/rejected.csv`` (``not <label>``); accepted wins where both hold a tile.
-
-    Raises:
-        ConfigError: no labelled region holds a stored tile's centre.
-    """
-    from wsi_ssl.storage import open_store
-
-    book = LabelBook(Path(root))
-    named = [(r, r[5]) for r in book.rejected] + [(r, r[5]) for r in book.accepted]
-    named = [(r, name if r in book.accepted else REJECTED_PREFIX + name) for r, name in named]
-    classes = tuple(sorted({name for _, name in named}))
-    archive = open_store(root)
-    per_slide: dict[str, np.ndarray] = {}
-    for record, name in named:  # rejected first: an accepted region overrides
-        slide, x, y, w, h, _ = record
-        if slide not in per_slide:
-            per_slide[slide] = np.full(archive.slide(slide).n_tiles, -1, dtype=np.int64)
-        store = archive.slide(slide)
-        centres = store.coords + float(store.tiling["tile_size_level0"]) / 2
-        inside = (
-            (x <= centres[:, 0]) & (centres[:, 0] < x + w) & (y <= centres[:, 1])
-            & (centres[:, 1] < y + h)
-        )  # fmt: skip
-        per_slide[slide][inside] = classes.index(name)
-    rows = {sid: np.flatnonzero(y >= 0) for sid, y in sorted(per_slide.items())}
-    rows = {sid: r for sid, r in rows.items() if len(r)}
-    if not rows:
-        raise ConfigError(f"{root}: no labelled region holds a stored tile; label regions first")
-    return RegionTileLabels(
-        rows=rows,
-        y=np.concatenate([per_slide[sid][r] for sid, r in rows.items()]),
-        groups=np.concatenate([np.full(len(r), i) for i, r in enumerate(rows.values())]),
-        classes=classes,
-    )
 
 
 def slide_labels_from_regions(root: str | Path) -> dict[str, str]:
