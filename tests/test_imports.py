@@ -22,7 +22,6 @@ REASON = "Size:"
 """A module over ``MAX_LINES`` says why in its docstring, on a line starting with this."""
 
 OVERSIZED = {
-    "wsi_ssl.tissue": "owned by the tiling code; to split (issue 11)",
 }
 """Modules of other areas over the limit today, with why they are allowed for now."""
 
