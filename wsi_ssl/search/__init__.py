@@ -21,8 +21,8 @@ from wsi_ssl.lazy import lazy_exports
 __getattr__, __dir__ = lazy_exports(
     __name__,
     {
-        "wsi_ssl.search.index": ("SearchIndex", "AddSummary"),
-        "wsi_ssl.search.archive": ("ArchiveSource", "SlideEntry"),
+        "wsi_ssl.search.index": ("SearchIndex",),
+        "wsi_ssl.search.archive": ("AddSummary", "ArchiveSource", "SlideEntry"),
         "wsi_ssl.search.config": ("IndexConfig", "plan_index", "KINDS"),
         "wsi_ssl.search.results": ("Query", "SearchResult", "TileHit", "RegionHit", "SlideHit"),
         "wsi_ssl.search.ids": ("encode_ids", "decode_ids", "MAX_SLIDE_NUMBER", "MAX_TILE_NUMBER"),
@@ -56,10 +56,10 @@ __all__ = [
 
 if TYPE_CHECKING:
     from wsi_ssl.search import evaluate
-    from wsi_ssl.search.archive import ArchiveSource, SlideEntry
+    from wsi_ssl.search.archive import AddSummary, ArchiveSource, SlideEntry
     from wsi_ssl.search.config import KINDS, IndexConfig, plan_index
     from wsi_ssl.search.demo import demo_region_gallery
     from wsi_ssl.search.gallery import render_gallery
     from wsi_ssl.search.ids import MAX_SLIDE_NUMBER, MAX_TILE_NUMBER, decode_ids, encode_ids
-    from wsi_ssl.search.index import AddSummary, SearchIndex
+    from wsi_ssl.search.index import SearchIndex
     from wsi_ssl.search.results import Query, RegionHit, SearchResult, SlideHit, TileHit

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from wsi_ssl.storage.embeddings import Embeddings
 
 __all__ = [
+    "AddSummary",
     "ArchiveSource",
     "Collected",
     "SlideEntry",
@@ -88,6 +89,17 @@ class SlideEntry:
 
     def get(self, key: str, default: Any = None) -> Any:
         return getattr(self, key, default)
+
+
+@dataclass
+class AddSummary:
+    """What ``SearchIndex.add`` did: slides added, re-added (re-embedded), left unchanged."""
+
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    vectors: int = 0
+    notes: list[str] = field(default_factory=list)
 
 
 def find_entry(active: Sequence[SlideEntry], slide: str, where: str) -> SlideEntry:

@@ -13,8 +13,8 @@ IVF-PQ indexes is in :mod:`wsi_ssl.search.kinds`; the archive side in
 :mod:`wsi_ssl.search.archive`, query building in :mod:`wsi_ssl.search.queries`, ranking in
 :mod:`wsi_ssl.search.ranking`, the query methods in :mod:`wsi_ssl.search.searching`.
 
-Size: about 500 lines, one class: the index's own state (FAISS index, id map, files) and the
-writes that keep them consistent under the writer lock (build, add, remove, compact).
+One class: the index's own state (FAISS index, id map, files) and the writes that keep them
+consistent under the writer lock (build, add, remove, compact).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +35,7 @@ from wsi_ssl.errors import (
     SchemaMismatchError,
 )
 from wsi_ssl.search.archive import (
+    AddSummary,
     SlideEntry,
     collect,
     find_entry,
@@ -63,17 +63,6 @@ from wsi_ssl.storage.index_files import (
 __all__ = ["MAX_QUERY_TILES", "AddSummary", "SearchIndex"]
 
 Progress = Callable[[str], None] | None
-
-
-@dataclass
-class AddSummary:
-    """What ``SearchIndex.add`` did."""
-
-    added: list[str] = field(default_factory=list)
-    updated: list[str] = field(default_factory=list)
-    unchanged: int = 0
-    vectors: int = 0
-    notes: list[str] = field(default_factory=list)
 
 
 def _log(progress: Progress, msg: str) -> None:
