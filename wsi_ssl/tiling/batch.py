@@ -147,7 +147,8 @@ def tile_slide(
 
     Returns:
         The slide's outcome, "complete" or "skipped" (already complete); ``details`` hold
-        ``slide_id``, ``mpp``, ``root``, ``kept_embeddings`` and ``discarded_embeddings``.
+        ``path``, ``slide_id``, ``mpp``, ``root``, ``kept_embeddings`` and
+        ``discarded_embeddings``.
     """
     config = config or TilingConfig()
     started = time.perf_counter()
