@@ -124,6 +124,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_embed(args: argparse.Namespace) -> int:
     from wsi_ssl.embedding.job import embed
+    from wsi_ssl.embedding.torchrun import embed_torchrun, torchrun_rank
     from wsi_ssl.encoders import create_encoder
 
     config = EmbedConfig(
@@ -148,7 +149,14 @@ def run_embed(args: argparse.Namespace) -> int:
         resize=args.resize,
     )
     progress = not (args.quiet or args.json)
-    if args.devices:
+    rank = torchrun_rank()
+    if rank is not None:
+        summary = embed_torchrun(
+            args.root, encoder, rank, config, slides=args.slides, progress=progress
+        )
+        if rank.rank != 0:  # rank 0 reports for all
+            return 1 if summary.failed or summary.busy else 0
+    elif args.devices:
         from wsi_ssl.embedding.devices import embed_on_devices
 
         summary = embed_on_devices(

@@ -1,7 +1,12 @@
-"""Embedding sharded across devices: two real processes on the CPU, the same job in each."""
+"""Embedding sharded across devices: two real processes on the CPU, the same job in each (with
+``--devices`` and under ``torchrun``), and one of them killed."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +15,11 @@ import torch
 
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.embedding import embed
-from wsi_ssl.embedding.devices import embed_on_devices, parse_devices, shard_slides
+from wsi_ssl.embedding.devices import embed_on_devices, parse_devices, shard_slides, slide_sizes
+from wsi_ssl.encoders import create_encoder
 from wsi_ssl.errors import ConfigError, DeviceUnavailableError
 from wsi_ssl.storage import open_store
+from wsi_ssl.storage.embeddings import embedding_status
 from wsi_ssl.synthetic import write_synthetic_slide
 from wsi_ssl.tiling.batch import tile_slide
 
@@ -66,3 +73,58 @@ def test_cli_devices_are_checked_before_any_work(root: Path) -> None:
     argv = ["embed", str(root), "--encoder", "random-cnn", "--devices", "cpu,cuda:1"]
     code, _, err = run_cli([*argv, "--quiet"])
     assert code == 2 and err.count("\n") == 1 and "cuda:1" in err and "not available" in err
+
+
+def _fresh_copy(root: Path, dest: Path) -> Path:
+    """The archive's slide stores without any embeddings."""
+    shutil.copytree(root, dest, ignore=shutil.ignore_patterns("embeddings"))
+    return dest
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_a_killed_device_process_fails_its_slides_only_and_a_rerun_completes_them(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _fresh_copy(root, tmp_path / "root")
+    archive = open_store(root)
+    lost, kept = shard_slides(slide_sizes(archive, archive.slide_ids), 2)
+    # the first device's process is SIGKILLed as it commits its first slide
+    monkeypatch.setenv("WSI_SSL_FAULT", f"kill_before_rename:{lost[0]}.zarr/embeddings/")
+    summary = embed_on_devices(root, "random-cnn", "cpu,cpu", workers=0)
+    by_slide = {o.slide: o for o in summary.outcomes}
+    assert {s for s, o in by_slide.items() if o.status == "complete"} == set(kept)
+    for s in lost:
+        assert by_slide[s].status == "failed" and by_slide[s].error_type == "DeviceProcessError"
+        assert "exited with code -9" in (by_slide[s].error or "")
+        assert embedding_status(archive.slide(s), summary.encoder_id) != "complete"
+    assert summary.exit_code == 1
+    monkeypatch.delenv("WSI_SSL_FAULT")
+    again = embed_on_devices(root, "random-cnn", "cpu,cpu", workers=0)
+    status = {o.slide: o.status for o in again.outcomes}
+    assert {status[s] for s in kept} == {"skipped"}
+    # the victim died between marking its array complete and renaming it into place: the
+    # re-run's writer finishes that rename (skipped, not redone); the shard's others are embedded
+    assert status[lost[0]] == "skipped" and {status[s] for s in lost[1:]} <= {"complete"}
+    for s in archive.slide_ids:
+        assert embedding_status(archive.slide(s), again.encoder_id) == "complete"
+
+
+@pytest.mark.slow
+def test_torchrun_shards_the_slides_and_rank_zero_reports(root: Path, tmp_path: Path) -> None:
+    root = _fresh_copy(root, tmp_path / "root")
+    argv = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "wsi_ssl.cli.main", "embed", str(root), "--encoder", "random-cnn",
+        "--device", "cpu", "--workers", "0", "--quiet",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    totals = [line for line in done.stdout.splitlines() if " embedded, " in line]
+    assert len(totals) == 1 and totals[0].startswith("3 embedded, 0 already complete")
+    archive = open_store(root)
+    eid = create_encoder("random-cnn").encoder_id
+    assert all(embedding_status(archive.slide(s), eid) == "complete" for s in archive.slide_ids)
+    again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and "0 embedded, 3 already complete" in again.stdout

@@ -26,7 +26,14 @@ from wsi_ssl.errors import ConfigError
 from wsi_ssl.outcome import SlideOutcome
 from wsi_ssl.storage import open_store
 
-__all__ = ["embed_on_devices", "parse_devices", "shard_slides"]
+__all__ = [
+    "embed_on_devices",
+    "merge_summaries",
+    "parse_devices",
+    "portable",
+    "shard_slides",
+    "slide_sizes",
+]
 
 
 def parse_devices(devices: str | Sequence[str]) -> list[str]:
@@ -60,10 +67,14 @@ def _run_shard(
     index: int,
 ) -> None:
     summary = embed(root, encoder, config, slides=slides, weights=weights, progress=progress)
-    # The exception stays in this process (custom signatures do not unpickle); the outcome
-    # keeps its error text and type.
+    results.put((index, portable(summary)))
+
+
+def portable(summary: EmbedSummary) -> EmbedSummary:
+    """``summary`` fit to cross processes: the outcomes keep their error text and type, the
+    exceptions themselves stay here (custom signatures do not unpickle)."""
     summary.outcomes = [dataclasses.replace(o, _exception=None) for o in summary.outcomes]
-    results.put((index, summary))
+    return summary
 
 
 def embed_on_devices(
@@ -93,7 +104,7 @@ def embed_on_devices(
     started = time.perf_counter()
     archive = open_store(root)
     ids = list(dict.fromkeys(slides)) if slides is not None else archive.slide_ids
-    sizes = {s: _n_tiles(archive, s) for s in ids}
+    sizes = slide_sizes(archive, ids)
     spec: Encoder | str = encoder if isinstance(encoder, Encoder) else str(encoder)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -107,14 +118,26 @@ def embed_on_devices(
         process.start()
         jobs.append((device, shard, process))
     summaries = _collect(jobs, results)
-    return _merge(root, ids, jobs, summaries, config, names, time.perf_counter() - started)
+    lost = {
+        index: f"the process embedding on {device} exited with code {process.exitcode} before "
+        "reporting; re-run the same command to resume these slides"
+        for index, (device, _, process) in enumerate(jobs)
+        if index not in summaries
+    }
+    shards = [(device, shard) for device, shard, _ in jobs]
+    seconds = time.perf_counter() - started
+    return merge_summaries(root, ids, shards, summaries, lost, config, names, seconds)
 
 
-def _n_tiles(archive: Any, slide_id: str) -> int:
-    try:
-        return int(archive.slide(slide_id).n_tiles)
-    except Exception:  # the job itself reports why this slide cannot be embedded
-        return 0
+def slide_sizes(archive: Any, ids: Sequence[str]) -> dict[str, int]:
+    """Tiles per slide (0 for a slide that cannot be opened: the job reports why)."""
+    sizes = {}
+    for slide_id in ids:
+        try:
+            sizes[slide_id] = int(archive.slide(slide_id).n_tiles)
+        except Exception:
+            sizes[slide_id] = 0
+    return sizes
 
 
 def _collect(jobs: list[tuple[str, list[str], Any]], results: Any) -> dict[int, EmbedSummary]:
@@ -132,26 +155,27 @@ def _collect(jobs: list[tuple[str, list[str], Any]], results: Any) -> dict[int, 
     return summaries
 
 
-def _merge(
+def merge_summaries(
     root: str | Path,
     ids: list[str],
-    jobs: list[tuple[str, list[str], Any]],
+    shards: list[tuple[str, list[str]]],
     summaries: dict[int, EmbedSummary],
+    lost: dict[int, str],
     config: EmbedConfig,
     devices: list[str],
     seconds: float,
 ) -> EmbedSummary:
+    """One summary of the shards' ``(device, slides)``: each shard's own outcomes, or, for a
+    shard whose process never reported, its slides failed with the ``lost`` message."""
     by_slide: dict[str, SlideOutcome] = {}
-    for index, (device, shard, process) in enumerate(jobs):
+    for index, (_, shard) in enumerate(shards):
         if index in summaries:
             by_slide.update({o.slide: o for o in summaries[index].outcomes})
             continue
-        error = (
-            f"the process embedding on {device} exited with code {process.exitcode} before "
-            "reporting; re-run the same command to resume these slides"
-        )
         for s in shard:
-            by_slide[s] = SlideOutcome(s, "failed", error=error, error_type="DeviceProcessError")
+            by_slide[s] = SlideOutcome(
+                s, "failed", error=lost[index], error_type="DeviceProcessError"
+            )
     first = next(iter(summaries.values()), None)
     return EmbedSummary(
         outcomes=[by_slide[s] for s in ids if s in by_slide],
