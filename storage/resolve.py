@@ -106,7 +106,8 @@ def resolve_encoder(available: Iterable[str], wanted: str | None, where: str | P
         if ids:
             raise ConfigError(
                 f"{where}: embeddings of {len(ids)} encoders ({', '.join(ids)}); pass the "
-                "encoder id (or a unique prefix of it) to choose one"
+                "encoder id (or a unique prefix of it) to choose one",
+                parameters=("encoder",),
             )
         raise EmbeddingsNotFoundError(where, "(any)", ids)
     if wanted in ids:

@@ -122,8 +122,11 @@ def test_two_rows_for_one_store_and_slides_without_embeddings(
     with pytest.raises(EmbeddingsNotFoundError, match="available: other-enc, random-cnn"):
         match_labels(archive, csv, "resnet50")
     # no encoder named, and the labelled slides have two: say which, and how to choose
-    with pytest.raises(ConfigError, match=r"embeddings of 2 encoders .*pass encoder="):
+    with pytest.raises(
+        ConfigError, match=r"embeddings of 2 encoders .*pass the encoder id"
+    ) as info:
         match_labels(archive, csv, None)
+    assert info.value.parameters == ("encoder",)  # the storage rule, as for export and index
 
 
 def test_skipping_can_leave_one_class(archive: Path, tmp_path: Path) -> None:

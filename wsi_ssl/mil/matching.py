@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wsi_ssl.errors import (
-    ConfigError,
-    EmbeddingsNotFoundError,
     EmptyBagError,
     LabelsError,
     SchemaMismatchError,
@@ -122,28 +120,15 @@ class MatchReport:
 
 
 def _resolve_encoder(root: Path, wanted: str | None, ids_by_slide: dict[str, list[str]]) -> str:
-    union = sorted({i for ids in ids_by_slide.values() for i in ids})
-    if wanted is None:
-        common = (
-            set.intersection(*(set(ids) for ids in ids_by_slide.values()))
-            if ids_by_slide
-            else set()
-        )
+    """``wanted`` (an id or unique prefix) among the labelled slides' encoders; None: the one
+    every labelled slide has, else the storage rule (the only one there)."""
+    from wsi_ssl.storage.resolve import resolve_encoder
+
+    if wanted is None and ids_by_slide:
+        common = set.intersection(*(set(ids) for ids in ids_by_slide.values()))
         if len(common) == 1:
             return next(iter(common))
-        if union:
-            raise ConfigError(
-                f"{root}: the labelled slides have embeddings of {len(union)} encoders "
-                f"({', '.join(union)}); pass encoder=ENCODER_ID (or a unique prefix)",
-                parameters=("encoder",),
-            )
-        raise EmbeddingsNotFoundError(root, "(any)", union)
-    if wanted in union:
-        return wanted
-    matches = [i for i in union if i.startswith(wanted)]
-    if len(matches) == 1:
-        return matches[0]
-    raise EmbeddingsNotFoundError(root, wanted, union)
+    return resolve_encoder({i for ids in ids_by_slide.values() for i in ids}, wanted, root)
 
 
 def slide_file_names(archive: Archive, slide_ids: list[str]) -> dict[str, str]:
