@@ -13,18 +13,25 @@ steps per epoch (tiles per epoch // global batch); fractional epochs are allowed
 ``steps`` set, the run lasts that many optimiser steps and the epoch-based warm-ups keep
 their length in steps, clipped to the run.
 
-Importing this module loads no torch.
+The valid values and the checks are :mod:`wsi_ssl.ssl.config_checks`'s. Importing this module
+loads no torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from wsi_ssl.errors import ConfigError
-from wsi_ssl.ssl.backbones import get_spec
+from wsi_ssl.ssl.config_checks import (
+    AUGMENTS,
+    DEVICES,
+    PRECISIONS,
+    SAMPLINGS,
+    STAIN_METHODS,
+    check_config,
+)
 from wsi_ssl.ssl.methods import RECIPES
 
 __all__ = [
@@ -35,15 +42,11 @@ __all__ = [
     "PRESETS",
     "RUNTIME_FIELDS",
     "SAMPLINGS",
+    "STAIN_METHODS",
     "PretrainConfig",
 ]
 
-AUGMENTS = ("auto", "loader", "batch")
 METHODS = tuple(RECIPES.names())  # the built-in methods (more may be registered)
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-SAMPLINGS = ("uniform", "balanced")
-STAIN_METHODS = ("macenko", "reinhard", "vahadane")  # wsi_ssl.stain.METHODS (which loads torch)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -269,145 +272,7 @@ class PretrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
-        _choice("method", self.method, tuple(RECIPES.names()))
-        _positive_int(
-            self, "out_dim", "hidden_dim", "bottleneck_dim", "batch_size", "n_local_crops"
-        )
-        _positive_int(self, "checkpoint_every", "keep_checkpoints", "log_every")
-        self._check_augmentations()
-        self._check_schedules()
-        self._check_runtime_fields()
-        self._check_recipe_fields()
-        self._check_data_fields()
-
-    def _check_augmentations(self) -> None:
-        spec = get_spec(self.arch)
-        for name in ("global_crop_size", "local_crop_size"):
-            size = getattr(self, name)
-            if not isinstance(size, int) or size < 8 or size % (spec.patch_size or 1):
-                raise ConfigError(
-                    f"{name} must be an integer >= 8 and a multiple of {self.arch}'s patch size "
-                    f"{spec.patch_size}; got {size!r}"
-                )
-        if self.local_crop_size > self.global_crop_size:
-            raise ConfigError(
-                f"local_crop_size ({self.local_crop_size}) must not exceed global_crop_size "
-                f"({self.global_crop_size})"
-            )
-        for name in ("global_crop_scale", "local_crop_scale", "blur_sigma"):
-            lo, hi = _pair(self, name, 2)
-            if not 0 < lo <= hi or (name != "blur_sigma" and hi > 1):
-                raise ConfigError(f"{name} must be (lo, hi) with 0 < lo <= hi <= 1; got {(lo, hi)}")
-        for name in (
-            "hflip_prob",
-            "vflip_prob",
-            "rot90_prob",
-            "hed_jitter_prob",
-            "color_jitter_prob",
-            "grayscale_prob",
-            "solarization_prob",
-            "drop_path_rate",
-        ):
-            _unit(name, getattr(self, name))
-        for p in _pair(self, "blur_probs", 3):
-            _unit("blur_probs", p)
-        for name in ("hed_sigma", "brightness", "contrast", "saturation"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be in [0, 1); got {getattr(self, name)}")
-        if not 0 <= self.hue <= 0.5:
-            raise ConfigError(f"hue must be in [0, 0.5]; got {self.hue}")
-        _pair(self, "mean", 3)
-        if any(not s > 0 for s in _pair(self, "std", 3)):
-            raise ConfigError(f"std must be three positive numbers; got {self.std}")
-
-    def _check_schedules(self) -> None:
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            raise ConfigError(f"steps must be a positive integer or None; got {self.steps!r}")
-        if not (math.isfinite(self.epochs) and self.epochs > 0):
-            raise ConfigError(f"epochs must be > 0; got {self.epochs}")
-        for name in ("warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer_epochs"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
-        for name in ("base_lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
-        if not self.base_lr > 0:
-            raise ConfigError(f"base_lr must be > 0; got {self.base_lr}")
-        for name in ("momentum_teacher", "center_momentum"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be in [0, 1); got {getattr(self, name)}")
-        if not self.momentum_teacher <= self.momentum_teacher_end <= 1:
-            raise ConfigError(
-                f"momentum_teacher_end must be in [momentum_teacher, 1]; got {self.momentum_teacher_end}"
-            )
-        for name in ("warmup_teacher_temp", "teacher_temp", "student_temp"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0; got {getattr(self, name)}")
-
-    def _check_runtime_fields(self) -> None:
-        _choice("sampling", self.sampling, SAMPLINGS)
-        _choice("augment", self.augment, AUGMENTS)
-        _choice("device", self.device, DEVICES)
-        _choice("precision", self.precision, PRECISIONS)
-        if self.tile_size is not None and self.tile_size < 16:
-            raise ConfigError(f"tile_size must be >= 16 or None; got {self.tile_size}")
-        if self.mpp is not None and not self.mpp > 0:
-            raise ConfigError(f"mpp must be > 0 or None; got {self.mpp}")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ConfigError(f"num_threads must be >= 1 or None; got {self.num_threads}")
-        if self.num_workers is not None and self.num_workers < 0:
-            raise ConfigError(f"num_workers must be >= 0 or None; got {self.num_workers}")
-        if self.precision == "fp16" and self.device == "cpu":
-            raise ConfigError("precision 'fp16' needs CUDA; use 'bf16' or 'fp32' on the CPU")
-
-    def _check_recipe_fields(self) -> None:
-        _positive_int(self, "sinkhorn_iterations", "decoder_dim", "decoder_depth", "decoder_heads")
-        for name in ("ibot_loss_weight", "koleo_loss_weight", "teacher_warmup_epochs"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
-        for name in ("mask_probability", "min_tissue"):
-            _unit(name, getattr(self, name))
-        lo, hi = _pair(self, "mask_ratio", 2)
-        if not 0 < lo <= hi < 1:
-            raise ConfigError(f"mask_ratio must be (lo, hi) with 0 < lo <= hi < 1; got {(lo, hi)}")
-        if not 0 < self.mae_mask_ratio < 1:
-            raise ConfigError(f"mae_mask_ratio must be in (0, 1); got {self.mae_mask_ratio}")
-        if self.decoder_dim % self.decoder_heads:
-            raise ConfigError(
-                f"decoder_dim ({self.decoder_dim}) must be a multiple of decoder_heads "
-                f"({self.decoder_heads})"
-            )
-        if not 0 < self.layer_decay <= 1:
-            raise ConfigError(f"layer_decay must be in (0, 1]; got {self.layer_decay}")
-        if not isinstance(self.freeze_blocks, int) or self.freeze_blocks < 0:
-            raise ConfigError(f"freeze_blocks must be an integer >= 0; got {self.freeze_blocks!r}")
-        if self.init_weights is not None and self.init is None:
-            raise ConfigError("init_weights needs init (the encoder the weights belong to)")
-        if self.method in ("dinov2", "mae") and get_spec(self.arch).family not in ("vit", None):
-            from wsi_ssl.errors import ArchitectureMismatchError
-
-            raise ArchitectureMismatchError(
-                f"method {self.method!r} masks image patches and needs a ViT backbone, but arch "
-                f"{self.arch!r} is a {get_spec(self.arch).family}; choose a vit_* arch (or an "
-                "init that is a ViT) or method='dino'"
-            )
-
-    def _check_data_fields(self) -> None:
-        if not 0 <= self.min_tile_std < 128:
-            raise ConfigError(f"min_tile_std must be in [0, 128); got {self.min_tile_std}")
-        if (self.stain_normalize is None) != (self.stain_reference is None):
-            raise ConfigError(
-                "stain_normalize and stain_reference go together: give both (a method and a "
-                f"reference image) or neither; got {self.stain_normalize!r}, "
-                f"{self.stain_reference!r}",
-                parameters=("stain_normalize", "stain_reference"),
-            )
-        if self.stain_normalize is not None and self.stain_normalize not in STAIN_METHODS:
-            raise ConfigError(
-                f"stain_normalize must be one of {', '.join(STAIN_METHODS)}; got "
-                f"{self.stain_normalize!r}",
-                parameters=("stain_normalize",),
-            )
+        check_config(self)
 
     # -- derived ---------------------------------------------------------------------------
     @property
@@ -459,34 +324,6 @@ class PretrainConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
-
-
-def _positive_int(config: PretrainConfig, *names: str) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer; got {value!r}")
-
-
-def _unit(name: str, value: Any) -> None:
-    if not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise ConfigError(f"{name} must be in [0, 1]; got {value!r}")
-
-
-def _pair(config: PretrainConfig, name: str, n: int) -> tuple[float, ...]:
-    value = getattr(config, name)
-    if (
-        not isinstance(value, tuple)
-        or len(value) != n
-        or not all(isinstance(v, int | float) and math.isfinite(v) for v in value)
-    ):
-        raise ConfigError(f"{name} must be {n} numbers; got {value!r}")
-    return value
-
-
-def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ConfigError(f"{name} must be one of {', '.join(valid)}; got {value!r}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
