@@ -166,8 +166,7 @@ def match_labels(
         EmptyBagError: a labelled slide has 0 tiles (unless ``skip_missing``).
     """
     from wsi_ssl.storage import open_store
-    from wsi_ssl.storage.embeddings import embedding_ids, open_embeddings_array
-    from wsi_ssl.storage.resolve import slide_matches, slide_names
+    from wsi_ssl.storage.embeddings import embedding_ids
 
     if isinstance(labels, LabelTable):
         table = labels
@@ -177,8 +176,65 @@ def match_labels(
         table = read_labels(labels)
     archive = open_store(root)
     complete = archive.slide_ids
-    names, keys = slide_file_names(archive, complete), slide_names(archive, complete)
+    names = slide_file_names(archive, complete)
 
+    matched, missing = _match_rows(table, archive, names, root, skip_missing)
+    ids_by_slide = {sid: embedding_ids(archive.store_path(sid)) for _, sid in matched}
+    encoder_id = _resolve_encoder(Path(root), encoder, ids_by_slide)
+    no_emb = [r for r, sid in matched if encoder_id not in ids_by_slide[sid]]
+    if no_emb and not skip_missing:
+        raise LabelsError(
+            table.path,
+            f"{len(no_emb)} labelled slide(s) have no embeddings {encoder_id!r} "
+            f"({line_list([r.line for r in no_emb])}); run `wsi-ssl embed` with that encoder or "
+            "pass skip_missing=True",
+            [r.line for r in no_emb],
+            parameters=("skip_missing",),
+        )
+    embedded = [(r, sid) for r, sid in matched if encoder_id in ids_by_slide[sid]]
+    slides, empty, dims = _bags(table, archive, embedded, names, encoder_id, skip_missing)
+    kept = {s.slide_id for s in slides}
+    used = [r for r, sid in matched if sid in kept]
+    check_classes(table.path, used)
+    if len(dims) > 1:
+        raise SchemaMismatchError(
+            f"{root}: embeddings {encoder_id!r} have different widths {sorted(dims)} across "
+            "slides; re-embed them with that encoder and resume=False",
+            parameters=("resume",),
+        )
+    labelled = {sid for _, sid in matched}
+    return MatchReport(
+        labels_path=table.path,
+        root=str(root),
+        encoder_id=encoder_id,
+        in_dim=dims.pop(),
+        classes=sort_classes(r.label for r in used),
+        slides=_reindex(slides, sort_classes(r.label for r in used)),
+        missing=missing,
+        no_embeddings=no_emb,
+        empty=empty,
+        unlabelled=[sid for sid in complete if sid not in labelled],
+        names=names,
+    )
+
+
+def _match_rows(
+    table: LabelTable,
+    archive: Archive,
+    names: dict[str, str],
+    root: str | Path,
+    skip_missing: bool,
+) -> tuple[list[tuple[LabelRow, str]], list[LabelRow]]:
+    """Each row's slide id (:mod:`wsi_ssl.storage.resolve`), and the rows naming no store.
+
+    Raises:
+        LabelsError: a row names several stores, two rows name one store, rows name no store
+            (unless ``skip_missing``), or no row names a store.
+    """
+    from wsi_ssl.storage.resolve import slide_matches, slide_names
+
+    complete = list(names)
+    keys = slide_names(archive, complete)
     matched: list[tuple[LabelRow, str]] = []
     missing: list[LabelRow] = []
     ambiguous: list[tuple[LabelRow, list[str]]] = []
@@ -222,25 +278,30 @@ def match_labels(
     if not matched:
         raise LabelsError(table.path, f"no labelled slide has a complete store under {root}")
 
-    ids_by_slide = {sid: embedding_ids(archive.store_path(sid)) for _, sid in matched}
-    encoder_id = _resolve_encoder(Path(root), encoder, ids_by_slide)
-    no_emb = [r for r, sid in matched if encoder_id not in ids_by_slide[sid]]
-    if no_emb and not skip_missing:
-        raise LabelsError(
-            table.path,
-            f"{len(no_emb)} labelled slide(s) have no embeddings {encoder_id!r} "
-            f"({line_list([r.line for r in no_emb])}); run `wsi-ssl embed` with that encoder or "
-            "pass skip_missing=True",
-            [r.line for r in no_emb],
-            parameters=("skip_missing",),
-        )
+    return matched, missing
+
+
+def _bags(
+    table: LabelTable,
+    archive: Archive,
+    embedded: list[tuple[LabelRow, str]],
+    names: dict[str, str],
+    encoder_id: str,
+    skip_missing: bool,
+) -> tuple[list[LabelledSlide], list[LabelRow], set[int]]:
+    """The ``embedded`` slides (matched, with embeddings ``encoder_id``) with their bag sizes;
+    the rows whose bag is empty; the embedding widths seen.
+
+    Raises:
+        EmptyBagError: a slide has 0 tiles (unless ``skip_missing``).
+    """
+    from wsi_ssl.storage.embeddings import open_embeddings_array
+
     classes = table.classes
     slides: list[LabelledSlide] = []
     empty: list[LabelRow] = []
     dims: set[int] = set()
-    for r, sid in matched:
-        if encoder_id not in ids_by_slide[sid]:
-            continue
+    for r, sid in embedded:
         path = archive.store_path(sid)
         shape = open_embeddings_array(path, encoder_id).shape
         if shape[0] == 0:
@@ -263,29 +324,7 @@ def match_labels(
                 r.fold,
             )
         )
-    kept = {s.slide_id for s in slides}
-    used = [r for r, sid in matched if sid in kept]
-    check_classes(table.path, used)
-    if len(dims) > 1:
-        raise SchemaMismatchError(
-            f"{root}: embeddings {encoder_id!r} have different widths {sorted(dims)} across "
-            "slides; re-embed them with that encoder and resume=False",
-            parameters=("resume",),
-        )
-    labelled = {sid for _, sid in matched}
-    return MatchReport(
-        labels_path=table.path,
-        root=str(root),
-        encoder_id=encoder_id,
-        in_dim=dims.pop(),
-        classes=sort_classes(r.label for r in used),
-        slides=_reindex(slides, sort_classes(r.label for r in used)),
-        missing=missing,
-        no_embeddings=no_emb,
-        empty=empty,
-        unlabelled=[sid for sid in complete if sid not in labelled],
-        names=names,
-    )
+    return slides, empty, dims
 
 
 def _reindex(slides: list[LabelledSlide], classes: list[str]) -> list[LabelledSlide]:
