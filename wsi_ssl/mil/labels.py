@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -129,6 +129,17 @@ def read_labels(path: str | Path) -> LabelTable:
             the lines at fault.
     """
     path = Path(path)
+    reader, header, col = _read_header(path)
+    rows = _read_rows(path, reader, col)
+    _check_rows(path, rows, "fold" in col)
+    table = LabelTable(str(path), rows, [h for h in header if h])
+    check_classes(table.path, rows)
+    return table
+
+
+def _read_header(path: Path) -> tuple[Iterator[list[str]], list[str], dict[str, int]]:
+    """The CSV reader past the header, the header's lower-case names and each known
+    column's position."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
@@ -156,7 +167,11 @@ def read_labels(path: str | Path) -> LabelTable:
         for name in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)
         if name in header
     }
+    return reader, header, col
 
+
+def _read_rows(path: Path, reader: Iterator[list[str]], col: dict[str, int]) -> list[LabelRow]:
+    """The non-blank rows; an empty cell or a non-integer fold is an error naming its lines."""
     rows: list[LabelRow] = []
     empty: dict[str, list[int]] = defaultdict(list)
     bad_fold: list[int] = []
@@ -198,6 +213,11 @@ def read_labels(path: str | Path) -> LabelTable:
         raise LabelsError(path, f"'fold' is not an integer on {line_list(bad_fold)}", bad_fold)
     if not rows:
         raise LabelsError(path, "no rows below the header")
+    return rows
+
+
+def _check_rows(path: Path, rows: list[LabelRow], has_fold: bool) -> None:
+    """No slide twice; with a fold column, each patient in one fold and at least 2 folds."""
     seen: dict[str, list[int]] = defaultdict(list)
     for r in rows:
         seen[r.slide].append(r.line)
@@ -211,7 +231,7 @@ def read_labels(path: str | Path) -> LabelTable:
             "keep one row per slide",
             where,
         )
-    if "fold" in col:
+    if has_fold:
         folds_of: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
         for r in rows:
             if r.patient is not None and r.fold is not None:
@@ -228,6 +248,3 @@ def read_labels(path: str | Path) -> LabelTable:
             )
         if len({r.fold for r in rows}) < 2:
             raise LabelsError(path, "the 'fold' column has a single value; give at least 2 folds")
-    table = LabelTable(str(path), rows, [h for h in header if h])
-    check_classes(table.path, rows)
-    return table
