@@ -45,14 +45,16 @@ def raw(
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    """One request with exactly these headers (``Host`` included when given)."""
+    """One request with exactly these headers (``Host`` included when given); the body is sent
+    as is, with its ``Content-Length`` unless the headers give one or a ``Transfer-Encoding``."""
     host, port = base.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     try:
         conn.putrequest(method, path, skip_host="Host" in (headers or {}))
         for key, value in (headers or {}).items():
             conn.putheader(key, value)
-        if body is not None and "Content-Length" not in (headers or {}):
+        given = headers or {}
+        if body is not None and "Content-Length" not in given and "Transfer-Encoding" not in given:
             conn.putheader("Content-Length", str(len(body)))
         conn.endheaders()
         if body is not None:

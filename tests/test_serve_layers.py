@@ -230,14 +230,16 @@ def test_picture_upload_searches_and_is_checked(layered: dict[str, Any]) -> None
         {"Content-Type": "image/png", "Content-Length": str(300_000)},
     )
     assert status == 413 and "200000 bytes" in json.loads(body)["error"]
+    big = b"\x89PNG" + bytes(250_000)  # streamed in chunks, no length: cut once past the cap
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (big[:150_000], big[150_000:]))
     status, _, body = raw(
         base,
         "POST",
         "/api/search/image",
-        b"\x89PNG" + bytes(250_000),
-        {"Content-Type": "image/png"},
+        chunked + b"0\r\n\r\n",
+        {"Content-Type": "image/png", "Transfer-Encoding": "chunked"},
     )
-    assert status == 413
+    assert status == 413 and len(body) < 300
     # a JSON route keeps its 64 KiB cap and JSON-only rule
     status, _, _ = raw(base, "POST", "/api/search", png, {"Content-Type": "image/png"})
     assert status == 415
