@@ -37,16 +37,17 @@ ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 """APP14 "Adobe" segment, version 100, flags 0, transform 0: the components are RGB."""
 
 REDUCED_SCALES = (2, 4, 8)
-"""Shrink factors libjpeg decodes in the DCT domain (and PIL's ``draft`` reaches)."""
+"""Shrink factors libjpeg-turbo decodes in the DCT domain (its scaled inverse DCTs)."""
 
 REDUCED_TOLERANCE = {"mean": 1.5, "p99": 12.0}
 """Mean and 99th-percentile absolute difference (8-bit levels, all channels) allowed between a
 tile decoded at 1/k and its full decode box-averaged k x k. Measured on CMU-1 (real H&E) at
 k = 2: RGB 4:4:4 tiles mean 0.1, p99 2; YCbCr 4:2:0 q90 tiles mean 1.0, p99 9 (the chroma
-is upsampled at the reduced size). JPEG q90 itself moves pixels by about 2 levels on average."""
+is upsampled at the reduced size)."""
 
 _APP0, _APP14, _SOS = 0xE0, 0xEE, 0xDA
-_SOF = {0xC0, 0xC1, 0xC2}  # baseline, extended, progressive Huffman frames
+_SOF = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (not DHT, JPG, DAC)
+_PORTABLE_SOF = {0xC0, 0xC1, 0xC2}  # Huffman baseline, extended, progressive: any decoder
 
 
 def _header(stream: bytes) -> tuple[set[int], tuple[int, int, int] | None]:
@@ -100,8 +101,9 @@ def _checked_stream(stored: StoredTiles, row: int, col: int) -> tuple[bytes, set
 
 def portable_jpeg(stored: StoredTiles, row: int, col: int) -> bytes | None:
     """Stored tile (row, col) as a JPEG stream any decoder reads as the slide's RGB, or None
-    where it cannot be made one (not JPEG; an RGB tile that already carries a JFIF or Adobe
-    marker, which would contradict the TIFF's photometric).
+    where it cannot be made one (not JPEG; lossless or arithmetic-coded frames, which not every
+    decoder reads; an RGB tile that already carries a JFIF or Adobe marker, which would
+    contradict the TIFF's photometric).
 
     Raises:
         CorruptSlideError: the stream's frame header is not the level's tile.
@@ -110,6 +112,8 @@ def portable_jpeg(stored: StoredTiles, row: int, col: int) -> bytes | None:
     if photometric not in (tifffile.PHOTOMETRIC.YCBCR, tifffile.PHOTOMETRIC.RGB):
         return None
     stream, markers = _checked_stream(stored, row, col)
+    if not markers & _PORTABLE_SOF:
+        return None
     if photometric == tifffile.PHOTOMETRIC.YCBCR:
         return stream
     if markers & {_APP0, _APP14}:
