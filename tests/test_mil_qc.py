@@ -112,3 +112,16 @@ def test_the_flag_defaults_to_every_tile(archive, tmp_path: Path) -> None:
     mil.train(root, labels, ENC, run, config)
     [pred] = mil.predict(run, root, tmp_path / "p", slides=["s1.svs"], explain=False).slides
     assert pred.prediction is not None and np.all(pred.prediction.attention > 0)
+
+
+def test_a_slide_with_every_tile_flagged_is_an_empty_bag(archive, tmp_path: Path) -> None:
+    root, labels, _ = archive
+    table = tmp_path / "labels.csv"
+    table.write_text(labels.read_text() + "all-pen.svs,a\n")
+    report = mil.match_labels(root, table, ENC)  # every tile counts without the option
+    assert {s.name: s.n_tiles for s in report.slides}["all-pen.svs"] == 3
+    with pytest.raises(EmptyBagError, match="every tile is flagged by QC"):
+        mil.match_labels(root, table, ENC, skip_flagged_tiles=True)
+    report = mil.match_labels(root, table, ENC, skip_missing=True, skip_flagged_tiles=True)
+    assert [r.slide for r in report.empty] == ["all-pen.svs"]
+    assert {s.n_tiles for s in report.slides} == {N - FLAGGED}

@@ -148,6 +148,7 @@ def match_labels(
     encoder: str | None = None,
     *,
     skip_missing: bool = False,
+    skip_flagged_tiles: bool = False,
 ) -> MatchReport:
     """Match labels to the complete slide stores under ``root`` and their embeddings.
 
@@ -158,6 +159,8 @@ def match_labels(
             labelled slide has).
         skip_missing: leave out (and report) labelled slides with no store, no embeddings of
             the encoder or an empty bag, instead of raising.
+        skip_flagged_tiles: count only the tiles that pass QC (``MILConfig.skip_flagged_tiles``),
+            so a slide whose every tile is flagged is an empty bag.
 
     Raises:
         LabelsError: a row names several stores, two rows name one store, labelled slides
@@ -192,7 +195,9 @@ def match_labels(
             parameters=("skip_missing",),
         )
     embedded = [(r, sid) for r, sid in matched if encoder_id in ids_by_slide[sid]]
-    slides, empty, dims = _bags(table, archive, embedded, names, encoder_id, skip_missing)
+    slides, empty, dims = _bags(
+        table, archive, embedded, names, encoder_id, (skip_missing, skip_flagged_tiles)
+    )
     kept = {s.slide_id for s in slides}
     used = [r for r, sid in matched if sid in kept]
     check_classes(table.path, used)
@@ -287,15 +292,20 @@ def _bags(
     embedded: list[tuple[LabelRow, str]],
     names: dict[str, str],
     encoder_id: str,
-    skip_missing: bool,
+    skip: tuple[bool, bool],
 ) -> tuple[list[LabelledSlide], list[LabelRow], set[int]]:
     """The ``embedded`` slides (matched, with embeddings ``encoder_id``) with their bag sizes;
-    the rows whose bag is empty; the embedding widths seen.
+    the rows whose bag is empty; the embedding widths seen. ``skip``: (skip_missing,
+    skip_flagged_tiles).
 
     Raises:
-        EmptyBagError: a slide has 0 tiles (unless ``skip_missing``).
+        EmptyBagError: a slide has 0 tiles, or 0 that pass QC (unless ``skip_missing``).
     """
     from wsi_ssl.storage.embeddings import open_embeddings_array
+
+    skip_missing, skip_flagged = skip
+    if skip_flagged:  # reading QC imports torch's bag module: only when asked
+        from wsi_ssl.mil.data import kept_rows
 
     classes = table.classes
     slides: list[LabelledSlide] = []
@@ -304,9 +314,13 @@ def _bags(
     for r, sid in embedded:
         path = archive.store_path(sid)
         shape = open_embeddings_array(path, encoder_id).shape
-        if shape[0] == 0:
+        rows = kept_rows(path) if skip_flagged and shape[0] else None
+        n_tiles = int(shape[0]) if rows is None else len(rows)
+        if n_tiles == 0:
+            flagged = "; every tile is flagged by QC" if shape[0] else ""
             if not skip_missing:
-                raise EmptyBagError(f"{names[sid]} (slide {sid}, labels line {r.line})", encoder_id)
+                where = f"{names[sid]} (slide {sid}, labels line {r.line}{flagged})"
+                raise EmptyBagError(where, encoder_id)
             empty.append(r)
             continue
         dims.add(int(shape[1]))
@@ -320,7 +334,7 @@ def _bags(
                 patient,
                 r.line,
                 path,
-                int(shape[0]),
+                n_tiles,
                 r.fold,
             )
         )

@@ -222,7 +222,13 @@ def _train(
     if progress and log is None:
         log = print
     table = labels if isinstance(labels, LabelTable | Mapping) else read_labels(labels)
-    report = match_labels(root, table, encoder, skip_missing=skip_missing)
+    report = match_labels(
+        root,
+        table,
+        encoder,
+        skip_missing=skip_missing,
+        skip_flagged_tiles=config.skip_flagged_tiles,
+    )
     folds, fold_source = folds_from_table(report, config, config.seed)
 
     partial = partial_dir(out)
