@@ -106,3 +106,71 @@ def chromium(profile: Path) -> Any:
     for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
         options.add_argument(flag)
     return webdriver.Chrome(options=options, service=Service(paths[1]))
+
+
+SIZE = (1792, 1344)
+"""Level-0 size of the layered archive's annotated slide."""
+
+
+def _slide_id(outcome: Any) -> str:
+    """The slide id ``tile_slide`` reports (``slide_id``, or a SlideOutcome's details)."""
+    return str(getattr(outcome, "slide_id", None) or outcome.details["slide_id"])
+
+
+def layered_archive(base: Path) -> dict[str, Any]:
+    """An archive for the layers, filters and indexes: slide ``a`` (``SIZE``) tiled with an
+    annotation GeoJSON written by the label loop's own writer (classes stroma and tumour, the
+    left and right halves) and a strict QC tissue threshold (some tiles flagged), slide ``b``
+    plain; embedded with the random-init CNN; indexes "first" (flat) and "second" (hnsw);
+    ``labels``: a slide,label CSV (a: tumour, b: normal); ``run``: MIL predictions of ``a`` as
+    `wsi-ssl mil predict` writes them (its GeoJSON writer, its CSV columns), attention growing
+    with the tile row (``attention``)."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from wsi_ssl.config import TilingConfig
+    from wsi_ssl.embedding import EmbedConfig, embed
+    from wsi_ssl.mil.explain import attention_geojson
+    from wsi_ssl.search import SearchIndex
+    from wsi_ssl.serve.labels import geojson
+    from wsi_ssl.storage import open_store
+    from wsi_ssl.synthetic import write_synthetic_slide
+    from wsi_ssl.tiling.batch import tile_slide
+
+    w, h = SIZE
+    half = [("a", 0, 0, w // 2, h, "stroma"), ("a", w // 2, 0, w - w // 2, h, "tumour")]
+    roi = base / "halves.geojson"
+    roi.write_text(json.dumps(geojson(half, "a")))
+    tiling = replace(
+        TilingConfig(tile_size=224, codec="zstd", roi=str(roi), qc_min_tissue=0.5),
+        tissue_threshold=0.0,
+    )
+    root = base / "root"
+    a = _slide_id(tile_slide(write_synthetic_slide(base / "a.tiff", SIZE, seed=4), root, tiling))
+    plain = TilingConfig(tile_size=224, codec="zstd")
+    b = _slide_id(
+        tile_slide(write_synthetic_slide(base / "b.tiff", (1200, 900), seed=5), root, plain)
+    )
+    embed(root, "random-cnn", EmbedConfig(batch_size=32, device="cpu", workers=0))
+    SearchIndex.build(root, "random-cnn", name="first", kind="flat")
+    SearchIndex.build(root, "random-cnn", name="second", kind="hnsw")
+    store = open_store(root).slide(a)
+    attention = np.linspace(0.0, 1.0, store.n_tiles)
+    attention /= attention.sum()
+    preds = base / "run" / "predictions"
+    attention_geojson(store, attention, preds / "geojson" / f"{a}.geojson")
+    (preds / "predictions.csv").write_text(
+        "slide_id,name,n_tiles,predicted,prob_normal,prob_tumour,heatmap,gallery,geojson\n"
+        f"{a},a.tiff,{store.n_tiles},tumour,0.200000,0.800000,,,geojson/{a}.geojson\n"
+    )
+    labels = base / "slides.csv"
+    labels.write_text(f"slide,label\na.tiff,tumour\n{b},normal\n")
+    return {
+        "root": root,
+        "a": a,
+        "b": b,
+        "labels": labels,
+        "run": base / "run",
+        "attention": attention,
+    }

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import copy_archive
 from PIL import Image
-from serve_helpers import browser_paths, chromium, running
+from serve_helpers import browser_paths, chromium, layered_archive, running
 
 from wsi_ssl.search import SearchIndex
 from wsi_ssl.serve import create_app
@@ -381,3 +381,80 @@ def test_page_filters_layers_ranking_and_upload(page_env: dict[str, Any], tmp_pa
     assert (best["slide_id"], best["x"], best["y"]) == (s1, *map(int, store.coords[row]))
     _wait(lambda: driver.execute_script(IMAGES_LOADED))
     _shot(driver, shots, "4-picture-search")
+
+
+@pytest.fixture(scope="module")
+def layered_page(
+    page_env: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """``serve_helpers.layered_archive`` served with its labels and MIL predictions (the
+    browser of ``page_env``)."""
+    archive = layered_archive(tmp_path_factory.mktemp("layered"))
+    app = create_app(
+        SearchIndex.open(archive["root"], "first"),
+        slide_labels=archive["labels"],
+        mil_predictions=archive["run"],
+    )
+    with running(app) as base:
+        yield {**archive, "base": base, "driver": page_env["driver"]}
+
+
+def _toggle_layer(driver: Any, name: str, shots: Path) -> np.ndarray:
+    """Turn layer ``name`` on, wait for its picture, return the viewer's pixels."""
+    from selenium.webdriver.common.by import By
+
+    box = driver.find_element(By.ID, f"layer-{name}")
+    _wait(lambda: box.is_enabled())
+    box.click()
+    _wait(
+        lambda: driver.execute_script(
+            f"const i = document.querySelector('#viewer img.layer.{name}');"
+            "return i && i.complete && i.naturalWidth > 0;"
+        )
+    )
+    _wait(lambda: _settled(driver))
+    time.sleep(0.3)  # the overlay is placed on the next animation frame
+    return _viewer_pixels(driver, _shot(driver, shots, f"layer-{name}")).astype(int)
+
+
+def test_page_annotation_and_attention_layers(layered_page: dict[str, Any], tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    driver, base, a = layered_page["driver"], layered_page["base"], layered_page["a"]
+    shots = tmp_path / "shots"
+    driver.get(base + "/")
+    _wait(lambda: _state(driver) == "ready" and _settled(driver))
+    driver.find_element(By.CSS_SELECTOR, f'#slides li[data-slide="{a}"]').click()
+    _wait(lambda: driver.execute_script("return wsi.current.slide_id") == a)
+    _wait(lambda: _state(driver) == "ready" and _settled(driver))
+    _wait(lambda: driver.execute_script("return wsi.layers && wsi.layers.slide_id") == a)
+    bare = _viewer_pixels(driver, _shot(driver, shots, "no-layer")).astype(int)
+    info = driver.find_element(By.ID, "layer-info").text
+    assert "classes: stroma, tumour" in info and "MIL: tumour (normal 0.20, tumour 0.80)" in info
+    # two indexes: the index choice is shown and lists both
+    assert driver.find_element(By.ID, "index-choice").is_displayed()
+    options = Select(driver.find_element(By.ID, "index")).options
+    assert [o.get_attribute("value") for o in options] == ["first", "second"]
+
+    # annotations: the left half tinted blue (stroma), the right half orange (tumour)
+    ann = _toggle_layer(driver, "annotations", shots)
+    h, w = ann.shape[:2]
+    tint = ann - bare
+    left, right = tint[h // 3 : 2 * h // 3, : w // 2], tint[h // 3 : 2 * h // 3, w // 2 :]
+    left_where = np.abs(left).sum(axis=-1) > 30
+    right_where = np.abs(right).sum(axis=-1) > 30
+    assert left_where.mean() > 0.05 and right_where.mean() > 0.05
+    # stroma (tab10 blue) raises blue over red; tumour (tab10 orange) raises red over blue
+    assert (left[left_where][:, 2] - left[left_where][:, 0]).mean() > 10
+    assert (right[right_where][:, 0] - right[right_where][:, 2]).mean() > 10
+    driver.find_element(By.ID, "layer-annotations").click()
+
+    # attention: grows with the tile row, so the bottom of the slide is redder than the top
+    att = _toggle_layer(driver, "attention", shots)
+    top_rows, bottom_rows = att[: h // 3] - bare[: h // 3], att[2 * h // 3 :] - bare[2 * h // 3 :]
+    changed_top = np.abs(top_rows).sum(axis=-1) > 30
+    changed_bottom = np.abs(bottom_rows).sum(axis=-1) > 30
+    assert changed_bottom.mean() > 0.05
+    redder = lambda d, m: float((d[m][:, 0] - d[m][:, 1]).mean()) if m.any() else 0.0  # noqa: E731
+    assert redder(bottom_rows, changed_bottom) > redder(top_rows, changed_top)

@@ -3,9 +3,7 @@ the slide-label filter and the slide-level ranking, the overlay layers (tile QC,
 MIL attention) checked pixel by pixel, the picture upload (type and size refused before it is
 read), and the label files read back by the annotation reader, evaluation and MIL.
 
-The archive: one synthetic slide tiled with an annotation GeoJSON written by the label loop's
-own writer (two classes, left and right halves) and a strict QC tissue threshold (some tiles
-flagged), plus a second synthetic slide; embedded with the random-init CNN; two indexes."""
+The archive: ``serve_helpers.layered_archive``."""
 
 from __future__ import annotations
 
@@ -18,70 +16,26 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
-from serve_helpers import post_json, raw, running
+from serve_helpers import SIZE, layered_archive, post_json, raw, running
 
 from wsi_ssl.search import SearchIndex
 from wsi_ssl.serve import create_app
-from wsi_ssl.serve.labels import geojson
 from wsi_ssl.storage import open_store
 
 pytest.importorskip("uvicorn")
-SIZE = (1792, 1344)
 
 
 @pytest.fixture(scope="module")
 def layered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from dataclasses import replace
-
-    from wsi_ssl.config import TilingConfig
-    from wsi_ssl.embedding import EmbedConfig, embed
-    from wsi_ssl.mil.explain import attention_geojson
-    from wsi_ssl.synthetic import write_synthetic_slide
-    from wsi_ssl.tiling.batch import tile_slide
-
-    base = tmp_path_factory.mktemp("layers")
-    w, h = SIZE
-    half = [("a", 0, 0, w // 2, h, "stroma"), ("a", w // 2, 0, w - w // 2, h, "tumour")]
-    roi = base / "halves.geojson"  # the label loop's GeoJSON, read back by the tiling
-    roi.write_text(json.dumps(geojson(half, "a")))
-    tiling = replace(
-        TilingConfig(tile_size=224, codec="zstd", roi=str(roi), qc_min_tissue=0.5),
-        tissue_threshold=0.0,
-    )
-    root = base / "root"
-    a = _slide_id(tile_slide(write_synthetic_slide(base / "a.tiff", SIZE, seed=4), root, tiling))
-    plain = TilingConfig(tile_size=224, codec="zstd")
-    b = _slide_id(
-        tile_slide(write_synthetic_slide(base / "b.tiff", (1200, 900), seed=5), root, plain)
-    )
-    embed(root, "random-cnn", EmbedConfig(batch_size=32, device="cpu", workers=0))
-    SearchIndex.build(root, "random-cnn", name="first", kind="flat")
-    SearchIndex.build(root, "random-cnn", name="second", kind="hnsw")
-    # MIL predictions as `wsi-ssl mil predict` writes them: its GeoJSON writer, its CSV columns
-    store = open_store(root).slide(a)
-    attention = np.linspace(0.0, 1.0, store.n_tiles)
-    attention /= attention.sum()
-    preds = base / "run" / "predictions"
-    attention_geojson(store, attention, preds / "geojson" / f"{a}.geojson")
-    (preds / "predictions.csv").write_text(
-        "slide_id,name,n_tiles,predicted,prob_normal,prob_tumour,heatmap,gallery,geojson\n"
-        f"{a},a.tiff,{store.n_tiles},tumour,0.200000,0.800000,,,geojson/{a}.geojson\n"
-    )
-    labels = base / "slides.csv"
-    labels.write_text(f"slide,label\na.tiff,tumour\n{b},normal\n")
+    archive = layered_archive(tmp_path_factory.mktemp("layers"))
     app = create_app(
-        SearchIndex.open(root, "first"),
-        slide_labels=labels,
-        mil_predictions=base / "run",
+        SearchIndex.open(archive["root"], "first"),
+        slide_labels=archive["labels"],
+        mil_predictions=archive["run"],
         max_image_bytes=200_000,
     )
     with running(app) as url:
-        yield {"root": root, "a": a, "b": b, "base": url, "attention": attention}
-
-
-def _slide_id(outcome: Any) -> str:
-    """The slide id ``tile_slide`` reports (``slide_id``, or a SlideOutcome's details)."""
-    return str(getattr(outcome, "slide_id", None) or outcome.details["slide_id"])
+        yield {**archive, "base": url}
 
 
 def _png(body: bytes) -> np.ndarray:
