@@ -123,7 +123,9 @@ class TilingConfig:
             object.__setattr__(self, "roi", str(self.roi))
         for name in ("roi_min_fraction", "qc_max_pen", "qc_min_tissue", "qc_max_dark"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+                raise ConfigError(
+                    f"{name} must be in [0, 1], got {getattr(self, name)}", parameters=(name,)
+                )
         if not self.qc_min_focus >= 0:
             raise ConfigError(
                 f"qc_min_focus must be >= 0, got {self.qc_min_focus}", parameters=("qc_min_focus",)
