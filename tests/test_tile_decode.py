@@ -1,6 +1,6 @@
-"""Stored JPEG tiles: RGB-in-JPEG passed through with openslide's colours, and reduced-scale
-(DCT domain) decoding for shrink-by-2/4 grids within a stated tolerance of decode-then-shrink,
-on real H&E pixels (CMU-1-Small-Region)."""
+"""Stored tiles: RGB-in-JPEG passed through with openslide's colours, reduced-scale (DCT
+domain) decoding for shrink-by-2/4 grids within a stated tolerance of decode-then-shrink, and
+threaded JPEG 2000 decoding, on real H&E pixels (CMU-1-Small-Region)."""
 
 from __future__ import annotations
 
@@ -22,11 +22,13 @@ from wsi_ssl.storage import open_store
 from wsi_ssl.tiling.batch import tile_slide
 from wsi_ssl.tiling.decode import (
     ADOBE_RGB,
+    J2K_COMPRESSIONS,
     REDUCED_TOLERANCE,
     decode_reduced,
+    decode_stored,
     portable_jpeg,
 )
-from wsi_ssl.tiling.extract import read_tiles, reduced_source
+from wsi_ssl.tiling.extract import chunk_tiles, read_tiles, reduced_source
 from wsi_ssl.tiling.grid import TileGrid
 
 
@@ -157,3 +159,44 @@ def test_corrupt_tile_on_a_reduced_read_is_a_corrupt_slide_error(
         grid = TileGrid.for_slide(reader, reader.require_mpp(), TilingConfig(mpp=0.5))
         with pytest.raises(CorruptSlideError, match="row 0, column 1"):
             read_tiles(reader, grid, grid.all_coords()[:2])
+
+
+def test_jpeg2000_tiles_decode_with_threads_to_the_same_pixels(
+    cmu_small: Path, tmp_path: Path
+) -> None:
+    """A JPEG 2000 TIFF of CMU-1 pixels: tiles decoded with 2 OpenJPEG threads equal the
+    reader's own decode, through the tiling path too."""
+    with tifffile.TiffFile(cmu_small) as tif:
+        pixels = tif.pages[0].asarray()[:1024, :1024]
+    path = tmp_path / "j2k.tiff"
+    tifffile.imwrite(
+        path,
+        pixels,
+        tile=(256, 256),
+        photometric="rgb",
+        compression="jpeg2000",
+        compressionargs={"level": 80},
+        resolution=(2e4, 2e4),
+        resolutionunit="CENTIMETER",
+    )
+    with open_slide(path, backend="tiffslide") as reader:
+        stored = reader.stored_tiles(0)
+        assert stored is not None and stored.page.compression in J2K_COMPRESSIONS
+        for row, col in [(0, 0), (1, 2), (3, 3)]:
+            np.testing.assert_array_equal(
+                decode_stored(stored, row, col, threads=2), stored.decode(row, col)
+            )
+        grid = TileGrid.for_slide(reader, 0.5, TilingConfig())
+        coords = grid.all_coords()
+        threaded = chunk_tiles(reader, grid, coords, decode_threads=2)
+        np.testing.assert_array_equal(np.stack(threaded), read_tiles(reader, grid, coords))
+    data = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[5], tif.pages[0].databytecounts[5]
+    data[offset : offset + count] = b"\x00" * count
+    path.write_bytes(bytes(data))
+    with open_slide(path, backend="tiffslide") as reader:
+        stored = reader.stored_tiles(0)
+        assert stored is not None
+        with pytest.raises(CorruptSlideError, match="row 1, column 1"):
+            decode_stored(stored, 1, 1, threads=2)

@@ -29,7 +29,7 @@ from PIL import Image
 from wsi_ssl.slide import SlideReader, StoredTiles, open_slide
 from wsi_ssl.storage.shards import accepts_jpeg, write_shard
 from wsi_ssl.storage.slide_store import open_tiles
-from wsi_ssl.tiling.decode import decode_reduced, portable_jpeg, reducible
+from wsi_ssl.tiling.decode import decode_reduced, decode_stored, portable_jpeg, reducible
 from wsi_ssl.tiling.grid import TileGrid
 from wsi_ssl.tiling.qc import write_chunk_scores
 
@@ -170,7 +170,12 @@ def _read_strips(reader: SlideReader, grid: TileGrid, coords: np.ndarray) -> np.
 
 
 def chunk_tiles(
-    reader: SlideReader, grid: TileGrid, coords: np.ndarray, *, jpeg_passthrough: bool = False
+    reader: SlideReader,
+    grid: TileGrid,
+    coords: np.ndarray,
+    *,
+    jpeg_passthrough: bool = False,
+    decode_threads: int = 1,
 ) -> list[np.ndarray | bytes]:
     """The tiles at ``coords`` (level-0 x, y; row-major), in order.
 
@@ -178,6 +183,7 @@ def chunk_tiles(
     with ``jpeg_passthrough`` and a JPEG file, returned as its portable JPEG stream (bytes,
     :func:`~wsi_ssl.tiling.decode.portable_jpeg`) to be stored as it is. The rest are read
     as strips of row neighbours and resampled once when the grid is not at a stored scale.
+    ``decode_threads`` threads decode each JPEG 2000 stored tile.
     """
     stored, positions = stored_positions(reader, grid, coords)
     direct = positions[:, 0] >= 0
@@ -186,7 +192,10 @@ def chunk_tiles(
         for i in np.flatnonzero(direct):
             row, col = positions[i]
             stream = portable_jpeg(stored, row, col) if jpeg_passthrough else None
-            tiles[i] = stream if stream is not None else stored.decode(row, col)
+            if stream is None:
+                tiles[i] = decode_stored(stored, row, col, decode_threads)
+            else:
+                tiles[i] = stream
     rest = np.flatnonzero(~direct)
     if len(rest):
         for i, tile in zip(rest, _read_strips(reader, grid, coords[rest]), strict=True):
@@ -207,10 +216,13 @@ def _extract_chunk(
     grid: TileGrid,
     start: int,
     coords: np.ndarray,
+    decode_threads: int = 1,
 ) -> int:
     reader = cached_reader(*slide)
     array = open_tiles(tiles_path, writable=True)
-    tiles = chunk_tiles(reader, grid, coords, jpeg_passthrough=accepts_jpeg(array))
+    tiles = chunk_tiles(
+        reader, grid, coords, jpeg_passthrough=accepts_jpeg(array), decode_threads=decode_threads
+    )
     write_shard(array, start // array.shards[0], tiles)  # type: ignore[index]
     write_chunk_scores(Path(tiles_path).parent, start, tiles)
     return len(tiles)
@@ -237,18 +249,22 @@ def extract(
         tiles_per_chunk: S, equal to the shard length so no two tasks write one shard.
         scheduler: "threads" or "processes" (local, ``workers`` of them, default all cores), or
             a ``dask.distributed.Client``.
-        workers: threads or processes of the local scheduler.
+        workers: threads or processes of the local scheduler; the cores they leave idle go to
+            JPEG 2000 decoding (``cores // workers`` threads per tile).
         on_chunk: called with each finished chunk's tile count (progress bars).
     """
     slide = (str(reader.path), reader.backend)
+    local = scheduler in LOCAL_SCHEDULERS
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // (workers or cores)) if local else 1
     tasks = [
         dask.delayed(_extract_chunk, pure=False)(
-            slide, str(tiles_path), grid, start, coords[start : start + tiles_per_chunk]
+            slide, str(tiles_path), grid, start, coords[start : start + tiles_per_chunk], threads
         )
         for start in range(0, len(coords), tiles_per_chunk)
     ]
     notify = on_chunk or (lambda n: None)
-    if scheduler not in LOCAL_SCHEDULERS:
+    if not local:
         from distributed import as_completed
 
         total = 0
