@@ -27,6 +27,11 @@ tiled at 0.5 µm/px with the default tissue threshold; baseline: the openslide `
 loop over the tiles wsi-ssl keeps (the loop alone, no mask: generous to the baseline).
 Writes results/tiling_native25.json. Slides are generated once under benchmarks/data/.
 
+``--case j2k``: a 4,096² px JPEG 2000 TIFF (256 px tiles of mirrored CMU-1, 0.5 µm/px): one
+worker's extraction (``chunk_tiles``, every tile a stored tile) with the reader's decode
+(baseline, 1 thread) and with 2 OpenJPEG threads per tile, wall and CPU. Writes
+results/tiling_j2k.json.
+
 ``--single-level 16384 65536`` measures instead the memory of slides without a pyramid: for a
 single-level tiled JPEG TIFF of each size (a pink square on glass, 512 px tiles), the peak RSS
 of a fresh process making the thumbnail and tissue mask the way ``wsi-ssl tile`` does (block
@@ -488,6 +493,45 @@ def case_native25(size: int, sample: int) -> None:
     )
 
 
+def case_j2k(size: int) -> None:
+    """One worker's extraction of a JPEG 2000 slide, 1 vs 2 decode threads per tile."""
+    from wsi_ssl.config import TilingConfig
+    from wsi_ssl.slide import open_slide
+    from wsi_ssl.tiling.extract import chunk_tiles
+    from wsi_ssl.tiling.grid import TileGrid
+
+    path = HERE / "data" / f"j2k-{size}.tiff"
+    if not path.exists():
+        mirror = build_slide(HERE / "data" / f"cmu-mirror-{size}.tiff", size, downsamples=(1,))
+        pixels = tifffile.imread(mirror)
+        tifffile.imwrite(
+            path,
+            pixels,
+            tile=(TILE, TILE),
+            photometric="rgb",
+            compression="jpeg2000",
+            compressionargs={"level": 80},
+            resolution=(2e4, 2e4),
+            resolutionunit="CENTIMETER",
+        )
+    rows: dict[str, dict[str, float]] = {}
+    with open_slide(path, backend="tiffslide") as reader:
+        grid = TileGrid.for_slide(reader, 0.5, TilingConfig())
+        coords = grid.all_coords()
+        for label, threads in (("reader's decode, 1 thread (baseline)", 1), ("2 threads", 2)):
+            start, cpu = time.perf_counter(), time.process_time()
+            for i in range(0, len(coords), 64):
+                chunk_tiles(reader, grid, coords[i : i + 64], decode_threads=threads)
+            rows[label] = _rates(len(coords), start, cpu)
+    print(f"{'case':<40} {'tiles/s':>8} {'tiles/CPU-s':>11}")
+    for label, r in rows.items():
+        print(f"{label:<40} {r['tiles_per_s']:>8.0f} {r['tiles_per_cpu_s']:>11.0f}")
+    out = HERE / "results" / "tiling_j2k.json"
+    meta = {"platform": platform.platform(), "cpus": os.cpu_count()}
+    out.write_text(json.dumps({"machine": meta, "date": time.strftime("%Y-%m-%d"), "rows": rows}))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -497,11 +541,14 @@ def main() -> None:
     parser.add_argument("--baseline-tiles", type=int, default=3000)
     parser.add_argument("--single-level", type=int, nargs="+", metavar="SIZE")
     parser.add_argument("--baseline-max-gb", type=float, default=6.0)
-    parser.add_argument("--case", choices=["40x", "native25"], help="issue 12's slides")
+    parser.add_argument("--case", choices=["40x", "native25", "j2k"], help="issue 12's slides")
     parser.add_argument("--sample", type=int, default=1500, help="tiles for floor and loop")
     args = parser.parse_args()
     if args.case == "40x":
         case_40x(args.size or 40960, args.sample)
+        return
+    if args.case == "j2k":
+        case_j2k(args.size or 4096)
         return
     if args.case == "native25":
         case_native25(args.size or 28672, args.sample)
