@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from wsi_ssl.device import resolve_device
 from wsi_ssl.errors import ConfigError
 
 __all__ = [
@@ -25,7 +24,6 @@ __all__ = [
     "broadcast_buffers",
     "init_distributed",
     "reduce_mean",
-    "resolve_device",
     "resolve_precision",
 ]
 

@@ -38,10 +38,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from wsi_ssl.device import resolve_device
 from wsi_ssl.errors import ConfigError
 from wsi_ssl.ssl.config import PretrainConfig
 from wsi_ssl.ssl.result import PretrainRun
-from wsi_ssl.ssl.runtime import init_distributed, resolve_device
+from wsi_ssl.ssl.runtime import init_distributed
 from wsi_ssl.ssl.trainer import Trainer
 from wsi_ssl.storage.locks import hold_lock
 

@@ -26,6 +26,7 @@ from lightly.models.utils import update_momentum
 from torch import nn
 from torch.utils.data import DataLoader
 
+from wsi_ssl.device import resolve_device
 from wsi_ssl.errors import CheckpointError, ConfigError
 from wsi_ssl.ssl.backbones import get_spec
 from wsi_ssl.ssl.checkpoint import (
@@ -51,7 +52,6 @@ from wsi_ssl.ssl.resume import check_same_run, merge_resumed, open_checkpoint
 from wsi_ssl.ssl.runtime import (
     DistContext,
     broadcast_buffers,
-    resolve_device,
     resolve_precision,
 )
 from wsi_ssl.ssl.sampler import StepBatchSampler
