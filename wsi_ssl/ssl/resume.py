@@ -49,7 +49,9 @@ def resumed_config(out: str | Path, arch: str | None = None) -> PretrainConfig |
     path = latest_checkpoint(Path(out))
     if path is None:
         return None
-    return PretrainConfig.from_dict(load_checkpoint(path, kind=RUN_FORMAT, arch=arch)["meta"]["config"])
+    return PretrainConfig.from_dict(
+        load_checkpoint(path, kind=RUN_FORMAT, arch=arch)["meta"]["config"]
+    )
 
 
 def merge_resumed(
