@@ -63,36 +63,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--teacher-warmup-epochs", type=float, help="heads only, teacher copies (default 0)"
     )
-    p.add_argument(
-        "--mixed-scales",
-        action="store_true",
-        default=None,
-        help="train on stores at several magnifications, balanced per scale",
-    )
-    p.add_argument("--min-tissue", type=float, help="skip tiles with less tissue (0-1)")
-    p.add_argument("--min-tile-std", type=float, help="skip flat tiles (grey std, 0-255)")
-    p.add_argument("--curation", type=str, metavar="FILE", help="train on a curated selection")
-    p.add_argument(
-        "--skip-flagged-tiles",
-        action="store_true",
-        default=None,
-        help="leave out the tiles the store's QC flagged (blur, pen, little tissue, dark)",
-    )
-    p.add_argument(
-        "--stain-normalize",
-        choices=STAIN_METHODS,
-        metavar="METHOD",
-        help="normalise tile stains before augmentation: macenko, reinhard or vahadane",
-    )
-    p.add_argument(
-        "--stain-reference", metavar="IMAGE", help="reference image for --stain-normalize"
-    )
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, help="passes over the tiles (default 100)")
     length.add_argument("--steps", type=int, help="optimiser steps (overrides epochs)")
     p.add_argument("--batch-size", type=int, help="tiles per step per process (default 64)")
     p.add_argument(
-        "--lr", dest="base_lr", metavar="LR", type=float, help="base learning rate per 256 tiles (default 5e-4)"
+        "--lr",
+        dest="base_lr",
+        metavar="LR",
+        type=float,
+        help="base learning rate per 256 tiles (default 5e-4)",
     )
     p.add_argument("--device", choices=DEVICES, help="auto (default), cpu or cuda")
     p.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 on a GPU, else fp32")
@@ -105,12 +85,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment", choices=AUGMENTS, help="crops in loader workers or on the device")
     p.add_argument("--num-workers", type=int, help="DataLoader workers (default min(8, cores-1))")
     p.add_argument("--num-threads", type=int, help="torch CPU threads (default: torch's)")
-    p.add_argument("--sampling", choices=SAMPLINGS, help="uniform over tiles or balanced slides")
-    p.add_argument("--tile-size", type=int, help="refuse stores with another tile size")
-    p.add_argument("--mpp", type=float, help="refuse stores at another scale")
-    p.add_argument(
-        "--skip-incomplete", action="store_true", default=None, help="ignore incomplete stores"
-    )
     p.add_argument("--global-crop-size", type=int, help="global crop side (default 224)")
     p.add_argument("--local-crop-size", type=int, help="local crop side (default 96)")
     p.add_argument("--n-local-crops", type=int, help="local crops per tile (default 6)")
@@ -122,6 +96,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--until-step", type=int, help="stop after this step (with a checkpoint)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    _add_tile_arguments(p.add_argument_group("tiles", "which tiles the run reads, and how"))
+
+
+def _add_tile_arguments(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--mixed-scales",
+        action="store_true",
+        default=None,
+        help="train on stores at several magnifications, balanced per scale",
+    )
+    g.add_argument("--min-tissue", type=float, help="skip tiles with less tissue (0-1)")
+    g.add_argument("--min-tile-std", type=float, help="skip flat tiles (grey std, 0-255)")
+    g.add_argument("--curation", type=str, metavar="FILE", help="train on a curated selection")
+    g.add_argument(
+        "--skip-flagged-tiles",
+        action="store_true",
+        default=None,
+        help="leave out the tiles the store's QC flagged (blur, pen, little tissue, dark)",
+    )
+    g.add_argument(
+        "--stain-normalize",
+        choices=STAIN_METHODS,
+        metavar="METHOD",
+        help="normalise tile stains before augmentation: macenko, reinhard or vahadane",
+    )
+    g.add_argument(
+        "--stain-reference", metavar="IMAGE", help="reference image for --stain-normalize"
+    )
+    g.add_argument("--sampling", choices=SAMPLINGS, help="uniform over tiles or balanced slides")
+    g.add_argument("--tile-size", type=int, help="refuse stores with another tile size")
+    g.add_argument("--mpp", type=float, help="refuse stores at another scale")
+    g.add_argument(
+        "--skip-incomplete", action="store_true", default=None, help="ignore incomplete stores"
+    )
 
 
 def pretrain_config(args: argparse.Namespace, base: PretrainConfig | None = None) -> PretrainConfig:
