@@ -46,7 +46,7 @@ from wsi_ssl.errors import (
     SchemaMismatchError,
     StoreLockedError,
 )
-from wsi_ssl.storage.atomic import fsync_dir, fsync_file, rename_into_place
+from wsi_ssl.storage.atomic import fsync_dir, fsync_file, fsync_tree, rename_into_place
 from wsi_ssl.storage.locks import (
     embeddings_lock,
     embeddings_lock_path,
@@ -419,9 +419,7 @@ class EmbeddingWriter:
         self._flush(final=True)
         old = _replaced_dir(self.store_path, self.encoder_id)
         try:
-            for path in sorted(self._tmp.rglob("*")):
-                if path.is_file():
-                    fsync_file(path)
+            fsync_tree(self._tmp)
             self._array.attrs.update({**(extra_attrs or {}), "status": STATUS_COMPLETE})
             fsync_file(self._tmp / "zarr.json")
             fsync_dir(self._tmp)

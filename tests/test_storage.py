@@ -284,33 +284,58 @@ def test_index_generations_are_pruned_relative_to_the_manifest(tmp_path: Path) -
     assert read_index(tmp_path, "idx")[0].ntotal == 4
 
 
-def test_a_store_is_on_disk_before_it_says_complete(tmp_path: Path, monkeypatch) -> None:
-    """mark_complete fsyncs every file of the store, then the flipped status itself."""
+def _store_to_complete(tmp_path: Path):
     from wsi_ssl.storage import SlideStore
     from wsi_ssl.testing.tile_stores import write_tile_store
 
     tiles = np.random.default_rng(0).integers(0, 255, (40, 32, 32, 3), dtype=np.uint8)
     path = write_tile_store(tmp_path, "s", tiles, complete=False, tiles_per_shard=16)
+    return path, SlideStore.open(path, mode="r+", require_complete=False)
+
+
+def _status(path: Path) -> str:
+    return str(json.loads((path / "zarr.json").read_text())["attributes"].get("status"))
+
+
+def test_a_store_is_synced_before_it_says_complete(tmp_path: Path, monkeypatch) -> None:
+    """On Linux: one syncfs of the store's filesystem, before the status flips."""
+    from wsi_ssl.storage import atomic
+
+    real = atomic._syncfs
+    if real is None:
+        pytest.skip("no syncfs here (the per-file fallback is tested below)")
+    calls: list[tuple[str, str]] = []
+    path, store = _store_to_complete(tmp_path)
+
+    def recording_syncfs(fd: int) -> int:
+        calls.append((os.readlink(f"/proc/self/fd/{fd}"), _status(path)))
+        return real(fd)
+
+    monkeypatch.setattr(atomic, "_syncfs", recording_syncfs)
+    store.mark_complete()
+    assert calls == [(str(path), "writing")]
+    assert _status(path) == "complete"
+
+
+def test_without_syncfs_every_file_is_fsynced_first(tmp_path: Path, monkeypatch) -> None:
+    """The fallback fsyncs every file of the store, then the flipped status itself."""
+    from wsi_ssl.storage import SlideStore, atomic
+
+    monkeypatch.setattr(atomic, "_syncfs", None)
+    path, store = _store_to_complete(tmp_path)
     synced: list[tuple[str, str]] = []
     real_fsync = os.fsync
 
     def recording_fsync(fd: int) -> None:
         real_fsync(fd)
         target = os.readlink(f"/proc/self/fd/{fd}")
-        status = (
-            json.loads(Path(target).read_text()).get("attributes", {}).get("status")
-            if target.endswith("zarr.json")
-            else None
-        )
-        synced.append((target, str(status)))
+        synced.append((target, _status(path) if target.endswith("s.zarr/zarr.json") else ""))
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
-    store = SlideStore.open(path, mode="r+", require_complete=False)
     store.mark_complete()
     files = {str(p) for p in path.rglob("*") if p.is_file()}
     assert len(files) > 5 and files <= {target for target, _ in synced}
-    shards = [p for p in files if "/tiles/c/" in p]
-    assert len(shards) == 3  # 40 tiles, 16 per shard
+    assert len([p for p in files if "/tiles/c/" in p]) == 3  # 40 tiles, 16 per shard
     assert synced[-1] == (str(path / "zarr.json"), "complete")
     before_flip = [s for t, s in synced[:-1] if t == str(path / "zarr.json")]
     assert before_flip and all(s != "complete" for s in before_flip)
