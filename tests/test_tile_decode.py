@@ -19,6 +19,7 @@ from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import CorruptSlideError
 from wsi_ssl.slide import open_slide
 from wsi_ssl.storage import open_store
+from wsi_ssl.testing.tiles import read_tiles
 from wsi_ssl.tiling.batch import tile_slide
 from wsi_ssl.tiling.decode import (
     ADOBE_RGB,
@@ -28,7 +29,7 @@ from wsi_ssl.tiling.decode import (
     decode_stored,
     portable_jpeg,
 )
-from wsi_ssl.tiling.extract import chunk_tiles, read_tiles, reduced_source
+from wsi_ssl.tiling.extract import chunk_tiles, reduced_source
 from wsi_ssl.tiling.grid import TileGrid
 
 

@@ -30,8 +30,9 @@ from wsi_ssl.errors import (
 from wsi_ssl.slide import open_slide
 from wsi_ssl.storage import SlideStore, open_store
 from wsi_ssl.synthetic import write_synthetic_slide
+from wsi_ssl.testing.tiles import read_tiles
 from wsi_ssl.tiling.batch import tile_slide, tile_slides
-from wsi_ssl.tiling.extract import read_tiles, stored_positions
+from wsi_ssl.tiling.extract import stored_positions
 from wsi_ssl.tiling.grid import TileGrid
 
 LOSSLESS = TilingConfig(codec="zstd")

@@ -203,13 +203,6 @@ def chunk_tiles(
     return tiles
 
 
-def read_tiles(reader: SlideReader, grid: TileGrid, coords: np.ndarray) -> np.ndarray:
-    """Read the tiles at ``coords`` (level-0 x, y; row-major) as uint8 (k, T, T, 3)."""
-    t = grid.tile_size
-    tiles = chunk_tiles(reader, grid, coords)
-    return np.stack(tiles) if tiles else np.empty((0, t, t, 3), dtype=np.uint8)  # type: ignore[arg-type]
-
-
 def _extract_chunk(
     slide: tuple[str, str],
     tiles_path: str,
