@@ -58,3 +58,15 @@ def test_outcome_lines_carry_the_hint() -> None:
     assert batch.tiles_done == 5 and batch.exit_code == 1
     assert batch.outcomes[1].to_dict()["error_type"] == "NoTissueError"
     assert isinstance(batch.outcomes[1].exception, NoTissueError)
+
+
+def test_unknown_registry_names_carry_their_config_field() -> None:
+    from wsi_ssl.mil.models.registry import MODELS
+    from wsi_ssl.ssl.backbones import BACKBONES
+    from wsi_ssl.ssl.methods import RECIPES
+
+    for registry, field in ((RECIPES, "method"), (BACKBONES, "arch"), (MODELS, "model")):
+        with pytest.raises(ConfigError) as info:
+            registry.get("no-such-name")
+        assert info.value.parameters == (field,)
+        assert "not registered; valid: " in str(info.value)

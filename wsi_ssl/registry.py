@@ -25,10 +25,14 @@ F = TypeVar("F")
 
 
 class Registry(Generic[T]):
-    """Named entries of one kind (``what`` names the kind in messages)."""
+    """Named entries of one kind (``what`` names the kind in messages; ``parameter`` is the
+    config field that takes a name, so the CLI can hint its flag when a name is unknown)."""
 
-    def __init__(self, what: str, builtins: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, what: str, builtins: Mapping[str, str] | None = None, parameter: str | None = None
+    ) -> None:
         self.what = what
+        self.parameter = parameter
         self._builtins = dict(builtins or {})
         self._entries: dict[str, T] = {}
 
@@ -73,7 +77,8 @@ class Registry(Generic[T]):
             importlib.import_module(self._builtins[name])
         if name not in self._entries:
             raise ConfigError(
-                f"{self.what} {name!r}: not registered; valid: {', '.join(self.names())}"
+                f"{self.what} {name!r}: not registered; valid: {', '.join(self.names())}",
+                parameters=(self.parameter,) if self.parameter else (),
             )
         return self._entries[name]
 

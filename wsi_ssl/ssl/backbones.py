@@ -73,7 +73,7 @@ class BackboneSpec:
 
 Builder = Callable[..., "nn.Module"]
 
-BACKBONES: Registry[tuple[BackboneSpec, Builder]] = Registry("arch")
+BACKBONES: Registry[tuple[BackboneSpec, Builder]] = Registry("arch", parameter="arch")
 """``(spec, builder)`` by name (``PretrainConfig.arch``)."""
 
 

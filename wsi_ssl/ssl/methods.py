@@ -25,5 +25,6 @@ RECIPES: Registry[type[Recipe]] = Registry(
         "dinov2": "wsi_ssl.ssl.recipes.dinov2",
         "mae": "wsi_ssl.ssl.recipes.mae",
     },
+    parameter="method",
 )
 """Recipe classes by ``PretrainConfig.method``."""

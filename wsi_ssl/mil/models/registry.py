@@ -24,6 +24,7 @@ F = TypeVar("F", bound=ModelFactory)
 MODELS: Registry[ModelFactory] = Registry(
     "MIL model",
     builtins={name: f"wsi_ssl.mil.models.{name}" for name in ("abmil", "transmil", "meanpool")},
+    parameter="model",
 )
 
 
