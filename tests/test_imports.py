@@ -21,11 +21,16 @@ MAX_LINES = 500
 REASON = "Size:"
 """A module over ``MAX_LINES`` says why in its docstring, on a line starting with this."""
 
-OVERSIZED = {
-}
+OVERSIZED = {}
 """Modules of other areas over the limit today, with why they are allowed for now."""
 
-LAZY_PACKAGES = ("wsi_ssl.search", "wsi_ssl.mil", "wsi_ssl.mil.models")
+LAZY_PACKAGES = (
+    "wsi_ssl.search",
+    "wsi_ssl.mil",
+    "wsi_ssl.mil.models",
+    "wsi_ssl.ssl",
+    "wsi_ssl.evaluation",
+)
 
 
 def _modules() -> dict[str, Path]:
