@@ -8,7 +8,11 @@ Builds (once, cached under benchmarks/data/) an archive of synthetic H&E-like sl
 (b) `wsi-ssl embed` end to end (``wsi_ssl.embed``, the job in ``wsi_ssl.embedding``): worker processes decode the stored tiles,
     uint8 batches go to the device, preprocessing, forward, NaN check, float16 writes, commit;
     worker start-up included;
-(c) decode only: the job's DataLoader alone (tiles/s the workers can feed), for diagnosis.
+(c) decode only: the job's DataLoader alone (tiles/s the workers can feed), for diagnosis;
+(d) (b) with the other JPEG decoder: (b) runs the default ``decode="auto"`` (the workers
+    decode on the CPU; on CUDA the main process decodes with nvJPEG), (d) the other one
+    (``decode="device"`` on the CPU: workers only read bytes, libjpeg-turbo through
+    ``torchvision.io.decode_jpeg`` in the main process; ``decode="cpu"`` on CUDA).
 
 Target: (b) >= 90% of (a) on CPU; >= 85% on a GPU with ViT-S/16 in bf16
 (``--device cuda --encoder random-vit-small --slides 16 --size 8960 --batch-size 512``).
@@ -99,19 +103,25 @@ def encoder_only(encoder: Any, batch_size: int, n_batches: int, warmup: int = 2)
     return _row(batch_size * n_batches, seconds, cpu)
 
 
-def embed_job(root: Path, encoder: Any, batch_size: int, workers: int) -> dict:
+def embed_job(
+    root: Path, encoder: Any, batch_size: int, workers: int, decode: str = "auto"
+) -> dict:
     """(b): the whole job, fresh each time (resume off)."""
     from wsi_ssl.embedding import EmbedConfig, embed
 
     config = EmbedConfig(
-        batch_size=batch_size, device=str(encoder.device), workers=workers, resume=False
+        batch_size=batch_size,
+        device=str(encoder.device),
+        workers=workers,
+        resume=False,
+        decode=decode,
     )
     start, cpu = time.perf_counter(), _cpu_seconds()
     summary = embed(root, encoder, config)
     seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     if summary.failed:
         raise SystemExit(f"embed failed: {summary.failed[0].error}")
-    return _row(summary.tiles_embedded, seconds, cpu, loader_wait_s=summary.loader_wait_s)
+    return _row(summary.tiles_done, seconds, cpu, loader_wait_s=summary.loader_wait_s)
 
 
 def decode_only(root: Path, batch_size: int, workers: int) -> dict:
@@ -135,7 +145,7 @@ def decode_only(root: Path, batch_size: int, workers: int) -> dict:
 
 
 A = "(a) encoder on device tensors"
-B = "(b) wsi-ssl embed end to end"
+B = "(b) wsi-ssl embed end to end, auto"
 
 
 def _median(runs: list[dict]) -> dict:
@@ -188,12 +198,16 @@ def measure(args: argparse.Namespace, name: str, root: Path, out: Path) -> None:
     n_batches = max(3, n_tiles // args.batch_size)
     encoder_only(encoder, args.batch_size, 1)  # warm up (allocator, kernels, autotuning)
     embed_job(root, encoder, args.batch_size, args.workers)  # and imports, page cache
-    # (a) and (b) alternate, so a shared machine's changing load hits both alike
-    runs: dict[str, list[dict]] = {A: [], B: []}
+    # (a), (b) and (d) alternate, so a shared machine's changing load hits them alike
+    cuda = encoder.device.type == "cuda"
+    other = "cpu" if cuda else "device"
+    d_name = f"(d) end to end, decode={other}"
+    runs: dict[str, list[dict]] = {A: [], B: [], d_name: []}
     load = [os.getloadavg()[0]]
     for _ in range(args.repeats):
         runs[A].append(encoder_only(encoder, args.batch_size, n_batches, warmup=0))
         runs[B].append(embed_job(root, encoder, args.batch_size, args.workers))
+        runs[d_name].append(embed_job(root, encoder, args.batch_size, args.workers, other))
         load.append(os.getloadavg()[0])
     c_name = f"(c) decode only, {args.workers} worker(s)"
     runs[c_name] = [decode_only(root, args.batch_size, args.workers)]
