@@ -39,6 +39,10 @@ _CONFIG_FLAGS = (
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Declare the command's arguments.
+
+    Size: one argparse declaration per flag and nothing else; splitting it would scatter them.
+    """
     p = sub.add_parser(
         "mil",
         help="slide-level MIL: cross-validated training and prediction with attention heatmaps",

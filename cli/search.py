@@ -36,6 +36,10 @@ def _positive(text: str) -> float:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Declare the command's arguments.
+
+    Size: one argparse declaration per flag and nothing else; splitting it would scatter them.
+    """
     p = sub.add_parser(
         "index",
         help="build, extend or trim the FAISS search index of an archive's embeddings",

@@ -64,6 +64,9 @@ def run_demo(
         pretrain_steps: DINO steps of the CPU pretraining run.
         progress: progress bars.
         echo: called with each summary line as soon as its stage ends.
+
+    Size: one short block per stage, in pipeline order, so the demo reads as the pipeline
+    does.
     """
     from wsi_ssl.embedding import embed_for_demo
     from wsi_ssl.mil.demo import mil_for_demo

@@ -164,6 +164,9 @@ def create_app(
         mil_predictions: the folder ``wsi-ssl mil predict`` wrote (or its run directory),
             for the attention layer and the predicted class of each slide.
         max_image_bytes: the largest uploaded query picture.
+
+    Size: the routes are closures over one shared state, declared together so the page's
+    whole API reads in one place.
     """
     if slide_labels is None and (index.root / SLIDE_LABELS).is_file():
         slide_labels = index.root / SLIDE_LABELS

@@ -63,7 +63,9 @@ def write_bag_store(
     be 0); ``tiles``: uint8 (N, T, T, 3) pixels (else the tiles array is left unwritten);
     ``name``: a file name recorded in ``catalog.sqlite``; ``qc``: per-tile QC scores
     (``{"pen": (N,), ...}``) stored as ``qc/<metric>``, judged by ``qc_thresholds``
-    (``{"qc_max_pen": 0.5}``, recorded as tiling settings). Returns the store's path."""
+    (``{"qc_max_pen": 0.5}``, recorded as tiling settings). Returns the store's path.
+
+    Size: every part of a store written in order through the storage API, as tiling would."""
     features = np.asarray(features)
     n, dim = features.shape
     coords = np.asarray(_grid(n, tile_size) if coords is None else coords, dtype=np.int64)
