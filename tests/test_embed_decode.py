@@ -118,14 +118,19 @@ def _embed(root: Path, decode: str, device: str, workers: int) -> np.ndarray:
 @pytest.mark.parametrize("device", DEVICES)
 def test_embeddings_equal_with_either_decoder(jpeg_roots: dict[str, Path], device: str) -> None:
     """End to end through the loader (one worker reading bytes) and the encoder: on the CPU
-    the same vectors to float rounding; on CUDA within the pixel tolerance's effect."""
+    the same vectors to float rounding (1e-5); on CUDA, where nvJPEG's pixels differ by up to
+    PIXEL_TOLERANCE, every tile's two vectors at cosine similarity >= 0.99."""
     _device(device)
     root = jpeg_roots["passthrough"]
     on_cpu = _embed(root, "cpu", device, workers=1)
     on_device_ = _embed(root, "device", device, workers=1)
     assert on_cpu.shape == on_device_.shape and len(on_cpu) > 50
-    tol = 1e-5 if device == "cpu" else 2e-2
-    np.testing.assert_allclose(on_device_, on_cpu, rtol=tol, atol=tol)
+    if device == "cpu":
+        np.testing.assert_allclose(on_device_, on_cpu, rtol=1e-5, atol=1e-5)
+    else:
+        dot = (on_cpu * on_device_).sum(axis=1)
+        cos = dot / (np.linalg.norm(on_cpu, axis=1) * np.linalg.norm(on_device_, axis=1))
+        assert cos.min() >= 0.99, cos.min()
 
 
 def test_stores_of_other_codecs_are_decoded_by_the_workers(tmp_path: Path) -> None:
