@@ -18,6 +18,10 @@ NAME_BY = ("stem", "slide_id")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Declare the command's arguments.
+
+    Size: one argparse declaration per flag and nothing else; splitting it would scatter them.
+    """
     p = sub.add_parser(
         "embed",
         help="embed the tiles of every complete slide store under ROOT with an encoder",

@@ -18,6 +18,7 @@ import wsi_ssl
 from wsi_ssl.lazy import exported_names
 
 MAX_LINES = 500
+MAX_FUNCTION_LINES = 80
 REASON = "Size:"
 """A module over ``MAX_LINES`` says why in its docstring, on a line starting with this."""
 
@@ -175,6 +176,24 @@ def test_no_module_over_the_size_limit_without_a_reason() -> None:
             over[module] = n
     assert not over, (
         f"modules over {MAX_LINES} lines without a '{REASON}' line in their docstring: {over}"
+    )
+
+
+def test_no_function_over_the_size_limit_without_a_reason() -> None:
+    over = {}
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            n = (node.end_lineno or node.lineno) - node.lineno + 1
+            doc = ast.get_docstring(node) or ""
+            if n > MAX_FUNCTION_LINES and not any(
+                line.strip().startswith(REASON) for line in doc.splitlines()
+            ):
+                over[f"{module}.{node.name}"] = n
+    assert not over, (
+        f"functions over {MAX_FUNCTION_LINES} lines without a '{REASON}' line in their "
+        f"docstring: {over}"
     )
 
 
