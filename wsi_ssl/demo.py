@@ -132,7 +132,7 @@ def run_demo(
 
     say("== MIL (attention MIL, cross-validated)")
     if labels is None:
-        say("skipped: give --labels CSV (columns slide,label) to train a slide classifier")
+        say("skipped: give labels (a CSV with columns slide,label) to train a slide classifier")
         return result
     mil = mil_for_demo(root, labels, out / "mil", encoder=embedded.encoder_id)
     say(*mil.lines)
