@@ -72,6 +72,6 @@ def test_demo_on_a_real_slide_without_labels_skips_mil(
     assert main(["demo", str(cmu_small), "--out", str(out), "--steps", "2", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "CMU-1-Small-Region.svs" in printed and "complete" in printed
-    assert "skipped: give --labels CSV" in printed
+    assert "skipped: give labels (a CSV" in printed
     _picture(out / "gallery.png")
     _picture(out / "CMU-1-Small-Region_tiles.png")
