@@ -315,10 +315,11 @@ class PretrainConfig:
         ``"vit-s16"``: the defaults (ViT-S/16, 224/96 crops, 2 + 6 crops, batch 64 per GPU).
         ``"cpu-small"``: ``resnet18_tiny`` on 64/32-pixel crops (2 + 2) of tiles of 128 px or
         more at 0.5 µm/px, so that a global crop spans 32-64 µm and a nucleus (6-10 µm) is
-        10-20 pixels wide; a 256-prototype head, batch 32, and schedules for a run of a few
-        hundred steps: a constant teacher momentum of 0.95 (with DINO's 0.996 -> 1 the teacher
-        would hardly move from its random start), a sharp constant teacher temperature
-        (0.04), constant weight decay and a learning rate that decays only to 3% of its peak.
+        10-20 pixels wide; a 256-prototype head, batch 32, and a run of 300 steps (pass
+        ``steps=None`` to count ``epochs`` instead; about 10 minutes on two CPU cores): a
+        constant teacher momentum of 0.95 (with DINO's 0.996 -> 1 the teacher would hardly
+        move from its random start), a sharp constant teacher temperature (0.04), constant
+        weight decay and a learning rate that decays only to 3% of its peak.
         ``benchmarks/pretrain_learning.py`` measures what it learns against random inits.
         """
         if name not in PRESETS:
@@ -341,6 +342,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "local_crop_scale": (0.05, 0.25),
         "batch_size": 32,
         "epochs": 20,
+        "steps": 300,
         "base_lr": 0.01,
         "min_lr": 3e-4,
         "warmup_epochs": 2,
