@@ -362,7 +362,7 @@ def test_default_tiling_keeps_the_tissue_of_a_real_slide(cmu_small: Path, tmp_pa
     for tile_size in (224, 256):
         config = TilingConfig(tile_size=tile_size, codec="zstd")
         result = tile_slide(cmu_small, tmp_path / str(tile_size), config)
-        store = Archive(tmp_path / str(tile_size)).slide(result.slide_id)
+        store = Archive(tmp_path / str(tile_size)).slide(result.details["slide_id"])
         side = store.tiling["tile_size_level0"]
         covered = tile_cover(ref.shape, store.coords, side, 1.0)
         coverage = (covered & ref).sum() / ref.sum()
