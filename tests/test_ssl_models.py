@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from wsi_ssl.ssl.backbones import backbone_names, build_backbone, get_spec
 from wsi_ssl.ssl.config import PretrainConfig
 from wsi_ssl.ssl.models import MultiCropModel, build_dino
-from wsi_ssl.ssl.schedules import Schedules
 from wsi_ssl.ssl.optim import clip_gradients
+from wsi_ssl.ssl.schedules import Schedules
 
 
 @pytest.mark.parametrize("name", backbone_names())
