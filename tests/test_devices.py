@@ -65,6 +65,19 @@ def test_two_processes_embed_what_one_does(root: Path, tmp_path: Path) -> None:
         np.testing.assert_allclose(one_device, two[s], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
+def test_slides_named_by_file_stem_are_reported_by_id(root: Path) -> None:
+    """Names are resolved before sharding, so every shard's outcome is found again."""
+    archive = open_store(root)
+    summary = embed_on_devices(
+        root, "random-cnn", "cpu,cpu", slides=["s3", "s1"], workers=0, resume=False
+    )
+    by_stem = {Path(archive.slide(s).source["path"]).stem: s for s in archive.slide_ids}
+    assert [o.slide for o in summary.outcomes] == [by_stem["s3"], by_stem["s1"]]
+    assert [o.status for o in summary.outcomes] == ["complete", "complete"]
+    assert summary.tiles_done == sum(archive.slide(by_stem[s]).n_tiles for s in ("s3", "s1"))
+
+
 def test_cli_devices_are_checked_before_any_work(root: Path) -> None:
     from tests.conftest import run_cli
 

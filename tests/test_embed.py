@@ -329,6 +329,11 @@ def test_unreadable_tiles_fail_only_that_slide(synth_root: Path, tmp_path: Path)
     s = embed(root, "random-cnn", FAST, workers=1)
     assert [r.status for r in s.outcomes] == ["complete", "failed"]
     assert s.outcomes[1].error_type == "TileReadError" and "tiles 0..15" in s.outcomes[1].error
+    assert s.outcomes[1].error.count("re-tile this slide") == 1  # the loader's detail, once
+    exc = s.outcomes[1].exception
+    assert exc is not None and exc.parameters == ()  # embed's flags cannot fix the tiles
+    slides = s.to_dict()["slides"]
+    assert [e["slide_id"] for e in slides] == [o.slide for o in s.outcomes]
 
 
 def test_missing_tile_shard_fails_the_slide_not_blank_vectors(

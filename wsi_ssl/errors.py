@@ -232,10 +232,10 @@ class TileReadError(WsiSslError, OSError):
     def __init__(self, path: str | Path, start: int, stop: int, detail: str) -> None:
         super().__init__(
             f"{path}: tiles {start}..{stop - 1} cannot be read ({detail}); re-tile this slide "
-            "with resume=False",
-            parameters=("resume",),
+            "with resume=False"  # no parameters: the remedy is another job's (tile, not embed)
         )
         self.path = Path(path)
+        self.detail = detail
 
 
 class EmbeddingsNotFoundError(WsiSslError, FileNotFoundError):

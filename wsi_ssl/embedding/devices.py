@@ -19,7 +19,7 @@ from typing import Any
 
 from wsi_ssl.device import resolve_device
 from wsi_ssl.embedding.config import EmbedConfig
-from wsi_ssl.embedding.job import embed
+from wsi_ssl.embedding.job import embed, requested_slide_ids
 from wsi_ssl.embedding.summary import EmbedSummary
 from wsi_ssl.encoders import Encoder
 from wsi_ssl.errors import ConfigError
@@ -103,7 +103,8 @@ def embed_on_devices(
     config = dataclasses.replace(config or EmbedConfig(), **options)
     started = time.perf_counter()
     archive = open_store(root)
-    ids = list(dict.fromkeys(slides)) if slides is not None else archive.slide_ids
+    # names resolved here as embed resolves them: the shards' outcomes are keyed by slide id
+    ids = requested_slide_ids(archive, slides) if slides is not None else archive.slide_ids
     sizes = slide_sizes(archive, ids)
     spec: Encoder | str = encoder if isinstance(encoder, Encoder) else str(encoder)
     ctx = mp.get_context("spawn")

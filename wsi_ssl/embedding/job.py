@@ -29,6 +29,12 @@ from wsi_ssl.storage.resolve import resolve_slide
 __all__ = ["embed", "embed_for_demo", "embed_slide"]
 
 
+def requested_slide_ids(archive: Archive, slides: Sequence[str]) -> list[str]:
+    """``slides`` as slide ids, in order, once each (see :func:`_slide_id`): what ``embed``
+    and the sharded runs key their outcomes by."""
+    return [_slide_id(archive, name) for name in dict.fromkeys(slides)]
+
+
 def _slide_id(archive: Archive, name: str) -> str:
     """A slide id as given when its store exists (complete or not), else resolved from a file
     name, stem or unique prefix; unresolvable names are kept (their store "is missing")."""
@@ -90,7 +96,7 @@ def embed(
     if slides is None:
         ids, incomplete = scan.complete, scan.incomplete
     else:
-        ids, incomplete = [_slide_id(archive, name) for name in dict.fromkeys(slides)], []
+        ids, incomplete = requested_slide_ids(archive, slides), []
     prepared: list[EmbedSlide | SlideOutcome] = [
         SlideOutcome.failure(_store_name(err), err)
         for err in (scan.damaged if slides is None else [])

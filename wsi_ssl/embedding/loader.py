@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from wsi_ssl.errors import TileReadError
 from wsi_ssl.storage.slide_store import open_tiles
 from wsi_ssl.storage.tile_reader import TileReader
 
@@ -95,7 +96,10 @@ class TileBatches(IterableDataset[TileBatch]):
                     continue
                 batch = self._decoded(reader, start, stop)
             except Exception as err:  # reported per unit; the job fails only that slide
-                yield TileBatch(k, slide, start, _EMPTY, f"{type(err).__name__}: {err}")
+                detail = (
+                    err.detail if isinstance(err, TileReadError) else f"{type(err).__name__}: {err}"
+                )
+                yield TileBatch(k, slide, start, _EMPTY, detail)
                 continue
             yield TileBatch(k, slide, start, batch, "")
 

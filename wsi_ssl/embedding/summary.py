@@ -44,7 +44,8 @@ class EmbedSummary(BatchOutcome):
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` output: counts, totals, the encoder, the settings, every slide."""
         outcomes = self.outcomes_dict()
-        slides = outcomes.pop("slides")
+        # each slide entry keeps the key it had before the shared outcome type: slide_id
+        slides = [{"slide_id": entry["slide"], **entry} for entry in outcomes.pop("slides")]
         return {
             "root": self.root,
             "encoder_id": self.encoder_id,

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 from wsi_ssl.device import resolve_device
 from wsi_ssl.embedding.config import EmbedConfig
 from wsi_ssl.embedding.devices import merge_summaries, portable, shard_slides, slide_sizes
-from wsi_ssl.embedding.job import embed
+from wsi_ssl.embedding.job import embed, requested_slide_ids
 from wsi_ssl.embedding.summary import EmbedSummary
 from wsi_ssl.encoders import Encoder
 from wsi_ssl.storage import open_store
@@ -66,7 +66,8 @@ def embed_torchrun(
     config = config or EmbedConfig()
     started = time.perf_counter()
     archive = open_store(root)
-    ids = list(dict.fromkeys(slides)) if slides is not None else archive.slide_ids
+    # names resolved here as embed resolves them: the shards' outcomes are keyed by slide id
+    ids = requested_slide_ids(archive, slides) if slides is not None else archive.slide_ids
     shards = shard_slides(slide_sizes(archive, ids), rank.world_size)
     device = str(resolve_device(config.device, rank.local_rank))
     mine = embed(
