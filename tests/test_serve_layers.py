@@ -258,3 +258,23 @@ def test_label_files_feed_annotations_evaluation_and_mil(layered: dict[str, Any]
     order = list(tiles.rows)
     assert (tiles.y[tiles.groups == order.index(a)] == 1).all()
     assert (tiles.y[tiles.groups == order.index(b)] == 0).all()
+
+
+def test_slide_labels_take_one_class_and_every_slide_of_the_archive(
+    layered: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A label filter needs no second class, and labels are matched against the archive, so a
+    page opened on an index of slide ``a`` alone still knows ``b``'s label for the others."""
+    from wsi_ssl.serve.app import read_slide_labels
+
+    root = layered["root"]
+    one_class = tmp_path_factory.mktemp("labels") / "slides.csv"
+    one_class.write_text(f"slide,label\n{layered['a']},tumour\n{layered['b']},tumour\n")
+    first = SearchIndex.open(root, "first")
+    assert read_slide_labels(first, one_class) == {layered["a"]: "tumour", layered["b"]: "tumour"}
+    SearchIndex.build(root, "random-cnn", name="only-a", kind="flat", slides=[layered["a"]])
+    only_a = SearchIndex.open(root, "only-a")
+    assert read_slide_labels(only_a, layered["labels"]) == {
+        layered["a"]: "tumour",
+        layered["b"]: "normal",
+    }

@@ -116,12 +116,13 @@ def check_classes(path: str, rows: list[LabelRow]) -> None:
         )
 
 
-def read_labels(path: str | Path) -> LabelTable:
+def read_labels(path: str | Path, *, for_training: bool = True) -> LabelTable:
     """Read and validate a labels CSV (comma- or tab-separated, UTF-8, header required).
 
     Columns: ``slide`` and ``label`` (required), ``patient`` (slides of one patient are never
     split across folds) and ``fold`` (integer fold of each slide, replacing the generated
-    split). Other columns are ignored.
+    split). Other columns are ignored. ``for_training=False`` (a label filter, not a
+    classifier) accepts a single class.
 
     Raises:
         LabelsError: unreadable file, missing columns, empty cells, duplicate slides, a
@@ -133,7 +134,8 @@ def read_labels(path: str | Path) -> LabelTable:
     rows = _read_rows(path, reader, col)
     _check_rows(path, rows, "fold" in col)
     table = LabelTable(str(path), rows, [h for h in header if h])
-    check_classes(table.path, rows)
+    if for_training:
+        check_classes(table.path, rows)
     return table
 
 

@@ -87,16 +87,21 @@ class SearchRequest(BaseModel):
 
 
 def read_slide_labels(index: SearchIndex, path: str | Path) -> dict[str, str]:
-    """Slide id -> label from a ``slide,label`` CSV (as for ``wsi-ssl mil``), its slides
-    named by id, unique id prefix or file name; rows naming no indexed slide are skipped."""
+    """Slide id -> label from a ``slide,label`` CSV (as for ``wsi-ssl mil``; one label is
+    enough for a filter), its slides named by id, unique id prefix or file name and resolved
+    against the whole archive (so every index the page offers, and slides added later, keep
+    their labels); rows naming no slide of the archive are skipped."""
     from wsi_ssl.mil.labels import read_labels
+    from wsi_ssl.storage import open_store
+    from wsi_ssl.storage.resolve import resolve_slide
 
+    archive = open_store(index.root)
     out = {}
-    for row in read_labels(path).rows:
+    for row in read_labels(path, for_training=False).rows:
         try:
-            out[index.resolve_slide(row.slide)["slide_id"]] = row.label
+            out[resolve_slide(archive, row.slide)] = row.label
         except UnknownSlideError:
-            log.info("slide labels: %s is not in index %s", row.slide, index.name)
+            log.info("slide labels: %s is not in the archive %s", row.slide, index.root.name)
     return out
 
 
