@@ -562,3 +562,20 @@ def test_region_windows_match_brute_force() -> None:
             if a is not b:
                 assert abs(a.row - b.row) >= 3 or abs(a.col - b.col) >= 2
     assert [w.score for w in wins] == sorted((w.score for w in wins), reverse=True)
+
+
+def test_exclusion_selector_merges_consecutive_slides_and_keeps_the_rest() -> None:
+    """Leaving out most of an archive costs a few id ranges; membership stays exact."""
+    from wsi_ssl.search.ids import encode_ids, exclusion_selector, slide_runs
+
+    assert slide_runs([9, 0, 1, 2, 5, 6, 1]) == [(0, 2), (5, 6), (9, 9)]
+    excluded = [n for n in range(1000) if n not in (3, 500, 998)]
+    assert len(slide_runs(excluded)) == 4
+    tombstones = encode_ids(np.full(2, 3), np.array([7, 8]))
+    selector, keep = exclusion_selector(tombstones, excluded)
+    assert len(keep) < 12  # 4 ranges + the tombstones, their unions and the negation
+    for slide in (0, 2, 3, 4, 499, 500, 501, 997, 998, 999):
+        ids = encode_ids(np.full(10, slide), np.arange(10))
+        member = [bool(selector.is_member(int(i))) for i in ids]
+        wanted = [slide in (3, 500, 998) and not (slide == 3 and t in (7, 8)) for t in range(10)]
+        assert member == wanted, slide

@@ -80,15 +80,27 @@ def exclusion_selector(
     parts: list[Any] = []
     if tombstones is not None:
         parts.append(faiss.IDSelectorBatch(tombstones))
-    for number in sorted(set(exclude_slides)):
-        parts.append(faiss.IDSelectorRange(*slide_id_range(int(number))))
+    for first, last in slide_runs(exclude_slides):
+        parts.append(faiss.IDSelectorRange(slide_id_range(first)[0], slide_id_range(last)[1]))
     keep: list[Any] = list(parts)
     if not parts:
         return None, keep
-    union = parts[0]
-    for part in parts[1:]:
-        union = faiss.IDSelectorOr(union, part)
-        keep.append(union)
-    selector = faiss.IDSelectorNot(union)
+    while len(parts) > 1:  # a balanced tree of unions: shallow however many parts
+        pairs = [faiss.IDSelectorOr(a, b) for a, b in zip(parts[::2], parts[1::2], strict=False)]
+        keep.extend(pairs)
+        parts = pairs + ([parts[-1]] if len(parts) % 2 else [])
+    selector = faiss.IDSelectorNot(parts[0])
     keep.append(selector)
     return selector, keep
+
+
+def slide_runs(numbers: Sequence[int]) -> list[tuple[int, int]]:
+    """Consecutive slide numbers merged into ``(first, last)`` runs: one id range each, so
+    a filter that leaves out most of an archive costs a few ranges, not one per slide."""
+    runs: list[tuple[int, int]] = []
+    for number in sorted({int(n) for n in numbers}):
+        if runs and number == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], number)
+        else:
+            runs.append((number, number))
+    return runs
