@@ -65,6 +65,19 @@ CMU = HERE.parent.parent / "shared" / "fixtures" / "slides" / "CMU-1-Small-Regio
 TILE = 256
 
 
+def write_results(name: str, rows: dict[str, Any], **meta: Any) -> None:
+    """``results/<name>.json``: the machine, the date, ``meta`` and the rows."""
+    machine = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    result = {"machine": machine, "date": time.strftime("%Y-%m-%d"), **meta, "rows": rows}
+    out = HERE / "results" / f"{name}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
 def _mirror(image: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     h, w = image.shape[:2]
     xs = xs % (2 * w)
@@ -284,18 +297,7 @@ def single_level(sizes: list[int], baseline_max_gb: float) -> None:
     print(f"{'case':<52} {'peak RSS MB':>11} {'seconds':>8}")
     for name, r in rows.items():
         print(f"{name:<52} {r['peak_rss_mb']:>11.0f} {r['seconds']:>8.1f}")
-    result = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        },
-        "date": time.strftime("%Y-%m-%d"),
-        "rows": rows,
-    }
-    out = HERE / "results" / "tiling_single_level.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_results("tiling_single_level", rows)
 
 
 def _kept_coords(out: Path) -> np.ndarray:
@@ -404,19 +406,7 @@ def _report(
             f"{r['tiles_per_cpu_s'] / base_cpu:>7.2f} {r['tiles_per_cpu_s'] / floor_cpu:>7.2f} "
             f"{r.get('peak_rss_mb', float('nan')):>8.0f}"
         )
-    result = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        },
-        "date": time.strftime("%Y-%m-%d"),
-        **meta,
-        "rows": rows,
-    }
-    out = HERE / "results" / f"{name}.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_results(name, rows, **meta)
 
 
 def case_40x(size: int, sample: int) -> None:
@@ -526,10 +516,7 @@ def case_j2k(size: int) -> None:
     print(f"{'case':<40} {'tiles/s':>8} {'tiles/CPU-s':>11}")
     for label, r in rows.items():
         print(f"{label:<40} {r['tiles_per_s']:>8.0f} {r['tiles_per_cpu_s']:>11.0f}")
-    out = HERE / "results" / "tiling_j2k.json"
-    meta = {"platform": platform.platform(), "cpus": os.cpu_count()}
-    out.write_text(json.dumps({"machine": meta, "date": time.strftime("%Y-%m-%d"), "rows": rows}))
-    print(f"wrote {out}")
+    write_results("tiling_j2k", rows)
 
 
 def main() -> None:
@@ -602,19 +589,7 @@ def main() -> None:
             f"{name:<48} {r['tiles_per_s']:>9.0f} {r['tiles_per_s'] / base:>7.2f} {per_core:>11.2f} "
             f"{r.get('peak_rss_mb', float('nan')):>8.0f} {r.get('bytes_per_tile', float('nan')):>8.0f}"
         )
-    result = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        },
-        "date": time.strftime("%Y-%m-%d"),
-        "slide_px": args.size,
-        "rows": rows,
-    }
-    out = HERE / "results" / "tiling.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_results("tiling", rows, slide_px=args.size)
 
 
 if __name__ == "__main__":
