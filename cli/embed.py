@@ -87,6 +87,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "nvJPEG on CUDA; workers only read bytes), auto (default: device on CUDA, else cpu)",
     )
     p.add_argument(
+        "--skip-flagged-tiles",
+        action="store_true",
+        help="neither read nor encode the tiles the store's QC flagged (their rows stay, "
+        "marked not embedded; search, export, MIL and evaluation leave them out)",
+    )
+    p.add_argument(
         "--devices",
         metavar="DEV,DEV,...",
         help="shard the slides across these devices, one process each (e.g. cuda:0,cuda:1)",
@@ -143,6 +149,7 @@ def run_embed(args: argparse.Namespace) -> int:
         stain_normalize=args.stain_normalize,
         stain_reference=args.stain_reference,
         decode=args.decode,
+        skip_flagged_tiles=args.skip_flagged_tiles,
     )
     encoder = create_encoder(
         args.encoder,

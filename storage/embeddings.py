@@ -6,6 +6,7 @@ Layout (Zarr v3, one array per encoder)::
         <encoder_id>/                           float16 or float32 (N, D), row i = tile i
             attributes: status "complete", encoder_id, encoder (the frozen encoder config),
                         weights_sha256, n_tiles, dim, dtype, coords_sha256, compute, ...
+                        not_embedded (only when tiles were left out, see below)
         .writing-<encoder_id>/                  only while a job writes it (or after a kill)
         .replaced-<encoder_id>/                 the old array, only during the swap
 
@@ -22,15 +23,24 @@ partial name, which the next writer (or ``wsi-ssl check --repair``) renames into
 Completeness is judged by content, not attributes alone (:func:`embeddings_problem`): status,
 shape against the store's tiles, coords hash, every chunk file present, every row decodable
 and finite. Resume redoes any array with a problem.
+
+Rows without a vector: an embedding job run with ``skip_flagged_tiles`` neither reads nor
+encodes the tiles QC flagged. The array keeps one row per tile; those rows are NaN and the
+attribute ``not_embedded`` = ``{"tiles": [sorted tile numbers], "reason": "qc_flagged",
+"qc_thresholds": {...}}`` names them. Every other row is finite (checked as above).
+Consumers take the rows that hold vectors through :meth:`Embeddings.embedded_only` (or
+:func:`embedded_rows` for a bare array): no NaN reaches a model, an index or a metric.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,14 +73,17 @@ if TYPE_CHECKING:
 __all__ = [
     "EMBEDDINGS_GROUP",
     "EMBEDDING_DTYPES",
+    "NOT_EMBEDDED",
     "EmbeddingWriter",
     "Embeddings",
     "coords_sha256",
+    "embedded_rows",
     "embedding_ids",
     "embedding_status",
     "embeddings_busy",
     "embeddings_problem",
     "finish_interrupted_swap",
+    "not_embedded_tiles",
     "open_embeddings_array",
     "read_embeddings",
     "resolve_encoder_id",
@@ -82,6 +95,25 @@ REPLACED_PREFIX = ".replaced-"
 EMBEDDING_DTYPES = ("float16", "float32")
 STATUS_MISSING = "missing"
 DEFAULT_CHUNK_BYTES = 1 << 20  # ~1 MiB chunks of whole rows
+NOT_EMBEDDED = "not_embedded"
+"""Attribute naming the rows that hold no vector (tiles the job left out)."""
+
+
+def not_embedded_tiles(attrs: Mapping[str, Any]) -> np.ndarray:
+    """int64 tile numbers whose rows hold no vector (empty: every row holds one)."""
+    record = attrs.get(NOT_EMBEDDED) or {}
+    return np.asarray(record.get("tiles", []), dtype=np.int64).reshape(-1)
+
+
+def embedded_rows(attrs: Mapping[str, Any], n: int) -> np.ndarray | None:
+    """Rows of an (n, D) embeddings array that hold vectors, by its attributes; None when
+    every row does (the common case, no index array built)."""
+    missing = not_embedded_tiles(attrs)
+    if not len(missing):
+        return None
+    keep = np.ones(n, dtype=bool)
+    keep[missing[missing < n]] = False
+    return np.flatnonzero(keep)
 
 
 def coords_sha256(coords: np.ndarray) -> str:
@@ -153,18 +185,57 @@ def resolve_encoder_id(store: SlideStore | Path, name: str | None) -> str:
 
 @dataclass
 class Embeddings:
-    """One slide's vectors from one encoder, row ``i`` belonging to tile ``i`` at ``coords[i]``."""
+    """One slide's vectors from one encoder, row ``i`` belonging to tile ``tiles[i]`` at
+    ``coords[i]``; ``tiles`` None: row ``i`` is tile ``i`` (as stored).
+
+    As read, rows of tiles the job left out (``not_embedded``) are NaN: take
+    :meth:`embedded_only` before using the vectors.
+    """
 
     slide_id: str
     encoder_id: str
     features: np.ndarray | da.Array
     coords: np.ndarray
     attrs: dict[str, Any] = field(default_factory=dict)
+    tiles: np.ndarray | None = None
 
     @property
     def encoder(self) -> dict[str, Any]:
         """The frozen encoder config that made the vectors."""
         return dict(self.attrs.get("encoder", {}))
+
+    @property
+    def tile_ids(self) -> np.ndarray:
+        """int64 tile number of each row."""
+        return np.arange(len(self)) if self.tiles is None else np.asarray(self.tiles)
+
+    @property
+    def n_not_embedded(self) -> int:
+        """Tiles of the slide whose rows hold no vector."""
+        return len(not_embedded_tiles(self.attrs))
+
+    def embedded_only(self) -> Embeddings:
+        """The rows that hold vectors (all rows when every tile was embedded), with their
+        tile numbers in ``tiles``: what search, export, MIL and evaluation use."""
+        if self.tiles is not None:  # already selected
+            return self
+        rows = embedded_rows(self.attrs, len(self))
+        if rows is None:
+            return self
+        return dataclasses.replace(
+            self, features=self.features[rows], coords=np.asarray(self.coords)[rows], tiles=rows
+        )
+
+    def select(self, tiles: np.ndarray) -> Embeddings:
+        """The rows of these tile numbers (sorted, unique) that hold vectors."""
+        emb = self.embedded_only()
+        pos = np.flatnonzero(np.isin(emb.tile_ids, tiles))
+        return dataclasses.replace(
+            emb,
+            features=emb.features[pos],
+            coords=np.asarray(emb.coords)[pos],
+            tiles=emb.tile_ids[pos],
+        )
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -219,6 +290,7 @@ def read_embeddings(store: SlideStore, encoder_id: str, *, lazy: bool = False) -
                 store.path, encoder_id, f"{type(err).__name__}: {err}"
             ) from err
         bad = ~np.isfinite(features).all(axis=1)
+        bad[not_embedded_tiles(attrs)] = False  # NaN by design (see the module docstring)
         if bad.any():  # the writer refuses non-finite rows: these are missing chunks (NaN fill)
             raise EmbeddingsCorruptError(
                 store.path, encoder_id, f"{int(bad.sum())} of {len(bad)} rows missing or not finite"
@@ -234,16 +306,20 @@ def _missing_chunks(array_dir: Path, array: zarr.Array[Any]) -> tuple[int, int]:
     return missing, expected
 
 
-def _undecodable_rows(array: zarr.Array[Any]) -> str | None:
-    """Decode an array chunk by chunk; what is wrong, or None."""
+def _undecodable_rows(array: zarr.Array[Any], attrs: Mapping[str, Any]) -> str | None:
+    """Decode an array chunk by chunk; what is wrong, or None (rows ``not_embedded`` may be
+    NaN)."""
     rows = int(array.chunks[0])
+    expected_nan = np.zeros(array.shape[0], dtype=bool)
+    expected_nan[not_embedded_tiles(attrs)] = True
     bad = 0
     for start in range(0, array.shape[0], rows):
         try:
             block = np.asarray(array[start : start + rows])
         except Exception as err:  # a chunk the codec cannot decode
             return f"rows {start}.. cannot be decoded ({type(err).__name__}: {err})"
-        bad += int((~np.isfinite(block).all(axis=1)).sum())
+        finite = np.isfinite(block).all(axis=1)
+        bad += int((~finite & ~expected_nan[start : start + rows]).sum())
     return f"{bad} of {array.shape[0]} rows missing or not finite" if bad else None
 
 
@@ -270,7 +346,7 @@ def embeddings_problem(store: SlideStore, encoder_id: str, *, decode: bool = Tru
     missing, expected = _missing_chunks(array_dir, array)
     if missing:
         return f"{missing} of {expected} chunk files missing"
-    return _undecodable_rows(array) if decode else None
+    return _undecodable_rows(array, attrs) if decode else None
 
 
 def embeddings_busy(store_path: str | Path, encoder_id: str) -> StoreLockedError | None:
@@ -364,6 +440,7 @@ class EmbeddingWriter:
                 chunks=(min(self.chunk_rows, max(1, self.n_rows)), self.dim),
                 dimension_names=("tile", "feature"),
                 fill_value=np.nan,
+                config={"write_empty_chunks": True},  # rows not embedded are NaN: keep them
             )
             self._array.attrs.update(
                 {**(attrs or {}), "status": STATUS_WRITING, "encoder_id": encoder_id}

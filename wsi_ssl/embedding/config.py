@@ -51,6 +51,11 @@ class EmbedConfig:
             off (default).
         stain_reference: the reference image file the stains are mapped to (needed with
             ``stain_normalize``).
+        skip_flagged_tiles: neither read nor encode the tiles the store's QC flagged (blur,
+            pen, little tissue, dark: :func:`wsi_ssl.tiling.qc.kept_tiles`, the thresholds
+            the slide was tiled with); their rows stay, NaN, named by the array's
+            ``not_embedded`` attribute (:mod:`wsi_ssl.storage.embeddings`). Without it, a
+            slide embedded with it is completed: only its missing rows are encoded.
         decode: where JPEG tiles are decoded: "cpu" (the loader workers), "device" (the
             workers only read the stored streams, the main process decodes each batch on the
             encoder's device: nvJPEG on CUDA), "auto" (default: "device" on CUDA, else "cpu").
@@ -71,6 +76,7 @@ class EmbedConfig:
     stain_normalize: str | None = None
     stain_reference: str | None = None
     decode: str = "auto"
+    skip_flagged_tiles: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:

@@ -1,7 +1,9 @@
 """Tile batches for the embedding job: an ``IterableDataset`` over contiguous tile ranges.
 
 Each work unit is ``batch_size`` consecutive tiles of one slide (a batch never spans slides, so
-a slide's batches, and therefore its vectors, do not depend on which other slides run with it).
+a slide's batches, and therefore its vectors, do not depend on which other slides run with it);
+when a slide's tiles to read are given (``tiles[i]``: the tiles QC kept), a unit's ``start`` and
+``stop`` are positions in that list.
 Worker ``w`` of ``W`` takes units ``w, w + W, ...``; the DataLoader collects from workers in
 turn, so batches arrive in unit order. A worker reads a unit with one Zarr slice (whole inner
 chunks of the shards, decoded in the worker) and yields a uint8 tensor (B, T, T, 3): the main
@@ -58,7 +60,8 @@ class TileBatches(IterableDataset[TileBatch]):
 
     ``transform`` (e.g. the encoder's :class:`~wsi_ssl.encoders.Preprocess` when the encoder
     runs on the CPU) is applied to each uint8 batch in the worker; ``encoded[i]``: slide i's
-    JPEG tiles travel undecoded (stores of other codecs are decoded whatever it says).
+    JPEG tiles travel undecoded (stores of other codecs are decoded whatever it says);
+    ``tiles[i]``: the sorted tile numbers of slide i to read (None: all).
     """
 
     def __init__(
@@ -67,12 +70,14 @@ class TileBatches(IterableDataset[TileBatch]):
         units: Sequence[WorkUnit],
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         encoded: Sequence[bool] | None = None,
+        tiles: Sequence[np.ndarray | None] | None = None,
     ) -> None:
         super().__init__()
         self.tile_arrays = list(tile_arrays)
         self.units = list(units)
         self.transform = transform
         self.encoded = list(encoded) if encoded is not None else [False] * len(self.tile_arrays)
+        self.tiles = list(tiles) if tiles is not None else [None] * len(self.tile_arrays)
 
     def __len__(self) -> int:
         return len(self.units)
@@ -88,13 +93,15 @@ class TileBatches(IterableDataset[TileBatch]):
                     readers.clear()  # one slide open at a time per worker
                     readers[slide] = TileReader(open_tiles(self.tile_arrays[slide]))
                 reader = readers[slide]
+                chosen = self.tiles[slide]
+                rows = np.arange(start, stop) if chosen is None else chosen[start:stop]
                 if self.encoded[slide] and reader.is_jpeg:
-                    streams = reader.read_encoded(np.arange(start, stop))
+                    streams = reader.read_encoded(rows)
                     sizes = torch.tensor([len(b) for b in streams], dtype=torch.int64)
                     data = torch.frombuffer(bytearray(b"".join(streams)), dtype=torch.uint8)
                     yield TileBatch(k, slide, start, data, "", sizes)
                     continue
-                batch = self._decoded(reader, start, stop)
+                batch = self._decoded(reader, rows)
             except Exception as err:  # reported per unit; the job fails only that slide
                 detail = (
                     err.detail if isinstance(err, TileReadError) else f"{type(err).__name__}: {err}"
@@ -103,9 +110,9 @@ class TileBatches(IterableDataset[TileBatch]):
                 continue
             yield TileBatch(k, slide, start, batch, "")
 
-    def _decoded(self, reader: TileReader, start: int, stop: int) -> torch.Tensor:
-        tiles = reader.read(np.arange(start, stop))
-        if tiles.dtype != np.uint8 or tiles.ndim != 4 or len(tiles) != stop - start:
+    def _decoded(self, reader: TileReader, rows: np.ndarray) -> torch.Tensor:
+        tiles = reader.read(rows)
+        if tiles.dtype != np.uint8 or tiles.ndim != 4 or len(tiles) != len(rows):
             raise ValueError(f"expected uint8 (B, T, T, 3), got {tiles.dtype} {tiles.shape}")
         batch = torch.from_numpy(tiles)
         return self.transform(batch) if self.transform is not None else batch

@@ -6,6 +6,10 @@ workers read whole tile ranges; the main process only moves uint8 batches to the
 stored streams there: :mod:`wsi_ssl.embedding.decode`), runs the encoder (autocast on CUDA per the encoder's precision), and copies the vectors back, one
 batch in flight on CUDA so the copy of batch k overlaps the compute of batch k+1.
 
+Only a slide's ``EmbedSlide.encode`` tiles are read and encoded (``skip_flagged_tiles``); each
+batch is written as the block of rows from its first tile to the next batch's, the rows between
+taken from the slide's earlier array or left NaN (:mod:`wsi_ssl.embedding.slides`).
+
 A slide that fails (a tile read, a non-finite vector, a write) gets its outcome and its partial
 array removed; the others go on. A slide is committed atomically once its last row is written
 (``wsi_ssl.storage.embeddings``).
@@ -32,7 +36,7 @@ from wsi_ssl.storage.embeddings import EmbeddingWriter
 
 __all__ = ["EmbedRunner"]
 
-_Inflight = tuple[EmbedSlide, int, torch.Tensor, Any]
+_Inflight = tuple[EmbedSlide, int, torch.Tensor, Any]  # slide, unit start, vectors, event
 
 
 @contextlib.contextmanager
@@ -82,29 +86,32 @@ class EmbedRunner:
     def run(self, slides: list[EmbedSlide]) -> None:
         """Embed ``slides``; each ends with its ``outcome`` set."""
         for s in slides:
-            if s.n == 0:  # an empty (0, D) array, complete at once
+            if not len(s.encode):  # nothing to encode: empty, all flagged, or rows kept
                 try:
                     self._start(s)
                     if not s.done:
+                        s.writer.write(0, self._block(s, 0, 0, None))  # type: ignore[union-attr]
+                        s.received = s.n
                         self._commit(s)
                 except Exception as err:
                     self._fail(s, err)
-        todo = [s for s in slides if s.n > 0]
+        todo = [s for s in slides if len(s.encode)]
         if todo:
             self._loop(todo)
         for s in todo:
             if not s.done:
-                self._fail(s, RuntimeError(f"only {s.received} of {s.n} tiles were embedded"))
+                self._fail(s, RuntimeError(f"only {s.received} of {s.n} rows were written"))
 
     def _loader(self, todo: list[EmbedSlide]) -> Any:
-        units = work_units([s.n for s in todo], self.batch_size)
+        units = work_units([len(s.encode) for s in todo], self.batch_size)
         # On the CPU the workers also preprocess (in parallel with the forward passes); on
         # CUDA uint8 batches travel (4x smaller) and are preprocessed on the device.
         plain = self.cuda or self.device_decode or not self.config.n_workers
         plain = plain or self.stain is not None
         transform = None if plain else self.encoder.preprocessor
         paths = [str(s.store.path / "tiles") for s in todo]
-        dataset = TileBatches(paths, units, transform, [self.device_decode] * len(todo))
+        tiles = [None if len(s.encode) == s.n else s.encode for s in todo]
+        dataset = TileBatches(paths, units, transform, [self.device_decode] * len(todo), tiles)
         return make_loader(
             dataset,
             workers=self.config.n_workers,
@@ -114,7 +121,7 @@ class EmbedRunner:
 
     def _loop(self, todo: list[EmbedSlide]) -> None:
         bar = tqdm(
-            total=sum(s.n for s in todo),
+            total=sum(len(s.encode) for s in todo),
             unit="tile",
             desc=f"embed {self.encoder.config.name}"[:30],
             disable=not self.progress,
@@ -155,9 +162,9 @@ class EmbedRunner:
         if slide.done:
             return None
         if batch.error:
-            stop = min(batch.start + self.batch_size, slide.n)
+            start, stop = slide.rows(batch.start, batch.start + self.batch_size)
             path = slide.store.path / "tiles"
-            self._fail(slide, TileReadError(path, batch.start, stop, batch.error))
+            self._fail(slide, TileReadError(path, start, stop, batch.error))
             return None
         return self._launch(slide, batch)
 
@@ -174,14 +181,13 @@ class EmbedRunner:
             chunk_rows=self.config.chunk_rows,
             wait=self.config.wait,
         )
-        chash = str(slide.attrs["coords_sha256"])
-        if self.config.resume and self.target.is_current(slide.store, slide.n, chash):
+        if self.config.resume and self.target.is_current(slide):
             slide.writer.abort()
             slide.outcome = SlideOutcome(slide.slide_id, "skipped", slide.n)
 
     def _launch(self, slide: EmbedSlide, batch: TileBatch) -> _Inflight | None:
         """Start one batch on the device; returns what ``_finish`` needs (None if it failed)."""
-        start = batch.start
+        start = batch.start  # position in slide.encode
         try:
             if slide.writer is None:
                 self._start(slide)
@@ -189,7 +195,8 @@ class EmbedRunner:
                 return None
             if batch.sizes.numel():  # JPEG streams, decoded here on the device
                 where = slide.store.path / "tiles"
-                x = decode_jpeg_batch(batch.tiles, batch.sizes, self.encoder.device, where, start)
+                first = int(slide.encode[start])
+                x = decode_jpeg_batch(batch.tiles, batch.sizes, self.encoder.device, where, first)
             else:
                 x = batch.tiles.to(self.encoder.device, non_blocking=self.cuda)
             if self.stain is not None:  # uint8 (B, T, T, 3) tiles, normalised on the device
@@ -221,17 +228,30 @@ class EmbedRunner:
             bad = _nonfinite(out, raw)
             if bad is not None:
                 row, what = bad
-                tile = start + row
+                tile = int(slide.encode[start + row])
                 x, y = (int(v) for v in slide.coords[tile])
                 raise NonFiniteEmbeddingError(str(slide.store.path), tile, (x, y), what)
             assert slide.writer is not None
-            slide.writer.write(start, out)
-            slide.received += len(out)
+            block = self._block(slide, start, start + len(out), out)
+            slide.writer.write(slide.rows(start, start + len(out))[0], block)
+            slide.received += len(block)
             if slide.received == slide.n:
                 self._commit(slide)
         except Exception as err:
             self._fail(slide, err)
         return len(feats)
+
+    def _block(self, slide: EmbedSlide, a: int, b: int, out: np.ndarray | None) -> np.ndarray:
+        """The rows of the vectors of ``slide.encode[a:b]`` (``out``), the rows between them
+        copied from the slide's earlier array, or NaN."""
+        lo, hi = slide.rows(a, b)
+        if slide.base is not None:
+            block = np.asarray(slide.base[lo:hi], dtype=self.config.dtype)
+        else:
+            block = np.full((hi - lo, self.encoder.embed_dim), np.nan, dtype=self.config.dtype)
+        if out is not None:
+            block[slide.encode[a:b] - lo] = out
+        return block
 
     def _commit(self, slide: EmbedSlide) -> None:
         if slide.writer is None:
@@ -244,7 +264,9 @@ class EmbedRunner:
                 "seconds": round(seconds, 3),
             }
         )
-        slide.outcome = SlideOutcome(slide.slide_id, "complete", slide.n, seconds=seconds)
+        slide.outcome = SlideOutcome(
+            slide.slide_id, "complete", len(slide.encode), seconds=seconds, details=slide.details
+        )
 
     def _fail(self, slide: EmbedSlide, err: BaseException) -> None:
         if slide.done:

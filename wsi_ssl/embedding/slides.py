@@ -6,10 +6,17 @@ content* (every chunk there and decodable, same tiles, dtype and stain: then the
 skipped), whether another job is writing them ("busy", unless ``EmbedConfig.wait``), and
 whether the tiles suit the encoder (input size, scale); it also writes the attrs recorded with
 the vectors.
+
+With ``EmbedConfig.skip_flagged_tiles`` a slide's tiles flagged by QC are left out of
+``EmbedSlide.encode`` (neither read nor encoded; their rows are NaN, named by the array's
+``not_embedded`` attribute). On resume, the rows of a complete array of the same encoder,
+tiles, dtype and stain are kept (``EmbedSlide.base``) and only the tiles it lacks are encoded:
+a slide embedded with ``skip_flagged_tiles`` and then without it is completed, not redone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
@@ -24,8 +31,10 @@ from wsi_ssl.errors import WsiSslError
 from wsi_ssl.outcome import SlideOutcome
 from wsi_ssl.storage import Archive, SlideStore
 from wsi_ssl.storage.embeddings import (
+    NOT_EMBEDDED,
     EmbeddingWriter,
     coords_sha256,
+    embedded_rows,
     embeddings_busy,
     embeddings_problem,
     open_embeddings_array,
@@ -36,12 +45,19 @@ __all__ = ["EmbedSlide", "EmbedTarget", "stain_normalizer"]
 
 @dataclass
 class EmbedSlide:
-    """A slide to embed and its progress (``outcome`` is set once it is done)."""
+    """A slide to embed and its progress (``outcome`` is set once it is done).
+
+    ``encode``: the sorted tile numbers to encode; every other row is copied from ``base``
+    (a complete earlier array of the same vectors) or, without it, left NaN and named in
+    ``attrs["not_embedded"]``. ``received`` counts the rows written.
+    """
 
     store: SlideStore
     n: int
     coords: np.ndarray
     attrs: dict[str, Any]
+    encode: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
+    base: Any = None  # zarr.Array | None
     writer: EmbeddingWriter | None = None
     received: int = 0
     started: float = 0.0
@@ -50,6 +66,25 @@ class EmbedSlide:
     @property
     def done(self) -> bool:
         return self.outcome is not None
+
+    @property
+    def n_not_embedded(self) -> int:
+        return len(self.attrs.get(NOT_EMBEDDED, {}).get("tiles", []))
+
+    @property
+    def details(self) -> dict[str, int]:
+        """What the outcome records besides the tiles encoded: rows left out, rows kept."""
+        kept = self.n - len(self.encode) - self.n_not_embedded
+        out = {"not_embedded": self.n_not_embedded} if self.n_not_embedded else {}
+        return out | ({"rows_kept": kept} if kept else {})
+
+    def rows(self, a: int, b: int) -> tuple[int, int]:
+        """The rows a block of ``encode[a:b]`` covers: from its first tile (row 0 for the
+        first block) to the next block's first tile (``n`` for the last), so the blocks of a
+        slide tile its rows."""
+        m = len(self.encode)
+        start = 0 if a == 0 else int(self.encode[a])
+        return start, self.n if b >= m else int(self.encode[b])
 
     @property
     def slide_id(self) -> str:
@@ -93,7 +128,10 @@ class EmbedTarget:
             coords = store.coords
             tile_size = int(store.tiles.shape[1])
             chash = coords_sha256(coords)
-            if self.config.resume and self.is_current(store, n, chash):
+            wanted = self.wanted(store)
+            base = self.reusable(store, n, chash) if self.config.resume else None
+            have = _has_vector(base, n)
+            if base is not None and not (wanted & ~have).any():
                 return SlideOutcome(slide_id, "skipped", n)
             busy = embeddings_busy(store.path, self.encoder_id) if not self.config.wait else None
             if busy is not None:
@@ -103,7 +141,24 @@ class EmbedTarget:
                 self.encoder.check_scale(store.tiling.get("mpp"), tile_size, str(store.path))
         except (WsiSslError, OSError, KeyError, ValueError) as err:
             return SlideOutcome.failure(slide_id, err, time.perf_counter() - started)
-        return EmbedSlide(store, n, coords, self.attrs(store, n, chash, tile_size))
+        attrs = self.attrs(store, n, chash, tile_size)
+        encode = np.flatnonzero(wanted & ~have)
+        missing = np.flatnonzero(~(wanted | have))
+        if len(missing):
+            attrs[NOT_EMBEDDED] = {
+                "tiles": missing.tolist(),
+                "reason": "qc_flagged",
+                "qc_thresholds": {k: v for k, v in store.tiling.items() if k.startswith("qc_")},
+            }
+        return EmbedSlide(store, n, coords, attrs, encode, base if have.any() else None)
+
+    def wanted(self, store: SlideStore) -> np.ndarray:
+        """bool (N,): the tiles this job must have vectors of (all, or those QC keeps)."""
+        if not self.config.skip_flagged_tiles:
+            return np.ones(store.n_tiles, dtype=bool)
+        from wsi_ssl.tiling.qc import kept_tiles
+
+        return np.asarray(kept_tiles(store), dtype=bool)
 
     def attrs(self, store: SlideStore, n: int, chash: str, tile_size: int) -> dict[str, Any]:
         """What is recorded with a slide's vectors (and checked on resume)."""
@@ -131,17 +186,39 @@ class EmbedTarget:
             attrs["checkpoint_sha256"] = self.encoder.checkpoint_sha256
         return attrs
 
-    def is_current(self, store: SlideStore, n: int, chash: str) -> bool:
-        """Complete by content (every chunk there and decodable), for these tiles, encoder,
-        dtype and stain normalisation."""
+    def reusable(self, store: SlideStore, n: int, chash: str) -> Any:
+        """The slide's array of these vectors, complete by content (every chunk there and
+        decodable), for these tiles, encoder, dtype and stain normalisation; else None."""
         if embeddings_problem(store, self.encoder_id) is not None:
-            return False
+            return None
         array = open_embeddings_array(store.path, self.encoder_id)
         a = array.attrs
-        return (
+        same = (
             array.shape == (n, self.encoder.embed_dim)
             and a.get("encoder_id") == self.encoder_id
             and a.get("coords_sha256") == chash
             and a.get("dtype") == self.config.dtype
             and a.get("stain") == self.stain
         )
+        return array if same else None
+
+    def is_current(self, slide: EmbedSlide) -> bool:
+        """Another job completed the slide meanwhile: an array holds every row this one
+        would (checked once the writer holds the lock)."""
+        chash = str(slide.attrs["coords_sha256"])
+        array = self.reusable(slide.store, slide.n, chash)
+        if array is None:
+            return False
+        return bool(_has_vector(array, slide.n)[self.wanted(slide.store)].all())
+
+
+def _has_vector(array: Any, n: int) -> np.ndarray:
+    """bool (n,): rows of ``array`` (None: no array) that hold vectors."""
+    if array is None:
+        return np.zeros(n, dtype=bool)
+    rows = embedded_rows(array.attrs, n)
+    if rows is None:
+        return np.ones(n, dtype=bool)
+    have = np.zeros(n, dtype=bool)
+    have[rows] = True
+    return have

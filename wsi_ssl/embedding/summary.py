@@ -28,6 +28,16 @@ class EmbedSummary(BatchOutcome):
     loader_wait_s: float = 0.0
 
     @property
+    def tiles_not_embedded(self) -> int:
+        """Tiles of the complete slides left without a vector (``skip_flagged_tiles``)."""
+        return sum(int(o.details.get("not_embedded", 0)) for o in self.with_status("complete"))
+
+    @property
+    def rows_kept(self) -> int:
+        """Rows of the complete slides copied from their earlier arrays, not encoded again."""
+        return sum(int(o.details.get("rows_kept", 0)) for o in self.with_status("complete"))
+
+    @property
     def tiles_per_s(self) -> float:
         return round(self.tiles_done / self.seconds, 1) if self.seconds else 0.0
 
@@ -37,6 +47,13 @@ class EmbedSummary(BatchOutcome):
             f"{self.count_line('embedded')}; {self.tiles_done} tiles at {self.tiles_per_s} "
             f"tiles/s with {self.encoder_id}"
         ]
+        if self.tiles_not_embedded:
+            out.append(
+                f"skipped {self.tiles_not_embedded} tiles flagged by QC (not read, not encoded; "
+                "their rows are marked not_embedded)"
+            )
+        if self.rows_kept:
+            out.append(f"kept {self.rows_kept} rows embedded before (not encoded again)")
         if self.incomplete:
             out.append(f"left out {len(self.incomplete)} store(s) that are not complete")
         return out
@@ -51,6 +68,8 @@ class EmbedSummary(BatchOutcome):
             "encoder_id": self.encoder_id,
             **outcomes,
             "tiles_embedded": self.tiles_done,
+            "tiles_not_embedded": self.tiles_not_embedded,
+            "rows_kept": self.rows_kept,
             "seconds": round(self.seconds, 3),
             "loader_wait_s": round(self.loader_wait_s, 3),
             "tiles_per_s": self.tiles_per_s,
