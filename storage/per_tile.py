@@ -1,7 +1,7 @@
 """Per-tile tables of a slide store: ``qc/<metric>`` scores and ``labels/<name>`` fractions.
 
-``qc/<metric>``: float32 (N,), one quality score per tile, chunked like the tiles' shards so
-each tiling task writes whole chunks of its own. ``labels/<name>``: float32 (N, C), each
+``qc/<metric>``: float32 (N,), one quality score per tile; the tiling tasks return their
+scores and the job writes each array once (a chunk file per metric rather than per task). ``labels/<name>``: float32 (N, C), each
 tile's area fraction of C annotation classes, the class names in the ``classes`` attribute.
 """
 
@@ -20,24 +20,16 @@ QC_GROUP = "qc"
 LABELS_GROUP = "labels"
 
 
-def create_qc(group: zarr.Group, metrics: Sequence[str], n_tiles: int, chunk: int) -> None:
-    """Empty ``qc/<metric>`` arrays (NaN until written) for ``n_tiles`` tiles; no ``qc``
-    group at all without metrics."""
-    if not metrics:
-        return
+QC_CHUNK = 1 << 16
+"""Scores per chunk of a ``qc/<metric>`` array (one chunk for a slide of up to 65,536 tiles)."""
+
+
+def write_qc(group: zarr.Group, scores: Mapping[str, np.ndarray]) -> None:
+    """Store ``qc/<metric>``: float32 (N,) per metric, written once after extraction."""
     qc = group.require_group(QC_GROUP)
-    for metric in metrics:
-        qc.create_array(
-            metric, shape=(n_tiles,), dtype="float32", chunks=(chunk,), fill_value=np.nan
-        )
-
-
-def write_qc_rows(store_path: str | Path, start: int, scores: Mapping[str, np.ndarray]) -> None:
-    """Write the scores of tiles ``start:start + k`` (whole chunks: one tiling task's)."""
-    qc = zarr.open_group(Path(store_path) / QC_GROUP, mode="r+", zarr_format=3)
     for metric, values in scores.items():
-        array = cast("zarr.Array[Any]", qc[metric])
-        array[start : start + len(values)] = np.asarray(values, dtype=np.float32)
+        data = np.asarray(values, dtype=np.float32)
+        qc.create_array(metric, data=data, chunks=(max(1, min(len(data), QC_CHUNK)),))
 
 
 def read_qc(group: zarr.Group) -> dict[str, np.ndarray]:

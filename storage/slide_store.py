@@ -14,7 +14,7 @@ from __future__ import annotations
 import filecmp
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -197,19 +197,18 @@ class SlideStore:
 
         return read_labels(self.group, self.path, name)
 
-    def create_tables(
-        self,
-        qc_metrics: tuple[str, ...],
-        chunk: int,
-        labels: tuple[str, np.ndarray, tuple[str, ...]] | None = None,
-    ) -> None:
-        """Empty ``qc/<metric>`` arrays (filled by the tiling tasks) and, given
-        ``(name, fractions, classes)``, ``labels/<name>``."""
-        from wsi_ssl.storage.per_tile import create_qc, write_labels
+    def write_labels(self, name: str, fractions: np.ndarray, classes: Sequence[str]) -> None:
+        """Store ``labels/<name>``: each tile's area fraction of the annotation ``classes``."""
+        from wsi_ssl.storage.per_tile import write_labels
 
-        create_qc(self.group, qc_metrics, self.n_tiles, chunk)
-        if labels is not None:
-            write_labels(self.group, *labels)
+        write_labels(self.group, name, fractions, classes)
+
+    def write_qc(self, scores: Mapping[str, np.ndarray]) -> None:
+        """Store ``qc/<metric>``: each tile's quality scores (float32 (N,) per metric)."""
+        from wsi_ssl.storage.per_tile import write_qc
+
+        if scores:
+            write_qc(self.group, scores)
 
     def tiles_dask(self) -> da.Array:
         """The tiles as a dask array, one block per shard."""

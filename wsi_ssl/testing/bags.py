@@ -15,7 +15,6 @@ import numpy as np
 
 from wsi_ssl.storage import STATUS_COMPLETE, Catalog, SlideStore
 from wsi_ssl.storage.embeddings import EmbeddingWriter, coords_sha256
-from wsi_ssl.storage.per_tile import write_qc_rows
 
 __all__ = ["write_bag_store"]
 
@@ -102,8 +101,7 @@ def write_bag_store(
     if tiles is not None and n:
         store.write_tiles(0, np.ascontiguousarray(tiles, dtype=np.uint8))
     if qc:
-        store.create_tables(tuple(qc), max(1, n))
-        write_qc_rows(path, 0, qc)
+        store.write_qc(qc)
     attrs = {
         "encoder_id": encoder_id,
         "encoder": encoder or {},

@@ -14,9 +14,8 @@ from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import NoTissueError
 from wsi_ssl.slide import SlideReader
 from wsi_ssl.storage import SlideStore
-from wsi_ssl.tiling.extract import extract
+from wsi_ssl.tiling.extract import Extracted, extract
 from wsi_ssl.tiling.grid import TileGrid
-from wsi_ssl.tiling.qc import QC_METRICS
 from wsi_ssl.tiling.replace import check_plan
 from wsi_ssl.tiling.source import SlideSource
 from wsi_ssl.tissue import tissue_fraction
@@ -72,14 +71,13 @@ def write_store(
         tissue_mask=mask,
         tissue_fraction=fraction[keep],
     )
-    store.create_tables(
-        QC_METRICS if config.qc else (),
-        config.tiles_per_chunk,
-        None if labels is None else ("annotations", labels.fractions[keep], labels.classes),
-    )
-    return extract_with_progress(
+    if labels is not None:
+        store.write_labels("annotations", labels.fractions[keep], labels.classes)
+    extracted = extract_with_progress(
         reader, grid, coords[keep], store, config, scheduler, workers, progress
     )
+    store.write_qc(extracted.scores)
+    return extracted.n_tiles
 
 
 def extract_with_progress(
@@ -91,8 +89,9 @@ def extract_with_progress(
     scheduler: Any,
     workers: int | None,
     progress: bool,
-) -> int:
-    """Run the extraction graph into ``store`` with a progress bar of its tiles."""
+) -> Extracted:
+    """Run the extraction graph into ``store`` with a progress bar of its tiles (QC-scored
+    when ``config.qc``)."""
     desc = f"{reader.path.name[:24]} @{config.mpp:g}"
     with tqdm(
         total=len(coords),
@@ -111,4 +110,5 @@ def extract_with_progress(
             scheduler=scheduler,
             workers=workers,
             on_chunk=bar.update,
+            qc=config.qc,
         )
