@@ -12,7 +12,7 @@ from typing import Any
 
 from wsi_ssl.cli import tile_roi
 from wsi_ssl.cli.arg_types import whole_number
-from wsi_ssl.cli.toml_config import read_toml_config
+from wsi_ssl.cli.toml_config import read_toml_config, toml_scales
 from wsi_ssl.config import CODECS, TilingConfig
 from wsi_ssl.errors import ConfigError
 
@@ -95,12 +95,13 @@ def mpp_list(text: str) -> tuple[float, ...]:
 
 
 def tiling_config(args: argparse.Namespace) -> tuple[TilingConfig, tuple[float, ...] | None]:
-    """TOML values overlaid with the flags that were given, and the scales when ``--mpp``
-    names several."""
+    """TOML values overlaid with the flags that were given, and the scales when ``--mpp`` (or
+    the TOML ``mpp``, a list) names several."""
     values = read_toml_config(args.config, TilingConfig)
+    toml_mpps = toml_scales(values, args.config)
     names = {f.name for f in fields(TilingConfig)} - {"mpp"}
     values.update({n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
-    mpps = getattr(args, "mpp", None)
+    mpps = getattr(args, "mpp", None) or toml_mpps
     if mpps:
         values["mpp"] = mpps[0]
     return TilingConfig(**values), (mpps if mpps and len(mpps) > 1 else None)

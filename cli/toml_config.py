@@ -10,6 +10,29 @@ from typing import Any
 from wsi_ssl.errors import ConfigError
 
 
+def toml_scales(values: dict[str, Any], path: Path | None) -> tuple[float, ...] | None:
+    """Take ``mpp`` out of ``values``: one number, or a list of them (several scales, as
+    ``mpp = [0.5, 1.0]``); None when absent.
+
+    Raises:
+        ConfigError: ``mpp`` is neither a number nor a non-empty list of numbers.
+    """
+    if "mpp" not in values:
+        return None
+    value = values.pop("mpp")
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(_is_number(v) for v in items):
+        raise ConfigError(
+            f"{path}: mpp must be a number or a list of numbers (mpp = [0.5, 1.0]), got {value!r}",
+            parameters=("mpp",),
+        )
+    return tuple(float(v) for v in items)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def read_toml_config(path: Path | None, config_type: type) -> dict[str, Any]:
     """The values in ``path`` (none when None); unknown keys are a `ConfigError` listing the
     valid ones."""

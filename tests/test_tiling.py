@@ -557,6 +557,56 @@ def test_bad_toml_config_is_one_line_naming_the_valid_keys(
     assert "cannot read TOML config" in capsys.readouterr().err
 
 
+def test_toml_mpp_takes_a_list_of_scales(
+    tmp_path: Path, synth: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``mpp = [0.5, 1.0]`` in the TOML config is ``--mpp 0.5,1.0``: one archive per scale;
+    one number is one scale into --out; the flag wins; bad values are one typed line."""
+    config = tmp_path / "c.toml"
+    config.write_text('mpp = [0.5, 1.0]\ncodec = "zstd"\ntile_size = 512\n')
+    root = tmp_path / "scales"
+    argv = ["tile", str(synth), "--out", str(root), "--config", str(config), "--quiet"]
+    assert cli_main([*argv, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["roots"] == [str(root / "mpp-0.5"), str(root / "mpp-1")]
+    stores = {m: open_store(root / f"mpp-{m:g}") for m in (0.5, 1.0)}
+    for mpp, archive in stores.items():
+        store = archive.slide(archive.slide_ids[0])
+        assert store.tiling["mpp"] == mpp and store.tiling["codec"] == "zstd"
+    # one number (a float or an int), or a list of one: one scale, straight into --out
+    for text in ("mpp = 1.0", "mpp = 1", "mpp = [1.0]"):
+        config.write_text(f'{text}\ncodec = "zstd"\ntile_size = 512\n')
+        one = tmp_path / text.replace(" ", "").replace("=", "-").strip("[]")
+        assert cli_main(["tile", str(synth), "--out", str(one), "--config", str(config),
+                         "--quiet"]) == 0  # fmt: skip
+        archive = open_store(one)
+        assert archive.slide(archive.slide_ids[0]).tiling["mpp"] == 1.0
+    capsys.readouterr()
+    # the flag wins over the TOML list
+    config.write_text("mpp = [0.5, 1.0]\n")
+    from wsi_ssl.cli.main import build_parser
+    from wsi_ssl.cli.tile import tiling_config
+
+    parsed = build_parser().parse_args([*argv, "--mpp", "2"])
+    assert tiling_config(parsed)[0].mpp == 2.0 and tiling_config(parsed)[1] is None
+    # the CLI's validation and messages, naming mpp
+    for text, message in [
+        ('mpp = "0.5,1.0"', "mpp must be a number or a list of numbers"),
+        ("mpp = []", "mpp must be a number or a list of numbers"),
+        ("mpp = [0.5, true]", "mpp must be a number or a list of numbers"),
+        ("mpp = [0.5, -1.0]", "mpp must be > 0, got -1.0"),
+        ("mpp = [0.5, 0.5]", "name one scale twice"),
+    ]:
+        config.write_text(text + "\n")
+        assert cli_main(argv) == 2, text
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and "--mpp" in err[0], (text, err)
+    config.write_text("mpp = [0.5, true]\n")
+    with pytest.raises(ConfigError, match="mpp must be") as info:
+        tiling_config(build_parser().parse_args(argv))
+    assert info.value.parameters == ("mpp",) and str(config) in str(info.value)
+
+
 def test_a_failing_chunk_waits_for_the_running_ones(tmp_path: Path) -> None:
     """When one task fails, extraction returns only after the tasks already running have
     finished, so removing the partial store afterwards removes everything."""
