@@ -1,11 +1,15 @@
 """The wsidicom backend on real DICOM WSI files (openslide-python's boxes conversion of
-small.svs: a JPEG volume instance and an uncompressed thumbnail instance of one series)."""
+small.svs: a JPEG volume instance and an uncompressed thumbnail instance of one series; and a
+series written here from CMU-1-Small-Region's pixels: three pyramid levels, a thumbnail, a
+label and an overview)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -15,6 +19,7 @@ from wsi_ssl.cli.main import main as cli_main
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import UnsupportedSlideError
 from wsi_ssl.slide import BACKENDS, WsiDicomReader, open_slide, series_files
+from wsi_ssl.slide._dicom_flavour import InstanceHeader, infer_flavours
 from wsi_ssl.storage import fingerprint_file, open_store
 from wsi_ssl.tiling.batch import tile_slide
 from wsi_ssl.tiling.source import slide_fingerprint
@@ -144,3 +149,170 @@ def test_a_dicom_folder_is_tiled_end_to_end(
     dataset.SeriesDescription = "edited"
     dataset.save_as(series_dir / NAMES[1])
     assert slide_fingerprint(series_dir) != fingerprint
+
+
+# -- a series with a label, an overview and a thumbnail besides its levels -------------------
+
+BASE_SPACING = 0.0005  # mm: 0.5 µm/px
+BASE_SIDE = 512
+
+
+def _instance(
+    template: pydicom.Dataset, pixels: np.ndarray, tile: int, spacing: float, **attributes: Any
+) -> pydicom.Dataset:
+    """``template`` holding ``pixels`` (RGB, uncompressed) as TILED_FULL frames of ``tile`` px."""
+    ds = copy.deepcopy(template)
+    height, width = pixels.shape[:2]
+    rows, columns = -(-height // tile), -(-width // tile)
+    padded = np.zeros((rows * tile, columns * tile, 3), np.uint8)
+    padded[:height, :width] = pixels
+    frames = padded.reshape(rows, tile, columns, tile, 3).swapaxes(1, 2)
+    ds.PixelData = np.ascontiguousarray(frames).tobytes()
+    ds.NumberOfFrames, ds.Rows, ds.Columns = rows * columns, tile, tile
+    ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = width, height
+    measures = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    measures.PixelSpacing = [spacing, spacing]
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for name, value in attributes.items():
+        setattr(ds, name, value)
+    return ds
+
+
+def _series_instances(slides_dir: Path, cmu_small: Path) -> dict[str, pydicom.Dataset]:
+    """Instances by the flavour they are, each with its ImageType; all in 256 px frames, so
+    that wsidicom, reading them all as levels, would not leave any out for another tile size."""
+    template = pydicom.dcmread(slides_dir / NAMES[1])  # uncompressed, explicit VR
+    template.SeriesInstanceUID = pydicom.uid.generate_uid()
+    with open_slide(cmu_small) as slide:
+        base = slide.read_region((600, 300), 0, (BASE_SIDE, BASE_SIDE))
+        label = slide.read_region((0, 0), 0, (120, 100))
+        overview = slide.read_region((0, 0), 0, (300, 100))
+    field = BASE_SIDE * BASE_SPACING
+    volume = {"ImagedVolumeWidth": field, "ImagedVolumeHeight": field}
+    levels = {
+        f"level{i}": _instance(
+            template,
+            base[:: 2**i, :: 2**i],
+            256,  # wsidicom wants one tile size in a pyramid
+            BASE_SPACING * 2**i,
+            ImageType=["DERIVED", "PRIMARY", "VOLUME", "NONE" if i == 0 else "RESAMPLED"],
+            **volume,
+        )
+        for i in range(3)
+    }
+    shows_label = {"SpecimenLabelInImage": "YES", "BurnedInAnnotation": "YES"}
+    return {
+        **levels,
+        "thumbnail": _instance(  # 100 px across 512: a scale of 5.12, no pyramid level
+            template,
+            base[::5, ::5][:100, :100],
+            256,
+            field / 100,
+            ImageType=["DERIVED", "PRIMARY", "THUMBNAIL", "RESAMPLED"],
+            **volume,
+        ),
+        "label": _instance(
+            template, label, 256, 0.2, ImageType=["ORIGINAL", "PRIMARY", "LABEL", "NONE"],
+            ImagedVolumeWidth=24.0, ImagedVolumeHeight=20.0, **shows_label
+        ),
+        "overview": _instance(
+            template, overview, 256, 0.25,
+            ImageType=["ORIGINAL", "PRIMARY", "OVERVIEW", "NONE"],
+            ImagedVolumeWidth=75.0, ImagedVolumeHeight=25.0, **shows_label
+        ),
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def flavoured_series(
+    tmp_path_factory: pytest.TempPathFactory, slides_dir: Path, cmu_small: Path
+) -> tuple[Path, Path]:
+    """The series written twice: with each instance's ImageType, and without any."""
+    typed, untyped = tmp_path_factory.mktemp("typed"), tmp_path_factory.mktemp("untyped")
+    for name, ds in _series_instances(slides_dir, cmu_small).items():
+        ds.save_as(typed / f"{name}.dcm", enforce_file_format=True)
+        del ds.ImageType
+        ds.save_as(untyped / f"{name}.dcm", enforce_file_format=True)
+    return typed, untyped
+
+
+def test_untyped_label_overview_and_thumbnail_stay_out_of_the_pyramid(
+    flavoured_series: tuple[Path, Path], cmu_small: Path
+) -> None:
+    """A series without ImageType opens as the same slide as with it: its levels are the three
+    pyramid levels only, with the same pixels (CMU-1-Small-Region's), and the label, overview
+    and thumbnail are read as such."""
+    typed, untyped = flavoured_series
+    with open_slide(typed) as reference, open_slide(untyped) as reader:
+        assert reader.backend == reference.backend == "wsidicom"
+        assert reference.properties["wsidicom.image-type-inferred"] == "0"
+        assert reader.properties["wsidicom.image-type-inferred"] == "6"
+        inferred = {k: v for k, v in reader.properties.items() if "inferred." in k}
+        assert inferred == {
+            "wsidicom.inferred.volume": "3",
+            "wsidicom.inferred.thumbnail": "1",
+            "wsidicom.inferred.label": "1",
+            "wsidicom.inferred.overview": "1",
+        }
+        assert reader.level_dimensions == reference.level_dimensions == ((512, 512), (256, 256),
+                                                                          (128, 128))  # fmt: skip
+        assert reader.mpp == pytest.approx(0.5)
+        for level in range(3):
+            side = 512 >> level
+            np.testing.assert_array_equal(
+                reader.read_region((0, 0), level, (side, side)),
+                reference.read_region((0, 0), level, (side, side)),
+            )
+        with open_slide(cmu_small) as source:
+            np.testing.assert_array_equal(
+                reader.read_region((0, 0), 0, (512, 512)),
+                source.read_region((600, 300), 0, (512, 512)),
+            )
+        # the label and the overview are wsidicom's, as in the typed series
+        label, overview = reader._slide.read_label(), reader._slide.read_overview()
+        assert label.size == (120, 100) and overview.size == (300, 100)
+        np.testing.assert_array_equal(np.asarray(label), np.asarray(reference._slide.read_label()))
+        np.testing.assert_array_equal(
+            np.asarray(overview), np.asarray(reference._slide.read_overview())
+        )
+    # the files on disk are not changed
+    assert all("ImageType" not in pydicom.dcmread(p) for p in untyped.iterdir())
+
+
+def _header(size: tuple[int, int], spacing: float | None, **fields: Any) -> InstanceHeader:
+    values: dict[str, Any] = {
+        "flavour": None,
+        "imaged": None,
+        "frame_of_reference": "1.2.3",
+        "shows_label": False,
+    }
+    return InstanceHeader(
+        size=size, spacing=None if spacing is None else (spacing, spacing), **(values | fields)
+    )
+
+
+def test_flavour_rules() -> None:
+    """Each rule on its own: the label shown, another frame of reference, no extent, another
+    extent, a power-of-two scale (by spacing or, without it, by size) or another scale."""
+    base = _header((1000, 800), 0.0005)
+    cases = {
+        "base": (base, "VOLUME"),
+        "half": (_header((500, 400), 0.001), "VOLUME"),
+        "odd half, by size": (_header((501, 401), None, imaged=(0.5, 0.4)), "VOLUME"),
+        "quarter, by size": (_header((250, 200), None, imaged=(0.5, 0.4)), "VOLUME"),
+        "a scale of 3": (_header((333, 267), 0.0015), "THUMBNAIL"),
+        "shows the label": (_header((500, 400), 0.001, shows_label=True), "LABEL"),
+        "long, shows the label": (_header((900, 300), 0.001, shows_label=True), "OVERVIEW"),
+        "other frame of reference": (_header((500, 400), 0.001, frame_of_reference="9"), "LABEL"),
+        "no extent": (_header((300, 100), None), "OVERVIEW"),
+        "other extent": (_header((500, 400), 0.01), "LABEL"),
+    }
+    headers = {Path(name): header for name, (header, _) in cases.items()}
+    assert infer_flavours(headers) == {Path(name): want for name, (_, want) in cases.items()}
+    # a typed VOLUME instance is the base; the typed ones get no flavour
+    typed = _header((2000, 1600), 0.00025, flavour="VOLUME")
+    assert infer_flavours({Path("typed"): typed, Path("b"): base}) == {Path("b"): "VOLUME"}
+    # with no base (all show the label), every one is a label or an overview
+    label = _header((100, 100), None, shows_label=True)
+    assert infer_flavours({Path("l"): label}) == {Path("l"): "LABEL"}

@@ -2,12 +2,13 @@
 file of a series (the other instances of that series are found beside it).
 
 Registered after openslide and tiffslide: it opens what they refuse, such as a folder of
-DICOM instances, or instances without ``ImageType`` (read as the pyramid's levels,
-`wsi_ssl.slide._dicom_flavour`). wsidicom is imported only when a slide is opened through it.
+DICOM instances, or instances without ``ImageType`` (each read with the flavour its header
+implies, pyramid level, label, overview or thumbnail: `wsi_ssl.slide._dicom_flavour`). wsidicom is imported only when a slide is opened through it.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from wsi_ssl.errors import UnsupportedSlideError
 from wsi_ssl.slide._base import BaseSlideReader, SlideMetadata, to_rgb
-from wsi_ssl.slide._dicom_flavour import lacks_image_type, open_as_volume
+from wsi_ssl.slide._dicom_flavour import lacks_image_type, open_with_flavours
 from wsi_ssl.slide._registry import register_backend
 
 __all__ = ["WsiDicomReader"]
@@ -53,6 +54,7 @@ class WsiDicomReader(BaseSlideReader):
     optical path); level indices are positions in that pyramid, finest first."""
 
     _decode_errors = (ValueError, RuntimeError, OSError, KeyError)
+    _slide: Any
 
     def _open(self) -> SlideMetadata:
         if self.path.is_file() and self.path.suffix.lower() != ".dcm":
@@ -62,14 +64,15 @@ class WsiDicomReader(BaseSlideReader):
         files = series_files(self.path)
         if not files:
             raise UnsupportedSlideError(self.path, {self.backend: "no .dcm file in the folder"})
-        untyped: list[Path] = []
+        untyped = [f for f in files if lacks_image_type(f)]
+        flavours: dict[Path, str] = {}
         try:
-            self._slide: Any = WsiDicom.open(files)
+            if untyped:
+                self._slide, flavours = open_with_flavours(files)
+            else:
+                self._slide = WsiDicom.open(files)
         except Exception as err:  # wsidicom raises its own error types for unusable series
-            untyped = [f for f in files if lacks_image_type(f)]
-            if not untyped:
-                raise UnsupportedSlideError(self.path, {self.backend: str(err)}) from err
-            self._slide = self._open_untyped(files)
+            raise UnsupportedSlideError(self.path, {self.backend: str(err)}) from err
         levels = list(self._slide.levels)
         self._level_numbers = [int(level.level) for level in levels]
         width0 = levels[0].size.width
@@ -81,16 +84,13 @@ class WsiDicomReader(BaseSlideReader):
                 MPP_KEY: str(mpp),
                 "wsidicom.files": str(len(files)),
                 "wsidicom.image-type-inferred": str(len(untyped)),
+                **{
+                    f"wsidicom.inferred.{k.lower()}": str(n)
+                    for k, n in Counter(flavours.values()).items()
+                },
             },
             vendor="dicom",
         )
-
-    def _open_untyped(self, files: list[Path]) -> Any:
-        """The series read with its instances without ``ImageType`` taken as VOLUME."""
-        try:
-            return open_as_volume(files)
-        except Exception as err:
-            raise UnsupportedSlideError(self.path, {self.backend: str(err)}) from err
 
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         downsample = self.level_downsamples[level]
