@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 STATUS_WRITING = "writing"
 STATUS_COMPLETE = "complete"
+PICTURE_ROWS = 512
+"""Rows per chunk of the thumbnail and the tissue mask (a few files per picture)."""
 STAGING_SUFFIX = ".new"
 """``<id>.zarr.new``: a store being written to replace ``<id>.zarr``."""
 ASIDE_SUFFIX = ".old"
@@ -95,8 +97,12 @@ class SlideStore:
         )
         group.create_array("coords", data=np.asarray(coords, dtype=np.int64))
         group.create_array("tissue_fraction", data=np.asarray(tissue_fraction, dtype=np.float32))
-        group.create_array("thumbnail", data=np.ascontiguousarray(thumbnail, dtype=np.uint8))
-        group.create_array("tissue_mask", data=np.asarray(tissue_mask, dtype=bool))
+        for name, picture in (
+            ("thumbnail", np.ascontiguousarray(thumbnail, dtype=np.uint8)),
+            ("tissue_mask", np.asarray(tissue_mask, dtype=bool)),
+        ):  # bands of 512 rows: zarr's own chunking makes 40 files of a 1,792 px thumbnail
+            band = (max(1, min(len(picture), PICTURE_ROWS)), *picture.shape[1:])
+            group.create_array(name, data=picture, chunks=band)
         return cls(path, group)
 
     @classmethod
