@@ -11,6 +11,7 @@ import pytest
 from PIL import Image, ImageFilter
 from scipy import ndimage as ndi
 
+from wsi_ssl.cli.main import main
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import ConfigError
 from wsi_ssl.storage import Archive, SlideStore
@@ -18,6 +19,7 @@ from wsi_ssl.synthetic import write_synthetic_slide
 from wsi_ssl.tiling.batch import tile_slide
 from wsi_ssl.tiling.qc import (
     QC_METRICS,
+    chunk_scores,
     kept_tiles,
     qc_overlay,
     qc_pass,
@@ -213,10 +215,32 @@ def test_overlay_pictures(cmu_store: SlideStore, tmp_path: Path) -> None:
         assert path.is_file() and Image.open(path).size == (picture.shape[1], picture.shape[0])
 
 
-def test_qc_off_writes_no_scores(tmp_path: Path) -> None:
+@pytest.mark.parametrize("through", ["api", "cli"])
+def test_qc_off_writes_no_scores(tmp_path: Path, through: str) -> None:
     slide = write_synthetic_slide(tmp_path / "s.tiff", (768, 512), seed=1)
-    tile_slide(slide, tmp_path / "root", TilingConfig(qc=False, tissue_threshold=0.0))
+    if through == "api":
+        tile_slide(slide, tmp_path / "root", TilingConfig(qc=False, tissue_threshold=0.0))
+    else:
+        argv = ["tile", str(slide), "--out", str(tmp_path / "root"), "--no-qc", "--quiet"]
+        assert main([*argv, "--tissue-threshold", "0"]) == 0
     (slide_id,) = Archive(tmp_path / "root").slide_ids
     store = Archive(tmp_path / "root").slide(slide_id)
     assert not (store.path / "qc").exists() and store.qc() == {}
     assert kept_tiles(store).all() and store.n_tiles == 6
+    assert store.tiling["qc"] is False
+
+
+def test_scores_of_a_chunk_of_copied_and_decoded_tiles(cmu_store: SlideStore) -> None:
+    """A task's tiles, JPEG streams and arrays mixed, score as their decoded pixels do; the
+    reused buffer carries nothing from one chunk into the next."""
+    import imagecodecs
+
+    tiles = list(cmu_store.tiles[:6])
+    streams = [imagecodecs.jpeg8_encode(t, level=90) for t in tiles[:3]]
+    pixels = [imagecodecs.jpeg8_decode(s) for s in streams] + tiles[3:]
+    expected = tile_scores(pixels)
+    size = tiles[0].shape[0]
+    chunk_scores(list(cmu_store.tiles[6:14]), size)  # a larger chunk first
+    got = chunk_scores([*streams, *tiles[3:]], size)
+    for metric in QC_METRICS:
+        np.testing.assert_array_equal(got[metric], expected[metric])
