@@ -6,6 +6,7 @@ label and an overview)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -15,13 +16,14 @@ import numpy as np
 import pydicom
 import pytest
 
+import wsi_ssl.tiling.source as source_module
 from wsi_ssl.cli.main import main as cli_main
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import UnsupportedSlideError
 from wsi_ssl.slide import BACKENDS, WsiDicomReader, open_slide, series_files
 from wsi_ssl.slide._dicom_flavour import InstanceHeader, infer_flavours
-from wsi_ssl.storage import fingerprint_file, open_store
-from wsi_ssl.tiling.batch import tile_slide
+from wsi_ssl.storage import Archive, fingerprint_file, open_store, slide_id_from_fingerprint
+from wsi_ssl.tiling.batch import tile_slide, tile_slides
 from wsi_ssl.tiling.source import slide_fingerprint
 
 NAMES = ("openslide-python_boxes_0.dcm", "openslide-python_boxes_1.dcm")
@@ -316,3 +318,68 @@ def test_flavour_rules() -> None:
     # with no base (all show the label), every one is a label or an overview
     label = _header((100, 100), None, shows_label=True)
     assert infer_flavours({Path("l"): label}) == {Path("l"): "LABEL"}
+
+
+def test_a_series_tiled_with_the_old_fingerprint_is_found_again(
+    series_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An archive tiled when a DICOM slide's fingerprint was its one file's (the folder's first
+    .dcm) is resumed under that id, and re-tiled in place; never taken for another slide."""
+    root = tmp_path / "root"
+    config = TilingConfig(tile_size=16, tissue_threshold=0.0, codec="zstd")
+    with monkeypatch.context() as old_way:  # what wsi-ssl computed then: fingerprint_file(path)
+        old_way.setattr(source_module, "slide_fingerprint", fingerprint_file)
+        [first] = tile_slides([series_dir], root, config, progress=False).outcomes
+    legacy = fingerprint_file(series_dir / NAMES[0])
+    legacy_id = slide_id_from_fingerprint(legacy)
+    own_id = slide_id_from_fingerprint(slide_fingerprint(series_dir))
+    assert first.status == "complete" and first.details["slide_id"] == legacy_id != own_id
+
+    def stores() -> list[str]:
+        return sorted(p.name for p in (root / "slides").iterdir())
+
+    # a re-run, of the folder, its first file, or through the CLI, finds that store
+    [again] = tile_slides([series_dir], root, config, progress=False).outcomes
+    assert again.status == "skipped" and again.details["slide_id"] == legacy_id
+    assert tile_slide(series_dir / NAMES[0], root, config).status == "skipped"
+    assert tile_slide(series_dir, root, config).details["slide_id"] == legacy_id
+    argv = ["tile", str(series_dir), "--out", str(root), "--tile-size", "16", "--quiet"]
+    assert cli_main([*argv, "--tissue-threshold", "0", "--codec", "zstd"]) == 0
+    assert stores() == [f"{legacy_id}.zarr"]
+    assert Archive(root).catalog.get(legacy_id).status == "complete"  # type: ignore[union-attr]
+    # other settings re-tile it in place, under its id
+    retiled = tile_slide(series_dir, root, dataclasses.replace(config, codec="jpeg"))
+    assert retiled.status == "complete" and retiled.details["slide_id"] == legacy_id
+    store = open_store(root).slide(legacy_id)
+    assert store.tiling["codec"] == "jpeg" and store.source["fingerprint"] == legacy
+    assert stores() == [f"{legacy_id}.zarr"]
+    # the file the old id hashed changed: another slide, a store of its own
+    dataset = pydicom.dcmread(series_dir / NAMES[0])
+    dataset.SeriesDescription = "edited"
+    dataset.save_as(series_dir / NAMES[0])
+    edited = tile_slide(series_dir, root, config)
+    new_id = slide_id_from_fingerprint(slide_fingerprint(series_dir))
+    assert edited.status == "complete" and edited.details["slide_id"] == new_id
+    assert stores() == sorted([f"{legacy_id}.zarr", f"{new_id}.zarr"])
+
+
+def test_an_old_id_recording_another_fingerprint_is_not_taken(
+    series_dir: Path, tmp_path: Path
+) -> None:
+    """A catalog row under the old id whose fingerprint is not the file's: not this slide."""
+    root = tmp_path / "root"
+    legacy_id = slide_id_from_fingerprint(fingerprint_file(series_dir / NAMES[0]))
+    Archive(root).catalog.upsert(
+        slide_id=legacy_id,
+        path=series_dir / NAMES[0],
+        fingerprint="0" * 64,
+        status="failed",
+        n_tiles=None,
+        error="another slide",
+        tiling={},
+    )
+    config = TilingConfig(tile_size=16, tissue_threshold=0.0, codec="zstd")
+    outcome = tile_slide(series_dir, root, config)
+    own_id = slide_id_from_fingerprint(slide_fingerprint(series_dir))
+    assert outcome.status == "complete" and outcome.details["slide_id"] == own_id
+    assert Archive(root).catalog.get(legacy_id).fingerprint == "0" * 64  # type: ignore[union-attr]

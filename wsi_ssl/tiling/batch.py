@@ -27,6 +27,7 @@ from wsi_ssl.storage import STATUS_COMPLETE, Archive, SlideStore
 from wsi_ssl.storage.locks import slide_lock
 from wsi_ssl.storage.slide_store import is_complete_store, recover_swap, staging_path
 from wsi_ssl.storage.tile_reader import TileReader
+from wsi_ssl.tiling.legacy_ids import adopt_existing_store
 from wsi_ssl.tiling.replace import Replacement, previous_store, replace_store
 from wsi_ssl.tiling.source import (
     SlideSource,
@@ -266,7 +267,7 @@ def _tile_scale(
     """Tile ``source`` at ``config.mpp`` into ``root`` under the slide's lock (see
     :func:`tile_slide`); raises the slide's error."""
     archive = Archive(root)
-    slide_id = source.slide_id
+    slide_id = adopt_existing_store(source, archive)  # a DICOM slide's older id, if tiled so
     with slide_lock(root, slide_id, wait=lock_wait):
         recover_swap(archive.store_path(slide_id))  # what a killed job left
         current = _store_is_current(archive, slide_id, source.fingerprint, config)
