@@ -35,9 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["image_type", "infer_flavours", "lacks_image_type", "open_with_flavours"]
+__all__ = [
+    "InstanceHeader",
+    "image_type",
+    "infer_flavours",
+    "lacks_image_type",
+    "open_with_flavours",
+]
 
-FLAVOURS = ("VOLUME", "LABEL", "OVERVIEW", "THUMBNAIL")
 SAME_FIELD_TOLERANCE = 0.02
 """Relative difference of imaged extents still taken as the same field of view."""
 SCALE_TOLERANCE = 0.01
