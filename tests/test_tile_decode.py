@@ -29,7 +29,7 @@ from wsi_ssl.tiling.decode import (
     decode_stored,
     portable_jpeg,
 )
-from wsi_ssl.tiling.extract import chunk_tiles, reduced_source
+from wsi_ssl.tiling.extract import chunk_tiles, strip_source
 from wsi_ssl.tiling.grid import TileGrid
 
 
@@ -130,7 +130,7 @@ def test_forty_x_grid_at_half_scale_reads_reduced_tiles(forty_x: Path) -> None:
     with open_slide(forty_x, backend="tiffslide") as reader:
         grid = TileGrid.for_slide(reader, reader.require_mpp(), TilingConfig(mpp=0.5))
         assert grid.resize and grid.level == 0
-        source = reduced_source(reader, grid)
+        source = strip_source(reader, grid)
         assert source is not None and source[1] == 2
         coords = grid.all_coords()
         tiles = read_tiles(reader, grid, coords)

@@ -6,8 +6,9 @@ decoded from it directly, or, for a JPEG store and a JPEG file (YCbCr, or RGB gi
 marker a plain decoder needs), its JPEG stream is copied as it is (no decode, no re-encode, no
 second generation of loss). Other tiles are read as horizontal strips of row neighbours,
 resampled once when the read level is not the target scale; where that is a shrink by 2, 4 or
-8 of a JPEG level, the strip is assembled from stored tiles decoded at reduced scale in the
-DCT domain (:mod:`wsi_ssl.tiling.decode`). The task writes its chunk, one whole Zarr shard,
+8 of a JPEG or JPEG 2000 level, the strip is assembled from stored tiles decoded at reduced
+scale (DCT domain, or the wavelet level; :mod:`wsi_ssl.tiling.decode`), and other JPEG 2000
+strips from stored tiles decoded with threads. The task writes its chunk, one whole Zarr shard,
 straight into the store. Nothing but coordinates crosses the graph, so memory per worker is
 one chunk whatever the slide size.
 """
@@ -29,7 +30,13 @@ from PIL import Image
 from wsi_ssl.slide import SlideReader, StoredTiles, open_slide
 from wsi_ssl.storage.shards import accepts_jpeg, write_shard
 from wsi_ssl.storage.slide_store import open_tiles
-from wsi_ssl.tiling.decode import decode_reduced, decode_stored, portable_jpeg, reducible
+from wsi_ssl.tiling.decode import (
+    J2K_COMPRESSIONS,
+    decode_reduced,
+    decode_stored,
+    portable_jpeg,
+    reducible,
+)
 from wsi_ssl.tiling.grid import TileGrid
 from wsi_ssl.tiling.qc import write_chunk_scores
 
@@ -100,25 +107,33 @@ def _resample(strip: np.ndarray, size: tuple[int, int], factor: float) -> np.nda
     return np.asarray(image.resize(size, Image.Resampling.BILINEAR))
 
 
-def reduced_source(reader: SlideReader, grid: TileGrid) -> tuple[StoredTiles, int] | None:
-    """The read level's stored tiles and the whole factor k the grid shrinks them by, where
-    they decode at 1/k in the DCT domain (JPEG, k in 2, 4, 8); None otherwise."""
-    if not grid.resize:
+def strip_source(reader: SlideReader, grid: TileGrid) -> tuple[StoredTiles, int] | None:
+    """Where strips are assembled from the read level's stored tiles, those tiles and the
+    scale 1/k they are decoded at: k, the whole factor the grid shrinks the level by, where
+    the tiles decode at 1/k (:func:`~wsi_ssl.tiling.decode.reducible`: JPEG in the DCT domain,
+    JPEG 2000 from a wavelet level); k = 1 for other JPEG 2000 strips (decoded with threads,
+    resampled after). None: the reader's ``read_region``."""
+    stored = reader.stored_tiles(grid.level)
+    if stored is None:
         return None
     factor = grid.tile_size_level0 / grid.tile_size / grid.level_downsample
     k = round(factor)
-    if abs(factor - k) > 1e-9:
-        return None
-    stored = reader.stored_tiles(grid.level)
-    return (stored, k) if stored is not None and reducible(stored, k) else None
+    if grid.resize and abs(factor - k) < 1e-9 and reducible(stored, k):
+        return stored, k
+    return (stored, 1) if stored.page.compression in J2K_COMPRESSIONS else None
 
 
-def _reduced_region(
-    stored: StoredTiles, k: int, origin: tuple[float, float], size: tuple[int, int]
+def _stored_region(
+    stored: StoredTiles,
+    k: int,
+    origin: tuple[float, float],
+    size: tuple[int, int],
+    threads: int,
 ) -> np.ndarray | None:
     """The level region at ``origin`` (level pixels) of ``size`` (w, h) shrunk k times, each
-    stored tile it covers decoded once at 1/k; None where the region is not on whole k-pixel
-    blocks inside the level (the caller reads it the general way)."""
+    stored tile it covers decoded once at 1/k (``threads`` threads for a full JPEG 2000
+    decode); None where the region is not on whole k-pixel blocks inside the level (the caller
+    reads it the general way)."""
     x, y = round(origin[0]), round(origin[1])
     w, h = size
     th, tw = stored.tile_shape
@@ -129,7 +144,7 @@ def _reduced_region(
     out = np.empty((h // k, w // k, 3), dtype=np.uint8)
     for row in range(y // th, (y + h - 1) // th + 1):
         for col in range(x // tw, (x + w - 1) // tw + 1):
-            tile = decode_reduced(stored, row, col, k)
+            tile = decode_reduced(stored, row, col, k, threads)
             ty, tx = row * th, col * tw
             y0, y1 = max(y, ty) // k, min(y + h, ty + th) // k
             x0, x1 = max(x, tx) // k, min(x + w, tx + tw) // k
@@ -139,28 +154,34 @@ def _reduced_region(
     return out
 
 
-def _read_strips(reader: SlideReader, grid: TileGrid, coords: np.ndarray) -> np.ndarray:
-    """Tiles at ``coords`` read in strips of row neighbours: through ``read_region`` and
-    resampled, or at reduced scale from the stored tiles (:func:`reduced_source`)."""
+def _read_strips(
+    reader: SlideReader, grid: TileGrid, coords: np.ndarray, threads: int = 1
+) -> np.ndarray:
+    """Tiles at ``coords`` read in strips of row neighbours: from the stored tiles where
+    :func:`strip_source` says so, else through ``read_region``; resampled unless decoded at
+    the output scale."""
     t = grid.tile_size
     out = np.empty((len(coords), t, t, 3), dtype=np.uint8)
     ds = grid.level_downsample
     per_out_px = grid.tile_size_level0 / t  # level-0 pixels per output pixel
-    reduced = reduced_source(reader, grid)
+    source = strip_source(reader, grid)
     # tiles inside the slide and tiles overhanging its edge go in separate strips
     inside = np.all(coords + grid.tile_size_level0 <= grid.dimensions, axis=1)
-    for start, stop in _runs(coords, grid.stride_level0, inside if reduced else None):
+    for start, stop in _runs(coords, grid.stride_level0, inside if source else None):
         x0, y0 = (int(v) for v in coords[start])
         offsets = np.round((coords[start:stop, 0] - x0) / per_out_px).astype(np.int64)
         span0 = coords[stop - 1, 0] - x0 + grid.tile_size_level0
         size = (math.ceil(span0 / ds), math.ceil(grid.tile_size_level0 / ds))
         width = int(offsets[-1]) + t
-        strip = None if reduced is None else _reduced_region(*reduced, (x0 / ds, y0 / ds), size)
+        strip = None
+        if source is not None:
+            strip = _stored_region(*source, (x0 / ds, y0 / ds), size, threads)
+        at_scale = strip is not None and source is not None and source[1] > 1
         if strip is None:
             strip = reader.read_region((x0, y0), grid.level, size)
-            if grid.resize:
-                target = (max(width, round(span0 / per_out_px)), t)
-                strip = _resample(strip, target, per_out_px / ds)
+        if grid.resize and not at_scale:
+            target = (max(width, round(span0 / per_out_px)), t)
+            strip = _resample(strip, target, per_out_px / ds)
         if strip.shape[0] < t or strip.shape[1] < width:
             pad = ((0, max(0, t - strip.shape[0])), (0, max(0, width - strip.shape[1])), (0, 0))
             strip = np.pad(strip, pad, mode="edge")
@@ -182,8 +203,9 @@ def chunk_tiles(
     A tile that coincides with one tile stored in the file is decoded from it directly, or,
     with ``jpeg_passthrough`` and a JPEG file, returned as its portable JPEG stream (bytes,
     :func:`~wsi_ssl.tiling.decode.portable_jpeg`) to be stored as it is. The rest are read
-    as strips of row neighbours and resampled once when the grid is not at a stored scale.
-    ``decode_threads`` threads decode each JPEG 2000 stored tile.
+    as strips of row neighbours and resampled once when the grid is not at a stored scale (or
+    decoded at it: :func:`strip_source`). ``decode_threads`` threads decode each JPEG 2000
+    stored tile decoded at full size.
     """
     stored, positions = stored_positions(reader, grid, coords)
     direct = positions[:, 0] >= 0
@@ -198,7 +220,8 @@ def chunk_tiles(
                 tiles[i] = stream
     rest = np.flatnonzero(~direct)
     if len(rest):
-        for i, tile in zip(rest, _read_strips(reader, grid, coords[rest]), strict=True):
+        strips = _read_strips(reader, grid, coords[rest], decode_threads)
+        for i, tile in zip(rest, strips, strict=True):
             tiles[i] = tile
     return tiles
 
