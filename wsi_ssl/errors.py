@@ -1,4 +1,7 @@
-"""Typed errors. Each inherits the matching builtin, names the path and says what to do."""
+"""Typed errors. Each inherits the matching builtin, names the path and says what to do.
+
+Size: one short class per error of every part of the package, kept in one place so callers
+and the CLI share a single hierarchy."""
 
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ __all__ = [
     "StoreLockedError",
     "StoreNotFoundError",
     "TileReadError",
+    "TilesNotEmbeddedError",
     "TrainingDivergedError",
     "TruncatedWeightsError",
     "UnknownSlideError",
@@ -498,3 +502,19 @@ class StainNormalizationError(WsiSslError, ValueError):
     def __init__(self, what: str, detail: str) -> None:
         super().__init__(f"{what}: {detail}")
         self.what = what
+
+
+class TilesNotEmbeddedError(WsiSslError, ValueError):
+    """Tiles asked for by their vectors were left out by an embedding job run with
+    ``skip_flagged_tiles`` (their rows hold no vector)."""
+
+    def __init__(self, path: str | Path, encoder_id: str, tiles: list[int]) -> None:
+        shown = ", ".join(str(t) for t in tiles[:8]) + (" ..." if len(tiles) > 8 else "")
+        super().__init__(
+            f"{path}: embeddings {encoder_id!r} hold no vector for {len(tiles)} of the tiles "
+            f"asked for (tiles {shown}: flagged by QC and skipped); embed the slide with "
+            "skip_flagged_tiles=False to add them (only the missing tiles are encoded)",
+            parameters=("skip_flagged_tiles",),
+        )
+        self.path = Path(path)
+        self.tiles = list(tiles)

@@ -27,6 +27,10 @@ CLAM expects ``h5_files/`` and ``pt_files/`` folders: pass ``--out FEATURES/h5_f
 ``pt``: ``<out>/<name>.pt`` is the float32 (N, D) features tensor (what CLAM's ``pt_files``
 hold) and ``<out>/coords/<name>.pt`` the int64 (N, 2) coords tensor.
 
+Only the tiles that hold vectors are written: those an embedding job with
+``skip_flagged_tiles`` left out are not (row i of ``features`` still pairs with row i of
+``coords``; the slide's entry in ``export.json`` counts them as ``not_embedded``).
+
 Both write ``<out>/export.json`` (encoder, slide ids, names, files) and write each file with
 ``wsi_ssl.storage.atomic`` (temp file, fsync, rename), so a killed export or a full disk never
 leaves a truncated file under the final name, nor a ``pt`` features file without its coords.
@@ -240,8 +244,10 @@ def _export_one(store: SlideStore, eid: str, out: Path, format: str, name: str) 
     """Write one slide's file(s); a slide that cannot be read or written is a failed outcome."""
     started = time.perf_counter()
     try:
-        emb = read_embeddings(store, eid)
+        emb = read_embeddings(store, eid).embedded_only()
         details: dict[str, Any] = {"slide_id": store.slide_id, "name": name}
+        if emb.n_not_embedded:
+            details["not_embedded"] = emb.n_not_embedded
         details["dim"] = int(emb.features.shape[1])
         if format == "clam-h5":
             path = out / f"{name}.h5"

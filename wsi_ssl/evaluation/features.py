@@ -94,13 +94,25 @@ def embed_archive(
 
 
 def tile_features(root: Path, encoder_id: str, tiles: LabelledTiles) -> np.ndarray:
-    """(N, D) float32 stored vectors of the labelled tiles, in the order of ``tiles.y``."""
+    """(N, D) float32 stored vectors of the labelled tiles, in the order of ``tiles.y``.
+
+    Every labelled tile is scored (labels are the ground truth, the same tiles for every
+    encoder): :func:`embed_archive` embeds without ``skip_flagged_tiles``, which completes a
+    slide embedded with it (only the missing tiles are encoded).
+
+    Raises:
+        TilesNotEmbeddedError: a labelled tile has no vector (never a NaN into a metric).
+    """
+    from wsi_ssl.errors import TilesNotEmbeddedError
     from wsi_ssl.storage import open_store
     from wsi_ssl.storage.embeddings import read_embeddings
 
     archive = open_store(root)
-    parts = [
-        np.asarray(read_embeddings(archive.slide(sid), encoder_id).features)[rows]
-        for sid, rows in tiles.rows.items()
-    ]
+    parts = []
+    for sid, rows in tiles.rows.items():
+        emb = read_embeddings(archive.slide(sid), encoder_id)
+        absent = rows[~emb.embedded[rows]]
+        if len(absent):
+            raise TilesNotEmbeddedError(archive.store_path(sid), encoder_id, absent.tolist())
+        parts.append(np.asarray(emb.features)[rows])
     return np.concatenate(parts).astype(np.float32)

@@ -3,12 +3,13 @@
 A :class:`BagDataset` holds only references to slide stores; it reads one bag per item, checks
 it once against the store (status, row count, coords hash, via
 :func:`wsi_ssl.storage.embeddings.read_embeddings`), optionally keeps it in a bounded in-memory
-cache, and during training subsamples large bags afresh every epoch.
+cache, and during training subsamples large bags afresh every epoch. A bag holds only the tiles
+with vectors (:meth:`~wsi_ssl.storage.embeddings.Embeddings.embedded_only`: not those an
+embedding job with ``skip_flagged_tiles`` left out).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +43,9 @@ def read_bag(
     name: str | None = None,
     skip_flagged: bool = False,
 ) -> Embeddings:
-    """One slide's embeddings (features as stored, float16 or float32) and coords; with
-    ``skip_flagged``, only the rows of tiles that pass QC (:func:`kept_rows`).
+    """One slide's embeddings (features as stored, float16 or float32) and coords, of the
+    tiles that hold vectors; with ``skip_flagged``, only those that pass QC
+    (:func:`kept_rows`). ``tiles`` gives each row's tile number (None: row i is tile i).
 
     Raises:
         EmbeddingsNotFoundError, EmbeddingsIncompleteError, SchemaMismatchError: see
@@ -52,11 +54,10 @@ def read_bag(
     """
     if not isinstance(store, SlideStore):
         store = SlideStore.open(store)
-    emb = read_embeddings(store, encoder_id)
+    emb = read_embeddings(store, encoder_id).embedded_only()
     rows = kept_rows(store) if skip_flagged else None
     if rows is not None:
-        features, coords = np.asarray(emb.features)[rows], np.asarray(emb.coords)[rows]
-        emb = dataclasses.replace(emb, features=features, coords=coords)
+        emb = emb.select(rows)
     if len(emb) == 0:
         raise EmptyBagError(name or str(store.path), encoder_id)
     return emb
@@ -149,7 +150,7 @@ class BagDataset(torch.utils.data.Dataset):
             emb = read_bag(ref.store_path, self.encoder_id, skip_flagged=self.skip_flagged)
             bag = np.asarray(emb.features)
             self._arrays[ref.slide_id] = open_embeddings_array(ref.store_path, self.encoder_id)
-            self._rows[ref.slide_id] = kept_rows(ref.store_path) if self.skip_flagged else None
+            self._rows[ref.slide_id] = emb.tiles
         else:
             rows = self._rows.get(ref.slide_id)
             bag = np.asarray(array[:] if rows is None else array.get_orthogonal_selection(rows))

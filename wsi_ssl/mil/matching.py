@@ -301,7 +301,9 @@ def _bags(
     Raises:
         EmptyBagError: a slide has 0 tiles, or 0 that pass QC (unless ``skip_missing``).
     """
-    from wsi_ssl.storage.embeddings import open_embeddings_array
+    from numpy import isin as _isin
+
+    from wsi_ssl.storage.embeddings import embedded_rows, open_embeddings_array
 
     skip_missing, skip_flagged = skip
     if skip_flagged:  # reading QC imports torch's bag module: only when asked
@@ -313,8 +315,12 @@ def _bags(
     dims: set[int] = set()
     for r, sid in embedded:
         path = archive.store_path(sid)
-        shape = open_embeddings_array(path, encoder_id).shape
+        array = open_embeddings_array(path, encoder_id)
+        shape = array.shape
         rows = kept_rows(path) if skip_flagged and shape[0] else None
+        present = embedded_rows(array.attrs, int(shape[0]))  # skip_flagged_tiles at embed
+        if present is not None:
+            rows = present if rows is None else present[_isin(present, rows)]
         n_tiles = int(shape[0]) if rows is None else len(rows)
         if n_tiles == 0:
             flagged = "; every tile is flagged by QC" if shape[0] else ""

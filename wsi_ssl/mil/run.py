@@ -167,15 +167,16 @@ class MILRun:
     ) -> MILPrediction:
         """Predict a slide store from its ``embeddings/<encoder_id>`` of the run's encoder.
 
-        A run trained with ``skip_flagged_tiles`` predicts from the tiles that pass QC; the
-        attention and coords still cover every tile of the store (0 for flagged tiles).
+        A run trained with ``skip_flagged_tiles`` predicts from the tiles that pass QC (and
+        any slide from the tiles that hold vectors); the attention and coords still cover every
+        tile of the store (0 for the tiles left out).
 
         Raises:
             EncoderMismatchError: the store has embeddings, but none of the run's encoder.
             EmbeddingsNotFoundError: the store has no embeddings at all.
             EmptyBagError: the slide has no tiles (or none that pass QC).
         """
-        from wsi_ssl.mil.data import kept_rows, read_bag
+        from wsi_ssl.mil.data import read_bag
 
         if not isinstance(store, SlideStore):
             store = SlideStore.open(store)
@@ -189,8 +190,8 @@ class MILRun:
         skip = self.config.skip_flagged_tiles
         bag = read_bag(store, self.encoder_id, name=where, skip_flagged=skip)
         prediction = self.predict(bag, where=where)
-        rows = kept_rows(store) if skip else None
-        if rows is not None:  # back to the store's rows: flagged tiles got no attention
+        rows = bag.tiles
+        if rows is not None:  # back to the store's rows: tiles left out got no attention
             prediction.coords = store.coords
             if prediction.attention is not None:
                 attention = np.zeros(store.n_tiles, dtype=prediction.attention.dtype)

@@ -52,7 +52,9 @@ class SlideEntry:
     """One slide of an index's id map (a row of ``slides.json``).
 
     ``status`` is "active" or "removed"; ``in_index`` is False once the slide's vectors are
-    gone from the FAISS index (an HNSW tombstone keeps them until compaction). Dict-style
+    gone from the FAISS index (an HNSW tombstone keeps them until compaction). ``n_tiles``
+    counts the slide's tiles (its coords), ``n_vectors`` those indexed when fewer (the tiles an
+    embedding job with ``skip_flagged_tiles`` left out have no vector; None: every tile). Dict-style
     reads (``entry["slide_id"]``) work too, for callers written against the JSON rows.
     """
 
@@ -71,10 +73,16 @@ class SlideEntry:
     embedded: str | None = None
     status: str = "active"
     in_index: bool = True
+    n_vectors: int | None = None
 
     @property
     def active(self) -> bool:
         return self.status == "active"
+
+    @property
+    def vectors(self) -> int:
+        """Vectors of the slide in the index (ids ``number << 32 | tile``, tiles not all)."""
+        return self.n_tiles if self.n_vectors is None else self.n_vectors
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,11 +142,12 @@ def tombstone_ids(entries: Sequence[SlideEntry]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SourceSlide:
-    """A slide whose vectors an :class:`ArchiveSource` yields: its number, store, rows."""
+    """A slide whose vectors an :class:`ArchiveSource` yields: its number, store, and how
+    many (its tiles that hold vectors)."""
 
     number: int
     store: SlideStore
-    n_tiles: int
+    n_vectors: int
 
 
 class ArchiveSource:
@@ -148,30 +157,31 @@ class ArchiveSource:
         self.slides = slides
         self.encoder_id = encoder_id
         self.dim = dim
-        self.n = sum(s.n_tiles for s in slides)
+        self.n = sum(s.n_vectors for s in slides)
 
     @classmethod
     def of_entries(
         cls, archive: Archive, entries: Sequence[SlideEntry], encoder_id: str, dim: int
     ) -> ArchiveSource:
         """The source of an index's id-map entries."""
-        slides = [SourceSlide(e.number, archive.slide(e.slide_id), e.n_tiles) for e in entries]
+        slides = [SourceSlide(e.number, archive.slide(e.slide_id), e.vectors) for e in entries]
         return cls(slides, encoder_id, dim)
 
     def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         from wsi_ssl.storage.embeddings import read_embeddings
 
         for slide in self.slides:
-            feats = np.asarray(read_embeddings(slide.store, self.encoder_id).features)
-            if feats.shape != (slide.n_tiles, self.dim):
+            emb = read_embeddings(slide.store, self.encoder_id).embedded_only()
+            feats, tiles = np.asarray(emb.features), emb.tile_ids
+            if feats.shape != (slide.n_vectors, self.dim):
                 raise SchemaMismatchError(
-                    f"{slide.store.path}: embeddings {self.encoder_id!r} are {feats.shape}, "
-                    f"expected ({slide.n_tiles}, {self.dim}); embed the slide again "
+                    f"{slide.store.path}: embeddings {self.encoder_id!r} hold {feats.shape} "
+                    f"vectors, expected ({slide.n_vectors}, {self.dim}); embed the slide again "
                     "(resume=False)"
                 )
-            for start in range(0, slide.n_tiles, BATCH):
-                stop = min(slide.n_tiles, start + BATCH)
-                yield encode_ids(slide.number, np.arange(start, stop)), normalise(feats[start:stop])
+            for start in range(0, len(feats), BATCH):
+                stop = min(len(feats), start + BATCH)
+                yield encode_ids(slide.number, tiles[start:stop]), normalise(feats[start:stop])
 
 
 @dataclass
@@ -258,6 +268,7 @@ def _entry(
         grid_shape=[int(v) for v in tiling["grid_shape"]] if tiling.get("grid_shape") else None,
         coords_sha256=emb.attrs.get("coords_sha256"),
         embedded=emb.attrs.get("created"),
+        n_vectors=len(emb) - emb.n_not_embedded if emb.n_not_embedded else None,
     )
 
 
@@ -323,7 +334,7 @@ def collect(
                 f"{store.path}: embeddings {encoder_id!r} have dimension {d}, others {dim}"
             )
         dim, encoder = d, emb.encoder
-        items.append(SourceSlide(number, store, len(emb)))
+        items.append(SourceSlide(number, store, len(emb) - emb.n_not_embedded))
         entries.append(_entry(number, store, emb, names, offset))
         coords.append(np.asarray(emb.coords, dtype=np.int64).reshape(-1, 2))
         number += 1

@@ -132,7 +132,8 @@ def precision_at_k(
     per_slide: dict[str, dict[str, Any]] = {}
     for sid, label in labelled.items():
         entry = index.resolve_slide(sid)
-        feats = np.asarray(read_embeddings(archive.slide(sid), index.encoder_id).features)
+        emb = read_embeddings(archive.slide(sid), index.encoder_id).embedded_only()
+        feats = np.asarray(emb.features)
         rows = rng.choice(len(feats), size=min(tiles_per_slide, len(feats)), replace=False)
         _, ids = index.search_vectors(
             feats[np.sort(rows)], k, exclude_slides=[entry.number, *unlabelled]

@@ -398,8 +398,8 @@ class SearchIndex(SearchMethods):
         lo, hi = slide_id_range(entry.number)
         entry.status = "removed"
         if self.strategy.tombstones:
-            self.record["tombstones"] = int(self.record.get("tombstones", 0)) + entry.n_tiles
-            return entry.n_tiles
+            self.record["tombstones"] = int(self.record.get("tombstones", 0)) + entry.vectors
+            return entry.vectors
         entry.in_index = False
         return self.strategy.remove_range(self.index, self.params, lo, hi)
 

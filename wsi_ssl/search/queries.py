@@ -74,11 +74,14 @@ class _QuerySlide:
         self.mpp = float(self.store.source["mpp"])
         self.encoder_id = index.encoder_id
 
-    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
+    def vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(vectors, coords, tile numbers) of the tiles that hold vectors (not those an
+        embedding job with ``skip_flagged_tiles`` left out)."""
         from wsi_ssl.storage.embeddings import read_embeddings
 
-        emb = read_embeddings(self.store, self.encoder_id)
-        return np.asarray(emb.features, dtype=np.float32), np.asarray(emb.coords)
+        emb = read_embeddings(self.store, self.encoder_id).embedded_only()
+        features = np.asarray(emb.features, dtype=np.float32)
+        return features, np.asarray(emb.coords), emb.tile_ids
 
 
 def subsample(rows: np.ndarray, limit: int) -> np.ndarray:
@@ -97,7 +100,7 @@ def tile_query(index: Searchable, slide: str, xy: tuple[int, int]) -> Query:
         raise RegionOutsideSlideError(
             f"{q.store.slide_id}: point {x},{y} is outside the slide (0..{w - 1}, 0..{h - 1} level-0 px)"
         )
-    feats, coords = q.vectors()
+    feats, coords, tiles = q.vectors()
     size = q.size
     inside = (
         (coords[:, 0] <= x)
@@ -108,8 +111,8 @@ def tile_query(index: Searchable, slide: str, xy: tuple[int, int]) -> Query:
     rows = np.flatnonzero(inside)
     if not len(rows):
         raise NoTilesInRegionError(
-            f"{q.store.slide_id}: no stored tissue tile contains point {x},{y}; pick a point on "
-            f"tissue (tiles cover {len(coords)} positions)"
+            f"{q.store.slide_id}: no stored tissue tile contains point {x},{y} (or its tile "
+            f"was left out by QC); pick a point on tissue (tiles cover {len(coords)} positions)"
         )
     centres = coords[rows] + size / 2
     row = rows[int(np.argmin(((centres - [x, y]) ** 2).sum(axis=1)))]
@@ -123,7 +126,7 @@ def tile_query(index: Searchable, slide: str, xy: tuple[int, int]) -> Query:
         q.name,
         box,
         coords[[row]],
-        np.array([row]),
+        tiles[[row]],
         size,
         (side_um, side_um),
         slide_number=q.number,
@@ -146,7 +149,7 @@ def region_query(index: Searchable, slide: str, box: tuple[int, int, int, int]) 
             f"{sid}: box {x},{y},{w},{h} lies outside the slide, which is {sw}x{sh} "
             "level-0 px; give X,Y,W,H in level-0 pixels"
         )
-    feats, coords = q.vectors()
+    feats, coords, tiles = q.vectors()
     cx, cy = coords[:, 0] + q.size / 2, coords[:, 1] + q.size / 2
     rows = np.flatnonzero((cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1))
     if not len(rows):
@@ -163,7 +166,7 @@ def region_query(index: Searchable, slide: str, box: tuple[int, int, int, int]) 
         q.name,
         (x0, y0, x1 - x0, y1 - y0),
         coords[rows],
-        rows,
+        tiles[rows],
         q.size,
         ((x1 - x0) * q.mpp, (y1 - y0) * q.mpp),
         slide_number=q.number,
@@ -175,7 +178,7 @@ def slide_query(
 ) -> Query:
     """A whole slide as a mosaic of up to ``max_tiles`` tiles (see :func:`mosaic_rows`)."""
     q = _QuerySlide(index, slide)
-    feats, coords = q.vectors()
+    feats, coords, tiles = q.vectors()
     if not len(feats):
         raise NoTilesInRegionError(f"{q.store.slide_id}: the slide has no stored tiles")
     rows = mosaic_rows(feats, max_tiles, seed)
@@ -187,7 +190,7 @@ def slide_query(
         q.name,
         (0, 0, int(w), int(h)),
         coords[rows],
-        rows,
+        tiles[rows],
         q.size,
         (q.size * q.mpp, q.size * q.mpp),
         slide_number=q.number,

@@ -237,6 +237,7 @@ def concept_map(service: SlideService, book: LabelBook, slide: str, label: str) 
     rejected = _vectors(service, [r for r in book.rejected if r[5] == label])
     store = service.store(slide)
     embeddings = service.archive.embeddings(store.slide_id, service.index.encoder_id)
+    embeddings = embeddings.embedded_only()  # tiles left out by QC at embed: not drawn
     feats = _unit(np.asarray(embeddings.features))
     score = (feats @ _unit(accepted).T).max(axis=1)
     if len(rejected):
@@ -248,7 +249,7 @@ def concept_map(service: SlideService, book: LabelBook, slide: str, label: str) 
     draw = ImageDraw.Draw(image)
     f = w / float(store.source["dimensions"][0])
     side = float(store.tiling["tile_size_level0"]) * f
-    for (x, y), a in zip(store.coords, strength, strict=True):
+    for (x, y), a in zip(embeddings.coords, strength, strict=True):
         box = [x * f, y * f, x * f + side - 1, y * f + side - 1]
         draw.rectangle(box, fill=(230, 40, 20, round(200 * float(a))))
     return encode(image, "png")

@@ -56,10 +56,10 @@ def _load(
     index: list[tuple[str, int]] = []
     used = encoder_id
     for slide_id in archive.slide_ids:
-        emb = archive.embeddings(slide_id, encoder_id)
+        emb = archive.embeddings(slide_id, encoder_id).embedded_only()  # no QC-skipped rows
         used = emb.encoder_id
         vectors.append(np.asarray(emb.features, dtype=np.float32))
-        index.extend((slide_id, i) for i in range(len(emb)))
+        index.extend((slide_id, int(i)) for i in emb.tile_ids)
     if not index or used is None:
         raise ConfigError(
             f"{root}: no embedded tiles to curate; embed the archive first (wsi_ssl.embed)"
