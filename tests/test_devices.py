@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import run_cli
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.embedding import embed
 from wsi_ssl.embedding.devices import embed_on_devices, parse_devices, shard_slides, slide_sizes
@@ -79,8 +81,6 @@ def test_slides_named_by_file_stem_are_reported_by_id(root: Path) -> None:
 
 
 def test_cli_devices_are_checked_before_any_work(root: Path) -> None:
-    from tests.conftest import run_cli
-
     if torch.cuda.is_available():
         pytest.skip("checks the message of a machine without CUDA")
     argv = ["embed", str(root), "--encoder", "random-cnn", "--devices", "cpu,cuda:1"]
@@ -141,3 +141,40 @@ def test_torchrun_shards_the_slides_and_rank_zero_reports(root: Path, tmp_path: 
     assert all(embedding_status(archive.slide(s), eid) == "complete" for s in archive.slide_ids)
     again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and "0 embedded, 3 already complete" in again.stdout
+
+
+@pytest.fixture(scope="module")
+def mixed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two slides: one tiled at 224 px (the random-init CNN's input size), one at 128 px."""
+    base = tmp_path_factory.mktemp("mixed")
+    for seed, size in ((1, 224), (2, 128)):
+        slide = write_synthetic_slide(base / f"m{seed}.tiff", (700, 500), seed=seed)
+        tile_slide(slide, base / "root", dataclasses.replace(TILING, tile_size=size))
+    return base / "root"
+
+
+def _failure_lines(stdout: str) -> list[str]:
+    return [line.strip() for line in stdout.splitlines() if "Error: " in line]
+
+
+@pytest.mark.slow
+def test_a_failure_in_a_device_process_or_rank_keeps_its_flag_hint(mixed_root: Path) -> None:
+    """A slide that fails in a ``--devices`` process or a torchrun rank (128 px tiles,
+    resize='never') is reported as a one-process run reports it: its type, its message and
+    the flags of its parameters."""
+    argv = ["embed", str(mixed_root), "--encoder", "random-cnn", "--device", "cpu"]
+    argv += ["--workers", "0", "--resize", "never", "--quiet"]
+    code, out, err = run_cli(argv)
+    assert code == 1 and err.count("\n") == 1
+    assert err.rstrip().endswith("(command line: --resize)") and "tile_size=224" in err
+    [line] = _failure_lines(out)
+    assert line.startswith("InputSizeMismatchError: ") and line.endswith("--resize)")
+    code, out, err_devices = run_cli([*argv, "--devices", "cpu,cpu"])
+    assert code == 1 and err_devices == err and _failure_lines(out) == [line]
+    assert "1 already complete" in out  # the other slide, embedded by the first run
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    torchrun += ["--nproc-per-node", "2", "-m", "wsi_ssl.cli.main", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(torchrun, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode != 0 and _failure_lines(done.stdout) == [line]
+    assert [e for e in done.stderr.splitlines() if e.startswith("wsi-ssl: ")] == [err.rstrip()]

@@ -8,18 +8,33 @@ whose ``lines()`` the CLI prints as they are and whose ``to_dict()`` is its ``--
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from wsi_ssl.errors import StoreLockedError
+from wsi_ssl.errors import StoreLockedError, WsiSslError
 
-__all__ = ["STATUSES", "BatchOutcome", "ErrorHint", "SlideOutcome", "Status"]
+__all__ = ["STATUSES", "BatchOutcome", "ErrorHint", "RemoteError", "SlideOutcome", "Status"]
 
 Status = Literal["complete", "skipped", "busy", "failed"]
 STATUSES: tuple[Status, ...] = ("complete", "skipped", "busy", "failed")
 ErrorHint = Callable[[BaseException], str]
 """Text a caller appends to a failed slide's error (the CLI's flag hint)."""
+
+
+class RemoteError(WsiSslError):
+    """A slide's error raised in another process (a ``--devices`` process, a torchrun rank),
+    as it comes back: its message, the name of its type and its ``parameters``, so that the
+    report line is the one-process line, flag hint included (the exception itself stays
+    there: custom signatures do not unpickle)."""
+
+    def __init__(self, message: str, type_name: str, parameters: Sequence[str] = ()) -> None:
+        super().__init__(message, parameters=parameters)
+        self.type_name = type_name
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.type_name, self.parameters))
 
 
 @dataclass
@@ -28,7 +43,8 @@ class SlideOutcome:
 
     ``slide`` names the slide (its id, or its path before it has one); ``details`` holds what
     one kind of job adds (the file written, the predicted label, ...). The exception itself is
-    kept privately (``exception``) for callers that re-raise; it is not part of ``to_dict()``.
+    kept privately (``exception``) for callers that re-raise (an outcome from another process
+    holds a :class:`RemoteError` in its place); it is not part of ``to_dict()``.
     """
 
     slide: str
@@ -60,6 +76,15 @@ class SlideOutcome:
     def exception(self) -> BaseException | None:
         """The exception a failed slide raised (None otherwise)."""
         return self._exception
+
+    def portable(self) -> SlideOutcome:
+        """A copy fit to cross processes (pickled): the exception becomes a
+        :class:`RemoteError` with its message, type name and parameters."""
+        err = self._exception
+        if err is not None and not isinstance(err, RemoteError):
+            parameters = err.parameters if isinstance(err, WsiSslError) else ()
+            err = RemoteError(str(err), type(err).__name__, parameters)
+        return dataclasses.replace(self, _exception=err)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: slide, status, n_tiles, seconds, error, error_type and the details."""

@@ -71,9 +71,10 @@ def _run_shard(
 
 
 def portable(summary: EmbedSummary) -> EmbedSummary:
-    """``summary`` fit to cross processes: the outcomes keep their error text and type, the
-    exceptions themselves stay here (custom signatures do not unpickle)."""
-    summary.outcomes = [dataclasses.replace(o, _exception=None) for o in summary.outcomes]
+    """``summary`` fit to cross processes: each failed outcome's exception becomes a
+    :class:`~wsi_ssl.outcome.RemoteError` (message, type name, parameters), so the parent's
+    report lines carry the same flag hints as a one-process run's."""
+    summary.outcomes = [o.portable() for o in summary.outcomes]
     return summary
 
 
