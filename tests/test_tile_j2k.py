@@ -106,9 +106,9 @@ def test_wavelet_level_decode_is_within_tolerance_of_decode_then_shrink(
 
 
 def test_native_scale_offset_grid_strips_equal_the_readers_pixels(forty_x_j2k: Path) -> None:
-    """256 px tiles overlapping by 40 px at the slide's own scale: no tile but the first lines
-    up with a stored tile; the strips assembled from stored tiles (1 or 2 OpenJPEG threads)
-    equal ``read_region`` exactly, edge tiles included."""
+    """256 px tiles overlapping by 40 px at the slide's own scale (three rows): no tile but the
+    first lines up with a stored tile; the strips assembled from stored tiles (1 or 2 OpenJPEG
+    threads) equal ``read_region`` exactly, the tiles overhanging the right edge included."""
     config = TilingConfig(mpp=0.25, overlap=40)
     with open_slide(forty_x_j2k, backend="tiffslide") as reader:
         grid = TileGrid.for_slide(reader, reader.require_mpp(), config)
@@ -116,6 +116,7 @@ def test_native_scale_offset_grid_strips_equal_the_readers_pixels(forty_x_j2k: P
         source = strip_source(reader, grid)
         assert source is not None and source[1] == 1
         coords = grid.all_coords()
+        coords = coords[coords[:, 1] < 500]  # three rows of tiles, the last overhanging
         one = np.stack(chunk_tiles(reader, grid, coords, decode_threads=1))
         two = np.stack(chunk_tiles(reader, grid, coords, decode_threads=2))
         expected = np.stack(
