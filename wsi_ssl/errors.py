@@ -14,6 +14,7 @@ __all__ = [
     "ConfigError",
     "CorruptIndexError",
     "CorruptSlideError",
+    "DeviceOutOfMemoryError",
     "DeviceUnavailableError",
     "DiskFullError",
     "EmbeddingWriteError",
@@ -518,3 +519,8 @@ class TilesNotEmbeddedError(WsiSslError, ValueError):
         )
         self.path = Path(path)
         self.tiles = list(tiles)
+
+
+class DeviceOutOfMemoryError(WsiSslError, MemoryError):
+    """A compute device ran out of memory for the work asked of it (the message says which
+    setting to lower)."""
