@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from wsi_ssl.embedding.config import DECODE_MODES, EmbedConfig
+from wsi_ssl.stain_settings import METHODS as STAIN_METHODS
 
 # The library's choices, spelled here so that building the parser imports no zarr (0.9 s):
 # storage.embeddings.EMBEDDING_DTYPES, embedding.mil_files.EXPORT_FORMATS and NAME_BY;
@@ -72,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA)")
     p.add_argument(
         "--stain-normalize",
-        choices=("macenko", "reinhard", "vahadane"),
+        choices=STAIN_METHODS,
         metavar="METHOD",
         help="normalise tile stains before the encoder: macenko, reinhard or vahadane",
     )

@@ -28,10 +28,9 @@ import numpy as np
 import torch
 
 from wsi_ssl.errors import ConfigError, StainNormalizationError
+from wsi_ssl.stain_settings import METHODS
 
 __all__ = ["METHODS", "StainNormalizer", "lab_to_rgb", "normalize_array", "rgb_to_lab"]
-
-METHODS = ("macenko", "reinhard", "vahadane")
 
 IO = 240.0  # background intensity of the optical-density transform
 BETA = 0.15  # OD below this in any channel: transparent, not stain

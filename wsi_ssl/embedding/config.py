@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wsi_ssl.errors import ConfigError
+from wsi_ssl.stain_settings import check_stain_settings
 
 __all__ = ["DECODE_MODES", "EmbedConfig", "default_workers"]
 
@@ -102,14 +103,7 @@ class EmbedConfig:
             raise ConfigError(
                 f"chunk_rows must be >= 1, got {self.chunk_rows}", parameters=("chunk_rows",)
             )
-        if (self.stain_normalize is None) != (self.stain_reference is None):
-            raise ConfigError(
-                "stain_normalize and stain_reference go together: give both (a method and a "
-                f"reference image) or neither; got {self.stain_normalize!r}, "
-                f"{self.stain_reference!r}",
-                parameters=("stain_normalize", "stain_reference"),
-            )
-
+        check_stain_settings(self.stain_normalize, self.stain_reference)
         if self.decode not in DECODE_MODES:
             raise ConfigError(
                 f"decode must be one of {', '.join(DECODE_MODES)}; got {self.decode!r}",

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from wsi_ssl.errors import ConfigError
 from wsi_ssl.ssl.backbones import get_spec
 from wsi_ssl.ssl.methods import RECIPES
+from wsi_ssl.stain_settings import METHODS, check_stain_settings
 
 if TYPE_CHECKING:
     from wsi_ssl.ssl.config import PretrainConfig
@@ -29,7 +30,7 @@ AUGMENTS = ("auto", "loader", "batch")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SAMPLINGS = ("uniform", "balanced")
-STAIN_METHODS = ("macenko", "reinhard", "vahadane")  # wsi_ssl.stain.METHODS (which loads torch)
+STAIN_METHODS = METHODS  # wsi_ssl.stain_settings (torch-free), as wsi_ssl.stain implements
 
 
 def check_config(c: PretrainConfig) -> None:
@@ -162,18 +163,7 @@ def _recipe_fields(c: PretrainConfig) -> None:
 def _data_fields(c: PretrainConfig) -> None:
     if not 0 <= c.min_tile_std < 128:
         raise ConfigError(f"min_tile_std must be in [0, 128); got {c.min_tile_std}")
-    if (c.stain_normalize is None) != (c.stain_reference is None):
-        raise ConfigError(
-            "stain_normalize and stain_reference go together: give both (a method and a "
-            f"reference image) or neither; got {c.stain_normalize!r}, "
-            f"{c.stain_reference!r}",
-            parameters=("stain_normalize", "stain_reference"),
-        )
-    if c.stain_normalize is not None and c.stain_normalize not in STAIN_METHODS:
-        raise ConfigError(
-            f"stain_normalize must be one of {', '.join(STAIN_METHODS)}; got {c.stain_normalize!r}",
-            parameters=("stain_normalize",),
-        )
+    check_stain_settings(c.stain_normalize, c.stain_reference)
 
 
 def _positive_int(config: PretrainConfig, *names: str) -> None:
