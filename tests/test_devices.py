@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -178,3 +179,25 @@ def test_a_failure_in_a_device_process_or_rank_keeps_its_flag_hint(mixed_root: P
     done = subprocess.run(torchrun, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode != 0 and _failure_lines(done.stdout) == [line]
     assert [e for e in done.stderr.splitlines() if e.startswith("wsi-ssl: ")] == [err.rstrip()]
+
+
+@pytest.mark.slow
+def test_a_job_failing_in_a_device_process_fails_its_slides_with_its_error(
+    mixed_root: Path, tmp_path: Path
+) -> None:
+    """The job itself fails in each device process (a stain reference that is no image): the
+    slides fail with that typed error, not as a process that died."""
+    reference = tmp_path / "reference.png"
+    reference.write_text("not an image")
+    argv = ["embed", str(mixed_root), "--encoder", "random-cnn", "--device", "cpu"]
+    argv += ["--workers", "0", "--quiet", "--stain-normalize", "reinhard"]
+    argv += ["--stain-reference", str(reference)]
+    code, _, err = run_cli(argv)  # one process: the job's one line
+    assert code == 2 and err.count("\n") == 1 and "cannot read the reference image" in err
+    code, out, err_devices = run_cli([*argv, "--devices", "cpu,cpu", "--json"])
+    assert code == 1
+    slides = json.loads(out)["slides"]
+    assert len(slides) == 2 and {s["status"] for s in slides} == {"failed"}
+    assert {s["error_type"] for s in slides} == {"StainNormalizationError"}
+    assert err_devices.splitlines() == [err.rstrip()] * 2  # the one-process line, per slide
+    assert all(err.rstrip() == f"wsi-ssl: error: {s['error']}" for s in slides)

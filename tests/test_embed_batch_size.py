@@ -1,5 +1,6 @@
 """The default batch size: 256 on the CPU; on CUDA the largest power of two that fits the free
-device memory by a measured probe (the rule runs here, the probe on the GPU machine)."""
+device memory by a measured probe (the rule runs here, the probe on the GPU machine), and a
+probe that itself runs out of memory is a typed error naming ``batch_size``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
+from wsi_ssl.cli.hints import command_parser, flag_hint
+from wsi_ssl.cli.main import build_parser
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.embedding import EmbedConfig, embed
 from wsi_ssl.embedding.batch_size import (
@@ -17,8 +21,10 @@ from wsi_ssl.embedding.batch_size import (
     MIN_BATCH,
     auto_batch_size,
     batch_for_memory,
+    probe_forward,
 )
-from wsi_ssl.encoders import create_encoder
+from wsi_ssl.encoders import Encoder, create_encoder
+from wsi_ssl.errors import DeviceOutOfMemoryError
 from wsi_ssl.storage import open_store
 from wsi_ssl.synthetic import write_synthetic_slide
 from wsi_ssl.tiling.batch import tile_slide
@@ -63,3 +69,62 @@ def test_the_cuda_probe_picks_a_batch_that_runs_and_fits() -> None:
         out = enc(x)
     assert out.shape == (batch, enc.embed_dim) and torch.isfinite(out).all()
     assert torch.cuda.max_memory_allocated() - before <= free
+
+
+class RoomFor(nn.Module):
+    """A real encoder module (a linear head over the mean colour) on a device with room for
+    ``capacity`` tiles: a larger batch raises the error CUDA's allocator raises."""
+
+    def __init__(self, capacity: int, dim: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.head = nn.Linear(3, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.capacity:
+            need = x.shape[0] * x[0].numel() * x.element_size()
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {need} bytes.")
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_a_probe_out_of_memory_is_a_typed_error_naming_batch_size(tmp_path: Path) -> None:
+    config = create_encoder("random-cnn").config
+    tight = Encoder(RoomFor(MIN_BATCH, config.embed_dim), config)
+    with pytest.raises(DeviceOutOfMemoryError, match=r"out of memory on the 16 tiles") as info:
+        probe_forward(tight)
+    err = info.value
+    assert isinstance(err, MemoryError) and isinstance(err.__cause__, torch.OutOfMemoryError)
+    assert f"pass batch_size={MIN_BATCH} or smaller" in str(err) and "--" not in str(err)
+    assert err.parameters == ("batch_size", "precision")
+    parser = build_parser()
+    embed_cli = command_parser(parser, parser.parse_args(["embed", "ROOT", "--encoder", "x"]))
+    assert flag_hint(err, embed_cli) == " (command line: --batch-size, --precision)"
+    # what the message advises works: batch_size=8 needs no probe and fits
+    slide = write_synthetic_slide(tmp_path / "s.tiff", (500, 500), seed=4)
+    tile_slide(slide, tmp_path / "root", TilingConfig(tile_size=224, codec="zstd"))
+    summary = embed(tmp_path / "root", tight, batch_size=MIN_BATCH, device="cpu", workers=0)
+    assert not summary.failed and summary.tiles_done > 0
+
+
+@pytest.mark.gpu
+def test_the_cuda_probe_on_a_full_device_is_a_typed_error() -> None:
+    """The device filled to the last block: the probe's real CUDA out-of-memory becomes the
+    typed error, and the device is usable again once the memory is freed."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    enc = create_encoder("random-vit-small", device="cuda")
+    filler = []
+    for block in (2**30, 64 * MiB, 2 * MiB):
+        while True:
+            try:
+                filler.append(torch.empty(block, dtype=torch.uint8, device="cuda"))
+            except torch.OutOfMemoryError:
+                break
+    try:
+        with pytest.raises(DeviceOutOfMemoryError, match=r"cuda(:0)?: .*GiB free of") as info:
+            auto_batch_size(enc)
+        assert info.value.parameters == ("batch_size", "precision")
+    finally:
+        filler.clear()
+        torch.cuda.empty_cache()
+    assert MIN_BATCH <= auto_batch_size(enc) <= MAX_BATCH

@@ -24,14 +24,22 @@ ErrorHint = Callable[[BaseException], str]
 
 
 class RemoteError(WsiSslError):
-    """A slide's error raised in another process (a ``--devices`` process, a torchrun rank),
-    as it comes back: its message, the name of its type and its ``parameters``, so that the
-    report line is the one-process line, flag hint included (the exception itself stays
-    there: custom signatures do not unpickle)."""
+    """An error raised in another process (a ``--devices`` process, a torchrun rank) by a
+    slide or by that process's job, as it comes back: its message, the name of its type and
+    its ``parameters``, so that the report line is the one-process line, flag hint included
+    (the exception itself stays there: custom signatures do not unpickle)."""
 
     def __init__(self, message: str, type_name: str, parameters: Sequence[str] = ()) -> None:
         super().__init__(message, parameters=parameters)
         self.type_name = type_name
+
+    @classmethod
+    def of(cls, err: BaseException) -> RemoteError:
+        """``err`` as it can cross to another process."""
+        if isinstance(err, RemoteError):
+            return err
+        parameters = err.parameters if isinstance(err, WsiSslError) else ()
+        return cls(str(err), type(err).__name__, parameters)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (str(self), self.type_name, self.parameters))
@@ -67,7 +75,7 @@ class SlideOutcome:
             status,
             seconds=seconds,
             error=str(err),
-            error_type=type(err).__name__,
+            error_type=err.type_name if isinstance(err, RemoteError) else type(err).__name__,
             details=dict(details),
             _exception=err,
         )
@@ -80,10 +88,7 @@ class SlideOutcome:
     def portable(self) -> SlideOutcome:
         """A copy fit to cross processes (pickled): the exception becomes a
         :class:`RemoteError` with its message, type name and parameters."""
-        err = self._exception
-        if err is not None and not isinstance(err, RemoteError):
-            parameters = err.parameters if isinstance(err, WsiSslError) else ()
-            err = RemoteError(str(err), type(err).__name__, parameters)
+        err = None if self._exception is None else RemoteError.of(self._exception)
         return dataclasses.replace(self, _exception=err)
 
     def to_dict(self) -> dict[str, Any]:

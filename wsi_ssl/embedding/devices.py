@@ -3,8 +3,10 @@
 Each process runs the ordinary job (:func:`wsi_ssl.embedding.embed`) on its shard, so resume,
 per-slide failure isolation, locking and the atomic commit are the one-device ones; the
 shards are balanced by tile count (largest slide first, to the least-loaded device). A device
-process that dies leaves its unfinished slides failed in the merged summary (their partial
-arrays are never committed; re-running resumes them).
+process whose job fails as a whole (the batch-size probe out of memory, say) fails its shard's
+slides with that error, type and flag hint kept (:class:`~wsi_ssl.outcome.RemoteError`); one
+that dies leaves its unfinished slides failed in the merged summary (their partial arrays are
+never committed; re-running resumes them).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from wsi_ssl.embedding.job import embed, requested_slide_ids
 from wsi_ssl.embedding.summary import EmbedSummary
 from wsi_ssl.encoders import Encoder
 from wsi_ssl.errors import ConfigError
-from wsi_ssl.outcome import SlideOutcome
+from wsi_ssl.outcome import RemoteError, SlideOutcome
 from wsi_ssl.storage import open_store
 
 __all__ = [
@@ -66,7 +68,11 @@ def _run_shard(
     results: Any,
     index: int,
 ) -> None:
-    summary = embed(root, encoder, config, slides=slides, weights=weights, progress=progress)
+    try:
+        summary = embed(root, encoder, config, slides=slides, weights=weights, progress=progress)
+    except Exception as err:  # the job itself failed here: its shard fails with this error
+        results.put((index, RemoteError.of(err)))
+        return
     results.put((index, portable(summary)))
 
 
@@ -119,13 +125,16 @@ def embed_on_devices(
         process = ctx.Process(target=_run_shard, args=(*args, results, len(jobs)))
         process.start()
         jobs.append((device, shard, process))
-    summaries = _collect(jobs, results)
-    lost = {
-        index: f"the process embedding on {device} exited with code {process.exitcode} before "
-        "reporting; re-run the same command to resume these slides"
-        for index, (device, _, process) in enumerate(jobs)
-        if index not in summaries
-    }
+    reports = _collect(jobs, results)
+    summaries = {i: r for i, r in reports.items() if isinstance(r, EmbedSummary)}
+    lost = {i: r for i, r in reports.items() if isinstance(r, RemoteError)}
+    for index, (device, _, process) in enumerate(jobs):
+        if index not in reports:
+            lost[index] = RemoteError(
+                f"the process embedding on {device} exited with code {process.exitcode} before "
+                "reporting; re-run the same command to resume these slides",
+                "DeviceProcessError",
+            )
     shards = [(device, shard) for device, shard, _ in jobs]
     seconds = time.perf_counter() - started
     return merge_summaries(root, ids, shards, summaries, lost, config, names, seconds)
@@ -142,9 +151,12 @@ def slide_sizes(archive: Any, ids: Sequence[str]) -> dict[str, int]:
     return sizes
 
 
-def _collect(jobs: list[tuple[str, list[str], Any]], results: Any) -> dict[int, EmbedSummary]:
-    """Summaries by job index, until every process has reported or exited."""
-    summaries: dict[int, EmbedSummary] = {}
+def _collect(
+    jobs: list[tuple[str, list[str], Any]], results: Any
+) -> dict[int, EmbedSummary | RemoteError]:
+    """Summaries (or the job's error) by job index, until every process has reported or
+    exited."""
+    summaries: dict[int, EmbedSummary | RemoteError] = {}
     while len(summaries) < len(jobs):
         try:
             index, summary = results.get(timeout=1.0)
@@ -162,22 +174,20 @@ def merge_summaries(
     ids: list[str],
     shards: list[tuple[str, list[str]]],
     summaries: dict[int, EmbedSummary],
-    lost: dict[int, str],
+    lost: dict[int, RemoteError],
     config: EmbedConfig,
     devices: list[str],
     seconds: float,
 ) -> EmbedSummary:
     """One summary of the shards' ``(device, slides)``: each shard's own outcomes, or, for a
-    shard whose process never reported, its slides failed with the ``lost`` message."""
+    shard whose job failed or whose process never reported, its slides failed with the
+    ``lost`` error."""
     by_slide: dict[str, SlideOutcome] = {}
     for index, (_, shard) in enumerate(shards):
         if index in summaries:
             by_slide.update({o.slide: o for o in summaries[index].outcomes})
             continue
-        for s in shard:
-            by_slide[s] = SlideOutcome(
-                s, "failed", error=lost[index], error_type="DeviceProcessError"
-            )
+        by_slide.update({s: SlideOutcome.failure(s, lost[index]) for s in shard})
     first = next(iter(summaries.values()), None)
     return EmbedSummary(
         outcomes=[by_slide[s] for s in ids if s in by_slide],

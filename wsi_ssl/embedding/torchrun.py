@@ -6,7 +6,8 @@ shards as ``--devices`` does (:func:`~wsi_ssl.embedding.devices.shard_slides`, b
 count), embeds its own with the ordinary job (resume, locks, failure isolation, the atomic
 commit), then the ranks exchange their summaries over a gloo process group (CPU objects, on
 GPUs too) and each holds the merged one: the exit code agrees on every rank, and only rank 0
-prints. The device is ``EmbedConfig.device`` resolved for ``LOCAL_RANK`` ("auto"/"cuda" ->
+prints. A rank whose job fails as a whole (the batch-size probe out of memory, say) sends its
+error instead, and its shard's slides fail with it. The device is ``EmbedConfig.device`` resolved for ``LOCAL_RANK`` ("auto"/"cuda" ->
 ``cuda:<local rank>``).
 """
 
@@ -26,6 +27,7 @@ from wsi_ssl.embedding.devices import merge_summaries, portable, shard_slides, s
 from wsi_ssl.embedding.job import embed, requested_slide_ids
 from wsi_ssl.embedding.summary import EmbedSummary
 from wsi_ssl.encoders import Encoder
+from wsi_ssl.outcome import RemoteError
 from wsi_ssl.storage import open_store
 
 __all__ = ["GATHER_TIMEOUT", "Rank", "embed_torchrun", "torchrun_rank"]
@@ -70,25 +72,32 @@ def embed_torchrun(
     ids = requested_slide_ids(archive, slides) if slides is not None else archive.slide_ids
     shards = shard_slides(slide_sizes(archive, ids), rank.world_size)
     device = str(resolve_device(config.device, rank.local_rank))
-    mine = embed(
-        root,
-        encoder,
-        dataclasses.replace(config, device=device),
-        slides=shards[rank.rank],
-        weights=weights,
-        progress=progress and rank.rank == 0,
-    )
+    mine: EmbedSummary | RemoteError
+    try:
+        mine = portable(
+            embed(
+                root,
+                encoder,
+                dataclasses.replace(config, device=device),
+                slides=shards[rank.rank],
+                weights=weights,
+                progress=progress and rank.rank == 0,
+            )
+        )
+    except Exception as err:  # this rank's job failed: its shard fails with the error
+        mine = RemoteError.of(err)
     owned = not dist.is_initialized()
     if owned:  # after the work: ranks finish at different times, hours apart at cohort scale
         dist.init_process_group("gloo", timeout=GATHER_TIMEOUT)
     try:
         parts: list[Any] = [None] * rank.world_size
-        dist.all_gather_object(parts, (device, portable(mine)))
+        dist.all_gather_object(parts, (device, mine))
     finally:
         if owned:
             dist.destroy_process_group()
     devices = [d for d, _ in parts]
-    summaries = {i: s for i, (_, s) in enumerate(parts)}
+    summaries = {i: s for i, (_, s) in enumerate(parts) if isinstance(s, EmbedSummary)}
+    lost = {i: s for i, (_, s) in enumerate(parts) if isinstance(s, RemoteError)}
     named = list(zip(devices, shards, strict=True))
     seconds = time.perf_counter() - started
-    return merge_summaries(root, ids, named, summaries, {}, config, devices, seconds)
+    return merge_summaries(root, ids, named, summaries, lost, config, devices, seconds)
