@@ -19,6 +19,8 @@ import zarr
 from tests.conftest import run_cli
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.embedding import EmbedConfig, embed, export
+from wsi_ssl.embedding.runner import EmbedRunner
+from wsi_ssl.embedding.slides import EmbedSlide, EmbedTarget
 from wsi_ssl.encoders import create_encoder
 from wsi_ssl.errors import EmptyBagError, TilesNotEmbeddedError
 from wsi_ssl.evaluation.features import tile_features
@@ -300,3 +302,20 @@ def test_cli_flag_end_to_end(tiled, tmp_path) -> None:
     code, out, _ = run_cli([*argv, "--json", "--skip-flagged-tiles"])
     summary = json.loads(out)
     assert code == 0 and summary["skipped"] == 2 and summary["config"]["skip_flagged_tiles"]
+
+
+def test_rows_are_not_kept_from_an_array_another_job_replaced_meanwhile(tiled, tmp_path) -> None:
+    root = tmp_path / "root"
+    shutil.copytree(tiled[0], root)
+    enc = create_encoder(ENCODER)
+    assert not embed(root, enc, SKIP).failed
+    store = min(_stores(root), key=lambda s: s.n_tiles)
+    target = EmbedTarget(enc, FAST)
+    slide = target.prepare(open_store(root), store.slide_id)
+    assert isinstance(slide, EmbedSlide) and slide.base is not None
+    assert slide.encode.tolist() == [3, 4, 11]  # only the flagged tiles, the rest kept
+    embed(root, enc, SKIP, resume=False, slides=[store.slide_id])  # another job, meanwhile
+    EmbedRunner(target, None, progress=False).run([slide])
+    assert slide.outcome is not None and slide.outcome.status == "busy"
+    assert embeddings_problem(store, enc.encoder_id) is None  # the other job's array stands
+    assert read_embeddings(store, enc.encoder_id).n_not_embedded == 3

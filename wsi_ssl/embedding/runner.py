@@ -30,7 +30,7 @@ from wsi_ssl.embedding.batch_size import auto_batch_size
 from wsi_ssl.embedding.decode import decode_jpeg_batch, on_device
 from wsi_ssl.embedding.loader import TileBatch, TileBatches, make_loader, work_units
 from wsi_ssl.embedding.slides import EmbedSlide, EmbedTarget
-from wsi_ssl.errors import NonFiniteEmbeddingError, TileReadError
+from wsi_ssl.errors import NonFiniteEmbeddingError, StoreLockedError, TileReadError
 from wsi_ssl.outcome import SlideOutcome
 from wsi_ssl.storage.embeddings import EmbeddingWriter
 
@@ -184,6 +184,8 @@ class EmbedRunner:
         if self.config.resume and self.target.is_current(slide):
             slide.writer.abort()
             slide.outcome = SlideOutcome(slide.slide_id, "skipped", slide.n)
+        elif self.target.base_changed(slide):  # another job wrote them meanwhile: run again
+            raise StoreLockedError(slide.store.path / "embeddings" / self.target.encoder_id)
 
     def _launch(self, slide: EmbedSlide, batch: TileBatch) -> _Inflight | None:
         """Start one batch on the device; returns what ``_finish`` needs (None if it failed)."""

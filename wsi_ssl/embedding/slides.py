@@ -211,6 +211,14 @@ class EmbedTarget:
             return False
         return bool(_has_vector(array, slide.n)[self.wanted(slide.store)].all())
 
+    def base_changed(self, slide: EmbedSlide) -> bool:
+        """The earlier array whose rows the slide keeps was replaced or removed since the
+        slide was prepared (checked once the writer holds the lock)."""
+        if slide.base is None:
+            return False
+        now = self.reusable(slide.store, slide.n, str(slide.attrs["coords_sha256"]))
+        return now is None or dict(now.attrs) != dict(slide.base.attrs)
+
 
 def _has_vector(array: Any, n: int) -> np.ndarray:
     """bool (n,): rows of ``array`` (None: no array) that hold vectors."""
