@@ -319,3 +319,29 @@ def test_rows_are_not_kept_from_an_array_another_job_replaced_meanwhile(tiled, t
     assert slide.outcome is not None and slide.outcome.status == "busy"
     assert embeddings_problem(store, enc.encoder_id) is None  # the other job's array stands
     assert read_embeddings(store, enc.encoder_id).n_not_embedded == 3
+
+
+def test_jpeg_streams_of_flagged_tiles_are_not_read_for_device_decoding(tmp_path) -> None:
+    path = write_synthetic_slide(tmp_path / "j.tiff", (1100, 900), seed=3)
+    tile_slide(path, tmp_path / "root", replace(TILING, codec="jpeg"))
+    [store] = _stores(tmp_path / "root")
+    flagged = [0, 7, 8, 24]
+    _plant(store, flagged)
+    streams: list[int] = []
+    real = TileReader.read_encoded
+
+    def spy(self: TileReader, rows):  # type: ignore[no-untyped-def]
+        streams.extend(int(r) for r in rows)
+        return real(self, rows)
+
+    vectors = {}
+    for decode in ("device", "cpu"):
+        root = tmp_path / decode
+        shutil.copytree(tmp_path / "root", root)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(TileReader, "read_encoded", spy)
+            assert not embed(root, ENCODER, SKIP, decode=decode).failed
+        vectors[decode] = _vectors(root)[store.slide_id]
+    assert streams == np.setdiff1d(np.arange(store.n_tiles), flagged).tolist()  # device only
+    np.testing.assert_array_equal(vectors["device"], vectors["cpu"])  # NaN rows alike
+    assert np.isnan(vectors["cpu"][flagged]).all()
