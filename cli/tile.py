@@ -162,8 +162,10 @@ def run_tile(args: argparse.Namespace) -> int:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
         print("\n".join(summary.lines(args.error_hint)))
+    several = len({o.details.get("mpp") for o in summary.outcomes}) > 1
     for o in summary.failed:
-        print(f"wsi-ssl: error: {o.error}{args.error_hint(o.exception)}", file=sys.stderr)
+        scale = f" (at mpp {o.details['mpp']:g})" if several else ""
+        print(f"wsi-ssl: error: {o.error}{scale}{args.error_hint(o.exception)}", file=sys.stderr)
     return summary.exit_code
 
 

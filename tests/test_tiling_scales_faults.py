@@ -282,6 +282,9 @@ def test_broken_slides_in_a_multi_scale_batch_fail_alone(
     assert len(errors) == 2 * 4 and all(line.startswith("wsi-ssl: error: ") for line in errors)
     assert sum(str(nompp) in line and "(command line: --mpp-override" in line for line in errors)
     assert {line.split(": ")[2] for line in errors} == {str(p) for p in [*broken, nompp]}
+    for mpp in MPPS:  # each scale's failure says which scale it is
+        assert sum(f"(at mpp {mpp:g})" in line for line in errors) == 4
+    assert all(line.count("CorruptSlideError") <= 1 for line in errors)  # said once, not nested
     for mpp in MPPS:
         archive = open_store(scale_root(out, mpp))
         good = {s["slide_id"] for name, s in _by_name(by_path, mpp) if s["status"] == "complete"}

@@ -332,6 +332,8 @@ class BaseSlideReader(ABC):
         inner = (max(0, round(x + i0 * downsample)), max(0, round(y + j0 * downsample)))
         try:
             pixels = self._read(inner, level, (i1 - i0, j1 - j0))
+        except CorruptSlideError:  # already says what is wrong (an OSError too)
+            raise
         except self._decode_errors as err:
             raise CorruptSlideError(self.path, f"{type(err).__name__}: {err}") from err
         canvas[j0:j1, i0:i1] = pixels
