@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from wsi_ssl.storage.check import CheckReport
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "problem with the command that fixes it. Exit 0: clean (or everything repaired); "
         "1: problems remain.",
     )
-    p.add_argument("root", type=Path, metavar="ROOT", help="archive root")
+    p.add_argument(
+        "root",
+        type=Path,
+        metavar="ROOT",
+        help="archive root (or the --out of a multi-scale tile: each mpp-* root is checked)",
+    )
     p.add_argument(
         "--repair",
         action="store_true",
@@ -31,13 +40,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_check)
 
 
+def archive_roots(root: Path) -> list[Path]:
+    """``root`` itself, or, for the output of a multi-scale ``wsi-ssl tile --mpp 0.5,1.0``,
+    its ``mpp-*`` archive roots."""
+    is_root = (root / "catalog.sqlite").is_file() or (root / "slides").is_dir()
+    scales = sorted(p for p in root.glob("mpp-*") if (p / "slides").is_dir())
+    return scales if scales and not is_root else [root]
+
+
 def run_check(args: argparse.Namespace) -> int:
     from wsi_ssl.storage.check import check_archive
 
-    report = check_archive(args.root, repair=args.repair, decode=not args.quick)
+    reports = [
+        check_archive(root, repair=args.repair, decode=not args.quick)
+        for root in archive_roots(args.root)
+    ]
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-        return 0 if report.ok else 1
+        dicts = [r.to_dict() for r in reports]
+        print(json.dumps(dicts[0] if len(dicts) == 1 else dicts, indent=2))
+    else:
+        for report in reports:
+            print_report(report, named=len(reports) > 1)
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def print_report(report: CheckReport, named: bool) -> None:
+    """Each finding with its fix, then the counts (prefixed by the root when ``named``)."""
     for f in report.findings:
         state = "repaired" if f.repaired else "problem"
         print(f"{state}: {f.path}: {f.problem}")
@@ -46,8 +74,8 @@ def run_check(args: argparse.Namespace) -> int:
     remaining = len(report.problems)
     repaired = len(report.findings) - remaining
     print(
-        f"checked {report.stores} store(s), {report.arrays} embeddings array(s), "
+        (f"{report.root}: " if named else "")
+        + f"checked {report.stores} store(s), {report.arrays} embeddings array(s), "
         f"{report.indexes} index(es): {remaining} problem(s)"
         + (f", {repaired} repaired" if repaired else "")
     )
-    return 0 if report.ok else 1

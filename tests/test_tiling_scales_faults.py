@@ -97,6 +97,8 @@ def _assert_like_clean(out: Path, clean: tuple[Path, str]) -> None:
         np.testing.assert_array_equal(got.tissue_mask, want.tissue_mask)
         code, report, _ = run_cli(["check", str(scale_root(out, mpp))])
         assert code == 0, report
+    code, report, _ = run_cli(["check", str(out)])  # the --out folder: each scale's root
+    assert code == 0 and all(f"{scale_root(out, m)}: checked 1 store(s)" in report for m in MPPS)
 
 
 def _complete_after_kill(out: Path, clean: tuple[Path, str]) -> dict[float, bool]:
