@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
 
 from wsi_ssl.embedding.config import EmbedConfig
 from wsi_ssl.encoders import Encoder
@@ -57,7 +58,7 @@ class EmbedSlide:
     coords: np.ndarray
     attrs: dict[str, Any]
     encode: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
-    base: Any = None  # zarr.Array | None
+    base: zarr.Array[Any] | None = None
     writer: EmbeddingWriter | None = None
     received: int = 0
     started: float = 0.0
@@ -186,7 +187,7 @@ class EmbedTarget:
             attrs["checkpoint_sha256"] = self.encoder.checkpoint_sha256
         return attrs
 
-    def reusable(self, store: SlideStore, n: int, chash: str) -> Any:
+    def reusable(self, store: SlideStore, n: int, chash: str) -> zarr.Array[Any] | None:
         """The slide's array of these vectors, complete by content (every chunk there and
         decodable), for these tiles, encoder, dtype and stain normalisation; else None."""
         if embeddings_problem(store, self.encoder_id) is not None:
@@ -220,7 +221,7 @@ class EmbedTarget:
         return now is None or dict(now.attrs) != dict(slide.base.attrs)
 
 
-def _has_vector(array: Any, n: int) -> np.ndarray:
+def _has_vector(array: zarr.Array[Any] | None, n: int) -> np.ndarray:
     """bool (n,): rows of ``array`` (None: no array) that hold vectors."""
     if array is None:
         return np.zeros(n, dtype=bool)
