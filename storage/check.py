@@ -173,7 +173,12 @@ class _Checker:
                 recover_swap(self.archive.store_path(slide_id))
             return not left.exists()
 
-        self.add(left, "left by a re-tile that was killed", REPAIR, repair)
+        self.add(
+            left,
+            "left by a tiling job that was killed (a first tiling or a re-tile)",
+            REPAIR,
+            repair,
+        )
 
     def store(self, path: Path) -> None:
         slide_id = path.name.removesuffix(".zarr")

@@ -112,7 +112,7 @@ def _complete_after_kill(out: Path, clean: tuple[Path, str]) -> dict[float, bool
         done[mpp] = path.exists() or is_complete_store(staged)
         if staged.exists():  # a kill's debris, reported as such, never as a store
             code, report, _ = run_cli(["check", str(scale_root(out, mpp))])
-            assert code == 1 and f"{staged}: left by a re-tile that was killed" in report
+            assert code == 1 and f"{staged}: left by a tiling job that was killed" in report
         if path.exists():
             assert is_complete_store(path), f"{path} is in place but not complete"
             archive = open_store(scale_root(out, mpp))
