@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from wsi_ssl.cli.hints import command_parser, flag_hint
@@ -70,3 +71,18 @@ def test_unknown_registry_names_carry_their_config_field() -> None:
             registry.get("no-such-name")
         assert info.value.parameters == (field,)
         assert "not registered; valid: " in str(info.value)
+
+
+def test_a_bad_stain_reference_names_its_flag(tmp_path) -> None:
+    from wsi_ssl.errors import StainNormalizationError
+    from wsi_ssl.stain import StainNormalizer
+
+    parser = build_parser()
+    embed = command_parser(parser, parser.parse_args(["embed", "ROOT", "--encoder", "x"]))
+    (tmp_path / "ref.png").write_text("not an image")
+    white = np.full((64, 64, 3), 255, dtype=np.uint8)
+    for reference in (tmp_path / "ref.png", white):  # unreadable, and blank (no stains)
+        with pytest.raises(StainNormalizationError) as info:
+            StainNormalizer("macenko", reference)
+        assert info.value.parameters == ("stain_reference",)
+        assert flag_hint(info.value, embed) == " (command line: --stain-reference)"

@@ -163,8 +163,14 @@ class StainNormalizer:
         self.kept_blank = 0
         name = str(reference) if isinstance(reference, (str, Path)) else "reference image"
         self.reference_name = name
-        image = _as_tensor(_load(reference) if isinstance(reference, (str, Path)) else reference)
-        self._fit_reference(image, name)
+        try:
+            image = _as_tensor(
+                _load(reference) if isinstance(reference, (str, Path)) else reference
+            )
+            self._fit_reference(image, name)
+        except StainNormalizationError as err:  # the reference the caller chose is at fault
+            err.parameters = ("stain_reference",)
+            raise
 
     def _fit_reference(self, image: torch.Tensor, name: str) -> None:
         if self.method == "reinhard":
