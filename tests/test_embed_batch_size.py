@@ -44,7 +44,7 @@ def test_the_rule_takes_the_largest_power_of_two_within_the_memory_budget() -> N
 def test_cpu_keeps_256_and_the_size_used_is_recorded(tmp_path: Path) -> None:
     assert EmbedConfig().batch_size is None
     assert auto_batch_size(create_encoder("random-cnn", device="cpu")) == CPU_BATCH_SIZE == 256
-    slide = write_synthetic_slide(tmp_path / "s.tiff", (500, 500), seed=4)
+    slide = write_synthetic_slide(tmp_path / "s.tiff", (1000, 1000), seed=4)
     config = TilingConfig(tile_size=224, codec="zstd", tissue_threshold=0.0)
     tile_slide(slide, tmp_path / "root", config)
     summary = embed(tmp_path / "root", "random-cnn", device="cpu", workers=0)
@@ -100,10 +100,22 @@ def test_a_probe_out_of_memory_is_a_typed_error_naming_batch_size(tmp_path: Path
     embed_cli = command_parser(parser, parser.parse_args(["embed", "ROOT", "--encoder", "x"]))
     assert flag_hint(err, embed_cli) == " (command line: --batch-size, --precision)"
     # what the message advises works: batch_size=8 needs no probe and fits
-    slide = write_synthetic_slide(tmp_path / "s.tiff", (500, 500), seed=4)
-    tile_slide(slide, tmp_path / "root", TilingConfig(tile_size=224, codec="zstd"))
+    slide = write_synthetic_slide(tmp_path / "s.tiff", (1000, 1000), seed=4)
+    config = TilingConfig(tile_size=224, codec="zstd", tissue_threshold=0.0)
+    tile_slide(slide, tmp_path / "root", config)
     summary = embed(tmp_path / "root", tight, batch_size=MIN_BATCH, device="cpu", workers=0)
-    assert not summary.failed and summary.tiles_done > 0
+    assert not summary.failed and summary.tiles_done > MIN_BATCH
+    # a batch the device cannot hold while embedding fails its slide with the same advice,
+    # and nothing of it is left behind
+    again = embed(
+        tmp_path / "root", tight, batch_size=2 * MIN_BATCH, device="cpu", workers=0, resume=False
+    )
+    (failed,) = again.failed
+    assert failed.error_type == "DeviceOutOfMemoryError"
+    assert f"(batch_size={2 * MIN_BATCH}); pass a smaller batch_size" in failed.error
+    assert flag_hint(failed.exception, embed_cli) == " (command line: --batch-size, --precision)"
+    store = open_store(tmp_path / "root").slide(open_store(tmp_path / "root").slide_ids[0])
+    assert not any(p.name.endswith(".partial") for p in (store.path / "embeddings").iterdir())
 
 
 @pytest.mark.gpu

@@ -30,7 +30,12 @@ from wsi_ssl.embedding.batch_size import auto_batch_size
 from wsi_ssl.embedding.decode import decode_jpeg_batch, on_device
 from wsi_ssl.embedding.loader import TileBatch, TileBatches, make_loader, work_units
 from wsi_ssl.embedding.slides import EmbedSlide, EmbedTarget
-from wsi_ssl.errors import NonFiniteEmbeddingError, StoreLockedError, TileReadError
+from wsi_ssl.errors import (
+    DeviceOutOfMemoryError,
+    NonFiniteEmbeddingError,
+    StoreLockedError,
+    TileReadError,
+)
 from wsi_ssl.outcome import SlideOutcome
 from wsi_ssl.storage.embeddings import EmbeddingWriter
 
@@ -213,9 +218,23 @@ class EmbedRunner:
                 event.record()
                 return slide, start, host, event
             return slide, start, feats, None
+        except torch.OutOfMemoryError as err:
+            self._fail(slide, self._out_of_memory(len(batch.tiles), err))
+            return None
         except Exception as err:
             self._fail(slide, err)
             return None
+
+    def _out_of_memory(self, n: int, err: torch.OutOfMemoryError) -> DeviceOutOfMemoryError:
+        """A batch the device could not hold, as the typed error naming what to lower."""
+        error = DeviceOutOfMemoryError(
+            f"{self.encoder.device}: encoder {self.encoder.config.name!r} ran out of memory on "
+            f"a batch of {n} tiles (batch_size={self.batch_size}); pass a smaller batch_size, "
+            "or precision='bf16', or free memory on the device",
+            parameters=("batch_size", "precision"),
+        )
+        error.__cause__ = err
+        return error
 
     def _finish(self, slide: EmbedSlide, start: int, feats: torch.Tensor, event: Any) -> int:
         """Check and write one batch's vectors; returns the number of tiles done."""
