@@ -9,8 +9,9 @@ resampled once when the read level is not the target scale; where that is a shri
 8 of a JPEG or JPEG 2000 level, the strip is assembled from stored tiles decoded at reduced
 scale (DCT domain, or the wavelet level; :mod:`wsi_ssl.tiling.decode`), and other JPEG 2000
 strips from stored tiles decoded with threads. The task writes its chunk, one whole Zarr shard,
-straight into the store. Nothing but coordinates crosses the graph, so memory per worker is
-one chunk whatever the slide size.
+straight into the store, and returns the chunk's QC scores (16 bytes a tile), which the
+caller writes once. Only coordinates go into the graph and scores come out, so memory per
+worker is one chunk whatever the slide size.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ from wsi_ssl.tiling.decode import (
     reducible,
 )
 from wsi_ssl.tiling.grid import TileGrid
-from wsi_ssl.tiling.qc import write_chunk_scores
+from wsi_ssl.tiling.qc import chunk_scores
 
 LOCAL_SCHEDULERS = ("threads", "processes")
 
@@ -226,6 +228,19 @@ def chunk_tiles(
     return tiles
 
 
+@dataclass(frozen=True)
+class Extracted:
+    """What the extraction graph wrote: the tile count and, when scored, every tile's QC
+    scores in tile order (float32 (N,) per metric)."""
+
+    n_tiles: int
+    scores: dict[str, np.ndarray]
+
+
+ChunkResult = tuple[int, int, dict[str, np.ndarray]]
+"""A task's result: its first tile, its tile count and its tiles' QC scores (or none)."""
+
+
 def _extract_chunk(
     slide: tuple[str, str],
     tiles_path: str,
@@ -233,15 +248,23 @@ def _extract_chunk(
     start: int,
     coords: np.ndarray,
     decode_threads: int = 1,
-) -> int:
+    qc: bool = False,
+) -> ChunkResult:
     reader = cached_reader(*slide)
     array = open_tiles(tiles_path, writable=True)
     tiles = chunk_tiles(
         reader, grid, coords, jpeg_passthrough=accepts_jpeg(array), decode_threads=decode_threads
     )
     write_shard(array, start // array.shards[0], tiles)  # type: ignore[index]
-    write_chunk_scores(Path(tiles_path).parent, start, tiles)
-    return len(tiles)
+    return start, len(tiles), chunk_scores(tiles, grid.tile_size) if qc else {}
+
+
+def _gathered(results: list[ChunkResult]) -> Extracted:
+    """The tasks' results joined in tile order."""
+    results = sorted(results, key=lambda r: r[0])
+    metrics = results[0][2].keys() if results else ()
+    scores = {m: np.concatenate([r[2][m] for r in results]) for m in metrics}
+    return Extracted(sum(r[1] for r in results), scores)
 
 
 def extract(
@@ -254,8 +277,9 @@ def extract(
     scheduler: Any = "threads",
     workers: int | None = None,
     on_chunk: Callable[[int], None] | None = None,
-) -> int:
-    """Run the extraction graph for one slide; returns the number of tiles written.
+    qc: bool = False,
+) -> Extracted:
+    """Run the extraction graph for one slide; returns the tiles written and their scores.
 
     Args:
         reader: the open slide (its path and backend are sent to the workers).
@@ -268,6 +292,7 @@ def extract(
         workers: threads or processes of the local scheduler; the cores they leave idle go to
             JPEG 2000 decoding (``cores // workers`` threads per tile).
         on_chunk: called with each finished chunk's tile count (progress bars).
+        qc: score every tile (:func:`~wsi_ssl.tiling.qc.chunk_scores`) as it is written.
     """
     slide = (str(reader.path), reader.backend)
     local = scheduler in LOCAL_SCHEDULERS
@@ -275,7 +300,13 @@ def extract(
     threads = max(1, cores // (workers or cores)) if local else 1
     tasks = [
         dask.delayed(_extract_chunk, pure=False)(
-            slide, str(tiles_path), grid, start, coords[start : start + tiles_per_chunk], threads
+            slide,
+            str(tiles_path),
+            grid,
+            start,
+            coords[start : start + tiles_per_chunk],
+            threads,
+            qc,
         )
         for start in range(0, len(coords), tiles_per_chunk)
     ]
@@ -283,28 +314,27 @@ def extract(
     if not local:
         from distributed import as_completed
 
-        total = 0
+        done = []
         for future in as_completed(scheduler.compute(tasks)):
-            n = future.result()
-            total += n
-            notify(n)
-        return total
+            done.append(future.result())
+            notify(done[-1][1])
+        return _gathered(done)
 
     from dask.callbacks import Callback
 
     def posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
-        if isinstance(result, int):
-            notify(result)
+        if isinstance(result, tuple) and len(result) == 3 and isinstance(result[2], dict):
+            notify(result[1])
 
     with Callback(posttask=posttask):
         if scheduler == "processes":  # dask shuts its process pool down, waiting, on failure
             from dask.multiprocessing import get as processes_get
 
             # a callable scheduler: a name makes dask import distributed to look for a client
-            counts = dask.compute(*tasks, scheduler=processes_get, num_workers=workers)
+            results = dask.compute(*tasks, scheduler=processes_get, num_workers=workers)
         else:
-            counts = _compute_in_own_threads(tasks, workers)
-    return int(sum(counts))
+            results = _compute_in_own_threads(tasks, workers)
+    return _gathered(list(results))
 
 
 def _compute_in_own_threads(tasks: list[Any], workers: int | None) -> tuple[Any, ...]:
