@@ -199,3 +199,40 @@ def test_tile_command_on_a_j2k_slide_matches_the_previous_path(
     inside = (coords + 512 <= (WIDTH, HEIGHT)).all(axis=1)
     _stats(tiles[inside], expected[inside], J2K_REDUCED_TOLERANCE["box"])
     np.testing.assert_array_equal(tiles[~inside], expected[~inside])
+
+
+def test_aperio_ycbcr_j2k_reads_as_rgb_on_every_path(cmu_small: Path, tmp_path: Path) -> None:
+    """Aperio's 33003 (TCGA's JPEG 2000): YCbCr components, no colour transform, page tagged
+    RGB. Every read (the reader's regions aligned and not, a stored tile, with threads, at
+    1/2, the tile command) gives the slide's RGB, not the raw components (77 levels off)."""
+    with tifffile.TiffFile(cmu_small) as tif:
+        rgb = tif.pages[0].asarray()[:1024, :1024]
+    ycc = np.asarray(Image.fromarray(rgb).convert("YCbCr"))
+    path = tmp_path / "aperio-33003.tiff"
+    tifffile.imwrite(
+        path,
+        ycc,
+        tile=(256, 256),
+        photometric="rgb",
+        compression=33003,
+        compressionargs={"level": 90},
+        resolution=(2e4, 2e4),
+        resolutionunit="CENTIMETER",
+        metadata=None,
+    )
+    limits = {"mean": 2.0, "p99": 12.0}
+    with open_slide(path, backend="tiffslide") as reader:
+        _stats(reader.read_region((0, 0), 0, (1024, 1024)), rgb, limits)
+        _stats(reader.read_region((3, 5), 0, (300, 200)), rgb[5:205, 3:303], limits)
+        stored = reader.stored_tiles(0)
+        assert stored is not None
+        for threads in (1, 2):
+            _stats(decode_reduced(stored, 1, 2, 1, threads), rgb[256:512, 512:768], limits)
+        half = np.asarray(Image.fromarray(rgb[:256, :256]).reduce(2))
+        _stats(decode_reduced(stored, 0, 0, 2), half, J2K_REDUCED_TOLERANCE["box"])
+    out = tmp_path / "out"
+    assert run_cli(["tile", str(path), "--out", str(out), "--codec", "zstd", "--quiet"])[0] == 0
+    archive = open_store(out)
+    store = archive.slide(archive.slide_ids[0])
+    for tile, (x, y) in zip(store.tiles[:], store.coords, strict=True):
+        _stats(tile, rgb[y : y + 256, x : x + 256], limits)

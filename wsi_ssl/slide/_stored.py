@@ -7,6 +7,10 @@ Zarr store untouched: no decode, no re-encode, no second generation of JPEG loss
 A JPEG stream's header is checked before it is copied or decoded: its frame (SOF) must have
 the tile's width, height and three components. The decoders allocate what the header says,
 so a crafted header would otherwise plant a decompression bomb in the store.
+
+Aperio's JPEG 2000 with YCbCr components (compression 33003, many TCGA slides) stores Y, Cb,
+Cr without the codec's colour transform and tags the page RGB: tifffile, tiffslide and
+OpenJPEG return the components as they are, so every decode here converts them to RGB.
 """
 
 from __future__ import annotations
@@ -18,13 +22,22 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from PIL import JpegImagePlugin
+from PIL import Image, JpegImagePlugin
 
 from wsi_ssl.errors import CorruptSlideError
 
-__all__ = ["StoredTiles"]
+__all__ = ["APERIO_J2K_YCBCR", "StoredTiles", "ycbcr_to_rgb"]
+
+APERIO_J2K_YCBCR = 33003
+"""TIFF compression of Aperio's JPEG 2000 whose components are YCbCr (no colour transform)."""
 
 _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
+
+
+def ycbcr_to_rgb(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (h, w, 3) YCbCr components (full range, JFIF / BT.601, as openslide reads
+    Aperio's 33003) as RGB."""
+    return np.asarray(Image.fromarray(np.ascontiguousarray(pixels), "YCbCr").convert("RGB"))
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,10 @@ class StoredTiles:
             self.page.compression == tifffile.COMPRESSION.JPEG
             and self.page.photometric == tifffile.PHOTOMETRIC.YCBCR
         )
+
+    def as_rgb(self, pixels: np.ndarray) -> np.ndarray:
+        """Decoded components as RGB: converted from YCbCr for Aperio's 33003, else as they are."""
+        return ycbcr_to_rgb(pixels) if self.page.compression == APERIO_J2K_YCBCR else pixels
 
     def raw(self, row: int, col: int) -> bytes:
         """The stored bytes of tile (row, col), as in the file."""
@@ -141,7 +158,7 @@ class StoredTiles:
             self._check_jpeg_header(row, col, self._with_tables(data))
         try:
             pixels, _, _ = self.page.decode(data, index, jpegtables=self.page.jpegtables)
-            return np.asarray(pixels).reshape(*self.tile_shape, 3)
+            return self.as_rgb(np.asarray(pixels).reshape(*self.tile_shape, 3))
         except (ValueError, RuntimeError, OSError, IndexError, KeyError) as err:
             raise CorruptSlideError(
                 self.path, f"stored tile row {row}, column {col}: {type(err).__name__}: {err}"

@@ -11,7 +11,7 @@ import tifffile
 from wsi_ssl.errors import UnsupportedSlideError
 from wsi_ssl.slide._base import BaseSlideReader, SlideMetadata, to_rgb
 from wsi_ssl.slide._registry import register_backend
-from wsi_ssl.slide._stored import StoredTiles
+from wsi_ssl.slide._stored import APERIO_J2K_YCBCR, StoredTiles, ycbcr_to_rgb
 
 __all__ = ["TiffSlideReader"]
 
@@ -95,7 +95,9 @@ class TiffSlideReader(BaseSlideReader):
         if stored is not None and ds.is_integer() and location[0] % ds == location[1] % ds == 0:
             return stored.read(int(location[0] // ds), int(location[1] // ds), size)
         pixels = self._slide.read_region(location, level, size, as_array=True, padding=False)
-        return to_rgb(pixels, alpha=self._alpha)
+        rgb = to_rgb(pixels, alpha=self._alpha)
+        page = self._series().levels[level].keyframe
+        return ycbcr_to_rgb(rgb) if page.compression == APERIO_J2K_YCBCR else rgb
 
     def _close(self) -> None:
         self._slide.close()

@@ -229,7 +229,7 @@ def decode_reduced(stored: StoredTiles, row: int, col: int, k: int, threads: int
     else:
         pixels = _jpeg_reduced(portable_jpeg(stored, row, col), (th, tw), k)
     if pixels is not None and pixels.shape == (th // k, tw // k, 3):
-        return pixels
+        return stored.as_rgb(pixels)
     return np.asarray(Image.fromarray(decode_stored(stored, row, col, threads)).reduce(k))
 
 
@@ -248,4 +248,4 @@ def decode_stored(stored: StoredTiles, row: int, col: int, threads: int = 1) -> 
         raise _corrupt(stored, row, col, f"does not decode ({err})") from err
     if pixels.shape != (*stored.tile_shape, 3) or pixels.dtype != np.uint8:
         raise _corrupt(stored, row, col, f"decodes to {pixels.dtype} {pixels.shape}")
-    return pixels
+    return stored.as_rgb(pixels)
