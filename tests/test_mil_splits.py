@@ -140,10 +140,9 @@ def test_a_failed_training_leaves_no_run(tmp_path) -> None:
     from wsi_ssl.testing.bags import write_bag_store
 
     _bag_archive(tmp_path / "a", 6, np.random.default_rng(0))
-    # an all-NaN block is what a lost chunk reads as: zarr stores no chunk for it, and the
-    # content check refuses the bag when it is read
-    bad = np.full((6, 4), np.nan)
-    write_bag_store(tmp_path / "a", "f" * 16, bad, encoder_id="enc-x")
+    # a bag whose one chunk file was lost after it was written: the read refuses it
+    bad = write_bag_store(tmp_path / "a", "f" * 16, np.ones((6, 4)), encoder_id="enc-x")
+    (bad / "embeddings" / "enc-x" / "c" / "0" / "0").unlink()
     labels = {f"{i:016x}": "ab"[i % 2] for i in range(6)} | {"f" * 16: "a"}
     with pytest.raises(EmbeddingsCorruptError, match="1 of 1 chunk files missing"):
         train(tmp_path / "a", labels, None, tmp_path / "run", folds=2, epochs=2, device="cpu")
