@@ -108,3 +108,21 @@ def test_one_resolver_for_slide_names_and_encoder_ids(small_archive: Path) -> No
         resolve_encoder([eid, f"{eid}x"], "random", "here")
     with pytest.raises(ConfigError, match="embeddings of 2 encoders"):
         resolve_encoder([eid, "other"], None, "here")
+
+
+def test_a_multi_scale_out_whose_scales_hold_no_store_yet_is_checked_per_scale(
+    tmp_path: Path,
+) -> None:
+    """Both scales of ``--mpp 0.1,0.2`` are refused (they enlarge a 0.5 µm/px slide), so each
+    ``mpp-*`` root holds a catalog and no store: ``check OUT`` checks both, it does not call
+    ``OUT`` "no such archive root"."""
+    from wsi_ssl.synthetic import write_synthetic_slide
+
+    slide = write_synthetic_slide(tmp_path / "s.tiff", (600, 600), seed=1)
+    out = tmp_path / "out"
+    code, _, _ = run_cli(["tile", str(slide), "--out", str(out), "--mpp", "0.1,0.2", "--quiet"])
+    assert code == 1 and not list(out.glob("mpp-*/slides/*"))
+    code, report, _ = run_cli(["check", str(out)])
+    assert code == 0, report
+    for name in ("mpp-0.1", "mpp-0.2"):
+        assert f"{out / name}: checked 0 store(s)" in report, report

@@ -196,9 +196,11 @@ def test_a_job_failing_in_a_device_process_fails_its_slides_with_its_error(
     assert code == 2 and err.count("\n") == 1 and "cannot read the reference image" in err
     code, out, err_devices = run_cli([*argv, "--devices", "cpu,cpu", "--json"])
     assert code == 1
-    slides = json.loads(out)["slides"]
+    summary = json.loads(out)
+    slides = summary["slides"]
     assert len(slides) == 2 and {s["status"] for s in slides} == {"failed"}
     assert {s["error_type"] for s in slides} == {"StainNormalizationError"}
+    assert summary["encoder_id"].startswith("random-cnn")  # named though no process reported
     assert err_devices.splitlines() == [err.rstrip()] * 2  # the one-process line, per slide
     # the JSON keeps the library's message; the line adds the flag that names the parameter
     assert all(err.startswith(f"wsi-ssl: error: {s['error']} (command line: ") for s in slides)

@@ -21,7 +21,7 @@ from wsi_ssl.config import TilingConfig
 from wsi_ssl.embedding import EmbedConfig, embed, export
 from wsi_ssl.embedding.runner import EmbedRunner
 from wsi_ssl.embedding.slides import EmbedSlide, EmbedTarget
-from wsi_ssl.encoders import create_encoder
+from wsi_ssl.encoders import Encoder, create_encoder
 from wsi_ssl.errors import EmptyBagError, TilesNotEmbeddedError
 from wsi_ssl.evaluation.features import tile_features
 from wsi_ssl.evaluation.tasks import LabelledTiles
@@ -35,6 +35,7 @@ from wsi_ssl.storage.embeddings import (
     embeddings_problem,
     read_embeddings,
 )
+from wsi_ssl.storage.shards import shard_path
 from wsi_ssl.storage.tile_reader import TileReader
 from wsi_ssl.synthetic import write_synthetic_slide
 from wsi_ssl.tiling.batch import tile_slide
@@ -345,3 +346,46 @@ def test_jpeg_streams_of_flagged_tiles_are_not_read_for_device_decoding(tmp_path
     assert streams == np.setdiff1d(np.arange(store.n_tiles), flagged).tolist()  # device only
     np.testing.assert_array_equal(vectors["device"], vectors["cpu"])  # NaN rows alike
     assert np.isnan(vectors["cpu"][flagged]).all()
+
+
+@pytest.fixture(scope="module")
+def jpeg_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One JPEG store (35 tiles) with tiles 0, 1 and 5 flagged, not embedded."""
+    base = tmp_path_factory.mktemp("embedqc_jpeg")
+    path = write_synthetic_slide(base / "s1.tiff", (1400, 1100), seed=1)
+    tile_slide(path, base / "root", replace(TILING, codec="jpeg"))
+    (store,) = _stores(base / "root")
+    _plant(store, [0, 1, 5])
+    return base / "root"
+
+
+def test_a_batch_out_of_memory_counts_tiles_when_jpeg_is_decoded_on_the_device(
+    jpeg_root: Path,
+) -> None:
+    from tests.test_embed_batch_size import RoomFor
+
+    config = create_encoder(ENCODER).config
+    tight = Encoder(RoomFor(2, config.embed_dim), config)
+    for decode in ("cpu", "device"):
+        (failed,) = embed(jpeg_root, tight, replace(SKIP, decode=decode)).failed
+        assert failed.error_type == "DeviceOutOfMemoryError"
+        assert "on a batch of 4 tiles (batch_size=4)" in failed.error, (decode, failed.error)
+
+
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_an_unreadable_kept_tile_is_named_by_its_number_when_flagged_tiles_are_skipped(
+    jpeg_root: Path, tmp_path: Path, decode: str
+) -> None:
+    """Tiles 0, 1 and 5 are flagged, so the first batch is tiles 2, 3, 4 and 6: a broken
+    stream in tile 6 fails the slide naming tile 6, not a flagged or a neighbouring tile."""
+    root = tmp_path / "root"
+    shutil.copytree(jpeg_root, root)
+    (store,) = _stores(root)
+    stream = TileReader(store.tiles).read_encoded(np.array([6]))[0]
+    shard = shard_path(store.tiles, 0)  # tiles 0-15
+    data = shard.read_bytes()
+    assert data.count(stream) == 1
+    shard.write_bytes(data.replace(stream, b"\x00" * len(stream)))
+    (failed,) = embed(root, ENCODER, replace(SKIP, decode=decode)).failed
+    assert failed.error_type == "TileReadError"
+    assert f"{store.path / 'tiles'}: tiles 6..6 cannot be read" in failed.error, failed.error

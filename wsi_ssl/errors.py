@@ -240,6 +240,7 @@ class TileReadError(WsiSslError, OSError):
             "with resume=False"  # no parameters: the remedy is another job's (tile, not embed)
         )
         self.path = Path(path)
+        self.tiles = (start, stop)
         self.detail = detail
 
 

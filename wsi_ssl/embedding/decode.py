@@ -44,29 +44,31 @@ def _torchvision_decode(streams: list[torch.Tensor], device: torch.device) -> li
         return list(decode_jpeg(streams, mode=ImageReadMode.RGB, device=device))
 
 
-def _cpu_decode(streams: list[torch.Tensor], path: Path, start: int) -> list[torch.Tensor]:
+def _cpu_decode(streams: list[torch.Tensor], path: Path, tiles: np.ndarray) -> list[torch.Tensor]:
     images = []
-    for i, stream in enumerate(streams):
+    for stream, tile in zip(streams, tiles, strict=True):
         try:
             image = imagecodecs.jpeg8_decode(stream.numpy().tobytes())
         except Exception as err:
-            row = start + i
+            row = int(tile)
             raise TileReadError(path, row, row + 1, f"{type(err).__name__}: {err}") from err
         images.append(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
     return images
 
 
 def decode_jpeg_batch(
-    data: torch.Tensor, sizes: torch.Tensor, device: torch.device, path: Path, start: int
+    data: torch.Tensor, sizes: torch.Tensor, device: torch.device, path: Path, tiles: np.ndarray
 ) -> torch.Tensor:
     """uint8 (B, T, T, 3) tiles on ``device`` from ``data``, B JPEG streams back to back of
-    ``sizes`` bytes (tiles ``start``.. of the array at ``path``, for messages)."""
+    ``sizes`` bytes: tiles number ``tiles`` (B, sorted; not consecutive where QC-flagged tiles
+    are skipped) of the array at ``path``, for messages."""
     streams = list(torch.split(data.cpu(), sizes.tolist()))
     try:
         images = _torchvision_decode(streams, device)
     except RuntimeError:  # a stream nvJPEG/libjpeg refuses: the store's decoder, tile by tile
-        images = [im.to(device) for im in _cpu_decode(streams, path, start)]
+        images = [im.to(device) for im in _cpu_decode(streams, path, tiles)]
     shapes = {tuple(im.shape) for im in images}
     if len(shapes) != 1:
-        raise TileReadError(path, start, start + len(streams), f"tiles of shapes {sorted(shapes)}")
+        first, last = int(tiles[0]), int(tiles[-1])
+        raise TileReadError(path, first, last + 1, f"tiles of shapes {sorted(shapes)}")
     return torch.stack(images).permute(0, 2, 3, 1)

@@ -137,7 +137,8 @@ def embed_on_devices(
             )
     shards = [(device, shard) for device, shard, _ in jobs]
     seconds = time.perf_counter() - started
-    return merge_summaries(root, ids, shards, summaries, lost, config, names, seconds)
+    requested = encoder.encoder_id if isinstance(encoder, Encoder) else str(encoder)
+    return merge_summaries(root, ids, shards, summaries, lost, config, names, seconds, requested)
 
 
 def slide_sizes(archive: Any, ids: Sequence[str]) -> dict[str, int]:
@@ -178,10 +179,12 @@ def merge_summaries(
     config: EmbedConfig,
     devices: list[str],
     seconds: float,
+    requested: str,
 ) -> EmbedSummary:
     """One summary of the shards' ``(device, slides)``: each shard's own outcomes, or, for a
     shard whose job failed or whose process never reported, its slides failed with the
-    ``lost`` error."""
+    ``lost`` error. ``requested`` (the encoder as asked for: its id, name or path) names the
+    encoder when no shard reported one."""
     by_slide: dict[str, SlideOutcome] = {}
     for index, (_, shard) in enumerate(shards):
         if index in summaries:
@@ -192,7 +195,7 @@ def merge_summaries(
     return EmbedSummary(
         outcomes=[by_slide[s] for s in ids if s in by_slide],
         root=str(root),
-        encoder_id=first.encoder_id if first else "",
+        encoder_id=first.encoder_id if first else requested,
         encoder=first.encoder if first else {},
         config={**config.to_dict(), "devices": devices},
         compute={**(first.compute if first else {}), "devices": devices},

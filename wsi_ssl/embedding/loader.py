@@ -44,6 +44,7 @@ class TileBatch(NamedTuple):
     tiles: torch.Tensor  # uint8 (B, T, T, 3), the transform's output, or JPEG bytes; empty on error
     error: str  # "" when the read succeeded
     sizes: torch.Tensor = _EMPTY  # bytes of each JPEG stream in ``tiles``; empty when decoded
+    error_tiles: tuple[int, int] = (0, 0)  # tile numbers start, stop the read error is about
 
 
 def work_units(n_tiles: Sequence[int], batch_size: int) -> list[WorkUnit]:
@@ -88,13 +89,13 @@ class TileBatches(IterableDataset[TileBatch]):
         readers: dict[int, TileReader] = {}
         for k in range(worker, len(self.units), n_workers):
             slide, start, stop = self.units[k]
+            chosen = self.tiles[slide]
+            rows = np.arange(start, stop) if chosen is None else chosen[start:stop]
             try:
                 if slide not in readers:
                     readers.clear()  # one slide open at a time per worker
                     readers[slide] = TileReader(open_tiles(self.tile_arrays[slide]))
                 reader = readers[slide]
-                chosen = self.tiles[slide]
-                rows = np.arange(start, stop) if chosen is None else chosen[start:stop]
                 if self.encoded[slide] and reader.is_jpeg:
                     streams = reader.read_encoded(rows)
                     sizes = torch.tensor([len(b) for b in streams], dtype=torch.int64)
@@ -103,10 +104,11 @@ class TileBatches(IterableDataset[TileBatch]):
                     continue
                 batch = self._decoded(reader, rows)
             except Exception as err:  # reported per unit; the job fails only that slide
-                detail = (
-                    err.detail if isinstance(err, TileReadError) else f"{type(err).__name__}: {err}"
-                )
-                yield TileBatch(k, slide, start, _EMPTY, detail)
+                if isinstance(err, TileReadError):
+                    detail, span = err.detail, err.tiles
+                else:  # the unit's tiles (not consecutive where QC-flagged ones are skipped)
+                    detail, span = f"{type(err).__name__}: {err}", (rows[0], rows[-1] + 1)
+                yield TileBatch(k, slide, start, _EMPTY, detail, error_tiles=(*map(int, span),))
                 continue
             yield TileBatch(k, slide, start, batch, "")
 

@@ -167,9 +167,8 @@ class EmbedRunner:
         if slide.done:
             return None
         if batch.error:
-            start, stop = slide.rows(batch.start, batch.start + self.batch_size)
             path = slide.store.path / "tiles"
-            self._fail(slide, TileReadError(path, start, stop, batch.error))
+            self._fail(slide, TileReadError(path, *batch.error_tiles, batch.error))
             return None
         return self._launch(slide, batch)
 
@@ -202,8 +201,8 @@ class EmbedRunner:
                 return None
             if batch.sizes.numel():  # JPEG streams, decoded here on the device
                 where = slide.store.path / "tiles"
-                first = int(slide.encode[start])
-                x = decode_jpeg_batch(batch.tiles, batch.sizes, self.encoder.device, where, first)
+                tiles = slide.encode[start : start + len(batch.sizes)]
+                x = decode_jpeg_batch(batch.tiles, batch.sizes, self.encoder.device, where, tiles)
             else:
                 x = batch.tiles.to(self.encoder.device, non_blocking=self.cuda)
             if self.stain is not None:  # uint8 (B, T, T, 3) tiles, normalised on the device
@@ -219,7 +218,8 @@ class EmbedRunner:
                 return slide, start, host, event
             return slide, start, feats, None
         except torch.OutOfMemoryError as err:
-            self._fail(slide, self._out_of_memory(len(batch.tiles), err))
+            n = len(batch.sizes) if batch.sizes.numel() else len(batch.tiles)  # JPEG: bytes
+            self._fail(slide, self._out_of_memory(n, err))
             return None
         except Exception as err:
             self._fail(slide, err)
