@@ -107,8 +107,9 @@ class TileBatches(IterableDataset[TileBatch]):
                 if isinstance(err, TileReadError):
                     detail, span = err.detail, err.tiles
                 else:  # the unit's tiles (not consecutive where QC-flagged ones are skipped)
-                    detail, span = f"{type(err).__name__}: {err}", (rows[0], rows[-1] + 1)
-                yield TileBatch(k, slide, start, _EMPTY, detail, error_tiles=(*map(int, span),))
+                    detail = f"{type(err).__name__}: {err}"
+                    span = (int(rows[0]), int(rows[-1]) + 1)
+                yield TileBatch(k, slide, start, _EMPTY, detail, error_tiles=span)
                 continue
             yield TileBatch(k, slide, start, batch, "")
 
