@@ -18,7 +18,7 @@ import zarr
 
 from tests.conftest import run_cli
 from wsi_ssl.config import TilingConfig
-from wsi_ssl.embedding import EmbedConfig, embed, export
+from wsi_ssl.embedding import EmbedConfig, embed, export, runner
 from wsi_ssl.embedding.runner import EmbedRunner
 from wsi_ssl.embedding.slides import EmbedSlide, EmbedTarget
 from wsi_ssl.encoders import Encoder, create_encoder
@@ -158,7 +158,12 @@ def test_flagged_tiles_are_neither_read_nor_encoded(tiled, full, reads, tmp_path
         assert embeddings_problem(store, enc.encoder_id) is None  # complete by content
 
 
-def test_resume_keeps_rows_and_encodes_only_what_is_missing(tiled, full, reads, tmp_path) -> None:
+def test_resume_keeps_rows_and_encodes_only_what_is_missing(
+    tiled, full, reads, tmp_path, monkeypatch
+) -> None:
+    """Rows are written 3 at a time here (``WRITE_ROWS``; 8,192 by default), so the blocks a
+    completion copies from the earlier array are split across writes and chunks."""
+    monkeypatch.setattr(runner, "WRITE_ROWS", 3)
     src, flagged = tiled
     root = tmp_path / "root"
     shutil.copytree(src, root)
@@ -202,7 +207,8 @@ def test_resume_keeps_rows_and_encodes_only_what_is_missing(tiled, full, reads, 
     assert read_embeddings(b, enc.encoder_id).n_not_embedded == 3
 
 
-def test_a_slide_whose_every_tile_is_flagged(tiled, tmp_path) -> None:
+def test_a_slide_whose_every_tile_is_flagged(tiled, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(runner, "WRITE_ROWS", 7)  # its 25 NaN rows in 4 writes
     root = tmp_path / "root"
     shutil.copytree(tiled[0], root)
     small = min(_stores(root), key=lambda s: s.n_tiles)

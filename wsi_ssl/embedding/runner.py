@@ -41,6 +41,9 @@ from wsi_ssl.storage.embeddings import EmbeddingWriter
 
 __all__ = ["EmbedRunner"]
 
+WRITE_ROWS = 8192
+"""Most rows of vectors built and written at once (48 MB at 1,536 float32 dims)."""
+
 _Inflight = tuple[EmbedSlide, int, torch.Tensor, Any]  # slide, unit start, vectors, event
 
 
@@ -95,8 +98,7 @@ class EmbedRunner:
                 try:
                     self._start(s)
                     if not s.done:
-                        s.writer.write(0, self._block(s, 0, 0, None))  # type: ignore[union-attr]
-                        s.received = s.n
+                        s.received = self._write_rows(s, 0, 0, None)
                         self._commit(s)
                 except Exception as err:
                     self._fail(s, err)
@@ -252,27 +254,32 @@ class EmbedRunner:
                 tile = int(slide.encode[start + row])
                 x, y = (int(v) for v in slide.coords[tile])
                 raise NonFiniteEmbeddingError(str(slide.store.path), tile, (x, y), what)
-            assert slide.writer is not None
-            block = self._block(slide, start, start + len(out), out)
-            slide.writer.write(slide.rows(start, start + len(out))[0], block)
-            slide.received += len(block)
+            slide.received += self._write_rows(slide, start, start + len(out), out)
             if slide.received == slide.n:
                 self._commit(slide)
         except Exception as err:
             self._fail(slide, err)
         return len(feats)
 
-    def _block(self, slide: EmbedSlide, a: int, b: int, out: np.ndarray | None) -> np.ndarray:
-        """The rows of the vectors of ``slide.encode[a:b]`` (``out``), the rows between them
-        copied from the slide's earlier array, or NaN."""
+    def _write_rows(self, slide: EmbedSlide, a: int, b: int, out: np.ndarray | None) -> int:
+        """Write the rows of the vectors of ``slide.encode[a:b]`` (``out``) and the rows between
+        them, copied from the slide's earlier array or NaN; returns the rows written. Written
+        ``WRITE_ROWS`` at a time: completing a slide that lacks a few vectors spans most of its
+        rows, which would otherwise be one n x D block in memory."""
+        assert slide.writer is not None
         lo, hi = slide.rows(a, b)
-        if slide.base is not None:
-            block = np.asarray(slide.base[lo:hi], dtype=self.config.dtype)
-        else:
-            block = np.full((hi - lo, self.encoder.embed_dim), np.nan, dtype=self.config.dtype)
-        if out is not None:
-            block[slide.encode[a:b] - lo] = out
-        return block
+        tiles = slide.encode[a:b]
+        for first in range(lo, hi, WRITE_ROWS):
+            last = min(first + WRITE_ROWS, hi)
+            if slide.base is not None:
+                block = np.asarray(slide.base[first:last], dtype=self.config.dtype)
+            else:
+                block = np.full((last - first, self.encoder.embed_dim), np.nan, self.config.dtype)
+            if out is not None:
+                inside = (tiles >= first) & (tiles < last)
+                block[tiles[inside] - first] = out[inside]
+            slide.writer.write(first, block)
+        return hi - lo
 
     def _commit(self, slide: EmbedSlide) -> None:
         if slide.writer is None:
