@@ -114,6 +114,10 @@ def test_a_probe_out_of_memory_is_a_typed_error_naming_batch_size(tmp_path: Path
     assert failed.error_type == "DeviceOutOfMemoryError"
     assert f"(batch_size={2 * MIN_BATCH}); pass a smaller batch_size" in failed.error
     assert flag_hint(failed.exception, embed_cli) == " (command line: --batch-size, --precision)"
+    # the outcome kept for the rest of the job keeps CUDA's error, not the frames (and so the
+    # batch on the device) it was raised in
+    cause = failed.exception.__cause__
+    assert isinstance(cause, torch.OutOfMemoryError) and cause.__traceback__ is None
     store = open_store(tmp_path / "root").slide(open_store(tmp_path / "root").slide_ids[0])
     assert not any(p.name.endswith(".partial") for p in (store.path / "embeddings").iterdir())
 

@@ -235,7 +235,7 @@ class EmbedRunner:
             "or precision='bf16', or free memory on the device",
             parameters=("batch_size", "precision"),
         )
-        error.__cause__ = err
+        error.__cause__ = err.with_traceback(None)  # its frames hold the batch on the device
         return error
 
     def _finish(self, slide: EmbedSlide, start: int, feats: torch.Tensor, event: Any) -> int:
