@@ -280,6 +280,8 @@ def test_untyped_label_overview_and_thumbnail_stay_out_of_the_pyramid(
         )
     # the files on disk are not changed
     assert all("ImageType" not in pydicom.dcmread(p) for p in untyped.iterdir())
+    assert not any(InstanceHeader.read(p).typed for p in untyped.iterdir())
+    assert all(InstanceHeader.read(p).typed for p in typed.iterdir())
 
 
 def _header(size: tuple[int, int], spacing: float | None, **fields: Any) -> InstanceHeader:
@@ -315,6 +317,9 @@ def test_flavour_rules() -> None:
     # a typed VOLUME instance is the base; the typed ones get no flavour
     typed = _header((2000, 1600), 0.00025, flavour="VOLUME")
     assert infer_flavours({Path("typed"): typed, Path("b"): base}) == {Path("b"): "VOLUME"}
+    # an ImageType of fewer than three values gives no flavour, and is never amended
+    short = _header((500, 400), 0.001, typed=True)
+    assert infer_flavours({Path("short"): short, Path("b"): base}) == {Path("b"): "VOLUME"}
     # with no base (all show the label), every one is a label or an overview
     label = _header((100, 100), None, shows_label=True)
     assert infer_flavours({Path("l"): label}) == {Path("l"): "LABEL"}

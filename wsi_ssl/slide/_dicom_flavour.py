@@ -109,6 +109,9 @@ class InstanceHeader:
     shows_label: bool
     whole_slide: bool = True
     """Whether it is a VL Whole Slide Microscopy image instance at all."""
+    typed: bool = False
+    """Whether it has an ``ImageType`` element: one of fewer than three values gives no
+    flavour but is not amended (a second ``ImageType`` would be spliced in); wsidicom decides."""
 
     @classmethod
     def read(cls, path: Path) -> InstanceHeader:
@@ -138,6 +141,7 @@ class InstanceHeader:
             frame_of_reference=str(ds.get("FrameOfReferenceUID", "")) or None,
             shows_label="YES" in (ds.get("SpecimenLabelInImage"), ds.get("BurnedInAnnotation")),
             whole_slide=str(ds.get("SOPClassUID", "")) == WSI_SOP_CLASS,
+            typed="ImageType" in ds,
         )
 
     @property
@@ -152,7 +156,11 @@ class InstanceHeader:
 
 def infer_flavours(headers: dict[Path, InstanceHeader]) -> dict[Path, str]:
     """The flavour of each instance without ``ImageType`` (module docstring's rules)."""
-    untyped = {path: h for path, h in headers.items() if h.flavour is None and h.whole_slide}
+    untyped = {
+        path: h
+        for path, h in headers.items()
+        if h.flavour is None and not h.typed and h.whole_slide
+    }
     volumes = [h for h in headers.values() if h.flavour == "VOLUME"]
     candidates = volumes or [h for h in untyped.values() if not h.shows_label]
     base = max(candidates, key=lambda h: h.size[0] * h.size[1], default=None)
