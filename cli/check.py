@@ -43,13 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def archive_roots(root: Path) -> list[Path]:
     """``root`` itself, or, for the output of a multi-scale ``wsi-ssl tile --mpp 0.5,1.0``,
     its ``mpp-*`` archive roots."""
-    scales = sorted(p for p in root.glob("mpp-*") if _is_root(p))
-    return scales if scales and not _is_root(root) else [root]
+    from wsi_ssl.storage.archive import multi_scale_roots
 
-
-def _is_root(path: Path) -> bool:
-    """Whether ``path`` holds an archive (a catalog or slide stores, complete or not)."""
-    return (path / "catalog.sqlite").is_file() or (path / "slides").is_dir()
+    return multi_scale_roots(root) or [root]
 
 
 def run_check(args: argparse.Namespace) -> int:

@@ -8,7 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from wsi_ssl.errors import StoreCorruptError, StoreNotFoundError, WsiSslError
+from wsi_ssl.errors import (
+    MultiScaleRootError,
+    StoreCorruptError,
+    StoreNotFoundError,
+    WsiSslError,
+)
 from wsi_ssl.storage.catalog import Catalog
 from wsi_ssl.storage.slide_store import STATUS_COMPLETE, SlideStore
 
@@ -135,9 +140,30 @@ class Archive:
         return plot_tiles(self.slide(slide_id), out)
 
 
+def is_archive_root(path: Path) -> bool:
+    """Whether ``path`` holds an archive (a catalog or slide stores, complete or not)."""
+    return (path / "catalog.sqlite").is_file() or (path / "slides").is_dir()
+
+
+def multi_scale_roots(path: Path) -> list[Path]:
+    """The archive roots a multi-scale ``wsi-ssl tile --mpp 0.5,1.0`` wrote under ``path``
+    (``mpp-*``), none where ``path`` is an archive root itself."""
+    if is_archive_root(path):
+        return []
+    return sorted(p for p in path.glob("mpp-*") if is_archive_root(p))
+
+
 def open_store(root: str | Path) -> Archive:
-    """Open an archive root written by ``wsi-ssl tile``."""
+    """Open an archive root written by ``wsi-ssl tile``.
+
+    Raises:
+        MultiScaleRootError: ``root`` holds one archive root per scale (name one of them).
+        StoreNotFoundError: ``root`` is no archive root.
+    """
     root = Path(root)
-    if not (root / "catalog.sqlite").is_file() and not (root / "slides").is_dir():
+    if not is_archive_root(root):
+        scales = multi_scale_roots(root)
+        if scales:
+            raise MultiScaleRootError(root, scales)
         raise StoreNotFoundError(root, "archive root")
     return Archive(root)

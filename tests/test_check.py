@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import run_cli
 from wsi_ssl.storage import open_store
 from wsi_ssl.storage.atomic import host_name
@@ -126,3 +128,22 @@ def test_a_multi_scale_out_whose_scales_hold_no_store_yet_is_checked_per_scale(
     assert code == 0, report
     for name in ("mpp-0.1", "mpp-0.2"):
         assert f"{out / name}: checked 0 store(s)" in report, report
+
+
+def test_a_multi_scale_output_given_as_one_root_names_its_scales(tmp_path: Path) -> None:
+    """``embed OUT`` (or any command that needs one archive root) on the output of ``tile
+    --mpp 0.5,1.0``: one line naming the scale roots, not "no such archive root"."""
+    from wsi_ssl.errors import MultiScaleRootError, StoreNotFoundError
+    from wsi_ssl.synthetic import write_synthetic_slide
+
+    slide = write_synthetic_slide(tmp_path / "s.tiff", (1024, 768), seed=2)
+    out = tmp_path / "out"
+    argv = ["tile", str(slide), "--out", str(out), "--mpp", "0.5,1.0", "--tissue-threshold", "0"]
+    assert run_cli([*argv, "--quiet"])[0] == 0
+    code, _, err = run_cli(["embed", str(out), "--encoder", "random-cnn", "--device", "cpu"])
+    assert code == 2 and err.count("\n") == 1
+    assert f"{out / 'mpp-0.5'}, {out / 'mpp-1'}); pass one of them" in err, err
+    with pytest.raises(MultiScaleRootError) as info:
+        open_store(out)
+    assert isinstance(info.value, StoreNotFoundError)  # what callers already catch
+    assert len(open_store(out / "mpp-1").slide_ids) == 1

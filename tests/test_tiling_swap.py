@@ -91,6 +91,26 @@ def test_retile_with_the_same_tiles_keeps_the_embeddings(
     assert not staging_path(open_store(root).store_path(slide_id)).exists()
 
 
+def test_a_retile_restores_a_lost_shard_and_keeps_the_embeddings(
+    embedded: tuple[Path, str, np.ndarray, np.ndarray], slide: Path
+) -> None:
+    """A store that lost a shard file: ``check`` asks for a re-tile, which puts the same tiles
+    back and keeps the embeddings (computed before the loss); a shard whose bytes changed
+    still needs ``--discard-embeddings``."""
+    root, slide_id, tiles, vectors = embedded
+    shard = open_store(root).store_path(slide_id) / "tiles" / "c" / "1" / "0" / "0" / "0"
+    shard.unlink()
+    code, report, _ = run_cli(["check", str(root), "--quick"])
+    assert code == 1 and "--no-resume" in report, report
+    code, out, err = run_cli(["tile", str(slide), "--out", str(root), *FLAGS, "--no-resume"])
+    assert code == 0 and "embeddings kept (same tiles): enc-a" in out, err
+    _assert_intact(root, slide_id, tiles, vectors)
+    assert run_cli(["check", str(root)])[0] == 0
+    shard.write_bytes(b"\0" * shard.stat().st_size)
+    code, _, err = run_cli(["tile", str(slide), "--out", str(root), *FLAGS, "--no-resume"])
+    assert code == 1 and "the new tiles differ from the stored ones" in err
+
+
 def test_retile_that_changes_tiles_needs_discard_embeddings(
     embedded: tuple[Path, str, np.ndarray, np.ndarray], slide: Path
 ) -> None:

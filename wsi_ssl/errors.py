@@ -34,6 +34,7 @@ __all__ = [
     "LabelsError",
     "MagnificationMismatchError",
     "MissingMppError",
+    "MultiScaleRootError",
     "NoTilesInRegionError",
     "NoTissueError",
     "NonFiniteEmbeddingError",
@@ -133,6 +134,20 @@ class NoTissueError(WsiSslError, ValueError):
 class StoreNotFoundError(WsiSslError, FileNotFoundError):
     def __init__(self, path: str | Path, what: str = "store") -> None:
         super().__init__(f"{path}: no such {what}; run `wsi-ssl tile` first")
+        self.path = Path(path)
+
+
+class MultiScaleRootError(StoreNotFoundError):
+    """A multi-scale tiling output (one archive root per scale) where one root is needed."""
+
+    def __init__(self, path: str | Path, scales: list[Path]) -> None:
+        names = ", ".join(str(p) for p in scales)
+        WsiSslError.__init__(
+            self,
+            f"{path}: not an archive root but one per scale, written by a multi-scale tile "
+            f"({names}); pass one of them (pretraining takes several, with mixed_scales)",
+            parameters=("mixed_scales",),
+        )
         self.path = Path(path)
 
 

@@ -3,7 +3,8 @@
 A new store is written beside the old one (``<id>.zarr.new``) and swapped in only when it is
 complete (storage/slide_store.py: `swap_in`, `recover_swap`). Embeddings belong to tiles: when
 the new tiles equal the old (same source file, coordinates, layout and shard bytes) they are
-carried over to the new store; when they differ, they would be lost, which needs
+carried over to the new store (shard files the old store lost do not count: a re-tile restores
+them); when they differ, they would be lost, which needs
 ``discard_embeddings=True``. That is checked twice: before any tile is read, from the plan
 (source fingerprint, tile settings, coordinates), and at the swap, from the tiles themselves.
 All of it runs under the slide's exclusive lock, which embedding writers take shared: no
