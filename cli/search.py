@@ -83,7 +83,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "alone: slides like it. --image: regions like an image file. --slides ranks slides.",
     )
     p.add_argument("root", type=Path, metavar="ROOT", help="archive root")
-    p.add_argument("--index", metavar="NAME", help="index name (default: the only one)")
+    p.add_argument(
+        "--index", dest="name", metavar="NAME", help="index name (default: the only one)"
+    )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument(
         "--slide", metavar="ID", help="query slide: id, unique id prefix or file name"
@@ -208,7 +210,7 @@ def run_search(args: argparse.Namespace) -> int:
     from wsi_ssl.errors import ConfigError
     from wsi_ssl.search import SearchIndex
 
-    index = SearchIndex.open(args.root, args.index)
+    index = SearchIndex.open(args.root, args.name)
     if args.list:
         if args.json:
             slides = [s.to_dict() for s in index.slides]

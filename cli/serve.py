@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "slides of the archive; click one to open its slide. Listens on loopback by default.",
     )
     p.add_argument("root", type=Path, metavar="ROOT", help="archive root")
-    p.add_argument("--index", metavar="NAME", help="index name (default: the only one)")
+    p.add_argument(
+        "--index", dest="name", metavar="NAME", help="index name (default: the only one)"
+    )
     p.add_argument(
         "--host",
         default="127.0.0.1",
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.token is not None and len(args.token) < 8:
         raise ConfigError("--token must be at least 8 characters")
-    index = SearchIndex.open(args.root, args.index)
+    index = SearchIndex.open(args.root, args.name)
     hosts = (*LOOPBACK_HOSTS, *args.allow_host) if loopback else ("*",)
     app = create_app(
         index,

@@ -14,7 +14,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-from conftest import search_archive
+from conftest import run_cli, search_archive
 from PIL import Image
 
 from wsi_ssl.cli.main import main as cli_main
@@ -579,3 +579,28 @@ def test_exclusion_selector_merges_consecutive_slides_and_keeps_the_rest() -> No
         member = [bool(selector.is_member(int(i))) for i in ids]
         wanted = [slide in (3, 500, 998) and not (slide == 3 and t in (7, 8)) for t in range(10)]
         assert member == wanted, slide
+
+
+def test_search_among_several_indexes_names_the_flag_to_choose(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    root = shutil.copytree(small_archive, tmp_path / "root")
+    argv = ["index", str(root), "--encoder", "random-cnn", "--name", "second", "--quiet"]
+    assert run_cli(argv)[0] == 0
+    slide_id = open_store(root).slide_ids[0]
+    query = ["search", str(root), "--slide", slide_id, "--box", "0,0,224,224", "--json"]
+    code, _, err = run_cli(query)
+    assert (
+        code == 2 and "several indexes" in err and err.rstrip().endswith("(command line: --index)")
+    ), err
+    code, out, err = run_cli([*query, "--index", "second"])
+    assert code == 0 and json.loads(out)["hits"], err
+
+
+def test_index_with_an_encoder_that_is_no_embeddings_id_lists_the_ids(
+    small_archive: Path,
+) -> None:
+    code, _, err = run_cli(["index", str(small_archive), "--encoder", "runs/cpu", "--quiet"])
+    assert code != 0 and err.count("\n") == 1
+    assert "no complete embeddings 'runs/cpu' (available: random-cnn" in err
+    assert "name one of those ids (or a unique prefix of one), or run" in err

@@ -252,8 +252,8 @@ class TileReadError(WsiSslError, OSError):
     def __init__(self, path: str | Path, start: int, stop: int, detail: str) -> None:
         super().__init__(
             f"{path}: tiles {start}..{stop - 1} cannot be read ({detail}); re-tile this slide "
-            "with resume=False"  # no parameters: the remedy is another job's (tile, not embed)
-        )
+            "with resume=False (`wsi-ssl tile SLIDE --out ROOT --no-resume`)"
+        )  # the remedy is another command's, so its flag is named here
         self.path = Path(path)
         self.tiles = (start, stop)
         self.detail = detail
@@ -262,9 +262,10 @@ class TileReadError(WsiSslError, OSError):
 class EmbeddingsNotFoundError(WsiSslError, FileNotFoundError):
     def __init__(self, path: str | Path, encoder_id: str, available: list[str]) -> None:
         have = ", ".join(available) if available else "none"
+        choose = "name one of those ids (or a unique prefix of one), or " if available else ""
         super().__init__(
             f"{path}: no complete embeddings {encoder_id!r} (available: {have}); "
-            "run `wsi-ssl embed` with that encoder first"
+            f"{choose}run `wsi-ssl embed` with that encoder first"
         )
         self.path = Path(path)
 
