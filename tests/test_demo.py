@@ -75,3 +75,13 @@ def test_demo_on_a_real_slide_without_labels_skips_mil(
     assert "skipped: give labels (a CSV" in printed
     _picture(out / "gallery.png")
     _picture(out / "CMU-1-Small-Region_tiles.png")
+
+
+def test_demo_on_a_missing_slide_says_so_and_stops(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nosuch.svs"
+    assert main(["demo", str(missing), "--out", str(tmp_path / "demo"), "--quiet"]) == 1
+    printed = capsys.readouterr().out
+    assert f"FAILED {missing}: {missing}: no such slide file" in printed
+    assert "no slide was tiled" in printed and "== pretrain" not in printed

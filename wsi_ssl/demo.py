@@ -91,11 +91,17 @@ def run_demo(
 
     say("== tile")
     summary = tile_slides(result.slides, root, TilingConfig(), progress=progress)
-    archive = open_store(root)
     for r in summary.outcomes:
         if r.status == "failed":
             result.failed = True
             say(f"FAILED {r.slide}: {r.error}")
+    if all(r.status == "failed" for r in summary.outcomes):
+        say("no slide was tiled; the later stages need at least one")
+        result.failed = True
+        return result
+    archive = open_store(root)
+    for r in summary.outcomes:
+        if r.status == "failed":
             continue
         store = archive.slide(r.details["slide_id"])
         picture = archive.plot_tiles(store.slide_id, out / f"{Path(r.slide).stem}_tiles.png")
