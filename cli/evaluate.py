@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         required=True,
         metavar="SPEC",
-        help="NAME[,weights=FILE|random][,seed=N][,label=TEXT]: a registered name, "
+        help="NAME[,weights=FILE|random][,seed=N][,label=TEXT][,resize=bilinear]: a registered name, "
         "timm/<arch>, torchvision/<arch> or a pretrain run/checkpoint (repeat to compare)",
     )
     p.add_argument(

@@ -198,6 +198,7 @@ def test_encoder_spec_strings() -> None:
         "resnet18", "random", 2, "r2"
     )
     assert EncoderSpec.parse("runs/dino") == EncoderSpec("runs/dino")
+    assert EncoderSpec.parse("uni,weights=u.bin,resize=bilinear").resize == "bilinear"
     with pytest.raises(ValueError, match="seed=N"):
         EncoderSpec.parse("resnet18,sead=2")
     with pytest.raises(ValueError, match="seed must be an integer"):
@@ -514,3 +515,27 @@ def test_a_pretrain_run_is_an_encoder(
     report = evaluate_encoders(specs, [PatchTask(separable, name="sep")], None, **FAST)
     check_table(report)
     assert {r.encoder for r in report.rows} == {"dino", "random-cnn"}
+
+
+def test_slides_that_cannot_be_embedded_are_named_when_too_few_classes_are_left(
+    tmp_path: Path,
+) -> None:
+    """256 px tiles and a 224 px encoder that does not resize: every slide fails to embed, and
+    the error says why (it said only that too few classes were left); ``resize=bilinear`` in
+    the encoder spec embeds them."""
+    from wsi_ssl.config import TilingConfig
+    from wsi_ssl.synthetic import write_synthetic_slide
+    from wsi_ssl.tiling.batch import tile_slides
+
+    paths = [write_synthetic_slide(tmp_path / f"s{i}.tiff", (600, 600), seed=i) for i in range(4)]
+    root = tmp_path / "archive"
+    config = TilingConfig(tile_size=256, codec="zstd", tissue_threshold=0.0)
+    assert not tile_slides(paths, root, config, progress=False).failed
+    csv = tmp_path / "labels.csv"
+    csv.write_text("slide,label\n" + "".join(f"s{i}.tiff,{'ab'[i % 2]}\n" for i in range(4)))
+    task = SlideTask(root, csv, name="ab")
+    settings = {**FAST, "folds": 2, "mil_epochs": 2, "n_bootstrap": 0}
+    with pytest.raises(LabelsError, match="tiles are 256 px but encoder 'random-cnn' takes 224"):
+        evaluate_encoders(["random-cnn"], [task], tmp_path / "e1", **settings)
+    report = evaluate_encoders(["random-cnn,resize=bilinear"], [task], tmp_path / "e2", **settings)
+    assert [(r.task, r.metric, r.n) for r in report.rows] == [("ab", "auc", 4)]

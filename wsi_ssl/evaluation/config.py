@@ -23,25 +23,30 @@ class EncoderSpec:
         seed: init seed of random-init encoders.
         label: the name shown in the table (default: the encoder's name, or its
             ``encoder_id`` when two encoders share a name).
+        resize: the encoder's resize policy for tiles of another size ("bilinear" embeds
+            256 px tiles with a 224 px encoder), or None (the encoder's own).
     """
 
     spec: str
     weights: str | None = None
     seed: int = 0
     label: str | None = None
+    resize: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> EncoderSpec:
-        """``NAME[,weights=FILE|random][,seed=N][,label=TEXT]`` (the CLI's ``--encoder``)."""
+        """``NAME[,weights=FILE|random][,seed=N][,label=TEXT][,resize=bilinear|never]`` (the
+        CLI's ``--encoder``)."""
         name, *options = (part.strip() for part in text.split(","))
         if not name:
             raise ConfigError(f"encoder spec {text!r}: starts with an empty encoder name")
         values: dict[str, Any] = {}
         for option in options:
             key, sep, value = option.partition("=")
-            if not sep or key not in ("weights", "seed", "label") or not value:
+            if not sep or key not in ("weights", "seed", "label", "resize") or not value:
                 raise ConfigError(
-                    f"encoder spec {text!r}: {option!r} is not weights=FILE, seed=N or label=TEXT"
+                    f"encoder spec {text!r}: {option!r} is not weights=FILE, seed=N, "
+                    "label=TEXT or resize=bilinear|never"
                 )
             values[key] = value
         if "seed" in values:

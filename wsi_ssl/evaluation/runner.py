@@ -94,10 +94,13 @@ def _build(specs: Sequence[EncoderSpec | str], config: EvaluationConfig) -> Name
     if not specs:
         raise ConfigError("encoders is empty; give at least one encoder to evaluate")
     parsed = [s if isinstance(s, EncoderSpec) else EncoderSpec.parse(s) for s in specs]
-    built = [
-        (s, create_encoder(s.spec, weights=s.weights, seed=s.seed, device=config.device))
-        for s in parsed
-    ]
+    built = []
+    for s in parsed:
+        overrides = {"resize": s.resize} if s.resize else {}
+        encoder = create_encoder(
+            s.spec, weights=s.weights, seed=s.seed, device=config.device, **overrides
+        )
+        built.append((s, encoder))
     ids = [e.encoder_id for _, e in built]
     if len(set(ids)) < len(ids):
         raise ConfigError(f"the same encoder is listed twice ({ids}); give each once")
@@ -206,7 +209,10 @@ def _usable(
     notes += [f"slide {sid} left out: {err}" for sid, err in failed.items()]
     rows = [r for r in labelled.table.rows if r.slide not in failed]
     if len({r.label for r in rows}) < 2:
-        raise LabelsError(labels, "fewer than two classes are left once failed slides are out")
+        why = "".join(f"; {sid}: {err}" for sid, err in list(failed.items())[:3])
+        raise LabelsError(
+            labels, f"fewer than two classes are left once failed slides are out{why}"
+        )
     table = dataclasses.replace(labelled.table, rows=rows)
     return dataclasses.replace(labelled, table=table), notes
 
