@@ -53,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WsiSslError as err:
         print(f"wsi-ssl: error: {err}{args.error_hint(err)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of stdout stopped early (`| head`): end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as the shell's own tools end
     except KeyboardInterrupt:
         print(
             "wsi-ssl: interrupted; re-run the same command to resume (pretrain: add --resume)",

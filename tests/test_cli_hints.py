@@ -86,3 +86,21 @@ def test_a_bad_stain_reference_names_its_flag(tmp_path) -> None:
             StainNormalizer("macenko", reference)
         assert info.value.parameters == ("stain_reference",)
         assert flag_hint(info.value, embed) == " (command line: --stain-reference)"
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly() -> None:
+    """``wsi-ssl encoders | head -0``: the reader closes the pipe before the command writes
+    (it is still importing), so its first write fails: the command ends with 141 (128 +
+    SIGPIPE, as the shell's tools do) and nothing on stderr, not an 'unexpected' error."""
+    import subprocess
+    import sys
+
+    code = "import sys; from wsi_ssl.cli.main import main; sys.exit(main(['encoders']))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader goes away at once
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert err == ""
