@@ -363,17 +363,19 @@ def stored_floor(path: Path, coords: np.ndarray, span: int, k: int) -> dict[str,
             fh.seek(page.dataoffsets[i])
             blobs.append(tables + fh.read(page.databytecounts[i])[2:])
     buffer = np.empty((TILE, TILE, 3), dtype=np.uint8)  # no page faults of a new array each
-    decoders: dict[str, Any] = {
-        "imagecodecs": lambda blob: imagecodecs.jpeg8_decode(blob, out=buffer),
-        "simplejpeg": lambda blob: simplejpeg.decode_jpeg(blob, buffer=buffer),
-    }
-    if k > 1:
-        size = TILE // k
-        decoders = {
+    size = TILE // k
+    decoders: dict[str, Any] = (
+        {
+            "imagecodecs": lambda blob: imagecodecs.jpeg8_decode(blob, out=buffer),
+            "simplejpeg": lambda blob: simplejpeg.decode_jpeg(blob, buffer=buffer),
+        }
+        if k == 1
+        else {
             "simplejpeg 1/k": lambda blob: simplejpeg.decode_jpeg(
                 blob, min_height=size, min_width=size, min_factor=k
             )
         }
+    )
     best: dict[str, Any] = {}
     for name, decode in decoders.items():
         start, cpu = time.perf_counter(), time.process_time()

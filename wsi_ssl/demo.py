@@ -73,6 +73,7 @@ def run_demo(
     from wsi_ssl.search.demo import demo_region_gallery
     from wsi_ssl.ssl.demo import demo_pretrain
     from wsi_ssl.storage import open_store
+    from wsi_ssl.storage.archive import is_archive_root
     from wsi_ssl.tiling.batch import tile_slides
 
     out = Path(out)
@@ -95,11 +96,11 @@ def run_demo(
         if r.status == "failed":
             result.failed = True
             say(f"FAILED {r.slide}: {r.error}")
-    if all(r.status == "failed" for r in summary.outcomes):
+    archive = open_store(root) if is_archive_root(root) else None
+    if archive is None or not archive.slide_ids:
         say("no slide was tiled; the later stages need at least one")
         result.failed = True
         return result
-    archive = open_store(root)
     for r in summary.outcomes:
         if r.status == "failed":
             continue
@@ -112,10 +113,6 @@ def run_demo(
             f"({store.source['mpp_source']}, {store.source['reader']}) -> {store.n_tiles} tiles "
             f"of {store.tiling['tile_size']} px at {store.tiling['mpp']} µm/px, {r.status}"
         )
-    if not archive.slide_ids:
-        say("no slide was tiled; the later stages need at least one")
-        result.failed = True
-        return result
 
     say("== pretrain (DINO, CPU backbone)")
     run = demo_pretrain(root, out / "pretrain", steps=pretrain_steps, progress=progress)

@@ -137,8 +137,7 @@ def embed_on_devices(
             )
     shards = [(device, shard) for device, shard, _ in jobs]
     seconds = time.perf_counter() - started
-    requested = encoder.encoder_id if isinstance(encoder, Encoder) else str(encoder)
-    return merge_summaries(root, ids, shards, summaries, lost, config, names, seconds, requested)
+    return merge_summaries(root, ids, shards, summaries, lost, config, names, seconds, encoder)
 
 
 def slide_sizes(archive: Any, ids: Sequence[str]) -> dict[str, int]:
@@ -179,12 +178,12 @@ def merge_summaries(
     config: EmbedConfig,
     devices: list[str],
     seconds: float,
-    requested: str,
+    asked: Encoder | str | Path,
 ) -> EmbedSummary:
     """One summary of the shards' ``(device, slides)``: each shard's own outcomes, or, for a
     shard whose job failed or whose process never reported, its slides failed with the
-    ``lost`` error. ``requested`` (the encoder as asked for: its id, name or path) names the
-    encoder when no shard reported one."""
+    ``lost`` error. ``asked`` (the encoder as asked for: an encoder, a name or a path) names
+    the encoder when no shard reported one."""
     by_slide: dict[str, SlideOutcome] = {}
     for index, (_, shard) in enumerate(shards):
         if index in summaries:
@@ -195,7 +194,7 @@ def merge_summaries(
     return EmbedSummary(
         outcomes=[by_slide[s] for s in ids if s in by_slide],
         root=str(root),
-        encoder_id=first.encoder_id if first else requested,
+        encoder_id=first.encoder_id if first else _encoder_name(asked),
         encoder=first.encoder if first else {},
         config={**config.to_dict(), "devices": devices},
         compute={**(first.compute if first else {}), "devices": devices},
@@ -203,3 +202,7 @@ def merge_summaries(
         seconds=seconds,
         loader_wait_s=sum(s.loader_wait_s for s in summaries.values()),
     )
+
+
+def _encoder_name(encoder: Encoder | str | Path) -> str:
+    return encoder.encoder_id if isinstance(encoder, Encoder) else str(encoder)

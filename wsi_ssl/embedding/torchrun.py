@@ -100,5 +100,4 @@ def embed_torchrun(
     lost = {i: s for i, (_, s) in enumerate(parts) if isinstance(s, RemoteError)}
     named = list(zip(devices, shards, strict=True))
     seconds = time.perf_counter() - started
-    requested = encoder.encoder_id if isinstance(encoder, Encoder) else str(encoder)
-    return merge_summaries(root, ids, named, summaries, lost, config, devices, seconds, requested)
+    return merge_summaries(root, ids, named, summaries, lost, config, devices, seconds, encoder)
