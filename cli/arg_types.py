@@ -20,3 +20,14 @@ def whole_number(lo: int, hi: int | None = None, what: str | None = None) -> Cal
         return value
 
     return parse
+
+
+def seconds(text: str) -> float:
+    """An argparse ``type`` for a duration: a number of seconds >= 0 (``inf``: no limit)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from wsi_ssl.cli.arg_types import seconds
 from wsi_ssl.embedding.config import DECODE_MODES, EmbedConfig
 from wsi_ssl.stain_settings import METHODS as STAIN_METHODS
 
@@ -100,7 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--wait",
-        type=float,
+        type=seconds,
         default=0.0,
         metavar="SECONDS",
         help="wait up to SECONDS for a slide another job is embedding with the same encoder (or "
@@ -167,7 +168,7 @@ def run_embed(args: argparse.Namespace) -> int:
             args.root, encoder, rank, config, slides=args.slides, progress=progress
         )
         if rank.rank != 0:  # rank 0 reports for all
-            return 1 if summary.failed or summary.busy else 0
+            return summary.exit_code
     elif args.devices:
         from wsi_ssl.embedding.devices import embed_on_devices
 
@@ -183,7 +184,7 @@ def run_embed(args: argparse.Namespace) -> int:
     for o in summary.busy + summary.failed:
         hint = args.error_hint(o.exception) if o.exception is not None else ""
         print(f"wsi-ssl: error: {o.error}{hint}", file=sys.stderr)
-    return 1 if summary.failed or summary.busy else 0
+    return summary.exit_code
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_ssl.cli import tile_roi
-from wsi_ssl.cli.arg_types import whole_number
+from wsi_ssl.cli.arg_types import seconds, whole_number
 from wsi_ssl.cli.toml_config import read_toml_config, toml_scales
 from wsi_ssl.config import CODECS, TilingConfig
 from wsi_ssl.errors import ConfigError
@@ -67,10 +67,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--lock-wait",
-        type=float,
+        type=seconds,
         default=0.0,
         metavar="SECONDS",
-        help="wait this long for a slide another job is writing (default: skip it as busy)",
+        help="wait this long for a slide another job is writing; default 0: report it as busy, "
+        "go on with the others and exit 1",
     )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -163,7 +164,7 @@ def run_tile(args: argparse.Namespace) -> int:
     else:
         print("\n".join(summary.lines(args.error_hint)))
     several = len({o.details.get("mpp") for o in summary.outcomes}) > 1
-    for o in summary.failed:
+    for o in summary.busy + summary.failed:
         scale = f" (at mpp {o.details['mpp']:g})" if several else ""
         print(f"wsi-ssl: error: {o.error}{scale}{args.error_hint(o.exception)}", file=sys.stderr)
     return summary.exit_code

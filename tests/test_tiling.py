@@ -681,9 +681,12 @@ def test_resume_redoes_a_store_with_a_missing_shard(tmp_path: Path, synth: Path)
         (["tile", "s.tiff", "--out", "o", "--workers", "-2"], "expected a whole number >= 1"),
         (["tile", "s.tiff", "--out", "o", "--workers", "1.5"], "expected a whole number >= 1"),
         (["serve", "root", "--port", "70000"], "expected a port 0..65535"),
+        (["tile", "s.tiff", "--out", "o", "--lock-wait", "-1"], "seconds >= 0, got '-1'"),
+        (["tile", "s.tiff", "--out", "o", "--lock-wait", "nan"], "seconds >= 0, got 'nan'"),
+        (["embed", "root", "--encoder", "x", "--wait", "soon"], "seconds >= 0, got 'soon'"),
     ],
 )
-def test_whole_number_flags_are_checked_when_parsed(
+def test_numeric_flags_are_checked_when_parsed(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exit_:

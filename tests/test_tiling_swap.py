@@ -221,8 +221,8 @@ def test_full_disk_while_writing_beside_keeps_the_old_store(
 @pytest.mark.faults
 def test_two_tile_jobs_on_one_slide_never_write_together(tmp_path: Path, slide: Path) -> None:
     """Job A pauses (SIGSTOP) holding the slide lock; job B skips the slide as busy, naming A's
-    pid and host, and exits 0 without touching the store or blaming the slide; A, continued,
-    completes it."""
+    pid and host, and exits 1 (the slide is not done) without touching the store or blaming
+    the slide; A, continued, completes it."""
     root = tmp_path / "archive"
     a = _tile(root, slide, fault="pause_before_rename:#aside")
     slide_id = None
@@ -234,7 +234,9 @@ def test_two_tile_jobs_on_one_slide_never_write_together(tmp_path: Path, slide: 
         time.sleep(0.05)
     try:
         code, out, err = run_cli(["tile", str(slide), "--out", str(root), *FLAGS])
-        assert code == 0 and err == ""
+        assert code == 1
+        [line] = err.splitlines()
+        assert line.startswith("wsi-ssl: error: ") and f"pid {a.pid} on {host_name()}" in line
         assert f"being written by pid {a.pid} on {host_name()}" in out
         assert "0 tiled, 0 already complete, 1 busy (another job is writing them), 0 failed" in out
         assert "QuPath" not in out and "malformed" not in out

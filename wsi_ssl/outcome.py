@@ -141,8 +141,9 @@ class BatchOutcome:
 
     @property
     def exit_code(self) -> int:
-        """0 when no slide failed, 1 otherwise (busy slides are not failures: re-run later)."""
-        return 1 if self.failed else 0
+        """0 when every slide is done; 1 when one failed or was busy (another job held it:
+        not done, so a batch script re-runs the job later)."""
+        return 1 if self.failed or self.busy else 0
 
     def total_lines(self) -> list[str]:
         """The job's totals, after the slide lines; summaries override it."""
