@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import tifffile
 
+from wsi_ssl.cli.main import main as cli_main
 from wsi_ssl.errors import (
     ConfigError,
     CorruptSlideError,
     MissingMppError,
     SlideNotFoundError,
+    TruncatedSlideError,
     UnsupportedSlideError,
 )
 from wsi_ssl.slide import (
@@ -408,6 +410,26 @@ def test_open_slide_corrupt_pixels(broken_dir: Path) -> None:
         assert reader.backend == "openslide"
         with pytest.raises(CorruptSlideError):
             reader.read_region((0, 0), 0, (16, 16))
+
+
+@pytest.mark.parametrize("kept", [0.5, 0.9])
+def test_a_cut_short_tiff_is_refused_at_open(
+    synthetic: Path, tmp_path: Path, kept: float, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An interrupted copy keeps the directory (both backends would open it and report its
+    geometry) but loses the tiles at its end: refused at open, naming the file and sizes."""
+    data = synthetic.read_bytes()
+    cut = tmp_path / "cut.tiff"
+    cut.write_bytes(data[: int(len(data) * kept)])
+    with pytest.raises(TruncatedSlideError, match=r"cut\.tiff: the file is cut short") as info:
+        open_slide(cut)
+    assert f"the file has {cut.stat().st_size:,} bytes" in str(info.value)
+    assert isinstance(info.value, CorruptSlideError) and info.value.path == cut
+    assert cli_main(["info", str(cut)]) != 0
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"wsi-ssl: error: {cut}: the file is cut short")
+    with open_slide(synthetic) as whole:  # the intact file opens as before
+        assert whole.dimensions == SYNTHETIC_SIZE
 
 
 def test_open_slide_missing_file(tmp_path: Path) -> None:

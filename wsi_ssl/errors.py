@@ -51,6 +51,7 @@ __all__ = [
     "TileReadError",
     "TilesNotEmbeddedError",
     "TrainingDivergedError",
+    "TruncatedSlideError",
     "TruncatedWeightsError",
     "UnknownSlideError",
     "UnsupportedSlideError",
@@ -104,6 +105,16 @@ class CorruptSlideError(WsiSslError, OSError):
     def __init__(self, path: str | Path, detail: str) -> None:
         super().__init__(
             f"{path}: pixel data cannot be read ({detail}); re-export or re-scan the slide"
+        )
+        self.path = Path(path)
+
+
+class TruncatedSlideError(CorruptSlideError):
+    """The slide file is shorter than its own directory says: an interrupted copy or download."""
+
+    def __init__(self, path: str | Path, detail: str) -> None:
+        WsiSslError.__init__(
+            self, f"{path}: the file is cut short ({detail}); copy it again from its source"
         )
         self.path = Path(path)
 

@@ -8,6 +8,7 @@ from typing import TypeVar
 
 from wsi_ssl.errors import ConfigError, SlideNotFoundError, UnsupportedSlideError, WsiSslError
 from wsi_ssl.slide._base import BaseSlideReader, SlideReader
+from wsi_ssl.slide._truncation import check_not_truncated
 
 __all__ = ["BACKENDS", "open_slide", "register_backend"]
 
@@ -42,6 +43,7 @@ def open_slide(
 
     Raises:
         SlideNotFoundError: no such file.
+        TruncatedSlideError: a TIFF whose pages store data past the end of the file.
         UnsupportedSlideError: no backend (or not the one named) can open it; `reasons`
             says why for each.
         ConfigError: unknown `backend`, or `mpp_override` out of range.
@@ -51,6 +53,8 @@ def open_slide(
     path = Path(path)
     if not path.exists():
         raise SlideNotFoundError(path)
+    if path.is_file():
+        check_not_truncated(path)
     reasons: dict[str, str] = {}
     for name in [backend] if backend else BACKENDS:
         try:
