@@ -63,4 +63,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"per cluster  {' '.join(map(str, result.selected_per_cluster))}")
     print(f"selection    {result.path}")
     print(f"coverage     {result.plot}")
+    for note in result.notes:
+        print(f"note: {note}")
     return 0

@@ -5,6 +5,8 @@ sampling from the archive's own embeddings (k-means, near duplicates, coverage p
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +176,31 @@ def test_curate_cli_writes_a_selection_that_pretrain_trains_on(
          "--json", "--curation", str(out)]
     )  # fmt: skip
     assert code == 0 and json.loads(stdout)["step"] == 1
+
+
+def test_curating_more_than_the_unique_tiles_says_why(embedded_root: Path, tmp_path: Path) -> None:
+    """A loose duplicate threshold leaves few unique tiles: the selection says why it is short
+    and that its clusters are rough, in a note, not in FAISS's warning on stderr."""
+    out = tmp_path / "few.json"
+    argv = ["curate", str(embedded_root), "--out", str(out), "--n-tiles", "500"]
+    done = subprocess.run(
+        [sys.executable, "-m", "wsi_ssl.cli.main", *argv, "--dedup-threshold", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    data = json.loads(out.read_text())
+    assert data["n_unique"] < 500 and data["n_selected"] == data["n_unique"]
+    short, rough = data["notes"]
+    assert short.startswith(f"500 tiles were asked for, but only {data['n_unique']} of the ")
+    assert "near duplicates (cosine similarity >= 0.5)" in short
+    assert rough.startswith(f"k-means clustered {data['n_unique']} tiles into ")
+    assert f"note: {short}" in done.stdout and f"note: {rough}" in done.stdout
+    plenty = curate(
+        embedded_root, tmp_path / "ok.json", n_tiles=20, n_clusters=2, dedup_threshold=None
+    )
+    assert plenty.n_selected == 20 and plenty.notes == []
 
 
 def test_curate_cli_bad_input_is_one_line(embedded_root: Path, tmp_path: Path) -> None:

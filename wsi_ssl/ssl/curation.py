@@ -26,6 +26,8 @@ from wsi_ssl.storage.atomic import atomic_write_text, atomic_write_with
 __all__ = ["CURATION_FORMAT", "Curation", "curate", "read_curation"]
 
 CURATION_FORMAT = "wsi_ssl.curation"
+MIN_TILES_PER_CLUSTER = 39
+"""Fewer tiles than this per k-means cluster give rough clusters (FAISS's own warning level)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class Curation:
     n_clusters: int
     cluster_sizes: list[int]
     selected_per_cluster: list[int]
+    notes: list[str]
+    """Why fewer tiles than asked were selected, or why the clusters are rough (or none)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "path": str(self.path), "plot": str(self.plot)}
@@ -141,7 +145,10 @@ def curate(
     if dedup_threshold is not None:
         keep = np.flatnonzero(~near_duplicates(x, dedup_threshold))
     k = min(n_clusters, len(keep))
-    kmeans = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, spherical=True)
+    # FAISS prints its own warning on few points a cluster: `notes` says it in our words
+    kmeans = faiss.Kmeans(
+        x.shape[1], k, niter=20, seed=seed, spherical=True, min_points_per_centroid=1
+    )
     kmeans.train(x[keep])
     _, labels = kmeans.index.search(x[keep], 1)
     labels = labels.ravel()
@@ -169,9 +176,30 @@ def curate(
         n_clusters=k,
         cluster_sizes=np.bincount(all_labels, minlength=k).tolist(),
         selected_per_cluster=quotas.tolist(),
+        notes=_notes(n_tiles, len(x), len(keep), len(chosen), k, dedup_threshold),
     )
     _write_json(out, {"format": CURATION_FORMAT, **result.to_dict(), "slides": selection})
     return result
+
+
+def _notes(
+    asked: int, n_all: int, n_unique: int, n_selected: int, k: int, threshold: float | None
+) -> list[str]:
+    notes = []
+    if n_selected < asked and n_unique < n_all:
+        notes.append(
+            f"{asked} tiles were asked for, but only {n_unique} of the {n_all} embedded tiles "
+            f"are not near duplicates (cosine similarity >= {threshold}); raise the duplicate "
+            "threshold or turn deduplication off to keep more"
+        )
+    elif n_selected < asked:
+        notes.append(f"{asked} tiles were asked for; the archive has {n_all} embedded tiles")
+    if n_unique < MIN_TILES_PER_CLUSTER * k:
+        notes.append(
+            f"k-means clustered {n_unique} tiles into {k} clusters, fewer than "
+            f"{MIN_TILES_PER_CLUSTER} a cluster: the clusters are rough; ask for fewer clusters"
+        )
+    return notes
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
