@@ -156,6 +156,35 @@ def test_a_run_refuses_another_encoders_embeddings(
         model.predict(np.zeros((0, 64), np.float32))
 
 
+def test_predictions_into_one_folder_add_up_and_another_runs_are_refused(
+    run: Path, archive: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Two calls into one folder (two slides, then the other two): the CSV holds the four,
+    the second call's rows replacing none of the first's; the text report has a header.
+    A folder holding another run's predictions (other classes) is refused before any work."""
+    root, _ = archive
+    out = tmp_path / "preds"
+    argv = ["mil", "predict", str(run), str(root), "--out", str(out), "--no-explain", "--quiet"]
+    code, first, err = run_cli([*argv, "--slides", "s1.tiff", "s3.tiff"])
+    assert code == 0, err
+    assert first.splitlines()[0] == "predicted  probabilities  tiles  slide"
+    before = {r["name"]: r for r in csv.DictReader((out / "predictions.csv").open())}
+    assert sorted(before) == ["s1.tiff", "s3.tiff"]
+    code, _, err = run_cli([*argv, "--slides", "s2.tiff", "s4.tiff", "s1.tiff"])
+    assert code == 0, err
+    after = {r["name"]: r for r in csv.DictReader((out / "predictions.csv").open())}
+    assert sorted(after) == sorted(LABELS)
+    assert after["s3.tiff"] == before["s3.tiff"]  # kept as it was
+    assert after["s1.tiff"]["prob_pen"] == before["s1.tiff"]["prob_pen"]  # same run, same bag
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "predictions.csv").write_text("slide_id,name,n_tiles,predicted,prob_a,prob_b\n")
+    code, stdout, err = run_cli(["mil", "predict", str(run), str(root), "--out", str(other)])
+    assert code == 2 and stdout == "" and err.count("\n") == 1
+    assert "holds predictions with other columns" in err and "--out" in err
+    assert sorted(p.name for p in other.iterdir()) == ["predictions.csv"]
+
+
 def test_predict_reports_an_empty_bag_and_goes_on(
     run: Path, archive: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -8,25 +8,29 @@ Writes, under ``OUT`` (default ``RUN/predictions``)::
     geojson/<slide_id>.geojson every tile with its attention, for QuPath
 
 A slide that cannot be predicted (no embeddings of the run's encoder, an empty bag) is
-reported and the others go on.
+reported and the others go on. ``predictions.csv`` gathers every slide predicted into ``OUT``:
+a later call (other slides, another archive) replaces the rows of the slides it predicts and
+keeps the others, as it keeps their pictures; it is written atomically.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsi_ssl.errors import EncoderMismatchError, WsiSslError
+from wsi_ssl.errors import ConfigError, EncoderMismatchError, WsiSslError
 from wsi_ssl.mil.explain import attention_geojson, attention_heatmap, tile_gallery
 from wsi_ssl.mil.matching import slide_file_names
 from wsi_ssl.mil.run import MILPrediction, MILRun, load
 from wsi_ssl.mil.training import torch_threads
 from wsi_ssl.outcome import BatchOutcome, ErrorHint, SlideOutcome
 from wsi_ssl.storage import Archive, open_store
+from wsi_ssl.storage.atomic import atomic_write_text
 from wsi_ssl.storage.embeddings import embedding_ids
 from wsi_ssl.storage.resolve import resolve_slides
 
@@ -102,7 +106,8 @@ class PredictResult(BatchOutcome):
                 continue
             probs = "  ".join(f"{c} {p:.3f}" for c, p in s.probabilities.items())
             out.append(f"{s.label:>12}  {probs}  {s.n_tiles:>6} tiles  {s.name}")
-        return out + self.total_lines()
+        header = ["predicted  probabilities  tiles  slide"] if self.predictions else []
+        return header + out + self.total_lines()
 
     def to_dict(self) -> dict[str, Any]:
         """``out``, ``run``, ``encoder_id``, ``classes``, ``csv``, ``seconds``, the outcome
@@ -147,6 +152,7 @@ def predict(
         UnknownSlideError: a name in ``slides`` matches no complete store, or several.
         EncoderMismatchError: none of the slides has embeddings of the run's encoder but some
             have embeddings of others (the run is applied to another encoder's vectors).
+        ConfigError: ``out`` holds a ``predictions.csv`` of other classes (another run's).
     """
     started = time.perf_counter()
     model = run if isinstance(run, MILRun) else load(run)
@@ -162,6 +168,7 @@ def predict(
                 f"trained on {model.encoder_id!r}; embed them with that encoder first"
             )
     out = Path(out) if out is not None else model.path / "predictions"
+    _earlier_rows(out / "predictions.csv", _csv_header(model.classes))  # refuse before any work
     out.mkdir(parents=True, exist_ok=True)
     result = PredictResult(
         out=out, run=model.path, encoder_id=model.encoder_id, classes=model.classes
@@ -254,20 +261,46 @@ def _predict_one(
     return item
 
 
-def _write_csv(result: PredictResult, classes: list[str]) -> None:
-    with result.csv_path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(
-            ["slide_id", "name", "n_tiles", "predicted"]
-            + [f"prob_{c}" for c in classes]
-            + ["heatmap", "gallery", "geojson"]
+def _csv_header(classes: list[str]) -> list[str]:
+    return (
+        ["slide_id", "name", "n_tiles", "predicted"]
+        + [f"prob_{c}" for c in classes]
+        + ["heatmap", "gallery", "geojson"]
+    )
+
+
+def _earlier_rows(path: Path, header: list[str]) -> list[list[str]]:
+    """The rows of an earlier ``predictions.csv`` at ``path`` (none where there is none).
+
+    Raises:
+        ConfigError: its columns are not ``header`` (another run's classes).
+    """
+    try:
+        rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"), newline="")))
+    except FileNotFoundError:
+        return []
+    if not rows or rows[0] != header:
+        raise ConfigError(
+            f"{path} holds predictions with other columns ({', '.join(rows[0] if rows else [])}),"
+            " not this run's; predict into another folder or move that file away",
+            parameters=("out",),
         )
-        for s in result.slides:
-            w.writerow(
-                [s.slide_id, s.name, s.n_tiles, s.label]
-                + [f"{p:.6f}" for p in s.probabilities.values()]
-                + [_rel(p, result.out) for p in (s.heatmap, s.gallery, s.geojson)]
-            )
+    return rows[1:]
+
+
+def _write_csv(result: PredictResult, classes: list[str]) -> None:
+    """This call's rows, after the earlier rows of the slides it did not predict."""
+    header = _csv_header(classes)
+    new = {
+        s.slide_id: [s.slide_id, s.name, str(s.n_tiles), s.label]
+        + [f"{p:.6f}" for p in s.probabilities.values()]
+        + [_rel(p, result.out) for p in (s.heatmap, s.gallery, s.geojson)]
+        for s in result.slides
+    }
+    kept = [row for row in _earlier_rows(result.csv_path, header) if row[0] not in new]
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows([header, *kept, *new.values()])
+    atomic_write_text(result.csv_path, text.getvalue())
 
 
 def _rel(path: Path | None, base: Path) -> str:
