@@ -508,8 +508,13 @@ def test_cli_index_and_search(
     out = json.loads(capsys.readouterr().out)
     assert out["mode"] == "regions" and out["hits"][0]["slide_id"] == ids["twin"]
     assert out["hits"][0]["box"][:2] == [x, y]
+    with Image.open(png) as im:  # the query and 3 hits: one row of 4 panels (280 x 310 px)
+        assert im.size == (4 * 280, 310)
+    xy = ["search", str(root), "--slide", ids["cmu"], "--xy", f"{x + 5},{y + 5}"]
+    assert _cli(*xy, "-k", "12", "--gallery", str(png)) == 0  # every hit: 13 panels, 3 rows
+    assert "gallery:" in capsys.readouterr().out
     with Image.open(png) as im:
-        assert im.size[0] > 600 and im.size[1] > 200
+        assert im.size == (5 * 280, 3 * 310)
     assert _cli("search", str(root), "--slide", ids["cmu"][:6], "--xy", f"{x + 5},{y + 5}") == 0
     assert "twin" in capsys.readouterr().out.lower()
     assert _cli("search", str(root), "--slide", ids["cmu"], "--slides", "--exclude-self") == 0

@@ -130,11 +130,12 @@ def render_gallery(
     result: SearchResult,
     out: str | Path,
     *,
-    max_hits: int = 8,
+    max_hits: int | None = None,
     panel_px: int = 320,
     columns: int = 5,
 ) -> Path:
-    """Save the query beside up to ``max_hits`` hits as a PNG; returns the path.
+    """Save the query beside its hits (the first ``max_hits``; None: all) as a PNG, five
+    panels a row; returns the path.
 
     Pictures come from ``archive``'s slide stores; the title names the index the result
     came from (``result.index``).
