@@ -34,7 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "embeddings and re-tile leftovers; mark damaged stores for re-tiling in the catalog",
     )
     p.add_argument(
-        "--quick", action="store_true", help="do not decode every embedding row (files only)"
+        "--quick",
+        action="store_true",
+        help="do not decode every embedding row nor read every tile shard (files only)",
     )
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
     p.set_defaults(func=run_check)

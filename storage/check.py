@@ -2,7 +2,8 @@
 
 What is checked, each problem a :class:`Finding` with the command that fixes it:
 
-- every slide store: metadata readable, status complete, every tile shard file present,
+- every slide store: metadata readable, status complete, every tile shard file present and
+  (unless ``decode=False``) holding the bytes whose CRC32C was recorded when it was tiled,
   ``coords`` / ``tissue_fraction`` rows equal to the tile count; swap leftovers
   (``<id>.zarr.new`` / ``.old``) of a killed re-tile;
 - every embeddings array: complete by content (``embeddings_problem``), and unfinished
@@ -197,7 +198,7 @@ class _Checker:
                 why = f"status {store.status!r}: a tiling job was interrupted"
                 self.add(path, why, self.tile_fix(slide_id), lambda: self.mark_redo(slide_id, why))
             return
-        problem = _store_problem(store)
+        problem = _store_problem(store, verify=self.decode)
         if problem is not None:
             self.reported.add(slide_id)
             self.add(
@@ -342,8 +343,9 @@ def _encoder_name(array_dir: Path, encoder_id: str) -> str:
         return encoder_id.rsplit("-", 1)[0]
 
 
-def _store_problem(store: SlideStore) -> str | None:
-    """What is wrong with a complete store's contents (shards, row counts), or None."""
+def _store_problem(store: SlideStore, *, verify: bool) -> str | None:
+    """What is wrong with a complete store's contents (shards, row counts), or None;
+    ``verify`` reads every shard against the CRC32C recorded when it was tiled."""
     try:
         tiles = store.tiles
         n = int(tiles.shape[0])
@@ -355,6 +357,13 @@ def _store_problem(store: SlideStore) -> str | None:
         )
         if missing:
             return f"{missing} of {expected} tile shard files missing"
+        damaged = store.damaged_shards() if verify else []
+        if damaged:
+            which = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
+            return (
+                f"{len(damaged)} of {expected} tile shard files damaged (shard {which}: bytes "
+                "changed since tiling, CRC32C)"
+            )
         for name, rows in (
             ("coords", len(store.coords)),
             ("tissue_fraction", len(store.tissue_fraction)),
@@ -368,7 +377,8 @@ def _store_problem(store: SlideStore) -> str | None:
 
 def check_archive(root: str | Path, *, repair: bool = False, decode: bool = True) -> CheckReport:
     """Check the archive at ``root`` (see the module docstring); ``repair`` removes debris and
-    marks for redo what must be redone; ``decode=False`` skips decoding every embedding row.
+    marks for redo what must be redone; ``decode=False`` skips decoding every embedding row
+    and reading every tile shard (files and sizes only).
 
     Raises:
         StoreNotFoundError: ``root`` is not an archive.

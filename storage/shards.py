@@ -10,6 +10,11 @@ fall back to Zarr's own write, and the tests check both paths give identical fil
 
 A tile may also arrive already encoded: a JPEG stream copied from the slide file goes into a
 JPEG array as it is (`accepts_jpeg`), since one JPEG per inner chunk is all the codec stores.
+
+`write_shard` returns the CRC32C of the whole shard file as written; the tiling records them
+(`SlideStore.write_shard_checksums`) so that ``wsi-ssl check`` finds a shard whose bytes
+changed later (`shard_checksum`), and a re-tile that restores those bytes keeps the slide's
+embeddings.
 """
 
 from __future__ import annotations
@@ -91,10 +96,16 @@ def accepts_jpeg(array: zarr.Array[Any]) -> bool:
     return len(codecs) == 1 and isinstance(codecs[0], JpegCodec)
 
 
+def shard_checksum(path: str | Path) -> int:
+    """CRC32C of the file at ``path`` (a shard: a few MB, read whole)."""
+    return int(google_crc32c.value(Path(path).read_bytes()))
+
+
 def write_shard(
     array: zarr.Array[Any], shard: int, tiles: np.ndarray | Sequence[np.ndarray | bytes]
-) -> None:
-    """Write ``tiles`` as shard number ``shard`` of a (N, T, T, 3) tiles array.
+) -> int | None:
+    """Write ``tiles`` as shard number ``shard`` of a (N, T, T, 3) tiles array; returns the
+    CRC32C of the shard file (None for an array that is not on a local store).
 
     Items given as bytes are JPEG streams, stored as they are (only where `accepts_jpeg`).
     """
@@ -103,7 +114,8 @@ def write_shard(
     encode = _inner_encoder(array)
     if encode is None:
         array[start : start + len(tiles)] = np.stack(tiles)  # type: ignore[arg-type]
-        return
+        local = isinstance(array.store, LocalStore)
+        return shard_checksum(shard_path(array, shard)) if local else None
     blobs = [tile if isinstance(tile, bytes) else encode(tile) for tile in tiles]
     index = np.full((per_shard, 2), EMPTY, dtype="<u8")
     sizes = np.array([len(b) for b in blobs], dtype=np.uint64)
@@ -114,7 +126,9 @@ def write_shard(
     path = shard_path(array, shard)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
+    data = b"".join([*blobs, index_bytes, crc])
     with open(tmp, "wb") as f:
-        f.write(b"".join([*blobs, index_bytes, crc]))
+        f.write(data)
     fault_point(path)  # tests: kill or fill the disk before a shard lands
     os.replace(tmp, path)
+    return int(google_crc32c.value(data))

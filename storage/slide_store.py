@@ -31,6 +31,7 @@ from wsi_ssl.storage.atomic import (
     rename_into_place,
 )
 from wsi_ssl.storage.codecs import tile_codecs
+from wsi_ssl.storage.shards import shard_checksum, shard_path
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -44,6 +45,8 @@ STAGING_SUFFIX = ".new"
 """``<id>.zarr.new``: a store being written to replace ``<id>.zarr``."""
 ASIDE_SUFFIX = ".old"
 """``<id>.zarr.old``: the replaced store, between the two renames of a swap."""
+SHARD_CHECKSUMS = "shard_crc32c"
+"""Attribute of the ``tiles`` array: each shard file's CRC32C as tiled, in shard order."""
 
 
 class SlideStore:
@@ -216,6 +219,33 @@ class SlideStore:
         if scores:
             write_qc(self.group, scores)
 
+    def write_shard_checksums(self, checksums: Sequence[int]) -> None:
+        """Record each tile shard file's CRC32C (shard order), as the tiles array's
+        ``shard_crc32c`` attribute: ``wsi-ssl check`` compares the files against them."""
+        self.tiles.attrs[SHARD_CHECKSUMS] = [int(c) for c in checksums]
+
+    @property
+    def shard_checksums(self) -> list[int] | None:
+        """The CRC32C of each tile shard file as tiled (None: a store tiled before they were
+        recorded, or not by the tiler)."""
+        recorded = self.tiles.attrs.get(SHARD_CHECKSUMS)
+        return [int(c) for c in recorded] if isinstance(recorded, list) else None
+
+    def damaged_shards(self) -> list[int]:
+        """The shards whose files exist but whose bytes are not those recorded at tiling
+        (reads every shard; none where nothing was recorded)."""
+        recorded = self.shard_checksums or []
+        paths = [self.shard_file(i) for i in range(len(recorded))]
+        return [
+            i
+            for i, (path, crc) in enumerate(zip(paths, recorded, strict=True))
+            if path.is_file() and shard_checksum(path) != crc
+        ]
+
+    def shard_file(self, shard: int) -> Path:
+        """The file of tile shard number ``shard``."""
+        return shard_path(self.tiles, shard)
+
     def tiles_dask(self) -> da.Array:
         """The tiles as a dask array, one block per shard."""
         import dask.array as da
@@ -298,22 +328,37 @@ def same_tiles(old: SlideStore, new: SlideStore) -> bool:
     """Whether two stores hold the same tiles: same source file, coords, tile array layout
     and codecs, and byte-identical shard files.
 
-    Shard files missing from ``old`` (damage: ``wsi-ssl check`` asks for this re-tile) do not
-    count against it: its embeddings were computed before they went missing (a store that
-    lacks a shard cannot be embedded), from tiles the same file, coordinates and settings
-    make again; every shard ``old`` still has must be byte-identical."""
+    Damage to ``old`` (``wsi-ssl check`` asks for this re-tile) does not count against it: its
+    embeddings were computed from its tiles as they were written (a store cannot be embedded
+    without every shard), which the same file, coordinates and settings make again. So a
+    shard file ``old`` lost, or one whose bytes differ from the new shard's while the new
+    shard's CRC32C is the one recorded when ``old`` was tiled (``old``'s bytes changed since),
+    is the same; every other shard must be byte-identical."""
     if old.source.get("fingerprint") != new.source.get("fingerprint"):
         return False
     if not np.array_equal(old.coords, new.coords):
         return False
-    if old.tiles.metadata.to_dict() != new.tiles.metadata.to_dict():
+    if _layout(old) != _layout(new):
         return False
     old_dir, new_dir = old.path / "tiles", new.path / "tiles"
     names = sorted(str(p.relative_to(old_dir)) for p in old_dir.rglob("*") if p.is_file())
     if not set(names) <= {str(p.relative_to(new_dir)) for p in new_dir.rglob("*") if p.is_file()}:
         return False
     _, mismatch, errors = filecmp.cmpfiles(old_dir, new_dir, names, shallow=False)
-    return not mismatch and not errors
+    if errors:
+        return False
+    recorded, remade = old.shard_checksums or [], new.shard_checksums or []
+    shard_of = {str(old.shard_file(i).relative_to(old_dir)): i for i in range(len(recorded))}
+    for name in mismatch:  # the same iff the new bytes are those ``old`` recorded as tiled
+        i = shard_of.get(name)
+        if i is None or i >= len(remade) or remade[i] != recorded[i]:
+            return False
+    return True
+
+
+def _layout(store: SlideStore) -> dict[str, Any]:
+    """The tiles array's metadata without its attributes (shard checksums and the like)."""
+    return {k: v for k, v in store.tiles.metadata.to_dict().items() if k != "attributes"}
 
 
 def carry_embeddings(old: str | Path, new: str | Path, encoder_ids: list[str]) -> None:

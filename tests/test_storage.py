@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import pytest
 import zarr
@@ -39,12 +40,13 @@ from wsi_ssl.storage.locks import (
     slide_lock_path,
     stale_lock_files,
 )
-from wsi_ssl.storage.shards import write_shard
+from wsi_ssl.storage.shards import shard_checksum, write_shard
 
 
 @pytest.mark.parametrize("codec", ["jpeg", "zstd"])
 def test_direct_shard_files_equal_zarrs_own(tmp_path: Path, codec: str) -> None:
-    """write_shard lays out byte-identical shard files to Zarr's, and Zarr reads them back."""
+    """write_shard lays out byte-identical shard files to Zarr's, and Zarr reads them back;
+    it returns each file's CRC32C (also where it falls back to Zarr's own write)."""
     rng = np.random.default_rng(0)
     tiles = rng.integers(90, 200, size=(150, 64, 64, 3), dtype=np.uint8)
     arrays = [
@@ -58,15 +60,29 @@ def test_direct_shard_files_equal_zarrs_own(tmp_path: Path, codec: str) -> None:
         )
         for name in ("zarr", "direct")
     ]
+    fallback = zarr.create_array(  # two tiles an inner chunk: not the layout written here
+        tmp_path / "fallback.zarr",
+        shape=tiles.shape,
+        dtype="uint8",
+        chunks=(2, 64, 64, 3),
+        shards=(64, 64, 64, 3),
+        **tile_codecs("zstd", 90),
+    )
+    checksums = {}
     for shard in range(3):
         part = tiles[shard * 64 : (shard + 1) * 64]
         arrays[0][shard * 64 : shard * 64 + len(part)] = part
-        write_shard(arrays[1], shard, part)
+        checksums["direct", shard] = write_shard(arrays[1], shard, part)
+        checksums["fallback", shard] = write_shard(fallback, shard, part)
     for shard in range(3):
         key = f"c/{shard}/0/0/0"
         assert filecmp.cmp(
             tmp_path / "zarr.zarr" / key, tmp_path / "direct.zarr" / key, shallow=False
         )
+        for name in ("direct", "fallback"):
+            data = (tmp_path / f"{name}.zarr" / key).read_bytes()
+            assert checksums[name, shard] == google_crc32c.value(data)
+            assert shard_checksum(tmp_path / f"{name}.zarr" / key) == checksums[name, shard]
     back = zarr.open_array(tmp_path / "direct.zarr")[:]
     if codec == "zstd":
         np.testing.assert_array_equal(back, tiles)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from conftest import run_cli
 
 from wsi_ssl.config import TilingConfig
@@ -24,7 +25,12 @@ from wsi_ssl.storage import open_store
 from wsi_ssl.storage.atomic import host_name
 from wsi_ssl.storage.embeddings import EmbeddingWriter, embedding_ids
 from wsi_ssl.storage.locks import slide_lock
-from wsi_ssl.storage.slide_store import aside_path, is_complete_store, staging_path
+from wsi_ssl.storage.slide_store import (
+    SHARD_CHECKSUMS,
+    aside_path,
+    is_complete_store,
+    staging_path,
+)
 from wsi_ssl.synthetic import write_synthetic_slide
 from wsi_ssl.tiling.batch import tile_slide, tile_slides
 
@@ -95,8 +101,7 @@ def test_a_retile_restores_a_lost_shard_and_keeps_the_embeddings(
     embedded: tuple[Path, str, np.ndarray, np.ndarray], slide: Path
 ) -> None:
     """A store that lost a shard file: ``check`` asks for a re-tile, which puts the same tiles
-    back and keeps the embeddings (computed before the loss); a shard whose bytes changed
-    still needs ``--discard-embeddings``."""
+    back and keeps the embeddings (computed before the loss)."""
     root, slide_id, tiles, vectors = embedded
     shard = open_store(root).store_path(slide_id) / "tiles" / "c" / "1" / "0" / "0" / "0"
     shard.unlink()
@@ -106,7 +111,33 @@ def test_a_retile_restores_a_lost_shard_and_keeps_the_embeddings(
     assert code == 0 and "embeddings kept (same tiles): enc-a" in out, err
     _assert_intact(root, slide_id, tiles, vectors)
     assert run_cli(["check", str(root)])[0] == 0
-    shard.write_bytes(b"\0" * shard.stat().st_size)
+
+
+def test_a_retile_repairs_a_damaged_shard_and_keeps_the_embeddings(
+    embedded: tuple[Path, str, np.ndarray, np.ndarray], slide: Path
+) -> None:
+    """A shard whose bytes changed after tiling (bit rot, a bad copy): ``check`` finds it by
+    the CRC32C recorded at tiling (``--quick`` reads no shard), and the re-tile it asks for
+    writes the recorded bytes again and keeps the embeddings. A store without recorded
+    checksums cannot tell damage from changed tiles: that re-tile needs
+    ``--discard-embeddings``."""
+    root, slide_id, tiles, vectors = embedded
+    store_path = open_store(root).store_path(slide_id)
+    shard = store_path / "tiles" / "c" / "1" / "0" / "0" / "0"
+    original = shard.read_bytes()
+    shard.write_bytes(original[:100] + bytes([original[100] ^ 0xFF]) + original[101:])
+    code, report, _ = run_cli(["check", str(root)])
+    assert code == 1 and "tile shard files damaged (shard 1: bytes changed" in report, report
+    assert "--no-resume" in report
+    assert run_cli(["check", str(root), "--quick"])[0] == 0  # files and sizes only
+    code, out, err = run_cli(["tile", str(slide), "--out", str(root), *FLAGS, "--no-resume"])
+    assert code == 0 and "embeddings kept (same tiles): enc-a" in out, err
+    assert shard.read_bytes() == original
+    _assert_intact(root, slide_id, tiles, vectors)
+    assert run_cli(["check", str(root)])[0] == 0
+    del zarr.open_array(store_path / "tiles", mode="r+").attrs[SHARD_CHECKSUMS]
+    assert open_store(root).slide(slide_id).shard_checksums is None
+    shard.write_bytes(b"\0" * len(original))
     code, _, err = run_cli(["tile", str(slide), "--out", str(root), *FLAGS, "--no-resume"])
     assert code == 1 and "the new tiles differ from the stored ones" in err
 

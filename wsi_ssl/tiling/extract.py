@@ -230,15 +230,18 @@ def chunk_tiles(
 
 @dataclass(frozen=True)
 class Extracted:
-    """What the extraction graph wrote: the tile count and, when scored, every tile's QC
-    scores in tile order (float32 (N,) per metric)."""
+    """What the extraction graph wrote: the tile count, when scored every tile's QC scores in
+    tile order (float32 (N,) per metric), and each shard file's CRC32C in shard order (None
+    where the array is not on a local store)."""
 
     n_tiles: int
     scores: dict[str, np.ndarray]
+    shard_checksums: list[int] | None
 
 
-ChunkResult = tuple[int, int, dict[str, np.ndarray]]
-"""A task's result: its first tile, its tile count and its tiles' QC scores (or none)."""
+ChunkResult = tuple[int, int, dict[str, np.ndarray], int | None]
+"""A task's result: its first tile, its tile count, its tiles' QC scores (or none) and the
+CRC32C of the shard file it wrote."""
 
 
 def _extract_chunk(
@@ -255,8 +258,8 @@ def _extract_chunk(
     tiles = chunk_tiles(
         reader, grid, coords, jpeg_passthrough=accepts_jpeg(array), decode_threads=decode_threads
     )
-    write_shard(array, start // array.shards[0], tiles)  # type: ignore[index]
-    return start, len(tiles), chunk_scores(tiles, grid.tile_size) if qc else {}
+    checksum = write_shard(array, start // array.shards[0], tiles)  # type: ignore[index]
+    return start, len(tiles), chunk_scores(tiles, grid.tile_size) if qc else {}, checksum
 
 
 def _gathered(results: list[ChunkResult]) -> Extracted:
@@ -264,7 +267,9 @@ def _gathered(results: list[ChunkResult]) -> Extracted:
     results = sorted(results, key=lambda r: r[0])
     metrics = results[0][2].keys() if results else ()
     scores = {m: np.concatenate([r[2][m] for r in results]) for m in metrics}
-    return Extracted(sum(r[1] for r in results), scores)
+    checksums = [r[3] for r in results]
+    whole = None if None in checksums else [int(c) for c in checksums if c is not None]
+    return Extracted(sum(r[1] for r in results), scores, whole)
 
 
 def extract(
@@ -323,7 +328,7 @@ def extract(
     from dask.callbacks import Callback
 
     def posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
-        if isinstance(result, tuple) and len(result) == 3 and isinstance(result[2], dict):
+        if isinstance(result, tuple) and len(result) == 4 and isinstance(result[2], dict):
             notify(result[1])
 
     with Callback(posttask=posttask):

@@ -77,6 +77,8 @@ def write_store(
         reader, grid, coords[keep], store, config, scheduler, workers, progress
     )
     store.write_qc(extracted.scores)
+    if extracted.shard_checksums is not None:
+        store.write_shard_checksums(extracted.shard_checksums)
     return extracted.n_tiles
 
 
