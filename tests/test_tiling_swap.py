@@ -118,8 +118,9 @@ def test_a_retile_repairs_a_damaged_shard_and_keeps_the_embeddings(
 ) -> None:
     """A shard whose bytes changed after tiling (bit rot, a bad copy): ``check`` finds it by
     the CRC32C recorded at tiling (``--quick`` reads no shard), and the re-tile it asks for
-    writes the recorded bytes again and keeps the embeddings. A store without recorded
-    checksums cannot tell damage from changed tiles: that re-tile needs
+    writes the recorded bytes again and keeps the embeddings. A store tiled before checksums
+    were recorded re-tiles as before: identical tiles keep the embeddings (and get checksums),
+    and as damage cannot be told from changed tiles, that re-tile needs
     ``--discard-embeddings``."""
     root, slide_id, tiles, vectors = embedded
     store_path = open_store(root).store_path(slide_id)
@@ -136,7 +137,11 @@ def test_a_retile_repairs_a_damaged_shard_and_keeps_the_embeddings(
     _assert_intact(root, slide_id, tiles, vectors)
     assert run_cli(["check", str(root)])[0] == 0
     del zarr.open_array(store_path / "tiles", mode="r+").attrs[SHARD_CHECKSUMS]
-    assert open_store(root).slide(slide_id).shard_checksums is None
+    assert open_store(root).slide(slide_id).shard_checksums is None  # as tiled before them
+    code, out, err = run_cli(["tile", str(slide), "--out", str(root), *FLAGS, "--no-resume"])
+    assert code == 0 and "embeddings kept (same tiles): enc-a" in out, err
+    assert open_store(root).slide(slide_id).shard_checksums is not None  # recorded again
+    del zarr.open_array(store_path / "tiles", mode="r+").attrs[SHARD_CHECKSUMS]
     shard.write_bytes(b"\0" * len(original))
     code, _, err = run_cli(["tile", str(slide), "--out", str(root), *FLAGS, "--no-resume"])
     assert code == 1 and "the new tiles differ from the stored ones" in err
