@@ -38,7 +38,7 @@ from wsi_ssl.errors import (
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 TISSUE = ("tissue-level0-4302-10273-4814-10785.png", "tissue-level2-1784-6289-5880-10386.png")
@@ -251,7 +251,10 @@ def _hf_checkpoint(name: str, folder: Path) -> tuple[Path, torch.nn.Module]:
         ref = model_cls(config_cls(num_hidden_layers=_depth(name), **config))
     _scramble(ref, len(name))
     path = folder / encoder_entry(name).config.weights_files[0]
-    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    # save_pretrained writes the layout the published files have, whatever the installed
+    # transformers calls the parameters in memory (5.25 renamed attention's to q_proj ...)
+    ref.save_pretrained(folder / "published")
+    state = load_file(str(folder / "published" / "model.safetensors"))
     if path.suffix == ".safetensors":
         save_file(state, str(path))
     else:
