@@ -37,6 +37,8 @@ from zarr.storage import LocalStore
 from wsi_ssl.storage.atomic import fault_point
 from wsi_ssl.storage.codecs import JpegCodec
 
+SHARD_CHECKSUMS = "shard_crc32c"
+"""Attribute of a ``tiles`` array: each shard file's CRC32C as tiled, in shard order."""
 EMPTY = np.uint64(2**64 - 1)
 """The shard index's offset and size of an inner chunk that was not written."""
 

@@ -31,7 +31,7 @@ from wsi_ssl.storage.atomic import (
     rename_into_place,
 )
 from wsi_ssl.storage.codecs import tile_codecs
-from wsi_ssl.storage.shards import shard_checksum, shard_path
+from wsi_ssl.storage.shards import SHARD_CHECKSUMS, shard_checksum, shard_path
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -45,8 +45,6 @@ STAGING_SUFFIX = ".new"
 """``<id>.zarr.new``: a store being written to replace ``<id>.zarr``."""
 ASIDE_SUFFIX = ".old"
 """``<id>.zarr.old``: the replaced store, between the two renames of a swap."""
-SHARD_CHECKSUMS = "shard_crc32c"
-"""Attribute of the ``tiles`` array: each shard file's CRC32C as tiled, in shard order."""
 
 
 class SlideStore:

@@ -6,6 +6,10 @@ one by one in random order, so for the layout `wsi_ssl.storage.shards` writes (o
 inner chunk, index at the end with its CRC32C, local files) :class:`TileReader` reads the shard
 index once per shard, then each tile's bytes with one ``pread`` and decodes them with the
 array's own inner codec. Any other array (another store, another layout) is read through Zarr.
+
+With ``verify=True`` (the embedding and pretraining readers) each shard file is read whole
+once and checked against the CRC32C the tiler recorded for it (``shard_crc32c``): a tile
+whose bytes changed since tiling still decodes, to wrong pixels, and must not be learned from.
 """
 
 from __future__ import annotations
@@ -20,7 +24,13 @@ import numpy as np
 import zarr
 
 from wsi_ssl.errors import TileReadError
-from wsi_ssl.storage.shards import EMPTY, accepts_jpeg, inner_decoder, shard_path
+from wsi_ssl.storage.shards import (
+    EMPTY,
+    SHARD_CHECKSUMS,
+    accepts_jpeg,
+    inner_decoder,
+    shard_path,
+)
 
 __all__ = ["TileReader"]
 
@@ -33,14 +43,30 @@ class TileReader:
     tiles. Thread-safe for reads.
     """
 
-    def __init__(self, array: zarr.Array[Any]) -> None:
+    def __init__(self, array: zarr.Array[Any], *, verify: bool = False) -> None:
+        """Read ``array``; ``verify``: check each shard file against its recorded CRC32C
+        before its first tile is read (arrays without recorded checksums are not checked)."""
         self.array = array
         self._decode = inner_decoder(array) if array.dtype == np.uint8 else None
         self._per_shard = int(array.shards[0]) if array.shards else 0
         self._indexes: dict[int, np.ndarray] = {}
+        recorded = array.attrs.get(SHARD_CHECKSUMS) if verify else None
+        self._checksums = [int(c) for c in recorded] if isinstance(recorded, list) else []
+        self._verified: set[int] = set()
 
     def __len__(self) -> int:
         return int(self.array.shape[0])
+
+    def _check_bytes(self, shard: int, fd: int, path: Path) -> None:
+        """Raise `TileReadError` when shard ``shard``'s file is not what was tiled."""
+        if shard in self._verified or shard >= len(self._checksums):
+            return
+        data = os.pread(fd, os.fstat(fd).st_size, 0)
+        if google_crc32c.value(data) != self._checksums[shard]:
+            start = shard * self._per_shard
+            stop = min(start + self._per_shard, len(self))
+            raise TileReadError(path, start, stop, "the shard's bytes changed since tiling")
+        self._verified.add(shard)
 
     def _index(self, shard: int, fd: int, path: Path) -> np.ndarray:
         index = self._indexes.get(shard)
@@ -111,6 +137,7 @@ class TileReader:
                 stop = min(start + self._per_shard, n)
                 raise TileReadError(path, start, stop, "the shard file is missing") from None
             try:
+                self._check_bytes(int(shard), fd, path)
                 index = self._index(int(shard), fd, path)
                 for i in where:
                     offset, nbytes = index[rows[i] - shard * self._per_shard]

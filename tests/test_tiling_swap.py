@@ -25,12 +25,8 @@ from wsi_ssl.storage import open_store
 from wsi_ssl.storage.atomic import host_name
 from wsi_ssl.storage.embeddings import EmbeddingWriter, embedding_ids
 from wsi_ssl.storage.locks import slide_lock
-from wsi_ssl.storage.slide_store import (
-    SHARD_CHECKSUMS,
-    aside_path,
-    is_complete_store,
-    staging_path,
-)
+from wsi_ssl.storage.shards import SHARD_CHECKSUMS
+from wsi_ssl.storage.slide_store import aside_path, is_complete_store, staging_path
 from wsi_ssl.synthetic import write_synthetic_slide
 from wsi_ssl.tiling.batch import tile_slide, tile_slides
 
@@ -131,6 +127,11 @@ def test_a_retile_repairs_a_damaged_shard_and_keeps_the_embeddings(
     assert code == 1 and "tile shard files damaged (shard 1: bytes changed" in report, report
     assert "--no-resume" in report
     assert run_cli(["check", str(root), "--quick"])[0] == 0  # files and sizes only
+    # the damaged tiles still decode (to wrong pixels): embedding refuses them
+    embed = ["embed", str(root), "--encoder", "random-cnn", "--resize", "bilinear", "--quiet"]
+    code, out, err = run_cli(embed)
+    assert code == 1 and "the shard's bytes changed since tiling" in err, err
+    assert "--no-resume" in err and open_store(root).embedding_ids(slide_id) == ["enc-a"]
     code, out, err = run_cli(["tile", str(slide), "--out", str(root), *FLAGS, "--no-resume"])
     assert code == 0 and "embeddings kept (same tiles): enc-a" in out, err
     assert shard.read_bytes() == original

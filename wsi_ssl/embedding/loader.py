@@ -94,7 +94,7 @@ class TileBatches(IterableDataset[TileBatch]):
             try:
                 if slide not in readers:
                     readers.clear()  # one slide open at a time per worker
-                    readers[slide] = TileReader(open_tiles(self.tile_arrays[slide]))
+                    readers[slide] = TileReader(open_tiles(self.tile_arrays[slide]), verify=True)
                 reader = readers[slide]
                 if self.encoded[slide] and reader.is_jpeg:
                     streams = reader.read_encoded(rows)
