@@ -173,11 +173,15 @@ def run_index(args: argparse.Namespace) -> int:
             summary = index.add(args.slides, progress=_progress(args))
             out["added"] = summary.added
             out["updated"] = summary.updated
+            out["removed"] = summary.removed
             out["vectors_added"] = summary.vectors
             out["notes"] = summary.notes
+            n_gone = len(summary.removed)
+            gone = f", removed {n_gone} whose embeddings are gone" if n_gone else ""
             lines = [
                 f"added {len(summary.added)} slide(s), re-added {len(summary.updated)} "
-                f"re-embedded one(s): {summary.vectors} vectors; {summary.unchanged} unchanged",
+                f"re-embedded one(s){gone}: {summary.vectors} vectors; {summary.unchanged} "
+                "unchanged",
                 *summary.notes,
             ]
         elif args.remove:

@@ -9,6 +9,7 @@ What is checked, each problem a :class:`Finding` with the command that fixes it:
 - every embeddings array: complete by content (``embeddings_problem``), and unfinished
   (``.writing-*``) or set-aside (``.replaced-*``) arrays of killed jobs;
 - every search index: the manifest, the generation it names (sizes and sha256 of every file),
+  indexed slides whose embeddings are gone or changed since (``index --add`` updates them),
   orphan generations of killed writers, temp files;
 - the catalog against the stores (a slide the catalog calls complete whose store is not, and
   the reverse);
@@ -37,6 +38,7 @@ from wsi_ssl.storage.embeddings import (
     EMBEDDINGS_GROUP,
     PARTIAL_PREFIX,
     REPLACED_PREFIX,
+    complete_embedding_attrs,
     embeddings_problem,
     finish_interrupted_swap,
 )
@@ -254,9 +256,11 @@ class _Checker:
             return  # a writer is at work
         fix = f"wsi-ssl index {{root}} --encoder ENCODER_ID --name {name}"
         try:
-            read_index_files(self.root, name, verify=True)
+            files = read_index_files(self.root, name, verify=True)
         except (CorruptIndexError, IndexNotFoundError) as err:
             self.add(path, _short(err), fix)
+        else:
+            self.index_freshness(path, files.config.get("encoder_id"), files.slides)
         current = _current_generation(path)
         gens = _generations(path)
         if current is None or not gens:
@@ -274,6 +278,29 @@ class _Checker:
                     return not gen.exists()
 
                 self.add(gen, what, REPAIR, repair)
+
+    def index_freshness(self, path: Path, encoder_id: Any, slides: list[dict[str, Any]]) -> None:
+        """Indexed slides whose embeddings are gone or not those indexed (re-tiled,
+        re-embedded): the index would answer with tiles that no longer exist."""
+        stale = []
+        for entry in slides:
+            if entry.get("status", "active") != "active":
+                continue
+            now = complete_embedding_attrs(self.archive.store_path(entry["slide_id"]), encoder_id)
+            indexed = {
+                "coords_sha256": entry.get("coords_sha256"),
+                "created": entry.get("embedded"),
+            }
+            if now is None or any(v is not None and now.get(k) != v for k, v in indexed.items()):
+                stale.append(str(entry.get("name") or entry["slide_id"]))
+        if stale:
+            names = ", ".join(stale[:5]) + (", ..." if len(stale) > 5 else "")
+            self.add(
+                path,
+                f"{len(stale)} indexed slide(s) changed since indexing (re-tiled, re-embedded or "
+                f"embeddings removed: {names}); searches return their old tiles",
+                f"wsi-ssl index {{root}} --name {path.name} --add",
+            )
 
     def catalog_agreement(self) -> None:
         if not (self.root / "catalog.sqlite").is_file():

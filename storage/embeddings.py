@@ -140,6 +140,13 @@ def embedding_status(store: SlideStore | Path, encoder_id: str) -> str:
     return STATUS_MISSING
 
 
+def complete_embedding_attrs(store_path: str | Path, encoder_id: str) -> dict[str, Any] | None:
+    """The attributes of a store's complete embeddings ``encoder_id`` (provenance,
+    ``coords_sha256``, ``created``), or None when they are not complete or not there."""
+    attrs = _read_attrs(_array_dir(Path(store_path), encoder_id))
+    return attrs if attrs is not None and attrs.get("status") == STATUS_COMPLETE else None
+
+
 def embedding_ids(store: SlideStore | Path) -> list[str]:
     """Encoder ids of the complete embeddings in a slide store, sorted."""
     path = store.path if isinstance(store, SlideStore) else Path(store)

@@ -3,6 +3,7 @@ fix; ``--repair`` removes the debris and a plain re-run redoes the rest."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
+from wsi_ssl.search import SearchIndex
 from wsi_ssl.storage import open_store
 from wsi_ssl.storage.atomic import host_name
 from wsi_ssl.storage.locks import slide_lock_path
@@ -82,7 +84,36 @@ def test_damage_and_debris_are_named_and_repaired(small_archive: Path, tmp_path:
     )
     assert code == 1 and "1 embedded" in out and f"{b}.zarr: slide store is damaged" in err
     code, out, _ = run_cli(["check", str(root), "--quick"])
-    assert code == 1 and out.count("problem: ") == 1 and f"{b}.zarr" in out
+    assert code == 1 and out.count("problem: ") == 2 and f"{b}.zarr" in out
+    assert "1 indexed slide(s) changed since indexing" in out  # a, re-embedded
+
+
+def test_an_index_older_than_its_slides_is_named_and_index_add_brings_it_up_to_date(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    """Embeddings removed (as a re-tile with --discard-embeddings leaves a slide) or redone
+    after indexing: ``check`` says the index answers with old tiles; ``index --add`` drops
+    the slide whose embeddings are gone and re-adds the re-embedded one."""
+    root = shutil.copytree(small_archive, tmp_path / "root")
+    a, b = open_store(root).slide_ids
+    eid = open_store(root).embedding_ids(a)[0]
+    shutil.rmtree(root / "slides" / f"{a}.zarr" / "embeddings" / eid)
+    code, _, err = run_cli(
+        ["embed", str(root), "--encoder", "random-cnn", "--slides", b, "--no-resume", "--quiet"]
+    )
+    assert code == 0, err
+    code, out, _ = run_cli(["check", str(root)])
+    assert code == 1 and "2 indexed slide(s) changed since indexing (re-tiled" in out, out
+    assert f"fix: wsi-ssl index {root} --name {eid} --add" in out
+    code, out, err = run_cli(["index", str(root), "--name", eid, "--add", "--json"])
+    assert code == 0, err
+    done = json.loads(out)
+    assert done["removed"] == [a] and done["updated"] == [b] and done["added"] == []
+    assert run_cli(["check", str(root)])[0] == 0
+    index = SearchIndex.open(root, eid)
+    assert [e.slide_id for e in index.slides] == [b]
+    x, y = (int(v) for v in open_store(root).slide(b).coords[0])
+    assert {h.slide_id for h in index.search_tile(b, (x, y), k=5).hits} == {b}
 
 
 def test_one_resolver_for_slide_names_and_encoder_ids(small_archive: Path) -> None:

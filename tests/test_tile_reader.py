@@ -12,6 +12,7 @@ from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import TileReadError
 from wsi_ssl.storage import open_store
 from wsi_ssl.storage.codecs import tile_codecs
+from wsi_ssl.storage.shards import SHARD_CHECKSUMS, shard_checksum
 from wsi_ssl.storage.tile_reader import TileReader
 from wsi_ssl.tiling.batch import tile_slide
 
@@ -93,6 +94,27 @@ def test_corrupt_shard_is_a_tile_read_error(tmp_path: Path) -> None:
     with pytest.raises(TileReadError, match=r"tiles 0\.\.0 "):
         TileReader(array)[0]
     np.testing.assert_array_equal(TileReader(array)[1], array[1])  # the others still read
+
+
+def test_verify_refuses_a_shard_whose_bytes_changed_since_tiling(tmp_path: Path) -> None:
+    """A flipped bit inside a tile's JPEG data still decodes (to other pixels): only the shard
+    checksums recorded at tiling tell; ``verify=True`` refuses that shard's tiles, reads the
+    others, and arrays without recorded checksums read as before."""
+    array = _array(tmp_path / "t.zarr", "jpeg")
+    shards = [tmp_path / "t.zarr" / "c" / str(i) / "0" / "0" / "0" for i in range(3)]
+    array.attrs[SHARD_CHECKSUMS] = [shard_checksum(p) for p in shards]
+    intact = array[3]
+    stream = TileReader(array).read_encoded([3])[0]
+    data = shards[0].read_bytes()
+    at = data.index(stream) + len(stream) - 40  # in the entropy-coded data, before EOI
+    shards[0].write_bytes(data[:at] + bytes([data[at] ^ 0x10]) + data[at + 1 :])
+    assert not np.array_equal(TileReader(array)[3], intact)  # decodes, wrong pixels
+    verified = TileReader(array, verify=True)
+    with pytest.raises(TileReadError, match=r"tiles 0\.\.63 cannot be read \(the shard's bytes"):
+        verified[3]
+    np.testing.assert_array_equal(verified[70], array[70])  # another shard: read
+    del array.attrs[SHARD_CHECKSUMS]
+    np.testing.assert_array_equal(TileReader(array, verify=True)[3], TileReader(array)[3])
 
 
 def test_real_slide_tiles(tmp_path: Path, cmu_small: Path) -> None:

@@ -101,10 +101,12 @@ class SlideEntry:
 
 @dataclass
 class AddSummary:
-    """What ``SearchIndex.add`` did: slides added, re-added (re-embedded), left unchanged."""
+    """What ``SearchIndex.add`` did: slides added, re-added (re-embedded), removed (their
+    store or embeddings gone), left unchanged."""
 
     added: list[str] = field(default_factory=list)
     updated: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
     unchanged: int = 0
     vectors: int = 0
     notes: list[str] = field(default_factory=list)

@@ -336,7 +336,9 @@ class SearchIndex(SearchMethods):
         """Append slides embedded since the index was built (and re-add re-embedded ones).
 
         New slides get the next slide numbers; nothing is rebuilt. A slide whose embeddings
-        changed (new coords or a newer embedding run) is removed and added again.
+        changed (new coords or a newer embedding run) is removed and added again; without
+        ``slides``, a slide whose store or embeddings are gone (re-tiled with its embeddings
+        discarded, removed) is removed, so no hit points at tiles that no longer exist.
 
         Raises:
             SchemaMismatchError: a new slide was tiled at another scale than the index.
@@ -348,8 +350,10 @@ class SearchIndex(SearchMethods):
         with self._writing():
             current = {s.slide_id: s for s in self.slides}
             changed: list[str] = []
+            embedded: set[str] = set()
 
             def skip(sid: str, attrs: dict[str, Any]) -> bool:
+                embedded.add(sid)
                 old = current.get(sid)
                 if old is None:
                     return False
@@ -369,8 +373,18 @@ class SearchIndex(SearchMethods):
                 tiling=self.tiling,
                 skip=skip,
             )
+            gone = (
+                [] if slides is not None else [e for e in self.slides if e.slide_id not in embedded]
+            )
+            for entry in gone:
+                self._remove_entry(entry)
+            summary.removed = [e.slide_id for e in gone]
             if not found.entries:
-                summary.notes.append("no new or re-embedded slides; the index is up to date")
+                if gone:
+                    self._maybe_compact(summary.notes)
+                    self._write()
+                else:
+                    summary.notes.append("no new or re-embedded slides; the index is up to date")
                 return summary
             if found.dim != self.dim:
                 raise SchemaMismatchError(

@@ -167,6 +167,10 @@ class SearchMethods:
         started = time.perf_counter()
         if k < 1:
             raise ConfigError(f"k must be >= 1, got {k}", parameters=("k",))
+        if hits_per_tile is not None and hits_per_tile < 1:
+            raise ConfigError(
+                f"hits_per_tile must be >= 1, got {hits_per_tile}", parameters=("hits_per_tile",)
+            )
         by_kind: dict[str, Mode] = {"tile": "tiles", "slide": "slides"}
         mode = mode or by_kind.get(query.kind, "regions")
         if mode not in MODES:
