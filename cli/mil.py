@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from wsi_ssl.cli.arg_types import whole_number
 from wsi_ssl.cli.toml_config import read_toml_config
 from wsi_ssl.mil.config import BALANCE_MODES, BUILTIN_MODELS, MONITORS, MILConfig
 
@@ -129,7 +130,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--slides", nargs="+", metavar="SLIDE", help="only these (slide id, file name or stem)"
     )
     q.add_argument("--out", type=Path, help="output folder (default RUN/predictions)")
-    q.add_argument("--top-k", type=int, default=16, help="tiles in each gallery (default 16)")
+    q.add_argument(
+        "--top-k", type=whole_number(1), default=16, help="tiles in each gallery (default 16)"
+    )
     q.add_argument(
         "--no-explain", action="store_true", help="only the CSV: no heatmaps, galleries, GeoJSON"
     )

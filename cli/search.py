@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
+from wsi_ssl.cli.arg_types import whole_number
 from wsi_ssl.search.config import KINDS
 
 
@@ -120,7 +121,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude-self", action="store_true", help="drop hits on the query slide")
     p.add_argument("--slides", action="store_true", help="rank slides instead of regions/tiles")
     p.add_argument(
-        "--hits-per-tile", type=int, metavar="N", help="neighbours searched per query tile"
+        "--hits-per-tile",
+        type=whole_number(1),
+        metavar="N",
+        help="neighbours searched per query tile",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--gallery", type=Path, metavar="OUT.png", help="save a gallery PNG")

@@ -684,6 +684,8 @@ def test_resume_redoes_a_store_with_a_missing_shard(tmp_path: Path, synth: Path)
         (["tile", "s.tiff", "--out", "o", "--lock-wait", "-1"], "seconds >= 0, got '-1'"),
         (["tile", "s.tiff", "--out", "o", "--lock-wait", "nan"], "seconds >= 0, got 'nan'"),
         (["embed", "root", "--encoder", "x", "--wait", "soon"], "seconds >= 0, got 'soon'"),
+        (["mil", "predict", "run", "root", "--top-k", "0"], "expected a whole number >= 1"),
+        (["search", "root", "--hits-per-tile", "-1"], "expected a whole number >= 1"),
     ],
 )
 def test_numeric_flags_are_checked_when_parsed(

@@ -152,8 +152,11 @@ def predict(
         UnknownSlideError: a name in ``slides`` matches no complete store, or several.
         EncoderMismatchError: none of the slides has embeddings of the run's encoder but some
             have embeddings of others (the run is applied to another encoder's vectors).
-        ConfigError: ``out`` holds a ``predictions.csv`` of other classes (another run's).
+        ConfigError: ``top_k`` < 1, or ``out`` holds a ``predictions.csv`` of other classes
+            (another run's).
     """
+    if top_k < 1:
+        raise ConfigError(f"top_k must be >= 1, got {top_k}", parameters=("top_k",))
     started = time.perf_counter()
     model = run if isinstance(run, MILRun) else load(run)
     archive = open_store(root)
