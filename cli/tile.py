@@ -98,7 +98,7 @@ def mpp_list(text: str) -> tuple[float, ...]:
 def tiling_config(args: argparse.Namespace) -> tuple[TilingConfig, tuple[float, ...] | None]:
     """TOML values overlaid with the flags that were given, and the scales when ``--mpp`` (or
     the TOML ``mpp``, a list) names several."""
-    values = read_toml_config(args.config, TilingConfig)
+    values = read_toml_config(args.config, TilingConfig, checked_by_caller=("mpp",))
     toml_mpps = toml_scales(values, args.config)
     names = {f.name for f in fields(TilingConfig)} - {"mpp"}
     values.update({n: getattr(args, n) for n in names if getattr(args, n, None) is not None})

@@ -557,6 +557,32 @@ def test_bad_toml_config_is_one_line_naming_the_valid_keys(
     assert "cannot read TOML config" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("command", "line", "message"),
+    [
+        (["tile", "s.tiff", "--out", "o"], "tile_size = 224.7", "tile_size must be a whole number, got 224.7"),
+        (["tile", "s.tiff", "--out", "o"], 'qc = "no"', "qc must be true or false, got 'no'"),
+        (["mil", "train", "r", "--labels", "l.csv", "--out", "o"], "epochs = 2.5", "epochs must be a whole number, got 2.5"),
+        (["pretrain", "r", "--out", "o"], 'steps = "10"', "steps must be a whole number, got '10'"),
+        (["pretrain", "r", "--out", "o"], 'epochs = "2"', "epochs must be a number, got '2'"),
+    ],
+)  # fmt: skip
+def test_a_toml_value_of_the_wrong_type_is_one_line(
+    tmp_path: Path,
+    command: list[str],
+    line: str,
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A TOML value of another type than its field's is refused before any work, naming the
+    key (``qc = "no"`` used to mean true, ``tile_size = 224.7`` failed every slide)."""
+    config = tmp_path / "c.toml"
+    config.write_text(f"{line}\n")
+    assert cli_main([*command, "--config", str(config)]) == 2
+    [err] = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith(f"wsi-ssl: error: {config}: {message}")
+
+
 def test_toml_mpp_takes_a_list_of_scales(
     tmp_path: Path, synth: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
