@@ -74,6 +74,9 @@ def test_embed_second_job_and_a_kill_at_the_rename(small_archive: Path, tmp_path
     assert len(open_store(root).slide_ids) == 2  # never a half-written array under its name
     code, out, _ = run_cli(["embed", str(root), *EMBED])
     assert code == 0 and "0 failed" in out
+    code, out = _check(root)  # the index still holds the first embedding run's vectors
+    assert code == 1 and out.count("problem: ") == 1 and "2 indexed slide(s) changed" in out
+    assert run_cli(["index", str(root), "--add", "--quiet"])[0] == 0
     assert _check(root)[0] == 0
     got = _vectors(root)
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)

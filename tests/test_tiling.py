@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -720,3 +721,52 @@ def test_numeric_flags_are_checked_when_parsed(
     with pytest.raises(SystemExit) as exit_:
         cli_main(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_inputs_that_name_no_slide_or_no_folder_are_refused(
+    tmp_path: Path, synth: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder without slides (a mistyped data folder), --roi-include without an annotation
+    file, and --out naming a file are one line each, exit 2, before any slide is read."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no slides here")
+    not_a_folder = tmp_path / "archive.txt"
+    not_a_folder.write_text("")
+    for argv, message in (
+        ([str(empty), "--out", str(tmp_path / "a")], f"{empty}: no slide files in this folder"),
+        ([str(synth), "--out", str(tmp_path / "b"), "--roi-include", "Tumor"], "give one (roi"),
+        ([str(synth), "--out", str(not_a_folder)], f"{not_a_folder}: is a file; the archive"),
+    ):
+        assert cli_main(["tile", *argv, "--quiet"]) == 2
+        [err] = capsys.readouterr().err.strip().splitlines()
+        assert err.startswith("wsi-ssl: error: ") and message in err, err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_one_slide_under_two_names_is_tiled_once(
+    tmp_path: Path, synth: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same file given twice, and a copy under another name, are one slide: tiled once,
+    counted once, the catalog keeping the first name, on the first run and on a re-run."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    a, b = folder / "a.tiff", folder / "b.tiff"
+    shutil.copy(synth, a)
+    shutil.copy(synth, b)
+    root = tmp_path / "root"
+    argv = ["tile", str(folder), str(a), "--out", str(root), "--quiet", "--json"]
+    for first in ("complete", "skipped"):
+        assert cli_main(argv) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert [(s["slide"], s["status"]) for s in summary["slides"]] == [
+            (str(a), first),
+            (str(b), "skipped"),
+        ]
+        assert summary["slides"][1]["same_as"] == str(a) and summary["slides"][1]["n_tiles"] == 0
+        archive = open_store(root)
+        [slide_id] = archive.slide_ids
+        assert summary["tiles"] == archive.slide(slide_id).n_tiles
+        assert archive.catalog.get(slide_id).name == "a.tiff"  # type: ignore[union-attr]
+    assert cli_main(argv[:-1]) == 0
+    assert f"{b}: the same file as {a} (one slide, tiled once)" in capsys.readouterr().out

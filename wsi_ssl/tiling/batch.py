@@ -93,6 +93,8 @@ class TileSummary(BatchOutcome):
         """What re-tiles did with embeddings, then the counts and where the tiles are."""
         lines = []
         for o in self.outcomes:
+            if same_as := o.details.get("same_as"):
+                lines.append(f"{o.slide}: the same file as {same_as} (one slide, tiled once)")
             if kept := o.details.get("kept_embeddings"):
                 lines.append(f"{o.slide}: embeddings kept (same tiles): {', '.join(kept)}")
             if discarded := o.details.get("discarded_embeddings"):
@@ -173,6 +175,8 @@ def tile_slide_scales(
     root: str | Path,
     config: TilingConfig | None = None,
     mpps: Sequence[float] | None = None,
+    *,
+    first_of: dict[str, Path] | None = None,
     **options: Any,
 ) -> list[SlideOutcome]:
     """Tile one slide at every scale of ``mpps`` (default: ``config.mpp`` into ``root``).
@@ -182,6 +186,10 @@ def tile_slide_scales(
     own, as by :func:`tile_slide` (``options`` are its keyword arguments). Never raises for
     the slide: a scale that fails is a "failed" (or "busy") outcome, the others go on. With
     several scales each outcome's ``slide`` is ``"<path> (mpp <mpp>)"``.
+
+    ``first_of`` (a batch's fingerprints, updated here): a file with the content of one
+    tiled before in the batch is the same slide; it is "skipped" (``details["same_as"]``
+    names that file, no tiles counted twice), and the catalog keeps the first file's name.
     """
     config = config or TilingConfig()
     scales = scale_roots(root, config, mpps)
@@ -192,6 +200,24 @@ def tile_slide_scales(
     except Exception as err:
         outcomes = [_failure(Path(path), None, err, started, r, c) for r, c in scales]
         return _name_scales(outcomes)
+    if first_of is not None:
+        first = first_of.setdefault(source.fingerprint, source.path)
+        if first != source.path:
+            source.close()
+            return _name_scales(
+                [
+                    SlideOutcome(
+                        str(source.path),
+                        "skipped",
+                        0,
+                        details={
+                            **_details(source.path, source.slide_id, r, c),
+                            "same_as": str(first),
+                        },
+                    )
+                    for r, c in scales
+                ]
+            )
     with source:
         for scale_dir, scale_config in scales:
             started = time.perf_counter()
@@ -381,6 +407,14 @@ def tile_slides(
         rois: per-slide annotation file by file name or path (``config.roi`` for the rest).
     """
     config = config or TilingConfig()
+    if Path(root).exists() and not Path(root).is_dir():
+        raise ConfigError(f"{root}: is a file; the archive root must be a folder (new or not)")
+    if (config.roi_include or config.roi_exclude) and not (config.roi or rois):
+        raise ConfigError(
+            "roi_include / roi_exclude choose classes of an annotation file: give one (roi, or "
+            "rois per slide)",
+            parameters=("roi", "roi_include", "roi_exclude"),
+        )
     roots = [str(r) for r, _ in scale_roots(root, config, mpps)]
     paths = collect_slide_paths(inputs)
     overrides = dict(mpp_overrides or {})
@@ -394,12 +428,15 @@ def tile_slides(
         "lock_wait": lock_wait,
     }
     batch_started = time.perf_counter()
+    first_of: dict[str, Path] = {}  # fingerprint -> the batch's first file with that content
     with tqdm(paths, desc="slides", unit="slide", disable=not progress, dynamic_ncols=True) as bar:
         for path in bar:
             override = overrides.get(str(path), overrides.get(path.name, config.mpp_override))
             roi = (rois or {}).get(str(path), (rois or {}).get(path.name, config.roi))
             slide_config = replace(config, mpp_override=override, roi=roi)
-            summary.outcomes += tile_slide_scales(path, root, slide_config, mpps, **options)
+            summary.outcomes += tile_slide_scales(
+                path, root, slide_config, mpps, first_of=first_of, **options
+            )
             rate = summary.tiles_done / max(time.perf_counter() - batch_started, 1e-9)
             bar.set_postfix(
                 tiles=summary.tiles_done, tiles_s=f"{rate:.0f}", failed=len(summary.failed)

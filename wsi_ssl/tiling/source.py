@@ -10,7 +10,7 @@ from types import TracebackType
 
 import numpy as np
 
-from wsi_ssl.errors import SlideNotFoundError, WsiSslError
+from wsi_ssl.errors import ConfigError, SlideNotFoundError, WsiSslError
 from wsi_ssl.slide import SlideReader, open_slide, series_files
 from wsi_ssl.storage import fingerprint_file, slide_id_from_fingerprint
 from wsi_ssl.tissue import detect_tissue
@@ -45,7 +45,12 @@ FAST_BACKEND = "tiffslide"
 
 
 def collect_slide_paths(inputs: Iterable[str | Path]) -> list[Path]:
-    """Expand directories into the slide files they hold (one file per DICOM series folder)."""
+    """Expand directories into the slide files they hold (one file per DICOM series folder);
+    a file given twice is kept once.
+
+    Raises:
+        ConfigError: a folder holds no slide file (a mistyped data folder is not a success).
+    """
     paths: list[Path] = []
     for item in inputs:
         item = Path(item)
@@ -53,15 +58,23 @@ def collect_slide_paths(inputs: Iterable[str | Path]) -> list[Path]:
             paths.append(item)
             continue
         dicom_dirs: set[Path] = set()
+        found = 0
         for p in sorted(item.rglob("*")):
             if not p.is_file() or p.suffix.lower() not in SLIDE_SUFFIXES:
                 continue
+            found += 1
             if p.suffix.lower() == ".dcm":
                 if p.parent in dicom_dirs:
                     continue
                 dicom_dirs.add(p.parent)
             paths.append(p)
-    return paths
+        if not found:
+            raise ConfigError(
+                f"{item}: no slide files in this folder or below it (looked for "
+                f"{', '.join(sorted(SLIDE_SUFFIXES))}); check the path"
+            )
+    unique = {p.resolve(): p for p in reversed(paths)}  # first spelling of each file kept
+    return [p for p in paths if unique.get(p.resolve()) is p]
 
 
 def slide_fingerprint(path: Path) -> str:
