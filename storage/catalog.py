@@ -87,6 +87,10 @@ class Catalog:
         rows = self._select("WHERE slide_id = ?", (slide_id,))
         return rows[0] if rows else None
 
+    def by_path(self, path: str | Path) -> list[CatalogEntry]:
+        """The slides recorded for the file at ``path`` (several: its content changed)."""
+        return self._select("WHERE path = ? ORDER BY slide_id", (str(path),))
+
     def entries(self, status: str | None = None) -> list[CatalogEntry]:
         if status is None:
             return self._select("ORDER BY name", ())

@@ -770,3 +770,25 @@ def test_one_slide_under_two_names_is_tiled_once(
         assert archive.catalog.get(slide_id).name == "a.tiff"  # type: ignore[union-attr]
     assert cli_main(argv[:-1]) == 0
     assert f"{b}: the same file as {a} (one slide, tiled once)" in capsys.readouterr().out
+
+
+def test_a_changed_file_is_a_new_slide_and_its_earlier_version_is_named(
+    tmp_path: Path, synth: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Content gives the id: a file changed in place is tiled as a new slide beside the old
+    store (kept, with anything made from it), and the report names the earlier version."""
+    slide = tmp_path / "m.tiff"
+    shutil.copy(synth, slide)
+    root = tmp_path / "root"
+    argv = ["tile", str(slide), "--out", str(root), "--quiet"]
+    assert cli_main([*argv, "--json"]) == 0
+    [old] = [s["slide_id"] for s in json.loads(capsys.readouterr().out)["slides"]]
+    with slide.open("ab") as f:
+        f.write(b"\0")
+    assert cli_main([*argv, "--json"]) == 0
+    [new] = json.loads(capsys.readouterr().out)["slides"]
+    assert new["status"] == "complete" and new["earlier_versions"] == [old]
+    assert sorted(open_store(root).slide_ids) == sorted([old, new["slide_id"]])
+    assert cli_main([*argv, "--no-resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"{slide}: the file changed since it was tiled as slide {old}; that store is kept" in out

@@ -93,6 +93,12 @@ class TileSummary(BatchOutcome):
         """What re-tiles did with embeddings, then the counts and where the tiles are."""
         lines = []
         for o in self.outcomes:
+            if earlier := o.details.get("earlier_versions"):
+                lines.append(
+                    f"{o.slide}: the file changed since it was tiled as slide "
+                    f"{', '.join(earlier)}; that store is kept beside the new one (name the "
+                    "slides by id to tell them apart)"
+                )
             if same_as := o.details.get("same_as"):
                 lines.append(f"{o.slide}: the same file as {same_as} (one slide, tiled once)")
             if kept := o.details.get("kept_embeddings"):
@@ -312,6 +318,11 @@ def _tile_scale(
             discard_embeddings=discard_embeddings,
         )
     details = _details(source.path, slide_id, root, config, replacement)
+    details["earlier_versions"] = [  # the file held other content when these were tiled
+        e.slide_id
+        for e in archive.catalog.by_path(source.path)
+        if e.slide_id != slide_id and e.status == STATUS_COMPLETE
+    ]
     seconds = time.perf_counter() - started
     return SlideOutcome(str(source.path), "complete", n_tiles, seconds, details=details)
 
