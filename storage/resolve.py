@@ -74,11 +74,26 @@ def resolve_slides(archive: Archive, wanted: Iterable[str]) -> list[str]:
             hint = (
                 f"it names {len(found)} slides ({', '.join(sorted(found))}); give the slide id"
                 if found
-                else f"the archive has {len(ids)} complete slide stores (Archive.slide_ids)"
+                else _known(names, ids)
             )
             raise UnknownSlideError(name, f"archive {archive.root}", hint)
         out.append(next(iter(found)))
     return list(dict.fromkeys(out))
+
+
+def _known(names: dict[str, set[str]], ids: list[str], shown: int = 5) -> str:
+    """Some of the names that would work: file names where the catalog has them, else ids."""
+    if not ids:
+        return "the archive has no complete slide store; tile slides into it first"
+    by_id = {sid: sid for sid in ids}
+    for key, found in names.items():
+        if len(found) == 1 and "." in key and "/" not in key:  # a file name, not a stem or path
+            by_id[next(iter(found))] = key
+    listed = sorted(by_id.values())
+    more = f", ... ({len(listed)} in all)" if len(listed) > shown else ""
+    return (
+        f"the archive's slides: {', '.join(listed[:shown])}{more} (a slide id, file name or stem)"
+    )
 
 
 def resolve_slide(archive: Archive, wanted: str) -> str:
@@ -96,8 +111,8 @@ def resolve_encoder(available: Iterable[str], wanted: str | None, where: str | P
     """The encoder id among ``available`` that ``wanted`` names (None: the only one).
 
     Raises:
-        EmbeddingsNotFoundError: no id matches, or several do (the message lists them).
-        ConfigError: ``wanted`` is None and there are several.
+        EmbeddingsNotFoundError: no id matches (the message lists those there).
+        ConfigError: several match ``wanted``, or it is None and there are several.
     """
     ids = sorted(set(available))
     if wanted is None:
@@ -115,5 +130,10 @@ def resolve_encoder(available: Iterable[str], wanted: str | None, where: str | P
     matches = [i for i in ids if i.startswith(wanted)]
     if len(matches) == 1:
         return matches[0]
-    what = wanted if not matches else f"{wanted} (ambiguous: {', '.join(matches)})"
-    raise EmbeddingsNotFoundError(where, what, ids)
+    if matches:
+        raise ConfigError(
+            f"{where}: {wanted!r} is the start of {len(matches)} encoder ids "
+            f"({', '.join(matches)}); give more of the one you mean",
+            parameters=("encoder",),
+        )
+    raise EmbeddingsNotFoundError(where, wanted, ids)

@@ -137,8 +137,12 @@ def test_one_resolver_for_slide_names_and_encoder_ids(small_archive: Path) -> No
         resolve_slide(archive, "nope")
     [eid] = archive_encoder_ids(archive)
     assert resolve_encoder([eid], "random", "here") == resolve_encoder([eid], None, "here") == eid
-    with pytest.raises(EmbeddingsNotFoundError, match="ambiguous"):
+    with pytest.raises(ConfigError, match=r"'random' is the start of 2 encoder ids"):
         resolve_encoder([eid, f"{eid}x"], "random", "here")
+    with pytest.raises(EmbeddingsNotFoundError, match=r"no complete embeddings 'nope'"):
+        resolve_encoder([eid], "nope", "here")
+    with pytest.raises(UnknownSlideError, match=r"the archive's slides: s1\.tiff, s2\.tiff \("):
+        resolve_slide(archive, "deadbeef")
     with pytest.raises(ConfigError, match="embeddings of 2 encoders"):
         resolve_encoder([eid, "other"], None, "here")
 

@@ -226,8 +226,10 @@ def test_incomplete_and_missing_stores(synth_root: Path, tmp_path: Path) -> None
     s = embed(root, "random-cnn", FAST)
     assert [r.slide for r in s.outcomes] == [a] and s.incomplete == [b]
     s = embed(root, "random-cnn", FAST, slides=[b, "0123456789abcdef"])
-    assert [r.error_type for r in s.outcomes] == ["StoreIncompleteError", "StoreNotFoundError"]
+    assert [r.error_type for r in s.outcomes] == ["StoreIncompleteError", "UnknownSlideError"]
     assert "not 'complete'" in (s.outcomes[0].error or "")
+    name = archive.catalog.get(a).name  # type: ignore[union-attr]
+    assert f"the archive's slides: {name} (" in (s.outcomes[1].error or "")  # complete ones
     with pytest.raises(StoreIncompleteError):
         embed_slide(root, b, "random-cnn", FAST)
 

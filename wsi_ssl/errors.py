@@ -388,10 +388,7 @@ class UnknownSlideError(WsiSslError, LookupError):
     """A slide id (or name) that is not in the archive or the index."""
 
     def __init__(self, slide: str, where: str, hint: str = "") -> None:
-        super().__init__(
-            f"{slide!r}: no such slide in {where}"
-            + (f"; {hint}" if hint else "; the archive's slide ids are listed by `wsi-ssl search`")
-        )
+        super().__init__(f"{slide!r}: no such slide in {where}" + (f"; {hint}" if hint else ""))
         self.slide = slide
 
 

@@ -21,7 +21,7 @@ from wsi_ssl.embedding.runner import EmbedRunner
 from wsi_ssl.embedding.slides import EmbedSlide, EmbedTarget, stain_normalizer
 from wsi_ssl.embedding.summary import EmbedSummary
 from wsi_ssl.encoders import Encoder, create_encoder
-from wsi_ssl.errors import CheckpointError, WsiSslError
+from wsi_ssl.errors import CheckpointError, UnknownSlideError, WsiSslError
 from wsi_ssl.outcome import SlideOutcome
 from wsi_ssl.storage import Archive, open_store
 from wsi_ssl.storage.resolve import resolve_slide
@@ -101,7 +101,7 @@ def embed(
         SlideOutcome.failure(_store_name(err), err)
         for err in (scan.damaged if slides is None else [])
     ]
-    prepared += [target.prepare(archive, s) for s in ids]
+    prepared += [_unknown_slide(archive, s) or target.prepare(archive, s) for s in ids]
     runner = EmbedRunner(target, stain, progress)
     runner.run([p for p in prepared if isinstance(p, EmbedSlide)])
     return EmbedSummary(
@@ -115,6 +115,18 @@ def embed(
         seconds=time.perf_counter() - started,
         loader_wait_s=runner.loader_wait,
     )
+
+
+def _unknown_slide(archive: Archive, name: str) -> SlideOutcome | None:
+    """The failure of a named slide without any store (a typo, or never tiled): the
+    resolver's error, which lists the archive's slides; None when it has a store."""
+    if archive.store_path(name).exists():
+        return None
+    try:
+        resolve_slide(archive, name)
+    except UnknownSlideError as err:
+        return SlideOutcome.failure(name, err)
+    return None
 
 
 def _store_name(err: BaseException) -> str:

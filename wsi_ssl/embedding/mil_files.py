@@ -219,6 +219,8 @@ def export(
             stores.append(archive.slide(sid))
         except WsiSslError as err:
             failed.append(SlideOutcome.failure(name, err))
+    if slides is not None and not stores and failed and failed[-1].exception is not None:
+        raise failed[-1].exception  # no named slide exists: say so, not "no embeddings"
     eid = resolve_encoder({i for s in stores for i in embedding_ids(s)}, encoder, archive.root)
     names = _names(stores, name_by)
     out = Path(out)

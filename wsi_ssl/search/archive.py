@@ -126,10 +126,13 @@ def find_entry(active: Sequence[SlideEntry], slide: str, where: str) -> SlideEnt
         matches = [e for e in active if slide in (e.name, Path(e.name).stem)]
     if len(matches) == 1:
         return matches[0]
+    names = sorted(e.name for e in active)
+    more = f", ... ({len(names)} in all)" if len(names) > 5 else ""
     hint = (
-        f"it matches {len(matches)} slides, give more of the id"
+        f"it matches {len(matches)} slides ({', '.join(e.slide_id for e in matches)}); give "
+        "the slide id"
         if matches
-        else f"the {where} holds {len(active)} slides (SearchIndex.slides)"
+        else f"the {where} holds {', '.join(names[:5]) or 'no slide'}{more}"
     )
     raise UnknownSlideError(slide, where, hint)
 
@@ -297,14 +300,16 @@ def collect(
     ``start_number``; ``skip(slide_id, embedding_attrs)`` leaves a slide out.
 
     Raises:
-        UnknownSlideError: a named slide has no complete store.
+        UnknownSlideError: a named slide (id, file name or stem) has no complete store.
         EmbeddingsNotFoundError: a named slide has no complete embeddings by the encoder.
         SchemaMismatchError: slides at another scale than ``tiling`` (or the first slide's),
             or embeddings of another dimension.
     """
+    from wsi_ssl.storage.resolve import resolve_slides
+
     complete = archive.slide_ids
-    ids = complete if slides is None else list(dict.fromkeys(slides))
-    complete_set, names = set(complete), catalog_names(archive)
+    ids = complete if slides is None else resolve_slides(archive, slides)
+    names = catalog_names(archive)
     items: list[SourceSlide] = []
     entries: list[SlideEntry] = []
     coords: list[np.ndarray] = []
@@ -312,8 +317,6 @@ def collect(
     number, offset = start_number, start_offset
     mismatched = []
     for sid in ids:
-        if slides is not None and sid not in complete_set:
-            raise UnknownSlideError(sid, f"archive {archive.root} (complete slide stores)")
         store = archive.slide(sid)
         emb = _complete_embeddings(store, encoder_id)
         if emb is None:
