@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from wsi_ssl.cli.arg_types import whole_number
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -19,7 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--labels", type=Path, help="labels CSV (slide,label) for the MIL step on your slides"
     )
-    p.add_argument("--steps", type=int, default=200, help="DINO pretraining steps (default 200)")
+    p.add_argument(
+        "--steps",
+        type=whole_number(1),
+        default=200,
+        help="DINO pretraining steps (default 200)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -35,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         echo=lambda line: print(line if line.startswith("==") else f"  {line}", flush=True),
     )
-    print(f"archive: {result.root}")
+    if result.root.is_dir():
+        print(f"archive: {result.root}")
     for picture in result.pictures:
         print(f"picture: {picture}")
     return 1 if result.failed else 0

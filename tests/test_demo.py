@@ -85,3 +85,20 @@ def test_demo_on_a_missing_slide_says_so_and_stops(
     printed = capsys.readouterr().out
     assert f"FAILED {missing}: {missing}: no such slide file" in printed
     assert "no slide was tiled" in printed and "== pretrain" not in printed
+    assert "archive:" not in printed  # none was made
+
+
+def test_demo_inputs_are_checked_before_any_stage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Labels without slides (the demo's own come labelled), and no pretraining steps, are
+    refused before anything is written."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label\na.svs,x\n")
+    out = tmp_path / "demo"
+    assert main(["demo", "--labels", str(labels), "--out", str(out), "--quiet"]) == 2
+    assert "labels are for your own slides" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--steps", "0", "--out", str(out)])
+    assert exit_.value.code == 2 and "expected a whole number >= 1" in capsys.readouterr().err
+    assert not out.exists()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wsi_ssl.config import TilingConfig
+from wsi_ssl.errors import ConfigError
 
 DEMO_SLIDES = 12
 """Synthetic demo slides; the odd seeds carry a lesion (crowded nuclei), labelled "tumour"."""
@@ -76,6 +77,16 @@ def run_demo(
     from wsi_ssl.storage.archive import is_archive_root
     from wsi_ssl.tiling.batch import tile_slides
 
+    if pretrain_steps < 1:
+        raise ConfigError(
+            f"pretrain_steps must be >= 1, got {pretrain_steps}", parameters=("pretrain_steps",)
+        )
+    if labels is not None and not slides:
+        raise ConfigError(
+            "labels are for your own slides: give the slide files too (the demo's synthetic "
+            "slides come labelled)",
+            parameters=("labels",),
+        )
     out = Path(out)
     root = out / "archive"
     if not slides:
