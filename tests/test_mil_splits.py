@@ -132,6 +132,11 @@ def test_a_fold_column_replaces_the_generated_split(tmp_path) -> None:
     assert [int(r["fold"]) for r in splits] == [i % 3 for i in range(9)]
     assert len(result.folds) == 3 and not any(f.early_stopping for f in result.folds)
     assert all(f.note and "no early stopping" in f.note for f in result.folds)
+    assert result.notes[0] == (
+        "the labels CSV's 'fold' column gives 3 folds; folds=5 is not used (drop the column "
+        "to split anew)"
+    )
+    assert result.notes[0] in result.lines()
 
 
 def test_a_failed_training_leaves_no_run(tmp_path) -> None:

@@ -296,6 +296,12 @@ def _cross_validate(
         oof[split.test] = probs
         results.append(result)
     notes = [f"fold {r.fold}: {r.note}" for r in results if r.note]
+    if fold_source == "csv" and len(results) != config.folds:
+        notes.insert(
+            0,
+            f"the labels CSV's 'fold' column gives {len(results)} folds; folds={config.folds} "
+            "is not used (drop the column to split anew)",
+        )
     overall = classification_metrics(y, oof, classes)
     summary = _summary(results)
     title = f"{config.model} on {report.encoder_id}"
