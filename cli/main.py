@@ -57,10 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, as the shell's own tools end
     except KeyboardInterrupt:
-        print(
-            "wsi-ssl: interrupted; re-run the same command to resume (pretrain: add --resume)",
-            file=sys.stderr,
-        )
+        sys.stdout.flush()  # what the command printed before the interrupt stays printed
+        after = getattr(args, "after_interrupt", "re-run the same command to resume")
+        print(f"wsi-ssl: interrupted; {after}", file=sys.stderr)
         return 130
     except Exception as err:  # not a library error: still one line, the traceback on request
         if os.environ.get("WSI_SSL_DEBUG"):

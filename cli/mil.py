@@ -118,7 +118,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--overwrite", action="store_true", help="replace an existing run at --out")
     t.add_argument("--json", action="store_true", help="print metrics.json on stdout")
     t.add_argument("--verbose", action="store_true", help="print one line per epoch")
-    t.set_defaults(func=run_train)
+    t.set_defaults(
+        func=run_train,
+        after_interrupt="no run was written; the same command trains it again from the start",
+    )
 
     q = actions.add_parser(
         "predict",

@@ -123,3 +123,33 @@ def test_full_disk_at_the_swap_keeps_the_old_run(
     _train_in_process(archive, out, epochs=3, overwrite=True)
     assert _epochs(out) == 3
     assert not any(p.name.startswith(f".{out.name}") for p in tmp_path.iterdir())
+
+
+def test_an_interrupted_training_says_it_starts_over_and_leaves_no_run(
+    archive: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C (SIGINT) while ``wsi-ssl mil train`` is about to publish: exit 130, no run and
+    no partial folder left, and the advice fits MIL (it trains again from the start)."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label\n" + "".join(f"{i:016x},{'ab'[i % 2]}\n" for i in range(8)))
+    out = tmp_path / "run"
+    argv = ["mil", "train", str(archive), "--labels", str(labels), "--encoder", "enc-x"]
+    argv += ["--out", str(out), "--folds", "2", "--epochs", "2", "--device", "cpu"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wsi_ssl.cli.main", *argv],
+        env={**os.environ, FAULT_ENV: f"pause_before_rename:{out}"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not _stopped(proc.pid):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == (
+        "wsi-ssl: interrupted; no run was written; the same command trains it again from the start"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.csv"]
