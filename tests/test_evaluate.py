@@ -325,6 +325,10 @@ def test_one_class_folder_is_a_typed_error(separable: Path, tmp_path: Path) -> N
     code, out, err = run_cli(["evaluate", "--encoder", "random-cnn", "--patches", str(folder)])
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "only one class ('glass')" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, out, err = run_cli(["evaluate", "--encoder", "random-cnn", "--patches", str(empty)])
+    assert code == 2 and out == "" and f"{empty}: no images in its sub-folders" in err
 
 
 def test_unknown_encoder_is_one_cli_line(separable: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import wsi_ssl
-from wsi_ssl.errors import SchemaMismatchError
+from wsi_ssl.errors import ConfigError, SchemaMismatchError
 from wsi_ssl.ssl import PretrainConfig, pretrain
 from wsi_ssl.ssl.curation import curate, near_duplicates
 from wsi_ssl.ssl.dataset import TileDataset
@@ -192,7 +192,10 @@ def test_curating_more_than_the_unique_tiles_says_why(embedded_root: Path, tmp_p
     assert done.returncode == 0 and done.stderr == "", done.stderr
     data = json.loads(out.read_text())
     assert data["n_unique"] < 500 and data["n_selected"] == data["n_unique"]
-    short, rough = data["notes"]
+    short, rough, fewer = data["notes"]
+    assert fewer == f"16 clusters were asked for; {data['n_unique']} unique tiles make " + str(
+        data["n_clusters"]
+    )
     assert short.startswith(f"500 tiles were asked for, but only {data['n_unique']} of the ")
     assert "near duplicates (cosine similarity >= 0.5)" in short
     assert rough.startswith(f"k-means clustered {data['n_unique']} tiles into ")
@@ -201,6 +204,14 @@ def test_curating_more_than_the_unique_tiles_says_why(embedded_root: Path, tmp_p
         embedded_root, tmp_path / "ok.json", n_tiles=20, n_clusters=2, dedup_threshold=None
     )
     assert plenty.n_selected == 20 and plenty.notes == []
+    many = curate(embedded_root, tmp_path / "k.json", n_tiles=20, n_clusters=10**5)
+    assert many.n_clusters == many.n_unique < 10**5
+    assert many.notes[-1] == (
+        f"100000 clusters were asked for; {many.n_unique} unique tiles make {many.n_clusters}"
+    )
+    with pytest.raises(ConfigError, match=r"name it \*\.json"):
+        curate(embedded_root, tmp_path / "c.txt", n_tiles=20)
+    assert not (tmp_path / "c.png").exists()
 
 
 def test_curate_cli_bad_input_is_one_line(embedded_root: Path, tmp_path: Path) -> None:

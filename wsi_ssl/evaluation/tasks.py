@@ -194,12 +194,18 @@ def load_images(source: str | Path) -> LabelledImages:
     """The labelled images of a class-per-folder tree or a ``path,label`` CSV.
 
     Raises:
-        ConfigError: ``source`` does not exist, or an image cannot be read.
+        ConfigError: ``source`` does not exist, a folder holds no images, or an image cannot
+            be read.
         LabelsError: one class only, or a class with fewer than 2 images.
     """
     source = Path(source)
     if source.is_dir():
         items = _folder_items(source)
+        if not items:
+            raise ConfigError(
+                f"{source}: no images in its sub-folders (one sub-folder of images per class, "
+                f"{', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
     elif source.is_file():
         items = _csv_items(source)
     else:

@@ -119,7 +119,8 @@ def curate(
 
     Args:
         root: an archive root with embeddings (``wsi-ssl embed``).
-        out: the JSON selection to write (the coverage plot goes beside it, ``.png``).
+        out: the JSON selection to write, ``*.json`` (the coverage plot goes beside it,
+            ``.png``).
         n_tiles: tiles to select (fewer if the archive has fewer unique ones).
         encoder_id: the embeddings to cluster (a unique prefix; None: the only one).
         n_clusters: k of k-means.
@@ -139,6 +140,12 @@ def curate(
             f"dedup_threshold must be in (0, 1] (a cosine similarity) or None; got "
             f"{dedup_threshold}",
             parameters=("dedup_threshold",),
+        )
+    if Path(out).suffix.lower() != ".json":
+        raise ConfigError(
+            f"{out}: the selection is a JSON file (its coverage plot goes beside it as .png); "
+            "name it *.json",
+            parameters=("out",),
         )
     x, index, used = _load(root, encoder_id)
     keep = np.arange(len(x))
@@ -176,7 +183,12 @@ def curate(
         n_clusters=k,
         cluster_sizes=np.bincount(all_labels, minlength=k).tolist(),
         selected_per_cluster=quotas.tolist(),
-        notes=_notes(n_tiles, len(x), len(keep), len(chosen), k, dedup_threshold),
+        notes=_notes(n_tiles, len(x), len(keep), len(chosen), k, dedup_threshold)
+        + (
+            [f"{n_clusters} clusters were asked for; {len(keep)} unique tiles make {k}"]
+            if k < n_clusters
+            else []
+        ),
     )
     _write_json(out, {"format": CURATION_FORMAT, **result.to_dict(), "slides": selection})
     return result
