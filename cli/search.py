@@ -219,6 +219,23 @@ def run_search(args: argparse.Namespace) -> int:
     from wsi_ssl.search import SearchIndex
 
     index = SearchIndex.open(args.root, args.name)
+    query_flags = {
+        "--slide": args.slide,
+        "--image": args.image,
+        "--slides": args.slides or None,
+        "--gallery": args.gallery,
+    }
+    if args.list and any(v is not None for v in query_flags.values()):
+        given = ", ".join(k for k, v in query_flags.items() if v is not None)
+        raise ConfigError(f"--list shows the index and takes no query ({given})")
+    image_only = {
+        "--image-mpp": args.image_mpp,
+        "--encoder": args.encoder,
+        "--weights": args.weights,
+    }
+    if args.image is None and any(v is not None for v in image_only.values()):
+        given = ", ".join(k for k, v in image_only.items() if v is not None)
+        raise ConfigError(f"{given} go with --image (a slide query uses the index's own vectors)")
     if args.list:
         if args.json:
             slides = [s.to_dict() for s in index.slides]

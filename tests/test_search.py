@@ -531,6 +531,27 @@ def test_cli_index_and_search(
         _cli("search", str(root), "--slide", ids["cmu"], "--box", "1,2,3")
 
 
+def test_search_flags_that_would_be_ignored_are_refused(
+    archive: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Image-query flags with a slide query, a query with --list, and a multi-scale tiling
+    output (one archive per scale) are one line each, exit 2."""
+    root, cmu = archive["root"], archive["ids"]["cmu"]
+    for argv, message in (
+        (["--slide", cmu, "--image-mpp", "0.5"], "--image-mpp go with --image"),
+        (["--slide", cmu, "--encoder", "x", "--weights", "w.pt"], "--encoder, --weights go with"),
+        (["--list", "--slides"], "--list shows the index and takes no query (--slides)"),
+    ):
+        assert _cli("search", str(root), *argv) == 2
+        [err] = capsys.readouterr().err.strip().splitlines()
+        assert message in err, err
+    multi = tmp_path / "multi"
+    shutil.copytree(root, multi / "mpp-0.5")
+    assert _cli("search", str(multi), "--list") == 2
+    err = capsys.readouterr().err
+    assert f"{multi}: not an archive root but one per scale" in err and "mpp-0.5" in err
+
+
 def test_demo_region_gallery(archive: dict, tmp_path: Path) -> None:
     root = tmp_path / "root"
     shutil.copytree(archive["root"], root)

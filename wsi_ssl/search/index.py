@@ -32,6 +32,7 @@ from wsi_ssl.errors import (
     EmbeddingsNotFoundError,
     EncoderMismatchError,
     IndexNotFoundError,
+    MultiScaleRootError,
     SchemaMismatchError,
 )
 from wsi_ssl.search.archive import (
@@ -105,6 +106,7 @@ class SearchIndex(SearchMethods):
 
         Raises:
             IndexNotFoundError: no such index (the message lists those there).
+            MultiScaleRootError: ``root`` holds one archive root per scale (name one).
             ConfigError: several indexes and no ``name``.
             CorruptIndexError: a file is truncated, altered or unreadable.
         """
@@ -112,6 +114,10 @@ class SearchIndex(SearchMethods):
         if name is None:
             names = list_indexes(root)
             if not names:
+                from wsi_ssl.storage.archive import multi_scale_roots
+
+                if scales := multi_scale_roots(root):  # each scale has its own indexes
+                    raise MultiScaleRootError(root, scales)
                 raise IndexNotFoundError(root / INDEX_DIR, names)
             if len(names) > 1:
                 raise ConfigError(
