@@ -218,7 +218,6 @@ def run_search(args: argparse.Namespace) -> int:
     from wsi_ssl.errors import ConfigError
     from wsi_ssl.search import SearchIndex
 
-    index = SearchIndex.open(args.root, args.name)
     query_flags = {
         "--slide": args.slide,
         "--image": args.image,
@@ -236,6 +235,7 @@ def run_search(args: argparse.Namespace) -> int:
     if args.image is None and any(v is not None for v in image_only.values()):
         given = ", ".join(k for k, v in image_only.items() if v is not None)
         raise ConfigError(f"{given} go with --image (a slide query uses the index's own vectors)")
+    index = SearchIndex.open(args.root, args.name)
     if args.list:
         if args.json:
             slides = [s.to_dict() for s in index.slides]

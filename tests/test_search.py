@@ -256,6 +256,10 @@ def test_slide_retrieval_and_evaluation(archive: dict) -> None:
     assert ranked.hits[0].slide_id == ids["twin"] and ranked.hits[0].score == pytest.approx(
         1.0, abs=1e-4
     )
+    store = open_store(index.root).slide(ids["cmu"])
+    w, h = store.source["dimensions"]  # the query box is the slide: its size in µm
+    assert ranked.query.box == (0, 0, w, h)
+    assert ranked.query.size_um == pytest.approx((w * store.source["mpp"], h * store.source["mpp"]))
     labels = {
         ids["cmu"]: "skin",
         ids["twin"]: "skin",

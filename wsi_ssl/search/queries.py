@@ -192,7 +192,7 @@ def slide_query(
         coords[rows],
         tiles[rows],
         q.size,
-        (q.size * q.mpp, q.size * q.mpp),
+        (w * q.mpp, h * q.mpp),  # the query box, the whole slide
         slide_number=q.number,
     )
 
