@@ -243,6 +243,30 @@ def same_scale(a: dict[str, Any], b: dict[str, Any]) -> bool:
     )
 
 
+@dataclass
+class UnchangedSlides:
+    """``collect``'s ``skip`` for an index update: leaves out the slides indexed with these
+    very embeddings (same coords hash, same ``created``), counting them in ``summary``;
+    re-embedded ones go to ``summary.updated``; ``seen`` gathers every slide with complete
+    embeddings."""
+
+    indexed: dict[str, SlideEntry]
+    summary: AddSummary
+    seen: set[str] = field(default_factory=set)
+
+    def __call__(self, slide_id: str, attrs: dict[str, Any]) -> bool:
+        self.seen.add(slide_id)
+        old = self.indexed.get(slide_id)
+        if old is None:
+            return False
+        same = old.coords_sha256 == attrs.get("coords_sha256")
+        if same and old.embedded == attrs.get("created"):
+            self.summary.unchanged += 1
+            return True
+        self.summary.updated.append(slide_id)
+        return False
+
+
 def _complete_embeddings(store: SlideStore, encoder_id: str) -> Embeddings | None:
     """The complete embeddings ``encoder_id`` of a store, lazily (no vectors read), or None."""
     from wsi_ssl.storage.embeddings import embedding_status, read_embeddings

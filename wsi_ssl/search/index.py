@@ -38,6 +38,7 @@ from wsi_ssl.errors import (
 from wsi_ssl.search.archive import (
     AddSummary,
     SlideEntry,
+    UnchangedSlides,
     collect,
     find_entry,
     resolve_encoder_id,
@@ -355,21 +356,7 @@ class SearchIndex(SearchMethods):
         summary = AddSummary()
         with self._writing():
             current = {s.slide_id: s for s in self.slides}
-            changed: list[str] = []
-            embedded: set[str] = set()
-
-            def skip(sid: str, attrs: dict[str, Any]) -> bool:
-                embedded.add(sid)
-                old = current.get(sid)
-                if old is None:
-                    return False
-                same = old.coords_sha256 == attrs.get("coords_sha256")
-                if same and old.embedded == attrs.get("created"):
-                    summary.unchanged += 1
-                    return True
-                changed.append(sid)
-                return False
-
+            skip = UnchangedSlides(current, summary)
             found = collect(
                 open_store(self.root),
                 self.encoder_id,
@@ -379,30 +366,22 @@ class SearchIndex(SearchMethods):
                 tiling=self.tiling,
                 skip=skip,
             )
-            gone = (
-                [] if slides is not None else [e for e in self.slides if e.slide_id not in embedded]
-            )
-            for entry in gone:
-                self._remove_entry(entry)
-            summary.removed = [e.slide_id for e in gone]
-            if not found.entries:
-                if gone:
-                    self._maybe_compact(summary.notes)
-                    self._write()
-                else:
-                    summary.notes.append("no new or re-embedded slides; the index is up to date")
-                return summary
-            if found.dim != self.dim:
+            gone = [] if slides is not None else sorted(current.keys() - skip.seen)
+            if found.entries and found.dim != self.dim:
                 raise SchemaMismatchError(
                     f"new embeddings have dimension {found.dim}, the index {self.dim}"
                 )
-            for sid in changed:
+            if not found.entries and not gone:
+                summary.notes.append("no new or re-embedded slides; the index is up to date")
+                return summary
+            for sid in [*gone, *summary.updated]:
                 self._remove_entry(current[sid])
+            summary.removed = gone
             for ids, vecs in found.source.batches():
                 self.index.add_with_ids(vecs, ids)
             self.entries.extend(found.entries)
-            summary.added = [e.slide_id for e in found.entries if e.slide_id not in set(changed)]
-            summary.updated = changed
+            again = set(summary.updated)
+            summary.added = [e.slide_id for e in found.entries if e.slide_id not in again]
             summary.vectors = found.source.n
             self._maybe_compact(summary.notes)
             note = self.strategy.growth_note(

@@ -105,6 +105,28 @@ def _even_quotas(sizes: np.ndarray, total: int) -> np.ndarray:
     return quota
 
 
+def _check_arguments(
+    out: str | Path, n_tiles: int, n_clusters: int, dedup_threshold: float | None
+) -> None:
+    if n_tiles < 1 or n_clusters < 1:
+        raise ConfigError(
+            f"n_tiles and n_clusters must be >= 1; got {n_tiles}, {n_clusters}",
+            parameters=("n_tiles", "n_clusters"),
+        )
+    if dedup_threshold is not None and not 0 < dedup_threshold <= 1:
+        raise ConfigError(
+            f"dedup_threshold must be in (0, 1] (a cosine similarity) or None; got "
+            f"{dedup_threshold}",
+            parameters=("dedup_threshold",),
+        )
+    if Path(out).suffix.lower() != ".json":
+        raise ConfigError(
+            f"{out}: the selection is a JSON file (its coverage plot goes beside it as .png); "
+            "name it *.json",
+            parameters=("out",),
+        )
+
+
 def curate(
     root: str | Path,
     out: str | Path,
@@ -130,23 +152,7 @@ def curate(
     """
     import faiss
 
-    if n_tiles < 1 or n_clusters < 1:
-        raise ConfigError(
-            f"n_tiles and n_clusters must be >= 1; got {n_tiles}, {n_clusters}",
-            parameters=("n_tiles", "n_clusters"),
-        )
-    if dedup_threshold is not None and not 0 < dedup_threshold <= 1:
-        raise ConfigError(
-            f"dedup_threshold must be in (0, 1] (a cosine similarity) or None; got "
-            f"{dedup_threshold}",
-            parameters=("dedup_threshold",),
-        )
-    if Path(out).suffix.lower() != ".json":
-        raise ConfigError(
-            f"{out}: the selection is a JSON file (its coverage plot goes beside it as .png); "
-            "name it *.json",
-            parameters=("out",),
-        )
+    _check_arguments(out, n_tiles, n_clusters, dedup_threshold)
     x, index, used = _load(root, encoder_id)
     keep = np.arange(len(x))
     if dedup_threshold is not None:
