@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -430,6 +431,64 @@ def test_a_cut_short_tiff_is_refused_at_open(
     assert line.startswith(f"wsi-ssl: error: {cut}: the file is cut short")
     with open_slide(synthetic) as whole:  # the intact file opens as before
         assert whole.dimensions == SYNTHETIC_SIZE
+
+
+def test_a_directory_tifffile_cannot_parse_is_left_to_the_backends(
+    synthetic: Path, tmp_path: Path
+) -> None:
+    """The cut-short check never stands between a file and the backends: a second page whose
+    tag count tifffile chokes on (a ValueError, not a TiffFileError) still opens with
+    openslide, which reads the first page as before."""
+    data = bytearray(synthetic.read_bytes())
+    with tifffile.TiffFile(synthetic) as tif:
+        second = tif.pages[1].offset
+    data[second + 19] = 7  # the count of the page's second tag
+    odd = tmp_path / "odd.tiff"
+    odd.write_bytes(bytes(data))
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+    try:
+        with tifffile.TiffFile(odd) as tif:
+            [page.dataoffsets for page in tif.pages]
+    except tifffile.TiffFileError:
+        pytest.skip("this tifffile reports the damage as its own error")
+    except ValueError:
+        pass  # the case: tifffile raises something else while parsing
+    else:
+        pytest.skip("this tifffile parses the damaged directory")
+    finally:
+        logging.getLogger("tifffile").setLevel(logging.NOTSET)
+    with open_slide(odd) as reader:
+        assert reader.backend == "openslide"
+        assert reader.read_region((0, 0), 0, (16, 16)).shape == (16, 16, 3)
+
+
+def test_pyramid_levels_in_subifds_are_checked_and_tifffile_still_logs_after(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An OME-style pyramid keeps its levels as SubIFDs: losing their data is found too; and
+    the check's quieting of tifffile ends with it (later problems are still logged)."""
+    from wsi_ssl.slide._truncation import check_not_truncated
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
+    whole = tmp_path / "pyramid.ome.tif"
+    with tifffile.TiffWriter(whole, ome=True) as tif:
+        tif.write(image, tile=(256, 256), subifds=2, compression="zlib")
+        for k in (2, 4):
+            tif.write(image[::k, ::k], tile=(256, 256), subfiletype=1, compression="zlib")
+    with tifffile.TiffFile(whole) as tif:
+        page = tif.pages[0]
+        main_end = max(page.dataoffsets) + page.databytecounts[int(np.argmax(page.dataoffsets))]
+    data = whole.read_bytes()
+    assert main_end < len(data) - 5000  # the cut below loses only SubIFD (level) data
+    cut = tmp_path / "cut.ome.tif"
+    cut.write_bytes(data[:-5000])
+    check_not_truncated(whole)
+    with pytest.raises(TruncatedSlideError, match="the file is cut short"):
+        check_not_truncated(cut)
+    caplog.set_level(logging.WARNING, logger="tifffile")
+    logging.getLogger("tifffile").error("a later problem")
+    assert "a later problem" in caplog.text
 
 
 def test_open_slide_missing_file(tmp_path: Path) -> None:

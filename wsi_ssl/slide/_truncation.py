@@ -7,7 +7,10 @@ directory's data extents against the file size at open says so at once, before a
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import tifffile
 
@@ -16,31 +19,55 @@ from wsi_ssl.errors import TruncatedSlideError
 __all__ = ["check_not_truncated"]
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+_checking = threading.local()
+
+
+class _QuietWhileChecking(logging.Filter):
+    """Drops tifffile's records in the thread that is checking (its complaints about a cut
+    directory chain are said once, by `TruncatedSlideError` or by the backends)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_checking, "active", False)
+
+
+logging.getLogger("tifffile").addFilter(_QuietWhileChecking())
 
 
 def check_not_truncated(path: Path) -> None:
-    """Raise `TruncatedSlideError` when a TIFF's pages store data past the end of ``path``.
+    """Raise `TruncatedSlideError` when a TIFF's pages (SubIFD levels included) store data
+    past the end of ``path``.
 
-    Files that are not TIFF, or that tifffile cannot parse, are left to the backends.
+    Files that are not TIFF, or that tifffile cannot parse (in any way), are left to the
+    backends, which say why they cannot open them.
     """
     with path.open("rb") as f:
         if f.read(4) not in _TIFF_MAGIC:
             return
     size = path.stat().st_size
-    quiet = logging.getLogger("tifffile")
-    level, quiet.level = quiet.level, logging.CRITICAL  # a cut directory chain is reported here
+    _checking.active = True
     try:
         with tifffile.TiffFile(path) as tif:
-            for number, page in enumerate(tif.pages):
-                offsets, counts = page.dataoffsets, page.databytecounts
-                ends = [o + c for o, c in zip(offsets, counts, strict=False) if c > 0]
-                if ends and max(ends) > size:
-                    raise TruncatedSlideError(
-                        path,
-                        f"page {number} stores data up to byte {max(ends):,}, the file has "
-                        f"{size:,} bytes",
-                    )
-    except tifffile.TiffFileError:
+            ends = [(_data_end(page), number) for number, page in _pages(tif)]
+    except Exception:  # a malformed directory breaks a parser in any way: the backends decide
         return
     finally:
-        quiet.level = level
+        _checking.active = False
+    end, number = max(ends, default=(0, 0))
+    if end > size:
+        raise TruncatedSlideError(
+            path, f"page {number} stores data up to byte {end:,}, the file has {size:,} bytes"
+        )
+
+
+def _pages(tif: tifffile.TiffFile) -> Iterator[tuple[int, Any]]:
+    """Every page and, after each, its SubIFD pages (OME pyramids keep their levels there)."""
+    for number, page in enumerate(tif.pages):
+        yield number, page
+        for sub in getattr(page, "pages", None) or ():
+            yield number, sub
+
+
+def _data_end(page: Any) -> int:
+    """The byte after the last stored tile or strip of ``page`` (0 without data)."""
+    ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=False) if c > 0]
+    return max(ends, default=0)
