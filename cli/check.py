@@ -36,7 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="do not decode every embedding row nor read every tile shard (files only)",
+        help="do not decode every embedding row (files only)",
+    )
+    p.add_argument(
+        "--verify-tiles",
+        action="store_true",
+        help="also read every tile shard against the CRC32C recorded when it was tiled (reads "
+        "the whole archive)",
     )
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
     p.set_defaults(func=run_check)
@@ -54,7 +60,9 @@ def run_check(args: argparse.Namespace) -> int:
     from wsi_ssl.storage.check import check_archive
 
     reports = [
-        check_archive(root, repair=args.repair, decode=not args.quick)
+        check_archive(
+            root, repair=args.repair, decode=not args.quick, verify_tiles=args.verify_tiles
+        )
         for root in archive_roots(args.root)
     ]
     if args.json:

@@ -2,9 +2,10 @@
 
 What is checked, each problem a :class:`Finding` with the command that fixes it:
 
-- every slide store: metadata readable, status complete, every tile shard file present and
-  (unless ``decode=False``) holding the bytes whose CRC32C was recorded when it was tiled,
-  ``coords`` / ``tissue_fraction`` rows equal to the tile count; swap leftovers
+- every slide store: metadata readable, status complete, every tile shard file present (and,
+  with ``verify_tiles``, holding the bytes whose CRC32C was recorded when it was tiled: every
+  tile byte of the archive read), ``coords`` / ``tissue_fraction`` rows equal to the tile
+  count; swap leftovers
   (``<id>.zarr.new`` / ``.old``) of a killed re-tile;
 - every embeddings array: complete by content (``embeddings_problem``), and unfinished
   (``.writing-*``) or set-aside (``.replaced-*``) arrays of killed jobs;
@@ -114,11 +115,12 @@ class CheckReport:
 
 
 class _Checker:
-    def __init__(self, root: Path, repair: bool, decode: bool) -> None:
+    def __init__(self, root: Path, repair: bool, decode: bool, verify_tiles: bool) -> None:
         self.root = root
         self.archive = Archive(root)
         self.repair = repair
         self.decode = decode
+        self.verify_tiles = verify_tiles
         self.report = CheckReport(root)
         self.catalog: dict[str, CatalogEntry] = {}
         self.source: dict[str, str] = {}
@@ -200,7 +202,7 @@ class _Checker:
                 why = f"status {store.status!r}: a tiling job was interrupted"
                 self.add(path, why, self.tile_fix(slide_id), lambda: self.mark_redo(slide_id, why))
             return
-        problem = _store_problem(store, verify=self.decode)
+        problem = _store_problem(store, verify=self.verify_tiles)
         if problem is not None:
             self.reported.add(slide_id)
             self.add(
@@ -402,14 +404,16 @@ def _store_problem(store: SlideStore, *, verify: bool) -> str | None:
     return None
 
 
-def check_archive(root: str | Path, *, repair: bool = False, decode: bool = True) -> CheckReport:
+def check_archive(
+    root: str | Path, *, repair: bool = False, decode: bool = True, verify_tiles: bool = False
+) -> CheckReport:
     """Check the archive at ``root`` (see the module docstring); ``repair`` removes debris and
-    marks for redo what must be redone; ``decode=False`` skips decoding every embedding row
-    and reading every tile shard (files and sizes only).
+    marks for redo what must be redone; ``decode=False`` skips decoding every embedding row;
+    ``verify_tiles`` reads every tile shard against its recorded CRC32C.
 
     Raises:
         StoreNotFoundError: ``root`` is not an archive.
     """
     from wsi_ssl.storage.archive import open_store
 
-    return _Checker(open_store(root).root, repair, decode).run()
+    return _Checker(open_store(root).root, repair, decode, verify_tiles).run()

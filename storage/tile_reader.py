@@ -7,9 +7,10 @@ inner chunk, index at the end with its CRC32C, local files) :class:`TileReader` 
 index once per shard, then each tile's bytes with one ``pread`` and decodes them with the
 array's own inner codec. Any other array (another store, another layout) is read through Zarr.
 
-With ``verify=True`` (the embedding and pretraining readers) each shard file is read whole
-once and checked against the CRC32C the tiler recorded for it (``shard_crc32c``): a tile
-whose bytes changed since tiling still decodes, to wrong pixels, and must not be learned from.
+With ``verify=True`` (the embedding loader, which reads every tile of a shard anyway) each
+shard file is read whole once per reader and checked against the CRC32C the tiler recorded
+for it (``shard_crc32c``): a tile whose bytes changed since tiling still decodes, to wrong
+pixels, and must not be embedded.
 """
 
 from __future__ import annotations

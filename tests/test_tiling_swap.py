@@ -112,8 +112,9 @@ def test_a_retile_restores_a_lost_shard_and_keeps_the_embeddings(
 def test_a_retile_repairs_a_damaged_shard_and_keeps_the_embeddings(
     embedded: tuple[Path, str, np.ndarray, np.ndarray], slide: Path
 ) -> None:
-    """A shard whose bytes changed after tiling (bit rot, a bad copy): ``check`` finds it by
-    the CRC32C recorded at tiling (``--quick`` reads no shard), and the re-tile it asks for
+    """A shard whose bytes changed after tiling (bit rot, a bad copy): ``check --verify-tiles``
+    finds it by the CRC32C recorded at tiling (a plain check reads no shard), and the re-tile
+    it asks for
     writes the recorded bytes again and keeps the embeddings. A store tiled before checksums
     were recorded re-tiles as before: identical tiles keep the embeddings (and get checksums),
     and as damage cannot be told from changed tiles, that re-tile needs
@@ -123,10 +124,10 @@ def test_a_retile_repairs_a_damaged_shard_and_keeps_the_embeddings(
     shard = store_path / "tiles" / "c" / "1" / "0" / "0" / "0"
     original = shard.read_bytes()
     shard.write_bytes(original[:100] + bytes([original[100] ^ 0xFF]) + original[101:])
-    code, report, _ = run_cli(["check", str(root)])
+    code, report, _ = run_cli(["check", str(root), "--verify-tiles"])
     assert code == 1 and "tile shard files damaged (shard 1: bytes changed" in report, report
     assert "--no-resume" in report
-    assert run_cli(["check", str(root), "--quick"])[0] == 0  # files and sizes only
+    assert run_cli(["check", str(root)])[0] == 0  # without --verify-tiles: no shard is read
     # the damaged tiles still decode (to wrong pixels): embedding refuses them
     embed = ["embed", str(root), "--encoder", "random-cnn", "--resize", "bilinear", "--quiet"]
     code, out, err = run_cli(embed)
@@ -136,7 +137,7 @@ def test_a_retile_repairs_a_damaged_shard_and_keeps_the_embeddings(
     assert code == 0 and "embeddings kept (same tiles): enc-a" in out, err
     assert shard.read_bytes() == original
     _assert_intact(root, slide_id, tiles, vectors)
-    assert run_cli(["check", str(root)])[0] == 0
+    assert run_cli(["check", str(root), "--verify-tiles"])[0] == 0
     del zarr.open_array(store_path / "tiles", mode="r+").attrs[SHARD_CHECKSUMS]
     assert open_store(root).slide(slide_id).shard_checksums is None  # as tiled before them
     code, out, err = run_cli(["tile", str(slide), "--out", str(root), *FLAGS, "--no-resume"])

@@ -85,9 +85,7 @@ class TileDataset(Dataset):
             self._readers = {}
         if slide not in self._readers:
             e = self.entries[slide]
-            self._readers[slide] = TileReader(
-                open_store(e.root).slide(e.slide_id).tiles, verify=True
-            )
+            self._readers[slide] = TileReader(open_store(e.root).slide(e.slide_id).tiles)
         return self._readers[slide]
 
     def read_tile(self, index: int) -> np.ndarray:
