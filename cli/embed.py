@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from wsi_ssl.cli.arg_types import seconds
+from wsi_ssl.cli.hints import RESUME_ADVICE
 from wsi_ssl.embedding.config import DECODE_MODES, EmbedConfig
 from wsi_ssl.stain_settings import METHODS as STAIN_METHODS
 
@@ -109,7 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_embed)
+    p.set_defaults(func=run_embed, after_interrupt=RESUME_ADVICE)
 
     p = sub.add_parser(
         "export",

@@ -1,4 +1,5 @@
-"""Turn the API parameters a library error names into the running command's flags.
+"""Turn the API parameters a library error names into the running command's flags (and the
+advice after an interrupt for commands that resume).
 
 Library messages speak the Python API's language (``tissue_threshold``); an error lists those
 names in ``WsiSslError.parameters``. Here the CLI finds, in the parser of the command that ran,
@@ -12,7 +13,10 @@ import argparse
 
 from wsi_ssl.errors import WsiSslError
 
-__all__ = ["command_parser", "flag_hint"]
+__all__ = ["RESUME_ADVICE", "command_parser", "flag_hint"]
+
+RESUME_ADVICE = "re-run it (without --no-resume) to go on where it stopped"
+"""What to do after an interrupt, for the commands that resume (tile, embed)."""
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:

@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE, as the shell's own tools end
     except KeyboardInterrupt:
         sys.stdout.flush()  # what the command printed before the interrupt stays printed
-        after = getattr(args, "after_interrupt", "re-run the same command to resume")
+        after = getattr(args, "after_interrupt", "nothing half-written is kept; re-run the command")
         print(f"wsi-ssl: interrupted; {after}", file=sys.stderr)
         return 130
     except Exception as err:  # not a library error: still one line, the traceback on request

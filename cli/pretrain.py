@@ -40,7 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "flags.",
     )
     add_arguments(p)
-    p.set_defaults(func=run, after_interrupt="add --resume to go on from the last checkpoint")
+    p.set_defaults(
+        func=run, after_interrupt="re-run with --resume to go on from the last checkpoint"
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -218,20 +218,23 @@ def run_search(args: argparse.Namespace) -> int:
     from wsi_ssl.errors import ConfigError
     from wsi_ssl.search import SearchIndex
 
-    query_flags = {
-        "--slide": args.slide,
-        "--image": args.image,
-        "--slides": args.slides or None,
-        "--gallery": args.gallery,
-    }
-    if args.list and any(v is not None for v in query_flags.values()):
-        given = ", ".join(k for k, v in query_flags.items() if v is not None)
-        raise ConfigError(f"--list shows the index and takes no query ({given})")
     image_only = {
         "--image-mpp": args.image_mpp,
         "--encoder": args.encoder,
         "--weights": args.weights,
     }
+    query_flags = {
+        "--xy": args.xy,
+        "--box": args.box,
+        "--slides": args.slides or None,
+        "--exclude-self": args.exclude_self or None,
+        "--hits-per-tile": args.hits_per_tile,
+        "--gallery": args.gallery,
+        **image_only,
+    }  # --slide and --image: argparse refuses them with --list
+    if args.list and any(v is not None for v in query_flags.values()):
+        given = ", ".join(k for k, v in query_flags.items() if v is not None)
+        raise ConfigError(f"--list shows the index and takes no query ({given})")
     if args.image is None and any(v is not None for v in image_only.values()):
         given = ", ".join(k for k, v in image_only.items() if v is not None)
         raise ConfigError(f"{given} go with --image (a slide query uses the index's own vectors)")

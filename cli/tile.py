@@ -12,6 +12,7 @@ from typing import Any
 
 from wsi_ssl.cli import tile_roi
 from wsi_ssl.cli.arg_types import seconds, whole_number
+from wsi_ssl.cli.hints import RESUME_ADVICE
 from wsi_ssl.cli.toml_config import read_toml_config, toml_scales
 from wsi_ssl.config import CODECS, TilingConfig
 from wsi_ssl.errors import ConfigError
@@ -75,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run_tile)
+    p.set_defaults(func=run_tile, after_interrupt=RESUME_ADVICE)
 
     p = sub.add_parser("info", help="print a slide's geometry, scale and reader")
     p.add_argument("slide", type=Path)

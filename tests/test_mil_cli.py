@@ -176,6 +176,16 @@ def test_predictions_into_one_folder_add_up_and_another_runs_are_refused(
     assert sorted(after) == sorted(LABELS)
     assert after["s3.tiff"] == before["s3.tiff"]  # kept as it was
     assert after["s1.tiff"]["prob_pen"] == before["s1.tiff"]["prob_pen"]  # same run, same bag
+    # s3 loses its embeddings (as a re-tile with --discard-embeddings leaves it): predicting it
+    # again fails, and its earlier row goes, as it no longer describes the slide
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    sid = after["s3.tiff"]["slide_id"]
+    shutil.rmtree(open_store(copy).store_path(sid) / "embeddings")
+    code, _, _ = run_cli([*argv[:3], str(copy), *argv[4:], "--slides", "s3.tiff"])
+    assert code == 1
+    rows = {r["name"]: r for r in csv.DictReader((out / "predictions.csv").open())}
+    assert sorted(rows) == ["s1.tiff", "s2.tiff", "s4.tiff"]
     other = tmp_path / "other"
     other.mkdir()
     (other / "predictions.csv").write_text("slide_id,name,n_tiles,predicted,prob_a,prob_b\n")

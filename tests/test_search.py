@@ -545,6 +545,7 @@ def test_search_flags_that_would_be_ignored_are_refused(
         (["--slide", cmu, "--image-mpp", "0.5"], "--image-mpp go with --image"),
         (["--slide", cmu, "--encoder", "x", "--weights", "w.pt"], "--encoder, --weights go with"),
         (["--list", "--slides"], "--list shows the index and takes no query (--slides)"),
+        (["--list", "--image-mpp", "1"], "takes no query (--image-mpp)"),
     ):
         assert _cli("search", str(root), *argv) == 2
         [err] = capsys.readouterr().err.strip().splitlines()

@@ -773,7 +773,10 @@ def test_one_slide_under_two_names_is_tiled_once(
 
 
 def test_a_changed_file_is_a_new_slide_and_its_earlier_version_is_named(
-    tmp_path: Path, synth: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    synth: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Content gives the id: a file changed in place is tiled as a new slide beside the old
     store (kept, with anything made from it), and the report names the earlier version."""
@@ -792,3 +795,6 @@ def test_a_changed_file_is_a_new_slide_and_its_earlier_version_is_named(
     assert cli_main([*argv, "--no-resume"]) == 0
     out = capsys.readouterr().out
     assert f"{slide}: the file changed since it was tiled as slide {old}; that store is kept" in out
+    monkeypatch.chdir(tmp_path)  # however the path is spelled, it is the same file
+    assert cli_main(["tile", "m.tiff", "--out", str(root), "--quiet", "--no-resume"]) == 0
+    assert f"m.tiff: the file changed since it was tiled as slide {old}" in capsys.readouterr().out

@@ -9,8 +9,9 @@ Writes, under ``OUT`` (default ``RUN/predictions``)::
 
 A slide that cannot be predicted (no embeddings of the run's encoder, an empty bag) is
 reported and the others go on. ``predictions.csv`` gathers every slide predicted into ``OUT``:
-a later call (other slides, another archive) replaces the rows of the slides it predicts and
-keeps the others, as it keeps their pictures; it is written atomically.
+a later call (other slides, another archive) replaces the rows of the slides it tries (a
+slide that fails loses its earlier row) and keeps the others, as it keeps their pictures; it
+is written atomically.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def predict(
     )
     with torch_threads(model.config.threads):
         _predict_all(model, archive, ids, names, out, result, top_k, explain, progress)
-    _write_csv(result, model.classes)
+    _write_csv(result, model.classes, set(ids))
     result.seconds = time.perf_counter() - started
     return result
 
@@ -291,8 +292,9 @@ def _earlier_rows(path: Path, header: list[str]) -> list[list[str]]:
     return rows[1:]
 
 
-def _write_csv(result: PredictResult, classes: list[str]) -> None:
-    """This call's rows, after the earlier rows of the slides it did not predict."""
+def _write_csv(result: PredictResult, classes: list[str], attempted: set[str]) -> None:
+    """This call's rows, after the earlier rows of the slides it did not try (a slide it
+    tried and failed loses its earlier row: that prediction is not current)."""
     header = _csv_header(classes)
     new = {
         s.slide_id: [s.slide_id, s.name, str(s.n_tiles), s.label]
@@ -300,7 +302,7 @@ def _write_csv(result: PredictResult, classes: list[str]) -> None:
         + [_rel(p, result.out) for p in (s.heatmap, s.gallery, s.geojson)]
         for s in result.slides
     }
-    kept = [row for row in _earlier_rows(result.csv_path, header) if row[0] not in new]
+    kept = [row for row in _earlier_rows(result.csv_path, header) if row[0] not in attempted]
     text = io.StringIO(newline="")
     csv.writer(text).writerows([header, *kept, *new.values()])
     atomic_write_text(result.csv_path, text.getvalue())

@@ -318,11 +318,15 @@ def _tile_scale(
             discard_embeddings=discard_embeddings,
         )
     details = _details(source.path, slide_id, root, config, replacement)
-    details["earlier_versions"] = [  # the file held other content when these were tiled
-        e.slide_id
-        for e in archive.catalog.by_path(source.path)
-        if e.slide_id != slide_id and e.status == STATUS_COMPLETE
-    ]
+    spellings = {source.path, source.path.resolve()}  # older catalogs kept the path as given
+    details["earlier_versions"] = sorted(  # the file held other content when these were tiled
+        {
+            e.slide_id
+            for path in spellings
+            for e in archive.catalog.by_path(path)
+            if e.slide_id != slide_id and e.status == STATUS_COMPLETE
+        }
+    )
     seconds = time.perf_counter() - started
     return SlideOutcome(str(source.path), "complete", n_tiles, seconds, details=details)
 
@@ -380,7 +384,7 @@ def _record(
     """The slide's catalog row in this scale's archive."""
     archive.catalog.upsert(
         slide_id=source.slide_id,
-        path=source.path,
+        path=source.path.resolve(),
         fingerprint=source.fingerprint,
         status=status,
         n_tiles=n_tiles,
