@@ -769,7 +769,9 @@ def test_one_slide_under_two_names_is_tiled_once(
         assert summary["tiles"] == archive.slide(slide_id).n_tiles
         assert archive.catalog.get(slide_id).name == "a.tiff"  # type: ignore[union-attr]
     assert cli_main(argv[:-1]) == 0
-    assert f"{b}: the same file as {a} (one slide, tiled once)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{b}: the same file as {a} (one slide, tiled once)" in out
+    assert "0 tiled, 1 already complete, 1 the same file as another, 0 busy" in out
 
 
 def test_a_changed_file_is_a_new_slide_and_its_earlier_version_is_named(

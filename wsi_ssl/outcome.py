@@ -156,10 +156,18 @@ class BatchOutcome:
     def count_line(self, done: str = "done") -> str:
         """``N <done>, N already complete, N busy (...), N failed``."""
         c = self.counts
-        return (
-            f"{c['complete']} {done}, {c['skipped']} already complete, {c['busy']} busy "
-            f"(another job is writing them), {c['failed']} failed"
+        return ", ".join(
+            [
+                f"{c['complete']} {done}",
+                *self.skipped_counts(),
+                f"{c['busy']} busy (another job is writing them)",
+                f"{c['failed']} failed",
+            ]
         )
+
+    def skipped_counts(self) -> list[str]:
+        """How the count line names the skipped slides; a summary may tell kinds apart."""
+        return [f"{self.counts['skipped']} already complete"]
 
     def outcomes_dict(self) -> dict[str, Any]:
         """The counts and the per-slide list, for a summary's ``to_dict()``."""

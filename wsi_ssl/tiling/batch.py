@@ -108,6 +108,13 @@ class TileSummary(BatchOutcome):
         where = ", ".join(self.roots)
         return [*lines, f"{self.count_line('tiled')}; {self.tiles} tiles in {where}"]
 
+    def skipped_counts(self) -> list[str]:
+        """Slides found already complete, and files that are the same slide as another of
+        the batch (a file given twice, an identical copy), counted apart."""
+        duplicates = sum(1 for o in self.outcomes if o.details.get("same_as"))
+        complete = f"{self.counts['skipped'] - duplicates} already complete"
+        return [complete, f"{duplicates} the same file as another"] if duplicates else [complete]
+
     def to_dict(self) -> dict[str, Any]:
         return {**self.outcomes_dict(), "tiles": self.tiles, "roots": self.roots}
 
