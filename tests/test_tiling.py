@@ -445,7 +445,7 @@ def test_jpeg_store_keeps_the_scanners_jpeg_streams(synth: Path, tmp_path: Path)
         shard = (
             tmp_path / "slides" / f"{result.details['slide_id']}.zarr" / "tiles" / "c/0/0/0/0"
         ).read_bytes()
-        first = stored.jpeg(0, 0)
+        first, _ = stored.jpeg(0, 0)
         assert shard.startswith(first)  # tile (0, 0) stored byte for byte
         for i, (x, y) in enumerate(store.coords):
             expected = reader.read_region((int(x), int(y)), 0, (256, 256))
@@ -463,7 +463,7 @@ def test_stored_jpeg_merges_the_shared_tables(cmu_small: Path) -> None:
     with open_slide(cmu_small, backend="tiffslide") as reader:
         stored = reader.stored_tiles(0)
         assert stored is not None and stored.page.jpegtables and not stored.jpeg_passthrough
-        stream = stored.jpeg(3, 4)
+        stream, _ = stored.jpeg(3, 4)
         assert stream.startswith(b"\xff\xd8") and stream.count(b"\xff\xd8") == 1
         alone = imagecodecs.jpeg8_decode(stream, colorspace="RGB", outcolorspace="RGB")
         np.testing.assert_array_equal(alone, stored.decode(3, 4))

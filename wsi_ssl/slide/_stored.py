@@ -15,23 +15,42 @@ OpenJPEG return the components as they are, so every decode here converts them t
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import tifffile
-from PIL import Image, JpegImagePlugin
+from PIL import Image
 
 from wsi_ssl.errors import CorruptSlideError
 
-__all__ = ["APERIO_J2K_YCBCR", "StoredTiles", "ycbcr_to_rgb"]
+__all__ = ["APERIO_J2K_YCBCR", "StoredTiles", "jpeg_header", "ycbcr_to_rgb"]
 
 APERIO_J2K_YCBCR = 33003
 """TIFF compression of Aperio's JPEG 2000 whose components are YCbCr (no colour transform)."""
 
 _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
+_SOS = 0xDA
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (not DHT, JPG, DAC)
+
+
+def jpeg_header(stream: bytes) -> tuple[frozenset[int], tuple[int, int, int] | None]:
+    """The marker codes of a JPEG ``stream``'s segments before its first scan, and its frame's
+    (height, width, components) from the first SOF segment (None without one)."""
+    markers: set[int] = set()
+    frame = None
+    i = 2  # after SOI
+    while i + 4 <= len(stream) and stream[i] == 0xFF:
+        marker = stream[i + 1]
+        if marker == _SOS:
+            break
+        markers.add(marker)
+        if marker in _SOF and frame is None and i + 10 <= len(stream):
+            h, w = (int.from_bytes(stream[j : j + 2], "big") for j in (i + 5, i + 7))
+            frame = (h, w, stream[i + 9])
+        i += 2 + int.from_bytes(stream[i + 2 : i + 4], "big")
+    return frozenset(markers), frame
 
 
 def ycbcr_to_rgb(pixels: np.ndarray) -> np.ndarray:
@@ -96,35 +115,30 @@ class StoredTiles:
         fh.seek(self.page.dataoffsets[index])
         return bytes(fh.read(self.page.databytecounts[index]))
 
-    def jpeg(self, row: int, col: int) -> bytes:
-        """Tile (row, col) as a self-contained JPEG stream (shared tables merged in).
+    def jpeg(self, row: int, col: int) -> tuple[bytes, frozenset[int]]:
+        """Tile (row, col) as a self-contained JPEG stream (shared tables merged in), and the
+        marker codes of its header segments (:func:`jpeg_header`).
 
         Raises:
             CorruptSlideError: the stream's header is not a frame of the tile's size and
                 three components.
         """
-        data = self._with_tables(self.raw(row, col))
-        self._check_jpeg_header(row, col, data)
-        return data
+        return self._checked_jpeg(row, col, self.raw(row, col))
 
-    def _with_tables(self, data: bytes) -> bytes:
+    def _checked_jpeg(self, row: int, col: int, data: bytes) -> tuple[bytes, frozenset[int]]:
+        """``data`` (tile (row, col) as stored) with the shared tables merged in, refused
+        unless its frame header is this level's tile (size, three components)."""
         tables = self.page.jpegtables
-        if tables:  # tables' SOI..DQT/DHT, then the tile without its own SOI
-            return bytes(tables).removesuffix(_JPEG_EOI) + data.removeprefix(_JPEG_SOI)
-        return data
-
-    def _check_jpeg_header(self, row: int, col: int, stream: bytes) -> None:
-        """Refuse a JPEG whose frame header is not this level's tile (size or components)."""
+        if tables:  # the tables' SOI..DQT/DHT, then the tile without its own SOI
+            data = bytes(tables).removesuffix(_JPEG_EOI) + data.removeprefix(_JPEG_SOI)
+        markers, frame = jpeg_header(data)
         th, tw = self.tile_shape
-        try:  # the plugin parses the markers up to the scan (no decode, no size check)
-            with JpegImagePlugin.JpegImageFile(io.BytesIO(stream)) as image:
-                size, bands = image.size, len(image.getbands())
-        except (OSError, ValueError, SyntaxError) as err:
-            detail = f"not a readable JPEG header ({type(err).__name__}: {err})"
+        if frame is None:
+            detail = "not a readable JPEG header (no frame before the scan)"
+        elif frame != (th, tw, 3):
+            detail = f"JPEG header says {frame[1]}x{frame[0]} with {frame[2]} components"
         else:
-            if size == (tw, th) and bands == 3:
-                return
-            detail = f"JPEG header says {size[0]}x{size[1]} with {bands} components"
+            return data, markers
         raise CorruptSlideError(
             self.path,
             f"stored tile row {row}, column {col}: {detail}, the level's tiles are {tw}x{th} "
@@ -155,7 +169,7 @@ class StoredTiles:
         index = row * self.columns + col
         data = self.raw(row, col)
         if self.page.compression == tifffile.COMPRESSION.JPEG:
-            self._check_jpeg_header(row, col, self._with_tables(data))
+            self._checked_jpeg(row, col, data)
         try:
             pixels, _, _ = self.page.decode(data, index, jpegtables=self.page.jpegtables)
             return self.as_rgb(np.asarray(pixels).reshape(*self.tile_shape, 3))

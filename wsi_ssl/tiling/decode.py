@@ -79,27 +79,8 @@ sub-pixel shift on sharp tissue edges, not damage."""
 
 _J2K_COD, _J2K_SOT = 0x52, 0x90  # coding style default, start of tile-part
 
-_APP0, _APP14, _SOS = 0xE0, 0xEE, 0xDA
-_SOF = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (not DHT, JPG, DAC)
+_APP0, _APP14 = 0xE0, 0xEE
 _PORTABLE_SOF = {0xC0, 0xC1, 0xC2}  # Huffman baseline, extended, progressive: any decoder
-
-
-def _header(stream: bytes) -> tuple[set[int], tuple[int, int, int] | None]:
-    """The marker codes of ``stream``'s segments before its first scan, and its frame's
-    (height, width, components) from the first SOF segment (None without one)."""
-    markers: set[int] = set()
-    frame = None
-    i = 2  # after SOI
-    while i + 4 <= len(stream) and stream[i] == 0xFF:
-        marker = stream[i + 1]
-        if marker == _SOS:
-            break
-        markers.add(marker)
-        if marker in _SOF and frame is None and i + 10 <= len(stream):
-            h, w = (int.from_bytes(stream[j : j + 2], "big") for j in (i + 5, i + 7))
-            frame = (h, w, stream[i + 9])
-        i += 2 + int.from_bytes(stream[i + 2 : i + 4], "big")
-    return markers, frame
 
 
 def _jpeg_photometric(stored: StoredTiles) -> int | None:
@@ -116,23 +97,6 @@ def _corrupt(stored: StoredTiles, row: int, col: int, detail: str) -> CorruptSli
     )
 
 
-def _checked_stream(stored: StoredTiles, row: int, col: int) -> tuple[bytes, set[int]]:
-    """Tile (row, col), shared tables merged in, its frame header checked against the tile
-    (size, three components): decoders allocate what the header says. Also the stream's
-    header markers."""
-    data = stored.raw(row, col)
-    tables = stored.page.jpegtables
-    if tables:  # the tables' SOI..DQT/DHT, then the tile without its own SOI
-        data = bytes(tables).removesuffix(b"\xff\xd9") + data.removeprefix(b"\xff\xd8")
-    markers, frame = _header(data)
-    if frame is None:
-        raise _corrupt(stored, row, col, "not a readable JPEG header (no frame before the scan)")
-    h, w, components = frame
-    if (h, w) != stored.tile_shape or components != 3:
-        raise _corrupt(stored, row, col, f"JPEG header says {w}x{h} with {components} components")
-    return data, markers
-
-
 def portable_jpeg(stored: StoredTiles, row: int, col: int) -> bytes | None:
     """Stored tile (row, col) as a JPEG stream any decoder reads as the slide's RGB, or None
     where it cannot be made one (not JPEG; lossless or arithmetic-coded frames, which not every
@@ -145,7 +109,7 @@ def portable_jpeg(stored: StoredTiles, row: int, col: int) -> bytes | None:
     photometric = _jpeg_photometric(stored)
     if photometric not in (tifffile.PHOTOMETRIC.YCBCR, tifffile.PHOTOMETRIC.RGB):
         return None
-    stream, markers = _checked_stream(stored, row, col)
+    stream, markers = stored.jpeg(row, col)
     if not markers & _PORTABLE_SOF:
         return None
     if photometric == tifffile.PHOTOMETRIC.YCBCR:
