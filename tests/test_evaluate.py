@@ -322,13 +322,17 @@ def test_one_class_folder_is_a_typed_error(separable: Path, tmp_path: Path) -> N
         (folder / "glass" / p.name).write_bytes(p.read_bytes())
     with pytest.raises(LabelsError, match=r"only one class \('glass'\)"):
         evaluate_encoders(["random-cnn"], [PatchTask(folder)], n_bootstrap=0)
-    code, out, err = run_cli(["evaluate", "--encoder", "random-cnn", "--patches", str(folder)])
+    results = tmp_path / "results" / "evaluation"
+    argv = ["evaluate", "--encoder", "random-cnn", "--out", str(results), "--patches"]
+    code, out, err = run_cli([*argv, str(folder)])
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "only one class ('glass')" in err
+    assert not results.exists()  # the failed run left no empty output folder
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, out, err = run_cli(["evaluate", "--encoder", "random-cnn", "--patches", str(empty)])
+    code, out, err = run_cli([*argv, str(empty)])
     assert code == 2 and out == "" and f"{empty}: no images in its sub-folders" in err
+    assert not results.exists()
 
 
 def test_unknown_encoder_is_one_cli_line(separable: Path, tmp_path: Path) -> None:
@@ -476,7 +480,8 @@ def test_labels_matching_no_slide_is_a_typed_error(
     argv = ["evaluate", "--encoder", "random-cnn", "--root", str(root)]
     code, _, err = run_cli([*argv, "--retrieval-labels", str(csv), "--out", str(tmp_path)])
     assert code == 2 and err.count("\n") == 1 and "'x1.svs'" in err
-    code, _, err = run_cli(["evaluate", "--encoder", "random-cnn", "--slide-labels", str(csv)])
+    argv = ["evaluate", "--encoder", "random-cnn", "--out", str(tmp_path / "e")]
+    code, _, err = run_cli([*argv, "--slide-labels", str(csv)])
     assert code == 2 and "need --root" in err
 
 

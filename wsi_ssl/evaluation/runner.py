@@ -368,9 +368,18 @@ def _retrieval(task: RetrievalTask, encoders: Named, config: EvaluationConfig) -
 
 @contextlib.contextmanager
 def _workdir(out: str | Path | None) -> Iterator[Path]:
+    """``out``, made if needed (a run that fails before writing anything into a folder it
+    made removes it again), or a temporary folder for None."""
     if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        yield Path(out)
+        path = Path(out)
+        made = not path.exists()
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            yield path
+        except BaseException:
+            if made and not any(path.iterdir()):
+                path.rmdir()
+            raise
     else:
         with tempfile.TemporaryDirectory(prefix="wsi-ssl-evaluate-") as tmp:
             yield Path(tmp)
