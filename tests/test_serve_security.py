@@ -108,6 +108,8 @@ def test_paths_are_redacted_from_messages() -> None:
 
     message = "/srv/archive/slides/ab12.zarr: store is 'writing' (C:\\data\\x.svs); 0.5 µm/px"
     assert redact_paths(message) == "ab12.zarr: store is 'writing' (x.svs); 0.5 µm/px"
+    relative = "data/arch/slides/1d3c.zarr: tiled at 0.5 µm/px; arch2/slides/x.zarr/ too"
+    assert redact_paths(relative) == "1d3c.zarr: tiled at 0.5 µm/px; x.zarr too"
 
 
 def test_headers_and_no_api_docs(site: dict[str, Any]) -> None:

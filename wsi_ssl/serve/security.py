@@ -51,12 +51,14 @@ HEADERS = [
     (b"referrer-policy", b"no-referrer"),
     (b"cross-origin-resource-policy", b"same-origin"),
 ]
-_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\\/\s'\"<>|:;,()\[\]]+){2,}[\\/]?")
+_PART = r"[^\\/\s'\"<>|:;,()\[\]]+"
+_PATH = re.compile(rf"(?:[A-Za-z]:|{_PART})?(?:[\\/]{_PART}){{2,}}[\\/]?")
 
 
 def redact_paths(text: str) -> str:
-    """``text`` with each absolute filesystem path (two components or more) cut to its last
-    component; ``µm/px`` and the like are left alone."""
+    """``text`` with each filesystem path of three components or more (absolute, or relative
+    as a server started on ``data/archive`` names its stores) cut to its last component;
+    ``µm/px`` and the like are left alone."""
     return _PATH.sub(lambda m: m.group(0).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1], text)
 
 
