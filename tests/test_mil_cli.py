@@ -168,6 +168,7 @@ def test_predictions_into_one_folder_add_up_and_another_runs_are_refused(
     code, first, err = run_cli([*argv, "--slides", "s1.tiff", "s3.tiff"])
     assert code == 0, err
     assert first.splitlines()[0] == "predicted  probabilities  tiles  slide"
+    assert first.splitlines()[-1].endswith("predictions.csv")  # no pictures claimed
     before = {r["name"]: r for r in csv.DictReader((out / "predictions.csv").open())}
     assert sorted(before) == ["s1.tiff", "s3.tiff"]
     code, _, err = run_cli([*argv, "--slides", "s2.tiff", "s4.tiff", "s1.tiff"])

@@ -221,3 +221,15 @@ def test_bf16_autocast_and_balanced_sampling_run_on_the_cpu(cmu_root: Path, tmp_
     finished, loss = json.loads(out.stdout.strip().splitlines()[-1])
     assert finished and np.isfinite(loss)
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["precision"] == "bf16"
+
+
+def test_loss_plot_of_one_logged_step_shows_the_point(tmp_path: Path) -> None:
+    """A run that logged one step draws a marker (a one-point line draws nothing)."""
+    from PIL import Image
+
+    from wsi_ssl.ssl.metrics import plot_loss
+
+    png = plot_loss([{"step": 6, "loss": 1.5, "lr": 0.001}], tmp_path / "loss.png", title="mae")
+    pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    blue = np.abs(pixels - np.array([31, 119, 180])).sum(axis=2) < 30  # matplotlib's tab:blue
+    assert blue[:, pixels.shape[1] // 5 :].sum() > 20  # right of the blue axis label

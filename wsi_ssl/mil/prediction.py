@@ -90,9 +90,13 @@ class PredictResult(BatchOutcome):
         return self.out / "predictions.csv"
 
     def total_lines(self) -> list[str]:
+        explained = any(p.heatmap is not None for p in self.predictions)
+        pictures = (
+            f" and heatmaps, tile galleries and GeoJSON under {self.out}" if explained else ""
+        )
         return [
             f"{len(self.predictions)} slide(s) predicted, {len(self.failed)} failed; wrote "
-            f"{self.csv_path} and heatmaps, tile galleries and GeoJSON under {self.out}"
+            f"{self.csv_path}{pictures}"
         ]
 
     def lines(self, hint: ErrorHint | None = None) -> list[str]:

@@ -42,7 +42,7 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
 
 
-def plot_loss(rows: list[dict[str, Any]], out: str | Path, title: str = "DINO pretraining") -> Path:
+def plot_loss(rows: list[dict[str, Any]], out: str | Path, title: str = "pretraining") -> Path:
     """Loss (and learning rate) against step, saved as a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -54,9 +54,10 @@ def plot_loss(rows: list[dict[str, Any]], out: str | Path, title: str = "DINO pr
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     steps = [r["step"] for r in rows]
-    ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", label="loss")
+    marker = "o" if len(rows) == 1 else None  # one logged step is a point, not a line
+    ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", marker=marker, label="loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("DINO loss", color="tab:blue")
+    ax.set_ylabel("training loss", color="tab:blue")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if rows and "lr" in rows[0]:

@@ -98,7 +98,8 @@ class Trainer:
         steps_per_epoch = n_tiles // self.global_batch
         if steps_per_epoch < 1:
             raise ConfigError(
-                f"the stores hold {n_tiles} tiles, fewer than one global batch "
+                f"{n_tiles} tiles are selected for training (after any curation or QC "
+                "selection), fewer than one global batch "
                 f"({config.batch_size} x {ctx.world_size} processes); lower batch_size",
                 parameters=("batch_size",),
             )
