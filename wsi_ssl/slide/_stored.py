@@ -25,7 +25,7 @@ from PIL import Image
 
 from wsi_ssl.errors import CorruptSlideError
 
-__all__ = ["APERIO_J2K_YCBCR", "StoredTiles", "jpeg_header", "ycbcr_to_rgb"]
+__all__ = ["APERIO_J2K_YCBCR", "StoredTiles", "ycbcr_to_rgb"]
 
 APERIO_J2K_YCBCR = 33003
 """TIFF compression of Aperio's JPEG 2000 whose components are YCbCr (no colour transform)."""
@@ -35,7 +35,7 @@ _SOS = 0xDA
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (not DHT, JPG, DAC)
 
 
-def jpeg_header(stream: bytes) -> tuple[frozenset[int], tuple[int, int, int] | None]:
+def _jpeg_header(stream: bytes) -> tuple[frozenset[int], tuple[int, int, int] | None]:
     """The marker codes of a JPEG ``stream``'s segments before its first scan, and its frame's
     (height, width, components) from the first SOF segment (None without one)."""
     markers: set[int] = set()
@@ -117,7 +117,7 @@ class StoredTiles:
 
     def jpeg(self, row: int, col: int) -> tuple[bytes, frozenset[int]]:
         """Tile (row, col) as a self-contained JPEG stream (shared tables merged in), and the
-        marker codes of its header segments (:func:`jpeg_header`).
+        marker codes of its header segments before the scan.
 
         Raises:
             CorruptSlideError: the stream's header is not a frame of the tile's size and
@@ -131,7 +131,7 @@ class StoredTiles:
         tables = self.page.jpegtables
         if tables:  # the tables' SOI..DQT/DHT, then the tile without its own SOI
             data = bytes(tables).removesuffix(_JPEG_EOI) + data.removeprefix(_JPEG_SOI)
-        markers, frame = jpeg_header(data)
+        markers, frame = _jpeg_header(data)
         th, tw = self.tile_shape
         if frame is None:
             detail = "not a readable JPEG header (no frame before the scan)"
@@ -139,7 +139,13 @@ class StoredTiles:
             detail = f"JPEG header says {frame[1]}x{frame[0]} with {frame[2]} components"
         else:
             return data, markers
-        raise CorruptSlideError(
+        raise self.corrupt(row, col, detail)
+
+    def corrupt(self, row: int, col: int, detail: str) -> CorruptSlideError:
+        """The error for stored tile (row, col) that cannot be copied or decoded (``detail``
+        says why)."""
+        th, tw = self.tile_shape
+        return CorruptSlideError(
             self.path,
             f"stored tile row {row}, column {col}: {detail}, the level's tiles are {tw}x{th} "
             "RGB; refusing to copy or decode it",

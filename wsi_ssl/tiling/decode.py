@@ -33,7 +33,6 @@ import simplejpeg
 import tifffile
 from PIL import Image, Jpeg2KImagePlugin
 
-from wsi_ssl.errors import CorruptSlideError
 from wsi_ssl.slide import StoredTiles
 
 __all__ = [
@@ -86,15 +85,6 @@ _PORTABLE_SOF = {0xC0, 0xC1, 0xC2}  # Huffman baseline, extended, progressive: a
 def _jpeg_photometric(stored: StoredTiles) -> int | None:
     page = stored.page
     return page.photometric if page.compression == tifffile.COMPRESSION.JPEG else None
-
-
-def _corrupt(stored: StoredTiles, row: int, col: int, detail: str) -> CorruptSlideError:
-    th, tw = stored.tile_shape
-    return CorruptSlideError(
-        stored.path,
-        f"stored tile row {row}, column {col}: {detail}, the level's tiles are {tw}x{th} RGB; "
-        "refusing to copy or decode it",
-    )
 
 
 def portable_jpeg(stored: StoredTiles, row: int, col: int) -> bytes | None:
@@ -209,7 +199,7 @@ def decode_stored(stored: StoredTiles, row: int, col: int, threads: int = 1) -> 
     try:
         pixels = imagecodecs.jpeg2k_decode(stored.raw(row, col), numthreads=threads)
     except (ValueError, RuntimeError, imagecodecs.Jpeg2kError) as err:
-        raise _corrupt(stored, row, col, f"does not decode ({err})") from err
+        raise stored.corrupt(row, col, f"does not decode ({err})") from err
     if pixels.shape != (*stored.tile_shape, 3) or pixels.dtype != np.uint8:
-        raise _corrupt(stored, row, col, f"decodes to {pixels.dtype} {pixels.shape}")
+        raise stored.corrupt(row, col, f"decodes to {pixels.dtype} {pixels.shape}")
     return stored.as_rgb(pixels)
