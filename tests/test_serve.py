@@ -322,3 +322,44 @@ def test_page_script_parses() -> None:
         [node, "--check", str(STATIC / "page.js")], capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_hits_on_a_slide_retiled_after_indexing(
+    serve_archive: dict[str, Any], tmp_path: Path
+) -> None:
+    """The twin re-tiled at 256 px while the server runs (before ``index --add``): hits on it
+    keep the indexed tiles' boxes, are not outlined with the new grid's tile numbers and carry
+    a note; a query from it is a conflict (409) that says it was re-tiled, not a server error."""
+    from conftest import copy_archive, run_cli
+    from serve_helpers import post_json, running
+
+    archive = copy_archive(serve_archive, tmp_path)
+    root, cmu, twin = archive["root"], archive["ids"]["cmu"], archive["ids"]["twin"]
+    index = SearchIndex.open(root)
+    entry = index.resolve_slide(twin)
+    indexed = index.coords[entry.offset : entry.offset + entry.n_tiles]
+    with running(create_app(index)) as base:
+        retile = ["--tile-size", "256", "--no-resume", "--discard-embeddings", "--quiet"]
+        code, _, err = run_cli(["tile", str(Path(entry.path)), "--out", str(root), *retile])
+        assert code == 0, err
+        assert open_store(root).slide(twin).tiling["tile_size"] == 256
+        coords = open_store(root).slide(cmu).coords
+        box = [int(coords[0, 0]), int(coords[0, 1]), 448, 448]
+        for mode in ("regions", "tiles"):
+            status, answer = post_json(
+                base,
+                "/api/search",
+                {"slide": cmu, "box": box, "k": 3, "exclude_self": True, "mode": mode},
+            )
+            assert status == 200, answer
+            on_twin = [h for h in answer["hits"] if h["slide_id"] == twin]
+            assert on_twin and all("re-tiled after indexing" in h["note"] for h in on_twin)
+            assert all("outline=" not in h["image"] for h in on_twin)
+            for hit in on_twin:
+                boxes = hit.get("tile_boxes") or [hit["tile_box"]]
+                assert all(b[2] == b[3] == 224 for b in boxes)
+                expected = indexed[hit["tiles"]] if mode == "regions" else indexed[[hit["tile"]]]
+                assert [b[:2] for b in boxes] == expected.tolist()
+        status, answer = post_json(base, "/api/search", {"slide": twin, "box": box, "k": 3})
+        assert status == 409 and answer["type"] == "SchemaMismatchError"
+        assert "re-tiled after indexing" in answer["error"]

@@ -69,6 +69,7 @@ class _QuerySlide:
                 f"{self.store.path}: tiled at {key['mpp']} µm/px, {key['tile_size']} px, the index "
                 f"{index.name!r} at {index.mpp} µm/px, {index.tiling['tile_size']} px; query with "
                 "a slide tiled like the index"
+                + ("" if self.number is None else " (this one was re-tiled after indexing)")
             )
         self.size = float(self.store.tiling["tile_size_level0"])
         self.mpp = float(self.store.source["mpp"])

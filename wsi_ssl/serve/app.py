@@ -42,10 +42,12 @@ from pydantic import BaseModel, Field
 
 from wsi_ssl.errors import (
     ConfigError,
+    EmbeddingsNotFoundError,
     ImageQueryError,
     IndexNotFoundError,
     NoTilesInRegionError,
     RegionOutsideSlideError,
+    SchemaMismatchError,
     StoreIncompleteError,
     UnknownSlideError,
     WsiSslError,
@@ -118,6 +120,8 @@ def _add_error_handlers(app: FastAPI) -> None:
             status = 400
         elif isinstance(exc, StoreIncompleteError):
             status = 503  # being re-tiled: try again once it is complete
+        elif isinstance(exc, SchemaMismatchError | EmbeddingsNotFoundError):
+            status = 409  # re-tiled since indexing: re-embed and `index --add`
         else:  # the archive or the index is damaged: the server's fault, not the request's
             status = 500
             log.error("%s: %s", type(exc).__name__, exc)

@@ -6,7 +6,9 @@
   labels, and every answer carries the slide-level ranking of the same FAISS neighbours.
 * A slide's store is revalidated on every use (one ``stat`` of its ``zarr.json``): a store
   re-tiled or set back to "writing" is reopened (or refused, :class:`StoreIncompleteError`),
-  and every cached picture is keyed by that stamp, so nothing stale is served.
+  and every cached picture is keyed by that stamp, so nothing stale is served. A hit on a slide
+  re-tiled after indexing keeps the indexed tiles' boxes and carries a ``note`` (its tile
+  numbers no longer name the store's tiles, so its picture outlines none).
 * FAISS queries run one at a time, each bounded (``MAX_QUERY_TILES``); pictures are drawn by a
   separate bounded pool (:class:`RenderPool`) so picture load cannot hold up a search.
 """
@@ -20,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -132,6 +134,7 @@ class SlideService:
         self.slide_labels = dict(slide_labels or {})
         self._encoders: dict[str, Any] = {}
         self._encoders_lock = threading.Lock()
+        self._grids: dict[tuple[str, Stamp], str] = {}
 
     @property
     def index(self) -> SearchIndex:
@@ -194,6 +197,33 @@ class SlideService:
 
     def stamp(self, slide: str) -> Stamp:
         return self._entry(slide)[0]
+
+    def retiled(self, index: SearchIndex, slide_id: str) -> str | None:
+        """Why ``slide_id``'s store no longer holds the tiles ``index`` has vectors of (re-tiled
+        since indexing, or being re-tiled), or None when it still does (or the index predates
+        the coords hash and cannot tell)."""
+        from wsi_ssl.storage.embeddings import coords_sha256
+
+        entry = index.resolve_slide(slide_id)
+        if entry.coords_sha256 is None:
+            return None
+        advice = "run `wsi-ssl embed` and `wsi-ssl index --add` to search its new tiles"
+        try:
+            stamp, store, _ = self._entry(slide_id)
+        except WsiSslError:
+            return f"{entry.name} is being re-tiled; {advice}"
+        key = (slide_id, stamp)
+        with self._stores_lock:
+            digest = self._grids.get(key)
+        if digest is None:
+            digest = coords_sha256(np.asarray(store.coords))
+            with self._stores_lock:
+                self._grids[key] = digest
+        if digest == entry.coords_sha256:
+            return None
+        return (
+            f"{entry.name} was re-tiled after indexing: its boxes are the indexed tiles; {advice}"
+        )
 
     def pyramid(self, slide: str) -> Pyramid:
         """The pictures of ``slide``, with its slide file when that opens and matches."""
@@ -385,7 +415,8 @@ class SlideService:
         }
         seconds = time.perf_counter() - started
         result = SearchResult(query, mode, k, exclude_self, info, hits, per_tile, seconds)
-        out = answer(result)
+        retiled = {sid: self.retiled(index, sid) for sid in {h.slide_id for h in hits}}
+        out = answer(result, {sid for sid, why in retiled.items() if why})
         out["labels"] = list(labels)
         out["slides"] = [
             {
@@ -400,11 +431,13 @@ class SlideService:
         ]
         for hit in out["hits"]:
             hit["label"] = self.slide_labels.get(hit["slide_id"], "")
-            if mode == "regions":  # the matched tiles' boxes, for the hit's small viewer
-                store = self.store(hit["slide_id"])
-                side = round(float(store.tiling["tile_size_level0"]))
-                coords = store.coords[np.asarray(hit["tiles"], dtype=np.int64)]
-                hit["tile_boxes"] = [[int(x), int(y), side, side] for x, y in coords]
+            if retiled[hit["slide_id"]]:
+                hit["note"] = retiled[hit["slide_id"]]
+            if mode == "regions":  # the matched tiles' boxes (as indexed), for the small viewer
+                entry = index.resolve_slide(hit["slide_id"])
+                side = round(float(entry.tile_size_level0))
+                rows = entry.offset + np.asarray(hit["tiles"], dtype=np.int64)
+                hit["tile_boxes"] = [[int(x), int(y), side, side] for x, y in index.coords[rows]]
         return out
 
 
@@ -423,8 +456,10 @@ def _open_reader(store: SlideStore) -> Any:
     return reader
 
 
-def answer(result: SearchResult) -> dict[str, Any]:
-    """``result`` as the page reads it: each hit with its box and the URL of its picture."""
+def answer(result: SearchResult, retiled: Collection[str] = ()) -> dict[str, Any]:
+    """``result`` as the page reads it: each hit with its box and the URL of its picture (its
+    matched tiles outlined, unless its slide is among ``retiled``: its store's tile numbers
+    are no longer the indexed ones)."""
     out = result.to_dict()
     q = result.query
     rows = [] if q.tile_numbers is None else [int(r) for r in q.tile_numbers]
@@ -435,9 +470,11 @@ def answer(result: SearchResult) -> dict[str, Any]:
         if result.mode == "tiles":
             d["tile_box"] = [hit.x, hit.y, hit.size, hit.size]
             d["box"] = [hit.x - hit.size, hit.y - hit.size, 3 * hit.size, 3 * hit.size]
-            d["image"] = region_url(hit.slide_id, d["box"], [hit.tile])
+            rows = [] if hit.slide_id in retiled else [hit.tile]
+            d["image"] = region_url(hit.slide_id, d["box"], rows)
         elif result.mode == "regions":
-            d["image"] = region_url(hit.slide_id, hit.box, hit.tiles)
+            rows = [] if hit.slide_id in retiled else list(hit.tiles)
+            d["image"] = region_url(hit.slide_id, hit.box, rows)
         else:
             d["box"] = d.pop("best_box")
             d["image"] = (

@@ -283,6 +283,12 @@ function hitCard(hit, mode) {
     tag.textContent = hit.label;
     div.lastChild.firstChild.prepend(tag, " ");
   }
+  if (hit.note) {  // its slide was re-tiled after indexing
+    const note = document.createElement("div");
+    note.className = "note";
+    note.textContent = hit.note;
+    div.lastChild.append(note);
+  }
   const box = hit.tile_box || hit.box;
   div.dataset.slide = hit.slide_id;
   div.onclick = () => openSlide(hit.slide_id, box);
