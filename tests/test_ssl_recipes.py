@@ -12,7 +12,7 @@ import torch
 
 import wsi_ssl
 from tests.conftest import run_cli
-from wsi_ssl.errors import ArchitectureMismatchError, WeightsNotFoundError
+from wsi_ssl.errors import ArchitectureMismatchError, ConfigError, WeightsNotFoundError
 from wsi_ssl.ssl import PretrainConfig, load_encoder, pretrain
 from wsi_ssl.ssl.checkpoint import load_checkpoint
 from wsi_ssl.ssl.optim import layer_of, param_groups
@@ -221,6 +221,26 @@ def test_init_from_a_previous_run_and_missing_weights(cmu_root: Path, tmp_path: 
             tiny("dino", init="timm/vit_tiny_patch16_224", init_weights=str(tmp_path / "none.pth")),
             out=tmp_path / "c",
         )
+
+
+def test_a_vit_init_decides_the_arch_before_the_masking_check(
+    cmu_root: Path, tmp_path: Path
+) -> None:
+    """A ViT run as init with a CNN arch asked for (a ResNet preset): the init's architecture
+    is adopted first, so MAE/DINOv2 run; crop sizes are checked against the init's patch."""
+    first = pretrain(cmu_root, tiny("dino", steps=2), out=tmp_path / "vit")
+    config = tiny("mae", arch="resnet18_tiny", init=str(first.out_dir), steps=2)
+    run = pretrain(cmu_root, config, out=tmp_path / "mae")
+    assert load_checkpoint(run.checkpoint)["meta"]["config"]["arch"] == "vit_nano_patch8"
+    assert np.isfinite([r["loss"] for r in run.history]).all() and "mae_loss" in run.history[-1]
+    with pytest.raises(ConfigError, match="multiple of vit_nano_patch8's patch size 8"):
+        _trainer(cmu_root, tiny("dino", init=str(first.out_dir), local_crop_size=20), tmp_path)
+    argv = ["pretrain", str(cmu_root), "--out", str(tmp_path / "cli"), "--preset", "cpu-small"]
+    argv += ["--method", "dinov2", "--init", str(first.out_dir), "--arch", "resnet18_tiny"]
+    argv += ["--global-crop-size", "32", "--local-crop-size", "16", "--batch-size", "8"]
+    code, _, err = run_cli([*argv, "--steps", "1", "--device", "cpu", "--quiet"])
+    assert code == 0, err
+    assert load_encoder(tmp_path / "cli").description["arch"] == "vit_nano_patch8"
 
 
 @pytest.mark.gpu

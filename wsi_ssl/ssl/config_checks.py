@@ -1,7 +1,9 @@
 """The valid values of :class:`~wsi_ssl.ssl.config.PretrainConfig` and the checks that
 refuse others with a ``ConfigError`` naming the field (no torch import).
 
-:func:`check_config` runs them all; ``PretrainConfig.__post_init__`` calls it.
+:func:`check_config` runs them all; ``PretrainConfig.__post_init__`` calls it. The checks that
+depend on the backbone (:func:`check_arch`) wait, when ``init`` is set, until the init's
+architecture is adopted (``wsi_ssl.ssl.init.apply_init`` runs them).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ __all__ = [
     "PRECISIONS",
     "SAMPLINGS",
     "STAIN_METHODS",
+    "check_arch",
     "check_config",
 ]
 
@@ -43,17 +46,34 @@ def check_config(c: PretrainConfig) -> None:
     _runtime_fields(c)
     _recipe_fields(c)
     _data_fields(c)
+    if c.init is None:  # else the init's architecture decides, once adopted
+        check_arch(c)
+
+
+def check_arch(c: PretrainConfig) -> None:
+    """The checks of ``c.arch``: crop sizes fit its patch size, a masking method has a ViT."""
+    spec = get_spec(c.arch)
+    for name in ("global_crop_size", "local_crop_size"):
+        if getattr(c, name) % (spec.patch_size or 1):
+            raise ConfigError(
+                f"{name} must be a multiple of {c.arch}'s patch size {spec.patch_size}; "
+                f"got {getattr(c, name)}"
+            )
+    if c.method in ("dinov2", "mae") and spec.family not in ("vit", None):
+        from wsi_ssl.errors import ArchitectureMismatchError
+
+        raise ArchitectureMismatchError(
+            f"method {c.method!r} masks image patches and needs a ViT backbone, but arch "
+            f"{c.arch!r} is a {spec.family}; choose a vit_* arch (or an "
+            "init that is a ViT) or method='dino'"
+        )
 
 
 def _augmentations(c: PretrainConfig) -> None:
-    spec = get_spec(c.arch)
     for name in ("global_crop_size", "local_crop_size"):
         size = getattr(c, name)
-        if not isinstance(size, int) or size < 8 or size % (spec.patch_size or 1):
-            raise ConfigError(
-                f"{name} must be an integer >= 8 and a multiple of {c.arch}'s patch size "
-                f"{spec.patch_size}; got {size!r}"
-            )
+        if not isinstance(size, int) or size < 8:
+            raise ConfigError(f"{name} must be an integer >= 8; got {size!r}")
     if c.local_crop_size > c.global_crop_size:
         raise ConfigError(
             f"local_crop_size ({c.local_crop_size}) must not exceed global_crop_size "
@@ -150,14 +170,6 @@ def _recipe_fields(c: PretrainConfig) -> None:
         raise ConfigError(f"freeze_blocks must be an integer >= 0; got {c.freeze_blocks!r}")
     if c.init_weights is not None and c.init is None:
         raise ConfigError("init_weights needs init (the encoder the weights belong to)")
-    if c.method in ("dinov2", "mae") and get_spec(c.arch).family not in ("vit", None):
-        from wsi_ssl.errors import ArchitectureMismatchError
-
-        raise ArchitectureMismatchError(
-            f"method {c.method!r} masks image patches and needs a ViT backbone, but arch "
-            f"{c.arch!r} is a {get_spec(c.arch).family}; choose a vit_* arch (or an "
-            "init that is a ViT) or method='dino'"
-        )
 
 
 def _data_fields(c: PretrainConfig) -> None:

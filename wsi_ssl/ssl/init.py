@@ -20,6 +20,7 @@ from torch import nn
 from wsi_ssl.errors import CheckpointError
 from wsi_ssl.ssl.backbones import ENCODER_PREFIX
 from wsi_ssl.ssl.config import PretrainConfig
+from wsi_ssl.ssl.config_checks import check_arch
 
 __all__ = ["apply_init", "init_is_run", "load_init"]
 
@@ -32,7 +33,8 @@ def init_is_run(init: str) -> bool:
 
 
 def apply_init(config: PretrainConfig) -> PretrainConfig:
-    """``config`` with ``arch`` set to ``init``'s architecture (unchanged without init)."""
+    """``config`` with ``arch`` set to ``init``'s architecture (unchanged without init), and
+    the checks of that architecture passed (:func:`check_arch`)."""
     if config.init is None:
         return config
     if init_is_run(config.init):
@@ -41,7 +43,9 @@ def apply_init(config: PretrainConfig) -> PretrainConfig:
         arch = load_encoder(_run_path(config.init)).description["arch"]
     else:
         arch = ENCODER_PREFIX + config.init
-    return config if arch == config.arch else config.replace(arch=arch)
+    adopted = config if arch == config.arch else config.replace(arch=arch)
+    check_arch(adopted)
+    return adopted
 
 
 def _run_path(init: str) -> Path:
