@@ -194,6 +194,16 @@ def test_predictions_into_one_folder_add_up_and_another_runs_are_refused(
     assert code == 2 and stdout == "" and err.count("\n") == 1
     assert "holds predictions with other columns" in err and "--out" in err
     assert sorted(p.name for p in other.iterdir()) == ["predictions.csv"]
+    # another run of the same classes (a copy of this one, elsewhere) into the same folder:
+    # refused, as its rows and pictures would mix with this run's
+    assert {r["run"] for r in rows.values()} == {str(run.resolve())}
+    second = tmp_path / "second-run"
+    shutil.copytree(run, second)
+    written = (out / "predictions.csv").read_bytes()
+    code, stdout, err = run_cli(["mil", "predict", str(second), str(root), "--out", str(out)])
+    assert code == 2 and stdout == "" and err.count("\n") == 1
+    assert f"holds predictions of run {run.resolve()}" in err
+    assert (out / "predictions.csv").read_bytes() == written
 
 
 def test_predict_reports_an_empty_bag_and_goes_on(

@@ -2,13 +2,14 @@
 
 Writes, under ``OUT`` (default ``RUN/predictions``)::
 
-    predictions.csv            slide_id, name, n_tiles, predicted, prob_<class> ..., files
+    predictions.csv            slide_id, name, n_tiles, predicted, prob_<class> ..., files, run
     heatmaps/<slide_id>.png    attention percentile over the thumbnail
     tiles/<slide_id>.png       the most attended tiles (stores that keep tiles)
     geojson/<slide_id>.geojson every tile with its attention, for QuPath
 
 A slide that cannot be predicted (no embeddings of the run's encoder, an empty bag) is
-reported and the others go on. ``predictions.csv`` gathers every slide predicted into ``OUT``:
+reported and the others go on. ``predictions.csv`` gathers every slide predicted into ``OUT``
+by one run (another run's predictions there are refused: their rows and pictures would mix):
 a later call (other slides, another archive) replaces the rows of the slides it tries (a
 slide that fails loses its earlier row) and keeps the others, as it keeps their pictures; it
 is written atomically.
@@ -157,8 +158,7 @@ def predict(
         UnknownSlideError: a name in ``slides`` matches no complete store, or several.
         EncoderMismatchError: none of the slides has embeddings of the run's encoder but some
             have embeddings of others (the run is applied to another encoder's vectors).
-        ConfigError: ``top_k`` < 1, or ``out`` holds a ``predictions.csv`` of other classes
-            (another run's).
+        ConfigError: ``top_k`` < 1, or ``out`` holds a ``predictions.csv`` of another run.
     """
     if top_k < 1:
         raise ConfigError(f"top_k must be >= 1, got {top_k}", parameters=("top_k",))
@@ -176,14 +176,14 @@ def predict(
                 f"trained on {model.encoder_id!r}; embed them with that encoder first"
             )
     out = Path(out) if out is not None else model.path / "predictions"
-    _earlier_rows(out / "predictions.csv", _csv_header(model.classes))  # refuse before any work
+    _earlier_rows(out / "predictions.csv", _csv_header(model.classes), model)  # before any work
     out.mkdir(parents=True, exist_ok=True)
     result = PredictResult(
         out=out, run=model.path, encoder_id=model.encoder_id, classes=model.classes
     )
     with torch_threads(model.config.threads):
         _predict_all(model, archive, ids, names, out, result, top_k, explain, progress)
-    _write_csv(result, model.classes, set(ids))
+    _write_csv(result, model, set(ids))
     result.seconds = time.perf_counter() - started
     return result
 
@@ -273,15 +273,16 @@ def _csv_header(classes: list[str]) -> list[str]:
     return (
         ["slide_id", "name", "n_tiles", "predicted"]
         + [f"prob_{c}" for c in classes]
-        + ["heatmap", "gallery", "geojson"]
+        + ["heatmap", "gallery", "geojson", "run"]
     )
 
 
-def _earlier_rows(path: Path, header: list[str]) -> list[list[str]]:
+def _earlier_rows(path: Path, header: list[str], model: MILRun) -> list[list[str]]:
     """The rows of an earlier ``predictions.csv`` at ``path`` (none where there is none).
 
     Raises:
-        ConfigError: its columns are not ``header`` (another run's classes).
+        ConfigError: its columns are not ``header`` (another run's classes) or its rows are
+            another run's.
     """
     try:
         rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"), newline="")))
@@ -293,20 +294,34 @@ def _earlier_rows(path: Path, header: list[str]) -> list[list[str]]:
             " not this run's; predict into another folder or move that file away",
             parameters=("out",),
         )
+    others = sorted({row[-1] for row in rows[1:]} - {_run_name(model)})
+    if others:
+        raise ConfigError(
+            f"{path} holds predictions of run {others[0]}, not of {_run_name(model)}; predict "
+            "into another folder (by default each run's own RUN/predictions) or move it away",
+            parameters=("out",),
+        )
     return rows[1:]
 
 
-def _write_csv(result: PredictResult, classes: list[str], attempted: set[str]) -> None:
+def _run_name(model: MILRun) -> str:
+    """The run as ``predictions.csv`` names it: its directory, resolved."""
+    return str(Path(model.path).resolve())
+
+
+def _write_csv(result: PredictResult, model: MILRun, attempted: set[str]) -> None:
     """This call's rows, after the earlier rows of the slides it did not try (a slide it
     tried and failed loses its earlier row: that prediction is not current)."""
-    header = _csv_header(classes)
+    header = _csv_header(model.classes)
     new = {
         s.slide_id: [s.slide_id, s.name, str(s.n_tiles), s.label]
         + [f"{p:.6f}" for p in s.probabilities.values()]
         + [_rel(p, result.out) for p in (s.heatmap, s.gallery, s.geojson)]
+        + [_run_name(model)]
         for s in result.slides
     }
-    kept = [row for row in _earlier_rows(result.csv_path, header) if row[0] not in attempted]
+    earlier = _earlier_rows(result.csv_path, header, model)
+    kept = [row for row in earlier if row[0] not in attempted]
     text = io.StringIO(newline="")
     csv.writer(text).writerows([header, *kept, *new.values()])
     atomic_write_text(result.csv_path, text.getvalue())
