@@ -276,8 +276,16 @@ def test_other_models_train_and_predict(
         assert sum(s.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
         if model == "retrieval":
             assert s.heatmap is None and s.prediction.neighbours
+        elif model == "meanpool":  # weighs no tile: no attention, no pictures, and says so
+            assert s.prediction.attention is None and s.heatmap is None and s.gallery is None
         else:
             assert s.heatmap is not None and s.heatmap.is_file()
+    if model in ("meanpool", "retrieval"):
+        assert not (tmp_path / "pred" / "heatmaps").exists()
+        assert (
+            result.lines()[-1]
+            == f"no heatmaps or galleries: a {model} run weighs no tile above another"
+        )
 
 
 def test_demo_function(archive: tuple[Path, Path], tmp_path: Path) -> None:

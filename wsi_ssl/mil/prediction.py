@@ -80,6 +80,8 @@ class PredictResult(BatchOutcome):
     classes: list[str]
     predictions: list[SlidePrediction] = field(default_factory=list)
     seconds: float = 0.0
+    note: str = ""
+    """Why no pictures were drawn though asked for (a model that weighs no tiles)."""
 
     @property
     def slides(self) -> list[SlidePrediction]:
@@ -98,7 +100,7 @@ class PredictResult(BatchOutcome):
         return [
             f"{len(self.predictions)} slide(s) predicted, {len(self.failed)} failed; wrote "
             f"{self.csv_path}{pictures}"
-        ]
+        ] + ([self.note] if self.note else [])
 
     def lines(self, hint: ErrorHint | None = None) -> list[str]:
         """One line per slide (its label, probabilities, tiles and name, or its error), then
@@ -184,6 +186,10 @@ def predict(
     with torch_threads(model.config.threads):
         _predict_all(model, archive, ids, names, out, result, top_k, explain, progress)
     _write_csv(result, model, set(ids))
+    if explain and result.predictions and all(p.heatmap is None for p in result.predictions):
+        result.note = (
+            f"no heatmaps or galleries: a {model.config.model} run weighs no tile above another"
+        )
     result.seconds = time.perf_counter() - started
     return result
 

@@ -1,4 +1,4 @@
-"""MIL models over bags of tile embeddings, all with ``forward(bag) -> (logits, attention)``.
+"""MIL models over bags of tile embeddings, all with ``forward(bag) -> (logits, attention or None)``.
 
 Names resolve lazily: importing this package (or its registry) loads no torch.
 """

@@ -1,4 +1,4 @@
-"""The interface every MIL model shares: ``forward(bag) -> (logits, attention)``."""
+"""The interface every MIL model shares: ``forward(bag) -> (logits, attention or None)``."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ class MILModel(nn.Module):
 
     Subclasses implement ``forward(bag)`` for one bag ``(N, D)`` and return ``logits (C,)``
     and ``attention (N,)``: non-negative tile weights summing to 1, the weights the model
-    pooled with (uniform for mean pooling), used for heatmaps and tile galleries.
+    pooled with, used for heatmaps and tile galleries (None for a model that weighs no tile
+    above another, such as mean pooling).
 
     Attributes:
         in_dim: embedding width D the model takes.
@@ -34,12 +35,14 @@ class MILModel(nn.Module):
     in_dim: int
     n_classes: int
 
-    def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+    def forward(
+        self, bag: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # pragma: no cover
         raise NotImplementedError
 
     @torch.no_grad()
-    def predict(self, bag: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Class probabilities (C,) and attention (N,) for one bag, in eval mode."""
+    def predict(self, bag: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Class probabilities (C,) and attention (N,) or None for one bag, in eval mode."""
         was_training = self.training
         self.eval()
         try:
@@ -48,4 +51,5 @@ class MILModel(nn.Module):
         finally:
             self.train(was_training)
         probs = torch.softmax(logits.float(), dim=-1)
-        return probs.cpu().numpy(), attention.float().cpu().numpy()
+        weights = None if attention is None else attention.float().cpu().numpy()
+        return probs.cpu().numpy(), weights

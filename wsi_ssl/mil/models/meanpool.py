@@ -2,7 +2,8 @@
 
 The permutation-invariant "mean" pooling operator that Ilse et al. (ICML 2018) compare
 attention pooling against; every tile weighs ``1/N``, so a few informative tiles among many
-are diluted, which is what attention pooling fixes.
+are diluted, which is what attention pooling fixes. It weighs no tile above another, so it
+returns no attention (no heatmaps or galleries are drawn for it).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ __all__ = ["MeanPoolMIL"]
 
 
 class MeanPoolMIL(MILModel):
-    """Project tiles (Linear, ReLU, dropout), average them, classify; attention is uniform.
+    """Project tiles (Linear, ReLU, dropout), average them, classify; no attention.
 
     Args:
         in_dim: embedding width D.
@@ -36,10 +37,8 @@ class MeanPoolMIL(MILModel):
         self.project = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
         self.classifier = nn.Linear(hidden_dim, n_classes)
 
-    def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.project(bag)
-        attention = torch.full((h.shape[0],), 1.0 / h.shape[0], device=h.device, dtype=h.dtype)
-        return self.classifier(h.mean(dim=0)), attention
+    def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.classifier(self.project(bag).mean(dim=0)), None
 
 
 @register_model("meanpool")

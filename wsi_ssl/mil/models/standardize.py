@@ -70,5 +70,5 @@ class Standardized(MILModel):
         self.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
         self.std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp_min(self.eps))
 
-    def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.inner((bag - self.mean) / self.std)
