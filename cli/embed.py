@@ -75,9 +75,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA)")
     p.add_argument(
         "--stain-normalize",
-        choices=STAIN_METHODS,
+        choices=(*STAIN_METHODS, "none"),
         metavar="METHOD",
-        help="normalise tile stains before the encoder: macenko, reinhard or vahadane",
+        help="normalise tile stains before the encoder: macenko, reinhard or vahadane; none: "
+        "off (default: as the encoder was pretrained, a wsi-ssl run that normalised its tiles)",
     )
     p.add_argument(
         "--stain-reference", metavar="IMAGE", help="reference image for --stain-normalize"

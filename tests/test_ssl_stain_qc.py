@@ -146,3 +146,67 @@ def test_bad_stain_settings_are_refused_before_anything_is_written(
     assert code == 2 and err.count("\n") == 1
     assert "stain_reference" in err and "--stain-reference" in err  # the CLI's flag hint
     assert not (tmp_path / "x").exists()
+
+
+def test_embedding_follows_the_stain_normalisation_of_pretraining(
+    cmu_root: Path, reference: Path, patches_dir: Path, tmp_path: Path
+) -> None:
+    """A run pretrained on Reinhard-normalised tiles records the reference; `embed` and the
+    evaluation harness then normalise as it did (the vectors are the encoder's on normalised
+    tiles), `--stain-normalize none` turns it off, and a reference gone since is one line."""
+    import shutil
+
+    from wsi_ssl.embedding import embed
+    from wsi_ssl.encoders import create_encoder
+    from wsi_ssl.evaluation.features import image_features, square_resized
+    from wsi_ssl.evaluation.tasks import LabelledImages
+    from wsi_ssl.storage.embeddings import read_embeddings
+
+    ref = tmp_path / "ref.png"
+    shutil.copy(reference, ref)
+    run = pretrain(
+        cmu_root, _tiny(stain_normalize="reinhard", stain_reference=str(ref)), out=tmp_path / "run"
+    )
+    enc = create_encoder(str(run.out_dir))
+    assert enc.config.stain is not None and enc.config.stain["method"] == "reinhard"
+    assert enc.config.stain["reference_path"] == str(ref.resolve())
+    normalizer = StainNormalizer("reinhard", ref)
+
+    def on_normalised(tiles: np.ndarray) -> np.ndarray:
+        x = normalizer(torch.from_numpy(tiles).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        with torch.inference_mode():
+            return enc(x.contiguous()).numpy()
+
+    summary = embed(cmu_root, enc, device="cpu", workers=0, batch_size=16)
+    assert not summary.failed
+    assert "tiles stain-normalised (reinhard) to ref.png" in summary.total_lines()
+    store = open_store(cmu_root).slide(open_store(cmu_root).slide_ids[0])
+    emb = read_embeddings(store, enc.encoder_id)
+    assert (
+        emb.attrs["stain"]["method"] == "reinhard" and emb.attrs["stain"]["reference"] == "ref.png"
+    )
+    tiles = np.asarray(store.tiles[:8])
+    assert np.array_equal(emb.features[:8], on_normalised(tiles).astype(np.float16))
+
+    # the evaluation harness's labelled images: normalised the same way
+    paths = sorted(str(p) for p in patches_dir.glob("*.png"))[:3]
+    images = tuple(np.asarray(Image.open(p).convert("RGB")) for p in paths)
+    labelled = LabelledImages(tuple(paths), images, np.zeros(3, int), ("a",))
+    feats = image_features(enc, labelled, None, batch_size=4)
+    stack = np.stack([square_resized(im, enc.input_size) for im in images])
+    np.testing.assert_allclose(feats, on_normalised(stack), rtol=1e-5, atol=1e-5)
+
+    argv = ["embed", str(cmu_root), "--encoder", str(run.out_dir), "--device", "cpu"]
+    argv += ["--workers", "0", "--batch-size", "16", "--quiet"]
+    code, _, err = run_cli([*argv, "--stain-normalize", "none"])
+    assert code == 0, err
+    plain = read_embeddings(store, enc.encoder_id)
+    assert "stain" not in plain.attrs
+    with torch.inference_mode():
+        direct = enc(torch.from_numpy(tiles)).numpy().astype(np.float16)
+    assert np.array_equal(plain.features[:8], direct)
+    ref.write_bytes(ref.read_bytes() + b"\0")  # changed since pretraining
+    code, out, err = run_cli([*argv, "--no-resume"])
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "stain-normalised (reinhard)" in err and "changed" in err and "none" in err
+    assert "stain" not in read_embeddings(store, enc.encoder_id).attrs  # nothing was touched

@@ -4,9 +4,13 @@ loading torch (configs are built at CLI start)."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+from typing import Any
+
 from wsi_ssl.errors import ConfigError
 
-__all__ = ["METHODS", "check_stain_settings"]
+__all__ = ["METHODS", "check_stain_settings", "stain_provenance"]
 
 METHODS = ("macenko", "reinhard", "vahadane")
 
@@ -28,3 +32,15 @@ def check_stain_settings(method: str | None, reference: str | None) -> None:
             f"stain_normalize must be one of {', '.join(METHODS)}; got {method!r}",
             parameters=("stain_normalize",),
         )
+
+
+def stain_provenance(method: str, reference: str | Path) -> dict[str, Any]:
+    """What a stain normalisation was: ``method``, the reference file's ``reference`` name,
+    ``reference_path`` (resolved) and ``reference_sha256``."""
+    path = Path(reference)
+    return {
+        "method": method,
+        "reference": path.name,
+        "reference_path": str(path.resolve()),
+        "reference_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }

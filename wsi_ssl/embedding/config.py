@@ -48,8 +48,9 @@ class EmbedConfig:
             them anyway.
         compile: run the encoder through ``torch.compile`` (worth it for long jobs on CUDA).
         stain_normalize: normalise each tile's stains before the encoder: "macenko",
-            "reinhard" or "vahadane" (:mod:`wsi_ssl.stain`; blank tiles pass unchanged); None:
-            off (default).
+            "reinhard" or "vahadane" (:mod:`wsi_ssl.stain`; blank tiles pass unchanged);
+            "none": off; None (default): as the encoder was pretrained (a ``wsi-ssl pretrain``
+            run that normalised its tiles: the same method and reference image), else off.
         stain_reference: the reference image file the stains are mapped to (needed with
             ``stain_normalize``).
         skip_flagged_tiles: neither read nor encode the tiles the store's QC flagged (blur,
@@ -103,7 +104,14 @@ class EmbedConfig:
             raise ConfigError(
                 f"chunk_rows must be >= 1, got {self.chunk_rows}", parameters=("chunk_rows",)
             )
-        check_stain_settings(self.stain_normalize, self.stain_reference)
+        if self.stain_normalize == "none":
+            if self.stain_reference is not None:
+                raise ConfigError(
+                    "stain_normalize 'none' takes no stain_reference",
+                    parameters=("stain_normalize", "stain_reference"),
+                )
+        else:
+            check_stain_settings(self.stain_normalize, self.stain_reference)
         if self.decode not in DECODE_MODES:
             raise ConfigError(
                 f"decode must be one of {', '.join(DECODE_MODES)}; got {self.decode!r}",

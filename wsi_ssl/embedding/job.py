@@ -18,7 +18,7 @@ from typing import Any
 from wsi_ssl.embedding.batch_size import auto_batch_size
 from wsi_ssl.embedding.config import EmbedConfig
 from wsi_ssl.embedding.runner import EmbedRunner
-from wsi_ssl.embedding.slides import EmbedSlide, EmbedTarget, stain_normalizer
+from wsi_ssl.embedding.slides import EmbedSlide, EmbedTarget, encoder_stain, stain_normalizer
 from wsi_ssl.embedding.summary import EmbedSummary
 from wsi_ssl.encoders import Encoder, create_encoder
 from wsi_ssl.errors import CheckpointError, UnknownSlideError, WsiSslError
@@ -90,6 +90,7 @@ def embed(
         config = dataclasses.replace(config, batch_size=auto_batch_size(enc))
     if config.compile:
         enc.compile()
+    config = encoder_stain(config, enc)
     stain, stain_attrs = stain_normalizer(config)
     target = EmbedTarget(enc, config, stain_attrs)
     scan = archive.scan()

@@ -28,7 +28,7 @@ import zarr
 
 from wsi_ssl.embedding.config import EmbedConfig
 from wsi_ssl.encoders import Encoder
-from wsi_ssl.errors import WsiSslError
+from wsi_ssl.errors import ConfigError, WsiSslError
 from wsi_ssl.outcome import SlideOutcome
 from wsi_ssl.storage import Archive, SlideStore
 from wsi_ssl.storage.embeddings import (
@@ -41,7 +41,7 @@ from wsi_ssl.storage.embeddings import (
     open_embeddings_array,
 )
 
-__all__ = ["EmbedSlide", "EmbedTarget", "stain_normalizer"]
+__all__ = ["EmbedSlide", "EmbedTarget", "encoder_stain", "stain_normalizer"]
 
 
 @dataclass
@@ -97,15 +97,36 @@ def stain_normalizer(config: EmbedConfig) -> tuple[Any, dict[str, Any] | None]:
     if config.stain_normalize is None or config.stain_reference is None:
         return None, None
     from wsi_ssl.stain import StainNormalizer
+    from wsi_ssl.stain_settings import stain_provenance
 
     normalizer = StainNormalizer(config.stain_normalize, config.stain_reference)
-    digest = hashlib.sha256(Path(config.stain_reference).read_bytes()).hexdigest()
-    provenance = {
-        "method": config.stain_normalize,
-        "reference": Path(config.stain_reference).name,
-        "reference_sha256": digest,
-    }
+    provenance = stain_provenance(config.stain_normalize, config.stain_reference)
+    provenance.pop("reference_path")  # where it lies is not what the vectors are
     return normalizer, provenance
+
+
+def encoder_stain(config: EmbedConfig, encoder: Encoder) -> EmbedConfig:
+    """``config`` with the stain normalisation ``encoder`` was pretrained with when it names
+    none (``stain_normalize="none"``: off whatever the encoder saw).
+
+    Raises:
+        ConfigError: the encoder's reference image is gone or changed since pretraining.
+    """
+    if config.stain_normalize == "none":
+        return dataclasses.replace(config, stain_normalize=None)
+    trained = encoder.config.stain
+    if config.stain_normalize is not None or not trained:
+        return config
+    method, path = trained["method"], Path(trained["reference_path"])
+    found = path.is_file()
+    if not found or hashlib.sha256(path.read_bytes()).hexdigest() != trained["reference_sha256"]:
+        raise ConfigError(
+            f"{encoder.encoder_id} was pretrained on tiles stain-normalised ({method}) to "
+            f"{path}, which is {'changed' if found else 'gone'}; pass --stain-normalize "
+            f"{method} --stain-reference with that image, or --stain-normalize none",
+            parameters=("stain_normalize", "stain_reference"),
+        )
+    return dataclasses.replace(config, stain_normalize=method, stain_reference=str(path))
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from wsi_ssl.outcome import BatchOutcome
@@ -47,6 +48,10 @@ class EmbedSummary(BatchOutcome):
             f"{self.count_line('embedded')}; {self.tiles_done} tiles at {self.tiles_per_s} "
             f"tiles/s with {self.encoder_id}"
         ]
+        stain = self.config.get("stain_normalize")
+        if stain:
+            reference = Path(str(self.config.get("stain_reference"))).name
+            out.append(f"tiles stain-normalised ({stain}) to {reference}")
         if self.tiles_not_embedded:
             out.append(
                 f"skipped {self.tiles_not_embedded} tiles flagged by QC (not read, not encoded; "

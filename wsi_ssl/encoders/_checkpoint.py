@@ -63,6 +63,7 @@ def config_from_description(desc: Mapping[str, Any], path: Path) -> EncoderConfi
         precision=str(desc.get("precision", "fp32")),
         source="wsi-ssl",
         description=f"wsi-ssl pretrain {desc.get('which', 'teacher')} backbone",
+        stain=desc.get("stain"),
     )
 
 

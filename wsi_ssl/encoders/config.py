@@ -36,6 +36,7 @@ _NOT_IDENTITY = (
     "licence",
     "model_card",
     "weights_files",
+    "stain",
 )
 
 
@@ -70,6 +71,9 @@ class EncoderConfig:
         licence: the weights' licence as its model card states it (not identity).
         model_card: where the published weights are (not identity).
         weights_files: the file names the model card publishes that this preset reads.
+        stain: the stain normalisation the encoder was pretrained with (``method``,
+            ``reference``, ``reference_path``, ``reference_sha256``; a ``wsi-ssl pretrain``
+            run that normalised its tiles), which embedding applies by default; None: none.
     """
 
     name: str
@@ -90,6 +94,7 @@ class EncoderConfig:
     licence: str = field(default="", compare=False)
     model_card: str = field(default="", compare=False)
     weights_files: tuple[str, ...] = field(default=(), compare=False)
+    stain: dict[str, Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):

@@ -1,8 +1,9 @@
 """Vectors of a task's items for one encoder, computed once and reused.
 
 Labelled images are embedded in memory (padded with white to a square, resized to the
-encoder's input size) and cached as ``<cache>/<encoder_id>.npy`` beside a key of the image
-files (paths, sizes, modification times). Archive tasks use the embed job, which writes
+encoder's input size, stain-normalised as the encoder was pretrained when it was) and cached
+as ``<cache>/<encoder_id>.npy`` beside a key of the image files (paths, sizes, modification
+times) and that stain normalisation. Archive tasks use the embed job, which writes
 ``embeddings/<encoder_id>`` into each slide store and skips slides already done, so a second
 evaluation of the same archive embeds nothing.
 """
@@ -14,7 +15,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -42,8 +43,9 @@ def square_resized(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR))
 
 
-def _images_key(encoder_id: str, paths: Sequence[str]) -> str:
-    digest = hashlib.sha256(encoder_id.encode())
+def _images_key(encoder: Encoder, paths: Sequence[str]) -> str:
+    digest = hashlib.sha256(encoder.encoder_id.encode())
+    digest.update(json.dumps(encoder.config.stain, sort_keys=True).encode())
     for p in paths:
         st = os.stat(p)
         digest.update(f"{Path(p).resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -54,7 +56,7 @@ def image_features(
     encoder: Encoder, images: LabelledImages, cache: Path | None, batch_size: int = 64
 ) -> np.ndarray:
     """(N, D) float32 vectors of the task's images, from ``cache`` when the files are unchanged."""
-    key = _images_key(encoder.encoder_id, images.paths)
+    key = _images_key(encoder, images.paths)
     npy = cache / f"{encoder.encoder_id}.npy" if cache else None
     meta = npy.with_suffix(".json") if npy else None
     if (
@@ -67,12 +69,25 @@ def image_features(
         return np.load(npy, allow_pickle=False)
     size = encoder.input_size
     stack = np.stack([square_resized(im, size) for im in images.images])
+    stain = _trained_stain(encoder)
+    if stain is not None:
+        import torch
+
+        stack = stain(torch.from_numpy(stack).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
     feats = encoder.embed_images(stack, batch_size=batch_size).astype(np.float32)
     if npy and meta:
         npy.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_with(npy, lambda tmp: np.save(tmp, feats, allow_pickle=False))
         meta.write_text(json.dumps({"key": key, "n": len(feats), "encoder_id": encoder.encoder_id}))
     return feats
+
+
+def _trained_stain(encoder: Encoder) -> Any:
+    """The stain normaliser ``encoder`` was pretrained with (None: it was not)."""
+    from wsi_ssl.embedding.config import EmbedConfig
+    from wsi_ssl.embedding.slides import encoder_stain, stain_normalizer
+
+    return stain_normalizer(encoder_stain(EmbedConfig(), encoder))[0]
 
 
 def embed_archive(

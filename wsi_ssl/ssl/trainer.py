@@ -301,9 +301,18 @@ class Trainer:
             "precision": self.precision,
             "augment": self.augment_mode,
             "window_steps": self.window_steps,
-            "encoder": describe_encoder(self.config),
+            "encoder": describe_encoder(self.config, **self._stain_record()),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+
+    def _stain_record(self) -> dict[str, Any]:
+        """``{"stain": provenance}`` when tiles are stain-normalised (embed then does the same)."""
+        c = self.config
+        if c.stain_normalize is None or c.stain_reference is None:
+            return {}
+        from wsi_ssl.stain_settings import stain_provenance
+
+        return {"stain": stain_provenance(c.stain_normalize, c.stain_reference)}
 
     def run_info(self) -> dict[str, Any]:
         return {
