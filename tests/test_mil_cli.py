@@ -295,3 +295,31 @@ def test_demo_function(archive: tuple[Path, Path], tmp_path: Path) -> None:
     assert (result.run / "metrics.json").is_file()
     assert any(line.startswith("overall (abmil") for line in result.lines)
     assert result.pictures[0].name == "roc.png"
+
+
+def test_predictions_of_training_slides_and_other_tilings_carry_a_note(
+    run: Path, archive: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The run records its training slides and their tiling: predicting a training slide is
+    marked in-sample, a slide tiled at another scale says so, in the CSV and the report."""
+    root, _ = archive
+    info = json.loads((run / "run.json").read_text())
+    assert info["tilings"] == [{"mpp": 0.5, "tile_size": 224}]
+    assert len(info["training_slides"]) == 4
+    other = tmp_path / "other"
+    slide = write_synthetic_slide(tmp_path / "s5.tiff", (1400, 1100), seed=5)
+    config = TilingConfig(tile_size=224, mpp=1.0, codec="zstd", tissue_threshold=0.0)
+    assert not tile_slides([slide], other, config, progress=False).failed
+    assert not embed(other, "random-cnn", batch_size=32, device="cpu", workers=0).failed
+    out = tmp_path / "preds"
+    code, stdout, err = run_cli(["mil", "predict", str(run), str(other), "--out", str(out)])
+    assert code == 0, err
+    [line] = [x for x in stdout.splitlines() if "s5.tiff" in x]
+    assert line.endswith("(tiled at 1 µm/px 224 px; the run was trained on 0.5 µm/px 224 px)")
+    first = tmp_path / "first"
+    result = mil.predict(run, root, first, slides=["s1.tiff", "s3.tiff"], explain=False)
+    assert all(s.note.startswith("a training slide: in-sample") for s in result.slides)
+    rows = list(csv.DictReader((first / "predictions.csv").open()))
+    assert [r["note"] for r in rows] == [s.note for s in result.slides]
+    [s5] = list(csv.DictReader((out / "predictions.csv").open()))
+    assert s5["note"].startswith("tiled at 1 µm/px")

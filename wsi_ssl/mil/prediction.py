@@ -2,7 +2,8 @@
 
 Writes, under ``OUT`` (default ``RUN/predictions``)::
 
-    predictions.csv            slide_id, name, n_tiles, predicted, prob_<class> ..., files, run
+    predictions.csv            slide_id, name, n_tiles, predicted, prob_<class> ..., files,
+                               note (a training slide, another tiling), run
     heatmaps/<slide_id>.png    attention percentile over the thumbnail
     tiles/<slide_id>.png       the most attended tiles (stores that keep tiles)
     geojson/<slide_id>.geojson every tile with its attention, for QuPath
@@ -52,6 +53,8 @@ class SlidePrediction:
     gallery: Path | None = None
     geojson: Path | None = None
     prediction: MILPrediction | None = field(default=None, repr=False)
+    note: str = ""
+    """Read it with care: a training slide (in-sample), or tiled otherwise than training."""
 
     def details(self) -> dict[str, Any]:
         """JSON-able: slide_id, name, predicted, probabilities and the files (None if not written)."""
@@ -62,6 +65,7 @@ class SlidePrediction:
             "predicted": self.label,
             "probabilities": self.probabilities,
             **files,
+            "note": self.note,
         }
 
     def files(self) -> dict[str, Path | None]:
@@ -113,7 +117,8 @@ class PredictResult(BatchOutcome):
                 out.append(o.line(hint))
                 continue
             probs = "  ".join(f"{c} {p:.3f}" for c, p in s.probabilities.items())
-            out.append(f"{s.label:>12}  {probs}  {s.n_tiles:>6} tiles  {s.name}")
+            note = f"  ({s.note})" if s.note else ""
+            out.append(f"{s.label:>12}  {probs}  {s.n_tiles:>6} tiles  {s.name}{note}")
         header = ["predicted  probabilities  tiles  slide"] if self.predictions else []
         return header + out + self.total_lines()
 
@@ -246,6 +251,7 @@ def _predict_one(
         pred.label,
         {c: float(p) for c, p in zip(model.classes, pred.probabilities, strict=True)},
         prediction=pred,
+        note=model.slide_note(store),
     )
     if not explain or pred.attention is None:
         return item
@@ -279,7 +285,7 @@ def _csv_header(classes: list[str]) -> list[str]:
     return (
         ["slide_id", "name", "n_tiles", "predicted"]
         + [f"prob_{c}" for c in classes]
-        + ["heatmap", "gallery", "geojson", "run"]
+        + ["heatmap", "gallery", "geojson", "note", "run"]
     )
 
 
@@ -323,7 +329,7 @@ def _write_csv(result: PredictResult, model: MILRun, attempted: set[str]) -> Non
         s.slide_id: [s.slide_id, s.name, str(s.n_tiles), s.label]
         + [f"{p:.6f}" for p in s.probabilities.values()]
         + [_rel(p, result.out) for p in (s.heatmap, s.gallery, s.geojson)]
-        + [_run_name(model)]
+        + [s.note, _run_name(model)]
         for s in result.slides
     }
     earlier = _earlier_rows(result.csv_path, header, model)

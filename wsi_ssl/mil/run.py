@@ -8,6 +8,7 @@ the mean of the fold models' probabilities and its attention the mean of their a
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,24 @@ class MILRun:
     @property
     def in_dim(self) -> int:
         return int(self.info["in_dim"])
+
+    def slide_note(self, store: SlideStore) -> str:
+        """What a prediction of ``store`` should be read with: the slide was in the training
+        set (in-sample), or it is tiled otherwise than the training slides; "" when neither
+        (or the run predates these records)."""
+        notes = []
+        if store.slide_id in set(self.info.get("training_slides", [])):
+            notes.append(
+                "a training slide: in-sample (its out-of-fold one is in RUN/predictions.csv)"
+            )
+        trained = self.info.get("tilings") or []
+        mpp, size = float(store.tiling["mpp"]), int(store.tiling["tile_size"])
+        if trained and not any(
+            math.isclose(mpp, t["mpp"], rel_tol=1e-3) and size == t["tile_size"] for t in trained
+        ):
+            seen = ", ".join(f"{t['mpp']:g} µm/px {t['tile_size']} px" for t in trained)
+            notes.append(f"tiled at {mpp:g} µm/px {size} px; the run was trained on {seen}")
+        return "; ".join(notes)
 
     def check_encoder(self, encoder_id: str, where: str = "bag") -> None:
         """Refuse embeddings of another encoder than the run was trained on."""

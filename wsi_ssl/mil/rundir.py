@@ -127,6 +127,17 @@ def encoder_attrs(report: MatchReport) -> dict[str, Any]:
     return {"encoder": attrs.get("encoder", {}), "weights_sha256": attrs.get("weights_sha256")}
 
 
+def training_tilings(report: MatchReport) -> list[dict[str, Any]]:
+    """The distinct (µm/px, tile size) the training slides were tiled at."""
+    from wsi_ssl.storage import SlideStore
+
+    found = set()
+    for slide in report.slides:
+        tiling = SlideStore.open(slide.store_path).tiling
+        found.add((round(float(tiling["mpp"]), 6), int(tiling["tile_size"])))
+    return [{"mpp": mpp, "tile_size": size} for mpp, size in sorted(found)]
+
+
 def run_info(
     root: str | Path, config: MILConfig, report: MatchReport, device: torch.device, n_threads: int
 ) -> dict[str, Any]:
@@ -147,6 +158,8 @@ def run_info(
         **encoder_attrs(report),
         "in_dim": report.in_dim,
         "classes": report.classes,
+        "tilings": training_tilings(report),
+        "training_slides": [slide.slide_id for slide in report.slides],
         "root": str(Path(root).resolve()),
         "labels": report.labels_path,
     }

@@ -9,7 +9,8 @@ the out-of-fold predictions, as in CLAM (Lu et al. 2021) and most MIL benchmarks
 
 Run layout (written under a temporary name and renamed into place when complete)::
 
-    RUN/run.json           config, encoder_id, classes, seeds, folds, label report, versions
+    RUN/run.json           config, encoder_id, classes, seeds, folds, label report, versions,
+                           training slides and their tilings
     RUN/metrics.json       per fold (test and validation) and overall metrics
     RUN/roc.png            ROC curves per fold and pooled
     RUN/splits.csv         slide, patient, label, fold
