@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import socket
 import sys
 from pathlib import Path
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     from wsi_ssl.search import SearchIndex
     from wsi_ssl.serve import create_app
-    from wsi_ssl.serve.security import LOOPBACK_HOSTS
+    from wsi_ssl.serve.security import LOOPBACK_HOSTS, check_token
 
     loopback = args.host in LOOPBACK_HOSTS or args.host.startswith("127.")
     if not loopback and not args.token:
@@ -90,8 +91,7 @@ def run(args: argparse.Namespace) -> int:
             f"--host {args.host} would serve the archive to the network without a login; "
             "pass --token SECRET too (or keep the default 127.0.0.1)"
         )
-    if args.token is not None and len(args.token) < 8:
-        raise ConfigError("--token must be at least 8 characters")
+    check_token(args.token)
     index = SearchIndex.open(args.root, args.name)
     hosts = (*LOOPBACK_HOSTS, *args.allow_host) if loopback else ("*",)
     app = create_app(
@@ -109,8 +109,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:
         sock.close()
         raise ConfigError(
-            f"cannot listen on {args.host}:{args.port} ({err.strerror}); pass another --port "
-            "(0 picks a free one)"
+            f"cannot listen on {args.host}:{args.port} ({err.strerror}); {_bind_advice(err)}"
         ) from None
     host, port = sock.getsockname()[:2]
     if not loopback:
@@ -131,3 +130,12 @@ def run(args: argparse.Namespace) -> int:
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     print("stopped", flush=True)
     return 0
+
+
+def _bind_advice(err: OSError) -> str:
+    """What to change when the listening socket cannot be bound."""
+    if err.errno == errno.EADDRINUSE:
+        return "pass another --port (0 picks a free one)"
+    if err.errno == errno.EACCES:
+        return "pass a --port of 1024 or more (0 picks a free one)"
+    return "pass a --host that is an address of this machine (default 127.0.0.1)"

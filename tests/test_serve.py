@@ -308,6 +308,18 @@ def test_cli_errors_are_one_line(archive: dict[str, Any], tmp_path: Path) -> Non
             assert words in lines[0]
     finally:
         taken.close()
+    from conftest import run_cli
+
+    root = str(archive["root"])
+    for argv, words in (
+        (["serve", str(tmp_path / "nowhere")], "no such archive root"),
+        (["serve", root, "--host", "192.0.2.1", "--token", "tok-12345"], "pass a --host"),
+        (["serve", root, "--token", "semi;colon-token"], "letters, digits and - . _ ~"),
+        (["serve", root, "--token", "short"], "at least 8 characters"),
+    ):
+        code, out, err = run_cli(argv)
+        assert code == 2 and out == "" and err.count("\n") == 1, err
+        assert words in err
 
 
 def test_page_script_parses() -> None:

@@ -25,6 +25,7 @@ from conftest import copy_archive
 from PIL import Image
 from serve_helpers import post_json, raw, running
 
+from wsi_ssl.errors import ConfigError
 from wsi_ssl.search import SearchIndex
 from wsi_ssl.serve import create_app
 from wsi_ssl.storage import SlideStore, open_store
@@ -257,6 +258,8 @@ def test_token_required_off_loopback(site: dict[str, Any]) -> None:
         assert "SameSite=Strict" in headers["set-cookie"]
         status, _, _ = raw(base, "GET", "/api/slides", None, {"Cookie": cookie})
         assert status == 200
+    with pytest.raises(ConfigError, match="letters, digits"):  # it would not survive a cookie
+        create_app(SearchIndex.open(site["root"]), token="s3cret token;")
 
 
 def test_cli_refuses_open_host_without_token(site: dict[str, Any]) -> None:

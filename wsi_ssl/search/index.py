@@ -34,6 +34,7 @@ from wsi_ssl.errors import (
     IndexNotFoundError,
     MultiScaleRootError,
     SchemaMismatchError,
+    StoreNotFoundError,
 )
 from wsi_ssl.search.archive import (
     AddSummary,
@@ -106,12 +107,15 @@ class SearchIndex(SearchMethods):
         """Open index ``name`` under ``root`` (default: the only one there).
 
         Raises:
+            StoreNotFoundError: ``root`` is not a folder.
             IndexNotFoundError: no such index (the message lists those there).
             MultiScaleRootError: ``root`` holds one archive root per scale (name one).
             ConfigError: several indexes and no ``name``.
             CorruptIndexError: a file is truncated, altered or unreadable.
         """
         root = Path(root)
+        if not root.is_dir():
+            raise StoreNotFoundError(root, "archive root")
         if name is None:
             names = list_indexes(root)
             if not names:

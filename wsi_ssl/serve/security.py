@@ -22,11 +22,14 @@ from __future__ import annotations
 import hmac
 import json
 import re
+import string
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LOOPBACK_HOSTS", "Guard", "GuardConfig", "redact_paths"]
+from wsi_ssl.errors import ConfigError
+
+__all__ = ["LOOPBACK_HOSTS", "Guard", "GuardConfig", "check_token", "redact_paths"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -82,11 +85,36 @@ class GuardConfig:
     upload_types: tuple[str, ...] = UPLOAD_TYPES
     max_upload: int = MAX_UPLOAD_BYTES
 
+    def __post_init__(self) -> None:
+        check_token(self.token)
+
     def limits(self, path: str) -> tuple[tuple[str, ...], int]:
         """The content types and the body cap of a POST to ``path``."""
         if path in self.upload_paths:
             return self.upload_types, self.max_upload
         return ("application/json",), self.max_body
+
+
+TOKEN_CHARACTERS = frozenset(string.ascii_letters + string.digits + "-._~")
+"""What a token may hold: it travels in a URL, a cookie and a header unchanged."""
+
+
+def check_token(token: str | None) -> None:
+    """Refuse a token shorter than 8 characters or with characters a URL or cookie would
+    change (``secrets.token_urlsafe()`` gives a good one).
+
+    Raises:
+        ConfigError: naming the rule.
+    """
+    if token is None:
+        return
+    if len(token) < 8 or not set(token) <= TOKEN_CHARACTERS:
+        raise ConfigError(
+            "the token must be at least 8 characters of letters, digits and - . _ ~ (it goes in "
+            "a URL and a cookie); python -c 'import secrets; print(secrets.token_urlsafe())' "
+            "makes one",
+            parameters=("token",),
+        )
 
 
 def _header(scope: Scope, name: bytes) -> str:
