@@ -235,3 +235,99 @@ def test_concept_map_over_any_slide(site: dict[str, Any]) -> None:
     assert status == 400 and "accept a hit first" in json.loads(body)["error"]
     status, _, body = raw(base, "GET", f"/api/slides/{twin}/concept.png?label=../x")
     assert status == 422
+
+
+def test_label_boxes_are_clipped_to_the_slide(site: dict[str, Any]) -> None:
+    """A box over the slide's edge is kept as its part on the slide (the GeoJSON stays on
+    the slide); a box that misses the slide is refused and nothing is recorded."""
+    base, root, s1 = site["base"], site["root"], site["ids"]["s1"]
+    width, height = open_store(root).slide(s1).source["dimensions"]
+    status, labels = post_json(
+        base,
+        "/api/labels",
+        {"slide": s1, "box": [-100, height - 50, 300, 400], "label": "edge", "verdict": "accept"},
+    )
+    assert status == 200, labels
+    [mine] = [r for r in labels["accepted"] if r["label"] == "edge"]
+    assert [mine["x"], mine["y"], mine["w"], mine["h"]] == [0, height - 50, 200, 50]
+    before = (root / "labels" / "regions.csv").read_bytes()
+    for box in ([width, 0, 10, 10], [-50, -50, 50, 50]):
+        status, answer = post_json(
+            base, "/api/labels", {"slide": s1, "box": box, "label": "edge", "verdict": "accept"}
+        )
+        assert status == 400 and answer["type"] == "RegionOutsideSlideError"
+        assert "lies outside s1.tiff" in answer["error"]
+    assert (root / "labels" / "regions.csv").read_bytes() == before
+    status, labels = post_json(
+        base,
+        "/api/labels",
+        {"slide": s1, "box": [-100, height - 50, 300, 400], "label": "edge", "verdict": "clear"},
+    )
+    assert status == 200 and not [r for r in labels["accepted"] if r["label"] == "edge"]
+
+
+def test_more_like_these_finds_k_outside_large_labelled_boxes(site: dict[str, Any]) -> None:
+    """Whole slides labelled (CMU and its twin): their tiles, the nearest, are all inside a
+    labelled box, so the k asked for come from the third slide."""
+    base, root = site["base"], site["root"]
+    cmu, twin, s1 = site["ids"]["cmu"], site["ids"]["twin"], site["ids"]["s1"]
+    w, h = open_store(root).slide(cmu).source["dimensions"]
+    coords = open_store(root).slide(cmu).coords
+    x, y = (int(v) for v in coords[len(coords) // 2])
+    for slide, box in ((cmu, [x, y, 448, 448]), (twin, [0, 0, w, h])):
+        status, _ = post_json(
+            base, "/api/labels", {"slide": slide, "box": box, "label": "wide", "verdict": "accept"}
+        )
+        assert status == 200
+    status, _ = post_json(
+        base,
+        "/api/labels",
+        {"slide": cmu, "box": [0, 0, w, h], "label": "other", "verdict": "reject"},
+    )
+    assert status == 200
+    status, more = post_json(base, "/api/labels/more", {"label": "wide", "k": 10})
+    assert status == 200 and len(more["hits"]) == 10
+    assert {hit["slide_id"] for hit in more["hits"]} == {s1}, [
+        (x["slide_id"][:4], x["tile_box"]) for x in more["hits"]
+    ]
+    assert [hit["rank"] for hit in more["hits"]] == list(range(1, 11))
+    for slide in (cmu, twin):
+        post_json(
+            base,
+            "/api/labels",
+            {"slide": slide, "box": [0, 0, w, h], "label": "wide", "verdict": "clear"},
+        )
+    post_json(
+        base,
+        "/api/labels",
+        {"slide": cmu, "box": [x, y, 448, 448], "label": "wide", "verdict": "clear"},
+    )
+    post_json(
+        base,
+        "/api/labels",
+        {"slide": cmu, "box": [0, 0, w, h], "label": "other", "verdict": "clear"},
+    )
+
+
+def test_concept_map_has_one_scale_for_the_archive(site: dict[str, Any]) -> None:
+    """A CMU region accepted: its twin lights up where the region is, while the synthetic
+    slide, unlike it, stays fainter everywhere (each slide scaled to itself drew both full)."""
+    base, root = site["base"], site["root"]
+    cmu, twin, s1 = site["ids"]["cmu"], site["ids"]["twin"], site["ids"]["s1"]
+    coords = open_store(root).slide(cmu).coords
+    x, y = (int(v) for v in coords[len(coords) // 2])
+    status, _ = post_json(
+        base,
+        "/api/labels",
+        {"slide": cmu, "box": [x, y, 448, 448], "label": "scale", "verdict": "accept"},
+    )
+    assert status == 200
+
+    def alpha(slide: str) -> np.ndarray:
+        status, _, body = raw(base, "GET", f"/api/slides/{slide}/concept.png?label=scale")
+        assert status == 200, body[:300]
+        return np.asarray(Image.open(io.BytesIO(body)))[..., 3].astype(int)
+
+    on_twin, on_s1 = alpha(twin), alpha(s1)
+    assert on_twin.max() == 200  # the accepted tiles themselves, at the top of the scale
+    assert on_s1.max() < on_twin.max() and on_s1.mean() < on_twin.mean()

@@ -19,7 +19,10 @@ verdict ``accept``, ``reject`` or ``clear``; ``POST /api/labels/more`` ``{label,
 tiles nearest any accepted region of ``label``, outside every labelled box;
 ``GET /api/slides/{slide}/concept.png?label=L``: the concept map of ``label`` over a slide,
 each tile scored 1-NN style (its best cosine similarity to the accepted tiles minus its best
-to the rejected ones), drawn at the thumbnail's size as a translucent heatmap.
+to the rejected ones), drawn at the thumbnail's size as a translucent heatmap on one scale for
+the whole archive (transparent at the median score of a sample of the indexed tiles, full at
+their 99th percentile), so a slide without the concept stays clear. A labelled box is clipped
+to its slide; one that misses the slide is refused.
 """
 
 from __future__ import annotations
@@ -56,6 +59,11 @@ __all__ = [
 COLUMNS = ("slide", "x", "y", "w", "h", "label")
 LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$"
 MAX_REGIONS = 10_000
+SCALE_SAMPLE = 20_000
+"""Indexed tiles (from at most ``SCALE_SLIDES`` slides) a concept map's scale is measured on."""
+SCALE_SLIDES = 64
+MAX_MORE_FETCH = 4096
+"""The most neighbours "more like these" fetches to find ``k`` outside the labelled boxes."""
 Record = tuple[str, int, int, int, int, str]
 SLIDE_LABELS = "labels/slides.csv"
 """The archive's slide labels (``slide,label``): the server's label filter reads it."""
@@ -113,6 +121,8 @@ class LabelBook:
         self._lock = threading.Lock()
         self.accepted = _read_csv(self.dir / "regions.csv")
         self.rejected = _read_csv(self.dir / "rejected.csv")
+        self.scales: dict[tuple[Any, ...], tuple[float, float]] = {}
+        """Concept-map scales by (index, label, its accepted and rejected regions)."""
 
     def to_dict(self) -> dict[str, Any]:
         def rows(records: list[Record]) -> list[dict[str, Any]]:
@@ -197,13 +207,23 @@ def more_like(service: SlideService, book: LabelBook, label: str, k: int) -> dic
         slide_number=None,
     )
     labelled = book.accepted + book.rejected
-    out = service.run(service.index, query, k=k + 4 * len(labelled), mode="tiles")
+    fetch = k + 4 * len(labelled)
+    while True:  # fetch more until k lie outside the labelled boxes (or the index runs out)
+        out = service.run(service.index, query, k=fetch, mode="tiles")
+        keep = [h for h in out["hits"] if not _in_any(service, h, labelled)][:k]
+        if len(keep) == k or len(out["hits"]) < fetch or fetch >= MAX_MORE_FETCH:
+            break
+        fetch = min(2 * fetch, MAX_MORE_FETCH)
     out["query"]["regions"] = len(queries)
-    keep = [h for h in out["hits"] if not any(_inside(h, r) for r in labelled)][:k]
     for rank, hit in enumerate(keep, 1):
         hit["rank"] = rank
     out["hits"] = keep
     return out
+
+
+def _in_any(service: SlideService, hit: dict[str, Any], records: list[Record]) -> bool:
+    w, h = service.index.resolve_slide(hit["slide_id"])["dimensions"]
+    return any(_inside(hit, r, (int(w), int(h))) for r in records)
 
 
 def _queries(service: SlideService, records: list[Record]) -> list[Query]:
@@ -238,12 +258,9 @@ def concept_map(service: SlideService, book: LabelBook, slide: str, label: str) 
     store = service.store(slide)
     embeddings = service.archive.embeddings(store.slide_id, service.index.encoder_id)
     embeddings = embeddings.embedded_only()  # tiles left out by QC at embed: not drawn
-    feats = _unit(np.asarray(embeddings.features))
-    score = (feats @ _unit(accepted).T).max(axis=1)
-    if len(rejected):
-        score = score - (feats @ _unit(rejected).T).max(axis=1)
-    lo, hi = float(score.min()), float(score.max())
-    strength = (score - lo) / (hi - lo) if hi > lo else np.ones_like(score)
+    score = _scores(np.asarray(embeddings.features), accepted, rejected)
+    lo, hi = _archive_scale(service, book, label, accepted, rejected)
+    strength = np.clip((score - lo) / (hi - lo), 0.0, 1.0)
     h, w = store.thumbnail.shape[:2]
     image = Image.new("RGBA", (w, h), (0, 0, 0, 0))
     draw = ImageDraw.Draw(image)
@@ -255,10 +272,55 @@ def concept_map(service: SlideService, book: LabelBook, slide: str, label: str) 
     return encode(image, "png")
 
 
-def _inside(hit: dict[str, Any], record: Record) -> bool:
+def _scores(features: np.ndarray, accepted: np.ndarray, rejected: np.ndarray) -> np.ndarray:
+    """Each tile's best cosine similarity to ``accepted`` minus its best to ``rejected``."""
+    feats = _unit(features)
+    score = (feats @ _unit(accepted).T).max(axis=1)
+    if len(rejected):
+        score = score - (feats @ _unit(rejected).T).max(axis=1)
+    return score
+
+
+def _archive_scale(
+    service: SlideService,
+    book: LabelBook,
+    label: str,
+    accepted: np.ndarray,
+    rejected: np.ndarray,
+) -> tuple[float, float]:
+    """(median, 99th percentile) of the scores of a sample of the index's tiles (evenly
+    spread over at most ``SCALE_SLIDES`` slides, ``SCALE_SAMPLE`` tiles), kept until the
+    label's regions or the index change."""
+    index = service.index
+    key = (
+        index.name,
+        index.n_vectors,
+        label,
+        tuple(r for r in book.accepted if r[5] == label),
+        tuple(r for r in book.rejected if r[5] == label),
+    )
+    if key in book.scales:
+        return book.scales[key]
+    entries = [e for e in index.entries if e.active]
+    entries = [entries[i] for i in np.linspace(0, len(entries) - 1, SCALE_SLIDES).astype(int)]
+    per_slide = max(1, SCALE_SAMPLE // len(set(e.slide_id for e in entries)))
+    sample = []
+    for slide_id in dict.fromkeys(e.slide_id for e in entries):
+        emb = service.archive.embeddings(slide_id, index.encoder_id, lazy=True).embedded_only()
+        rows = np.unique(np.linspace(0, len(emb.features) - 1, per_slide).astype(int))
+        sample.append(np.asarray(emb.features[rows], dtype=np.float32))
+    scores = _scores(np.concatenate(sample), accepted, rejected)
+    lo, hi = (float(v) for v in np.percentile(scores, [50, 99]))
+    book.scales[key] = (lo, max(hi, lo + 1e-6))
+    return book.scales[key]
+
+
+def _inside(hit: dict[str, Any], record: Record, dimensions: tuple[int, int]) -> bool:
+    """Whether the centre of the hit tile's part on the slide lies in ``record``'s box."""
     slide, x, y, w, h, _ = record
     tx, ty, size, _ = hit["tile_box"]
-    cx, cy = tx + size / 2, ty + size / 2
+    cx = (max(tx, 0) + min(tx + size, dimensions[0])) / 2
+    cy = (max(ty, 0) + min(ty + size, dimensions[1])) / 2
     return bool(hit["slide_id"] == slide and x <= cx < x + w and y <= cy < y + h)
 
 
@@ -285,7 +347,13 @@ def add_label_routes(app: FastAPI, service: SlideService, pool: RenderPool) -> N
             raise ConfigError(
                 f"box {list(request.box)} must have width and height > 0, each value within ±2**31"
             )
-        record = (entry["slide_id"], x, y, w, h, request.label)
+        width, height = (int(v) for v in entry["dimensions"])
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
+        if x1 <= x0 or y1 <= y0:
+            raise RegionOutsideSlideError(
+                f"box {list(request.box)} lies outside {entry['name']} ({width} x {height} px)"
+            )
+        record = (entry["slide_id"], x0, y0, x1 - x0, y1 - y0, request.label)
         book.set(record, request.verdict, entry["name"])
         return book.to_dict()
 
