@@ -458,3 +458,61 @@ def test_page_annotation_and_attention_layers(layered_page: dict[str, Any], tmp_
     assert changed_bottom.mean() > 0.05
     redder = lambda d, m: float((d[m][:, 0] - d[m][:, 1]).mean()) if m.any() else 0.0  # noqa: E731
     assert redder(bottom_rows, changed_bottom) > redder(top_rows, changed_top)
+
+
+def test_page_keyboard_label_status_and_new_slides(
+    page_env: dict[str, Any], tmp_path: Path
+) -> None:
+    """Tab reaches the slide list and Enter opens a slide, Escape leaves drawing mode; a
+    label refused then accepted leaves no stale error; a slide indexed after the page was
+    opened joins the list when the window is focused again."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    driver, base, archive = page_env["driver"], page_env["base"], page_env["archive"]
+    root, s1 = archive["root"], archive["ids"]["s1"]
+    SearchIndex.open(root, mmap=False).remove(s1)
+    try:
+        driver.get(base + "/")
+        _wait(lambda: _state(driver) == "ready" and _settled(driver))
+        listed = driver.execute_script("return wsi.slides.map(s => s.slide_id)")
+        assert s1 not in listed and len(listed) == 2
+        # keyboard: from the filter box, Tab to the second slide and open it with Enter
+        driver.find_element(By.ID, "filter").click()
+        ActionChains(driver).send_keys(Keys.TAB, Keys.TAB).perform()
+        focused = driver.execute_script("return document.activeElement.dataset.slide")
+        assert focused == listed[1]
+        ActionChains(driver).send_keys(Keys.ENTER).perform()
+        _wait(lambda: driver.execute_script("return wsi.current.slide_id") == listed[1])
+        driver.find_element(By.ID, "draw").click()
+        assert driver.find_element(By.ID, "draw").get_attribute("aria-pressed") == "true"
+        ActionChains(driver).send_keys(Keys.ESCAPE).perform()
+        assert driver.find_element(By.ID, "draw").get_attribute("aria-pressed") == "false"
+        # a label the server refuses, then one it takes: the error does not stay
+        _wait(lambda: _state(driver) == "ready" and _settled(driver))
+        tile = driver.execute_script("return wsi.current.tile_size_level0")
+        _drag_box(driver, (600, 600, 2 * tile, 2 * tile))
+        _wait(lambda: _state(driver) == "results")
+        label = driver.find_element(By.ID, "label")
+        label.clear()
+        label.send_keys("../bad")
+        card = driver.find_elements(By.CSS_SELECTOR, "#results .card.hit")[0]
+        card.find_element(By.CSS_SELECTOR, "button.accept").click()
+        _wait(lambda: driver.find_element(By.ID, "status").get_attribute("class") == "error")
+        label.clear()
+        label.send_keys("kbd")
+        card.find_element(By.CSS_SELECTOR, "button.accept").click()
+        _wait(lambda: "accepted" in card.get_attribute("class"))
+        status = driver.find_element(By.ID, "status")
+        assert status.get_attribute("class") == "" and status.text.startswith("accepted as kbd")
+        # the hit cards take the keyboard too: focus one, Enter opens its slide
+        hit = driver.execute_script("return wsi.answer.hits[0]")
+        driver.execute_script("arguments[0].focus()", card)
+        ActionChains(driver).send_keys(Keys.ENTER).perform()
+        _wait(lambda: driver.execute_script("return wsi.current.slide_id") == hit["slide_id"])
+    finally:
+        SearchIndex.open(root, mmap=False).add()
+    driver.execute_script("window.dispatchEvent(new Event('focus'))")
+    _wait(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#slides li")) == 3)
+    assert driver.find_element(By.CSS_SELECTOR, f'#slides li[data-slide="{s1}"]')

@@ -31,6 +31,25 @@ async function api(path, body) {
   return answer;
 }
 
+// make ``el`` act like a button: clicked, or focused with Tab and pressed with Enter or Space
+function activate(el, fn) {
+  el.tabIndex = 0;
+  el.onclick = fn;
+  el.onkeydown = (e) => {
+    if ((e.key === "Enter" || e.key === " ") && e.target === el) { e.preventDefault(); fn(); }
+  };
+}
+
+// the slide list again from the server (slides indexed since the page was opened appear)
+async function refreshSlides() {
+  try {
+    state.slides = await api("/api/slides");
+  } catch (err) {
+    return setStatus(err.message, true);
+  }
+  renderSlideList();
+}
+
 function renderSlideList() {
   const needle = $("filter").value.toLowerCase();
   const list = $("slides");
@@ -44,7 +63,7 @@ function renderSlideList() {
     small.textContent = `${s.slide_id} · ${s.n_tiles} tiles`;
     li.append(small);
     if (state.current && state.current.slide_id === s.slide_id) li.className = "active";
-    li.onclick = () => openSlide(s.slide_id);
+    activate(li, () => openSlide(s.slide_id));
     list.append(li);
   }
 }
@@ -186,6 +205,17 @@ function moveDrag(e) {
   });
 }
 
+// Escape leaves drawing mode and drops a box being drawn
+function cancelDrawing(e) {
+  if (e.key !== "Escape") return;
+  if (state.drag) {
+    state.drag.rubber.remove();
+    state.drag = null;
+    state.viewer.setMouseNavEnabled(true);
+  }
+  setDrawing(false);
+}
+
 function endDrag(e) {
   const d = state.drag;
   if (!d) return;
@@ -250,6 +280,8 @@ function showAnswer(answer, message) {
   }
   for (const hit of answer.hits) results.append(hitCard(hit, answer.mode));
   renderRanking(answer.slides || []);
+  const known = new Set(state.slides.map((s) => s.slide_id));
+  if (answer.hits.some((h) => !known.has(h.slide_id))) refreshSlides();  // indexed since
   setStatus(message);
   document.body.dataset.state = "results";
 }
@@ -291,7 +323,7 @@ function hitCard(hit, mode) {
   }
   const box = hit.tile_box || hit.box;
   div.dataset.slide = hit.slide_id;
-  div.onclick = () => openSlide(hit.slide_id, box);
+  activate(div, () => openSlide(hit.slide_id, box));
   if (box) {
     const verdict = document.createElement("div");
     verdict.className = "verdict";
@@ -354,6 +386,8 @@ async function judge(hit, box, verdict, div) {
   }
   div.classList.toggle("accepted", verdict === "accept");
   div.classList.toggle("rejected", verdict === "reject");
+  const done = { accept: "accepted", reject: "rejected", clear: "cleared" }[verdict];
+  setStatus(`${done} as ${$("label").value}: #${hit.rank} ${hit.name}`);  // replaces any error
   showLabelInfo();
   redrawOverlays();
 }
@@ -435,7 +469,7 @@ function renderRanking(slides) {
     const li = document.createElement("li");
     li.dataset.slide = s.slide_id;
     li.textContent = `${s.name}${s.label ? " [" + s.label + "]" : ""}: score ${s.score.toFixed(3)}, ${s.n_hits} hits`;
-    li.onclick = () => openSlide(s.slide_id);
+    activate(li, () => openSlide(s.slide_id));
     list.append(li);
   }
 }
@@ -473,6 +507,8 @@ function start() {
   for (const name of LAYERS) $(`layer-${name}`).addEventListener("change", redrawOverlays);
   $("upload").addEventListener("change", searchPicture);
   $("filter").addEventListener("input", renderSlideList);
+  window.addEventListener("keydown", cancelDrawing);
+  window.addEventListener("focus", refreshSlides);
   $("draw").addEventListener("click", () => setDrawing(!state.drawing));
   $("more").addEventListener("click", moreLikeThese);
   $("concept").addEventListener("change", redrawOverlays);
