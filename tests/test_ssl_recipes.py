@@ -68,6 +68,21 @@ def test_recipe_learns_resumes_exactly_and_gives_an_encoder(
     for key in ("teacher", "student", "center"):
         assert resumed.digests[key] == whole.digests[key], key
     assert [r["loss"] for r in resumed.history] == losses
+    # each logged term is its mean over the same steps as the loss (it was the last step's),
+    # so the terms add up to the logged loss, and a resumed run logs the same terms
+    config = tiny(method)
+    for row in whole.history:
+        total = (
+            row["dino_loss"]
+            + config.ibot_loss_weight * row["ibot_loss"]
+            + config.koleo_loss_weight * row["koleo"]
+            if method == "dinov2"
+            else row["mae_loss"]
+        )
+        assert total == pytest.approx(row["loss"], rel=1e-5, abs=1e-6)
+    assert [[r[k] for k in sorted(parts)] for r in resumed.history] == [
+        [r[k] for k in sorted(parts)] for r in whole.history
+    ]
     data = load_checkpoint(resumed.checkpoint)
     assert data["meta"]["config"]["method"] == method
     encoder = load_encoder(resumed.out_dir)

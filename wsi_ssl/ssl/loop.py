@@ -67,6 +67,10 @@ def run_loop(trainer: Trainer) -> PretrainRun:
             window.data_wait += time.perf_counter() - t0
             loss = trainer.train_step(_views(trainer, batch, augment, generator), trainer.step, amp)
             trainer.window_loss += loss.detach()
+            for name, part in trainer.last_parts.items():
+                total = trainer.window_parts.get(name)
+                part = torch.as_tensor(part, device=trainer.device).detach().float()
+                trainer.window_parts[name] = part if total is None else total + part
             trainer.window_steps += 1
             window.steps += 1
             trainer.step += 1
@@ -113,7 +117,8 @@ def _views(
 def _log_window(
     trainer: Trainer, metrics: MetricsLog, window: _Window, run_start: float, bar: Any
 ) -> float:
-    """Append the metrics row of the steps since the last one; return their mean loss."""
+    """Append the metrics row of the steps since the last one (the loss and each of its
+    terms as their mean over those steps); return their mean loss."""
     mean_loss = reduce_mean(trainer.ctx, trainer.window_loss / trainer.window_steps)
     if not math.isfinite(mean_loss):
         raise TrainingDivergedError(
@@ -129,7 +134,10 @@ def _log_window(
         "epoch": round(trainer.schedules.epoch(trainer.step), 4),
         "loss": mean_loss,
         **trainer.schedules.values(trainer.step - 1),
-        **{k: float(v) for k, v in trainer.last_parts.items()},
+        **{
+            k: reduce_mean(trainer.ctx, v / trainer.window_steps)
+            for k, v in sorted(trainer.window_parts.items())
+        },
         "images_per_s": round(ips, 2),
         "data_wait": round(window.data_wait / elapsed, 4),
         "seconds": round(now - run_start, 3),
@@ -138,6 +146,7 @@ def _log_window(
         metrics.append(row)
     bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
     trainer.window_loss.zero_()
+    trainer.window_parts = {}
     trainer.window_steps = 0
     window.reset(now)
     return mean_loss

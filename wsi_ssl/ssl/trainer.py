@@ -187,6 +187,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step = 0
         self.window_loss = torch.zeros((), device=self.device)
+        self.window_parts: dict[str, torch.Tensor] = {}  # each loss term summed, like the loss
         self.window_steps = 0
         self.last_parts: dict[str, torch.Tensor] = {}
         if self.checkpoint_data is not None:
@@ -210,6 +211,7 @@ class Trainer:
         restore_rng(data["rng"])
         self.step = int(data["meta"]["step"])
         self.window_loss = data["window_loss"].to(self.device)
+        self.window_parts = {k: v.to(self.device) for k, v in data.get("window_parts", {}).items()}
         self.window_steps = int(data["meta"]["window_steps"])
 
     def loader(self) -> DataLoader:
@@ -345,6 +347,7 @@ class Trainer:
                 "loss_state": loss_state,
                 "rng": capture_rng(),
                 "window_loss": self.window_loss.detach().cpu(),
+                "window_parts": {k: v.detach().cpu() for k, v in self.window_parts.items()},
             }
             self.checkpoint_path = save_checkpoint(step_path(self.out, self.step), payload)
             for old in checkpoint_paths(self.out)[: -self.config.keep_checkpoints]:
