@@ -548,3 +548,27 @@ def test_slides_that_cannot_be_embedded_are_named_when_too_few_classes_are_left(
         evaluate_encoders(["random-cnn"], [task], tmp_path / "e1", **settings)
     report = evaluate_encoders(["random-cnn,resize=bilinear"], [task], tmp_path / "e2", **settings)
     assert [(r.task, r.metric, r.n) for r in report.rows] == [("ab", "auc", 4)]
+
+
+def test_every_slide_failing_to_embed_names_the_cause_first(tmp_path: Path) -> None:
+    """Slides tiled at 256 px and an encoder that takes 224 px without resizing: the error
+    leads with how many slides failed and why, and gives evaluate's own spelling of the fix
+    (``NAME,resize=bilinear``), which then works."""
+    from wsi_ssl.config import TilingConfig
+    from wsi_ssl.synthetic import write_synthetic_slide
+    from wsi_ssl.tiling.batch import tile_slides
+
+    paths = [write_synthetic_slide(tmp_path / f"s{i}.tiff", (700, 600), seed=i) for i in range(4)]
+    config = TilingConfig(tile_size=256, codec="zstd", tissue_threshold=0.0)
+    root = tmp_path / "root"
+    assert not tile_slides(paths, root, config, progress=False).failed
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label\n" + "".join(f"s{i}.tiff,{'ab'[i % 2]}\n" for i in range(4)))
+    argv = ["--root", str(root), "--slide-labels", str(labels), "--out", str(tmp_path / "e")]
+    code, out, err = run_cli(["evaluate", "--encoder", "random-vit-tiny", *argv])
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "4 of 4 labelled slide(s) failed to embed" in err
+    assert "InputSizeMismatchError" in err and err.rstrip().endswith("NAME,resize=bilinear")
+    spec = "random-vit-tiny,resize=bilinear"
+    code, out, err = run_cli(["evaluate", "--encoder", spec, *argv, "--bootstrap", "0"])
+    assert code == 0, err

@@ -209,12 +209,26 @@ def _usable(
     notes += [f"slide {sid} left out: {err}" for sid, err in failed.items()]
     rows = [r for r in labelled.table.rows if r.slide not in failed]
     if len({r.label for r in rows}) < 2:
-        why = "".join(f"; {sid}: {err}" for sid, err in list(failed.items())[:3])
-        raise LabelsError(
-            labels, f"fewer than two classes are left once failed slides are out{why}"
-        )
+        raise LabelsError(labels, _too_few_classes(failed, len(labelled.slide_ids)))
     table = dataclasses.replace(labelled.table, rows=rows)
     return dataclasses.replace(labelled, table=table), notes
+
+
+def _too_few_classes(failed: dict[str, str], n_slides: int) -> str:
+    """Why fewer than two classes are left: the slides that failed, the first reason in
+    full, and the evaluate spelling of the resize advice."""
+    if not failed:
+        return "fewer than two classes are left"
+    first = next(iter(failed.values()))
+    advice = (
+        "; here, give the encoder as NAME,resize=bilinear"
+        if first.startswith("InputSizeMismatchError")
+        else ""
+    )
+    return (
+        f"{len(failed)} of {n_slides} labelled slide(s) failed to embed, so fewer than two "
+        f"classes are left; the first: {first}{advice}"
+    )
 
 
 def _slide_folds(labelled: LabelledSlides, config: EvaluationConfig) -> np.ndarray:
