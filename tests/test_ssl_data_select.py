@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import wsi_ssl
 from wsi_ssl.errors import ConfigError, SchemaMismatchError
@@ -227,3 +228,20 @@ def test_curate_cli_bad_input_is_one_line(embedded_root: Path, tmp_path: Path) -
     )
     assert code == 2 and err.startswith("wsi-ssl: error: ") and err.count("\n") == 1
     assert not (tmp_path / "a.json").exists() and not (tmp_path / "b.json").exists()
+
+
+def test_coverage_counts_order_clusters_largest_first(embedded_root: Path, tmp_path: Path) -> None:
+    """What the coverage plot draws: clusters largest first, each with its tiles, unique
+    tiles and selected tiles, adding up to the curation's own counts."""
+    from wsi_ssl.ssl.curation import coverage_counts
+
+    labels = np.array([2, 2, 2, 0, 1, 1, 2, 0])
+    counts = coverage_counts(labels, np.array([0, 1, 3, 4, 6]), np.array([0, 3, 4]), 3)
+    assert counts["cluster"].tolist() == [2, 0, 1] and counts["all"].tolist() == [4, 2, 2]
+    assert counts["unique"].tolist() == [3, 1, 1] and counts["selected"].tolist() == [1, 1, 1]
+    result = curate(embedded_root, tmp_path / "c.json", n_tiles=30, n_clusters=6)
+    sizes = sorted(result.cluster_sizes, reverse=True)
+    assert sum(sizes) == result.n_tiles and sum(result.selected_per_cluster) == 30
+    picture = np.asarray(Image.open(result.plot).convert("RGB")).astype(int)
+    orange = np.all(np.abs(picture - [255, 127, 14]) < 30, axis=-1)  # tab:orange: the selection
+    assert picture.shape == (450, 1100, 3) and orange.sum() > 200

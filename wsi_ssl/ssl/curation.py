@@ -225,36 +225,49 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data))
 
 
+def coverage_counts(
+    labels: np.ndarray, keep: np.ndarray, chosen: np.ndarray, k: int
+) -> dict[str, np.ndarray]:
+    """Tiles per cluster (``all``, ``unique``, ``selected``), clusters ordered largest first
+    (``cluster``: their numbers): what the coverage plot draws."""
+    every = np.bincount(labels, minlength=k)
+    order = np.argsort(-every, kind="stable")
+    return {
+        "cluster": order,
+        "all": every[order],
+        "unique": np.bincount(labels[keep], minlength=k)[order],
+        "selected": np.bincount(labels[chosen], minlength=k)[order],
+    }
+
+
 def plot_coverage(
     x: np.ndarray, labels: np.ndarray, keep: np.ndarray, chosen: np.ndarray, out: Path, k: int
 ) -> Path:
-    """Tiles per cluster (all, unique, selected) and a PCA projection with the selection."""
+    """Left: tiles per cluster, largest first (all and unique as outlines, the selection as
+    bars), readable for any number of clusters; right: a PCA projection with the selection."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    counts = coverage_counts(labels, keep, chosen, k)
     fig = Figure(figsize=(11, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     bars, scatter = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    positions = np.arange(k)
-    for offset, rows, name in (
-        (-0.27, None, "all"),
-        (0, keep, "unique"),
-        (0.27, chosen, "selected"),
-    ):
-        counts = np.bincount(labels if rows is None else labels[rows], minlength=k)
-        bars.bar(positions + offset, counts, width=0.27, label=name)
+    rank = np.arange(1, k + 1)
+    bars.bar(rank, counts["selected"], width=1.0, color="tab:orange", label="selected")
+    bars.step(rank, counts["all"], where="mid", color="tab:grey", label="all tiles")
+    bars.step(rank, counts["unique"], where="mid", color="tab:blue", ls="--", label="unique")
     bars.set_yscale("log")
-    bars.set_xlabel("k-means cluster")
+    bars.set_xlim(0.5, k + 0.5)
+    bars.set_xlabel(f"k-means cluster, largest first ({k} clusters)")
     bars.set_ylabel("tiles")
-    bars.set_title("coverage per cluster")
+    covered = int((counts["selected"] > 0).sum())
+    bars.set_title(f"the selection covers {covered} of {k} clusters")
     bars.legend()
     centred = x - x.mean(axis=0)
     _, _, vt = np.linalg.svd(centred[:: max(1, len(x) // 5000)], full_matrices=False)
     xy = centred @ vt[:2].T
     scatter.scatter(xy[:, 0], xy[:, 1], s=3, c="lightgrey", label="all tiles")
-    scatter.scatter(
-        xy[chosen, 0], xy[chosen, 1], s=6, c=labels[chosen], cmap="tab20", label="selected"
-    )
+    scatter.scatter(xy[chosen, 0], xy[chosen, 1], s=8, c="tab:orange", label="selected")
     scatter.set_title("tiles (PCA of the embeddings)")
     scatter.legend(loc="best")
     fig.tight_layout()
