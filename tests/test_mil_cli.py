@@ -194,16 +194,36 @@ def test_predictions_into_one_folder_add_up_and_another_runs_are_refused(
     assert code == 2 and stdout == "" and err.count("\n") == 1
     assert "holds predictions with other columns" in err and "--out" in err
     assert sorted(p.name for p in other.iterdir()) == ["predictions.csv"]
-    # another run of the same classes (a copy of this one, elsewhere) into the same folder:
+    # another run of the same classes (trained with another seed) into the same folder:
     # refused, as its rows and pictures would mix with this run's
-    assert {r["run"] for r in rows.values()} == {str(run.resolve())}
+    run_id = mil.load(run).run_id
+    assert {r["run"] for r in rows.values()} == {run_id}
     second = tmp_path / "second-run"
-    shutil.copytree(run, second)
+    code, _, err = run_cli(
+        [*("mil", "train", str(root), "--labels", str(archive[1]), "--out", str(second)),
+         *("--folds", "2", "--epochs", "1", "--seed", "8", *SMALL)]
+    )  # fmt: skip
+    assert code == 0, err
     written = (out / "predictions.csv").read_bytes()
     code, stdout, err = run_cli(["mil", "predict", str(second), str(root), "--out", str(out)])
     assert code == 2 and stdout == "" and err.count("\n") == 1
-    assert f"holds predictions of run {run.resolve()}" in err
+    assert f"holds predictions of another run (run id {run_id};" in err
     assert (out / "predictions.csv").read_bytes() == written
+    # the same run moved elsewhere is the same run: its folder takes its predictions again,
+    # and a CSV written before rows named their run is taken as the run's own there
+    moved = tmp_path / "moved-run"
+    shutil.copytree(run, moved)
+    code, _, err = run_cli([*argv[:2], str(moved), *argv[3:5], str(out), *argv[6:]])
+    assert code == 0, err
+    own = moved / "predictions"
+    own.mkdir(exist_ok=True)
+    header = "slide_id,name,n_tiles,predicted,prob_clean,prob_pen,heatmap,gallery,geojson"
+    (own / "predictions.csv").write_text(f"{header}\nold-slide,old.tiff,3,pen,0.1,0.9,,,\n")
+    code, _, err = run_cli(["mil", "predict", str(moved), str(root), "--slides", "s1.tiff"])
+    assert code == 0, err
+    kept = {r["slide_id"]: r for r in csv.DictReader((own / "predictions.csv").open())}
+    assert kept["old-slide"]["run"] == run_id and kept["old-slide"]["note"] == ""
+    assert len(kept) == 2
 
 
 def test_predict_reports_an_empty_bag_and_goes_on(
@@ -323,3 +343,14 @@ def test_predictions_of_training_slides_and_other_tilings_carry_a_note(
     assert [r["note"] for r in rows] == [s.note for s in result.slides]
     [s5] = list(csv.DictReader((out / "predictions.csv").open()))
     assert s5["note"].startswith("tiled at 1 µm/px")
+    # one fold's model never saw its own test fold: those slides are not in-sample for it
+    folds = json.loads((run / "run.json").read_text())["training_slides"]
+    one = mil.predict(mil.load(run, fold=0), root, tmp_path / "fold0", explain=False)
+    for s in one.slides:
+        assert s.note.startswith("a training slide") == (folds[s.slide_id] != 0), s.note
+    # a later prediction without pictures removes the earlier ones of its slides
+    pictures = mil.predict(run, root, tmp_path / "pics", slides=["s2.tiff"])
+    [heatmap] = [s.heatmap for s in pictures.slides]
+    assert heatmap is not None and heatmap.is_file()
+    mil.predict(run, root, tmp_path / "pics", slides=["s2.tiff"], explain=False)
+    assert not heatmap.exists()

@@ -244,6 +244,8 @@ def _predict_one(
 ) -> SlidePrediction:
     store = archive.slide(sid)
     pred = model.predict_slide(store, name=name)
+    for folder, suffix in (("heatmaps", "png"), ("tiles", "png"), ("geojson", "geojson")):
+        (out / folder / f"{sid}.{suffix}").unlink(missing_ok=True)  # an earlier prediction's
     item = SlidePrediction(
         sid,
         name,
@@ -290,7 +292,8 @@ def _csv_header(classes: list[str]) -> list[str]:
 
 
 def _earlier_rows(path: Path, header: list[str], model: MILRun) -> list[list[str]]:
-    """The rows of an earlier ``predictions.csv`` at ``path`` (none where there is none).
+    """The rows of an earlier ``predictions.csv`` at ``path`` (none where there is none); one
+    written before rows named their run is taken as this run's in its own default folder.
 
     Raises:
         ConfigError: its columns are not ``header`` (another run's classes) or its rows are
@@ -300,25 +303,24 @@ def _earlier_rows(path: Path, header: list[str], model: MILRun) -> list[list[str
         rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"), newline="")))
     except FileNotFoundError:
         return []
+    older = header[:-2]  # before the note and run columns
+    if rows and rows[0] == older and path.parent == Path(model.path) / "predictions":
+        return [[*row, "", model.run_id] for row in rows[1:]]
     if not rows or rows[0] != header:
         raise ConfigError(
             f"{path} holds predictions with other columns ({', '.join(rows[0] if rows else [])}),"
             " not this run's; predict into another folder or move that file away",
             parameters=("out",),
         )
-    others = sorted({row[-1] for row in rows[1:]} - {_run_name(model)})
+    others = sorted({row[-1] for row in rows[1:]} - {model.run_id})
     if others:
         raise ConfigError(
-            f"{path} holds predictions of run {others[0]}, not of {_run_name(model)}; predict "
-            "into another folder (by default each run's own RUN/predictions) or move it away",
+            f"{path} holds predictions of another run (run id {others[0]}; this one is "
+            f"{model.run_id}); predict into another folder (by default each run's own "
+            "RUN/predictions) or move it away",
             parameters=("out",),
         )
     return rows[1:]
-
-
-def _run_name(model: MILRun) -> str:
-    """The run as ``predictions.csv`` names it: its directory, resolved."""
-    return str(Path(model.path).resolve())
 
 
 def _write_csv(result: PredictResult, model: MILRun, attempted: set[str]) -> None:
@@ -329,7 +331,7 @@ def _write_csv(result: PredictResult, model: MILRun, attempted: set[str]) -> Non
         s.slide_id: [s.slide_id, s.name, str(s.n_tiles), s.label]
         + [f"{p:.6f}" for p in s.probabilities.values()]
         + [_rel(p, result.out) for p in (s.heatmap, s.gallery, s.geojson)]
-        + [s.note, _run_name(model)]
+        + [s.note, model.run_id]
         for s in result.slides
     }
     earlier = _earlier_rows(result.csv_path, header, model)

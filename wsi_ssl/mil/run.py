@@ -8,6 +8,7 @@ the mean of the fold models' probabilities and its attention the mean of their a
 from __future__ import annotations
 
 import json
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,12 +97,21 @@ class MILRun:
     def in_dim(self) -> int:
         return int(self.info["in_dim"])
 
+    @property
+    def run_id(self) -> str:
+        """The run's identity wherever it lies: a hash of its ``run.json`` (rewritten by each
+        training), with the folds kept when they are not all of them."""
+        digest = hashlib.sha256((self.path / "run.json").read_bytes()).hexdigest()[:12]
+        every = len(self.info.get("checkpoints", [])) == len(self.folds)
+        return digest if every else f"{digest}-fold{'.'.join(map(str, self.folds))}"
+
     def slide_note(self, store: SlideStore) -> str:
         """What a prediction of ``store`` should be read with: the slide was in the training
         set (in-sample), or it is tiled otherwise than the training slides; "" when neither
         (or the run predates these records)."""
         notes = []
-        if store.slide_id in set(self.info.get("training_slides", [])):
+        fold = self.info.get("training_slides", {}).get(store.slide_id)
+        if fold is not None and self.folds != [fold]:  # a fold's model never saw its test fold
             notes.append(
                 "a training slide: in-sample (its out-of-fold one is in RUN/predictions.csv)"
             )

@@ -159,7 +159,6 @@ def run_info(
         "in_dim": report.in_dim,
         "classes": report.classes,
         "tilings": training_tilings(report),
-        "training_slides": [slide.slide_id for slide in report.slides],
         "root": str(Path(root).resolve()),
         "labels": report.labels_path,
     }

@@ -327,6 +327,7 @@ def _cross_validate(
         "checkpoints": [r.checkpoint for r in results],
         "report": report.to_dict(),
         "notes": notes,
+        "training_slides": {s.slide_id: int(f) for s, f in zip(slides, folds, strict=True)},
     }
     write_json(partial / "run.json", info)
     publish(partial, out)
