@@ -7,8 +7,8 @@ the mean of the fold models' probabilities and its attention the mean of their a
 
 from __future__ import annotations
 
-import json
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
