@@ -373,5 +373,5 @@ def test_hits_on_a_slide_retiled_after_indexing(
                 expected = indexed[hit["tiles"]] if mode == "regions" else indexed[[hit["tile"]]]
                 assert [b[:2] for b in boxes] == expected.tolist()
         status, answer = post_json(base, "/api/search", {"slide": twin, "box": box, "k": 3})
-        assert status == 409 and answer["type"] == "SchemaMismatchError"
+        assert status == 409 and answer["type"] == "TilingMismatchError"
         assert "re-tiled after indexing" in answer["error"]

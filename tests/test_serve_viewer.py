@@ -331,3 +331,17 @@ def test_concept_map_has_one_scale_for_the_archive(site: dict[str, Any]) -> None
     on_twin, on_s1 = alpha(twin), alpha(s1)
     assert on_twin.max() == 200  # the accepted tiles themselves, at the top of the scale
     assert on_s1.max() < on_twin.max() and on_s1.mean() < on_twin.mean()
+    # a slide without its embeddings (re-tiled, not re-embedded) is left out of the scale's
+    # sample; the other slides' maps are still drawn
+    status, _ = post_json(
+        base,
+        "/api/labels",
+        {"slide": cmu, "box": [x, y, 224, 224], "label": "scale", "verdict": "reject"},
+    )
+    assert status == 200
+    embeddings = open_store(root).store_path(s1) / "embeddings"
+    embeddings.rename(embeddings.with_name("embeddings-away"))
+    try:
+        assert alpha(twin).shape == on_twin.shape
+    finally:
+        embeddings.with_name("embeddings-away").rename(embeddings)

@@ -50,6 +50,7 @@ __all__ = [
     "StoreNotFoundError",
     "TileReadError",
     "TilesNotEmbeddedError",
+    "TilingMismatchError",
     "TrainingDivergedError",
     "TruncatedSlideError",
     "TruncatedWeightsError",
@@ -184,6 +185,11 @@ class StoreIncompleteError(WsiSslError, RuntimeError):
 
 class SchemaMismatchError(WsiSslError, ValueError):
     """A store or file was written with another schema or incompatible settings."""
+
+
+class TilingMismatchError(SchemaMismatchError):
+    """A slide is tiled otherwise (scale, tile size) than the index it is queried against,
+    e.g. re-tiled after indexing."""
 
 
 class EncoderMismatchError(WsiSslError, ValueError):

@@ -15,7 +15,7 @@ from wsi_ssl.errors import (
     ConfigError,
     NoTilesInRegionError,
     RegionOutsideSlideError,
-    SchemaMismatchError,
+    TilingMismatchError,
     UnknownSlideError,
 )
 from wsi_ssl.search.archive import catalog_names, same_scale, tiling_key
@@ -65,7 +65,7 @@ class _QuerySlide:
             self.name = catalog_names(archive).get(sid, (fallback, ""))[0]
         key = tiling_key(self.store.tiling)
         if not same_scale(index.tiling, key):
-            raise SchemaMismatchError(
+            raise TilingMismatchError(
                 f"{self.store.path}: tiled at {key['mpp']} µm/px, {key['tile_size']} px, the index "
                 f"{index.name!r} at {index.mpp} µm/px, {index.tiling['tile_size']} px; query with "
                 "a slide tiled like the index"

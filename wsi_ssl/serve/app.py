@@ -20,7 +20,8 @@ Routes:
 * labels (:mod:`wsi_ssl.serve.labels`): accept / reject hits, "more like these".
 
 A library error becomes ``{"error": message, "type": name}`` with status 404 (unknown slide),
-400 (a request to fix), 503 (a store being rewritten, or the picture queue full) or 500 (a
+400 (a request to fix), 409 (a slide re-tiled since indexing: tiled otherwise, or without
+the index's embeddings), 503 (a store being rewritten, or the picture queue full) or 500 (a
 damaged index or store); messages carry no filesystem paths, and no answer repeats the body.
 API docs are off.
 """
@@ -47,8 +48,8 @@ from wsi_ssl.errors import (
     IndexNotFoundError,
     NoTilesInRegionError,
     RegionOutsideSlideError,
-    SchemaMismatchError,
     StoreIncompleteError,
+    TilingMismatchError,
     UnknownSlideError,
     WsiSslError,
 )
@@ -120,7 +121,7 @@ def _add_error_handlers(app: FastAPI) -> None:
             status = 400
         elif isinstance(exc, StoreIncompleteError):
             status = 503  # being re-tiled: try again once it is complete
-        elif isinstance(exc, SchemaMismatchError | EmbeddingsNotFoundError):
+        elif isinstance(exc, TilingMismatchError | EmbeddingsNotFoundError):
             status = 409  # re-tiled since indexing: re-embed and `index --add`
         else:  # the archive or the index is damaged: the server's fault, not the request's
             status = 500

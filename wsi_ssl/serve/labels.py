@@ -42,7 +42,12 @@ from fastapi import Query as QueryParam
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from wsi_ssl.errors import ConfigError, NoTilesInRegionError, RegionOutsideSlideError
+from wsi_ssl.errors import (
+    ConfigError,
+    NoTilesInRegionError,
+    RegionOutsideSlideError,
+    WsiSslError,
+)
 from wsi_ssl.serve.service import MAX_K, RenderPool, SlideService
 
 if TYPE_CHECKING:
@@ -121,8 +126,8 @@ class LabelBook:
         self._lock = threading.Lock()
         self.accepted = _read_csv(self.dir / "regions.csv")
         self.rejected = _read_csv(self.dir / "rejected.csv")
-        self.scales: dict[tuple[Any, ...], tuple[float, float]] = {}
-        """Concept-map scales by (index, label, its accepted and rejected regions)."""
+        self.scales: dict[str, tuple[tuple[Any, ...], tuple[float, float]]] = {}
+        """Per label, its concept-map scale and what it was measured for (index, regions)."""
 
     def to_dict(self) -> dict[str, Any]:
         def rows(records: list[Record]) -> list[dict[str, Any]]:
@@ -206,8 +211,10 @@ def more_like(service: SlideService, book: LabelBook, label: str, k: int) -> dic
         tile_numbers=None,
         slide_number=None,
     )
-    labelled = book.accepted + book.rejected
-    fetch = k + 4 * len(labelled)
+    labelled: dict[str, list[Record]] = {}
+    for record in book.accepted + book.rejected:
+        labelled.setdefault(record[0], []).append(record)
+    fetch = min(k + 4 * sum(map(len, labelled.values())), MAX_MORE_FETCH)
     while True:  # fetch more until k lie outside the labelled boxes (or the index runs out)
         out = service.run(service.index, query, k=fetch, mode="tiles")
         keep = [h for h in out["hits"] if not _in_any(service, h, labelled)][:k]
@@ -221,7 +228,11 @@ def more_like(service: SlideService, book: LabelBook, label: str, k: int) -> dic
     return out
 
 
-def _in_any(service: SlideService, hit: dict[str, Any], records: list[Record]) -> bool:
+def _in_any(service: SlideService, hit: dict[str, Any], by_slide: dict[str, list[Record]]) -> bool:
+    """Whether ``hit`` lies in a labelled box of its slide (``by_slide``: records by slide)."""
+    records = by_slide.get(hit["slide_id"], [])
+    if not records:
+        return False
     w, h = service.index.resolve_slide(hit["slide_id"])["dimensions"]
     return any(_inside(hit, r, (int(w), int(h))) for r in records)
 
@@ -295,24 +306,35 @@ def _archive_scale(
     key = (
         index.name,
         index.n_vectors,
-        label,
         tuple(r for r in book.accepted if r[5] == label),
         tuple(r for r in book.rejected if r[5] == label),
     )
-    if key in book.scales:
-        return book.scales[key]
-    entries = [e for e in index.entries if e.active]
-    entries = [entries[i] for i in np.linspace(0, len(entries) - 1, SCALE_SLIDES).astype(int)]
-    per_slide = max(1, SCALE_SAMPLE // len(set(e.slide_id for e in entries)))
+    kept = book.scales.get(label)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    slide_ids = list(dict.fromkeys(e.slide_id for e in index.entries if e.active))
+    if len(slide_ids) > SCALE_SLIDES:
+        slide_ids = [
+            slide_ids[i] for i in np.linspace(0, len(slide_ids) - 1, SCALE_SLIDES).astype(int)
+        ]
+    per_slide = max(1, SCALE_SAMPLE // max(1, len(slide_ids)))
     sample = []
-    for slide_id in dict.fromkeys(e.slide_id for e in entries):
-        emb = service.archive.embeddings(slide_id, index.encoder_id, lazy=True).embedded_only()
-        rows = np.unique(np.linspace(0, len(emb.features) - 1, per_slide).astype(int))
-        sample.append(np.asarray(emb.features[rows], dtype=np.float32))
-    scores = _scores(np.concatenate(sample), accepted, rejected)
-    lo, hi = (float(v) for v in np.percentile(scores, [50, 99]))
-    book.scales[key] = (lo, max(hi, lo + 1e-6))
-    return book.scales[key]
+    for slide_id in slide_ids:
+        try:  # a slide being re-tiled or re-embedded is left out of the sample
+            emb = service.archive.embeddings(slide_id, index.encoder_id, lazy=True)
+            emb = emb.embedded_only()
+        except WsiSslError:
+            continue
+        if len(emb.features):
+            rows = np.unique(np.linspace(0, len(emb.features) - 1, per_slide).astype(int))
+            sample.append(np.asarray(emb.features[rows], dtype=np.float32))
+    if sample:
+        scores = _scores(np.concatenate(sample), accepted, rejected)
+        lo, hi = (float(v) for v in np.percentile(scores, [50, 99]))
+    else:  # nothing to measure on: the raw score, 0 (no likeness) to 1
+        lo, hi = 0.0, 1.0
+    book.scales[label] = (key, (lo, max(hi, lo + 1e-6)))
+    return book.scales[label][1]
 
 
 def _inside(hit: dict[str, Any], record: Record, dimensions: tuple[int, int]) -> bool:

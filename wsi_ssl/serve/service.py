@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 
-from wsi_ssl.errors import ConfigError, WsiSslError
+from wsi_ssl.errors import ConfigError, StoreIncompleteError, StoreNotFoundError, WsiSslError
 from wsi_ssl.serve.pyramid import Pyramid, TileCache, tiles_in
 
 if TYPE_CHECKING:
@@ -181,7 +181,9 @@ class SlideService:
 
     # -- stores ----------------------------------------------------------------------------
     def _entry(self, slide: str) -> tuple[Stamp, SlideStore, Pyramid | None]:
-        slide_id = self.index.resolve_slide(slide)["slide_id"]
+        return self._entry_of(self.index.resolve_slide(slide)["slide_id"])
+
+    def _entry_of(self, slide_id: str) -> tuple[Stamp, SlideStore, Pyramid | None]:
         path = self.archive.store_path(slide_id)
         stamp = _stamp(path / "zarr.json")
         with self._stores_lock:
@@ -208,10 +210,12 @@ class SlideService:
         if entry.coords_sha256 is None:
             return None
         advice = "run `wsi-ssl embed` and `wsi-ssl index --add` to search its new tiles"
-        try:
-            stamp, store, _ = self._entry(slide_id)
-        except WsiSslError:
+        try:  # by id: a hit of another index than the default one
+            stamp, store, _ = self._entry_of(entry.slide_id)
+        except StoreIncompleteError:
             return f"{entry.name} is being re-tiled; {advice}"
+        except StoreNotFoundError:
+            return f"{entry.name}'s store is gone; `wsi-ssl index --add` removes it from the index"
         key = (slide_id, stamp)
         with self._stores_lock:
             digest = self._grids.get(key)
