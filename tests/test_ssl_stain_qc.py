@@ -15,6 +15,7 @@ from PIL import Image
 import wsi_ssl
 from tests.conftest import run_cli
 from wsi_ssl.errors import ConfigError, StainNormalizationError
+from wsi_ssl.search import SearchIndex
 from wsi_ssl.ssl import PretrainConfig, pretrain
 from wsi_ssl.ssl.dataset import TileDataset
 from wsi_ssl.ssl.selection import select_tiles
@@ -196,12 +197,37 @@ def test_embedding_follows_the_stain_normalisation_of_pretraining(
     stack = np.stack([square_resized(im, enc.input_size) for im in images])
     np.testing.assert_allclose(feats, on_normalised(stack), rtol=1e-5, atol=1e-5)
 
+    # the index records the normalisation; a picture query is normalised the same way
+    index = SearchIndex.build(cmu_root, enc.encoder_id, kind="flat")
+    assert index.record["stain"]["method"] == "reinhard"
+    query = index.query_image(patches_dir / "high-nuclei-score-level0.png", encoder=enc)
+    size = int(index.tiling["tile_size"])
+    padded = np.pad(query.image, ((0, size), (0, size), (0, 0)), constant_values=255)
+    cut = np.stack([padded[y : y + size, x : x + size] for x, y in query.tile_coords])
+    np.testing.assert_allclose(query.vectors, on_normalised(cut), rtol=1e-4, atol=1e-5)
+    with torch.inference_mode():
+        raw_vectors = enc(torch.from_numpy(cut)).numpy()
+    assert not np.allclose(query.vectors, raw_vectors, rtol=1e-3, atol=1e-3)
+    # a MIL run trained on these vectors notes a slide embedded otherwise
+    from wsi_ssl.mil.config import MILConfig
+    from wsi_ssl.mil.run import MILRun
+
+    info = {"encoder_id": enc.encoder_id, "stain": emb.attrs["stain"], "checkpoints": []}
+    trained_on_normalised = MILRun(tmp_path, info, MILConfig(), [], [], torch.device("cpu"))
+    assert trained_on_normalised.slide_note(store) == ""
+
     argv = ["embed", str(cmu_root), "--encoder", str(run.out_dir), "--device", "cpu"]
     argv += ["--workers", "0", "--batch-size", "16", "--quiet"]
     code, _, err = run_cli([*argv, "--stain-normalize", "none"])
     assert code == 0, err
     plain = read_embeddings(store, enc.encoder_id)
     assert "stain" not in plain.attrs
+    assert trained_on_normalised.slide_note(store) == (
+        "embedded with another stain normalisation than the training slides "
+        "(this slide: none; training: reinhard to ref.png)"
+    )
+    code, _, err = run_cli(["index", str(cmu_root), "--add", "--quiet"])
+    assert code == 2 and "another stain normalisation than the index's" in err, err
     with torch.inference_mode():
         direct = enc(torch.from_numpy(tiles)).numpy().astype(np.float16)
     assert np.array_equal(plain.features[:8], direct)
@@ -210,3 +236,5 @@ def test_embedding_follows_the_stain_normalisation_of_pretraining(
     assert code == 2 and out == "" and err.count("\n") == 1
     assert "stain-normalised (reinhard)" in err and "changed" in err and "none" in err
     assert "stain" not in read_embeddings(store, enc.encoder_id).attrs  # nothing was touched
+    with pytest.raises(ConfigError, match="put that image back"):  # evaluate has no switch
+        image_features(enc, labelled, None, batch_size=4)

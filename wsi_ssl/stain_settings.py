@@ -5,12 +5,19 @@ loading torch (configs are built at CLI start)."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from wsi_ssl.errors import ConfigError
 
-__all__ = ["METHODS", "check_stain_settings", "stain_provenance"]
+__all__ = [
+    "METHODS",
+    "check_stain_settings",
+    "recorded_reference",
+    "stain_key",
+    "stain_provenance",
+]
 
 METHODS = ("macenko", "reinhard", "vahadane")
 
@@ -44,3 +51,39 @@ def stain_provenance(method: str, reference: str | Path) -> dict[str, Any]:
         "reference_path": str(path.resolve()),
         "reference_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
     }
+
+
+def stain_key(provenance: Any) -> tuple[str, str] | None:
+    """What a stain normalisation does to the vectors: its method and the reference's
+    sha256 (not where the reference lies), from its provenance (a JSON mapping); None: no
+    normalisation."""
+    if not provenance:
+        return None
+    return str(provenance["method"]), str(provenance["reference_sha256"])
+
+
+def recorded_reference(provenance: Mapping[str, Any], what: str) -> Path:
+    """The reference image a provenance recorded (``reference_path``), checked by its sha256.
+
+    Raises:
+        ConfigError: it is not recorded, gone or changed; the message starts with ``what``.
+    """
+    recorded = provenance.get("reference_path")
+    path = Path(str(recorded)) if recorded else None
+    found = path is not None and path.is_file()
+    if (
+        path is None
+        or not found
+        or (hashlib.sha256(path.read_bytes()).hexdigest() != provenance["reference_sha256"])
+    ):
+        where = (
+            "whose path was not recorded"
+            if path is None
+            else (f"{path}, which is {'changed' if found else 'gone'}")
+        )
+        raise ConfigError(
+            f"{what} stain-normalised ({provenance['method']}) to {provenance['reference']} "
+            f"({where})",
+            parameters=("stain_normalize", "stain_reference"),
+        )
+    return path

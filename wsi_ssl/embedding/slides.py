@@ -17,10 +17,8 @@ a slide embedded with ``skip_flagged_tiles`` and then without it is completed, n
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +28,7 @@ from wsi_ssl.embedding.config import EmbedConfig
 from wsi_ssl.encoders import Encoder
 from wsi_ssl.errors import ConfigError, WsiSslError
 from wsi_ssl.outcome import SlideOutcome
+from wsi_ssl.stain_settings import recorded_reference, stain_key, stain_provenance
 from wsi_ssl.storage import Archive, SlideStore
 from wsi_ssl.storage.embeddings import (
     NOT_EMBEDDED,
@@ -97,12 +96,9 @@ def stain_normalizer(config: EmbedConfig) -> tuple[Any, dict[str, Any] | None]:
     if config.stain_normalize is None or config.stain_reference is None:
         return None, None
     from wsi_ssl.stain import StainNormalizer
-    from wsi_ssl.stain_settings import stain_provenance
 
     normalizer = StainNormalizer(config.stain_normalize, config.stain_reference)
-    provenance = stain_provenance(config.stain_normalize, config.stain_reference)
-    provenance.pop("reference_path")  # where it lies is not what the vectors are
-    return normalizer, provenance
+    return normalizer, stain_provenance(config.stain_normalize, config.stain_reference)
 
 
 def encoder_stain(config: EmbedConfig, encoder: Encoder) -> EmbedConfig:
@@ -117,16 +113,15 @@ def encoder_stain(config: EmbedConfig, encoder: Encoder) -> EmbedConfig:
     trained = encoder.config.stain
     if config.stain_normalize is not None or not trained:
         return config
-    method, path = trained["method"], Path(trained["reference_path"])
-    found = path.is_file()
-    if not found or hashlib.sha256(path.read_bytes()).hexdigest() != trained["reference_sha256"]:
+    try:
+        path = recorded_reference(trained, f"{encoder.encoder_id} was pretrained on tiles")
+    except ConfigError as err:
         raise ConfigError(
-            f"{encoder.encoder_id} was pretrained on tiles stain-normalised ({method}) to "
-            f"{path}, which is {'changed' if found else 'gone'}; pass --stain-normalize "
-            f"{method} --stain-reference with that image, or --stain-normalize none",
-            parameters=("stain_normalize", "stain_reference"),
-        )
-    return dataclasses.replace(config, stain_normalize=method, stain_reference=str(path))
+            f"{err}; pass --stain-normalize {trained['method']} --stain-reference with that "
+            "image, or --stain-normalize none",
+            parameters=err.parameters,
+        ) from None
+    return dataclasses.replace(config, stain_normalize=trained["method"], stain_reference=str(path))
 
 
 @dataclass(frozen=True)
@@ -220,7 +215,7 @@ class EmbedTarget:
             and a.get("encoder_id") == self.encoder_id
             and a.get("coords_sha256") == chash
             and a.get("dtype") == self.config.dtype
-            and a.get("stain") == self.stain
+            and stain_key(a.get("stain")) == stain_key(self.stain)
         )
         return array if same else None
 

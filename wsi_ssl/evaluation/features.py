@@ -23,6 +23,7 @@ from wsi_ssl.evaluation.config import EvaluationConfig
 from wsi_ssl.storage.atomic import atomic_write_with
 
 if TYPE_CHECKING:
+    from wsi_ssl.embedding import EmbedConfig
     from wsi_ssl.encoders import Encoder
     from wsi_ssl.evaluation.tasks import LabelledImages, LabelledTiles
 
@@ -85,9 +86,27 @@ def image_features(
 def _trained_stain(encoder: Encoder) -> Any:
     """The stain normaliser ``encoder`` was pretrained with (None: it was not)."""
     from wsi_ssl.embedding.config import EmbedConfig
-    from wsi_ssl.embedding.slides import encoder_stain, stain_normalizer
+    from wsi_ssl.embedding.slides import stain_normalizer
 
-    return stain_normalizer(encoder_stain(EmbedConfig(), encoder))[0]
+    return stain_normalizer(_as_pretrained(EmbedConfig(), encoder))[0]
+
+
+def _as_pretrained(config: EmbedConfig, encoder: Encoder) -> EmbedConfig:
+    """``config`` normalising stains as ``encoder`` was pretrained (evaluation has no switch
+    to turn that off: the reference image must be where pretraining recorded it)."""
+    from wsi_ssl.embedding.slides import encoder_stain
+    from wsi_ssl.errors import ConfigError
+    from wsi_ssl.stain_settings import recorded_reference
+
+    trained = encoder.config.stain
+    if trained:
+        try:
+            recorded_reference(trained, f"{encoder.encoder_id} was pretrained on tiles")
+        except ConfigError as err:
+            raise ConfigError(
+                f"{err}; put that image back: evaluate normalises as the encoder was pretrained"
+            ) from None
+    return encoder_stain(config, encoder)
 
 
 def embed_archive(
@@ -95,16 +114,12 @@ def embed_archive(
 ) -> dict[str, str]:
     """Embed ``slides`` with the embed job (resumable); returns ``{slide_id: error}`` of the
     slides that failed (the others are embedded)."""
-    from wsi_ssl.embedding import embed
+    from wsi_ssl.embedding import EmbedConfig, embed
 
-    summary = embed(
-        root,
-        encoder,
-        slides=list(slides),
-        batch_size=config.batch_size,
-        device=config.device,
-        workers=config.workers,
+    settings = EmbedConfig(
+        batch_size=config.batch_size, device=config.device, workers=config.workers
     )
+    summary = embed(root, encoder, _as_pretrained(settings, encoder), slides=list(slides))
     return {o.slide: f"{o.error_type}: {o.error}" for o in summary.failed}
 
 

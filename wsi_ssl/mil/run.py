@@ -21,6 +21,7 @@ from wsi_ssl.errors import CheckpointError, EmptyBagError, EncoderMismatchError
 from wsi_ssl.mil.config import MILConfig
 from wsi_ssl.mil.learners import Predictor, get_learner
 from wsi_ssl.mil.rundir import CHECKPOINT_FORMAT, RUN_FORMAT
+from wsi_ssl.stain_settings import stain_key
 from wsi_ssl.storage import SlideStore
 from wsi_ssl.storage.embeddings import Embeddings, embedding_ids
 
@@ -115,6 +116,15 @@ class MILRun:
             notes.append(
                 "a training slide: in-sample (its out-of-fold one is in RUN/predictions.csv)"
             )
+        if "stain" in self.info:  # runs from before do not say
+            from wsi_ssl.storage.embeddings import read_embeddings
+
+            here = read_embeddings(store, self.encoder_id, lazy=True).attrs.get("stain")
+            if stain_key(here) != stain_key(self.info["stain"]):
+                notes.append(
+                    "embedded with another stain normalisation than the training slides "
+                    f"(this slide: {_stain_text(here)}; training: {_stain_text(self.info['stain'])})"
+                )
         trained = self.info.get("tilings") or []
         mpp, size = float(store.tiling["mpp"]), int(store.tiling["tile_size"])
         if trained and not any(
@@ -236,6 +246,10 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: cannot read ({err}); is this a `wsi-ssl mil train` run?"
         ) from err
+
+
+def _stain_text(provenance: Any) -> str:
+    return f"{provenance['method']} to {provenance['reference']}" if provenance else "none"
 
 
 def load(run: str | Path, *, fold: int | None = None, device: str = "cpu") -> MILRun:

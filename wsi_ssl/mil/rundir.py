@@ -118,13 +118,18 @@ def write_predictions(
 
 
 def encoder_attrs(report: MatchReport) -> dict[str, Any]:
-    """The encoder config and weights hash recorded with the first slide's embeddings."""
+    """The encoder config, weights hash and stain normalisation recorded with the first
+    slide's embeddings."""
     from wsi_ssl.storage import SlideStore
     from wsi_ssl.storage.embeddings import read_embeddings
 
     store = SlideStore.open(report.slides[0].store_path)
     attrs = read_embeddings(store, report.encoder_id, lazy=True).attrs
-    return {"encoder": attrs.get("encoder", {}), "weights_sha256": attrs.get("weights_sha256")}
+    return {
+        "encoder": attrs.get("encoder", {}),
+        "weights_sha256": attrs.get("weights_sha256"),
+        "stain": attrs.get("stain"),
+    }
 
 
 def training_tilings(report: MatchReport) -> list[dict[str, Any]]:

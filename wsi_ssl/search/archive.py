@@ -17,13 +17,14 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from wsi_ssl.errors import EmbeddingsNotFoundError, SchemaMismatchError, UnknownSlideError
 from wsi_ssl.search.ids import encode_ids
 from wsi_ssl.search.vectors import normalise
+from wsi_ssl.stain_settings import stain_key
 
 if TYPE_CHECKING:
     from wsi_ssl.storage import Archive, SlideStore
@@ -198,6 +199,8 @@ class Collected:
     coords: np.ndarray
     tiling: dict[str, Any] | None
     encoder: dict[str, Any]
+    stain: dict[str, Any] | None = None
+    """The stain normalisation every collected slide was embedded with (None: none)."""
 
     @property
     def dim(self) -> int:
@@ -318,16 +321,18 @@ def collect(
     start_number: int = 0,
     start_offset: int = 0,
     tiling: dict[str, Any] | None = None,
+    stain: dict[str, Any] | Literal["unknown"] | None = "unknown",
     skip: Callable[[str, dict[str, Any]], bool] | None = None,
 ) -> Collected:
     """The slides embedded by ``encoder_id`` (all complete ones, or ``slides``), numbered from
-    ``start_number``; ``skip(slide_id, embedding_attrs)`` leaves a slide out.
+    ``start_number``; ``skip(slide_id, embedding_attrs)`` leaves a slide out. Every slide must
+    have been embedded with the stain normalisation ``stain`` ("unknown": the first slide's).
 
     Raises:
         UnknownSlideError: a named slide (id, file name or stem) has no complete store.
         EmbeddingsNotFoundError: a named slide has no complete embeddings by the encoder.
         SchemaMismatchError: slides at another scale than ``tiling`` (or the first slide's),
-            or embeddings of another dimension.
+            embedded with another stain normalisation, or embeddings of another dimension.
     """
     from wsi_ssl.storage.resolve import resolve_slides
 
@@ -339,7 +344,9 @@ def collect(
     coords: list[np.ndarray] = []
     dim, encoder = 0, {}
     number, offset = start_number, start_offset
-    mismatched = []
+    mismatched, other_stain = [], []
+    fixed = not isinstance(stain, str)  # else the first slide's is the index's
+    first = None if isinstance(stain, str) else stain
     for sid in ids:
         store = archive.slide(sid)
         emb = _complete_embeddings(store, encoder_id)
@@ -357,6 +364,11 @@ def collect(
         elif not same_scale(tiling, key):
             mismatched.append(f"{sid} ({key['mpp']} µm/px, {key['tile_size']} px)")
             continue
+        if not fixed:
+            first, fixed = emb.attrs.get("stain"), True
+        elif stain_key(emb.attrs.get("stain")) != stain_key(first):
+            other_stain.append(sid)
+            continue
         d = int(emb.features.shape[1])
         if dim and d != dim:
             raise SchemaMismatchError(
@@ -370,5 +382,17 @@ def collect(
         offset += len(emb)
     if mismatched:
         raise SchemaMismatchError(_scale_error(archive, tiling, mismatched))
+    if other_stain:
+        said = (
+            f"stains normalised ({first['method']}) to {first['reference']}"
+            if first
+            else "no stain normalisation"
+        )
+        raise SchemaMismatchError(
+            f"{archive.root}: slides embedded with another stain normalisation than the index's "
+            f"({said}): {', '.join(other_stain[:5])}{' ...' if len(other_stain) > 5 else ''}; "
+            "embed them again with the index's settings (`wsi-ssl embed --no-resume`)"
+        )
     all_coords = np.concatenate(coords) if coords else np.empty((0, 2), dtype=np.int64)
-    return Collected(ArchiveSource(items, encoder_id, dim), entries, all_coords, tiling, encoder)
+    source = ArchiveSource(items, encoder_id, dim)
+    return Collected(source, entries, all_coords, tiling, encoder, first)

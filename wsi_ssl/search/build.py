@@ -103,6 +103,7 @@ def index_record(
         "calibration": calibration,
         "config": config.to_dict(),
         "tiling": found.tiling,
+        "stain": found.stain,
         "n_slides": len(found.entries),
         "built_n": int(index.ntotal),
         "tombstones": 0,

@@ -368,6 +368,7 @@ class SearchIndex(SearchMethods):
                 start_number=len(self.entries),
                 start_offset=len(self.files.coords),
                 tiling=self.tiling,
+                stain=self.record.get("stain", "unknown"),  # indexes from before: not recorded
                 skip=skip,
             )
             gone = [] if slides is not None else sorted(current.keys() - skip.seen)
@@ -393,6 +394,8 @@ class SearchIndex(SearchMethods):
             )
             if note:
                 summary.notes.append(note)
+            if "stain" not in self.record and found.entries:  # an index from before: now known
+                self.record["stain"] = found.stain
             self._write(np.concatenate([self.files.coords, found.coords]))
             _log(progress, f"added {summary.vectors} vectors from {len(found.entries)} slides")
         return summary

@@ -7,7 +7,7 @@ vectors are read from the slide store. Image queries are embedded with the index
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -254,6 +254,9 @@ def image_query(
     )
     rows = subsample(np.arange(len(tiles)), MAX_QUERY_TILES)
     tiles, coords = tiles[rows], coords[rows]
+    stain = index.record.get("stain")
+    if stain and len(tiles):  # normalised as the indexed tiles were
+        tiles = _normalised(tiles, stain, index.name)
     enc = index_encoder(
         index.encoder_id, index.record.get("encoder", {}), encoder=encoder, weights=weights
     )
@@ -271,3 +274,20 @@ def image_query(
         (w * index.mpp, h * index.mpp),
         image=pixels,
     )
+
+
+def _normalised(tiles: np.ndarray, stain: dict[str, Any], index_name: str) -> np.ndarray:
+    """uint8 tiles (N, T, T, 3) stain-normalised as the index's slides were embedded."""
+    import torch
+
+    from wsi_ssl.stain import StainNormalizer
+    from wsi_ssl.stain_settings import recorded_reference
+
+    what = f"index {index_name}'s slides were embedded from tiles"
+    try:
+        reference = recorded_reference(stain, what)
+    except ConfigError as err:
+        raise ConfigError(f"{err}; a picture query is normalised with that image") from None
+    normalizer = StainNormalizer(stain["method"], reference)
+    x = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2)
+    return normalizer(x).permute(0, 2, 3, 1).contiguous().numpy()

@@ -71,6 +71,7 @@ def run_loop(trainer: Trainer) -> PretrainRun:
                 total = trainer.window_parts.get(name)
                 part = torch.as_tensor(part, device=trainer.device).detach().float()
                 trainer.window_parts[name] = part if total is None else total + part
+            trainer.window_part_steps += 1
             trainer.window_steps += 1
             window.steps += 1
             trainer.step += 1
@@ -135,7 +136,7 @@ def _log_window(
         "loss": mean_loss,
         **trainer.schedules.values(trainer.step - 1),
         **{
-            k: reduce_mean(trainer.ctx, v / trainer.window_steps)
+            k: reduce_mean(trainer.ctx, v / trainer.window_part_steps)
             for k, v in sorted(trainer.window_parts.items())
         },
         "images_per_s": round(ips, 2),
@@ -147,6 +148,7 @@ def _log_window(
     bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
     trainer.window_loss.zero_()
     trainer.window_parts = {}
+    trainer.window_part_steps = 0
     trainer.window_steps = 0
     window.reset(now)
     return mean_loss

@@ -136,10 +136,13 @@ class Trainer:
         )
         self.sources = describe_sources(self.entries, self.keep)
         self.stain: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.stain_record: dict[str, Any] = {}  # ``{"stain": provenance}`` for the encoder
         if c.stain_normalize is not None and c.stain_reference is not None:
             from wsi_ssl.stain import StainNormalizer
+            from wsi_ssl.stain_settings import stain_provenance
 
             self.stain = StainNormalizer(c.stain_normalize, c.stain_reference)
+            self.stain_record = {"stain": stain_provenance(c.stain_normalize, c.stain_reference)}
 
     def build(self) -> None:
         c = self.config
@@ -188,6 +191,7 @@ class Trainer:
         self.step = 0
         self.window_loss = torch.zeros((), device=self.device)
         self.window_parts: dict[str, torch.Tensor] = {}  # each loss term summed, like the loss
+        self.window_part_steps = 0  # the steps those sums cover (fewer after an old checkpoint)
         self.window_steps = 0
         self.last_parts: dict[str, torch.Tensor] = {}
         if self.checkpoint_data is not None:
@@ -213,6 +217,7 @@ class Trainer:
         self.window_loss = data["window_loss"].to(self.device)
         self.window_parts = {k: v.to(self.device) for k, v in data.get("window_parts", {}).items()}
         self.window_steps = int(data["meta"]["window_steps"])
+        self.window_part_steps = self.window_steps if "window_parts" in data else 0
 
     def loader(self) -> DataLoader:
         c = self.config
@@ -303,18 +308,9 @@ class Trainer:
             "precision": self.precision,
             "augment": self.augment_mode,
             "window_steps": self.window_steps,
-            "encoder": describe_encoder(self.config, **self._stain_record()),
+            "encoder": describe_encoder(self.config, **self.stain_record),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-
-    def _stain_record(self) -> dict[str, Any]:
-        """``{"stain": provenance}`` when tiles are stain-normalised (embed then does the same)."""
-        c = self.config
-        if c.stain_normalize is None or c.stain_reference is None:
-            return {}
-        from wsi_ssl.stain_settings import stain_provenance
-
-        return {"stain": stain_provenance(c.stain_normalize, c.stain_reference)}
 
     def run_info(self) -> dict[str, Any]:
         return {
