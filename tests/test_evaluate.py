@@ -168,12 +168,18 @@ def test_region_labels_from_the_label_loop_file(tmp_path: Path) -> None:
     root = tmp_path / "archive"
     ids = _bag_archive(root, n_slides=2)
     book = LabelBook(root)  # the page's writer: labels/regions.csv
-    book.set((ids[0], 0, 0, 448, 224, "tumour"), "accept", "s0.svs")  # tiles 0, 1
-    book.set((ids[0], 0, 224, 224, 448, "stroma"), "accept", "s0.svs")  # tiles 4, 8
-    book.set((ids[1], 300, 300, 200, 200, "tumour"), "accept", "s1.svs")  # tile 5 (centre 336)
-    book.set((ids[1], 600, 600, 300, 300, "stroma"), "accept", "s1.svs")  # tile 15 (centre 784)
-    book.set((ids[1], 700, 700, 100, 100, "tumour"), "accept", "s1.svs")  # 15 again: a clash
-    book.set((ids[1], 0, 672, 224, 224, "stroma"), "accept", "s1.svs")  # tile 12
+    book.set((ids[0], 0, 0, 448, 224, "tumour"), "accept", "s0.svs", (10**6, 10**6))  # tiles 0, 1
+    book.set((ids[0], 0, 224, 224, 448, "stroma"), "accept", "s0.svs", (10**6, 10**6))  # tiles 4, 8
+    book.set(
+        (ids[1], 300, 300, 200, 200, "tumour"), "accept", "s1.svs", (10**6, 10**6)
+    )  # tile 5 (centre 336)
+    book.set(
+        (ids[1], 600, 600, 300, 300, "stroma"), "accept", "s1.svs", (10**6, 10**6)
+    )  # tile 15 (centre 784)
+    book.set(
+        (ids[1], 700, 700, 100, 100, "tumour"), "accept", "s1.svs", (10**6, 10**6)
+    )  # 15 again: a clash
+    book.set((ids[1], 0, 672, 224, 224, "stroma"), "accept", "s1.svs", (10**6, 10**6))  # tile 12
     regions = root / "labels" / "regions.csv"
     assert regions.read_text().splitlines()[0] == "slide,x,y,w,h,label"
     tiles = load_region_labels(RegionLabelTask(root, regions), max_per_class=100, seed=0)

@@ -182,9 +182,11 @@ def test_slide_labels_derived_from_the_label_loop_regions(archive: Path, tmp_pat
     shutil.copytree(archive, root)
     book = LabelBook(root)
     for i, label in enumerate(("tumour", "normal", "tumour", "normal")):
-        book.set((f"{i:016x}", 0, 0, 100, 100, label), "accept", f"case-{i}.svs")
-    book.set((f"{4:016x}", 0, 0, 50, 50, "tumour"), "accept", "case-4.svs")
-    book.set((f"{4:016x}", 60, 60, 50, 50, "normal"), "accept", "case-4.svs")  # disagrees
+        book.set((f"{i:016x}", 0, 0, 100, 100, label), "accept", f"case-{i}.svs", (10**6, 10**6))
+    book.set((f"{4:016x}", 0, 0, 50, 50, "tumour"), "accept", "case-4.svs", (10**6, 10**6))
+    book.set(
+        (f"{4:016x}", 60, 60, 50, 50, "normal"), "accept", "case-4.svs", (10**6, 10**6)
+    )  # disagrees
     csv = write_slide_labels(root)
     table = read_labels(csv)
     assert {r.slide: r.label for r in table.rows} == {

@@ -237,7 +237,7 @@ def test_concept_map_over_any_slide(site: dict[str, Any]) -> None:
     assert status == 422
 
 
-def test_label_boxes_are_clipped_to_the_slide(site: dict[str, Any]) -> None:
+def test_label_boxes_are_clipped_to_the_slide(site: dict[str, Any], tmp_path: Path) -> None:
     """A box over the slide's edge is kept as its part on the slide (the GeoJSON stays on
     the slide); a box that misses the slide is refused and nothing is recorded."""
     base, root, s1 = site["base"], site["root"], site["ids"]["s1"]
@@ -264,6 +264,13 @@ def test_label_boxes_are_clipped_to_the_slide(site: dict[str, Any]) -> None:
         {"slide": s1, "box": [-100, height - 50, 300, 400], "label": "edge", "verdict": "clear"},
     )
     assert status == 200 and not [r for r in labels["accepted"] if r["label"] == "edge"]
+    # a region kept from before boxes were clipped is replaced by a verdict on the same box
+    from wsi_ssl.serve.labels import LabelBook
+
+    book = LabelBook(tmp_path)
+    book.accepted.append((s1, -100, height - 50, 300, 400, "old"))
+    book.set((s1, 0, height - 50, 200, 50, "old"), "reject", "s1.tiff", (width, height))
+    assert book.accepted == [] and book.rejected == [(s1, 0, height - 50, 200, 50, "old")]
 
 
 def test_more_like_these_finds_k_outside_large_labelled_boxes(site: dict[str, Any]) -> None:

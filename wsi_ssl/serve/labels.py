@@ -33,6 +33,7 @@ import dataclasses
 import io
 import json
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -139,12 +140,24 @@ class LabelBook:
             "files": {"csv": "labels/regions.csv", "geojson": "labels/geojson/"},
         }
 
-    def set(self, record: Record, verdict: Literal["accept", "reject", "clear"], name: str) -> None:
-        """Record ``verdict`` on the region of ``record`` (any earlier verdict on it replaced)."""
+    def set(
+        self,
+        record: Record,
+        verdict: Literal["accept", "reject", "clear"],
+        name: str,
+        dimensions: tuple[int, int],
+    ) -> None:
+        """Record ``verdict`` on the region of ``record`` (a box clipped to its slide of
+        ``dimensions``): any earlier verdict on that region is replaced, one kept from before
+        boxes were clipped included."""
         with self._lock:
             key = record[:5]
-            self.accepted = [r for r in self.accepted if r[:5] != key]
-            self.rejected = [r for r in self.rejected if r[:5] != key]
+
+            def other(r: Record) -> bool:
+                return r[0] != key[0] or clip_box(r[1:5], dimensions) != key[1:]
+
+            self.accepted = [r for r in self.accepted if other(r)]
+            self.rejected = [r for r in self.rejected if other(r)]
             if verdict != "clear":
                 if len(self.accepted) + len(self.rejected) >= MAX_REGIONS:
                     raise ConfigError(f"at most {MAX_REGIONS} labelled regions per archive")
@@ -157,6 +170,16 @@ class LabelBook:
         mine = [r for r in self.accepted if r[0] == slide_id]
         text = json.dumps(geojson(mine, name), indent=1) + "\n"
         _write_text(self.dir / "geojson" / f"{slide_id}.geojson", text)
+
+
+def clip_box(box: Sequence[int], dimensions: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """``box`` (x, y, w, h) cut to a slide of ``dimensions`` (None: it misses the slide)."""
+    x, y, w, h = (int(v) for v in box)
+    x0, y0 = max(x, 0), max(y, 0)
+    x1, y1 = min(x + w, dimensions[0]), min(y + h, dimensions[1])
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return x0, y0, x1 - x0, y1 - y0
 
 
 def slide_labels_from_regions(root: str | Path) -> dict[str, str]:
@@ -364,19 +387,19 @@ def add_label_routes(app: FastAPI, service: SlideService, pool: RenderPool) -> N
     @app.post("/api/labels")
     def set_label(request: LabelRequest) -> dict[str, Any]:
         entry = service.index.resolve_slide(request.slide)
-        x, y, w, h = request.box
+        _, _, w, h = request.box
         if w <= 0 or h <= 0 or max(abs(v) for v in request.box) >= 2**31:
             raise ConfigError(
                 f"box {list(request.box)} must have width and height > 0, each value within ±2**31"
             )
         width, height = (int(v) for v in entry["dimensions"])
-        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
-        if x1 <= x0 or y1 <= y0:
+        box = clip_box(request.box, (width, height))
+        if box is None:
             raise RegionOutsideSlideError(
                 f"box {list(request.box)} lies outside {entry['name']} ({width} x {height} px)"
             )
-        record = (entry["slide_id"], x0, y0, x1 - x0, y1 - y0, request.label)
-        book.set(record, request.verdict, entry["name"])
+        record = (entry["slide_id"], *box, request.label)
+        book.set(record, request.verdict, entry["name"], (width, height))
         return book.to_dict()
 
     @app.post("/api/labels/more")
