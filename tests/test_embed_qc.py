@@ -235,7 +235,7 @@ def test_search_never_indexes_nor_returns_a_flagged_tile(tiled, skipped, full) -
     for number, sid in numbers.items():
         got = np.unique(tiles[slides == number])
         assert not np.isin(got, flagged[sid]).any()
-        assert len(got) + len(flagged[sid]) == index.entry(number).n_tiles
+        assert len(got) + len(flagged[sid]) == index.entries[number].n_tiles
     # a region query over a whole slide takes only the tiles that hold vectors
     big = max(index.slides, key=lambda e: e.n_tiles)
     w, h = big.dimensions

@@ -313,6 +313,15 @@ def _scale_error(archive: Archive, tiling: dict[str, Any] | None, mismatched: li
     )
 
 
+def _stain_error(archive: Archive, stain: dict[str, Any] | None, others: list[str]) -> str:
+    said = f"stains normalised ({stain['method']}) to {stain['reference']}" if stain else "none"
+    return (
+        f"{archive.root}: slides embedded with another stain normalisation than the index's "
+        f"({said}): {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}; embed them "
+        "again with the index's settings (`wsi-ssl embed --no-resume`)"
+    )
+
+
 def collect(
     archive: Archive,
     encoder_id: str,
@@ -383,16 +392,7 @@ def collect(
     if mismatched:
         raise SchemaMismatchError(_scale_error(archive, tiling, mismatched))
     if other_stain:
-        said = (
-            f"stains normalised ({first['method']}) to {first['reference']}"
-            if first
-            else "no stain normalisation"
-        )
-        raise SchemaMismatchError(
-            f"{archive.root}: slides embedded with another stain normalisation than the index's "
-            f"({said}): {', '.join(other_stain[:5])}{' ...' if len(other_stain) > 5 else ''}; "
-            "embed them again with the index's settings (`wsi-ssl embed --no-resume`)"
-        )
+        raise SchemaMismatchError(_stain_error(archive, first, other_stain))
     all_coords = np.concatenate(coords) if coords else np.empty((0, 2), dtype=np.int64)
     source = ArchiveSource(items, encoder_id, dim)
     return Collected(source, entries, all_coords, tiling, encoder, first)

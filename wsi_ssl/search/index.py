@@ -283,10 +283,6 @@ class SearchIndex(SearchMethods):
         }
 
     # -- slides ----------------------------------------------------------------------------
-    def entry(self, number: int) -> SlideEntry:
-        """The id-map entry of slide ``number`` (removed slides included)."""
-        return self.entries[number]
-
     def number_of(self, slide_id: str) -> int | None:
         """The number of an indexed slide id (None: not in the index)."""
         return self._by_id.get(slide_id)

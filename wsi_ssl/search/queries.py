@@ -59,7 +59,7 @@ class _QuerySlide:
         self.store: SlideStore = archive.slide(sid)
         self.number = index.number_of(sid)
         if self.number is not None:
-            self.name = index.entry(self.number).name
+            self.name = index.entries[self.number].name
         else:
             fallback = Path(str(self.store.source.get("path", sid))).name
             self.name = catalog_names(archive).get(sid, (fallback, ""))[0]
