@@ -354,3 +354,31 @@ def test_predictions_of_training_slides_and_other_tilings_carry_a_note(
     assert heatmap is not None and heatmap.is_file()
     mil.predict(run, root, tmp_path / "pics", slides=["s2.tiff"], explain=False)
     assert not heatmap.exists()
+
+
+def test_training_slides_embedded_with_different_stains_are_refused(
+    archive: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """One slide's vectors made from stain-normalised tiles, the others' not: training says
+    which normalisation how many slides have, before any fold is fitted."""
+    import zarr
+
+    root, labels = archive
+    copy = tmp_path / "archive"
+    shutil.copytree(root, copy)
+    arch = open_store(copy)
+    sid = arch.slide_ids[0]
+    [eid] = [p.name for p in (arch.store_path(sid) / "embeddings").iterdir() if p.is_dir()]
+    array = zarr.open_array(arch.store_path(sid) / "embeddings" / eid, mode="r+")
+    array.attrs["stain"] = {
+        "method": "macenko",
+        "reference": "ref.png",
+        "reference_sha256": "0" * 64,
+    }
+    out = tmp_path / "run"
+    argv = ["mil", "train", str(copy), "--labels", str(labels), "--out", str(out), "--folds", "2"]
+    argv += SMALL
+    code, stdout, err = run_cli(argv)
+    assert code == 2 and stdout == "" and err.count("\n") == 1, err
+    assert "embedded with different stain normalisations: 3 without (e.g. s1.tiff)" in err
+    assert "1 with macenko (e.g. s2.tiff)" in err and not out.exists()

@@ -14,7 +14,7 @@ from PIL import Image
 
 import wsi_ssl
 from tests.conftest import run_cli
-from wsi_ssl.errors import ConfigError, StainNormalizationError
+from wsi_ssl.errors import ConfigError, StainNormalizationError, StainReferenceError
 from wsi_ssl.search import SearchIndex
 from wsi_ssl.ssl import PretrainConfig, pretrain
 from wsi_ssl.ssl.dataset import TileDataset
@@ -208,6 +208,13 @@ def test_embedding_follows_the_stain_normalisation_of_pretraining(
     with torch.inference_mode():
         raw_vectors = enc(torch.from_numpy(cut)).numpy()
     assert not np.allclose(query.vectors, raw_vectors, rtol=1e-3, atol=1e-3)
+    # an index whose embeddings did not record the reference's path (made before it was):
+    # the picture is embedded as it is, as before, not refused
+    recorded = dict(index.record["stain"])
+    index.record["stain"] = {k: v for k, v in recorded.items() if k != "reference_path"}
+    unrecorded = index.query_image(patches_dir / "high-nuclei-score-level0.png", encoder=enc)
+    np.testing.assert_allclose(unrecorded.vectors, raw_vectors, rtol=1e-4, atol=1e-5)
+    index.record["stain"] = recorded
     # a MIL run trained on these vectors notes a slide embedded otherwise
     from wsi_ssl.mil.config import MILConfig
     from wsi_ssl.mil.run import MILRun
@@ -227,7 +234,7 @@ def test_embedding_follows_the_stain_normalisation_of_pretraining(
         "(this slide: none; training: reinhard to ref.png)"
     )
     code, _, err = run_cli(["index", str(cmu_root), "--add", "--quiet"])
-    assert code == 2 and "another stain normalisation than the index's" in err, err
+    assert code == 2 and "embedded with another stain normalisation than the index" in err, err
     with torch.inference_mode():
         direct = enc(torch.from_numpy(tiles)).numpy().astype(np.float16)
     assert np.array_equal(plain.features[:8], direct)
@@ -236,5 +243,7 @@ def test_embedding_follows_the_stain_normalisation_of_pretraining(
     assert code == 2 and out == "" and err.count("\n") == 1
     assert "stain-normalised (reinhard)" in err and "changed" in err and "none" in err
     assert "stain" not in read_embeddings(store, enc.encoder_id).attrs  # nothing was touched
-    with pytest.raises(ConfigError, match="put that image back"):  # evaluate has no switch
+    with pytest.raises(StainReferenceError, match="a picture query is normalised with that"):
+        index.query_image(patches_dir / "high-nuclei-score-level0.png", encoder=enc)
+    with pytest.raises(StainReferenceError, match="put that image back"):  # evaluate: no switch
         image_features(enc, labelled, None, batch_size=4)

@@ -44,6 +44,7 @@ __all__ = [
     "SchemaMismatchError",
     "SlideNotFoundError",
     "StainNormalizationError",
+    "StainReferenceError",
     "StoreCorruptError",
     "StoreIncompleteError",
     "StoreLockedError",
@@ -526,6 +527,10 @@ class EmbeddingsWouldBeDiscardedError(WsiSslError, RuntimeError):
         )
         self.path = Path(path)
         self.encoder_ids = list(encoder_ids)
+
+
+class StainReferenceError(WsiSslError, FileNotFoundError):
+    """The reference image a stain normalisation recorded is gone or changed since."""
 
 
 class StainNormalizationError(WsiSslError, ValueError):

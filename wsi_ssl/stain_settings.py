@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from wsi_ssl.errors import ConfigError
+from wsi_ssl.errors import ConfigError, StainReferenceError
 
 __all__ = [
     "METHODS",
@@ -66,7 +66,8 @@ def recorded_reference(provenance: Mapping[str, Any], what: str) -> Path:
     """The reference image a provenance recorded (``reference_path``), checked by its sha256.
 
     Raises:
-        ConfigError: it is not recorded, gone or changed; the message starts with ``what``.
+        StainReferenceError: it is not recorded, gone or changed; the message starts with
+            ``what``.
     """
     recorded = provenance.get("reference_path")
     path = Path(str(recorded)) if recorded else None
@@ -81,7 +82,7 @@ def recorded_reference(provenance: Mapping[str, Any], what: str) -> Path:
             if path is None
             else (f"{path}, which is {'changed' if found else 'gone'}")
         )
-        raise ConfigError(
+        raise StainReferenceError(
             f"{what} stain-normalised ({provenance['method']}) to {provenance['reference']} "
             f"({where})",
             parameters=("stain_normalize", "stain_reference"),

@@ -26,7 +26,7 @@ import zarr
 
 from wsi_ssl.embedding.config import EmbedConfig
 from wsi_ssl.encoders import Encoder
-from wsi_ssl.errors import ConfigError, WsiSslError
+from wsi_ssl.errors import StainReferenceError, WsiSslError
 from wsi_ssl.outcome import SlideOutcome
 from wsi_ssl.stain_settings import recorded_reference, stain_key, stain_provenance
 from wsi_ssl.storage import Archive, SlideStore
@@ -106,7 +106,8 @@ def encoder_stain(config: EmbedConfig, encoder: Encoder) -> EmbedConfig:
     none (``stain_normalize="none"``: off whatever the encoder saw).
 
     Raises:
-        ConfigError: the encoder's reference image is gone or changed since pretraining.
+        StainReferenceError: the encoder's reference image is gone or changed since
+            pretraining.
     """
     if config.stain_normalize == "none":
         return dataclasses.replace(config, stain_normalize=None)
@@ -115,8 +116,8 @@ def encoder_stain(config: EmbedConfig, encoder: Encoder) -> EmbedConfig:
         return config
     try:
         path = recorded_reference(trained, f"{encoder.encoder_id} was pretrained on tiles")
-    except ConfigError as err:
-        raise ConfigError(
+    except StainReferenceError as err:
+        raise StainReferenceError(
             f"{err}; pass --stain-normalize {trained['method']} --stain-reference with that "
             "image, or --stain-normalize none",
             parameters=err.parameters,

@@ -3,7 +3,7 @@
 Writes, under ``OUT`` (default ``RUN/predictions``)::
 
     predictions.csv            slide_id, name, n_tiles, predicted, prob_<class> ..., files,
-                               note (a training slide, another tiling), run
+                               note (a training slide, another stain or tiling), run
     heatmaps/<slide_id>.png    attention percentile over the thumbnail
     tiles/<slide_id>.png       the most attended tiles (stores that keep tiles)
     geojson/<slide_id>.geojson every tile with its attention, for QuPath
@@ -304,7 +304,8 @@ def _earlier_rows(path: Path, header: list[str], model: MILRun) -> list[list[str
     except FileNotFoundError:
         return []
     older = header[:-2]  # before the note and run columns
-    if rows and rows[0] == older and path.parent == Path(model.path) / "predictions":
+    own = (Path(model.path) / "predictions").resolve()
+    if rows and rows[0] == older and path.parent.resolve() == own:
         return [[*row, "", model.run_id] for row in rows[1:]]
     if not rows or rows[0] != header:
         raise ConfigError(

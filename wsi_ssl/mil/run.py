@@ -108,8 +108,8 @@ class MILRun:
 
     def slide_note(self, store: SlideStore) -> str:
         """What a prediction of ``store`` should be read with: the slide was in the training
-        set (in-sample), or it is tiled otherwise than the training slides; "" when neither
-        (or the run predates these records)."""
+        set (in-sample), it is embedded with another stain normalisation or tiled otherwise
+        than the training slides; "" when none (or the run predates these records)."""
         notes = []
         fold = self.info.get("training_slides", {}).get(store.slide_id)
         if fold is not None and self.folds != [fold]:  # a fold's model never saw its test fold

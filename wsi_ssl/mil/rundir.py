@@ -25,6 +25,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "FORMAT_VERSION",
     "RUN_FORMAT",
+    "check_one_stain",
     "encoder_attrs",
     "partial_dir",
     "publish",
@@ -115,6 +116,34 @@ def write_predictions(
     )
     curves = [(f"fold {f}", y[folds == f], oof[folds == f]) for f in fold_numbers]
     plot_roc(partial / "roc.png", [*curves, ("pooled", y, oof)], classes, curves_title)
+
+
+def check_one_stain(report: MatchReport) -> None:
+    """Refuse training slides embedded with different stain normalisations (their vectors
+    are not comparable).
+
+    Raises:
+        SchemaMismatchError: naming how many slides each normalisation has.
+    """
+    from wsi_ssl.errors import SchemaMismatchError
+    from wsi_ssl.stain_settings import stain_key
+    from wsi_ssl.storage import SlideStore
+    from wsi_ssl.storage.embeddings import read_embeddings
+
+    groups: dict[Any, list[str]] = {}
+    for slide in report.slides:
+        store = SlideStore.open(slide.store_path)
+        stain = read_embeddings(store, report.encoder_id, lazy=True).attrs.get("stain")
+        groups.setdefault(stain_key(stain), []).append(slide.name)
+    if len(groups) > 1:
+        said = "; ".join(
+            f"{len(names)} {'with ' + key[0] if key else 'without'} (e.g. {names[0]})"
+            for key, names in groups.items()
+        )
+        raise SchemaMismatchError(
+            f"{report.labels_path}: the labelled slides were embedded with different stain "
+            f"normalisations: {said}; embed them again alike (`wsi-ssl embed --no-resume`)"
+        )
 
 
 def encoder_attrs(report: MatchReport) -> dict[str, Any]:

@@ -21,7 +21,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from wsi_ssl.errors import EmbeddingsNotFoundError, SchemaMismatchError, UnknownSlideError
+from wsi_ssl.errors import (
+    EmbeddingsNotFoundError,
+    SchemaMismatchError,
+    UnknownSlideError,
+    WsiSslError,
+)
 from wsi_ssl.search.ids import encode_ids
 from wsi_ssl.search.vectors import normalise
 from wsi_ssl.stain_settings import stain_key
@@ -313,12 +318,35 @@ def _scale_error(archive: Archive, tiling: dict[str, Any] | None, mismatched: li
     )
 
 
-def _stain_error(archive: Archive, stain: dict[str, Any] | None, others: list[str]) -> str:
-    said = f"stains normalised ({stain['method']}) to {stain['reference']}" if stain else "none"
+def indexed_stain(
+    record: dict[str, Any], archive: Archive, entries: Sequence[SlideEntry], encoder_id: str
+) -> dict[str, Any] | Literal["unknown"] | None:
+    """The stain normalisation of an index's slides: its record's, or for an index from before
+    the record kept it, the first indexed slide's whose embeddings still read ("unknown":
+    none does)."""
+    from wsi_ssl.storage.embeddings import read_embeddings
+
+    if "stain" in record:
+        return record["stain"]  # type: ignore[no-any-return]
+    for entry in entries:
+        try:
+            attrs = read_embeddings(archive.slide(entry.slide_id), encoder_id, lazy=True).attrs
+        except WsiSslError:
+            continue
+        return attrs.get("stain")  # type: ignore[return-value]
+    return "unknown"
+
+
+def _stain_error(
+    archive: Archive, stain: dict[str, Any] | None, first: str, others: list[str], alike: int
+) -> str:
+    said = f"normalised ({stain['method']}) to {stain['reference']}" if stain else "none"
+    said += "" if first == "the index" else f", as {alike} slide(s) are"
     return (
-        f"{archive.root}: slides embedded with another stain normalisation than the index's "
-        f"({said}): {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}; embed them "
-        "again with the index's settings (`wsi-ssl embed --no-resume`)"
+        f"{archive.root}: {len(others)} slide(s) embedded with another stain normalisation than "
+        f"{first} ({said}): {', '.join(others[:5])}"
+        f"{' ...' if len(others) > 5 else ''}; embed them alike (`wsi-ssl embed --no-resume` "
+        "with the same settings) or index them apart (slides=)"
     )
 
 
@@ -355,7 +383,7 @@ def collect(
     number, offset = start_number, start_offset
     mismatched, other_stain = [], []
     fixed = not isinstance(stain, str)  # else the first slide's is the index's
-    first = None if isinstance(stain, str) else stain
+    first, first_id = (None if isinstance(stain, str) else stain), "the index"
     for sid in ids:
         store = archive.slide(sid)
         emb = _complete_embeddings(store, encoder_id)
@@ -374,7 +402,7 @@ def collect(
             mismatched.append(f"{sid} ({key['mpp']} µm/px, {key['tile_size']} px)")
             continue
         if not fixed:
-            first, fixed = emb.attrs.get("stain"), True
+            first, fixed, first_id = emb.attrs.get("stain"), True, sid
         elif stain_key(emb.attrs.get("stain")) != stain_key(first):
             other_stain.append(sid)
             continue
@@ -392,7 +420,7 @@ def collect(
     if mismatched:
         raise SchemaMismatchError(_scale_error(archive, tiling, mismatched))
     if other_stain:
-        raise SchemaMismatchError(_stain_error(archive, first, other_stain))
+        raise SchemaMismatchError(_stain_error(archive, first, first_id, other_stain, len(items)))
     all_coords = np.concatenate(coords) if coords else np.empty((0, 2), dtype=np.int64)
     source = ArchiveSource(items, encoder_id, dim)
     return Collected(source, entries, all_coords, tiling, encoder, first)

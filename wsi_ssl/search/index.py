@@ -42,6 +42,7 @@ from wsi_ssl.search.archive import (
     UnchangedSlides,
     collect,
     find_entry,
+    indexed_stain,
     resolve_encoder_id,
     tombstone_ids,
 )
@@ -357,14 +358,15 @@ class SearchIndex(SearchMethods):
         with self._writing():
             current = {s.slide_id: s for s in self.slides}
             skip = UnchangedSlides(current, summary)
+            archive = open_store(self.root)
             found = collect(
-                open_store(self.root),
+                archive,
                 self.encoder_id,
                 slides,
                 start_number=len(self.entries),
                 start_offset=len(self.files.coords),
                 tiling=self.tiling,
-                stain=self.record.get("stain", "unknown"),  # indexes from before: not recorded
+                stain=indexed_stain(self.record, archive, self.slides, self.encoder_id),
                 skip=skip,
             )
             gone = [] if slides is not None else sorted(current.keys() - skip.seen)

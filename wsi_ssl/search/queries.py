@@ -6,6 +6,7 @@ vectors are read from the slide store. Image queries are embedded with the index
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -239,7 +240,8 @@ def image_query(
     max_pixels: int | None = None,
 ) -> Query:
     """An image rescaled from ``image_mpp`` (default: the index's) to the index's mpp, cut
-    into the index's tiles (edges padded white, blank tiles dropped) and embedded."""
+    into the index's tiles (edges padded white, blank tiles dropped), stain-normalised as the
+    index's slides were (the reference their embeddings recorded) and embedded."""
     from wsi_ssl.search.encoder import index_encoder
     from wsi_ssl.search.image import MAX_IMAGE_PIXELS, cut_tiles, rescale
 
@@ -255,7 +257,7 @@ def image_query(
     rows = subsample(np.arange(len(tiles)), MAX_QUERY_TILES)
     tiles, coords = tiles[rows], coords[rows]
     stain = index.record.get("stain")
-    if stain and len(tiles):  # normalised as the indexed tiles were
+    if stain and stain.get("reference_path") and len(tiles):  # as the indexed tiles were
         tiles = _normalised(tiles, stain, index.name)
     enc = index_encoder(
         index.encoder_id, index.record.get("encoder", {}), encoder=encoder, weights=weights
@@ -277,17 +279,32 @@ def image_query(
 
 
 def _normalised(tiles: np.ndarray, stain: dict[str, Any], index_name: str) -> np.ndarray:
-    """uint8 tiles (N, T, T, 3) stain-normalised as the index's slides were embedded."""
+    """uint8 tiles (N, T, T, 3) stain-normalised as the index's slides were embedded.
+
+    Raises:
+        StainReferenceError: the reference image is gone or changed since.
+    """
     import torch
 
-    from wsi_ssl.stain import StainNormalizer
+    from wsi_ssl.errors import StainReferenceError
     from wsi_ssl.stain_settings import recorded_reference
 
     what = f"index {index_name}'s slides were embedded from tiles"
     try:
         reference = recorded_reference(stain, what)
-    except ConfigError as err:
-        raise ConfigError(f"{err}; a picture query is normalised with that image") from None
-    normalizer = StainNormalizer(stain["method"], reference)
+    except StainReferenceError as err:
+        raise StainReferenceError(
+            f"{err}; a picture query is normalised with that image: put it back"
+        ) from None
+    normalizer = _normalizer(stain["method"], str(reference), stain["reference_sha256"])
     x = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2)
     return normalizer(x).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+@functools.lru_cache(maxsize=4)
+def _normalizer(method: str, reference: str, sha256: str) -> Any:
+    """The normaliser fitted to ``reference`` (that content, by ``sha256``), once per query
+    process rather than once per query."""
+    from wsi_ssl.stain import StainNormalizer
+
+    return StainNormalizer(method, reference)

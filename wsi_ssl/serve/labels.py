@@ -285,15 +285,20 @@ def concept_map(service: SlideService, book: LabelBook, slide: str, label: str) 
 
     from wsi_ssl.serve.pyramid import encode
 
-    accepted = _vectors(service, [r for r in book.accepted if r[5] == label])
+    with book._lock:  # one view of the regions for the vectors and the scale's key
+        regions = (
+            tuple(r for r in book.accepted if r[5] == label),
+            tuple(r for r in book.rejected if r[5] == label),
+        )
+    accepted = _vectors(service, list(regions[0]))
     if not len(accepted):
         raise ConfigError(f"no accepted region has label {label!r}; accept a hit first")
-    rejected = _vectors(service, [r for r in book.rejected if r[5] == label])
+    rejected = _vectors(service, list(regions[1]))
     store = service.store(slide)
     embeddings = service.archive.embeddings(store.slide_id, service.index.encoder_id)
     embeddings = embeddings.embedded_only()  # tiles left out by QC at embed: not drawn
     score = _scores(np.asarray(embeddings.features), accepted, rejected)
-    lo, hi = _archive_scale(service, book, label, accepted, rejected)
+    lo, hi = _archive_scale(service, book, label, regions, (accepted, rejected))
     strength = np.clip((score - lo) / (hi - lo), 0.0, 1.0)
     h, w = store.thumbnail.shape[:2]
     image = Image.new("RGBA", (w, h), (0, 0, 0, 0))
@@ -319,19 +324,16 @@ def _archive_scale(
     service: SlideService,
     book: LabelBook,
     label: str,
-    accepted: np.ndarray,
-    rejected: np.ndarray,
+    regions: tuple[tuple[Record, ...], tuple[Record, ...]],
+    vectors: tuple[np.ndarray, np.ndarray],
 ) -> tuple[float, float]:
     """(median, 99th percentile) of the scores of a sample of the index's tiles (evenly
-    spread over at most ``SCALE_SLIDES`` slides, ``SCALE_SAMPLE`` tiles), kept until the
-    label's regions or the index change."""
+    spread over at most ``SCALE_SLIDES`` slides, ``SCALE_SAMPLE`` tiles) against the
+    ``vectors`` (accepted, rejected) of the label's ``regions``, kept until those regions or
+    the index change."""
     index = service.index
-    key = (
-        index.name,
-        index.n_vectors,
-        tuple(r for r in book.accepted if r[5] == label),
-        tuple(r for r in book.rejected if r[5] == label),
-    )
+    key = (index.name, index.n_vectors, *regions)
+    accepted, rejected = vectors
     kept = book.scales.get(label)
     if kept is not None and kept[0] == key:
         return kept[1]

@@ -216,6 +216,10 @@ class SlideService:
             return f"{entry.name} is being re-tiled; {advice}"
         except StoreNotFoundError:
             return f"{entry.name}'s store is gone; `wsi-ssl index --add` removes it from the index"
+        except WsiSslError as err:  # damaged: this hit says so, the others are served
+            return (
+                f"{entry.name}'s store cannot be read ({type(err).__name__}); run `wsi-ssl check`"
+            )
         key = (slide_id, stamp)
         with self._stores_lock:
             digest = self._grids.get(key)

@@ -217,7 +217,7 @@ class Trainer:
         self.window_loss = data["window_loss"].to(self.device)
         self.window_parts = {k: v.to(self.device) for k, v in data.get("window_parts", {}).items()}
         self.window_steps = int(data["meta"]["window_steps"])
-        self.window_part_steps = self.window_steps if "window_parts" in data else 0
+        self.window_part_steps = int(data["meta"].get("window_part_steps", 0))
 
     def loader(self) -> DataLoader:
         c = self.config
@@ -308,6 +308,7 @@ class Trainer:
             "precision": self.precision,
             "augment": self.augment_mode,
             "window_steps": self.window_steps,
+            "window_part_steps": self.window_part_steps,
             "encoder": describe_encoder(self.config, **self.stain_record),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
