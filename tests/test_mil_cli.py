@@ -302,10 +302,8 @@ def test_other_models_train_and_predict(
             assert s.heatmap is not None and s.heatmap.is_file()
     if model in ("meanpool", "retrieval"):
         assert not (tmp_path / "pred" / "heatmaps").exists()
-        assert (
-            result.lines()[-1]
-            == f"no heatmaps or galleries: a {model} run weighs no tile above another"
-        )
+        note = f"no heatmaps or galleries: a {model} run weighs no tile above another"
+        assert note in result.lines()
 
 
 def test_demo_function(archive: tuple[Path, Path], tmp_path: Path) -> None:
@@ -338,7 +336,11 @@ def test_predictions_of_training_slides_and_other_tilings_carry_a_note(
     assert line.endswith("(tiled at 1 µm/px 224 px; the run was trained on 0.5 µm/px 224 px)")
     first = tmp_path / "first"
     result = mil.predict(run, root, first, slides=["s1.tiff", "s3.tiff"], explain=False)
-    assert all(s.note.startswith("a training slide: in-sample") for s in result.slides)
+    assert all(s.note == "in-sample: a training slide" for s in result.slides)
+    assert result.lines()[-1] == (
+        f"2 slide(s) predicted in-sample (the models were trained on them); the run's "
+        f"out-of-fold predictions of its training slides are in {run}/predictions.csv"
+    )
     rows = list(csv.DictReader((first / "predictions.csv").open()))
     assert [r["note"] for r in rows] == [s.note for s in result.slides]
     [s5] = list(csv.DictReader((out / "predictions.csv").open()))
@@ -347,7 +349,7 @@ def test_predictions_of_training_slides_and_other_tilings_carry_a_note(
     folds = json.loads((run / "run.json").read_text())["training_slides"]
     one = mil.predict(mil.load(run, fold=0), root, tmp_path / "fold0", explain=False)
     for s in one.slides:
-        assert s.note.startswith("a training slide") == (folds[s.slide_id] != 0), s.note
+        assert (s.note == "in-sample: a training slide") == (folds[s.slide_id] != 0), s.note
     # a later prediction without pictures removes the earlier ones of its slides
     pictures = mil.predict(run, root, tmp_path / "pics", slides=["s2.tiff"])
     [heatmap] = [s.heatmap for s in pictures.slides]

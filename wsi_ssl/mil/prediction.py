@@ -29,7 +29,7 @@ from typing import Any
 from wsi_ssl.errors import ConfigError, EncoderMismatchError, WsiSslError
 from wsi_ssl.mil.explain import attention_geojson, attention_heatmap, tile_gallery
 from wsi_ssl.mil.matching import slide_file_names
-from wsi_ssl.mil.run import MILPrediction, MILRun, load
+from wsi_ssl.mil.run import IN_SAMPLE, MILPrediction, MILRun, load
 from wsi_ssl.mil.training import torch_threads
 from wsi_ssl.outcome import BatchOutcome, ErrorHint, SlideOutcome
 from wsi_ssl.storage import Archive, open_store
@@ -54,7 +54,8 @@ class SlidePrediction:
     geojson: Path | None = None
     prediction: MILPrediction | None = field(default=None, repr=False)
     note: str = ""
-    """Read it with care: a training slide (in-sample), or tiled otherwise than training."""
+    """Read it with care: a training slide (in-sample), or embedded or tiled otherwise than
+    the training slides."""
 
     def details(self) -> dict[str, Any]:
         """JSON-able: slide_id, name, predicted, probabilities and the files (None if not written)."""
@@ -101,10 +102,23 @@ class PredictResult(BatchOutcome):
         pictures = (
             f" and heatmaps, tile galleries and GeoJSON under {self.out}" if explained else ""
         )
+        return (
+            [
+                f"{len(self.predictions)} slide(s) predicted, {len(self.failed)} failed; wrote "
+                f"{self.csv_path}{pictures}"
+            ]
+            + ([self.note] if self.note else [])
+            + self._in_sample_line()
+        )
+
+    def _in_sample_line(self) -> list[str]:
+        n = sum(p.note.startswith(IN_SAMPLE) for p in self.predictions)
+        if not n:
+            return []
         return [
-            f"{len(self.predictions)} slide(s) predicted, {len(self.failed)} failed; wrote "
-            f"{self.csv_path}{pictures}"
-        ] + ([self.note] if self.note else [])
+            f"{n} slide(s) predicted in-sample (the models were trained on them); the run's "
+            f"out-of-fold predictions of its training slides are in {self.run}/predictions.csv"
+        ]
 
     def lines(self, hint: ErrorHint | None = None) -> list[str]:
         """One line per slide (its label, probabilities, tiles and name, or its error), then

@@ -25,7 +25,10 @@ from wsi_ssl.stain_settings import stain_key
 from wsi_ssl.storage import SlideStore
 from wsi_ssl.storage.embeddings import Embeddings, embedding_ids
 
-__all__ = ["MILPrediction", "MILRun", "load"]
+__all__ = ["IN_SAMPLE", "MILPrediction", "MILRun", "load"]
+
+IN_SAMPLE = "in-sample: a training slide"
+"""The note of a slide the models predicting it were trained on."""
 
 
 @dataclass
@@ -113,9 +116,7 @@ class MILRun:
         notes = []
         fold = self.info.get("training_slides", {}).get(store.slide_id)
         if fold is not None and self.folds != [fold]:  # a fold's model never saw its test fold
-            notes.append(
-                "a training slide: in-sample (its out-of-fold one is in RUN/predictions.csv)"
-            )
+            notes.append(IN_SAMPLE)
         if "stain" in self.info:  # runs from before do not say
             from wsi_ssl.storage.embeddings import read_embeddings
 
