@@ -516,3 +516,33 @@ def test_page_keyboard_label_status_and_new_slides(
     driver.execute_script("window.dispatchEvent(new Event('focus'))")
     _wait(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#slides li")) == 3)
     assert driver.find_element(By.CSS_SELECTOR, f'#slides li[data-slide="{s1}"]')
+
+
+def test_page_notes_hits_on_a_slide_retiled_after_indexing(
+    page_env: dict[str, Any], serve_archive: dict[str, Any], tmp_path: Path
+) -> None:
+    """The twin re-tiled at 256 px before `index --add`: its hit card says so."""
+    from conftest import run_cli
+    from selenium.webdriver.common.by import By
+
+    driver = page_env["driver"]
+    archive = copy_archive(serve_archive, tmp_path)
+    root, cmu, twin = archive["root"], archive["ids"]["cmu"], archive["ids"]["twin"]
+    index = SearchIndex.open(root)
+    path = index.resolve_slide(twin).path
+    with running(create_app(index)) as base:
+        retile = ["--tile-size", "256", "--no-resume", "--discard-embeddings", "--quiet"]
+        code, _, err = run_cli(["tile", path, "--out", str(root), *retile])
+        assert code == 0, err
+        driver.get(base + "/")
+        _wait(lambda: _state(driver) == "ready" and _settled(driver))
+        driver.find_element(By.CSS_SELECTOR, f'#slides li[data-slide="{cmu}"]').click()
+        _wait(lambda: driver.execute_script("return wsi.current.slide_id") == cmu)
+        _wait(lambda: _state(driver) == "ready" and _settled(driver))
+        qx, qy = (int(v) for v in index.query_tile(cmu, (1100, 1500)).tile_coords[0])
+        _drag_box(driver, (qx, qy, 448, 448))
+        _wait(lambda: _state(driver) == "results")
+        card = driver.find_element(By.CSS_SELECTOR, f'#results .card.hit[data-slide="{twin}"]')
+        note = card.find_element(By.CSS_SELECTOR, ".note").text
+        assert "re-tiled after indexing" in note and "index --add" in note
+        _shot(driver, tmp_path / "shots", "retiled-note")
