@@ -109,6 +109,21 @@ def test_id_encoding_round_trips_at_the_limits() -> None:
 # -- queries ---------------------------------------------------------------------------------
 
 
+def test_a_box_at_the_slide_edge_takes_the_tiles_mostly_off_the_slide(archive: dict) -> None:
+    """A bottom-row tile of CMU-1-Small-Region has 55 of its 224 px on the slide: its centre is
+    off the slide, so a box along the edge once found no tile; the centre of its part on the
+    slide counts."""
+    index: SearchIndex = archive["index"]
+    sid = archive["ids"]["cmu"]
+    coords = _coords(archive["root"], sid)
+    _, height = open_store(archive["root"]).slide(sid).source["dimensions"]
+    edge = coords[coords[:, 1] + 224 > height]
+    assert len(edge) and (edge[:, 1] + 112 >= height).all()  # centres off the slide
+    x = int(edge[0, 0])
+    query = index.query_region(sid, (x, height - 40, 224, 40))
+    assert query.tile_coords.tolist() == [[x, int(edge[0, 1])]]
+
+
 def test_region_query_returns_its_own_tiles_first(archive: dict) -> None:
     index: SearchIndex = archive["index"]
     sid = archive["ids"]["s1"]

@@ -2,7 +2,8 @@
 
 This is the file the web page's label loop writes as ``<root>/labels/regions.csv`` (the
 accepted regions). A stored tile whose centre lies in a box (``x <= cx < x + w``,
-``y <= cy < y + h``) takes the box's label; a tile inside boxes of two different labels is left
+``y <= cy < y + h``; the centre of its part on the slide, as a region query places it) takes
+the box's label; a tile inside boxes of two different labels is left
 unlabelled. Slides are named as everywhere (:mod:`wsi_ssl.storage.resolve`: id, file name,
 stem or unique id prefix).
 """
@@ -108,7 +109,10 @@ def load_region_labels(task: RegionLabelTask, max_per_class: int, seed: int) -> 
 
 def _tile_classes(store: SlideStore, boxes: list[Region], classes: list[str]) -> np.ndarray:
     """Each stored tile's class index (-1: in no box, or in boxes of two labels)."""
-    centres = store.coords + float(store.tiling["tile_size_level0"]) / 2
+    from wsi_ssl.search.queries import on_slide_centres
+
+    size = float(store.tiling["tile_size_level0"])
+    centres = np.stack(on_slide_centres(store.coords, size, store.source["dimensions"]), axis=1)
     y = np.full(len(centres), -1, dtype=np.int64)
     clash = np.zeros(len(centres), dtype=bool)
     for _, x0, y0, w, h, label in boxes:

@@ -7,6 +7,7 @@ vectors are read from the slide store. Image queries are embedded with the index
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,6 +87,17 @@ class _QuerySlide:
         return features, np.asarray(emb.coords), emb.tile_ids
 
 
+def on_slide_centres(
+    coords: np.ndarray, size: float, dimensions: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) centres of the parts on the slide of tiles at level-0 ``coords`` (N, 2) of edge
+    ``size``: a tile over the slide's edge is placed by what of it lies on the slide."""
+    xy = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    cx = (np.maximum(xy[:, 0], 0) + np.minimum(xy[:, 0] + size, dimensions[0])) / 2
+    cy = (np.maximum(xy[:, 1], 0) + np.minimum(xy[:, 1] + size, dimensions[1])) / 2
+    return cx, cy
+
+
 def subsample(rows: np.ndarray, limit: int) -> np.ndarray:
     """At most ``limit`` of ``rows``, evenly spread."""
     if len(rows) <= limit:
@@ -152,13 +164,13 @@ def region_query(index: Searchable, slide: str, box: tuple[int, int, int, int]) 
             "level-0 px; give X,Y,W,H in level-0 pixels"
         )
     feats, coords, tiles = q.vectors()
-    cx, cy = coords[:, 0] + q.size / 2, coords[:, 1] + q.size / 2
+    cx, cy = on_slide_centres(coords, q.size, (sw, sh))
     rows = np.flatnonzero((cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1))
     if not len(rows):
         raise NoTilesInRegionError(
             f"{sid}: box {x0},{y0},{x1 - x0},{y1 - y0} holds no stored tissue tile "
-            f"(tiles are {round(q.size)} level-0 px; a tile counts when its centre is inside); "
-            "draw the box over tissue or make it larger"
+            f"(tiles are {round(q.size)} level-0 px; a tile counts when the centre of its part "
+            "on the slide is inside); draw the box over tissue or make it larger"
         )
     rows = subsample(rows, MAX_QUERY_TILES)
     return Query(

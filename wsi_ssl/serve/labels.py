@@ -363,11 +363,13 @@ def _archive_scale(
 
 
 def _inside(hit: dict[str, Any], record: Record, dimensions: tuple[int, int]) -> bool:
-    """Whether the centre of the hit tile's part on the slide lies in ``record``'s box."""
+    """Whether the centre of the hit tile's part on the slide lies in ``record``'s box (as a
+    region query picks its tiles)."""
+    from wsi_ssl.search.queries import on_slide_centres
+
     slide, x, y, w, h, _ = record
     tx, ty, size, _ = hit["tile_box"]
-    cx = (max(tx, 0) + min(tx + size, dimensions[0])) / 2
-    cy = (max(ty, 0) + min(ty + size, dimensions[1])) / 2
+    (cx,), (cy,) = on_slide_centres(np.array([[tx, ty]]), size, dimensions)
     return bool(hit["slide_id"] == slide and x <= cx < x + w and y <= cy < y + h)
 
 
