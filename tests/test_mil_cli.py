@@ -383,4 +383,4 @@ def test_training_slides_embedded_with_different_stains_are_refused(
     code, stdout, err = run_cli(argv)
     assert code == 2 and stdout == "" and err.count("\n") == 1, err
     assert "embedded with different stain normalisations: 3 without (e.g. s1.tiff)" in err
-    assert "1 with macenko (e.g. s2.tiff)" in err and not out.exists()
+    assert "1 with macenko to ref.png (e.g. s2.tiff)" in err and not out.exists()

@@ -73,7 +73,7 @@ class TileLabelTask:
 @dataclass(frozen=True)
 class RegionLabelTask:
     """Patch classification from labelled level-0 boxes, ``slide,x,y,w,h,label`` (the web
-    page's ``labels/regions.csv``): a stored tile whose centre lies in a box takes its label
+    page's ``labels/regions.csv``): a stored tile whose centre (of its part on the slide) lies in a box takes its label
     (:func:`wsi_ssl.evaluation.regions.load_region_labels`)."""
 
     root: Path

@@ -131,14 +131,16 @@ def check_one_stain(report: MatchReport) -> None:
     from wsi_ssl.storage.embeddings import read_embeddings
 
     groups: dict[Any, list[str]] = {}
+    kinds: dict[Any, str] = {}
     for slide in report.slides:
         store = SlideStore.open(slide.store_path)
         stain = read_embeddings(store, report.encoder_id, lazy=True).attrs.get("stain")
-        groups.setdefault(stain_key(stain), []).append(slide.name)
+        key = stain_key(stain)
+        groups.setdefault(key, []).append(slide.name)
+        kinds[key] = f"with {stain['method']} to {stain['reference']}" if stain else "without"
     if len(groups) > 1:
         said = "; ".join(
-            f"{len(names)} {'with ' + key[0] if key else 'without'} (e.g. {names[0]})"
-            for key, names in groups.items()
+            f"{len(names)} {kinds[key]} (e.g. {names[0]})" for key, names in groups.items()
         )
         raise SchemaMismatchError(
             f"{report.labels_path}: the labelled slides were embedded with different stain "

@@ -322,8 +322,8 @@ def indexed_stain(
     record: dict[str, Any], archive: Archive, entries: Sequence[SlideEntry], encoder_id: str
 ) -> dict[str, Any] | Literal["unknown"] | None:
     """The stain normalisation of an index's slides: its record's, or for an index from before
-    the record kept it, the first indexed slide's whose embeddings still read ("unknown":
-    none does)."""
+    the record kept it, the first indexed slide's whose embeddings are still the indexed ones
+    (same coords hash and ``created``; "unknown": none is)."""
     from wsi_ssl.storage.embeddings import read_embeddings
 
     if "stain" in record:
@@ -333,7 +333,10 @@ def indexed_stain(
             attrs = read_embeddings(archive.slide(entry.slide_id), encoder_id, lazy=True).attrs
         except WsiSslError:
             continue
-        return attrs.get("stain")  # type: ignore[return-value]
+        if attrs.get("coords_sha256") == entry.coords_sha256 and (
+            attrs.get("created") == entry.embedded
+        ):
+            return attrs.get("stain")  # type: ignore[return-value]
     return "unknown"
 
 
@@ -420,7 +423,9 @@ def collect(
     if mismatched:
         raise SchemaMismatchError(_scale_error(archive, tiling, mismatched))
     if other_stain:
-        raise SchemaMismatchError(_stain_error(archive, first, first_id, other_stain, len(items)))
+        raise SchemaMismatchError(
+            _stain_error(archive, first, first_id, other_stain, len(items)), parameters=("slides",)
+        )
     all_coords = np.concatenate(coords) if coords else np.empty((0, 2), dtype=np.int64)
     source = ArchiveSource(items, encoder_id, dim)
     return Collected(source, entries, all_coords, tiling, encoder, first)

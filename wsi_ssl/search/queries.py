@@ -7,6 +7,7 @@ vectors are read from the slide store. Image queries are embedded with the index
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,8 @@ from wsi_ssl.errors import (
 from wsi_ssl.search.archive import catalog_names, same_scale, tiling_key
 from wsi_ssl.search.results import Query
 from wsi_ssl.search.vectors import normalise
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from wsi_ssl.encoders import Encoder
@@ -268,8 +271,8 @@ def image_query(
     )
     rows = subsample(np.arange(len(tiles)), MAX_QUERY_TILES)
     tiles, coords = tiles[rows], coords[rows]
-    stain = index.record.get("stain")
-    if stain and stain.get("reference_path") and len(tiles):  # as the indexed tiles were
+    stain = _index_stain(index)
+    if stain and len(tiles):  # as the indexed tiles were
         tiles = _normalised(tiles, stain, index.name)
     enc = index_encoder(
         index.encoder_id, index.record.get("encoder", {}), encoder=encoder, weights=weights
@@ -288,6 +291,28 @@ def image_query(
         (w * index.mpp, h * index.mpp),
         image=pixels,
     )
+
+
+def _index_stain(index: Searchable) -> dict[str, Any] | None:
+    """The stain normalisation a picture query needs: the index's slides' (read from them for
+    an index from before its record kept it); None, with a warning, when they recorded no
+    reference path (embedded before it was recorded: the picture is embedded as it is)."""
+    from wsi_ssl.search.archive import indexed_stain
+    from wsi_ssl.storage import open_store
+
+    active = [e for e in index.entries if e.active]
+    stain = indexed_stain(index.record, open_store(index.root), active, index.encoder_id)
+    if not isinstance(stain, dict):
+        return None
+    if not stain.get("reference_path"):
+        log.warning(
+            "index %s: its slides were stain-normalised (%s) but recorded no reference path; "
+            "the picture is embedded without normalisation (re-embed with --no-resume to fix)",
+            index.name,
+            stain.get("method"),
+        )
+        return None
+    return stain
 
 
 def _normalised(tiles: np.ndarray, stain: dict[str, Any], index_name: str) -> np.ndarray:
@@ -315,8 +340,22 @@ def _normalised(tiles: np.ndarray, stain: dict[str, Any], index_name: str) -> np
 
 @functools.lru_cache(maxsize=4)
 def _normalizer(method: str, reference: str, sha256: str) -> Any:
-    """The normaliser fitted to ``reference`` (that content, by ``sha256``), once per query
-    process rather than once per query."""
+    """The normaliser fitted to ``reference`` of content ``sha256`` (hashed and fitted from
+    the same bytes), once per process, not per query.
+
+    Raises:
+        StainReferenceError: the file is not that content (it changed since it was checked).
+    """
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    from wsi_ssl.errors import StainReferenceError
     from wsi_ssl.stain import StainNormalizer
 
-    return StainNormalizer(method, reference)
+    data = Path(reference).read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise StainReferenceError(f"{reference}: changed while it was read; try again")
+    with Image.open(io.BytesIO(data)) as image:
+        return StainNormalizer(method, np.asarray(image.convert("RGB")))

@@ -348,11 +348,11 @@ def _archive_scale(
         try:  # a slide being re-tiled or re-embedded is left out of the sample
             emb = service.archive.embeddings(slide_id, index.encoder_id, lazy=True)
             emb = emb.embedded_only()
-        except WsiSslError:
+            if len(emb.features):
+                rows = np.unique(np.linspace(0, len(emb.features) - 1, per_slide).astype(int))
+                sample.append(np.asarray(emb.features[rows], dtype=np.float32))
+        except (WsiSslError, OSError, KeyError, ValueError):
             continue
-        if len(emb.features):
-            rows = np.unique(np.linspace(0, len(emb.features) - 1, per_slide).astype(int))
-            sample.append(np.asarray(emb.features[rows], dtype=np.float32))
     if sample:
         scores = _scores(np.concatenate(sample), accepted, rejected)
         lo, hi = (float(v) for v in np.percentile(scores, [50, 99]))

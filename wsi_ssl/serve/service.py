@@ -212,21 +212,21 @@ class SlideService:
         advice = "run `wsi-ssl embed` and `wsi-ssl index --add` to search its new tiles"
         try:  # by id: a hit of another index than the default one
             stamp, store, _ = self._entry_of(entry.slide_id)
+            key = (slide_id, stamp)
+            with self._stores_lock:
+                digest = self._grids.get(key)
+            if digest is None:
+                digest = coords_sha256(np.asarray(store.coords))
+                with self._stores_lock:
+                    self._grids[key] = digest
         except StoreIncompleteError:
             return f"{entry.name} is being re-tiled; {advice}"
         except StoreNotFoundError:
             return f"{entry.name}'s store is gone; `wsi-ssl index --add` removes it from the index"
-        except WsiSslError as err:  # damaged: this hit says so, the others are served
+        except (WsiSslError, OSError, KeyError, ValueError) as err:  # damaged: only this hit
             return (
                 f"{entry.name}'s store cannot be read ({type(err).__name__}); run `wsi-ssl check`"
             )
-        key = (slide_id, stamp)
-        with self._stores_lock:
-            digest = self._grids.get(key)
-        if digest is None:
-            digest = coords_sha256(np.asarray(store.coords))
-            with self._stores_lock:
-                self._grids[key] = digest
         if digest == entry.coords_sha256:
             return None
         return (

@@ -18,7 +18,8 @@ continue exactly::
     center      the DINO loss centre (1, 1, K)
     rng         {torch, cuda: [...], numpy: {...}, python: {...}} generator states
     window_loss sum of the losses since the last metrics row (meta.window_steps of them)
-    window_parts  the same sum of each loss term (absent in checkpoints from before)
+    window_parts  the same sum of each loss term, over meta.window_part_steps steps (absent
+                  in checkpoints from before)
 
 ``"wsi_ssl.encoder"`` (``<run>/encoder.pt``): ``format``, ``format_version``, ``meta`` and
 ``teacher_backbone`` only, for :func:`wsi_ssl.ssl.load_encoder`.

@@ -217,7 +217,8 @@ class Trainer:
         self.window_loss = data["window_loss"].to(self.device)
         self.window_parts = {k: v.to(self.device) for k, v in data.get("window_parts", {}).items()}
         self.window_steps = int(data["meta"]["window_steps"])
-        self.window_part_steps = int(data["meta"].get("window_part_steps", 0))
+        counted = self.window_steps if "window_parts" in data else 0  # before the count was kept
+        self.window_part_steps = int(data["meta"].get("window_part_steps", counted))
 
     def loader(self) -> DataLoader:
         c = self.config
