@@ -223,7 +223,9 @@ class MoreRequest(BaseModel):
 
 def more_like(service: SlideService, book: LabelBook, label: str, k: int) -> dict[str, Any]:
     """Tiles nearest any accepted region of ``label``, none inside a labelled box."""
-    queries = _queries(service, [r for r in book.accepted if r[5] == label])
+    with book._lock:  # one view of the regions for the query and the boxes left out
+        accepted, rejected = list(book.accepted), list(book.rejected)
+    queries = _queries(service, [r for r in accepted if r[5] == label])
     if not queries:
         raise ConfigError(f"no accepted region has label {label!r}; accept a hit first")
     first = queries[0]  # the tile vectors of every accepted region, as one query
@@ -235,7 +237,7 @@ def more_like(service: SlideService, book: LabelBook, label: str, k: int) -> dic
         slide_number=None,
     )
     labelled: dict[str, list[Record]] = {}
-    for record in book.accepted + book.rejected:
+    for record in accepted + rejected:
         labelled.setdefault(record[0], []).append(record)
     fetch = min(k + 4 * sum(map(len, labelled.values())), MAX_MORE_FETCH)
     while True:  # fetch more until k lie outside the labelled boxes (or the index runs out)
