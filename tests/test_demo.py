@@ -57,10 +57,13 @@ def test_demo_runs_every_stage_and_resumes(
     assert 0.0 <= metrics["overall"]["auc"] <= 1.0
 
     # a second run resumes: nothing is tiled, trained or embedded again
+    trained = (out / "mil/run/run.json").read_bytes()
     assert main(["demo", "--out", str(out), "--steps", "4", "--quiet"]) == 0
     again = capsys.readouterr().out
     assert f"0 embedded, {DEMO_SLIDES} already complete" in again
     assert "4/4 steps" in again and "resumed" in again
+    assert f"MIL run {out / 'mil/run'} is up to date" in again
+    assert (out / "mil/run/run.json").read_bytes() == trained  # not trained again
     assert archive.embedding_ids(archive.slide_ids[0]) == [encoder_id]
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,7 +12,7 @@ from pathlib import Path
 from wsi_ssl.errors import LabelsError
 from wsi_ssl.mil.config import MILConfig
 from wsi_ssl.mil.labels import LabelTable, read_labels
-from wsi_ssl.mil.matching import match_labels
+from wsi_ssl.mil.matching import MatchReport, match_labels
 
 __all__ = ["DEMO_CONFIG", "MILDemoResult", "mil_for_demo"]
 
@@ -82,26 +85,54 @@ def mil_for_demo(
         )
     folds = min(config.folds, fewest)
     run_dir = Path(out) / "run"
-    result = train(
-        root,
-        table,
-        report.encoder_id,
-        run_dir,
-        config,
-        overwrite=True,
-        progress=progress,
-        folds=folds,
-    )
+    settings = dataclasses.replace(config, folds=folds)
+    metrics = _trained_before(run_dir, report, settings)
+    if metrics is not None:  # a re-run: the same run again would give the same numbers
+        lines = [
+            f"MIL run {run_dir} is up to date (same slides, labels, encoder and settings): "
+            f"out-of-fold AUC {_fmt(metrics['overall']['auc'])}, balanced accuracy "
+            f"{_fmt(metrics['overall']['balanced_accuracy'])}"
+        ]
+        classes, roc = list(metrics["classes"]), run_dir / "roc.png"
+    else:
+        result = train(
+            root, table, report.encoder_id, run_dir, settings, overwrite=True, progress=progress
+        )
+        metrics = {"overall": result.overall, "folds_mean_std": result.summary}
+        lines, classes, roc = result.lines(), result.classes, result.roc_path
     preds = predict(run_dir, root, run_dir / "predictions")
-    lines = [*result.lines(), *preds.lines()]
+    lines += preds.lines()
     heatmap = gallery = None
     if preds.slides:
-        positive = result.classes[-1]
+        positive = classes[-1]
         best = max(preds.slides, key=lambda s: s.probabilities[positive])
         heatmap, gallery = best.heatmap, best.gallery
         lines.append(
             f"attention heatmap of {best.name} ({positive} {best.probabilities[positive]:.2f}): {heatmap}"
         )
-    metrics = {"overall": result.overall, "folds_mean_std": result.summary}
-    pictures = [p for p in (result.roc_path, heatmap, gallery) if p is not None]
+    metrics = {"overall": metrics["overall"], "folds_mean_std": metrics["folds_mean_std"]}
+    pictures = [p for p in (roc, heatmap, gallery) if p is not None]
     return MILDemoResult(run_dir, metrics, heatmap, gallery, lines, pictures)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _trained_before(run: Path, report: MatchReport, config: MILConfig) -> dict | None:
+    """``run``'s metrics when it was trained on these slides and labels, with this encoder and
+    these settings (None: it was not, or it is not complete)."""
+    try:
+        info = json.loads((run / "run.json").read_text())
+        metrics = json.loads((run / "metrics.json").read_text())
+        with (run / "splits.csv").open(newline="") as f:
+            labelled = {(r["slide_id"], r["label"]) for r in csv.DictReader(f)}
+    except (OSError, ValueError, KeyError):
+        return None
+    same = (
+        info.get("config") == config.to_dict()
+        and info.get("encoder_id") == report.encoder_id
+        and labelled == {(s.slide_id, s.label) for s in report.slides}
+        and (run / "roc.png").is_file()
+    )
+    return metrics if same else None
