@@ -59,6 +59,7 @@ def run(archive: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) ->
     )
     assert code == 0, err
     assert "overall (abmil, out-of-fold, 4 slides)" in stdout
+    assert f"(run id {mil.load(out).run_id};" in stdout  # as predictions.csv names it
     return out
 
 
@@ -207,7 +208,7 @@ def test_predictions_into_one_folder_add_up_and_another_runs_are_refused(
     written = (out / "predictions.csv").read_bytes()
     code, stdout, err = run_cli(["mil", "predict", str(second), str(root), "--out", str(out)])
     assert code == 2 and stdout == "" and err.count("\n") == 1
-    assert f"holds predictions of another run (run id {run_id};" in err
+    assert f"holds predictions of another run ({run_id};" in err and run_id.startswith("abmil@")
     assert (out / "predictions.csv").read_bytes() == written
     # the same run moved elsewhere is the same run: its folder takes its predictions again,
     # and a CSV written before rows named their run is taken as the run's own there
@@ -222,7 +223,9 @@ def test_predictions_into_one_folder_add_up_and_another_runs_are_refused(
     code, _, err = run_cli(["mil", "predict", str(moved), str(root), "--slides", "s1.tiff"])
     assert code == 0, err
     kept = {r["slide_id"]: r for r in csv.DictReader((own / "predictions.csv").open())}
-    assert kept["old-slide"]["run"] == run_id and kept["old-slide"]["note"] == ""
+    moved_id = mil.load(moved).run_id
+    assert moved_id == f"moved-run@{run_id.split('@')[1]}"  # the same run, found elsewhere
+    assert kept["old-slide"]["run"] == moved_id and kept["old-slide"]["note"] == ""
     assert len(kept) == 2
 
 

@@ -225,7 +225,10 @@ def test_embedding_follows_the_stain_normalisation_of_pretraining(
 
     argv = ["embed", str(cmu_root), "--encoder", str(run.out_dir), "--device", "cpu"]
     argv += ["--workers", "0", "--batch-size", "16", "--quiet"]
-    code, _, err = run_cli([*argv, "--stain-normalize", "none"])
+    code, out, err = run_cli([*argv, "--stain-normalize", "none"])  # would replace them
+    assert code == 1 and "were made from tiles stain-normalised (reinhard) to ref.png" in out
+    assert "(command line: --no-resume)" in out
+    code, _, err = run_cli([*argv, "--stain-normalize", "none", "--no-resume"])
     assert code == 0, err
     plain = read_embeddings(store, enc.encoder_id)
     assert "stain" not in plain.attrs

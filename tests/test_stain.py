@@ -224,7 +224,12 @@ def test_cli_embed_with_stain_normalization(
         direct = enc(normalised).numpy().astype(np.float16)
     assert np.array_equal(emb.features[:16], direct)
     assert not np.array_equal(emb.features[:16], enc(tiles).numpy().astype(np.float16))
+    # embedding again without normalisation would replace them: refused, kept, until asked
     capsys.readouterr()
-    assert main(["embed", str(root), *common]) == 0
+    assert main(["embed", str(root), *common]) == 1
+    out = capsys.readouterr().out
+    assert "EmbeddingsWouldBeReplacedError" in out and "without stain normalisation" in out
+    assert read_embeddings(store, enc.encoder_id).attrs["stain"]["method"] == "reinhard"
+    assert main(["embed", str(root), *common, "--no-resume"]) == 0
     assert "0 already complete" in capsys.readouterr().out
     assert "stain" not in read_embeddings(store, enc.encoder_id).attrs

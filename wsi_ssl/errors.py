@@ -22,6 +22,7 @@ __all__ = [
     "EmbeddingsIncompleteError",
     "EmbeddingsNotFoundError",
     "EmbeddingsWouldBeDiscardedError",
+    "EmbeddingsWouldBeReplacedError",
     "EmptyBagError",
     "EncoderMismatchError",
     "EncoderNotFoundError",
@@ -527,6 +528,20 @@ class EmbeddingsWouldBeDiscardedError(WsiSslError, RuntimeError):
         )
         self.path = Path(path)
         self.encoder_ids = list(encoder_ids)
+
+
+class EmbeddingsWouldBeReplacedError(WsiSslError, RuntimeError):
+    """An embedding job would replace a slide's complete vectors with vectors made otherwise
+    (another stain normalisation): the same encoder id, other values."""
+
+    def __init__(self, path: str | Path, encoder_id: str, had: str, wanted: str) -> None:
+        super().__init__(
+            f"{path}: its embeddings {encoder_id} were made {had}; this job would replace them "
+            f"with vectors made {wanted}: pass resume=False to replace them, or embed as before "
+            "to keep them",
+            parameters=("resume",),
+        )
+        self.path = Path(path)
 
 
 class StainReferenceError(WsiSslError, FileNotFoundError):

@@ -26,7 +26,7 @@ import zarr
 
 from wsi_ssl.embedding.config import EmbedConfig
 from wsi_ssl.encoders import Encoder
-from wsi_ssl.errors import StainReferenceError, WsiSslError
+from wsi_ssl.errors import EmbeddingsWouldBeReplacedError, StainReferenceError, WsiSslError
 from wsi_ssl.outcome import SlideOutcome
 from wsi_ssl.stain_settings import recorded_reference, stain_key, stain_provenance
 from wsi_ssl.storage import Archive, SlideStore
@@ -148,6 +148,8 @@ class EmbedTarget:
             chash = coords_sha256(coords)
             wanted = self.wanted(store)
             base = self.reusable(store, n, chash) if self.config.resume else None
+            if self.config.resume and base is None:
+                self.refuse_other_stain(store)
             have = _has_vector(base, n)
             if base is not None and not (wanted & ~have).any():
                 return SlideOutcome(slide_id, "skipped", n)
@@ -220,6 +222,21 @@ class EmbedTarget:
         )
         return array if same else None
 
+    def refuse_other_stain(self, store: SlideStore) -> None:
+        """Raise when the slide holds complete vectors of this encoder made with another
+        stain normalisation (a resumed job would replace them without a word).
+
+        Raises:
+            EmbeddingsWouldBeReplacedError: naming both normalisations.
+        """
+        if embeddings_problem(store, self.encoder_id) is not None:
+            return
+        had = open_embeddings_array(store.path, self.encoder_id).attrs.get("stain")
+        if stain_key(had) != stain_key(self.stain):
+            raise EmbeddingsWouldBeReplacedError(
+                store.path, self.encoder_id, _stain_words(had), _stain_words(self.stain)
+            )
+
     def is_current(self, slide: EmbedSlide) -> bool:
         """Another job completed the slide meanwhile: an array holds every row this one
         would (checked once the writer holds the lock)."""
@@ -248,3 +265,9 @@ def _has_vector(array: zarr.Array[Any] | None, n: int) -> np.ndarray:
     have = np.zeros(n, dtype=bool)
     have[rows] = True
     return have
+
+
+def _stain_words(provenance: Any) -> str:
+    if not provenance:
+        return "without stain normalisation"
+    return f"from tiles stain-normalised ({provenance['method']}) to {provenance['reference']}"

@@ -134,8 +134,9 @@ def _check_classes(where: str | Path, labels: list[str], unit: str, minimum: int
     if small:
         raise LabelsError(
             where,
-            f"class(es) {small} have fewer than {minimum} {unit}s; cross-validation needs at "
-            f"least {minimum} per class (label more {unit}s or drop the class)",
+            f"class(es) {small} have fewer than {minimum} {unit}s; scoring a class needs at "
+            f"least {minimum} of it (one to query, one to find or to train on: label more "
+            f"{unit}s or drop the class)",
         )
 
 

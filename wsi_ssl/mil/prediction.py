@@ -29,7 +29,7 @@ from typing import Any
 from wsi_ssl.errors import ConfigError, EncoderMismatchError, WsiSslError
 from wsi_ssl.mil.explain import attention_geojson, attention_heatmap, tile_gallery
 from wsi_ssl.mil.matching import slide_file_names
-from wsi_ssl.mil.run import IN_SAMPLE, MILPrediction, MILRun, load
+from wsi_ssl.mil.run import IN_SAMPLE, MILPrediction, MILRun, load, same_run
 from wsi_ssl.mil.training import torch_threads
 from wsi_ssl.outcome import BatchOutcome, ErrorHint, SlideOutcome
 from wsi_ssl.storage import Archive, open_store
@@ -327,10 +327,10 @@ def _earlier_rows(path: Path, header: list[str], model: MILRun) -> list[list[str
             " not this run's; predict into another folder or move that file away",
             parameters=("out",),
         )
-    others = sorted({row[-1] for row in rows[1:]} - {model.run_id})
+    others = sorted({row[-1] for row in rows[1:] if not same_run(row[-1], model.run_id)})
     if others:
         raise ConfigError(
-            f"{path} holds predictions of another run (run id {others[0]}; this one is "
+            f"{path} holds predictions of another run ({others[0]}; this one is "
             f"{model.run_id}); predict into another folder (by default each run's own "
             "RUN/predictions) or move it away",
             parameters=("out",),

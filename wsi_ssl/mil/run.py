@@ -25,7 +25,7 @@ from wsi_ssl.stain_settings import stain_key
 from wsi_ssl.storage import SlideStore
 from wsi_ssl.storage.embeddings import Embeddings, embedding_ids
 
-__all__ = ["IN_SAMPLE", "MILPrediction", "MILRun", "load"]
+__all__ = ["IN_SAMPLE", "MILPrediction", "MILRun", "load", "run_id_of", "same_run"]
 
 IN_SAMPLE = "in-sample: a training slide"
 """The note of a slide the models predicting it were trained on."""
@@ -103,11 +103,11 @@ class MILRun:
 
     @property
     def run_id(self) -> str:
-        """The run's identity wherever it lies: a hash of its ``run.json`` (rewritten by each
-        training), with the folds kept when they are not all of them."""
-        digest = hashlib.sha256((self.path / "run.json").read_bytes()).hexdigest()[:12]
+        """``<directory name>@<identity>``: the identity is the run's wherever it lies, a hash
+        of its ``run.json`` (rewritten by each training) with the folds kept when they are not
+        all of them; the name only says where it was (:func:`same_run` compares identities)."""
         every = len(self.info.get("checkpoints", [])) == len(self.folds)
-        return digest if every else f"{digest}-fold{'.'.join(map(str, self.folds))}"
+        return run_id_of(self.path, None if every else self.folds)
 
     def slide_note(self, store: SlideStore) -> str:
         """What a prediction of ``store`` should be read with: the slide was in the training
@@ -247,6 +247,19 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: cannot read ({err}); is this a `wsi-ssl mil train` run?"
         ) from err
+
+
+def run_id_of(run: Path, folds: list[int] | None = None) -> str:
+    """:attr:`MILRun.run_id` of the run directory ``run`` (``folds``: the models kept, None:
+    all)."""
+    digest = hashlib.sha256((run / "run.json").read_bytes()).hexdigest()[:12]
+    identity = digest if folds is None else f"{digest}-fold{'.'.join(map(str, folds))}"
+    return f"{run.name}@{identity}"
+
+
+def same_run(a: str, b: str) -> bool:
+    """Whether two :attr:`MILRun.run_id` values are one run (wherever each lay)."""
+    return a.rpartition("@")[2] == b.rpartition("@")[2]
 
 
 def _stain_text(provenance: Any) -> str:

@@ -134,7 +134,12 @@ class TrainResult:
         for cls, row in zip(self.classes, self.overall["confusion_matrix"], strict=True):
             out.append(f"  {cls:>{width}}  " + " ".join(f"{v:>5}" for v in row))
         out.extend(self.notes)
-        out.append(f"wrote {self.run} (metrics.json, roc.png, {len(self.folds)} checkpoints)")
+        from wsi_ssl.mil.run import run_id_of
+
+        out.append(
+            f"wrote {self.run} (run id {run_id_of(self.run)}; metrics.json, roc.png, "
+            f"{len(self.folds)} checkpoints)"
+        )
         return out
 
 
