@@ -208,12 +208,16 @@ def test_embedding_follows_the_stain_normalisation_of_pretraining(
     with torch.inference_mode():
         raw_vectors = enc(torch.from_numpy(cut)).numpy()
     assert not np.allclose(query.vectors, raw_vectors, rtol=1e-3, atol=1e-3)
+    assert query.stain == "reinhard to ref.png"
+    said = "stain-normalised (reinhard to ref.png) as the index's slides"
+    assert said in index.search(query, k=1).table()
     # an index whose embeddings did not record the reference's path (made before it was):
     # the picture is embedded as it is, as before, not refused
     recorded = dict(index.record["stain"])
     index.record["stain"] = {k: v for k, v in recorded.items() if k != "reference_path"}
     unrecorded = index.query_image(patches_dir / "high-nuclei-score-level0.png", encoder=enc)
     np.testing.assert_allclose(unrecorded.vectors, raw_vectors, rtol=1e-4, atol=1e-5)
+    assert unrecorded.stain is None
     index.record["stain"] = recorded
     # a MIL run trained on these vectors notes a slide embedded otherwise
     from wsi_ssl.mil.config import MILConfig

@@ -290,6 +290,7 @@ def image_query(
         float(t["tile_size"]),
         (w * index.mpp, h * index.mpp),
         image=pixels,
+        stain=f"{stain['method']} to {stain['reference']}" if stain else None,
     )
 
 

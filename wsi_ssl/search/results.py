@@ -28,6 +28,8 @@ class Query:
         size_um: physical (width, height) of the query box in µm.
         image: the query image rescaled to the index mpp (image queries; for the gallery).
         slide_number: the query slide's number in the index (None if not indexed).
+        stain: how an image query's tiles were stain-normalised, as the index's slides were
+            ("reinhard to ref.png"; None: not).
     """
 
     kind: str
@@ -41,6 +43,7 @@ class Query:
     size_um: tuple[float, float]
     image: np.ndarray | None = None
     slide_number: int | None = None
+    stain: str | None = None
 
     @property
     def n_tiles(self) -> int:
@@ -54,6 +57,7 @@ class Query:
             "box": list(self.box),
             "n_tiles": self.n_tiles,
             "size_um": [round(v, 2) for v in self.size_um],
+            "stain": self.stain,
         }
 
 
@@ -145,6 +149,8 @@ class SearchResult:
             if q.slide_id
             else (f"image {q.box[2]}x{q.box[3]} px at the index mpp")
         )
+        if q.stain:
+            where += f", stain-normalised ({q.stain}) as the index's slides"
         head = (
             f"{q.kind} query: {where} ({q.n_tiles} tile{'s' if q.n_tiles != 1 else ''}); "
             f"index {self.index.get('name')} ({self.index.get('kind')}, "
