@@ -575,6 +575,10 @@ def test_every_slide_failing_to_embed_names_the_cause_first(tmp_path: Path) -> N
     assert code == 2 and out == "" and err.count("\n") == 1, err
     assert "4 of 4 labelled slide(s) failed to embed" in err
     assert "InputSizeMismatchError" in err and err.rstrip().endswith("NAME,resize=bilinear")
+    # the embed job itself says it once, not once a slide
+    code, out, err = run_cli(["embed", str(root), "--encoder", "random-vit-tiny", "--quiet"])
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert f"{root}: all 4 slide(s): tiles are 256 px but encoder 'random-vit-tiny'" in err
     spec = "random-vit-tiny,resize=bilinear"
     code, out, err = run_cli(["evaluate", "--encoder", spec, *argv, "--bootstrap", "0"])
     assert code == 0, err

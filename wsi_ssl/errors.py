@@ -249,6 +249,7 @@ class InputSizeMismatchError(WsiSslError, ValueError):
         )
         self.tile_size = tile_size
         self.input_size = input_size
+        self.encoder = encoder
 
 
 class NonFiniteEmbeddingError(WsiSslError, FloatingPointError):

@@ -13,7 +13,7 @@ import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from wsi_ssl.embedding.batch_size import auto_batch_size
 from wsi_ssl.embedding.config import EmbedConfig
@@ -21,7 +21,12 @@ from wsi_ssl.embedding.runner import EmbedRunner
 from wsi_ssl.embedding.slides import EmbedSlide, EmbedTarget, encoder_stain, stain_normalizer
 from wsi_ssl.embedding.summary import EmbedSummary
 from wsi_ssl.encoders import Encoder, create_encoder
-from wsi_ssl.errors import CheckpointError, UnknownSlideError, WsiSslError
+from wsi_ssl.errors import (
+    CheckpointError,
+    InputSizeMismatchError,
+    UnknownSlideError,
+    WsiSslError,
+)
 from wsi_ssl.outcome import SlideOutcome
 from wsi_ssl.storage import Archive, open_store
 from wsi_ssl.storage.resolve import resolve_slide
@@ -81,6 +86,8 @@ def embed(
         StoreNotFoundError: ``root`` is not an archive.
         EncoderNotFoundError, WeightsNotFoundError, CheckpointError, DeviceUnavailableError:
             before any slide is touched.
+        InputSizeMismatchError: every slide's tiles are a size the encoder does not take (a
+            setting to change; when only some are, those slides fail and the others go on).
     """
     config = dataclasses.replace(config or EmbedConfig(), **options)
     started = time.perf_counter()
@@ -103,6 +110,7 @@ def embed(
         for err in (scan.damaged if slides is None else [])
     ]
     prepared += [_unknown_slide(archive, s) or target.prepare(archive, s) for s in ids]
+    _refuse_wrong_size_everywhere(archive.root, prepared)
     runner = EmbedRunner(target, stain, progress)
     runner.run([p for p in prepared if isinstance(p, EmbedSlide)])
     return EmbedSummary(
@@ -116,6 +124,21 @@ def embed(
         seconds=time.perf_counter() - started,
         loader_wait_s=runner.loader_wait,
     )
+
+
+def _refuse_wrong_size_everywhere(root: Path, prepared: Sequence[Any]) -> None:
+    """One error, not one a slide, when every slide's tiles (two or more) are a size the
+    encoder does not take (a setting to change, not a slide to fix).
+
+    Raises:
+        InputSizeMismatchError: naming the archive and how many slides.
+    """
+    errors = [getattr(p, "exception", None) for p in prepared]
+    if len(errors) < 2 or not all(isinstance(e, InputSizeMismatchError) for e in errors):
+        return  # one slide's own error says it as well
+    first = cast(InputSizeMismatchError, errors[0])
+    where = f"{root}: all {len(errors)} slide(s)"
+    raise InputSizeMismatchError(where, first.tile_size, first.input_size, first.encoder)
 
 
 def _unknown_slide(archive: Archive, name: str) -> SlideOutcome | None:

@@ -115,11 +115,15 @@ def embed_archive(
     """Embed ``slides`` with the embed job (resumable); returns ``{slide_id: error}`` of the
     slides that failed (the others are embedded)."""
     from wsi_ssl.embedding import EmbedConfig, embed
+    from wsi_ssl.errors import InputSizeMismatchError
 
     settings = EmbedConfig(
         batch_size=config.batch_size, device=config.device, workers=config.workers
     )
-    summary = embed(root, encoder, _as_pretrained(settings, encoder), slides=list(slides))
+    try:
+        summary = embed(root, encoder, _as_pretrained(settings, encoder), slides=list(slides))
+    except InputSizeMismatchError as err:  # every slide, for the same reason
+        return {sid: f"InputSizeMismatchError: {err}" for sid in slides}
     return {o.slide: f"{o.error_type}: {o.error}" for o in summary.failed}
 
 
