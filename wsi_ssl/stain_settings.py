@@ -17,6 +17,7 @@ __all__ = [
     "recorded_reference",
     "stain_key",
     "stain_provenance",
+    "stain_text",
 ]
 
 METHODS = ("macenko", "reinhard", "vahadane")
@@ -60,6 +61,13 @@ def stain_key(provenance: Any) -> tuple[str, str] | None:
     if not provenance:
         return None
     return str(provenance["method"]), str(provenance["reference_sha256"])
+
+
+def stain_text(provenance: Any) -> str:
+    """A provenance in words: ``"reinhard to ref.png"``, or ``"none"``."""
+    if not provenance:
+        return "none"
+    return f"{provenance['method']} to {provenance['reference']}"
 
 
 def recorded_reference(provenance: Mapping[str, Any], what: str) -> Path:

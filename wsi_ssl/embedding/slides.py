@@ -101,13 +101,13 @@ def stain_normalizer(config: EmbedConfig) -> tuple[Any, dict[str, Any] | None]:
     return normalizer, stain_provenance(config.stain_normalize, config.stain_reference)
 
 
-def encoder_stain(config: EmbedConfig, encoder: Encoder) -> EmbedConfig:
+def encoder_stain(config: EmbedConfig, encoder: Encoder, advice: str | None = None) -> EmbedConfig:
     """``config`` with the stain normalisation ``encoder`` was pretrained with when it names
     none (``stain_normalize="none"``: off whatever the encoder saw).
 
     Raises:
         StainReferenceError: the encoder's reference image is gone or changed since
-            pretraining.
+            pretraining; the message ends with ``advice`` (None: ``wsi-ssl embed``'s flags).
     """
     if config.stain_normalize == "none":
         return dataclasses.replace(config, stain_normalize=None)
@@ -117,10 +117,12 @@ def encoder_stain(config: EmbedConfig, encoder: Encoder) -> EmbedConfig:
     try:
         path = recorded_reference(trained, f"{encoder.encoder_id} was pretrained on tiles")
     except StainReferenceError as err:
+        flags = (
+            f"pass --stain-normalize {trained['method']} --stain-reference with that image, or "
+            "--stain-normalize none"
+        )
         raise StainReferenceError(
-            f"{err}; pass --stain-normalize {trained['method']} --stain-reference with that "
-            "image, or --stain-normalize none",
-            parameters=err.parameters,
+            f"{err}; {advice or flags}", parameters=() if advice else err.parameters
         ) from None
     return dataclasses.replace(config, stain_normalize=trained["method"], stain_reference=str(path))
 

@@ -95,18 +95,9 @@ def _as_pretrained(config: EmbedConfig, encoder: Encoder) -> EmbedConfig:
     """``config`` normalising stains as ``encoder`` was pretrained (evaluation has no switch
     to turn that off: the reference image must be where pretraining recorded it)."""
     from wsi_ssl.embedding.slides import encoder_stain
-    from wsi_ssl.errors import StainReferenceError
-    from wsi_ssl.stain_settings import recorded_reference
 
-    trained = encoder.config.stain
-    if trained:
-        try:
-            recorded_reference(trained, f"{encoder.encoder_id} was pretrained on tiles")
-        except StainReferenceError as err:
-            raise StainReferenceError(
-                f"{err}; put that image back: evaluate normalises as the encoder was pretrained"
-            ) from None
-    return encoder_stain(config, encoder)
+    advice = "put that image back: evaluate normalises as the encoder was pretrained"
+    return encoder_stain(config, encoder, advice)
 
 
 def embed_archive(

@@ -21,7 +21,7 @@ from wsi_ssl.errors import CheckpointError, EmptyBagError, EncoderMismatchError
 from wsi_ssl.mil.config import MILConfig
 from wsi_ssl.mil.learners import Predictor, get_learner
 from wsi_ssl.mil.rundir import CHECKPOINT_FORMAT, RUN_FORMAT
-from wsi_ssl.stain_settings import stain_key
+from wsi_ssl.stain_settings import stain_key, stain_text
 from wsi_ssl.storage import SlideStore
 from wsi_ssl.storage.embeddings import Embeddings, embedding_ids
 
@@ -124,7 +124,7 @@ class MILRun:
             if stain_key(here) != stain_key(self.info["stain"]):
                 notes.append(
                     "embedded with another stain normalisation than the training slides "
-                    f"(this slide: {_stain_text(here)}; training: {_stain_text(self.info['stain'])})"
+                    f"(this slide: {stain_text(here)}; training: {stain_text(self.info['stain'])})"
                 )
         trained = self.info.get("tilings") or []
         mpp, size = float(store.tiling["mpp"]), int(store.tiling["tile_size"])
@@ -260,10 +260,6 @@ def run_id_of(run: Path, folds: list[int] | None = None) -> str:
 def same_run(a: str, b: str) -> bool:
     """Whether two :attr:`MILRun.run_id` values are one run (wherever each lay)."""
     return a.rpartition("@")[2] == b.rpartition("@")[2]
-
-
-def _stain_text(provenance: Any) -> str:
-    return f"{provenance['method']} to {provenance['reference']}" if provenance else "none"
 
 
 def load(run: str | Path, *, fold: int | None = None, device: str = "cpu") -> MILRun:

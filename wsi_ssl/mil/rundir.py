@@ -126,7 +126,7 @@ def check_one_stain(report: MatchReport) -> None:
         SchemaMismatchError: naming how many slides each normalisation has.
     """
     from wsi_ssl.errors import SchemaMismatchError
-    from wsi_ssl.stain_settings import stain_key
+    from wsi_ssl.stain_settings import stain_key, stain_text
     from wsi_ssl.storage import SlideStore
     from wsi_ssl.storage.embeddings import read_embeddings
 
@@ -137,7 +137,7 @@ def check_one_stain(report: MatchReport) -> None:
         stain = read_embeddings(store, report.encoder_id, lazy=True).attrs.get("stain")
         key = stain_key(stain)
         groups.setdefault(key, []).append(slide.name)
-        kinds[key] = f"with {stain['method']} to {stain['reference']}" if stain else "without"
+        kinds[key] = f"with {stain_text(stain)}" if stain else "without"
     if len(groups) > 1:
         said = "; ".join(
             f"{len(names)} {kinds[key]} (e.g. {names[0]})" for key, names in groups.items()

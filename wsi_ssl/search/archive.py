@@ -29,7 +29,7 @@ from wsi_ssl.errors import (
 )
 from wsi_ssl.search.ids import encode_ids
 from wsi_ssl.search.vectors import normalise
-from wsi_ssl.stain_settings import stain_key
+from wsi_ssl.stain_settings import stain_key, stain_text
 
 if TYPE_CHECKING:
     from wsi_ssl.storage import Archive, SlideStore
@@ -343,8 +343,7 @@ def indexed_stain(
 def _stain_error(
     archive: Archive, stain: dict[str, Any] | None, first: str, others: list[str], alike: int
 ) -> str:
-    said = f"normalised ({stain['method']}) to {stain['reference']}" if stain else "none"
-    said += "" if first == "the index" else f", as {alike} slide(s) are"
+    said = stain_text(stain) + ("" if first == "the index" else f", as {alike} slide(s) are")
     return (
         f"{archive.root}: {len(others)} slide(s) embedded with another stain normalisation than "
         f"{first} ({said}): {', '.join(others[:5])}"

@@ -24,6 +24,7 @@ from wsi_ssl.errors import (
 from wsi_ssl.search.archive import catalog_names, same_scale, tiling_key
 from wsi_ssl.search.results import Query
 from wsi_ssl.search.vectors import normalise
+from wsi_ssl.stain_settings import stain_text
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,16 @@ class _QuerySlide:
         emb = read_embeddings(self.store, self.encoder_id).embedded_only()
         features = np.asarray(emb.features, dtype=np.float32)
         return features, np.asarray(emb.coords), emb.tile_ids
+
+
+def clip_box(box: Sequence[int], dimensions: Sequence[int]) -> tuple[int, int, int, int] | None:
+    """``box`` (x, y, w, h) cut to a slide of ``dimensions`` (None: it misses the slide)."""
+    x, y, w, h = (int(v) for v in box)
+    x0, y0 = max(x, 0), max(y, 0)
+    x1, y1 = min(x + w, int(dimensions[0])), min(y + h, int(dimensions[1]))
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return x0, y0, x1 - x0, y1 - y0
 
 
 def on_slide_centres(
@@ -160,12 +171,14 @@ def region_query(index: Searchable, slide: str, box: tuple[int, int, int, int]) 
         raise RegionOutsideSlideError(
             f"{sid}: box {x},{y},{w},{h} has no area; width and height must be > 0"
         )
-    x0, y0, x1, y1 = max(0, x), max(0, y), min(sw, x + w), min(sh, y + h)
-    if x1 <= x0 or y1 <= y0:
+    clipped = clip_box((x, y, w, h), (sw, sh))
+    if clipped is None:
         raise RegionOutsideSlideError(
             f"{sid}: box {x},{y},{w},{h} lies outside the slide, which is {sw}x{sh} "
             "level-0 px; give X,Y,W,H in level-0 pixels"
         )
+    x0, y0 = clipped[:2]
+    x1, y1 = x0 + clipped[2], y0 + clipped[3]
     feats, coords, tiles = q.vectors()
     cx, cy = on_slide_centres(coords, q.size, (sw, sh))
     rows = np.flatnonzero((cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1))
@@ -290,7 +303,7 @@ def image_query(
         float(t["tile_size"]),
         (w * index.mpp, h * index.mpp),
         image=pixels,
-        stain=f"{stain['method']} to {stain['reference']}" if stain else None,
+        stain=stain_text(stain) if stain else None,
     )
 
 

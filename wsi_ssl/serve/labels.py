@@ -33,7 +33,6 @@ import dataclasses
 import io
 import json
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -49,6 +48,7 @@ from wsi_ssl.errors import (
     RegionOutsideSlideError,
     WsiSslError,
 )
+from wsi_ssl.search.queries import clip_box, on_slide_centres
 from wsi_ssl.serve.service import MAX_K, RenderPool, SlideService
 
 if TYPE_CHECKING:
@@ -170,16 +170,6 @@ class LabelBook:
         mine = [r for r in self.accepted if r[0] == slide_id]
         text = json.dumps(geojson(mine, name), indent=1) + "\n"
         _write_text(self.dir / "geojson" / f"{slide_id}.geojson", text)
-
-
-def clip_box(box: Sequence[int], dimensions: tuple[int, int]) -> tuple[int, int, int, int] | None:
-    """``box`` (x, y, w, h) cut to a slide of ``dimensions`` (None: it misses the slide)."""
-    x, y, w, h = (int(v) for v in box)
-    x0, y0 = max(x, 0), max(y, 0)
-    x1, y1 = min(x + w, dimensions[0]), min(y + h, dimensions[1])
-    if x1 <= x0 or y1 <= y0:
-        return None
-    return x0, y0, x1 - x0, y1 - y0
 
 
 def slide_labels_from_regions(root: str | Path) -> dict[str, str]:
@@ -367,8 +357,6 @@ def _archive_scale(
 def _inside(hit: dict[str, Any], record: Record, dimensions: tuple[int, int]) -> bool:
     """Whether the centre of the hit tile's part on the slide lies in ``record``'s box (as a
     region query picks its tiles)."""
-    from wsi_ssl.search.queries import on_slide_centres
-
     slide, x, y, w, h, _ = record
     tx, ty, size, _ = hit["tile_box"]
     (cx,), (cy,) = on_slide_centres(np.array([[tx, ty]]), size, dimensions)
