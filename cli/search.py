@@ -138,7 +138,10 @@ def _progress(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def index_lines(d: dict[str, Any]) -> list[str]:
-    """Three lines describing an index (from ``SearchIndex.describe()``)."""
+    """Three lines describing an index (from ``SearchIndex.describe()``), four when its slides
+    were stain-normalised."""
+    from wsi_ssl.stain_settings import stain_text
+
     cal = d["calibration"]
     p = d["params"]
     search = ", ".join(f"{k}={p[k]}" for k in ("efSearch", "nprobe") if k in p)
@@ -153,10 +156,17 @@ def index_lines(d: dict[str, Any]) -> list[str]:
         else f"recall@10 {cal.get('recall_at_k')} on {cal.get('queries')} calibration queries "
         f"(target {cal.get('target_recall')}{'' if cal.get('met', True) else ', NOT met'})"
     )
+    stain = d.get("stain")
     return [
         f"index {d['name']}: {d['kind']}, {d['n_vectors']} vectors from {d['n_slides']} slides, "
         f"{d['dim']}-d, encoder {d['encoder_id']}",
         f"  {shape or 'no parameters'}{'; ' + search if search else ''}; {recall}",
+        *([f"  tiles stain-normalised: {stain_text(stain)}"] if isinstance(stain, dict) else []),
+        *(
+            ["  stain normalisation: not recorded (an index from before it was)"]
+            if stain == "unknown"
+            else []
+        ),
         f"  {d['index_bytes'] / 2**20:.1f} MiB ({d['bytes_per_vector']} B/vector) at {d['path']}",
     ]
 

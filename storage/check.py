@@ -10,7 +10,8 @@ What is checked, each problem a :class:`Finding` with the command that fixes it:
 - every embeddings array: complete by content (``embeddings_problem``), and unfinished
   (``.writing-*``) or set-aside (``.replaced-*``) arrays of killed jobs;
 - every search index: the manifest, the generation it names (sizes and sha256 of every file),
-  indexed slides whose embeddings are gone or changed since (``index --add`` updates them),
+  indexed slides whose embeddings are gone or changed since (``index --add`` updates them;
+  slides re-embedded with another stain normalisation are named with the embed that fixes them),
   orphan generations of killed writers, temp files;
 - the catalog against the stores (a slide the catalog calls complete whose store is not, and
   the reverse);
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_ssl.errors import CorruptIndexError, IndexNotFoundError, WsiSslError
+from wsi_ssl.stain_settings import stain_key, stain_text
 from wsi_ssl.storage.archive import Archive, open_slide_store
 from wsi_ssl.storage.atomic import dead_temp_files, remove_path
 from wsi_ssl.storage.catalog import CatalogEntry
@@ -262,7 +264,7 @@ class _Checker:
         except (CorruptIndexError, IndexNotFoundError) as err:
             self.add(path, _short(err), fix)
         else:
-            self.index_freshness(path, files.config.get("encoder_id"), files.slides)
+            self.index_freshness(path, files.config, files.slides)
         current = _current_generation(path)
         gens = _generations(path)
         if current is None or not gens:
@@ -281,27 +283,53 @@ class _Checker:
 
                 self.add(gen, what, REPAIR, repair)
 
-    def index_freshness(self, path: Path, encoder_id: Any, slides: list[dict[str, Any]]) -> None:
+    def index_freshness(
+        self, path: Path, config: dict[str, Any], slides: list[dict[str, Any]]
+    ) -> None:
         """Indexed slides whose embeddings are gone or not those indexed (re-tiled,
-        re-embedded): the index would answer with tiles that no longer exist."""
-        stale = []
+        re-embedded): the index would answer with tiles that no longer exist. Slides
+        re-embedded with another stain normalisation than the index's are named apart:
+        ``index --add`` refuses them until they are embedded as the others were."""
+        encoder_id = str(config.get("encoder_id"))
+        stale, other_stain = [], []
         for entry in slides:
             if entry.get("status", "active") != "active":
                 continue
-            now = complete_embedding_attrs(self.archive.store_path(entry["slide_id"]), encoder_id)
+            store_path = self.archive.store_path(entry["slide_id"])
+            now = complete_embedding_attrs(store_path, encoder_id)
             indexed = {
                 "coords_sha256": entry.get("coords_sha256"),
                 "created": entry.get("embedded"),
             }
             if now is None or any(v is not None and now.get(k) != v for k, v in indexed.items()):
-                stale.append(str(entry.get("name") or entry["slide_id"]))
+                known = "stain" in config  # indexes from before it was recorded: unknown
+                if (
+                    now is not None
+                    and known
+                    and stain_key(now.get("stain")) != stain_key(config["stain"])
+                ):
+                    other_stain.append((entry, store_path / EMBEDDINGS_GROUP / encoder_id))
+                else:
+                    stale.append(str(entry.get("name") or entry["slide_id"]))
+        add = f"wsi-ssl index {{root}} --name {path.name} --add"
         if stale:
-            names = ", ".join(stale[:5]) + (", ..." if len(stale) > 5 else "")
             self.add(
                 path,
                 f"{len(stale)} indexed slide(s) changed since indexing (re-tiled, re-embedded or "
-                f"embeddings removed: {names}); searches return their old tiles",
-                f"wsi-ssl index {{root}} --name {path.name} --add",
+                f"embeddings removed: {_some(stale)}); searches return their old tiles",
+                add,
+            )
+        if other_stain:
+            names = [str(e.get("name") or e["slide_id"]) for e, _ in other_stain]
+            ids = " ".join(e["slide_id"] for e, _ in other_stain)
+            encoder = _encoder_name(other_stain[0][1], encoder_id)
+            self.add(
+                path,
+                f"{len(other_stain)} indexed slide(s) re-embedded with another stain "
+                f"normalisation than the index's ({stain_text(config['stain'])}: "
+                f"{_some(names)}); searches return their old tiles and index --add refuses them",
+                f"wsi-ssl embed {{root}} --encoder {encoder} --slides {ids} "
+                f"{_stain_flags(config['stain'])} --no-resume, then {add}",
             )
 
     def catalog_agreement(self) -> None:
@@ -359,6 +387,19 @@ def _short(err: BaseException) -> str:
 def _gone(path: Path) -> bool:
     remove_path(path)
     return not path.exists()
+
+
+def _some(names: list[str]) -> str:
+    """Up to five names, comma-separated."""
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+
+
+def _stain_flags(provenance: dict[str, Any] | None) -> str:
+    """The ``wsi-ssl embed`` flags that normalise tiles as ``provenance`` records."""
+    if not provenance:
+        return "--stain-normalize none"
+    reference = provenance.get("reference_path") or "REFERENCE_IMAGE"
+    return f"--stain-normalize {provenance['method']} --stain-reference {reference}"
 
 
 def _encoder_name(array_dir: Path, encoder_id: str) -> str:

@@ -116,6 +116,42 @@ def test_an_index_older_than_its_slides_is_named_and_index_add_brings_it_up_to_d
     assert {h.slide_id for h in index.search_tile(b, (x, y), k=5).hits} == {b}
 
 
+def test_a_slide_re_embedded_with_another_stain_normalisation_gets_the_embed_that_fixes_it(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    """``index --add`` refuses a slide embedded otherwise than the index's slides, so ``check``
+    does not advise it alone: it names the normalisation and gives the embed to run first."""
+    from PIL import Image
+
+    root = shutil.copytree(small_archive, tmp_path / "root")
+    a, b = open_store(root).slide_ids
+    eid = open_store(root).embedding_ids(a)[0]
+    reference = tmp_path / "ref.png"
+    tiles = open_store(root).slide(a).tiles[:]
+    Image.fromarray(tiles[tiles.reshape(len(tiles), -1).mean(1).argmin()]).save(reference)
+    argv = ["embed", str(root), "--encoder", "random-cnn", "--slides", b, "--quiet"]
+    stain = ["--stain-normalize", "reinhard", "--stain-reference", str(reference)]
+    code, _, err = run_cli([*argv, *stain, "--no-resume"])
+    assert code == 0, err
+    code, out, _ = run_cli(["check", str(root)])
+    [name] = [e.name for e in SearchIndex.open(root, eid).slides if e.slide_id == b]
+    assert code == 1 and out.count("problem: ") == 1, out
+    assert (
+        f"1 indexed slide(s) re-embedded with another stain normalisation than the index's "
+        f"(none: {name}); searches return their old tiles and index --add refuses them"
+    ) in out
+    fix = out.split("fix: ", 1)[1].splitlines()[0]
+    assert fix == (
+        f"wsi-ssl embed {root} --encoder random-cnn --slides {b} --stain-normalize none "
+        f"--no-resume, then wsi-ssl index {root} --name {eid} --add"
+    )
+    embed_fix, add_fix = fix.removeprefix("wsi-ssl ").split(", then wsi-ssl ")
+    assert run_cli([*embed_fix.split(), "--quiet"])[0] == 0
+    code, _, err = run_cli([*add_fix.split(), "--quiet"])
+    assert code == 0, err
+    assert run_cli(["check", str(root)])[0] == 0
+
+
 def test_one_resolver_for_slide_names_and_encoder_ids(small_archive: Path) -> None:
     import pytest
 

@@ -200,6 +200,8 @@ def test_embedding_follows_the_stain_normalisation_of_pretraining(
     # the index records the normalisation; a picture query is normalised the same way
     index = SearchIndex.build(cmu_root, enc.encoder_id, kind="flat")
     assert index.record["stain"]["method"] == "reinhard"
+    code, out, err = run_cli(["search", str(cmu_root), "--list"])  # says how, in one line
+    assert code == 0 and "\n  tiles stain-normalised: reinhard to ref.png\n" in out, err
     query = index.query_image(patches_dir / "high-nuclei-score-level0.png", encoder=enc)
     size = int(index.tiling["tile_size"])
     padded = np.pad(query.image, ((0, size), (0, size), (0, 0)), constant_values=255)

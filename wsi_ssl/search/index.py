@@ -262,6 +262,7 @@ class SearchIndex(SearchMethods):
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary (``wsi-ssl index --json``)."""
         r = self.record
+        nbytes = int(r["files"]["index.faiss"]["bytes"])
         return {
             "name": self.name,
             "path": str(self.files.path.parent),
@@ -274,10 +275,9 @@ class SearchIndex(SearchMethods):
             "tiling": self.tiling,
             "params": self.params,
             "calibration": self.calibration,
-            "index_bytes": int(r["files"]["index.faiss"]["bytes"]),
-            "bytes_per_vector": round(
-                r["files"]["index.faiss"]["bytes"] / max(1, int(self.index.ntotal)), 1
-            ),
+            "index_bytes": nbytes,
+            "bytes_per_vector": round(nbytes / max(1, int(self.index.ntotal)), 1),
+            "stain": r.get("stain", "unknown"),  # "unknown": an index from before it was kept
             "created": r.get("created"),
             "updated": r.get("updated"),
             "tombstones": int(r.get("tombstones", 0)),
