@@ -143,6 +143,28 @@ def test_refuses_to_mix_runs(finished_run, cmu_root: Path) -> None:
     assert again.step == 6 and again.config == finished_run.config
 
 
+def test_resuming_a_finished_run_keeps_its_outputs(
+    finished_run, cmu_root: Path, tmp_path: Path
+) -> None:
+    """A re-run with nothing left to train (the demo's second run) leaves the encoder, loss
+    plot and summary (with the speed measured) as they were; one whose last call was killed
+    before ``summary.json`` writes them."""
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run.out_dir, out, copy_function=shutil.copy2)
+    names = ("encoder.pt", "loss.png", "summary.json")
+    before = {n: ((out / n).read_bytes(), (out / n).stat().st_mtime_ns) for n in names}
+    again = pretrain(cmu_root, None, out=out, resume=True)
+    assert {n: ((out / n).read_bytes(), (out / n).stat().st_mtime_ns) for n in names} == before
+    assert again.images_per_s is None and again.final_loss == finished_run.final_loss
+    assert again.encoder_path == out / "encoder.pt" and again.loss_plot == out / "loss.png"
+    assert json.loads((out / "summary.json").read_text())["images_per_s"] > 0
+    (out / "summary.json").unlink()  # killed between the last checkpoint and the summary
+    (out / "encoder.pt").unlink()
+    pretrain(cmu_root, None, out=out, resume=True)
+    assert json.loads((out / "summary.json").read_text())["step"] == 6
+    assert load_encoder(out / "encoder.pt").description["step"] == 6
+
+
 def test_truncated_checkpoint_is_a_checkpoint_error(
     finished_run, cmu_root: Path, tmp_path: Path
 ) -> None:

@@ -358,6 +358,8 @@ class Trainer:
     def finish(
         self, metrics: MetricsLog, final_loss: float | None, images_per_s: float | None
     ) -> PretrainRun:
+        """Write ``encoder.pt``, ``loss.png`` and ``summary.json`` (last) for the current step;
+        a call that trained nothing keeps those an earlier call wrote for this step."""
         self._broadcast_buffers()
         digests: dict[str, Any] = {
             "teacher": state_digest(self._encoder_model().state_dict()),
@@ -371,8 +373,11 @@ class Trainer:
         encoder_path = self.out / ENCODER_FILE
         loss_png = self.out / "loss.png"
         loss_plot: Path | None = loss_png
-        rows: list[dict[str, Any]] = []
-        if self.ctx.main:
+        rows: list[dict[str, Any]] = metrics.rows() if self.ctx.main else []
+        written = images_per_s is None and self._finished_before()  # None: nothing trained
+        if written:
+            loss_plot = loss_png if loss_png.is_file() else None
+        elif self.ctx.main:
             save_checkpoint(
                 encoder_path,
                 {
@@ -382,7 +387,6 @@ class Trainer:
                     "teacher_backbone": cpu_state(_backbone(self._encoder_model())),
                 },
             )
-            rows = metrics.rows()
             loss_plot = (
                 plot_loss(rows, loss_png, title=f"{self.config.method} {self.config.arch}")
                 if rows
@@ -406,11 +410,19 @@ class Trainer:
             sources=self.sources,
             history=rows,
         )
-        if self.ctx.main:
+        if self.ctx.main and not written:
             self.write_json("summary.json", run.to_dict())
         if self.ctx.enabled:
             dist.barrier()
         return run
+
+    def _finished_before(self) -> bool:
+        """An earlier call wrote this step's outputs (``summary.json`` is written last)."""
+        try:
+            summary = json.loads((self.out / "summary.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return summary.get("step") == self.step and (self.out / ENCODER_FILE).is_file()
 
     def _encoder_model(self) -> nn.Module:
         """The network whose backbone is the encoder: the teacher, else the student."""
