@@ -182,10 +182,9 @@ def run_embed(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
-        print("\n".join(summary.lines(args.error_hint)))
+        print("\n".join(summary.lines(args.error_text)))
     for o in summary.busy + summary.failed:
-        hint = args.error_hint(o.exception) if o.exception is not None else ""
-        print(f"wsi-ssl: error: {o.error}{hint}", file=sys.stderr)
+        print(f"wsi-ssl: error: {o.message(args.error_text)}", file=sys.stderr)
     return summary.exit_code
 
 
@@ -203,7 +202,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
-        print("\n".join(summary.lines(args.error_hint)))
+        print("\n".join(summary.lines(args.error_text)))
     for o in summary.busy + summary.failed:
-        print(f"wsi-ssl: error: {o.error}{args.error_hint(o.exception)}", file=sys.stderr)
+        print(f"wsi-ssl: error: {o.message(args.error_text)}", file=sys.stderr)
     return summary.exit_code

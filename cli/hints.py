@@ -4,16 +4,20 @@ advice after an interrupt for commands that resume).
 Library messages speak the Python API's language (``tissue_threshold``); an error lists those
 names in ``WsiSslError.parameters``. Here the CLI finds, in the parser of the command that ran,
 the flag whose destination is that parameter (or ``no_<parameter>`` for switches such as
-``--no-resume``) and adds them as a hint: ``(command line: --tissue-threshold)``.
+``--no-resume``), spells the settings the message advises as those flags (``pass
+overwrite=True`` -> ``pass --overwrite``) and names the rest as a hint: ``(command line:
+--tissue-threshold)``.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+from typing import Any
 
 from wsi_ssl.errors import WsiSslError
 
-__all__ = ["RESUME_ADVICE", "command_parser", "flag_hint"]
+__all__ = ["RESUME_ADVICE", "command_parser", "in_command_words"]
 
 RESUME_ADVICE = "re-run it (without --no-resume) to go on where it stopped"
 """What to do after an interrupt, for the commands that resume (tile, embed)."""
@@ -38,16 +42,43 @@ def command_parser(
     return parser
 
 
-def flag_hint(err: BaseException, parser: argparse.ArgumentParser) -> str:
-    """`` (command line: --a, --b)`` for the error's parameters the command has flags for."""
+def in_command_words(err: BaseException, parser: argparse.ArgumentParser) -> str:
+    """The error's message as the command's user would act on it: an API setting it
+    advises (``overwrite=True``, ``resume=False``, ``batch_size=8``) spelled as the command's
+    flag (``--overwrite``, ``--no-resume``, ``--batch-size 8``), and ``(command line: --a)``
+    after it for the parameters it names otherwise (``lower tissue_threshold``)."""
+    message = str(err)
     if not isinstance(err, WsiSslError):
-        return ""
-    by_dest: dict[str, str] = {}
+        return message
+    actions: dict[str, argparse.Action] = {}
     for action in parser._actions:
-        long = [o for o in action.option_strings if o.startswith("--")]
-        if long:
-            by_dest.setdefault(action.dest, long[0])
-    flags = [
-        by_dest[dest] for name in err.parameters for dest in (name, f"no_{name}") if dest in by_dest
+        if any(o.startswith("--") for o in action.option_strings):
+            actions.setdefault(action.dest, action)
+    hinted: list[argparse.Action] = []
+    for name in err.parameters:
+        flag, negated = actions.get(name), actions.get(f"no_{name}")
+
+        def spelled(match: re.Match[str], flag: Any = flag, negated: Any = negated) -> str:
+            value = match.group(1).strip("'\"")
+            if negated is not None and value == "False":
+                return _long(negated)
+            if flag is None or (value in ("True", "False")) != (flag.nargs == 0):
+                return match.group(0)
+            if isinstance(flag, argparse.BooleanOptionalAction):  # --compile / --no-compile
+                return flag.option_strings[value == "False"]
+            if flag.nargs == 0:
+                return _long(flag) if value == str(bool(flag.const)) else match.group(0)
+            return f"{_long(flag)} {value}"
+
+        message = re.sub(rf"\b{name}=('[^']*'|\"[^\"]*\"|[^\s,;)]*[^\s,;).])", spelled, message)
+        hinted += [a for a in (flag if flag is not None else negated,) if a is not None]
+    hint = [
+        _long(a)
+        for a in dict.fromkeys(hinted)
+        if not any(re.search(rf"{o}(?![\w-])", message) for o in a.option_strings)
     ]
-    return f" (command line: {', '.join(dict.fromkeys(flags))})" if flags else ""
+    return f"{message} (command line: {', '.join(hint)})" if hint else message
+
+
+def _long(action: argparse.Action) -> str:
+    return next(o for o in action.option_strings if o.startswith("--"))

@@ -22,7 +22,7 @@ from wsi_ssl.cli import (
     serve,
     tile,
 )
-from wsi_ssl.cli.hints import command_parser, flag_hint
+from wsi_ssl.cli.hints import command_parser, in_command_words
 from wsi_ssl.errors import WsiSslError
 
 COMMANDS = (tile, pretrain, curate, embed, encoders, search, mil, serve, demo, evaluate, check)
@@ -45,13 +45,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     command = command_parser(parser, args)
-    args.error_hint = lambda err: flag_hint(err, command)  # per-slide error lines use it too
+    args.error_text = lambda err: in_command_words(err, command)  # per-slide lines use it too
     # tifffile logs what it finds wrong in a malformed file; the slide's own error says it once
     logging.getLogger("tifffile").setLevel(logging.ERROR)
     try:
         return int(args.func(args))
     except WsiSslError as err:
-        print(f"wsi-ssl: error: {err}{args.error_hint(err)}", file=sys.stderr)
+        print(f"wsi-ssl: error: {args.error_text(err)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader of stdout stopped early (`| head`): end quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -190,7 +190,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        print("\n".join(result.lines(args.error_hint)))
+        print("\n".join(result.lines(args.error_text)))
     for o in result.busy + result.failed:
-        print(f"wsi-ssl: error: {o.error}{args.error_hint(o.exception)}", file=sys.stderr)
+        print(f"wsi-ssl: error: {o.message(args.error_text)}", file=sys.stderr)
     return result.exit_code

@@ -163,11 +163,11 @@ def run_tile(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
-        print("\n".join(summary.lines(args.error_hint)))
+        print("\n".join(summary.lines(args.error_text)))
     several = len({o.details.get("mpp") for o in summary.outcomes}) > 1
     for o in summary.busy + summary.failed:
         scale = f" (at mpp {o.details['mpp']:g})" if several else ""
-        print(f"wsi-ssl: error: {o.error}{scale}{args.error_hint(o.exception)}", file=sys.stderr)
+        print(f"wsi-ssl: error: {o.message(args.error_text)}{scale}", file=sys.stderr)
     return summary.exit_code
 
 

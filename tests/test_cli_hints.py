@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsi_ssl.cli.hints import command_parser, flag_hint
+from wsi_ssl.cli.hints import command_parser, in_command_words
 from wsi_ssl.cli.main import build_parser, main
-from wsi_ssl.errors import ConfigError, EmbeddingsCorruptError, NoTissueError
+from wsi_ssl.errors import ConfigError, EmbeddingsWouldBeReplacedError, NoTissueError
 from wsi_ssl.outcome import BatchOutcome, SlideOutcome
 
 
@@ -31,15 +31,55 @@ def test_switches_and_nested_commands_are_found() -> None:
     parser = build_parser()
     embed = command_parser(parser, parser.parse_args(["embed", "ROOT", "--encoder", "x"]))
     assert embed.prog.endswith("embed")
-    damaged = EmbeddingsCorruptError("/a/b.zarr", "enc", "chunk 3 missing")
-    assert flag_hint(damaged, embed) == " (command line: --no-resume)"
+    replaced = EmbeddingsWouldBeReplacedError("/a/b.zarr", "enc", "other", "wanted")
+    assert "pass resume=False" in str(replaced)  # the API's words; the command's:
+    worded = in_command_words(replaced, embed)
+    assert worded == str(replaced).replace("resume=False", "--no-resume")
     train = command_parser(
         parser, parser.parse_args(["mil", "train", "ROOT", "--labels", "l.csv", "--out", "o"])
     )
     assert train.prog.endswith("mil train")
     # a parameter the command has no flag for adds nothing
-    assert flag_hint(NoTissueError("/s.svs", 0.1), train) == ""
-    assert flag_hint(ValueError("plain"), embed) == ""
+    no_tissue = NoTissueError("/s.svs", 0.1)
+    assert in_command_words(no_tissue, train) == str(no_tissue)
+    assert in_command_words(ValueError("plain"), embed) == "plain"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message", "parameters", "worded"),
+    [
+        (  # a switch, and a value flag named but not set: hinted
+            ["mil", "train", "R", "--labels", "l", "--out", "o"],
+            "o: not empty; pass overwrite=True or another out; lower lr",
+            ("overwrite", "lr"),
+            "o: not empty; pass --overwrite or another out; lower lr (command line: --lr)",
+        ),
+        (  # values, quoted or not, and the sentence's full stop
+            ["embed", "R", "--encoder", "x"],
+            "pass batch_size=8 or smaller, or precision='bf16'.",
+            ("batch_size", "precision"),
+            "pass --batch-size 8 or smaller, or --precision bf16.",
+        ),
+        (  # a store_false switch, and a no_<parameter> switch
+            ["embed", "R", "--encoder", "x"],
+            "set check_mpp=False, or pass resume=False",
+            ("check_mpp", "resume"),
+            "set --no-mpp-check, or pass --no-resume",
+        ),
+        (  # --x/--no-x; a value that is not the switch's stays as it is
+            ["pretrain", "R", "--out", "o"],
+            "compile=False turns it off; resume=False",
+            ("compile", "resume"),
+            "--no-compile turns it off; resume=False (command line: --resume)",
+        ),
+    ],
+)
+def test_settings_a_message_advises_are_spelled_as_flags(
+    argv: list[str], message: str, parameters: tuple[str, ...], worded: str
+) -> None:
+    parser = build_parser()
+    command = command_parser(parser, parser.parse_args(argv))
+    assert in_command_words(ConfigError(message, parameters=parameters), command) == worded
 
 
 def test_outcome_lines_carry_the_hint() -> None:
@@ -49,7 +89,7 @@ def test_outcome_lines_carry_the_hint() -> None:
             SlideOutcome.failure("b", NoTissueError("/b.svs", 0.1)),
         ]
     )
-    lines = batch.lines(lambda e: " [hint]")
+    lines = batch.lines(lambda e: f"{e} [hint]")
     assert lines[0].split() == ["complete", "5", "tiles", "1.0s", "a"]
     assert lines[1].endswith(
         "lower tissue_threshold (tissue pieces under the detector's "
@@ -85,7 +125,7 @@ def test_a_bad_stain_reference_names_its_flag(tmp_path) -> None:
         with pytest.raises(StainNormalizationError) as info:
             StainNormalizer("macenko", reference)
         assert info.value.parameters == ("stain_reference",)
-        assert flag_hint(info.value, embed) == " (command line: --stain-reference)"
+        assert in_command_words(info.value, embed).endswith(" (command line: --stain-reference)")
 
 
 def test_a_reader_that_stops_early_ends_the_command_quietly() -> None:

@@ -76,4 +76,4 @@ def test_name_clash_names_the_parameter(tmp_path: Path) -> None:
         export(root, tmp_path / "out")
     assert info.value.parameters == ("name_by",) and "--" not in str(info.value)
     code, _, err = run_cli(["export", str(root), "--out", str(tmp_path / "out")])
-    assert code == 2 and err.strip().endswith("(command line: --name-by)")
+    assert code == 2 and err.strip().endswith("use --name-by slide_id"), err

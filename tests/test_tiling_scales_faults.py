@@ -284,7 +284,10 @@ def test_broken_slides_in_a_multi_scale_batch_fail_alone(
     assert by_path["unreadable.svs"][0.5]["error_type"] == "CorruptSlideError"
     errors = err.splitlines()
     assert len(errors) == 2 * 4 and all(line.startswith("wsi-ssl: error: ") for line in errors)
-    assert sum(str(nompp) in line and "(command line: --mpp-override" in line for line in errors)
+    assert sum(
+        str(nompp) in line and "--mpp-override MPP" in line and "(command line: --mpp-csv)" in line
+        for line in errors
+    )
     assert {line.split(": ")[2] for line in errors} == {str(p) for p in [*broken, nompp]}
     for mpp in MPPS:  # each scale's failure says which scale it is
         assert sum(f"(at mpp {mpp:g})" in line for line in errors) == 4

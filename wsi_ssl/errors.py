@@ -305,9 +305,8 @@ class EmbeddingsCorruptError(WsiSslError, OSError):
     def __init__(self, path: str | Path, encoder_id: str, detail: str) -> None:
         super().__init__(
             f"{path}: embeddings {encoder_id!r} are damaged ({detail}); re-embed this slide "
-            "with resume=False",
-            parameters=("resume",),
-        )
+            "with resume=False (`wsi-ssl embed ROOT --encoder ENCODER --no-resume`)"
+        )  # export, index and search meet it too: the remedy is embed's, so its flag is named
         self.path = Path(path)
 
 

@@ -15,12 +15,12 @@ from typing import Any, Literal
 
 from wsi_ssl.errors import StoreLockedError, WsiSslError
 
-__all__ = ["STATUSES", "BatchOutcome", "ErrorHint", "RemoteError", "SlideOutcome", "Status"]
+__all__ = ["STATUSES", "BatchOutcome", "ErrorText", "RemoteError", "SlideOutcome", "Status"]
 
 Status = Literal["complete", "skipped", "busy", "failed"]
 STATUSES: tuple[Status, ...] = ("complete", "skipped", "busy", "failed")
-ErrorHint = Callable[[BaseException], str]
-"""Text a caller appends to a failed slide's error (the CLI's flag hint)."""
+ErrorText = Callable[[BaseException], str]
+"""How a caller words a failed slide's error (the CLI: with the command's flags)."""
 
 
 class RemoteError(WsiSslError):
@@ -103,13 +103,19 @@ class SlideOutcome:
             **self.details,
         }
 
-    def line(self, hint: ErrorHint | None = None) -> str:
-        """One report line; a failure adds a second line with the error (and ``hint``'s text)."""
+    def message(self, error_text: ErrorText | None = None) -> str:
+        """The error (worded by ``error_text``); "" when the slide did not fail."""
+        if error_text is not None and self._exception is not None:
+            return error_text(self._exception)
+        return self.error or ""
+
+    def line(self, error_text: ErrorText | None = None) -> str:
+        """One report line; a failure adds a second line with the error (worded by
+        ``error_text``)."""
         text = f"{self.status:>8}  {self.n_tiles:>7} tiles  {self.seconds:6.1f}s  {self.slide}"
         if self.error is None:
             return text
-        extra = hint(self._exception) if hint is not None and self._exception is not None else ""
-        return f"{text}\n          {self.error_type}: {self.error}{extra}"
+        return f"{text}\n          {self.error_type}: {self.message(error_text)}"
 
 
 @dataclass(kw_only=True)
@@ -149,9 +155,9 @@ class BatchOutcome:
         """The job's totals, after the slide lines; summaries override it."""
         return [self.count_line()]
 
-    def lines(self, hint: ErrorHint | None = None) -> list[str]:
+    def lines(self, error_text: ErrorText | None = None) -> list[str]:
         """The report the CLI prints: one line per slide, then the totals."""
-        return [o.line(hint) for o in self.outcomes] + self.total_lines()
+        return [o.line(error_text) for o in self.outcomes] + self.total_lines()
 
     def count_line(self, done: str = "done") -> str:
         """``N <done>, N already complete, N busy (...), N failed``."""

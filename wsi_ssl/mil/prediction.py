@@ -31,7 +31,7 @@ from wsi_ssl.mil.explain import attention_geojson, attention_heatmap, tile_galle
 from wsi_ssl.mil.matching import slide_file_names
 from wsi_ssl.mil.run import IN_SAMPLE, MILPrediction, MILRun, load, same_run
 from wsi_ssl.mil.training import torch_threads
-from wsi_ssl.outcome import BatchOutcome, ErrorHint, SlideOutcome
+from wsi_ssl.outcome import BatchOutcome, ErrorText, SlideOutcome
 from wsi_ssl.storage import Archive, open_store
 from wsi_ssl.storage.atomic import atomic_write_text
 from wsi_ssl.storage.embeddings import embedding_ids
@@ -120,7 +120,7 @@ class PredictResult(BatchOutcome):
             f"out-of-fold predictions of its training slides are in {self.run}/predictions.csv"
         ]
 
-    def lines(self, hint: ErrorHint | None = None) -> list[str]:
+    def lines(self, error_text: ErrorText | None = None) -> list[str]:
         """One line per slide (its label, probabilities, tiles and name, or its error), then
         the totals."""
         by_slide = {p.slide_id: p for p in self.predictions}
@@ -128,7 +128,7 @@ class PredictResult(BatchOutcome):
         for o in self.outcomes:
             s = by_slide.get(o.slide)
             if s is None:
-                out.append(o.line(hint))
+                out.append(o.line(error_text))
                 continue
             probs = "  ".join(f"{c} {p:.3f}" for c, p in s.probabilities.items())
             note = f"  ({s.note})" if s.note else ""
