@@ -22,7 +22,12 @@ from wsi_ssl.annotations import (
     roi_region,
 )
 from wsi_ssl.config import TilingConfig
-from wsi_ssl.errors import AnnotationError, ConfigError, NoLabelsError
+from wsi_ssl.errors import (
+    AnnotationError,
+    ConfigError,
+    EmbeddingsWouldBeDiscardedError,
+    NoLabelsError,
+)
 from wsi_ssl.storage import Archive
 from wsi_ssl.tiling.batch import tile_slide
 
@@ -234,10 +239,10 @@ def _cmu_geojson(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_roi_restricted_tiling_of_a_real_slide(cmu_small: Path, tmp_path: Path) -> None:
     roi = _cmu_geojson(tmp_path)
-    config = TilingConfig(codec="zstd", roi=str(roi), roi_exclude=("Artefact",))
+    config = TilingConfig(tile_size=224, codec="zstd", roi=str(roi), roi_exclude=("Artefact",))
     result = tile_slide(cmu_small, tmp_path / "root", config)
     store = Archive(tmp_path / "root").slide(result.details["slide_id"])
-    full = tile_slide(cmu_small, tmp_path / "full", TilingConfig(codec="zstd"))
+    full = tile_slide(cmu_small, tmp_path / "full", TilingConfig(tile_size=224, codec="zstd"))
     assert 0 < store.n_tiles < full.n_tiles
     side = store.tiling["tile_size_level0"]
     region = CMU_TUMOR.difference(CMU_ARTEFACT)
@@ -252,6 +257,21 @@ def test_roi_restricted_tiling_of_a_real_slide(cmu_small: Path, tmp_path: Path) 
         store.labels("other")
     # resume: same config, same file -> skipped
     assert tile_slide(cmu_small, tmp_path / "root", config).status == "skipped"
+    # a re-tile with embeddings: the ROI's tiles are the ones compared, so they are kept
+    from wsi_ssl.embedding import embed
+
+    assert not embed(tmp_path / "root", "random-cnn", device="cpu", workers=0).failed
+    again = tile_slide(cmu_small, tmp_path / "root", config, resume=False)
+    assert again.status == "complete" and again.details["kept_embeddings"], again
+    # the file exported again to the same path without the artefact: another region, so
+    # the store is redone (an excluded class the file no longer holds excludes nothing)
+    roi.write_text(json.dumps(_feature(shapely.geometry.mapping(CMU_TUMOR), "Tumor")))
+    with pytest.raises(EmbeddingsWouldBeDiscardedError, match=r"coordinates: \d+ -> \d+ tiles"):
+        tile_slide(cmu_small, tmp_path / "root", config)  # other tiles: the vectors are asked for
+    redone = tile_slide(cmu_small, tmp_path / "root", config, discard_embeddings=True)
+    assert redone.status == "complete" and redone.n_tiles > result.n_tiles, redone
+    store = Archive(tmp_path / "root").slide(result.details["slide_id"])
+    assert store.labels()[1] == ["Tumor"] and store.tiling["roi_sha256"] is not None
 
 
 @pytest.mark.slow
@@ -271,12 +291,24 @@ def test_roi_cli_and_errors(cmu_small: Path, tmp_path: Path) -> None:
     far.write_text(json.dumps(_feature(shapely.geometry.mapping(box(0, 0, 200, 200)), "T")))
     code, _, stderr = run_cli([*argv, "--no-resume", "--roi", str(far)])
     assert code != 0 and "no tissue tile" in stderr and str(far) in stderr
-    # a per-slide CSV, relative to the CSV's folder
-    (tmp_path / "rois.csv").write_text(f"slide,roi\n{cmu_small.name},cmu.geojson\n")
-    code, stdout, _ = run_cli(
-        [*argv, "--no-resume", "--roi-csv", str(tmp_path / "rois.csv"), "--roi-exclude", "Artefact"]
-    )
+    # a per-slide CSV, relative to the CSV's folder, a slide named by its stem; a row naming
+    # no slide of the batch is a warning
+    rows = f"slide,roi\n{cmu_small.stem},cmu.geojson\nnot-there.svs,cmu.geojson\n"
+    (tmp_path / "rois.csv").write_text(rows)
+    csv_argv = [*argv, "--no-resume", "--roi-csv", str(tmp_path / "rois.csv")]
+    code, stdout, stderr = run_cli([*csv_argv, "--roi-exclude", "Artefact"])
     assert code == 0, stdout
+    assert "1 row(s) of the ROI table name no slide of this batch (not-there.svs)" in stdout
+    store = Archive(out).slide(Archive(out).slide_ids[0])
+    assert store.labels()[1] == ["Artefact", "Tumor"] and store.tiling["roi_exclude"] == [
+        "Artefact"
+    ]
+    # a class no file of the batch holds: refused before any slide, nothing touched
+    before = (store.path / "zarr.json").stat().st_mtime_ns
+    code, _, stderr = run_cli([*csv_argv, "--roi-exclude", "Artefct"])
+    assert code == 2 and "cmu.geojson) holds class 'Artefct'" in stderr, stderr
+    assert "(command line: --roi-include, --roi-exclude)" in stderr
+    assert (store.path / "zarr.json").stat().st_mtime_ns == before
     with pytest.raises(ConfigError, match="roi_min_fraction"):
         TilingConfig(roi_min_fraction=1.5)
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from wsi_ssl.config import TilingConfig
-from wsi_ssl.errors import AnnotationError
+from wsi_ssl.errors import AnnotationError, ConfigError
 from wsi_ssl.tissue import tissue_fraction
 
 __all__ = [
@@ -234,18 +234,19 @@ def roi_region(
     path: str | Path,
 ) -> np.ndarray:
     """Where tiles may be cut: the ``include`` classes (default: every class not excluded;
-    the whole slide when all are excluded) minus the ``exclude`` classes.
+    the whole slide when all are excluded) minus the ``exclude`` classes (one the file does
+    not hold excludes nothing: most slides of a batch have no artefact annotated).
 
     Raises:
-        AnnotationError: a class named in ``include`` or ``exclude`` is not in the file.
+        AnnotationError: a class named in ``include`` is not in the file.
     """
-    unknown = [c for c in dict.fromkeys([*include, *exclude]) if c not in rasters]
+    unknown = [c for c in dict.fromkeys(include) if c not in rasters]
     if unknown:
         raise AnnotationError(
             path,
-            f"no annotation class {', '.join(map(repr, unknown))} (roi_include/roi_exclude); "
+            f"no annotation class {', '.join(map(repr, unknown))} (roi_include); "
             f"the file holds {', '.join(map(repr, rasters))}",
-            parameters=("roi_include", "roi_exclude"),
+            parameters=("roi_include",),
         )
     shape = next(iter(rasters.values())).shape
     chosen = list(include) or [c for c in rasters if c not in exclude]
@@ -253,8 +254,37 @@ def roi_region(
     for name in chosen:
         region |= rasters[name]
     for name in exclude:
-        region &= ~rasters[name]
+        if name in rasters:
+            region &= ~rasters[name]
     return region
+
+
+def check_classes_named(
+    paths: Iterable[str | Path], include: Sequence[str], exclude: Sequence[str]
+) -> None:
+    """Refuse, before a batch starts, a class in ``include``/``exclude`` that none of its
+    annotation files holds (a misspelling); files that cannot be read are left to their
+    slides' own errors.
+
+    Raises:
+        ConfigError: such a class, with the classes the files hold.
+    """
+    held: dict[str, None] = {}
+    files = list(dict.fromkeys(str(p) for p in paths))
+    for path in files:
+        try:
+            held.update(dict.fromkeys(read_annotations(path).classes))
+        except AnnotationError:
+            continue
+    unknown = [c for c in dict.fromkeys([*include, *exclude]) if c not in held]
+    if held and unknown:
+        named = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        raise ConfigError(
+            f"no annotation file of this batch ({named}) holds class "
+            f"{', '.join(map(repr, unknown))} "
+            f"(roi_include/roi_exclude); they hold {', '.join(map(repr, held))}",
+            parameters=("roi_include", "roi_exclude"),
+        )
 
 
 def class_fractions(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,8 +143,16 @@ class TilingConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def output_key(self) -> dict[str, Any]:
-        """The settings that change the stored tiles (resume compares these)."""
+        """The settings that change the stored tiles (resume compares these); with a ``roi``,
+        its file's sha256 as ``roi_sha256`` (an annotation file exported again to the same
+        path is another region; None: no such file)."""
         d = self.to_dict()
         for key in LIMIT_KEYS:
             d.pop(key)
+        if self.roi is not None:
+            try:
+                with open(self.roi, "rb") as f:
+                    d["roi_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+            except OSError:
+                d["roi_sha256"] = None
         return d

@@ -14,7 +14,7 @@ import errno
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from wsi_ssl.storage.slide_store import is_complete_store, recover_swap, staging
 from wsi_ssl.storage.tile_reader import TileReader
 from wsi_ssl.tiling.legacy_ids import adopt_existing_store
 from wsi_ssl.tiling.replace import Replacement, previous_store, replace_store
+from wsi_ssl.tiling.slide_table import SlideTable
 from wsi_ssl.tiling.source import (
     SlideSource,
     collect_slide_paths,
@@ -83,6 +84,7 @@ class TileSummary(BatchOutcome):
     """The outcome of every slide (at every scale) of a tiling job, and where they went."""
 
     roots: list[str]
+    notes: list[str] = field(default_factory=list)
 
     @property
     def tiles(self) -> int:
@@ -106,7 +108,7 @@ class TileSummary(BatchOutcome):
             if discarded := o.details.get("discarded_embeddings"):
                 lines.append(f"{o.slide}: embeddings discarded: {', '.join(discarded)}")
         where = ", ".join(self.roots)
-        return [*lines, f"{self.count_line('tiled')}; {self.tiles} tiles in {where}"]
+        return [*lines, *self.notes, f"{self.count_line('tiled')}; {self.tiles} tiles in {where}"]
 
     def skipped_counts(self) -> list[str]:
         """Slides found already complete, and files that are the same slide as another of
@@ -116,7 +118,12 @@ class TileSummary(BatchOutcome):
         return [complete, f"{duplicates} the same file as another"] if duplicates else [complete]
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.outcomes_dict(), "tiles": self.tiles, "roots": self.roots}
+        return {
+            **self.outcomes_dict(),
+            "tiles": self.tiles,
+            "roots": self.roots,
+            "notes": self.notes,
+        }
 
 
 def _store_is_current(
@@ -424,9 +431,10 @@ def tile_slides(
         mpps: several target scales in one run: each slide is read once and tiled at each
             into its own archive root, ``<root>/mpp-<mpp>`` (:func:`scale_root`), one outcome
             per slide and scale. None (default) tiles at ``config.mpp`` into ``root``.
-        mpp_overrides: per-slide mpp by file name or path (e.g. from a CSV), used when the
-            slide records no scale of its own; ``config.mpp_override`` applies to the rest.
-        rois: per-slide annotation file by file name or path (``config.roi`` for the rest).
+        mpp_overrides: per-slide mpp by path, file name or stem (e.g. from a CSV), used when
+            the slide records no scale of its own; ``config.mpp_override`` for the rest.
+        rois: per-slide annotation file by path, file name or stem (``config.roi`` for the
+            rest). Rows of either that name no slide of the batch are noted in the summary.
     """
     config = config or TilingConfig()
     if Path(root).exists() and not Path(root).is_dir():
@@ -439,8 +447,15 @@ def tile_slides(
         )
     roots = [str(r) for r, _ in scale_roots(root, config, mpps)]
     paths = collect_slide_paths(inputs)
-    overrides = dict(mpp_overrides or {})
-    summary = TileSummary(roots=roots)
+    overrides = SlideTable("the mpp table", mpp_overrides or {})
+    roi_files = SlideTable("the ROI table", rois or {})
+    notes = [n for t in (overrides, roi_files) if (n := t.unmatched_note(paths)) is not None]
+    if config.roi_include or config.roi_exclude:  # a misspelt class: before any slide
+        from wsi_ssl.annotations import check_classes_named
+
+        files = [roi_files.get(p, config.roi) for p in paths]
+        check_classes_named([f for f in files if f], config.roi_include, config.roi_exclude)
+    summary = TileSummary(roots=roots, notes=notes)
     options = {
         "scheduler": scheduler,
         "workers": workers,
@@ -453,8 +468,8 @@ def tile_slides(
     first_of: dict[str, Path] = {}  # fingerprint -> the batch's first file with that content
     with tqdm(paths, desc="slides", unit="slide", disable=not progress, dynamic_ncols=True) as bar:
         for path in bar:
-            override = overrides.get(str(path), overrides.get(path.name, config.mpp_override))
-            roi = (rois or {}).get(str(path), (rois or {}).get(path.name, config.roi))
+            override = overrides.get(path, config.mpp_override)
+            roi = roi_files.get(path, config.roi)
             slide_config = replace(config, mpp_override=override, roi=roi)
             summary.outcomes += tile_slide_scales(
                 path, root, slide_config, mpps, first_of=first_of, **options

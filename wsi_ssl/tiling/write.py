@@ -45,10 +45,10 @@ def write_store(
     keep = fraction >= config.tissue_threshold
     if not keep.any():
         raise NoTissueError(reader.path, config.tissue_threshold)
-    check_plan(previous, source.fingerprint, config, coords[keep], discard_embeddings)
     keep, labels = restrict_to_roi(
         config, keep, coords, grid.tile_size_level0, mask.shape, level0_per_px
     )
+    check_plan(previous, source.fingerprint, config, coords[keep], discard_embeddings)
     store = SlideStore.create(
         store_path,
         source={
