@@ -49,11 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def archive_roots(root: Path) -> list[Path]:
-    """``root`` itself, or, for the output of a multi-scale ``wsi-ssl tile --mpp 0.5,1.0``,
-    its ``mpp-*`` archive roots."""
-    from wsi_ssl.storage.archive import multi_scale_roots
+    """``root`` itself, and, for the output of a multi-scale ``wsi-ssl tile --mpp 0.5,1.0``,
+    its ``mpp-*`` archive roots (``root`` alone when it is neither)."""
+    from wsi_ssl.storage.archive import is_archive_root
 
-    return multi_scale_roots(root) or [root]
+    scales = sorted(p for p in root.glob("mpp-*") if is_archive_root(p))
+    return ([root] if is_archive_root(root) or not scales else []) + scales
 
 
 def run_check(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ marks what must be redone in the catalog (status "failed"), so that a plain re-r
 from __future__ import annotations
 
 import math
+import shlex
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -125,23 +126,27 @@ class _Checker:
         self.verify_tiles = verify_tiles
         self.report = CheckReport(root)
         self.catalog: dict[str, CatalogEntry] = {}
-        self.source: dict[str, str] = {}
         self.reported: set[str] = set()  # slides with a store finding already
 
     def add(self, path: Path, problem: str, fix: str, repair: Any = None) -> None:
-        """Record a finding; with ``--repair`` run ``repair()`` (True: done)."""
+        """Record a finding; with ``--repair`` run ``repair()`` (True: done; a string: what it
+        did, which becomes the fix's first words)."""
         done = False
         if self.repair and repair is not None:
             try:
-                done = bool(repair())
+                result = repair()
             except (OSError, WsiSslError):
-                done = False
+                result = False
+            if isinstance(result, str):
+                fix = f"{result}: {fix}"
+            done = result is True
         self.report.findings.append(
             Finding(str(path), problem, fix.format(root=self.root), repair is not None, done)
         )
 
-    def mark_redo(self, slide_id: str, why: str) -> bool:
-        """Mark a slide "failed" in the catalog so a plain ``wsi-ssl tile`` redoes it."""
+    def mark_redo(self, slide_id: str, why: str) -> str | bool:
+        """Mark a slide "failed" in the catalog so a plain ``wsi-ssl tile`` redoes it (not
+        repaired yet: what was done, for the fix); False: the catalog does not list it."""
         entry = self.catalog.get(slide_id)
         if entry is None:
             return False
@@ -153,11 +158,14 @@ class _Checker:
             error=why,
             tiling=entry.tiling,
         )
-        return False  # the store still needs the re-tile: not repaired yet
+        return "marked for re-tiling (a re-run of its tiling job redoes it)"
 
     def tile_fix(self, slide_id: str) -> str:
-        source = self.source.get(slide_id, "SLIDE_FILE")
-        return f"wsi-ssl tile {source} --out {{root}} --no-resume"
+        """The ``wsi-ssl tile`` that redoes a slide as it was tiled (its catalog settings)."""
+        entry = self.catalog.get(slide_id)
+        source = shlex.quote(entry.path) if entry is not None else "SLIDE_FILE"
+        flags = _tile_flags(entry.tiling if entry is not None else None)
+        return f"wsi-ssl tile {source} --out {{root}}{flags} --no-resume"
 
     # -- stores ------------------------------------------------------------------------------
     def stores(self) -> None:
@@ -239,13 +247,13 @@ class _Checker:
             shutil.rmtree(partial, ignore_errors=True)
             return not partial.exists()
 
-    def drop(self, store: SlideStore, encoder_id: str) -> bool:
+    def drop(self, store: SlideStore, encoder_id: str) -> str | bool:
         """Remove damaged embeddings (a plain ``wsi-ssl embed`` then redoes them)."""
         with embeddings_lock(self.root, store.slide_id, encoder_id):
             if embeddings_problem(store, encoder_id, decode=self.decode) is None:
                 return True
             shutil.rmtree(store.path / EMBEDDINGS_GROUP / encoder_id)
-            return False  # still to be redone by embed
+            return "removed (a re-run of its embedding job redoes it)"
 
     # -- indexes, catalog, debris ------------------------------------------------------------
     def indexes(self) -> None:
@@ -371,7 +379,6 @@ class _Checker:
                 self.root / "catalog.sqlite", f"unreadable ({err})", "restore it from a backup"
             )
         self.catalog = {e.slide_id: e for e in entries}
-        self.source = {e.slide_id: e.path for e in entries}
         self.stores()
         self.indexes()
         self.catalog_agreement()
@@ -387,6 +394,29 @@ def _short(err: BaseException) -> str:
 def _gone(path: Path) -> bool:
     remove_path(path)
     return not path.exists()
+
+
+def _tile_flags(tiling: dict[str, Any] | None) -> str:
+    """`` --mpp 1.0 --roi FILE ...``: the ``wsi-ssl tile`` flags of the recorded settings that
+    differ from the defaults."""
+    from wsi_ssl.config import TilingConfig
+
+    defaults = TilingConfig().to_dict()
+    flags = []
+    for name, default in defaults.items():  # in TilingConfig's order
+        value = (tiling or {}).get(name, default)
+        if value == default:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name == "qc":
+            flags.append("--no-qc")
+        elif name == "thumbnail_mpp":  # no flag: a --config file's
+            flags.append(f"--config TOML(thumbnail_mpp = {value})")
+        elif isinstance(value, list):
+            flags += [f"{flag} {shlex.quote(str(v))}" for v in value]
+        else:
+            flags.append(f"{flag} {shlex.quote(str(value))}")
+    return "".join(f" {f}" for f in flags)
 
 
 def _some(names: list[str]) -> str:

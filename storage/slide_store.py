@@ -21,7 +21,12 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import zarr
 
-from wsi_ssl.errors import SchemaMismatchError, StoreIncompleteError, StoreNotFoundError
+from wsi_ssl.errors import (
+    SchemaMismatchError,
+    StoreCorruptError,
+    StoreIncompleteError,
+    StoreNotFoundError,
+)
 from wsi_ssl.storage.atomic import (
     fault_point,
     fsync_dir,
@@ -110,11 +115,20 @@ class SlideStore:
     def open(
         cls, path: str | Path, *, mode: str = "r", require_complete: bool = True
     ) -> SlideStore:
-        """Open an existing store; by default refuse one that is not complete."""
+        """Open an existing store; by default refuse one that is not complete.
+
+        Raises:
+            StoreNotFoundError: no store at ``path``.
+            StoreCorruptError: its metadata cannot be read.
+            SchemaMismatchError, StoreIncompleteError: another schema; not complete.
+        """
         path = Path(path)
         if not (path / "zarr.json").is_file():
             raise StoreNotFoundError(path, "slide store")
-        group = zarr.open_group(path, mode=mode, zarr_format=3)  # type: ignore[arg-type]
+        try:
+            group = zarr.open_group(path, mode=mode, zarr_format=3)  # type: ignore[arg-type]
+        except ValueError as err:  # zarr.json cut short or not JSON
+            raise StoreCorruptError(path, f"{type(err).__name__}: {err}") from err
         store = cls(path, group)
         version = store.attrs.get("schema_version")
         if version != SCHEMA_VERSION:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import run_cli
@@ -62,7 +63,8 @@ def test_damage_and_debris_are_named_and_repaired(small_archive: Path, tmp_path:
     assert code == 1
     assert f"problem: {meta.parent}: slide store is damaged" in out
     assert f"fix: wsi-ssl tile {small_archive.parent}/s" in out  # names the source slide
-    assert f".tiff --out {root} --no-resume" in out
+    settings = "--tile-size 224 --tissue-threshold 0.0 --codec zstd --tiles-per-chunk 4"
+    assert f".tiff --out {root} {settings} --no-resume" in out  # as it was tiled
     assert (
         "embeddings 1 of " in out
         and f"wsi-ssl embed {root} --encoder random-cnn --slides {a}" in out
@@ -74,6 +76,9 @@ def test_damage_and_debris_are_named_and_repaired(small_archive: Path, tmp_path:
 
     code, out, _ = run_cli(["check", str(root), "--repair"])
     assert code == 1  # the damaged store needs a re-tile, the embeddings a re-run
+    assert "fix: marked for re-tiling (a re-run of its tiling job redoes it): wsi-ssl tile" in out
+    assert "fix: removed (a re-run of its embedding job redoes it): wsi-ssl embed" in out
+    [tile_fix] = [x.split(": ", 2)[2] for x in out.splitlines() if "wsi-ssl tile" in x]
     assert not temp.exists() and not orphan.exists() and gen.exists()
     assert not slide_lock_path(root, a).exists()
     assert not (root / "slides" / f"{a}.zarr" / "embeddings" / eid).exists()
@@ -86,6 +91,14 @@ def test_damage_and_debris_are_named_and_repaired(small_archive: Path, tmp_path:
     code, out, _ = run_cli(["check", str(root), "--quick"])
     assert code == 1 and out.count("problem: ") == 2 and f"{b}.zarr" in out
     assert "1 indexed slide(s) changed since indexing" in out  # a, re-embedded
+    # the fix redoes the store as it was: the same settings, the same tiles as before
+    code, _, err = run_cli([*tile_fix.removeprefix("wsi-ssl ").split(), "--quiet"])
+    assert code == 0, err
+    redone = open_store(root).slide(b)
+    assert redone.tiling["tile_size"] == 224 and redone.tiling["codec"] == "zstd"
+    original = open_store(small_archive).slide(b)
+    assert np.array_equal(redone.coords, original.coords)
+    assert np.array_equal(redone.tiles[:4], original.tiles[:4])
 
 
 def test_an_index_older_than_its_slides_is_named_and_index_add_brings_it_up_to_date(

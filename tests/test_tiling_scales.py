@@ -174,3 +174,32 @@ def test_a_scale_that_fails_leaves_the_others(cmu_small: Path, tmp_path: Path) -
     assert failed.error_type == "ConfigError" and "allow_upsampling=True" in (failed.error or "")
     assert summary.exit_code == 1
     assert open_store(scale_root(tmp_path, 0.5)).slide_ids == [failed.details["slide_id"]]
+
+
+def test_check_covers_every_scale_and_its_fix_keeps_the_scale(
+    two_scales: tuple[Path, dict[str, Any], dict[str, int]], cmu_small: Path, tmp_path: Path
+) -> None:
+    """One scale into a multi-scale output is refused (it made a third archive beside the
+    per-scale ones); ``check`` of a root that is both (an older layout) checks every ``mpp-*``
+    archive too, and the re-tile it advises for a damaged store keeps that archive's scale."""
+    from tests.conftest import run_cli
+
+    root = shutil.copytree(two_scales[0], tmp_path / "root")
+    argv = ["tile", str(cmu_small), "--out", str(root), *FLAGS, "--quiet"]
+    code, _, err = run_cli([*argv, "--mpp", "0.5"])
+    assert code == 2 and "holds the per-scale archives of a multi-scale tiling" in err, err
+    assert "(mpp-0.5, mpp-1)" in err and not (root / "slides").exists()
+    for name in ("slides", "catalog.sqlite"):  # the older layout: an archive at the top too
+        src = root / "mpp-0.5" / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
+    [shard] = list((root / "mpp-1" / "slides").glob("*.zarr/tiles/c/0/0/0/0"))
+    shard.unlink()
+    code, out, _ = run_cli(["check", str(root)])
+    assert code == 1 and out.count("problem: ") == 1 and str(shard.parents[5]) in out, out
+    [fix] = [x.split("fix: ", 1)[1] for x in out.splitlines() if "fix: " in x]
+    assert f"--out {root / 'mpp-1'} --mpp 1.0 " in fix
+    code, _, err = run_cli([*fix.removeprefix("wsi-ssl ").split(), "--quiet"])
+    assert code == 0, err
+    assert run_cli(["check", str(root)])[0] == 0
+    [store_id] = open_store(root / "mpp-1").slide_ids
+    assert open_store(root / "mpp-1").slide(store_id).tiling["mpp"] == 1.0

@@ -24,6 +24,7 @@ from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import ConfigError, DiskFullError, WsiSslError
 from wsi_ssl.outcome import BatchOutcome, SlideOutcome
 from wsi_ssl.storage import STATUS_COMPLETE, Archive, SlideStore
+from wsi_ssl.storage.archive import multi_scale_roots
 from wsi_ssl.storage.locks import slide_lock
 from wsi_ssl.storage.slide_store import is_complete_store, recover_swap, staging_path
 from wsi_ssl.storage.tile_reader import TileReader
@@ -64,12 +65,19 @@ def scale_roots(
     (``mpps`` None or of one value), :func:`scale_root` of each for several.
 
     Raises:
-        ConfigError: an mpp is not positive, or two name the same scale.
+        ConfigError: an mpp is not positive, or two name the same scale; one scale into the
+            output of a multi-scale tiling (it holds ``mpp-*`` archives, is none itself).
     """
-    if not mpps:
-        return [(Path(root), config)]
-    if len(mpps) == 1:
-        return [(Path(root), replace(config, mpp=float(mpps[0])))]
+    if not mpps or len(mpps) == 1:
+        if per_scale := multi_scale_roots(Path(root)):  # a multi-scale tiling's output
+            raise ConfigError(
+                f"{root}: holds the per-scale archives of a multi-scale tiling "
+                f"({', '.join(p.name for p in per_scale)}); give all scales (mpps) or tile "
+                "into one of those folders",
+                parameters=("mpps", "mpp"),
+            )
+        mpp = float(mpps[0]) if mpps else config.mpp
+        return [(Path(root), replace(config, mpp=mpp))]
     scales = [(scale_root(root, m), replace(config, mpp=float(m))) for m in mpps]
     if len({path for path, _ in scales}) < len(scales):
         raise ConfigError(
@@ -469,7 +477,8 @@ def tile_slides(
     with tqdm(paths, desc="slides", unit="slide", disable=not progress, dynamic_ncols=True) as bar:
         for path in bar:
             override = overrides.get(path, config.mpp_override)
-            roi = roi_files.get(path, config.roi)
+            roi = roi_files.get(path, config.roi)  # absolute: recorded, and named by check
+            roi = str(Path(roi).resolve()) if roi is not None else None
             slide_config = replace(config, mpp_override=override, roi=roi)
             summary.outcomes += tile_slide_scales(
                 path, root, slide_config, mpps, first_of=first_of, **options
