@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from wsi_ssl.tiling.decode import (
     reducible,
 )
 from wsi_ssl.tiling.grid import TileGrid
-from wsi_ssl.tiling.qc import chunk_scores
+from wsi_ssl.tiling.qc import chunk_scores, scratch_tiles
 
 LOCAL_SCHEDULERS = ("threads", "processes")
 
@@ -131,11 +132,13 @@ def _stored_region(
     origin: tuple[float, float],
     size: tuple[int, int],
     threads: int,
+    tiles: np.ndarray | None = None,
 ) -> np.ndarray | None:
     """The level region at ``origin`` (level pixels) of ``size`` (w, h) shrunk k times, each
     stored tile it covers decoded once at 1/k (``threads`` threads for a full JPEG 2000
     decode); None where the region is not on whole k-pixel blocks inside the level (the caller
-    reads it the general way)."""
+    reads it the general way). With ``tiles`` ((n, T, T, 3), the region being n abutting output
+    tiles) each decoded piece goes straight into its tiles, and ``tiles`` is returned."""
     x, y = round(origin[0]), round(origin[1])
     w, h = size
     th, tw = stored.tile_shape
@@ -143,27 +146,46 @@ def _stored_region(
     whole = all(abs(v - round(v)) < 1e-6 for v in origin) and not (x % k or y % k or w % k or h % k)
     if not (inside and whole):
         return None
-    out = np.empty((h // k, w // k, 3), dtype=np.uint8)
+    out = np.empty((h // k, w // k, 3), dtype=np.uint8) if tiles is None else tiles
     for row in range(y // th, (y + h - 1) // th + 1):
         for col in range(x // tw, (x + w - 1) // tw + 1):
             tile = decode_reduced(stored, row, col, k, threads)
             ty, tx = row * th, col * tw
             y0, y1 = max(y, ty) // k, min(y + h, ty + th) // k
             x0, x1 = max(x, tx) // k, min(x + w, tx + tw) // k
-            out[y0 - y // k : y1 - y // k, x0 - x // k : x1 - x // k] = tile[
-                y0 - ty // k : y1 - ty // k, x0 - tx // k : x1 - tx // k
-            ]
+            piece = tile[y0 - ty // k : y1 - ty // k, x0 - tx // k : x1 - tx // k]
+            oy, ox = y0 - y // k, x0 - x // k
+            if tiles is None:
+                out[oy : oy + piece.shape[0], ox : ox + piece.shape[1]] = piece
+            else:
+                _place(tiles, piece, oy, ox)
     return out
 
 
+def _place(tiles: np.ndarray, piece: np.ndarray, oy: int, ox: int) -> None:
+    """Write ``piece`` at (oy, ox) of the strip that abutting ``tiles`` form, split at their
+    edges."""
+    t = tiles.shape[2]
+    left = ox
+    while left < ox + piece.shape[1]:
+        j, c = divmod(left, t)
+        n = min(t - c, ox + piece.shape[1] - left)
+        tiles[j, oy : oy + piece.shape[0], c : c + n] = piece[:, left - ox : left - ox + n]
+        left += n
+
+
 def _read_strips(
-    reader: SlideReader, grid: TileGrid, coords: np.ndarray, threads: int = 1
+    reader: SlideReader,
+    grid: TileGrid,
+    coords: np.ndarray,
+    threads: int = 1,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Tiles at ``coords`` read in strips of row neighbours: from the stored tiles where
     :func:`strip_source` says so, else through ``read_region``; resampled unless decoded at
-    the output scale."""
+    the output scale. Into ``out`` ((N, T, T, 3)) when given."""
     t = grid.tile_size
-    out = np.empty((len(coords), t, t, 3), dtype=np.uint8)
+    out = np.empty((len(coords), t, t, 3), dtype=np.uint8) if out is None else out
     ds = grid.level_downsample
     per_out_px = grid.tile_size_level0 / t  # level-0 pixels per output pixel
     source = strip_source(reader, grid)
@@ -175,6 +197,15 @@ def _read_strips(
         span0 = coords[stop - 1, 0] - x0 + grid.tile_size_level0
         size = (math.ceil(span0 / ds), math.ceil(grid.tile_size_level0 / ds))
         width = int(offsets[-1]) + t
+        if (  # decoded at the output scale, tiles side by side: pieces straight into them
+            source is not None
+            and source[1] > 1
+            and size == (width * source[1], t * source[1])
+            and np.array_equal(offsets, np.arange(stop - start) * t)
+            and _stored_region(*source, (x0 / ds, y0 / ds), size, threads, out[start:stop])
+            is not None
+        ):
+            continue
         strip = None
         if source is not None:
             strip = _stored_region(*source, (x0 / ds, y0 / ds), size, threads)
@@ -199,6 +230,7 @@ def chunk_tiles(
     *,
     jpeg_passthrough: bool = False,
     decode_threads: int = 1,
+    out: np.ndarray | None = None,
 ) -> list[np.ndarray | bytes]:
     """The tiles at ``coords`` (level-0 x, y; row-major), in order.
 
@@ -207,7 +239,8 @@ def chunk_tiles(
     :func:`~wsi_ssl.tiling.decode.portable_jpeg`) to be stored as it is. The rest are read
     as strips of row neighbours and resampled once when the grid is not at a stored scale (or
     decoded at it: :func:`strip_source`). ``decode_threads`` threads decode each JPEG 2000
-    stored tile decoded at full size.
+    stored tile decoded at full size. ``out`` ((N, T, T, 3)): where the tiles read in strips
+    go when no tile is stored whole (the QC scratch buffer; fresh arrays otherwise).
     """
     stored, positions = stored_positions(reader, grid, coords)
     direct = positions[:, 0] >= 0
@@ -222,7 +255,8 @@ def chunk_tiles(
                 tiles[i] = stream
     rest = np.flatnonzero(~direct)
     if len(rest):
-        strips = _read_strips(reader, grid, coords[rest], decode_threads)
+        into = out if out is not None and len(rest) == len(coords) else None
+        strips = _read_strips(reader, grid, coords[rest], decode_threads, into)
         for i, tile in zip(rest, strips, strict=True):
             tiles[i] = tile
     return tiles
@@ -244,6 +278,15 @@ ChunkResult = tuple[int, int, dict[str, np.ndarray], int | None]
 CRC32C of the shard file it wrote."""
 
 
+def _tiles_array(tiles_path: str, job: str) -> Any:
+    """The ``tiles`` array a task writes its shard to, opened once per worker thread and job
+    (a re-tile into the same path is another job, so no metadata is carried over)."""
+    cached = getattr(_local, "tiles", None)
+    if cached is None or cached[0] != (tiles_path, job):
+        cached = _local.tiles = ((tiles_path, job), open_tiles(tiles_path, writable=True))
+    return cached[1]
+
+
 def _extract_chunk(
     slide: tuple[str, str],
     tiles_path: str,
@@ -252,11 +295,17 @@ def _extract_chunk(
     coords: np.ndarray,
     decode_threads: int = 1,
     qc: bool = False,
+    job: str = "",
 ) -> ChunkResult:
     reader = cached_reader(*slide)
-    array = open_tiles(tiles_path, writable=True)
+    array = _tiles_array(tiles_path, job)
     tiles = chunk_tiles(
-        reader, grid, coords, jpeg_passthrough=accepts_jpeg(array), decode_threads=decode_threads
+        reader,
+        grid,
+        coords,
+        jpeg_passthrough=accepts_jpeg(array),
+        decode_threads=decode_threads,
+        out=scratch_tiles(len(coords), grid.tile_size) if qc else None,  # scored where read
     )
     checksum = write_shard(array, start // array.shards[0], tiles)  # type: ignore[index]
     return start, len(tiles), chunk_scores(tiles, grid.tile_size) if qc else {}, checksum
@@ -303,6 +352,7 @@ def extract(
     local = scheduler in LOCAL_SCHEDULERS
     cores = os.cpu_count() or 1
     threads = max(1, cores // (workers or cores)) if local else 1
+    job = uuid.uuid4().hex
     tasks = [
         dask.delayed(_extract_chunk, pure=False)(
             slide,
@@ -312,6 +362,7 @@ def extract(
             coords[start : start + tiles_per_chunk],
             threads,
             qc,
+            job,
         )
         for start in range(0, len(coords), tiles_per_chunk)
     ]

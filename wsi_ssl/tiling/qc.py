@@ -138,16 +138,23 @@ def chunk_scores(tiles: Sequence[np.ndarray | bytes], tile_size: int) -> dict[st
     """
     import imagecodecs
 
-    shape = (tile_size, tile_size, 3)
-    batch = getattr(_scratch, "batch", None)
-    if batch is None or batch.shape[1:] != shape or len(batch) < len(tiles):
-        batch = _scratch.batch = np.empty((len(tiles), *shape), dtype=np.uint8)
+    batch = scratch_tiles(len(tiles), tile_size)
     for i, tile in enumerate(tiles):
         if isinstance(tile, bytes):
             imagecodecs.jpeg8_decode(tile, out=batch[i])
-        else:
+        elif tile.ctypes.data != batch[i].ctypes.data:  # not read into its place already
             batch[i] = tile
-    return tile_scores(batch[: len(tiles)])
+    return tile_scores(batch)
+
+
+def scratch_tiles(n: int, tile_size: int) -> np.ndarray:
+    """The calling thread's (n, T, T, 3) uint8 buffer, reused from chunk to chunk (a tiling
+    task reads its tiles into it, :func:`chunk_scores` scores them there)."""
+    shape = (tile_size, tile_size, 3)
+    batch = getattr(_scratch, "batch", None)
+    if batch is None or batch.shape[1:] != shape or len(batch) < n:
+        batch = _scratch.batch = np.empty((n, *shape), dtype=np.uint8)
+    return batch[:n]
 
 
 def qc_pass(
