@@ -15,8 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--roi",
         metavar="FILE",
-        help="annotations restricting the tiles: QuPath GeoJSON, ASAP XML or a PNG/NPY mask "
-        "(level-0 pixels); their classes are stored per tile as labels/annotations",
+        help="annotations restricting the tiles: QuPath GeoJSON or ASAP XML (level-0 pixels), "
+        "or a PNG/NPY mask of the whole slide at any scale (a label mask: a class per value); "
+        "their classes are stored per tile as labels/annotations",
     )
     g.add_argument("--roi-csv", type=Path, help="CSV with columns slide,roi (per-slide files)")
     g.add_argument(

@@ -169,6 +169,32 @@ def test_mask_files_at_any_scale(tmp_path: Path, suffix: str) -> None:
         np.testing.assert_array_equal(raster, (small > 0).repeat(k, 0).repeat(k, 1))
 
 
+def test_a_label_mask_has_a_class_per_value_and_a_mask_must_fit_the_slide(
+    tmp_path: Path,
+) -> None:
+    """Values 1 and 2 of a label mask are two classes (they were one, "mask"); a mask not in
+    the slide's proportions (transposed, square) is refused, not stretched over it."""
+    labels = np.zeros(SHAPE, dtype=np.uint8)  # the raster's size: 4 level-0 px a pixel
+    labels[0:25, 0:25] = 1  # level-0 (0, 0)-(100, 100)
+    labels[50:75, 75:100] = 2  # level-0 (300, 200)-(400, 300)
+    path = tmp_path / "labels.png"
+    Image.fromarray(labels).save(path)
+    assert read_annotations(path).classes == ("1", "2")
+    coords = np.array([[0, 0], [100, 0], [0, 100], [300, 200]], dtype=np.int64)
+    tiled = label_tiles(path, coords, 100.0, SHAPE, S, exclude=["2"])
+    assert tiled.classes == ("1", "2")
+    np.testing.assert_array_equal(tiled.fractions, [[1, 0], [0, 0], [0, 0], [0, 1]])
+    np.testing.assert_array_equal(tiled.in_roi, [1, 0, 0, 0])  # class 1; 2 is excluded
+    for shape in [(40, 30), (30, 30)]:  # a 400 x 300 slide: transposed, square
+        bad = tmp_path / f"bad{shape[1]}.npy"
+        np.save(bad, np.ones(shape, dtype=bool))
+        with pytest.raises(AnnotationError, match=r"not in the slide's proportions") as info:
+            label_tiles(bad, coords, 100.0, SHAPE, S)
+        assert str(bad) in str(info.value)
+    np.save(tmp_path / "near.npy", np.ones((75, 101), dtype=bool))  # a pixel off: fine
+    assert label_tiles(tmp_path / "near.npy", coords, 100.0, SHAPE, S).in_roi.all()
+
+
 def test_tile_fractions_match_exact_areas(tmp_path: Path) -> None:
     """Per-tile class fractions from the raster equal shapely's exact intersection areas
     (to within the grid: one 4 px step of a 64 px tile edge)."""

@@ -37,7 +37,7 @@ MASK_SUFFIXES = (".png", ".npy", ".tif", ".tiff", ".jpg", ".jpeg")
 UNCLASSIFIED = "annotation"
 """Class of annotations without a classification (QuPath) or group (ASAP)."""
 MASK_CLASS = "mask"
-"""Class of the foreground of a binary mask image."""
+"""Class of the foreground of a binary mask image (a label mask's classes are its values)."""
 
 
 @dataclass(frozen=True)
@@ -47,16 +47,22 @@ class Annotations:
     Attributes:
         path: the file they were read from.
         geometries: class name -> shapely geometry in level-0 pixels (vector files).
-        mask: bool (h, w) foreground of a mask image spanning the whole slide, else None.
+        mask: integer (h, w) mask image spanning the whole slide, else None: its nonzero
+            pixels are the class "mask", or, in a label mask (several nonzero values), each
+            value is a class named by it ("1", "2", ...).
+        mask_values: the mask's nonzero values, ascending.
     """
 
     path: Path
     geometries: dict[str, Any]
     mask: np.ndarray | None = None
+    mask_values: tuple[int, ...] = ()
 
     @property
     def classes(self) -> tuple[str, ...]:
-        return (MASK_CLASS,) if self.mask is not None else tuple(self.geometries)
+        if self.mask is None:
+            return tuple(self.geometries)
+        return tuple(map(str, self.mask_values)) if len(self.mask_values) > 1 else (MASK_CLASS,)
 
 
 def read_annotations(path: str | Path) -> Annotations:
@@ -78,7 +84,9 @@ def read_annotations(path: str | Path) -> Annotations:
         elif suffix == ".xml":
             geometries = _read_asap(path)
         elif suffix in MASK_SUFFIXES:
-            return Annotations(path, {}, _read_mask(path))
+            mask = _read_mask(path)
+            values = tuple(int(v) for v in np.unique(mask) if v != 0)
+            return Annotations(path, {}, mask, values)
         else:
             raise AnnotationError(
                 path,
@@ -175,7 +183,9 @@ def _read_mask(path: Path) -> np.ndarray:
             array = np.asarray(image.convert("L"))
     if array.ndim != 2 or array.size == 0:
         raise AnnotationError(path, f"a mask must be a 2-D image, got shape {array.shape}")
-    return np.asarray(array != 0)
+    if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
+        return np.asarray(array != 0, dtype=np.uint8)
+    return array
 
 
 def rasterize(
@@ -194,7 +204,10 @@ def rasterize(
     """
     names = annotations.classes if classes is None else tuple(classes)
     if annotations.mask is not None:
-        return {name: _resample_mask(annotations.mask, shape) for name in names}
+        grid = _resample_mask(annotations.mask, shape)
+        if names == (MASK_CLASS,):
+            return {MASK_CLASS: grid != 0}
+        return {name: grid == int(name) for name in names}
     return {name: _draw(annotations.geometries[name], shape, level0_per_px) for name in names}
 
 
@@ -344,6 +357,8 @@ def label_tiles(
         AnnotationError: unreadable file, or unknown class names.
     """
     annotations = read_annotations(path)
+    if annotations.mask is not None:
+        _check_mask_shape(annotations.path, annotations.mask.shape, grid_shape)
     rasters = rasterize(annotations, grid_shape, level0_per_px)
     region = roi_region(rasters, include, exclude, annotations.path)
     return TileLabels(
@@ -351,6 +366,20 @@ def label_tiles(
         fractions=class_fractions(rasters, coords, tile_size_level0, level0_per_px),
         in_roi=tissue_fraction(region, coords, tile_size_level0, level0_per_px),
     )
+
+
+def _check_mask_shape(path: Path, mask_shape: tuple[int, ...], grid_shape: tuple[int, int]) -> None:
+    """Refuse a mask whose sides are not in the slide's proportions (2 % or a pixel off):
+    stretched over the slide, it would put its regions in the wrong places."""
+    h, w = mask_shape
+    expected = h * grid_shape[1] / grid_shape[0]
+    if abs(w - expected) > max(1.0, 0.02 * expected):
+        raise AnnotationError(
+            path,
+            f"a {w} x {h} px mask is not in the slide's proportions (width/height "
+            f"{grid_shape[1] / grid_shape[0]:.3f}, the mask's {w / h:.3f}); a mask spans the "
+            "whole slide at any scale: check it belongs to this slide and is not transposed",
+        )
 
 
 def restrict_to_roi(
