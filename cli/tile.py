@@ -98,9 +98,11 @@ def mpp_list(text: str) -> tuple[float, ...]:
 
 def tiling_config(args: argparse.Namespace) -> tuple[TilingConfig, tuple[float, ...] | None]:
     """TOML values overlaid with the flags that were given, and the scales when ``--mpp`` (or
-    the TOML ``mpp``, a list) names several."""
+    the TOML ``mpp``, a list) names several. A TOML ``roi`` is relative to the TOML file."""
     values = read_toml_config(args.config, TilingConfig, checked_by_caller=("mpp",))
     toml_mpps = toml_scales(values, args.config)
+    if args.config is not None and values.get("roi"):  # relative to the file, as a CSV's rows
+        values["roi"] = str(args.config.parent / values["roi"])
     names = {f.name for f in fields(TilingConfig)} - {"mpp"}
     values.update({n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
     mpps = getattr(args, "mpp", None) or toml_mpps

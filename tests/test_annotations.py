@@ -4,6 +4,7 @@ and ROI-restricted tiling of a real slide through the library and the CLI."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -283,6 +284,12 @@ def test_roi_restricted_tiling_of_a_real_slide(cmu_small: Path, tmp_path: Path) 
         store.labels("other")
     # resume: same config, same file -> skipped
     assert tile_slide(cmu_small, tmp_path / "root", config).status == "skipped"
+    # roi_min_fraction 0: every tile touching the region, none outside it
+    touching = tile_slide(cmu_small, tmp_path / "any", replace(config, roi_min_fraction=0.0))
+    any_store = Archive(tmp_path / "any").slide(touching.details["slide_id"])
+    assert store.n_tiles < any_store.n_tiles < full.n_tiles
+    for x, y in any_store.coords:
+        assert region.intersection(box(x, y, x + side, y + side)).area > 0
     # a re-tile with embeddings: the ROI's tiles are the ones compared, so they are kept
     from wsi_ssl.embedding import embed
 
@@ -309,6 +316,13 @@ def test_roi_cli_and_errors(cmu_small: Path, tmp_path: Path) -> None:
     assert code == 0, stdout
     store = Archive(out).slide(Archive(out).slide_ids[0])
     assert store.tiling["roi_include"] == ["Tumor"] and store.labels()[1] == ["Artefact", "Tumor"]
+    assert store.tiling["roi"] == str(roi.resolve())  # recorded absolute
+    # a TOML's roi is relative to the TOML file (as a CSV's rows are to the CSV)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "t.toml").write_text('roi = "../cmu.geojson"\nroi_include = ["Tumor"]\n')
+    config_argv = [*argv, "--config", str(tmp_path / "sub" / "t.toml")]
+    code, stdout, _ = run_cli(config_argv)
+    assert code == 0 and "1 already complete" in stdout, stdout  # the same file, the same store
     # an unknown class fails that slide with one line naming the file
     code, _, stderr = run_cli([*argv, "--no-resume", "--roi", str(roi), "--roi-include", "Tumour"])
     assert code != 0 and str(roi) in stderr and "'Tumour'" in stderr

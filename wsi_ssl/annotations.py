@@ -408,7 +408,7 @@ def restrict_to_roi(
         include=config.roi_include,
         exclude=config.roi_exclude,
     )
-    inside = keep & (labels.in_roi >= config.roi_min_fraction)
+    inside = keep & (labels.in_roi > 0) & (labels.in_roi >= config.roi_min_fraction)
     if keep.any() and not inside.any():
         raise AnnotationError(
             config.roi,

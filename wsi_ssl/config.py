@@ -40,7 +40,8 @@ class TilingConfig:
             its classes are stored per tile as ``labels/annotations`` (wsi_ssl.annotations).
         roi_include: classes forming the region (default: every class not excluded).
         roi_exclude: classes cut out of the region.
-        roi_min_fraction: minimum fraction of a tile's area inside the region for it to be kept.
+        roi_min_fraction: minimum fraction of a tile's area inside the region for it to be kept
+            (0: any overlap; a tile outside the region is never kept).
         qc: whether the tiling tasks score every tile into ``qc/<metric>`` (about 1 ms a tile).
         qc_min_focus, qc_max_pen, qc_min_tissue, qc_max_dark: tiles past these QC scores are
             flagged, not kept by consumers (wsi_ssl.tiling.qc).
