@@ -174,8 +174,10 @@ def run_tile(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from wsi_ssl.errors import CorruptSlideError
     from wsi_ssl.slide import open_slide
 
+    failure = None
     with open_slide(args.slide, mpp_override=args.mpp_override) as reader:
         info: dict[str, Any] = {
             "path": str(reader.path),
@@ -189,8 +191,18 @@ def run_info(args: argparse.Namespace) -> int:
             "mpp": reader.mpp,
             "mpp_source": reader.mpp_source,
         }
+        # pixels too, as tiling reads them first: the centre of the coarsest level
+        level = reader.level_count - 1
+        (w, h), ds = reader.level_dimensions[level], reader.level_downsamples[level]
+        try:
+            reader.read_region((int(w // 2 * ds), int(h // 2 * ds)), level, (16, 16))
+            info["pixels"] = "readable"
+        except CorruptSlideError as err:
+            info["pixels"], failure = "unreadable", err
     if args.json:
         print(json.dumps(info, indent=2))
+        if failure is not None:
+            raise failure
         return 0
     print(f"path        {info['path']}")
     print(f"reader      {info['reader']}")
@@ -201,4 +213,8 @@ def run_info(args: argparse.Namespace) -> int:
     for i, level in enumerate(info["levels"]):
         w, h = level["dimensions"]
         print(f"level {i:<5} {w} x {h}  downsample {level['downsample']}")
+    print(f"pixels      {info['pixels']}")
+    if failure is not None:
+        sys.stdout.flush()
+        raise failure
     return 0

@@ -293,6 +293,17 @@ def test_cli_info(slides_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     info = json.loads(capsys.readouterr().out)
     assert info["dimensions"] == [2220, 2967] and info["reader"] == "openslide"
     assert info["mpp_source"] == "vendor" and info["vendor"] == "aperio"
+    assert info["pixels"] == "readable"
+
+
+@pytest.mark.parametrize("name", ["unreadable.svs", "unopenable.tiff"])
+def test_cli_info_reads_pixels_as_tiling_would(fixtures_dir: Path, name: str) -> None:
+    """A slide whose metadata opens but whose pixels do not decode: info shows what it read,
+    then fails as `tile` does (it said all was well and exited 0)."""
+    path = fixtures_dir / "broken" / name
+    code, out, err = run_cli(["info", str(path)])
+    assert code == 2 and "pixels      unreadable" in out and "dimensions" in out
+    assert err.count("\n") == 1 and f"{path}: pixel data cannot be read" in err, err
 
 
 def test_every_fixture_slide_tiles_through_the_cli(tmp_path: Path, slides_dir: Path) -> None:
