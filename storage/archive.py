@@ -165,5 +165,9 @@ def open_store(root: str | Path) -> Archive:
         scales = multi_scale_roots(root)
         if scales:
             raise MultiScaleRootError(root, scales)
+        if root.is_file():
+            raise StoreNotFoundError(root, "archive root (a file, not the folder tile --out wrote)")
+        if root.is_dir():
+            raise StoreNotFoundError(root, "archive root (the folder holds no catalog or slides)")
         raise StoreNotFoundError(root, "archive root")
     return Archive(root)

@@ -290,6 +290,7 @@ def test_cli_errors_are_one_line(archive: dict[str, Any], tmp_path: Path) -> Non
     taken = socket.socket()
     taken.bind(("127.0.0.1", _free_port()))
     taken.listen()
+    (tmp_path / "slides").mkdir()  # an archive root without an index
     try:
         port = str(taken.getsockname()[1])
         for argv, words in (
@@ -311,8 +312,12 @@ def test_cli_errors_are_one_line(archive: dict[str, Any], tmp_path: Path) -> Non
     from conftest import run_cli
 
     root = str(archive["root"])
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "empty").mkdir()
     for argv, words in (
-        (["serve", str(tmp_path / "nowhere")], "no such archive root"),
+        (["serve", str(tmp_path / "nowhere")], "no such archive root; run `wsi-ssl tile`"),
+        (["serve", str(tmp_path / "a-file")], "archive root (a file, not the folder tile --out"),
+        (["serve", str(tmp_path / "empty")], "(the folder holds no catalog or slides)"),
         (["serve", root, "--host", "192.0.2.1", "--token", "tok-12345"], "pass a --host"),
         (["serve", root, "--token", "semi;colon-token"], "letters, digits and - . _ ~"),
         (["serve", root, "--token", "short"], "at least 8 characters"),

@@ -32,9 +32,7 @@ from wsi_ssl.errors import (
     EmbeddingsNotFoundError,
     EncoderMismatchError,
     IndexNotFoundError,
-    MultiScaleRootError,
     SchemaMismatchError,
-    StoreNotFoundError,
 )
 from wsi_ssl.search.archive import (
     AddSummary,
@@ -108,22 +106,20 @@ class SearchIndex(SearchMethods):
         """Open index ``name`` under ``root`` (default: the only one there).
 
         Raises:
-            StoreNotFoundError: ``root`` is not a folder.
+            StoreNotFoundError: ``root`` is no archive root.
             IndexNotFoundError: no such index (the message lists those there).
             MultiScaleRootError: ``root`` holds one archive root per scale (name one).
             ConfigError: several indexes and no ``name``.
             CorruptIndexError: a file is truncated, altered or unreadable.
         """
+        from wsi_ssl.storage.archive import is_archive_root, open_store
+
         root = Path(root)
-        if not root.is_dir():
-            raise StoreNotFoundError(root, "archive root")
+        if not is_archive_root(root):  # a file, a folder without an archive, one per scale
+            open_store(root)  # raises what it is
         if name is None:
             names = list_indexes(root)
             if not names:
-                from wsi_ssl.storage.archive import multi_scale_roots
-
-                if scales := multi_scale_roots(root):  # each scale has its own indexes
-                    raise MultiScaleRootError(root, scales)
                 raise IndexNotFoundError(root / INDEX_DIR, names)
             if len(names) > 1:
                 raise ConfigError(
