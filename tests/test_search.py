@@ -650,3 +650,24 @@ def test_index_with_an_encoder_that_is_no_embeddings_id_lists_the_ids(
     assert code != 0 and err.count("\n") == 1
     assert "no complete embeddings 'runs/cpu' (available: random-cnn" in err
     assert "name one of those ids (or a unique prefix of one), or run" in err
+
+
+def test_a_click_near_the_edge_picks_the_tile_centred_there_on_the_slide(tmp_path: Path) -> None:
+    """Overlapping tiles at the slide's right edge (900 px wide; tiles at x 672 and 784, the
+    second with 116 of its 224 px on the slide): a click at x 830 is in both; the one whose
+    part on the slide is centred nearest the click is the query (by full-tile centres the
+    other), as region queries and label boxes place edge tiles."""
+    from wsi_ssl.config import TilingConfig
+    from wsi_ssl.embedding import embed
+    from wsi_ssl.synthetic import write_synthetic_slide
+    from wsi_ssl.tiling.batch import tile_slide
+
+    slide = write_synthetic_slide(tmp_path / "s.tiff", (900, 800), seed=3)
+    config = TilingConfig(tile_size=224, overlap=112, tissue_threshold=0.0, codec="zstd")
+    sid = tile_slide(slide, tmp_path / "root", config).details["slide_id"]
+    assert not embed(tmp_path / "root", "random-cnn", device="cpu", workers=0).failed
+    index = SearchIndex.build(tmp_path / "root", "random-cnn", kind="flat")
+    xs = set(_coords(tmp_path / "root", sid)[:, 0].tolist())
+    assert {672, 784} <= xs and max(xs) == 784
+    query = index.search_tile(sid, (830, 300), k=1).query
+    assert query.box[0] == 784  # on-slide centres 842 (784..900) and 784 (672..896)

@@ -120,7 +120,8 @@ def subsample(rows: np.ndarray, limit: int) -> np.ndarray:
 
 
 def tile_query(index: Searchable, slide: str, xy: tuple[int, int]) -> Query:
-    """The stored tile of ``slide`` that contains level-0 point ``xy``."""
+    """The stored tile of ``slide`` that contains level-0 point ``xy`` (of several, overlapping
+    tiles: the one whose part on the slide is centred nearest it)."""
     q = _QuerySlide(index, slide)
     x, y = (int(v) for v in xy)
     w, h = q.store.source["dimensions"]
@@ -142,8 +143,8 @@ def tile_query(index: Searchable, slide: str, xy: tuple[int, int]) -> Query:
             f"{q.store.slide_id}: no stored tissue tile contains point {x},{y} (or its tile "
             f"was left out by QC); pick a point on tissue (tiles cover {len(coords)} positions)"
         )
-    centres = coords[rows] + size / 2
-    row = rows[int(np.argmin(((centres - [x, y]) ** 2).sum(axis=1)))]
+    cx, cy = on_slide_centres(coords[rows], size, (w, h))
+    row = rows[int(np.argmin((cx - x) ** 2 + (cy - y) ** 2))]
     side_um = size * q.mpp
     tx, ty = (int(v) for v in coords[row])
     box = (tx, ty, round(size), round(size))
