@@ -44,9 +44,11 @@ def command_parser(
 
 def in_command_words(err: BaseException, parser: argparse.ArgumentParser) -> str:
     """The error's message as the command's user would act on it: an API setting it
-    advises (``overwrite=True``, ``resume=False``, ``batch_size=8``) spelled as the command's
-    flag (``--overwrite``, ``--no-resume``, ``--batch-size 8``), and ``(command line: --a)``
-    after it for the parameters it names otherwise (``lower tissue_threshold``)."""
+    advises (after pass, set, use, with, choose, or, and: ``pass overwrite=True``, ``set
+    resume=False``, ``pass batch_size=8``) spelled as the command's flag (``--overwrite``,
+    ``--no-resume``, ``--batch-size 8``), and ``(command line: --a)`` after it for the
+    parameters it names otherwise (``lower tissue_threshold``, ``(batch_size=16)``), but a
+    switch it advises turning off (``resume=False`` where the command has only ``--resume``)."""
     message = str(err)
     if not isinstance(err, WsiSslError):
         return message
@@ -59,25 +61,34 @@ def in_command_words(err: BaseException, parser: argparse.ArgumentParser) -> str
         flag, negated = actions.get(name), actions.get(f"no_{name}")
 
         def spelled(match: re.Match[str], flag: Any = flag, negated: Any = negated) -> str:
-            value = match.group(1).strip("'\"")
+            word, value = match.group(1), match.group(2).strip("'\"")
             if negated is not None and value == "False":
-                return _long(negated)
+                return f"{word} {_long(negated)}"
             if flag is None or (value in ("True", "False")) != (flag.nargs == 0):
                 return match.group(0)
             if isinstance(flag, argparse.BooleanOptionalAction):  # --compile / --no-compile
-                return flag.option_strings[value == "False"]
+                return f"{word} {flag.option_strings[value == 'False']}"
             if flag.nargs == 0:
-                return _long(flag) if value == str(bool(flag.const)) else match.group(0)
-            return f"{_long(flag)} {value}"
+                return f"{word} {_long(flag)}" if value == str(bool(flag.const)) else match.group(0)
+            return f"{word} {_long(flag)} {value}"
 
-        message = re.sub(rf"\b{name}=('[^']*'|\"[^\"]*\"|[^\s,;)]*[^\s,;).])", spelled, message)
-        hinted += [a for a in (flag if flag is not None else negated,) if a is not None]
+        value = r"('[^']*'|\"[^\"]*\"|[^\s,;)]*[^\s,;).])"
+        message = re.sub(rf"\b({_ADVICE}) {name}={value}", spelled, message)
+        chosen = flag if flag is not None else negated
+        switched_off = rf"\b{name}=False\b"  # a switch the command can only turn on
+        only_on = isinstance(chosen, argparse._StoreTrueAction) and re.search(switched_off, message)
+        if chosen is not None and not only_on:
+            hinted.append(chosen)
     hint = [
         _long(a)
         for a in dict.fromkeys(hinted)
         if not any(re.search(rf"{o}(?![\w-])", message) for o in a.option_strings)
     ]
     return f"{message} (command line: {', '.join(hint)})" if hint else message
+
+
+_ADVICE = "pass|set|use|with|choose|or|and"
+"""Words after which ``name=value`` is advice (else it says what was used: left as it is)."""
 
 
 def _long(action: argparse.Action) -> str:

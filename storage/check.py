@@ -410,6 +410,8 @@ def _tile_flags(tiling: dict[str, Any] | None) -> str:
         flag = "--" + name.replace("_", "-")
         if name == "qc":
             flags.append("--no-qc")
+        elif value is True:  # allow_upsampling
+            flags.append(flag)
         elif name == "thumbnail_mpp":  # no flag: a --config file's
             flags.append(f"--config TOML(thumbnail_mpp = {value})")
         elif isinstance(value, list):
@@ -428,7 +430,7 @@ def _stain_flags(provenance: dict[str, Any] | None) -> str:
     """The ``wsi-ssl embed`` flags that normalise tiles as ``provenance`` records."""
     if not provenance:
         return "--stain-normalize none"
-    reference = provenance.get("reference_path") or "REFERENCE_IMAGE"
+    reference = shlex.quote(str(provenance.get("reference_path") or "REFERENCE_IMAGE"))
     return f"--stain-normalize {provenance['method']} --stain-reference {reference}"
 
 

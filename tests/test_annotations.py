@@ -192,6 +192,11 @@ def test_a_label_mask_has_a_class_per_value_and_a_mask_must_fit_the_slide(
         with pytest.raises(AnnotationError, match=r"not in the slide's proportions") as info:
             label_tiles(bad, coords, 100.0, SHAPE, S)
         assert str(bad) in str(info.value)
+    only_two = np.where(labels == 2, 2, 0).astype(np.uint8)  # a slide with label 2 alone
+    Image.fromarray(only_two).save(tmp_path / "two.png")
+    assert read_annotations(tmp_path / "two.png").classes == ("2",)  # not "mask"
+    alone = label_tiles(tmp_path / "two.png", coords, 100.0, SHAPE, S, exclude=["2"])
+    np.testing.assert_array_equal(alone.in_roi, [1, 1, 1, 0])  # all but label 2
     np.save(tmp_path / "near.npy", np.ones((75, 101), dtype=bool))  # a pixel off: fine
     assert label_tiles(tmp_path / "near.npy", coords, 100.0, SHAPE, S).in_roi.all()
 
@@ -282,8 +287,14 @@ def test_roi_restricted_tiling_of_a_real_slide(cmu_small: Path, tmp_path: Path) 
     assert store.tiling["roi_exclude"] == ["Artefact"]
     with pytest.raises(NoLabelsError, match=r"no labels/other .* has: annotations"):
         store.labels("other")
-    # resume: same config, same file -> skipped
+    # resume: same config, same file -> skipped; the same annotations moved elsewhere too
     assert tile_slide(cmu_small, tmp_path / "root", config).status == "skipped"
+    moved = tmp_path / "moved" / "cmu.geojson"
+    moved.parent.mkdir()
+    moved.write_bytes(roi.read_bytes())
+    assert tile_slide(cmu_small, tmp_path / "root", replace(config, roi=str(moved))).status == (
+        "skipped"
+    )
     # roi_min_fraction 0: every tile touching the region, none outside it
     touching = tile_slide(cmu_small, tmp_path / "any", replace(config, roi_min_fraction=0.0))
     any_store = Archive(tmp_path / "any").slide(touching.details["slide_id"])
@@ -351,6 +362,25 @@ def test_roi_cli_and_errors(cmu_small: Path, tmp_path: Path) -> None:
     assert (store.path / "zarr.json").stat().st_mtime_ns == before
     with pytest.raises(ConfigError, match="roi_min_fraction"):
         TilingConfig(roi_min_fraction=1.5)
+
+
+def test_a_table_row_naming_two_slides_of_a_batch_is_refused(tmp_path: Path) -> None:
+    """``S`` names S.tiff and S.svs (by stem), ``x.tiff`` two folders' x.tiff (by name): the
+    annotations would go to both; refused before any slide, naming them."""
+    from wsi_ssl.synthetic import write_synthetic_slide
+    from wsi_ssl.tiling.batch import tile_slides
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    paths = [write_synthetic_slide(tmp_path / p, (300, 300)) for p in ("S.tiff", "S.svs")]
+    paths += [write_synthetic_slide(tmp_path / d / "x.tiff", (300, 300)) for d in "ab"]
+    roi = _qupath(tmp_path)
+    for rows, named in (({"S": str(roi)}, "'S'"), ({"x.tiff": str(roi)}, "'x.tiff'")):
+        with pytest.raises(ConfigError, match="name several slides of this batch") as info:
+            tile_slides(paths, tmp_path / "out", rois=rows, progress=False)
+        assert named in str(info.value) and not (tmp_path / "out").exists()
+    alone = tile_slides(paths[:1], tmp_path / "one", rois={"S": str(roi)}, progress=False)
+    assert len(alone.outcomes) == 1  # one slide of that stem: the row is its
 
 
 def test_polygon_with_hole_from_shapely_rasterises_like_its_area() -> None:

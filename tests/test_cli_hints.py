@@ -66,11 +66,18 @@ def test_switches_and_nested_commands_are_found() -> None:
             ("check_mpp", "resume"),
             "set --no-mpp-check, or pass --no-resume",
         ),
-        (  # --x/--no-x; a value that is not the switch's stays as it is
+        (  # --x/--no-x; a switch the command can only turn on: no flag named for it
             ["pretrain", "R", "--out", "o"],
-            "compile=False turns it off; resume=False",
+            "set compile=False to turn it off; pass resume=False",
             ("compile", "resume"),
-            "--no-compile turns it off; resume=False (command line: --resume)",
+            "set --no-compile to turn it off; pass resume=False",
+        ),
+        (  # what was used, not advice: left in the API's words, the flag named after it
+            ["tile", "S", "--out", "o"],
+            "more than max_tiles=100 tiles (tile_size=16); raise max_tiles",
+            ("max_tiles", "tile_size"),
+            "more than max_tiles=100 tiles (tile_size=16); raise max_tiles "
+            "(command line: --max-tiles, --tile-size)",
         ),
     ],
 )

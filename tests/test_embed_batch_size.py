@@ -115,7 +115,8 @@ def test_a_probe_out_of_memory_is_a_typed_error_naming_batch_size(tmp_path: Path
     assert failed.error_type == "DeviceOutOfMemoryError"
     assert f"(batch_size={2 * MIN_BATCH}); pass a smaller batch_size" in failed.error
     worded = in_command_words(failed.exception, embed_cli)
-    assert f"(--batch-size {2 * MIN_BATCH}); pass a smaller batch_size" in worded, worded
+    assert f"(batch_size={2 * MIN_BATCH}); pass a smaller batch_size" in worded, worded
+    assert worded.endswith("(command line: --batch-size)")
     # the outcome kept for the rest of the job keeps CUDA's error, not the frames (and so the
     # batch on the device) it was raised in
     cause = failed.exception.__cause__

@@ -47,9 +47,9 @@ class Annotations:
     Attributes:
         path: the file they were read from.
         geometries: class name -> shapely geometry in level-0 pixels (vector files).
-        mask: integer (h, w) mask image spanning the whole slide, else None: its nonzero
-            pixels are the class "mask", or, in a label mask (several nonzero values), each
-            value is a class named by it ("1", "2", ...).
+        mask: integer (h, w) mask image spanning the whole slide, else None: the nonzero
+            pixels of a binary mask (0 and 1 or 255) are the class "mask"; in a label mask
+            (other values) each value is a class named by it ("1", "2", ...).
         mask_values: the mask's nonzero values, ascending.
     """
 
@@ -62,7 +62,8 @@ class Annotations:
     def classes(self) -> tuple[str, ...]:
         if self.mask is None:
             return tuple(self.geometries)
-        return tuple(map(str, self.mask_values)) if len(self.mask_values) > 1 else (MASK_CLASS,)
+        binary = self.mask_values in ((), (1,), (255,))
+        return (MASK_CLASS,) if binary else tuple(map(str, self.mask_values))
 
 
 def read_annotations(path: str | Path) -> Annotations:

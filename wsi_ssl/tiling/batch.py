@@ -142,7 +142,10 @@ def _store_is_current(
         store = SlideStore.open(archive.store_path(slide_id))
     except (WsiSslError, OSError, KeyError):
         return None
-    same_config = {k: store.tiling.get(k) for k in config.output_key()} == config.output_key()
+    key = config.output_key()
+    if key.get("roi_sha256") is not None:  # the annotations' content decides, not their path
+        key.pop("roi")
+    same_config = {k: store.tiling.get(k) for k in key} == key
     if store.source.get("fingerprint") != fingerprint or not same_config:
         return None
     if TileReader(store.tiles).missing_shards():  # damaged since: redo it
@@ -411,7 +414,7 @@ def _record(
         status=status,
         n_tiles=n_tiles,
         error=error,
-        tiling=config.output_key(),
+        tiling={**config.to_dict(), **config.output_key()},  # limits too: check's fix repeats them
     )
 
 
@@ -457,6 +460,8 @@ def tile_slides(
     paths = collect_slide_paths(inputs)
     overrides = SlideTable("the mpp table", mpp_overrides or {})
     roi_files = SlideTable("the ROI table", rois or {})
+    for table in (overrides, roi_files):
+        table.check_unambiguous(paths)
     notes = [n for t in (overrides, roi_files) if (n := t.unmatched_note(paths)) is not None]
     if config.roi_include or config.roi_exclude:  # a misspelt class: before any slide
         from wsi_ssl.annotations import check_classes_named

@@ -81,7 +81,7 @@ class TileGrid:
         if rows * cols > config.max_tiles:
             raise ConfigError(
                 f"{reader.path}: the grid plans {rows * cols:,} tiles ({rows} x {cols}), more "
-                f"than max_tiles={config.max_tiles:,}; check mpp ({config.mpp}) and tile_size "
+                f"than max_tiles={config.max_tiles}; check mpp ({config.mpp}) and tile_size "
                 f"({config.tile_size}), or raise max_tiles to allow it",
                 parameters=("mpp", "tile_size", "max_tiles"),
             )

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from wsi_ssl.errors import ConfigError
+
 __all__ = ["SlideTable"]
 
 T = TypeVar("T")
@@ -20,12 +22,33 @@ class SlideTable(Generic[T]):
     what: str
     rows: Mapping[str, T]
 
+    def key_of(self, path: Path) -> str | None:
+        """The row naming ``path``: by path, else file name, else stem; None: no row does."""
+        return next((k for k in (str(path), path.name, path.stem) if k in self.rows), None)
+
     def get(self, path: Path, default: T | None) -> T | None:
-        """The value of the row naming ``path`` (by path, file name, then stem), else ``default``."""
-        for key in (str(path), path.name, path.stem):
-            if key in self.rows:
-                return self.rows[key]
-        return default
+        """The value of the row naming ``path``, else ``default``."""
+        key = self.key_of(path)
+        return default if key is None else self.rows[key]
+
+    def check_unambiguous(self, paths: Sequence[Path]) -> None:
+        """Refuse a row that names several slides of the batch by file name or stem
+        (``S.svs`` and ``S.ndpi``, or two folders' ``S.svs``): its value would go to each.
+
+        Raises:
+            ConfigError: such rows, with the slides each names.
+        """
+        users: dict[str, list[Path]] = {}
+        for path in paths:
+            key = self.key_of(path)
+            if key is not None and key != str(path):
+                users.setdefault(key, []).append(path)
+        clashes = [f"{k!r} ({', '.join(map(str, ps))})" for k, ps in users.items() if len(ps) > 1]
+        if clashes:
+            raise ConfigError(
+                f"rows of {self.what} name several slides of this batch: {'; '.join(clashes)}; "
+                "name each of those slides by its path"
+            )
 
     def unmatched(self, paths: Sequence[Path]) -> list[str]:
         """Rows that name no slide of ``paths``."""
