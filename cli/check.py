@@ -82,6 +82,9 @@ def print_report(report: CheckReport, named: bool) -> None:
         print(f"{state}: {f.path}: {f.problem}")
         if not f.repaired:
             print(f"    fix: {f.fix}")
+    if failed := report.failed_slides:
+        shown = ", ".join(failed[:5]) + (", ..." if len(failed) > 5 else "")
+        print(f"note: {len(failed)} slide(s) failed to tile and are not in the archive ({shown})")
     remaining = len(report.problems)
     repaired = len(report.findings) - remaining
     print(

@@ -93,6 +93,9 @@ class CheckReport:
 
     root: Path
     findings: list[Finding] = field(default_factory=list)
+    failed_slides: list[str] = field(default_factory=list)
+    """Slides whose tiling failed (the catalog keeps each error) and that have no store: not
+    a problem of the archive, but not in it."""
     stores: int = 0
     arrays: int = 0
     indexes: int = 0
@@ -114,6 +117,7 @@ class CheckReport:
             "embeddings": self.arrays,
             "indexes": self.indexes,
             "findings": [asdict(f) for f in self.findings],
+            "failed_slides": self.failed_slides,
         }
 
 
@@ -353,6 +357,11 @@ class _Checker:
                     self.tile_fix(sid),
                     lambda s=sid: self.mark_redo(s, "store missing or not complete"),
                 )
+        self.report.failed_slides = [
+            e.path
+            for sid, e in self.catalog.items()
+            if e.status == "failed" and sid not in complete | self.reported
+        ]
         for sid in sorted(complete - set(self.catalog)):
             self.add(
                 self.archive.store_path(sid),

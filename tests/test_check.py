@@ -258,3 +258,23 @@ def test_the_fix_of_a_store_repeats_the_limits_it_was_tiled_with(tmp_path: Path)
     assert code == 0, err
     assert run_cli(["check", str(root)])[0] == 0
     assert np.array_equal(open_store(root).slide(sid).coords, before)
+
+
+def test_slides_that_failed_to_tile_are_noted_not_problems(
+    fixtures_dir: Path, tmp_path: Path
+) -> None:
+    """An archive whose broken slides failed: ``check`` passes (nothing in it is damaged) and
+    says which slides are not in it, from the catalog (it said nothing of them)."""
+    broken = sorted((fixtures_dir / "broken").iterdir())
+    good = fixtures_dir / "slides" / "CMU-1-Small-Region.svs"
+    root = tmp_path / "root"
+    argv = ["tile", *map(str, broken), str(good), "--out", str(root), "--mpp", "2", "--quiet"]
+    assert run_cli(argv)[0] == 1
+    code, out, _ = run_cli(["check", str(root)])
+    failed = [str(p) for p in broken]
+    note = [x for x in out.splitlines() if x.startswith("note: ")]
+    assert code == 0 and len(note) == 1, out
+    assert note[0].startswith(f"note: {len(failed)} slide(s) failed to tile")
+    assert all(p in note[0] for p in failed) and str(good) not in note[0]
+    code, out, _ = run_cli(["check", str(root), "--json"])
+    assert sorted(json.loads(out)["failed_slides"]) == sorted(failed)
