@@ -564,6 +564,7 @@ def test_a_slide_another_job_writes_is_busy_and_the_batch_goes_on(
         assert code == 1 and "1 embedded, 0 already complete, 1 busy" in out
         [line] = err.strip().splitlines()
         assert f"embeddings/{eid} is being written by pid {holder.pid} on {host_name()}" in line
+        assert line.endswith("and re-run (command line: --wait)"), line  # embed's flag
         assert embedding_ids(open_store(root).slide(a)) == []
         assert embedding_ids(open_store(root).slide(b)) == [eid]
     finally:

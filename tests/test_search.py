@@ -671,3 +671,29 @@ def test_a_click_near_the_edge_picks_the_tile_centred_there_on_the_slide(tmp_pat
     assert {672, 784} <= xs and max(xs) == 784
     query = index.search_tile(sid, (830, 300), k=1).query
     assert query.box[0] == 784  # on-slide centres 842 (784..900) and 784 (672..896)
+
+
+def test_slides_at_two_scales_are_indexed_apart_as_advised(tmp_path: Path) -> None:
+    """``index`` refuses slides tiled at two scales and advises indexing them apart with a
+    name each (``--slides`` alone wrote both builds to one index, the second replacing the
+    first); following the advice gives two indexes."""
+    from tests.conftest import run_cli
+    from wsi_ssl.config import TilingConfig
+    from wsi_ssl.embedding import embed
+    from wsi_ssl.synthetic import write_synthetic_slide
+    from wsi_ssl.tiling.batch import tile_slide
+
+    root = tmp_path / "root"
+    ids = []
+    for seed, mpp in ((1, 0.5), (2, 1.0)):
+        slide = write_synthetic_slide(tmp_path / f"s{seed}.tiff", (900, 700), seed=seed)
+        config = TilingConfig(mpp=mpp, tile_size=224, tissue_threshold=0.0, codec="zstd")
+        ids.append(tile_slide(slide, root, config).details["slide_id"])
+    assert not embed(root, "random-cnn", device="cpu", workers=0).failed
+    code, _, err = run_cli(["index", str(root), "--quiet"])
+    assert code == 2 and "slides tiled at another scale than the index's" in err
+    assert "index them apart (slides= and a name= of its own" in err
+    assert err.rstrip().endswith("(command line: --slides, --name)"), err
+    for sid, name in zip(ids, ("fine", "coarse"), strict=True):
+        assert run_cli(["index", str(root), "--slides", sid, "--name", name, "--quiet"])[0] == 0
+    assert [SearchIndex.open(root, n).slides[0].slide_id for n in ("fine", "coarse")] == ids

@@ -275,6 +275,7 @@ def test_two_tile_jobs_on_one_slide_never_write_together(tmp_path: Path, slide: 
         assert code == 1
         [line] = err.splitlines()
         assert line.startswith("wsi-ssl: error: ") and f"pid {a.pid} on {host_name()}" in line
+        assert line.endswith("and re-run (command line: --lock-wait)"), line  # tile's flag
         assert f"being written by pid {a.pid} on {host_name()}" in out
         assert "0 tiled, 0 already complete, 1 busy (another job is writing them), 0 failed" in out
         assert "QuPath" not in out and "malformed" not in out

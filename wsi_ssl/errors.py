@@ -272,8 +272,9 @@ class TileReadError(WsiSslError, OSError):
     def __init__(self, path: str | Path, start: int, stop: int, detail: str) -> None:
         super().__init__(
             f"{path}: tiles {start}..{stop - 1} cannot be read ({detail}); re-tile this slide "
-            "with resume=False (`wsi-ssl tile SLIDE --out ROOT --no-resume`)"
-        )  # the remedy is another command's, so its flag is named here
+            "with the settings it was tiled with (`wsi-ssl check ROOT --verify-tiles` prints "
+            "that command)"
+        )  # the remedy is another command's, so it is named here
         self.path = Path(path)
         self.tiles = (start, stop)
         self.detail = detail
@@ -429,7 +430,8 @@ class StoreLockedError(WsiSslError, RuntimeError):
         describe = getattr(holder, "describe", None)
         who = describe() if callable(describe) else "another process"
         super().__init__(
-            f"{path} is being written by {who}; wait for that job to finish (or stop it) and re-run"
+            f"{path} is being written by {who}; wait for that job to finish (or stop it) and re-run",
+            parameters=("lock_wait", "wait"),  # the CLI names the command's flag that waits
         )
         self.path = Path(path)
         self.holder = holder
@@ -439,7 +441,15 @@ class IndexLockedError(IndexBusyError, StoreLockedError):
     """Another process is writing the same search index (says which)."""
 
     def __init__(self, path: str | Path, holder: object | None = None) -> None:
-        StoreLockedError.__init__(self, path, holder)
+        describe = getattr(holder, "describe", None)
+        who = describe() if callable(describe) else "another process"
+        WsiSslError.__init__(
+            self,
+            f"{path} is being written by {who}; wait for that job to finish (or stop it) and "
+            "re-run",
+        )
+        self.path = Path(path)
+        self.holder = holder
 
 
 class StoreCorruptError(WsiSslError, OSError):

@@ -314,7 +314,8 @@ def _scale_error(archive: Archive, tiling: dict[str, Any] | None, mismatched: li
         f"{archive.root}: slides tiled at another scale than the index's "
         f"{tiling['mpp'] if tiling else '?'} µm/px, {tiling['tile_size'] if tiling else '?'} px: "
         f"{', '.join(mismatched[:5])}{' ...' if len(mismatched) > 5 else ''}; tile every slide "
-        "of one index with the same mpp and tile_size (or index them separately with slides=)"
+        "of one index with the same mpp and tile_size, or index them apart (slides= and a name= "
+        "of its own: a second index of the same name replaces the first)"
     )
 
 
@@ -348,7 +349,8 @@ def _stain_error(
         f"{archive.root}: {len(others)} slide(s) embedded with another stain normalisation than "
         f"{first} ({said}): {', '.join(others[:5])}"
         f"{' ...' if len(others) > 5 else ''}; embed them alike (`wsi-ssl embed --no-resume` "
-        "with the same settings) or index them apart (slides=)"
+        "with the same settings), or index them apart (slides= and a name= of its own: a second "
+        "index of the same name replaces the first)"
     )
 
 
@@ -420,10 +422,13 @@ def collect(
         number += 1
         offset += len(emb)
     if mismatched:
-        raise SchemaMismatchError(_scale_error(archive, tiling, mismatched))
+        raise SchemaMismatchError(
+            _scale_error(archive, tiling, mismatched), parameters=("slides", "name")
+        )
     if other_stain:
         raise SchemaMismatchError(
-            _stain_error(archive, first, first_id, other_stain, len(items)), parameters=("slides",)
+            _stain_error(archive, first, first_id, other_stain, len(items)),
+            parameters=("slides", "name"),
         )
     all_coords = np.concatenate(coords) if coords else np.empty((0, 2), dtype=np.int64)
     source = ArchiveSource(items, encoder_id, dim)
