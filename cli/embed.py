@@ -10,6 +10,7 @@ from pathlib import Path
 from wsi_ssl.cli.arg_types import seconds
 from wsi_ssl.cli.hints import RESUME_ADVICE
 from wsi_ssl.embedding.config import DECODE_MODES, EmbedConfig
+from wsi_ssl.errors import ConfigError
 from wsi_ssl.stain_settings import METHODS as STAIN_METHODS
 
 # The library's choices, spelled here so that building the parser imports no zarr (0.9 s):
@@ -136,6 +137,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_export)
 
 
+def _on_cpu_only(args: argparse.Namespace) -> bool:
+    """Whether every device the job would use is the CPU."""
+    from wsi_ssl.device import resolve_device
+
+    devices = args.devices.split(",") if args.devices else [args.device]
+    return all(resolve_device(d.strip()).type == "cpu" for d in devices)
+
+
 def run_embed(args: argparse.Namespace) -> int:
     from wsi_ssl.embedding.job import embed
     from wsi_ssl.embedding.torchrun import embed_torchrun, torchrun_rank
@@ -155,6 +164,11 @@ def run_embed(args: argparse.Namespace) -> int:
         decode=args.decode,
         skip_flagged_tiles=args.skip_flagged_tiles,
     )
+    if args.precision not in (None, "fp32") and _on_cpu_only(args):
+        raise ConfigError(
+            f"--precision {args.precision} is a CUDA setting: on the CPU the encoder runs in "
+            "fp32, so its other encoder id would only duplicate the fp32 vectors; leave it out"
+        )
     encoder = create_encoder(
         args.encoder,
         weights=args.weights,

@@ -595,3 +595,15 @@ def test_a_damaged_store_is_reported_and_the_others_embedded(
     [line] = err.strip().splitlines()
     assert line.startswith("wsi-ssl: error: ") and f"{b}.zarr: slide store is damaged" in line
     assert all(embedding_ids(open_store(root).slide(s)) for s in (a, third.stem))
+
+
+def test_a_cuda_precision_on_the_cpu_is_refused(small_archive: Path, tmp_path: Path) -> None:
+    """``--precision bf16`` on the CPU ran in fp32 under another encoder id: a duplicate of
+    the fp32 vectors after which every command asked which encoder. Refused, nothing written."""
+    root = shutil.copytree(small_archive, tmp_path / "root")
+    before = sorted(p.name for p in (root / "slides").glob("*.zarr/embeddings/*"))
+    argv = ["embed", str(root), "--encoder", "random-cnn", "--device", "cpu", "--quiet"]
+    code, out, err = run_cli([*argv, "--precision", "bf16"])
+    assert code == 2 and out == "" and "--precision bf16 is a CUDA setting" in err, err
+    assert sorted(p.name for p in (root / "slides").glob("*.zarr/embeddings/*")) == before
+    assert run_cli([*argv, "--precision", "fp32"])[0] == 0  # what the CPU runs anyway
