@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import time
@@ -10,6 +11,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from wsi_ssl.errors import CatalogCorruptError
+from wsi_ssl.storage.slide_store import STATUS_COMPLETE, SlideStore
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS slides (
@@ -49,10 +53,16 @@ class Catalog:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
+        """A connection in a transaction; a damaged file is a :class:`CatalogCorruptError`
+        (busy or full stays sqlite's ``OperationalError``)."""
         db = sqlite3.connect(self.path, timeout=30)
         try:
             with db:
                 yield db
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as err:  # "malformed", "file is not a database"
+            raise CatalogCorruptError(self.path, str(err)) from err
         finally:
             db.close()
 
@@ -116,3 +126,32 @@ class Catalog:
             )
             for slide_id, path, name, fingerprint, status, n_tiles, error, tiling in rows
         ]
+
+
+def row_from_store(store: SlideStore) -> dict[str, Any]:
+    """The catalog row (``Catalog.upsert`` keywords) of a complete store, from its own metadata:
+    a catalog lost or damaged is rebuilt from the stores."""
+    from wsi_ssl.config import TilingConfig
+
+    names = {f.name for f in dataclasses.fields(TilingConfig)} | {"roi_sha256"}
+    tiling = {k: v for k, v in store.tiling.items() if k in names}
+    source = store.source
+    if source.get("mpp_source") == "override":  # the slide records no scale of its own
+        tiling["mpp_override"] = source.get("mpp")
+    if source.get("mpp") and tiling.get("mpp", 0) * 2 < float(source["mpp"]):
+        tiling["allow_upsampling"] = True
+    return {
+        "slide_id": store.slide_id,
+        "path": source["path"],
+        "fingerprint": source["fingerprint"],
+        "status": STATUS_COMPLETE,
+        "n_tiles": store.n_tiles,
+        "tiling": tiling,
+    }
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged catalog to ``catalog.sqlite.damaged-<unix time>`` (kept, not deleted)."""
+    aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+    path.rename(aside)
+    return aside

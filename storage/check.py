@@ -13,8 +13,9 @@ What is checked, each problem a :class:`Finding` with the command that fixes it:
   indexed slides whose embeddings are gone or changed since (``index --add`` updates them;
   slides re-embedded with another stain normalisation are named with the embed that fixes them),
   orphan generations of killed writers, temp files;
-- the catalog against the stores (a slide the catalog calls complete whose store is not, and
-  the reverse);
+- the catalog: readable and there (else one finding; ``repair`` sets a damaged one aside and
+  rebuilds it from the complete stores' metadata), against the stores (a slide the catalog
+  calls complete whose store is not, and the reverse: ``repair`` adds its row);
 - temp files of dead writers anywhere, and stale lock files.
 
 ``repair=True`` removes the debris (temp files, stale locks, orphan generations, unfinished or
@@ -33,11 +34,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsi_ssl.errors import CorruptIndexError, IndexNotFoundError, WsiSslError
+from wsi_ssl.errors import (
+    CatalogCorruptError,
+    CorruptIndexError,
+    IndexNotFoundError,
+    WsiSslError,
+)
 from wsi_ssl.stain_settings import stain_key, stain_text
 from wsi_ssl.storage.archive import Archive, open_slide_store
 from wsi_ssl.storage.atomic import dead_temp_files, remove_path
-from wsi_ssl.storage.catalog import CatalogEntry
+from wsi_ssl.storage.catalog import CatalogEntry, row_from_store, set_aside
 from wsi_ssl.storage.embeddings import (
     EMBEDDINGS_GROUP,
     PARTIAL_PREFIX,
@@ -46,6 +52,7 @@ from wsi_ssl.storage.embeddings import (
     embeddings_problem,
     finish_interrupted_swap,
 )
+from wsi_ssl.storage.fix_commands import encoder_name, some_names, stain_flags, tile_flags
 from wsi_ssl.storage.index_files import (
     INDEX_DIR,
     _current_generation,
@@ -168,7 +175,7 @@ class _Checker:
         """The ``wsi-ssl tile`` that redoes a slide as it was tiled (its catalog settings)."""
         entry = self.catalog.get(slide_id)
         source = shlex.quote(entry.path) if entry is not None else "SLIDE_FILE"
-        flags = _tile_flags(entry.tiling if entry is not None else None)
+        flags = tile_flags(entry.tiling if entry is not None else None)
         return f"wsi-ssl tile {source} --out {{root}}{flags} --no-resume"
 
     # -- stores ------------------------------------------------------------------------------
@@ -240,7 +247,7 @@ class _Checker:
             self.report.arrays += 1
             problem = embeddings_problem(store, eid, decode=self.decode)
             if problem is not None:
-                fix = f"wsi-ssl embed {{root}} --encoder {_encoder_name(child, eid)} --slides "
+                fix = f"wsi-ssl embed {{root}} --encoder {encoder_name(child, eid)} --slides "
                 fix += store.slide_id
                 self.add(child, f"embeddings {problem}", fix, lambda e=eid: self.drop(store, e))
 
@@ -328,25 +335,23 @@ class _Checker:
             self.add(
                 path,
                 f"{len(stale)} indexed slide(s) changed since indexing (re-tiled, re-embedded or "
-                f"embeddings removed: {_some(stale)}); searches return their old tiles",
+                f"embeddings removed: {some_names(stale)}); searches return their old tiles",
                 add,
             )
         if other_stain:
             names = [str(e.get("name") or e["slide_id"]) for e, _ in other_stain]
             ids = " ".join(e["slide_id"] for e, _ in other_stain)
-            encoder = _encoder_name(other_stain[0][1], encoder_id)
+            encoder = encoder_name(other_stain[0][1], encoder_id)
             self.add(
                 path,
                 f"{len(other_stain)} indexed slide(s) re-embedded with another stain "
                 f"normalisation than the index's ({stain_text(config['stain'])}: "
-                f"{_some(names)}); searches return their old tiles and index --add refuses them",
+                f"{some_names(names)}); searches return their old tiles and index --add refuses them",
                 f"wsi-ssl embed {{root}} --encoder {encoder} --slides {ids} "
-                f"{_stain_flags(config['stain'])} --no-resume, then {add}",
+                f"{stain_flags(config['stain'])} --no-resume, then {add}",
             )
 
     def catalog_agreement(self) -> None:
-        if not (self.root / "catalog.sqlite").is_file():
-            return
         scan = self.archive.scan()
         complete = set(scan.complete)
         for sid, entry in self.catalog.items():
@@ -366,8 +371,22 @@ class _Checker:
             self.add(
                 self.archive.store_path(sid),
                 "a complete store the catalog does not list",
-                self.tile_fix(sid),
+                REPAIR,
+                lambda s=sid: self.add_to_catalog(s),
             )
+
+    def rebuild_catalog(self) -> bool:
+        """Set a damaged catalog aside and write one from the complete stores' metadata."""
+        if (self.root / "catalog.sqlite").exists():
+            set_aside(self.root / "catalog.sqlite")
+        catalog = self.archive.catalog
+        for slide_id in self.archive.scan().complete:
+            catalog.upsert(**row_from_store(self.archive.slide(slide_id)))
+        return True
+
+    def add_to_catalog(self, slide_id: str) -> bool:
+        self.archive.catalog.upsert(**row_from_store(self.archive.slide(slide_id)))
+        return True
 
     def debris(self) -> None:
         for temp in dead_temp_files(self.root, recursive=True, skip=("tiles", "c")):
@@ -378,19 +397,23 @@ class _Checker:
             )
 
     def run(self) -> CheckReport:
+        path = self.root / "catalog.sqlite"
+        readable = path.is_file()
         try:
-            entries = (
-                self.archive.catalog.entries() if (self.root / "catalog.sqlite").is_file() else []
-            )
-        except Exception as err:  # sqlite3.DatabaseError: a damaged catalog
-            entries = []
-            self.add(
-                self.root / "catalog.sqlite", f"unreadable ({err})", "restore it from a backup"
-            )
+            entries = self.archive.catalog.entries() if readable else []
+        except CatalogCorruptError as err:
+            self.add(path, f"damaged ({err.detail})", REPAIR, self.rebuild_catalog)
+            readable = self.report.findings[-1].repaired
+            entries = self.archive.catalog.entries() if readable else []
+        if not path.exists() and (stores := len(self.archive.scan().complete)):
+            self.add(path, f"missing ({stores} complete store(s))", REPAIR, self.rebuild_catalog)
+            readable = self.report.findings[-1].repaired
+            entries = self.archive.catalog.entries() if readable else []
         self.catalog = {e.slide_id: e for e in entries}
         self.stores()
         self.indexes()
-        self.catalog_agreement()
+        if readable:  # a damaged one is one finding, not one a store
+            self.catalog_agreement()
         self.debris()
         return self.report
 
@@ -403,55 +426,6 @@ def _short(err: BaseException) -> str:
 def _gone(path: Path) -> bool:
     remove_path(path)
     return not path.exists()
-
-
-def _tile_flags(tiling: dict[str, Any] | None) -> str:
-    """`` --mpp 1.0 --roi FILE ...``: the ``wsi-ssl tile`` flags of the recorded settings that
-    differ from the defaults."""
-    from wsi_ssl.config import TilingConfig
-
-    defaults = TilingConfig().to_dict()
-    flags = []
-    for name, default in defaults.items():  # in TilingConfig's order
-        value = (tiling or {}).get(name, default)
-        if value == default:
-            continue
-        flag = "--" + name.replace("_", "-")
-        if name == "qc":
-            flags.append("--no-qc")
-        elif value is True:  # allow_upsampling
-            flags.append(flag)
-        elif name == "thumbnail_mpp":  # no flag: a --config file's
-            flags.append(f"--config TOML(thumbnail_mpp = {value})")
-        elif isinstance(value, list):
-            flags += [f"{flag} {shlex.quote(str(v))}" for v in value]
-        else:
-            flags.append(f"{flag} {shlex.quote(str(value))}")
-    return "".join(f" {f}" for f in flags)
-
-
-def _some(names: list[str]) -> str:
-    """Up to five names, comma-separated."""
-    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-
-
-def _stain_flags(provenance: dict[str, Any] | None) -> str:
-    """The ``wsi-ssl embed`` flags that normalise tiles as ``provenance`` records."""
-    if not provenance:
-        return "--stain-normalize none"
-    reference = shlex.quote(str(provenance.get("reference_path") or "REFERENCE_IMAGE"))
-    return f"--stain-normalize {provenance['method']} --stain-reference {reference}"
-
-
-def _encoder_name(array_dir: Path, encoder_id: str) -> str:
-    """The encoder name to pass to ``wsi-ssl embed`` (from the array's provenance)."""
-    import json
-
-    try:
-        attrs = json.loads((array_dir / "zarr.json").read_text())["attributes"]
-        return str(attrs["encoder"]["name"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return encoder_id.rsplit("-", 1)[0]
 
 
 def _store_problem(store: SlideStore, *, verify: bool) -> str | None:

@@ -278,3 +278,48 @@ def test_slides_that_failed_to_tile_are_noted_not_problems(
     assert all(p in note[0] for p in failed) and str(good) not in note[0]
     code, out, _ = run_cli(["check", str(root), "--json"])
     assert sorted(json.loads(out)["failed_slides"]) == sorted(failed)
+
+
+def test_a_damaged_or_lost_catalog_is_rebuilt_from_the_stores(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    """A cut-short ``catalog.sqlite``: ``tile`` fails with one line naming it and the repair
+    (it said only "database disk image is malformed"), ``check`` reports it once (not once a
+    store, with placeholder fixes), ``--repair`` sets it aside and rebuilds it from the stores;
+    a deleted catalog likewise. The rebuilt rows are the tiled ones: a re-run skips the slides."""
+    root = shutil.copytree(small_archive, tmp_path / "root")
+    original = {e.slide_id: e for e in open_store(root).catalog.entries()}
+    catalog = root / "catalog.sqlite"
+    catalog.write_bytes(catalog.read_bytes()[:3000])
+    slide = small_archive.parent / "s1.tiff"
+    argv = ["tile", str(slide), "--out", str(root), "--tile-size", "224", "--codec", "zstd"]
+    argv += ["--tiles-per-chunk", "4", "--tissue-threshold", "0", "--quiet"]
+    code, _, err = run_cli(argv)
+    assert code == 1 and f"{catalog}: the archive's catalog is damaged (" in err
+    assert "`wsi-ssl check ROOT --repair` rebuilds it" in err
+    code, out, _ = run_cli(["check", str(root), "--quick"])
+    assert code == 1 and out.count("problem: ") == 1 and f"problem: {catalog}: damaged" in out
+    for damage in ("cut short", "deleted"):
+        code, out, _ = run_cli(["check", str(root), "--quick", "--repair"])
+        assert code == 0 and out.count("repaired: ") == 1, (damage, out)
+        rebuilt = {e.slide_id: e for e in open_store(root).catalog.entries()}
+        assert rebuilt.keys() == original.keys()
+        for sid, e in original.items():
+            r = rebuilt[sid]
+            assert (r.path, r.fingerprint, r.status, r.n_tiles) == (
+                e.path,
+                e.fingerprint,
+                e.status,
+                e.n_tiles,
+            )
+            assert {k: r.tiling[k] for k in ("mpp", "tile_size", "codec")} == {  # type: ignore[index]
+                k: e.tiling[k]
+                for k in ("mpp", "tile_size", "codec")  # type: ignore[index]
+            }
+        if damage == "cut short":
+            catalog.unlink()  # the second round: a lost catalog
+    assert len(list(root.glob("catalog.sqlite.damaged-*"))) == 1  # kept, not deleted
+    code, out, err = run_cli(["check", str(root), "--quick", "--repair"])  # nothing left
+    assert code == 0 and "problem: " not in out and "repaired: " not in out, out
+    code, out, err = run_cli(argv)
+    assert code == 0 and "1 already complete" in out, out + err

@@ -10,6 +10,7 @@ from pathlib import Path
 
 __all__ = [
     "ArchitectureMismatchError",
+    "CatalogCorruptError",
     "CheckpointError",
     "ConfigError",
     "CorruptIndexError",
@@ -450,6 +451,18 @@ class IndexLockedError(IndexBusyError, StoreLockedError):
         )
         self.path = Path(path)
         self.holder = holder
+
+
+class CatalogCorruptError(WsiSslError, OSError):
+    """An archive's ``catalog.sqlite`` cannot be read (the slide stores themselves may be whole)."""
+
+    def __init__(self, path: str | Path, detail: str) -> None:
+        super().__init__(
+            f"{path}: the archive's catalog is damaged ({detail}); `wsi-ssl check ROOT --repair` "
+            "rebuilds it from the slide stores (the damaged file is kept beside it)"
+        )
+        self.path = Path(path)
+        self.detail = detail
 
 
 class StoreCorruptError(WsiSslError, OSError):
