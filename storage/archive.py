@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -9,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from wsi_ssl.errors import (
+    CatalogCorruptError,
     MultiScaleRootError,
     StoreCorruptError,
     StoreNotFoundError,
@@ -68,6 +71,22 @@ class Archive:
     @property
     def catalog(self) -> Catalog:
         return Catalog(self.root / "catalog.sqlite")
+
+    def source_paths(self, slide_ids: Iterable[str]) -> dict[str, str]:
+        """Each slide's file path: from the catalog, or, for slides it does not list (a lost
+        or damaged catalog), from the store's own metadata (stores that cannot be read are
+        left out)."""
+        wanted = list(slide_ids)
+        try:
+            entries = self.catalog.entries() if (self.root / "catalog.sqlite").is_file() else []
+        except CatalogCorruptError:
+            entries = []
+        paths = {e.slide_id: e.path for e in entries if e.slide_id in set(wanted)}
+        for sid in wanted:
+            if sid not in paths:
+                with contextlib.suppress(WsiSslError):
+                    paths[sid] = str(self.slide(sid).source["path"])
+        return paths
 
     def store_path(self, slide_id: str) -> Path:
         return self.slides_dir / f"{slide_id}.zarr"

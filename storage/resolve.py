@@ -34,15 +34,9 @@ def slide_names(archive: Archive, slide_ids: Iterable[str] | None = None) -> dic
     for the complete stores (or ``slide_ids``)."""
     ids = archive.slide_ids if slide_ids is None else list(slide_ids)
     names: dict[str, set[str]] = {sid: {sid} for sid in ids}
-    try:
-        entries = archive.catalog.entries() if (archive.root / "catalog.sqlite").is_file() else []
-    except Exception:  # an unreadable catalog costs only the file names
-        entries = []
-    known = set(ids)
-    for entry in entries:
-        if entry.slide_id in known:
-            for key in (entry.name, Path(entry.name).stem, entry.path):
-                names.setdefault(key, set()).add(entry.slide_id)
+    for sid, path in archive.source_paths(ids).items():
+        for key in (Path(path).name, Path(path).stem, path):
+            names.setdefault(key, set()).add(sid)
     return names
 
 

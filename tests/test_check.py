@@ -297,6 +297,10 @@ def test_a_damaged_or_lost_catalog_is_rebuilt_from_the_stores(
     code, _, err = run_cli(argv)
     assert code == 1 and f"{catalog}: the archive's catalog is damaged (" in err
     assert "`wsi-ssl check ROOT --repair` rebuilds it" in err
+    # meanwhile slides are still named by their files (the stores record them)
+    from wsi_ssl.storage.resolve import resolve_slide
+
+    assert resolve_slide(open_store(root), "s1.tiff") in original
     code, out, _ = run_cli(["check", str(root), "--quick"])
     assert code == 1 and out.count("problem: ") == 1 and f"problem: {catalog}: damaged" in out
     for damage in ("cut short", "deleted"):

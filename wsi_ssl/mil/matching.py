@@ -132,13 +132,9 @@ def _resolve_encoder(root: Path, wanted: str | None, ids_by_slide: dict[str, lis
 
 
 def slide_file_names(archive: Archive, slide_ids: list[str]) -> dict[str, str]:
-    """Slide id -> its file name from the catalog (the id when the catalog has none)."""
+    """Slide id -> its file name (the id when neither the catalog nor the store has one)."""
     names = {sid: sid for sid in slide_ids}
-    try:
-        entries = archive.catalog.entries() if (archive.root / "catalog.sqlite").is_file() else []
-    except Exception:  # an unreadable catalog: fall back to slide ids
-        entries = []
-    names.update({e.slide_id: e.name for e in entries if e.slide_id in names})
+    names.update({sid: Path(p).name for sid, p in archive.source_paths(slide_ids).items()})
     return names
 
 
