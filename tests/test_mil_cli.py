@@ -387,3 +387,26 @@ def test_training_slides_embedded_with_different_stains_are_refused(
     assert code == 2 and stdout == "" and err.count("\n") == 1, err
     assert "embedded with different stain normalisations: 3 without (e.g. s1.tiff)" in err
     assert "1 with macenko to ref.png (e.g. s2.tiff)" in err and not out.exists()
+
+
+def test_training_slides_tiled_at_different_scales_are_refused(
+    archive: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """One slide tiled at 1 µm/px among 0.5 µm/px ones: training mixed them without a word
+    (the index refuses them); now it says how many slides each scale has, before any fold."""
+    import zarr
+
+    root, labels = archive
+    copy = tmp_path / "archive"
+    shutil.copytree(root, copy)
+    arch = open_store(copy)
+    group = zarr.open_group(arch.store_path(arch.slide_ids[0]), mode="r+")
+    tiling = dict(group.attrs["tiling"])
+    group.attrs["tiling"] = {**tiling, "mpp": 2 * float(tiling["mpp"])}
+    out = tmp_path / "run"
+    argv = ["mil", "train", str(copy), "--labels", str(labels), "--out", str(out), "--folds", "2"]
+    code, stdout, err = run_cli([*argv, *SMALL])
+    assert code == 2 and stdout == "" and err.count("\n") == 1, err
+    mpp = float(tiling["mpp"])
+    assert f"tiled at different scales: 3 at {mpp:g} µm/px" in err
+    assert f"1 at {2 * mpp:g} µm/px" in err and not out.exists()

@@ -25,6 +25,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "FORMAT_VERSION",
     "RUN_FORMAT",
+    "check_one_scale",
     "check_one_stain",
     "encoder_attrs",
     "partial_dir",
@@ -145,6 +146,33 @@ def check_one_stain(report: MatchReport) -> None:
         raise SchemaMismatchError(
             f"{report.labels_path}: the labelled slides were embedded with different stain "
             f"normalisations: {said}; embed them again alike (`wsi-ssl embed --no-resume`)"
+        )
+
+
+def check_one_scale(report: MatchReport) -> None:
+    """Refuse training slides tiled at different scales or tile sizes (a bag of 1 µm/px
+    tiles and one of 0.5 µm/px are not alike to the model; the index refuses them too).
+
+    Raises:
+        SchemaMismatchError: naming how many slides each tiling has.
+    """
+    from wsi_ssl.errors import SchemaMismatchError
+    from wsi_ssl.storage import SlideStore
+
+    groups: dict[tuple[float, int], list[str]] = {}
+    for slide in report.slides:
+        tiling = SlideStore.open(slide.store_path).tiling
+        key = (round(float(tiling["mpp"]), 6), int(tiling["tile_size"]))
+        groups.setdefault(key, []).append(slide.name)
+    if len(groups) > 1:
+        said = "; ".join(
+            f"{len(names)} at {mpp:g} µm/px, {size} px (e.g. {names[0]})"
+            for (mpp, size), names in groups.items()
+        )
+        raise SchemaMismatchError(
+            f"{report.labels_path}: the labelled slides were tiled at different scales: {said}; "
+            "tile them alike (`wsi-ssl tile --mpp MPP --tile-size SIZE --no-resume`) or label "
+            "one scale's slides"
         )
 
 

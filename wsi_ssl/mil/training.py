@@ -44,6 +44,7 @@ from wsi_ssl.mil.metrics import classification_metrics
 from wsi_ssl.mil.rundir import (
     CHECKPOINT_FORMAT,
     RUN_FORMAT,
+    check_one_scale,
     check_one_stain,
     checkpoint_header,
     partial_dir,
@@ -238,6 +239,7 @@ def _train(
     )
     folds, fold_source = folds_from_table(report, config, config.seed)
     check_one_stain(report)
+    check_one_scale(report)
 
     partial = partial_dir(out)
     try:
