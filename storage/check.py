@@ -52,7 +52,13 @@ from wsi_ssl.storage.embeddings import (
     embeddings_problem,
     finish_interrupted_swap,
 )
-from wsi_ssl.storage.fix_commands import encoder_name, some_names, stain_flags, tile_flags
+from wsi_ssl.storage.fix_commands import (
+    encoder_name,
+    index_flags,
+    some_names,
+    stain_flags,
+    tile_flags,
+)
 from wsi_ssl.storage.index_files import (
     INDEX_DIR,
     _current_generation,
@@ -60,6 +66,7 @@ from wsi_ssl.storage.index_files import (
     index_lock,
     prune_generations,
     read_index_files,
+    recorded_config,
 )
 from wsi_ssl.storage.locks import (
     embeddings_lock,
@@ -277,7 +284,7 @@ class _Checker:
         name = path.name
         if is_locked(path / ".lock"):
             return  # a writer is at work
-        fix = f"wsi-ssl index {{root}} --encoder ENCODER_ID --name {name}"
+        fix = f"wsi-ssl index {{root}} {index_flags(name, recorded_config(path))}"
         try:
             files = read_index_files(self.root, name, verify=True)
         except (CorruptIndexError, IndexNotFoundError) as err:

@@ -1,5 +1,5 @@
 """The commands ``wsi-ssl check`` prints to fix what it finds: the flags that repeat a slide's
-recorded tiling or an index's stain normalisation, the encoder name to embed with."""
+recorded tiling, an index's build or its stain normalisation, the encoder name to embed with."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-__all__ = ["encoder_name", "some_names", "stain_flags", "tile_flags"]
+__all__ = ["encoder_name", "index_flags", "some_names", "stain_flags", "tile_flags"]
 
 
 def tile_flags(tiling: dict[str, Any] | None) -> str:
@@ -56,3 +56,16 @@ def encoder_name(array_dir: Path, encoder_id: str) -> str:
         return str(attrs["encoder"]["name"])
     except (OSError, ValueError, KeyError, TypeError):
         return encoder_id.rsplit("-", 1)[0]
+
+
+def index_flags(name: str, record: dict[str, Any]) -> str:
+    """``--encoder ID --name NAME ...``: the ``wsi-ssl index`` flags that rebuild an index as its
+    recorded ``config.json`` says it was built (``ENCODER_ID`` where that is unreadable)."""
+    build = record.get("config") if isinstance(record.get("config"), dict) else {}
+    flags = [f"--encoder {shlex.quote(str(record.get('encoder_id') or 'ENCODER_ID'))}"]
+    flags.append(f"--name {shlex.quote(name)}")
+    if build.get("kind", "auto") != "auto":
+        flags.append(f"--kind {shlex.quote(str(build['kind']))}")
+    if build.get("target_recall", 0.95) != 0.95:
+        flags.append(f"--target-recall {build['target_recall']}")
+    return " ".join(flags)

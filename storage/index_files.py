@@ -228,6 +228,17 @@ def _current_generation(path: Path) -> str | None:
     return generation if isinstance(generation, str) and _GEN.match(generation) else None
 
 
+def recorded_config(path: Path) -> dict[str, Any]:
+    """The current generation's ``config.json`` of index directory ``path``, read without any
+    check (for advice on a damaged index: its encoder and settings); {} when unreadable."""
+    generation = _current_generation(path)
+    try:
+        config = json.loads((path / str(generation) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if generation is not None and isinstance(config, dict) else {}
+
+
 def prune_generations(path: Path, keep: set[str]) -> list[Path]:
     """Remove the generations of index directory ``path`` not named in ``keep`` (call with the
     writer lock); returns what went."""

@@ -129,6 +129,29 @@ def test_an_index_older_than_its_slides_is_named_and_index_add_brings_it_up_to_d
     assert {h.slide_id for h in index.search_tile(b, (x, y), k=5).hits} == {b}
 
 
+def test_a_damaged_index_gets_the_build_command_it_was_built_with(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    """A truncated index.faiss: the fix names the index's own encoder id and kind (it said
+    ``--encoder ENCODER_ID``), and running it gives a searchable index that check passes."""
+    root = shutil.copytree(small_archive, tmp_path / "root")
+    code, _, err = run_cli(["index", str(root), "--name", "exact", "--kind", "flat", "--quiet"])
+    assert code == 0, err
+    index = SearchIndex.open(root, "exact")
+    eid = index.encoder_id
+    faiss_file = index.files.path / "index.faiss"
+    faiss_file.write_bytes(faiss_file.read_bytes()[:100])
+    code, out, _ = run_cli(["check", str(root)])
+    assert code == 1
+    fix = f"wsi-ssl index {root} --encoder {eid} --name exact --kind flat"
+    assert f"fix: {fix}\n" in out, out
+    code, _, err = run_cli([*fix.split()[1:], "--quiet"])
+    assert code == 0, err
+    assert run_cli(["check", str(root)])[0] == 0
+    rebuilt = SearchIndex.open(root, "exact")
+    assert rebuilt.kind == "flat" and rebuilt.n_vectors == index.n_vectors
+
+
 def test_a_slide_re_embedded_with_another_stain_normalisation_gets_the_embed_that_fixes_it(
     small_archive: Path, tmp_path: Path
 ) -> None:

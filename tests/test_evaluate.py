@@ -319,6 +319,16 @@ def test_cli_prints_the_table_and_writes_the_files(separable: Path, tmp_path: Pa
     data = json.loads((out / "evaluation.json").read_text())
     assert [e["label"] for e in data["encoders"]] == ["random-cnn", "flat"]
     assert data["config"]["n_bootstrap"] == 50 and (out / "evaluation.png").is_file()
+    # a second evaluation into the same folder keeps the first one's files beside it
+    code, stdout, err = run_cli(
+        [*argv[:3], "--patches", str(separable), "--out", str(out), "--bootstrap", "50"]
+    )
+    assert code == 0, err
+    [kept] = out.glob("evaluation-*.json")
+    assert f"kept the earlier evaluation of this folder as {kept}" in stdout
+    assert json.loads(kept.read_text()) == data and kept.with_suffix(".png").is_file()
+    now = json.loads((out / "evaluation.json").read_text())
+    assert [e["label"] for e in now["encoders"]] == ["random-cnn"]
 
 
 def test_one_class_folder_is_a_typed_error(separable: Path, tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,15 @@ from wsi_ssl.evaluation.config import EvaluationConfig
 from wsi_ssl.evaluation.statistics import Estimate, Metric, estimate, paired_difference
 from wsi_ssl.storage.atomic import atomic_write_text
 
-__all__ = ["EvaluationReport", "Ranking", "ResultRow", "Scores", "TaskSummary", "rank"]
+__all__ = [
+    "EvaluationReport",
+    "Ranking",
+    "ResultRow",
+    "Scores",
+    "TaskSummary",
+    "keep_earlier",
+    "rank",
+]
 
 
 @dataclass(frozen=True)
@@ -179,6 +189,7 @@ class EvaluationReport:
     config: EvaluationConfig
     json_path: Path | None = None
     plot_path: Path | None = None
+    earlier: Path | None = None  # where the evaluation this one replaced in ``out`` was kept
 
     def table(self) -> str:
         """One line per task/method/metric, one column per encoder: value [CI low, high]."""
@@ -207,6 +218,8 @@ class EvaluationReport:
         ]
         out += [self.table(), *(r.sentence() for r in self.rankings)]
         out += [f"wrote {p}" for p in (self.json_path, self.plot_path) if p is not None]
+        if self.earlier is not None:
+            out.append(f"kept the earlier evaluation of this folder as {self.earlier}")
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -223,3 +236,21 @@ class EvaluationReport:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, default=str))
+
+
+def keep_earlier(out: Path) -> Path | None:
+    """Rename an earlier ``evaluation.json`` (and its plot) in ``out`` to
+    ``evaluation-<its UTC time>.json`` so a new evaluation does not replace it; returns the
+    new name (None: there was none)."""
+    json_path = out / "evaluation.json"
+    if not json_path.is_file():
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(json_path.stat().st_mtime))
+    stem, n = f"evaluation-{stamp}", 1
+    while (out / f"{stem}.json").exists():
+        n += 1
+        stem = f"evaluation-{stamp}-{n}"
+    if (out / "evaluation.png").is_file():
+        os.replace(out / "evaluation.png", out / f"{stem}.png")
+    os.replace(json_path, out / f"{stem}.json")
+    return out / f"{stem}.json"

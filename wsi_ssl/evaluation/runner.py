@@ -45,6 +45,7 @@ from wsi_ssl.evaluation.report import (
     ResultRow,
     Scores,
     TaskSummary,
+    keep_earlier,
     rank,
 )
 from wsi_ssl.evaluation.statistics import (
@@ -468,8 +469,9 @@ def evaluate_encoders(
         return report
     from wsi_ssl.evaluation.plot import plot_results
 
+    earlier = keep_earlier(Path(out))
     json_path = Path(out) / "evaluation.json"
     plot_path = plot_results(rows, [label for label, _ in named], Path(out) / "evaluation.png")
-    report = dataclasses.replace(report, json_path=json_path, plot_path=plot_path)
+    report = dataclasses.replace(report, json_path=json_path, plot_path=plot_path, earlier=earlier)
     report.write_json(json_path)
     return report
