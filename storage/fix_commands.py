@@ -61,7 +61,8 @@ def encoder_name(array_dir: Path, encoder_id: str) -> str:
 def index_flags(name: str, record: dict[str, Any]) -> str:
     """``--encoder ID --name NAME ...``: the ``wsi-ssl index`` flags that rebuild an index as its
     recorded ``config.json`` says it was built (``ENCODER_ID`` where that is unreadable)."""
-    build = record.get("config") if isinstance(record.get("config"), dict) else {}
+    recorded = record.get("config")
+    build: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
     flags = [f"--encoder {shlex.quote(str(record.get('encoder_id') or 'ENCODER_ID'))}"]
     flags.append(f"--name {shlex.quote(name)}")
     if build.get("kind", "auto") != "auto":
