@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import os
 import sys
@@ -25,6 +26,7 @@ from wsi_ssl.cli import (
 )
 from wsi_ssl.cli.hints import command_parser, in_command_words
 from wsi_ssl.errors import WsiSslError
+from wsi_ssl.outcome import JobInterrupted
 
 COMMANDS = (tile, pretrain, curate, embed, encoders, search, mil, serve, demo, evaluate, check)
 
@@ -57,7 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader of stdout stopped early (`| head`): end quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, as the shell's own tools end
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        if isinstance(err, JobInterrupted):  # a batch job: what it finished, as it reports
+            as_json = getattr(args, "json", False)
+            report = err.lines(args.error_text)
+            print(json.dumps(err.to_dict(), indent=2) if as_json else "\n".join(report))
         sys.stdout.flush()  # what the command printed before the interrupt stays printed
         after = getattr(args, "after_interrupt", "nothing half-written is kept; re-run the command")
         print(f"wsi-ssl: interrupted; {after}", file=sys.stderr)

@@ -5,6 +5,7 @@ complete state, ``wsi-ssl check`` says so, and a plain re-run completes it."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +21,8 @@ import pytest
 from tests.conftest import run_cli
 from wsi_ssl.storage import open_store
 from wsi_ssl.storage.atomic import FAULT_ENV
+from wsi_ssl.storage.fingerprint import fingerprint_file, slide_id_from_fingerprint
+from wsi_ssl.synthetic import write_synthetic_slide
 
 pytestmark = pytest.mark.faults
 
@@ -32,7 +36,7 @@ def _cli_process(argv: list[str], fault: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", code, *argv], env=env, stderr=subprocess.PIPE)
 
 
-def _wait_stopped(proc: subprocess.Popen[bytes], timeout: float = 180) -> None:
+def _wait_stopped(proc: subprocess.Popen[Any], timeout: float = 180) -> None:
     """Until ``proc`` has stopped itself (SIGSTOP at the fault point)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -200,3 +204,73 @@ def test_checkpoint_killed_at_the_rename_keeps_the_previous_one(tmp_path: Path) 
     assert save(3) == 0  # the next save removes the dead run's temp file
     assert torch.load(path, weights_only=True)["meta"]["step"] == 3
     assert not temp.exists() and list(tmp_path.iterdir()) == [path]
+
+
+def _interrupt_at(argv: list[str], fault: str) -> tuple[int, str, str]:
+    """``wsi-ssl ARGV`` in a real process, Ctrl-C (SIGINT) where the fault hook pauses it:
+    (exit code, stdout, stderr)."""
+    code = "import sys; from wsi_ssl.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *argv],
+        env={**os.environ, FAULT_ENV: fault},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_stopped(proc)
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGCONT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, out, err
+
+
+RESUME = "wsi-ssl: interrupted; re-run it (without --no-resume) to go on where it stopped"
+
+
+def test_an_interrupted_embed_reports_the_slides_it_finished(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C while the second slide's vectors are about to land: the report names the first
+    slide embedded and the second not done (it printed nothing but the advice); the re-run
+    embeds only the second."""
+    root = shutil.copytree(small_archive, tmp_path / "root")
+    for store in (root / "slides").glob("*.zarr"):
+        shutil.rmtree(store / "embeddings")
+    a, b = open_store(root).slide_ids
+    code, out, err = _interrupt_at(
+        ["embed", str(root), *EMBED], f"pause_before_rename:{b}.zarr/embeddings/random"
+    )
+    assert code == 130 and err.strip().splitlines()[-1] == RESUME
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("complete ") and lines[0].endswith(f"  {a}"), out
+    assert "1 embedded, 0 already complete, 0 busy (another job is writing them), 0 failed" in out
+    assert lines[-1] == f"not done: 1 slide(s) when interrupted ({b})"
+    assert open_store(root).embedding_ids(b) == []  # nothing half-written under its name
+    code, out, _ = run_cli(["embed", str(root), *EMBED[:-1], "--json"])
+    assert code == 0
+    done = json.loads(out)
+    assert (done["complete"], done["skipped"]) == (1, 1)
+
+
+def test_an_interrupted_tile_job_reports_the_slides_it_finished(tmp_path: Path) -> None:
+    """Ctrl-C in the second of three slides: the first is reported complete, the other two
+    not done, in the ``--json`` output too; the re-run skips the first and tiles the rest."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    paths = [write_synthetic_slide(folder / f"s{i}.tiff", (900, 700), seed=i) for i in (1, 2, 3)]
+    second = slide_id_from_fingerprint(fingerprint_file(paths[1]))
+    root = tmp_path / "root"
+    argv = ["tile", str(folder), "--out", str(root), "--tissue-threshold", "0", "--quiet"]
+    code, out, err = _interrupt_at([*argv, "--json"], f"pause_before_rename:{second}.zarr")
+    assert code == 130 and err.strip().splitlines()[-1] == RESUME
+    report = json.loads(out)
+    assert report["interrupted"] is True and report["complete"] == 1
+    assert [s["path"] for s in report["slides"]] == [str(paths[0])]
+    assert report["not_done"] == [str(p) for p in paths[1:]]
+    code, out, _ = run_cli([*argv, "--json"])
+    assert code == 0
+    again = json.loads(out)
+    assert (again["complete"], again["skipped"]) == (2, 1)

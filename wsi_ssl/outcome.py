@@ -8,14 +8,24 @@ whose ``lines()`` the CLI prints as they are and whose ``to_dict()`` is its ``--
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from wsi_ssl.errors import StoreLockedError, WsiSslError
 
-__all__ = ["STATUSES", "BatchOutcome", "ErrorText", "RemoteError", "SlideOutcome", "Status"]
+__all__ = [
+    "STATUSES",
+    "BatchOutcome",
+    "ErrorText",
+    "JobInterrupted",
+    "RemoteError",
+    "SlideOutcome",
+    "Status",
+    "interrupt_report",
+]
 
 Status = Literal["complete", "skipped", "busy", "failed"]
 STATUSES: tuple[Status, ...] = ("complete", "skipped", "busy", "failed")
@@ -178,3 +188,42 @@ class BatchOutcome:
     def outcomes_dict(self) -> dict[str, Any]:
         """The counts and the per-slide list, for a summary's ``to_dict()``."""
         return {**self.counts, "slides": [o.to_dict() for o in self.outcomes]}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` output; summaries add their totals."""
+        return self.outcomes_dict()
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """Ctrl-C in a batch job, with what it had done by then: ``summary`` holds the outcomes of
+    the slides finished before it, ``not_done`` names the others (the one being written is
+    left to a re-run, which redoes or resumes it)."""
+
+    def __init__(self, summary: BatchOutcome, not_done: Sequence[str]) -> None:
+        super().__init__()
+        self.summary = summary
+        self.not_done = list(not_done)
+
+    def lines(self, error_text: ErrorText | None = None) -> list[str]:
+        """The report of the slides done, then how many were not."""
+        line = f"not done: {len(self.not_done)} slide(s) when interrupted"
+        if self.not_done:
+            more = ", ..." if len(self.not_done) > 5 else ""
+            line += f" ({', '.join(self.not_done[:5])}{more})"
+        return [*self.summary.lines(error_text), line]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The job's ``--json`` output so far, with ``interrupted`` and ``not_done``."""
+        return {**self.summary.to_dict(), "interrupted": True, "not_done": self.not_done}
+
+
+@contextlib.contextmanager
+def interrupt_report(summary: BatchOutcome, not_done: Callable[[], list[str]]) -> Iterator[None]:
+    """Turn Ctrl-C in the block into :class:`JobInterrupted` with ``summary`` as it stands
+    and the slides ``not_done()`` names."""
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        if isinstance(err, JobInterrupted):
+            raise
+        raise JobInterrupted(summary, not_done()) from err

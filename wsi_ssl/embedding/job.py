@@ -27,7 +27,7 @@ from wsi_ssl.errors import (
     UnknownSlideError,
     WsiSslError,
 )
-from wsi_ssl.outcome import SlideOutcome
+from wsi_ssl.outcome import SlideOutcome, interrupt_report
 from wsi_ssl.storage import Archive, open_store
 from wsi_ssl.storage.resolve import resolve_slide
 
@@ -112,18 +112,23 @@ def embed(
     prepared += [_unknown_slide(archive, s) or target.prepare(archive, s) for s in ids]
     _refuse_wrong_size_everywhere(archive.root, prepared)
     runner = EmbedRunner(target, stain, progress)
-    runner.run([p for p in prepared if isinstance(p, EmbedSlide)])
-    return EmbedSummary(
-        outcomes=[_outcome(p) for p in prepared],
+    summary = EmbedSummary(
         root=str(root),
         encoder_id=enc.encoder_id,
         encoder=enc.describe(),
         config=config.to_dict(),
         compute=enc.compute,
         incomplete=incomplete,
-        seconds=time.perf_counter() - started,
-        loader_wait_s=runner.loader_wait,
     )
+    to_embed = [p for p in prepared if isinstance(p, EmbedSlide)]
+    with interrupt_report(summary, lambda: [p.store.slide_id for p in to_embed if not p.done]):
+        try:
+            runner.run(to_embed)
+        finally:  # the outcomes so far, for an interrupt's report too
+            summary.outcomes = [o for p in prepared if (o := _outcome(p)) is not None]
+            summary.seconds = time.perf_counter() - started
+            summary.loader_wait_s = runner.loader_wait
+    return summary
 
 
 def _refuse_wrong_size_everywhere(root: Path, prepared: Sequence[Any]) -> None:
@@ -158,11 +163,9 @@ def _store_name(err: BaseException) -> str:
     return Path(str(getattr(err, "path", "?"))).name.removesuffix(".zarr")
 
 
-def _outcome(prepared: EmbedSlide | SlideOutcome) -> SlideOutcome:
-    if isinstance(prepared, SlideOutcome):
-        return prepared
-    assert prepared.outcome is not None, "the runner sets every slide's outcome"
-    return prepared.outcome
+def _outcome(prepared: EmbedSlide | SlideOutcome) -> SlideOutcome | None:
+    """The slide's outcome (None: not done yet, when the job was interrupted)."""
+    return prepared if isinstance(prepared, SlideOutcome) else prepared.outcome
 
 
 def embed_slide(

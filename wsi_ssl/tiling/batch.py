@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import ConfigError, DiskFullError, WsiSslError
-from wsi_ssl.outcome import BatchOutcome, SlideOutcome
+from wsi_ssl.outcome import BatchOutcome, SlideOutcome, interrupt_report
 from wsi_ssl.storage import STATUS_COMPLETE, Archive, SlideStore
 from wsi_ssl.storage.archive import multi_scale_roots
 from wsi_ssl.storage.locks import slide_lock
@@ -479,7 +479,9 @@ def tile_slides(
     }
     batch_started = time.perf_counter()
     first_of: dict[str, Path] = {}  # fingerprint -> the batch's first file with that content
-    with tqdm(paths, desc="slides", unit="slide", disable=not progress, dynamic_ncols=True) as bar:
+    done = 0  # slides finished, for the report of an interrupt
+    bar = tqdm(paths, desc="slides", unit="slide", disable=not progress, dynamic_ncols=True)
+    with bar, interrupt_report(summary, lambda: [str(p) for p in paths[done:]]):
         for path in bar:
             override = overrides.get(path, config.mpp_override)
             roi = roi_files.get(path, config.roi)  # absolute: recorded, and named by check
@@ -488,6 +490,7 @@ def tile_slides(
             summary.outcomes += tile_slide_scales(
                 path, root, slide_config, mpps, first_of=first_of, **options
             )
+            done += 1
             rate = summary.tiles_done / max(time.perf_counter() - batch_started, 1e-9)
             bar.set_postfix(
                 tiles=summary.tiles_done, tiles_s=f"{rate:.0f}", failed=len(summary.failed)
