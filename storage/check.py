@@ -27,6 +27,7 @@ marks what must be redone in the catalog (status "failed"), so that a plain re-r
 
 from __future__ import annotations
 
+import itertools
 import math
 import shlex
 import shutil
@@ -53,8 +54,10 @@ from wsi_ssl.storage.embeddings import (
     finish_interrupted_swap,
 )
 from wsi_ssl.storage.fix_commands import (
-    encoder_name,
+    embedding_stain_flags,
+    encoder_flags,
     index_flags,
+    recorded_attrs,
     some_names,
     stain_flags,
     tile_flags,
@@ -254,9 +257,16 @@ class _Checker:
             self.report.arrays += 1
             problem = embeddings_problem(store, eid, decode=self.decode)
             if problem is not None:
-                fix = f"wsi-ssl embed {{root}} --encoder {encoder_name(child, eid)} --slides "
-                fix += store.slide_id
+                attrs = self.embedding_attrs(child)
+                fix = f"wsi-ssl embed {{root}} {encoder_flags(attrs, eid)} --slides "
+                fix += f"{store.slide_id} {embedding_stain_flags(attrs)}".rstrip()
                 self.add(child, f"embeddings {problem}", fix, lambda e=eid: self.drop(store, e))
+
+    def embedding_attrs(self, array_dir: Path) -> dict[str, Any]:
+        """What an embeddings array records, from it or (damaged) another slide's array of
+        the same encoder id."""
+        others = self.root.glob(f"slides/*.zarr/{EMBEDDINGS_GROUP}/{array_dir.name}")
+        return recorded_attrs(itertools.chain([array_dir], others))
 
     def clear_partial(self, store: SlideStore, encoder_id: str) -> bool:
         with embeddings_lock(self.root, store.slide_id, encoder_id):
@@ -348,13 +358,13 @@ class _Checker:
         if other_stain:
             names = [str(e.get("name") or e["slide_id"]) for e, _ in other_stain]
             ids = " ".join(e["slide_id"] for e, _ in other_stain)
-            encoder = encoder_name(other_stain[0][1], encoder_id)
+            encoder = encoder_flags(self.embedding_attrs(other_stain[0][1]), encoder_id)
             self.add(
                 path,
                 f"{len(other_stain)} indexed slide(s) re-embedded with another stain "
                 f"normalisation than the index's ({stain_text(config['stain'])}: "
                 f"{some_names(names)}); searches return their old tiles and index --add refuses them",
-                f"wsi-ssl embed {{root}} --encoder {encoder} --slides {ids} "
+                f"wsi-ssl embed {{root}} {encoder} --slides {ids} "
                 f"{stain_flags(config['stain'])} --no-resume, then {add}",
             )
 

@@ -1,14 +1,24 @@
 """The commands ``wsi-ssl check`` prints to fix what it finds: the flags that repeat a slide's
-recorded tiling, an index's build or its stain normalisation, the encoder name to embed with."""
+recorded tiling, an index's build or its stain normalisation, the encoder and stain flags an
+embeddings array was made with."""
 
 from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["encoder_name", "index_flags", "some_names", "stain_flags", "tile_flags"]
+__all__ = [
+    "embedding_stain_flags",
+    "encoder_flags",
+    "index_flags",
+    "recorded_attrs",
+    "some_names",
+    "stain_flags",
+    "tile_flags",
+]
 
 
 def tile_flags(tiling: dict[str, Any] | None) -> str:
@@ -49,13 +59,42 @@ def stain_flags(provenance: dict[str, Any] | None) -> str:
     return f"--stain-normalize {provenance['method']} --stain-reference {reference}"
 
 
-def encoder_name(array_dir: Path, encoder_id: str) -> str:
-    """The encoder name to pass to ``wsi-ssl embed`` (from the array's provenance)."""
-    try:
-        attrs = json.loads((array_dir / "zarr.json").read_text())["attributes"]
-        return str(attrs["encoder"]["name"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return encoder_id.rsplit("-", 1)[0]
+def recorded_attrs(array_dirs: Iterable[Path]) -> dict[str, Any]:
+    """The attributes of the first readable array among ``array_dirs`` (an embeddings array,
+    then others of the same encoder id), read without checks; {} when none is readable."""
+    for array_dir in array_dirs:
+        try:
+            attrs = json.loads((array_dir / "zarr.json").read_text())["attributes"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(attrs, dict) and isinstance(attrs.get("encoder"), dict):
+            return attrs
+    return {}
+
+
+def encoder_flags(attrs: dict[str, Any], encoder_id: str) -> str:
+    """``--encoder NAME [--weights FILE] [--seed N] [--dtype D]``: the ``wsi-ssl embed`` flags
+    that make the encoder and array an embeddings array's ``attrs`` record (its name alone
+    where they are unreadable)."""
+    encoder = attrs.get("encoder") or {}
+    source, weights = encoder.get("source"), encoder.get("weights_path")
+    spec = weights if source == "wsi-ssl" and weights else encoder.get("name")
+    flags = [f"--encoder {shlex.quote(str(spec or encoder_id.rsplit('-', 1)[0]))}"]
+    if source == "file" and weights:
+        flags.append(f"--weights {shlex.quote(str(weights))}")
+    if source == "random" and encoder.get("seed"):
+        flags.append(f"--seed {int(encoder['seed'])}")
+    if attrs.get("dtype") not in (None, "float16"):
+        flags.append(f"--dtype {attrs['dtype']}")
+    return " ".join(flags)
+
+
+def embedding_stain_flags(attrs: dict[str, Any]) -> str:
+    """The ``--stain-normalize`` flags that normalise tiles as an embeddings array's
+    ``attrs`` record ("" where nothing is to be said: none, and none by default)."""
+    if attrs.get("stain"):
+        return stain_flags(attrs["stain"])
+    return stain_flags(None) if (attrs.get("encoder") or {}).get("stain") else ""
 
 
 def index_flags(name: str, record: dict[str, Any]) -> str:

@@ -188,6 +188,44 @@ def test_a_slide_re_embedded_with_another_stain_normalisation_gets_the_embed_tha
     assert run_cli(["check", str(root)])[0] == 0
 
 
+def test_the_fix_of_damaged_embeddings_repeats_their_stain_normalisation(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    """Embeddings made with Macenko to a reference, damaged (a chunk lost; then the array's
+    metadata cut short): the fix embeds with the same normalisation, read from the array or,
+    when its metadata is gone, from another slide's array of that encoder (it left the stain
+    flags out, so following it silently changed the vectors)."""
+    from PIL import Image
+
+    root = shutil.copytree(small_archive, tmp_path / "root")
+    a = open_store(root).slide_ids[0]
+    reference = tmp_path / "ref.png"
+    tiles = open_store(root).slide(a).tiles[:]
+    Image.fromarray(tiles[tiles.reshape(len(tiles), -1).mean(1).argmin()]).save(reference)
+    stain = ["--stain-normalize", "macenko", "--stain-reference", str(reference)]
+    argv = ["embed", str(root), "--encoder", "random-cnn", "--quiet", "--dtype", "float32"]
+    assert run_cli([*argv, *stain, "--no-resume"])[0] == 0
+    eid = open_store(root).embedding_ids(a)[0]
+    array = root / "slides" / f"{a}.zarr" / "embeddings" / eid
+    want = json.loads((array / "zarr.json").read_text())["attributes"]["stain"]
+    flags = f"--stain-normalize macenko --stain-reference {reference}"
+    fix = f"wsi-ssl embed {root} --encoder random-cnn --dtype float32 --slides {a} {flags}"
+    for damage in ("chunk", "metadata"):
+        if damage == "chunk":
+            next(p for p in (array / "c").rglob("*") if p.is_file()).unlink()
+        else:
+            (array / "zarr.json").write_text('{"zarr_format": 3, "attri')
+        code, out, _ = run_cli(["check", str(root), "--repair"])
+        assert (
+            code == 1 and f"fix: removed (a re-run of its embedding job redoes it): {fix}\n" in out
+        )
+        code, _, err = run_cli([*fix.split()[1:], "--quiet"])
+        assert code == 0, err
+        assert json.loads((array / "zarr.json").read_text())["attributes"]["stain"] == want
+    code, out, _ = run_cli(["check", str(root)])  # only the index (built without stain) is left
+    assert out.count("problem: ") == 1 and f"problem: {root}/index/{eid}: 2 indexed" in out
+
+
 def test_one_resolver_for_slide_names_and_encoder_ids(small_archive: Path) -> None:
     import pytest
 
