@@ -5,7 +5,8 @@ What is checked, each problem a :class:`Finding` with the command that fixes it:
 - every slide store: metadata readable, status complete, every tile shard file present (and,
   with ``verify_tiles``, holding the bytes whose CRC32C was recorded when it was tiled: every
   tile byte of the archive read), ``coords`` / ``tissue_fraction`` rows equal to the tile
-  count; swap leftovers
+  count, every other array (coords, tissue fraction, thumbnail, mask, QC, labels) readable and
+  holding the values whose sha256 was recorded when the store was completed; swap leftovers
   (``<id>.zarr.new`` / ``.old``) of a killed re-tile;
 - every embeddings array: complete by content (``embeddings_problem``), and unfinished
   (``.writing-*``) or set-aside (``.replaced-*``) arrays of killed jobs;
@@ -28,7 +29,6 @@ marks what must be redone in the catalog (status "failed"), so that a plain re-r
 from __future__ import annotations
 
 import itertools
-import math
 import shlex
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -233,7 +233,7 @@ class _Checker:
                 why = f"status {store.status!r}: a tiling job was interrupted"
                 self.add(path, why, self.tile_fix(slide_id), lambda: self.mark_redo(slide_id, why))
             return
-        problem = _store_problem(store, verify=self.verify_tiles)
+        problem = store.problem(verify=self.verify_tiles)
         if problem is not None:
             self.reported.add(slide_id)
             self.add(
@@ -443,38 +443,6 @@ def _short(err: BaseException) -> str:
 def _gone(path: Path) -> bool:
     remove_path(path)
     return not path.exists()
-
-
-def _store_problem(store: SlideStore, *, verify: bool) -> str | None:
-    """What is wrong with a complete store's contents (shards, row counts), or None;
-    ``verify`` reads every shard against the CRC32C recorded when it was tiled."""
-    try:
-        tiles = store.tiles
-        n = int(tiles.shape[0])
-        per_shard = int(tiles.shards[0]) if tiles.shards else int(tiles.chunks[0])
-        expected = math.ceil(n / per_shard) if n else 0
-        missing = sum(
-            not (store.path / "tiles" / "c" / str(i) / "0" / "0" / "0").is_file()
-            for i in range(expected)
-        )
-        if missing:
-            return f"{missing} of {expected} tile shard files missing"
-        damaged = store.damaged_shards() if verify else []
-        if damaged:
-            which = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
-            return (
-                f"{len(damaged)} of {expected} tile shard files damaged (shard {which}: bytes "
-                "changed since tiling, CRC32C)"
-            )
-        for name, rows in (
-            ("coords", len(store.coords)),
-            ("tissue_fraction", len(store.tissue_fraction)),
-        ):
-            if rows != n:
-                return f"{name} has {rows} rows for {n} tiles"
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"cannot read its arrays ({type(err).__name__}: {err})"
-    return None
 
 
 def check_archive(

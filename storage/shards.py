@@ -103,6 +103,27 @@ def shard_checksum(path: str | Path) -> int:
     return int(google_crc32c.value(Path(path).read_bytes()))
 
 
+def shard_index_ok(path: str | Path, per_shard: int) -> bool:
+    """Whether the shard file at ``path`` ends with an intact index (its CRC32C matches) whose
+    chunks all lie inside the file: a cheap test for a shard cut short (reads the index only)."""
+    size = (per_shard * 16) + 4
+    try:
+        with open(path, "rb") as f:
+            length = f.seek(0, os.SEEK_END)
+            if length < size:
+                return False
+            f.seek(length - size)
+            tail = f.read(size)
+    except OSError:
+        return False
+    index_bytes, crc = tail[:-4], tail[-4:]
+    if google_crc32c.value(index_bytes).to_bytes(4, "little") != crc:
+        return False
+    index = np.frombuffer(index_bytes, dtype="<u8").reshape(per_shard, 2)
+    used = index[index[:, 0] != EMPTY]
+    return bool((used[:, 0] + used[:, 1] <= length - size).all())
+
+
 def write_shard(
     array: zarr.Array[Any], shard: int, tiles: np.ndarray | Sequence[np.ndarray | bytes]
 ) -> int | None:

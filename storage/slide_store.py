@@ -11,7 +11,9 @@ point leaves the previous complete store or the new complete one, which `recover
 
 from __future__ import annotations
 
-import filecmp
+import hashlib
+import json
+import math
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -36,7 +38,7 @@ from wsi_ssl.storage.atomic import (
     rename_into_place,
 )
 from wsi_ssl.storage.codecs import tile_codecs
-from wsi_ssl.storage.shards import SHARD_CHECKSUMS, shard_checksum, shard_path
+from wsi_ssl.storage.shards import SHARD_CHECKSUMS, shard_checksum, shard_index_ok, shard_path
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -50,6 +52,9 @@ STAGING_SUFFIX = ".new"
 """``<id>.zarr.new``: a store being written to replace ``<id>.zarr``."""
 ASIDE_SUFFIX = ".old"
 """``<id>.zarr.old``: the replaced store, between the two renames of a swap."""
+CONTENTS_SHA256 = "contents_sha256"
+"""Group attribute: the sha256 of every array's values but the tiles' (which have their shard
+CRC32C) and the embeddings', by array path, taken when the store was completed."""
 
 
 class SlideStore:
@@ -159,8 +164,33 @@ class SlideStore:
         Every file of the store is fsync'ed first, and the group's metadata after the flip.
         """
         fsync_tree(self.path)
-        self.group.attrs["status"] = STATUS_COMPLETE
+        self.group.attrs.update(
+            {CONTENTS_SHA256: self.contents_sha256(), "status": STATUS_COMPLETE}
+        )
         fsync_file(self.path / "zarr.json")
+
+    def contents_sha256(self, names: Sequence[str] | None = None) -> dict[str, str]:
+        """sha256 of the values of arrays ``names`` (default: every array but the tiles and
+        the embeddings), as read from disk.
+
+        Raises:
+            KeyError: an array is not there; ValueError: its metadata cannot be read.
+        """
+        if names is None:
+            names = [
+                name
+                for name, member in self.group.members(max_depth=None)
+                if isinstance(member, zarr.Array)
+                and name != "tiles"
+                and not name.startswith("embeddings/")
+            ]
+        return {name: array_sha256(np.asarray(self._array(name)[...])) for name in sorted(names)}
+
+    @property
+    def recorded_contents(self) -> dict[str, str]:
+        """The :data:`CONTENTS_SHA256` taken at completion ({}: a store from before)."""
+        recorded = self.group.attrs.get(CONTENTS_SHA256)
+        return dict(cast("Mapping[str, str]", recorded)) if isinstance(recorded, dict) else {}
 
     # -- contents --------------------------------------------------------------------------
     def _array(self, name: str) -> zarr.Array[Any]:
@@ -254,6 +284,44 @@ class SlideStore:
             if path.is_file() and shard_checksum(path) != crc
         ]
 
+    def problem(self, *, verify: bool = False) -> str | None:
+        """What is wrong with a complete store's contents, or None: tile shard files missing
+        or cut short (their index), row counts, the other arrays' values against the sha256
+        taken at completion; ``verify`` also reads every shard against its recorded CRC32C."""
+        try:
+            tiles = self.tiles
+            n = int(tiles.shape[0])
+            per_shard = int(tiles.shards[0]) if tiles.shards else int(tiles.chunks[0])
+            expected = math.ceil(n / per_shard) if n else 0
+            files = [self.shard_file(i) for i in range(expected)]
+            missing = sum(not f.is_file() for f in files)
+            if missing:
+                return f"{missing} of {expected} tile shard files missing"
+            cut = [
+                i for i, f in enumerate(files) if tiles.shards and not shard_index_ok(f, per_shard)
+            ]
+            damaged = cut or (self.damaged_shards() if verify else [])
+            if damaged:
+                which = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
+                why = "cut short: no intact index" if cut else "bytes changed since tiling, CRC32C"
+                return (
+                    f"{len(damaged)} of {expected} tile shard files damaged (shard {which}: {why})"
+                )
+            for name, rows in (
+                ("coords", len(self.coords)),
+                ("tissue_fraction", len(self.tissue_fraction)),
+            ):
+                if rows != n:
+                    return f"{name} has {rows} rows for {n} tiles"
+            recorded = self.recorded_contents
+            now = self.contents_sha256(list(recorded) or None)  # reads every array
+            changed = [name for name, digest in recorded.items() if now[name] != digest]
+            if changed:
+                return f"{', '.join(changed)} changed since tiling (chunk files lost or altered)"
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            return f"cannot read its arrays ({type(err).__name__}: {err})"
+        return None
+
     def shard_file(self, shard: int) -> Path:
         """The file of tile shard number ``shard``."""
         return shard_path(self.tiles, shard)
@@ -267,6 +335,21 @@ class SlideStore:
 
     def write_tiles(self, start: int, tiles: np.ndarray) -> None:
         self.tiles[start : start + len(tiles)] = tiles
+
+
+def array_sha256(values: np.ndarray) -> str:
+    """sha256 of an array's bytes in C order (for int64 coordinates, the embeddings'
+    ``coords_sha256``)."""
+    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
+
+
+def recorded_attrs(path: str | Path) -> dict[str, Any]:
+    """A store's group attributes read without zarr or checks ({}: unreadable or damaged)."""
+    try:
+        attrs = json.loads((Path(path) / "zarr.json").read_text(encoding="utf-8"))["attributes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return attrs if isinstance(attrs, dict) else {}
 
 
 def open_tiles(path: str | Path, *, writable: bool = False) -> zarr.Array[Any]:
@@ -334,47 +417,6 @@ def swap_in(new: str | Path, store_path: str | Path) -> None:
     fault_point(f"{path}#remove-old")
     remove_path(old)
     fsync_dir(path.parent)
-
-
-def same_tiles(old: SlideStore, new: SlideStore) -> bool:
-    """Whether two stores hold the same tiles: same source file, coords, tile array layout
-    and codecs, and byte-identical shard files.
-
-    Damage to ``old`` (``wsi-ssl check`` asks for this re-tile) does not count against it: its
-    embeddings were computed from its tiles as they were written (a store cannot be embedded
-    without every shard), which the same file, coordinates and settings make again. So a
-    shard file ``old`` lost, or one whose bytes differ from the new shard's while the new
-    shard's CRC32C is the one recorded when ``old`` was tiled (``old``'s bytes changed since),
-    is the same; every other shard must be byte-identical."""
-    if old.source.get("fingerprint") != new.source.get("fingerprint"):
-        return False
-    if not np.array_equal(old.coords, new.coords):
-        return False
-    if _layout(old) != _layout(new):
-        return False
-    old_dir, new_dir = old.path / "tiles", new.path / "tiles"
-    names = sorted(  # the shard files; the metadata file was compared above, attributes aside
-        str(p.relative_to(old_dir))
-        for p in old_dir.rglob("*")
-        if p.is_file() and p.name != "zarr.json"
-    )
-    if not set(names) <= {str(p.relative_to(new_dir)) for p in new_dir.rglob("*") if p.is_file()}:
-        return False
-    _, mismatch, errors = filecmp.cmpfiles(old_dir, new_dir, names, shallow=False)
-    if errors:
-        return False
-    recorded, remade = old.shard_checksums or [], new.shard_checksums or []
-    shard_of = {str(old.shard_file(i).relative_to(old_dir)): i for i in range(len(recorded))}
-    for name in mismatch:  # the same iff the new bytes are those ``old`` recorded as tiled
-        i = shard_of.get(name)
-        if i is None or i >= len(remade) or remade[i] != recorded[i]:
-            return False
-    return True
-
-
-def _layout(store: SlideStore) -> dict[str, Any]:
-    """The tiles array's metadata without its attributes (shard checksums and the like)."""
-    return {k: v for k, v in store.tiles.metadata.to_dict().items() if k != "attributes"}
 
 
 def carry_embeddings(old: str | Path, new: str | Path, encoder_ids: list[str]) -> None:

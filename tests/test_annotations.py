@@ -170,6 +170,32 @@ def test_mask_files_at_any_scale(tmp_path: Path, suffix: str) -> None:
         np.testing.assert_array_equal(raster, (small > 0).repeat(k, 0).repeat(k, 1))
 
 
+def test_palette_16_bit_and_jpeg_masks_keep_their_classes(tmp_path: Path) -> None:
+    """A palette PNG's classes are its indices (they were the palette colours' brightness,
+    "76" and "150"), a 16-bit mask keeps values over 255 (300 became 255), and a binary mask
+    saved as JPEG is one class, "mask" (its compression noise made 11 classes)."""
+    labels = np.zeros((40, 52), dtype=np.uint8)
+    labels[5:20, 5:20] = 1
+    labels[22:35, 30:50] = 2
+    palette = Image.fromarray(labels, mode="P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * (256 * 3 - 9))
+    palette.save(tmp_path / "palette.png")
+    ann = read_annotations(tmp_path / "palette.png")
+    assert ann.classes == ("1", "2")
+    np.testing.assert_array_equal(rasterize(ann, labels.shape, 1.0)["2"], labels == 2)
+    deep = labels.astype(np.uint16) * 150  # values 150 and 300
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    deep_ann = read_annotations(tmp_path / "deep.png")
+    assert deep_ann.classes == ("150", "300")
+    np.testing.assert_array_equal(rasterize(deep_ann, labels.shape, 1.0)["300"], labels == 2)
+    binary = np.where(labels > 0, 255, 0).astype(np.uint8)
+    Image.fromarray(binary).save(tmp_path / "binary.jpg", quality=75)
+    jpeg = read_annotations(tmp_path / "binary.jpg")
+    assert jpeg.classes == ("mask",)
+    drawn = rasterize(jpeg, labels.shape, 1.0)["mask"]
+    assert (drawn != (labels > 0)).mean() < 0.01  # at most a few edge pixels
+
+
 def test_a_label_mask_has_a_class_per_value_and_a_mask_must_fit_the_slide(
     tmp_path: Path,
 ) -> None:

@@ -226,6 +226,55 @@ def test_the_fix_of_damaged_embeddings_repeats_their_stain_normalisation(
     assert out.count("problem: ") == 1 and f"problem: {root}/index/{eid}: 2 indexed" in out
 
 
+def _cut(path: Path, keep: int = 10) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def _first_chunk(array_dir: Path) -> Path:
+    return min(p for p in (array_dir / "c").rglob("*") if p.is_file())
+
+
+STORE_DAMAGE = {
+    "coords chunk lost": (lambda z: _first_chunk(z / "coords").unlink(), "coords changed"),
+    "QC chunk lost": (lambda z: _first_chunk(z / "qc" / "focus").unlink(), "qc/focus changed"),
+    "thumbnail chunk lost": (lambda z: _first_chunk(z / "thumbnail").unlink(), "thumbnail"),
+    "tiles metadata cut short": (lambda z: _cut(z / "tiles" / "zarr.json"), "damaged"),
+    "store metadata cut short": (lambda z: _cut(z / "zarr.json"), "damaged"),
+    "tile shard cut short": (lambda z: _cut(_first_chunk(z / "tiles"), 1000), "cut short"),
+}
+
+
+@pytest.mark.parametrize("damage", list(STORE_DAMAGE))
+def test_damage_to_any_array_of_a_store_is_found_and_its_re_tile_keeps_the_embeddings(
+    small_archive: Path, tmp_path: Path, damage: str
+) -> None:
+    """Each array of a store is checked (a lost coords chunk was blamed on the embeddings and
+    its fix left coords of zeros; QC, thumbnail and cut-short shards passed), and the printed
+    re-tile works on the damaged store (cut-short metadata made it fail with a bare JSON
+    error, or drop the embeddings without a word), keeping the embeddings: the same tiles."""
+    root = shutil.copytree(small_archive, tmp_path / "root")
+    a = open_store(root).slide_ids[0]
+    before = open_store(root).slide(a)
+    coords, tiles = before.coords, before.tiles[:]
+    vectors = np.asarray(open_store(root).embeddings(a).features)
+    store = root / "slides" / f"{a}.zarr"
+    do, said = STORE_DAMAGE[damage]
+    do(store)
+    code, out, _ = run_cli(["check", str(root)])
+    assert code == 1 and out.count("problem: ") == 1, out
+    assert f"problem: {store}: " in out and said in out.split(f"problem: {store}: ")[1], out
+    fix = out.split("fix: ", 1)[1].splitlines()[0]
+    assert fix.startswith("wsi-ssl tile ") and fix.endswith(" --no-resume")
+    code, out, err = run_cli([*fix.split()[1:], "--json"])
+    assert code == 0, err
+    assert json.loads(out)["slides"][0]["kept_embeddings"] != []
+    assert run_cli(["check", str(root)])[0] == 0
+    after = open_store(root).slide(a)
+    np.testing.assert_array_equal(after.coords, coords)
+    np.testing.assert_array_equal(after.tiles[:], tiles)
+    np.testing.assert_array_equal(np.asarray(open_store(root).embeddings(a).features), vectors)
+
+
 def test_one_resolver_for_slide_names_and_encoder_ids(small_archive: Path) -> None:
     import pytest
 

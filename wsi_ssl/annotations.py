@@ -34,6 +34,9 @@ __all__ = [
 ]
 
 MASK_SUFFIXES = (".png", ".npy", ".tif", ".tiff", ".jpg", ".jpeg")
+LOSSY_SUFFIXES = (".jpg", ".jpeg")
+"""Masks read as binary (foreground: at least half the brightest value): lossy compression
+leaves values around 0 and 255 that are no classes."""
 UNCLASSIFIED = "annotation"
 """Class of annotations without a classification (QuPath) or group (ASAP)."""
 MASK_CLASS = "mask"
@@ -181,9 +184,14 @@ def _read_mask(path: Path) -> np.ndarray:
         from PIL import Image
 
         with Image.open(path) as image:
-            array = np.asarray(image.convert("L"))
+            # palette indices and 16-bit values are the labels; colour is made grey
+            plain = image.mode in ("P", "L", "1") or image.mode.startswith("I")
+            array = np.asarray(image if plain else image.convert("L"))
     if array.ndim != 2 or array.size == 0:
         raise AnnotationError(path, f"a mask must be a 2-D image, got shape {array.shape}")
+    if path.suffix.lower() in LOSSY_SUFFIXES:  # JPEG noise is no class: foreground or not
+        top = int(array.max())
+        return np.asarray((array > 0) & (array >= (top + 1) // 2), dtype=np.uint8)
     if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
         return np.asarray(array != 0, dtype=np.uint8)
     return array

@@ -138,19 +138,19 @@ def _store_is_current(
     archive: Archive, slide_id: str, fingerprint: str, config: TilingConfig
 ) -> int | None:
     """Tile count of a complete store made from this file with this config, else None."""
-    try:
-        store = SlideStore.open(archive.store_path(slide_id))
-    except (WsiSslError, OSError, KeyError):
-        return None
     key = config.output_key()
     if key.get("roi_sha256") is not None:  # the annotations' content decides, not their path
         key.pop("roi")
-    same_config = {k: store.tiling.get(k) for k in key} == key
-    if store.source.get("fingerprint") != fingerprint or not same_config:
+    try:
+        store = SlideStore.open(archive.store_path(slide_id))
+        same_config = {k: store.tiling.get(k) for k in key} == key
+        if store.source.get("fingerprint") != fingerprint or not same_config:
+            return None
+        if TileReader(store.tiles).missing_shards():  # damaged since: redo it
+            return None
+        return store.n_tiles
+    except (WsiSslError, OSError, KeyError, ValueError):  # damaged metadata: redo it
         return None
-    if TileReader(store.tiles).missing_shards():  # damaged since: redo it
-        return None
-    return store.n_tiles
 
 
 def tile_slide(
