@@ -189,6 +189,7 @@ def run_index(args: argparse.Namespace) -> int:
             out["updated"] = summary.updated
             out["removed"] = summary.removed
             out["vectors_added"] = summary.vectors
+            out["excluded"] = summary.excluded
             out["notes"] = summary.notes
             n_gone = len(summary.removed)
             gone = f", removed {n_gone} whose embeddings are gone" if n_gone else ""
@@ -198,6 +199,11 @@ def run_index(args: argparse.Namespace) -> int:
                 "unchanged",
                 *summary.notes,
             ]
+            if summary.excluded:
+                lines.append(
+                    f"left out {len(summary.excluded)} slide(s) taken out with --remove (name "
+                    "them with --slides to add them again)"
+                )
         elif args.remove:
             removed = {s: index.remove(s) for s in args.remove}
             out["removed"] = removed

@@ -261,6 +261,26 @@ def test_an_existing_run_is_not_overwritten(run: Path, archive: tuple[Path, Path
     assert code == 2 and "pass --overwrite or another out (command line: --out)" in err, err
 
 
+def test_overwrite_replaces_only_a_run_and_never_the_archive(
+    archive: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """``--overwrite`` with ``--out`` naming the archive itself, a folder above it, or a
+    folder that is not a run is refused and deletes nothing (it wiped them all)."""
+    root, labels = archive
+    copy = shutil.copytree(root, tmp_path / "arch")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("important")
+    before = sorted(p.name for p in copy.iterdir())
+    argv = ["mil", "train", str(copy), "--labels", str(labels), "--folds", "2", "--overwrite"]
+    for out, said in ((copy, "holds the archive"), (tmp_path, "holds the archive"),
+                      (precious, "is not a MIL run (no run.json)")):  # fmt: skip
+        code, _, err = run_cli([*argv, "--out", str(out), *SMALL])
+        assert code == 2 and f"wsi-ssl: error: {out}: {said}" in err, err
+    assert sorted(p.name for p in copy.iterdir()) == before
+    assert (precious / "thesis.txt").read_text() == "important"
+
+
 def test_training_is_seeded_whatever_reads_the_bags(
     archive: tuple[Path, Path], tmp_path: Path
 ) -> None:

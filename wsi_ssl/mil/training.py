@@ -221,11 +221,23 @@ def _train(
 
     started = time.perf_counter()
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.resolve() == Path(root).resolve() or out.resolve() in Path(root).resolve().parents:
         raise ConfigError(
-            f"{out}: already exists and is not empty; pass overwrite=True or another out",
-            parameters=("overwrite", "out"),
+            f"{out}: holds the archive {root}; choose another out for the run",
+            parameters=("out",),
         )
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(
+                f"{out}: already exists and is not empty; pass overwrite=True or another out",
+                parameters=("overwrite", "out"),
+            )
+        if not (out / "run.json").is_file():  # overwrite replaces a run, nothing else
+            raise ConfigError(
+                f"{out}: is not a MIL run (no run.json), so overwrite would delete what it "
+                "holds; choose another out",
+                parameters=("out",),
+            )
     device = resolve_device(config.device)
     if progress and log is None:
         log = print

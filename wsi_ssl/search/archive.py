@@ -57,7 +57,8 @@ BATCH = 65536
 class SlideEntry:
     """One slide of an index's id map (a row of ``slides.json``).
 
-    ``status`` is "active" or "removed"; ``in_index`` is False once the slide's vectors are
+    ``status`` is "active", "removed", or "excluded" (removed by ``SearchIndex.remove``, which
+    ``add`` respects unless the slide is named); ``in_index`` is False once the slide's vectors are
     gone from the FAISS index (an HNSW tombstone keeps them until compaction). ``n_tiles``
     counts the slide's tiles (its coords), ``n_vectors`` those indexed when fewer (the tiles an
     embedding job with ``skip_flagged_tiles`` left out have no vector; None: every tile). Dict-style
@@ -108,12 +109,13 @@ class SlideEntry:
 @dataclass
 class AddSummary:
     """What ``SearchIndex.add`` did: slides added, re-added (re-embedded), removed (their
-    store or embeddings gone), left unchanged."""
+    store or embeddings gone), left unchanged, left out (removed on request before)."""
 
     added: list[str] = field(default_factory=list)
     updated: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     unchanged: int = 0
+    excluded: list[str] = field(default_factory=list)  # removed on request: left out
     vectors: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -256,14 +258,18 @@ class UnchangedSlides:
     """``collect``'s ``skip`` for an index update: leaves out the slides indexed with these
     very embeddings (same coords hash, same ``created``), counting them in ``summary``;
     re-embedded ones go to ``summary.updated``; ``seen`` gathers every slide with complete
-    embeddings."""
+    embeddings; the ``excluded`` slides (removed on request) are left out and counted."""
 
     indexed: dict[str, SlideEntry]
     summary: AddSummary
+    excluded: set[str] = field(default_factory=set)
     seen: set[str] = field(default_factory=set)
 
     def __call__(self, slide_id: str, attrs: dict[str, Any]) -> bool:
         self.seen.add(slide_id)
+        if slide_id in self.excluded:
+            self.summary.excluded.append(slide_id)
+            return True
         old = self.indexed.get(slide_id)
         if old is None:
             return False

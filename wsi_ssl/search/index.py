@@ -339,7 +339,8 @@ class SearchIndex(SearchMethods):
     def add(self, slides: Sequence[str] | None = None, *, progress: Progress = None) -> AddSummary:
         """Append slides embedded since the index was built (and re-add re-embedded ones).
 
-        New slides get the next slide numbers; nothing is rebuilt. A slide whose embeddings
+        New slides get the next slide numbers; nothing is rebuilt. Slides taken out with
+        :meth:`remove` stay out unless ``slides`` names them. A slide whose embeddings
         changed (new coords or a newer embedding run) is removed and added again; without
         ``slides``, a slide whose store or embeddings are gone (re-tiled with its embeddings
         discarded, removed) is removed, so no hit points at tiles that no longer exist.
@@ -353,7 +354,10 @@ class SearchIndex(SearchMethods):
         summary = AddSummary()
         with self._writing():
             current = {s.slide_id: s for s in self.slides}
-            skip = UnchangedSlides(current, summary)
+            excluded = {e.slide_id for e in self.entries if e.status == "excluded"}
+            skip = UnchangedSlides(
+                current, summary, excluded - current.keys() if slides is None else set()
+            )
             archive = open_store(self.root)
             found = collect(
                 archive,
@@ -394,9 +398,9 @@ class SearchIndex(SearchMethods):
             _log(progress, f"added {summary.vectors} vectors from {len(found.entries)} slides")
         return summary
 
-    def _remove_entry(self, entry: SlideEntry) -> int:
+    def _remove_entry(self, entry: SlideEntry, status: str = "removed") -> int:
         lo, hi = slide_id_range(entry.number)
-        entry.status = "removed"
+        entry.status = status
         if self.strategy.tombstones:
             self.record["tombstones"] = int(self.record.get("tombstones", 0)) + entry.vectors
             return entry.vectors
@@ -429,7 +433,7 @@ class SearchIndex(SearchMethods):
         """
         with self._writing():
             entry = self.resolve_slide(slide)
-            removed = self._remove_entry(entry)
+            removed = self._remove_entry(entry, "excluded")  # add leaves it out from now on
             self._maybe_compact([])
             self._write()
         return removed
