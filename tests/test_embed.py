@@ -466,7 +466,7 @@ def test_cli_main_prints_one_line(cmu_root: Path, capsys: pytest.CaptureFixture[
         ]
     )
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "never downloads weights" in err[0]
+    assert rc == 2 and len(err) == 1 and "r50.pth: no such weights file" in err[0]
 
 
 def test_public_api_embeds_and_reads_back(cmu_root: Path, tmp_path: Path) -> None:

@@ -168,6 +168,17 @@ def test_fewer_patients_than_folds(archive: Path, tmp_path: Path) -> None:
     ) as info:
         train(archive, csv, ENC, tmp_path / "run", folds=3)
     assert info.value.parameters == ("folds",)
+    assert "use folds=2 or fewer" in str(info.value)
+    # one patient: no folds setting helps (it advised "use folds=2 or fewer" with folds=2)
+    one = write(tmp_path, "slide,label\ncase-0,a\ncase-2,b\ncase-3,b\ncase-4,b\n")
+    with pytest.raises(LabelsError, match=r"class 'a' has 1 patient\(s\)") as info:
+        train(archive, one, ENC, tmp_path / "run", folds=2)
+    assert "label more slides of it" in str(info.value) and "use folds" not in str(info.value)
+    # folds from the CSV, each holding one class: the column is to change, not the setting
+    by_class = write(tmp_path, "slide,label,fold\ncase-0,a,0\ncase-1,a,0\ncase-2,b,1\ncase-3,b,1\n")
+    with pytest.raises(LabelsError, match="single class") as info:
+        train(archive, by_class, ENC, tmp_path / "run")
+    assert "'fold' column" in str(info.value) and "fewer folds" not in str(info.value)
 
 
 def test_slide_labels_derived_from_the_label_loop_regions(archive: Path, tmp_path: Path) -> None:

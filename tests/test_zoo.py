@@ -580,3 +580,24 @@ def test_presets_in_their_cuda_precision_match_fp32(
     assert gpu.compute["precision"] == gpu.config.precision != "fp32"
     got = gpu(x.cuda()).cpu()
     assert F.cosine_similarity(got, want).min() > 0.99
+
+
+def test_a_missing_weights_file_is_worded_for_the_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A --weights path that does not exist is named as wrong (it said to put the weights there
+    "or pass --weights PATH", which was passed); a preset without its file advises --weights
+    (it said weights=PATH to the CLI)."""
+    from tests.conftest import run_cli
+
+    monkeypatch.setenv("WSI_SSL_WEIGHTS", str(tmp_path / "weights"))
+    missing = tmp_path / "nosuch.pth"
+    argv = ["embed", str(tmp_path), "--encoder", "resnet18", "--weights", str(missing)]
+    code, _, err = run_cli(argv)
+    assert code == 2
+    assert err.strip() == (
+        f"wsi-ssl: error: {missing}: no such weights file (given for encoder 'resnet18') "
+        "(command line: --weights)"
+    )
+    code, _, err = run_cli(["embed", str(tmp_path), "--encoder", "uni"])
+    assert code == 2 and "or pass --weights PATH; wsi-ssl never downloads weights" in err, err

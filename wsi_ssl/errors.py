@@ -228,13 +228,16 @@ class EncoderNotFoundError(WsiSslError, LookupError):
 class WeightsNotFoundError(WsiSslError, FileNotFoundError):
     """An encoder needs a local weights file that is not there (wsi-ssl never downloads)."""
 
-    def __init__(self, encoder: str, path: str | Path) -> None:
-        super().__init__(
-            f"{path}: no weights file for encoder {encoder!r}; put its state dict there "
-            "(torch.save(model.state_dict(), PATH) on a machine that has the weights) or pass "
-            "weights=PATH; wsi-ssl never downloads weights",
-            parameters=("weights",),
-        )
+    def __init__(self, encoder: str, path: str | Path, *, given: bool = False) -> None:
+        if given:  # the path was given: it is wrong, not the place to put the weights
+            message = f"{path}: no such weights file (given for encoder {encoder!r})"
+        else:
+            message = (
+                f"{path}: no weights file for encoder {encoder!r}; put its state dict there "
+                "(torch.save(model.state_dict(), PATH) on a machine that has the weights) or "
+                "pass weights=PATH; wsi-ssl never downloads weights"
+            )
+        super().__init__(message, parameters=("weights",))
         self.path = Path(path)
 
 
@@ -484,11 +487,12 @@ class PresetWeightsNotFoundError(WeightsNotFoundError):
     """A zoo preset's published weights file is not on this machine (never downloaded)."""
 
     def __init__(self, encoder: str, path: str | Path, files: list[str], card: str) -> None:
-        Exception.__init__(
+        WsiSslError.__init__(
             self,
             f"{path}: no weights file for encoder {encoder!r}; download {' or '.join(files)} from "
             f"{card} (accept its licence there) and put it at {path}, or pass weights=PATH; "
             "wsi-ssl never downloads weights",
+            parameters=("weights",),
         )
         self.path = Path(path)
 

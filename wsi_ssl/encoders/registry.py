@@ -226,6 +226,8 @@ def weights_file(
         if files and not path.is_file():
             path = weights_dir() / name / files[0]
     if not path.is_file():
+        if weights is not None and not Path(weights).expanduser().is_dir():
+            raise WeightsNotFoundError(name, path, given=True)
         if config is not None and files and config.model_card:
             raise PresetWeightsNotFoundError(name, path, list(files), config.model_card)
         raise WeightsNotFoundError(name, path)

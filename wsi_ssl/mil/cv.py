@@ -39,8 +39,11 @@ def folds_from_table(report: MatchReport, config: MILConfig, seed: int) -> tuple
         raise LabelsError(
             report.labels_path,
             f"class {rare!r} has {n_rare} patient(s), fewer than folds={config.folds}; "
-            f"use folds={max(2, n_rare)} or fewer"
-            + (" or label more slides" if n_rare < 2 else ""),
+            + (
+                f"use folds={n_rare} or fewer"
+                if n_rare >= 2
+                else "cross-validation needs 2 per class: label more slides of it"
+            ),
             [s.line for s in slides if s.label == rare],
             parameters=("folds",),
         )
@@ -86,6 +89,11 @@ def fold_splits(report: MatchReport, folds: np.ndarray, config: MILConfig) -> It
         if len(set(y[train].tolist())) < 2:
             raise LabelsError(
                 report.labels_path,
-                f"fold {f}: the training slides hold a single class; use fewer folds",
+                f"fold {f}: the training slides hold a single class; "
+                + (
+                    "assign the labels' 'fold' column so every fold's other folds hold each class"
+                    if any(s.fold is not None for s in slides)
+                    else "use fewer folds"
+                ),
             )
         yield FoldSplit(f, seed, test, rest, train, val, note)
