@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -119,10 +120,18 @@ def read_mpp_csv(path: Path) -> dict[str, float]:
         raise ConfigError(f"{path}: cannot read mpp CSV ({err})") from err
     if rows and not {"slide", "mpp"} <= set(rows[0]):
         raise ConfigError(f"{path}: the mpp CSV needs columns 'slide' and 'mpp'")
-    try:
-        return {row["slide"]: float(row["mpp"]) for row in rows}
-    except ValueError as err:
-        raise ConfigError(f"{path}: an 'mpp' value is not a number ({err})") from err
+    table = {}
+    for line, row in enumerate(rows, start=2):
+        try:
+            mpp = float(row["mpp"])
+        except (TypeError, ValueError):
+            mpp = math.nan
+        if not mpp > 0 or math.isinf(mpp):
+            raise ConfigError(
+                f"{path}: line {line}: mpp {row['mpp']!r} of {row['slide']!r} is not a number > 0"
+            )
+        table[row["slide"]] = mpp
+    return table
 
 
 def run_tile(args: argparse.Namespace) -> int:

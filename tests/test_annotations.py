@@ -388,6 +388,12 @@ def test_roi_cli_and_errors(cmu_small: Path, tmp_path: Path) -> None:
     assert (store.path / "zarr.json").stat().st_mtime_ns == before
     with pytest.raises(ConfigError, match="roi_min_fraction"):
         TilingConfig(roi_min_fraction=1.5)
+    # a class both included and excluded: the flags contradict, refused before any slide (it
+    # blamed the file: "no tissue tile ... check the file belongs to this slide")
+    both = ["--roi", str(roi), "--roi-include", "Tumor", "--roi-exclude", "Tumor"]
+    code, _, stderr = run_cli([*argv, "--no-resume", *both])
+    assert code == 2 and "class(es) 'Tumor' both included and excluded" in stderr, stderr
+    assert (store.path / "zarr.json").stat().st_mtime_ns == before
 
 
 def test_a_table_row_naming_two_slides_of_a_batch_is_refused(tmp_path: Path) -> None:

@@ -256,3 +256,40 @@ def test_embedding_follows_the_stain_normalisation_of_pretraining(
         index.query_image(patches_dir / "high-nuclei-score-level0.png", encoder=enc)
     with pytest.raises(StainReferenceError, match="put that image back"):  # evaluate: no switch
         image_features(enc, labelled, None, batch_size=4)
+
+
+def test_a_job_whose_slides_all_failed_does_not_say_it_normalised_tiles() -> None:
+    from wsi_ssl.embedding.summary import EmbedSummary
+    from wsi_ssl.outcome import SlideOutcome
+
+    config = {"stain_normalize": "macenko", "stain_reference": "/refs/ref.png"}
+    failed = SlideOutcome.failure("a", ValueError("unreadable"))
+    lines = EmbedSummary(outcomes=[failed], root="r", encoder_id="e", config=config).lines()
+    assert not any("stain-normalised" in line for line in lines)
+    done = SlideOutcome("b", "complete", 3)
+    lines = EmbedSummary(outcomes=[failed, done], root="r", encoder_id="e", config=config).lines()
+    assert "tiles stain-normalised (macenko) to ref.png" in lines
+
+
+def test_a_reference_changed_in_place_is_told_apart_in_the_refusal(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    """The same reference path with other content: the refusal says so (both sides read
+    "macenko to ref.png", which named no difference)."""
+    import shutil
+
+    from PIL import Image
+
+    root = shutil.copytree(small_archive, tmp_path / "root")
+    slide = open_store(root).slide(open_store(root).slide_ids[0])
+    tiles = slide.tiles[:]
+    darkest = tiles.reshape(len(tiles), -1).mean(1).argsort()
+    reference = tmp_path / "ref.png"
+    Image.fromarray(tiles[darkest[0]]).save(reference)
+    argv = ["embed", str(root), "--encoder", "random-cnn", "--quiet", "--workers", "0"]
+    argv += ["--stain-normalize", "macenko", "--stain-reference", str(reference)]
+    code, _, err = run_cli([*argv, "--no-resume"])
+    assert code == 0, err
+    Image.fromarray(tiles[darkest[1]]).save(reference)  # exported again, other pixels
+    code, out, _ = run_cli(argv)
+    assert code == 1 and "(a reference of other content: sha256 " in out, out

@@ -368,6 +368,13 @@ def test_cli_schedulers_config_and_mpp_csv(
         other = archive.slide(archive.slide_ids[0])
         np.testing.assert_array_equal(other.tiles[:], first.tiles[:])
     capsys.readouterr()
+    # a bad CSV value: the CSV and its line are named (it named --mpp-override)
+    (tmp_path / "bad.csv").write_text("slide,mpp\nnompp.tiff,-1\n")
+    assert cli_main(["tile", str(nompp), "--out", str(tmp_path / "x"),
+                     "--mpp-csv", str(tmp_path / "bad.csv")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "bad.csv: line 2: mpp '-1' of 'nompp.tiff' is not a number > 0" in err, err
+    assert "--mpp-override" not in err
     assert cli_main(["tile", str(synth), "--out", str(tmp_path / "x"),
                      "--scheduler", "tcp://127.0.0.1:9"]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()

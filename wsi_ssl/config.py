@@ -121,6 +121,13 @@ class TilingConfig:
             )
         for name in ("roi_include", "roi_exclude"):  # TOML and JSON give lists
             object.__setattr__(self, name, tuple(str(c) for c in getattr(self, name)))
+        both = sorted(set(self.roi_include) & set(self.roi_exclude))
+        if both:
+            raise ConfigError(
+                f"class(es) {', '.join(map(repr, both))} both included and excluded; choose one "
+                "of roi_include or roi_exclude for each class",
+                parameters=("roi_include", "roi_exclude"),
+            )
         if self.roi is not None:
             object.__setattr__(self, "roi", str(self.roi))
         for name in ("roi_min_fraction", "qc_max_pen", "qc_min_tissue", "qc_max_dark"):

@@ -235,8 +235,12 @@ class EmbedTarget:
             return
         had = open_embeddings_array(store.path, self.encoder_id).attrs.get("stain")
         if stain_key(had) != stain_key(self.stain):
+            wanted = _stain_words(self.stain)
+            if had and self.stain and _stain_words(had) == wanted:  # same words, other image
+                wanted += f" (a reference of other content: sha256 {self.stain['reference_sha256'][:12]}, "
+                wanted += f"they were made with {had['reference_sha256'][:12]})"
             raise EmbeddingsWouldBeReplacedError(
-                store.path, self.encoder_id, _stain_words(had), _stain_words(self.stain)
+                store.path, self.encoder_id, _stain_words(had), wanted
             )
 
     def is_current(self, slide: EmbedSlide) -> bool:

@@ -49,7 +49,7 @@ class EmbedSummary(BatchOutcome):
             f"tiles/s with {self.encoder_id}"
         ]
         stain = self.config.get("stain_normalize")
-        if stain:
+        if stain and self.with_status("complete"):  # said of tiles embedded, not of failures
             reference = Path(str(self.config.get("stain_reference"))).name
             out.append(f"tiles stain-normalised ({stain}) to {reference}")
         if self.tiles_not_embedded:
