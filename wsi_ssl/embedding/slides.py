@@ -237,8 +237,10 @@ class EmbedTarget:
         if stain_key(had) != stain_key(self.stain):
             wanted = _stain_words(self.stain)
             if had and self.stain and _stain_words(had) == wanted:  # same words, other image
-                wanted += f" (a reference of other content: sha256 {self.stain['reference_sha256'][:12]}, "
-                wanted += f"they were made with {had['reference_sha256'][:12]})"
+                now, then = stain_key(self.stain), stain_key(had)
+                assert now is not None and then is not None
+                wanted += f" (a reference of other content: sha256 {now[1][:12]}, they were "
+                wanted += f"made with {then[1][:12]})"
             raise EmbeddingsWouldBeReplacedError(
                 store.path, self.encoder_id, _stain_words(had), wanted
             )
