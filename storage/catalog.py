@@ -97,6 +97,14 @@ class Catalog:
         rows = self._select("WHERE slide_id = ?", (slide_id,))
         return rows[0] if rows else None
 
+    def other_copy(self, slide_id: str, path: str | Path) -> str | None:
+        """The file the slide was tiled from when it is another one that still exists (an
+        identical copy under another name); None when it is ``path``, or gone (moved)."""
+        entry = self.get(slide_id)
+        if entry is None or Path(entry.path) == Path(path).resolve():
+            return None
+        return entry.path if Path(entry.path).is_file() else None
+
     def by_path(self, path: str | Path) -> list[CatalogEntry]:
         """The slides recorded for the file at ``path`` (several: its content changed)."""
         return self._select("WHERE path = ? ORDER BY slide_id", (str(path),))

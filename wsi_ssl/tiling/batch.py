@@ -1,10 +1,9 @@
 """Tile one slide or a batch of slides into an archive root: resume, failure isolation, progress,
 and several scales from one read of each slide.
 
-Every slide (and, with several scales, every slide at every scale) gets a
-:class:`~wsi_ssl.outcome.SlideOutcome` whose ``details`` hold the slide id, the scale, the
-archive root written and the embeddings a re-tile kept or discarded; a batch returns a
-:class:`TileSummary`, whose ``lines()`` are the report ``wsi-ssl tile`` prints.
+Every slide (at every scale) gets a :class:`~wsi_ssl.outcome.SlideOutcome` whose ``details``
+hold the slide id, the scale, the archive root written, the embeddings a re-tile kept or
+discarded and the file it is a copy of; a batch returns a :class:`TileSummary` (its report).
 """
 
 from __future__ import annotations
@@ -328,10 +327,13 @@ def _tile_scale(
     with slide_lock(root, slide_id, wait=lock_wait):
         recover_swap(archive.store_path(slide_id))  # what a killed job left
         current = _store_is_current(archive, slide_id, source.fingerprint, config)
-        if resume and current is not None:
-            _record(archive, source, config, STATUS_COMPLETE, n_tiles=current)
-            seconds = time.perf_counter() - started
+        if resume and current is not None:  # an identical copy keeps the slide's name
             details = _details(source.path, slide_id, root, config)
+            if same_as := archive.catalog.other_copy(slide_id, source.path):
+                details["same_as"] = same_as
+            else:
+                _record(archive, source, config, STATUS_COMPLETE, n_tiles=current)
+            seconds = time.perf_counter() - started
             return SlideOutcome(str(source.path), "skipped", current, seconds, details=details)
         n_tiles, replacement = _retile(
             archive,
