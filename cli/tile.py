@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jpeg-quality", type=int, help="JPEG quality (default 90)")
     p.add_argument("--tiles-per-chunk", type=int, help="tiles per task and shard (default 64)")
     p.add_argument("--mpp-override", type=float, help="mpp for slides that record none")
+    p.add_argument(
+        "--thumbnail-mpp", type=float, help="scale of the thumbnail and tissue mask (default 8.0)"
+    )
     p.add_argument("--mpp-csv", type=Path, help="CSV with columns slide,mpp (file name or path)")
     tile_roi.add_arguments(p)
     p.add_argument(

@@ -37,8 +37,6 @@ def tile_flags(tiling: dict[str, Any] | None) -> str:
             flags.append("--no-qc")
         elif value is True:  # allow_upsampling
             flags.append(flag)
-        elif name == "thumbnail_mpp":  # no flag: a --config file's
-            flags.append(f"--config TOML(thumbnail_mpp = {value})")
         elif isinstance(value, list):
             flags += [f"{flag} {shlex.quote(str(v))}" for v in value]
         else:

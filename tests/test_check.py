@@ -344,8 +344,8 @@ def test_a_multi_scale_output_given_as_one_root_names_its_scales(tmp_path: Path)
 
 
 def test_the_fix_of_a_store_repeats_the_limits_it_was_tiled_with(tmp_path: Path) -> None:
-    """A slide without a scale tiled with --mpp-override, enlarged with --allow-upsampling:
-    the re-tile ``check`` advises for its damaged store repeats both (without them it failed
+    """A slide without a scale tiled with --mpp-override, enlarged with --allow-upsampling, a
+    finer thumbnail: the re-tile ``check`` advises for its damaged store repeats them (without them it failed
     with MissingMppError), and redoes the same tiles."""
     from wsi_ssl.synthetic import write_synthetic_slide
 
@@ -353,9 +353,10 @@ def test_the_fix_of_a_store_repeats_the_limits_it_was_tiled_with(tmp_path: Path)
     root = tmp_path / "root"
     argv = ["tile", str(slide), "--out", str(root), "--mpp-override", "1.0", "--mpp", "0.4"]
     argv += ["--allow-upsampling", "--tile-size", "64", "--tissue-threshold", "0", "--quiet"]
-    code, _, err = run_cli(argv)
+    code, _, err = run_cli([*argv, "--thumbnail-mpp", "4"])
     assert code == 0, err
     [sid] = open_store(root).slide_ids
+    assert open_store(root).slide(sid).tiling["thumbnail_mpp"] == 4.0
     before = open_store(root).slide(sid).coords
     shard = next((root / "slides" / f"{sid}.zarr" / "tiles" / "c").rglob("0"))
     next(p for p in shard.parent.rglob("*") if p.is_file()).unlink()
@@ -364,6 +365,7 @@ def test_the_fix_of_a_store_repeats_the_limits_it_was_tiled_with(tmp_path: Path)
     assert code == 1 and "--mpp 0.4 " in fix and "--tile-size 64 " in fix, out
     assert "--mpp-override 1.0" in fix and "--allow-upsampling" in fix
     assert "--allow-upsampling True" not in fix
+    assert "--thumbnail-mpp 4.0" in fix and "--config" not in fix  # a flag, not a TOML note
     code, _, err = run_cli([*fix.removeprefix("wsi-ssl ").split(), "--quiet"])
     assert code == 0, err
     assert run_cli(["check", str(root)])[0] == 0

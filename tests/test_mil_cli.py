@@ -281,6 +281,18 @@ def test_overwrite_replaces_only_a_run_and_never_the_archive(
     assert (precious / "thesis.txt").read_text() == "important"
 
 
+def test_predict_names_a_missing_run_folder_apart_from_a_folder_without_a_run(
+    archive: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, _ = archive
+    missing, empty = tmp_path / "nope", tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run_cli(["mil", "predict", str(missing), str(root)])
+    assert code == 2 and f"{missing}: no such folder; give the folder a `wsi-ssl mil" in err
+    code, _, err = run_cli(["mil", "predict", str(empty), str(root)])
+    assert code == 2 and f"{empty}: no run.json; not a `wsi-ssl mil train` run" in err
+
+
 def test_training_is_seeded_whatever_reads_the_bags(
     archive: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -276,12 +276,12 @@ def load(run: str | Path, *, fold: int | None = None, device: str = "cpu") -> MI
     from wsi_ssl.device import resolve_device
 
     path = Path(run)
-    if not (path / "run.json").is_file():
-        hint = (
-            " (a run that did not finish leaves only .<name>.partial)"
-            if path.parent.exists()
-            else ""
+    if not path.exists():
+        raise CheckpointError(
+            f"{path}: no such folder; give the folder a `wsi-ssl mil train` run wrote"
         )
+    if not (path / "run.json").is_file():
+        hint = " (a run that did not finish leaves only .<name>.partial)" if path.is_dir() else ""
         raise CheckpointError(f"{path}: no run.json; not a `wsi-ssl mil train` run{hint}")
     info = _read_json(path / "run.json")
     if info.get("format") != RUN_FORMAT:
