@@ -86,7 +86,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-5)")
     t.add_argument("--balance", choices=BALANCE_MODES, help="class imbalance (default weights)")
     t.add_argument(
-        "--max-tiles", type=int, help="subsample larger bags when training (default 8192; 0: off)"
+        "--max-tiles",
+        type=whole_number(0),
+        help="subsample larger bags when training (default 8192; 0: off)",
     )
     t.add_argument(
         "--skip-flagged-tiles",
@@ -108,8 +110,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, help="seed of splits, init and sampling (default 0)")
     t.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     t.add_argument("--workers", type=int, help="bag-reading worker processes (default 0)")
-    t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    t.add_argument("--cache-mb", type=int, help="MiB of bags kept in memory (default 2048)")
+    t.add_argument("--threads", type=whole_number(1), help="torch CPU threads (default: torch's)")
+    t.add_argument(
+        "--cache-mb", type=whole_number(0), help="MiB of bags kept in memory (default 2048)"
+    )
     t.add_argument(
         "--skip-missing",
         action="store_true",

@@ -442,3 +442,19 @@ def test_training_slides_tiled_at_different_scales_are_refused(
     mpp = float(tiling["mpp"])
     assert f"tiled at different scales: 3 at {mpp:g} µm/px" in err
     assert f"1 at {2 * mpp:g} µm/px" in err and not out.exists()
+
+
+def test_counts_out_of_range_are_refused_in_the_flags_words(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--max-tiles -1 and --threads 0 are refused when parsed, in the flag's words (the
+    config's "must be >= 1 or None" spoke Python)."""
+    from wsi_ssl.cli.main import main
+
+    base = ["mil", "train", str(tmp_path), "--labels", "x.csv", "--out", str(tmp_path / "r")]
+    for flag, value, said in (("--max-tiles", "-1", ">= 0"), ("--threads", "0", ">= 1")):
+        with pytest.raises(SystemExit) as info:
+            main([*base, flag, value])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and f"expected a whole number {said}, got '{value}'" in err
+        assert "None" not in err
