@@ -512,7 +512,7 @@ def test_page_keyboard_label_status_and_new_slides(
         ActionChains(driver).send_keys(Keys.ENTER).perform()
         _wait(lambda: driver.execute_script("return wsi.current.slide_id") == hit["slide_id"])
     finally:
-        SearchIndex.open(root, mmap=False).add()
+        SearchIndex.open(root, mmap=False).add([s1])  # taken out with remove: named
     driver.execute_script("window.dispatchEvent(new Event('focus'))")
     _wait(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#slides li")) == 3)
     assert driver.find_element(By.CSS_SELECTOR, f'#slides li[data-slide="{s1}"]')

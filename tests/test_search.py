@@ -549,6 +549,8 @@ def test_cli_index_and_search(
     removed = json.loads(capsys.readouterr().out)["removed"]
     assert list(removed) == [ids["s2"]] and removed[ids["s2"]] > 0
     assert _cli("index", str(root), "--name", "cli", "--add", "--quiet") == 0
+    assert "left out 1 slide(s) taken out with --remove" in capsys.readouterr().out
+    assert _cli("index", str(root), "--name", "cli", "--add", "--slides", ids["s2"]) == 0
     assert "added 1 slide" in capsys.readouterr().out
     assert _cli("search", str(root), "--slide", ids["cmu"], "--box", "90000,0,10,10") == 2
     err = capsys.readouterr().err.strip().splitlines()

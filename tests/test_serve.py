@@ -249,8 +249,8 @@ def test_index_changes_show_without_a_restart(server: str, archive: dict[str, An
         assert status == 404
         status, answer = _post(server + "/api/search", {"slide": twin, "box": box})
         assert status == 404 and answer["type"] == "UnknownSlideError"
-    finally:
-        SearchIndex.open(archive["root"], mmap=False).add()
+    finally:  # a slide taken out with remove comes back when named
+        SearchIndex.open(archive["root"], mmap=False).add([twin])
     _, _, body = _get(server + "/api/slides")
     assert twin in {s["slide_id"] for s in json.loads(body)}
     _, _, body = _get(server + "/api/index")
