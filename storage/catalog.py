@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -98,12 +99,17 @@ class Catalog:
         return rows[0] if rows else None
 
     def other_copy(self, slide_id: str, path: str | Path) -> str | None:
-        """The file the slide was tiled from when it is another one that still exists (an
-        identical copy under another name); None when it is ``path``, or gone (moved)."""
+        """The file the slide was tiled from when it is another one that still holds the
+        slide's content (``path`` is an identical copy under another name); None when it is
+        ``path``, or gone or changed (the slide moved to ``path``)."""
+        from wsi_ssl.storage.fingerprint import fingerprint_file
+
         entry = self.get(slide_id)
-        if entry is None or Path(entry.path) == Path(path).resolve():
+        if entry is None or not Path(entry.path).is_file():
             return None
-        return entry.path if Path(entry.path).is_file() else None
+        if Path(entry.path).resolve() == Path(path).resolve() or os.path.samefile(entry.path, path):
+            return None
+        return entry.path if fingerprint_file(entry.path) == entry.fingerprint else None
 
     def by_path(self, path: str | Path) -> list[CatalogEntry]:
         """The slides recorded for the file at ``path`` (several: its content changed)."""

@@ -176,14 +176,17 @@ class SlideStore:
         Raises:
             KeyError: an array is not there; ValueError: its metadata cannot be read.
         """
-        if names is None:
-            names = [
-                name
-                for name, member in self.group.members(max_depth=None)
-                if isinstance(member, zarr.Array)
-                and name != "tiles"
-                and not name.startswith("embeddings/")
-            ]
+        if names is None:  # from the folders: the embeddings' metadata is none of ours
+            names = []
+            for folder, dirs, files in os.walk(self.path):
+                rel = Path(folder).relative_to(self.path).as_posix()
+                if rel == ".":
+                    dirs[:] = [d for d in dirs if d not in ("tiles", "embeddings")]
+                elif "zarr.json" in files:
+                    meta = json.loads((Path(folder) / "zarr.json").read_text())
+                    if meta.get("node_type") == "array":
+                        dirs[:] = []  # its chunks
+                        names.append(rel)
         return {name: array_sha256(np.asarray(self._array(name)[...])) for name in sorted(names)}
 
     @property

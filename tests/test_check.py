@@ -275,6 +275,27 @@ def test_damage_to_any_array_of_a_store_is_found_and_its_re_tile_keeps_the_embed
     np.testing.assert_array_equal(np.asarray(open_store(root).embeddings(a).features), vectors)
 
 
+def test_a_store_from_before_contents_digests_is_not_blamed_for_its_embeddings(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    """A store completed before ``contents_sha256`` was recorded, with a killed embedding job's
+    cut-short metadata: the unfinished embeddings are named, not the store (its check walked
+    the embeddings and advised a re-tile)."""
+    root = shutil.copytree(small_archive, tmp_path / "root")
+    a = open_store(root).slide_ids[0]
+    meta = root / "slides" / f"{a}.zarr" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    del doc["attributes"]["contents_sha256"]
+    meta.write_text(json.dumps(doc))
+    partial = meta.parent / "embeddings" / ".writing-random-cnn-0123456789ab"
+    partial.mkdir()
+    (partial / "zarr.json").write_text('{"zarr_format": 3, "node_ty')
+    assert open_store(root).slide(a).problem() is None
+    code, out, _ = run_cli(["check", str(root)])
+    assert code == 1 and out.count("problem: ") == 1
+    assert f"problem: {partial}: unfinished embeddings (a job was killed)" in out
+
+
 def test_one_resolver_for_slide_names_and_encoder_ids(small_archive: Path) -> None:
     import pytest
 

@@ -225,6 +225,12 @@ def test_remove_slides(archive: dict, tmp_path: Path) -> None:
         assert index.add().excluded == [ids["twin"]] and index.n_vectors == before - n_twin
         assert index.add([ids["twin"]]).added == [ids["twin"]]
         assert index.add().excluded == []  # indexed again: nothing left out
+        if kind == "flat":  # its embeddings gone, then back: the old removal does not count
+            emb = root / "slides" / f"{ids['twin']}.zarr" / "embeddings"
+            emb.rename(emb.with_name("aside"))
+            assert index.add().removed == [ids["twin"]]
+            emb.with_name("aside").rename(emb)
+            assert index.add().added == [ids["twin"]]
         assert SearchIndex.open(root, f"rm-{kind}").n_vectors == before
         # a small slide: under HNSW a tombstone, filtered at query time
         index.remove(ids["s2"])

@@ -354,10 +354,9 @@ class SearchIndex(SearchMethods):
         summary = AddSummary()
         with self._writing():
             current = {s.slide_id: s for s in self.slides}
-            excluded = {e.slide_id for e in self.entries if e.status == "excluded"}
-            skip = UnchangedSlides(
-                current, summary, excluded - current.keys() if slides is None else set()
-            )
+            newest = {e.slide_id: e.status for e in self.entries}  # in number order
+            excluded = {sid for sid, status in newest.items() if status == "excluded"}
+            skip = UnchangedSlides(current, summary, excluded if slides is None else set())
             archive = open_store(self.root)
             found = collect(
                 archive,

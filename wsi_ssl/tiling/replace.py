@@ -92,7 +92,11 @@ def plan_difference(
         if previous.tiling.get(name) != settings[name]:
             return f"{name} {previous.tiling.get(name)!r} -> {settings[name]!r}"
     if not same_coords(previous.path, coords):
-        return f"other tile coordinates: {len(previous.coords)} -> {len(coords)} tiles"
+        try:
+            before = str(previous.n_tiles)
+        except (OSError, ValueError, KeyError):  # the tiles' metadata is damaged too
+            before = "?"
+        return f"other tile coordinates: {before} -> {len(coords)} tiles"
     return None
 
 
