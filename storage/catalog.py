@@ -107,7 +107,7 @@ class Catalog:
         entry = self.get(slide_id)
         if entry is None or not Path(entry.path).is_file():
             return None
-        if Path(entry.path).resolve() == Path(path).resolve() or os.path.samefile(entry.path, path):
+        if os.path.samefile(entry.path, path):  # the same file, by any spelling
             return None
         return entry.path if fingerprint_file(entry.path) == entry.fingerprint else None
 

@@ -57,7 +57,6 @@ from wsi_ssl.storage.fix_commands import (
     embedding_stain_flags,
     encoder_flags,
     index_flags,
-    recorded_attrs,
     some_names,
     stain_flags,
     tile_flags,
@@ -85,6 +84,7 @@ from wsi_ssl.storage.slide_store import (
     STAGING_SUFFIX,
     STATUS_COMPLETE,
     SlideStore,
+    recorded_attrs,
     recover_swap,
 )
 
@@ -263,10 +263,14 @@ class _Checker:
                 self.add(child, f"embeddings {problem}", fix, lambda e=eid: self.drop(store, e))
 
     def embedding_attrs(self, array_dir: Path) -> dict[str, Any]:
-        """What an embeddings array records, from it or (damaged) another slide's array of
-        the same encoder id."""
+        """What an embeddings array records, from it or (damaged) the first readable array of
+        the same encoder id on another slide; {} when none is readable."""
         others = self.root.glob(f"slides/*.zarr/{EMBEDDINGS_GROUP}/{array_dir.name}")
-        return recorded_attrs(itertools.chain([array_dir], others))
+        for candidate in itertools.chain([array_dir], others):
+            attrs = recorded_attrs(candidate)
+            if isinstance(attrs.get("encoder"), dict):
+                return attrs
+        return {}
 
     def clear_partial(self, store: SlideStore, encoder_id: str) -> bool:
         with embeddings_lock(self.root, store.slide_id, encoder_id):

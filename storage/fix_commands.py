@@ -4,17 +4,13 @@ embeddings array was made with."""
 
 from __future__ import annotations
 
-import json
 import shlex
-from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 __all__ = [
     "embedding_stain_flags",
     "encoder_flags",
     "index_flags",
-    "recorded_attrs",
     "some_names",
     "stain_flags",
     "tile_flags",
@@ -55,19 +51,6 @@ def stain_flags(provenance: dict[str, Any] | None) -> str:
         return "--stain-normalize none"
     reference = shlex.quote(str(provenance.get("reference_path") or "REFERENCE_IMAGE"))
     return f"--stain-normalize {provenance['method']} --stain-reference {reference}"
-
-
-def recorded_attrs(array_dirs: Iterable[Path]) -> dict[str, Any]:
-    """The attributes of the first readable array among ``array_dirs`` (an embeddings array,
-    then others of the same encoder id), read without checks; {} when none is readable."""
-    for array_dir in array_dirs:
-        try:
-            attrs = json.loads((array_dir / "zarr.json").read_text())["attributes"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if isinstance(attrs, dict) and isinstance(attrs.get("encoder"), dict):
-            return attrs
-    return {}
 
 
 def encoder_flags(attrs: dict[str, Any], encoder_id: str) -> str:

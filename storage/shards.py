@@ -103,25 +103,37 @@ def shard_checksum(path: str | Path) -> int:
     return int(google_crc32c.value(Path(path).read_bytes()))
 
 
+def read_shard_index(fd: int, per_shard: int) -> np.ndarray | None:
+    """The index at the end of the open shard file ``fd``: uint64 (per_shard, 2) offset and
+    nbytes of each inner chunk; None when the file is too short or the index fails its CRC32C
+    (cut short or altered)."""
+    size = per_shard * 16
+    length = os.fstat(fd).st_size
+    if length < size + 4:
+        return None
+    tail = os.pread(fd, size + 4, length - size - 4)
+    body, crc = tail[:size], tail[size:]
+    if len(tail) != size + 4 or google_crc32c.value(body).to_bytes(4, "little") != crc:
+        return None
+    return np.frombuffer(body, dtype="<u8").reshape(-1, 2)
+
+
 def shard_index_ok(path: str | Path, per_shard: int) -> bool:
-    """Whether the shard file at ``path`` ends with an intact index (its CRC32C matches) whose
-    chunks all lie inside the file: a cheap test for a shard cut short (reads the index only)."""
-    size = (per_shard * 16) + 4
+    """Whether the shard file at ``path`` ends with an intact index whose chunks all lie inside
+    the file: a cheap test for a shard cut short (reads the index only)."""
     try:
-        with open(path, "rb") as f:
-            length = f.seek(0, os.SEEK_END)
-            if length < size:
-                return False
-            f.seek(length - size)
-            tail = f.read(size)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return False
-    index_bytes, crc = tail[:-4], tail[-4:]
-    if google_crc32c.value(index_bytes).to_bytes(4, "little") != crc:
+    try:
+        index = read_shard_index(fd, per_shard)
+        body_end = os.fstat(fd).st_size - per_shard * 16 - 4
+    finally:
+        os.close(fd)
+    if index is None:
         return False
-    index = np.frombuffer(index_bytes, dtype="<u8").reshape(per_shard, 2)
     used = index[index[:, 0] != EMPTY]
-    return bool((used[:, 0] + used[:, 1] <= length - size).all())
+    return bool((used[:, 0] + used[:, 1] <= body_end).all())
 
 
 def write_shard(

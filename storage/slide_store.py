@@ -347,7 +347,8 @@ def array_sha256(values: np.ndarray) -> str:
 
 
 def recorded_attrs(path: str | Path) -> dict[str, Any]:
-    """A store's group attributes read without zarr or checks ({}: unreadable or damaged)."""
+    """The attributes in the ``zarr.json`` of a store (or any array or group) at ``path``,
+    read without zarr or checks ({}: unreadable or damaged)."""
     try:
         attrs = json.loads((Path(path) / "zarr.json").read_text(encoding="utf-8"))["attributes"]
     except (OSError, ValueError, KeyError, TypeError):

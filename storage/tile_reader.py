@@ -30,6 +30,7 @@ from wsi_ssl.storage.shards import (
     SHARD_CHECKSUMS,
     accepts_jpeg,
     inner_decoder,
+    read_shard_index,
     shard_path,
 )
 
@@ -72,15 +73,12 @@ class TileReader:
     def _index(self, shard: int, fd: int, path: Path) -> np.ndarray:
         index = self._indexes.get(shard)
         if index is None:
-            size = self._per_shard * 16
-            tail = os.pread(fd, size + 4, os.fstat(fd).st_size - size - 4)
-            body, crc = tail[:size], tail[size:]
-            if len(tail) != size + 4 or google_crc32c.value(body).to_bytes(4, "little") != crc:
+            index = read_shard_index(fd, self._per_shard)
+            if index is None:
                 start = shard * self._per_shard
                 raise TileReadError(
                     path, start, start + self._per_shard, "the shard index fails its checksum"
                 )
-            index = np.frombuffer(body, dtype="<u8").reshape(-1, 2)
             self._indexes[shard] = index
         return index
 

@@ -25,12 +25,11 @@ import zarr
 
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import EmbeddingsWouldBeDiscardedError
-from wsi_ssl.storage.embeddings import complete_embedding_attrs, embedding_ids
+from wsi_ssl.storage.embeddings import complete_embedding_attrs, coords_sha256, embedding_ids
 from wsi_ssl.storage.shards import SHARD_CHECKSUMS, shard_path
 from wsi_ssl.storage.slide_store import (
     CONTENTS_SHA256,
     SlideStore,
-    array_sha256,
     carry_embeddings,
     is_complete_store,
     recorded_attrs,
@@ -67,7 +66,7 @@ def same_coords(store_path: Path, coords: np.ndarray) -> bool:
     """Whether the store at ``store_path`` was tiled at ``coords``: by the coordinates' sha256
     recorded at its completion, else by its embeddings' (both outlive damage to its coords
     array), else by its coords array."""
-    digest = array_sha256(np.asarray(coords, dtype=np.int64))
+    digest = coords_sha256(coords)  # equal to the contents digest of int64 coords
     recorded = (recorded_attrs(store_path).get(CONTENTS_SHA256) or {}).get("coords")
     if recorded is not None:
         return bool(recorded == digest)
