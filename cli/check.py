@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from wsi_ssl.listing import first_few
+
 if TYPE_CHECKING:
     from wsi_ssl.storage.check import CheckReport
 
@@ -83,7 +85,7 @@ def print_report(report: CheckReport, named: bool) -> None:
         if not f.repaired:
             print(f"    fix: {f.fix}")
     if failed := report.failed_slides:
-        shown = ", ".join(failed[:5]) + (", ..." if len(failed) > 5 else "")
+        shown = first_few(failed)
         print(f"note: {len(failed)} slide(s) failed to tile and are not in the archive ({shown})")
     remaining = len(report.problems)
     repaired = len(report.findings) - remaining

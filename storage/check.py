@@ -41,6 +41,7 @@ from wsi_ssl.errors import (
     IndexNotFoundError,
     WsiSslError,
 )
+from wsi_ssl.listing import first_few
 from wsi_ssl.stain_settings import stain_key, stain_text
 from wsi_ssl.storage.archive import Archive, open_slide_store
 from wsi_ssl.storage.atomic import dead_temp_files, remove_path
@@ -57,7 +58,6 @@ from wsi_ssl.storage.fix_commands import (
     embedding_stain_flags,
     encoder_flags,
     index_flags,
-    some_names,
     stain_flags,
     tile_flags,
 )
@@ -356,7 +356,7 @@ class _Checker:
             self.add(
                 path,
                 f"{len(stale)} indexed slide(s) changed since indexing (re-tiled, re-embedded or "
-                f"embeddings removed: {some_names(stale)}); searches return their old tiles",
+                f"embeddings removed: {first_few(stale)}); searches return their old tiles",
                 add,
             )
         if other_stain:
@@ -367,7 +367,7 @@ class _Checker:
                 path,
                 f"{len(other_stain)} indexed slide(s) re-embedded with another stain "
                 f"normalisation than the index's ({stain_text(config['stain'])}: "
-                f"{some_names(names)}); searches return their old tiles and index --add refuses them",
+                f"{first_few(names)}); searches return their old tiles and index --add refuses them",
                 f"wsi-ssl embed {{root}} {encoder} --slides {ids} "
                 f"{stain_flags(config['stain'])} --no-resume, then {add}",
             )

@@ -11,7 +11,6 @@ __all__ = [
     "embedding_stain_flags",
     "encoder_flags",
     "index_flags",
-    "some_names",
     "stain_flags",
     "tile_flags",
 ]
@@ -38,11 +37,6 @@ def tile_flags(tiling: dict[str, Any] | None) -> str:
         else:
             flags.append(f"{flag} {shlex.quote(str(value))}")
     return "".join(f" {f}" for f in flags)
-
-
-def some_names(names: list[str]) -> str:
-    """Up to five names, comma-separated."""
-    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
 def stain_flags(provenance: dict[str, Any] | None) -> str:

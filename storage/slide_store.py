@@ -29,6 +29,7 @@ from wsi_ssl.errors import (
     StoreIncompleteError,
     StoreNotFoundError,
 )
+from wsi_ssl.listing import first_few
 from wsi_ssl.storage.atomic import (
     fault_point,
     fsync_dir,
@@ -305,7 +306,7 @@ class SlideStore:
             ]
             damaged = cut or (self.damaged_shards() if verify else [])
             if damaged:
-                which = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
+                which = first_few(damaged)
                 why = "cut short: no intact index" if cut else "bytes changed since tiling, CRC32C"
                 return (
                     f"{len(damaged)} of {expected} tile shard files damaged (shard {which}: {why})"

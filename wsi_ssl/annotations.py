@@ -20,6 +20,7 @@ import numpy as np
 
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import AnnotationError, ConfigError
+from wsi_ssl.listing import first_few
 from wsi_ssl.tissue import tissue_fraction
 
 __all__ = [
@@ -300,9 +301,8 @@ def check_classes_named(
             continue
     unknown = [c for c in dict.fromkeys([*include, *exclude]) if c not in held]
     if held and unknown:
-        named = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
         raise ConfigError(
-            f"no annotation file of this batch ({named}) holds class "
+            f"no annotation file of this batch ({first_few(files, 3)}) holds class "
             f"{', '.join(map(repr, unknown))} "
             f"(roi_include/roi_exclude); they hold {', '.join(map(repr, held))}",
             parameters=("roi_include", "roi_exclude"),

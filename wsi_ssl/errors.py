@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from wsi_ssl.listing import first_few
+
 __all__ = [
     "ArchitectureMismatchError",
     "CatalogCorruptError",
@@ -588,7 +590,7 @@ class TilesNotEmbeddedError(WsiSslError, ValueError):
     ``skip_flagged_tiles`` (their rows hold no vector)."""
 
     def __init__(self, path: str | Path, encoder_id: str, tiles: list[int]) -> None:
-        shown = ", ".join(str(t) for t in tiles[:8]) + (" ..." if len(tiles) > 8 else "")
+        shown = first_few(tiles, 8)
         super().__init__(
             f"{path}: embeddings {encoder_id!r} hold no vector for {len(tiles)} of the tiles "
             f"asked for (tiles {shown}: flagged by QC and skipped); embed the slide with "

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from wsi_ssl.errors import StoreLockedError, WsiSslError
+from wsi_ssl.listing import first_few
 
 __all__ = [
     "STATUSES",
@@ -208,8 +209,7 @@ class JobInterrupted(KeyboardInterrupt):
         """The report of the slides done, then how many were not."""
         line = f"not done: {len(self.not_done)} slide(s) when interrupted"
         if self.not_done:
-            more = ", ..." if len(self.not_done) > 5 else ""
-            line += f" ({', '.join(self.not_done[:5])}{more})"
+            line += f" ({first_few(self.not_done)})"
         return [*self.summary.lines(error_text), line]
 
     def to_dict(self) -> dict[str, Any]:

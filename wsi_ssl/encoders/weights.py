@@ -21,6 +21,7 @@ from wsi_ssl.errors import (
     WeightsMismatchError,
     WeightsNotFoundError,
 )
+from wsi_ssl.listing import first_few
 
 if TYPE_CHECKING:
     import torch
@@ -166,9 +167,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _short(keys: Iterable[str], n: int = 5) -> str:
-    keys = sorted(keys)
-    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
+    return first_few(sorted(keys), n)
 
 
 Convert = Callable[[dict[str, "torch.Tensor"], "nn.Module"], dict[str, "torch.Tensor"]]

@@ -18,6 +18,7 @@ import numpy as np
 
 from wsi_ssl.errors import LabelsError, UnknownSlideError
 from wsi_ssl.evaluation.tasks import LabelledTiles, RegionLabelTask, sample_tiles
+from wsi_ssl.listing import first_few
 
 if TYPE_CHECKING:
     from wsi_ssl.storage import SlideStore
@@ -59,7 +60,7 @@ def read_regions(path: str | Path) -> list[tuple[int, Region]]:
     if bad:
         raise LabelsError(
             path,
-            f"lines {', '.join(map(str, bad[:10]))}: a region needs a slide, a label, integer "
+            f"lines {first_few(bad, 10)}: a region needs a slide, a label, integer "
             "x, y and a positive integer w, h",
             bad,
         )
@@ -90,7 +91,7 @@ def load_region_labels(task: RegionLabelTask, max_per_class: int, seed: int) -> 
     if unknown:
         raise LabelsError(
             task.regions,
-            f"lines {', '.join(map(str, unknown[:10]))} name slides that are not complete "
+            f"lines {first_few(unknown, 10)} name slides that are not complete "
             f"stores under {task.root}",
             unknown,
         )

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from wsi_ssl.errors import ConfigError, LabelsError
+from wsi_ssl.listing import first_few
 
 if TYPE_CHECKING:
     from wsi_ssl.mil.labels import LabelTable
@@ -363,7 +364,7 @@ def load_slide_labels(root: str | Path, labels: str | Path) -> LabelledSlides:
         else:
             unmatched.append(r.slide)
     if not rows:
-        have = ", ".join(sorted(names.values())[:5]) or "none"
+        have = first_few(sorted(names.values())) or "none"
         raise LabelsError(
             labels,
             f"none of its {len(table.rows)} slide(s) (e.g. {table.rows[0].slide!r}) is a "

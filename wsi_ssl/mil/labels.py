@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from wsi_ssl.errors import LabelsError
 from wsi_ssl.lazy import lazy_exports
+from wsi_ssl.listing import first_few
 
 if TYPE_CHECKING:
     from wsi_ssl.mil.matching import (
@@ -58,9 +59,7 @@ OPTIONAL_COLUMNS = ("patient", "fold")
 
 def line_list(rows: Iterable[int], limit: int = 10) -> str:
     rows = sorted(set(rows))
-    shown = ", ".join(str(r) for r in rows[:limit])
-    more = f" (and {len(rows) - limit} more)" if len(rows) > limit else ""
-    return f"line{'s' if len(rows) > 1 else ''} {shown}{more}"
+    return f"line{'s' if len(rows) > 1 else ''} {first_few(rows, limit)}"
 
 
 def sort_classes(labels: Iterable[str]) -> list[str]:

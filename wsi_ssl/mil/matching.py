@@ -19,6 +19,7 @@ from wsi_ssl.errors import (
     LabelsError,
     SchemaMismatchError,
 )
+from wsi_ssl.listing import first_few
 from wsi_ssl.mil.labels import (
     LabelRow,
     LabelTable,
@@ -87,16 +88,17 @@ class MatchReport:
             ("labelled slides with an empty bag (0 tiles)", self.empty),
         ):
             if rows:
-                shown = ", ".join(f"{r.slide!r} (line {r.line})" for r in rows[:10])
-                more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
-                out.append(f"left out {len(rows)} {what}: {shown}{more}")
+                shown = first_few((f"{r.slide!r} (line {r.line})" for r in rows), 10)
+                out.append(f"left out {len(rows)} {what}: {shown}")
         if self.unlabelled:
-            shown = ", ".join(
-                f"{s} ({self.names[s]})" if self.names.get(s, s) != s else s
-                for s in self.unlabelled[:10]
+            shown = first_few(
+                (
+                    f"{s} ({self.names[s]})" if self.names.get(s, s) != s else s
+                    for s in self.unlabelled
+                ),
+                10,
             )
-            more = f" and {len(self.unlabelled) - 10} more" if len(self.unlabelled) > 10 else ""
-            out.append(f"{len(self.unlabelled)} stores have no label: {shown}{more}")
+            out.append(f"{len(self.unlabelled)} stores have no label: {shown}")
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -267,11 +269,11 @@ def _match_rows(
             [ln for ls in twice.values() for ln in ls],
         )
     if missing and not skip_missing:
-        shown = ", ".join(repr(r.slide) for r in missing[:5])
+        shown = first_few(repr(r.slide) for r in missing)
         raise LabelsError(
             table.path,
             f"{len(missing)} labelled slide(s) have no complete store under {root} "
-            f"({line_list([r.line for r in missing])}: {shown}{', ...' if len(missing) > 5 else ''}); "
+            f"({line_list([r.line for r in missing])}: {shown}); "
             "tile them, fix the names (slide id, file name or stem), or pass skip_missing=True",
             [r.line for r in missing],
             parameters=("skip_missing",),

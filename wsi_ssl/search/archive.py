@@ -27,6 +27,7 @@ from wsi_ssl.errors import (
     UnknownSlideError,
     WsiSslError,
 )
+from wsi_ssl.listing import first_few
 from wsi_ssl.search.ids import encode_ids
 from wsi_ssl.search.vectors import normalise
 from wsi_ssl.stain_settings import stain_key, stain_text
@@ -135,12 +136,11 @@ def find_entry(active: Sequence[SlideEntry], slide: str, where: str) -> SlideEnt
     if len(matches) == 1:
         return matches[0]
     names = sorted(e.name for e in active)
-    more = f", ... ({len(names)} in all)" if len(names) > 5 else ""
     hint = (
         f"it matches {len(matches)} slides ({', '.join(e.slide_id for e in matches)}); give "
         "the slide id"
         if matches
-        else f"the {where} holds {', '.join(names[:5]) or 'no slide'}{more}"
+        else f"the {where} holds {first_few(names) or 'no slide'}"
     )
     raise UnknownSlideError(slide, where, hint)
 
@@ -319,7 +319,7 @@ def _scale_error(archive: Archive, tiling: dict[str, Any] | None, mismatched: li
     return (
         f"{archive.root}: slides tiled at another scale than the index's "
         f"{tiling['mpp'] if tiling else '?'} µm/px, {tiling['tile_size'] if tiling else '?'} px: "
-        f"{', '.join(mismatched[:5])}{' ...' if len(mismatched) > 5 else ''}; tile every slide "
+        f"{first_few(mismatched)}; tile every slide "
         "of one index with the same mpp and tile_size, or index them apart (slides= and a name= "
         "of its own: a second index of the same name replaces the first)"
     )
@@ -353,8 +353,7 @@ def _stain_error(
     said = stain_text(stain) + ("" if first == "the index" else f", as {alike} slide(s) are")
     return (
         f"{archive.root}: {len(others)} slide(s) embedded with another stain normalisation than "
-        f"{first} ({said}): {', '.join(others[:5])}"
-        f"{' ...' if len(others) > 5 else ''}; embed them alike (`wsi-ssl embed --no-resume` "
+        f"{first} ({said}): {first_few(others)}; embed them alike (`wsi-ssl embed --no-resume` "
         "with the same settings), or index them apart (slides= and a name= of its own: a second "
         "index of the same name replaces the first)"
     )

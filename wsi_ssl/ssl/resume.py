@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_ssl.errors import CheckpointError, ConfigError
+from wsi_ssl.listing import first_few
 from wsi_ssl.ssl.checkpoint import RUN_FORMAT, latest_checkpoint, load_checkpoint
 from wsi_ssl.ssl.config import RUNTIME_FIELDS, PretrainConfig
 
@@ -83,8 +84,8 @@ def check_same_run(
         raise CheckpointError(
             f"{path}: the run trained on {len(saved)} slides / {meta['sources']['n_tiles']} "
             f"tiles, but the stores now hold {len(now)} / {sources['n_tiles']} "
-            f"(added: {sorted(i for i, _ in now - saved)[:5]}, gone or changed: "
-            f"{sorted(i for i, _ in saved - now)[:5]}); resume needs the same tiles, start a "
+            f"(added: {first_few(sorted(i for i, _ in now - saved)) or 'none'}, gone or changed: "
+            f"{first_few(sorted(i for i, _ in saved - now)) or 'none'}); resume needs the same tiles, start a "
             "new run with another out",
             parameters=("out",),
         )

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from wsi_ssl.errors import ConfigError
+from wsi_ssl.listing import first_few
 
 __all__ = ["SlideTable"]
 
@@ -61,8 +62,7 @@ class SlideTable(Generic[T]):
         unmatched = self.unmatched(paths)
         if not unmatched:
             return None
-        shown = ", ".join(unmatched[:5]) + (", ..." if len(unmatched) > 5 else "")
         return (
-            f"{len(unmatched)} row(s) of {self.what} name no slide of this batch ({shown}); "
+            f"{len(unmatched)} row(s) of {self.what} name no slide of this batch ({first_few(unmatched)}); "
             "rows match a slide by path, file name or stem"
         )
