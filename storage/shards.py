@@ -92,6 +92,12 @@ def shard_path(array: zarr.Array[Any], shard: int) -> Path:
     return Path(array.store.root) / array.path / key  # type: ignore[attr-defined]
 
 
+def shard_files(array: zarr.Array[Any]) -> list[Path]:
+    """The files of every shard of a local (N, T, T, 3) array, in order, present or not."""
+    per_shard = int(array.shards[0]) if array.shards else int(array.chunks[0])
+    return [shard_path(array, shard) for shard in range(-(-int(array.shape[0]) // per_shard))]
+
+
 def accepts_jpeg(array: zarr.Array[Any]) -> bool:
     """Whether `write_shard` can store JPEG streams in ``array`` as they are."""
     codecs = inner_codecs(array)

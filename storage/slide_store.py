@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -39,7 +38,13 @@ from wsi_ssl.storage.atomic import (
     rename_into_place,
 )
 from wsi_ssl.storage.codecs import tile_codecs
-from wsi_ssl.storage.shards import SHARD_CHECKSUMS, shard_checksum, shard_index_ok, shard_path
+from wsi_ssl.storage.shards import (
+    SHARD_CHECKSUMS,
+    shard_checksum,
+    shard_files,
+    shard_index_ok,
+    shard_path,
+)
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -296,8 +301,8 @@ class SlideStore:
             tiles = self.tiles
             n = int(tiles.shape[0])
             per_shard = int(tiles.shards[0]) if tiles.shards else int(tiles.chunks[0])
-            expected = math.ceil(n / per_shard) if n else 0
-            files = [self.shard_file(i) for i in range(expected)]
+            files = shard_files(tiles)
+            expected = len(files)
             missing = sum(not f.is_file() for f in files)
             if missing:
                 return f"{missing} of {expected} tile shard files missing"

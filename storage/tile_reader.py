@@ -31,6 +31,7 @@ from wsi_ssl.storage.shards import (
     accepts_jpeg,
     inner_decoder,
     read_shard_index,
+    shard_files,
     shard_path,
 )
 
@@ -151,9 +152,7 @@ class TileReader:
         """Shard files of this array that do not exist (empty when complete or not local)."""
         if self._decode is None:
             return []
-        n_shards = -(-len(self) // self._per_shard)
-        paths = (shard_path(self.array, shard) for shard in range(n_shards))
-        return [p for p in paths if not p.is_file()]
+        return [p for p in shard_files(self.array) if not p.is_file()]
 
     def __getitem__(self, row: int) -> np.ndarray:
         """One tile, uint8 (T, T, 3)."""
