@@ -7,8 +7,10 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -204,3 +206,82 @@ def test_a_job_failing_in_a_device_process_fails_its_slides_with_its_error(
     assert err_devices.splitlines() == [err.rstrip()] * 2  # the one-process line, per slide
     # the JSON keeps the library's message; the line adds the flag that names the parameter
     assert all(err.startswith(f"wsi-ssl: error: {s['error']} (command line: ") for s in slides)
+
+
+def _stopped_child(parent: int, timeout: float = 180) -> int:
+    """The pid of ``parent``'s child process that has stopped itself (SIGSTOP at the fault
+    point)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] == "T" and int(fields[1]) == parent:
+                return int(stat.parent.name)
+        time.sleep(0.05)
+    raise AssertionError("no device process reached the fault point")
+
+
+def _sigint_pending(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    masks = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    return any(int(masks[k], 16) & (1 << (signal.SIGINT - 1)) for k in ("SigPnd", "ShdPnd"))
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+@pytest.mark.parametrize("who", ["terminal", "parent"])
+def test_ctrl_c_stops_every_device_process_and_reports_what_was_finished(
+    root: Path, tmp_path: Path, who: str
+) -> None:
+    """Ctrl-C while one device process commits its first slide, after the other finished its
+    shard: the report names the finished slides complete and the stopped shard's slides not
+    done (no traceback from any process), whether the terminal sent SIGINT to every process
+    or only the parent got it (it asks its processes); the re-run embeds only those."""
+    root = _fresh_copy(root, tmp_path / "root")
+    archive = open_store(root)
+    stopped, finished = shard_slides(slide_sizes(archive, archive.slide_ids), 2)
+    eid = create_encoder("random-cnn").encoder_id
+    argv = ["embed", str(root), "--encoder", "random-cnn", "--devices", "cpu,cpu", "--quiet"]
+    code = "import sys; from wsi_ssl.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "WSI_SSL_FAULT": f"pause_before_rename:{stopped[0]}.zarr/embeddings/"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *argv, "--workers", "0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        child = _stopped_child(proc.pid)
+        deadline = time.monotonic() + 180
+        while any(embedding_status(archive.slide(s), eid) != "complete" for s in finished):
+            assert time.monotonic() < deadline, "the other device never finished its shard"
+            time.sleep(0.1)
+        if who == "terminal":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGINT)
+            while not _sigint_pending(child):
+                time.sleep(0.05)
+        os.kill(child, signal.SIGCONT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        "wsi-ssl: interrupted;"
+    )
+    lines = out.strip().splitlines()
+    complete = [ln.rsplit(None, 1)[-1] for ln in lines if ln.startswith("complete ")]
+    assert sorted(complete) == sorted(finished)
+    ordered = [s for s in archive.slide_ids if s in stopped]
+    assert lines[-1] == f"not done: {len(stopped)} slide(s) when interrupted ({', '.join(ordered)})"
+    assert all(embedding_status(archive.slide(s), eid) != "complete" for s in stopped)
+    again = embed_on_devices(root, "random-cnn", "cpu,cpu", workers=0)
+    status = {o.slide: o.status for o in again.outcomes}
+    assert {status[s] for s in finished} == {"skipped"}
+    assert {status[s] for s in stopped} == {"complete"}

@@ -6,16 +6,22 @@ shards are balanced by tile count (largest slide first, to the least-loaded devi
 process whose job fails as a whole (the batch-size probe out of memory, say) fails its shard's
 slides with that error, type and flag hint kept (:class:`~wsi_ssl.outcome.RemoteError`); one
 that dies leaves its unfinished slides failed in the merged summary (their partial arrays are
-never committed; re-running resumes them).
+never committed; re-running resumes them). Ctrl-C stops every device process (each is
+asked with SIGINT until it answers) and reports what the shards finished and which slides
+are not done, as the one-device job does (:class:`~wsi_ssl.outcome.JobInterrupted`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
+import os
 import queue as queue_module
+import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +31,7 @@ from wsi_ssl.embedding.job import embed, requested_slide_ids
 from wsi_ssl.embedding.summary import EmbedSummary
 from wsi_ssl.encoders import Encoder
 from wsi_ssl.errors import ConfigError
-from wsi_ssl.outcome import RemoteError, SlideOutcome
+from wsi_ssl.outcome import JobInterrupted, RemoteError, SlideOutcome
 from wsi_ssl.storage import open_store
 
 __all__ = [
@@ -58,6 +64,29 @@ def shard_slides(sizes: dict[str, int], n: int) -> list[list[str]]:
     return shards
 
 
+@dataclass
+class ShardStopped:
+    """A device process's report when Ctrl-C stopped it: its slides' outcomes so far (None:
+    stopped before its job began) and the slides it did not finish."""
+
+    summary: EmbedSummary | None
+    not_done: list[str]
+
+
+Report = EmbedSummary | RemoteError | ShardStopped
+
+
+def _stop_on_first_interrupt() -> None:
+    """SIGINT raises KeyboardInterrupt once; later ones (the parent asks until the process
+    answers) are ignored, so the report is not cut short."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+
+
 def _run_shard(
     root: str,
     encoder: Encoder | str,
@@ -68,8 +97,18 @@ def _run_shard(
     results: Any,
     index: int,
 ) -> None:
+    _stop_on_first_interrupt()
     try:
         summary = embed(root, encoder, config, slides=slides, weights=weights, progress=progress)
+    except JobInterrupted as stopped:
+        done = stopped.summary if isinstance(stopped.summary, EmbedSummary) else None
+        results.put(
+            (index, ShardStopped(None if done is None else portable(done), stopped.not_done))
+        )
+        return
+    except KeyboardInterrupt:  # before the job began: none of its slides is done
+        results.put((index, ShardStopped(None, list(slides))))
+        return
     except Exception as err:  # the job itself failed here: its shard fails with this error
         results.put((index, RemoteError.of(err)))
         return
@@ -117,15 +156,30 @@ def embed_on_devices(
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     jobs: list[tuple[str, list[str], Any]] = []
-    for device, shard in zip(names, shard_slides(sizes, len(names)), strict=True):
-        if not shard:
-            continue
-        cfg = dataclasses.replace(config, device=device)
-        args = (str(root), spec, None if weights is None else str(weights), cfg, shard, progress)
-        process = ctx.Process(target=_run_shard, args=(*args, results, len(jobs)))
-        process.start()
-        jobs.append((device, shard, process))
-    reports = _collect(jobs, results)
+    reports: dict[int, Report] = {}
+    try:
+        for device, shard in zip(names, shard_slides(sizes, len(names)), strict=True):
+            if not shard:
+                continue
+            cfg = dataclasses.replace(config, device=device)
+            args = (
+                str(root),
+                spec,
+                None if weights is None else str(weights),
+                cfg,
+                shard,
+                progress,
+            )
+            process = ctx.Process(target=_run_shard, args=(*args, results, len(jobs)))
+            with _children_start_deaf():
+                process.start()
+            jobs.append((device, shard, process))
+        _collect(jobs, results, reports)
+    except KeyboardInterrupt:
+        _collect(jobs, results, reports, stop=True)
+        shards = [(device, shard) for device, shard, _ in jobs]
+        summary = _stopped_summary(root, ids, shards, reports, config, names, started, encoder)
+        raise JobInterrupted(summary, _not_done(ids, shards, reports)) from None
     summaries = {i: r for i, r in reports.items() if isinstance(r, EmbedSummary)}
     lost = {i: r for i, r in reports.items() if isinstance(r, RemoteError)}
     for index, (device, _, process) in enumerate(jobs):
@@ -140,6 +194,64 @@ def embed_on_devices(
     return merge_summaries(root, ids, shards, summaries, lost, config, names, seconds, encoder)
 
 
+@contextmanager
+def _children_start_deaf() -> Iterator[None]:
+    """Processes started in the block ignore SIGINT until their job installs its handler (a
+    Ctrl-C while one imports would print its traceback); the parent hears it again after."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stopped_summary(
+    root: str | Path,
+    ids: list[str],
+    shards: list[tuple[str, list[str]]],
+    reports: dict[int, Report],
+    config: EmbedConfig,
+    devices: list[str],
+    started: float,
+    asked: Encoder | str | Path,
+) -> EmbedSummary:
+    """The merged summary of what the shards reported when stopped (finished shards whole,
+    stopped ones their outcomes so far, silent ones nothing)."""
+    summaries: dict[int, EmbedSummary] = {}
+    for index, report in reports.items():
+        summary = report.summary if isinstance(report, ShardStopped) else report
+        if isinstance(summary, EmbedSummary):
+            summaries[index] = summary
+    failed = {i: r for i, r in reports.items() if isinstance(r, RemoteError)}
+    reported = [i for i in range(len(shards)) if i in summaries or i in failed]
+    return merge_summaries(
+        root,
+        ids,
+        [shards[i] for i in reported],
+        {n: summaries[i] for n, i in enumerate(reported) if i in summaries},
+        {n: failed[i] for n, i in enumerate(reported) if i in failed},
+        config,
+        devices,
+        time.perf_counter() - started,
+        asked,
+    )
+
+
+def _not_done(
+    ids: list[str], shards: list[tuple[str, list[str]]], reports: dict[int, Report]
+) -> list[str]:
+    """The slides a stopped run did not finish: a stopped shard's own list, every slide of a
+    shard that never reported, in the order of ``ids``."""
+    left: set[str] = set()
+    for index, (_, shard) in enumerate(shards):
+        report = reports.get(index)
+        if isinstance(report, ShardStopped):
+            left.update(report.not_done)
+        elif report is None:
+            left.update(shard)
+    return [s for s in ids if s in left]
+
+
 def slide_sizes(archive: Any, ids: Sequence[str]) -> dict[str, int]:
     """Tiles per slide (0 for a slide that cannot be opened: the job reports why)."""
     sizes = {}
@@ -152,21 +264,28 @@ def slide_sizes(archive: Any, ids: Sequence[str]) -> dict[str, int]:
 
 
 def _collect(
-    jobs: list[tuple[str, list[str], Any]], results: Any
-) -> dict[int, EmbedSummary | RemoteError]:
-    """Summaries (or the job's error) by job index, until every process has reported or
-    exited."""
-    summaries: dict[int, EmbedSummary | RemoteError] = {}
-    while len(summaries) < len(jobs):
+    jobs: list[tuple[str, list[str], Any]],
+    results: Any,
+    reports: dict[int, Report],
+    *,
+    stop: bool = False,
+) -> None:
+    """Reports by job index into ``reports`` until every process has reported or exited;
+    with ``stop``, each running process that has not reported is sent SIGINT every second
+    (one still starting does not hear the first)."""
+    while len(reports) < len(jobs):
+        if stop:
+            for index, (_, _, process) in enumerate(jobs):
+                if index not in reports and process.is_alive():
+                    os.kill(process.pid, signal.SIGINT)
         try:
-            index, summary = results.get(timeout=1.0)
-            summaries[index] = summary
+            index, report = results.get(timeout=1.0)
+            reports[index] = report
         except queue_module.Empty:
             if all(not p.is_alive() for _, _, p in jobs) and results.empty():
                 break
     for _, _, process in jobs:
         process.join()
-    return summaries
 
 
 def merge_summaries(
