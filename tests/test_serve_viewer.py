@@ -109,26 +109,42 @@ def test_dzi_from_the_stored_tiles_and_cached(site: dict[str, Any]) -> None:
     assert service.cache.stats()["hits"] == hits + 1 and np.array_equal(again, picture)
 
 
-def test_slide_file_gone_serves_the_stored_tiles(tmp_path: Path) -> None:
+@pytest.mark.parametrize("change", ["removed", "replaced", "replaced while served"])
+def test_a_slide_file_removed_or_replaced_serves_the_stored_tiles(
+    tmp_path: Path, change: str
+) -> None:
+    """The viewer draws from the slide file only while it is the file tiled: one removed,
+    or replaced by another slide of the same size (before the server starts, or while it
+    serves), is drawn from the stored tiles, under both sources."""
     from wsi_ssl.config import TilingConfig
     from wsi_ssl.embedding import EmbedConfig, embed
     from wsi_ssl.synthetic import write_synthetic_slide
     from wsi_ssl.tiling.batch import tile_slide
 
-    slide = write_synthetic_slide(tmp_path / "gone.tiff", (1600, 1200), seed=3)
+    slide = write_synthetic_slide(tmp_path / "s.tiff", (1600, 1200), seed=3)
     root = tmp_path / "root"
     outcome = tile_slide(slide, root, TilingConfig(tile_size=224, codec="zstd"))
     sid = str(getattr(outcome, "slide_id", None) or outcome.details["slide_id"])
     embed(root, "random-cnn", EmbedConfig(batch_size=32, device="cpu", workers=0))
     SearchIndex.build(root, "random-cnn", kind="flat")
-    slide.unlink()
+
+    def change_file() -> None:
+        slide.unlink()
+        if change != "removed":
+            write_synthetic_slide(slide, (1600, 1200), seed=4)
+
+    if change != "replaced while served":
+        change_file()
     with running(create_app(SearchIndex.open(root))) as base:
+        if change == "replaced while served":
+            assert json.loads(raw(base, "GET", f"/api/slides/{sid}")[2])["source"] == "slide"
+            change_file()
         details = json.loads(raw(base, "GET", f"/api/slides/{sid}")[2])
         assert details["source"] == "tiles" and details["dzi"].endswith("/tiles.dzi")
         # what the page asks for, and the "slide" source too, come from the stored tiles
         store = open_store(root).slide(sid)
-        _matches_stored_tile(base, store, "tiles")
         _matches_stored_tile(base, store, "slide")
+        _matches_stored_tile(base, store, "tiles")
 
 
 def test_label_loop_writes_csv_and_geojson(site: dict[str, Any]) -> None:

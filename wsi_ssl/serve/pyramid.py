@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,12 +28,14 @@ import numpy as np
 from wsi_ssl.errors import ConfigError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from PIL.Image import Image
 
     from wsi_ssl.slide import SlideReader
     from wsi_ssl.storage import SlideStore
 
-__all__ = ["Pyramid", "TileCache", "dzi_xml", "encode", "tiles_in"]
+__all__ = ["FileStamp", "Pyramid", "TileCache", "dzi_xml", "encode", "file_stamp", "tiles_in"]
 
 TILE = 256
 STORED_SPAN = 4.0
@@ -52,25 +55,51 @@ def encode(image: Image, fmt: Literal["jpeg", "png"]) -> bytes:
     return buf.getvalue()
 
 
+FileStamp = tuple[int, int, int]
+"""A slide file's inode, size and modification time: another value means it was replaced."""
+
+
+def file_stamp(path: str | Path) -> FileStamp | None:
+    """``path``'s :data:`FileStamp`, or None when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 @dataclass
 class _SlideFile:
     reader: SlideReader
     lock: threading.Lock
+    stamp: FileStamp | None
 
 
 class Pyramid:
     """The pictures of one slide store (and, when readable, its slide file)."""
 
-    def __init__(self, store: SlideStore, reader: SlideReader | None) -> None:
+    def __init__(
+        self, store: SlideStore, reader: SlideReader | None, stamp: FileStamp | None = None
+    ) -> None:
+        """``reader``: the store's slide file, opened when it had ``stamp``."""
         from PIL import Image
 
         self.store = store
-        self.file = _SlideFile(reader, threading.Lock()) if reader is not None else None
+        self.file = _SlideFile(reader, threading.Lock(), stamp) if reader is not None else None
         self.width, self.height = (int(v) for v in store.source["dimensions"])
         self.max_level = max(0, math.ceil(math.log2(max(self.width, self.height))))
         self.thumbnail = Image.fromarray(store.thumbnail)
         self.thumb_scale = self.width / self.thumbnail.width  # level-0 px per thumbnail px
         self.tile_scale = float(store.tiling["tile_size_level0"]) / int(store.tiling["tile_size"])
+
+    def file_replaced(self) -> bool:
+        """Whether the slide file drawn from has been replaced or removed since it was opened."""
+        return self.file is not None and file_stamp(self.store.source["path"]) != self.file.stamp
+
+    def close(self) -> None:
+        if self.file is not None:
+            with self.file.lock:
+                self.file.reader.close()
 
     # -- geometry --------------------------------------------------------------------------
     def level_size(self, level: int) -> tuple[int, int]:
