@@ -164,6 +164,11 @@ def layered_archive(base: Path) -> dict[str, Any]:
         "slide_id,name,n_tiles,predicted,prob_normal,prob_tumour,heatmap,gallery,geojson\n"
         f"{a},a.tiff,{store.n_tiles},tumour,0.200000,0.800000,,,geojson/{a}.geojson\n"
     )
+    # the run's own out-of-fold predictions.csv (other numbers) beside its predictions/
+    (base / "run" / "run.json").write_text("{}")
+    (base / "run" / "predictions.csv").write_text(
+        f"slide_id,label,fold,predicted,prob_normal,prob_tumour\n{a},tumour,0,normal,0.6,0.4\n"
+    )
     labels = base / "slides.csv"
     labels.write_text(f"slide,label\na.tiff,tumour\n{b},normal\n")
     return {

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -278,3 +279,19 @@ def test_slide_labels_take_one_class_and_every_slide_of_the_archive(
         layered["a"]: "tumour",
         layered["b"]: "normal",
     }
+
+
+def test_a_run_without_mil_predict_output_is_refused(tmp_path: Path) -> None:
+    """A run directory's own out-of-fold predictions.csv has no attention: the page needs
+    what `wsi-ssl mil predict` wrote, and says so."""
+    from wsi_ssl.errors import ConfigError
+    from wsi_ssl.serve.layers import MilPredictions
+
+    (tmp_path / "run.json").write_text("{}")
+    (tmp_path / "predictions.csv").write_text("slide_id,predicted\ns,normal\n")
+    with pytest.raises(ConfigError, match=r"no predictions of `wsi-ssl mil predict`"):
+        MilPredictions(tmp_path)
+    (tmp_path / "predictions").mkdir()
+    (tmp_path / "predictions" / "predictions.csv").write_text("slide_id,predicted\ns,tumour\n")
+    assert MilPredictions(tmp_path).folder == tmp_path / "predictions"
+    assert MilPredictions(tmp_path / "predictions").folder == tmp_path / "predictions"

@@ -86,17 +86,19 @@ def annotation_colours(store: SlideStore) -> np.ndarray:
 
 
 class MilPredictions:
-    """The output folder of ``wsi-ssl mil predict`` (a run directory: its ``predictions/``)."""
+    """The output folder of ``wsi-ssl mil predict`` (given a run directory: its
+    ``predictions/``, not the run's own out-of-fold ``predictions.csv``, which has no
+    attention)."""
 
     def __init__(self, folder: str | Path) -> None:
         folder = Path(folder)
-        if not (folder / "predictions.csv").is_file() and (folder / "predictions").is_dir():
+        if (folder / "run.json").is_file() or not (folder / "predictions.csv").is_file():
+            if not (folder / "predictions" / "predictions.csv").is_file():
+                raise ConfigError(
+                    f"{folder}: no predictions of `wsi-ssl mil predict` (RUN/predictions by "
+                    "default); run it on the archive's slides first, or pass the folder it wrote"
+                )
             folder = folder / "predictions"
-        if not (folder / "predictions.csv").is_file():
-            raise ConfigError(
-                f"{folder}: no predictions.csv; pass the folder `wsi-ssl mil predict` wrote "
-                "(RUN/predictions by default) or its run directory"
-            )
         self.folder = folder
 
     def prediction(self, slide_id: str) -> dict[str, Any] | None:
