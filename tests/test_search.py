@@ -712,3 +712,20 @@ def test_slides_at_two_scales_are_indexed_apart_as_advised(tmp_path: Path) -> No
     for sid, name in zip(ids, ("fine", "coarse"), strict=True):
         assert run_cli(["index", str(root), "--slides", sid, "--name", name, "--quiet"])[0] == 0
     assert [SearchIndex.open(root, n).slides[0].slide_id for n in ("fine", "coarse")] == ids
+
+
+def test_a_region_picture_has_no_seams_between_adjacent_tiles(small_archive: Path) -> None:
+    """Tiles drawn at a fractional scale each span their rounded start to the next one's:
+    a box covered by adjacent tiles has no row or column of background between them."""
+    from wsi_ssl.search.gallery import BACKGROUND, region_mosaic
+
+    store = open_store(small_archive).slide(open_store(small_archive).slide_ids[0])
+    side = int(store.tiling["tile_size_level0"])
+    columns, rows = (-(-int(v) // side) for v in store.source["dimensions"])
+    box = (0, 0, columns * side, rows * side)
+    assert len(store.coords) == columns * rows  # every tile kept: the box is covered
+    for panel in (333, 517):
+        picture = np.asarray(region_mosaic(store, box, panel_px=panel))
+        assert max(picture.shape[:2]) == panel
+        blank = (picture == np.array(BACKGROUND, dtype=np.uint8)).all(axis=2)
+        assert not blank.all(axis=0).any() and not blank.all(axis=1).any()

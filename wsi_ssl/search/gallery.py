@@ -67,11 +67,18 @@ def region_mosaic(
         return _thumbnail_crop(store, (x, y, w, h), size)
     scale = min(final, int(store.tiling["tile_size"]) / size0)
     canvas = Image.new("RGB", (max(1, round(w * scale)), max(1, round(h * scale))), BACKGROUND)
-    side = max(1, round(size0 * scale))
     tiles = TileReader(store.tiles).read(rows)
     for r, pixels in zip(rows, tiles, strict=True):
-        tile = Image.fromarray(pixels).resize((side, side), Image.Resampling.LANCZOS)
-        canvas.paste(tile, (round((coords[r, 0] - x) * scale), round((coords[r, 1] - y) * scale)))
+        # each tile spans its rounded start to the rounded start of the next: no seams
+        x0, y0 = round((coords[r, 0] - x) * scale), round((coords[r, 1] - y) * scale)
+        x1, y1 = (
+            round((coords[r, 0] + size0 - x) * scale),
+            round((coords[r, 1] + size0 - y) * scale),
+        )
+        tile = Image.fromarray(pixels).resize(
+            (max(1, x1 - x0), max(1, y1 - y0)), Image.Resampling.LANCZOS
+        )
+        canvas.paste(tile, (x0, y0))
     if canvas.size != size:
         canvas = canvas.resize(size, Image.Resampling.LANCZOS)
     if outline:
