@@ -280,7 +280,7 @@ def test_image_query_finds_its_source_region(
 def test_slide_retrieval_and_evaluation(archive: dict) -> None:
     index: SearchIndex = archive["index"]
     ids = archive["ids"]
-    ranked = index.search_slides(ids["cmu"], k=3)
+    ranked = index.search_slides(ids["cmu"], k=3, exclude_self=True)
     assert ranked.hits[0].slide_id == ids["twin"] and ranked.hits[0].score == pytest.approx(
         1.0, abs=1e-4
     )
@@ -729,3 +729,29 @@ def test_a_region_picture_has_no_seams_between_adjacent_tiles(small_archive: Pat
         assert max(picture.shape[:2]) == panel
         blank = (picture == np.array(BACKGROUND, dtype=np.uint8)).all(axis=2)
         assert not blank.all(axis=0).any() and not blank.all(axis=1).any()
+
+
+@pytest.mark.parametrize("hits_per_tile", [None, 4])
+def test_showing_the_query_slide_changes_no_other_slides_score(
+    archive: dict, hits_per_tile: int | None
+) -> None:
+    """The query slide's own tiles never use up the other slides' neighbours: with it shown,
+    the other slides rank and score as with it hidden, for slide and region queries (also
+    with a budget smaller than the slide's own tiles)."""
+    index: SearchIndex = archive["index"]
+    cmu = archive["ids"]["cmu"]
+    shown = index.search(index.query_slide(cmu), k=4, hits_per_tile=hits_per_tile)
+    hidden = index.search(
+        index.query_slide(cmu), k=3, exclude_self=True, hits_per_tile=hits_per_tile
+    )
+    assert shown.hits[0].slide_id == cmu
+    assert [(h.slide_id, round(h.score, 5)) for h in shown.hits[1:]] == [
+        (h.slide_id, round(h.score, 5)) for h in hidden.hits
+    ]
+    box = (600, 900, 700, 500)
+    shown = index.search_region(cmu, box, k=30, hits_per_tile=hits_per_tile)
+    hidden = index.search_region(cmu, box, k=30, exclude_self=True, hits_per_tile=hits_per_tile)
+    others = [(h.slide_id, h.box, round(h.score, 5)) for h in shown.hits if h.slide_id != cmu]
+    assert others and others == [
+        (h.slide_id, h.box, round(h.score, 5)) for h in hidden.hits[: len(others)]
+    ]

@@ -78,6 +78,9 @@ class Searchable(Protocol):
         exclude_slides: Sequence[int] = (),
         encoder_id: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray]: ...
+    def neighbours(
+        self, query: Query, mode: Mode, per_tile: int, exclude: Sequence[int]
+    ) -> tuple[np.ndarray, np.ndarray]: ...
 
     def search(
         self,
@@ -179,7 +182,7 @@ class SearchMethods:
         exclude = [query.slide_number] if exclude_self and query.slide_number is not None else []
         default = k if mode == "tiles" else max(DEFAULT_HITS_PER_TILE, k)
         per_tile = hits_per_tile or default
-        sims, ids = self.search_vectors(query.vectors, per_tile, exclude_slides=exclude)
+        sims, ids = self.neighbours(query, mode, per_tile, exclude)
         hits = rank(query, mode, sims, ids, self.entries, self.coords, k)
         info = {
             "name": self.name,
@@ -191,6 +194,23 @@ class SearchMethods:
         return SearchResult(
             query, mode, k, exclude_self, info, hits, per_tile, time.perf_counter() - started
         )
+
+    def neighbours(
+        self: Searchable, query: Query, mode: Mode, per_tile: int, exclude: Sequence[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The (Q, K) neighbours (similarities, ids, best first) of the query's tiles, leaving
+        out the ``exclude`` slide numbers. For regions and slides the query's own slide, when
+        searched, is searched apart, so its tiles never use up the other slides' ``per_tile``
+        neighbours: hiding it (``exclude_self``) changes no other slide's score."""
+        own = query.slide_number
+        if mode == "tiles" or own is None or own in exclude:
+            return self.search_vectors(query.vectors, per_tile, exclude_slides=exclude)
+        sims, ids = self.search_vectors(query.vectors, per_tile, exclude_slides=[*exclude, own])
+        others = [n for n in range(len(self.entries)) if n != own]
+        own_sims, own_ids = self.search_vectors(query.vectors, per_tile, exclude_slides=others)
+        sims, ids = np.hstack([sims, own_sims]), np.hstack([ids, own_ids])
+        order = np.argsort(-sims, axis=1, kind="stable")
+        return np.take_along_axis(sims, order, 1), np.take_along_axis(ids, order, 1)
 
     # -- convenience -----------------------------------------------------------------------
     def search_tile(
@@ -244,9 +264,10 @@ class SearchMethods:
         box: tuple[int, int, int, int] | None = None,
         *,
         k: int = 10,
-        exclude_self: bool = True,
+        exclude_self: bool = False,
     ) -> SearchResult:
-        """Slides ranked by similarity to ``slide`` (its mosaic) or to a region of it."""
+        """Slides ranked by similarity to ``slide`` (its mosaic) or to a region of it
+        (``exclude_self``: without ``slide`` itself, which otherwise ranks first)."""
         query = self.query_slide(slide) if box is None else self.query_region(slide, box)
         return self.search(query, k=k, mode="slides", exclude_self=exclude_self)
 

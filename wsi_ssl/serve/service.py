@@ -413,7 +413,7 @@ class SlideService:
         per_tile = k if mode == "tiles" else max(DEFAULT_HITS_PER_TILE, k)
         started = time.perf_counter()
         with self.search_lock:
-            sims, ids = index.search_vectors(query.vectors, per_tile, exclude_slides=exclude)
+            sims, ids = index.neighbours(query, mode, per_tile, exclude)
             hits = rank(query, mode, sims, ids, index.entries, index.coords, k)
             slides = rank(query, "slides", sims, ids, index.entries, index.coords, SLIDE_RANKING)
         info = {
