@@ -18,6 +18,7 @@ from wsi_ssl.errors import (
     WsiSslError,
 )
 from wsi_ssl.storage.catalog import Catalog
+from wsi_ssl.storage.fingerprint import SLIDE_ID
 from wsi_ssl.storage.slide_store import STATUS_COMPLETE, SlideStore
 
 if TYPE_CHECKING:
@@ -113,50 +114,66 @@ class Archive:
         """Ids of the complete slide stores, sorted (damaged ones go to :attr:`damaged`)."""
         return self.scan().complete
 
-    def slide(self, slide_id: str) -> SlideStore:
-        """The complete store of ``slide_id``; a clear error when missing, incomplete or
-        damaged."""
-        return open_slide_store(self.store_path(slide_id))
+    def slide(self, slide: str) -> SlideStore:
+        """The complete store of ``slide`` (its id, or its file name, stem, path or a unique
+        id prefix); a clear error when missing, incomplete or damaged.
 
-    def tiles(self, slide_id: str) -> zarr.Array[Any]:
-        return self.slide(slide_id).tiles
+        Raises:
+            StoreNotFoundError: no store of that slide id.
+            UnknownSlideError: a name that names no complete store, or several.
+        """
+        return open_slide_store(self.store_path(self.slide_id_of(slide)))
 
-    def tiles_dask(self, slide_id: str) -> da.Array:
-        return self.slide(slide_id).tiles_dask()
+    def slide_id_of(self, slide: str) -> str:
+        """The slide id ``slide`` names: itself when it is a slide id, else what
+        :func:`~wsi_ssl.storage.resolve.resolve_slide` finds."""
+        if SLIDE_ID.fullmatch(slide) or self.store_path(slide).is_dir():
+            return slide
+        from wsi_ssl.storage.resolve import resolve_slide
 
-    def coords(self, slide_id: str) -> np.ndarray:
-        return self.slide(slide_id).coords
+        return resolve_slide(self, slide)
 
-    def thumbnail(self, slide_id: str) -> np.ndarray:
-        return self.slide(slide_id).thumbnail
+    def tiles(self, slide: str) -> zarr.Array[Any]:
+        return self.slide(slide).tiles
 
-    def tissue_mask(self, slide_id: str) -> np.ndarray:
-        return self.slide(slide_id).tissue_mask
+    def tiles_dask(self, slide: str) -> da.Array:
+        return self.slide(slide).tiles_dask()
 
-    def embedding_ids(self, slide_id: str) -> list[str]:
-        """The encoder ids with complete embeddings of ``slide_id``."""
+    def coords(self, slide: str) -> np.ndarray:
+        return self.slide(slide).coords
+
+    def thumbnail(self, slide: str) -> np.ndarray:
+        return self.slide(slide).thumbnail
+
+    def tissue_mask(self, slide: str) -> np.ndarray:
+        return self.slide(slide).tissue_mask
+
+    def embedding_ids(self, slide: str) -> list[str]:
+        """The encoder ids with complete embeddings of ``slide`` (an id or a name)."""
         from wsi_ssl.storage.embeddings import embedding_ids
 
-        return embedding_ids(self.slide(slide_id))
+        return embedding_ids(self.slide(slide))
 
     def embeddings(
-        self, slide_id: str, encoder_id: str | None = None, *, lazy: bool = False
+        self, slide: str, encoder_id: str | None = None, *, lazy: bool = False
     ) -> Embeddings:
         """A slide's vectors (numpy, or dask if ``lazy``) with their coords and provenance.
 
-        ``encoder_id`` may be a unique prefix; None takes the slide's only encoder.
+        ``slide``: an id or a name; ``encoder_id`` may be a unique prefix; None takes the
+        slide's only encoder.
         """
         from wsi_ssl.storage.embeddings import read_embeddings, resolve_encoder_id
 
-        store = self.slide(slide_id)
+        store = self.slide(slide)
         return read_embeddings(store, resolve_encoder_id(store, encoder_id), lazy=lazy)
 
-    def plot_tiles(self, slide_id: str, out: str | Path | None = None) -> Path:
+    def plot_tiles(self, slide: str, out: str | Path | None = None) -> Path:
         """Thumbnail with kept tiles drawn, saved as PNG (default ``<root>/plots/<id>_tiles.png``)."""
         from wsi_ssl.storage.plots import plot_tiles
 
-        out = self.root / "plots" / f"{slide_id}_tiles.png" if out is None else Path(out)
-        return plot_tiles(self.slide(slide_id), out)
+        store = self.slide(slide)
+        out = self.root / "plots" / f"{store.slide_id}_tiles.png" if out is None else Path(out)
+        return plot_tiles(store, out)
 
 
 def is_archive_root(path: Path) -> bool:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
+
+SLIDE_ID = re.compile(r"[0-9a-f]{16}")
+"""What a slide id looks like: the first 16 hex digits of its content fingerprint."""
 
 _SAMPLE = 1 << 20  # bytes read at each sampled offset
 _N_SAMPLES = 16

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from wsi_ssl.errors import ConfigError, EmbeddingsNotFoundError, UnknownSlideError
+from wsi_ssl.listing import first_few
 from wsi_ssl.storage.archive import Archive
 from wsi_ssl.storage.embeddings import embedding_ids
 
@@ -83,11 +84,8 @@ def _known(names: dict[str, set[str]], ids: list[str], shown: int = 5) -> str:
     for key, found in names.items():
         if len(found) == 1 and "." in key and "/" not in key:  # a file name, not a stem or path
             by_id[next(iter(found))] = key
-    listed = sorted(by_id.values())
-    more = f", ... ({len(listed)} in all)" if len(listed) > shown else ""
-    return (
-        f"the archive's slides: {', '.join(listed[:shown])}{more} (a slide id, file name or stem)"
-    )
+    listed = first_few(sorted(by_id.values()), shown)
+    return f"the archive's slides: {listed} (a slide id, file name or stem)"
 
 
 def resolve_slide(archive: Archive, wanted: str) -> str:

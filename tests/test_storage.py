@@ -17,7 +17,7 @@ import pytest
 import zarr
 
 from wsi_ssl.errors import StoreLockedError
-from wsi_ssl.storage import Catalog, fingerprint_file, slide_id_from_fingerprint
+from wsi_ssl.storage import Catalog, fingerprint_file, open_store, slide_id_from_fingerprint
 from wsi_ssl.storage.atomic import (
     FAULT_ENV,
     atomic_write_json,
@@ -356,3 +356,26 @@ def test_without_syncfs_every_file_is_fsynced_first(tmp_path: Path, monkeypatch)
     before_flip = [s for t, s in synced[:-1] if t == str(path / "zarr.json")]
     assert before_flip and all(s != "complete" for s in before_flip)
     assert SlideStore.open(path).status == "complete"
+
+
+def test_the_archive_api_takes_a_slide_by_id_or_by_name(small_archive: Path) -> None:
+    """Python users name slides as the CLI does: id, file name, stem or unique id prefix;
+    a name of no slide lists the archive's, a missing id is a missing store, and a slide
+    file given where a store is wanted says how to get its store."""
+    from wsi_ssl.errors import StoreNotFoundError, UnknownSlideError
+    from wsi_ssl.mil.run import MILRun
+
+    archive = open_store(small_archive)
+    sid = archive.slide_ids[0]
+    path = Path(archive.slide(sid).source["path"])
+    for name in (sid, path.name, path.stem, str(path), sid[:6]):
+        assert archive.slide(name).slide_id == sid
+        assert np.array_equal(archive.coords(name), archive.coords(sid))
+        assert archive.embedding_ids(name) == archive.embedding_ids(sid)
+    assert np.array_equal(archive.embeddings(path.name).features, archive.embeddings(sid).features)
+    with pytest.raises(UnknownSlideError, match=r"the archive's slides: .*s1\.tiff"):
+        archive.tiles("nope.svs")
+    with pytest.raises(StoreNotFoundError, match="run `wsi-ssl tile` first"):
+        archive.slide("0123456789abcdef")
+    with pytest.raises(StoreNotFoundError, match=r"open_store\(ARCHIVE\)\.slide\(NAME\)"):
+        MILRun.__new__(MILRun).predict_slide(path.name)

@@ -150,7 +150,13 @@ class NoTissueError(WsiSslError, ValueError):
 
 class StoreNotFoundError(WsiSslError, FileNotFoundError):
     def __init__(self, path: str | Path, what: str = "store") -> None:
-        super().__init__(f"{path}: no such {what}; run `wsi-ssl tile` first")
+        advice = "run `wsi-ssl tile` first"
+        if what == "slide store" and Path(path).suffix != ".zarr":  # a slide's name or file
+            advice = (
+                "a slide store is ARCHIVE/slides/<slide id>.zarr; open_store(ARCHIVE).slide(NAME) "
+                "finds one by the slide's file name or stem"
+            )
+        super().__init__(f"{path}: no such {what}; {advice}")
         self.path = Path(path)
 
 
