@@ -276,7 +276,7 @@ def test_ctrl_c_stops_every_device_process_and_reports_what_was_finished(
         "wsi-ssl: interrupted;"
     )
     lines = out.strip().splitlines()
-    complete = [ln.rsplit(None, 1)[-1] for ln in lines if ln.startswith("complete ")]
+    complete = [ln.split()[4] for ln in lines if ln.startswith("complete ")]
     assert sorted(complete) == sorted(finished)
     ordered = [s for s in archive.slide_ids if s in stopped]
     assert lines[-1] == f"not done: {len(stopped)} slide(s) when interrupted ({', '.join(ordered)})"

@@ -121,9 +121,11 @@ class SlideOutcome:
         return self.error or ""
 
     def line(self, error_text: ErrorText | None = None) -> str:
-        """One report line; a failure adds a second line with the error (worded by
-        ``error_text``)."""
-        text = f"{self.status:>8}  {self.n_tiles:>7} tiles  {self.seconds:6.1f}s  {self.slide}"
+        """One report line (the slide, and its file name when ``details`` has one); a failure
+        adds a second line with the error (worded by ``error_text``)."""
+        name = self.details.get("name")
+        slide = f"{self.slide} ({name})" if name and name != self.slide else self.slide
+        text = f"{self.status:>8}  {self.n_tiles:>7} tiles  {self.seconds:6.1f}s  {slide}"
         if self.error is None:
             return text
         return f"{text}\n          {self.error_type}: {self.message(error_text)}"

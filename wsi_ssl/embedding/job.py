@@ -121,11 +121,15 @@ def embed(
         incomplete=incomplete,
     )
     to_embed = [p for p in prepared if isinstance(p, EmbedSlide)]
+    names = {sid: Path(path).name for sid, path in archive.source_paths(ids).items()}
     with interrupt_report(summary, lambda: [p.store.slide_id for p in to_embed if not p.done]):
         try:
             runner.run(to_embed)
         finally:  # the outcomes so far, for an interrupt's report too
             summary.outcomes = [o for p in prepared if (o := _outcome(p)) is not None]
+            for outcome in summary.outcomes:  # the report names each slide's file too
+                if outcome.slide in names:
+                    outcome.details.setdefault("name", names[outcome.slide])
             summary.seconds = time.perf_counter() - started
             summary.loader_wait_s = runner.loader_wait
     return summary
