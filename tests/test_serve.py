@@ -92,6 +92,8 @@ def test_page_and_index_summary(server: str, archive: dict[str, Any]) -> None:
     stores = [open_store(archive["root"]).slide(s) for s in archive["ids"].values()]
     assert info["n_vectors"] == sum(s.n_tiles for s in stores) and info["n_slides"] == 3
     status, _, body = _get(server + "/api/slides")
+    names = [s["name"] for s in json.loads(body)]
+    assert names == sorted(names, key=str.lower)  # the page lists slides by name
     listed = {s["slide_id"]: s for s in json.loads(body)}
     assert set(listed) == set(archive["ids"].values())
     assert listed[archive["ids"]["twin"]]["name"] == "CMU-1-Small-Region-twin.svs"

@@ -257,7 +257,8 @@ class SlideService:
 
     # -- listing ---------------------------------------------------------------------------
     def slides(self) -> list[dict[str, Any]]:
-        return [
+        """The indexed slides, by file name (as a person looks for them)."""
+        listed = [
             {
                 "slide_id": s["slide_id"],
                 "name": s["name"],
@@ -266,6 +267,7 @@ class SlideService:
             }
             for s in self.index.slides
         ]
+        return sorted(listed, key=lambda s: (s["name"].lower(), s["slide_id"]))
 
     def slide(self, slide: str) -> dict[str, Any]:
         pyramid = self.pyramid(slide)
