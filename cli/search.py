@@ -103,7 +103,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--box",
         type=_ints(4, "X,Y,W,H"),
         metavar="X,Y,W,H",
-        help="region query: a level-0 box on --slide",
+        help="region query: a level-0 box on --slide (a negative X or Y needs the = form: "
+        "--box=-100,-50,400,400)",
     )
     p.add_argument(
         "--image-mpp",

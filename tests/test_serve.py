@@ -230,6 +230,10 @@ def test_bad_requests_get_readable_errors(server: str, archive: dict[str, Any]) 
         assert status == 400 and "X,Y,W,H" in json.loads(raw)["error"]
     status, _, raw = _get(f"{server}/api/slides/{cmu}/region.png?box=0,0,100,100&px=5000")
     assert status == 400 and "px" in json.loads(raw)["error"]
+    # a picture of a box off the slide is refused as its search is, not drawn blank
+    for box in ("9999,9999,10,10", "-50,-50,50,50"):
+        status, _, raw = _get(f"{server}/api/slides/{cmu}/region.png?box={box}")
+        assert status == 400 and json.loads(raw)["type"] == "RegionOutsideSlideError"
 
 
 def test_index_changes_show_without_a_restart(server: str, archive: dict[str, Any]) -> None:

@@ -309,7 +309,8 @@ def test_more_like_these_finds_k_outside_large_labelled_boxes(site: dict[str, An
     )
     assert status == 200
     status, more = post_json(base, "/api/labels/more", {"label": "wide", "k": 10})
-    assert status == 200 and len(more["hits"]) == 10
+    assert status == 200 and len(more["hits"]) == 10 and more["k"] == 10
+    assert more["hits_per_tile"] >= 10  # the neighbours fetched per tile to find them
     assert {hit["slide_id"] for hit in more["hits"]} == {s1}, [
         (x["slide_id"][:4], x["tile_box"]) for x in more["hits"]
     ]

@@ -237,6 +237,7 @@ def more_like(service: SlideService, book: LabelBook, label: str, k: int) -> dic
             break
         fetch = min(2 * fetch, MAX_MORE_FETCH)
     out["query"]["regions"] = len(queries)
+    out["k"] = k  # what was asked for; hits_per_tile says how many neighbours were fetched
     for rank, hit in enumerate(keep, 1):
         hit["rank"] = rank
     out["hits"] = keep

@@ -22,7 +22,7 @@ from typing import Literal
 from fastapi import FastAPI
 from fastapi.responses import Response
 
-from wsi_ssl.errors import ConfigError
+from wsi_ssl.errors import ConfigError, RegionOutsideSlideError
 from wsi_ssl.serve.pyramid import dzi_xml, encode, tiles_in
 from wsi_ssl.serve.service import RenderPool, SlideService
 
@@ -74,6 +74,12 @@ def _region_png(
     from wsi_ssl.search.gallery import region_mosaic
 
     store = service.store(slide)
+    width, height = (int(v) for v in store.source["dimensions"])
+    x, y, w, h = box
+    if x >= width or y >= height or x + w <= 0 or y + h <= 0:  # as searches refuse it
+        raise RegionOutsideSlideError(
+            f"box {list(box)} lies outside {store.slide_id} ({width} x {height} px)"
+        )
     if len(tiles_in(store, box)) <= MAX_PICTURE_TILES:
         return encode(region_mosaic(store, box, panel_px=px, outline=outline or None), "png")
     f = px / max(box[2], box[3])
