@@ -458,3 +458,23 @@ def test_counts_out_of_range_are_refused_in_the_flags_words(
         err = capsys.readouterr().err
         assert info.value.code == 2 and f"expected a whole number {said}, got '{value}'" in err
         assert "None" not in err
+
+
+def test_overwrite_says_what_it_replaced(
+    run: Path, archive: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """``--overwrite`` of a predicted run says so: the earlier run's date and how many
+    predictions went with it (they were replaced silently)."""
+    root, labels = archive
+    out = shutil.copytree(run, tmp_path / "run")
+    code, _, err = run_cli(["mil", "predict", str(out), str(root), "--no-explain", "--quiet"])
+    assert code == 0, err
+    created = json.loads((out / "run.json").read_text())["created"]
+    argv = ["mil", "train", str(root), "--labels", str(labels), "--out", str(out)]
+    code, printed, err = run_cli([*argv, "--folds", "2", "--epochs", "1", "--overwrite", *SMALL])
+    assert code == 0, err
+    assert (
+        f"replaced the run at {out} (trained {created}) and the 4 slide prediction(s) "
+        "`wsi-ssl mil predict` had written in it (predictions/)"
+    ) in printed
+    assert not (out / "predictions").exists()

@@ -30,6 +30,7 @@ __all__ = [
     "encoder_attrs",
     "partial_dir",
     "publish",
+    "replaced_run_note",
     "write_csv",
     "write_fold",
     "write_predictions",
@@ -230,6 +231,24 @@ def run_info(
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2))
+
+
+def replaced_run_note(out: Path) -> str | None:
+    """What overwriting the run at ``out`` replaces, for the report (None: no run there)."""
+    try:
+        created = json.loads((out / "run.json").read_text()).get("created", "?")
+    except (OSError, ValueError, AttributeError):
+        return None
+    note = f"replaced the run at {out} (trained {created})"
+    table = out / "predictions" / "predictions.csv"
+    if table.is_file():
+        with table.open(newline="") as f:
+            n = sum(1 for _ in csv.DictReader(f))
+        note += (
+            f" and the {n} slide prediction(s) `wsi-ssl mil predict` had written in it "
+            "(predictions/): predict them again with this run"
+        )
+    return note
 
 
 def publish(partial: Path, out: Path) -> None:

@@ -49,6 +49,7 @@ from wsi_ssl.mil.rundir import (
     checkpoint_header,
     partial_dir,
     publish,
+    replaced_run_note,
     run_info,
     write_fold,
     write_json,
@@ -253,14 +254,18 @@ def _train(
     check_one_stain(report)
     check_one_scale(report)
 
+    replaced = replaced_run_note(out) if overwrite else None
     partial = partial_dir(out)
     try:
-        return _cross_validate(
+        result = _cross_validate(
             root, out, partial, config, report, folds, fold_source, device, log, started
         )
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # nothing half-written is left behind
         raise
+    if replaced is not None:
+        result.notes.append(replaced)
+    return result
 
 
 def _fold(split: FoldSplit, context: CVContext, partial: Path) -> tuple[FoldResult, np.ndarray]:
