@@ -12,8 +12,11 @@ Where the lock files live (never inside a store, so they are no part of its cont
     <root>/.locks/slides/<slide_id>.lock                   the slide store (tiling)
     <root>/.locks/embeddings/<slide_id>/<encoder_id>.lock  one embeddings array
     <root>/index/<name>/.lock                              a search index (its writers)
+    <run parent>/.<run name>.lock                          a MIL run directory
 
 A lock is re-entrant within one thread; another thread of the same process is another writer.
+A forked child (a DataLoader worker, say) drops its copy of the holder's locks at once, so a
+killed holder's lock is free when the holder dies, not when its children end.
 flock needs a local filesystem or NFSv4 (where Linux maps it onto byte-range locks).
 """
 
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import threading
@@ -70,10 +72,11 @@ class LockHolder:
         return f"pid {self.pid} on {self.host}" + (f" (since {self.since})" if self.since else "")
 
 
-def run_lock_path(root: str | Path, run_dir: str | Path) -> Path:
-    """The lock file, under the archive ``root``, of a run directory written from it (MIL)."""
-    key = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:24]
-    return Path(root) / LOCKS_DIR / "runs" / f"{key}.lock"
+def run_lock_path(run_dir: str | Path) -> Path:
+    """The lock file of a run directory (MIL), beside it like the run's staging folder: every
+    job writing that directory takes it, whatever archive it trains on."""
+    run_dir = Path(run_dir).resolve()
+    return run_dir.parent / f".{run_dir.name}.lock"
 
 
 def slide_lock_path(root: str | Path, slide_id: str) -> Path:
@@ -97,6 +100,27 @@ def read_holder(path: str | Path) -> LockHolder | None:
 
 _held: dict[tuple[Path, int, bool], int] = {}
 _held_guard = threading.Lock()
+_held_fds: set[int] = set()  # the fds holding this process's flocks
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child: point each inherited lock fd at /dev/null. A flock belongs to the
+    open file, which the fork shares; a child keeping it would hold the lock after its
+    parent died. The fd numbers stay valid, so the parent's code the child runs on never
+    touches another file."""
+    global _held_guard
+    _held_guard = threading.Lock()  # another thread may have held it at the fork
+    _held.clear()
+    if not _held_fds:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in _held_fds:
+        os.dup2(null, fd)
+    os.close(null)
+    _held_fds.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def _try_flock(path: Path, shared: bool = False) -> int | None:
@@ -160,6 +184,8 @@ def hold_lock(
         if time.monotonic() >= deadline:
             raise StoreLockedError(target, read_holder(path))
         time.sleep(_POLL_S)
+    with _held_guard:
+        _held_fds.add(fd)
     try:
         if shared:
             os.ftruncate(fd, 0)  # no writer holds it: any name in it is a dead writer's
@@ -175,6 +201,8 @@ def hold_lock(
             if not shared:
                 os.ftruncate(fd, 0)
     finally:
+        with _held_guard:
+            _held_fds.discard(fd)
         os.close(fd)  # releases the flock
 
 

@@ -137,7 +137,10 @@ def test_flagged_tiles_are_neither_read_nor_encoded(tiled, full, reads, tmp_path
     for sid, store in stores.items():
         o = by_slide[sid]
         assert (o.status, o.n_tiles) == ("complete", store.n_tiles - len(flagged[sid]))
-        assert o.details == {"not_embedded": len(flagged[sid])}
+        assert o.details == {
+            "not_embedded": len(flagged[sid]),
+            "name": Path(store.source["path"]).name,
+        }
     assert summary.tiles_not_embedded == n_flagged
     assert summary.to_dict()["tiles_not_embedded"] == n_flagged
     assert f"skipped {n_flagged} tiles flagged by QC" in "\n".join(summary.lines())
@@ -215,7 +218,7 @@ def test_a_slide_whose_every_tile_is_flagged(tiled, tmp_path, monkeypatch) -> No
     _plant(small, list(range(small.n_tiles)))
     summary = embed(root, ENCODER, SKIP, slides=[small.slide_id])
     [o] = summary.outcomes
-    assert (o.status, o.n_tiles, o.details) == ("complete", 0, {"not_embedded": 25})
+    assert (o.status, o.n_tiles, o.details["not_embedded"]) == ("complete", 0, 25)
     emb = read_embeddings(small, summary.encoder_id)
     assert np.isnan(emb.features).all() and len(emb.embedded_only()) == 0
     assert embeddings_problem(small, summary.encoder_id) is None

@@ -168,7 +168,11 @@ def test_predictions_into_one_folder_add_up_and_another_runs_are_refused(
     argv = ["mil", "predict", str(run), str(root), "--out", str(out), "--no-explain", "--quiet"]
     code, first, err = run_cli([*argv, "--slides", "s1.tiff", "s3.tiff"])
     assert code == 0, err
-    assert first.splitlines()[0] == "predicted  probabilities  tiles  slide"
+    header, row = first.splitlines()[:2]
+    assert header.split() == ["predicted", "probabilities", "tiles", "slide"]
+    for name in ("probabilities", "slide"):  # each column's name stands over its column
+        assert row[header.index(name)] != " " and row[header.index(name) - 1] == " ", first
+    assert header.index("tiles") + len("tiles") == row.index(" tiles") + len(" tiles")
     assert first.splitlines()[-1].endswith("predictions.csv")  # no pictures claimed
     before = {r["name"]: r for r in csv.DictReader((out / "predictions.csv").open())}
     assert sorted(before) == ["s1.tiff", "s3.tiff"]

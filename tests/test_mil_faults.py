@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,8 +96,11 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_run(
         while not _stopped(first.pid):  # paused at its swap, holding the run's lock
             assert first.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
-        with pytest.raises(StoreLockedError, match=f"pid {first.pid}"):
-            _train_in_process(archive, out, epochs=4, overwrite=True)
+        # the run's lock is the run's: a job training on another archive is refused too
+        other = shutil.copytree(archive, tmp_path / "other")
+        for root in (archive, other):
+            with pytest.raises(StoreLockedError, match=f"pid {first.pid}"):
+                _train_in_process(root, out, epochs=4, overwrite=True)
     finally:
         first.kill()
         first.wait(timeout=60)

@@ -379,3 +379,35 @@ def test_the_archive_api_takes_a_slide_by_id_or_by_name(small_archive: Path) -> 
         archive.slide("0123456789abcdef")
     with pytest.raises(StoreNotFoundError, match=r"open_store\(ARCHIVE\)\.slide\(NAME\)"):
         MILRun.__new__(MILRun).predict_slide(path.name)
+
+
+_HOLD_AND_FORK = """
+import multiprocessing, sys, time
+from wsi_ssl.storage.locks import slide_lock
+with slide_lock(sys.argv[1], "s1"):
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    child.start()
+    print(child.pid, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path: Path) -> None:
+    """A holder that forked (DataLoader workers) and is SIGKILLed: its lock is free at once,
+    though the child lives on (the child shared the lock's open file and kept it)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_AND_FORK, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    child = int(proc.stdout.readline())
+    try:
+        assert is_locked(slide_lock_path(tmp_path, "s1"))
+        proc.kill()
+        proc.wait()
+        assert Path(f"/proc/{child}").exists()  # the child still runs
+        assert not is_locked(slide_lock_path(tmp_path, "s1"))
+        with slide_lock(tmp_path, "s1"):  # taken over at once, no wait
+            holder = read_holder(slide_lock_path(tmp_path, "s1"))
+            assert holder is not None and holder.pid == os.getpid()
+    finally:
+        os.kill(child, signal.SIGKILL)

@@ -133,7 +133,11 @@ class PredictResult(BatchOutcome):
             probs = "  ".join(f"{c} {p:.3f}" for c, p in s.probabilities.items())
             note = f"  ({s.note})" if s.note else ""
             out.append(f"{s.label:>12}  {probs}  {s.n_tiles:>6} tiles  {s.name}{note}")
-        header = ["predicted  probabilities  tiles  slide"] if self.predictions else []
+        header = []
+        if self.predictions:  # the columns' names over the columns
+            first = self.predictions[0].probabilities
+            width = len("  ".join(f"{c} {p:.3f}" for c, p in first.items()))
+            header = [f"{'predicted':>12}  {'probabilities':<{width}}  {'tiles':>12}  slide"]
         return header + out + self.total_lines()
 
     def to_dict(self) -> dict[str, Any]:
