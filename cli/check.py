@@ -87,6 +87,11 @@ def print_report(report: CheckReport, named: bool) -> None:
     if failed := report.failed_slides:
         shown = first_few(failed)
         print(f"note: {len(failed)} slide(s) failed to tile and are not in the archive ({shown})")
+    if busy := report.busy:
+        print(
+            f"note: {len(busy)} store(s) being written by a tiling job now were not checked "
+            f"({first_few(busy)}); check again when it ends"
+        )
     remaining = len(report.problems)
     repaired = len(report.findings) - remaining
     print(

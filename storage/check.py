@@ -39,6 +39,7 @@ from wsi_ssl.errors import (
     CatalogCorruptError,
     CorruptIndexError,
     IndexNotFoundError,
+    StoreLockedError,
     WsiSslError,
 )
 from wsi_ssl.listing import first_few
@@ -113,6 +114,8 @@ class CheckReport:
     failed_slides: list[str] = field(default_factory=list)
     """Slides whose tiling failed (the catalog keeps each error) and that have no store: not
     a problem of the archive, but not in it."""
+    busy: list[str] = field(default_factory=list)
+    """Stores a writer held while they were checked (a tiling job): not checked."""
     stores: int = 0
     arrays: int = 0
     indexes: int = 0
@@ -135,6 +138,7 @@ class CheckReport:
             "indexes": self.indexes,
             "findings": [asdict(f) for f in self.findings],
             "failed_slides": self.failed_slides,
+            "busy": self.busy,
         }
 
 
@@ -194,7 +198,12 @@ class _Checker:
         for path in sorted(slides.glob("*.zarr")) if slides.is_dir() else []:
             if path.is_dir():
                 self.report.stores += 1
-                self.store(path)
+                try:  # as a reader: no tiling job swaps the store while it is checked
+                    slide_id = path.name.removesuffix(".zarr")
+                    with slide_lock(self.root, slide_id, shared=True, clear_stale=False):
+                        self.store(path)
+                except StoreLockedError:
+                    self.report.busy.append(str(path))
         for suffix in (STAGING_SUFFIX, ASIDE_SUFFIX):
             for left in sorted(slides.glob(f"*.zarr{suffix}")) if slides.is_dir() else []:
                 self.swap_leftover(left, left.name.removesuffix(suffix))
@@ -227,11 +236,10 @@ class _Checker:
                 path, detail, self.tile_fix(slide_id), lambda: self.mark_redo(slide_id, detail)
             )
             return
-        if store.status != STATUS_COMPLETE:
+        if store.status != STATUS_COMPLETE:  # and no tiling job holds it (see stores)
             self.reported.add(slide_id)
-            if not is_locked(slide_lock_path(self.root, slide_id)):
-                why = f"status {store.status!r}: a tiling job was interrupted"
-                self.add(path, why, self.tile_fix(slide_id), lambda: self.mark_redo(slide_id, why))
+            why = f"status {store.status!r}: a tiling job was interrupted"
+            self.add(path, why, self.tile_fix(slide_id), lambda: self.mark_redo(slide_id, why))
             return
         problem = store.problem(verify=self.verify_tiles)
         if problem is not None:

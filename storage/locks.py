@@ -154,12 +154,18 @@ def _write_holder(fd: int) -> LockHolder:
 
 @contextlib.contextmanager
 def hold_lock(
-    path: str | Path, target: str | Path, *, wait: float = 0.0, shared: bool = False
+    path: str | Path,
+    target: str | Path,
+    *,
+    wait: float = 0.0,
+    shared: bool = False,
+    clear_stale: bool = True,
 ) -> Iterator[None]:
     """Hold the lock file ``path`` guarding ``target`` (named in the error).
 
     Waits up to ``wait`` seconds (``float("inf")``: until free). ``shared`` takes a reader's
-    lock: any number of readers together, but no writer (readers record no holder).
+    lock: any number of readers together, but no writer (readers record no holder, and
+    empty a dead writer's name unless ``clear_stale`` is False: ``check`` reports it).
 
     Raises:
         StoreLockedError: another live process holds it ("<target> is being written by pid N
@@ -187,10 +193,10 @@ def hold_lock(
     with _held_guard:
         _held_fds.add(fd)
     try:
-        if shared:
-            os.ftruncate(fd, 0)  # no writer holds it: any name in it is a dead writer's
-        else:
+        if not shared:
             _write_holder(fd)
+        elif clear_stale:
+            os.ftruncate(fd, 0)  # no writer holds it: any name in it is a dead writer's
         with _held_guard:
             _held[key] = 1
         try:
@@ -207,13 +213,19 @@ def hold_lock(
 
 
 def slide_lock(
-    root: str | Path, slide_id: str, *, wait: float = 0.0, shared: bool = False
+    root: str | Path,
+    slide_id: str,
+    *,
+    wait: float = 0.0,
+    shared: bool = False,
+    clear_stale: bool = True,
 ) -> contextlib.AbstractContextManager[None]:
     """The lock of slide store ``slide_id`` under archive ``root``: exclusive for a writer
-    (tiling), ``shared`` for a job that adds to the store (embedding) and must not see it
-    swapped meanwhile."""
+    (tiling), ``shared`` for a job that adds to the store (embedding) or reads it whole
+    (``check``) and must not see it swapped meanwhile."""
     target = Path(root) / "slides" / f"{slide_id}.zarr"
-    return hold_lock(slide_lock_path(root, slide_id), target, wait=wait, shared=shared)
+    path = slide_lock_path(root, slide_id)
+    return hold_lock(path, target, wait=wait, shared=shared, clear_stale=clear_stale)
 
 
 def embeddings_lock(

@@ -326,3 +326,36 @@ def test_second_writer_waits_for_the_lock_or_gets_a_typed_error(
         ]
         == 1
     )
+
+
+@pytest.mark.faults
+def test_check_leaves_a_store_being_retiled_alone(
+    embedded: tuple[Path, str, np.ndarray, np.ndarray], slide: Path
+) -> None:
+    """``check --repair`` while the advised re-tile of a damaged store runs: the store is
+    the tiler's (it holds the slide lock), so check neither reports it nor marks it for
+    re-tiling, and says it was not checked; once the re-tile ends, check is clean."""
+    root, slide_id, tiles, vectors = embedded
+    store = open_store(root).store_path(slide_id)
+    (store / "tiles" / "c" / "1" / "0" / "0" / "0").unlink()  # what the re-tile will fix
+    tiler = _tile(root, slide, "--no-resume", fault="pause_before_rename:#aside")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # paused with its new store complete, lock held
+        with open(f"/proc/{tiler.pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                break
+        time.sleep(0.05)
+    try:
+        code, out, _ = run_cli(["check", str(root), "--repair", "--json"])
+        report = json.loads(out)
+        assert code == 0 and report["busy"] == [str(store)], out
+        assert not [f for f in report["findings"] if slide_id in f["path"]], out
+        assert open_store(root).catalog.get(slide_id).status == "complete"  # type: ignore[union-attr]
+        code, out, _ = run_cli(["check", str(root)])
+        assert "1 store(s) being written by a tiling job now were not checked" in out
+    finally:
+        tiler.send_signal(signal.SIGCONT)
+    tiler.communicate(timeout=120)
+    assert tiler.returncode == 0
+    _assert_intact(root, slide_id, tiles, vectors)
+    assert run_cli(["check", str(root)])[0] == 0
