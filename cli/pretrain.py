@@ -41,7 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_arguments(p)
     p.set_defaults(
-        func=run, after_interrupt="re-run with --resume to go on from the last checkpoint"
+        func=run,
+        after_interrupt="re-run with --resume to go on from the last checkpoint (before the "
+        "first, it starts again with the run's recorded settings)",
     )
 
 
@@ -156,12 +158,17 @@ def pretrain_config(args: argparse.Namespace, base: PretrainConfig | None = None
 
 
 def run(args: argparse.Namespace) -> int:
+    from wsi_ssl.ssl.checkpoint import latest_checkpoint
     from wsi_ssl.ssl.resume import resumed_config
     from wsi_ssl.ssl.train import pretrain
 
     base = resumed_config(args.out, args.arch) if args.resume else None
     if base is not None and args.preset:
-        raise ConfigError("--preset applies to new runs; --resume takes the checkpoint's config")
+        if latest_checkpoint(Path(args.out)) is not None:
+            raise ConfigError(
+                "--preset applies to new runs; --resume takes the checkpoint's config"
+            )
+        base = None  # stopped before a checkpoint: the preset must give its recorded settings
     config = pretrain_config(args, base)
     result = pretrain(
         args.roots, config, out=args.out, resume=args.resume, until_step=args.until_step

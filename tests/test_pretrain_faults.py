@@ -3,6 +3,7 @@ first is paused at a checkpoint rename, then the first SIGKILLed; ``--resume`` c
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -67,3 +68,27 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(
     assert names == ["step_00000001.pt"]  # the previous checkpoint, and no temp file
     assert run_cli(resume)[0] == 0
     assert (out / "checkpoints" / "step_00000002.pt").is_file()
+
+
+def test_resume_before_the_first_checkpoint_keeps_the_runs_settings(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    """A run stopped before its first checkpoint (Ctrl-C or a kill early on a CPU): a plain
+    ``--resume`` starts it again with the settings its config.json records, not the
+    defaults; other training settings are refused, as they are against a checkpoint."""
+    out = tmp_path / "run"
+    argv = ["pretrain", str(small_archive), "--out", str(out), *ARGS]
+    assert run_cli([*argv, "--until-step", "1"])[0] == 0
+    recorded = json.loads((out / "config.json").read_text())["config"]
+    for checkpoint in (out / "checkpoints").glob("step_*.pt"):
+        checkpoint.unlink()  # as if stopped before its first one
+    rc, _, err = run_cli(["pretrain", str(small_archive), "--out", str(out), "--resume", "--quiet"])
+    assert rc == 0, err
+    again = json.loads((out / "config.json").read_text())["config"]
+    for key in ("arch", "steps", "batch_size", "out_dim", "checkpoint_every", "method"):
+        assert again[key] == recorded[key], key
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*.pt"))[-1] == "step_00000002.pt"
+    for checkpoint in (out / "checkpoints").glob("step_*.pt"):
+        checkpoint.unlink()
+    rc, _, err = run_cli([*argv, "--batch-size", "4", "--resume"])
+    assert rc == 2 and "other training settings" in err and "batch_size" in err, err

@@ -8,6 +8,7 @@ so that a resumed run computes exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,13 @@ from wsi_ssl.listing import first_few
 from wsi_ssl.ssl.checkpoint import RUN_FORMAT, latest_checkpoint, load_checkpoint
 from wsi_ssl.ssl.config import RUNTIME_FIELDS, PretrainConfig
 
-__all__ = ["check_same_run", "merge_resumed", "open_checkpoint", "resumed_config"]
+__all__ = [
+    "check_same_run",
+    "merge_resumed",
+    "open_checkpoint",
+    "recorded_config",
+    "resumed_config",
+]
 
 
 def open_checkpoint(
@@ -42,17 +49,36 @@ def open_checkpoint(
 
 
 def resumed_config(out: str | Path, arch: str | None = None) -> PretrainConfig | None:
-    """The config of the run in ``out`` (its newest checkpoint's), None when it has none.
+    """The config of the run in ``out``: its newest checkpoint's, or, stopped before its
+    first checkpoint, the one its ``config.json`` records; None when it has neither.
 
     Raises:
         CheckpointError: unreadable, or for another architecture than ``arch``.
     """
     path = latest_checkpoint(Path(out))
     if path is None:
-        return None
+        return recorded_config(Path(out))
     return PretrainConfig.from_dict(
         load_checkpoint(path, kind=RUN_FORMAT, arch=arch)["meta"]["config"]
     )
+
+
+def recorded_config(out: Path) -> PretrainConfig | None:
+    """The config ``out/config.json`` records (written when a run starts), or None.
+
+    Raises:
+        CheckpointError: the file is there but unreadable.
+    """
+    path = out / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return PretrainConfig.from_dict(json.loads(path.read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{path}: cannot read the run's settings ({type(err).__name__}: {err}); start a new "
+            "run with another out"
+        ) from err
 
 
 def merge_resumed(

@@ -48,7 +48,7 @@ from wsi_ssl.ssl.metrics import MetricsLog, plot_loss
 from wsi_ssl.ssl.optim import clip_gradients, param_groups
 from wsi_ssl.ssl.recipes import make_recipe
 from wsi_ssl.ssl.result import PretrainRun, cpu_state, state_digest
-from wsi_ssl.ssl.resume import check_same_run, merge_resumed, open_checkpoint
+from wsi_ssl.ssl.resume import check_same_run, merge_resumed, open_checkpoint, recorded_config
 from wsi_ssl.ssl.runtime import (
     DistContext,
     broadcast_buffers,
@@ -86,6 +86,8 @@ class Trainer:
         if self.checkpoint_data is not None:
             saved = PretrainConfig.from_dict(self.checkpoint_data["meta"]["config"])
             config = merge_resumed(saved, config, self.checkpoint_path)
+        elif resume and (recorded := recorded_config(out)) is not None:  # stopped before one
+            config = merge_resumed(recorded, config, out / "config.json")
         self.config = config = config or PretrainConfig()
         self.device = resolve_device(config.device, ctx.local_rank)
         self.precision = resolve_precision(config.precision, self.device)
