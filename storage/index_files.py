@@ -39,8 +39,10 @@ callers must load an index without ``mmap`` before adding or removing vectors.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import os
 import re
 import shutil
 import time
@@ -54,6 +56,7 @@ import numpy as np
 from wsi_ssl.errors import (
     ConfigError,
     CorruptIndexError,
+    DiskFullError,
     IndexLockedError,
     IndexNotFoundError,
     StoreLockedError,
@@ -283,7 +286,8 @@ def write_index(
 
     Raises:
         IndexBusyError: another process is writing this index.
-        OSError: the disk is full or not writable (nothing is left half-written).
+        DiskFullError: the disk filled up (nothing is left half-written).
+        OSError: the disk is not writable (nothing is left half-written).
     """
     import faiss
 
@@ -329,8 +333,13 @@ def write_index(
                 "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             atomic_write_json(path / MANIFEST, manifest)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
+            # FAISS reports a full disk as a RuntimeError quoting strerror
+            if getattr(err, "errno", None) == errno.ENOSPC or (
+                isinstance(err, RuntimeError) and os.strerror(errno.ENOSPC) in str(err)
+            ):
+                raise DiskFullError(path) from err
             raise
         # keep the new generation and the one the manifest named before (a reader may be
         # opening it); orphans of killed writers and older generations go

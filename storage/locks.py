@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from wsi_ssl.errors import StoreLockedError
+from wsi_ssl.errors import LockFileError, StoreLockedError
 from wsi_ssl.storage.atomic import host_name, pid_alive
 
 __all__ = [
@@ -127,7 +127,10 @@ def _try_flock(path: Path, shared: bool = False) -> int | None:
     """An fd holding the flock of ``path`` (the file currently at that name), or None."""
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:  # a read-only archive, or not ours to write
+            raise LockFileError(path, err) from err
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -170,9 +173,13 @@ def hold_lock(
     Raises:
         StoreLockedError: another live process holds it ("<target> is being written by pid N
             on HOST").
+        LockFileError: the lock file cannot be created or written (read-only, full disk).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LockFileError(path, err) from err
     key = (path.resolve(), threading.get_ident(), shared)
     with _held_guard:
         depth = _held.get(key, 0)
@@ -193,10 +200,13 @@ def hold_lock(
     with _held_guard:
         _held_fds.add(fd)
     try:
-        if not shared:
-            _write_holder(fd)
-        elif clear_stale:
-            os.ftruncate(fd, 0)  # no writer holds it: any name in it is a dead writer's
+        try:
+            if not shared:
+                _write_holder(fd)
+            elif clear_stale:
+                os.ftruncate(fd, 0)  # no writer holds it: any name in it is a dead writer's
+        except OSError as err:  # a full disk
+            raise LockFileError(path, err) from err
         with _held_guard:
             _held[key] = 1
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +130,18 @@ def small_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     code, _, err = run_cli(["index", str(base / "root"), "--encoder", "random-cnn", "--quiet"])
     assert code == 0, err
     return base / "root"
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 1 MiB tmpfs: a real full disk, where this machine lets the tests mount one."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    # lazy: a catalog connection the test's garbage collector has not closed yet keeps it busy
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)

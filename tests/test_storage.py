@@ -411,3 +411,49 @@ def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path: Path) -
             assert holder is not None and holder.pid == os.getpid()
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def _fill(folder: Path) -> None:
+    """Write into ``folder`` until its disk is full."""
+    with open(folder / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+
+
+def test_a_lock_on_a_full_or_read_only_disk_is_a_typed_error(tiny_disk: Path) -> None:
+    """The writer's lock is the first thing a job writes: a full disk or a read-only archive
+    is a LockFileError naming the lock file and what to do (it was a bare OSError)."""
+    from wsi_ssl.errors import LockFileError
+
+    with slide_lock(tiny_disk, "s0"):  # the lock folder exists before the disk fills
+        pass
+    _fill(tiny_disk)
+    full = r"s1\.lock: cannot take the writer's lock \(No space"
+    with pytest.raises(LockFileError, match=full), slide_lock(tiny_disk, "s1"):
+        pass
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)
+    read_only = r"s2\.lock: cannot take .*\(Read-only file system\)"
+    with pytest.raises(LockFileError, match=read_only), slide_lock(tiny_disk, "s2"):
+        pass
+
+
+def test_an_index_written_to_a_full_disk_is_a_typed_error_and_leaves_nothing(
+    tiny_disk: Path,
+) -> None:
+    """FAISS reports a full disk as a RuntimeError: it becomes a DiskFullError naming the
+    index, and the half-written generation is removed."""
+    import faiss
+
+    from wsi_ssl.errors import DiskFullError
+    from wsi_ssl.storage.index_files import index_path, write_index
+
+    index = faiss.IndexFlatIP(64)
+    index.add(np.random.default_rng(0).normal(size=(8000, 64)).astype(np.float32))  # 2 MB
+    coords = np.zeros((8000, 2), dtype=np.int64)
+    with pytest.raises(DiskFullError, match="no space left on device"):
+        write_index(tiny_disk, "full", index, config={}, slides=[], coords=coords)
+    assert [p.name for p in index_path(tiny_disk, "full").iterdir()] in ([], [".lock"])

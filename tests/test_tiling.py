@@ -526,21 +526,6 @@ def test_tile_slides_api(tmp_path: Path, synth: Path) -> None:
     )
 
 
-@pytest.fixture
-def tiny_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A 1 MiB tmpfs: a real full disk, where this machine lets the tests mount one."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mount
-    # lazy: a catalog connection the test's garbage collector has not closed yet keeps it busy
-    subprocess.run(["umount", "--lazy", str(mount)], check=True)
-
-
 def test_full_disk_is_a_typed_error_and_leaves_nothing(tiny_disk: Path, tmp_path: Path) -> None:
     slide = write_synthetic_slide(tmp_path / "s.tiff", (4096, 3072), seed=2)
     with pytest.raises(DiskFullError, match="no space left"):

@@ -227,20 +227,6 @@ def test_full_disk_at_the_swap_leaves_the_old_store(
     assert not staging_path(store_path).exists() and not aside_path(store_path).exists()
 
 
-@pytest.fixture
-def tiny_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A 1 MiB tmpfs: a real full disk, where this machine lets the tests mount one."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", "--lazy", str(mount)], check=True)
-
-
 @pytest.mark.faults
 def test_full_disk_while_writing_beside_keeps_the_old_store(
     tiny_disk: Path, tmp_path: Path

@@ -36,6 +36,7 @@ __all__ = [
     "IndexNotFoundError",
     "InputSizeMismatchError",
     "LabelsError",
+    "LockFileError",
     "MagnificationMismatchError",
     "MissingMppError",
     "MultiScaleRootError",
@@ -447,6 +448,18 @@ class StoreLockedError(WsiSslError, RuntimeError):
         )
         self.path = Path(path)
         self.holder = holder
+
+
+class LockFileError(WsiSslError, OSError):
+    """A writer's lock file could not be created or written: the archive is read-only, not
+    ours to write, or its disk is full."""
+
+    def __init__(self, path: str | Path, err: OSError) -> None:
+        super().__init__(
+            f"{path}: cannot take the writer's lock ({err.strerror or err}); a job that writes "
+            "the archive needs it writable, with free space: fix that and re-run"
+        )
+        self.path = Path(path)
 
 
 class IndexLockedError(IndexBusyError, StoreLockedError):
