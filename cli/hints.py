@@ -22,6 +22,12 @@ __all__ = ["RESUME_ADVICE", "command_parser", "in_command_words"]
 RESUME_ADVICE = "re-run it (without --no-resume) to go on where it stopped"
 """What to do after an interrupt, for the commands that resume (tile, embed)."""
 
+REDO_ADVICE = (
+    "the slides not done keep what they had; re-run it with --no-resume on just those to redo "
+    "them (a re-run without it keeps their earlier output)"
+)
+"""What to do after an interrupted ``--no-resume`` run of tile or embed."""
+
 
 def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
     for action in parser._actions:

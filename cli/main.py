@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from wsi_ssl import __version__
 from wsi_ssl.cli import (
@@ -24,7 +28,7 @@ from wsi_ssl.cli import (
     serve,
     tile,
 )
-from wsi_ssl.cli.hints import command_parser, in_command_words
+from wsi_ssl.cli.hints import REDO_ADVICE, RESUME_ADVICE, command_parser, in_command_words
 from wsi_ssl.errors import WsiSslError
 from wsi_ssl.outcome import JobInterrupted
 
@@ -51,8 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.error_text = lambda err: in_command_words(err, command)  # per-slide lines use it too
     # tifffile logs what it finds wrong in a malformed file; the slide's own error says it once
     logging.getLogger("tifffile").setLevel(logging.ERROR)
+    terminated: list[int] = []
     try:
-        return int(args.func(args))
+        with _sigterm_stops_like_ctrl_c(terminated):
+            return int(args.func(args))
     except WsiSslError as err:
         print(f"wsi-ssl: error: {args.error_text(err)}", file=sys.stderr)
         return 2
@@ -66,8 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(err.to_dict(), indent=2) if as_json else "\n".join(report))
         sys.stdout.flush()  # what the command printed before the interrupt stays printed
         after = getattr(args, "after_interrupt", "nothing half-written is kept; re-run the command")
-        print(f"wsi-ssl: interrupted; {after}", file=sys.stderr)
-        return 130
+        if after == RESUME_ADVICE and getattr(args, "no_resume", False):
+            after = REDO_ADVICE
+        how = " (SIGTERM)" if terminated else ""
+        print(f"wsi-ssl: interrupted{how}; {after}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except Exception as err:  # not a library error: still one line, the traceback on request
         if os.environ.get("WSI_SSL_DEBUG"):
             raise
@@ -77,6 +86,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+
+
+@contextlib.contextmanager
+def _sigterm_stops_like_ctrl_c(terminated: list[int]) -> Iterator[None]:
+    """SIGTERM (how batch schedulers stop a job) raises KeyboardInterrupt, so a job stops as
+    cleanly as on Ctrl-C, with its report; ``terminated`` records that it came."""
+
+    def stop(signum: int, frame: Any) -> None:
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run() -> None:

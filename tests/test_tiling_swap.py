@@ -196,6 +196,38 @@ def test_sigkill_at_each_swap_point_keeps_a_complete_store(
 
 
 @pytest.mark.faults
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_while_writing_beside_leaves_nothing_but_the_old_store(
+    embedded: tuple[Path, str, np.ndarray, np.ndarray], slide: Path, sig: signal.Signals
+) -> None:
+    """Ctrl-C (or a scheduler's SIGTERM) as the new store's second shard lands: the half-written
+    store beside the old one is removed and the lock released, so check finds nothing to
+    repair; SIGTERM stops as cleanly, with its report, and exits 143."""
+    root, slide_id, tiles, vectors = embedded
+    proc = _tile(
+        root, slide, "--no-resume", "--json", fault="pause_before_rename:.zarr.new/tiles/c/1/"
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with open(f"/proc/{proc.pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                break
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + sig, err
+    assert json.loads(out)["interrupted"] is True
+    last = err.strip().splitlines()[-1]  # a --no-resume run: its re-run must say so again
+    assert last.startswith("wsi-ssl: interrupted") and "re-run it with --no-resume" in last
+    store_path = open_store(root).store_path(slide_id)
+    assert not staging_path(store_path).exists()
+    _assert_intact(root, slide_id, tiles, vectors)
+    code, out, _ = run_cli(["check", str(root)])
+    assert code == 0 and " 0 problem(s)" in out, out
+
+
+@pytest.mark.faults
 def test_sigkill_while_writing_beside_leaves_the_old_store(
     embedded: tuple[Path, str, np.ndarray, np.ndarray], slide: Path
 ) -> None:

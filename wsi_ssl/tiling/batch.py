@@ -369,10 +369,8 @@ def _retile(
     discard_embeddings: bool,
 ) -> tuple[int, Replacement]:
     """Write the slide's store beside the current one and swap it in (holding the slide lock).
-
     On failure the previous complete store stays in place (and the catalog with it); the
-    catalog records the failure only when no complete store is left.
-    """
+    catalog records the failure only when no complete store is left."""
     store_path = archive.store_path(source.slide_id)
     try:
         n_tiles = write_store(
@@ -386,8 +384,10 @@ def _retile(
             discard_embeddings=discard_embeddings,
         )
         replacement = replace_store(store_path, staging_path(store_path), discard_embeddings)
-    except Exception as err:
-        recover_swap(store_path, roll_forward=False)
+    except BaseException as err:
+        recover_swap(store_path, roll_forward=False)  # Ctrl-C too: no half-written store stays
+        if not isinstance(err, Exception):
+            raise
         full = isinstance(err, OSError) and err.errno == errno.ENOSPC
         failure = DiskFullError(store_path) if full else err
         if not is_complete_store(store_path):
