@@ -429,7 +429,7 @@ def test_a_damaged_or_lost_catalog_is_rebuilt_from_the_stores(
     argv += ["--tiles-per-chunk", "4", "--tissue-threshold", "0", "--quiet"]
     code, _, err = run_cli(argv)
     assert code == 1 and f"{catalog}: the archive's catalog is damaged (" in err
-    assert "`wsi-ssl check ROOT --repair` rebuilds it" in err
+    assert f"`wsi-ssl check {root} --repair` rebuilds it" in err  # the real root, no placeholder
     # meanwhile slides are still named by their files (the stores record them)
     from wsi_ssl.storage.resolve import resolve_slide
 

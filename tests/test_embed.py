@@ -363,8 +363,9 @@ def test_damaged_embeddings_are_refused_downstream(
     first = sorted(p for p in chunks.rglob("*") if p.is_file())[0]
     data = first.read_bytes()
     first.unlink()
-    with pytest.raises(EmbeddingsCorruptError, match="1 of 1 chunk files missing"):
+    with pytest.raises(EmbeddingsCorruptError, match="1 of 1 chunk files missing") as info:
         read_embeddings(store, summary.encoder_id)
+    assert f"`wsi-ssl check {root}` prints the embed command" in str(info.value)  # no ROOT
     first.write_bytes(data[: len(data) // 2])
     with pytest.raises(EmbeddingsCorruptError, match=str(store.path.name)):
         read_embeddings(store, summary.encoder_id)
@@ -374,7 +375,7 @@ def test_damaged_embeddings_are_refused_downstream(
     ):
         assert _cli(argv) == code
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "are damaged" in err[0] and "resume=False" in err[0]
+        assert len(err) == 1 and "are damaged" in err[0] and f"wsi-ssl check {root}`" in err[0]
     assert len(list((tmp_path / "pt").glob("*.pt"))) == 1  # the intact slide only
 
 

@@ -401,4 +401,4 @@ def test_an_unreadable_kept_tile_is_named_by_its_number_when_flagged_tiles_are_s
     (failed,) = embed(root, ENCODER, replace(SKIP, decode=decode)).failed
     assert failed.error_type == "TileReadError"
     assert f"{store.path / 'tiles'}: tiles 6..6 cannot be read" in failed.error, failed.error
-    assert failed.error.endswith("(`wsi-ssl check ROOT --verify-tiles` prints that command)")
+    assert failed.error.endswith(f"(`wsi-ssl check {root} --verify-tiles` prints that command)")

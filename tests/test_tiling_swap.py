@@ -132,7 +132,7 @@ def test_a_retile_repairs_a_damaged_shard_and_keeps_the_embeddings(
     embed = ["embed", str(root), "--encoder", "random-cnn", "--resize", "bilinear", "--quiet"]
     code, out, err = run_cli(embed)
     assert code == 1 and "the shard's bytes changed since tiling" in err, err
-    assert "`wsi-ssl check ROOT --verify-tiles` prints that command" in err  # as above
+    assert f"`wsi-ssl check {root} --verify-tiles` prints that command" in err  # as above
     assert open_store(root).embedding_ids(slide_id) == ["enc-a"]
     code, out, err = run_cli(["tile", str(slide), "--out", str(root), *FLAGS, "--no-resume"])
     assert code == 0 and "embeddings kept (same tiles): enc-a" in out, err

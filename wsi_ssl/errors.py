@@ -68,6 +68,18 @@ __all__ = [
 ]
 
 
+def _root_of(path: str | Path) -> str:
+    """The archive root above ``path`` (a slide store or a file in one, an index, the catalog),
+    for the commands a message names; "ROOT" when it is not under one."""
+    p = Path(path)
+    if p.name == "catalog.sqlite":
+        return str(p.parent)
+    for folder in (p, *p.parents):
+        if folder.name in ("slides", "index"):
+            return str(folder.parent)
+    return "ROOT"
+
+
 class WsiSslError(Exception):
     """Base class of every error wsi-ssl raises on purpose.
 
@@ -285,8 +297,8 @@ class TileReadError(WsiSslError, OSError):
     def __init__(self, path: str | Path, start: int, stop: int, detail: str) -> None:
         super().__init__(
             f"{path}: tiles {start}..{stop - 1} cannot be read ({detail}); re-tile this slide "
-            "with the settings it was tiled with (`wsi-ssl check ROOT --verify-tiles` prints "
-            "that command)"
+            f"with the settings it was tiled with (`wsi-ssl check {_root_of(path)} "
+            "--verify-tiles` prints that command)"
         )  # the remedy is another command's, so it is named here
         self.path = Path(path)
         self.tiles = (start, stop)
@@ -318,9 +330,10 @@ class EmbeddingsCorruptError(WsiSslError, OSError):
 
     def __init__(self, path: str | Path, encoder_id: str, detail: str) -> None:
         super().__init__(
-            f"{path}: embeddings {encoder_id!r} are damaged ({detail}); re-embed this slide "
-            "with resume=False (`wsi-ssl embed ROOT --encoder ENCODER --no-resume`)"
-        )  # export, index and search meet it too: the remedy is embed's, so its flag is named
+            f"{path}: embeddings {encoder_id!r} are damaged ({detail}); re-embed this slide: "
+            f"`wsi-ssl check {_root_of(path)}` prints the embed command, with the encoder's weights and "
+            "settings, that redoes only it"
+        )  # export, index and search meet it too: the remedy is embed's
         self.path = Path(path)
 
 
@@ -380,7 +393,7 @@ class IndexNotFoundError(WsiSslError, FileNotFoundError):
         have = ", ".join(available) if available else "none"
         super().__init__(
             f"{path}: no such search index (indexes under this root: {have}); "
-            "build one first (`wsi-ssl index ROOT`)"
+            f"build one first (`wsi-ssl index {_root_of(path)}`)"
         )
         self.path = Path(path)
 
@@ -391,7 +404,7 @@ class CorruptIndexError(WsiSslError, OSError):
     def __init__(self, path: str | Path, detail: str) -> None:
         super().__init__(
             f"{path}: search index is corrupt or truncated ({detail}); rebuild it "
-            "(`wsi-ssl index ROOT` with the same encoder and name)"
+            f"(`wsi-ssl check {_root_of(path)}` prints the index command that builds it again)"
         )
         self.path = Path(path)
 
@@ -482,8 +495,9 @@ class CatalogCorruptError(WsiSslError, OSError):
 
     def __init__(self, path: str | Path, detail: str) -> None:
         super().__init__(
-            f"{path}: the archive's catalog is damaged ({detail}); `wsi-ssl check ROOT --repair` "
-            "rebuilds it from the slide stores (the damaged file is kept beside it)"
+            f"{path}: the archive's catalog is damaged ({detail}); `wsi-ssl check "
+            f"{_root_of(path)} --repair` rebuilds it from the slide stores (the damaged file is "
+            "kept beside it)"
         )
         self.path = Path(path)
         self.detail = detail
@@ -494,8 +508,8 @@ class StoreCorruptError(WsiSslError, OSError):
 
     def __init__(self, path: str | Path, detail: str) -> None:
         super().__init__(
-            f"{path}: slide store is damaged ({detail}); run `wsi-ssl check ROOT` and re-tile "
-            "the slide"
+            f"{path}: slide store is damaged ({detail}); `wsi-ssl check {_root_of(path)}` prints "
+            "the tile command that redoes it"
         )
         self.path = Path(path)
         self.detail = detail
