@@ -416,8 +416,8 @@ def test_slides_that_failed_to_tile_are_noted_not_problems(
 def test_a_damaged_or_lost_catalog_is_rebuilt_from_the_stores(
     small_archive: Path, tmp_path: Path
 ) -> None:
-    """A cut-short ``catalog.sqlite``: ``tile`` fails with one line naming it and the repair
-    (it said only "database disk image is malformed"), ``check`` reports it once (not once a
+    """A cut-short ``catalog.sqlite``: ``tile`` refuses the batch with one line naming it and
+    the repair (it failed every slide alike), ``check`` reports it once (not once a
     store, with placeholder fixes), ``--repair`` sets it aside and rebuilds it from the stores;
     a deleted catalog likewise. The rebuilt rows are the tiled ones: a re-run skips the slides."""
     root = shutil.copytree(small_archive, tmp_path / "root")
@@ -427,8 +427,10 @@ def test_a_damaged_or_lost_catalog_is_rebuilt_from_the_stores(
     slide = small_archive.parent / "s1.tiff"
     argv = ["tile", str(slide), "--out", str(root), "--tile-size", "224", "--codec", "zstd"]
     argv += ["--tiles-per-chunk", "4", "--tissue-threshold", "0", "--quiet"]
-    code, _, err = run_cli(argv)
-    assert code == 1 and f"{catalog}: the archive's catalog is damaged (" in err
+    second = small_archive.parent / "s2.tiff"  # a batch: refused once, before any slide
+    code, out, err = run_cli([*argv[:2], str(second), *argv[2:]])
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, (out, err)
+    assert f"{catalog}: the archive's catalog is damaged (" in err
     assert f"`wsi-ssl check {root} --repair` rebuilds it" in err  # the real root, no placeholder
     # meanwhile slides are still named by their files (the stores record them)
     from wsi_ssl.storage.resolve import resolve_slide

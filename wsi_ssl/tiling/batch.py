@@ -28,6 +28,7 @@ from wsi_ssl.storage.locks import slide_lock
 from wsi_ssl.storage.slide_store import is_complete_store, recover_swap, staging_path
 from wsi_ssl.storage.tile_reader import TileReader
 from wsi_ssl.tiling.legacy_ids import adopt_existing_store
+from wsi_ssl.tiling.preflight import check_batch
 from wsi_ssl.tiling.replace import Replacement, previous_store, replace_store
 from wsi_ssl.tiling.slide_table import SlideTable
 from wsi_ssl.tiling.source import (
@@ -450,14 +451,6 @@ def tile_slides(
             rest). Rows of either that name no slide of the batch are noted in the summary.
     """
     config = config or TilingConfig()
-    if Path(root).exists() and not Path(root).is_dir():
-        raise ConfigError(f"{root}: is a file; the archive root must be a folder (new or not)")
-    if (config.roi_include or config.roi_exclude) and not (config.roi or rois):
-        raise ConfigError(
-            "roi_include / roi_exclude choose classes of an annotation file: give one (roi, or "
-            "rois per slide)",
-            parameters=("roi", "roi_include", "roi_exclude"),
-        )
     roots = [str(r) for r, _ in scale_roots(root, config, mpps)]
     paths = collect_slide_paths(inputs)
     overrides = SlideTable("the mpp table", mpp_overrides or {})
@@ -465,11 +458,7 @@ def tile_slides(
     for table in (overrides, roi_files):
         table.check_unambiguous(paths)
     notes = [n for t in (overrides, roi_files) if (n := t.unmatched_note(paths)) is not None]
-    if config.roi_include or config.roi_exclude:  # a misspelt class: before any slide
-        from wsi_ssl.annotations import check_classes_named
-
-        files = [roi_files.get(p, config.roi) for p in paths]
-        check_classes_named([f for f in files if f], config.roi_include, config.roi_exclude)
+    check_batch([Path(r) for r in roots], config, paths, rois, roi_files)
     summary = TileSummary(roots=roots, notes=notes)
     options = {
         "scheduler": scheduler,

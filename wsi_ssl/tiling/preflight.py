@@ -1,0 +1,49 @@
+"""What a tiling batch checks before its first slide, so a bad argument or a damaged archive
+is one error, not one per slide."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from wsi_ssl.config import TilingConfig
+from wsi_ssl.errors import ConfigError
+from wsi_ssl.tiling.slide_table import SlideTable
+
+__all__ = ["check_batch"]
+
+
+def check_batch(
+    roots: Sequence[Path],
+    config: TilingConfig,
+    paths: Sequence[Path],
+    rois: Mapping[str, str] | None,
+    roi_files: SlideTable[str],
+) -> None:
+    """Refuse a batch that would fail every slide alike.
+
+    Raises:
+        ConfigError: an archive root that is a file; ROI classes chosen without an annotation
+            file, or naming a class none of the batch's files holds.
+        CatalogCorruptError: an existing archive's catalog cannot be read (every slide's
+            record would fail); ``wsi-ssl check ROOT --repair`` rebuilds it.
+    """
+    from wsi_ssl.storage import Catalog
+
+    for root in roots:
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"{root}: is a file; the archive root must be a folder (new or not)")
+        if (root / "catalog.sqlite").is_file():
+            Catalog(root / "catalog.sqlite").entries()
+    if not (config.roi_include or config.roi_exclude):
+        return
+    if not (config.roi or rois):
+        raise ConfigError(
+            "roi_include / roi_exclude choose classes of an annotation file: give one (roi, or "
+            "rois per slide)",
+            parameters=("roi", "roi_include", "roi_exclude"),
+        )
+    from wsi_ssl.annotations import check_classes_named  # a misspelt class: before any slide
+
+    files = [roi_files.get(p, config.roi) for p in paths]
+    check_classes_named([f for f in files if f], config.roi_include, config.roi_exclude)
