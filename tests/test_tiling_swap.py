@@ -377,3 +377,22 @@ def test_check_leaves_a_store_being_retiled_alone(
     assert tiler.returncode == 0
     _assert_intact(root, slide_id, tiles, vectors)
     assert run_cli(["check", str(root)])[0] == 0
+
+
+def test_a_read_only_archive_skips_its_current_slides_and_refuses_the_rest(
+    tiny_disk: Path, tmp_path: Path
+) -> None:
+    """An archive on a read-only mount (a published copy): a re-run skips the slides it holds
+    (nothing to write, so no lock to take) and a new slide fails with one line naming the
+    lock file it cannot create (every slide failed with a bare OSError)."""
+    slide = write_synthetic_slide(tmp_path / "s.tiff", (1200, 900), seed=9)
+    other = write_synthetic_slide(tmp_path / "t.tiff", (1200, 900), seed=10)
+    argv = ["tile", str(slide), "--out", str(tiny_disk), *FLAGS]
+    assert run_cli(argv)[0] == 0
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)
+    code, out, err = run_cli([*argv, "--json"])
+    assert code == 0 and json.loads(out)["skipped"] == 1, (out, err)
+    code, out, err = run_cli(["tile", str(other), *argv[2:], "--json"])
+    [failed] = json.loads(out)["slides"]
+    assert code == 1 and failed["error_type"] == "LockFileError", out
+    assert "cannot take the writer's lock (Read-only file system)" in failed["error"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -325,6 +326,11 @@ def _tile_scale(
     :func:`tile_slide`); raises the slide's error."""
     archive = Archive(root)
     slide_id = adopt_existing_store(source, archive)  # a DICOM slide's older id, if tiled so
+    read_only = root.is_dir() and not os.access(root, os.W_OK)  # skipping needs no lock there
+    n = _store_is_current(archive, slide_id, source.fingerprint, config) if read_only else None
+    if resume and n is not None:
+        details = _details(source.path, slide_id, root, config)
+        return SlideOutcome(str(source.path), "skipped", n, 0.0, details=details)
     with slide_lock(root, slide_id, wait=lock_wait):
         recover_swap(archive.store_path(slide_id))  # what a killed job left
         current = _store_is_current(archive, slide_id, source.fingerprint, config)
