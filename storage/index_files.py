@@ -232,14 +232,19 @@ def _current_generation(path: Path) -> str | None:
 
 
 def recorded_config(path: Path) -> dict[str, Any]:
-    """The current generation's ``config.json`` of index directory ``path``, read without any
-    check (for advice on a damaged index: its encoder and settings); {} when unreadable."""
-    generation = _current_generation(path)
-    try:
-        config = json.loads((path / str(generation) / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return config if generation is not None and isinstance(config, dict) else {}
+    """The ``config.json`` of index directory ``path``'s current generation, or with a damaged
+    manifest the newest generation's that reads, without any check (for advice on a damaged
+    index: its encoder and settings); {} when none is readable."""
+    current = _current_generation(path)
+    newest_first = [gen.name for _, gen in reversed(_generations(path))]
+    for generation in ([current] if current is not None else []) + newest_first:
+        try:
+            config = json.loads((path / generation / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(config, dict):
+            return config
+    return {}
 
 
 def prune_generations(path: Path, keep: set[str]) -> list[Path]:

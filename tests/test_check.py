@@ -150,6 +150,10 @@ def test_a_damaged_index_gets_the_build_command_it_was_built_with(
     assert run_cli(["check", str(root)])[0] == 0
     rebuilt = SearchIndex.open(root, "exact")
     assert rebuilt.kind == "flat" and rebuilt.n_vectors == index.n_vectors
+    # a damaged manifest hides the current generation: its config.json still says how
+    (rebuilt.files.path.parent / "MANIFEST.json").write_text("{not json")
+    code, out, _ = run_cli(["check", str(root)])
+    assert code == 1 and f"fix: {fix}\n" in out, out
 
 
 def test_a_slide_re_embedded_with_another_stain_normalisation_gets_the_embed_that_fixes_it(
