@@ -6,10 +6,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from wsi_ssl.cli.arg_types import whole_number
 from wsi_ssl.search.config import KINDS
+
+if TYPE_CHECKING:
+    from wsi_ssl.search import SearchIndex
 
 
 def _ints(n: int, what: str):  # type: ignore[no-untyped-def]
@@ -299,4 +302,23 @@ def run_search(args: argparse.Namespace) -> int:
         print(result.table())
         if args.gallery is not None:
             print(f"gallery: {args.gallery}")
+    if query.slide_id is not None and (note := _changed_file_note(index, str(query.slide_id))):
+        print(f"note: {note}", file=sys.stderr)
     return 0
+
+
+def _changed_file_note(index: SearchIndex, slide_id: str) -> str | None:
+    """A line when the query slide's file no longer holds what was tiled (its new content is
+    another slide, not searched until embedded and added), else None."""
+    from wsi_ssl.storage import fingerprint_file, open_store
+
+    entry = open_store(index.root).catalog.get(slide_id)
+    if entry is None or not Path(entry.path).is_file():
+        return None
+    if fingerprint_file(entry.path) == entry.fingerprint:
+        return None
+    return (
+        f"{entry.path} has changed since slide {slide_id} was tiled from it: the query is the "
+        "indexed earlier version; tile, embed and `wsi-ssl index --add` the file to search its "
+        "current content"
+    )

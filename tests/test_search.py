@@ -755,3 +755,30 @@ def test_showing_the_query_slide_changes_no_other_slides_score(
     assert others and others == [
         (h.slide_id, h.box, round(h.score, 5)) for h in hidden.hits[: len(others)]
     ]
+
+
+def test_a_query_slide_whose_file_changed_says_it_is_the_indexed_version(
+    tmp_path: Path,
+) -> None:
+    """``search --slide NAME`` after the file was replaced: the query is still the indexed
+    (earlier) version, and a note says so and how to search the new content."""
+    from conftest import run_cli
+
+    from wsi_ssl.config import TilingConfig
+    from wsi_ssl.embedding import EmbedConfig, embed
+    from wsi_ssl.synthetic import write_synthetic_slide
+    from wsi_ssl.tiling.batch import tile_slide
+
+    slide = write_synthetic_slide(tmp_path / "s.tiff", (900, 700), seed=5)
+    root = tmp_path / "root"
+    tile_slide(slide, root, TilingConfig(tile_size=224, codec="zstd", tissue_threshold=0.0))
+    embed(root, "random-cnn", EmbedConfig(batch_size=32, device="cpu", workers=0))
+    SearchIndex.build(root, "random-cnn", kind="flat")
+    code, out, err = run_cli(["search", str(root), "--slide", "s.tiff", "--box", "0,0,448,448"])
+    assert code == 0 and "note:" not in err, err
+    write_synthetic_slide(slide, (900, 700), seed=6)  # the same file, other content
+    code, out, err = run_cli(["search", str(root), "--slide", "s.tiff", "--box", "0,0,448,448"])
+    assert code == 0 and out.strip(), err
+    assert err.startswith(f"note: {slide.resolve()} has changed since slide ") and (
+        "the query is the indexed earlier version" in err
+    ), err
