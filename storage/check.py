@@ -39,6 +39,7 @@ from wsi_ssl.errors import (
     CatalogCorruptError,
     CorruptIndexError,
     IndexNotFoundError,
+    LockFileError,
     StoreLockedError,
     WsiSslError,
 )
@@ -204,6 +205,8 @@ class _Checker:
                         self.store(path)
                 except StoreLockedError:
                     self.report.busy.append(str(path))
+                except LockFileError:  # a read-only archive: no writer can be at work in it
+                    self.store(path)
         for suffix in (STAGING_SUFFIX, ASIDE_SUFFIX):
             for left in sorted(slides.glob(f"*.zarr{suffix}")) if slides.is_dir() else []:
                 self.swap_leftover(left, left.name.removesuffix(suffix))
@@ -384,7 +387,11 @@ class _Checker:
         scan = self.archive.scan()
         complete = set(scan.complete)
         for sid, entry in self.catalog.items():
-            if entry.status == STATUS_COMPLETE and sid not in complete | self.reported:
+            if entry.status != STATUS_COMPLETE or sid in complete | self.reported:
+                continue
+            if is_locked(slide_lock_path(self.root, sid)):  # a re-tile between its renames
+                self.report.busy.append(str(self.archive.store_path(sid)))
+            else:
                 self.add(
                     self.archive.store_path(sid),
                     "the catalog says complete but the store is not",

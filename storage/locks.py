@@ -109,7 +109,7 @@ def _drop_inherited_locks() -> None:
     parent died. The fd numbers stay valid, so the parent's code the child runs on never
     touches another file."""
     global _held_guard
-    _held_guard = threading.Lock()  # another thread may have held it at the fork
+    _held_guard = threading.Lock()  # held across the fork (so no lock was half taken)
     _held.clear()
     if not _held_fds:
         return
@@ -120,7 +120,21 @@ def _drop_inherited_locks() -> None:
     _held_fds.clear()
 
 
-os.register_at_fork(after_in_child=_drop_inherited_locks)
+def _take(path: Path, shared: bool) -> int | None:
+    """:func:`_try_flock`, its fd recorded among the held ones before a fork can copy it (a
+    fork waits for ``_held_guard``, see below)."""
+    with _held_guard:
+        fd = _try_flock(path, shared)
+        if fd is not None:
+            _held_fds.add(fd)
+        return fd
+
+
+os.register_at_fork(
+    before=lambda: _held_guard.acquire(),
+    after_in_parent=lambda: _held_guard.release(),
+    after_in_child=_drop_inherited_locks,
+)
 
 
 def _try_flock(path: Path, shared: bool = False) -> int | None:
@@ -163,8 +177,11 @@ def hold_lock(
     wait: float = 0.0,
     shared: bool = False,
     clear_stale: bool = True,
+    remove: bool = False,
 ) -> Iterator[None]:
-    """Hold the lock file ``path`` guarding ``target`` (named in the error).
+    """Hold the lock file ``path`` guarding ``target`` (named in the error); ``remove`` (a
+    writer's lock in a user's folder) deletes the file on release (a waiting taker checks
+    it still holds the file at that name, so that is safe).
 
     Waits up to ``wait`` seconds (``float("inf")``: until free). ``shared`` takes a reader's
     lock: any number of readers together, but no writer (readers record no holder, and
@@ -193,12 +210,11 @@ def hold_lock(
                 _held[key] -= 1
         return
     deadline = time.monotonic() + wait
-    while (fd := _try_flock(path, shared)) is None:
+    while (fd := _take(path, shared)) is None:
         if time.monotonic() >= deadline:
-            raise StoreLockedError(target, read_holder(path))
+            holder = read_holder(path)  # a dead writer's name: a reader holds it now
+            raise StoreLockedError(target, None if holder is None or holder.dead else holder)
         time.sleep(_POLL_S)
-    with _held_guard:
-        _held_fds.add(fd)
     try:
         try:
             if not shared:
@@ -216,6 +232,9 @@ def hold_lock(
                 _held.pop(key, None)
             if not shared:
                 os.ftruncate(fd, 0)
+            if remove and not shared:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
     finally:
         with _held_guard:
             _held_fds.discard(fd)

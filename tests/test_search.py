@@ -23,6 +23,7 @@ from wsi_ssl.encoders import create_encoder
 from wsi_ssl.errors import (
     ConfigError,
     CorruptIndexError,
+    DiskFullError,
     EncoderMismatchError,
     ImageQueryError,
     ImageTooLargeError,
@@ -492,7 +493,7 @@ def test_writes_are_atomic_and_locked(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(faiss, "write_index", crash)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(DiskFullError, match="no space left on device; free space"):
         before.remove(archive["ids"]["s2"])
     monkeypatch.undo()
     after = SearchIndex.open(root, name)  # the old generation, whole

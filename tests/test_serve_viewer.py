@@ -369,3 +369,34 @@ def test_concept_map_has_one_scale_for_the_archive(site: dict[str, Any]) -> None
         assert alpha(twin).shape == on_twin.shape
     finally:
         embeddings.with_name("embeddings-away").rename(embeddings)
+
+
+@pytest.mark.parametrize("given", ["folder", "file"])
+def test_a_dicom_series_is_drawn_from_its_files(
+    slides_dir: Path, tmp_path: Path, given: str
+) -> None:
+    """A DICOM slide tiled as its folder or one of its .dcm files is recognised by the
+    series' fingerprint (its files together), so the viewer draws from it; removed, it is
+    drawn from the stored tiles, and put back, from its files again."""
+    import shutil
+
+    from wsi_ssl.config import TilingConfig
+    from wsi_ssl.serve.pyramid import Pyramid, open_slide_file
+    from wsi_ssl.tiling.batch import tile_slide
+
+    series = tmp_path / "series"
+    series.mkdir()
+    for name in ("openslide-python_boxes_0.dcm", "openslide-python_boxes_1.dcm"):
+        shutil.copy(slides_dir / name, series / name)
+    slide = series if given == "folder" else series / "openslide-python_boxes_0.dcm"
+    config = TilingConfig(tile_size=16, mpp=0.5, tissue_threshold=0.0, codec="zstd")
+    outcome = tile_slide(slide, tmp_path / "root", config)
+    store = open_store(tmp_path / "root").slide(str(outcome.details["slide_id"]))
+    pyramid = Pyramid(store, *open_slide_file(store))
+    assert pyramid.file is not None and not pyramid.file_replaced()
+    series.rename(tmp_path / "away")
+    assert pyramid.file_replaced()
+    gone = Pyramid(store, *open_slide_file(store))
+    assert gone.file is None and not gone.file_replaced()
+    (tmp_path / "away").rename(series)
+    assert gone.file_replaced() and Pyramid(store, *open_slide_file(store)).file is not None

@@ -457,3 +457,16 @@ def test_an_index_written_to_a_full_disk_is_a_typed_error_and_leaves_nothing(
     with pytest.raises(DiskFullError, match="no space left on device"):
         write_index(tiny_disk, "full", index, config={}, slides=[], coords=coords)
     assert [p.name for p in index_path(tiny_disk, "full").iterdir()] in ([], [".lock"])
+
+
+def test_a_reader_holding_a_lock_is_not_blamed_on_a_dead_writer(tmp_path: Path) -> None:
+    """A lock file still naming a killed writer, held now by a reader (check leaves the name
+    for its stale-lock finding): a writer is refused without naming the dead pid."""
+    path = slide_lock_path(tmp_path, "s1")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"pid": 999_999_999, "host": host_name(), "since": ""}))
+    reader = slide_lock(tmp_path, "s1", shared=True, clear_stale=False)
+    with reader, pytest.raises(StoreLockedError) as info, slide_lock(tmp_path, "s1"):
+        pass
+    assert "999999999" not in str(info.value) and "another process" in str(info.value)
+    assert read_holder(path) is not None  # the dead writer's name is left for check

@@ -347,16 +347,18 @@ def test_second_writer_waits_for_the_lock_or_gets_a_typed_error(
 
 
 @pytest.mark.faults
+@pytest.mark.parametrize("point", ["#aside", "#swap-in"])
 def test_check_leaves_a_store_being_retiled_alone(
-    embedded: tuple[Path, str, np.ndarray, np.ndarray], slide: Path
+    embedded: tuple[Path, str, np.ndarray, np.ndarray], slide: Path, point: str
 ) -> None:
-    """``check --repair`` while the advised re-tile of a damaged store runs: the store is
-    the tiler's (it holds the slide lock), so check neither reports it nor marks it for
+    """``check --repair`` while the advised re-tile of a damaged store runs (its new store
+    complete, or between its two renames, when no store is in place): the store is the
+    tiler's (it holds the slide lock), so check neither reports it nor marks it for
     re-tiling, and says it was not checked; once the re-tile ends, check is clean."""
     root, slide_id, tiles, vectors = embedded
     store = open_store(root).store_path(slide_id)
     (store / "tiles" / "c" / "1" / "0" / "0" / "0").unlink()  # what the re-tile will fix
-    tiler = _tile(root, slide, "--no-resume", fault="pause_before_rename:#aside")
+    tiler = _tile(root, slide, "--no-resume", fault=f"pause_before_rename:{point}")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # paused with its new store complete, lock held
         with open(f"/proc/{tiler.pid}/stat") as f:
@@ -383,8 +385,8 @@ def test_a_read_only_archive_skips_its_current_slides_and_refuses_the_rest(
     tiny_disk: Path, tmp_path: Path
 ) -> None:
     """An archive on a read-only mount (a published copy): a re-run skips the slides it holds
-    (nothing to write, so no lock to take) and a new slide fails with one line naming the
-    lock file it cannot create (every slide failed with a bare OSError)."""
+    (nothing to write, so no lock to take), a new slide fails with one line naming the lock
+    file it cannot create (every slide failed with a bare OSError), and check still checks."""
     slide = write_synthetic_slide(tmp_path / "s.tiff", (1200, 900), seed=9)
     other = write_synthetic_slide(tmp_path / "t.tiff", (1200, 900), seed=10)
     argv = ["tile", str(slide), "--out", str(tiny_disk), *FLAGS]
@@ -396,3 +398,6 @@ def test_a_read_only_archive_skips_its_current_slides_and_refuses_the_rest(
     [failed] = json.loads(out)["slides"]
     assert code == 1 and failed["error_type"] == "LockFileError", out
     assert "cannot take the writer's lock (Read-only file system)" in failed["error"]
+    # check reads it as it is (no writer can be at work there), without a lock
+    code, out, err = run_cli(["check", str(tiny_disk)])
+    assert code == 0 and "checked 1 store(s)" in out and " 0 problem(s)" in out, (out, err)

@@ -202,7 +202,7 @@ def train(
     config = dataclasses.replace(config or MILConfig(), **options)
     out = Path(out)
     # one writer per run directory; an old run left aside by a killed swap is put back first
-    with torch_threads(config.threads), hold_lock(run_lock_path(out), out):
+    with torch_threads(config.threads), hold_lock(run_lock_path(out), out, remove=True):
         restore_directory(out)
         return _train(root, labels, encoder, out, config, skip_missing, overwrite, progress, log)
 

@@ -16,11 +16,13 @@ So one picture reads at most about ``(4 * TILE) ** 2`` pixels, whatever its box.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -28,14 +30,23 @@ import numpy as np
 from wsi_ssl.errors import ConfigError
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from PIL.Image import Image
 
     from wsi_ssl.slide import SlideReader
     from wsi_ssl.storage import SlideStore
 
-__all__ = ["FileStamp", "Pyramid", "TileCache", "dzi_xml", "encode", "file_stamp", "tiles_in"]
+__all__ = [
+    "FileStamp",
+    "Pyramid",
+    "TileCache",
+    "dzi_xml",
+    "encode",
+    "file_stamp",
+    "open_slide_file",
+    "tiles_in",
+]
+
+log = logging.getLogger(__name__)
 
 TILE = 256
 STORED_SPAN = 4.0
@@ -68,11 +79,35 @@ def file_stamp(path: str | Path) -> FileStamp | None:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
+def open_slide_file(store: SlideStore) -> tuple[SlideReader | None, FileStamp | None]:
+    """The store's slide file through its reader while it is the slide tiled (its content
+    fingerprint, a DICOM series' over its instances), and the file's stamp taken before; no
+    reader when it is gone, unreadable or now another slide."""
+    from wsi_ssl.errors import WsiSslError
+    from wsi_ssl.slide import open_slide
+    from wsi_ssl.tiling.source import slide_fingerprint
+
+    path = Path(store.source["path"])
+    stamp = file_stamp(path)
+    try:
+        recorded = store.source.get("fingerprint")
+        if recorded is not None and slide_fingerprint(path) != recorded:
+            log.info("slide %s: drawing from the stored tiles (%s changed)", store.slide_id, path)
+            return None, stamp
+        reader = open_slide(path)
+    except (WsiSslError, OSError) as err:
+        log.info("slide %s: drawing from the stored tiles (%s)", store.slide_id, type(err).__name__)
+        return None, stamp
+    if list(reader.dimensions) != [int(v) for v in store.source["dimensions"]]:
+        reader.close()
+        return None, stamp
+    return reader, stamp
+
+
 @dataclass
 class _SlideFile:
     reader: SlideReader
     lock: threading.Lock
-    stamp: FileStamp | None
 
 
 class Pyramid:
@@ -81,11 +116,13 @@ class Pyramid:
     def __init__(
         self, store: SlideStore, reader: SlideReader | None, stamp: FileStamp | None = None
     ) -> None:
-        """``reader``: the store's slide file, opened when it had ``stamp``."""
+        """``reader``: the store's slide file (None: draw from the store), looked at when the
+        file had ``stamp`` (:func:`open_slide_file`)."""
         from PIL import Image
 
         self.store = store
-        self.file = _SlideFile(reader, threading.Lock(), stamp) if reader is not None else None
+        self.file = _SlideFile(reader, threading.Lock()) if reader is not None else None
+        self.file_stamp = stamp
         self.width, self.height = (int(v) for v in store.source["dimensions"])
         self.max_level = max(0, math.ceil(math.log2(max(self.width, self.height))))
         self.thumbnail = Image.fromarray(store.thumbnail)
@@ -93,13 +130,9 @@ class Pyramid:
         self.tile_scale = float(store.tiling["tile_size_level0"]) / int(store.tiling["tile_size"])
 
     def file_replaced(self) -> bool:
-        """Whether the slide file drawn from has been replaced or removed since it was opened."""
-        return self.file is not None and file_stamp(self.store.source["path"]) != self.file.stamp
-
-    def close(self) -> None:
-        if self.file is not None:
-            with self.file.lock:
-                self.file.reader.close()
+        """Whether the slide file has changed (replaced, removed or back) since it was looked
+        at: then it is looked at again."""
+        return file_stamp(self.store.source["path"]) != self.file_stamp
 
     # -- geometry --------------------------------------------------------------------------
     def level_size(self, level: int) -> tuple[int, int]:

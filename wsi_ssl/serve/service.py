@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import numpy as np
 
 from wsi_ssl.errors import ConfigError, StoreIncompleteError, StoreNotFoundError, WsiSslError
-from wsi_ssl.serve.pyramid import FileStamp, Pyramid, TileCache, file_stamp, tiles_in
+from wsi_ssl.serve.pyramid import Pyramid, TileCache, open_slide_file, tiles_in
 
 if TYPE_CHECKING:
     from wsi_ssl.search.index import SearchIndex
@@ -236,10 +236,8 @@ class SlideService:
     def pyramid(self, slide: str) -> Pyramid:
         """The pictures of ``slide``, with its slide file when that opens and matches."""
         stamp, store, pyramid = self._entry(slide)
-        if pyramid is None or pyramid.file_replaced():  # a replaced file is checked anew
-            if pyramid is not None:
-                pyramid.close()
-            pyramid = Pyramid(store, *_open_reader(store))
+        if pyramid is None or pyramid.file_replaced():  # a changed file is looked at anew
+            pyramid = Pyramid(store, *open_slide_file(store))  # the old one's reader: to GC
             with self._stores_lock:
                 if self._stores.get(store.slide_id, (None,))[0] == stamp:
                     self._stores[store.slide_id] = (stamp, store, pyramid)
@@ -451,30 +449,6 @@ class SlideService:
                 rows = entry.offset + np.asarray(hit["tiles"], dtype=np.int64)
                 hit["tile_boxes"] = [[int(x), int(y), side, side] for x, y in index.coords[rows]]
         return out
-
-
-def _open_reader(store: SlideStore) -> tuple[Any, FileStamp | None]:
-    """The store's slide file through its reader, and the file's stamp when opened; (None,
-    None) when it is gone, cannot be read or is not the file tiled (its content fingerprint)."""
-    from wsi_ssl.slide import open_slide
-    from wsi_ssl.storage.fingerprint import fingerprint_file
-
-    path = store.source["path"]
-    stamp = file_stamp(path)
-    try:
-        recorded = store.source.get("fingerprint")
-        same = recorded is None or fingerprint_file(path) == recorded
-        reader = open_slide(path) if same else None
-    except (WsiSslError, OSError) as err:
-        log.info("slide %s: drawing from the stored tiles (%s)", store.slide_id, type(err).__name__)
-        return None, None
-    if reader is None:
-        log.info("slide %s: drawing from the stored tiles (%s was replaced)", store.slide_id, path)
-        return None, None
-    if list(reader.dimensions) != [int(v) for v in store.source["dimensions"]]:
-        reader.close()
-        return None, None
-    return reader, stamp
 
 
 def answer(result: SearchResult, retiled: Collection[str] = ()) -> dict[str, Any]:
