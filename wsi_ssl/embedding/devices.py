@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 import queue as queue_module
 import signal
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -76,15 +77,26 @@ class ShardStopped:
 Report = EmbedSummary | RemoteError | ShardStopped
 
 
-def _stop_on_first_interrupt() -> None:
-    """SIGINT raises KeyboardInterrupt once; later ones (the parent asks until the process
-    answers) are ignored, so the report is not cut short."""
+STOPS = (signal.SIGINT, signal.SIGTERM)
+"""Ctrl-C, and a batch scheduler's stop: a device process answers either with its report."""
+
+
+_answered = threading.Event()  # set once a device process has been stopped, or is done
+
+
+def _stop_on_first_signal() -> None:
+    """SIGINT or SIGTERM raises KeyboardInterrupt once; later ones (the parent asks until the
+    process answers), and any once the job is done, do nothing, so the report is not cut
+    short. (The handler stays installed: a signal caught by Python and then ignored at the
+    OS would surface as "ignored due to race condition".)"""
 
     def interrupt(signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise KeyboardInterrupt
+        if not _answered.is_set():
+            _answered.set()
+            raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, interrupt)
+    for stop in STOPS:
+        signal.signal(stop, interrupt)
 
 
 def _run_shard(
@@ -97,22 +109,24 @@ def _run_shard(
     results: Any,
     index: int,
 ) -> None:
-    _stop_on_first_interrupt()
+    _stop_on_first_signal()
+    report: Report
     try:
-        summary = embed(root, encoder, config, slides=slides, weights=weights, progress=progress)
+        try:
+            summary = embed(
+                root, encoder, config, slides=slides, weights=weights, progress=progress
+            )
+            report = portable(summary)
+        finally:  # done or stopped: the report is sent, and the process ends, whatever comes
+            _answered.set()
     except JobInterrupted as stopped:
         done = stopped.summary if isinstance(stopped.summary, EmbedSummary) else None
-        results.put(
-            (index, ShardStopped(None if done is None else portable(done), stopped.not_done))
-        )
-        return
+        report = ShardStopped(None if done is None else portable(done), stopped.not_done)
     except KeyboardInterrupt:  # before the job began: none of its slides is done
-        results.put((index, ShardStopped(None, list(slides))))
-        return
+        report = ShardStopped(None, list(slides))
     except Exception as err:  # the job itself failed here: its shard fails with this error
-        results.put((index, RemoteError.of(err)))
-        return
-    results.put((index, portable(summary)))
+        report = RemoteError.of(err)
+    results.put((index, report))
 
 
 def portable(summary: EmbedSummary) -> EmbedSummary:
@@ -196,13 +210,15 @@ def embed_on_devices(
 
 @contextmanager
 def _children_start_deaf() -> Iterator[None]:
-    """Processes started in the block ignore SIGINT until their job installs its handler (a
-    Ctrl-C while one imports would print its traceback); the parent hears it again after."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Processes started in the block ignore SIGINT and SIGTERM until their job installs its
+    handler (a Ctrl-C while one imports would print its traceback, a SIGTERM kill it before
+    it could report); the parent hears them again after."""
+    previous = [signal.signal(stop, signal.SIG_IGN) for stop in STOPS]
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for stop, handler in zip(STOPS, previous, strict=True):
+            signal.signal(stop, handler)
 
 
 def _stopped_summary(
