@@ -17,6 +17,7 @@ import pytest
 import wsi_ssl
 from wsi_ssl.lazy import exported_names
 
+REPO = Path(__file__).resolve().parents[1]
 MAX_LINES = 500
 MAX_FUNCTION_LINES = 80
 REASON = "Size:"
@@ -217,3 +218,36 @@ def test_mil_config_and_search_config_load_no_torch_or_faiss() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_a_wheel_holds_every_module_and_page_file(tmp_path: Path) -> None:
+    """A non-editable install gets every package: the wheel built from a copy of the source
+    holds each module and each file of the web page (three subpackages were left out of
+    pyproject's list, so `tile` and `pretrain` failed outside an editable install)."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "src"
+    for name in ("wsi_ssl", "storage", "cli"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    built = subprocess.run(
+        [*pip, "-w", str(tmp_path / "dist"), str(source)],
+        capture_output=True,
+        text=True,
+    )
+    assert built.returncode == 0, built.stderr
+    [wheel] = (tmp_path / "dist").glob("wsi_ssl-*.whl")
+    held = set(zipfile.ZipFile(wheel).namelist())
+    expected = set()
+    for folder, package in (
+        ("wsi_ssl", "wsi_ssl"),
+        ("storage", "wsi_ssl/storage"),
+        ("cli", "wsi_ssl/cli"),
+    ):
+        for path in (source / folder).rglob("*"):
+            if path.is_file() and (path.suffix == ".py" or "static" in path.parts):
+                expected.add(f"{package}/{path.relative_to(source / folder).as_posix()}")
+    assert sorted(expected - held) == []
