@@ -133,6 +133,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="stem",
         help="file names from the slide file stem (default) or the slide id",
     )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.set_defaults(func=run_export)
 
@@ -212,6 +213,7 @@ def run_export(args: argparse.Namespace) -> int:
         encoder=args.encoder,
         slides=args.slides,
         name_by=args.name_by,
+        progress=not (args.quiet or args.json),
     )
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))

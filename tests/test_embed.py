@@ -444,6 +444,9 @@ def test_cli_embed_and_export(
     assert "1 already complete" in capsys.readouterr().out
     assert _cli(["export", str(root), "--out", str(tmp_path / "h5"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["exported"] == 1
+    assert _cli(["export", str(root), "--out", str(tmp_path / "h5"), "--quiet"]) == 0  # as embed
+    captured = capsys.readouterr()
+    assert "exported" in captured.out and captured.err == ""  # no progress bar
     # a slide fails (NaN from the poisoned encoder): exit 1, one line per failed slide
     rc = _cli(["embed", str(root), "--encoder", "test-poisoned", "--quiet", *common])
     err = capsys.readouterr().err.strip().splitlines()

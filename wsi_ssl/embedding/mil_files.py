@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from wsi_ssl.errors import ConfigError, WsiSslError
 from wsi_ssl.outcome import BatchOutcome, SlideOutcome
@@ -193,6 +194,7 @@ def export(
     encoder: str | None = None,
     slides: Sequence[str] | None = None,
     name_by: str = "stem",
+    progress: bool = False,
 ) -> ExportResult:
     """Write one file per slide with its features and coords (see the module docstring).
 
@@ -201,6 +203,7 @@ def export(
             when the archive holds embeddings of exactly one encoder.
         slides: slide ids (default: every complete store).
         name_by: file names from the slide file's stem (what MIL CSVs list) or the slide id.
+        progress: show a slides progress bar.
 
     Every slide gets a :class:`~wsi_ssl.outcome.SlideOutcome`: one without those embeddings (or
     whose file cannot be written) is ``failed`` and the rest are written.
@@ -227,9 +230,8 @@ def export(
     out.mkdir(parents=True, exist_ok=True)
     sweep_temp_files(out, recursive=True)  # what a killed export left
     result = ExportResult(outcomes=failed, out=out, format=format, encoder_id=eid)
-    result.outcomes += [
-        _export_one(store, eid, out, format, names[store.slide_id]) for store in stores
-    ]
+    bar = tqdm(stores, desc="export", unit="slide", disable=not progress, dynamic_ncols=True)
+    result.outcomes += [_export_one(s, eid, out, format, names[s.slide_id]) for s in bar]
     manifest = {
         "format": format,
         "encoder_id": eid,
