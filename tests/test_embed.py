@@ -370,7 +370,10 @@ def test_damaged_embeddings_are_refused_downstream(
     with pytest.raises(EmbeddingsCorruptError, match=str(store.path.name)):
         read_embeddings(store, summary.encoder_id)
     for argv, code in (
-        (["export", str(root), "--out", str(tmp_path / "pt"), "--format", "pt"], 1),  # others go on
+        (
+            ["export", str(root), "--out", str(tmp_path / "pt"), "--format", "pt", "--quiet"],
+            1,
+        ),  # others go on
         (["index", str(root), "--encoder", summary.encoder_id, "--quiet"], 2),
     ):
         assert _cli(argv) == code

@@ -56,7 +56,7 @@ def test_export_outcomes_and_report(archive: Path, tmp_path: Path) -> None:
 
 def test_export_cli_prints_the_library_report(archive: Path, tmp_path: Path) -> None:
     out = tmp_path / "h5"
-    code, stdout, err = run_cli(["export", str(archive), "--out", str(out)])
+    code, stdout, err = run_cli(["export", str(archive), "--out", str(out), "--quiet"])
     assert code == 1
     assert stdout.strip().splitlines()[-1] == (
         f"2 slide(s) exported as clam-h5 ({ENC}) to {out}; 1 failed"
@@ -75,5 +75,5 @@ def test_name_clash_names_the_parameter(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="name_by='slide_id'") as info:
         export(root, tmp_path / "out")
     assert info.value.parameters == ("name_by",) and "--" not in str(info.value)
-    code, _, err = run_cli(["export", str(root), "--out", str(tmp_path / "out")])
+    code, _, err = run_cli(["export", str(root), "--out", str(tmp_path / "out"), "--quiet"])
     assert code == 2 and err.strip().endswith("use --name-by slide_id"), err
