@@ -592,3 +592,25 @@ def test_every_slide_failing_to_embed_names_the_cause_first(tmp_path: Path) -> N
     spec = "random-vit-tiny,resize=bilinear"
     code, out, err = run_cli(["evaluate", "--encoder", spec, *argv, "--bootstrap", "0"])
     assert code == 0, err
+
+
+@pytest.mark.slow
+def test_an_mmv_k_that_lets_every_other_slide_vote_is_refused(
+    archive: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """With 6 slides, leave-one-out leaves 5 to retrieve: mMV@5 lets them all vote, so it no
+    longer depends on similarity (it came out 0 for every encoder); refused, saying how low."""
+    from wsi_ssl.errors import ConfigError
+
+    root, csv = archive
+    with pytest.raises(ConfigError, match=r"mmv_k=5 lets all 5 other labelled slides .*mmv_k <= 4"):
+        evaluate_encoders(
+            ["random-cnn"], [RetrievalTask(root, csv)], tmp_path / "e", mmv_k=5, threads=1, **FAST
+        )
+
+
+def test_a_ranking_tied_three_ways_names_both_others() -> None:
+    from wsi_ssl.evaluation.report import Ranking
+
+    tied = Ranking("t", "search", "mmv@3", "a", 0.5, "b", 0.0, 0.0, 0.0, False, ("b", "c"))
+    assert tied.sentence() == "t / search / mmv@3: a ranks first (0.500), tied with b and c"

@@ -64,13 +64,16 @@ class Ranking:
     difference_low: float | None
     difference_high: float | None
     exceeds_intervals: bool | None
+    tied: tuple[str, ...] = ()
+    """The other encoders with the first's value."""
 
     def sentence(self) -> str:
         head = f"{self.task} / {self.method} / {self.metric}: {self.first} ranks first"
         if self.runner_up is None or self.difference is None:
             return f"{head} ({self.value:.3f})"
         if self.difference == 0:
-            return f"{head} ({self.value:.3f}), tied with {self.runner_up}"
+            others = " and ".join(self.tied or (self.runner_up,))
+            return f"{head} ({self.value:.3f}), tied with {others}"
         gap = f"{self.difference:+.3f} over {self.runner_up}"
         if self.exceeds_intervals is None:
             return f"{head}, {gap} (no interval for this metric)"
@@ -168,6 +171,7 @@ def rank(
         diff.low if diff else None,
         diff.high if diff else None,
         exceeds,
+        tuple(labels[i] for i in order[1:] if est[labels[i]].value == est[first].value),
     )
     return rows, ranking
 

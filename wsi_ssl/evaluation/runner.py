@@ -339,6 +339,13 @@ def _retrieval(task: RetrievalTask, encoders: Named, config: EvaluationConfig) -
 
     labelled, notes = _usable(task.root, task.labels, encoders, config)
     rows = labelled.table.rows
+    if config.mmv_k >= len(rows) - 1:  # every other slide votes: similarity plays no part
+        raise ConfigError(
+            f"mmv_k={config.mmv_k} lets all {len(rows) - 1} other labelled slides of "
+            f"{task.labels} vote in mMV@k (leave-one-slide-out), so the vote ignores "
+            f"similarity; choose mmv_k <= {max(1, len(rows) - 2)}",
+            parameters=("mmv_k",),
+        )
     truth = {r.slide: r.label for r in rows}
     classes = sort_classes(truth.values())
     y = np.array([classes.index(r.label) for r in rows], dtype=np.int64)
