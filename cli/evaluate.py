@@ -82,6 +82,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--batch-size", type=whole_number(1), default=64, help="images per batch")
     p.add_argument("--workers", type=whole_number(0), default=0, help="embed loader workers")
+    p.add_argument(
+        "--no-mpp-check",
+        dest="check_mpp",
+        action="store_false",
+        help="embed slides tiled at another µm/px than an encoder was trained at",
+    )
     p.set_defaults(func=run)
 
 
@@ -129,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
         workers=args.workers,
+        check_mpp=args.check_mpp,
     )
     report = evaluate_encoders(args.encoder, tasks, args.out, config)
     print("\n".join(report.lines()))

@@ -614,3 +614,28 @@ def test_a_ranking_tied_three_ways_names_both_others() -> None:
 
     tied = Ranking("t", "search", "mmv@3", "a", 0.5, "b", 0.0, 0.0, 0.0, False, ("b", "c"))
     assert tied.sentence() == "t / search / mmv@3: a ranks first (0.500), tied with b and c"
+
+
+SCALED = "random-constant-40x"
+if SCALED not in list_encoders():  # an encoder trained at 0.25 µm/px (the archive: 0.5)
+    register_encoder(
+        SCALED, arch="builtin/constant", input_size=224, embed_dim=8, source="random", mpp=(0.25,)
+    )(lambda config: Constant())
+
+
+@pytest.mark.slow
+def test_an_archive_at_another_scale_is_refused_unless_the_check_is_off(
+    archive: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Slides tiled at 0.5 µm/px and an encoder trained at 0.25: evaluate refuses them as
+    embed does, and its advice is a flag evaluate has (it named check_mpp=False, which
+    evaluate did not take); with the check off the encoder is evaluated."""
+    from conftest import run_cli
+
+    root, csv = archive
+    argv = ["evaluate", "--encoder", SCALED, "--root", str(root), "--retrieval-labels", str(csv)]
+    argv += ["--mmv-k", "3", "--bootstrap", "0", "--out", str(tmp_path / "e")]
+    code, _, err = run_cli(argv)
+    assert code == 2 and "MagnificationMismatchError" in err and "--no-mpp-check" in err, err
+    code, out, err = run_cli([*argv, "--no-mpp-check"])
+    assert code == 0 and "mmv@3" in out, err

@@ -78,6 +78,8 @@ class EvaluationConfig:
         workers: tile-decoding worker processes of the embed job (0: in this process).
         threads: torch CPU threads for MIL training (None: torch's default; 1 is often
             fastest for small bags on a busy machine).
+        check_mpp: refuse to embed an archive's slides tiled at another µm/px than an encoder
+            was trained at (as ``embed`` does); False embeds them at their scale anyway.
     """
 
     folds: int = 5
@@ -94,6 +96,7 @@ class EvaluationConfig:
     batch_size: int = 64
     workers: int = 0
     threads: int | None = None
+    check_mpp: bool = True
 
     def __post_init__(self) -> None:
         positive = ("folds", "knn_k", "max_tiles_per_class", "mil_epochs", "mmv_k")

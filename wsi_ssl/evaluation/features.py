@@ -109,7 +109,10 @@ def embed_archive(
     from wsi_ssl.errors import InputSizeMismatchError
 
     settings = EmbedConfig(
-        batch_size=config.batch_size, device=config.device, workers=config.workers
+        batch_size=config.batch_size,
+        device=config.device,
+        workers=config.workers,
+        check_mpp=config.check_mpp,
     )
     try:
         summary = embed(root, encoder, _as_pretrained(settings, encoder), slides=list(slides))

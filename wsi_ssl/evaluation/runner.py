@@ -210,7 +210,12 @@ def _usable(
     notes += [f"slide {sid} left out: {err}" for sid, err in failed.items()]
     rows = [r for r in labelled.table.rows if r.slide not in failed]
     if len({r.label for r in rows}) < 2:
-        raise LabelsError(labels, _too_few_classes(failed, len(labelled.slide_ids)))
+        scale = next(iter(failed.values()), "").startswith("MagnificationMismatchError")
+        raise LabelsError(  # the CLI words the first failure's setting as evaluate's flag
+            labels,
+            _too_few_classes(failed, len(labelled.slide_ids)),
+            parameters=("check_mpp",) if scale else (),
+        )
     table = dataclasses.replace(labelled.table, rows=rows)
     return dataclasses.replace(labelled, table=table), notes
 
