@@ -92,3 +92,31 @@ def test_resume_before_the_first_checkpoint_keeps_the_runs_settings(
         checkpoint.unlink()
     rc, _, err = run_cli([*argv, "--batch-size", "4", "--resume"])
     assert rc == 2 and "other training settings" in err and "batch_size" in err, err
+
+
+def test_a_curated_run_resumes_from_anywhere_and_refuses_a_changed_selection(
+    small_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--curation cur.json`` given relative is recorded absolute, so ``--resume`` works from
+    another folder (it looked for cur.json there); a curation file rewritten with other tiles
+    is refused on resume (the run went on silently on another selection)."""
+    monkeypatch.chdir(tmp_path)
+    curate = ["curate", str(small_archive), "--out", "cur.json", "--n-clusters", "2", "--no-dedup"]
+    assert run_cli([*curate, "--n-tiles", "24"])[0] == 0
+    out = tmp_path / "run"
+    argv = ["pretrain", str(small_archive), "--out", str(out), *ARGS, "--curation", "cur.json"]
+    rc, _, err = run_cli([*argv, "--until-step", "1"])
+    assert rc == 0, err
+    assert json.loads((out / "config.json").read_text())["config"]["curation"] == str(
+        tmp_path / "cur.json"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    resume = ["pretrain", str(small_archive), "--out", str(out), "--resume", "--quiet"]
+    rc, _, err = run_cli([*resume, "--until-step", "1"])
+    assert rc == 0, err
+    monkeypatch.chdir(tmp_path)
+    assert run_cli([*curate, "--n-tiles", "16"])[0] == 0  # the same file, other tiles
+    rc, _, err = run_cli(resume)
+    assert rc == 2 and "selected tiles, the selection now gives" in err, err

@@ -115,6 +115,15 @@ def check_same_run(
             "new run with another out",
             parameters=("out",),
         )
+    before, selected = meta["sources"].get("selected_sha256"), sources.get("selected_sha256")
+    if before and selected and before != selected:
+        raise CheckpointError(
+            f"{path}: the run trained on {meta['sources']['n_selected']} selected tiles, the "
+            f"selection now gives {sources['n_selected']} (other ones: its curation file, the QC "
+            "flags or the tissue thresholds changed); resume needs the same tiles, start a new "
+            "run with another out",
+            parameters=("out",),
+        )
     if meta["global_batch"] != global_batch:
         raise ConfigError(
             f"{path}: the run used a global batch of {meta['global_batch']}, now "

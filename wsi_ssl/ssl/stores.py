@@ -12,6 +12,7 @@ stores of several tile sizes. :func:`describe_sources` is what a run records of 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -193,8 +194,12 @@ def describe_sources(
     for g, n in zip(groups, counts, strict=True):
         key = f"{entries[groups.index(g)].mpp or 0:g}"
         scales[key] = scales.get(key, 0) + n
+    selected = hashlib.sha256()  # which tiles: a curation file, QC or thresholds decide
+    for e, k in zip(entries, keep or [], strict=False):
+        selected.update(e.slide_id.encode() + np.asarray(k, dtype=np.int64).tobytes())
     return {
         "n_selected": sum(counts),
+        "selected_sha256": None if keep is None else selected.hexdigest(),
         "scales": scales,
         "roots": sorted({e.root for e in entries}),
         "n_slides": len(entries),

@@ -83,6 +83,8 @@ class Trainer:
         self.checkpoint_path, self.checkpoint_data = open_checkpoint(out, config, resume)
         if config is not None:
             config = apply_init(config)
+            if config.curation is not None:  # recorded absolute: a resume from elsewhere finds it
+                config = config.replace(curation=str(Path(config.curation).resolve()))
         if self.checkpoint_data is not None:
             saved = PretrainConfig.from_dict(self.checkpoint_data["meta"]["config"])
             config = merge_resumed(saved, config, self.checkpoint_path)
