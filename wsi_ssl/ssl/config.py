@@ -319,7 +319,8 @@ class PretrainConfig:
         ``steps=None`` to count ``epochs`` instead; about 10 minutes on two CPU cores): a
         constant teacher momentum of 0.95 (with DINO's 0.996 -> 1 the teacher would hardly
         move from its random start), a sharp constant teacher temperature (0.04), constant
-        weight decay and a learning rate that decays only to 3% of its peak.
+        weight decay and a learning rate that decays only to 3% of its peak; with MAE, a
+        128-wide decoder of 2 blocks.
         ``benchmarks/pretrain_learning.py`` measures what it learns against random inits.
         """
         if name not in PRESETS:
@@ -353,5 +354,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "warmup_teacher_temp_epochs": 0,
         "freeze_last_layer_epochs": 0.5,
         "checkpoint_every": 200,
+        "decoder_dim": 128,  # MAE: a decoder in proportion to a small encoder (512 wide x 8
+        "decoder_depth": 2,  # blocks made a step 4x slower; the MAE paper trains well with
+        "decoder_heads": 4,  # light decoders)
     },
 }
