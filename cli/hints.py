@@ -24,7 +24,7 @@ RESUME_ADVICE = "re-run it (without --no-resume) to go on where it stopped"
 
 REDO_ADVICE = (
     "the slides not done keep what they had; re-run it with --no-resume on just those to redo "
-    "them (a re-run without it keeps their earlier output)"
+    "them (--json lists them all, as not_done; a re-run without it keeps their earlier output)"
 )
 """What to do after an interrupted ``--no-resume`` run of tile or embed."""
 
