@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from wsi_ssl.search.results import SearchResult
     from wsi_ssl.storage import Archive, SlideStore
 
-__all__ = ["region_mosaic", "render_gallery"]
+__all__ = ["paste_tiles", "region_mosaic", "render_gallery"]
 
 BACKGROUND = (232, 232, 232)
 MAX_MOSAIC_TILES = 900
@@ -32,6 +32,28 @@ def _fit(image: Any, side: int) -> Any:
     scale = side / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     return image.resize(size, Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.NEAREST)
+
+
+def paste_tiles(
+    canvas: Any,
+    tiles: Any,
+    coords: np.ndarray,
+    origin: tuple[float, float],
+    size0: float,
+    scale: float,
+) -> None:
+    """Paste stored ``tiles`` (at level-0 ``coords``, ``size0`` px wide) on ``canvas``, whose
+    pixel (0, 0) is level-0 ``origin``, at ``scale`` output px per level-0 px. Each tile spans
+    its rounded start to the rounded start of the next, so adjacent tiles leave no seam."""
+    from PIL import Image
+
+    for (cx, cy), pixels in zip(coords, tiles, strict=True):
+        x0, y0 = round((cx - origin[0]) * scale), round((cy - origin[1]) * scale)
+        x1, y1 = round((cx + size0 - origin[0]) * scale), round((cy + size0 - origin[1]) * scale)
+        tile = Image.fromarray(np.asarray(pixels)).resize(
+            (max(1, x1 - x0), max(1, y1 - y0)), Image.Resampling.LANCZOS
+        )
+        canvas.paste(tile, (x0, y0))
 
 
 def region_mosaic(
@@ -67,18 +89,7 @@ def region_mosaic(
         return _thumbnail_crop(store, (x, y, w, h), size)
     scale = min(final, int(store.tiling["tile_size"]) / size0)
     canvas = Image.new("RGB", (max(1, round(w * scale)), max(1, round(h * scale))), BACKGROUND)
-    tiles = TileReader(store.tiles).read(rows)
-    for r, pixels in zip(rows, tiles, strict=True):
-        # each tile spans its rounded start to the rounded start of the next: no seams
-        x0, y0 = round((coords[r, 0] - x) * scale), round((coords[r, 1] - y) * scale)
-        x1, y1 = (
-            round((coords[r, 0] + size0 - x) * scale),
-            round((coords[r, 1] + size0 - y) * scale),
-        )
-        tile = Image.fromarray(pixels).resize(
-            (max(1, x1 - x0), max(1, y1 - y0)), Image.Resampling.LANCZOS
-        )
-        canvas.paste(tile, (x0, y0))
+    paste_tiles(canvas, TileReader(store.tiles).read(rows), coords[rows], (x, y), size0, scale)
     if canvas.size != size:
         canvas = canvas.resize(size, Image.Resampling.LANCZOS)
     if outline:

@@ -211,6 +211,7 @@ class Pyramid:
     def _from_tiles(self, box: tuple[float, ...], size: tuple[int, int]) -> Image:
         from PIL import Image
 
+        from wsi_ssl.search.gallery import paste_tiles
         from wsi_ssl.storage.tile_reader import TileReader
 
         x, y, w = box[:3]
@@ -221,12 +222,8 @@ class Pyramid:
         if len(rows):
             background = self._from_thumbnail(box, size)  # between tissue tiles: the thumbnail
             canvas.paste(background)
-            side = max(1, round(size0 * f))
-            for r, pixels in zip(rows, TileReader(self.store.tiles).read(rows), strict=True):
-                tile = Image.fromarray(np.asarray(pixels)).resize(
-                    (side, side), Image.Resampling.LANCZOS
-                )
-                canvas.paste(tile, (round((coords[r, 0] - x) * f), round((coords[r, 1] - y) * f)))
+            tiles = TileReader(self.store.tiles).read(rows)
+            paste_tiles(canvas, tiles, coords[rows], (x, y), size0, f)
         else:
             canvas = self._from_thumbnail(box, size)
         return canvas
