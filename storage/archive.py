@@ -15,6 +15,7 @@ from wsi_ssl.errors import (
     MultiScaleRootError,
     StoreCorruptError,
     StoreNotFoundError,
+    UnknownSlideError,
     WsiSslError,
 )
 from wsi_ssl.storage.catalog import Catalog
@@ -125,13 +126,19 @@ class Archive:
         return open_slide_store(self.store_path(self.slide_id_of(slide)))
 
     def slide_id_of(self, slide: str) -> str:
-        """The slide id ``slide`` names: itself when it is a slide id, else what
-        :func:`~wsi_ssl.storage.resolve.resolve_slide` finds."""
-        if SLIDE_ID.fullmatch(slide) or self.store_path(slide).is_dir():
+        """The slide id ``slide`` names: itself when it has a store, else what
+        :func:`~wsi_ssl.storage.resolve.resolve_slide` finds (a file stem of 16 hex digits
+        too); an id of no store stays itself."""
+        if self.store_path(slide).is_dir():
             return slide
         from wsi_ssl.storage.resolve import resolve_slide
 
-        return resolve_slide(self, slide)
+        try:
+            return resolve_slide(self, slide)
+        except UnknownSlideError:
+            if SLIDE_ID.fullmatch(slide):  # an id without a store: StoreNotFoundError follows
+                return slide
+            raise
 
     def tiles(self, slide: str) -> zarr.Array[Any]:
         return self.slide(slide).tiles

@@ -470,3 +470,19 @@ def test_a_reader_holding_a_lock_is_not_blamed_on_a_dead_writer(tmp_path: Path) 
         pass
     assert "999999999" not in str(info.value) and "another process" in str(info.value)
     assert read_holder(path) is not None  # the dead writer's name is left for check
+
+
+def test_a_slide_whose_stem_looks_like_an_id_is_found_by_it(tmp_path: Path) -> None:
+    """A file named like a slide id (16 hex digits, as some exports name slides) is found by
+    its stem, not taken for a missing store's id."""
+    from wsi_ssl.config import TilingConfig
+    from wsi_ssl.synthetic import write_synthetic_slide
+    from wsi_ssl.tiling.batch import tile_slide
+
+    slide = write_synthetic_slide(tmp_path / "0123456789abcdef.tiff", (600, 500), seed=1)
+    outcome = tile_slide(
+        slide, tmp_path / "root", TilingConfig(tile_size=224, tissue_threshold=0.0)
+    )
+    sid = outcome.details["slide_id"]
+    assert sid != "0123456789abcdef"
+    assert open_store(tmp_path / "root").slide("0123456789abcdef").slide_id == sid
