@@ -68,6 +68,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="CSV",
         help="slide labels for retrieval (mMV@k, precision@k)",
     )
+    _add_settings(p)
+    p.set_defaults(func=run)
+
+
+def _add_settings(p: argparse.ArgumentParser) -> None:
+    """The evaluation's settings (``EvaluationConfig``) and where it writes."""
     p.add_argument("--out", type=Path, default=Path("evaluation"), help="output folder")
     p.add_argument("--folds", type=whole_number(2), default=5, help="CV folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="folds, probes, MIL and resamples")
@@ -88,7 +94,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="embed slides tiled at another µm/px than an encoder was trained at",
     )
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
