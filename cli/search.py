@@ -310,12 +310,13 @@ def run_search(args: argparse.Namespace) -> int:
 def _changed_file_note(index: SearchIndex, slide_id: str) -> str | None:
     """A line when the query slide's file no longer holds what was tiled (its new content is
     another slide, not searched until embedded and added), else None."""
-    from wsi_ssl.storage import fingerprint_file, open_store
+    from wsi_ssl.storage import open_store
+    from wsi_ssl.tiling.source import holds_slide
 
     entry = open_store(index.root).catalog.get(slide_id)
-    if entry is None or not Path(entry.path).is_file():
+    if entry is None or not Path(entry.path).exists():  # gone: nothing newer to search
         return None
-    if fingerprint_file(entry.path) == entry.fingerprint:
+    if holds_slide(Path(entry.path), entry.fingerprint):
         return None
     return (
         f"{entry.path} has changed since slide {slide_id} was tiled from it: the query is the "

@@ -388,3 +388,19 @@ def test_an_old_id_recording_another_fingerprint_is_not_taken(
     own_id = slide_id_from_fingerprint(slide_fingerprint(series_dir))
     assert outcome.status == "complete" and outcome.details["slide_id"] == own_id
     assert Archive(root).catalog.get(legacy_id).fingerprint == "0" * 64  # type: ignore[union-attr]
+
+
+def test_a_series_still_holds_its_slide_until_an_instance_changes(series_dir: Path) -> None:
+    """Whether a tiled DICOM slide's file is still that slide (the viewer and search's
+    changed-file note ask) goes by the series' fingerprint, from the folder or any of its
+    files (one file's own fingerprint is not the slide's)."""
+    from wsi_ssl.tiling.source import holds_slide, slide_fingerprint
+
+    recorded = slide_fingerprint(series_dir)
+    one = series_dir / NAMES[0]
+    assert holds_slide(series_dir, recorded) and holds_slide(one, recorded)
+    assert not holds_slide(one, fingerprint_file(one))
+    with open(series_dir / NAMES[1], "ab") as f:
+        f.write(b"\0")
+    assert not holds_slide(series_dir, recorded) and not holds_slide(one, recorded)
+    assert not holds_slide(series_dir / "gone.dcm", recorded)

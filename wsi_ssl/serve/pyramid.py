@@ -85,15 +85,17 @@ def open_slide_file(store: SlideStore) -> tuple[SlideReader | None, FileStamp | 
     reader when it is gone, unreadable or now another slide."""
     from wsi_ssl.errors import WsiSslError
     from wsi_ssl.slide import open_slide
-    from wsi_ssl.tiling.source import slide_fingerprint
+    from wsi_ssl.tiling.source import holds_slide
 
     path = Path(store.source["path"])
     stamp = file_stamp(path)
+    recorded = store.source.get("fingerprint")
+    if recorded is not None and not holds_slide(path, recorded):
+        log.info(
+            "slide %s: drawing from the stored tiles (%s gone or changed)", store.slide_id, path
+        )
+        return None, stamp
     try:
-        recorded = store.source.get("fingerprint")
-        if recorded is not None and slide_fingerprint(path) != recorded:
-            log.info("slide %s: drawing from the stored tiles (%s changed)", store.slide_id, path)
-            return None, stamp
         reader = open_slide(path)
     except (WsiSslError, OSError) as err:
         log.info("slide %s: drawing from the stored tiles (%s)", store.slide_id, type(err).__name__)

@@ -19,6 +19,7 @@ __all__ = [
     "SLIDE_SUFFIXES",
     "SlideSource",
     "collect_slide_paths",
+    "holds_slide",
     "open_for_tiling",
     "slide_fingerprint",
     "thumbnail_and_mask",
@@ -96,6 +97,15 @@ def slide_fingerprint(path: Path) -> str:
     for fingerprint in sorted(fingerprint_file(f) for f in files):
         digest.update(bytes.fromhex(fingerprint))
     return digest.hexdigest()
+
+
+def holds_slide(path: Path, fingerprint: str) -> bool:
+    """Whether ``path`` (a slide file or DICOM series) still holds the slide fingerprinted as
+    ``fingerprint`` (:func:`slide_fingerprint`); False when it is gone, unreadable or changed."""
+    try:
+        return slide_fingerprint(path) == fingerprint
+    except (WsiSslError, OSError):
+        return False
 
 
 def thumbnail_and_mask(
