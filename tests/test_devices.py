@@ -232,15 +232,16 @@ def _sigint_pending(pid: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.faults
-@pytest.mark.parametrize("who", ["terminal", "parent", "scheduler"])
+@pytest.mark.parametrize("who", ["terminal", "parent", "scheduler", "one device"])
 def test_ctrl_c_stops_every_device_process_and_reports_what_was_finished(
     root: Path, tmp_path: Path, who: str
 ) -> None:
     """Ctrl-C while one device process commits its first slide, after the other finished its
     shard: the report names the finished slides complete and the stopped shard's slides not
     done (no traceback from any process), whether the terminal sent SIGINT to every process,
-    only the parent got it (it asks its processes), or a batch scheduler sent SIGTERM to them
-    all; the re-run embeds only those."""
+    only the parent got it (it asks its processes), a batch scheduler sent SIGTERM to them
+    all, or one device process alone got SIGTERM (its slides were left out of the report);
+    the re-run embeds only those."""
     root = _fresh_copy(root, tmp_path / "root")
     archive = open_store(root)
     stopped, finished = shard_slides(slide_sizes(archive, archive.slide_ids), 2)
@@ -264,6 +265,8 @@ def test_ctrl_c_stops_every_device_process_and_reports_what_was_finished(
             time.sleep(0.1)
         if who in ("terminal", "scheduler"):  # Ctrl-C, or SIGTERM to the job's processes
             os.killpg(proc.pid, signal.SIGINT if who == "terminal" else signal.SIGTERM)
+        elif who == "one device":
+            os.kill(child, signal.SIGTERM)
         else:
             proc.send_signal(signal.SIGINT)
             while not _sigint_pending(child):

@@ -189,23 +189,29 @@ def embed_on_devices(
                 process.start()
             jobs.append((device, shard, process))
         _collect(jobs, results, reports)
+        interrupted = False
     except KeyboardInterrupt:
         _collect(jobs, results, reports, stop=True)
-        shards = [(device, shard) for device, shard, _ in jobs]
-        summary = _stopped_summary(root, ids, shards, reports, config, names, started, encoder)
-        raise JobInterrupted(summary, _not_done(ids, shards, reports)) from None
-    summaries = {i: r for i, r in reports.items() if isinstance(r, EmbedSummary)}
+        interrupted = True
+    shards = [(device, shard) for device, shard, _ in jobs]
     lost = {i: r for i, r in reports.items() if isinstance(r, RemoteError)}
     for index, (device, _, process) in enumerate(jobs):
-        if index not in reports:
+        if index not in reports and not interrupted:  # died (stopped: not done, see below)
             lost[index] = RemoteError(
                 f"the process embedding on {device} exited with code {process.exitcode} before "
                 "reporting; re-run the same command to resume these slides",
                 "DeviceProcessError",
             )
-    shards = [(device, shard) for device, shard, _ in jobs]
+    summaries: dict[int, EmbedSummary] = {}
+    for index, report in reports.items():
+        summary = report.summary if isinstance(report, ShardStopped) else report
+        if isinstance(summary, EmbedSummary):
+            summaries[index] = summary
     seconds = time.perf_counter() - started
-    return merge_summaries(root, ids, shards, summaries, lost, config, names, seconds, encoder)
+    merged = merge_summaries(root, ids, shards, summaries, lost, config, names, seconds, encoder)
+    if interrupted or any(isinstance(r, ShardStopped) for r in reports.values()):
+        raise JobInterrupted(merged, _not_done(ids, shards, reports, lost)) from None
+    return merged
 
 
 @contextmanager
@@ -221,49 +227,20 @@ def _children_start_deaf() -> Iterator[None]:
             signal.signal(stop, handler)
 
 
-def _stopped_summary(
-    root: str | Path,
+def _not_done(
     ids: list[str],
     shards: list[tuple[str, list[str]]],
     reports: dict[int, Report],
-    config: EmbedConfig,
-    devices: list[str],
-    started: float,
-    asked: Encoder | str | Path,
-) -> EmbedSummary:
-    """The merged summary of what the shards reported when stopped (finished shards whole,
-    stopped ones their outcomes so far, silent ones nothing)."""
-    summaries: dict[int, EmbedSummary] = {}
-    for index, report in reports.items():
-        summary = report.summary if isinstance(report, ShardStopped) else report
-        if isinstance(summary, EmbedSummary):
-            summaries[index] = summary
-    failed = {i: r for i, r in reports.items() if isinstance(r, RemoteError)}
-    reported = [i for i in range(len(shards)) if i in summaries or i in failed]
-    return merge_summaries(
-        root,
-        ids,
-        [shards[i] for i in reported],
-        {n: summaries[i] for n, i in enumerate(reported) if i in summaries},
-        {n: failed[i] for n, i in enumerate(reported) if i in failed},
-        config,
-        devices,
-        time.perf_counter() - started,
-        asked,
-    )
-
-
-def _not_done(
-    ids: list[str], shards: list[tuple[str, list[str]]], reports: dict[int, Report]
+    lost: dict[int, RemoteError],
 ) -> list[str]:
     """The slides a stopped run did not finish: a stopped shard's own list, every slide of a
-    shard that never reported, in the order of ``ids``."""
+    shard that never reported (unless failed as ``lost``), in the order of ``ids``."""
     left: set[str] = set()
     for index, (_, shard) in enumerate(shards):
         report = reports.get(index)
         if isinstance(report, ShardStopped):
             left.update(report.not_done)
-        elif report is None:
+        elif report is None and index not in lost:
             left.update(shard)
     return [s for s in ids if s in left]
 
@@ -317,14 +294,15 @@ def merge_summaries(
 ) -> EmbedSummary:
     """One summary of the shards' ``(device, slides)``: each shard's own outcomes, or, for a
     shard whose job failed or whose process never reported, its slides failed with the
-    ``lost`` error. ``asked`` (the encoder as asked for: an encoder, a name or a path) names
-    the encoder when no shard reported one."""
+    ``lost`` error (a shard in neither, stopped before it reported, has none). ``asked`` (the
+    encoder as asked for: an encoder, a name or a path) names the encoder when no shard
+    reported one."""
     by_slide: dict[str, SlideOutcome] = {}
     for index, (_, shard) in enumerate(shards):
         if index in summaries:
             by_slide.update({o.slide: o for o in summaries[index].outcomes})
-            continue
-        by_slide.update({s: SlideOutcome.failure(s, lost[index]) for s in shard})
+        elif index in lost:
+            by_slide.update({s: SlideOutcome.failure(s, lost[index]) for s in shard})
     first = next(iter(summaries.values()), None)
     return EmbedSummary(
         outcomes=[by_slide[s] for s in ids if s in by_slide],
