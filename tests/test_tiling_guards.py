@@ -191,3 +191,19 @@ def test_single_level_slide_thumbnail_in_bounded_memory(tmp_path: Path) -> None:
     growth_mib = (result["after_kib"] - result["before_kib"]) / 1024
     assert growth_mib < level_mib / 4, result
     assert result["after_kib"] / 1024 < 1024, result
+
+
+@pytest.mark.parametrize("mpps", [None, [0.5, 1.0]])
+def test_an_output_folder_that_is_a_file_is_refused_before_any_slide(
+    tmp_path: Path, mpps: list[float] | None
+) -> None:
+    """``--out`` naming a file, with one scale or several (each under the output folder),
+    is one error before any slide, and the file is left as it was."""
+    from wsi_ssl.tiling.batch import tile_slides
+
+    slide = write_synthetic_slide(tmp_path / "s.tiff", (600, 500), seed=1)
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    with pytest.raises(ConfigError, match=r"notes\.txt: is a file; the archive root must be"):
+        tile_slides([slide], out, TilingConfig(), mpps=mpps, progress=False)
+    assert out.read_text() == "mine"

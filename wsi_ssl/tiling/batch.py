@@ -464,7 +464,7 @@ def tile_slides(
     for table in (overrides, roi_files):
         table.check_unambiguous(paths)
     notes = [n for t in (overrides, roi_files) if (n := t.unmatched_note(paths)) is not None]
-    check_batch([Path(r) for r in roots], config, paths, rois, roi_files)
+    check_batch(Path(root), [Path(r) for r in roots], config, paths, rois, roi_files)
     summary = TileSummary(roots=roots, notes=notes)
     options = {
         "scheduler": scheduler,

@@ -14,6 +14,7 @@ __all__ = ["check_batch"]
 
 
 def check_batch(
+    root: Path,
     roots: Sequence[Path],
     config: TilingConfig,
     paths: Sequence[Path],
@@ -22,19 +23,22 @@ def check_batch(
 ) -> None:
     """Refuse a batch that would fail every slide alike.
 
+    ``root`` is the output folder, ``roots`` the archive root of each scale under it (``root``
+    itself for one scale).
+
     Raises:
-        ConfigError: an archive root that is a file; ROI classes chosen without an annotation
+        ConfigError: an output folder that is a file; ROI classes chosen without an annotation
             file, or naming a class none of the batch's files holds.
         CatalogCorruptError: an existing archive's catalog cannot be read (every slide's
             record would fail); ``wsi-ssl check ROOT --repair`` rebuilds it.
     """
     from wsi_ssl.storage import Catalog
 
-    for root in roots:
-        if root.exists() and not root.is_dir():
-            raise ConfigError(f"{root}: is a file; the archive root must be a folder (new or not)")
-        if (root / "catalog.sqlite").is_file():
-            Catalog(root / "catalog.sqlite").entries()
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{root}: is a file; the archive root must be a folder (new or not)")
+    for scale_root in roots:
+        if (scale_root / "catalog.sqlite").is_file():
+            Catalog(scale_root / "catalog.sqlite").entries()
     if not (config.roi_include or config.roi_exclude):
         return
     if not (config.roi or rois):
