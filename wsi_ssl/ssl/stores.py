@@ -194,12 +194,9 @@ def describe_sources(
     for g, n in zip(groups, counts, strict=True):
         key = f"{entries[groups.index(g)].mpp or 0:g}"
         scales[key] = scales.get(key, 0) + n
-    selected = hashlib.sha256()  # which tiles: a curation file, QC or thresholds decide
-    for e, k in zip(entries, keep or [], strict=False):
-        selected.update(e.slide_id.encode() + np.asarray(k, dtype=np.int64).tobytes())
     return {
         "n_selected": sum(counts),
-        "selected_sha256": None if keep is None else selected.hexdigest(),
+        "selected_sha256": None if keep is None else _selection_digest(entries, keep),
         "scales": scales,
         "roots": sorted({e.root for e in entries}),
         "n_slides": len(entries),
@@ -211,3 +208,12 @@ def describe_sources(
             for e in entries
         ],
     }
+
+
+def _selection_digest(entries: Sequence[SlideEntry], keep: Sequence[np.ndarray]) -> str:
+    """sha256 of which tiles of which slides are kept (a curation file, QC and the tissue
+    thresholds decide): a resume must train on the same ones."""
+    digest = hashlib.sha256()
+    for entry, rows in zip(entries, keep, strict=True):
+        digest.update(entry.slide_id.encode() + np.asarray(rows, dtype=np.int64).tobytes())
+    return digest.hexdigest()
