@@ -151,6 +151,10 @@ def test_page_viewer_search_open_and_label(page_env: dict[str, Any], tmp_path: P
     assert not driver.get_log("browser") or all(
         "favicon" in e["message"] for e in driver.get_log("browser")
     )
+    listed = driver.execute_script(
+        "return [...document.querySelectorAll('#slides li')].map(li => li.firstChild.textContent)"
+    )
+    assert len(listed) == len(archive["ids"]) and listed == sorted(listed, key=str.lower)
     driver.find_element(By.CSS_SELECTOR, f'#slides li[data-slide="{cmu}"]').click()
     _wait(lambda: driver.execute_script("return wsi.current.slide_id") == cmu)
     _wait(lambda: _state(driver) == "ready" and _settled(driver))
