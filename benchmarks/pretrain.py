@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--local-crop-size", type=int)
     p.add_argument("--n-local-crops", type=int)
     p.add_argument("--out-dim", type=int)
+    p.add_argument("--decoder-dim", type=int, help="MAE decoder width (default: the preset's)")
+    p.add_argument("--decoder-depth", type=int, help="MAE decoder blocks")
+    p.add_argument("--decoder-heads", type=int, help="MAE decoder attention heads")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
@@ -92,6 +95,9 @@ def make_config(args: argparse.Namespace, steps: int) -> Any:
             "local_crop_size": args.local_crop_size,
             "n_local_crops": args.n_local_crops,
             "out_dim": args.out_dim,
+            "decoder_dim": args.decoder_dim,
+            "decoder_depth": args.decoder_depth,
+            "decoder_heads": args.decoder_heads,
             "compile": args.compile,
             "num_workers": args.num_workers,
             "num_threads": args.num_threads,

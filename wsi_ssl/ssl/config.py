@@ -355,7 +355,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "freeze_last_layer_epochs": 0.5,
         "checkpoint_every": 200,
         "decoder_dim": 128,  # MAE: a decoder in proportion to a small encoder (512 wide x 8
-        "decoder_depth": 2,  # blocks made a step 4x slower; the MAE paper trains well with
-        "decoder_heads": 4,  # light decoders)
+        "decoder_depth": 2,  # blocks made a step 16x slower, benchmarks/RESULTS.md; the MAE
+        "decoder_heads": 4,  # paper trains well with light decoders)
     },
 }
