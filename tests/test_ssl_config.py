@@ -82,8 +82,8 @@ def test_cpu_preset_uses_a_small_registered_backbone() -> None:
     c = PretrainConfig.preset("cpu-small")
     spec = get_spec(c.arch)
     assert spec.embed_dim <= 256 and c.global_crop_size <= 64
-    # an MAE decoder no wider than the small encoders it sits behind (512 x 8 blocks was 4x
-    # the step time of the rest)
+    # an MAE decoder no wider than the small encoders it sits behind (512 x 8 blocks was 16x
+    # the step time: benchmarks/RESULTS.md)
     assert c.decoder_dim <= 192 and c.decoder_depth <= 2 and c.decoder_dim % c.decoder_heads == 0
     assert set(backbone_names()) >= {"vit_small_patch16", "resnet18", c.arch}
 
