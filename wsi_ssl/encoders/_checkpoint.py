@@ -4,7 +4,8 @@
 description ``{arch, embed_dim, input_size, mean, std, ...}``; this source turns that into an
 :class:`Encoder` whose ``weights_sha256`` is the hash of the backbone's state dict (so the same
 teacher weights give the same ``encoder_id`` whatever else the checkpoint file holds) and whose
-``weights_path`` is the checkpoint.
+``weights_path`` is the checkpoint. Its ``mpp`` is the scale the run trained at (from the
+checkpoint's ``sources``), so ``embed`` refuses tiles at another scale as it does for presets.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from wsi_ssl.encoders.registry import register_source, slug
 from wsi_ssl.encoders.weights import file_sha256, state_dict_sha256
 from wsi_ssl.errors import CheckpointError, ConfigError
 
-__all__ = ["PREFIX", "config_from_description", "is_checkpoint"]
+__all__ = ["PREFIX", "config_from_description", "is_checkpoint", "trained_mpp"]
 
 PREFIX = "wsi-ssl:"
 
@@ -40,6 +41,20 @@ def _size(value: Any) -> int:
     if isinstance(value, list | tuple):  # (C, H, W) or (H, W)
         value = value[-1]
     return int(value)
+
+
+def trained_mpp(desc: Mapping[str, Any], input_size: int) -> tuple[float, ...]:
+    """The scales (µm/px at the model input) a run trained at: each of its tiles' scales times
+    tile size over input size (a whole tile resized to the input, as ``embed`` feeds it);
+    empty when the run does not say (an older checkpoint) or mixed tile sizes."""
+    sources = desc.get("sources") or {}
+    tile = sources.get("tile_size")
+    if not tile or (desc.get("pretrain_config") or {}).get("mixed_sizes"):
+        return ()
+    scales = [float(k) for k in sources.get("scales") or {} if float(k) > 0]
+    if not scales and sources.get("mpp"):
+        scales = [float(sources["mpp"])]
+    return tuple(sorted({round(m * int(tile) / input_size, 4) for m in scales}))
 
 
 def config_from_description(desc: Mapping[str, Any], path: Path) -> EncoderConfig:
@@ -64,6 +79,7 @@ def config_from_description(desc: Mapping[str, Any], path: Path) -> EncoderConfi
         source="wsi-ssl",
         description=f"wsi-ssl pretrain {desc.get('which', 'teacher')} backbone",
         stain=desc.get("stain"),
+        mpp=trained_mpp(desc, _size(size)),
     )
 
 

@@ -176,11 +176,12 @@ class Encoder:
             return
         trained = " or ".join(f"{m:g}" for m in self.config.mpp)
         best = min(self.config.mpp, key=lambda m: abs(seen - m))
+        size = tile_size if self.config.resize != "never" else self.config.input_size
         raise MagnificationMismatchError(
             f"{where}: tiles of {tile_size} px at {float(mpp):g} µm/px reach encoder "
             f"{self.config.name!r} at {seen:.3g} µm/px, but it was trained at {trained} µm/px; "
-            f"re-tile at mpp={best:g} with tile_size={self.config.input_size}, or pass "
-            "check_mpp=False to embed at this scale anyway",
+            f"re-tile at mpp={best * self.config.input_size / size:.4g} with tile_size={size}, "
+            "or pass check_mpp=False to embed at this scale anyway",
             parameters=("check_mpp",),
         )
 
