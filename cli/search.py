@@ -179,6 +179,7 @@ def run_index(args: argparse.Namespace) -> int:
     from wsi_ssl.search import IndexConfig, SearchIndex
 
     out: dict[str, object] = {}
+    damaged: list[str] = []  # slides left out: store or embeddings unreadable
     if args.add or args.remove or args.compact:
         name = args.name
         if name is None and args.encoder is not None:
@@ -195,6 +196,7 @@ def run_index(args: argparse.Namespace) -> int:
             out["vectors_added"] = summary.vectors
             out["excluded"] = summary.excluded
             out["notes"] = summary.notes
+            damaged = summary.damaged
             n_gone = len(summary.removed)
             gone = f", removed {n_gone} whose embeddings are gone" if n_gone else ""
             lines = [
@@ -225,13 +227,18 @@ def run_index(args: argparse.Namespace) -> int:
             slides=args.slides,
             progress=_progress(args),
         )
-        lines = []
+        lines, damaged = [], [str(err) for err in index.damaged]
+    if damaged:
+        out["damaged"] = damaged
+        lines.append(f"left out {len(damaged)} damaged slide(s)")
+        for message in damaged:
+            print(f"wsi-ssl: error: {message}", file=sys.stderr)
     out["index"] = index.describe()
     if args.json:
         print(json.dumps(out, indent=2))
     else:
         print("\n".join([*lines, *index_lines(index.describe())]))
-    return 0
+    return 1 if damaged else 0
 
 
 def run_search(args: argparse.Namespace) -> int:

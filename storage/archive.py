@@ -46,6 +46,11 @@ def open_slide_store(path: str | Path, *, require_complete: bool = True) -> Slid
     return store
 
 
+def damaged_slide_id(err: BaseException) -> str:
+    """The slide id of a damaged store's error (its path's name without ``.zarr``)."""
+    return Path(str(getattr(err, "path", "?"))).name.removesuffix(".zarr")
+
+
 @dataclass
 class StoreScan:
     """The slide stores under a root: complete ids, incomplete ids and damaged stores."""

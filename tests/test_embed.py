@@ -374,7 +374,7 @@ def test_damaged_embeddings_are_refused_downstream(
             ["export", str(root), "--out", str(tmp_path / "pt"), "--format", "pt", "--quiet"],
             1,
         ),  # others go on
-        (["index", str(root), "--encoder", summary.encoder_id, "--quiet"], 2),
+        (["index", str(root), "--encoder", summary.encoder_id, "--quiet"], 1),  # others go in
     ):
         assert _cli(argv) == code
         err = capsys.readouterr().err.strip().splitlines()
@@ -523,6 +523,46 @@ def test_wsi_ssl_pretrain_checkpoint_embeds_the_archive(cmu_root: Path, tmp_path
     want = ref.embed(store.tiles[:])
     np.testing.assert_allclose(emb.features.astype(np.float32), want, rtol=1e-2, atol=1e-2)
     assert embed_for_demo(root, tmp_path / "run", progress=False).outcomes[0].status == "skipped"
+
+
+def test_a_pretrain_run_refuses_tiles_at_another_scale_than_it_trained_at(
+    cmu_root: Path, tmp_path: Path
+) -> None:
+    """The run's checkpoint records its tiles' scale: embedding 224 px tiles at 0.5 µm/px with a
+    run trained on 224 px tiles at 1.0 µm/px is refused like a preset at the wrong scale."""
+    try:
+        from wsi_ssl.ssl import PretrainConfig, random_encoder
+        from wsi_ssl.ssl.checkpoint import ENCODER_FORMAT, FORMAT_VERSION, save_checkpoint
+        from wsi_ssl.ssl.encoder import describe_encoder
+    except Exception as err:  # the pretraining package is absent or cannot load here
+        pytest.skip(f"wsi_ssl.ssl unavailable: {type(err).__name__}: {err}")
+
+    config = PretrainConfig.preset("cpu-small")
+    for mpp in (1.0, 0.5):
+        save_checkpoint(
+            tmp_path / f"run{mpp:g}" / "encoder.pt",
+            {
+                "format": ENCODER_FORMAT,
+                "format_version": FORMAT_VERSION,
+                "meta": {
+                    "config": config.to_dict(),
+                    "encoder": describe_encoder(config),
+                    "sources": {"tile_size": 224, "mpp": mpp, "scales": {f"{mpp:g}": 52}},
+                },
+                "teacher_backbone": random_encoder(config, seed=int(mpp * 2)).model.state_dict(),
+            },
+        )
+    size = config.global_crop_size
+    assert create_encoder(tmp_path / "run1").config.mpp == (round(224 / size, 4),)
+    root = _copy(cmu_root, tmp_path / "root")
+    assert open_store(root).slide(open_store(root).slide_ids[0]).tiling["mpp"] == 0.5
+    code, _, err = run_cli(["embed", str(root), "--encoder", str(tmp_path / "run1"), "--quiet"])
+    assert code == 1 and "at 0.5 µm/px reach encoder" in err and "re-tile at mpp=1" in err, err
+    assert (
+        embed(root, tmp_path / "run1", replace(FAST, check_mpp=False)).outcomes[0].status
+        == "complete"
+    )
+    assert embed(root, tmp_path / "run0.5", FAST).outcomes[0].status == "complete"
 
 
 # -- one writer, completeness by content, damaged stores (issue #10) ---------------------------

@@ -29,6 +29,7 @@ from wsi_ssl.errors import (
 )
 from wsi_ssl.outcome import SlideOutcome, interrupt_report
 from wsi_ssl.storage import Archive, open_store
+from wsi_ssl.storage.archive import damaged_slide_id
 from wsi_ssl.storage.resolve import resolve_slide
 
 __all__ = ["embed", "embed_for_demo", "embed_slide"]
@@ -106,7 +107,7 @@ def embed(
     else:
         ids, incomplete = requested_slide_ids(archive, slides), []
     prepared: list[EmbedSlide | SlideOutcome] = [
-        SlideOutcome.failure(_store_name(err), err)
+        SlideOutcome.failure(damaged_slide_id(err), err)
         for err in (scan.damaged if slides is None else [])
     ]
     prepared += [_unknown_slide(archive, s) or target.prepare(archive, s) for s in ids]
@@ -160,11 +161,6 @@ def _unknown_slide(archive: Archive, name: str) -> SlideOutcome | None:
     except UnknownSlideError as err:
         return SlideOutcome.failure(name, err)
     return None
-
-
-def _store_name(err: BaseException) -> str:
-    """The slide id of a damaged store's error (its path's name without ``.zarr``)."""
-    return Path(str(getattr(err, "path", "?"))).name.removesuffix(".zarr")
 
 
 def _outcome(prepared: EmbedSlide | SlideOutcome) -> SlideOutcome | None:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from wsi_ssl.errors import (
+    EmbeddingsCorruptError,
     EmbeddingsNotFoundError,
     SchemaMismatchError,
     UnknownSlideError,
@@ -110,7 +111,8 @@ class SlideEntry:
 @dataclass
 class AddSummary:
     """What ``SearchIndex.add`` did: slides added, re-added (re-embedded), removed (their
-    store or embeddings gone), left unchanged, left out (removed on request before)."""
+    store or embeddings gone), left unchanged, left out (removed on request before), and the
+    errors of those left out because their store or embeddings could not be read."""
 
     added: list[str] = field(default_factory=list)
     updated: list[str] = field(default_factory=list)
@@ -119,6 +121,7 @@ class AddSummary:
     excluded: list[str] = field(default_factory=list)  # removed on request: left out
     vectors: int = 0
     notes: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)  # left out: store or embeddings unreadable
 
 
 def find_entry(active: Sequence[SlideEntry], slide: str, where: str) -> SlideEntry:
@@ -164,13 +167,19 @@ class SourceSlide:
 
 
 class ArchiveSource:
-    """The embeddings of some slides of an archive as a ``VectorSource`` (unit vectors)."""
+    """The embeddings of some slides of an archive as a ``VectorSource`` (unit vectors).
+
+    A slide whose embeddings turn out damaged when read yields nothing, in this pass and every
+    later one; its error is kept in :attr:`unreadable` (by slide number), so one damaged slide
+    never stops an index build.
+    """
 
     def __init__(self, slides: list[SourceSlide], encoder_id: str, dim: int) -> None:
         self.slides = slides
         self.encoder_id = encoder_id
         self.dim = dim
         self.n = sum(s.n_vectors for s in slides)
+        self.unreadable: dict[int, EmbeddingsCorruptError] = {}
 
     @classmethod
     def of_entries(
@@ -184,7 +193,13 @@ class ArchiveSource:
         from wsi_ssl.storage.embeddings import read_embeddings
 
         for slide in self.slides:
-            emb = read_embeddings(slide.store, self.encoder_id).embedded_only()
+            if slide.number in self.unreadable:
+                continue
+            try:
+                emb = read_embeddings(slide.store, self.encoder_id).embedded_only()
+            except EmbeddingsCorruptError as err:
+                self.unreadable[slide.number] = err
+                continue
             feats, tiles = np.asarray(emb.features), emb.tile_ids
             if feats.shape != (slide.n_vectors, self.dim):
                 raise SchemaMismatchError(
@@ -208,10 +223,28 @@ class Collected:
     encoder: dict[str, Any]
     stain: dict[str, Any] | None = None
     """The stain normalisation every collected slide was embedded with (None: none)."""
+    damaged: list[WsiSslError] = field(default_factory=list)
+    """Slides left out: stores whose metadata cannot be read, then (:meth:`mark_unreadable`)
+    slides whose embeddings could not be read."""
 
     @property
     def dim(self) -> int:
         return self.source.dim
+
+    @property
+    def active(self) -> list[SlideEntry]:
+        """The entries whose vectors are in the index."""
+        return [e for e in self.entries if e.active]
+
+    def mark_unreadable(self) -> None:
+        """After the source was read: the slides whose embeddings could not be read are
+        "removed" entries (no vector of theirs went in; numbers and coords offsets stay) and
+        their errors join :attr:`damaged`."""
+        for entry in self.entries:
+            err = self.source.unreadable.get(entry.number)
+            if err is not None and entry.active:
+                entry.status, entry.in_index = "removed", False
+                self.damaged.append(err)
 
 
 def resolve_encoder_id(archive: Archive, wanted: str | None) -> str:
@@ -258,27 +291,43 @@ class UnchangedSlides:
     """``collect``'s ``skip`` for an index update: leaves out the slides indexed with these
     very embeddings (same coords hash, same ``created``), counting them in ``summary``;
     re-embedded ones go to ``summary.updated``; ``seen`` gathers every slide with complete
-    embeddings; the ``excluded`` slides (removed on request) are left out and counted."""
+    embeddings; the ``excluded`` slides (removed on request) are left out and counted. A slide
+    to add is read first: one whose embeddings cannot be read is left out (an indexed one keeps
+    its vectors) and its error kept in ``unreadable``."""
 
     indexed: dict[str, SlideEntry]
     summary: AddSummary
+    encoder_id: str
     excluded: set[str] = field(default_factory=set)
     seen: set[str] = field(default_factory=set)
+    unreadable: list[EmbeddingsCorruptError] = field(default_factory=list)
 
-    def __call__(self, slide_id: str, attrs: dict[str, Any]) -> bool:
+    def __call__(self, store: SlideStore, attrs: dict[str, Any]) -> bool:
+        slide_id = store.slide_id
         self.seen.add(slide_id)
         if slide_id in self.excluded:
             self.summary.excluded.append(slide_id)
             return True
         old = self.indexed.get(slide_id)
-        if old is None:
-            return False
-        same = old.coords_sha256 == attrs.get("coords_sha256")
-        if same and old.embedded == attrs.get("created"):
+        made = (attrs.get("coords_sha256"), attrs.get("created"))
+        if old is not None and (old.coords_sha256, old.embedded) == made:
             self.summary.unchanged += 1
             return True
-        self.summary.updated.append(slide_id)
+        if not self._readable(store):
+            return True
+        if old is not None:
+            self.summary.updated.append(slide_id)
         return False
+
+    def _readable(self, store: SlideStore) -> bool:
+        from wsi_ssl.storage.embeddings import read_embeddings
+
+        try:
+            read_embeddings(store, self.encoder_id)
+        except EmbeddingsCorruptError as err:
+            self.unreadable.append(err)
+            return False
+        return True
 
 
 def _complete_embeddings(store: SlideStore, encoder_id: str) -> Embeddings | None:
@@ -368,11 +417,12 @@ def collect(
     start_offset: int = 0,
     tiling: dict[str, Any] | None = None,
     stain: dict[str, Any] | Literal["unknown"] | None = "unknown",
-    skip: Callable[[str, dict[str, Any]], bool] | None = None,
+    skip: Callable[[SlideStore, dict[str, Any]], bool] | None = None,
 ) -> Collected:
     """The slides embedded by ``encoder_id`` (all complete ones, or ``slides``), numbered from
-    ``start_number``; ``skip(slide_id, embedding_attrs)`` leaves a slide out. Every slide must
+    ``start_number``; ``skip(store, embedding_attrs)`` leaves a slide out. Every slide must
     have been embedded with the stain normalisation ``stain`` ("unknown": the first slide's).
+    Stores whose metadata cannot be read are left out and listed in ``damaged``.
 
     Raises:
         UnknownSlideError: a named slide (id, file name or stem) has no complete store.
@@ -382,8 +432,7 @@ def collect(
     """
     from wsi_ssl.storage.resolve import resolve_slides
 
-    complete = archive.slide_ids
-    ids = complete if slides is None else resolve_slides(archive, slides)
+    ids = archive.slide_ids if slides is None else resolve_slides(archive, slides)
     names = catalog_names(archive)
     items: list[SourceSlide] = []
     entries: list[SlideEntry] = []
@@ -402,7 +451,7 @@ def collect(
 
                 raise EmbeddingsNotFoundError(store.path, encoder_id, embedding_ids(store))
             continue
-        if skip is not None and skip(sid, emb.attrs):
+        if skip is not None and skip(store, emb.attrs):
             continue
         key = tiling_key(store.tiling)
         if tiling is None:
@@ -437,4 +486,5 @@ def collect(
         )
     all_coords = np.concatenate(coords) if coords else np.empty((0, 2), dtype=np.int64)
     source = ArchiveSource(items, encoder_id, dim)
-    return Collected(source, entries, all_coords, tiling, encoder, first)
+    damaged = list(archive.damaged) if slides is None else []  # stores the listing skipped
+    return Collected(source, entries, all_coords, tiling, encoder, first, damaged)

@@ -2,7 +2,9 @@
 
 The kind's strategy (:mod:`wsi_ssl.search.kinds`) builds and fills the index and samples the
 calibration queries; :func:`~wsi_ssl.search.calibration.calibrate` then picks its search
-parameter. The archive build and the synthetic benchmark run the same code.
+parameter. The archive build and the synthetic benchmark run the same code. The index's
+``config.json`` record (:func:`index_record`) and its JSON-able summary
+(:func:`index_description`) are made here too.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from wsi_ssl.search.vectors import VectorSource
 
 if TYPE_CHECKING:
     from wsi_ssl.search.archive import Collected
+    from wsi_ssl.search.index import SearchIndex
 
-__all__ = ["build_faiss", "index_record", "search_params", "utc_now"]
+__all__ = ["build_faiss", "index_description", "index_record", "search_params", "utc_now"]
 
 
 def search_params(params: dict[str, Any], k: int, selector: Any = None) -> Any:
@@ -104,11 +107,36 @@ def index_record(
         "config": config.to_dict(),
         "tiling": found.tiling,
         "stain": found.stain,
-        "n_slides": len(found.entries),
+        "n_slides": len(found.active),
         "built_n": int(index.ntotal),
         "tombstones": 0,
         "created": utc_now(),
         "updated": utc_now(),
         "wsi_ssl_version": __version__,
         "faiss_version": str(getattr(faiss, "__version__", "unknown")),
+    }
+
+
+def index_description(index: SearchIndex) -> dict[str, Any]:
+    """A JSON-able summary of an index (``wsi-ssl index --json``)."""
+    r = index.record
+    nbytes = int(r["files"]["index.faiss"]["bytes"])
+    return {
+        "name": index.name,
+        "path": str(index.files.path.parent),
+        "generation": index.files.path.name,
+        "kind": index.kind,
+        "encoder_id": index.encoder_id,
+        "n_vectors": index.n_vectors,
+        "n_slides": len(index.slides),
+        "dim": index.dim,
+        "tiling": index.tiling,
+        "params": index.params,
+        "calibration": index.calibration,
+        "index_bytes": nbytes,
+        "bytes_per_vector": round(nbytes / max(1, int(index.index.ntotal)), 1),
+        "stain": r.get("stain", "unknown"),  # "unknown": an index from before it was kept
+        "created": r.get("created"),
+        "updated": r.get("updated"),
+        "tombstones": int(r.get("tombstones", 0)),
     }

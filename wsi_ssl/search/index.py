@@ -33,6 +33,7 @@ from wsi_ssl.errors import (
     EncoderMismatchError,
     IndexNotFoundError,
     SchemaMismatchError,
+    WsiSslError,
 )
 from wsi_ssl.search.archive import (
     AddSummary,
@@ -44,12 +45,13 @@ from wsi_ssl.search.archive import (
     resolve_encoder_id,
     tombstone_ids,
 )
-from wsi_ssl.search.build import build_faiss, index_record, utc_now
+from wsi_ssl.search.build import build_faiss, index_description, index_record, utc_now
 from wsi_ssl.search.config import IndexConfig, plan_index
 from wsi_ssl.search.ids import decode_ids, exclusion_selector, slide_id_range
 from wsi_ssl.search.kinds import COMPACT_FRACTION, IndexKind, index_kind
 from wsi_ssl.search.searching import MAX_QUERY_TILES, SearchMethods
 from wsi_ssl.search.vectors import normalise, to_similarity
+from wsi_ssl.storage.archive import damaged_slide_id
 from wsi_ssl.storage.index_files import (
     INDEX_DIR,
     MMAP_MIN_BYTES,
@@ -86,6 +88,8 @@ class SearchIndex(SearchMethods):
         self.files = files
         self.index = index
         self.mmapped = mmapped
+        self.damaged: list[WsiSslError] = []
+        """Slides :meth:`build` left out: store or embeddings unreadable (empty when opened)."""
         self._load_entries()
 
     def _load_entries(self) -> None:
@@ -161,6 +165,8 @@ class SearchIndex(SearchMethods):
             EmbeddingsNotFoundError: no slide has complete embeddings by ``encoder``.
             ConfigError: ``encoder`` is None and the archive holds several encoders.
             SchemaMismatchError: slides were tiled at different scales or tile sizes.
+            EmbeddingsCorruptError: every slide's embeddings are damaged (when only some are,
+                the others are indexed and those listed in :attr:`damaged`).
         """
         from wsi_ssl.storage import open_store
 
@@ -179,12 +185,17 @@ class SearchIndex(SearchMethods):
         )
         with index_lock(root, name):
             index, params, calibration = build_faiss(found.source, plan, config, progress=progress)
+            found.mark_unreadable()
+            if not found.active:
+                raise found.damaged[-1]
             record = index_record(plan, eid, found, config, index, params, calibration)
             slides_json = [e.to_dict() for e in found.entries]
             write_index(root, name, index, config=record, slides=slides_json, coords=found.coords)
             files = read_index_files(root, name, verify=False)
         _log(progress, f"wrote {files.path}")
-        return cls(files, index, mmapped=False)
+        built = cls(files, index, mmapped=False)
+        built.damaged = found.damaged
+        return built
 
     # -- properties ------------------------------------------------------------------------
     @property
@@ -257,27 +268,7 @@ class SearchIndex(SearchMethods):
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary (``wsi-ssl index --json``)."""
-        r = self.record
-        nbytes = int(r["files"]["index.faiss"]["bytes"])
-        return {
-            "name": self.name,
-            "path": str(self.files.path.parent),
-            "generation": self.files.path.name,
-            "kind": self.kind,
-            "encoder_id": self.encoder_id,
-            "n_vectors": self.n_vectors,
-            "n_slides": len(self.slides),
-            "dim": self.dim,
-            "tiling": self.tiling,
-            "params": self.params,
-            "calibration": self.calibration,
-            "index_bytes": nbytes,
-            "bytes_per_vector": round(nbytes / max(1, int(self.index.ntotal)), 1),
-            "stain": r.get("stain", "unknown"),  # "unknown": an index from before it was kept
-            "created": r.get("created"),
-            "updated": r.get("updated"),
-            "tombstones": int(r.get("tombstones", 0)),
-        }
+        return index_description(self)
 
     # -- slides ----------------------------------------------------------------------------
     def number_of(self, slide_id: str) -> int | None:
@@ -343,7 +334,9 @@ class SearchIndex(SearchMethods):
         :meth:`remove` stay out unless ``slides`` names them. A slide whose embeddings
         changed (new coords or a newer embedding run) is removed and added again; without
         ``slides``, a slide whose store or embeddings are gone (re-tiled with its embeddings
-        discarded, removed) is removed, so no hit points at tiles that no longer exist.
+        discarded, removed) is removed, so no hit points at tiles that no longer exist. A slide
+        whose store or embeddings cannot be read is left as it is and listed in
+        ``summary.damaged``; the others are added.
 
         Raises:
             SchemaMismatchError: a new slide was tiled at another scale than the index.
@@ -356,7 +349,9 @@ class SearchIndex(SearchMethods):
             current = {s.slide_id: s for s in self.slides}
             newest = {e.slide_id: e.status for e in self.entries}  # in number order
             excluded = {sid for sid, status in newest.items() if status == "excluded"}
-            skip = UnchangedSlides(current, summary, excluded if slides is None else set())
+            skip = UnchangedSlides(
+                current, summary, self.encoder_id, excluded if slides is None else set()
+            )
             archive = open_store(self.root)
             found = collect(
                 archive,
@@ -368,7 +363,10 @@ class SearchIndex(SearchMethods):
                 stain=indexed_stain(self.record, archive, self.slides, self.encoder_id),
                 skip=skip,
             )
-            gone = [] if slides is not None else sorted(current.keys() - skip.seen)
+            found.damaged += skip.unreadable
+            summary.damaged = [str(err) for err in found.damaged]
+            unreadable = {damaged_slide_id(err) for err in found.damaged}  # kept as they are
+            gone = [] if slides is not None else sorted(current.keys() - skip.seen - unreadable)
             if found.entries and found.dim != self.dim:
                 raise SchemaMismatchError(
                     f"new embeddings have dimension {found.dim}, the index {self.dim}"
@@ -381,10 +379,12 @@ class SearchIndex(SearchMethods):
             summary.removed = gone
             for ids, vecs in found.source.batches():
                 self.index.add_with_ids(vecs, ids)
+            found.mark_unreadable()
+            summary.damaged += [str(err) for err in found.damaged[len(summary.damaged) :]]
             self.entries.extend(found.entries)
             again = set(summary.updated)
-            summary.added = [e.slide_id for e in found.entries if e.slide_id not in again]
-            summary.vectors = found.source.n
+            summary.added = [e.slide_id for e in found.active if e.slide_id not in again]
+            summary.vectors = sum(e.vectors for e in found.active)
             self._maybe_compact(summary.notes)
             note = self.strategy.growth_note(
                 int(self.index.ntotal), int(self.record.get("built_n", 0))

@@ -186,8 +186,9 @@ class HNSWKind(IndexKind):
         progress: Progress = None,
     ) -> Built:
         built = super().build(source, plan, config, rng, n_queries, progress)
-        if n_queries:
-            rows = np.sort(rng.choice(source.n, size=n_queries, replace=False))
+        n = int(built.index.ntotal)  # source.n less any slide found unreadable
+        if n_queries and n:
+            rows = np.sort(rng.choice(n, size=min(n_queries, n), replace=False))
             built.queries, built.query_ids, built.truth = _hnsw_ground_truth(built.index, rows)
         return built
 
@@ -317,10 +318,11 @@ class IVFPQKind(IndexKind):
                 ]
             )
         )
-        ids_all, vecs_all = gather(source, rows)
-        perm = rng.permutation(len(rows))
+        ids_all, vecs_all = gather(source, rows)  # fewer if a slide was found unreadable
+        perm = rng.permutation(len(ids_all))
         train = vecs_all[perm[:train_n]]
-        q_sel = rng.choice(len(rows), size=n_queries, replace=False)
+        n_queries = min(n_queries, len(ids_all))
+        q_sel = rng.choice(len(ids_all), size=n_queries, replace=False)
         q_ids, q_vecs = ids_all[q_sel], vecs_all[q_sel]
         del vecs_all
         _log(

@@ -1,0 +1,106 @@
+"""One damaged slide never stops an index build or update: the others go in, the damaged one
+is listed with its remedy (exit 1), and an indexed slide whose store breaks keeps its vectors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli
+from wsi_ssl.errors import EmbeddingsCorruptError
+from wsi_ssl.search import SearchIndex
+from wsi_ssl.search.ids import decode_ids
+from wsi_ssl.storage import open_store
+from wsi_ssl.storage.embeddings import embedding_ids, read_embeddings
+
+
+def _damage_embeddings(root: Path, slide_id: str) -> None:
+    """Overwrite one chunk file of the slide's embeddings with bytes no codec decodes."""
+    store = open_store(root).slide(slide_id)
+    [eid] = embedding_ids(store)
+    chunk = next(
+        p for p in sorted((store.path / "embeddings" / eid / "c").rglob("*")) if p.is_file()
+    )
+    chunk.write_bytes(b"xx")
+
+
+def _copy(small_archive: Path, tmp_path: Path) -> tuple[Path, str, str]:
+    root = shutil.copytree(small_archive, tmp_path / "root")
+    good, bad = open_store(root).slide_ids
+    return root, good, bad
+
+
+def _tiles(root: Path, slide_id: str) -> int:
+    store = open_store(root).slide(slide_id)
+    return len(read_embeddings(store, embedding_ids(store)[0], lazy=True))
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_a_build_indexes_the_readable_slides_and_lists_the_damaged_one(
+    small_archive: Path, tmp_path: Path, kind: str
+) -> None:
+    root, good, bad = _copy(small_archive, tmp_path)
+    _damage_embeddings(root, bad)
+    argv = ["index", str(root), "--encoder", "random-cnn", "--kind", kind, "--json", "--quiet"]
+    code, out, err = run_cli(argv)
+    assert code == 1 and err.count("wsi-ssl: error: ") == 1 and "are damaged" in err, err
+    report = json.loads(out)
+    [damaged] = report["damaged"]
+    assert damaged.startswith(f"{root / 'slides' / bad}.zarr: embeddings") and "re-embed" in damaged
+    index = SearchIndex.open(root)
+    assert [e.slide_id for e in index.slides] == [good]
+    assert index.n_vectors == _tiles(root, good) == report["index"]["n_vectors"]
+    query = read_embeddings(open_store(root).slide(good), index.encoder_id).features[:3]
+    _, ids = index.search_vectors(query, k=index.n_vectors)
+    numbers = decode_ids(ids[ids >= 0])[0]
+    assert set(numbers.tolist()) == {index.number_of(good)}
+
+    code, out, err = run_cli(["embed", str(root), "--encoder", "random-cnn", "--quiet"])
+    assert code == 0, err
+    code, out, err = run_cli(["index", str(root), "--encoder", "random-cnn", "--add", "--json"])
+    assert code == 0, err
+    assert json.loads(out)["added"] == [bad] and "damaged" not in json.loads(out)
+    index = SearchIndex.open(root)
+    assert sorted(e.slide_id for e in index.slides) == sorted([good, bad])
+    assert index.n_vectors == _tiles(root, good) + _tiles(root, bad)
+
+
+def test_the_python_build_returns_the_damaged_slides_and_refuses_when_all_are(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    root, good, bad = _copy(small_archive, tmp_path)
+    _damage_embeddings(root, bad)
+    index = SearchIndex.build(root, "random-cnn", kind="flat")
+    [err] = index.damaged
+    assert isinstance(err, EmbeddingsCorruptError) and err.path.name == f"{bad}.zarr"
+    assert [e.slide_id for e in index.slides] == [good]
+    _damage_embeddings(root, good)
+    with pytest.raises(EmbeddingsCorruptError):
+        SearchIndex.build(root, "random-cnn", kind="flat")
+
+
+def test_an_update_adds_the_readable_slides_and_keeps_an_indexed_one_whose_store_broke(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    root, good, bad = _copy(small_archive, tmp_path)
+    SearchIndex.build(root, "random-cnn", kind="flat", slides=[good])
+    before, coords = SearchIndex.open(root).n_vectors, SearchIndex.open(root).coords.copy()
+    _damage_embeddings(root, bad)
+    summary = SearchIndex.open(root).add()
+    assert summary.added == [] and summary.removed == []
+    assert len(summary.damaged) == 1 and f"{bad}.zarr" in summary.damaged[0]
+    index = SearchIndex.open(root)
+    assert len(index.entries) == 1  # nothing appended for the unreadable slide
+    (root / "slides" / f"{good}.zarr" / "zarr.json").write_text("{bad")
+    code, out, err = run_cli(["index", str(root), "--encoder", "random-cnn", "--add", "--json"])
+    assert code == 1, err
+    report = json.loads(out)
+    assert report["removed"] == [] and len(report["damaged"]) == 2
+    assert any(f"{good}.zarr: slide store is damaged" in d for d in report["damaged"])
+    index = SearchIndex.open(root)
+    assert [e.slide_id for e in index.slides] == [good] and index.n_vectors == before
+    assert np.array_equal(index.coords, coords)
