@@ -125,3 +125,37 @@ def test_a_slide_with_every_tile_flagged_is_an_empty_bag(archive, tmp_path: Path
     report = mil.match_labels(root, table, ENC, skip_missing=True, skip_flagged_tiles=True)
     assert [r.slide for r in report.empty] == ["all-pen.svs"]
     assert {s.n_tiles for s in report.slides} == {N - FLAGGED}
+
+
+def test_predicting_embeddings_with_rows_left_out_uses_the_rows_that_hold_vectors(
+    archive, tmp_path: Path
+) -> None:
+    """Embeddings from ``embed --skip-flagged-tiles`` hold NaN rows for the tiles QC left out:
+    predicting the Embeddings object uses the other rows; a plain array with them is refused."""
+    import dataclasses
+
+    from wsi_ssl.errors import SchemaMismatchError
+    from wsi_ssl.storage.embeddings import read_embeddings
+
+    root, labels, _ = archive
+    config = mil.MILConfig(folds=2, epochs=1, val_fraction=0.0, hidden_dim=16, attention_dim=8)
+    mil.train(root, labels, ENC, tmp_path / "run", config)
+    run = mil.load(tmp_path / "run")
+    store = open_store(root).slide(f"{1:016x}")
+    emb = read_embeddings(store, ENC)
+    features = np.array(emb.features, dtype=np.float32)
+    features[:FLAGGED] = np.nan  # what a store holds for tiles it did not embed
+    attrs = {**emb.attrs, "not_embedded": {"tiles": list(range(FLAGGED)), "reason": "qc_flagged"}}
+    skipped = dataclasses.replace(emb, features=features, attrs=attrs)
+
+    got = run.predict(skipped)
+    want = run.predict(features[FLAGGED:])
+    assert np.all(np.isfinite(got.probabilities)) and got.label == want.label
+    np.testing.assert_allclose(got.probabilities, want.probabilities, rtol=1e-6)
+    assert got.attention is not None and got.attention.shape == (N - FLAGGED,)
+    assert got.attention.sum() == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_array_equal(got.coords, store.coords[FLAGGED:])
+    with pytest.raises(SchemaMismatchError, match=f"{FLAGGED} of {N} rows are not finite"):
+        run.predict(features)
+    with pytest.raises(SchemaMismatchError, match="predict_slide"):
+        mil.attention_heatmap(store, got.attention, tmp_path / "heat.png")

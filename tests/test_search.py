@@ -138,6 +138,13 @@ def test_region_query_returns_its_own_tiles_first(archive: dict) -> None:
     assert set(query.tile_numbers.tolist()) <= set(top.tiles)
     assert top.score == pytest.approx(query.n_tiles, abs=1e-3)  # every query tile matched itself
     assert top.coverage == 1.0
+    # the query holds the stored vectors of its tiles, as unit vectors
+    stored = open_store(archive["root"]).embeddings(sid, index.encoder_id).features
+    want = np.asarray(stored, np.float32)[query.tile_numbers]
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    np.testing.assert_allclose(query.vectors, want, rtol=1e-5, atol=1e-6)
+    for q in (query, index.query_tile(sid, (int(x0), int(y0))), index.query_slide(sid)):
+        np.testing.assert_allclose(np.linalg.norm(q.vectors, axis=1), 1.0, rtol=1e-5)
     # regions never overlap on a slide
     for a in result.hits:
         for b in result.hits:

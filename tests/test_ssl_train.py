@@ -129,6 +129,11 @@ def test_resume_continues_exactly(cmu_root: Path, tmp_path: Path, augment: str) 
         )
     assert [r["loss"] for r in whole.history] == [r["loss"] for r in resumed.history]
     assert whole.digests["teacher"] == resumed.digests["teacher"]
+    # training seconds go on across the resume: the first resumed row counts the first part
+    seconds = [r["seconds"] for r in resumed.history]
+    before = [r["seconds"] for r in part.history]
+    assert len(seconds) == len(whole.history) > len(before) > 0
+    assert seconds[: len(before)] == before and seconds[len(before)] > before[-1]
 
 
 def test_refuses_to_mix_runs(finished_run, cmu_root: Path) -> None:

@@ -38,6 +38,17 @@ def test_info_through_openslide_loads_no_heavy_library(cmu_small: Path) -> None:
     assert _loaded_after(code) == []
 
 
+def test_python_dash_m_runs_the_command(cmu_small: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "wsi_ssl.cli", "info", str(cmu_small), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["dimensions"] == [2220, 2967]
+
+
 def test_tiffslide_backend_still_opens_the_slide(cmu_small: Path) -> None:
     from wsi_ssl.slide import open_slide
 

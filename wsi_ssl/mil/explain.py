@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from wsi_ssl.errors import SchemaMismatchError
 from wsi_ssl.storage import SlideStore
 from wsi_ssl.storage.tile_reader import TileReader
 
@@ -72,7 +73,11 @@ def _geometry(store: SlideStore) -> tuple[float, float, float]:
 
 def _check(store: SlideStore, attention: np.ndarray, coords: np.ndarray) -> None:
     if len(attention) != len(coords):
-        raise ValueError(f"{store.path}: {len(attention)} attention values for {len(coords)} tiles")
+        raise SchemaMismatchError(
+            f"{store.path}: {len(attention)} attention values for {len(coords)} tiles; use the "
+            "attention of run.predict_slide(store), which covers every tile of the store (0 for "
+            "tiles without a vector)"
+        )
 
 
 def attention_heatmap(

@@ -17,7 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsi_ssl.errors import CheckpointError, EmptyBagError, EncoderMismatchError
+from wsi_ssl.errors import (
+    CheckpointError,
+    EmptyBagError,
+    EncoderMismatchError,
+    SchemaMismatchError,
+)
 from wsi_ssl.mil.config import MILConfig
 from wsi_ssl.mil.learners import Predictor, get_learner
 from wsi_ssl.mil.rundir import CHECKPOINT_FORMAT, RUN_FORMAT
@@ -155,16 +160,21 @@ class MILRun:
 
         Args:
             bag: the embeddings, or an :class:`~wsi_ssl.storage.embeddings.Embeddings` (whose
-                ``encoder_id`` is checked against the run's).
+                ``encoder_id`` is checked against the run's; of its rows, those that hold
+                vectors: the prediction's attention and coords cover them, and
+                :meth:`predict_slide` spreads them over every tile of the store).
             encoder_id: the encoder of a plain array, checked when given.
             where: names the bag in error messages.
 
         Raises:
             EmptyBagError: the bag has no tiles.
             EncoderMismatchError: the embeddings are of another encoder or another width.
+            SchemaMismatchError: a plain array holds rows that are not finite (the rows of
+                tiles that hold no vector: pass the ``Embeddings`` instead).
         """
         coords = slide_id = None
         if isinstance(bag, Embeddings):
+            bag = bag.embedded_only()
             encoder_id, coords, slide_id = bag.encoder_id, bag.coords, bag.slide_id
             where = slide_id if where == "bag" else where
             bag = np.asarray(bag.features)
@@ -181,6 +191,16 @@ class MILRun:
                 f"(encoder {self.encoder_id!r}); use embeddings of that encoder"
             )
         features = np.asarray(bag) if not isinstance(bag, torch.Tensor) else bag
+        if isinstance(features, torch.Tensor):
+            unfinite = int((~torch.isfinite(features).all(1)).sum())
+        else:  # a row's float32 sum is finite only when every value is
+            unfinite = int((~np.isfinite(features.sum(1, dtype=np.float32))).sum())
+        if unfinite:
+            raise SchemaMismatchError(
+                f"{where}: {unfinite} of {shape[0]} rows are not finite (tiles left out of the "
+                "embedding by QC hold no vector); predict the Embeddings object, or its "
+                "embedded_only() features, or the slide with predict_slide(store)"
+            )
         probs, attns, neighbours = [], [], []
         for model in self.models:
             p, a, near = model.predict(features)  # type: ignore[arg-type]

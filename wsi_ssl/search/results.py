@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from wsi_ssl.search.vectors import normalise
+
 __all__ = ["Query", "RegionHit", "SearchResult", "SlideHit", "TileHit"]
 
 
@@ -45,6 +47,9 @@ class Query:
     slide_number: int | None = None
     stain: str | None = None
 
+    def __post_init__(self) -> None:
+        self.vectors = normalise(self.vectors)
+
     @property
     def n_tiles(self) -> int:
         return len(self.vectors)
@@ -77,8 +82,11 @@ class TileHit:
 
 @dataclass
 class RegionHit:
-    """One retrieved region: level-0 ``box`` (x, y, w, h); ``score`` = summed similarity of its
-    matched tiles; ``coverage`` = fraction of query tiles with a neighbour in it."""
+    """One retrieved region: level-0 ``box`` (x, y, w, h); ``score`` = the sum over the query
+    tiles of each one's best similarity to a tile in the region (at most the number of query
+    tiles; :mod:`wsi_ssl.search.regions`); ``mean_similarity`` = score / query tiles;
+    ``n_tiles`` the region's tiles that matched; ``coverage`` = fraction of query tiles with a
+    neighbour in it."""
 
     rank: int
     slide_id: str

@@ -43,9 +43,10 @@ def run_loop(trainer: Trainer) -> PretrainRun:
     trainer.build()
     c = trainer.config
     metrics = MetricsLog(trainer.out / "metrics.jsonl")
+    seconds_before = 0.0  # training time logged before a resume
     if trainer.ctx.main:
         trainer.out.mkdir(parents=True, exist_ok=True)
-        metrics.truncate_after(trainer.step)
+        seconds_before = metrics.truncate_after(trainer.step)
         trainer.write_json("config.json", trainer.run_info())
     augment = BatchDINOAugment(c) if trainer.augment_mode == "batch" else None
     generator = torch.Generator(device=trainer.device)
@@ -77,7 +78,8 @@ def run_loop(trainer: Trainer) -> PretrainRun:
             trainer.step += 1
             bar.update(1)
             if trainer.step % c.log_every == 0 or trainer.step == trainer.schedules.total_steps:
-                final_loss = _log_window(trainer, metrics, window, run_start, bar)
+                clock_zero = run_start - seconds_before
+                final_loss = _log_window(trainer, metrics, window, clock_zero, bar)
             if trainer.step % c.checkpoint_every == 0 or trainer.step == trainer.stop_step:
                 trainer.save()
     finally:
@@ -116,10 +118,11 @@ def _views(
 
 
 def _log_window(
-    trainer: Trainer, metrics: MetricsLog, window: _Window, run_start: float, bar: Any
+    trainer: Trainer, metrics: MetricsLog, window: _Window, clock_zero: float, bar: Any
 ) -> float:
     """Append the metrics row of the steps since the last one (the loss and each of its
-    terms as their mean over those steps); return their mean loss."""
+    terms as their mean over those steps; ``seconds`` since ``clock_zero``, the run's start
+    less the training time logged before a resume); return their mean loss."""
     mean_loss = reduce_mean(trainer.ctx, trainer.window_loss / trainer.window_steps)
     if not math.isfinite(mean_loss):
         raise TrainingDivergedError(
@@ -141,7 +144,7 @@ def _log_window(
         },
         "images_per_s": round(ips, 2),
         "data_wait": round(window.data_wait / elapsed, 4),
-        "seconds": round(now - run_start, 3),
+        "seconds": round(now - clock_zero, 3),
     }
     if trainer.ctx.main:
         metrics.append(row)

@@ -29,12 +29,16 @@ class MetricsLog:
                 continue
         return rows
 
-    def truncate_after(self, step: int) -> None:
-        """Keep only rows with ``step <= step`` (a resumed run rewrites what follows)."""
+    def truncate_after(self, step: int) -> float:
+        """Keep only rows with ``step <= step`` (a resumed run rewrites what follows); return
+        the training seconds of the last row kept (0 when none), where a resumed run's
+        ``seconds`` go on from."""
         if not self.path.is_file():
-            return
+            return 0.0
         keep = [r for r in self.rows() if r.get("step", 0) <= step]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+        seconds = keep[-1].get("seconds") if keep else None
+        return float(seconds) if isinstance(seconds, int | float) else 0.0
 
     def append(self, row: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
