@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 from wsi_ssl.cli.arg_types import seconds
 from wsi_ssl.cli.hints import RESUME_ADVICE
+from wsi_ssl.cli.report import print_report
 from wsi_ssl.embedding.config import DECODE_MODES, EmbedConfig
 from wsi_ssl.errors import ConfigError
 from wsi_ssl.stain_settings import METHODS as STAIN_METHODS
@@ -194,13 +193,7 @@ def run_embed(args: argparse.Namespace) -> int:
         )
     else:
         summary = embed(args.root, encoder, config, slides=args.slides, progress=progress)
-    if args.json:
-        print(json.dumps(summary.to_dict(), indent=2))
-    else:
-        print("\n".join(summary.lines(args.error_text)))
-    for o in summary.busy + summary.failed:
-        print(f"wsi-ssl: error: {o.message(args.error_text)}", file=sys.stderr)
-    return summary.exit_code
+    return print_report(summary, args)
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -215,10 +208,4 @@ def run_export(args: argparse.Namespace) -> int:
         name_by=args.name_by,
         progress=not (args.quiet or args.json),
     )
-    if args.json:
-        print(json.dumps(summary.to_dict(), indent=2))
-    else:
-        print("\n".join(summary.lines(args.error_text)))
-    for o in summary.busy + summary.failed:
-        print(f"wsi-ssl: error: {o.message(args.error_text)}", file=sys.stderr)
-    return summary.exit_code
+    return print_report(summary, args)

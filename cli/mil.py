@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from wsi_ssl.cli.arg_types import whole_number
+from wsi_ssl.cli.report import print_report
 from wsi_ssl.cli.toml_config import read_toml_config
 from wsi_ssl.mil.config import BALANCE_MODES, BUILTIN_MODELS, MONITORS, MILConfig
 
@@ -191,10 +191,4 @@ def run_predict(args: argparse.Namespace) -> int:
         explain=not args.no_explain,
         progress=not (args.quiet or args.json),
     )
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        print("\n".join(result.lines(args.error_text)))
-    for o in result.busy + result.failed:
-        print(f"wsi-ssl: error: {o.message(args.error_text)}", file=sys.stderr)
-    return result.exit_code
+    return print_report(result, args)

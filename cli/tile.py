@@ -14,6 +14,7 @@ from typing import Any
 from wsi_ssl.cli import tile_roi
 from wsi_ssl.cli.arg_types import seconds, whole_number
 from wsi_ssl.cli.hints import RESUME_ADVICE
+from wsi_ssl.cli.report import print_report
 from wsi_ssl.cli.toml_config import read_toml_config, toml_scales
 from wsi_ssl.config import CODECS, TilingConfig
 from wsi_ssl.errors import ConfigError
@@ -174,15 +175,10 @@ def run_tile(args: argparse.Namespace) -> int:
     finally:
         if client is not None:
             client.close()
-    if args.json:
-        print(json.dumps(summary.to_dict(), indent=2))
-    else:
-        print("\n".join(summary.lines(args.error_text)))
     several = len({o.details.get("mpp") for o in summary.outcomes}) > 1
-    for o in summary.busy + summary.failed:
-        scale = f" (at mpp {o.details['mpp']:g})" if several else ""
-        print(f"wsi-ssl: error: {o.message(args.error_text)}{scale}", file=sys.stderr)
-    return summary.exit_code
+    return print_report(
+        summary, args, lambda o: f" (at mpp {o.details['mpp']:g})" if several else ""
+    )
 
 
 def run_info(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -58,6 +59,16 @@ STAGING_SUFFIX = ".new"
 """``<id>.zarr.new``: a store being written to replace ``<id>.zarr``."""
 ASIDE_SUFFIX = ".old"
 """``<id>.zarr.old``: the replaced store, between the two renames of a swap."""
+
+
+def same_scale(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two tilings (``tiling`` records, or mappings with ``mpp`` and ``tile_size``)
+    give tiles alike to a model: the same µm/px (within 0.1%) and the same tile size. Search,
+    MIL training and MIL prediction judge scale by this one test."""
+    same_mpp = math.isclose(float(a["mpp"]), float(b["mpp"]), rel_tol=1e-3)
+    return same_mpp and int(a["tile_size"]) == int(b["tile_size"])
+
+
 CONTENTS_SHA256 = "contents_sha256"
 """Group attribute: the sha256 of every array's values but the tiles' (which have their shard
 CRC32C) and the embeddings', by array path, taken when the store was completed."""

@@ -87,15 +87,19 @@ def check_table(report: EvaluationReport) -> None:
 # -- statistics ---------------------------------------------------------------------------
 
 
-def test_metrics_match_scikit_learn_and_the_mil_auc() -> None:
-    from sklearn.metrics import balanced_accuracy_score, f1_score
+def test_metrics_match_scikit_learn_in_evaluation_and_mil() -> None:
+    """One set of metrics (mil.metrics) scores both the harness and MIL runs: checked against
+    scikit-learn, also when a predicted class is absent from the labels."""
+    from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
-    from wsi_ssl.mil.metrics import roc_auc
+    from wsi_ssl.mil.metrics import classification_metrics
 
     rng = np.random.default_rng(0)
-    for _ in range(10):
+    for trial in range(12):
         n_classes, n = int(rng.integers(2, 5)), int(rng.integers(6, 40))
-        y = np.arange(n) % n_classes
+        y = np.arange(n) % (
+            n_classes if trial % 3 else max(2, n_classes - 1)
+        )  # some: a class absent
         predicted = rng.integers(0, n_classes, n)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -107,9 +111,22 @@ def test_metrics_match_scikit_learn_and_the_mil_auc() -> None:
         )
         probs = np.round(rng.random((n, n_classes)), 1) + 0.05  # with ties
         probs /= probs.sum(axis=1, keepdims=True)
-        assert auc(y, probs) == pytest.approx(roc_auc(y, probs)[0])
+        present = [c for c in range(n_classes) if 0 < (y == c).sum() < n]
+        want = (
+            roc_auc_score(y == 1, probs[:, 1])
+            if n_classes == 2
+            else np.mean([roc_auc_score(y == c, probs[:, c]) for c in present])
+        )
+        assert auc(y, probs) == pytest.approx(want)
+        mil = classification_metrics(y, probs, [f"c{c}" for c in range(n_classes)])
+        argmax = probs.argmax(axis=1)
+        assert mil["auc"] == pytest.approx(want)
+        assert mil["balanced_accuracy"] == pytest.approx(balanced_accuracy(y, argmax))
+        if n_classes > 2:
+            assert mil["f1"] == pytest.approx(f1_score(y, argmax, average="macro", zero_division=0))
     # "no prediction" (-1, e.g. no slide retrieved) is wrong, never a class
     assert balanced_accuracy(np.array([0, 0, 1, 1]), np.array([0, -1, 1, -1])) == 0.5
+    assert macro_f1(np.array([0, 0, 1, 1]), np.array([0, -1, 1, -1])) == pytest.approx(2 / 3)
 
 
 def test_bootstrap_resamples_are_seeded_and_keep_every_class() -> None:

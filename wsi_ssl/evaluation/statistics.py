@@ -3,15 +3,19 @@
 Every encoder on a task is scored on the same items, and the bootstrap resamples are drawn
 once per task (stratified by class, so every resample holds every class), so intervals are
 comparable and the difference between two encoders can be bootstrapped pairwise: the
-difference "exceeds the intervals" when its own percentile interval excludes 0.
+difference "exceeds the intervals" when its own percentile interval excludes 0. The metrics
+themselves are MIL's (:mod:`wsi_ssl.mil.metrics`), so both score alike.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from wsi_ssl.mil.metrics import balanced_accuracy, macro_f1, roc_auc
 
 __all__ = [
     "METRICS",
@@ -28,56 +32,11 @@ __all__ = [
 Metric = Callable[[np.ndarray, np.ndarray], float]
 
 
-def _confusion(y: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    """``m[i, j]``: items of class i predicted as j; a prediction that is no class of ``y``
-    (e.g. -1 for "none") counts in an extra column."""
-    y = np.asarray(y, dtype=np.int64)
-    predicted = np.asarray(predicted, dtype=np.int64)
-    n = int(max(y.max(initial=0), predicted.max(initial=0))) + 2
-    predicted = np.where(predicted < 0, n - 1, predicted)
-    return np.bincount(y * n + predicted, minlength=n * n).reshape(n, n)
-
-
-def balanced_accuracy(y: np.ndarray, predicted: np.ndarray) -> float:
-    """Mean recall over the classes present in ``y`` (a prediction outside them is wrong)."""
-    m = _confusion(y, predicted)
-    support = m.sum(axis=1)
-    present = support > 0
-    return float((np.diag(m)[present] / support[present]).mean())
-
-
-def macro_f1(y: np.ndarray, predicted: np.ndarray) -> float:
-    """F1 averaged over the classes present in ``y`` (0 for a class never predicted right)."""
-    m = _confusion(y, predicted)
-    support, tp = m.sum(axis=1), np.diag(m)
-    present = support > 0
-    denominator = support + m.sum(axis=0)  # 2 tp + fp + fn
-    f1 = np.divide(2 * tp, denominator, out=np.zeros(len(m)), where=denominator > 0)
-    return float(f1[present].mean())
-
-
-def _binary_auc(positive: np.ndarray, score: np.ndarray) -> float | None:
-    from scipy.stats import rankdata
-
-    n_pos = int(positive.sum())
-    n_neg = len(positive) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return None
-    ranks = rankdata(score)  # ties get their mean rank: the Mann-Whitney U statistic
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
 def auc(y: np.ndarray, probabilities: np.ndarray) -> float:
-    """ROC AUC (as :func:`wsi_ssl.mil.metrics.roc_auc`): two classes, of the last class's
+    """ROC AUC (:func:`wsi_ssl.mil.metrics.roc_auc`): two classes, of the last class's
     probability; more, the macro mean of the one-vs-rest AUCs that exist (nan if none)."""
-    y = np.asarray(y)
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    if probabilities.shape[1] == 2:
-        value = _binary_auc(y == 1, probabilities[:, 1])
-        return float("nan") if value is None else value
-    per = [_binary_auc(y == c, probabilities[:, c]) for c in range(probabilities.shape[1])]
-    defined = [a for a in per if a is not None]
-    return float(np.mean(defined)) if defined else float("nan")
+    value, _ = roc_auc(y, probabilities)
+    return math.nan if value is None else value
 
 
 def pooled_mean(y: np.ndarray, totals: np.ndarray) -> float:

@@ -32,7 +32,15 @@ from wsi_ssl.mil.labels import (
 if TYPE_CHECKING:
     from wsi_ssl.storage import Archive
 
-__all__ = ["LabelledSlide", "MatchReport", "match_labels", "slide_file_names"]
+__all__ = [
+    "LabelledSlide",
+    "MatchReport",
+    "check_one_scale",
+    "check_one_stain",
+    "match_labels",
+    "slide_file_names",
+    "training_tilings",
+]
 
 
 @dataclass(frozen=True)
@@ -350,3 +358,78 @@ def _reindex(slides: list[LabelledSlide], classes: list[str]) -> list[LabelledSl
     from dataclasses import replace
 
     return [replace(s, y=classes.index(s.label)) for s in slides]
+
+
+def check_one_stain(report: MatchReport) -> None:
+    """Refuse training slides embedded with different stain normalisations (their vectors
+    are not comparable).
+
+    Raises:
+        SchemaMismatchError: naming how many slides each normalisation has.
+    """
+    from wsi_ssl.stain_settings import stain_key, stain_text
+    from wsi_ssl.storage import SlideStore
+    from wsi_ssl.storage.embeddings import read_embeddings
+
+    groups: dict[Any, list[str]] = {}
+    kinds: dict[Any, str] = {}
+    for slide in report.slides:
+        store = SlideStore.open(slide.store_path)
+        stain = read_embeddings(store, report.encoder_id, lazy=True).attrs.get("stain")
+        key = stain_key(stain)
+        groups.setdefault(key, []).append(slide.name)
+        kinds[key] = f"with {stain_text(stain)}" if stain else "without"
+    if len(groups) > 1:
+        said = "; ".join(
+            f"{len(names)} {kinds[key]} (e.g. {names[0]})" for key, names in groups.items()
+        )
+        raise SchemaMismatchError(
+            f"{report.labels_path}: the labelled slides were embedded with different stain "
+            f"normalisations: {said}; embed them again alike (`wsi-ssl embed --no-resume`)"
+        )
+
+
+def _scale_groups(report: MatchReport) -> list[tuple[dict[str, Any], list[str]]]:
+    """The matched slides grouped by scale (:func:`~wsi_ssl.storage.slide_store.same_scale`):
+    each group's ``{mpp, tile_size}`` (its first slide's) and slide names."""
+    from wsi_ssl.storage import SlideStore
+    from wsi_ssl.storage.slide_store import same_scale
+
+    groups: list[tuple[dict[str, Any], list[str]]] = []
+    for slide in report.slides:
+        tiling = SlideStore.open(slide.store_path).tiling
+        key = {"mpp": float(tiling["mpp"]), "tile_size": int(tiling["tile_size"])}
+        group = next((names for seen, names in groups if same_scale(seen, key)), None)
+        if group is None:
+            groups.append((key, [slide.name]))
+        else:
+            group.append(slide.name)
+    return groups
+
+
+def check_one_scale(report: MatchReport) -> None:
+    """Refuse training slides tiled at different scales or tile sizes (a bag of 1 µm/px
+    tiles and one of 0.5 µm/px are not alike to the model; the index refuses them too).
+
+    Raises:
+        SchemaMismatchError: naming how many slides each tiling has.
+    """
+    groups = _scale_groups(report)
+    if len(groups) > 1:
+        said = "; ".join(
+            f"{len(names)} at {key['mpp']:g} µm/px, {key['tile_size']} px (e.g. {names[0]})"
+            for key, names in groups
+        )
+        raise SchemaMismatchError(
+            f"{report.labels_path}: the labelled slides were tiled at different scales: {said}; "
+            "tile them alike (`wsi-ssl tile --mpp MPP --tile-size SIZE --no-resume`) or label "
+            "one scale's slides"
+        )
+
+
+def training_tilings(report: MatchReport) -> list[dict[str, Any]]:
+    """The distinct ``{mpp, tile_size}`` the matched slides were tiled at (one, once
+    :func:`check_one_scale` passed)."""
+    return sorted(
+        (key for key, _ in _scale_groups(report)), key=lambda k: (k["mpp"], k["tile_size"])
+    )

@@ -2,18 +2,28 @@
 accuracy, F1 and the confusion matrix, plus the ROC plot.
 
 Computed from the confusion matrix directly so that folds lacking a class give defined values
-(or None for an AUC that does not exist) instead of warnings.
+(or None for an AUC that does not exist) instead of warnings. The evaluation harness scores
+its probes with the same functions (:mod:`wsi_ssl.evaluation.statistics`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["classification_metrics", "confusion", "plot_roc", "roc_auc"]
+__all__ = [
+    "balanced_accuracy",
+    "binary_auc",
+    "classification_metrics",
+    "confusion",
+    "macro_f1",
+    "plot_roc",
+    "roc_auc",
+]
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -23,19 +33,61 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndar
     return m
 
 
+def _counts(y: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """:func:`confusion` over the classes seen, with a last column for predictions that are
+    no class (negative, e.g. -1 for "nothing retrieved")."""
+    y = np.asarray(y, dtype=np.int64)
+    predicted = np.asarray(predicted, dtype=np.int64)
+    n = int(max(y.max(initial=0), predicted.max(initial=0))) + 2
+    predicted = np.where(predicted < 0, n - 1, predicted)
+    return np.bincount(y * n + predicted, minlength=n * n).reshape(n, n)
+
+
+def _class_f1(m: np.ndarray) -> np.ndarray:
+    """Each class's F1 = 2 tp / (2 tp + fp + fn) from a confusion matrix (0 when undefined)."""
+    tp, denominator = np.diag(m), m.sum(axis=1) + m.sum(axis=0)
+    return np.divide(2 * tp, denominator, out=np.zeros(len(m)), where=denominator > 0)
+
+
+def balanced_accuracy(y: np.ndarray, predicted: np.ndarray) -> float:
+    """Mean recall over the classes present in ``y`` (a prediction that is no class is wrong);
+    nan for no items."""
+    m = _counts(y, predicted)
+    support = m.sum(axis=1)
+    present = support > 0
+    return float((np.diag(m)[present] / support[present]).mean()) if present.any() else math.nan
+
+
+def macro_f1(y: np.ndarray, predicted: np.ndarray) -> float:
+    """F1 averaged over the classes present in ``y`` or predicted (scikit-learn's
+    ``average="macro"``); a prediction that is no class is wrong; nan for no items."""
+    m = _counts(y, predicted)  # its last column (and empty last row): no class
+    seen = ((m.sum(axis=1) > 0) | (m.sum(axis=0) > 0))[:-1]
+    return float(_class_f1(m)[:-1][seen].mean()) if seen.any() else math.nan
+
+
+def binary_auc(positive: np.ndarray, score: np.ndarray) -> float | None:
+    """ROC AUC of ``score`` for the bool labels ``positive`` (the Mann-Whitney U statistic,
+    ties at their mean rank); None when one side is empty."""
+    from scipy.stats import rankdata
+
+    positive = np.asarray(positive, dtype=bool)
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = rankdata(score)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> tuple[float | None, list[float | None]]:
     """Binary: AUC of the last class's probability. Several classes: the macro mean of the
     one-vs-rest AUCs of the classes present (and absent) in ``y_true``; per-class values are
     None for a class that is absent or alone."""
-    from sklearn.metrics import roc_auc_score
-
     y_true = np.asarray(y_true, int)
-    n_classes = probs.shape[1]
-    per: list[float | None] = []
-    for c in range(n_classes):
-        pos = y_true == c
-        per.append(float(roc_auc_score(pos, probs[:, c])) if 0 < pos.sum() < len(pos) else None)
-    if n_classes == 2:
+    probs = np.asarray(probs, dtype=np.float64)
+    per = [binary_auc(y_true == c, probs[:, c]) for c in range(probs.shape[1])]
+    if probs.shape[1] == 2:
         return per[1], per
     defined = [a for a in per if a is not None]
     return (float(np.mean(defined)) if defined else None), per
@@ -49,28 +101,24 @@ def classification_metrics(
     Returns:
         ``n``, ``auc`` (None when undefined), ``auc_per_class`` (one-vs-rest), ``accuracy``,
         ``balanced_accuracy`` (mean recall over the classes present), ``f1`` (binary: of the
-        last class; several classes: macro over the classes present or predicted),
-        ``f1_per_class`` and ``confusion_matrix`` (rows true, columns predicted).
+        last class; several classes: :func:`macro_f1`), ``f1_per_class`` and
+        ``confusion_matrix`` (rows true, columns predicted); None where there is no slide.
     """
     y_true = np.asarray(y_true, int)
     probs = np.asarray(probs, dtype=np.float64)
     n_classes = len(classes)
     y_pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, int)
     m = confusion(y_true, y_pred, n_classes)
-    support, predicted, tp = m.sum(axis=1), m.sum(axis=0), np.diag(m)
-    recall = np.divide(tp, support, out=np.zeros(n_classes), where=support > 0)
-    precision = np.divide(tp, predicted, out=np.zeros(n_classes), where=predicted > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(n_classes), where=denom > 0)
-    seen = (support > 0) | (predicted > 0)
+    f1 = _class_f1(m)
     auc, auc_per = roc_auc(y_true, probs) if len(y_true) else (None, [None] * n_classes)
+    some = len(y_true) > 0
     return {
         "n": len(y_true),
         "auc": auc,
         "auc_per_class": dict(zip(classes, auc_per, strict=True)),
-        "accuracy": float(tp.sum() / max(1, len(y_true))),
-        "balanced_accuracy": float(recall[support > 0].mean()) if (support > 0).any() else None,
-        "f1": float(f1[1]) if n_classes == 2 else (float(f1[seen].mean()) if seen.any() else None),
+        "accuracy": float(np.diag(m).sum() / max(1, len(y_true))),
+        "balanced_accuracy": balanced_accuracy(y_true, y_pred) if some else None,
+        "f1": float(f1[1]) if n_classes == 2 else (macro_f1(y_true, y_pred) if some else None),
         "f1_per_class": dict(zip(classes, (float(v) for v in f1), strict=True)),
         "confusion_matrix": m.tolist(),
     }

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from wsi_ssl.mil.rundir import CHECKPOINT_FORMAT, RUN_FORMAT
 from wsi_ssl.stain_settings import stain_key, stain_text
 from wsi_ssl.storage import SlideStore
 from wsi_ssl.storage.embeddings import Embeddings, embedding_ids
+from wsi_ssl.storage.slide_store import same_scale
 
 __all__ = ["IN_SAMPLE", "MILPrediction", "MILRun", "load", "run_id_of", "same_run"]
 
@@ -133,9 +133,7 @@ class MILRun:
                 )
         trained = self.info.get("tilings") or []
         mpp, size = float(store.tiling["mpp"]), int(store.tiling["tile_size"])
-        if trained and not any(
-            math.isclose(mpp, t["mpp"], rel_tol=1e-3) and size == t["tile_size"] for t in trained
-        ):
+        if trained and not any(same_scale(store.tiling, t) for t in trained):
             seen = ", ".join(f"{t['mpp']:g} µm/px {t['tile_size']} px" for t in trained)
             notes.append(f"tiled at {mpp:g} µm/px {size} px; the run was trained on {seen}")
         return "; ".join(notes)

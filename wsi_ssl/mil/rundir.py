@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from wsi_ssl.mil.config import MILConfig
-from wsi_ssl.mil.matching import MatchReport
+from wsi_ssl.mil.matching import MatchReport, training_tilings
 from wsi_ssl.mil.metrics import plot_roc
 from wsi_ssl.storage.atomic import atomic_write_text, replace_directory
 
@@ -25,8 +25,6 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "FORMAT_VERSION",
     "RUN_FORMAT",
-    "check_one_scale",
-    "check_one_stain",
     "encoder_attrs",
     "partial_dir",
     "publish",
@@ -120,63 +118,6 @@ def write_predictions(
     plot_roc(partial / "roc.png", [*curves, ("pooled", y, oof)], classes, curves_title)
 
 
-def check_one_stain(report: MatchReport) -> None:
-    """Refuse training slides embedded with different stain normalisations (their vectors
-    are not comparable).
-
-    Raises:
-        SchemaMismatchError: naming how many slides each normalisation has.
-    """
-    from wsi_ssl.errors import SchemaMismatchError
-    from wsi_ssl.stain_settings import stain_key, stain_text
-    from wsi_ssl.storage import SlideStore
-    from wsi_ssl.storage.embeddings import read_embeddings
-
-    groups: dict[Any, list[str]] = {}
-    kinds: dict[Any, str] = {}
-    for slide in report.slides:
-        store = SlideStore.open(slide.store_path)
-        stain = read_embeddings(store, report.encoder_id, lazy=True).attrs.get("stain")
-        key = stain_key(stain)
-        groups.setdefault(key, []).append(slide.name)
-        kinds[key] = f"with {stain_text(stain)}" if stain else "without"
-    if len(groups) > 1:
-        said = "; ".join(
-            f"{len(names)} {kinds[key]} (e.g. {names[0]})" for key, names in groups.items()
-        )
-        raise SchemaMismatchError(
-            f"{report.labels_path}: the labelled slides were embedded with different stain "
-            f"normalisations: {said}; embed them again alike (`wsi-ssl embed --no-resume`)"
-        )
-
-
-def check_one_scale(report: MatchReport) -> None:
-    """Refuse training slides tiled at different scales or tile sizes (a bag of 1 µm/px
-    tiles and one of 0.5 µm/px are not alike to the model; the index refuses them too).
-
-    Raises:
-        SchemaMismatchError: naming how many slides each tiling has.
-    """
-    from wsi_ssl.errors import SchemaMismatchError
-    from wsi_ssl.storage import SlideStore
-
-    groups: dict[tuple[float, int], list[str]] = {}
-    for slide in report.slides:
-        tiling = SlideStore.open(slide.store_path).tiling
-        key = (round(float(tiling["mpp"]), 6), int(tiling["tile_size"]))
-        groups.setdefault(key, []).append(slide.name)
-    if len(groups) > 1:
-        said = "; ".join(
-            f"{len(names)} at {mpp:g} µm/px, {size} px (e.g. {names[0]})"
-            for (mpp, size), names in groups.items()
-        )
-        raise SchemaMismatchError(
-            f"{report.labels_path}: the labelled slides were tiled at different scales: {said}; "
-            "tile them alike (`wsi-ssl tile --mpp MPP --tile-size SIZE --no-resume`) or label "
-            "one scale's slides"
-        )
-
-
 def encoder_attrs(report: MatchReport) -> dict[str, Any]:
     """The encoder config, weights hash and stain normalisation recorded with the first
     slide's embeddings."""
@@ -190,17 +131,6 @@ def encoder_attrs(report: MatchReport) -> dict[str, Any]:
         "weights_sha256": attrs.get("weights_sha256"),
         "stain": attrs.get("stain"),
     }
-
-
-def training_tilings(report: MatchReport) -> list[dict[str, Any]]:
-    """The distinct (µm/px, tile size) the training slides were tiled at."""
-    from wsi_ssl.storage import SlideStore
-
-    found = set()
-    for slide in report.slides:
-        tiling = SlideStore.open(slide.store_path).tiling
-        found.add((round(float(tiling["mpp"]), 6), int(tiling["tile_size"])))
-    return [{"mpp": mpp, "tile_size": size} for mpp, size in sorted(found)]
 
 
 def run_info(

@@ -39,13 +39,11 @@ from wsi_ssl.mil.data import BagCache, BagDataset, BagRef
 from wsi_ssl.mil.fitting import METRIC_KEYS, torch_threads
 from wsi_ssl.mil.labels import LabelTable, read_labels
 from wsi_ssl.mil.learners import CVContext, FoldSplit, get_learner
-from wsi_ssl.mil.matching import MatchReport, match_labels
+from wsi_ssl.mil.matching import MatchReport, check_one_scale, check_one_stain, match_labels
 from wsi_ssl.mil.metrics import classification_metrics
 from wsi_ssl.mil.rundir import (
     CHECKPOINT_FORMAT,
     RUN_FORMAT,
-    check_one_scale,
-    check_one_stain,
     checkpoint_header,
     partial_dir,
     publish,

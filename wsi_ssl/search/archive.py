@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from wsi_ssl.listing import first_few
 from wsi_ssl.search.ids import encode_ids
 from wsi_ssl.search.vectors import normalise
 from wsi_ssl.stain_settings import stain_key, stain_text
+from wsi_ssl.storage.slide_store import same_scale
 
 if TYPE_CHECKING:
     from wsi_ssl.storage import Archive, SlideStore
@@ -47,7 +47,7 @@ __all__ = [
     "collect",
     "find_entry",
     "resolve_encoder_id",
-    "same_scale",
+    "same_grid",
     "tiling_key",
     "tombstone_ids",
 ]
@@ -278,12 +278,10 @@ def tiling_key(tiling: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def same_scale(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return (
-        math.isclose(a["mpp"], b["mpp"], rel_tol=1e-6)
-        and a["tile_size"] == b["tile_size"]
-        and a["overlap"] == b["overlap"]
-    )
+def same_grid(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two :func:`tiling_key` records an index can hold together: the same scale
+    (:func:`~wsi_ssl.storage.slide_store.same_scale`) and the same overlap (tile stride)."""
+    return same_scale(a, b) and a["overlap"] == b["overlap"]
 
 
 @dataclass
@@ -456,7 +454,7 @@ def collect(
         key = tiling_key(store.tiling)
         if tiling is None:
             tiling = key
-        elif not same_scale(tiling, key):
+        elif not same_grid(tiling, key):
             mismatched.append(f"{sid} ({key['mpp']} µm/px, {key['tile_size']} px)")
             continue
         if not fixed:

@@ -21,7 +21,7 @@ from wsi_ssl.errors import (
     TilingMismatchError,
     UnknownSlideError,
 )
-from wsi_ssl.search.archive import catalog_names, same_scale, tiling_key
+from wsi_ssl.search.archive import catalog_names, same_grid, tiling_key
 from wsi_ssl.search.results import Query
 from wsi_ssl.search.vectors import normalise
 from wsi_ssl.stain_settings import stain_text
@@ -70,7 +70,7 @@ class _QuerySlide:
             fallback = Path(str(self.store.source.get("path", sid))).name
             self.name = catalog_names(archive).get(sid, (fallback, ""))[0]
         key = tiling_key(self.store.tiling)
-        if not same_scale(index.tiling, key):
+        if not same_grid(index.tiling, key):
             raise TilingMismatchError(
                 f"{self.store.path}: tiled at {key['mpp']} µm/px, {key['tile_size']} px, the index "
                 f"{index.name!r} at {index.mpp} µm/px, {index.tiling['tile_size']} px; query with "

@@ -5,4 +5,6 @@ the library itself.
 * :mod:`wsi_ssl.testing.vectors`: clustered synthetic vectors (search tests and benchmarks).
 * :mod:`wsi_ssl.testing.tile_stores`: a slide store written from tiles in memory (pretraining
   tests).
+* :mod:`wsi_ssl.testing.tiles`: a grid's tiles read straight from a slide (tiling tests and
+  benchmarks).
 """
