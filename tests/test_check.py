@@ -42,6 +42,7 @@ def test_a_clean_archive_passes(small_archive: Path, tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.faults
 def test_damage_and_debris_are_named_and_repaired(small_archive: Path, tmp_path: Path) -> None:
     root = shutil.copytree(small_archive, tmp_path / "root")
     a, b = open_store(root).slide_ids

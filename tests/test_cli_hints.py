@@ -151,3 +151,62 @@ def test_a_reader_that_stops_early_ends_the_command_quietly() -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141, err
     assert err == ""
+
+
+def _said_default(text: str) -> str | None:
+    """The value a help text gives as "(default X)", or None."""
+    import re
+
+    found = re.search(r"default ([-+\w.]+)", text or "")
+    return found.group(1) if found else None
+
+
+def _same(said: str, value: object) -> bool:
+    try:
+        return float(said) == float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return said == str(value)
+
+
+@pytest.mark.parametrize(
+    "command", [["tile"], ["embed"], ["pretrain"], ["mil", "train"], ["evaluate"]]
+)
+def test_the_cli_defaults_are_the_configs_defaults(command: list[str]) -> None:
+    """A flag's argparse default and the "(default X)" of its help are its config field's
+    default (the CLI never keeps a second, diverging copy)."""
+    import argparse
+    import dataclasses
+
+    from wsi_ssl.config import TilingConfig
+    from wsi_ssl.embedding import EmbedConfig
+    from wsi_ssl.evaluation import EvaluationConfig
+    from wsi_ssl.mil import MILConfig
+    from wsi_ssl.ssl import PretrainConfig
+
+    config = {
+        "tile": TilingConfig,
+        "embed": EmbedConfig,
+        "pretrain": PretrainConfig,
+        "mil": MILConfig,
+        "evaluate": EvaluationConfig,
+    }[command[0]]()
+    parser = build_parser()
+    for name in command:
+        [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        parser = sub.choices[name]
+    renamed = {"bootstrap": "n_bootstrap"}  # evaluate --bootstrap N
+    fields = {f.name for f in dataclasses.fields(config)}
+    checked = 0
+    for action in parser._actions:
+        field = renamed.get(action.dest, action.dest)
+        if field not in fields or getattr(config, field) is None:
+            continue
+        want = getattr(config, field)
+        if action.default not in (None, argparse.SUPPRESS) and not isinstance(want, bool):
+            assert action.default == want, (command, action.dest)
+            checked += 1
+        said = _said_default(action.help or "")
+        if said is not None:
+            assert _same(said, want), (command, action.dest, said, want)
+            checked += 1
+    assert checked >= 1

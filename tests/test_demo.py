@@ -23,6 +23,7 @@ def _picture(path: Path) -> np.ndarray:
     return image
 
 
+@pytest.mark.slow
 def test_demo_slides_are_labelled_by_their_lesion(tmp_path: Path) -> None:
     labels = demo_slides(tmp_path)
     assert len(labels) == DEMO_SLIDES

@@ -186,6 +186,7 @@ _KILLED_JOB = textwrap.dedent(
 )
 
 
+@pytest.mark.faults
 def test_resume_after_sigkill_mid_slide(synth_root: Path, tmp_path: Path) -> None:
     reference = _copy(synth_root, tmp_path / "ref")
     embed(reference, "random-cnn", FAST, batch_size=4)

@@ -311,6 +311,7 @@ def test_slide_retrieval_and_evaluation(archive: dict) -> None:
         evaluate.majority_vote(index, {ids["cmu"]: "skin"})
 
 
+@pytest.mark.slow
 def test_approximate_index_reaches_the_promised_recall() -> None:
     """Calibrated on indexed vectors, checked on fresh draws from the same clustered mixture."""
     from wsi_ssl.search.build import build_faiss, search_params

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,12 +21,13 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from serve_helpers import post_json, running
 
 from wsi_ssl.search import SearchIndex
 from wsi_ssl.serve import create_app
 from wsi_ssl.storage import open_store
 
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 
 
 @pytest.fixture(scope="module")
@@ -38,21 +38,8 @@ def archive(serve_archive: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def server(archive: dict[str, Any]) -> Iterator[str]:
     """``create_app`` under uvicorn in a thread, on a free loopback port; yields the base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    app = create_app(SearchIndex.open(archive["root"]))
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
-    sock.close()
+    with running(create_app(SearchIndex.open(archive["root"]))) as base:
+        yield base
 
 
 def _get(url: str) -> tuple[int, str, bytes]:
@@ -61,17 +48,6 @@ def _get(url: str) -> tuple[int, str, bytes]:
             return r.status, r.headers["Content-Type"], r.read()
     except urllib.error.HTTPError as err:
         return err.code, err.headers["Content-Type"], err.read()
-
-
-def _post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(
-        url, json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
 
 
 def _png(data: bytes) -> np.ndarray:
@@ -179,8 +155,8 @@ def test_region_search_finds_the_twin(server: str, archive: dict[str, Any]) -> N
     cmu, twin = archive["ids"]["cmu"], archive["ids"]["twin"]
     coords = open_store(archive["root"]).slide(cmu).coords
     box = [int(coords[0, 0]), int(coords[0, 1]), 448, 448]
-    status, answer = _post(
-        server + "/api/search", {"slide": cmu, "box": box, "k": 3, "exclude_self": True}
+    status, answer = post_json(
+        server, "/api/search", {"slide": cmu, "box": box, "k": 3, "exclude_self": True}
     )
     assert status == 200 and answer["mode"] == "regions"
     top = answer["hits"][0]
@@ -199,16 +175,18 @@ def test_tile_and_slide_modes(server: str, archive: dict[str, Any]) -> None:
     coords = open_store(archive["root"]).slide(cmu).coords
     x, y = (int(v) for v in coords[5])
     box = [x, y, 224, 224]
-    status, answer = _post(
-        server + "/api/search",
+    status, answer = post_json(
+        server,
+        "/api/search",
         {"slide": cmu, "box": box, "k": 2, "mode": "tiles", "exclude_self": True},
     )
     best = answer["hits"][0]
     assert status == 200 and (best["slide_id"], best["x"], best["y"]) == (twin, x, y)
     assert best["score"] == pytest.approx(1.0, abs=1e-3)
     assert best["box"] == [x - 224, y - 224, 672, 672]  # the tile in its context
-    status, answer = _post(
-        server + "/api/search",
+    status, answer = post_json(
+        server,
+        "/api/search",
         {"slide": cmu, "box": box, "mode": "slides", "exclude_self": True},
     )
     assert status == 200 and answer["hits"][0]["slide_id"] == twin
@@ -217,13 +195,13 @@ def test_tile_and_slide_modes(server: str, archive: dict[str, Any]) -> None:
 
 
 def test_bad_requests_get_readable_errors(server: str, archive: dict[str, Any]) -> None:
-    status, body = _post(server + "/api/search", {"slide": "nope", "box": [0, 0, 500, 500]})
+    status, body = post_json(server, "/api/search", {"slide": "nope", "box": [0, 0, 500, 500]})
     assert status == 404 and body["type"] == "UnknownSlideError" and "nope" in body["error"]
     cmu = archive["ids"]["cmu"]
-    status, body = _post(server + "/api/search", {"slide": cmu, "box": [10**7, 10**7, 50, 50]})
+    status, body = post_json(server, "/api/search", {"slide": cmu, "box": [10**7, 10**7, 50, 50]})
     assert status == 400 and body["type"] == "RegionOutsideSlideError"
     assert "outside the slide" in body["error"]
-    status, body = _post(server + "/api/search", {"slide": cmu, "box": [0, 0, 50, 50], "k": 0})
+    status, body = post_json(server, "/api/search", {"slide": cmu, "box": [0, 0, 50, 50], "k": 0})
     assert status == 422  # validated before it reaches the index
     for box in ("1,2,three,4", "inf,0,10,10", "1e309,0,10,10"):
         status, _, raw = _get(f"{server}/api/slides/{cmu}/region.png?box={box}")
@@ -246,14 +224,14 @@ def test_index_changes_show_without_a_restart(server: str, archive: dict[str, An
         cmu = archive["ids"]["cmu"]
         coords = open_store(archive["root"]).slide(cmu).coords
         box = [int(coords[0, 0]), int(coords[0, 1]), 448, 448]
-        status, answer = _post(
-            server + "/api/search", {"slide": cmu, "box": box, "k": 3, "exclude_self": True}
+        status, answer = post_json(
+            server, "/api/search", {"slide": cmu, "box": box, "k": 3, "exclude_self": True}
         )
         assert status == 200 and answer["hits"]
         assert all(h["slide_id"] != twin for h in answer["hits"])
         status, _, _ = _get(f"{server}/api/slides/{twin}")
         assert status == 404
-        status, answer = _post(server + "/api/search", {"slide": twin, "box": box})
+        status, answer = post_json(server, "/api/search", {"slide": twin, "box": box})
         assert status == 404 and answer["type"] == "UnknownSlideError"
     finally:  # a slide taken out with remove comes back when named
         SearchIndex.open(archive["root"], mmap=False).add([twin])
@@ -354,7 +332,6 @@ def test_hits_on_a_slide_retiled_after_indexing(
     keep the indexed tiles' boxes, are not outlined with the new grid's tile numbers and carry
     a note; a query from it is a conflict (409) that says it was re-tiled, not a server error."""
     from conftest import copy_archive, run_cli
-    from serve_helpers import post_json, running
 
     archive = copy_archive(serve_archive, tmp_path)
     root, cmu, twin = archive["root"], archive["ids"]["cmu"], archive["ids"]["twin"]

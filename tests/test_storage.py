@@ -189,7 +189,7 @@ def test_atomic_writes_round_trip_and_leave_no_temp(tmp_path: Path) -> None:
     assert parse_temp_name(name) == (os.getpid(), host_name())
 
 
-@pytest.mark.parametrize("action", ["kill", "enospc"])
+@pytest.mark.parametrize("action", [pytest.param("kill", marks=pytest.mark.faults), "enospc"])
 def test_a_write_cut_at_the_rename_keeps_the_old_file(tmp_path: Path, action: str) -> None:
     target = tmp_path / "m.json"
     atomic_write_json(target, {"v": "old"})
@@ -234,6 +234,7 @@ def test_a_second_process_is_told_who_holds_the_lock(tmp_path: Path) -> None:
     assert read_holder(slide_lock_path(tmp_path, "s1")) is None  # emptied on release
 
 
+@pytest.mark.faults
 def test_a_killed_holder_leaves_a_stale_lock_that_is_taken_over(tmp_path: Path) -> None:
     proc = _holder(tmp_path)
     proc.kill()
@@ -282,6 +283,7 @@ def _write_index(root: Path, n: int, fault: str = "") -> int:
     return done.returncode
 
 
+@pytest.mark.faults
 def test_index_generations_are_pruned_relative_to_the_manifest(tmp_path: Path) -> None:
     from wsi_ssl.storage.index_files import read_index
 
@@ -392,6 +394,7 @@ with slide_lock(sys.argv[1], "s1"):
 """
 
 
+@pytest.mark.faults
 def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path: Path) -> None:
     """A holder that forked (DataLoader workers) and is SIGKILLed: its lock is free at once,
     though the child lives on (the child shared the lock's open file and kept it)."""

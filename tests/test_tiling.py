@@ -231,6 +231,7 @@ def test_no_tissue_and_no_mpp(tmp_path: Path) -> None:
     assert result.status == "complete" and result.n_tiles > 0
 
 
+@pytest.mark.slow
 def test_huge_slide_with_tiny_tissue(tmp_path: Path) -> None:
     """A 20k x 20k slide (1.2 GB of pixels) whose tissue is a small blob: only tissue is read."""
     path = write_synthetic_slide(tmp_path / "huge.tiff", (20_000, 20_000), seed=1)
@@ -340,6 +341,7 @@ def test_distributed_cluster_matches_threads(tmp_path: Path, synth: Path) -> Non
     np.testing.assert_array_equal(a.coords, b.coords)
 
 
+@pytest.mark.slow
 def test_cli_schedulers_config_and_mpp_csv(
     tmp_path: Path, synth: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -381,6 +383,8 @@ def test_cli_schedulers_config_and_mpp_csv(
     assert len(err) == 1 and "cannot reach the Dask scheduler" in err[0]
 
 
+@pytest.mark.slow
+@pytest.mark.faults
 def test_killed_job_resumes_to_identical_store(tmp_path: Path) -> None:
     """SIGKILL mid-slide, re-run: the store equals an uninterrupted run's, and was never complete."""
     path = write_synthetic_slide(tmp_path / "big.tiff", (8192, 6144), seed=5)

@@ -81,8 +81,3 @@ class Registry(Generic[T]):
                 parameters=(self.parameter,) if self.parameter else (),
             )
         return self._entries[name]
-
-    def load_all(self) -> None:
-        """Import every built-in module (so their entries are registered)."""
-        for module in sorted(set(self._builtins.values())):
-            importlib.import_module(module)

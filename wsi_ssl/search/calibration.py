@@ -12,7 +12,6 @@ error caps IVF-PQ's recall), the smallest value within 0.002 of the best recall 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +22,6 @@ __all__ = [
     "CALIBRATION_MARGIN",
     "GT_DEPTH",
     "calibrate",
-    "recall_at_k",
     "tie_aware_recall",
 ]
 
@@ -109,18 +107,3 @@ def calibrate(
         "curve": curve,
         "chosen": {parameter: value},
     }
-
-
-def recall_at_k(found: np.ndarray, exact: np.ndarray, k: int) -> float:
-    """Mean fraction of each row's exact top-``k`` ids found in the same row of ``found``."""
-    found, exact = np.asarray(found)[:, :k], np.asarray(exact)[:, :k]
-    if not len(exact):
-        return math.nan
-    return float(
-        np.mean(
-            [
-                len(set(f[f >= 0]) & set(e[e >= 0])) / max(1, (e >= 0).sum())
-                for f, e in zip(found, exact, strict=True)
-            ]
-        )
-    )

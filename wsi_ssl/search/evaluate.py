@@ -24,7 +24,6 @@ import numpy as np
 
 from wsi_ssl.errors import ConfigError
 from wsi_ssl.search.archive import ArchiveSource
-from wsi_ssl.search.calibration import recall_at_k as _recall_ids
 from wsi_ssl.search.calibration import tie_aware_recall
 from wsi_ssl.search.ids import decode_ids
 from wsi_ssl.search.vectors import exact_neighbours, gather, normalise
@@ -36,11 +35,8 @@ __all__ = [
     "majority_vote",
     "precision_at_k",
     "recall_at_k",
-    "recall_ids",
     "tie_aware_recall",
 ]
-
-recall_ids = _recall_ids
 
 
 def _labelled(index: SearchIndex, labels: Mapping[str, Any]) -> dict[str, Any]:

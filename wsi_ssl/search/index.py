@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,7 +48,7 @@ from wsi_ssl.search.archive import (
 from wsi_ssl.search.build import build_faiss, index_description, index_record, utc_now
 from wsi_ssl.search.config import IndexConfig, plan_index
 from wsi_ssl.search.ids import decode_ids, exclusion_selector, slide_id_range
-from wsi_ssl.search.kinds import COMPACT_FRACTION, IndexKind, index_kind
+from wsi_ssl.search.kinds import COMPACT_FRACTION, IndexKind, Progress, index_kind, log
 from wsi_ssl.search.searching import MAX_QUERY_TILES, SearchMethods
 from wsi_ssl.search.vectors import normalise, to_similarity
 from wsi_ssl.storage.archive import damaged_slide_id
@@ -65,13 +65,6 @@ from wsi_ssl.storage.index_files import (
 )
 
 __all__ = ["MAX_QUERY_TILES", "AddSummary", "SearchIndex"]
-
-Progress = Callable[[str], None] | None
-
-
-def _log(progress: Progress, msg: str) -> None:
-    if progress is not None:
-        progress(msg)
 
 
 class SearchIndex(SearchMethods):
@@ -179,7 +172,7 @@ class SearchIndex(SearchMethods):
             raise EmbeddingsNotFoundError(archive.root, eid, [])
         n, dim = found.source.n, found.dim
         plan = plan_index(n, dim, config)
-        _log(
+        log(
             progress,
             f"building a {plan['kind']} index of {n} vectors ({dim}-d) from {len(found.entries)} slides",
         )
@@ -192,7 +185,7 @@ class SearchIndex(SearchMethods):
             slides_json = [e.to_dict() for e in found.entries]
             write_index(root, name, index, config=record, slides=slides_json, coords=found.coords)
             files = read_index_files(root, name, verify=False)
-        _log(progress, f"wrote {files.path}")
+        log(progress, f"wrote {files.path}")
         built = cls(files, index, mmapped=False)
         built.damaged = found.damaged
         return built
@@ -394,7 +387,7 @@ class SearchIndex(SearchMethods):
             if "stain" not in self.record and found.entries:  # an index from before: now known
                 self.record["stain"] = found.stain
             self._write(np.concatenate([self.files.coords, found.coords]))
-            _log(progress, f"added {summary.vectors} vectors from {len(found.entries)} slides")
+            log(progress, f"added {summary.vectors} vectors from {len(found.entries)} slides")
         return summary
 
     def _remove_entry(self, entry: SlideEntry, status: str = "removed") -> int:

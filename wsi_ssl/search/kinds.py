@@ -44,7 +44,9 @@ __all__ = [
     "HNSWKind",
     "IVFPQKind",
     "IndexKind",
+    "Progress",
     "index_kind",
+    "log",
     "train_ivfpq",
 ]
 
@@ -60,7 +62,8 @@ OPQ_SAMPLE = 20000
 Progress = Callable[[str], None] | None
 
 
-def _log(progress: Progress, msg: str) -> None:
+def log(progress: Progress, msg: str) -> None:
+    """Pass ``msg`` to ``progress`` (nothing when None)."""
     if progress is not None:
         progress(msg)
 
@@ -112,7 +115,7 @@ class IndexKind:
         index = self.new_index(plan, source.dim)
         for ids, vecs in source.batches():
             index.add_with_ids(vecs, ids)
-            _log(progress, f"added {index.ntotal}/{source.n}")
+            log(progress, f"added {index.ntotal}/{source.n}")
         return Built(index, {})
 
     def calibration_values(self, params: dict[str, Any]) -> Sequence[int]:
@@ -325,7 +328,7 @@ class IVFPQKind(IndexKind):
         q_sel = rng.choice(len(ids_all), size=n_queries, replace=False)
         q_ids, q_vecs = ids_all[q_sel], vecs_all[q_sel]
         del vecs_all
-        _log(
+        log(
             progress,
             f"training IVF{plan['nlist']},PQ{plan['pq_m']}x{plan['pq_nbits']} on {len(train)}",
         )
@@ -341,7 +344,7 @@ class IVFPQKind(IndexKind):
                 heap.add_result(
                     np.ascontiguousarray(d), np.where(i >= 0, ids[np.maximum(i, 0)], -1)
                 )
-            _log(progress, f"added {index.ntotal}/{source.n}")
+            log(progress, f"added {index.ntotal}/{source.n}")
         if heap is None:
             return Built(index, info)
         heap.finalize()
@@ -422,7 +425,7 @@ def _maybe_opq(
             info["opq_train_s"] = round(time.perf_counter() - t0, 2)
             if plan["opq"] == "auto" and gain < config.opq_min_gain:
                 opq = None
-            _log(progress, f"OPQ lowers PQ error by {gain:.1%}: {'kept' if opq else 'dropped'}")
+            log(progress, f"OPQ lowers PQ error by {gain:.1%}: {'kept' if opq else 'dropped'}")
     elif plan["opq"] == "auto":
         info["opq_skipped"] = f"{dim // m}-d sub-vectors: a rotation has little to gain"
     info["opq"] = opq is not None

@@ -32,9 +32,8 @@ if TYPE_CHECKING:
     from wsi_ssl.serve.service import RenderPool, SlideService
     from wsi_ssl.storage import SlideStore
 
-__all__ = ["LAYERS", "MilPredictions", "add_layer_routes", "tile_layer"]
+__all__ = ["MilPredictions", "add_layer_routes", "tile_layer"]
 
-LAYERS = ("qc", "annotations", "attention")
 Layer = Literal["qc", "annotations", "attention"]
 QC_PASS = (40, 160, 60, 50)
 QC_FLAGGED = (220, 30, 30, 180)

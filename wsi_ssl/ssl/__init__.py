@@ -2,11 +2,10 @@
 
 Public API (resolved lazily: importing this package loads no torch until a name is used)::
 
-    from wsi_ssl.ssl import PretrainConfig, pretrain, load_encoder, evaluate
+    from wsi_ssl.ssl import PretrainConfig, pretrain, load_encoder
 
     run = pretrain("archive", PretrainConfig.preset("cpu-small", steps=300), out="runs/dino")
     encoder = load_encoder(run.out_dir)             # (model, description) NamedTuple
-    scores = evaluate(encoder, "labelled_tiles/")   # k-NN and linear-probe accuracy
 
 Modules, one concept each: ``config`` (PretrainConfig), ``backbones`` (registry),
 ``transforms`` (lightly's DINO multi-crop + HED jitter, per tile), ``batch_augment`` (the
@@ -17,7 +16,8 @@ tiles), ``dataset`` (tiles as a Dataset), ``sampler`` (the step sampler), ``mode
 ``runtime`` (device, precision, processes), ``resume``, ``result`` (PretrainRun),
 ``recipes`` (one module per method: ``dino``, ``dinov2``, ``mae``), ``optim`` (layer decay,
 frozen blocks, clipping), ``init`` (continued pretraining), ``curation`` (``curate``:
-cluster-balanced tiles), ``evaluation`` (``evaluate``: k-NN / linear probe), ``demo``.
+cluster-balanced tiles), ``demo``. Comparing encoders on labelled data is
+:mod:`wsi_ssl.evaluation`'s (``wsi-ssl evaluate``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ __getattr__, __dir__ = lazy_exports(
         "wsi_ssl.ssl.result": ("PretrainRun",),
         "wsi_ssl.ssl.train": ("pretrain",),
         "wsi_ssl.ssl.encoder": ("LoadedEncoder", "load_encoder", "random_encoder"),
-        "wsi_ssl.ssl.evaluation": ("evaluate", "EvalResult"),
         "wsi_ssl.ssl.dataset": ("TileDataset",),
         "wsi_ssl.ssl.stores": ("scan_stores",),
         "wsi_ssl.ssl.transforms": ("HistoDINOTransform", "RandomHEDJitter"),
@@ -46,7 +45,6 @@ __getattr__, __dir__ = lazy_exports(
 
 __all__ = [
     "BatchDINOAugment",
-    "EvalResult",
     "HistoDINOTransform",
     "LoadedEncoder",
     "PretrainConfig",
@@ -56,7 +54,6 @@ __all__ = [
     "backbone_names",
     "curate",
     "demo_pretrain",
-    "evaluate",
     "load_encoder",
     "pretrain",
     "random_encoder",
@@ -71,7 +68,6 @@ if TYPE_CHECKING:
     from wsi_ssl.ssl.dataset import TileDataset
     from wsi_ssl.ssl.demo import demo_pretrain
     from wsi_ssl.ssl.encoder import LoadedEncoder, load_encoder, random_encoder
-    from wsi_ssl.ssl.evaluation import EvalResult, evaluate
     from wsi_ssl.ssl.result import PretrainRun
     from wsi_ssl.ssl.stores import scan_stores
     from wsi_ssl.ssl.train import pretrain

@@ -53,10 +53,6 @@ class BatchDINOAugment:
     def __init__(self, config: PretrainConfig) -> None:
         self.config = config
 
-    @property
-    def n_views(self) -> int:
-        return self.config.n_crops
-
     def __call__(self, tiles: Tensor, generator: torch.Generator) -> list[Tensor]:
         c = self.config
         x = _as_float(tiles)

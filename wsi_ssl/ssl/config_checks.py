@@ -1,5 +1,6 @@
 """The valid values of :class:`~wsi_ssl.ssl.config.PretrainConfig` and the checks that
-refuse others with a ``ConfigError`` naming the field (no torch import).
+refuse others with a ``ConfigError`` naming the field (no torch import, but for a backbone that
+is not a ViT, whose check imports the method's recipe to read its ``needs_vit``).
 
 :func:`check_config` runs them all; ``PretrainConfig.__post_init__`` calls it. The checks that
 depend on the backbone (:func:`check_arch`) wait, when ``init`` is set, until the init's
@@ -59,7 +60,8 @@ def check_arch(c: PretrainConfig) -> None:
                 f"{name} must be a multiple of {c.arch}'s patch size {spec.patch_size}; "
                 f"got {getattr(c, name)}"
             )
-    if c.method in ("dinov2", "mae") and spec.family not in ("vit", None):
+    # a ViT passes without importing the recipe (torch); another backbone asks the recipe
+    if spec.family not in ("vit", None) and RECIPES.get(c.method).needs_vit:
         from wsi_ssl.errors import ArchitectureMismatchError
 
         raise ArchitectureMismatchError(

@@ -25,14 +25,12 @@ class Recipe(ABC):
 
     Attributes:
         name: the ``PretrainConfig.method`` value.
-        needs_vit: the recipe masks patches (``ArchitectureMismatchError`` otherwise).
-        has_teacher: an EMA teacher follows the student; without one the encoder is the
-            student's backbone.
+        needs_vit: the recipe masks patches, so ``check_arch`` refuses other backbones
+            (``ArchitectureMismatchError``).
     """
 
     name = ""
     needs_vit = False
-    has_teacher = True
 
     def __init__(self, config: PretrainConfig) -> None:
         self.config = config

@@ -79,7 +79,6 @@ class MAEModel(nn.Module):
 class MAERecipe(Recipe):
     name = "mae"
     needs_vit = True
-    has_teacher = False
 
     def __init__(self, config: PretrainConfig) -> None:
         super().__init__(config)
