@@ -1,4 +1,5 @@
-"""Argument types shared by the commands: values checked when the command line is parsed."""
+"""Arguments shared by the commands: types whose values are checked when the command line is
+parsed, and the ``--encoder ID`` option of the commands that read an archive's embeddings."""
 
 from __future__ import annotations
 
@@ -31,3 +32,53 @@ def seconds(text: str) -> float:
     if not value >= 0:  # also refuses nan
         raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
     return value
+
+
+def positive_number(text: str) -> float:
+    """An argparse ``type`` for a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def whole_numbers(n: int, what: str) -> Callable[[str], tuple[int, ...]]:
+    """An argparse ``type`` for ``n`` comma-separated numbers (``what`` names them, e.g.
+    "X,Y"), each rounded to a whole number."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        parts = text.replace(" ", "").split(",")
+        try:
+            values = tuple(round(float(p)) for p in parts)
+        except ValueError:
+            values = ()
+        if len(values) != n:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return values
+
+    return parse
+
+
+def number_list(text: str) -> tuple[float, ...]:
+    """An argparse ``type`` for ``0.5`` or ``0.5,1.0``: one or more numbers."""
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas, got {text!r}"
+        ) from err
+
+
+def add_encoder_id(p: argparse.ArgumentParser, what: str, dest: str = "encoder") -> None:
+    """``--encoder ID``: which embeddings of the archive ``what`` names (an encoder id or a
+    unique prefix of one; default: the archive's only encoder)."""
+    p.add_argument(
+        "--encoder",
+        dest=dest,
+        metavar="ENCODER_ID",
+        help=f"{what}: an encoder id or a unique prefix (e.g. random-cnn); default: the "
+        "archive's only encoder",
+    )

@@ -8,6 +8,8 @@ import argparse
 import json
 from pathlib import Path
 
+from wsi_ssl.cli.arg_types import add_encoder_id
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -20,12 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("root", type=Path, metavar="ROOT", help="archive root with embeddings")
     p.add_argument("--out", required=True, type=Path, metavar="FILE", help="selection (JSON)")
-    p.add_argument(
-        "--encoder",
-        dest="encoder_id",
-        metavar="ID",
-        help="the embeddings to cluster (a unique prefix; default: the only encoder)",
-    )
+    add_encoder_id(p, "the embeddings to cluster", dest="encoder_id")
     p.add_argument("--n-tiles", type=int, required=True, help="tiles to select")
     p.add_argument("--n-clusters", type=int, default=16, help="k of k-means (default 16)")
     dedup = p.add_mutually_exclusive_group()

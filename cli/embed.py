@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from wsi_ssl.cli.arg_types import seconds
+from wsi_ssl.cli.arg_types import add_encoder_id, seconds
 from wsi_ssl.cli.hints import RESUME_ADVICE
 from wsi_ssl.cli.report import print_report
 from wsi_ssl.embedding.config import DECODE_MODES, EmbedConfig
@@ -120,11 +120,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("root", type=Path, metavar="ROOT")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--format", choices=EXPORT_FORMATS, default="clam-h5")
-    p.add_argument(
-        "--encoder",
-        metavar="ENCODER_ID",
-        help="encoder_id or a unique prefix (default: the archive's only one)",
-    )
+    add_encoder_id(p, "the embeddings to export")
     p.add_argument("--slides", nargs="+", metavar="SLIDE_ID", help="only these slide ids")
     p.add_argument(
         "--name-by",

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from wsi_ssl.cli.arg_types import whole_number
+from wsi_ssl.cli.arg_types import add_encoder_id, whole_number
 from wsi_ssl.cli.report import print_report
 from wsi_ssl.cli.toml_config import read_toml_config
 from wsi_ssl.mil.config import BALANCE_MODES, BUILTIN_MODELS, MONITORS, MILConfig
@@ -67,11 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="CSV",
         help="CSV with columns slide,label[,patient][,fold]; slide = slide id, file name or stem",
     )
-    t.add_argument(
-        "--encoder",
-        metavar="ENCODER_ID",
-        help="encoder_id of the embeddings, or a unique prefix (default: the only one)",
-    )
+    add_encoder_id(t, "the embeddings to train on")
     t.add_argument("--out", type=Path, required=True, metavar="RUN", help="run directory to write")
     t.add_argument("--config", type=Path, help="TOML file of MILConfig values (flags win)")
     t.add_argument(

@@ -5,38 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from wsi_ssl.cli.arg_types import whole_number
+from wsi_ssl.cli.arg_types import add_encoder_id, positive_number, whole_number, whole_numbers
 from wsi_ssl.search.config import KINDS
 
 if TYPE_CHECKING:
     from wsi_ssl.search import SearchIndex
-
-
-def _ints(n: int, what: str):  # type: ignore[no-untyped-def]
-    def parse(text: str) -> tuple[int, ...]:
-        parts = text.replace(" ", "").split(",")
-        try:
-            values = tuple(round(float(p)) for p in parts)
-        except ValueError:
-            values = ()
-        if len(values) != n:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return values
-
-    return parse
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,12 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and recorded). --add appends slides embedded since; --remove drops slides.",
     )
     p.add_argument("root", type=Path, metavar="ROOT", help="archive root")
-    p.add_argument(
-        "--encoder",
-        metavar="ENCODER_ID",
-        help="encoder id of the embeddings (or a unique prefix, e.g. random-cnn); default: the "
-        "archive's only encoder",
-    )
+    add_encoder_id(p, "the embeddings to index")
     p.add_argument("--name", help="index name (default: the encoder id)")
     p.add_argument("--kind", choices=KINDS, default="auto", help="index kind (default auto)")
     p.add_argument(
@@ -100,18 +72,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--list", action="store_true", help="list the index and its slides")
     where = p.add_mutually_exclusive_group()
     where.add_argument(
-        "--xy", type=_ints(2, "X,Y"), metavar="X,Y", help="tile query: a level-0 point on --slide"
+        "--xy",
+        type=whole_numbers(2, "X,Y"),
+        metavar="X,Y",
+        help="tile query: a level-0 point on --slide",
     )
     where.add_argument(
         "--box",
-        type=_ints(4, "X,Y,W,H"),
+        type=whole_numbers(4, "X,Y,W,H"),
         metavar="X,Y,W,H",
         help="region query: a level-0 box on --slide (a negative X or Y needs the = form: "
         "--box=-100,-50,400,400)",
     )
     p.add_argument(
         "--image-mpp",
-        type=_positive,
+        type=positive_number,
         metavar="MPP",
         help="microns per pixel of --image (default: the index's)",
     )
@@ -135,7 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_search)
 
 
-def _progress(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _progress(args: argparse.Namespace) -> Callable[[str], None] | None:
     if args.quiet or args.json:
         return None
     return lambda msg: print(msg, file=sys.stderr)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_ssl.cli import tile_roi
-from wsi_ssl.cli.arg_types import seconds, whole_number
+from wsi_ssl.cli.arg_types import number_list, seconds, whole_number
 from wsi_ssl.cli.hints import RESUME_ADVICE
 from wsi_ssl.cli.report import print_report
 from wsi_ssl.cli.toml_config import read_toml_config, toml_scales
@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, help="TOML file of TilingConfig values (flags win)")
     p.add_argument(
         "--mpp",
-        type=mpp_list,
+        type=number_list,
         metavar="MPP[,MPP...]",
         help="target microns per pixel (default 0.5); several (0.5,1.0) write one archive per "
         "scale under --out (mpp-0.5/, mpp-1/), reading each slide once",
@@ -88,17 +88,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mpp-override", type=float)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_info)
-
-
-def mpp_list(text: str) -> tuple[float, ...]:
-    """``0.5`` or ``0.5,1.0``: one or more target scales."""
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(
-            f"expected numbers separated by commas, got {text!r}"
-        ) from err
-    return values
 
 
 def tiling_config(args: argparse.Namespace) -> tuple[TilingConfig, tuple[float, ...] | None]:
