@@ -791,3 +791,16 @@ def test_a_query_slide_whose_file_changed_says_it_is_the_indexed_version(
     assert err.startswith(f"note: {slide.resolve()} has changed since slide ") and (
         "the query is the indexed earlier version" in err
     ), err
+
+
+def test_one_scale_test_for_search_and_mil() -> None:
+    """Scale is µm/px within 0.1% and the tile size (search, MIL train and MIL predict); an
+    index also needs the same overlap."""
+    from wsi_ssl.search.archive import same_grid, tiling_key
+    from wsi_ssl.storage.slide_store import same_scale
+
+    a = {"mpp": 0.5, "tile_size": 224, "overlap": 0}
+    assert same_scale(a, {**a, "mpp": 0.5004}) and same_scale(a, {**a, "overlap": 32})
+    assert not same_scale(a, {**a, "mpp": 0.501}) and not same_scale(a, {**a, "tile_size": 256})
+    assert same_grid(tiling_key(a), tiling_key({**a, "mpp": 0.5004}))
+    assert not same_grid(tiling_key(a), tiling_key({**a, "overlap": 32}))

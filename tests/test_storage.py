@@ -189,7 +189,8 @@ def test_atomic_writes_round_trip_and_leave_no_temp(tmp_path: Path) -> None:
     assert parse_temp_name(name) == (os.getpid(), host_name())
 
 
-@pytest.mark.parametrize("action", [pytest.param("kill", marks=pytest.mark.faults), "enospc"])
+@pytest.mark.faults  # a kill, or a full disk
+@pytest.mark.parametrize("action", ["kill", "enospc"])
 def test_a_write_cut_at_the_rename_keeps_the_old_file(tmp_path: Path, action: str) -> None:
     target = tmp_path / "m.json"
     atomic_write_json(target, {"v": "old"})
@@ -427,6 +428,7 @@ def _fill(folder: Path) -> None:
             pass
 
 
+@pytest.mark.faults
 def test_a_lock_on_a_full_or_read_only_disk_is_a_typed_error(tiny_disk: Path) -> None:
     """The writer's lock is the first thing a job writes: a full disk or a read-only archive
     is a LockFileError naming the lock file and what to do (it was a bare OSError)."""
@@ -444,6 +446,7 @@ def test_a_lock_on_a_full_or_read_only_disk_is_a_typed_error(tiny_disk: Path) ->
         pass
 
 
+@pytest.mark.faults
 def test_an_index_written_to_a_full_disk_is_a_typed_error_and_leaves_nothing(
     tiny_disk: Path,
 ) -> None:

@@ -530,6 +530,7 @@ def test_tile_slides_api(tmp_path: Path, synth: Path) -> None:
     )
 
 
+@pytest.mark.faults
 def test_full_disk_is_a_typed_error_and_leaves_nothing(tiny_disk: Path, tmp_path: Path) -> None:
     slide = write_synthetic_slide(tmp_path / "s.tiff", (4096, 3072), seed=2)
     with pytest.raises(DiskFullError, match="no space left"):
