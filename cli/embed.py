@@ -44,7 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--weights", help="local weights file for a named encoder ('random': seeded init)"
     )
-    p.add_argument("--seed", type=int, default=0, help="init seed of random-init encoders")
+    p.add_argument(
+        "--seed", type=int, help="init seed of random-init encoders (default 0; refused otherwise)"
+    )
     p.add_argument("--slides", nargs="+", metavar="SLIDE_ID", help="only these slide ids")
     p.add_argument(
         "--batch-size",
@@ -168,11 +170,16 @@ def run_embed(args: argparse.Namespace) -> int:
     encoder = create_encoder(
         args.encoder,
         weights=args.weights,
-        seed=args.seed,
+        seed=0 if args.seed is None else args.seed,
         device="cpu",
         precision=args.precision,
         resize=args.resize,
     )
+    if args.seed is not None and encoder.config.source != "random":
+        raise ConfigError(
+            f"--seed sets the weights of a random init, but {encoder.encoder_id}'s come from "
+            f"{encoder.config.weights_path}; leave --seed out"
+        )
     progress = not (args.quiet or args.json)
     rank = torchrun_rank()
     if rank is not None:

@@ -526,6 +526,22 @@ def test_wsi_ssl_pretrain_checkpoint_embeds_the_archive(cmu_root: Path, tmp_path
     assert embed_for_demo(root, tmp_path / "run", progress=False).outcomes[0].status == "skipped"
 
 
+def test_seed_is_refused_where_the_weights_come_from_a_file(cmu_root: Path, tmp_path: Path) -> None:
+    """--seed only sets a random init: with a weights file it would be silently ignored."""
+    weights = tmp_path / "cnn.pth"
+    torch.save(create_encoder("random-cnn", seed=3).model.state_dict(), weights)
+    root = _copy(cmu_root, tmp_path / "root")
+    argv = ["embed", str(root), "--encoder", "random-cnn", "--quiet"]
+    code, _, err = run_cli([*argv, "--weights", str(weights), "--seed", "3"])
+    assert code == 2 and "--seed sets the weights of a random init" in err, err
+    assert str(weights.resolve()) in err and not list(root.glob("slides/*/embeddings/*"))
+    code, _, err = run_cli([*argv, "--seed", "3"])
+    assert code == 0, err
+    [store] = open_store(root).slide_ids
+    [eid] = embedding_ids(open_store(root).slide(store))
+    assert eid == create_encoder("random-cnn", seed=3).encoder_id
+
+
 def test_a_pretrain_run_refuses_tiles_at_another_scale_than_it_trained_at(
     cmu_root: Path, tmp_path: Path
 ) -> None:
