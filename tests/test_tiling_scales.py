@@ -19,8 +19,9 @@ from wsi_ssl.cli.main import main as cli_main
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import ConfigError
 from wsi_ssl.storage import open_store
-from wsi_ssl.tiling.batch import scale_root, scale_roots, tile_slides
+from wsi_ssl.tiling.batch import tile_slides
 from wsi_ssl.tiling.qc import QC_METRICS, kept_tiles
+from wsi_ssl.tiling.scales import scale_root, scale_roots
 
 FLAGS = ["--tile-size", "128", "--codec", "zstd", "--quiet"]
 

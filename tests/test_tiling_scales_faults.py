@@ -24,7 +24,7 @@ from wsi_ssl.storage import open_store
 from wsi_ssl.storage.atomic import FAULT_ENV, host_name
 from wsi_ssl.storage.slide_store import is_complete_store, staging_path
 from wsi_ssl.synthetic import write_synthetic_slide
-from wsi_ssl.tiling.batch import scale_root
+from wsi_ssl.tiling.scales import scale_root
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -310,3 +310,25 @@ def _by_name(
     by_path: dict[str, dict[float, dict[str, Any]]], mpp: float
 ) -> list[tuple[str, dict[str, Any]]]:
     return [(name, scales[mpp]) for name, scales in by_path.items()]
+
+
+def test_an_interrupt_between_scales_reports_the_scale_it_finished(
+    clean: tuple[Path, str], cmu_small: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C while the second scale is written: the first is reported complete, the second
+    named as not done (``--json`` too); the re-run skips the first and tiles the second."""
+    out, slide_id = tmp_path / "out", clean[1]
+    argv = _argv(cmu_small, out, "--json")
+    job = _job(argv, fault=f"pause_before_rename:mpp-1/slides/{slide_id}.zarr")
+    _wait_for(lambda: _state(job.pid) == "T", job)
+    job.send_signal(signal.SIGINT)
+    job.send_signal(signal.SIGCONT)
+    stdout, _ = job.communicate(timeout=120)
+    assert job.returncode == 130
+    report = json.loads(stdout)
+    assert report["interrupted"] is True and report["complete"] == 1
+    assert [s["slide"] for s in report["slides"]] == [f"{cmu_small} (mpp 0.5)"]
+    assert report["not_done"] == [f"{cmu_small} (mpp 1)"]
+    code, again, err = run_cli(_argv(cmu_small, out, "--json"))
+    counts = json.loads(again)
+    assert code == 0 and (counts["skipped"], counts["complete"]) == (1, 1), err

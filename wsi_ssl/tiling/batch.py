@@ -21,16 +21,16 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from wsi_ssl.config import TilingConfig
-from wsi_ssl.errors import ConfigError, DiskFullError, WsiSslError
+from wsi_ssl.errors import DiskFullError, WsiSslError
 from wsi_ssl.outcome import BatchOutcome, SlideOutcome, interrupt_report
 from wsi_ssl.storage import STATUS_COMPLETE, Archive, SlideStore
-from wsi_ssl.storage.archive import multi_scale_roots
 from wsi_ssl.storage.locks import slide_lock
 from wsi_ssl.storage.slide_store import is_complete_store, recover_swap, staging_path
 from wsi_ssl.storage.tile_reader import TileReader
 from wsi_ssl.tiling.legacy_ids import adopt_existing_store
 from wsi_ssl.tiling.preflight import check_batch
 from wsi_ssl.tiling.replace import Replacement, previous_store, replace_store
+from wsi_ssl.tiling.scales import scale_roots
 from wsi_ssl.tiling.slide_table import SlideTable
 from wsi_ssl.tiling.source import (
     SlideSource,
@@ -44,8 +44,6 @@ __all__ = [
     "TileSummary",
     "collect_slide_paths",
     "open_for_tiling",
-    "scale_root",
-    "scale_roots",
     "thumbnail_and_mask",
     "tile_slide",
     "tile_slide_scales",
@@ -53,39 +51,13 @@ __all__ = [
 ]
 
 
-def scale_root(root: str | Path, mpp: float) -> Path:
-    """The archive root of one scale of a multi-scale job: ``<root>/mpp-<mpp>`` (``mpp-0.5``,
-    ``mpp-1``), a complete archive of its own (catalog, ``slides/<slide_id>.zarr``, locks)."""
-    return Path(root) / f"mpp-{mpp:g}"
+class ScalesInterrupted(KeyboardInterrupt):
+    """Ctrl-C while one slide was tiled at several scales: the ``finished`` scales' outcomes
+    and the names (``"<path> (mpp <mpp>)"``) of those ``not_done``."""
 
-
-def scale_roots(
-    root: str | Path, config: TilingConfig, mpps: Sequence[float] | None
-) -> list[tuple[Path, TilingConfig]]:
-    """Where each scale of a job goes, with its config: ``root`` itself for one scale
-    (``mpps`` None or of one value), :func:`scale_root` of each for several.
-
-    Raises:
-        ConfigError: an mpp is not positive, or two name the same scale; one scale into the
-            output of a multi-scale tiling (it holds ``mpp-*`` archives, is none itself).
-    """
-    if not mpps or len(mpps) == 1:
-        if per_scale := multi_scale_roots(Path(root)):  # a multi-scale tiling's output
-            raise ConfigError(
-                f"{root}: holds the per-scale archives of a multi-scale tiling "
-                f"({', '.join(p.name for p in per_scale)}); give all scales (mpps) or tile "
-                "into one of those folders",
-                parameters=("mpps", "mpp"),
-            )
-        mpp = float(mpps[0]) if mpps else config.mpp
-        return [(Path(root), replace(config, mpp=mpp))]
-    scales = [(scale_root(root, m), replace(config, mpp=float(m))) for m in mpps]
-    if len({path for path, _ in scales}) < len(scales):
-        raise ConfigError(
-            f"mpps {list(mpps)} name one scale twice; give each scale once",
-            parameters=("mpps", "mpp"),
-        )
-    return scales
+    def __init__(self, finished: list[SlideOutcome], not_done: list[str]) -> None:
+        super().__init__()
+        self.finished, self.not_done = finished, not_done
 
 
 @dataclass(kw_only=True)
@@ -251,10 +223,15 @@ def tile_slide_scales(
                 ]
             )
     with source:
-        for scale_dir, scale_config in scales:
+        for i, (scale_dir, scale_config) in enumerate(scales):
             started = time.perf_counter()
             try:
                 outcome = _tile_scale(source, scale_dir, scale_config, started, **options)
+            except KeyboardInterrupt as err:
+                if len(scales) == 1:
+                    raise
+                rest = [f"{source.path} (mpp {c.mpp:g})" for _, c in scales[i:]]
+                raise ScalesInterrupted(_name_scales(outcomes, several=True), rest) from err
             except Exception as err:  # one scale's failure, whatever it is, ends only that scale
                 outcome = _failure(
                     source.path, source.slide_id, err, started, scale_dir, scale_config
@@ -263,9 +240,10 @@ def tile_slide_scales(
     return _name_scales(outcomes)
 
 
-def _name_scales(outcomes: list[SlideOutcome]) -> list[SlideOutcome]:
-    """Several scales of one slide: each outcome's ``slide`` names its scale."""
-    if len(outcomes) > 1:
+def _name_scales(outcomes: list[SlideOutcome], several: bool | None = None) -> list[SlideOutcome]:
+    """Several scales of one slide (default: several outcomes): each outcome's ``slide``
+    names its scale."""
+    if len(outcomes) > 1 if several is None else several:
         for o in outcomes:
             o.slide = f"{o.slide} (mpp {o.details['mpp']:g})"
     return outcomes
@@ -476,17 +454,22 @@ def tile_slides(
     }
     batch_started = time.perf_counter()
     first_of: dict[str, Path] = {}  # fingerprint -> the batch's first file with that content
-    done = 0  # slides finished, for the report of an interrupt
+    done, unfinished = 0, list[str]()  # slides finished; an interrupted slide's scales not done
     bar = tqdm(paths, desc="slides", unit="slide", disable=not progress, dynamic_ncols=True)
-    with bar, interrupt_report(summary, lambda: [str(p) for p in paths[done:]]):
+    with bar, interrupt_report(summary, lambda: [*unfinished, *map(str, paths[done:])]):
         for path in bar:
             override = overrides.get(path, config.mpp_override)
             roi = roi_files.get(path, config.roi)  # absolute: recorded, and named by check
             roi = str(Path(roi).resolve()) if roi is not None else None
             slide_config = replace(config, mpp_override=override, roi=roi)
-            summary.outcomes += tile_slide_scales(
-                path, root, slide_config, mpps, first_of=first_of, **options
-            )
+            try:
+                summary.outcomes += tile_slide_scales(
+                    path, root, slide_config, mpps, first_of=first_of, **options
+                )
+            except ScalesInterrupted as err:
+                summary.outcomes += err.finished
+                done, unfinished = done + 1, err.not_done
+                raise
             done += 1
             rate = summary.tiles_done / max(time.perf_counter() - batch_started, 1e-9)
             bar.set_postfix(
