@@ -127,6 +127,24 @@ def test_a_killed_device_process_fails_its_slides_only_and_a_rerun_completes_the
 
 
 @pytest.mark.slow
+@pytest.mark.faults
+def test_a_killed_device_process_reports_the_slides_it_committed_before_dying(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _fresh_copy(root, tmp_path / "root")
+    archive = open_store(root)
+    one, two = shard_slides(slide_sizes(archive, archive.slide_ids), 2)
+    assert len(two) == 2
+    # the second device's process commits its first slide, then is SIGKILLed at its second
+    monkeypatch.setenv("WSI_SSL_FAULT", f"kill_before_rename:{two[1]}.zarr/embeddings/")
+    summary = embed_on_devices(root, "random-cnn", "cpu,cpu", workers=0)
+    status = {o.slide: o.status for o in summary.outcomes}
+    assert status == {one[0]: "complete", two[0]: "complete", two[1]: "failed"}
+    assert embedding_status(archive.slide(two[0]), summary.encoder_id) == "complete"
+    assert summary.exit_code == 1 and summary.counts["complete"] == 2
+
+
+@pytest.mark.slow
 def test_torchrun_shards_the_slides_and_rank_zero_reports(root: Path, tmp_path: Path) -> None:
     root = _fresh_copy(root, tmp_path / "root")
     argv = [

@@ -13,6 +13,7 @@ are not done, as the one-device job does (:class:`~wsi_ssl.outcome.JobInterrupte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing as mp
 import os
@@ -23,6 +24,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from wsi_ssl.embedding.config import EmbedConfig
 from wsi_ssl.embedding.job import embed, requested_slide_ids
 from wsi_ssl.embedding.summary import EmbedSummary
 from wsi_ssl.encoders import Encoder
-from wsi_ssl.errors import ConfigError
+from wsi_ssl.errors import ConfigError, WsiSslError
 from wsi_ssl.outcome import JobInterrupted, RemoteError, SlideOutcome
 from wsi_ssl.storage import open_store
 
@@ -293,17 +295,21 @@ def merge_summaries(
     asked: Encoder | str | Path,
 ) -> EmbedSummary:
     """One summary of the shards' ``(device, slides)``: each shard's own outcomes, or, for a
-    shard whose job failed or whose process never reported, its slides failed with the
-    ``lost`` error (a shard in neither, stopped before it reported, has none). ``asked`` (the
-    encoder as asked for: an encoder, a name or a path) names the encoder when no shard
-    reported one."""
+    shard whose job failed or whose process never reported, its slides as found on disk
+    (:func:`_lost_outcome`: those it committed complete, the others failed with the ``lost``
+    error; a shard in neither, stopped before it reported, has none). ``asked`` (the encoder
+    as asked for: an encoder, a name or a path) names the encoder when no shard reported one."""
     by_slide: dict[str, SlideOutcome] = {}
+    first = next(iter(summaries.values()), None)
+    encoder_id = first.encoder_id if first else getattr(asked, "encoder_id", None)
+    began = datetime.now(UTC) - timedelta(seconds=seconds)
     for index, (_, shard) in enumerate(shards):
         if index in summaries:
             by_slide.update({o.slide: o for o in summaries[index].outcomes})
         elif index in lost:
-            by_slide.update({s: SlideOutcome.failure(s, lost[index]) for s in shard})
-    first = next(iter(summaries.values()), None)
+            by_slide.update(
+                {s: _lost_outcome(root, s, lost[index], encoder_id, began) for s in shard}
+            )
     return EmbedSummary(
         outcomes=[by_slide[s] for s in ids if s in by_slide],
         root=str(root),
@@ -319,3 +325,22 @@ def merge_summaries(
 
 def _encoder_name(encoder: Encoder | str | Path) -> str:
     return encoder.encoder_id if isinstance(encoder, Encoder) else str(encoder)
+
+
+def _lost_outcome(
+    root: str | Path, slide: str, error: RemoteError, encoder_id: str | None, began: datetime
+) -> SlideOutcome:
+    """A slide of a shard that never reported: "complete" when its embeddings were committed
+    during this job, "skipped" when they were complete before it, else failed with ``error``."""
+    from wsi_ssl.storage.embeddings import embedding_status, read_embeddings
+
+    if encoder_id is not None:
+        with contextlib.suppress(WsiSslError, OSError, ValueError):
+            store = open_store(root).slide(slide)
+            if embedding_status(store, encoder_id) == "complete":
+                emb = read_embeddings(store, encoder_id, lazy=True)
+                made = datetime.strptime(str(emb.attrs["created"]), "%Y-%m-%dT%H:%M:%S.%fZ")
+                if made.replace(tzinfo=UTC) >= began:
+                    return SlideOutcome(slide, "complete", len(emb))
+                return SlideOutcome(slide, "skipped", len(emb))
+    return SlideOutcome.failure(slide, error)
