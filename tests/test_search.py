@@ -804,3 +804,27 @@ def test_one_scale_test_for_search_and_mil() -> None:
     assert not same_scale(a, {**a, "mpp": 0.501}) and not same_scale(a, {**a, "tile_size": 256})
     assert same_grid(tiling_key(a), tiling_key({**a, "mpp": 0.5004}))
     assert not same_grid(tiling_key(a), tiling_key({**a, "overlap": 32}))
+
+
+def test_an_hnsw_search_finds_all_of_the_query_slides_own_near_tiles(tmp_path: Path) -> None:
+    """A small query slide among many tiles of the same kind: HNSW's one-slide filtered pass
+    ran out of its beam before finding them; the own slide is now searched exactly."""
+    from wsi_ssl.testing.bags import write_bag_store
+
+    rng = np.random.default_rng(0)
+    big, small = rng.normal(size=(6000, 32)), rng.normal(size=(40, 32))
+    root = tmp_path / "root"
+    write_bag_store(root, "a" * 16, big.astype(np.float32), encoder_id="enc", dtype="float32")
+    write_bag_store(root, "b" * 16, small.astype(np.float32), encoder_id="enc", dtype="float32")
+    index = SearchIndex.build(root, "enc", kind="hnsw")
+    own = index.number_of("b" * 16)
+    query = index.query_region("b" * 16, (0, 0, 448, 448))
+    sims, ids = index.neighbours(query, "regions", 64, [])
+    unit = small / np.linalg.norm(small, axis=1, keepdims=True)
+    for q, row_sims, row_ids in zip(query.vectors, sims, ids, strict=True):
+        mine = decode_ids(row_ids[row_ids >= 0])[0] == own
+        got = sorted(decode_ids(row_ids[row_ids >= 0])[1][mine].tolist())
+        assert got == list(range(40))  # every tile of its own slide, as an exact search finds
+        np.testing.assert_allclose(
+            np.sort(row_sims[row_ids >= 0][mine])[::-1], np.sort(unit @ q)[::-1], atol=1e-5
+        )

@@ -7,6 +7,7 @@ members (:class:`Searchable`).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from wsi_ssl.errors import ConfigError
+from wsi_ssl.errors import ConfigError, WsiSslError
 from wsi_ssl.search import queries
 from wsi_ssl.search.archive import SlideEntry
 from wsi_ssl.search.ranking import MODES, Mode, rank
@@ -206,8 +207,7 @@ class SearchMethods:
         if mode == "tiles" or own is None or own in exclude:
             return self.search_vectors(query.vectors, per_tile, exclude_slides=exclude)
         sims, ids = self.search_vectors(query.vectors, per_tile, exclude_slides=[*exclude, own])
-        others = [n for n in range(len(self.entries)) if n != own]
-        own_sims, own_ids = self.search_vectors(query.vectors, per_tile, exclude_slides=others)
+        own_sims, own_ids = _own_slide_neighbours(self, query, own, per_tile)
         sims, ids = np.hstack([sims, own_sims]), np.hstack([ids, own_ids])
         order = np.argsort(-sims, axis=1, kind="stable")
         return np.take_along_axis(sims, order, 1), np.take_along_axis(ids, order, 1)
@@ -277,3 +277,35 @@ class SearchMethods:
         from wsi_ssl.storage import open_store
 
         return render_gallery(open_store(self.root), result, out, **kwargs)
+
+
+def _own_slide_neighbours(
+    index: Searchable, query: Query, own: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The query's own slide searched alone: through the index with a one-slide filter, or,
+    for HNSW and IVF-PQ (whose filtered search can come back with fewer than ``k`` of its
+    tiles when they are a small part of the index), exactly over the slide's stored vectors
+    while they are the indexed ones (same coords hash and ``created`` as its entry)."""
+    from wsi_ssl.search.ids import encode_ids
+    from wsi_ssl.search.kinds import index_kind
+    from wsi_ssl.search.vectors import ArraySource, exact_neighbours
+    from wsi_ssl.storage import open_store
+    from wsi_ssl.storage.embeddings import read_embeddings
+
+    entry = index.entries[own]
+    if not index_kind(index.kind).exact:
+        with contextlib.suppress(WsiSslError):
+            store = open_store(index.root).slide(entry.slide_id)
+            emb = read_embeddings(store, index.encoder_id)
+            made = (emb.attrs.get("coords_sha256"), emb.attrs.get("created"))
+            if made == (entry.coords_sha256, entry.embedded):
+                emb = emb.embedded_only()
+                ids = encode_ids(own, emb.tile_ids)
+                source = ArraySource(ids, np.asarray(emb.features, dtype=np.float32))
+                cols = max(1, min(int(k), max(1, index.n_vectors)))
+                sims, found = exact_neighbours(source, query.vectors, cols)
+                sims = np.asarray(sims, dtype=np.float32)
+                sims[found < 0] = -np.inf
+                return sims, found
+    others = [n for n in range(len(index.entries)) if n != own]
+    return index.search_vectors(query.vectors, k, exclude_slides=others)

@@ -23,8 +23,10 @@ __all__ = [
 class VectorSource(Protocol):
     """Ids and unit vectors to index, in batches; rows are numbered ``0 .. n`` in batch order."""
 
-    n: int
-    dim: int
+    @property
+    def n(self) -> int: ...
+    @property
+    def dim(self) -> int: ...
 
     def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``(ids int64 (b,), vectors float32 (b, dim))``, L2-normalised, in row order."""
