@@ -154,10 +154,12 @@ class SlideStore:
         store = cls(path, group)
         version = store.attrs.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise SchemaMismatchError(
+            mismatch = SchemaMismatchError(
                 f"{path}: schema_version {version!r}, this wsi-ssl reads {SCHEMA_VERSION}; "
                 "re-tile the slide with this version"
             )
+            mismatch.path = path  # type: ignore[attr-defined]  # archive listings name the slide by it
+            raise mismatch
         if require_complete:
             store.require_complete()
         return store

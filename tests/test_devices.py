@@ -142,6 +142,14 @@ def test_a_killed_device_process_reports_the_slides_it_committed_before_dying(
     assert status == {one[0]: "complete", two[0]: "complete", two[1]: "failed"}
     assert embedding_status(archive.slide(two[0]), summary.encoder_id) == "complete"
     assert summary.exit_code == 1 and summary.counts["complete"] == 2
+    # every slide complete, then redone (resume off) with the same kill: the slide the dead
+    # process did not redo is failed, not "skipped" for the embeddings it was to replace
+    monkeypatch.delenv("WSI_SSL_FAULT")
+    assert embed_on_devices(root, "random-cnn", "cpu,cpu", workers=0).exit_code == 0
+    monkeypatch.setenv("WSI_SSL_FAULT", f"kill_before_rename:{two[1]}.zarr/embeddings/")
+    summary = embed_on_devices(root, "random-cnn", "cpu,cpu", workers=0, resume=False)
+    status = {o.slide: o.status for o in summary.outcomes}
+    assert status == {one[0]: "complete", two[0]: "complete", two[1]: "failed"}
 
 
 @pytest.mark.slow

@@ -12,20 +12,24 @@ import pytest
 
 from tests.conftest import run_cli
 from wsi_ssl.errors import EmbeddingsCorruptError
-from wsi_ssl.search import SearchIndex
+from wsi_ssl.search import SearchIndex, evaluate
 from wsi_ssl.search.ids import decode_ids
 from wsi_ssl.storage import open_store
 from wsi_ssl.storage.embeddings import embedding_ids, read_embeddings
 
 
-def _damage_embeddings(root: Path, slide_id: str) -> None:
-    """Overwrite one chunk file of the slide's embeddings with bytes no codec decodes."""
+def _damage_embeddings(root: Path, slide_id: str, how: str = "undecodable") -> None:
+    """One chunk file of the slide's embeddings overwritten with bytes no codec decodes, or
+    deleted ("missing")."""
     store = open_store(root).slide(slide_id)
     [eid] = embedding_ids(store)
     chunk = next(
         p for p in sorted((store.path / "embeddings" / eid / "c").rglob("*")) if p.is_file()
     )
-    chunk.write_bytes(b"xx")
+    if how == "missing":
+        chunk.unlink()
+    else:
+        chunk.write_bytes(b"xx")
 
 
 def _copy(small_archive: Path, tmp_path: Path) -> tuple[Path, str, str]:
@@ -39,12 +43,12 @@ def _tiles(root: Path, slide_id: str) -> int:
     return len(read_embeddings(store, embedding_ids(store)[0], lazy=True))
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+@pytest.mark.parametrize(("kind", "how"), [("flat", "undecodable"), ("hnsw", "missing")])
 def test_a_build_indexes_the_readable_slides_and_lists_the_damaged_one(
-    small_archive: Path, tmp_path: Path, kind: str
+    small_archive: Path, tmp_path: Path, kind: str, how: str
 ) -> None:
     root, good, bad = _copy(small_archive, tmp_path)
-    _damage_embeddings(root, bad)
+    _damage_embeddings(root, bad, how)
     argv = ["index", str(root), "--encoder", "random-cnn", "--kind", kind, "--json", "--quiet"]
     code, out, err = run_cli(argv)
     assert code == 1 and err.count("wsi-ssl: error: ") == 1 and "are damaged" in err, err
@@ -94,7 +98,19 @@ def test_an_update_adds_the_readable_slides_and_keeps_an_indexed_one_whose_store
     assert summary.added == [] and summary.removed == []
     assert len(summary.damaged) == 1 and f"{bad}.zarr" in summary.damaged[0]
     index = SearchIndex.open(root)
-    assert len(index.entries) == 1  # nothing appended for the unreadable slide
+    [kept, left_out] = index.entries  # the unreadable slide's entry holds no vector
+    assert kept.active and (left_out.slide_id, left_out.status) == (bad, "removed")
+    assert not left_out.in_index and index.n_vectors == before
+    _damage_embeddings(root, good, "missing")  # an indexed slide: kept, and the check says so
+    with pytest.raises(EmbeddingsCorruptError, match="chunk files missing"):
+        evaluate.recall_at_k(index, n_queries=4)
+    code, out, err = run_cli(["index", str(root), "--encoder", "random-cnn", "--add", "--json"])
+    assert code == 1 and json.loads(out)["removed"] == [], err
+    meta = root / "slides" / f"{good}.zarr" / "zarr.json"
+    meta.write_text(meta.read_text().replace('"schema_version": 1', '"schema_version": 999'))
+    code, out, err = run_cli(["index", str(root), "--encoder", "random-cnn", "--add", "--json"])
+    assert code == 1 and json.loads(out)["removed"] == [], err
+    assert any(f"{good}.zarr: schema_version 999" in d for d in json.loads(out)["damaged"])
     (root / "slides" / f"{good}.zarr" / "zarr.json").write_text("{bad")
     code, out, err = run_cli(["index", str(root), "--encoder", "random-cnn", "--add", "--json"])
     assert code == 1, err
@@ -103,4 +119,4 @@ def test_an_update_adds_the_readable_slides_and_keeps_an_indexed_one_whose_store
     assert any(f"{good}.zarr: slide store is damaged" in d for d in report["damaged"])
     index = SearchIndex.open(root)
     assert [e.slide_id for e in index.slides] == [good] and index.n_vectors == before
-    assert np.array_equal(index.coords, coords)
+    assert np.array_equal(index.coords[: len(coords)], coords)  # the indexed slide as it was

@@ -97,6 +97,16 @@ def test_load_encoder_gives_the_teacher_backbone(finished_run, cmu_root: Path) -
     small = load_encoder(finished_run.out_dir / "encoder.pt")
     for a, b in zip(model.state_dict().values(), small.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+    # as an embedding encoder it knows its scale: 64 px tiles at ~0.5 µm/px seen at 32 px
+    from wsi_ssl.encoders import create_encoder
+    from wsi_ssl.encoders._checkpoint import trained_mpp
+
+    assert description["sources"]["tile_sizes"] == [64]
+    mpp = description["sources"]["mpp"]  # the stores' effective µm/px (CMU-1: 0.499)
+    assert abs(mpp - 0.5) < 0.01
+    assert create_encoder(finished_run.out_dir).config.mpp == (round(mpp * 64 / 32, 4),)
+    mixed = {"sources": {**description["sources"], "tile_sizes": [64, 128]}}
+    assert trained_mpp(mixed, 32) == ()  # several tile sizes: no one scale to check
     student = load_encoder(finished_run.checkpoint, which="student")
     assert student.description["which"] == "student"
     with pytest.raises(CheckpointError, match="for arch 'resnet18_tiny', not 'resnet18'"):

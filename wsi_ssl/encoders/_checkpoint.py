@@ -46,10 +46,10 @@ def _size(value: Any) -> int:
 def trained_mpp(desc: Mapping[str, Any], input_size: int) -> tuple[float, ...]:
     """The scales (µm/px at the model input) a run trained at: each of its tiles' scales times
     tile size over input size (a whole tile resized to the input, as ``embed`` feeds it);
-    empty when the run does not say (an older checkpoint) or mixed tile sizes."""
+    empty when the run does not say (an older checkpoint) or trained on several tile sizes."""
     sources = desc.get("sources") or {}
     tile = sources.get("tile_size")
-    if not tile or (desc.get("pretrain_config") or {}).get("mixed_sizes"):
+    if not tile or len(sources.get("tile_sizes") or [tile]) > 1:
         return ()
     scales = [float(k) for k in sources.get("scales") or {} if float(k) > 0]
     if not scales and sources.get("mpp"):

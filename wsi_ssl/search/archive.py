@@ -289,9 +289,9 @@ class UnchangedSlides:
     """``collect``'s ``skip`` for an index update: leaves out the slides indexed with these
     very embeddings (same coords hash, same ``created``), counting them in ``summary``;
     re-embedded ones go to ``summary.updated``; ``seen`` gathers every slide with complete
-    embeddings; the ``excluded`` slides (removed on request) are left out and counted. A slide
-    to add is read first: one whose embeddings cannot be read is left out (an indexed one keeps
-    its vectors) and its error kept in ``unreadable``."""
+    embeddings; the ``excluded`` slides (removed on request) are left out and counted. A
+    re-embedded slide is read first: when its new embeddings cannot be read it is left out
+    (keeping its indexed vectors) and its error kept in ``unreadable``."""
 
     indexed: dict[str, SlideEntry]
     summary: AddSummary
@@ -311,10 +311,11 @@ class UnchangedSlides:
         if old is not None and (old.coords_sha256, old.embedded) == made:
             self.summary.unchanged += 1
             return True
+        if old is None:
+            return False
         if not self._readable(store):
             return True
-        if old is not None:
-            self.summary.updated.append(slide_id)
+        self.summary.updated.append(slide_id)
         return False
 
     def _readable(self, store: SlideStore) -> bool:
@@ -420,7 +421,8 @@ def collect(
     """The slides embedded by ``encoder_id`` (all complete ones, or ``slides``), numbered from
     ``start_number``; ``skip(store, embedding_attrs)`` leaves a slide out. Every slide must
     have been embedded with the stain normalisation ``stain`` ("unknown": the first slide's).
-    Stores whose metadata cannot be read are left out and listed in ``damaged``.
+    Stores whose metadata cannot be read, and embeddings missing chunk files, are left out
+    and listed in ``damaged``.
 
     Raises:
         UnknownSlideError: a named slide (id, file name or stem) has no complete store.
@@ -440,9 +442,14 @@ def collect(
     mismatched, other_stain = [], []
     fixed = not isinstance(stain, str)  # else the first slide's is the index's
     first, first_id = (None if isinstance(stain, str) else stain), "the index"
+    unreadable: list[WsiSslError] = []  # complete embeddings with chunk files missing
     for sid in ids:
         store = archive.slide(sid)
-        emb = _complete_embeddings(store, encoder_id)
+        try:
+            emb = _complete_embeddings(store, encoder_id)
+        except EmbeddingsCorruptError as err:
+            unreadable.append(err)
+            continue
         if emb is None:
             if slides is not None:
                 from wsi_ssl.storage.embeddings import embedding_ids
@@ -484,5 +491,5 @@ def collect(
         )
     all_coords = np.concatenate(coords) if coords else np.empty((0, 2), dtype=np.int64)
     source = ArchiveSource(items, encoder_id, dim)
-    damaged = list(archive.damaged) if slides is None else []  # stores the listing skipped
+    damaged = [*(archive.damaged if slides is None else []), *unreadable]
     return Collected(source, entries, all_coords, tiling, encoder, first, damaged)

@@ -172,6 +172,9 @@ def recall_at_k(
 
     Returns:
         ``{"k", "queries", "recall", "promised_recall", "kind"}``.
+
+    Raises:
+        EmbeddingsCorruptError: an indexed slide's embeddings cannot be read.
     """
     from wsi_ssl.storage import open_store
 
@@ -189,6 +192,8 @@ def recall_at_k(
         gt_sims, gt_ids = exact.search_vectors(queries, depth)
     else:
         gt_sims, gt_ids = exact_neighbours(source, normalise(queries), depth)
+    if source.unreadable:  # the ground truth would lack an indexed slide's vectors
+        raise next(iter(source.unreadable.values()))
     _, found = index.search_vectors(queries, k + (1 if own is not None else 0))
     return {
         "k": k,

@@ -168,8 +168,12 @@ class SearchIndex(SearchMethods):
         eid = resolve_encoder_id(archive, encoder)
         name = validate_index_name(name or eid)
         found = collect(archive, eid, slides)
-        if not found.entries:
-            raise EmbeddingsNotFoundError(archive.root, eid, [])
+        if not found.entries:  # none readable: say why when it is damage
+            raise (
+                found.damaged[0]
+                if found.damaged
+                else EmbeddingsNotFoundError(archive.root, eid, [])
+            )
         n, dim = found.source.n, found.dim
         plan = plan_index(n, dim, config)
         log(
@@ -356,7 +360,9 @@ class SearchIndex(SearchMethods):
                 stain=indexed_stain(self.record, archive, self.slides, self.encoder_id),
                 skip=skip,
             )
-            found.damaged += skip.unreadable
+            found.damaged = [  # a slide taken out with remove() stays out, damaged or not
+                e for e in [*found.damaged, *skip.unreadable] if damaged_slide_id(e) not in excluded
+            ]
             summary.damaged = [str(err) for err in found.damaged]
             unreadable = {damaged_slide_id(err) for err in found.damaged}  # kept as they are
             gone = [] if slides is not None else sorted(current.keys() - skip.seen - unreadable)

@@ -23,7 +23,7 @@ then normalised: ``(x - mean) / std``.
      "step", "epoch", "total_steps", "finished", "tile_size", "mpp",
      "checkpoint", "format", "wsi_ssl_version", "torch_version",
      "pretrain_config": {...PretrainConfig...},
-     "sources": {"roots", "n_slides", "n_tiles", "tile_size", "mpp", "slides": [...]}}
+     "sources": {"roots", "n_slides", "n_tiles", "tile_size", "tile_sizes", "mpp", "slides": [...]}}
 
 Errors: a missing, truncated or corrupt file, a file that is not a wsi-ssl checkpoint, or one
 for another architecture than ``arch=`` asks for: :class:`~wsi_ssl.errors.CheckpointError`.

@@ -202,6 +202,7 @@ def describe_sources(
         "n_slides": len(entries),
         "n_tiles": sum(e.n_tiles for e in entries),
         "tile_size": entries[0].tile_size,
+        "tile_sizes": sorted({e.tile_size for e in entries}),
         "mpp": entries[0].mpp,
         "slides": [
             {"slide_id": e.slide_id, "n_tiles": e.n_tiles, "fingerprint": e.fingerprint}
