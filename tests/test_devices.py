@@ -143,7 +143,7 @@ def test_a_killed_device_process_reports_the_slides_it_committed_before_dying(
     assert embedding_status(archive.slide(two[0]), summary.encoder_id) == "complete"
     assert summary.exit_code == 1 and summary.counts["complete"] == 2
     # every slide complete, then redone (resume off) with the same kill: the slide the dead
-    # process did not redo is failed, not "skipped" for the embeddings it was to replace
+    # process did not redo is failed, not taken for done by the embeddings it was to replace
     monkeypatch.delenv("WSI_SSL_FAULT")
     assert embed_on_devices(root, "random-cnn", "cpu,cpu", workers=0).exit_code == 0
     monkeypatch.setenv("WSI_SSL_FAULT", f"kill_before_rename:{two[1]}.zarr/embeddings/")

@@ -308,7 +308,7 @@ def merge_summaries(
             by_slide.update({o.slide: o for o in summaries[index].outcomes})
         elif index in lost:
             by_slide.update(
-                {s: _lost_outcome(root, s, lost[index], encoder_id, began, config) for s in shard}
+                {s: _lost_outcome(root, s, lost[index], encoder_id, began) for s in shard}
             )
     return EmbedSummary(
         outcomes=[by_slide[s] for s in ids if s in by_slide],
@@ -328,16 +328,11 @@ def _encoder_name(encoder: Encoder | str | Path) -> str:
 
 
 def _lost_outcome(
-    root: str | Path,
-    slide: str,
-    error: RemoteError,
-    encoder_id: str | None,
-    began: datetime,
-    config: EmbedConfig,
+    root: str | Path, slide: str, error: RemoteError, encoder_id: str | None, began: datetime
 ) -> SlideOutcome:
     """A slide of a shard that never reported: "complete" when its embeddings were committed
-    during this job, "skipped" when they were complete before it (and the job resumed, as it
-    would have skipped them), else failed with ``error``."""
+    during this job, else failed with ``error`` (embeddings from before the job may not be
+    what it asked for: another stain normalisation, a redo with ``resume=False``)."""
     from wsi_ssl.storage.embeddings import embedding_status, read_embeddings
 
     if encoder_id is not None:
@@ -348,6 +343,4 @@ def _lost_outcome(
                 made = datetime.fromisoformat(str(emb.attrs["created"]))
                 if (made if made.tzinfo else made.replace(tzinfo=UTC)) >= began:
                     return SlideOutcome(slide, "complete", len(emb))
-                if config.resume:
-                    return SlideOutcome(slide, "skipped", len(emb))
     return SlideOutcome.failure(slide, error)

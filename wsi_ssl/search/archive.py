@@ -329,13 +329,23 @@ class UnchangedSlides:
         return True
 
 
-def _complete_embeddings(store: SlideStore, encoder_id: str) -> Embeddings | None:
-    """The complete embeddings ``encoder_id`` of a store, lazily (no vectors read), or None."""
-    from wsi_ssl.storage.embeddings import embedding_status, read_embeddings
+def _complete_embeddings(
+    store: SlideStore, encoder_id: str, named: bool, unreadable: list[WsiSslError]
+) -> Embeddings | None:
+    """The complete embeddings ``encoder_id`` of a store, lazily (no vectors read), or None:
+    there are none (an error when the slide was ``named``), or chunk files are missing (the
+    error kept in ``unreadable``)."""
+    from wsi_ssl.storage.embeddings import embedding_ids, embedding_status, read_embeddings
 
     if embedding_status(store, encoder_id) != "complete":
+        if named:
+            raise EmbeddingsNotFoundError(store.path, encoder_id, embedding_ids(store))
         return None
-    return read_embeddings(store, encoder_id, lazy=True)
+    try:
+        return read_embeddings(store, encoder_id, lazy=True)
+    except EmbeddingsCorruptError as err:
+        unreadable.append(err)
+        return None
 
 
 def _entry(
@@ -445,16 +455,8 @@ def collect(
     unreadable: list[WsiSslError] = []  # complete embeddings with chunk files missing
     for sid in ids:
         store = archive.slide(sid)
-        try:
-            emb = _complete_embeddings(store, encoder_id)
-        except EmbeddingsCorruptError as err:
-            unreadable.append(err)
-            continue
+        emb = _complete_embeddings(store, encoder_id, slides is not None, unreadable)
         if emb is None:
-            if slides is not None:
-                from wsi_ssl.storage.embeddings import embedding_ids
-
-                raise EmbeddingsNotFoundError(store.path, encoder_id, embedding_ids(store))
             continue
         if skip is not None and skip(store, emb.attrs):
             continue
