@@ -120,3 +120,20 @@ def test_an_update_adds_the_readable_slides_and_keeps_an_indexed_one_whose_store
     index = SearchIndex.open(root)
     assert [e.slide_id for e in index.slides] == [good] and index.n_vectors == before
     assert np.array_equal(index.coords[: len(coords)], coords)  # the indexed slide as it was
+
+
+def test_an_ivfpq_build_with_too_few_readable_vectors_says_so(tmp_path: Path) -> None:
+    """Sized for every slide, an IVF-PQ index whose slides are mostly damaged cannot train:
+    one clear error naming what is readable (FAISS would fail on too few points)."""
+    from wsi_ssl.errors import ConfigError
+    from wsi_ssl.testing.bags import write_bag_store
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "root"
+    for i in range(3):
+        features = rng.normal(size=(1000, 16)).astype(np.float32)
+        write_bag_store(root, f"{i:016x}", features, encoder_id="enc", dtype="float32")
+    for i in (1, 2):
+        _damage_embeddings(root, f"{i:016x}")
+    with pytest.raises(ConfigError, match=r"the readable slides hold 1000 .*re-embed them"):
+        SearchIndex.build(root, "enc", kind="ivfpq")

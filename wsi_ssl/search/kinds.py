@@ -322,6 +322,14 @@ class IVFPQKind(IndexKind):
             )
         )
         ids_all, vecs_all = gather(source, rows)  # fewer if a slide was found unreadable
+        need = PQ_MIN_TRAIN_PER_CENTROID * int(plan["nlist"])
+        if len(ids_all) < min(need, len(rows)):
+            raise ConfigError(
+                f"an IVF-PQ index of {plan['nlist']} lists needs {need} vectors to train; the "
+                f"readable slides hold {len(ids_all)} (the others' embeddings could not be "
+                "read: re-embed them), or use kind='flat' (exact) or 'hnsw'",
+                parameters=("kind",),
+            )
         perm = rng.permutation(len(ids_all))
         train = vecs_all[perm[:train_n]]
         n_queries = min(n_queries, len(ids_all))
