@@ -322,12 +322,12 @@ class IVFPQKind(IndexKind):
             )
         )
         ids_all, vecs_all = gather(source, rows)  # fewer if a slide was found unreadable
-        need = PQ_MIN_TRAIN_PER_CENTROID * int(plan["nlist"])
-        if len(ids_all) < min(need, len(rows)):
+        need = max(int(plan["nlist"]), 1 << int(plan["pq_nbits"]))  # k-means' hard minimum
+        if len(ids_all) < need:
             raise ConfigError(
-                f"an IVF-PQ index of {plan['nlist']} lists needs {need} vectors to train; the "
-                f"readable slides hold {len(ids_all)} (the others' embeddings could not be "
-                "read: re-embed them), or use kind='flat' (exact) or 'hnsw'",
+                f"an IVF-PQ index of {plan['nlist']} lists needs at least {need} vectors to "
+                f"train; the readable slides hold {len(ids_all)} (the others' embeddings could "
+                "not be read: re-embed them), or use kind='flat' (exact) or 'hnsw'",
                 parameters=("kind",),
             )
         perm = rng.permutation(len(ids_all))
