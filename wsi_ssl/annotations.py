@@ -351,7 +351,9 @@ def label_tiles(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
 ) -> TileLabels:
-    """Read an annotation file and measure its classes and region on each tile.
+    """Read an annotation file and measure its classes and region on each tile: on the
+    raster, and for polygons exactly on the tiles an edge crosses (a raster pixel of 16
+    level-0 px counts whole: an edge tile read 0.83-0.94 inside, 0.06-0.17 outside).
 
     Args:
         path: QuPath GeoJSON, ASAP XML or a mask image.
@@ -370,11 +372,55 @@ def label_tiles(
         _check_mask_shape(annotations.path, annotations.mask.shape, grid_shape)
     rasters = rasterize(annotations, grid_shape, level0_per_px)
     region = roi_region(rasters, include, exclude, annotations.path)
-    return TileLabels(
-        classes=annotations.classes,
-        fractions=class_fractions(rasters, coords, tile_size_level0, level0_per_px),
-        in_roi=tissue_fraction(region, coords, tile_size_level0, level0_per_px),
+    fractions = class_fractions(rasters, coords, tile_size_level0, level0_per_px)
+    in_roi = tissue_fraction(region, coords, tile_size_level0, level0_per_px)
+    if annotations.mask is None:  # polygons: tiles across an edge measured exactly
+        geometries = annotations.geometries
+        for c, name in enumerate(geometries):
+            fractions[:, c] = _exact_across_edges(
+                fractions[:, c], geometries[name], coords, tile_size_level0
+            )
+        chosen = list(include) or [c for c in geometries if c not in exclude]
+        extent = (grid_shape[1] * level0_per_px, grid_shape[0] * level0_per_px)
+        whole = _region_geometry(geometries, chosen, exclude, extent)
+        in_roi = _exact_across_edges(in_roi, whole, coords, tile_size_level0)
+    return TileLabels(classes=annotations.classes, fractions=fractions, in_roi=in_roi)
+
+
+def _region_geometry(
+    geometries: dict[str, Any],
+    chosen: Sequence[str],
+    exclude: Sequence[str],
+    extent: tuple[float, float],
+) -> Any:
+    """:func:`roi_region` as a geometry: the ``chosen`` classes (the whole ``extent`` when
+    none) minus the ``exclude`` classes the file holds."""
+    import shapely
+
+    region = (
+        shapely.union_all([geometries[c] for c in chosen]) if chosen else shapely.box(0, 0, *extent)
     )
+    cut = [geometries[c] for c in exclude if c in geometries]
+    return shapely.difference(region, shapely.union_all(cut)) if cut else region
+
+
+def _exact_across_edges(
+    on_raster: np.ndarray, geometry: Any, coords: np.ndarray, tile_size_level0: float
+) -> np.ndarray:
+    """Tile fractions measured on the raster, with those strictly between 0 and 1 (the tiles
+    an edge crosses on the raster grid, where a raster pixel counts whole) replaced by the
+    geometry's exact share of the tile's square."""
+    import shapely
+
+    out = np.array(on_raster, dtype=np.float32)
+    edge = np.flatnonzero((out > 0) & (out < 1))
+    if len(edge):
+        x, y = coords[edge, 0].astype(float), coords[edge, 1].astype(float)
+        boxes = shapely.box(x, y, x + tile_size_level0, y + tile_size_level0)
+        shapely.prepare(geometry)
+        area = shapely.area(shapely.intersection(boxes, geometry))
+        out[edge] = np.clip(area / tile_size_level0**2, 0.0, 1.0)
+    return out
 
 
 def _check_mask_shape(path: Path, mask_shape: tuple[int, ...], grid_shape: tuple[int, int]) -> None:
