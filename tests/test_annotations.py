@@ -443,6 +443,24 @@ def test_a_table_row_naming_two_slides_of_a_batch_is_refused(tmp_path: Path) -> 
     assert len(alone.outcomes) == 1  # one slide of that stem: the row is its
 
 
+def test_table_rows_match_a_slide_by_absolute_or_relative_path_and_only_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row giving the absolute path names the slide given relatively (it was tiled whole,
+    the row reported as naming no slide); two rows naming one slide are refused (one won)."""
+    from wsi_ssl.tiling.slide_table import SlideTable
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "slides").mkdir()
+    relative = Path("slides/cmuA.svs")
+    table = SlideTable("the ROI table", {str(tmp_path / relative): "a.geojson"})
+    assert table.get(relative, None) == "a.geojson" and table.unmatched([relative]) == []
+    table.check_unambiguous([relative])
+    both = SlideTable("the ROI table", {"cmuA.svs": "a.geojson", "cmuA": "b.geojson"})
+    with pytest.raises(ConfigError, match=r"rows 'cmuA.svs', 'cmuA' of the ROI table all name"):
+        both.check_unambiguous([relative])
+
+
 def test_polygon_with_hole_from_shapely_rasterises_like_its_area() -> None:
     """A rotated polygon: the raster area converges to the exact area."""
     poly = shapely.affinity.rotate(Polygon(RING, [HOLE[::-1]]), 30, origin=(120, 120))

@@ -3,6 +3,7 @@ by path, file name or stem, in that order."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,20 @@ class SlideTable(Generic[T]):
     what: str
     rows: Mapping[str, T]
 
+    @functools.cached_property
+    def _paths(self) -> dict[str, str]:
+        """Rows that name a path, by the absolute path (a relative one from the working
+        folder): a row and a slide given one relative and one absolute still match."""
+        return {str(Path(k).resolve()): k for k in self.rows if "/" in k}
+
+    def keys_of(self, path: Path) -> list[str]:
+        """The rows naming ``path``: by path, then file name, then stem."""
+        named = [str(path), self._paths.get(str(path.resolve())), path.name, path.stem]
+        return list(dict.fromkeys(k for k in named if k is not None and k in self.rows))
+
     def key_of(self, path: Path) -> str | None:
-        """The row naming ``path``: by path, else file name, else stem; None: no row does."""
-        return next((k for k in (str(path), path.name, path.stem) if k in self.rows), None)
+        """The row naming ``path`` (the first of :meth:`keys_of`); None: no row does."""
+        return next(iter(self.keys_of(path)), None)
 
     def get(self, path: Path, default: T | None) -> T | None:
         """The value of the row naming ``path``, else ``default``."""
@@ -34,16 +46,21 @@ class SlideTable(Generic[T]):
 
     def check_unambiguous(self, paths: Sequence[Path]) -> None:
         """Refuse a row that names several slides of the batch by file name or stem
-        (``S.svs`` and ``S.ndpi``, or two folders' ``S.svs``): its value would go to each.
+        (``S.svs`` and ``S.ndpi``, or two folders' ``S.svs``): its value would go to each;
+        and several rows naming one slide (by path and by stem): one would win silently.
 
         Raises:
             ConfigError: such rows, with the slides each names.
         """
         users: dict[str, list[Path]] = {}
         for path in paths:
-            key = self.key_of(path)
-            if key is not None and key != str(path):
-                users.setdefault(key, []).append(path)
+            keys = self.keys_of(path)
+            if len(keys) > 1:
+                raise ConfigError(
+                    f"rows {', '.join(map(repr, keys))} of {self.what} all name {path}; keep one"
+                )
+            if keys and keys[0] not in (str(path), str(path.resolve())):
+                users.setdefault(keys[0], []).append(path)
         clashes = [f"{k!r} ({', '.join(map(str, ps))})" for k, ps in users.items() if len(ps) > 1]
         if clashes:
             raise ConfigError(
@@ -53,8 +70,8 @@ class SlideTable(Generic[T]):
 
     def unmatched(self, paths: Sequence[Path]) -> list[str]:
         """Rows that name no slide of ``paths``."""
-        names = {key for p in paths for key in (str(p), p.name, p.stem)}
-        return [key for key in self.rows if key not in names]
+        named = {key for p in paths for key in self.keys_of(p)}
+        return [key for key in self.rows if key not in named]
 
     def unmatched_note(self, paths: Sequence[Path]) -> str | None:
         """A line on the rows that name no slide of the batch (a misspelt name, or a cohort
