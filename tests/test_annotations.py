@@ -13,7 +13,7 @@ import shapely
 from PIL import Image
 from shapely.geometry import Polygon, box
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, twin_of
 from wsi_ssl.annotations import (
     UNCLASSIFIED,
     class_fractions,
@@ -421,6 +421,12 @@ def test_roi_cli_and_errors(cmu_small: Path, tmp_path: Path) -> None:
     both = ["--roi", str(roi), "--roi-include", "Tumor", "--roi-exclude", "Tumor"]
     code, _, stderr = run_cli([*argv, "--no-resume", *both])
     assert code == 2 and "class(es) 'Tumor' both included and excluded" in stderr, stderr
+    assert (store.path / "zarr.json").stat().st_mtime_ns == before
+    # --roi-include with a slide the table gives no file: refused (it was tiled whole)
+    twin = twin_of(cmu_small, tmp_path)
+    pair = ["tile", str(cmu_small), str(twin), "--out", str(out), "--codec", "zstd", "--quiet"]
+    code, _, stderr = run_cli([*pair, "--roi-csv", str(tmp_path / "rois.csv"), *both[2:4]])
+    assert code == 2 and "1 slide(s) have none" in stderr and str(twin) in stderr, stderr
     assert (store.path / "zarr.json").stat().st_mtime_ns == before
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import ConfigError
+from wsi_ssl.listing import first_few
 from wsi_ssl.tiling.slide_table import SlideTable
 
 __all__ = ["check_batch"]
@@ -28,7 +29,8 @@ def check_batch(
 
     Raises:
         ConfigError: an output folder that is a file; ROI classes chosen without an annotation
-            file, or naming a class none of the batch's files holds.
+            file (for the batch, or with ``roi_include`` for one of its slides), or naming a
+            class none of the batch's files holds.
         CatalogCorruptError: an existing archive's catalog cannot be read (every slide's
             record would fail); ``wsi-ssl check ROOT --repair`` rebuilds it.
     """
@@ -50,4 +52,12 @@ def check_batch(
     from wsi_ssl.annotations import check_classes_named  # a misspelt class: before any slide
 
     files = [roi_files.get(p, config.roi) for p in paths]
+    bare = [str(p) for p, f in zip(paths, files, strict=True) if not f]
+    if config.roi_include and bare:  # tiled whole, though only some classes were asked for
+        raise ConfigError(
+            f"roi_include keeps the named classes of each slide's annotation file, but "
+            f"{len(bare)} slide(s) have none (no row of the ROI table names them, or its roi "
+            f"is empty): {first_few(bare)}; add their rows, or tile them in a batch of their own",
+            parameters=("rois", "roi_include"),
+        )
     check_classes_named([f for f in files if f], config.roi_include, config.roi_exclude)
