@@ -87,6 +87,10 @@ def test_geojson_variants(tmp_path: Path) -> None:
     legacy = {"type": "Feature", "geometry": geometry, "properties": {"classification": "T"}}
     (tmp_path / "old.geojson").write_text(json.dumps(legacy))
     assert read_annotations(tmp_path / "old.geojson").classes == ("T",)
+    # QuPath 0.4+ writes a derived class as its names (it was "annotation")
+    derived = {**legacy, "properties": {"classification": {"names": ["Tumor", "Positive"]}}}
+    (tmp_path / "derived.geojson").write_text(json.dumps(derived))
+    assert read_annotations(tmp_path / "derived.geojson").classes == ("Tumor: Positive",)
 
 
 def test_overlapping_and_self_intersecting_polygons_are_unioned(tmp_path: Path) -> None:
@@ -188,6 +192,17 @@ def test_palette_16_bit_and_jpeg_masks_keep_their_classes(tmp_path: Path) -> Non
     deep_ann = read_annotations(tmp_path / "deep.png")
     assert deep_ann.classes == ("150", "300")
     np.testing.assert_array_equal(rasterize(deep_ann, labels.shape, 1.0)["300"], labels == 2)
+    # a colour PNG: red and green would both become grey 76-ish, one class; refused
+    colour = np.zeros((*labels.shape, 3), dtype=np.uint8)
+    colour[labels == 1] = (255, 0, 0)
+    colour[labels == 2] = (0, 130, 0)
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    with pytest.raises(AnnotationError, match="a colour mask") as info:
+        read_annotations(tmp_path / "colour.png")
+    assert str(tmp_path / "colour.png") in str(info.value)
+    grey_rgb = np.repeat((labels * 100)[..., None], 3, axis=2)  # grey saved as RGB: its values
+    Image.fromarray(grey_rgb).save(tmp_path / "grey.png")
+    assert read_annotations(tmp_path / "grey.png").classes == ("100", "200")
     binary = np.where(labels > 0, 255, 0).astype(np.uint8)
     Image.fromarray(binary).save(tmp_path / "binary.jpg", quality=75)
     jpeg = read_annotations(tmp_path / "binary.jpg")

@@ -146,10 +146,13 @@ def _read_geojson(path: Path) -> dict[str, Any]:
 
 
 def _qupath_class(properties: dict[str, Any]) -> str:
-    """QuPath's ``classification`` (``{"name": ...}`` or a string); else unclassified."""
+    """QuPath's ``classification`` (``{"name": ...}``, a derived class's ``{"names": [...]}``
+    joined as QuPath shows it, "Tumor: Positive", or a string); else unclassified."""
     classification = properties.get("classification")
     if isinstance(classification, dict) and classification.get("name"):
         return str(classification["name"])
+    if isinstance(classification, dict) and classification.get("names"):
+        return ": ".join(map(str, classification["names"]))
     if isinstance(classification, str) and classification:
         return classification
     return UNCLASSIFIED
@@ -185,8 +188,16 @@ def _read_mask(path: Path) -> np.ndarray:
         from PIL import Image
 
         with Image.open(path) as image:
-            # palette indices and 16-bit values are the labels; colour is made grey
+            # palette indices and 16-bit values are the labels; grey stored as colour is grey
             plain = image.mode in ("P", "L", "1") or image.mode.startswith("I")
+            if not plain and path.suffix.lower() not in LOSSY_SUFFIXES:
+                rgb = np.asarray(image.convert("RGB"))
+                if (rgb != rgb[..., :1]).any():  # colours made grey would merge classes
+                    raise AnnotationError(
+                        path,
+                        "a colour mask: its classes would merge when made grey; save it as a "
+                        "label mask (one value per class, 8- or 16-bit) or a palette PNG",
+                    )
             array = np.asarray(image if plain else image.convert("L"))
     if array.ndim != 2 or array.size == 0:
         raise AnnotationError(path, f"a mask must be a 2-D image, got shape {array.shape}")
