@@ -431,6 +431,10 @@ def test_roi_cli_and_errors(cmu_small: Path, tmp_path: Path) -> None:
     assert (store.path / "zarr.json").stat().st_mtime_ns == before
     with pytest.raises(ConfigError, match="roi_min_fraction"):
         TilingConfig(roi_min_fraction=1.5)
+    # --roi-min-fraction without an annotation file: refused (it was ignored)
+    code, _, stderr = run_cli([*argv, "--no-resume", "--roi-min-fraction", "0.3"])
+    assert code == 2 and "roi_min_fraction is the share of a tile inside" in stderr, stderr
+    assert (store.path / "zarr.json").stat().st_mtime_ns == before
     # a class both included and excluded: the flags contradict, refused before any slide (it
     # blamed the file: "no tissue tile ... check the file belongs to this slide")
     both = ["--roi", str(roi), "--roi-include", "Tumor", "--roi-exclude", "Tumor"]

@@ -41,6 +41,12 @@ def check_batch(
     for scale_root in roots:
         if (scale_root / "catalog.sqlite").is_file():
             Catalog(scale_root / "catalog.sqlite").entries()
+    if not (config.roi or rois) and config.roi_min_fraction != TilingConfig().roi_min_fraction:
+        raise ConfigError(
+            "roi_min_fraction is the share of a tile inside an annotation file's region: give "
+            "the file (roi, or rois per slide), or leave roi_min_fraction out",
+            parameters=("roi", "roi_min_fraction"),
+        )
     if not (config.roi_include or config.roi_exclude):
         return
     if not (config.roi or rois):
