@@ -174,6 +174,16 @@ def run_info(args: argparse.Namespace) -> int:
     from wsi_ssl.errors import CorruptSlideError
     from wsi_ssl.slide import open_slide
 
+    if Path(args.slide).is_dir():  # a DICOM series is one slide; other folders may hold many
+        from wsi_ssl.listing import first_few
+        from wsi_ssl.tiling.source import collect_slide_paths
+
+        found = collect_slide_paths([args.slide])
+        if len(found) > 1:
+            raise ConfigError(
+                f"{args.slide}: holds {len(found)} slides ({first_few([str(p) for p in found])}); "
+                "info describes one: give one of them"
+            )
     failure = None
     with open_slide(args.slide, mpp_override=args.mpp_override) as reader:
         info: dict[str, Any] = {

@@ -62,6 +62,18 @@ def test_folder_of_instances_falls_back_to_wsidicom(series_dir: Path, slides_dir
         np.testing.assert_array_equal(reader.get_thumbnail((8, 8)), reference.get_thumbnail((8, 8)))
 
 
+def test_info_on_a_series_folder_and_on_a_folder_of_slides(
+    series_dir: Path, slides_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``info`` on a DICOM series folder describes that slide; on a folder of several slides
+    it says so (it described whichever DICOM it found, a 16 x 16 one among six slides)."""
+    assert cli_main(["info", str(series_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dimensions"] == [16, 16]
+    assert cli_main(["info", str(slides_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"{slides_dir}: holds " in err and "info describes one" in err, err
+
+
 def test_one_file_finds_its_series(slides_dir: Path, series_dir: Path, tmp_path: Path) -> None:
     assert series_files(series_dir / NAMES[1]) == [series_dir / n for n in NAMES]
     # a file of another series beside them is left out
