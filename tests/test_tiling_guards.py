@@ -207,3 +207,19 @@ def test_an_output_folder_that_is_a_file_is_refused_before_any_slide(
     with pytest.raises(ConfigError, match=r"notes\.txt: is a file; the archive root must be"):
         tile_slides([slide], out, TilingConfig(), mpps=mpps, progress=False)
     assert out.read_text() == "mine"
+
+
+def test_a_re_tile_says_why(tmp_path: Path) -> None:
+    """A store redone is reported with its reason: the settings that changed (old -> new),
+    or resume off; an unchanged one is skipped without any."""
+    slide = write_synthetic_slide(tmp_path / "s.tiff", (900, 700), seed=1)
+    argv = ["tile", str(slide), "--out", str(tmp_path / "root"), "--tile-size", "128", "--quiet"]
+    assert run_cli(argv)[0] == 0
+    code, out, err = run_cli([*argv, "--qc-min-focus", "50", "--json"])
+    [outcome] = json.loads(out)["slides"]
+    assert code == 0 and outcome["status"] == "complete", err
+    assert outcome["retiled_because"] == "settings changed: qc_min_focus 200.0 -> 50.0"
+    code, out, _ = run_cli([*argv, "--qc-min-focus", "50"])
+    assert code == 0 and "re-tiled" not in out and "1 already complete" in out
+    code, out, _ = run_cli([*argv, "--qc-min-focus", "50", "--no-resume"])
+    assert code == 0 and f"{slide}: re-tiled: resume off" in out

@@ -21,7 +21,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from wsi_ssl.config import TilingConfig
-from wsi_ssl.errors import DiskFullError, WsiSslError
+from wsi_ssl.errors import DiskFullError, StoreIncompleteError, WsiSslError
 from wsi_ssl.outcome import BatchOutcome, SlideOutcome, interrupt_report
 from wsi_ssl.storage import STATUS_COMPLETE, Archive, SlideStore
 from wsi_ssl.storage.locks import slide_lock
@@ -82,6 +82,8 @@ class TileSummary(BatchOutcome):
                     f"{', '.join(earlier)}; that store is kept beside the new one (name the "
                     "slides by id to tell them apart)"
                 )
+            if why := o.details.get("retiled_because"):
+                lines.append(f"{o.slide}: re-tiled: {why}")
             if same_as := o.details.get("same_as"):
                 lines.append(f"{o.slide}: the same file as {same_as} (one slide, tiled once)")
             if kept := o.details.get("kept_embeddings"):
@@ -107,23 +109,32 @@ class TileSummary(BatchOutcome):
         }
 
 
-def _store_is_current(
+def _current_store(
     archive: Archive, slide_id: str, fingerprint: str, config: TilingConfig
-) -> int | None:
-    """Tile count of a complete store made from this file with this config, else None."""
+) -> tuple[int | None, str | None]:
+    """``(tile count, None)`` of a complete store made from this file with this config, else
+    ``(None, why not)``; ``why`` is None when there is no store at all."""
     key = config.output_key()
     if key.get("roi_sha256") is not None:  # the annotations' content decides, not their path
         key.pop("roi")
+    path = archive.store_path(slide_id)
+    if not (path / "zarr.json").is_file():
+        return None, None
     try:
-        store = SlideStore.open(archive.store_path(slide_id))
-        same_config = {k: store.tiling.get(k) for k in key} == key
-        if store.source.get("fingerprint") != fingerprint or not same_config:
-            return None
+        store = SlideStore.open(path)
+        if store.source.get("fingerprint") != fingerprint:
+            return None, "the file's content changed"
+        changed = [f"{k} {store.tiling.get(k)!r} -> {v!r}" for k, v in key.items()
+                   if store.tiling.get(k) != v]  # fmt: skip
+        if changed:
+            return None, f"settings changed: {', '.join(changed)}"
         if TileReader(store.tiles).missing_shards():  # damaged since: redo it
-            return None
-        return store.n_tiles
+            return None, "tile shards missing"
+        return store.n_tiles, None
+    except StoreIncompleteError:
+        return None, "the store was not finished (a stopped job's)"
     except (WsiSslError, OSError, KeyError, ValueError):  # damaged metadata: redo it
-        return None
+        return None, "the store is damaged"
 
 
 def tile_slide(
@@ -305,13 +316,13 @@ def _tile_scale(
     archive = Archive(root)
     slide_id = adopt_existing_store(source, archive)  # a DICOM slide's older id, if tiled so
     read_only = root.is_dir() and not os.access(root, os.W_OK)  # skipping needs no lock there
-    n = _store_is_current(archive, slide_id, source.fingerprint, config) if read_only else None
+    n = _current_store(archive, slide_id, source.fingerprint, config)[0] if read_only else None
     if resume and n is not None:
         details = _details(source.path, slide_id, root, config)
         return SlideOutcome(str(source.path), "skipped", n, 0.0, details=details)
     with slide_lock(root, slide_id, wait=lock_wait):
         recover_swap(archive.store_path(slide_id))  # what a killed job left
-        current = _store_is_current(archive, slide_id, source.fingerprint, config)
+        current, why = _current_store(archive, slide_id, source.fingerprint, config)
         if resume and current is not None:  # an identical copy keeps the slide's name
             details = _details(source.path, slide_id, root, config)
             if same_as := archive.catalog.other_copy(slide_id, source.path):
@@ -330,6 +341,8 @@ def _tile_scale(
             discard_embeddings=discard_embeddings,
         )
     details = _details(source.path, slide_id, root, config, replacement)
+    if redone := why or ("resume off" if current is not None else None):
+        details["retiled_because"] = redone
     spellings = {source.path, source.path.resolve()}  # older catalogs kept the path as given
     details["earlier_versions"] = sorted(  # the file held other content when these were tiled
         {
