@@ -411,6 +411,13 @@ def test_roi_cli_and_errors(cmu_small: Path, tmp_path: Path) -> None:
     far.write_text(json.dumps(_feature(shapely.geometry.mapping(box(0, 0, 200, 200)), "T")))
     code, _, stderr = run_cli([*argv, "--no-resume", "--roi", str(far)])
     assert code != 0 and "no tissue tile" in stderr and str(far) in stderr
+    # a region off the slide: said so, naming the class chosen (it listed every class)
+    off = tmp_path / "off.geojson"
+    features = [_feature(shapely.geometry.mapping(CMU_TUMOR), "Tumor")]
+    features.append(_feature(shapely.geometry.mapping(box(5000, 5000, 6000, 6000)), "Outside"))
+    off.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    code, _, stderr = run_cli([*argv, "--no-resume", "--roi", str(off), "--roi-include", "Outside"])
+    assert code != 0 and "(class(es) Outside, which covers no tile of the slide at all)" in stderr
     # a per-slide CSV, relative to the CSV's folder, a slide named by its stem; a row naming
     # no slide of the batch is a warning
     rows = f"slide,roi\n{cmu_small.stem},cmu.geojson\nnot-there.svs,cmu.geojson\n"

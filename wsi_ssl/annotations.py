@@ -476,11 +476,14 @@ def restrict_to_roi(
     )
     inside = keep & (labels.in_roi > 0) & (labels.in_roi >= config.roi_min_fraction)
     if keep.any() and not inside.any():
+        chosen = config.roi_include or [c for c in labels.classes if c not in config.roi_exclude]
+        where = "" if labels.in_roi.any() else ", which covers no tile of the slide at all"
         raise AnnotationError(
             config.roi,
             f"no tissue tile has {config.roi_min_fraction:.0%} of its area in the region "
-            f"(classes {', '.join(labels.classes)}); check the file belongs to this slide and "
-            "is in level-0 pixels, or lower roi_min_fraction",
+            f"(class(es) {', '.join(chosen) or 'all but ' + ', '.join(config.roi_exclude)}"
+            f"{where}); check the file belongs to this slide and is in level-0 pixels, or "
+            "lower roi_min_fraction",
             parameters=("roi", "roi_min_fraction"),
         )
     return inside, labels
