@@ -189,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"metrics     {result.metrics_path}")
     if result.loss_plot is not None:
         print(f"loss plot   {result.loss_plot}")
+    for note in result.notes:
+        print(f"note        {note}")
     return 0
 
 

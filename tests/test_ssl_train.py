@@ -226,6 +226,12 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(
     assert _cli(cmu_root, "--out", out, "--resume", "--json") == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["step"] == 4 and summary["finished"] and summary["config"]["out_dim"] == 64
+    assert summary["notes"] == []  # 32 px crops of 64 px tiles
+    # crops larger than the tiles: the run says every crop was upsampled
+    big = [*common[:5], "96", *common[6:]]  # --global-crop-size 96
+    assert _cli(cmu_root, "--out", tmp_path / "big", *big, "--steps", "1") == 0
+    said = capsys.readouterr().out
+    assert "note        tiles of 64 px are smaller than the 96 px global crops" in said, said
     assert _cli(cmu_root, "--out", out, *common) == 2
     err = capsys.readouterr().err
     assert err.startswith("wsi-ssl: error: ") and err.count("\n") == 1 and "--resume" in err

@@ -60,6 +60,20 @@ class PretrainRun:
     def finished(self) -> bool:
         return self.step >= self.total_steps
 
+    @property
+    def notes(self) -> list[str]:
+        """What to know about the run: global crops larger than its tiles (every crop was
+        upsampled, so the encoder learnt blurred tissue)."""
+        sizes = self.sources.get("tile_sizes") or [self.sources.get("tile_size")]
+        small = [int(t) for t in sizes if t and int(t) < self.config.global_crop_size]
+        if not small:
+            return []
+        crop = self.config.global_crop_size
+        return [
+            f"tiles of {min(small)} px are smaller than the {crop} px global crops: every crop "
+            f"was upsampled; tile at tile_size >= {crop}, or set global_crop_size <= {min(small)}"
+        ]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "out_dir": str(self.out_dir),
@@ -76,6 +90,7 @@ class PretrainRun:
             "digests": self.digests,
             "sources": {k: v for k, v in self.sources.items() if k != "slides"},
             "config": self.config.to_dict(),
+            "notes": self.notes,
         }
 
 
