@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from tests.conftest import run_cli
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.embedding import embed
 from wsi_ssl.embedding.devices import embed_on_devices, parse_devices, shard_slides, slide_sizes
+from wsi_ssl.embedding.summary import EmbedSummary
 from wsi_ssl.encoders import create_encoder
 from wsi_ssl.errors import ConfigError, DeviceUnavailableError
 from wsi_ssl.storage import open_store
@@ -97,6 +99,14 @@ def _fresh_copy(root: Path, dest: Path) -> Path:
     return dest
 
 
+def _embed_killing_at(
+    root: Path, slide: str, monkeypatch: pytest.MonkeyPatch, **options: Any
+) -> EmbedSummary:
+    """Embed on two CPU processes; the one holding ``slide`` is SIGKILLed as it commits it."""
+    monkeypatch.setenv("WSI_SSL_FAULT", f"kill_before_rename:{slide}.zarr/embeddings/")
+    return embed_on_devices(root, "random-cnn", "cpu,cpu", workers=0, **options)
+
+
 @pytest.mark.slow
 @pytest.mark.faults
 def test_a_killed_device_process_fails_its_slides_only_and_a_rerun_completes_them(
@@ -106,8 +116,7 @@ def test_a_killed_device_process_fails_its_slides_only_and_a_rerun_completes_the
     archive = open_store(root)
     lost, kept = shard_slides(slide_sizes(archive, archive.slide_ids), 2)
     # the first device's process is SIGKILLed as it commits its first slide
-    monkeypatch.setenv("WSI_SSL_FAULT", f"kill_before_rename:{lost[0]}.zarr/embeddings/")
-    summary = embed_on_devices(root, "random-cnn", "cpu,cpu", workers=0)
+    summary = _embed_killing_at(root, lost[0], monkeypatch)
     by_slide = {o.slide: o for o in summary.outcomes}
     assert {s for s, o in by_slide.items() if o.status == "complete"} == set(kept)
     for s in lost:
@@ -136,8 +145,7 @@ def test_a_killed_device_process_reports_the_slides_it_committed_before_dying(
     one, two = shard_slides(slide_sizes(archive, archive.slide_ids), 2)
     assert len(two) == 2
     # the second device's process commits its first slide, then is SIGKILLed at its second
-    monkeypatch.setenv("WSI_SSL_FAULT", f"kill_before_rename:{two[1]}.zarr/embeddings/")
-    summary = embed_on_devices(root, "random-cnn", "cpu,cpu", workers=0)
+    summary = _embed_killing_at(root, two[1], monkeypatch)
     status = {o.slide: o.status for o in summary.outcomes}
     assert status == {one[0]: "complete", two[0]: "complete", two[1]: "failed"}
     assert embedding_status(archive.slide(two[0]), summary.encoder_id) == "complete"
@@ -146,8 +154,7 @@ def test_a_killed_device_process_reports_the_slides_it_committed_before_dying(
     # process did not redo is failed, not taken for done by the embeddings it was to replace
     monkeypatch.delenv("WSI_SSL_FAULT")
     assert embed_on_devices(root, "random-cnn", "cpu,cpu", workers=0).exit_code == 0
-    monkeypatch.setenv("WSI_SSL_FAULT", f"kill_before_rename:{two[1]}.zarr/embeddings/")
-    summary = embed_on_devices(root, "random-cnn", "cpu,cpu", workers=0, resume=False)
+    summary = _embed_killing_at(root, two[1], monkeypatch, resume=False)
     status = {o.slide: o.status for o in summary.outcomes}
     assert status == {one[0]: "complete", two[0]: "complete", two[1]: "failed"}
 
