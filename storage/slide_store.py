@@ -31,6 +31,7 @@ from wsi_ssl.errors import (
 )
 from wsi_ssl.listing import first_few
 from wsi_ssl.storage.atomic import (
+    atomic_write_json,
     fault_point,
     fsync_dir,
     fsync_file,
@@ -373,6 +374,15 @@ def recorded_attrs(path: str | Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     return attrs if isinstance(attrs, dict) else {}
+
+
+def rewrite_attrs(path: str | Path, updates: Mapping[str, Any]) -> None:
+    """Replace top-level attributes of the group at ``path`` in one atomic rewrite of its
+    ``zarr.json`` (a reader sees the old document or the new one, never a mix)."""
+    meta_path = Path(path) / "zarr.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta["attributes"] = {**meta["attributes"], **updates}
+    atomic_write_json(meta_path, meta, indent=2, sort_keys=False)
 
 
 def open_tiles(path: str | Path, *, writable: bool = False) -> zarr.Array[Any]:

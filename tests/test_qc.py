@@ -3,11 +3,13 @@ slide, the pass mask consumers use, and the overlay pictures."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image, ImageFilter
 from scipy import ndimage as ndi
 
@@ -15,6 +17,7 @@ from wsi_ssl.cli.main import main
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import ConfigError
 from wsi_ssl.storage import Archive, SlideStore
+from wsi_ssl.storage.embeddings import embedding_ids, read_embeddings
 from wsi_ssl.synthetic import write_synthetic_slide
 from wsi_ssl.tiling.batch import tile_slide
 from wsi_ssl.tiling.qc import (
@@ -228,6 +231,53 @@ def test_qc_off_writes_no_scores(tmp_path: Path, through: str) -> None:
     assert not (store.path / "qc").exists() and store.qc() == {}
     assert kept_tiles(store).all() and store.n_tiles == 6
     assert store.tiling["qc"] is False
+
+
+def test_new_thresholds_reflag_the_stored_tiles_in_place(tmp_path: Path) -> None:
+    """Tiling again with other QC thresholds keeps the tiles and their vectors and records the
+    thresholds in the store (and the catalog); ``embed --skip-flagged-tiles`` then encodes
+    only the tiles they newly keep."""
+    slide = write_synthetic_slide(tmp_path / "s.tiff", (1400, 1100), seed=2)
+    root = tmp_path / "root"
+    tile = ["tile", str(slide), "--out", str(root), "--tile-size", "224", "--quiet", "--json"]
+    embed = ["embed", str(root), "--encoder", "random-cnn", "--quiet", "--workers", "0"]
+    assert run_cli(tile)[0] == 0
+    archive = Archive(root)
+    (slide_id,) = archive.slide_ids
+    store = archive.slide(slide_id)
+    focus = store.qc()["focus"]
+    strict = float(np.median(focus))
+    shard_stamps = sorted((f.name, f.stat().st_mtime_ns) for f in (store.path / "tiles").rglob("*"))
+    code, out, err = run_cli([*tile, "--qc-min-focus", str(strict)])
+    [outcome] = json.loads(out)["slides"]
+    assert code == 0 and outcome["status"] == "skipped", err
+    assert outcome["qc_thresholds_updated"] == f"qc_min_focus 200.0 -> {strict!r}"
+    store = archive.slide(slide_id)
+    assert store.tiling["qc_min_focus"] == strict
+    assert archive.catalog.get(slide_id).tiling["qc_min_focus"] == strict
+    strict_kept = qc_pass(store.qc(), **{**LIMITS, "min_focus": strict})
+    np.testing.assert_array_equal(kept_tiles(store), strict_kept)
+    assert 0 < strict_kept.sum() < store.n_tiles
+    assert (
+        sorted((f.name, f.stat().st_mtime_ns) for f in (store.path / "tiles").rglob("*"))
+        == shard_stamps
+    )
+
+    assert run_cli([*embed, "--skip-flagged-tiles"])[0] == 0
+    (encoder_id,) = embedding_ids(store)
+    first = read_embeddings(store, encoder_id).features
+    np.testing.assert_array_equal(np.isfinite(first).all(axis=1), strict_kept)
+
+    code, out, _ = run_cli([*tile, "--qc-min-focus", "0"])  # looser: more tiles kept
+    assert json.loads(out)["slides"][0]["status"] == "skipped" and code == 0
+    loose_kept = kept_tiles(archive.slide(slide_id))
+    assert loose_kept.sum() > strict_kept.sum()
+    code, out, _ = run_cli([*embed, "--skip-flagged-tiles", "--json"])
+    [embedded] = json.loads(out)["slides"]
+    assert code == 0 and embedded["status"] == "complete", out
+    second = read_embeddings(archive.slide(slide_id), encoder_id).features
+    np.testing.assert_array_equal(np.isfinite(second).all(axis=1), loose_kept)
+    np.testing.assert_array_equal(second[strict_kept], first[strict_kept])  # kept, not redone
 
 
 def test_scores_of_a_chunk_of_copied_and_decoded_tiles(cmu_store: SlideStore) -> None:

@@ -21,15 +21,15 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from wsi_ssl.config import TilingConfig
-from wsi_ssl.errors import DiskFullError, StoreIncompleteError, WsiSslError
+from wsi_ssl.errors import DiskFullError, WsiSslError
 from wsi_ssl.outcome import BatchOutcome, SlideOutcome, interrupt_report
-from wsi_ssl.storage import STATUS_COMPLETE, Archive, SlideStore
+from wsi_ssl.storage import STATUS_COMPLETE, Archive
 from wsi_ssl.storage.locks import slide_lock
 from wsi_ssl.storage.slide_store import is_complete_store, recover_swap, staging_path
-from wsi_ssl.storage.tile_reader import TileReader
 from wsi_ssl.tiling.legacy_ids import adopt_existing_store
 from wsi_ssl.tiling.preflight import check_batch
 from wsi_ssl.tiling.replace import Replacement, previous_store, replace_store
+from wsi_ssl.tiling.resume import existing_store, update_qc_thresholds
 from wsi_ssl.tiling.scales import scale_roots
 from wsi_ssl.tiling.slide_table import SlideTable
 from wsi_ssl.tiling.source import (
@@ -84,6 +84,8 @@ class TileSummary(BatchOutcome):
                 )
             if why := o.details.get("retiled_because"):
                 lines.append(f"{o.slide}: re-tiled: {why}")
+            if qc := o.details.get("qc_thresholds_updated"):
+                lines.append(f"{o.slide}: QC thresholds updated, tiles kept: {qc}")
             if same_as := o.details.get("same_as"):
                 lines.append(f"{o.slide}: the same file as {same_as} (one slide, tiled once)")
             if kept := o.details.get("kept_embeddings"):
@@ -107,34 +109,6 @@ class TileSummary(BatchOutcome):
             "roots": self.roots,
             "notes": self.notes,
         }
-
-
-def _current_store(
-    archive: Archive, slide_id: str, fingerprint: str, config: TilingConfig
-) -> tuple[int | None, str | None]:
-    """``(tile count, None)`` of a complete store made from this file with this config, else
-    ``(None, why not)``; ``why`` is None when there is no store at all."""
-    key = config.output_key()
-    if key.get("roi_sha256") is not None:  # the annotations' content decides, not their path
-        key.pop("roi")
-    path = archive.store_path(slide_id)
-    if not (path / "zarr.json").is_file():
-        return None, None
-    try:
-        store = SlideStore.open(path)
-        if store.source.get("fingerprint") != fingerprint:
-            return None, "the file's content changed"
-        changed = [f"{k} {store.tiling.get(k)!r} -> {v!r}" for k, v in key.items()
-                   if store.tiling.get(k) != v]  # fmt: skip
-        if changed:
-            return None, f"settings changed: {', '.join(changed)}"
-        if TileReader(store.tiles).missing_shards():  # damaged since: redo it
-            return None, "tile shards missing"
-        return store.n_tiles, None
-    except StoreIncompleteError:
-        return None, "the store was not finished (a stopped job's)"
-    except (WsiSslError, OSError, KeyError, ValueError):  # damaged metadata: redo it
-        return None, "the store is damaged"
 
 
 def tile_slide(
@@ -316,15 +290,20 @@ def _tile_scale(
     archive = Archive(root)
     slide_id = adopt_existing_store(source, archive)  # a DICOM slide's older id, if tiled so
     read_only = root.is_dir() and not os.access(root, os.W_OK)  # skipping needs no lock there
-    n = _current_store(archive, slide_id, source.fingerprint, config)[0] if read_only else None
+    found = existing_store(archive, slide_id, source.fingerprint, config) if read_only else None
+    n = found.n_tiles if found is not None and not found.qc_thresholds else None
     if resume and n is not None:
         details = _details(source.path, slide_id, root, config)
         return SlideOutcome(str(source.path), "skipped", n, 0.0, details=details)
     with slide_lock(root, slide_id, wait=lock_wait):
         recover_swap(archive.store_path(slide_id))  # what a killed job left
-        current, why = _current_store(archive, slide_id, source.fingerprint, config)
+        found = existing_store(archive, slide_id, source.fingerprint, config)
+        current, why = found.n_tiles, found.redo_because
         if resume and current is not None:  # an identical copy keeps the slide's name
             details = _details(source.path, slide_id, root, config)
+            if found.qc_thresholds:
+                update_qc_thresholds(archive.store_path(slide_id), found.qc_thresholds)
+                details["qc_thresholds_updated"] = ", ".join(found.qc_changes)
             if same_as := archive.catalog.other_copy(slide_id, source.path):
                 details["same_as"] = same_as
             else:

@@ -14,8 +14,8 @@ Scores (``qc/<metric>`` in the store, float32, one per tile):
 A tile is *flagged* when a score is past its ``TilingConfig`` threshold (``qc_min_focus``,
 ``qc_max_pen``, ``qc_min_tissue``, ``qc_max_dark``). Flagged tiles stay in the store;
 :func:`qc_pass` gives the mask consumers use to skip them, and :func:`kept_tiles` applies other
-thresholds to a store without re-tiling it (``wsi-ssl tile`` with new thresholds re-tiles: they
-are recorded with the store, and the report says so).
+thresholds to a store. ``wsi-ssl tile`` re-run with new thresholds writes them into the store
+without re-tiling (:mod:`wsi_ssl.tiling.resume`).
 """
 
 from __future__ import annotations
