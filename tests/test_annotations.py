@@ -214,8 +214,9 @@ def test_palette_16_bit_and_jpeg_masks_keep_their_classes(tmp_path: Path) -> Non
 def test_a_label_mask_has_a_class_per_value_and_a_mask_must_fit_the_slide(
     tmp_path: Path,
 ) -> None:
-    """Values 1 and 2 of a label mask are two classes (they were one, "mask"); a mask not in
-    the slide's proportions (transposed, square) is refused, not stretched over it."""
+    """Values 1 and 2 of a label mask are two classes (they were one, "mask"), and value 1
+    alone is still class "1" (it was "mask", so slides of one batch named one class two ways);
+    a mask not in the slide's proportions (transposed, square) is refused, not stretched."""
     labels = np.zeros(SHAPE, dtype=np.uint8)  # the raster's size: 4 level-0 px a pixel
     labels[0:25, 0:25] = 1  # level-0 (0, 0)-(100, 100)
     labels[50:75, 75:100] = 2  # level-0 (300, 200)-(400, 300)
@@ -236,6 +237,13 @@ def test_a_label_mask_has_a_class_per_value_and_a_mask_must_fit_the_slide(
     only_two = np.where(labels == 2, 2, 0).astype(np.uint8)  # a slide with label 2 alone
     Image.fromarray(only_two).save(tmp_path / "two.png")
     assert read_annotations(tmp_path / "two.png").classes == ("2",)  # not "mask"
+    only_one = np.where(labels == 1, 1, 0).astype(np.uint8)  # label 1 alone: "1" as beside 2
+    Image.fromarray(only_one).save(tmp_path / "one.png")
+    np.save(tmp_path / "one.npy", only_one)
+    for name in ("one.png", "one.npy"):
+        one = label_tiles(tmp_path / name, coords, 100.0, SHAPE, S)
+        assert one.classes == ("1",), name
+        np.testing.assert_array_equal(one.fractions, [[1], [0], [0], [0]])
     alone = label_tiles(tmp_path / "two.png", coords, 100.0, SHAPE, S, exclude=["2"])
     np.testing.assert_array_equal(alone.in_roi, [1, 1, 1, 0])  # all but label 2
     np.save(tmp_path / "near.npy", np.ones((75, 101), dtype=bool))  # a pixel off: fine

@@ -51,23 +51,27 @@ class Annotations:
     Attributes:
         path: the file they were read from.
         geometries: class name -> shapely geometry in level-0 pixels (vector files).
-        mask: integer (h, w) mask image spanning the whole slide, else None: the nonzero
-            pixels of a binary mask (0 and 1 or 255) are the class "mask"; in a label mask
-            (other values) each value is a class named by it ("1", "2", ...).
+        mask: integer or boolean (h, w) mask image spanning the whole slide, else None: the nonzero
+            pixels of a binary mask (boolean, 0 and 255, or lossy JPEG) are the class "mask";
+            in a label mask (other integer values) each value is a class named by it ("1",
+            "2", ...), so a slide whose label mask holds value 1 alone still has class "1".
         mask_values: the mask's nonzero values, ascending.
+        binary: the mask is a binary one.
     """
 
     path: Path
     geometries: dict[str, Any]
     mask: np.ndarray | None = None
     mask_values: tuple[int, ...] = ()
+    binary: bool = False
 
     @property
     def classes(self) -> tuple[str, ...]:
         if self.mask is None:
             return tuple(self.geometries)
-        binary = self.mask_values in ((), (1,), (255,))
-        return (MASK_CLASS,) if binary else tuple(map(str, self.mask_values))
+        if self.binary or not self.mask_values:
+            return (MASK_CLASS,)
+        return tuple(map(str, self.mask_values))
 
 
 def read_annotations(path: str | Path) -> Annotations:
@@ -91,7 +95,8 @@ def read_annotations(path: str | Path) -> Annotations:
         elif suffix in MASK_SUFFIXES:
             mask = _read_mask(path)
             values = tuple(int(v) for v in np.unique(mask) if v != 0)
-            return Annotations(path, {}, mask, values)
+            binary = mask.dtype == bool or values == (255,)
+            return Annotations(path, {}, mask, values, binary)
         else:
             raise AnnotationError(
                 path,
@@ -203,9 +208,9 @@ def _read_mask(path: Path) -> np.ndarray:
         raise AnnotationError(path, f"a mask must be a 2-D image, got shape {array.shape}")
     if path.suffix.lower() in LOSSY_SUFFIXES:  # JPEG noise is no class: foreground or not
         top = int(array.max())
-        return np.asarray((array > 0) & (array >= (top + 1) // 2), dtype=np.uint8)
+        return np.asarray((array > 0) & (array >= (top + 1) // 2))
     if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
-        return np.asarray(array != 0, dtype=np.uint8)
+        return np.asarray(array != 0)  # binary: boolean
     return array
 
 
