@@ -176,6 +176,30 @@ def test_absurd_boxes_and_costly_requests_are_400(
     assert status == 400 and "at most 3" in answer["error"]
 
 
+def test_the_region_cap_counts_the_tiles_the_query_takes(
+    site: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A box reaching into more tiles than the cap but holding the centres of no more than it
+    is searched with exactly those tiles (it was refused, counted by any overlap)."""
+    from wsi_ssl.search.queries import centres_in
+    from wsi_ssl.serve import service
+    from wsi_ssl.serve.pyramid import tiles_in
+
+    store = open_store(site["root"]).slide(site["ids"]["cmu"])
+    size = store.tiling["tile_size_level0"]
+    x, y, side, _ = _box(site, "cmu", 2)
+    box = [round(x + size / 2), round(y + size / 2), side, side]  # over 3 x 3 tiles' area
+    taken = centres_in(store.coords, size, store.source["dimensions"], box)
+    assert 0 < len(taken) < len(tiles_in(store, box))
+    monkeypatch.setattr(service, "MAX_QUERY_TILES", len(taken))
+    status, answer = post_json(site["base"], "/api/search", {"slide": store.slide_id, "box": box})
+    assert status == 200, answer
+    assert answer["query"]["tiles"] == taken.tolist()
+    monkeypatch.setattr(service, "MAX_QUERY_TILES", len(taken) - 1)
+    status, answer = post_json(site["base"], "/api/search", {"slide": store.slide_id, "box": box})
+    assert status == 400 and f"box holds {len(taken)} tiles" in answer["error"]
+
+
 def test_large_region_pictures_come_from_the_pyramid(
     site: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

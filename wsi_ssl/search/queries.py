@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_QUERY_TILES",
     "MOSAIC_TILES",
+    "centres_in",
     "image_query",
     "mosaic_rows",
     "region_query",
@@ -112,6 +113,16 @@ def on_slide_centres(
     return cx, cy
 
 
+def centres_in(
+    coords: np.ndarray, size: float, dimensions: Sequence[int], box: Sequence[float]
+) -> np.ndarray:
+    """Rows of the tiles at ``coords`` whose :func:`on_slide_centres` lie in level-0 ``box``
+    (x, y, w, h): the tiles a region query takes."""
+    x, y, w, h = box
+    cx, cy = on_slide_centres(coords, size, dimensions)
+    return np.flatnonzero((cx >= x) & (cx < x + w) & (cy >= y) & (cy < y + h))
+
+
 def subsample(rows: np.ndarray, limit: int) -> np.ndarray:
     """At most ``limit`` of ``rows``, evenly spread."""
     if len(rows) <= limit:
@@ -181,8 +192,7 @@ def region_query(index: Searchable, slide: str, box: tuple[int, int, int, int]) 
     x0, y0 = clipped[:2]
     x1, y1 = x0 + clipped[2], y0 + clipped[3]
     feats, coords, tiles = q.vectors()
-    cx, cy = on_slide_centres(coords, q.size, (sw, sh))
-    rows = np.flatnonzero((cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1))
+    rows = centres_in(coords, q.size, (sw, sh), clipped)
     if not len(rows):
         raise NoTilesInRegionError(
             f"{sid}: box {x0},{y0},{x1 - x0},{y1 - y0} holds no stored tissue tile "

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import numpy as np
 
 from wsi_ssl.errors import ConfigError, StoreIncompleteError, StoreNotFoundError, WsiSslError
-from wsi_ssl.serve.pyramid import Pyramid, TileCache, open_slide_file, tiles_in
+from wsi_ssl.search.queries import centres_in
+from wsi_ssl.serve.pyramid import Pyramid, TileCache, open_slide_file
 
 if TYPE_CHECKING:
     from wsi_ssl.search.index import SearchIndex
@@ -310,12 +311,14 @@ class SlideService:
     def region_query(
         self, slide: str, box: tuple[int, int, int, int], index: str | None = None
     ) -> Query:
-        """The region query of ``box``, refused when it covers over ``MAX_QUERY_TILES``."""
+        """The region query of ``box``, refused when over ``MAX_QUERY_TILES`` tiles have
+        their centre in it (the tiles the query takes)."""
         store = self.store(slide)
-        n = len(tiles_in(store, box))
+        size, dimensions = float(store.tiling["tile_size_level0"]), store.source["dimensions"]
+        n = len(centres_in(store.coords, size, dimensions, box))
         if n > MAX_QUERY_TILES:
             raise ConfigError(
-                f"box covers {n} tiles; a query takes at most {MAX_QUERY_TILES}: draw a smaller box"
+                f"box holds {n} tiles; a query takes at most {MAX_QUERY_TILES}: draw a smaller box"
             )
         return self.index_for(index).query_region(store.slide_id, box)
 
