@@ -28,6 +28,7 @@ from wsi_ssl.errors import (
     StoreIncompleteError,
     UnsupportedSlideError,
 )
+from wsi_ssl.serve.pyramid import open_slide_file
 from wsi_ssl.slide import open_slide
 from wsi_ssl.storage import SlideStore, open_store
 from wsi_ssl.synthetic import write_synthetic_slide
@@ -788,8 +789,18 @@ def test_one_slide_under_two_names_is_tiled_once(
     assert open_store(root).catalog.get(slide_id).name == "a.tiff"  # type: ignore[union-attr]
     a.write_bytes(b"another scan now")  # a.tiff holds something else: the slide is b.tiff
     assert cli_main(["tile", str(b), "--out", str(root), "--quiet"]) == 0
-    assert "the same file as" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "the same file as" not in out
+    assert f"{b}: moved from {a.resolve()} (its store now names this file)" in out
     assert open_store(root).catalog.get(slide_id).name == "b.tiff"  # type: ignore[union-attr]
+    # the store names the file too: the viewer draws from it (it kept reading a.tiff)
+    store = open_store(root).slide(slide_id)
+    assert store.source["path"] == str(b.resolve()) and store.status == "complete"
+    reader, _ = open_slide_file(store)
+    assert reader is not None and Path(reader.path).resolve() == b.resolve()
+    reader.close()
+    assert cli_main(["tile", str(b), "--out", str(root), "--quiet"]) == 0
+    assert "moved from" not in capsys.readouterr().out
 
 
 def test_a_changed_file_is_a_new_slide_and_its_earlier_version_is_named(

@@ -29,7 +29,7 @@ from wsi_ssl.storage.slide_store import is_complete_store, recover_swap, staging
 from wsi_ssl.tiling.legacy_ids import adopt_existing_store
 from wsi_ssl.tiling.preflight import check_batch
 from wsi_ssl.tiling.replace import Replacement, previous_store, replace_store
-from wsi_ssl.tiling.resume import existing_store, update_qc_thresholds
+from wsi_ssl.tiling.resume import existing_store, update_qc_thresholds, update_source_path
 from wsi_ssl.tiling.scales import scale_roots
 from wsi_ssl.tiling.slide_table import SlideTable
 from wsi_ssl.tiling.source import (
@@ -84,6 +84,8 @@ class TileSummary(BatchOutcome):
                 )
             if why := o.details.get("retiled_because"):
                 lines.append(f"{o.slide}: re-tiled: {why}")
+            if moved_from := o.details.get("moved_from"):
+                lines.append(f"{o.slide}: moved from {moved_from} (its store now names this file)")
             if qc := o.details.get("qc_thresholds_updated"):
                 lines.append(f"{o.slide}: QC thresholds updated, tiles kept: {qc}")
             if same_as := o.details.get("same_as"):
@@ -308,6 +310,8 @@ def _tile_scale(
                 details["same_as"] = same_as
             else:
                 _record(archive, source, config, STATUS_COMPLETE, n_tiles=current)
+                if moved_from := update_source_path(archive.store_path(slide_id), source.path):
+                    details["moved_from"] = moved_from
             seconds = time.perf_counter() - started
             return SlideOutcome(str(source.path), "skipped", current, seconds, details=details)
         n_tiles, replacement = _retile(

@@ -5,7 +5,8 @@ slide. When only QC thresholds differ it is kept too, and the new thresholds are
 its metadata in one atomic rewrite: QC flags tiles and never drops them, so the tiles and their
 scores stand, and every consumer (``embed --skip-flagged-tiles``, pretraining, MIL, the viewer)
 reads the thresholds from the store. Anything else (the file's content, another setting, an
-unfinished or damaged store) redoes the slide, and the reason is said.
+unfinished or damaged store) redoes the slide, and the reason is said. A slide found at a new
+path (the file was moved) has that path recorded in its store, where the viewer reads it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ from wsi_ssl.storage import Archive, SlideStore
 from wsi_ssl.storage.slide_store import rewrite_attrs
 from wsi_ssl.storage.tile_reader import TileReader
 
-__all__ = ["QC_THRESHOLDS", "ExistingStore", "existing_store", "update_qc_thresholds"]
+__all__ = [
+    "QC_THRESHOLDS",
+    "ExistingStore",
+    "existing_store",
+    "update_qc_thresholds",
+    "update_source_path",
+]
 
 QC_THRESHOLDS = ("qc_min_focus", "qc_max_pen", "qc_min_tissue", "qc_max_dark")
 """The ``TilingConfig`` fields that only flag tiles (changed in place, never a re-tile)."""
@@ -77,3 +84,14 @@ def update_qc_thresholds(store_path: Path, thresholds: dict[str, Any]) -> None:
     (under the slide's lock)."""
     tiling = SlideStore.open(store_path).tiling
     rewrite_attrs(store_path, {"tiling": {**tiling, **thresholds}})
+
+
+def update_source_path(store_path: Path, path: Path) -> str | None:
+    """Record ``path`` as the file of the store at ``store_path`` (the slide moved there;
+    under the slide's lock); the path it replaced, or None when it was already this one."""
+    source = SlideStore.open(store_path).source
+    old, new = str(source.get("path")), str(path.resolve())
+    if old == new:
+        return None
+    rewrite_attrs(store_path, {"source": {**source, "path": new}})
+    return old
