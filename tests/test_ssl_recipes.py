@@ -204,6 +204,65 @@ def test_teacher_warmup_holds_the_backbone_still(
     assert all(torch.equal(a, b) for a, b in zip(head_after, teacher_head, strict=True))
 
 
+@pytest.fixture(scope="module")
+def pooled_preset(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """A zoo preset built as the published ones are (a timm ViT in the pooling tower, class +
+    mean token output), ViT-Ti sized, with seeded weights in its published (timm) layout."""
+    from safetensors.torch import save_file
+
+    from wsi_ssl.encoders import create_encoder, zoo
+
+    name = "test-pooled-vit-ti"
+    kwargs = {"init_values": 1e-5, "dynamic_img_size": True, "output": "cls+mean"}
+    card = "https://example.org/test"
+    zoo._register(zoo.Preset(name, "vit_tiny_patch16_224", kwargs, 384, card, ("m.st",), "-"))
+    torch.manual_seed(11)
+    model = create_encoder(name, weights="random").model
+    for param in model.parameters():
+        param.data.normal_(0, 0.02)
+    path = tmp_path_factory.mktemp("preset") / "m.safetensors"
+    save_file(
+        {k.removeprefix("trunk."): v.contiguous() for k, v in model.state_dict().items()}, path
+    )
+    return name, path
+
+
+@pytest.mark.parametrize("method", ["dino", "dinov2", "mae"])
+def test_continued_pretraining_from_a_zoo_preset(
+    cmu_root: Path, pooled_preset: tuple[str, Path], tmp_path: Path, method: str
+) -> None:
+    """A run continued from a zoo preset trains the ViT inside its pooling tower under every
+    recipe, at any crop size, with frozen blocks and layer decay (presets were taken for
+    CNNs: DINOv2 and MAE refused them, DINO failed at crops other than 224 px)."""
+    from safetensors.torch import load_file
+
+    name, weights = pooled_preset
+    config = tiny(method, init=name, init_weights=str(weights), global_crop_size=64)
+    config = config.replace(local_crop_size=32, steps=2, freeze_blocks=2, layer_decay=0.75)
+    run = pretrain(cmu_root, config, out=tmp_path / "run")
+    assert run.finished and np.isfinite([r["loss"] for r in run.history]).all()
+    saved = load_file(weights)
+    after = load_encoder(run.out_dir, which="student").model.state_dict()
+    frozen = [
+        k for k in saved if k.startswith(("patch_embed.", "cls_token", "pos_embed", "blocks.0."))
+    ]
+    moved = [k for k in saved if k.startswith("blocks.11.") and k.endswith("weight")]
+    assert frozen and all(torch.equal(after[k], saved[k]) for k in frozen)
+    assert moved and all((after[k] - saved[k]).abs().max() > 1e-6 for k in moved)
+    encoder = load_encoder(run.out_dir)
+    assert encoder.description["arch"] == f"encoder:{name}" and encoder.embed_dim == 192
+
+
+def test_mae_does_not_check_the_local_crops_it_never_reads(cmu_root: Path) -> None:
+    """MAE reads the two global crops alone: a local crop size over the global one (or off
+    the patch grid) is no reason to refuse it; DINO, which reads them, still refuses it."""
+    config = tiny("mae", global_crop_size=32, local_crop_size=96)
+    assert config.local_crop_size == 96
+    assert tiny("mae", local_crop_size=20).local_crop_size == 20  # not a multiple of 8
+    with pytest.raises(ConfigError, match=r"local_crop_size \(96\) must not exceed"):
+        tiny("dino", global_crop_size=32, local_crop_size=96)
+
+
 def test_layer_ids_and_learning_rate_scales() -> None:
     assert layer_of("backbone.patch_embed.proj.weight", 12) == 0
     assert layer_of("encoder.mask_token", 12) == 0

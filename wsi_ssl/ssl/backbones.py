@@ -21,7 +21,10 @@ Registered:
 Besides these names, ``"encoder:<name>"`` is any architecture of the encoder registry
 (:func:`wsi_ssl.encoders.create_encoder`: ``"encoder:uni"``, ``"encoder:timm/vit_base_patch16_224"``),
 built at random init for continued pretraining (its weights are loaded by
-:mod:`wsi_ssl.ssl.init`); its spec is read off a built model, so it imports torch.
+:mod:`wsi_ssl.ssl.init`); its spec is read off a built model, so it imports torch. A zoo
+preset's pooling tower (class + mean token, CONCH's attention pool) is left aside: the run
+trains the timm ViT inside it (:func:`pretraining_module`) and outputs its class token, so every
+recipe (DINO, DINOv2's and MAE's patch masking), layer decay and frozen blocks apply.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ __all__ = [
     "backbone_names",
     "build_backbone",
     "get_spec",
+    "pretraining_module",
     "register_backbone",
 ]
 
@@ -117,6 +121,15 @@ def build_backbone(
 _ENCODER_SPECS: dict[str, BackboneSpec] = {}
 
 
+def pretraining_module(model: nn.Module) -> nn.Module:
+    """What continued pretraining trains of an encoder-registry model: the timm ViT inside a
+    zoo preset's pooling tower (its ``trunk``), else the model itself."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    trunk = getattr(model, "trunk", None)
+    return trunk if isinstance(trunk, VisionTransformer) else model
+
+
 def _build_from_encoder(name: str, drop_path_rate: float) -> nn.Module:
     """A random-init, trainable copy of an encoder registry architecture; ViTs take any crop
     size (timm's dynamic image size) and get ``drop_path_rate`` stochastic depth."""
@@ -126,7 +139,9 @@ def _build_from_encoder(name: str, drop_path_rate: float) -> nn.Module:
 
     from wsi_ssl.encoders import create_encoder
 
-    model: Any = create_encoder(name.removeprefix(ENCODER_PREFIX), weights="random").model
+    model: Any = pretraining_module(
+        create_encoder(name.removeprefix(ENCODER_PREFIX), weights="random").model
+    )
     model.train().requires_grad_(True)
     if isinstance(model, VisionTransformer):
         vit: Any = model  # timm types dynamic_img_size Final; it is a plain attribute
@@ -148,12 +163,12 @@ def _encoder_spec(name: str) -> BackboneSpec:
         from wsi_ssl.encoders import create_encoder
 
         encoder = create_encoder(name.removeprefix(ENCODER_PREFIX), weights="random")
-        model: Any = encoder.model
+        model: Any = pretraining_module(encoder.model)
         vit = isinstance(model, VisionTransformer)
         _ENCODER_SPECS[name] = BackboneSpec(
             name=name,
             family="vit" if vit else "cnn",
-            embed_dim=encoder.embed_dim,
+            embed_dim=int(model.num_features) if vit else encoder.embed_dim,
             patch_size=int(model.patch_embed.patch_size[0]) if vit else 1,
             default_input_size=encoder.input_size,
             batch_norm=any(

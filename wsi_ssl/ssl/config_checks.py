@@ -55,7 +55,7 @@ def check_arch(c: PretrainConfig) -> None:
     """The checks of ``c.arch``: crop sizes fit its patch size, a masking method has a ViT."""
     spec = get_spec(c.arch)
     for name in ("global_crop_size", "local_crop_size"):
-        if getattr(c, name) % (spec.patch_size or 1):
+        if getattr(c, name) % (spec.patch_size or 1) and _crop_used(c, name):
             raise ConfigError(
                 f"{name} must be a multiple of {c.arch}'s patch size {spec.patch_size}; "
                 f"got {getattr(c, name)}"
@@ -71,12 +71,18 @@ def check_arch(c: PretrainConfig) -> None:
         )
 
 
+def _crop_used(c: PretrainConfig, name: str) -> bool:
+    """Whether the method reads the crops ``name`` sizes (MAE reads no local crop; asked
+    only of a size that would be refused, so a valid config imports no recipe)."""
+    return name != "local_crop_size" or RECIPES.get(c.method).uses_local_crops
+
+
 def _augmentations(c: PretrainConfig) -> None:
     for name in ("global_crop_size", "local_crop_size"):
         size = getattr(c, name)
         if not isinstance(size, int) or size < 8:
             raise ConfigError(f"{name} must be an integer >= 8; got {size!r}")
-    if c.local_crop_size > c.global_crop_size:
+    if c.local_crop_size > c.global_crop_size and _crop_used(c, "local_crop_size"):
         raise ConfigError(
             f"local_crop_size ({c.local_crop_size}) must not exceed global_crop_size "
             f"({c.global_crop_size})"

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from wsi_ssl.errors import CheckpointError
-from wsi_ssl.ssl.backbones import ENCODER_PREFIX
+from wsi_ssl.ssl.backbones import ENCODER_PREFIX, pretraining_module
 from wsi_ssl.ssl.config import PretrainConfig
 from wsi_ssl.ssl.config_checks import check_arch
 
@@ -61,8 +61,8 @@ def init_state(config: PretrainConfig) -> dict[str, torch.Tensor]:
         return load_encoder(_run_path(config.init)).model.state_dict()
     from wsi_ssl.encoders import create_encoder
 
-    weights = config.init_weights
-    return create_encoder(config.init, weights=weights).model.state_dict()
+    model = create_encoder(config.init, weights=config.init_weights).model
+    return pretraining_module(model).state_dict()
 
 
 def load_init(backbone: nn.Module, config: PretrainConfig) -> None:

@@ -27,10 +27,12 @@ class Recipe(ABC):
         name: the ``PretrainConfig.method`` value.
         needs_vit: the recipe masks patches, so ``check_arch`` refuses other backbones
             (``ArchitectureMismatchError``).
+        uses_local_crops: the loss reads the local crops (their size is checked only then).
     """
 
     name = ""
     needs_vit = False
+    uses_local_crops = True
 
     def __init__(self, config: PretrainConfig) -> None:
         self.config = config

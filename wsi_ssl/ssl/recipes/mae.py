@@ -79,6 +79,7 @@ class MAEModel(nn.Module):
 class MAERecipe(Recipe):
     name = "mae"
     needs_vit = True
+    uses_local_crops = False
 
     def __init__(self, config: PretrainConfig) -> None:
         super().__init__(config)
