@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -276,3 +277,21 @@ def test_loss_plot_of_one_logged_step_shows_the_point(tmp_path: Path) -> None:
     pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
     blue = np.abs(pixels - np.array([31, 119, 180])).sum(axis=2) < 30  # matplotlib's tab:blue
     assert blue[:, pixels.shape[1] // 5 :].sum() > 20  # right of the blue axis label
+
+
+def test_resume_on_other_tiles_names_what_changed() -> None:
+    """Resuming on other tiles lists the slides added, gone and tiled otherwise, each once
+    (a slide tiled otherwise was listed as both added and gone or changed)."""
+    from wsi_ssl.ssl.resume import check_same_run
+
+    def sources(slides: dict[str, int]) -> dict[str, Any]:
+        rows = [{"slide_id": s, "n_tiles": n} for s, n in slides.items()]
+        return {"slides": rows, "n_tiles": sum(slides.values())}
+
+    meta = {"sources": sources({"a": 10, "b": 20, "c": 5})}
+    check_same_run(meta, sources({"c": 5, "a": 10, "b": 20}), 8, Path("run"))
+    with pytest.raises(CheckpointError) as info:
+        check_same_run(meta, sources({"a": 10, "b": 24, "d": 3}), 8, Path("run"))
+    message = str(info.value)
+    assert "3 slides / 35 tiles, but the stores now hold 3 / 37" in message
+    assert "(added: d; gone: c; with other tiles: b)" in message

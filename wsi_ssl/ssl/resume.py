@@ -104,15 +104,19 @@ def check_same_run(
     meta: dict[str, Any], sources: dict[str, Any], global_batch: int, path: Path | None
 ) -> None:
     """Refuse to resume on other tiles or with another global batch than the checkpoint's."""
-    saved = {(s["slide_id"], s["n_tiles"]) for s in meta["sources"]["slides"]}
-    now = {(s["slide_id"], s["n_tiles"]) for s in sources["slides"]}
+    saved = {s["slide_id"]: s["n_tiles"] for s in meta["sources"]["slides"]}
+    now = {s["slide_id"]: s["n_tiles"] for s in sources["slides"]}
     if saved != now:
+        changes = {
+            "added": sorted(now.keys() - saved.keys()),
+            "gone": sorted(saved.keys() - now.keys()),
+            "with other tiles": sorted(i for i in saved.keys() & now.keys() if saved[i] != now[i]),
+        }
+        listed = "; ".join(f"{what}: {first_few(ids)}" for what, ids in changes.items() if ids)
         raise CheckpointError(
             f"{path}: the run trained on {len(saved)} slides / {meta['sources']['n_tiles']} "
-            f"tiles, but the stores now hold {len(now)} / {sources['n_tiles']} "
-            f"(added: {first_few(sorted(i for i, _ in now - saved)) or 'none'}, gone or changed: "
-            f"{first_few(sorted(i for i, _ in saved - now)) or 'none'}); resume needs the same tiles, start a "
-            "new run with another out",
+            f"tiles, but the stores now hold {len(now)} / {sources['n_tiles']} ({listed}); "
+            "resume needs the same tiles, start a new run with another out",
             parameters=("out",),
         )
     before, selected = meta["sources"].get("selected_sha256"), sources.get("selected_sha256")
