@@ -288,7 +288,7 @@ def test_resume_on_other_tiles_names_what_changed() -> None:
         rows = [{"slide_id": s, "n_tiles": n} for s, n in slides.items()]
         return {"slides": rows, "n_tiles": sum(slides.values())}
 
-    meta = {"sources": sources({"a": 10, "b": 20, "c": 5})}
+    meta = {"sources": sources({"a": 10, "b": 20, "c": 5}), "global_batch": 8}
     check_same_run(meta, sources({"c": 5, "a": 10, "b": 20}), 8, Path("run"))
     with pytest.raises(CheckpointError) as info:
         check_same_run(meta, sources({"a": 10, "b": 24, "d": 3}), 8, Path("run"))
