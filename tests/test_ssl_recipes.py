@@ -111,6 +111,7 @@ def test_a_masking_method_refuses_a_cnn(method: str, cmu_root: Path, tmp_path: P
     )
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and "ViT" in err
+    assert "or --method dino" in err and "method='dino'" not in err  # the CLI's words
 
 
 @pytest.fixture(scope="module")

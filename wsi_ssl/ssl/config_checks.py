@@ -67,7 +67,8 @@ def check_arch(c: PretrainConfig) -> None:
         raise ArchitectureMismatchError(
             f"method {c.method!r} masks image patches and needs a ViT backbone, but arch "
             f"{c.arch!r} is a {spec.family}; choose a vit_* arch (or an "
-            "init that is a ViT) or method='dino'"
+            "init that is a ViT) or method='dino'",
+            parameters=("arch", "init", "method"),
         )
 
 
