@@ -489,6 +489,13 @@ def test_page_keyboard_label_status_and_new_slides(
         assert focused == listed[1]
         ActionChains(driver).send_keys(Keys.ENTER).perform()
         _wait(lambda: driver.execute_script("return wsi.current.slide_id") == listed[1])
+        # the list was drawn again (the opened slide marked): the focus stays on that slide
+        _wait(lambda: _state(driver) == "ready")
+        focused = driver.execute_script("return document.activeElement.dataset.slide")
+        assert focused == listed[1]
+        chain = ActionChains(driver).key_down(Keys.SHIFT).send_keys(Keys.TAB).key_up(Keys.SHIFT)
+        chain.perform()  # and moves on from it
+        assert driver.execute_script("return document.activeElement.dataset.slide") == listed[0]
         driver.find_element(By.ID, "draw").click()
         assert driver.find_element(By.ID, "draw").get_attribute("aria-pressed") == "true"
         ActionChains(driver).send_keys(Keys.ESCAPE).perform()
@@ -550,3 +557,136 @@ def test_page_notes_hits_on_a_slide_retiled_after_indexing(
         note = card.find_element(By.CSS_SELECTOR, ".note").text
         assert "re-tiled after indexing" in note and "index --add" in note
         _shot(driver, tmp_path / "shots", "retiled-note")
+
+
+def test_page_fits_small_windows(page_env: dict[str, Any], tmp_path: Path) -> None:
+    """At 1024 x 768 and 800 x 600 the viewer takes most of the window's width, the page has
+    no horizontal scrollbar, and the results panel lies within the window's width."""
+    driver, base = page_env["driver"], page_env["base"]
+    try:
+        for width, height in ((1024, 768), (800, 600)):
+            driver.set_window_size(width, height)
+            driver.get(base + "/")
+            _wait(lambda: _state(driver) == "ready" and _settled(driver))
+            sizes = driver.execute_script(
+                "const v = document.getElementById('viewer').getBoundingClientRect();"
+                "const s = document.getElementById('side').getBoundingClientRect();"
+                "const d = document.documentElement;"
+                "return [v.width, v.height, window.innerWidth, window.innerHeight,"
+                " d.scrollWidth - d.clientWidth, s.left, s.right];"
+            )
+            vw, vh, iw, ih, overflow, side_left, side_right = sizes
+            _shot(driver, tmp_path / "shots", f"window-{width}")
+            assert vw >= 0.7 * iw and vh >= 0.55 * ih, sizes
+            assert overflow <= 0 and side_left >= 0 and side_right <= iw + 1, sizes
+            viewer = _viewer_pixels(driver, _shot(driver, tmp_path / "shots", f"w-{width}"))
+            assert viewer.std() > 20  # the slide is drawn there
+    finally:
+        driver.set_window_size(1400, 900)
+
+
+@pytest.fixture(scope="module")
+def dup_page(
+    page_env: dict[str, Any], small_archive: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """``test_serve_labels.dup_archive`` (two slides filed as s1.tiff; indexes: the default
+    and "only") served, with the browser of ``page_env``."""
+    from test_serve_labels import dup_archive
+
+    archive = dup_archive(small_archive, tmp_path_factory.mktemp("dup-page"))
+    with running(create_app(SearchIndex.open(archive["root"], archive["name"]))) as base:
+        yield {**archive, "base": base, "driver": page_env["driver"]}
+
+
+def test_page_names_index_choice_and_concept_errors(dup_page: dict[str, Any]) -> None:
+    """Slides sharing a file name are told apart by a short id on result cards and in the
+    slide ranking; "more like these" searches the index picked in the menu; a concept map
+    the server refuses shows the server's reason in the status line."""
+    from conftest import run_cli
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    from serve_helpers import post_json
+
+    from wsi_ssl.storage import open_store
+
+    driver, base, root, ids = (
+        dup_page["driver"],
+        dup_page["base"],
+        dup_page["root"],
+        dup_page["ids"],
+    )
+    s1, s2, dup = ids["s1"], ids["s2"], ids["dup"]
+    driver.get(base + "/")
+    _wait(lambda: _state(driver) == "ready" and _settled(driver))
+    driver.execute_script("openSlide(arguments[0])", s2)
+    _wait(lambda: driver.execute_script("return wsi.current.slide_id") == s2)
+    _wait(lambda: _state(driver) == "ready" and _settled(driver))
+    driver.execute_script("document.getElementById('k').value = 30; search([0, 0, 600, 600])")
+    _wait(lambda: _state(driver) == "results")
+    ranking = {
+        li.get_attribute("data-slide"): li.text
+        for li in driver.find_elements(By.CSS_SELECTOR, "#slide-ranking li")
+    }
+    assert {s1, dup} <= set(ranking)
+    assert ranking[s1].startswith(f"s1.tiff ({s1[:8]})") and f"({dup[:8]})" in ranking[dup]
+    assert ranking[s2].startswith("s2.tiff:")  # a name no other slide has: as it is
+    titles = {}
+    for card in driver.find_elements(By.CSS_SELECTOR, "#results .card.hit"):
+        titles.setdefault(
+            card.get_attribute("data-slide"), card.find_element(By.CLASS_NAME, "title").text
+        )
+    for slide in {s1, dup} & set(titles):
+        assert titles[slide].endswith(f"s1.tiff ({slide[:8]})")
+    if s2 in titles:
+        assert titles[s2].endswith(" s2.tiff")
+    # the index menu: "more like these" searches the index picked there
+    assert driver.find_element(By.ID, "index-choice").is_displayed()
+    Select(driver.find_element(By.ID, "index")).select_by_value("only")
+    _wait(lambda: driver.execute_script("return wsi.answer.index.name") == "only")
+    _wait(lambda: _state(driver) == "results")
+    driver.find_elements(By.CSS_SELECTOR, "#results .card.hit button.accept")[0].click()
+    _wait(lambda: driver.execute_script("return wsi.labels.accepted.length") == 1)
+    driver.find_element(By.ID, "more").click()
+    _wait(
+        lambda: (
+            _state(driver) == "results"
+            and driver.execute_script("return wsi.answer.query.regions") == 1
+        )
+    )
+    more = driver.execute_script("return wsi.answer")
+    assert more["index"]["name"] == "only" and {h["slide_id"] for h in more["hits"]} == {s2}
+    # a concept map the server cannot draw (its one region's slide re-tiled): the reason shown
+    x, y = (int(v) for v in open_store(root).slide(dup).coords[0])
+    status, _ = post_json(
+        base, "/api/labels", {"slide": dup, "box": [x, y, 224, 224], "label": "lost"}
+    )
+    assert status == 200
+    path = SearchIndex.open(root, dup_page["name"]).resolve_slide(dup).path
+    retile = ["--tile-size", "256", "--no-resume", "--discard-embeddings", "--quiet"]
+    code, _, err = run_cli(["tile", path, "--out", str(root), *retile])
+    assert code == 0, err
+    driver.get(base + "/")
+    _wait(lambda: _state(driver) == "ready" and _settled(driver))
+    driver.execute_script(
+        "const l = document.getElementById('label'); l.value = 'lost';"
+        "l.dispatchEvent(new Event('change'));"
+    )
+    driver.find_element(By.ID, "concept").click()
+    status_line = driver.find_element(By.ID, "status")
+    _wait(lambda: status_line.get_attribute("class") == "error")
+    assert status_line.text.startswith("concept map: none of the 1 accepted region(s) labelled")
+
+
+def test_page_on_an_index_without_slides(dup_page: dict[str, Any]) -> None:
+    """An index whose only slide was removed: the page says so and how to add slides."""
+    from selenium.webdriver.common.by import By
+
+    driver, root, s2 = dup_page["driver"], dup_page["root"], dup_page["ids"]["s2"]
+    SearchIndex.build(root, "random-cnn", name="lonely", kind="flat", slides=[s2])
+    SearchIndex.open(root, "lonely", mmap=False).remove(s2)
+    with running(create_app(SearchIndex.open(root, "lonely"))) as base:
+        driver.get(base + "/")
+        _wait(lambda: _state(driver) != "loading")
+        assert _state(driver) == "empty"
+        text = driver.find_element(By.ID, "status").text
+        assert "Index lonely holds no slide" in text and "wsi-ssl index ROOT --add" in text

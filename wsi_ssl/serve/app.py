@@ -17,27 +17,29 @@ Routes:
 * ``POST /api/search/image?k=&mode=&index=&image_mpp=&labels=``: the same with a picture as
   the body (``image/png``, ``image/jpeg`` or ``image/tiff``, at most ``max_image_bytes``).
 * layers (:mod:`wsi_ssl.serve.layers`): tile QC, annotations, MIL attention.
-* labels (:mod:`wsi_ssl.serve.labels`): accept / reject hits, "more like these".
+* labels (:mod:`wsi_ssl.serve.labels`, routes declared here): accept / reject hits, "more
+  like these" and the concept map, each with the ``index`` the page's menu picked.
 
 A library error becomes ``{"error": message, "type": name}`` with status 404 (unknown slide),
 400 (a request to fix), 409 (a slide re-tiled since indexing: tiled otherwise, or without
-the index's embeddings), 503 (a store being rewritten, or the picture queue full) or 500 (a
-damaged index or store); messages carry no filesystem paths, and no answer repeats the body.
-API docs are off.
+the index's embeddings), 503 (a store being rewritten, the label files held by another
+server past the wait, or the picture queue full) or 500 (a damaged index or store); messages
+carry no filesystem paths, and no answer repeats the body. API docs are off.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi import Query as QueryParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
@@ -49,11 +51,19 @@ from wsi_ssl.errors import (
     NoTilesInRegionError,
     RegionOutsideSlideError,
     StoreIncompleteError,
+    StoreLockedError,
     TilingMismatchError,
     UnknownSlideError,
     WsiSslError,
 )
-from wsi_ssl.serve.labels import SLIDE_LABELS, add_label_routes
+from wsi_ssl.search.queries import clip_box
+from wsi_ssl.serve.labels import (
+    SLIDE_LABELS,
+    Label,
+    LabelBook,
+    concept_map,
+    more_like,
+)
 from wsi_ssl.serve.layers import MilPredictions, add_layer_routes
 from wsi_ssl.serve.pictures import add_picture_routes
 from wsi_ssl.serve.security import (
@@ -89,23 +99,90 @@ class SearchRequest(BaseModel):
     labels: list[str] = Field(default_factory=list, max_length=100)
 
 
+class LabelRequest(BaseModel):
+    """The body of ``POST /api/labels``."""
+
+    slide: str = Field(max_length=200)
+    box: tuple[int, int, int, int]
+    label: Label = Field("positive", max_length=1000)
+    verdict: Literal["accept", "reject", "clear"] = "accept"
+    index: str | None = Field(None, max_length=200)
+
+
+class MoreRequest(BaseModel):
+    """The body of ``POST /api/labels/more``."""
+
+    label: Label = Field("positive", max_length=1000)
+    k: int = Field(8, ge=1, le=MAX_K)
+    index: str | None = Field(None, max_length=200)
+
+
 def read_slide_labels(index: SearchIndex, path: str | Path) -> dict[str, str]:
     """Slide id -> label from a ``slide,label`` CSV (as for ``wsi-ssl mil``; one label is
     enough for a filter), its slides named by id, unique id prefix or file name and resolved
     against the whole archive (so every index the page offers, and slides added later, keep
-    their labels); rows naming no slide of the archive are skipped."""
+    their labels). Rows naming no slide of the archive, or a name several slides have, are
+    skipped with a warning (logged and printed to stderr) naming their lines."""
     from wsi_ssl.mil.labels import read_labels
     from wsi_ssl.storage import open_store
     from wsi_ssl.storage.resolve import resolve_slide
 
     archive = open_store(index.root)
-    out = {}
+    out, skipped = {}, []
     for row in read_labels(path, for_training=False).rows:
         try:
             out[resolve_slide(archive, row.slide)] = row.label
-        except UnknownSlideError:
-            log.info("slide labels: %s is not in the archive %s", row.slide, index.root.name)
+        except UnknownSlideError as err:
+            skipped.append(f"line {row.line}: {redact_paths(str(err))}")
+    if skipped:
+        warning = (
+            f"slide labels {Path(path).name}: {len(skipped)} row(s) left out, name each slide "
+            "by its id (or a unique file name) to keep them: " + "; ".join(skipped[:20])
+        )
+        log.warning("%s", warning)
+        print(f"wsi-ssl: warning: {warning}", file=sys.stderr, flush=True)
     return out
+
+
+def _add_label_routes(app: FastAPI, service: SlideService, pool: RenderPool) -> None:
+    """Register the label routes (:mod:`wsi_ssl.serve.labels`) on ``app``."""
+    book = LabelBook(service.index.root)
+
+    @app.get("/api/slides/{slide}/concept.png")
+    async def concept(
+        slide: str,
+        label: Annotated[Label, QueryParam(max_length=1000)] = "positive",
+        index: str | None = QueryParam(None, max_length=200),
+    ) -> Response:
+        data, skipped = await pool.run(concept_map, service, book, slide, label, index)
+        headers = {"Cache-Control": "no-cache", "X-Skipped-Regions": str(skipped)}
+        return Response(data, media_type="image/png", headers=headers)
+
+    @app.get("/api/labels")
+    def labels() -> dict[str, Any]:
+        return book.to_dict()
+
+    @app.post("/api/labels")
+    def set_label(request: LabelRequest) -> dict[str, Any]:
+        entry = service.index_for(request.index).resolve_slide(request.slide)
+        _, _, w, h = request.box
+        if w <= 0 or h <= 0 or max(abs(v) for v in request.box) >= 2**31:
+            raise ConfigError(
+                f"box {list(request.box)} must have width and height > 0, each value within ±2**31"
+            )
+        width, height = (int(v) for v in entry["dimensions"])
+        box = clip_box(request.box, (width, height))
+        if box is None:
+            raise RegionOutsideSlideError(
+                f"box {list(request.box)} lies outside {entry['name']} ({width} x {height} px)"
+            )
+        record = (entry["slide_id"], *box, request.label)
+        book.set(record, request.verdict, entry["name"], (width, height))
+        return book.to_dict()
+
+    @app.post("/api/labels/more")
+    def more(request: MoreRequest) -> dict[str, Any]:
+        return more_like(service, book, request.label, request.k, request.index)
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:
@@ -119,8 +196,8 @@ def _add_error_handlers(app: FastAPI) -> None:
             status = 404
         elif isinstance(exc, USER_ERRORS):
             status = 400
-        elif isinstance(exc, StoreIncompleteError):
-            status = 503  # being re-tiled: try again once it is complete
+        elif isinstance(exc, StoreIncompleteError | StoreLockedError):
+            status = 503  # being re-tiled, or the label files being written: try again
         elif isinstance(exc, TilingMismatchError | EmbeddingsNotFoundError):
             status = 409  # re-tiled since indexing: re-embed and `index --add`
         else:  # the archive or the index is damaged: the server's fault, not the request's
@@ -132,7 +209,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         """Which fields are wrong and why, never the values sent."""
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()
+            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: "
+            + str(e["msg"]).removeprefix("Value error, ")  # a validator's own message
+            for e in exc.errors()
         )
         return _error(422, problems[:500], "RequestValidationError")
 
@@ -239,7 +318,7 @@ def create_app(
         )
 
     add_picture_routes(app, service, pool)
-    add_label_routes(app, service, pool)
+    _add_label_routes(app, service, pool)
     add_layer_routes(app, service, pool, mil)
     config = GuardConfig(
         allowed_hosts=allowed_hosts,

@@ -14,56 +14,76 @@ The files feed the rest of the pipeline: ``labels/regions.csv`` is evaluation's 
 accepted regions; slides whose regions disagree are left out). The GeoJSON files are QuPath
 annotations: :func:`wsi_ssl.annotations.read_annotations` reads them (tiling ``roi``).
 
-Routes: ``GET /api/labels``; ``POST /api/labels`` ``{slide, box, label, verdict}`` with
-verdict ``accept``, ``reject`` or ``clear``; ``POST /api/labels/more`` ``{label, k}``: the
-tiles nearest any accepted region of ``label``, outside every labelled box;
-``GET /api/slides/{slide}/concept.png?label=L``: the concept map of ``label`` over a slide,
-each tile scored 1-NN style (its best cosine similarity to the accepted tiles minus its best
-to the rejected ones), drawn at the thumbnail's size as a translucent heatmap on one scale for
-the whole archive (transparent at the median score of a sample of the indexed tiles, full at
-their 99th percentile), so a slide without the concept stays clear. A labelled box is clipped
-to its slide; one that misses the slide is refused.
+Routes (declared in :mod:`wsi_ssl.serve.app`): ``GET /api/labels``; ``POST /api/labels``
+``{slide, box, label, verdict, index}`` with verdict ``accept``, ``reject`` or ``clear``;
+``POST /api/labels/more`` ``{label, k, index}``: the tiles of ``index`` (default: the
+server's) nearest any accepted region of ``label``, outside every labelled box;
+``GET /api/slides/{slide}/concept.png?label=L&index=I``: the concept map of ``label`` over a
+slide, each tile scored 1-NN style (its best cosine similarity to the accepted tiles minus its
+best to the rejected ones), drawn at the thumbnail's size as a translucent heatmap on one
+scale for the whole archive (transparent at the median score of a sample of the indexed
+tiles, full at their 99th percentile), so a slide without the concept stays clear. A labelled
+box is clipped to its slide; one that misses the slide is refused. A region the index cannot
+use (its slide removed from it or re-tiled since) is skipped and counted (``query.skipped``,
+header ``X-Skipped-Regions``).
+
+Several servers may share an archive: a change is made under ``.locks/labels.lock`` on the
+files as they are then (read again, changed, written atomically); reads take a file again
+once another process replaced it. A label is 1 to 64 characters, no control character, ``/``
+or ``\\`` (``Tumor: Positive``, ``Tumör`` are fine); it is never part of a file name. A CSV
+saved by a spreadsheet (BOM, CRLF, ``898.0``) is read; a row that still cannot be read is a
+:class:`~wsi_ssl.errors.LabelsError` naming the file and line, the file left as it is.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import io
 import json
+import math
+import os
 import threading
+import unicodedata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
-from fastapi import FastAPI
-from fastapi import Query as QueryParam
-from fastapi.responses import Response
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator
 
 from wsi_ssl.errors import (
     ConfigError,
+    EmbeddingsNotFoundError,
+    LabelsError,
     NoTilesInRegionError,
     RegionOutsideSlideError,
+    StoreIncompleteError,
+    StoreNotFoundError,
+    TilingMismatchError,
+    UnknownSlideError,
     WsiSslError,
 )
 from wsi_ssl.search.queries import clip_box, on_slide_centres
-from wsi_ssl.serve.service import MAX_K, RenderPool, SlideService
+from wsi_ssl.serve.service import SlideService
+from wsi_ssl.storage.atomic import atomic_write_text
 
 if TYPE_CHECKING:
+    from wsi_ssl.search.index import SearchIndex
     from wsi_ssl.search.results import Query
 
 __all__ = [
     "SLIDE_LABELS",
+    "Label",
     "LabelBook",
-    "add_label_routes",
+    "check_label",
+    "concept_map",
+    "more_like",
     "slide_labels_from_regions",
     "write_slide_labels",
 ]
 
 COLUMNS = ("slide", "x", "y", "w", "h", "label")
-LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$"
+MAX_LABEL = 64
 MAX_REGIONS = 10_000
 SCALE_SAMPLE = 20_000
 """Indexed tiles (from at most ``SCALE_SLIDES`` slides) a concept map's scale is measured on."""
@@ -71,25 +91,105 @@ SCALE_SLIDES = 64
 MAX_MORE_FETCH = 4096
 """The most neighbours "more like these" fetches to find ``k`` outside the labelled boxes."""
 Record = tuple[str, int, int, int, int, str]
+Stamp = tuple[int, int, int] | None
 SLIDE_LABELS = "labels/slides.csv"
 """The archive's slide labels (``slide,label``): the server's label filter reads it."""
+LOCK = ".locks/labels.lock"
+"""The lock file every change of the label files is made under (see the module docstring)."""
+UNUSABLE: tuple[type[WsiSslError], ...] = (UnknownSlideError, EmbeddingsNotFoundError)
+UNUSABLE += (TilingMismatchError, StoreNotFoundError, StoreIncompleteError)
+UNUSABLE += (NoTilesInRegionError, RegionOutsideSlideError)
+"""Why a labelled region cannot be used by an index: skipped (see the module docstring)."""
 
 
-def _write_text(path: Path, text: str) -> None:
-    from wsi_ssl.storage.atomic import atomic_write_text
+def check_label(value: str) -> str:
+    """``value`` without surrounding blanks, or ValueError saying what a label may hold."""
+    label = value.strip()
+    bad = any(c in "/\\" or unicodedata.category(c)[0] == "C" for c in label)
+    if not label or len(label) > MAX_LABEL or bad or "\u2028" in label or "\u2029" in label:
+        raise ValueError(
+            f"a label is 1 to {MAX_LABEL} characters without control characters, / or \\ "
+            "(such as tumour, Tumor: Positive or Tumör)"
+        )
+    return label
 
+
+Label = Annotated[str, AfterValidator(check_label)]
+
+
+def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text)
 
 
-def _read_csv(path: Path) -> list[Record]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    return [
-        (r["slide"], int(r["x"]), int(r["y"]), int(r["w"]), int(r["h"]), r["label"]) for r in rows
-    ]
+def _stamp(path: Path) -> Stamp:
+    """What tells a replaced file from the one read before (None: no file)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _whole(value: str | None, column: str) -> int:
+    """A whole number as a person or a spreadsheet writes it ("898", "898.0")."""
+    try:
+        number = float((value or "").strip())
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number != int(number):
+        raise ValueError(f"column {column} holds {(value or '')[:20]!r}, not a whole number")
+    return int(number)
+
+
+def _read_csv(path: Path) -> tuple[list[Record], Stamp]:
+    """The records of ``path`` (none when there is no file) and the stamp of what was read.
+
+    Raises:
+        LabelsError: the file cannot be read, lacks a column, or a row lacks a value or
+            holds a number that is not whole (the message names the line).
+    """
+    try:
+        f = path.open(encoding="utf-8-sig", newline="")
+    except FileNotFoundError:
+        return [], None
+    except OSError as err:
+        raise LabelsError(path, f"cannot be read ({err.strerror})") from err
+    with f:
+        st = os.fstat(f.fileno())
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        try:
+            first = f.readline()
+            f.seek(0)  # a spreadsheet's semicolon-separated save, or commas
+            reader = csv.DictReader(f, delimiter=";" if "," not in first else ",")
+            header = [(h or "").strip().lower() for h in reader.fieldnames or []]
+            if missing := [c for c in COLUMNS if c not in header]:
+                need = f"the column(s) {', '.join(missing)}; the header is {','.join(COLUMNS)}"
+                raise LabelsError(path, f"line 1 lacks {need}", [1])
+            reader.fieldnames = header
+            rows = ((reader.line_num, r) for r in reader)
+            return [
+                _record(path, n, r) for n, r in rows if "".join(map(str, r.values())).strip()
+            ], stamp
+        except UnicodeDecodeError as err:
+            raise LabelsError(path, "is not UTF-8 text; save it as CSV UTF-8") from err
+
+
+def _record(path: Path, line: int, row: dict[str, Any]) -> Record:
+    """One row as a record, or LabelsError naming its line and what to do."""
+    try:
+        slide, label = (str(row.get(c) or "").strip() for c in ("slide", "label"))
+        if not slide or not label:
+            raise ValueError("the slide or the label is empty")
+        x, y, w, h = (_whole(row.get(c), c) for c in "xywh")
+    except ValueError as err:
+        raise LabelsError(
+            path,
+            f"line {line} cannot be read: {err}; correct or delete that row (the file is left "
+            "as it is until then)",
+            [line],
+        ) from None
+    return slide, x, y, w, h, label
 
 
 def _csv_text(records: list[Record]) -> str:
@@ -120,23 +220,50 @@ def geojson(records: list[Record], name: str) -> dict[str, Any]:
 
 
 class LabelBook:
-    """The accepted and rejected regions of one archive (see the module docstring)."""
+    """The accepted and rejected regions of one archive, shared with every other process
+    serving it (see the module docstring). Reads the files at once: a row that cannot be read
+    is a :class:`~wsi_ssl.errors.LabelsError` here, not on the first verdict."""
+
+    FILES = ("regions.csv", "rejected.csv")
 
     def __init__(self, root: Path) -> None:
-        self.dir = Path(root) / "labels"
+        self.root = Path(root)
+        self.dir = self.root / "labels"
         self._lock = threading.Lock()
-        self.accepted = _read_csv(self.dir / "regions.csv")
-        self.rejected = _read_csv(self.dir / "rejected.csv")
-        self.scales: dict[str, tuple[tuple[Any, ...], tuple[float, float]]] = {}
-        """Per label, its concept-map scale and what it was measured for (index, regions)."""
+        self._read: dict[str, tuple[Stamp, list[Record]]] = {}
+        self.scales: dict[tuple[str, str], tuple[tuple[Any, ...], tuple[float, float]]] = {}
+        """Per (label, index), its concept-map scale and what it was measured for."""
+        self.snapshot()
+
+    def _records(self, name: str, fresh: bool = False) -> list[Record]:
+        """The records of ``labels/<name>``, read again when another process replaced it."""
+        kept = self._read.get(name)
+        if fresh or kept is None or kept[0] != _stamp(self.dir / name):
+            records, stamp = _read_csv(self.dir / name)
+            kept = self._read[name] = (stamp, records)
+        return list(kept[1])
+
+    def snapshot(self) -> tuple[list[Record], list[Record]]:
+        """(accepted, rejected) as the files hold them now."""
+        with self._lock:
+            return self._records(self.FILES[0]), self._records(self.FILES[1])
+
+    @property
+    def accepted(self) -> list[Record]:
+        return self.snapshot()[0]
+
+    @property
+    def rejected(self) -> list[Record]:
+        return self.snapshot()[1]
 
     def to_dict(self) -> dict[str, Any]:
         def rows(records: list[Record]) -> list[dict[str, Any]]:
             return [dict(zip(COLUMNS, r, strict=True)) for r in records]
 
+        accepted, rejected = self.snapshot()
         return {
-            "accepted": rows(self.accepted),
-            "rejected": rows(self.rejected),
+            "accepted": rows(accepted),
+            "rejected": rows(rejected),
             "files": {"csv": "labels/regions.csv", "geojson": "labels/geojson/"},
         }
 
@@ -149,27 +276,28 @@ class LabelBook:
     ) -> None:
         """Record ``verdict`` on the region of ``record`` (a box clipped to its slide of
         ``dimensions``): any earlier verdict on that region is replaced, one kept from before
-        boxes were clipped included."""
-        with self._lock:
-            key = record[:5]
+        boxes were clipped included. Made under the archive's label lock on the files as
+        they are then, so verdicts of other servers are kept."""
+        from wsi_ssl.storage.locks import hold_lock
 
-            def other(r: Record) -> bool:
-                return r[0] != key[0] or clip_box(r[1:5], dimensions) != key[1:]
+        key = record[:5]
 
-            self.accepted = [r for r in self.accepted if other(r)]
-            self.rejected = [r for r in self.rejected if other(r)]
+        def other(r: Record) -> bool:
+            return r[0] != key[0] or clip_box(r[1:5], dimensions) != key[1:]
+
+        with self._lock, hold_lock(self.root / LOCK, self.dir, wait=30.0):
+            accepted = [r for r in self._records(self.FILES[0], fresh=True) if other(r)]
+            rejected = [r for r in self._records(self.FILES[1], fresh=True) if other(r)]
             if verdict != "clear":
-                if len(self.accepted) + len(self.rejected) >= MAX_REGIONS:
+                if len(accepted) + len(rejected) >= MAX_REGIONS:
                     raise ConfigError(f"at most {MAX_REGIONS} labelled regions per archive")
-                (self.accepted if verdict == "accept" else self.rejected).append(record)
-            self._save(record[0], name)
-
-    def _save(self, slide_id: str, name: str) -> None:
-        _write_text(self.dir / "regions.csv", _csv_text(self.accepted))
-        _write_text(self.dir / "rejected.csv", _csv_text(self.rejected))
-        mine = [r for r in self.accepted if r[0] == slide_id]
-        text = json.dumps(geojson(mine, name), indent=1) + "\n"
-        _write_text(self.dir / "geojson" / f"{slide_id}.geojson", text)
+                (accepted if verdict == "accept" else rejected).append(record)
+            for file, records in zip(self.FILES, (accepted, rejected), strict=True):
+                _write(self.dir / file, _csv_text(records))
+                self._read[file] = (_stamp(self.dir / file), records)
+            mine = [r for r in accepted if r[0] == record[0]]
+            text = json.dumps(geojson(mine, name), indent=1) + "\n"
+            _write(self.dir / "geojson" / f"{record[0]}.geojson", text)
 
 
 def slide_labels_from_regions(root: str | Path) -> dict[str, str]:
@@ -191,33 +319,20 @@ def write_slide_labels(root: str | Path, out: str | Path | None = None) -> Path:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(("slide", "label"))
     writer.writerows(sorted(labels.items()))
-    _write_text(path, buf.getvalue())
+    _write(path, buf.getvalue())
     return path
 
 
-class LabelRequest(BaseModel):
-    """The body of ``POST /api/labels``."""
-
-    slide: str = Field(max_length=200)
-    box: tuple[int, int, int, int]
-    label: str = Field("positive", pattern=LABEL_PATTERN)
-    verdict: Literal["accept", "reject", "clear"] = "accept"
-
-
-class MoreRequest(BaseModel):
-    """The body of ``POST /api/labels/more``."""
-
-    label: str = Field("positive", pattern=LABEL_PATTERN)
-    k: int = Field(8, ge=1, le=MAX_K)
-
-
-def more_like(service: SlideService, book: LabelBook, label: str, k: int) -> dict[str, Any]:
-    """Tiles nearest any accepted region of ``label``, none inside a labelled box."""
-    with book._lock:  # one view of the regions for the query and the boxes left out
-        accepted, rejected = list(book.accepted), list(book.rejected)
-    queries = _queries(service, [r for r in accepted if r[5] == label])
+def more_like(
+    service: SlideService, book: LabelBook, label: str, k: int, index: str | None = None
+) -> dict[str, Any]:
+    """Tiles of index ``index`` nearest any accepted region of ``label``, none inside a
+    labelled box (regions the index cannot use skipped)."""
+    searched = service.index_for(index)
+    accepted, rejected = book.snapshot()  # one view for the query and the boxes left out
+    queries, skipped = _queries(searched, [r for r in accepted if r[5] == label])
     if not queries:
-        raise ConfigError(f"no accepted region has label {label!r}; accept a hit first")
+        raise ConfigError(_no_region(label, skipped, searched.name))
     first = queries[0]  # the tile vectors of every accepted region, as one query
     query = dataclasses.replace(
         first,
@@ -231,12 +346,13 @@ def more_like(service: SlideService, book: LabelBook, label: str, k: int) -> dic
         labelled.setdefault(record[0], []).append(record)
     fetch = min(k + 4 * sum(map(len, labelled.values())), MAX_MORE_FETCH)
     while True:  # fetch more until k lie outside the labelled boxes (or the index runs out)
-        out = service.run(service.index, query, k=fetch, mode="tiles")
-        keep = [h for h in out["hits"] if not _in_any(service, h, labelled)][:k]
+        out = service.run(searched, query, k=fetch, mode="tiles")
+        keep = [h for h in out["hits"] if not _in_any(searched, h, labelled)][:k]
         if len(keep) == k or len(out["hits"]) < fetch or fetch >= MAX_MORE_FETCH:
             break
         fetch = min(2 * fetch, MAX_MORE_FETCH)
     out["query"]["regions"] = len(queries)
+    out["query"]["skipped"] = skipped
     out["k"] = k  # what was asked for; hits_per_tile says how many neighbours were fetched
     for rank, hit in enumerate(keep, 1):
         hit["rank"] = rank
@@ -244,27 +360,41 @@ def more_like(service: SlideService, book: LabelBook, label: str, k: int) -> dic
     return out
 
 
-def _in_any(service: SlideService, hit: dict[str, Any], by_slide: dict[str, list[Record]]) -> bool:
+def _no_region(label: str, skipped: int, index: str) -> str:
+    """Why there is nothing to search with for ``label``."""
+    if not skipped:
+        return f"no accepted region has label {label!r}; accept a hit first"
+    return (
+        f"none of the {skipped} accepted region(s) labelled {label!r} can be used with index "
+        f"{index}: their slides left the index or were re-tiled since; accept a hit first"
+    )
+
+
+def _in_any(index: SearchIndex, hit: dict[str, Any], by_slide: dict[str, list[Record]]) -> bool:
     """Whether ``hit`` lies in a labelled box of its slide (``by_slide``: records by slide)."""
     records = by_slide.get(hit["slide_id"], [])
     if not records:
         return False
-    w, h = service.index.resolve_slide(hit["slide_id"])["dimensions"]
+    w, h = index.resolve_slide(hit["slide_id"])["dimensions"]
     return any(_inside(hit, r, (int(w), int(h))) for r in records)
 
 
-def _queries(service: SlideService, records: list[Record]) -> list[Query]:
-    """The region queries of ``records`` (a region without a stored tile's centre is skipped)."""
+def _queries(index: SearchIndex, records: list[Record]) -> tuple[list[Query], int]:
+    """The region queries of ``records`` in ``index`` and how many regions were skipped (no
+    stored tile's centre in the box, the slide not in the index, re-tiled since)."""
     out = []
     for slide, x, y, w, h, _ in records:
-        with contextlib.suppress(NoTilesInRegionError, RegionOutsideSlideError):
-            out.append(service.region_query(slide, (x, y, w, h)))
-    return out
+        try:
+            out.append(index.query_region(slide, (x, y, w, h)))
+        except UNUSABLE:
+            continue
+    return out, len(records) - len(out)
 
 
-def _vectors(service: SlideService, records: list[Record]) -> np.ndarray:
-    """The stored tile vectors of ``records``' regions, (N, D)."""
-    return np.concatenate([q.vectors for q in _queries(service, records)] or [np.zeros((0, 1))])
+def _vectors(index: SearchIndex, records: list[Record]) -> tuple[np.ndarray, int]:
+    """The stored tile vectors of ``records``' regions, (N, D), and how many were skipped."""
+    queries, skipped = _queries(index, records)
+    return np.concatenate([q.vectors for q in queries] or [np.zeros((0, 1))]), skipped
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -272,26 +402,30 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
 
-def concept_map(service: SlideService, book: LabelBook, slide: str, label: str) -> bytes:
-    """PNG (RGBA, thumbnail size) of ``label``'s concept over ``slide``: see the module doc."""
+def concept_map(
+    service: SlideService, book: LabelBook, slide: str, label: str, index: str | None = None
+) -> tuple[bytes, int]:
+    """PNG (RGBA, thumbnail size) of ``label``'s concept over ``slide`` by the tiles of index
+    ``index`` (see the module doc), and how many labelled regions were skipped."""
     from PIL import Image, ImageDraw
 
     from wsi_ssl.serve.pyramid import encode
 
-    with book._lock:  # one view of the regions for the vectors and the scale's key
-        regions = (
-            tuple(r for r in book.accepted if r[5] == label),
-            tuple(r for r in book.rejected if r[5] == label),
-        )
-    accepted = _vectors(service, list(regions[0]))
+    searched = service.index_for(index)
+    accepted_all, rejected_all = book.snapshot()  # one view for the vectors and the scale's key
+    regions = (
+        tuple(r for r in accepted_all if r[5] == label),
+        tuple(r for r in rejected_all if r[5] == label),
+    )
+    accepted, skipped = _vectors(searched, list(regions[0]))
     if not len(accepted):
-        raise ConfigError(f"no accepted region has label {label!r}; accept a hit first")
-    rejected = _vectors(service, list(regions[1]))
+        raise ConfigError(_no_region(label, skipped, searched.name))
+    rejected, skipped_rejected = _vectors(searched, list(regions[1]))
     store = service.store(slide)
-    embeddings = service.archive.embeddings(store.slide_id, service.index.encoder_id)
+    embeddings = service.archive.embeddings(store.slide_id, searched.encoder_id)
     embeddings = embeddings.embedded_only()  # tiles left out by QC at embed: not drawn
     score = _scores(np.asarray(embeddings.features), accepted, rejected)
-    lo, hi = _archive_scale(service, book, label, regions, (accepted, rejected))
+    lo, hi = _archive_scale(service, searched, book, label, regions, (accepted, rejected))
     strength = np.clip((score - lo) / (hi - lo), 0.0, 1.0)
     h, w = store.thumbnail.shape[:2]
     image = Image.new("RGBA", (w, h), (0, 0, 0, 0))
@@ -301,7 +435,7 @@ def concept_map(service: SlideService, book: LabelBook, slide: str, label: str) 
     for (x, y), a in zip(embeddings.coords, strength, strict=True):
         box = [x * f, y * f, x * f + side - 1, y * f + side - 1]
         draw.rectangle(box, fill=(230, 40, 20, round(200 * float(a))))
-    return encode(image, "png")
+    return encode(image, "png"), skipped + skipped_rejected
 
 
 def _scores(features: np.ndarray, accepted: np.ndarray, rejected: np.ndarray) -> np.ndarray:
@@ -315,6 +449,7 @@ def _scores(features: np.ndarray, accepted: np.ndarray, rejected: np.ndarray) ->
 
 def _archive_scale(
     service: SlideService,
+    index: SearchIndex,
     book: LabelBook,
     label: str,
     regions: tuple[tuple[Record, ...], tuple[Record, ...]],
@@ -324,10 +459,9 @@ def _archive_scale(
     spread over at most ``SCALE_SLIDES`` slides, ``SCALE_SAMPLE`` tiles) against the
     ``vectors`` (accepted, rejected) of the label's ``regions``, kept until those regions or
     the index change."""
-    index = service.index
     key = (index.name, index.n_vectors, *regions)
     accepted, rejected = vectors
-    kept = book.scales.get(label)
+    kept = book.scales.get((label, index.name))
     if kept is not None and kept[0] == key:
         return kept[1]
     slide_ids = list(dict.fromkeys(e.slide_id for e in index.entries if e.active))
@@ -351,8 +485,8 @@ def _archive_scale(
         lo, hi = (float(v) for v in np.percentile(scores, [50, 99]))
     else:  # nothing to measure on: the raw score, 0 (no likeness) to 1
         lo, hi = 0.0, 1.0
-    book.scales[label] = (key, (lo, max(hi, lo + 1e-6)))
-    return book.scales[label][1]
+    book.scales[label, index.name] = (key, (lo, max(hi, lo + 1e-6)))
+    return book.scales[label, index.name][1]
 
 
 def _inside(hit: dict[str, Any], record: Record, dimensions: tuple[int, int]) -> bool:
@@ -362,41 +496,3 @@ def _inside(hit: dict[str, Any], record: Record, dimensions: tuple[int, int]) ->
     tx, ty, size, _ = hit["tile_box"]
     (cx,), (cy,) = on_slide_centres(np.array([[tx, ty]]), size, dimensions)
     return bool(hit["slide_id"] == slide and x <= cx < x + w and y <= cy < y + h)
-
-
-def add_label_routes(app: FastAPI, service: SlideService, pool: RenderPool) -> None:
-    """Register the label routes of the module docstring on ``app``."""
-    book = LabelBook(service.index.root)
-
-    @app.get("/api/slides/{slide}/concept.png")
-    async def concept(
-        slide: str, label: str = QueryParam("positive", pattern=LABEL_PATTERN)
-    ) -> Response:
-        data = await pool.run(concept_map, service, book, slide, label)
-        return Response(data, media_type="image/png", headers={"Cache-Control": "no-cache"})
-
-    @app.get("/api/labels")
-    def labels() -> dict[str, Any]:
-        return book.to_dict()
-
-    @app.post("/api/labels")
-    def set_label(request: LabelRequest) -> dict[str, Any]:
-        entry = service.index.resolve_slide(request.slide)
-        _, _, w, h = request.box
-        if w <= 0 or h <= 0 or max(abs(v) for v in request.box) >= 2**31:
-            raise ConfigError(
-                f"box {list(request.box)} must have width and height > 0, each value within ±2**31"
-            )
-        width, height = (int(v) for v in entry["dimensions"])
-        box = clip_box(request.box, (width, height))
-        if box is None:
-            raise RegionOutsideSlideError(
-                f"box {list(request.box)} lies outside {entry['name']} ({width} x {height} px)"
-            )
-        record = (entry["slide_id"], *box, request.label)
-        book.set(record, request.verdict, entry["name"], (width, height))
-        return book.to_dict()
-
-    @app.post("/api/labels/more")
-    def more(request: MoreRequest) -> dict[str, Any]:
-        return more_like(service, book, request.label, request.k)

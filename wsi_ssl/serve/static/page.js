@@ -48,11 +48,16 @@ async function refreshSlides() {
     return setStatus(err.message, true);
   }
   renderSlideList();
+  if (document.body.dataset.state === "empty" && state.slides.length) {
+    openSlide(state.slides[0].slide_id);  // slides added to an empty index since
+  }
 }
 
+// the slide list, filtered; the keyboard focus stays on the slide it was on
 function renderSlideList() {
   const needle = $("filter").value.toLowerCase();
   const list = $("slides");
+  const focused = list.contains(document.activeElement) ? document.activeElement.dataset.slide : null;
   list.replaceChildren();
   for (const s of state.slides) {
     if (needle && !s.name.toLowerCase().includes(needle) && !s.slide_id.startsWith(needle)) continue;
@@ -65,7 +70,15 @@ function renderSlideList() {
     if (state.current && state.current.slide_id === s.slide_id) li.className = "active";
     activate(li, () => openSlide(s.slide_id));
     list.append(li);
+    if (s.slide_id === focused) li.focus();
   }
+}
+
+// a slide's file name, with a short id when another slide the page knows has the same name
+function slideName(slideId, name, others = []) {
+  const ids = new Set([slideId]);
+  for (const s of [...state.slides, ...others]) if (s.name === name) ids.add(s.slide_id);
+  return ids.size > 1 ? `${name} (${slideId.slice(0, 8)})` : name;
 }
 
 // -- the viewer --------------------------------------------------------------------------------
@@ -109,8 +122,10 @@ function redrawOverlays() {
     const img = document.createElement("img");
     img.className = "concept";
     img.alt = "";
-    img.src = `/api/slides/${id}/concept.png?label=${encodeURIComponent($("label").value)}` +
-      `&n=${state.labels.accepted.length}.${state.labels.rejected.length}`;
+    const params = new URLSearchParams({ label: $("label").value, ...indexParam(),
+      n: `${state.labels.accepted.length}.${state.labels.rejected.length}` });
+    img.src = `/api/slides/${id}/concept.png?${params}`;
+    img.onerror = () => overlayFailed(img.src, "concept map");
     v.addOverlay({ element: img, location: imageRect([0, 0, cur.dimensions[0], cur.dimensions[1]]) });
   }
   for (const name of LAYERS) {
@@ -132,6 +147,16 @@ function redrawOverlays() {
   }
   if (state.mark) overlay(state.mark, "hit");
   if (state.lastBox && a && a.query.slide_id === id) overlay(state.lastBox, "query");
+}
+
+// a picture over the slide failed: the server's reason in the status line
+async function overlayFailed(url, what) {
+  let message = `the ${what} could not be drawn`;
+  try {
+    const answer = await (await fetch(url)).json();
+    if (answer && answer.error) message = `${what}: ${answer.error}`;
+  } catch (err) { /* no JSON: the generic message */ }
+  setStatus(message, true);
 }
 
 function onOpen() {
@@ -308,7 +333,8 @@ function hitCard(hit, mode) {
   const meta = mode === "regions"
     ? `score ${hit.score.toFixed(2)} · ${hit.n_tiles} tiles · covers ${(100 * hit.coverage).toFixed(0)}%`
     : mode === "slides" ? `score ${hit.score.toFixed(3)} · ${hit.n_hits} hits` : `similarity ${hit.score.toFixed(3)}`;
-  const div = card(hit.image, `#${hit.rank} ${hit.name}`, meta, "hit");
+  const all = state.answer ? [...state.answer.hits, ...(state.answer.slides || [])] : [];
+  const div = card(hit.image, `#${hit.rank} ${slideName(hit.slide_id, hit.name, all)}`, meta, "hit");
   if (hit.label) {
     const tag = document.createElement("span");
     tag.className = "label";
@@ -380,14 +406,16 @@ async function miniViewer(hit, box, img) {
 
 async function judge(hit, box, verdict, div) {
   try {
-    state.labels = await api("/api/labels", { slide: hit.slide_id, box, label: $("label").value, verdict });
+    state.labels = await api("/api/labels", {
+      slide: hit.slide_id, box, label: $("label").value, verdict, ...indexParam(),
+    });
   } catch (err) {
     return setStatus(err.message, true);
   }
   div.classList.toggle("accepted", verdict === "accept");
   div.classList.toggle("rejected", verdict === "reject");
   const done = { accept: "accepted", reject: "rejected", clear: "cleared" }[verdict];
-  setStatus(`${done} as ${$("label").value}: #${hit.rank} ${hit.name}`);  // replaces any error
+  setStatus(`${done} as ${$("label").value}: #${hit.rank} ${slideName(hit.slide_id, hit.name)}`);  // replaces any error
   showLabelInfo();
   redrawOverlays();
 }
@@ -402,12 +430,16 @@ async function moreLikeThese() {
   document.body.dataset.state = "searching";
   setStatus("searching with every accepted region…");
   try {
-    const answer = await api("/api/labels/more", { label: $("label").value, k: Number($("k").value) || 8 });
+    const answer = await api("/api/labels/more", {
+      label: $("label").value, k: Number($("k").value) || 8, ...indexParam(),
+    });
     if (seq !== state.searchSeq) return;
     delete answer.query.image;
     state.lastBox = null;
+    const skipped = answer.query.skipped ? ` (${answer.query.skipped} region(s) skipped: their ` +
+      `slides left index ${answer.index.name} or were re-tiled)` : "";
     showAnswer(answer, `${answer.hits.length} tiles like the ${answer.query.regions} accepted ` +
-      `region(s) labelled ${$("label").value}, outside every labelled region.`);
+      `region(s) labelled ${$("label").value}${skipped}, outside every labelled region.`);
     redrawOverlays();
   } catch (err) {
     if (seq === state.searchSeq) { document.body.dataset.state = "ready"; setStatus(err.message, true); }
@@ -415,9 +447,13 @@ async function moreLikeThese() {
 }
 
 // -- filters, layers, ranking, picture upload ------------------------------------------------------
+// the index picked in the index menu, when the page offers one
+function indexParam() {
+  return $("index-choice").hidden || !$("index").value ? {} : { index: $("index").value };
+}
+
 function filters() {
-  const out = {};
-  if (!$("index-choice").hidden) out.index = $("index").value;
+  const out = indexParam();
   if ($("label-filter").value) out.labels = [$("label-filter").value];
   return out;
 }
@@ -468,7 +504,7 @@ function renderRanking(slides) {
   for (const s of slides) {
     const li = document.createElement("li");
     li.dataset.slide = s.slide_id;
-    li.textContent = `${s.name}${s.label ? " [" + s.label + "]" : ""}: score ${s.score.toFixed(3)}, ${s.n_hits} hits`;
+    li.textContent = `${slideName(s.slide_id, s.name, slides)}${s.label ? " [" + s.label + "]" : ""}: score ${s.score.toFixed(3)}, ${s.n_hits} hits`;
     activate(li, () => openSlide(s.slide_id));
     list.append(li);
   }
@@ -513,6 +549,7 @@ function start() {
   $("more").addEventListener("click", moreLikeThese);
   $("concept").addEventListener("change", redrawOverlays);
   $("label").addEventListener("change", redrawOverlays);
+  $("index").addEventListener("change", redrawOverlays);
   for (const id of ["mode", "exclude-self", "k", "index", "label-filter"]) {
     $(id).addEventListener("change", () => {
       if (state.current && state.lastBox && state.answer && state.answer.query.slide_id === state.current.slide_id) {
@@ -530,7 +567,13 @@ function start() {
       state.labels = labels;
       showLabelInfo();
       renderSlideList();
-      if (list.length) openSlide(list[0].slide_id);
+      if (list.length) {
+        openSlide(list[0].slide_id);
+      } else {
+        document.body.dataset.state = "empty";
+        setStatus(`Index ${info.name} holds no slide. Add some with \`wsi-ssl index ROOT --add\` ` +
+          "(after tiling and embedding them into ROOT), then reload this page.", true);
+      }
     } catch (err) {
       setStatus(err.message, true);
     }
