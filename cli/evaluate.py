@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="NAME",
-        help="per-tile labels stored as labels/NAME in the slide stores under --root",
+        help="per-tile labels stored as labels/NAME in the slide stores under --root (folds "
+        "and intervals keep each slide's tiles together)",
     )
     p.add_argument(
         "--region-labels",
@@ -66,7 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=Path,
         default=[],
         metavar="CSV",
-        help="slide labels for retrieval (mMV@k, precision@k)",
+        help="slide labels (slide,label[,patient]) for retrieval (mMV@k, precision@k): "
+        "leave one slide out, or with a patient column every slide of the query's patient",
     )
     _add_settings(p)
     p.set_defaults(func=run)

@@ -21,7 +21,7 @@ from torch import nn
 
 from tests.conftest import run_cli
 from wsi_ssl.encoders import list_encoders, register_encoder
-from wsi_ssl.errors import EncoderNotFoundError, LabelsError
+from wsi_ssl.errors import ConfigError, EncoderNotFoundError, LabelsError
 from wsi_ssl.evaluation import (
     EncoderSpec,
     EvaluationConfig,
@@ -562,9 +562,9 @@ def test_a_pretrain_run_is_an_encoder(
 def test_slides_that_cannot_be_embedded_are_named_when_too_few_classes_are_left(
     tmp_path: Path,
 ) -> None:
-    """256 px tiles and a 224 px encoder that does not resize: every slide fails to embed, and
-    the error says why (it said only that too few classes were left); ``resize=bilinear`` in
-    the encoder spec embeds them."""
+    """256 px tiles and a 224 px encoder that does not resize: no slide can be embedded, and
+    the error says why before anything is embedded (it said only that too few classes were
+    left); ``resize=bilinear`` in the encoder spec embeds them."""
     from wsi_ssl.config import TilingConfig
     from wsi_ssl.synthetic import write_synthetic_slide
     from wsi_ssl.tiling.batch import tile_slides
@@ -577,16 +577,16 @@ def test_slides_that_cannot_be_embedded_are_named_when_too_few_classes_are_left(
     csv.write_text("slide,label\n" + "".join(f"s{i}.tiff,{'ab'[i % 2]}\n" for i in range(4)))
     task = SlideTask(root, csv, name="ab")
     settings = {**FAST, "folds": 2, "mil_epochs": 2, "n_bootstrap": 0}
-    with pytest.raises(LabelsError, match="tiles are 256 px but encoder 'random-cnn' takes 224"):
+    with pytest.raises(ConfigError, match="tiles are 256 px but encoder 'random-cnn' takes 224"):
         evaluate_encoders(["random-cnn"], [task], tmp_path / "e1", **settings)
     report = evaluate_encoders(["random-cnn,resize=bilinear"], [task], tmp_path / "e2", **settings)
     assert [(r.task, r.metric, r.n) for r in report.rows] == [("ab", "auc", 4)]
 
 
 def test_every_slide_failing_to_embed_names_the_cause_first(tmp_path: Path) -> None:
-    """Slides tiled at 256 px and an encoder that takes 224 px without resizing: the error
-    leads with how many slides failed and why, and gives evaluate's own spelling of the fix
-    (``NAME,resize=bilinear``), which then works."""
+    """Slides tiled at 256 px and an encoder that takes 224 px without resizing (and has no
+    trained scale): the error leads with how many slides it cannot take and why, and gives
+    evaluate's own spelling of the fix (``NAME,resize=bilinear``), which then works."""
     from wsi_ssl.config import TilingConfig
     from wsi_ssl.synthetic import write_synthetic_slide
     from wsi_ssl.tiling.batch import tile_slides
@@ -600,7 +600,7 @@ def test_every_slide_failing_to_embed_names_the_cause_first(tmp_path: Path) -> N
     argv = ["--root", str(root), "--slide-labels", str(labels), "--out", str(tmp_path / "e")]
     code, out, err = run_cli(["evaluate", "--encoder", "random-vit-tiny", *argv])
     assert code == 2 and out == "" and err.count("\n") == 1, err
-    assert "4 of 4 labelled slide(s) failed to embed" in err
+    assert "encoder 'random-vit-tiny' can take none of the 4 slide(s)" in err
     assert "InputSizeMismatchError" in err and err.rstrip().endswith("NAME,resize=bilinear")
     # the embed job itself says it once, not once a slide
     code, out, err = run_cli(["embed", str(root), "--encoder", "random-vit-tiny", "--quiet"])
@@ -617,8 +617,6 @@ def test_an_mmv_k_that_lets_every_other_slide_vote_is_refused(
 ) -> None:
     """With 6 slides, leave-one-out leaves 5 to retrieve: mMV@5 lets them all vote, so it no
     longer depends on similarity (it came out 0 for every encoder); refused, saying how low."""
-    from wsi_ssl.errors import ConfigError
-
     root, csv = archive
     with pytest.raises(ConfigError, match=r"mmv_k=5 lets all 5 other labelled slides .*mmv_k <= 4"):
         evaluate_encoders(

@@ -12,7 +12,13 @@ from typing import Any
 import numpy as np
 
 from wsi_ssl.evaluation.config import EvaluationConfig
-from wsi_ssl.evaluation.statistics import Estimate, Metric, estimate, paired_difference
+from wsi_ssl.evaluation.statistics import (
+    Estimate,
+    Metric,
+    Resamples,
+    estimate,
+    paired_difference,
+)
 from wsi_ssl.storage.atomic import atomic_write_text
 
 __all__ = [
@@ -104,7 +110,8 @@ class Scores:
 
     ``outputs`` maps an encoder label to its per-item output (predicted classes, class
     probabilities, or a retrieval item's summed precision and count) scored by ``score``
-    against ``y``; intervals resample the items.
+    against ``y``; intervals resample the items (whole slides or patients where the task
+    groups them).
     """
 
     task: TaskSummary
@@ -121,7 +128,7 @@ def _ranks(values: list[float]) -> list[int]:
 
 
 def rank(
-    scores: Scores, resamples: np.ndarray, confidence: float
+    scores: Scores, resamples: Resamples, confidence: float
 ) -> tuple[list[ResultRow], Ranking]:
     """The rows of every encoder (with intervals when outputs are given) and the ranking."""
     labels = list(scores.encoder_ids)

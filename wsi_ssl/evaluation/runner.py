@@ -4,12 +4,17 @@ Each task is loaded once; its folds and bootstrap resamples are drawn once from 
 and the seed; every encoder is then scored on them:
 
 * patch, per-tile label and labelled-region tasks: k-NN and linear probes, balanced accuracy
-  and macro-F1;
+  and macro-F1; tile folds and bootstrap resamples keep each slide's tiles together (a slide
+  is never both trained and tested on; intervals resample slides, not tiles);
 * slide tasks: ABMIL cross-validated by :func:`wsi_ssl.mil.train` with the task's folds
   written into the labels it is given, AUC of the out-of-fold probabilities;
 * retrieval tasks: mMV@k and precision@k of a flat index per encoder
-  (:mod:`wsi_ssl.search.evaluate`), both with intervals resampled over the labelled slides
-  (precision@k pools each resampled slide's query tiles).
+  (:mod:`wsi_ssl.evaluation.retrieval`), both with intervals resampled over the labelled
+  slides (precision@k pools each resampled slide's query tiles).
+
+Slide and retrieval intervals resample patients when the labels CSV has a ``patient`` column.
+Before anything is embedded, every encoder is checked against the archive's tile size and
+scale (:mod:`wsi_ssl.evaluation.preflight`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from wsi_ssl.evaluation.features import (
     image_features,
     tile_features,
 )
+from wsi_ssl.evaluation.preflight import check_archives, check_encoders
 from wsi_ssl.evaluation.probes import (
     assign_folds,
     knn_predictions,
@@ -48,14 +54,16 @@ from wsi_ssl.evaluation.report import (
     keep_earlier,
     rank,
 )
+from wsi_ssl.evaluation.retrieval import patients_of, retrieval_scores
 from wsi_ssl.evaluation.statistics import (
     METRICS,
-    balanced_accuracy,
+    Resamples,
     bootstrap_indices,
-    pooled_mean,
+    cluster_bootstrap_indices,
 )
 from wsi_ssl.evaluation.tasks import (
     LabelledSlides,
+    LabelledTiles,
     PatchTask,
     RegionLabelTask,
     RetrievalTask,
@@ -81,7 +89,7 @@ Named = list[tuple[str, "Encoder"]]
 class _TaskResult:
     summary: TaskSummary
     scores: list[Scores]
-    resamples: np.ndarray
+    resamples: Resamples
 
 
 def _safe(text: str) -> str:
@@ -159,10 +167,22 @@ def _patch(task: PatchTask, encoders: Named, config: EvaluationConfig, out: Path
     )
 
 
-def _embed_all(root: Path, encoders: Named, slides: list[str], config: EvaluationConfig) -> dict:
-    failed: dict[str, str] = {}
+def _embed_all(
+    root: Path,
+    encoders: Named,
+    slides: list[str],
+    config: EvaluationConfig,
+    enough: Callable[[dict[str, str]], object],
+) -> dict[str, str]:
+    """Embed ``slides`` with every encoder: first every encoder is checked against every
+    slide's tile size and scale (slides one cannot take are left out for all) and ``enough``
+    checks what is left, so that nothing is embedded for a run that cannot finish.
+    Returns ``{slide id: why}`` of the slides left out."""
+    failed = check_encoders(root, encoders, slides, config)
+    enough(failed)
+    left = [s for s in slides if s not in failed]
     for _, enc in encoders:
-        failed |= embed_archive(root, enc, slides, config)
+        failed |= embed_archive(root, enc, left, config)
     return failed
 
 
@@ -177,9 +197,13 @@ def _tiles(
     else:
         tiles = load_tile_labels(task, config.max_tiles_per_class, config.seed)
         source = f"{task.root}:labels/{task.labels}"
-    failed = _embed_all(task.root, encoders, list(tiles.rows), config)
-    tiles = tiles.without(set(failed), task.root) if failed else tiles
-    folds, note = assign_folds(tiles.y, config.folds, config.seed, groups=tiles.groups)
+
+    def folds_of(gone: dict[str, str]) -> tuple[LabelledTiles, np.ndarray, str | None]:
+        left = tiles.without(set(gone), task.root) if gone else tiles
+        return left, *assign_folds(left.y, config.folds, config.seed, groups=left.groups)
+
+    failed = _embed_all(task.root, encoders, list(tiles.rows), config, folds_of)
+    tiles, folds, note = folds_of(failed)  # grouped by slide: never trained and tested on
     notes = [note] if note else []
     notes += [f"slide {sid} left out: {err}" for sid, err in failed.items()]
     summary = TaskSummary(
@@ -195,7 +219,9 @@ def _tiles(
     feats = {lab: tile_features(task.root, e.encoder_id, tiles) for lab, e in encoders}
     ids = {lab: e.encoder_id for lab, e in encoders}
     scores = _probe_scores(summary, tiles.y, folds, feats, ids, config)
-    return _TaskResult(summary, scores, bootstrap_indices(tiles.y, config.n_bootstrap, config.seed))
+    # whole slides resampled: one slide's tiles resemble each other more than another's
+    resamples = cluster_bootstrap_indices(tiles.y, tiles.groups, config.n_bootstrap, config.seed)
+    return _TaskResult(summary, scores, resamples)
 
 
 def _usable(
@@ -203,38 +229,46 @@ def _usable(
 ) -> tuple[LabelledSlides, list[str]]:
     """The labelled slides every encoder could embed (embedding them), and notes."""
     labelled = load_slide_labels(root, labels)
-    failed = _embed_all(root, encoders, labelled.slide_ids, config)
+
+    def enough(failed: dict[str, str]) -> None:
+        if len({r.label for r in labelled.table.rows if r.slide not in failed}) < 2:
+            first = next(iter(failed.values()), "")
+            raise LabelsError(  # the CLI words the first failure's setting as evaluate's flag
+                labels,
+                _too_few_classes(failed, len(labelled.slide_ids)),
+                parameters=("check_mpp",) if "check_mpp=False" in first else (),
+            )
+
+    failed = _embed_all(root, encoders, labelled.slide_ids, config, enough)
+    enough(failed)
     notes = [f"{len(labelled.unmatched)} labelled slide(s) match no store"] * bool(
         labelled.unmatched
     )
     notes += [f"slide {sid} left out: {err}" for sid, err in failed.items()]
     rows = [r for r in labelled.table.rows if r.slide not in failed]
-    if len({r.label for r in rows}) < 2:
-        scale = next(iter(failed.values()), "").startswith("MagnificationMismatchError")
-        raise LabelsError(  # the CLI words the first failure's setting as evaluate's flag
-            labels,
-            _too_few_classes(failed, len(labelled.slide_ids)),
-            parameters=("check_mpp",) if scale else (),
-        )
     table = dataclasses.replace(labelled.table, rows=rows)
     return dataclasses.replace(labelled, table=table), notes
 
 
 def _too_few_classes(failed: dict[str, str], n_slides: int) -> str:
-    """Why fewer than two classes are left: the slides that failed, the first reason in
-    full, and the evaluate spelling of the resize advice."""
+    """Why fewer than two classes are left: the slides that failed and the first reason in
+    full (with its advice)."""
     if not failed:
         return "fewer than two classes are left"
     first = next(iter(failed.values()))
-    advice = (
-        "; here, give the encoder as NAME,resize=bilinear"
-        if first.startswith("InputSizeMismatchError")
-        else ""
-    )
     return (
-        f"{len(failed)} of {n_slides} labelled slide(s) failed to embed, so fewer than two "
-        f"classes are left; the first: {first}{advice}"
+        f"{len(failed)} of {n_slides} labelled slide(s) cannot be embedded, so fewer than two "
+        f"classes are left; the first: {first}"
     )
+
+
+def _slide_resamples(rows: Sequence[Any], y: np.ndarray, config: EvaluationConfig) -> Resamples:
+    """Bootstrap resamples of labelled slides: whole patients when the CSV names them."""
+    patients = patients_of(rows)
+    if patients is None:
+        return bootstrap_indices(y, config.n_bootstrap, config.seed)
+    groups = np.array([patients[r.slide] for r in rows])
+    return cluster_bootstrap_indices(y, groups, config.n_bootstrap, config.seed)
 
 
 def _slide_folds(labelled: LabelledSlides, config: EvaluationConfig) -> np.ndarray:
@@ -319,78 +353,18 @@ def _slide(task: SlideTask, encoders: Named, config: EvaluationConfig, out: Path
         outputs[label] = np.stack([got[r.slide][1] for r in rows])
     ids = {lab: e.encoder_id for lab, e in encoders}
     scores = [Scores(summary, "abmil", "auc", ids, y, METRICS["auc"], outputs)]
-    return _TaskResult(summary, scores, bootstrap_indices(y, config.n_bootstrap, config.seed))
-
-
-@contextlib.contextmanager
-def _scratch_index(root: Path, encoder_id: str, slides: list[str]) -> Iterator[Any]:
-    """A flat (exact) index of ``slides``, removed afterwards so that the archive's own
-    indexes are the only ones left (commands that open "the only index" keep working)."""
-    import os
-
-    from wsi_ssl.search import SearchIndex
-    from wsi_ssl.storage.index_files import remove_index
-
-    name = f"eval-{encoder_id}-{os.getpid()}"
-    try:
-        yield SearchIndex.build(root, encoder_id, name=name, slides=slides, kind="flat")
-    finally:
-        remove_index(root, name)
+    return _TaskResult(summary, scores, _slide_resamples(rows, y, config))
 
 
 def _retrieval(task: RetrievalTask, encoders: Named, config: EvaluationConfig) -> _TaskResult:
     from wsi_ssl.mil.labels import sort_classes
-    from wsi_ssl.search.evaluate import majority_vote, precision_at_k
 
     labelled, notes = _usable(task.root, task.labels, encoders, config)
+    summary, scores = retrieval_scores(task, encoders, config, labelled, notes)
     rows = labelled.table.rows
-    if config.mmv_k >= len(rows) - 1:  # every other slide votes: similarity plays no part
-        raise ConfigError(
-            f"mmv_k={config.mmv_k} lets all {len(rows) - 1} other labelled slides of "
-            f"{task.labels} vote in mMV@k (leave-one-slide-out), so the vote ignores "
-            f"similarity; choose mmv_k <= {max(1, len(rows) - 2)}",
-            parameters=("mmv_k",),
-        )
-    truth = {r.slide: r.label for r in rows}
-    classes = sort_classes(truth.values())
+    classes = sort_classes(r.label for r in rows)
     y = np.array([classes.index(r.label) for r in rows], dtype=np.int64)
-    summary = TaskSummary(
-        task_name(task),
-        task.kind,
-        str(task.labels),
-        len(rows),
-        tuple(classes),
-        0,
-        split_digest(np.zeros(len(rows))),
-        (*notes, "leave-one-slide-out"),
-    )
-    votes: dict[str, np.ndarray] = {}
-    precision: dict[str, np.ndarray] = {}  # per slide: summed precision, query tiles
-    for label, enc in encoders:
-        with _scratch_index(task.root, enc.encoder_id, labelled.slide_ids) as index:
-            mv = majority_vote(index, truth, k=config.mmv_k, seed=config.seed)
-            pk = precision_at_k(index, truth, k=config.precision_k, seed=config.seed)
-        predicted = {p["slide_id"]: p["predicted"] for p in mv["per_slide"]}
-        votes[label] = np.array(
-            [
-                classes.index(predicted[r.slide]) if predicted[r.slide] in classes else -1
-                for r in rows
-            ]
-        )
-        per_slide = pk["per_slide"]
-        precision[label] = np.array(
-            [
-                [s["precision"] * s["queries"], s["queries"]]
-                for s in (per_slide.get(r.slide, {"precision": 0.0, "queries": 0}) for r in rows)
-            ]
-        )
-    ids = {lab: e.encoder_id for lab, e in encoders}
-    precision_metric = f"precision@{config.precision_k}"
-    scores = [
-        Scores(summary, "search", f"mmv@{config.mmv_k}", ids, y, balanced_accuracy, votes),
-        Scores(summary, "search", precision_metric, ids, y, pooled_mean, precision),
-    ]
-    return _TaskResult(summary, scores, bootstrap_indices(y, config.n_bootstrap, config.seed))
+    return _TaskResult(summary, scores, _slide_resamples(rows, y, config))
 
 
 @contextlib.contextmanager
@@ -457,6 +431,7 @@ def evaluate_encoders(
     if len(set(names)) < len(names):
         raise ConfigError(f"two tasks share a name ({names}); name them apart")
     named = _build(encoders, config)
+    check_archives(tasks, named, config)  # an encoder that cannot take an archive's tiles
     rows: list[ResultRow] = []
     rankings: list[Ranking] = []
     summaries: list[TaskSummary] = []

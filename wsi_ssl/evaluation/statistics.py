@@ -3,14 +3,16 @@
 Every encoder on a task is scored on the same items, and the bootstrap resamples are drawn
 once per task (stratified by class, so every resample holds every class), so intervals are
 comparable and the difference between two encoders can be bootstrapped pairwise: the
-difference "exceeds the intervals" when its own percentile interval excludes 0. The metrics
+difference "exceeds the intervals" when its own percentile interval excludes 0. Items that
+are not independent (the tiles of a slide, the slides of a patient) are resampled as whole
+clusters (:func:`cluster_bootstrap_indices`). The metrics
 themselves are MIL's (:mod:`wsi_ssl.mil.metrics`), so both score alike.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +25,7 @@ __all__ = [
     "auc",
     "balanced_accuracy",
     "bootstrap_indices",
+    "cluster_bootstrap_indices",
     "estimate",
     "macro_f1",
     "paired_difference",
@@ -30,6 +33,8 @@ __all__ = [
 ]
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
+Resamples = np.ndarray | Sequence[np.ndarray]
+"""Bootstrap resamples: rows of item indices (equal lengths or not)."""
 
 
 def auc(y: np.ndarray, probabilities: np.ndarray) -> float:
@@ -75,6 +80,24 @@ def bootstrap_indices(y: np.ndarray, n: int, seed: int) -> np.ndarray:
     return out
 
 
+def cluster_bootstrap_indices(
+    y: np.ndarray, clusters: np.ndarray, n: int, seed: int
+) -> list[np.ndarray]:
+    """n resamples of whole clusters (e.g. the slide of each tile): each is the item indices
+    of clusters drawn with replacement, within strata of clusters sharing their most frequent
+    class (so every resample holds each of those classes)."""
+    y = np.asarray(y)
+    _, cluster_of = np.unique(np.asarray(clusters), return_inverse=True)
+    members = [np.flatnonzero(cluster_of == c) for c in range(int(cluster_of.max()) + 1)]
+    dominant = np.array([np.bincount(y[m]).argmax() for m in members])
+    rng = np.random.default_rng(seed)
+    drawn = np.empty((n, len(members)), dtype=np.int64)
+    for c in np.unique(dominant):
+        pool = np.flatnonzero(dominant == c)
+        drawn[:, pool] = rng.choice(pool, size=(n, len(pool)), replace=True)
+    return [np.concatenate([members[c] for c in row]) for row in drawn]
+
+
 def _interval(values: np.ndarray, confidence: float) -> tuple[float | None, float | None]:
     values = values[np.isfinite(values)]
     if not len(values):
@@ -85,7 +108,7 @@ def _interval(values: np.ndarray, confidence: float) -> tuple[float | None, floa
 
 
 def estimate(
-    metric: Metric, y: np.ndarray, output: np.ndarray, resamples: np.ndarray, confidence: float
+    metric: Metric, y: np.ndarray, output: np.ndarray, resamples: Resamples, confidence: float
 ) -> Estimate:
     """``metric(y, output)`` and its percentile interval over ``resamples`` (rows of indices)."""
     value = metric(y, output)
@@ -101,7 +124,7 @@ def paired_difference(
     y: np.ndarray,
     first: np.ndarray,
     second: np.ndarray,
-    resamples: np.ndarray,
+    resamples: Resamples,
     confidence: float,
 ) -> Estimate:
     """``metric(first) - metric(second)`` on the same items, with a paired bootstrap interval."""

@@ -9,6 +9,9 @@
 * **precision@k** of tile retrieval: for tiles sampled from each labelled slide, the fraction
   of the ``k`` nearest tiles on *other* labelled slides whose slide has the query's label;
   averaged over query tiles (micro) and over classes (macro).
+* Both take ``patients`` (slide id -> patient): then every slide of the query's patient is
+  left out, not only the query (leave one patient out), so that a patient's other slides
+  (re-scans, levels, copies) cannot vote for each other.
 * **recall@k**: the fraction of each query's exact top-``k`` ids that the (approximate)
   index returns, averaged over queries; queries default to a sample of the indexed vectors,
   the exact answer is a streamed brute-force search over the same vectors.
@@ -50,6 +53,15 @@ def _labelled(index: SearchIndex, labels: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _kin(labelled: Mapping[str, Any], patients: Mapping[str, str] | None) -> dict[str, set[str]]:
+    """Slide id -> the labelled slides left out when it is the query: itself, and with
+    ``patients`` every slide of its patient."""
+    if not patients:
+        return {sid: {sid} for sid in labelled}
+    of = {sid: patients.get(sid, sid) for sid in labelled}
+    return {sid: {s for s in labelled if of[s] == of[sid]} for sid in labelled}
+
+
 def _vote(ranked: list[Any]) -> Any:
     counts = Counter(ranked)
     top = max(counts.values())
@@ -64,25 +76,37 @@ def majority_vote(
     k: int = 5,
     mosaic_tiles: int = 64,
     seed: int = 0,
+    patients: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Leave-one-slide-out majority-vote accuracy of the top ``k`` retrieved slides (mMV@k).
+    """Leave-one-slide-out (or, with ``patients``, leave-one-patient-out) majority-vote
+    accuracy of the top ``k`` retrieved slides (mMV@k).
 
     Args:
         index: the index to evaluate.
         labels: slide id -> label; slides not in the index are ignored.
         k: retrieved slides that vote.
         mosaic_tiles: tiles representing each query slide.
+        patients: slide id -> patient; the query's patient's slides never vote.
 
     Returns:
-        ``{"k", "n_slides", "mmv", "accuracy", "per_class", "per_slide"}``.
+        ``{"k", "n_slides", "mmv", "accuracy", "per_class", "per_slide", "left_out"}``
+        (``left_out``: "patient" or "slide").
     """
+    from wsi_ssl.search.ranking import rank
+    from wsi_ssl.search.searching import DEFAULT_HITS_PER_TILE
+
     labelled = _labelled(index, labels)
+    kin = _kin(labelled, patients)
+    number = {s.slide_id: s.number for s in index.slides}
     per_slide = []
     n_all = len(index.slides)
     for sid, label in labelled.items():
         query = index.query_slide(sid, max_tiles=mosaic_tiles, seed=seed)
-        result = index.search(query, k=n_all, mode="slides", exclude_self=True)
-        ranked = [labelled[h.slide_id] for h in result.hits if h.slide_id in labelled][:k]
+        left_out = sorted(number[s] for s in kin[sid])  # left out of the search itself, so
+        # a re-scan's tiles cannot use up the other slides' hits
+        sims, ids = index.neighbours(query, "slides", max(DEFAULT_HITS_PER_TILE, n_all), left_out)
+        hits = rank(query, "slides", sims, ids, index.entries, index.coords, n_all)
+        ranked = [labelled[h.slide_id] for h in hits if h.slide_id in labelled][:k]
         predicted = _vote(ranked) if ranked else None
         per_slide.append(
             {"slide_id": sid, "label": label, "predicted": predicted, "retrieved": ranked}
@@ -98,6 +122,7 @@ def majority_vote(
         "accuracy": float(np.mean([p["predicted"] == p["label"] for p in per_slide])),
         "per_class": per_class,
         "per_slide": per_slide,
+        "left_out": "patient" if patients else "slide",
     }
 
 
@@ -108,8 +133,10 @@ def precision_at_k(
     k: int = 10,
     tiles_per_slide: int = 32,
     seed: int = 0,
+    patients: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Precision@k of tile retrieval across slides (see the module docstring).
+    """Precision@k of tile retrieval across slides (see the module docstring); with
+    ``patients`` (slide id -> patient) the query's patient's slides are never retrieved.
 
     Returns:
         ``{"k", "queries", "precision", "macro_precision", "per_class", "per_slide"}``;
@@ -120,7 +147,9 @@ def precision_at_k(
     from wsi_ssl.storage.embeddings import read_embeddings
 
     labelled = _labelled(index, labels)
+    kin = _kin(labelled, patients)
     archive = open_store(index.root)
+    number = {s.slide_id: s.number for s in index.slides}
     number_label = {s.number: labelled[s.slide_id] for s in index.slides if s.slide_id in labelled}
     unlabelled = [s.number for s in index.slides if s.slide_id not in labelled]
     rng = np.random.default_rng(seed)
@@ -131,8 +160,9 @@ def precision_at_k(
         emb = read_embeddings(archive.slide(sid), index.encoder_id).embedded_only()
         feats = np.asarray(emb.features)
         rows = rng.choice(len(feats), size=min(tiles_per_slide, len(feats)), replace=False)
+        left_out = {entry.number, *(number[s] for s in kin[sid])}
         _, ids = index.search_vectors(
-            feats[np.sort(rows)], k, exclude_slides=[entry.number, *unlabelled]
+            feats[np.sort(rows)], k, exclude_slides=[*sorted(left_out), *unlabelled]
         )
         mine = []
         for row in ids:
