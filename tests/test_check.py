@@ -102,6 +102,35 @@ def test_damage_and_debris_are_named_and_repaired(small_archive: Path, tmp_path:
     assert np.array_equal(redone.tiles[:4], original.tiles[:4])
 
 
+@pytest.mark.faults
+def test_a_store_marked_for_re_tiling_is_redone_by_a_plain_re_run(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    """A shard whose bytes rotted (its CRC no longer matches): ``check --repair`` marks the
+    slide for re-tiling and the next plain ``tile`` run redoes it (it skipped it, as complete,
+    and took the mark away)."""
+    root = shutil.copytree(small_archive, tmp_path / "root")
+    slide_id = open_store(root).slide_ids[0]
+    source = open_store(root).catalog.get(slide_id).path  # type: ignore[union-attr]
+    shard = open_store(root).slide(slide_id).shard_file(0)
+    rotten = bytearray(shard.read_bytes())
+    rotten[len(rotten) // 2] ^= 0xFF
+    shard.write_bytes(bytes(rotten))
+    code, out, _ = run_cli(["check", str(root), "--verify-tiles", "--repair"])
+    assert code == 1 and "fix: marked for re-tiling" in out
+    settings = ["--tile-size", "224", "--tissue-threshold", "0", "--codec", "zstd"]
+    argv = ["tile", source, "--out", str(root), *settings, "--tiles-per-chunk", "4", "--json"]
+    code, out, err = run_cli(argv)
+    [outcome] = json.loads(out)["slides"]
+    assert code == 0 and outcome["status"] == "complete", err
+    assert outcome["retiled_because"].startswith("marked for re-tiling: ")
+    assert open_store(root).catalog.get(slide_id).status == "complete"  # type: ignore[union-attr]
+    code, out, _ = run_cli(["check", str(root), "--verify-tiles"])
+    assert code == 0, out  # the same tiles again: embeddings and index kept
+    original = open_store(small_archive).slide(slide_id)
+    assert np.array_equal(open_store(root).slide(slide_id).tiles[:], original.tiles[:])
+
+
 def test_an_index_older_than_its_slides_is_named_and_index_add_brings_it_up_to_date(
     small_archive: Path, tmp_path: Path
 ) -> None:

@@ -5,7 +5,8 @@ slide. When only QC thresholds differ it is kept too, and the new thresholds are
 its metadata in one atomic rewrite: QC flags tiles and never drops them, so the tiles and their
 scores stand, and every consumer (``embed --skip-flagged-tiles``, pretraining, MIL, the viewer)
 reads the thresholds from the store. Anything else (the file's content, another setting, an
-unfinished or damaged store) redoes the slide, and the reason is said. A slide found at a new
+unfinished or damaged store, one ``wsi-ssl check --repair`` marked for re-tiling) redoes the
+slide, and the reason is said. A slide found at a new
 path (the file was moved) has that path recorded in its store, where the viewer reads it.
 """
 
@@ -72,6 +73,9 @@ def existing_store(
             return ExistingStore(redo_because=f"settings changed: {', '.join(described)}")
         if TileReader(store.tiles).missing_shards():  # damaged since: redo it
             return ExistingStore(redo_because="tile shards missing")
+        entry = archive.catalog.get(slide_id)  # "failed" beside a complete store: check's mark
+        if entry is not None and entry.status == "failed":
+            return ExistingStore(redo_because=f"marked for re-tiling: {entry.error}")
         return ExistingStore(store.n_tiles, None, changed, described)
     except StoreIncompleteError:
         return ExistingStore(redo_because="the store was not finished (a stopped job's)")
