@@ -65,6 +65,8 @@ from wsi_ssl.storage.fix_commands import (
 )
 from wsi_ssl.storage.index_files import (
     INDEX_DIR,
+    LOCK_FILE,
+    MANIFEST,
     _current_generation,
     _generations,
     index_lock,
@@ -313,6 +315,10 @@ class _Checker:
         try:
             files = read_index_files(self.root, name, verify=True)
         except (CorruptIndexError, IndexNotFoundError) as err:
+            if not (path / MANIFEST).is_file():  # no build of it ever finished
+                what = "unfinished first build of a killed or failed index job (nothing complete)"
+                self.add(path, what, fix, lambda: self.drop_unfinished_index(name))
+                return
             self.add(path, _short(err), fix)
         else:
             self.index_freshness(path, files.config, files.slides)
@@ -333,6 +339,19 @@ class _Checker:
                     return not gen.exists()
 
                 self.add(gen, what, REPAIR, repair)
+
+    def drop_unfinished_index(self, name: str) -> bool:
+        """Remove index ``name`` when no build of it finished (no manifest), under its lock."""
+        path = self.root / INDEX_DIR / name
+        with index_lock(self.root, name):
+            if (path / MANIFEST).is_file():
+                return False  # a build finished meanwhile
+            for entry in path.iterdir():
+                if entry.name != LOCK_FILE:
+                    remove_path(entry)
+        (path / LOCK_FILE).unlink(missing_ok=True)
+        path.rmdir()  # OSError (not empty: a new build began) leaves it to that build
+        return True
 
     def index_freshness(
         self, path: Path, config: dict[str, Any], slides: list[dict[str, Any]]

@@ -74,10 +74,11 @@ def embedding_stain_flags(attrs: dict[str, Any]) -> str:
 
 def index_flags(name: str, record: dict[str, Any]) -> str:
     """``--encoder ID --name NAME ...``: the ``wsi-ssl index`` flags that rebuild an index as its
-    recorded ``config.json`` says it was built (``ENCODER_ID`` where that is unreadable)."""
+    recorded ``config.json`` says it was built (where that is unreadable, the encoder is the
+    index's name, the default name of an encoder's index)."""
     recorded = record.get("config")
     build: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
-    flags = [f"--encoder {shlex.quote(str(record.get('encoder_id') or 'ENCODER_ID'))}"]
+    flags = [f"--encoder {shlex.quote(str(record.get('encoder_id') or name))}"]
     flags.append(f"--name {shlex.quote(name)}")
     if build.get("kind", "auto") != "auto":
         flags.append(f"--kind {shlex.quote(str(build['kind']))}")

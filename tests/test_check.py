@@ -4,7 +4,9 @@ fix; ``--repair`` removes the debris and a plain re-run redoes the rest."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -184,6 +186,34 @@ def test_a_damaged_index_gets_the_build_command_it_was_built_with(
     (rebuilt.files.path.parent / "MANIFEST.json").write_text("{not json")
     code, out, _ = run_cli(["check", str(root)])
     assert code == 1 and f"fix: {fix}\n" in out, out
+
+
+@pytest.mark.faults
+def test_a_first_index_build_killed_before_its_manifest_is_repaired(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    """A first build killed before its manifest leaves an index folder nothing complete is in:
+    ``check`` names it with a rebuild that runs (it said ``--encoder ENCODER_ID``) and
+    ``--repair`` removes it (it stayed, so the archive never checked clean)."""
+    from wsi_ssl.storage.atomic import FAULT_ENV
+
+    root = shutil.copytree(small_archive, tmp_path / "root")
+    eid = SearchIndex.open(root).encoder_id
+    shutil.rmtree(root / "index")
+    code = "import sys; from wsi_ssl.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, FAULT_ENV: "kill_before_rename:MANIFEST.json"}
+    argv = [sys.executable, "-c", code, "index", str(root), "--quiet"]
+    assert subprocess.run(argv, env=env).returncode == -signal.SIGKILL
+    assert (root / "index" / eid).is_dir() and not (root / "index" / eid / "MANIFEST.json").exists()
+    code_, out, _ = run_cli(["check", str(root)])
+    assert code_ == 1 and f"problem: {root / 'index' / eid}: unfinished first build" in out
+    fix = f"wsi-ssl index {root} --encoder {eid} --name {eid}"
+    assert f"fix: {fix}\n" in out, out
+    assert run_cli(["check", str(root), "--repair"])[0] == 0
+    assert not (root / "index" / eid).exists()
+    assert run_cli(["check", str(root)])[0] == 0
+    assert run_cli([*fix.split()[1:], "--quiet"])[0] == 0
+    assert SearchIndex.open(root).n_vectors == SearchIndex.open(small_archive).n_vectors
 
 
 def test_a_slide_re_embedded_with_another_stain_normalisation_gets_the_embed_that_fixes_it(
