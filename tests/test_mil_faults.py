@@ -72,10 +72,14 @@ def test_killed_at_each_rename_leaves_a_whole_run(archive: Path, tmp_path: Path)
     proc = _train_process(archive, out, 3, f"kill_before_rename:{aside_directory(out)}")
     assert proc.wait(timeout=300) == -signal.SIGKILL
     assert _epochs(out) == 2
-    # killed between the two renames: the old run is aside, and the next train puts it back
+    # killed between the two renames: the old run is aside; a reader or the next train puts it back
     proc = _train_process(archive, out, 3, f"kill_before_rename:{out}")
     assert proc.wait(timeout=300) == -signal.SIGKILL
     assert not out.exists() and aside_directory(out).is_dir()
+    from wsi_ssl.mil.run import load
+
+    assert load(out).config.epochs == 2  # a reader puts the old run back too (it found none)
+    assert out.is_dir() and not aside_directory(out).exists()
     with pytest.raises(ConfigError, match="already exists"):
         _train_in_process(archive, out, epochs=3)  # restored first, then refused: no overwrite
     assert _epochs(out) == 2 and not aside_directory(out).exists()

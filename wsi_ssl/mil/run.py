@@ -21,6 +21,7 @@ from wsi_ssl.errors import (
     EmptyBagError,
     EncoderMismatchError,
     SchemaMismatchError,
+    StoreLockedError,
 )
 from wsi_ssl.mil.config import MILConfig
 from wsi_ssl.mil.learners import Predictor, get_learner
@@ -280,6 +281,29 @@ def same_run(a: str, b: str) -> bool:
     return a.rpartition("@")[2] == b.rpartition("@")[2]
 
 
+def _restore_set_aside(path: Path) -> None:
+    """Put back the run a ``mil train --overwrite`` killed between its two renames left
+    aside (under the run's lock, as training does)."""
+    from wsi_ssl.storage.atomic import aside_directory, restore_directory
+    from wsi_ssl.storage.locks import hold_lock, run_lock_path
+
+    aside = aside_directory(path)
+    if path.exists() or not aside.is_dir():
+        return
+    try:
+        with hold_lock(run_lock_path(path), path, remove=True):
+            restore_directory(path)
+    except StoreLockedError as err:
+        raise CheckpointError(
+            f"{err}; a `wsi-ssl mil train` job is replacing this run: load it once that job ends"
+        ) from err
+    except OSError as err:
+        raise CheckpointError(
+            f"{path}: the run is at {aside}, set aside by a `mil train --overwrite` that was "
+            f"killed, and cannot be put back ({err.strerror}); rename it to {path.name}"
+        ) from err
+
+
 def load(run: str | Path, *, fold: int | None = None, device: str = "cpu") -> MILRun:
     """Load a run written by :func:`wsi_ssl.mil.train` (or ``wsi-ssl mil train``).
 
@@ -294,6 +318,7 @@ def load(run: str | Path, *, fold: int | None = None, device: str = "cpu") -> MI
     from wsi_ssl.device import resolve_device
 
     path = Path(run)
+    _restore_set_aside(path)
     if not path.exists():
         raise CheckpointError(
             f"{path}: no such folder; give the folder a `wsi-ssl mil train` run wrote"
