@@ -29,7 +29,7 @@ from wsi_ssl.cli import (
     tile,
 )
 from wsi_ssl.cli.hints import REDO_ADVICE, RESUME_ADVICE, command_parser, in_command_words
-from wsi_ssl.errors import WsiSslError
+from wsi_ssl.errors import IndexBusyError, StoreLockedError, WsiSslError
 from wsi_ssl.outcome import JobInterrupted
 
 COMMANDS = (tile, pretrain, curate, embed, encoders, search, mil, serve, demo, evaluate, check)
@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the process exit code (0 ok, 1 some slides failed, 2 error)."""
+    """Entry point; returns the process exit code (0 ok, 1 some slides failed or something it
+    writes is held by another job, 2 error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     command = command_parser(parser, args)
@@ -59,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _sigterm_stops_like_ctrl_c(terminated):
             return int(args.func(args))
+    except (StoreLockedError, IndexBusyError) as err:  # held by another job: retry later
+        print(f"wsi-ssl: error: {args.error_text(err)}", file=sys.stderr)
+        return 1
     except WsiSslError as err:
         print(f"wsi-ssl: error: {args.error_text(err)}", file=sys.stderr)
         return 2

@@ -513,6 +513,8 @@ def test_writes_are_atomic_and_locked(
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(IndexBusyError):
             after.remove(archive["ids"]["s2"])
+        code, _, err = run_cli(["index", str(root), "--name", name, "--add", "--quiet"])
+        assert code == 1 and "is being written by another process" in err  # busy: exit 1
     finally:
         os.close(fd)
     with index_lock(root, name), index_lock(root, name):  # re-entrant in one process
