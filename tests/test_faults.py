@@ -138,7 +138,7 @@ def test_index_second_writer_is_refused_while_the_first_holds_it(
     try:
         _wait_stopped(first)  # paused at its manifest rename, holding the index lock
         code, _, err = run_cli(argv)
-        assert code == 2 and f"pid {first.pid}" in err and len(err.strip().splitlines()) == 1
+        assert code == 1 and f"pid {first.pid}" in err and len(err.strip().splitlines()) == 1
     finally:
         first.kill()
         first.wait(timeout=60)
