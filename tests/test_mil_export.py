@@ -77,3 +77,16 @@ def test_name_clash_names_the_parameter(tmp_path: Path) -> None:
     assert info.value.parameters == ("name_by",) and "--" not in str(info.value)
     code, _, err = run_cli(["export", str(root), "--out", str(tmp_path / "out"), "--quiet"])
     assert code == 2 and err.strip().endswith("use --name-by slide_id"), err
+
+
+def test_a_store_with_damaged_metadata_is_a_failed_slide(archive: Path, tmp_path: Path) -> None:
+    broken = f"{2:016x}"
+    (archive / "slides" / f"{broken}.zarr" / "zarr.json").write_text("{not json")
+    out = tmp_path / "h5"
+    code, stdout, _ = run_cli(["export", str(archive), "--out", str(out), "--json"])
+    summary = json.loads(stdout)
+    assert code == 1 and (summary["exported"], summary["failed"]) == (1, 2)
+    assert {e["slide"] for e in summary["errors"]} == {f"{1:016x}", broken}
+    assert sorted(p.name for p in out.glob("*.h5")) == ["a.h5"]
+    manifest = json.loads((out / "export.json").read_text())
+    assert broken in {e["slide"] for e in manifest["errors"]}

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from wsi_ssl.errors import ConfigError, WsiSslError
 from wsi_ssl.outcome import BatchOutcome, SlideOutcome
 from wsi_ssl.storage import SlideStore, open_store
+from wsi_ssl.storage.archive import damaged_slide_id
 from wsi_ssl.storage.atomic import (
     atomic_path,
     atomic_write_json,
@@ -215,8 +216,10 @@ def export(
         )
     archive = open_store(root)
     stores: list[SlideStore] = []
-    failed = [SlideOutcome.failure(str(getattr(e, "path", "")), e) for e in archive.damaged]
-    for name in slides if slides is not None else archive.slide_ids:
+    scan = archive.scan()
+    damaged = scan.damaged if slides is None else []
+    failed = [SlideOutcome.failure(damaged_slide_id(e), e) for e in damaged]
+    for name in slides if slides is not None else scan.complete:
         try:
             sid = resolve_slide(archive, name) if slides is not None else name
             stores.append(archive.slide(sid))
