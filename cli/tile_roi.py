@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--roi",
         metavar="FILE",
         help="annotations restricting the tiles: QuPath GeoJSON or ASAP XML (level-0 pixels), "
-        "or a PNG/NPY mask of the whole slide at any scale (a label mask: a class per value); "
+        "or a PNG/NPY/TIFF/JPEG mask of the whole slide at any scale (a label mask: a class per value); "
         "their classes are stored per tile as labels/annotations",
     )
     g.add_argument("--roi-csv", type=Path, help="CSV with columns slide,roi (per-slide files)")

@@ -29,6 +29,7 @@ from wsi_ssl.errors import (
     EncoderMismatchError,
     EncoderNotFoundError,
     InputSizeMismatchError,
+    MagnificationMismatchError,
     WeightsNotFoundError,
     WsiSslError,
 )
@@ -162,6 +163,28 @@ def test_input_size_is_never_silently_changed() -> None:
     assert resized(_tiles(2, 96)).shape == (2, 64)
     with pytest.raises(ConfigError, match="uint8 RGB"):
         enc(_tiles(1).float())
+
+
+def test_a_size_refusal_advises_the_trained_scale_when_resizing_would_miss_it() -> None:
+    base = create_encoder("random-cnn")
+    fields = {**base.config.to_dict(), "mean": base.config.mean, "std": base.config.std}
+    enc = Encoder(base.model, EncoderConfig(**{**fields, "arch_kwargs": (), "mpp": (0.5,)}))
+    with pytest.raises(InputSizeMismatchError) as info:
+        enc.check_tiles(256, 256, 0.5, "s.zarr")
+    said = str(info.value)
+    assert "re-tile with tile_size=224 and mpp=0.5" in said and "at 0.571 µm/px" in said
+    assert info.value.parameters == ("tile_size", "mpp", "resize", "check_mpp")
+    for mpp in (None, 0.4375):  # scale unchecked, or resized tiles would be at the right one
+        with pytest.raises(InputSizeMismatchError, match="or choose resize='bilinear'"):
+            enc.check_tiles(256, 256, mpp)
+    enc.check_tiles(224, 224, 0.5)
+    resized = Encoder(
+        base.model,
+        EncoderConfig(**{**fields, "arch_kwargs": (), "mpp": (0.5,), "resize": "bilinear"}),
+    )
+    resized.check_tiles(256, 256, 0.4375)
+    with pytest.raises(MagnificationMismatchError, match=r"at 0\.571 µm/px"):
+        resized.check_tiles(256, 256, 0.5)
 
 
 def test_output_dim_is_checked() -> None:

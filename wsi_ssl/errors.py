@@ -144,7 +144,7 @@ class MissingMppError(WsiSslError, ValueError):
     def __init__(self, path: str | Path) -> None:
         super().__init__(
             f"{path}: no microns-per-pixel in vendor properties, TIFF resolution tags or objective "
-            "power; set it with mpp_override=MPP (or an 'mpp' column in the mpp_csv file)",
+            "power; set it with mpp_override=MPP, or mpp_csv=FILE (a CSV of slide,mpp rows)",
             parameters=("mpp_override", "mpp_csv"),
         )
         self.path = Path(path)
@@ -265,13 +265,33 @@ class WeightsNotFoundError(WsiSslError, FileNotFoundError):
 class InputSizeMismatchError(WsiSslError, ValueError):
     """Tiles are not the encoder's input size and its config does not allow resizing."""
 
-    def __init__(self, where: str, tile_size: int, input_size: int, encoder: str) -> None:
-        super().__init__(
+    def __init__(
+        self,
+        where: str,
+        tile_size: int,
+        input_size: int,
+        encoder: str,
+        scale: tuple[float, float] | None = None,
+    ) -> None:
+        """``scale``: (µm/px the tiles would reach the model at if resized, µm/px it was
+        trained at) when resizing would not help, so the advice is to re-tile at both."""
+        text = (
             f"{where}: tiles are {tile_size} px but encoder {encoder!r} takes {input_size} px and "
-            f"its config says resize='never'; re-tile with tile_size={input_size} or choose "
-            "resize='bilinear' (a different encoder_id)",
-            parameters=("tile_size", "resize"),
+            "its config says resize='never'; "
         )
+        if scale is None:
+            advice = f"re-tile with tile_size={input_size} or choose resize='bilinear' (a "
+            advice += "different encoder_id)"
+            parameters: tuple[str, ...] = ("tile_size", "resize")
+        else:
+            resized, trained = scale
+            advice = (
+                f"re-tile with tile_size={input_size} and mpp={trained:g} (resized, these tiles "
+                f"would reach it at {resized:.3g} µm/px, not the {trained:g} µm/px it was "
+                "trained at; choose resize='bilinear' with check_mpp=False to embed them so anyway)"
+            )
+            parameters = ("tile_size", "mpp", "resize", "check_mpp")
+        super().__init__(text + advice, parameters=parameters)
         self.tile_size = tile_size
         self.input_size = input_size
         self.encoder = encoder

@@ -158,9 +158,8 @@ class EmbedTarget:
             busy = embeddings_busy(store.path, self.encoder_id) if not self.config.wait else None
             if busy is not None:
                 return SlideOutcome.failure(slide_id, busy, time.perf_counter() - started)
-            self.encoder.check_input_size(tile_size, int(store.tiles.shape[2]), str(store.path))
-            if self.config.check_mpp:
-                self.encoder.check_scale(store.tiling.get("mpp"), tile_size, str(store.path))
+            mpp = store.tiling.get("mpp") if self.config.check_mpp else None
+            self.encoder.check_tiles(tile_size, int(store.tiles.shape[2]), mpp, str(store.path))
         except (WsiSslError, OSError, KeyError, ValueError) as err:
             return SlideOutcome.failure(slide_id, err, time.perf_counter() - started)
         attrs = self.attrs(store, n, chash, tile_size)

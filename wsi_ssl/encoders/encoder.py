@@ -166,6 +166,25 @@ class Encoder:
         """True when tiles need resizing; raise when they do and the config forbids it."""
         return self.preprocessor.check_input_size(height, width, where)
 
+    def check_tiles(
+        self, tile_size: int, width: int, mpp: float | None, where: str = "input"
+    ) -> None:
+        """Raise unless tiles of ``tile_size`` x ``width`` px at ``mpp`` µm/px (None: scale not
+        checked) can be embedded; a size refusal advises re-tiling at the trained scale too
+        when resized tiles would fail the scale check."""
+        try:
+            self.check_input_size(tile_size, width, where)
+        except InputSizeMismatchError:
+            if mpp is not None and self.config.mpp:
+                seen = float(mpp) * tile_size / self.config.input_size
+                best = min(self.config.mpp, key=lambda m: abs(seen - m))
+                if not any(abs(seen - m) <= MPP_TOLERANCE * m for m in self.config.mpp):
+                    raise InputSizeMismatchError(
+                        where, tile_size, self.config.input_size, self.config.name, (seen, best)
+                    ) from None
+            raise
+        self.check_scale(mpp, tile_size, where)
+
     def check_scale(self, mpp: float | None, tile_size: int, where: str = "input") -> None:
         """Raise when tiles of ``tile_size`` px at ``mpp`` µm/px reach the model at a scale
         more than 10% off every scale in ``config.mpp`` (no check when either is unknown)."""
