@@ -21,6 +21,7 @@ import numpy as np
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import AnnotationError, ConfigError
 from wsi_ssl.listing import first_few
+from wsi_ssl.mask_images import MASK_SUFFIXES, area_fractions, read_mask
 from wsi_ssl.tissue import tissue_fraction
 
 __all__ = [
@@ -34,10 +35,6 @@ __all__ = [
     "roi_region",
 ]
 
-MASK_SUFFIXES = (".png", ".npy", ".tif", ".tiff", ".jpg", ".jpeg")
-LOSSY_SUFFIXES = (".jpg", ".jpeg")
-"""Masks read as binary (foreground: at least half the brightest value): lossy compression
-leaves values around 0 and 255 that are no classes."""
 UNCLASSIFIED = "annotation"
 """Class of annotations without a classification (QuPath) or group (ASAP)."""
 MASK_CLASS = "mask"
@@ -93,7 +90,7 @@ def read_annotations(path: str | Path) -> Annotations:
         elif suffix == ".xml":
             geometries = _read_asap(path)
         elif suffix in MASK_SUFFIXES:
-            mask = _read_mask(path)
+            mask = read_mask(path)
             values = tuple(int(v) for v in np.unique(mask) if v != 0)
             binary = mask.dtype == bool or values == (255,)
             return Annotations(path, {}, mask, values, binary)
@@ -186,34 +183,6 @@ def _read_asap(path: Path) -> dict[str, Any]:
     return _union_by_class(items)
 
 
-def _read_mask(path: Path) -> np.ndarray:
-    if path.suffix.lower() == ".npy":
-        array = np.load(path, allow_pickle=False)
-    else:
-        from PIL import Image
-
-        with Image.open(path) as image:
-            # palette indices and 16-bit values are the labels; grey stored as colour is grey
-            plain = image.mode in ("P", "L", "1") or image.mode.startswith("I")
-            if not plain and path.suffix.lower() not in LOSSY_SUFFIXES:
-                rgb = np.asarray(image.convert("RGB"))
-                if (rgb != rgb[..., :1]).any():  # colours made grey would merge classes
-                    raise AnnotationError(
-                        path,
-                        "a colour mask: its classes would merge when made grey; save it as a "
-                        "label mask (one value per class, 8- or 16-bit) or a palette PNG",
-                    )
-            array = np.asarray(image if plain else image.convert("L"))
-    if array.ndim != 2 or array.size == 0:
-        raise AnnotationError(path, f"a mask must be a 2-D image, got shape {array.shape}")
-    if path.suffix.lower() in LOSSY_SUFFIXES:  # JPEG noise is no class: foreground or not
-        top = int(array.max())
-        return np.asarray((array > 0) & (array >= (top + 1) // 2))
-    if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
-        return np.asarray(array != 0)  # binary: boolean
-    return array
-
-
 def rasterize(
     annotations: Annotations,
     shape: tuple[int, int],
@@ -230,11 +199,14 @@ def rasterize(
     """
     names = annotations.classes if classes is None else tuple(classes)
     if annotations.mask is not None:
-        grid = _resample_mask(annotations.mask, shape)
-        if names == (MASK_CLASS,):
-            return {MASK_CLASS: grid != 0}
-        return {name: grid == int(name) for name in names}
+        return _mask_classes(_resample_mask(annotations.mask, shape), names)
     return {name: _draw(annotations.geometries[name], shape, level0_per_px) for name in names}
+
+
+def _mask_classes(mask: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+    if tuple(names) == (MASK_CLASS,):
+        return {MASK_CLASS: mask != 0}
+    return {name: mask == int(name) for name in names}
 
 
 def _resample_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -367,9 +339,10 @@ def label_tiles(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
 ) -> TileLabels:
-    """Read an annotation file and measure its classes and region on each tile: on the
-    raster, and for polygons exactly on the tiles an edge crosses (a raster pixel of 16
-    level-0 px counts whole: an edge tile read 0.83-0.94 inside, 0.06-0.17 outside).
+    """Read an annotation file and measure its classes and region on each tile: polygons on
+    the raster, and exactly on the tiles an edge crosses (a raster pixel of 16 level-0 px
+    counts whole: an edge tile read 0.83-0.94 inside, 0.06-0.17 outside); a mask image by
+    the exact area of its own pixels (:func:`wsi_ssl.mask_images.area_fractions`).
 
     Args:
         path: QuPath GeoJSON, ASAP XML or a mask image.
@@ -385,21 +358,47 @@ def label_tiles(
     """
     annotations = read_annotations(path)
     if annotations.mask is not None:
-        _check_mask_shape(annotations.path, annotations.mask.shape, grid_shape)
+        return _label_tiles_on_mask(
+            annotations, coords, tile_size_level0, grid_shape, level0_per_px, include, exclude
+        )
     rasters = rasterize(annotations, grid_shape, level0_per_px)
     region = roi_region(rasters, include, exclude, annotations.path)
     fractions = class_fractions(rasters, coords, tile_size_level0, level0_per_px)
     in_roi = tissue_fraction(region, coords, tile_size_level0, level0_per_px)
-    if annotations.mask is None:  # polygons: tiles across an edge measured exactly
-        geometries = annotations.geometries
-        for c, name in enumerate(geometries):
-            fractions[:, c] = _exact_across_edges(
-                fractions[:, c], geometries[name], coords, tile_size_level0
-            )
-        chosen = list(include) or [c for c in geometries if c not in exclude]
-        extent = (grid_shape[1] * level0_per_px, grid_shape[0] * level0_per_px)
-        whole = _region_geometry(geometries, chosen, exclude, extent)
-        in_roi = _exact_across_edges(in_roi, whole, coords, tile_size_level0)
+    geometries = annotations.geometries  # tiles across an edge measured exactly
+    for c, name in enumerate(geometries):
+        fractions[:, c] = _exact_across_edges(
+            fractions[:, c], geometries[name], coords, tile_size_level0
+        )
+    chosen = list(include) or [c for c in geometries if c not in exclude]
+    extent = (grid_shape[1] * level0_per_px, grid_shape[0] * level0_per_px)
+    whole = _region_geometry(geometries, chosen, exclude, extent)
+    in_roi = _exact_across_edges(in_roi, whole, coords, tile_size_level0)
+    return TileLabels(classes=annotations.classes, fractions=fractions, in_roi=in_roi)
+
+
+def _label_tiles_on_mask(
+    annotations: Annotations,
+    coords: np.ndarray,
+    tile_size_level0: float,
+    grid_shape: tuple[int, int],
+    level0_per_px: float,
+    include: Sequence[str],
+    exclude: Sequence[str],
+) -> TileLabels:
+    """:func:`label_tiles` for a mask image: exact areas on the mask's own pixels."""
+    assert annotations.mask is not None
+    mask = annotations.mask
+    _check_mask_shape(annotations.path, mask.shape, grid_shape)
+    rasters = _mask_classes(mask, annotations.classes)
+    region = roi_region(rasters, include, exclude, annotations.path)
+    per_px = (
+        grid_shape[1] * level0_per_px / mask.shape[1],
+        grid_shape[0] * level0_per_px / mask.shape[0],
+    )
+    columns = [area_fractions(r, coords, tile_size_level0, per_px) for r in rasters.values()]
+    fractions = np.stack(columns, axis=1) if columns else np.zeros((len(coords), 0), np.float32)
+    in_roi = area_fractions(region, coords, tile_size_level0, per_px)
     return TileLabels(classes=annotations.classes, fractions=fractions, in_roi=in_roi)
 
 
