@@ -179,6 +179,21 @@ def test_blank_tile(patches_dir: Path, tile: np.ndarray, method: str) -> None:
     assert torch.equal(out[0], batch[0]) and keeper.kept_blank == 1
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_a_greyscale_reference_is_refused(tmp_path: Path, tile: np.ndarray, method: str) -> None:
+    """A grey copy of an H&E tile has stained pixels but no colour: both stain vectors came
+    out (0.577, 0.577, 0.577) and every normalised tile was grey; saved as a grey PNG too."""
+    grey = np.repeat(np.asarray(Image.fromarray(tile).convert("L"))[..., None], 3, axis=2)
+    Image.fromarray(grey[..., 0]).save(tmp_path / "grey.png")
+    for reference in (grey, tmp_path / "grey.png"):
+        with pytest.raises(StainNormalizationError, match="has no colour") as info:
+            StainNormalizer(method, reference)
+        assert info.value.parameters == ("stain_reference",)
+    normalizer = StainNormalizer(method, tile)  # the colour tile itself fits
+    out = normalizer(torch.from_numpy(tile).permute(2, 0, 1)).permute(1, 2, 0).numpy()
+    assert (out.max(axis=2).astype(int) - out.min(axis=2)).mean() > 20
+
+
 def test_reference_file_and_unknown_method(patches_dir: Path, tmp_path: Path) -> None:
     normalizer = StainNormalizer("macenko", patches_dir / TILE)
     assert normalizer.reference_name.endswith(TILE)

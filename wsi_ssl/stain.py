@@ -40,6 +40,9 @@ VAHADANE_LAMBDA = 0.1
 VAHADANE_ITERATIONS = 100
 VAHADANE_CODE_LAMBDA = 0.01  # lighter L1 when coding whole images (keeps the reconstruction)
 MAX_FIT_PIXELS = 20_000  # stained pixels sampled (fixed seed) to estimate the stains
+MIN_REFERENCE_HUE = 3.0
+"""Degrees: a reference whose stained pixels' median OD direction is closer to grey has no
+colour to match (H&E tiles: 15-25; a greyscale copy: 0) and would turn every tile grey."""
 
 _XYZ_FROM_RGB = torch.tensor(
     [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]]
@@ -92,6 +95,19 @@ def _tissue_od(image: torch.Tensor, min_pixels: int, what: str) -> torch.Tensor:
             "estimate; use a tile with tissue",
         )
     return tissue
+
+
+def _check_colour(tissue_od: torch.Tensor, what: str) -> None:
+    unit = tissue_od / tissue_od.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    cosine = (unit.sum(dim=1) / 3**0.5).clamp(max=1.0)
+    hue = float(torch.rad2deg(torch.arccos(cosine)).median())
+    if hue < MIN_REFERENCE_HUE:
+        raise StainNormalizationError(
+            what,
+            f"has no colour (its stained pixels are {hue:.1f} degrees from grey, fewer than "
+            f"{MIN_REFERENCE_HUE:g}): a greyscale reference would make every tile grey; use an "
+            "H&E tile in colour",
+        )
 
 
 def macenko_stains(tissue_od: torch.Tensor, alpha: float = ALPHA) -> torch.Tensor:
@@ -173,11 +189,11 @@ class StainNormalizer:
             raise
 
     def _fit_reference(self, image: torch.Tensor, name: str) -> None:
+        tissue = _tissue_od(image, self.min_tissue_pixels, name)
+        _check_colour(tissue, name)
         if self.method == "reinhard":
-            self._check_tissue(image, name)
             self.lab_mean, self.lab_std = _lab_stats(image)
             return
-        tissue = _tissue_od(image, self.min_tissue_pixels, name)
         self.stains = self._stains(tissue)
         conc = self._concentrations(optical_density(_pixels(image)), self.stains)
         self.max_conc = torch.quantile(conc, MAX_C_PERCENTILE / 100, dim=0)
