@@ -231,6 +231,13 @@ def test_qc_off_writes_no_scores(tmp_path: Path, through: str) -> None:
     assert not (store.path / "qc").exists() and store.qc() == {}
     assert kept_tiles(store).all() and store.n_tiles == 6
     assert store.tiling["qc"] is False
+    # thresholds of no QC change nothing: skipped, not re-tiled (it re-read the whole slide)
+    stamp = (store.path / "zarr.json").stat().st_mtime_ns
+    argv = ["tile", str(slide), "--out", str(tmp_path / "root"), "--no-qc", "--json"]
+    code, out, _ = run_cli([*argv, "--tissue-threshold", "0", "--qc-min-focus", "5000"])
+    [outcome] = json.loads(out)["slides"]
+    assert code == 0 and outcome["status"] == "skipped" and "retiled_because" not in outcome
+    assert (store.path / "zarr.json").stat().st_mtime_ns == stamp
 
 
 def test_new_thresholds_reflag_the_stored_tiles_in_place(tmp_path: Path) -> None:

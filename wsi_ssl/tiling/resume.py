@@ -68,6 +68,8 @@ def existing_store(
             return ExistingStore(redo_because="the file's content changed")
         tiling = store.tiling
         changed = {k: v for k, v in key.items() if tiling.get(k) != v}
+        if not key.get("qc") and not tiling.get("qc"):  # thresholds of no QC change nothing
+            changed = {k: v for k, v in changed.items() if k not in QC_THRESHOLDS}
         described = [f"{k} {tiling.get(k)!r} -> {v!r}" for k, v in changed.items()]
         if changed and not (set(changed) <= set(QC_THRESHOLDS) and tiling.get("qc")):
             return ExistingStore(redo_because=f"settings changed: {', '.join(described)}")
