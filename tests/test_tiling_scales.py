@@ -164,6 +164,26 @@ def test_scale_roots_and_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "expected numbers separated by commas" in capsys.readouterr().err
 
 
+def test_scales_do_not_nest_into_archives_of_others(
+    cmu_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Several scales into an archive of one (they were nested inside it), and one scale into
+    a multi-scale tiling's mpp-1 archive at 0.5 µm/px (it was re-tiled there), are refused."""
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    for root in (single, multi / "mpp-0.5", multi / "mpp-1"):
+        (root / "slides").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="an archive of one scale; several scales"):
+        scale_roots(single, TilingConfig(), [0.5, 1.0])
+    with pytest.raises(ConfigError, match=r"tile it at its own scale \(1 µm/px\), not 0.5"):
+        scale_roots(multi / "mpp-1", TilingConfig(), None)
+    [(root, config)] = scale_roots(multi / "mpp-1", TilingConfig(), [1.0])
+    assert root == multi / "mpp-1" and config.mpp == 1.0
+    assert scale_roots(multi / "mpp-0.5", TilingConfig(), None)[0][0] == multi / "mpp-0.5"
+    code = cli_main(["tile", str(cmu_small), "--out", str(single), "--mpp", "0.5,1", "--quiet"])
+    assert code == 2 and "an archive of one scale" in capsys.readouterr().err
+    assert sorted(p.name for p in single.iterdir()) == ["slides"]  # nothing written
+
+
 def test_a_scale_that_fails_leaves_the_others(cmu_small: Path, tmp_path: Path) -> None:
     """0.1 µm/px would enlarge the slide 5x: that scale fails with the API's words, 0.5 is
     tiled."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import ConfigError
-from wsi_ssl.storage.archive import multi_scale_roots
+from wsi_ssl.storage.archive import is_archive_root, multi_scale_roots
 
 __all__ = ["scale_root", "scale_roots"]
 
@@ -28,10 +28,13 @@ def scale_roots(
 
     Raises:
         ConfigError: an mpp is not positive, or two name the same scale; one scale into the
-            output of a multi-scale tiling (it holds ``mpp-*`` archives, is none itself).
+            output of a multi-scale tiling (it holds ``mpp-*`` archives, is none itself) or
+            into one of its ``mpp-*`` archives at another scale; several scales into an
+            archive of one.
     """
+    root = Path(root)
     if not mpps or len(mpps) == 1:
-        if per_scale := multi_scale_roots(Path(root)):  # a multi-scale tiling's output
+        if per_scale := multi_scale_roots(root):  # a multi-scale tiling's output
             raise ConfigError(
                 f"{root}: holds the per-scale archives of a multi-scale tiling "
                 f"({', '.join(p.name for p in per_scale)}); give all scales (mpps) or tile "
@@ -39,7 +42,20 @@ def scale_roots(
                 parameters=("mpps", "mpp"),
             )
         mpp = float(mpps[0]) if mpps else config.mpp
-        return [(Path(root), replace(config, mpp=mpp))]
+        if root in multi_scale_roots(root.parent) and root != scale_root(root.parent, mpp):
+            raise ConfigError(
+                f"{root}: the {root.name} archive of a multi-scale tiling; tile it at its "
+                f"own scale ({root.name.removeprefix('mpp-')} µm/px), not {mpp:g}, or give "
+                f"{root.parent} all scales",
+                parameters=("mpps", "mpp"),
+            )
+        return [(root, replace(config, mpp=mpp))]
+    if is_archive_root(root):
+        raise ConfigError(
+            f"{root}: an archive of one scale; several scales ({', '.join(f'{m:g}' for m in mpps)}"
+            ") go into a folder of their own, one mpp-* archive each",
+            parameters=("mpps", "mpp"),
+        )
     scales = [(scale_root(root, m), replace(config, mpp=float(m))) for m in mpps]
     if len({path for path, _ in scales}) < len(scales):
         raise ConfigError(
