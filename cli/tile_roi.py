@@ -24,7 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--roi-include", action="append", metavar="CLASS", help="class to tile (repeatable)"
     )
     g.add_argument(
-        "--roi-exclude", action="append", metavar="CLASS", help="class to leave out (repeatable)"
+        "--roi-exclude",
+        action="append",
+        metavar="CLASS",
+        help="class cut out of the region (repeatable); the region is the included classes "
+        "(default: all others of the file), or the whole slide when the file holds no other",
     )
     g.add_argument(
         "--roi-min-fraction", type=float, help="tile area inside the ROI to keep it (default 0.5)"

@@ -154,6 +154,11 @@ def test_asap_xml_groups_and_roi(tmp_path: Path) -> None:
     with pytest.raises(AnnotationError, match=r"'Tumour'.*holds 'exclusion', 'tumor'") as info:
         roi_region(rasters, ["Tumour"], [], ann.path)
     assert str(ann.path) in str(info.value)
+    # a decimal comma, as some locales write it (refused: "could not convert '200,5'")
+    comma = tmp_path / "comma.xml"
+    text = ann.path.read_text().replace('X="200"', 'X="200,5"').replace('Y="40"', 'Y="39.5"')
+    comma.write_text(text)
+    assert read_annotations(comma).geometries["tumor"].area == 160.5 * 160.5
 
 
 @pytest.mark.parametrize("suffix", [".png", ".npy"])
@@ -455,6 +460,14 @@ def test_roi_cli_and_errors(cmu_small: Path, tmp_path: Path) -> None:
     both = ["--roi", str(roi), "--roi-include", "Tumor", "--roi-exclude", "Tumor"]
     code, _, stderr = run_cli([*argv, "--no-resume", *both])
     assert code == 2 and "class(es) 'Tumor' both included and excluded" in stderr, stderr
+    assert (store.path / "zarr.json").stat().st_mtime_ns == before
+    # the batch's one annotation file unreadable or missing: refused before any slide (each
+    # slide failed with the same error, exit 1)
+    (tmp_path / "ann.txt").write_text("hello")
+    for bad in (tmp_path / "ann.txt", tmp_path / "nope.geojson"):
+        code, _, stderr = run_cli([*argv, "--no-resume", "--roi", str(bad)])
+        assert code == 2 and str(bad) in stderr and "(command line: --roi)" in stderr, stderr
+        assert stderr.count("\n") == 1
     assert (store.path / "zarr.json").stat().st_mtime_ns == before
     # --roi-include with a slide the table gives no file: refused (it was tiled whole)
     twin = twin_of(cmu_small, tmp_path)

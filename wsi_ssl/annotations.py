@@ -175,12 +175,17 @@ def _read_asap(path: Path) -> dict[str, Any]:
         points = sorted(
             annotation.iter("Coordinate"), key=lambda c: float(c.get("Order", "0") or 0)
         )
-        xy = [(float(c.attrib["X"]), float(c.attrib["Y"])) for c in points]
+        xy = [(_coordinate(c.attrib["X"]), _coordinate(c.attrib["Y"])) for c in points]
         if len(xy) < 3:
             continue
         group = annotation.get("PartOfGroup") or "None"
         items.append((UNCLASSIFIED if group == "None" else group, Polygon(xy)))
     return _union_by_class(items)
+
+
+def _coordinate(text: str) -> float:
+    """An ASAP coordinate; some locales write a decimal comma (``768,5``)."""
+    return float(text.replace(",", ".") if "." not in text else text)
 
 
 def rasterize(

@@ -31,6 +31,7 @@ def check_batch(
         ConfigError: an output folder that is a file; ROI classes chosen without an annotation
             file (for the batch, or with ``roi_include`` for one of its slides), or naming a
             class none of the batch's files holds.
+        AnnotationError: the batch's annotation file (``roi``) cannot be read.
         CatalogCorruptError: an existing archive's catalog cannot be read (every slide's
             record would fail); ``wsi-ssl check ROOT --repair`` rebuilds it.
     """
@@ -47,6 +48,15 @@ def check_batch(
             "the file (roi, or rois per slide), or leave roi_min_fraction out",
             parameters=("roi", "roi_min_fraction"),
         )
+    if config.roi:  # one file for every slide: unreadable, it would fail each alike
+        from wsi_ssl.annotations import read_annotations
+        from wsi_ssl.errors import AnnotationError
+
+        try:
+            read_annotations(config.roi)
+        except AnnotationError as err:
+            err.parameters = ("roi",)
+            raise
     if not (config.roi_include or config.roi_exclude):
         return
     if not (config.roi or rois):
