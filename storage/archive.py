@@ -79,21 +79,22 @@ class Archive:
     def catalog(self) -> Catalog:
         return Catalog(self.root / "catalog.sqlite")
 
-    def source_paths(self, slide_ids: Iterable[str]) -> dict[str, str]:
-        """Each slide's file path: from the catalog, or, for slides it does not list (a lost
-        or damaged catalog), from the store's own metadata (stores that cannot be read are
-        left out)."""
-        wanted = list(slide_ids)
+    def source_files(self, slide_ids: Iterable[str]) -> dict[str, tuple[str, str]]:
+        """Each slide's file path and its name as given (a link's name, not its target's):
+        from the catalog, or, for slides it does not list (a lost or damaged catalog), from
+        the store's own metadata (stores that cannot be read are left out)."""
+        wanted = set(slide_ids)
         try:
             entries = self.catalog.entries() if (self.root / "catalog.sqlite").is_file() else []
         except CatalogCorruptError:
             entries = []
-        paths = {e.slide_id: e.path for e in entries if e.slide_id in set(wanted)}
-        for sid in wanted:
-            if sid not in paths:
-                with contextlib.suppress(WsiSslError):
-                    paths[sid] = str(self.slide(sid).source["path"])
-        return paths
+        files = {e.slide_id: (e.path, e.name) for e in entries if e.slide_id in wanted}
+        for sid in sorted(wanted - set(files)):
+            with contextlib.suppress(WsiSslError):
+                source = self.slide(sid).source
+                path = str(source["path"])
+                files[sid] = (path, str(source.get("name") or Path(path).name))
+        return files
 
     def store_path(self, slide_id: str) -> Path:
         return self.slides_dir / f"{slide_id}.zarr"

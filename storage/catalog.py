@@ -77,14 +77,17 @@ class Catalog:
         n_tiles: int | None = None,
         error: str | None = None,
         tiling: dict[str, Any] | None = None,
+        name: str | None = None,
     ) -> None:
+        """Record a slide; ``name`` is its file name as given (a link's, not its target's;
+        default: ``path``'s)."""
         with self._connect() as db:
             db.execute(
                 "INSERT OR REPLACE INTO slides VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     slide_id,
                     str(path),
-                    Path(path).name,
+                    name or Path(path).name,
                     fingerprint,
                     status,
                     n_tiles,
@@ -157,6 +160,7 @@ def row_from_store(store: SlideStore) -> dict[str, Any]:
     return {
         "slide_id": store.slide_id,
         "path": source["path"],
+        "name": source.get("name"),
         "fingerprint": source["fingerprint"],
         "status": STATUS_COMPLETE,
         "n_tiles": store.n_tiles,

@@ -31,12 +31,13 @@ MIN_PREFIX = 4
 
 
 def slide_names(archive: Archive, slide_ids: Iterable[str] | None = None) -> dict[str, set[str]]:
-    """Every string that names a slide (id, file name, stem, path) -> the slide ids it names,
-    for the complete stores (or ``slide_ids``)."""
+    """Every string that names a slide (id, file name, stem, path, and the name it was tiled
+    by, a link's, and its stem) -> the slide ids it names, for the complete stores (or
+    ``slide_ids``)."""
     ids = archive.slide_ids if slide_ids is None else list(slide_ids)
     names: dict[str, set[str]] = {sid: {sid} for sid in ids}
-    for sid, path in archive.source_paths(ids).items():
-        for key in (Path(path).name, Path(path).stem, path):
+    for sid, (path, name) in archive.source_files(ids).items():
+        for key in (Path(path).name, Path(path).stem, path, name, Path(name).stem):
             names.setdefault(key, set()).add(sid)
     return names
 

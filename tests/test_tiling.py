@@ -803,6 +803,30 @@ def test_one_slide_under_two_names_is_tiled_once(
     assert "moved from" not in capsys.readouterr().out
 
 
+def test_a_slide_tiled_through_a_link_is_named_by_the_link(
+    tmp_path: Path, synth: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``batch/slideA.svs -> scans/0042.tiff``: the user's name finds the slide (the store kept
+    the target's alone: archive.slide('slideA') and labels naming slideA failed), in the
+    catalog and, without it, from the store; the file read is still the target."""
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "batch").mkdir()
+    target = tmp_path / "scans" / "0042.tiff"
+    shutil.copy(synth, target)
+    (tmp_path / "batch" / "slideA.tiff").symlink_to(target)
+    root = tmp_path / "root"
+    assert cli_main(["tile", str(tmp_path / "batch"), "--out", str(root), "--quiet"]) == 0
+    archive = open_store(root)
+    [slide_id] = archive.slide_ids
+    for name in ("slideA", "slideA.tiff", "0042", slide_id):
+        assert archive.slide(name).slide_id == slide_id
+    assert archive.catalog.get(slide_id).name == "slideA.tiff"  # type: ignore[union-attr]
+    assert archive.slide(slide_id).source["path"] == str(target.resolve())
+    (root / "catalog.sqlite").unlink()  # lost: the store's own record names it
+    assert open_store(root).slide("slideA").slide_id == slide_id
+    capsys.readouterr()
+
+
 def test_a_changed_file_is_a_new_slide_and_its_earlier_version_is_named(
     tmp_path: Path,
     synth: Path,

@@ -122,7 +122,7 @@ def embed(
         incomplete=incomplete,
     )
     to_embed = [p for p in prepared if isinstance(p, EmbedSlide)]
-    names = {sid: Path(path).name for sid, path in archive.source_paths(ids).items()}
+    names = {sid: name for sid, (_, name) in archive.source_files(ids).items()}
     with interrupt_report(summary, lambda: [p.store.slide_id for p in to_embed if not p.done]):
         try:
             runner.run(to_embed)

@@ -144,7 +144,7 @@ def _resolve_encoder(root: Path, wanted: str | None, ids_by_slide: dict[str, lis
 def slide_file_names(archive: Archive, slide_ids: list[str]) -> dict[str, str]:
     """Slide id -> its file name (the id when neither the catalog nor the store has one)."""
     names = {sid: sid for sid in slide_ids}
-    names.update({sid: Path(p).name for sid, p in archive.source_paths(slide_ids).items()})
+    names.update({sid: name for sid, (_, name) in archive.source_files(slide_ids).items()})
     return names
 
 

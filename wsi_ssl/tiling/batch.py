@@ -393,6 +393,7 @@ def _record(
     archive.catalog.upsert(
         slide_id=source.slide_id,
         path=source.path.resolve(),
+        name=source.path.name,
         fingerprint=source.fingerprint,
         status=status,
         n_tiles=n_tiles,

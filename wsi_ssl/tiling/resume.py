@@ -97,7 +97,9 @@ def update_source_path(store_path: Path, path: Path) -> str | None:
     under the slide's lock); the path it replaced, or None when it was already this one."""
     source = SlideStore.open(store_path).source
     old, new = str(source.get("path")), str(path.resolve())
-    if old == new:
+    if old == new and source.get("name") == path.name:
         return None
-    rewrite_attrs(store_path, {"source": {**source, "path": new}})
+    rewrite_attrs(store_path, {"source": {**source, "path": new, "name": path.name}})
+    if old == new:  # another name for the same file (a link): named so, not moved
+        return None
     return old

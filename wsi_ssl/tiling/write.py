@@ -53,6 +53,7 @@ def write_store(
         store_path,
         source={
             "path": str(reader.path.resolve()),
+            "name": source.path.name,  # as given: a link's name names the slide
             "fingerprint": source.fingerprint,
             "reader": reader.backend,
             "vendor": reader.vendor,
