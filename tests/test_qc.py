@@ -218,6 +218,38 @@ def test_overlay_pictures(cmu_store: SlideStore, tmp_path: Path) -> None:
         assert path.is_file() and Image.open(path).size == (picture.shape[1], picture.shape[0])
 
 
+def test_the_tissue_picture_of_a_roi_slide(cmu_small: Path, tmp_path: Path) -> None:
+    """Tissue outside the ROI is greyed, not red like tissue dropped (it was not asked for),
+    and the region is outlined; once the annotation file changes the picture shows no ROI."""
+    import shapely
+    from shapely.geometry import box
+
+    from wsi_ssl.tissue.overlay import DROPPED, OUTSIDE_ROI, ROI_OUTLINE
+
+    roi = tmp_path / "half.geojson"
+    feature = {"type": "Feature", "geometry": shapely.geometry.mapping(box(0, 0, 1100, 3000))}
+    roi.write_text(json.dumps(feature))
+    result = tile_slide(cmu_small, tmp_path / "root", TilingConfig(tile_size=224, roi=str(roi)))
+    store = Archive(tmp_path / "root").slide(result.details["slide_id"])
+    picture = tissue_overlay(store)
+    zoom = picture.shape[1] // store.thumbnail.shape[1]
+    per_px = store.source["dimensions"][0] / store.thumbnail.shape[1] / zoom
+    x_edge = int(1100 / per_px)
+
+    def share(colour: tuple[int, int, int], columns: slice) -> float:
+        return float((picture[:, columns] == colour).all(axis=-1).mean())
+
+    right = slice(x_edge + 2 * zoom, None)
+    assert share(OUTSIDE_ROI, right) > 0.05 and share(DROPPED, right) == 0.0
+    assert share(OUTSIDE_ROI, slice(0, x_edge - 2 * zoom)) == 0.0
+    band = picture[:, x_edge - 2 * zoom : x_edge + 2 * zoom]  # the region's edge: outlined
+    assert (band == ROI_OUTLINE).all(axis=-1).any(axis=1).mean() > 0.95
+    roi.write_text(json.dumps({**feature, "properties": {"name": "edited"}}))
+    plain = tissue_overlay(store)
+    assert not (plain == ROI_OUTLINE).all(axis=-1).any()
+    assert (plain[:, right] == DROPPED).all(axis=-1).mean() > 0.05
+
+
 @pytest.mark.parametrize("through", ["api", "cli"])
 def test_qc_off_writes_no_scores(tmp_path: Path, through: str) -> None:
     slide = write_synthetic_slide(tmp_path / "s.tiff", (768, 512), seed=1)

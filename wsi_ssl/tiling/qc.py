@@ -230,7 +230,9 @@ def qc_overlay(store: SlideStore, **thresholds: float) -> np.ndarray:
 
 def tissue_overlay(store: SlideStore) -> np.ndarray:
     """The thumbnail with kept tiles tinted blue and tissue that no kept tile covers in red
-    (what tiling dropped), enlarged to at least ``MIN_SIDE`` px."""
+    (what tiling dropped); for a slide tiled with a ROI, tissue outside the region greyed and
+    the region outlined in yellow (while its annotation file is unchanged). Enlarged to at
+    least ``MIN_SIDE`` px."""
     _, per_px = _tile_boxes(store)
     picture = coverage_overlay(
         store.thumbnail,
@@ -238,8 +240,33 @@ def tissue_overlay(store: SlideStore) -> np.ndarray:
         store.coords,
         store.tiling["tile_size_level0"],
         per_px,
+        region=_roi_region(store, per_px),
     )
     return _enlarged(picture)
+
+
+def _roi_region(store: SlideStore, per_px: float) -> np.ndarray | None:
+    """The ROI the slide was tiled in, on the thumbnail grid; None without one, or when its
+    file is gone or changed since."""
+    import hashlib
+
+    from wsi_ssl.annotations import rasterize, read_annotations, roi_region
+    from wsi_ssl.errors import AnnotationError
+
+    tiling = store.tiling
+    path = Path(tiling["roi"]) if tiling.get("roi") else None
+    if path is None or not path.is_file():
+        return None
+    with path.open("rb") as f:
+        if hashlib.file_digest(f, "sha256").hexdigest() != tiling.get("roi_sha256"):
+            return None
+    try:
+        annotations = read_annotations(path)
+        rasters = rasterize(annotations, store.tissue_mask.shape, per_px)
+        include, exclude = tiling.get("roi_include") or [], tiling.get("roi_exclude") or []
+        return roi_region(rasters, include, exclude, path)
+    except AnnotationError:
+        return None
 
 
 MIN_SIDE = 800

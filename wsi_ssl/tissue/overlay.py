@@ -8,7 +8,14 @@ from scipy import ndimage as ndi
 
 from wsi_ssl.tissue.tiles import tile_cover
 
-__all__ = ["coverage_overlay", "mask_overlay"]
+__all__ = ["DROPPED", "OUTSIDE_ROI", "ROI_OUTLINE", "coverage_overlay", "mask_overlay"]
+
+DROPPED = (255, 0, 0)
+"""Tissue (inside the ROI, if any) that no kept tile covers."""
+OUTSIDE_ROI = (150, 150, 150)
+"""Tissue outside the ROI: not asked for."""
+ROI_OUTLINE = (255, 210, 0)
+"""The ROI's edge."""
 
 
 def mask_overlay(
@@ -50,14 +57,21 @@ def coverage_overlay(
     coords: np.ndarray,
     tile_size_level0: float,
     level0_per_px: float,
+    region: np.ndarray | None = None,
 ) -> np.ndarray:
     """The thumbnail with kept tiles tinted blue and tissue that no kept tile covers in red:
-    what tiling dropped, at a glance.
+    what tiling dropped, at a glance. With ``region`` (bool, the mask's shape: a ROI), tissue
+    outside it is greyed, not red (it was not asked for), and the region is outlined in
+    yellow.
 
     Returns:
         uint8 RGB (h, w, 3), a new array.
     """
     cover = tile_cover(mask.shape, coords, tile_size_level0, level0_per_px)
     out = mask_overlay(thumbnail, cover, color=(0, 90, 255), alpha=0.2)
-    out[mask & ~cover] = (255, 0, 0)
+    wanted = mask if region is None else mask & region
+    out[wanted & ~cover] = DROPPED
+    if region is not None:
+        out[mask & ~region & ~cover] = OUTSIDE_ROI
+        out[region & ~ndi.binary_erosion(region, border_value=1)] = ROI_OUTLINE
     return out
