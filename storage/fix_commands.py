@@ -48,9 +48,9 @@ def stain_flags(provenance: dict[str, Any] | None) -> str:
 
 
 def encoder_flags(attrs: dict[str, Any], encoder_id: str) -> str:
-    """``--encoder NAME [--weights FILE] [--seed N] [--dtype D]``: the ``wsi-ssl embed`` flags
-    that make the encoder and array an embeddings array's ``attrs`` record (its name alone
-    where they are unreadable)."""
+    """``--encoder NAME [--weights FILE] [--seed N] [--resize R] [--precision P] [--dtype D]``:
+    the ``wsi-ssl embed`` flags that make the encoder and array an embeddings array's
+    ``attrs`` record (its name alone where they are unreadable)."""
     encoder = attrs.get("encoder") or {}
     source, weights = encoder.get("source"), encoder.get("weights_path")
     spec = weights if source == "wsi-ssl" and weights else encoder.get("name")
@@ -59,9 +59,22 @@ def encoder_flags(attrs: dict[str, Any], encoder_id: str) -> str:
         flags.append(f"--weights {shlex.quote(str(weights))}")
     if source == "random" and encoder.get("seed"):
         flags.append(f"--seed {int(encoder['seed'])}")
+    if encoder.get("resize") not in (None, "never"):  # as the encoder's default: the same id
+        flags.append(f"--resize {shlex.quote(str(encoder['resize']))}")
+    precision = encoder.get("precision")
+    if precision not in (None, "fp32") and precision != _default_precision(encoder.get("name")):
+        flags.append(f"--precision {shlex.quote(str(precision))}")
     if attrs.get("dtype") not in (None, "float16"):
         flags.append(f"--dtype {attrs['dtype']}")
     return " ".join(flags)
+
+
+def _default_precision(name: Any) -> str | None:
+    """A registered encoder's own precision (a bf16 preset's needs no flag, which the CPU
+    refuses); None for other names."""
+    from wsi_ssl.encoders.registry import ENCODERS
+
+    return ENCODERS.get(name).config.precision if name in ENCODERS else None
 
 
 def embedding_stain_flags(attrs: dict[str, Any]) -> str:

@@ -290,6 +290,36 @@ def test_the_fix_of_damaged_embeddings_repeats_their_stain_normalisation(
     assert out.count("problem: ") == 1 and f"problem: {root}/index/{eid}: 2 indexed" in out
 
 
+def test_the_fix_of_damaged_embeddings_repeats_their_resize_and_precision(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    """Embeddings made with --resize bilinear: the fix says so (it left the flag out, and
+    following it embedded under another encoder id, the damaged array never redone); a
+    preset's own precision needs no flag, another does."""
+    from wsi_ssl.storage.fix_commands import encoder_flags
+    from wsi_ssl.encoders.registry import ENCODERS
+
+    root = shutil.copytree(small_archive, tmp_path / "root")
+    a = open_store(root).slide_ids[0]
+    argv = ["embed", str(root), "--encoder", "random-cnn", "--quiet", "--resize", "bilinear"]
+    assert run_cli(argv)[0] == 0
+    eid = next(e for e in open_store(root).embedding_ids(a) if e != "random-cnn-2dd33a39f4f1")
+    array = root / "slides" / f"{a}.zarr" / "embeddings" / eid
+    _first_chunk(array).unlink()
+    code, out, _ = run_cli(["check", str(root), "--repair"])
+    fix = f"wsi-ssl embed {root} --encoder random-cnn --resize bilinear --slides {a}"
+    assert code == 1 and f"{fix}\n" in out, out
+    assert run_cli([*fix.split()[1:], "--quiet"])[0] == 0
+    assert eid in open_store(root).embedding_ids(a)  # redone under its own id
+    preset = next(n for n, e in ENCODERS.items() if e.config.precision != "fp32")
+    own = ENCODERS.get(preset).config.precision
+    record = {"encoder": {"name": preset, "source": "preset", "precision": own}}
+    assert "--precision" not in encoder_flags(record, f"{preset}-0")
+    other = "fp16" if own != "fp16" else "bf16"
+    record["encoder"]["precision"] = other
+    assert f"--precision {other}" in encoder_flags(record, f"{preset}-0")
+
+
 def _cut(path: Path, keep: int = 10) -> None:
     path.write_bytes(path.read_bytes()[:keep])
 
