@@ -163,6 +163,7 @@ def run_index(args: argparse.Namespace) -> int:
 
             name = resolve_encoder_id(open_store(args.root), args.encoder)
         index = SearchIndex.open(args.root, name, mmap=False)
+        _check_kept_settings(args, index)
         if args.add:
             summary = index.add(args.slides, progress=_progress(args))
             out["added"] = summary.added
@@ -214,6 +215,31 @@ def run_index(args: argparse.Namespace) -> int:
     else:
         print("\n".join([*lines, *index_lines(index.describe())]))
     return 1 if damaged else 0
+
+
+def _check_kept_settings(args: argparse.Namespace, index: SearchIndex) -> None:
+    """--add/--remove/--compact keep the index's encoder and kind: refuse flags asking for
+    others (they were ignored silently)."""
+    from wsi_ssl.errors import ConfigError
+
+    if args.encoder is not None and args.name is not None:
+        from wsi_ssl.search.archive import resolve_encoder_id
+        from wsi_ssl.storage import open_store
+
+        wanted = resolve_encoder_id(open_store(args.root), args.encoder)
+        if wanted != index.encoder_id:
+            raise ConfigError(
+                f"index {index.name} holds {index.encoder_id}'s vectors, not {wanted}'s; leave "
+                "--encoder out, or build an index of that encoder under another --name"
+            )
+    built = index.record.get("config") or {}
+    recall = built.get("target_recall", 0.95) if isinstance(built, dict) else 0.95
+    if args.kind not in ("auto", index.kind) or args.target_recall not in (0.95, recall):
+        raise ConfigError(
+            f"--kind and --target-recall set how an index is built; index {index.name} keeps "
+            f"its own ({index.kind}) when slides are added, removed or "
+            "compacted: rebuild it without --add/--remove/--compact to change them"
+        )
 
 
 def run_search(args: argparse.Namespace) -> int:

@@ -569,6 +569,16 @@ def test_cli_index_and_search(
     assert "left out 1 slide(s) taken out with --remove" in capsys.readouterr().out
     assert _cli("index", str(root), "--name", "cli", "--add", "--slides", ids["s2"]) == 0
     assert "added 1 slide" in capsys.readouterr().out
+    # --add keeps the index's encoder and kind: flags asking for others are refused (ignored)
+    assert _cli("index", str(root), "--name", "cli", "--add", "--kind", "hnsw") == 2
+    assert "keeps its own (flat)" in capsys.readouterr().err
+    assert _cli("index", str(root), "--name", "cli", "--add", "--kind", "flat", "--quiet") == 0
+    embed = ["embed", str(root), "--encoder", ENCODER, "--resize", "bilinear", "--quiet"]
+    assert _cli(*embed, "--workers", "0") == 0
+    first = archive["encoder_id"]
+    other = next(e for e in open_store(root).embedding_ids(ids["cmu"]) if e != first)
+    assert _cli("index", str(root), "--encoder", other, "--name", "cli", "--add") == 2
+    assert f"holds {first}'s vectors, not {other}'s" in capsys.readouterr().err
     assert _cli("search", str(root), "--slide", ids["cmu"], "--box", "90000,0,10,10") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("wsi-ssl: error:") and "90000" in err[0]
