@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -301,10 +302,13 @@ def run_search(args: argparse.Namespace) -> int:
     )
     if args.gallery is not None:
         index.gallery(result, args.gallery)
+    retiled = _retiled_notes(index, [hit.slide_id for hit in result.hits])
     if args.json:
         d = result.to_dict()
         if args.gallery is not None:
             d["gallery"] = str(args.gallery)
+        if retiled:
+            d["notes"] = retiled
         print(json.dumps(d, indent=2))
     else:
         print(result.table())
@@ -312,7 +316,22 @@ def run_search(args: argparse.Namespace) -> int:
             print(f"gallery: {args.gallery}")
     if query.slide_id is not None and (note := _changed_file_note(index, str(query.slide_id))):
         print(f"note: {note}", file=sys.stderr)
+    for note in retiled:
+        print(f"note: {note}", file=sys.stderr)
     return 0
+
+
+def _retiled_notes(index: SearchIndex, slide_ids: list[str]) -> list[str]:
+    """A line for each hit slide whose store no longer holds the tiles it was indexed with."""
+    from wsi_ssl.search.retiled import retiled_reason, store_coords_digest
+
+    notes = []
+    for slide_id in dict.fromkeys(slide_ids):
+        entry = index.resolve_slide(slide_id)
+        reason = retiled_reason(entry, functools.partial(store_coords_digest, index.root, slide_id))
+        if reason is not None:
+            notes.append(reason)
+    return notes
 
 
 def _changed_file_note(index: SearchIndex, slide_id: str) -> str | None:

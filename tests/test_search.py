@@ -586,6 +586,44 @@ def test_cli_index_and_search(
         _cli("search", str(root), "--slide", ids["cmu"], "--box", "1,2,3")
 
 
+def test_cli_search_notes_hits_on_a_retiled_slide_and_a_sampled_box(
+    archive: dict,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Hits on a slide re-tiled after indexing name tiles its store no longer holds: the CLI
+    says so (the web page did, the CLI said nothing); a box holding more tiles than a query
+    takes says it was sampled (the header said "(1024 tiles)" of 1,165)."""
+    from wsi_ssl.search import queries
+
+    root = tmp_path / "root"
+    shutil.copytree(archive["root"], root)
+    cmu, twin = archive["ids"]["cmu"], archive["ids"]["twin"]
+    index = SearchIndex.open(root)
+    twin_file = index.resolve_slide(twin).path
+    retile = ["--tile-size", "256", "--no-resume", "--discard-embeddings", "--quiet"]
+    assert _cli("tile", str(twin_file), "--out", str(root), *retile) == 0
+    capsys.readouterr()
+    x, y = (int(v) for v in _coords(root, cmu)[0])
+    argv = ["search", str(root), "--slide", cmu, "--box", f"{x},{y},448,448", "-k", "3"]
+    assert _cli(*argv, "--exclude-self") == 0
+    out, err = capsys.readouterr()
+    assert twin_file.split("/")[-1] in out
+    assert "note: " in err and "was re-tiled after indexing" in err
+    assert _cli(*argv, "--exclude-self", "--json") == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert len(notes) == 1 and "re-tiled after indexing" in notes[0]
+    monkeypatch.setattr(queries, "MAX_QUERY_TILES", 2)  # a query's bound, made small
+    query = SearchIndex.open(root).query_region(cmu, (x, y, 448, 448))
+    assert query.n_tiles == 2 and query.tiles_in_box is not None and query.tiles_in_box > 2
+    assert query.to_dict()["tiles_in_box"] == query.tiles_in_box
+    assert _cli(*argv) == 0
+    assert (
+        f"(2 tiles, an even sample of the {query.tiles_in_box} it holds)" in capsys.readouterr().out
+    )
+
+
 def test_search_flags_that_would_be_ignored_are_refused(
     archive: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -199,7 +199,7 @@ def region_query(index: Searchable, slide: str, box: tuple[int, int, int, int]) 
             f"(tiles are {round(q.size)} level-0 px; a tile counts when the centre of its part "
             "on the slide is inside); draw the box over tissue or make it larger"
         )
-    rows = subsample(rows, MAX_QUERY_TILES)
+    in_box, rows = len(rows), subsample(rows, MAX_QUERY_TILES)
     return Query(
         "region",
         feats[rows],
@@ -211,6 +211,7 @@ def region_query(index: Searchable, slide: str, box: tuple[int, int, int, int]) 
         q.size,
         ((x1 - x0) * q.mpp, (y1 - y0) * q.mpp),
         slide_number=q.number,
+        tiles_in_box=in_box,
     )
 
 
@@ -293,7 +294,7 @@ def image_query(
     tiles, coords, _ = cut_tiles(
         pixels, t["tile_size"], stride, mpp=index.mpp, tissue_threshold=t["tissue_threshold"]
     )
-    rows = subsample(np.arange(len(tiles)), MAX_QUERY_TILES)
+    in_box, rows = len(tiles), subsample(np.arange(len(tiles)), MAX_QUERY_TILES)
     tiles, coords = tiles[rows], coords[rows]
     stain = _index_stain(index)
     if stain and len(tiles):  # as the indexed tiles were
@@ -315,6 +316,7 @@ def image_query(
         (w * index.mpp, h * index.mpp),
         image=pixels,
         stain=stain_text(stain) if stain else None,
+        tiles_in_box=in_box,
     )
 
 

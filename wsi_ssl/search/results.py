@@ -32,6 +32,8 @@ class Query:
         slide_number: the query slide's number in the index (None if not indexed).
         stain: how an image query's tiles were stain-normalised, as the index's slides were
             ("reinhard to ref.png"; None: not).
+        tiles_in_box: the tiles a region or image holds (None: as many as ``vectors``); a query
+            takes an even sample of ``MAX_QUERY_TILES`` of more.
     """
 
     kind: str
@@ -46,6 +48,7 @@ class Query:
     image: np.ndarray | None = None
     slide_number: int | None = None
     stain: str | None = None
+    tiles_in_box: int | None = None
 
     def __post_init__(self) -> None:
         self.vectors = normalise(self.vectors)
@@ -63,6 +66,7 @@ class Query:
             "n_tiles": self.n_tiles,
             "size_um": [round(v, 2) for v in self.size_um],
             "stain": self.stain,
+            "tiles_in_box": self.tiles_in_box if self.tiles_in_box is not None else self.n_tiles,
         }
 
 
@@ -159,8 +163,11 @@ class SearchResult:
         )
         if q.stain:
             where += f", stain-normalised ({q.stain}) as the index's slides"
+        count = f"{q.n_tiles} tile{'s' if q.n_tiles != 1 else ''}"
+        if q.tiles_in_box is not None and q.tiles_in_box > q.n_tiles:
+            count += f", an even sample of the {q.tiles_in_box} it holds"
         head = (
-            f"{q.kind} query: {where} ({q.n_tiles} tile{'s' if q.n_tiles != 1 else ''}); "
+            f"{q.kind} query: {where} ({count}); "
             f"index {self.index.get('name')} ({self.index.get('kind')}, "
             f"{self.index.get('n_vectors')} vectors); {self.seconds * 1e3:.1f} ms"
         )
