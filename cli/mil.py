@@ -102,7 +102,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--dropout", type=float, help="dropout (default 0.25)")
     t.add_argument("--n-heads", type=int, help="TransMIL heads (default 8)")
     t.add_argument("--n-layers", type=int, help="TransMIL layers (default 2)")
-    t.add_argument("--k", type=int, help="retrieval: neighbours that vote (default 5)")
+    t.add_argument(
+        "--k",
+        type=int,
+        help="retrieval: neighbours that vote, fewer than a fold's training slides (default 5)",
+    )
     t.add_argument("--seed", type=int, help="seed of splits, init and sampling (default 0)")
     t.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     t.add_argument("--workers", type=int, help="bag-reading worker processes (default 0)")

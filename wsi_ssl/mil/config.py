@@ -39,7 +39,8 @@ class MILConfig:
             differ between encoders by orders of magnitude.
         n_heads: attention heads (TransMIL).
         n_layers: transformer layers (TransMIL).
-        k: neighbours that vote (retrieval).
+        k: neighbours that vote (retrieval); fewer than every fold's training slides, or the
+            vote would ignore similarity (refused).
         folds: cross-validation folds (ignored when the labels CSV has a ``fold`` column).
         val_fraction: share of each fold's training patients held out for early stopping;
             0 trains for ``epochs`` without early stopping.

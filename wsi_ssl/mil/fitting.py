@@ -159,7 +159,8 @@ def fit(
 ) -> tuple[list[dict[str, Any]], int | None, dict[str, Any] | None, int]:
     """Train with early stopping; loads the best state into ``model``.
 
-    Returns (history, best epoch or None, best validation metrics, bags seen).
+    Returns (history, best epoch or None, best validation metrics, bags seen); epochs are
+    numbered from 1, as in the history.
     """
     trainer = _Trainer(model, train_data, config, device, classes)
     history: list[dict[str, Any]] = []
@@ -177,7 +178,7 @@ def fit(
             score = _score(metrics, val_loss, config.monitor)
             row |= {"val_loss": val_loss} | {f"val_{k}": metrics[k] for k in METRIC_KEYS}
             if best is None or score > best:
-                best, best_epoch, best_val, stale = score, epoch, metrics, 0
+                best, best_epoch, best_val, stale = score, epoch + 1, metrics, 0
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 stale += 1
@@ -300,7 +301,10 @@ class TorchLearner:
             ) from err
         return TorchPredictor(model.to(device).eval(), device)
 
+    def check_folds(self, folds: np.ndarray, config: MILConfig) -> None:
+        """Nothing to add: :func:`wsi_ssl.mil.cv.fold_splits` checks what every fold needs."""
+
     def stop_text(self, best_epoch: int | None, epochs_run: int, config: MILConfig) -> str:
         if best_epoch is not None:
-            return f"best epoch {best_epoch + 1} of {epochs_run}"
+            return f"best epoch {best_epoch} of {epochs_run}"
         return f"{epochs_run} epochs"

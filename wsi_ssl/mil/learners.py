@@ -83,7 +83,7 @@ class FoldFit:
     n_train: int
     n_val: int
     seen: int
-    best_epoch: int | None = None
+    best_epoch: int | None = None  # numbered from 1, as the history numbers epochs
     epochs_run: int = 0
     best_val: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -104,6 +104,15 @@ class Learner(Protocol):
     """A way of fitting a slide classifier on one fold."""
 
     name: str
+
+    def check_folds(self, folds: np.ndarray, config: MILConfig) -> None:
+        """Refuse, before any fold is fitted, settings these folds cannot use (``folds``:
+        each slide's test fold, 0 .. n-1).
+
+        Raises:
+            ConfigError: naming the setting and what to do.
+        """
+        ...
 
     def fit_fold(self, split: FoldSplit, context: CVContext) -> FoldFit: ...
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from wsi_ssl.errors import ConfigError
 from wsi_ssl.mil.learners import CVContext, FoldFit, FoldSplit, register_learner
 
 if TYPE_CHECKING:
@@ -24,7 +25,14 @@ if TYPE_CHECKING:
 
     from wsi_ssl.mil.config import MILConfig
 
-__all__ = ["RetrievalClassifier", "RetrievalLearner", "slide_vector"]
+__all__ = ["RetrievalClassifier", "RetrievalLearner", "largest_voting_k", "slide_vector"]
+
+
+def largest_voting_k(candidates: int) -> int:
+    """The largest ``k`` whose vote among ``candidates`` labelled slides still depends on
+    similarity (0: none does). A ``k`` that takes them all lets every one vote, whatever the
+    query; MIL retrieval (``MILConfig.k``) and the evaluation's mMV@k share this rule."""
+    return max(0, candidates - 1)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -147,6 +155,26 @@ class RetrievalLearner:
         if row not in self._vectors:
             self._vectors[row] = slide_vector(context.bags.raw(row))
         return self._vectors[row]
+
+    def check_folds(self, folds: np.ndarray, config: MILConfig) -> None:
+        """Refuse a ``k`` that lets every training slide of some fold vote: each of its
+        test slides would get the same vote, similarity playing no part.
+
+        Raises:
+            ConfigError: naming ``k``, the fold with the fewest training slides and their count.
+        """
+        n_train, fold = min((int(np.sum(folds != f)), f) for f in range(int(folds.max()) + 1))
+        largest = largest_voting_k(n_train)
+        if config.k <= largest:
+            return
+        advice = (
+            f"use k={largest} or fewer, or label more slides" if largest else "label more slides"
+        )
+        raise ConfigError(
+            f"k={config.k} lets all {n_train} training slides of fold {fold} vote for each of "
+            f"its test slides, so the retrieval vote ignores similarity; {advice}",
+            parameters=("k",),
+        )
 
     def fit_fold(self, split: FoldSplit, context: CVContext) -> FoldFit:
         fit_rows = [int(i) for i in split.rest]

@@ -61,7 +61,8 @@ __all__ = ["CHECKPOINT_FORMAT", "RUN_FORMAT", "FoldResult", "TrainResult", "torc
 
 @dataclass
 class FoldResult:
-    """One fold: its split sizes, the epoch kept, and test and validation metrics."""
+    """One fold: its split sizes, the epoch kept (numbered from 1, as in ``history.csv``;
+    None without early stopping), and test and validation metrics."""
 
     fold: int
     seed: int
@@ -251,6 +252,7 @@ def _train(
     folds, fold_source = folds_from_table(report, config, config.seed)
     check_one_stain(report)
     check_one_scale(report)
+    get_learner(config.model).check_folds(folds, config)  # before any fold is fitted
 
     replaced = replaced_run_note(out) if overwrite else None
     partial = partial_dir(out)
