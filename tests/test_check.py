@@ -296,8 +296,8 @@ def test_the_fix_of_damaged_embeddings_repeats_their_resize_and_precision(
     """Embeddings made with --resize bilinear: the fix says so (it left the flag out, and
     following it embedded under another encoder id, the damaged array never redone); a
     preset's own precision needs no flag, another does."""
-    from wsi_ssl.storage.fix_commands import encoder_flags
     from wsi_ssl.encoders.registry import ENCODERS
+    from wsi_ssl.storage.fix_commands import encoder_flags
 
     root = shutil.copytree(small_archive, tmp_path / "root")
     a = open_store(root).slide_ids[0]
