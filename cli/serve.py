@@ -8,8 +8,12 @@ import errno
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wsi_ssl.cli.arg_types import whole_number
+
+if TYPE_CHECKING:
+    from wsi_ssl.serve.indexes import DefaultIndex
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("root", type=Path, metavar="ROOT", help="archive root")
     p.add_argument(
-        "--index", dest="name", metavar="NAME", help="index name (default: the only one)"
+        "--index",
+        dest="name",
+        metavar="NAME",
+        help="the index the page opens on (default: the only one; with several, the one named "
+        "main, else the most recently built); the page offers the archive's other indexes too",
     )
     p.add_argument(
         "--host",
@@ -83,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     from wsi_ssl.search import SearchIndex
     from wsi_ssl.serve import create_app
+    from wsi_ssl.serve.indexes import default_index
     from wsi_ssl.serve.security import LOOPBACK_HOSTS, check_token
+    from wsi_ssl.storage.index_files import list_indexes
 
     loopback = args.host in LOOPBACK_HOSTS or args.host.startswith("127.")
     if not loopback and not args.token:
@@ -92,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
             "pass --token SECRET too (or keep the default 127.0.0.1)"
         )
     check_token(args.token)
-    index = SearchIndex.open(args.root, args.name)
+    chosen = None if args.name is not None else default_index(args.root)
+    index = SearchIndex.open(args.root, args.name if chosen is None else chosen.name)
     hosts = (*LOOPBACK_HOSTS, *args.allow_host) if loopback else ("*",)
     app = create_app(
         index,
@@ -126,10 +137,28 @@ def run(args: argparse.Namespace) -> int:
         + "  (Ctrl+C stops)",
         flush=True,
     )
+    note = _index_note(index.name, chosen, list_indexes(args.root))
+    if note:
+        print(note, flush=True)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl+C after shutting down
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     print("stopped", flush=True)
     return 0
+
+
+def _index_note(served: str, chosen: DefaultIndex | None, names: list[str]) -> str:
+    """The start-up line on the archive's other indexes ("" when it has no other): why
+    ``served`` was picked when no --index named it, and that the page offers the others."""
+    from wsi_ssl.listing import first_few
+
+    others = [n for n in names if n != served]
+    if not others:
+        return ""
+    why = f"index {served} opens the page ({chosen.reason}); " if chosen is not None else ""
+    return (
+        f"{why}the page's index choice offers the other{'s' if len(others) > 1 else ''} "
+        f"too: {first_few(others)}" + (" (--index NAME opens it on another)" if why else "")
+    )
 
 
 def _bind_advice(err: OSError) -> str:

@@ -286,6 +286,35 @@ def test_token_required_off_loopback(site: dict[str, Any]) -> None:
         create_app(SearchIndex.open(site["root"]), token="s3cret token;")
 
 
+def test_bearer_scheme_in_any_case(site: dict[str, Any]) -> None:
+    """RFC 7235: the auth scheme is case-insensitive; the token itself is not."""
+    app = create_app(SearchIndex.open(site["root"]), allowed_hosts=("*",), token="s3cret-token")
+    with running(app) as base:
+        for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):
+            for value in (f"{scheme} s3cret-token", f"{scheme}   s3cret-token "):
+                status, _, _ = raw(base, "GET", "/api/slides", None, {"Authorization": value})
+                assert status == 200, value
+        for value in (
+            "bearer S3CRET-TOKEN",  # the token keeps its case
+            "bearer wrong-token",
+            "bearer",
+            "bearers3cret-token",
+            "Basic s3cret-token",
+            "bearer\ts3cret-token",
+        ):
+            status, _, _ = raw(base, "GET", "/api/slides", None, {"Authorization": value})
+            assert status == 401, value
+        # a wrong header is not rescued by a good cookie, as before
+        cookie = "wsi_ssl_token=s3cret-token"
+        status, _, _ = raw(base, "GET", "/api/slides", None, {"Cookie": cookie})
+        assert status == 200
+        headers = {"Cookie": cookie, "Authorization": "bearer wrong-token"}
+        assert raw(base, "GET", "/api/slides", None, headers)[0] == 401
+        # ?token= still only on the page itself
+        assert raw(base, "GET", "/api/slides?token=s3cret-token")[0] == 401
+        assert raw(base, "GET", "/?token=s3cret-token")[0] == 200
+
+
 def test_cli_refuses_open_host_without_token(site: dict[str, Any]) -> None:
     cmd = [sys.executable, "-m", "wsi_ssl.cli.main", "serve", str(site["root"])]
     proc = subprocess.run([*cmd, "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)

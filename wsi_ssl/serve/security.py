@@ -4,8 +4,8 @@ Every request passes :class:`Guard`, which, before the application sees it:
 
 * answers 400 to a ``Host`` header not in the allow-list (loopback names by default), so a
   DNS-rebinding page cannot read the archive through the user's browser;
-* answers 401 without the access token when one is set (``Authorization: Bearer TOKEN``, or the
-  ``wsi_ssl_token`` cookie that ``/?token=TOKEN`` sets for the page);
+* answers 401 without the access token when one is set (``Authorization: Bearer TOKEN``, the
+  scheme in any case, or the ``wsi_ssl_token`` cookie that ``/?token=TOKEN`` sets for the page);
 * answers 415 to a POST that is not ``application/json`` (a ``text/plain`` POST is a CORS
   "simple" request any web page can send) and 413 to a body over ``max_body`` bytes, counted
   as it arrives (a claimed ``Content-Length`` over the cap is refused unread); the upload
@@ -131,6 +131,15 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+def _bearer(authorization: str) -> str:
+    """The token of an ``Authorization`` header: what follows the ``Bearer`` scheme, named in
+    any case (RFC 7235: ``bearer`` and ``BEARER`` are the same scheme); any other header is
+    taken whole (a bare token passes; another scheme's credentials are a wrong token)."""
+    header = authorization.strip()
+    scheme, _, credentials = header.partition(" ")
+    return credentials.strip() if scheme.lower() == "bearer" else header
+
+
 def _cookies(scope: Scope) -> dict[str, str]:
     out = {}
     for part in _header(scope, b"cookie").split(";"):
@@ -177,7 +186,7 @@ class Guard:
 
     def _authorised(self, scope: Scope) -> bool:
         token = self.config.token or ""
-        given = _header(scope, b"authorization").removeprefix("Bearer ").strip()
+        given = _bearer(_header(scope, b"authorization"))
         given = given or _cookies(scope).get(TOKEN_COOKIE, "")
         if not given and scope.get("path") == "/":
             query = scope.get("query_string", b"").decode("latin-1")

@@ -1,7 +1,8 @@
 """The state ``wsi-ssl serve`` shares between requests: the index, the stores, the pictures.
 
 * Every index under the archive root can be searched (``index=`` name; default: the one
-  given); each is reopened when ``wsi-ssl index --add`` / ``--remove`` writes a new generation.
+  given); each is reopened when ``wsi-ssl index --add`` / ``--remove`` or a rebuild writes a
+  new generation, and a picture is embedded by the encoder of the generation searched.
 * Slides may carry a label (``slide_labels``); searches can be limited to slides of given
   labels, and every answer carries the slide-level ranking of the same FAISS neighbours.
 * A slide's store is revalidated on every use (one ``stat`` of its ``zarr.json``): a store
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -29,11 +31,12 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 
-from wsi_ssl.errors import ConfigError, StoreIncompleteError, StoreNotFoundError, WsiSslError
+from wsi_ssl.errors import ConfigError, WsiSslError
 from wsi_ssl.search.queries import centres_in
 from wsi_ssl.serve.pyramid import Pyramid, TileCache, open_slide_file
 
 if TYPE_CHECKING:
+    from wsi_ssl.encoders import Encoder
     from wsi_ssl.search.index import SearchIndex
     from wsi_ssl.search.results import Query, SearchResult
     from wsi_ssl.storage import SlideStore
@@ -133,7 +136,7 @@ class SlideService:
         self._stores_lock = threading.Lock()
         self.cache = TileCache(cache_bytes)
         self.slide_labels = dict(slide_labels or {})
-        self._encoders: dict[str, Any] = {}
+        self._encoders: dict[str, Encoder] = {}  # by encoder id
         self._encoders_lock = threading.Lock()
         self._grids: dict[tuple[str, Stamp], str] = {}
 
@@ -202,37 +205,24 @@ class SlideService:
         return self._entry(slide)[0]
 
     def retiled(self, index: SearchIndex, slide_id: str) -> str | None:
-        """Why ``slide_id``'s store no longer holds the tiles ``index`` has vectors of (re-tiled
-        since indexing, or being re-tiled), or None when it still does (or the index predates
-        the coords hash and cannot tell)."""
-        from wsi_ssl.storage.embeddings import coords_sha256
+        """Why ``slide_id``'s store no longer holds the tiles ``index`` has vectors of
+        (:func:`~wsi_ssl.search.retiled.retiled_reason`), its coords digest cached per store."""
+        from wsi_ssl.search.retiled import retiled_reason
 
         entry = index.resolve_slide(slide_id)
-        if entry.coords_sha256 is None:
-            return None
-        advice = "run `wsi-ssl embed` and `wsi-ssl index --add` to search its new tiles"
-        try:  # by id: a hit of another index than the default one
-            stamp, store, _ = self._entry_of(entry.slide_id)
-            key = (slide_id, stamp)
+        return retiled_reason(entry, functools.partial(self._coords_digest, entry.slide_id))
+
+    def _coords_digest(self, slide_id: str) -> str:
+        from wsi_ssl.storage.embeddings import coords_sha256
+
+        stamp, store, _ = self._entry_of(slide_id)  # by id: a hit of another index too
+        with self._stores_lock:
+            digest = self._grids.get((slide_id, stamp))
+        if digest is None:
+            digest = coords_sha256(np.asarray(store.coords))
             with self._stores_lock:
-                digest = self._grids.get(key)
-            if digest is None:
-                digest = coords_sha256(np.asarray(store.coords))
-                with self._stores_lock:
-                    self._grids[key] = digest
-        except StoreIncompleteError:
-            return f"{entry.name} is being re-tiled; {advice}"
-        except StoreNotFoundError:
-            return f"{entry.name}'s store is gone; `wsi-ssl index --add` removes it from the index"
-        except (WsiSslError, OSError, KeyError, ValueError) as err:  # damaged: only this hit
-            return (
-                f"{entry.name}'s store cannot be read ({type(err).__name__}); run `wsi-ssl check`"
-            )
-        if digest == entry.coords_sha256:
-            return None
-        return (
-            f"{entry.name} was re-tiled after indexing: its boxes are the indexed tiles; {advice}"
-        )
+                self._grids[(slide_id, stamp)] = digest
+        return digest
 
     def pyramid(self, slide: str) -> Pyramid:
         """The pictures of ``slide``, with its slide file when that opens and matches."""
@@ -373,18 +363,11 @@ class SlideService:
         """Search with an uploaded picture (PNG, JPEG or TIFF bytes): decoded with the checks
         of :func:`wsi_ssl.search.image.load_image` (at most ``IMAGE_PIXELS``), rescaled from
         ``image_mpp`` (default: the index's), cut into tiles and embedded with the index's
-        encoder (recreated once per index)."""
+        encoder (:meth:`encoder_of`)."""
         import tempfile
 
         searched = self.index_for(index)
-        with self._encoders_lock:
-            encoder = self._encoders.get(searched.name)
-            if encoder is None:
-                from wsi_ssl.search.encoder import index_encoder
-
-                record = searched.record.get("encoder", {})
-                encoder = index_encoder(searched.encoder_id, record)
-                self._encoders[searched.name] = encoder
+        encoder = self.encoder_of(searched)
         with tempfile.TemporaryDirectory(prefix="wsi-ssl-upload-") as tmp:
             path = Path(tmp) / "upload"
             path.write_bytes(data)
@@ -393,6 +376,21 @@ class SlideService:
                     path, image_mpp=image_mpp, encoder=encoder, max_pixels=IMAGE_PIXELS
                 )
         return self.run(searched, query, k=k, mode=mode, labels=labels)
+
+    def encoder_of(self, index: SearchIndex) -> Encoder:
+        """The encoder of ``index``'s current generation, created once per encoder id: an
+        index rebuilt under its name with another encoder gets the new one; encoders that no
+        open index uses any more are let go."""
+        with self._encoders_lock:
+            encoder = self._encoders.get(index.encoder_id)
+            if encoder is None:
+                from wsi_ssl.search.encoder import index_encoder
+
+                encoder = index_encoder(index.encoder_id, index.record.get("encoder", {}))
+                used = {i.encoder_id for _, i in tuple(self._indexes.values())}
+                self._encoders = {e: enc for e, enc in self._encoders.items() if e in used}
+                self._encoders[index.encoder_id] = encoder
+            return encoder
 
     def run(
         self,
