@@ -600,13 +600,15 @@ def test_cli_search_notes_hits_on_a_retiled_slide_and_a_sampled_box(
     root = tmp_path / "root"
     shutil.copytree(archive["root"], root)
     cmu, twin = archive["ids"]["cmu"], archive["ids"]["twin"]
-    index = SearchIndex.open(root)
+    name = archive["index"].name  # the module's archive gains indexes test by test
+    index = SearchIndex.open(root, name)
     twin_file = index.resolve_slide(twin).path
     retile = ["--tile-size", "256", "--no-resume", "--discard-embeddings", "--quiet"]
     assert _cli("tile", str(twin_file), "--out", str(root), *retile) == 0
     capsys.readouterr()
     x, y = (int(v) for v in _coords(root, cmu)[0])
-    argv = ["search", str(root), "--slide", cmu, "--box", f"{x},{y},448,448", "-k", "3"]
+    argv = ["search", str(root), "--index", name, "--slide", cmu, "--box", f"{x},{y},448,448"]
+    argv += ["-k", "3"]
     assert _cli(*argv, "--exclude-self") == 0
     out, err = capsys.readouterr()
     assert twin_file.split("/")[-1] in out
@@ -615,7 +617,7 @@ def test_cli_search_notes_hits_on_a_retiled_slide_and_a_sampled_box(
     notes = json.loads(capsys.readouterr().out)["notes"]
     assert len(notes) == 1 and "re-tiled after indexing" in notes[0]
     monkeypatch.setattr(queries, "MAX_QUERY_TILES", 2)  # a query's bound, made small
-    query = SearchIndex.open(root).query_region(cmu, (x, y, 448, 448))
+    query = SearchIndex.open(root, name).query_region(cmu, (x, y, 448, 448))
     assert query.n_tiles == 2 and query.tiles_in_box is not None and query.tiles_in_box > 2
     assert query.to_dict()["tiles_in_box"] == query.tiles_in_box
     assert _cli(*argv) == 0
