@@ -80,7 +80,11 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", type=whole_number(2), default=5, help="CV folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="folds, probes, MIL and resamples")
     p.add_argument(
-        "--bootstrap", type=whole_number(0), default=1000, help="resamples (default 1000)"
+        "--bootstrap",
+        type=whole_number(0),
+        default=1000,
+        help="resamples (default 1000); a task gets intervals when every class is in at least "
+        "3 slides (patients when the labels name them, images for --patches)",
     )
     p.add_argument("--knn-k", type=whole_number(1), default=20, help="k-NN neighbours")
     p.add_argument("--no-linear", action="store_true", help="skip the linear probe")

@@ -14,6 +14,7 @@ embeds nothing; folds, probes (scikit-learn), indexes (FAISS) and bootstraps run
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -324,3 +325,100 @@ def test_an_encoder_without_a_trained_scale_is_told_to_resize(
         evaluate_encoders(["random-cnn"], task, None, mmv_k=1, n_bootstrap=0)
     report = evaluate_encoders(["random-cnn,resize=bilinear"], task, None, mmv_k=1, n_bootstrap=0)
     assert {r.metric for r in report.rows} == {"mmv@1", "precision@10"}
+
+
+# -- 5. too few slides: no interval, no claim; labelled slides left out are named ----------
+
+
+def test_a_class_dominant_on_one_slide_is_resampled_with_the_other_slides() -> None:
+    """Slides 0 and 1 are mostly class 0, slide 2 mostly class 1 (each holds both): a
+    stratum of one slide would redraw itself in every resample, so nothing would vary;
+    the slides are resampled together instead."""
+    groups = np.repeat([0, 1, 2], 10)
+    y = np.array(([0] * 7 + [1] * 3) * 2 + [1] * 7 + [0] * 3)
+    rows = cluster_bootstrap_indices(y, groups, 100, seed=0)
+    times = np.array([np.bincount(groups[r], minlength=3) // 10 for r in rows])
+    assert (times.sum(axis=1) == 3).all()  # three whole slides per resample
+    assert (times[:, 2] != 1).any()  # slide 2 is sometimes left out or drawn twice
+
+
+def test_intervals_need_every_class_in_three_slides_patients_or_images() -> None:
+    """The documented minimum, at its edge: 3 slides of each class get resamples, 2 get a
+    reason and none; a patch task counts images, each its own cluster."""
+    from wsi_ssl.evaluation.statistics import MIN_CLUSTERS_PER_CLASS, draw_resamples
+
+    assert MIN_CLUSTERS_PER_CLASS == 3
+    groups = np.repeat(np.arange(6), 4)
+    y = np.repeat([0, 0, 0, 1, 1, 1], 4)
+    rows, why = draw_resamples(y, groups, ["a", "b"], "slide", 50, seed=0)
+    assert why is None and len(rows) == 50
+    keep = groups != 5  # class b on 2 slides
+    rows, why = draw_resamples(y[keep], groups[keep], ["a", "b"], "slide", 50, seed=0)
+    assert len(rows) == 0 and why == "they need every class in at least 3 slides: 'b' is in 2"
+    rows, why = draw_resamples(np.array([0, 0, 1, 1, 1]), None, ["x", "y"], "image", 50, 0)
+    assert len(rows) == 0 and why is not None and "3 images: 'x' is in 2" in why
+    assert draw_resamples(y[keep], groups[keep], ["a", "b"], "slide", 0, seed=0) == ([], None)
+
+
+def test_with_too_few_slides_per_class_there_is_no_interval_and_no_claim(
+    tmp_path: Path,
+) -> None:
+    """Two slides, each labelled with both classes (one mostly a, one mostly b), a separating
+    encoder and a noise one: each slide was a stratum of its own, so every resample was the
+    same, the intervals were points and the tool claimed the lead exceeded them. Now: no interval anywhere (table, JSON, chart) and a
+    note saying why; the lead is reported without a verdict."""
+    root = tmp_path / "archive"
+    rng = np.random.default_rng(0)
+    columns = np.arange(36) % 6  # 36 tiles on a 6 x 6 grid
+    for i, a_columns in enumerate((4, 2)):  # slide 0: columns 0-3 are a; slide 1: 0-1
+        y = (columns >= a_columns).astype(int)
+        good = np.zeros((36, DIM), dtype=np.float32)
+        good[np.arange(36), y] = 1.0
+        noise = rng.normal(size=(36, DIM)).astype(np.float32)
+        planted_store(root, i, {PLANTED[0]: good, PLANTED[1]: noise})
+    regions = tmp_path / "regions.csv"
+    regions.write_text(
+        "slide,x,y,w,h,label\n"
+        "s0.svs,0,0,896,1344,a\ns0.svs,896,0,448,1344,b\n"
+        "s1.svs,0,0,448,1344,a\ns1.svs,448,0,896,1344,b\n"
+    )
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--encoder", spec(PLANTED[0]), "--encoder", spec(PLANTED[1])]
+    argv += ["--root", str(root), "--region-labels", str(regions), "--out", str(out)]
+    code, stdout, err = run_cli([*argv, "--bootstrap", "200", "--knn-k", "3"])
+    assert code == 0, err
+    data = json.loads((out / "evaluation.json").read_text())
+    assert all(r["ci_low"] is None and r["ci_high"] is None for r in data["rows"])
+    assert all(r["exceeds_intervals"] is None for r in data["rankings"])
+    assert "exceeds the intervals" not in stdout
+    note = "no bootstrap intervals (they need every class in at least 3 slides"
+    assert f"{note}: 'a' is in 2, 'b' is in 2)" in stdout
+    assert re.search(r"regions +knn +balanced_accuracy +1\.000 \[n/a\]\* ", stdout), stdout
+    lead = rf"{PLANTED[0]} ranks first, \+0\.\d+ over {PLANTED[1]}; no interval, so no verdict"
+    assert re.search(lead, stdout), stdout
+    [task] = data["tasks"]
+    assert task["no_intervals"].startswith("they need every class in at least 3 slides")
+    assert any(n.startswith(note) for n in task["notes"])
+    assert (out / "evaluation.png").is_file()
+
+
+def test_labelled_slides_missing_from_the_archive_are_named_with_their_lines(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "archive"
+    for i, x in enumerate(at_angles([0, 10, 60, 70], 8, seed=0)):
+        planted_store(root, i, {PLANTED[0]: x})
+    csv = tmp_path / "labels.csv"
+    rows = ["s0.svs,a", "s1.svs,b", "ghost.svs,a", "s2.svs,a", "s3.svs,b", "gone.svs,b"]
+    csv.write_text("slide,label\n" + "\n".join(rows) + "\n")
+    report = evaluate_encoders(
+        [PLANTED[0]], [RetrievalTask(root, csv)], None, mmv_k=1, n_bootstrap=0
+    )
+    [task] = report.tasks
+    assert task.n == 4
+    note = (
+        f"left out 2 labelled slide(s) with no complete store under {root}: "
+        "'ghost.svs' (line 4), 'gone.svs' (line 7)"
+    )
+    assert note in task.notes
+    assert note in "\n".join(report.lines())

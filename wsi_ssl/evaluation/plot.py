@@ -1,10 +1,11 @@
 """Bar chart of an evaluation: one panel per task/method/metric, one bar per encoder,
-bootstrap intervals as error bars."""
+bootstrap intervals as error bars (a task too small for intervals says so in its panels)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from wsi_ssl.evaluation.report import ResultRow
@@ -14,12 +15,18 @@ __all__ = ["plot_results"]
 
 
 def _gap(top: float | None, bottom: float | None) -> float:
-    """An error-bar length (0 without an interval bound)."""
-    return 0.0 if top is None or bottom is None else max(0.0, top - bottom)
+    """An error-bar length (nan without an interval bound: no bar drawn, not a point)."""
+    return math.nan if top is None or bottom is None else max(0.0, top - bottom)
 
 
-def plot_results(rows: Sequence[ResultRow], encoders: Sequence[str], out: str | Path) -> Path:
-    """Write the chart of ``rows`` as PNG to ``out`` (temp file + rename)."""
+def plot_results(
+    rows: Sequence[ResultRow],
+    encoders: Sequence[str],
+    out: str | Path,
+    no_intervals: Mapping[str, str] | None = None,
+) -> Path:
+    """Write the chart of ``rows`` as PNG to ``out`` (temp file + rename); ``no_intervals``:
+    task name -> why it has no intervals (written in its panels instead of error bars)."""
 
     import matplotlib
 
@@ -51,6 +58,12 @@ def plot_results(rows: Sequence[ResultRow], encoders: Sequence[str], out: str | 
         ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_title(f"{task}\n{method}: {metric}", fontsize=9)
+        why = (no_intervals or {}).get(task)
+        if why is not None:
+            text = textwrap.fill(f"no interval ({why})", 44)
+            box = {"facecolor": "white", "alpha": 0.85, "edgecolor": "grey"}
+            ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=7, bbox=box,
+                    transform=ax.transAxes)  # fmt: skip
     for ax in list(axes.flat)[len(groups) :]:
         ax.axis("off")
     out = Path(out)

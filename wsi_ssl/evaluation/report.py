@@ -58,7 +58,8 @@ class ResultRow:
 class Ranking:
     """Which encoder ranks first on a task/method/metric, and whether it is clearly first:
     ``exceeds_intervals`` is True when the paired bootstrap interval of its difference to the
-    runner-up excludes 0 (None: no interval, i.e. a single encoder or no bootstrap resamples)."""
+    runner-up excludes 0 (None: no interval, i.e. a single encoder, no bootstrap resamples, or
+    a task too small for intervals, ``no_interval`` saying why: then no verdict is given)."""
 
     task: str
     method: str
@@ -72,6 +73,8 @@ class Ranking:
     exceeds_intervals: bool | None
     tied: tuple[str, ...] = ()
     """The other encoders with the first's value."""
+    no_interval: str | None = None
+    """Why the task has no intervals although resamples were asked for (too few slides)."""
 
     def sentence(self) -> str:
         head = f"{self.task} / {self.method} / {self.metric}: {self.first} ranks first"
@@ -81,6 +84,8 @@ class Ranking:
             others = " and ".join(self.tied or (self.runner_up,))
             return f"{head} ({self.value:.3f}), tied with {others}"
         gap = f"{self.difference:+.3f} over {self.runner_up}"
+        if self.no_interval is not None:
+            return f"{head}, {gap}; no interval, so no verdict ({self.no_interval})"
         if self.exceeds_intervals is None:
             return f"{head}, {gap} (no interval for this metric)"
         verdict = "exceeds" if self.exceeds_intervals else "does not exceed"
@@ -102,6 +107,9 @@ class TaskSummary:
     folds: int
     split: str
     notes: tuple[str, ...] = ()
+    no_intervals: str | None = None
+    """Why the task has no bootstrap intervals although some were asked for (then its
+    rows have none and no ranking claims a lead beyond them); also one of ``notes``."""
 
 
 @dataclass(frozen=True)
@@ -130,7 +138,10 @@ def _ranks(values: list[float]) -> list[int]:
 def rank(
     scores: Scores, resamples: Resamples, confidence: float
 ) -> tuple[list[ResultRow], Ranking]:
-    """The rows of every encoder (with intervals when outputs are given) and the ranking."""
+    """The rows of every encoder (with intervals when there are resamples and the task has
+    enough slides for them) and the ranking."""
+    if scores.task.no_intervals is not None:
+        resamples = []
     labels = list(scores.encoder_ids)
     est: dict[str, Estimate] = {
         label: estimate(scores.score, scores.y, scores.outputs[label], resamples, confidence)
@@ -179,13 +190,15 @@ def rank(
         diff.high if diff else None,
         exceeds,
         tuple(labels[i] for i in order[1:] if est[labels[i]].value == est[first].value),
+        scores.task.no_intervals,
     )
     return rows, ranking
 
 
-def _fmt(row: ResultRow) -> str:
+def _fmt(row: ResultRow, missing: bool) -> str:
+    """``value [low, high]``; ``value [n/a]`` when ``missing`` (the task is too small)."""
     if row.ci_low is None or row.ci_high is None:
-        return f"{row.value:.3f}"
+        return f"{row.value:.3f}" + (" [n/a]" if missing else "")
     return f"{row.value:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]"
 
 
@@ -208,16 +221,26 @@ class EvaluationReport:
         groups: dict[tuple[str, str, str], dict[str, ResultRow]] = {}
         for row in self.rows:
             groups.setdefault((row.task, row.method, row.metric), {})[row.encoder] = row
+        missing = {t.name for t in self.tasks if t.no_intervals is not None}
         head = ["task", "method", "metric", *labels]
         body = [
-            [*key, *(_fmt(g[label]) + ("*" if g[label].rank == 1 else "") for label in labels)]
+            [
+                *key,
+                *(
+                    _fmt(g[label], key[0] in missing) + ("*" if g[label].rank == 1 else "")
+                    for label in labels
+                ),
+            ]
             for key, g in groups.items()
         ]
         widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
         lines = [
             "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [head, *body]
         ]
-        return "\n".join([*lines, "* ranks first; [ ] bootstrap interval"])
+        legend = "* ranks first; [ ] bootstrap interval"
+        if missing:
+            legend += " ([n/a]: none, the task's note says why)"
+        return "\n".join([*lines, legend])
 
     def lines(self) -> list[str]:
         """The report ``wsi-ssl evaluate`` prints: tasks, table, rankings, files."""

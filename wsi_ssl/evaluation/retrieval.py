@@ -19,6 +19,7 @@ from wsi_ssl.evaluation.probes import split_digest
 from wsi_ssl.evaluation.report import Scores, TaskSummary
 from wsi_ssl.evaluation.statistics import balanced_accuracy, pooled_mean
 from wsi_ssl.evaluation.tasks import LabelledSlides, RetrievalTask, task_name
+from wsi_ssl.mil.retrieval import largest_voting_k
 
 if TYPE_CHECKING:
     from wsi_ssl.encoders import Encoder
@@ -58,11 +59,12 @@ def _check_mmv_k(
     ignore similarity)."""
     largest = max(Counter(patients.values()).values()) if patients else 1
     others = n - largest
-    if config.mmv_k >= others:
+    most = largest_voting_k(others)
+    if config.mmv_k > most:
         way = "leave-one-patient-out" if patients else "leave-one-slide-out"
         raise ConfigError(
             f"mmv_k={config.mmv_k} lets all {others} other labelled slides of {labels} vote in "
-            f"mMV@k ({way}), so the vote ignores similarity; choose mmv_k <= {max(1, others - 1)}",
+            f"mMV@k ({way}), so the vote ignores similarity; choose mmv_k <= {max(1, most)}",
             parameters=("mmv_k",),
         )
 

@@ -55,12 +55,7 @@ from wsi_ssl.evaluation.report import (
     rank,
 )
 from wsi_ssl.evaluation.retrieval import patients_of, retrieval_scores
-from wsi_ssl.evaluation.statistics import (
-    METRICS,
-    Resamples,
-    bootstrap_indices,
-    cluster_bootstrap_indices,
-)
+from wsi_ssl.evaluation.statistics import METRICS, Resamples, draw_resamples
 from wsi_ssl.evaluation.tasks import (
     LabelledSlides,
     LabelledTiles,
@@ -90,6 +85,20 @@ class _TaskResult:
     summary: TaskSummary
     scores: list[Scores]
     resamples: Resamples
+
+
+def _result(
+    summary: TaskSummary, scores: list[Scores], drawn: tuple[Resamples, str | None]
+) -> _TaskResult:
+    """The task's result; when it is too small for intervals (``drawn``'s reason), its
+    summary says why, in its notes and ``no_intervals``, and so do its scores."""
+    resamples, why = drawn
+    if why is None:
+        return _TaskResult(summary, scores, resamples)
+    note = f"no bootstrap intervals ({why})"
+    summary = dataclasses.replace(summary, notes=(*summary.notes, note), no_intervals=why)
+    scores = [dataclasses.replace(s, task=summary) for s in scores]
+    return _TaskResult(summary, scores, resamples)
 
 
 def _safe(text: str) -> str:
@@ -162,8 +171,9 @@ def _patch(task: PatchTask, encoders: Named, config: EvaluationConfig, out: Path
     feats = {lab: image_features(e, images, cache, config.batch_size) for lab, e in encoders}
     ids = {lab: e.encoder_id for lab, e in encoders}
     scores = _probe_scores(summary, images.y, folds, feats, ids, config)
-    return _TaskResult(
-        summary, scores, bootstrap_indices(images.y, config.n_bootstrap, config.seed)
+    n, seed = config.n_bootstrap, config.seed
+    return _result(
+        summary, scores, draw_resamples(images.y, None, images.classes, "image", n, seed)
     )
 
 
@@ -220,8 +230,10 @@ def _tiles(
     ids = {lab: e.encoder_id for lab, e in encoders}
     scores = _probe_scores(summary, tiles.y, folds, feats, ids, config)
     # whole slides resampled: one slide's tiles resemble each other more than another's
-    resamples = cluster_bootstrap_indices(tiles.y, tiles.groups, config.n_bootstrap, config.seed)
-    return _TaskResult(summary, scores, resamples)
+    drawn = draw_resamples(
+        tiles.y, tiles.groups, tiles.classes, "slide", config.n_bootstrap, config.seed
+    )
+    return _result(summary, scores, drawn)
 
 
 def _usable(
@@ -241,9 +253,7 @@ def _usable(
 
     failed = _embed_all(root, encoders, labelled.slide_ids, config, enough)
     enough(failed)
-    notes = [f"{len(labelled.unmatched)} labelled slide(s) match no store"] * bool(
-        labelled.unmatched
-    )
+    notes = labelled.left_out(root)
     notes += [f"slide {sid} left out: {err}" for sid, err in failed.items()]
     rows = [r for r in labelled.table.rows if r.slide not in failed]
     table = dataclasses.replace(labelled.table, rows=rows)
@@ -262,13 +272,15 @@ def _too_few_classes(failed: dict[str, str], n_slides: int) -> str:
     )
 
 
-def _slide_resamples(rows: Sequence[Any], y: np.ndarray, config: EvaluationConfig) -> Resamples:
-    """Bootstrap resamples of labelled slides: whole patients when the CSV names them."""
+def _slide_resamples(
+    rows: Sequence[Any], y: np.ndarray, classes: Sequence[str], config: EvaluationConfig
+) -> tuple[Resamples, str | None]:
+    """Bootstrap resamples of labelled slides (whole patients when the CSV names them), or
+    none and why (too few per class)."""
     patients = patients_of(rows)
-    if patients is None:
-        return bootstrap_indices(y, config.n_bootstrap, config.seed)
-    groups = np.array([patients[r.slide] for r in rows])
-    return cluster_bootstrap_indices(y, groups, config.n_bootstrap, config.seed)
+    groups = None if patients is None else np.array([patients[r.slide] for r in rows])
+    unit = "slide" if patients is None else "patient"
+    return draw_resamples(y, groups, classes, unit, config.n_bootstrap, config.seed)
 
 
 def _slide_folds(labelled: LabelledSlides, config: EvaluationConfig) -> np.ndarray:
@@ -353,7 +365,7 @@ def _slide(task: SlideTask, encoders: Named, config: EvaluationConfig, out: Path
         outputs[label] = np.stack([got[r.slide][1] for r in rows])
     ids = {lab: e.encoder_id for lab, e in encoders}
     scores = [Scores(summary, "abmil", "auc", ids, y, METRICS["auc"], outputs)]
-    return _TaskResult(summary, scores, _slide_resamples(rows, y, config))
+    return _result(summary, scores, _slide_resamples(rows, y, classes, config))
 
 
 def _retrieval(task: RetrievalTask, encoders: Named, config: EvaluationConfig) -> _TaskResult:
@@ -364,7 +376,7 @@ def _retrieval(task: RetrievalTask, encoders: Named, config: EvaluationConfig) -
     rows = labelled.table.rows
     classes = sort_classes(r.label for r in rows)
     y = np.array([classes.index(r.label) for r in rows], dtype=np.int64)
-    return _TaskResult(summary, scores, _slide_resamples(rows, y, config))
+    return _result(summary, scores, _slide_resamples(rows, y, classes, config))
 
 
 @contextlib.contextmanager
@@ -458,7 +470,9 @@ def evaluate_encoders(
 
     earlier = keep_earlier(Path(out))
     json_path = Path(out) / "evaluation.json"
-    plot_path = plot_results(rows, [label for label, _ in named], Path(out) / "evaluation.png")
+    no_intervals = {t.name: t.no_intervals for t in summaries if t.no_intervals is not None}
+    labels = [label for label, _ in named]
+    plot_path = plot_results(rows, labels, Path(out) / "evaluation.png", no_intervals)
     report = dataclasses.replace(report, json_path=json_path, plot_path=plot_path, earlier=earlier)
     report.write_json(json_path)
     return report

@@ -28,7 +28,7 @@ from wsi_ssl.errors import ConfigError, LabelsError
 from wsi_ssl.listing import first_few
 
 if TYPE_CHECKING:
-    from wsi_ssl.mil.labels import LabelTable
+    from wsi_ssl.mil.labels import LabelRow, LabelTable
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -331,11 +331,25 @@ class LabelledSlides:
     """The labelled slides of a slide or retrieval task, resolved to slide ids."""
 
     table: LabelTable  # rows name slides by id; ``fold`` filled in when the CSV has it
-    unmatched: tuple[str, ...]  # CSV names that match no complete store
+    unmatched: tuple[LabelRow, ...]  # CSV rows whose slide matches no complete store
+    ambiguous: tuple[LabelRow, ...] = ()  # CSV rows whose slide matches several stores
 
     @property
     def slide_ids(self) -> list[str]:
         return [r.slide for r in self.table.rows]
+
+    def left_out(self, root: str | Path) -> list[str]:
+        """Notes naming the rows left out (the first few, with their CSV lines), worded as
+        ``wsi-ssl mil train --skip-missing`` words them."""
+        out = []
+        for what, rows in (
+            (f"with no complete store under {root}", self.unmatched),
+            ("naming several stores (name them by slide id)", self.ambiguous),
+        ):
+            if rows:
+                shown = first_few(f"{r.slide!r} (line {r.line})" for r in rows)
+                out.append(f"left out {len(rows)} labelled slide(s) {what}: {shown}")
+        return out
 
 
 def load_slide_labels(root: str | Path, labels: str | Path) -> LabelledSlides:
@@ -356,13 +370,15 @@ def load_slide_labels(root: str | Path, labels: str | Path) -> LabelledSlides:
     archive = open_store(root)
     complete = archive.slide_ids
     names, keys = slide_file_names(archive, complete), slide_names(archive, complete)
-    rows, unmatched = [], []
+    rows: list[LabelRow] = []
+    unmatched: list[LabelRow] = []
+    ambiguous: list[LabelRow] = []
     for r in table.rows:
         ids = slide_matches(keys, complete, r.slide)
         if len(ids) == 1:
             rows.append(dataclasses.replace(r, slide=next(iter(ids))))
         else:
-            unmatched.append(r.slide)
+            (ambiguous if ids else unmatched).append(r)
     if not rows:
         have = first_few(sorted(names.values())) or "none"
         raise LabelsError(
@@ -372,4 +388,5 @@ def load_slide_labels(root: str | Path, labels: str | Path) -> LabelledSlides:
             "file name, stem or path",
         )
     _check_classes(labels, [r.label for r in rows], "slide")
-    return LabelledSlides(LabelTable(str(labels), rows, table.columns), tuple(unmatched))
+    table = LabelTable(str(labels), rows, table.columns)
+    return LabelledSlides(table, tuple(unmatched), tuple(ambiguous))
