@@ -232,7 +232,9 @@ def _fake_ssl(monkeypatch: pytest.MonkeyPatch, backbone: torch.nn.Module) -> lis
     """Stand in for wsi_ssl.ssl.load_encoder(path) -> (teacher backbone, description)."""
     calls: list[Path] = []
 
-    def load_encoder(path: Path) -> tuple[torch.nn.Module, dict[str, object]]:
+    def load_encoder(
+        path: Path, finished: bool = False
+    ) -> tuple[torch.nn.Module, dict[str, object]]:
         calls.append(Path(path))
         desc = {
             "arch": "small_cnn",

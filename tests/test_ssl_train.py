@@ -124,6 +124,14 @@ def test_resume_continues_exactly(cmu_root: Path, tmp_path: Path, augment: str) 
     whole = pretrain(cmu_root, config, out=tmp_path / "whole")
     part = pretrain(cmu_root, config, out=tmp_path / "part", until_step=3)
     assert part.step == 3 and not part.finished
+    if augment == "loader":  # an unfinished run is no encoder, unless a checkpoint is named
+        from wsi_ssl.encoders import create_encoder
+        from wsi_ssl.errors import CheckpointError
+
+        with pytest.raises(CheckpointError, match=r"unfinished pretrain run \(step 3 of 6"):
+            create_encoder(str(tmp_path / "part"))
+        named = create_encoder(str(checkpoint_paths(tmp_path / "part")[-1]))
+        assert named.config.embed_dim > 0
     # a different runtime setting (loader workers) must not change the result
     resumed = pretrain(cmu_root, config.replace(num_workers=1), out=tmp_path / "part", resume=True)
     assert resumed.step == 6

@@ -108,7 +108,7 @@ def _load_checkpoint(
             f"{path}: reading wsi-ssl checkpoints needs wsi_ssl.ssl ({err}); install wsi-ssl[ml]"
         ) from err
     try:
-        backbone, desc = load_encoder(path)
+        backbone, desc = load_encoder(path, finished=True)
     except (OSError, KeyError, RuntimeError, ValueError) as err:
         if isinstance(err, CheckpointError):
             raise

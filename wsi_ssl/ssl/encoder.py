@@ -118,6 +118,7 @@ def load_encoder(
     which: str = "teacher",
     device: str | torch.device = "cpu",
     arch: str | None = None,
+    finished: bool = False,
 ) -> LoadedEncoder:
     """The backbone of a ``wsi-ssl pretrain`` run, ready for inference.
 
@@ -128,24 +129,15 @@ def load_encoder(
             (step checkpoints only).
         device: where to put the model.
         arch: require this architecture.
+        finished: refuse a run directory whose training did not reach its last step (killed,
+            stopped by ``until_step`` or still running); a checkpoint file named is taken as is.
 
     Raises:
         CheckpointError: see the module docstring.
     """
     if which not in WHICH:
         raise CheckpointError(f"which must be one of {', '.join(WHICH)}; got {which!r}")
-    path = Path(path)
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None and (path / ENCODER_FILE).is_file():
-            found = path / ENCODER_FILE
-        if found is None:
-            raise CheckpointError(
-                f"{path}: no checkpoints/step_*.pt nor {ENCODER_FILE}; is it a `wsi-ssl pretrain` "
-                "run directory?"
-            )
-        path = found
-    data = load_checkpoint(path, arch=arch)
+    path, data = _checkpoint_of(Path(path), arch, finished)
     meta = data["meta"]
     try:
         config = PretrainConfig.from_dict(meta["config"])
@@ -188,6 +180,30 @@ def load_encoder(
         "sources": meta.get("sources"),
     }
     return LoadedEncoder(model, description)
+
+
+def _checkpoint_of(path: Path, arch: str | None, finished: bool) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint file ``path`` names (a run directory: its latest) and its contents."""
+    if not path.is_dir():
+        return path, load_checkpoint(path, arch=arch)
+    found = latest_checkpoint(path)
+    if found is None and (path / ENCODER_FILE).is_file():
+        found = path / ENCODER_FILE
+    if found is None:
+        raise CheckpointError(
+            f"{path}: no checkpoints/step_*.pt nor {ENCODER_FILE}; is it a `wsi-ssl pretrain` "
+            "run directory?"
+        )
+    data = load_checkpoint(found, arch=arch)
+    meta = data["meta"]
+    if finished and meta.get("step") != meta.get("total_steps"):
+        raise CheckpointError(
+            f"{path}: an unfinished pretrain run (step {meta.get('step')} of "
+            f"{meta.get('total_steps')}: stopped, killed or still running); resume it "
+            f"(wsi-ssl pretrain ... --out {path} --resume), or name a checkpoint to use it as "
+            f"it is ({found})"
+        )
+    return found, data
 
 
 def random_encoder(config: PretrainConfig, *, seed: int = 0, device: str = "cpu") -> LoadedEncoder:
