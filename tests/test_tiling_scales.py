@@ -141,6 +141,7 @@ def test_each_scale_resumes_on_its_own(
     )
     lines = again.lines()
     assert lines[-1].startswith("1 tiled, 1 already complete, 0 busy")
+    assert "; these slides hold " in lines[-1]  # this job's slides, not the archive's total
     assert str(scale_root(root, 1.0)) in lines[-1]
 
 

@@ -95,7 +95,8 @@ class TileSummary(BatchOutcome):
             if discarded := o.details.get("discarded_embeddings"):
                 lines.append(f"{o.slide}: embeddings discarded: {', '.join(discarded)}")
         where = ", ".join(self.roots)
-        return [*lines, *self.notes, f"{self.count_line('tiled')}; {self.tiles} tiles in {where}"]
+        held = f"these slides hold {self.tiles} tiles in {where}"  # not the archive's total
+        return [*lines, *self.notes, f"{self.count_line('tiled')}; {held}"]
 
     def skipped_counts(self) -> list[str]:
         """Slides found already complete, and files that are the same slide as another of
