@@ -26,6 +26,7 @@ from wsi_ssl.embedding import EmbedConfig, embed, embed_slide, export
 from wsi_ssl.encoders import EncoderConfig, create_encoder, register_encoder
 from wsi_ssl.encoders._builtin import SmallCNN
 from wsi_ssl.errors import (
+    ConfigError,
     EmbeddingsCorruptError,
     EmbeddingsIncompleteError,
     EmbeddingsNotFoundError,
@@ -485,6 +486,14 @@ def test_public_api_embeds_and_reads_back(cmu_root: Path, tmp_path: Path) -> Non
     emb = archive.embeddings(archive.slide_ids[0], summary.encoder_id)
     assert emb.features.shape == (72, 64)
     assert np.array_equal(emb.coords, archive.coords(archive.slide_ids[0])[:])
+    # the encoder's settings by name, as `wsi-ssl embed --resize` (a raw TypeError before)
+    resized = wsi_ssl.embed(root, "random-cnn", FAST, resize="bilinear")
+    assert resized.encoder_id == create_encoder("random-cnn", resize="bilinear").encoder_id
+    assert resized.outcomes[0].status == "complete" and resized.encoder_id != summary.encoder_id
+    with pytest.raises(ConfigError, match=r"embed has no option 'resise'.*batch_size.*resize"):
+        wsi_ssl.embed(root, "random-cnn", FAST, resise="bilinear")
+    with pytest.raises(ConfigError, match="resize make an encoder: pass them to create_encoder"):
+        wsi_ssl.embed(root, create_encoder("random-cnn"), FAST, resize="bilinear")
 
 
 def test_wsi_ssl_pretrain_checkpoint_embeds_the_archive(cmu_root: Path, tmp_path: Path) -> None:

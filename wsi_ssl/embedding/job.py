@@ -23,6 +23,7 @@ from wsi_ssl.embedding.summary import EmbedSummary
 from wsi_ssl.encoders import Encoder, create_encoder
 from wsi_ssl.errors import (
     CheckpointError,
+    ConfigError,
     InputSizeMismatchError,
     UnknownSlideError,
     WsiSslError,
@@ -52,10 +53,34 @@ def _slide_id(archive: Archive, name: str) -> str:
         return name
 
 
-def _as_encoder(encoder: Encoder | str | Path, weights: str | Path | None) -> Encoder:
+ENCODER_SETTINGS = ("resize", "precision")
+"""Options of :func:`embed` that make the encoder (as ``create_encoder``'s), not the job."""
+
+
+def _as_encoder(
+    encoder: Encoder | str | Path, weights: str | Path | None, settings: dict[str, Any]
+) -> Encoder:
     if isinstance(encoder, Encoder):
+        if settings:
+            raise ConfigError(
+                f"{', '.join(settings)} make an encoder: pass them to create_encoder, or give "
+                "embed the encoder's name"
+            )
         return encoder
-    return create_encoder(encoder, weights=weights, device="cpu")
+    return create_encoder(encoder, weights=weights, device="cpu", **settings)
+
+
+def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``options`` as (EmbedConfig fields, encoder settings); refuse any other name."""
+    fields = {f.name for f in dataclasses.fields(EmbedConfig)}
+    unknown = sorted(set(options) - fields - set(ENCODER_SETTINGS))
+    if unknown:
+        raise ConfigError(
+            f"embed has no option {', '.join(map(repr, unknown))}; the job's are EmbedConfig's "
+            f"fields ({', '.join(sorted(fields))}), the encoder's {', '.join(ENCODER_SETTINGS)}"
+        )
+    job = {k: v for k, v in options.items() if k in fields}
+    return job, {k: v for k, v in options.items() if k in ENCODER_SETTINGS}
 
 
 def embed(
@@ -74,7 +99,8 @@ def embed(
         root: an archive root written by ``wsi-ssl tile``.
         encoder: an :class:`~wsi_ssl.encoders.Encoder`, a registered name, ``timm/<arch>``,
             ``torchvision/<arch>`` or a ``wsi-ssl pretrain`` run/checkpoint path.
-        config: job settings; ``options`` (e.g. ``batch_size=64, device="cpu"``) replace fields.
+        config: job settings; ``options`` (e.g. ``batch_size=64, device="cpu"``) replace fields,
+            and ``resize``/``precision`` set a named encoder's (as ``wsi-ssl embed --resize``).
         slides: slide ids to embed (default: every complete store; named stores that are
             missing or incomplete fail with a typed error in the summary).
         weights: weights file for a named encoder (``"random"`` for a seeded init).
@@ -90,10 +116,11 @@ def embed(
         InputSizeMismatchError: every slide's tiles are a size the encoder does not take (a
             setting to change; when only some are, those slides fail and the others go on).
     """
-    config = dataclasses.replace(config or EmbedConfig(), **options)
+    job, settings = _split_options(options)
+    config = dataclasses.replace(config or EmbedConfig(), **job)
     started = time.perf_counter()
     archive = open_store(root)
-    enc = _as_encoder(encoder, weights).to(config.device)
+    enc = _as_encoder(encoder, weights, settings).to(config.device)
     if config.batch_size is None:
         config = dataclasses.replace(config, batch_size=auto_batch_size(enc))
     if config.compile:
