@@ -67,12 +67,8 @@ def resolve_slides(archive: Archive, wanted: Iterable[str]) -> list[str]:
     for name in wanted:
         found = _lookup(names, ids, name)
         if len(found) != 1:
-            hint = (
-                f"it names {len(found)} slides ({', '.join(sorted(found))}); give the slide id"
-                if found
-                else _known(names, ids)
-            )
-            raise UnknownSlideError(name, f"archive {archive.root}", hint)
+            hint = "" if found else _known(names, ids)
+            raise UnknownSlideError(name, f"archive {archive.root}", hint, matches=list(found))
         out.append(next(iter(found)))
     return list(dict.fromkeys(out))
 

@@ -282,5 +282,5 @@ def test_slide_labels_naming_no_slide_or_a_shared_name_are_reported(
     err = capsys.readouterr().err
     for text in (caplog.text, err):
         assert "2 row(s) left out" in text and "line 2" in text and "line 3" in text
-        assert "it names 2 slides" in text and "'nope.tiff'" in text
+        assert "'s1.tiff' names 2 slides in" in text and "'nope.tiff'" in text
     assert "wsi-ssl: warning: slide labels slides.csv" in err

@@ -442,8 +442,15 @@ class IndexBusyError(WsiSslError, RuntimeError):
 class UnknownSlideError(WsiSslError, LookupError):
     """A slide id (or name) that is not in the archive or the index."""
 
-    def __init__(self, slide: str, where: str, hint: str = "") -> None:
-        super().__init__(f"{slide!r}: no such slide in {where}" + (f"; {hint}" if hint else ""))
+    def __init__(self, slide: str, where: str, hint: str = "", matches: Sequence[str] = ()) -> None:
+        if matches:  # a name several slides share
+            message = (
+                f"{slide!r} names {len(matches)} slides in {where} ({', '.join(sorted(matches))}); "
+                "give the slide id"
+            )
+        else:
+            message = f"{slide!r}: no such slide in {where}" + (f"; {hint}" if hint else "")
+        super().__init__(message)
         self.slide = slide
 
 

@@ -139,13 +139,8 @@ def find_entry(active: Sequence[SlideEntry], slide: str, where: str) -> SlideEnt
     if len(matches) == 1:
         return matches[0]
     names = sorted(e.name for e in active)
-    hint = (
-        f"it matches {len(matches)} slides ({', '.join(e.slide_id for e in matches)}); give "
-        "the slide id"
-        if matches
-        else f"the {where} holds {first_few(names) or 'no slide'}"
-    )
-    raise UnknownSlideError(slide, where, hint)
+    hint = f"the {where} holds {first_few(names) or 'no slide'}"
+    raise UnknownSlideError(slide, where, hint, matches=[e.slide_id for e in matches])
 
 
 def tombstone_ids(entries: Sequence[SlideEntry]) -> np.ndarray:
