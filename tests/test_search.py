@@ -420,6 +420,10 @@ def test_bad_queries_are_typed_errors(archive: dict, tmp_path: Path) -> None:
     Image.fromarray(np.full((300, 300, 3), 255, np.uint8)).save(blank)
     with pytest.raises(NoTilesInRegionError, match="blank"):
         index.query_image(blank)
+    speck = tmp_path / "speck.png"  # tissue, but 5 x 5 px: it said "no tissue in it"
+    Image.fromarray(np.full((5, 5, 3), (160, 60, 140), np.uint8)).save(speck)
+    with pytest.raises(NoTilesInRegionError, match=r"5x5 px at .* mostly white padding"):
+        index.query_image(speck)
     with pytest.raises(EncoderMismatchError, match="made by encoder"):
         index.search_vectors(np.ones((1, index.dim)), encoder_id="another-0123456789ab")
     with pytest.raises(EncoderMismatchError, match="dimension"):

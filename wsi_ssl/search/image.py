@@ -140,6 +140,12 @@ def cut_tiles(
     if not keep.any():
         # not glass: some pixel clearly darker or more coloured than white
         keep = np.array([(t.min(axis=-1) < 200).mean() > 0.01 for t in tiles])
+    if not keep.any() and h * w < tile_size**2 / 4:  # mostly padding: too small to tell
+        raise NoTilesInRegionError(
+            f"query image {w}x{h} px at {mpp:g} µm/px: a tile is {tile_size} px, so it would be "
+            "mostly white padding; pass a larger picture (at least half a tile a side), or its "
+            "own µm/px (image_mpp) when it was scanned at another scale"
+        )
     if not keep.any():
         raise NoTilesInRegionError(
             f"query image {w}x{h}: no tissue in it (all tiles are blank); pass an image of tissue"
