@@ -59,22 +59,27 @@ def encoder_flags(attrs: dict[str, Any], encoder_id: str) -> str:
         flags.append(f"--weights {shlex.quote(str(weights))}")
     if source == "random" and encoder.get("seed"):
         flags.append(f"--seed {int(encoder['seed'])}")
-    if encoder.get("resize") not in (None, "never"):  # as the encoder's default: the same id
-        flags.append(f"--resize {shlex.quote(str(encoder['resize']))}")
-    precision = encoder.get("precision")
-    if precision not in (None, "fp32") and precision != _default_precision(encoder.get("name")):
-        flags.append(f"--precision {shlex.quote(str(precision))}")
+    defaults = _defaults(encoder)  # a setting as the encoder's own default: the same id
+    for setting in ("resize", "precision"):
+        if encoder.get(setting) not in (None, defaults[setting]):
+            flags.append(f"--{setting} {shlex.quote(str(encoder[setting]))}")
     if attrs.get("dtype") not in (None, "float16"):
         flags.append(f"--dtype {attrs['dtype']}")
     return " ".join(flags)
 
 
-def _default_precision(name: Any) -> str | None:
-    """A registered encoder's own precision (a bf16 preset's needs no flag, which the CPU
-    refuses); None for other names."""
+def _defaults(encoder: dict[str, Any]) -> dict[str, Any]:
+    """The resize and precision an embed of this encoder gets without flags: a registered
+    preset's own, a pretrain run's (bilinear, fp32), else EncoderConfig's (never, fp32)."""
+    if encoder.get("source") == "wsi-ssl":
+        return {"resize": "bilinear", "precision": "fp32"}
     from wsi_ssl.encoders.registry import ENCODERS
 
-    return ENCODERS.get(name).config.precision if name in ENCODERS else None
+    name = encoder.get("name")
+    if isinstance(name, str) and name in ENCODERS:
+        config = ENCODERS.get(name).config
+        return {"resize": config.resize, "precision": config.precision}
+    return {"resize": "never", "precision": "fp32"}
 
 
 def embedding_stain_flags(attrs: dict[str, Any]) -> str:

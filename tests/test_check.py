@@ -315,9 +315,14 @@ def test_the_fix_of_damaged_embeddings_repeats_their_resize_and_precision(
     own = ENCODERS.get(preset).config.precision
     record = {"encoder": {"name": preset, "source": "preset", "precision": own}}
     assert "--precision" not in encoder_flags(record, f"{preset}-0")
-    other = "fp16" if own != "fp16" else "bf16"
+    other = "fp32"  # asked for on a preset of another precision: another id, said
     record["encoder"]["precision"] = other
     assert f"--precision {other}" in encoder_flags(record, f"{preset}-0")
+    run = {"name": "wsi-ssl-vit_small", "source": "wsi-ssl", "weights_path": "/r/step_5.pt"}
+    assert (
+        encoder_flags({"encoder": {**run, "resize": "bilinear"}}, "x") == "--encoder /r/step_5.pt"
+    )
+    assert "--resize never" in encoder_flags({"encoder": {**run, "resize": "never"}}, "x")
 
 
 def _cut(path: Path, keep: int = 10) -> None:
