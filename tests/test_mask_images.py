@@ -76,6 +76,32 @@ def test_a_tiff_mask_beyond_the_bound_is_read_every_kth_pixel(tmp_path: Path) ->
     np.testing.assert_array_equal(read_mask(tmp_path / "big.npy"), labels[::2, ::2])
 
 
+def test_tiff_masks_read_alike_at_any_size_and_layout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small and large TIFFs read the same values (a MINISWHITE mask meant the complement
+    above 16 Mpx), an uncompressed one is memory-mapped, a PNG beyond the bound is reduced too,
+    and a compressed TIFF stored as one huge strip is refused, not decoded whole."""
+    from wsi_ssl import mask_images
+
+    small = np.zeros((64, 96), np.uint8)
+    small[10:30, 20:50] = 1
+    tifffile.imwrite(tmp_path / "small.tif", small + 1, photometric="miniswhite")
+    big = np.repeat(np.repeat(small, 80, axis=0), 80, axis=1)  # 5,120 x 7,680 px
+    tifffile.imwrite(tmp_path / "big.tif", big + 1, photometric="miniswhite", tile=(512, 512))
+    a, b = read_mask(tmp_path / "small.tif"), read_mask(tmp_path / "big.tif")
+    assert set(np.unique(a)) == set(np.unique(b)) == {253, 254}  # as Pillow and viewers show it
+    np.testing.assert_array_equal(b[::40, ::40], a)
+    tifffile.imwrite(tmp_path / "plain.tif", big)  # uncompressed, one strip: memory-mapped
+    np.testing.assert_array_equal(read_mask(tmp_path / "plain.tif"), big[::2, ::2])
+    Image.fromarray(big * 255).save(tmp_path / "big.png")
+    assert read_mask(tmp_path / "big.png").shape == (2560, 3840)
+    tifffile.imwrite(tmp_path / "strip.tif", big, compression="zlib", rowsperstrip=big.shape[0])
+    monkeypatch.setattr(mask_images, "MAX_CHUNK_BYTES", 1 << 20)  # the bound, made small
+    with pytest.raises(AnnotationError, match="save it as a tiled TIFF"):
+        read_mask(tmp_path / "strip.tif")
+
+
 def test_a_png_mask_too_large_to_read_names_the_way_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

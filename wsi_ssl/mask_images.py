@@ -1,8 +1,10 @@
 """Mask images as annotations: read at a bounded size, measured exactly on each tile.
 
 A mask image spans the whole slide at any scale. One larger than :data:`MAX_MASK_PIXELS`
-is read with every k-th pixel (TIFF through tifffile, tile by tile; ``.npy`` memory-mapped),
-so a full-resolution mask of a 100,000 px slide costs a few tens of MB. A tile's share of a
+is kept with every k-th pixel: a TIFF through tifffile (memory-mapped when uncompressed, else a
+stored tile or strip at a time) and a ``.npy`` memory-mapped, so a full-resolution mask of a
+100,000 px slide costs a few tens of MB; PNG and JPEG are decoded whole by Pillow (up to its
+decompression-bomb bound), then reduced. A tile's share of a
 class is the exact area of its square covered by the mask's pixels (a mask pixel the tile
 half covers counts half), from a summed-area table interpolated bilinearly: the integral of
 a piecewise-constant image is bilinear within each pixel.
@@ -23,8 +25,11 @@ LOSSY_SUFFIXES = (".jpg", ".jpeg")
 """Masks read as binary (foreground: at least half the brightest value): lossy compression
 leaves values around 0 and 255 that are no classes."""
 MAX_MASK_PIXELS = 1 << 24
-"""Largest mask read whole (4,096² px); a larger TIFF or ``.npy`` mask is read with every
-k-th pixel, finer than the 16 level-0 px tissue grid on a 65,000 px slide."""
+"""Largest mask kept whole (4,096² px); a larger one is read with every k-th pixel, finer than
+the 16 level-0 px tissue grid on a 65,000 px slide."""
+MAX_CHUNK_BYTES = 1 << 28
+"""A compressed TIFF is decoded a stored tile or strip at a time; one larger than this (a
+whole image in one strip) is refused."""
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -36,10 +41,10 @@ def read_mask(path: Path) -> np.ndarray:
     suffix = path.suffix.lower()
     if suffix == ".npy":
         array = _every_kth(np.load(path, mmap_mode="r", allow_pickle=False))
-    elif suffix in (".tif", ".tiff") and _tiff_pixels(path) > MAX_MASK_PIXELS:
-        array = _plain_grey(path, _read_tiff_reduced(path))
+    elif suffix in (".tif", ".tiff"):
+        array = _plain_grey(path, _read_tiff(path))
     else:
-        array = _read_with_pil(path)
+        array = _every_kth(_read_with_pil(path))
     if array.ndim != 2 or array.size == 0:
         raise AnnotationError(path, f"a mask must be a 2-D image, got shape {array.shape}")
     if suffix in LOSSY_SUFFIXES:  # JPEG noise is no class: foreground or not
@@ -66,24 +71,31 @@ def _every_kth(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array[::k, ::k])
 
 
-def _tiff_pixels(path: Path) -> int:
-    import tifffile
-
-    with tifffile.TiffFile(path) as tiff:
-        shape = tiff.pages[0].shape
-    return int(shape[0]) * int(shape[1]) if len(shape) >= 2 else 0
-
-
-def _read_tiff_reduced(path: Path) -> np.ndarray:
-    """Every k-th pixel of the first page, decoded one stored tile or strip at a time."""
+def _read_tiff(path: Path) -> np.ndarray:
+    """The first page's values as stored (palette indices, 16-bit labels; MINISWHITE turned
+    so white is high, as image viewers show it), every k-th pixel beyond the bound: memory-
+    mapped when uncompressed, else decoded one stored tile or strip at a time."""
     import tifffile
     import zarr
 
     with tifffile.TiffFile(path) as tiff:
-        page = tiff.pages[0]
+        page = tiff.pages.first  # a TiffPage (not a frame)
         k = _stride(page.shape)
-        with page.aszarr() as store:
-            return np.asarray(zarr.open_array(store, mode="r")[::k, ::k])
+        if page.is_memmappable:
+            array = np.ascontiguousarray(tifffile.memmap(path, page=0, mode="r")[::k, ::k])
+        else:
+            chunk = int(np.prod(page.chunks)) * (page.dtype.itemsize if page.dtype else 1)
+            if chunk > MAX_CHUNK_BYTES:
+                raise AnnotationError(
+                    path,
+                    f"stored as {chunk / 2**20:,.0f} MiB blocks (strips of {page.chunks[0]} rows),"
+                    " too large to read a part at a time; save it as a tiled TIFF",
+                )
+            with page.aszarr() as store:
+                array = np.asarray(zarr.open_array(store, mode="r")[::k, ::k])
+        if page.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+            array = ~array if array.dtype == bool else np.iinfo(array.dtype).max - array
+    return array
 
 
 def _plain_grey(path: Path, array: np.ndarray) -> np.ndarray:
