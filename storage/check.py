@@ -181,6 +181,7 @@ class _Checker:
         self.archive.catalog.upsert(
             slide_id=slide_id,
             path=entry.path,
+            name=entry.name,
             fingerprint=entry.fingerprint,
             status="failed",
             error=why,

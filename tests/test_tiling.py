@@ -822,6 +822,13 @@ def test_a_slide_tiled_through_a_link_is_named_by_the_link(
         assert archive.slide(name).slide_id == slide_id
     assert archive.catalog.get(slide_id).name == "slideA.tiff"  # type: ignore[union-attr]
     assert archive.slide(slide_id).source["path"] == str(target.resolve())
+    shard = next(
+        p for p in (archive.store_path(slide_id) / "tiles" / "c").rglob("*") if p.is_file()
+    )
+    shard.write_bytes(b"rot")  # check marks it for re-tiling: the catalog keeps the name
+    assert cli_main(["check", str(root), "--repair"]) == 1
+    assert open_store(root).catalog.get(slide_id).name == "slideA.tiff"  # type: ignore[union-attr]
+    assert open_store(root).slide("slideA").slide_id == slide_id
     (root / "catalog.sqlite").unlink()  # lost: the store's own record names it
     assert open_store(root).slide("slideA").slide_id == slide_id
     capsys.readouterr()

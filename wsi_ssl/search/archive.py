@@ -135,7 +135,11 @@ def find_entry(active: Sequence[SlideEntry], slide: str, where: str) -> SlideEnt
     if not matches and len(slide) >= 4:
         matches = [e for e in active if e.slide_id.startswith(slide)]
     if not matches:
-        matches = [e for e in active if slide in (e.name, Path(e.name).stem)]
+        matches = [  # the name tiled by (a link's) or the file's own
+            e
+            for e in active
+            if slide in (e.name, Path(e.name).stem, Path(e.path).name, Path(e.path).stem)
+        ]
     if len(matches) == 1:
         return matches[0]
     names = sorted(e.name for e in active)
@@ -347,9 +351,8 @@ def _entry(
     number: int, store: SlideStore, emb: Embeddings, names: dict[str, tuple[str, str]], offset: int
 ) -> SlideEntry:
     tiling, source = store.tiling, store.source
-    name, path = names.get(
-        store.slide_id, (Path(str(source.get("path", ""))).name, source.get("path", ""))
-    )
+    given = source.get("name") or Path(str(source.get("path", ""))).name  # a link's name too
+    name, path = names.get(store.slide_id, (given, source.get("path", "")))
     return SlideEntry(
         number=number,
         slide_id=store.slide_id,

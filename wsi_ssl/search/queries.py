@@ -68,7 +68,8 @@ class _QuerySlide:
         if self.number is not None:
             self.name = index.entries[self.number].name
         else:
-            fallback = Path(str(self.store.source.get("path", sid))).name
+            source = self.store.source
+            fallback = str(source.get("name") or Path(str(source.get("path", sid))).name)
             self.name = catalog_names(archive).get(sid, (fallback, ""))[0]
         key = tiling_key(self.store.tiling)
         if not same_grid(index.tiling, key):
