@@ -422,3 +422,22 @@ def test_labelled_slides_missing_from_the_archive_are_named_with_their_lines(
     )
     assert note in task.notes
     assert note in "\n".join(report.lines())
+
+
+def test_labels_that_each_name_several_stores_say_so(tmp_path: Path) -> None:
+    """Every row names a file name two stores share: the error says so (it said no row
+    named a complete store, though each named two)."""
+    from wsi_ssl.errors import LabelsError
+    from wsi_ssl.evaluation.tasks import load_slide_labels
+
+    root = tmp_path / "archive"
+    x = at_angles([0, 10], 8, seed=0)
+    for i, (folder, vectors) in enumerate(zip(("a", "b"), x, strict=True)):
+        eid = create_encoder(PLANTED[0]).encoder_id
+        write_bag_store(root, f"{i:016x}", vectors, encoder_id=eid, name=f"{folder}/dup.svs")
+    csv = tmp_path / "labels.csv"
+    csv.write_text("slide,label\ndup.svs,a\nghost.svs,b\n")
+    with pytest.raises(
+        LabelsError, match=r"1 of its 2 slide\(s\) name several stores each .*line 2"
+    ):
+        load_slide_labels(root, csv)

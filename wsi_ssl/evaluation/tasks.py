@@ -379,6 +379,13 @@ def load_slide_labels(root: str | Path, labels: str | Path) -> LabelledSlides:
             rows.append(dataclasses.replace(r, slide=next(iter(ids))))
         else:
             (ambiguous if ids else unmatched).append(r)
+    if not rows and ambiguous:
+        raise LabelsError(
+            labels,
+            f"{len(ambiguous)} of its {len(table.rows)} slide(s) name several stores each (e.g. "
+            f"{ambiguous[0].slide!r}, line {ambiguous[0].line}) and none names exactly one; "
+            "name those slides by id",
+        )
     if not rows:
         have = first_few(sorted(names.values())) or "none"
         raise LabelsError(
