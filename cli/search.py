@@ -302,7 +302,8 @@ def run_search(args: argparse.Namespace) -> int:
     )
     if args.gallery is not None:
         index.gallery(result, args.gallery)
-    retiled = _retiled_notes(index, [hit.slide_id for hit in result.hits])
+    hit_slides = [] if result.mode == "slides" else [hit.slide_id for hit in result.hits]
+    retiled = _retiled_notes(index, hit_slides)  # a slide hit has no tile boxes to be stale
     if args.json:
         d = result.to_dict()
         if args.gallery is not None:

@@ -620,6 +620,8 @@ def test_cli_search_notes_hits_on_a_retiled_slide_and_a_sampled_box(
     assert _cli(*argv, "--exclude-self", "--json") == 0
     notes = json.loads(capsys.readouterr().out)["notes"]
     assert len(notes) == 1 and "re-tiled after indexing" in notes[0]
+    assert _cli("search", str(root), "--index", name, "--slide", cmu, "--slides") == 0
+    assert "note:" not in capsys.readouterr().err  # slide hits have no tile boxes to be stale
     monkeypatch.setattr(queries, "MAX_QUERY_TILES", 2)  # a query's bound, made small
     query = SearchIndex.open(root, name).query_region(cmu, (x, y, 448, 448))
     assert query.n_tiles == 2 and query.tiles_in_box is not None and query.tiles_in_box > 2
