@@ -100,14 +100,19 @@ def stored_positions(
     return stored, positions
 
 
-def _resample(strip: np.ndarray, size: tuple[int, int], factor: float) -> np.ndarray:
-    """``strip`` resized to ``size`` (w, h): a k x k box average when shrinking by a whole k
-    (exact area averaging, and several times faster), bilinear with antialiasing otherwise."""
+def _resample(
+    strip: np.ndarray, size: tuple[int, int], factor: float, extent: tuple[float, float]
+) -> np.ndarray:
+    """The first ``extent`` (w, h; fractional) pixels of ``strip`` resized to ``size`` (w, h): a
+    k x k box average when shrinking by a whole k (exact area averaging, and several times
+    faster), bilinear with antialiasing otherwise (the strip was read whole pixels long: its
+    last, partly needed pixel is not stretched into the tiles)."""
     image = Image.fromarray(strip)
     k = round(factor)
     if k > 1 and abs(factor - k) < 1e-9 and (image.width // k, image.height // k) == size:
         return np.asarray(image.reduce(k))
-    return np.asarray(image.resize(size, Image.Resampling.BILINEAR))
+    box = (0.0, 0.0, min(extent[0], image.width), min(extent[1], image.height))
+    return np.asarray(image.resize(size, Image.Resampling.BILINEAR, box=box))
 
 
 def strip_source(reader: SlideReader, grid: TileGrid) -> tuple[StoredTiles, int] | None:
@@ -214,7 +219,8 @@ def _read_strips(
             strip = reader.read_region((x0, y0), grid.level, size)
         if grid.resize and not at_scale:
             target = (max(width, round(span0 / per_out_px)), t)
-            strip = _resample(strip, target, per_out_px / ds)
+            extent = (target[0] * per_out_px / ds, t * per_out_px / ds)
+            strip = _resample(strip, target, per_out_px / ds, extent)
         if strip.shape[0] < t or strip.shape[1] < width:
             pad = ((0, max(0, t - strip.shape[0])), (0, max(0, width - strip.shape[1])), (0, 0))
             strip = np.pad(strip, pad, mode="edge")
