@@ -885,3 +885,15 @@ def test_resampled_tiles_show_exactly_their_square(cmu_small: Path, tmp_path: Pa
             )
             differences.append(np.abs(tile.astype(float) - np.asarray(exact)).mean())
     assert len(differences) >= 10 and float(np.mean(differences)) < 1.0
+
+
+@pytest.mark.parametrize("name", ["small_vectra.qptiff", "test3-DAPI-2-387.ndpi"])
+def test_a_fluorescence_scan_is_named_as_one(slides_dir: Path, tmp_path: Path, name: str) -> None:
+    """Real fluorescence scans (DAPI on black): no tissue, and the error says why (it advised
+    lowering tissue_threshold, which tiled false-colour tiles padded white on black)."""
+    with pytest.raises(NoTissueError, match="background is dark: it looks like a fluorescence"):
+        tile_slide(slides_dir / name, tmp_path / "root", TilingConfig())
+    blank = write_synthetic_slide(tmp_path / "glass.tiff", (1024, 768), seed=0, tissue=False)
+    with pytest.raises(NoTissueError, match="no tile has at least 10% tissue") as info:
+        tile_slide(blank, tmp_path / "root", TilingConfig())
+    assert "background is dark" not in str(info.value)

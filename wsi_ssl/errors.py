@@ -151,13 +151,20 @@ class MissingMppError(WsiSslError, ValueError):
 
 
 class NoTissueError(WsiSslError, ValueError):
-    def __init__(self, path: str | Path, threshold: float) -> None:
-        super().__init__(
-            f"{path}: no tile has at least {threshold:.0%} tissue; check the slide is not blank "
-            "or smaller than one tile, then lower tissue_threshold (tissue pieces under the "
-            "detector's minimum area are ignored as debris)",
-            parameters=("tissue_threshold",),
-        )
+    def __init__(self, path: str | Path, threshold: float, dark: bool = False) -> None:
+        if dark:  # fluorescence: stained objects glow on black, no brightfield tissue to find
+            message = (
+                f"{path}: no tissue found, and the slide's background is dark: it looks like a "
+                "fluorescence scan, and wsi-ssl tiles brightfield (H&E, IHC) slides; "
+                "tissue_threshold=0 tiles it whole if you mean to"
+            )
+        else:
+            message = (
+                f"{path}: no tile has at least {threshold:.0%} tissue; check the slide is not "
+                "blank or smaller than one tile, then lower tissue_threshold (tissue pieces "
+                "under the detector's minimum area are ignored as debris)"
+            )
+        super().__init__(message, parameters=("tissue_threshold",))
         self.path = Path(path)
 
 

@@ -22,6 +22,10 @@ from wsi_ssl.tissue import tissue_fraction
 
 __all__ = ["extract_with_progress", "write_store"]
 
+DARK_BACKGROUND = 60
+"""Median thumbnail brightness (0-255) under which a slide without tissue is taken for a
+fluorescence scan (brightfield glass is 200-245)."""
+
 
 def write_store(
     source: SlideSource,
@@ -44,7 +48,8 @@ def write_store(
     fraction = tissue_fraction(mask, coords, grid.tile_size_level0, level0_per_px)
     keep = fraction >= config.tissue_threshold
     if not keep.any():
-        raise NoTissueError(reader.path, config.tissue_threshold)
+        dark = float(np.median(thumbnail)) < DARK_BACKGROUND
+        raise NoTissueError(reader.path, config.tissue_threshold, dark=dark)
     keep, labels = restrict_to_roi(
         config, keep, coords, grid.tile_size_level0, mask.shape, level0_per_px
     )
