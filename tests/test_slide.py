@@ -491,6 +491,22 @@ def test_pyramid_levels_in_subifds_are_checked_and_tifffile_still_logs_after(
     assert "a later problem" in caplog.text
 
 
+def test_a_real_slide_cut_before_its_later_pages_is_refused(
+    cmu_small: Path, tmp_path: Path
+) -> None:
+    """CMU-1-Small-Region cut at 1.4 of 1.94 MB keeps level 0 whole but loses the pages after
+    it (the directory points past the end): it was tiled as complete, and once the copy was
+    finished it became a second slide."""
+    data = cmu_small.read_bytes()
+    for keep in (1_400_000, 1_700_000):
+        cut = tmp_path / f"cut-{keep}.svs"
+        cut.write_bytes(data[:keep])
+        with pytest.raises(TruncatedSlideError, match=r"page \d+ would start at byte [\d,]+, the"):
+            open_slide(cut)
+    with open_slide(cmu_small) as reader:  # the whole file opens
+        assert reader.level_count >= 1
+
+
 def test_open_slide_missing_file(tmp_path: Path) -> None:
     with pytest.raises(SlideNotFoundError):
         open_slide(tmp_path / "missing.svs")

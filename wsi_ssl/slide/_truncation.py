@@ -7,6 +7,7 @@ directory's data extents against the file size at open says so at once, before a
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,10 @@ class _QuietWhileChecking(logging.Filter):
     directory chain are said once, by `TruncatedSlideError` or by the backends)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not getattr(_checking, "active", False)
+        if not getattr(_checking, "active", False):
+            return True
+        _checking.messages.append(record.getMessage())
+        return False
 
 
 logging.getLogger("tifffile").addFilter(_QuietWhileChecking())
@@ -44,7 +48,7 @@ def check_not_truncated(path: Path) -> None:
         if f.read(4) not in _TIFF_MAGIC:
             return
     size = path.stat().st_size
-    _checking.active = True
+    _checking.active, _checking.messages = True, []
     try:
         with tifffile.TiffFile(path) as tif:
             ends = [(_data_end(page), number) for number, page in _pages(tif)]
@@ -57,6 +61,20 @@ def check_not_truncated(path: Path) -> None:
         raise TruncatedSlideError(
             path, f"page {number} stores data up to byte {end:,}, the file has {size:,} bytes"
         )
+    for offset in _invalid_page_offsets(_checking.messages):
+        if offset >= size:  # the directory chain goes on past the end: later pages were cut off
+            raise TruncatedSlideError(
+                path,
+                f"page {len(ends)} would start at byte {offset:,}, the file has {size:,} bytes",
+            )
+
+
+def _invalid_page_offsets(messages: list[str]) -> Iterator[int]:
+    """The offsets of the next page that tifffile found invalid ("invalid page offset N")."""
+    for message in messages:
+        found = re.search(r"invalid page offset (\d+)", message)
+        if found:
+            yield int(found.group(1))
 
 
 def _pages(tif: tifffile.TiffFile) -> Iterator[tuple[int, Any]]:
