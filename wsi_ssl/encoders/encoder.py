@@ -57,6 +57,11 @@ class Preprocess:
         return True
 
     def __call__(self, tiles: torch.Tensor, where: str = "input") -> torch.Tensor:
+        if not isinstance(tiles, torch.Tensor):
+            raise ConfigError(
+                f"{where}: expected a torch tensor of uint8 RGB tiles (B, H, W, 3), got "
+                f"{type(tiles).__name__}; Encoder.embed_images takes numpy arrays"
+            )
         if tiles.dtype != torch.uint8 or tiles.ndim != 4 or tiles.shape[-1] != 3:
             raise ConfigError(
                 f"{where}: expected uint8 RGB tiles (B, H, W, 3), got {tuple(tiles.shape)} "
