@@ -164,7 +164,7 @@ def test_input_size_is_never_silently_changed() -> None:
     with pytest.raises(ConfigError, match="uint8 RGB"):
         enc(_tiles(1).float())
     array = _tiles(2).numpy()  # numpy: said so, and where numpy goes (it blamed the shape)
-    with pytest.raises(ConfigError, match="got ndarray; Encoder.embed_images takes numpy"):
+    with pytest.raises(ConfigError, match=r"got ndarray; Encoder\.embed_images takes numpy"):
         enc(array)  # type: ignore[arg-type]
     np.testing.assert_allclose(enc.embed_images(array), enc(_tiles(2)).numpy(), atol=1e-5)
 
