@@ -521,16 +521,21 @@ def test_wsi_ssl_pretrain_checkpoint_embeds_the_archive(cmu_root: Path, tmp_path
     root = _copy(cmu_root, tmp_path / "root")
     summary = embed_for_demo(root, tmp_path / "run", progress=False)
     assert not summary.failed and summary.outcomes[0].status == "complete"
-    enc = create_encoder(tmp_path / "run")
-    assert summary.encoder_id == enc.encoder_id
-    assert enc.encoder_id.startswith(f"wsi-ssl-{config.arch}-")
-    assert enc.config.source == "wsi-ssl" and enc.config.resize == "bilinear"
     store = _only(root)
+    # the CNN trained on 64 px crops takes the whole 224 px tiles (the nuclei need them)
+    enc = create_encoder(tmp_path / "run", input_size=224)
+    assert summary.encoder_id == enc.encoder_id != create_encoder(tmp_path / "run").encoder_id
+    assert enc.encoder_id.startswith(f"wsi-ssl-{config.arch}-")
+    assert enc.config.source == "wsi-ssl" and enc.config.input_size == 224
     emb = read_embeddings(store, enc.encoder_id)
     assert emb.attrs["checkpoint_sha256"] == file_sha256(ckpt)
     assert emb.attrs["encoder"]["weights_path"] == str(ckpt.resolve())
-    # same vectors as the pretraining package's own preprocessing (224 px tiles -> 64 px)
-    want = ref.embed(store.tiles[:])
+    # the teacher's own vectors of the unresized tiles
+    pixels = torch.from_numpy(store.tiles[:]).permute(0, 3, 1, 2).float() / 255
+    mean = torch.tensor(config.mean).view(1, 3, 1, 1)
+    std = torch.tensor(config.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = ref.model((pixels - mean) / std).numpy()
     np.testing.assert_allclose(emb.features.astype(np.float32), want, rtol=1e-2, atol=1e-2)
     assert embed_for_demo(root, tmp_path / "run", progress=False).outcomes[0].status == "skipped"
 

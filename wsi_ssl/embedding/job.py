@@ -216,7 +216,18 @@ def embed_for_demo(
     root: str | Path, checkpoint: str | Path, *, progress: bool = True
 ) -> EmbedSummary:
     """Embed the demo archive with the encoder the demo just trained (a pretrain checkpoint or
-    run directory); ``summary.lines()`` gives the report to print."""
+    run directory) at the tiles' own size; ``summary.lines()`` gives the report to print.
+
+    The CPU preset's CNN trains on 64 px crops for speed; fully convolutional, it takes a whole
+    256 px tile (0.5 µm/px), where the lesions' nuclei are resolved: on the demo slides its
+    MIL AUC is 1.0 over three seeds, against 0.56-0.78 on tiles shrunk to 64 px. So the scale
+    check, which would refuse the other input size, is off here.
+    """
     if not Path(checkpoint).exists():
         raise CheckpointError(f"{checkpoint}: no such pretrain run or checkpoint")
-    return embed(root, Path(checkpoint), progress=progress)
+    archive = open_store(root)
+    sizes = {int(archive.slide(s).tiling["tile_size"]) for s in archive.slide_ids}
+    encoder = create_encoder(Path(checkpoint), device="cpu")
+    if len(sizes) == 1 and "vit" not in encoder.config.arch:  # a ViT keeps its patch grid
+        encoder = create_encoder(Path(checkpoint), device="cpu", input_size=sizes.pop())
+    return embed(root, encoder, progress=progress, check_mpp=False)
