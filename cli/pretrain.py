@@ -186,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"checkpoint  {result.checkpoint}")
     print(f"encoder     {result.encoder_path}")
-    print(f"metrics     {result.metrics_path}")
+    if Path(result.metrics_path).is_file():  # none before the first log_every boundary
+        print(f"metrics     {result.metrics_path}")
     if result.loss_plot is not None:
         print(f"loss plot   {result.loss_plot}")
     for note in result.notes:

@@ -231,7 +231,11 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(
     ]  # fmt: skip
     out = tmp_path / "run"
     assert _cli(cmu_root, "--out", out, *common, "--until-step", "2") == 0
-    assert "step 2/4" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "step 2/4" in printed and f"metrics     {out / 'metrics.jsonl'}" in printed
+    early = ["--out", tmp_path / "early", *common, "--until-step", "1", "--log-every", "3"]
+    assert _cli(cmu_root, *early) == 0  # no row yet: no metrics file to point at
+    assert "step 1/4" in (printed := capsys.readouterr().out) and "metrics " not in printed
     assert _cli(cmu_root, "--out", out, "--resume", "--json") == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["step"] == 4 and summary["finished"] and summary["config"]["out_dim"] == 64
