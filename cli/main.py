@@ -51,8 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 ok, 1 some slides failed or something it
     writes is held by another job, 2 error)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     command = command_parser(parser, args)
+    if unknown:  # the sub-command's usage, not the top level's (`wsi-ssl [-h] COMMAND ...`)
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.error_text = lambda err: in_command_words(err, command)  # per-slide lines use it too
     # tifffile logs what it finds wrong in a malformed file; the slide's own error says it once
     logging.getLogger("tifffile").setLevel(logging.ERROR)

@@ -210,3 +210,15 @@ def test_the_cli_defaults_are_the_configs_defaults(command: list[str]) -> None:
             assert _same(said, want), (command, action.dest, said, want)
             checked += 1
     assert checked >= 1
+
+
+def test_an_unknown_option_shows_its_sub_command_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    """`wsi-ssl mil train ... --quiet`: the train command's usage and error (it printed the
+    top level's `usage: wsi-ssl [-h] [--version] COMMAND ...`)."""
+    from wsi_ssl.cli.main import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["mil", "train", "ROOT", "--labels", "x.csv", "--out", "r", "--quiet"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("usage: wsi-ssl mil train ")
+    assert err.rstrip().endswith("wsi-ssl mil train: error: unrecognized arguments: --quiet")
