@@ -52,9 +52,9 @@ from wsi_ssl.storage.embeddings import (
     EMBEDDINGS_GROUP,
     PARTIAL_PREFIX,
     REPLACED_PREFIX,
+    clear_partial,
     complete_embedding_attrs,
     embeddings_problem,
-    finish_interrupted_swap,
 )
 from wsi_ssl.storage.fix_commands import (
     embedding_stain_flags,
@@ -266,7 +266,7 @@ class _Checker:
                 continue  # being written now
             if child.name.startswith("."):
                 what = "unfinished embeddings (a job was killed)"
-                self.add(child, what, REPAIR, lambda e=eid: self.clear_partial(store, e))
+                self.add(child, what, REPAIR, lambda e=eid: clear_partial(store.path, e))
                 continue
             self.report.arrays += 1
             problem = embeddings_problem(store, eid, decode=self.decode)
@@ -285,13 +285,6 @@ class _Checker:
             if isinstance(attrs.get("encoder"), dict):
                 return attrs
         return {}
-
-    def clear_partial(self, store: SlideStore, encoder_id: str) -> bool:
-        with embeddings_lock(self.root, store.slide_id, encoder_id):
-            finish_interrupted_swap(store.path, encoder_id)
-            partial = store.path / EMBEDDINGS_GROUP / f"{PARTIAL_PREFIX}{encoder_id}"
-            shutil.rmtree(partial, ignore_errors=True)
-            return not partial.exists()
 
     def drop(self, store: SlideStore, encoder_id: str) -> str | bool:
         """Remove damaged embeddings (a plain ``wsi-ssl embed`` then redoes them)."""

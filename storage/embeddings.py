@@ -77,6 +77,7 @@ __all__ = [
     "NOT_EMBEDDED",
     "EmbeddingWriter",
     "Embeddings",
+    "clear_partial",
     "coords_sha256",
     "embedded_rows",
     "embedding_ids",
@@ -314,6 +315,22 @@ def finish_interrupted_swap(store_path: str | Path, encoder_id: str) -> None:
                 break
     if old.exists():
         shutil.rmtree(old)
+
+
+def clear_partial(store_path: str | Path, encoder_id: str) -> bool:
+    """Remove what a killed writer left of the embeddings ``encoder_id`` (a swap cut between
+    its renames finished first), under the array's lock; True when nothing is left.
+
+    Raises:
+        StoreLockedError: another process is writing them now.
+    """
+    store_path = Path(store_path)
+    root, slide_id = store_path.parent.parent, store_path.name.removesuffix(".zarr")
+    with embeddings_lock(root, slide_id, encoder_id):
+        finish_interrupted_swap(store_path, encoder_id)
+        partial = _partial_dir(store_path, encoder_id)
+        shutil.rmtree(partial, ignore_errors=True)
+        return not partial.exists()
 
 
 class EmbeddingWriter:

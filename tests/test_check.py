@@ -561,3 +561,24 @@ def test_a_damaged_or_lost_catalog_is_rebuilt_from_the_stores(
     assert code == 0 and "problem: " not in out and "repaired: " not in out, out
     code, out, err = run_cli(argv)
     assert code == 0 and "1 already complete" in out, out + err
+
+
+def test_a_killed_writers_partial_beside_complete_vectors_is_cleared_by_the_next_embed(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    """A killed `embed --no-resume` leaves `.writing-<id>` beside the complete old vectors: the
+    next plain embed skips the slide and removes it, so check comes clean (it kept exiting 1
+    until --repair); the vectors are untouched."""
+    root = shutil.copytree(small_archive, tmp_path / "root")
+    a = open_store(root).slide_ids[0]
+    [eid] = open_store(root).embedding_ids(a)
+    group = root / "slides" / f"{a}.zarr" / "embeddings"
+    before = open_store(root).embeddings(a, eid).features.copy()
+    shutil.copytree(group / eid, group / f".writing-{eid}")  # what the killed job had written
+    code, out, _ = run_cli(["check", str(root)])
+    assert code == 1 and "unfinished embeddings (a job was killed)" in out
+    code, out, _ = run_cli(["embed", str(root), "--encoder", "random-cnn", "--json"])
+    assert code == 0 and all(s["status"] == "skipped" for s in json.loads(out)["slides"])
+    assert not (group / f".writing-{eid}").exists()
+    assert run_cli(["check", str(root)])[0] == 0
+    np.testing.assert_array_equal(open_store(root).embeddings(a, eid).features, before)

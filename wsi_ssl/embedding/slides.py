@@ -16,6 +16,7 @@ a slide embedded with ``skip_flagged_tiles`` and then without it is completed, n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -26,13 +27,21 @@ import zarr
 
 from wsi_ssl.embedding.config import EmbedConfig
 from wsi_ssl.encoders import Encoder
-from wsi_ssl.errors import EmbeddingsWouldBeReplacedError, StainReferenceError, WsiSslError
+from wsi_ssl.errors import (
+    EmbeddingsWouldBeReplacedError,
+    StainReferenceError,
+    StoreLockedError,
+    WsiSslError,
+)
 from wsi_ssl.outcome import SlideOutcome
 from wsi_ssl.stain_settings import recorded_reference, stain_key, stain_provenance
 from wsi_ssl.storage import Archive, SlideStore
 from wsi_ssl.storage.embeddings import (
+    EMBEDDINGS_GROUP,
     NOT_EMBEDDED,
+    PARTIAL_PREFIX,
     EmbeddingWriter,
+    clear_partial,
     coords_sha256,
     embedded_rows,
     embeddings_busy,
@@ -154,6 +163,7 @@ class EmbedTarget:
                 self.refuse_other_stain(store)
             have = _has_vector(base, n)
             if base is not None and not (wanted & ~have).any():
+                _clear_dead_partial(store, self.encoder_id)
                 return SlideOutcome(slide_id, "skipped", n)
             busy = embeddings_busy(store.path, self.encoder_id) if not self.config.wait else None
             if busy is not None:
@@ -278,3 +288,12 @@ def _stain_words(provenance: Any) -> str:
     if not provenance:
         return "without stain normalisation"
     return f"from tiles stain-normalised ({provenance['method']}) to {provenance['reference']}"
+
+
+def _clear_dead_partial(store: SlideStore, encoder_id: str) -> None:
+    """Remove the ``.writing-`` array a killed job left beside complete vectors (a job that
+    redoes the slide replaces it; one that skips it cleans up, so `check` comes clean); left
+    alone while another process writes it."""
+    if (store.path / EMBEDDINGS_GROUP / f"{PARTIAL_PREFIX}{encoder_id}").exists():
+        with contextlib.suppress(StoreLockedError):
+            clear_partial(store.path, encoder_id)
