@@ -91,9 +91,8 @@ class Archive:
         files = {e.slide_id: (e.path, e.name) for e in entries if e.slide_id in wanted}
         for sid in sorted(wanted - set(files)):
             with contextlib.suppress(WsiSslError):
-                source = self.slide(sid).source
-                path = str(source["path"])
-                files[sid] = (path, str(source.get("name") or Path(path).name))
+                store = self.slide(sid)
+                files[sid] = (str(store.source["path"]), store.source_name)
         return files
 
     def store_path(self, slide_id: str) -> Path:

@@ -229,6 +229,13 @@ class SlideStore:
         return dict(cast("Mapping[str, Any]", self.group.attrs["source"]))
 
     @property
+    def source_name(self) -> str:
+        """The slide's file name as it was tiled (a link's, not its target's; stores from
+        before it was recorded: the file's own)."""
+        source = self.source
+        return str(source.get("name") or Path(str(source.get("path", ""))).name)
+
+    @property
     def tiling(self) -> dict[str, Any]:
         return dict(cast("Mapping[str, Any]", self.group.attrs["tiling"]))
 

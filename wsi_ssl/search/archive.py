@@ -351,8 +351,7 @@ def _entry(
     number: int, store: SlideStore, emb: Embeddings, names: dict[str, tuple[str, str]], offset: int
 ) -> SlideEntry:
     tiling, source = store.tiling, store.source
-    given = source.get("name") or Path(str(source.get("path", ""))).name  # a link's name too
-    name, path = names.get(store.slide_id, (given, source.get("path", "")))
+    name, path = names.get(store.slide_id, (store.source_name, source.get("path", "")))
     return SlideEntry(
         number=number,
         slide_id=store.slide_id,

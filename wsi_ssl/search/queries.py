@@ -68,8 +68,7 @@ class _QuerySlide:
         if self.number is not None:
             self.name = index.entries[self.number].name
         else:
-            source = self.store.source
-            fallback = str(source.get("name") or Path(str(source.get("path", sid))).name)
+            fallback = self.store.source_name or sid
             self.name = catalog_names(archive).get(sid, (fallback, ""))[0]
         key = tiling_key(self.store.tiling)
         if not same_grid(index.tiling, key):
