@@ -215,8 +215,8 @@ def embed_slide(
 def embed_for_demo(
     root: str | Path, checkpoint: str | Path, *, progress: bool = True
 ) -> EmbedSummary:
-    """Embed the demo archive with the encoder the demo just trained (a pretrain checkpoint or
-    run directory) at the tiles' own size; ``summary.lines()`` gives the report to print.
+    """Embed the demo archive with the CNN the demo just trained (its ``cpu-small`` pretrain
+    checkpoint or run directory) at the tiles' own size; ``summary.lines()`` gives the report.
 
     The CPU preset's CNN trains on 64 px crops for speed; fully convolutional, it takes a whole
     256 px tile (0.5 µm/px), where the lesions' nuclei are resolved: on the demo slides its
@@ -227,7 +227,6 @@ def embed_for_demo(
         raise CheckpointError(f"{checkpoint}: no such pretrain run or checkpoint")
     archive = open_store(root)
     sizes = {int(archive.slide(s).tiling["tile_size"]) for s in archive.slide_ids}
-    encoder = create_encoder(Path(checkpoint), device="cpu")
-    if len(sizes) == 1 and "vit" not in encoder.config.arch:  # a ViT keeps its patch grid
-        encoder = create_encoder(Path(checkpoint), device="cpu", input_size=sizes.pop())
+    whole: dict[str, Any] = {"input_size": sizes.pop()} if len(sizes) == 1 else {}
+    encoder = create_encoder(Path(checkpoint), device="cpu", **whole)
     return embed(root, encoder, progress=progress, check_mpp=False)
