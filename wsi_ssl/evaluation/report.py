@@ -138,10 +138,8 @@ def _ranks(values: list[float]) -> list[int]:
 def rank(
     scores: Scores, resamples: Resamples, confidence: float
 ) -> tuple[list[ResultRow], Ranking]:
-    """The rows of every encoder (with intervals when there are resamples and the task has
-    enough slides for them) and the ranking."""
-    if scores.task.no_intervals is not None:
-        resamples = []
+    """The rows of every encoder (with intervals when there are resamples: none for a task
+    too small for them, see ``draw_resamples``) and the ranking."""
     labels = list(scores.encoder_ids)
     est: dict[str, Estimate] = {
         label: estimate(scores.score, scores.y, scores.outputs[label], resamples, confidence)
