@@ -92,6 +92,11 @@ def print_report(report: CheckReport, named: bool) -> None:
             f"note: {len(busy)} store(s) being written by a tiling job now were not checked "
             f"({first_few(busy)}); check again when it ends"
         )
+    if stale := report.stale_locks:
+        print(
+            f"note: {len(stale)} stale lock file(s) of killed jobs, harmless ({first_few(stale)}); "
+            "the next job writing the same thing or --repair clears them"
+        )
     remaining = len(report.problems)
     repaired = len(report.findings) - remaining
     print(

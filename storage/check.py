@@ -17,7 +17,7 @@ What is checked, each problem a :class:`Finding` with the command that fixes it:
 - the catalog: readable and there (else one finding; ``repair`` sets a damaged one aside and
   rebuilds it from the complete stores' metadata), against the stores (a slide the catalog
   calls complete whose store is not, and the reverse: ``repair`` adds its row);
-- temp files of dead writers anywhere, and stale lock files.
+- temp files of dead writers anywhere; stale lock files are noted, not problems (harmless).
 
 ``repair=True`` removes the debris (temp files, stale locks, orphan generations, unfinished or
 damaged embeddings, swap leftovers: finishing a swap that only lacked its last rename) and
@@ -119,6 +119,9 @@ class CheckReport:
     a problem of the archive, but not in it."""
     busy: list[str] = field(default_factory=list)
     """Stores a writer held while they were checked (a tiling job): not checked."""
+    stale_locks: list[str] = field(default_factory=list)
+    """Lock files naming a killed job (without ``repair``): harmless, so not problems; the next
+    writer of the same thing, or ``repair``, clears them."""
     stores: int = 0
     arrays: int = 0
     indexes: int = 0
@@ -142,6 +145,7 @@ class CheckReport:
             "findings": [asdict(f) for f in self.findings],
             "failed_slides": self.failed_slides,
             "busy": self.busy,
+            "stale_locks": self.stale_locks,
         }
 
 
@@ -441,9 +445,10 @@ class _Checker:
         for temp in dead_temp_files(self.root, recursive=True, skip=("tiles", "c")):
             self.add(temp, "temp file of a killed writer", REPAIR, lambda t=temp: _gone(t))
         for lock in stale_lock_files(self.root):
-            self.add(
-                lock, "stale lock of a killed job", REPAIR, lambda p=lock: remove_stale_lock(p)
-            )
+            if self.repair:
+                self.add(lock, "stale lock of a killed job", REPAIR, lambda p=lock: _unlocked(p))
+            else:
+                self.report.stale_locks.append(str(lock))
 
     def run(self) -> CheckReport:
         path = self.root / "catalog.sqlite"
@@ -465,6 +470,11 @@ class _Checker:
             self.catalog_agreement()
         self.debris()
         return self.report
+
+
+def _unlocked(lock: Path) -> bool:
+    """Remove a stale lock; one a job took meanwhile is no longer stale, so that counts too."""
+    return remove_stale_lock(lock) or is_locked(lock)
 
 
 def _short(err: BaseException) -> str:
