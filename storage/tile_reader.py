@@ -68,7 +68,9 @@ class TileReader:
         if google_crc32c.value(data) != self._checksums[shard]:
             start = shard * self._per_shard
             stop = min(start + self._per_shard, len(self))
-            raise TileReadError(path, start, stop, "the shard's bytes changed since tiling")
+            cut = read_shard_index(fd, self._per_shard) is None
+            why = " is cut short (no intact index)" if cut else "'s bytes changed since tiling"
+            raise TileReadError(path, start, stop, f"the shard{why}")
         self._verified.add(shard)
 
     def _index(self, shard: int, fd: int, path: Path) -> np.ndarray:

@@ -109,6 +109,21 @@ def test_a_retile_restores_a_lost_shard_and_keeps_the_embeddings(
     assert run_cli(["check", str(root)])[0] == 0
 
 
+def test_embedding_a_store_with_a_shard_cut_short_says_so(
+    embedded: tuple[Path, str, np.ndarray, np.ndarray],
+) -> None:
+    """A shard cut in half (a copy interrupted) is named as cut short by ``embed``, as ``check``
+    names it; it was called "bytes changed since tiling"."""
+    root, slide_id, _, _ = embedded
+    shard = open_store(root).store_path(slide_id) / "tiles" / "c" / "1" / "0" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    embed = ["embed", str(root), "--encoder", "random-cnn", "--resize", "bilinear", "--quiet"]
+    code, _, err = run_cli(embed)
+    assert code == 1 and "the shard is cut short (no intact index)" in err, err
+    code, report, _ = run_cli(["check", str(root)])
+    assert code == 1 and "shard 1: cut short" in report, report
+
+
 def test_a_retile_repairs_a_damaged_shard_and_keeps_the_embeddings(
     embedded: tuple[Path, str, np.ndarray, np.ndarray], slide: Path
 ) -> None:
