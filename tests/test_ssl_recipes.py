@@ -12,8 +12,9 @@ import torch
 
 import wsi_ssl
 from tests.conftest import run_cli
+from wsi_ssl.encoders import create_encoder
 from wsi_ssl.errors import ArchitectureMismatchError, ConfigError, WeightsNotFoundError
-from wsi_ssl.ssl import PretrainConfig, load_encoder, pretrain
+from wsi_ssl.ssl import PretrainConfig, load_encoder, pretrain, random_encoder
 from wsi_ssl.ssl.checkpoint import load_checkpoint
 from wsi_ssl.ssl.optim import layer_of, param_groups
 from wsi_ssl.ssl.runtime import DistContext
@@ -243,7 +244,7 @@ def test_continued_pretraining_from_a_zoo_preset(
     run = pretrain(cmu_root, config, out=tmp_path / "run")
     assert run.finished and np.isfinite([r["loss"] for r in run.history]).all()
     saved = load_file(weights)
-    after = load_encoder(run.out_dir, which="student").model.state_dict()
+    after = load_encoder(run.out_dir, which="student").model.trunk.state_dict()
     frozen = [
         k for k in saved if k.startswith(("patch_embed.", "cls_token", "pos_embed", "blocks.0."))
     ]
@@ -251,7 +252,18 @@ def test_continued_pretraining_from_a_zoo_preset(
     assert frozen and all(torch.equal(after[k], saved[k]) for k in frozen)
     assert moved and all((after[k] - saved[k]).abs().max() > 1e-6 for k in moved)
     encoder = load_encoder(run.out_dir)
-    assert encoder.description["arch"] == f"encoder:{name}" and encoder.embed_dim == 192
+    assert encoder.description["arch"] == f"encoder:{name}"
+    # pooled as the preset publishes it: class token + mean patch token (it gave the class
+    # token alone, 192 features, so a continued run did not compare like with like)
+    assert encoder.description["output"] == "cls+mean" and encoder.embed_dim == 384
+    reference = create_encoder(name, weights="random").model.eval()
+    reference.trunk.load_state_dict(encoder.model.trunk.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert encoder.model(x).shape == (2, 384)
+        torch.testing.assert_close(encoder.model(x), reference(x))
+    baseline = random_encoder(PretrainConfig.from_dict(encoder.description["pretrain_config"]))
+    assert baseline.embed(np.zeros((1, 64, 64, 3), np.uint8)).shape == (1, 384)
 
 
 def test_mae_does_not_check_the_local_crops_it_never_reads(cmu_root: Path) -> None:

@@ -23,8 +23,10 @@ Besides these names, ``"encoder:<name>"`` is any architecture of the encoder reg
 built at random init for continued pretraining (its weights are loaded by
 :mod:`wsi_ssl.ssl.init`); its spec is read off a built model, so it imports torch. A zoo
 preset's pooling tower (class + mean token, CONCH's attention pool) is left aside: the run
-trains the timm ViT inside it (:func:`pretraining_module`) and outputs its class token, so every
-recipe (DINO, DINOv2's and MAE's patch masking), layer decay and frozen blocks apply.
+trains the timm ViT inside it (:func:`pretraining_module`), so every recipe (DINO, DINOv2's and
+MAE's patch masking), layer decay and frozen blocks apply; the trained encoder pools its tokens as
+the preset publishes them where that is the class token with the mean patch token
+(``BackboneSpec.output``), else outputs the class token.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ class BackboneSpec:
         default_input_size: the global crop size it is usually trained and used at.
         batch_norm: whether it has BatchNorm layers (synchronised under multi-GPU DDP).
         description: one line for ``--help`` and error messages.
+        output: how the trained encoder pools its tokens: ``"cls"`` (or a CNN's pooled
+            features), or ``"cls+mean"`` for a zoo preset published that way (Virchow, Midnight):
+            the class token and the mean patch token, ``2 * embed_dim`` features.
     """
 
     name: str
@@ -70,6 +75,7 @@ class BackboneSpec:
     default_input_size: int
     batch_norm: bool
     description: str
+    output: str = "cls"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,6 +171,7 @@ def _encoder_spec(name: str) -> BackboneSpec:
         encoder = create_encoder(name.removeprefix(ENCODER_PREFIX), weights="random")
         model: Any = pretraining_module(encoder.model)
         vit = isinstance(model, VisionTransformer)
+        pooled = getattr(encoder.model, "output", "cls") if vit else "cls"
         _ENCODER_SPECS[name] = BackboneSpec(
             name=name,
             family="vit" if vit else "cnn",
@@ -175,6 +182,7 @@ def _encoder_spec(name: str) -> BackboneSpec:
                 isinstance(m, torch_nn.modules.batchnorm._BatchNorm) for m in model.modules()
             ),
             description=f"{encoder.config.arch} from the encoder registry",
+            output=pooled,
         )
     return _ENCODER_SPECS[name]
 

@@ -18,6 +18,7 @@ then normalised: ``(x - mean) / std``.
 ``description`` is JSON-able::
 
     {"arch", "family", "embed_dim", "patch_size", "input_size", "mean", "std",
+     "output": "cls" | "cls+mean",   # how a ViT's tokens are pooled (cls+mean: 2x the width)
      "resize": "bilinear",            # tiles of another size are resized to input_size
      "precision": "fp32", "which": "teacher" | "student",
      "step", "epoch", "total_steps", "finished", "tile_size", "mpp",
@@ -100,7 +101,8 @@ def describe_encoder(config: PretrainConfig, **extra: Any) -> dict[str, Any]:
     return {
         "arch": spec.name,
         "family": spec.family,
-        "embed_dim": spec.embed_dim,
+        "embed_dim": spec.embed_dim * (2 if spec.output == "cls+mean" else 1),
+        "output": spec.output,
         "patch_size": spec.patch_size,
         "input_size": config.global_crop_size,
         "mean": list(config.mean),
@@ -162,9 +164,10 @@ def load_encoder(
             f"{path}: weights do not fit a {config.arch} backbone "
             f"({str(err).splitlines()[0]}); the checkpoint is damaged or for another architecture"
         ) from err
-    model.eval().requires_grad_(False).to(device)
+    recorded = meta.get("encoder", describe_encoder(config))
+    model = _pooled(model, recorded).eval().requires_grad_(False).to(device)
     description = {
-        **meta.get("encoder", describe_encoder(config)),
+        **recorded,
         "which": which,
         "step": meta.get("step"),
         "epoch": meta.get("epoch"),
@@ -211,6 +214,15 @@ def random_encoder(config: PretrainConfig, *, seed: int = 0, device: str = "cpu"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_backbone(config.arch, drop_path_rate=0.0, input_size=config.global_crop_size)
-    model.eval().requires_grad_(False).to(device)
     description = describe_encoder(config, which="random", seed=seed, step=0)
+    model = _pooled(model, description).eval().requires_grad_(False).to(device)
     return LoadedEncoder(model, description)
+
+
+def _pooled(model: nn.Module, description: dict[str, Any]) -> nn.Module:
+    """The trained backbone pooled as ``description`` records (runs from before ``output`` was
+    recorded output their class token, as their embeddings were made)."""
+    from wsi_ssl.encoders._towers import PooledViT
+
+    output = description.get("output", "cls")
+    return model if output == "cls" else PooledViT(model, output)
