@@ -190,6 +190,18 @@ def test_batch_augment_shapes_statistics_and_seeding(he_tile: np.ndarray) -> Non
     assert -2.5 < float(torch.cat([v.flatten() for v in views]).mean()) < 2.5
 
 
+def test_mae_gets_no_local_crops_from_either_augmentation(he_tile: np.ndarray) -> None:
+    """MAE reads the two global views alone: neither the per-tile transform nor the batched
+    one makes the local crops (they were made and thrown away, 3 of 5 views here)."""
+    mae = PretrainConfig.preset("cpu-small", method="mae", arch="vit_nano_patch8", n_local_crops=3)
+    g = mae.global_crop_size
+    assert mae.n_local_views == 0 and mae.replace(method="dino").n_local_views == 3
+    views = HistoDINOTransform(mae)(he_tile)
+    assert [tuple(v.shape) for v in views] == [(3, g, g)] * 2
+    batch = BatchDINOAugment(mae)(_tiles(he_tile), torch.Generator().manual_seed(0))
+    assert [tuple(v.shape) for v in batch] == [(4, 3, g, g)] * 2
+
+
 def _denormalise(view: torch.Tensor, config: PretrainConfig) -> torch.Tensor:
     mean = torch.tensor(config.mean).view(1, 3, 1, 1)
     std = torch.tensor(config.std).view(1, 3, 1, 1)

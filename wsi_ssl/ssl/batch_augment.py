@@ -46,7 +46,7 @@ class BatchDINOAugment:
         config: crop sizes, scales and augmentation strengths.
 
     Calling it with ``tiles`` (uint8 ``(B, H, W, 3)`` or float ``(B, 3, H, W)`` in [0, 1])
-    and a generator on the tiles' device returns ``2 + n_local_crops`` float32 tensors,
+    and a generator on the tiles' device returns ``2 + n_local_views`` float32 tensors (MAE: no local ones),
     ``(B, 3, G, G)`` twice then ``(B, 3, L, L)``, normalised with ``config.mean`` / ``std``.
     """
 
@@ -61,13 +61,15 @@ class BatchDINOAugment:
         groups = (
             (2, c.global_crop_size, c.global_crop_scale, (c.blur_probs[0], c.blur_probs[1])),
             (
-                c.n_local_crops,
+                c.n_local_views,
                 c.local_crop_size,
                 c.local_crop_scale,
-                (c.blur_probs[2],) * c.n_local_crops,
+                (c.blur_probs[2],) * c.n_local_views,
             ),
         )
         for group, (n, size, scale, blur_probs) in enumerate(groups):
+            if n == 0:
+                continue
             src = x.repeat(n, 1, 1, 1)
             out = self._crop(src, size, scale, generator)
             out = self._hed(out, generator)

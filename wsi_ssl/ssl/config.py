@@ -276,8 +276,12 @@ class PretrainConfig:
 
     # -- derived ---------------------------------------------------------------------------
     @property
-    def n_crops(self) -> int:
-        return 2 + self.n_local_crops
+    def n_local_views(self) -> int:
+        """Local crops made per tile: ``n_local_crops``, or none for a method that reads none
+        (MAE), whose data loading would otherwise make them for nothing."""
+        from wsi_ssl.ssl.methods import RECIPES
+
+        return self.n_local_crops if RECIPES.get(self.method).uses_local_crops else 0
 
     def lr_for(self, global_batch: int) -> float:
         """Peak learning rate: the linear scaling rule ``base_lr * global_batch / 256``."""

@@ -14,8 +14,8 @@ stain-invariant convolutional networks", https://arxiv.org/abs/1808.05896; evalu
 Tellez et al., 2019, https://arxiv.org/abs/1902.06543).
 
 The transform takes a PIL image (or an ``(H, W, 3)`` uint8 array) and returns a list of
-``2 + n_local_crops`` float tensors. It draws from numpy's and torch's global generators, as
-lightly's and torchvision's transforms do; :class:`~wsi_ssl.ssl.dataset.TileDataset` seeds them
+``2 + n_local_views`` float tensors (no local crops for MAE). It draws from numpy's and torch's
+global generators, as lightly's and torchvision's transforms do; :class:`~wsi_ssl.ssl.dataset.TileDataset` seeds them
 per tile so that a run is reproducible whatever the number of loader workers.
 """
 
@@ -201,7 +201,7 @@ class HistoDINOTransform(MultiViewTransform):
             blur_prob=blur[2],
             solarization_prob=0.0,
         )
-        super().__init__([global_0, global_1] + [local] * c.n_local_crops)
+        super().__init__([global_0, global_1] + [local] * c.n_local_views)
 
     @property
     def n_views(self) -> int:
