@@ -1,7 +1,9 @@
 """The one resolver for slide names and the one for encoder ids, used by every command.
 
 A slide may be named by its id, its file name, its file stem, its source path (from the
-catalog) or a unique prefix of its id (at least 4 characters). An encoder by its full
+catalog) or a unique prefix of its id (at least 4 characters). A path names the slide tiled from
+that file; one tiled from a file of its name elsewhere only when the path does not exist or that
+file no longer does (slides moved, a labels file from another machine), never another file. An encoder by its full
 ``encoder_id`` or a unique prefix of one (e.g. the encoder name). Both raise the same typed
 errors everywhere: :class:`~wsi_ssl.errors.UnknownSlideError` and
 :class:`~wsi_ssl.errors.EmbeddingsNotFoundError` / :class:`~wsi_ssl.errors.ConfigError`.
@@ -9,11 +11,12 @@ errors everywhere: :class:`~wsi_ssl.errors.UnknownSlideError` and
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from wsi_ssl.errors import ConfigError, EmbeddingsNotFoundError, UnknownSlideError
-from wsi_ssl.listing import first_few
+from wsi_ssl.listing import first_few, one_or_many
 from wsi_ssl.storage.archive import Archive
 from wsi_ssl.storage.embeddings import embedding_ids
 
@@ -49,14 +52,36 @@ def slide_matches(names: dict[str, set[str]], ids: list[str], wanted: str) -> se
 
 
 def _lookup(names: dict[str, set[str]], ids: list[str], wanted: str) -> set[str]:
-    found = names.get(wanted) or names.get(Path(wanted).name) or set()
+    found = names.get(wanted) or set()
+    if not found and _is_path(wanted):
+        path = Path(wanted).expanduser()
+        found = names.get(str(path.resolve())) or _same_name(names, path)
+    elif not found:
+        found = names.get(Path(wanted).name) or set()
     if not found and len(wanted) >= MIN_PREFIX:
         found = {sid for sid in ids if sid.startswith(wanted)}
     return found
 
 
-def resolve_slides(archive: Archive, wanted: Iterable[str]) -> list[str]:
-    """Slide ids of the complete stores named by ``wanted`` (in order, without repeats).
+def _is_path(wanted: str) -> bool:
+    return "/" in wanted or (os.sep != "/" and os.sep in wanted)
+
+
+def _same_name(names: dict[str, set[str]], path: Path) -> set[str]:
+    """Slides tiled from a file of ``path``'s name elsewhere (moved since, or a labels file
+    written on another machine), less those whose file is there and another than ``path``."""
+    found = names.get(path.name) or set()
+    if not path.exists():
+        return found
+    recorded = {k: v for k, v in names.items() if _is_path(k) and v & found}
+    return {
+        sid for sid in found if not any(sid in v and Path(k).exists() for k, v in recorded.items())
+    }
+
+
+def resolve_slides(archive: Archive, wanted: str | Iterable[str]) -> list[str]:
+    """Slide ids of the complete stores named by ``wanted`` (in order, without repeats; one
+    name alone is a list of one).
 
     Raises:
         UnknownSlideError: a name matches no complete store, or several (the first such name).
@@ -64,7 +89,7 @@ def resolve_slides(archive: Archive, wanted: Iterable[str]) -> list[str]:
     ids = archive.slide_ids
     names = slide_names(archive, ids)
     out: list[str] = []
-    for name in wanted:
+    for name in one_or_many(wanted):
         found = _lookup(names, ids, name)
         if len(found) != 1:
             hint = "" if found else _known(names, ids)

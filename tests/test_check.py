@@ -451,6 +451,55 @@ def test_one_resolver_for_slide_names_and_encoder_ids(small_archive: Path) -> No
         resolve_encoder([eid, "other"], None, "here")
 
 
+def test_a_path_names_the_slide_tiled_from_that_file_only(
+    small_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A path names the slide tiled from it. Before, any path fell back to its file name: an
+    untiled file of the same name (another slide) answered with the tiled one's tiles, and a
+    path naming one of two same-named slides was refused as naming both."""
+    from wsi_ssl.config import TilingConfig
+    from wsi_ssl.errors import UnknownSlideError
+    from wsi_ssl.storage.resolve import resolve_slide
+    from wsi_ssl.synthetic import write_synthetic_slide
+    from wsi_ssl.tiling.batch import tile_slide
+
+    root = shutil.copytree(small_archive, tmp_path / "root")
+    archive = open_store(root)
+    s1 = {Path(e.path).stem: e.slide_id for e in archive.catalog.entries()}["s1"]
+    other = write_synthetic_slide(tmp_path / "other" / "s1.tiff", (700, 600), seed=9)
+    with pytest.raises(UnknownSlideError, match="no such slide"):
+        resolve_slide(archive, str(other))  # another file of that name, never tiled
+    assert resolve_slide(archive, "/moved/elsewhere/s1.tiff") == s1  # no such file: by name
+    monkeypatch.chdir(small_archive.parent)
+    assert resolve_slide(archive, "./s1.tiff") == s1
+    config = TilingConfig(tile_size=224, codec="zstd", tiles_per_chunk=4, tissue_threshold=0.0)
+    tile_slide(other, root, config)
+    archive = open_store(root)
+    monkeypatch.chdir(tmp_path)
+    second = resolve_slide(archive, "other/s1.tiff")
+    assert second != s1 and resolve_slide(archive, str(small_archive.parent / "s1.tiff")) == s1
+    with pytest.raises(UnknownSlideError, match="names 2 slides"):
+        resolve_slide(archive, "s1.tiff")
+
+
+def test_one_name_or_path_given_where_a_list_is_asked_is_one_item(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    """``slides="s1.tiff"`` is one slide (a string is iterable: it was split into letters,
+    and "." tiled the working folder's slides); one path to ``tile_slides`` likewise."""
+    from wsi_ssl.embedding.mil_files import export
+    from wsi_ssl.storage.resolve import resolve_slides
+    from wsi_ssl.tiling.source import collect_slide_paths
+
+    archive = open_store(small_archive)
+    s1 = {Path(e.path).stem: e.slide_id for e in archive.catalog.entries()}["s1"]
+    assert resolve_slides(archive, "s1.tiff") == [s1]
+    slide = small_archive.parent / "s1.tiff"
+    assert collect_slide_paths(str(slide)) == collect_slide_paths(slide) == [slide]
+    result = export(small_archive, tmp_path / "h5", slides="s1")
+    assert [o.slide for o in result.exported] == [s1]
+
+
 def test_a_multi_scale_out_whose_scales_hold_no_store_yet_is_checked_per_scale(
     tmp_path: Path,
 ) -> None:

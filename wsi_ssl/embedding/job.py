@@ -28,6 +28,7 @@ from wsi_ssl.errors import (
     UnknownSlideError,
     WsiSslError,
 )
+from wsi_ssl.listing import one_or_many
 from wsi_ssl.outcome import SlideOutcome, interrupt_report
 from wsi_ssl.storage import Archive, open_store
 from wsi_ssl.storage.archive import damaged_slide_id
@@ -39,7 +40,7 @@ __all__ = ["embed", "embed_for_demo", "embed_slide"]
 def requested_slide_ids(archive: Archive, slides: Sequence[str]) -> list[str]:
     """``slides`` as slide ids, in order, once each (see :func:`_slide_id`): what ``embed``
     and the sharded runs key their outcomes by."""
-    return [_slide_id(archive, name) for name in dict.fromkeys(slides)]
+    return [_slide_id(archive, name) for name in dict.fromkeys(one_or_many(slides))]
 
 
 def _slide_id(archive: Archive, name: str) -> str:

@@ -51,6 +51,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from wsi_ssl.errors import ConfigError, WsiSslError
+from wsi_ssl.listing import one_or_many
 from wsi_ssl.outcome import BatchOutcome, SlideOutcome
 from wsi_ssl.storage import SlideStore, open_store
 from wsi_ssl.storage.archive import damaged_slide_id
@@ -219,7 +220,7 @@ def export(
     scan = archive.scan()
     damaged = scan.damaged if slides is None else []
     failed = [SlideOutcome.failure(damaged_slide_id(e), e) for e in damaged]
-    for name in slides if slides is not None else scan.complete:
+    for name in one_or_many(slides) if slides is not None else scan.complete:
         try:
             sid = resolve_slide(archive, name) if slides is not None else name
             stores.append(archive.slide(sid))

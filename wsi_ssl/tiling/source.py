@@ -11,6 +11,7 @@ from types import TracebackType
 import numpy as np
 
 from wsi_ssl.errors import ConfigError, SlideNotFoundError, WsiSslError
+from wsi_ssl.listing import one_or_many
 from wsi_ssl.slide import SlideReader, open_slide, series_files
 from wsi_ssl.storage import fingerprint_file, slide_id_from_fingerprint
 from wsi_ssl.tissue import detect_tissue
@@ -45,15 +46,15 @@ THUMBNAIL_MAX_SIDE = 4096
 FAST_BACKEND = "tiffslide"
 
 
-def collect_slide_paths(inputs: Iterable[str | Path]) -> list[Path]:
+def collect_slide_paths(inputs: str | Path | Iterable[str | Path]) -> list[Path]:
     """Expand directories into the slide files they hold (one file per DICOM series folder);
-    a file given twice is kept once.
+    a file given twice is kept once; one path alone is taken as a list of one.
 
     Raises:
         ConfigError: a folder holds no slide file (a mistyped data folder is not a success).
     """
     paths: list[Path] = []
-    for item in inputs:
+    for item in one_or_many(inputs):
         item = Path(item)
         if not item.is_dir():
             paths.append(item)
