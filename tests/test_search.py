@@ -886,3 +886,51 @@ def test_an_hnsw_search_finds_all_of_the_query_slides_own_near_tiles(tmp_path: P
         np.testing.assert_allclose(
             np.sort(row_sims[row_ids >= 0][mine])[::-1], np.sort(unit @ q)[::-1], atol=1e-5
         )
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+def test_an_approximate_search_leaving_out_the_nearest_slides_still_returns_k_hits(
+    tmp_path: Path, kind: str
+) -> None:
+    """Leaving out the query's own slide (whose tiles are all nearer than any other) or every
+    slide but one: the search visited a fixed number of vectors, the selector dropped the
+    excluded ones among them, and HNSW returned 2 of 20 hits. Now k hits, the exact ones."""
+    from wsi_ssl.testing.bags import write_bag_store
+
+    rng = np.random.default_rng(1)
+    centre = rng.normal(size=32)
+    own = centre + 0.05 * rng.normal(size=(4000, 32))  # the query's slide: its nearest tiles
+    others = [centre + s * rng.normal(size=(60, 32)) for s in (0.6, 0.8, 1.0, 1.2)]
+    root = tmp_path / "root"
+    for i, vectors in enumerate([own, *others]):
+        features = vectors.astype(np.float32)
+        write_bag_store(root, f"{i:x}" * 16, features, encoder_id="enc", dtype="float32")
+    index = SearchIndex.build(root, "enc", kind=kind)
+    assert index.kind == kind
+    query = centre[None].astype(np.float32)
+    mine = index.number_of("0" * 16)
+    unit = [v / np.linalg.norm(v, axis=1, keepdims=True) for v in others]
+    q = centre / np.linalg.norm(centre)
+    exact = np.sort(np.concatenate([u @ q for u in unit]))[::-1][:20]
+    _, ids = index.search_vectors(query, 20, exclude_slides=[mine])
+    assert (ids >= 0).sum() == 20 and mine not in decode_ids(ids[0])[0]
+    found = _recall(index, ids[0], others, q, exact)
+    assert found >= index.promised_recall - 0.05, found
+    only = index.number_of("4" * 16)  # every slide but one left out
+    rest = [n for n in range(5) if n != only]
+    _, ids = index.search_vectors(query, 20, exclude_slides=rest)
+    assert set(decode_ids(ids[0])[0].tolist()) == {only}
+    last = np.sort(unit[3] @ q)[::-1][:20]
+    assert _recall(index, ids[0], others, q, last) >= index.promised_recall - 0.05
+
+
+def _recall(
+    index: SearchIndex, ids: np.ndarray, slides: list[np.ndarray], q: np.ndarray, exact: np.ndarray
+) -> float:
+    """Share of the exact top hits (similarities ``exact``) among the hits ``ids``."""
+    numbers, rows = decode_ids(ids)
+    sims = []
+    for n, r in zip(numbers.tolist(), rows.tolist(), strict=True):
+        v = slides[[index.number_of(f"{i:x}" * 16) for i in range(1, 5)].index(n)][r]
+        sims.append(float(v @ q / np.linalg.norm(v)))
+    return float(np.isin(np.round(exact, 5), np.round(sims, 5)).mean())

@@ -47,6 +47,7 @@ from wsi_ssl.search.archive import (
 )
 from wsi_ssl.search.build import build_faiss, index_description, index_record, utc_now
 from wsi_ssl.search.config import IndexConfig, plan_index
+from wsi_ssl.search.filtered import filtered_search
 from wsi_ssl.search.ids import decode_ids, exclusion_selector, slide_id_range
 from wsi_ssl.search.kinds import COMPACT_FRACTION, IndexKind, Progress, index_kind, log
 from wsi_ssl.search.searching import MAX_QUERY_TILES, SearchMethods
@@ -445,15 +446,19 @@ class SearchIndex(SearchMethods):
             self._write()
 
     # -- searching vectors -----------------------------------------------------------------
-    def _selector(self, exclude: Sequence[int]) -> tuple[Any, list[Any]]:
-        """An IDSelector leaving out tombstones and the ``exclude`` slide numbers, and the
-        FAISS objects that must stay alive while it is used."""
-        tombs = None
-        if int(self.record.get("tombstones", 0)):
-            if self._tomb_ids is None:
-                self._tomb_ids = tombstone_ids(self.entries)
-            tombs = self._tomb_ids
-        return exclusion_selector(tombs, exclude)
+    def _search(
+        self, x: np.ndarray, k: int, exclude: Sequence[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS's (distances, ids) for the normalised rows ``x``, leaving out tombstones and
+        the ``exclude`` slide numbers (``keep``: FAISS objects the selector needs alive)."""
+        tombs = int(self.record.get("tombstones", 0))
+        if tombs and self._tomb_ids is None:
+            self._tomb_ids = tombstone_ids(self.entries)
+        sel, keep = exclusion_selector(self._tomb_ids if tombs else None, exclude)
+        allowed = self.n_vectors - sum(e.n_tiles for e in self.slides if e.number in exclude)
+        found = filtered_search(self.index, self.strategy, self.params, x, k, sel, allowed)
+        del keep
+        return found
 
     def search_vectors(
         self,
@@ -486,10 +491,7 @@ class SearchIndex(SearchMethods):
             )
         x = normalise(x)
         k = max(1, min(int(k), max(1, self.n_vectors)))
-        sel, keep = self._selector(exclude_slides)
-        params = self.strategy.search_params(self.params, k, sel)
-        dist, ids = self.index.search(x, k, params=params)
-        del keep
+        dist, ids = self._search(x, k, exclude_slides)
         sims = to_similarity(dist, self.params["faiss_metric"])
         sims[ids < 0] = -np.inf
         return sims, ids

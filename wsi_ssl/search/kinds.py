@@ -125,8 +125,12 @@ class IndexKind:
         """The search parameter used when nothing was calibrated."""
         return {}
 
-    def search_params(self, params: dict[str, Any], k: int, selector: Any = None) -> Any:
-        """FAISS ``SearchParameters`` returning ``k`` hits; the caller keeps ``selector`` alive."""
+    def search_params(
+        self, params: dict[str, Any], k: int, selector: Any = None, widen: float = 1.0
+    ) -> Any:
+        """FAISS ``SearchParameters`` returning ``k`` hits; the caller keeps ``selector`` alive.
+        ``widen`` scales the approximate kinds' search effort (HNSW's beam, IVF's probed
+        lists): a selector that leaves out most of what the search visits needs more."""
         import faiss
 
         if selector is None:
@@ -201,15 +205,16 @@ class HNSWKind(IndexKind):
     def default_search(self, params: dict[str, Any]) -> dict[str, Any]:
         return {"efSearch": 64}
 
-    def search_params(self, params: dict[str, Any], k: int, selector: Any = None) -> Any:
+    def search_params(
+        self, params: dict[str, Any], k: int, selector: Any = None, widen: float = 1.0
+    ) -> Any:
         """HNSW's beam is widened to ``k`` when ``k`` exceeds the calibrated ``efSearch``."""
         import faiss
 
+        beam = math.ceil(max(int(params.get("efSearch", 64)), k) * widen)
         # faiss's stubs lack SearchParametersHNSW and type the constructors without the keyword
         # arguments its Python wrapper accepts (SearchParametersXX(field=value, ...))
-        return faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
-            efSearch=max(int(params.get("efSearch", 64)), k), sel=selector
-        )
+        return faiss.SearchParametersHNSW(efSearch=beam, sel=selector)  # type: ignore[attr-defined]
 
     def remove_range(self, index: Any, params: dict[str, Any], lo: int, hi: int) -> int:
         raise ValueError("HNSW cannot remove vectors; use tombstones and compact()")
@@ -364,15 +369,18 @@ class IVFPQKind(IndexKind):
     def default_search(self, params: dict[str, Any]) -> dict[str, Any]:
         return {"nprobe": min(int(params["nlist"]), 16)}
 
-    def search_params(self, params: dict[str, Any], k: int, selector: Any = None) -> Any:
+    def search_params(
+        self, params: dict[str, Any], k: int, selector: Any = None, widen: float = 1.0
+    ) -> Any:
         import faiss
 
-        ivf = faiss.SearchParametersIVF(nprobe=int(params.get("nprobe", 16)))  # type: ignore[call-arg]
+        nprobe = min(int(params["nlist"]), math.ceil(int(params.get("nprobe", 16)) * widen))
+        ivf = faiss.SearchParametersIVF(nprobe=nprobe)  # type: ignore[call-arg]
         if selector is not None:
             ivf.sel = selector
         if params.get("quantizer") == "hnsw":
             ivf.quantizer_params = faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
-                efSearch=max(64, 2 * int(params.get("nprobe", 16)))
+                efSearch=max(64, 2 * nprobe)
             )
         if params.get("opq"):
             return faiss.SearchParametersPreTransform(index_params=ivf)  # type: ignore[call-arg]
