@@ -158,6 +158,25 @@ def test_region_query_returns_its_own_tiles_first(archive: dict) -> None:
     assert others.hits and all(h.slide_id != sid for h in others.hits)
 
 
+def test_a_tiles_own_corner_queries_that_tile(cmu_small: Path, tmp_path: Path) -> None:
+    """``query_tile(slide, coords[i])`` is tile i. At 1 µm/px CMU's 224 px tiles are 448.9
+    level-0 px, so a rounded corner also lies in the tile before, whose centre is nearer:
+    the neighbour was taken for most tiles."""
+    from wsi_ssl.config import TilingConfig
+    from wsi_ssl.tiling.batch import tile_slide
+
+    root = tmp_path / "root"
+    tiling = TilingConfig(tile_size=224, mpp=1.0, codec="zstd", tiles_per_chunk=16)
+    cmu = tile_slide(cmu_small, root, tiling).details["slide_id"]
+    assert not embed(root, "random-cnn", EmbedConfig(batch_size=32, workers=0)).failed
+    index = SearchIndex.build(root, "random-cnn", kind="flat")
+    size = index.query_tile(cmu, (1100, 1500)).tile_size
+    assert size != round(size)  # a fractional tile size, as the case needs
+    coords = _coords(root, cmu)
+    got = [tuple(index.query_tile(cmu, (int(x), int(y))).tile_coords[0]) for x, y in coords]
+    assert got == [tuple(c) for c in coords]
+
+
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
 def test_tile_query_finds_the_twin(archive: dict, kind: str) -> None:
     index = (

@@ -131,8 +131,10 @@ def subsample(rows: np.ndarray, limit: int) -> np.ndarray:
 
 
 def tile_query(index: Searchable, slide: str, xy: tuple[int, int]) -> Query:
-    """The stored tile of ``slide`` that contains level-0 point ``xy`` (of several, overlapping
-    tiles: the one whose part on the slide is centred nearest it)."""
+    """The stored tile of ``slide`` that contains level-0 point ``xy``: the tile whose top-left
+    corner it is (its ``coords`` row), else, of several overlapping tiles, the one whose part on
+    the slide is centred nearest it. (At a fractional tile size, 256.5 level-0 px say, a
+    tile's rounded corner also lies inside the tile before it, whose centre is nearer.)"""
     q = _QuerySlide(index, slide)
     x, y = (int(v) for v in xy)
     w, h = q.store.source["dimensions"]
@@ -154,8 +156,9 @@ def tile_query(index: Searchable, slide: str, xy: tuple[int, int]) -> Query:
             f"{q.store.slide_id}: no stored tissue tile contains point {x},{y} (or its tile "
             f"was left out by QC); pick a point on tissue (tiles cover {len(coords)} positions)"
         )
+    corner = rows[(coords[rows, 0] == x) & (coords[rows, 1] == y)]
     cx, cy = on_slide_centres(coords[rows], size, (w, h))
-    row = rows[int(np.argmin((cx - x) ** 2 + (cy - y) ** 2))]
+    row = corner[0] if len(corner) else rows[int(np.argmin((cx - x) ** 2 + (cy - y) ** 2))]
     side_um = size * q.mpp
     tx, ty = (int(v) for v in coords[row])
     box = (tx, ty, round(size), round(size))
