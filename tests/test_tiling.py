@@ -168,8 +168,8 @@ def test_whole_factor_resampling_is_an_exact_box_average(tmp_path: Path) -> None
 
 def test_non_integer_downsamples_boxes(tmp_path: Path, slides_dir: Path) -> None:
     boxes = slides_dir / "boxes.tiff"
-    with pytest.raises(MissingMppError, match="mpp_override"):
-        tile_slide(boxes, tmp_path, TilingConfig())
+    with pytest.raises(MissingMppError, match=r"mpp_override=MPP, .*mpp_overrides=\{name: MPP\}"):
+        tile_slide(boxes, tmp_path, TilingConfig())  # the Python names (it said mpp_csv=FILE)
     # boxes.tiff at 1 µm/px "per pixel"; ask for 4x coarser: its 4.016 level snaps
     config = TilingConfig(
         mpp=4.0, tile_size=16, mpp_override=1.0, tissue_threshold=0.0, codec="zstd"

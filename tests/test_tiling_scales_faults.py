@@ -286,7 +286,8 @@ def test_broken_slides_in_a_multi_scale_batch_fail_alone(
     assert len(errors) == 2 * 4 and all(line.startswith("wsi-ssl: error: ") for line in errors)
     assert sum(
         str(nompp) in line
-        and "--mpp-override MPP, or --mpp-csv FILE" in line
+        and "--mpp-override MPP, or give each slide's scale" in line
+        and "--mpp-csv FILE" in line
         and "command line" not in line
         for line in errors
     )

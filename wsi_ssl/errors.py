@@ -144,8 +144,10 @@ class MissingMppError(WsiSslError, ValueError):
     def __init__(self, path: str | Path) -> None:
         super().__init__(
             f"{path}: no microns-per-pixel in vendor properties, TIFF resolution tags or objective "
-            "power; set it with mpp_override=MPP, or mpp_csv=FILE (a CSV of slide,mpp rows)",
-            parameters=("mpp_override", "mpp_csv"),
+            "power; set it with mpp_override=MPP, or give each slide's scale "
+            "(mpp_overrides={name: MPP} to tile_slides, --mpp-csv FILE of slide,mpp rows to "
+            "wsi-ssl tile)",
+            parameters=("mpp_override",),
         )
         self.path = Path(path)
 
