@@ -58,6 +58,18 @@ def test_config_validates() -> None:
         TilingConfig(codec="png")
     with pytest.raises(ConfigError, match="overlap"):
         TilingConfig(overlap=256)
+    # each field's type, named (tile_size=128.0 failed inside Zarr, mpp="0.5" as a TypeError)
+    for wrong, message in (
+        ({"tile_size": 128.0}, r"tile_size must be a whole number; got 128\.0 \(float\)"),
+        ({"mpp": "0.5"}, r"mpp must be a number; got '0\.5' \(str\)"),
+        ({"qc": 1}, r"qc must be True or False; got 1 \(int\)"),
+        ({"jpeg_quality": True}, r"jpeg_quality must be a whole number; got True"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            TilingConfig(**wrong)
+    numpy = TilingConfig(tile_size=np.int64(128), mpp=np.float32(1), mpp_override=None)
+    assert numpy.to_dict()["tile_size"] == 128 and type(numpy.tile_size) is int
+    assert type(numpy.mpp) is float and TilingConfig(roi=Path("a.geojson")).roi == "a.geojson"
 
 
 def test_cmu_store_contract(cmu_root: Path, cmu_small: Path) -> None:

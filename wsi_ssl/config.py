@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import numbers
+import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from wsi_ssl.errors import ConfigError
 
@@ -14,6 +16,13 @@ MAX_TILE_SIZE = 4096
 """Default bound on ``tile_size``: a bigger tile is a mistake far more often than a wish."""
 MAX_TILES = 10_000_000
 """Default bound on the tiles planned for one slide (a 0.002 µm/px typo plans millions)."""
+_TYPES: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "int": (numbers.Integral, "a whole number"),
+    "float": (numbers.Real, "a number"),
+    "bool": (bool, "True or False"),
+    "str": ((str, os.PathLike), "a string"),
+}
+"""What each field type accepts (numpy numbers too), and how an error names it."""
 LIMIT_KEYS = ("mpp_override", "allow_upsampling", "max_tile_size", "max_tiles")
 """Settings that do not change the stored tiles (left out of :meth:`TilingConfig.output_key`)."""
 
@@ -70,6 +79,7 @@ class TilingConfig:
     qc_max_dark: float = 0.5
 
     def __post_init__(self) -> None:
+        self._check_types()
         if not self.mpp > 0:
             raise ConfigError(f"mpp must be > 0, got {self.mpp}", parameters=("mpp",))
         if self.tile_size < 16:
@@ -139,6 +149,23 @@ class TilingConfig:
             raise ConfigError(
                 f"qc_min_focus must be >= 0, got {self.qc_min_focus}", parameters=("qc_min_focus",)
             )
+
+    def _check_types(self) -> None:
+        """Each number, flag and name of the type its field says (``tile_size=128.0`` failed
+        deep inside Zarr, ``mpp="0.5"`` with a bare TypeError); numbers become Python's."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type).split(" | ")[0]
+            if kind not in _TYPES or (value is None and str(f.type).endswith("| None")):
+                continue
+            wanted, words = _TYPES[kind]
+            if not isinstance(value, wanted) or (isinstance(value, bool) and kind != "bool"):
+                raise ConfigError(
+                    f"{f.name} must be {words}; got {value!r} ({type(value).__name__})",
+                    parameters=(f.name,),
+                )
+            if kind in ("int", "float"):  # numpy numbers as Python's, for the stored JSON
+                number = cast(float, value)
+                object.__setattr__(self, f.name, int(number) if kind == "int" else float(number))
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON types (tuples as lists), as stored and compared on resume."""
