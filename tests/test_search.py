@@ -907,14 +907,21 @@ def test_an_hnsw_search_finds_all_of_the_query_slides_own_near_tiles(tmp_path: P
         )
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+@pytest.mark.parametrize("kind", ["hnsw", "hnsw-beam", "ivfpq"])
 def test_an_approximate_search_leaving_out_the_nearest_slides_still_returns_k_hits(
-    tmp_path: Path, kind: str
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Leaving out the query's own slide (whose tiles are all nearer than any other) or every
     slide but one: the search visited a fixed number of vectors, the selector dropped the
-    excluded ones among them, and HNSW returned 2 of 20 hits. Now k hits, the exact ones."""
+    excluded ones among them, and HNSW returned 2 of 20 hits. Now k hits at the index's
+    recall: HNSW searches the few vectors let through exactly ("hnsw-beam": as if they were
+    more than EXACT_MAX, through its widened beam), IVF probes more lists."""
+    from wsi_ssl.search import filtered
     from wsi_ssl.testing.bags import write_bag_store
+
+    if kind == "hnsw-beam":
+        monkeypatch.setattr(filtered, "EXACT_MAX", 0)
+        kind = "hnsw"
 
     rng = np.random.default_rng(1)
     centre = rng.normal(size=32)

@@ -48,7 +48,7 @@ from wsi_ssl.search.archive import (
 from wsi_ssl.search.build import build_faiss, index_description, index_record, utc_now
 from wsi_ssl.search.config import IndexConfig, plan_index
 from wsi_ssl.search.filtered import filtered_search
-from wsi_ssl.search.ids import decode_ids, exclusion_selector, slide_id_range
+from wsi_ssl.search.ids import decode_ids, slide_id_range
 from wsi_ssl.search.kinds import COMPACT_FRACTION, IndexKind, Progress, index_kind, log
 from wsi_ssl.search.searching import MAX_QUERY_TILES, SearchMethods
 from wsi_ssl.search.vectors import normalise, to_similarity
@@ -450,15 +450,13 @@ class SearchIndex(SearchMethods):
         self, x: np.ndarray, k: int, exclude: Sequence[int]
     ) -> tuple[np.ndarray, np.ndarray]:
         """FAISS's (distances, ids) for the normalised rows ``x``, leaving out tombstones and
-        the ``exclude`` slide numbers (``keep``: FAISS objects the selector needs alive)."""
+        the ``exclude`` slide numbers."""
         tombs = int(self.record.get("tombstones", 0))
         if tombs and self._tomb_ids is None:
             self._tomb_ids = tombstone_ids(self.entries)
-        sel, keep = exclusion_selector(self._tomb_ids if tombs else None, exclude)
         allowed = self.n_vectors - sum(e.n_tiles for e in self.slides if e.number in exclude)
-        found = filtered_search(self.index, self.strategy, self.params, x, k, sel, allowed)
-        del keep
-        return found
+        left_out = (exclude, self._tomb_ids if tombs else None)
+        return filtered_search(self.index, self.strategy, self.params, x, k, allowed, left_out)
 
     def search_vectors(
         self,

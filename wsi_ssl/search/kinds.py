@@ -85,6 +85,8 @@ class IndexKind:
 
     name = ""
     exact = False
+    stores_vectors = False
+    """Keeps every vector whole beside its graph (HNSW's storage): a few can be read back."""
     tombstones = False
     """Removal marks tombstones (filtered at query time) instead of removing vectors."""
     mmap_inverted_lists = False
@@ -167,6 +169,7 @@ class FlatKind(IndexKind):
 class HNSWKind(IndexKind):
     name = "hnsw"
     tombstones = True
+    stores_vectors = True
     search_parameter = "efSearch"
 
     def plan(self, n: int, dim: int, config: IndexConfig) -> dict[str, Any]:
