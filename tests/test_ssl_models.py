@@ -146,6 +146,14 @@ def test_schedules_follow_dino() -> None:
     assert s.last_layer_frozen(9) and not s.last_layer_frozen(10)
     short = Schedules.from_config(config.replace(steps=15), steps_per_epoch=10, global_batch=512)
     assert short.total_steps == 15 and short.teacher_temp_warmup_steps == 15  # clipped
+    # a floor above the peak (the CPU preset's min_lr 3e-4 with --lr 0.001 at batch 32: peak
+    # 1.25e-4) is the peak: the rate stays flat after warm-up (it rose to the floor)
+    small = Schedules.from_config(
+        PretrainConfig.preset("cpu-small", base_lr=0.001), steps_per_epoch=10, global_batch=32
+    )
+    assert small.min_lr == small.peak_lr == pytest.approx(1.25e-4)
+    after = [small.lr(i) for i in range(small.warmup_steps, small.total_steps)]
+    assert max(after) == pytest.approx(1.25e-4) and min(after) == pytest.approx(1.25e-4)
 
 
 def test_clip_gradients_per_parameter() -> None:

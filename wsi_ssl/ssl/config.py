@@ -112,7 +112,7 @@ class PretrainConfig:
         steps: total optimiser steps, overriding ``epochs``.
         batch_size: tiles per step per process (the global batch is times the world size).
         base_lr: peak learning rate for a global batch of 256 (scaled linearly).
-        min_lr: learning rate at the end of the cosine decay.
+        min_lr: learning rate at the end of the cosine decay (at most the peak rate).
         warmup_epochs: linear learning-rate warm-up.
         weight_decay: weight decay at the start of the cosine schedule.
         weight_decay_end: weight decay at the end.

@@ -1,7 +1,8 @@
 """Per-step values of DINO's schedules, as in the paper's code (Caron et al., 2021).
 
 - learning rate: linear warm-up from 0 to ``base_lr * global_batch / 256``, then cosine decay
-  to ``min_lr``;
+  to ``min_lr`` (or stays at the peak when ``min_lr`` is above it: a small batch or a low
+  ``base_lr`` with the CPU preset's floor);
 - weight decay: cosine from ``weight_decay`` to ``weight_decay_end``;
 - teacher EMA momentum: cosine from ``momentum_teacher`` to ``momentum_teacher_end`` (1);
 - teacher temperature: linear from ``warmup_teacher_temp`` to ``teacher_temp``, then constant;
@@ -58,7 +59,7 @@ class Schedules:
             total_steps=total,
             steps_per_epoch=steps_per_epoch,
             peak_lr=config.lr_for(global_batch),
-            min_lr=config.min_lr,
+            min_lr=min(config.min_lr, config.lr_for(global_batch)),  # a decay never rises
             warmup_steps=steps(config.warmup_epochs),
             weight_decay=config.weight_decay,
             weight_decay_end=config.weight_decay_end,
