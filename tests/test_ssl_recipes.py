@@ -292,6 +292,14 @@ def test_layer_ids_and_learning_rate_scales() -> None:
     scales = sorted({g["lr_scale"] for g in groups})
     assert scales == [0.5**k for k in range(5, -1, -1)]  # 4 blocks: layers 0..5
     assert groups[0]["apply_wd"] and not groups[-1]["apply_wd"]
+    frozen = param_groups(student, student.backbone, freeze_blocks=4)  # every block
+    kept = {id(p) for g in frozen for p in g["params"]}
+    assert [n for n, p in student.named_parameters() if id(p) in kept and "backbone." in n] == [
+        "backbone.norm.weight",
+        "backbone.norm.bias",
+    ]
+    with pytest.raises(ConfigError, match=r"freeze_blocks=5 is over the backbone's 4 blocks"):
+        param_groups(student, student.backbone, freeze_blocks=5)  # froze it all, heads trained
 
 
 def test_init_from_a_previous_run_and_missing_weights(cmu_root: Path, tmp_path: Path) -> None:

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from wsi_ssl.errors import ConfigError
+
 __all__ = ["backbone_layers", "clip_gradients", "layer_of", "param_groups"]
 
 _BACKBONE = re.compile(r"(?:^|\.)backbone\.(.+)$")
@@ -56,8 +58,19 @@ def param_groups(
     student: nn.Module, backbone: nn.Module, *, layer_decay: float = 1.0, freeze_blocks: int = 0
 ) -> list[dict[str, Any]]:
     """AdamW groups ``{"params", "lr_scale", "apply_wd"}``, decayed weights first; the
-    parameters of frozen layers get ``requires_grad=False`` and are left out."""
+    parameters of frozen layers get ``requires_grad=False`` and are left out.
+
+    Raises:
+        ConfigError: ``freeze_blocks`` over the backbone's blocks (or stages), which froze the
+            whole backbone: a run that trained its heads alone.
+    """
     n_layers = backbone_layers(backbone)
+    if freeze_blocks > n_layers:
+        raise ConfigError(
+            f"freeze_blocks={freeze_blocks} is over the backbone's {n_layers} blocks (or "
+            f"stages): it would freeze the whole backbone; use at most {n_layers}",
+            parameters=("freeze_blocks",),
+        )
     groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in student.named_parameters():
         layer = layer_of(name, n_layers)
