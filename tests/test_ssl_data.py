@@ -43,6 +43,9 @@ def test_scan_real_store_and_describe(cmu_root: Path) -> None:
     assert d["n_tiles"] == e.n_tiles and d["slides"][0]["fingerprint"] == e.fingerprint
     # a slide store path works as well as its root
     assert scan_stores(store.path)[0].slide_id == e.slide_id
+    # a store named twice (the root twice, the root and the store) is trained on once
+    assert scan_stores([cmu_root, cmu_root]) == entries
+    assert scan_stores([cmu_root, store.path, Path(str(cmu_root) + "/.")]) == entries
 
 
 def test_empty_or_missing_root_is_store_not_found(tmp_path: Path) -> None:

@@ -55,7 +55,8 @@ def scan_stores(
     """The complete, non-empty slide stores under ``sources``, checked for consistency.
 
     Args:
-        sources: archive root(s) (folders with ``slides/``) and/or slide stores (``*.zarr``).
+        sources: archive root(s) (folders with ``slides/``) and/or slide stores (``*.zarr``);
+            a store named twice (a root and one of its stores) is taken once.
         tile_size: required tile side in pixels, or None to accept the stores' own (all equal).
         mpp: required microns per pixel of the tiles, or None likewise.
         skip_incomplete: leave out incomplete stores instead of raising.
@@ -72,8 +73,13 @@ def scan_stores(
     if not paths:
         raise StoreNotFoundError("(no path given)", "archive root")
     entries: list[SlideEntry] = []
+    seen: set[Path] = set()  # a root given twice, or a root and one of its stores: once each
     for path in map(Path, paths):
         for root, slide_id in _store_ids(path):
+            where = (root / "slides" / f"{slide_id}.zarr").resolve()
+            if where in seen:
+                continue
+            seen.add(where)
             try:
                 store = open_store(root).slide(slide_id)
             except StoreIncompleteError:
