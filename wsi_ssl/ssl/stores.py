@@ -76,10 +76,10 @@ def scan_stores(
     seen: set[Path] = set()  # a root given twice, or a root and one of its stores: once each
     for path in map(Path, paths):
         for root, slide_id in _store_ids(path):
-            where = (root / "slides" / f"{slide_id}.zarr").resolve()
-            if where in seen:
+            store_path = (root / "slides" / f"{slide_id}.zarr").resolve()
+            if store_path in seen:
                 continue
-            seen.add(where)
+            seen.add(store_path)
             try:
                 store = open_store(root).slide(slide_id)
             except StoreIncompleteError:
