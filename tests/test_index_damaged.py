@@ -99,8 +99,13 @@ def test_an_update_adds_the_readable_slides_and_keeps_an_indexed_one_whose_store
     assert len(summary.damaged) == 1 and f"{bad}.zarr" in summary.damaged[0]
     index = SearchIndex.open(root)
     [kept, left_out] = index.entries  # the unreadable slide's entry holds no vector
-    assert kept.active and (left_out.slide_id, left_out.status) == (bad, "removed")
+    assert kept.active and (left_out.slide_id, left_out.status) == (bad, "unreadable")
     assert not left_out.in_index and index.n_vectors == before
+    grown = len(index.coords)
+    again = SearchIndex.open(root).add()  # still unreadable: named again, no second entry
+    assert len(again.damaged) == 1 and f"{bad}.zarr" in again.damaged[0]
+    index = SearchIndex.open(root)
+    assert len(index.entries) == 2 and len(index.coords) == grown  # it grew on each add
     _damage_embeddings(root, good, "missing")  # an indexed slide: kept, and the check says so
     with pytest.raises(EmbeddingsCorruptError, match="chunk files missing"):
         evaluate.recall_at_k(index, n_queries=4)

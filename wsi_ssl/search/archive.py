@@ -59,8 +59,9 @@ BATCH = 65536
 class SlideEntry:
     """One slide of an index's id map (a row of ``slides.json``).
 
-    ``status`` is "active", "removed", or "excluded" (removed by ``SearchIndex.remove``, which
-    ``add`` respects unless the slide is named); ``in_index`` is False once the slide's vectors are
+    ``status`` is "active", "removed", "excluded" (removed by ``SearchIndex.remove``, which
+    ``add`` respects unless the slide is named) or "unreadable" (its embeddings could not be
+    read: ``add`` tries again once they change); ``in_index`` is False once the slide's vectors are
     gone from the FAISS index (an HNSW tombstone keeps them until compaction). ``n_tiles``
     counts the slide's tiles (its coords), ``n_vectors`` those indexed when fewer (the tiles an
     embedding job with ``skip_flagged_tiles`` left out have no vector; None: every tile). Dict-style
@@ -237,12 +238,12 @@ class Collected:
 
     def mark_unreadable(self) -> None:
         """After the source was read: the slides whose embeddings could not be read are
-        "removed" entries (no vector of theirs went in; numbers and coords offsets stay) and
+        "unreadable" entries (no vector of theirs went in; numbers and coords offsets stay) and
         their errors join :attr:`damaged`."""
         for entry in self.entries:
             err = self.source.unreadable.get(entry.number)
             if err is not None and entry.active:
-                entry.status, entry.in_index = "removed", False
+                entry.status, entry.in_index = "unreadable", False
                 self.damaged.append(err)
 
 
@@ -290,12 +291,15 @@ class UnchangedSlides:
     re-embedded ones go to ``summary.updated``; ``seen`` gathers every slide with complete
     embeddings; the ``excluded`` slides (removed on request) are left out and counted. A
     re-embedded slide is read first: when its new embeddings cannot be read it is left out
-    (keeping its indexed vectors) and its error kept in ``unreadable``."""
+    (keeping its indexed vectors) and its error kept in ``unreadable``; so is a slide that was
+    unreadable at the last update (``failed``) and still is (each update gave it one more
+    id-map entry and its coords again)."""
 
     indexed: dict[str, SlideEntry]
     summary: AddSummary
     encoder_id: str
     excluded: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
     seen: set[str] = field(default_factory=set)
     unreadable: list[EmbeddingsCorruptError] = field(default_factory=list)
 
@@ -310,6 +314,8 @@ class UnchangedSlides:
         if old is not None and (old.coords_sha256, old.embedded) == made:
             self.summary.unchanged += 1
             return True
+        if old is None and slide_id in self.failed:  # still unreadable: no second entry
+            return not self._readable(store)
         if old is None:
             return False
         if not self._readable(store):

@@ -347,8 +347,9 @@ class SearchIndex(SearchMethods):
             current = {s.slide_id: s for s in self.slides}
             newest = {e.slide_id: e.status for e in self.entries}  # in number order
             excluded = {sid for sid, status in newest.items() if status == "excluded"}
+            failed = {sid for sid, status in newest.items() if status == "unreadable"}
             skip = UnchangedSlides(
-                current, summary, self.encoder_id, excluded if slides is None else set()
+                current, summary, self.encoder_id, excluded if slides is None else set(), failed
             )
             archive = open_store(self.root)
             found = collect(
