@@ -70,13 +70,16 @@ class Archive:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.damaged: list[WsiSslError] = []
+        """The errors of the stores the latest listing skipped (metadata unreadable)."""
 
     @property
     def slides_dir(self) -> Path:
+        """``<root>/slides``, one ``<slide_id>.zarr`` store per slide."""
         return self.root / "slides"
 
     @property
     def catalog(self) -> Catalog:
+        """The archive's slide table (``catalog.sqlite``: path, name, status, error, ...)."""
         return Catalog(self.root / "catalog.sqlite")
 
     def source_files(self, slide_ids: Iterable[str]) -> dict[str, tuple[str, str]]:
@@ -146,18 +149,25 @@ class Archive:
             raise
 
     def tiles(self, slide: str) -> zarr.Array[Any]:
+        """A slide's tiles, uint8 (N, T, T, 3) RGB, as a Zarr array (read rows: ``[i:j]``);
+        row i is the tile at ``coords(slide)[i]``."""
         return self.slide(slide).tiles
 
     def tiles_dask(self, slide: str) -> da.Array:
+        """:meth:`tiles` as a dask array, one chunk per stored shard."""
         return self.slide(slide).tiles_dask()
 
     def coords(self, slide: str) -> np.ndarray:
+        """int64 (N, 2): level-0 x, y of each tile's top-left corner on the slide; a tile
+        spans ``tiling["tile_size_level0"]`` level-0 pixels (fractional when resampled)."""
         return self.slide(slide).coords
 
     def thumbnail(self, slide: str) -> np.ndarray:
+        """uint8 (h, w, 3) picture of the whole slide at ``tiling["thumbnail_mpp"]`` µm/px."""
         return self.slide(slide).thumbnail
 
     def tissue_mask(self, slide: str) -> np.ndarray:
+        """bool (h, w): the tissue detected on :meth:`thumbnail`, pixel for pixel."""
         return self.slide(slide).tissue_mask
 
     def embedding_ids(self, slide: str) -> list[str]:

@@ -259,10 +259,12 @@ class SlideStore:
 
     @property
     def thumbnail(self) -> np.ndarray:
+        """uint8 (h, w, 3) picture of the whole slide at ``tiling["thumbnail_mpp"]`` µm/px."""
         return np.asarray(self._array("thumbnail")[:])
 
     @property
     def tissue_mask(self) -> np.ndarray:
+        """bool (h, w): the tissue detected on :attr:`thumbnail`, pixel for pixel."""
         return np.asarray(self._array("tissue_mask")[:])
 
     # -- per-tile tables (storage/per_tile.py) ----------------------------------------------
