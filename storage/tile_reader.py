@@ -118,7 +118,13 @@ class TileReader:
         return out
 
     def _rows(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        given = np.asarray(rows)
+        if given.size and given.dtype.kind not in "iu":  # 1.5 was read as row 1
+            raise TypeError(
+                f"tile rows must be whole numbers (a list or array; a range: np.arange); got "
+                f"{given.dtype} {rows!r:.60}"
+            )
+        rows = given.astype(np.int64).reshape(-1)
         n = len(self)
         if len(rows) and (rows.min() < 0 or rows.max() >= n):
             raise IndexError(f"tile rows must be in [0, {n}), got {rows.min()}..{rows.max()}")

@@ -960,3 +960,10 @@ def _recall(
         v = slides[[index.number_of(f"{i:x}" * 16) for i in range(1, 5)].index(n)][r]
         sims.append(float(v @ q / np.linalg.norm(v)))
     return float(np.isin(np.round(exact, 5), np.round(sims, 5)).mean())
+
+
+def test_an_unknown_build_setting_is_named(archive: dict) -> None:
+    """``SearchIndex.build(..., kindd="flat")`` names the setting and the valid ones (it was
+    a bare TypeError from dataclasses.replace)."""
+    with pytest.raises(ConfigError, match=r"unknown index setting\(s\) kindd; IndexConfig has "):
+        SearchIndex.build(archive["root"], ENCODER, kindd="flat")

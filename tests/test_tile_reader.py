@@ -49,6 +49,10 @@ def test_reads_equal_zarr_in_any_order(tmp_path: Path, codec: str) -> None:
         reader.read([150])
     with pytest.raises(IndexError):
         reader[-1]
+    for not_rows in ([1.5], slice(0, 2)):  # 1.5 read tile 1; a slice failed inside numpy
+        with pytest.raises(TypeError, match="tile rows must be whole numbers"):
+            reader.read(not_rows)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(reader.read(np.array([3], np.uint32)), array[[3]])
 
 
 def test_other_stores_fall_back_to_zarr() -> None:

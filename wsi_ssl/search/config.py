@@ -96,6 +96,17 @@ class IndexConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def replace(self, **options: Any) -> IndexConfig:
+        """This config with ``options`` for some fields; another name is a ``ConfigError``
+        (``SearchIndex.build(..., kindd="flat")`` was a bare TypeError)."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        if unknown := sorted(set(options) - fields):
+            raise ConfigError(
+                f"unknown index setting(s) {', '.join(unknown)}; IndexConfig has "
+                f"{', '.join(sorted(fields))}"
+            )
+        return dataclasses.replace(self, **options)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IndexConfig:
         names = {f.name for f in dataclasses.fields(cls)}

@@ -20,7 +20,6 @@ consistent under the writer lock (build, add, remove, compact).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -164,7 +163,7 @@ class SearchIndex(SearchMethods):
         """
         from wsi_ssl.storage import open_store
 
-        config = dataclasses.replace(config or IndexConfig(), **options)
+        config = (config or IndexConfig()).replace(**options)
         archive = open_store(root)
         eid = resolve_encoder_id(archive, encoder)
         name = validate_index_name(name or eid)
