@@ -25,6 +25,7 @@ from wsi_ssl.errors import (
     DiskFullError,
     MissingMppError,
     NoTissueError,
+    SlideNotFoundError,
     StoreIncompleteError,
     UnsupportedSlideError,
 )
@@ -763,6 +764,26 @@ def test_inputs_that_name_no_slide_or_no_folder_are_refused(
         [err] = capsys.readouterr().err.strip().splitlines()
         assert err.startswith("wsi-ssl: error: ") and message in err, err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_python_misuse_of_tile_slide_is_named(tmp_path: Path, synth: Path) -> None:
+    """Settings as a dict, an output that is a file, a folder of slides given as one slide:
+    each a typed error saying what to do (an AttributeError, a LockFileError at the lock file
+    and "no such slide file" before), nothing written."""
+    not_a_folder = tmp_path / "archive.txt"
+    not_a_folder.write_text("")
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(synth, folder / "a.tiff")
+    with pytest.raises(ConfigError, match=r"must be a TilingConfig, got dict .*TilingConfig\(\*\*"):
+        tile_slide(synth, tmp_path / "a", {"mpp": 1.0})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="must be a TilingConfig"):
+        tile_slides([synth], tmp_path / "a", {"mpp": 1.0}, progress=False)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=f"{not_a_folder}: is a file"):
+        tile_slide(synth, not_a_folder)
+    with pytest.raises(SlideNotFoundError, match=r"a folder without a DICOM series.*tile_slides"):
+        tile_slide(folder, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
 
 
 def test_one_slide_under_two_names_is_tiled_once(

@@ -100,8 +100,10 @@ class ConfigError(WsiSslError, ValueError):
 
 
 class SlideNotFoundError(WsiSslError, FileNotFoundError):
-    def __init__(self, path: str | Path) -> None:
-        super().__init__(f"{path}: no such slide file; check the path")
+    def __init__(
+        self, path: str | Path, detail: str = "no such slide file; check the path"
+    ) -> None:
+        super().__init__(f"{path}: {detail}")
         self.path = Path(path)
 
 

@@ -27,7 +27,7 @@ from wsi_ssl.storage import STATUS_COMPLETE, Archive
 from wsi_ssl.storage.locks import slide_lock
 from wsi_ssl.storage.slide_store import is_complete_store, recover_swap, staging_path
 from wsi_ssl.tiling.legacy_ids import adopt_existing_store
-from wsi_ssl.tiling.preflight import check_batch
+from wsi_ssl.tiling.preflight import check_batch, check_output
 from wsi_ssl.tiling.replace import Replacement, previous_store, replace_store
 from wsi_ssl.tiling.resume import existing_store, update_qc_thresholds, update_source_path
 from wsi_ssl.tiling.scales import scale_roots
@@ -145,7 +145,8 @@ def tile_slide(
         ``path``, ``slide_id``, ``mpp``, ``root``, ``kept_embeddings`` and
         ``discarded_embeddings``.
     """
-    config = config or TilingConfig()
+    config = TilingConfig() if config is None else config
+    check_output(Path(root), config)
     started = time.perf_counter()
     with SlideSource(path, config.mpp_override, config.thumbnail_mpp) as source:
         return _tile_scale(
@@ -432,7 +433,8 @@ def tile_slides(
         rois: per-slide annotation file by path, file name or stem (``config.roi`` for the
             rest). Rows of either that name no slide of the batch are noted in the summary.
     """
-    config = config or TilingConfig()
+    config = TilingConfig() if config is None else config
+    check_output(Path(root), config)
     roots = [str(r) for r, _ in scale_roots(root, config, mpps)]
     paths = collect_slide_paths(inputs)
     overrides = SlideTable("the mpp table", mpp_overrides or {})
@@ -440,7 +442,7 @@ def tile_slides(
     for table in (overrides, roi_files):
         table.check_unambiguous(paths)
     notes = [n for t in (overrides, roi_files) if (n := t.unmatched_note(paths)) is not None]
-    check_batch(Path(root), [Path(r) for r in roots], config, paths, rois, roi_files)
+    check_batch([Path(r) for r in roots], config, paths, rois, roi_files)
     summary = TileSummary(roots=roots, notes=notes)
     options = {
         "scheduler": scheduler,

@@ -14,8 +14,23 @@ from wsi_ssl.tiling.slide_table import SlideTable
 __all__ = ["check_batch"]
 
 
+def check_output(root: Path, config: object) -> None:
+    """Refuse settings that are not a ``TilingConfig`` (a dict failed deep inside as an
+    AttributeError) and an output folder that is a file (it failed at the lock file).
+
+    Raises:
+        ConfigError: either.
+    """
+    if not isinstance(config, TilingConfig):
+        raise ConfigError(
+            f"the tiling settings must be a TilingConfig, got {type(config).__name__} "
+            "(a dict of settings: TilingConfig(**settings))"
+        )
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{root}: is a file; the archive root must be a folder (new or not)")
+
+
 def check_batch(
-    root: Path,
     roots: Sequence[Path],
     config: TilingConfig,
     paths: Sequence[Path],
@@ -24,21 +39,18 @@ def check_batch(
 ) -> None:
     """Refuse a batch that would fail every slide alike.
 
-    ``root`` is the output folder, ``roots`` the archive root of each scale under it (``root``
-    itself for one scale).
+    ``roots`` is the archive root of each scale (the output folder itself for one scale).
 
     Raises:
-        ConfigError: an output folder that is a file; ROI classes chosen without an annotation
-            file (for the batch, or with ``roi_include`` for one of its slides), or naming a
-            class none of the batch's files holds.
+        ConfigError: ROI classes chosen without an annotation file (for the batch, or with
+            ``roi_include`` for one of its slides), or naming a class none of the batch's files
+            holds.
         AnnotationError: the batch's annotation file (``roi``) cannot be read.
         CatalogCorruptError: an existing archive's catalog cannot be read (every slide's
             record would fail); ``wsi-ssl check ROOT --repair`` rebuilds it.
     """
     from wsi_ssl.storage import Catalog
 
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"{root}: is a file; the archive root must be a folder (new or not)")
     for scale_root in roots:
         if (scale_root / "catalog.sqlite").is_file():
             Catalog(scale_root / "catalog.sqlite").entries()

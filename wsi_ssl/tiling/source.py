@@ -91,7 +91,11 @@ def slide_fingerprint(path: Path) -> str:
         raise SlideNotFoundError(path)
     files = series_files(path) if path.is_dir() or path.suffix.lower() == ".dcm" else [path]
     if not files:
-        raise SlideNotFoundError(path)
+        raise SlideNotFoundError(
+            path,
+            "a folder without a DICOM series (.dcm instances); one slide is a file or a DICOM "
+            "series' folder: to tile every slide in a folder use tile_slides",
+        )
     if len(files) == 1:
         return fingerprint_file(files[0])
     digest = hashlib.sha256(b"dicom-series")
