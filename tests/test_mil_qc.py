@@ -159,3 +159,11 @@ def test_predicting_embeddings_with_rows_left_out_uses_the_rows_that_hold_vector
         run.predict(features)
     with pytest.raises(SchemaMismatchError, match="predict_slide"):
         mil.attention_heatmap(store, got.attention, tmp_path / "heat.png")
+    # not finite, or not (N,), is refused alike (NaN drew blank tiles, (N, 1) was accepted)
+    full = run.predict_slide(store).attention
+    for wrong in (np.full(len(full), np.nan), full[:, None]):
+        with pytest.raises(SchemaMismatchError, match=r"attention must be \(N,\) finite weights"):
+            mil.attention_heatmap(store, wrong, tmp_path / "heat.png")
+    # a bag given as a list of rows is predicted as the array (it was an AttributeError)
+    rows = features[FLAGGED:].tolist()
+    np.testing.assert_allclose(run.predict(rows).probabilities, want.probabilities, rtol=1e-5)

@@ -72,6 +72,12 @@ def _geometry(store: SlideStore) -> tuple[float, float, float]:
 
 
 def _check(store: SlideStore, attention: np.ndarray, coords: np.ndarray) -> None:
+    if np.ndim(attention) != 1 or not np.isfinite(attention).all():  # drew NaN tiles blank
+        raise SchemaMismatchError(
+            f"{store.path}: attention must be (N,) finite weights, got shape "
+            f"{np.shape(attention)} with {int(np.sum(~np.isfinite(attention)))} not finite; use "
+            "the attention of run.predict_slide(store)"
+        )
     if len(attention) != len(coords):
         raise SchemaMismatchError(
             f"{store.path}: {len(attention)} attention values for {len(coords)} tiles; use the "

@@ -179,6 +179,8 @@ class MILRun:
             bag = np.asarray(bag.features)
         if encoder_id is not None:
             self.check_encoder(encoder_id, where)
+        if not isinstance(bag, torch.Tensor):  # a list of rows, too
+            bag = np.asarray(bag, dtype=np.float32)
         shape = tuple(bag.shape)
         if len(shape) != 2 or shape[0] == 0:
             if len(shape) == 2:
