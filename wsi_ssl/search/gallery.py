@@ -202,7 +202,7 @@ def render_gallery(
     n = len(panels)
     cols = max(1, min(columns, n))
     rows = -(-n // cols)
-    fig = Figure(figsize=(cols * 2.8, rows * 3.1), dpi=100)
+    fig = Figure(figsize=(cols * 2.8, rows * 3.1), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.ravel():
@@ -215,7 +215,6 @@ def render_gallery(
         f"{info['n_vectors']} tiles)",
         fontsize=9,
     )
-    fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_with(out, lambda tmp: fig.savefig(tmp, format="png"))
