@@ -7,7 +7,8 @@ Routes:
   under ``/static/``).
 * ``GET /api/index``: the index summary; ``GET /api/slides``: the indexed slides;
   ``GET /api/slides/{slide}``: one slide's size, mpp, thumbnail size and DZI address
-  (``slide`` = id, unique id prefix or file name).
+  (``slide`` = id, unique id prefix or file name). Each takes ``?index=NAME`` (default: the
+  index given), as do the pictures and layers: a slide is looked up in that index.
 * pictures (:mod:`wsi_ssl.serve.pictures`): thumbnail, region and DZI tiles.
 * ``POST /api/search``: ``{slide, box: [x, y, w, h], k, mode, exclude_self, index, labels}``
   → the :meth:`SearchResult.to_dict` answer, each hit with its box, label and the URL of its
@@ -65,7 +66,7 @@ from wsi_ssl.serve.labels import (
     more_like,
 )
 from wsi_ssl.serve.layers import MilPredictions, add_layer_routes
-from wsi_ssl.serve.pictures import add_picture_routes
+from wsi_ssl.serve.pictures import IndexName, add_picture_routes
 from wsi_ssl.serve.security import (
     LOOPBACK_HOSTS,
     MAX_UPLOAD_BYTES,
@@ -152,7 +153,7 @@ def _add_label_routes(app: FastAPI, service: SlideService, pool: RenderPool) -> 
     async def concept(
         slide: str,
         label: Annotated[Label, QueryParam(max_length=1000)] = "positive",
-        index: str | None = QueryParam(None, max_length=200),
+        index: IndexName = None,
     ) -> Response:
         data, skipped = await pool.run(concept_map, service, book, slide, label, index)
         headers = {"Cache-Control": "no-cache", "X-Skipped-Regions": str(skipped)}
@@ -275,16 +276,16 @@ def create_app(
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     @app.get("/api/index")
-    def describe() -> dict[str, Any]:
-        return service.describe()
+    def describe(index: IndexName = None) -> dict[str, Any]:
+        return service.describe(index)
 
     @app.get("/api/slides")
-    def slides() -> list[dict[str, Any]]:
-        return service.slides()
+    def slides(index: IndexName = None) -> list[dict[str, Any]]:
+        return service.slides(index)
 
     @app.get("/api/slides/{slide}")
-    def slide(slide: str) -> dict[str, Any]:
-        return service.slide(slide)
+    def slide(slide: str, index: IndexName = None) -> dict[str, Any]:
+        return service.slide(slide, index)
 
     @app.post("/api/search")
     def search(request: SearchRequest) -> dict[str, Any]:
@@ -303,7 +304,7 @@ def create_app(
         request: Request,
         k: int = QueryParam(8, ge=1, le=MAX_K),
         mode: Literal["regions", "tiles", "slides"] = "regions",
-        index: str | None = QueryParam(None, max_length=200),
+        index: IndexName = None,
         image_mpp: float | None = QueryParam(None, gt=0, lt=1000),
         labels: str = QueryParam("", max_length=2000),
     ) -> dict[str, Any]:

@@ -111,6 +111,8 @@ def check_label(value: str) -> str:
             f"a label is 1 to {MAX_LABEL} characters without control characters, / or \\ "
             "(such as tumour, Tumor: Positive or Tumör)"
         )
+    if label[0] in "=+-@":  # labels/regions.csv is opened in spreadsheets
+        raise ValueError("a label may not start with =, +, - or @ (a spreadsheet formula)")
     return label
 
 
@@ -421,7 +423,7 @@ def concept_map(
     if not len(accepted):
         raise ConfigError(_no_region(label, skipped, searched.name))
     rejected, skipped_rejected = _vectors(searched, list(regions[1]))
-    store = service.store(slide)
+    store = service.store(slide, index)
     embeddings = service.archive.embeddings(store.slide_id, searched.encoder_id)
     embeddings = embeddings.embedded_only()  # tiles left out by QC at embed: not drawn
     score = _scores(np.asarray(embeddings.features), accepted, rejected)

@@ -12,7 +12,8 @@ Each layer is a translucent RGBA PNG at the slide's thumbnail size, one square p
   yellow (least attended) to opaque red (most); only where a predictions folder was given.
 
 Routes: ``GET /api/slides/{slide}/layers`` (which layers the slide has, with the QC counts,
-the annotation classes and the MIL prediction) and ``GET /api/slides/{slide}/layers/NAME.png``.
+the annotation classes and the MIL prediction) and ``GET /api/slides/{slide}/layers/NAME.png``,
+each with ``?index=NAME`` (the index ``slide`` is looked up in).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 
 from wsi_ssl.errors import ConfigError, NoLabelsError
+from wsi_ssl.serve.pictures import IndexName
 
 if TYPE_CHECKING:
     from wsi_ssl.serve.service import RenderPool, SlideService
@@ -139,12 +141,12 @@ def attention_colours(values: np.ndarray) -> np.ndarray:
 
 
 def describe_layers(
-    service: SlideService, mil: MilPredictions | None, slide: str
+    service: SlideService, mil: MilPredictions | None, slide: str, index: str | None = None
 ) -> dict[str, Any]:
-    """Which layers ``slide`` has (None where it has none)."""
+    """Which layers ``slide`` (of index ``index``) has (None where it has none)."""
     from wsi_ssl.tiling.qc import kept_tiles
 
-    store = service.store(slide)
+    store = service.store(slide, index)
     scores = store.qc()
     qc = None
     if scores:
@@ -164,9 +166,16 @@ def describe_layers(
     return {"slide_id": store.slide_id, "qc": qc, "annotations": annotations, "mil": prediction}
 
 
-def draw_layer(service: SlideService, mil: MilPredictions | None, slide: str, name: Layer) -> bytes:
-    """The PNG of layer ``name`` over ``slide`` (ConfigError where the slide has none)."""
-    store = service.store(slide)
+def draw_layer(
+    service: SlideService,
+    mil: MilPredictions | None,
+    slide: str,
+    name: Layer,
+    index: str | None = None,
+) -> bytes:
+    """The PNG of layer ``name`` over ``slide`` of index ``index`` (ConfigError where the
+    slide has none)."""
+    store = service.store(slide, index)
     if name == "qc":
         return tile_layer(store, qc_colours(store))
     if name == "annotations":
@@ -188,17 +197,17 @@ def add_layer_routes(
     """Register the layer routes of the module docstring on ``app``."""
 
     @app.get("/api/slides/{slide}/layers")
-    async def layers(slide: str) -> dict[str, Any]:
-        return await pool.run(describe_layers, service, mil, slide)
+    async def layers(slide: str, index: IndexName = None) -> dict[str, Any]:
+        return await pool.run(describe_layers, service, mil, slide, index)
 
     @app.get("/api/slides/{slide}/layers/{name}.png")
-    async def layer(slide: str, name: Layer) -> Response:
+    async def layer(slide: str, name: Layer, index: IndexName = None) -> Response:
         stamp = _file_stamp(mil, name)
 
         def draw() -> bytes:
-            return draw_layer(service, mil, slide, name)
+            return draw_layer(service, mil, slide, name, index)
 
-        data = await pool.run(service.picture, slide, ("layer", name, stamp), draw)
+        data = await pool.run(service.picture, slide, ("layer", name, stamp), draw, index)
         return Response(data, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
 

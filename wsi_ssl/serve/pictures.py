@@ -1,5 +1,7 @@
 """Picture routes: thumbnails, region pictures and the deep-zoom (DZI) tiles of the viewer.
 
+Each takes ``?index=NAME``: the index ``slide`` is looked up in (default: the one served).
+
 * ``GET /api/slides/{slide}/thumbnail.png``: the stored thumbnail.
 * ``GET /api/slides/{slide}/region.png?box=X,Y,W,H[&outline=ROWS][&px=N]``: level-0 ``box``,
   longest side ``px``; up to ``MAX_PICTURE_TILES`` stored tiles drawn exactly (the listed rows
@@ -17,22 +19,25 @@ by the store's stamp so a changed store is never answered from the cache.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import FastAPI
+from fastapi import Query as QueryParam
 from fastapi.responses import Response
 
 from wsi_ssl.errors import ConfigError, RegionOutsideSlideError
 from wsi_ssl.serve.pyramid import dzi_xml, encode, tiles_in
 from wsi_ssl.serve.service import RenderPool, SlideService
 
-__all__ = ["add_picture_routes", "parse_box"]
+__all__ = ["IndexName", "add_picture_routes", "parse_box"]
 
 PANEL_PX = (32, 1024)
 MAX_PICTURE_TILES = 100
 """A region picture draws at most this many stored tiles; a larger box comes from the pyramid."""
 MAX_COORD = 2**31
 MAX_OUTLINE = 1000
+IndexName = Annotated[str | None, QueryParam(max_length=200)]
+"""The ``?index=`` of a request: the index its slide is looked up in (None: the default)."""
 
 
 def parse_box(text: str) -> tuple[int, int, int, int]:
@@ -69,11 +74,16 @@ def _image(data: bytes, media: str, cache: str = "no-cache") -> Response:
 
 
 def _region_png(
-    service: SlideService, slide: str, box: tuple[int, int, int, int], outline: set[int], px: int
+    service: SlideService,
+    slide: str,
+    box: tuple[int, int, int, int],
+    outline: set[int],
+    px: int,
+    index: str | None,
 ) -> bytes:
     from wsi_ssl.search.gallery import region_mosaic
 
-    store = service.store(slide)
+    store = service.store(slide, index)
     width, height = (int(v) for v in store.source["dimensions"])
     x, y, w, h = box
     if x >= width or y >= height or x + w <= 0 or y + h <= 0:  # as searches refuse it
@@ -84,7 +94,7 @@ def _region_png(
         return encode(region_mosaic(store, box, panel_px=px, outline=outline or None), "png")
     f = px / max(box[2], box[3])
     size = (max(1, round(box[2] * f)), max(1, round(box[3] * f)))
-    return encode(service.pyramid(slide).region(box, size, "slide"), "png")
+    return encode(service.pyramid(slide, index).region(box, size, "slide"), "png")
 
 
 def add_picture_routes(app: FastAPI, service: SlideService, pool: RenderPool) -> None:
@@ -92,32 +102,44 @@ def add_picture_routes(app: FastAPI, service: SlideService, pool: RenderPool) ->
     the disk runs in ``pool``, never on the event loop."""
 
     @app.get("/api/slides/{slide}/thumbnail.png")
-    async def thumbnail(slide: str) -> Response:
+    async def thumbnail(slide: str, index: IndexName = None) -> Response:
         def draw() -> bytes:
-            return encode(service.pyramid(slide).thumbnail, "png")
+            return encode(service.pyramid(slide, index).thumbnail, "png")
 
-        return _image(await pool.run(service.picture, slide, ("thumb",), draw), "image/png")
+        data = await pool.run(service.picture, slide, ("thumb",), draw, index)
+        return _image(data, "image/png")
 
     @app.get("/api/slides/{slide}/region.png")
-    async def region(slide: str, box: str, outline: str = "", px: int = 320) -> Response:
+    async def region(
+        slide: str, box: str, outline: str = "", px: int = 320, index: IndexName = None
+    ) -> Response:
         if not PANEL_PX[0] <= px <= PANEL_PX[1]:
             raise ConfigError(f"px must be in {PANEL_PX[0]}..{PANEL_PX[1]}, got {px}")
         parsed, rows = parse_box(box), _parse_rows(outline)
         key = ("region", parsed, tuple(sorted(rows)), px)
-        draw = lambda: _region_png(service, slide, parsed, rows, px)  # noqa: E731
-        return _image(await pool.run(service.picture, slide, key, draw), "image/png")
+        draw = lambda: _region_png(service, slide, parsed, rows, px, index)  # noqa: E731
+        return _image(await pool.run(service.picture, slide, key, draw, index), "image/png")
 
     @app.get("/api/slides/{slide}/dzi/{version}/{source}.dzi")
-    async def dzi(slide: str, version: str, source: Literal["slide", "tiles"]) -> Response:
-        pyramid = await pool.run(service.pyramid, slide)
+    async def dzi(
+        slide: str, version: str, source: Literal["slide", "tiles"], index: IndexName = None
+    ) -> Response:
+        pyramid = await pool.run(service.pyramid, slide, index)
         return Response(dzi_xml(pyramid), media_type="application/xml")
 
     @app.get("/api/slides/{slide}/dzi/{version}/{source}_files/{level}/{col}_{row}.jpeg")
     async def dzi_tile(
-        slide: str, version: str, source: Literal["slide", "tiles"], level: int, col: int, row: int
+        slide: str,
+        version: str,
+        source: Literal["slide", "tiles"],
+        level: int,
+        col: int,
+        row: int,
+        index: IndexName = None,
     ) -> Response:
         def draw() -> bytes:
-            return encode(service.pyramid(slide).tile(level, col, row, source), "jpeg")
+            return encode(service.pyramid(slide, index).tile(level, col, row, source), "jpeg")
 
-        data = await pool.run(service.picture, slide, ("dzi", source, level, col, row), draw)
+        key = ("dzi", source, level, col, row)
+        data = await pool.run(service.picture, slide, key, draw, index)
         return _image(data, "image/jpeg", "private, max-age=3600")

@@ -24,21 +24,28 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 
-from wsi_ssl.errors import ConfigError, WsiSslError
+from wsi_ssl.errors import (
+    ConfigError,
+    EmbeddingsNotFoundError,
+    RegionOutsideSlideError,
+    TilingMismatchError,
+    WsiSslError,
+)
 from wsi_ssl.search.queries import centres_in
+from wsi_ssl.serve.answers import answer, index_query
 from wsi_ssl.serve.pyramid import Pyramid, TileCache, open_slide_file
 
 if TYPE_CHECKING:
     from wsi_ssl.encoders import Encoder
     from wsi_ssl.search.index import SearchIndex
-    from wsi_ssl.search.results import Query, SearchResult
+    from wsi_ssl.search.results import Query
     from wsi_ssl.storage import SlideStore
 
 __all__ = ["BusyError", "RenderPool", "SlideService"]
@@ -184,8 +191,8 @@ class SlideService:
         return self._indexes[name][1]
 
     # -- stores ----------------------------------------------------------------------------
-    def _entry(self, slide: str) -> tuple[Stamp, SlideStore, Pyramid | None]:
-        return self._entry_of(self.index.resolve_slide(slide)["slide_id"])
+    def _entry(self, slide: str, index: str | None) -> tuple[Stamp, SlideStore, Pyramid | None]:
+        return self._entry_of(self.index_for(index).resolve_slide(slide)["slide_id"])
 
     def _entry_of(self, slide_id: str) -> tuple[Stamp, SlideStore, Pyramid | None]:
         path = self.archive.store_path(slide_id)
@@ -197,12 +204,10 @@ class SlideService:
                 self._stores[slide_id] = entry
             return entry
 
-    def store(self, slide: str) -> SlideStore:
-        """The complete store of indexed ``slide`` (id, unique id prefix or file name)."""
-        return self._entry(slide)[1]
-
-    def stamp(self, slide: str) -> Stamp:
-        return self._entry(slide)[0]
+    def store(self, slide: str, index: str | None = None) -> SlideStore:
+        """The complete store of ``slide`` (id, unique id prefix or file name) of index
+        ``index`` (default: the default one)."""
+        return self._entry(slide, index)[1]
 
     def retiled(self, index: SearchIndex, slide_id: str) -> str | None:
         """Why ``slide_id``'s store no longer holds the tiles ``index`` has vectors of
@@ -224,9 +229,10 @@ class SlideService:
                 self._grids[(slide_id, stamp)] = digest
         return digest
 
-    def pyramid(self, slide: str) -> Pyramid:
-        """The pictures of ``slide``, with its slide file when that opens and matches."""
-        stamp, store, pyramid = self._entry(slide)
+    def pyramid(self, slide: str, index: str | None = None) -> Pyramid:
+        """The pictures of ``slide`` (of index ``index``), with its slide file when that
+        opens and matches."""
+        stamp, store, pyramid = self._entry(slide, index)
         if pyramid is None or pyramid.file_replaced():  # a changed file is looked at anew
             pyramid = Pyramid(store, *open_slide_file(store))  # the old one's reader: to GC
             with self._stores_lock:
@@ -234,9 +240,12 @@ class SlideService:
                     self._stores[store.slide_id] = (stamp, store, pyramid)
         return pyramid
 
-    def picture(self, slide: str, key: tuple[Any, ...], draw: Callable[[], bytes]) -> bytes:
-        """The cached picture ``key`` of ``slide``'s current store, drawn on a miss."""
-        stamp, store, _ = self._entry(slide)
+    def picture(
+        self, slide: str, key: tuple[Any, ...], draw: Callable[[], bytes], index: str | None = None
+    ) -> bytes:
+        """The cached picture ``key`` of ``slide``'s current store (``slide`` of index
+        ``index``), drawn on a miss."""
+        stamp, store, _ = self._entry(slide, index)
         full = (store.slide_id, stamp, *key)
         data = self.cache.get(full)
         if data is None:
@@ -245,8 +254,8 @@ class SlideService:
         return data
 
     # -- listing ---------------------------------------------------------------------------
-    def slides(self) -> list[dict[str, Any]]:
-        """The indexed slides, by file name (as a person looks for them)."""
+    def slides(self, index: str | None = None) -> list[dict[str, Any]]:
+        """The slides of index ``index``, by file name (as a person looks for them)."""
         listed = [
             {
                 "slide_id": s["slide_id"],
@@ -254,17 +263,19 @@ class SlideService:
                 "n_tiles": int(s["n_tiles"]),
                 "label": self.slide_labels.get(s["slide_id"], ""),
             }
-            for s in self.index.slides
+            for s in self.index_for(index).slides
         ]
         return sorted(listed, key=lambda s: (s["name"].lower(), s["slide_id"]))
 
-    def slide(self, slide: str) -> dict[str, Any]:
-        pyramid = self.pyramid(slide)
+    def slide(self, slide: str, index: str | None = None) -> dict[str, Any]:
+        """``slide`` of index ``index``: its size, thumbnail size and DZI address (naming
+        ``index`` when given, so its pictures come from the same index)."""
+        pyramid = self.pyramid(slide, index)
         store = pyramid.store
         h, w = store.thumbnail.shape[:2]
-        entry = self.index.resolve_slide(store.slide_id)
+        entry = self.index_for(index).resolve_slide(store.slide_id)
         source = "slide" if pyramid.file is not None else "tiles"
-        version = hashlib.sha1(repr(self.stamp(store.slide_id)).encode()).hexdigest()[:10]
+        version = hashlib.sha1(repr(self._entry_of(store.slide_id)[0]).encode()).hexdigest()[:10]
         return {
             "slide_id": store.slide_id,
             "name": entry["name"],
@@ -274,12 +285,13 @@ class SlideService:
             "tile_size_level0": float(store.tiling["tile_size_level0"]),
             "thumbnail_size": [int(w), int(h)],
             "source": source,
-            "dzi": f"/api/slides/{store.slide_id}/dzi/{version}/{source}.dzi",
+            "dzi": f"/api/slides/{store.slide_id}/dzi/{version}/{source}.dzi{index_query(index or '', '?')}",
             "label": self.slide_labels.get(store.slide_id, ""),
         }
 
-    def describe(self) -> dict[str, Any]:
-        info = self.index.describe()
+    def describe(self, index: str | None = None) -> dict[str, Any]:
+        """Index ``index``'s summary, the archive's indexes and the slide labels."""
+        info = self.index_for(index).describe()
         info.pop("path", None)  # no filesystem paths in any answer
         info["indexes"] = [self._summary(name) for name in self.index_names()]
         info["labels"] = sorted({v for v in self.slide_labels.values() if v})
@@ -303,7 +315,7 @@ class SlideService:
     ) -> Query:
         """The region query of ``box``, refused when over ``MAX_QUERY_TILES`` tiles have
         their centre in it (the tiles the query takes)."""
-        store = self.store(slide)
+        store = self.store(slide, index)
         size, dimensions = float(store.tiling["tile_size_level0"]), store.source["dimensions"]
         n = len(centres_in(store.coords, size, dimensions, box))
         if n > MAX_QUERY_TILES:
@@ -344,11 +356,35 @@ class SlideService:
         x, y, w, h = box
         searched = self.index_for(index)
         slide = searched.resolve_slide(slide)["slide_id"]  # indexed: their pictures show
-        if mode == "tiles":
-            query = searched.query_tile(slide, (x + w // 2, y + h // 2))
-        else:
-            query = self.region_query(slide, box, searched.name)
+        if w <= 0 or h <= 0:  # whatever the mode, as a region query refuses it
+            raise RegionOutsideSlideError(
+                f"{slide}: box {x},{y},{w},{h} has no area; width and height must be > 0"
+            )
+        try:
+            if mode == "tiles":
+                query = searched.query_tile(slide, (x + w // 2, y + h // 2))
+            else:
+                query = self.region_query(slide, box, searched.name)
+        except (TilingMismatchError, EmbeddingsNotFoundError) as err:
+            retiled = self._retiled_since(searched, slide)
+            if retiled is None:
+                raise
+            raise retiled from err
         return self.run(searched, query, k=k, mode=mode, exclude_self=exclude_self, labels=labels)
+
+    def _retiled_since(self, index: SearchIndex, slide_id: str) -> WsiSslError | None:
+        """The error saying that ``slide_id`` was re-tiled since ``index`` was built (its store
+        holds other tiles than those indexed), or None when it was not (or the index cannot
+        tell)."""
+        from wsi_ssl.search.retiled import ADVICE
+
+        entry = index.resolve_slide(slide_id)
+        if entry.coords_sha256 in (None, self._coords_digest(slide_id)):
+            return None
+        return TilingMismatchError(
+            f"{entry.name} was re-tiled after indexing (index {index.name} holds its old "
+            f"tiles); {ADVICE}"
+        )
 
     def search_image(
         self,
@@ -427,7 +463,7 @@ class SlideService:
         seconds = time.perf_counter() - started
         result = SearchResult(query, mode, k, exclude_self, info, hits, per_tile, seconds)
         retiled = {sid: self.retiled(index, sid) for sid in {h.slide_id for h in hits}}
-        out = answer(result, {sid for sid, why in retiled.items() if why})
+        out = answer(result, {sid for sid, why in retiled.items() if why}, index.name)
         out["labels"] = list(labels)
         out["slides"] = [
             {
@@ -450,37 +486,3 @@ class SlideService:
                 rows = entry.offset + np.asarray(hit["tiles"], dtype=np.int64)
                 hit["tile_boxes"] = [[int(x), int(y), side, side] for x, y in index.coords[rows]]
         return out
-
-
-def answer(result: SearchResult, retiled: Collection[str] = ()) -> dict[str, Any]:
-    """``result`` as the page reads it: each hit with its box and the URL of its picture (its
-    matched tiles outlined, unless its slide is among ``retiled``: its store's tile numbers
-    are no longer the indexed ones)."""
-    out = result.to_dict()
-    q = result.query
-    rows = [] if q.tile_numbers is None else [int(r) for r in q.tile_numbers]
-    out["query"]["tiles"] = rows
-    if q.slide_id is not None:
-        out["query"]["image"] = region_url(str(q.slide_id), q.box, rows)
-    for hit, d in zip(result.hits, out["hits"], strict=True):
-        if result.mode == "tiles":
-            d["tile_box"] = [hit.x, hit.y, hit.size, hit.size]
-            d["box"] = [hit.x - hit.size, hit.y - hit.size, 3 * hit.size, 3 * hit.size]
-            rows = [] if hit.slide_id in retiled else [hit.tile]
-            d["image"] = region_url(hit.slide_id, d["box"], rows)
-        elif result.mode == "regions":
-            rows = [] if hit.slide_id in retiled else list(hit.tiles)
-            d["image"] = region_url(hit.slide_id, hit.box, rows)
-        else:
-            d["box"] = d.pop("best_box")
-            d["image"] = (
-                region_url(hit.slide_id, d["box"], [])
-                if d["box"] is not None
-                else f"/api/slides/{hit.slide_id}/thumbnail.png"
-            )
-    return out
-
-
-def region_url(slide_id: str, box: Any, rows: list[int]) -> str:
-    url = f"/api/slides/{slide_id}/region.png?box={','.join(str(int(v)) for v in box)}"
-    return url + (f"&outline={','.join(map(str, rows))}" if rows else "")

@@ -43,7 +43,7 @@ function activate(el, fn) {
 // the slide list again from the server (slides indexed since the page was opened appear)
 async function refreshSlides() {
   try {
-    state.slides = await api("/api/slides");
+    state.slides = await api(withIndex("/api/slides"));
   } catch (err) {
     return setStatus(err.message, true);
   }
@@ -95,8 +95,20 @@ function makeViewer() {
     gestureSettingsMouse: { clickToZoom: false },
   });
   state.viewer.addHandler("open", onOpen);
+  // the view stays fitted (the whole slide, or a hit's surroundings) until the user pans or
+  // zooms: when the viewer's size changes (controls and status lines wrapping), it is fitted
+  // again after OpenSeadragon's own resize, which keeps the width and would crop the height
+  state.viewer.addHandler("resize", () => { state.refit = !!state.fit; });
+  state.viewer.addHandler("viewport-change", () => {
+    if (!state.refit) return;
+    state.refit = false;
+    state.viewer.viewport.fitBounds(state.fit, true);
+  });
   state.viewer.addHandler("open-failed", (e) => setStatus(`the slide could not be opened: ${e.message}`, true));
   const el = $("viewer");
+  for (const type of ["pointerdown", "wheel", "keydown"]) {
+    el.addEventListener(type, (e) => { if (!state.drawing && !e.shiftKey) state.fit = null; }, true);
+  }
   el.addEventListener("pointerdown", startDrag, true);
   window.addEventListener("pointermove", moveDrag);
   window.addEventListener("pointerup", endDrag);
@@ -133,7 +145,7 @@ function redrawOverlays() {
     const img = document.createElement("img");
     img.className = "layer " + name;
     img.alt = "";
-    img.src = `/api/slides/${id}/layers/${name}.png`;
+    img.src = withIndex(`/api/slides/${id}/layers/${name}.png`, cur.index);
     v.addOverlay({ element: img, location: imageRect([0, 0, cur.dimensions[0], cur.dimensions[1]]) });
   }
   for (const r of state.labels.accepted) if (r.slide === id) overlay([r.x, r.y, r.w, r.h], "accepted");
@@ -162,10 +174,14 @@ async function overlayFailed(url, what) {
 function onOpen() {
   const seq = state.slideSeq;
   const cur = state.current;
+  const vp = state.viewer.viewport;
   if (state.mark) {
     const [x, y, w, h] = state.mark;
-    state.viewer.viewport.fitBounds(imageRect([x - w, y - h, 3 * w, 3 * h]), true);
+    state.fit = imageRect([x - w, y - h, 3 * w, 3 * h]);
+  } else {
+    state.fit = vp.getHomeBounds();
   }
+  vp.fitBounds(state.fit, true);
   redrawOverlays();
   if (seq === state.slideSeq) {
     setStatus(`${cur.name}: ${cur.dimensions.join(" × ")} px at ${cur.mpp.toFixed(3)} µm/px, ` +
@@ -175,18 +191,19 @@ function onOpen() {
   }
 }
 
-async function openSlide(slideId, mark = null) {
+// open a slide of ``index`` (default: the one picked; a hit's: the index that found it)
+async function openSlide(slideId, mark = null, index = indexParam().index) {
   const seq = ++state.slideSeq;
   let details;
   try {
-    details = await api(`/api/slides/${encodeURIComponent(slideId)}`);
+    details = await api(withIndex(`/api/slides/${encodeURIComponent(slideId)}`, index));
   } catch (err) {
     if (seq === state.slideSeq) setStatus(err.message, true);
     return;
   }
   if (seq !== state.slideSeq) return;
   document.body.dataset.state = "opening";
-  state.current = details;
+  state.current = { ...details, index };
   state.mark = mark;
   state.layers = null;
   renderSlideList();
@@ -273,22 +290,43 @@ async function search(box) {
   const cur = state.current;
   document.body.dataset.state = "searching";
   setStatus("searching…");
+  [state.lastSlide, state.lastBox] = [cur.slide_id, box];  // asked again when a setting changes
   let answer;
   try {
     answer = await api("/api/search", {
-      slide: cur.slide_id, box, k: Number($("k").value) || 8,
+      slide: cur.slide_id, box, k: resultCount(),
       mode: $("mode").value, exclude_self: $("exclude-self").checked, ...filters(),
     });
   } catch (err) {
-    if (seq !== state.searchSeq) return;
-    document.body.dataset.state = "ready";
-    return setStatus(err.message, true);
+    return searchFailed(seq, err);
   }
   if (seq !== state.searchSeq) return;
   showAnswer(answer, `${answer.hits.length} ${answer.mode} in ${(1000 * answer.seconds).toFixed(1)} ms ` +
     `(index ${answer.index.name}, ${answer.index.n_vectors} tiles). Click a result to open it; ✓ / ✗ to label it.`);
   state.lastBox = answer.query.box;  // as the server clipped it to the slide
   redrawOverlays();
+}
+
+// the "results" box: a whole number from 1 to 100 (or an error saying so)
+function resultCount() {
+  const el = $("k"), k = Number(el.value);
+  if (el.value.trim() === "" || !Number.isInteger(k) || k < Number(el.min) || k > Number(el.max)) {
+    throw new Error(`results: a whole number from ${el.min} to ${el.max}, not "${el.value}"`);
+  }
+  return k;
+}
+
+// a search failed: its reason shown, and no results of an earlier question left on screen
+function searchFailed(seq, err) {
+  if (seq !== state.searchSeq) return;
+  for (const v of state.minis) v.destroy();
+  state.minis = [];
+  state.answer = null;
+  $("results").replaceChildren();
+  renderRanking([], null);
+  redrawOverlays();
+  document.body.dataset.state = "ready";
+  setStatus(err.message, true);
 }
 
 function showAnswer(answer, message) {
@@ -304,11 +342,13 @@ function showAnswer(answer, message) {
       `${q.n_tiles} tile(s), ${q.size_um.map((v) => v.toFixed(0)).join(" × ")} µm`, "query"));
   }
   for (const hit of answer.hits) results.append(hitCard(hit, answer.mode));
-  renderRanking(answer.slides || []);
+  renderRanking(answer.slides || [], answer.index.name);
   const known = new Set(state.slides.map((s) => s.slide_id));
   if (answer.hits.some((h) => !known.has(h.slide_id))) refreshSlides();  // indexed since
   setStatus(message);
   document.body.dataset.state = "results";
+  // below the viewer in a narrow window: the results panel brought into view
+  if (results.getBoundingClientRect().top >= window.innerHeight) $("side").scrollIntoView({ block: "start" });
 }
 
 function card(imageUrl, title, meta, cls) {
@@ -349,7 +389,8 @@ function hitCard(hit, mode) {
   }
   const box = hit.tile_box || hit.box;
   div.dataset.slide = hit.slide_id;
-  activate(div, () => openSlide(hit.slide_id, box));
+  const index = state.answer.index.name;
+  activate(div, () => openSlide(hit.slide_id, box, index));
   if (box) {
     const verdict = document.createElement("div");
     verdict.className = "verdict";
@@ -358,14 +399,14 @@ function hitCard(hit, mode) {
     zoom.className = "zoom";
     zoom.textContent = "viewer";
     zoom.title = "pan and zoom this hit here (its matched tiles outlined)";
-    zoom.onclick = (e) => { e.stopPropagation(); zoom.disabled = true; miniViewer(hit, box, div.querySelector("img")); };
+    zoom.onclick = (e) => { e.stopPropagation(); zoom.disabled = true; miniViewer(hit, box, div.querySelector("img"), index); };
     verdict.append(zoom);
     for (const [name, text] of [["accept", "✓ accept"], ["reject", "✗ reject"]]) {
       const b = document.createElement("button");
       b.type = "button";
       b.className = name;
       b.textContent = text;
-      b.onclick = (e) => { e.stopPropagation(); judge(hit, box, name, div); };
+      b.onclick = (e) => { e.stopPropagation(); judge(hit, box, name, div, index); };
       verdict.append(b);
     }
     div.lastChild.append(verdict);
@@ -375,10 +416,10 @@ function hitCard(hit, mode) {
 
 // a small deep-zoom viewer of a hit in place of its picture: the hit's slide fitted to twice the
 // hit's box, its matched tiles (or the hit itself) outlined
-async function miniViewer(hit, box, img) {
+async function miniViewer(hit, box, img, index) {
   let details;
   try {
-    details = await api(`/api/slides/${encodeURIComponent(hit.slide_id)}`);
+    details = await api(withIndex(`/api/slides/${encodeURIComponent(hit.slide_id)}`, index));
   } catch (err) {
     return setStatus(err.message, true);
   }
@@ -404,10 +445,10 @@ async function miniViewer(hit, box, img) {
   state.minis.push(v);
 }
 
-async function judge(hit, box, verdict, div) {
+async function judge(hit, box, verdict, div, index) {
   try {
     state.labels = await api("/api/labels", {
-      slide: hit.slide_id, box, label: $("label").value, verdict, ...indexParam(),
+      slide: hit.slide_id, box, label: $("label").value, verdict, index,
     });
   } catch (err) {
     return setStatus(err.message, true);
@@ -431,7 +472,7 @@ async function moreLikeThese() {
   setStatus("searching with every accepted region…");
   try {
     const answer = await api("/api/labels/more", {
-      label: $("label").value, k: Number($("k").value) || 8, ...indexParam(),
+      label: $("label").value, k: resultCount(), ...indexParam(),
     });
     if (seq !== state.searchSeq) return;
     delete answer.query.image;
@@ -442,7 +483,7 @@ async function moreLikeThese() {
       `region(s) labelled ${$("label").value}${skipped}, outside every labelled region.`);
     redrawOverlays();
   } catch (err) {
-    if (seq === state.searchSeq) { document.body.dataset.state = "ready"; setStatus(err.message, true); }
+    searchFailed(seq, err);
   }
 }
 
@@ -450,6 +491,13 @@ async function moreLikeThese() {
 // the index picked in the index menu, when the page offers one
 function indexParam() {
   return $("index-choice").hidden || !$("index").value ? {} : { index: $("index").value };
+}
+
+// ``path`` naming ``index`` (default: the one picked in the menu): slides and their pictures
+// are looked up there
+function withIndex(path, index = indexParam().index) {
+  if (!index) return path;
+  return `${path}${path.includes("?") ? "&" : "?"}index=${encodeURIComponent(index)}`;
 }
 
 function filters() {
@@ -479,7 +527,7 @@ function fillChoices(info) {
 async function loadLayers(slideId, seq) {
   let info;
   try {
-    info = await api(`/api/slides/${encodeURIComponent(slideId)}/layers`);
+    info = await api(withIndex(`/api/slides/${encodeURIComponent(slideId)}/layers`, state.current.index));
   } catch (err) {
     info = { qc: null, annotations: null, mil: null };
   }
@@ -498,14 +546,14 @@ async function loadLayers(slideId, seq) {
   redrawOverlays();
 }
 
-function renderRanking(slides) {
+function renderRanking(slides, index) {
   const list = $("slide-ranking");
   list.replaceChildren();
   for (const s of slides) {
     const li = document.createElement("li");
     li.dataset.slide = s.slide_id;
     li.textContent = `${slideName(s.slide_id, s.name, slides)}${s.label ? " [" + s.label + "]" : ""}: score ${s.score.toFixed(3)}, ${s.n_hits} hits`;
-    activate(li, () => openSlide(s.slide_id));
+    activate(li, () => openSlide(s.slide_id, null, index));
     list.append(li);
   }
 }
@@ -517,10 +565,10 @@ async function searchPicture() {
   document.body.dataset.state = "searching";
   setStatus(`searching with ${file.name}…`);
   const f = filters();
-  const params = new URLSearchParams({ k: String(Number($("k").value) || 8), mode: $("mode").value });
-  if (f.index) params.set("index", f.index);
-  if (f.labels) params.set("labels", f.labels.join(","));
   try {
+    const params = new URLSearchParams({ k: String(resultCount()), mode: $("mode").value });
+    if (f.index) params.set("index", f.index);
+    if (f.labels) params.set("labels", f.labels.join(","));
     const response = await fetch(`/api/search/image?${params}`, {
       method: "POST", headers: { "Content-Type": file.type || "application/octet-stream" }, body: file,
     });
@@ -532,13 +580,63 @@ async function searchPicture() {
       `(${answer.query.n_tiles} tile(s)) in ${(1000 * answer.seconds).toFixed(1)} ms.`);
     redrawOverlays();
   } catch (err) {
-    if (seq === state.searchSeq) { document.body.dataset.state = "ready"; setStatus(err.message, true); }
+    searchFailed(seq, err);
   } finally {
     $("upload").value = "";
   }
 }
 
+// the last search again (its box on the open slide) after a setting changed
+function searchAgain() {
+  if (state.current && state.lastBox && state.lastSlide === state.current.slide_id) search(state.lastBox);
+}
+
+function showIndexInfo(info) {
+  $("index-info").textContent = `index ${info.name}: ${info.kind}, ${info.n_vectors} tiles ` +
+    `from ${info.n_slides} slides, encoder ${info.encoder_id}`;
+}
+
+function showEmpty(name) {
+  state.current = null;
+  state.viewer.close();
+  document.body.dataset.state = "empty";
+  setStatus(`Index ${name} holds no slide. Add some with \`wsi-ssl index ROOT --add\` ` +
+    "(after tiling and embedding them into ROOT), then reload this page.", true);
+}
+
+// another index picked: its summary in the header, its slides in the list; the open slide stays
+// open (its last search run again) when that index holds it, else its first slide opens
+async function switchIndex() {
+  const seq = ++state.slideSeq;
+  let info, list;
+  try {
+    [info, list] = await Promise.all([api(withIndex("/api/index")), api(withIndex("/api/slides"))]);
+  } catch (err) {
+    if (seq === state.slideSeq) setStatus(err.message, true);
+    return;
+  }
+  if (seq !== state.slideSeq) return;
+  showIndexInfo(info);
+  state.slides = list;
+  renderSlideList();
+  const cur = state.current;
+  if (cur && list.some((s) => s.slide_id === cur.slide_id)) {
+    cur.index = indexParam().index;
+    loadLayers(cur.slide_id, seq);
+    redrawOverlays();
+    searchAgain();
+  } else if (list.length) {
+    openSlide(list[0].slide_id);
+  } else {
+    showEmpty(info.name);
+  }
+}
+
 function start() {
+  const header = document.querySelector("header");
+  new ResizeObserver(() => {  // the narrow layout's viewer takes the height below the header
+    document.documentElement.style.setProperty("--header-h", `${header.offsetHeight}px`);
+  }).observe(header);
   makeViewer();
   for (const name of LAYERS) $(`layer-${name}`).addEventListener("change", redrawOverlays);
   $("upload").addEventListener("change", searchPicture);
@@ -549,19 +647,12 @@ function start() {
   $("more").addEventListener("click", moreLikeThese);
   $("concept").addEventListener("change", redrawOverlays);
   $("label").addEventListener("change", redrawOverlays);
-  $("index").addEventListener("change", redrawOverlays);
-  for (const id of ["mode", "exclude-self", "k", "index", "label-filter"]) {
-    $(id).addEventListener("change", () => {
-      if (state.current && state.lastBox && state.answer && state.answer.query.slide_id === state.current.slide_id) {
-        search(state.lastBox);
-      }
-    });
-  }
+  $("index").addEventListener("change", switchIndex);
+  for (const id of ["mode", "exclude-self", "k", "label-filter"]) $(id).addEventListener("change", searchAgain);
   (async () => {
     try {
       const [info, list, labels] = await Promise.all([api("/api/index"), api("/api/slides"), api("/api/labels")]);
-      $("index-info").textContent = `index ${info.name}: ${info.kind}, ${info.n_vectors} tiles ` +
-        `from ${info.n_slides} slides, encoder ${info.encoder_id}`;
+      showIndexInfo(info);
       fillChoices(info);
       state.slides = list;
       state.labels = labels;
@@ -570,9 +661,7 @@ function start() {
       if (list.length) {
         openSlide(list[0].slide_id);
       } else {
-        document.body.dataset.state = "empty";
-        setStatus(`Index ${info.name} holds no slide. Add some with \`wsi-ssl index ROOT --add\` ` +
-          "(after tiling and embedding them into ROOT), then reload this page.", true);
+        showEmpty(info.name);
       }
     } catch (err) {
       setStatus(err.message, true);
