@@ -445,8 +445,9 @@ class _Checker:
         for temp in dead_temp_files(self.root, recursive=True, skip=("tiles", "c")):
             self.add(temp, "temp file of a killed writer", REPAIR, lambda t=temp: _gone(t))
         for lock in stale_lock_files(self.root):
-            if self.repair:
-                self.add(lock, "stale lock of a killed job", REPAIR, lambda p=lock: _unlocked(p))
+            if self.repair:  # one a job took meanwhile is no longer stale: that counts too
+                gone = lambda p=lock: remove_stale_lock(p) or is_locked(p)  # noqa: E731
+                self.add(lock, "stale lock of a killed job", REPAIR, gone)
             else:
                 self.report.stale_locks.append(str(lock))
 
@@ -470,11 +471,6 @@ class _Checker:
             self.catalog_agreement()
         self.debris()
         return self.report
-
-
-def _unlocked(lock: Path) -> bool:
-    """Remove a stale lock; one a job took meanwhile is no longer stale, so that counts too."""
-    return remove_stale_lock(lock) or is_locked(lock)
 
 
 def _short(err: BaseException) -> str:

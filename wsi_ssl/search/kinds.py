@@ -85,8 +85,7 @@ class IndexKind:
 
     name = ""
     exact = False
-    stores_vectors = False
-    """Keeps every vector whole beside its graph (HNSW's storage): a few can be read back."""
+    stores_vectors = False  # keeps every vector whole (HNSW's storage): a few can be read back
     tombstones = False
     """Removal marks tombstones (filtered at query time) instead of removing vectors."""
     mmap_inverted_lists = False
