@@ -264,6 +264,11 @@ def test_continued_pretraining_from_a_zoo_preset(
         torch.testing.assert_close(encoder.model(x), reference(x))
     baseline = random_encoder(PretrainConfig.from_dict(encoder.description["pretrain_config"]))
     assert baseline.embed(np.zeros((1, 64, 64, 3), np.uint8)).shape == (1, 384)
+    if method == "dino":  # a run continued from it (its pooled encoder's ViT was refused)
+        again = pretrain(
+            cmu_root, config.replace(init=str(run.out_dir), steps=1), out=tmp_path / "b"
+        )
+        assert load_encoder(again.out_dir).embed_dim == 384
 
 
 def test_mae_does_not_check_the_local_crops_it_never_reads(cmu_root: Path) -> None:

@@ -58,7 +58,8 @@ class BackboneSpec:
     Attributes:
         name: registry name (recorded in checkpoints).
         family: ``"vit"`` or ``"resnet"``.
-        embed_dim: feature dimension D of the output ``(B, D)``.
+        embed_dim: feature dimension D of the backbone's output ``(B, D)`` (its heads' input;
+            the trained encoder gives ``2 * D`` when ``output`` is ``"cls+mean"``).
         patch_size: input sides must be multiples of this (1 for CNNs).
         default_input_size: the global crop size it is usually trained and used at.
         batch_norm: whether it has BatchNorm layers (synchronised under multi-GPU DDP).

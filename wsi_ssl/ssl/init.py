@@ -58,7 +58,8 @@ def init_state(config: PretrainConfig) -> dict[str, torch.Tensor]:
     if init_is_run(config.init):
         from wsi_ssl.ssl.encoder import load_encoder
 
-        return load_encoder(_run_path(config.init)).model.state_dict()
+        # a run's encoder may pool its ViT as its preset does (PooledViT): train the ViT
+        return pretraining_module(load_encoder(_run_path(config.init)).model).state_dict()
     from wsi_ssl.encoders import create_encoder
 
     model = create_encoder(config.init, weights=config.init_weights).model
