@@ -75,8 +75,19 @@ def _same_name(names: dict[str, set[str]], path: Path) -> set[str]:
         return found
     recorded = {k: v for k, v in names.items() if _is_path(k) and v & found}
     return {
-        sid for sid in found if not any(sid in v and Path(k).exists() for k, v in recorded.items())
+        sid
+        for sid in found
+        if not any(sid in v and _another_file(Path(k), path) for k, v in recorded.items())
     }
+
+
+def _another_file(recorded: Path, path: Path) -> bool:
+    """Whether the file recorded for a slide is there and is not ``path`` (older catalogs
+    kept a path as given: relative, or through a link, so the strings may differ)."""
+    try:
+        return not os.path.samefile(recorded, path)
+    except OSError:  # the recorded file is gone (moved): it cannot be told apart
+        return False
 
 
 def resolve_slides(archive: Archive, wanted: str | Iterable[str]) -> list[str]:

@@ -459,7 +459,7 @@ def test_a_path_names_the_slide_tiled_from_that_file_only(
     path naming one of two same-named slides was refused as naming both."""
     from wsi_ssl.config import TilingConfig
     from wsi_ssl.errors import UnknownSlideError
-    from wsi_ssl.storage.resolve import resolve_slide
+    from wsi_ssl.storage.resolve import resolve_slide, slide_matches, slide_names
     from wsi_ssl.synthetic import write_synthetic_slide
     from wsi_ssl.tiling.batch import tile_slide
 
@@ -472,6 +472,10 @@ def test_a_path_names_the_slide_tiled_from_that_file_only(
     assert resolve_slide(archive, "/moved/elsewhere/s1.tiff") == s1  # no such file: by name
     monkeypatch.chdir(small_archive.parent)
     assert resolve_slide(archive, "./s1.tiff") == s1
+    names = slide_names(archive)  # a catalog from before paths were resolved: "./s1.tiff"
+    for key in [k for k, v in names.items() if "/" in k and v == {s1}]:
+        names[key.replace(str(small_archive.parent), ".")] = names.pop(key)
+    assert slide_matches(names, archive.slide_ids, str(small_archive.parent / "s1.tiff")) == {s1}
     config = TilingConfig(tile_size=224, codec="zstd", tiles_per_chunk=4, tissue_threshold=0.0)
     tile_slide(other, root, config)
     archive = open_store(root)
