@@ -915,12 +915,12 @@ def test_an_approximate_search_leaving_out_the_nearest_slides_still_returns_k_hi
     slide but one: the search visited a fixed number of vectors, the selector dropped the
     excluded ones among them, and HNSW returned 2 of 20 hits. Now k hits at the index's
     recall: HNSW searches the few vectors let through exactly ("hnsw-beam": as if they were
-    more than EXACT_MAX, through its widened beam), IVF probes more lists."""
+    more than EXACT_FLOATS holds, through its widened beam), IVF probes more lists."""
     from wsi_ssl.search import filtered
     from wsi_ssl.testing.bags import write_bag_store
 
     if kind == "hnsw-beam":
-        monkeypatch.setattr(filtered, "EXACT_MAX", 0)
+        monkeypatch.setattr(filtered, "EXACT_FLOATS", 0)
         kind = "hnsw"
 
     rng = np.random.default_rng(1)

@@ -454,7 +454,8 @@ class SearchIndex(SearchMethods):
         tombs = int(self.record.get("tombstones", 0))
         if tombs and self._tomb_ids is None:
             self._tomb_ids = tombstone_ids(self.entries)
-        allowed = self.n_vectors - sum(e.n_tiles for e in self.slides if e.number in exclude)
+        out = set(exclude)
+        allowed = self.n_vectors - sum(e.vectors for e in self.slides if e.number in out)
         left_out = (exclude, self._tomb_ids if tombs else None)
         return filtered_search(self.index, self.strategy, self.params, x, k, allowed, left_out)
 

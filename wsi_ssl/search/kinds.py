@@ -210,7 +210,7 @@ class HNSWKind(IndexKind):
     def search_params(
         self, params: dict[str, Any], k: int, selector: Any = None, widen: float = 1.0
     ) -> Any:
-        """HNSW's beam is widened to ``k`` when ``k`` exceeds the calibrated ``efSearch``."""
+        """HNSW's beam: the calibrated ``efSearch`` (``k`` when more), times ``widen``."""
         import faiss
 
         beam = math.ceil(max(int(params.get("efSearch", 64)), k) * widen)
