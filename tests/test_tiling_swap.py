@@ -211,6 +211,38 @@ def test_sigkill_at_each_swap_point_keeps_a_complete_store(
 
 
 @pytest.mark.faults
+def test_an_index_update_keeps_a_slide_caught_between_the_renames_of_a_swap(
+    embedded: tuple[Path, str, np.ndarray, np.ndarray], slide: Path
+) -> None:
+    """A re-tile killed between its renames (the old store aside, the new one not yet in
+    place), and a re-embed's vectors set aside: ``index --add`` took the slide as gone and
+    dropped its vectors for good. Now it keeps them and says why; once the swap is finished
+    the slide is indexed as before."""
+    from wsi_ssl.search import SearchIndex
+
+    root, slide_id, _, _ = embedded
+    before = SearchIndex.build(root, "enc-a", kind="flat").n_vectors
+    proc = _tile(root, slide, "--no-resume", fault="kill_before_rename:#swap-in")
+    proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    assert not open_store(root).store_path(slide_id).exists()  # between the renames
+    summary = SearchIndex.open(root).add()
+    assert summary.removed == [] and any(
+        "being re-tiled or re-embedded" in n for n in summary.notes
+    )
+    assert SearchIndex.open(root).n_vectors == before
+    code, out, _ = run_cli(["tile", str(slide), "--out", str(root), *FLAGS])  # finishes the swap
+    assert code == 0, out
+    vectors = open_store(root).store_path(slide_id) / "embeddings"
+    (vectors / "enc-a").rename(vectors / ".replaced-enc-a")  # a re-embed killed mid-swap
+    assert SearchIndex.open(root).add().removed == []
+    assert SearchIndex.open(root).n_vectors == before
+    (vectors / ".replaced-enc-a").rename(vectors / "enc-a")
+    assert SearchIndex.open(root).add().removed == []
+    assert [e.slide_id for e in SearchIndex.open(root).slides] == [slide_id]
+
+
+@pytest.mark.faults
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_while_writing_beside_leaves_nothing_but_the_old_store(
     embedded: tuple[Path, str, np.ndarray, np.ndarray], slide: Path, sig: signal.Signals

@@ -12,9 +12,6 @@ assigned here, in the order slides are added, and kept in the index's id map
 IVF-PQ indexes is in :mod:`wsi_ssl.search.kinds`; the archive side in
 :mod:`wsi_ssl.search.archive`, query building in :mod:`wsi_ssl.search.queries`, ranking in
 :mod:`wsi_ssl.search.ranking`, the query methods in :mod:`wsi_ssl.search.searching`.
-
-One class: the index's own state (FAISS index, id map, files) and the writes that keep them
-consistent under the writer lock (build, add, remove, compact).
 """
 
 from __future__ import annotations
@@ -63,6 +60,7 @@ from wsi_ssl.storage.index_files import (
     validate_index_name,
     write_index,
 )
+from wsi_ssl.storage.swaps import mid_swap_note, split_mid_swap
 
 __all__ = ["MAX_QUERY_TILES", "AddSummary", "SearchIndex"]
 
@@ -328,12 +326,12 @@ class SearchIndex(SearchMethods):
         """Append slides embedded since the index was built (and re-add re-embedded ones).
 
         New slides get the next slide numbers; nothing is rebuilt. Slides taken out with
-        :meth:`remove` stay out unless ``slides`` names them. A slide whose embeddings
-        changed (new coords or a newer embedding run) is removed and added again; without
-        ``slides``, a slide whose store or embeddings are gone (re-tiled with its embeddings
-        discarded, removed) is removed, so no hit points at tiles that no longer exist. A slide
-        whose store or embeddings cannot be read is left as it is and listed in
-        ``summary.damaged``; the others are added.
+        :meth:`remove` stay out unless ``slides`` names them. A slide whose embeddings changed
+        (new coords or a newer embedding run) is removed and added again; without ``slides``,
+        a slide whose store or embeddings are gone (re-tiled with its embeddings discarded,
+        removed; not mid-swap: kept, noted) is removed, so no hit points at tiles that no
+        longer exist. One whose store or embeddings cannot be read is left as it is and listed
+        in ``summary.damaged``.
 
         Raises:
             SchemaMismatchError: a new slide was tiled at another scale than the index.
@@ -367,6 +365,9 @@ class SearchIndex(SearchMethods):
             summary.damaged = [str(err) for err in found.damaged]
             unreadable = {damaged_slide_id(err) for err in found.damaged}  # kept as they are
             gone = [] if slides is not None else sorted(current.keys() - skip.seen - unreadable)
+            gone, held = split_mid_swap(self.root, self.encoder_id, gone)  # held: not gone
+            if held:
+                summary.notes.append(mid_swap_note([current[s].name for s in held], self.root))
             if found.entries and found.dim != self.dim:
                 raise SchemaMismatchError(
                     f"new embeddings have dimension {found.dim}, the index {self.dim}"

@@ -1,0 +1,50 @@
+"""Whether a slide's store or embeddings are between the two renames of a swap.
+
+A re-tile puts the old store aside (``<id>.zarr.old``) and its new one in place
+(``<id>.zarr.new`` renamed); a re-embed sets the old vectors aside (``.replaced-<eid>``) and
+renames the new ones (``.writing-<eid>``) in. Between the renames, or after a job killed there
+(``wsi-ssl check --repair`` finishes or undoes the swap), the slide has no complete store or no
+complete embeddings although nothing was removed: a reader must not take them as gone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from wsi_ssl.storage.embeddings import EMBEDDINGS_GROUP, PARTIAL_PREFIX, REPLACED_PREFIX
+from wsi_ssl.storage.slide_store import aside_path, staging_path
+
+__all__ = ["mid_swap", "mid_swap_note", "split_mid_swap"]
+
+
+def mid_swap(root: str | Path, slide_id: str, encoder_id: str) -> bool:
+    """Whether slide ``slide_id`` of archive ``root``, or its embeddings ``encoder_id``, are
+    between the renames of a swap (see the module docstring)."""
+    store = Path(root) / "slides" / f"{slide_id}.zarr"
+    if not store.exists():
+        return aside_path(store).exists() or staging_path(store).exists()
+    group = store / EMBEDDINGS_GROUP
+    if (group / encoder_id).exists():
+        return False
+    return (group / f"{REPLACED_PREFIX}{encoder_id}").exists() or (
+        group / f"{PARTIAL_PREFIX}{encoder_id}"
+    ).exists()
+
+
+def split_mid_swap(
+    root: str | Path, encoder_id: str, slide_ids: list[str]
+) -> tuple[list[str], list[str]]:
+    """``slide_ids`` as (those not mid-swap, those mid-swap)."""
+    held = [sid for sid in slide_ids if mid_swap(root, sid, encoder_id)]
+    return [sid for sid in slide_ids if sid not in held], held
+
+
+def mid_swap_note(names: list[str], root: str | Path) -> str:
+    """What an index update says of the slides it kept because they are mid-swap."""
+    from wsi_ssl.listing import first_few
+
+    return (
+        f"{len(names)} slide(s) being re-tiled or re-embedded now, or left so by a killed job, "
+        f"kept as indexed ({first_few(names)}); when that job ends (or after `wsi-ssl check "
+        f"{root} --repair`), `index --add` brings them up to date"
+    )
