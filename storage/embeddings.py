@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
+from zarr.codecs import ZstdCodec
 
 from wsi_ssl.errors import (
     EmbeddingsCorruptError,
@@ -388,6 +389,7 @@ class EmbeddingWriter:
                 chunks=(min(self.chunk_rows, max(1, self.n_rows)), self.dim),
                 dimension_names=("tile", "feature"),
                 fill_value=np.nan,
+                compressors=ZstdCodec(checksum=True),  # a changed byte fails, not a wrong row
                 config={"write_empty_chunks": True},  # rows not embedded are NaN: keep them
             )
             self._array.attrs.update(
