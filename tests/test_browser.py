@@ -642,7 +642,7 @@ def test_page_names_index_choice_and_concept_errors(dup_page: dict[str, Any]) ->
     # the index menu: "more like these" searches the index picked there
     assert driver.find_element(By.ID, "index-choice").is_displayed()
     Select(driver.find_element(By.ID, "index")).select_by_value("only")
-    _wait(lambda: driver.execute_script("return wsi.answer.index.name") == "only")
+    _wait(lambda: driver.execute_script("return wsi.answer && wsi.answer.index.name") == "only")
     _wait(lambda: _state(driver) == "results")
     driver.find_elements(By.CSS_SELECTOR, "#results .card.hit button.accept")[0].click()
     _wait(lambda: driver.execute_script("return wsi.labels.accepted.length") == 1)

@@ -154,3 +154,39 @@ def test_page_slide_list_header_and_hits_follow_the_index_picked(
     _wait(lambda: state() == "ready")
     assert driver.execute_script("return wsi.current.slide_id") == s1
     assert driver.find_element(By.ID, "status").get_attribute("class") == ""
+    _switch_away_from_the_open_slide(driver, archive, [x, y, 448, 448])
+
+
+def _switch_away_from_the_open_slide(driver: Any, archive: dict[str, Any], box: list[int]) -> None:
+    """s1 open with hits of the default index on screen; a search of s1 under way when index
+    ``only`` (s2 alone) is picked: no card, ranking entry or hit of the default index is left
+    (nor arrives later: clicking one opened s1 from the old index while searches named the new
+    one, "not in index"), s2 opens and its searches name ``only``; ``lonely`` says it is
+    empty without sending the user to reload the page (that brings back the server's index)."""
+    s1, s2 = archive["ids"]["s1"], archive["ids"]["s2"]
+    script = lambda js: driver.execute_script(js)  # noqa: E731
+    state = lambda: script("return document.body.dataset.state")  # noqa: E731
+    searches = "return performance.getEntriesByType('resource')"
+    searches += ".filter(e => e.name.endsWith('/api/search')).length"
+    assert script("return document.querySelectorAll('#slide-ranking li').length") > 0
+    script("performance.clearResourceTimings(); performance.setResourceTimingBufferSize(10**5)")
+    pick = "const m = document.getElementById('index'); m.value = arguments[0]; "
+    pick += "m.dispatchEvent(new Event('change'))"
+    driver.execute_script(f"search(arguments[1]); {pick}", "only", box)
+    _wait(lambda: script("return wsi.current && wsi.current.slide_id") == s2)
+    _wait(lambda: state() == "ready" and script(searches) == 1)  # its answer came
+    time.sleep(0.3)
+    left = "return [...document.querySelectorAll('#results .card, #slide-ranking li')].length"
+    assert script(left) == 0 and script("return wsi.answer") is None
+    assert driver.execute_script("return wsi.current.index") == "only"
+    x, y = (int(v) for v in open_store(archive["root"]).slide(s2).coords[0])
+    driver.execute_script("search(arguments[0])", [x, y, 448, 448])
+    _wait(lambda: state() == "results")
+    assert script("return wsi.answer.index.name") == "only"
+    assert set(script("return wsi.answer.hits.map(h => h.slide_id)")) == {s2}
+    driver.execute_script(pick, "lonely")
+    _wait(lambda: state() == "empty")
+    status = script("return document.getElementById('status').textContent")
+    assert "--name lonely" in status and "reload" not in status, status
+    assert "pick another index" in status and script(left) == 0
+    assert s1 not in script("return document.body.innerHTML")

@@ -22,10 +22,11 @@ Routes:
   like these" and the concept map, each with the ``index`` the page's menu picked.
 
 A library error becomes ``{"error": message, "type": name}`` with status 404 (unknown slide),
-400 (a request to fix), 409 (a slide re-tiled since indexing: tiled otherwise, or without
-the index's embeddings), 503 (a store being rewritten, the label files held by another
-server past the wait, or the picture queue full) or 500 (a damaged index or store); messages
-carry no filesystem paths, and no answer repeats the body. API docs are off.
+422 (a new label starting like a spreadsheet formula), 400 (a request to fix), 409 (a slide
+re-tiled since indexing: tiled otherwise, or without the index's embeddings), 503 (a store
+being rewritten, the label files held by another server past the wait, or the picture queue
+full) or 500 (a damaged index or store); messages carry no filesystem paths, and no answer
+repeats the body. API docs are off.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from wsi_ssl.errors import (
 from wsi_ssl.search.queries import clip_box
 from wsi_ssl.serve.labels import (
     SLIDE_LABELS,
+    FormulaLabelError,
     Label,
     LabelBook,
     concept_map,
@@ -195,6 +197,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def library_error(request: Request, exc: WsiSslError) -> JSONResponse:
         if isinstance(exc, UnknownSlideError | IndexNotFoundError):
             status = 404
+        elif isinstance(exc, FormulaLabelError):
+            status = 422  # a new label a spreadsheet would take for a formula
         elif isinstance(exc, USER_ERRORS):
             status = 400
         elif isinstance(exc, StoreIncompleteError | StoreLockedError):

@@ -30,7 +30,9 @@ header ``X-Skipped-Regions``).
 Several servers may share an archive: a change is made under ``.locks/labels.lock`` on the
 files as they are then (read again, changed, written atomically); reads take a file again
 once another process replaced it. A label is 1 to 64 characters, no control character, ``/``
-or ``\\`` (``Tumor: Positive``, ``Tumör`` are fine); it is never part of a file name. A CSV
+or ``\\`` (``Tumor: Positive``, ``Tumör`` are fine); it is never part of a file name. A new
+label may not start with ``=``, ``+``, ``-`` or ``@`` (a spreadsheet formula;
+:class:`FormulaLabelError`, a 422); one the files already hold (``+ve``) stays usable. A CSV
 saved by a spreadsheet (BOM, CRLF, ``898.0``) is read; a row that still cannot be read is a
 :class:`~wsi_ssl.errors.LabelsError` naming the file and line, the file left as it is.
 """
@@ -41,8 +43,6 @@ import csv
 import dataclasses
 import io
 import json
-import math
-import os
 import threading
 import unicodedata
 from pathlib import Path
@@ -54,7 +54,6 @@ from pydantic import AfterValidator
 from wsi_ssl.errors import (
     ConfigError,
     EmbeddingsNotFoundError,
-    LabelsError,
     NoTilesInRegionError,
     RegionOutsideSlideError,
     StoreIncompleteError,
@@ -64,8 +63,17 @@ from wsi_ssl.errors import (
     WsiSslError,
 )
 from wsi_ssl.search.queries import clip_box, on_slide_centres
+from wsi_ssl.serve.labelfiles import (
+    COLUMNS,
+    Record,
+    Stamp,
+    csv_text,
+    geojson,
+    read_csv,
+    stamp,
+    write,
+)
 from wsi_ssl.serve.service import SlideService
-from wsi_ssl.storage.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from wsi_ssl.search.index import SearchIndex
@@ -73,6 +81,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SLIDE_LABELS",
+    "FormulaLabelError",
     "Label",
     "LabelBook",
     "check_label",
@@ -82,7 +91,6 @@ __all__ = [
     "write_slide_labels",
 ]
 
-COLUMNS = ("slide", "x", "y", "w", "h", "label")
 MAX_LABEL = 64
 MAX_REGIONS = 10_000
 SCALE_SAMPLE = 20_000
@@ -90,8 +98,6 @@ SCALE_SAMPLE = 20_000
 SCALE_SLIDES = 64
 MAX_MORE_FETCH = 4096
 """The most neighbours "more like these" fetches to find ``k`` outside the labelled boxes."""
-Record = tuple[str, int, int, int, int, str]
-Stamp = tuple[int, int, int] | None
 SLIDE_LABELS = "labels/slides.csv"
 """The archive's slide labels (``slide,label``): the server's label filter reads it."""
 LOCK = ".locks/labels.lock"
@@ -111,114 +117,22 @@ def check_label(value: str) -> str:
             f"a label is 1 to {MAX_LABEL} characters without control characters, / or \\ "
             "(such as tumour, Tumor: Positive or Tumör)"
         )
-    if label[0] in "=+-@":  # labels/regions.csv is opened in spreadsheets
-        raise ValueError("a label may not start with =, +, - or @ (a spreadsheet formula)")
     return label
 
 
-Label = Annotated[str, AfterValidator(check_label)]
+class FormulaLabelError(ConfigError):
+    """A new label starting like a spreadsheet formula (``=``, ``+``, ``-``, ``@``): refused
+    (a 422), as ``labels/regions.csv`` is opened in spreadsheets. A label the files already
+    hold (written before, or by hand: ``+ve``) is kept usable."""
 
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text)
-
-
-def _stamp(path: Path) -> Stamp:
-    """What tells a replaced file from the one read before (None: no file)."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
-
-
-def _whole(value: str | None, column: str) -> int:
-    """A whole number as a person or a spreadsheet writes it ("898", "898.0")."""
-    try:
-        number = float((value or "").strip())
-    except ValueError:
-        number = math.nan
-    if not math.isfinite(number) or number != int(number):
-        raise ValueError(f"column {column} holds {(value or '')[:20]!r}, not a whole number")
-    return int(number)
-
-
-def _read_csv(path: Path) -> tuple[list[Record], Stamp]:
-    """The records of ``path`` (none when there is no file) and the stamp of what was read.
-
-    Raises:
-        LabelsError: the file cannot be read, lacks a column, or a row lacks a value or
-            holds a number that is not whole (the message names the line).
-    """
-    try:
-        f = path.open(encoding="utf-8-sig", newline="")
-    except FileNotFoundError:
-        return [], None
-    except OSError as err:
-        raise LabelsError(path, f"cannot be read ({err.strerror})") from err
-    with f:
-        st = os.fstat(f.fileno())
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        try:
-            first = f.readline()
-            f.seek(0)  # a spreadsheet's semicolon-separated save, or commas
-            reader = csv.DictReader(f, delimiter=";" if "," not in first else ",")
-            header = [(h or "").strip().lower() for h in reader.fieldnames or []]
-            if missing := [c for c in COLUMNS if c not in header]:
-                need = f"the column(s) {', '.join(missing)}; the header is {','.join(COLUMNS)}"
-                raise LabelsError(path, f"line 1 lacks {need}", [1])
-            reader.fieldnames = header
-            rows = ((reader.line_num, r) for r in reader)
-            return [
-                _record(path, n, r) for n, r in rows if "".join(map(str, r.values())).strip()
-            ], stamp
-        except UnicodeDecodeError as err:
-            raise LabelsError(path, "is not UTF-8 text; save it as CSV UTF-8") from err
-
-
-def _record(path: Path, line: int, row: dict[str, Any]) -> Record:
-    """One row as a record, or LabelsError naming its line and what to do."""
-    try:
-        slide, label = (str(row.get(c) or "").strip() for c in ("slide", "label"))
-        if not slide or not label:
-            raise ValueError("the slide or the label is empty")
-        x, y, w, h = (_whole(row.get(c), c) for c in "xywh")
-    except ValueError as err:
-        raise LabelsError(
-            path,
-            f"line {line} cannot be read: {err}; correct or delete that row (the file is left "
-            "as it is until then)",
-            [line],
-        ) from None
-    return slide, x, y, w, h, label
-
-
-def _csv_text(records: list[Record]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    writer.writerows(records)
-    return buf.getvalue()
-
-
-def geojson(records: list[Record], name: str) -> dict[str, Any]:
-    """QuPath-importable annotations of ``records`` (level-0 rectangles)."""
-    features = []
-    for _, x, y, w, h, label in records:
-        ring = [[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]
-        features.append(
-            {
-                "type": "Feature",
-                "geometry": {"type": "Polygon", "coordinates": [ring]},
-                "properties": {
-                    "objectType": "annotation",
-                    "name": name,
-                    "classification": {"name": label, "color": [230, 120, 20]},
-                },
-            }
+    def __init__(self) -> None:
+        super().__init__(
+            "label: a label may not start with =, +, - or @ (a spreadsheet formula), unless "
+            "the label files already hold it"
         )
-    return {"type": "FeatureCollection", "features": features}
+
+
+Label = Annotated[str, AfterValidator(check_label)]
 
 
 class LabelBook:
@@ -240,9 +154,9 @@ class LabelBook:
     def _records(self, name: str, fresh: bool = False) -> list[Record]:
         """The records of ``labels/<name>``, read again when another process replaced it."""
         kept = self._read.get(name)
-        if fresh or kept is None or kept[0] != _stamp(self.dir / name):
-            records, stamp = _read_csv(self.dir / name)
-            kept = self._read[name] = (stamp, records)
+        if fresh or kept is None or kept[0] != stamp(self.dir / name):
+            records, read = read_csv(self.dir / name)
+            kept = self._read[name] = (read, records)
         return list(kept[1])
 
     def snapshot(self) -> tuple[list[Record], list[Record]]:
@@ -279,7 +193,12 @@ class LabelBook:
         """Record ``verdict`` on the region of ``record`` (a box clipped to its slide of
         ``dimensions``): any earlier verdict on that region is replaced, one kept from before
         boxes were clipped included. Made under the archive's label lock on the files as
-        they are then, so verdicts of other servers are kept."""
+        they are then, so verdicts of other servers are kept.
+
+        Raises:
+            FormulaLabelError: an accept or reject naming a label that starts like a
+                spreadsheet formula and that neither file holds yet.
+        """
         from wsi_ssl.storage.locks import hold_lock
 
         key = record[:5]
@@ -288,18 +207,21 @@ class LabelBook:
             return r[0] != key[0] or clip_box(r[1:5], dimensions) != key[1:]
 
         with self._lock, hold_lock(self.root / LOCK, self.dir, wait=30.0):
-            accepted = [r for r in self._records(self.FILES[0], fresh=True) if other(r)]
-            rejected = [r for r in self._records(self.FILES[1], fresh=True) if other(r)]
+            held = self._records(self.FILES[0], fresh=True), self._records(self.FILES[1], True)
+            new = all(r[5] != record[5] for r in held[0] + held[1])
+            if verdict != "clear" and record[5][0] in "=+-@" and new:
+                raise FormulaLabelError
+            accepted, rejected = ([r for r in records if other(r)] for records in held)
             if verdict != "clear":
                 if len(accepted) + len(rejected) >= MAX_REGIONS:
                     raise ConfigError(f"at most {MAX_REGIONS} labelled regions per archive")
                 (accepted if verdict == "accept" else rejected).append(record)
             for file, records in zip(self.FILES, (accepted, rejected), strict=True):
-                _write(self.dir / file, _csv_text(records))
-                self._read[file] = (_stamp(self.dir / file), records)
+                write(self.dir / file, csv_text(records))
+                self._read[file] = (stamp(self.dir / file), records)
             mine = [r for r in accepted if r[0] == record[0]]
             text = json.dumps(geojson(mine, name), indent=1) + "\n"
-            _write(self.dir / "geojson" / f"{record[0]}.geojson", text)
+            write(self.dir / "geojson" / f"{record[0]}.geojson", text)
 
 
 def slide_labels_from_regions(root: str | Path) -> dict[str, str]:
@@ -321,7 +243,7 @@ def write_slide_labels(root: str | Path, out: str | Path | None = None) -> Path:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(("slide", "label"))
     writer.writerows(sorted(labels.items()))
-    _write(path, buf.getvalue())
+    write(path, buf.getvalue())
     return path
 
 

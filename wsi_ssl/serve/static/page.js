@@ -5,7 +5,7 @@ const $ = (id) => document.getElementById(id);
 const CLICK_PX = 5;  // a press that moves less than this (screen px) is a click, not a drag
 const state = {
   slides: [], current: null, viewer: null, lastBox: null, answer: null, mark: null,
-  labels: { accepted: [], rejected: [] }, slideSeq: 0, searchSeq: 0, drawing: false, drag: null,
+  labels: { accepted: [], rejected: [] }, slideSeq: 0, searchSeq: 0, indexSeq: 0, drawing: false, drag: null,
   layers: null, minis: [],
 };
 const LAYERS = ["qc", "annotations", "attention"];
@@ -134,9 +134,9 @@ function redrawOverlays() {
     const img = document.createElement("img");
     img.className = "concept";
     img.alt = "";
-    const params = new URLSearchParams({ label: $("label").value, ...indexParam(),
+    const params = new URLSearchParams({ label: $("label").value,
       n: `${state.labels.accepted.length}.${state.labels.rejected.length}` });
-    img.src = `/api/slides/${id}/concept.png?${params}`;
+    img.src = withIndex(`/api/slides/${id}/concept.png?${params}`, cur.index);
     img.onerror = () => overlayFailed(img.src, "concept map");
     v.addOverlay({ element: img, location: imageRect([0, 0, cur.dimensions[0], cur.dimensions[1]]) });
   }
@@ -293,9 +293,9 @@ async function search(box) {
   [state.lastSlide, state.lastBox] = [cur.slide_id, box];  // asked again when a setting changes
   let answer;
   try {
-    answer = await api("/api/search", {
+    answer = await api("/api/search", {  // in the index the open slide was opened from
       slide: cur.slide_id, box, k: resultCount(),
-      mode: $("mode").value, exclude_self: $("exclude-self").checked, ...filters(),
+      mode: $("mode").value, exclude_self: $("exclude-self").checked, ...filters(), index: cur.index,
     });
   } catch (err) {
     return searchFailed(seq, err);
@@ -319,14 +319,20 @@ function resultCount() {
 // a search failed: its reason shown, and no results of an earlier question left on screen
 function searchFailed(seq, err) {
   if (seq !== state.searchSeq) return;
+  clearResults();
+  document.body.dataset.state = "ready";
+  setStatus(err.message, true);
+}
+
+// no results or slide ranking on screen, and none of a search still under way to come
+function clearResults() {
+  state.searchSeq++;
   for (const v of state.minis) v.destroy();
   state.minis = [];
   state.answer = null;
   $("results").replaceChildren();
   renderRanking([], null);
   redrawOverlays();
-  document.body.dataset.state = "ready";
-  setStatus(err.message, true);
 }
 
 function showAnswer(answer, message) {
@@ -600,30 +606,37 @@ function showEmpty(name) {
   state.current = null;
   state.viewer.close();
   document.body.dataset.state = "empty";
-  setStatus(`Index ${name} holds no slide. Add some with \`wsi-ssl index ROOT --add\` ` +
-    "(after tiling and embedding them into ROOT), then reload this page.", true);
+  const other = $("index-choice").hidden ? "." : "; or pick another index above.";
+  setStatus(`Index ${name} holds no slide. Add some with \`wsi-ssl index ROOT --add --name ${name}\` ` +
+    `(after tiling and embedding them into ROOT): they appear when you come back to this window${other}`, true);
 }
 
-// another index picked: its summary in the header, its slides in the list; the open slide stays
-// open (its last search run again) when that index holds it, else its first slide opens
+// another index picked: the results and slide ranking of the last one cleared at once (their
+// hits belong to that one), its summary in the header, its slides in the list; the open slide
+// stays open (its last search run again) when that index holds it, else its first slide opens.
+// Every call about the open slide then names the picked index (``state.current.index``).
 async function switchIndex() {
-  const seq = ++state.slideSeq;
+  const seq = ++state.slideSeq, pick = ++state.indexSeq;
+  state.mark = null;
+  clearResults();
   let info, list;
   try {
     [info, list] = await Promise.all([api(withIndex("/api/index")), api(withIndex("/api/slides"))]);
   } catch (err) {
-    if (seq === state.slideSeq) setStatus(err.message, true);
+    if (pick === state.indexSeq) setStatus(err.message, true);
     return;
   }
-  if (seq !== state.slideSeq) return;
+  if (pick !== state.indexSeq) return;
   showIndexInfo(info);
   state.slides = list;
   renderSlideList();
+  if (seq !== state.slideSeq) return;  // a slide of the list was opened meanwhile
   const cur = state.current;
   if (cur && list.some((s) => s.slide_id === cur.slide_id)) {
     cur.index = indexParam().index;
     loadLayers(cur.slide_id, seq);
     redrawOverlays();
+    if (document.body.dataset.state !== "opening") document.body.dataset.state = "ready";
     searchAgain();
   } else if (list.length) {
     openSlide(list[0].slide_id);
