@@ -121,7 +121,7 @@ class TileReader:
         given = np.asarray(rows)
         if given.size and given.dtype.kind not in "iu":  # 1.5 was read as row 1
             raise TypeError(
-                f"tile rows must be whole numbers (a list or array; a range: np.arange); got "
+                f"tile rows must be whole numbers (a list, range or integer array); got "
                 f"{given.dtype} {rows!r:.60}"
             )
         rows = given.astype(np.int64).reshape(-1)

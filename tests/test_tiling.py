@@ -71,6 +71,8 @@ def test_config_validates() -> None:
     numpy = TilingConfig(tile_size=np.int64(128), mpp=np.float32(1), mpp_override=None)
     assert numpy.to_dict()["tile_size"] == 128 and type(numpy.tile_size) is int
     assert type(numpy.mpp) is float and TilingConfig(roi=Path("a.geojson")).roi == "a.geojson"
+    assert TilingConfig(qc=np.bool_(False)).qc is False
+    assert TilingConfig(roi="a.geojson", roi_include="Tumour").roi_include == ("Tumour",)
 
 
 def test_cmu_store_contract(cmu_root: Path, cmu_small: Path) -> None:

@@ -9,7 +9,10 @@ import os
 from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
+
 from wsi_ssl.errors import ConfigError
+from wsi_ssl.listing import one_or_many
 
 CODECS = ("jpeg", "zstd")
 MAX_TILE_SIZE = 4096
@@ -19,7 +22,7 @@ MAX_TILES = 10_000_000
 _TYPES: dict[str, tuple[type | tuple[type, ...], str]] = {
     "int": (numbers.Integral, "a whole number"),
     "float": (numbers.Real, "a number"),
-    "bool": (bool, "True or False"),
+    "bool": ((bool, np.bool_), "True or False"),
     "str": ((str, os.PathLike), "a string"),
 }
 """What each field type accepts (numpy numbers too), and how an error names it."""
@@ -129,8 +132,9 @@ class TilingConfig:
             raise ConfigError(
                 f"mpp_override must be > 0, got {self.mpp_override}", parameters=("mpp_override",)
             )
-        for name in ("roi_include", "roi_exclude"):  # TOML and JSON give lists
-            object.__setattr__(self, name, tuple(str(c) for c in getattr(self, name)))
+        for name in ("roi_include", "roi_exclude"):  # TOML and JSON give lists; one class: str
+            classes = one_or_many(getattr(self, name))
+            object.__setattr__(self, name, tuple(str(c) for c in classes))
         both = sorted(set(self.roi_include) & set(self.roi_exclude))
         if both:
             raise ConfigError(
@@ -163,9 +167,10 @@ class TilingConfig:
                     f"{f.name} must be {words}; got {value!r} ({type(value).__name__})",
                     parameters=(f.name,),
                 )
-            if kind in ("int", "float"):  # numpy numbers as Python's, for the stored JSON
+            if kind in ("int", "float", "bool"):  # numpy's as Python's, for the stored JSON
                 number = cast(float, value)
-                object.__setattr__(self, f.name, int(number) if kind == "int" else float(number))
+                python = {"int": int, "float": float, "bool": bool}[kind]
+                object.__setattr__(self, f.name, python(number))
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON types (tuples as lists), as stored and compared on resume."""

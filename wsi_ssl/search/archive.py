@@ -61,7 +61,7 @@ class SlideEntry:
 
     ``status`` is "active", "removed", "excluded" (removed by ``SearchIndex.remove``, which
     ``add`` respects unless the slide is named) or "unreadable" (its embeddings could not be
-    read: ``add`` tries again once they change); ``in_index`` is False once the slide's vectors are
+    read: each ``add`` reads them again); ``in_index`` is False once the slide's vectors are
     gone from the FAISS index (an HNSW tombstone keeps them until compaction). ``n_tiles``
     counts the slide's tiles (its coords), ``n_vectors`` those indexed when fewer (the tiles an
     embedding job with ``skip_flagged_tiles`` left out have no vector; None: every tile). Dict-style

@@ -11,7 +11,7 @@ from wsi_ssl.errors import ConfigError
 from wsi_ssl.listing import first_few
 from wsi_ssl.tiling.slide_table import SlideTable
 
-__all__ = ["check_batch"]
+__all__ = ["check_batch", "check_output"]
 
 
 def check_output(root: Path, config: object) -> None:
