@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wsi_ssl.errors import CatalogCorruptError
+from wsi_ssl.errors import CatalogCorruptError, CatalogWriteError, DiskFullError, WsiSslError
+from wsi_ssl.storage.atomic import fsync_file, rename_into_place, temp_name
 from wsi_ssl.storage.slide_store import STATUS_COMPLETE, SlideStore
 
 _SCHEMA = """
@@ -44,26 +47,32 @@ class CatalogEntry:
 
 
 class Catalog:
-    """The archive's slide table. Short transactions, so several processes can share it."""
+    """The archive's slide table. Short transactions, so several processes can share it.
+
+    Nothing is written until a row is: reading a catalog that is not there (a new archive, or
+    a read-only one) finds no rows and creates no file. A full disk is a
+    :class:`DiskFullError`, a read-only archive a :class:`CatalogWriteError`, a damaged file a
+    :class:`CatalogCorruptError`, each naming the catalog and what to do.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.executescript(_SCHEMA)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        """A connection in a transaction; a damaged file is a :class:`CatalogCorruptError`
-        (busy or full stays sqlite's ``OperationalError``)."""
-        db = sqlite3.connect(self.path, timeout=30)
+        """A connection in a transaction, sqlite's errors typed (:func:`_typed`; busy stays
+        sqlite's ``OperationalError``)."""
+        try:
+            db = sqlite3.connect(self.path, timeout=30)
+        except sqlite3.Error as err:
+            _raise_typed(self.path, err)
+            raise
         try:
             with db:
                 yield db
-        except sqlite3.OperationalError:
+        except sqlite3.Error as err:
+            _raise_typed(self.path, err)
             raise
-        except sqlite3.DatabaseError as err:  # "malformed", "file is not a database"
-            raise CatalogCorruptError(self.path, str(err)) from err
         finally:
             db.close()
 
@@ -81,20 +90,36 @@ class Catalog:
     ) -> None:
         """Record a slide; ``name`` is its file name as given (a link's, not its target's;
         default: ``path``'s)."""
+        self.upsert_rows(
+            [
+                {
+                    "slide_id": slide_id,
+                    "path": path,
+                    "fingerprint": fingerprint,
+                    "status": status,
+                    "n_tiles": n_tiles,
+                    "error": error,
+                    "tiling": tiling,
+                    "name": name,
+                }
+            ]
+        )
+
+    def upsert_rows(self, rows: Iterable[dict[str, Any]], journal: bool = True) -> None:
+        """Record several slides (``upsert`` keywords) in one transaction, creating the catalog
+        if need be; ``journal=False`` for a file no one else reads yet (no journal file)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            _raise_typed(self.path, err)
+            raise
         with self._connect() as db:
-            db.execute(
+            if not journal:
+                db.execute("PRAGMA journal_mode=OFF")
+            db.execute(_SCHEMA)
+            db.executemany(
                 "INSERT OR REPLACE INTO slides VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    slide_id,
-                    str(path),
-                    name or Path(path).name,
-                    fingerprint,
-                    status,
-                    n_tiles,
-                    error,
-                    None if tiling is None else json.dumps(tiling, sort_keys=True),
-                    time.time(),
-                ),
+                [_row_values(**row) for row in rows],
             )
 
     def get(self, slide_id: str) -> CatalogEntry | None:
@@ -124,6 +149,11 @@ class Catalog:
         return self._select("WHERE status = ? ORDER BY name", (status,))
 
     def _select(self, where: str, args: tuple[Any, ...]) -> list[CatalogEntry]:
+        try:
+            if self.path.stat().st_size == 0:  # never written, or its creation failed
+                return []
+        except FileNotFoundError:
+            return []  # not created yet: no rows (and reading creates nothing)
         with self._connect() as db:
             rows = db.execute(
                 "SELECT slide_id, path, name, fingerprint, status, n_tiles, error, tiling "
@@ -173,3 +203,112 @@ def set_aside(path: Path) -> Path:
     aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
     path.rename(aside)
     return aside
+
+
+def _row_values(
+    *,
+    slide_id: str,
+    path: str | Path,
+    fingerprint: str,
+    status: str,
+    n_tiles: int | None = None,
+    error: str | None = None,
+    tiling: dict[str, Any] | None = None,
+    name: str | None = None,
+) -> tuple[Any, ...]:
+    return (
+        slide_id,
+        str(path),
+        name or Path(path).name,
+        fingerprint,
+        status,
+        n_tiles,
+        error,
+        None if tiling is None else json.dumps(tiling, sort_keys=True),
+        time.time(),
+    )
+
+
+def rebuild_catalog(path: Path, rows: Iterable[dict[str, Any]]) -> Path | None:
+    """Replace the catalog at ``path`` (damaged or missing) by one holding ``rows``, at once:
+    written whole in a temp file beside it, then renamed into place, so a full disk or a kill
+    leaves what was there. The file it replaces is set aside (:func:`set_aside`, returned).
+
+    Raises:
+        DiskFullError, CatalogWriteError: naming ``path``; nothing was changed.
+    """
+    temp, aside = path.with_name(temp_name(path.name)), None
+    try:
+        Catalog(temp).upsert_rows(rows, journal=False)
+        fsync_file(temp)
+        aside = set_aside(path) if path.exists() else None
+        rename_into_place(temp, path)
+    except OSError as err:  # the typed errors of the temp file too
+        if aside is not None:  # put back what was there
+            aside.rename(path)
+        _raise_typed(path, err)
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+    return aside
+
+
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _raise_typed(path: Path, err: OSError | sqlite3.Error) -> None:
+    """Raise the typed error (naming the catalog ``path``) of ``err``, if it has one."""
+    typed = _os_typed(path, err) if isinstance(err, OSError) else _typed(path, err)
+    if typed is not None:
+        raise typed from err
+
+
+def _os_typed(path: Path, err: OSError) -> WsiSslError | None:
+    """The typed error naming the catalog ``path`` for a failed write (a typed one of another
+    path, a temp file's, is named again); None for other errors."""
+    if isinstance(err, DiskFullError) or err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return _full(path)
+    if isinstance(err, CatalogWriteError):
+        return CatalogWriteError(path, err.reason)
+    if err.errno in _NOT_WRITABLE:
+        return CatalogWriteError(path, err.strerror or str(err))
+    return None
+
+
+def _typed(path: Path, err: sqlite3.Error) -> WsiSslError | None:
+    """sqlite's error of the catalog at ``path`` as a typed error; None: busy, or an I/O error
+    (kept as sqlite raised it)."""
+    code = getattr(err, "sqlite_errorcode", 0) & 0xFF
+    if code == sqlite3.SQLITE_FULL:
+        return _full(path)
+    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
+        return CatalogWriteError(path, _why_not_writable(path, str(err)))
+    if code == sqlite3.SQLITE_ERROR and "no such table" in str(err):
+        return CatalogCorruptError(path, f"not a wsi-ssl catalog: {err}")
+    if isinstance(err, sqlite3.OperationalError):
+        return None
+    if isinstance(err, sqlite3.DatabaseError):  # "malformed", "file is not a database"
+        return CatalogCorruptError(path, str(err))
+    return None
+
+
+def _full(path: Path) -> DiskFullError:
+    return DiskFullError(
+        path,
+        "the archive's catalog could not be written: free space, then re-run (the re-run, or "
+        f"`wsi-ssl check {path.parent} --repair`, adds the rows it lacks; the slide stores "
+        "written are complete)",
+    )
+
+
+def _why_not_writable(path: Path, detail: str) -> str:
+    """Why the catalog at ``path`` cannot be written, as the OS would say it."""
+    folder = path.parent
+    with contextlib.suppress(OSError):
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return os.strerror(errno.EROFS)
+        target = path if path.exists() else folder
+        if not os.access(target, os.W_OK):
+            return os.strerror(errno.EACCES)
+    return detail

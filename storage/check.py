@@ -29,9 +29,7 @@ marks what must be redone in the catalog (status "failed"), so that a plain re-r
 from __future__ import annotations
 
 import itertools
-import shlex
 import shutil
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +45,15 @@ from wsi_ssl.listing import first_few
 from wsi_ssl.stain_settings import stain_key, stain_text
 from wsi_ssl.storage.archive import Archive, open_slide_store
 from wsi_ssl.storage.atomic import dead_temp_files, remove_path
-from wsi_ssl.storage.catalog import CatalogEntry, row_from_store, set_aside
+from wsi_ssl.storage.catalog import CatalogEntry, rebuild_catalog, row_from_store
+from wsi_ssl.storage.check_refusals import (
+    READ_ONLY,
+    archive_read_only,
+    refusal,
+    refused_fix,
+)
+from wsi_ssl.storage.check_report import CheckReport, Finding
+from wsi_ssl.storage.check_retile import retile_command, source_problem
 from wsi_ssl.storage.embeddings import (
     EMBEDDINGS_GROUP,
     PARTIAL_PREFIX,
@@ -61,7 +67,6 @@ from wsi_ssl.storage.fix_commands import (
     encoder_flags,
     index_flags,
     stain_flags,
-    tile_flags,
 )
 from wsi_ssl.storage.index_files import (
     INDEX_DIR,
@@ -97,58 +102,6 @@ __all__ = ["CheckReport", "Finding", "check_archive"]
 REPAIR = "wsi-ssl check {root} --repair"
 
 
-@dataclass(frozen=True)
-class Finding:
-    """One problem: where, what, the command that fixes it, whether ``--repair`` handles it."""
-
-    path: str
-    problem: str
-    fix: str
-    repairable: bool = False
-    repaired: bool = False
-
-
-@dataclass
-class CheckReport:
-    """The outcome of :func:`check_archive`; ``ok`` when nothing is left to fix."""
-
-    root: Path
-    findings: list[Finding] = field(default_factory=list)
-    failed_slides: list[str] = field(default_factory=list)
-    """Slides whose tiling failed (the catalog keeps each error) and that have no store: not
-    a problem of the archive, but not in it."""
-    busy: list[str] = field(default_factory=list)
-    """Stores a writer held while they were checked (a tiling job): not checked."""
-    stale_locks: list[str] = field(default_factory=list)
-    """Lock files naming a killed job (without ``repair``): harmless, so not problems; the next
-    writer of the same thing, or ``repair``, clears them."""
-    stores: int = 0
-    arrays: int = 0
-    indexes: int = 0
-
-    @property
-    def problems(self) -> list[Finding]:
-        """Findings still standing (not repaired)."""
-        return [f for f in self.findings if not f.repaired]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "root": str(self.root),
-            "ok": self.ok,
-            "stores": self.stores,
-            "embeddings": self.arrays,
-            "indexes": self.indexes,
-            "findings": [asdict(f) for f in self.findings],
-            "failed_slides": self.failed_slides,
-            "busy": self.busy,
-            "stale_locks": self.stale_locks,
-        }
-
-
 class _Checker:
     def __init__(self, root: Path, repair: bool, decode: bool, verify_tiles: bool) -> None:
         self.root = root
@@ -159,6 +112,8 @@ class _Checker:
         self.report = CheckReport(root)
         self.catalog: dict[str, CatalogEntry] = {}
         self.reported: set[str] = set()  # slides with a store finding already
+        self.sources: dict[str, str | None] = {}  # slide -> why its file no longer holds it
+        self.read_only: str | None = None  # why --repair could not write the archive
 
     def add(self, path: Path, problem: str, fix: str, repair: Any = None) -> None:
         """Record a finding; with ``--repair`` run ``repair()`` (True: done; a string: what it
@@ -166,9 +121,15 @@ class _Checker:
         done = False
         if self.repair and repair is not None:
             try:
-                result = repair()
-            except (OSError, WsiSslError):
-                result = False
+                result, err = repair(), None
+            except (OSError, WsiSslError) as error:
+                result, err = False, error
+            refused = refusal(err) if result is False else None
+            if result is False and refused is None and (why := archive_read_only(self.root)):
+                refused = READ_ONLY, why  # a repair that failed without saying why
+            if refused is not None:
+                fix = refused_fix(*refused, fix)
+                self.read_only = refused[1] if refused[0] == READ_ONLY else self.read_only
             if isinstance(result, str):
                 fix = f"{result}: {fix}"
             done = result is True
@@ -191,14 +152,22 @@ class _Checker:
             error=why,
             tiling=entry.tiling,
         )
+        if self.source_problem(slide_id) is not None:
+            return "marked for re-tiling"  # its file no longer holds it: the fix says so
         return "marked for re-tiling (a re-run of its tiling job redoes it)"
 
+    def source_problem(self, slide_id: str) -> str | None:
+        """Why the file a slide was tiled from no longer holds it (asked once a slide)."""
+        if slide_id not in self.sources:
+            self.sources[slide_id] = source_problem(self.catalog.get(slide_id))
+        return self.sources[slide_id]
+
     def tile_fix(self, slide_id: str) -> str:
-        """The ``wsi-ssl tile`` that redoes a slide as it was tiled (its catalog settings)."""
+        """The ``wsi-ssl tile`` that redoes a slide as it was tiled (its catalog settings), or
+        what to do where its file no longer holds it (``check_retile``)."""
+        store = self.archive.store_path(slide_id)
         entry = self.catalog.get(slide_id)
-        source = shlex.quote(entry.path) if entry is not None else "SLIDE_FILE"
-        flags = tile_flags(entry.tiling if entry is not None else None)
-        return f"wsi-ssl tile {source} --out {{root}}{flags} --no-resume"
+        return retile_command(entry, store, self.source_problem(slide_id))
 
     # -- stores ------------------------------------------------------------------------------
     def stores(self) -> None:
@@ -429,12 +398,11 @@ class _Checker:
             )
 
     def rebuild_catalog(self) -> bool:
-        """Set a damaged catalog aside and write one from the complete stores' metadata."""
-        if (self.root / "catalog.sqlite").exists():
-            set_aside(self.root / "catalog.sqlite")
-        catalog = self.archive.catalog
-        for slide_id in self.archive.scan().complete:
-            catalog.upsert(**row_from_store(self.archive.slide(slide_id)))
+        """Write the catalog from the complete stores' metadata, at once (a damaged one is set
+        aside; a full disk or a read-only archive changes nothing)."""
+        slides = self.archive.scan().complete
+        rows = [row_from_store(self.archive.slide(slide_id)) for slide_id in slides]
+        rebuild_catalog(self.root / "catalog.sqlite", rows)
         return True
 
     def add_to_catalog(self, slide_id: str) -> bool:
@@ -470,6 +438,15 @@ class _Checker:
         if readable:  # a damaged one is one finding, not one a store
             self.catalog_agreement()
         self.debris()
+        if self.read_only is not None:  # said once, here, for every repair it refused
+            self.report.findings.append(
+                Finding(
+                    str(self.root),
+                    f"the archive is read-only ({self.read_only}): --repair cannot change it",
+                    "make it writable (remount it read-write, or repair the writable archive it "
+                    f"was copied from), then: {REPAIR.format(root=self.root)}",
+                )
+            )
         return self.report
 
 

@@ -13,6 +13,7 @@ from wsi_ssl.listing import first_few
 __all__ = [
     "ArchitectureMismatchError",
     "CatalogCorruptError",
+    "CatalogWriteError",
     "CheckpointError",
     "ConfigError",
     "CorruptIndexError",
@@ -199,12 +200,16 @@ class MultiScaleRootError(StoreNotFoundError):
 
 
 class DiskFullError(WsiSslError, OSError):
-    """The disk filled up while writing; what was half written has been removed."""
+    """The disk filled up while writing; what was half written has been removed (``advice``,
+    when given, replaces what the message says to do)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, advice: str | None = None) -> None:
         super().__init__(
-            f"{path}: no space left on device; free space or write elsewhere, then re-run "
-            "(the unfinished output was removed)"
+            f"{path}: no space left on device; "
+            + (
+                advice
+                or "free space or write elsewhere, then re-run (the unfinished output was removed)"
+            )
         )
         self.path = Path(path)
 
@@ -511,6 +516,20 @@ class LockFileError(WsiSslError, OSError):
             "the archive needs it writable, with free space: fix that and re-run"
         )
         self.path = Path(path)
+
+
+class CatalogWriteError(LockFileError):
+    """An archive's ``catalog.sqlite`` cannot be created or written: the archive is read-only
+    or not ours to write (``reason`` says which)."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        WsiSslError.__init__(
+            self,
+            f"{path}: cannot write the archive's catalog ({reason}); a job that writes the "
+            "archive needs it writable: fix that and re-run",
+        )
+        self.path = Path(path)
+        self.reason = reason
 
 
 class IndexLockedError(IndexBusyError, StoreLockedError):

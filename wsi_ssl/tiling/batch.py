@@ -263,8 +263,13 @@ def _failure(
     root: Path,
     config: TilingConfig,
 ) -> SlideOutcome:
-    """A failed (or busy) outcome; an error of no wsi-ssl type says the file may be malformed."""
+    """A failed (or busy) outcome; an error of no wsi-ssl type says the file may be malformed,
+    unless it is the archive's: a full disk, or its catalog (not the slide's fault)."""
     seconds = time.perf_counter() - started
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        err = DiskFullError(err.filename or root)
+    elif isinstance(err, sqlite3.Error):  # typed by the catalog where it can be (full, read-only)
+        err = WsiSslError(f"{root / 'catalog.sqlite'}: the archive's catalog: {err}; re-run")
     outcome = SlideOutcome.failure(
         str(path), err, seconds, **_details(path, slide_id, root, config)
     )
