@@ -96,6 +96,7 @@ from wsi_ssl.storage.slide_store import (
     recorded_attrs,
     recover_swap,
 )
+from wsi_ssl.storage.swaps import mid_swap
 
 __all__ = ["CheckReport", "Finding", "check_archive"]
 
@@ -333,6 +334,8 @@ class _Checker:
             if entry.get("status", "active") != "active":
                 continue
             store_path = self.archive.store_path(entry["slide_id"])
+            if mid_swap(self.root, entry["slide_id"], encoder_id):
+                continue  # the store's finding says to finish the swap; the index keeps it
             now = complete_embedding_attrs(store_path, encoder_id)
             indexed = {
                 "coords_sha256": entry.get("coords_sha256"),

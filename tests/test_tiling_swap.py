@@ -226,6 +226,8 @@ def test_an_index_update_keeps_a_slide_caught_between_the_renames_of_a_swap(
     proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL
     assert not open_store(root).store_path(slide_id).exists()  # between the renames
+    code, report, _ = run_cli(["check", str(root), "--quick"])  # finish the swap, not --add
+    assert code == 1 and "--repair" in report and "--add" not in report, report
     summary = SearchIndex.open(root).add()
     assert summary.removed == [] and any(
         "being re-tiled or re-embedded" in n for n in summary.notes
