@@ -170,6 +170,14 @@ def run(args: argparse.Namespace) -> int:
             )
         base = None  # stopped before a checkpoint: the preset must give its recorded settings
     config = pretrain_config(args, base)
+    if args.arch and config.init is not None and base is None:
+        from wsi_ssl.ssl.init import apply_init
+
+        if (adopted := apply_init(config).arch) != args.arch:  # it was silently replaced
+            raise ConfigError(
+                f"--arch {args.arch} and --init {config.init} disagree: the run continues "
+                f"{config.init}'s architecture ({adopted}); leave --arch out"
+            )
     result = pretrain(
         args.roots, config, out=args.out, resume=args.resume, until_step=args.until_step
     )
