@@ -20,7 +20,7 @@ from wsi_ssl.errors import (
 )
 from wsi_ssl.storage.catalog import Catalog
 from wsi_ssl.storage.fingerprint import SLIDE_ID
-from wsi_ssl.storage.slide_store import STATUS_COMPLETE, SlideStore
+from wsi_ssl.storage.slide_store import ASIDE_SUFFIX, STAGING_SUFFIX, STATUS_COMPLETE, SlideStore
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -53,11 +53,14 @@ def damaged_slide_id(err: BaseException) -> str:
 
 @dataclass
 class StoreScan:
-    """The slide stores under a root: complete ids, incomplete ids and damaged stores."""
+    """The slide stores under a root: complete ids, incomplete ids, damaged stores, and the
+    ids of stores between the renames of a re-tile (``swapping``: ``<id>.zarr`` not there, its
+    ``.old`` or ``.new`` is; a job finishing the swap, or killed there)."""
 
     complete: list[str] = field(default_factory=list)
     incomplete: list[str] = field(default_factory=list)
     damaged: list[WsiSslError] = field(default_factory=list)
+    swapping: list[str] = field(default_factory=list)
 
 
 class Archive:
@@ -104,8 +107,7 @@ class Archive:
     def scan(self) -> StoreScan:
         """Every store under ``slides/``, sorted; damaged ones reported, not raised."""
         scan = StoreScan()
-        paths = sorted(self.slides_dir.glob("*.zarr")) if self.slides_dir.is_dir() else []
-        for path in paths:
+        for path in sorted(self._glob("*.zarr")):
             try:
                 store = open_slide_store(path, require_complete=False)
             except StoreNotFoundError:
@@ -115,8 +117,16 @@ class Archive:
                 continue
             group = scan.complete if store.status == STATUS_COMPLETE else scan.incomplete
             group.append(store.slide_id)
+        leftovers = [p for s in (ASIDE_SUFFIX, STAGING_SUFFIX) for p in self._glob(f"*.zarr{s}")]
+        for left in sorted(leftovers):
+            sid = left.name.split(".zarr", 1)[0]
+            if not left.with_name(f"{sid}.zarr").exists() and sid not in scan.swapping:
+                scan.swapping.append(sid)
         self.damaged = scan.damaged
         return scan
+
+    def _glob(self, pattern: str) -> list[Path]:
+        return list(self.slides_dir.glob(pattern)) if self.slides_dir.is_dir() else []
 
     @property
     def slide_ids(self) -> list[str]:

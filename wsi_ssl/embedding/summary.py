@@ -60,7 +60,10 @@ class EmbedSummary(BatchOutcome):
         if self.rows_kept:
             out.append(f"kept {self.rows_kept} rows embedded before (not encoded again)")
         if self.incomplete:
-            out.append(f"left out {len(self.incomplete)} store(s) that are not complete")
+            out.append(
+                f"left out {len(self.incomplete)} store(s) that are not complete (being tiled or "
+                "re-tiled now, or by a killed job: `wsi-ssl check` says what to do)"
+            )
         return out
 
     def to_dict(self) -> dict[str, Any]:
