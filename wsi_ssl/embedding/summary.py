@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wsi_ssl.listing import first_few
 from wsi_ssl.outcome import BatchOutcome
 
 __all__ = ["EmbedSummary"]
@@ -61,8 +62,9 @@ class EmbedSummary(BatchOutcome):
             out.append(f"kept {self.rows_kept} rows embedded before (not encoded again)")
         if self.incomplete:
             out.append(
-                f"left out {len(self.incomplete)} store(s) that are not complete (being tiled or "
-                "re-tiled now, or by a killed job: `wsi-ssl check` says what to do)"
+                f"left out {len(self.incomplete)} store(s) that are not complete "
+                f"({first_few(self.incomplete)}: being tiled or re-tiled now, or by a killed "
+                "job; `wsi-ssl check` says what to do)"
             )
         return out
 
