@@ -90,3 +90,33 @@ def test_a_store_with_damaged_metadata_is_a_failed_slide(archive: Path, tmp_path
     assert sorted(p.name for p in out.glob("*.h5")) == ["a.h5"]
     manifest = json.loads((out / "export.json").read_text())
     assert broken in {e["slide"] for e in manifest["errors"]}
+
+
+def test_a_damaged_first_slide_does_not_stop_the_export(archive: Path, tmp_path: Path) -> None:
+    """The encoder's description was read from the first store with the encoder: when its
+    embeddings were damaged, the whole export stopped (exit 2, no export.json)."""
+    (archive / "slides" / f"{0:016x}.zarr" / "embeddings" / ENC / "c" / "0" / "0").unlink()
+    result = export(archive, tmp_path / "h5")
+    assert [o.details["name"] for o in result.exported] == ["c"] and len(result.failed) == 2
+    manifest = json.loads((tmp_path / "h5" / "export.json").read_text())
+    assert manifest["encoder"] is not None and [s["name"] for s in manifest["slides"]] == ["c"]
+
+
+def test_an_export_into_a_folder_keeps_one_encoder_and_every_slide(
+    archive: Path, tmp_path: Path
+) -> None:
+    """Exporting again into a folder: another format or encoder is refused (it left bags of two
+    widths, the manifest naming only the last); the same one adds to the manifest."""
+    out = tmp_path / "h5"
+    export(archive, out)
+    export(archive, out, slides=["a"])  # a partial re-export keeps c in the manifest
+    manifest = json.loads((out / "export.json").read_text())
+    assert sorted(s["name"] for s in manifest["slides"]) == ["a", "c"]
+    assert [e["slide"] for e in manifest["errors"]] == [f"{1:016x}"]
+    with pytest.raises(ConfigError, match="holds a clam-h5 export of encoder 'enc-x'"):
+        export(archive, out, format="pt")
+    other = tmp_path / "other"
+    write_bag_store(other, f"{7:016x}", np.ones((3, 16)), encoder_id="enc-y", name="d.svs")
+    code, _, err = run_cli(["export", str(other), "--out", str(out), "--quiet"])
+    assert code == 2 and "export 'enc-y' as clam-h5 into another folder" in err, err
+    assert not (out / "d.h5").exists()

@@ -39,6 +39,7 @@ Slides may be named by id, file name, stem or unique id prefix (``wsi_ssl.storag
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -231,18 +232,20 @@ def export(
     eid = resolve_encoder({i for s in stores for i in embedding_ids(s)}, encoder, archive.root)
     names = _names(stores, name_by)
     out = Path(out)
+    earlier = _earlier_export(out, format, eid)
     out.mkdir(parents=True, exist_ok=True)
     sweep_temp_files(out, recursive=True)  # what a killed export left
     result = ExportResult(outcomes=failed, out=out, format=format, encoder_id=eid)
     bar = tqdm(stores, desc="export", unit="slide", disable=not progress, dynamic_ncols=True)
     result.outcomes += [_export_one(s, eid, out, format, names[s.slide_id]) for s in bar]
+    tried = {o.slide for o in result.outcomes}
     manifest = {
         "format": format,
         "encoder_id": eid,
         "root": str(Path(root).resolve()),
-        "encoder": _encoder_of(stores, eid),
-        "slides": [o.to_dict() for o in result.exported],
-        "errors": [o.to_dict() for o in result.failed],
+        "encoder": _encoder_of(stores, eid) or earlier.get("encoder", {}),
+        "slides": _merged(earlier, "slides", [o.to_dict() for o in result.exported], tried),
+        "errors": _merged(earlier, "errors", [o.to_dict() for o in result.failed], tried),
     }
     atomic_write_json(out / "export.json", manifest, indent=2, sort_keys=False)
     return result
@@ -280,7 +283,39 @@ def _export_one(store: SlideStore, eid: str, out: Path, format: str, name: str) 
 
 
 def _encoder_of(stores: list[SlideStore], eid: str) -> dict[str, Any]:
+    """The description of encoder ``eid`` from the first store whose embeddings read (a damaged
+    one, first in the list, aborted the whole export)."""
     for store in stores:
-        if eid in embedding_ids(store):
-            return read_embeddings(store, eid, lazy=True).encoder
+        with contextlib.suppress(WsiSslError):
+            if eid in embedding_ids(store):
+                return read_embeddings(store, eid, lazy=True).encoder
     return {}
+
+
+def _earlier_export(out: Path, format: str, eid: str) -> dict[str, Any]:
+    """The manifest of an export already in ``out`` (empty when none), refused when it is of
+    another format or encoder: a folder of MIL bags of two widths.
+
+    Raises:
+        ConfigError: ``out`` holds another format's or encoder's export.
+    """
+    try:
+        earlier = json.loads((out / "export.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if (earlier.get("format"), earlier.get("encoder_id")) != (format, eid):
+        raise ConfigError(
+            f"{out}: holds a {earlier.get('format')} export of encoder "
+            f"{earlier.get('encoder_id')!r}; export {eid!r} as {format} into another folder "
+            "(one folder holds bags of one encoder and format)",
+            parameters=("out",),
+        )
+    return earlier
+
+
+def _merged(
+    earlier: dict[str, Any], key: str, now: list[dict[str, Any]], redone: set[str]
+) -> list[dict[str, Any]]:
+    """``earlier[key]`` rows of slides not tried now, then this export's ``now`` rows."""
+    kept = [row for row in earlier.get(key, []) if row.get("slide") not in redone]
+    return kept + now
