@@ -112,6 +112,16 @@ def test_validation_split_never_shares_a_patient_with_training() -> None:
             sides = {bool(val[i]) for i, g in enumerate(groups) if g == patient}
             assert len(sides) == 1, patient
         assert set(y[val]) == {0, 1}  # stratified: both classes in validation
+    # a class with fewer patients than the parts (5 for 0.2): each part still holds both
+    # classes, or there is no split (one patient of a class made a one-class validation)
+    groups = ["n1", "n2", "n3", "t1", "t2", "t3", "t4", "t5", "t6"]
+    y = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1])
+    for seed in range(10):
+        val, note = _inner_split(y, groups, ["normal", "tumour"], 0.2, seed)
+        assert val is not None and note is None and set(y[val]) == {0, 1}
+        assert val.sum() == 3  # one part of 3: a normal and two tumours
+    val, note = _inner_split(y[1:], groups[1:], ["normal", "tumour"], 0.2, 0)
+    assert val is None and note is not None and "only 2 training patients of class 'normal'" in note
 
 
 def test_a_fold_column_replaces_the_generated_split(tmp_path) -> None:

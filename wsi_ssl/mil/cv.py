@@ -53,7 +53,9 @@ def folds_from_table(report: MatchReport, config: MILConfig, seed: int) -> tuple
 def inner_split(
     y: np.ndarray, groups: list[str], classes: list[str], val_fraction: float, seed: int
 ) -> tuple[np.ndarray | None, str | None]:
-    """A validation mask over the training slides, or None and why there is none."""
+    """A validation mask over the training slides, or None and why there is none. The split
+    holds every class: with fewer patients of a class than ``1 / val_fraction`` parts it takes
+    one of them per class (a one-class validation split picked the epoch by one slide's loss)."""
     if val_fraction == 0:
         return None, "val_fraction is 0: trained every epoch, no early stopping"
     per_class = [
@@ -65,7 +67,18 @@ def inner_split(
             f"fewer than 2 training patients of class {', '.join(map(repr, low))}: no "
             "validation split, trained every epoch without early stopping"
         )
-    parts = assign_folds(y.tolist(), groups, max(2, round(1 / val_fraction)), seed)
+    wanted = max(2, round(1 / val_fraction))
+    n_parts = min(
+        wanted, *per_class
+    )  # so that every part, the validation one too, holds each class
+    if n_parts < min(wanted, 3):
+        rare = classes[int(np.argmin(per_class))]
+        return None, (
+            f"only {min(per_class)} training patients of class {rare!r}: a validation split "
+            f"holding every class would take 1/{n_parts} of them; trained every epoch without "
+            "early stopping"
+        )
+    parts = assign_folds(y.tolist(), groups, n_parts, seed)
     return parts == 0, None
 
 
