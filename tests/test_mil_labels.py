@@ -129,6 +129,20 @@ def test_two_rows_for_one_store_and_slides_without_embeddings(
     assert info.value.parameters == ("encoder",)  # the storage rule, as for export and index
 
 
+def test_skip_missing_leaves_out_damaged_embeddings_too(archive: Path, tmp_path: Path) -> None:
+    """A labelled slide whose embeddings lost a chunk file is left out and reported by
+    skip_missing (the run stopped at its first epoch with the slide's damage)."""
+    import shutil
+
+    root = shutil.copytree(archive, tmp_path / "archive")
+    chunk = root / "slides" / f"{2:016x}.zarr" / "embeddings" / ENC / "c" / "0" / "0"
+    chunk.unlink()
+    csv = write(tmp_path, "slide,label\ncase-0,a\ncase-1,b\ncase-2,a\ncase-3,b\n")
+    report = match_labels(root, csv, ENC, skip_missing=True)
+    assert [r.slide for r in report.no_embeddings] == ["case-2"]
+    assert [s.name for s in report.slides] == ["case-0.svs", "case-1.svs", "case-3.svs"]
+
+
 def test_skipping_can_leave_one_class(archive: Path, tmp_path: Path) -> None:
     csv = write(tmp_path, "slide,label\ncase-0,a\ncase-1,a\nnope,b\n")
     with pytest.raises(LabelsError, match="only one class"):

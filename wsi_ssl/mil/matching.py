@@ -92,7 +92,7 @@ class MatchReport:
         ]
         for what, rows in (
             ("labelled slides with no complete store", self.missing),
-            (f"labelled slides without embeddings {self.encoder_id}", self.no_embeddings),
+            (f"labelled slides without usable embeddings {self.encoder_id}", self.no_embeddings),
             ("labelled slides with an empty bag (0 tiles)", self.empty),
         ):
             if rows:
@@ -190,6 +190,10 @@ def match_labels(
     matched, missing = _match_rows(table, archive, names, root, skip_missing)
     ids_by_slide = {sid: embedding_ids(archive.store_path(sid)) for _, sid in matched}
     encoder_id = _resolve_encoder(Path(root), encoder, ids_by_slide)
+    if skip_missing:  # damaged ones too (a missing chunk stopped the run at its first epoch)
+        for _, sid in matched:
+            if encoder_id in ids_by_slide[sid] and _damaged(archive, sid, encoder_id):
+                ids_by_slide[sid] = [e for e in ids_by_slide[sid] if e != encoder_id]
     no_emb = [r for r, sid in matched if encoder_id not in ids_by_slide[sid]]
     if no_emb and not skip_missing:
         raise LabelsError(
@@ -227,6 +231,13 @@ def match_labels(
         unlabelled=[sid for sid in complete if sid not in labelled],
         names=names,
     )
+
+
+def _damaged(archive: Archive, slide_id: str, encoder_id: str) -> bool:
+    """Whether a slide's complete embeddings lost a chunk file (checked without decoding)."""
+    from wsi_ssl.storage.embeddings import embeddings_problem
+
+    return embeddings_problem(archive.slide(slide_id), encoder_id, decode=False) is not None
 
 
 def _match_rows(
