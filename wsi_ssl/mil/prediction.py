@@ -267,7 +267,7 @@ def _predict_one(
     item = SlidePrediction(
         sid,
         name,
-        len(pred.coords) if pred.coords is not None else 0,
+        pred.n_tiles,  # the bag's: QC-flagged tiles left out (it counted the store's)
         pred.label,
         {c: float(p) for c, p in zip(model.classes, pred.probabilities, strict=True)},
         prediction=pred,

@@ -51,6 +51,8 @@ class MILPrediction:
         coords: level-0 x, y of the tiles when predicted from a slide store.
         slide_id: the slide, when predicted from a store.
         neighbours: the nearest labelled slides and similarities (retrieval baseline).
+        n_tiles: the tiles in the bag predicted (fewer than ``coords`` when QC-flagged tiles
+            or tiles without a vector were left out).
     """
 
     probabilities: np.ndarray
@@ -61,6 +63,7 @@ class MILPrediction:
     coords: np.ndarray | None = None
     slide_id: str | None = None
     neighbours: list[tuple[str, float]] = field(default_factory=list)
+    n_tiles: int = 0
 
     def top_tiles(self, k: int = 16) -> np.ndarray:
         """Indices of the ``k`` most attended tiles, most attended first."""
@@ -221,6 +224,7 @@ class MILRun:
             coords=coords,
             slide_id=slide_id,
             neighbours=sorted(set(neighbours), key=lambda t: -t[1])[: self.config.k],
+            n_tiles=int(shape[0]),
         )
 
     def predict_slide(
