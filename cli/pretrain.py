@@ -170,14 +170,7 @@ def run(args: argparse.Namespace) -> int:
             )
         base = None  # stopped before a checkpoint: the preset must give its recorded settings
     config = pretrain_config(args, base)
-    if args.arch and config.init is not None and base is None:
-        from wsi_ssl.ssl.init import apply_init
-
-        if (adopted := apply_init(config).arch) != args.arch:  # it was silently replaced
-            raise ConfigError(
-                f"--arch {args.arch} and --init {config.init} disagree: the run continues "
-                f"{config.init}'s architecture ({adopted}); leave --arch out"
-            )
+    notes = _arch_note(args, config) if base is None else []
     result = pretrain(
         args.roots, config, out=args.out, resume=args.resume, until_step=args.until_step
     )
@@ -198,9 +191,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"metrics     {result.metrics_path}")
     if result.loss_plot is not None:
         print(f"loss plot   {result.loss_plot}")
-    for note in result.notes:
+    for note in [*notes, *result.notes]:
         print(f"note        {note}")
     return 0
+
+
+def _arch_note(args: argparse.Namespace, config: PretrainConfig) -> list[str]:
+    """A note when ``--init`` decides the architecture over the ``--arch`` given (the init's
+    weights need its own; the flag was dropped without a word)."""
+    if not args.arch or config.init is None:
+        return []
+    from wsi_ssl.ssl.init import apply_init
+
+    adopted = apply_init(config).arch
+    if adopted == args.arch:
+        return []
+    return [f"--arch {args.arch} not used: --init {config.init} continues its own {adopted}"]
 
 
 def _rank() -> int:

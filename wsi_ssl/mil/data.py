@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import zarr
 
-from wsi_ssl.errors import EmptyBagError
+from wsi_ssl.errors import EmbeddingsCorruptError, EmptyBagError
 from wsi_ssl.storage import SlideStore
 from wsi_ssl.storage.embeddings import Embeddings, open_embeddings_array, read_embeddings
 
@@ -153,7 +153,10 @@ class BagDataset(torch.utils.data.Dataset):
             self._rows[ref.slide_id] = emb.tiles
         else:
             rows = self._rows.get(ref.slide_id)
-            bag = np.asarray(array[:] if rows is None else array.get_orthogonal_selection(rows))
+            try:
+                bag = np.asarray(array[:] if rows is None else array.get_orthogonal_selection(rows))
+            except RuntimeError as err:  # a chunk failing its checksum since the first read
+                raise EmbeddingsCorruptError(ref.store_path, self.encoder_id, str(err)) from err
         if self.cache is not None:
             self.cache.put(ref.slide_id, bag)
         return bag

@@ -163,10 +163,10 @@ def match_labels(
         labels: a :class:`LabelTable`, a CSV path, or ``{slide: label}``.
         encoder: an ``encoder_id`` or a unique prefix of one (None: the one encoder every
             labelled slide has).
-        skip_missing: leave out (and report) labelled slides with no store, no embeddings of
-            the encoder or an empty bag, instead of raising.
-        skip_flagged_tiles: count only the tiles that pass QC (``MILConfig.skip_flagged_tiles``),
-            so a slide whose every tile is flagged is an empty bag.
+        skip_missing: leave out (and report) labelled slides with no store, no (or damaged)
+            embeddings of the encoder or an empty bag, instead of raising.
+        skip_flagged_tiles: count only the tiles that pass QC (a slide whose every tile is
+            flagged is an empty bag).
 
     Raises:
         LabelsError: a row names several stores, two rows name one store, labelled slides
@@ -175,7 +175,6 @@ def match_labels(
         EmptyBagError: a labelled slide has 0 tiles (unless ``skip_missing``).
     """
     from wsi_ssl.storage import open_store
-    from wsi_ssl.storage.embeddings import embedding_ids
 
     if isinstance(labels, LabelTable):
         table = labels
@@ -188,12 +187,9 @@ def match_labels(
     names = slide_file_names(archive, complete)
 
     matched, missing = _match_rows(table, archive, names, root, skip_missing)
-    ids_by_slide = {sid: embedding_ids(archive.store_path(sid)) for _, sid in matched}
-    encoder_id = _resolve_encoder(Path(root), encoder, ids_by_slide)
-    if skip_missing:  # damaged ones too (a missing chunk stopped the run at its first epoch)
-        for _, sid in matched:
-            if encoder_id in ids_by_slide[sid] and _damaged(archive, sid, encoder_id):
-                ids_by_slide[sid] = [e for e in ids_by_slide[sid] if e != encoder_id]
+    encoder_id, ids_by_slide = _encoders(archive, [sid for _, sid in matched], encoder)
+    if skip_missing:  # damaged too (a missing chunk stopped the run at the first epoch)
+        _drop_damaged(archive, ids_by_slide, encoder_id)
     no_emb = [r for r, sid in matched if encoder_id not in ids_by_slide[sid]]
     if no_emb and not skip_missing:
         raise LabelsError(
@@ -233,11 +229,26 @@ def match_labels(
     )
 
 
-def _damaged(archive: Archive, slide_id: str, encoder_id: str) -> bool:
-    """Whether a slide's complete embeddings lost a chunk file (checked without decoding)."""
+def _encoders(
+    archive: Archive, slide_ids: list[str], encoder: str | None
+) -> tuple[str, dict[str, list[str]]]:
+    """The encoder id ``encoder`` names among the slides' embeddings, and each slide's ids."""
+    from wsi_ssl.storage.embeddings import embedding_ids
+
+    ids_by_slide = {sid: embedding_ids(archive.store_path(sid)) for sid in slide_ids}
+    return _resolve_encoder(archive.root, encoder, ids_by_slide), ids_by_slide
+
+
+def _drop_damaged(archive: Archive, ids_by_slide: dict[str, list[str]], encoder_id: str) -> None:
+    """Take ``encoder_id`` out of ``ids_by_slide`` for the slides whose embeddings lost a chunk
+    file (checked without decoding: a chunk failing its checksum is found when read)."""
     from wsi_ssl.storage.embeddings import embeddings_problem
 
-    return embeddings_problem(archive.slide(slide_id), encoder_id, decode=False) is not None
+    for sid in ids_by_slide:
+        if encoder_id not in ids_by_slide[sid]:
+            continue
+        if embeddings_problem(archive.slide(sid), encoder_id, decode=False) is not None:
+            ids_by_slide[sid] = [e for e in ids_by_slide[sid] if e != encoder_id]
 
 
 def _match_rows(

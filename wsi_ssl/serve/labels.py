@@ -402,8 +402,8 @@ def _archive_scale(
             if len(emb.features):
                 rows = np.unique(np.linspace(0, len(emb.features) - 1, per_slide).astype(int))
                 sample.append(np.asarray(emb.features[rows], dtype=np.float32))
-        except (WsiSslError, OSError, KeyError, ValueError):
-            continue
+        except (WsiSslError, OSError, KeyError, ValueError, RuntimeError):  # RuntimeError:
+            continue  # a chunk failing its checksum, read lazily
     if sample:
         scores = _scores(np.concatenate(sample), accepted, rejected)
         lo, hi = (float(v) for v in np.percentile(scores, [50, 99]))
