@@ -113,6 +113,14 @@ def test_an_export_into_a_folder_keeps_one_encoder_and_every_slide(
     manifest = json.loads((out / "export.json").read_text())
     assert sorted(s["name"] for s in manifest["slides"]) == ["a", "c"]
     assert [e["slide"] for e in manifest["errors"]] == [f"{1:016x}"]
+    again = tmp_path / "again"  # another archive's slide of the same name: one row, the new
+    write_bag_store(again, f"{9:016x}", np.ones((3, 8)), encoder_id=ENC, name="c.svs")
+    export(again, out)
+    manifest = json.loads((out / "export.json").read_text())
+    assert sorted((s["name"], s["slide"]) for s in manifest["slides"]) == [
+        ("a", f"{0:016x}"),
+        ("c", f"{9:016x}"),
+    ]
     with pytest.raises(ConfigError, match="holds a clam-h5 export of encoder 'enc-x'"):
         export(archive, out, format="pt")
     other = tmp_path / "other"

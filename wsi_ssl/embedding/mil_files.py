@@ -238,7 +238,7 @@ def export(
     result = ExportResult(outcomes=failed, out=out, format=format, encoder_id=eid)
     bar = tqdm(stores, desc="export", unit="slide", disable=not progress, dynamic_ncols=True)
     result.outcomes += [_export_one(s, eid, out, format, names[s.slide_id]) for s in bar]
-    tried = {o.slide for o in result.outcomes}
+    tried = {o.slide for o in result.outcomes} | {names[s.slide_id] for s in stores}
     manifest = {
         "format": format,
         "encoder_id": eid,
@@ -316,6 +316,7 @@ def _earlier_export(out: Path, format: str, eid: str) -> dict[str, Any]:
 def _merged(
     earlier: dict[str, Any], key: str, now: list[dict[str, Any]], redone: set[str]
 ) -> list[dict[str, Any]]:
-    """``earlier[key]`` rows of slides not tried now, then this export's ``now`` rows."""
-    kept = [row for row in earlier.get(key, []) if row.get("slide") not in redone]
+    """``earlier[key]`` rows of slides not tried now (by id, or by the file name written now:
+    another archive's slide of that name was overwritten), then this export's ``now`` rows."""
+    kept = [r for r in earlier.get(key, []) if not {r.get("slide"), r.get("name")} & redone]
     return kept + now

@@ -43,7 +43,9 @@ class MILConfig:
             vote would ignore similarity (refused).
         folds: cross-validation folds (ignored when the labels CSV has a ``fold`` column).
         val_fraction: share of each fold's training patients held out for early stopping;
-            0 trains for ``epochs`` without early stopping.
+            0 trains for ``epochs`` without early stopping. The held-out part holds every
+            class, so with few patients of a class it grows (to 1/3 at most), else there is
+            none (a note says so).
         epochs: the most epochs per fold.
         patience: epochs without improvement of ``monitor`` before stopping.
         min_epochs: epochs always trained before early stopping may end a fold.

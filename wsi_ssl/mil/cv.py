@@ -3,6 +3,7 @@ validation split carved out of the other folds (for early stopping)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 
 import numpy as np
@@ -11,7 +12,7 @@ from wsi_ssl.errors import LabelsError
 from wsi_ssl.mil.config import MILConfig
 from wsi_ssl.mil.learners import FoldSplit
 from wsi_ssl.mil.matching import MatchReport
-from wsi_ssl.mil.splits import assign_folds
+from wsi_ssl.mil.splits import assign_folds, patient_labels
 
 __all__ = ["fold_splits", "folds_from_table", "inner_split"]
 
@@ -68,15 +69,17 @@ def inner_split(
             "validation split, trained every epoch without early stopping"
         )
     wanted = max(2, round(1 / val_fraction))
-    n_parts = min(
-        wanted, *per_class
-    )  # so that every part, the validation one too, holds each class
+    # parts are dealt per class by each patient's own (most common) label: no more parts than
+    # any class has such patients, so every part, the validation one too, holds each class
+    dealt = Counter(patient_labels(y.tolist(), groups).values())
+    per_patient = [dealt.get(c, 0) for c in range(len(classes))]
+    n_parts = min(wanted, *per_patient)
     if n_parts < min(wanted, 3):
-        rare = classes[int(np.argmin(per_class))]
+        rare = classes[int(np.argmin(per_patient))]
         return None, (
-            f"only {min(per_class)} training patients of class {rare!r}: a validation split "
-            f"holding every class would take 1/{n_parts} of them; trained every epoch without "
-            "early stopping"
+            f"only {min(per_patient)} training patients of class {rare!r}: a validation split "
+            f"holding every class would take 1/{max(1, n_parts)} of them; trained every epoch "
+            "without early stopping"
         )
     parts = assign_folds(y.tolist(), groups, n_parts, seed)
     return parts == 0, None
