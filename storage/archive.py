@@ -54,8 +54,9 @@ def damaged_slide_id(err: BaseException) -> str:
 @dataclass
 class StoreScan:
     """The slide stores under a root: complete ids, incomplete ids, damaged stores, and the
-    ids of stores between the renames of a re-tile (``swapping``: ``<id>.zarr`` not there, its
-    ``.old`` or ``.new`` is; a job finishing the swap, or killed there)."""
+    ids of stores not complete in place but written beside it (``swapping``: ``<id>.zarr`` not
+    there, its ``.old`` or ``.new`` is: a re-tile between its renames, a first tiling writing,
+    or either killed)."""
 
     complete: list[str] = field(default_factory=list)
     incomplete: list[str] = field(default_factory=list)

@@ -11,24 +11,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wsi_ssl.storage.embeddings import EMBEDDINGS_GROUP, PARTIAL_PREFIX, REPLACED_PREFIX
-from wsi_ssl.storage.slide_store import aside_path, staging_path
+from wsi_ssl.storage.embeddings import (
+    EMBEDDINGS_GROUP,
+    PARTIAL_PREFIX,
+    REPLACED_PREFIX,
+    complete_embedding_attrs,
+)
+from wsi_ssl.storage.slide_store import aside_path, is_complete_store, staging_path
 
 __all__ = ["mid_swap", "mid_swap_note", "split_mid_swap"]
 
 
 def mid_swap(root: str | Path, slide_id: str, encoder_id: str) -> bool:
     """Whether slide ``slide_id`` of archive ``root``, or its embeddings ``encoder_id``, are
-    between the renames of a swap (see the module docstring)."""
+    between the renames of a swap (see the module docstring): the old store set aside or the
+    new one complete beside it; the old vectors set aside or the new ones complete beside them.
+    A re-embed still writing (no vectors set aside) is not: the slide has none to keep."""
     store = Path(root) / "slides" / f"{slide_id}.zarr"
     if not store.exists():
-        return aside_path(store).exists() or staging_path(store).exists()
+        return aside_path(store).exists() or is_complete_store(staging_path(store))
     group = store / EMBEDDINGS_GROUP
     if (group / encoder_id).exists():
         return False
-    return (group / f"{REPLACED_PREFIX}{encoder_id}").exists() or (
-        group / f"{PARTIAL_PREFIX}{encoder_id}"
-    ).exists()
+    written = complete_embedding_attrs(store, f"{PARTIAL_PREFIX}{encoder_id}")  # beside them
+    return (group / f"{REPLACED_PREFIX}{encoder_id}").exists() or written is not None
 
 
 def split_mid_swap(

@@ -244,6 +244,10 @@ def test_an_index_update_keeps_a_slide_caught_between_the_renames_of_a_swap(
     (vectors / ".replaced-enc-a").rename(vectors / "enc-a")
     assert SearchIndex.open(root).add().removed == []
     assert [e.slide_id for e in SearchIndex.open(root).slides] == [slide_id]
+    # a re-embed still writing with no vectors set aside (they were discarded): nothing to keep
+    (vectors / "enc-a").rename(vectors / ".writing-enc-a")
+    zarr.open_array(vectors / ".writing-enc-a", mode="r+").attrs["status"] = "writing"
+    assert SearchIndex.open(root).add().removed == [slide_id]
 
 
 @pytest.mark.faults
