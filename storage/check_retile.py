@@ -40,13 +40,16 @@ def retile_command(entry: CatalogEntry | None, store: Path, problem: str | None)
 
 def source_problem(entry: CatalogEntry | None) -> str | None:
     """Why the file the catalog ``entry`` records no longer holds its slide (gone, unreadable,
-    another slide now); None when it does, or nothing is recorded to compare."""
+    another slide now); None when it does, or nothing is recorded to compare (no entry, or a
+    relative path, which names a file only from the folder the tiling ran in)."""
     if entry is None:
         return None
     from wsi_ssl.tiling.legacy_ids import legacy_fingerprint
     from wsi_ssl.tiling.source import slide_fingerprint
 
     path = Path(entry.path)
+    if not path.is_absolute():  # an older catalog's path as given: relative to where it ran
+        return None
     if not path.exists():
         return f"its slide file {entry.path} is gone (moved or deleted)"
     try:

@@ -71,3 +71,21 @@ def test_the_fix_of_a_store_whose_file_is_gone_says_so(tmp_path: Path) -> None:
     code, out, err = run_cli(argv)  # the file where it is now redoes the store
     assert code == 0 and json.loads(out)["slides"][0]["slide_id"] == slide_id, (out, err)
     assert run_cli(["check", str(root)])[0] == 0
+
+
+def test_a_relative_recorded_path_is_not_judged_gone(tmp_path: Path, monkeypatch) -> None:
+    """Older catalogs kept the path as given (relative): from another folder it names no file,
+    which is no reason to advise giving the slide up."""
+    from dataclasses import asdict
+
+    from wsi_ssl.storage import Catalog
+
+    root, _, slide_id = _damaged(tmp_path)
+    catalog = Catalog(root / "catalog.sqlite")
+    entry = catalog.get(slide_id)
+    assert entry is not None
+    row = {k: v for k, v in asdict(entry).items() if k != "path"}
+    catalog.upsert(path="slides/a.tiff", **row)  # as tiled from tmp_path
+    monkeypatch.chdir(root)  # elsewhere: slides/a.tiff is not there
+    code, out, _ = run_cli(["check", str(root)])
+    assert code == 1 and _fix(out).startswith("wsi-ssl tile slides/a.tiff --out "), out
