@@ -198,10 +198,11 @@ def row_from_store(store: SlideStore) -> dict[str, Any]:
     }
 
 
-def set_aside(path: Path) -> Path:
-    """Rename a damaged catalog to ``catalog.sqlite.damaged-<unix time>`` (kept, not deleted)."""
+def keep_aside(path: Path) -> Path:
+    """Keep a damaged catalog as ``catalog.sqlite.damaged-<unix time>`` too (a second name of
+    the same file: ``path`` stays in place until something replaces it)."""
     aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
-    path.rename(aside)
+    os.link(path, aside)
     return aside
 
 
@@ -231,8 +232,9 @@ def _row_values(
 
 def rebuild_catalog(path: Path, rows: Iterable[dict[str, Any]]) -> Path | None:
     """Replace the catalog at ``path`` (damaged or missing) by one holding ``rows``, at once:
-    written whole in a temp file beside it, then renamed into place, so a full disk or a kill
-    leaves what was there. The file it replaces is set aside (:func:`set_aside`, returned).
+    written whole in a temp file beside it, then renamed over it, so ``path`` is never absent
+    (a reader or a tiling job never finds no catalog) and a full disk or a kill leaves what was
+    there. The file it replaces is kept under a second name (:func:`keep_aside`, returned).
 
     Raises:
         DiskFullError, CatalogWriteError: naming ``path``; nothing was changed.
@@ -241,11 +243,14 @@ def rebuild_catalog(path: Path, rows: Iterable[dict[str, Any]]) -> Path | None:
     try:
         Catalog(temp).upsert_rows(rows, journal=False)
         fsync_file(temp)
-        aside = set_aside(path) if path.exists() else None
+        aside = keep_aside(path) if path.exists() else None
+        for side in ("-journal", "-wal", "-shm"):  # the old file's: never applied to the new
+            if (old := Path(f"{path}{side}")).exists():
+                old.rename(f"{aside}{side}" if aside is not None else f"{path}{side}.old")
         rename_into_place(temp, path)
     except OSError as err:  # the typed errors of the temp file too
-        if aside is not None:  # put back what was there
-            aside.rename(path)
+        if aside is not None:  # the second name is not needed: path is still the old file
+            aside.unlink(missing_ok=True)
         _raise_typed(path, err)
         raise
     finally:

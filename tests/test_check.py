@@ -634,7 +634,8 @@ def test_a_damaged_or_lost_catalog_is_rebuilt_from_the_stores(
             }
         if damage == "cut short":
             catalog.unlink()  # the second round: a lost catalog
-    assert len(list(root.glob("catalog.sqlite.damaged-*"))) == 1  # kept, not deleted
+    [kept] = root.glob("catalog.sqlite.damaged-*")  # kept (a second name), not deleted
+    assert kept.read_bytes()[:16] == b"SQLite format 3\x00" and kept.stat().st_size == 3000
     code, out, err = run_cli(["check", str(root), "--quick", "--repair"])  # nothing left
     assert code == 0 and "problem: " not in out and "repaired: " not in out, out
     code, out, err = run_cli(argv)
