@@ -228,6 +228,7 @@ def test_an_index_update_keeps_a_slide_caught_between_the_renames_of_a_swap(
     assert not open_store(root).store_path(slide_id).exists()  # between the renames
     code, report, _ = run_cli(["check", str(root), "--quick"])  # finish the swap, not --add
     assert code == 1 and "--repair" in report and "--add" not in report, report
+    assert "--no-resume" not in report  # not a re-tile: the swap only lacks its last rename
     code, out, _ = run_cli(["embed", str(root), "--encoder", "random-cnn", "--resize", "bilinear"])
     assert code == 0 and f"left out 1 store(s) that are not complete ({slide_id}:" in out
     summary = SearchIndex.open(root).add()
