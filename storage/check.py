@@ -378,11 +378,9 @@ class _Checker:
         for sid, entry in self.catalog.items():
             if entry.status != STATUS_COMPLETE or sid in complete | self.reported:
                 continue
-            if sid in scan.swapping:  # a killed swap's leftovers: their --repair finishes it
-                continue
             if is_locked(slide_lock_path(self.root, sid)):  # a re-tile between its renames
                 self.report.busy.append(str(self.archive.store_path(sid)))
-            else:
+            elif sid not in scan.swapping:  # a killed swap's leftovers: their --repair finishes it
                 self.add(
                     self.archive.store_path(sid),
                     "the catalog says complete but the store is not",
