@@ -259,7 +259,8 @@ def rebuild_catalog(path: Path, rows: Iterable[dict[str, Any]]) -> Path | None:
     return aside
 
 
-_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+"""The errnos of a write the file system refused (read-only, permissions)."""
 
 
 def _raise_typed(path: Path, err: OSError | sqlite3.Error) -> None:
@@ -276,7 +277,7 @@ def _os_typed(path: Path, err: OSError) -> WsiSslError | None:
         return _full(path)
     if isinstance(err, CatalogWriteError):
         return CatalogWriteError(path, err.reason)
-    if err.errno in _NOT_WRITABLE:
+    if err.errno in NOT_WRITABLE:
         return CatalogWriteError(path, err.strerror or str(err))
     return None
 

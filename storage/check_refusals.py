@@ -9,11 +9,11 @@ import os
 from pathlib import Path
 
 from wsi_ssl.errors import CatalogWriteError, DiskFullError
+from wsi_ssl.storage.catalog import NOT_WRITABLE
 
 __all__ = ["FULL", "READ_ONLY", "archive_read_only", "refusal", "refused_fix"]
 
 READ_ONLY, FULL = "read-only", "full"
-_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -28,7 +28,7 @@ def refusal(err: BaseException | None) -> tuple[str, str] | None:
             return READ_ONLY, err.reason
         if isinstance(err, OSError) and err.errno in _NO_SPACE:
             return FULL, err.strerror or os.strerror(err.errno)
-        if isinstance(err, OSError) and err.errno in _NOT_WRITABLE:
+        if isinstance(err, OSError) and err.errno in NOT_WRITABLE:
             return READ_ONLY, err.strerror or os.strerror(err.errno)
         err, seen = err.__cause__, seen + 1
     return None

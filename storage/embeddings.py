@@ -22,7 +22,9 @@ partial name, which the next writer (or ``wsi-ssl check --repair``) renames into
 
 Completeness is judged by content, not attributes alone (:func:`embeddings_problem`): status,
 shape against the store's tiles, coords hash, every chunk file present, every row decodable
-and finite. Resume redoes any array with a problem.
+and finite. Resume redoes any array with a problem. Chunks are zstd frames with the content
+checksum, so a changed byte fails to decode instead of reading back as a wrong vector (arrays
+written before the checksum carry none).
 
 Rows without a vector (an embedding job run with ``skip_flagged_tiles``): NaN, named by the
 attribute ``not_embedded``, and the only rows allowed to be non-finite; readers take the rows
