@@ -148,6 +148,10 @@ def test_unknown_names_and_bad_overrides() -> None:
     with pytest.raises(EncoderNotFoundError, match=r"random-cnn.*<timm>.*<wsi-ssl>") as info:
         create_encoder("no-such-encoder")
     assert isinstance(info.value, WsiSslError) and isinstance(info.value, LookupError)
+    # evaluate's NAME,KEY=VALUE elsewhere: the name and its setting, apart (it was "not a
+    # registered encoder", listing resnet18 among them)
+    with pytest.raises(EncoderNotFoundError, match=r"name it 'random-cnn' and set weights=random"):
+        create_encoder("random-cnn,weights=random")
     with pytest.raises(ConfigError, match="overridable: name, resize"):
         create_encoder("random-cnn", embed_dim=3)
     with pytest.raises(ConfigError, match="resize must be one of never, bilinear"):
@@ -293,3 +297,12 @@ def test_hub_architectures_random_and_from_file(spec: str, tmp_path: Path) -> No
     assert torch.equal(enc(x), rand(x))
     with pytest.raises(WeightsNotFoundError):
         create_encoder(spec, weights=tmp_path / "nope.pth")
+
+
+def test_evaluates_encoder_spelling_on_the_command_line_names_the_flags(
+    small_archive: Path,
+) -> None:
+    from tests.conftest import run_cli
+
+    code, _, err = run_cli(["embed", str(small_archive), "--encoder", "random-cnn,weights=random"])
+    assert code == 2 and "name it 'random-cnn' and set --weights random" in err, err

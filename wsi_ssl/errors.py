@@ -255,10 +255,19 @@ class EncoderNotFoundError(WsiSslError, LookupError):
     """No registered encoder, source prefix or checkpoint path matches the name."""
 
     def __init__(self, name: str, valid: list[str]) -> None:
-        super().__init__(
-            f"{name!r}: not a registered encoder, 'timm/<arch>', 'torchvision/<arch>' or an "
-            f"existing checkpoint path; registered encoders: {', '.join(valid)}"
-        )
+        base, _, options = name.partition(",")
+        settings = [o.strip() for o in options.split(",") if "=" in o]
+        if settings and base in valid:  # evaluate's NAME,KEY=VALUE given to another command
+            super().__init__(
+                f"{name!r}: NAME,KEY=VALUE names an encoder for `wsi-ssl evaluate`; name it "
+                f"{base!r} and set {' and '.join(settings)}",
+                parameters=tuple(o.partition("=")[0] for o in settings),
+            )
+        else:
+            super().__init__(
+                f"{name!r}: not a registered encoder, 'timm/<arch>', 'torchvision/<arch>' or an "
+                f"existing checkpoint path; registered encoders: {', '.join(valid)}"
+            )
         self.name = name
 
 
