@@ -10,7 +10,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -179,3 +179,12 @@ def layered_archive(base: Path) -> dict[str, Any]:
         "run": base / "run",
         "attention": attention,
     }
+
+
+def wait_until(what: Callable[[], Any], timeout: float) -> Any:
+    """``what()``'s first true value, asked every 0.1 s for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := what()):
+        assert time.monotonic() < deadline, "timed out waiting for the page"
+        time.sleep(0.1)
+    return value

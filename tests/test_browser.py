@@ -9,7 +9,8 @@ import csv
 import io
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import copy_archive
 from PIL import Image
-from serve_helpers import browser_paths, chromium, layered_archive, running
+from serve_helpers import browser_paths, chromium, layered_archive, running, wait_until
 
 from wsi_ssl.search import SearchIndex
 from wsi_ssl.serve import create_app
@@ -58,14 +59,7 @@ def page_env(
             driver.quit()
 
 
-def _wait(what: Callable[[], Any], timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = what()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "timed out waiting for the page"
-        time.sleep(0.1)
+_wait = partial(wait_until, timeout=30)
 
 
 def _state(driver: Any) -> str:

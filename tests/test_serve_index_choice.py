@@ -11,7 +11,8 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -19,13 +20,16 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 from PIL import Image
-from serve_helpers import browser_paths, chromium, post_json, raw, running
+from serve_helpers import browser_paths, chromium, post_json, raw, running, wait_until
 
 from wsi_ssl.search import SearchIndex
 from wsi_ssl.serve import create_app
 from wsi_ssl.storage import open_store
 
 pytest.importorskip("uvicorn")
+
+
+_wait = partial(wait_until, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +84,6 @@ def test_slides_pictures_and_searches_follow_the_index_asked_for(archive: dict[s
         # the server's own index still refuses s1, by name
         status, _ = _get(base, f"/api/slides/{s1}")
         assert status == 404
-
-
-def _wait(what: Callable[[], Any], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := what()):
-        assert time.monotonic() < deadline, "timed out waiting for the page"
-        time.sleep(0.1)
-    return value
 
 
 @pytest.fixture

@@ -10,12 +10,13 @@ The archive: one synthetic slide, 600 x 2000 px, tiled at 224 px and indexed (ra
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import pytest
-from serve_helpers import browser_paths, chromium, running
+from serve_helpers import browser_paths, chromium, running, wait_until
 
 from wsi_ssl.search import SearchIndex
 from wsi_ssl.serve import create_app
@@ -27,6 +28,9 @@ if browser_paths() is None:
     pytest.skip("chromium and chromedriver are not installed", allow_module_level=True)
 
 SIZE = (600, 2000)
+
+
+_wait = partial(wait_until, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +52,6 @@ def page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]]:
             yield driver, url
         finally:
             driver.quit()
-
-
-def _wait(what: Callable[[], Any], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := what()):
-        assert time.monotonic() < deadline, "timed out waiting for the page"
-        time.sleep(0.1)
-    return value
 
 
 def _open(driver: Any, url: str, size: tuple[int, int]) -> None:
