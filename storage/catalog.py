@@ -119,7 +119,7 @@ class Catalog:
             db.execute(_SCHEMA)
             db.executemany(
                 "INSERT OR REPLACE INTO slides VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [_row_values(**row) for row in rows],
+                [_row_values(row) for row in rows],
             )
 
     def get(self, slide_id: str) -> CatalogEntry | None:
@@ -206,25 +206,17 @@ def keep_aside(path: Path) -> Path:
     return aside
 
 
-def _row_values(
-    *,
-    slide_id: str,
-    path: str | Path,
-    fingerprint: str,
-    status: str,
-    n_tiles: int | None = None,
-    error: str | None = None,
-    tiling: dict[str, Any] | None = None,
-    name: str | None = None,
-) -> tuple[Any, ...]:
+def _row_values(row: dict[str, Any]) -> tuple[Any, ...]:
+    """The slides-table values of one row given as :meth:`Catalog.upsert`'s keywords."""
+    tiling = row.get("tiling")
     return (
-        slide_id,
-        str(path),
-        name or Path(path).name,
-        fingerprint,
-        status,
-        n_tiles,
-        error,
+        row["slide_id"],
+        str(row["path"]),
+        row.get("name") or Path(row["path"]).name,
+        row["fingerprint"],
+        row["status"],
+        row.get("n_tiles"),
+        row.get("error"),
         None if tiling is None else json.dumps(tiling, sort_keys=True),
         time.time(),
     )
