@@ -170,7 +170,6 @@ def run(args: argparse.Namespace) -> int:
             )
         base = None  # stopped before a checkpoint: the preset must give its recorded settings
     config = pretrain_config(args, base)
-    notes = _arch_note(args, config) if base is None else []
     result = pretrain(
         args.roots, config, out=args.out, resume=args.resume, until_step=args.until_step
     )
@@ -191,22 +190,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"metrics     {result.metrics_path}")
     if result.loss_plot is not None:
         print(f"loss plot   {result.loss_plot}")
-    for note in [*notes, *result.notes]:
+    for note in [*_arch_note(args, base, result.config), *result.notes]:
         print(f"note        {note}")
     return 0
 
 
-def _arch_note(args: argparse.Namespace, config: PretrainConfig) -> list[str]:
-    """A note when ``--init`` decides the architecture over the ``--arch`` given (the init's
-    weights need its own; the flag was dropped without a word)."""
-    if not args.arch or config.init is None:
+def _arch_note(
+    args: argparse.Namespace, base: PretrainConfig | None, trained: PretrainConfig
+) -> list[str]:
+    """A note when a new run's ``--init`` decided the architecture over the ``--arch`` given
+    (the init's weights need its own; the flag was dropped without a word)."""
+    if not args.arch or base is not None or trained.arch == args.arch:
         return []
-    from wsi_ssl.ssl.init import apply_init
-
-    adopted = apply_init(config).arch
-    if adopted == args.arch:
-        return []
-    return [f"--arch {args.arch} not used: --init {config.init} continues its own {adopted}"]
+    return [f"--arch {args.arch} not used: --init {trained.init} continues its own {trained.arch}"]
 
 
 def _rank() -> int:
