@@ -53,15 +53,11 @@ def damaged_slide_id(err: BaseException) -> str:
 
 @dataclass
 class StoreScan:
-    """The slide stores under a root: complete ids, incomplete ids, damaged stores, and the
-    ids of stores not complete in place but written beside it (``swapping``: ``<id>.zarr`` not
-    there, its ``.old`` or ``.new`` is: a re-tile between its renames, a first tiling writing,
-    or either killed)."""
+    """The slide stores under a root: complete ids, incomplete ids and damaged stores."""
 
     complete: list[str] = field(default_factory=list)
     incomplete: list[str] = field(default_factory=list)
     damaged: list[WsiSslError] = field(default_factory=list)
-    swapping: list[str] = field(default_factory=list)
 
 
 class Archive:
@@ -118,13 +114,16 @@ class Archive:
                 continue
             group = scan.complete if store.status == STATUS_COMPLETE else scan.incomplete
             group.append(store.slide_id)
-        leftovers = [p for s in (ASIDE_SUFFIX, STAGING_SUFFIX) for p in self._glob(f"*.zarr{s}")]
-        for left in sorted(leftovers):
-            sid = left.name.split(".zarr", 1)[0]
-            if not left.with_name(f"{sid}.zarr").exists() and sid not in scan.swapping:
-                scan.swapping.append(sid)
         self.damaged = scan.damaged
         return scan
+
+    def swapping(self) -> list[str]:
+        """Ids of the stores not in place but written beside it (``<id>.zarr`` not there, its
+        ``.old`` or ``.new`` is: a re-tile between its renames, a first tiling writing, or
+        either killed), sorted; apart from :meth:`scan`, which every listing runs."""
+        leftovers = [p for s in (ASIDE_SUFFIX, STAGING_SUFFIX) for p in self._glob(f"*.zarr{s}")]
+        ids = {p.name.split(".zarr", 1)[0] for p in leftovers}
+        return sorted(sid for sid in ids if not self.store_path(sid).exists())
 
     def _glob(self, pattern: str) -> list[Path]:
         return list(self.slides_dir.glob(pattern)) if self.slides_dir.is_dir() else []

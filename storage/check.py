@@ -374,13 +374,13 @@ class _Checker:
 
     def catalog_agreement(self) -> None:
         scan = self.archive.scan()
-        complete = set(scan.complete)
+        complete, swapping = set(scan.complete), set(self.archive.swapping())
         for sid, entry in self.catalog.items():
             if entry.status != STATUS_COMPLETE or sid in complete | self.reported:
                 continue
             if is_locked(slide_lock_path(self.root, sid)):  # a re-tile between its renames
                 self.report.busy.append(str(self.archive.store_path(sid)))
-            elif sid not in scan.swapping:  # a killed swap's leftovers: their --repair finishes it
+            elif sid not in swapping:  # a killed swap's leftovers: their --repair finishes it
                 self.add(
                     self.archive.store_path(sid),
                     "the catalog says complete but the store is not",

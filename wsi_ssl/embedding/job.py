@@ -131,7 +131,7 @@ def embed(
     target = EmbedTarget(enc, config, stain_attrs)
     scan = archive.scan()
     if slides is None:
-        ids, incomplete = scan.complete, scan.incomplete + scan.swapping  # not complete now
+        ids, incomplete = scan.complete, scan.incomplete + archive.swapping()  # not complete now
     else:
         ids, incomplete = requested_slide_ids(archive, slides), []
     prepared: list[EmbedSlide | SlideOutcome] = [
