@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from wsi_ssl.errors import SchemaMismatchError, StoreIncompleteError, StoreNotFoundError
+from wsi_ssl.listing import one_or_many
 from wsi_ssl.storage import open_store
 
 __all__ = ["SlideEntry", "describe_sources", "scale_groups", "scan_stores"]
@@ -69,7 +70,7 @@ def scan_stores(
         SchemaMismatchError: tile sizes or scales differ from ``tile_size`` / ``mpp`` or
             from one store to another.
     """
-    paths = [sources] if isinstance(sources, str | Path) else list(sources)
+    paths = one_or_many(sources)
     if not paths:
         raise StoreNotFoundError("(no path given)", "archive root")
     entries: list[SlideEntry] = []

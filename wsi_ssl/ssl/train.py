@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from wsi_ssl.device import resolve_device
 from wsi_ssl.errors import ConfigError
+from wsi_ssl.listing import one_or_many
 from wsi_ssl.ssl.config import PretrainConfig
 from wsi_ssl.ssl.result import PretrainRun
 from wsi_ssl.ssl.runtime import init_distributed
@@ -77,7 +78,7 @@ def pretrain(
         DeviceUnavailableError: CUDA asked for but absent.
         ConfigError: inconsistent settings. TrainingDivergedError: non-finite loss.
     """
-    roots = [root] if isinstance(root, str | Path) else list(root)
+    roots = one_or_many(root)
     if out is None:
         arch = (config or PretrainConfig()).arch
         out = Path(roots[0]) / "pretrain" / arch.replace(":", "-").replace("/", "-")
