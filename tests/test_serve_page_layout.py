@@ -1,9 +1,9 @@
 """The page's layout and result count in headless Chromium against the real server on loopback:
 a tall (portrait) slide opens whole in the viewer (it was cropped: the viewer's height changes
-after OpenSeadragon opens), a narrow window (1100 x 800) shows the whole viewer and brings
+after OpenSeadragon opens), narrow windows (1100 x 800, 800 x 900) show the whole viewer and bring
 the results into view after a search (its bottom and navigator were below the fold), and a
 result count of 0, empty or out of range is said and the old results cleared (0 and empty
-searched for 8, 101 left the old results on screen).
+searched for 8, 101 left the old results on screen). At 800 px the viewer ended 163 px below the fold.
 
 The archive: one synthetic slide, 600 x 2000 px, tiled at 224 px and indexed (random CNN)."""
 
@@ -104,23 +104,29 @@ def test_a_portrait_slide_opens_whole(page: tuple[Any, str]) -> None:
 def test_a_narrow_window_shows_the_viewer_then_the_results(page: tuple[Any, str]) -> None:
     driver, url = page
     try:
-        _open(driver, url, (1100, 800))
-        fold, viewer, navigator = driver.execute_script(
-            "const r = (s) => document.querySelector(s).getBoundingClientRect().bottom;"
-            "return [window.innerHeight, r('#viewer'), r('#viewer .navigator')];"
-        )
-        assert viewer <= fold and navigator <= fold, (fold, viewer, navigator)
-        assert viewer >= 0.6 * fold  # and it takes most of the window
-        assert _outside(driver) < 1.0
-        driver.execute_script("search([150, 800, 300, 300])")
-        _wait(lambda: driver.execute_script("return document.body.dataset.state") == "results")
-        top, bottom, fold = driver.execute_script(
-            "const r = document.querySelector('#results .card').getBoundingClientRect();"
-            "return [r.top, r.bottom, window.innerHeight];"
-        )
-        assert 0 <= top < fold and bottom > 0, (top, bottom, fold)
+        for size in ((1100, 800), (800, 900)):
+            _shows_the_viewer_then_the_results(driver, url, size)
     finally:
         driver.set_window_size(1400, 900)
+
+
+def _shows_the_viewer_then_the_results(driver: Any, url: str, size: tuple[int, int]) -> None:
+    """At ``size`` the whole viewer lies above the fold, and a search brings the results into view."""
+    _open(driver, url, size)
+    fold, viewer, navigator = driver.execute_script(
+        "const r = (s) => document.querySelector(s).getBoundingClientRect().bottom;"
+        "return [window.innerHeight, r('#viewer'), r('#viewer .navigator')];"
+    )
+    assert viewer <= fold and navigator <= fold, (fold, viewer, navigator)
+    assert viewer >= 0.6 * fold  # and it takes most of the window
+    assert _outside(driver) < 1.0
+    driver.execute_script("search([150, 800, 300, 300])")
+    _wait(lambda: driver.execute_script("return document.body.dataset.state") == "results")
+    top, bottom, fold = driver.execute_script(
+        "const r = document.querySelector('#results .card').getBoundingClientRect();"
+        "return [r.top, r.bottom, window.innerHeight];"
+    )
+    assert 0 <= top < fold and bottom > 0, (top, bottom, fold)
 
 
 def test_a_result_count_out_of_range_is_said(page: tuple[Any, str]) -> None:
