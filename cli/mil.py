@@ -117,7 +117,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--skip-missing",
         action="store_true",
-        help="leave out (and report) labelled slides without store, embeddings or tiles",
+        help="leave out (and report) labelled slides without store, tiles or embeddings that "
+        "decode (each bag is read once up front)",
     )
     t.add_argument("--overwrite", action="store_true", help="replace an existing run at --out")
     t.add_argument("--json", action="store_true", help="print metrics.json on stdout")

@@ -107,7 +107,8 @@ class Learner(Protocol):
 
     def check_folds(self, folds: np.ndarray, config: MILConfig) -> None:
         """Refuse, before any fold is fitted, settings these folds cannot use (``folds``:
-        each slide's test fold, 0 .. n-1).
+        each slide's test fold, 0 .. n-1); what every learner needs (each class in each
+        fold's training slides) :mod:`wsi_ssl.mil.cv` checks beside it.
 
         Raises:
             ConfigError: naming the setting and what to do.

@@ -73,6 +73,7 @@ class MatchReport:
     empty: list[LabelRow] = field(default_factory=list)
     unlabelled: list[str] = field(default_factory=list)
     names: dict[str, str] = field(default_factory=dict)
+    damaged: dict[int, str] = field(default_factory=dict)  # labels line -> what is wrong
 
     @property
     def class_counts(self) -> dict[str, int]:
@@ -96,8 +97,13 @@ class MatchReport:
             ("labelled slides with an empty bag (0 tiles)", self.empty),
         ):
             if rows:
-                shown = first_few((f"{r.slide!r} (line {r.line})" for r in rows), 10)
+                shown = first_few((f"{r.slide!r} ({self._why(r)})" for r in rows), 10)
                 out.append(f"left out {len(rows)} {what}: {shown}")
+        if self.damaged:
+            out.append(
+                f"re-embed the {len(self.damaged)} slide(s) with damaged embeddings: "
+                f"`wsi-ssl check {self.root}` prints the embed command that redoes them"
+            )
         if self.unlabelled:
             shown = first_few(
                 (
@@ -109,9 +115,18 @@ class MatchReport:
             out.append(f"{len(self.unlabelled)} stores have no label: {shown}")
         return out
 
+    def _why(self, row: LabelRow) -> str:
+        """The row's line, and what is wrong with its embeddings when they are damaged."""
+        problem = self.damaged.get(row.line)
+        return f"line {row.line}" if problem is None else f"line {row.line}: {problem}"
+
     def to_dict(self) -> dict[str, Any]:
         def rows(rs: list[LabelRow]) -> list[dict[str, Any]]:
-            return [{"line": r.line, "slide": r.slide, "label": r.label} for r in rs]
+            return [
+                {"line": r.line, "slide": r.slide, "label": r.label}
+                | ({"damaged": self.damaged[r.line]} if r.line in self.damaged else {})
+                for r in rs
+            ]
 
         return {
             "labels": self.labels_path,
@@ -163,8 +178,9 @@ def match_labels(
         labels: a :class:`LabelTable`, a CSV path, or ``{slide: label}``.
         encoder: an ``encoder_id`` or a unique prefix of one (None: the one encoder every
             labelled slide has).
-        skip_missing: leave out (and report) labelled slides with no store, no (or damaged)
-            embeddings of the encoder or an empty bag, instead of raising.
+        skip_missing: leave out (and report) labelled slides with no store, no embeddings
+            of the encoder, embeddings that fail to decode (each bag is read once, here) or
+            an empty bag, instead of raising.
         skip_flagged_tiles: count only the tiles that pass QC (a slide whose every tile is
             flagged is an empty bag).
 
@@ -188,8 +204,7 @@ def match_labels(
 
     matched, missing = _match_rows(table, archive, names, root, skip_missing)
     encoder_id, ids_by_slide = _encoders(archive, [sid for _, sid in matched], encoder)
-    if skip_missing:  # damaged too (a missing chunk stopped the run at the first epoch)
-        _drop_damaged(archive, ids_by_slide, encoder_id)
+    damaged = _drop_damaged(archive, ids_by_slide, encoder_id) if skip_missing else {}
     no_emb = [r for r, sid in matched if encoder_id not in ids_by_slide[sid]]
     if no_emb and not skip_missing:
         raise LabelsError(
@@ -226,6 +241,7 @@ def match_labels(
         empty=empty,
         unlabelled=[sid for sid in complete if sid not in labelled],
         names=names,
+        damaged={r.line: damaged[sid] for r, sid in matched if sid in damaged},
     )
 
 
@@ -239,16 +255,23 @@ def _encoders(
     return _resolve_encoder(archive.root, encoder, ids_by_slide), ids_by_slide
 
 
-def _drop_damaged(archive: Archive, ids_by_slide: dict[str, list[str]], encoder_id: str) -> None:
-    """Take ``encoder_id`` out of ``ids_by_slide`` for the slides whose embeddings lost a chunk
-    file (checked without decoding: a chunk failing its checksum is found when read)."""
+def _drop_damaged(
+    archive: Archive, ids_by_slide: dict[str, list[str]], encoder_id: str
+) -> dict[str, str]:
+    """Take ``encoder_id`` out of ``ids_by_slide`` for the slides whose embeddings are damaged:
+    a chunk file lost, or a chunk failing its checksum (each bag is decoded once, chunk by
+    chunk, so a run does not stop at its first epoch). Returns slide id -> what is wrong."""
     from wsi_ssl.storage.embeddings import embeddings_problem
 
+    damaged: dict[str, str] = {}
     for sid in ids_by_slide:
         if encoder_id not in ids_by_slide[sid]:
             continue
-        if embeddings_problem(archive.slide(sid), encoder_id, decode=False) is not None:
+        problem = embeddings_problem(archive.slide(sid), encoder_id)
+        if problem is not None:
+            damaged[sid] = problem
             ids_by_slide[sid] = [e for e in ids_by_slide[sid] if e != encoder_id]
+    return damaged
 
 
 def _match_rows(

@@ -182,8 +182,9 @@ def train(
             every labelled slide has.
         out: run directory to write.
         config: settings; ``options`` (e.g. ``model="transmil", folds=3``) replace fields.
-        skip_missing: leave out labelled slides without a store, embeddings or tiles (they
-            are listed in the report) instead of raising.
+        skip_missing: leave out labelled slides without a store, readable embeddings (each
+            bag is decoded once up front) or tiles (they are listed in the report, damaged
+            embeddings with what is wrong) instead of raising.
         overwrite: replace an existing run at ``out``.
         progress: print one line per epoch (to ``log`` or stdout).
         log: where progress lines go.
@@ -195,6 +196,7 @@ def train(
         LabelsError: bad labels CSV, unknown slides, one class, fewer patients than folds.
         EmbeddingsNotFoundError: no embeddings of ``encoder``.
         EmptyBagError: a labelled slide has no tiles (unless ``skip_missing``).
+        EmbeddingsCorruptError: a bag fails to decode when read (unless ``skip_missing``).
         ConfigError: bad settings, or ``out`` holds a run and ``overwrite`` is False.
         TrainingDivergedError: a non-finite loss.
     """
@@ -253,12 +255,13 @@ def _train(
     check_one_stain(report)
     check_one_scale(report)
     get_learner(config.model).check_folds(folds, config)  # before any fold is fitted
+    splits = list(fold_splits(report, folds, config))  # each fold's classes checked, too
 
     replaced = replaced_run_note(out) if overwrite else None
     partial = partial_dir(out)
     try:
         result = _cross_validate(
-            root, out, partial, config, report, folds, fold_source, device, log, started
+            root, out, partial, config, report, folds, splits, fold_source, device, log, started
         )
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # nothing half-written is left behind
@@ -303,12 +306,14 @@ def _cross_validate(
     config: MILConfig,
     report: MatchReport,
     folds: np.ndarray,
+    splits: list[FoldSplit],
     fold_source: str,
     device: torch.device,
     log: Callable[[str], None] | None,
     started: float,
 ) -> TrainResult:
-    """Every fold, then the run's predictions, metrics and record; publishes the run."""
+    """Every fold (``folds``: each slide's test fold; ``splits``: every fold's rows), then the
+    run's predictions, metrics and record; publishes the run."""
     classes, slides = report.classes, report.slides
     cache = BagCache(config.cache_mb << 20) if config.workers == 0 and config.cache_mb else None
     refs = [BagRef(s.slide_id, s.store_path, s.y) for s in slides]
@@ -318,7 +323,7 @@ def _cross_validate(
     n_threads = torch.get_num_threads()
     oof = np.full((len(slides), len(classes)), np.nan)
     results: list[FoldResult] = []
-    for split in fold_splits(report, folds, config):
+    for split in splits:
         result, probs = _fold(split, context, partial)
         oof[split.test] = probs
         results.append(result)
