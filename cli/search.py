@@ -204,7 +204,8 @@ def run_index(args: argparse.Namespace) -> int:
             slides=args.slides,
             progress=_progress(args),
         )
-        lines, damaged = [], [str(err) for err in index.damaged]
+        lines, damaged = list(index.notes), [str(err) for err in index.damaged]
+        out["notes"] = index.notes  # slides left out mid-swap, named
     if damaged:
         out["damaged"] = damaged
         lines.append(f"left out {len(damaged)} damaged slide(s)")

@@ -46,6 +46,7 @@ from wsi_ssl.search.config import IndexConfig, plan_index
 from wsi_ssl.search.filtered import filtered_search
 from wsi_ssl.search.ids import decode_ids, slide_id_range
 from wsi_ssl.search.kinds import COMPACT_FRACTION, IndexKind, Progress, index_kind, log
+from wsi_ssl.search.midswap import build_notes, keep_mid_swap
 from wsi_ssl.search.searching import MAX_QUERY_TILES, SearchMethods
 from wsi_ssl.search.vectors import normalise, to_similarity
 from wsi_ssl.storage.archive import damaged_slide_id
@@ -60,7 +61,6 @@ from wsi_ssl.storage.index_files import (
     validate_index_name,
     write_index,
 )
-from wsi_ssl.storage.swaps import mid_swap_note, split_mid_swap
 
 __all__ = ["MAX_QUERY_TILES", "AddSummary", "SearchIndex"]
 
@@ -81,6 +81,7 @@ class SearchIndex(SearchMethods):
         self.mmapped = mmapped
         self.damaged: list[WsiSslError] = []
         """Slides :meth:`build` left out: store or embeddings unreadable (empty when opened)."""
+        self.notes: list[str] = []  # what build said of slides left out undamaged (mid-swap)
         self._load_entries()
 
     def _load_entries(self) -> None:
@@ -149,7 +150,8 @@ class SearchIndex(SearchMethods):
                 export and MIL training).
             name: index name (default: the encoder id).
             config: build settings; ``options`` (e.g. ``kind="hnsw"``) replace its fields.
-            slides: only these slide ids (default: every complete slide embedded by it).
+            slides: only these slide ids (default: every complete slide embedded by it; one
+                mid-swap, :mod:`wsi_ssl.search.midswap`, is left out and named in :attr:`notes`).
             progress: called with one-line progress messages.
 
         Raises:
@@ -166,12 +168,9 @@ class SearchIndex(SearchMethods):
         eid = resolve_encoder_id(archive, encoder)
         name = validate_index_name(name or eid)
         found = collect(archive, eid, slides)
+        notes = build_notes(archive, eid, found, slides)  # slides left out mid-swap
         if not found.entries:  # none readable: say why when it is damage
-            raise (
-                found.damaged[0]
-                if found.damaged
-                else EmbeddingsNotFoundError(archive.root, eid, [])
-            )
+            raise (found.damaged or [EmbeddingsNotFoundError(archive.root, eid, [])])[0]
         n, dim = found.source.n, found.dim
         plan = plan_index(n, dim, config)
         log(
@@ -189,7 +188,7 @@ class SearchIndex(SearchMethods):
             files = read_index_files(root, name, verify=False)
         log(progress, f"wrote {files.path}")
         built = cls(files, index, mmapped=False)
-        built.damaged = found.damaged
+        built.damaged, built.notes = found.damaged, notes
         return built
 
     # -- properties ------------------------------------------------------------------------
@@ -330,8 +329,8 @@ class SearchIndex(SearchMethods):
         (new coords or a newer embedding run) is removed and added again; without ``slides``,
         a slide whose store or embeddings are gone (re-tiled with its embeddings discarded,
         removed; not mid-swap: kept, noted) is removed, so no hit points at tiles that no
-        longer exist. One whose store or embeddings cannot be read is left as it is and listed
-        in ``summary.damaged``.
+        longer exist; a slide not indexed yet that is mid-swap is left out, noted. One whose
+        store or embeddings cannot be read is left as it is and listed in ``summary.damaged``.
 
         Raises:
             SchemaMismatchError: a new slide was tiled at another scale than the index.
@@ -365,9 +364,8 @@ class SearchIndex(SearchMethods):
             summary.damaged = [str(err) for err in found.damaged]
             unreadable = {damaged_slide_id(err) for err in found.damaged}  # kept as they are
             gone = [] if slides is not None else sorted(current.keys() - skip.seen - unreadable)
-            gone, held = split_mid_swap(self.root, self.encoder_id, gone)  # held: not gone
-            if held:
-                summary.notes.append(mid_swap_note([current[s].name for s in held], self.root))
+            known = None if slides is not None else {*skip.seen, *excluded}  # new mid-swap: named
+            gone = keep_mid_swap(archive, self.encoder_id, gone, current, known, summary.notes)
             if found.entries and found.dim != self.dim:
                 raise SchemaMismatchError(
                     f"new embeddings have dimension {found.dim}, the index {self.dim}"

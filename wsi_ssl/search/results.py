@@ -72,7 +72,11 @@ class Query:
 
 @dataclass
 class TileHit:
-    """One retrieved tile: level-0 top-left (x, y) and edge ``size`` on its slide."""
+    """One retrieved tile: level-0 top-left (x, y) and edge ``size`` on its slide, in whole
+    level-0 pixels. ``size`` is the tile's level-0 edge (``SlideEntry.tile_size_level0``: the
+    tile size times the tiling's µm/px over the slide's, often a fraction, e.g. 448.9) rounded,
+    so within half a pixel of the tile's extent; the boxes made of it (the web page's, which it
+    posts back as labels) are whole pixels, as the label API and label files take them."""
 
     rank: int
     slide_id: str
