@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import json
 import os
+import pwd
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -270,7 +271,8 @@ def _os_typed(path: Path, err: OSError) -> WsiSslError | None:
     if isinstance(err, CatalogWriteError):
         return CatalogWriteError(path, err.reason)
     if err.errno in NOT_WRITABLE:
-        return CatalogWriteError(path, err.strerror or str(err))
+        why = why_not_writable(path)
+        return CatalogWriteError(path, why[1] if why else err.strerror or str(err))
     return None
 
 
@@ -281,7 +283,14 @@ def _typed(path: Path, err: sqlite3.Error) -> WsiSslError | None:
     if code == sqlite3.SQLITE_FULL:
         return _full(path)
     if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
-        return CatalogWriteError(path, _why_not_writable(path, str(err)))
+        why = why_not_writable(path)
+        words = why[1] if why else str(err)
+        if err.sqlite_errorcode == sqlite3.SQLITE_READONLY_ROLLBACK:  # a hot journal
+            words = (
+                f"an unfinished transaction of a killed writer ({path.name}-journal) must be "
+                f"rolled back to read it: {words}"
+            )
+        return CatalogWriteError(path, words)
     if code == sqlite3.SQLITE_ERROR and "no such table" in str(err):
         return CatalogCorruptError(path, f"not a wsi-ssl catalog: {err}")
     if isinstance(err, sqlite3.OperationalError):
@@ -300,13 +309,37 @@ def _full(path: Path) -> DiskFullError:
     )
 
 
-def _why_not_writable(path: Path, detail: str) -> str:
-    """Why the catalog at ``path`` cannot be written, as the OS would say it."""
-    folder = path.parent
+def why_not_writable(path: Path) -> tuple[int, str] | None:
+    """Why this process cannot write ``path`` or make files beside it: ``(EROFS, the OS's
+    words)`` on a read-only file system, ``(EACCES, "Permission denied: ...")`` where
+    permissions refuse it (:func:`permission_denied`); None: it can (or it cannot be told)."""
     with contextlib.suppress(OSError):
-        if os.statvfs(folder).f_flag & os.ST_RDONLY:
-            return os.strerror(errno.EROFS)
-        target = path if path.exists() else folder
-        if not os.access(target, os.W_OK):
-            return os.strerror(errno.EACCES)
-    return detail
+        if os.statvfs(path if path.exists() else path.parent).f_flag & os.ST_RDONLY:
+            return errno.EROFS, os.strerror(errno.EROFS)
+        if denied := permission_denied(path, path.parent):
+            return errno.EACCES, f"{os.strerror(errno.EACCES)}: {denied[0]}: {denied[1]}"
+    return None
+
+
+def permission_denied(*paths: Path) -> tuple[str, str] | None:
+    """``(the first of paths that exists and this user may not write, with its owner; what to
+    do)``, e.g. ``("/a/catalog.sqlite is owned by user ana, uid 1001", "run as that user or
+    fix its permissions")``; None when there is none (a read-only mount is not told apart:
+    see :func:`why_not_writable`)."""
+    for path in paths:
+        if not path.exists() or os.access(path, os.W_OK):
+            continue
+        info, user = path.stat(), ""
+        if info.st_uid == os.geteuid():
+            mode = f"{info.st_mode & 0o7777:04o}"
+            return (
+                f"{path} is this user's but its mode {mode} refuses writes",
+                "fix its permissions",
+            )
+        with contextlib.suppress(KeyError):  # a uid with no name here
+            user = f"user {pwd.getpwuid(info.st_uid).pw_name}, "
+        return (
+            f"{path} is owned by {user}uid {info.st_uid}",
+            "run as that user or fix its permissions",
+        )
+    return None

@@ -35,6 +35,7 @@ from typing import Any
 
 from wsi_ssl.errors import (
     CatalogCorruptError,
+    CatalogWriteError,
     CorruptIndexError,
     IndexNotFoundError,
     LockFileError,
@@ -47,10 +48,13 @@ from wsi_ssl.storage.archive import Archive, open_slide_store
 from wsi_ssl.storage.atomic import dead_temp_files, remove_path
 from wsi_ssl.storage.catalog import CatalogEntry, rebuild_catalog, row_from_store
 from wsi_ssl.storage.check_refusals import (
-    READ_ONLY,
+    FULL,
+    Refusal,
     archive_read_only,
     refusal,
     refused_fix,
+    unreadable_fix,
+    unwritable_finding,
 )
 from wsi_ssl.storage.check_report import CheckReport, Finding
 from wsi_ssl.storage.check_retile import retile_command, source_problem
@@ -114,7 +118,7 @@ class _Checker:
         self.catalog: dict[str, CatalogEntry] = {}
         self.reported: set[str] = set()  # slides with a store finding already
         self.sources: dict[str, str | None] = {}  # slide -> why its file no longer holds it
-        self.read_only: str | None = None  # why --repair could not write the archive
+        self.unwritable: Refusal | None = None  # why --repair could not write the archive
 
     def add(self, path: Path, problem: str, fix: str, repair: Any = None) -> None:
         """Record a finding; with ``--repair`` run ``repair()`` (True: done; a string: what it
@@ -126,11 +130,12 @@ class _Checker:
             except (OSError, WsiSslError) as error:
                 result, err = False, error
             refused = refusal(err) if result is False else None
-            if result is False and refused is None and (why := archive_read_only(self.root)):
-                refused = READ_ONLY, why  # a repair that failed without saying why
+            if result is False and refused is None:  # a repair that failed without saying why
+                refused = archive_read_only(self.root)
             if refused is not None:
-                fix = refused_fix(*refused, fix)
-                self.read_only = refused[1] if refused[0] == READ_ONLY else self.read_only
+                fix = refused_fix(refused, fix)
+                if refused.kind != FULL and self.unwritable is None:
+                    self.unwritable = refused
             if isinstance(result, str):
                 fix = f"{result}: {fix}"
             done = result is True
@@ -431,6 +436,9 @@ class _Checker:
             self.add(path, f"damaged ({err.detail})", REPAIR, self.rebuild_catalog)
             readable = self.report.findings[-1].repaired
             entries = self.archive.catalog.entries() if readable else []
+        except CatalogWriteError as err:  # reading it must write it (a hot journal): refused
+            self.add(path, err.reason, unreadable_fix(path))
+            readable, entries = False, []
         if not path.exists() and (stores := len(self.archive.scan().complete)):
             self.add(path, f"missing ({stores} complete store(s))", REPAIR, self.rebuild_catalog)
             readable = self.report.findings[-1].repaired
@@ -441,15 +449,9 @@ class _Checker:
         if readable:  # a damaged one is one finding, not one a store
             self.catalog_agreement()
         self.debris()
-        if self.read_only is not None:  # said once, here, for every repair it refused
-            self.report.findings.append(
-                Finding(
-                    str(self.root),
-                    f"the archive is read-only ({self.read_only}): --repair cannot change it",
-                    "make it writable (remount it read-write, or repair the writable archive it "
-                    f"was copied from), then: {REPAIR.format(root=self.root)}",
-                )
-            )
+        if self.unwritable is not None:  # said once, here, for every repair it refused
+            repair = REPAIR.format(root=self.root)
+            self.report.findings.append(unwritable_finding(self.unwritable, self.root, repair))
         return self.report
 
 
