@@ -62,6 +62,7 @@ __all__ = [
 ]
 
 RANDOM = "random"
+_WEIGHTS_NOTE = re.compile(r"\s*(\(weights: [^)]*\)|;\s*weights: .*)$")
 OVERRIDABLE = ("name", "resize", "precision", "input_size", "mean", "std")
 
 BuildFn = Callable[[EncoderConfig], nn.Module]
@@ -249,6 +250,7 @@ def finish_encoder(
         config = dataclasses.replace(
             config,
             name=name,
+            description=_random_init_description(config.description),
             source=RANDOM,
             seed=seed,
             weights_path=None,
@@ -264,6 +266,15 @@ def finish_encoder(
             weights_sha256=file_sha256(weights),
         )
     return Encoder(model, config)
+
+
+def _random_init_description(description: str) -> str:
+    """``description`` with its note on where the weights come from (``(weights: local
+    file)``, ``; weights: <file> from <card>``) replaced by the seeded random init's."""
+    core = _WEIGHTS_NOTE.sub("", description)
+    if RANDOM in core:  # "random-init CNN": already says so
+        return core
+    return f"{core} (weights: seeded random init)" if core else "seeded random init"
 
 
 def slug(text: str) -> str:
