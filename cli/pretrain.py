@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_ssl.cli.toml_config import read_toml_config
-from wsi_ssl.errors import ConfigError
+from wsi_ssl.errors import CheckpointError, ConfigError
 from wsi_ssl.ssl.backbones import backbone_names
 from wsi_ssl.ssl.config import (
     AUGMENTS,
@@ -162,6 +162,11 @@ def run(args: argparse.Namespace) -> int:
     from wsi_ssl.ssl.resume import resumed_config
     from wsi_ssl.ssl.train import pretrain
 
+    if args.resume and not Path(args.out).exists():
+        raise CheckpointError(
+            f"{args.out}: no such run folder to resume; check the path, or drop --resume to "
+            "start a new run there"
+        )
     base = resumed_config(args.out, args.arch) if args.resume else None
     if base is not None and args.preset:
         if latest_checkpoint(Path(args.out)) is not None:
@@ -170,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
             )
         base = None  # stopped before a checkpoint: the preset must give its recorded settings
     config = pretrain_config(args, base)
+    asked = _asked_arch(args)  # before training: the --config file may change meanwhile
     result = pretrain(
         args.roots, config, out=args.out, resume=args.resume, until_step=args.until_step
     )
@@ -190,19 +196,37 @@ def run(args: argparse.Namespace) -> int:
         print(f"metrics     {result.metrics_path}")
     if result.loss_plot is not None:
         print(f"loss plot   {result.loss_plot}")
-    for note in [*_arch_note(args, base, result.config), *result.notes]:
+    for note in [*_arch_note(args, asked, base, result.config), *result.notes]:
         print(f"note        {note}")
     return 0
 
 
+def _asked_arch(args: argparse.Namespace) -> tuple[str, str] | None:
+    """The arch the command asked for and where it asked: ``--arch``, else the ``--config``
+    file, else the ``--preset`` (None: the default)."""
+    if args.arch:
+        return args.arch, f"--arch {args.arch}"
+    arch = read_toml_config(args.config, PretrainConfig).get("arch")
+    if arch is not None:
+        return arch, f"arch {arch} of --config {args.config}"
+    if args.preset:
+        arch = PretrainConfig.preset(args.preset).arch
+        return arch, f"arch {arch} of --preset {args.preset}"
+    return None
+
+
 def _arch_note(
-    args: argparse.Namespace, base: PretrainConfig | None, trained: PretrainConfig
+    args: argparse.Namespace,
+    asked: tuple[str, str] | None,
+    base: PretrainConfig | None,
+    trained: PretrainConfig,
 ) -> list[str]:
-    """A note when a new run's ``--init`` decided the architecture over the ``--arch`` given
-    (the init's weights need its own; the flag was dropped without a word)."""
-    if not args.arch or base is not None or trained.arch == args.arch:
+    """A note when a new run's init decided the architecture over the one the command asked
+    for (the init's weights need its own; the choice was dropped without a word)."""
+    if asked is None or base is not None or trained.init is None or trained.arch == asked[0]:
         return []
-    return [f"--arch {args.arch} not used: --init {trained.init} continues its own {trained.arch}"]
+    init = f"--init {args.init}" if args.init else f"init {trained.init}"
+    return [f"{asked[1]} not used: {init} continues its own {trained.arch}"]
 
 
 def _rank() -> int:

@@ -95,14 +95,18 @@ class LoadedEncoder(NamedTuple):
         return torch.cat(out).numpy()
 
 
-def describe_encoder(config: PretrainConfig, **extra: Any) -> dict[str, Any]:
-    """The JSON-able description of an encoder trained with ``config``."""
+def describe_encoder(
+    config: PretrainConfig, *, output: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    """The JSON-able description of an encoder trained with ``config``, pooled as ``output``
+    says (default: as its architecture pools; a resumed run keeps its checkpoint's)."""
     spec = get_spec(config.arch)
+    output = output or spec.output
     return {
         "arch": spec.name,
         "family": spec.family,
-        "embed_dim": spec.embed_dim * (2 if spec.output == "cls+mean" else 1),
-        "output": spec.output,
+        "embed_dim": spec.embed_dim * (2 if output == "cls+mean" else 1),
+        "output": output,
         "patch_size": spec.patch_size,
         "input_size": config.global_crop_size,
         "mean": list(config.mean),

@@ -22,14 +22,14 @@ from wsi_ssl.ssl.backbones import ENCODER_PREFIX, pretraining_module
 from wsi_ssl.ssl.config import PretrainConfig
 from wsi_ssl.ssl.config_checks import check_arch
 
-__all__ = ["apply_init", "init_is_run", "load_init"]
+__all__ = ["RUN_PREFIX", "apply_init", "init_is_run", "load_init"]
 
-_RUN_PREFIX = "wsi-ssl:"
+RUN_PREFIX = "wsi-ssl:"
 
 
 def init_is_run(init: str) -> bool:
     """Whether ``init`` is a previous run or checkpoint (rather than a registry name)."""
-    return init.startswith(_RUN_PREFIX) or Path(init).expanduser().exists()
+    return init.startswith(RUN_PREFIX) or Path(init).expanduser().exists()
 
 
 def apply_init(config: PretrainConfig) -> PretrainConfig:
@@ -49,7 +49,7 @@ def apply_init(config: PretrainConfig) -> PretrainConfig:
 
 
 def _run_path(init: str) -> Path:
-    return Path(init.removeprefix(_RUN_PREFIX)).expanduser()
+    return Path(init.removeprefix(RUN_PREFIX)).expanduser()
 
 
 def init_state(config: PretrainConfig) -> dict[str, torch.Tensor]:

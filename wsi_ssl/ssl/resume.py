@@ -18,6 +18,7 @@ from wsi_ssl.ssl.checkpoint import RUN_FORMAT, latest_checkpoint, load_checkpoin
 from wsi_ssl.ssl.config import RUNTIME_FIELDS, PretrainConfig
 
 __all__ = [
+    "absolute_paths",
     "check_same_run",
     "merge_resumed",
     "open_checkpoint",
@@ -81,13 +82,39 @@ def recorded_config(out: Path) -> PretrainConfig | None:
         ) from err
 
 
+_FILE_FIELDS = ("curation", "init_weights", "stain_reference")
+
+
+def absolute_paths(config: PretrainConfig) -> PretrainConfig:
+    """``config`` with the files it reads as absolute paths (``curation``, ``init_weights``,
+    ``stain_reference`` and an ``init`` that is a previous run), as the run records them: a
+    resume from another working folder finds them."""
+    from wsi_ssl.ssl.init import RUN_PREFIX, init_is_run
+
+    changes = {
+        name: _absolute(value)
+        for name in _FILE_FIELDS
+        if (value := getattr(config, name)) is not None
+    }
+    if config.init is not None and init_is_run(config.init):
+        prefix = RUN_PREFIX if config.init.startswith(RUN_PREFIX) else ""
+        changes["init"] = prefix + _absolute(config.init.removeprefix(RUN_PREFIX))
+    changed = {k: v for k, v in changes.items() if v != getattr(config, k)}
+    return config.replace(**changed) if changed else config
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
 def merge_resumed(
     saved: PretrainConfig, given: PretrainConfig | None, path: Path | None
 ) -> PretrainConfig:
     """The checkpoint's config, with the runtime fields of ``given`` (others must agree)."""
     if given is None:
         return saved
-    a, b = saved.training_key(), given.training_key()
+    # a run recorded before its files were made absolute compares as they resolve here
+    a, b = absolute_paths(saved).training_key(), absolute_paths(given).training_key()
     diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
     if diff:
         shown = ", ".join(f"{k}: {x!r} -> {y!r}" for k, (x, y) in sorted(diff.items())[:6])

@@ -48,7 +48,13 @@ from wsi_ssl.ssl.metrics import MetricsLog, plot_loss
 from wsi_ssl.ssl.optim import clip_gradients, param_groups
 from wsi_ssl.ssl.recipes import make_recipe
 from wsi_ssl.ssl.result import PretrainRun, cpu_state, state_digest
-from wsi_ssl.ssl.resume import check_same_run, merge_resumed, open_checkpoint, recorded_config
+from wsi_ssl.ssl.resume import (
+    absolute_paths,
+    check_same_run,
+    merge_resumed,
+    open_checkpoint,
+    recorded_config,
+)
 from wsi_ssl.ssl.runtime import (
     DistContext,
     broadcast_buffers,
@@ -80,14 +86,17 @@ class Trainer:
     ) -> None:
         self.ctx = ctx
         self.out = out
+        if config is not None:  # its files recorded absolute: a resume from elsewhere finds them
+            config = apply_init(absolute_paths(config))  # init's arch: the checkpoint's check
         self.checkpoint_path, self.checkpoint_data = open_checkpoint(out, config, resume)
-        if config is not None:
-            config = apply_init(config)
-            if config.curation is not None:  # recorded absolute: a resume from elsewhere finds it
-                config = config.replace(curation=str(Path(config.curation).resolve()))
+        self.output: str | None = None  # the encoder's pooling (None: its architecture's)
         if self.checkpoint_data is not None:
-            saved = PretrainConfig.from_dict(self.checkpoint_data["meta"]["config"])
-            config = merge_resumed(saved, config, self.checkpoint_path)
+            meta = self.checkpoint_data["meta"]
+            config = merge_resumed(
+                PretrainConfig.from_dict(meta["config"]), config, self.checkpoint_path
+            )
+            # as it published it: runs from before ``output`` was recorded gave the class token
+            self.output = meta.get("encoder", {}).get("output", "cls")
         elif resume and (recorded := recorded_config(out)) is not None:  # stopped before one
             config = merge_resumed(recorded, config, out / "config.json")
         self.config = config = config or PretrainConfig()
@@ -314,7 +323,7 @@ class Trainer:
             "augment": self.augment_mode,
             "window_steps": self.window_steps,
             "window_part_steps": self.window_part_steps,
-            "encoder": describe_encoder(self.config, **self.stain_record),
+            "encoder": describe_encoder(self.config, output=self.output, **self.stain_record),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
