@@ -3,7 +3,8 @@ https://arxiv.org/abs/2111.06377): the generative pretext, to compare with the d
 DINO family on the same tiles.
 
 Each global crop hides a random ``mae_mask_ratio`` of its patches (lightly's
-``random_token_mask``); the ViT encodes the visible ones, a linear layer narrows them to
+``random_token_mask``; the class and any register tokens are always kept, :func:`patch_masks`);
+the ViT encodes the visible ones, a linear layer narrows them to
 ``decoder_dim``, lightly's ``MaskedVisionTransformerDecoderTIMM`` (``decoder_depth`` blocks,
 fixed sine-cosine positions) fills the rest with its mask token, and a linear layer predicts
 the pixels of the masked patches. The
@@ -22,7 +23,6 @@ from lightly.models import utils
 from lightly.models.modules import MaskedVisionTransformerDecoderTIMM
 from torch import Tensor, nn
 
-from wsi_ssl.errors import ArchitectureMismatchError
 from wsi_ssl.ssl.backbones import build_backbone
 from wsi_ssl.ssl.config import PretrainConfig
 from wsi_ssl.ssl.methods import RECIPES
@@ -30,7 +30,7 @@ from wsi_ssl.ssl.recipes.base import Recipe, StepOutput, seeded_masks
 from wsi_ssl.ssl.recipes.masked_vit import MaskedViT, require_vit
 from wsi_ssl.ssl.schedules import Schedules
 
-__all__ = ["MAEModel", "MAERecipe", "mae_loss"]
+__all__ = ["MAEModel", "MAERecipe", "mae_loss", "patch_masks"]
 
 
 def mae_loss(pred: Tensor, target: Tensor, norm_pix: bool) -> Tensor:
@@ -91,11 +91,6 @@ class MAERecipe(Recipe):
         )
         require_vit(backbone, c.method, c.arch)
         encoder = MaskedViT(backbone)
-        if encoder.prefix_tokens != 1:
-            raise ArchitectureMismatchError(
-                f"method 'mae' needs a ViT with one class token and no register tokens; arch "
-                f"{c.arch!r} has {encoder.prefix_tokens} prefix tokens"
-            )
         decoder = MaskedVisionTransformerDecoderTIMM(
             num_patches=(c.global_crop_size // encoder.patch_size) ** 2,
             embed_dim=c.decoder_dim,
@@ -119,10 +114,10 @@ class MAERecipe(Recipe):
         c = self.config
         images = torch.cat(views[:2])
         encoder = _inner(model).encoder
-        length = encoder.prefix_tokens + (images.shape[-1] // encoder.patch_size) ** 2
+        n_patches = (images.shape[-1] // encoder.patch_size) ** 2
         with seeded_masks(mix_seed(c.seed, step, self.rank, 0x3AE)):
-            idx_keep, idx_mask = utils.random_token_mask(
-                (len(images), length), mask_ratio=c.mae_mask_ratio
+            idx_keep, idx_mask = patch_masks(
+                len(images), n_patches, encoder.prefix_tokens, c.mae_mask_ratio
             )
         with autocast:
             pred, target = model(images, idx_keep.to(images.device), idx_mask.to(images.device))
@@ -131,6 +126,20 @@ class MAERecipe(Recipe):
 
     def compile(self, student: nn.Module, teacher: nn.Module | None) -> None:
         cast(MAEModel, student).encoder.compile_encoder()
+
+
+def patch_masks(
+    batch: int, n_patches: int, prefix: int, mask_ratio: float
+) -> tuple[Tensor, Tensor]:
+    """MAE's ``(idx_keep, idx_mask)`` token indices: every prefix token (class, then register
+    tokens) kept, ``mask_ratio`` of the patches masked. The patches are drawn as lightly's
+    ``random_token_mask`` draws them behind one class token; register tokens shift them."""
+    idx_keep, idx_mask = utils.random_token_mask((batch, 1 + n_patches), mask_ratio=mask_ratio)
+    if prefix == 1:
+        return idx_keep, idx_mask
+    registers = torch.arange(1, prefix).expand(batch, -1)  # idx_keep[:, 0] is the class token
+    shift = prefix - 1
+    return torch.cat([idx_keep[:, :1], registers, idx_keep[:, 1:] + shift], 1), idx_mask + shift
 
 
 def _inner(model: nn.Module) -> MAEModel:
