@@ -534,8 +534,8 @@ class CatalogWriteError(LockFileError):
     def __init__(self, path: str | Path, reason: str) -> None:
         WsiSslError.__init__(
             self,
-            f"{path}: cannot write the archive's catalog ({reason}); a job that writes the "
-            "archive needs it writable: fix that and re-run",
+            f"{path}: cannot write the archive's catalog ({reason}); make it writable (or "
+            "run where it is) and re-run",
         )
         self.path = Path(path)
         self.reason = reason
