@@ -57,3 +57,26 @@ def test_a_preset_with_random_weights_is_described_as_random(root: Path, tmp_pat
     # an encoder that is a random init by name is not told so twice
     cnn = create_encoder("random-cnn")
     assert cnn.config.description == "small random-init CNN (tests; fast on CPU)"
+
+
+def test_a_description_that_says_random_of_a_file_encoder_is_still_told() -> None:
+    """Whether the encoder is random by registration decides, not the word in its text: one
+    described as trained "with randomized stain augmentation" lost its weights note and read
+    as pretrained."""
+    from wsi_ssl.encoders import register_encoder
+    from wsi_ssl.encoders._builtin import SmallCNN
+    from wsi_ssl.encoders.registry import ENCODERS
+
+    name = "test-randomized-aug-cnn"
+    if name not in ENCODERS.names():
+        register_encoder(
+            name,
+            arch="builtin/small_cnn",
+            input_size=224,
+            embed_dim=64,
+            description="CNN pretrained with randomized stain augmentation (weights: local file)",
+        )(lambda config: SmallCNN())
+    enc = create_encoder(name, weights="random")
+    assert enc.config.description == (
+        "CNN pretrained with randomized stain augmentation (weights: seeded random init)"
+    )

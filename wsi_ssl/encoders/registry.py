@@ -250,7 +250,7 @@ def finish_encoder(
         config = dataclasses.replace(
             config,
             name=name,
-            description=_random_init_description(config.description),
+            description=_random_init_description(config),
             source=RANDOM,
             seed=seed,
             weights_path=None,
@@ -268,12 +268,13 @@ def finish_encoder(
     return Encoder(model, config)
 
 
-def _random_init_description(description: str) -> str:
-    """``description`` with its note on where the weights come from (``(weights: local
-    file)``, ``; weights: <file> from <card>``) replaced by the seeded random init's."""
-    core = _WEIGHTS_NOTE.sub("", description)
-    if RANDOM in core:  # "random-init CNN": already says so
-        return core
+def _random_init_description(config: EncoderConfig) -> str:
+    """The description of ``config`` built with its seeded random init: an encoder registered
+    as random keeps its own; another's note on where its weights come from (``(weights: local
+    file)``, ``; weights: <file> from <card>``) is replaced by the random init's."""
+    if config.source == RANDOM:  # "small random-init CNN": says so already
+        return config.description
+    core = _WEIGHTS_NOTE.sub("", config.description)
     return f"{core} (weights: seeded random init)" if core else "seeded random init"
 
 
