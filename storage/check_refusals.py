@@ -115,6 +115,10 @@ def unreadable_fix(catalog: Path) -> str:
     reading, and the archive refused that write."""
     check = "wsi-ssl check {root}"
     journal = f"{catalog.name}-journal"
+    refused = why_not_writable(catalog)
+    denied = permission_denied(catalog, catalog.parent)
+    if refused and refused[0] == errno.EACCES and denied:  # journal or not: the owner's to fix
+        return f"{denied[1]}, then: {check}"
     if not Path(f"{catalog}-journal").exists():
         return f"once this user may read and write it: {check}"
     return (

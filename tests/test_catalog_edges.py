@@ -194,8 +194,35 @@ def test_another_users_archive_is_permission_denied_not_read_only(tmp_path: Path
     assert sorted(e.slide_id for e in open_store(root).catalog.entries()) == ids
 
     catalog.chmod(0o600)  # not even readable: one finding too, the stores still checked
+    journal = root / "catalog.sqlite-journal"  # beside it, the fix is still the owner's
+    journal.write_bytes(b"")
+    subprocess.run(["chown", f"{NOBODY}:{NOBODY}", str(journal)], check=True)
     done = subprocess.run(check, capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr == "", done
     assert f"problem: {catalog}: Permission denied: {catalog} is {owner}: run as" in done.stdout
-    assert f"fix: once this user may read and write it: wsi-ssl check {root}\n" in done.stdout
+    fix = f"fix: run as that user or fix its permissions, then: wsi-ssl check {root}\n"
+    assert fix in done.stdout and "remounted" not in done.stdout, done.stdout
     assert "checked 2 store(s), 0 embeddings array(s), 0 index(es): 2 problem(s)" in done.stdout
+
+
+def test_sqlite_asking_to_roll_a_hot_journal_back_is_said_so(tmp_path: Path) -> None:
+    """sqlite's SQLITE_READONLY_ROLLBACK (a reader that must roll back a killed writer's
+    journal first) is a CatalogWriteError that names the journal (no mount needed here)."""
+    import sqlite3
+
+    from wsi_ssl.errors import CatalogWriteError
+    from wsi_ssl.storage.catalog import _typed
+
+    err = sqlite3.OperationalError("attempt to write a readonly database")
+    err.sqlite_errorcode = sqlite3.SQLITE_READONLY_ROLLBACK
+    typed = _typed(tmp_path / "catalog.sqlite", err)
+    assert isinstance(typed, CatalogWriteError)
+    assert typed.reason == (
+        "an unfinished transaction of a killed writer (catalog.sqlite-journal) must be rolled "
+        "back to read it: attempt to write a readonly database"
+    )
+    plain = sqlite3.OperationalError("attempt to write a readonly database")
+    plain.sqlite_errorcode = sqlite3.SQLITE_READONLY
+    typed = _typed(tmp_path / "catalog.sqlite", plain)
+    assert isinstance(typed, CatalogWriteError)
+    assert typed.reason == "attempt to write a readonly database"
