@@ -50,7 +50,7 @@ from wsi_ssl.storage.catalog import CatalogEntry, rebuild_catalog, row_from_stor
 from wsi_ssl.storage.check_refusals import (
     FULL,
     Refusal,
-    archive_read_only,
+    archive_unwritable,
     refusal,
     refused_fix,
     unreadable_fix,
@@ -131,7 +131,7 @@ class _Checker:
                 result, err = False, error
             refused = refusal(err) if result is False else None
             if result is False and refused is None:  # a repair that failed without saying why
-                refused = archive_read_only(self.root)
+                refused = archive_unwritable(self.root)
             if refused is not None:
                 fix = refused_fix(refused, fix)
                 if refused.kind != FULL and self.unwritable is None:

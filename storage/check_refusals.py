@@ -19,7 +19,7 @@ __all__ = [
     "FULL",
     "READ_ONLY",
     "Refusal",
-    "archive_read_only",
+    "archive_unwritable",
     "refusal",
     "refused_fix",
     "unreadable_fix",
@@ -73,7 +73,7 @@ def _denied(path: Path) -> Refusal | None:
     return None if denied is None else Refusal(DENIED, *denied)
 
 
-def archive_read_only(root: Path) -> Refusal | None:
+def archive_unwritable(root: Path) -> Refusal | None:
     """Why the archive at ``root`` cannot be written (a read-only mount, a folder not this
     user's to write); None when it can."""
     try:
