@@ -9,6 +9,7 @@ complete embeddings although nothing was removed: a reader must not take them as
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from wsi_ssl.storage.embeddings import (
@@ -45,12 +46,13 @@ def split_mid_swap(
     return [sid for sid in slide_ids if sid not in held], held
 
 
-def mid_swap_note(names: list[str], root: str | Path) -> str:
-    """What an index update says of the slides it kept because they are mid-swap."""
+def mid_swap_note(names: Sequence[str], root: str | Path, *, kept: bool, then: str) -> str:
+    """What an index build or update says of the slides mid-swap it ``kept`` as indexed (or
+    left out), named in ``names``; ``then``: what brings them in once the swap has ended."""
     from wsi_ssl.listing import first_few
 
     return (
         f"{len(names)} slide(s) being re-tiled or re-embedded now, or left so by a killed job, "
-        f"kept as indexed ({first_few(names)}); when that job ends (or after `wsi-ssl check "
-        f"{root} --repair`), `index --add` brings them up to date"
+        f"{'kept as indexed' if kept else 'left out'} ({first_few(names)}); when that job ends "
+        f"(or after `wsi-ssl check {root} --repair`), {then}"
     )

@@ -13,6 +13,7 @@ import pytest
 import zarr
 
 from tests.conftest import run_cli
+from wsi_ssl.errors import EmbeddingsNotFoundError
 from wsi_ssl.search import SearchIndex
 from wsi_ssl.storage import open_store
 from wsi_ssl.storage.embeddings import embedding_ids, read_embeddings
@@ -68,7 +69,7 @@ def test_a_fresh_build_names_a_slide_caught_mid_swap(
     assert code == 0 and "error" not in err, err
     [note] = report["notes"]
     assert f"left out ({name})" in note and f"wsi-ssl check {root} --repair" in note
-    assert f"wsi-ssl index {root} --add" in note
+    assert f"`wsi-ssl index {root} --name {report['index']['name']} --add` adds them" in note
     assert report["index"]["n_slides"] == 1 and report["index"]["n_vectors"] == _tiles(root, good)
     assert "damaged" not in report
     code, out, _ = run_cli(["index", str(root), "--encoder", "random-cnn", "--quiet"])
@@ -89,20 +90,86 @@ def test_an_update_names_a_slide_not_indexed_yet_caught_mid_swap(
     small_archive: Path, tmp_path: Path
 ) -> None:
     """``index --add`` kept and noted an indexed slide mid-swap, but left one it had not
-    indexed yet out without a word."""
+    indexed yet out without a word (and, once it named it, still called the index up to
+    date)."""
     root, good, swapped = _copy(small_archive, tmp_path)
+    name = open_store(root).catalog.get(swapped).name  # type: ignore[union-attr]
     SearchIndex.build(root, "random-cnn", slides=[good])
     _swap(root, swapped, "re-embed")
     code, out, err = run_cli(["index", str(root), "--add", "--json", "--quiet"])
     assert code == 0, err
     report = json.loads(out)
     assert report["added"] == [] and report["removed"] == []
-    note, up_to_date = report["notes"]
-    assert "left out (s" in note and "--add` adds them" in note and "up to date" in up_to_date
+    [note] = report["notes"]  # not "the index is up to date": a slide was left out
+    assert f"left out ({name})" in note and "--add` adds them" in note
     _swap(root, good, "re-embed")  # now the indexed one too: kept, and said apart
-    kept, left_out, _ = SearchIndex.open(root).add().notes
+    kept, left_out = SearchIndex.open(root).add().notes
     assert "kept as indexed" in kept and left_out == note
     assert [e.slide_id for e in SearchIndex.open(root).slides] == [good]
+
+
+def _command(note: str) -> list[str]:
+    """The arguments of the ``wsi-ssl`` command a note says to run last, as printed."""
+    command = note.split("`")[-2].split()
+    assert command[0] == "wsi-ssl"
+    return command[1:]
+
+
+def test_the_command_a_mid_swap_note_prints_works_with_several_indexes(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    """The notes said ``wsi-ssl index ROOT --add``, which with several indexes in the archive
+    exits 2 ("several indexes ...; pass --name"): they name the index, and what they print
+    adds the slide left out and updates the one kept."""
+    root, good, swapped = _copy(small_archive, tmp_path)  # indexed: one index already
+    assert run_cli(["index", str(root), "--name", "both", "--quiet"])[0] == 0
+    _swap(root, swapped, "re-embed")
+    code, out, err = run_cli(["index", str(root), "--name", "one", "--quiet"])
+    assert code == 0, err
+    left_out = out.splitlines()[0]
+    assert f"`wsi-ssl index {root} --name one --add` adds them" in left_out
+    code, out, err = run_cli(["index", str(root), "--name", "both", "--add", "--json", "--quiet"])
+    assert code == 0, err
+    [kept] = json.loads(out)["notes"]
+    assert "kept as indexed" in kept and f"`wsi-ssl index {root} --name both --add` brings" in kept
+    assert run_cli(["check", str(root), "--repair"])[0] == 0
+    code, out, err = run_cli([*_command(left_out), "--json", "--quiet"])
+    assert code == 0, err
+    assert json.loads(out)["added"] == [swapped]
+    assert SearchIndex.open(root, "one").n_vectors == _tiles(root, good) + _tiles(root, swapped)
+    code, out, err = run_cli([*_command(kept), "--json", "--quiet"])
+    assert code == 0 and json.loads(out)["notes"] == [
+        "no new or re-embedded slides; the index is up to date"
+    ], err
+
+
+def test_a_build_with_every_slide_mid_swap_names_them_not_embed(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    """Every slide mid-swap: the build said "no complete embeddings ... run `wsi-ssl embed`",
+    sending the user to embed again what is embedded; it names the slides and the repair."""
+    root, good, swapped = _copy(small_archive, tmp_path)
+    shutil.rmtree(root / "index")
+    store = open_store(root)
+    names = sorted(store.catalog.get(s).name for s in (good, swapped))  # type: ignore[union-attr]
+    eid = embedding_ids(store.store_path(good))[0]
+    _swap(root, good, "re-embed")
+    _swap(root, swapped, "re-tile: old aside")
+    for encoder in (["--encoder", "random-cnn"], []):
+        code, out, err = run_cli(["index", str(root), *encoder, "--quiet"])
+        assert code == 2 and out == "" and "wsi-ssl embed" not in err
+        assert err.startswith(
+            f"wsi-ssl: error: {root}: no complete embeddings {eid!r} (available: none); 2 slide(s)"
+            " being re-tiled or re-embedded now"
+        )
+        assert f"left out ({', '.join(names)})" in err
+        assert f"`wsi-ssl check {root} --repair`" in err
+    with pytest.raises(EmbeddingsNotFoundError, match="being re-tiled or re-embedded"):
+        SearchIndex.build(root)
+    with pytest.raises(EmbeddingsNotFoundError, match="run `wsi-ssl embed`"):
+        SearchIndex.build(root, "another-encoder")  # nothing of it mid-swap: as before
+    assert run_cli(["check", str(root), "--repair"])[0] == 0
+    assert SearchIndex.build(root).n_vectors == _tiles(root, good) + _tiles(root, swapped)
 
 
 def test_a_slide_with_nothing_of_the_encoder_to_swap_in_is_not_named(

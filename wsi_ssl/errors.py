@@ -351,12 +351,17 @@ class TileReadError(WsiSslError, OSError):
 
 
 class EmbeddingsNotFoundError(WsiSslError, FileNotFoundError):
-    def __init__(self, path: str | Path, encoder_id: str, available: list[str]) -> None:
+    """No complete embeddings by an encoder; ``why`` (when known) replaces the advice to embed,
+    e.g. that every slide with some is between the renames of a swap."""
+
+    def __init__(
+        self, path: str | Path, encoder_id: str, available: list[str], why: str = ""
+    ) -> None:
         have = ", ".join(available) if available else "none"
         choose = "name one of those ids (or a unique prefix of one), or " if available else ""
+        advice = why or f"{choose}run `wsi-ssl embed` with that encoder first"
         super().__init__(
-            f"{path}: no complete embeddings {encoder_id!r} (available: {have}); "
-            f"{choose}run `wsi-ssl embed` with that encoder first"
+            f"{path}: no complete embeddings {encoder_id!r} (available: {have}); {advice}"
         )
         self.path = Path(path)
 

@@ -38,7 +38,6 @@ from wsi_ssl.search.archive import (
     collect,
     find_entry,
     indexed_stain,
-    resolve_encoder_id,
     tombstone_ids,
 )
 from wsi_ssl.search.build import build_faiss, index_description, index_record, utc_now
@@ -46,7 +45,7 @@ from wsi_ssl.search.config import IndexConfig, plan_index
 from wsi_ssl.search.filtered import filtered_search
 from wsi_ssl.search.ids import decode_ids, slide_id_range
 from wsi_ssl.search.kinds import COMPACT_FRACTION, IndexKind, Progress, index_kind, log
-from wsi_ssl.search.midswap import build_notes, keep_mid_swap
+from wsi_ssl.search.midswap import build_encoder_id, build_notes, keep_mid_swap
 from wsi_ssl.search.searching import MAX_QUERY_TILES, SearchMethods
 from wsi_ssl.search.vectors import normalise, to_similarity
 from wsi_ssl.storage.archive import damaged_slide_id
@@ -165,12 +164,14 @@ class SearchIndex(SearchMethods):
 
         config = (config or IndexConfig()).replace(**options)
         archive = open_store(root)
-        eid = resolve_encoder_id(archive, encoder)
+        eid = build_encoder_id(archive, encoder)  # names the slides mid-swap when all are
         name = validate_index_name(name or eid)
         found = collect(archive, eid, slides)
-        notes = build_notes(archive, eid, found, slides)  # slides left out mid-swap
+        notes = build_notes(archive, name, eid, found, slides)  # slides left out mid-swap
         if not found.entries:  # none readable: say why when it is damage
-            raise (found.damaged or [EmbeddingsNotFoundError(archive.root, eid, [])])[0]
+            if found.damaged:
+                raise found.damaged[0]
+            raise EmbeddingsNotFoundError(archive.root, eid, [])
         n, dim = found.source.n, found.dim
         plan = plan_index(n, dim, config)
         log(
@@ -365,13 +366,14 @@ class SearchIndex(SearchMethods):
             unreadable = {damaged_slide_id(err) for err in found.damaged}  # kept as they are
             gone = [] if slides is not None else sorted(current.keys() - skip.seen - unreadable)
             known = None if slides is not None else {*skip.seen, *excluded}  # new mid-swap: named
-            gone = keep_mid_swap(archive, self.encoder_id, gone, current, known, summary.notes)
+            gone, summary.notes = keep_mid_swap(archive, self, gone, known)  # its first notes
             if found.entries and found.dim != self.dim:
                 raise SchemaMismatchError(
                     f"new embeddings have dimension {found.dim}, the index {self.dim}"
                 )
             if not found.entries and not gone:
-                summary.notes.append("no new or re-embedded slides; the index is up to date")
+                if not summary.notes:  # else a slide mid-swap was kept or left out
+                    summary.notes.append("no new or re-embedded slides; the index is up to date")
                 return summary
             for sid in [*gone, *summary.updated]:
                 self._remove_entry(current[sid])
