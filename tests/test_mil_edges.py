@@ -4,7 +4,9 @@ file, size and name, and fails zstd's content checksum only when decoded."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -43,10 +45,16 @@ def _csv(folder: Path) -> Path:
 def test_skip_missing_leaves_out_a_bag_that_fails_its_checksum(
     rotten: Path, tmp_path: Path
 ) -> None:
-    result = train(
-        rotten, LABELS, ENC, tmp_path / "run", folds=2, epochs=2, device="cpu", skip_missing=True
-    )
-    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    said: list[str] = []
+    run = tmp_path / "run"
+    options: dict[str, Any] = {"folds": 2, "epochs": 2, "device": "cpu", "log": said.append}
+    result = train(rotten, LABELS, ENC, run, skip_missing=True, **options)
+    # the up-front check says what it did, once, before the first epoch
+    first, *epochs = said
+    assert re.fullmatch(r"checked 8 bags for damaged embeddings in \d+\.\d s: 1 damaged", first)
+    assert epochs and all(line.startswith("fold ") for line in epochs), said
+    assert result.report.checked is not None and result.report.checked[0] == 8
+    info = json.loads((run / "run.json").read_text())
     assert sorted(info["training_slides"]) == sorted(s for s in LABELS if s != DAMAGED)
     [row] = info["report"]["missing_embeddings"]
     assert row["slide"] == DAMAGED and row["line"] == 4

@@ -186,7 +186,8 @@ def train(
             bag is decoded once up front) or tiles (they are listed in the report, damaged
             embeddings with what is wrong) instead of raising.
         overwrite: replace an existing run at ``out``.
-        progress: print one line per epoch (to ``log`` or stdout).
+        progress: print one line per epoch (to ``log`` or stdout), and with ``skip_missing``
+            one after the bags were checked: how many, how long, how many damaged.
         log: where progress lines go.
 
     Returns:
@@ -251,6 +252,12 @@ def _train(
         skip_missing=skip_missing,
         skip_flagged_tiles=config.skip_flagged_tiles,
     )
+    if log is not None and report.checked is not None:
+        n, seconds = report.checked
+        log(
+            f"checked {n} bags for damaged embeddings in {seconds:.1f} s: "
+            f"{len(report.damaged)} damaged"
+        )
     folds, fold_source = folds_from_table(report, config, config.seed)
     check_one_stain(report)
     check_one_scale(report)
