@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import DiskFullError, WsiSslError
+from wsi_ssl.interrupts import interrupts_held
 from wsi_ssl.outcome import BatchOutcome, SlideOutcome, interrupt_report
 from wsi_ssl.storage import STATUS_COMPLETE, Archive
 from wsi_ssl.storage.locks import slide_lock
@@ -373,7 +374,8 @@ def _retile(
         )
         replacement = replace_store(store_path, staging_path(store_path), discard_embeddings)
     except BaseException as err:
-        recover_swap(store_path, roll_forward=False)  # Ctrl-C too: no half-written store stays
+        with interrupts_held():  # Ctrl-C too, pressed twice: no half-written store stays
+            recover_swap(store_path, roll_forward=False)
         if not isinstance(err, Exception):
             raise
         full = isinstance(err, OSError) and err.errno == errno.ENOSPC
