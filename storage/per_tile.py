@@ -15,6 +15,7 @@ import numpy as np
 import zarr
 
 from wsi_ssl.errors import NoLabelsError
+from wsi_ssl.storage.slide_store import read_values
 
 QC_GROUP = "qc"
 LABELS_GROUP = "labels"
@@ -32,13 +33,18 @@ def write_qc(group: zarr.Group, scores: Mapping[str, np.ndarray]) -> None:
         qc.create_array(metric, data=data, chunks=(max(1, min(len(data), QC_CHUNK)),))
 
 
-def read_qc(group: zarr.Group) -> dict[str, np.ndarray]:
-    """Every ``qc/<metric>`` as float32 (N,); empty when the store has none."""
+def read_qc(group: zarr.Group, path: Path) -> dict[str, np.ndarray]:
+    """Every ``qc/<metric>`` as float32 (N,); empty when the store (at ``path``) has none.
+
+    Raises:
+        StoreCorruptError: a chunk file of a metric does not decode.
+    """
     if QC_GROUP not in group:
         return {}
     qc = cast(zarr.Group, group[QC_GROUP])
     return {
-        name: np.asarray(cast("zarr.Array[Any]", qc[name])[:]) for name in sorted(qc.array_keys())
+        name: read_values(cast("zarr.Array[Any]", qc[name]), path, f"{QC_GROUP}/{name}")
+        for name in sorted(qc.array_keys())
     }
 
 
@@ -59,6 +65,7 @@ def read_labels(group: zarr.Group, path: Path, name: str) -> tuple[np.ndarray, l
 
     Raises:
         NoLabelsError: the store has no such labels (tiled without annotations).
+        StoreCorruptError: a chunk file of them does not decode.
     """
     labels = group.get(LABELS_GROUP)
     names = sorted(labels.array_keys()) if isinstance(labels, zarr.Group) else []
@@ -66,4 +73,5 @@ def read_labels(group: zarr.Group, path: Path, name: str) -> tuple[np.ndarray, l
         raise NoLabelsError(path, name, names)
     assert isinstance(labels, zarr.Group)
     array = cast("zarr.Array[Any]", labels[name])
-    return np.asarray(array[:]), [str(c) for c in cast("list[str]", array.attrs["classes"])]
+    values = read_values(array, path, f"{LABELS_GROUP}/{name}")
+    return values, [str(c) for c in cast("list[str]", array.attrs["classes"])]

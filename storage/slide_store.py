@@ -207,7 +207,7 @@ class SlideStore:
                     if meta.get("node_type") == "array":
                         dirs[:] = []  # its chunks
                         names.append(rel)
-        return {name: array_sha256(np.asarray(self._array(name)[...])) for name in sorted(names)}
+        return {name: array_sha256(self._values(name)) for name in sorted(names)}
 
     @property
     def recorded_contents(self) -> dict[str, str]:
@@ -219,6 +219,10 @@ class SlideStore:
     def _array(self, name: str) -> zarr.Array[Any]:
         """The member array ``name`` (zarr types a group's members as array or group)."""
         return cast("zarr.Array[Any]", self.group[name])
+
+    def _values(self, name: str) -> np.ndarray:
+        """Member array ``name``'s values (StoreCorruptError: a chunk file does not decode)."""
+        return read_values(self._array(name), self.path, name)
 
     @property
     def slide_id(self) -> str:
@@ -251,28 +255,28 @@ class SlideStore:
     @property
     def coords(self) -> np.ndarray:
         """int64 (N, 2): level-0 x, y of each tile's top-left corner."""
-        return np.asarray(self._array("coords")[:])
+        return self._values("coords")
 
     @property
     def tissue_fraction(self) -> np.ndarray:
-        return np.asarray(self._array("tissue_fraction")[:])
+        return self._values("tissue_fraction")
 
     @property
     def thumbnail(self) -> np.ndarray:
         """uint8 (h, w, 3) picture of the whole slide at ``tiling["thumbnail_mpp"]`` µm/px."""
-        return np.asarray(self._array("thumbnail")[:])
+        return self._values("thumbnail")
 
     @property
     def tissue_mask(self) -> np.ndarray:
         """bool (h, w): the tissue detected on :attr:`thumbnail`, pixel for pixel."""
-        return np.asarray(self._array("tissue_mask")[:])
+        return self._values("tissue_mask")
 
     # -- per-tile tables (storage/per_tile.py) ----------------------------------------------
     def qc(self) -> dict[str, np.ndarray]:
         """``qc/<metric>`` scores, float32 (N,) each; {} for a store tiled without QC."""
         from wsi_ssl.storage.per_tile import read_qc
 
-        return read_qc(self.group)
+        return read_qc(self.group, self.path)
 
     def labels(self, name: str = "annotations") -> tuple[np.ndarray, list[str]]:
         """``labels/<name>``: float32 (N, C) class fractions per tile and the class names."""
@@ -350,6 +354,8 @@ class SlideStore:
             changed = [name for name, digest in recorded.items() if now[name] != digest]
             if changed:
                 return f"{', '.join(changed)} changed since tiling (chunk files lost or altered)"
+        except StoreCorruptError as err:
+            return err.detail
         except (OSError, ValueError, KeyError, TypeError) as err:
             return f"cannot read its arrays ({type(err).__name__}: {err})"
         return None
@@ -373,6 +379,17 @@ def array_sha256(values: np.ndarray) -> str:
     """sha256 of an array's bytes in C order (for int64 coordinates, the embeddings'
     ``coords_sha256``)."""
     return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
+
+
+def read_values(array: zarr.Array[Any], store_path: str | Path, name: str) -> np.ndarray:
+    """``array``'s values (member ``name`` of the store at ``store_path``); a chunk file that
+    does not decode (its codec's RuntimeError, a frame of the wrong size's ValueError) is a
+    :class:`StoreCorruptError`: bytes damaged since tiling."""
+    try:
+        return np.asarray(array[...])
+    except (RuntimeError, ValueError) as err:
+        detail = f"a chunk file of {name} does not decode: {type(err).__name__}: {err}"
+        raise StoreCorruptError(store_path, detail) from err
 
 
 def recorded_attrs(path: str | Path) -> dict[str, Any]:

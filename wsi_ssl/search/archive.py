@@ -24,6 +24,7 @@ from wsi_ssl.errors import (
     EmbeddingsCorruptError,
     EmbeddingsNotFoundError,
     SchemaMismatchError,
+    StoreCorruptError,
     UnknownSlideError,
     WsiSslError,
 )
@@ -197,7 +198,7 @@ class ArchiveSource:
                 continue
             try:
                 emb = read_embeddings(slide.store, self.encoder_id).embedded_only()
-            except EmbeddingsCorruptError as err:
+            except (EmbeddingsCorruptError, StoreCorruptError) as err:
                 self.unreadable[slide.number] = err
                 continue
             feats, tiles = np.asarray(emb.features), emb.tile_ids
@@ -328,7 +329,7 @@ class UnchangedSlides:
 
         try:
             read_embeddings(store, self.encoder_id)
-        except EmbeddingsCorruptError as err:
+        except (EmbeddingsCorruptError, StoreCorruptError) as err:
             self.unreadable.append(err)
             return False
         return True
@@ -348,7 +349,7 @@ def _complete_embeddings(
         return None
     try:
         return read_embeddings(store, encoder_id, lazy=True)
-    except EmbeddingsCorruptError as err:
+    except (EmbeddingsCorruptError, StoreCorruptError) as err:
         unreadable.append(err)
         return None
 
