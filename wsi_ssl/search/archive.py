@@ -180,7 +180,7 @@ class ArchiveSource:
         self.encoder_id = encoder_id
         self.dim = dim
         self.n = sum(s.n_vectors for s in slides)
-        self.unreadable: dict[int, EmbeddingsCorruptError] = {}
+        self.unreadable: dict[int, WsiSslError] = {}
 
     @classmethod
     def of_entries(
@@ -302,7 +302,7 @@ class UnchangedSlides:
     excluded: set[str] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)
     seen: set[str] = field(default_factory=set)
-    unreadable: list[EmbeddingsCorruptError] = field(default_factory=list)
+    unreadable: list[WsiSslError] = field(default_factory=list)
 
     def __call__(self, store: SlideStore, attrs: dict[str, Any]) -> bool:
         slide_id = store.slide_id
@@ -317,10 +317,8 @@ class UnchangedSlides:
             return True
         if old is None and slide_id in self.failed:  # still unreadable: no second entry
             return not self._readable(store)
-        if old is None:
-            return False
-        if not self._readable(store):
-            return True
+        if old is None or not self._readable(store):  # new: add; unreadable: keep as indexed
+            return old is not None
         self.summary.updated.append(slide_id)
         return False
 
