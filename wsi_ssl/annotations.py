@@ -54,6 +54,8 @@ class Annotations:
             "2", ...), so a slide whose label mask holds value 1 alone still has class "1".
         mask_values: the mask's nonzero values, ascending.
         binary: the mask is a binary one.
+        left_out: QuPath objects of the file that are not annotations (detections, cells,
+            tiles), left out of the classes.
     """
 
     path: Path
@@ -61,6 +63,7 @@ class Annotations:
     mask: np.ndarray | None = None
     mask_values: tuple[int, ...] = ()
     binary: bool = False
+    left_out: int = 0
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -75,7 +78,7 @@ def read_annotations(path: str | Path) -> Annotations:
     """Read QuPath GeoJSON (``.geojson``/``.json``), ASAP XML (``.xml``) or a mask image.
 
     A mask image (PNG, TIFF, JPEG or a 2-D ``.npy``) is nonzero on the region and covers the
-    whole slide at any scale.
+    whole slide at any scale. Of a QuPath export only annotations are read, not detections.
 
     Raises:
         AnnotationError: missing, unreadable or malformed file, or a file with no polygon.
@@ -83,10 +86,10 @@ def read_annotations(path: str | Path) -> Annotations:
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(path, "no such annotation file; check the path")
-    suffix = path.suffix.lower()
+    suffix, left_out = path.suffix.lower(), 0
     try:
         if suffix in (".geojson", ".json"):
-            geometries = _read_geojson(path)
+            geometries, left_out = _read_geojson(path)
         elif suffix == ".xml":
             geometries = _read_asap(path)
         elif suffix in MASK_SUFFIXES:
@@ -105,8 +108,9 @@ def read_annotations(path: str | Path) -> Annotations:
     except (OSError, ValueError, TypeError, KeyError, IndexError, ET.ParseError) as err:
         raise AnnotationError(path, f"cannot be read ({type(err).__name__}: {err})") from err
     if not geometries:
-        raise AnnotationError(path, "holds no polygon annotation (points and lines are ignored)")
-    return Annotations(path, geometries)
+        others = f"; {left_out} QuPath detection(s) or cell(s) are not read" if left_out else ""
+        raise AnnotationError(path, f"holds no polygon annotation (points, lines ignored{others})")
+    return Annotations(path, geometries, left_out=left_out)
 
 
 def _union_by_class(items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
@@ -124,8 +128,9 @@ def _union_by_class(items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
     return {name: shapely.union_all(parts[name]) for name in sorted(parts)}
 
 
-def _read_geojson(path: Path) -> dict[str, Any]:
-    """QuPath export: a FeatureCollection, a Feature, a list of Features or a bare geometry."""
+def _read_geojson(path: Path) -> tuple[dict[str, Any], int]:
+    """QuPath export: a FeatureCollection, a Feature, a list of Features or a bare geometry;
+    its annotations by class, and how many other objects (detections, cells) it held."""
     from shapely.geometry import shape
 
     data = json.loads(path.read_text())
@@ -139,12 +144,16 @@ def _read_geojson(path: Path) -> dict[str, Any]:
         features = [{"type": "Feature", "geometry": data, "properties": {}}]
     else:
         raise AnnotationError(path, "not GeoJSON: expected a FeatureCollection or Features")
-    items = []
+    items, left_out = [], 0
     for feature in features:
         if not isinstance(feature, dict) or not feature.get("geometry"):
             continue
-        items.append((_qupath_class(feature.get("properties") or {}), shape(feature["geometry"])))
-    return _union_by_class(items)
+        properties = feature.get("properties") or {}
+        if properties.get("objectType", "annotation") != "annotation":  # "detection", "cell"
+            left_out += 1
+            continue
+        items.append((_qupath_class(properties), shape(feature["geometry"])))
+    return _union_by_class(items), left_out
 
 
 def _qupath_class(properties: dict[str, Any]) -> str:
@@ -215,12 +224,9 @@ def _mask_classes(mask: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarra
 
 
 def _resample_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    h, w = shape
-    rows = np.minimum(
-        ((np.arange(h) + 0.5) * mask.shape[0] / h).astype(np.int64), mask.shape[0] - 1
-    )
-    cols = np.minimum(
-        ((np.arange(w) + 0.5) * mask.shape[1] / w).astype(np.int64), mask.shape[1] - 1
+    rows, cols = (
+        np.minimum(((np.arange(n) + 0.5) * m / n).astype(np.int64), m - 1)
+        for n, m in zip(shape, mask.shape, strict=True)
     )
     return mask[np.ix_(rows, cols)]
 
@@ -347,7 +353,9 @@ def label_tiles(
     """Read an annotation file and measure its classes and region on each tile: polygons on
     the raster, and exactly on the tiles an edge crosses (a raster pixel of 16 level-0 px
     counts whole: an edge tile read 0.83-0.94 inside, 0.06-0.17 outside); a mask image by
-    the exact area of its own pixels (:func:`wsi_ssl.mask_images.area_fractions`).
+    the exact area of its own pixels (:func:`wsi_ssl.mask_images.area_fractions`). A region
+    of the whole slide (every class excluded) has no edge at the slide's: a tile's part off
+    the slide is not cut out of it, as it is not out of a tiling without a ROI.
 
     Args:
         path: QuPath GeoJSON, ASAP XML or a mask image.
@@ -369,16 +377,17 @@ def label_tiles(
     rasters = rasterize(annotations, grid_shape, level0_per_px)
     region = roi_region(rasters, include, exclude, annotations.path)
     fractions = class_fractions(rasters, coords, tile_size_level0, level0_per_px)
-    in_roi = tissue_fraction(region, coords, tile_size_level0, level0_per_px)
     geometries = annotations.geometries  # tiles across an edge measured exactly
     for c, name in enumerate(geometries):
         fractions[:, c] = _exact_across_edges(
             fractions[:, c], geometries[name], coords, tile_size_level0
         )
     chosen = list(include) or [c for c in geometries if c not in exclude]
-    extent = (grid_shape[1] * level0_per_px, grid_shape[0] * level0_per_px)
-    whole = _region_geometry(geometries, chosen, exclude, extent)
-    in_roi = _exact_across_edges(in_roi, whole, coords, tile_size_level0)
+    cut = _union(geometries, exclude)  # no class chosen: the whole slide, measured by the cut
+    raster, exact = (region, _union(geometries, chosen) - cut) if chosen else (~region, cut)
+    share = tissue_fraction(raster, coords, tile_size_level0, level0_per_px)
+    share = _exact_across_edges(share, exact, coords, tile_size_level0)
+    in_roi = share if chosen else 1 - share
     return TileLabels(classes=annotations.classes, fractions=fractions, in_roi=in_roi)
 
 
@@ -403,25 +412,17 @@ def _label_tiles_on_mask(
     )
     columns = [area_fractions(r, coords, tile_size_level0, per_px) for r in rasters.values()]
     fractions = np.stack(columns, axis=1) if columns else np.zeros((len(coords), 0), np.float32)
-    in_roi = area_fractions(region, coords, tile_size_level0, per_px)
+    chosen = list(include) or [c for c in rasters if c not in exclude]  # none: whole slide
+    share = area_fractions(region if chosen else ~region, coords, tile_size_level0, per_px)
+    in_roi = share if chosen else 1 - share
     return TileLabels(classes=annotations.classes, fractions=fractions, in_roi=in_roi)
 
 
-def _region_geometry(
-    geometries: dict[str, Any],
-    chosen: Sequence[str],
-    exclude: Sequence[str],
-    extent: tuple[float, float],
-) -> Any:
-    """:func:`roi_region` as a geometry: the ``chosen`` classes (the whole ``extent`` when
-    none) minus the ``exclude`` classes the file holds."""
+def _union(geometries: dict[str, Any], names: Sequence[str]) -> Any:
+    """The union of the classes ``names`` the file holds (empty when it holds none)."""
     import shapely
 
-    region = (
-        shapely.union_all([geometries[c] for c in chosen]) if chosen else shapely.box(0, 0, *extent)
-    )
-    cut = [geometries[c] for c in exclude if c in geometries]
-    return shapely.difference(region, shapely.union_all(cut)) if cut else region
+    return shapely.union_all([geometries[c] for c in names if c in geometries])
 
 
 def _exact_across_edges(

@@ -231,42 +231,65 @@ def qc_overlay(store: SlideStore, **thresholds: float) -> np.ndarray:
 def tissue_overlay(store: SlideStore) -> np.ndarray:
     """The thumbnail with kept tiles tinted blue and tissue that no kept tile covers in red
     (what tiling dropped); for a slide tiled with a ROI, tissue outside the region greyed and
-    the region outlined in yellow (while its annotation file is unchanged). Enlarged to at
+    the region outlined in yellow. When the ROI's file is gone or changed since, the picture
+    says so across its top (its red then includes tissue outside the ROI). Enlarged to at
     least ``MIN_SIDE`` px."""
     _, per_px = _tile_boxes(store)
+    region, lost = _roi_region(store, per_px)
     picture = coverage_overlay(
         store.thumbnail,
         store.tissue_mask,
         store.coords,
         store.tiling["tile_size_level0"],
         per_px,
-        region=_roi_region(store, per_px),
+        region=region,
     )
-    return _enlarged(picture)
+    picture = _enlarged(picture)
+    if lost is not None:
+        _caption(picture, f"ROI not drawn: {lost}; red includes tissue outside the ROI")
+    return picture
 
 
-def _roi_region(store: SlideStore, per_px: float) -> np.ndarray | None:
-    """The ROI the slide was tiled in, on the thumbnail grid; None without one, or when its
-    file is gone or changed since."""
+def _roi_region(store: SlideStore, per_px: float) -> tuple[np.ndarray | None, str | None]:
+    """The ROI the slide was tiled in, on the thumbnail grid (None without one), and why it
+    cannot be drawn: its file gone, changed since or unreadable (None when it is drawn)."""
     import hashlib
 
     from wsi_ssl.annotations import rasterize, read_annotations, roi_region
     from wsi_ssl.errors import AnnotationError
 
     tiling = store.tiling
-    path = Path(tiling["roi"]) if tiling.get("roi") else None
-    if path is None or not path.is_file():
-        return None
+    if not tiling.get("roi"):
+        return None, None
+    path = Path(tiling["roi"])
+    if not path.is_file():
+        return None, f"{path} is gone"
     with path.open("rb") as f:
         if hashlib.file_digest(f, "sha256").hexdigest() != tiling.get("roi_sha256"):
-            return None
+            return None, f"{path} changed since tiling"
     try:
         annotations = read_annotations(path)
         rasters = rasterize(annotations, store.tissue_mask.shape, per_px)
         include, exclude = tiling.get("roi_include") or [], tiling.get("roi_exclude") or []
-        return roi_region(rasters, include, exclude, path)
-    except AnnotationError:
-        return None
+        return roi_region(rasters, include, exclude, path), None
+    except AnnotationError as err:
+        return None, str(err)
+
+
+def _caption(picture: np.ndarray, text: str) -> None:
+    """Write ``text`` in white on a black band across the top of ``picture`` (in place),
+    wrapped to its width."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    lines = textwrap.wrap(text, max(picture.shape[1] // 6 - 1, 10))
+    image = Image.fromarray(picture)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((0, 0, picture.shape[1], 13 * len(lines) + 4), fill=(0, 0, 0))
+    for i, line in enumerate(lines):
+        draw.text((3, 2 + 13 * i), line, fill=(255, 255, 255))
+    picture[...] = np.asarray(image)
 
 
 MIN_SIDE = 800

@@ -1,10 +1,11 @@
 """What a re-run of a tiling job finds in a slide's existing store, and what it keeps.
 
 A complete store made from the same file with the same settings is kept: the job skips the
-slide. When only QC thresholds differ it is kept too, and the new thresholds are written into
-its metadata in one atomic rewrite: QC flags tiles and never drops them, so the tiles and their
-scores stand, and every consumer (``embed --skip-flagged-tiles``, pretraining, MIL, the viewer)
-reads the thresholds from the store. Anything else (the file's content, another setting, an
+slide (ROI classes named in another order, or twice, are the same settings). When only QC
+thresholds differ it is kept too, and the new thresholds are written into its metadata in one
+atomic rewrite: QC flags tiles and never drops them, so the tiles and their scores stand, and
+every consumer (``embed --skip-flagged-tiles``, pretraining, MIL, the viewer) reads the
+thresholds from the store. Anything else (the file's content, another setting, an
 unfinished or damaged store, one ``wsi-ssl check --repair`` marked for re-tiling) redoes the
 slide, and the reason is said. A slide found at a new
 path (the file was moved) has that path recorded in its store, where the viewer reads it.
@@ -32,6 +33,8 @@ __all__ = [
 
 QC_THRESHOLDS = ("qc_min_focus", "qc_max_pen", "qc_min_tissue", "qc_max_dark")
 """The ``TilingConfig`` fields that only flag tiles (changed in place, never a re-tile)."""
+ROI_CLASSES = ("roi_include", "roi_exclude")
+"""The ``TilingConfig`` fields naming classes; their order and repeats do not matter."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ def existing_store(
         if store.source.get("fingerprint") != fingerprint:
             return ExistingStore(redo_because="the file's content changed")
         tiling = store.tiling
-        changed = {k: v for k, v in key.items() if tiling.get(k) != v}
+        changed = {k: v for k, v in key.items() if not _same(k, tiling.get(k), v)}
         if not key.get("qc") and not tiling.get("qc"):  # thresholds of no QC change nothing
             changed = {k: v for k, v in changed.items() if k not in QC_THRESHOLDS}
         described = [f"{k} {tiling.get(k)!r} -> {v!r}" for k, v in changed.items()]
@@ -83,6 +86,14 @@ def existing_store(
         return ExistingStore(redo_because="the store was not finished (a stopped job's)")
     except (WsiSslError, OSError, KeyError, ValueError):  # damaged metadata: redo it
         return ExistingStore(redo_because="the store is damaged")
+
+
+def _same(name: str, stored: Any, wanted: Any) -> bool:
+    """Whether a store's setting is the one wanted; the ROI's classes as sets (their order
+    and repeats make the same region)."""
+    if name in ROI_CLASSES and isinstance(stored, list):
+        return set(stored) == set(wanted)
+    return bool(stored == wanted)
 
 
 def update_qc_thresholds(store_path: Path, thresholds: dict[str, Any]) -> None:
