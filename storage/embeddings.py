@@ -54,6 +54,7 @@ from wsi_ssl.errors import (
     SchemaMismatchError,
     StoreLockedError,
 )
+from wsi_ssl.interrupts import interrupts_held
 from wsi_ssl.storage.atomic import fsync_dir, fsync_file, fsync_tree, rename_into_place
 from wsi_ssl.storage.embedding_rows import (
     NOT_EMBEDDED,
@@ -471,7 +472,7 @@ class EmbeddingWriter:
         self._pending.clear()
         self._buffer = np.empty((0, self.dim), dtype=self.dtype)
         if not self._done:
-            with contextlib.suppress(OSError):
+            with interrupts_held(), contextlib.suppress(OSError):  # a second Ctrl-C waits
                 if self._tmp.exists():
                     shutil.rmtree(self._tmp, ignore_errors=True)
                 old = _replaced_dir(self.store_path, self.encoder_id)

@@ -61,6 +61,7 @@ from wsi_ssl.errors import (
     IndexNotFoundError,
     StoreLockedError,
 )
+from wsi_ssl.interrupts import interrupts_held
 from wsi_ssl.storage.atomic import (
     TEMP_MARK,
     atomic_write_json,
@@ -339,7 +340,8 @@ def write_index(
             }
             atomic_write_json(path / MANIFEST, manifest)
         except BaseException as err:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with interrupts_held():  # a second Ctrl-C waits for the cleanup
+                shutil.rmtree(tmp, ignore_errors=True)
             # FAISS reports a full disk as a RuntimeError quoting strerror
             if getattr(err, "errno", None) == errno.ENOSPC or (
                 isinstance(err, RuntimeError) and os.strerror(errno.ENOSPC) in str(err)

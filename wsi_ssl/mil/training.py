@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from wsi_ssl.errors import ConfigError
+from wsi_ssl.interrupts import interrupts_held
 from wsi_ssl.mil.config import MILConfig
 from wsi_ssl.mil.cv import fold_splits, folds_from_table
 from wsi_ssl.mil.data import BagCache, BagDataset, BagRef
@@ -271,7 +272,8 @@ def _train(
             root, out, partial, config, report, folds, splits, fold_source, device, log, started
         )
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written is left behind
+        with interrupts_held():  # nothing half-written is left behind, Ctrl-C twice or not
+            shutil.rmtree(partial, ignore_errors=True)
         raise
     if replaced is not None:
         result.notes.append(replaced)
