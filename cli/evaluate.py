@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=Path,
         default=[],
         metavar="FOLDER|CSV",
-        help="labelled images: one sub-folder per class, or a CSV with path,label",
+        help="labelled images: one sub-folder per class, or a CSV with path,label (any size: "
+        "padded white to a square and resized to each encoder's input, whatever its resize)",
     )
     p.add_argument("--root", type=Path, help="archive root (slide, retrieval and tile tasks)")
     p.add_argument(
@@ -86,11 +87,17 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
         help="resamples (default 1000); a task gets intervals when every class is in at least "
         "3 slides (patients when the labels name them, images for --patches)",
     )
-    p.add_argument("--knn-k", type=whole_number(1), default=20, help="k-NN neighbours")
+    p.add_argument("--knn-k", type=whole_number(1), default=20, help="k-NN neighbours (default 20)")
     p.add_argument("--no-linear", action="store_true", help="skip the linear probe")
-    p.add_argument("--mil-epochs", type=whole_number(1), default=30, help="ABMIL epochs per fold")
-    p.add_argument("--mmv-k", type=whole_number(1), default=5, help="slides voting in mMV@k")
-    p.add_argument("--precision-k", type=whole_number(1), default=10, help="tiles of precision@k")
+    p.add_argument(
+        "--mil-epochs", type=whole_number(1), default=30, help="ABMIL epochs per fold (default 30)"
+    )
+    p.add_argument(
+        "--mmv-k", type=whole_number(1), default=5, help="slides voting in mMV@k (default 5)"
+    )
+    p.add_argument(
+        "--precision-k", type=whole_number(1), default=10, help="tiles of precision@k (default 10)"
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--batch-size", type=whole_number(1), default=64, help="images per batch")
     p.add_argument("--workers", type=whole_number(0), default=0, help="embed loader workers")

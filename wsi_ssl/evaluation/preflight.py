@@ -1,17 +1,19 @@
-"""Before any encoder embeds anything: can every encoder take the archive's tiles?
+"""Before any encoder embeds anything: can every encoder take the archive's tiles, and does
+every retrieval task's ``mmv_k`` leave some labelled slides out of the vote?
 
 The embed job checks each slide's tile size (:meth:`Encoder.check_input_size`) and scale
 (:meth:`Encoder.check_scale`) as it reaches the slide, so an evaluation of several encoders
 learnt that one cannot take the tiles only after embedding with those before it. Here the same
 checks run for every encoder and slide first, reading only the stores' metadata, and the advice
 is one step that satisfies both checks (a resize that would then fail the scale check is not
-offered alone).
+offered alone). Messages name each encoder as the caller gave it (its spec, then the table
+label when that differs: :func:`who`), so that two runs of one architecture are told apart.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,7 +30,14 @@ if TYPE_CHECKING:
     from wsi_ssl.evaluation.tasks import Task
     from wsi_ssl.storage import Archive
 
-__all__ = ["check_archives", "check_encoders", "tile_problem"]
+__all__ = [
+    "check_archives",
+    "check_encoders",
+    "check_mmv_k",
+    "check_retrieval",
+    "tile_problem",
+    "who",
+]
 
 Tiling = tuple[int, int, float | None]  # tile height, width (px), µm/px
 
@@ -43,18 +52,26 @@ def _scale_off(encoder: Encoder, tile_size: int, mpp: float | None) -> bool:
     return False
 
 
+def who(label: str, given: Mapping[str, str] | None = None) -> str:
+    """How messages name the encoder labelled ``label``: quoted, and when ``given`` holds the
+    spec it was given as (a run folder, a second seed), that spec first."""
+    spec = (given or {}).get(label)
+    return repr(label) if spec is None or spec == label else f"{spec!r} ({label})"
+
+
 def tile_problem(
-    encoder: Encoder, label: str, tiling: Tiling, check_mpp: bool
+    encoder: Encoder, name: str, tiling: Tiling, check_mpp: bool
 ) -> tuple[str, bool] | None:
-    """Why ``encoder`` cannot embed tiles of ``tiling`` and the one step that fixes it, and
-    whether that step names ``check_mpp``; None when it can embed them."""
+    """Why ``encoder`` (``name``: as :func:`who` words it) cannot embed tiles of ``tiling``
+    and the one step that fixes it, and whether that step names ``check_mpp``; None when it
+    can embed them."""
     height, width, mpp = tiling
     size = encoder.input_size
     try:
         encoder.check_input_size(height, width)
     except InputSizeMismatchError:
         text = (
-            f"InputSizeMismatchError: tiles are {height} px but encoder {label!r} takes {size} "
+            f"InputSizeMismatchError: tiles are {height} px but encoder {name} takes {size} "
             "px and its config says resize='never'"
         )
         if not (check_mpp and _scale_off(encoder, height, mpp)):
@@ -71,7 +88,7 @@ def tile_problem(
     if not check_mpp:
         return None
     try:
-        encoder.check_scale(mpp, height, f"encoder {label!r}")
+        encoder.check_scale(mpp, height, f"encoder {name}")
     except MagnificationMismatchError as err:
         return f"MagnificationMismatchError: {err}", True
     return None
@@ -96,9 +113,11 @@ def check_encoders(
     encoders: Sequence[tuple[str, Encoder]],
     slides: Sequence[str],
     config: EvaluationConfig,
+    given: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """``{slide id: why}`` of the slides some encoder cannot take (to leave out for every
-    encoder), checked for every encoder before any embeds.
+    encoder), checked for every encoder before any embeds; ``given``: label -> the spec it
+    was given as (see :func:`who`).
 
     Raises:
         ConfigError: an encoder can take none of ``slides``; the message says the one step
@@ -109,14 +128,16 @@ def check_encoders(
     tilings = _tilings(open_store(root), slides)
     failed: dict[str, str] = {}
     for label, encoder in encoders:
+        name = who(label, given)
         problems = {
-            t: tile_problem(encoder, label, t, config.check_mpp) for t in {*tilings.values()}
+            t: tile_problem(encoder, name, t, config.check_mpp) for t in {*tilings.values()}
         }
         bad = {sid: p for sid, t in tilings.items() if (p := problems[t]) is not None}
         if bad and len(bad) == len(tilings):
             (text, scale), _ = Counter(bad.values()).most_common(1)[0]
+            spec = (given or {}).get(label, label)
             raise ConfigError(
-                f"{root}: encoder {label!r} can take none of the {len(bad)} slide(s) to "
+                f"{root}: encoder {spec!r} can take none of the {len(bad)} slide(s) to "
                 f"evaluate (checked before embedding any): {text}",
                 parameters=("check_mpp",) if scale else (),
             )
@@ -126,7 +147,10 @@ def check_encoders(
 
 
 def check_archives(
-    tasks: Sequence[Task], encoders: Sequence[tuple[str, Encoder]], config: EvaluationConfig
+    tasks: Sequence[Task],
+    encoders: Sequence[tuple[str, Encoder]],
+    config: EvaluationConfig,
+    given: Mapping[str, str] | None = None,
 ) -> None:
     """Refuse, before any task runs, an encoder that can take no complete slide of an
     archive task's root (slides are read until every encoder has one it can take)."""
@@ -143,9 +167,40 @@ def check_archives(
             pending = [
                 (label, e)
                 for label, e in pending
-                if tile_problem(e, label, tiling, config.check_mpp) is not None
+                if tile_problem(e, who(label, given), tiling, config.check_mpp) is not None
             ]
             if not pending:
                 break
         if pending:  # says why, naming the encoder
-            check_encoders(root, pending, archive.slide_ids, config)
+            check_encoders(root, pending, archive.slide_ids, config, given)
+
+
+def check_mmv_k(
+    n: int, patients: Mapping[str, str] | None, config: EvaluationConfig, labels: Path
+) -> None:
+    """Refuse an ``mmv_k`` that lets every slide left to some query of ``n`` labelled slides
+    vote (the vote would ignore similarity)."""
+    from wsi_ssl.mil.retrieval import largest_voting_k
+
+    largest = max(Counter(patients.values()).values()) if patients else 1
+    others = n - largest
+    most = largest_voting_k(others)
+    if config.mmv_k > most:
+        way = "leave-one-patient-out" if patients else "leave-one-slide-out"
+        raise ConfigError(
+            f"mmv_k={config.mmv_k} lets all {others} other labelled slides of {labels} vote in "
+            f"mMV@k ({way}), so the vote ignores similarity; choose mmv_k <= {max(1, most)}",
+            parameters=("mmv_k",),
+        )
+
+
+def check_retrieval(tasks: Sequence[Task], config: EvaluationConfig) -> None:
+    """Refuse, before anything is embedded, a retrieval task whose labelled slides (those
+    with a complete store) are too few for ``mmv_k`` (it depends on the labels alone)."""
+    from wsi_ssl.evaluation.retrieval import patients_of
+    from wsi_ssl.evaluation.tasks import RetrievalTask, load_slide_labels
+
+    for task in tasks:
+        if isinstance(task, RetrievalTask):
+            rows = load_slide_labels(task.root, task.labels).table.rows
+            check_mmv_k(len(rows), patients_of(rows), config, task.labels)

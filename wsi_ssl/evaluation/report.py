@@ -37,7 +37,8 @@ class ResultRow:
     """One encoder's score on one task, method and metric.
 
     ``split`` is a digest of the folds actually used: equal on every row of a task.
-    ``rank`` is 1 for the best value of the task/method/metric (ties share a rank).
+    ``rank`` is 1 for the best value of the task/method/metric and for every value level with
+    it at the printed precision (see :func:`level`); other ties share a rank too.
     """
 
     task: str
@@ -72,7 +73,8 @@ class Ranking:
     difference_high: float | None
     exceeds_intervals: bool | None
     tied: tuple[str, ...] = ()
-    """The other encoders with the first's value."""
+    """The other encoders level with the first at the printed precision (:func:`level`):
+    they rank first too."""
     no_interval: str | None = None
     """Why the task has no intervals although resamples were asked for (too few slides)."""
 
@@ -80,7 +82,7 @@ class Ranking:
         head = f"{self.task} / {self.method} / {self.metric}: {self.first} ranks first"
         if self.runner_up is None or self.difference is None:
             return f"{head} ({self.value:.3f})"
-        if self.difference == 0:
+        if self.tied or f"{abs(self.difference):.3f}" == "0.000":
             others = " and ".join(self.tied or (self.runner_up,))
             return f"{head} ({self.value:.3f}), tied with {others}"
         gap = f"{self.difference:+.3f} over {self.runner_up}"
@@ -131,8 +133,18 @@ class Scores:
     outputs: dict[str, np.ndarray]
 
 
+def level(a: float, b: float) -> bool:
+    """True when ``a`` and ``b`` are tied as the report prints them (3 decimals): their
+    difference prints as 0.000, or they print alike."""
+    if not (np.isfinite(a) and np.isfinite(b)):
+        return False
+    return f"{abs(a - b):.3f}" == "0.000" or f"{a:.3f}" == f"{b:.3f}"
+
+
 def _ranks(values: list[float]) -> list[int]:
-    return [1 + sum(other > v for other in values) for v in values]
+    """Competition ranks, the values level with the best (:func:`level`) all first."""
+    best = max(values)
+    return [1 if level(v, best) else 1 + sum(other > v for other in values) for v in values]
 
 
 def rank(
@@ -146,7 +158,8 @@ def rank(
         for label in labels
     }
     values = [est[label].value for label in labels]
-    ranks = _ranks([v if np.isfinite(v) else -np.inf for v in values])
+    finite = [v if np.isfinite(v) else -np.inf for v in values]
+    ranks = _ranks(finite)
     rows = [
         ResultRow(
             scores.task.name,
@@ -164,7 +177,7 @@ def rank(
         )
         for label, r in zip(labels, ranks, strict=True)
     ]
-    order = sorted(range(len(labels)), key=lambda i: ranks[i])
+    order = sorted(range(len(labels)), key=lambda i: (ranks[i], -finite[i]))  # first: the best
     first = labels[order[0]]
     second = labels[order[1]] if len(order) > 1 else None
     diff = None
@@ -187,7 +200,7 @@ def rank(
         diff.low if diff else None,
         diff.high if diff else None,
         exceeds,
-        tuple(labels[i] for i in order[1:] if est[labels[i]].value == est[first].value),
+        tuple(labels[i] for i in order[1:] if ranks[i] == 1),
         scores.task.no_intervals,
     )
     return rows, ranking

@@ -6,20 +6,18 @@ re-scans or copies must not vote for each other)."""
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from wsi_ssl.errors import ConfigError
 from wsi_ssl.evaluation.config import EvaluationConfig
+from wsi_ssl.evaluation.preflight import check_mmv_k
 from wsi_ssl.evaluation.probes import split_digest
 from wsi_ssl.evaluation.report import Scores, TaskSummary
 from wsi_ssl.evaluation.statistics import balanced_accuracy, pooled_mean
 from wsi_ssl.evaluation.tasks import LabelledSlides, RetrievalTask, task_name
-from wsi_ssl.mil.retrieval import largest_voting_k
 
 if TYPE_CHECKING:
     from wsi_ssl.encoders import Encoder
@@ -52,23 +50,6 @@ def _scratch_index(root: Path, encoder_id: str, slides: list[str]) -> Iterator[A
         remove_index(root, name)
 
 
-def _check_mmv_k(
-    n: int, patients: dict[str, str] | None, config: EvaluationConfig, labels: Path
-) -> None:
-    """Refuse an ``mmv_k`` that lets every slide left to some query vote (the vote would
-    ignore similarity)."""
-    largest = max(Counter(patients.values()).values()) if patients else 1
-    others = n - largest
-    most = largest_voting_k(others)
-    if config.mmv_k > most:
-        way = "leave-one-patient-out" if patients else "leave-one-slide-out"
-        raise ConfigError(
-            f"mmv_k={config.mmv_k} lets all {others} other labelled slides of {labels} vote in "
-            f"mMV@k ({way}), so the vote ignores similarity; choose mmv_k <= {max(1, most)}",
-            parameters=("mmv_k",),
-        )
-
-
 def retrieval_scores(
     task: RetrievalTask,
     encoders: Sequence[tuple[str, Encoder]],
@@ -82,7 +63,7 @@ def retrieval_scores(
 
     rows = labelled.table.rows
     patients = patients_of(rows)
-    _check_mmv_k(len(rows), patients, config, task.labels)
+    check_mmv_k(len(rows), patients, config, task.labels)  # again: slides may be left out
     truth = {r.slide: r.label for r in rows}
     classes = sort_classes(truth.values())
     y = np.array([classes.index(r.label) for r in rows], dtype=np.int64)

@@ -14,7 +14,8 @@ and the seed; every encoder is then scored on them:
 
 Slide and retrieval intervals resample patients when the labels CSV has a ``patient`` column.
 Before anything is embedded, every encoder is checked against the archive's tile size and
-scale (:mod:`wsi_ssl.evaluation.preflight`).
+scale, and every retrieval task's ``mmv_k`` against its labels
+(:mod:`wsi_ssl.evaluation.preflight`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import csv
 import dataclasses
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +39,7 @@ from wsi_ssl.evaluation.features import (
     image_features,
     tile_features,
 )
-from wsi_ssl.evaluation.preflight import check_archives, check_encoders
+from wsi_ssl.evaluation.preflight import check_archives, check_encoders, check_retrieval
 from wsi_ssl.evaluation.probes import (
     assign_folds,
     knn_predictions,
@@ -78,6 +79,7 @@ __all__ = ["evaluate_encoders"]
 
 Log = Callable[[str], None]
 Named = list[tuple[str, "Encoder"]]
+Given = Mapping[str, str]  # label -> the spec the encoder was given as (for messages)
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,9 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "task"
 
 
-def _build(specs: Sequence[EncoderSpec | str], config: EvaluationConfig) -> Named:
-    """Every encoder, built before any task runs (an unknown name fails first)."""
+def _build(specs: Sequence[EncoderSpec | str], config: EvaluationConfig) -> tuple[Named, Given]:
+    """Every encoder, built before any task runs (an unknown name fails first), and the spec
+    each was given as, when that is not its label."""
     from wsi_ssl.encoders import create_encoder
 
     if not specs:
@@ -129,7 +132,12 @@ def _build(specs: Sequence[EncoderSpec | str], config: EvaluationConfig) -> Name
     ]
     if len(set(labels)) < len(labels):
         raise ConfigError(f"two encoders share a label ({labels}); give distinct labels")
-    return [(label, e) for label, (_, e) in zip(labels, built, strict=True)]
+    given = {
+        label: text if isinstance(text, str) else text.spec
+        for label, text, (s, _) in zip(labels, specs, built, strict=True)
+        if not s.label and s.spec != label
+    }
+    return [(label, e) for label, (_, e) in zip(labels, built, strict=True)], given
 
 
 def _probe_scores(
@@ -183,12 +191,13 @@ def _embed_all(
     slides: list[str],
     config: EvaluationConfig,
     enough: Callable[[dict[str, str]], object],
+    given: Given,
 ) -> dict[str, str]:
     """Embed ``slides`` with every encoder: first every encoder is checked against every
     slide's tile size and scale (slides one cannot take are left out for all) and ``enough``
     checks what is left, so that nothing is embedded for a run that cannot finish.
     Returns ``{slide id: why}`` of the slides left out."""
-    failed = check_encoders(root, encoders, slides, config)
+    failed = check_encoders(root, encoders, slides, config, given)
     enough(failed)
     left = [s for s in slides if s not in failed]
     for _, enc in encoders:
@@ -197,7 +206,7 @@ def _embed_all(
 
 
 def _tiles(
-    task: TileLabelTask | RegionLabelTask, encoders: Named, config: EvaluationConfig
+    task: TileLabelTask | RegionLabelTask, encoders: Named, config: EvaluationConfig, given: Given
 ) -> _TaskResult:
     if isinstance(task, RegionLabelTask):
         from wsi_ssl.evaluation.regions import load_region_labels
@@ -212,7 +221,7 @@ def _tiles(
         left = tiles.without(set(gone), task.root) if gone else tiles
         return left, *assign_folds(left.y, config.folds, config.seed, groups=left.groups)
 
-    failed = _embed_all(task.root, encoders, list(tiles.rows), config, folds_of)
+    failed = _embed_all(task.root, encoders, list(tiles.rows), config, folds_of, given)
     tiles, folds, note = folds_of(failed)  # grouped by slide: never trained and tested on
     notes = [note] if note else []
     notes += [f"slide {sid} left out: {err}" for sid, err in failed.items()]
@@ -237,7 +246,7 @@ def _tiles(
 
 
 def _usable(
-    root: Path, labels: Path, encoders: Named, config: EvaluationConfig
+    root: Path, labels: Path, encoders: Named, config: EvaluationConfig, given: Given
 ) -> tuple[LabelledSlides, list[str]]:
     """The labelled slides every encoder could embed (embedding them), and notes."""
     labelled = load_slide_labels(root, labels)
@@ -251,7 +260,7 @@ def _usable(
                 parameters=("check_mpp",) if "check_mpp=False" in first else (),
             )
 
-    failed = _embed_all(root, encoders, labelled.slide_ids, config, enough)
+    failed = _embed_all(root, encoders, labelled.slide_ids, config, enough, given)
     enough(failed)
     notes = labelled.left_out(root)
     notes += [f"slide {sid} left out: {err}" for sid, err in failed.items()]
@@ -320,11 +329,13 @@ def _read_predictions(run: Path, classes: list[str]) -> dict[str, tuple[int, np.
         }
 
 
-def _slide(task: SlideTask, encoders: Named, config: EvaluationConfig, out: Path) -> _TaskResult:
+def _slide(
+    task: SlideTask, encoders: Named, config: EvaluationConfig, out: Path, given: Given
+) -> _TaskResult:
     from wsi_ssl.mil import MILConfig, train
     from wsi_ssl.mil.labels import sort_classes
 
-    labelled, notes = _usable(task.root, task.labels, encoders, config)
+    labelled, notes = _usable(task.root, task.labels, encoders, config, given)
     folds = _slide_folds(labelled, config)
     rows = [
         dataclasses.replace(r, fold=int(f)) for r, f in zip(labelled.table.rows, folds, strict=True)
@@ -368,10 +379,12 @@ def _slide(task: SlideTask, encoders: Named, config: EvaluationConfig, out: Path
     return _result(summary, scores, _slide_resamples(rows, y, classes, config))
 
 
-def _retrieval(task: RetrievalTask, encoders: Named, config: EvaluationConfig) -> _TaskResult:
+def _retrieval(
+    task: RetrievalTask, encoders: Named, config: EvaluationConfig, given: Given
+) -> _TaskResult:
     from wsi_ssl.mil.labels import sort_classes
 
-    labelled, notes = _usable(task.root, task.labels, encoders, config)
+    labelled, notes = _usable(task.root, task.labels, encoders, config, given)
     summary, scores = retrieval_scores(task, encoders, config, labelled, notes)
     rows = labelled.table.rows
     classes = sort_classes(r.label for r in rows)
@@ -398,15 +411,17 @@ def _workdir(out: str | Path | None) -> Iterator[Path]:
             yield Path(tmp)
 
 
-def _run_task(task: Task, encoders: Named, config: EvaluationConfig, out: Path) -> _TaskResult:
+def _run_task(
+    task: Task, encoders: Named, config: EvaluationConfig, out: Path, given: Given
+) -> _TaskResult:
     if isinstance(task, PatchTask):
         return _patch(task, encoders, config, out)
     if isinstance(task, TileLabelTask | RegionLabelTask):
-        return _tiles(task, encoders, config)
+        return _tiles(task, encoders, config, given)
     if isinstance(task, SlideTask):
-        return _slide(task, encoders, config, out)
+        return _slide(task, encoders, config, out, given)
     if isinstance(task, RetrievalTask):
-        return _retrieval(task, encoders, config)
+        return _retrieval(task, encoders, config, given)
     raise ConfigError(f"{task!r}: not an evaluation task")
 
 
@@ -442,14 +457,15 @@ def evaluate_encoders(
     names = [task_name(t) for t in tasks]
     if len(set(names)) < len(names):
         raise ConfigError(f"two tasks share a name ({names}); name them apart")
-    named = _build(encoders, config)
-    check_archives(tasks, named, config)  # an encoder that cannot take an archive's tiles
+    named, given = _build(encoders, config)
+    check_retrieval(tasks, config)  # an mmv_k too large for the labels
+    check_archives(tasks, named, config, given)  # an encoder that cannot take the tiles
     rows: list[ResultRow] = []
     rankings: list[Ranking] = []
     summaries: list[TaskSummary] = []
     with _workdir(out) as work:
         for task in tasks:
-            result = _run_task(task, named, config, work)
+            result = _run_task(task, named, config, work, given)
             summaries.append(result.summary)
             for scores in result.scores:
                 got, ranking = rank(scores, result.resamples, config.confidence)
