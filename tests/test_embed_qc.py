@@ -200,10 +200,13 @@ def test_resume_keeps_rows_and_encodes_only_what_is_missing(
     for sid, got in _vectors(root).items():
         np.testing.assert_array_equal(got, want[sid])  # the same array as a whole embed
     assert "not_embedded" not in read_embeddings(a, enc.encoder_id).attrs
-    # with the flag over a whole array: nothing to do (it holds every row asked for)
+    # with the flag over a whole array: the flagged rows are cleared, nothing read
     reads.clear()
+    cleared = embed(root, enc, SKIP)
+    assert [o.status for o in cleared.outcomes] == ["complete", "complete"] and not reads
+    assert cleared.rows_cleared == 10
+    assert read_embeddings(b, enc.encoder_id).attrs["not_embedded"]["tiles"] == [3, 4, 11]
     assert [o.status for o in embed(root, enc, SKIP).outcomes] == ["skipped", "skipped"]
-    assert not reads
     # resume=False starts afresh: the flagged rows are dropped again
     fresh = embed(root, enc, SKIP, resume=False, slides=[b.slide_id])
     assert [o.n_tiles for o in fresh.outcomes] == [22]

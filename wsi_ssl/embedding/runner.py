@@ -264,9 +264,9 @@ class EmbedRunner:
 
     def _write_rows(self, slide: EmbedSlide, a: int, b: int, out: np.ndarray | None) -> int:
         """Write the rows of the vectors of ``slide.encode[a:b]`` (``out``) and the rows between
-        them, copied from the slide's earlier array or NaN; returns the rows written. Written
-        ``WRITE_ROWS`` at a time: completing a slide that lacks a few vectors spans most of its
-        rows, which would otherwise be one n x D block in memory."""
+        them, copied from the slide's earlier array (NaN where it clears them) or NaN; returns
+        the rows written. Written ``WRITE_ROWS`` at a time: completing a slide that lacks a few
+        vectors spans most of its rows, which would otherwise be one n x D block in memory."""
         assert slide.writer is not None
         lo, hi = slide.rows(a, b)
         tiles = slide.encode[a:b]
@@ -274,6 +274,8 @@ class EmbedRunner:
             last = min(first + WRITE_ROWS, hi)
             if slide.base is not None:
                 block = np.asarray(slide.base[first:last], dtype=self.config.dtype)
+                cleared = slide.clear[(slide.clear >= first) & (slide.clear < last)]
+                block[cleared - first] = np.nan  # flagged by QC: not embedded now
             else:
                 block = np.full((last - first, self.encoder.embed_dim), np.nan, self.config.dtype)
             if out is not None:

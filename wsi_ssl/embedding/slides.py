@@ -12,6 +12,9 @@ With ``EmbedConfig.skip_flagged_tiles`` a slide's tiles flagged by QC are left o
 ``not_embedded`` attribute). On resume, the rows of a complete array of the same encoder,
 tiles, dtype and stain are kept (``EmbedSlide.base``) and only the tiles it lacks are encoded:
 a slide embedded with ``skip_flagged_tiles`` and then without it is completed, not redone.
+With the flag, an earlier array's vectors of tiles QC flags now (stricter thresholds since, or
+an array made without the flag) are cleared: their rows end NaN, named by ``not_embedded``, so
+the array holds what a fresh job with the flag would write.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +62,8 @@ class EmbedSlide:
 
     ``encode``: the sorted tile numbers to encode; every other row is copied from ``base``
     (a complete earlier array of the same vectors) or, without it, left NaN and named in
-    ``attrs["not_embedded"]``. ``received`` counts the rows written.
+    ``attrs["not_embedded"]``; so are the rows ``clear`` names (tiles QC flags, which
+    ``base`` holds vectors of), whatever ``base`` holds there. ``received`` counts the rows written.
     """
 
     store: SlideStore
@@ -67,6 +72,7 @@ class EmbedSlide:
     attrs: dict[str, Any]
     encode: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
     base: zarr.Array[Any] | None = None
+    clear: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
     writer: EmbeddingWriter | None = None
     received: int = 0
     started: float = 0.0
@@ -82,10 +88,12 @@ class EmbedSlide:
 
     @property
     def details(self) -> dict[str, int]:
-        """What the outcome records besides the tiles encoded: rows left out, rows kept."""
+        """What the outcome records besides the tiles encoded: rows left out, rows kept,
+        rows cleared."""
         kept = self.n - len(self.encode) - self.n_not_embedded
         out = {"not_embedded": self.n_not_embedded} if self.n_not_embedded else {}
-        return out | ({"rows_kept": kept} if kept else {})
+        out |= {"rows_kept": kept} if kept else {}
+        return out | ({"rows_cleared": len(self.clear)} if len(self.clear) else {})
 
     def rows(self, a: int, b: int) -> tuple[int, int]:
         """The rows a block of ``encode[a:b]`` covers: from its first tile (row 0 for the
@@ -157,12 +165,11 @@ class EmbedTarget:
             coords = store.coords
             tile_size = int(store.tiles.shape[1])
             chash = coords_sha256(coords)
-            wanted = self.wanted(store)
             base = self.reusable(store, n, chash) if self.config.resume else None
             if self.config.resume and base is None:
                 self.refuse_other_stain(store)
-            have = _has_vector(base, n)
-            if base is not None and not (wanted & ~have).any():
+            encode, keep, clear = self.plan(store, base)
+            if base is not None and not encode.any() and not clear.any():
                 _clear_dead_partial(store, self.encoder_id)
                 return SlideOutcome(slide_id, "skipped", n)
             busy = embeddings_busy(store.path, self.encoder_id) if not self.config.wait else None
@@ -173,15 +180,27 @@ class EmbedTarget:
         except (WsiSslError, OSError, KeyError, ValueError) as err:
             return SlideOutcome.failure(slide_id, err, time.perf_counter() - started)
         attrs = self.attrs(store, n, chash, tile_size)
-        encode = np.flatnonzero(wanted & ~have)
-        missing = np.flatnonzero(~(wanted | have))
+        missing = np.flatnonzero(~(encode | keep))
         if len(missing):
             attrs[NOT_EMBEDDED] = {
                 "tiles": missing.tolist(),
                 "reason": "qc_flagged",
-                "qc_thresholds": {k: v for k, v in store.tiling.items() if k.startswith("qc_")},
+                "qc_thresholds": _qc_thresholds(store.tiling),
             }
-        return EmbedSlide(store, n, coords, attrs, encode, base if have.any() else None)
+        kept = base if keep.any() else None
+        return EmbedSlide(
+            store, n, coords, attrs, np.flatnonzero(encode), kept, np.flatnonzero(clear)
+        )
+
+    def plan(
+        self, store: SlideStore, array: zarr.Array[Any] | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """bool (N,) each, given the slide's earlier array (None: none): the tiles to encode,
+        the rows of ``array`` to keep, and those to clear (with ``skip_flagged_tiles``: the
+        vectors it holds of tiles QC flags)."""
+        wanted, have = self.wanted(store), _has_vector(array, store.n_tiles)
+        clear = have & ~wanted
+        return wanted & ~have, have & ~clear, clear
 
     def wanted(self, store: SlideStore) -> np.ndarray:
         """bool (N,): the tiles this job must have vectors of (all, or those QC keeps)."""
@@ -256,12 +275,13 @@ class EmbedTarget:
 
     def is_current(self, slide: EmbedSlide) -> bool:
         """Another job completed the slide meanwhile: an array holds every row this one
-        would (checked once the writer holds the lock)."""
+        would and none it would clear (checked once the writer holds the lock)."""
         chash = str(slide.attrs["coords_sha256"])
         array = self.reusable(slide.store, slide.n, chash)
         if array is None:
             return False
-        return bool(_has_vector(array, slide.n)[self.wanted(slide.store)].all())
+        encode, _, clear = self.plan(slide.store, array)
+        return not encode.any() and not clear.any()
 
     def base_changed(self, slide: EmbedSlide) -> bool:
         """The earlier array whose rows the slide keeps was replaced or removed since the
@@ -282,6 +302,11 @@ def _has_vector(array: zarr.Array[Any] | None, n: int) -> np.ndarray:
     have = np.zeros(n, dtype=bool)
     have[rows] = True
     return have
+
+
+def _qc_thresholds(tiling: Mapping[str, Any]) -> dict[str, Any]:
+    """The QC thresholds among tiling settings (``qc_max_pen``, ...)."""
+    return {k: v for k, v in tiling.items() if k.startswith("qc_") and v is not None}
 
 
 def _stain_words(provenance: Any) -> str:

@@ -40,6 +40,12 @@ class EmbedSummary(BatchOutcome):
         return sum(int(o.details.get("rows_kept", 0)) for o in self.with_status("complete"))
 
     @property
+    def rows_cleared(self) -> int:
+        """Rows of the complete slides whose vectors were cleared: tiles QC flags that were
+        embedded before (``skip_flagged_tiles``), now marked not embedded."""
+        return sum(int(o.details.get("rows_cleared", 0)) for o in self.with_status("complete"))
+
+    @property
     def tiles_per_s(self) -> float:
         return round(self.tiles_done / self.seconds, 1) if self.seconds else 0.0
 
@@ -60,6 +66,11 @@ class EmbedSummary(BatchOutcome):
             )
         if self.rows_kept:
             out.append(f"kept {self.rows_kept} rows embedded before (not encoded again)")
+        if self.rows_cleared:
+            out.append(
+                f"cleared {self.rows_cleared} rows of tiles QC flags that were embedded before "
+                "(now marked not_embedded)"
+            )
         if self.incomplete:
             out.append(
                 f"left out {len(self.incomplete)} store(s) that are not complete "
@@ -80,6 +91,7 @@ class EmbedSummary(BatchOutcome):
             "tiles_embedded": self.tiles_done,
             "tiles_not_embedded": self.tiles_not_embedded,
             "rows_kept": self.rows_kept,
+            "rows_cleared": self.rows_cleared,
             "seconds": round(self.seconds, 3),
             "loader_wait_s": round(self.loader_wait_s, 3),
             "tiles_per_s": self.tiles_per_s,
