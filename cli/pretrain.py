@@ -176,8 +176,25 @@ def run(args: argparse.Namespace) -> int:
         base = None  # stopped before a checkpoint: the preset must give its recorded settings
     config = pretrain_config(args, base)
     asked = _asked_arch(args)  # before training: the --config file may change meanwhile
+
+    def say_notes(settled: PretrainConfig, notes: list[str]) -> list[str]:
+        """Print the notes known before training at its start (not hours later), to stderr
+        under --json; they are recorded in summary.json with the run's own."""
+        said = list(dict.fromkeys([*_arch_note(args, asked, base, settled), *notes]))
+        if _rank() == 0:
+            for note in said:
+                print(
+                    f"note        {note}", file=sys.stderr if args.json else sys.stdout, flush=True
+                )
+        return said
+
     result = pretrain(
-        args.roots, config, out=args.out, resume=args.resume, until_step=args.until_step
+        args.roots,
+        config,
+        out=args.out,
+        resume=args.resume,
+        until_step=args.until_step,
+        on_start=say_notes,
     )
     if result.digests.get("ranks") is not None and _rank() != 0:
         return 0
@@ -196,8 +213,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"metrics     {result.metrics_path}")
     if result.loss_plot is not None:
         print(f"loss plot   {result.loss_plot}")
-    for note in [*_arch_note(args, asked, base, result.config), *result.notes]:
-        print(f"note        {note}")
     return 0
 
 

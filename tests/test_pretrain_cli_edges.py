@@ -62,7 +62,7 @@ def test_an_arch_from_the_config_file_or_the_preset_that_init_overrides_is_noted
     assert "continues its own vit_nano_patch8" in out
     toml.write_text('arch = "resnet18_tiny"\nsteps = 1\n')  # the init's own: nothing to say
     out = _pretrain(root, tmp_path / "c", "--config", str(toml), "--init", str(cnn))
-    assert "note" not in out
+    assert "not used" not in out
     # the flag still wins over the file and the preset, and is named as before
     out = _pretrain(
         root,

@@ -137,7 +137,7 @@ def _log_window(
         "step": trainer.step,
         "epoch": round(trainer.schedules.epoch(trainer.step), 4),
         "loss": mean_loss,
-        **trainer.schedules.values(trainer.step - 1),
+        **trainer.schedules.values(trainer.step - 1, teacher=trainer.teacher is not None),
         **{
             k: reduce_mean(trainer.ctx, v / trainer.window_part_steps)
             for k, v in sorted(trainer.window_parts.items())

@@ -24,7 +24,7 @@ class PretrainRun:
     """What :func:`pretrain` did.
 
     Attributes:
-        out_dir: the run directory.
+        out_dir: the run directory (absolute, as are the paths below).
         config: the run's configuration.
         step: optimiser steps done (the run resumes from here).
         total_steps: steps the run lasts.
@@ -35,10 +35,12 @@ class PretrainRun:
         final_loss: mean loss of the last logged window.
         images_per_s: tiles per second (global) over this invocation's steps.
         world_size: processes that trained.
-        digests: sha256 of the teacher, student and DINO centre on this rank, and under DDP
-            of every rank (``ranks``).
+        digests: sha256 of the teacher, student and DINO centre (None: a recipe without one)
+            on this rank, and under DDP of every rank (``ranks``).
         sources: the slides trained on.
         history: the rows of ``metrics.jsonl``.
+        notes: what to know about the run, known before it trained
+            (:func:`wsi_ssl.ssl.notes.start_notes`, and any its caller added).
     """
 
     out_dir: Path
@@ -55,24 +57,11 @@ class PretrainRun:
     digests: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
         return self.step >= self.total_steps
-
-    @property
-    def notes(self) -> list[str]:
-        """What to know about the run: global crops larger than its tiles (every crop was
-        upsampled, so the encoder learnt blurred tissue)."""
-        sizes = self.sources.get("tile_sizes") or [self.sources.get("tile_size")]
-        small = [int(t) for t in sizes if t and int(t) < self.config.global_crop_size]
-        if not small:
-            return []
-        crop = self.config.global_crop_size
-        return [
-            f"tiles of {min(small)} px are smaller than the {crop} px global crops: every crop "
-            f"was upsampled; tile at tile_size >= {crop}, or set global_crop_size <= {min(small)}"
-        ]
 
     def to_dict(self) -> dict[str, Any]:
         return {

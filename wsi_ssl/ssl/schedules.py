@@ -52,7 +52,7 @@ class Schedules:
         total = config.steps if config.steps is not None else round(config.epochs * steps_per_epoch)
         total = max(1, total)
 
-        def steps(epochs: float) -> int:
+        def steps(epochs: float) -> int:  # cut to the run (wsi_ssl.ssl.notes says so)
             return min(total, round(epochs * steps_per_epoch))
 
         return cls(
@@ -105,13 +105,14 @@ class Schedules:
     def epoch(self, step: int) -> float:
         return step / self.steps_per_epoch
 
-    def values(self, step: int) -> dict[str, float]:
-        return {
-            "lr": self.lr(step),
-            "weight_decay": self.weight_decay_at(step),
-            "momentum": self.momentum(step),
-            "teacher_temp": self.teacher_temperature(step),
-        }
+    def values(self, step: int, *, teacher: bool = True) -> dict[str, float]:
+        """The values at ``step`` for a metrics row (without a teacher, e.g. MAE, those of
+        the learning rate and weight decay only)."""
+        values = {"lr": self.lr(step), "weight_decay": self.weight_decay_at(step)}
+        if teacher:
+            values["momentum"] = self.momentum(step)
+            values["teacher_temp"] = self.teacher_temperature(step)
+        return values
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

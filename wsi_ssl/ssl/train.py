@@ -16,13 +16,15 @@ devices and processes :mod:`wsi_ssl.ssl.runtime`'s; resuming :mod:`wsi_ssl.ssl.r
 
 The run directory::
 
-    config.json            PretrainConfig, sources, world size (written at the start)
-    metrics.jsonl          step, epoch, loss, lr, weight_decay, momentum, teacher_temp,
-                           images_per_s, data_wait, seconds (every log_every steps)
+    config.json            PretrainConfig, sources, world size, notes (written at the start)
+    metrics.jsonl          step, epoch, loss, lr, weight_decay, momentum and teacher_temp
+                           (recipes with a teacher), the loss terms, images_per_s,
+                           data_wait, seconds (every log_every steps)
     loss.png               loss and learning rate against step
     checkpoints/step_XXXXXXXX.pt   the newest keep_checkpoints (see wsi_ssl.ssl.checkpoint)
     encoder.pt             the teacher backbone alone, for load_encoder
-    summary.json           the final state, with per-rank digests of the weights and centre
+    summary.json           the final state (absolute paths), per-rank digests of the weights
+                           and centre, the notes
 
 ``resume=True`` continues from the newest checkpoint exactly: same step, optimizer moments,
 schedules, teacher, loss centre and generator states; batches and augmentations are functions
@@ -32,7 +34,8 @@ of (seed, step), so the resumed run equals an uninterrupted one (bitwise on a CP
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -57,6 +60,7 @@ def pretrain(
     out: str | Path | None = None,
     resume: bool = False,
     until_step: int | None = None,
+    on_start: Callable[[PretrainConfig, list[str]], Sequence[str]] | None = None,
 ) -> PretrainRun:
     """Train a DINO encoder on the tiles of an archive root (or stores); return the run.
 
@@ -71,6 +75,11 @@ def pretrain(
             has none). Without it, a directory that already holds checkpoints is an error.
         until_step: stop after this step (with a checkpoint), e.g. to fit a time slot; the
             schedules still span the whole run.
+        on_start: called on every process once the inputs are checked and the run's settings
+            settled, before the first step, with the run's config (an init's arch adopted, a
+            resumed run's settings) and its notes (crops larger than the tiles, a warm-up as
+            long as the run); what it returns are the notes recorded (``PretrainRun.notes``,
+            ``summary.json``), so a caller can print them at once and add its own.
 
     Raises:
         StoreNotFoundError, StoreIncompleteError, SchemaMismatchError: bad input stores.
@@ -82,7 +91,7 @@ def pretrain(
     if out is None:
         arch = (config or PretrainConfig()).arch
         out = Path(roots[0]) / "pretrain" / arch.replace(":", "-").replace("/", "-")
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # recorded paths read right from any folder
     if until_step is not None and until_step < 1:
         raise ConfigError(f"until_step must be >= 1; got {until_step}", parameters=("until_step",))
     device_name = (config or PretrainConfig()).device
@@ -97,6 +106,8 @@ def pretrain(
         if trainer.config.num_threads is not None:
             torch.set_num_threads(trainer.config.num_threads)
         with run_lock:  # taken once the inputs are checked: a refused run writes nothing
+            if on_start is not None:
+                trainer.notes = list(on_start(trainer.config, list(trainer.notes)))
             return trainer.run()
     finally:
         torch.set_num_threads(threads)

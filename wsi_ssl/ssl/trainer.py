@@ -45,6 +45,7 @@ from wsi_ssl.ssl.encoder import ENCODER_FILE, describe_encoder
 from wsi_ssl.ssl.init import apply_init, load_init
 from wsi_ssl.ssl.loop import run_loop
 from wsi_ssl.ssl.metrics import MetricsLog, plot_loss
+from wsi_ssl.ssl.notes import recorded_notes, start_notes
 from wsi_ssl.ssl.optim import clip_gradients, param_groups
 from wsi_ssl.ssl.recipes import make_recipe
 from wsi_ssl.ssl.result import PretrainRun, cpu_state, state_digest
@@ -119,6 +120,10 @@ class Trainer:
         self.schedules = Schedules.from_config(
             config, steps_per_epoch=steps_per_epoch, global_batch=self.global_batch
         )
+        # what to know before it trains (a resumed run keeps those of the command that began it)
+        earlier = recorded_notes(out) if resume else []
+        found = start_notes(config, self.sources, self.schedules)
+        self.notes: list[str] = list(dict.fromkeys([*earlier, *found]))
         self.stop_step = self.schedules.total_steps
         if until_step is not None:
             self.stop_step = min(self.stop_step, until_step)
@@ -337,6 +342,7 @@ class Trainer:
             "precision": self.precision,
             "augment": self.augment_mode,
             "schedules": self.schedules.to_dict(),
+            "notes": self.notes,
         }
 
     def _broadcast_buffers(self) -> None:
@@ -374,10 +380,11 @@ class Trainer:
         """Write ``encoder.pt``, ``loss.png`` and ``summary.json`` (last) for the current step;
         a call that trained nothing keeps those an earlier call wrote for this step."""
         self._broadcast_buffers()
+        loss_state = self.recipe.loss_state()  # empty: no centre (DINOv2's Sinkhorn-Knopp, MAE)
         digests: dict[str, Any] = {
             "teacher": state_digest(self._encoder_model().state_dict()),
             "student": state_digest(self.student.state_dict()),
-            "center": state_digest(self.recipe.loss_state()),
+            "center": state_digest(loss_state) if loss_state else None,
         }
         if self.ctx.enabled:
             gathered: list[Any] = [None] * self.ctx.world_size
@@ -422,6 +429,7 @@ class Trainer:
             digests=digests,
             sources=self.sources,
             history=rows,
+            notes=self.notes,
         )
         if self.ctx.main and not written:
             self.write_json("summary.json", run.to_dict())
