@@ -111,7 +111,8 @@ def test_reinhard_matches_published_formulation(patches_dir: Path, tile: np.ndar
 
 def test_vahadane_matches_sparse_dictionary_learning() -> None:
     """On planted sparse stains (most pixels hold one stain), our sparse NMF finds the same
-    stains as scikit-learn's positive dictionary learning, and both find the planted ones."""
+    stains as scikit-learn's positive dictionary learning, and both lie near the planted ones
+    (the L1 penalty pulls the optimum off them a little: eosin at cosine 0.995)."""
     rng = np.random.default_rng(0)
     truth = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])
     truth /= np.linalg.norm(truth, axis=1, keepdims=True)
@@ -130,8 +131,8 @@ def test_vahadane_matches_sparse_dictionary_learning() -> None:
     atoms = atoms / np.linalg.norm(atoms, axis=1, keepdims=True)
     atoms = atoms if atoms[0, 0] > atoms[1, 0] else atoms[::-1]
     ours = vahadane_stains(torch.from_numpy(od)).numpy()
-    assert cosines(ours, atoms).min() > 0.995
-    assert cosines(ours, truth).min() > 0.995
+    assert cosines(ours, atoms).min() > 0.9999
+    assert cosines(ours, truth).min() > 0.99
 
 
 @pytest.mark.parametrize(
@@ -147,14 +148,13 @@ def test_normalising_to_itself_is_near_identity(
 
 @pytest.mark.parametrize("method", ["macenko", "vahadane"])
 def test_shifted_stains_brought_back_to_reference(tile: np.ndarray, method: str) -> None:
-    """Stain matrices are measured with Macenko for both methods: Vahadane's sparse NMF, re-run
-    on an already normalised tile, can settle on a one-channel atom (a known local optimum)."""
+    """Each method measures its own stains: Vahadane's, re-fitted on the normalised tile, are the
+    reference's again (before, its fit settled on a one-channel atom, cosine 0.79)."""
     normalizer = StainNormalizer(method, tile)
-    gauge = StainNormalizer("macenko", tile)
     moved = shifted(tile)
-    assert cosines(gauge.stain_matrix(moved), gauge.stains).min() < 0.99
+    assert cosines(normalizer.stain_matrix(moved), normalizer.stains).min() < 0.99
     out = normalizer(torch.from_numpy(moved).permute(2, 0, 1))
-    assert cosines(gauge.stain_matrix(out), gauge.stains).min() > 0.995
+    assert cosines(normalizer.stain_matrix(out), normalizer.stains).min() > 0.995
     assert np.abs(out.permute(1, 2, 0).numpy().astype(float) - tile).mean() < 6
 
 

@@ -11,7 +11,9 @@ Images are float tensors ``(3, H, W)`` or ``(N, 3, H, W)`` with values in 0..255
   mean and standard deviation matched to the reference's.
 - **Vahadane** (Vahadane et al., TMI 2016): sparse non-negative factorisation of the tissue OD,
   ``OD ~ C W`` with ``C, W >= 0``, unit-norm stain rows and an L1 penalty ``lam`` on ``C``
-  (multiplicative updates started from the Macenko stains), then the same 99th-percentile scaling.
+  (dictionary learning as SPAMS ``trainDL``, which the paper uses, and scikit-learn: exact sparse
+  codes alternating with block coordinate descent on each stain row, started from the Macenko
+  stains, on a fixed-seed sample of the stained pixels), then the same 99th-percentile scaling.
 
 A blank or white image (fewer than ``min_tissue_pixels`` stained pixels) raises
 :class:`~wsi_ssl.errors.StainNormalizationError` when it is the reference, or when
@@ -38,6 +40,8 @@ ALPHA = 1.0  # percentile of the extreme angles (Macenko)
 MAX_C_PERCENTILE = 99.0
 VAHADANE_LAMBDA = 0.1
 VAHADANE_ITERATIONS = 100
+VAHADANE_TOLERANCE = 1e-5  # largest change of a stain vector's component that ends the fit
+VAHADANE_FIT_PIXELS = 4_000  # stained pixels the dictionary is learned on (2 stains x 3 channels)
 VAHADANE_CODE_LAMBDA = 0.01  # lighter L1 when coding whole images (keeps the reconstruction)
 MAX_FIT_PIXELS = 20_000  # stained pixels sampled (fixed seed) to estimate the stains
 MIN_REFERENCE_HUE = 3.0
@@ -82,11 +86,7 @@ def _pixels(image: torch.Tensor) -> torch.Tensor:
 
 def _tissue_od(image: torch.Tensor, min_pixels: int, what: str) -> torch.Tensor:
     od = optical_density(_pixels(image))
-    tissue = od[(od >= BETA).all(dim=1)]
-    if tissue.shape[0] > MAX_FIT_PIXELS:
-        generator = torch.Generator().manual_seed(0)
-        pick = torch.randperm(tissue.shape[0], generator=generator)[:MAX_FIT_PIXELS]
-        tissue = tissue[pick.to(tissue.device)]
+    tissue = _sample(od[(od >= BETA).all(dim=1)], MAX_FIT_PIXELS)
     if tissue.shape[0] < min_pixels:
         raise StainNormalizationError(
             what,
@@ -95,6 +95,14 @@ def _tissue_od(image: torch.Tensor, min_pixels: int, what: str) -> torch.Tensor:
             "estimate; use a tile with tissue",
         )
     return tissue
+
+
+def _sample(od: torch.Tensor, count: int) -> torch.Tensor:
+    """At most ``count`` rows of ``od``, drawn with a fixed seed (all of them when fewer)."""
+    if od.shape[0] <= count:
+        return od
+    pick = torch.randperm(od.shape[0], generator=torch.Generator().manual_seed(0))[:count]
+    return od[pick.to(od.device)]
 
 
 def _check_colour(tissue_od: torch.Tensor, what: str) -> None:
@@ -125,18 +133,31 @@ def macenko_stains(tissue_od: torch.Tensor, alpha: float = ALPHA) -> torch.Tenso
 
 
 def vahadane_stains(
-    tissue_od: torch.Tensor, lam: float = VAHADANE_LAMBDA, iterations: int = VAHADANE_ITERATIONS
+    tissue_od: torch.Tensor,
+    lam: float = VAHADANE_LAMBDA,
+    iterations: int = VAHADANE_ITERATIONS,
+    max_pixels: int = VAHADANE_FIT_PIXELS,
 ) -> torch.Tensor:
-    """The ``(2, 3)`` unit stain rows of a sparse NMF ``OD ~ C W`` (haematoxylin first):
-    alternating exact sparse coding of ``C`` and multiplicative updates of ``W``."""
-    stains = macenko_stains(tissue_od).clamp(min=1e-6)
+    """The ``(2, 3)`` unit stain rows (haematoxylin first: more red OD) minimising
+    ``0.5 ||OD - C W||^2 + lam |C|_1`` over ``C, W >= 0``, ``|W_k| <= 1``, learned on at most
+    ``max_pixels`` of the stained-pixel OD ``(P, 3)`` (fixed seed): exact sparse codes ``C``
+    alternating with an exact minimisation over each stain row in turn (Mairal et al. 2010)."""
+    od = _sample(tissue_od, max_pixels)
+    stains = macenko_stains(od).clamp(min=0)
+    stains = stains / stains.norm(dim=1, keepdim=True).clamp(min=1e-12)
     for _ in range(iterations):
-        conc = sparse_concentrations(tissue_od, stains, lam)
-        stains = stains * (conc.T @ tissue_od) / (conc.T @ conc @ stains + 1e-12)
-        stains = stains / stains.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    if stains[0, 0] < stains[1, 0]:
-        stains = stains.flip(0)
-    return stains
+        conc = sparse_concentrations(od, stains, lam)
+        gram, cross = conc.T @ conc, conc.T @ od
+        previous, stains = stains, stains.clone()
+        for k in range(stains.shape[0]):
+            if gram[k, k] > 1e-12:  # a stain no pixel uses stays where it is
+                row = stains[k] + (cross[k] - gram[k] @ stains) / gram[k, k]
+                row = row.clamp(min=0)
+                stains[k] = row / row.norm().clamp(min=1.0)
+        if (stains - previous).abs().max() < VAHADANE_TOLERANCE:
+            break
+    stains = stains / stains.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return stains.flip(0) if stains[0, 0] < stains[1, 0] else stains
 
 
 def sparse_concentrations(od: torch.Tensor, stains: torch.Tensor, lam: float) -> torch.Tensor:
@@ -146,13 +167,10 @@ def sparse_concentrations(od: torch.Tensor, stains: torch.Tensor, lam: float) ->
     target = od @ stains.T - lam
     both = target @ torch.linalg.pinv(gram)
     only = (target / torch.diagonal(gram)).clamp(min=0)
-    first = torch.stack([only[:, 0], torch.zeros_like(only[:, 0])], 1)
-    second = torch.stack([torch.zeros_like(only[:, 1]), only[:, 1]], 1)
-
-    def cost(conc: torch.Tensor) -> torch.Tensor:
-        return 0.5 * ((od - conc @ stains) ** 2).sum(1) + lam * conc.sum(1)
-
-    single = torch.where((cost(first) <= cost(second))[:, None], first, second)
+    # one stain alone at c = max(0, target / g) costs 0.5 |od|^2 - 0.5 c^2 g: keep the larger c^2 g
+    gain = only**2 * torch.diagonal(gram)
+    first = gain[:, :1] >= gain[:, 1:]
+    single = only * torch.cat([first, ~first], 1)
     return torch.where((both >= 0).all(1, keepdim=True), both, single)
 
 
