@@ -92,7 +92,11 @@ def windows(
     size_um: tuple[float, float],
     k: int,
 ) -> list[tuple[Box, Window]]:
-    """Best windows of physical size ``size_um`` on one slide, with level-0 boxes."""
+    """Best windows of physical size ``size_um`` on one slide, with level-0 boxes.
+
+    A window is ``size_um`` rounded to whole cells of the slide's tile grid; its box is exactly
+    those cells (edges rounded as tile positions are, cut at the slide's edge), so the boxes of
+    windows that share no cell share no pixel, and each holds its window's matched tiles."""
     stride, mpp = float(entry.stride_level0), float(entry.mpp)
     xy = coords[entry.offset + tiles]
     cells = np.stack([np.round(xy[:, 1] / stride), np.round(xy[:, 0] / stride)], axis=1).astype(
@@ -105,8 +109,8 @@ def windows(
     out = []
     for win in best_windows(q_rows, cells, sims, (wr, wc), k, grid):
         x, y = round(win.col * stride), round(win.row * stride)
-        w = min(round(size_um[0] / mpp), max(1, sw - x))
-        h = min(round(size_um[1] / mpp), max(1, sh - y))
+        w = max(1, min(round((win.col + wc) * stride), sw) - x)
+        h = max(1, min(round((win.row + wr) * stride), sh) - y)
         out.append(((x, y, w, h), win))
     return out
 

@@ -4,8 +4,10 @@ Region scoring (what ``wsi-ssl search --box`` returns):
 
 1. Every query tile ``q_i`` (i = 1..Q) is searched for its ``hits_per_tile`` nearest tiles in
    the index; those are its *matches*.
-2. A candidate region is a window of the query box's physical size placed on a target
-   slide's tile grid (the lattice of tile positions, in steps of the tiling stride).
+2. A candidate region is a window of the query box's physical size, rounded to whole cells,
+   placed on a target slide's tile grid (the lattice of tile positions, in steps of the tiling
+   stride). Its reported box is exactly those cells in level-0 pixels (cut at the slide's
+   edge), so a 300x300 px query box on a 224 px grid gives 224x224 px hits.
 3. Its score is the **summed similarity of the matched tiles**, one per query tile:
    ``score(R) = sum_i max_{t in R, t a match of q_i} cos(q_i, t)`` (0 for a query tile with no
    match inside ``R``; similarities clipped at 0). Each query tile is credited once, with its
@@ -17,8 +19,8 @@ Region scoring (what ``wsi-ssl search --box`` returns):
 4. Windows are chosen greedily over every grid position (per-query-tile window maxima come
    from two 1-D running-max filters, so no placement is skipped): the best-scoring window on
    any slide first, then the best window that does not overlap any window already chosen on
-   that slide, and so on; the returned regions never overlap. Ties go to the window holding
-   more matched tiles (the sum of each matched tile's best similarity).
+   that slide, and so on; the returned regions (their boxes) never overlap. Ties go to the
+   window holding more matched tiles (the sum of each matched tile's best similarity).
 
 Slide ranking (``--slides``): slide ``S`` scores ``(1/Q) sum_i max_{t in S} cos(q_i, t)`` over
 the ``Q`` query tiles, taking 0 where query tile ``i`` has no neighbour on ``S``: the mean best

@@ -90,11 +90,12 @@ class TileHit:
 
 @dataclass
 class RegionHit:
-    """One retrieved region: level-0 ``box`` (x, y, w, h); ``score`` = the sum over the query
-    tiles of each one's best similarity to a tile in the region (at most the number of query
-    tiles; :mod:`wsi_ssl.search.regions`); ``mean_similarity`` = score / query tiles;
-    ``n_tiles`` the region's tiles that matched; ``coverage`` = fraction of query tiles with a
-    neighbour in it."""
+    """One retrieved region: level-0 ``box`` (x, y, w, h), the scored window of whole grid
+    cells (the query box's size rounded to cells, cut at the slide's edge); ``score`` = the
+    sum over the query tiles of each one's best similarity to a tile in the region (at most
+    the number of query tiles; :mod:`wsi_ssl.search.regions`); ``mean_similarity`` = score /
+    query tiles; ``n_tiles`` the region's tiles that matched; ``coverage`` = fraction of query
+    tiles with a neighbour in it."""
 
     rank: int
     slide_id: str
