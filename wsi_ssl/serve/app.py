@@ -21,12 +21,12 @@ Routes:
 * labels (:mod:`wsi_ssl.serve.labels`, routes declared here): accept / reject hits, "more
   like these" and the concept map, each with the ``index`` the page's menu picked.
 
-A library error becomes ``{"error": message, "type": name}`` with status 404 (unknown slide),
-422 (a new label starting like a spreadsheet formula), 400 (a request to fix), 409 (a slide
-re-tiled since indexing: tiled otherwise, or without the index's embeddings), 503 (a store
-being rewritten, the label files held by another server past the wait, or the picture queue
-full) or 500 (a damaged index or store); messages carry no filesystem paths, and no answer
-repeats the body. API docs are off.
+A library error becomes ``{"error": message, "type": name}`` with status 404 (unknown slide,
+or one whose store was moved or deleted while the server runs), 422 (a new label starting like
+a spreadsheet formula), 400 (a request to fix), 409 (a slide re-tiled since indexing: tiled
+otherwise, or without the index's embeddings), 503 (a store being rewritten, the label files
+held by another server past the wait, or the picture queue full) or 500 (a damaged index or
+store); messages carry no filesystem paths, and no answer repeats the body. API docs are off.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from wsi_ssl.errors import (
     RegionOutsideSlideError,
     StoreIncompleteError,
     StoreLockedError,
+    StoreNotFoundError,
     TilingMismatchError,
     UnknownSlideError,
     WsiSslError,
@@ -173,6 +174,8 @@ def _add_label_routes(app: FastAPI, service: SlideService, pool: RenderPool) -> 
             raise ConfigError(
                 f"box {list(request.box)} must have width and height > 0, each value within ±2**31"
             )
+        if request.verdict != "clear":  # a label is kept for a slide that can be opened
+            service.store(entry["slide_id"], request.index)  # gone: StoreGoneError (404)
         width, height = (int(v) for v in entry["dimensions"])
         box = clip_box(request.box, (width, height))
         if box is None:
@@ -195,8 +198,8 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(WsiSslError)
     async def library_error(request: Request, exc: WsiSslError) -> JSONResponse:
-        if isinstance(exc, UnknownSlideError | IndexNotFoundError):
-            status = 404
+        if isinstance(exc, UnknownSlideError | IndexNotFoundError | StoreNotFoundError):
+            status = 404  # a slide's store gone from the archive too (StoreGoneError)
         elif isinstance(exc, FormulaLabelError):
             status = 422  # a new label a spreadsheet would take for a formula
         elif isinstance(exc, USER_ERRORS):

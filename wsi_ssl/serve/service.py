@@ -35,12 +35,14 @@ from wsi_ssl.errors import (
     ConfigError,
     EmbeddingsNotFoundError,
     RegionOutsideSlideError,
+    StoreNotFoundError,
     TilingMismatchError,
     WsiSslError,
 )
 from wsi_ssl.search.queries import centres_in
 from wsi_ssl.serve.answers import answer, index_query
 from wsi_ssl.serve.pyramid import Pyramid, TileCache, open_slide_file
+from wsi_ssl.serve.refusals import StoreGoneError, check_on_slide
 
 if TYPE_CHECKING:
     from wsi_ssl.encoders import Encoder
@@ -192,15 +194,19 @@ class SlideService:
 
     # -- stores ----------------------------------------------------------------------------
     def _entry(self, slide: str, index: str | None) -> tuple[Stamp, SlideStore, Pyramid | None]:
-        return self._entry_of(self.index_for(index).resolve_slide(slide)["slide_id"])
+        entry = self.index_for(index).resolve_slide(slide)
+        return self._entry_of(entry["slide_id"], entry["name"])
 
-    def _entry_of(self, slide_id: str) -> tuple[Stamp, SlideStore, Pyramid | None]:
+    def _entry_of(self, slide_id: str, name: str = "") -> tuple[Stamp, SlideStore, Pyramid | None]:
         path = self.archive.store_path(slide_id)
         stamp = _stamp(path / "zarr.json")
         with self._stores_lock:
             entry = self._stores.get(slide_id)
             if entry is None or entry[0] != stamp:
-                entry = (stamp, self.archive.slide(slide_id), None)  # refuses an incomplete one
+                try:  # refuses an incomplete one
+                    entry = (stamp, self.archive.slide(slide_id), None)
+                except StoreNotFoundError as err:  # moved or deleted since indexing
+                    raise StoreGoneError(name or slide_id, path) from err
                 self._stores[slide_id] = entry
             return entry
 
@@ -355,11 +361,14 @@ class SlideService:
             raise ConfigError(f"k must be in 1..{MAX_K}, got {k}")
         x, y, w, h = box
         searched = self.index_for(index)
-        slide = searched.resolve_slide(slide)["slide_id"]  # indexed: their pictures show
+        entry = searched.resolve_slide(slide)
+        slide = entry["slide_id"]  # indexed: their pictures show
         if w <= 0 or h <= 0:  # whatever the mode, as a region query refuses it
             raise RegionOutsideSlideError(
                 f"{slide}: box {x},{y},{w},{h} has no area; width and height must be > 0"
             )
+        store = self.store(slide, searched.name)  # gone, being re-tiled: said first
+        check_on_slide(entry["name"], box, store.source["dimensions"])
         try:
             if mode == "tiles":
                 query = searched.query_tile(slide, (x + w // 2, y + h // 2))

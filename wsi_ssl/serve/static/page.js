@@ -11,9 +11,34 @@ const state = {
 const LAYERS = ["qc", "annotations", "attention"];
 window.wsi = state;  // for tests and the console
 
-function setStatus(text, error = false) {
+// the status line; an error is brought into view when the page has scrolled it away (narrow windows)
+function setStatus(text, error = false, show = error) {
   $("status").textContent = text;
   $("status").className = error ? "error" : "";
+  if (show) reveal($("status"));
+}
+
+// narrow windows: the status line and the viewer below it scrolled into view when ``el``'s top
+// lies outside the window
+function reveal(el) {
+  const top = el.getBoundingClientRect().top;
+  if (top < 0 || top >= window.innerHeight) $("status").scrollIntoView({ block: "start" });
+}
+
+// the server's reason why the picture at ``url`` failed (null: it draws it now)
+async function reasonOf(url) {
+  let response;
+  try {
+    response = await fetch(url);
+  } catch (err) {
+    return "the server did not answer";
+  }
+  if (response.ok) return null;
+  try {
+    const answer = await response.json();
+    if (answer && answer.error) return answer.error;
+  } catch (err) { /* no JSON: its status */ }
+  return `${response.status} ${response.statusText}`;
 }
 
 async function api(path, body) {
@@ -105,6 +130,13 @@ function makeViewer() {
     state.viewer.viewport.fitBounds(state.fit, true);
   });
   state.viewer.addHandler("open-failed", (e) => setStatus(`the slide could not be opened: ${e.message}`, true));
+  state.viewer.addHandler("tile-load-failed", async (e) => {  // the server's reason, once a slide
+    const seq = state.slideSeq;
+    if (state.tilesFailed === seq) return;
+    state.tilesFailed = seq;
+    const why = await reasonOf(e.tile.getUrl());
+    if (why && seq === state.slideSeq) setStatus(why, true);
+  });
   const el = $("viewer");
   for (const type of ["pointerdown", "wheel", "keydown"]) {
     el.addEventListener(type, (e) => { if (!state.drawing && !e.shiftKey) state.fit = null; }, true);
@@ -146,6 +178,7 @@ function redrawOverlays() {
     img.className = "layer " + name;
     img.alt = "";
     img.src = withIndex(`/api/slides/${id}/layers/${name}.png`, cur.index);
+    img.onerror = () => overlayFailed(img.src, `${name} layer`);
     v.addOverlay({ element: img, location: imageRect([0, 0, cur.dimensions[0], cur.dimensions[1]]) });
   }
   for (const r of state.labels.accepted) if (r.slide === id) overlay([r.x, r.y, r.w, r.h], "accepted");
@@ -158,17 +191,13 @@ function redrawOverlays() {
     }
   }
   if (state.mark) overlay(state.mark, "hit");
-  if (state.lastBox && a && a.query.slide_id === id) overlay(state.lastBox, "query");
+  if (state.lastBox && a && a.query.slide_id === id) overlay(a.query.box || state.lastBox, "query");
 }
 
 // a picture over the slide failed: the server's reason in the status line
 async function overlayFailed(url, what) {
-  let message = `the ${what} could not be drawn`;
-  try {
-    const answer = await (await fetch(url)).json();
-    if (answer && answer.error) message = `${what}: ${answer.error}`;
-  } catch (err) { /* no JSON: the generic message */ }
-  setStatus(message, true);
+  const why = await reasonOf(url);
+  setStatus(why ? `${what}: ${why}` : `the ${what} could not be drawn`, true);
 }
 
 function onOpen() {
@@ -209,6 +238,7 @@ async function openSlide(slideId, mark = null, index = indexParam().index) {
   renderSlideList();
   loadLayers(details.slide_id, seq);
   setStatus(`opening ${details.name}…`);
+  reveal($("viewer"));  // a hit or a listed slide clicked below it (narrow windows)
   state.viewer.open(details.dzi);
 }
 
@@ -303,8 +333,7 @@ async function search(box) {
   if (seq !== state.searchSeq) return;
   showAnswer(answer, `${answer.hits.length} ${answer.mode} in ${(1000 * answer.seconds).toFixed(1)} ms ` +
     `(index ${answer.index.name}, ${answer.index.n_vectors} tiles). Click a result to open it; ✓ / ✗ to label it.`);
-  state.lastBox = answer.query.box;  // as the server clipped it to the slide
-  redrawOverlays();
+  redrawOverlays();  // state.lastBox stays the box drawn: a tile search answers with its centre tile
 }
 
 // the "results" box: a whole number from 1 to 100 (or an error saying so)
@@ -363,6 +392,7 @@ function card(imageUrl, title, meta, cls) {
   const img = document.createElement("img");
   img.src = imageUrl;
   img.alt = title;
+  img.onerror = async () => cardNote(div, await reasonOf(img.src) || "the picture could not be drawn");
   const text = document.createElement("div");
   const t = document.createElement("div");
   t.className = "title";
@@ -373,6 +403,17 @@ function card(imageUrl, title, meta, cls) {
   text.append(t, m);
   div.append(img, text);
   return div;
+}
+
+// a line under a card's title: why its picture, viewer or label failed
+function cardNote(div, text) {
+  let note = div.querySelector(".note.error");
+  if (!note) {
+    note = document.createElement("div");
+    note.className = "note error";
+    div.lastChild.append(note);
+  }
+  note.textContent = text;
 }
 
 function hitCard(hit, mode) {
@@ -427,7 +468,8 @@ async function miniViewer(hit, box, img, index) {
   try {
     details = await api(withIndex(`/api/slides/${encodeURIComponent(hit.slide_id)}`, index));
   } catch (err) {
-    return setStatus(err.message, true);
+    cardNote(img.closest(".card"), err.message);
+    return setStatus(err.message, true, false);
   }
   const el = document.createElement("div");
   el.className = "mini";
@@ -457,8 +499,10 @@ async function judge(hit, box, verdict, div, index) {
       slide: hit.slide_id, box, label: $("label").value, verdict, index,
     });
   } catch (err) {
-    return setStatus(err.message, true);
+    cardNote(div, err.message);  // beside the button pressed: the status line may be off screen
+    return setStatus(err.message, true, false);
   }
+  div.querySelector(".note.error")?.remove();
   div.classList.toggle("accepted", verdict === "accept");
   div.classList.toggle("rejected", verdict === "reject");
   const done = { accept: "accepted", reject: "rejected", clear: "cleared" }[verdict];
