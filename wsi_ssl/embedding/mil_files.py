@@ -31,10 +31,14 @@ Only the tiles that hold vectors are written: those an embedding job with
 ``skip_flagged_tiles`` left out are not (row i of ``features`` still pairs with row i of
 ``coords``; the slide's entry in ``export.json`` counts them as ``not_embedded``).
 
-Both write ``<out>/export.json`` (encoder, slide ids, names, files) and write each file with
-``wsi_ssl.storage.atomic`` (temp file, fsync, rename), so a killed export or a full disk never
-leaves a truncated file under the final name, nor a ``pt`` features file without its coords.
-Slides may be named by id, file name, stem or unique id prefix (``wsi_ssl.storage.resolve``).
+Both write ``<out>/export.json`` (encoder, ``name_by``, slide ids, names, files) and write
+each file with ``wsi_ssl.storage.atomic`` (temp file, fsync, rename), so a killed export or a
+full disk never leaves a truncated file under the final name, nor a ``pt`` features file
+without its coords.
+Slides may be named by id, file name, stem or unique id prefix (``wsi_ssl.storage.resolve``);
+a slide named twice is exported once. Exporting into a folder that holds an earlier export adds
+to it, and is refused for another format, encoder or ``name_by`` (a folder holds each slide's
+bag once, all of one width).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from tqdm.auto import tqdm
 from wsi_ssl.errors import ConfigError, WsiSslError
 from wsi_ssl.listing import one_or_many
 from wsi_ssl.outcome import BatchOutcome, SlideOutcome
-from wsi_ssl.storage import SlideStore, open_store
+from wsi_ssl.storage import Archive, SlideStore, open_store
 from wsi_ssl.storage.archive import damaged_slide_id
 from wsi_ssl.storage.atomic import (
     atomic_path,
@@ -217,22 +221,11 @@ def export(
             parameters=("format",),
         )
     archive = open_store(root)
-    stores: list[SlideStore] = []
-    scan = archive.scan()
-    damaged = scan.damaged if slides is None else []
-    failed = [SlideOutcome.failure(damaged_slide_id(e), e) for e in damaged]
-    for name in one_or_many(slides) if slides is not None else scan.complete:
-        try:
-            sid = resolve_slide(archive, name) if slides is not None else name
-            stores.append(archive.slide(sid))
-        except WsiSslError as err:
-            failed.append(SlideOutcome.failure(name, err))
-    if slides is not None and not stores and failed and failed[-1].exception is not None:
-        raise failed[-1].exception  # no named slide exists: say so, not "no embeddings"
+    stores, failed = _stores(archive, slides)
     eid = resolve_encoder({i for s in stores for i in embedding_ids(s)}, encoder, archive.root)
     names = _names(stores, name_by)
     out = Path(out)
-    earlier = _earlier_export(out, format, eid)
+    earlier = _earlier_export(out, format, eid, name_by)
     out.mkdir(parents=True, exist_ok=True)
     sweep_temp_files(out, recursive=True)  # what a killed export left
     result = ExportResult(outcomes=failed, out=out, format=format, encoder_id=eid)
@@ -242,6 +235,7 @@ def export(
     manifest = {
         "format": format,
         "encoder_id": eid,
+        "name_by": name_by,
         "root": str(Path(root).resolve()),
         "encoder": _encoder_of(stores, eid) or earlier.get("encoder", {}),
         "slides": _merged(earlier, "slides", [o.to_dict() for o in result.exported], tried),
@@ -249,6 +243,35 @@ def export(
     }
     atomic_write_json(out / "export.json", manifest, indent=2, sort_keys=False)
     return result
+
+
+def _stores(
+    archive: Archive, slides: Sequence[str] | None
+) -> tuple[list[SlideStore], list[SlideOutcome]]:
+    """The stores to export (each slide once, however often ``slides`` names it) and the
+    failed outcomes of the slides that cannot be opened (every damaged one when ``slides`` is
+    None).
+
+    Raises:
+        WsiSslError: none of the named ``slides`` exists (say so, not "no embeddings").
+    """
+    stores: list[SlideStore] = []
+    scan = archive.scan()
+    damaged = scan.damaged if slides is None else []
+    failed = [SlideOutcome.failure(damaged_slide_id(e), e) for e in damaged]
+    seen: set[str] = set()
+    for name in dict.fromkeys(one_or_many(slides)) if slides is not None else scan.complete:
+        try:
+            sid = resolve_slide(archive, name) if slides is not None else name
+            if sid in seen:  # "s00.tiff" and its id name one slide: export it once
+                continue
+            seen.add(sid)
+            stores.append(archive.slide(sid))
+        except WsiSslError as err:
+            failed.append(SlideOutcome.failure(name, err))
+    if slides is not None and not stores and failed and failed[-1].exception is not None:
+        raise failed[-1].exception
+    return stores, failed
 
 
 def _export_one(store: SlideStore, eid: str, out: Path, format: str, name: str) -> SlideOutcome:
@@ -292,12 +315,13 @@ def _encoder_of(stores: list[SlideStore], eid: str) -> dict[str, Any]:
     return {}
 
 
-def _earlier_export(out: Path, format: str, eid: str) -> dict[str, Any]:
+def _earlier_export(out: Path, format: str, eid: str, name_by: str) -> dict[str, Any]:
     """The manifest of an export already in ``out`` (empty when none), refused when it is of
-    another format or encoder: a folder of MIL bags of two widths.
+    another format or encoder (a folder of MIL bags of two widths) or names its files the other
+    way (every bag twice, under its stem and its slide id).
 
     Raises:
-        ConfigError: ``out`` holds another format's or encoder's export.
+        ConfigError: ``out`` holds another format's, encoder's or naming's export.
     """
     try:
         earlier = json.loads((out / "export.json").read_text())
@@ -310,7 +334,27 @@ def _earlier_export(out: Path, format: str, eid: str) -> dict[str, Any]:
             "(one folder holds bags of one encoder and format)",
             parameters=("out",),
         )
+    named_by = _named_by(earlier)
+    if named_by not in (None, name_by):
+        raise ConfigError(
+            f"{out}: holds an export whose files are named by {named_by}; export with "
+            f"name_by={named_by!r}, or by {name_by} into another folder (one folder holds "
+            "each slide's bag once)",
+            parameters=("name_by", "out"),
+        )
     return earlier
+
+
+def _named_by(manifest: dict[str, Any]) -> str | None:
+    """How an export named its files: the manifest's ``name_by``, else (written before it was
+    recorded) ``slide_id`` when every file is named by its slide id and ``stem`` when one is
+    not; None when it names no file."""
+    if "name_by" in manifest:
+        return str(manifest["name_by"])
+    rows = manifest.get("slides") or []
+    if not rows:
+        return None
+    return "slide_id" if all(r.get("name") == r.get("slide") for r in rows) else "stem"
 
 
 def _merged(
