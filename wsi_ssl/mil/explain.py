@@ -6,6 +6,11 @@ show either ``a / max(a)`` ("max", the default: a few decisive tiles stand out, 
 in the attention itself) or the percentile rank within the slide ("percentile", as CLAM's
 heatmaps do: even contrast, but a single decisive tile looks like any top-ranked one). The
 GeoJSON carries the weight, its percentile and ``a × N`` (attention relative to uniform).
+
+A bag may hold fewer tiles than the store (a ``skip_flagged_tiles`` run leaves QC-flagged
+tiles out; tiles without a vector are never in it): given the bag's rows (``tiles``, the
+prediction's :attr:`~wsi_ssl.mil.run.MILPrediction.bag_tiles`), the gallery and the GeoJSON
+leave the other tiles out, and N, the percentiles and the ranks count the bag's tiles only.
 """
 
 from __future__ import annotations
@@ -86,6 +91,19 @@ def _check(store: SlideStore, attention: np.ndarray, coords: np.ndarray) -> None
         )
 
 
+def _bag(attention: np.ndarray, tiles: np.ndarray | None) -> np.ndarray:
+    """The store rows in the bag: ``tiles`` (checked against the attention), else every row."""
+    if tiles is None:
+        return np.arange(len(attention))
+    rows = np.asarray(tiles, dtype=np.int64)
+    if rows.ndim != 1 or len(rows) == 0 or rows.min() < 0 or rows.max() >= len(attention):
+        raise SchemaMismatchError(
+            f"tiles must be the store rows in the bag (0..{len(attention) - 1}), got "
+            f"{len(rows)} rows; use the bag_tiles of run.predict_slide(store)"
+        )
+    return rows
+
+
 def attention_heatmap(
     store: SlideStore,
     attention: np.ndarray,
@@ -161,19 +179,22 @@ def tile_gallery(
     k: int = 16,
     columns: int = 4,
     size: int = 224,
+    tiles: np.ndarray | None = None,
 ) -> Path | None:
     """Save the ``k`` most attended tiles as a captioned grid PNG (None: store has no tiles).
 
-    Each caption gives the rank, the attention relative to uniform (``a × N``: 1 means
-    average) and the tile's level-0 x, y.
+    Each caption gives the rank, the attention relative to uniform (``a × N``, N the tiles in
+    the bag: 1 means average) and the tile's level-0 x, y. ``tiles``: the store rows in the
+    bag (None: every tile); the others are never shown.
     """
     if "tiles" not in store.group:
         return None
     coords = store.coords
     _check(store, attention, coords)
     a = np.asarray(attention, dtype=np.float64)
-    top = np.argsort(-a, kind="stable")[: min(k, len(a))]
-    tiles = TileReader(store.tiles).read(top)
+    bag = _bag(a, tiles)
+    top = bag[np.argsort(-a[bag], kind="stable")][: min(k, len(bag))]
+    pixels = TileReader(store.tiles).read(top)
     font = ImageFont.load_default(size=13)
     caption = 20
     rows = max(1, -(-len(top) // columns))
@@ -181,14 +202,14 @@ def tile_gallery(
     sheet = Image.new("RGB", (cols * (size + 4) + 4, rows * (size + caption + 4) + 4), "white")
     draw = ImageDraw.Draw(sheet)
     for rank, i in enumerate(top):
-        tile = Image.fromarray(tiles[rank]).convert("RGB")
+        tile = Image.fromarray(pixels[rank]).convert("RGB")
         if tile.size != (size, size):
             tile = tile.resize((size, size), Image.Resampling.BILINEAR)
         r, c = divmod(rank, columns)
         x0, y0 = 4 + c * (size + 4), 4 + r * (size + caption + 4)
         sheet.paste(tile, (x0, y0 + caption))
         x, y = (int(v) for v in coords[i])
-        text = f"#{rank + 1}  {a[i] * len(a):.1f}x  ({x}, {y})"
+        text = f"#{rank + 1}  {a[i] * len(bag):.1f}x  ({x}, {y})"
         draw.text((x0 + 2, y0 + 3), text, fill=(0, 0, 0), font=font)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -203,31 +224,37 @@ def attention_geojson(
     *,
     properties: dict[str, Any] | None = None,
     scale: str = "max",
+    tiles: np.ndarray | None = None,
 ) -> Path:
-    """Save every tile as a QuPath tile object carrying its attention, as GeoJSON.
+    """Save every tile of the bag as a QuPath tile object carrying its attention, as GeoJSON.
 
     Polygons are tile squares in level-0 pixels (QuPath's image coordinates). Each feature's
     ``properties`` hold ``objectType: "tile"``, a ``color`` from the heatmap's colour map and
     ``scale`` (so QuPath draws the heatmap as is) and ``measurements``: ``attention`` (the
     weight; sums to 1 over the slide), ``attention_percentile`` (0..1) and
-    ``attention_x_uniform`` (``a × N``: 1 is an average tile).
+    ``attention_x_uniform`` (``a × N``: 1 is an average tile), all over the bag's N tiles.
+    Tiles outside the bag (not in ``tiles``) have no feature: QuPath shows nothing there. A
+    feature's id and name keep the tile's store row ``i``.
     In QuPath: File > Import objects (or drag the file onto the slide), then Measure > Show
     measurement maps > attention_percentile.
 
     Args:
         properties: extra members of the FeatureCollection (e.g. the prediction).
+        tiles: the store rows in the bag (None: every tile).
     """
     from matplotlib import colormaps
 
     coords = store.coords
     _check(store, attention, coords)
     _, _, side = _geometry(store)
-    a = np.asarray(attention, dtype=np.float64)
+    bag = _bag(attention, tiles)
+    a = np.asarray(attention, dtype=np.float64)[bag]
     ranks = percentile_ranks(a)
     colours = (colormaps[COLORMAP](scaled_attention(a, scale))[:, :3] * 255).round().astype(int)
     n = len(a)
     features = []
-    for i, ((x, y), v, r, rgb) in enumerate(zip(coords.tolist(), a, ranks, colours, strict=True)):
+    rows = zip(bag.tolist(), coords[bag].tolist(), a, ranks, colours, strict=True)
+    for i, (x, y), v, r, rgb in rows:
         x1, y1 = x + side, y + side
         features.append(
             {

@@ -4,16 +4,20 @@ Writes, under ``OUT`` (default ``RUN/predictions``)::
 
     predictions.csv            slide_id, name, n_tiles, predicted, prob_<class> ..., files,
                                note (a training slide, another stain or tiling), run
-    heatmaps/<slide_id>.png    attention percentile over the thumbnail
+    heatmaps/<slide_id>.png    attention / max attention over the thumbnail
     tiles/<slide_id>.png       the most attended tiles (stores that keep tiles)
-    geojson/<slide_id>.geojson every tile with its attention, for QuPath
+    geojson/<slide_id>.geojson every tile of the bag with its attention, for QuPath
 
 A slide that cannot be predicted (no embeddings of the run's encoder, an empty bag) is
 reported and the others go on. ``predictions.csv`` gathers every slide predicted into ``OUT``
 by one run (another run's predictions there are refused: their rows and pictures would mix):
 a later call (other slides, another archive) replaces the rows of the slides it tries (a
-slide that fails loses its earlier row) and keeps the others, as it keeps their pictures; it
-is written atomically.
+slide that fails loses its earlier row) and keeps the others, as it keeps their pictures.
+
+Each slide's pictures are drawn under temporary names, renamed over the earlier ones only
+once all are complete, and its row goes into ``predictions.csv`` (rewritten atomically after
+every slide) at once, Ctrl-C held meanwhile: an interrupted call keeps the slides it
+finished, every earlier slide's files stay whole, and the CSV names no missing file.
 """
 
 from __future__ import annotations
@@ -24,20 +28,38 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wsi_ssl.errors import ConfigError, EncoderMismatchError, WsiSslError
+from wsi_ssl.interrupts import interrupts_held
 from wsi_ssl.mil.explain import attention_geojson, attention_heatmap, tile_gallery
 from wsi_ssl.mil.matching import slide_file_names
 from wsi_ssl.mil.run import IN_SAMPLE, MILPrediction, MILRun, load, same_run
 from wsi_ssl.mil.training import torch_threads
-from wsi_ssl.outcome import BatchOutcome, ErrorText, SlideOutcome
-from wsi_ssl.storage import Archive, open_store
-from wsi_ssl.storage.atomic import atomic_write_text
+from wsi_ssl.outcome import BatchOutcome, ErrorText, SlideOutcome, interrupt_report
+from wsi_ssl.storage import Archive, SlideStore, open_store
+from wsi_ssl.storage.atomic import (
+    atomic_write_text,
+    fsync_file,
+    remove_path,
+    rename_into_place,
+    sweep_temp_files,
+    temp_name,
+)
 from wsi_ssl.storage.embeddings import embedding_ids
 from wsi_ssl.storage.resolve import resolve_slides
 
+if TYPE_CHECKING:
+    import numpy as np
+
 __all__ = ["PredictResult", "SlidePrediction", "predict"]
+
+_FILES = {
+    "heatmap": ("heatmaps", "png"),
+    "gallery": ("tiles", "png"),
+    "geojson": ("geojson", "geojson"),
+}
+"""Each picture of a slide: its folder under ``OUT`` and suffix."""
 
 
 @dataclass
@@ -201,14 +223,21 @@ def predict(
                 f"trained on {model.encoder_id!r}; embed them with that encoder first"
             )
     out = Path(out) if out is not None else model.path / "predictions"
-    _earlier_rows(out / "predictions.csv", _csv_header(model.classes), model)  # before any work
+    table = _Table(out / "predictions.csv", model)  # refuses another run's before any work
     out.mkdir(parents=True, exist_ok=True)
+    for folder in [out, *(out / f for f, _ in _FILES.values())]:
+        sweep_temp_files(folder)  # the pictures of a killed call, drawn but never renamed
     result = PredictResult(
         out=out, run=model.path, encoder_id=model.encoder_id, classes=model.classes
     )
-    with torch_threads(model.config.threads):
-        _predict_all(model, archive, ids, names, out, result, top_k, explain, progress)
-    _write_csv(result, model, set(ids))
+    with (
+        torch_threads(model.config.threads),
+        interrupt_report(
+            result, lambda: [sid for sid in ids if sid not in {o.slide for o in result.outcomes}]
+        ),
+    ):
+        _predict_all(model, archive, ids, names, table, result, top_k, explain, progress)
+    table.write()
     if explain and result.predictions and all(p.heatmap is None for p in result.predictions):
         result.note = (
             f"no heatmaps or galleries: a {model.config.model} run weighs no tile above another"
@@ -222,7 +251,7 @@ def _predict_all(
     archive: Archive,
     ids: list[str],
     names: dict[str, str],
-    out: Path,
+    table: _Table,
     result: PredictResult,
     top_k: int,
     explain: bool,
@@ -234,21 +263,25 @@ def _predict_all(
         name = names.get(sid, sid)
         started = time.perf_counter()
         try:
-            item = _predict_one(model, archive, sid, name, out, top_k, explain)
+            item = _predict_one(model, archive, sid, name, result.out, top_k, explain)
         except WsiSslError as err:
             seconds = time.perf_counter() - started
-            result.outcomes.append(SlideOutcome.failure(sid, err, seconds, name=name))
+            with interrupts_held():  # the CSV and the report agree on what was done
+                table.drop(sid)  # its earlier row is not current
+                result.outcomes.append(SlideOutcome.failure(sid, err, seconds, name=name))
             continue
-        result.predictions.append(item)
-        result.outcomes.append(
-            SlideOutcome(
-                sid,
-                "complete",
-                n_tiles=item.n_tiles,
-                seconds=time.perf_counter() - started,
-                details=item.details(),
+        with interrupts_held():  # the slide is as before or wholly new, and reported as it is
+            _commit(item, result.out, table)
+            result.predictions.append(item)
+            result.outcomes.append(
+                SlideOutcome(
+                    sid,
+                    "complete",
+                    n_tiles=item.n_tiles,
+                    seconds=time.perf_counter() - started,
+                    details=item.details(),
+                )
             )
-        )
 
 
 def _predict_one(
@@ -260,10 +293,9 @@ def _predict_one(
     top_k: int,
     explain: bool,
 ) -> SlidePrediction:
+    """The slide's prediction, its pictures drawn under temporary names (see :func:`_commit`)."""
     store = archive.slide(sid)
     pred = model.predict_slide(store, name=name)
-    for folder, suffix in (("heatmaps", "png"), ("tiles", "png"), ("geojson", "geojson")):
-        (out / folder / f"{sid}.{suffix}").unlink(missing_ok=True)  # an earlier prediction's
     item = SlidePrediction(
         sid,
         name,
@@ -273,32 +305,107 @@ def _predict_one(
         prediction=pred,
         note=model.slide_note(store),
     )
-    if not explain or pred.attention is None:
-        return item
-    probs = ", ".join(f"{c} {p:.2f}" for c, p in item.probabilities.items())
-    item.heatmap = attention_heatmap(
-        store,
-        pred.attention,
-        out / "heatmaps" / f"{sid}.png",
-        title=f"{name}: {pred.label} ({probs})",
-    )
-    item.gallery = tile_gallery(store, pred.attention, out / "tiles" / f"{sid}.png", k=top_k)
-    item.geojson = attention_geojson(
-        store,
-        pred.attention,
-        out / "geojson" / f"{sid}.geojson",
-        properties={
-            "wsi_ssl": {
-                "slide_id": sid,
-                "name": name,
-                "run": str(model.path),
-                "encoder_id": model.encoder_id,
-                "predicted": pred.label,
-                "probabilities": item.probabilities,
-            }
-        },
-    )
+    if explain and pred.attention is not None:
+        _draw(item, pred, pred.attention, store, model, out, top_k)
     return item
+
+
+def _draw(
+    item: SlidePrediction,
+    pred: MILPrediction,
+    attention: np.ndarray,
+    store: SlideStore,
+    model: MILRun,
+    out: Path,
+    top_k: int,
+) -> None:
+    """Draw the heatmap, gallery and GeoJSON under temporary names beside their final ones
+    (``item``'s paths name them); none is left behind if drawing fails or is interrupted."""
+    staged = {}
+    for kind, (folder, suffix) in _FILES.items():
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        staged[kind] = out / folder / temp_name(f"{item.slide_id}.{suffix}", f".{suffix}")
+    probs = ", ".join(f"{c} {p:.2f}" for c, p in item.probabilities.items())
+    bag = pred.bag_tiles
+    meta = {
+        "slide_id": item.slide_id,
+        "name": item.name,
+        "run": str(model.path),
+        "encoder_id": model.encoder_id,
+        "predicted": pred.label,
+        "probabilities": item.probabilities,
+    }
+    try:
+        item.heatmap = attention_heatmap(
+            store, attention, staged["heatmap"], title=f"{item.name}: {pred.label} ({probs})"
+        )
+        item.gallery = tile_gallery(store, attention, staged["gallery"], k=top_k, tiles=bag)
+        item.geojson = attention_geojson(
+            store, attention, staged["geojson"], properties={"wsi_ssl": meta}, tiles=bag
+        )
+    except BaseException:
+        for path in staged.values():
+            remove_path(path)
+        raise
+
+
+def _commit(item: SlidePrediction, out: Path, table: _Table) -> None:
+    """Rename the slide's pictures into place (over an earlier prediction's), put its row in
+    ``predictions.csv``, then remove the earlier pictures it has none for (called with
+    Ctrl-C held: the slide is either as before or wholly the new prediction)."""
+    staged = item.files()
+    try:
+        for kind, tmp in staged.items():
+            if tmp is not None:
+                folder, suffix = _FILES[kind]
+                final = out / folder / f"{item.slide_id}.{suffix}"
+                fsync_file(tmp)
+                rename_into_place(tmp, final)
+                setattr(item, kind, final)
+        table.add(item)
+        for kind, (folder, suffix) in _FILES.items():
+            if staged[kind] is None:  # e.g. --no-explain now: the old picture is stale
+                (out / folder / f"{item.slide_id}.{suffix}").unlink(missing_ok=True)
+    finally:
+        for tmp in staged.values():
+            if tmp is not None:
+                remove_path(tmp)  # left only by a rename that failed
+
+
+class _Table:
+    """``predictions.csv`` as this call updates it: the earlier rows of the slides it has not
+    tried (yet), then its own, rewritten atomically after every slide."""
+
+    def __init__(self, path: Path, model: MILRun) -> None:
+        self.path = path
+        self.model = model
+        self.header = _csv_header(model.classes)
+        self.earlier = _earlier_rows(path, self.header, model)
+        self.tried: set[str] = set()
+        self.rows: dict[str, list[str]] = {}
+
+    def add(self, s: SlidePrediction) -> None:
+        """Put (or replace) ``s``'s row and rewrite the file."""
+        self.tried.add(s.slide_id)
+        self.rows[s.slide_id] = (
+            [s.slide_id, s.name, str(s.n_tiles), s.label]
+            + [f"{p:.6f}" for p in s.probabilities.values()]
+            + [_rel(p, self.path.parent) for p in (s.heatmap, s.gallery, s.geojson)]
+            + [s.note, self.model.run_id]
+        )
+        self.write()
+
+    def drop(self, slide_id: str) -> None:
+        """Leave out the earlier row of a slide that failed and rewrite the file."""
+        self.tried.add(slide_id)
+        self.rows.pop(slide_id, None)
+        self.write()
+
+    def write(self) -> None:
+        kept = [row for row in self.earlier if row[0] not in self.tried]
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows([self.header, *kept, *self.rows.values()])
+        atomic_write_text(self.path, text.getvalue())
 
 
 def _csv_header(classes: list[str]) -> list[str]:
@@ -340,24 +447,6 @@ def _earlier_rows(path: Path, header: list[str], model: MILRun) -> list[list[str
             parameters=("out",),
         )
     return rows[1:]
-
-
-def _write_csv(result: PredictResult, model: MILRun, attempted: set[str]) -> None:
-    """This call's rows, after the earlier rows of the slides it did not try (a slide it
-    tried and failed loses its earlier row: that prediction is not current)."""
-    header = _csv_header(model.classes)
-    new = {
-        s.slide_id: [s.slide_id, s.name, str(s.n_tiles), s.label]
-        + [f"{p:.6f}" for p in s.probabilities.values()]
-        + [_rel(p, result.out) for p in (s.heatmap, s.gallery, s.geojson)]
-        + [s.note, model.run_id]
-        for s in result.slides
-    }
-    earlier = _earlier_rows(result.csv_path, header, model)
-    kept = [row for row in earlier if row[0] not in attempted]
-    text = io.StringIO(newline="")
-    csv.writer(text).writerows([header, *kept, *new.values()])
-    atomic_write_text(result.csv_path, text.getvalue())
 
 
 def _rel(path: Path | None, base: Path) -> str:

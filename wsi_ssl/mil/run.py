@@ -53,6 +53,8 @@ class MILPrediction:
         neighbours: the nearest labelled slides and similarities (retrieval baseline).
         n_tiles: the tiles in the bag predicted (fewer than ``coords`` when QC-flagged tiles
             or tiles without a vector were left out).
+        bag_tiles: the store rows of the bag's tiles, when :meth:`MILRun.predict_slide` left
+            some out (``attention`` is 0 for the others); None: every tile is in the bag.
     """
 
     probabilities: np.ndarray
@@ -64,12 +66,15 @@ class MILPrediction:
     slide_id: str | None = None
     neighbours: list[tuple[str, float]] = field(default_factory=list)
     n_tiles: int = 0
+    bag_tiles: np.ndarray | None = None
 
     def top_tiles(self, k: int = 16) -> np.ndarray:
-        """Indices of the ``k`` most attended tiles, most attended first."""
+        """Indices of the ``k`` most attended tiles of the bag, most attended first."""
         if self.attention is None:
             return np.zeros(0, dtype=np.int64)
         order = np.argsort(-self.attention, kind="stable")
+        if self.bag_tiles is not None:  # the tiles left out are not the least attended
+            order = order[np.isin(order, self.bag_tiles)]
         return order[: min(k, len(order))]
 
 
@@ -234,7 +239,7 @@ class MILRun:
 
         A run trained with ``skip_flagged_tiles`` predicts from the tiles that pass QC (and
         any slide from the tiles that hold vectors); the attention and coords still cover every
-        tile of the store (0 for the tiles left out).
+        tile of the store (0 for the tiles left out; ``bag_tiles`` holds the bag's rows).
 
         Raises:
             EncoderMismatchError: the store has embeddings, but none of the run's encoder.
@@ -257,7 +262,7 @@ class MILRun:
         prediction = self.predict(bag, where=where)
         rows = bag.tiles
         if rows is not None:  # back to the store's rows: tiles left out got no attention
-            prediction.coords = store.coords
+            prediction.coords, prediction.bag_tiles = store.coords, np.asarray(rows)
             if prediction.attention is not None:
                 attention = np.zeros(store.n_tiles, dtype=prediction.attention.dtype)
                 attention[rows] = prediction.attention
