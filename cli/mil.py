@@ -121,7 +121,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "decode (each bag is read once up front)",
     )
     t.add_argument("--overwrite", action="store_true", help="replace an existing run at --out")
-    t.add_argument("--json", action="store_true", help="print metrics.json on stdout")
+    t.add_argument(
+        "--json", action="store_true", help="print metrics.json on stdout (notes on stderr)"
+    )
     t.add_argument("--verbose", action="store_true", help="print one line per epoch")
     t.set_defaults(
         func=run_train,
@@ -175,6 +177,9 @@ def run_train(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(result.metrics_path.read_text())
+        # what the report says besides the metrics: slides left out, the folds' notes
+        for note in [*result.report.lines()[1:], *result.notes]:
+            print(f"note: {note}", file=sys.stderr)
     else:
         print("\n".join(result.lines()))
     return 0

@@ -23,7 +23,8 @@ def _random_cohort(rng: np.random.Generator) -> tuple[list[int], list[str]]:
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_folds_never_share_a_patient_and_are_stratified(seed: int) -> None:
+def test_folds_never_share_a_patient(seed: int) -> None:
+    """(Stratification by the patients holding each class: tests/test_mil_folds_edges.py.)"""
     rng = np.random.default_rng(seed)
     labels, groups = _random_cohort(rng)
     k = int(rng.integers(2, 6))
@@ -33,12 +34,6 @@ def test_folds_never_share_a_patient_and_are_stratified(seed: int) -> None:
     for g, f in zip(groups, folds, strict=True):
         folds_of[g].add(int(f))
     assert all(len(fs) == 1 for fs in folds_of.values()), "a patient is in two folds"
-    # stratified: per class, patients (by their majority label) differ by at most 1 across folds
-    plabel = patient_labels(labels, groups)
-    for c in set(plabel.values()):
-        counts = Counter(next(iter(folds_of[g])) for g, y in plabel.items() if y == c)
-        per_fold = [counts.get(f, 0) for f in range(k)]
-        assert max(per_fold) - min(per_fold) <= 1, (c, per_fold)
 
 
 def test_slides_without_patients_are_their_own_group() -> None:
@@ -55,8 +50,9 @@ def test_splits_are_seeded() -> None:
     assert not np.array_equal(a, assign_folds(labels, groups, 4, seed=2))
 
 
-def test_patient_label_is_the_majority() -> None:
-    assert patient_labels([1, 1, 0, 0, 2], ["a", "a", "a", "b", "b"]) == {"a": 1, "b": 0}
+def test_a_patient_is_dealt_by_its_rarest_class() -> None:
+    """a holds classes 1 and 0, b 0 and 2: each is dealt by the class fewest patients hold."""
+    assert patient_labels([1, 1, 0, 0, 2], ["a", "a", "a", "b", "b"]) == {"a": 1, "b": 2}
 
 
 def _bag_archive(root, n_slides: int, rng: np.random.Generator) -> None:

@@ -104,6 +104,25 @@ class LabelTable:
 
 
 def check_classes(path: str, rows: list[LabelRow]) -> None:
+    """At least two classes, and no two spelled alike but for case ("Tumour", "tumour").
+
+    Raises:
+        LabelsError: naming the lines at fault.
+    """
+    spellings: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        spellings[r.label.casefold()].add(r.label)
+    alike = [sorted(names) for names in spellings.values() if len(names) > 1]
+    if alike:
+        said = " and ".join(
+            f"{n!r} ({line_list(r.line for r in rows if r.label == n)})" for n in alike[0]
+        )
+        raise LabelsError(
+            path,
+            f"labels {said} differ only in case, so they would be separate classes; spell "
+            "each class one way in the CSV",
+            [r.line for r in rows if any(r.label in a for a in alike)],
+        )
     classes = {r.label for r in rows}
     if len(classes) < 2:
         only = next(iter(classes)) if classes else "none"
@@ -240,12 +259,19 @@ def _check_rows(path: Path, rows: list[LabelRow], has_fold: bool) -> None:
         split = {p: f for p, f in folds_of.items() if len(f) > 1}
         if split:
             patient, folds = next(iter(split.items()))
-            where = [ln for f in split.values() for ls in f.values() for ln in ls]
+            lines = [ln for ls in folds.values() for ln in ls]
+            rest = [p for p in split if p != patient]
+            others = (
+                f"; so {'is' if len(rest) == 1 else 'are'} {len(rest)} other patient"
+                f"{'' if len(rest) == 1 else 's'} ({first_few(map(repr, rest))})"
+                if rest
+                else ""
+            )
             raise LabelsError(
                 path,
-                f"patient {patient!r} is in folds {sorted(folds)} ({line_list(where)}); a patient's "
-                "slides must share one fold",
-                where,
+                f"patient {patient!r} is in folds {sorted(folds)} ({line_list(lines)}){others}; "
+                "a patient's slides must share one fold",
+                [ln for f in split.values() for ls in f.values() for ln in ls],
             )
         if len({r.fold for r in rows}) < 2:
             raise LabelsError(path, "the 'fold' column has a single value; give at least 2 folds")

@@ -472,8 +472,8 @@ def check_one_scale(report: MatchReport) -> None:
         )
         raise SchemaMismatchError(
             f"{report.labels_path}: the labelled slides were tiled at different scales: {said}; "
-            "tile them alike (`wsi-ssl tile --mpp MPP --tile-size SIZE --no-resume`) or label "
-            "one scale's slides"
+            "tile them alike (`wsi-ssl tile --mpp MPP --tile-size SIZE --no-resume "
+            "--discard-embeddings`, then embed them again) or label one scale's slides"
         )
 
 

@@ -2,8 +2,12 @@
 accuracy, F1 and the confusion matrix, plus the ROC plot.
 
 Computed from the confusion matrix directly so that folds lacking a class give defined values
-(or None for an AUC that does not exist) instead of warnings. The evaluation harness scores
-its probes with the same functions (:mod:`wsi_ssl.evaluation.statistics`).
+instead of warnings, or None where a fold cannot measure one, left out of the folds' mean: the
+AUC, and the F1 of a class no slide of the fold belongs to (scikit-learn scores it 0, by
+``zero_division=0`` or from false positives, which a fold without tumour would average in).
+Macro-F1 over several classes is scikit-learn's (the classes present or predicted). The
+evaluation harness scores its probes with the same functions
+(:mod:`wsi_ssl.evaluation.statistics`).
 """
 
 from __future__ import annotations
@@ -102,14 +106,18 @@ def classification_metrics(
         ``n``, ``auc`` (None when undefined), ``auc_per_class`` (one-vs-rest), ``accuracy``,
         ``balanced_accuracy`` (mean recall over the classes present), ``f1`` (binary: of the
         last class; several classes: :func:`macro_f1`), ``f1_per_class`` and
-        ``confusion_matrix`` (rows true, columns predicted); None where there is no slide.
+        ``confusion_matrix`` (rows true, columns predicted); None where there is no slide,
+        and a class's F1 (the binary ``f1`` too) None where no slide is of that class, as
+        its AUC.
     """
     y_true = np.asarray(y_true, int)
     probs = np.asarray(probs, dtype=np.float64)
     n_classes = len(classes)
     y_pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, int)
     m = confusion(y_true, y_pred, n_classes)
-    f1 = _class_f1(m)
+    f1: list[float | None] = [
+        float(v) if n else None for v, n in zip(_class_f1(m), m.sum(axis=1), strict=True)
+    ]
     auc, auc_per = roc_auc(y_true, probs) if len(y_true) else (None, [None] * n_classes)
     some = len(y_true) > 0
     return {
@@ -118,8 +126,8 @@ def classification_metrics(
         "auc_per_class": dict(zip(classes, auc_per, strict=True)),
         "accuracy": float(np.diag(m).sum() / max(1, len(y_true))),
         "balanced_accuracy": balanced_accuracy(y_true, y_pred) if some else None,
-        "f1": float(f1[1]) if n_classes == 2 else (macro_f1(y_true, y_pred) if some else None),
-        "f1_per_class": dict(zip(classes, (float(v) for v in f1), strict=True)),
+        "f1": f1[1] if n_classes == 2 else (macro_f1(y_true, y_pred) if some else None),
+        "f1_per_class": dict(zip(classes, f1, strict=True)),
         "confusion_matrix": m.tolist(),
     }
 
