@@ -36,11 +36,14 @@ def test_demo_slides_are_labelled_by_their_lesion(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_resumes(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--out", "demo", "--steps", "4", "--quiet"]) == 0
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "4", "--quiet"]) == 0
     printed = capsys.readouterr().out
+    pictures = [line for line in printed.splitlines() if line.startswith("picture: ")]
+    assert pictures and all(p.startswith("picture: demo/") for p in pictures), pictures
     positions = [printed.index(stage) for stage in STAGES]
     assert positions == sorted(positions)
 

@@ -131,8 +131,9 @@ def run_demo(
     loss = f"{run.final_loss:.3f}" if run.final_loss is not None else "n/a"
     say(f"{run.step}/{run.total_steps} steps, final loss {loss}, {speed}")
     if run.loss_plot is not None:
-        say(f"loss curve: {run.loss_plot}")
-        result.pictures.append(run.loss_plot)
+        loss_plot = out / "pretrain" / run.loss_plot.name  # as the other pictures are named
+        say(f"loss curve: {loss_plot}")
+        result.pictures.append(loss_plot)
 
     say("== embed")
     embedded = embed_for_demo(root, run.out_dir, progress=progress)
