@@ -216,3 +216,29 @@ def test_a_bag_of_every_tile_keeps_every_feature(archive, tmp_path) -> None:
     assert len(json.loads(path.read_text())["features"]) == N
     with pytest.raises(SchemaMismatchError, match="store rows in the bag"):
         mil.attention_geojson(store, attention, tmp_path / "x.geojson", tiles=np.array([N]))
+
+
+def test_the_heatmap_colours_the_bags_tiles_only(archive) -> None:
+    """The heatmap coloured the QC-excluded tiles as least attended; they stay the thumbnail
+    now, and the scale counts the bag (its most attended tile takes the top colour)."""
+    from wsi_ssl.mil.explain import attention_overlay
+
+    root, run = archive
+    store = open_store(root).slide(open_store(root).slide_ids[0])
+    pred = mil.load(run).predict_slide(store)
+    assert pred.attention is not None and pred.bag_tiles is not None
+    plain = attention_overlay(store, pred.attention * 0 + 1, alpha=(0.0, 0.0))  # no colour
+    bag = attention_overlay(store, pred.attention, tiles=pred.bag_tiles)
+    every = attention_overlay(store, pred.attention)
+    h, w = plain.shape[:2]
+    width, height = store.source["dimensions"]
+    side = float(store.tiling["tile_size_level0"])
+    for row, (x, y) in enumerate(store.coords):
+        x0, y0 = int(x * w / width) + 1, int(y * h / height) + 1
+        x1, y1 = int((x + side) * w / width) - 1, int((y + side) * h / height) - 1
+        cell = (slice(y0, y1), slice(x0, x1))
+        if row in set(pred.bag_tiles.tolist()):
+            assert not np.array_equal(bag[cell], plain[cell]), row
+        else:
+            np.testing.assert_array_equal(bag[cell], plain[cell])  # uncoloured
+            assert not np.array_equal(every[cell], plain[cell]), row  # as it was drawn

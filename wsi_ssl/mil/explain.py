@@ -9,8 +9,8 @@ GeoJSON carries the weight, its percentile and ``a × N`` (attention relative to
 
 A bag may hold fewer tiles than the store (a ``skip_flagged_tiles`` run leaves QC-flagged
 tiles out; tiles without a vector are never in it): given the bag's rows (``tiles``, the
-prediction's :attr:`~wsi_ssl.mil.run.MILPrediction.bag_tiles`), the gallery and the GeoJSON
-leave the other tiles out, and N, the percentiles and the ranks count the bag's tiles only.
+prediction's :attr:`~wsi_ssl.mil.run.MILPrediction.bag_tiles`), the heatmap leaves the other
+tiles uncoloured (the thumbnail shows through), the gallery and the GeoJSON leave them out, and N, the percentiles and the ranks count the bag's tiles only.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ __all__ = [
     "SCALES",
     "attention_geojson",
     "attention_heatmap",
+    "attention_overlay",
     "percentile_ranks",
     "scaled_attention",
     "tile_gallery",
@@ -112,8 +113,9 @@ def attention_heatmap(
     title: str | None = None,
     scale: str = "max",
     alpha: tuple[float, float] = (0.3, 0.75),
+    tiles: np.ndarray | None = None,
 ) -> Path:
-    """Save the thumbnail with each tile coloured by its attention, as PNG.
+    """Save the thumbnail with each tile of the bag coloured by its attention, as PNG.
 
     Args:
         store: the slide's store (thumbnail, coords, geometry).
@@ -123,34 +125,17 @@ def attention_heatmap(
         scale: "max" (``a / max(a)``) or "percentile" (rank within the slide).
         alpha: opacity of the colour over a tile, from the least to the most attended, so
             the tissue stays visible where attention is low.
+        tiles: the store rows in the bag (None: every tile); the others stay uncoloured,
+            and the scale counts the bag's tiles only.
     """
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
-    coords = store.coords
-    _check(store, attention, coords)
-    thumb = store.thumbnail
-    zoom = max(1, MIN_SIDE // max(thumb.shape[:2]))
-    if zoom > 1:
-        thumb = np.repeat(np.repeat(thumb, zoom, axis=0), zoom, axis=1)
-    sx, sy, side = _geometry(store)
-    sx, sy = sx * zoom, sy * zoom
-    h, w = thumb.shape[:2]
-    raster = np.full((h, w), np.nan)
-    values = scaled_attention(attention, scale)
-    for (x, y), r in zip(coords, values, strict=True):
-        x0, y0 = int(x * sx), int(y * sy)
-        x1, y1 = max(x0 + 1, round((x + side) * sx)), max(y0 + 1, round((y + side) * sy))
-        cell = raster[y0:y1, x0:x1]
-        np.fmax(cell, r, out=cell)
+    blended = attention_overlay(store, attention, scale=scale, alpha=alpha, tiles=tiles)
     cmap = colormaps[COLORMAP]
-    v = np.nan_to_num(raster)
-    colour = cmap(v)[..., :3] * 255
-    opacity = (alpha[0] + (alpha[1] - alpha[0]) * v)[..., None]
-    covered = ~np.isnan(raster)[..., None]
-    blended = np.where(covered, (1 - opacity) * thumb + opacity * colour, thumb).astype(np.uint8)
+    h, w = blended.shape[:2]
 
     inches = 8.0
     top = 0.4 if title else 0.05  # inches above the image for the title
@@ -169,6 +154,44 @@ def attention_heatmap(
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     return out
+
+
+def attention_overlay(
+    store: SlideStore,
+    attention: np.ndarray,
+    *,
+    scale: str = "max",
+    alpha: tuple[float, float] = (0.3, 0.75),
+    tiles: np.ndarray | None = None,
+) -> np.ndarray:
+    """The thumbnail (enlarged to at least ``MIN_SIDE`` px) with each tile of the bag
+    coloured by its attention, uint8 (h, w, 3); tiles outside the bag stay uncoloured
+    (arguments as :func:`attention_heatmap`'s)."""
+    from matplotlib import colormaps
+
+    coords = store.coords
+    _check(store, attention, coords)
+    thumb = store.thumbnail
+    zoom = max(1, MIN_SIDE // max(thumb.shape[:2]))
+    if zoom > 1:
+        thumb = np.repeat(np.repeat(thumb, zoom, axis=0), zoom, axis=1)
+    sx, sy, side = _geometry(store)
+    sx, sy = sx * zoom, sy * zoom
+    h, w = thumb.shape[:2]
+    bag = _bag(attention, tiles)
+    raster = np.full((h, w), np.nan)
+    values = scaled_attention(attention[bag], scale)
+    for (x, y), r in zip(coords[bag], values, strict=True):
+        x0, y0 = int(x * sx), int(y * sy)
+        x1, y1 = max(x0 + 1, round((x + side) * sx)), max(y0 + 1, round((y + side) * sy))
+        cell = raster[y0:y1, x0:x1]
+        np.fmax(cell, r, out=cell)
+    cmap = colormaps[COLORMAP]
+    v = np.nan_to_num(raster)
+    colour = cmap(v)[..., :3] * 255
+    opacity = (alpha[0] + (alpha[1] - alpha[0]) * v)[..., None]
+    covered = ~np.isnan(raster)[..., None]
+    return np.where(covered, (1 - opacity) * thumb + opacity * colour, thumb).astype(np.uint8)
 
 
 def tile_gallery(

@@ -336,8 +336,9 @@ def _draw(
         "probabilities": item.probabilities,
     }
     try:
+        title = f"{item.name}: {pred.label} ({probs})"
         item.heatmap = attention_heatmap(
-            store, attention, staged["heatmap"], title=f"{item.name}: {pred.label} ({probs})"
+            store, attention, staged["heatmap"], title=title, tiles=bag
         )
         item.gallery = tile_gallery(store, attention, staged["gallery"], k=top_k, tiles=bag)
         item.geojson = attention_geojson(
