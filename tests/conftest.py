@@ -6,12 +6,14 @@ import contextlib
 import io
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from wsi_ssl.cli.main import main as cli_main
+from wsi_ssl.storage import open_store
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
@@ -132,16 +134,56 @@ def small_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base / "root"
 
 
-@pytest.fixture
-def tiny_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A 1 MiB tmpfs: a real full disk, where this machine lets the tests mount one."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
+@contextlib.contextmanager
+def mounted_tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``mount``'s spelling: "1m") mounted at ``folder``, made here, for
+    the block; skips the test where this machine lets none be mounted (it needs root)."""
+    folder.mkdir()
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
     )
     if done.returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mount
-    # lazy: a catalog connection the test's garbage collector has not closed yet keeps it busy
-    subprocess.run(["umount", "--lazy", str(mount)], check=True)
+    try:
+        yield folder
+    finally:
+        # lazy: a catalog connection the test's garbage collector has not closed yet keeps it busy
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: a real full disk, where this machine lets the tests mount one."""
+    with mounted_tmpfs(tmp_path / "tiny", "1m") as mount:
+        yield mount
+
+
+@pytest.fixture(scope="session")
+def synthetic_root_64(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One synthetic slide tiled at 64 px, every tile kept (80 tiles: 10 steps an epoch at
+    batch 8), for pretraining runs that write only under their own ``--out``."""
+    from dataclasses import replace
+
+    from wsi_ssl.config import TilingConfig
+    from wsi_ssl.synthetic import write_synthetic_slide
+    from wsi_ssl.tiling.batch import tile_slide
+
+    base = tmp_path_factory.mktemp("synthetic64")
+    tiling = replace(TilingConfig(tile_size=64, tiles_per_chunk=32), tissue_threshold=0.0)
+    tile_slide(write_synthetic_slide(base / "s.tiff", (640, 512), seed=1), base / "root", tiling)
+    return base / "root"
+
+
+def copy_two_slides(small_archive: Path, tmp_path: Path) -> tuple[Path, str, str]:
+    """A copy of the two-slide archive to damage: (root, its first slide id, its second)."""
+    root = shutil.copytree(small_archive, tmp_path / "root")
+    first, second = open_store(root).slide_ids
+    return root, first, second
+
+
+def embedded_tiles(root: Path, slide_id: str) -> int:
+    """The rows of the slide's (only) embeddings array."""
+    from wsi_ssl.storage.embeddings import embedding_ids, read_embeddings
+
+    store = open_store(root).slide(slide_id)
+    return len(read_embeddings(store, embedding_ids(store)[0], lazy=True))

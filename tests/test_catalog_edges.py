@@ -10,11 +10,12 @@ import pwd
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import mounted_tmpfs, run_cli
 from wsi_ssl.storage import open_store
 from wsi_ssl.storage.atomic import host_name
 from wsi_ssl.storage.check import check_archive
@@ -46,17 +47,10 @@ then refuse it what they refuse another user."""
 
 
 @pytest.fixture
-def mount(tmp_path: Path):  # type: ignore[no-untyped-def]
+def mount(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs of our own, which the test can remount read-only."""
-    folder = tmp_path / "mnt"
-    folder.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield folder
-    subprocess.run(["umount", "--lazy", str(folder)], check=True)
+    with mounted_tmpfs(tmp_path / "mnt", "64m") as folder:
+        yield folder
 
 
 def _archive(root: Path, tmp_path: Path) -> list[str]:

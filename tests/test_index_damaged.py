@@ -4,13 +4,12 @@ is listed with its remedy (exit 1), and an indexed slide whose store breaks keep
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import copy_two_slides, embedded_tiles, run_cli
 from wsi_ssl.errors import EmbeddingsCorruptError
 from wsi_ssl.search import SearchIndex, evaluate
 from wsi_ssl.search.ids import decode_ids
@@ -32,22 +31,11 @@ def _damage_embeddings(root: Path, slide_id: str, how: str = "undecodable") -> N
         chunk.write_bytes(b"xx")
 
 
-def _copy(small_archive: Path, tmp_path: Path) -> tuple[Path, str, str]:
-    root = shutil.copytree(small_archive, tmp_path / "root")
-    good, bad = open_store(root).slide_ids
-    return root, good, bad
-
-
-def _tiles(root: Path, slide_id: str) -> int:
-    store = open_store(root).slide(slide_id)
-    return len(read_embeddings(store, embedding_ids(store)[0], lazy=True))
-
-
 @pytest.mark.parametrize(("kind", "how"), [("flat", "undecodable"), ("hnsw", "missing")])
 def test_a_build_indexes_the_readable_slides_and_lists_the_damaged_one(
     small_archive: Path, tmp_path: Path, kind: str, how: str
 ) -> None:
-    root, good, bad = _copy(small_archive, tmp_path)
+    root, good, bad = copy_two_slides(small_archive, tmp_path)
     _damage_embeddings(root, bad, how)
     argv = ["index", str(root), "--encoder", "random-cnn", "--kind", kind, "--json", "--quiet"]
     code, out, err = run_cli(argv)
@@ -57,7 +45,7 @@ def test_a_build_indexes_the_readable_slides_and_lists_the_damaged_one(
     assert damaged.startswith(f"{root / 'slides' / bad}.zarr: embeddings") and "re-embed" in damaged
     index = SearchIndex.open(root)
     assert [e.slide_id for e in index.slides] == [good]
-    assert index.n_vectors == _tiles(root, good) == report["index"]["n_vectors"]
+    assert index.n_vectors == embedded_tiles(root, good) == report["index"]["n_vectors"]
     query = read_embeddings(open_store(root).slide(good), index.encoder_id).features[:3]
     _, ids = index.search_vectors(query, k=index.n_vectors)
     numbers = decode_ids(ids[ids >= 0])[0]
@@ -70,13 +58,13 @@ def test_a_build_indexes_the_readable_slides_and_lists_the_damaged_one(
     assert json.loads(out)["added"] == [bad] and "damaged" not in json.loads(out)
     index = SearchIndex.open(root)
     assert sorted(e.slide_id for e in index.slides) == sorted([good, bad])
-    assert index.n_vectors == _tiles(root, good) + _tiles(root, bad)
+    assert index.n_vectors == embedded_tiles(root, good) + embedded_tiles(root, bad)
 
 
 def test_the_python_build_returns_the_damaged_slides_and_refuses_when_all_are(
     small_archive: Path, tmp_path: Path
 ) -> None:
-    root, good, bad = _copy(small_archive, tmp_path)
+    root, good, bad = copy_two_slides(small_archive, tmp_path)
     _damage_embeddings(root, bad)
     index = SearchIndex.build(root, "random-cnn", kind="flat")
     [err] = index.damaged
@@ -90,7 +78,7 @@ def test_the_python_build_returns_the_damaged_slides_and_refuses_when_all_are(
 def test_an_update_adds_the_readable_slides_and_keeps_an_indexed_one_whose_store_broke(
     small_archive: Path, tmp_path: Path
 ) -> None:
-    root, good, bad = _copy(small_archive, tmp_path)
+    root, good, bad = copy_two_slides(small_archive, tmp_path)
     SearchIndex.build(root, "random-cnn", kind="flat", slides=[good])
     before, coords = SearchIndex.open(root).n_vectors, SearchIndex.open(root).coords.copy()
     _damage_embeddings(root, bad)

@@ -12,24 +12,12 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.conftest import run_cli
+from tests.conftest import copy_two_slides, embedded_tiles, run_cli
 from wsi_ssl.errors import EmbeddingsNotFoundError
 from wsi_ssl.search import SearchIndex
 from wsi_ssl.storage import open_store
-from wsi_ssl.storage.embeddings import embedding_ids, read_embeddings
+from wsi_ssl.storage.embeddings import embedding_ids
 from wsi_ssl.storage.slide_store import aside_path, staging_path
-
-
-def _copy(small_archive: Path, tmp_path: Path) -> tuple[Path, str, str]:
-    """A copy of the two-slide archive: (root, the slide left in place, the one swapped)."""
-    root = shutil.copytree(small_archive, tmp_path / "root")
-    good, swapped = open_store(root).slide_ids
-    return root, good, swapped
-
-
-def _tiles(root: Path, slide_id: str) -> int:
-    store = open_store(root).slide(slide_id)
-    return len(read_embeddings(store, embedding_ids(store)[0], lazy=True))
 
 
 def _swap(root: Path, slide_id: str, how: str) -> None:
@@ -61,16 +49,18 @@ def test_a_fresh_build_names_a_slide_caught_mid_swap(
 ) -> None:
     """The build left the slide out and said nothing (``index --add`` keeps and notes one it
     had indexed); now it names it, with what brings it in, and the repair and an update do."""
-    root, good, swapped = _copy(small_archive, tmp_path)
+    root, good, swapped = copy_two_slides(small_archive, tmp_path)
     name = open_store(root).catalog.get(swapped).name  # type: ignore[union-attr]
-    full = _tiles(root, good) + _tiles(root, swapped)
+    full = embedded_tiles(root, good) + embedded_tiles(root, swapped)
     _swap(root, swapped, how)
     code, report, err = _build(root)
     assert code == 0 and "error" not in err, err
     [note] = report["notes"]
     assert f"left out ({name})" in note and f"wsi-ssl check {root} --repair" in note
     assert f"`wsi-ssl index {root} --name {report['index']['name']} --add` adds them" in note
-    assert report["index"]["n_slides"] == 1 and report["index"]["n_vectors"] == _tiles(root, good)
+    assert report["index"]["n_slides"] == 1 and report["index"]["n_vectors"] == embedded_tiles(
+        root, good
+    )
     assert "damaged" not in report
     code, out, _ = run_cli(["index", str(root), "--encoder", "random-cnn", "--quiet"])
     assert code == 0 and out.startswith(
@@ -92,7 +82,7 @@ def test_an_update_names_a_slide_not_indexed_yet_caught_mid_swap(
     """``index --add`` kept and noted an indexed slide mid-swap, but left one it had not
     indexed yet out without a word (and, once it named it, still called the index up to
     date)."""
-    root, good, swapped = _copy(small_archive, tmp_path)
+    root, good, swapped = copy_two_slides(small_archive, tmp_path)
     name = open_store(root).catalog.get(swapped).name  # type: ignore[union-attr]
     SearchIndex.build(root, "random-cnn", slides=[good])
     _swap(root, swapped, "re-embed")
@@ -121,7 +111,7 @@ def test_the_command_a_mid_swap_note_prints_works_with_several_indexes(
     """The notes said ``wsi-ssl index ROOT --add``, which with several indexes in the archive
     exits 2 ("several indexes ...; pass --name"): they name the index, and what they print
     adds the slide left out and updates the one kept."""
-    root, good, swapped = _copy(small_archive, tmp_path)  # indexed: one index already
+    root, good, swapped = copy_two_slides(small_archive, tmp_path)  # indexed: one index already
     assert run_cli(["index", str(root), "--name", "both", "--quiet"])[0] == 0
     _swap(root, swapped, "re-embed")
     code, out, err = run_cli(["index", str(root), "--name", "one", "--quiet"])
@@ -136,7 +126,9 @@ def test_the_command_a_mid_swap_note_prints_works_with_several_indexes(
     code, out, err = run_cli([*_command(left_out), "--json", "--quiet"])
     assert code == 0, err
     assert json.loads(out)["added"] == [swapped]
-    assert SearchIndex.open(root, "one").n_vectors == _tiles(root, good) + _tiles(root, swapped)
+    assert SearchIndex.open(root, "one").n_vectors == embedded_tiles(root, good) + embedded_tiles(
+        root, swapped
+    )
     code, out, err = run_cli([*_command(kept), "--json", "--quiet"])
     assert code == 0 and json.loads(out)["notes"] == [
         "no new or re-embedded slides; the index is up to date"
@@ -148,7 +140,7 @@ def test_a_build_with_every_slide_mid_swap_names_them_not_embed(
 ) -> None:
     """Every slide mid-swap: the build said "no complete embeddings ... run `wsi-ssl embed`",
     sending the user to embed again what is embedded; it names the slides and the repair."""
-    root, good, swapped = _copy(small_archive, tmp_path)
+    root, good, swapped = copy_two_slides(small_archive, tmp_path)
     shutil.rmtree(root / "index")
     store = open_store(root)
     names = sorted(store.catalog.get(s).name for s in (good, swapped))  # type: ignore[union-attr]
@@ -169,7 +161,9 @@ def test_a_build_with_every_slide_mid_swap_names_them_not_embed(
     with pytest.raises(EmbeddingsNotFoundError, match="run `wsi-ssl embed`"):
         SearchIndex.build(root, "another-encoder")  # nothing of it mid-swap: as before
     assert run_cli(["check", str(root), "--repair"])[0] == 0
-    assert SearchIndex.build(root).n_vectors == _tiles(root, good) + _tiles(root, swapped)
+    assert SearchIndex.build(root).n_vectors == embedded_tiles(root, good) + embedded_tiles(
+        root, swapped
+    )
 
 
 def test_a_slide_with_nothing_of_the_encoder_to_swap_in_is_not_named(
@@ -177,7 +171,7 @@ def test_a_slide_with_nothing_of_the_encoder_to_swap_in_is_not_named(
 ) -> None:
     """A re-embed still writing with no vectors set aside, and a first tiling being written,
     hold nothing an index could take: no note."""
-    root, good, swapped = _copy(small_archive, tmp_path)
+    root, good, swapped = copy_two_slides(small_archive, tmp_path)
     vectors = open_store(root).store_path(swapped) / "embeddings"
     [eid] = embedding_ids(vectors.parent)
     (vectors / eid).rename(vectors / f".writing-{eid}")

@@ -6,7 +6,6 @@ keeps the pooling its checkpoint published."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +21,8 @@ FAST += ["--global-crop-size", "32", "--local-crop-size", "16", "--out-dim", "64
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One synthetic slide tiled at 64 px (80 tiles, every one kept)."""
-    from wsi_ssl.config import TilingConfig
-    from wsi_ssl.synthetic import write_synthetic_slide
-    from wsi_ssl.tiling.batch import tile_slide
-
-    base = tmp_path_factory.mktemp("edges")
-    tiling = replace(TilingConfig(tile_size=64, tiles_per_chunk=32), tissue_threshold=0.0)
-    tile_slide(write_synthetic_slide(base / "s.tiff", (640, 512), seed=1), base / "root", tiling)
-    return base / "root"
+def root(synthetic_root_64: Path) -> Path:
+    return synthetic_root_64
 
 
 def _pretrain(root: Path, out: Path, *args: str) -> str:

@@ -6,7 +6,6 @@ absolute; a recipe without a teacher or a centre records none of theirs."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,16 +21,8 @@ SMALL = ["--global-crop-size", "32"]  # of the 64 px tiles: no upsampling
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One synthetic slide tiled at 64 px (80 tiles: 10 steps an epoch at batch 8)."""
-    from wsi_ssl.config import TilingConfig
-    from wsi_ssl.synthetic import write_synthetic_slide
-    from wsi_ssl.tiling.batch import tile_slide
-
-    base = tmp_path_factory.mktemp("notes")
-    tiling = replace(TilingConfig(tile_size=64, tiles_per_chunk=32), tissue_threshold=0.0)
-    tile_slide(write_synthetic_slide(base / "s.tiff", (640, 512), seed=1), base / "root", tiling)
-    return base / "root"
+def root(synthetic_root_64: Path) -> Path:
+    return synthetic_root_64
 
 
 @pytest.fixture(scope="module")

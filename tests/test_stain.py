@@ -109,16 +109,9 @@ def test_reinhard_matches_published_formulation(patches_dir: Path, tile: np.ndar
     assert np.abs(out - reference_reinhard(other, tile)).max() <= 1.0
 
 
-def test_vahadane_matches_sparse_dictionary_learning() -> None:
-    """On planted sparse stains (most pixels hold one stain), our sparse NMF finds the same
-    stains as scikit-learn's positive dictionary learning, and both lie near the planted ones
-    (the L1 penalty pulls the optimum off them a little: eosin at cosine 0.995)."""
-    rng = np.random.default_rng(0)
-    truth = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])
-    truth /= np.linalg.norm(truth, axis=1, keepdims=True)
-    conc = rng.gamma(2.0, 0.4, size=(3000, 2)) * (rng.random((3000, 2)) < [0.6, 0.7])
-    od = conc @ truth + rng.normal(0, 0.01, size=(3000, 3))
-    od = od[(od >= 0.15).all(1)]
+def sparse_dictionary(od: np.ndarray) -> np.ndarray:
+    """scikit-learn's positive dictionary learning of ``od`` (P, 3) with Vahadane's L1 weight:
+    two unit stain rows, haematoxylin (more red OD) first: the reference for vahadane_stains."""
     learner = DictionaryLearning(
         n_components=2,
         alpha=0.1,
@@ -129,7 +122,20 @@ def test_vahadane_matches_sparse_dictionary_learning() -> None:
     )
     atoms = learner.fit(od).components_
     atoms = atoms / np.linalg.norm(atoms, axis=1, keepdims=True)
-    atoms = atoms if atoms[0, 0] > atoms[1, 0] else atoms[::-1]
+    return np.ascontiguousarray(atoms if atoms[0, 0] > atoms[1, 0] else atoms[::-1])
+
+
+def test_vahadane_matches_sparse_dictionary_learning() -> None:
+    """On planted sparse stains (most pixels hold one stain), our sparse NMF finds the same
+    stains as scikit-learn's positive dictionary learning, and both lie near the planted ones
+    (the L1 penalty pulls the optimum off them a little: eosin at cosine 0.995)."""
+    rng = np.random.default_rng(0)
+    truth = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])
+    truth /= np.linalg.norm(truth, axis=1, keepdims=True)
+    conc = rng.gamma(2.0, 0.4, size=(3000, 2)) * (rng.random((3000, 2)) < [0.6, 0.7])
+    od = conc @ truth + rng.normal(0, 0.01, size=(3000, 3))
+    od = od[(od >= 0.15).all(1)]
+    atoms = sparse_dictionary(od)
     ours = vahadane_stains(torch.from_numpy(od)).numpy()
     assert cosines(ours, atoms).min() > 0.9999
     assert cosines(ours, truth).min() > 0.99
