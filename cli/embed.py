@@ -96,7 +96,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--skip-flagged-tiles",
         action="store_true",
         help="neither read nor encode the tiles the store's QC flagged (their rows stay, "
-        "marked not embedded; search, export, MIL and evaluation leave them out)",
+        "marked not embedded, vectors embedded before cleared; search, export, MIL and "
+        "evaluation leave them out)",
     )
     p.add_argument(
         "--devices",
