@@ -363,3 +363,25 @@ def test_recipe_bf16_compiled_on_cuda(method: str, cmu_root: Path, tmp_path: Pat
     assert resumed.finished and all(np.isfinite(r["loss"]) for r in resumed.history)
     assert resumed.history[-1]["loss"] < resumed.history[0]["loss"]
     assert run.step == 4
+
+
+def test_a_vit_run_trained_at_another_crop_size_inits_a_larger_one(
+    cmu_root: Path, tmp_path: Path
+) -> None:
+    """A ViT run at 32 px crops (a 4 x 4 patch grid) starts one at 64 px (8 x 8): its position
+    embeddings are resampled as timm resamples them, every other weight is the run's."""
+    from timm.layers import resample_abs_pos_embed
+
+    first = pretrain(cmu_root, tiny("dino", steps=2), out=tmp_path / "small")
+    previous = load_encoder(first.out_dir).model.state_dict()
+    config = tiny("dino", init=str(first.out_dir), global_crop_size=64, steps=2)
+    trainer = _trainer(cmu_root, config, tmp_path / "large")
+    state = trainer.student.backbone.state_dict()
+    assert previous["pos_embed"].shape == (1, 1 + 16, 192)
+    assert state["pos_embed"].shape == (1, 1 + 64, 192)
+    expected = resample_abs_pos_embed(previous["pos_embed"], [8, 8], num_prefix_tokens=1)
+    assert torch.allclose(state["pos_embed"], expected)
+    assert torch.equal(state["pos_embed"][:, 0], previous["pos_embed"][:, 0])  # the class's
+    assert all(torch.equal(state[k], previous[k]) for k in previous if k != "pos_embed")
+    run = pretrain(cmu_root, config, out=tmp_path / "trained")
+    assert np.isfinite([r["loss"] for r in run.history]).all()

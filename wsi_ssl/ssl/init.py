@@ -67,8 +67,9 @@ def init_state(config: PretrainConfig) -> dict[str, torch.Tensor]:
 
 
 def load_init(backbone: nn.Module, config: PretrainConfig) -> None:
-    """Load ``init``'s weights into a freshly built backbone of ``config.arch``."""
-    state = init_state(config)
+    """Load ``init``'s weights into a freshly built backbone of ``config.arch``; a ViT run
+    trained at another crop size has its position embeddings resampled to this one's grid."""
+    state = _fit_pos_embed(init_state(config), backbone)
     try:
         backbone.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -76,3 +77,17 @@ def load_init(backbone: nn.Module, config: PretrainConfig) -> None:
             f"init {config.init!r}: weights do not fit a {config.arch} backbone "
             f"({str(err).splitlines()[0]})"
         ) from err
+
+
+def _fit_pos_embed(state: dict[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` with its ``pos_embed`` resampled (timm, bicubic) to ``backbone``'s patch grid
+    where the two grids differ; unchanged otherwise."""
+    pos, target = state.get("pos_embed"), getattr(backbone, "pos_embed", None)
+    if pos is None or not isinstance(target, torch.Tensor) or pos.shape == target.shape:
+        return state
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(backbone, "no_embed_class", False) else backbone.num_prefix_tokens
+    grid = backbone.patch_embed.grid_size  # type: ignore[union-attr]
+    resampled = resample_abs_pos_embed(pos, list(grid), num_prefix_tokens=int(prefix))
+    return {**state, "pos_embed": resampled}
