@@ -128,8 +128,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--name-by",
         choices=NAME_BY,
-        default="stem",
-        help="file names from the slide file stem (default) or the slide id",
+        help="file names from the slide file stem or the slide id (default: as the export "
+        "already in --out names them, else stem)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")

@@ -53,17 +53,28 @@ def test_another_name_by_into_the_same_folder_is_refused(archive: Path, tmp_path
     assert _files(out) == ["a.h5", "b.h5"]
 
 
-def test_a_slide_id_folder_refuses_stem_names(archive: Path, tmp_path: Path) -> None:
+def test_a_slide_id_folder_is_added_to_by_slide_id_unless_stems_are_asked_for(
+    archive: Path, tmp_path: Path
+) -> None:
+    """Without ``--name-by`` an export adds to a folder as its files are named (the default
+    stem was refused in a folder of slide-id names); stems asked for are refused there."""
     out = tmp_path / "h5"
     code, _, _ = run_cli(
         ["export", str(archive), "--out", str(out), "--name-by", "slide_id", "--quiet"]
     )
     assert code == 0 and _files(out) == [f"{A}.h5", f"{B}.h5"]
+    (out / f"{B}.h5").unlink()
     code, _, err = run_cli(["export", str(archive), "--out", str(out), "--quiet"])
+    assert code == 0, err
+    assert _files(out) == [f"{A}.h5", f"{B}.h5"]
+    assert json.loads((out / "export.json").read_text())["name_by"] == "slide_id"
+    code, _, err = run_cli(["export", str(archive), "--out", str(out), "--name-by", "stem"])
     assert code == 2 and "export with --name-by slide_id" in err, err
     with pytest.raises(ConfigError, match="named by slide_id"):
-        export(archive, out)
+        export(archive, out, name_by="stem")
     assert _files(out) == [f"{A}.h5", f"{B}.h5"]
+    export(archive, tmp_path / "fresh")  # a new folder: by stem
+    assert _files(tmp_path / "fresh") == ["a.h5", "b.h5"]
 
 
 @pytest.mark.parametrize(("first", "then"), [("stem", "slide_id"), ("slide_id", "stem")])

@@ -200,7 +200,7 @@ def export(
     format: str = "clam-h5",
     encoder: str | None = None,
     slides: Sequence[str] | None = None,
-    name_by: str = "stem",
+    name_by: str | None = None,
     progress: bool = False,
 ) -> ExportResult:
     """Write one file per slide with its features and coords (see the module docstring).
@@ -209,7 +209,8 @@ def export(
         encoder: an ``encoder_id`` or a unique prefix of one (e.g. the encoder name); None
             when the archive holds embeddings of exactly one encoder.
         slides: slide ids (default: every complete store).
-        name_by: file names from the slide file's stem (what MIL CSVs list) or the slide id.
+        name_by: file names from the slide file's stem (what MIL CSVs list) or the slide id;
+            None: as the export already in ``out`` names them, else by stem.
         progress: show a slides progress bar.
 
     Every slide gets a :class:`~wsi_ssl.outcome.SlideOutcome`: one without those embeddings (or
@@ -223,8 +224,9 @@ def export(
     archive = open_store(root)
     stores, failed = _stores(archive, slides)
     eid = resolve_encoder({i for s in stores for i in embedding_ids(s)}, encoder, archive.root)
-    names = _names(stores, name_by)
     out = Path(out)
+    name_by = name_by or _named_by(_manifest(out)) or "stem"
+    names = _names(stores, name_by)
     earlier = _earlier_export(out, format, eid, name_by)
     out.mkdir(parents=True, exist_ok=True)
     sweep_temp_files(out, recursive=True)  # what a killed export left
@@ -323,9 +325,8 @@ def _earlier_export(out: Path, format: str, eid: str, name_by: str) -> dict[str,
     Raises:
         ConfigError: ``out`` holds another format's, encoder's or naming's export.
     """
-    try:
-        earlier = json.loads((out / "export.json").read_text())
-    except (OSError, ValueError):
+    earlier = _manifest(out)
+    if not earlier:
         return {}
     if (earlier.get("format"), earlier.get("encoder_id")) != (format, eid):
         raise ConfigError(
@@ -343,6 +344,15 @@ def _earlier_export(out: Path, format: str, eid: str, name_by: str) -> dict[str,
             parameters=("name_by", "out"),
         )
     return earlier
+
+
+def _manifest(out: Path) -> dict[str, Any]:
+    """The manifest of the export in ``out`` (empty when none can be read)."""
+    try:
+        manifest = json.loads((out / "export.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def _named_by(manifest: dict[str, Any]) -> str | None:
