@@ -363,3 +363,32 @@ def test_hits_on_a_slide_retiled_after_indexing(
         status, answer = post_json(base, "/api/search", {"slide": twin, "box": box, "k": 3})
         assert status == 409 and answer["type"] == "TilingMismatchError"
         assert "re-tiled after indexing" in answer["error"]
+
+
+def test_similar_tiles_with_the_box_centre_on_glass(server: str, archive: dict[str, Any]) -> None:
+    """A box drawn about a gap in the tissue: the tile search asks with the stored tile centred
+    nearest the box's centre (it answered "no stored tissue tile contains point")."""
+    cmu, twin = archive["ids"]["cmu"], archive["ids"]["twin"]
+    store = open_store(archive["root"]).slide(cmu)
+    coords, size = store.coords[:], int(store.tiling["tile_size_level0"])
+    taken = {(int(x), int(y)) for x, y in coords}
+    gaps = [  # a grid cell without a tile, next to one with a tile
+        (x + size, y) for x, y in sorted(taken) if (x + size, y) not in taken
+    ]
+    gx, gy = next(g for g in gaps if g[0] + size <= store.source["dimensions"][0])
+    box = [gx - size, gy - size, 3 * size, 3 * size]
+    centre = np.array([gx + size / 2, gy + size / 2])
+    in_box = [
+        t for t in taken if gx - size <= t[0] < gx + 2 * size and gy - size <= t[1] < gy + 2 * size
+    ]
+    distances = np.hypot(*(np.array(in_box) + size / 2 - centre).T)
+    nearest = {t for t, d in zip(in_box, distances, strict=True) if d == distances.min()}
+    status, answer = post_json(
+        server,
+        "/api/search",
+        {"slide": cmu, "box": box, "k": 1, "mode": "tiles", "exclude_self": True},
+    )
+    assert status == 200, answer
+    best = answer["hits"][0]
+    assert best["slide_id"] == twin and (best["x"], best["y"]) in nearest
+    assert best["score"] == pytest.approx(1.0, abs=1e-3)

@@ -130,11 +130,18 @@ def subsample(rows: np.ndarray, limit: int) -> np.ndarray:
     return rows[np.linspace(0, len(rows) - 1, limit).round().astype(np.int64)]
 
 
-def tile_query(index: Searchable, slide: str, xy: tuple[int, int]) -> Query:
+def tile_query(
+    index: Searchable,
+    slide: str,
+    xy: tuple[int, int],
+    within: tuple[int, int, int, int] | None = None,
+) -> Query:
     """The stored tile of ``slide`` that contains level-0 point ``xy``: the tile whose top-left
     corner it is (its ``coords`` row), else, of several overlapping tiles, the one whose part on
     the slide is centred nearest it. (At a fractional tile size, 256.5 level-0 px say, a
-    tile's rounded corner also lies inside the tile before it, whose centre is nearer.)"""
+    tile's rounded corner also lies inside the tile before it, whose centre is nearer.) With
+    none there (glass, or a tile QC left out) and a box ``within``, the tile centred nearest
+    ``xy`` of those centred in it (a box drawn around a gap in the tissue)."""
     q = _QuerySlide(index, slide)
     x, y = (int(v) for v in xy)
     w, h = q.store.source["dimensions"]
@@ -151,9 +158,12 @@ def tile_query(index: Searchable, slide: str, xy: tuple[int, int]) -> Query:
         & (y < coords[:, 1] + size)
     )
     rows = np.flatnonzero(inside)
+    if not len(rows) and within is not None:
+        rows = centres_in(coords, size, (w, h), within)
     if not len(rows):
+        where = "contains point" if within is None else "is centred in the box about point"
         raise NoTilesInRegionError(
-            f"{q.store.slide_id}: no stored tissue tile contains point {x},{y} (or its tile "
+            f"{q.store.slide_id}: no stored tissue tile {where} {x},{y} (or its tile "
             f"was left out by QC); pick a point on tissue (tiles cover {len(coords)} positions)"
         )
     corner = rows[(coords[rows, 0] == x) & (coords[rows, 1] == y)]

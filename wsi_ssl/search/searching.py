@@ -58,7 +58,9 @@ class Searchable(Protocol):
 
     def resolve_slide(self, slide: str) -> SlideEntry: ...
     def number_of(self, slide_id: str) -> int | None: ...
-    def query_tile(self, slide: str, xy: tuple[int, int]) -> Query: ...
+    def query_tile(
+        self, slide: str, xy: tuple[int, int], within: tuple[int, int, int, int] | None = None
+    ) -> Query: ...
     def query_region(self, slide: str, box: tuple[int, int, int, int]) -> Query: ...
     def query_slide(self, slide: str, *, max_tiles: int = ..., seed: int = 0) -> Query: ...
     def query_image(
@@ -98,13 +100,19 @@ class SearchMethods:
     """Queries and searches of a :class:`Searchable` index."""
 
     # -- queries ---------------------------------------------------------------------------
-    def query_tile(self: Searchable, slide: str, xy: tuple[int, int]) -> Query:
-        """The stored tile of ``slide`` that contains level-0 point ``xy``.
+    def query_tile(
+        self: Searchable,
+        slide: str,
+        xy: tuple[int, int],
+        within: tuple[int, int, int, int] | None = None,
+    ) -> Query:
+        """The stored tile of ``slide`` that contains level-0 point ``xy`` (none there: the
+        one centred nearest it in box ``within``, when given).
 
         Raises:
             UnknownSlideError, RegionOutsideSlideError, NoTilesInRegionError.
         """
-        return queries.tile_query(self, slide, xy)
+        return queries.tile_query(self, slide, xy, within)
 
     def query_region(self: Searchable, slide: str, box: tuple[int, int, int, int]) -> Query:
         """The stored tiles of ``slide`` whose centres lie in level-0 ``box`` = (x, y, w, h).

@@ -355,8 +355,9 @@ class SlideService:
         index: str | None = None,
         labels: Sequence[str] = (),
     ) -> dict[str, Any]:
-        """Search like ``wsi-ssl search``: a tile query at the box centre for ``tiles``, else
-        a region query over the box; only slides labelled one of ``labels`` when given."""
+        """Search like ``wsi-ssl search``: a tile query at the box centre (else the tile in the
+        box centred nearest it) for ``tiles``, else a region query over the box; only slides
+        labelled one of ``labels`` when given."""
         if not 1 <= k <= MAX_K:
             raise ConfigError(f"k must be in 1..{MAX_K}, got {k}")
         x, y, w, h = box
@@ -371,7 +372,7 @@ class SlideService:
         check_on_slide(entry["name"], box, store.source["dimensions"])
         try:
             if mode == "tiles":
-                query = searched.query_tile(slide, (x + w // 2, y + h // 2))
+                query = searched.query_tile(slide, (x + w // 2, y + h // 2), box)
             else:
                 query = self.region_query(slide, box, searched.name)
         except (TilingMismatchError, EmbeddingsNotFoundError) as err:

@@ -13,6 +13,7 @@ and ``freeze_blocks`` keep the early layers close to their weights (:mod:`wsi_ss
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,7 +88,8 @@ def _fit_pos_embed(state: dict[str, torch.Tensor], backbone: nn.Module) -> dict[
         return state
     from timm.layers import resample_abs_pos_embed
 
-    prefix = 0 if getattr(backbone, "no_embed_class", False) else backbone.num_prefix_tokens
-    grid = backbone.patch_embed.grid_size  # type: ignore[union-attr]
+    vit: Any = backbone  # a timm VisionTransformer
+    prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    grid = vit.patch_embed.grid_size
     resampled = resample_abs_pos_embed(pos, list(grid), num_prefix_tokens=int(prefix))
     return {**state, "pos_embed": resampled}
