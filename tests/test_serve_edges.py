@@ -59,7 +59,7 @@ def _routes(base: str, slide: str) -> list[str]:
 
 
 def test_a_store_moved_away_while_serving_is_named_and_never_labelled(
-    site: dict[str, Any], tmp_path: Path
+    site: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     base, root, ids = site["base"], site["root"], site["ids"]
     gone, kept = ids["s2.tiff"], ids["s1.tiff"]
@@ -88,6 +88,10 @@ def test_a_store_moved_away_while_serving_is_named_and_never_labelled(
             {"error": GONE, "type": "StoreGoneError"},
         )
     assert regions.read_bytes() == before  # no label for the slide that cannot be opened
+    said = [r for r in caplog.records if r.name == "wsi_ssl.serve.app"]
+    assert [(r.levelname, r.getMessage()) for r in said] == [
+        ("WARNING", f"{GONE} (store {store})")
+    ]  # the server's operator is told once, with the path the page's user never sees
     status, answer = post_json(
         base, "/api/search", {"slide": kept, "box": [0, 0, 448, 448], "k": 30}
     )

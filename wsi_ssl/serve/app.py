@@ -196,8 +196,12 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
 
 
 def _add_error_handlers(app: FastAPI) -> None:
+    said: set[str] = set()  # the archive's troubles logged, each once (a viewer asks often)
+
     @app.exception_handler(WsiSslError)
     async def library_error(request: Request, exc: WsiSslError) -> JSONResponse:
+        if isinstance(exc, StoreNotFoundError | TilingMismatchError | EmbeddingsNotFoundError):
+            _log_once(said, exc)  # the archive changed under the server: its operator's to fix
         if isinstance(exc, UnknownSlideError | IndexNotFoundError | StoreNotFoundError):
             status = 404  # a slide's store gone from the archive too (StoreGoneError)
         elif isinstance(exc, FormulaLabelError):
@@ -233,6 +237,15 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def crashed(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)
         return _error(500, "internal error; see the server's log", type(exc).__name__)
+
+
+def _log_once(said: set[str], exc: WsiSslError) -> None:
+    """Log ``exc`` (with its path) as a warning unless it was logged before."""
+    path = getattr(exc, "path", None)
+    message = f"{exc}" + (f" (store {path})" if path is not None else "")
+    if message not in said:
+        said.add(message)
+        log.warning("%s", message)
 
 
 def create_app(
