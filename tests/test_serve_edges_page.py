@@ -8,7 +8,8 @@ archive (s1.tiff 1000 x 800, s2.tiff 800 x 700):
   whose button was pressed (only in the status line, off screen);
 * a slide store moved away while the page is open: the open slide's tiles failing, its hit
   pictures, ✓ accept on its hits and opening it from the list each say why, naming the slide
-  (tiles failed silently, pictures broke, a label was written, the list answered 500)."""
+  (tiles failed silently, pictures broke, a label was written, the list answered 500);
+* "search the view" asks about the part of the slide in view, from the keyboard alone."""
 
 from __future__ import annotations
 
@@ -197,3 +198,32 @@ def test_a_store_moved_away_is_said_on_the_page(page: dict[str, Any]) -> None:
         driver.execute_cdp_cmd("Network.setCacheDisabled", {"cacheDisabled": False})
         driver.execute_script("document.getElementById('k').value = '8'")
         shutil.move(page["base"] / "away.zarr", store)
+
+
+def test_the_view_is_searched_from_the_keyboard(page: dict[str, Any]) -> None:
+    """Without a pointer: the viewer zoomed in from the keyboard ("=" held), then "search the
+    view" pressed with Enter, asks about the part of the slide in view (a region could not be
+    asked without drawing it)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    driver, s1 = page["driver"], page["ids"]["s1.tiff"]
+    _open(driver, page["url"], (1400, 900), s1)
+    button = driver.find_element(By.ID, "search-view")
+    boxes = []
+    still = "const v = wsi.viewer.viewport; return v.getZoom(true) === v.getZoom(false);"
+    for held in (0, 2):
+        canvas = driver.find_element(By.CSS_SELECTOR, "#viewer .openseadragon-canvas")
+        if held:  # OpenSeadragon zooms about the centre while "=" is held
+            ActionChains(driver).key_down("=", canvas).pause(held).key_up("=").perform()
+        _wait(lambda: driver.execute_script(still))  # the zoom's animation over
+        button.send_keys(Keys.ENTER)
+        _wait(lambda: driver.execute_script("return document.body.dataset.state") == "results")
+        boxes.append(driver.execute_script("return wsi.answer.query.box"))
+    whole, zoomed = boxes
+    assert whole == [0, 0, 1000, 800]  # all of the slide in view, clipped to it
+    x, y, w, h = zoomed
+    assert x > 0 and y > 0 and x + w < 1000 and y + h < 800 and w * h < 1000 * 800 / 2
+    assert abs(x + w / 2 - 500) < 20 and abs(y + h / 2 - 400) < 20  # about the slide's centre
+    assert driver.execute_script("return wsi.lastBox") == zoomed

@@ -308,10 +308,25 @@ function queryBox(start, end) {
   if (Math.abs(end.x - start.x) < CLICK_PX && Math.abs(end.y - start.y) < CLICK_PX) {
     return [a.x - t / 2, a.y - t / 2, t, t].map(Math.round);
   }
-  let [x, y, w, h] = [Math.min(a.x, b.x), Math.min(a.y, b.y), Math.abs(b.x - a.x), Math.abs(b.y - a.y)];
+  return atLeastOneTile([Math.min(a.x, b.x), Math.min(a.y, b.y), Math.abs(b.x - a.x), Math.abs(b.y - a.y)]);
+}
+
+// the box widened about its centre to at least one tile each side, rounded (level-0 px)
+function atLeastOneTile([x, y, w, h]) {
+  const t = state.current.tile_size_level0;
   if (w < t) { x -= (t - w) / 2; w = t; }
   if (h < t) { y -= (t - h) / 2; h = t; }
   return [x, y, w, h].map(Math.round);
+}
+
+// the part of the slide in view, as a query box: a search without a pointer (pan and zoom the
+// viewer with the keys, then "search the view")
+function viewBox() {
+  const vp = state.viewer.viewport, [width, height] = state.current.dimensions;
+  const r = vp.viewportToImageRectangle(vp.getBounds(true));
+  const [x0, y0] = [Math.max(r.x, 0), Math.max(r.y, 0)];
+  const [x1, y1] = [Math.min(r.x + r.width, width), Math.min(r.y + r.height, height)];
+  return atLeastOneTile([x0, y0, x1 - x0, y1 - y0]);
 }
 
 // -- searching and results -----------------------------------------------------------------------
@@ -701,6 +716,7 @@ function start() {
   window.addEventListener("keydown", cancelDrawing);
   window.addEventListener("focus", refreshSlides);
   $("draw").addEventListener("click", () => setDrawing(!state.drawing));
+  $("search-view").addEventListener("click", () => { if (state.current) search(viewBox()); });
   $("more").addEventListener("click", moreLikeThese);
   $("concept").addEventListener("change", redrawOverlays);
   $("label").addEventListener("change", redrawOverlays);
