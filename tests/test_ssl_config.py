@@ -68,6 +68,11 @@ def test_unknown_keys_and_presets_list_the_valid_ones() -> None:
         PretrainConfig.from_dict({"lr": 0.1})
     with pytest.raises(ConfigError, match="valid: vit-s16, cpu-small"):
         PretrainConfig.preset("huge")
+    # a misspelt override of a preset or a replace: the same error (a bare TypeError before)
+    with pytest.raises(ConfigError, match="unknown PretrainConfig keys \\['stepz'\\]; valid keys"):
+        PretrainConfig.preset("cpu-small", stepz=3)
+    with pytest.raises(ConfigError, match="unknown PretrainConfig keys \\['stepz'\\]"):
+        PretrainConfig().replace(stepz=3)
 
 
 def test_training_key_leaves_out_runtime_fields() -> None:

@@ -297,15 +297,12 @@ class PretrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PretrainConfig:
         """Build from a dict; unknown keys are an error that lists the valid ones."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ConfigError(
-                f"unknown PretrainConfig keys {sorted(unknown)}; valid keys: {', '.join(sorted(names))}"
-            )
+        _check_keys(data)
         return cls(**data)
 
     def replace(self, **changes: Any) -> PretrainConfig:
+        """This config with ``changes`` (unknown keys: an error listing the valid ones)."""
+        _check_keys(changes)
         return dataclasses.replace(self, **changes)
 
     def training_key(self) -> dict[str, Any]:
@@ -329,7 +326,18 @@ class PretrainConfig:
         """
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+        _check_keys(overrides)
         return cls(**{**PRESETS[name], **overrides})
+
+
+def _check_keys(data: dict[str, Any]) -> None:
+    """ConfigError listing the valid keys when ``data`` has a key PretrainConfig lacks."""
+    names = {f.name for f in dataclasses.fields(PretrainConfig)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(
+            f"unknown PretrainConfig keys {sorted(unknown)}; valid keys: {', '.join(sorted(names))}"
+        )
 
 
 PRESETS: dict[str, dict[str, Any]] = {
