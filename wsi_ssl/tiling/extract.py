@@ -16,6 +16,7 @@ worker is one chunk whatever the slide size.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -42,6 +43,7 @@ from wsi_ssl.tiling.decode import (
 )
 from wsi_ssl.tiling.grid import TileGrid
 from wsi_ssl.tiling.qc import chunk_scores, scratch_tiles
+from wsi_ssl.tiling.writer_guard import check_still_ours, claim, die_with_parent, release
 
 LOCAL_SCHEDULERS = ("threads", "processes")
 
@@ -303,6 +305,7 @@ def _extract_chunk(
     qc: bool = False,
     job: str = "",
 ) -> ChunkResult:
+    check_still_ours(tiles_path, job)  # a task of a job killed meanwhile reads nothing
     reader = cached_reader(*slide)
     array = _tiles_array(tiles_path, job)
     tiles = chunk_tiles(
@@ -313,6 +316,7 @@ def _extract_chunk(
         decode_threads=decode_threads,
         out=scratch_tiles(len(coords), grid.tile_size) if qc else None,  # scored where read
     )
+    check_still_ours(tiles_path, job)  # ... and writes nothing
     checksum = write_shard(array, start // array.shards[0], tiles)  # type: ignore[index]
     return start, len(tiles), chunk_scores(tiles, grid.tile_size) if qc else {}, checksum
 
@@ -373,15 +377,30 @@ def extract(
         for start in range(0, len(coords), tiles_per_chunk)
     ]
     notify = on_chunk or (lambda n: None)
-    if not local:
-        from distributed import as_completed
+    claim(tiles_path, job)  # tasks of a job killed before this one write nothing here
+    try:
+        if not local:
+            return _compute_on_cluster(scheduler, tasks, notify)
+        return _compute_locally(scheduler, tasks, workers, notify)
+    finally:
+        release(tiles_path, job)
 
-        done = []
-        for future in as_completed(scheduler.compute(tasks)):
-            done.append(future.result())
-            notify(done[-1][1])
-        return _gathered(done)
 
+def _compute_on_cluster(client: Any, tasks: list[Any], notify: Callable[[int], None]) -> Extracted:
+    """The tasks on a ``dask.distributed.Client``, ``notify`` called as each finishes."""
+    from distributed import as_completed
+
+    done = []
+    for future in as_completed(client.compute(tasks)):
+        done.append(future.result())
+        notify(done[-1][1])
+    return _gathered(done)
+
+
+def _compute_locally(
+    scheduler: str, tasks: list[Any], workers: int | None, notify: Callable[[int], None]
+) -> Extracted:
+    """The tasks in this process's threads or in worker processes that die with it."""
     from dask.callbacks import Callback
 
     def posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
@@ -393,7 +412,12 @@ def extract(
             from dask.multiprocessing import get as processes_get
 
             # a callable scheduler: a name makes dask import distributed to look for a client
-            results = dask.compute(*tasks, scheduler=processes_get, num_workers=workers)
+            results = dask.compute(
+                *tasks,
+                scheduler=processes_get,
+                num_workers=workers,
+                initializer=functools.partial(die_with_parent, os.getpid()),
+            )
         else:
             results = _compute_in_own_threads(tasks, workers)
     return _gathered(list(results))

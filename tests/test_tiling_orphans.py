@@ -1,0 +1,109 @@
+"""A tile job killed outright (SIGKILL, the OOM killer) leaves no task that writes later:
+
+* its local worker processes (``--scheduler processes``) die with it (they lived on, one
+  paused before renaming its shard, and wrote it into the next job's ``<id>.zarr.new``, which
+  that job then marked complete);
+* a task of a job that no longer owns the store's output (a cluster's worker, or any task
+  outliving its job) reads and writes nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsi_ssl.config import TilingConfig
+from wsi_ssl.errors import StoreLockedError
+from wsi_ssl.slide import open_slide
+from wsi_ssl.storage import open_store
+from wsi_ssl.synthetic import write_synthetic_slide
+from wsi_ssl.tiling.batch import tile_slide
+from wsi_ssl.tiling.extract import _extract_chunk
+from wsi_ssl.tiling.grid import TileGrid
+from wsi_ssl.tiling.writer_guard import WRITER_FILE, claim
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (or is stopped); a zombie or a gone process is not alive."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_worker_processes_die_with_a_killed_job(tmp_path: Path) -> None:
+    slide = write_synthetic_slide(tmp_path / "s.tiff", (1536, 1024), seed=2)
+    out = tmp_path / "root"
+    env = {**os.environ, "WSI_SSL_FAULT": "pause_before_rename:/tiles/c/"}
+    argv = [sys.executable, "-m", "wsi_ssl.cli", "tile", str(slide), "--out", str(out)]
+    argv += ["--tile-size", "128", "--tiles-per-chunk", "8", "--no-qc", "--quiet"]
+    job = subprocess.Popen([*argv, "--scheduler", "processes", "--workers", "2"], env=env)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("slides/*.zarr.new/tiles/c/**/.*.partial")):
+            assert job.poll() is None and time.monotonic() < deadline, "no worker paused"
+            time.sleep(0.2)  # a worker stopped itself before renaming its shard
+        workers = [p for p in _children(job.pid) if _alive(p)]
+        assert workers
+        job.send_signal(signal.SIGKILL)
+        job.wait(10)
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [p for p in workers if _alive(p)] == []  # the paused one too
+    finally:
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if job.poll() is None:
+            job.kill()
+    assert tile_slide(slide, out, TilingConfig(tile_size=128)).status == "complete"
+    store = open_store(out).slide(open_store(out).slide_ids[0])
+    assert not (store.path / "tiles" / WRITER_FILE).exists()  # the job's mark is removed
+
+
+def test_a_task_of_a_job_that_no_longer_writes_the_store_writes_nothing(tmp_path: Path) -> None:
+    slide = write_synthetic_slide(tmp_path / "s.tiff", (1024, 768), seed=3)
+    config = TilingConfig(tile_size=128, tiles_per_chunk=8, codec="zstd")
+    tile_slide(slide, tmp_path / "root", config)
+    store = open_store(tmp_path / "root").slide(open_store(tmp_path / "root").slide_ids[0])
+    tiles_path = store.path / "tiles"
+    before = store.tiles[:8].copy()
+    shard = next(p for p in (tiles_path / "c").rglob("*") if p.is_file())
+    data = shard.read_bytes()
+    with open_slide(slide) as reader:
+        grid = TileGrid.for_slide(reader, reader.require_mpp(), config)
+    args = ((str(slide), "openslide"), str(tiles_path), grid, 0, store.coords[:8][::-1])
+    claim(tiles_path, "the-job-writing-it-now")
+    with pytest.raises(StoreLockedError, match=str(store.path)):
+        _extract_chunk(*args, job="a-job-killed-earlier")
+    assert shard.read_bytes() == data
+    np.testing.assert_array_equal(
+        open_store(tmp_path / "root").slide(store.slide_id).tiles[:8], before
+    )
+    start, n, _, _ = _extract_chunk(*args, job="the-job-writing-it-now")  # its own job writes
+    assert (start, n) == (0, 8) and shard.read_bytes() != data
