@@ -9,6 +9,11 @@ archive that dominates a uniform draw (the idea behind DINOv2's LVD-142M curatio
 al., 2023). It writes a JSON selection that ``PretrainConfig.curation`` (``--curation``)
 trains on, and a coverage plot: tiles per cluster before and after, and a 2-D projection
 of all tiles with the selected ones marked.
+
+The selection names tiles by number, so it records what those numbers meant: the archive it
+was curated on and, per slide, the sha256 of its tile coordinates and its tiling's scale.
+:func:`read_curation` refuses a store whose tiles are no longer those (re-tiled since, or
+another scale of the same slide); files from before this was recorded get a range check only.
 """
 
 from __future__ import annotations
@@ -16,14 +21,17 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from wsi_ssl.errors import ConfigError
 from wsi_ssl.storage.atomic import atomic_write_text, atomic_write_with
 
-__all__ = ["CURATION_FORMAT", "Curation", "curate", "read_curation"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["CURATION_FORMAT", "Curation", "curate", "curation_notes", "read_curation"]
 
 CURATION_FORMAT = "wsi_ssl.curation"
 MIN_TILES_PER_CLUSTER = 39
@@ -50,17 +58,32 @@ class Curation:
         return {**asdict(self), "path": str(self.path), "plot": str(self.plot)}
 
 
+def tiles_record(store: Any) -> dict[str, Any]:
+    """What identifies a slide store's tiles (their numbers are rows of these coordinates):
+    the sha256 of its coordinates and its tiling's scale (µm/px, tile size)."""
+    from wsi_ssl.storage.embeddings import coords_sha256
+
+    tiling = store.tiling
+    return {
+        "coords_sha256": coords_sha256(np.asarray(store.coords)),
+        "mpp": float(tiling["mpp"]),
+        "tile_size": int(tiling["tile_size"]),
+    }
+
+
 def _load(
     root: str | Path, encoder_id: str | None
-) -> tuple[np.ndarray, list[tuple[str, int]], str]:
+) -> tuple[np.ndarray, list[tuple[str, int]], str, dict[str, dict[str, Any]]]:
     from wsi_ssl.storage import open_store
 
     archive = open_store(root)
     vectors: list[np.ndarray] = []
     index: list[tuple[str, int]] = []
+    stores: dict[str, dict[str, Any]] = {}
     used = encoder_id
     for slide_id in archive.slide_ids:
         emb = archive.embeddings(slide_id, encoder_id).embedded_only()  # no QC-skipped rows
+        stores[slide_id] = tiles_record(archive.slide(slide_id))
         used = emb.encoder_id
         vectors.append(np.asarray(emb.features, dtype=np.float32))
         index.extend((slide_id, int(i)) for i in emb.tile_ids)
@@ -70,7 +93,7 @@ def _load(
         )
     x = np.concatenate(vectors)
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    return np.ascontiguousarray(x), index, used
+    return np.ascontiguousarray(x), index, used, stores
 
 
 def near_duplicates(x: np.ndarray, threshold: float) -> np.ndarray:
@@ -153,7 +176,7 @@ def curate(
     import faiss
 
     _check_arguments(out, n_tiles, n_clusters, dedup_threshold)
-    x, index, used = _load(root, encoder_id)
+    x, index, used, stores = _load(root, encoder_id)
     keep = np.arange(len(x))
     if dedup_threshold is not None:
         keep = np.flatnonzero(~near_duplicates(x, dedup_threshold))
@@ -196,7 +219,8 @@ def curate(
             else []
         ),
     )
-    _write_json(out, {"format": CURATION_FORMAT, **result.to_dict(), "slides": selection})
+    record = {"root": str(Path(root).resolve()), "stores": stores, "slides": selection}
+    _write_json(out, {"format": CURATION_FORMAT, **result.to_dict(), **record})
     return result
 
 
@@ -240,11 +264,13 @@ def coverage_counts(
     }
 
 
-def plot_coverage(
-    x: np.ndarray, labels: np.ndarray, keep: np.ndarray, chosen: np.ndarray, out: Path, k: int
-) -> Path:
-    """Left: tiles per cluster, largest first (all and unique as outlines, the selection as
-    bars), readable for any number of clusters; right: a PCA projection with the selection."""
+def coverage_figure(
+    x: np.ndarray, labels: np.ndarray, keep: np.ndarray, chosen: np.ndarray, k: int
+) -> Figure:
+    """Left: tiles per cluster, largest first (all and unique as outlines over each cluster's
+    whole width, the selection as bars from below one tile, so a bar of a single tile shows
+    beside clusters of thousands), readable for any number of clusters; right: a PCA
+    projection with the selection."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -252,12 +278,13 @@ def plot_coverage(
     fig = Figure(figsize=(11, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     bars, scatter = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    rank = np.arange(1, k + 1)
-    bars.bar(rank, counts["selected"], width=1.0, color="tab:orange", label="selected")
-    bars.step(rank, counts["all"], where="mid", color="tab:grey", label="all tiles")
-    bars.step(rank, counts["unique"], where="mid", color="tab:blue", ls="--", label="unique")
+    edges = np.arange(k + 1) + 0.5  # cluster r's bar spans r - 0.5 .. r + 0.5
+    bars.bar(edges[:-1] + 0.5, counts["selected"], width=1.0, color="tab:orange", label="selected")
+    bars.stairs(counts["all"], edges, baseline=None, color="tab:grey", label="all tiles")
+    bars.stairs(counts["unique"], edges, baseline=None, color="tab:blue", ls="--", label="unique")
     bars.set_yscale("log")
-    bars.set_xlim(0.5, k + 0.5)
+    bars.set_ylim(0.5, 2.0 * max(1, int(counts["all"].max())))  # log: the bars start below 1
+    bars.set_xlim(edges[0], edges[-1])
     bars.set_xlabel(f"k-means cluster, largest first ({k} clusters)")
     bars.set_ylabel("tiles")
     covered = int((counts["selected"] > 0).sum())
@@ -271,14 +298,20 @@ def plot_coverage(
     scatter.set_title("tiles (PCA of the embeddings)")
     scatter.legend(loc="best")
     fig.tight_layout()
+    return fig
+
+
+def plot_coverage(
+    x: np.ndarray, labels: np.ndarray, keep: np.ndarray, chosen: np.ndarray, out: Path, k: int
+) -> Path:
+    """Write :func:`coverage_figure` to ``out`` (PNG)."""
+    fig = coverage_figure(x, labels, keep, chosen, k)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_with(out, fig.savefig)
     return out
 
 
-def read_curation(path: str | Path, entries: Any) -> list[np.ndarray]:
-    """Per store of ``entries`` (:class:`~wsi_ssl.ssl.stores.SlideEntry`), the curated tiles."""
-    path = Path(path)
+def _read_file(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -290,14 +323,93 @@ def read_curation(path: str | Path, entries: Any) -> list[np.ndarray]:
             f"{path}: not a curation file written by wsi_ssl.ssl.curation.curate",
             parameters=("curation",),
         )
+    return data
+
+
+def _curated_on(data: dict[str, Any]) -> str:
+    root = data.get("root")
+    return f"it was curated on {root}" if root else "the archive it was curated on is not recorded"
+
+
+def read_curation(path: str | Path, entries: Any) -> list[np.ndarray]:
+    """Per store of ``entries`` (:class:`~wsi_ssl.ssl.stores.SlideEntry`), the curated tiles.
+
+    Raises ``ConfigError`` when the curation names none of the stores, or names tiles a store
+    no longer holds: re-tiled since, or another scale of the slide (files from before the
+    stores' tiles were recorded: tile numbers beyond a store's tiles)."""
+    path = Path(path)
+    data = _read_file(path)
     slides = data.get("slides", {})
+    if not any(e.slide_id in slides for e in entries):
+        roots = ", ".join(sorted({str(e.root) for e in entries}))
+        raise ConfigError(
+            f"{path}: the curation names none of the slides in {roots} ({len(entries)} "
+            f"stores; {_curated_on(data)}); curate the archive you train on (wsi-ssl curate "
+            "ROOT --out FILE) or train on the one it was curated on",
+            parameters=("curation",),
+        )
+    recorded = data.get("stores") or {}
     out = []
     for e in entries:
         tiles = np.asarray(slides.get(e.slide_id, []), dtype=np.int64)
+        if isinstance(recorded.get(e.slide_id), dict) and e.slide_id in slides:
+            _check_same_tiles(path, e, recorded[e.slide_id])
         if len(tiles) and (tiles.min() < 0 or tiles.max() >= e.n_tiles):
             raise ConfigError(
-                f"{path}: tiles of {e.slide_id} beyond its {e.n_tiles} tiles; the store changed "
-                "since the curation, curate again"
+                f"{path}: tiles of {e.slide_id} beyond its {e.n_tiles} tiles in {e.path}; the "
+                "store was re-tiled since the curation, or is another scale of the slide: "
+                "curate again",
+                parameters=("curation",),
             )
         out.append(tiles)
     return out
+
+
+def _check_same_tiles(path: Path, entry: Any, record: dict[str, Any]) -> None:
+    """Refuse ``entry``'s store when its tiles are not those ``record`` (curated) names."""
+    from wsi_ssl.storage import open_store
+    from wsi_ssl.storage.slide_store import same_scale
+
+    store = open_store(entry.root).slide(entry.slide_id)
+    now = tiles_record(store)
+    again = f"curate again (wsi-ssl curate {entry.root} --out FILE)"
+    scale = record.get("mpp") is not None and record.get("tile_size") is not None
+    if scale and not same_scale(record, now):
+        raise ConfigError(
+            f"{path}: {entry.slide_id} was curated at {record['mpp']:g} µm/px in "
+            f"{record['tile_size']} px tiles, but {entry.path} is another scale of the "
+            f"slide, {now['mpp']:g} µm/px in {now['tile_size']} px tiles (its tile numbers "
+            f"name other tiles); {again}, or train on the scale it was curated at",
+            parameters=("curation",),
+        )
+    if record.get("coords_sha256") not in (None, now["coords_sha256"]):
+        raise ConfigError(
+            f"{path}: {entry.slide_id}'s tiles in {entry.path} are not those curated (their "
+            "coordinates differ: the slide was re-tiled since the curation, its tile numbers "
+            f"name other tiles); {again}",
+            parameters=("curation",),
+        )
+
+
+def curation_notes(path: str | Path, entries: Any) -> list[str]:
+    """What to know before training on the curation file ``path`` with the stores
+    ``entries``: the slides it names no tile of, which training leaves out."""
+    path = Path(path)
+    data = _read_file(path)
+    slides = data.get("slides", {})
+    left = [e for e in entries if e.slide_id not in slides]
+    if not left:
+        return []
+    recorded = data.get("stores")
+    unseen = [e for e in left if recorded is not None and e.slide_id not in recorded]
+    where = ", ".join(sorted({str(e.root) for e in left}))
+    return [
+        f"the curation {path} names no tile of {len(left)} of the {len(entries)} slides "
+        f"(in {where}): training leaves them out"
+        + (
+            f"; {len(unseen)} of them are not in the archive curated ({_curated_on(data)}): "
+            "curate an archive that holds them to train on them"
+            if unseen
+            else ""
+        )
+    ]

@@ -60,14 +60,28 @@ def select_tiles(
         keep.append(tiles.astype(np.int64))
     if sum(len(k) for k in keep) == 0:
         raise ConfigError(
-            f"no tile of {len(entries)} stores passes min_tissue={min_tissue}, "
-            f"min_tile_std={min_tile_std}"
-            + (", skip_flagged_tiles=True" if skip_flagged else "")
-            + (f" and curation {curation}" if curation else "")
-            + "; lower the thresholds",
+            _nothing_left(len(entries), min_tissue, min_tile_std, curation, skip_flagged),
             parameters=("min_tissue", "min_tile_std", "skip_flagged_tiles"),
         )
     return keep
+
+
+def _nothing_left(
+    n: int, min_tissue: float, min_tile_std: float, curation: str | Path | None, flagged: bool
+) -> str:
+    """Why no tile of ``n`` stores is selected, naming only the tests that were on."""
+    tests, advice = [], []
+    thresholds = {"min_tissue": min_tissue, "min_tile_std": min_tile_std}
+    if any(v > 0 for v in thresholds.values()):
+        tests += [f"{name}={value}" for name, value in thresholds.items() if value > 0]
+        advice.append("lower the thresholds")
+    if flagged:
+        tests.append("skip_flagged_tiles=True")
+        advice.append("train without skip_flagged_tiles")
+    if curation is not None:
+        tests.append(f"curation {curation}")
+        advice.append("curate again")
+    return f"no tile of {n} stores passes {' and '.join(tests)}; {' or '.join(advice)}"
 
 
 def _grey_std(tile: np.ndarray) -> float:

@@ -40,6 +40,7 @@ from wsi_ssl.ssl.checkpoint import (
     step_path,
 )
 from wsi_ssl.ssl.config import PretrainConfig
+from wsi_ssl.ssl.curation import curation_notes
 from wsi_ssl.ssl.dataset import TileDataset
 from wsi_ssl.ssl.encoder import ENCODER_FILE, describe_encoder
 from wsi_ssl.ssl.init import apply_init, load_init
@@ -123,6 +124,8 @@ class Trainer:
         # what to know before it trains (a resumed run keeps those of the command that began it)
         earlier = recorded_notes(out) if resume else []
         found = start_notes(config, self.sources, self.schedules)
+        if config.curation is not None:  # the slides it leaves out
+            found = [*curation_notes(config.curation, self.entries), *found]
         self.notes: list[str] = list(dict.fromkeys([*earlier, *found]))
         self.stop_step = self.schedules.total_steps
         if until_step is not None:
