@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 
 from wsi_ssl.errors import (
     CatalogCorruptError,
+    ConfigError,
     MultiScaleRootError,
     StoreCorruptError,
     StoreNotFoundError,
@@ -21,6 +23,9 @@ from wsi_ssl.errors import (
 from wsi_ssl.storage.catalog import Catalog
 from wsi_ssl.storage.fingerprint import SLIDE_ID
 from wsi_ssl.storage.slide_store import ASIDE_SUFFIX, STAGING_SUFFIX, STATUS_COMPLETE, SlideStore
+
+SlideName = str | os.PathLike[str]
+"""A slide as the archive's methods take it: its id, file name, stem or path."""
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -133,7 +138,7 @@ class Archive:
         """Ids of the complete slide stores, sorted (damaged ones go to :attr:`damaged`)."""
         return self.scan().complete
 
-    def slide(self, slide: str) -> SlideStore:
+    def slide(self, slide: SlideName) -> SlideStore:
         """The complete store of ``slide`` (its id, or its file name, stem, path or a unique
         id prefix); a clear error when missing, incomplete or damaged.
 
@@ -143,10 +148,21 @@ class Archive:
         """
         return open_slide_store(self.store_path(self.slide_id_of(slide)))
 
-    def slide_id_of(self, slide: str) -> str:
+    def slide_id_of(self, slide: SlideName) -> str:
         """The slide id ``slide`` names: itself when it has a store, else what
         :func:`~wsi_ssl.storage.resolve.resolve_slide` finds (a file stem of 16 hex digits
-        too); an id of no store stays itself."""
+        too); an id of no store stays itself.
+
+        Raises:
+            ConfigError: ``slide`` is neither a string nor a path.
+        """
+        if not isinstance(slide, str | os.PathLike):
+            raise ConfigError(
+                f"a slide is named by its id, file name, stem or path (str or Path), not "
+                f"{type(slide).__name__} {slide!r}",
+                parameters=("slide",),
+            )
+        slide = os.fspath(slide)
         if self.store_path(slide).is_dir():
             return slide
         from wsi_ssl.storage.resolve import resolve_slide
@@ -158,29 +174,29 @@ class Archive:
                 return slide
             raise
 
-    def tiles(self, slide: str) -> zarr.Array[Any]:
+    def tiles(self, slide: SlideName) -> zarr.Array[Any]:
         """A slide's tiles, uint8 (N, T, T, 3) RGB, as a Zarr array (read rows: ``[i:j]``);
         row i is the tile at ``coords(slide)[i]``."""
         return self.slide(slide).tiles
 
-    def tiles_dask(self, slide: str) -> da.Array:
+    def tiles_dask(self, slide: SlideName) -> da.Array:
         """:meth:`tiles` as a dask array, one chunk per stored shard."""
         return self.slide(slide).tiles_dask()
 
-    def coords(self, slide: str) -> np.ndarray:
+    def coords(self, slide: SlideName) -> np.ndarray:
         """int64 (N, 2): level-0 x, y of each tile's top-left corner on the slide; a tile
         spans ``tiling["tile_size_level0"]`` level-0 pixels (fractional when resampled)."""
         return self.slide(slide).coords
 
-    def thumbnail(self, slide: str) -> np.ndarray:
+    def thumbnail(self, slide: SlideName) -> np.ndarray:
         """uint8 (h, w, 3) picture of the whole slide at ``tiling["thumbnail_mpp"]`` µm/px."""
         return self.slide(slide).thumbnail
 
-    def tissue_mask(self, slide: str) -> np.ndarray:
+    def tissue_mask(self, slide: SlideName) -> np.ndarray:
         """bool (h, w): the tissue detected on :meth:`thumbnail`, pixel for pixel."""
         return self.slide(slide).tissue_mask
 
-    def embedding_ids(self, slide: str) -> list[str]:
+    def embedding_ids(self, slide: SlideName) -> list[str]:
         """The encoder ids with complete embeddings of ``slide`` (an id or a name)."""
         from wsi_ssl.storage.embeddings import embedding_ids
 
@@ -199,7 +215,7 @@ class Archive:
         store = self.slide(slide)
         return read_embeddings(store, resolve_encoder_id(store, encoder_id), lazy=lazy)
 
-    def plot_tiles(self, slide: str, out: str | Path | None = None) -> Path:
+    def plot_tiles(self, slide: SlideName, out: str | Path | None = None) -> Path:
         """Thumbnail with kept tiles drawn, saved as PNG (default ``<root>/plots/<id>_tiles.png``)."""
         from wsi_ssl.storage.plots import plot_tiles
 

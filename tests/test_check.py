@@ -449,6 +449,13 @@ def test_one_resolver_for_slide_names_and_encoder_ids(small_archive: Path) -> No
         resolve_slide(archive, "deadbeef")
     with pytest.raises(ConfigError, match="embeddings of 2 encoders"):
         resolve_encoder([eid, "other"], None, "here")
+    # the archive's methods take a slide's path as a Path too (a TypeError before), and say
+    # what names a slide when given something else
+    path = small_archive.parent / "s1.tiff"
+    assert archive.slide(path).slide_id == s1 and len(archive.coords(Path("s1.tiff"))) > 0
+    for wrong in (3, None):
+        with pytest.raises(ConfigError, match="id, file name, stem or path"):
+            archive.tiles(wrong)  # type: ignore[arg-type]
 
 
 def test_a_path_names_the_slide_tiled_from_that_file_only(
