@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from wsi_ssl.outcome import BatchOutcome, SlideOutcome
 
@@ -18,9 +19,19 @@ def print_report(
 ) -> int:
     """Print ``summary`` as ``args`` asks (``--json``); ``note`` adds to a slide's error line."""
     if args.json:
-        print(json.dumps(summary.to_dict(), indent=2))
+        print(json.dumps(_in_command_words(summary, args), indent=2))
     else:
         print("\n".join(summary.lines(args.error_text)))
     for outcome in summary.busy + summary.failed:
         print(f"wsi-ssl: error: {outcome.message(args.error_text)}{note(outcome)}", file=sys.stderr)
     return summary.exit_code
+
+
+def _in_command_words(summary: BatchOutcome, args: argparse.Namespace) -> dict[str, Any]:
+    """``summary.to_dict()`` with each slide's ``error`` worded as its stderr line words it
+    (the command's flags, not the Python API's names)."""
+    data = summary.to_dict()
+    for entry, outcome in zip(data.get("slides", []), summary.outcomes, strict=False):
+        if outcome.error is not None:
+            entry["error"] = outcome.message(args.error_text)
+    return data

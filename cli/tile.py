@@ -9,7 +9,7 @@ import math
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wsi_ssl.cli import tile_roi
 from wsi_ssl.cli.arg_types import number_list, seconds, whole_number
@@ -18,6 +18,9 @@ from wsi_ssl.cli.report import print_report
 from wsi_ssl.cli.toml_config import read_toml_config, toml_scales
 from wsi_ssl.config import CODECS, TilingConfig
 from wsi_ssl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from wsi_ssl.slide import SlideReader
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -186,18 +189,7 @@ def run_info(args: argparse.Namespace) -> int:
             )
     failure = None
     with open_slide(args.slide, mpp_override=args.mpp_override) as reader:
-        info: dict[str, Any] = {
-            "path": str(reader.path),
-            "reader": reader.backend,
-            "vendor": reader.vendor,
-            "dimensions": list(reader.dimensions),
-            "levels": [
-                {"dimensions": list(d), "downsample": round(float(s), 4)}
-                for d, s in zip(reader.level_dimensions, reader.level_downsamples, strict=True)
-            ],
-            "mpp": reader.mpp,
-            "mpp_source": reader.mpp_source,
-        }
+        info = _slide_info(reader)
         # pixels too, as tiling reads them first: the centre of the coarsest level
         level = reader.level_count - 1
         (w, h), ds = reader.level_dimensions[level], reader.level_downsamples[level]
@@ -208,20 +200,64 @@ def run_info(args: argparse.Namespace) -> int:
             info["pixels"], failure = "unreadable", err
     if args.json:
         print(json.dumps(info, indent=2))
-        if failure is not None:
-            raise failure
-        return 0
-    print(f"path        {info['path']}")
-    print(f"reader      {info['reader']}")
-    print(f"vendor      {info['vendor']}")
-    print(f"dimensions  {info['dimensions'][0]} x {info['dimensions'][1]}")
-    mpp = "none (pass --mpp-override)" if info["mpp"] is None else f"{info['mpp']:.4f} µm/px"
-    print(f"mpp         {mpp}  [{info['mpp_source'] or '-'}]")
-    for i, level in enumerate(info["levels"]):
-        w, h = level["dimensions"]
-        print(f"level {i:<5} {w} x {h}  downsample {level['downsample']}")
-    print(f"pixels      {info['pixels']}")
+    else:
+        _print_info(info)
     if failure is not None:
         sys.stdout.flush()
         raise failure
     return 0
+
+
+def _slide_info(reader: SlideReader) -> dict[str, Any]:
+    """What ``info`` prints of an open slide: its geometry, scale (with any ignored as out of
+    range) and readers: the one that opened it and the one tiling reads it with (tiffslide
+    where it finds the same levels in a tiled TIFF, `open_for_tiling`; told by tifffile here,
+    as importing tiffslide takes longer than the rest of ``info``)."""
+    from wsi_ssl.slide import tiled_tiff_levels
+
+    tiling_reader = reader.backend
+    if tiling_reader != "tiffslide" and tiled_tiff_levels(reader.path) == reader.level_dimensions:
+        tiling_reader = "tiffslide"
+    props = reader.properties
+    return {
+        "path": str(reader.path),
+        "reader": reader.backend,
+        "tiling_reader": tiling_reader,
+        "vendor": reader.vendor,
+        "format": props.get("openslide.vendor") or props.get("tiffslide.vendor"),
+        "dimensions": list(reader.dimensions),
+        "levels": [
+            {"dimensions": list(d), "downsample": round(float(s), 4)}
+            for d, s in zip(reader.level_dimensions, reader.level_downsamples, strict=True)
+        ],
+        "mpp": reader.mpp,
+        "mpp_source": reader.mpp_source,
+        "mpp_ignored": [
+            {"source": source, "mpp": mpp}
+            for source, mpp in (reader.ignored_mpp() if reader.mpp is None else [])
+        ],
+    }
+
+
+def _print_info(info: dict[str, Any]) -> None:
+    """``info`` without ``--json``: one setting a line."""
+    reader = info["reader"]
+    if info["tiling_reader"] != reader:
+        reader += (
+            f" (tiling reads it with {info['tiling_reader']}, faster on its tiles, if that "
+            "reads the same scale)"
+        )
+    vendor = info["vendor"] or f"none ({info['format'] or 'no vendor recorded'})"
+    mpp = "none (pass --mpp-override)" if info["mpp"] is None else f"{info['mpp']:.4f} µm/px"
+    ignored = "".join(
+        f"; ignored: {i['source']} {i['mpp']:.5g} µm/px, out of range" for i in info["mpp_ignored"]
+    )
+    print(f"path        {info['path']}")
+    print(f"reader      {reader}")
+    print(f"vendor      {vendor}")
+    print(f"dimensions  {info['dimensions'][0]} x {info['dimensions'][1]}")
+    print(f"mpp         {mpp}  [{info['mpp_source'] or '-'}]{ignored}")
+    for i, level in enumerate(info["levels"]):
+        w, h = level["dimensions"]
+        print(f"level {i:<5} {w} x {h}  downsample {level['downsample']}")
+    print(f"pixels      {info['pixels']}")

@@ -5,11 +5,11 @@ fallback order of `BACKENDS` that `open_slide` follows: openslide, then tiffslid
 wsidicom.
 """
 
-from wsi_ssl.slide._base import MPP_RANGE, MPP_SOURCES, BaseSlideReader, SlideReader
+from wsi_ssl.slide._base import MPP_RANGE, MPP_SOURCES, BaseSlideReader, SlideReader, state_mpp
 from wsi_ssl.slide._openslide import OpenSlideReader
 from wsi_ssl.slide._registry import BACKENDS, open_slide, register_backend
 from wsi_ssl.slide._stored import StoredTiles
-from wsi_ssl.slide._tiffslide import TiffSlideReader
+from wsi_ssl.slide._tiffslide import TiffSlideReader, tiled_tiff_levels
 from wsi_ssl.slide._wsidicom import WsiDicomReader, series_files
 
 __all__ = [
@@ -25,4 +25,6 @@ __all__ = [
     "open_slide",
     "register_backend",
     "series_files",
+    "state_mpp",
+    "tiled_tiff_levels",
 ]

@@ -23,7 +23,9 @@ __all__ = [
     "BaseSlideReader",
     "SlideMetadata",
     "SlideReader",
+    "implausible_mpp",
     "resolve_mpp",
+    "state_mpp",
     "tiff_resolution_tags",
     "to_rgb",
 ]
@@ -61,6 +63,8 @@ class SlideReader(Protocol):
     mpp_source: str | None
 
     def require_mpp(self) -> float: ...
+
+    def ignored_mpp(self) -> list[tuple[str, float]]: ...
 
     def read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int]
@@ -167,6 +171,70 @@ def resolve_mpp(
             if _plausible(mpp):
                 return mpp, source
     return None, None
+
+
+_EVIDENCE_NAMES = {
+    "vendor": "the vendor's mpp property gives",
+    "tiff-resolution": "the TIFF resolution tags give",
+    "objective-power": "the objective power gives",
+}
+
+
+def implausible_mpp(
+    properties: Mapping[str, str],
+    vendor: str | None,
+    resolution_tags: Callable[[], Mapping[str, str]] = dict,
+) -> list[tuple[str, float]]:
+    """The scales the chain found and ignored as outside `MPP_RANGE`, as (source, mpp): a
+    72 dpi placeholder in the TIFF resolution tags reads as 352.8 µm/px."""
+    evidence = _MppEvidence(properties, vendor, None, resolution_tags)
+    return [
+        (source, mpp)
+        for source, step in _MPP_CHAIN
+        if source in _EVIDENCE_NAMES
+        for mpp in step(evidence)
+        if mpp is not None and not _plausible(mpp)
+    ]
+
+
+def _missing_mpp(path: Path, ignored: list[tuple[str, float]]) -> MissingMppError:
+    """`MissingMppError` for ``path``; where the slide records a scale out of `MPP_RANGE`, its
+    message says which and what value, rather than that it records none."""
+    err = MissingMppError(path)
+    if not ignored:
+        return err
+    found = []
+    for source, mpp in ignored:
+        per_inch = f" ({25400 / mpp:.4g} pixels per inch)" if source == "tiff-resolution" else ""
+        found.append(f"{_EVIDENCE_NAMES[source]} {mpp:.5g} µm/px{per_inch}")
+    advice = str(err).removeprefix(f"{path}: ").partition("; ")[2]
+    err.args = (
+        f"{path}: no plausible microns-per-pixel: {' and '.join(found)}, outside the "
+        f"plausible {MPP_RANGE[0]}-{MPP_RANGE[1]:g} µm/px, and nothing else records one; {advice}",
+    )
+    return err
+
+
+def state_mpp(reader: SlideReader, mpp: float, how: str = "table") -> tuple[float | None, str]:
+    """Make ``mpp`` the scale of the open ``reader``, as a per-slide table states it: it wins
+    over the scale the file records. Returns the scale it replaced and its source; for a
+    file that records none (or an override in its place) the stated scale is an override and
+    is recorded so (``mpp_source`` "override"), else as ``how``.
+
+    Raises:
+        ConfigError: ``mpp`` is outside `MPP_RANGE`.
+    """
+    if not _plausible(mpp):
+        raise ConfigError(
+            f"{reader.path}: the {how}'s mpp {mpp:g} must be in [{MPP_RANGE[0]}, "
+            f"{MPP_RANGE[1]}] µm/px"
+        )
+    replaced = (reader.mpp, reader.mpp_source or "none")
+    if reader.mpp_source in (None, "override"):
+        reader.mpp, reader.mpp_source = mpp, "override"
+    else:
+        reader.mpp, reader.mpp_source = mpp, how
+    return replaced
 
 
 def tiff_resolution_tags(path: Path) -> dict[str, str]:
@@ -296,8 +364,12 @@ class BaseSlideReader(ABC):
     def require_mpp(self) -> float:
         """The slide's mpp, or `MissingMppError` naming the override options."""
         if self.mpp is None:
-            raise MissingMppError(self.path)
+            raise _missing_mpp(self.path, self.ignored_mpp())
         return self.mpp
+
+    def ignored_mpp(self) -> list[tuple[str, float]]:
+        """The scales the slide records that were ignored as implausible (`implausible_mpp`)."""
+        return implausible_mpp(self.properties, self.vendor, self._resolution_tags)
 
     def read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import tifffile
@@ -13,7 +14,7 @@ from wsi_ssl.slide._base import BaseSlideReader, SlideMetadata, to_rgb
 from wsi_ssl.slide._registry import register_backend
 from wsi_ssl.slide._stored import APERIO_J2K_YCBCR, StoredTiles, ycbcr_to_rgb
 
-__all__ = ["TiffSlideReader"]
+__all__ = ["TiffSlideReader", "tiled_tiff_levels"]
 
 # What tifffile, zarr and imagecodecs raise on files or tiles they cannot parse or decode
 # (imagecodecs' codec errors are RuntimeErrors; tifffile's are ValueErrors).
@@ -24,6 +25,28 @@ _LIBRARY_ERRORS: tuple[type[Exception], ...] = (
     KeyError,
     IndexError,
 )
+
+
+def tiled_tiff_levels(path: Path) -> tuple[tuple[int, int], ...] | None:
+    """The (w, h) levels of the first image series of the TIFF at ``path`` when its level 0
+    is stored in tiles, read with tifffile alone; None when it is not such a TIFF.
+
+    That series is the pyramid tiffslide reads for SVS and generic TIFFs, so ``wsi-ssl info``
+    can tell, without importing tiffslide (with zarr and fsspec, longer than ``info`` takes
+    otherwise), whether tiling will read the slide with it (`open_for_tiling`).
+    """
+    if not path.is_file():
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            if not series.keyframe.is_tiled:
+                return None
+            return tuple(
+                (int(lv.keyframe.imagewidth), int(lv.keyframe.imagelength)) for lv in series.levels
+            )
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError):
+        return None
 
 
 @register_backend("tiffslide")

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +31,21 @@ from wsi_ssl.storage.slide_store import is_complete_store, recover_swap, staging
 from wsi_ssl.tiling.legacy_ids import adopt_existing_store
 from wsi_ssl.tiling.preflight import check_batch, check_output
 from wsi_ssl.tiling.replace import Replacement, previous_store, replace_store
-from wsi_ssl.tiling.resume import existing_store, update_qc_thresholds, update_source_path
-from wsi_ssl.tiling.scales import scale_roots
-from wsi_ssl.tiling.slide_table import SlideTable
-from wsi_ssl.tiling.source import (
-    SlideSource,
-    collect_slide_paths,
-    open_for_tiling,
-    thumbnail_and_mask,
+from wsi_ssl.tiling.resume import (
+    existing_store,
+    kept_series_file,
+    record_slide,
+    update_qc_thresholds,
+    update_source_path,
 )
+from wsi_ssl.tiling.scales import scale_roots
+from wsi_ssl.tiling.slide_table import (
+    SlideTable,
+    TableScaledSource,
+    override_unused_note,
+    slide_config,
+)
+from wsi_ssl.tiling.source import collect_slide_paths, open_for_tiling, thumbnail_and_mask
 from wsi_ssl.tiling.write import write_store
 
 __all__ = [
@@ -87,10 +94,17 @@ class TileSummary(BatchOutcome):
                 lines.append(f"{o.slide}: re-tiled: {why}")
             if moved_from := o.details.get("moved_from"):
                 lines.append(f"{o.slide}: moved from {moved_from} (its store now names this file)")
+            if scale := o.details.get("mpp_from_table"):
+                lines.append(f"{o.slide}: {scale}")
             if qc := o.details.get("qc_thresholds_updated"):
                 lines.append(f"{o.slide}: QC thresholds updated, tiles kept: {qc}")
             if same_as := o.details.get("same_as"):
-                lines.append(f"{o.slide}: the same file as {same_as} (one slide, tiled once)")
+                series = (
+                    "another file of the same DICOM series" if o.details.get("same_series") else ""
+                )
+                lines.append(
+                    f"{o.slide}: {series or 'the same file'} as {same_as} (one slide, tiled once)"
+                )
             if kept := o.details.get("kept_embeddings"):
                 lines.append(f"{o.slide}: embeddings kept (same tiles): {', '.join(kept)}")
             if discarded := o.details.get("discarded_embeddings"):
@@ -149,7 +163,8 @@ def tile_slide(
     config = TilingConfig() if config is None else config
     check_output(Path(root), config)
     started = time.perf_counter()
-    with SlideSource(path, config.mpp_override, config.thumbnail_mpp) as source:
+    source = TableScaledSource(path, config)
+    with source:
         return _tile_scale(
             source,
             Path(root),
@@ -171,6 +186,7 @@ def tile_slide_scales(
     mpps: Sequence[float] | None = None,
     *,
     first_of: dict[str, Path] | None = None,
+    mpp: float | None = None,
     **options: Any,
 ) -> list[SlideOutcome]:
     """Tile one slide at every scale of ``mpps`` (default: ``config.mpp`` into ``root``).
@@ -184,19 +200,23 @@ def tile_slide_scales(
     ``first_of`` (a batch's fingerprints, updated here): a file with the content of one
     tiled before in the batch is the same slide; it is "skipped" (``details["same_as"]``
     names that file, no tiles counted twice), and the catalog keeps the first file's name.
+
+    ``mpp``: the slide's scale as its mpp table row states it, over the file's own
+    (:class:`TableScaledSource`; ``details["mpp_from_table"]`` says what it replaced).
     """
     config = config or TilingConfig()
     scales = scale_roots(root, config, mpps)
     started = time.perf_counter()
     outcomes = []
     try:
-        source = SlideSource(path, config.mpp_override, config.thumbnail_mpp)
+        source = TableScaledSource(path, config, mpp)
     except Exception as err:
         outcomes = [_failure(Path(path), None, err, started, r, c) for r, c in scales]
         return _name_scales(outcomes)
     if first_of is not None:
         first = first_of.setdefault(source.fingerprint, source.path)
-        if first != source.path:
+        if first != source.path:  # a DICOM slide's other file is its series' other file
+            dicom = source.path.is_dir() or source.path.suffix.lower() == ".dcm"
             source.close()
             return _name_scales(
                 [
@@ -207,6 +227,7 @@ def tile_slide_scales(
                         details={
                             **_details(source.path, source.slide_id, r, c),
                             "same_as": str(first),
+                            "same_series": dicom,
                         },
                     )
                     for r, c in scales
@@ -227,6 +248,8 @@ def tile_slide_scales(
                     source.path, source.slide_id, err, started, scale_dir, scale_config
                 )
             outcomes.append(outcome)
+        for outcome in outcomes:  # what the slide's scale was, once it was opened
+            outcome.details |= source.scale_details()
     return _name_scales(outcomes)
 
 
@@ -283,7 +306,7 @@ def _failure(
 
 
 def _tile_scale(
-    source: SlideSource,
+    source: TableScaledSource,
     root: Path,
     config: TilingConfig,
     started: float,
@@ -300,14 +323,17 @@ def _tile_scale(
     archive = Archive(root)
     slide_id = adopt_existing_store(source, archive)  # a DICOM slide's older id, if tiled so
     read_only = root.is_dir() and not os.access(root, os.W_OK)  # skipping needs no lock there
-    found = existing_store(archive, slide_id, source.fingerprint, config) if read_only else None
+    found_now = functools.partial(
+        existing_store, archive, slide_id, source.fingerprint, config, source.stated
+    )
+    found = found_now() if read_only else None
     n = found.n_tiles if found is not None and not found.qc_thresholds else None
     if resume and n is not None:
         details = _details(source.path, slide_id, root, config)
         return SlideOutcome(str(source.path), "skipped", n, 0.0, details=details)
     with slide_lock(root, slide_id, wait=lock_wait):
         recover_swap(archive.store_path(slide_id))  # what a killed job left
-        found = existing_store(archive, slide_id, source.fingerprint, config)
+        found = found_now()
         current, why = found.n_tiles, found.redo_because
         if resume and current is not None:  # an identical copy keeps the slide's name
             details = _details(source.path, slide_id, root, config)
@@ -316,8 +342,10 @@ def _tile_scale(
                 details["qc_thresholds_updated"] = ", ".join(found.qc_changes)
             if same_as := archive.catalog.other_copy(slide_id, source.path):
                 details["same_as"] = same_as
+            elif kept := kept_series_file(archive.store_path(slide_id), source.path):
+                record_slide(archive, source, config, STATUS_COMPLETE, n_tiles=current, where=kept)
             else:
-                _record(archive, source, config, STATUS_COMPLETE, n_tiles=current)
+                record_slide(archive, source, config, STATUS_COMPLETE, n_tiles=current)
                 if moved_from := update_source_path(archive.store_path(slide_id), source.path):
                     details["moved_from"] = moved_from
             seconds = time.perf_counter() - started
@@ -349,7 +377,7 @@ def _tile_scale(
 
 def _retile(
     archive: Archive,
-    source: SlideSource,
+    source: TableScaledSource,
     config: TilingConfig,
     *,
     scheduler: Any,
@@ -382,33 +410,14 @@ def _retile(
         failure = DiskFullError(store_path) if full else err
         if not is_complete_store(store_path):
             with contextlib.suppress(OSError, sqlite3.Error):  # the catalog may be on the full disk
-                _record(archive, source, config, "failed", f"{type(failure).__name__}: {failure}")
+                record_slide(
+                    archive, source, config, "failed", f"{type(failure).__name__}: {failure}"
+                )
         if full:
             raise failure from err
         raise
-    _record(archive, source, config, STATUS_COMPLETE, n_tiles=n_tiles)
+    record_slide(archive, source, config, STATUS_COMPLETE, n_tiles=n_tiles)
     return n_tiles, replacement
-
-
-def _record(
-    archive: Archive,
-    source: SlideSource,
-    config: TilingConfig,
-    status: str,
-    error: str | None = None,
-    n_tiles: int | None = None,
-) -> None:
-    """The slide's catalog row in this scale's archive."""
-    archive.catalog.upsert(
-        slide_id=source.slide_id,
-        path=source.path.resolve(),
-        name=source.path.name,
-        fingerprint=source.fingerprint,
-        status=status,
-        n_tiles=n_tiles,
-        error=error,
-        tiling={**config.to_dict(), **config.output_key()},  # limits too: check's fix repeats them
-    )
 
 
 def tile_slides(
@@ -435,8 +444,10 @@ def tile_slides(
         mpps: several target scales in one run: each slide is read once and tiled at each
             into its own archive root, ``<root>/mpp-<mpp>`` (:func:`scale_root`), one outcome
             per slide and scale. None (default) tiles at ``config.mpp`` into ``root``.
-        mpp_overrides: per-slide mpp by path, file name or stem (e.g. from a CSV), used when
-            the slide records no scale of its own; ``config.mpp_override`` for the rest.
+        mpp_overrides: per-slide mpp by path, file name or stem (e.g. from a CSV): a slide's
+            row states its scale, over the one its file records (the report says so);
+            ``config.mpp_override`` only fills in a missing scale (the summary's notes name
+            the slides that kept their own).
         rois: per-slide annotation file by path, file name or stem (``config.roi`` for the
             rest). Rows of either that name no slide of the batch are noted in the summary.
     """
@@ -465,13 +476,10 @@ def tile_slides(
     bar = tqdm(paths, desc="slides", unit="slide", disable=not progress, dynamic_ncols=True)
     with bar, interrupt_report(summary, lambda: [*unfinished, *map(str, paths[done:])]):
         for path in bar:
-            override = overrides.get(path, config.mpp_override)
-            roi = roi_files.get(path, config.roi)  # absolute: recorded, and named by check
-            roi = str(Path(roi).resolve()) if roi is not None else None
-            slide_config = replace(config, mpp_override=override, roi=roi)
+            scaled, stated = slide_config(config, path, overrides, roi_files)
             try:
                 summary.outcomes += tile_slide_scales(
-                    path, root, slide_config, mpps, first_of=first_of, **options
+                    path, root, scaled, mpps, first_of=first_of, mpp=stated, **options
                 )
             except ScalesInterrupted as err:
                 summary.outcomes += err.finished
@@ -482,4 +490,6 @@ def tile_slides(
             bar.set_postfix(
                 tiles=summary.tiles_done, tiles_s=f"{rate:.0f}", failed=len(summary.failed)
             )
+    if note := override_unused_note(config.mpp_override, summary.outcomes):
+        summary.notes.append(note)
     return summary

@@ -211,7 +211,9 @@ def _tile_boxes(store: SlideStore) -> tuple[np.ndarray, float]:
 
 
 def qc_overlay(store: SlideStore, **thresholds: float) -> np.ndarray:
-    """The thumbnail with tiles that pass QC tinted blue and flagged tiles red.
+    """The thumbnail with tiles that pass QC tinted blue and flagged tiles red. A store
+    without QC scores (tiled with ``qc=False``, ``--no-qc``) has every tile blue, unjudged:
+    the picture says so across its top.
 
     Returns:
         uint8 RGB at the thumbnail's size (enlarged to at least ``MIN_SIDE`` px).
@@ -225,7 +227,11 @@ def qc_overlay(store: SlideStore, **thresholds: float) -> np.ndarray:
         x0, y0, x1, y1 = np.maximum(box, 0)
         tint = np.array([0, 90, 255] if good else [255, 0, 0], dtype=np.float32)
         out[y0:y1, x0:x1] += (0.2 if good else 0.45) * (tint - out[y0:y1, x0:x1])
-    return out.round().astype(np.uint8)
+    picture = out.round().astype(np.uint8)
+    if not store.qc():
+        how = "with --no-qc" if store.tiling.get("qc") is False else "before QC scores were kept"
+        _caption(picture, f"QC not scored (tiled {how}): every tile is drawn blue, none judged")
+    return picture
 
 
 def tissue_overlay(store: SlideStore) -> np.ndarray:

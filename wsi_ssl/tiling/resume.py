@@ -5,28 +5,37 @@ slide (ROI classes named in another order, or twice, are the same settings). Whe
 thresholds differ it is kept too, and the new thresholds are written into its metadata in one
 atomic rewrite: QC flags tiles and never drops them, so the tiles and their scores stand, and
 every consumer (``embed --skip-flagged-tiles``, pretraining, MIL, the viewer) reads the
-thresholds from the store. Anything else (the file's content, another setting, an
-unfinished or damaged store, one ``wsi-ssl check --repair`` marked for re-tiling) redoes the
-slide, and the reason is said. A slide found at a new
-path (the file was moved) has that path recorded in its store, where the viewer reads it.
+thresholds from the store. Anything else (the file's content, another setting, another
+scale of the slide, an unfinished or damaged store, one ``wsi-ssl check --repair`` marked
+for re-tiling) redoes the slide, and the reason is said. The slide's scale is another when
+its mpp table row states another than the store's, when the store's came from a row the
+table no longer has, or when the store's was an override and another override is given.
+A slide found at a new path (the file was moved) has that path recorded in its store, where
+the viewer reads it; another file (or the folder) of a DICOM series whose recorded file is
+still there is the same slide where it was, not moved.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import StoreIncompleteError, WsiSslError
+from wsi_ssl.slide import series_files
 from wsi_ssl.storage import Archive, SlideStore
 from wsi_ssl.storage.slide_store import rewrite_attrs
 from wsi_ssl.storage.tile_reader import TileReader
+from wsi_ssl.tiling.source import SlideSource
 
 __all__ = [
     "QC_THRESHOLDS",
     "ExistingStore",
     "existing_store",
+    "kept_series_file",
+    "record_slide",
     "update_qc_thresholds",
     "update_source_path",
 ]
@@ -56,9 +65,14 @@ class ExistingStore:
 
 
 def existing_store(
-    archive: Archive, slide_id: str, fingerprint: str, config: TilingConfig
+    archive: Archive,
+    slide_id: str,
+    fingerprint: str,
+    config: TilingConfig,
+    mpp: float | None = None,
 ) -> ExistingStore:
-    """What the store of ``slide_id`` holds against this file (``fingerprint``) and config."""
+    """What the store of ``slide_id`` holds against this file (``fingerprint``) and config;
+    ``mpp``: the slide's scale as its mpp table row states it (None: no row)."""
     key = config.output_key()
     if key.get("roi_sha256") is not None:  # the annotations' content decides, not their path
         key.pop("roi")
@@ -74,8 +88,10 @@ def existing_store(
         if not key.get("qc") and not tiling.get("qc"):  # thresholds of no QC change nothing
             changed = {k: v for k, v in changed.items() if k not in QC_THRESHOLDS}
         described = [f"{k} {tiling.get(k)!r} -> {v!r}" for k, v in changed.items()]
-        if changed and not (set(changed) <= set(QC_THRESHOLDS) and tiling.get("qc")):
-            return ExistingStore(redo_because=f"settings changed: {', '.join(described)}")
+        scale = _scale_change(store.source, config.mpp_override, mpp)
+        if scale or (changed and not (set(changed) <= set(QC_THRESHOLDS) and tiling.get("qc"))):
+            why = [*described, *([scale] if scale else [])]
+            return ExistingStore(redo_because=f"settings changed: {', '.join(why)}")
         if TileReader(store.tiles).missing_shards():  # damaged since: redo it
             return ExistingStore(redo_because="tile shards missing")
         entry = archive.catalog.get(slide_id)  # "failed" beside a complete store: check's mark
@@ -86,6 +102,24 @@ def existing_store(
         return ExistingStore(redo_because="the store was not finished (a stopped job's)")
     except (WsiSslError, OSError, KeyError, ValueError):  # damaged metadata: redo it
         return ExistingStore(redo_because="the store is damaged")
+
+
+def _scale_change(
+    source: Mapping[str, Any], override: float | None, stated: float | None
+) -> str | None:
+    """How the slide's scale this run (its mpp table row's, ``stated``; else the file's own,
+    or ``override`` where the file records none) differs from the one its store ``source``
+    records; None when it does not, or cannot tell (no row, no override: the file's own
+    scale, unchanged with its content)."""
+    recorded, how = source.get("mpp"), source.get("mpp_source")
+    was = f"slide mpp {recorded} ({how})"
+    if stated is not None:
+        return None if recorded == stated else f"{was} -> {stated:g} (the mpp table)"
+    if how == "table":  # the row is gone: the file's own scale now
+        return f"{was} -> the file's own (no row in the mpp table now)"
+    if how == "override" and override is not None and recorded != override:
+        return f"{was} -> {override:g} (override)"
+    return None
 
 
 def _same(name: str, stored: Any, wanted: Any) -> bool:
@@ -114,3 +148,44 @@ def update_source_path(store_path: Path, path: Path) -> str | None:
     if old == new:  # another name for the same file (a link): named so, not moved
         return None
     return old
+
+
+def kept_series_file(store_path: Path, path: Path) -> tuple[str, str] | None:
+    """The (path, name) the store at ``store_path`` records when ``path`` is another file, or
+    the folder, of that DICOM series and the recorded file is still there (the slide was not
+    moved: its store keeps naming its file); None otherwise."""
+    if not (path.is_dir() or path.suffix.lower() == ".dcm"):
+        return None
+    source = SlideStore.open(store_path).source
+    recorded = Path(str(source.get("path")))
+    if not recorded.exists() or recorded.resolve() == path.resolve():
+        return None
+    if recorded.is_dir():
+        same = path.resolve().parent == recorded.resolve()
+    else:
+        same = recorded.resolve() in {f.resolve() for f in series_files(path)}
+    return (str(recorded), str(source.get("name") or recorded.name)) if same else None
+
+
+def record_slide(
+    archive: Archive,
+    source: SlideSource,
+    config: TilingConfig,
+    status: str,
+    error: str | None = None,
+    n_tiles: int | None = None,
+    where: tuple[str, str] | None = None,
+) -> None:
+    """The slide's catalog row in this scale's archive; ``where``: the (path, name) to record,
+    else the source's."""
+    path, name = where or (str(source.path.resolve()), source.path.name)
+    archive.catalog.upsert(
+        slide_id=source.slide_id,
+        path=Path(path),
+        name=name,
+        fingerprint=source.fingerprint,
+        status=status,
+        n_tiles=n_tiles,
+        error=error,
+        tiling={**config.to_dict(), **config.output_key()},  # limits too: check's fix repeats them
+    )

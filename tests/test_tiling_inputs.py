@@ -1,0 +1,172 @@
+"""What a tiling job is given and how it reads it: an mpp table row states a slide's scale
+(over the file's own), ``--mpp-override`` only fills in a missing one, a DICOM series named by
+another of its files is the same slide where it was, ``info`` names the reader tiling uses, and
+the QC picture of a store tiled without QC says so. Real fixture slides, real readers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from wsi_ssl.errors import MissingMppError
+from wsi_ssl.storage import Archive, SlideStore, open_store
+from wsi_ssl.tiling.batch import tile_slide
+from wsi_ssl.tiling.qc import qc_overlay
+from wsi_ssl.tiling.source import open_for_tiling
+
+SMALL = ["--mpp", "4", "--tile-size", "16", "--quiet"]  # CMU-1-Small-Region: ~400 tiles
+
+
+def _only_store(root: Path) -> SlideStore:
+    archive = open_store(root)
+    (slide_id,) = archive.slide_ids
+    return archive.slide(slide_id)
+
+
+def test_mpp_table_row_states_the_scale_over_the_files_own(tmp_path: Path, cmu_small: Path) -> None:
+    """The row is used and said (it was dropped silently: mpp 0.499, no note); a changed or
+    removed row re-tiles, as any changed setting does."""
+    table = tmp_path / "mpp.csv"
+    table.write_text(f"slide,mpp\n{cmu_small.name},0.25\n")
+    out = tmp_path / "out"
+    tile = ["tile", str(cmu_small), "--out", str(out), *SMALL]
+    code, stdout, err = run_cli([*tile, "--mpp-csv", str(table)])
+    assert code == 0, err
+    source = _only_store(out).source
+    assert (source["mpp"], source["mpp_source"]) == (0.25, "table")
+    assert "mpp 0.25 from the mpp table (the file says 0.499, vendor)" in stdout
+    n_025 = _only_store(out).n_tiles
+
+    code, stdout, _ = run_cli([*tile, "--mpp-csv", str(table), "--json"])
+    summary = json.loads(stdout)
+    assert code == 0 and summary["slides"][0]["status"] == "skipped"  # the same row: kept
+
+    table.write_text(f"slide,mpp\n{cmu_small.name},0.3\n")
+    code, stdout, _ = run_cli([*tile, "--mpp-csv", str(table)])
+    assert code == 0 and "re-tiled: settings changed: slide mpp 0.25 (table) -> 0.3" in stdout
+    assert _only_store(out).source["mpp"] == 0.3 and _only_store(out).n_tiles > n_025
+
+    code, stdout, _ = run_cli(tile)  # no row: the file's own scale again
+    assert code == 0 and "-> the file's own (no row in the mpp table now)" in stdout
+    source = _only_store(out).source
+    assert (source["mpp"], source["mpp_source"]) == (0.499, "vendor")
+
+
+def test_mpp_override_fills_only_a_missing_scale_and_a_new_one_retiles(
+    tmp_path: Path, slides_dir: Path, cmu_small: Path
+) -> None:
+    """boxes.tiff records no plausible scale, CMU-1-Small-Region its own: the override goes to
+    boxes only, and the summary names CMU as keeping its own (it said nothing). A store tiled
+    at an override is re-tiled at another override (it was kept at the old scale)."""
+    boxes = slides_dir / "boxes.tiff"
+    out = tmp_path / "out"
+    tile = ["tile", str(boxes), str(cmu_small), "--out", str(out), *SMALL]
+    code, stdout, err = run_cli([*tile, "--tissue-threshold", "0", "--mpp-override", "1", "--json"])
+    assert code == 0, err
+    summary = json.loads(stdout)
+    (note,) = summary["notes"]
+    assert "the mpp override 1 was not used for 1 slide(s)" in note
+    assert str(cmu_small) in note and str(boxes) not in note
+    archive = open_store(out)
+    by_name = {archive.slide(i).source["name"]: archive.slide(i) for i in archive.slide_ids}
+    assert by_name["boxes.tiff"].source["mpp_source"] == "override"
+    assert by_name["boxes.tiff"].source["mpp"] == 1.0
+
+    code, stdout, err = run_cli([*tile, "--tissue-threshold", "0", "--mpp-override", "2", "--json"])
+    assert code == 0, err
+    status = {Path(s["slide"]).name: s for s in json.loads(stdout)["slides"]}
+    assert status["boxes.tiff"]["status"] == "complete"
+    assert "slide mpp 1.0 (override) -> 2 (override)" in status["boxes.tiff"]["retiled_because"]
+    assert status["CMU-1-Small-Region.svs"]["status"] == "skipped"
+    archive = open_store(out)
+    mpps = {
+        archive.slide(i).source["name"]: archive.slide(i).source["mpp"] for i in archive.slide_ids
+    }
+    assert mpps == {"boxes.tiff": 2.0, "CMU-1-Small-Region.svs": 0.499}
+
+
+def test_implausible_resolution_tags_are_named_in_the_cli_words(
+    tmp_path: Path, slides_dir: Path
+) -> None:
+    """boxes.tiff's 72 dpi tags: the message says they give 352.78 µm/px (it said the slide
+    had no resolution tags), and --json's error is in the command's words, as stderr's (it
+    said mpp_override=MPP)."""
+    boxes = slides_dir / "boxes.tiff"
+    with pytest.raises(MissingMppError, match=r"TIFF resolution tags give 352.78 µm/px \(72 "):
+        tile_slide(boxes, tmp_path / "api")
+    code, stdout, err = run_cli(["tile", str(boxes), "--out", str(tmp_path / "cli"), "--json"])
+    assert code == 1
+    (slide,) = json.loads(stdout)["slides"]
+    assert "set it with --mpp-override MPP" in slide["error"]
+    assert "mpp_override=MPP" not in slide["error"]
+    assert slide["error"] in err
+
+
+def test_another_file_of_a_dicom_series_is_the_same_slide_where_it_was(
+    tmp_path: Path, slides_dir: Path
+) -> None:
+    """The series named by its other instance file is not a move (it said "moved from", and
+    the store's path flipped each run); in one batch it is "another file of the same DICOM
+    series" (it said "the same file"). A series that did move is still said to."""
+    series = tmp_path / "series"
+    series.mkdir()
+    for name in ("openslide-python_boxes_0.dcm", "openslide-python_boxes_1.dcm"):
+        shutil.copy(slides_dir / name, series)
+    first, second = sorted(series.iterdir())
+    out = tmp_path / "out"
+    options = ["--out", str(out), "--tissue-threshold", "0", "--tile-size", "64", "--mpp", "1"]
+    assert run_cli(["tile", str(first), *options])[0] == 0
+    for given in (second, series, first, second):
+        code, stdout, _ = run_cli(["tile", str(given), *options])
+        assert code == 0 and "moved from" not in stdout, stdout
+        store = _only_store(out)
+        assert store.source["path"] == str(first.resolve())
+        (entry,) = Archive(out).catalog.entries()
+        assert (entry.path, entry.name) == (str(first.resolve()), first.name)
+
+    code, stdout, _ = run_cli(["tile", str(series), str(second), *options])
+    assert code == 0
+    assert f"{second}: another file of the same DICOM series as {first} (one slide" in stdout
+
+    moved = series.rename(tmp_path / "moved")
+    code, stdout, _ = run_cli(["tile", str(moved / second.name), *options])
+    assert code == 0 and f"moved from {first.resolve()}" in stdout
+    assert _only_store(out).source["path"] == str((moved / second.name).resolve())
+
+
+def test_info_names_the_reader_tiling_uses(slides_dir: Path) -> None:
+    """openslide opens the SVS and the generic TIFF, tiling reads them with tiffslide: info
+    said only "openslide" (and "vendor None" for the generic TIFF). What it says agrees with
+    `open_for_tiling` for every fixture slide."""
+    for path in sorted(slides_dir.iterdir()):
+        code, stdout, err = run_cli(["info", str(path), "--json"])
+        assert code == 0, err
+        info = json.loads(stdout)
+        with open_for_tiling(path, None) as reader:
+            assert info["tiling_reader"] == reader.backend, path.name
+    code, stdout, _ = run_cli(["info", str(slides_dir / "boxes.tiff")])
+    lines = dict(line.split(maxsplit=1) for line in stdout.splitlines() if " " in line)
+    assert lines["reader"].startswith("openslide (tiling reads it with tiffslide")
+    assert lines["vendor"] == "none (generic-tiff)"
+    assert "ignored: tiff-resolution 352.78 µm/px" in lines["mpp"]
+    code, stdout, _ = run_cli(["info", str(slides_dir / "test3-DAPI-2-387.ndpi")])
+    assert "reader      openslide\n" in stdout  # its extra levels: tiling keeps openslide
+
+
+def test_qc_picture_of_a_store_tiled_without_qc_says_so(tmp_path: Path, cmu_small: Path) -> None:
+    """Without scores every tile is drawn blue, as if it passed: the picture now says across
+    its top that QC was not scored (it looked like a scored slide with nothing flagged)."""
+    pictures = {}
+    for qc in ("--qc", "--no-qc"):
+        out = tmp_path / qc
+        flags = [] if qc == "--qc" else [qc]
+        assert run_cli(["tile", str(cmu_small), "--out", str(out), *SMALL, *flags])[0] == 0
+        pictures[qc] = qc_overlay(_only_store(out))
+    band = slice(0, 14), slice(0, 400)  # the caption's black band, white text on it
+    unscored, scored = pictures["--no-qc"][band], pictures["--qc"][band]
+    assert (unscored.max(axis=2) < 10).mean() > 0.7 and unscored.max() > 200
+    assert (scored.max(axis=2) < 10).mean() < 0.1
