@@ -13,6 +13,7 @@ What is checked, each problem a :class:`Finding` with the command that fixes it:
 - every search index: the manifest, the generation it names (sizes and sha256 of every file),
   indexed slides whose embeddings are gone or changed since (``index --add`` updates them;
   slides re-embedded with another stain normalisation are named with the embed that fixes them),
+  slides with sound embeddings by its encoder that it lacks (``index --add`` adds them),
   orphan generations of killed writers, temp files;
 - the catalog: readable and there (else one finding; ``repair`` sets a damaged one aside and
   rebuilds it from the complete stores' metadata), against the stores (a slide the catalog
@@ -117,6 +118,7 @@ class _Checker:
         self.report = CheckReport(root)
         self.catalog: dict[str, CatalogEntry] = {}
         self.reported: set[str] = set()  # slides with a store finding already
+        self.embedded: dict[str, set[str]] = {}  # slide -> encoder ids of its sound embeddings
         self.sources: dict[str, str | None] = {}  # slide -> why its file no longer holds it
         self.unwritable: Refusal | None = None  # why --repair could not write the archive
 
@@ -254,6 +256,8 @@ class _Checker:
                 fix = f"wsi-ssl embed {{root}} {encoder_flags(attrs, eid)} --slides "
                 fix += f"{store.slide_id} {embedding_stain_flags(attrs)}".rstrip()
                 self.add(child, f"embeddings {problem}", fix, lambda e=eid: self.drop(store, e))
+            else:
+                self.embedded.setdefault(store.slide_id, set()).add(eid)
 
     def embedding_attrs(self, array_dir: Path) -> dict[str, Any]:
         """What an embeddings array records, from it or (damaged) the first readable array of
@@ -332,7 +336,10 @@ class _Checker:
         """Indexed slides whose embeddings are gone or not those indexed (re-tiled,
         re-embedded): the index would answer with tiles that no longer exist. Slides
         re-embedded with another stain normalisation than the index's are named apart:
-        ``index --add`` refuses them until they are embedded as the others were."""
+        ``index --add`` refuses them until they are embedded as the others were. Then slides
+        with sound embeddings by its encoder that it lacks (left out damaged or mid-swap by its
+        build, embedded since): from what the stores' check found, no vector read; those taken
+        out (``--remove``) stay out; a build's ``--slides`` is not recorded, so its others count."""
         encoder_id = str(config.get("encoder_id"))
         stale, other_stain = [], []
         for entry in slides:
@@ -357,6 +364,16 @@ class _Checker:
                 else:
                     stale.append(str(entry.get("name") or entry["slide_id"]))
         add = f"wsi-ssl index {{root}} --name {path.name} --add"
+        newest = {e["slide_id"]: e.get("status", "active") for e in slides}  # last entry wins
+        lacks = [
+            sid
+            for sid, ids in sorted(self.embedded.items())
+            if encoder_id in ids and newest.get(sid) not in ("active", "excluded")
+        ]
+        if lacks:
+            names = [getattr(self.catalog.get(sid), "name", None) or sid for sid in lacks]
+            what = f"{len(lacks)} slide(s) with complete embeddings by its encoder not in it"
+            self.add(path, f"{what} ({first_few(names)}); searches never return them", add)
         if stale:
             self.add(
                 path,

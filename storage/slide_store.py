@@ -147,7 +147,9 @@ class SlideStore:
         """
         path = Path(path)
         if not (path / "zarr.json").is_file():
-            raise StoreNotFoundError(path, "slide store")
+            swap = path.suffix == ".zarr" and not path.exists()  # a .new is not (no recursion)
+            swap = swap and (aside_path(path).exists() or is_complete_store(staging_path(path)))
+            raise StoreNotFoundError(path, "slide store", mid_swap=swap)
         try:
             group = zarr.open_group(path, mode=mode, zarr_format=3)  # type: ignore[arg-type]
         except ValueError as err:  # zarr.json cut short or not JSON

@@ -174,12 +174,22 @@ class NoTissueError(WsiSslError, ValueError):
 
 
 class StoreNotFoundError(WsiSslError, FileNotFoundError):
-    def __init__(self, path: str | Path, what: str = "store") -> None:
+    """No store at ``path``; ``mid_swap``: a slide store caught between the renames of a
+    re-tile (its ``.old`` set aside or its ``.new`` complete beside it), which the message says
+    instead of sending the user to tile it."""
+
+    def __init__(self, path: str | Path, what: str = "store", *, mid_swap: bool = False) -> None:
         advice = "run `wsi-ssl tile` first"
         if what == "slide store" and Path(path).suffix != ".zarr":  # a slide's name or file
             advice = (
                 "a slide store is ARCHIVE/slides/<slide id>.zarr; open_store(ARCHIVE).slide(NAME) "
                 "finds one by the slide's file name or stem"
+            )
+        if mid_swap:  # ARCHIVE/slides/<id>.zarr: nothing lost, the swap is to finish
+            advice = (
+                "the slide is caught mid-swap (a re-tile between its renames now, or killed "
+                f"there); when that job ends, or after `wsi-ssl check {Path(path).parent.parent} "
+                "--repair`, its complete store is back"
             )
         super().__init__(f"{path}: no such {what}; {advice}")
         self.path = Path(path)

@@ -31,6 +31,11 @@ Only the tiles that hold vectors are written: those an embedding job with
 ``skip_flagged_tiles`` left out are not (row i of ``features`` still pairs with row i of
 ``coords``; the slide's entry in ``export.json`` counts them as ``not_embedded``).
 
+A slide caught mid-swap (:mod:`wsi_ssl.storage.swaps`: being re-tiled or re-embedded, or left
+so by a killed job) is left out and named, as ``embed`` and ``index`` leave it out and name it:
+a note, not a failure (its vectors are on disk; the job may still be running); ``export.json``
+lists it under ``left_out``.
+
 Both write ``<out>/export.json`` (encoder, ``name_by``, slide ids, names, files) and write
 each file with ``wsi_ssl.storage.atomic`` (temp file, fsync, rename), so a killed export or a
 full disk never leaves a truncated file under the final name, nor a ``pt`` features file
@@ -46,9 +51,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import sqlite3
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +74,7 @@ from wsi_ssl.storage.atomic import (
 )
 from wsi_ssl.storage.embeddings import Embeddings, embedding_ids, read_embeddings
 from wsi_ssl.storage.resolve import resolve_encoder, resolve_slide
+from wsi_ssl.storage.swaps import mid_swap_note, split_mid_swap
 
 __all__ = ["EXPORT_FORMATS", "NAME_BY", "ExportResult", "clam_coords_attrs", "export"]
 
@@ -78,11 +85,14 @@ NAME_BY = ("stem", "slide_id")
 @dataclass(kw_only=True)
 class ExportResult(BatchOutcome):
     """What :func:`export` wrote: one :class:`SlideOutcome` per slide (``details``: slide_id,
-    name, dim, file, coords_file for ``pt``, source_path)."""
+    name, dim, file, coords_file for ``pt``, source_path); ``left_out``: the slides caught
+    mid-swap (``slide``: id, ``name``: file name), not tried, and ``notes`` naming them."""
 
     out: Path
     format: str
     encoder_id: str
+    left_out: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def exported(self) -> list[SlideOutcome]:
@@ -95,12 +105,14 @@ class ExportResult(BatchOutcome):
     def total_lines(self) -> list[str]:
         return [
             f"{len(self.exported)} slide(s) exported as {self.format} ({self.encoder_id}) "
-            f"to {self.out}; {len(self.failed)} failed"
+            f"to {self.out}; {len(self.failed)} failed",
+            *self.notes,
         ]
 
     def to_dict(self) -> dict[str, Any]:
         """``out``, ``format``, ``encoder_id``, ``exported`` and the outcome counts, ``slides``
-        (every slide, with its status) and ``errors`` (the failed ones)."""
+        (every slide tried, with its status), ``errors`` (the failed ones), ``left_out`` and
+        ``notes`` (the slides mid-swap)."""
         return {
             "out": str(self.out),
             "format": self.format,
@@ -108,6 +120,8 @@ class ExportResult(BatchOutcome):
             "exported": len(self.exported),
             **self.outcomes_dict(),
             "errors": [o.to_dict() for o in self.failed],
+            "left_out": self.left_out,
+            "notes": self.notes,
         }
 
 
@@ -214,7 +228,8 @@ def export(
         progress: show a slides progress bar.
 
     Every slide gets a :class:`~wsi_ssl.outcome.SlideOutcome`: one without those embeddings (or
-    whose file cannot be written) is ``failed`` and the rest are written.
+    whose file cannot be written) is ``failed`` and the rest are written; one caught mid-swap
+    is left out and named (``left_out``, ``notes``).
     """
     if format not in EXPORT_FORMATS:
         raise ConfigError(
@@ -224,6 +239,7 @@ def export(
     archive = open_store(root)
     stores, failed = _stores(archive, slides)
     eid = resolve_encoder({i for s in stores for i in embedding_ids(s)}, encoder, archive.root)
+    stores, left_out = _left_out_mid_swap(archive, stores, eid, every=slides is None)
     out = Path(out)
     name_by = name_by or _named_by(_manifest(out)) or "stem"
     names = _names(stores, name_by)
@@ -231,6 +247,10 @@ def export(
     out.mkdir(parents=True, exist_ok=True)
     sweep_temp_files(out, recursive=True)  # what a killed export left
     result = ExportResult(outcomes=failed, out=out, format=format, encoder_id=eid)
+    if left_out:  # named as embed and index name them: a note, not a failure
+        held = [row["name"] for row in left_out]
+        note = mid_swap_note(held, archive.root, kept=False, then="export again to add them")
+        result.left_out, result.notes = left_out, [note]
     bar = tqdm(stores, desc="export", unit="slide", disable=not progress, dynamic_ncols=True)
     result.outcomes += [_export_one(s, eid, out, format, names[s.slide_id]) for s in bar]
     tried = {o.slide for o in result.outcomes} | {names[s.slide_id] for s in stores}
@@ -242,6 +262,7 @@ def export(
         "encoder": _encoder_of(stores, eid) or earlier.get("encoder", {}),
         "slides": _merged(earlier, "slides", [o.to_dict() for o in result.exported], tried),
         "errors": _merged(earlier, "errors", [o.to_dict() for o in result.failed], tried),
+        "left_out": _merged(earlier, "left_out", left_out, tried | {r["slide"] for r in left_out}),
     }
     atomic_write_json(out / "export.json", manifest, indent=2, sort_keys=False)
     return result
@@ -274,6 +295,26 @@ def _stores(
     if slides is not None and not stores and failed and failed[-1].exception is not None:
         raise failed[-1].exception
     return stores, failed
+
+
+def _left_out_mid_swap(
+    archive: Archive, stores: list[SlideStore], eid: str, *, every: bool
+) -> tuple[list[SlideStore], list[dict[str, str]]]:
+    """``stores`` less those whose embeddings ``eid`` are caught mid-swap, and the slides left
+    out (``slide``: id, ``name``: catalog file name): those, and (``every``: no slides were
+    named) the slides whose store is caught mid-swap, not in place."""
+    ids = [s.slide_id for s in stores] + (archive.swapping() if every else [])
+    _, held = split_mid_swap(archive.root, eid, ids)
+    if not held:
+        return stores, []
+    try:
+        names = {e.slide_id: e.name for e in archive.catalog.entries()}
+    except (WsiSslError, sqlite3.Error):  # a damaged or busy catalog only costs the names
+        names = {}
+    why = f"caught mid-swap; when its job ends (or after `wsi-ssl check {archive.root} --repair`)"
+    why += ", export again"
+    rows = [{"slide": sid, "name": names.get(sid) or sid, "why": why} for sid in held]
+    return [s for s in stores if s.slide_id not in held], rows
 
 
 def _export_one(store: SlideStore, eid: str, out: Path, format: str, name: str) -> SlideOutcome:
