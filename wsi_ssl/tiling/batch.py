@@ -34,6 +34,7 @@ from wsi_ssl.tiling.replace import Replacement, previous_store, replace_store
 from wsi_ssl.tiling.resume import (
     existing_store,
     kept_series_file,
+    kept_store_tiles,
     record_slide,
     update_qc_thresholds,
     update_source_path,
@@ -109,8 +110,10 @@ class TileSummary(BatchOutcome):
                 lines.append(f"{o.slide}: embeddings kept (same tiles): {', '.join(kept)}")
             if discarded := o.details.get("discarded_embeddings"):
                 lines.append(f"{o.slide}: embeddings discarded: {', '.join(discarded)}")
-        where = ", ".join(self.roots)
-        held = f"these slides hold {self.tiles} tiles in {where}"  # not the archive's total
+        kept = [(o.slide, o.details.get("kept_store_tiles") or 0) for o in self.failed]
+        lines += [f"{s}: its earlier store is kept as it was ({n} tiles)" for s, n in kept if n]
+        where, n_kept = ", ".join(self.roots), sum(n for _, n in kept)
+        held = f"these slides hold {self.tiles + n_kept} tiles in {where}"  # not the archive's
         return [*lines, *self.notes, f"{self.count_line('tiled')}; {held}"]
 
     def skipped_counts(self) -> list[str]:
@@ -294,9 +297,9 @@ def _failure(
         err = DiskFullError(err.filename or root)
     elif isinstance(err, sqlite3.Error):  # typed by the catalog where it can be (full, read-only)
         err = WsiSslError(f"{root / 'catalog.sqlite'}: the archive's catalog: {err}; re-run")
-    outcome = SlideOutcome.failure(
-        str(path), err, seconds, **_details(path, slide_id, root, config)
-    )
+    kept = kept_store_tiles(root, slide_id)  # a failed re-tile leaves the earlier store
+    details = _details(path, slide_id, root, config)
+    outcome = SlideOutcome.failure(str(path), err, seconds, kept_store_tiles=kept, **details)
     if not isinstance(err, WsiSslError):
         outcome.error = (
             f"{path}: cannot be tiled ({type(err).__name__}: {err}); the file may be "

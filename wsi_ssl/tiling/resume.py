@@ -35,6 +35,7 @@ __all__ = [
     "ExistingStore",
     "existing_store",
     "kept_series_file",
+    "kept_store_tiles",
     "record_slide",
     "update_qc_thresholds",
     "update_source_path",
@@ -189,3 +190,15 @@ def record_slide(
         error=error,
         tiling={**config.to_dict(), **config.output_key()},  # limits too: check's fix repeats them
     )
+
+
+def kept_store_tiles(root: Path, slide_id: str | None) -> int | None:
+    """The tiles of the complete store of ``slide_id`` in ``root`` (a failed re-tile leaves
+    the earlier one as it was), or None when there is none."""
+    if slide_id is None:
+        return None
+    try:
+        store = SlideStore.open(Archive(root).store_path(slide_id))
+        return len(store.coords) if store.status == "complete" else None
+    except (WsiSslError, OSError):
+        return None
