@@ -189,6 +189,10 @@ def test_kept_tiles_thresholds(cmu_store: SlideStore, tmp_path: Path) -> None:
     assert not kept_tiles(cmu_store, qc_min_tissue=1.0).any()
     with pytest.raises(ConfigError, match=r"unknown QC threshold.*qc_min_focus"):
         kept_tiles(cmu_store, min_focus=1.0)
+    # a slide's name where its store goes: said how to get one (an AttributeError before)
+    for call in (kept_tiles, lambda s: save_overlays(s, tmp_path / "plots")):
+        with pytest.raises(ConfigError, match=r"takes a slide store, open_store\(ROOT\)"):
+            call("CMU-1-Small-Region.svs")  # type: ignore[arg-type]
     # a store tiled before QC keeps every tile
     copy = tmp_path / "old.zarr"
     shutil.copytree(cmu_store.path, copy)

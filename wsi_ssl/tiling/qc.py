@@ -182,6 +182,18 @@ def qc_pass(
     return ok
 
 
+def _require_store(store: object, caller: str) -> None:
+    """ConfigError saying how to get a slide store when ``store`` is not one (a slide's name)."""
+    from wsi_ssl.storage import SlideStore
+
+    if not isinstance(store, SlideStore):
+        raise ConfigError(
+            f"{caller} takes a slide store, open_store(ROOT).slide(NAME), not "
+            f"{type(store).__name__} {store!r}",
+            parameters=("store",),
+        )
+
+
 def kept_tiles(store: SlideStore, **thresholds: float) -> np.ndarray:
     """bool (N,): the store's tiles that pass QC, by the thresholds it was tiled with
     (``qc_min_focus``, ``qc_max_pen``, ``qc_min_tissue``, ``qc_max_dark``) or those given.
@@ -189,6 +201,7 @@ def kept_tiles(store: SlideStore, **thresholds: float) -> np.ndarray:
     Embed, pretraining and MIL pass ``store.coords[kept_tiles(store)]``-style selections to
     skip flagged tiles; a store tiled before QC keeps every tile.
     """
+    _require_store(store, "kept_tiles")
     tiling = store.tiling
     names = ("qc_min_focus", "qc_max_pen", "qc_min_tissue", "qc_max_dark")
     unknown = set(thresholds) - set(names)
@@ -311,6 +324,7 @@ def save_overlays(store: SlideStore, folder: str | Path) -> tuple[Path, Path]:
     """Write ``<slide_id>_tissue.png`` and ``<slide_id>_qc.png`` into ``folder``."""
     from PIL import Image
 
+    _require_store(store, "save_overlays")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tissue = folder / f"{store.slide_id}_tissue.png"
