@@ -403,6 +403,11 @@ def test_bad_queries_are_typed_errors(archive: dict, tmp_path: Path) -> None:
     with pytest.raises(RegionOutsideSlideError):
         index.query_tile(cmu, (-5, 10))
     coords = _coords(archive["root"], cmu)
+    x0, y0 = (int(v) for v in coords[0])
+    for k in ("3", 2.5, True, 0):  # a TypeError for "3" before
+        with pytest.raises(ConfigError, match=f"k must be a whole number >= 1, got {k!r}"):
+            index.search_region(cmu, (x0, y0, 448, 448), k=k)  # type: ignore[arg-type]
+    assert len(index.search_region(cmu, (x0, y0, 448, 448), k=np.int64(2)).hits) == 2
     stored = {(int(x), int(y)) for x, y in coords}
     empty = next(
         (x, y)

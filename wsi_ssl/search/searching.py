@@ -176,8 +176,9 @@ class SearchMethods:
         ranked by their hits); default by query kind: tile -> tiles, slide -> slides, else
         regions. See :mod:`wsi_ssl.search.regions` for the scoring."""
         started = time.perf_counter()
-        if k < 1:
-            raise ConfigError(f"k must be >= 1, got {k}", parameters=("k",))
+        if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
+            raise ConfigError(f"k must be a whole number >= 1, got {k!r}", parameters=("k",))
+        k = int(k)
         if hits_per_tile is not None and hits_per_tile < 1:
             raise ConfigError(
                 f"hits_per_tile must be >= 1, got {hits_per_tile}", parameters=("hits_per_tile",)
