@@ -288,7 +288,7 @@ class _Checker:
         name = path.name
         if is_locked(path / ".lock"):
             return  # a writer is at work
-        fix = f"wsi-ssl index {{root}} {index_flags(name, recorded_config(path))}"
+        fix = f"wsi-ssl index {{root}} {index_flags(name, recorded_config(path), self.root)}"
         try:
             files = read_index_files(self.root, name, verify=True)
         except (CorruptIndexError, IndexNotFoundError) as err:

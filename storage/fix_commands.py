@@ -5,7 +5,10 @@ embeddings array was made with."""
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 from typing import Any
+
+from wsi_ssl.errors import WsiSslError
 
 __all__ = [
     "embedding_stain_flags",
@@ -90,16 +93,40 @@ def embedding_stain_flags(attrs: dict[str, Any]) -> str:
     return stain_flags(None) if (attrs.get("encoder") or {}).get("stain") else ""
 
 
-def index_flags(name: str, record: dict[str, Any]) -> str:
+def index_flags(name: str, record: dict[str, Any], root: Path | None = None) -> str:
     """``--encoder ID --name NAME ...``: the ``wsi-ssl index`` flags that rebuild an index as its
-    recorded ``config.json`` says it was built (where that is unreadable, the encoder is the
-    index's name, the default name of an encoder's index)."""
+    recorded ``config.json`` says it was built. Where that is unreadable, the encoder is the
+    archive ``root``'s one encoder id, or the index's name where that is one (the default name
+    of an encoder's index), else ``ENCODER_ID`` with the ids to choose from."""
     recorded = record.get("config")
     build: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
-    flags = [f"--encoder {shlex.quote(str(record.get('encoder_id') or name))}"]
+    encoder, choose = record.get("encoder_id") or name, ""
+    if not record.get("encoder_id"):
+        encoder, choose = _encoder_of_lost_index(name, root)
+    flags = [f"--encoder {shlex.quote(encoder)}"]
     flags.append(f"--name {shlex.quote(name)}")
     if build.get("kind", "auto") != "auto":
         flags.append(f"--kind {shlex.quote(str(build['kind']))}")
     if build.get("target_recall", 0.95) != 0.95:
         flags.append(f"--target-recall {build['target_recall']}")
-    return " ".join(flags)
+    return " ".join(flags) + choose
+
+
+def _encoder_of_lost_index(name: str, root: Path | None) -> tuple[str, str]:
+    """The encoder to rebuild index ``name`` with when its config is lost: ``name`` when it is
+    one of the archive ``root``'s encoder ids or the archive has none to tell, the archive's
+    only one, else ``ENCODER_ID`` and the words that list the ids to choose from."""
+    if root is None:
+        return name, ""
+    from wsi_ssl.storage.archive import open_store
+    from wsi_ssl.storage.resolve import archive_encoder_ids
+
+    try:
+        ids = archive_encoder_ids(open_store(root))
+    except WsiSslError:
+        ids = []
+    if name in ids or not ids:
+        return name, ""
+    if len(ids) == 1:
+        return ids[0], ""
+    return "ENCODER_ID", f" (ENCODER_ID: one of {', '.join(ids)})"

@@ -211,6 +211,11 @@ def test_a_damaged_index_gets_the_build_command_it_was_built_with(
     (rebuilt.files.path.parent / "MANIFEST.json").write_text("{not json")
     code, out, _ = run_cli(["check", str(root)])
     assert code == 1 and f"fix: {fix}\n" in out, out
+    # its config lost too: the archive's one encoder (it said --encoder exact, which failed)
+    for config in rebuilt.files.path.parent.glob("*/config.json"):
+        config.unlink()
+    code, out, _ = run_cli(["check", str(root)])
+    assert code == 1 and f"fix: wsi-ssl index {root} --encoder {eid} --name exact\n" in out, out
 
 
 @pytest.mark.faults
