@@ -29,6 +29,7 @@ from wsi_ssl.cli import (
     tile,
 )
 from wsi_ssl.cli.hints import REDO_ADVICE, RESUME_ADVICE, command_parser, in_command_words
+from wsi_ssl.cli.report import json_summary
 from wsi_ssl.errors import IndexBusyError, StoreLockedError, WsiSslError
 from wsi_ssl.outcome import JobInterrupted
 
@@ -75,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(err, JobInterrupted):  # a batch job: what it finished, as it reports
             as_json = getattr(args, "json", False)
             report = err.lines(args.error_text)
-            print(json.dumps(err.to_dict(), indent=2) if as_json else "\n".join(report))
+            done = {**json_summary(err.summary, args.error_text), **err.to_dict(summary=False)}
+            print(json.dumps(done, indent=2) if as_json else "\n".join(report))
         sys.stdout.flush()  # what the command printed before the interrupt stays printed
         after = getattr(args, "after_interrupt", "nothing half-written is kept; re-run the command")
         if after == RESUME_ADVICE and getattr(args, "no_resume", False):

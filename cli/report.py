@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from wsi_ssl.outcome import BatchOutcome, SlideOutcome
+from wsi_ssl.outcome import BatchOutcome, ErrorText, SlideOutcome
 
 
 def print_report(
@@ -19,7 +19,7 @@ def print_report(
 ) -> int:
     """Print ``summary`` as ``args`` asks (``--json``); ``note`` adds to a slide's error line."""
     if args.json:
-        print(json.dumps(_in_command_words(summary, args), indent=2))
+        print(json.dumps(json_summary(summary, args.error_text), indent=2))
     else:
         print("\n".join(summary.lines(args.error_text)))
     for outcome in summary.busy + summary.failed:
@@ -27,11 +27,11 @@ def print_report(
     return summary.exit_code
 
 
-def _in_command_words(summary: BatchOutcome, args: argparse.Namespace) -> dict[str, Any]:
+def json_summary(summary: BatchOutcome, error_text: ErrorText) -> dict[str, Any]:
     """``summary.to_dict()`` with each slide's ``error`` worded as its stderr line words it
     (the command's flags, not the Python API's names)."""
     data = summary.to_dict()
     for entry, outcome in zip(data.get("slides", []), summary.outcomes, strict=False):
         if outcome.error is not None:
-            entry["error"] = outcome.message(args.error_text)
+            entry["error"] = outcome.message(error_text)
     return data

@@ -106,6 +106,39 @@ def test_implausible_resolution_tags_are_named_in_the_cli_words(
     assert slide["error"] in err
 
 
+def test_an_interrupted_jobs_json_words_its_errors_as_the_cli_does(
+    tmp_path: Path, slides_dir: Path
+) -> None:
+    """Ctrl-C after a slide failed: the --json printed then words its error with the command's
+    flags too (it said mpp_override=MPP)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from wsi_ssl.synthetic import write_synthetic_slide
+
+    slide = write_synthetic_slide(tmp_path / "s.tiff", (1024, 768), seed=1)
+    env = {**os.environ, "WSI_SSL_FAULT": "pause_before_rename:/tiles/c/"}
+    argv = [sys.executable, "-m", "wsi_ssl.cli", "tile", str(slides_dir / "boxes.tiff")]
+    argv += [str(slide), "--out", str(tmp_path / "out"), "--json", "--quiet"]
+    job = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    stat = Path(f"/proc/{job.pid}/stat")
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < deadline and job.poll() is None, "the job never paused"
+        time.sleep(0.05)  # stopped before its first shard lands
+    job.send_signal(signal.SIGINT)
+    job.send_signal(signal.SIGCONT)
+    stdout, _ = job.communicate(timeout=120)
+    assert job.returncode == 130
+    report = json.loads(stdout)
+    assert report["interrupted"] is True and report["not_done"] == [str(slide)]
+    (failed,) = report["slides"]
+    assert "set it with --mpp-override MPP" in failed["error"], failed
+
+
 def test_another_file_of_a_dicom_series_is_the_same_slide_where_it_was(
     tmp_path: Path, slides_dir: Path
 ) -> None:

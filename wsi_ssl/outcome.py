@@ -214,9 +214,11 @@ class JobInterrupted(KeyboardInterrupt):
             line += f" ({first_few(self.not_done)})"
         return [*self.summary.lines(error_text), line]
 
-    def to_dict(self) -> dict[str, Any]:
-        """The job's ``--json`` output so far, with ``interrupted`` and ``not_done``."""
-        return {**self.summary.to_dict(), "interrupted": True, "not_done": self.not_done}
+    def to_dict(self, summary: bool = True) -> dict[str, Any]:
+        """The job's ``--json`` output so far, with ``interrupted`` and ``not_done`` (those
+        alone without ``summary``)."""
+        done = self.summary.to_dict() if summary else {}
+        return {**done, "interrupted": True, "not_done": self.not_done}
 
 
 @contextlib.contextmanager
