@@ -127,3 +127,21 @@ def test_opening_a_store_caught_mid_swap_says_so(
         shutil.rmtree(aside_path(store))
     with pytest.raises(StoreNotFoundError, match="run `wsi-ssl tile` first"):
         archive.slide(swapped)
+
+
+def test_export_names_a_store_left_unfinished(small_archive: Path, tmp_path: Path) -> None:
+    """A store whose tiling is running or was killed (status "writing"): export names it as
+    embed does (it was left out without a word)."""
+    from wsi_ssl.storage.slide_store import SlideStore
+
+    root, good, unfinished = copy_two_slides(small_archive, tmp_path)
+    SlideStore.open(open_store(root).store_path(unfinished), mode="r+").group.attrs["status"] = (
+        "writing"
+    )
+    code, text, err = run_cli(["export", str(root), "--out", str(tmp_path / "feat"), "--json"])
+    report = json.loads(text)
+    assert code == 0 and report["exported"] == 1, err
+    assert report["notes"] == [
+        f"left out 1 store(s) that are not complete ({unfinished}: being tiled or re-tiled "
+        "now, or by a killed job; `wsi-ssl check` says what to do)"
+    ]

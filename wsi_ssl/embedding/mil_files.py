@@ -61,6 +61,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from wsi_ssl.embedding.summary import incomplete_note
 from wsi_ssl.errors import ConfigError, WsiSslError
 from wsi_ssl.listing import one_or_many
 from wsi_ssl.outcome import BatchOutcome, SlideOutcome
@@ -237,7 +238,7 @@ def export(
             parameters=("format",),
         )
     archive = open_store(root)
-    stores, failed = _stores(archive, slides)
+    stores, failed, incomplete = _stores(archive, slides)
     eid = resolve_encoder({i for s in stores for i in embedding_ids(s)}, encoder, archive.root)
     stores, left_out = _left_out_mid_swap(archive, stores, eid, every=slides is None)
     out = Path(out)
@@ -251,6 +252,7 @@ def export(
         held = [row["name"] for row in left_out]
         note = mid_swap_note(held, archive.root, kept=False, then="export again to add them")
         result.left_out, result.notes = left_out, [note]
+    result.notes += [incomplete_note(incomplete)] if incomplete else []
     bar = tqdm(stores, desc="export", unit="slide", disable=not progress, dynamic_ncols=True)
     result.outcomes += [_export_one(s, eid, out, format, names[s.slide_id]) for s in bar]
     tried = {o.slide for o in result.outcomes} | {names[s.slide_id] for s in stores}
@@ -270,10 +272,10 @@ def export(
 
 def _stores(
     archive: Archive, slides: Sequence[str] | None
-) -> tuple[list[SlideStore], list[SlideOutcome]]:
-    """The stores to export (each slide once, however often ``slides`` names it) and the
+) -> tuple[list[SlideStore], list[SlideOutcome], list[str]]:
+    """The stores to export (each slide once, however often ``slides`` names it), the
     failed outcomes of the slides that cannot be opened (every damaged one when ``slides`` is
-    None).
+    None) and (``slides`` None) the ids of the stores not complete.
 
     Raises:
         WsiSslError: none of the named ``slides`` exists (say so, not "no embeddings").
@@ -294,7 +296,7 @@ def _stores(
             failed.append(SlideOutcome.failure(name, err))
     if slides is not None and not stores and failed and failed[-1].exception is not None:
         raise failed[-1].exception
-    return stores, failed
+    return stores, failed, scan.incomplete if slides is None else []
 
 
 def _left_out_mid_swap(

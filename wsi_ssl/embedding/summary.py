@@ -9,7 +9,16 @@ from typing import Any
 from wsi_ssl.listing import first_few
 from wsi_ssl.outcome import BatchOutcome
 
-__all__ = ["EmbedSummary"]
+__all__ = ["EmbedSummary", "incomplete_note"]
+
+
+def incomplete_note(slide_ids: list[str]) -> str:
+    """The line naming the stores a job left out as not complete (a tiling running or
+    killed)."""
+    return (
+        f"left out {len(slide_ids)} store(s) that are not complete ({first_few(slide_ids)}: "
+        "being tiled or re-tiled now, or by a killed job; `wsi-ssl check` says what to do)"
+    )
 
 
 @dataclass(kw_only=True)
@@ -72,11 +81,7 @@ class EmbedSummary(BatchOutcome):
                 "(now marked not_embedded)"
             )
         if self.incomplete:
-            out.append(
-                f"left out {len(self.incomplete)} store(s) that are not complete "
-                f"({first_few(self.incomplete)}: being tiled or re-tiled now, or by a killed "
-                "job; `wsi-ssl check` says what to do)"
-            )
+            out.append(incomplete_note(self.incomplete))
         return out
 
     def to_dict(self) -> dict[str, Any]:
