@@ -134,7 +134,7 @@ def test_export_names_a_store_left_unfinished(small_archive: Path, tmp_path: Pat
     embed does (it was left out without a word)."""
     from wsi_ssl.storage.slide_store import SlideStore
 
-    root, good, unfinished = copy_two_slides(small_archive, tmp_path)
+    root, _, unfinished = copy_two_slides(small_archive, tmp_path)
     SlideStore.open(open_store(root).store_path(unfinished), mode="r+").group.attrs["status"] = (
         "writing"
     )
