@@ -102,11 +102,24 @@ def resolve_slides(archive: Archive, wanted: str | Iterable[str]) -> list[str]:
     out: list[str] = []
     for name in one_or_many(wanted):
         found = _lookup(names, ids, name)
+        if not found:
+            _raise_if_swapping(archive, name)
         if len(found) != 1:
             hint = "" if found else _known(names, ids)
             raise UnknownSlideError(name, f"archive {archive.root}", hint, matches=list(found))
         out.append(next(iter(found)))
     return list(dict.fromkeys(out))
+
+
+def _raise_if_swapping(archive: Archive, name: str) -> None:
+    """When ``name`` names a slide whose store is not in place (a re-tile between its renames,
+    a first tiling writing), the error opening it raises, which says which."""
+    swapping = archive.swapping()
+    found = _lookup(slide_names(archive, swapping), swapping, name) if swapping else set()
+    if len(found) == 1:
+        from wsi_ssl.storage.slide_store import SlideStore
+
+        SlideStore.open(archive.store_path(next(iter(found))))  # StoreNotFoundError
 
 
 def _known(names: dict[str, set[str]], ids: list[str], shown: int = 5) -> str:

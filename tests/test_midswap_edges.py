@@ -71,7 +71,7 @@ def test_export_names_a_slide_whose_re_tile_was_killed_mid_swap(
 
 
 def test_search_on_a_slide_caught_mid_swap_says_so_and_how_to_end_it(
-    killed: tuple[Path, str, str, str],
+    killed: tuple[Path, str, str, str], tmp_path: Path
 ) -> None:
     root, _, swapped, name = killed
     code, _, err = run_cli(["search", str(root), "--slide", name, "--box", "0,0,600,600"])
@@ -81,6 +81,11 @@ def test_search_on_a_slide_caught_mid_swap_says_so_and_how_to_end_it(
         in err
     )
     assert f"`wsi-ssl check {root} --repair`" in err and "run `wsi-ssl tile` first" not in err
+    # named to export (or to any command resolving names): the same (it said "no such slide")
+    argv = ["export", str(root), "--out", str(tmp_path / "f"), "--slides", name, "--quiet"]
+    code, _, err = run_cli(argv)
+    assert code == 2 and "the slide is caught mid-swap" in err, err
+    assert "no such slide in archive" not in err
 
 
 def test_export_leaves_out_a_slide_whose_re_embed_was_killed_mid_swap(
