@@ -107,7 +107,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="neighbours searched per query tile",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--gallery", type=Path, metavar="OUT.png", help="save a gallery PNG")
+    p.add_argument(
+        "--gallery",
+        type=Path,
+        metavar="OUT.png",
+        help="save a gallery picture: PNG, or JPEG for a .jpg/.jpeg name",
+    )
     p.set_defaults(func=run_search)
 
 
@@ -268,15 +273,13 @@ def run_search(args: argparse.Namespace) -> int:
     if args.image is None and any(v is not None for v in image_only.values()):
         given = ", ".join(k for k, v in image_only.items() if v is not None)
         raise ConfigError(f"{given} go with --image (a slide query uses the index's own vectors)")
+    if args.gallery is not None:
+        from wsi_ssl.search.gallery import gallery_format
+
+        gallery_format(args.gallery)  # a name for another format: refused before the search
     index = SearchIndex.open(args.root, args.name)
     if args.list:
-        if args.json:
-            slides = [s.to_dict() for s in index.slides]
-            print(json.dumps({"index": index.describe(), "slides": slides}, indent=2))
-        else:
-            print("\n".join(index_lines(index.describe())))
-            for s in index.slides:
-                print(f"{s.number:>6}  {s.slide_id}  {s.n_tiles:>7} tiles  {s.name}")
+        _print_list(index, as_json=args.json)
         return 0
     if args.image is not None and (args.xy or args.box):
         raise ConfigError("--xy and --box go with --slide, not --image")
@@ -321,6 +324,19 @@ def run_search(args: argparse.Namespace) -> int:
     for note in retiled:
         print(f"note: {note}", file=sys.stderr)
     return 0
+
+
+def _print_list(index: SearchIndex, *, as_json: bool) -> None:
+    """``search --list``: the index and a line a slide, with the vectors it holds of the
+    slide (they add up to the header's; fewer than its tiles where QC left tiles out)."""
+    if as_json:
+        slides = [s.to_dict() for s in index.slides]
+        print(json.dumps({"index": index.describe(), "slides": slides}, indent=2))
+        return
+    print("\n".join(index_lines(index.describe())))
+    for s in index.slides:
+        tiles = f" of its {s.n_tiles} tiles" if s.vectors != s.n_tiles else ""
+        print(f"{s.number:>6}  {s.slide_id}  {s.vectors:>7} vectors{tiles}  {s.name}")
 
 
 def _retiled_notes(index: SearchIndex, slide_ids: list[str]) -> list[str]:

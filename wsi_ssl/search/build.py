@@ -16,21 +16,40 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from wsi_ssl.search.calibration import CALIBRATION_K, calibrate
-from wsi_ssl.search.config import IndexConfig
-from wsi_ssl.search.kinds import index_kind
+from wsi_ssl.search.config import IndexConfig, plan_index
+from wsi_ssl.search.kinds import Progress, index_kind, log
 from wsi_ssl.search.vectors import VectorSource
 
 if TYPE_CHECKING:
     from wsi_ssl.search.archive import Collected
     from wsi_ssl.search.index import SearchIndex
 
-__all__ = ["build_faiss", "index_description", "index_record", "search_params", "utc_now"]
+__all__ = [
+    "build_faiss",
+    "index_description",
+    "index_record",
+    "plan_build",
+    "search_params",
+    "utc_now",
+]
 
 
 def search_params(params: dict[str, Any], k: int, selector: Any = None) -> Any:
     """FAISS ``SearchParameters`` for an index built from ``params``, returning ``k`` hits
     (the caller keeps ``selector`` alive while they are in use)."""
     return index_kind(params["kind"]).search_params(params, k, selector)
+
+
+def plan_build(found: Collected, config: IndexConfig, progress: Progress = None) -> dict[str, Any]:
+    """The plan (kind and shape, :func:`~wsi_ssl.search.config.plan_index`) of an index of the
+    vectors ``found``, said to ``progress``."""
+    n, dim = found.source.n, found.dim
+    plan = plan_index(n, dim, config)
+    log(
+        progress,
+        f"building a {plan['kind']} index of {n} vectors ({dim}-d) from {len(found.entries)} slides",
+    )
+    return plan
 
 
 def build_faiss(

@@ -1,4 +1,4 @@
-"""Gallery PNG: the query region beside its top hits, drawn from the tile stores.
+"""Gallery picture (PNG or JPEG, as its name's suffix says): the query region beside its top hits, drawn from the tile stores.
 
 Each panel is a mosaic of the stored tiles that overlap the region (glass and unstored
 positions light grey), scaled to ``panel_px``; tiles that matched a query tile are outlined.
@@ -13,17 +13,37 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from wsi_ssl.errors import ConfigError
 from wsi_ssl.storage.atomic import atomic_write_with
 
 if TYPE_CHECKING:
     from wsi_ssl.search.results import SearchResult
     from wsi_ssl.storage import Archive, SlideStore
 
-__all__ = ["paste_tiles", "region_mosaic", "render_gallery"]
+__all__ = ["gallery_format", "paste_tiles", "region_mosaic", "render_gallery"]
 
+GALLERY_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
+"""The picture formats a gallery is written in, by the suffix of its file name."""
 BACKGROUND = (232, 232, 232)
 MAX_MOSAIC_TILES = 900
 """Regions with more tiles than this are drawn from the slide thumbnail instead."""
+
+
+def gallery_format(out: str | Path) -> str:
+    """The format a gallery named ``out`` is written in: its suffix's (.png, .jpg, .jpeg).
+
+    Raises:
+        ConfigError: another suffix (the picture would not be what its name says).
+    """
+    suffix = Path(out).suffix.lower()
+    if suffix not in GALLERY_FORMATS:
+        what = f"{suffix} names neither" if suffix else "it has no suffix"
+        stem = Path(out).with_suffix("").name or "gallery"
+        raise ConfigError(
+            f"{out}: a gallery is written as PNG or JPEG, as its name's suffix says, and "
+            f"{what}; name it {stem}.png or {stem}.jpg"
+        )
+    return GALLERY_FORMATS[suffix]
 
 
 def _fit(image: Any, side: int) -> Any:
@@ -152,16 +172,20 @@ def render_gallery(
     panel_px: int = 320,
     columns: int = 5,
 ) -> Path:
-    """Save the query beside its hits (the first ``max_hits``; None: all) as a PNG, five
-    panels a row; returns the path.
+    """Save the query beside its hits (the first ``max_hits``; None: all) as a PNG or JPEG
+    (:func:`gallery_format`: by ``out``'s suffix), five panels a row; returns the path.
 
     Pictures come from ``archive``'s slide stores; the title names the index the result
     came from (``result.index``).
+
+    Raises:
+        ConfigError: ``out`` is named for another format than PNG or JPEG.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from PIL import Image
 
+    picture = gallery_format(out)  # before the drawing: a name it cannot be is refused first
     q = result.query
     panels: list[tuple[Any, str]] = []
     if q.kind == "image" and q.image is not None:
@@ -217,7 +241,7 @@ def render_gallery(
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_with(out, lambda tmp: fig.savefig(tmp, format="png"))
+    atomic_write_with(out, lambda tmp: fig.savefig(tmp, format=picture))
     return out
 
 

@@ -40,13 +40,14 @@ from wsi_ssl.search.archive import (
     indexed_stain,
     tombstone_ids,
 )
-from wsi_ssl.search.build import build_faiss, index_description, index_record, utc_now
-from wsi_ssl.search.config import IndexConfig, plan_index
+from wsi_ssl.search.build import build_faiss, index_description, index_record, plan_build, utc_now
+from wsi_ssl.search.config import IndexConfig
 from wsi_ssl.search.filtered import filtered_search
 from wsi_ssl.search.ids import decode_ids, slide_id_range
 from wsi_ssl.search.kinds import COMPACT_FRACTION, IndexKind, Progress, index_kind, log
-from wsi_ssl.search.midswap import build_encoder_id, build_notes, keep_mid_swap
+from wsi_ssl.search.midswap import build_encoder_id
 from wsi_ssl.search.searching import MAX_QUERY_TILES, SearchMethods
+from wsi_ssl.search.unembedded import build_notes, update_notes
 from wsi_ssl.search.vectors import normalise, to_similarity
 from wsi_ssl.storage.archive import damaged_slide_id
 from wsi_ssl.storage.index_files import (
@@ -150,7 +151,8 @@ class SearchIndex(SearchMethods):
             name: index name (default: the encoder id).
             config: build settings; ``options`` (e.g. ``kind="hnsw"``) replace its fields.
             slides: only these slide ids (default: every complete slide embedded by it; one
-                mid-swap, :mod:`wsi_ssl.search.midswap`, is left out and named in :attr:`notes`).
+                mid-swap, :mod:`wsi_ssl.search.midswap`, or not embedded by it,
+                :mod:`wsi_ssl.search.unembedded`, is left out and named in :attr:`notes`).
             progress: called with one-line progress messages.
 
         Raises:
@@ -167,17 +169,12 @@ class SearchIndex(SearchMethods):
         eid = build_encoder_id(archive, encoder)  # names the slides mid-swap when all are
         name = validate_index_name(name or eid)
         found = collect(archive, eid, slides)
-        notes = build_notes(archive, name, eid, found, slides)  # slides left out mid-swap
+        notes = build_notes(archive, name, eid, found, slides)  # left out: mid-swap, not embedded
         if not found.entries:  # none readable: say why when it is damage
             if found.damaged:
                 raise found.damaged[0]
             raise EmbeddingsNotFoundError(archive.root, eid, [])
-        n, dim = found.source.n, found.dim
-        plan = plan_index(n, dim, config)
-        log(
-            progress,
-            f"building a {plan['kind']} index of {n} vectors ({dim}-d) from {len(found.entries)} slides",
-        )
+        plan = plan_build(found, config, progress)
         with index_lock(root, name):
             index, params, calibration = build_faiss(found.source, plan, config, progress=progress)
             found.mark_unreadable()
@@ -330,8 +327,9 @@ class SearchIndex(SearchMethods):
         (new coords or a newer embedding run) is removed and added again; without ``slides``,
         a slide whose store or embeddings are gone (re-tiled with its embeddings discarded,
         removed; not mid-swap: kept, noted) is removed, so no hit points at tiles that no
-        longer exist; a slide not indexed yet that is mid-swap is left out, noted. One whose
-        store or embeddings cannot be read is left as it is and listed in ``summary.damaged``.
+        longer exist; a slide not indexed yet that is mid-swap or not embedded by the index's
+        encoder is left out, noted. One whose store or embeddings cannot be read is left as it
+        is and listed in ``summary.damaged``.
 
         Raises:
             SchemaMismatchError: a new slide was tiled at another scale than the index.
@@ -366,7 +364,7 @@ class SearchIndex(SearchMethods):
             unreadable = {damaged_slide_id(err) for err in found.damaged}  # kept as they are
             gone = [] if slides is not None else sorted(current.keys() - skip.seen - unreadable)
             known = None if slides is not None else {*skip.seen, *excluded}  # new mid-swap: named
-            gone, summary.notes = keep_mid_swap(archive, self, gone, known)  # its first notes
+            gone, summary.notes = update_notes(archive, self, gone, known)  # its first notes
             if found.entries and found.dim != self.dim:
                 raise SchemaMismatchError(
                     f"new embeddings have dimension {found.dim}, the index {self.dim}"

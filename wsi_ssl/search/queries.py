@@ -91,6 +91,21 @@ class _QuerySlide:
         features = np.asarray(emb.features, dtype=np.float32)
         return features, np.asarray(emb.coords), emb.tile_ids
 
+    def left_out_in(self, box: Sequence[float]) -> int:
+        """How many of the tiles centred in level-0 ``box`` hold no vector: QC flagged them and
+        an embedding job with ``skip_flagged_tiles`` left them out (attributes and coords
+        read, no vectors)."""
+        from wsi_ssl.storage.embedding_rows import not_embedded_tiles
+        from wsi_ssl.storage.embeddings import read_embeddings
+
+        emb = read_embeddings(self.store, self.encoder_id, lazy=True)
+        left_out = not_embedded_tiles(emb.attrs)
+        if not len(left_out):
+            return 0
+        dimensions = self.store.source["dimensions"]
+        rows = centres_in(np.asarray(emb.coords), self.size, dimensions, box)
+        return int(np.isin(rows, left_out).sum())
+
 
 def clip_box(box: Sequence[int], dimensions: Sequence[int]) -> tuple[int, int, int, int] | None:
     """``box`` (x, y, w, h) cut to a slide of ``dimensions`` (None: it misses the slide)."""
@@ -207,10 +222,17 @@ def region_query(index: Searchable, slide: str, box: tuple[int, int, int, int]) 
     feats, coords, tiles = q.vectors()
     rows = centres_in(coords, q.size, (sw, sh), clipped)
     if not len(rows):
+        drawn = f"{sid}: box {x0},{y0},{x1 - x0},{y1 - y0}"
+        if left_out := q.left_out_in(clipped):
+            raise NoTilesInRegionError(
+                f"{drawn} holds no tile with a vector: QC flagged its {left_out} stored tile(s) "
+                "and the embedding left them out (flagged tiles skipped); draw the box over "
+                "tiles QC kept, or embed the slide again without skipping flagged tiles"
+            )
         raise NoTilesInRegionError(
-            f"{sid}: box {x0},{y0},{x1 - x0},{y1 - y0} holds no stored tissue tile "
-            f"(tiles are {round(q.size)} level-0 px; a tile counts when the centre of its part "
-            "on the slide is inside); draw the box over tissue or make it larger"
+            f"{drawn} holds no stored tissue tile (tiles are {round(q.size)} level-0 px; a tile "
+            "counts when the centre of its part on the slide is inside); draw the box over "
+            "tissue or make it larger"
         )
     in_box, rows = len(rows), subsample(rows, MAX_QUERY_TILES)
     return Query(

@@ -1,0 +1,110 @@
+"""The tiled slides an index build or update leaves out because they hold no embeddings by
+its encoder (tiled since, or their embeddings discarded by a re-tile), named in a note with
+the command that embeds them and the one that adds them.
+
+Only attributes are read (the stores' and their arrays'), no vectors. A slide another note or
+list names is not named again: one indexed (an update removes those whose embeddings are
+gone, and says so), taken out with ``SearchIndex.remove``, caught mid-swap
+(:mod:`wsi_ssl.search.midswap`) or damaged (not among the complete stores). Nor is one whose
+embeddings by the encoder are being written, or were left unfinished by a killed job: that
+job (or ``wsi-ssl embed`` again, which resumes it; ``wsi-ssl check`` names it) finishes them.
+The notes of both kinds are made here: :func:`build_notes` and :func:`update_notes`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING, Any
+
+from wsi_ssl.search import midswap
+from wsi_ssl.search.archive import catalog_names
+from wsi_ssl.storage.embeddings import STATUS_MISSING, complete_embedding_attrs, embedding_status
+from wsi_ssl.storage.swaps import mid_swap
+
+if TYPE_CHECKING:
+    from wsi_ssl.search.archive import Collected
+    from wsi_ssl.search.index import SearchIndex
+    from wsi_ssl.storage import Archive
+
+__all__ = ["build_notes", "not_embedded", "unembedded_note", "update_notes"]
+
+
+def not_embedded(archive: Archive, encoder_id: str, known: Collection[str]) -> list[str]:
+    """Ids of the complete stores not among ``known`` with no embeddings by ``encoder_id``
+    (neither complete nor being written) and not mid-swap (sorted)."""
+    return [
+        sid
+        for sid in archive.slide_ids
+        if sid not in known
+        and embedding_status(archive.store_path(sid), encoder_id) == STATUS_MISSING
+        and not mid_swap(archive.root, sid, encoder_id)
+    ]
+
+
+def _embed_command(
+    archive: Archive, encoder_id: str, indexed: Sequence[str], encoder: dict[str, Any]
+) -> str:
+    """``wsi-ssl embed ROOT --encoder ...``: the flags the first readable embeddings of an
+    ``indexed`` slide record (encoder, dtype, stain normalisation), else those of ``encoder``."""
+    from wsi_ssl.storage.fix_commands import embedding_stain_flags, encoder_flags
+
+    attrs: dict[str, Any] = {"encoder": encoder}
+    for sid in indexed:
+        recorded = complete_embedding_attrs(archive.store_path(sid), encoder_id)
+        if recorded is not None and isinstance(recorded.get("encoder"), dict):
+            attrs = recorded
+            break
+    flags = f"{encoder_flags(attrs, encoder_id)} {embedding_stain_flags(attrs)}".rstrip()
+    return f"`wsi-ssl embed {archive.root} {flags}`"
+
+
+def unembedded_note(
+    archive: Archive,
+    name: str,
+    encoder_id: str,
+    indexed: Sequence[str],
+    known: Collection[str],
+    encoder: dict[str, Any],
+) -> list[str]:
+    """A note naming the slides :func:`not_embedded` finds (``indexed`` and ``known`` left
+    alone), with the command that embeds them and the one that adds them to index ``name``;
+    no note when there are none."""
+    from wsi_ssl.listing import first_few
+
+    left = not_embedded(archive, encoder_id, {*indexed, *known})
+    if not left:
+        return []
+    names = catalog_names(archive)
+    shown = [names.get(sid, (sid, ""))[0] or sid for sid in left]
+    return [
+        f"{len(left)} tiled slide(s) not embedded by {encoder_id}, left out "
+        f"({first_few(shown)}): {_embed_command(archive, encoder_id, indexed, encoder)} "
+        f"embeds them, then `wsi-ssl index {archive.root} --name {name} --add` adds them"
+    ]
+
+
+def build_notes(
+    archive: Archive, name: str, encoder_id: str, found: Collected, slides: Sequence[str] | None
+) -> list[str]:
+    """What the build of index ``name`` says of the slides it left out: mid-swap, then not
+    embedded (nothing when it was given its ``slides``: each of those is indexed or refused)."""
+    notes = midswap.build_notes(archive, name, encoder_id, found, slides)
+    if slides is None:
+        indexed = [e.slide_id for e in found.entries]
+        notes += unembedded_note(archive, name, encoder_id, indexed, (), found.encoder)
+    return notes
+
+
+def update_notes(
+    archive: Archive, index: SearchIndex, gone: list[str], known: Collection[str] | None
+) -> tuple[list[str], list[str]]:
+    """For an update of ``index``: ``gone`` less the slides mid-swap it keeps, and the notes
+    (:func:`~wsi_ssl.search.midswap.keep_mid_swap`'s, then the one naming the slides not
+    embedded that are neither indexed nor ``known``; None: not looked for, the update was given
+    its slides)."""
+    gone, notes = midswap.keep_mid_swap(archive, index, gone, known)
+    if known is not None:
+        indexed = [s.slide_id for s in index.slides]
+        encoder = index.record.get("encoder") or {}
+        notes += unembedded_note(archive, index.name, index.encoder_id, indexed, known, encoder)
+    return gone, notes
