@@ -339,7 +339,7 @@ class _Checker:
         ``index --add`` refuses them until they are embedded as the others were. Then slides
         with sound embeddings by its encoder that it lacks (left out damaged or mid-swap by its
         build, embedded since): from what the stores' check found, no vector read; those taken
-        out (``--remove``) stay out; a build's ``--slides`` is not recorded, so its others count."""
+        out (``--remove``) stay out, as do the others of an index built from chosen slides."""
         encoder_id = str(config.get("encoder_id"))
         stale, other_stain = [], []
         for entry in slides:
@@ -370,7 +370,7 @@ class _Checker:
             for sid, ids in sorted(self.embedded.items())
             if encoder_id in ids and newest.get(sid) not in ("active", "excluded")
         ]
-        if lacks:
+        if lacks and not config.get("slides_chosen"):  # built from chosen slides: by design
             names = [getattr(self.catalog.get(sid), "name", None) or sid for sid in lacks]
             what = f"{len(lacks)} slide(s) with complete embeddings by its encoder not in it"
             self.add(path, f"{what} ({first_few(names)}); searches never return them", add)

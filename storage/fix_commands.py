@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_ssl.errors import WsiSslError
+from wsi_ssl.storage.index_files import index_path, recorded_slide_ids
 
 __all__ = [
     "embedding_stain_flags",
@@ -95,7 +96,8 @@ def embedding_stain_flags(attrs: dict[str, Any]) -> str:
 
 def index_flags(name: str, record: dict[str, Any], root: Path | None = None) -> str:
     """``--encoder ID --name NAME ...``: the ``wsi-ssl index`` flags that rebuild an index as its
-    recorded ``config.json`` says it was built. Where that is unreadable, the encoder is the
+    recorded ``config.json`` says it was built (an index built from chosen slides: those it
+    holds, ``--slides``). Where that is unreadable, the encoder is the
     archive ``root``'s one encoder id, or the index's name where that is one (the default name
     of an encoder's index), else ``ENCODER_ID`` with the ids to choose from."""
     recorded = record.get("config")
@@ -109,6 +111,9 @@ def index_flags(name: str, record: dict[str, Any], root: Path | None = None) -> 
         flags.append(f"--kind {shlex.quote(str(build['kind']))}")
     if build.get("target_recall", 0.95) != 0.95:
         flags.append(f"--target-recall {build['target_recall']}")
+    if record.get("slides_chosen") and root is not None:  # built from slides it was given
+        ids = recorded_slide_ids(index_path(root, name))
+        flags += [f"--slides {' '.join(ids)}"] if ids else []
     return " ".join(flags) + choose
 
 

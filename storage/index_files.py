@@ -236,16 +236,30 @@ def recorded_config(path: Path) -> dict[str, Any]:
     """The ``config.json`` of index directory ``path``'s current generation, or with a damaged
     manifest the newest generation's that reads, without any check (for advice on a damaged
     index: its encoder and settings); {} when none is readable."""
+    config = _recorded(path, CONFIG_FILE)
+    return config if isinstance(config, dict) else {}
+
+
+def recorded_slide_ids(path: Path) -> list[str]:
+    """The slides index directory ``path`` holds (``slides.json``, as :func:`recorded_config`
+    reads ``config.json``, entries taken out left out); [] when none is readable."""
+    slides = _recorded(path, SLIDES_FILE)
+    rows = slides if isinstance(slides, list) else []
+    active = [r for r in rows if isinstance(r, dict) and r.get("status", "active") == "active"]
+    return list(dict.fromkeys(str(r["slide_id"]) for r in active if "slide_id" in r))
+
+
+def _recorded(path: Path, file: str) -> Any:
+    """The JSON of ``file`` in the current generation of index directory ``path``, else in the
+    newest generation where it reads; None when none does."""
     current = _current_generation(path)
     newest_first = [gen.name for _, gen in reversed(_generations(path))]
     for generation in ([current] if current is not None else []) + newest_first:
         try:
-            config = json.loads((path / generation / CONFIG_FILE).read_text(encoding="utf-8"))
+            return json.loads((path / generation / file).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if isinstance(config, dict):
-            return config
-    return {}
+    return None
 
 
 def prune_generations(path: Path, keep: set[str]) -> list[Path]:

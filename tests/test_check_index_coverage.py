@@ -64,3 +64,24 @@ def test_check_names_a_slide_left_out_damaged_once_it_is_fixed(
     assert run_cli(["index", str(root), "--name", name, "--remove", bad, "--quiet"])[0] == 0
     code, report, _ = run_cli(["check", str(root), "--quick"])
     assert code == 0 and "not in it" not in report, report
+
+
+def test_an_index_built_from_chosen_slides_is_checked_and_rebuilt_as_chosen(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    """``index --slides``: check does not count the others as missing (it asked to --add them),
+    and the fix for its damage rebuilds it from the slides it held (it rebuilt every slide)."""
+    root, first, second = copy_two_slides(small_archive, tmp_path)
+    argv = ["index", str(root), "--name", "sub", "--slides", first, "--kind", "flat", "--quiet"]
+    assert run_cli(argv)[0] == 0
+    code, out, _ = run_cli(["check", str(root)])
+    assert code == 0 and " 0 problem(s)" in out, out
+    faiss_file = SearchIndex.open(root, "sub").files.path / "index.faiss"
+    faiss_file.write_bytes(faiss_file.read_bytes()[:100])
+    code, out, _ = run_cli(["check", str(root)])
+    fix = next(line for line in out.splitlines() if "fix: wsi-ssl index" in line)
+    assert code == 1 and fix.endswith(f"--name sub --kind flat --slides {first}"), out
+    assert run_cli([*fix.split("fix: wsi-ssl ", 1)[1].split(), "--quiet"])[0] == 0
+    rebuilt = SearchIndex.open(root, "sub")
+    assert [s["slide_id"] for s in rebuilt.slides] == [first] and second != first
+    assert run_cli(["check", str(root)])[0] == 0

@@ -110,8 +110,10 @@ def index_record(
     index: Any,
     params: dict[str, Any],
     calibration: dict[str, Any],
+    chosen: bool = False,
 ) -> dict[str, Any]:
-    """A new index's ``config.json`` record: what was built, from what, and by which versions."""
+    """A new index's ``config.json`` record: what was built, from what (``slides_chosen``: from
+    the slides the build was given, not every one embedded), and by which versions."""
     import faiss
 
     from wsi_ssl import __version__
@@ -127,6 +129,7 @@ def index_record(
         "tiling": found.tiling,
         "stain": found.stain,
         "n_slides": len(found.active),
+        "slides_chosen": chosen,
         "built_n": int(index.ntotal),
         "tombstones": 0,
         "created": utc_now(),

@@ -180,7 +180,9 @@ class SearchIndex(SearchMethods):
             found.mark_unreadable()
             if not found.active:
                 raise found.damaged[-1]
-            record = index_record(plan, eid, found, config, index, params, calibration)
+            record = index_record(
+                plan, eid, found, config, index, params, calibration, slides is not None
+            )
             slides_json = [e.to_dict() for e in found.entries]
             write_index(root, name, index, config=record, slides=slides_json, coords=found.coords)
             files = read_index_files(root, name, verify=False)
