@@ -281,7 +281,8 @@ class SearchMethods:
         return self.search(query, k=k, mode="slides", exclude_self=exclude_self)
 
     def gallery(self: Searchable, result: SearchResult, out: str | Path, **kwargs: Any) -> Path:
-        """Save the query beside its top hits as a PNG or JPEG, as ``out``'s suffix says (:func:`~wsi_ssl.search.gallery.render_gallery`)."""
+        """Save the query beside its top hits as a PNG or JPEG, as ``out``'s suffix says
+        (:func:`~wsi_ssl.search.gallery.render_gallery`)."""
         from wsi_ssl.search.gallery import render_gallery
         from wsi_ssl.storage import open_store
 
