@@ -184,8 +184,9 @@ def row_from_store(store: SlideStore) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(TilingConfig)} | {"roi_sha256"}
     tiling = {k: v for k, v in store.tiling.items() if k in names}
     source = store.source
-    if source.get("mpp_source") == "override":  # the slide records no scale of its own
+    if source.get("mpp_source") in ("override", "table"):  # no scale of its own, or a row's
         tiling["mpp_override"] = source.get("mpp")
+        tiling["mpp_table"] = source.get("mpp_source") == "table"
     if source.get("mpp") and tiling.get("mpp", 0) * 2 < float(source["mpp"]):
         tiling["allow_upsampling"] = True
     return {

@@ -26,9 +26,14 @@ def retile_command(entry: CatalogEntry | None, store: Path, problem: str | None)
     """The fix of the store at ``store`` (``{root}`` stands for the archive root): its tile
     command (``SLIDE_FILE`` where the catalog does not list it), led, when ``problem`` (from
     :func:`source_problem`) says its file no longer holds it, by what to do instead."""
-    flags = tile_flags(entry.tiling if entry is not None else None)
+    tiling = entry.tiling if entry is not None else None
+    flags = tile_flags(tiling)
     source = shlex.quote(entry.path) if entry is not None else "SLIDE_FILE"
     command = f"wsi-ssl tile {source} --out {{root}}{flags} --no-resume"
+    if tiling and tiling.get("mpp_table"):  # a table row's scale over the file's own
+        mpp = tiling["mpp_override"]
+        row = f"printf 'slide,mpp\\n%s,%s\\n' {source} {mpp} > mpp.csv && "
+        command = row + command.replace(f" --mpp-override {mpp}", " --mpp-csv mpp.csv")
     if problem is None:
         return command
     return (

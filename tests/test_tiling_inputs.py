@@ -56,6 +56,41 @@ def test_mpp_table_row_states_the_scale_over_the_files_own(tmp_path: Path, cmu_s
     assert (source["mpp"], source["mpp_source"]) == (0.499, "vendor")
 
 
+def test_checks_retile_of_a_table_scaled_store_states_the_row_again(
+    tmp_path: Path, cmu_small: Path
+) -> None:
+    """A damaged store whose scale came from a table row: check's fix writes the row and
+    re-tiles with it (it repeated it as --mpp-override, which does not replace a file's own
+    scale: the store came back at 0.499); the catalog rebuilt from the stores knows it too."""
+    import subprocess
+
+    table = tmp_path / "mpp.csv"
+    table.write_text(f"slide,mpp\n{cmu_small.name},0.25\n")
+    out = tmp_path / "out"
+    assert (
+        run_cli(["tile", str(cmu_small), "--out", str(out), *SMALL, "--mpp-csv", str(table)])[0]
+        == 0
+    )
+    store = _only_store(out)
+    before = store.coords[:]
+    shard = next(p for p in (store.path / "tiles" / "c").rglob("*") if p.is_file())
+    shard.unlink()
+    for rebuilt in (False, True):
+        if rebuilt:  # the catalog lost: rebuilt from the stores
+            (out / "catalog.sqlite").unlink()
+            shard.unlink()
+            assert run_cli(["check", str(out), "--repair"])[0] in (0, 1)
+        code, report, _ = run_cli(["check", str(out)])
+        fix = next(line for line in report.splitlines() if "fix: " in line).split("fix: ", 1)[1]
+        assert code == 1 and "--mpp-csv mpp.csv" in fix and "--mpp-override" not in fix, fix
+        done = subprocess.run(["bash", "-c", fix], cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        source = _only_store(out).source
+        assert (source["mpp"], source["mpp_source"]) == (0.25, "table")
+        assert (_only_store(out).coords[:] == before).all()
+        assert run_cli(["check", str(out)])[0] == 0
+
+
 def test_mpp_override_fills_only_a_missing_scale_and_a_new_one_retiles(
     tmp_path: Path, slides_dir: Path, cmu_small: Path
 ) -> None:

@@ -188,7 +188,11 @@ def record_slide(
         status=status,
         n_tiles=n_tiles,
         error=error,
-        tiling={**config.to_dict(), **config.output_key()},  # limits too: check's fix repeats them
+        tiling={
+            **config.to_dict(),
+            **config.output_key(),  # limits too: check's fix repeats them
+            "mpp_table": getattr(source, "mpp_source", None) == "table",  # over the file's own
+        },
     )
 
 
