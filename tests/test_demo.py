@@ -109,3 +109,21 @@ def test_demo_inputs_are_checked_before_any_stage(
         main(["demo", "--steps", "0", "--out", str(out)])
     assert exit_.value.code == 2 and "expected a whole number >= 1" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_demo_words_a_failed_slide_with_its_own_flags(
+    slides_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A slide without a scale: the demo's FAILED line advises its own --mpp-override (it said
+    mpp_override=MPP, and the demo had no such flag); the flag is taken."""
+    boxes = slides_dir / "boxes.tiff"
+    assert main(["demo", str(boxes), "--out", str(tmp_path / "demo"), "--quiet"]) == 1
+    printed = capsys.readouterr().out
+    assert "set it with --mpp-override MPP" in printed and "mpp_override=" not in printed
+    argv = ["demo", str(boxes), "--out", str(tmp_path / "d2"), "--quiet", "--steps", "1"]
+    main([*argv, "--mpp-override", "1.0", "--tissue-threshold", "0.95"])
+    printed = capsys.readouterr().out
+    assert "set it with --mpp-override" not in printed  # scaled: it got past the scale
+    assert "no tile has at least 95% tissue" in printed  # the threshold taken too
+    assert "lower tissue_threshold (tissue pieces" in printed  # and named by its flag:
+    assert "(command line: --tissue-threshold)" in printed

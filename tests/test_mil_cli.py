@@ -18,7 +18,7 @@ from wsi_ssl import mil
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.embedding import embed
 from wsi_ssl.encoders import create_encoder
-from wsi_ssl.errors import EmptyBagError, EncoderMismatchError
+from wsi_ssl.errors import EmptyBagError, EncoderMismatchError, LabelsError
 from wsi_ssl.storage import open_store
 from wsi_ssl.synthetic import write_synthetic_slide
 from wsi_ssl.testing.bags import write_bag_store
@@ -352,6 +352,14 @@ def test_demo_function(archive: tuple[Path, Path], tmp_path: Path) -> None:
     assert (result.run / "metrics.json").is_file()
     assert any(line.startswith("overall (abmil") for line in result.lines)
     assert result.pictures[0].name == "roc.png"
+    # a labelled slide that failed to tile: the demo leaves it out and names it (it stopped,
+    # advising skip_missing=True, which `wsi-ssl demo` has no flag for)
+    failed = {**LABELS, "failed.svs": "clean"}
+    with pytest.raises(LabelsError, match="skip_missing=True"):
+        mil.mil_for_demo(root, failed, tmp_path / "strict")
+    kept = mil.mil_for_demo(root, failed, tmp_path / "demo2", skip_missing=True)
+    assert any("failed.svs" in line for line in kept.lines), kept.lines
+    assert kept.metrics["overall"] == result.metrics["overall"]  # the same four slides
 
 
 def test_predictions_of_training_slides_and_other_tilings_carry_a_note(

@@ -51,6 +51,7 @@ def mil_for_demo(
     *,
     encoder: str | None = None,
     config: MILConfig = DEMO_CONFIG,
+    skip_missing: bool = False,
     progress: bool = False,
 ) -> MILDemoResult:
     """Cross-validate ABMIL on the demo archive and draw one attention heatmap.
@@ -62,6 +63,8 @@ def mil_for_demo(
         encoder: encoder_id (None: the archive's only one).
         config: training settings; folds are lowered to what the labels allow (at least 2
             patients per class are needed).
+        skip_missing: leave out (and name) labelled slides without a store or embeddings
+            (slides that failed to tile).
         progress: print one line per epoch.
 
     Returns:
@@ -75,7 +78,7 @@ def mil_for_demo(
     from wsi_ssl.mil.training import train
 
     table = LabelTable.from_mapping(labels) if isinstance(labels, Mapping) else read_labels(labels)
-    report = match_labels(root, table, encoder)
+    report = match_labels(root, table, encoder, skip_missing=skip_missing)
     fewest = min(len({s.patient for s in report.slides if s.label == c}) for c in report.classes)
     if fewest < 2:
         raise LabelsError(
@@ -96,7 +99,14 @@ def mil_for_demo(
         classes, roc = list(metrics["classes"]), run_dir / "roc.png"
     else:
         result = train(
-            root, table, report.encoder_id, run_dir, settings, overwrite=True, progress=progress
+            root,
+            table,
+            report.encoder_id,
+            run_dir,
+            settings,
+            overwrite=True,
+            skip_missing=skip_missing,
+            progress=progress,
         )
         metrics = {"overall": result.overall, "folds_mean_std": result.summary}
         lines, classes, roc = result.lines(), result.classes, result.roc_path
