@@ -1,148 +1,164 @@
-"""The MIL step of ``wsi-ssl demo``: a small cross-validated ABMIL run and one heatmap."""
+"""``wsi-ssl demo``: the whole pipeline on synthetic slides (or the slides given).
+
+tile -> DINO pretraining (CPU, a minute or two) -> embeddings -> FAISS region search ->
+cross-validated ABMIL with an attention heatmap. Each stage prints its summary lines and
+leaves its picture in the output folder; re-running resumes every stage.
+"""
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wsi_ssl.errors import LabelsError
-from wsi_ssl.mil.config import MILConfig
-from wsi_ssl.mil.labels import LabelTable, read_labels
-from wsi_ssl.mil.matching import MatchReport, match_labels
+from wsi_ssl.config import TilingConfig
+from wsi_ssl.errors import ConfigError
+from wsi_ssl.outcome import ErrorText
 
-__all__ = ["DEMO_CONFIG", "MILDemoResult", "mil_for_demo"]
+DEMO_SLIDES = 12
+"""Synthetic demo slides; the odd seeds carry a lesion (crowded nuclei), labelled "tumour"."""
 
-DEMO_CONFIG = MILConfig(
-    model="abmil",
-    hidden_dim=128,
-    attention_dim=64,
-    dropout=0.1,
-    folds=3,
-    val_fraction=0.0,  # a handful of slides per fold: early stopping on one or two is noise
-    epochs=30,
-    lr=5e-4,
-    weight_decay=1e-4,
-    device="cpu",
-    threads=1,
-)
-"""Small and quick: a few demo slides train in seconds on a CPU, a fixed number of epochs."""
+DEMO_SIZE = (4096, 3072)
 
 
 @dataclass
-class MILDemoResult:
-    """The demo's MIL outcome: the run, its metrics, one heatmap, and lines to print."""
-
-    run: Path
-    metrics: dict
-    heatmap: Path | None
-    gallery: Path | None
+class DemoResult:
+    root: Path
+    slides: list[Path]
     lines: list[str] = field(default_factory=list)
     pictures: list[Path] = field(default_factory=list)
+    failed: bool = False
 
 
-def mil_for_demo(
-    root: str | Path,
-    labels: str | Path | Mapping[str, str | int],
+def demo_slides(out: Path) -> dict[Path, str]:
+    """Write (once) the labelled synthetic demo slides; returns ``{path: label}``."""
+    from wsi_ssl.storage.atomic import atomic_path
+    from wsi_ssl.synthetic import write_synthetic_slide
+
+    labelled = {}
+    for seed in range(DEMO_SLIDES):
+        lesion = seed % 2 == 1
+        path = out / "slides" / f"demo-{seed}.tiff"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                write_synthetic_slide(tmp, DEMO_SIZE, seed=seed, lesion=lesion)
+        labelled[path] = "tumour" if lesion else "normal"
+    return labelled
+
+
+def run_demo(
     out: str | Path,
+    slides: Sequence[str | Path] = (),
     *,
-    encoder: str | None = None,
-    config: MILConfig = DEMO_CONFIG,
-    skip_missing: bool = False,
-    progress: bool = False,
-) -> MILDemoResult:
-    """Cross-validate ABMIL on the demo archive and draw one attention heatmap.
+    labels: str | Path | Mapping[str, str] | None = None,
+    pretrain_steps: int = 200,
+    tiling: TilingConfig | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = None,
+    error_text: ErrorText | None = None,
+) -> DemoResult:
+    """Run every stage on the demo slides (written here) or on ``slides``.
 
     Args:
-        root: archive root whose slides have embeddings (``wsi-ssl embed``).
-        labels: labels CSV, or ``{slide id or file name: label}``.
-        out: folder for the run (``out/run``) and predictions (``out/run/predictions``).
-        encoder: encoder_id (None: the archive's only one).
-        config: training settings; folds are lowered to what the labels allow (at least 2
-            patients per class are needed).
-        skip_missing: leave out (and name) labelled slides without a store or embeddings
-            (slides that failed to tile).
-        progress: print one line per epoch.
+        out: output folder (the archive is ``out/archive``).
+        slides: slide files; none: the synthetic demo slides, labelled for the MIL step.
+        labels: a labels CSV (or mapping) for the MIL step when ``slides`` are given; without
+            one the MIL step is skipped.
+        pretrain_steps: DINO steps of the CPU pretraining run.
+        tiling: the tiling settings (default ``TilingConfig()``: 256 px at 0.5 µm/px); an
+            ``mpp_override`` or ``tissue_threshold`` for your own slides.
+        progress: progress bars.
+        echo: called with each summary line as soon as its stage ends.
+        error_text: words a slide's error (the command's flags for the CLI).
 
-    Returns:
-        A :class:`MILDemoResult`; ``heatmap`` is the slide predicted most confidently as the
-        last class (the positive class of a binary task).
-
-    Raises:
-        LabelsError: fewer than 2 labelled slides (patients) in some class, or bad labels.
+    Size: one short block per stage, in pipeline order, so the demo reads as the pipeline
+    does.
     """
-    from wsi_ssl.mil.prediction import predict
-    from wsi_ssl.mil.training import train
+    from wsi_ssl.embedding import embed_for_demo
+    from wsi_ssl.mil.demo import mil_for_demo
+    from wsi_ssl.search.demo import demo_region_gallery
+    from wsi_ssl.ssl.demo import demo_pretrain
+    from wsi_ssl.storage import open_store
+    from wsi_ssl.storage.archive import is_archive_root
+    from wsi_ssl.tiling.batch import tile_slides
 
-    table = LabelTable.from_mapping(labels) if isinstance(labels, Mapping) else read_labels(labels)
-    report = match_labels(root, table, encoder, skip_missing=skip_missing)
-    fewest = min(len({s.patient for s in report.slides if s.label == c}) for c in report.classes)
-    if fewest < 2:
-        raise LabelsError(
-            table.path,
-            "the MIL demo needs at least 2 labelled slides (patients) of every class; "
-            f"got {report.class_counts}",
+    if pretrain_steps < 1:
+        raise ConfigError(
+            f"pretrain_steps must be >= 1, got {pretrain_steps}", parameters=("pretrain_steps",)
         )
-    folds = min(config.folds, fewest)
-    run_dir = Path(out) / "run"
-    settings = dataclasses.replace(config, folds=folds)
-    metrics = _trained_before(run_dir, report, settings)
-    if metrics is not None:  # a re-run: the same run again would give the same numbers
-        lines = [
-            f"MIL run {run_dir} is up to date (same slides, labels, encoder and settings): "
-            f"out-of-fold AUC {_fmt(metrics['overall']['auc'])}, balanced accuracy "
-            f"{_fmt(metrics['overall']['balanced_accuracy'])}"
-        ]
-        classes, roc = list(metrics["classes"]), run_dir / "roc.png"
-    else:
-        result = train(
-            root,
-            table,
-            report.encoder_id,
-            run_dir,
-            settings,
-            overwrite=True,
-            skip_missing=skip_missing,
-            progress=progress,
+    if labels is not None and not slides:
+        raise ConfigError(
+            "labels are for your own slides: give the slide files too (the demo's synthetic "
+            "slides come labelled)",
+            parameters=("labels",),
         )
-        metrics = {"overall": result.overall, "folds_mean_std": result.summary}
-        lines, classes, roc = result.lines(), result.classes, result.roc_path
-    preds = predict(run_dir, root, run_dir / "predictions")
-    lines += preds.lines()
-    heatmap = gallery = None
-    if preds.slides:
-        positive = classes[-1]
-        best = max(preds.slides, key=lambda s: s.probabilities[positive])
-        heatmap, gallery = best.heatmap, best.gallery
-        lines.append(
-            f"attention heatmap of {best.name} ({positive} {best.probabilities[positive]:.2f}): {heatmap}"
+    out = Path(out)
+    root = out / "archive"
+    if not slides:
+        demo = demo_slides(out)
+        slides = list(demo)
+        labels = {path.name: label for path, label in demo.items()} if labels is None else labels
+    result = DemoResult(root, [Path(s) for s in slides])
+    show = echo or (lambda _: None)
+
+    def say(*lines: str) -> None:
+        result.lines.extend(lines)
+        for line in lines:
+            show(line)
+
+    say("== tile")
+    summary = tile_slides(result.slides, root, tiling or TilingConfig(), progress=progress)
+    for r in summary.outcomes:
+        if r.status == "failed":
+            result.failed = True
+            say(f"FAILED {r.slide}: {r.message(error_text)}")
+    archive = open_store(root) if is_archive_root(root) else None
+    if archive is None or not archive.slide_ids:
+        say("no slide was tiled; the later stages need at least one")
+        result.failed = True
+        return result
+    for r in summary.outcomes:
+        if r.status == "failed":
+            continue
+        store = archive.slide(r.details["slide_id"])
+        picture = archive.plot_tiles(store.slide_id, out / f"{Path(r.slide).stem}_tiles.png")
+        result.pictures.append(picture)
+        w, h = store.source["dimensions"]
+        say(
+            f"{Path(r.slide).name}: {w}x{h} px at {store.source['mpp']:.3f} µm/px "
+            f"({store.source['mpp_source']}, {store.source['reader']}) -> {store.n_tiles} tiles "
+            f"of {store.tiling['tile_size']} px at {store.tiling['mpp']} µm/px, {r.status}"
         )
-    metrics = {"overall": metrics["overall"], "folds_mean_std": metrics["folds_mean_std"]}
-    pictures = [p for p in (roc, heatmap, gallery) if p is not None]
-    return MILDemoResult(run_dir, metrics, heatmap, gallery, lines, pictures)
 
+    say("== pretrain (DINO, CPU backbone)")
+    run = demo_pretrain(root, out / "pretrain", steps=pretrain_steps, progress=progress)
+    speed = f"{run.images_per_s:.1f} images/s" if run.images_per_s else "resumed"
+    loss = f"{run.final_loss:.3f}" if run.final_loss is not None else "n/a"
+    say(f"{run.step}/{run.total_steps} steps, final loss {loss}, {speed}")
+    if run.loss_plot is not None:
+        loss_plot = out / "pretrain" / run.loss_plot.name  # as the other pictures are named
+        say(f"loss curve: {loss_plot}")
+        result.pictures.append(loss_plot)
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+    say("== embed")
+    embedded = embed_for_demo(root, run.out_dir, progress=progress)
+    say(*embedded.lines())
 
+    say("== search (region query)")
+    _, gallery, lines = demo_region_gallery(root, out / "gallery.png", encoder=embedded.encoder_id)
+    say(*lines)
+    say(f"browse it: wsi-ssl serve {root} --index {embedded.encoder_id}")
+    result.pictures.append(gallery)
 
-def _trained_before(run: Path, report: MatchReport, config: MILConfig) -> dict | None:
-    """``run``'s metrics when it was trained on these slides and labels, with this encoder and
-    these settings (None: it was not, or it is not complete)."""
-    try:
-        info = json.loads((run / "run.json").read_text())
-        metrics = json.loads((run / "metrics.json").read_text())
-        with (run / "splits.csv").open(newline="") as f:
-            labelled = {(r["slide_id"], r["label"]) for r in csv.DictReader(f)}
-    except (OSError, ValueError, KeyError):
-        return None
-    same = (
-        info.get("config") == config.to_dict()
-        and info.get("encoder_id") == report.encoder_id
-        and labelled == {(s.slide_id, s.label) for s in report.slides}
-        and (run / "roc.png").is_file()
+    say("== MIL (attention MIL, cross-validated)")
+    if labels is None:
+        say("skipped: give labels (a CSV with columns slide,label) to train a slide classifier")
+        return result
+    # the labelled slides that failed to tile (said above) are left out, and named
+    mil = mil_for_demo(
+        root, labels, out / "mil", encoder=embedded.encoder_id, skip_missing=result.failed
     )
-    return metrics if same else None
+    say(*mil.lines)
+    result.pictures.extend(mil.pictures)
+    return result
