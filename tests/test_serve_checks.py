@@ -110,8 +110,9 @@ def test_boxes_without_area_are_refused_in_every_mode(site: dict[str, Any]) -> N
             body = {"slide": cmu, "box": box, "mode": mode}
             status, answer = post_json(base, "/api/search", body)
             assert status == 400, (mode, box, answer)
-            assert answer["error"] == (
-                f"{cmu}: box {','.join(map(str, box))} has no area; width and height must be > 0"
+            assert answer["error"] == (  # named by file, as the page names it (it said the id)
+                f"CMU-1-Small-Region.svs: box {','.join(map(str, box))} has no area; width and "
+                "height must be > 0"
             )
 
 

@@ -162,7 +162,7 @@ def tile_query(
     w, h = q.store.source["dimensions"]
     if not (0 <= x < w and 0 <= y < h):
         raise RegionOutsideSlideError(
-            f"{q.store.slide_id}: point {x},{y} is outside the slide (0..{w - 1}, 0..{h - 1} level-0 px)"
+            f"{q.name}: point {x},{y} is outside the slide (0..{w - 1}, 0..{h - 1} level-0 px)"
         )
     feats, coords, tiles = q.vectors()
     size = q.size
@@ -178,7 +178,7 @@ def tile_query(
     if not len(rows):
         where = "contains point" if within is None else "is centred in the box about point"
         raise NoTilesInRegionError(
-            f"{q.store.slide_id}: no stored tissue tile {where} {x},{y} (or its tile "
+            f"{q.name}: no stored tissue tile {where} {x},{y} (or its tile "
             f"was left out by QC); pick a point on tissue (tiles cover {len(coords)} positions)"
         )
     corner = rows[(coords[rows, 0] == x) & (coords[rows, 1] == y)]
@@ -204,17 +204,17 @@ def tile_query(
 def region_query(index: Searchable, slide: str, box: tuple[int, int, int, int]) -> Query:
     """The stored tiles of ``slide`` whose centres lie in level-0 ``box`` (clipped to it)."""
     q = _QuerySlide(index, slide)
-    sid = q.store.slide_id
+    sid, name = q.store.slide_id, q.name  # messages name it as its user knows it: by file
     x, y, w, h = (int(v) for v in box)
     sw, sh = q.store.source["dimensions"]
     if w <= 0 or h <= 0:
         raise RegionOutsideSlideError(
-            f"{sid}: box {x},{y},{w},{h} has no area; width and height must be > 0"
+            f"{name}: box {x},{y},{w},{h} has no area; width and height must be > 0"
         )
     clipped = clip_box((x, y, w, h), (sw, sh))
     if clipped is None:
         raise RegionOutsideSlideError(
-            f"{sid}: box {x},{y},{w},{h} lies outside the slide, which is {sw}x{sh} "
+            f"{name}: box {x},{y},{w},{h} lies outside the slide, which is {sw}x{sh} "
             "level-0 px; give X,Y,W,H in level-0 pixels"
         )
     x0, y0 = clipped[:2]
@@ -222,7 +222,7 @@ def region_query(index: Searchable, slide: str, box: tuple[int, int, int, int]) 
     feats, coords, tiles = q.vectors()
     rows = centres_in(coords, q.size, (sw, sh), clipped)
     if not len(rows):
-        drawn = f"{sid}: box {x0},{y0},{x1 - x0},{y1 - y0}"
+        drawn = f"{name}: box {x0},{y0},{x1 - x0},{y1 - y0}"
         if left_out := q.left_out_in(clipped):
             raise NoTilesInRegionError(
                 f"{drawn} holds no tile with a vector: QC flagged its {left_out} stored tile(s) "
@@ -257,7 +257,7 @@ def slide_query(
     q = _QuerySlide(index, slide)
     feats, coords, tiles = q.vectors()
     if not len(feats):
-        raise NoTilesInRegionError(f"{q.store.slide_id}: the slide has no stored tiles")
+        raise NoTilesInRegionError(f"{q.name}: the slide has no stored tiles")
     rows = mosaic_rows(feats, max_tiles, seed)
     w, h = q.store.source["dimensions"]
     return Query(

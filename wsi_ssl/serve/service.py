@@ -366,7 +366,7 @@ class SlideService:
         slide = entry["slide_id"]  # indexed: their pictures show
         if w <= 0 or h <= 0:  # whatever the mode, as a region query refuses it
             raise RegionOutsideSlideError(
-                f"{slide}: box {x},{y},{w},{h} has no area; width and height must be > 0"
+                f"{entry['name']}: box {x},{y},{w},{h} has no area; width and height must be > 0"
             )
         store = self.store(slide, searched.name)  # gone, being re-tiled: said first
         check_on_slide(entry["name"], box, store.source["dimensions"])
