@@ -385,3 +385,29 @@ def test_a_vit_run_trained_at_another_crop_size_inits_a_larger_one(
     assert all(torch.equal(state[k], previous[k]) for k in previous if k != "pos_embed")
     run = pretrain(cmu_root, config, out=tmp_path / "trained")
     assert np.isfinite([r["loss"] for r in run.history]).all()
+
+
+def test_init_adopts_the_inits_input_normalisation(cmu_root: Path, tmp_path: Path) -> None:
+    """A preset trained on other statistics than ImageNet's (Hibou) is continued with its own
+    mean and std (the run trained and embedded with ImageNet's: cosine 0.66-0.92 to the preset
+    with its backbone untouched); a mean and std given explicitly are kept; a run as init
+    passes its own on."""
+    from wsi_ssl.encoders.zoo import HIBOU_MEAN, HIBOU_STD
+    from wsi_ssl.ssl.init import apply_init
+
+    crops = {"global_crop_size": 224, "local_crop_size": 98}
+    adopted = apply_init(PretrainConfig(init="hibou-b", **crops))
+    assert (adopted.mean, adopted.std) == (HIBOU_MEAN, HIBOU_STD)
+    mine = apply_init(PretrainConfig(init="hibou-b", mean=(0.5, 0.5, 0.5), **crops))
+    assert mine.mean == (0.5, 0.5, 0.5)
+    assert apply_init(PretrainConfig(init="timm/vit_tiny_patch16_224")).mean == (
+        0.485,
+        0.456,
+        0.406,
+    )
+    first = pretrain(cmu_root, tiny("dino", mean=(0.7, 0.6, 0.7), steps=2), out=tmp_path / "a")
+    assert apply_init(tiny("dino", init=str(first.out_dir))).mean == (0.7, 0.6, 0.7)
+    # a crop size that does not fit the preset's 14 px patches: the sizes that do
+    code, _, err = run_cli(["pretrain", str(cmu_root), "--out", str(tmp_path / "c"),
+                            "--init", "hibou-b", "--quiet"])  # fmt: skip
+    assert code == 2 and "got 96: pass --local-crop-size 98 (or 84)" in err, err

@@ -55,10 +55,13 @@ def check_arch(c: PretrainConfig) -> None:
     """The checks of ``c.arch``: crop sizes fit its patch size, a masking method has a ViT."""
     spec = get_spec(c.arch)
     for name in ("global_crop_size", "local_crop_size"):
-        if getattr(c, name) % (spec.patch_size or 1) and _crop_used(c, name):
+        size, patch = getattr(c, name), spec.patch_size or 1
+        if size % patch and _crop_used(c, name):
+            near = [m for m in (size // patch * patch, (size // patch + 1) * patch) if m >= 8]
             raise ConfigError(
-                f"{name} must be a multiple of {c.arch}'s patch size {spec.patch_size}; "
-                f"got {getattr(c, name)}"
+                f"{name} must be a multiple of {c.arch}'s patch size {patch}; got {size}: "
+                f"pass {name}={near[-1]}" + (f" (or {near[0]})" if len(near) > 1 else ""),
+                parameters=(name,),
             )
     # a ViT passes without importing the recipe (torch); another backbone asks the recipe
     if spec.family not in ("vit", None) and RECIPES.get(c.method).needs_vit:

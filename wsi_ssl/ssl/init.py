@@ -20,12 +20,14 @@ from torch import nn
 
 from wsi_ssl.errors import CheckpointError
 from wsi_ssl.ssl.backbones import ENCODER_PREFIX, pretraining_module
-from wsi_ssl.ssl.config import PretrainConfig
+from wsi_ssl.ssl.config import IMAGENET_MEAN, IMAGENET_STD, PretrainConfig
 from wsi_ssl.ssl.config_checks import check_arch
 
 __all__ = ["RUN_PREFIX", "apply_init", "init_is_run", "load_init"]
 
 RUN_PREFIX = "wsi-ssl:"
+Normalisation = tuple[tuple[float, ...], tuple[float, ...]]
+"""An input normalisation: (mean, std) per RGB channel."""
 
 
 def init_is_run(init: str) -> bool:
@@ -35,18 +37,39 @@ def init_is_run(init: str) -> bool:
 
 def apply_init(config: PretrainConfig) -> PretrainConfig:
     """``config`` with ``arch`` set to ``init``'s architecture (unchanged without init), and
-    the checks of that architecture passed (:func:`check_arch`)."""
+    the checks of that architecture passed (:func:`check_arch`). The init's input
+    normalisation (mean, std) replaces the default ImageNet one: a foundation model trained
+    on other statistics (Hibou, H-optimus, Midnight) sees its tiles as it was trained to."""
     if config.init is None:
         return config
     if init_is_run(config.init):
         from wsi_ssl.ssl.encoder import load_encoder
 
-        arch = load_encoder(_run_path(config.init)).description["arch"]
+        description = load_encoder(_run_path(config.init)).description
+        arch = description["arch"]
+        norm: Normalisation | None = (tuple(description["mean"]), tuple(description["std"]))
     else:
-        arch = ENCODER_PREFIX + config.init
-    adopted = config if arch == config.arch else config.replace(arch=arch)
+        arch, norm = ENCODER_PREFIX + config.init, _registry_normalisation(config.init)
+    changes: dict[str, object] = {} if arch == config.arch else {"arch": arch}
+    if norm is not None and (tuple(config.mean), tuple(config.std)) == (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+    ):
+        changes.update(mean=tuple(norm[0]), std=tuple(norm[1]))
+    adopted = config.replace(**changes) if changes else config
     check_arch(adopted)
     return adopted
+
+
+def _registry_normalisation(name: str) -> Normalisation | None:
+    """The (mean, std) a registered encoder normalises its input with (None: ``timm/<arch>``
+    and other sources, which normalise as ImageNet)."""
+    from wsi_ssl.encoders.registry import ENCODERS
+
+    if name not in ENCODERS:
+        return None
+    config = ENCODERS.get(name).config
+    return tuple(config.mean), tuple(config.std)
 
 
 def _run_path(init: str) -> Path:
