@@ -16,6 +16,14 @@ module loads them strictly and computes the published embedding:
 - ``conch``: CONCH v1.5's ``pytorch_model_vision.bin`` (``trunk.``, ``attn_pool_contrast.``,
   ``ln_contrast.``): its trunk keeps a 224-px position grid that the reference code resamples to
   the 448-px input on every forward pass; that resampling is done here once.
+
+Both ``hf-*`` layouts also read ``model.state_dict()`` of a ``transformers`` 5.x model, whose
+in-memory names differ from the published files' (``save_pretrained`` converts back, by the
+table ``transformers.conversion_mapping`` keeps per class): ``layers.N.`` (ViT) for
+``encoder.layer.N.``, ``attention.{q,k,v,o}_proj`` for ``attention.attention.{query,key,value}``
+and ``attention.output.dense``, ViT's ``mlp.fc1/fc2`` for ``intermediate.dense`` /
+``output.dense``, and SwiGLU's ``mlp.gate_proj`` + ``mlp.up_proj`` (the halves of
+``weights_in``) and ``mlp.down_proj`` (``weights_out``).
 """
 
 from __future__ import annotations
@@ -37,19 +45,35 @@ _HF_VIT = {
     "layernorm_before": "norm1",
     "layernorm_after": "norm2",
     "attention.output.dense": "attn.proj",
+    "attention.o_proj": "attn.proj",
     "intermediate.dense": "mlp.fc1",
     "output.dense": "mlp.fc2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
 }
 _HF_DINOV2 = {
     "norm1": "norm1",
     "norm2": "norm2",
     "attention.output.dense": "attn.proj",
+    "attention.o_proj": "attn.proj",
     "layer_scale1.lambda1": "ls1.gamma",
     "layer_scale2.lambda1": "ls2.gamma",
     "mlp.fc1": "mlp.fc1",
     "mlp.fc2": "mlp.fc2",
     "mlp.weights_in": "mlp.fc1",
     "mlp.weights_out": "mlp.fc2",
+    "mlp.down_proj": "mlp.fc2",
+}
+# per-layer tensors concatenated into one timm tensor: name -> (timm name, position, parts)
+_HF_FUSED = {
+    "attention.attention.query": ("attn.qkv", 0, 3),
+    "attention.attention.key": ("attn.qkv", 1, 3),
+    "attention.attention.value": ("attn.qkv", 2, 3),
+    "attention.q_proj": ("attn.qkv", 0, 3),
+    "attention.k_proj": ("attn.qkv", 1, 3),
+    "attention.v_proj": ("attn.qkv", 2, 3),
+    "mlp.gate_proj": ("mlp.fc1", 0, 2),
+    "mlp.up_proj": ("mlp.fc1", 1, 2),
 }
 _HF_EMBED = {
     "embeddings.cls_token": "cls_token",
@@ -62,7 +86,7 @@ _HF_EMBED = {
 }
 # present in the published files, unused by an encoder's forward pass
 _HF_UNUSED = ("embeddings.mask_token", "pooler.")
-_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias|lambda1)$")
+_LAYER = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias|lambda1)$")
 
 
 def _trunk(model: nn.Module) -> nn.Module:
@@ -88,13 +112,14 @@ def timm(state: Tensors, model: nn.Module) -> Tensors:
 
 
 def _hf_rename(state: Tensors, per_layer: dict[str, str]) -> Tensors:
-    """Hugging Face names -> timm names; query/key/value fused into qkv (in that order)."""
+    """Hugging Face names -> timm names; query/key/value fused into qkv (in that order), a
+    SwiGLU's gate/up halves into fc1."""
     state = {
         k.split(".", 1)[1] if k.split(".", 1)[0] in ("vit", "dinov2") else k: v
         for k, v in state.items()
     }
     out: Tensors = {}
-    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    fused: dict[tuple[int, str, str], dict[int, tuple[str, torch.Tensor]]] = {}
     for key, value in state.items():
         if key.startswith(_HF_UNUSED):
             continue
@@ -106,22 +131,21 @@ def _hf_rename(state: Tensors, per_layer: dict[str, str]) -> Tensors:
             out[key] = value  # left as is: reported as unexpected by the strict load
             continue
         layer, name, kind = int(m.group(1)), m.group(2), m.group(3)
-        if name.startswith("attention.attention."):
-            qkv.setdefault((layer, kind), {})[name.rsplit(".", 1)[1]] = value
+        if name in _HF_FUSED:
+            target, position, _ = _HF_FUSED[name]
+            fused.setdefault((layer, target, kind), {})[position] = (key, value)
         elif kind == "lambda1" and f"{name}.lambda1" in per_layer:
             out[f"blocks.{layer}.{per_layer[f'{name}.lambda1']}"] = value
         elif name in per_layer:
             out[f"blocks.{layer}.{per_layer[name]}.{kind}"] = value
         else:
             out[key] = value
-    for (layer, kind), parts in qkv.items():
-        if set(parts) == {"query", "key", "value"}:
-            out[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat(
-                [parts["query"], parts["key"], parts["value"]]
-            )
+    parts_of = {target: n for target, _, n in _HF_FUSED.values()}
+    for (layer, target, kind), parts in fused.items():
+        if set(parts) == set(range(parts_of[target])):
+            out[f"blocks.{layer}.{target}.{kind}"] = torch.cat([parts[i][1] for i in sorted(parts)])
         else:  # incomplete: keep the originals so the strict load names them
-            for p, v in parts.items():
-                out[f"encoder.layer.{layer}.attention.attention.{p}.{kind}"] = v
+            out.update(parts.values())
     return out
 
 

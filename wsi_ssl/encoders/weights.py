@@ -106,12 +106,80 @@ CONVERT_PICKLE = (
 )
 
 
+_SAFETENSORS_MAX_HEADER = 100_000_000  # safetensors refuses larger headers
+
+
+def _sniff(path: Path) -> str:
+    """What a file holds, from its first bytes, whatever its name: ``safetensors``, ``zip``
+    (``torch.save``), ``pickle`` (legacy ``torch.save``), ``html``, ``lfs`` (a Git LFS
+    pointer), ``text``, ``empty``, or ``""`` (none of these)."""
+    import struct
+
+    with path.open("rb") as f:
+        head = f.read(512)
+    if not head:
+        return "empty"
+    if len(head) > 8 and head[8:9] == b"{":
+        (n,) = struct.unpack("<Q", head[:8])
+        if 2 <= n <= _SAFETENSORS_MAX_HEADER:
+            return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[0] == 0x80:  # pickle protocol 2+
+        return "pickle"
+    if not all(b >= 0x20 or b in b"\t\n\r\f" for b in head):
+        return ""
+    text = head.removeprefix(b"\xef\xbb\xbf").lstrip()
+    if text.startswith(b"<"):
+        return "html"
+    return "lfs" if text.startswith(b"version https://git-lfs") else "text"
+
+
+def _not_weights(path: Path, kind: str) -> CheckpointError:
+    """The refusal for a text file where weights were expected."""
+    with path.open("rb") as f:
+        start = " ".join(f.read(60).decode("utf-8", "replace").split())
+    head = f"{path}: cannot read a state dict: it is"
+    if kind == "lfs":
+        return CheckpointError(
+            f"{head} a Git LFS pointer, not the weights; fetch the file itself (git lfs pull "
+            "in the cloned model repository, or download it from the model card)"
+        )
+    if kind == "html":
+        why = "a download that needs a login or the licence accepted on the model card saves this"
+    else:
+        why = "if it was downloaded, the download likely needed a login or the licence accepted "
+        why += "on the model card"
+    return CheckpointError(
+        f"{head} {'a web page (HTML)' if kind == 'html' else 'a text file'}, not weights (it "
+        f"starts {start!r}); {why}: accept it there, log in and download the file again"
+    )
+
+
+def _torch_reason(err: Exception) -> str:
+    """torch's reason for a failed load in one line, without its advice to unpickle."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("WeightsUnpickler error:"):
+            return line.removeprefix("WeightsUnpickler error:").strip()
+    if not lines:
+        return type(err).__name__
+    return lines[0].split(".")[0] if "weights_only" in lines[0] else lines[0]
+
+
 def _read(path: Path) -> Any:
+    """The object in ``path``, read by its content (a safetensors file named ``.bin`` is
+    read as safetensors)."""
     import pickle
 
     import torch
 
-    if path.suffix == ".safetensors":
+    kind = _sniff(path)
+    if kind in ("html", "lfs", "text"):
+        raise _not_weights(path, kind)
+    if kind == "empty":
+        raise TruncatedWeightsError(f"{path}: empty file (0 bytes); download or copy it again")
+    if kind == "safetensors" or (not kind and path.suffix == ".safetensors"):
         from safetensors.torch import load_file
 
         size, need = path.stat().st_size, _safetensors_end(path)
@@ -121,28 +189,47 @@ def _read(path: Path) -> Any:
                 "download or copy it again"
             )
         return load_file(str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:  # an open file: torch reads a path named .safetensors as safetensors
+        with path.open("rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" not in str(err):  # not pickled objects: a damaged file
-            raise
+            raise CheckpointError(_unreadable(path, kind, err)) from err
         dst = path.with_suffix(".safetensors")
         raise PickleCheckpointError(
             f"{path}: this checkpoint holds pickled Python objects, not just tensors, and is "
             "refused (unpickling can run code); if you trust the file, convert it once with: "
             + CONVERT_PICKLE.format(src=path, dst=dst)
         ) from err
+    except Exception as err:  # torch raises many types for a bad file
+        raise CheckpointError(_unreadable(path, kind, err)) from err
+
+
+def _unreadable(path: Path, kind: str, err: Exception) -> str:
+    if not kind:
+        with path.open("rb") as f:
+            start = f.read(8)
+        return (
+            f"{path}: cannot read a state dict: neither safetensors nor torch.save output (it "
+            f"starts {start!r}); check the file, or download or copy it again"
+        )
+    return (
+        f"{path}: cannot read a state dict from this torch.save file ({type(err).__name__}: "
+        f"{_torch_reason(err)}); download or copy it again, or save a state dict with "
+        "torch.save(model.state_dict(), PATH)"
+    )
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from a ``.pth``/``.pt``/``.bin`` (``torch.load(weights_only=True)``) or
-    ``.safetensors`` file; unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` and a
-    ``module.`` prefix.
+    """Tensors from a ``torch.save`` (read with ``weights_only=True``) or safetensors file,
+    whatever its suffix (the first bytes say which); unwraps ``{"state_dict": ...}`` /
+    ``{"model": ...}`` and a ``module.`` prefix.
 
     Raises:
-        TruncatedWeightsError: a safetensors file shorter than its header says.
+        TruncatedWeightsError: an empty file, or a safetensors file shorter than its header.
         PickleCheckpointError: a file that only loads by unpickling arbitrary objects.
-        CheckpointError: any other unreadable file, or not a dict of tensors.
+        CheckpointError: a web page or other text file (an HTML login page saved by a download
+            that needed one), any other unreadable file, or not a dict of tensors.
     """
     import torch
 
