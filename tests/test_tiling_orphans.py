@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 
 from wsi_ssl.config import TilingConfig
-from wsi_ssl.errors import StoreLockedError
+from wsi_ssl.errors import StaleWriterError
 from wsi_ssl.slide import open_slide
 from wsi_ssl.storage import open_store
+from wsi_ssl.storage.writer_token import WRITER_FILE, check_still_ours, claim
 from wsi_ssl.synthetic import write_synthetic_slide
 from wsi_ssl.tiling.batch import tile_slide
 from wsi_ssl.tiling.extract import _extract_chunk
 from wsi_ssl.tiling.grid import TileGrid
-from wsi_ssl.tiling.writer_guard import WRITER_FILE, claim
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -99,7 +99,7 @@ def test_a_task_of_a_job_that_no_longer_writes_the_store_writes_nothing(tmp_path
         grid = TileGrid.for_slide(reader, reader.require_mpp(), config)
     args = ((str(slide), "openslide"), str(tiles_path), grid, 0, store.coords[:8][::-1])
     claim(tiles_path, "the-job-writing-it-now")
-    with pytest.raises(StoreLockedError, match=str(store.path)):
+    with pytest.raises(StaleWriterError, match="written by another tile job now"):
         _extract_chunk(*args, job="a-job-killed-earlier")
     assert shard.read_bytes() == data
     np.testing.assert_array_equal(
@@ -107,3 +107,23 @@ def test_a_task_of_a_job_that_no_longer_writes_the_store_writes_nothing(tmp_path
     )
     start, n, _, _ = _extract_chunk(*args, job="the-job-writing-it-now")  # its own job writes
     assert (start, n) == (0, 8) and shard.read_bytes() != data
+
+
+def test_a_worker_that_cannot_read_the_token_says_why(tmp_path: Path) -> None:
+    """No token where the job wrote it: the job's output is gone, or the worker sees the
+    archive elsewhere (it was reported as "being written by another process")."""
+    with pytest.raises(StaleWriterError, match="does not see the archive at this path"):
+        check_still_ours(tmp_path / "tiles", "a-job")
+
+
+def test_worker_processes_start_under_a_forkserver_too(tmp_path: Path) -> None:
+    """Dask configured for the forkserver context: a worker's parent is the forkserver, not
+    the job, and the workers must still run (each exited at start: BrokenProcessPool)."""
+    slide = write_synthetic_slide(tmp_path / "s.tiff", (768, 512), seed=4)
+    env = {**os.environ, "DASK_MULTIPROCESSING__CONTEXT": "forkserver"}
+    argv = [sys.executable, "-m", "wsi_ssl.cli", "tile", str(slide), "--out", str(tmp_path / "o")]
+    argv += ["--tile-size", "128", "--no-qc", "--quiet", "--scheduler", "processes"]
+    done = subprocess.run([*argv, "--workers", "2"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    store = open_store(tmp_path / "o").slide(open_store(tmp_path / "o").slide_ids[0])
+    assert store.status == "complete" and store.n_tiles > 0

@@ -513,6 +513,11 @@ class ImageTooLargeError(ImageQueryError):
 # -- archive safety ---------------------------------------------------------------------------
 
 
+class StaleWriterError(WsiSslError, RuntimeError):
+    """A tile task whose job no longer writes the store (stopped, another job took over), or
+    a worker that cannot read the job's token where the job wrote it."""
+
+
 class StoreLockedError(WsiSslError, RuntimeError):
     """Another live process holds the writer lock of a store, an embeddings array or an index.
 

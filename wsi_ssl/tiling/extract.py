@@ -19,6 +19,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+import signal
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -34,6 +36,7 @@ from PIL import Image
 from wsi_ssl.slide import SlideReader, StoredTiles, open_slide
 from wsi_ssl.storage.shards import accepts_jpeg, write_shard
 from wsi_ssl.storage.slide_store import open_tiles
+from wsi_ssl.storage.writer_token import check_still_ours, claim, release
 from wsi_ssl.tiling.decode import (
     J2K_COMPRESSIONS,
     decode_reduced,
@@ -43,7 +46,6 @@ from wsi_ssl.tiling.decode import (
 )
 from wsi_ssl.tiling.grid import TileGrid
 from wsi_ssl.tiling.qc import chunk_scores, scratch_tiles
-from wsi_ssl.tiling.writer_guard import check_still_ours, claim, die_with_parent, release
 
 LOCAL_SCHEDULERS = ("threads", "processes")
 
@@ -51,6 +53,7 @@ MAX_RUN = 16
 """Most tiles read in one strip: bounds a strip's memory to 16 tiles."""
 
 _local = threading.local()
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def cached_reader(path: str, backend: str) -> SlideReader:
@@ -358,7 +361,11 @@ def extract(
         on_chunk: called with each finished chunk's tile count (progress bars).
         qc: score every tile (:func:`~wsi_ssl.tiling.qc.chunk_scores`) as it is written.
     """
-    slide = (str(reader.path), reader.backend)
+    # absolute: a cluster's workers run elsewhere (the archive at the same absolute path)
+    slide, tiles_path = (
+        (str(Path(reader.path).resolve()), reader.backend),
+        Path(tiles_path).resolve(),
+    )
     local = scheduler in LOCAL_SCHEDULERS
     cores = os.cpu_count() or 1
     threads = max(1, cores // (workers or cores)) if local else 1
@@ -416,7 +423,9 @@ def _compute_locally(
                 *tasks,
                 scheduler=processes_get,
                 num_workers=workers,
-                initializer=functools.partial(die_with_parent, os.getpid()),
+                initializer=functools.partial(
+                    _start_worker, os.getpid(), dask.config.get("multiprocessing.initializer", None)
+                ),
             )
         else:
             results = _compute_in_own_threads(tasks, workers)
@@ -435,3 +444,20 @@ def _compute_in_own_threads(tasks: list[Any], workers: int | None) -> tuple[Any,
         return dask.compute(*tasks, scheduler=threads_get, pool=pool)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _start_worker(parent: int, then: Callable[[], None] | None = None) -> None:
+    """In a worker process of job ``parent``: die with it (Linux's parent-death signal, sent
+    when the process that started the worker ends: the job, or its forkserver, which ends with
+    it), and exit now if it is already gone; then run the initializer dask is configured with."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:  # it died before the signal was asked for
+            os._exit(1)
+    if then is not None:
+        then()
