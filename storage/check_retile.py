@@ -26,14 +26,28 @@ def retile_command(entry: CatalogEntry | None, store: Path, problem: str | None)
     """The fix of the store at ``store`` (``{root}`` stands for the archive root): its tile
     command (``SLIDE_FILE`` where the catalog does not list it), led, when ``problem`` (from
     :func:`source_problem`) says its file no longer holds it, by what to do instead."""
-    tiling = entry.tiling if entry is not None else None
-    flags = tile_flags(tiling)
+    tiling = dict(entry.tiling or {}) if entry is not None else None
     source = shlex.quote(entry.path) if entry is not None else "SLIDE_FILE"
-    command = f"wsi-ssl tile {source} --out {{root}}{flags} --no-resume"
-    if tiling and tiling.get("mpp_table"):  # a table row's scale over the file's own
-        mpp = tiling["mpp_override"]
-        row = f"printf 'slide,mpp\\n%s,%s\\n' {source} {mpp} > mpp.csv && "
-        command = row + command.replace(f" --mpp-override {mpp}", " --mpp-csv mpp.csv")
+    if entry is None or not (tiling and tiling.get("mpp_table")):
+        plain = f"wsi-ssl tile {source} --out {{root}}{tile_flags(tiling)} --no-resume"
+        return _led_by(problem, plain, store)
+    # a table row's scale over the file's own: --mpp-override would not replace it, so the row
+    # is written to a file of its own (keyed by file name: the slide may have moved)
+    mpp = tiling.pop("mpp_override")
+    row = shlex.quote(_csv_field(Path(entry.path).name))
+    table = f"t=$(mktemp) && printf 'slide,mpp\\n%s,%s\\n' {row} {mpp} > \"$t\" && "
+    command = f'wsi-ssl tile {source} --out {{root}}{tile_flags(tiling)} --mpp-csv "$t" --no-resume'
+    return _led_by(problem, table + command, store)
+
+
+def _csv_field(text: str) -> str:
+    """``text`` as one CSV field (quoted where it holds a comma, quote or line break)."""
+    return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\n\r') else text
+
+
+def _led_by(problem: str | None, command: str, store: Path) -> str:
+    """``command``, led, when ``problem`` says the slide's file (of the store at ``store``)
+    no longer holds it, by what to do instead."""
     if problem is None:
         return command
     return (

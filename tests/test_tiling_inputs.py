@@ -59,22 +59,24 @@ def test_mpp_table_row_states_the_scale_over_the_files_own(tmp_path: Path, cmu_s
 def test_checks_retile_of_a_table_scaled_store_states_the_row_again(
     tmp_path: Path, cmu_small: Path
 ) -> None:
-    """A damaged store whose scale came from a table row: check's fix writes the row and
-    re-tiles with it (it repeated it as --mpp-override, which does not replace a file's own
-    scale: the store came back at 0.499); the catalog rebuilt from the stores knows it too."""
+    """A damaged store whose scale came from a table row: check's fix writes the row to a file
+    of its own and re-tiles with it (it repeated it as --mpp-override, which does not replace
+    a file's own scale: the store came back at 0.499); a re-run that found the store current,
+    and a catalog rebuilt from the stores, keep knowing it; the user's own mpp.csv in the
+    folder the fix runs in is left alone."""
     import subprocess
 
     table = tmp_path / "mpp.csv"
-    table.write_text(f"slide,mpp\n{cmu_small.name},0.25\n")
+    table.write_text(f"slide,mpp\n{cmu_small.name},0.25\nother.svs,0.3\nthird.svs,0.4\n")
     out = tmp_path / "out"
-    assert (
-        run_cli(["tile", str(cmu_small), "--out", str(out), *SMALL, "--mpp-csv", str(table)])[0]
-        == 0
-    )
+    tile = ["tile", str(cmu_small), "--out", str(out), *SMALL, "--mpp-csv", str(table)]
+    for _ in range(2):  # the second finds the store current (the file is not opened)
+        assert run_cli(tile)[0] == 0
     store = _only_store(out)
     before = store.coords[:]
     shard = next(p for p in (store.path / "tiles" / "c").rglob("*") if p.is_file())
     shard.unlink()
+    mine = table.read_text()
     for rebuilt in (False, True):
         if rebuilt:  # the catalog lost: rebuilt from the stores
             (out / "catalog.sqlite").unlink()
@@ -82,13 +84,14 @@ def test_checks_retile_of_a_table_scaled_store_states_the_row_again(
             assert run_cli(["check", str(out), "--repair"])[0] in (0, 1)
         code, report, _ = run_cli(["check", str(out)])
         fix = next(line for line in report.splitlines() if "fix: " in line).split("fix: ", 1)[1]
-        assert code == 1 and "--mpp-csv mpp.csv" in fix and "--mpp-override" not in fix, fix
+        assert code == 1 and '--mpp-csv "$t"' in fix and "--mpp-override" not in fix, fix
         done = subprocess.run(["bash", "-c", fix], cwd=tmp_path, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         source = _only_store(out).source
         assert (source["mpp"], source["mpp_source"]) == (0.25, "table")
         assert (_only_store(out).coords[:] == before).all()
         assert run_cli(["check", str(out)])[0] == 0
+        assert table.read_text() == mine
 
 
 def test_mpp_override_fills_only_a_missing_scale_and_a_new_one_retiles(

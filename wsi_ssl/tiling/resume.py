@@ -17,6 +17,7 @@ still there is the same slide where it was, not moved.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,9 +192,19 @@ def record_slide(
         tiling={
             **config.to_dict(),
             **config.output_key(),  # limits too: check's fix repeats them
-            "mpp_table": getattr(source, "mpp_source", None) == "table",  # over the file's own
+            "mpp_table": _scale_from_table(archive, source),  # over the file's own
         },
     )
+
+
+def _scale_from_table(archive: Archive, source: SlideSource) -> bool:
+    """Whether the slide's scale is its mpp table row's over the file's own: as the open
+    slide says, else (a store found current, the file not opened) as its store records."""
+    how = getattr(source, "mpp_source", None)
+    if how is None and source.slide_id is not None:
+        with contextlib.suppress(WsiSslError, OSError):
+            how = SlideStore.open(archive.store_path(source.slide_id)).source.get("mpp_source")
+    return how == "table"
 
 
 def kept_store_tiles(root: Path, slide_id: str | None) -> int | None:
