@@ -176,7 +176,7 @@ def test_retile_that_changes_tiles_needs_discard_embeddings(
     assert "other tile coordinates: 12 -> " in err
     _assert_intact(root, slide_id, tiles, vectors)  # nothing changed, catalog included
     # the summary counts the kept store's tiles (it said "these slides hold 0 tiles")
-    assert f"its earlier store is kept as it was ({len(tiles)} tiles)" in out, out
+    assert f"a complete store of it is in place ({len(tiles)} tiles)" in out, out
     assert f"these slides hold {len(tiles)} tiles in {root}" in out, out
     with pytest.raises(EmbeddingsWouldBeDiscardedError, match="codec 'jpeg' -> 'zstd'"):
         tile_slide(slide, root, TilingConfig(tissue_threshold=0.0, tiles_per_chunk=4, codec="zstd"))

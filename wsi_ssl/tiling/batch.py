@@ -111,7 +111,7 @@ class TileSummary(BatchOutcome):
             if discarded := o.details.get("discarded_embeddings"):
                 lines.append(f"{o.slide}: embeddings discarded: {', '.join(discarded)}")
         kept = [(o.slide, o.details.get("kept_store_tiles") or 0) for o in self.failed]
-        lines += [f"{s}: its earlier store is kept as it was ({n} tiles)" for s, n in kept if n]
+        lines += [f"{s}: a complete store of it is in place ({n} tiles)" for s, n in kept if n]
         where, n_kept = ", ".join(self.roots), sum(n for _, n in kept)
         held = f"these slides hold {self.tiles + n_kept} tiles in {where}"  # not the archive's
         return [*lines, *self.notes, f"{self.count_line('tiled')}; {held}"]
@@ -297,7 +297,7 @@ def _failure(
         err = DiskFullError(err.filename or root)
     elif isinstance(err, sqlite3.Error):  # typed by the catalog where it can be (full, read-only)
         err = WsiSslError(f"{root / 'catalog.sqlite'}: the archive's catalog: {err}; re-run")
-    kept = kept_store_tiles(root, slide_id)  # a failed re-tile leaves the earlier store
+    kept = kept_store_tiles(root, slide_id)  # a failed re-tile leaves a complete store
     details = _details(path, slide_id, root, config)
     outcome = SlideOutcome.failure(str(path), err, seconds, kept_store_tiles=kept, **details)
     if not isinstance(err, WsiSslError):

@@ -208,8 +208,9 @@ def _scale_from_table(archive: Archive, source: SlideSource) -> bool:
 
 
 def kept_store_tiles(root: Path, slide_id: str | None) -> int | None:
-    """The tiles of the complete store of ``slide_id`` in ``root`` (a failed re-tile leaves
-    the earlier one as it was), or None when there is none."""
+    """The tiles of the complete store of ``slide_id`` in ``root`` (a re-tile that fails
+    leaves one in place: the earlier one, or the new one when only its catalog row failed),
+    or None when there is none."""
     if slide_id is None:
         return None
     try:
