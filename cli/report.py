@@ -31,7 +31,8 @@ def json_summary(summary: BatchOutcome, error_text: ErrorText) -> dict[str, Any]
     """``summary.to_dict()`` with each slide's ``error`` worded as its stderr line words it
     (the command's flags, not the Python API's names)."""
     data = summary.to_dict()
-    for entry, outcome in zip(data.get("slides", []), summary.outcomes, strict=False):
-        if outcome.error is not None:
-            entry["error"] = outcome.message(error_text)
+    worded = {(o.slide, o.error): o.message(error_text) for o in summary.outcomes if o.error}
+    for key in ("slides", "errors"):  # every listing of the failed slides
+        for entry in data.get(key, []):
+            entry["error"] = worded.get((entry.get("slide"), entry.get("error")), entry["error"])
     return data

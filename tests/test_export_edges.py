@@ -116,3 +116,19 @@ def test_a_slide_named_twice_is_exported_once(archive: Path, tmp_path: Path) -> 
     )
     assert code == 0 and json.loads(stdout)["exported"] == 1
     assert _files(out) == ["a.h5", "b.h5"]
+
+
+def test_every_listing_of_a_failed_slide_in_the_json_is_worded_for_the_command() -> None:
+    """--json lists a failed slide under ``slides`` and again under ``errors``: both carry the
+    command's wording (``errors`` kept the Python API's)."""
+    from wsi_ssl.cli.report import json_summary
+    from wsi_ssl.embedding.mil_files import ExportResult
+    from wsi_ssl.outcome import SlideOutcome
+
+    err = ConfigError("pass name_by='slide_id'", parameters=("name_by",))
+    result = ExportResult(
+        outcomes=[SlideOutcome.failure("a", err)], out=Path("x"), format="pt", encoder_id="e"
+    )
+    data = json_summary(result, lambda e: "pass --name-by slide_id")
+    assert [s["error"] for s in data["slides"]] == ["pass --name-by slide_id"]
+    assert [s["error"] for s in data["errors"]] == ["pass --name-by slide_id"]
