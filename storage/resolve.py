@@ -101,9 +101,7 @@ def resolve_slides(archive: Archive, wanted: str | Iterable[str]) -> list[str]:
     names = slide_names(archive, ids)
     out: list[str] = []
     for name in one_or_many(wanted):
-        found = _lookup(names, ids, name)
-        if not found:
-            _raise_if_swapping(archive, name)
+        found = _lookup(names, ids, name) or _swapping(archive, name)
         if len(found) != 1:
             hint = "" if found else _known(names, ids)
             raise UnknownSlideError(name, f"archive {archive.root}", hint, matches=list(found))
@@ -111,15 +109,19 @@ def resolve_slides(archive: Archive, wanted: str | Iterable[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _raise_if_swapping(archive: Archive, name: str) -> None:
-    """When ``name`` names a slide whose store is not in place (a re-tile between its renames,
-    a first tiling writing), the error opening it raises, which says which."""
+def _swapping(archive: Archive, name: str) -> set[str]:
+    """The slide ``name`` names among those whose store is not in place (a re-tile between
+    its renames, a first tiling writing): its id when its store is back by now (the swap
+    finished meanwhile), else the error opening it raises, which says which (mid-swap, or not
+    tiled yet); none when it names none of them."""
     swapping = archive.swapping()
     found = _lookup(slide_names(archive, swapping), swapping, name) if swapping else set()
-    if len(found) == 1:
-        from wsi_ssl.storage.slide_store import SlideStore
+    if len(found) != 1:
+        return set()
+    from wsi_ssl.storage.slide_store import SlideStore
 
-        SlideStore.open(archive.store_path(next(iter(found))))  # StoreNotFoundError
+    SlideStore.open(archive.store_path(next(iter(found))))  # StoreNotFoundError
+    return found
 
 
 def _known(names: dict[str, set[str]], ids: list[str], shown: int = 5) -> str:
