@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from wsi_ssl.cli.arg_types import whole_number
@@ -17,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "macro-F1), cross-validated ABMIL on slide labels (AUC), and retrieval (mMV@k, "
         "precision@k). Prints one table, writes OUT/evaluation.json and OUT/evaluation.png, "
         "and says which encoder ranks first on each task and whether the lead exceeds the "
-        "intervals. Archive embeddings are computed by the embed job and kept in the stores.",
+        "intervals. Archive embeddings are computed by the embed job and kept in the stores. "
+        "Each step is said on stderr as it starts or ends, with progress bars while embedding.",
     )
     p.add_argument(
         "--encoder",
@@ -107,6 +109,11 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="embed slides tiled at another µm/px than an encoder was trained at",
     )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars (the lines saying each step still go to stderr)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,6 +162,13 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         check_mpp=args.check_mpp,
     )
-    report = evaluate_encoders(args.encoder, tasks, args.out, config)
+    report = evaluate_encoders(
+        args.encoder, tasks, args.out, config, log=_say, progress=not args.quiet
+    )
     print("\n".join(report.lines()))
     return 0
+
+
+def _say(line: str) -> None:
+    """A step of the evaluation, on stderr at once (stdout keeps the report alone)."""
+    print(line, file=sys.stderr, flush=True)

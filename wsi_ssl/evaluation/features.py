@@ -1,4 +1,5 @@
-"""Vectors of a task's items for one encoder, computed once and reused.
+"""The encoders of an evaluation, built from their specs, and the vectors of a task's items
+for each, computed once and reused.
 
 Labelled images are embedded in memory (padded with white to a square, resized to the
 encoder's input size, stain-normalised as the encoder was pretrained when it was) and cached
@@ -13,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from wsi_ssl.evaluation.config import EvaluationConfig
+from wsi_ssl.errors import ConfigError
+from wsi_ssl.evaluation.config import EncoderSpec, EvaluationConfig
 from wsi_ssl.storage.atomic import atomic_write_with
 
 if TYPE_CHECKING:
@@ -27,7 +29,53 @@ if TYPE_CHECKING:
     from wsi_ssl.encoders import Encoder
     from wsi_ssl.evaluation.tasks import LabelledImages, LabelledTiles
 
-__all__ = ["embed_archive", "image_features", "square_resized", "tile_features"]
+__all__ = [
+    "Given",
+    "Named",
+    "build_encoders",
+    "embed_archive",
+    "image_features",
+    "square_resized",
+    "tile_features",
+]
+
+Named = list[tuple[str, "Encoder"]]
+Given = Mapping[str, str]  # label -> the spec the encoder was given as (for messages)
+
+
+def build_encoders(
+    specs: Sequence[EncoderSpec | str], config: EvaluationConfig
+) -> tuple[Named, Given]:
+    """Every encoder, built before any task runs (an unknown name fails first), and the spec
+    each was given as, when that is not its label."""
+    from wsi_ssl.encoders import create_encoder
+
+    if not specs:
+        raise ConfigError("encoders is empty; give at least one encoder to evaluate")
+    parsed = [s if isinstance(s, EncoderSpec) else EncoderSpec.parse(s) for s in specs]
+    built = []
+    for s in parsed:
+        overrides = {"resize": s.resize} if s.resize else {}
+        encoder = create_encoder(
+            s.spec, weights=s.weights, seed=s.seed, device=config.device, **overrides
+        )
+        built.append((s, encoder))
+    ids = [e.encoder_id for _, e in built]
+    if len(set(ids)) < len(ids):
+        raise ConfigError(f"the same encoder is listed twice ({ids}); give each once")
+    names = [e.config.name for _, e in built]
+    labels = [
+        s.label or (e.config.name if names.count(e.config.name) == 1 else e.encoder_id)
+        for s, e in built
+    ]
+    if len(set(labels)) < len(labels):
+        raise ConfigError(f"two encoders share a label ({labels}); give distinct labels")
+    given = {
+        label: text if isinstance(text, str) else text.spec
+        for label, text, (s, _) in zip(labels, specs, built, strict=True)
+        if not s.label and s.spec != label
+    }
+    return [(label, e) for label, (_, e) in zip(labels, built, strict=True)], given
 
 
 def square_resized(image: np.ndarray, size: int) -> np.ndarray:
@@ -54,9 +102,15 @@ def _images_key(encoder: Encoder, paths: Sequence[str]) -> str:
 
 
 def image_features(
-    encoder: Encoder, images: LabelledImages, cache: Path | None, batch_size: int = 64
+    encoder: Encoder,
+    images: LabelledImages,
+    cache: Path | None,
+    batch_size: int = 64,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> np.ndarray:
-    """(N, D) float32 vectors of the task's images, from ``cache`` when the files are unchanged."""
+    """(N, D) float32 vectors of the task's images, from ``cache`` when the files are unchanged;
+    else embedded, after a line to ``log``, with an images progress bar when ``progress``."""
     key = _images_key(encoder, images.paths)
     npy = cache / f"{encoder.encoder_id}.npy" if cache else None
     meta = npy.with_suffix(".json") if npy else None
@@ -68,6 +122,8 @@ def image_features(
         and json.loads(meta.read_text()).get("key") == key
     ):
         return np.load(npy, allow_pickle=False)
+    if log is not None:
+        log(f"embedding {len(images.paths)} image(s)")
     size = encoder.input_size
     stack = np.stack([square_resized(im, size) for im in images.images])
     stain = _trained_stain(encoder)
@@ -75,12 +131,27 @@ def image_features(
         import torch
 
         stack = stain(torch.from_numpy(stack).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
-    feats = encoder.embed_images(stack, batch_size=batch_size).astype(np.float32)
+    feats = _embedded(encoder, stack, batch_size, progress)
     if npy and meta:
         npy.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_with(npy, lambda tmp: np.save(tmp, feats, allow_pickle=False))
         meta.write_text(json.dumps({"key": key, "n": len(feats), "encoder_id": encoder.encoder_id}))
     return feats
+
+
+def _embedded(encoder: Encoder, stack: np.ndarray, batch_size: int, progress: bool) -> np.ndarray:
+    """``encoder``'s vectors of ``stack``, a batch at a time under a progress bar."""
+    from tqdm.auto import tqdm
+
+    parts = []
+    desc = f"embed {encoder.config.name}"[:30]  # as the embed job's bar
+    bar = tqdm(total=len(stack), unit="image", desc=desc, disable=not progress, dynamic_ncols=True)
+    with bar:
+        for start in range(0, len(stack), batch_size):
+            batch = stack[start : start + batch_size]
+            parts.append(encoder.embed_images(batch, batch_size=batch_size))
+            bar.update(len(parts[-1]))
+    return np.concatenate(parts).astype(np.float32)
 
 
 def _trained_stain(encoder: Encoder) -> Any:
@@ -101,10 +172,15 @@ def _as_pretrained(config: EmbedConfig, encoder: Encoder) -> EmbedConfig:
 
 
 def embed_archive(
-    root: Path, encoder: Encoder, slides: Sequence[str], config: EvaluationConfig
+    root: Path,
+    encoder: Encoder,
+    slides: Sequence[str],
+    config: EvaluationConfig,
+    progress: bool = False,
 ) -> dict[str, str]:
-    """Embed ``slides`` with the embed job (resumable); returns ``{slide_id: error}`` of the
-    slides that failed (the others are embedded)."""
+    """Embed ``slides`` with the embed job (resumable; its tiles progress bar when
+    ``progress``); returns ``{slide_id: error}`` of the slides that failed (the others are
+    embedded)."""
     from wsi_ssl.embedding import EmbedConfig, embed
     from wsi_ssl.errors import InputSizeMismatchError
 
@@ -115,7 +191,8 @@ def embed_archive(
         check_mpp=config.check_mpp,
     )
     try:
-        summary = embed(root, encoder, _as_pretrained(settings, encoder), slides=list(slides))
+        settings = _as_pretrained(settings, encoder)
+        summary = embed(root, encoder, settings, slides=list(slides), progress=progress)
     except InputSizeMismatchError as err:  # every slide, for the same reason
         return {sid: f"InputSizeMismatchError: {err}" for sid in slides}
     return {o.slide: f"{o.error_type}: {o.error}" for o in summary.failed}

@@ -1,10 +1,14 @@
-"""The comparison table: typed rows, the ranking of each task, text and JSON."""
+"""The comparison table: typed rows, the ranking of each task, text and JSON; the lines an
+evaluation says as it goes (:class:`Progress`) and the folder it writes into."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +27,14 @@ from wsi_ssl.storage.atomic import atomic_write_text
 
 __all__ = [
     "EvaluationReport",
+    "Progress",
     "Ranking",
     "ResultRow",
     "Scores",
     "TaskSummary",
     "keep_earlier",
     "rank",
+    "workdir",
 ]
 
 
@@ -112,6 +118,45 @@ class TaskSummary:
     no_intervals: str | None = None
     """Why the task has no bootstrap intervals although some were asked for (then its
     rows have none and no ranking claims a lead beyond them); also one of ``notes``."""
+
+    def line(self) -> str:
+        """``task NAME (KIND): N items, C classes, F folds; notes``, as the report prints it."""
+        return (
+            f"task {self.name} ({self.kind}): {self.n} items, {len(self.classes)} classes"
+            + (f", {self.folds} folds" if self.folds else "")
+            + "".join(f"; {n}" for n in self.notes)
+        )
+
+
+class Progress:
+    """What an evaluation says as it goes: ``log`` gets a line at each step (None: no lines)
+    and ``bars`` shows progress bars (tqdm, on stderr) while images and slides are embedded.
+
+    Lines said before :meth:`start` (the tasks, the encoders, the first task's summary) are
+    held until the first embedding begins, so that a run refused before any work (an unknown
+    encoder, labels of one class) says nothing but its error.
+    """
+
+    def __init__(self, log: Callable[[str], None] | None = None, bars: bool = False) -> None:
+        self.log = log
+        self.bars = bars
+        self._held: list[str] | None = []
+
+    def __call__(self, line: str) -> None:
+        if self._held is not None:
+            self._held.append(line)
+        elif self.log is not None:
+            self.log(line)
+
+    def start(self) -> None:
+        """The work begins: say the lines held until now, and each line from now on at once."""
+        held, self._held = self._held or [], None
+        for line in held:
+            self(line)
+
+    def on(self, task: str, encoder: str) -> Callable[[str], None]:
+        """Say lines about ``encoder`` on ``task``: ``task TASK: ENCODER: line``."""
+        return lambda line: self(f"task {task}: {encoder}: {line}")
 
 
 @dataclass(frozen=True)
@@ -255,12 +300,7 @@ class EvaluationReport:
 
     def lines(self) -> list[str]:
         """The report ``wsi-ssl evaluate`` prints: tasks, table, rankings, files."""
-        out = [
-            f"task {t.name} ({t.kind}): {t.n} items, {len(t.classes)} classes"
-            + (f", {t.folds} folds" if t.folds else "")
-            + "".join(f"; {n}" for n in t.notes)
-            for t in self.tasks
-        ]
+        out = [t.line() for t in self.tasks]
         out += [self.table(), *(r.sentence() for r in self.rankings)]
         out += [f"wrote {p}" for p in (self.json_path, self.plot_path) if p is not None]
         if self.earlier is not None:
@@ -299,3 +339,22 @@ def keep_earlier(out: Path) -> Path | None:
         os.replace(out / "evaluation.png", out / f"{stem}.png")
     os.replace(json_path, out / f"{stem}.json")
     return out / f"{stem}.json"
+
+
+@contextlib.contextmanager
+def workdir(out: str | Path | None) -> Iterator[Path]:
+    """``out``, made if needed (a run that fails before writing anything into a folder it
+    made removes it again), or a temporary folder for None."""
+    if out is not None:
+        path = Path(out)
+        made = not path.exists()
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            yield path
+        except BaseException:
+            if made and not any(path.iterdir()):
+                path.rmdir()
+            raise
+    else:
+        with tempfile.TemporaryDirectory(prefix="wsi-ssl-evaluate-") as tmp:
+            yield Path(tmp)

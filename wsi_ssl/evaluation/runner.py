@@ -20,21 +20,22 @@ scale, and every retrieval task's ``mmv_k`` against its labels
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import re
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from wsi_ssl.errors import ConfigError, LabelsError
 from wsi_ssl.evaluation.config import EncoderSpec, EvaluationConfig
 from wsi_ssl.evaluation.features import (
+    Given,
+    Named,
+    build_encoders,
     embed_archive,
     image_features,
     tile_features,
@@ -48,12 +49,14 @@ from wsi_ssl.evaluation.probes import (
 )
 from wsi_ssl.evaluation.report import (
     EvaluationReport,
+    Progress,
     Ranking,
     ResultRow,
     Scores,
     TaskSummary,
     keep_earlier,
     rank,
+    workdir,
 )
 from wsi_ssl.evaluation.retrieval import patients_of, retrieval_scores
 from wsi_ssl.evaluation.statistics import METRICS, Resamples, draw_resamples
@@ -72,14 +75,9 @@ from wsi_ssl.evaluation.tasks import (
     task_name,
 )
 
-if TYPE_CHECKING:
-    from wsi_ssl.encoders import Encoder
-
 __all__ = ["evaluate_encoders"]
 
 Log = Callable[[str], None]
-Named = list[tuple[str, "Encoder"]]
-Given = Mapping[str, str]  # label -> the spec the encoder was given as (for messages)
 
 
 @dataclass(frozen=True)
@@ -89,55 +87,21 @@ class _TaskResult:
     resamples: Resamples
 
 
-def _result(
-    summary: TaskSummary, scores: list[Scores], drawn: tuple[Resamples, str | None]
-) -> _TaskResult:
-    """The task's result; when it is too small for intervals (``drawn``'s reason), its
-    summary says why, in its notes and ``no_intervals``, and so do its scores."""
+def _intervals(
+    summary: TaskSummary, drawn: tuple[Resamples, str | None], say: Progress
+) -> tuple[TaskSummary, Resamples]:
+    """The task's summary, saying why when it is too small for intervals (``drawn``'s reason,
+    in its notes and ``no_intervals``), said (before any encoder is scored); its resamples."""
     resamples, why = drawn
-    if why is None:
-        return _TaskResult(summary, scores, resamples)
-    note = f"no bootstrap intervals ({why})"
-    summary = dataclasses.replace(summary, notes=(*summary.notes, note), no_intervals=why)
-    scores = [dataclasses.replace(s, task=summary) for s in scores]
-    return _TaskResult(summary, scores, resamples)
+    if why is not None:
+        note = f"no bootstrap intervals ({why})"
+        summary = dataclasses.replace(summary, notes=(*summary.notes, note), no_intervals=why)
+    say(summary.line())
+    return summary, resamples
 
 
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "task"
-
-
-def _build(specs: Sequence[EncoderSpec | str], config: EvaluationConfig) -> tuple[Named, Given]:
-    """Every encoder, built before any task runs (an unknown name fails first), and the spec
-    each was given as, when that is not its label."""
-    from wsi_ssl.encoders import create_encoder
-
-    if not specs:
-        raise ConfigError("encoders is empty; give at least one encoder to evaluate")
-    parsed = [s if isinstance(s, EncoderSpec) else EncoderSpec.parse(s) for s in specs]
-    built = []
-    for s in parsed:
-        overrides = {"resize": s.resize} if s.resize else {}
-        encoder = create_encoder(
-            s.spec, weights=s.weights, seed=s.seed, device=config.device, **overrides
-        )
-        built.append((s, encoder))
-    ids = [e.encoder_id for _, e in built]
-    if len(set(ids)) < len(ids):
-        raise ConfigError(f"the same encoder is listed twice ({ids}); give each once")
-    names = [e.config.name for _, e in built]
-    labels = [
-        s.label or (e.config.name if names.count(e.config.name) == 1 else e.encoder_id)
-        for s, e in built
-    ]
-    if len(set(labels)) < len(labels):
-        raise ConfigError(f"two encoders share a label ({labels}); give distinct labels")
-    given = {
-        label: text if isinstance(text, str) else text.spec
-        for label, text, (s, _) in zip(labels, specs, built, strict=True)
-        if not s.label and s.spec != label
-    }
-    return [(label, e) for label, (_, e) in zip(labels, built, strict=True)], given
 
 
 def _probe_scores(
@@ -147,6 +111,7 @@ def _probe_scores(
     feats: dict[str, np.ndarray],
     ids: dict[str, str],
     config: EvaluationConfig,
+    say: Progress,
 ) -> list[Scores]:
     methods: dict[str, dict[str, np.ndarray]] = {"knn": {}}
     if config.linear:
@@ -155,6 +120,7 @@ def _probe_scores(
         methods["knn"][label] = knn_predictions(x, y, folds, config.knn_k)
         if config.linear:
             methods["linear"][label] = linear_predictions(x, y, folds, config.seed)
+        say.on(summary.name, label)("scored (" + " and ".join(methods) + " probes)")
     return [
         Scores(summary, method, metric, ids, y, METRICS[metric], outputs)
         for method, outputs in methods.items()
@@ -162,7 +128,9 @@ def _probe_scores(
     ]
 
 
-def _patch(task: PatchTask, encoders: Named, config: EvaluationConfig, out: Path) -> _TaskResult:
+def _patch(
+    task: PatchTask, encoders: Named, config: EvaluationConfig, out: Path, say: Progress
+) -> _TaskResult:
     images = load_images(task.source)
     folds, note = assign_folds(images.y, config.folds, config.seed)
     summary = TaskSummary(
@@ -175,38 +143,52 @@ def _patch(task: PatchTask, encoders: Named, config: EvaluationConfig, out: Path
         split_digest(folds),
         (note,) if note else (),
     )
-    cache = out / "features" / _safe(summary.name)
-    feats = {lab: image_features(e, images, cache, config.batch_size) for lab, e in encoders}
-    ids = {lab: e.encoder_id for lab, e in encoders}
-    scores = _probe_scores(summary, images.y, folds, feats, ids, config)
     n, seed = config.n_bootstrap, config.seed
-    return _result(
-        summary, scores, draw_resamples(images.y, None, images.classes, "image", n, seed)
-    )
+    drawn = draw_resamples(images.y, None, images.classes, "image", n, seed)
+    summary, resamples = _intervals(summary, drawn, say)
+    cache = out / "features" / _safe(summary.name)
+    say.start()
+    feats = {
+        lab: image_features(
+            e, images, cache, config.batch_size, say.bars, say.on(summary.name, lab)
+        )
+        for lab, e in encoders
+    }
+    ids = {lab: e.encoder_id for lab, e in encoders}
+    scores = _probe_scores(summary, images.y, folds, feats, ids, config, say)
+    return _TaskResult(summary, scores, resamples)
 
 
 def _embed_all(
-    root: Path,
+    task: TileLabelTask | RegionLabelTask | SlideTask | RetrievalTask,
     encoders: Named,
     slides: list[str],
     config: EvaluationConfig,
     enough: Callable[[dict[str, str]], object],
     given: Given,
+    say: Progress,
 ) -> dict[str, str]:
     """Embed ``slides`` with every encoder: first every encoder is checked against every
     slide's tile size and scale (slides one cannot take are left out for all) and ``enough``
     checks what is left, so that nothing is embedded for a run that cannot finish.
     Returns ``{slide id: why}`` of the slides left out."""
-    failed = check_encoders(root, encoders, slides, config, given)
+    failed = check_encoders(task.root, encoders, slides, config, given)
     enough(failed)
     left = [s for s in slides if s not in failed]
-    for _, enc in encoders:
-        failed |= embed_archive(root, enc, left, config)
+    say.start()
+    for label, enc in encoders:
+        done = "those embedded before are skipped"
+        say.on(task_name(task), label)(f"embedding {len(left)} slide(s) ({done})")
+        failed |= embed_archive(task.root, enc, left, config, progress=say.bars)
     return failed
 
 
 def _tiles(
-    task: TileLabelTask | RegionLabelTask, encoders: Named, config: EvaluationConfig, given: Given
+    task: TileLabelTask | RegionLabelTask,
+    encoders: Named,
+    config: EvaluationConfig,
+    given: Given,
+    say: Progress,
 ) -> _TaskResult:
     if isinstance(task, RegionLabelTask):
         from wsi_ssl.evaluation.regions import load_region_labels
@@ -221,7 +203,7 @@ def _tiles(
         left = tiles.without(set(gone), task.root) if gone else tiles
         return left, *assign_folds(left.y, config.folds, config.seed, groups=left.groups)
 
-    failed = _embed_all(task.root, encoders, list(tiles.rows), config, folds_of, given)
+    failed = _embed_all(task, encoders, list(tiles.rows), config, folds_of, given, say)
     tiles, folds, note = folds_of(failed)  # grouped by slide: never trained and tested on
     notes = [note] if note else []
     notes += [f"slide {sid} left out: {err}" for sid, err in failed.items()]
@@ -235,20 +217,26 @@ def _tiles(
         split_digest(folds),
         tuple(notes),
     )
-    feats = {lab: tile_features(task.root, e.encoder_id, tiles) for lab, e in encoders}
-    ids = {lab: e.encoder_id for lab, e in encoders}
-    scores = _probe_scores(summary, tiles.y, folds, feats, ids, config)
     # whole slides resampled: one slide's tiles resemble each other more than another's
     drawn = draw_resamples(
         tiles.y, tiles.groups, tiles.classes, "slide", config.n_bootstrap, config.seed
     )
-    return _result(summary, scores, drawn)
+    summary, resamples = _intervals(summary, drawn, say)
+    feats = {lab: tile_features(task.root, e.encoder_id, tiles) for lab, e in encoders}
+    ids = {lab: e.encoder_id for lab, e in encoders}
+    scores = _probe_scores(summary, tiles.y, folds, feats, ids, config, say)
+    return _TaskResult(summary, scores, resamples)
 
 
 def _usable(
-    root: Path, labels: Path, encoders: Named, config: EvaluationConfig, given: Given
+    task: SlideTask | RetrievalTask,
+    encoders: Named,
+    config: EvaluationConfig,
+    given: Given,
+    say: Progress,
 ) -> tuple[LabelledSlides, list[str]]:
     """The labelled slides every encoder could embed (embedding them), and notes."""
+    root, labels = task.root, task.labels
     labelled = load_slide_labels(root, labels)
 
     def enough(failed: dict[str, str]) -> None:
@@ -260,7 +248,7 @@ def _usable(
                 parameters=("check_mpp",) if "check_mpp=False" in first else (),
             )
 
-    failed = _embed_all(root, encoders, labelled.slide_ids, config, enough, given)
+    failed = _embed_all(task, encoders, labelled.slide_ids, config, enough, given, say)
     enough(failed)
     notes = labelled.left_out(root)
     notes += [f"slide {sid} left out: {err}" for sid, err in failed.items()]
@@ -330,12 +318,17 @@ def _read_predictions(run: Path, classes: list[str]) -> dict[str, tuple[int, np.
 
 
 def _slide(
-    task: SlideTask, encoders: Named, config: EvaluationConfig, out: Path, given: Given
+    task: SlideTask,
+    encoders: Named,
+    config: EvaluationConfig,
+    out: Path,
+    given: Given,
+    say: Progress,
 ) -> _TaskResult:
     from wsi_ssl.mil import MILConfig, train
     from wsi_ssl.mil.labels import sort_classes
 
-    labelled, notes = _usable(task.root, task.labels, encoders, config, given)
+    labelled, notes = _usable(task, encoders, config, given, say)
     folds = _slide_folds(labelled, config)
     rows = [
         dataclasses.replace(r, fold=int(f)) for r, f in zip(labelled.table.rows, folds, strict=True)
@@ -356,6 +349,7 @@ def _slide(
         split_digest(folds),
         tuple(notes),
     )
+    summary, resamples = _intervals(summary, _slide_resamples(rows, y, classes, config), say)
     mil_config = MILConfig(
         folds=summary.folds,
         epochs=config.mil_epochs,
@@ -374,54 +368,48 @@ def _slide(
         if split_digest(used) != summary.split:  # the run must have used the task's folds
             raise RuntimeError(f"{run}: MIL folds differ from the task's folds")
         outputs[label] = np.stack([got[r.slide][1] for r in rows])
+        say.on(name, label)(f"scored (ABMIL, {summary.folds} folds)")
     ids = {lab: e.encoder_id for lab, e in encoders}
     scores = [Scores(summary, "abmil", "auc", ids, y, METRICS["auc"], outputs)]
-    return _result(summary, scores, _slide_resamples(rows, y, classes, config))
+    return _TaskResult(summary, scores, resamples)
 
 
 def _retrieval(
-    task: RetrievalTask, encoders: Named, config: EvaluationConfig, given: Given
+    task: RetrievalTask, encoders: Named, config: EvaluationConfig, given: Given, say: Progress
 ) -> _TaskResult:
     from wsi_ssl.mil.labels import sort_classes
 
-    labelled, notes = _usable(task.root, task.labels, encoders, config, given)
-    summary, scores = retrieval_scores(task, encoders, config, labelled, notes)
+    labelled, notes = _usable(task, encoders, config, given, say)
     rows = labelled.table.rows
     classes = sort_classes(r.label for r in rows)
     y = np.array([classes.index(r.label) for r in rows], dtype=np.int64)
-    return _result(summary, scores, _slide_resamples(rows, y, classes, config))
-
-
-@contextlib.contextmanager
-def _workdir(out: str | Path | None) -> Iterator[Path]:
-    """``out``, made if needed (a run that fails before writing anything into a folder it
-    made removes it again), or a temporary folder for None."""
-    if out is not None:
-        path = Path(out)
-        made = not path.exists()
-        path.mkdir(parents=True, exist_ok=True)
-        try:
-            yield path
-        except BaseException:
-            if made and not any(path.iterdir()):
-                path.rmdir()
-            raise
-    else:
-        with tempfile.TemporaryDirectory(prefix="wsi-ssl-evaluate-") as tmp:
-            yield Path(tmp)
+    summary, scores = retrieval_scores(task, [], config, labelled, notes)  # before any index
+    summary, resamples = _intervals(summary, _slide_resamples(rows, y, classes, config), say)
+    outputs: list[dict[str, np.ndarray]] = [{} for _ in scores]
+    for label, enc in encoders:  # one at a time, to say as each is scored
+        _, got = retrieval_scores(task, [(label, enc)], config, labelled, notes)
+        for kept, one in zip(outputs, got, strict=True):
+            kept.update(one.outputs)
+        say.on(summary.name, label)("scored (" + " and ".join(s.metric for s in scores) + ")")
+    ids = {lab: e.encoder_id for lab, e in encoders}
+    scores = [
+        dataclasses.replace(s, task=summary, encoder_ids=ids, outputs=o)
+        for s, o in zip(scores, outputs, strict=True)
+    ]
+    return _TaskResult(summary, scores, resamples)
 
 
 def _run_task(
-    task: Task, encoders: Named, config: EvaluationConfig, out: Path, given: Given
+    task: Task, encoders: Named, config: EvaluationConfig, out: Path, given: Given, say: Progress
 ) -> _TaskResult:
     if isinstance(task, PatchTask):
-        return _patch(task, encoders, config, out)
+        return _patch(task, encoders, config, out, say)
     if isinstance(task, TileLabelTask | RegionLabelTask):
-        return _tiles(task, encoders, config, given)
+        return _tiles(task, encoders, config, given, say)
     if isinstance(task, SlideTask):
-        return _slide(task, encoders, config, out, given)
+        return _slide(task, encoders, config, out, given, say)
     if isinstance(task, RetrievalTask):
-        return _retrieval(task, encoders, config, given)
+        return _retrieval(task, encoders, config, given, say)
     raise ConfigError(f"{task!r}: not an evaluation task")
 
 
@@ -432,6 +420,7 @@ def evaluate_encoders(
     config: EvaluationConfig | None = None,
     *,
     log: Log | None = None,
+    progress: bool = False,
     **options: Any,
 ) -> EvaluationReport:
     """Compare encoders on tasks: the same items, folds, seeds and resamples for each.
@@ -443,7 +432,11 @@ def evaluate_encoders(
         out: folder for ``evaluation.json``, ``evaluation.png``, cached image features and
             MIL runs (None: nothing is written; MIL runs go to a temporary folder).
         config: settings; ``options`` (e.g. ``folds=3``) replace fields.
-        log: called with one line per task done.
+        log: called with a line at each step: the tasks and encoders, each task's items,
+            classes and notes, each encoder embedding and scored on it, each task done;
+            lines come as soon as they are known, once the first embedding begins (those
+            before it are held until then: a run refused before any work says nothing).
+        progress: show progress bars (tqdm, on stderr) while images and slides are embedded.
 
     Raises:
         EncoderNotFoundError, WeightsNotFoundError: an encoder cannot be built (before any
@@ -457,22 +450,26 @@ def evaluate_encoders(
     names = [task_name(t) for t in tasks]
     if len(set(names)) < len(names):
         raise ConfigError(f"two tasks share a name ({names}); name them apart")
-    named, given = _build(encoders, config)
+    say = Progress(log, progress)
+    listed = ", ".join(f"{n} ({t.kind})" for n, t in zip(names, tasks, strict=True))
+    say(f"evaluating {len(encoders)} encoder(s) on {len(tasks)} task(s): {listed}")
+    named, given = build_encoders(encoders, config)
+    for label, e in named:
+        say(f"encoder {label} ready" + (f" ({e.encoder_id})" if e.encoder_id != label else ""))
     check_retrieval(tasks, config)  # an mmv_k too large for the labels
     check_archives(tasks, named, config, given)  # an encoder that cannot take the tiles
     rows: list[ResultRow] = []
     rankings: list[Ranking] = []
     summaries: list[TaskSummary] = []
-    with _workdir(out) as work:
+    with workdir(out) as work:
         for task in tasks:
-            result = _run_task(task, named, config, work, given)
+            result = _run_task(task, named, config, work, given, say)
             summaries.append(result.summary)
             for scores in result.scores:
                 got, ranking = rank(scores, result.resamples, config.confidence)
                 rows += got
                 rankings.append(ranking)
-            if log:
-                log(f"task {result.summary.name}: {len(named)} encoder(s) scored")
+            say(f"task {result.summary.name}: {len(named)} encoder(s) scored")
     report = EvaluationReport(
         tuple(rows),
         tuple(rankings),
