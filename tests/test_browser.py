@@ -448,14 +448,14 @@ def test_page_annotation_and_attention_layers(layered_page: dict[str, Any], tmp_
     assert (right[right_where][:, 0] - right[right_where][:, 2]).mean() > 10
     driver.find_element(By.ID, "layer-annotations").click()
 
-    # attention: grows with the tile row, so the bottom of the slide is redder than the top
+    # attention: grows with the tile row, so the bottom of the slide is yellower than the top
     att = _toggle_layer(driver, "attention", shots)
     top_rows, bottom_rows = att[: h // 3] - bare[: h // 3], att[2 * h // 3 :] - bare[2 * h // 3 :]
     changed_top = np.abs(top_rows).sum(axis=-1) > 30
     changed_bottom = np.abs(bottom_rows).sum(axis=-1) > 30
     assert changed_bottom.mean() > 0.05
-    redder = lambda d, m: float((d[m][:, 0] - d[m][:, 1]).mean()) if m.any() else 0.0  # noqa: E731
-    assert redder(bottom_rows, changed_bottom) > redder(top_rows, changed_top)
+    yellower = lambda d, m: float((d[m][:, :2].mean(1) - d[m][:, 2]).mean()) if m.any() else 0.0  # noqa: E731
+    assert yellower(bottom_rows, changed_bottom) > yellower(top_rows, changed_top)
 
 
 def test_page_keyboard_label_status_and_new_slides(

@@ -135,8 +135,11 @@ def test_attention_layer_and_prediction(layered: dict[str, Any]) -> None:
     }
     layer = _png(raw(base, "GET", f"/api/slides/{a}/layers/attention.png")[2])
     pixels = _centre_pixels(store, layer).astype(int)
-    # attention grows with the tile row: the most attended tile is opaque red, the least faint
-    assert tuple(pixels[-1]) == (255, 0, 0, 220) and tuple(pixels[0]) == (255, 220, 0, 20)
+    # attention grows with the tile row: the most attended tile is opaque yellow, the least a
+    # faint dark blue (cividis: no red, which is QC's "flagged")
+    assert tuple(pixels[-1]) == (254, 232, 56, 220) and tuple(pixels[0]) == (0, 34, 78, 20)
+    assert info["attention_colours"][0] == [0, 34, 78, 20]
+    assert info["attention_colours"][-1] == [254, 232, 56, 220]
     assert (np.diff(pixels[:, 3]) >= 0).all()
     assert raw(base, "GET", f"/api/slides/{a}/layers/bogus.png")[0] == 422
 

@@ -76,13 +76,19 @@ def paste_tiles(
         canvas.paste(tile, (x0, y0))
 
 
+HIT_COLOUR = (230, 120, 20)
+"""Outline of a hit's matched tiles (the web page's ``--hit``)."""
+QUERY_COLOUR = (30, 90, 220)
+"""Outline of the query's tiles (the web page's ``--query``)."""
+
+
 def region_mosaic(
     store: SlideStore,
     box: tuple[int, int, int, int],
     *,
     panel_px: int = 320,
     outline: set[int] | None = None,
-    colour: tuple[int, int, int] = (230, 120, 20),
+    colour: tuple[int, int, int] = HIT_COLOUR,
 ) -> Any:
     """A PIL image of level-0 ``box`` of ``store``, longest side ``panel_px``, from its tiles.
 
@@ -158,7 +164,7 @@ def _thumbnail_with_box(
         s = image.width / store.source["dimensions"][0]
         x, y, w, h = box
         ImageDraw.Draw(image).rectangle(
-            [x * s, y * s, (x + w) * s, (y + h) * s], outline=(230, 120, 20), width=3
+            [x * s, y * s, (x + w) * s, (y + h) * s], outline=HIT_COLOUR, width=3
         )
     return image
 
@@ -201,9 +207,7 @@ def render_gallery(
         if q.kind == "slide":
             image = _thumbnail_with_box(store, None, panel_px)
         else:
-            image = region_mosaic(
-                store, q.box, panel_px=panel_px, outline=own, colour=(30, 90, 220)
-            )
+            image = region_mosaic(store, q.box, panel_px=panel_px, outline=own, colour=QUERY_COLOUR)
         panels.append(
             (
                 image,

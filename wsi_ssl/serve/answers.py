@@ -24,7 +24,7 @@ def answer(result: SearchResult, retiled: Collection[str] = (), index: str = "")
     out["query"]["tiles"] = rows
     url = functools.partial(region_url, index=index)
     if q.slide_id is not None:
-        out["query"]["image"] = url(str(q.slide_id), q.box, rows)
+        out["query"]["image"] = url(str(q.slide_id), q.box, rows, role="query")
     for hit, d in zip(result.hits, out["hits"], strict=True):
         if result.mode == "tiles":
             d["tile_box"] = [hit.x, hit.y, hit.size, hit.size]
@@ -44,9 +44,11 @@ def answer(result: SearchResult, retiled: Collection[str] = (), index: str = "")
     return out
 
 
-def region_url(slide_id: str, box: Any, rows: list[int], index: str = "") -> str:
+def region_url(slide_id: str, box: Any, rows: list[int], index: str = "", role: str = "hit") -> str:
+    """The region picture of ``box``, ``rows`` outlined in the colour of ``role``."""
     url = f"/api/slides/{slide_id}/region.png?box={','.join(str(int(v)) for v in box)}"
-    return url + (f"&outline={','.join(map(str, rows))}" if rows else "") + index_query(index)
+    url += f"&outline={','.join(map(str, rows))}" if rows else ""
+    return url + ("&role=query" if role == "query" and rows else "") + index_query(index)
 
 
 def index_query(index: str, sep: str = "&") -> str:

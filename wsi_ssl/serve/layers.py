@@ -8,12 +8,15 @@ Each layer is a translucent RGBA PNG at the slide's thumbnail size, one square p
 * ``annotations``: each tile in the colour of its largest class of ``labels/annotations``
   (the tiling's annotation fractions), opacity growing with that fraction;
 * ``attention``: the MIL attention percentile of each tile (``wsi-ssl mil predict``'s
-  ``geojson/<slide_id>.geojson``, ``measurements.attention_percentile``), from transparent
-  yellow (least attended) to opaque red (most); only where a predictions folder was given.
+  ``geojson/<slide_id>.geojson``, ``measurements.attention_percentile``), from faint dark
+  blue (least attended) through grey to opaque yellow (most; cividis, so never QC's red);
+  only where a predictions folder was given.
 
 Routes: ``GET /api/slides/{slide}/layers`` (which layers the slide has, with the QC counts,
-the annotation classes and the MIL prediction) and ``GET /api/slides/{slide}/layers/NAME.png``,
-each with ``?index=NAME`` (the index ``slide`` is looked up in).
+the annotation classes, the MIL prediction and ``attention_colours``: the attention layer's
+RGBA at percentiles 0, 0.25, .., 1, for the page's legend) and
+``GET /api/slides/{slide}/layers/NAME.png``, each with ``?index=NAME`` (the index ``slide`` is
+looked up in).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ __all__ = ["MilPredictions", "add_layer_routes", "tile_layer"]
 Layer = Literal["qc", "annotations", "attention"]
 QC_PASS = (40, 160, 60, 50)
 QC_FLAGGED = (220, 30, 30, 180)
+ATTENTION_STOPS = np.array([(0, 34, 78), (124, 123, 120), (254, 232, 56)], dtype=np.float64)
+"""The attention layer's colours at percentiles 0, 0.5 and 1 (matplotlib's cividis)."""
 PALETTE = np.array(
     [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
      (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)],
@@ -131,11 +136,13 @@ class MilPredictions:
 
 
 def attention_colours(values: np.ndarray) -> np.ndarray:
-    """RGBA per tile from attention percentiles 0..1: transparent yellow to opaque red."""
+    """RGBA per tile from attention percentiles 0..1: ``ATTENTION_STOPS`` interpolated, from
+    faint (alpha 20) to opaque (220)."""
     v = np.clip(np.asarray(values, dtype=np.float64), 0, 1)
+    at = np.linspace(0, 1, len(ATTENTION_STOPS))
     out = np.zeros((len(v), 4), dtype=np.uint8)
-    out[:, 0] = 255
-    out[:, 1] = np.round(220 * (1 - v))
+    for channel in range(3):
+        out[:, channel] = np.round(np.interp(v, at, ATTENTION_STOPS[:, channel]))
     out[:, 3] = np.round(20 + 200 * v)
     return out
 
@@ -163,7 +170,14 @@ def describe_layers(
     except NoLabelsError:
         annotations = None
     prediction = mil.prediction(store.slide_id) if mil is not None else None
-    return {"slide_id": store.slide_id, "qc": qc, "annotations": annotations, "mil": prediction}
+    legend = [[int(v) for v in c] for c in attention_colours(np.linspace(0, 1, 5))]
+    return {
+        "slide_id": store.slide_id,
+        "qc": qc,
+        "annotations": annotations,
+        "mil": prediction,
+        "attention_colours": legend,
+    }
 
 
 def draw_layer(

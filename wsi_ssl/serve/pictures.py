@@ -3,9 +3,10 @@
 Each takes ``?index=NAME``: the index ``slide`` is looked up in (default: the one served).
 
 * ``GET /api/slides/{slide}/thumbnail.png``: the stored thumbnail.
-* ``GET /api/slides/{slide}/region.png?box=X,Y,W,H[&outline=ROWS][&px=N]``: level-0 ``box``,
-  longest side ``px``; up to ``MAX_PICTURE_TILES`` stored tiles drawn exactly (the listed rows
-  outlined), a larger box from the deep-zoom sources (bounded cost whatever its size).
+* ``GET /api/slides/{slide}/region.png?box=X,Y,W,H[&outline=ROWS][&role=query][&px=N]``:
+  level-0 ``box``, longest side ``px``; up to ``MAX_PICTURE_TILES`` stored tiles drawn exactly
+  (the listed rows outlined in the hit colour, or the query's with ``role=query``), a larger
+  box from the deep-zoom sources (bounded cost whatever its size).
 * ``GET /api/slides/{slide}/dzi/{version}/{source}.dzi`` and
   ``.../dzi/{version}/{source}_files/{level}/{col}_{row}.jpeg``: the Deep Zoom pyramid,
   ``source`` = ``slide`` (the slide file through its reader) or ``tiles`` (the stored tiles);
@@ -36,6 +37,8 @@ MAX_PICTURE_TILES = 100
 """A region picture draws at most this many stored tiles; a larger box comes from the pyramid."""
 MAX_COORD = 2**31
 MAX_OUTLINE = 1000
+Role = Literal["hit", "query"]
+"""Whose tiles a region picture outlines: a hit's (orange) or the query's (blue)."""
 IndexName = Annotated[str | None, QueryParam(max_length=200)]
 """The ``?index=`` of a request: the index its slide is looked up in (None: the default)."""
 
@@ -80,8 +83,9 @@ def _region_png(
     outline: set[int],
     px: int,
     index: str | None,
+    role: Role = "hit",
 ) -> bytes:
-    from wsi_ssl.search.gallery import region_mosaic
+    from wsi_ssl.search.gallery import HIT_COLOUR, QUERY_COLOUR, region_mosaic
 
     store = service.store(slide, index)
     width, height = (int(v) for v in store.source["dimensions"])
@@ -91,7 +95,9 @@ def _region_png(
             f"box {list(box)} lies outside {store.slide_id} ({width} x {height} px)"
         )
     if len(tiles_in(store, box)) <= MAX_PICTURE_TILES:
-        return encode(region_mosaic(store, box, panel_px=px, outline=outline or None), "png")
+        colour = QUERY_COLOUR if role == "query" else HIT_COLOUR
+        picture = region_mosaic(store, box, panel_px=px, outline=outline or None, colour=colour)
+        return encode(picture, "png")
     f = px / max(box[2], box[3])
     size = (max(1, round(box[2] * f)), max(1, round(box[3] * f)))
     return encode(service.pyramid(slide, index).region(box, size, "slide"), "png")
@@ -111,13 +117,18 @@ def add_picture_routes(app: FastAPI, service: SlideService, pool: RenderPool) ->
 
     @app.get("/api/slides/{slide}/region.png")
     async def region(
-        slide: str, box: str, outline: str = "", px: int = 320, index: IndexName = None
+        slide: str,
+        box: str,
+        outline: str = "",
+        role: Role = "hit",
+        px: int = 320,
+        index: IndexName = None,
     ) -> Response:
         if not PANEL_PX[0] <= px <= PANEL_PX[1]:
             raise ConfigError(f"px must be in {PANEL_PX[0]}..{PANEL_PX[1]}, got {px}")
         parsed, rows = parse_box(box), _parse_rows(outline)
-        key = ("region", parsed, tuple(sorted(rows)), px)
-        draw = lambda: _region_png(service, slide, parsed, rows, px, index)  # noqa: E731
+        key = ("region", parsed, tuple(sorted(rows)), px, role)
+        draw = lambda: _region_png(service, slide, parsed, rows, px, index, role)  # noqa: E731
         return _image(await pool.run(service.picture, slide, key, draw, index), "image/png")
 
     @app.get("/api/slides/{slide}/dzi/{version}/{source}.dzi")

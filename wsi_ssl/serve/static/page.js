@@ -6,7 +6,7 @@ const CLICK_PX = 5;  // a press that moves less than this (screen px) is a click
 const state = {
   slides: [], current: null, viewer: null, lastBox: null, answer: null, mark: null,
   labels: { accepted: [], rejected: [] }, slideSeq: 0, searchSeq: 0, indexSeq: 0, drawing: false, drag: null,
-  layers: null, minis: [],
+  layers: null, minis: [], shown: "",
 };
 const LAYERS = ["qc", "annotations", "attention"];
 window.wsi = state;  // for tests and the console
@@ -346,7 +346,8 @@ async function search(box) {
     return searchFailed(seq, err);
   }
   if (seq !== state.searchSeq) return;
-  showAnswer(answer, `${answer.hits.length} ${answer.mode} in ${(1000 * answer.seconds).toFixed(1)} ms ` +
+  const shown = `${answer.mode} like the box drawn on ${cur.name}`;
+  showAnswer(answer, shown, `${answer.hits.length} ${answer.mode} in ${(1000 * answer.seconds).toFixed(1)} ms ` +
     `(index ${answer.index.name}, ${answer.index.n_vectors} tiles). Click a result to open it; ✓ / ✗ to label it.`);
   redrawOverlays();  // state.lastBox stays the box drawn: a tile search answers with its centre tile
 }
@@ -379,10 +380,13 @@ function clearResults() {
   redrawOverlays();
 }
 
-function showAnswer(answer, message) {
+// ``answer`` in the results panel (``shown``: what it is, said when a setting changed after it
+// cannot ask it again); ``heading``: [title, meta] of its card when it has no query picture
+function showAnswer(answer, shown, message, heading = null) {
   for (const v of state.minis) v.destroy();
   state.minis = [];
   state.answer = answer;
+  state.shown = shown;
   state.mark = null;
   const results = $("results");
   const q = answer.query;
@@ -390,6 +394,8 @@ function showAnswer(answer, message) {
   if (q.image) {
     results.append(card(q.image, `query: ${q.slide_name}`,
       `${q.n_tiles} tile(s), ${q.size_um.map((v) => v.toFixed(0)).join(" × ")} µm`, "query"));
+  } else if (heading) {
+    results.append(card(null, heading[0], heading[1], "query heading"));
   }
   for (const hit of answer.hits) results.append(hitCard(hit, answer.mode));
   renderRanking(answer.slides || [], answer.index.name);
@@ -401,13 +407,17 @@ function showAnswer(answer, message) {
   if (results.getBoundingClientRect().top >= window.innerHeight) $("side").scrollIntoView({ block: "start" });
 }
 
+// a result card: its picture (none: ``imageUrl`` null), title and one line of details
 function card(imageUrl, title, meta, cls) {
   const div = document.createElement("div");
   div.className = "card" + (cls ? " " + cls : "");
-  const img = document.createElement("img");
-  img.src = imageUrl;
-  img.alt = title;
-  img.onerror = async () => cardNote(div, await reasonOf(img.src) || "the picture could not be drawn");
+  if (imageUrl) {
+    const img = document.createElement("img");
+    img.src = imageUrl;
+    img.alt = title;
+    img.onerror = async () => cardNote(div, await reasonOf(img.src) || "the picture could not be drawn");
+    div.append(img);
+  }
   const text = document.createElement("div");
   const t = document.createElement("div");
   t.className = "title";
@@ -416,7 +426,7 @@ function card(imageUrl, title, meta, cls) {
   m.className = "meta";
   m.textContent = meta;
   text.append(t, m);
-  div.append(img, text);
+  div.append(text);
   return div;
 }
 
@@ -544,8 +554,9 @@ async function moreLikeThese() {
     state.lastBox = null;
     const skipped = answer.query.skipped ? ` (${answer.query.skipped} region(s) skipped: their ` +
       `slides left index ${answer.index.name} or were re-tiled)` : "";
-    showAnswer(answer, `${answer.hits.length} tiles like the ${answer.query.regions} accepted ` +
-      `region(s) labelled ${$("label").value}${skipped}, outside every labelled region.`);
+    const shown = `tiles like the ${answer.query.regions} accepted region(s) labelled ${$("label").value}`;
+    showAnswer(answer, shown, `${answer.hits.length} ${shown}${skipped}, outside every labelled region.`,
+      [`more like these: ${shown}`, "found tile by tile; the “show” menu applies to the next box you draw"]);
     redrawOverlays();
   } catch (err) {
     searchFailed(seq, err);
@@ -608,7 +619,17 @@ async function loadLayers(slideId, seq) {
     notes.push(`MIL: ${info.mil.predicted} (${p})`);
   }
   $("layer-info").textContent = notes.join(" · ");
+  const stops = (info.attention_colours || []).map(([r, g, b, a]) => `rgba(${r}, ${g}, ${b}, ${a / 255})`);
+  $("attention-legend").querySelector(".ramp").style.backgroundImage =
+    stops.length ? `linear-gradient(to right, ${stops.join(", ")})` : "";
+  showLegend();
   redrawOverlays();
+}
+
+// the attention layer's legend (its colours from least to most attended) while the layer is shown
+function showLegend() {
+  const on = $("layer-attention");
+  $("attention-legend").hidden = !on.checked || on.disabled;
 }
 
 function renderRanking(slides, index) {
@@ -641,7 +662,8 @@ async function searchPicture() {
     if (!response.ok) throw new Error(answer.error || `${response.status}`);
     if (seq !== state.searchSeq) return;
     state.lastBox = null;
-    showAnswer(answer, `${answer.hits.length} ${answer.mode} like ${file.name} ` +
+    const shown = `${answer.mode} like ${file.name}`;
+    showAnswer(answer, shown, `${answer.hits.length} ${shown} ` +
       `(${answer.query.n_tiles} tile(s)) in ${(1000 * answer.seconds).toFixed(1)} ms.`);
     redrawOverlays();
   } catch (err) {
@@ -651,9 +673,16 @@ async function searchPicture() {
   }
 }
 
-// the last search again (its box on the open slide) after a setting changed
-function searchAgain() {
-  if (state.current && state.lastBox && state.lastSlide === state.current.slide_id) search(state.lastBox);
+// the last search again (its box on the open slide) after a setting changed; results it cannot
+// ask again (more like these, a picture, a box on another slide) stay, and the status line says so
+function searchAgain(e) {
+  if (state.current && state.lastBox && state.lastSlide === state.current.slide_id) return search(state.lastBox);
+  if (!state.answer || !e) return;
+  const mode = $("mode");
+  const what = e.target === mode
+    ? `show “${mode.options[mode.selectedIndex].text}”: draw a box to search with it`
+    : "the new setting applies to the next search";
+  setStatus(`${what}; the results shown are still the ${state.shown}.`);
 }
 
 function showIndexInfo(info) {
@@ -711,6 +740,7 @@ function start() {
   }).observe(header);
   makeViewer();
   for (const name of LAYERS) $(`layer-${name}`).addEventListener("change", redrawOverlays);
+  $("layer-attention").addEventListener("change", showLegend);
   $("upload").addEventListener("change", searchPicture);
   $("filter").addEventListener("input", renderSlideList);
   window.addEventListener("keydown", cancelDrawing);
