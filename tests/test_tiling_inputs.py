@@ -144,6 +144,7 @@ def test_implausible_resolution_tags_are_named_in_the_cli_words(
     assert slide["error"] in err
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 def test_an_interrupted_jobs_json_words_its_errors_as_the_cli_does(
     tmp_path: Path, slides_dir: Path
 ) -> None:

@@ -242,7 +242,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 def _log_once(said: set[str], exc: WsiSslError) -> None:
     """Log ``exc`` (with its path) as a warning unless it was logged before."""
     path = getattr(exc, "path", None)
-    message = f"{exc}" + (f" (store {path})" if path is not None else "")
+    named = path is None or str(path) in str(exc)
+    message = f"{exc}" + ("" if named else f" (store {path})")
     if message not in said:
         said.add(message)
         log.warning("%s", message)
