@@ -30,6 +30,7 @@ marks what must be redone in the catalog (status "failed"), so that a plain re-r
 from __future__ import annotations
 
 import itertools
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,7 @@ REPAIR = "wsi-ssl check {root} --repair"
 class _Checker:
     def __init__(self, root: Path, repair: bool, decode: bool, verify_tiles: bool) -> None:
         self.root = root
+        self.shell_root = shlex.quote(str(root))  # the root as fix commands name it
         self.archive = Archive(root)
         self.repair = repair
         self.decode = decode
@@ -142,7 +144,7 @@ class _Checker:
                 fix = f"{result}: {fix}"
             done = result is True
         self.report.findings.append(
-            Finding(str(path), problem, fix.format(root=self.root), repair is not None, done)
+            Finding(str(path), problem, fix.format(root=self.shell_root), repair is not None, done)
         )
 
     def mark_redo(self, slide_id: str, why: str) -> str | bool:
@@ -467,7 +469,7 @@ class _Checker:
             self.catalog_agreement()
         self.debris()
         if self.unwritable is not None:  # said once, here, for every repair it refused
-            repair = REPAIR.format(root=self.root)
+            repair = REPAIR.format(root=self.shell_root)
             self.report.findings.append(unwritable_finding(self.unwritable, self.root, repair))
         return self.report
 

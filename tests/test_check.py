@@ -673,3 +673,23 @@ def test_a_killed_writers_partial_beside_complete_vectors_is_cleared_by_the_next
     assert not (group / f".writing-{eid}").exists()
     assert run_cli(["check", str(root)])[0] == 0
     np.testing.assert_array_equal(open_store(root).embeddings(a, eid).features, before)
+
+
+def test_a_fix_for_an_archive_whose_path_has_a_space_runs_as_pasted(tmp_path: Path) -> None:
+    """The fix names the root quoted for the shell (pasted, it split at the space)."""
+    import subprocess
+
+    from wsi_ssl.config import TilingConfig
+    from wsi_ssl.synthetic import write_synthetic_slide
+    from wsi_ssl.tiling.batch import tile_slide
+
+    root = tmp_path / "the archive"
+    tile_slide(write_synthetic_slide(tmp_path / "s.tiff", (768, 512), seed=1), root,
+               TilingConfig(tile_size=128))  # fmt: skip
+    store = open_store(root).store_path(open_store(root).slide_ids[0])
+    next(p for p in (store / "tiles" / "c").rglob("*") if p.is_file()).unlink()
+    code, out, _ = run_cli(["check", str(root)])
+    fix = next(line for line in out.splitlines() if "fix: " in line).split("fix: ", 1)[1]
+    assert code == 1 and f"--out '{root}'" in fix, fix
+    assert subprocess.run(["bash", "-c", fix], capture_output=True).returncode == 0
+    assert run_cli(["check", str(root)])[0] == 0
