@@ -237,8 +237,9 @@ def test_a_job_failing_in_a_device_process_fails_its_slides_with_its_error(
     assert {s["error_type"] for s in slides} == {"StainNormalizationError"}
     assert summary["encoder_id"].startswith("random-cnn")  # named though no process reported
     assert err_devices.splitlines() == [err.rstrip()] * 2  # the one-process line, per slide
-    # the JSON keeps the library's message; the line adds the flag that names the parameter
-    assert all(err.startswith(f"wsi-ssl: error: {s['error']} (command line: ") for s in slides)
+    # the JSON words the error as the line does: with the flag that names the parameter
+    assert all(err == f"wsi-ssl: error: {s['error']}\n" for s in slides)
+    assert all("(command line: --stain-reference" in s["error"] for s in slides), slides
 
 
 def _stopped_child(parent: int, timeout: float = 180) -> int:
