@@ -188,3 +188,30 @@ def wait_until(what: Callable[[], Any], timeout: float) -> Any:
         assert time.monotonic() < deadline, "timed out waiting for the page"
         time.sleep(0.1)
     return value
+
+
+def page_ready(driver: Any) -> bool:
+    """Whether the page has its slide open, its layers listed and every tile in view drawn."""
+    return bool(
+        driver.execute_script(
+            "const v = wsi.viewer; return document.body.dataset.state === 'ready' && wsi.layers"
+            " && v.world.getItemCount() > 0 && v.world.getItemAt(0).getFullyLoaded()"
+            " && !v.world.needsDraw();"
+        )
+    )
+
+
+def open_on_page(driver: Any, url: str, slide: str, size: tuple[int, int] | None = None) -> None:
+    """The page (at window ``size``, when given) with ``slide`` open and drawn."""
+    if size is not None:
+        driver.set_window_size(*size)
+    driver.get(url + "/")
+    wait_until(lambda: page_ready(driver), timeout=60)
+    driver.execute_script("openSlide(arguments[0])", slide)
+    wait_until(
+        lambda: (
+            driver.execute_script("return wsi.current.slide_id") == slide and page_ready(driver)
+        ),
+        timeout=60,
+    )
+    time.sleep(0.3)  # any late change of the layout

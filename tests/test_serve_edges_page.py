@@ -14,14 +14,13 @@ archive (s1.tiff 1000 x 800, s2.tiff 800 x 700):
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_helpers import browser_paths, chromium, running, wait_until
+from serve_helpers import browser_paths, chromium, open_on_page, page_ready, running, wait_until
 
 from wsi_ssl.search import SearchIndex
 from wsi_ssl.serve import create_app
@@ -53,26 +52,6 @@ def page(small_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             driver.quit()
 
 
-def _ready(driver: Any) -> bool:
-    return bool(
-        driver.execute_script(
-            "const v = wsi.viewer; return document.body.dataset.state === 'ready' && wsi.layers"
-            " && v.world.getItemCount() > 0 && v.world.getItemAt(0).getFullyLoaded()"
-            " && !v.world.needsDraw();"
-        )
-    )
-
-
-def _open(driver: Any, url: str, size: tuple[int, int], slide: str) -> None:
-    """The page at window ``size`` with ``slide`` open and drawn."""
-    driver.set_window_size(*size)
-    driver.get(url + "/")
-    _wait(lambda: _ready(driver))
-    driver.execute_script("openSlide(arguments[0])", slide)
-    _wait(lambda: driver.execute_script("return wsi.current.slide_id") == slide and _ready(driver))
-    time.sleep(0.3)  # any late change of the layout
-
-
 def _search(driver: Any, box: list[int]) -> dict[str, Any]:
     driver.execute_script("search(arguments[0])", box)
     _wait(lambda: driver.execute_script("return document.body.dataset.state") == "results")
@@ -96,7 +75,7 @@ def _pick_mode(driver: Any, mode: str) -> dict[str, Any]:
 
 def test_similar_tiles_and_back_keeps_the_box_drawn(page: dict[str, Any]) -> None:
     driver, s1 = page["driver"], page["ids"]["s1.tiff"]
-    _open(driver, page["url"], (1400, 900), s1)
+    open_on_page(driver, page["url"], s1, (1400, 900))
     try:
         assert _search(driver, BOX)["query"]["box"] == BOX
         tiles = _pick_mode(driver, "tiles")
@@ -126,7 +105,7 @@ def test_a_narrow_window_shows_the_hit_opened_and_the_label_refused(page: dict[s
     from selenium.webdriver.common.by import By
 
     driver, ids = page["driver"], page["ids"]
-    _open(driver, page["url"], (800, 900), ids["s1.tiff"])
+    open_on_page(driver, page["url"], ids["s1.tiff"], (800, 900))
     driver.execute_script("document.getElementById('exclude-self').checked = true")
     try:
         answer = _search(driver, BOX)
@@ -135,7 +114,7 @@ def test_a_narrow_window_shows_the_hit_opened_and_the_label_refused(page: dict[s
         card = driver.find_elements(By.CSS_SELECTOR, "#results .card.hit")[0]
         card.find_element(By.CSS_SELECTOR, ".title").click()
         _wait(lambda: driver.execute_script("return wsi.current.slide_id") == ids["s2.tiff"])
-        _wait(lambda: _ready(driver))
+        _wait(lambda: page_ready(driver))
         top, fold = _top_in_window(driver, "#viewer")
         assert 0 <= top < fold, (top, fold)
 
@@ -161,7 +140,7 @@ def test_a_store_moved_away_is_said_on_the_page(page: dict[str, Any]) -> None:
     driver, ids, root = page["driver"], page["ids"], page["root"]
     s1, s2 = ids["s1.tiff"], ids["s2.tiff"]
     store = root / "slides" / f"{s2}.zarr"
-    _open(driver, page["url"], (1400, 900), s2)
+    open_on_page(driver, page["url"], s2, (1400, 900))
     shutil.move(store, page["base"] / "away.zarr")
     status = "const s = document.getElementById('status'); return [s.className, s.textContent];"
     try:
@@ -173,7 +152,11 @@ def test_a_store_moved_away_is_said_on_the_page(page: dict[str, Any]) -> None:
         assert driver.execute_script(status)[0] == "error"
 
         driver.execute_script("openSlide(arguments[0])", s1)
-        _wait(lambda: driver.execute_script("return wsi.current.slide_id") == s1 and _ready(driver))
+        _wait(
+            lambda: (
+                driver.execute_script("return wsi.current.slide_id") == s1 and page_ready(driver)
+            )
+        )
         driver.execute_script("document.getElementById('k').value = '30'")
         answer = _search(driver, [0, 0, 448, 448])
         cards = driver.find_elements(By.CSS_SELECTOR, "#results .card.hit")
@@ -209,7 +192,7 @@ def test_the_view_is_searched_from_the_keyboard(page: dict[str, Any]) -> None:
     from selenium.webdriver.common.keys import Keys
 
     driver, s1 = page["driver"], page["ids"]["s1.tiff"]
-    _open(driver, page["url"], (1400, 900), s1)
+    open_on_page(driver, page["url"], s1, (1400, 900))
     button = driver.find_element(By.ID, "search-view")
     boxes = []
     still = "const v = wsi.viewer.viewport; return v.getZoom(true) === v.getZoom(false);"

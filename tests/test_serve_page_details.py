@@ -23,7 +23,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from serve_helpers import browser_paths, chromium, post_json, raw, running, wait_until
+from serve_helpers import (
+    browser_paths,
+    chromium,
+    open_on_page,
+    post_json,
+    raw,
+    running,
+    wait_until,
+)
 
 from wsi_ssl.search import SearchIndex
 from wsi_ssl.serve import create_app
@@ -68,25 +76,6 @@ def page(small_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             driver.quit()
 
 
-def _ready(driver: Any) -> bool:
-    return bool(
-        driver.execute_script(
-            "const v = wsi.viewer; return document.body.dataset.state === 'ready' && wsi.layers"
-            " && v.world.getItemCount() > 0 && v.world.getItemAt(0).getFullyLoaded()"
-            " && !v.world.needsDraw();"
-        )
-    )
-
-
-def _open(driver: Any, url: str, slide: str) -> None:
-    """The page with ``slide`` open and drawn."""
-    driver.get(url + "/")
-    _wait(lambda: _ready(driver))
-    driver.execute_script("openSlide(arguments[0])", slide)
-    _wait(lambda: driver.execute_script("return wsi.current.slide_id") == slide and _ready(driver))
-    time.sleep(0.3)  # any late change of the layout
-
-
 def _rgba(css: str) -> list[tuple[int, int, int, float]]:
     """The colours of a CSS ``linear-gradient(...)``, in order (alpha 0..1)."""
     out = []
@@ -102,7 +91,7 @@ def test_the_attention_layer_has_a_legend_of_its_own_colours(page: dict[str, Any
     from selenium.webdriver.common.by import By
 
     driver, store = page["driver"], page["store"]
-    _open(driver, page["url"], page["ids"]["s1.tiff"])
+    open_on_page(driver, page["url"], page["ids"]["s1.tiff"])
     legend = driver.find_element(By.ID, "attention-legend")
     assert not legend.is_displayed()  # the layer is off
     layer = driver.find_element(By.ID, "layer-attention")
@@ -149,7 +138,7 @@ def test_more_like_these_says_what_it_shows_and_the_menu_what_it_does(
         {"slide": s1, "box": BOX, "label": "lesion", "verdict": "accept"},
     )
     assert status == 200
-    _open(driver, page["url"], s1)
+    open_on_page(driver, page["url"], s1)
     mode = Select(driver.find_element(By.ID, "mode"))
     assert mode.first_selected_option.get_attribute("value") == "regions"
     label = driver.find_element(By.ID, "label")
@@ -218,7 +207,7 @@ def test_the_query_is_outlined_in_the_query_colour_everywhere(page: dict[str, An
     from selenium.webdriver.common.by import By
 
     driver, s1 = page["driver"], page["ids"]["s1.tiff"]
-    _open(driver, page["url"], s1)
+    open_on_page(driver, page["url"], s1)
     driver.execute_script("search(arguments[0])", BOX)
     _wait(lambda: driver.execute_script("return document.body.dataset.state") == "results")
     root = "getComputedStyle(document.documentElement).getPropertyValue(arguments[0])"
