@@ -98,8 +98,8 @@ class Archive:
             entries = []
         files = {e.slide_id: (e.path, e.name) for e in entries if e.slide_id in wanted}
         for sid in sorted(wanted - set(files)):
-            with contextlib.suppress(WsiSslError):
-                store = self.slide(sid)
+            with contextlib.suppress(WsiSslError):  # by id: no name to resolve (nor to recurse)
+                store = open_slide_store(self.store_path(sid))
                 files[sid] = (str(store.source["path"]), store.source_name)
         return files
 

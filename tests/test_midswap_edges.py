@@ -150,3 +150,25 @@ def test_export_names_a_store_left_unfinished(small_archive: Path, tmp_path: Pat
         f"left out 1 store(s) that are not complete ({unfinished}: being tiled or re-tiled "
         "now, or by a killed job; `wsi-ssl check` says what to do)"
     ]
+
+
+def test_names_looked_up_while_a_first_tiling_is_unfinished(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    """A new slide's first tiling killed before its store went in place (no catalog row yet):
+    a name of no slide says so, and the new slide's name (read from its new store) says it is
+    caught before its last rename and how that ends (both ended in a RecursionError)."""
+    from wsi_ssl.synthetic import write_synthetic_slide
+
+    root, _, _ = copy_two_slides(small_archive, tmp_path)
+    new = write_synthetic_slide(tmp_path / "new.tiff", (600, 500), seed=9)
+    code = "import sys; from wsi_ssl.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", code, "tile", str(new), "--out", str(root), *TILING]
+    env = {**os.environ, "WSI_SSL_FAULT": "kill_before_rename:#swap-in"}
+    assert subprocess.run(argv, env=env, capture_output=True).returncode == -signal.SIGKILL
+    assert open_store(root).swapping()  # its store is not in place
+    out = ["--out", str(tmp_path / "f"), "--quiet"]
+    code_, _, err = run_cli(["export", str(root), "--slides", "typo", *out])
+    assert code_ == 2 and "'typo': no such slide in archive" in err, err
+    code_, _, err = run_cli(["export", str(root), "--slides", "new.tiff", *out])
+    assert code_ == 2 and "no such slide store; the slide is caught mid-swap" in err, err
