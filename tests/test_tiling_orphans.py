@@ -31,6 +31,16 @@ from wsi_ssl.tiling.grid import TileGrid
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
 
+def _descendants(pid: int) -> list[int]:
+    """The processes started by ``pid``, and by those, and so on."""
+    found, todo = [], [pid]
+    while todo:
+        children = _children(todo.pop())
+        found += children
+        todo += children
+    return found
+
+
 def _children(pid: int) -> list[int]:
     """The processes whose parent is ``pid``."""
     found = []
@@ -54,20 +64,27 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def test_worker_processes_die_with_a_killed_job(tmp_path: Path) -> None:
+@pytest.mark.parametrize("context", ["spawn", "forkserver"])
+def test_worker_processes_die_with_a_killed_job(tmp_path: Path, context: str) -> None:
+    """Killed as its shards land (spawn: one worker paused before its shard's rename, so one
+    is caught mid-write). Under a forkserver the workers are its children and it waits for
+    them: they lived on (the parent-death signal waits for the forkserver)."""
     slide = write_synthetic_slide(tmp_path / "s.tiff", (1536, 1024), seed=2)
     out = tmp_path / "root"
-    env = {**os.environ, "WSI_SSL_FAULT": "pause_before_rename:/tiles/c/"}
+    env = {**os.environ, "DASK_MULTIPROCESSING__CONTEXT": context}
+    if context == "spawn":  # a stopped worker: only the parent-death signal ends it
+        env["WSI_SSL_FAULT"] = "pause_before_rename:/tiles/c/"
     argv = [sys.executable, "-m", "wsi_ssl.cli", "tile", str(slide), "--out", str(out)]
-    argv += ["--tile-size", "128", "--tiles-per-chunk", "8", "--no-qc", "--quiet"]
+    argv += ["--tile-size", "32", "--tiles-per-chunk", "8", "--no-qc", "--quiet"]
     job = subprocess.Popen([*argv, "--scheduler", "processes", "--workers", "2"], env=env)
+    landed = ".*.partial" if context == "spawn" else "*"
     workers: list[int] = []
     try:
         deadline = time.monotonic() + 120
-        while not list(out.glob("slides/*.zarr.new/tiles/c/**/.*.partial")):
-            assert job.poll() is None and time.monotonic() < deadline, "no worker paused"
-            time.sleep(0.2)  # a worker stopped itself before renaming its shard
-        workers = [p for p in _children(job.pid) if _alive(p)]
+        while not list(out.glob(f"slides/*.zarr.new/tiles/c/**/{landed}")):
+            assert job.poll() is None and time.monotonic() < deadline, "no shard written"
+            time.sleep(0.05)
+        workers = [p for p in _descendants(job.pid) if _alive(p)]
         assert workers
         job.send_signal(signal.SIGKILL)
         job.wait(10)
@@ -81,7 +98,7 @@ def test_worker_processes_die_with_a_killed_job(tmp_path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
         if job.poll() is None:
             job.kill()
-    assert tile_slide(slide, out, TilingConfig(tile_size=128)).status == "complete"
+    assert tile_slide(slide, out, TilingConfig(tile_size=32)).status == "complete"
     store = open_store(out).slide(open_store(out).slide_ids[0])
     assert not (store.path / "tiles" / WRITER_FILE).exists()  # the job's mark is removed
 

@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -447,17 +448,25 @@ def _compute_in_own_threads(tasks: list[Any], workers: int | None) -> tuple[Any,
 
 
 def _start_worker(parent: int, then: Callable[[], None] | None = None) -> None:
-    """In a worker process of job ``parent``: die with it (Linux's parent-death signal, sent
-    when the process that started the worker ends: the job, or its forkserver, which ends with
-    it), and exit now if it is already gone; then run the initializer dask is configured with."""
+    """In a worker process of job ``parent``: die with it, then run the initializer dask is
+    configured with. Linux's parent-death signal kills the worker when the process that
+    started it ends, at once; a watcher thread covers the rest (a forkserver, which outlives
+    the job while its workers live; systems without the signal)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        try:
-            os.kill(parent, 0)
-        except ProcessLookupError:  # it died before the signal was asked for
-            os._exit(1)
+    threading.Thread(target=_exit_when_gone, args=(parent,), daemon=True).start()
     if then is not None:
         then()
+
+
+def _exit_when_gone(parent: int, every: float = 0.5) -> None:
+    """End this process as soon as process ``parent`` is gone (asked every ``every`` s)."""
+    while True:
+        try:
+            os.kill(parent, 0)
+        except (ProcessLookupError, PermissionError):  # gone (its pid another user's since)
+            os._exit(1)
+        time.sleep(every)
