@@ -204,15 +204,12 @@ class _Checker:
 
         def repair() -> bool:
             with slide_lock(self.root, slide_id):
-                recover_swap(self.archive.store_path(slide_id))
+                if recover_swap(self.archive.store_path(slide_id)) == "rolled forward":
+                    self.add_to_catalog(slide_id)  # the new store's settings, not the old row's
             return not left.exists()
 
-        self.add(
-            left,
-            "left by a tiling job that was killed (a first tiling or a re-tile)",
-            REPAIR,
-            repair,
-        )
+        killed = "left by a tiling job that was killed (a first tiling or a re-tile)"
+        self.add(left, killed, REPAIR, repair)
 
     def store(self, path: Path) -> None:
         slide_id = path.name.removesuffix(".zarr")

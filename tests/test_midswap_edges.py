@@ -172,3 +172,29 @@ def test_names_looked_up_while_a_first_tiling_is_unfinished(
     assert code_ == 2 and "'typo': no such slide in archive" in err, err
     code_, _, err = run_cli(["export", str(root), "--slides", "new.tiff", *out])
     assert code_ == 2 and "no such slide store; the slide is caught mid-swap" in err, err
+
+
+def test_repair_that_finishes_a_killed_retile_records_its_settings(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    """`check --repair` swaps in a killed re-tile's complete new store: the catalog takes its
+    settings (it kept the old row, and check's later re-tile fix reverted the slide to them)."""
+    root, _, swapped = copy_two_slides(small_archive, tmp_path)
+    entry = open_store(root).catalog.get(swapped)
+    assert entry is not None and entry.tiling["tile_size"] == 224
+    other = [a if a != "224" else "256" for a in TILING]  # another tile size
+    code = "import sys; from wsi_ssl.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", code, "tile", entry.path, "--out", str(root), *other]
+    env = {**os.environ, "WSI_SSL_FAULT": "kill_before_rename:#swap-in"}
+    done = subprocess.run([*argv, "--discard-embeddings"], env=env, capture_output=True)
+    assert done.returncode == -signal.SIGKILL
+    assert run_cli(["check", str(root), "--repair"])[0] in (0, 1)
+    store = open_store(root).slide(swapped)
+    assert store.tiling["tile_size"] == 256  # rolled forward
+    after = open_store(root).catalog.get(swapped)
+    assert after is not None and after.tiling["tile_size"] == 256
+    assert after.n_tiles == store.n_tiles
+    next(p for p in (store.path / "tiles" / "c").rglob("*") if p.is_file()).unlink()
+    code_, report, _ = run_cli(["check", str(root)])
+    fix = next(line for line in report.splitlines() if "fix: " in line)
+    assert code_ == 1 and "--tile-size" not in fix, report  # 256, the default (it said 224)
