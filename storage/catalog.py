@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import pwd
+import shlex
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -305,7 +306,7 @@ def _full(path: Path) -> DiskFullError:
     return DiskFullError(
         path,
         "the archive's catalog could not be written: free space, then re-run (the re-run, or "
-        f"`wsi-ssl check {path.parent} --repair`, adds the rows it lacks; the slide stores "
+        f"`wsi-ssl check {shlex.quote(str(path.parent))} --repair`, adds the rows it lacks; the slide stores "
         "written are complete)",
     )
 

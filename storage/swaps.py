@@ -9,6 +9,7 @@ complete embeddings although nothing was removed: a reader must not take them as
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,5 +55,5 @@ def mid_swap_note(names: Sequence[str], root: str | Path, *, kept: bool, then: s
     return (
         f"{len(names)} slide(s) being re-tiled or re-embedded now, or left so by a killed job, "
         f"{'kept as indexed' if kept else 'left out'} ({first_few(names)}); when that job ends "
-        f"(or after `wsi-ssl check {root} --repair`), {then}"
+        f"(or after `wsi-ssl check {shlex.quote(str(root))} --repair`), {then}"
     )

@@ -198,3 +198,22 @@ def test_repair_that_finishes_a_killed_retile_records_its_settings(
     code_, report, _ = run_cli(["check", str(root)])
     fix = next(line for line in report.splitlines() if "fix: " in line)
     assert code_ == 1 and "--tile-size" not in fix, report  # 256, the default (it said 224)
+
+
+def test_commands_in_notes_and_errors_name_the_root_quoted_for_the_shell() -> None:
+    """A root with a space and a quote: the commands that notes and errors print split into
+    the words meant when pasted (the root split at the space, or the quote broke the line)."""
+    import re
+    import shlex
+
+    from wsi_ssl.storage.swaps import mid_swap_note
+
+    root = Path("/data/it's a root")
+    store = root / "slides" / "0123456789abcdef.zarr"
+    texts = [
+        mid_swap_note(["s1.tiff"], root, kept=False, then="export again to add them"),
+        str(StoreNotFoundError(store, "slide store", mid_swap=True)),
+    ]
+    for text in texts:
+        (command,) = re.findall(r"`(wsi-ssl check [^`]*)`", text)
+        assert shlex.split(command) == ["wsi-ssl", "check", str(root), "--repair"], text

@@ -5,6 +5,7 @@ and the CLI share a single hierarchy."""
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -188,7 +189,7 @@ class StoreNotFoundError(WsiSslError, FileNotFoundError):
         if mid_swap:  # ARCHIVE/slides/<id>.zarr: nothing lost, the swap is to finish
             advice = (
                 "the slide is caught mid-swap (a re-tile between its renames now, or killed "
-                f"there); when that job ends, or after `wsi-ssl check {Path(path).parent.parent} "
+                f"there); when that job ends, or after `wsi-ssl check {shlex.quote(str(Path(path).parent.parent))} "
                 "--repair`, its complete store is back"
             )
         super().__init__(f"{path}: no such {what}; {advice}")
@@ -352,7 +353,7 @@ class TileReadError(WsiSslError, OSError):
     def __init__(self, path: str | Path, start: int, stop: int, detail: str) -> None:
         super().__init__(
             f"{path}: tiles {start}..{stop - 1} cannot be read ({detail}); re-tile this slide "
-            f"with the settings it was tiled with (`wsi-ssl check {_root_of(path)} "
+            f"with the settings it was tiled with (`wsi-ssl check {shlex.quote(str(_root_of(path)))} "
             "--verify-tiles` prints that command)"
         )  # the remedy is another command's, so it is named here
         self.path = Path(path)
@@ -391,7 +392,7 @@ class EmbeddingsCorruptError(WsiSslError, OSError):
     def __init__(self, path: str | Path, encoder_id: str, detail: str) -> None:
         super().__init__(
             f"{path}: embeddings {encoder_id!r} are damaged ({detail}); re-embed this slide: "
-            f"`wsi-ssl check {_root_of(path)}` prints the embed command, with the encoder's weights and "
+            f"`wsi-ssl check {shlex.quote(str(_root_of(path)))}` prints the embed command, with the encoder's weights and "
             "settings, that redoes only it"
         )  # export, index and search meet it too: the remedy is embed's
         self.path = Path(path)
@@ -453,7 +454,7 @@ class IndexNotFoundError(WsiSslError, FileNotFoundError):
         have = ", ".join(available) if available else "none"
         super().__init__(
             f"{path}: no such search index (indexes under this root: {have}); "
-            f"build one first (`wsi-ssl index {_root_of(path)}`)"
+            f"build one first (`wsi-ssl index {shlex.quote(str(_root_of(path)))}`)"
         )
         self.path = Path(path)
 
@@ -464,7 +465,7 @@ class CorruptIndexError(WsiSslError, OSError):
     def __init__(self, path: str | Path, detail: str) -> None:
         super().__init__(
             f"{path}: search index is corrupt or truncated ({detail}); rebuild it "
-            f"(`wsi-ssl check {_root_of(path)}` prints the index command that builds it again)"
+            f"(`wsi-ssl check {shlex.quote(str(_root_of(path)))}` prints the index command that builds it again)"
         )
         self.path = Path(path)
 
@@ -582,7 +583,7 @@ class CatalogCorruptError(WsiSslError, OSError):
     def __init__(self, path: str | Path, detail: str) -> None:
         super().__init__(
             f"{path}: the archive's catalog is damaged ({detail}); `wsi-ssl check "
-            f"{_root_of(path)} --repair` rebuilds it from the slide stores (the damaged file is "
+            f"{shlex.quote(str(_root_of(path)))} --repair` rebuilds it from the slide stores (the damaged file is "
             "kept beside it)"
         )
         self.path = Path(path)
@@ -594,7 +595,7 @@ class StoreCorruptError(WsiSslError, OSError):
 
     def __init__(self, path: str | Path, detail: str) -> None:
         super().__init__(
-            f"{path}: slide store is damaged ({detail}); `wsi-ssl check {_root_of(path)}` prints "
+            f"{path}: slide store is damaged ({detail}); `wsi-ssl check {shlex.quote(str(_root_of(path)))}` prints "
             "the tile command that redoes it"
         )
         self.path = Path(path)

@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import shlex
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -313,7 +314,7 @@ def _left_out_mid_swap(
         names = {e.slide_id: e.name for e in archive.catalog.entries()}
     except (WsiSslError, sqlite3.Error):  # a damaged or busy catalog only costs the names
         names = {}
-    why = f"caught mid-swap; when its job ends (or after `wsi-ssl check {archive.root} --repair`)"
+    why = f"caught mid-swap; when its job ends (or after `wsi-ssl check {shlex.quote(str(archive.root))} --repair`)"
     why += ", export again"
     rows = [{"slide": sid, "name": names.get(sid) or sid, "why": why} for sid in held]
     return [s for s in stores if s.slide_id not in held], rows

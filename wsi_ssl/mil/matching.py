@@ -8,6 +8,7 @@ unique id prefix: names are resolved by :mod:`wsi_ssl.storage.resolve`, as every
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping
@@ -106,7 +107,7 @@ class MatchReport:
         if self.damaged:
             out.append(
                 f"re-embed the {len(self.damaged)} slide(s) with damaged embeddings: "
-                f"`wsi-ssl check {self.root}` prints the embed command that redoes them"
+                f"`wsi-ssl check {shlex.quote(str(self.root))}` prints the embed command that redoes them"
             )
         if self.unlabelled:
             shown = first_few(

@@ -11,6 +11,7 @@ finds no complete embeddings but such slides names them instead of sending the u
 from __future__ import annotations
 
 import glob
+import shlex
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,7 +40,7 @@ __all__ = ["build_encoder_id", "build_notes", "keep_mid_swap", "left_out_mid_swa
 def _add_command(archive: Archive, name: str) -> str:
     """The command that updates index ``name`` (named: with several indexes, a bare
     ``--add`` is refused)."""
-    return f"`wsi-ssl index {archive.root} --name {name} --add`"
+    return f"`wsi-ssl index {shlex.quote(str(archive.root))} --name {name} --add`"
 
 
 def _holds_vectors(store: Path, encoder_id: str) -> bool:

@@ -13,6 +13,7 @@ The notes of both kinds are made here: :func:`build_notes` and :func:`update_not
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +56,7 @@ def _embed_command(
             attrs = recorded
             break
     flags = f"{encoder_flags(attrs, encoder_id)} {embedding_stain_flags(attrs)}".rstrip()
-    return f"`wsi-ssl embed {archive.root} {flags}`"
+    return f"`wsi-ssl embed {shlex.quote(str(archive.root))} {flags}`"
 
 
 def unembedded_note(
@@ -79,7 +80,7 @@ def unembedded_note(
     return [
         f"{len(left)} tiled slide(s) not embedded by {encoder_id}, left out "
         f"({first_few(shown)}): {_embed_command(archive, encoder_id, indexed, encoder)} "
-        f"embeds them, then `wsi-ssl index {archive.root} --name {name} --add` adds them"
+        f"embeds them, then `wsi-ssl index {shlex.quote(str(archive.root))} --name {name} --add` adds them"
     ]
 
 
