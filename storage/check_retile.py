@@ -36,7 +36,8 @@ def retile_command(entry: CatalogEntry | None, store: Path, problem: str | None)
     mpp = tiling.pop("mpp_override")
     row = shlex.quote(_csv_field(Path(entry.path).name))
     table = f"t=$(mktemp) && printf 'slide,mpp\\n%s,%s\\n' {row} {mpp} > \"$t\" && "
-    command = f'wsi-ssl tile {source} --out {{root}}{tile_flags(tiling)} --mpp-csv "$t" --no-resume'
+    flags = f'{tile_flags(tiling)} --mpp-csv "$t" --no-resume && rm -f "$t"'
+    command = f"wsi-ssl tile {source} --out {{root}}{flags}"
     return _led_by(problem, table + command, store)
 
 

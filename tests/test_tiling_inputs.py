@@ -92,6 +92,7 @@ def test_checks_retile_of_a_table_scaled_store_states_the_row_again(
         assert (_only_store(out).coords[:] == before).all()
         assert run_cli(["check", str(out)])[0] == 0
         assert table.read_text() == mine
+        assert fix.startswith("t=$(mktemp) && ") and fix.endswith('&& rm -f "$t"')  # removed
 
 
 def test_mpp_override_fills_only_a_missing_scale_and_a_new_one_retiles(
