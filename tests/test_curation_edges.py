@@ -127,6 +127,15 @@ def test_another_scale_of_the_curated_slides_is_refused_as_such(
     assert code == 2 and err_text.count("\n") == 1, err_text
     assert "is another scale of the slide" in err_text
     assert not (out / "encoder.pt").exists()
+    # both scales (--mixed-scales): the scale curated is trained on as curated, the other left
+    # out and noted (refused, and curating that one refused the first: no curation passed)
+    from wsi_ssl.ssl.curation import curation_notes
+
+    both = scan_stores([scales["fine"], scales["coarse"]], mixed_scales=True)
+    keep = select_tiles(both, curation=cur)
+    assert keep is not None and [k.tolist() for k in keep] == [data["slides"][slide_id], []]
+    (note,) = curation_notes(cur, both)
+    assert "names no tile of 1 of the 2 slides" in note and "another scale of a curated" in note
 
 
 def test_slides_the_curation_does_not_name_are_noted_and_none_named_is_said(

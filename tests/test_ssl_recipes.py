@@ -411,3 +411,24 @@ def test_init_adopts_the_inits_input_normalisation(cmu_root: Path, tmp_path: Pat
     code, _, err = run_cli(["pretrain", str(cmu_root), "--out", str(tmp_path / "c"),
                             "--init", "hibou-b", "--quiet"])  # fmt: skip
     assert code == 2 and "got 96: pass --local-crop-size 98 (or 84)" in err, err
+
+
+def test_a_registry_name_is_the_registrys_even_beside_a_folder_of_that_name(
+    cmu_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--init hibou-b`` in a folder holding ``hibou-b/`` (its weights, say) is the preset (it
+    was read as a run folder and refused); a run as init refuses --weights (they were ignored
+    and recorded as used)."""
+    from wsi_ssl.ssl.init import apply_init, init_is_run
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hibou-b").mkdir()
+    assert not init_is_run("hibou-b") and init_is_run("./hibou-b")
+    crops = {"global_crop_size": 224, "local_crop_size": 98}
+    assert apply_init(PretrainConfig(init="hibou-b", **crops)).arch == "encoder:hibou-b"
+    first = pretrain(cmu_root, tiny("dino", steps=2), out=tmp_path / "a")
+    with pytest.raises(ConfigError, match="is a pretrain run, which carries its own weights"):
+        apply_init(tiny("dino", init=str(first.out_dir), init_weights="other.pth"))
+    argv = ["pretrain", str(cmu_root), "--out", str(tmp_path / "b"), "--init", str(first.out_dir)]
+    code, _, err = run_cli([*argv, "--weights", "other.pth", "--steps", "1", "--quiet"])
+    assert code == 2 and "carries its own weights" in err and "(command line: --weights)" in err

@@ -349,8 +349,12 @@ def read_curation(path: str | Path, entries: Any) -> list[np.ndarray]:
             parameters=("curation",),
         )
     recorded = data.get("stores") or {}
+    other = _other_scales(data, entries)
     out = []
     for e in entries:
+        if id(e) in other:  # trained on at the scale curated: left out here, and noted
+            out.append(np.zeros(0, dtype=np.int64))
+            continue
         tiles = np.asarray(slides.get(e.slide_id, []), dtype=np.int64)
         if isinstance(recorded.get(e.slide_id), dict) and e.slide_id in slides:
             _check_same_tiles(path, e, recorded[e.slide_id])
@@ -363,6 +367,25 @@ def read_curation(path: str | Path, entries: Any) -> list[np.ndarray]:
             )
         out.append(tiles)
     return out
+
+
+def _other_scales(data: dict[str, Any], entries: Any) -> set[int]:
+    """The ``id()`` of the stores of ``entries`` at another scale than their slide was curated
+    at, while a store of the same slide at the scale curated is among them (``--mixed-scales``
+    over the scales of one tiling): their tile numbers name other tiles; those stores are left
+    out, not refused."""
+    from wsi_ssl.storage.slide_store import same_scale
+
+    recorded, slides = data.get("stores") or {}, data.get("slides", {})
+
+    def curated_scale(e: Any) -> bool | None:
+        record = recorded.get(e.slide_id)
+        if e.slide_id not in slides or not isinstance(record, dict) or e.mpp is None:
+            return None
+        return same_scale(record, {"mpp": e.mpp, "tile_size": e.tile_size})
+
+    at_curated = {e.slide_id for e in entries if curated_scale(e)}
+    return {id(e) for e in entries if curated_scale(e) is False and e.slide_id in at_curated}
 
 
 def _check_same_tiles(path: Path, entry: Any, record: dict[str, Any]) -> None:
@@ -396,8 +419,8 @@ def curation_notes(path: str | Path, entries: Any) -> list[str]:
     ``entries``: the slides it names no tile of, which training leaves out."""
     path = Path(path)
     data = _read_file(path)
-    slides = data.get("slides", {})
-    left = [e for e in entries if e.slide_id not in slides]
+    slides, other = data.get("slides", {}), _other_scales(data, entries)
+    left = [e for e in entries if e.slide_id not in slides or id(e) in other]
     if not left:
         return []
     recorded = data.get("stores")
@@ -410,6 +433,12 @@ def curation_notes(path: str | Path, entries: Any) -> list[str]:
             f"; {len(unseen)} of them are not in the archive curated ({_curated_on(data)}): "
             "curate an archive that holds them to train on them"
             if unseen
+            else ""
+        )
+        + (
+            f"; {len(other)} of them are another scale of a curated slide (a curation names "
+            "tiles at the scale it was curated at)"
+            if other
             else ""
         )
     ]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wsi_ssl.errors import CheckpointError
+from wsi_ssl.errors import CheckpointError, ConfigError
 from wsi_ssl.ssl.backbones import ENCODER_PREFIX, pretraining_module
 from wsi_ssl.ssl.config import IMAGENET_MEAN, IMAGENET_STD, PretrainConfig
 from wsi_ssl.ssl.config_checks import check_arch
@@ -31,8 +31,16 @@ Normalisation = tuple[tuple[float, ...], tuple[float, ...]]
 
 
 def init_is_run(init: str) -> bool:
-    """Whether ``init`` is a previous run or checkpoint (rather than a registry name)."""
-    return init.startswith(RUN_PREFIX) or Path(init).expanduser().exists()
+    """Whether ``init`` is a previous run or checkpoint (rather than a registry name). A
+    registry name (``uni``, ``timm/<arch>``) names the registry's encoder even where a folder
+    of that name is at hand (its weights, say): ``./uni`` names the folder."""
+    if init.startswith(RUN_PREFIX):
+        return True
+    from wsi_ssl.encoders.registry import ENCODERS
+
+    if init in ENCODERS or init.startswith("timm/"):
+        return False
+    return Path(init).expanduser().exists()
 
 
 def apply_init(config: PretrainConfig) -> PretrainConfig:
@@ -44,6 +52,13 @@ def apply_init(config: PretrainConfig) -> PretrainConfig:
         return config
     if init_is_run(config.init):
         from wsi_ssl.ssl.encoder import load_encoder
+
+        if config.init_weights is not None:
+            raise ConfigError(
+                f"init {config.init!r} is a pretrain run, which carries its own weights; "
+                f"leave init_weights out (it names {config.init_weights})",
+                parameters=("init_weights",),
+            )
 
         description = load_encoder(_run_path(config.init)).description
         arch = description["arch"]
@@ -81,6 +96,13 @@ def init_state(config: PretrainConfig) -> dict[str, torch.Tensor]:
     assert config.init is not None
     if init_is_run(config.init):
         from wsi_ssl.ssl.encoder import load_encoder
+
+        if config.init_weights is not None:
+            raise ConfigError(
+                f"init {config.init!r} is a pretrain run, which carries its own weights; "
+                f"leave init_weights out (it names {config.init_weights})",
+                parameters=("init_weights",),
+            )
 
         # a run's encoder may pool its ViT as its preset does (PooledViT): train the ViT
         return pretraining_module(load_encoder(_run_path(config.init)).model).state_dict()
