@@ -323,3 +323,27 @@ def test_ctrl_c_stops_every_device_process_and_reports_what_was_finished(
     status = {o.slide: o.status for o in again.outcomes}
     assert {status[s] for s in finished} == {"skipped"}
     assert {status[s] for s in stopped} == {"complete"}
+
+
+def test_a_damaged_store_fails_on_devices_and_under_torchrun_as_in_one_process(
+    root: Path, tmp_path: Path
+) -> None:
+    """A store whose metadata cannot be read: sharded jobs fail it with its error and exit 1,
+    as one process does (they left it out, exit 0, nowhere in --json)."""
+    root = _fresh_copy(root, tmp_path / "root")
+    damaged = open_store(root).slide_ids[1]
+    (open_store(root).store_path(damaged) / "zarr.json").write_text("{bad")
+    base = ["embed", str(root), "--encoder", "random-cnn", "--workers", "0", "--quiet", "--json"]
+    code, out, _ = run_cli([*base, "--devices", "cpu,cpu"])
+    slides = {s["slide"]: s for s in json.loads(out)["slides"]}
+    assert code == 1 and slides[damaged]["status"] == "failed", out
+    assert slides[damaged]["error_type"] == "StoreCorruptError" and len(slides) == 3
+    argv = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "wsi_ssl.cli.main", *base, "--device", "cpu",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 1, done.stderr[-2000:]
+    slides = {s["slide"]: s for s in json.loads(done.stdout)["slides"]}
+    assert slides[damaged]["error_type"] == "StoreCorruptError" and len(slides) == 3

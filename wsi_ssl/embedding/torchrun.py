@@ -23,8 +23,14 @@ from typing import Any, NamedTuple
 
 from wsi_ssl.device import resolve_device
 from wsi_ssl.embedding.config import EmbedConfig
-from wsi_ssl.embedding.devices import merge_summaries, portable, shard_slides, slide_sizes
-from wsi_ssl.embedding.job import embed, requested_slide_ids
+from wsi_ssl.embedding.devices import (
+    job_slides,
+    merge_summaries,
+    portable,
+    shard_slides,
+    slide_sizes,
+)
+from wsi_ssl.embedding.job import embed
 from wsi_ssl.embedding.summary import EmbedSummary
 from wsi_ssl.encoders import Encoder
 from wsi_ssl.outcome import RemoteError
@@ -68,8 +74,7 @@ def embed_torchrun(
     config = config or EmbedConfig()
     started = time.perf_counter()
     archive = open_store(root)
-    # names resolved here as embed resolves them: the shards' outcomes are keyed by slide id
-    ids = requested_slide_ids(archive, slides) if slides is not None else archive.slide_ids
+    ids, unlisted = job_slides(archive, slides)
     shards = shard_slides(slide_sizes(archive, ids), rank.world_size)
     device = str(resolve_device(config.device, rank.local_rank))
     mine: EmbedSummary | RemoteError
@@ -100,4 +105,5 @@ def embed_torchrun(
     lost = {i: s for i, (_, s) in enumerate(parts) if isinstance(s, RemoteError)}
     named = list(zip(devices, shards, strict=True))
     seconds = time.perf_counter() - started
-    return merge_summaries(root, ids, named, summaries, lost, config, devices, seconds, encoder)
+    merged = merge_summaries(root, ids, named, summaries, lost, config, devices, seconds, encoder)
+    return unlisted.added_to(merged)
