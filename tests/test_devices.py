@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -347,3 +348,36 @@ def test_a_damaged_store_fails_on_devices_and_under_torchrun_as_in_one_process(
     assert done.returncode == 1, done.stderr[-2000:]
     slides = {s["slide"]: s for s in json.loads(done.stdout)["slides"]}
     assert slides[damaged]["error_type"] == "StoreCorruptError" and len(slides) == 3
+
+
+@pytest.mark.faults
+def test_device_processes_end_with_a_job_killed_outright(root: Path, tmp_path: Path) -> None:
+    """SIGKILL to the job (the OOM killer): its device processes end with it (they went on
+    embedding their shards for nobody, holding the slides' locks: a re-run found them busy)."""
+    root = _fresh_copy(root, tmp_path / "root")
+    archive = open_store(root)
+    stopped, _ = shard_slides(slide_sizes(archive, archive.slide_ids), 2)
+    argv = ["embed", str(root), "--encoder", "random-cnn", "--devices", "cpu,cpu", "--quiet"]
+    code = "import sys; from wsi_ssl.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "WSI_SSL_FAULT": f"pause_before_rename:{stopped[0]}.zarr/embeddings/"}
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv, "--workers", "0"], env=env)
+    children: list[int] = []
+    try:
+        child = _stopped_child(proc.pid)  # one device process paused mid-slide
+        children = [child]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        deadline = time.monotonic() + 20
+        while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state == "Z":
+                break
+            time.sleep(0.1)
+        gone = not Path(f"/proc/{child}").exists() or state == "Z"
+        assert gone, "the paused device process outlived its job"
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    again = embed_on_devices(root, "random-cnn", "cpu,cpu", workers=0)
+    assert not again.failed and not again.busy

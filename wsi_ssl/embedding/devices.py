@@ -35,6 +35,7 @@ from wsi_ssl.embedding.summary import EmbedSummary
 from wsi_ssl.encoders import Encoder
 from wsi_ssl.errors import ConfigError, WsiSslError
 from wsi_ssl.outcome import JobInterrupted, RemoteError, SlideOutcome
+from wsi_ssl.parent_watch import die_with_parent
 from wsi_ssl.storage import open_store
 from wsi_ssl.storage.archive import damaged_slide_id
 
@@ -111,7 +112,9 @@ def _run_shard(
     progress: bool,
     results: Any,
     index: int,
+    parent: int,
 ) -> None:
+    die_with_parent(parent)  # a job killed outright leaves no device busy for nobody
     _stop_on_first_signal()
     report: Report
     try:
@@ -186,7 +189,7 @@ def embed_on_devices(
                 shard,
                 progress,
             )
-            process = ctx.Process(target=_run_shard, args=(*args, results, len(jobs)))
+            process = ctx.Process(target=_run_shard, args=(*args, results, len(jobs), os.getpid()))
             with _children_start_deaf():
                 process.start()
             jobs.append((device, shard, process))

@@ -19,10 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-import signal
-import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +31,7 @@ import dask
 import numpy as np
 from PIL import Image
 
+from wsi_ssl.parent_watch import die_with_parent
 from wsi_ssl.slide import SlideReader, StoredTiles, open_slide
 from wsi_ssl.storage.shards import accepts_jpeg, write_shard
 from wsi_ssl.storage.slide_store import open_tiles
@@ -54,7 +52,6 @@ MAX_RUN = 16
 """Most tiles read in one strip: bounds a strip's memory to 16 tiles."""
 
 _local = threading.local()
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def cached_reader(path: str, backend: str) -> SlideReader:
@@ -448,25 +445,8 @@ def _compute_in_own_threads(tasks: list[Any], workers: int | None) -> tuple[Any,
 
 
 def _start_worker(parent: int, then: Callable[[], None] | None = None) -> None:
-    """In a worker process of job ``parent``: die with it, then run the initializer dask is
-    configured with. Linux's parent-death signal kills the worker when the process that
-    started it ends, at once; a watcher thread covers the rest (a forkserver, which outlives
-    the job while its workers live; systems without the signal)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    threading.Thread(target=_exit_when_gone, args=(parent,), daemon=True).start()
+    """In a worker process of job ``parent``: end with it, then run the initializer dask is
+    configured with."""
+    die_with_parent(parent)
     if then is not None:
         then()
-
-
-def _exit_when_gone(parent: int, every: float = 0.5) -> None:
-    """End this process as soon as process ``parent`` is gone (asked every ``every`` s)."""
-    while True:
-        try:
-            os.kill(parent, 0)
-        except (ProcessLookupError, PermissionError):  # gone (its pid another user's since)
-            os._exit(1)
-        time.sleep(every)
