@@ -73,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, as the shell's own tools end
     except KeyboardInterrupt as err:
+        code = 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+        if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 alone reports
+            return code
         if isinstance(err, JobInterrupted):  # a batch job: what it finished, as it reports
             as_json = getattr(args, "json", False)
             report = err.lines(args.error_text)
@@ -83,8 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if after == RESUME_ADVICE and getattr(args, "no_resume", False):
             after = REDO_ADVICE
         how = " (SIGTERM)" if terminated else ""
-        print(f"wsi-ssl: interrupted{how}; {after}", file=sys.stderr)
-        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+        ranks = " (rank 0 of a torchrun job: its part)" if "RANK" in os.environ else ""
+        print(f"wsi-ssl: interrupted{how}{ranks}; {after}", file=sys.stderr)
+        return code
     except Exception as err:  # not a library error: still one line, the traceback on request
         if os.environ.get("WSI_SSL_DEBUG"):
             raise

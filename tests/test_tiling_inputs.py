@@ -146,11 +146,13 @@ def test_implausible_resolution_tags_are_named_in_the_cli_words(
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+@pytest.mark.parametrize("rank", [None, "1"])
 def test_an_interrupted_jobs_json_words_its_errors_as_the_cli_does(
-    tmp_path: Path, slides_dir: Path
+    tmp_path: Path, slides_dir: Path, rank: str | None
 ) -> None:
     """Ctrl-C after a slide failed: the --json printed then words its error with the command's
-    flags too (it said mpp_override=MPP)."""
+    flags too (it said mpp_override=MPP). Under torchrun only rank 0 reports (every rank
+    printed its own: two JSON documents on one stdout)."""
     import os
     import signal
     import subprocess
@@ -161,6 +163,8 @@ def test_an_interrupted_jobs_json_words_its_errors_as_the_cli_does(
 
     slide = write_synthetic_slide(tmp_path / "s.tiff", (1024, 768), seed=1)
     env = {**os.environ, "WSI_SSL_FAULT": "pause_before_rename:/tiles/c/"}
+    if rank is not None:
+        env["RANK"] = rank
     argv = [sys.executable, "-m", "wsi_ssl.cli", "tile", str(slides_dir / "boxes.tiff")]
     argv += [str(slide), "--out", str(tmp_path / "out"), "--json", "--quiet"]
     job = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -171,8 +175,11 @@ def test_an_interrupted_jobs_json_words_its_errors_as_the_cli_does(
         time.sleep(0.05)  # stopped before its first shard lands
     job.send_signal(signal.SIGINT)
     job.send_signal(signal.SIGCONT)
-    stdout, _ = job.communicate(timeout=120)
+    stdout, stderr = job.communicate(timeout=120)
     assert job.returncode == 130
+    if rank is not None:
+        assert stdout == "" and stderr == "", (stdout, stderr)
+        return
     report = json.loads(stdout)
     assert report["interrupted"] is True and report["not_done"] == [str(slide)]
     (failed,) = report["slides"]
