@@ -13,7 +13,7 @@ Images are tiles (each giving 2 global + n local crops). Targets on one H100/H20
 bf16: DINO with 2 + 6 crops at least 2,000 images/s; DINOv2 (DINO + iBOT + KoLeo, 2 x 224 +
 8 x 96 crops: 96 is the multiple of 16 nearest DINOv2's 98, which is for 14-pixel patches) at
 least 1,500 images/s; and in both (c) at least 90% of (b).
-Prints a table and writes ``results/pretrain.json`` beside this script (or ``--json PATH``).
+Prints a table and writes ``results/pretrain.json`` beside this script (or ``--json``/``--out``).
 Without ``--root`` an archive is made from the CMU-1-Small-Region fixture (or a synthetic
 slide) under ``benchmarks/data/``.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -60,7 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-threads", type=int)
     p.add_argument("--steps", type=int, default=20, help="measured steps per part")
     p.add_argument("--warmup", type=int, default=5, help="unmeasured steps first")
-    p.add_argument("--json", type=Path, default=HERE / "results" / "pretrain.json")
+    p.add_argument(
+        "--json", "--out", dest="json", type=Path, default=HERE / "results" / "pretrain.json"
+    )
     return p.parse_args(argv)
 
 
@@ -254,6 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name, value, unit in rows:
         print(f"{name:<36} {value:>10.1f} {unit}")
+    if results["full_vs_step"] > 1:  # (c) does (b)'s work and more
+        print(
+            f"WARNING: (b) is slower than (c), which it should bound: most likely other load "
+            f"hit (b) more than (c) (load average now {os.getloadavg()[0]:.1f} on "
+            f"{os.cpu_count()} CPUs; {torch.get_num_threads()} torch threads spin against "
+            f"other processes on a busy CPU). Re-run on a quiet machine or with --num-threads 1."
+        )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(record, indent=2))
     print(f"wrote {args.json}")
     return 0

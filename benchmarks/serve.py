@@ -19,8 +19,8 @@ With ``--million``: time from box to first result on an archive of 2**20 indexed
 as real stores through the storage API and indexed by ``SearchIndex.build``, exact flat FAISS),
 over the HTTP API against the same search in-process; writes results/serve-1m.json.
 
-Usage: python benchmarks/serve.py [--size 16384] [--repeats 50] [--million]
-Prints p50/p95 latency per case and writes results/serve.json.
+Usage: python benchmarks/serve.py [--size 16384] [--repeats 50] [--million] [--out PATH]
+Prints p50/p95 latency per case and writes results/serve.json (``--out``).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def build_million(kind: str = "flat") -> Path:
     return root
 
 
-def million(repeats: int, kind: str = "flat") -> None:
+def million(repeats: int, kind: str = "flat", out: Path | None = None) -> None:
     """Box to first result on the 2**20-tile archive: in-process vs POST /api/search."""
     from wsi_ssl.search import SearchIndex
     from wsi_ssl.storage import open_store
@@ -153,7 +153,9 @@ def million(repeats: int, kind: str = "flat") -> None:
         "archive_build_s_if_built_now": round(built, 1),
         "rows": rows,
     }
-    out = HERE / "results" / ("serve-1m.json" if kind == "flat" else f"serve-1m-{kind}.json")
+    if out is None:
+        out = HERE / "results" / ("serve-1m.json" if kind == "flat" else f"serve-1m-{kind}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
     print(f"wrote {out}")
 
@@ -229,8 +231,13 @@ def search_under_load(
     size: tuple[int, int],
     repeats: int,
 ) -> dict[str, float]:
-    """Search latency while 16 clients fetch uncached pictures of a quarter of the slide."""
+    """Search latency while 16 clients fetch uncached pictures of a quarter of the slide.
+
+    ``pictures_per_s``: the pictures answered from the clients' start to the searches' end,
+    over that span (the 2 s warm-up included: the searches alone, ~0.3 s, see too few to give
+    a rate); answers that came back afterwards, while the clients stop, are not counted."""
     stop = threading.Event()
+    lock = threading.Lock()
     counts = {"pictures": 0, "busy": 0}
 
     def client(seed: int) -> None:
@@ -240,21 +247,25 @@ def search_under_load(
             url = f"/api/slides/{slide_id}/region.png?box={x},{y},{size[0] // 4},{size[1] // 4}&px=900"
             try:
                 get(url)
-                counts["pictures"] += 1
+                with lock:
+                    counts["pictures"] += 1
             except urllib.error.HTTPError as err:
-                counts["busy"] += err.code == 503
+                with lock:
+                    counts["busy"] += err.code == 503
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(16)]
+    started = time.perf_counter()
     for t in threads:
         t.start()
     time.sleep(2)  # let the load build up
-    started = time.perf_counter()
     row = timings(search, repeats)
-    elapsed = time.perf_counter() - started
+    with lock:
+        elapsed = time.perf_counter() - started
+        pictures, busy = counts["pictures"], counts["busy"]
     stop.set()
     for t in threads:
         t.join(60)
-    return {**row, "pictures_per_s": counts["pictures"] / elapsed, "busy_503": counts["busy"]}
+    return {**row, "pictures_per_s": pictures / elapsed, "pictures": pictures, "busy_503": busy}
 
 
 def main() -> None:
@@ -271,9 +282,15 @@ def main() -> None:
     p.add_argument(
         "--million-kind", default="flat", help="index kind of --million (flat, hnsw, ivfpq)"
     )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON to write (default: results/serve.json, serve-nice*.json, serve-1m*.json)",
+    )
     args = p.parse_args()
     if args.million:
-        million(args.repeats, args.million_kind)
+        million(args.repeats, args.million_kind, args.out)
         return
     if args.render_niceness is not None:
         from wsi_ssl.serve import service
@@ -350,10 +367,11 @@ def main() -> None:
     idle = rows["POST /api/search, idle (again)"]
     print(
         f"under load: p95 {loaded['p95_ms'] / idle['p95_ms']:.2f}x idle (target <= 2x), "
-        f"{loaded['pictures_per_s']:.1f} pictures/s drawn, {loaded['busy_503']} answered 503"
+        f"{loaded['pictures_per_s']:.1f} pictures/s drawn ({loaded['pictures']:.0f} pictures), "
+        f"{loaded['busy_503']} answered 503"
     )
     suffix = "" if args.render_niceness is None else f"-nice{args.render_niceness}"
-    out = HERE / "results" / f"serve{suffix}.json"
+    out = args.out or HERE / "results" / f"serve{suffix}.json"
     record = {
         "machine": {
             "platform": platform.platform(),
@@ -366,6 +384,7 @@ def main() -> None:
         "render_niceness": args.render_niceness,
         "rows": rows,
     }
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
     print(f"wrote {out}")
 
