@@ -266,7 +266,9 @@ def test_continued_pretraining_from_a_zoo_preset(
     assert baseline.embed(np.zeros((1, 64, 64, 3), np.uint8)).shape == (1, 384)
     if method == "dino":  # a run continued from it (its pooled encoder's ViT was refused)
         again = pretrain(
-            cmu_root, config.replace(init=str(run.out_dir), steps=1), out=tmp_path / "b"
+            cmu_root,
+            config.replace(init=str(run.out_dir), init_weights=None, steps=1),  # its own weights
+            out=tmp_path / "b",
         )
         assert load_encoder(again.out_dir).embed_dim == 384
 
