@@ -30,14 +30,13 @@ from typing import Any
 
 from wsi_ssl.device import resolve_device
 from wsi_ssl.embedding.config import EmbedConfig
-from wsi_ssl.embedding.job import embed, requested_slide_ids
+from wsi_ssl.embedding.job import embed, job_slides
 from wsi_ssl.embedding.summary import EmbedSummary
 from wsi_ssl.encoders import Encoder
 from wsi_ssl.errors import ConfigError, WsiSslError
 from wsi_ssl.outcome import JobInterrupted, RemoteError, SlideOutcome
 from wsi_ssl.parent_watch import die_with_parent
 from wsi_ssl.storage import open_store
-from wsi_ssl.storage.archive import damaged_slide_id
 
 __all__ = [
     "embed_on_devices",
@@ -219,33 +218,6 @@ def embed_on_devices(
     if interrupted or any(isinstance(r, ShardStopped) for r in reports.values()):
         raise JobInterrupted(merged, _not_done(ids, shards, reports, lost)) from None
     return merged
-
-
-@dataclass(frozen=True)
-class Unlisted:
-    """What a job over the whole archive says of the stores it does not shard: the damaged
-    ones (failed, with their error) and those not complete (left out, noted), as ``embed``
-    says them in one process."""
-
-    damaged: list[SlideOutcome]
-    incomplete: list[str]
-
-    def added_to(self, summary: EmbedSummary) -> EmbedSummary:
-        """``summary`` with these in it."""
-        summary.outcomes[:0] = self.damaged
-        summary.incomplete = self.incomplete
-        return summary
-
-
-def job_slides(archive: Any, slides: Sequence[str] | None) -> tuple[list[str], Unlisted]:
-    """The slide ids a sharded job embeds (``slides`` resolved as ``embed`` resolves them: the
-    shards' outcomes are keyed by slide id; None: every complete store) and what it says of
-    the archive's other stores."""
-    if slides is not None:
-        return requested_slide_ids(archive, slides), Unlisted([], [])
-    scan = archive.scan()
-    damaged = [SlideOutcome.failure(damaged_slide_id(err), err) for err in scan.damaged]
-    return scan.complete, Unlisted(damaged, scan.incomplete + archive.swapping())
 
 
 @contextmanager

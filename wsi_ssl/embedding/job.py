@@ -43,6 +43,31 @@ def requested_slide_ids(archive: Archive, slides: Sequence[str]) -> list[str]:
     return [_slide_id(archive, name) for name in dict.fromkeys(one_or_many(slides))]
 
 
+@dataclasses.dataclass(frozen=True)
+class Unlisted:
+    """What a job over the whole archive says of the stores it does not embed: the damaged
+    ones (failed, with their error) and those not complete (left out, noted)."""
+
+    damaged: list[SlideOutcome]
+    incomplete: list[str]
+
+    def added_to(self, summary: EmbedSummary) -> EmbedSummary:
+        """``summary`` with these in it."""
+        summary.outcomes[:0] = self.damaged
+        summary.incomplete = self.incomplete
+        return summary
+
+
+def job_slides(archive: Archive, slides: Sequence[str] | None) -> tuple[list[str], Unlisted]:
+    """The slide ids a job embeds (``slides`` as ids, its outcomes' keys in one process or
+    sharded; None: every complete store) and what it says of the archive's other stores."""
+    if slides is not None:
+        return requested_slide_ids(archive, slides), Unlisted([], [])
+    scan = archive.scan()
+    damaged = [SlideOutcome.failure(damaged_slide_id(err), err) for err in scan.damaged]
+    return scan.complete, Unlisted(damaged, scan.incomplete + archive.swapping())
+
+
 def _slide_id(archive: Archive, name: str) -> str:
     """A slide id as given when its store exists (complete or not), else resolved from a file
     name, stem or unique prefix; unresolvable names are kept (their store "is missing")."""
@@ -129,15 +154,8 @@ def embed(
     config = encoder_stain(config, enc)
     stain, stain_attrs = stain_normalizer(config)
     target = EmbedTarget(enc, config, stain_attrs)
-    scan = archive.scan()
-    if slides is None:
-        ids, incomplete = scan.complete, scan.incomplete + archive.swapping()  # not complete now
-    else:
-        ids, incomplete = requested_slide_ids(archive, slides), []
-    prepared: list[EmbedSlide | SlideOutcome] = [
-        SlideOutcome.failure(damaged_slide_id(err), err)
-        for err in (scan.damaged if slides is None else [])
-    ]
+    ids, unlisted = job_slides(archive, slides)
+    prepared: list[EmbedSlide | SlideOutcome] = [*unlisted.damaged]
     prepared += [_unknown_slide(archive, s) or target.prepare(archive, s) for s in ids]
     _refuse_wrong_size_everywhere(archive.root, prepared)
     runner = EmbedRunner(target, stain, progress)
@@ -147,7 +165,7 @@ def embed(
         encoder=enc.describe(),
         config=config.to_dict(),
         compute=enc.compute,
-        incomplete=incomplete,
+        incomplete=unlisted.incomplete,
     )
     to_embed = [p for p in prepared if isinstance(p, EmbedSlide)]
     names = {sid: name for sid, (_, name) in archive.source_files(ids).items()}

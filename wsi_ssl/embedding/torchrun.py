@@ -23,14 +23,8 @@ from typing import Any, NamedTuple
 
 from wsi_ssl.device import resolve_device
 from wsi_ssl.embedding.config import EmbedConfig
-from wsi_ssl.embedding.devices import (
-    job_slides,
-    merge_summaries,
-    portable,
-    shard_slides,
-    slide_sizes,
-)
-from wsi_ssl.embedding.job import embed
+from wsi_ssl.embedding.devices import merge_summaries, portable, shard_slides, slide_sizes
+from wsi_ssl.embedding.job import embed, job_slides
 from wsi_ssl.embedding.summary import EmbedSummary
 from wsi_ssl.encoders import Encoder
 from wsi_ssl.outcome import RemoteError
