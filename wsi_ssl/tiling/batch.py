@@ -345,11 +345,11 @@ def _tile_scale(
                 details["qc_thresholds_updated"] = ", ".join(found.qc_changes)
             if same_as := archive.catalog.other_copy(slide_id, source.path):
                 details["same_as"] = same_as
-            elif kept := kept_series_file(archive.store_path(slide_id), source.path):
-                record_slide(archive, source, config, STATUS_COMPLETE, n_tiles=current, where=kept)
-            else:
-                record_slide(archive, source, config, STATUS_COMPLETE, n_tiles=current)
-                if moved_from := update_source_path(archive.store_path(slide_id), source.path):
+            else:  # another file of its DICOM series is not a move: its store keeps its name
+                path = archive.store_path(slide_id)
+                kept = kept_series_file(path, source.path)
+                record_slide(archive, source, config, STATUS_COMPLETE, current, kept, found)
+                if not kept and (moved_from := update_source_path(path, source.path)):
                     details["moved_from"] = moved_from
             seconds = time.perf_counter() - started
             return SlideOutcome(str(source.path), "skipped", current, seconds, details=details)
@@ -413,9 +413,8 @@ def _retile(
         failure = DiskFullError(store_path) if full else err
         if not is_complete_store(store_path):
             with contextlib.suppress(OSError, sqlite3.Error):  # the catalog may be on the full disk
-                record_slide(
-                    archive, source, config, "failed", f"{type(failure).__name__}: {failure}"
-                )
+                error = f"{type(failure).__name__}: {failure}"
+                record_slide(archive, source, config, "failed", error=error)
         if full:
             raise failure from err
         raise

@@ -17,7 +17,6 @@ still there is the same slide where it was, not moved.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,12 +57,14 @@ class ExistingStore:
         redo_because: why it must be tiled again; None when it is current or there is none.
         qc_thresholds: the QC thresholds to write into it, ``{field: new value}``.
         qc_changes: those changes as ``"field old -> new"``.
+        mpp_source: where its scale came from (``source.mpp_source``), when it is current.
     """
 
     n_tiles: int | None = None
     redo_because: str | None = None
     qc_thresholds: dict[str, Any] = field(default_factory=dict)
     qc_changes: list[str] = field(default_factory=list)
+    mpp_source: str | None = None
 
 
 def existing_store(
@@ -99,7 +100,9 @@ def existing_store(
         entry = archive.catalog.get(slide_id)  # "failed" beside a complete store: check's mark
         if entry is not None and entry.status == "failed":
             return ExistingStore(redo_because=f"marked for re-tiling: {entry.error}")
-        return ExistingStore(store.n_tiles, None, changed, described)
+        return ExistingStore(
+            store.n_tiles, None, changed, described, store.source.get("mpp_source")
+        )
     except StoreIncompleteError:
         return ExistingStore(redo_because="the store was not finished (a stopped job's)")
     except (WsiSslError, OSError, KeyError, ValueError):  # damaged metadata: redo it
@@ -174,13 +177,16 @@ def record_slide(
     source: SlideSource,
     config: TilingConfig,
     status: str,
-    error: str | None = None,
     n_tiles: int | None = None,
     where: tuple[str, str] | None = None,
+    found: ExistingStore | None = None,
+    error: str | None = None,
 ) -> None:
     """The slide's catalog row in this scale's archive; ``where``: the (path, name) to record,
-    else the source's."""
+    else the source's; ``found``: the store found current (its scale's source, the file
+    not opened)."""
     path, name = where or (str(source.path.resolve()), source.path.name)
+    how = getattr(source, "mpp_source", None) or (found.mpp_source if found else None)
     archive.catalog.upsert(
         slide_id=source.slide_id,
         path=Path(path),
@@ -192,19 +198,9 @@ def record_slide(
         tiling={
             **config.to_dict(),
             **config.output_key(),  # limits too: check's fix repeats them
-            "mpp_table": _scale_from_table(archive, source),  # over the file's own
+            "mpp_table": how == "table",  # the scale its mpp table row states over the file's
         },
     )
-
-
-def _scale_from_table(archive: Archive, source: SlideSource) -> bool:
-    """Whether the slide's scale is its mpp table row's over the file's own: as the open
-    slide says, else (a store found current, the file not opened) as its store records."""
-    how = getattr(source, "mpp_source", None)
-    if how is None and source.slide_id is not None:
-        with contextlib.suppress(WsiSslError, OSError):
-            how = SlideStore.open(archive.store_path(source.slide_id)).source.get("mpp_source")
-    return how == "table"
 
 
 def kept_store_tiles(root: Path, slide_id: str | None) -> int | None:
