@@ -29,7 +29,7 @@ from wsi_ssl.cli import (
     tile,
 )
 from wsi_ssl.cli.hints import REDO_ADVICE, RESUME_ADVICE, command_parser, in_command_words
-from wsi_ssl.cli.report import json_summary
+from wsi_ssl.cli.report import json_summary, reports_here
 from wsi_ssl.errors import IndexBusyError, StoreLockedError, WsiSslError
 from wsi_ssl.outcome import JobInterrupted
 
@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE, as the shell's own tools end
     except KeyboardInterrupt as err:
         code = 128 + (signal.SIGTERM if terminated else signal.SIGINT)
-        if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 alone reports
+        if not reports_here():  # under torchrun: rank 0 alone reports
             return code
         if isinstance(err, JobInterrupted):  # a batch job: what it finished, as it reports
             as_json = getattr(args, "json", False)

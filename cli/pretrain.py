@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from wsi_ssl.cli.report import reports_here
 from wsi_ssl.cli.toml_config import read_toml_config
 from wsi_ssl.errors import CheckpointError, ConfigError
 from wsi_ssl.ssl.backbones import backbone_names
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         """Print the notes known before training at its start (not hours later), to stderr
         under --json; they are recorded in summary.json with the run's own."""
         said = list(dict.fromkeys([*_arch_note(args, asked, base, settled), *notes]))
-        if _rank() == 0:
+        if reports_here():
             for note in said:
                 print(
                     f"note        {note}", file=sys.stderr if args.json else sys.stdout, flush=True
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         until_step=args.until_step,
         on_start=say_notes,
     )
-    if result.digests.get("ranks") is not None and _rank() != 0:
+    if result.digests.get("ranks") is not None and not reports_here():
         return 0
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -242,10 +242,6 @@ def _arch_note(
         return []
     init = f"--init {args.init}" if args.init else f"init {trained.init}"
     return [f"{asked[1]} not used: {init} continues its own {trained.arch}"]
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -36,3 +37,9 @@ def json_summary(summary: BatchOutcome, error_text: ErrorText) -> dict[str, Any]
         for entry in data.get(key, []):
             entry["error"] = worded.get((entry.get("slide"), entry.get("error")), entry["error"])
     return data
+
+
+def reports_here() -> bool:
+    """Whether this process prints its job's report: every process but a torchrun rank other
+    than 0 (rank 0 reports for all)."""
+    return os.environ.get("RANK", "0") == "0"
