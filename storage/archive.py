@@ -22,7 +22,13 @@ from wsi_ssl.errors import (
 )
 from wsi_ssl.storage.catalog import Catalog
 from wsi_ssl.storage.fingerprint import SLIDE_ID
-from wsi_ssl.storage.slide_store import ASIDE_SUFFIX, STAGING_SUFFIX, STATUS_COMPLETE, SlideStore
+from wsi_ssl.storage.slide_store import (
+    ASIDE_SUFFIX,
+    STAGING_SUFFIX,
+    STATUS_COMPLETE,
+    SlideStore,
+    staging_path,
+)
 
 SlideName = str | os.PathLike[str]
 """A slide as the archive's methods take it: its id, file name, stem or path."""
@@ -89,8 +95,9 @@ class Archive:
 
     def source_files(self, slide_ids: Iterable[str]) -> dict[str, tuple[str, str]]:
         """Each slide's file path and its name as given (a link's name, not its target's):
-        from the catalog, or, for slides it does not list (a lost or damaged catalog), from
-        the store's own metadata (stores that cannot be read are left out)."""
+        from the catalog, or, for slides it does not list (a lost or damaged catalog, a first
+        tiling not yet in place), from the store's own metadata, or its new store's where it
+        is not in place (stores that cannot be read are left out)."""
         wanted = set(slide_ids)
         try:
             entries = self.catalog.entries() if (self.root / "catalog.sqlite").is_file() else []
@@ -98,8 +105,11 @@ class Archive:
             entries = []
         files = {e.slide_id: (e.path, e.name) for e in entries if e.slide_id in wanted}
         for sid in sorted(wanted - set(files)):
-            with contextlib.suppress(WsiSslError):  # by id: no name to resolve (nor to recurse)
-                store = open_slide_store(self.store_path(sid))
+            path = self.store_path(sid)  # by id: no name to resolve (nor to recurse)
+            with contextlib.suppress(WsiSslError):
+                store = (
+                    open_slide_store(path) if path.exists() else SlideStore.open(staging_path(path))
+                )
                 files[sid] = (str(store.source["path"]), store.source_name)
         return files
 

@@ -11,12 +11,11 @@ errors everywhere: :class:`~wsi_ssl.errors.UnknownSlideError` and
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from wsi_ssl.errors import ConfigError, EmbeddingsNotFoundError, UnknownSlideError, WsiSslError
+from wsi_ssl.errors import ConfigError, EmbeddingsNotFoundError, UnknownSlideError
 from wsi_ssl.listing import first_few, one_or_many
 from wsi_ssl.storage.archive import Archive
 from wsi_ssl.storage.embeddings import embedding_ids
@@ -116,19 +115,11 @@ def _swapping(archive: Archive, name: str) -> set[str]:
     finished meanwhile), else the error opening it raises, which says which (mid-swap, or not
     tiled yet); none when it names none of them."""
     swapping = archive.swapping()
-    if not swapping:
-        return set()
-    from wsi_ssl.storage.slide_store import SlideStore, staging_path
-
-    names = slide_names(archive, swapping)
-    for sid in swapping:  # a first tiling's slide is in no catalog row yet: its new store's
-        with contextlib.suppress(WsiSslError, OSError):
-            new = SlideStore.open(staging_path(archive.store_path(sid)))
-            for key in (new.source_name, Path(new.source_name).stem, str(new.source["path"])):
-                names.setdefault(key, set()).add(sid)
-    found = _lookup(names, swapping, name)
+    found = _lookup(slide_names(archive, swapping), swapping, name) if swapping else set()
     if len(found) != 1:
         return set()
+    from wsi_ssl.storage.slide_store import SlideStore
+
     SlideStore.open(archive.store_path(next(iter(found))))  # StoreNotFoundError
     return found
 
