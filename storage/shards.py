@@ -19,6 +19,7 @@ embeddings.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -143,12 +144,20 @@ def shard_index_ok(path: str | Path, per_shard: int) -> bool:
 
 
 def write_shard(
-    array: zarr.Array[Any], shard: int, tiles: np.ndarray | Sequence[np.ndarray | bytes]
+    array: zarr.Array[Any],
+    shard: int,
+    tiles: np.ndarray | Sequence[np.ndarray | bytes],
+    *,
+    folder: int | None = None,
 ) -> int | None:
     """Write ``tiles`` as shard number ``shard`` of a (N, T, T, 3) tiles array; returns the
     CRC32C of the shard file (None for an array that is not on a local store).
 
     Items given as bytes are JPEG streams, stored as they are (only where `accepts_jpeg`).
+    ``folder``: the array's folder as an open directory fd
+    (:func:`~wsi_ssl.storage.writer_token.writing`); the shard goes into that folder even where
+    another has been put at its path since. (Zarr's own write, for arrays not laid out as the
+    tiling makes them, goes by path.)
     """
     per_shard = array.shards[0]  # type: ignore[index]
     start = shard * per_shard
@@ -164,12 +173,44 @@ def write_shard(
     index[: len(blobs), 0] = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uint64)
     index_bytes = index.tobytes()
     crc = google_crc32c.value(index_bytes).to_bytes(4, "little")
-    path = shard_path(array, shard)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
     data = b"".join([*blobs, index_bytes, crc])
-    with open(tmp, "wb") as f:
-        f.write(data)
-    fault_point(path)  # tests: kill or fill the disk before a shard lands
-    os.replace(tmp, path)
+    if folder is not None:
+        _land(array, shard, data, folder)
+    else:
+        root = Path(array.store.root)  # type: ignore[attr-defined]
+        own = os.open(root / array.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _land(array, shard, data, own)
+        finally:
+            os.close(own)
     return int(google_crc32c.value(data))
+
+
+def _land(array: zarr.Array[Any], shard: int, data: bytes, folder: int) -> None:
+    """Put ``data`` in the file of shard ``shard``, relative to the array's folder open as
+    ``folder``, through a temporary file beside it."""
+    key = array.metadata.encode_chunk_key((shard, 0, 0, 0))
+    parent, _, name = key.rpartition("/")
+    if parent:
+        _makedirs_at(folder, parent)
+    tmp = f"{parent}/.{name}.partial" if parent else f".{name}.partial"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666, dir_fd=folder), "wb") as f:
+        f.write(data)
+    fault_point(shard_path(array, shard))  # tests: kill or fill the disk before a shard lands
+    os.replace(tmp, key, src_dir_fd=folder, dst_dir_fd=folder)
+
+
+def _makedirs_at(folder: int, path: str) -> None:
+    """``os.makedirs(path, exist_ok=True)`` for ``path`` relative to the open directory
+    ``folder`` (in a folder removed meanwhile: FileNotFoundError)."""
+    try:
+        os.mkdir(path, dir_fd=folder)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        head = path.rpartition("/")[0]
+        if not head:
+            raise
+        _makedirs_at(folder, head)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, dir_fd=folder)

@@ -35,7 +35,7 @@ from wsi_ssl.parent_watch import die_with_parent
 from wsi_ssl.slide import SlideReader, StoredTiles, open_slide
 from wsi_ssl.storage.shards import accepts_jpeg, write_shard
 from wsi_ssl.storage.slide_store import open_tiles
-from wsi_ssl.storage.writer_token import check_still_ours, claim, release
+from wsi_ssl.storage.writer_token import check_still_ours, claim, release, writing
 from wsi_ssl.tiling.decode import (
     J2K_COMPRESSIONS,
     decode_reduced,
@@ -317,8 +317,9 @@ def _extract_chunk(
         decode_threads=decode_threads,
         out=scratch_tiles(len(coords), grid.tile_size) if qc else None,  # scored where read
     )
-    check_still_ours(tiles_path, job)  # ... and writes nothing
-    checksum = write_shard(array, start // array.shards[0], tiles)  # type: ignore[index]
+    shard = start // array.shards[0]
+    with writing(tiles_path, job) as folder:  # ... and writes nothing; a takeover waits
+        checksum = write_shard(array, shard, tiles, folder=folder)
     return start, len(tiles), chunk_scores(tiles, grid.tile_size) if qc else {}, checksum
 
 
