@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import wsi_ssl.tiling.source as source_module
 from wsi_ssl.cli.main import main as cli_main
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import UnsupportedSlideError
-from wsi_ssl.slide import BACKENDS, WsiDicomReader, open_slide, series_files
+from wsi_ssl.slide import BACKENDS, WsiDicomReader, open_slide, same_instance, series_files
 from wsi_ssl.slide._dicom_flavour import InstanceHeader, infer_flavours
 from wsi_ssl.storage import Archive, fingerprint_file, open_store, slide_id_from_fingerprint
 from wsi_ssl.tiling.batch import tile_slide, tile_slides
@@ -29,14 +30,19 @@ from wsi_ssl.tiling.source import slide_fingerprint
 NAMES = ("openslide-python_boxes_0.dcm", "openslide-python_boxes_1.dcm")
 
 
+def copy_series(slides_dir: Path, folder: Path, names: Sequence[str] = NAMES) -> Path:
+    """``folder`` (made) holding copies of the fixture instances ``names``, under their names
+    (the one way the DICOM tests put ``.dcm`` files in a folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy(slides_dir / name, folder / name)
+    return folder
+
+
 @pytest.fixture
 def series_dir(slides_dir: Path, tmp_path: Path) -> Path:
     """The two instances in a folder of their own (a copy under tmp_path)."""
-    folder = tmp_path / "series"
-    folder.mkdir()
-    for name in NAMES:
-        shutil.copy(slides_dir / name, folder / name)
-    return folder
+    return copy_series(slides_dir, tmp_path / "series")
 
 
 def test_registered_after_openslide_and_tiffslide() -> None:
@@ -100,6 +106,22 @@ def test_refusals_are_typed(tmp_path: Path, slides_dir: Path, cmu_small: Path) -
     with pytest.raises(UnsupportedSlideError) as info:
         open_slide(tmp_path / "junk.dcm")
     assert list(info.value.reasons) == ["openslide", "tiffslide", "wsidicom"]
+
+
+def test_one_instance_goes_by_its_sop_instance_uid(series_dir: Path, tmp_path: Path) -> None:
+    """Two files are one instance where their SOPInstanceUID is the same (their bytes aside),
+    two where it differs; a folder is none; files without the UID go by their bytes."""
+    first, second = (series_dir / n for n in NAMES)
+    assert not same_instance(first, second) and not same_instance(series_dir, first)
+    resaved = pydicom.dcmread(first)
+    resaved.SeriesDescription = "edited"
+    resaved.save_as(tmp_path / "resaved.dcm")
+    assert same_instance(first, tmp_path / "resaved.dcm")
+    assert (tmp_path / "resaved.dcm").read_bytes() != first.read_bytes()
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"\x00" * 300)
+    assert same_instance(junk, Path(shutil.copy(junk, tmp_path / "junk-copy.dcm")))
+    assert not same_instance(junk, first)
 
 
 def _drop_image_type(folder: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
+from tests.test_dicom import copy_series
 from wsi_ssl.errors import MissingMppError
 from wsi_ssl.storage import Archive, SlideStore, open_store
 from wsi_ssl.tiling.batch import tile_slide
@@ -192,10 +193,7 @@ def test_another_file_of_a_dicom_series_is_the_same_slide_where_it_was(
     """The series named by its other instance file is not a move (it said "moved from", and
     the store's path flipped each run); in one batch it is "another file of the same DICOM
     series" (it said "the same file"). A series that did move is still said to."""
-    series = tmp_path / "series"
-    series.mkdir()
-    for name in ("openslide-python_boxes_0.dcm", "openslide-python_boxes_1.dcm"):
-        shutil.copy(slides_dir / name, series)
+    series = copy_series(slides_dir, tmp_path / "series")
     first, second = sorted(series.iterdir())
     out = tmp_path / "out"
     options = ["--out", str(out), "--tissue-threshold", "0", "--tile-size", "64", "--mpp", "1"]
@@ -216,6 +214,28 @@ def test_another_file_of_a_dicom_series_is_the_same_slide_where_it_was(
     code, stdout, _ = run_cli(["tile", str(moved / second.name), *options])
     assert code == 0 and f"moved from {first.resolve()}" in stdout
     assert _only_store(out).source["path"] == str((moved / second.name).resolve())
+
+
+def test_a_copy_of_a_dicom_instance_is_not_another_file_of_its_series(
+    tmp_path: Path, slides_dir: Path
+) -> None:
+    """A byte-identical copy of a ``.dcm`` file, given beside it, was "another file of the same
+    DICOM series"; now it is "a copy of the same DICOM instance", while the series' other
+    instance is still another file of it (and ``details`` say which)."""
+    series = copy_series(slides_dir, tmp_path / "series")
+    first, other = sorted(series.iterdir())
+    copy = shutil.copy(first, series / "z-copy.dcm")
+    argv = ["tile", str(first), str(other), str(copy), "--out", str(tmp_path / "out")]
+    argv += ["--tissue-threshold", "0", "--tile-size", "64", "--mpp", "1"]
+    code, stdout, err = run_cli(argv)
+    assert code == 0, err
+    assert f"{copy}: a copy of the same DICOM instance as {first} (one slide, tiled once)" in stdout
+    assert f"{other}: another file of the same DICOM series as {first} (one slide" in stdout
+    assert "2 the same file as another" in stdout
+    code, stdout, _ = run_cli([*argv, "--json"])
+    said = {Path(s["slide"]).name: s for s in json.loads(stdout)["slides"]}
+    assert [said[p.name].get("same_series") for p in (first, other, copy)] == [None, True, False]
+    assert [said[p.name].get("same_instance") for p in (first, other, copy)] == [None, False, True]
 
 
 def test_info_names_the_reader_tiling_uses(slides_dir: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_ssl.annotation_fit import check_mask_shape, roi_notes
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import AnnotationError, ConfigError
 from wsi_ssl.listing import first_few
@@ -333,11 +334,13 @@ class TileLabels:
         classes: class names, the columns of ``fractions``.
         fractions: float32 (N, C), each tile's area fraction covered by each class.
         in_roi: float32 (N,), each tile's area fraction inside the region of interest.
+        notes: what the tiling's report should say of the file (:func:`roi_notes`).
     """
 
     classes: tuple[str, ...]
     fractions: np.ndarray
     in_roi: np.ndarray
+    notes: tuple[str, ...] = ()
 
 
 def label_tiles(
@@ -388,7 +391,8 @@ def label_tiles(
     share = tissue_fraction(raster, coords, tile_size_level0, level0_per_px)
     share = _exact_across_edges(share, exact, coords, tile_size_level0)
     in_roi = share if chosen else 1 - share
-    return TileLabels(classes=annotations.classes, fractions=fractions, in_roi=in_roi)
+    notes = roi_notes(annotations, grid_shape[1] * level0_per_px, grid_shape[0] * level0_per_px)
+    return TileLabels(annotations.classes, fractions, in_roi, notes)
 
 
 def _label_tiles_on_mask(
@@ -403,7 +407,7 @@ def _label_tiles_on_mask(
     """:func:`label_tiles` for a mask image: exact areas on the mask's own pixels."""
     assert annotations.mask is not None
     mask = annotations.mask
-    _check_mask_shape(annotations.path, mask.shape, grid_shape)
+    check_mask_shape(annotations.path, mask.shape, grid_shape)
     rasters = _mask_classes(mask, annotations.classes)
     region = roi_region(rasters, include, exclude, annotations.path)
     per_px = (
@@ -442,20 +446,6 @@ def _exact_across_edges(
         area = shapely.area(shapely.intersection(boxes, geometry))
         out[edge] = np.clip(area / tile_size_level0**2, 0.0, 1.0)
     return out
-
-
-def _check_mask_shape(path: Path, mask_shape: tuple[int, ...], grid_shape: tuple[int, int]) -> None:
-    """Refuse a mask whose sides are not in the slide's proportions (2 % or a pixel off):
-    stretched over the slide, it would put its regions in the wrong places."""
-    h, w = mask_shape
-    expected = h * grid_shape[1] / grid_shape[0]
-    if abs(w - expected) > max(1.0, 0.02 * expected):
-        raise AnnotationError(
-            path,
-            f"a {w} x {h} px mask is not in the slide's proportions (width/height "
-            f"{grid_shape[1] / grid_shape[0]:.3f}, the mask's {w / h:.3f}); a mask spans the "
-            "whole slide at any scale: check it belongs to this slide and is not transposed",
-        )
 
 
 def restrict_to_roi(

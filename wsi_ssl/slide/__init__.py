@@ -10,7 +10,7 @@ from wsi_ssl.slide._openslide import OpenSlideReader
 from wsi_ssl.slide._registry import BACKENDS, open_slide, register_backend
 from wsi_ssl.slide._stored import StoredTiles
 from wsi_ssl.slide._tiffslide import TiffSlideReader, tiled_tiff_levels
-from wsi_ssl.slide._wsidicom import WsiDicomReader, series_files
+from wsi_ssl.slide._wsidicom import WsiDicomReader, same_instance, series_files
 
 __all__ = [
     "BACKENDS",
@@ -24,6 +24,7 @@ __all__ = [
     "WsiDicomReader",
     "open_slide",
     "register_backend",
+    "same_instance",
     "series_files",
     "state_mpp",
     "tiled_tiff_levels",

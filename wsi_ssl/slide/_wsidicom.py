@@ -8,6 +8,7 @@ implies, pyramid level, label, overview or thumbnail: `wsi_ssl.slide._dicom_flav
 
 from __future__ import annotations
 
+import filecmp
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,33 +20,45 @@ from wsi_ssl.slide._base import BaseSlideReader, SlideMetadata, to_rgb
 from wsi_ssl.slide._dicom_flavour import lacks_image_type, open_with_flavours
 from wsi_ssl.slide._registry import register_backend
 
-__all__ = ["WsiDicomReader"]
+__all__ = ["WsiDicomReader", "same_instance", "series_files"]
 
 MPP_KEY = "wsidicom.mpp-x"
+
+
+def _uid(path: Path, keyword: str) -> str | None:
+    """The UID ``keyword`` (``SeriesInstanceUID``, ``SOPInstanceUID``) of a DICOM file's
+    header, or None where it has none or is no DICOM file."""
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[keyword])
+    except (OSError, pydicom.errors.InvalidDicomError):
+        return None
+    return str(header.get(keyword, "")) or None
 
 
 def series_files(path: Path) -> list[Path]:
     """The DICOM files of ``path``'s series: a folder's ``.dcm`` files, or the files beside a
     ``.dcm`` file that share its SeriesInstanceUID."""
-    import pydicom
-
     if path.is_dir():
         return sorted(p for p in path.iterdir() if p.suffix.lower() == ".dcm" and p.is_file())
-
-    def series(p: Path) -> str | None:
-        try:
-            header = pydicom.dcmread(
-                p, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
-            )
-        except (OSError, pydicom.errors.InvalidDicomError):
-            return None
-        return str(header.get("SeriesInstanceUID", "")) or None
-
-    own = series(path)
+    own = _uid(path, "SeriesInstanceUID")
     if own is None:
         return [path]
     siblings = (p for p in path.parent.iterdir() if p.suffix.lower() == ".dcm" and p != path)
-    return sorted([path, *(p for p in siblings if series(p) == own)])
+    return sorted([path, *(p for p in siblings if _uid(p, "SeriesInstanceUID") == own)])
+
+
+def same_instance(a: Path, b: Path) -> bool:
+    """Whether two files are copies of one DICOM instance: the same SOPInstanceUID, or (where
+    either has none) the same bytes; False for a folder."""
+    if not (a.is_file() and b.is_file()):
+        return False
+    uid = _uid(a, "SOPInstanceUID")
+    other = _uid(b, "SOPInstanceUID")
+    if uid is not None and other is not None:
+        return uid == other
+    return filecmp.cmp(a, b, shallow=False)
 
 
 @register_backend("wsidicom")

@@ -3,7 +3,8 @@ and several scales from one read of each slide.
 
 Every slide (at every scale) gets a :class:`~wsi_ssl.outcome.SlideOutcome` whose ``details``
 hold the slide id, the scale, the archive root written, the embeddings a re-tile kept or
-discarded and the file it is a copy of; a batch returns a :class:`TileSummary` (its report).
+discarded and the file it is a copy of; a batch returns a
+:class:`~wsi_ssl.tiling.summary.TileSummary` (its report).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import DiskFullError, WsiSslError
 from wsi_ssl.interrupts import interrupts_held
-from wsi_ssl.outcome import BatchOutcome, SlideOutcome, interrupt_report
+from wsi_ssl.outcome import SlideOutcome, interrupt_report
+from wsi_ssl.slide import same_instance
 from wsi_ssl.storage import STATUS_COMPLETE, Archive
 from wsi_ssl.storage.locks import slide_lock
 from wsi_ssl.storage.slide_store import is_complete_store, recover_swap, staging_path
@@ -47,10 +48,10 @@ from wsi_ssl.tiling.slide_table import (
     slide_config,
 )
 from wsi_ssl.tiling.source import collect_slide_paths, open_for_tiling, thumbnail_and_mask
+from wsi_ssl.tiling.summary import TileSummary
 from wsi_ssl.tiling.write import write_store
 
 __all__ = [
-    "TileSummary",
     "collect_slide_paths",
     "open_for_tiling",
     "thumbnail_and_mask",
@@ -67,69 +68,6 @@ class ScalesInterrupted(KeyboardInterrupt):
     def __init__(self, finished: list[SlideOutcome], not_done: list[str]) -> None:
         super().__init__()
         self.finished, self.not_done = finished, not_done
-
-
-@dataclass(kw_only=True)
-class TileSummary(BatchOutcome):
-    """The outcome of every slide (at every scale) of a tiling job, and where they went."""
-
-    roots: list[str]
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def tiles(self) -> int:
-        """Tiles in the stores this job completed or found complete."""
-        return sum(o.n_tiles for o in self.outcomes)
-
-    def total_lines(self) -> list[str]:
-        """What re-tiles did with embeddings, then the counts and where the tiles are."""
-        lines = []
-        for o in self.outcomes:
-            if earlier := o.details.get("earlier_versions"):
-                lines.append(
-                    f"{o.slide}: the file changed since it was tiled as slide "
-                    f"{', '.join(earlier)}; that store is kept beside the new one (name the "
-                    "slides by id to tell them apart)"
-                )
-            if why := o.details.get("retiled_because"):
-                lines.append(f"{o.slide}: re-tiled: {why}")
-            if moved_from := o.details.get("moved_from"):
-                lines.append(f"{o.slide}: moved from {moved_from} (its store now names this file)")
-            if scale := o.details.get("mpp_from_table"):
-                lines.append(f"{o.slide}: {scale}")
-            if qc := o.details.get("qc_thresholds_updated"):
-                lines.append(f"{o.slide}: QC thresholds updated, tiles kept: {qc}")
-            if same_as := o.details.get("same_as"):
-                series = (
-                    "another file of the same DICOM series" if o.details.get("same_series") else ""
-                )
-                lines.append(
-                    f"{o.slide}: {series or 'the same file'} as {same_as} (one slide, tiled once)"
-                )
-            if kept := o.details.get("kept_embeddings"):
-                lines.append(f"{o.slide}: embeddings kept (same tiles): {', '.join(kept)}")
-            if discarded := o.details.get("discarded_embeddings"):
-                lines.append(f"{o.slide}: embeddings discarded: {', '.join(discarded)}")
-        kept = [(o.slide, o.details.get("kept_store_tiles") or 0) for o in self.failed]
-        lines += [f"{s}: a complete store of it is in place ({n} tiles)" for s, n in kept if n]
-        where, n_kept = ", ".join(self.roots), sum(n for _, n in kept)
-        held = f"these slides hold {self.tiles + n_kept} tiles in {where}"  # not the archive's
-        return [*lines, *self.notes, f"{self.count_line('tiled')}; {held}"]
-
-    def skipped_counts(self) -> list[str]:
-        """Slides found already complete, and files that are the same slide as another of
-        the batch (a file given twice, an identical copy), counted apart."""
-        duplicates = sum(1 for o in self.outcomes if o.details.get("same_as"))
-        complete = f"{self.counts['skipped'] - duplicates} already complete"
-        return [complete, f"{duplicates} the same file as another"] if duplicates else [complete]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **self.outcomes_dict(),
-            "tiles": self.tiles,
-            "roots": self.roots,
-            "notes": self.notes,
-        }
 
 
 def tile_slide(
@@ -220,6 +158,7 @@ def tile_slide_scales(
         first = first_of.setdefault(source.fingerprint, source.path)
         if first != source.path:  # a DICOM slide's other file is its series' other file
             dicom = source.path.is_dir() or source.path.suffix.lower() == ".dcm"
+            copy = dicom and same_instance(first, source.path)  # not another of its files
             source.close()
             return _name_scales(
                 [
@@ -230,7 +169,8 @@ def tile_slide_scales(
                         details={
                             **_details(source.path, source.slide_id, r, c),
                             "same_as": str(first),
-                            "same_series": dicom,
+                            "same_series": dicom and not copy,
+                            "same_instance": copy,
                         },
                     )
                     for r, c in scales
@@ -353,7 +293,7 @@ def _tile_scale(
                     details["moved_from"] = moved_from
             seconds = time.perf_counter() - started
             return SlideOutcome(str(source.path), "skipped", current, seconds, details=details)
-        n_tiles, replacement = _retile(
+        n_tiles, replacement, roi_notes = _retile(
             archive,
             source,
             config,
@@ -363,6 +303,7 @@ def _tile_scale(
             discard_embeddings=discard_embeddings,
         )
     details = _details(source.path, slide_id, root, config, replacement)
+    details["roi_notes"] = list(roi_notes)
     if redone := why or ("resume off" if current is not None else None):
         details["retiled_because"] = redone
     spellings = {source.path, source.path.resolve()}  # older catalogs kept the path as given
@@ -387,13 +328,13 @@ def _retile(
     workers: int | None,
     progress: bool,
     discard_embeddings: bool,
-) -> tuple[int, Replacement]:
+) -> tuple[int, Replacement, tuple[str, ...]]:
     """Write the slide's store beside the current one and swap it in (holding the slide lock).
     On failure the previous complete store stays in place (and the catalog with it); the
     catalog records the failure only when no complete store is left."""
     store_path = archive.store_path(source.slide_id)
     try:
-        n_tiles = write_store(
+        n_tiles, roi_notes = write_store(
             source,
             staging_path(store_path),
             config,
@@ -419,7 +360,7 @@ def _retile(
             raise failure from err
         raise
     record_slide(archive, source, config, STATUS_COMPLETE, n_tiles=n_tiles)
-    return n_tiles, replacement
+    return n_tiles, replacement, roi_notes
 
 
 def tile_slides(

@@ -37,8 +37,9 @@ def write_store(
     *,
     previous: SlideStore | None = None,
     discard_embeddings: bool = False,
-) -> int:
-    """Write the slide's store at ``store_path`` (left with status "writing")."""
+) -> tuple[int, tuple[str, ...]]:
+    """Write the slide's store at ``store_path`` (left with status "writing"); the tiles
+    written, and what the report should say of its ROI file (``TileLabels.notes``)."""
     reader = source.reader
     slide_mpp = source.slide_mpp()
     grid = TileGrid.for_slide(reader, slide_mpp, config)
@@ -85,7 +86,7 @@ def write_store(
     store.write_qc(extracted.scores)
     if extracted.shard_checksums is not None:
         store.write_shard_checksums(extracted.shard_checksums)
-    return extracted.n_tiles
+    return extracted.n_tiles, () if labels is None else labels.notes
 
 
 def extract_with_progress(
