@@ -17,6 +17,7 @@ from wsi_ssl.errors import EmbeddingsNotFoundError
 from wsi_ssl.search import SearchIndex
 from wsi_ssl.storage import open_store
 from wsi_ssl.storage.embeddings import embedding_ids
+from wsi_ssl.storage.locks import embeddings_lock
 from wsi_ssl.storage.slide_store import aside_path, staging_path
 
 
@@ -170,15 +171,22 @@ def test_a_slide_with_nothing_of_the_encoder_to_swap_in_is_not_named(
     small_archive: Path, tmp_path: Path
 ) -> None:
     """A re-embed still writing with no vectors set aside, and a first tiling being written,
-    hold nothing an index could take: no note."""
+    hold nothing an index could take: neither is named mid-swap. The slide is named as being
+    embedded while its writer holds the lock, and as not embedded once that writer is gone."""
     root, good, swapped = copy_two_slides(small_archive, tmp_path)
     vectors = open_store(root).store_path(swapped) / "embeddings"
     [eid] = embedding_ids(vectors.parent)
     (vectors / eid).rename(vectors / f".writing-{eid}")
     zarr.open_array(vectors / f".writing-{eid}", mode="r+").attrs["status"] = "writing"
     staging_path(open_store(root).store_path("0" * 16)).mkdir()  # a first tiling writing
-    index = SearchIndex.build(root, "random-cnn")
-    assert index.notes == [] and [e.slide_id for e in index.slides] == [good]
+    name = open_store(root).catalog.get(swapped).name  # type: ignore[union-attr]
+    with embeddings_lock(root, swapped, eid):  # its writer at work
+        index = SearchIndex.build(root, "random-cnn")
+    [note] = index.notes  # not the mid-swap note ("being re-tiled or re-embedded now, ...")
+    assert note.startswith(f"1 tiled slide(s) being embedded by {eid} now, left out ({name})")
+    assert [e.slide_id for e in index.slides] == [good]
+    [note] = SearchIndex.build(root, "random-cnn").notes  # its writer killed
+    assert note.startswith(f"1 tiled slide(s) not embedded by {eid}, left out ({name})")
 
 
 def test_a_tile_hit_is_the_whole_pixel_box_of_a_fractional_level0_tile(

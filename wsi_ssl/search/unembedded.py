@@ -1,25 +1,28 @@
-"""The tiled slides an index build or update leaves out because they hold no embeddings by
-its encoder (tiled since, or their embeddings discarded by a re-tile), named in a note with
-the command that embeds them and the one that adds them.
+"""The tiled slides an index build or update leaves out because they hold no complete
+embeddings by its encoder (tiled since, their embeddings discarded by a re-tile, or left
+unfinished by a killed job), named in a note with the command that embeds them and the one that
+adds them; those an embedding job writes now are named apart, as being embedded.
 
-Only attributes are read (the stores' and their arrays'), no vectors. A slide another note or
-list names is not named again: one indexed (an update removes those whose embeddings are
-gone, and says so), taken out with ``SearchIndex.remove``, caught mid-swap
-(:mod:`wsi_ssl.search.midswap`) or damaged (not among the complete stores). Nor is one whose
-embeddings by the encoder are being written, or were left unfinished by a killed job: that
-job (or ``wsi-ssl embed`` again, which resumes it; ``wsi-ssl check`` names it) finishes them.
-The notes of both kinds are made here: :func:`build_notes` and :func:`update_notes`.
+Only attributes and locks are read (the stores' and their arrays'), no vectors. A slide another
+note or list names is not named again: one indexed (an update removes those whose embeddings
+are gone, and says so), taken out with ``SearchIndex.remove``, caught mid-swap
+(:mod:`wsi_ssl.search.midswap`) or damaged (not among the complete stores). The embed command
+repeats the flags the embeddings record; a weights file they record that is gone is said to be,
+with a placeholder in its place. The notes of both kinds are made here: :func:`build_notes` and
+:func:`update_notes`.
 """
 
 from __future__ import annotations
 
 import shlex
 from collections.abc import Collection, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wsi_ssl.search import midswap
 from wsi_ssl.search.archive import catalog_names
-from wsi_ssl.storage.embeddings import STATUS_MISSING, complete_embedding_attrs, embedding_status
+from wsi_ssl.storage.embeddings import complete_embedding_attrs
+from wsi_ssl.storage.locks import embeddings_lock_path, is_locked
 from wsi_ssl.storage.swaps import mid_swap
 
 if TYPE_CHECKING:
@@ -27,18 +30,27 @@ if TYPE_CHECKING:
     from wsi_ssl.search.index import SearchIndex
     from wsi_ssl.storage import Archive
 
-__all__ = ["build_notes", "not_embedded", "unembedded_note", "update_notes"]
+__all__ = ["being_embedded", "build_notes", "not_embedded", "unembedded_note", "update_notes"]
 
 
 def not_embedded(archive: Archive, encoder_id: str, known: Collection[str]) -> list[str]:
-    """Ids of the complete stores not among ``known`` with no embeddings by ``encoder_id``
-    (neither complete nor being written) and not mid-swap (sorted)."""
+    """Ids of the complete stores not among ``known`` with no complete embeddings by
+    ``encoder_id`` (none, or an unfinished array) and not mid-swap (sorted)."""
     return [
         sid
         for sid in archive.slide_ids
         if sid not in known
-        and embedding_status(archive.store_path(sid), encoder_id) == STATUS_MISSING
+        and complete_embedding_attrs(archive.store_path(sid), encoder_id) is None
         and not mid_swap(archive.root, sid, encoder_id)
+    ]
+
+
+def being_embedded(archive: Archive, encoder_id: str, slide_ids: Sequence[str]) -> list[str]:
+    """Those of ``slide_ids`` whose embeddings ``encoder_id`` a job is writing now: it holds
+    their lock, as ``wsi-ssl check`` tells (the slide's own lock, which any tiling run takes,
+    is not asked: that is no embedding)."""
+    return [
+        sid for sid in slide_ids if is_locked(embeddings_lock_path(archive.root, sid, encoder_id))
     ]
 
 
@@ -46,7 +58,9 @@ def _embed_command(
     archive: Archive, encoder_id: str, indexed: Sequence[str], encoder: dict[str, Any]
 ) -> str:
     """``wsi-ssl embed ROOT --encoder ...``: the flags the first readable embeddings of an
-    ``indexed`` slide record (encoder, dtype, stain normalisation), else those of ``encoder``."""
+    ``indexed`` slide record (encoder, dtype, stain normalisation), else those of ``encoder``;
+    where the weights file (or pretrain checkpoint) they record is gone, FILE (CHECKPOINT) in
+    its place and a word on it."""
     from wsi_ssl.storage.fix_commands import embedding_stain_flags, encoder_flags
 
     attrs: dict[str, Any] = {"encoder": encoder}
@@ -55,8 +69,17 @@ def _embed_command(
         if recorded is not None and isinstance(recorded.get("encoder"), dict):
             attrs = recorded
             break
+    used, gone = attrs.get("encoder") or {}, ""
+    weights, source = used.get("weights_path"), used.get("source")
+    if source in ("file", "wsi-ssl") and weights and not Path(weights).exists():
+        stand_in, what = (
+            ("FILE", "weights file") if source == "file" else ("CHECKPOINT", "checkpoint")
+        )
+        gone = f" ({stand_in}: the {what} they were embedded with; {weights}, where it was"
+        gone += " recorded, is gone)"
+        attrs = {**attrs, "encoder": {**used, "weights_path": stand_in}}
     flags = f"{encoder_flags(attrs, encoder_id)} {embedding_stain_flags(attrs)}".rstrip()
-    return f"`wsi-ssl embed {shlex.quote(str(archive.root))} {flags}`"
+    return f"`wsi-ssl embed {shlex.quote(str(archive.root))} {flags}`{gone}"
 
 
 def unembedded_note(
@@ -67,21 +90,31 @@ def unembedded_note(
     known: Collection[str],
     encoder: dict[str, Any],
 ) -> list[str]:
-    """A note naming the slides :func:`not_embedded` finds (``indexed`` and ``known`` left
-    alone), with the command that embeds them and the one that adds them to index ``name``;
-    no note when there are none."""
+    """The notes naming the slides :func:`not_embedded` finds (``indexed`` and ``known`` left
+    alone): those :func:`being_embedded` with the command that adds them to index ``name``
+    once their job ends, the others with the command that embeds them too; none when there
+    are none."""
     from wsi_ssl.listing import first_few
 
     left = not_embedded(archive, encoder_id, {*indexed, *known})
-    if not left:
-        return []
-    names = catalog_names(archive)
-    shown = [names.get(sid, (sid, ""))[0] or sid for sid in left]
-    return [
-        f"{len(left)} tiled slide(s) not embedded by {encoder_id}, left out "
-        f"({first_few(shown)}): {_embed_command(archive, encoder_id, indexed, encoder)} "
-        f"embeds them, then `wsi-ssl index {shlex.quote(str(archive.root))} --name {name} --add` adds them"
-    ]
+    busy = being_embedded(archive, encoder_id, left)
+    left = [sid for sid in left if sid not in busy]
+    names = catalog_names(archive) if busy or left else {}
+    shown = {sid: names.get(sid, (sid, ""))[0] or sid for sid in [*busy, *left]}
+    add = f"`wsi-ssl index {shlex.quote(str(archive.root))} --name {name} --add` adds them"
+    notes = []
+    if busy:
+        notes.append(
+            f"{len(busy)} tiled slide(s) being embedded by {encoder_id} now, left out "
+            f"({first_few(shown[s] for s in busy)}): when that job ends, {add}"
+        )
+    if left:
+        notes.append(
+            f"{len(left)} tiled slide(s) not embedded by {encoder_id}, left out "
+            f"({first_few(shown[s] for s in left)}): "
+            f"{_embed_command(archive, encoder_id, indexed, encoder)} embeds them, then {add}"
+        )
+    return notes
 
 
 def build_notes(
