@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wsi_ssl.cli.arg_types import add_encoder_id, seconds
 from wsi_ssl.cli.hints import RESUME_ADVICE
@@ -11,6 +14,9 @@ from wsi_ssl.cli.report import print_report
 from wsi_ssl.embedding.config import DECODE_MODES, EmbedConfig
 from wsi_ssl.errors import ConfigError
 from wsi_ssl.stain_settings import METHODS as STAIN_METHODS
+
+if TYPE_CHECKING:
+    from wsi_ssl.encoders import Encoder
 
 # The library's choices, spelled here so that building the parser imports no zarr (0.9 s):
 # storage.embeddings.EMBEDDING_DTYPES, embedding.mil_files.EXPORT_FORMATS and NAME_BY;
@@ -47,14 +53,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--seed", type=int, help="init seed of random-init encoders (default 0; refused otherwise)"
     )
-    p.add_argument("--slides", nargs="+", metavar="SLIDE_ID", help="only these slide ids")
+    p.add_argument(
+        "--slides",
+        nargs="+",
+        metavar="SLIDE",
+        help="only these slides: ids, file names or stems (or a unique id prefix)",
+    )
     p.add_argument(
         "--batch-size",
         type=int,
         help="tiles per forward pass (default: 256 on the CPU; on CUDA the largest that fits "
         "the free device memory, measured by a probe)",
     )
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--device", help="auto (default), cpu, cuda or cuda:N (not with --devices, which names all)"
+    )
     p.add_argument("--workers", type=int, help="tile-decoding worker processes (0: none)")
     p.add_argument("--dtype", choices=EMBEDDING_DTYPES, default="float16", help="stored dtype")
     p.add_argument(
@@ -124,7 +137,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--format", choices=EXPORT_FORMATS, default="clam-h5")
     add_encoder_id(p, "the embeddings to export")
-    p.add_argument("--slides", nargs="+", metavar="SLIDE_ID", help="only these slide ids")
+    p.add_argument(
+        "--slides",
+        nargs="+",
+        metavar="SLIDE",
+        help="only these slides: ids, file names or stems (or a unique id prefix)",
+    )
     p.add_argument(
         "--name-by",
         choices=NAME_BY,
@@ -136,12 +154,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_export)
 
 
-def _on_cpu_only(args: argparse.Namespace) -> bool:
-    """Whether every device the job would use is the CPU."""
-    from wsi_ssl.device import resolve_device
+def _job_devices(args: argparse.Namespace) -> list[str]:
+    """The devices the job would use (each checked), one per process with ``--devices``.
 
-    devices = args.devices.split(",") if args.devices else [args.device]
-    return all(resolve_device(d.strip()).type == "cpu" for d in devices)
+    Raises:
+        ConfigError: ``--device`` beside ``--devices`` (it would be ignored).
+    """
+    from wsi_ssl.embedding.devices import parse_devices
+
+    if args.devices and args.device is not None:
+        raise ConfigError(
+            f"--device {args.device} with --devices {args.devices}: --devices names every device "
+            "the job uses (one process each); leave --device out"
+        )
+    return parse_devices(args.devices or args.device or "auto")
+
+
+def _say_notes(args: argparse.Namespace, encoder: Encoder, devices: list[str]) -> None:
+    """Print on stderr, before the work, what the job will do otherwise than asked: the
+    encoder's reduced precision not used on the CPU, CPU device processes sharing the cores."""
+    import torch
+
+    from wsi_ssl.embedding.devices import cpu_share_note
+    from wsi_ssl.embedding.job import precision_note
+
+    notes = [precision_note(encoder, devices)]
+    if args.devices:
+        notes.append(cpu_share_note(devices, os.cpu_count() or 1, torch.get_num_threads()))
+    for note in notes:
+        if note is not None:
+            print(f"note: {note}", file=sys.stderr, flush=True)
 
 
 def run_embed(args: argparse.Namespace) -> int:
@@ -151,7 +193,7 @@ def run_embed(args: argparse.Namespace) -> int:
 
     config = EmbedConfig(
         batch_size=args.batch_size,
-        device=args.device,
+        device=args.device or "auto",
         workers=args.workers,
         dtype=args.dtype,
         resume=not args.no_resume,
@@ -163,7 +205,8 @@ def run_embed(args: argparse.Namespace) -> int:
         decode=args.decode,
         skip_flagged_tiles=args.skip_flagged_tiles,
     )
-    if args.precision not in (None, "fp32") and _on_cpu_only(args):
+    devices = _job_devices(args)
+    if args.precision not in (None, "fp32") and all(d == "cpu" for d in devices):
         raise ConfigError(
             f"--precision {args.precision} is a CUDA setting: on the CPU the encoder runs in "
             "fp32, so its other encoder id would only duplicate the fp32 vectors; leave it out"
@@ -183,6 +226,8 @@ def run_embed(args: argparse.Namespace) -> int:
         )
     progress = not (args.quiet or args.json)
     rank = torchrun_rank()
+    if rank is None or rank.rank == 0:  # under torchrun rank 0 speaks for all
+        _say_notes(args, encoder, devices)
     if rank is not None:
         summary = embed_torchrun(
             args.root, encoder, rank, config, slides=args.slides, progress=progress

@@ -49,7 +49,15 @@ def rows(pattern: str | None = None) -> list[dict[str, Any]]:
 
 
 def run_encoders(args: argparse.Namespace) -> int:
+    from wsi_ssl.encoders import list_encoders
+    from wsi_ssl.errors import ConfigError
+
     table = rows(args.pattern)
+    if not table:  # a pattern matching nothing: a bad argument, not an empty table
+        raise ConfigError(
+            f"no registered encoder name contains {args.pattern!r} (case matters); "
+            f"registered: {', '.join(list_encoders())}"
+        )
     if args.json:
         print(json.dumps(table, indent=2))
         return 0

@@ -79,7 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _add_settings(p: argparse.ArgumentParser) -> None:
     """The evaluation's settings (``EvaluationConfig``) and where it writes."""
-    p.add_argument("--out", type=Path, default=Path("evaluation"), help="output folder")
+    p.add_argument(
+        "--out", type=Path, default=Path("evaluation"), help="output folder (default evaluation/)"
+    )
     p.add_argument("--folds", type=whole_number(2), default=5, help="CV folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="folds, probes, MIL and resamples")
     p.add_argument(

@@ -6,7 +6,9 @@ names in ``WsiSslError.parameters``. Here the CLI finds, in the parser of the co
 the flag whose destination is that parameter (or ``no_<parameter>`` for switches such as
 ``--no-resume``), spells the settings the message advises as those flags (``pass
 overwrite=True`` -> ``pass --overwrite``) and names the rest as a hint: ``(command line:
---tissue-threshold)``.
+--tissue-threshold)``. Two tables cover what a destination cannot: the settings a message advises
+re-tiling with are `wsi-ssl tile`'s flags whichever command ran (:data:`RETILE_FLAGS`), and a
+mapping the API takes is a file on the command line (:data:`FILE_FLAGS`).
 """
 
 from __future__ import annotations
@@ -17,10 +19,18 @@ from typing import Any
 
 from wsi_ssl.errors import WsiSslError
 
-__all__ = ["RESUME_ADVICE", "command_parser", "in_command_words"]
+__all__ = ["FILE_FLAGS", "RESUME_ADVICE", "RETILE_FLAGS", "command_parser", "in_command_words"]
 
 RESUME_ADVICE = "re-run it (without --no-resume) to go on where it stopped"
 """What to do after an interrupt, for the commands that resume (tile, embed)."""
+
+RETILE_FLAGS = {"tile_size": "--tile-size", "mpp": "--mpp"}
+"""`wsi-ssl tile`'s flags for the settings a message advises re-tiling with (``re-tile with
+tile_size=224 and mpp=0.5``), whichever command ran (tests/test_cli_hints.py checks them)."""
+
+FILE_FLAGS = {"mpp_overrides": ("--mpp-csv", "FILE of slide,mpp rows")}
+"""A mapping the API takes (``pass mpp_overrides={name: MPP} to tile_slides``) -> the flag that
+reads it from a file where a command has one, and what that flag takes."""
 
 REDO_ADVICE = (
     "the slides not done keep what they had; re-run it with --no-resume on just those to redo "
@@ -54,14 +64,25 @@ def in_command_words(err: BaseException, parser: argparse.ArgumentParser) -> str
     resume=False``, ``pass batch_size=8``) spelled as the command's flag (``--overwrite``,
     ``--no-resume``, ``--batch-size 8``), and ``(command line: --a)`` after it for the
     parameters it names otherwise (``lower tissue_threshold``, ``(batch_size=16)``), but a
-    switch it advises turning off (``resume=False`` where the command has only ``--resume``)."""
+    switch it advises turning off (``resume=False`` where the command has only ``--resume``).
+    A flag spelled as the parameter stands in for one whose destination it is (pretrain's
+    ``--weights``); an aside in parentheses advising only settings the command has no flag for
+    is left out; a re-tile's settings and a mapping are spelled by the module's two tables."""
     message = str(err)
     if not isinstance(err, WsiSslError):
         return message
+    flagged = [a for a in parser._actions if any(o.startswith("--") for o in a.option_strings)]
     actions: dict[str, argparse.Action] = {}
-    for action in parser._actions:
-        if any(o.startswith("--") for o in action.option_strings):
-            actions.setdefault(action.dest, action)
+    for action in flagged:
+        actions.setdefault(action.dest, action)
+    for action in flagged:  # else the flag spelled as the parameter (pretrain's --weights)
+        actions.setdefault(_long(action)[2:].replace("-", "_"), action)
+    for name, (option, _) in FILE_FLAGS.items():  # a mapping the command reads from a file
+        for action in flagged:
+            if option in action.option_strings:
+                actions.setdefault(name, action)
+    message = _without_asides_for_others(message, err.parameters, actions)
+    message = _retile_in_tile_flags(_mappings_as_files(message, err.parameters, actions))
     hinted: list[argparse.Action] = []
     for name in err.parameters:
         flag, negated = actions.get(name), actions.get(f"no_{name}")
@@ -78,8 +99,7 @@ def in_command_words(err: BaseException, parser: argparse.ArgumentParser) -> str
                 return f"{word} {_long(flag)}" if value == str(bool(flag.const)) else match.group(0)
             return f"{word} {_long(flag)} {value}"
 
-        value = r"('[^']*'|\"[^\"]*\"|[^\s,;)]*[^\s,;).])"
-        message = re.sub(rf"\b({_ADVICE}) {name}={value}", spelled, message)
+        message = re.sub(rf"\b({_ADVICE}) {name}={_VALUE}", spelled, message)
         chosen = flag if flag is not None else negated
         switched_off = rf"\b{name}=False\b"  # a switch the command can only turn on
         only_on = isinstance(chosen, argparse._StoreTrueAction) and re.search(switched_off, message)
@@ -95,6 +115,61 @@ def in_command_words(err: BaseException, parser: argparse.ArgumentParser) -> str
 
 _ADVICE = "pass|set|use|with|choose|or|and"
 """Words after which ``name=value`` is advice (else it says what was used: left as it is)."""
+
+_VALUE = r"('[^']*'|\"[^\"]*\"|[^\s,;)]*[^\s,;).])"
+"""An advised value: quoted, or up to a space, comma, semicolon or closing bracket (not a
+sentence's full stop)."""
+
+
+def _mappings_as_files(
+    message: str, parameters: tuple[str, ...], actions: dict[str, argparse.Action]
+) -> str:
+    """``message`` advising a mapping (``pass mpp_overrides={name: MPP} to tile_slides``) as
+    the flag of the command that reads it from a file (``pass --mpp-csv FILE of slide,mpp
+    rows``); see :data:`FILE_FLAGS`."""
+    for name in (p for p in parameters if p in FILE_FLAGS and p in actions):
+
+        def as_flag(match: re.Match[str], said: str = " ".join(FILE_FLAGS[name])) -> str:
+            return f"{match.group(1)} {said}"
+
+        mapping = rf"\b({_ADVICE}) {name}=\{{[^}}]*\}}(?: to \w+)?"
+        message = re.sub(mapping, as_flag, message)
+    return message
+
+
+def _retile_in_tile_flags(message: str) -> str:
+    """``message`` with the settings its ``re-tile ...`` clauses advise spelled as `wsi-ssl
+    tile`'s flags (``re-tile with --tile-size 224 and --mpp 0.5``); see :data:`RETILE_FLAGS`."""
+    names = "|".join(RETILE_FLAGS)
+
+    def flags(match: re.Match[str]) -> str:
+        word, name, value = match.group(1), match.group(2), match.group(3).strip("'\"")
+        return f"{word} {RETILE_FLAGS[name]} {value}"
+
+    def clause(match: re.Match[str]) -> str:
+        return re.sub(rf"\b(with|and|at) ({names})={_VALUE}", flags, match.group(0))
+
+    return re.sub(r"\bre-tile\b.*?(?= or |, |[;(]|$)", clause, message)
+
+
+def _without_asides_for_others(
+    message: str, parameters: tuple[str, ...], actions: dict[str, argparse.Action]
+) -> str:
+    """``message`` less its asides in parentheses that advise only settings of other commands
+    (``(pretraining reads them all ..., with mixed_scales=True)`` to `wsi-ssl embed`), and
+    with such an aside the alternative it is the only how-to of (``, or give each slide's
+    scale (pass mpp_overrides=...)`` to `wsi-ssl demo`)."""
+    advice = rf"\b(?:{_ADVICE}) (\w+)="
+
+    def kept(match: re.Match[str]) -> str:
+        advised = set(re.findall(advice, match.group("aside"))) & set(parameters)
+        ours = any(p in actions or f"no_{p}" in actions for p in advised)
+        if ours or not advised:
+            return match.group(0)
+        lead = match.group("lead") or ""
+        return lead if re.search(advice, lead) else ""  # an alternative advising nothing else
+
+    return re.sub(r"(?P<lead>, or [^,;()]*)?(?P<aside> \([^()]*\))", kept, message)
 
 
 def _long(action: argparse.Action) -> str:

@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if after == RESUME_ADVICE and getattr(args, "no_resume", False):
             after = REDO_ADVICE
         how = " (SIGTERM)" if terminated else ""
-        ranks = " (rank 0 of a torchrun job: its part)" if "RANK" in os.environ else ""
+        ranks = " (torchrun: rank 0 reports for all ranks)" if "RANK" in os.environ else ""
         print(f"wsi-ssl: interrupted{how}{ranks}; {after}", file=sys.stderr)
         return code
     except Exception as err:  # not a library error: still one line, the traceback on request

@@ -39,7 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0.95,
         help="recall@10 vs exact search the approximate kinds calibrate to (default 0.95)",
     )
-    p.add_argument("--slides", nargs="+", metavar="SLIDE_ID", help="only these slides")
+    p.add_argument(
+        "--slides",
+        nargs="+",
+        metavar="SLIDE",
+        help="only these slides: ids, file names or stems (or a unique id prefix)",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--add", action="store_true", help="append slides embedded since the build")
     mode.add_argument(

@@ -88,8 +88,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("info", help="print a slide's geometry, scale and reader")
     p.add_argument("slide", type=Path)
-    p.add_argument("--mpp-override", type=float)
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--mpp-override", type=float, help="mpp for a slide that records none (as tile's)"
+    )
+    p.add_argument("--json", action="store_true", help="print the slide's details as JSON")
     p.set_defaults(func=run_info)
 
 

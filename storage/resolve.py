@@ -147,8 +147,11 @@ def archive_encoder_ids(archive: Archive, slide_ids: Iterable[str] | None = None
     return sorted({e for sid in ids for e in embedding_ids(archive.store_path(sid))})
 
 
-def resolve_encoder(available: Iterable[str], wanted: str | None, where: str | Path) -> str:
-    """The encoder id among ``available`` that ``wanted`` names (None: the only one).
+def resolve_encoder(
+    available: Iterable[str], wanted: str | None, where: str | Path, *, why: str = ""
+) -> str:
+    """The encoder id among ``available`` that ``wanted`` names (None: the only one); ``why``:
+    what to do when none is there, where the caller knows better than "embed" (damaged stores).
 
     Raises:
         EmbeddingsNotFoundError: no id matches (the message lists those there).
@@ -164,7 +167,7 @@ def resolve_encoder(available: Iterable[str], wanted: str | None, where: str | P
                 "encoder id (or a unique prefix of it) to choose one",
                 parameters=("encoder",),
             )
-        raise EmbeddingsNotFoundError(where, "(any)", ids)
+        raise EmbeddingsNotFoundError(where, None, ids, why=why)
     if wanted in ids:
         return wanted
     matches = [i for i in ids if i.startswith(wanted)]
@@ -176,4 +179,4 @@ def resolve_encoder(available: Iterable[str], wanted: str | None, where: str | P
             f"({', '.join(matches)}); give more of the one you mean",
             parameters=("encoder",),
         )
-    raise EmbeddingsNotFoundError(where, wanted, ids)
+    raise EmbeddingsNotFoundError(where, wanted, ids, why=why if not ids else "")

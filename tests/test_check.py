@@ -546,7 +546,7 @@ def test_a_multi_scale_output_given_as_one_root_names_its_scales(tmp_path: Path)
     assert run_cli([*argv, "--quiet"])[0] == 0
     code, _, err = run_cli(["embed", str(out), "--encoder", "random-cnn", "--device", "cpu"])
     assert code == 2 and err.count("\n") == 1
-    assert f"{out / 'mpp-0.5'}, {out / 'mpp-1'}); pass one of them" in err, err
+    assert f"{out / 'mpp-0.5'}, {out / 'mpp-1'}); name one of them" in err, err
     with pytest.raises(MultiScaleRootError) as info:
         open_store(out)
     assert isinstance(info.value, StoreNotFoundError)  # what callers already catch

@@ -89,6 +89,54 @@ def test_settings_a_message_advises_are_spelled_as_flags(
     assert in_command_words(ConfigError(message, parameters=parameters), command) == worded
 
 
+def test_a_flag_spelled_as_the_parameter_stands_in_for_it() -> None:
+    """pretrain's ``--weights`` (destination ``init_weights``) is what a missing weights file
+    of ``--init`` asks for: ``pass --weights PATH``, not the API's ``weights=PATH``."""
+    from wsi_ssl.errors import WeightsNotFoundError
+
+    parser = build_parser()
+    pretrain = command_parser(parser, parser.parse_args(["pretrain", "R", "--out", "o"]))
+    missing = WeightsNotFoundError("vit_small_patch16_224", "/w/vit_small_patch16_224.pth")
+    assert "or pass weights=PATH;" in str(missing)
+    assert in_command_words(missing, pretrain) == str(missing).replace(
+        "pass weights=PATH", "pass --weights PATH"
+    )
+    # a flag whose destination is the parameter still comes first (embed's own --weights)
+    embed = command_parser(parser, parser.parse_args(["embed", "R", "--encoder", "x"]))
+    assert "or pass --weights PATH;" in in_command_words(missing, embed)
+
+
+def test_an_aside_advising_another_commands_setting_is_left_out() -> None:
+    """A multi-scale tiling's folder given as one archive: pretrain is told to name each
+    scale with --mixed-scales; a command without that flag is told only to name one."""
+    from pathlib import Path
+
+    from wsi_ssl.errors import MultiScaleRootError
+
+    parser = build_parser()
+    err = MultiScaleRootError("/a/ms", [Path("/a/ms/mpp-0.5"), Path("/a/ms/mpp-1")])
+    first = (
+        "/a/ms: not an archive root but one per scale, written by a multi-scale tile "
+        "(/a/ms/mpp-0.5, /a/ms/mpp-1); name one of them"
+    )
+    assert str(err) == f"{first} (pretraining reads them all when each is named, with " + (
+        "mixed_scales=True)"
+    )
+    for argv in (["embed", "R", "--encoder", "x"], ["export", "R", "--out", "o"], ["index", "R"]):
+        assert in_command_words(err, command_parser(parser, parser.parse_args(argv))) == first
+    for argv in (
+        ["pretrain", "R", "--out", "o"],
+        ["pretrain", "R", "--out", "o", "--mixed-scales"],
+    ):
+        pretrain = command_parser(parser, parser.parse_args(argv))
+        worded = in_command_words(err, pretrain)
+        assert worded == str(err).replace("mixed_scales=True", "--mixed-scales")
+    # an aside advising a setting the command has is kept (and spelled as its flag)
+    embed = command_parser(parser, parser.parse_args(["embed", "R", "--encoder", "x"]))
+    kept = ConfigError("x: failed (pass resume=False to redo it)", parameters=("resume",))
+    assert in_command_words(kept, embed) == "x: failed (pass --no-resume to redo it)"
+
+
 def test_outcome_lines_carry_the_hint() -> None:
     batch = BatchOutcome(
         outcomes=[
@@ -222,3 +270,42 @@ def test_an_unknown_option_shows_its_sub_command_usage(capsys: pytest.CaptureFix
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.startswith("usage: wsi-ssl mil train ")
     assert err.rstrip().endswith("wsi-ssl mil train: error: unrecognized arguments: --quiet")
+
+
+def test_the_tables_name_tiles_own_flags() -> None:
+    """What hints.RETILE_FLAGS and FILE_FLAGS spell are `wsi-ssl tile`'s flags, for the
+    settings they stand for."""
+    from wsi_ssl.cli.hints import FILE_FLAGS, RETILE_FLAGS
+
+    parser = build_parser()
+    tile = command_parser(parser, parser.parse_args(["tile", "S", "--out", "o"]))
+    dests = {o: a.dest for a in tile._actions for o in a.option_strings}
+    assert {name: dests[flag] for name, flag in RETILE_FLAGS.items()} == {
+        "tile_size": "tile_size",
+        "mpp": "mpp",
+    }
+    assert {name: dests[flag] for name, (flag, _) in FILE_FLAGS.items()} == {
+        "mpp_overrides": "mpp_csv"
+    }
+
+
+def test_a_retile_is_spelled_with_tiles_flags_whichever_command_ran() -> None:
+    """A re-tile's settings are `wsi-ssl tile`'s flags from any command (embed has no
+    --tile-size, index no flag at all), whatever parameters the error lists; the rest of the
+    message is still the running command's."""
+    parser = build_parser()
+    message = "s.zarr: re-tile with tile_size=224 and mpp=0.25, or pass check_mpp=False"
+    for argv, rest in (
+        (["embed", "R", "--encoder", "x"], "--no-mpp-check"),
+        (["index", "R"], "check_mpp=False"),
+    ):
+        command = command_parser(parser, parser.parse_args(argv))
+        for parameters in (("check_mpp",), ("tile_size", "mpp", "check_mpp")):
+            worded = in_command_words(ConfigError(message, parameters=parameters), command)
+            assert worded == f"s.zarr: re-tile with --tile-size 224 and --mpp 0.25, or pass {rest}"
+    pretrain = command_parser(parser, parser.parse_args(["pretrain", "R", "--out", "o"]))
+    both = ConfigError(
+        "re-tile with tile_size=256 or train with tile_size=224", parameters=("tile_size",)
+    )
+    worded = in_command_words(both, pretrain)
+    assert worded == "re-tile with --tile-size 256 or train with --tile-size 224"

@@ -22,7 +22,13 @@ import torch
 from tests.conftest import run_cli
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.embedding import embed
-from wsi_ssl.embedding.devices import embed_on_devices, parse_devices, shard_slides, slide_sizes
+from wsi_ssl.embedding.devices import (
+    cpu_share_note,
+    embed_on_devices,
+    parse_devices,
+    shard_slides,
+    slide_sizes,
+)
 from wsi_ssl.embedding.summary import EmbedSummary
 from wsi_ssl.encoders import create_encoder
 from wsi_ssl.errors import ConfigError, DeviceUnavailableError
@@ -92,6 +98,49 @@ def test_cli_devices_are_checked_before_any_work(root: Path) -> None:
     argv = ["embed", str(root), "--encoder", "random-cnn", "--devices", "cpu,cuda:1"]
     code, _, err = run_cli([*argv, "--quiet"])
     assert code == 2 and err.count("\n") == 1 and "cuda:1" in err and "not available" in err
+
+
+def test_cli_device_beside_devices_is_refused(root: Path) -> None:
+    """``--device`` beside ``--devices`` was ignored (each process got a device of the list)."""
+    argv = ["embed", str(root), "--encoder", "random-cnn", "--quiet"]
+    code, out, err = run_cli([*argv, "--device", "cuda:0", "--devices", "cpu,cpu"])
+    assert (
+        code == 2
+        and out == ""
+        and err
+        == (
+            "wsi-ssl: error: --device cuda:0 with --devices cpu,cpu: --devices names every device "
+            "the job uses (one process each); leave --device out\n"
+        )
+    )
+
+
+def test_cpu_device_processes_sharing_too_few_cores_are_noted() -> None:
+    """Each CPU device process runs torch with its default threads (the cores): two or more
+    of them oversubscribe the cores, and the note says so."""
+    note = cpu_share_note(["cpu", "cpu"], cores=2, threads=2)
+    assert note == (
+        "2 CPU device processes of 2 torch threads each share 2 cores: they compete for them "
+        "and can be slower than one process (--device cpu); OMP_NUM_THREADS=1 splits the "
+        "cores between them"
+    )
+    assert cpu_share_note(["cpu", "cpu", "cpu"], cores=16, threads=8) is not None
+    assert cpu_share_note(["cpu", "cpu"], cores=16, threads=8) is None  # 16 threads, 16 cores
+    assert cpu_share_note(["cpu", "cpu"], cores=2, threads=1) is None  # OMP_NUM_THREADS=1
+    assert cpu_share_note(["cpu"], cores=1, threads=4) is None  # one process: nothing shared
+    assert cpu_share_note(["cuda:0", "cuda:1", "cpu"], cores=2, threads=2) is None
+
+
+@pytest.mark.slow
+def test_cli_notes_cpu_device_processes_sharing_the_cores(root: Path, tmp_path: Path) -> None:
+    root = _fresh_copy(root, tmp_path / "root")
+    argv = ["embed", str(root), "--encoder", "random-cnn", "--devices", "cpu,cpu"]
+    code, _, err = run_cli([*argv, "--workers", "0", "--quiet"])
+    cores, threads = os.cpu_count() or 1, torch.get_num_threads()
+    expected = cpu_share_note(["cpu", "cpu"], cores, threads)
+    if 2 * threads > cores:  # this 2-core box: 2 processes of 2 threads
+        assert expected is not None
+    assert code == 0 and err == ("" if expected is None else f"note: {expected}\n")
 
 
 def _fresh_copy(root: Path, dest: Path) -> Path:
@@ -190,6 +239,11 @@ def mixed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base / "root"
 
 
+def _errors(stderr: str) -> str:
+    """``stderr`` without its notes (CPU device processes sharing few cores, say)."""
+    return "".join(line for line in stderr.splitlines(True) if not line.startswith("note: "))
+
+
 def _failure_lines(stdout: str) -> list[str]:
     return [line.strip() for line in stdout.splitlines() if "Error: " in line]
 
@@ -199,18 +253,21 @@ def test_a_failure_in_a_device_process_or_rank_keeps_its_flag_hint(mixed_root: P
     """A slide that fails in a ``--devices`` process or a torchrun rank (128 px tiles,
     resize='never') is reported as a one-process run reports it: its type, its message and
     the flags of its parameters."""
-    argv = ["embed", str(mixed_root), "--encoder", "random-cnn", "--device", "cpu"]
+    argv = ["embed", str(mixed_root), "--encoder", "random-cnn"]
     argv += ["--workers", "0", "--resize", "never", "--quiet"]
-    code, out, err = run_cli(argv)
+    code, out, err = run_cli([*argv, "--device", "cpu"])
     assert code == 1 and err.count("\n") == 1
-    assert "or choose --resize bilinear (a different encoder_id)" in err and "tile_size=224" in err
+    assert (
+        "re-tile with --tile-size 224 or choose --resize bilinear (a different encoder_id)" in err
+    )
     [line] = _failure_lines(out)
     assert line.startswith("InputSizeMismatchError: ") and "choose --resize bilinear" in line
+    assert "re-tile with --tile-size 224" in line  # wsi-ssl tile's flag, not tile_size=224
     code, out, err_devices = run_cli([*argv, "--devices", "cpu,cpu"])
-    assert code == 1 and err_devices == err and _failure_lines(out) == [line]
+    assert code == 1 and _errors(err_devices) == err and _failure_lines(out) == [line]
     assert "1 already complete" in out  # the other slide, embedded by the first run
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    torchrun += ["--nproc-per-node", "2", "-m", "wsi_ssl.cli.main", *argv]
+    torchrun += ["--nproc-per-node", "2", "-m", "wsi_ssl.cli.main", *argv, "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(torchrun, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode != 0 and _failure_lines(done.stdout) == [line]
@@ -225,12 +282,13 @@ def test_a_job_failing_in_a_device_process_fails_its_slides_with_its_error(
     slides fail with that typed error, not as a process that died."""
     reference = tmp_path / "reference.png"
     reference.write_text("not an image")
-    argv = ["embed", str(mixed_root), "--encoder", "random-cnn", "--device", "cpu"]
+    argv = ["embed", str(mixed_root), "--encoder", "random-cnn"]
     argv += ["--workers", "0", "--quiet", "--stain-normalize", "reinhard"]
     argv += ["--stain-reference", str(reference)]
-    code, _, err = run_cli(argv)  # one process: the job's one line
+    code, _, err = run_cli([*argv, "--device", "cpu"])  # one process: the job's one line
     assert code == 2 and err.count("\n") == 1 and "cannot read the reference image" in err
     code, out, err_devices = run_cli([*argv, "--devices", "cpu,cpu", "--json"])
+    err_devices = _errors(err_devices)
     assert code == 1
     summary = json.loads(out)
     slides = summary["slides"]

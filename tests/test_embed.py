@@ -23,6 +23,7 @@ import wsi_ssl
 from tests.conftest import run_cli
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.embedding import EmbedConfig, embed, embed_slide, export
+from wsi_ssl.embedding.job import precision_note
 from wsi_ssl.encoders import EncoderConfig, create_encoder, register_encoder
 from wsi_ssl.encoders._builtin import SmallCNN
 from wsi_ssl.errors import (
@@ -461,6 +462,52 @@ def test_cli_embed_and_export(
     assert len(err) == 1 and "nope" in err[0]
 
 
+def test_cli_tile_size_refusal_names_the_tile_flag(tmp_path: Path) -> None:
+    """Tiles of 128 px for an encoder of 224 px that must not resize: the advice is worded
+    with `wsi-ssl tile`'s flag (it said ``re-tile with tile_size=224``)."""
+    slide = write_synthetic_slide(tmp_path / "s.tiff", (700, 500), seed=1)
+    tile_slide(slide, tmp_path / "root", replace(TILING, tile_size=128, tissue_threshold=0.0))
+    argv = ["embed", str(tmp_path / "root"), "--encoder", "random-cnn", "--resize", "never"]
+    code, out, err = run_cli([*argv, "--device", "cpu", "--workers", "0", "--quiet"])
+    advice = "re-tile with --tile-size 224 or choose --resize bilinear (a different encoder_id)"
+    assert code == 1 and err.count("\n") == 1 and err.startswith("wsi-ssl: error: ")
+    assert err.rstrip().endswith(advice) and "tile_size=" not in err
+    [line] = [ln.strip() for ln in out.splitlines() if ln.strip().startswith("InputSize")]
+    assert line.endswith(advice)
+
+
+def test_a_precision_the_cpu_does_not_run_is_noted() -> None:
+    """An encoder computing in bf16 or fp16 on CUDA runs in fp32 on the CPU: said, not quiet."""
+    bf16 = create_encoder("random-cnn", precision="bf16")
+    assert precision_note(bf16, ["cpu"]) == (
+        f"{bf16.encoder_id} asks for bf16 (its precision); on the CPU it runs in fp32, as "
+        "autocast is used on CUDA only (the embeddings record compute precision fp32)"
+    )
+    assert "asks for fp16" in (
+        precision_note(create_encoder("random-cnn", precision="fp16"), ["cuda:0", "cpu"]) or ""
+    )
+    assert precision_note(bf16, ["cuda:0", "cuda:1"]) is None
+    assert precision_note(create_encoder("random-cnn"), ["cpu"]) is None  # fp32 already
+
+
+def test_cli_notes_the_precision_it_does_not_run(tmp_path: Path) -> None:
+    """random-vit-small computes in bf16 on CUDA; on the CPU the job says it runs in fp32
+    (before its work: here a slide that is not there)."""
+    root = tmp_path / "root"
+    tile_slide(write_synthetic_slide(tmp_path / "s.tiff", (300, 300), seed=1), root, TILING)
+    argv = ["embed", str(root), "--encoder", "random-vit-small", "--device", "cpu"]
+    code, _, err = run_cli([*argv, "--slides", "nosuch", "--quiet"])
+    eid = create_encoder("random-vit-small").encoder_id
+    note, error = err.splitlines()
+    assert note == (
+        f"note: {eid} asks for bf16 (its precision); on the CPU it runs in fp32, as autocast "
+        "is used on CUDA only (the embeddings record compute precision fp32)"
+    )
+    assert code == 1 and error.startswith("wsi-ssl: error: ") and "nosuch" in error
+    code, _, err = run_cli(["embed", str(root), "--encoder", "random-cnn", "--slides", "nosuch"])
+    assert code == 1 and "note:" not in err  # fp32: nothing to say
+
+
 def test_cli_main_prints_one_line(cmu_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = _cli(
         [
@@ -588,7 +635,11 @@ def test_a_pretrain_run_refuses_tiles_at_another_scale_than_it_trained_at(
     root = _copy(cmu_root, tmp_path / "root")
     assert open_store(root).slide(open_store(root).slide_ids[0]).tiling["mpp"] == 0.5
     code, _, err = run_cli(["embed", str(root), "--encoder", str(tmp_path / "run1"), "--quiet"])
-    assert code == 1 and "at 0.5 µm/px reach encoder" in err and "re-tile at mpp=1" in err, err
+    assert (
+        code == 1
+        and "at 0.5 µm/px reach encoder" in err
+        and "re-tile with --tile-size 224 and --mpp 1" in err
+    ), err
     assert (
         embed(root, tmp_path / "run1", replace(FAST, check_mpp=False)).outcomes[0].status
         == "complete"

@@ -306,3 +306,37 @@ def test_evaluates_encoder_spelling_on_the_command_line_names_the_flags(
 
     code, _, err = run_cli(["embed", str(small_archive), "--encoder", "random-cnn,weights=random"])
     assert code == 2 and "name it 'random-cnn' and set --weights random" in err, err
+
+
+def test_the_weights_file_is_located_as_create_encoder_would_read_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``locate_weights`` finds, without building anything, the file ``create_encoder``
+    reads, and refuses what it would refuse before its build (evaluate checks every encoder
+    so before loading any); None for a seeded random init."""
+    from wsi_ssl.encoders import locate_weights
+
+    monkeypatch.setenv("WSI_SSL_WEIGHTS", str(tmp_path / "weights"))
+    path = tmp_path / "cnn.pth"
+    torch.save(create_encoder("random-cnn").model.state_dict(), path)
+    assert locate_weights("random-cnn") is None
+    assert locate_weights("random-cnn", weights=path) == path
+    assert locate_weights("timm/resnet18", weights="random") is None
+    assert locate_weights("torchvision/resnet18", weights=path) == path
+    preset = tmp_path / "weights" / "uni" / "pytorch_model.bin"
+    with pytest.raises(WeightsNotFoundError, match=r"put it at .*, or give it; wsi-ssl") as info:
+        locate_weights("uni", how="give it")
+    assert info.value.path == preset
+    with pytest.raises(WeightsNotFoundError, match=r"resnet18\.pth: .* or pass weights=PATH;"):
+        locate_weights("torchvision/resnet18")
+    with pytest.raises(WeightsNotFoundError, match=r"nope\.pth: no such weights file"):
+        locate_weights("resnet18", weights=tmp_path / "nope.pth")
+    for unknown in ("no-such-encoder", "timm/no-such-arch", "torchvision/no-such-arch"):
+        with pytest.raises(EncoderNotFoundError):
+            locate_weights(unknown)
+    (tmp_path / "run").mkdir()
+    assert locate_weights(f"wsi-ssl:{tmp_path / 'run'}") == tmp_path / "run"
+    with pytest.raises(ConfigError, match="carries its own weights"):
+        locate_weights(tmp_path / "run", weights=path)
+    with pytest.raises(CheckpointError, match="no such wsi-ssl pretrain"):
+        locate_weights(f"wsi-ssl:{tmp_path / 'missing'}")

@@ -30,21 +30,30 @@ class DemoResult:
     failed: bool = False
 
 
-def demo_slides(out: Path) -> dict[Path, str]:
-    """Write (once) the labelled synthetic demo slides; returns ``{path: label}``."""
+def demo_slides(
+    out: Path, *, progress: bool = False, echo: Callable[[str], None] | None = None
+) -> dict[Path, str]:
+    """Write (once) the labelled synthetic demo slides; returns ``{path: label}``.
+
+    Args:
+        progress: a progress bar (on stderr) while slides are written (seconds each).
+        echo: told first how many slides are to be written, when some are.
+    """
+    from tqdm.auto import tqdm
+
     from wsi_ssl.storage.atomic import atomic_path
     from wsi_ssl.synthetic import write_synthetic_slide
 
-    labelled = {}
-    for seed in range(DEMO_SLIDES):
-        lesion = seed % 2 == 1
-        path = out / "slides" / f"demo-{seed}.tiff"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as tmp:
-                write_synthetic_slide(tmp, DEMO_SIZE, seed=seed, lesion=lesion)
-        labelled[path] = "tumour" if lesion else "normal"
-    return labelled
+    paths = [out / "slides" / f"demo-{seed}.tiff" for seed in range(DEMO_SLIDES)]
+    missing = [seed for seed, path in enumerate(paths) if not path.exists()]
+    if missing and echo is not None:
+        echo(f"== slides: writing {len(missing)} synthetic slide{'s' * (len(missing) > 1)}")
+    bar = tqdm(missing, desc="slides", unit="slide", disable=not progress, dynamic_ncols=True)
+    for seed in bar:
+        paths[seed].parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(paths[seed]) as tmp:
+            write_synthetic_slide(tmp, DEMO_SIZE, seed=seed, lesion=seed % 2 == 1)
+    return {path: "tumour" if seed % 2 == 1 else "normal" for seed, path in enumerate(paths)}
 
 
 def run_demo(
@@ -95,10 +104,6 @@ def run_demo(
         )
     out = Path(out)
     root = out / "archive"
-    if not slides:
-        demo = demo_slides(out)
-        slides = list(demo)
-        labels = {path.name: label for path, label in demo.items()} if labels is None else labels
     result = DemoResult(root, [Path(s) for s in slides])
     show = echo or (lambda _: None)
 
@@ -107,6 +112,10 @@ def run_demo(
         for line in lines:
             show(line)
 
+    if not slides:  # said before the ~25 s it takes to write them
+        demo = demo_slides(out, progress=progress, echo=say)
+        result.slides = list(demo)
+        labels = {path.name: label for path, label in demo.items()} if labels is None else labels
     say("== tile")
     summary = tile_slides(result.slides, root, tiling or TilingConfig(), progress=progress)
     for r in summary.outcomes:

@@ -149,9 +149,8 @@ class MissingMppError(WsiSslError, ValueError):
         super().__init__(
             f"{path}: no microns-per-pixel in vendor properties, TIFF resolution tags or objective "
             "power; set it with mpp_override=MPP, or give each slide's scale "
-            "(mpp_overrides={name: MPP} to tile_slides, --mpp-csv FILE of slide,mpp rows to "
-            "wsi-ssl tile)",
-            parameters=("mpp_override",),
+            "(pass mpp_overrides={name: MPP} to tile_slides)",  # the CLI: its own flags
+            parameters=("mpp_override", "mpp_overrides"),
         )
         self.path = Path(path)
 
@@ -204,7 +203,8 @@ class MultiScaleRootError(StoreNotFoundError):
         WsiSslError.__init__(
             self,
             f"{path}: not an archive root but one per scale, written by a multi-scale tile "
-            f"({names}); pass one of them (pretraining takes several, with mixed_scales)",
+            f"({names}); name one of them (pretraining reads them all when each is named, "
+            "with mixed_scales=True)",  # the CLI drops the aside where there is no such flag
             parameters=("mixed_scales",),
         )
         self.path = Path(path)
@@ -283,16 +283,19 @@ class EncoderNotFoundError(WsiSslError, LookupError):
 
 
 class WeightsNotFoundError(WsiSslError, FileNotFoundError):
-    """An encoder needs a local weights file that is not there (wsi-ssl never downloads)."""
+    """An encoder needs a local weights file that is not there (wsi-ssl never downloads);
+    ``how``: how the caller gives another file (evaluate's specs: ``NAME,weights=PATH``)."""
 
-    def __init__(self, encoder: str, path: str | Path, *, given: bool = False) -> None:
+    def __init__(
+        self, encoder: str, path: str | Path, *, given: bool = False, how: str = "pass weights=PATH"
+    ) -> None:
         if given:  # the path was given: it is wrong, not the place to put the weights
             message = f"{path}: no such weights file (given for encoder {encoder!r})"
         else:
             message = (
                 f"{path}: no weights file for encoder {encoder!r}; put its state dict there "
                 "(torch.save(model.state_dict(), PATH) on a machine that has the weights) or "
-                "pass weights=PATH; wsi-ssl never downloads weights"
+                f"{how}; wsi-ssl never downloads weights"
             )
         super().__init__(message, parameters=("weights",))
         self.path = Path(path)
@@ -362,18 +365,21 @@ class TileReadError(WsiSslError, OSError):
 
 
 class EmbeddingsNotFoundError(WsiSslError, FileNotFoundError):
-    """No complete embeddings by an encoder; ``why`` (when known) replaces the advice to embed,
-    e.g. that every slide with some is between the renames of a swap."""
+    """No complete embeddings by an encoder (None: by any); ``why`` (when known)
+    replaces the advice to embed, e.g. that every slide with some is between the renames of
+    a swap."""
 
     def __init__(
-        self, path: str | Path, encoder_id: str, available: list[str], why: str = ""
+        self, path: str | Path, encoder_id: str | None, available: list[str], why: str = ""
     ) -> None:
-        have = ", ".join(available) if available else "none"
-        choose = "name one of those ids (or a unique prefix of one), or " if available else ""
-        advice = why or f"{choose}run `wsi-ssl embed` with that encoder first"
-        super().__init__(
-            f"{path}: no complete embeddings {encoder_id!r} (available: {have}); {advice}"
-        )
+        if encoder_id is None:
+            text, advice = "by any encoder", why or "run `wsi-ssl embed` first"
+        else:
+            have = ", ".join(available) if available else "none"
+            choose = "name one of those ids (or a unique prefix of one), or " if available else ""
+            text = f"{encoder_id!r} (available: {have})"
+            advice = why or f"{choose}run `wsi-ssl embed` with that encoder first"
+        super().__init__(f"{path}: no complete embeddings {text}; {advice}")
         self.path = Path(path)
 
 
@@ -608,11 +614,18 @@ class StoreCorruptError(WsiSslError, OSError):
 class PresetWeightsNotFoundError(WeightsNotFoundError):
     """A zoo preset's published weights file is not on this machine (never downloaded)."""
 
-    def __init__(self, encoder: str, path: str | Path, files: list[str], card: str) -> None:
+    def __init__(
+        self,
+        encoder: str,
+        path: str | Path,
+        files: list[str],
+        card: str,
+        how: str = "pass weights=PATH",
+    ) -> None:
         WsiSslError.__init__(
             self,
             f"{path}: no weights file for encoder {encoder!r}; download {' or '.join(files)} from "
-            f"{card} (accept its licence there) and put it at {path}, or pass weights=PATH; "
+            f"{card} (accept its licence there) and put it at {path}, or {how}; "
             "wsi-ssl never downloads weights",
             parameters=("weights",),
         )

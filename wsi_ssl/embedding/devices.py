@@ -39,12 +39,16 @@ from wsi_ssl.parent_watch import die_with_parent
 from wsi_ssl.storage import open_store
 
 __all__ = [
+    "ShardStopped",
+    "cpu_share_note",
     "embed_on_devices",
     "merge_summaries",
     "parse_devices",
     "portable",
     "shard_slides",
+    "shard_summaries",
     "slide_sizes",
+    "unfinished_slides",
 ]
 
 
@@ -55,6 +59,22 @@ def parse_devices(devices: str | Sequence[str]) -> list[str]:
     if not names:
         raise ConfigError(f"devices {devices!r}: name at least one, e.g. cuda:0,cuda:1")
     return [str(resolve_device(d)) for d in names]
+
+
+def cpu_share_note(devices: Sequence[str], cores: int, threads: int) -> str | None:
+    """The line saying that the CPU device processes among ``devices`` (checked names) would
+    share too few cores: each runs torch with ``threads`` threads (torch's default, the cores,
+    or ``OMP_NUM_THREADS``; no device process is given fewer), so two or more of them on
+    ``cores`` cores run more threads than cores and compete, slower than one process; None
+    when they fit."""
+    n = sum(1 for d in devices if d == "cpu")
+    if n < 2 or n * threads <= cores:
+        return None
+    return (
+        f"{n} CPU device processes of {threads} torch threads each share {cores} cores: they "
+        "compete for them and can be slower than one process (--device cpu); "
+        f"OMP_NUM_THREADS={max(1, cores // n)} splits the cores between them"
+    )
 
 
 def shard_slides(sizes: dict[str, int], n: int) -> list[list[str]]:
@@ -206,18 +226,24 @@ def embed_on_devices(
                 "reporting; re-run the same command to resume these slides",
                 "DeviceProcessError",
             )
-    summaries: dict[int, EmbedSummary] = {}
-    for index, report in reports.items():
-        summary = report.summary if isinstance(report, ShardStopped) else report
-        if isinstance(summary, EmbedSummary):
-            summaries[index] = summary
+    summaries = shard_summaries(reports)
     seconds = time.perf_counter() - started
     merged = unlisted.added_to(
         merge_summaries(root, ids, shards, summaries, lost, config, names, seconds, encoder)
     )
     if interrupted or any(isinstance(r, ShardStopped) for r in reports.values()):
-        raise JobInterrupted(merged, _not_done(ids, shards, reports, lost)) from None
+        raise JobInterrupted(merged, unfinished_slides(ids, shards, reports, lost)) from None
     return merged
+
+
+def shard_summaries(reports: dict[int, Report]) -> dict[int, EmbedSummary]:
+    """Each shard's summary by index: its job's, or what a stopped one had finished."""
+    summaries: dict[int, EmbedSummary] = {}
+    for index, report in reports.items():
+        summary = report.summary if isinstance(report, ShardStopped) else report
+        if isinstance(summary, EmbedSummary):
+            summaries[index] = summary
+    return summaries
 
 
 @contextmanager
@@ -233,7 +259,7 @@ def _children_start_deaf() -> Iterator[None]:
             signal.signal(stop, handler)
 
 
-def _not_done(
+def unfinished_slides(
     ids: list[str],
     shards: list[tuple[str, list[str]]],
     reports: dict[int, Report],

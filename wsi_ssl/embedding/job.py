@@ -34,7 +34,7 @@ from wsi_ssl.storage import Archive, open_store
 from wsi_ssl.storage.archive import damaged_slide_id
 from wsi_ssl.storage.resolve import resolve_slide
 
-__all__ = ["embed", "embed_for_demo", "embed_slide"]
+__all__ = ["embed", "embed_for_demo", "embed_slide", "precision_note"]
 
 
 def requested_slide_ids(archive: Archive, slides: Sequence[str]) -> list[str]:
@@ -180,6 +180,19 @@ def embed(
             summary.seconds = time.perf_counter() - started
             summary.loader_wait_s = runner.loader_wait
     return summary
+
+
+def precision_note(encoder: Encoder, devices: Sequence[str]) -> str | None:
+    """The line saying that ``encoder``'s reduced precision (bf16 or fp16: autocast, used on
+    CUDA only) is not what it runs in on the CPU among ``devices`` (checked names): fp32 there
+    (``compute["precision"]`` records it); None when nothing changes."""
+    asked = encoder.config.precision
+    if asked == "fp32" or "cpu" not in devices:
+        return None
+    return (
+        f"{encoder.encoder_id} asks for {asked} (its precision); on the CPU it runs in fp32, as "
+        "autocast is used on CUDA only (the embeddings record compute precision fp32)"
+    )
 
 
 def _refuse_wrong_size_everywhere(root: Path, prepared: Sequence[Any]) -> None:

@@ -15,6 +15,7 @@ yielded as a message for that unit, so one corrupt slide does not stop the loade
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -124,9 +125,16 @@ class TileBatches(IterableDataset[TileBatch]):
 def make_loader(
     dataset: TileBatches, *, workers: int, pin_memory: bool, prefetch: int
 ) -> DataLoader[TileBatch]:
-    """A DataLoader that passes the worker-made batches through unchanged."""
+    """A DataLoader that passes the worker-made batches through unchanged; its workers
+    ignore SIGTERM (:func:`_deaf_to_sigterm`)."""
     kwargs: dict[str, Any] = (
-        {"prefetch_factor": prefetch, "persistent_workers": False} if workers > 0 else {}
+        {
+            "prefetch_factor": prefetch,
+            "persistent_workers": False,
+            "worker_init_fn": _deaf_to_sigterm,
+        }
+        if workers > 0
+        else {}
     )
     return DataLoader(
         dataset,
@@ -135,3 +143,12 @@ def make_loader(
         pin_memory=pin_memory,
         **kwargs,
     )
+
+
+def _deaf_to_sigterm(worker_id: int) -> None:
+    """A loader worker ignores SIGTERM: the job's process ends it. A batch scheduler (or
+    torchrun) sends SIGTERM to the whole process group; a worker killed by it made the
+    stopped job's DataLoader raise "worker is killed by signal" on its way out (an
+    "Exception ignored" traceback after the report). A worker still ends with its job's
+    process (the DataLoader's watchdog), and on Ctrl-C as before."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

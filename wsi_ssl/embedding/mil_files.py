@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 from wsi_ssl.embedding.summary import incomplete_note
 from wsi_ssl.errors import ConfigError, WsiSslError
-from wsi_ssl.listing import one_or_many
+from wsi_ssl.listing import first_few, one_or_many
 from wsi_ssl.outcome import BatchOutcome, SlideOutcome
 from wsi_ssl.storage import Archive, SlideStore, open_store
 from wsi_ssl.storage.archive import damaged_slide_id
@@ -240,7 +240,8 @@ def export(
         )
     archive = open_store(root)
     stores, failed, incomplete = _stores(archive, slides)
-    eid = resolve_encoder({i for s in stores for i in embedding_ids(s)}, encoder, archive.root)
+    have = {i for s in stores for i in embedding_ids(s)}
+    eid = resolve_encoder(have, encoder, archive.root, why=_none_usable(stores, failed, archive))
     stores, left_out = _left_out_mid_swap(archive, stores, eid, every=slides is None)
     out = Path(out)
     name_by = name_by or _named_by(_manifest(out)) or "stem"
@@ -298,6 +299,21 @@ def _stores(
     if slides is not None and not stores and failed and failed[-1].exception is not None:
         raise failed[-1].exception
     return stores, failed, scan.incomplete if slides is None else []
+
+
+def _none_usable(stores: list[SlideStore], failed: list[SlideOutcome], archive: Archive) -> str:
+    """What to do when no store could be opened, only damaged ones ("" otherwise): the
+    advice of an export that finds no embeddings, in place of "embed"."""
+    damaged = [str(getattr(o.exception, "path", o.slide)) for o in failed]
+    if stores or not damaged:
+        return ""
+    one = len(damaged) == 1
+    some = "its one slide store is" if one else f"its {len(damaged)} slide stores are"
+    return (
+        f"{some} damaged ({first_few(damaged, 3)}); `wsi-ssl check "
+        f"{shlex.quote(str(archive.root))}` prints the tile command that redoes "
+        + ("it" if one else "each")
+    )
 
 
 def _left_out_mid_swap(

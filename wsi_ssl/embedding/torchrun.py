@@ -7,27 +7,49 @@ count), embeds its own with the ordinary job (resume, locks, failure isolation, 
 commit), then the ranks exchange their summaries over a gloo process group (CPU objects, on
 GPUs too) and each holds the merged one: the exit code agrees on every rank, and only rank 0
 prints. A rank whose job fails as a whole (the batch-size probe out of memory, say) sends its
-error instead, and its shard's slides fail with it. The device is ``EmbedConfig.device`` resolved for ``LOCAL_RANK`` ("auto"/"cuda" ->
-``cuda:<local rank>``).
+error instead, and its shard's slides fail with it. The device is ``EmbedConfig.device``
+resolved for ``LOCAL_RANK`` ("auto"/"cuda" -> ``cuda:<local rank>``).
+
+A stopped job (torchrun passes a Ctrl-C or a scheduler's SIGTERM on to every rank) is reported
+whole too: a rank stopped sends what it finished and what it did not, the ranks that were done
+(or waiting for the others) send theirs, and every rank raises
+:class:`~wsi_ssl.outcome.JobInterrupted` with the merged report, as ``--devices`` does. A
+rank's first stop signal while its job runs interrupts it; later ones (torchrun's SIGTERM after
+the scheduler's), and any once its job is over, are held until the ranks have exchanged their
+reports, so that none is cut short.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from wsi_ssl.device import resolve_device
 from wsi_ssl.embedding.config import EmbedConfig
-from wsi_ssl.embedding.devices import merge_summaries, portable, shard_slides, slide_sizes
+from wsi_ssl.embedding.devices import (
+    STOPS,
+    Report,
+    ShardStopped,
+    merge_summaries,
+    portable,
+    shard_slides,
+    shard_summaries,
+    slide_sizes,
+    unfinished_slides,
+)
 from wsi_ssl.embedding.job import embed, job_slides
 from wsi_ssl.embedding.summary import EmbedSummary
 from wsi_ssl.encoders import Encoder
-from wsi_ssl.outcome import RemoteError
+from wsi_ssl.outcome import JobInterrupted, RemoteError
 from wsi_ssl.storage import open_store
 
 __all__ = ["GATHER_TIMEOUT", "Rank", "embed_torchrun", "torchrun_rank"]
@@ -62,42 +84,115 @@ def embed_torchrun(
     progress: bool = False,
 ) -> EmbedSummary:
     """This rank's shard of :func:`~wsi_ssl.embedding.embed`; returns the merged summary of
-    every rank (the same on each; ``compute["devices"]`` lists the ranks' devices)."""
-    import torch.distributed as dist
+    every rank (the same on each; ``compute["devices"]`` lists the ranks' devices).
 
+    Raises:
+        JobInterrupted: a rank was stopped (Ctrl-C, SIGTERM); on every rank, with the merged
+            summary of what the ranks finished and the slides they did not.
+    """
     config = config or EmbedConfig()
     started = time.perf_counter()
     archive = open_store(root)
     ids, unlisted = job_slides(archive, slides)
     shards = shard_slides(slide_sizes(archive, ids), rank.world_size)
     device = str(resolve_device(config.device, rank.local_rank))
-    mine: EmbedSummary | RemoteError
-    try:
-        mine = portable(
-            embed(
-                root,
-                encoder,
-                dataclasses.replace(config, device=device),
-                slides=shards[rank.rank],
-                weights=weights,
-                progress=progress and rank.rank == 0,
+    shard = shards[rank.rank]
+    with _first_stop_only() as stops:
+        mine: Report
+        try:
+            cfg = dataclasses.replace(config, device=device)
+            shown = progress and rank.rank == 0
+            mine = portable(
+                embed(root, encoder, cfg, slides=shard, weights=weights, progress=shown)
             )
+        except JobInterrupted as stopped:
+            done = stopped.summary if isinstance(stopped.summary, EmbedSummary) else None
+            mine = ShardStopped(None if done is None else portable(done), stopped.not_done)
+        except KeyboardInterrupt:  # before the job began: none of its slides is done
+            mine = ShardStopped(None, list(shard))
+        except Exception as err:  # this rank's job failed: its shard fails with the error
+            mine = RemoteError.of(err)
+        finally:  # its job over, a stop waits for the ranks' exchange
+            stops.armed = False
+        parts = _gather(rank, (device, mine))
+    devices = [d for d, _ in parts]
+    reports: dict[int, Report] = dict(enumerate(r for _, r in parts))
+    lost = {i: r for i, r in reports.items() if isinstance(r, RemoteError)}
+    named = list(zip(devices, shards, strict=True))
+    seconds = time.perf_counter() - started
+    merged = unlisted.added_to(
+        merge_summaries(
+            root, ids, named, shard_summaries(reports), lost, config, devices, seconds, encoder
         )
-    except Exception as err:  # this rank's job failed: its shard fails with the error
-        mine = RemoteError.of(err)
+    )
+    if any(isinstance(r, ShardStopped) for r in reports.values()):
+        stops.answer_held()
+        raise JobInterrupted(merged, unfinished_slides(ids, named, reports, lost)) from None
+    return merged
+
+
+def _gather(rank: Rank, part: tuple[str, Report]) -> list[tuple[str, Report]]:
+    """Every rank's ``(device, report)``, over a gloo group made for it (unless one exists)."""
+    import torch.distributed as dist
+
     owned = not dist.is_initialized()
     if owned:  # after the work: ranks finish at different times, hours apart at cohort scale
         dist.init_process_group("gloo", timeout=GATHER_TIMEOUT)
     try:
         parts: list[Any] = [None] * rank.world_size
-        dist.all_gather_object(parts, (device, mine))
+        dist.all_gather_object(parts, part)
     finally:
         if owned:
             dist.destroy_process_group()
-    devices = [d for d, _ in parts]
-    summaries = {i: s for i, (_, s) in enumerate(parts) if isinstance(s, EmbedSummary)}
-    lost = {i: s for i, (_, s) in enumerate(parts) if isinstance(s, RemoteError)}
-    named = list(zip(devices, shards, strict=True))
-    seconds = time.perf_counter() - started
-    merged = merge_summaries(root, ids, named, summaries, lost, config, devices, seconds, encoder)
-    return unlisted.added_to(merged)
+    return parts
+
+
+class _Stops:
+    """The handler of SIGINT and SIGTERM while a rank works (:func:`_first_stop_only`): while
+    ``armed`` (its job runs) the first stop interrupts it, as the handler in place would
+    (main's records a SIGTERM), or with KeyboardInterrupt where that is the default; any
+    other is only heard, to be answered once the ranks have exchanged their reports."""
+
+    def __init__(self) -> None:
+        self.armed = True
+        self.heard: list[int] = []
+        self.answered = False
+        self.previous = {stop: signal.getsignal(stop) for stop in STOPS}
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.heard.append(signum)
+        if self.armed:
+            self.armed = False
+            self._answer(signum, frame)
+
+    def answer_held(self) -> None:
+        """Run the handler in place for a stop that was only heard (its KeyboardInterrupt is
+        the interrupt the caller raises), so that it knows of it (main: exit 143)."""
+        if self.heard and not self.answered:
+            with contextlib.suppress(KeyboardInterrupt):
+                self._answer(self.heard[0], None)
+
+    def _answer(self, signum: int, frame: Any) -> None:
+        self.answered = True
+        handler = self.previous[signal.Signals(signum)]
+        if callable(handler):
+            handler(signum, frame)
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def _first_stop_only() -> Iterator[_Stops]:
+    """:class:`_Stops` handles SIGINT and SIGTERM in the block (not one the process ignores;
+    none outside the main thread, where no handler can be set)."""
+    stops = _Stops()
+    if threading.current_thread() is not threading.main_thread():
+        yield stops
+        return
+    mine = [s for s, handler in stops.previous.items() if handler != signal.SIG_IGN]
+    for stop in mine:
+        signal.signal(stop, stops)
+    try:
+        yield stops
+    finally:
+        for stop in mine:
+            signal.signal(stop, stops.previous[stop])

@@ -28,6 +28,7 @@ from wsi_ssl.encoders.registry import (
     encoder_entry,
     list_encoders,
     list_sources,
+    locate_weights,
     register_encoder,
     register_source,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "file_sha256",
     "list_encoders",
     "list_sources",
+    "locate_weights",
     "register_encoder",
     "register_source",
     "state_dict_sha256",

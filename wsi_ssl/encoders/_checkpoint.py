@@ -83,16 +83,8 @@ def config_from_description(desc: Mapping[str, Any], path: Path) -> EncoderConfi
     )
 
 
-@register_source(
-    "wsi-ssl",
-    matches=is_checkpoint,
-    description="a `wsi-ssl pretrain` run directory or checkpoint file (teacher backbone)",
-)
-def _load_checkpoint(
-    spec: str, *, weights: str | Path | None, seed: int, overrides: dict[str, Any]
-) -> Encoder:
-    import dataclasses
-
+def _locate_checkpoint(spec: str, *, weights: str | Path | None, how: str = "") -> Path:
+    """The run or checkpoint ``spec`` names (its weights are in it: ``weights`` is refused)."""
     path = Path(spec.removeprefix(PREFIX)).expanduser()
     if weights is not None:
         raise ConfigError(
@@ -101,6 +93,21 @@ def _load_checkpoint(
         )
     if not path.exists():
         raise CheckpointError(f"{path}: no such wsi-ssl pretrain run or checkpoint")
+    return path
+
+
+@register_source(
+    "wsi-ssl",
+    matches=is_checkpoint,
+    description="a `wsi-ssl pretrain` run directory or checkpoint file (teacher backbone)",
+    locate=_locate_checkpoint,
+)
+def _load_checkpoint(
+    spec: str, *, weights: str | Path | None, seed: int, overrides: dict[str, Any]
+) -> Encoder:
+    import dataclasses
+
+    path = _locate_checkpoint(spec, weights=weights)
     try:
         from wsi_ssl.ssl import load_encoder
     except Exception as err:  # absent, or a broken torch/torchvision/lightly install

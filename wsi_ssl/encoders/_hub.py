@@ -53,18 +53,28 @@ def build_timm(config: EncoderConfig) -> nn.Module:
         return timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
 
 
+def _timm_arch(spec: str) -> str:
+    arch = spec.removeprefix("timm/")
+    if arch not in _import("timm").list_models():
+        raise EncoderNotFoundError(spec, ["timm/<one of timm.list_models()>"])
+    return arch
+
+
+def _locate_timm(spec: str, *, weights: str | Path | None, how: str) -> Path | None:
+    return weights_file(slug(_timm_arch(spec)), weights, how=how)
+
+
 @register_source(
     "timm",
     matches=lambda s: s.startswith("timm/"),
     description="timm/<arch>: any timm architecture, weights from weights=PATH (or 'random')",
+    locate=_locate_timm,
 )
 def _load_timm(
     spec: str, *, weights: str | Path | None, seed: int, overrides: dict[str, Any]
 ) -> Encoder:
     timm = _import("timm")
-    arch = spec.removeprefix("timm/")
-    if arch not in timm.list_models():
-        raise EncoderNotFoundError(spec, ["timm/<one of timm.list_models()>"])
+    arch = _timm_arch(spec)
     name = slug(overrides.get("name", arch))
     path = weights_file(name, weights)
     pcfg = timm.get_pretrained_cfg(arch)
@@ -112,19 +122,29 @@ def build_torchvision(config: EncoderConfig) -> nn.Module:
     return _drop_classifier(models.get_model(arch, weights=None, **dict(config.arch_kwargs)))
 
 
+def _torchvision_arch(spec: str) -> str:
+    models = _import("torchvision.models")
+    arch = spec.removeprefix("torchvision/")
+    if arch not in models.list_models(module=models):
+        raise EncoderNotFoundError(spec, ["torchvision/<one of torchvision.models.list_models()>"])
+    return arch
+
+
+def _locate_torchvision(spec: str, *, weights: str | Path | None, how: str) -> Path | None:
+    return weights_file(slug(_torchvision_arch(spec)), weights, how=how)
+
+
 @register_source(
     "torchvision",
     matches=lambda s: s.startswith("torchvision/"),
     description="torchvision/<arch>: any torchvision classification model, weights from "
     "weights=PATH (or 'random')",
+    locate=_locate_torchvision,
 )
 def _load_torchvision(
     spec: str, *, weights: str | Path | None, seed: int, overrides: dict[str, Any]
 ) -> Encoder:
-    models = _import("torchvision.models")
-    arch = spec.removeprefix("torchvision/")
-    if arch not in models.list_models(module=models):
-        raise EncoderNotFoundError(spec, ["torchvision/<one of torchvision.models.list_models()>"])
+    arch = _torchvision_arch(spec)
     name = slug(overrides.get("name", arch))
     path = weights_file(name, weights)
     size = int(overrides.get("input_size", 224))

@@ -204,9 +204,9 @@ class Encoder:
         raise MagnificationMismatchError(
             f"{where}: tiles of {tile_size} px at {float(mpp):g} µm/px reach encoder "
             f"{self.config.name!r} at {seen:.3g} µm/px, but it was trained at {trained} µm/px; "
-            f"re-tile at mpp={best * self.config.input_size / size:.4g} with tile_size={size}, "
+            f"re-tile with tile_size={size} and mpp={best * self.config.input_size / size:.4g}, "
             "or pass check_mpp=False to embed at this scale anyway",
-            parameters=("check_mpp",),
+            parameters=("tile_size", "mpp", "check_mpp"),
         )
 
     def preprocess(self, tiles: torch.Tensor, where: str = "input") -> torch.Tensor:

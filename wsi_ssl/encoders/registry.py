@@ -50,12 +50,14 @@ __all__ = [
     "SOURCES",
     "EncoderEntry",
     "EncoderSource",
+    "LocateFn",
     "create_encoder",
     "encoder_entry",
     "encoder_from_entry",
     "finish_encoder",
     "list_encoders",
     "list_sources",
+    "locate_weights",
     "register_encoder",
     "register_source",
     "seeded",
@@ -85,14 +87,20 @@ class EncoderEntry:
     convert: Convert | None = None
 
 
+class LocateFn(Protocol):
+    def __call__(self, spec: str, *, weights: str | Path | None, how: str) -> Path | None: ...
+
+
 @dataclass(frozen=True)
 class EncoderSource:
-    """Resolves names that match it (a prefix or a path) into encoders."""
+    """Resolves names that match it (a prefix or a path) into encoders; ``locate`` finds the
+    file an encoder's weights would be read from without building it (None: not said)."""
 
     name: str
     description: str
     matches: Callable[[str], bool]
     load: LoadFn
+    locate: LocateFn | None = None
 
 
 ENCODERS: Registry[EncoderEntry] = Registry("encoder")
@@ -153,12 +161,17 @@ def register_encoder(
 
 
 def register_source(
-    name: str, *, matches: Callable[[str], bool], description: str
+    name: str,
+    *,
+    matches: Callable[[str], bool],
+    description: str,
+    locate: LocateFn | None = None,
 ) -> Callable[[LoadFn], LoadFn]:
-    """Decorator registering a loader for names that ``matches`` accepts (tried in order)."""
+    """Decorator registering a loader for names that ``matches`` accepts (tried in order),
+    and how to find its weights file without loading (:func:`locate_weights`)."""
 
     def decorator(fn: LoadFn) -> LoadFn:
-        SOURCES.add(name, EncoderSource(name, description, matches, fn))
+        SOURCES.add(name, EncoderSource(name, description, matches, fn, locate))
         return fn
 
     return decorator
@@ -207,13 +220,17 @@ def _published_file(folder: Path, files: tuple[str, ...]) -> Path | None:
 
 
 def weights_file(
-    name: str, weights: str | Path | None, config: EncoderConfig | None = None
+    name: str,
+    weights: str | Path | None,
+    config: EncoderConfig | None = None,
+    how: str = "pass weights=PATH",
 ) -> Path | None:
     """The weights file to load (None for a random init); raise when it is not there.
 
     ``weights`` may be a file or a folder holding one of the config's published
     ``weights_files`` (a model card's download); None looks in ``<weights_dir>``: first
-    ``<name>/<published file>``, then ``<name>.pth`` and the other suffixes.
+    ``<name>/<published file>``, then ``<name>.pth`` and the other suffixes. ``how``: how
+    the error says to give another file.
     """
     if weights is not None and str(weights) == RANDOM:
         return None
@@ -230,9 +247,34 @@ def weights_file(
         if weights is not None and not Path(weights).expanduser().is_dir():
             raise WeightsNotFoundError(name, path, given=True)
         if config is not None and files and config.model_card:
-            raise PresetWeightsNotFoundError(name, path, list(files), config.model_card)
-        raise WeightsNotFoundError(name, path)
+            raise PresetWeightsNotFoundError(name, path, list(files), config.model_card, how)
+        raise WeightsNotFoundError(name, path, how=how)
     return path
+
+
+def locate_weights(
+    name_or_path: str | Path, *, weights: str | Path | None = None, how: str = "pass weights=PATH"
+) -> Path | None:
+    """The file :func:`create_encoder` would read the weights from (a weights file or a
+    ``wsi-ssl pretrain`` checkpoint; None: a seeded random init), found without building or
+    reading anything, so that a missing file is refused before a large model's load.
+
+    Raises:
+        EncoderNotFoundError: an unknown name (or ``timm/``, ``torchvision/`` architecture).
+        WeightsNotFoundError: the weights file is missing (``how``: how the message says to
+            give another).
+        CheckpointError, ConfigError: a checkpoint path that is not there, or given weights.
+    """
+    spec = str(name_or_path)
+    if spec in ENCODERS:
+        config = ENCODERS.get(spec).config
+        if config.source == RANDOM and weights is None:
+            return None
+        return weights_file(spec, weights, config, how)
+    for _, source in SOURCES.items():
+        if source.matches(spec):
+            return source.locate(spec, weights=weights, how=how) if source.locate else None
+    raise EncoderNotFoundError(spec, _valid())
 
 
 def finish_encoder(

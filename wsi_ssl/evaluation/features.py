@@ -44,17 +44,30 @@ Given = Mapping[str, str]  # label -> the spec the encoder was given as (for mes
 
 
 def build_encoders(
-    specs: Sequence[EncoderSpec | str], config: EvaluationConfig
+    specs: Sequence[EncoderSpec | str],
+    config: EvaluationConfig,
+    loading: Callable[[str], None] | None = None,
 ) -> tuple[Named, Given]:
-    """Every encoder, built before any task runs (an unknown name fails first), and the spec
-    each was given as, when that is not its label."""
-    from wsi_ssl.encoders import create_encoder
+    """Every encoder, built before any task runs, and the spec each was given as, when that
+    is not its label. Every spec is parsed and its weights file found before any is loaded
+    (a bad spec, an unknown name or a missing file fails first); ``loading`` gets a line as
+    each encoder whose weights are read from a file begins to load (minutes for a large one)."""
+    from wsi_ssl.encoders import create_encoder, locate_weights
 
     if not specs:
         raise ConfigError("encoders is empty; give at least one encoder to evaluate")
     parsed = [s if isinstance(s, EncoderSpec) else EncoderSpec.parse(s) for s in specs]
+    files = [  # a missing file is advised as a spec, as the caller gives the weights here
+        locate_weights(
+            s.spec, weights=s.weights, how=f"give the encoder as '{s.spec},weights=PATH'"
+        )
+        for s in parsed
+    ]
     built = []
-    for s in parsed:
+    for s, text, path in zip(parsed, specs, files, strict=True):
+        text = text if isinstance(text, str) else s.spec
+        if path is not None and loading is not None:
+            loading(f"loading encoder {text}" + ("" if str(path) in text else f" ({path})"))
         overrides = {"resize": s.resize} if s.resize else {}
         encoder = create_encoder(
             s.spec, weights=s.weights, seed=s.seed, device=config.device, **overrides

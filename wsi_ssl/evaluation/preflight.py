@@ -1,5 +1,6 @@
-"""Before any encoder embeds anything: can every encoder take the archive's tiles, and does
-every retrieval task's ``mmv_k`` leave some labelled slides out of the vote?
+"""Before any encoder is loaded: can every task's labels be used (and does every retrieval
+task's ``mmv_k`` leave some labelled slides out of the vote)? Before any embeds anything: can
+every encoder take the archive's tiles?
 
 The embed job checks each slide's tile size (:meth:`Encoder.check_input_size`) and scale
 (:meth:`Encoder.check_scale`) as it reaches the slide, so an evaluation of several encoders
@@ -33,8 +34,8 @@ if TYPE_CHECKING:
 __all__ = [
     "check_archives",
     "check_encoders",
+    "check_labels",
     "check_mmv_k",
-    "check_retrieval",
     "tile_problem",
     "who",
 ]
@@ -194,13 +195,30 @@ def check_mmv_k(
         )
 
 
-def check_retrieval(tasks: Sequence[Task], config: EvaluationConfig) -> None:
-    """Refuse, before anything is embedded, a retrieval task whose labelled slides (those
-    with a complete store) are too few for ``mmv_k`` (it depends on the labels alone)."""
+def check_labels(tasks: Sequence[Task], config: EvaluationConfig) -> None:
+    """Refuse, before any encoder is loaded, a task whose labels cannot be used: a bad labels
+    or regions CSV, an image folder of one class, per-tile labels no store holds, labelled
+    slides matching no store, or too few of them for ``mmv_k`` (images are not read yet)."""
+    from wsi_ssl.evaluation.regions import read_regions
     from wsi_ssl.evaluation.retrieval import patients_of
-    from wsi_ssl.evaluation.tasks import RetrievalTask, load_slide_labels
+    from wsi_ssl.evaluation.tasks import (
+        PatchTask,
+        RegionLabelTask,
+        RetrievalTask,
+        TileLabelTask,
+        check_tile_labels,
+        image_items,
+        load_slide_labels,
+    )
 
     for task in tasks:
-        if isinstance(task, RetrievalTask):
+        if isinstance(task, PatchTask):
+            image_items(task.source)
+        elif isinstance(task, TileLabelTask):
+            check_tile_labels(task)
+        elif isinstance(task, RegionLabelTask):
+            read_regions(task.regions)
+        else:
             rows = load_slide_labels(task.root, task.labels).table.rows
-            check_mmv_k(len(rows), patients_of(rows), config, task.labels)
+            if isinstance(task, RetrievalTask):
+                check_mmv_k(len(rows), patients_of(rows), config, task.labels)

@@ -133,8 +133,9 @@ class Progress:
     and ``bars`` shows progress bars (tqdm, on stderr) while images and slides are embedded.
 
     Lines said before :meth:`start` (the tasks, the encoders, the first task's summary) are
-    held until the first embedding begins, so that a run refused before any work (an unknown
-    encoder, labels of one class) says nothing but its error.
+    held until the work begins, an encoder's weights read or the first embedding, so that a
+    run refused before any work (an unknown encoder, labels of one class) says nothing but its
+    error.
     """
 
     def __init__(self, log: Callable[[str], None] | None = None, bars: bool = False) -> None:
@@ -153,6 +154,12 @@ class Progress:
         held, self._held = self._held or [], None
         for line in held:
             self(line)
+
+    def now(self, line: str) -> None:
+        """Work that can take long begins (a large encoder's load): say ``line`` at once, after
+        the lines held until now."""
+        self.start()
+        self(line)
 
     def on(self, task: str, encoder: str) -> Callable[[str], None]:
         """Say lines about ``encoder`` on ``task``: ``task TASK: ENCODER: line``."""

@@ -40,7 +40,7 @@ from wsi_ssl.evaluation.features import (
     image_features,
     tile_features,
 )
-from wsi_ssl.evaluation.preflight import check_archives, check_encoders, check_retrieval
+from wsi_ssl.evaluation.preflight import check_archives, check_encoders, check_labels
 from wsi_ssl.evaluation.probes import (
     assign_folds,
     knn_predictions,
@@ -434,8 +434,9 @@ def evaluate_encoders(
         config: settings; ``options`` (e.g. ``folds=3``) replace fields.
         log: called with a line at each step: the tasks and encoders, each task's items,
             classes and notes, each encoder embedding and scored on it, each task done;
-            lines come as soon as they are known, once the first embedding begins (those
-            before it are held until then: a run refused before any work says nothing).
+            lines come as soon as they are known, once an encoder's weights file is read or
+            the first embedding begins (those before are held until then: a run refused
+            before any work, for its specs, weights files or labels, says nothing).
         progress: show progress bars (tqdm, on stderr) while images and slides are embedded.
 
     Raises:
@@ -453,10 +454,10 @@ def evaluate_encoders(
     say = Progress(log, progress)
     listed = ", ".join(f"{n} ({t.kind})" for n, t in zip(names, tasks, strict=True))
     say(f"evaluating {len(encoders)} encoder(s) on {len(tasks)} task(s): {listed}")
-    named, given = build_encoders(encoders, config)
+    check_labels(tasks, config)  # before any encoder is loaded, as are the specs and weights
+    named, given = build_encoders(encoders, config, say.now)
     for label, e in named:
         say(f"encoder {label} ready" + (f" ({e.encoder_id})" if e.encoder_id != label else ""))
-    check_retrieval(tasks, config)  # an mmv_k too large for the labels
     check_archives(tasks, named, config, given)  # an encoder that cannot take the tiles
     rows: list[ResultRow] = []
     rankings: list[Ranking] = []

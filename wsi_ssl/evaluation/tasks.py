@@ -29,6 +29,7 @@ from wsi_ssl.listing import first_few
 
 if TYPE_CHECKING:
     from wsi_ssl.mil.labels import LabelRow, LabelTable
+    from wsi_ssl.storage import Archive
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -41,6 +42,8 @@ __all__ = [
     "SlideTask",
     "Task",
     "TileLabelTask",
+    "check_tile_labels",
+    "image_items",
     "load_images",
     "load_slide_labels",
     "load_tile_labels",
@@ -192,13 +195,13 @@ def _csv_items(path: Path) -> list[tuple[Path, str]]:
     return items
 
 
-def load_images(source: str | Path) -> LabelledImages:
-    """The labelled images of a class-per-folder tree or a ``path,label`` CSV.
+def image_items(source: str | Path) -> list[tuple[Path, str]]:
+    """The images of a class-per-folder tree or a ``path,label`` CSV and their labels,
+    checked (at least two classes, two images each) without reading an image.
 
     Raises:
-        ConfigError: ``source`` does not exist, a folder holds no images, or an image cannot
-            be read.
-        LabelsError: one class only, or a class with fewer than 2 images.
+        ConfigError: ``source`` does not exist, or a folder holds no images.
+        LabelsError: a bad CSV, one class only, or a class with fewer than 2 images.
     """
     source = Path(source)
     if source.is_dir():
@@ -215,6 +218,18 @@ def load_images(source: str | Path) -> LabelledImages:
             f"{source}: no such folder (one sub-folder of images per class) or CSV (path,label)"
         )
     _check_classes(source, [label for _, label in items], "image")
+    return items
+
+
+def load_images(source: str | Path) -> LabelledImages:
+    """The labelled images of a class-per-folder tree or a ``path,label`` CSV.
+
+    Raises:
+        ConfigError: ``source`` does not exist, a folder holds no images, or an image cannot
+            be read.
+        LabelsError: a bad CSV, one class only, or a class with fewer than 2 images.
+    """
+    items = image_items(source)
     classes = tuple(sorted({label for _, label in items}))
     return LabelledImages(
         paths=tuple(str(p) for p, _ in items),
@@ -260,32 +275,51 @@ def _tile_classes(array: object, where: Path) -> tuple[np.ndarray, list[str]]:
     )
 
 
+def _tile_labels_of(archive: Archive, sid: str, name: str) -> object | None:
+    """The ``labels/<name>`` array of the slide ``sid`` (None: it has none)."""
+    import zarr
+
+    node = archive.slide(sid).group.get("labels")
+    return node[name] if isinstance(node, zarr.Group) and name in node else None
+
+
+def _no_tile_labels(task: TileLabelTask) -> LabelsError:
+    return LabelsError(
+        task.root,
+        f"no complete slide store holds labels/{task.labels}; tile with annotations first",
+    )
+
+
+def check_tile_labels(task: TileLabelTask) -> None:
+    """Refuse, reading the stores until one has them, per-tile labels no store holds."""
+    from wsi_ssl.storage import open_store
+
+    archive = open_store(task.root)
+    if not any(_tile_labels_of(archive, sid, task.labels) is not None for sid in archive.slide_ids):
+        raise _no_tile_labels(task)
+
+
 def load_tile_labels(task: TileLabelTask, max_per_class: int, seed: int) -> LabelledTiles:
     """Per-tile labels of every complete store that has ``labels/<name>``, at most
     ``max_per_class`` tiles per class (drawn with ``seed``)."""
-    import zarr
-
     from wsi_ssl.storage import open_store
 
     archive = open_store(task.root)
     per_slide: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     classes: list[str] = []
     for sid in archive.slide_ids:
-        node = archive.slide(sid).group.get("labels")
-        if not isinstance(node, zarr.Group) or task.labels not in node:
+        array = _tile_labels_of(archive, sid, task.labels)
+        if array is None:
             continue
         where = archive.store_path(sid) / "labels" / task.labels
-        y, names = _tile_classes(node[task.labels], where)
+        y, names = _tile_classes(array, where)
         if classes and names and names != classes:
             raise LabelsError(where, f"classes {names} differ from another slide's {classes}")
         classes = classes or names
         keep = np.flatnonzero(y >= 0)
         per_slide[sid] = (keep, y[keep])
     if not per_slide:
-        raise LabelsError(
-            task.root,
-            f"no complete slide store holds labels/{task.labels}; tile with annotations first",
-        )
+        raise _no_tile_labels(task)
     return sample_tiles(per_slide, classes, max_per_class, seed, task.root)
 
 
