@@ -38,6 +38,18 @@ _CONFIG_FLAGS = (
     "cache_mb",
 )
 
+# the flags each built-in model leaves unused (a note names those given)
+_UNUSED_FLAGS = {
+    "abmil": ("n_heads", "n_layers", "k"),
+    "meanpool": ("attention_dim", "n_heads", "n_layers", "k"),
+    "transmil": ("attention_dim", "k"),
+    "retrieval": (  # no training: a vote of the nearest slides
+        *("epochs", "patience", "min_epochs", "monitor", "lr", "weight_decay", "balance"),
+        *("max_tiles", "val_fraction", "workers", "hidden_dim", "attention_dim", "dropout"),
+        *("n_heads", "n_layers"),
+    ),
+}
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Declare the command's arguments.
@@ -160,10 +172,22 @@ def mil_config(args: argparse.Namespace) -> MILConfig:
     return MILConfig(**values)
 
 
+def unused_flags_note(args: argparse.Namespace, model: str) -> str | None:
+    """A note naming the flags given on the command line that ``model`` does not use."""
+    given = [n for n in _UNUSED_FLAGS.get(model, ()) if getattr(args, n) is not None]
+    if not given:
+        return None
+    flags = ", ".join("--" + n.replace("_", "-") for n in given)
+    return f"note: --model {model} does not use {flags}; ignored"
+
+
 def run_train(args: argparse.Namespace) -> int:
     from wsi_ssl.mil.training import train
 
     config = mil_config(args)
+    note = unused_flags_note(args, config.model)
+    if note:
+        print(note, file=sys.stderr)
     result = train(
         args.root,
         args.labels,

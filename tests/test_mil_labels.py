@@ -229,7 +229,7 @@ def test_config_errors_name_fields_and_the_cli_adds_flags(tmp_path: Path) -> Non
     from wsi_ssl.mil import MILConfig
 
     with pytest.raises(ConfigError, match="hidden_dim 30 must be a multiple of n_heads 8") as info:
-        MILConfig(hidden_dim=30)
+        MILConfig(model="transmil", hidden_dim=30)
     assert info.value.parameters == ("hidden_dim", "n_heads")
     with pytest.raises(ConfigError, match="folds must be >= 2") as info:
         MILConfig(folds=1)

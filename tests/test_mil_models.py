@@ -151,7 +151,6 @@ def test_register_a_model() -> None:
         ("balance", "oversample", "balance must be one of"),
         ("val_fraction", 0.6, "val_fraction"),
         ("max_tiles", 0, "max_tiles"),
-        ("hidden_dim", 30, "multiple of n_heads"),
         ("dropout", 1.0, "dropout"),
         ("lr", 0.0, "lr"),
         ("threads", 0, "threads"),

@@ -37,7 +37,7 @@ class MILConfig:
         standardize: standardise every embedding dimension with the mean and standard
             deviation of the fold's training tiles (kept in the checkpoint); embedding scales
             differ between encoders by orders of magnitude.
-        n_heads: attention heads (TransMIL).
+        n_heads: attention heads (TransMIL, which needs ``hidden_dim`` to be a multiple).
         n_layers: transformer layers (TransMIL).
         k: neighbours that vote (retrieval); fewer than every fold's training slides, or the
             vote would ignore similarity (refused).
@@ -111,7 +111,7 @@ class MILConfig:
         for name in ("hidden_dim", "attention_dim", "n_heads", "n_layers", "k", "epochs"):
             if getattr(self, name) < 1:
                 yield f"{name} must be >= 1, got {getattr(self, name)}", (name,)
-        if self.hidden_dim % self.n_heads:
+        if self.model == "transmil" and self.hidden_dim % self.n_heads:
             yield (
                 f"hidden_dim {self.hidden_dim} must be a multiple of n_heads {self.n_heads}",
                 ("hidden_dim", "n_heads"),
