@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("root", type=Path, metavar="ROOT", help="archive root with embeddings")
     p.add_argument("--out", required=True, type=Path, metavar="FILE", help="selection (JSON)")
-    add_encoder_id(p, "the embeddings to cluster", dest="encoder_id")
+    add_encoder_id(p, "the embeddings to cluster")
     p.add_argument("--n-tiles", type=int, required=True, help="tiles to select")
     p.add_argument("--n-clusters", type=int, default=16, help="k of k-means (default 16)")
     dedup = p.add_mutually_exclusive_group()
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         args.root,
         args.out,
         n_tiles=args.n_tiles,
-        encoder_id=args.encoder_id,
+        encoder_id=args.encoder,
         n_clusters=args.n_clusters,
         dedup_threshold=None if args.no_dedup else args.dedup_threshold,
         seed=args.seed,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -17,7 +19,7 @@ from typing import Any
 
 from wsi_ssl.cli.report import reports_here
 from wsi_ssl.cli.toml_config import read_toml_config
-from wsi_ssl.errors import CheckpointError, ConfigError
+from wsi_ssl.errors import CheckpointError, ConfigError, WsiSslError
 from wsi_ssl.ssl.backbones import backbone_names
 from wsi_ssl.ssl.config import (
     AUGMENTS,
@@ -64,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--layer-decay", type=float, help="layer-wise lr decay (default 1: off)")
     p.add_argument("--freeze-blocks", type=int, help="freeze the first N blocks (default 0)")
+    p.add_argument("--warmup-epochs", type=float, help="linear learning-rate warm-up (default 10)")
     p.add_argument(
         "--teacher-warmup-epochs", type=float, help="heads only, teacher copies (default 0)"
     )
@@ -179,8 +182,9 @@ def run(args: argparse.Namespace) -> int:
 
     def say_notes(settled: PretrainConfig, notes: list[str]) -> list[str]:
         """Print the notes known before training at its start (not hours later), to stderr
-        under --json; they are recorded in summary.json with the run's own."""
-        said = list(dict.fromkeys([*_arch_note(args, asked, base, settled), *notes]))
+        under --json, in the command's flags; they are recorded so in summary.json."""
+        worded = [_in_flags(args, note) for note in notes]  # a resumed run's: said once
+        said = list(dict.fromkeys([*_arch_note(args, asked, base, settled), *worded]))
         if reports_here():
             for note in said:
                 print(
@@ -208,12 +212,34 @@ def run(args: argparse.Namespace) -> int:
         f"({result.world_size} process{'es' if result.world_size > 1 else ''})"
     )
     print(f"checkpoint  {result.checkpoint}")
-    print(f"encoder     {result.encoder_path}")
+    if result.finished:
+        print(f"encoder     {result.encoder_path}")
+    else:  # its encoder.pt is refused by embed until the run ends
+        roots = " ".join(shlex.quote(str(root)) for root in args.roots)
+        print(
+            f"stopped     at step {result.step} of {result.total_steps}; resume it with "
+            f"`wsi-ssl pretrain {roots} --out {shlex.quote(str(args.out))} --resume`, "
+            "or name the checkpoint to use it as it is"
+        )
     if Path(result.metrics_path).is_file():  # none before the first log_every boundary
         print(f"metrics     {result.metrics_path}")
     if result.loss_plot is not None:
         print(f"loss plot   {result.loss_plot}")
     return 0
+
+
+_FIELDS = tuple(f.name for f in fields(PretrainConfig))
+
+
+def _in_flags(args: argparse.Namespace, note: str) -> str:
+    """A library note in the command's words: the settings it advises (``set
+    global_crop_size=64``) as flags, and the flags of the settings it names otherwise."""
+    named = [
+        name
+        for name in _FIELDS
+        if re.search(rf"(?<![\w-]){name}(?![\w-])", note) and ("_" in name or f"{name}=" in note)
+    ]
+    return str(args.error_text(WsiSslError(note, parameters=named)))
 
 
 def _asked_arch(args: argparse.Namespace) -> tuple[str, str] | None:

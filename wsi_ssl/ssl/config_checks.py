@@ -157,7 +157,11 @@ def _runtime_fields(c: PretrainConfig) -> None:
     if c.num_workers is not None and c.num_workers < 0:
         raise ConfigError(f"num_workers must be >= 0 or None; got {c.num_workers}")
     if c.precision == "fp16" and c.device == "cpu":
-        raise ConfigError("precision 'fp16' needs CUDA; use 'bf16' or 'fp32' on the CPU")
+        raise ConfigError(
+            "precision 'fp16' needs CUDA, not device 'cpu'; use precision='bf16' or "
+            "precision='fp32' on the CPU (a resumed run may change it)",
+            parameters=("precision",),
+        )
 
 
 def _recipe_fields(c: PretrainConfig) -> None:

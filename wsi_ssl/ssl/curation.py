@@ -89,7 +89,8 @@ def _load(
         index.extend((slide_id, int(i)) for i in emb.tile_ids)
     if not index or used is None:
         raise ConfigError(
-            f"{root}: no embedded tiles to curate; embed the archive first (wsi_ssl.embed)"
+            f"{root}: no embedded tiles to curate; embed the archive first (`wsi-ssl embed`, "
+            "or wsi_ssl.embed in Python)"
         )
     x = np.concatenate(vectors)
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

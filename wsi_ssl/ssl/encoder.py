@@ -135,8 +135,9 @@ def load_encoder(
             (step checkpoints only).
         device: where to put the model.
         arch: require this architecture.
-        finished: refuse a run directory whose training did not reach its last step (killed,
-            stopped by ``until_step`` or still running); a checkpoint file named is taken as is.
+        finished: refuse a run directory, or its ``encoder.pt``, whose training did not reach
+            its last step (killed, stopped by ``until_step`` or still running); a step
+            checkpoint named is taken as is.
 
     Raises:
         CheckpointError: see the module docstring.
@@ -192,7 +193,10 @@ def load_encoder(
 def _checkpoint_of(path: Path, arch: str | None, finished: bool) -> tuple[Path, dict[str, Any]]:
     """The checkpoint file ``path`` names (a run directory: its latest) and its contents."""
     if not path.is_dir():
-        return path, load_checkpoint(path, arch=arch)
+        data = load_checkpoint(path, arch=arch)
+        if finished and path.name == ENCODER_FILE:  # the run's encoder, as the run is
+            _refuse_unfinished(path.parent, data["meta"], latest_checkpoint(path.parent), path)
+        return path, data
     found = latest_checkpoint(path)
     if found is None and (path / ENCODER_FILE).is_file():
         found = path / ENCODER_FILE
@@ -202,15 +206,26 @@ def _checkpoint_of(path: Path, arch: str | None, finished: bool) -> tuple[Path, 
             "run directory?"
         )
     data = load_checkpoint(found, arch=arch)
-    meta = data["meta"]
-    if finished and meta.get("step") != meta.get("total_steps"):
-        raise CheckpointError(
-            f"{path}: an unfinished pretrain run (step {meta.get('step')} of "
-            f"{meta.get('total_steps')}: stopped, killed or still running); resume it "
-            f"(wsi-ssl pretrain ... --out {path} --resume), or name a checkpoint to use it as "
-            f"it is ({found})"
-        )
+    if finished:
+        _refuse_unfinished(path, data["meta"], found, path)
     return found, data
+
+
+def _refuse_unfinished(run: Path, meta: dict[str, Any], found: Path | None, named: Path) -> None:
+    """Refuse ``named`` (the run ``run`` or its ``encoder.pt``) when the run did not reach its
+    last step; ``found``: the step checkpoint that uses it as it is (None: none beside it).
+
+    Raises:
+        CheckpointError: naming the step reached, how to resume and the checkpoint to name.
+    """
+    if meta.get("step") == meta.get("total_steps"):
+        return
+    what = "an unfinished pretrain run" if named == run else "the encoder of an unfinished run"
+    use = f"name a checkpoint to use it as it is ({found})" if found else "name a step checkpoint"
+    raise CheckpointError(
+        f"{named}: {what} (step {meta.get('step')} of {meta.get('total_steps')}: stopped, killed "
+        f"or still running); resume it (wsi-ssl pretrain ... --out {run} --resume), or {use}"
+    )
 
 
 def random_encoder(config: PretrainConfig, *, seed: int = 0, device: str = "cpu") -> LoadedEncoder:

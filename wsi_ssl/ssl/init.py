@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wsi_ssl.errors import CheckpointError, ConfigError
+from wsi_ssl.errors import CheckpointError, ConfigError, WeightsNotFoundError
 from wsi_ssl.ssl.backbones import ENCODER_PREFIX, pretraining_module
 from wsi_ssl.ssl.config import IMAGENET_MEAN, IMAGENET_STD, PretrainConfig
 from wsi_ssl.ssl.config_checks import check_arch
@@ -106,8 +106,13 @@ def init_state(config: PretrainConfig) -> dict[str, torch.Tensor]:
 
         # a run's encoder may pool its ViT as its preset does (PooledViT): train the ViT
         return pretraining_module(load_encoder(_run_path(config.init)).model).state_dict()
-    from wsi_ssl.encoders import create_encoder
+    from wsi_ssl.encoders import create_encoder, locate_weights
 
+    try:  # a missing file advised in this config's words (init_weights, not weights)
+        locate_weights(config.init, weights=config.init_weights, how="pass init_weights=PATH")
+    except WeightsNotFoundError as err:
+        err.parameters = ("init_weights",)
+        raise
     model = create_encoder(config.init, weights=config.init_weights).model
     return pretraining_module(model).state_dict()
 

@@ -126,9 +126,10 @@ def _log_window(
     mean_loss = reduce_mean(trainer.ctx, trainer.window_loss / trainer.window_steps)
     if not math.isfinite(mean_loss):
         raise TrainingDivergedError(
-            f"{trainer.out}: loss became {mean_loss} by step {trainer.step}; lower base_lr or use "
-            "precision='fp32', then resume from the last checkpoint (resume=True)",
-            parameters=("base_lr", "precision", "resume"),
+            f"{trainer.out}: loss became {mean_loss} by step {trainer.step}; resume from the "
+            "last checkpoint with precision='fp32' (pass resume=True), or start a new run with "
+            "another out and a lower base_lr (a resumed run keeps its base_lr)",
+            parameters=("precision", "resume", "out", "base_lr"),
         )
     now = time.perf_counter()
     elapsed = max(now - window.start, 1e-9)

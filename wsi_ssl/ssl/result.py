@@ -40,7 +40,7 @@ class PretrainRun:
         sources: the slides trained on.
         history: the rows of ``metrics.jsonl``.
         notes: what to know about the run, known before it trained
-            (:func:`wsi_ssl.ssl.notes.start_notes`, and any its caller added).
+            (:mod:`wsi_ssl.ssl.notes`, and any its caller added).
     """
 
     out_dir: Path

@@ -117,12 +117,13 @@ def merge_resumed(
     a, b = absolute_paths(saved).training_key(), absolute_paths(given).training_key()
     diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
     if diff:
-        shown = ", ".join(f"{k}: {x!r} -> {y!r}" for k, (x, y) in sorted(diff.items())[:6])
+        changed = sorted(diff)[:6]
+        shown = ", ".join(f"{k}: {diff[k][0]!r} -> {diff[k][1]!r}" for k in changed)
         raise ConfigError(
-            f"{path}: resume=True with other training settings than the checkpoint ({shown}); "
-            f"only {', '.join(sorted(RUNTIME_FIELDS))} may change; start a new run with another "
-            "out instead",
-            parameters=("out",),
+            f"{path}: resuming with other training settings than the checkpoint's ({shown}); "
+            f"only {', '.join(sorted(RUNTIME_FIELDS))} may change; resume with the run's own "
+            "settings, or start a new run with another out",
+            parameters=(*changed, "out"),  # the CLI names their flags
         )
     return given
 

@@ -39,7 +39,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError(
-            "precision 'fp16' needs CUDA; use bf16 or fp32 on the CPU", parameters=("precision",)
+            f"precision 'fp16' needs CUDA, the device here is {device.type}; use "
+            "precision='bf16' or precision='fp32' (a resumed run may change it)",
+            parameters=("precision",),
         )
     return precision
 

@@ -78,7 +78,8 @@ def pretrain(
         on_start: called on every process once the inputs are checked and the run's settings
             settled, before the first step, with the run's config (an init's arch adopted, a
             resumed run's settings) and its notes (crops larger than the tiles, a warm-up as
-            long as the run); what it returns are the notes recorded (``PretrainRun.notes``,
+            long as the run, a slide given twice, QC asked of stores without scores, a resume
+            in another precision); what it returns are the notes recorded (``PretrainRun.notes``,
             ``summary.json``), so a caller can print them at once and add its own.
 
     Raises:

@@ -46,7 +46,7 @@ from wsi_ssl.ssl.encoder import ENCODER_FILE, describe_encoder
 from wsi_ssl.ssl.init import apply_init, load_init
 from wsi_ssl.ssl.loop import run_loop
 from wsi_ssl.ssl.metrics import MetricsLog, plot_loss
-from wsi_ssl.ssl.notes import recorded_notes, start_notes
+from wsi_ssl.ssl.notes import precision_note, recorded_notes, start_notes, store_notes
 from wsi_ssl.ssl.optim import clip_gradients, param_groups
 from wsi_ssl.ssl.recipes import make_recipe
 from wsi_ssl.ssl.result import PretrainRun, cpu_state, state_digest
@@ -123,7 +123,14 @@ class Trainer:
         )
         # what to know before it trains (a resumed run keeps those of the command that began it)
         earlier = recorded_notes(out) if resume else []
-        found = start_notes(config, self.sources, self.schedules)
+        found = [
+            *store_notes(config, self.entries),
+            *start_notes(config, self.sources, self.schedules),
+        ]
+        if self.checkpoint_data is not None:  # another precision than its steps ran in
+            found += precision_note(
+                self.checkpoint_data["meta"], self.precision, config, self.device.type
+            )
         if config.curation is not None:  # the slides it leaves out
             found = [*curation_notes(config.curation, self.entries), *found]
         self.notes: list[str] = list(dict.fromkeys([*earlier, *found]))
