@@ -196,65 +196,24 @@ def main() -> None:
 
 
 def measure(args: argparse.Namespace, name: str, root: Path, out: Path) -> None:
-    """Rows (a), (b), (c) for one encoder; prints the table and writes ``out``."""
-    from wsi_ssl.encoders import create_encoder
+    """Rows (a), (b), (c), (d) for one encoder; prints the table and writes ``out``."""
     from wsi_ssl.storage import open_store
 
-    named = name.startswith("random") or Path(name).exists()
-    weights = args.weights or (None if named else "random")
-    encoder = create_encoder(name, weights=weights, device=args.device, precision=args.precision)
-    if args.compile:
-        encoder.compile()
+    encoder = _encoder(args, name)
     archive = open_store(root)
     n_tiles = sum(archive.slide(s).n_tiles for s in archive.slide_ids)
     n_batches = max(3, n_tiles // args.batch_size)
-    encoder_only(encoder, args.batch_size, 1)  # warm up (allocator, kernels, autotuning)
-    embed_job(root, encoder, args.batch_size, args.workers)  # and imports, page cache
-    # (a), (b) and (d) alternate, so a shared machine's changing load hits them alike
-    cuda = encoder.device.type == "cuda"
-    other = "cpu" if cuda else "device"
-    d_name = f"(d) end to end, decode={other}"
-    runs: dict[str, list[dict]] = {A: [], B: [], d_name: []}
-    load = [os.getloadavg()[0]]
-    for _ in range(args.repeats):
-        runs[A].append(encoder_only(encoder, args.batch_size, n_batches, warmup=0))
-        runs[B].append(embed_job(root, encoder, args.batch_size, args.workers))
-        runs[d_name].append(embed_job(root, encoder, args.batch_size, args.workers, other))
-        load.append(os.getloadavg()[0])
-    c_name = f"(c) decode only, {args.workers} worker(s)"
-    runs[c_name] = [decode_only(root, args.batch_size, args.workers)]
-    rows = {name: _median(rs) for name, rs in runs.items()}
-    a, b = rows[A]["images_per_s"], rows[B]["images_per_s"]
-    a_cpu = rows[A]["images_per_cpu_s"]
-    pairs = sorted(
-        rb["images_per_s"] / ra["images_per_s"] for ra, rb in zip(runs[A], runs[B], strict=True)
-    )
-    ratio_pairs = pairs[len(pairs) // 2]
-    ratio_cpu = rows[B]["images_per_cpu_s"] / a_cpu
+    runs, load = _alternate_runs(args, encoder, root, n_batches)
+    rows = {case: _median(rs) for case, rs in runs.items()}
+    ratios = _ratios(runs, rows)
     target = 0.85 if encoder.device.type == "cuda" else 0.90
-    print(
-        f"{encoder.encoder_id} on {encoder.device} ({encoder.compute['precision']}, "
-        f"{torch.get_num_threads()} threads), batch {args.batch_size}, {n_tiles} tiles in "
-        f"{len(archive.slide_ids)} slides, {args.codec} tiles, {args.workers} worker(s); "
-        f"median of {args.repeats}; load average {min(load):.1f}-{max(load):.1f} "
-        f"on {os.cpu_count()} cpus"
-    )
-    print(
-        f"{'case':<36} {'images':>6} {'seconds':>8} {'images/s':>9} {'runs (images/s)':>18} "
-        f"{'vs (a)':>6} {'img/CPU-s':>9} {'vs (a)':>6}"
-    )
-    for name, r in rows.items():
-        every = "/".join(f"{x['images_per_s']:.1f}" for x in runs[name])
-        print(
-            f"{name:<36} {r['images']:>6} {r['seconds']:>8.2f} {r['images_per_s']:>9.1f} "
-            f"{every:>18} {r['images_per_s'] / a:>6.2f} {r['images_per_cpu_s']:>9.1f} "
-            f"{r['images_per_cpu_s'] / a_cpu:>6.2f}"
-        )
+    a, b = rows[A]["images_per_s"], rows[B]["images_per_s"]
     verdict = _verdict(a, b, target, n_tiles / args.batch_size, n_batches)
+    _print_table(args, encoder, runs, rows, load, (n_tiles, len(archive.slide_ids)))
     print(
-        f"(b)/(a): {b / a:.2f} wall (median pair {ratio_pairs:.2f}), {ratio_cpu:.2f} per CPU "
-        f"second; (b) waited {rows[B]['loader_wait_s']:.2f} s for tiles; target {target:.2f} "
-        f"(wall): {verdict}"
+        f"(b)/(a): {b / a:.2f} wall (median pair {ratios['pairwise']:.2f}), "
+        f"{ratios['cpu']:.2f} per CPU second; (b) waited {rows[B]['loader_wait_s']:.2f} s for "
+        f"tiles; target {target:.2f} (wall): {verdict}"
     )
     result = {
         "machine": {
@@ -277,14 +236,89 @@ def measure(args: argparse.Namespace, name: str, root: Path, out: Path) -> None:
         "rows": rows,
         "runs": runs,
         "ratio_b_over_a": b / a,
-        "ratio_b_over_a_pairwise_median": ratio_pairs,
-        "ratio_b_over_a_cpu": ratio_cpu,
+        "ratio_b_over_a_pairwise_median": ratios["pairwise"],
+        "ratio_b_over_a_cpu": ratios["cpu"],
         "target": target,
         "verdict": verdict,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
+
+
+def _encoder(args: argparse.Namespace, name: str) -> Any:
+    """The encoder ``name`` on ``args.device`` (random weights for a preset without
+    ``--weights``), compiled with ``--compile``."""
+    from wsi_ssl.encoders import create_encoder
+
+    named = name.startswith("random") or Path(name).exists()
+    weights = args.weights or (None if named else "random")
+    encoder = create_encoder(name, weights=weights, device=args.device, precision=args.precision)
+    if args.compile:
+        encoder.compile()
+    return encoder
+
+
+def _alternate_runs(
+    args: argparse.Namespace, encoder: Any, root: Path, n_batches: int
+) -> tuple[dict[str, list[dict]], list[float]]:
+    """After a warm-up, ``args.repeats`` runs of (a), (b) and (d) alternating (so a shared
+    machine's changing load hits them alike), then (c) once; and the load average before
+    and after each round."""
+    encoder_only(encoder, args.batch_size, 1)  # warm up (allocator, kernels, autotuning)
+    embed_job(root, encoder, args.batch_size, args.workers)  # and imports, page cache
+    other = "cpu" if encoder.device.type == "cuda" else "device"
+    d_name = f"(d) end to end, decode={other}"
+    runs: dict[str, list[dict]] = {A: [], B: [], d_name: []}
+    load = [os.getloadavg()[0]]
+    for _ in range(args.repeats):
+        runs[A].append(encoder_only(encoder, args.batch_size, n_batches, warmup=0))
+        runs[B].append(embed_job(root, encoder, args.batch_size, args.workers))
+        runs[d_name].append(embed_job(root, encoder, args.batch_size, args.workers, other))
+        load.append(os.getloadavg()[0])
+    c_name = f"(c) decode only, {args.workers} worker(s)"
+    runs[c_name] = [decode_only(root, args.batch_size, args.workers)]
+    return runs, load
+
+
+def _ratios(runs: dict[str, list[dict]], rows: dict[str, dict]) -> dict[str, float]:
+    """(b)/(a): the median of the alternating pairs' ratios, and per CPU second."""
+    pairs = sorted(
+        rb["images_per_s"] / ra["images_per_s"] for ra, rb in zip(runs[A], runs[B], strict=True)
+    )
+    cpu = rows[B]["images_per_cpu_s"] / rows[A]["images_per_cpu_s"]
+    return {"pairwise": pairs[len(pairs) // 2], "cpu": cpu}
+
+
+def _print_table(
+    args: argparse.Namespace,
+    encoder: Any,
+    runs: dict[str, list[dict]],
+    rows: dict[str, dict],
+    load: list[float],
+    archive_size: tuple[int, int],
+) -> None:
+    """The run's settings, then a line per case, against (a) by wall and by CPU time."""
+    n_tiles, n_slides = archive_size
+    a, a_cpu = rows[A]["images_per_s"], rows[A]["images_per_cpu_s"]
+    print(
+        f"{encoder.encoder_id} on {encoder.device} ({encoder.compute['precision']}, "
+        f"{torch.get_num_threads()} threads), batch {args.batch_size}, {n_tiles} tiles in "
+        f"{n_slides} slides, {args.codec} tiles, {args.workers} worker(s); "
+        f"median of {args.repeats}; load average {min(load):.1f}-{max(load):.1f} "
+        f"on {os.cpu_count()} cpus"
+    )
+    print(
+        f"{'case':<36} {'images':>6} {'seconds':>8} {'images/s':>9} {'runs (images/s)':>18} "
+        f"{'vs (a)':>6} {'img/CPU-s':>9} {'vs (a)':>6}"
+    )
+    for name, r in rows.items():
+        every = "/".join(f"{x['images_per_s']:.1f}" for x in runs[name])
+        print(
+            f"{name:<36} {r['images']:>6} {r['seconds']:>8.2f} {r['images_per_s']:>9.1f} "
+            f"{every:>18} {r['images_per_s'] / a:>6.2f} {r['images_per_cpu_s']:>9.1f} "
+            f"{r['images_per_cpu_s'] / a_cpu:>6.2f}"
+        )
 
 
 if __name__ == "__main__":

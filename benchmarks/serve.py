@@ -39,6 +39,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -269,6 +270,32 @@ def search_under_load(
 
 
 def main() -> None:
+    args = _arguments()
+    if args.million:
+        million(args.repeats, args.million_kind, args.out)
+        return
+    if args.render_niceness is not None:
+        from wsi_ssl.serve import service
+
+        service.RENDER_NICENESS = args.render_niceness
+    rows, slide = measure(args.size, args.repeats)
+    _print_rows(rows, slide, args.repeats)
+    suffix = "" if args.render_niceness is None else f"-nice{args.render_niceness}"
+    out = args.out or HERE / "results" / f"serve{suffix}.json"
+    record = {
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "slide_px": slide["px"],
+        "n_tiles": slide["n_tiles"],
+        "render_niceness": args.render_niceness,
+        "rows": rows,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    print(f"wrote {out}")
+
+
+def _arguments() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size", type=int, default=16384, help="slide edge in px")
     p.add_argument("--repeats", type=int, default=50)
@@ -288,37 +315,57 @@ def main() -> None:
         default=None,
         help="JSON to write (default: results/serve.json, serve-nice*.json, serve-1m*.json)",
     )
-    args = p.parse_args()
-    if args.million:
-        million(args.repeats, args.million_kind, args.out)
-        return
-    if args.render_niceness is not None:
-        from wsi_ssl.serve import service
+    return p.parse_args()
 
-        service.RENDER_NICENESS = args.render_niceness
 
-    import uvicorn
-
+def measure(size: int, repeats: int) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """Every case on the ``size`` archive's slide through the real server, over the same
+    random boxes of 3 x 3 tiles; the rows, and the slide measured (px, tiles, tile size,
+    index kind)."""
     from wsi_ssl.search import SearchIndex
-    from wsi_ssl.serve import create_app
     from wsi_ssl.storage import open_store
 
-    root = build_archive(args.size)
+    root = build_archive(size)
     index = SearchIndex.open(root)
     slide_id = index.slides[0]["slide_id"]
     store = open_store(root).slide(slide_id)
     t = int(store.tiling["tile_size_level0"])
     rng = np.random.default_rng(0)
-    starts = store.coords[rng.integers(0, store.n_tiles, args.repeats + 1)]
+    starts = store.coords[rng.integers(0, store.n_tiles, repeats + 1)]
     boxes = [(int(x), int(y), 3 * t, 3 * t) for x, y in starts]
+    base, server = serve(root)
+    get, http_search = _requests(base, slide_id, boxes)
+    hits = [http_search(i)["hits"][0]["image"] for i in range(len(boxes))]
+    w, h = (int(v) for v in store.source["dimensions"])
+    views = [
+        f"/api/slides/{slide_id}/region.png?box={int(x)},{int(y)},{w // 4},{h // 4}&px=900"
+        for x, y in rng.integers(0, 3 * w // 4, (repeats + 1, 2))
+    ]
+    rows = {
+        "in-process search (baseline)": timings(
+            lambda i: index.search(index.query_region(slide_id, boxes[i]), k=8), repeats
+        ),
+        "POST /api/search": timings(http_search, repeats),
+        "region.png of a hit (3x3 tiles, 320 px)": timings(lambda i: get(hits[i]), repeats),
+        "region.png of a 4x viewport (900 px)": timings(lambda i: get(views[i]), repeats),
+        "thumbnail.png (cached)": timings(
+            lambda i: get(f"/api/slides/{slide_id}/thumbnail.png"), repeats
+        ),
+        **viewer_rows(get, slide_id, (w, h), repeats),
+    }
+    rows["POST /api/search, idle (again)"] = timings(http_search, repeats)
+    rows["POST /api/search, 16 clients fetching pictures"] = search_under_load(
+        get, http_search, slide_id, (w, h), repeats
+    )
+    server.should_exit = True
+    slide = {"px": [w, h], "n_tiles": store.n_tiles, "tile_px": t, "index": index.kind}
+    return rows, slide
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(create_app(SearchIndex.open(root)), log_level="warning"))
-    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
+
+def _requests(
+    base: str, slide_id: str, boxes: list[tuple[int, int, int, int]]
+) -> tuple[Callable[[str], bytes], Callable[[int], dict]]:
+    """GET of a path of the server at ``base``, and its region search of ``boxes[i]``."""
 
     def get(path: str) -> bytes:
         with urllib.request.urlopen(base + path, timeout=60) as r:
@@ -332,33 +379,17 @@ def main() -> None:
         with urllib.request.urlopen(request, timeout=60) as r:
             return dict(json.loads(r.read()))
 
-    hits = [http_search(i)["hits"][0]["image"] for i in range(len(boxes))]
-    w, h = (int(v) for v in store.source["dimensions"])
-    views = [
-        f"/api/slides/{slide_id}/region.png?box={int(x)},{int(y)},{w // 4},{h // 4}&px=900"
-        for x, y in rng.integers(0, 3 * w // 4, (args.repeats + 1, 2))
-    ]
-    rows = {
-        "in-process search (baseline)": timings(
-            lambda i: index.search(index.query_region(slide_id, boxes[i]), k=8), args.repeats
-        ),
-        "POST /api/search": timings(http_search, args.repeats),
-        "region.png of a hit (3x3 tiles, 320 px)": timings(lambda i: get(hits[i]), args.repeats),
-        "region.png of a 4x viewport (900 px)": timings(lambda i: get(views[i]), args.repeats),
-        "thumbnail.png (cached)": timings(
-            lambda i: get(f"/api/slides/{slide_id}/thumbnail.png"), args.repeats
-        ),
-        **viewer_rows(get, slide_id, (w, h), args.repeats),
-    }
-    rows["POST /api/search, idle (again)"] = timings(http_search, args.repeats)
-    rows["POST /api/search, 16 clients fetching pictures"] = search_under_load(
-        get, http_search, slide_id, (w, h), args.repeats
-    )
-    server.should_exit = True
+    return get, http_search
+
+
+def _print_rows(rows: dict[str, dict[str, float]], slide: dict[str, Any], repeats: int) -> None:
+    """A line per case (p50, p95, p50 against the in-process baseline), then the search
+    under load against idle."""
     base_p50 = rows["in-process search (baseline)"]["p50_ms"]
+    w, h = slide["px"]
     print(
-        f"slide {w} x {h} px, {store.n_tiles} tiles of {t} px, index {index.kind}, "
-        f"{args.repeats} requests per case"
+        f"slide {w} x {h} px, {slide['n_tiles']} tiles of {slide['tile_px']} px, index "
+        f"{slide['index']}, {repeats} requests per case"
     )
     print(f"{'case':<50} {'p50 ms':>8} {'p95 ms':>8} {'x baseline':>10}")
     for name, r in rows.items():
@@ -370,23 +401,6 @@ def main() -> None:
         f"{loaded['pictures_per_s']:.1f} pictures/s drawn ({loaded['pictures']:.0f} pictures), "
         f"{loaded['busy_503']} answered 503"
     )
-    suffix = "" if args.render_niceness is None else f"-nice{args.render_niceness}"
-    out = args.out or HERE / "results" / f"serve{suffix}.json"
-    record = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        },
-        "date": time.strftime("%Y-%m-%d"),
-        "slide_px": [w, h],
-        "n_tiles": store.n_tiles,
-        "render_niceness": args.render_niceness,
-        "rows": rows,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,18 @@ def score_costs(tiles: list[np.ndarray]) -> dict[str, float]:
     }
 
 
+def sample_tiles(slide: Path, width: int, height: int, n: int = 64) -> list[np.ndarray]:
+    """``n`` 256 px tiles of the slide, row by row from y = 2048 (higher where the slide is too
+    short for them), every one inside the slide: a row of 64 ran past its right edge."""
+    from wsi_ssl.slide import open_slide
+
+    per_row = width // 256
+    top = min(2048, height - 256 * -(-n // per_row))
+    corners = [(256 * (i % per_row), top + 256 * (i // per_row)) for i in range(n)]
+    with open_slide(slide) as reader:
+        return [reader.read_region(xy, 0, (256, 256)) for xy in corners]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--workers", type=int, default=2)
@@ -109,10 +121,7 @@ def main() -> None:
             rows["CMU-1-Small-Region 224"] = tiling_rates(
                 CMU, TilingConfig(tile_size=224), args.workers, Path(tmp) / "b"
             )
-        from wsi_ssl.slide import open_slide
-
-        with open_slide(synth) as reader:
-            tiles = [reader.read_region((256 * i, 2048), 0, (256, 256)) for i in range(64)]
+        tiles = sample_tiles(synth, width, height)
     costs = score_costs(tiles)
     print(f"{'slide':<28} {'qc off t/s':>10} {'qc on t/s':>10} {'on/off':>7}")
     for name, r in rows.items():
