@@ -66,8 +66,9 @@ def in_command_words(err: BaseException, parser: argparse.ArgumentParser) -> str
     parameters it names otherwise (``lower tissue_threshold``, ``(batch_size=16)``), but a
     switch it advises turning off (``resume=False`` where the command has only ``--resume``).
     A flag spelled as the parameter stands in for one whose destination it is (pretrain's
-    ``--weights``); an aside in parentheses advising only settings the command has no flag for
-    is left out; a re-tile's settings and a mapping are spelled by the module's two tables."""
+    ``--weights``); a clause of an aside in parentheses advising only settings the command has
+    no flag for is left out (its explanation kept); a re-tile's settings and a mapping are
+    spelled by the module's two tables."""
     message = str(err)
     if not isinstance(err, WsiSslError):
         return message
@@ -155,17 +156,25 @@ def _retile_in_tile_flags(message: str) -> str:
 def _without_asides_for_others(
     message: str, parameters: tuple[str, ...], actions: dict[str, argparse.Action]
 ) -> str:
-    """``message`` less its asides in parentheses that advise only settings of other commands
+    """``message`` less the clauses of its asides in parentheses that advise only settings of
+    other commands (``; choose resize='bilinear' with check_mpp=False ...`` to `wsi-ssl
+    index`), the explanation beside them kept; an aside that held nothing else goes whole
     (``(pretraining reads them all ..., with mixed_scales=True)`` to `wsi-ssl embed`), and
-    with such an aside the alternative it is the only how-to of (``, or give each slide's
-    scale (pass mpp_overrides=...)`` to `wsi-ssl demo`)."""
+    with it the alternative it is the only how-to of (``, or give each slide's scale (pass
+    mpp_overrides=...)`` to `wsi-ssl demo`)."""
     advice = rf"\b(?:{_ADVICE}) (\w+)="
 
+    def ours(clause: str) -> bool:
+        advised = set(re.findall(advice, clause)) & set(parameters)
+        return not advised or any(p in actions or f"no_{p}" in actions for p in advised)
+
     def kept(match: re.Match[str]) -> str:
-        advised = set(re.findall(advice, match.group("aside"))) & set(parameters)
-        ours = any(p in actions or f"no_{p}" in actions for p in advised)
-        if ours or not advised:
+        clauses = match.group("aside")[2:-1].split("; ")
+        left = [c for c in clauses if ours(c)]
+        if len(left) == len(clauses):
             return match.group(0)
+        if left:  # the explanation stays, the advice for other commands goes
+            return f"{match.group('lead') or ''} ({'; '.join(left)})"
         lead = match.group("lead") or ""
         return lead if re.search(advice, lead) else ""  # an alternative advising nothing else
 

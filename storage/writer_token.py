@@ -20,9 +20,18 @@ race between a task's last check and its shard landing:
   (or fails there), never into the new one.
 
 So every shard in the folder, once the job's tasks are done, is the job's. flock needs a
-local filesystem or NFSv4 (where Linux maps it onto byte-range locks), like
-:mod:`wsi_ssl.storage.locks`. (Local worker processes also die with their job:
-``wsi_ssl.tiling.extract``.)
+local filesystem or NFSv4, like :mod:`wsi_ssl.storage.locks`. (Local worker processes also die
+with their job: ``wsi_ssl.tiling.extract``.)
+
+A limit on NFS: there Linux emulates flock with POSIX byte-range locks, which belong to the
+process, not to the open file. In a Dask worker running several tasks at once (``nthreads`` >
+1), one task closing its lock file's fd releases the shared lock of another thread's task still
+writing, so a claim that keeps the folder (an in-place claim) can go ahead while that stale
+shard is mid-write, and the shard can then land over the new job's. The usual takeover (the
+folder removed and made afresh) stays covered by the directory-fd write, and the local
+schedulers are not concerned (their threads die with the job; a worker process runs one task
+at a time). On NFS, give a cluster's workers one thread each (``dask worker --nthreads 1``,
+``LocalCluster(threads_per_worker=1)``), or keep the archive on a local filesystem.
 """
 
 from __future__ import annotations

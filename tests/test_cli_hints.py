@@ -137,6 +137,29 @@ def test_an_aside_advising_another_commands_setting_is_left_out() -> None:
     assert in_command_words(kept, embed) == "x: failed (pass --no-resume to redo it)"
 
 
+def test_an_asides_explanation_stays_when_its_advice_is_another_commands() -> None:
+    """A scaled input-size mismatch told index, tile, pretrain and demo to re-tile at --mpp
+    without the reason (the aside, its explanation and its advice for embed, went whole);
+    only the clause advising settings they lack goes."""
+    from wsi_ssl.errors import InputSizeMismatchError
+
+    parser = build_parser()
+    err = InputSizeMismatchError("s.zarr", 256, 224, "enc", scale=(0.571, 0.5))
+    first = (
+        "s.zarr: tiles are 256 px but encoder 'enc' takes 224 px and its config says "
+        "resize='never'; re-tile with --tile-size 224 and --mpp 0.5 (resized, these tiles "
+        "would reach it at 0.571 µm/px, not the 0.5 µm/px it was trained at"
+    )
+    others = (["index", "R"], ["tile", "S", "--out", "o"], ["pretrain", "R", "--out", "o"])
+    for argv in (*others, ["demo"]):
+        worded = in_command_words(err, command_parser(parser, parser.parse_args(argv)))
+        assert worded == f"{first})", argv
+    embed = command_parser(parser, parser.parse_args(["embed", "R", "--encoder", "x"]))
+    assert in_command_words(err, embed) == (
+        f"{first}; choose --resize bilinear with --no-mpp-check to embed them so anyway)"
+    )
+
+
 def test_outcome_lines_carry_the_hint() -> None:
     batch = BatchOutcome(
         outcomes=[

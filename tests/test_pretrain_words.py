@@ -16,6 +16,8 @@ import pytest
 from tests.conftest import run_cli
 from wsi_ssl.errors import ConfigError
 from wsi_ssl.ssl import PretrainConfig, pretrain
+from wsi_ssl.ssl.notes import precision_note, store_notes
+from wsi_ssl.ssl.stores import scan_stores
 from wsi_ssl.synthetic import write_synthetic_slide
 
 FAST = ["--preset", "cpu-small", "--batch-size", "8", "--device", "cpu", "--num-workers", "0"]
@@ -169,6 +171,23 @@ def test_skip_flagged_tiles_on_stores_without_qc_scores_is_noted(
     assert code == 0 and not [n for n in _notes(out) if "QC scores" in n], err
 
 
+def test_the_qc_note_reads_no_scores(root: Path, tmp_path: Path) -> None:
+    """Whether a store has QC scores was found by reading every score array of every store
+    (per rank, before training); their metadata says it: a store whose score chunks no longer
+    decode is still one with scores, and a store tiled without QC still one without."""
+    scored = shutil.copytree(root, tmp_path / "scored")
+    chunks = [f for f in (scored / "slides").glob("*.zarr/qc/*/c/**/*") if f.is_file()]
+    assert chunks
+    for chunk in chunks:  # bytes no codec decodes
+        chunk.write_bytes(b"not a chunk")
+    config = PretrainConfig(skip_flagged_tiles=True)
+    assert store_notes(config, scan_stores([scored])) == []
+    bare = _tiled(root.parent / "s.tiff", tmp_path / "bare", qc=False)
+    notes = store_notes(config, scan_stores([scored, bare]))  # and the slide given twice
+    (note,) = [n for n in notes if "QC scores" in n]
+    assert note.startswith("1 of the 2 stores has no QC scores (tiled without QC: ")
+
+
 def test_a_resume_in_another_precision_is_noted(root: Path, tmp_path: Path) -> None:
     """A run begun in bf16 resumed in fp32 (asked, or ``precision auto`` on a CPU, as a GPU
     run resumed on a CPU) went on without a word; resumed as it began, nothing is said."""
@@ -180,15 +199,23 @@ def test_a_resume_in_another_precision_is_noted(root: Path, tmp_path: Path) -> N
     assert code == 0, err
     (note,) = [n for n in _notes(out) if "precision" in n]
     assert note == (
-        "the run's first step ran in bf16, it goes on in fp32 (precision auto on cpu): the run "
-        "mixes the two, not what a run in one precision computes; set --precision bf16 to go "
-        "on as it began"
+        "the checkpoint it resumes from (step 1) was saved by a run in bf16, this run goes on in "
+        "fp32 (precision auto on cpu): the run mixes the two, not what a run in one precision "
+        "computes; set --precision bf16 to go on in bf16"
     )
     code, out, err = run_cli(resume)  # from a step run in fp32, in fp32: the note is kept
     assert code == 0, err
     assert [n for n in _notes(out) if "precision" in n] == [note]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] == 3 and note in summary["notes"]
+    # a checkpoint's precision is that of the run that saved it, not of the steps before it
+    (again,) = precision_note(
+        {"precision": "fp32", "step": 2}, "bf16", PretrainConfig(precision="bf16"), "cpu"
+    )
+    assert again.startswith(
+        "the checkpoint it resumes from (step 2) was saved by a run in fp32, this run goes on "
+        "in bf16: "
+    )
     other = tmp_path / "other"
     assert _pretrain([root], other, *argv, "--until-step", "1")[0] == 0
     code, out, err = run_cli([*resume[:3], str(other), "--resume", "--quiet"])

@@ -105,9 +105,7 @@ def _duplicate_notes(entries: Sequence[SlideEntry]) -> list[str]:
 
 def _unscored_notes(entries: Sequence[SlideEntry]) -> list[str]:
     """The stores tiled without QC (or before it): skip_flagged_tiles skips none of theirs."""
-    from wsi_ssl.storage import open_store
-
-    bare = [e for e in entries if not open_store(e.root).slide(e.slide_id).qc()]
+    bare = [e for e in entries if not _has_qc_scores(e)]
     if not bare:
         return []
     n, k = len(entries), len(bare)
@@ -122,20 +120,32 @@ def _unscored_notes(entries: Sequence[SlideEntry]) -> list[str]:
     ]
 
 
+def _has_qc_scores(entry: SlideEntry) -> bool:
+    """Whether ``entry``'s store holds ``qc/<metric>`` arrays, from their metadata alone (the
+    scores, a chunk file per metric and store, are not read)."""
+    import zarr
+
+    from wsi_ssl.storage import SlideStore
+    from wsi_ssl.storage.per_tile import QC_GROUP
+
+    qc = SlideStore.open(entry.path).group.get(QC_GROUP)
+    return isinstance(qc, zarr.Group) and any(True for _ in qc.array_keys())
+
+
 def precision_note(
     meta: dict[str, Any], now: str, config: PretrainConfig, device: str
 ) -> list[str]:
-    """A resumed run that goes on in another precision than its checkpoint's steps ran in
-    (``precision='auto'`` on another device, or a precision changed on resuming)."""
+    """A resumed run that goes on in another precision than the run that saved its checkpoint
+    (``precision='auto'`` on another device, or a precision changed on resuming). Only that
+    checkpoint's precision is recorded, not that of the steps before it (a run resumed in
+    another precision before)."""
     before = meta.get("precision")
     if before is None or before == now:
         return []
     keep = before != "fp16" or device == "cuda"  # fp16 needs CUDA
-    n = int(meta["step"])
-    steps = "first step" if n == 1 else f"first {n} steps"
     why = f" (precision auto on {device})" if config.precision == "auto" else ""
     return [
-        f"the run's {steps} ran in {before}, it goes on in {now}{why}: the run mixes the two, "
-        "not what a run in one precision computes"
-        + (f"; set precision={before!r} to go on as it began" if keep else "")
+        f"the checkpoint it resumes from (step {int(meta['step'])}) was saved by a run in "
+        f"{before}, this run goes on in {now}{why}: the run mixes the two, not what a run in one "
+        "precision computes" + (f"; set precision={before!r} to go on in {before}" if keep else "")
     ]

@@ -127,7 +127,7 @@ class Trainer:
             *store_notes(config, self.entries),
             *start_notes(config, self.sources, self.schedules),
         ]
-        if self.checkpoint_data is not None:  # another precision than its steps ran in
+        if self.checkpoint_data is not None:  # another precision than its saver's
             found += precision_note(
                 self.checkpoint_data["meta"], self.precision, config, self.device.type
             )
