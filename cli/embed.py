@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -172,15 +171,17 @@ def _job_devices(args: argparse.Namespace) -> list[str]:
 
 def _say_notes(args: argparse.Namespace, encoder: Encoder, devices: list[str]) -> None:
     """Print on stderr, before the work, what the job will do otherwise than asked: the
-    encoder's reduced precision not used on the CPU, CPU device processes sharing the cores."""
+    encoder's reduced precision on CUDA devices beside fp32 on the CPU ones, CPU device
+    processes sharing the usable CPUs. With --quiet too, as the report's notes are (it hides
+    the progress bar)."""
     import torch
 
-    from wsi_ssl.embedding.devices import cpu_share_note
+    from wsi_ssl.embedding.devices import cpu_share_note, usable_cpus
     from wsi_ssl.embedding.job import precision_note
 
     notes = [precision_note(encoder, devices)]
     if args.devices:
-        notes.append(cpu_share_note(devices, os.cpu_count() or 1, torch.get_num_threads()))
+        notes.append(cpu_share_note(devices, usable_cpus(), torch.get_num_threads()))
     for note in notes:
         if note is not None:
             print(f"note: {note}", file=sys.stderr, flush=True)

@@ -1,23 +1,31 @@
-"""A stopped sharded embedding job: under torchrun rank 0 reports every rank's slides, and the
-DataLoader workers a scheduler's SIGTERM reaches leave no traceback (real processes, real
-stores, real signals)."""
+"""A stopped sharded embedding job: under torchrun rank 0 reports every rank's slides, a rank
+stopped before its shards are known still reports, one waiting for a rank that never comes
+ends on a stop beyond those it holds, and the DataLoader workers a scheduler's SIGTERM reaches
+leave no traceback (real processes, real stores, real signals)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from wsi_ssl.cli.main import _sigterm_stops_like_ctrl_c
 from wsi_ssl.config import TilingConfig
+from wsi_ssl.embedding.config import EmbedConfig
 from wsi_ssl.embedding.devices import shard_slides, slide_sizes
 from wsi_ssl.embedding.loader import TileBatches, make_loader, work_units
+from wsi_ssl.embedding.torchrun import HELD_STOPS, Rank, embed_torchrun
 from wsi_ssl.encoders import create_encoder
+from wsi_ssl.outcome import JobInterrupted
 from wsi_ssl.storage import open_store
 from wsi_ssl.storage.embeddings import embedding_status
 from wsi_ssl.synthetic import write_synthetic_slide
@@ -118,3 +126,151 @@ def test_a_sigterm_to_the_job_group_leaves_its_loader_workers_working(root: Path
     rest = list(batches)
     assert [first.unit, *(b.unit for b in rest)] == list(range(len(units)))
     assert all(b.error == "" and b.tiles.dtype == torch.uint8 for b in [first, *rest])
+
+
+class _StopWhileListed(list[str]):
+    """Slide ids whose first listing brings a SIGTERM: a scheduler's stop while the job lists
+    its slides, before its shards are known (a later listing brings none)."""
+
+    sent = False
+
+    def __iter__(self) -> Iterator[str]:
+        if not self.sent:
+            self.sent = True
+            signal.raise_signal(signal.SIGTERM)  # its handler runs here, before the listing
+        return super().__iter__()
+
+
+def _fresh_copy(root: Path, dest: Path) -> Path:
+    """The archive's slide stores without any embeddings."""
+    shutil.copytree(root, dest, ignore=shutil.ignore_patterns("embeddings"))
+    return dest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_rank_stopped_before_its_shards_are_known_still_reports_its_shard(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGTERM while the rank lists the job's slides (before it knew its shard; the stop went
+    to main's handler and the rank left without joining the exchange, its peers waiting): the
+    rank computes the shards after it, joins the exchange and reports its whole shard not
+    done, and main hears the SIGTERM (exit 143)."""
+    root = _fresh_copy(root, tmp_path / "root")
+    ids = open_store(root).slide_ids
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "1"}
+    for name, value in {**env, "RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    terminated: list[int] = []
+    caught: KeyboardInterrupt | None = None
+    with _sigterm_stops_like_ctrl_c(terminated):  # main's handler, in place under the rank's
+        try:
+            config = EmbedConfig(device="cpu", workers=0)
+            embed_torchrun(root, "random-cnn", Rank(0, 1, 0), config, slides=_StopWhileListed(ids))
+        except KeyboardInterrupt as err:
+            caught = err
+    assert isinstance(caught, JobInterrupted)
+    assert caught.not_done == ids and caught.summary.outcomes == []
+    assert caught.summary.config["devices"] == ["cpu"] and terminated == [signal.SIGTERM]
+    eid = create_encoder("random-cnn").encoder_id
+    assert all(embedding_status(open_store(root).slide(s), eid) == "missing" for s in ids)
+
+
+def _listening(port: int) -> bool:
+    """Whether a process listens on TCP ``port`` (rank 0 hosts the exchange's store)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
+
+def _rank(root: Path, rank: int, port: int) -> subprocess.Popen[str]:
+    """Rank ``rank`` of two of ``wsi-ssl embed`` (as torchrun starts it), on the CPU."""
+    argv = [sys.executable, "-m", "wsi_ssl.cli.main", "embed", str(root)]
+    argv += ["--encoder", "random-cnn", "--device", "cpu", "--workers", "0", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank)}
+    env.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _rank_zero_waiting(root: Path) -> tuple[subprocess.Popen[str], int]:
+    """Rank 0 started alone, once it has embedded its shard and waits for rank 1 at the
+    exchange (it listens on the port of the exchange's store, which it hosts); and the port."""
+    port = _free_port()
+    proc = _rank(root, 0, port)
+    deadline = time.monotonic() + 120
+    while not _listening(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"rank 0 did not reach the exchange: {proc.communicate()}")
+        time.sleep(0.1)
+    return proc, port
+
+
+def _stop(proc: subprocess.Popen[str], times: int) -> None:
+    """SIGTERM ``times`` times, each heard before the next is sent."""
+    for _ in range(times):
+        os.kill(proc.pid, signal.SIGTERM)
+        time.sleep(0.3)
+
+
+def test_a_rank_waiting_for_one_that_never_comes_ends_on_a_stop_beyond_those_held(
+    root: Path, tmp_path: Path
+) -> None:
+    """Rank 1 killed outright (here never started) never joins the exchange: rank 0, its shard
+    done, waits for it, holds a scheduler's and torchrun's SIGTERM, and the next ends it at
+    once with exit 143 (torch's wait held off every stop: only SIGKILL ended it)."""
+    root = _fresh_copy(root, tmp_path / "root")
+    archive = open_store(root)
+    mine = shard_slides(slide_sizes(archive, archive.slide_ids), 2)[0]
+    proc, _ = _rank_zero_waiting(root)
+    try:
+        _stop(proc, HELD_STOPS)
+        time.sleep(1.0)
+        assert proc.poll() is None, "a stop it should hold ended it"
+        _stop(proc, 1)
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.splitlines()[-1].startswith("wsi-ssl: interrupted (SIGTERM)") and out == ""
+    eid = create_encoder("random-cnn").encoder_id
+    assert all(embedding_status(archive.slide(s), eid) == "complete" for s in mine)
+
+
+def test_a_stop_held_while_every_rank_finished_is_answered_with_the_full_report(
+    root: Path, tmp_path: Path
+) -> None:
+    """Rank 0 waits for rank 1 and hears the stops a rank holds; rank 1 then finishes its shard
+    and joins: the report is whole, nothing not done, and rank 0 answers the stop with exit
+    143, as one process stopped after its last slide does (it ended 0, the stop dropped);
+    rank 1, stopped by nothing, ends 0."""
+    root = _fresh_copy(root, tmp_path / "root")
+    proc, port = _rank_zero_waiting(root)
+    other = None
+    try:
+        _stop(proc, HELD_STOPS)
+        other = _rank(root, 1, port)
+        out, err = proc.communicate(timeout=120)
+        _, other_err = other.communicate(timeout=60)
+        assert other.returncode == 0, other_err
+    finally:
+        for p in (proc, other):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    lines = out.strip().splitlines()
+    assert lines[-1] == "not done: 0 slide(s) when interrupted"
+    assert lines[-2].startswith("3 embedded, 0 already complete")
+    assert err.splitlines()[-1].startswith("wsi-ssl: interrupted (SIGTERM)")

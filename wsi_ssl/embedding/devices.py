@@ -49,6 +49,7 @@ __all__ = [
     "shard_summaries",
     "slide_sizes",
     "unfinished_slides",
+    "usable_cpus",
 ]
 
 
@@ -61,19 +62,27 @@ def parse_devices(devices: str | Sequence[str]) -> list[str]:
     return [str(resolve_device(d)) for d in names]
 
 
-def cpu_share_note(devices: Sequence[str], cores: int, threads: int) -> str | None:
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (Slurm, cgroups, ``taskset``), which
+    torch's default thread count follows too; all the machine's where that is not known."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cpu_share_note(devices: Sequence[str], cpus: int, threads: int) -> str | None:
     """The line saying that the CPU device processes among ``devices`` (checked names) would
-    share too few cores: each runs torch with ``threads`` threads (torch's default, the cores,
-    or ``OMP_NUM_THREADS``; no device process is given fewer), so two or more of them on
-    ``cores`` cores run more threads than cores and compete, slower than one process; None
-    when they fit."""
+    share too few CPUs: each runs torch with ``threads`` threads (torch's default, the usable
+    CPUs, or ``OMP_NUM_THREADS``; no device process is given fewer), so two or more of them on
+    ``cpus`` usable CPUs (:func:`usable_cpus`) run more threads than CPUs and compete, slower
+    than one process; None when they fit."""
     n = sum(1 for d in devices if d == "cpu")
-    if n < 2 or n * threads <= cores:
+    if n < 2 or n * threads <= cpus:
         return None
     return (
-        f"{n} CPU device processes of {threads} torch threads each share {cores} cores: they "
-        "compete for them and can be slower than one process (--device cpu); "
-        f"OMP_NUM_THREADS={max(1, cores // n)} splits the cores between them"
+        f"{n} CPU device processes of {threads} torch threads each share {cpus} usable CPUs: "
+        "they compete for them and can be slower than one process (--device cpu); "
+        f"OMP_NUM_THREADS={max(1, cpus // n)} splits the CPUs between them"
     )
 
 

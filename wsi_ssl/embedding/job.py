@@ -183,15 +183,19 @@ def embed(
 
 
 def precision_note(encoder: Encoder, devices: Sequence[str]) -> str | None:
-    """The line saying that ``encoder``'s reduced precision (bf16 or fp16: autocast, used on
-    CUDA only) is not what it runs in on the CPU among ``devices`` (checked names): fp32 there
-    (``compute["precision"]`` records it); None when nothing changes."""
+    """The line saying that a job over ``devices`` (checked names) that mixes CUDA and the CPU
+    stores ``encoder``'s vectors, under one encoder id, from two precisions: its reduced one
+    (bf16 or fp16: autocast, used on CUDA only) and fp32 on the CPU. None otherwise: on the
+    CPU alone it runs in fp32, as the embeddings record, and nothing there would change it."""
     asked = encoder.config.precision
-    if asked == "fp32" or "cpu" not in devices:
+    cuda = [d for d in devices if d.startswith("cuda")]
+    if asked == "fp32" or "cpu" not in devices or not cuda:
         return None
     return (
-        f"{encoder.encoder_id} asks for {asked} (its precision); on the CPU it runs in fp32, as "
-        "autocast is used on CUDA only (the embeddings record compute precision fp32)"
+        f"{encoder.encoder_id} computes in {asked} on {', '.join(dict.fromkeys(cuda))} but in "
+        "fp32 on the CPU (autocast is used on CUDA only): its vectors, under one encoder id, "
+        "come from two precisions (each slide's embeddings record which); --devices of one "
+        "kind gives one"
     )
 
 

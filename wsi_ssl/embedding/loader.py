@@ -150,5 +150,8 @@ def _deaf_to_sigterm(worker_id: int) -> None:
     torchrun) sends SIGTERM to the whole process group; a worker killed by it made the
     stopped job's DataLoader raise "worker is killed by signal" on its way out (an
     "Exception ignored" traceback after the report). A worker still ends with its job's
-    process (the DataLoader's watchdog), and on Ctrl-C as before."""
+    process (the DataLoader's watchdog), and on Ctrl-C as before. The DataLoader's own
+    ``terminate()`` (SIGTERM) of a worker still busy 5 s after it was asked to stop is
+    ignored too: such a worker (stuck in a slow read) ends when its current read returns,
+    and the job's process, on its exit, waits for it: one batch at most."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
