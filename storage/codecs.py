@@ -1,14 +1,17 @@
-"""Tile codecs for the Zarr v3 ``tiles`` array: JPEG (lossy, compact) and zstd (lossless).
+"""Codecs of a slide store's Zarr v3 arrays, and what a chunk that does not decode means.
 
-Tiles are stored one per inner chunk inside shards, so each inner chunk is one RGB image and
-an image codec applies directly. The JPEG codec is registered with Zarr under the name
-``wsi_ssl.jpeg`` on import and through the ``zarr.codecs`` entry point, so any Zarr reader with
-wsi-ssl installed can decode the stores.
+Tiles: JPEG (lossy, compact) or zstd (lossless), one tile per inner chunk inside shards, so
+each inner chunk is one RGB image and an image codec applies directly. The JPEG codec is
+registered with Zarr under the name ``wsi_ssl.jpeg`` on import and through the ``zarr.codecs``
+entry point, so any Zarr reader with wsi-ssl installed can decode the stores. Every other
+array (coords, tissue fraction, thumbnail, tissue mask, ``qc/<metric>``, ``labels/<name>``):
+:data:`CHECKED_ZSTD`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Self, cast
 
 import imagecodecs
@@ -19,7 +22,17 @@ from zarr.codecs import BytesCodec, ZstdCodec
 from zarr.core.array_spec import ArraySpec
 from zarr.core.buffer import Buffer, NDArrayLike, NDBuffer
 
+from wsi_ssl.errors import StoreCorruptError
+
 JPEG_CODEC_NAME = "wsi_ssl.jpeg"
+
+CHECKED_ZSTD = ZstdCodec(level=0, checksum=True)
+"""The compressor of every array of a slide store but the tiles (whose shard files have their
+CRC32C), the embeddings' included: zstd at zarr's default level, each frame carrying the
+checksum of its content, so a changed byte fails to decode (:func:`read_values`) instead of
+reading as other values. Stores written before it have
+zarr's default, the same zstd without the checksum: the codec is recorded in each array's
+``zarr.json``, so both read, to the same values."""
 
 
 @dataclass(frozen=True)
@@ -69,3 +82,15 @@ def tile_codecs(codec: str, jpeg_quality: int) -> dict[str, Any]:
     if codec == "jpeg":
         return {"serializer": JpegCodec(quality=jpeg_quality), "compressors": None}
     return {"serializer": BytesCodec(), "compressors": ZstdCodec(level=3)}
+
+
+def read_values(array: zarr.Array[Any], store_path: str | Path, name: str) -> np.ndarray:
+    """``array``'s values (member ``name`` of the store at ``store_path``); a chunk file that
+    does not decode (its codec's RuntimeError, :data:`CHECKED_ZSTD`'s checksum included; a
+    frame of the wrong size's ValueError) is a :class:`StoreCorruptError`: bytes damaged since
+    tiling."""
+    try:
+        return np.asarray(array[...])
+    except (RuntimeError, ValueError) as err:
+        detail = f"a chunk file of {name} does not decode: {type(err).__name__}: {err}"
+        raise StoreCorruptError(store_path, detail) from err

@@ -44,7 +44,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
 
 from wsi_ssl.errors import (
     EmbeddingsCorruptError,
@@ -56,6 +55,7 @@ from wsi_ssl.errors import (
 )
 from wsi_ssl.interrupts import interrupts_held
 from wsi_ssl.storage.atomic import fsync_dir, fsync_file, fsync_tree, rename_into_place
+from wsi_ssl.storage.codecs import CHECKED_ZSTD
 from wsi_ssl.storage.embedding_rows import (
     NOT_EMBEDDED,
     Embeddings,
@@ -392,7 +392,7 @@ class EmbeddingWriter:
                 chunks=(min(self.chunk_rows, max(1, self.n_rows)), self.dim),
                 dimension_names=("tile", "feature"),
                 fill_value=np.nan,
-                compressors=ZstdCodec(checksum=True),  # a changed byte fails, not a wrong row
+                compressors=CHECKED_ZSTD,  # a changed byte fails, not a wrong row
                 config={"write_empty_chunks": True},  # rows not embedded are NaN: keep them
             )
             self._array.attrs.update(

@@ -15,7 +15,7 @@ import numpy as np
 import zarr
 
 from wsi_ssl.errors import NoLabelsError
-from wsi_ssl.storage.slide_store import read_values
+from wsi_ssl.storage.codecs import CHECKED_ZSTD, read_values
 
 QC_GROUP = "qc"
 LABELS_GROUP = "labels"
@@ -30,7 +30,8 @@ def write_qc(group: zarr.Group, scores: Mapping[str, np.ndarray]) -> None:
     qc = group.require_group(QC_GROUP)
     for metric, values in scores.items():
         data = np.asarray(values, dtype=np.float32)
-        qc.create_array(metric, data=data, chunks=(max(1, min(len(data), QC_CHUNK)),))
+        chunks = (max(1, min(len(data), QC_CHUNK)),)
+        qc.create_array(metric, data=data, chunks=chunks, compressors=CHECKED_ZSTD)
 
 
 def read_qc(group: zarr.Group, path: Path) -> dict[str, np.ndarray]:
@@ -56,7 +57,7 @@ def write_labels(
     if fractions.ndim != 2 or fractions.shape[1] != len(classes):
         raise ValueError(f"fractions must be (N, {len(classes)}), got {fractions.shape}")
     labels = group.require_group(LABELS_GROUP)
-    array = labels.create_array(name, data=fractions, overwrite=True)
+    array = labels.create_array(name, data=fractions, overwrite=True, compressors=CHECKED_ZSTD)
     array.attrs["classes"] = list(classes)
 
 

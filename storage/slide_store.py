@@ -39,7 +39,7 @@ from wsi_ssl.storage.atomic import (
     remove_path,
     rename_into_place,
 )
-from wsi_ssl.storage.codecs import tile_codecs
+from wsi_ssl.storage.codecs import CHECKED_ZSTD, read_values, tile_codecs
 from wsi_ssl.storage.shards import (
     SHARD_CHECKSUMS,
     shard_checksum,
@@ -124,14 +124,17 @@ class SlideStore:
             dimension_names=("tile", "y", "x", "rgb"),
             **tile_codecs(codec, jpeg_quality),
         )
-        group.create_array("coords", data=np.asarray(coords, dtype=np.int64))
-        group.create_array("tissue_fraction", data=np.asarray(tissue_fraction, dtype=np.float32))
+        for name, values in (  # zstd frames with their checksum: damage fails to decode
+            ("coords", np.asarray(coords, dtype=np.int64)),
+            ("tissue_fraction", np.asarray(tissue_fraction, dtype=np.float32)),
+        ):
+            group.create_array(name, data=values, compressors=CHECKED_ZSTD)
         for name, picture in (
             ("thumbnail", np.ascontiguousarray(thumbnail, dtype=np.uint8)),
             ("tissue_mask", np.asarray(tissue_mask, dtype=bool)),
         ):  # bands of 512 rows: zarr's own chunking makes 40 files of a 1,792 px thumbnail
             band = (max(1, min(len(picture), PICTURE_ROWS)), *picture.shape[1:])
-            group.create_array(name, data=picture, chunks=band)
+            group.create_array(name, data=picture, chunks=band, compressors=CHECKED_ZSTD)
         return cls(path, group)
 
     @classmethod
@@ -381,17 +384,6 @@ def array_sha256(values: np.ndarray) -> str:
     """sha256 of an array's bytes in C order (for int64 coordinates, the embeddings'
     ``coords_sha256``)."""
     return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
-
-
-def read_values(array: zarr.Array[Any], store_path: str | Path, name: str) -> np.ndarray:
-    """``array``'s values (member ``name`` of the store at ``store_path``); a chunk file that
-    does not decode (its codec's RuntimeError, a frame of the wrong size's ValueError) is a
-    :class:`StoreCorruptError`: bytes damaged since tiling."""
-    try:
-        return np.asarray(array[...])
-    except (RuntimeError, ValueError) as err:
-        detail = f"a chunk file of {name} does not decode: {type(err).__name__}: {err}"
-        raise StoreCorruptError(store_path, detail) from err
 
 
 def recorded_attrs(path: str | Path) -> dict[str, Any]:
