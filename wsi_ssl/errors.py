@@ -56,7 +56,9 @@ __all__ = [
     "StoreIncompleteError",
     "StoreLockedError",
     "StoreNotFoundError",
+    "StoreRetiledError",
     "TileReadError",
+    "TileWorkerDiedError",
     "TilesNotEmbeddedError",
     "TilingMismatchError",
     "TrainingDivergedError",
@@ -350,6 +352,19 @@ class NonFiniteEmbeddingError(WsiSslError, FloatingPointError):
         self.tile = tile
 
 
+class TileWorkerDiedError(WsiSslError, RuntimeError):
+    """A tile worker process was killed mid-slide (out of memory, most often)."""
+
+    def __init__(self, slide: str | Path, store: str | Path) -> None:
+        super().__init__(
+            f"{slide}: a tile worker process died while writing {store} (killed from outside, "
+            "most often for lack of memory); the slide's new store was not kept: re-run it with "
+            "fewer workers or with scheduler='threads'",
+            parameters=("workers", "scheduler"),
+        )
+        self.path = Path(slide)
+
+
 class TileReadError(WsiSslError, OSError):
     """Stored tiles cannot be read or decoded."""
 
@@ -540,6 +555,21 @@ class StoreLockedError(WsiSslError, RuntimeError):
         )
         self.path = Path(path)
         self.holder = holder
+
+
+class StoreRetiledError(StoreLockedError):
+    """A slide store was re-tiled (or its tiles re-flagged by QC) by another job after this job
+    planned from it and before it took the slide's lock: busy, as with a held lock (exit 1; a
+    re-run embeds the new tiles), nothing written for it."""
+
+    def __init__(self, path: str | Path) -> None:
+        WsiSslError.__init__(
+            self,
+            f"{path} was re-tiled (or its tiles re-flagged by QC) by another job while this one "
+            "ran; none of its vectors were written: re-run to embed its new tiles",
+        )
+        self.path = Path(path)
+        self.holder = None
 
 
 class LockFileError(WsiSslError, OSError):

@@ -11,8 +11,10 @@ batch is written as the block of rows from its first tile to the next batch's, t
 taken from the slide's earlier array or left NaN (:mod:`wsi_ssl.embedding.slides`).
 
 A slide that fails (a tile read, a non-finite vector, a write) gets its outcome and its partial
-array removed; the others go on. A slide is committed atomically once its last row is written
-(``wsi_ssl.storage.embeddings``).
+array removed; the others go on. A slide whose store was re-tiled (or re-flagged by QC) after
+the job planned it is "busy" once its lock is taken (``EmbedTarget.store_changed``): none of its
+batches, those read before the lock included, is written. A slide is committed atomically once
+its last row is written (``wsi_ssl.storage.embeddings``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ from wsi_ssl.errors import (
     DeviceOutOfMemoryError,
     NonFiniteEmbeddingError,
     StoreLockedError,
+    StoreRetiledError,
     TileReadError,
+    WsiSslError,
 )
 from wsi_ssl.outcome import SlideOutcome
 from wsi_ssl.storage.embeddings import EmbeddingWriter
@@ -171,12 +175,17 @@ class EmbedRunner:
             return None
         if batch.error:
             path = slide.store.path / "tiles"
-            self._fail(slide, TileReadError(path, *batch.error_tiles, batch.error))
+            error: Exception = TileReadError(path, *batch.error_tiles, batch.error)
+            with contextlib.suppress(WsiSslError, OSError, KeyError, ValueError):
+                if self.target.store_changed(slide):  # the read met a store re-tiled since
+                    error = StoreRetiledError(slide.store.path)
+            self._fail(slide, error)
             return None
         return self._launch(slide, batch)
 
     def _start(self, slide: EmbedSlide) -> None:
-        """Take the slide's writer (its locks); skip it if another job completed it meanwhile."""
+        """Take the slide's writer (its locks); skip it if another job completed it meanwhile;
+        raise (busy) if its store changed since it was planned (see ``store_changed``)."""
         slide.started = time.perf_counter()
         slide.writer = EmbeddingWriter(
             slide.store.path,
@@ -188,6 +197,8 @@ class EmbedRunner:
             chunk_rows=self.config.chunk_rows,
             wait=self.config.wait,
         )
+        if self.target.store_changed(slide):  # _fail aborts the writer; later batches dropped
+            raise StoreRetiledError(slide.store.path)
         if self.config.resume and self.target.is_current(slide):
             slide.writer.abort()
             slide.outcome = SlideOutcome(slide.slide_id, "skipped", slide.n)

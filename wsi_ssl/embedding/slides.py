@@ -15,15 +15,25 @@ a slide embedded with ``skip_flagged_tiles`` and then without it is completed, n
 With the flag, an earlier array's vectors of tiles QC flags now (stricter thresholds since, or
 an array made without the flag) are cleared: their rows end NaN, named by ``not_embedded``, so
 the array holds what a fresh job with the flag would write.
+
+A slide is planned (its tiles, their coordinates, those to encode) before its lock is taken;
+``EmbedSlide.planned`` records which store it was planned from, and the runner checks it once
+the writer holds the lock (:meth:`EmbedTarget.store_changed`): a store re-tiled, or re-flagged
+by new QC thresholds, meanwhile makes the slide "busy"
+(:class:`~wsi_ssl.errors.StoreRetiledError`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,7 +63,13 @@ from wsi_ssl.storage.embeddings import (
     open_embeddings_array,
 )
 
-__all__ = ["EmbedSlide", "EmbedTarget", "encoder_stain", "stain_normalizer"]
+__all__ = [
+    "EmbedSlide",
+    "EmbedTarget",
+    "StoreIdentity",
+    "encoder_stain",
+    "stain_normalizer",
+]
 
 
 @dataclass
@@ -64,12 +80,14 @@ class EmbedSlide:
     (a complete earlier array of the same vectors) or, without it, left NaN and named in
     ``attrs["not_embedded"]``; so are the rows ``clear`` names (tiles QC flags, which
     ``base`` holds vectors of), whatever ``base`` holds there. ``received`` counts the rows written.
+    ``planned``: the store it was planned from (:class:`StoreIdentity`).
     """
 
     store: SlideStore
     n: int
     coords: np.ndarray
     attrs: dict[str, Any]
+    planned: StoreIdentity
     encode: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
     base: zarr.Array[Any] | None = None
     clear: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
@@ -106,6 +124,25 @@ class EmbedSlide:
     @property
     def slide_id(self) -> str:
         return self.store.slide_id
+
+
+@dataclass(frozen=True)
+class StoreIdentity:
+    """Which store a slide was planned from: its directory's (st_dev, st_ino), taken before
+    anything was read from it (None: none was there), and the sha256 of what its tiles to
+    encode depend on (:meth:`EmbedTarget.contents_key`)."""
+
+    directory: tuple[int, int] | None
+    contents: str
+
+
+def _directory(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of what is at ``path`` (None: nothing)."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def stain_normalizer(config: EmbedConfig) -> tuple[Any, dict[str, Any] | None]:
@@ -160,11 +197,14 @@ class EmbedTarget:
         """The slide to embed, or its outcome when it is skipped, busy or cannot be embedded."""
         started = time.perf_counter()
         try:
+            # before any read (store_changed)
+            directory = _directory(archive.store_path(archive.slide_id_of(slide_id)))
             store = archive.slide(slide_id)
             n = store.n_tiles
             coords = store.coords
             tile_size = int(store.tiles.shape[1])
             chash = coords_sha256(coords)
+            planned = StoreIdentity(directory, self.contents_key(store, chash))
             base = self.reusable(store, n, chash) if self.config.resume else None
             if self.config.resume and base is None:
                 self.refuse_other_stain(store)
@@ -189,7 +229,7 @@ class EmbedTarget:
             }
         kept = base if keep.any() else None
         return EmbedSlide(
-            store, n, coords, attrs, np.flatnonzero(encode), kept, np.flatnonzero(clear)
+            store, n, coords, attrs, planned, np.flatnonzero(encode), kept, np.flatnonzero(clear)
         )
 
     def plan(
@@ -282,6 +322,42 @@ class EmbedTarget:
             return False
         encode, _, clear = self.plan(slide.store, array)
         return not encode.any() and not clear.any()
+
+    def store_changed(self, slide: EmbedSlide) -> bool:
+        """Whether the slide's store is not the one it was planned from; final when called
+        holding the slide's shared lock (the writer's).
+
+        A re-tile swaps a new directory in at the store's path (the old one renamed aside, then
+        removed) and a resumed `wsi-ssl tile` rewrites the QC thresholds in place, both under
+        the slide's exclusive lock: neither happens while the shared lock is held, so every
+        read from then on sees the store checked here. A read before the lock (the planning's,
+        a loader worker's prefetch) read the directory at the path at that time; ``planned``
+        took that directory's identity (device, inode) before the planning's first read, so a
+        read from any other store implies a swap since, and another directory there now. The
+        contents (:meth:`contents_key`) tell apart an in-place threshold update and a
+        directory whose inode a later swap reused.
+        """
+        path = slide.store.path
+        if _directory(path) != slide.planned.directory:
+            return True
+        store = SlideStore.open(path)
+        return self.contents_key(store, coords_sha256(store.coords)) != slide.planned.contents
+
+    def contents_key(self, store: SlideStore, chash: str) -> str:
+        """sha256 of what the tiles this job encodes depend on: their count and coordinates
+        (sha256 ``chash``), the tiling settings (the QC thresholds only with
+        ``skip_flagged_tiles``), the values recorded at completion (the QC scores among them)
+        and the tile shards' CRC32C."""
+        skip = self.config.skip_flagged_tiles
+        tiling = {k: v for k, v in store.tiling.items() if skip or not k.startswith("qc_")}
+        key = {
+            "n_tiles": store.n_tiles,
+            "coords_sha256": chash,
+            "tiling": tiling,
+            "contents": store.recorded_contents,
+            "shards": store.shard_checksums,
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
     def base_changed(self, slide: EmbedSlide) -> bool:
         """The earlier array whose rows the slide keeps was replaced or removed since the

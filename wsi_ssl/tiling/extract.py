@@ -23,6 +23,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,11 @@ import dask
 import numpy as np
 from PIL import Image
 
+from wsi_ssl.errors import TileWorkerDiedError
 from wsi_ssl.parent_watch import die_with_parent
-from wsi_ssl.slide import SlideReader, StoredTiles, open_slide
+from wsi_ssl.slide import SlideReader, StoredTiles, open_slide, series_files
 from wsi_ssl.storage.shards import accepts_jpeg, write_shard
-from wsi_ssl.storage.slide_store import open_tiles
+from wsi_ssl.storage.slide_store import STAGING_SUFFIX, open_tiles
 from wsi_ssl.storage.writer_token import check_still_ours, claim, release, writing
 from wsi_ssl.tiling.decode import (
     J2K_COMPRESSIONS,
@@ -53,17 +55,35 @@ MAX_RUN = 16
 
 _local = threading.local()
 
+SlideIdentity = tuple[tuple[str, int, int, int, int], ...]
+"""Which bytes a slide path names now: (file, device, inode, size, mtime_ns) of each file."""
 
-def cached_reader(path: str, backend: str) -> SlideReader:
-    """The calling thread's reader for a slide, opened once per worker thread."""
-    cache: dict[tuple[str, str], SlideReader] = getattr(_local, "readers", {})
+
+def slide_identity(path: str | Path) -> SlideIdentity:
+    """The identity of the slide at ``path``: its file's, or for DICOM (a folder, or a ``.dcm``
+    file and its series beside it) every instance's. Another file moved to the same path, or
+    the file rewritten, changes it."""
+    path = Path(path)
+    dicom = path.is_dir() or path.suffix.lower() == ".dcm"
+    stats = ((f, f.stat()) for f in (series_files(path) if dicom else [path]))
+    return tuple((str(f), s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns) for f, s in stats)
+
+
+def cached_reader(path: str, backend: str, identity: SlideIdentity | None = None) -> SlideReader:
+    """The calling thread's reader for a slide, opened once per worker thread and kept while
+    the path names the same file: ``identity`` (the job's :func:`slide_identity`, taken now when
+    None) differing from the one it was opened at, it is closed and the path opened again (a
+    long-lived cluster worker never reads a replaced file's old pixels)."""
+    cache: dict[tuple[str, str], tuple[SlideIdentity, SlideReader]] = getattr(_local, "readers", {})
     _local.readers = cache
-    key = (path, backend)
+    key, identity = (path, backend), slide_identity(path) if identity is None else identity
+    if key in cache and cache[key][0] != identity:
+        cache.pop(key)[1].close()
     if key not in cache:
         if len(cache) >= 4:
-            cache.pop(next(iter(cache))).close()
-        cache[key] = open_slide(path, backend=backend)
-    return cache[key]
+            cache.pop(next(iter(cache)))[1].close()
+        cache[key] = (identity, open_slide(path, backend=backend))
+    return cache[key][1]
 
 
 def _runs(
@@ -297,7 +317,7 @@ def _tiles_array(tiles_path: str, job: str) -> Any:
 
 
 def _extract_chunk(
-    slide: tuple[str, str],
+    slide: tuple[str, str] | tuple[str, str, SlideIdentity],
     tiles_path: str,
     grid: TileGrid,
     start: int,
@@ -348,7 +368,8 @@ def extract(
     """Run the extraction graph for one slide; returns the tiles written and their scores.
 
     Args:
-        reader: the open slide (its path and backend are sent to the workers).
+        reader: the open slide (its path, backend and :func:`slide_identity` are sent to the
+            workers).
         grid: geometry from :meth:`TileGrid.for_slide`.
         coords: kept tiles, row-major; chunk ``i`` is ``coords[i*S:(i+1)*S]``, one Zarr shard.
         tiles_path: the store's ``tiles`` array.
@@ -361,10 +382,8 @@ def extract(
         qc: score every tile (:func:`~wsi_ssl.tiling.qc.chunk_scores`) as it is written.
     """
     # absolute: a cluster's workers run elsewhere (the archive at the same absolute path)
-    slide, tiles_path = (
-        (str(Path(reader.path).resolve()), reader.backend),
-        Path(tiles_path).resolve(),
-    )
+    path, tiles_path = str(Path(reader.path).resolve()), Path(tiles_path).resolve()
+    slide = (path, reader.backend, slide_identity(path))
     local = scheduler in LOCAL_SCHEDULERS
     cores = os.cpu_count() or 1
     threads = max(1, cores // (workers or cores)) if local else 1
@@ -388,6 +407,11 @@ def extract(
         if not local:
             return _compute_on_cluster(scheduler, tasks, notify)
         return _compute_locally(scheduler, tasks, workers, notify)
+    except BrokenProcessPool as err:  # a worker process killed (the OOM killer): say whose
+        store = tiles_path.parent
+        raise TileWorkerDiedError(
+            reader.path, store.with_name(store.name.removesuffix(STAGING_SUFFIX))
+        ) from err
     finally:
         release(tiles_path, job)
 
