@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         echo=lambda line: print(line if line.startswith("==") else f"  {line}", flush=True),
         error_text=args.error_text,
     )
-    if result.root.is_dir():
+    if result.tiled:  # a folder with no slide tiled in it is no archive to show
         print(f"archive: {result.root}")
     for picture in result.pictures:
         print(f"picture: {picture}")

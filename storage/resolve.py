@@ -12,6 +12,7 @@ errors everywhere: :class:`~wsi_ssl.errors.UnknownSlideError` and
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from wsi_ssl.storage.embeddings import embedding_ids
 __all__ = [
     "MIN_PREFIX",
     "archive_encoder_ids",
+    "damaged_stores_advice",
     "resolve_encoder",
     "resolve_slide",
     "resolve_slides",
@@ -180,3 +182,14 @@ def resolve_encoder(
             parameters=("encoder",),
         )
     raise EmbeddingsNotFoundError(where, wanted, ids, why=why if not ids else "")
+
+
+def damaged_stores_advice(root: str | Path, damaged: list[str]) -> str:
+    """What to do when an archive's only slide stores are ``damaged`` (their paths), in place
+    of "embed" (which cannot open them): the check that prints the tile command redoing each."""
+    one = len(damaged) == 1
+    some = "its one slide store is" if one else f"its {len(damaged)} slide stores are"
+    return (
+        f"{some} damaged ({first_few(damaged, 3)}); `wsi-ssl check {shlex.quote(str(root))}` "
+        "prints the tile command that redoes " + ("it" if one else "each")
+    )

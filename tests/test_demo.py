@@ -95,6 +95,21 @@ def test_demo_on_a_missing_slide_says_so_and_stops(
     assert "archive:" not in printed  # none was made
 
 
+def test_demo_with_no_slide_tiled_shows_no_archive(
+    slides_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A slide without a scale is not tiled: the demo printed "archive: OUT/archive" (a
+    folder with no slide in it) under the FAILED line; it says why and stops, exit 1."""
+    boxes = slides_dir / "boxes.tiff"
+    assert main(["demo", str(boxes), "--out", str(tmp_path / "d"), "--quiet"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "== tile" and lines[1].startswith(f"  FAILED {boxes}: {boxes}: no ")
+    assert lines[1].endswith("; set it with --mpp-override MPP")
+    assert lines[2:] == [
+        "  no slide was tiled (the FAILED line says why); the later stages need at least one"
+    ]
+
+
 def test_demo_inputs_are_checked_before_any_stage(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -130,3 +130,50 @@ def test_an_ivfpq_build_with_too_few_readable_vectors_says_so(tmp_path: Path) ->
         _damage_embeddings(root, f"{i:016x}")
     with pytest.raises(ConfigError, match=r"the readable slides hold 50 .*re-embed them"):
         SearchIndex.build(root, "enc", kind="ivfpq")
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_build_whose_only_slide_stores_are_damaged_sends_to_check_not_embed(
+    tmp_path: Path, n: int
+) -> None:
+    """No store can be opened, so none has embeddings: "run `wsi-ssl embed` first" could not
+    help (embed cannot open them either); the message says they are damaged and that check
+    prints the tile command redoing them (the root quoted for the shell), as export does."""
+    import shlex
+
+    from wsi_ssl.errors import EmbeddingsNotFoundError
+    from wsi_ssl.testing.bags import write_bag_store
+
+    root = tmp_path / "my archive"
+    stores = [
+        write_bag_store(root, f"{i:016x}", np.ones((3, 4)), encoder_id="enc", name=f"s{i}.svs")
+        for i in range(n)
+    ]
+    for store in stores:
+        (store / "zarr.json").write_text("{bad")
+    some = "its one slide store is" if n == 1 else "its 2 slide stores are"
+    check = f"`wsi-ssl check {shlex.quote(str(root))}` prints the tile command that redoes "
+    why = f"{some} damaged ({', '.join(map(str, stores))}); {check}" + ("it" if n == 1 else "each")
+    code, out, err = run_cli(["index", str(root), "--encoder", "enc", "--quiet"])
+    assert code == 2 and not out, err
+    none = f"{root}: no complete embeddings 'enc' (available: none)"
+    assert err.strip() == f"wsi-ssl: error: {none}; {why}"
+    with pytest.raises(EmbeddingsNotFoundError) as caught:  # no encoder named: the same advice
+        SearchIndex.build(root)
+    assert str(caught.value) == f"{root}: no complete embeddings by any encoder; {why}"
+    assert not (root / "index").exists()
+
+
+def test_a_build_with_a_readable_store_but_no_embeddings_still_sends_to_embed(
+    tmp_path: Path,
+) -> None:
+    """A damaged store beside a complete one without those embeddings: embed is the remedy."""
+    from wsi_ssl.errors import EmbeddingsNotFoundError
+    from wsi_ssl.testing.bags import write_bag_store
+
+    root = tmp_path / "root"
+    write_bag_store(root, f"{0:016x}", np.ones((3, 4)), encoder_id="enc")
+    bad = write_bag_store(root, f"{1:016x}", np.ones((3, 4)), encoder_id="enc")
+    (bad / "zarr.json").write_text("{bad")
+    with pytest.raises(EmbeddingsNotFoundError, match="run `wsi-ssl embed` with that encoder"):
+        SearchIndex.build(root, "other")

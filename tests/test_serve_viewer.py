@@ -378,17 +378,13 @@ def test_a_dicom_series_is_drawn_from_its_files(
     """A DICOM slide tiled as its folder or one of its .dcm files is recognised by the
     series' fingerprint (its files together), so the viewer draws from it; removed, it is
     drawn from the stored tiles, and put back, from its files again."""
-    import shutil
-
+    from tests.test_dicom import NAMES, copy_series
     from wsi_ssl.config import TilingConfig
     from wsi_ssl.serve.pyramid import Pyramid, open_slide_file
     from wsi_ssl.tiling.batch import tile_slide
 
-    series = tmp_path / "series"
-    series.mkdir()
-    for name in ("openslide-python_boxes_0.dcm", "openslide-python_boxes_1.dcm"):
-        shutil.copy(slides_dir / name, series / name)
-    slide = series if given == "folder" else series / "openslide-python_boxes_0.dcm"
+    series = copy_series(slides_dir, tmp_path / "series", names=NAMES)
+    slide = series if given == "folder" else series / NAMES[0]
     config = TilingConfig(tile_size=16, mpp=0.5, tissue_threshold=0.0, codec="zstd")
     outcome = tile_slide(slide, tmp_path / "root", config)
     store = open_store(tmp_path / "root").slide(str(outcome.details["slide_id"]))

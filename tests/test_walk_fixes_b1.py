@@ -44,7 +44,7 @@ def test_a_missing_scale_names_only_the_running_commands_ways(
     ), line
     assert "mpp_override" not in line and "tile_slides" not in line
     code, out, _ = run_cli(["demo", str(boxes), "--out", str(tmp_path / "d"), "--quiet"])
-    [failed] = [x for x in out.splitlines() if "FAILED" in x]
+    [failed] = [x for x in out.splitlines() if x.lstrip().startswith("FAILED")]
     assert code == 1 and failed.endswith("; set it with --mpp-override MPP"), failed
     [outcome] = tile_slides([boxes], tmp_path / "py", TilingConfig(), progress=False).failed
     assert outcome.error.endswith(

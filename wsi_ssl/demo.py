@@ -28,6 +28,8 @@ class DemoResult:
     lines: list[str] = field(default_factory=list)
     pictures: list[Path] = field(default_factory=list)
     failed: bool = False
+    tiled: int = 0
+    """Slides in the archive after the tile stage (0: no archive to show, no later stage)."""
 
 
 def demo_slides(
@@ -123,8 +125,11 @@ def run_demo(
             result.failed = True
             say(f"FAILED {r.slide}: {r.message(error_text)}")
     archive = open_store(root) if is_archive_root(root) else None
-    if archive is None or not archive.slide_ids:
-        say("no slide was tiled; the later stages need at least one")
+    result.tiled = len(archive.slide_ids) if archive is not None else 0
+    if archive is None or not result.tiled:
+        failed = sum(r.status == "failed" for r in summary.outcomes)
+        why = " (the FAILED lines above say why)" if failed > 1 else " (the FAILED line says why)"
+        say(f"no slide was tiled{why if failed else ''}; the later stages need at least one")
         result.failed = True
         return result
     for r in summary.outcomes:

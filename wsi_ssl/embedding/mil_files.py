@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 from wsi_ssl.embedding.summary import incomplete_note
 from wsi_ssl.errors import ConfigError, WsiSslError
-from wsi_ssl.listing import first_few, one_or_many
+from wsi_ssl.listing import one_or_many
 from wsi_ssl.outcome import BatchOutcome, SlideOutcome
 from wsi_ssl.storage import Archive, SlideStore, open_store
 from wsi_ssl.storage.archive import damaged_slide_id
@@ -75,7 +75,7 @@ from wsi_ssl.storage.atomic import (
     sweep_temp_files,
 )
 from wsi_ssl.storage.embeddings import Embeddings, embedding_ids, read_embeddings
-from wsi_ssl.storage.resolve import resolve_encoder, resolve_slide
+from wsi_ssl.storage.resolve import damaged_stores_advice, resolve_encoder, resolve_slide
 from wsi_ssl.storage.swaps import mid_swap_note, split_mid_swap
 
 __all__ = ["EXPORT_FORMATS", "NAME_BY", "ExportResult", "clam_coords_attrs", "export"]
@@ -307,13 +307,7 @@ def _none_usable(stores: list[SlideStore], failed: list[SlideOutcome], archive: 
     damaged = [str(getattr(o.exception, "path", o.slide)) for o in failed]
     if stores or not damaged:
         return ""
-    one = len(damaged) == 1
-    some = "its one slide store is" if one else f"its {len(damaged)} slide stores are"
-    return (
-        f"{some} damaged ({first_few(damaged, 3)}); `wsi-ssl check "
-        f"{shlex.quote(str(archive.root))}` prints the tile command that redoes "
-        + ("it" if one else "each")
-    )
+    return damaged_stores_advice(archive.root, damaged)
 
 
 def _left_out_mid_swap(

@@ -23,7 +23,7 @@ from wsi_ssl.ssl.backbones import ENCODER_PREFIX, pretraining_module
 from wsi_ssl.ssl.config import IMAGENET_MEAN, IMAGENET_STD, PretrainConfig
 from wsi_ssl.ssl.config_checks import check_arch
 
-__all__ = ["RUN_PREFIX", "apply_init", "init_is_run", "load_init"]
+__all__ = ["RUN_PREFIX", "apply_init", "check_init_weights", "init_is_run", "load_init"]
 
 RUN_PREFIX = "wsi-ssl:"
 Normalisation = tuple[tuple[float, ...], tuple[float, ...]]
@@ -106,15 +106,30 @@ def init_state(config: PretrainConfig) -> dict[str, torch.Tensor]:
 
         # a run's encoder may pool its ViT as its preset does (PooledViT): train the ViT
         return pretraining_module(load_encoder(_run_path(config.init)).model).state_dict()
-    from wsi_ssl.encoders import create_encoder, locate_weights
+    from wsi_ssl.encoders import create_encoder
+
+    check_init_weights(config)
+    model = create_encoder(config.init, weights=config.init_weights).model
+    return pretraining_module(model).state_dict()
+
+
+def check_init_weights(config: PretrainConfig) -> None:
+    """Refuse a registry ``init`` whose weights file is missing, found without reading it: a
+    run checks this before it builds or writes anything (nothing to do without ``init``, or
+    when it names a run).
+
+    Raises:
+        WeightsNotFoundError: no such file (advised as ``init_weights``).
+    """
+    if config.init is None or init_is_run(config.init):
+        return
+    from wsi_ssl.encoders import locate_weights
 
     try:  # a missing file advised in this config's words (init_weights, not weights)
         locate_weights(config.init, weights=config.init_weights, how="pass init_weights=PATH")
     except WeightsNotFoundError as err:
         err.parameters = ("init_weights",)
         raise
-    model = create_encoder(config.init, weights=config.init_weights).model
-    return pretraining_module(model).state_dict()
 
 
 def load_init(backbone: nn.Module, config: PretrainConfig) -> None:

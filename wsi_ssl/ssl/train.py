@@ -100,8 +100,9 @@ def pretrain(
     ctx = init_distributed(device_name)
     threads = torch.get_num_threads()
     # one writer per run directory (the main process writes it; a second run gets
-    # StoreLockedError naming the holder)
-    run_lock = hold_lock(out / ".lock", out) if ctx.main else contextlib.nullcontext()
+    # StoreLockedError naming the holder); its file goes with it, as a MIL run's does
+    made = _new_dirs(out) if ctx.main else []
+    run_lock = hold_lock(out / ".lock", out, remove=True) if ctx.main else contextlib.nullcontext()
     try:
         trainer = Trainer(roots, config, out, resume=resume, until_step=until_step, ctx=ctx)
         if trainer.config.num_threads is not None:
@@ -110,7 +111,29 @@ def pretrain(
             if on_start is not None:
                 trainer.notes = list(on_start(trainer.config, list(trainer.notes)))
             return trainer.run()
+    except BaseException:
+        _remove_empty(made)  # refused before its first file (init weights missing, say)
+        raise
     finally:
         torch.set_num_threads(threads)
         if ctx.initialized_here:
             dist.destroy_process_group()
+
+
+def _new_dirs(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    made = []
+    while not path.exists() and path != path.parent:
+        made.append(path)
+        path = path.parent
+    return made
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    """Remove ``dirs`` (deepest first) while they are empty: the folders a refused run made
+    for itself and left as it found them (a run that wrote something keeps them all)."""
+    for path in dirs:
+        try:
+            path.rmdir()
+        except OSError:  # not empty (the run wrote in it, or another run did), or not there
+            return

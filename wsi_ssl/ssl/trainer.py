@@ -43,7 +43,7 @@ from wsi_ssl.ssl.config import PretrainConfig
 from wsi_ssl.ssl.curation import curation_notes
 from wsi_ssl.ssl.dataset import TileDataset
 from wsi_ssl.ssl.encoder import ENCODER_FILE, describe_encoder
-from wsi_ssl.ssl.init import apply_init, load_init
+from wsi_ssl.ssl.init import apply_init, check_init_weights, load_init
 from wsi_ssl.ssl.loop import run_loop
 from wsi_ssl.ssl.metrics import MetricsLog, plot_loss
 from wsi_ssl.ssl.notes import precision_note, recorded_notes, start_notes, store_notes
@@ -102,6 +102,8 @@ class Trainer:
         elif resume and (recorded := recorded_config(out)) is not None:  # stopped before one
             config = merge_resumed(recorded, config, out / "config.json")
         self.config = config = config or PretrainConfig()
+        if self.checkpoint_data is None:  # a missing init file refused before the run's lock
+            check_init_weights(config)
         self.device = resolve_device(config.device, ctx.local_rank)
         self.precision = resolve_precision(config.precision, self.device)
         self.augment_mode = config.augment
