@@ -12,7 +12,8 @@ is dead on this host (files of live processes, or of other hosts, are left alone
 Fault hook (tests only): ``WSI_SSL_FAULT=<action>_before_rename:<substring>`` makes the
 process act just before renaming a temporary file or directory whose final path contains
 ``<substring>``: ``kill`` (SIGKILL itself), ``pause`` (SIGSTOP itself; the test then kills or
-continues it) or ``enospc`` (raise ``OSError(ENOSPC)``, a full disk at the worst moment).
+continues it), ``slow`` (sleep half a second, so a fast job is still running when the test
+acts) or ``enospc`` (raise ``OSError(ENOSPC)``, a full disk at the worst moment).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import secrets
 import shutil
 import signal
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -154,6 +156,8 @@ def fault_point(final: str | Path) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "pause":
         os.kill(os.getpid(), signal.SIGSTOP)
+    elif action == "slow":
+        time.sleep(0.5)
     elif action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final))
 
