@@ -38,7 +38,7 @@ import hashlib
 import math
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -340,12 +340,12 @@ def clear_partial(store_path: str | Path, encoder_id: str) -> bool:
 class EmbeddingWriter:
     """Writes one slide's (N, D) vectors under a temporary name; ``commit`` makes them visible.
 
-    Holds the array's writer lock (and a shared lock on the slide store) from creation to
-    ``commit`` or ``abort``; ``wait`` seconds to wait for another writer (default: none).
-    Rows may arrive in any order as blocks ``write(start, block)``; whole chunks are written as
-    soon as their rows are all present, so memory stays at about one chunk plus the blocks that
-    arrived early. Any ``OSError`` (a full disk) becomes :class:`EmbeddingWriteError` after the
-    partial array is removed.
+    Holds the array's writer lock (and a shared lock on the slide store) from creation to ``commit``
+    or ``abort``; ``wait`` seconds to wait for another writer (default: none); ``check()`` runs
+    holding them, and what it raises lets them go with nothing made. Rows may arrive in any order as
+    blocks ``write(start, block)``; whole chunks are written as soon as their rows are all present,
+    so memory stays at about one chunk plus the blocks that arrived early. Any ``OSError`` (a full
+    disk) becomes :class:`EmbeddingWriteError` after the partial array is removed.
 
     Raises:
         StoreLockedError: another process is writing this array (or tiling the slide).
@@ -362,6 +362,7 @@ class EmbeddingWriter:
         attrs: dict[str, Any] | None = None,
         chunk_rows: int | None = None,
         wait: float = 0.0,
+        check: Callable[[], object] = lambda: None,
     ) -> None:
         if dtype not in EMBEDDING_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(EMBEDDING_DTYPES)}; got {dtype!r}")
@@ -378,7 +379,7 @@ class EmbeddingWriter:
         self._done = False
         self._tmp = _partial_dir(self.store_path, encoder_id)
         self._final = _array_dir(self.store_path, encoder_id)
-        self._locks = _hold_locks(self.store_path, encoder_id, wait)
+        self._locks = _hold_locks(self.store_path, encoder_id, wait, check)
         try:
             finish_interrupted_swap(self.store_path, encoder_id)
             if self._tmp.exists():
@@ -483,13 +484,16 @@ class EmbeddingWriter:
         self._locks.close()
 
 
-def _hold_locks(store_path: Path, encoder_id: str, wait: float) -> contextlib.ExitStack:
+def _hold_locks(
+    store_path: Path, encoder_id: str, wait: float, check: Callable[[], object]
+) -> contextlib.ExitStack:
     """The array's writer lock and a shared lock on its slide store, held until closed."""
     root, slide_id = store_path.parent.parent, store_path.name.removesuffix(".zarr")
     stack = contextlib.ExitStack()
     try:
         stack.enter_context(slide_lock(root, slide_id, wait=wait, shared=True))
         stack.enter_context(embeddings_lock(root, slide_id, encoder_id, wait=wait))
+        check()  # what it raises lets them go
     except BaseException:
         stack.close()
         raise

@@ -247,7 +247,10 @@ def test_an_interrupted_embed_reports_the_slides_it_finished(
     lines = out.strip().splitlines()
     name = Path(open_store(root).slide(a).source["path"]).name  # the report names its file
     assert lines[0].startswith("complete ") and lines[0].endswith(f"  {a} ({name})"), out
-    assert "1 embedded, 0 already complete, 0 busy (another job is writing them), 0 failed" in out
+    assert (
+        "1 embedded, 0 already complete, 0 busy (another job is writing or re-tiled them; run again), 0 failed"
+        in out
+    )
     assert lines[-1] == f"not done: 1 slide(s) when interrupted ({b})"
     assert open_store(root).embedding_ids(b) == []  # nothing half-written under its name
     code, out, _ = run_cli(["embed", str(root), *EMBED[:-1], "--json"])

@@ -213,8 +213,9 @@ def test_two_jobs_at_once_one_scale_busy_the_other_done_by_the_second(
         assert b.returncode == 1
         [line] = err.splitlines()
         assert line.startswith("wsi-ssl: error: ") and line.endswith("(at mpp 0.5)")
-        assert "1 tiled, 0 already complete, 1 busy (another job is writing them), 0 failed" in (
-            stdout
+        assert (
+            "1 tiled, 0 already complete, 1 busy (another job is writing or re-tiled them; run again), 0 failed"
+            in (stdout)
         )
         [busy] = [line for line in stdout.splitlines() if line.lstrip().startswith("busy")]
         assert busy.endswith(f"{cmu_small} (mpp 0.5)")

@@ -355,7 +355,10 @@ def test_two_tile_jobs_on_one_slide_never_write_together(tmp_path: Path, slide: 
         assert line.startswith("wsi-ssl: error: ") and f"pid {a.pid} on {host_name()}" in line
         assert line.endswith("and re-run (command line: --lock-wait)"), line  # tile's flag
         assert f"being written by pid {a.pid} on {host_name()}" in out
-        assert "0 tiled, 0 already complete, 1 busy (another job is writing them), 0 failed" in out
+        assert (
+            "0 tiled, 0 already complete, 1 busy (another job is writing or re-tiled them; run again), 0 failed"
+            in out
+        )
         assert "QuPath" not in out and "malformed" not in out
         slide_id = (
             tile_slides([slide], root, CONFIG, progress=False).outcomes[0].details["slide_id"]

@@ -179,7 +179,7 @@ class BatchOutcome:
             [
                 f"{c['complete']} {done}",
                 *self.skipped_counts(),
-                f"{c['busy']} busy (another job is writing them)",
+                f"{c['busy']} busy (another job is writing or re-tiled them; run again)",
                 f"{c['failed']} failed",
             ]
         )

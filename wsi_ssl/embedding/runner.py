@@ -187,6 +187,11 @@ class EmbedRunner:
         """Take the slide's writer (its locks); skip it if another job completed it meanwhile;
         raise (busy) if its store changed since it was planned (see ``store_changed``)."""
         slide.started = time.perf_counter()
+
+        def unchanged() -> None:  # under the writer's locks, before it makes anything
+            if self.target.store_changed(slide):  # _fail: busy, later batches dropped
+                raise StoreRetiledError(slide.store.path)
+
         slide.writer = EmbeddingWriter(
             slide.store.path,
             self.target.encoder_id,
@@ -196,9 +201,8 @@ class EmbedRunner:
             attrs=slide.attrs,
             chunk_rows=self.config.chunk_rows,
             wait=self.config.wait,
+            check=unchanged,  # a refused slide leaves nothing in its (new) store
         )
-        if self.target.store_changed(slide):  # _fail aborts the writer; later batches dropped
-            raise StoreRetiledError(slide.store.path)
         if self.config.resume and self.target.is_current(slide):
             slide.writer.abort()
             slide.outcome = SlideOutcome(slide.slide_id, "skipped", slide.n)

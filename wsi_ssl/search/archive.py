@@ -29,9 +29,10 @@ from wsi_ssl.errors import (
     WsiSslError,
 )
 from wsi_ssl.listing import first_few
+from wsi_ssl.search.archive_advice import only_damaged_advice, scale_error, stain_error
 from wsi_ssl.search.ids import encode_ids
 from wsi_ssl.search.vectors import normalise
-from wsi_ssl.stain_settings import stain_key, stain_text
+from wsi_ssl.stain_settings import stain_key
 from wsi_ssl.storage.slide_store import same_scale
 
 if TYPE_CHECKING:
@@ -253,12 +254,15 @@ def resolve_encoder_id(archive: Archive, wanted: str | None) -> str:
     (``wanted`` None) the archive's only one (:func:`wsi_ssl.storage.resolve.resolve_encoder`).
 
     Raises:
-        EmbeddingsNotFoundError: none, or several, match (the message lists those there).
+        EmbeddingsNotFoundError: none, or several, match (the message lists those there); when
+            the archive's only slide stores are damaged, it says so and how to redo them.
         ConfigError: ``wanted`` is None and the archive holds several encoders' embeddings.
     """
     from wsi_ssl.storage.resolve import archive_encoder_ids, resolve_encoder
 
-    return resolve_encoder(archive_encoder_ids(archive), wanted, archive.root)
+    ids = archive_encoder_ids(archive)
+    why = "" if ids else only_damaged_advice(archive)  # not "embed": it cannot open them
+    return resolve_encoder(ids, wanted, archive.root, why=why)
 
 
 def catalog_names(archive: Archive) -> dict[str, tuple[str, str]]:
@@ -375,16 +379,6 @@ def _entry(
     )
 
 
-def _scale_error(archive: Archive, tiling: dict[str, Any] | None, mismatched: list[str]) -> str:
-    return (
-        f"{archive.root}: slides tiled at another scale than the index's "
-        f"{tiling['mpp'] if tiling else '?'} µm/px, {tiling['tile_size'] if tiling else '?'} px: "
-        f"{first_few(mismatched)}; tile every slide "
-        "of one index with the same mpp and tile_size, or index them apart (slides= and a name= "
-        "of its own: a second index of the same name replaces the first)"
-    )
-
-
 def indexed_stain(
     record: dict[str, Any], archive: Archive, entries: Sequence[SlideEntry], encoder_id: str
 ) -> dict[str, Any] | Literal["unknown"] | None:
@@ -405,18 +399,6 @@ def indexed_stain(
         ):
             return attrs.get("stain")  # type: ignore[return-value]
     return "unknown"
-
-
-def _stain_error(
-    archive: Archive, stain: dict[str, Any] | None, first: str, others: list[str], alike: int
-) -> str:
-    said = stain_text(stain) + ("" if first == "the index" else f", as {alike} slide(s) are")
-    return (
-        f"{archive.root}: {len(others)} slide(s) embedded with another stain normalisation than "
-        f"{first} ({said}): {first_few(others)}; embed them alike (`wsi-ssl embed --no-resume` "
-        "with the same settings), or index them apart (slides= and a name= of its own: a second "
-        "index of the same name replaces the first)"
-    )
 
 
 def collect(
@@ -486,11 +468,11 @@ def collect(
         offset += len(emb)
     if mismatched:
         raise SchemaMismatchError(
-            _scale_error(archive, tiling, mismatched), parameters=("slides", "name")
+            scale_error(archive, tiling, mismatched), parameters=("slides", "name")
         )
     if other_stain:
         raise SchemaMismatchError(
-            _stain_error(archive, first, first_id, other_stain, len(items)),
+            stain_error(archive, first, first_id, other_stain, len(items)),
             parameters=("slides", "name"),
         )
     all_coords = np.concatenate(coords) if coords else np.empty((0, 2), dtype=np.int64)

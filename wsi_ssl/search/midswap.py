@@ -26,7 +26,7 @@ from wsi_ssl.storage.embeddings import (
     complete_embedding_attrs,
     embedding_ids,
 )
-from wsi_ssl.storage.resolve import damaged_stores_advice, resolve_encoder
+from wsi_ssl.storage.resolve import resolve_encoder
 from wsi_ssl.storage.slide_store import aside_path, staging_path
 from wsi_ssl.storage.swaps import mid_swap, mid_swap_note, split_mid_swap
 
@@ -110,21 +110,7 @@ def build_encoder_id(archive: Archive, wanted: str | None) -> str:
         if held:  # not the advice to embed again: that would redo work that is done
             note = mid_swap_note(held, archive.root, kept=False, then="build the index again")
             raise EmbeddingsNotFoundError(archive.root, encoder_id, [], why=note) from None
-        why = _only_damaged(archive)
-        if not why:
-            raise
-        raise EmbeddingsNotFoundError(archive.root, wanted, [], why=why) from None
-
-
-def _only_damaged(archive: Archive) -> str:
-    """What to do when the archive's only slide stores are damaged ("" when it has a complete
-    one, or none damaged): not "embed" (it cannot open them) but the check that prints the
-    tile command redoing each, as an export says."""
-    scan = archive.scan()
-    damaged = [str(getattr(err, "path", err)) for err in scan.damaged]
-    if scan.complete or not damaged:
-        return ""
-    return damaged_stores_advice(archive.root, damaged)
+        raise
 
 
 def left_out_mid_swap(
