@@ -1,8 +1,8 @@
 """What happened to each slide of a batch job: one outcome type for tile, embed, export, predict.
 
 A batch job never stops at the first bad slide: every slide gets a :class:`SlideOutcome`
-(``complete``, ``skipped`` because it was already done, ``busy`` because another job holds it,
-or ``failed`` with the error), and the job returns a summary built on :class:`BatchOutcome`,
+(``complete``, ``skipped`` because it was already done, ``busy`` because another job holds it
+or re-tiled it meanwhile, or ``failed`` with the error), and the job returns a summary built on :class:`BatchOutcome`,
 whose ``lines()`` the CLI prints as they are and whose ``to_dict()`` is its ``--json``.
 """
 
