@@ -11,6 +11,7 @@ evaluation of the same archive embeds nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -47,11 +48,14 @@ def build_encoders(
     specs: Sequence[EncoderSpec | str],
     config: EvaluationConfig,
     loading: Callable[[str], None] | None = None,
+    check: Callable[[Named], None] | None = None,
 ) -> tuple[Named, Given]:
     """Every encoder, built before any task runs, and the spec each was given as, when that
     is not its label. Every spec is parsed and its weights file found before any is loaded
-    (a bad spec, an unknown name or a missing file fails first); ``loading`` gets a line as
-    each encoder whose weights are read from a file begins to load (minutes for a large one)."""
+    (a bad spec, an unknown name or a missing file fails first); ``check`` then gets the
+    registered encoders whose weights are read from a file, as their configs describe them
+    (see :func:`_unloaded`), to refuse one that cannot take a task's tiles before its load;
+    ``loading`` gets a line as each of those begins to load (minutes for a large one)."""
     from wsi_ssl.encoders import create_encoder, locate_weights
 
     if not specs:
@@ -63,6 +67,8 @@ def build_encoders(
         )
         for s in parsed
     ]
+    if check is not None:
+        check(_unloaded(parsed, files))
     built = []
     for s, text, path in zip(parsed, specs, files, strict=True):
         text = text if isinstance(text, str) else s.spec
@@ -89,6 +95,26 @@ def build_encoders(
         if not s.label and s.spec != label
     }
     return [(label, e) for label, (_, e) in zip(labels, built, strict=True)], given
+
+
+def _unloaded(parsed: Sequence[EncoderSpec], files: Sequence[Path | None]) -> Named:
+    """The registered encoders of ``parsed`` whose weights are read from a file, each on its
+    config alone (an empty module: its size and scale checks need no weights), labelled as
+    given (else by name)."""
+    import torch
+
+    from wsi_ssl.encoders import Encoder
+    from wsi_ssl.encoders.registry import ENCODERS
+
+    out: Named = []
+    for s, path in zip(parsed, files, strict=True):
+        if path is None or s.spec not in ENCODERS:
+            continue
+        encoder_config = ENCODERS.get(s.spec).config
+        if s.resize:
+            encoder_config = dataclasses.replace(encoder_config, resize=s.resize)
+        out.append((s.label or s.spec, Encoder(torch.nn.Identity(), encoder_config)))
+    return out
 
 
 def square_resized(image: np.ndarray, size: int) -> np.ndarray:

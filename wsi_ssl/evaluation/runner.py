@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -436,7 +437,8 @@ def evaluate_encoders(
             classes and notes, each encoder embedding and scored on it, each task done;
             lines come as soon as they are known, once an encoder's weights file is read or
             the first embedding begins (those before are held until then: a run refused
-            before any work, for its specs, weights files or labels, says nothing).
+            before any work, for its specs, weights files or labels, or a registered
+            encoder's config that cannot take an archive's tiles, says nothing).
         progress: show progress bars (tqdm, on stderr) while images and slides are embedded.
 
     Raises:
@@ -455,7 +457,8 @@ def evaluate_encoders(
     listed = ", ".join(f"{n} ({t.kind})" for n, t in zip(names, tasks, strict=True))
     say(f"evaluating {len(encoders)} encoder(s) on {len(tasks)} task(s): {listed}")
     check_labels(tasks, config)  # before any encoder is loaded, as are the specs and weights
-    named, given = build_encoders(encoders, config, say.now)
+    tiles = functools.partial(check_archives, tasks, config=config)  # before a file's load
+    named, given = build_encoders(encoders, config, say.now, tiles)
     for label, e in named:
         say(f"encoder {label} ready" + (f" ({e.encoder_id})" if e.encoder_id != label else ""))
     check_archives(tasks, named, config, given)  # an encoder that cannot take the tiles
