@@ -467,6 +467,17 @@ def test_magnification_is_checked_against_the_trained_scale() -> None:
         uni.check_scale(0.25, 224, "slides/a.zarr")
     assert "slides/a.zarr" in str(info.value) and "check_mpp=False" in str(info.value)
     assert isinstance(info.value, ValueError)
+    assert "re-tile with tile_size=224 and mpp=0.5," in str(info.value)
+    entry, config = _reduced("uni", depth=1)
+    config = dataclasses.replace(config, resize="bilinear")
+    uni_resized = encoder_from_entry(entry, config, weights="random", seed=0)
+    for tile_size, advice in (
+        (64, "tile_size=224 and mpp=0.5,"),
+        (448, "tile_size=448 and mpp=0.25,"),
+    ):
+        with pytest.raises(MagnificationMismatchError) as info:  # 64 px: no upsampled advice
+            uni_resized.check_scale(1.0, tile_size)
+        assert f"re-tile with {advice}" in str(info.value)
 
 
 # -- the zoo in the embedding job and the CLI --------------------------------------------------

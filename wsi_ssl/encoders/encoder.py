@@ -200,7 +200,8 @@ class Encoder:
             return
         trained = " or ".join(f"{m:g}" for m in self.config.mpp)
         best = min(self.config.mpp, key=lambda m: abs(seen - m))
-        size = tile_size if self.config.resize != "never" else self.config.input_size
+        size = self.config.input_size  # advise no smaller tiles than it takes: no upsampling
+        size = max(tile_size, size) if self.config.resize != "never" else size
         raise MagnificationMismatchError(
             f"{where}: tiles of {tile_size} px at {float(mpp):g} µm/px reach encoder "
             f"{self.config.name!r} at {seen:.3g} µm/px, but it was trained at {trained} µm/px; "
