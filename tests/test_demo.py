@@ -59,6 +59,10 @@ def test_demo_runs_every_stage_and_resumes(
     assert len(heatmaps) == DEMO_SLIDES
     metrics = json.loads((out / "mil/run/metrics.json").read_text())
     assert 0.0 <= metrics["overall"]["auc"] <= 1.0
+    # the scores are out-of-fold; the predictions of the training slides are marked in-sample
+    assert f"overall (abmil, out-of-fold, {DEMO_SLIDES} slides): AUC" in printed
+    in_sample = [x for x in printed.splitlines() if x.endswith("(in-sample: a training slide)")]
+    assert len(in_sample) == DEMO_SLIDES
 
     # a second run resumes: nothing is tiled, trained or embedded again
     trained = (out / "mil/run/run.json").read_bytes()

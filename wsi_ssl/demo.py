@@ -7,13 +7,19 @@ leaves its picture in the output folder; re-running resumes every stage.
 
 from __future__ import annotations
 
+import importlib
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from wsi_ssl.config import TilingConfig
 from wsi_ssl.errors import ConfigError
-from wsi_ssl.outcome import ErrorText
+from wsi_ssl.outcome import ErrorText, SlideOutcome
+
+if TYPE_CHECKING:
+    from wsi_ssl.storage.archive import Archive
 
 DEMO_SLIDES = 12
 """Synthetic demo slides; the odd seeds carry a lesion (crowded nuclei), labelled "tumour"."""
@@ -58,6 +64,17 @@ def demo_slides(
     return {path: "tumour" if seed % 2 == 1 else "normal" for seed, path in enumerate(paths)}
 
 
+_LATER_STAGES = ("wsi_ssl.ssl.demo", "wsi_ssl.embedding", "wsi_ssl.search.demo", "wsi_ssl.mil.demo")
+"""Imported before the tile stage: without the ``ml`` extra (torch) the demo stops at once, not
+after tiling."""
+
+
+class _Say(Protocol):
+    """Keeps a stage's summary lines and echoes each one."""
+
+    def __call__(self, *lines: str) -> None: ...
+
+
 def run_demo(
     out: str | Path,
     slides: Sequence[str | Path] = (),
@@ -69,7 +86,8 @@ def run_demo(
     echo: Callable[[str], None] | None = None,
     error_text: ErrorText | None = None,
 ) -> DemoResult:
-    """Run every stage on the demo slides (written here) or on ``slides``.
+    """Run every stage on the demo slides (written here) or on ``slides``; when no slide is
+    tiled it stops there (``failed``), leaving no archive folder of its own.
 
     Args:
         out: output folder (the archive is ``out/archive``).
@@ -82,18 +100,32 @@ def run_demo(
         progress: progress bars.
         echo: called with each summary line as soon as its stage ends.
         error_text: words a slide's error (the command's flags for the CLI).
-
-    Size: one short block per stage, in pipeline order, so the demo reads as the pipeline
-    does.
     """
-    from wsi_ssl.embedding import embed_for_demo
-    from wsi_ssl.mil.demo import mil_for_demo
-    from wsi_ssl.search.demo import demo_region_gallery
-    from wsi_ssl.ssl.demo import demo_pretrain
-    from wsi_ssl.storage import open_store
-    from wsi_ssl.storage.archive import is_archive_root
-    from wsi_ssl.tiling.batch import tile_slides
+    for module in _LATER_STAGES:
+        importlib.import_module(module)
+    _check_inputs(slides, labels, pretrain_steps)
+    out = Path(out)
+    result = DemoResult(out / "archive", [Path(s) for s in slides])
+    say = _sayer(result, echo)
+    if not slides:  # said before the ~25 s it takes to write them
+        demo = demo_slides(out, progress=progress, echo=say)
+        result.slides = list(demo)
+        labels = {path.name: label for path, label in demo.items()} if labels is None else labels
+    if not _tile(result, out, tiling or TilingConfig(), say, progress, error_text):
+        return result
+    run_dir = _pretrain(result, out, pretrain_steps, say, progress)
+    encoder_id = _embed(result.root, run_dir, say, progress)
+    _search(result, out, encoder_id, say)
+    _mil(result, out, labels, encoder_id, say)
+    return result
 
+
+def _check_inputs(
+    slides: Sequence[str | Path],
+    labels: str | Path | Mapping[str, str] | None,
+    pretrain_steps: int,
+) -> None:
+    """Refuse no pretraining steps, and labels without slides, before anything is written."""
     if pretrain_steps < 1:
         raise ConfigError(
             f"pretrain_steps must be >= 1, got {pretrain_steps}", parameters=("pretrain_steps",)
@@ -104,9 +136,10 @@ def run_demo(
             "slides come labelled)",
             parameters=("labels",),
         )
-    out = Path(out)
-    root = out / "archive"
-    result = DemoResult(root, [Path(s) for s in slides])
+
+
+def _sayer(result: DemoResult, echo: Callable[[str], None] | None) -> _Say:
+    """A function that keeps summary lines in ``result.lines`` and echoes each one."""
     show = echo or (lambda _: None)
 
     def say(*lines: str) -> None:
@@ -114,39 +147,84 @@ def run_demo(
         for line in lines:
             show(line)
 
-    if not slides:  # said before the ~25 s it takes to write them
-        demo = demo_slides(out, progress=progress, echo=say)
-        result.slides = list(demo)
-        labels = {path.name: label for path, label in demo.items()} if labels is None else labels
+    return say
+
+
+def _tile(
+    result: DemoResult,
+    out: Path,
+    tiling: TilingConfig,
+    say: _Say,
+    progress: bool,
+    error_text: ErrorText | None,
+) -> bool:
+    """Tile ``result.slides`` into ``result.root`` and show each tiled slide; whether any was
+    tiled (none: it says why, and leaves no archive folder that this run made)."""
+    from wsi_ssl.storage import open_store
+    from wsi_ssl.storage.archive import is_archive_root
+    from wsi_ssl.tiling.batch import tile_slides
+
+    existed = result.root.exists()
     say("== tile")
-    summary = tile_slides(result.slides, root, tiling or TilingConfig(), progress=progress)
-    for r in summary.outcomes:
-        if r.status == "failed":
-            result.failed = True
-            say(f"FAILED {r.slide}: {r.message(error_text)}")
-    archive = open_store(root) if is_archive_root(root) else None
+    summary = tile_slides(result.slides, result.root, tiling, progress=progress)
+    failed = [r for r in summary.outcomes if r.status == "failed"]
+    for r in failed:
+        say(f"FAILED {r.slide}: {r.message(error_text)}")
+    result.failed = bool(failed)
+    archive = open_store(result.root) if is_archive_root(result.root) else None
     result.tiled = len(archive.slide_ids) if archive is not None else 0
     if archive is None or not result.tiled:
-        failed = sum(r.status == "failed" for r in summary.outcomes)
-        why = " (the FAILED lines above say why)" if failed > 1 else " (the FAILED line says why)"
-        say(f"no slide was tiled{why if failed else ''}; the later stages need at least one")
+        said = "lines above say" if len(failed) > 1 else "line says"
+        why = f" (the FAILED {said} why)" if failed else ""
+        say(f"no slide was tiled{why}; the later stages need at least one")
         result.failed = True
-        return result
+        if not existed:
+            _drop_unused_archive(result.root)
+        return False
     for r in summary.outcomes:
-        if r.status == "failed":
-            continue
-        store = archive.slide(r.details["slide_id"])
-        picture = archive.plot_tiles(store.slide_id, out / f"{Path(r.slide).stem}_tiles.png")
-        result.pictures.append(picture)
-        w, h = store.source["dimensions"]
-        say(
-            f"{Path(r.slide).name}: {w}x{h} px at {store.source['mpp']:.3f} µm/px "
-            f"({store.source['mpp_source']}, {store.source['reader']}) -> {store.n_tiles} tiles "
-            f"of {store.tiling['tile_size']} px at {store.tiling['mpp']} µm/px, {r.status}"
-        )
+        if r.status != "failed":
+            _show_tiled(result, archive, out, r, say)
+    return True
+
+
+_UNUSED_ARCHIVE = {"catalog.sqlite"} | {f"catalog.sqlite-{s}" for s in ("journal", "wal", "shm")}
+"""What a tile run that stored no slide leaves in a new archive root, besides ``.locks``."""
+
+
+def _drop_unused_archive(root: Path) -> None:
+    """Remove ``root`` (made by this run, no slide tiled) when it holds only the catalog of the
+    failures said above and lock files; with anything else in it, it is left as it is."""
+    for path in root.rglob("*"):
+        inside = path.relative_to(root).parts
+        if inside[0] == ".locks":
+            if path.is_file() and path.suffix != ".lock":
+                return
+        elif len(inside) > 1 or path.name not in _UNUSED_ARCHIVE:
+            return
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _show_tiled(
+    result: DemoResult, archive: Archive, out: Path, outcome: SlideOutcome, say: _Say
+) -> None:
+    """Draw a tiled slide's tiles (``OUT/<slide>_tiles.png``) and say its scale and tiles."""
+    slide = Path(outcome.slide)
+    store = archive.slide(outcome.details["slide_id"])
+    result.pictures.append(archive.plot_tiles(store.slide_id, out / f"{slide.stem}_tiles.png"))
+    w, h = store.source["dimensions"]
+    say(
+        f"{slide.name}: {w}x{h} px at {store.source['mpp']:.3f} µm/px "
+        f"({store.source['mpp_source']}, {store.source['reader']}) -> {store.n_tiles} tiles "
+        f"of {store.tiling['tile_size']} px at {store.tiling['mpp']} µm/px, {outcome.status}"
+    )
+
+
+def _pretrain(result: DemoResult, out: Path, steps: int, say: _Say, progress: bool) -> Path:
+    """DINO-pretrain a CPU backbone on the archive's tiles (``OUT/pretrain``); its run dir."""
+    from wsi_ssl.ssl.demo import demo_pretrain
 
     say("== pretrain (DINO, CPU backbone)")
-    run = demo_pretrain(root, out / "pretrain", steps=pretrain_steps, progress=progress)
+    run = demo_pretrain(result.root, out / "pretrain", steps=steps, progress=progress)
     speed = f"{run.images_per_s:.1f} images/s" if run.images_per_s else "resumed"
     loss = f"{run.final_loss:.3f}" if run.final_loss is not None else "n/a"
     say(f"{run.step}/{run.total_steps} steps, final loss {loss}, {speed}")
@@ -154,25 +232,48 @@ def run_demo(
         loss_plot = out / "pretrain" / run.loss_plot.name  # as the other pictures are named
         say(f"loss curve: {loss_plot}")
         result.pictures.append(loss_plot)
+    return run.out_dir
+
+
+def _embed(root: Path, run_dir: Path, say: _Say, progress: bool) -> str:
+    """Embed every tile with the pretrained backbone; its encoder_id."""
+    from wsi_ssl.embedding import embed_for_demo
 
     say("== embed")
-    embedded = embed_for_demo(root, run.out_dir, progress=progress)
+    embedded = embed_for_demo(root, run_dir, progress=progress)
     say(*embedded.lines())
+    return embedded.encoder_id
+
+
+def _search(result: DemoResult, out: Path, encoder_id: str, say: _Say) -> None:
+    """Query a region of the first slide in the FAISS index (``OUT/gallery.png``)."""
+    from wsi_ssl.search.demo import demo_region_gallery
 
     say("== search (region query)")
-    _, gallery, lines = demo_region_gallery(root, out / "gallery.png", encoder=embedded.encoder_id)
+    _, gallery, lines = demo_region_gallery(result.root, out / "gallery.png", encoder=encoder_id)
     say(*lines)
-    say(f"browse it: wsi-ssl serve {root} --index {embedded.encoder_id}")
+    say(f"browse it: wsi-ssl serve {result.root} --index {encoder_id}")
     result.pictures.append(gallery)
+
+
+def _mil(
+    result: DemoResult,
+    out: Path,
+    labels: str | Path | Mapping[str, str] | None,
+    encoder_id: str,
+    say: _Say,
+) -> None:
+    """Cross-validate attention MIL on the labelled slides (``OUT/mil``); skipped without
+    labels."""
+    from wsi_ssl.mil.demo import mil_for_demo
 
     say("== MIL (attention MIL, cross-validated)")
     if labels is None:
         say("skipped: give labels (a CSV with columns slide,label) to train a slide classifier")
-        return result
+        return
     # the labelled slides that failed to tile (said above) are left out, and named
     mil = mil_for_demo(
-        root, labels, out / "mil", encoder=embedded.encoder_id, skip_missing=result.failed
+        result.root, labels, out / "mil", encoder=encoder_id, skip_missing=result.failed
     )
     say(*mil.lines)
     result.pictures.extend(mil.pictures)
-    return result
