@@ -230,8 +230,9 @@ def atomic_write_with(path: str | Path, write: Callable[[Path], Any]) -> Path:
     return Path(path)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically."""
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> Path:
+    """Write ``data`` (bytes, or a view of a buffer such as ``BytesIO.getbuffer()``, not
+    copied) to ``path`` atomically."""
     return atomic_write_with(path, lambda tmp: tmp.write_bytes(data))
 
 

@@ -39,10 +39,7 @@ callers must load an index without ``mmap`` before adding or removing vectors.
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
 import json
-import os
 import re
 import shutil
 import time
@@ -71,6 +68,7 @@ from wsi_ssl.storage.atomic import (
     rename_into_place,
     temp_name,
 )
+from wsi_ssl.storage.index_generation import file_sha256, is_disk_full, write_json
 from wsi_ssl.storage.locks import hold_lock
 
 if TYPE_CHECKING:
@@ -209,20 +207,6 @@ def remove_index(root: str | Path, name: str) -> bool:
 # -- writing ----------------------------------------------------------------------------------
 
 
-def _sha256(path: Path, block: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True, allow_nan=False)
-        f.write("\n")
-
-
 def _current_generation(path: Path) -> str | None:
     """The generation the manifest names now (None: no manifest, or unreadable)."""
     try:
@@ -320,15 +304,16 @@ def write_index(
         previous = _current_generation(path)
         tmp = path / temp_name("generation")
         tmp.mkdir()
+        renamed: Path | None = None  # the new generation, once renamed in
         try:
             faiss.write_index(index, str(tmp / INDEX_FILE))
             np.save(tmp / COORDS_FILE, coords, allow_pickle=False)
-            _write_json(tmp / SLIDES_FILE, slides)
+            write_json(tmp / SLIDES_FILE, slides)
             files = {}
             for fname in (INDEX_FILE, COORDS_FILE, SLIDES_FILE):
                 fpath = tmp / fname
                 fsync_file(fpath)
-                files[fname] = {"bytes": fpath.stat().st_size, "sha256": _sha256(fpath)}
+                files[fname] = {"bytes": fpath.stat().st_size, "sha256": file_sha256(fpath)}
             full = {
                 **config,
                 "format": FORMAT,
@@ -338,28 +323,28 @@ def write_index(
                 "dim": int(index.d),
                 "files": files,
             }
-            _write_json(tmp / CONFIG_FILE, full)
+            write_json(tmp / CONFIG_FILE, full)
             fsync_file(tmp / CONFIG_FILE)
             fsync_dir(tmp)
             gens = _generations(path)
             number = gens[-1][0] + 1 if gens else 1
             final = path / f"{GEN_PREFIX}{number:06d}"
             rename_into_place(tmp, final)
+            renamed = final
             manifest = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
                 "generation": final.name,
-                "config_sha256": _sha256(final / CONFIG_FILE),
+                "config_sha256": file_sha256(final / CONFIG_FILE),
                 "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             atomic_write_json(path / MANIFEST, manifest)
         except BaseException as err:
             with interrupts_held():  # a second Ctrl-C waits for the cleanup
                 shutil.rmtree(tmp, ignore_errors=True)
-            # FAISS reports a full disk as a RuntimeError quoting strerror
-            if getattr(err, "errno", None) == errno.ENOSPC or (
-                isinstance(err, RuntimeError) and os.strerror(errno.ENOSPC) in str(err)
-            ):
+                if renamed is not None and _current_generation(path) != renamed.name:
+                    shutil.rmtree(renamed, ignore_errors=True)  # the manifest never named it
+            if is_disk_full(err):
                 raise DiskFullError(path) from err
             raise
         # keep the new generation and the one the manifest named before (a reader may be
@@ -408,7 +393,7 @@ def _check_file(path: Path, expected: dict[str, Any], verify: Verify) -> None:
             path, f"{size} bytes where {expected.get('bytes')} were written (truncated?)"
         )
     hashed = verify is True or (verify == "auto" and size <= VERIFY_MAX_BYTES)
-    if hashed and _sha256(path) != expected.get("sha256"):
+    if hashed and file_sha256(path) != expected.get("sha256"):
         raise CorruptIndexError(path, "sha256 does not match the one recorded at write")
 
 
@@ -430,7 +415,7 @@ def read_index_files(root: str | Path, name: str, *, verify: Verify = "auto") ->
     cpath = gen / CONFIG_FILE
     if not cpath.is_file():
         raise CorruptIndexError(cpath, "config.json of the current generation is missing")
-    if _sha256(cpath) != manifest.get("config_sha256"):
+    if file_sha256(cpath) != manifest.get("config_sha256"):
         raise CorruptIndexError(cpath, "config.json does not match the manifest's sha256")
     config = _read_json(cpath, "config.json")
     files = config.get("files") if isinstance(config, dict) else None

@@ -36,10 +36,11 @@ so by a killed job) is left out and named, as ``embed`` and ``index`` leave it o
 a note, not a failure (its vectors are on disk; the job may still be running); ``export.json``
 lists it under ``left_out``.
 
-Both write ``<out>/export.json`` (encoder, ``name_by``, slide ids, names, files) and write
-each file with ``wsi_ssl.storage.atomic`` (temp file, fsync, rename), so a killed export or a
-full disk never leaves a truncated file under the final name, nor a ``pt`` features file
-without its coords.
+Both write ``<out>/export.json`` (encoder, ``name_by``, slide ids, names, files) and build
+each file in memory, then write it with ``wsi_ssl.storage.atomic`` (temp file, fsync, rename),
+so a killed export or a full disk never leaves a truncated file under the final name, nor a
+``pt`` features file without its coords; a slide whose file meets a full disk fails with a
+``DiskFullError``.
 Slides may be named by id, file name, stem or unique id prefix (``wsi_ssl.storage.resolve``);
 a slide named twice is exported once. Exporting into a folder that holds an earlier export adds
 to it, and is refused for another format, encoder or ``name_by`` (a folder holds each slide's
@@ -49,7 +50,8 @@ bag once, all of one width).
 from __future__ import annotations
 
 import contextlib
-import functools
+import errno
+import io
 import json
 import shlex
 import sqlite3
@@ -63,17 +65,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from wsi_ssl.embedding.summary import incomplete_note
-from wsi_ssl.errors import ConfigError, WsiSslError
+from wsi_ssl.errors import ConfigError, DiskFullError, WsiSslError
 from wsi_ssl.listing import one_or_many
 from wsi_ssl.outcome import BatchOutcome, SlideOutcome
 from wsi_ssl.storage import Archive, SlideStore, open_store
 from wsi_ssl.storage.archive import damaged_slide_id
-from wsi_ssl.storage.atomic import (
-    atomic_path,
-    atomic_write_json,
-    atomic_write_with,
-    sweep_temp_files,
-)
+from wsi_ssl.storage.atomic import atomic_write_bytes, atomic_write_json, sweep_temp_files
 from wsi_ssl.storage.embeddings import Embeddings, embedding_ids, read_embeddings
 from wsi_ssl.storage.resolve import damaged_stores_advice, resolve_encoder, resolve_slide
 from wsi_ssl.storage.swaps import mid_swap_note, split_mid_swap
@@ -82,6 +79,7 @@ __all__ = ["EXPORT_FORMATS", "NAME_BY", "ExportResult", "clam_coords_attrs", "ex
 
 EXPORT_FORMATS = ("clam-h5", "pt")
 NAME_BY = ("stem", "slide_id")
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(kw_only=True)
@@ -152,9 +150,12 @@ def clam_coords_attrs(store: SlideStore, name: str) -> dict[str, Any]:
 
 
 def _write_h5(path: Path, emb: Embeddings, store: SlideStore, name: str) -> None:
+    """The file is built in memory and written by Python (HDF5's C library crashes the process
+    on a full disk), so a full disk is an ``OSError`` and leaves nothing."""
     import h5py
 
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
         feats = f.create_dataset("features", data=np.asarray(emb.features, dtype=np.float32))
         feats.attrs["encoder_id"] = emb.encoder_id
         feats.attrs["encoder"] = json.dumps(emb.encoder, sort_keys=True)
@@ -166,24 +167,26 @@ def _write_h5(path: Path, emb: Embeddings, store: SlideStore, name: str) -> None
         f.attrs["slide_id"] = emb.slide_id
         f.attrs["source_path"] = str(store.source.get("path", ""))
         f.attrs["encoder_id"] = emb.encoder_id
+    with buffer.getbuffer() as view:
+        atomic_write_bytes(path, view)
 
 
 def _write_pt(path: Path, coords_path: Path, emb: Embeddings) -> None:
     """The coords file first, then the features file: a features file is never there
     without its coords (a failure between the two leaves no features file, which a re-run
-    writes)."""
+    writes). Each tensor is saved in memory and written by Python, so a full disk is an
+    ``OSError`` (torch's own writer reports it as an untyped ``RuntimeError``)."""
+    import torch
+
     path.unlink(missing_ok=True)  # an older features file must not outlive new coords
     for p, data in (
         (coords_path, np.asarray(emb.coords, dtype=np.int64)),
         (path, np.asarray(emb.features, dtype=np.float32)),
     ):
-        atomic_write_with(p, functools.partial(_save_tensor, data))
-
-
-def _save_tensor(data: np.ndarray, path: Path) -> None:
-    import torch
-
-    torch.save(torch.from_numpy(np.ascontiguousarray(data)), path)
+        buffer = io.BytesIO()
+        torch.save(torch.from_numpy(np.ascontiguousarray(data)), buffer)
+        with buffer.getbuffer() as view:
+            atomic_write_bytes(p, view)
 
 
 def _names(stores: list[SlideStore], name_by: str) -> dict[str, str]:
@@ -268,8 +271,26 @@ def export(
         "errors": _merged(earlier, "errors", [o.to_dict() for o in result.failed], tried),
         "left_out": _merged(earlier, "left_out", left_out, tried | {r["slide"] for r in left_out}),
     }
-    atomic_write_json(out / "export.json", manifest, indent=2, sort_keys=False)
+    _write_manifest(out / "export.json", manifest)
     return result
+
+
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Write ``export.json``.
+
+    Raises:
+        DiskFullError: the disk filled up (the bag files written before are whole).
+    """
+    try:
+        atomic_write_json(path, manifest, indent=2, sort_keys=False)
+    except OSError as err:
+        if err.errno not in _NO_SPACE:
+            raise
+        advice = (
+            "free space, then re-run the export (the bag files written are whole; export.json, "
+            "which lists them, was not updated)"
+        )
+        raise DiskFullError(path, advice) from err
 
 
 def _stores(
@@ -333,24 +354,25 @@ def _left_out_mid_swap(
 def _export_one(store: SlideStore, eid: str, out: Path, format: str, name: str) -> SlideOutcome:
     """Write one slide's file(s); a slide that cannot be read or written is a failed outcome."""
     started = time.perf_counter()
+    path = out / f"{name}.{'h5' if format == 'clam-h5' else 'pt'}"
     try:
         emb = read_embeddings(store, eid).embedded_only()
         details: dict[str, Any] = {"slide_id": store.slide_id, "name": name}
         if emb.n_not_embedded:
             details["not_embedded"] = emb.n_not_embedded
         details["dim"] = int(emb.features.shape[1])
+        details["file"] = str(path)
         if format == "clam-h5":
-            path = out / f"{name}.h5"
             _write_h5(path, emb, store, name)
-            details["file"] = str(path)
         else:
-            path = out / f"{name}.pt"
             (out / "coords").mkdir(exist_ok=True)
             coords_path = out / "coords" / f"{name}.pt"
             _write_pt(path, coords_path, emb)
-            details.update(file=str(path), coords_file=str(coords_path))
+            details["coords_file"] = str(coords_path)
     except (WsiSslError, OSError) as err:
-        return SlideOutcome.failure(store.slide_id, err, time.perf_counter() - started, name=name)
+        full = not isinstance(err, WsiSslError) and err.errno in _NO_SPACE
+        error = DiskFullError(path) if full else err  # what was half written is removed
+        return SlideOutcome.failure(store.slide_id, error, time.perf_counter() - started, name=name)
     details["source_path"] = str(store.source.get("path", ""))
     return SlideOutcome(
         store.slide_id,
