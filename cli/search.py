@@ -359,11 +359,16 @@ def _retiled_notes(index: SearchIndex, slide_ids: list[str]) -> list[str]:
 
 def _changed_file_note(index: SearchIndex, slide_id: str) -> str | None:
     """A line when the query slide's file no longer holds what was tiled (its new content is
-    another slide, not searched until embedded and added), else None."""
+    another slide, not searched until embedded and added), else None; a damaged catalog is
+    said, not raised: the search it follows succeeded."""
+    from wsi_ssl.errors import CatalogCorruptError
     from wsi_ssl.storage import open_store
     from wsi_ssl.tiling.source import holds_slide
 
-    entry = open_store(index.root).catalog.get(slide_id)
+    try:
+        entry = open_store(index.root).catalog.get(slide_id)
+    except CatalogCorruptError as err:
+        return f"cannot tell whether the query slide's file changed since tiling: {err}"
     if entry is None or not Path(entry.path).exists():  # gone: nothing newer to search
         return None
     if holds_slide(Path(entry.path), entry.fingerprint):

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from wsi_ssl.cli.arg_types import whole_number
 
 if TYPE_CHECKING:
+    from wsi_ssl.search import SearchIndex
     from wsi_ssl.serve.indexes import DefaultIndex
 
 
@@ -89,7 +90,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             "wsi-ssl serve needs fastapi and uvicorn: pip install 'wsi-ssl[serve]'"
         ) from None
-    from wsi_ssl.search import SearchIndex
     from wsi_ssl.serve import create_app
     from wsi_ssl.serve.indexes import default_index
     from wsi_ssl.serve.security import LOOPBACK_HOSTS, check_token
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         )
     check_token(args.token)
     chosen = None if args.name is not None else default_index(args.root)
-    index = SearchIndex.open(args.root, args.name if chosen is None else chosen.name)
+    index = _open_served(args.root, args.name, chosen)
     hosts = (*LOOPBACK_HOSTS, *args.allow_host) if loopback else ("*",)
     app = create_app(
         index,
@@ -144,6 +144,35 @@ def run(args: argparse.Namespace) -> int:
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     print("stopped", flush=True)
     return 0
+
+
+def _open_served(root: Path, name: str | None, chosen: DefaultIndex | None) -> SearchIndex:
+    """Index ``name``, or ``chosen`` (the default) when no --index named one; a damaged
+    default is refused naming the archive's intact indexes and the --index that serves one."""
+    from wsi_ssl.errors import CorruptIndexError, WsiSslError
+    from wsi_ssl.listing import first_few
+    from wsi_ssl.search import SearchIndex
+    from wsi_ssl.storage.index_files import list_indexes
+
+    if chosen is None:
+        return SearchIndex.open(root, name)
+    try:
+        return SearchIndex.open(root, chosen.name)
+    except CorruptIndexError as err:
+        intact = []
+        for other in list_indexes(root):
+            if other != chosen.name:
+                with contextlib.suppress(WsiSslError):
+                    SearchIndex.open(root, other)
+                    intact.append(other)
+        if intact:
+            which = "it" if len(intact) == 1 else "the first"
+            err.args = (
+                f"{err}; serve opens index {chosen.name} when no --index names one "
+                f"({chosen.reason}); the archive's intact indexes: {first_few(intact)} "
+                f"(`--index {intact[0]}` serves {which})",
+            )
+        raise
 
 
 def _index_note(served: str, chosen: DefaultIndex | None, names: list[str]) -> str:

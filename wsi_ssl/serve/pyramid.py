@@ -224,7 +224,8 @@ class Pyramid:
         if len(rows):
             background = self._from_thumbnail(box, size)  # between tissue tiles: the thumbnail
             canvas.paste(background)
-            tiles = TileReader(self.store.tiles).read(rows)
+            # each shard read checked against its CRC: bit-rot decodes to wrong pixels
+            tiles = TileReader(self.store.tiles, verify=True).read(rows)
             paste_tiles(canvas, tiles, coords[rows], (x, y), size0, f)
         else:
             canvas = self._from_thumbnail(box, size)
