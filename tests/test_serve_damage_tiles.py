@@ -65,6 +65,7 @@ def test_a_rotted_shard_is_refused_not_drawn(tmp_path: Path) -> None:
         status, headers, body = raw(base, "GET", tile)
     assert status == 500 and headers["content-type"] == "application/json", body[:200]
     answer = json.loads(body)
-    assert answer["type"] == "TileReadError"
+    assert answer["type"] == "TilesDamagedError"
+    assert answer["error"].startswith("copy.tiff: its stored tiles are damaged (")
     assert "the shard's bytes changed since tiling" in answer["error"]
     assert "--verify-tiles" in answer["error"] and str(root) not in answer["error"]

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from wsi_ssl.errors import ConfigError
+from wsi_ssl.errors import ConfigError, TileReadError
+from wsi_ssl.serve.refusals import TilesDamagedError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -225,7 +226,10 @@ class Pyramid:
             background = self._from_thumbnail(box, size)  # between tissue tiles: the thumbnail
             canvas.paste(background)
             # each shard read checked against its CRC: bit-rot decodes to wrong pixels
-            tiles = TileReader(self.store.tiles, verify=True).read(rows)
+            try:
+                tiles = TileReader(self.store.tiles, verify=True).read(rows)
+            except TileReadError as err:
+                raise TilesDamagedError(self.store.source_name, err) from err
             paste_tiles(canvas, tiles, coords[rows], (x, y), size0, f)
         else:
             canvas = self._from_thumbnail(box, size)

@@ -1,16 +1,22 @@
 """Why the server refuses a request about one slide, in words for the page's user: its tile
-store gone from the archive while the server runs (404), a box that misses the slide (400).
-Each message names the slide by its file name."""
+store gone from the archive while the server runs (404), stored tiles whose bytes changed
+since tiling (500), a box that misses the slide (400). Each message names the slide by its
+file name."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-from wsi_ssl.errors import RegionOutsideSlideError, StoreNotFoundError, WsiSslError
+from wsi_ssl.errors import (
+    RegionOutsideSlideError,
+    StoreNotFoundError,
+    TileReadError,
+    WsiSslError,
+)
 from wsi_ssl.search.queries import clip_box
 
-__all__ = ["StoreGoneError", "check_on_slide"]
+__all__ = ["StoreGoneError", "TilesDamagedError", "check_on_slide"]
 
 
 class StoreGoneError(StoreNotFoundError):
@@ -24,6 +30,19 @@ class StoreGoneError(StoreNotFoundError):
             "opened, searched or labelled until it is tiled again or removed from the index",
         )
         self.path = path
+
+
+class TilesDamagedError(TileReadError):
+    """Stored tiles of slide ``name`` that cannot be drawn (``error``: the read's own error,
+    with the shard and the check command that prints the re-tile)."""
+
+    def __init__(self, name: str, error: TileReadError) -> None:
+        WsiSslError.__init__(
+            self,
+            f"{name}: its stored tiles are damaged ({error.detail}); re-tile it with the "
+            "settings it was tiled with (`wsi-ssl check ROOT --verify-tiles` prints that command)",
+        )
+        self.path, self.tiles, self.detail = error.path, error.tiles, error.detail
 
 
 def check_on_slide(name: str, box: Sequence[int], dimensions: Sequence[int]) -> None:
