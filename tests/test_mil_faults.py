@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_ssl.errors import ConfigError, StoreLockedError
+from wsi_ssl.errors import ConfigError, DiskFullError, StoreLockedError
 from wsi_ssl.storage.atomic import FAULT_ENV, aside_directory
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -124,7 +124,7 @@ def test_full_disk_at_the_swap_keeps_the_old_run(
     out = tmp_path / "run"
     _train_in_process(archive, out, epochs=2)
     monkeypatch.setenv(FAULT_ENV, f"enospc_before_rename:{out}")
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DiskFullError, match="no space left"):
         _train_in_process(archive, out, epochs=3, overwrite=True)
     monkeypatch.delenv(FAULT_ENV)
     # the old run is aside (the new one never landed); the next train puts it back first

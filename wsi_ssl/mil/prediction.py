@@ -8,11 +8,12 @@ Writes, under ``OUT`` (default ``RUN/predictions``)::
     tiles/<slide_id>.png       the most attended tiles (stores that keep tiles)
     geojson/<slide_id>.geojson every tile of the bag with its attention, for QuPath
 
-A slide that cannot be predicted (no embeddings of the run's encoder, an empty bag) is
-reported and the others go on. ``predictions.csv`` gathers every slide predicted into ``OUT``
-by one run (another run's predictions there are refused: their rows and pictures would mix):
-a later call (other slides, another archive) replaces the rows of the slides it tries (a
-slide that fails loses its earlier row) and keeps the others, as it keeps their pictures.
+A slide that cannot be predicted (no embeddings of the run's encoder, an empty bag, a store
+whose metadata is damaged) is reported and the others go on. ``predictions.csv`` gathers
+every slide predicted into ``OUT`` by one run (another run's predictions there are refused:
+their rows and pictures would mix): a later call (other slides, another archive) replaces
+the rows of the slides it tries (a slide that fails loses its earlier row) and keeps the
+others, as it keeps their pictures.
 
 Each slide's pictures are drawn under temporary names, renamed over the earlier ones only
 once all are complete, and its row goes into ``predictions.csv`` (rewritten atomically after
@@ -38,6 +39,7 @@ from wsi_ssl.mil.run import IN_SAMPLE, MILPrediction, MILRun, load, same_run
 from wsi_ssl.mil.training import torch_threads
 from wsi_ssl.outcome import BatchOutcome, ErrorText, SlideOutcome, interrupt_report
 from wsi_ssl.storage import Archive, SlideStore, open_store
+from wsi_ssl.storage.archive import damaged_slide_id
 from wsi_ssl.storage.atomic import (
     atomic_write_text,
     fsync_file,
@@ -200,7 +202,8 @@ def predict(
         progress: show a progress bar.
 
     Raises:
-        CheckpointError: ``run`` is not a run.
+        CheckpointError: ``run`` is not a run, or a checkpoint is not the file training
+            wrote (its sha256 differs from the one ``run.json`` records).
         StoreNotFoundError: ``root`` is not an archive.
         UnknownSlideError: a name in ``slides`` matches no complete store, or several.
         EncoderMismatchError: none of the slides has embeddings of the run's encoder but some
@@ -212,7 +215,8 @@ def predict(
     started = time.perf_counter()
     model = run if isinstance(run, MILRun) else load(run)
     archive = open_store(root)
-    ids = resolve_slides(archive, slides) if slides else archive.slide_ids
+    scan = None if slides else archive.scan()  # every store: the damaged ones fail, named
+    ids = scan.complete if scan is not None else resolve_slides(archive, slides or [])
     names = slide_file_names(archive, ids)
     have = {sid: embedding_ids(archive.store_path(sid)) for sid in ids}
     if ids and not any(model.encoder_id in e for e in have.values()):
@@ -230,6 +234,10 @@ def predict(
     result = PredictResult(
         out=out, run=model.path, encoder_id=model.encoder_id, classes=model.classes
     )
+    for err in scan.damaged if scan is not None else []:
+        sid = damaged_slide_id(err)
+        table.drop(sid)  # its earlier row is not current
+        result.outcomes.append(SlideOutcome.failure(sid, err))
     with (
         torch_threads(model.config.threads),
         interrupt_report(

@@ -25,7 +25,7 @@ from wsi_ssl.errors import (
 )
 from wsi_ssl.mil.config import MILConfig
 from wsi_ssl.mil.learners import Predictor, get_learner
-from wsi_ssl.mil.rundir import CHECKPOINT_FORMAT, RUN_FORMAT
+from wsi_ssl.mil.rundir import CHECKPOINT_FORMAT, RUN_FORMAT, verify_checkpoints
 from wsi_ssl.stain_settings import stain_key, stain_text
 from wsi_ssl.storage import SlideStore
 from wsi_ssl.storage.embeddings import Embeddings, embedding_ids
@@ -324,7 +324,8 @@ def load(run: str | Path, *, fold: int | None = None, device: str = "cpu") -> MI
         device: where the models run ("cpu", "cuda", "auto").
 
     Raises:
-        CheckpointError: not a run, a checkpoint missing or unreadable, or no such fold.
+        CheckpointError: not a run, a checkpoint missing, unreadable or not the file training
+            wrote (its sha256 differs from the one run.json records), or no such fold.
     """
     from wsi_ssl.device import resolve_device
 
@@ -350,6 +351,7 @@ def load(run: str | Path, *, fold: int | None = None, device: str = "cpu") -> MI
         if fold not in folds:
             raise CheckpointError(f"{path}: no fold {fold}; the run has folds {folds}")
         folds = [fold]
+    verify_checkpoints(path, info, folds)  # the files training wrote, or refused
     models: list[Any] = []
     for f in folds:
         ckpt_path = path / checkpoints[f]

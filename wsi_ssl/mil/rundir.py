@@ -7,6 +7,8 @@ Everything is written under ``.<name>.partial`` beside the run and renamed into 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import shutil
 import time
@@ -16,19 +18,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from wsi_ssl.errors import CheckpointError
 from wsi_ssl.mil.config import MILConfig
 from wsi_ssl.mil.matching import MatchReport, training_tilings
 from wsi_ssl.mil.metrics import plot_roc
-from wsi_ssl.storage.atomic import atomic_write_text, replace_directory
+from wsi_ssl.storage.atomic import atomic_write_bytes, atomic_write_text, replace_directory
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "FORMAT_VERSION",
     "RUN_FORMAT",
+    "checkpoint_digests",
     "encoder_attrs",
     "partial_dir",
     "publish",
     "replaced_run_note",
+    "verify_checkpoints",
     "write_csv",
     "write_fold",
     "write_predictions",
@@ -59,14 +64,58 @@ def write_fold(
     partial: Path, fold: int, checkpoint: dict[str, Any], history: list[dict[str, Any]]
 ) -> str:
     """``folds/fold_<f>/model.pt`` (and ``history.csv`` when there is one); returns the
-    checkpoint's path relative to the run."""
+    checkpoint's path relative to the run.
+
+    The checkpoint is serialised in memory and written atomically, so a full disk is an
+    ``OSError`` (ENOSPC), not torch's ``RuntimeError``."""
     fold_dir = partial / "folds" / f"fold_{fold}"
     fold_dir.mkdir()
-    torch.save(checkpoint, fold_dir / "model.pt")
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    atomic_write_bytes(fold_dir / "model.pt", buffer.getvalue())
     if history:
         keys = list(dict.fromkeys(k for row in history for k in row))
         write_csv(fold_dir / "history.csv", keys, [[row.get(k) for k in keys] for row in history])
     return f"folds/fold_{fold}/model.pt"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_digests(run: Path, checkpoints: list[str]) -> dict[str, str]:
+    """The sha256 of each checkpoint (paths relative to ``run``), as ``run.json`` records
+    them under ``checkpoint_sha256``."""
+    return {rel: _sha256(run / rel) for rel in checkpoints}
+
+
+def verify_checkpoints(run: Path, info: dict[str, Any], folds: list[int]) -> None:
+    """Check the checkpoints of ``folds`` against the sha256 ``run.json`` (``info``) records;
+    a run written before these records (none) passes.
+
+    Raises:
+        CheckpointError: a checkpoint is not the file training wrote (altered or damaged).
+    """
+    recorded = info.get("checkpoint_sha256") or {}
+    for fold in folds:
+        rel = info["checkpoints"][fold]
+        if rel not in recorded:
+            continue
+        path = run / rel
+        try:
+            digest = _sha256(path)
+        except OSError as err:
+            raise CheckpointError(f"{path}: cannot read checkpoint ({err})") from err
+        if digest != recorded[rel]:
+            raise CheckpointError(
+                f"{path}: checkpoint is damaged or was altered (its sha256 is not the one "
+                f"{run / 'run.json'} recorded when it was trained); its predictions cannot be "
+                "trusted: train the run again (`wsi-ssl mil train ... --overwrite`)"
+            )
 
 
 def checkpoint_header(

@@ -16,12 +16,14 @@ Run layout (written under a temporary name and renamed into place when complete)
     RUN/splits.csv         slide, patient, label, fold
     RUN/predictions.csv    out-of-fold class probabilities of every labelled slide
     RUN/folds/fold_<f>/model.pt      checkpoint: state dict + MILConfig + encoder_id + classes
+                                     (its sha256 in run.json, checked when the run predicts)
     RUN/folds/fold_<f>/history.csv   per epoch: train loss, validation loss and metric
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -32,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsi_ssl.errors import ConfigError
+from wsi_ssl.errors import ConfigError, DiskFullError
 from wsi_ssl.interrupts import interrupts_held
 from wsi_ssl.mil.config import MILConfig
 from wsi_ssl.mil.cv import fold_splits, folds_from_table
@@ -45,6 +47,7 @@ from wsi_ssl.mil.metrics import classification_metrics
 from wsi_ssl.mil.rundir import (
     CHECKPOINT_FORMAT,
     RUN_FORMAT,
+    checkpoint_digests,
     checkpoint_header,
     partial_dir,
     publish,
@@ -201,6 +204,7 @@ def train(
         EmbeddingsCorruptError: a bag fails to decode when read (unless ``skip_missing``).
         ConfigError: bad settings, or ``out`` holds a run and ``overwrite`` is False.
         TrainingDivergedError: a non-finite loss.
+        DiskFullError: the disk filled up while writing the run (nothing was left of it).
     """
     config = dataclasses.replace(config or MILConfig(), **options)
     out = Path(out)
@@ -271,9 +275,11 @@ def _train(
         result = _cross_validate(
             root, out, partial, config, report, folds, splits, fold_source, device, log, started
         )
-    except BaseException:
+    except BaseException as err:
         with interrupts_held():  # nothing half-written is left behind, Ctrl-C twice or not
             shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(out) from err
         raise
     if replaced is not None:
         result.notes.append(replaced)
@@ -365,6 +371,7 @@ def _cross_validate(
     info |= {
         "seeds": {"split": config.seed, "folds": [r.seed for r in results]},
         "checkpoints": [r.checkpoint for r in results],
+        "checkpoint_sha256": checkpoint_digests(partial, [r.checkpoint for r in results]),
         "report": report.to_dict(),
         "notes": notes,
         "training_slides": {s.slide_id: int(f) for s, f in zip(slides, folds, strict=True)},
