@@ -45,8 +45,11 @@ def open_slide_store(path: str | Path, *, require_complete: bool = True) -> Slid
 
     Raises:
         StoreNotFoundError, StoreIncompleteError, SchemaMismatchError: as ``SlideStore.open``.
-        StoreCorruptError: ``zarr.json`` (or a member's) is truncated or unreadable.
+        StoreCorruptError: ``zarr.json`` (or a member's) is truncated or unreadable, or the
+            store's folder is there without its ``zarr.json`` (lost: its data is still there).
     """
+    if Path(path).is_dir() and not (Path(path) / "zarr.json").is_file():
+        raise StoreCorruptError(path, "its zarr.json, the store's metadata, is missing")
     try:
         store = SlideStore.open(path, require_complete=require_complete)
         _ = store.status, store.source, store.tiling, store.n_tiles
@@ -117,7 +120,8 @@ class Archive:
         return self.slides_dir / f"{slide_id}.zarr"
 
     def scan(self) -> StoreScan:
-        """Every store under ``slides/``, sorted; damaged ones reported, not raised."""
+        """Every store under ``slides/``, sorted; damaged ones (a folder without its
+        ``zarr.json`` too) reported, not raised."""
         scan = StoreScan()
         for path in sorted(self._glob("*.zarr")):
             try:

@@ -7,7 +7,7 @@ tile's area fraction of C annotation classes, the class names in the ``classes``
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -15,10 +15,13 @@ import numpy as np
 import zarr
 
 from wsi_ssl.errors import NoLabelsError
-from wsi_ssl.storage.codecs import CHECKED_ZSTD, read_values
+from wsi_ssl.storage.codecs import CHECKED_ZSTD
 
 QC_GROUP = "qc"
 LABELS_GROUP = "labels"
+
+ValuesReader = Callable[[str], np.ndarray]
+"""Reads a store's member array by its path (``qc/focus``), checked: ``SlideStore._values``."""
 
 
 QC_CHUNK = 1 << 16
@@ -34,19 +37,18 @@ def write_qc(group: zarr.Group, scores: Mapping[str, np.ndarray]) -> None:
         qc.create_array(metric, data=data, chunks=chunks, compressors=CHECKED_ZSTD)
 
 
-def read_qc(group: zarr.Group, path: Path) -> dict[str, np.ndarray]:
-    """Every ``qc/<metric>`` as float32 (N,); empty when the store (at ``path``) has none.
+def read_qc(group: zarr.Group, values: ValuesReader) -> dict[str, np.ndarray]:
+    """Every ``qc/<metric>`` of the store ``group`` as float32 (N,), read by ``values``; empty
+    when the store has none.
 
     Raises:
-        StoreCorruptError: a chunk file of a metric does not decode.
+        StoreCorruptError: a chunk file of a metric does not decode, or was lost (its values
+            are not those recorded at completion).
     """
     if QC_GROUP not in group:
         return {}
     qc = cast(zarr.Group, group[QC_GROUP])
-    return {
-        name: read_values(cast("zarr.Array[Any]", qc[name]), path, f"{QC_GROUP}/{name}")
-        for name in sorted(qc.array_keys())
-    }
+    return {name: values(f"{QC_GROUP}/{name}") for name in sorted(qc.array_keys())}
 
 
 def write_labels(
@@ -61,12 +63,16 @@ def write_labels(
     array.attrs["classes"] = list(classes)
 
 
-def read_labels(group: zarr.Group, path: Path, name: str) -> tuple[np.ndarray, list[str]]:
-    """``labels/<name>`` as (float32 (N, C), class names).
+def read_labels(
+    group: zarr.Group, path: Path, name: str, values: ValuesReader
+) -> tuple[np.ndarray, list[str]]:
+    """``labels/<name>`` of the store ``group`` (at ``path``) as (float32 (N, C), class
+    names), read by ``values``.
 
     Raises:
         NoLabelsError: the store has no such labels (tiled without annotations).
-        StoreCorruptError: a chunk file of them does not decode.
+        StoreCorruptError: a chunk file of them does not decode, or was lost (their values
+            are not those recorded at completion).
     """
     labels = group.get(LABELS_GROUP)
     names = sorted(labels.array_keys()) if isinstance(labels, zarr.Group) else []
@@ -74,5 +80,5 @@ def read_labels(group: zarr.Group, path: Path, name: str) -> tuple[np.ndarray, l
         raise NoLabelsError(path, name, names)
     assert isinstance(labels, zarr.Group)
     array = cast("zarr.Array[Any]", labels[name])
-    values = read_values(array, path, f"{LABELS_GROUP}/{name}")
-    return values, [str(c) for c in cast("list[str]", array.attrs["classes"])]
+    fractions = values(f"{LABELS_GROUP}/{name}")
+    return fractions, [str(c) for c in cast("list[str]", array.attrs["classes"])]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from wsi_ssl.errors import ConfigError, EmbeddingsNotFoundError, UnknownSlideError
 from wsi_ssl.listing import first_few, one_or_many
-from wsi_ssl.storage.archive import Archive
+from wsi_ssl.storage.archive import Archive, damaged_slide_id
 from wsi_ssl.storage.embeddings import embedding_ids
 
 __all__ = [
@@ -98,12 +98,14 @@ def resolve_slides(archive: Archive, wanted: str | Iterable[str]) -> list[str]:
 
     Raises:
         UnknownSlideError: a name matches no complete store, or several (the first such name).
+        StoreCorruptError, SchemaMismatchError: a name matches no complete store but one
+            damaged store (its error, which says how to redo it).
     """
     ids = archive.slide_ids
     names = slide_names(archive, ids)
     out: list[str] = []
     for name in one_or_many(wanted):
-        found = _lookup(names, ids, name) or _swapping(archive, name)
+        found = _lookup(names, ids, name) or _swapping(archive, name) or _damaged(archive, name)
         if len(found) != 1:
             hint = "" if found else _known(names, ids)
             raise UnknownSlideError(name, f"archive {archive.root}", hint, matches=list(found))
@@ -124,6 +126,17 @@ def _swapping(archive: Archive, name: str) -> set[str]:
 
     SlideStore.open(archive.store_path(next(iter(found))))  # StoreNotFoundError
     return found
+
+
+def _damaged(archive: Archive, name: str) -> set[str]:
+    """Raise the error of the one damaged store ``name`` names (by id, id prefix or, from the
+    catalog, file name; :attr:`Archive.damaged` of the latest scan), which says what to do,
+    rather than calling it no such slide; none (an empty set) when it names none or several."""
+    damaged = {damaged_slide_id(err): err for err in archive.damaged}
+    found = _lookup(slide_names(archive, damaged), list(damaged), name) if damaged else set()
+    if len(found) == 1:
+        raise damaged[next(iter(found))]
+    return set()
 
 
 def _known(names: dict[str, set[str]], ids: list[str], shown: int = 5) -> str:

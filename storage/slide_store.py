@@ -11,7 +11,6 @@ point leaves the previous complete store or the new complete one, which `recover
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -47,6 +46,12 @@ from wsi_ssl.storage.shards import (
     shard_index_ok,
     shard_path,
 )
+from wsi_ssl.storage.store_digests import (
+    array_sha256,
+    changed_since_tiling,
+    check_digest,
+    digested_arrays,
+)
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -81,6 +86,8 @@ class SlideStore:
     def __init__(self, path: str | Path, group: zarr.Group) -> None:
         self.path = Path(path)
         self.group = group
+        self._checked: set[str] = set()
+        """The arrays whose values were checked against their recorded digest (once each)."""
 
     # -- creation --------------------------------------------------------------------------
     @classmethod
@@ -201,18 +208,8 @@ class SlideStore:
         Raises:
             KeyError: an array is not there; ValueError: its metadata cannot be read.
         """
-        if names is None:  # from the folders: the embeddings' metadata is none of ours
-            names = []
-            for folder, dirs, files in os.walk(self.path):
-                rel = Path(folder).relative_to(self.path).as_posix()
-                if rel == ".":
-                    dirs[:] = [d for d in dirs if d not in ("tiles", "embeddings")]
-                elif "zarr.json" in files:
-                    meta = json.loads((Path(folder) / "zarr.json").read_text())
-                    if meta.get("node_type") == "array":
-                        dirs[:] = []  # its chunks
-                        names.append(rel)
-        return {name: array_sha256(self._values(name)) for name in sorted(names)}
+        names = digested_arrays(self.path) if names is None else names
+        return {name: array_sha256(self._read(name)) for name in sorted(names)}
 
     @property
     def recorded_contents(self) -> dict[str, str]:
@@ -225,9 +222,23 @@ class SlideStore:
         """The member array ``name`` (zarr types a group's members as array or group)."""
         return cast("zarr.Array[Any]", self.group[name])
 
-    def _values(self, name: str) -> np.ndarray:
-        """Member array ``name``'s values (StoreCorruptError: a chunk file does not decode)."""
+    def _read(self, name: str) -> np.ndarray:
+        """Member array ``name``'s values as on disk, unchecked against their digest
+        (StoreCorruptError: a chunk file does not decode)."""
         return read_values(self._array(name), self.path, name)
+
+    def _values(self, name: str) -> np.ndarray:
+        """Member array ``name``'s values (a path such as ``qc/focus``), checked against the
+        digest recorded at completion on the first read (storage/store_digests.py).
+
+        Raises:
+            StoreCorruptError: a chunk file does not decode, or was lost (read as zeros).
+        """
+        values = self._read(name)
+        if name not in self._checked:
+            check_digest(self.path, name, values, self.recorded_contents)
+            self._checked.add(name)
+        return values
 
     @property
     def slide_id(self) -> str:
@@ -281,13 +292,13 @@ class SlideStore:
         """``qc/<metric>`` scores, float32 (N,) each; {} for a store tiled without QC."""
         from wsi_ssl.storage.per_tile import read_qc
 
-        return read_qc(self.group, self.path)
+        return read_qc(self.group, self._values)
 
     def labels(self, name: str = "annotations") -> tuple[np.ndarray, list[str]]:
         """``labels/<name>``: float32 (N, C) class fractions per tile and the class names."""
         from wsi_ssl.storage.per_tile import read_labels
 
-        return read_labels(self.group, self.path, name)
+        return read_labels(self.group, self.path, name, self._values)
 
     def write_labels(self, name: str, fractions: np.ndarray, classes: Sequence[str]) -> None:
         """Store ``labels/<name>``: each tile's area fraction of the annotation ``classes``."""
@@ -348,9 +359,9 @@ class SlideStore:
                 return (
                     f"{len(damaged)} of {expected} tile shard files damaged (shard {which}: {why})"
                 )
-            for name, rows in (
-                ("coords", len(self.coords)),
-                ("tissue_fraction", len(self.tissue_fraction)),
+            for name, rows in (  # unchecked: the digests are compared below, all at once
+                ("coords", len(self._read("coords"))),
+                ("tissue_fraction", len(self._read("tissue_fraction"))),
             ):
                 if rows != n:
                     return f"{name} has {rows} rows for {n} tiles"
@@ -358,7 +369,7 @@ class SlideStore:
             now = self.contents_sha256(list(recorded) or None)  # reads every array
             changed = [name for name, digest in recorded.items() if now[name] != digest]
             if changed:
-                return f"{', '.join(changed)} changed since tiling (chunk files lost or altered)"
+                return changed_since_tiling(changed)
         except StoreCorruptError as err:
             return err.detail
         except (OSError, ValueError, KeyError, TypeError) as err:
@@ -378,12 +389,6 @@ class SlideStore:
 
     def write_tiles(self, start: int, tiles: np.ndarray) -> None:
         self.tiles[start : start + len(tiles)] = tiles
-
-
-def array_sha256(values: np.ndarray) -> str:
-    """sha256 of an array's bytes in C order (for int64 coordinates, the embeddings'
-    ``coords_sha256``)."""
-    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
 
 
 def recorded_attrs(path: str | Path) -> dict[str, Any]:

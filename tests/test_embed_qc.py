@@ -36,6 +36,7 @@ from wsi_ssl.storage.embeddings import (
     read_embeddings,
 )
 from wsi_ssl.storage.shards import SHARD_CHECKSUMS, shard_path
+from wsi_ssl.storage.slide_store import CONTENTS_SHA256, rewrite_attrs
 from wsi_ssl.storage.tile_reader import TileReader
 from wsi_ssl.synthetic import write_synthetic_slide
 from wsi_ssl.tiling.batch import tile_slide
@@ -49,14 +50,18 @@ ENCODER = "random-cnn"
 PLANTED = ([0, 1, 5, 17, 18, 19, 34], [3, 4, 11])
 
 
-def _plant(store: SlideStore, flagged: list[int]) -> None:
-    """QC scores that flag exactly ``flagged`` (pen ink) and pass every other tile."""
+def _plant(store: SlideStore, flagged: list[int]) -> SlideStore:
+    """QC scores that flag exactly ``flagged`` (pen ink) and pass every other tile, recorded
+    as the store's contents (reads check them); the store opened again."""
     n = store.n_tiles
     pen = np.zeros(n, np.float32)
     pen[flagged] = 0.9
     scores = {"pen": pen, "focus": np.full(n, 1e6), "tissue": np.ones(n), "dark": np.zeros(n)}
     for metric, values in scores.items():
         zarr.open_array(store.path / "qc" / metric, mode="r+")[:] = values
+    planted = SlideStore.open(store.path).contents_sha256([f"qc/{m}" for m in scores])
+    rewrite_attrs(store.path, {CONTENTS_SHA256: {**store.recorded_contents, **planted}})
+    return SlideStore.open(store.path)
 
 
 def _stores(root: Path) -> list[SlideStore]:
@@ -75,7 +80,7 @@ def tiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.
     stores.sort(key=lambda s: -s.n_tiles)
     flagged = {}
     for store, planted in zip(stores, PLANTED, strict=True):
-        _plant(store, planted)
+        store = _plant(store, planted)
         flagged[store.slide_id] = np.asarray(planted)
         assert np.array_equal(np.flatnonzero(~kept_tiles(store)), planted)
     return base / "root", flagged
@@ -218,7 +223,7 @@ def test_a_slide_whose_every_tile_is_flagged(tiled, tmp_path, monkeypatch) -> No
     root = tmp_path / "root"
     shutil.copytree(tiled[0], root)
     small = min(_stores(root), key=lambda s: s.n_tiles)
-    _plant(small, list(range(small.n_tiles)))
+    small = _plant(small, list(range(small.n_tiles)))
     summary = embed(root, ENCODER, SKIP, slides=[small.slide_id])
     [o] = summary.outcomes
     assert (o.status, o.n_tiles, o.details["not_embedded"]) == ("complete", 0, 25)
@@ -339,7 +344,7 @@ def test_jpeg_streams_of_flagged_tiles_are_not_read_for_device_decoding(tmp_path
     tile_slide(path, tmp_path / "root", replace(TILING, codec="jpeg"))
     [store] = _stores(tmp_path / "root")
     flagged = [0, 7, 8, 24]
-    _plant(store, flagged)
+    store = _plant(store, flagged)
     streams: list[int] = []
     real = TileReader.read_encoded
 

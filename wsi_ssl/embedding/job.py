@@ -25,6 +25,8 @@ from wsi_ssl.errors import (
     CheckpointError,
     ConfigError,
     InputSizeMismatchError,
+    SchemaMismatchError,
+    StoreCorruptError,
     UnknownSlideError,
     WsiSslError,
 )
@@ -221,7 +223,7 @@ def _unknown_slide(archive: Archive, name: str) -> SlideOutcome | None:
         return None
     try:
         resolve_slide(archive, name)
-    except UnknownSlideError as err:
+    except (UnknownSlideError, StoreCorruptError, SchemaMismatchError) as err:  # or damaged
         return SlideOutcome.failure(name, err)
     return None
 

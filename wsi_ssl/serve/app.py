@@ -52,6 +52,8 @@ from wsi_ssl.errors import (
     IndexNotFoundError,
     NoTilesInRegionError,
     RegionOutsideSlideError,
+    SchemaMismatchError,
+    StoreCorruptError,
     StoreIncompleteError,
     StoreLockedError,
     StoreNotFoundError,
@@ -136,7 +138,7 @@ def read_slide_labels(index: SearchIndex, path: str | Path) -> dict[str, str]:
     for row in read_labels(path, for_training=False).rows:
         try:
             out[resolve_slide(archive, row.slide)] = row.label
-        except UnknownSlideError as err:
+        except (UnknownSlideError, StoreCorruptError, SchemaMismatchError) as err:  # or damaged
             skipped.append(f"line {row.line}: {redact_paths(str(err))}")
     if skipped:
         warning = (
