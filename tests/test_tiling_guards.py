@@ -220,11 +220,11 @@ def test_a_re_tile_says_why(tmp_path: Path) -> None:
     assert code == 0 and outcome["status"] == "complete", err
     assert outcome["retiled_because"] == "settings changed: tissue_threshold 0.1 -> 0.2"
     code, out, _ = run_cli([*argv, "--tissue-threshold", "0.2"])
-    assert code == 0 and "re-tiled" not in out and "1 already complete" in out
+    assert code == 0 and f"{slide}: re-tiled" not in out and "1 already complete" in out
     code, out, _ = run_cli([*argv, "--tissue-threshold", "0.2", "--no-resume"])
     assert code == 0 and f"{slide}: re-tiled: resume off" in out
     code, out, _ = run_cli([*argv, "--tissue-threshold", "0.2", "--qc-min-focus", "50"])
-    assert code == 0 and "re-tiled" not in out
+    assert code == 0 and ": re-tiled" not in out
     assert f"{slide}: QC thresholds updated, tiles kept: qc_min_focus 200.0 -> 50.0" in out
     code, out, _ = run_cli([*argv, "--tissue-threshold", "0.2", "--qc-min-focus", "50", "--no-qc"])
     assert code == 0 and f"{slide}: re-tiled: settings changed: qc True -> False" in out
