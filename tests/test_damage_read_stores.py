@@ -12,29 +12,21 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import zarr
 
 from tests.conftest import run_cli
+from tests.test_store_checksums import READERS as CHECKED_READS
 from wsi_ssl.errors import StoreCorruptError
 from wsi_ssl.search import SearchIndex
 from wsi_ssl.storage import SlideStore, open_store
 from wsi_ssl.storage.check import check_archive
 from wsi_ssl.storage.resolve import resolve_slides
 
-READERS: dict[str, Callable[[SlideStore], Any]] = {
-    "coords": lambda store: store.coords,
-    "tissue_fraction": lambda store: store.tissue_fraction,
-    "thumbnail": lambda store: store.thumbnail,
-    "tissue_mask": lambda store: store.tissue_mask,
-    "qc/focus": lambda store: store.qc(),
-    "qc/tissue": lambda store: store.qc(),
-}
+READERS = {name: read for name, read in CHECKED_READS.items() if not name.startswith("labels/")}
 """Arrays of a store whose values are not all zeros, and the public read that returns each."""
 LOST = "changed since tiling (chunk files lost or altered)"
 EMBED = ["embed", "--encoder", "random-cnn", "--device", "cpu", "--workers", "0", "--quiet"]

@@ -37,7 +37,12 @@ JOB = {"resize": "bilinear", "device": "cpu", "workers": 0, "batch_size": 16}
 def archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
     """Two synthetic slides tiled at 64 px (JPEG 90): the archive and each slide's file by
     slide id."""
-    base = tmp_path_factory.mktemp("retile_race")
+    return tile_two_slides(tmp_path_factory.mktemp("retile_race"))
+
+
+def tile_two_slides(base: Path) -> tuple[Path, dict[str, Path]]:
+    """Two synthetic slides written in ``base`` and tiled with :data:`TILING` into
+    ``base/root``: the archive and each slide's file by slide id."""
     files = {}
     for seed, size in ((1, (512, 384)), (2, (640, 512))):
         path = write_synthetic_slide(base / f"s{seed}.tiff", size, seed=seed)

@@ -12,24 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_embed_retile_race import TILING, _embed_while
+from tests.test_embed_retile_race import TILING, _embed_while, tile_two_slides
 from wsi_ssl.errors import StoreRetiledError
 from wsi_ssl.storage import open_store
 from wsi_ssl.storage.embeddings import EmbeddingWriter
-from wsi_ssl.synthetic import write_synthetic_slide
-from wsi_ssl.tiling.batch import tile_slide
 
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
     """Two synthetic slides tiled at 64 px, never embedded: the archive and each slide's file
     by slide id."""
-    base = tmp_path_factory.mktemp("retile_refused")
-    files = {}
-    for seed, size in ((1, (512, 384)), (2, (640, 512))):
-        path = write_synthetic_slide(base / f"s{seed}.tiff", size, seed=seed)
-        files[tile_slide(path, base / "root", TILING).details["slide_id"]] = path
-    return base / "root", files
+    return tile_two_slides(tmp_path_factory.mktemp("retile_refused"))
 
 
 def _tree(folder: Path) -> list[str]:
