@@ -31,7 +31,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 __all__ = [
     "FAULT_ENV",
@@ -48,6 +48,7 @@ __all__ = [
     "fsync_file",
     "fsync_tree",
     "host_name",
+    "is_no_space",
     "parse_temp_name",
     "pid_alive",
     "remove_path",
@@ -144,6 +145,11 @@ def fsync_tree(root: str | Path) -> None:
         for name in files:
             fsync_file(os.path.join(folder, name))
         fsync_dir(folder)
+
+
+def is_no_space(err: BaseException) -> TypeGuard[OSError]:
+    """Whether ``err`` is a full disk or a spent quota (``ENOSPC``, ``EDQUOT``)."""
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def fault_point(final: str | Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_ssl.errors import CatalogCorruptError, CatalogWriteError, DiskFullError, WsiSslError
-from wsi_ssl.storage.atomic import fsync_file, rename_into_place, temp_name
+from wsi_ssl.storage.atomic import fsync_file, is_no_space, rename_into_place, temp_name
 from wsi_ssl.storage.slide_store import STATUS_COMPLETE, SlideStore
 
 _SCHEMA = """
@@ -268,7 +268,7 @@ def _raise_typed(path: Path, err: OSError | sqlite3.Error) -> None:
 def _os_typed(path: Path, err: OSError) -> WsiSslError | None:
     """The typed error naming the catalog ``path`` for a failed write (a typed one of another
     path, a temp file's, is named again); None for other errors."""
-    if isinstance(err, DiskFullError) or err.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(err, DiskFullError) or is_no_space(err):
         return _full(path)
     if isinstance(err, CatalogWriteError):
         return CatalogWriteError(path, err.reason)

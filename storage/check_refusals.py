@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wsi_ssl.errors import CatalogWriteError, DiskFullError
+from wsi_ssl.storage.atomic import is_no_space
 from wsi_ssl.storage.catalog import NOT_WRITABLE, permission_denied, why_not_writable
 from wsi_ssl.storage.check_report import Finding
 
@@ -27,7 +28,6 @@ __all__ = [
 ]
 
 READ_ONLY, FULL, DENIED = "read-only", "full", "permission denied"
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,8 @@ def refusal(err: BaseException | None) -> Refusal | None:
             if refused is not None and refused[0] == errno.EACCES:
                 return _denied(err.path) or Refusal(READ_ONLY, err.reason)
             return Refusal(READ_ONLY, err.reason)
-        if isinstance(err, OSError) and err.errno in _NO_SPACE:
-            return Refusal(FULL, err.strerror or os.strerror(err.errno))
+        if is_no_space(err):
+            return Refusal(FULL, err.strerror or os.strerror(err.errno or errno.ENOSPC))
         if isinstance(err, OSError) and err.errno in NOT_WRITABLE:
             words = err.strerror or os.strerror(err.errno)
             if err.errno == errno.EROFS:

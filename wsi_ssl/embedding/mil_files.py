@@ -50,7 +50,6 @@ bag once, all of one width).
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import json
 import shlex
@@ -70,7 +69,12 @@ from wsi_ssl.listing import one_or_many
 from wsi_ssl.outcome import BatchOutcome, SlideOutcome
 from wsi_ssl.storage import Archive, SlideStore, open_store
 from wsi_ssl.storage.archive import damaged_slide_id
-from wsi_ssl.storage.atomic import atomic_write_bytes, atomic_write_json, sweep_temp_files
+from wsi_ssl.storage.atomic import (
+    atomic_write_bytes,
+    atomic_write_json,
+    is_no_space,
+    sweep_temp_files,
+)
 from wsi_ssl.storage.embeddings import Embeddings, embedding_ids, read_embeddings
 from wsi_ssl.storage.resolve import damaged_stores_advice, resolve_encoder, resolve_slide
 from wsi_ssl.storage.swaps import mid_swap_note, split_mid_swap
@@ -79,7 +83,6 @@ __all__ = ["EXPORT_FORMATS", "NAME_BY", "ExportResult", "clam_coords_attrs", "ex
 
 EXPORT_FORMATS = ("clam-h5", "pt")
 NAME_BY = ("stem", "slide_id")
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(kw_only=True)
@@ -284,7 +287,7 @@ def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     try:
         atomic_write_json(path, manifest, indent=2, sort_keys=False)
     except OSError as err:
-        if err.errno not in _NO_SPACE:
+        if not is_no_space(err):
             raise
         advice = (
             "free space, then re-run the export (the bag files written are whole; export.json, "
@@ -370,7 +373,7 @@ def _export_one(store: SlideStore, eid: str, out: Path, format: str, name: str) 
             _write_pt(path, coords_path, emb)
             details["coords_file"] = str(coords_path)
     except (WsiSslError, OSError) as err:
-        full = not isinstance(err, WsiSslError) and err.errno in _NO_SPACE
+        full = not isinstance(err, WsiSslError) and is_no_space(err)
         error = DiskFullError(path) if full else err  # what was half written is removed
         return SlideOutcome.failure(store.slide_id, error, time.perf_counter() - started, name=name)
     details["source_path"] = str(store.source.get("path", ""))

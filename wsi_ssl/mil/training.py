@@ -23,7 +23,6 @@ Run layout (written under a temporary name and renamed into place when complete)
 from __future__ import annotations
 
 import dataclasses
-import errno
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -57,7 +56,7 @@ from wsi_ssl.mil.rundir import (
     write_json,
     write_predictions,
 )
-from wsi_ssl.storage.atomic import restore_directory
+from wsi_ssl.storage.atomic import is_no_space, restore_directory
 from wsi_ssl.storage.locks import hold_lock, run_lock_path
 
 __all__ = ["CHECKPOINT_FORMAT", "RUN_FORMAT", "FoldResult", "TrainResult", "torch_threads", "train"]
@@ -278,7 +277,7 @@ def _train(
     except BaseException as err:
         with interrupts_held():  # nothing half-written is left behind, Ctrl-C twice or not
             shutil.rmtree(partial, ignore_errors=True)
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_no_space(err):
             raise DiskFullError(out) from err
         raise
     if replaced is not None:

@@ -27,6 +27,7 @@ from wsi_ssl.interrupts import interrupts_held
 from wsi_ssl.outcome import SlideOutcome, interrupt_report
 from wsi_ssl.slide import same_instance
 from wsi_ssl.storage import STATUS_COMPLETE, Archive
+from wsi_ssl.storage.atomic import is_no_space
 from wsi_ssl.storage.locks import slide_lock
 from wsi_ssl.storage.slide_store import is_complete_store, recover_swap, staging_path
 from wsi_ssl.tiling.legacy_ids import adopt_existing_store
@@ -233,7 +234,7 @@ def _failure(
     """A failed (or busy) outcome; an error of no wsi-ssl type says the file may be malformed,
     unless it is the archive's: a full disk, or its catalog (not the slide's fault)."""
     seconds = time.perf_counter() - started
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+    if is_no_space(err):
         err = DiskFullError(err.filename or root)
     elif isinstance(err, sqlite3.Error):  # typed by the catalog where it can be (full, read-only)
         err = WsiSslError(f"{root / 'catalog.sqlite'}: the archive's catalog: {err}; re-run")
